@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Fresh virtual environment, the README's install command, the README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+python -m pip install --upgrade pip
+pip install -e ".[test]"
+python -m pytest -q tests
