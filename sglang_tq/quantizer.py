@@ -66,6 +66,11 @@ class TurboQuantizer:
         self._s = rotation.qjl_matrix(head_dim, seed) if variant == "prod" else None
         self._device_cache: dict[torch.device, tuple] = {}
 
+    @property
+    def boundaries(self) -> torch.Tensor:
+        """Decision thresholds of the MSE code (float32, 2**mse_bits − 1)."""
+        return self._bounds
+
     # -- state ---------------------------------------------------------------
     @property
     def rotation(self) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""Per-layer TurboQuant state on the device: rotation, codebooks, thresholds.
+
+A ``LayerCodec`` is what the kernels need for one attention layer: the rotation
+Π (shared by K and V of the layer, drawn from ``TQConfig.layer_seed``), the K and
+V Lloyd-Max codebooks and decision thresholds, and Πᵀ with its columns permuted
+into the order in which the decode kernels unpack codes (see
+:func:`unpacked_order`). It is built from the reference
+:class:`~sglang_tq.quantizer.TurboQuantizer` objects, so kernels and reference
+share exactly the same matrices and codebooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .quantizer import TurboQuantizer
+
+
+def codes_per_byte_block(bits: int) -> int:
+    """E: how many coordinate blocks one byte column of the low plane spans."""
+    return 2 if bits == 4 else 4
+
+
+def unpacked_order(head_dim: int, bits: int) -> torch.Tensor:
+    """Coordinate held by column m of a tile that a kernel unpacked in registers.
+
+    Kernels load byte column j of the split-plane layout and join its E codes
+    along a new last axis, so column m = j·E + k holds coordinate k·(D/E) + j.
+    """
+    e = codes_per_byte_block(bits)
+    m = torch.arange(head_dim)
+    return (m % e) * (head_dim // e) + m // e
+
+
+@dataclasses.dataclass
+class LayerCodec:
+    head_dim: int
+    k_bits: int
+    v_bits: int
+    seed: int
+    k_quant: TurboQuantizer
+    v_quant: TurboQuantizer
+    pi: torch.Tensor  # [D, D] fp32, y = x @ pi.T
+    k_codebook: torch.Tensor  # fp32 [2**k_bits]
+    v_codebook: torch.Tensor
+    k_bounds: torch.Tensor  # fp32 [2**k_bits - 1]
+    v_bounds: torch.Tensor
+    pi_t_k: torch.Tensor  # [D, D] fp32: Πᵀ with columns in unpacked_order(D, k_bits)
+    pi_t_v: torch.Tensor
+
+    @classmethod
+    def create(cls, head_dim: int, k_bits: int, v_bits: int, seed: int = 0,
+               device: torch.device | str = "cpu") -> "LayerCodec":
+        kq = TurboQuantizer(head_dim, k_bits, seed=seed)
+        vq = TurboQuantizer(head_dim, v_bits, seed=seed)
+        pi = kq.rotation
+        to = dict(device=device, dtype=torch.float32)
+        return cls(
+            head_dim=head_dim, k_bits=k_bits, v_bits=v_bits, seed=seed,
+            k_quant=kq, v_quant=vq,
+            pi=pi.to(**to).contiguous(),
+            k_codebook=kq.codebook.to(**to), v_codebook=vq.codebook.to(**to),
+            k_bounds=kq.boundaries.to(**to), v_bounds=vq.boundaries.to(**to),
+            pi_t_k=pi.T[:, unpacked_order(head_dim, k_bits)].to(**to).contiguous(),
+            pi_t_v=pi.T[:, unpacked_order(head_dim, v_bits)].to(**to).contiguous(),
+        )
+
+    @property
+    def k_code_bytes(self) -> int:
+        return self.k_quant.code_bytes
+
+    @property
+    def v_code_bytes(self) -> int:
+        return self.v_quant.code_bytes
+
+    def alloc_buffers(self, num_slots: int, num_kv_heads: int, device=None):
+        """Zeroed (k_codes, k_norms, v_codes, v_norms) for ``num_slots`` tokens."""
+        device = device or self.pi.device
+        u8 = dict(dtype=torch.uint8, device=device)
+        f16 = dict(dtype=torch.float16, device=device)
+        return (
+            torch.zeros(num_slots, num_kv_heads, self.k_code_bytes, **u8),
+            torch.zeros(num_slots, num_kv_heads, **f16),
+            torch.zeros(num_slots, num_kv_heads, self.v_code_bytes, **u8),
+            torch.zeros(num_slots, num_kv_heads, **f16),
+        )
