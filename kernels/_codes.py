@@ -1,0 +1,57 @@
+"""Shared Triton helpers: unpack split-plane codes into a register tile.
+
+The packed layout (``sglang_tq/packing.py``) keeps E = 8/w codes of a w-bit
+plane in one byte, byte j holding coordinates j, j + D/E, … . Loading byte
+columns j = 0..D/E−1 and joining the E shifted fields along a new last axis
+gives a [N, D] tile whose column m = j·E + k holds coordinate k·D/E + j
+(``sglang_tq.codec.unpacked_order``). The query and the output are loaded and
+stored in the same column order, so no register shuffles are needed.
+E = 2 for 4-bit codes and 4 for 2- and 3-bit codes (3-bit = 2-bit plane + 1-bit
+plane of high bits).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def unpack_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """int32 [N, HEAD_DIM] code indices of N packed vectors starting at ``codes_ptr + row_off``."""
+    if BITS == 4:
+        cols = tl.arange(0, HEAD_DIM // 2)
+        b = tl.load(codes_ptr + row_off[:, None] + cols[None, :], mask=mask_n[:, None], other=0)
+        b = b.to(tl.int32)
+        idx = tl.join(b & 15, b >> 4)
+    else:
+        QUARTER: tl.constexpr = HEAD_DIM // 4
+        cols = tl.arange(0, QUARTER)
+        b = tl.load(codes_ptr + row_off[:, None] + cols[None, :], mask=mask_n[:, None], other=0)
+        b = b.to(tl.int32)
+        c0 = b & 3
+        c1 = (b >> 2) & 3
+        c2 = (b >> 4) & 3
+        c3 = (b >> 6) & 3
+        if BITS == 3:
+            # High bit of coordinate k·D/4 + i: byte i mod D/8 of the 1-bit plane,
+            # bit 2k + i div D/8.
+            EIGHTH: tl.constexpr = HEAD_DIM // 8
+            h = tl.load(
+                codes_ptr + row_off[:, None] + QUARTER + (cols % EIGHTH)[None, :],
+                mask=mask_n[:, None],
+                other=0,
+            ).to(tl.int32)
+            h = h >> (cols // EIGHTH)[None, :]
+            c0 |= (h & 1) << 2
+            c1 |= ((h >> 2) & 1) << 2
+            c2 |= ((h >> 4) & 1) << 2
+            c3 |= ((h >> 6) & 1) << 2
+        idx = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    return tl.reshape(idx, (row_off.shape[0], HEAD_DIM))
+
+
+@triton.jit
+def unpacked_column(HEAD_DIM: tl.constexpr, BITS: tl.constexpr):
+    """Coordinate index held by each column of an :func:`unpack_codes` tile."""
+    E: tl.constexpr = 2 if BITS == 4 else 4
+    m = tl.arange(0, HEAD_DIM)
+    return (m % E) * (HEAD_DIM // E) + m // E

@@ -1,0 +1,281 @@
+"""Decode attention straight from packed TurboQuant pages (split-KV flash-decoding).
+
+Stage 1, one program per (sequence, KV head, split), serves the whole GQA group,
+so each packed code is read once per KV head:
+
+    s   = (Πq) · c_K[idx_K] · r_K · sm_scale        (QK on tensor cores)
+    acc = Σ softmax(s) · r_V · c_V[idx_V]            (PV on tensor cores)
+
+Keys and values stay in the rotated space (q·k = (Πq)·(Πk), TurboQuant Sec. 3),
+and the per-token norms r factor out of the inner products: they scale the score
+row and the probability row instead of the [N, D] tiles. Codes are unpacked in
+registers in the split-plane order (``kernels/_codes.py``); the query is
+pre-rotated into that column order by ``LayerCodec.pi_t_k``.
+
+Stage 2, one program per (sequence, KV head), merges the splits by their
+log-sum-exp and un-rotates the group's outputs once, o = (Σ p v_rot) · Π.
+
+No allocation or host synchronisation happens in the launcher beyond the
+pre-rotation matmul into the workspace, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_tq.codec import LayerCodec
+
+from ._codes import unpack_codes, unpacked_column
+from .tq_store import check_head_dim
+
+
+@triton.jit
+def _tanh(x):
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_KV: tl.constexpr):
+    start = tl.load(KvIndptr + batch)
+    seq_len = tl.load(KvIndptr + batch + 1) - start
+    first = 0
+    if sliding_window > 0:
+        first = tl.maximum(seq_len - sliding_window, 0)
+    kv_splits = tl.load(NumKvSplits + batch)
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, kv_splits), MIN_BLOCK_KV) * MIN_BLOCK_KV
+    lo = first + per_split * split
+    hi = tl.minimum(lo + per_split, seq_len)
+    return start, lo, hi
+
+
+@triton.jit
+def _tq_decode_stage1(
+    QRot, KCodes, KNorms, VCodes, VNorms, KCb, VCb,
+    KvIndptr, KvIndices, NumKvSplits, MidO, MidLse,
+    sm_scale, logit_cap, sliding_window,
+    stride_q_b, stride_q_h,
+    stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
+    stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
+):
+    batch = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    start, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, BLOCK_N)
+    if hi > lo:
+        offs_g = tl.arange(0, BLOCK_H)
+        mask_h = offs_g < GQA
+        heads = kv_head * GQA + offs_g
+        offs_d = tl.arange(0, HEAD_DIM)
+        # -- rotated query of the whole GQA group, in K's unpacked column order
+        q = tl.load(QRot + batch * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :],
+                    mask=mask_h[:, None], other=0.0).to(tl.float16)
+        kc_base = KCodes + kv_head * stride_kc_h
+        vc_base = VCodes + kv_head * stride_vc_h
+        m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_H,), tl.float32)
+        acc = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            slot = tl.load(KvIndices + start + offs_n, mask=mask_n, other=0).to(tl.int64)
+            # -- scores: unpack K codes, codebook lookup, QK on tensor cores, scale by norms
+            k_idx = unpack_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM)
+            k = tl.load(KCb + k_idx).to(tl.float16)
+            k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h,
+                             mask=mask_n, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * (k_norm * sm_scale)[None, :]
+            if HAS_CAP:
+                s = logit_cap * _tanh(s / logit_cap)
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            # -- online softmax
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            # -- PV on tensor cores; V norms scale the probabilities
+            v_idx = unpack_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
+            v = tl.load(VCb + v_idx).to(tl.float16)
+            v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h,
+                             mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot((p * v_norm[None, :]).to(tl.float16), v)
+            m_i = m_new
+        # -- partial output (rotated space, natural column order) and its log-sum-exp
+        cols = unpacked_column(HEAD_DIM, V_BITS)
+        mo = MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+        tl.store(mo + cols[None, :], acc / l_i[:, None], mask=mask_h[:, None])
+        tl.store(MidLse + batch * stride_ml_b + heads * stride_ml_h + split, m_i + tl.log(l_i),
+                 mask=mask_h)
+
+
+@triton.jit
+def _tq_decode_stage2(
+    MidO, MidLse, Pi, Out, KvIndptr, NumKvSplits, sliding_window,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_o_b, stride_o_h,
+    GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr,
+):
+    batch = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_H)
+    mask_h = offs_g < GQA
+    heads = kv_head * GQA + offs_g
+    offs_d = tl.arange(0, HEAD_DIM)
+    e_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    e_sum = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+    # -- merge the splits by their log-sum-exp
+    for split in range(MAX_KV_SPLITS):
+        _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_KV)
+        if hi > lo:
+            part = tl.load(MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h
+                           + split * stride_mo_s + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+            lse = tl.load(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
+                          mask=mask_h, other=0.0)
+            new_max = tl.maximum(e_max, lse)
+            scale = tl.exp(e_max - new_max)
+            w = tl.exp(lse - new_max)
+            acc = acc * scale[:, None] + w[:, None] * part
+            e_sum = e_sum * scale + w
+            e_max = new_max
+    # -- un-rotate once: o = o_rot · Π
+    o_rot = acc / e_sum[:, None]
+    pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+    out = tl.dot(o_rot, pi)
+    tl.store(Out + batch * stride_o_b + heads[:, None] * stride_o_h + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=mask_h[:, None])
+
+
+@dataclasses.dataclass
+class DecodeWorkspace:
+    """Preallocated decode buffers, sized for the largest batch (CUDA-graph safe)."""
+
+    q_rot: torch.Tensor  # [B, Hq, D] fp32
+    mid_o: torch.Tensor  # [B, Hq, S, D] fp32
+    mid_lse: torch.Tensor  # [B, Hq, S] fp32
+    out: torch.Tensor  # [B, Hq, D] bf16
+
+    @classmethod
+    def create(cls, max_batch, num_q_heads, head_dim, max_kv_splits, device, out_dtype=torch.bfloat16):
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(
+            q_rot=torch.empty(max_batch, num_q_heads, head_dim, **f32),
+            mid_o=torch.empty(max_batch, num_q_heads, max_kv_splits, head_dim, **f32),
+            mid_lse=torch.empty(max_batch, num_q_heads, max_kv_splits, **f32),
+            out=torch.empty(max_batch, num_q_heads, head_dim, dtype=out_dtype, device=device),
+        )
+
+
+def _block_h(gqa: int) -> int:
+    return max(16, triton.next_power_of_2(gqa))
+
+
+def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
+              sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
+              logit_cap: float = 0.0, sliding_window: int = 0,
+              block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+    """Attention of one new query token per sequence over its packed KV slots.
+
+    q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
+    kv_indptr int32 [B+1] and kv_indices [total] as in SGLang's Triton backend;
+    num_kv_splits int32 [B] with values in [1, max_kv_splits]. Returns a view of
+    ``workspace.out`` [B, Hq, D].
+    """
+    bsz, hq, d = q.shape
+    check_head_dim(d)
+    hkv = k_codes.shape[1]
+    if d != codec.head_dim:
+        raise ValueError(f"q has head_dim {d} but the codec was built for {codec.head_dim}.")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads.")
+    if k_codes.shape[1:] != (hkv, codec.k_code_bytes) or v_codes.shape[1:] != (hkv, codec.v_code_bytes):
+        raise ValueError("the packed pool does not match the codec's bit widths; rebuild it with "
+                         "LayerCodec.alloc_buffers.")
+    if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
+        raise ValueError("k_codes and v_codes must be uint8 packed pages, not bf16 views.")
+    if kv_indptr.shape != (bsz + 1,) or num_kv_splits.shape != (bsz,):
+        raise ValueError(f"kv_indptr must be [{bsz + 1}] and num_kv_splits [{bsz}].")
+    ws = workspace
+    if ws.q_rot.shape[0] < bsz or ws.q_rot.shape[1:] != (hq, d) or ws.mid_o.shape[2] < max_kv_splits:
+        raise ValueError("the decode workspace is too small for this batch; create it with "
+                         "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits).")
+    gqa = hq // hkv
+    block_h = _block_h(gqa)
+    q_rot, mid_o, mid_lse, out = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz], ws.out[:bsz]
+    # -- rotate q once per step, straight into K's unpacked column order
+    torch.matmul(q.to(torch.float32), codec.pi_t_k, out=q_rot)
+    _tq_decode_stage1[(bsz, hkv, max_kv_splits)](
+        q_rot, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
+        kv_indptr, kv_indices, num_kv_splits, mid_o, mid_lse,
+        sm_scale, logit_cap, sliding_window,
+        q_rot.stride(0), q_rot.stride(1),
+        k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
+        v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        GQA=gqa, BLOCK_H=block_h, HEAD_DIM=d, BLOCK_N=block_n,
+        K_BITS=codec.k_bits, V_BITS=codec.v_bits, HAS_CAP=logit_cap > 0,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _tq_decode_stage2[(bsz, hkv)](
+        mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        GQA=gqa, BLOCK_H=block_h, HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
+        num_warps=4,
+    )
+    return out
+
+
+def attention_ref(q, k, v, sm_scale, logit_cap=0.0, causal_offset=None):
+    """Plain softmax attention for one sequence: q [M, Hq, D], k/v [L, Hkv, D].
+
+    ``causal_offset`` = L − M makes query i see keys ≤ causal_offset + i.
+    Computes in the dtype of the inputs; returns [M, Hq, D].
+    """
+    gqa = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(gqa, dim=1)
+    v = v.repeat_interleave(gqa, dim=1)
+    s = torch.einsum("mhd,lhd->hml", q, k) * sm_scale
+    if logit_cap > 0:
+        s = logit_cap * torch.tanh(s / logit_cap)
+    if causal_offset is not None:
+        m, L = q.shape[0], k.shape[0]
+        allowed = torch.arange(L)[None, :] <= causal_offset + torch.arange(m)[:, None]
+        s = s.masked_fill(~allowed.to(s.device)[None], float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    return torch.einsum("hml,lhd->mhd", p, v)
+
+
+def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
+                  sm_scale: float, logit_cap: float = 0.0, sliding_window: int = 0,
+                  dtype=torch.float64):
+    """Pure-torch twin of :func:`tq_decode` on the reference quantizer's dequantization.
+
+    Attention is computed in ``dtype`` in the original (unrotated) space, which is
+    mathematically identical to the kernel's rotated-space computation.
+    """
+    outs = []
+    for b in range(q.shape[0]):
+        slots = kv_indices[kv_indptr[b]: kv_indptr[b + 1]].long()
+        if sliding_window > 0:
+            slots = slots[-sliding_window:]
+        k = codec.k_quant.dequantize(k_codes[slots], k_norms[slots]).to(dtype)
+        v = codec.v_quant.dequantize(v_codes[slots], v_norms[slots]).to(dtype)
+        outs.append(attention_ref(q[b : b + 1].to(dtype), k, v, sm_scale, logit_cap)[0])
+    return torch.stack(outs)
+
+
+def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_splits: int,
+                          num_sms: int = 132, min_tokens_per_split: int = 256) -> torch.Tensor:
+    """Splits per sequence: enough programs to fill the GPU, none shorter than a few tiles."""
+    bsz = seq_lens.numel()
+    want = max(1, math.ceil(2 * num_sms / max(1, bsz * num_kv_heads)))
+    by_len = torch.clamp(seq_lens // min_tokens_per_split, min=1)
+    return torch.clamp(by_len, max=min(want, max_kv_splits)).to(torch.int32)

@@ -1,0 +1,150 @@
+"""Quantize-and-store: bf16 K and V of new tokens → packed codes + fp16 norms.
+
+One launch handles K and V of N tokens (grid axis 2 picks K or V, each with its
+own constexpr bit width). Per token and KV head (TurboQuant Alg. 1):
+rotate y = Πx on tensor cores, r = ‖y‖, u = y/r, index = number of Lloyd-Max
+thresholds below u, pack into the split-plane layout, scatter codes and the fp16
+norm to the token's slot. Πᵀ arrives with its columns already in the kernel's
+packing order (``LayerCodec.pi_t_k``/``pi_t_v``), so y comes out grouped by byte.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_tq.codec import LayerCodec
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+@triton.jit
+def _quantize_tile(
+    X, PiT, Bounds, Codes, Norms, loc, offs_n, mask_n, head,
+    stride_x_n, stride_x_h, stride_c_s, stride_c_h, stride_nrm_s, stride_nrm_h,
+    BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    # -- load and rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c]
+    x = tl.load(
+        X + offs_n[:, None] * stride_x_n + head * stride_x_h + offs_d[None, :],
+        mask=mask_n[:, None], other=0.0,
+    ).to(tl.float32)
+    pit = tl.load(PiT + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+    y = tl.dot(x, pit, input_precision="ieee")
+    # -- norm and unit vector
+    r = tl.sqrt(tl.sum(y * y, axis=1))
+    u = y / tl.maximum(r, 1e-30)[:, None]
+    # -- index = number of thresholds strictly below u (torch.bucketize semantics)
+    idx = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.int32)
+    for j in tl.static_range(2**BITS - 1):
+        idx += (u > tl.load(Bounds + j)).to(tl.int32)
+    # -- pack and scatter
+    code_base = Codes + loc.to(tl.int64)[:, None] * stride_c_s + head * stride_c_h
+    if BITS == 4:
+        pairs = tl.reshape(idx, (BLOCK_N, HEAD_DIM // 2, 2))
+        shift = tl.arange(0, 2) * 4
+        byte = tl.sum(pairs << shift[None, None, :], axis=2)
+        cols = tl.arange(0, HEAD_DIM // 2)
+        tl.store(code_base + cols[None, :], byte.to(tl.uint8), mask=mask_n[:, None])
+    else:
+        quads = tl.reshape(idx, (BLOCK_N, HEAD_DIM // 4, 4))
+        shift = tl.arange(0, 4) * 2
+        byte = tl.sum((quads & 3) << shift[None, None, :], axis=2)
+        cols = tl.arange(0, HEAD_DIM // 4)
+        tl.store(code_base + cols[None, :], byte.to(tl.uint8), mask=mask_n[:, None])
+        if BITS == 3:
+            # quads[n, t·D/8 + i, k] holds coordinate k·D/4 + t·D/8 + i, whose high
+            # bit goes to byte i of the 1-bit plane at bit 2k + t.
+            hi = tl.reshape((quads >> 2) & 1, (BLOCK_N, 2, HEAD_DIM // 8, 4))
+            hshift = tl.arange(0, 2)[None, :, None, None] + 2 * tl.arange(0, 4)[None, None, None, :]
+            hbyte = tl.sum(tl.sum(hi << hshift, axis=3), axis=1)
+            hcols = tl.arange(0, HEAD_DIM // 8)
+            tl.store(code_base + HEAD_DIM // 4 + hcols[None, :], hbyte.to(tl.uint8),
+                     mask=mask_n[:, None])
+    nrm = Norms + loc.to(tl.int64) * stride_nrm_s + head * stride_nrm_h
+    tl.store(nrm, r.to(tl.float16), mask=mask_n)
+
+
+@triton.jit
+def _tq_store_kernel(
+    K, V, Loc, PiTK, PiTV, BoundsK, BoundsV,
+    KCodes, KNorms, VCodes, VNorms, N,
+    stride_k_n, stride_k_h, stride_v_n, stride_v_h,
+    stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
+    stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    head = tl.program_id(1)
+    which = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    loc = tl.load(Loc + offs_n, mask=mask_n, other=0)
+    if which == 0:
+        _quantize_tile(K, PiTK, BoundsK, KCodes, KNorms, loc, offs_n, mask_n, head,
+                       stride_k_n, stride_k_h, stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
+                       K_BITS, HEAD_DIM, BLOCK_N)
+    else:
+        _quantize_tile(V, PiTV, BoundsV, VCodes, VNorms, loc, offs_n, mask_n, head,
+                       stride_v_n, stride_v_h, stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
+                       V_BITS, HEAD_DIM, BLOCK_N)
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"the TurboQuant kernels support head_dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}; "
+            f"use --kv-quant none (or fp8 KV) for this model."
+        )
+
+
+def _check_pool(name, codes, norms, num_heads, code_bytes):
+    if codes.dtype != torch.uint8 or codes.dim() != 3 or codes.shape[1:] != (num_heads, code_bytes):
+        raise ValueError(f"{name}_codes must be uint8 [slots, {num_heads}, {code_bytes}], "
+                         f"got {codes.dtype} {tuple(codes.shape)}.")
+    if codes.stride(2) != 1:
+        raise ValueError(f"{name}_codes must be contiguous in its last dimension.")
+    if norms.dtype != torch.float16 or norms.shape != codes.shape[:2]:
+        raise ValueError(f"{name}_norms must be float16 {tuple(codes.shape[:2])}, "
+                         f"got {norms.dtype} {tuple(norms.shape)}.")
+
+
+def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec,
+                block_n: int = 16, num_warps: int = 4):
+    """Quantize K, V [N, Hkv, D] (any float dtype) and write them to slots ``loc`` [N]."""
+    n, hkv, d = k.shape
+    check_head_dim(d)
+    if v.shape != k.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
+    if d != codec.head_dim:
+        raise ValueError(f"k has head_dim {d} but the codec was built for {codec.head_dim}.")
+    if not (k.is_floating_point() and v.is_floating_point()):
+        raise ValueError(f"k and v must be floating point, got {k.dtype} and {v.dtype}.")
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("k and v must be contiguous in head_dim.")
+    if loc.shape != (n,) or loc.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"loc must be int32/int64 [{n}], got {loc.dtype} {tuple(loc.shape)}.")
+    _check_pool("k", k_codes, k_norms, hkv, codec.k_code_bytes)
+    _check_pool("v", v_codes, v_norms, hkv, codec.v_code_bytes)
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, block_n), hkv, 2)
+    _tq_store_kernel[grid](
+        k, v, loc, codec.pi_t_k, codec.pi_t_v, codec.k_bounds, codec.v_bounds,
+        k_codes, k_norms, v_codes, v_norms, n,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
+        v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
+        K_BITS=codec.k_bits, V_BITS=codec.v_bits, HEAD_DIM=d, BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+
+
+def tq_store_kv_ref(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec):
+    """Pure-torch twin of :func:`tq_store_kv`, built on the reference quantizer."""
+    loc = loc.long()
+    for x, codes, norms, quant in ((k, k_codes, k_norms, codec.k_quant),
+                                   (v, v_codes, v_norms, codec.v_quant)):
+        c, r = quant.quantize(x.float())
+        codes[loc] = c
+        norms[loc] = r
