@@ -1,4 +1,4 @@
-"""Shared Triton helpers: unpack split-plane codes into a register tile.
+"""Shared Triton helpers: unpack split-plane codes into a register tile, online softmax.
 
 The packed layout (``sglang_tq/packing.py``) keeps E = 8/w codes of a w-bit
 plane in one byte, byte j holding coordinates j, j + D/E, … . Loading byte
@@ -55,3 +55,25 @@ def unpacked_column(HEAD_DIM: tl.constexpr, BITS: tl.constexpr):
     E: tl.constexpr = 2 if BITS == 4 else 4
     m = tl.arange(0, HEAD_DIM)
     return (m % E) * (HEAD_DIM // E) + m // E
+
+
+@triton.jit
+def tanh(x):
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i, acc, v, v_scale):
+    """One flash-attention update with scores ``s`` [M, N] and values ``v`` [N, D].
+
+    ``v_scale`` [N] multiplies the probabilities (the V norms of packed tokens),
+    so the [N, D] tile stays unscaled. Rows whose scores are all −inf so far
+    stay at zero instead of producing NaN.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(tl.float16), v)
+    return m_new, l_i, acc

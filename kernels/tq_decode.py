@@ -30,13 +30,8 @@ import triton.language as tl
 
 from sglang_tq.codec import LayerCodec
 
-from ._codes import unpack_codes, unpacked_column
+from ._codes import online_softmax_step, tanh, unpack_codes, unpacked_column
 from .tq_store import check_head_dim
-
-
-@triton.jit
-def _tanh(x):
-    return 2 * tl.sigmoid(2 * x) - 1
 
 
 @triton.jit
@@ -93,20 +88,14 @@ def _tq_decode_stage1(
                              mask=mask_n, other=0.0).to(tl.float32)
             s = tl.dot(q, tl.trans(k)) * (k_norm * sm_scale)[None, :]
             if HAS_CAP:
-                s = logit_cap * _tanh(s / logit_cap)
+                s = logit_cap * tanh(s / logit_cap)
             s = tl.where(mask_n[None, :], s, float("-inf"))
-            # -- online softmax
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            # -- PV on tensor cores; V norms scale the probabilities
+            # -- PV on tensor cores with online softmax; V norms scale the probabilities
             v_idx = unpack_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
             v = tl.load(VCb + v_idx).to(tl.float16)
             v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h,
                              mask=mask_n, other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot((p * v_norm[None, :]).to(tl.float16), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v, v_norm)
         # -- partial output (rotated space, natural column order) and its log-sum-exp
         cols = unpacked_column(HEAD_DIM, V_BITS)
         mo = MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s

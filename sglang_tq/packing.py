@@ -52,7 +52,7 @@ def _unpack_plane(plane: torch.Tensor, width: int) -> torch.Tensor:
     per_byte = 8 // width
     shifts = torch.arange(per_byte, device=plane.device, dtype=torch.int32) * width
     vals = (plane.to(torch.int32)[..., None, :] >> shifts[:, None]) & ((1 << width) - 1)
-    return vals.reshape(*plane.shape[:-1], -1)
+    return vals.reshape(*plane.shape[:-1], plane.shape[-1] * per_byte)
 
 
 def pack(idx: torch.Tensor, bits: int) -> torch.Tensor:
