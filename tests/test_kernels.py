@@ -1,0 +1,236 @@
+"""Fused Triton kernels against their pure-torch twins, on the same packed codes.
+
+Tolerance rule (fast-hadamard-transform style): the kernel's error against a
+float64 reference is at most 2× the error of PyTorch computing the same attention
+in the inputs' dtype (bf16). The kernels take bf16 inputs, use fp16 tensor-core
+operands with fp32 accumulation, and return bf16, so bf16 rounding dominates.
+On CPU the kernels run under TRITON_INTERPRET=1 at tiny shapes; on CUDA the same
+tests also run at larger lengths.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from sglang_tq.codec import LayerCodec
+from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_ref
+from sglang_tq.kernels.tq_extend import tq_extend, tq_extend_ref
+from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
+from sglang_tq.packing import unpack
+
+from conftest import HAS_CUDA
+
+BIT_PAIRS = list(itertools.product((4, 3, 2), repeat=2))
+LENS = (1, 17, 97, 1000) if HAS_CUDA else (1, 17, 97)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _filled_pool(codec, num_slots, hkv, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = (torch.randn(num_slots, hkv, codec.head_dim, generator=g) * 2).bfloat16().to(device)
+    v = torch.randn(num_slots, hkv, codec.head_dim, generator=g).bfloat16().to(device)
+    bufs = codec.alloc_buffers(num_slots, hkv, device)
+    tq_store_kv(k, v, torch.arange(num_slots, device=device), *bufs, codec)
+    return bufs
+
+
+# --------------------------------------------------------------------------- store
+@pytest.mark.parametrize("head_dim, k_bits, v_bits",
+                         [(64, kb, vb) for kb, vb in BIT_PAIRS]
+                         + [(d, b, b) for d in (128, 256) for b in (4, 3, 2)])
+def test_store_matches_reference(head_dim, k_bits, v_bits, device):
+    codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=3, device=device)
+    n, hkv, slots = 37, 3, 50
+    g = torch.Generator().manual_seed(head_dim + 10 * k_bits + v_bits)
+    # K and V are non-contiguous views into a fused qkv-like buffer.
+    qkv = torch.randn(n, 3 * hkv, head_dim, generator=g).bfloat16().to(device)
+    k, v = qkv[:, hkv : 2 * hkv], qkv[:, 2 * hkv :]
+    loc = torch.randperm(slots, generator=g)[:n].to(device)
+    got, want = codec.alloc_buffers(slots, hkv), codec.alloc_buffers(slots, hkv)
+    tq_store_kv(k, v, loc, *got, codec)
+    tq_store_kv_ref(k, v, loc, *want, codec)
+    for bits, gc, wc in ((k_bits, got[0], want[0]), (v_bits, got[2], want[2])):
+        gi = unpack(gc, bits, head_dim).int()
+        wi = unpack(wc, bits, head_dim).int()
+        # fp32 rotations rounded differently can move a coordinate across a threshold
+        # it lies within ~1e-7 of: allow rare off-by-one indices, nothing else.
+        diff = (gi - wi).abs()
+        assert diff.max() <= 1
+        assert (diff > 0).float().mean() < 1e-3
+    for gn, wn in ((got[1], want[1]), (got[3], want[3])):
+        # both round the same fp32 norm to fp16: at most one ulp apart (2**-10 relative)
+        assert torch.allclose(gn.float(), wn.float(), rtol=2**-10, atol=0)
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[loc.cpu()] = False
+    assert (got[0][untouched.to(device)] == 0).all(), "store wrote outside its slots"
+
+
+# -------------------------------------------------------------------------- decode
+DECODE_CASES = (
+    [(64, kb, vb, gqa) for (kb, vb), gqa in zip(BIT_PAIRS, itertools.cycle((1, 4, 8)))]
+    + [(128, 4, 4, 4), (128, 3, 3, 8), (128, 4, 2, 1), (256, 4, 4, 4), (256, 2, 2, 8)]
+)
+
+
+def _decode_inputs(head_dim, k_bits, v_bits, gqa, device, lens=LENS, seed=0, hkv=2):
+    codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=seed, device=device)
+    num_slots = sum(lens) + 7
+    bufs = _filled_pool(codec, num_slots, hkv, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    kv_indices = torch.randperm(num_slots, generator=g)[: sum(lens)].to(device)
+    kv_indptr = torch.tensor((0,) + tuple(lens)).cumsum(0).int().to(device)
+    q = torch.randn(len(lens), hkv * gqa, head_dim, generator=g).bfloat16().to(device)
+    return codec, bufs, kv_indptr, kv_indices, q
+
+
+def _run_decode(q, bufs, kv_indptr, kv_indices, codec, max_splits=4, **kw):
+    bsz, hq, d = q.shape
+    ws = DecodeWorkspace.create(bsz + 2, hq, d, max_splits, q.device)
+    ws.out.fill_(float("nan"))  # every element must be written
+    splits = torch.tensor([1 + (i % max_splits) for i in range(bsz)], dtype=torch.int32, device=q.device)
+    out = tq_decode(q, *bufs, kv_indptr, kv_indices, codec, d**-0.5, num_kv_splits=splits,
+                    max_kv_splits=max_splits, workspace=ws, block_n=16 if not HAS_CUDA else 64, **kw)
+    assert not out.isnan().any()
+    return out
+
+
+@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", DECODE_CASES)
+def test_decode_matches_reference(head_dim, k_bits, v_bits, gqa, device):
+    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device)
+    out = _run_decode(q, bufs, indptr, indices, codec)
+    ref = tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5)
+    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5,
+                                   dtype=torch.bfloat16), ref)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert _rel(out, ref) <= 2 * torch_err
+
+
+@pytest.mark.parametrize("logit_cap, window", [(30.0, 0), (0.0, 13), (5.0, 40)])
+def test_decode_softcap_and_sliding_window(logit_cap, window, device):
+    codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 3, 4, device, seed=5)
+    q = q * 4  # make the cap bite
+    out = _run_decode(q, bufs, indptr, indices, codec, logit_cap=logit_cap, sliding_window=window)
+    kw = dict(logit_cap=logit_cap, sliding_window=window)
+    ref = tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5, **kw)
+    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5,
+                                   dtype=torch.bfloat16, **kw), ref)
+    assert _rel(out, ref) <= 2 * torch_err
+    plain = tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5)
+    assert _rel(plain, ref) > 4 * torch_err, "the option must change the result"
+
+
+def test_decode_is_split_invariant(device):
+    codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 4, 4, device, lens=(300, 5), seed=9)
+    one = _run_decode(q, bufs, indptr, indices, codec, max_splits=1)
+    many = _run_decode(q, bufs, indptr, indices, codec, max_splits=8)
+    ref = tq_decode_ref(q, *bufs, indptr, indices, codec, 128**-0.5)
+    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 128**-0.5,
+                                   dtype=torch.bfloat16), ref)
+    assert _rel(one, many) <= 2 * torch_err
+
+
+# -------------------------------------------------------------------------- extend
+def _extend_inputs(head_dim, k_bits, v_bits, gqa, device, prefix, chunk, attend_packed, seed=0, hkv=2):
+    codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=seed, device=device)
+    num_slots = sum(prefix) + sum(chunk) + 3
+    bufs = _filled_pool(codec, num_slots, hkv, device, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    t = sum(chunk)
+    q = torch.randn(t, hkv * gqa, head_dim, generator=g).bfloat16().to(device)
+    k = (torch.randn(t, hkv, head_dim, generator=g) * 2).bfloat16().to(device)
+    v = torch.randn(t, hkv, head_dim, generator=g).bfloat16().to(device)
+    perm = torch.randperm(num_slots, generator=g).to(device)
+    indices, indptr, used, start = [], [0], 0, 0
+    for p, c in zip(prefix, chunk):
+        slots = perm[used : used + p]
+        used += p
+        if attend_packed:
+            chunk_slots = perm[used : used + c]
+            used += c
+            tq_store_kv(k[start : start + c], v[start : start + c], chunk_slots, *bufs, codec)
+            slots = torch.cat([slots, chunk_slots])
+        start += c
+        indices.append(slots)
+        indptr.append(indptr[-1] + len(slots))
+    qo = torch.tensor((0,) + tuple(chunk)).cumsum(0).int().to(device)
+    kv_indptr = torch.tensor(indptr).int().to(device)
+    return codec, bufs, q, k, v, qo, kv_indptr, torch.cat(indices)
+
+
+EXTEND_CASES = (
+    [(64, kb, vb, gqa) for (kb, vb), gqa in zip(BIT_PAIRS, itertools.cycle((4, 1, 8)))]
+    + [(128, 4, 4, 4), (256, 3, 3, 2)]
+)
+
+
+@pytest.mark.parametrize("attend_packed", [False, True])
+@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", EXTEND_CASES)
+def test_extend_matches_reference(head_dim, k_bits, v_bits, gqa, attend_packed, device):
+    prefix = (0, 17, 97) + ((1000,) if HAS_CUDA else ())
+    chunk = (5, 1, 40) + ((300,) if HAS_CUDA else ())
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices = _extend_inputs(
+        head_dim, k_bits, v_bits, gqa, device, prefix, chunk, attend_packed)
+    blocks = dict(block_m=16, block_n=16) if not HAS_CUDA else {}
+    out = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5,
+                    max_extend_len=max(chunk), attend_packed=attend_packed, **blocks)
+    args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5)
+    ref = tq_extend_ref(*args, attend_packed=attend_packed)
+    torch_err = _rel(tq_extend_ref(*args, attend_packed=attend_packed, dtype=torch.bfloat16), ref)
+    assert out.shape == q.shape and not out.isnan().any()
+    assert _rel(out, ref) <= 2 * torch_err
+
+
+@pytest.mark.parametrize("logit_cap, window", [(20.0, 0), (0.0, 11)])
+def test_extend_softcap_and_sliding_window(logit_cap, window, device):
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices = _extend_inputs(
+        64, 4, 2, 2, device, (0, 30), (9, 33), False, seed=4)
+    q = q * 4
+    blocks = dict(block_m=16, block_n=16) if not HAS_CUDA else {}
+    out = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5,
+                    max_extend_len=33, logit_cap=logit_cap, sliding_window=window, **blocks)
+    args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
+    kw = dict(logit_cap=logit_cap, sliding_window=window)
+    ref = tq_extend_ref(*args, **kw)
+    torch_err = _rel(tq_extend_ref(*args, dtype=torch.bfloat16, **kw), ref)
+    assert _rel(out, ref) <= 2 * torch_err
+    assert _rel(tq_extend_ref(*args), ref) > 4 * torch_err, "the option must change the result"
+
+
+def test_extend_decode_consistency(device):
+    """The last token of a packed-chunk extend equals a decode step over the same slots."""
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices = _extend_inputs(
+        128, 4, 4, 4, device, (20,), (12,), True, seed=8)
+    blocks = dict(block_m=16, block_n=16) if not HAS_CUDA else {}
+    ext = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 128**-0.5,
+                    max_extend_len=12, attend_packed=True, **blocks)
+    dec = _run_decode(q[-1:], bufs, kv_indptr, kv_indices, codec, max_splits=2)
+    ref = tq_decode_ref(q[-1:], *bufs, kv_indptr, kv_indices, codec, 128**-0.5)
+    torch_err = _rel(tq_decode_ref(q[-1:], *bufs, kv_indptr, kv_indices, codec, 128**-0.5,
+                                   dtype=torch.bfloat16), ref)
+    assert _rel(ext[-1:], dec) <= 2 * torch_err
+
+
+# ----------------------------------------------------------------------- bad input
+def test_kernels_refuse_unsupported_head_dim():
+    codec = LayerCodec.create(96, 4, 4)
+    bufs = codec.alloc_buffers(4, 1)
+    x = torch.randn(2, 1, 96).bfloat16()
+    with pytest.raises(ValueError, match="head_dim in \\(64, 128, 256\\).*--kv-quant none"):
+        tq_store_kv(x, x, torch.arange(2), *bufs, codec)
+
+
+def test_kernels_refuse_mismatched_pool():
+    codec = LayerCodec.create(64, 4, 4)
+    other = LayerCodec.create(64, 2, 2)
+    bufs = other.alloc_buffers(8, 2)
+    x = torch.randn(2, 2, 64).bfloat16()
+    with pytest.raises(ValueError, match="k_codes must be uint8"):
+        tq_store_kv(x, x, torch.arange(2), *bufs, codec)
+    ws = DecodeWorkspace.create(1, 2, 64, 1, "cpu")
+    with pytest.raises(ValueError, match="does not match the codec"):
+        tq_decode(x[:1], *bufs, torch.tensor([0, 2], dtype=torch.int32), torch.arange(2), codec, 0.1,
+                  num_kv_splits=torch.ones(1, dtype=torch.int32), max_kv_splits=1, workspace=ws)
