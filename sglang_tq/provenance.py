@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -16,6 +17,9 @@ _PACKAGES = ("torch", "triton", "sglang", "sglang-kernel", "flashinfer-python", 
 
 
 def git_commit(repo: Path | None = None) -> str:
+    """HEAD of the checkout, or $SGLANG_TQ_COMMIT where the copy has no .git (GPU host)."""
+    if os.environ.get("SGLANG_TQ_COMMIT"):
+        return os.environ["SGLANG_TQ_COMMIT"]
     repo = repo or Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(

@@ -22,6 +22,12 @@ from sglang_tq.packing import unpack
 from conftest import HAS_CUDA
 
 BIT_PAIRS = list(itertools.product((4, 3, 2), repeat=2))
+
+
+@pytest.fixture(params=["cuda" if HAS_CUDA else "cpu"])
+def device(request):
+    """Kernels run where Triton compiles them: CUDA, or the interpreter on the CPU."""
+    return torch.device(request.param)
 LENS = (1, 17, 97, 1000) if HAS_CUDA else (1, 17, 97)
 
 

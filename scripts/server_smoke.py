@@ -1,0 +1,98 @@
+"""Start an SGLang server, check that it answers /generate, record its token budget.
+
+Used on the GPU host with a dummy-weight model config (no tokenizer needed):
+
+    python scripts/server_smoke.py --model-path scripts/model_configs/llama-3.1-8b \
+        --out smoke.json -- --attention-backend triton --mem-fraction-static 0.45
+
+Everything after ``--`` goes to ``python -m sglang.launch_server`` unchanged.
+The JSON holds the /generate reply, ``max_total_num_tokens`` parsed from the
+server log, the start-up time and the provenance of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from sglang_tq.provenance import provenance
+
+
+def _post(url: str, payload: dict, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _healthy(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--port", type=int, default=30111)
+    ap.add_argument("--startup-timeout", type=float, default=420)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--log", default="server.log")
+    ap.add_argument("--out", default="server_smoke.json")
+    ap.add_argument("server_args", nargs=argparse.REMAINDER,
+                    help="after --: extra arguments for sglang.launch_server")
+    args = ap.parse_args()
+    extra = [a for a in args.server_args if a != "--"]
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model_path,
+           "--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1",
+           "--port", str(args.port), *extra]
+    print("launch:", " ".join(cmd), flush=True)
+    base = f"http://127.0.0.1:{args.port}"
+    t0 = time.time()
+    with open(args.log, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    result = {**provenance(), "command": cmd, "ok": False}
+    try:
+        while not _healthy(base):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode}; see {args.log}")
+            if time.time() - t0 > args.startup_timeout:
+                raise RuntimeError(f"server not healthy after {args.startup_timeout:.0f} s")
+            time.sleep(3)
+            print(f"  waiting for server ... {time.time() - t0:.0f} s", flush=True)
+        result["startup_s"] = round(time.time() - t0, 1)
+        reply = _post(base + "/generate", {
+            "input_ids": [[128000, 791, 6864, 315, 9822, 374], [128000, 16, 11, 17, 11, 18, 11]],
+            "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
+        })
+        result["reply"] = reply
+        result["ok"] = all(len(r.get("output_ids", [])) == args.max_new_tokens for r in reply)
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON, then re-raised as exit code
+        result["error"] = repr(exc)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log_text = open(args.log, errors="replace").read()
+    m = re.findall(r"max_total_num_tokens=(\d+)", log_text)
+    result["max_total_num_tokens"] = int(m[-1]) if m else None
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: result.get(k) for k in ("ok", "startup_s", "max_total_num_tokens", "error")}))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
