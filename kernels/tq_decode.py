@@ -134,12 +134,15 @@ def _tq_decode_stage2(
             acc = acc * scale[:, None] + w[:, None] * part
             e_sum = e_sum * scale + w
             e_max = new_max
-    # -- un-rotate once: o = o_rot · Π
+    # -- un-rotate once: o = o_rot · Π, by column chunks of Π to bound shared memory
     o_rot = acc / e_sum[:, None]
-    pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
-    out = tl.dot(o_rot, pi)
-    tl.store(Out + batch * stride_o_b + heads[:, None] * stride_o_h + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=mask_h[:, None])
+    CHUNK: tl.constexpr = 64
+    offs_c = tl.arange(0, CHUNK)
+    for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
+        pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + (c0 + offs_c)[None, :])
+        out = tl.dot(o_rot, pi)
+        tl.store(Out + batch * stride_o_b + heads[:, None] * stride_o_h + (c0 + offs_c)[None, :],
+                 out.to(Out.dtype.element_ty), mask=mask_h[:, None])
 
 
 @dataclasses.dataclass

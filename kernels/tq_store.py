@@ -24,13 +24,18 @@ def _quantize_tile(
     BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
-    # -- load and rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c]
-    x = tl.load(
-        X + offs_n[:, None] * stride_x_n + head * stride_x_h + offs_d[None, :],
-        mask=mask_n[:, None], other=0.0,
-    ).to(tl.float32)
-    pit = tl.load(PiT + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
-    y = tl.dot(x, pit, input_precision="ieee")
+    # -- load and rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c], over chunks of c so that
+    #    the fp32 slice of Πᵀ fits in shared memory at head_dim 256
+    CHUNK: tl.constexpr = 64
+    offs_c = tl.arange(0, CHUNK)
+    y = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
+        x = tl.load(
+            X + offs_n[:, None] * stride_x_n + head * stride_x_h + (c0 + offs_c)[None, :],
+            mask=mask_n[:, None], other=0.0,
+        ).to(tl.float32)
+        pit = tl.load(PiT + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :])
+        y += tl.dot(x, pit, input_precision="ieee")
     # -- norm and unit vector
     r = tl.sqrt(tl.sum(y * y, axis=1))
     u = y / tl.maximum(r, 1e-30)[:, None]
