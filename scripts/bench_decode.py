@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--store-head-dim", type=int, default=128)
 
     g = ap.add_argument_group("split-KV")
+    g.add_argument("--tq-kernel-args", default="{}",
+                   help='JSON of extra tq_decode launch arguments, e.g. \'{"block_n": 32, "num_warps": 4}\'')
     g.add_argument("--max-kv-splits", type=int, default=32,
                    help="sglang-tq: max_kv_splits (workspace size / grid cap, like SGLang's "
                         "--triton-attention-num-kv-splits) (default 32)")
@@ -820,7 +822,8 @@ def build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits):
 
     def fn():
         return tq_decode(q, k_codes, k_norms, v_codes, v_norms, indptr, indices64, codec, sm_scale,
-                         num_kv_splits=num_kv_splits, max_kv_splits=max_kv_splits, workspace=ws)
+                         num_kv_splits=num_kv_splits, max_kv_splits=max_kv_splits, workspace=ws,
+                         **json.loads(args.tq_kernel_args))
 
     return fn, ws
 
@@ -1066,6 +1069,7 @@ def write_json(path: Path, payload: dict):
 
 def config_dict(args, ctx=None):
     cfg = {
+        "tq_kernel_args": json.loads(args.tq_kernel_args),
         "shapes": [list(s) for s in args.shapes_list],
         "kv": [k for k, _, _ in args.kv_list],
         "impls": sorted(args.impl_set),
