@@ -1,0 +1,97 @@
+"""Compile the decode kernel for Hopper without a GPU and report its resources.
+
+Triton compiles to PTX on any machine; the bundled ``ptxas`` assembles it for
+sm_90a and ``cuobjdump`` disassembles it. That gives registers, spills and the
+SASS instruction mix (global loads, async copies, shared-memory traffic, tensor
+core ops) per launch configuration, at no GPU time: the first thing to read when
+a memory-bound kernel runs far below bandwidth (device/METHOD.md).
+
+    python scripts/kernel_resources.py --block-n 16,32,64 --num-warps 4,8 --num-stages 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from sglang_tq.kernels import tq_decode as dec
+
+_POINTERS = {
+    "QRot": "*fp32", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
+    "KCb": "*fp32", "VCb": "*fp32", "KvIndptr": "*i32", "KvIndices": "*i64",
+    "NumKvSplits": "*i32", "MidO": "*fp32", "MidLse": "*fp32",
+}
+_SASS_CLASSES = {
+    "LDG": r"\bLDG\.", "LDGSTS": r"\bLDGSTS", "LDS": r"\bLDS", "STS": r"\bSTS", "HMMA": r"\bHMMA",
+    "HGMMA": r"\bHGMMA", "PRMT": r"\bPRMT", "LDL/STL": r"\b(LDL|STL)", "SHFL": r"\bSHFL", "BAR": r"\bBAR",
+}
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages):
+    fn = dec._tq_decode_stage1
+    sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa), HEAD_DIM=head_dim, BLOCK_N=block_n,
+                           K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False)
+    for name in fn.arg_names:
+        if name in _POINTERS:
+            sig[name] = _POINTERS[name]
+        elif name in consts:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "fp32" if name in ("sm_scale", "logit_cap") else "i32"
+    src = triton.compiler.ASTSource(
+        fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(kern.asm["ptx"])
+        info = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
+                              capture_output=True, text=True)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    text = info.stdout + info.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    counts = collections.Counter({k: len(re.findall(p, sass)) for k, p in _SASS_CLASSES.items()})
+    return {"regs": int(regs[1]) if regs else None, "spill_bytes": int(spill[1]) if spill else None,
+            "sass_lines": sass.count("\n"), **counts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--kv", default="k4v4")
+    ap.add_argument("--gqa", type=int, default=4)
+    ap.add_argument("--block-n", default="16,32,64")
+    ap.add_argument("--num-warps", default="4,8")
+    ap.add_argument("--num-stages", default="1,2")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    rows = []
+    grid = itertools.product(args.kv.split(","), *(map(int, x.split(",")) for x in
+                                                    (args.block_n, args.num_warps, args.num_stages)))
+    for kv, bn, nw, ns in grid:
+        r = {"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns,
+             **compile_stage1(args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw, ns)}
+        rows.append(r)
+        print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
