@@ -77,3 +77,60 @@ def online_softmax_step(s, m_i, l_i, acc, v, v_scale):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(tl.float16), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, hi=None):
+    """fp16 codebook values of every field of a packed byte tile (see ``_lut.py``)."""
+    if USE_ASM:
+        if BITS == 4:
+            return tl.inline_asm_elementwise(LUT, "=r,=r,=r,=r,r", [codes],
+                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        elif BITS == 3:
+            return tl.inline_asm_elementwise(LUT, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [codes, hi],
+                                             dtype=(tl.float16,) * 4, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(LUT, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes],
+                                             dtype=(tl.float16,) * 4, is_pure=True, pack=4)
+    else:
+        c = codes.to(tl.int32)
+        if BITS == 4:
+            return (tl.load(CB + (c & 15)).to(tl.float16), tl.load(CB + (c >> 4)).to(tl.float16))
+        else:
+            h = tl.zeros_like(c)
+            if BITS == 3:
+                h = hi.to(tl.int32)
+            return (
+                tl.load(CB + ((c & 3) | ((h & 1) << 2))).to(tl.float16),
+                tl.load(CB + (((c >> 2) & 3) | (((h >> 2) & 1) << 2))).to(tl.float16),
+                tl.load(CB + (((c >> 4) & 3) | (((h >> 4) & 1) << 2))).to(tl.float16),
+                tl.load(CB + (((c >> 6) & 3) | (((h >> 6) & 1) << 2))).to(tl.float16),
+            )
+
+
+@triton.jit
+def load_quarters(codes_ptr, row_off, mask_n, CB, LUT: tl.constexpr, BITS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, USE_ASM: tl.constexpr):
+    """Values of N packed vectors as four fp16 [N, D/4] tiles of coordinates
+    [t·D/4, (t+1)·D/4), t = 0..3, so QK and PV split into four tensor-core dots
+    over contiguous quarters and no register shuffles are needed."""
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    cols = tl.arange(0, QUARTER)
+    ptrs = codes_ptr + row_off[:, None] + cols[None, :]
+    a = tl.load(ptrs, mask=mask_n[:, None], other=0)
+    if BITS == 4:
+        # byte j holds coordinates j (low nibble) and j + D/2 (high nibble)
+        b = tl.load(ptrs + QUARTER, mask=mask_n[:, None], other=0)
+        a_lo, a_hi = _lookup(a, CB, LUT, BITS, USE_ASM)
+        b_lo, b_hi = _lookup(b, CB, LUT, BITS, USE_ASM)
+        return a_lo, b_lo, a_hi, b_hi
+    else:
+        hi = a
+        if BITS == 3:
+            # high bit of coordinate t·D/4 + i: byte i mod D/8 of the 1-bit plane,
+            # bit 2t + i div D/8; shift so bit 2t of `hi` holds it
+            EIGHTH: tl.constexpr = HEAD_DIM // 8
+            hi = tl.load(codes_ptr + row_off[:, None] + QUARTER + (cols % EIGHTH)[None, :],
+                         mask=mask_n[:, None], other=0)
+            hi = hi >> (cols // EIGHTH)[None, :].to(tl.uint8)
+        return _lookup(a, CB, LUT, BITS, USE_ASM, hi)

@@ -8,9 +8,10 @@ so each packed code is read once per KV head:
 
 Keys and values stay in the rotated space (q·k = (Πq)·(Πk), TurboQuant Sec. 3),
 and the per-token norms r factor out of the inner products: they scale the score
-row and the probability row instead of the [N, D] tiles. Codes are unpacked in
-registers in the split-plane order (``kernels/_codes.py``); the query is
-pre-rotated into that column order by ``LayerCodec.pi_t_k``.
+row and the probability row instead of the [N, D] tiles. Codes become fp16
+values in registers, four codes per few instructions (``kernels/_lut.py``), as
+four tiles of contiguous coordinate quarters (``kernels/_codes.py``), so each
+product is four tensor-core dots and nothing is shuffled between registers.
 
 Stage 2, one program per (sequence, KV head), merges the splits by their
 log-sum-exp and un-rotates the group's outputs once, o = (Σ p v_rot) · Π.
@@ -30,7 +31,9 @@ import triton.language as tl
 
 from sglang_tq.codec import LayerCodec
 
-from ._codes import online_softmax_step, tanh, unpack_codes, unpacked_column
+from sglang_tq.env import triton_interpreting
+
+from ._codes import load_quarters, tanh
 from .tq_store import check_head_dim
 
 
@@ -59,47 +62,72 @@ def _tq_decode_stage1(
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
+    K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     start, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, BLOCK_N)
     if hi > lo:
+        QUARTER: tl.constexpr = HEAD_DIM // 4
         offs_g = tl.arange(0, BLOCK_H)
         mask_h = offs_g < GQA
         heads = kv_head * GQA + offs_g
-        offs_d = tl.arange(0, HEAD_DIM)
-        # -- rotated query of the whole GQA group, in K's unpacked column order
-        q = tl.load(QRot + batch * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :],
-                    mask=mask_h[:, None], other=0.0).to(tl.float16)
+        offs_q = tl.arange(0, QUARTER)
+        # -- rotated query of the whole GQA group, as four quarters of coordinates
+        q_ptr = QRot + batch * stride_q_b + heads[:, None] * stride_q_h + offs_q[None, :]
+        q0 = tl.load(q_ptr, mask=mask_h[:, None], other=0.0).to(tl.float16)
+        q1 = tl.load(q_ptr + QUARTER, mask=mask_h[:, None], other=0.0).to(tl.float16)
+        q2 = tl.load(q_ptr + 2 * QUARTER, mask=mask_h[:, None], other=0.0).to(tl.float16)
+        q3 = tl.load(q_ptr + 3 * QUARTER, mask=mask_h[:, None], other=0.0).to(tl.float16)
         kc_base = KCodes + kv_head * stride_kc_h
         vc_base = VCodes + kv_head * stride_vc_h
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
-        acc = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+        acc0 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
+        acc1 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
+        acc2 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
+        acc3 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi
             slot = tl.load(KvIndices + start + offs_n, mask=mask_n, other=0).to(tl.int64)
-            # -- scores: unpack K codes, codebook lookup, QK on tensor cores, scale by norms
-            k_idx = unpack_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM)
-            k = tl.load(KCb + k_idx).to(tl.float16)
+            # -- scores: codes -> fp16 values in registers, QK on tensor cores, K norms after
+            k0, k1, k2, k3 = load_quarters(kc_base, slot * stride_kc_s, mask_n, KCb, K_LUT,
+                                           K_BITS, HEAD_DIM, USE_ASM)
+            s = tl.dot(q0, tl.trans(k0))
+            s = tl.dot(q1, tl.trans(k1), s)
+            s = tl.dot(q2, tl.trans(k2), s)
+            s = tl.dot(q3, tl.trans(k3), s)
             k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h,
                              mask=mask_n, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * (k_norm * sm_scale)[None, :]
+            s = s * (k_norm * sm_scale)[None, :]
             if HAS_CAP:
                 s = logit_cap * tanh(s / logit_cap)
             s = tl.where(mask_n[None, :], s, float("-inf"))
-            # -- PV on tensor cores with online softmax; V norms scale the probabilities
-            v_idx = unpack_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
-            v = tl.load(VCb + v_idx).to(tl.float16)
+            # -- online softmax; V norms scale the probabilities, not the value tiles
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
             v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h,
                              mask=mask_n, other=0.0).to(tl.float32)
-            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v, v_norm)
-        # -- partial output (rotated space, natural column order) and its log-sum-exp
-        cols = unpacked_column(HEAD_DIM, V_BITS)
-        mo = MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
-        tl.store(mo + cols[None, :], acc / l_i[:, None], mask=mask_h[:, None])
+            pv = (p * v_norm[None, :]).to(tl.float16)
+            v0, v1, v2, v3 = load_quarters(vc_base, slot * stride_vc_s, mask_n, VCb, V_LUT,
+                                           V_BITS, HEAD_DIM, USE_ASM)
+            acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
+            acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
+            acc2 = tl.dot(pv, v2, acc2 * alpha[:, None])
+            acc3 = tl.dot(pv, v3, acc3 * alpha[:, None])
+        # -- partial output (rotated space) and its log-sum-exp
+        mo = (MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+              + offs_q[None, :])
+        inv_l = 1.0 / l_i[:, None]
+        tl.store(mo, acc0 * inv_l, mask=mask_h[:, None])
+        tl.store(mo + QUARTER, acc1 * inv_l, mask=mask_h[:, None])
+        tl.store(mo + 2 * QUARTER, acc2 * inv_l, mask=mask_h[:, None])
+        tl.store(mo + 3 * QUARTER, acc3 * inv_l, mask=mask_h[:, None])
         tl.store(MidLse + batch * stride_ml_b + heads * stride_ml_h + split, m_i + tl.log(l_i),
                  mask=mask_h)
 
@@ -172,7 +200,7 @@ def _block_h(gqa: int) -> int:
 def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
               sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
               logit_cap: float = 0.0, sliding_window: int = 0,
-              block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+              block_n: int = 32, num_warps: int = 4, num_stages: int = 2):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -201,8 +229,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     gqa = hq // hkv
     block_h = _block_h(gqa)
     q_rot, mid_o, mid_lse, out = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz], ws.out[:bsz]
-    # -- rotate q once per step, straight into K's unpacked column order
-    torch.matmul(q.to(torch.float32), codec.pi_t_k, out=q_rot)
+    # -- rotate q once per step
+    torch.matmul(q.to(torch.float32), codec.pi.T, out=q_rot)
     _tq_decode_stage1[(bsz, hkv, max_kv_splits)](
         q_rot, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
         kv_indptr, kv_indices, num_kv_splits, mid_o, mid_lse,
@@ -213,6 +241,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GQA=gqa, BLOCK_H=block_h, HEAD_DIM=d, BLOCK_N=block_n,
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HAS_CAP=logit_cap > 0,
+        K_LUT=codec.k_lut, V_LUT=codec.v_lut,
+        USE_ASM=not triton_interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )
     _tq_decode_stage2[(bsz, hkv)](

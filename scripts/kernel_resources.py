@@ -23,6 +23,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
+from sglang_tq.codec import LayerCodec
 from sglang_tq.kernels import tq_decode as dec
 
 _POINTERS = {
@@ -42,8 +43,10 @@ def _tool(name: str) -> str:
 
 def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages):
     fn = dec._tq_decode_stage1
+    codec = LayerCodec.create(head_dim, k_bits, v_bits)
     sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa), HEAD_DIM=head_dim, BLOCK_N=block_n,
-                           K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False)
+                           K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False, K_LUT=codec.k_lut,
+                           V_LUT=codec.v_lut, USE_ASM=True)
     for name in fn.arg_names:
         if name in _POINTERS:
             sig[name] = _POINTERS[name]
@@ -51,8 +54,12 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
             sig[name] = "constexpr"
         else:
             sig[name] = "fp32" if name in ("sm_scale", "logit_cap") else "i32"
+    # Triton specialises pointers and strides divisible by 16 at launch; do the same here.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n in _POINTERS or n.startswith("stride")}
     src = triton.compiler.ASTSource(
-        fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+        attrs=attrs)
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.TemporaryDirectory() as tmp:

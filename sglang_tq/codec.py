@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from .quantizer import TurboQuantizer
+from .kernels._lut import lut_asm
 
 
 def codes_per_byte_block(bits: int) -> int:
@@ -49,6 +50,8 @@ class LayerCodec:
     v_bounds: torch.Tensor
     pi_t_k: torch.Tensor  # [D, D] fp32: Πᵀ with columns in unpacked_order(D, k_bits)
     pi_t_v: torch.Tensor
+    k_lut: str  # PTX of the prmt codebook lookup (kernels/_lut.py)
+    v_lut: str
 
     @classmethod
     def create(cls, head_dim: int, k_bits: int, v_bits: int, seed: int = 0,
@@ -65,6 +68,7 @@ class LayerCodec:
             k_bounds=kq.boundaries.to(**to), v_bounds=vq.boundaries.to(**to),
             pi_t_k=pi.T[:, unpacked_order(head_dim, k_bits)].to(**to).contiguous(),
             pi_t_v=pi.T[:, unpacked_order(head_dim, v_bits)].to(**to).contiguous(),
+            k_lut=lut_asm(kq.codebook, k_bits), v_lut=lut_asm(vq.codebook, v_bits),
         )
 
     @property

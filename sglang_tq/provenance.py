@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import os
 import platform
 import subprocess
 from pathlib import Path
+
+from . import env
 
 _PACKAGES = ("torch", "triton", "sglang", "sglang-kernel", "flashinfer-python", "transformers")
 
 
 def git_commit(repo: Path | None = None) -> str:
     """HEAD of the checkout, or $SGLANG_TQ_COMMIT where the copy has no .git (GPU host)."""
-    if os.environ.get("SGLANG_TQ_COMMIT"):
-        return os.environ["SGLANG_TQ_COMMIT"]
+    if env.commit_override():
+        return env.commit_override()
     repo = repo or Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(

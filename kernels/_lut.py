@@ -1,0 +1,161 @@
+"""Codebook lookup for packed codes: 4 codes per PTX block with byte permutes.
+
+A table lookup per element (``tl.load(codebook + idx)``) costs a 64-bit address,
+a global load and a conversion per code: far over the few instructions per code
+that a bandwidth-bound decode can afford (REFERENCE.md, compute budget). Instead,
+following the ``prmt`` idea in DESIGN.md, the Lloyd-Max codebook is symmetric
+(c[2^B−1−i] = −c[i]), so each code splits into a sign (its top bit) and a
+magnitude index j < 2^(B−1) ≤ 8. The fp16 magnitudes are 8 low bytes and 8 high
+bytes held in four registers; one ``prmt`` selects the low bytes of four codes,
+one the high bytes, two more interleave them into two fp16x2 registers, and the
+sign is XOR-ed into bit 15. About five instructions per code, done on four codes
+at a time, with no memory access.
+
+``lut_asm`` builds the PTX for one packed byte register holding F fields of
+w bits (4-bit codes: 2 fields; 2-bit: 4 fields; 3-bit: the 2-bit fields plus
+their high bits from a second register). ``emulate`` executes that PTX subset in
+Python so the CPU tests check the bit logic against the codebook.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def _rep(byte: int) -> int:
+    return byte * 0x01010101
+
+
+def _table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
+    half = 1 << (bits - 1)
+    mags = codebook[half:].to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    vals = [int(v) for v in mags] + [0] * (8 - half)
+    lo = [v & 0xFF for v in vals]
+    hi = [v >> 8 for v in vals]
+
+    def word(b):
+        return b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+
+    return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+
+
+def fields_of(bits: int) -> tuple[int, int]:
+    """(fields per byte, field width) of the low plane for a code width."""
+    return (2, 4) if bits == 4 else (4, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _lut_asm_cached(words: tuple[int, int, int, int], bits: int) -> str:
+    nfields, width = fields_of(bits)
+    magmax = (1 << (bits - 1)) - 1
+    tl0, tl1, th0, th1 = words
+    src = 2 * nfields  # first input operand
+    lines = [
+        "{",
+        ".reg .b32 c, n, m, j, s, l, h, g, t, z, tl0, tl1, th0, th1;",
+        "mov.b32 z, 0;",
+        f"mov.b32 tl0, {tl0:#x};", f"mov.b32 tl1, {tl1:#x};",
+        f"mov.b32 th0, {th0:#x};", f"mov.b32 th1, {th1:#x};",
+    ]
+    for f in range(nfields):
+        o0, o1 = 2 * f, 2 * f + 1
+        lines += [
+            f"shr.b32 c, ${src}, {f * width};",
+            f"and.b32 c, c, {_rep((1 << width) - 1):#x};",
+        ]
+        if bits == 3:
+            lines += [
+                f"shr.b32 t, ${src + 1}, {2 * f};",
+                f"and.b32 t, t, {_rep(1):#x};",
+                "shl.b32 t, t, 2;",
+                "or.b32 c, c, t;",
+            ]
+        lines += [
+            # sign: set in n (bit B-1 of each byte) where the code is in the negative half
+            f"and.b32 n, c, {_rep(1 << (bits - 1)):#x};",
+            f"xor.b32 n, n, {_rep(1 << (bits - 1)):#x};",
+            # magnitude index j = c xor magmax on negative codes, c otherwise
+            f"shr.b32 m, n, {bits - 1};",
+            "sub.u32 m, n, m;",
+            "xor.b32 j, c, m;",
+            f"and.b32 j, j, {_rep(magmax):#x};",
+            # selector: the four 3-bit indices as nibbles
+            "shr.b32 s, j, 4;",
+            "or.b32 s, s, j;",
+            "prmt.b32 s, s, s, 0x2020;",
+            # low and high bytes of the fp16 magnitudes, interleaved into fp16x2
+            "prmt.b32 l, tl0, tl1, s;",
+            "prmt.b32 h, th0, th1, s;",
+            f"prmt.b32 ${o0}, l, h, 0x5140;",
+            f"prmt.b32 ${o1}, l, h, 0x7362;",
+            # sign into bit 15 of each half
+            f"shl.b32 g, n, {8 - bits};",
+            "prmt.b32 t, g, z, 0x1404;",
+            f"xor.b32 ${o0}, ${o0}, t;",
+            "prmt.b32 t, g, z, 0x3424;",
+            f"xor.b32 ${o1}, ${o1}, t;",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def lut_asm(codebook: torch.Tensor, bits: int) -> str:
+    """PTX mapping a register of 4 packed bytes to the fp16 values of its fields."""
+    if bits not in (2, 3, 4):
+        raise ValueError(f"the prmt lookup supports 2-4-bit codes, got {bits}.")
+    c = codebook.detach().cpu().float()
+    if not torch.equal(c, -c.flip(0)):
+        raise ValueError("the prmt lookup needs a symmetric codebook.")
+    return _lut_asm_cached(_table_words(c, bits), bits)
+
+
+def lut_constraints(bits: int) -> str:
+    nfields, _ = fields_of(bits)
+    outs = ",".join(["=r"] * (2 * nfields))
+    return outs + (",r,r" if bits == 3 else ",r")
+
+
+# ----------------------------------------------------------------------------- emulator
+def _prmt(a: int, b: int, sel: int) -> int:
+    src = (a | (b << 32)).to_bytes(8, "little")
+    return int.from_bytes(bytes(src[(sel >> (4 * i)) & 7] for i in range(4)), "little")
+
+
+def emulate(asm: str, inputs: list[int], num_outputs: int) -> list[int]:
+    """Run the PTX subset ``lut_asm`` emits on 32-bit Python ints (for tests)."""
+    regs: dict[str, int] = {f"${num_outputs + i}": v for i, v in enumerate(inputs)}
+    mask = 0xFFFFFFFF
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        return regs[tok] if (tok.startswith("$") or tok.isalpha() or tok in regs) else int(tok, 0)
+
+    for raw in asm.splitlines():
+        line = raw.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        d, srcs = args[0], [val(a) for a in args[1:]]
+        if op == "mov.b32":
+            r = srcs[0]
+        elif op == "shr.b32":
+            r = srcs[0] >> srcs[1]
+        elif op == "shl.b32":
+            r = srcs[0] << srcs[1]
+        elif op == "and.b32":
+            r = srcs[0] & srcs[1]
+        elif op == "or.b32":
+            r = srcs[0] | srcs[1]
+        elif op == "xor.b32":
+            r = srcs[0] ^ srcs[1]
+        elif op == "sub.u32":
+            r = srcs[0] - srcs[1]
+        elif op == "prmt.b32":
+            r = _prmt(srcs[0], srcs[1], srcs[2])
+        else:
+            raise ValueError(f"emulator does not know {op}")
+        regs[d] = r & mask
+    return [regs[f"${i}"] for i in range(num_outputs)]

@@ -1,0 +1,20 @@
+"""Every environment variable sglang-tq reads, in one place.
+
+* ``TRITON_INTERPRET=1``: Triton runs kernels in its CPU interpreter (tests
+  without a GPU). Kernels then take their portable lookup path, since the
+  interpreter cannot execute inline PTX.
+* ``SGLANG_TQ_COMMIT``: commit id recorded in result JSON where the checkout
+  has no ``.git`` (the GPU host receives a bare copy of the working tree).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def commit_override() -> str | None:
+    return os.environ.get("SGLANG_TQ_COMMIT") or None

@@ -1,0 +1,51 @@
+"""The prmt codebook lookup (kernels/_lut.py), executed by a PTX-subset emulator.
+
+The GPU kernels run this PTX; the Triton interpreter cannot, so the CPU tests
+check its bit logic here against the codebook, for every code of every width.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from sglang_tq.codebook import codebook
+from sglang_tq.kernels._lut import emulate, fields_of, lut_asm
+
+
+def _fp16_bits(x: torch.Tensor) -> int:
+    return int(x.to(torch.float16).view(torch.int16)) & 0xFFFF
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lut_matches_codebook_for_every_code(bits, dim):
+    cb = codebook(dim, bits)
+    asm = lut_asm(cb, bits)
+    nfields, width = fields_of(bits)
+    levels = range(1 << bits)
+    # every code at every field position and byte lane, in groups of 4 lanes
+    combos = list(itertools.product(levels, repeat=1))
+    for f, lane in itertools.product(range(nfields), range(4)):
+        for (c,) in combos:
+            codes = [[(c + 3 * ff + 5 * e) % (1 << bits) for e in range(4)] for ff in range(nfields)]
+            codes[f][lane] = c
+            low = [sum((codes[ff][e] & ((1 << width) - 1)) << (ff * width) for ff in range(nfields))
+                   for e in range(4)]
+            inputs = [sum(b << (8 * e) for e, b in enumerate(low))]
+            if bits == 3:
+                high = [sum(((codes[ff][e] >> 2) & 1) << (2 * ff) for ff in range(nfields))
+                        for e in range(4)]
+                inputs.append(sum(b << (8 * e) for e, b in enumerate(high)))
+            out = emulate(asm, inputs, 2 * nfields)
+            for ff in range(nfields):
+                got = [out[2 * ff] & 0xFFFF, out[2 * ff] >> 16, out[2 * ff + 1] & 0xFFFF,
+                       out[2 * ff + 1] >> 16]
+                assert got == [_fp16_bits(cb[x]) for x in codes[ff]]
+
+
+def test_lut_refuses_asymmetric_codebook():
+    cb = codebook(128, 2).clone()
+    cb[0] -= 0.01
+    with pytest.raises(ValueError, match="symmetric"):
+        lut_asm(cb, 2)
