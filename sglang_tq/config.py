@@ -15,6 +15,7 @@ import re
 CONFIG_BITS = (2, 3, 4)
 KEY_VARIANTS = ("mse", "prod")
 NORM_BYTES = 2  # one fp16 norm per vector
+_MASK64 = (1 << 64) - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,3 +81,16 @@ class TQConfig:
 
     def is_bf16_layer(self, layer_id: int) -> bool:
         return layer_id in self.bf16_layers
+
+    def layer_seed(self, layer_id: int) -> int:
+        """Rotation seed of global layer ``layer_id``, a SplitMix64 mix of ``seed`` and the id.
+
+        Every tensor-parallel rank derives the same seed for a layer, so all ranks
+        draw the same Π; neighbouring layers get unrelated rotations.
+        """
+        if not isinstance(layer_id, int) or layer_id < 0:
+            raise ValueError(f"layer_id must be a non-negative integer, got {layer_id!r}.")
+        x = (self.seed * 0x9E3779B97F4A7C15 + layer_id + 1) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return (x ^ (x >> 31)) >> 1

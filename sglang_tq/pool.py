@@ -1,0 +1,222 @@
+"""The packed TurboQuant KV pool that replaces SGLang's MHA token-to-KV pool.
+
+Per attention layer the pool holds either
+
+* packed codes and norms, as the kernels expect them (``LayerCodec.alloc_buffers``):
+  K codes uint8 [slots, Hkv, D·b_k/8], K norms fp16 [slots, Hkv], and the same for
+  V, with the layer's :class:`~sglang_tq.codec.LayerCodec` (rotation seeded by
+  ``TQConfig.layer_seed`` of the *global* layer id, so every TP rank agrees); or
+* plain K/V buffers [slots, Hkv, D] in the model dtype, for the layers listed in
+  ``TQConfig.bf16_layers``.
+
+A slot is one token (``slots = size + page_size``, the extra page absorbing the
+padded writes to slot 0, as in SGLang's MHA pool), so paged allocation needs
+nothing special: SGLang's attention metadata lists per-token slot ids for every
+page size.
+
+:func:`bytes_per_token` is the single source of the pool's size: the pool
+configurator hook returns it as the cell size, and the allocation below uses the
+same per-layer rule, so ``max_total_num_tokens`` grows by exactly the bytes ratio.
+
+Nothing here hands out bf16 views of packed bytes: ``get_key_buffer`` and friends
+raise for packed layers and :meth:`TQTokenToKVPool.get_packed_layer` is the way in.
+SGLang subclasses of ``MHATokenToKVPool`` are deliberately not used, so HiCache,
+PD transfer and offload code (which test ``isinstance(pool, MHATokenToKVPool)``)
+never mistake the codes for bf16.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Optional
+
+import torch
+
+from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
+from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
+
+from .codec import LayerCodec
+from .config import TQConfig
+from .kernels.tq_store import tq_store_kv
+
+MODEL_DTYPES = (torch.bfloat16, torch.float16)
+# Kept out of torch.compile tracing, like SGLang's own Triton kernel wrappers.
+_store_kv = torch.compiler.disable(tq_store_kv)
+
+
+def bytes_per_token(cfg: TQConfig, layer_ids: Iterable[int], num_kv_heads: int,
+                    dtype: torch.dtype = torch.bfloat16) -> int:
+    """KV bytes one token costs over ``layer_ids``: packed layers at
+    ``cfg.bytes_per_token_per_head`` per head, bf16 layers at 2·D·itemsize per head."""
+    plain = 2 * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    return sum(num_kv_heads * (plain if cfg.is_bf16_layer(i) else cfg.bytes_per_token_per_head)
+               for i in layer_ids)
+
+
+class PackedLayer(NamedTuple):
+    """One packed layer's buffers and codec, in the argument order of the kernels."""
+
+    k_codes: torch.Tensor
+    k_norms: torch.Tensor
+    v_codes: torch.Tensor
+    v_norms: torch.Tensor
+    codec: LayerCodec
+
+
+class TQTokenToKVPool(KVCache):
+    """Token-to-KV pool storing TurboQuant codes (and bf16 K/V for bf16 layers)."""
+
+    def __init__(self, size: int, page_size: int, head_num: int, head_dim: int, layer_num: int,
+                 device: str, enable_memory_saver: bool, *, cfg: TQConfig,
+                 model_dtype: torch.dtype = torch.bfloat16, v_head_dim: Optional[int] = None,
+                 start_layer: Optional[int] = None, end_layer: Optional[int] = None):
+        if cfg.head_dim != head_dim or (v_head_dim or head_dim) != head_dim:
+            raise ValueError(
+                f"TQTokenToKVPool needs equal K/V head dims matching TQConfig.head_dim={cfg.head_dim}, "
+                f"got head_dim={head_dim} and v_head_dim={v_head_dim}."
+            )
+        if model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"the model dtype of a TurboQuant pool must be bf16 or fp16, got {model_dtype}.")
+        # dtype is the storage dtype (uint8): SGLang's fused set-KV test
+        # (pool.dtype == bfloat16) is then false for this pool by construction.
+        super().__init__(size, page_size, torch.uint8, layer_num, device, enable_memory_saver,
+                         start_layer, end_layer)
+        self.cfg = cfg
+        self.model_dtype = model_dtype
+        self.head_num = head_num
+        self.head_dim = head_dim
+        self.v_head_dim = head_dim
+        self.num_slots = size + page_size
+        self.codecs: list[Optional[LayerCodec]] = []
+        self.k_codes: list[Optional[torch.Tensor]] = []
+        self.k_norms: list[Optional[torch.Tensor]] = []
+        self.v_codes: list[Optional[torch.Tensor]] = []
+        self.v_norms: list[Optional[torch.Tensor]] = []
+        self.k_buffer: list[Optional[torch.Tensor]] = []
+        self.v_buffer: list[Optional[torch.Tensor]] = []
+        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
+            for layer_id in self.layer_ids:
+                self._alloc_layer(layer_id)
+        self._finalize_allocation_log(size)
+
+    @property
+    def layer_ids(self) -> range:
+        """Global ids of this pool's layers (a pipeline stage holds a contiguous range)."""
+        return range(self.start_layer, self.start_layer + self.layer_num)
+
+    def _alloc_layer(self, layer_id: int) -> None:
+        if self.cfg.is_bf16_layer(layer_id):
+            shape = (self.num_slots, self.head_num, self.head_dim)
+            self.k_buffer.append(torch.zeros(shape, dtype=self.model_dtype, device=self.device))
+            self.v_buffer.append(torch.zeros(shape, dtype=self.model_dtype, device=self.device))
+            for packed in (self.codecs, self.k_codes, self.k_norms, self.v_codes, self.v_norms):
+                packed.append(None)
+            return
+        codec = LayerCodec.create(self.head_dim, self.cfg.k_bits, self.cfg.v_bits,
+                                  seed=self.cfg.layer_seed(layer_id), device=self.device)
+        kc, kn, vc, vn = codec.alloc_buffers(self.num_slots, self.head_num, self.device)
+        self.codecs.append(codec)
+        self.k_codes.append(kc)
+        self.k_norms.append(kn)
+        self.v_codes.append(vc)
+        self.v_norms.append(vn)
+        self.k_buffer.append(None)
+        self.v_buffer.append(None)
+
+    def _index(self, layer_id: int) -> int:
+        idx = layer_id - self.start_layer
+        if not 0 <= idx < self.layer_num:
+            raise IndexError(
+                f"layer {layer_id} is outside this KV pool's layers "
+                f"[{self.start_layer}, {self.start_layer + self.layer_num})."
+            )
+        return idx
+
+    # -- what the TurboQuant backend reads -----------------------------------
+    def is_packed_layer(self, layer_id: int) -> bool:
+        return self.codecs[self._index(layer_id)] is not None
+
+    def get_packed_layer(self, layer_id: int) -> PackedLayer:
+        idx = self._index(layer_id)
+        if self.codecs[idx] is None:
+            raise RuntimeError(
+                f"layer {layer_id} is kept in bf16 (--kv-quant-bf16-layers), so it has no packed "
+                f"codes; read it with get_key_buffer/get_value_buffer instead."
+            )
+        return PackedLayer(self.k_codes[idx], self.k_norms[idx], self.v_codes[idx],
+                           self.v_norms[idx], self.codecs[idx])
+
+    # -- KVCache interface -----------------------------------------------------
+    def _plain(self, layer_id: int, which: str) -> int:
+        idx = self._index(layer_id)
+        if self.codecs[idx] is not None:
+            raise RuntimeError(
+                f"sglang-tq: layer {layer_id} holds packed TurboQuant codes, which have no bf16 "
+                f"{which} view; read them with TQTokenToKVPool.get_packed_layer() and the "
+                f"sglang_tq.kernels decoders (or start the server with --kv-quant none)."
+            )
+        return idx
+
+    def get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.k_buffer[self._plain(layer_id, "key")]
+
+    def get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.v_buffer[self._plain(layer_id, "value")]
+
+    def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._plain(layer_id, "key/value")
+        return self.k_buffer[idx], self.v_buffer[idx]
+
+    def get_v_head_dim(self) -> int:
+        return self.v_head_dim
+
+    def set_kv_buffer(self, layer, loc, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                      k_scale=None, v_scale=None, layer_id_override: Optional[int] = None,
+                      dcp_kv_mask=None) -> None:
+        """Write new K/V [T, Hkv, D] to slots ``loc``: quantize-and-store for packed
+        layers (one fused launch for K and V), a plain copy for bf16 layers.
+        ``k_scale``/``v_scale`` only matter for fp8 stores and are ignored here."""
+        if dcp_kv_mask is not None:
+            raise RuntimeError("the TurboQuant KV pool does not support decode context parallelism "
+                               "(--dcp-size); run without it or use --kv-quant none.")
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        loc = unwrap_write_loc(loc)[0]
+        idx = self._index(layer_id)
+        k = cache_k.reshape(-1, self.head_num, self.head_dim)
+        v = cache_v.reshape(-1, self.head_num, self.head_dim)
+        if self.codecs[idx] is None:
+            self.k_buffer[idx][loc] = k.to(self.model_dtype)
+            self.v_buffer[idx][loc] = v.to(self.model_dtype)
+            return
+        _store_kv(k, v, loc, self.k_codes[idx], self.k_norms[idx], self.v_codes[idx],
+               self.v_norms[idx], self.codecs[idx])
+
+    def get_kv_size_bytes(self) -> tuple[int, int]:
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        return (nbytes(self.k_codes) + nbytes(self.k_norms) + nbytes(self.k_buffer),
+                nbytes(self.v_codes) + nbytes(self.v_norms) + nbytes(self.v_buffer))
+
+    # -- paths that would move packed bytes as if they were bf16 --------------
+    def _refuse(self, what: str, flag: str):
+        raise RuntimeError(
+            f"sglang-tq: {what} is not supported on the packed TurboQuant KV pool; "
+            f"run without {flag} or start the server with --kv-quant none."
+        )
+
+    def move_kv_cache(self, tgt_loc, src_loc):
+        self._refuse("moving KV slots (speculative decoding)", "--speculative-algorithm")
+
+    def set_kv_buffer_prefix_valid(self, *args, **kwargs):
+        self._refuse("prefix-valid KV writes (speculative decoding)", "--speculative-algorithm")
+
+    def get_contiguous_buf_infos(self):
+        self._refuse("exporting raw KV buffers (PD disaggregation / HiCache)",
+                     "--disaggregation-mode and --enable-hierarchical-cache")
+
+    def get_cpu_copy(self, indices, mamba_indices=None):
+        self._refuse("offloading KV to the CPU", "--disaggregation-decode-enable-offload-kvcache")
+
+    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
+        self._refuse("loading KV from the CPU", "--disaggregation-decode-enable-offload-kvcache")
+
