@@ -1,0 +1,392 @@
+"""The one module where sglang-tq touches SGLang: named patches through SGLang's own hooks.
+
+SGLang 0.5.17 loads ``sglang.srt.plugins`` entry points in every process (launcher,
+scheduler, ``Engine``) and then applies the hooks registered in ``HookRegistry``.
+:func:`install` (called by the entry point ``sglang_tq.plugin:register``) checks the
+pinned SGLang version, registers the ``turboquant`` attention backend, and
+registers the patches listed in :data:`PATCHES`, each with a name:
+
+* ``cli-flags``, ``cli-to-init``, ``init-options``: the ``--kv-quant*`` flags, carried
+  from argparse (or ``Engine(**kwargs)``) onto ``ServerArgs`` as plain attributes,
+  which survive pickling into the scheduler;
+* ``validate``: start-up refusals (:mod:`sglang_tq.refusals`);
+* ``cell-size``, ``build-pool``, ``pool-guard``: size and build the packed pool
+  (:mod:`sglang_tq.pool`) instead of SGLang's MHA pool, and refuse to start if any
+  other pool was built;
+* ``no-fused-set-kv``: SGLang's fused rotary+set-KV path writes bf16 straight into
+  pool buffers, so it is switched off for our pool;
+* ``server-info``: the ``kv_quant*`` settings in ``/get_server_info``.
+
+With ``--kv-quant none`` (the default) every patch calls straight through to the
+original with untouched arguments and returns its result: stock behaviour.
+``HookRegistry`` swallows exceptions while applying hooks, so
+:func:`verify_patches_applied` runs before our pool is built and refuses to start
+with a half-installed plugin. Nothing needs a source patch (``patches/series`` is
+empty); what hooks cannot reach is listed in notes/sglang-0.5.17-integration.md §9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import dataclasses
+import importlib.metadata
+import logging
+import sys
+from typing import Any, Callable
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from . import refusals
+from .config import TQConfig
+
+logger = logging.getLogger(__name__)
+
+SGLANG_VERSION = "0.5.17"
+BACKEND_NAME = refusals.BACKEND_NAME
+BACKEND_FIELDS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
+# ServerArgs attribute → default; also the ServerArgs(**kwargs) names Engine accepts.
+OPTION_DEFAULTS = {
+    "kv_quant": "none",
+    "kv_quant_bits": "k4v4",
+    "kv_quant_seed": 0,
+    "kv_quant_bf16_layers": (),
+    "kv_quant_packed_prefill": False,
+}
+
+# Values parsed by argparse, handed from from_cli_args to the __init__ it calls.
+_CLI_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "sglang_tq_cli_options", default=None
+)
+
+
+# --------------------------------------------------------------------------- options
+def parse_bf16_layers(spec: Any) -> tuple[int, ...]:
+    """``"0,31"`` / ``[0, 31]`` / ``""`` / ``"none"`` → sorted unique layer ids."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+        return ()
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    try:
+        layers = {int(str(p).strip()) for p in parts}
+    except ValueError:
+        layers = {-1}
+    if any(i < 0 for i in layers):
+        raise ValueError(
+            f"--kv-quant-bf16-layers takes comma-separated non-negative layer ids such as 0,31 "
+            f"(or none), got {spec!r}."
+        )
+    return tuple(sorted(layers))
+
+
+def normalize_options(given: dict) -> dict:
+    """Validated ``kv_quant*`` options with defaults filled in; raises ``ValueError``."""
+    unknown = set(given) - set(OPTION_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown sglang-tq options {sorted(unknown)}; expected {list(OPTION_DEFAULTS)}.")
+    opts = {**OPTION_DEFAULTS, **given}
+    mode = str(opts["kv_quant"]).strip().lower()
+    if mode not in refusals.KV_QUANT_CHOICES:
+        raise ValueError(f"--kv-quant must be one of {refusals.KV_QUANT_CHOICES}, got {opts['kv_quant']!r}.")
+    k_bits, v_bits = TQConfig.parse_bits(opts["kv_quant_bits"])
+    seed = opts["kv_quant_seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--kv-quant-seed must be a non-negative integer, got {seed!r}.")
+    normalized = {
+        "kv_quant": mode,
+        "kv_quant_bits": f"k{k_bits}v{v_bits}",
+        "kv_quant_seed": seed,
+        "kv_quant_bf16_layers": parse_bf16_layers(opts["kv_quant_bf16_layers"]),
+        "kv_quant_packed_prefill": bool(opts["kv_quant_packed_prefill"]),
+    }
+    if mode == "none":
+        changed = [k for k in OPTION_DEFAULTS if k != "kv_quant" and normalized[k] != OPTION_DEFAULTS[k]]
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ValueError(f"the options {flags} need --kv-quant turboquant; add it or drop them.")
+    return normalized
+
+
+def kv_quant_enabled(server_args: Any) -> bool:
+    return getattr(server_args, "kv_quant", "none") == "turboquant"
+
+
+def tq_config(server_args: Any, head_dim: int) -> TQConfig:
+    """The TQConfig a server runs with (bf16 layer ids are global layer ids)."""
+    k_bits, v_bits = TQConfig.parse_bits(server_args.kv_quant_bits)
+    return TQConfig(head_dim=head_dim, k_bits=k_bits, v_bits=v_bits,
+                    seed=server_args.kv_quant_seed,
+                    bf16_layers=tuple(server_args.kv_quant_bf16_layers))
+
+
+def _argparse_type(parse: Callable) -> Callable:
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _bits(text: str) -> str:
+    return "k{}v{}".format(*TQConfig.parse_bits(text))
+
+
+# ----------------------------------------------------------------------------- hooks
+def _add_cli_args(result, parser: argparse.ArgumentParser):
+    if any("--kv-quant" in a.option_strings for a in parser._actions):
+        return
+    group = parser.add_argument_group(
+        "TurboQuant KV cache (sglang-tq)",
+        "Store the KV cache as packed 2-4-bit TurboQuant codes and decode from them with "
+        "fused Triton kernels.",
+    )
+    group.add_argument(
+        "--kv-quant", choices=refusals.KV_QUANT_CHOICES, default="none",
+        help="KV-cache quantization. 'turboquant' stores K and V as rotated Lloyd-Max codes "
+             "plus one fp16 norm per token and head (3.88x the tokens of bf16 at k4v4, head_dim 128) "
+             "and selects the turboquant attention backend; 'none' is stock SGLang. "
+             "Default: none.",
+    )
+    group.add_argument(
+        "--kv-quant-bits", type=_argparse_type(_bits), default="k4v4", metavar="kKvV",
+        help="Bits per coordinate for keys and values, e.g. k4v4, k4v3, k3v3, k4v2 "
+             "(each digit 2, 3 or 4). Default: k4v4.",
+    )
+    group.add_argument(
+        "--kv-quant-seed", type=int, default=0, metavar="SEED",
+        help="Seed of the random rotations; each layer derives its own from it and its layer "
+             "id, identically on every tensor-parallel rank. Default: 0.",
+    )
+    group.add_argument(
+        "--kv-quant-bf16-layers", type=_argparse_type(parse_bf16_layers), default=(),
+        metavar="IDS",
+        help="Comma-separated layer ids whose KV stays in plain bf16 (e.g. 0,31 for the "
+             "boundary layers), or 'none'. Default: none.",
+    )
+    group.add_argument(
+        "--kv-quant-packed-prefill", action="store_true", default=False,
+        help="Make prefill attend to the chunk's own K/V read back from the packed cache "
+             "rather than its bf16 values, so a cold prefill sees exactly what a later radix-"
+             "cache hit sees. Default: off.",
+    )
+
+
+def _from_cli_args(orig, cls, args):
+    options = {k: getattr(args, k) for k in OPTION_DEFAULTS if hasattr(args, k)}
+    token = _CLI_OPTIONS.set(options)
+    try:
+        return orig(cls, args)
+    finally:
+        _CLI_OPTIONS.reset(token)
+
+
+def _server_args_init(orig, self, *args, **kwargs):
+    given = {k: kwargs.pop(k) for k in OPTION_DEFAULTS if k in kwargs}
+    if not given:
+        given = _CLI_OPTIONS.get() or {}
+        _CLI_OPTIONS.set(None)
+    options = normalize_options(given)
+    if options["kv_quant"] == "turboquant":
+        for name, value in options.items():
+            object.__setattr__(self, name, value)
+        for name in BACKEND_FIELDS:
+            if kwargs.get(name) == "triton":
+                kwargs[name] = BACKEND_NAME
+        if all(kwargs.get(name) is None for name in BACKEND_FIELDS):
+            kwargs["attention_backend"] = BACKEND_NAME
+    return orig(self, *args, **kwargs)
+
+
+def _server_args_post_init(result, self):
+    if not kv_quant_enabled(self):
+        return None
+    refusals.check_server_args(self)
+    logger.info(
+        "sglang-tq: TurboQuant KV cache %s, seed %d, bf16 layers %s, packed prefill %s.",
+        self.kv_quant_bits, self.kv_quant_seed, list(self.kv_quant_bf16_layers) or "none",
+        "on" if self.kv_quant_packed_prefill else "off",
+    )
+    return None
+
+
+def _attn_tp_size() -> int:
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().attn_tp_size
+
+
+def _memory_saver_enabled() -> bool:
+    from sglang.srt.runtime_context import get_exec
+
+    return get_exec().features.enable_memory_saver
+
+
+def _local_layers(kvc) -> range:
+    return range(kvc.layer_info.start_layer,
+                 kvc.layer_info.start_layer + kvc.layer_info.num_effective_layers)
+
+
+def _compute_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
+    if not kv_quant_enabled(kvc.server_args):
+        return orig(self, kvc, num_layers, *args, **kwargs)
+    from .pool import bytes_per_token
+
+    refusals.check_kv_context(kvc)
+    layers = _local_layers(kvc)
+    if len(layers) != num_layers:
+        raise RuntimeError(
+            f"--kv-quant turboquant expected {len(layers)} KV layers on this rank but SGLang "
+            f"sizes {num_layers}; use --kv-quant none for this model."
+        )
+    mc = kvc.model_config
+    cell = bytes_per_token(tq_config(kvc.server_args, mc.head_dim), layers,
+                           mc.get_num_kv_heads(_attn_tp_size()), kvc.kv_cache_dtype)
+    stock = orig(self, kvc, num_layers, *args, **kwargs)
+    logger.info("sglang-tq: KV cell size %d B/token (bf16 pool: %d B/token, %.2fx the tokens).",
+                cell, stock, stock / cell)
+    return cell
+
+
+def _build_mha_kv_pool(orig, self, *args, **kwargs):
+    if not kv_quant_enabled(self.server_args):
+        return orig(self, *args, **kwargs)
+    from .pool import TQTokenToKVPool
+
+    verify_patches_applied()
+    refusals.check_kv_context(self)
+    refusals.check_pool_build(self, kwargs.get("mha_pool_class"), kwargs.get("quant_method"))
+    mc = self.model_config
+    return TQTokenToKVPool(
+        kwargs["max_total_num_tokens"], self.pool_page_size,
+        head_num=mc.get_num_kv_heads(_attn_tp_size()), head_dim=mc.head_dim,
+        layer_num=self.layer_info.num_effective_layers, device=self.device,
+        enable_memory_saver=_memory_saver_enabled(), cfg=tq_config(self.server_args, mc.head_dim),
+        model_dtype=self.kv_cache_dtype, v_head_dim=mc.v_head_dim,
+        start_layer=self.layer_info.start_layer, end_layer=self.layer_info.end_layer,
+    )
+
+
+def _is_tq_pool(pool) -> bool:
+    # The pool module is only imported once a TurboQuant pool is built, so a
+    # stock server never loads it (and never pays for the check).
+    pool_module = sys.modules.get("sglang_tq.pool")
+    return pool_module is not None and isinstance(pool, pool_module.TQTokenToKVPool)
+
+
+def _after_build_token_to_kv_pool(result, self, *args, **kwargs):
+    if kv_quant_enabled(self.server_args) and not _is_tq_pool(result):
+        raise RuntimeError(
+            f"--kv-quant turboquant could not install its packed pool for this model (SGLang "
+            f"built {type(result).__name__}); use --kv-quant none for this model."
+        )
+    return None
+
+
+def _enable_fused_set_kv_buffer(orig, forward_batch, *args, **kwargs):
+    if "sglang_tq.pool" in sys.modules:
+        from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
+
+        if _is_tq_pool(get_token_to_kv_pool()):
+            return False
+    return orig(forward_batch, *args, **kwargs)
+
+
+def _resolved_config_dict(result, self, *args, **kwargs):
+    server_args = getattr(self, "server_args", None)
+    if kv_quant_enabled(server_args):
+        result.update({k: getattr(server_args, k) for k in OPTION_DEFAULTS})
+    return None
+
+
+def _create_backend(runner):
+    from .backend import create_tq_backend
+
+    return create_tq_backend(runner)
+
+
+# --------------------------------------------------------------------------- patches
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    name: str
+    target: str
+    hook_type: HookType
+    hook: Callable
+    purpose: str
+
+
+_SA = "sglang.srt.server_args.ServerArgs"
+PATCHES = (
+    Patch("cli-flags", f"{_SA}.add_cli_args", HookType.AFTER, _add_cli_args,
+          "add the --kv-quant* flags (shown in --help)"),
+    Patch("cli-to-init", f"{_SA}.from_cli_args", HookType.AROUND, _from_cli_args,
+          "carry the parsed flags to ServerArgs.__init__"),
+    Patch("init-options", f"{_SA}.__init__", HookType.AROUND, _server_args_init,
+          "accept kv_quant* options, set them as attributes, select the turboquant backend"),
+    Patch("validate", f"{_SA}.__post_init__", HookType.AFTER, _server_args_post_init,
+          "refuse unsupported combinations at start-up"),
+    Patch("cell-size",
+          "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+          HookType.AROUND, _compute_cell_size, "size the KV pool by packed bytes per token"),
+    Patch("build-pool",
+          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
+          HookType.AROUND, _build_mha_kv_pool, "build TQTokenToKVPool instead of the MHA pool"),
+    Patch("pool-guard",
+          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool",
+          HookType.AFTER, _after_build_token_to_kv_pool, "refuse any pool other than ours"),
+    Patch("no-fused-set-kv", "sglang.srt.models.utils.enable_fused_set_kv_buffer",
+          HookType.AROUND, _enable_fused_set_kv_buffer,
+          "disable the fused bf16 rotary+set-KV write for the packed pool"),
+    Patch("server-info",
+          "sglang.srt.managers.tokenizer_manager.TokenizerManager.resolved_config_dict",
+          HookType.AFTER, _resolved_config_dict, "report kv_quant* in /get_server_info"),
+)
+
+
+def check_sglang_version() -> None:
+    found = importlib.metadata.version("sglang")
+    if found != SGLANG_VERSION:
+        raise RuntimeError(
+            f"sglang-tq is built against SGLang {SGLANG_VERSION} but SGLang {found} is installed; "
+            f"install sglang=={SGLANG_VERSION} (the --kv-quant flags stay unavailable until then)."
+        )
+
+
+def verify_patches_applied() -> None:
+    """Refuse to run TurboQuant when SGLang failed to apply any of our patches."""
+    missing = [p.name for p in PATCHES if p.target not in HookRegistry._patched]
+    if missing:
+        raise RuntimeError(
+            f"--kv-quant turboquant needs the sglang-tq patches {missing}, which SGLang did not "
+            f"apply (see 'Failed to apply hooks' in the log); reinstall sglang-tq for SGLang "
+            f"{SGLANG_VERSION} or use --kv-quant none."
+        )
+
+
+def install() -> None:
+    """Register the backend, the ServerArgs defaults and every patch; idempotent."""
+    check_sglang_version()
+    from sglang.srt.layers.attention.attention_registry import (
+        ATTENTION_BACKENDS,
+        register_attention_backend,
+    )
+    from sglang.srt.server_args import (
+        ATTENTION_BACKEND_CHOICES,
+        ServerArgs,
+        add_attention_backend_choices,
+    )
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    if ATTENTION_BACKENDS.get(BACKEND_NAME) is not _create_backend:
+        register_attention_backend(BACKEND_NAME)(_create_backend)
+    for name, default in OPTION_DEFAULTS.items():
+        if not hasattr(ServerArgs, name):
+            setattr(ServerArgs, name, default)
+    for patch in PATCHES:
+        registered = HookRegistry._hooks.get(patch.target, ())
+        if not any(hook is patch.hook for _, hook, _ in registered):
+            HookRegistry.register(patch.target, patch.hook, patch.hook_type)
+            logger.debug("sglang-tq: registered patch %s on %s (%s).", patch.name, patch.target,
+                         patch.purpose)

@@ -1,0 +1,260 @@
+"""Everything ``--kv-quant turboquant`` refuses, each as one sentence naming the flag and the way out.
+
+Three stages, from earliest to latest:
+
+* :func:`check_server_args` runs at the end of ``ServerArgs.__post_init__`` in the
+  launching process, on the resolved fields, so most refusals stop the launch
+  before any subprocess starts;
+* :func:`check_kv_context` and :func:`check_pool_build` run in the scheduler where
+  SGLang sizes and builds the KV pool, and catch what only the loaded model
+  reveals (a sliding window, an FP8 KV dtype resolved from the checkpoint, a
+  draft worker);
+* :func:`check_model_layers` runs when the attention backend is built and checks
+  every ``RadixAttention`` layer against what the kernels implement.
+
+A failure in the scheduler aborts start-up too (SGLang kills the launcher when a
+scheduler raises), so no request ever meets an unsupported configuration and
+nothing silently falls back to bf16. The two SGLang environment variables that
+change the pool layout are read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+KV_QUANT_CHOICES = ("none", "turboquant")
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# --attention-backend triton (or unset) maps onto ours: our backend is SGLang's
+# Triton backend with the packed kernels swapped in.
+BACKEND_NAME = "turboquant"
+ACCEPTED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
+# Decoder-only, full-attention GQA/MHA architectures whose SGLang model code
+# writes K/V only through RadixAttention (fused set-KV is disabled by our hook).
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+_ALT = "or start the server with --kv-quant none"
+
+
+def check_server_args(sa: Any) -> None:
+    """Raise ``ValueError`` (one sentence) for the first unsupported server setting."""
+    for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        value = getattr(sa, name, None)
+        if value not in (None, BACKEND_NAME):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"--kv-quant turboquant decodes with its own attention backend, so {flag} must be "
+                f"turboquant, triton or unset (got {value!r}); drop {flag} {_ALT}."
+            )
+    if str(sa.kv_cache_dtype) not in ACCEPTED_KV_CACHE_DTYPES:
+        raise ValueError(
+            f"--kv-quant turboquant replaces the KV cache format, so --kv-cache-dtype must be auto "
+            f"or bf16 (got {sa.kv_cache_dtype!r}); drop --kv-cache-dtype {_ALT}."
+        )
+    _check_flags(sa)
+    _check_environment()
+    if getattr(sa, "_declarations_materialized", False):
+        check_model_config(sa.get_model_config(), sa)
+
+
+# (predicate, flag as typed, what it is): a true predicate refuses the flag.
+_FLAG_RULES = (
+    (lambda sa: sa.disaggregation_mode != "null", "--disaggregation-mode", "PD disaggregation"),
+    (lambda sa: sa.disaggregation_decode_enable_offload_kvcache,
+     "--disaggregation-decode-enable-offload-kvcache", "KV offload on PD decode"),
+    (lambda sa: sa.enable_hierarchical_cache, "--enable-hierarchical-cache",
+     "HiCache (host-memory KV tiers)"),
+    (lambda sa: sa.hicache_storage_backend is not None, "--hicache-storage-backend",
+     "HiCache storage"),
+    (lambda sa: sa.enable_lmcache, "--enable-lmcache", "LMCache"),
+    (lambda sa: sa.enable_flexkv, "--enable-flexkv", "FlexKV"),
+    (lambda sa: sa.enable_hisparse, "--enable-hisparse", "HiSparse"),
+    (lambda sa: sa.speculative_algorithm is not None, "--speculative-algorithm",
+     "speculative decoding"),
+    (lambda sa: sa.dcp_size > 1, "--dcp-size", "decode context parallelism"),
+    (lambda sa: sa.attn_cp_size > 1, "--attn-cp-size", "attention context parallelism"),
+    (lambda sa: sa.enable_prefill_cp, "--enable-prefill-cp", "prefill context parallelism"),
+    (lambda sa: sa.pp_size > 1, "--pp-size", "pipeline parallelism (untested so far)"),
+    (lambda sa: sa.enable_dp_attention, "--enable-dp-attention",
+     "data-parallel attention (untested so far)"),
+    (lambda sa: sa.enable_two_batch_overlap, "--enable-two-batch-overlap", "two-batch overlap"),
+    (lambda sa: sa.enable_pdmux, "--enable-pdmux", "PD multiplexing"),
+    (lambda sa: sa.enable_deterministic_inference, "--enable-deterministic-inference",
+     "deterministic inference"),
+    (lambda sa: sa.enable_unified_memory, "--enable-unified-memory", "the unified memory pool"),
+    (lambda sa: sa.enable_page_major_kv_layout, "--enable-page-major-kv-layout",
+     "the page-major KV layout"),
+    (lambda sa: sa.prefill_only_disable_kv_cache, "--prefill-only-disable-kv-cache",
+     "running without a KV cache"),
+    (lambda sa: sa.kv_canary != "none", "--kv-canary", "KV canaries"),
+    (lambda sa: sa.device not in (None, "cuda"), "--device",
+     "devices other than CUDA GPUs"),
+)
+
+
+def _check_flags(sa: Any) -> None:
+    for refused, flag, what in _FLAG_RULES:
+        if refused(sa):
+            raise ValueError(f"--kv-quant turboquant does not support {what}; drop {flag} {_ALT}.")
+
+
+def _check_environment() -> None:
+    from sglang.srt.environ import envs
+
+    for var, what in (("SGLANG_USE_HND_KVCACHE", "the HND KV layout"),
+                      ("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "post-capture KV sizing")):
+        if getattr(envs, var).get():
+            raise ValueError(f"--kv-quant turboquant does not support {what}; unset {var} {_ALT}.")
+
+
+def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
+    """Model-level refusals; ``sa`` (server args) adds the TP and bf16-layer checks."""
+    from sglang.srt.configs.hybrid_arch import mambaish_config
+    from sglang.srt.configs.model_config import (
+        AttentionArch,
+        is_deepseek_dsa,
+        is_deepseek_v4,
+        is_minimax_sparse,
+    )
+
+    hf = mc.hf_config
+    arch = (getattr(hf, "architectures", None) or ["<unknown>"])[0]
+    if mc.attention_arch == AttentionArch.MLA or is_deepseek_dsa(hf) or is_deepseek_v4(hf):
+        raise ValueError(
+            f"--kv-quant turboquant does not support MLA models such as {arch} (their latent KV "
+            f"is not per-head K/V); use --kv-quant none or --kv-cache-dtype fp8_e4m3."
+        )
+    if mambaish_config(mc) is not None or is_minimax_sparse(hf):
+        raise ValueError(
+            f"--kv-quant turboquant does not support hybrid linear-attention models such as "
+            f"{arch} yet; use --kv-quant none for this model."
+        )
+    if getattr(mc, "is_hybrid_swa", False) or getattr(mc, "is_hybrid_swa_compress", False):
+        raise ValueError(
+            f"--kv-quant turboquant does not support hybrid sliding-window models such as {arch} "
+            f"yet; use --kv-quant none for this model."
+        )
+    if getattr(mc, "attention_chunk_size", None) is not None:
+        raise ValueError(
+            f"--kv-quant turboquant does not support chunked local attention ({arch}) yet; "
+            f"use --kv-quant none for this model."
+        )
+    if getattr(mc, "is_encoder_decoder", False):
+        raise ValueError(
+            f"--kv-quant turboquant supports decoder-only models, not the encoder-decoder {arch}; "
+            f"use --kv-quant none for this model."
+        )
+    if getattr(mc, "has_attention_sinks", False):
+        raise ValueError(
+            f"--kv-quant turboquant does not support attention sinks ({arch}) yet; "
+            f"use --kv-quant none for this model."
+        )
+    if mc.head_dim != mc.v_head_dim or mc.head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"--kv-quant turboquant kernels need equal K/V head dims in {SUPPORTED_HEAD_DIMS}, but "
+            f"{arch} has head_dim={mc.head_dim}, v_head_dim={mc.v_head_dim}; use --kv-quant none "
+            f"or --kv-cache-dtype fp8_e4m3 for this model."
+        )
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"--kv-quant turboquant is validated for the full-attention architectures "
+            f"{', '.join(ARCHITECTURES)}, not {arch} (which may use sliding windows or write the "
+            f"KV cache itself); use --kv-quant none for this model."
+        )
+    if sa is None:
+        return
+    total_kv = mc.get_total_num_kv_heads()
+    if total_kv % sa.tp_size and sa.tp_size % total_kv:
+        raise ValueError(
+            f"--kv-quant turboquant needs --tp-size to divide or be a multiple of the "
+            f"{total_kv} KV heads (got --tp-size {sa.tp_size}); pick another --tp-size {_ALT}."
+        )
+    layers = mc.num_hidden_layers
+    bad = [i for i in getattr(sa, "kv_quant_bf16_layers", ()) if i >= layers]
+    if bad:
+        raise ValueError(
+            f"--kv-quant-bf16-layers names layers {bad} but {arch} has layers 0..{layers - 1}; "
+            f"list existing layer ids only."
+        )
+
+
+def check_kv_context(kvc: Any) -> None:
+    """Scheduler-side refusals from the loaded model, where SGLang sizes and builds the pool."""
+    import torch
+
+    if kvc.kv_cache_dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(
+            f"--kv-quant turboquant stores its own format but the KV dtype resolved to "
+            f"{kvc.kv_cache_dtype} (an FP8-KV checkpoint?); pass --kv-cache-dtype bf16 {_ALT}."
+        )
+    if kvc.sliding_window_size is not None:
+        raise RuntimeError(
+            f"--kv-quant turboquant does not support sliding-window attention "
+            f"(window {kvc.sliding_window_size}) yet; use --kv-quant none for this model."
+        )
+    if kvc.is_draft_worker:
+        raise RuntimeError("--kv-quant turboquant does not support speculative-decoding draft "
+                           f"models; drop --speculative-algorithm {_ALT}.")
+
+
+def check_pool_build(kvc: Any, mha_pool_class: type, quant_method: Any) -> None:
+    """Refusals for the pool SGLang was about to build in place of ours."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    if quant_method is not None or kvc.kv_cache_dtype_str == "mxfp8":
+        raise RuntimeError("--kv-quant turboquant cannot be combined with another KV-cache "
+                           f"quantization; drop --kv-cache-dtype {_ALT}.")
+    if mha_pool_class is not MHATokenToKVPool:
+        raise RuntimeError(
+            f"--kv-quant turboquant replaces the standard MHA KV pool, not "
+            f"{mha_pool_class.__name__}; drop --enable-page-major-kv-layout {_ALT}."
+        )
+
+
+def check_model_layers(runner: Any, pool: Any) -> None:
+    """Backend-side refusals: every RadixAttention layer must be one the kernels implement."""
+    from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+
+    if getattr(runner, "sliding_window_size", None) is not None:
+        raise RuntimeError(
+            f"--kv-quant turboquant does not support sliding-window attention "
+            f"(window {runner.sliding_window_size}) yet; use --kv-quant none for this model."
+        )
+    if getattr(runner, "use_mla_backend", False) or runner.model_config.is_encoder_decoder:
+        raise RuntimeError("--kv-quant turboquant supports decoder-only MHA/GQA models only; "
+                           "use --kv-quant none for this model.")
+    for module in runner.model.modules():
+        if not isinstance(module, RadixAttention):
+            continue
+        problem = _layer_problem(module, pool, AttentionType.DECODER)
+        if problem:
+            raise RuntimeError(
+                f"--kv-quant turboquant cannot run attention layer {module.layer_id}: {problem}; "
+                f"use --kv-quant none for this model."
+            )
+
+
+def _layer_problem(layer: Any, pool: Any, decoder: Any) -> Optional[str]:
+    if layer.sliding_window_size not in (None, -1):
+        return f"it uses a sliding window of {layer.sliding_window_size}"
+    if layer.is_cross_attention or layer.attn_type != decoder:
+        return "it is not causal decoder self-attention"
+    if layer.logit_capping_method != "tanh":
+        return f"logit capping method {layer.logit_capping_method!r} is not implemented"
+    if getattr(layer, "xai_temperature_len", -1) != -1:
+        return "xai temperature scaling is not implemented"
+    if layer.qk_head_dim != pool.head_dim or layer.v_head_dim != pool.head_dim:
+        return f"its head dims {layer.qk_head_dim}/{layer.v_head_dim} differ from the pool's {pool.head_dim}"
+    if layer.tp_k_head_num != pool.head_num:
+        return f"it has {layer.tp_k_head_num} KV heads but the pool holds {pool.head_num}"
+    if layer.tp_q_head_num % layer.tp_k_head_num:
+        return "its query heads are not a multiple of its KV heads"
+    if not pool.start_layer <= layer.layer_id < pool.start_layer + pool.layer_num:
+        return "its layer id lies outside the KV pool"
+    return None
