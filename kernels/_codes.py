@@ -109,28 +109,38 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
 
 
 @triton.jit
-def load_quarters(codes_ptr, row_off, mask_n, CB, LUT: tl.constexpr, BITS: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, USE_ASM: tl.constexpr):
-    """Values of N packed vectors as four fp16 [N, D/4] tiles of coordinates
-    [t·D/4, (t+1)·D/4), t = 0..3, so QK and PV split into four tensor-core dots
-    over contiguous quarters and no register shuffles are needed."""
+def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Raw code bytes of N packed vectors as two uint8 [N, D/4] tiles for :func:`lookup_quarters`.
+
+    4-bit: bytes [0, D/4) and [D/4, D/2). 3-bit: the 2-bit plane and, per column i,
+    the 1-bit-plane byte i mod D/8 shifted right by i div D/8, so that bit 2t holds
+    the high bit of coordinate t·D/4 + i. 2-bit: the plane, twice (the second is unused).
+    """
     QUARTER: tl.constexpr = HEAD_DIM // 4
     cols = tl.arange(0, QUARTER)
     ptrs = codes_ptr + row_off[:, None] + cols[None, :]
     a = tl.load(ptrs, mask=mask_n[:, None], other=0)
     if BITS == 4:
-        # byte j holds coordinates j (low nibble) and j + D/2 (high nibble)
         b = tl.load(ptrs + QUARTER, mask=mask_n[:, None], other=0)
+    elif BITS == 3:
+        EIGHTH: tl.constexpr = HEAD_DIM // 8
+        b = tl.load(codes_ptr + row_off[:, None] + QUARTER + (cols % EIGHTH)[None, :],
+                    mask=mask_n[:, None], other=0)
+        b = b >> (cols // EIGHTH)[None, :].to(tl.uint8)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def lookup_quarters(a, b, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """fp16 values of the tiles from :func:`load_codes`, as four [N, D/4] tiles holding
+    coordinates [t·D/4, (t+1)·D/4), t = 0..3: QK and PV become four tensor-core dots
+    over contiguous quarters, and no register shuffles are needed."""
+    if BITS == 4:
+        # byte j holds coordinates j (low nibble) and j + D/2 (high nibble)
         a_lo, a_hi = _lookup(a, CB, LUT, BITS, USE_ASM)
         b_lo, b_hi = _lookup(b, CB, LUT, BITS, USE_ASM)
         return a_lo, b_lo, a_hi, b_hi
     else:
-        hi = a
-        if BITS == 3:
-            # high bit of coordinate t·D/4 + i: byte i mod D/8 of the 1-bit plane,
-            # bit 2t + i div D/8; shift so bit 2t of `hi` holds it
-            EIGHTH: tl.constexpr = HEAD_DIM // 8
-            hi = tl.load(codes_ptr + row_off[:, None] + QUARTER + (cols % EIGHTH)[None, :],
-                         mask=mask_n[:, None], other=0)
-            hi = hi >> (cols // EIGHTH)[None, :].to(tl.uint8)
-        return _lookup(a, CB, LUT, BITS, USE_ASM, hi)
+        return _lookup(a, CB, LUT, BITS, USE_ASM, b)

@@ -33,7 +33,7 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import load_quarters, tanh
+from ._codes import load_codes, lookup_quarters, tanh
 from .tq_store import check_head_dim
 
 
@@ -88,20 +88,32 @@ def _tq_decode_stage1(
         acc1 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
         acc2 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
         acc3 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
+        # -- codes, norms and slots of the first tile; each iteration prefetches the next
+        offs_n = lo + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        slot = tl.load(KvIndices + start + offs_n, mask=mask_n, other=0).to(tl.int64)
+        ka, kb = load_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM)
+        va, vb = load_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
+        k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h, mask=mask_n, other=0.0)
+        v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h, mask=mask_n, other=0.0)
         for n0 in range(lo, hi, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < hi
-            slot = tl.load(KvIndices + start + offs_n, mask=mask_n, other=0).to(tl.int64)
+            # -- prefetch tile n0 + BLOCK_N into registers while this one is computed
+            offs_x = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_x = offs_x < hi
+            slot_x = tl.load(KvIndices + start + offs_x, mask=mask_x, other=0).to(tl.int64)
+            ka_x, kb_x = load_codes(kc_base, slot_x * stride_kc_s, mask_x, K_BITS, HEAD_DIM)
+            va_x, vb_x = load_codes(vc_base, slot_x * stride_vc_s, mask_x, V_BITS, HEAD_DIM)
+            k_norm_x = tl.load(KNorms + slot_x * stride_kn_s + kv_head * stride_kn_h,
+                               mask=mask_x, other=0.0)
+            v_norm_x = tl.load(VNorms + slot_x * stride_vn_s + kv_head * stride_vn_h,
+                               mask=mask_x, other=0.0)
             # -- scores: codes -> fp16 values in registers, QK on tensor cores, K norms after
-            k0, k1, k2, k3 = load_quarters(kc_base, slot * stride_kc_s, mask_n, KCb, K_LUT,
-                                           K_BITS, HEAD_DIM, USE_ASM)
+            k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM)
             s = tl.dot(q0, tl.trans(k0))
             s = tl.dot(q1, tl.trans(k1), s)
             s = tl.dot(q2, tl.trans(k2), s)
             s = tl.dot(q3, tl.trans(k3), s)
-            k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h,
-                             mask=mask_n, other=0.0).to(tl.float32)
-            s = s * (k_norm * sm_scale)[None, :]
+            s = s * (k_norm.to(tl.float32) * sm_scale)[None, :]
             if HAS_CAP:
                 s = logit_cap * tanh(s / logit_cap)
             s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -111,15 +123,13 @@ def _tq_decode_stage1(
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
-            v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h,
-                             mask=mask_n, other=0.0).to(tl.float32)
-            pv = (p * v_norm[None, :]).to(tl.float16)
-            v0, v1, v2, v3 = load_quarters(vc_base, slot * stride_vc_s, mask_n, VCb, V_LUT,
-                                           V_BITS, HEAD_DIM, USE_ASM)
+            pv = (p * v_norm.to(tl.float32)[None, :]).to(tl.float16)
+            v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM)
             acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
             acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
             acc2 = tl.dot(pv, v2, acc2 * alpha[:, None])
             acc3 = tl.dot(pv, v3, acc3 * alpha[:, None])
+            ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
         # -- partial output (rotated space) and its log-sum-exp
         mo = (MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
               + offs_q[None, :])
