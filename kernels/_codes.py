@@ -1,60 +1,17 @@
-"""Shared Triton helpers: unpack split-plane codes into a register tile, online softmax.
+"""Shared Triton helpers: packed codes → fp16 quarter tiles, scores, online softmax.
 
-The packed layout (``sglang_tq/packing.py``) keeps E = 8/w codes of a w-bit
-plane in one byte, byte j holding coordinates j, j + D/E, … . Loading byte
-columns j = 0..D/E−1 and joining the E shifted fields along a new last axis
-gives a [N, D] tile whose column m = j·E + k holds coordinate k·D/E + j
-(``sglang_tq.codec.unpacked_order``). The query and the output are loaded and
-stored in the same column order, so no register shuffles are needed.
-E = 2 for 4-bit codes and 4 for 2- and 3-bit codes (3-bit = 2-bit plane + 1-bit
-plane of high bits).
+The packed layout (``sglang_tq/packing.py``) keeps 8/w codes of a w-bit plane in
+one byte, byte j holding coordinates j, j + D·w/8, … . Every field of a byte
+column range therefore covers a contiguous block of coordinates: for 4-bit codes
+bytes [0, D/4) give coordinates [0, D/4) (low nibbles) and [D/2, 3D/4) (high
+nibbles), bytes [D/4, D/2) give the other two quarters; for 2- and 3-bit codes
+the four 2-bit fields of bytes [0, D/4) are the four quarters. Kernels keep K, V,
+the query and the output as four [·, D/4] quarter tiles, so attention is a sum of
+tensor-core dots over quarters and no register shuffles are needed.
 """
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def unpack_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """int32 [N, HEAD_DIM] code indices of N packed vectors starting at ``codes_ptr + row_off``."""
-    if BITS == 4:
-        cols = tl.arange(0, HEAD_DIM // 2)
-        b = tl.load(codes_ptr + row_off[:, None] + cols[None, :], mask=mask_n[:, None], other=0)
-        b = b.to(tl.int32)
-        idx = tl.join(b & 15, b >> 4)
-    else:
-        QUARTER: tl.constexpr = HEAD_DIM // 4
-        cols = tl.arange(0, QUARTER)
-        b = tl.load(codes_ptr + row_off[:, None] + cols[None, :], mask=mask_n[:, None], other=0)
-        b = b.to(tl.int32)
-        c0 = b & 3
-        c1 = (b >> 2) & 3
-        c2 = (b >> 4) & 3
-        c3 = (b >> 6) & 3
-        if BITS == 3:
-            # High bit of coordinate k·D/4 + i: byte i mod D/8 of the 1-bit plane,
-            # bit 2k + i div D/8.
-            EIGHTH: tl.constexpr = HEAD_DIM // 8
-            h = tl.load(
-                codes_ptr + row_off[:, None] + QUARTER + (cols % EIGHTH)[None, :],
-                mask=mask_n[:, None],
-                other=0,
-            ).to(tl.int32)
-            h = h >> (cols // EIGHTH)[None, :]
-            c0 |= (h & 1) << 2
-            c1 |= ((h >> 2) & 1) << 2
-            c2 |= ((h >> 4) & 1) << 2
-            c3 |= ((h >> 6) & 1) << 2
-        idx = tl.join(tl.join(c0, c2), tl.join(c1, c3))
-    return tl.reshape(idx, (row_off.shape[0], HEAD_DIM))
-
-
-@triton.jit
-def unpacked_column(HEAD_DIM: tl.constexpr, BITS: tl.constexpr):
-    """Coordinate index held by each column of an :func:`unpack_codes` tile."""
-    E: tl.constexpr = 2 if BITS == 4 else 4
-    m = tl.arange(0, HEAD_DIM)
-    return (m % E) * (HEAD_DIM // E) + m // E
 
 
 @triton.jit
@@ -63,20 +20,33 @@ def tanh(x):
 
 
 @triton.jit
-def online_softmax_step(s, m_i, l_i, acc, v, v_scale):
-    """One flash-attention update with scores ``s`` [M, N] and values ``v`` [N, D].
+def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_scale):
+    """One flash-attention update with scores ``s`` [M, N] and value quarters ``v*`` [N, D/4].
 
-    ``v_scale`` [N] multiplies the probabilities (the V norms of packed tokens),
-    so the [N, D] tile stays unscaled. Rows whose scores are all −inf so far
-    stay at zero instead of producing NaN.
+    ``v_scale`` [N] multiplies the probabilities (the V norms of packed tokens), so
+    the value tiles stay unscaled. Rows whose scores are all −inf so far stay at
+    zero instead of producing NaN.
     """
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(tl.float16), v)
-    return m_new, l_i, acc
+    pv = (p * v_scale[None, :]).to(tl.float16)
+    acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
+    acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
+    acc2 = tl.dot(pv, v2, acc2 * alpha[:, None])
+    acc3 = tl.dot(pv, v3, acc3 * alpha[:, None])
+    return m_new, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def scores(q0, q1, q2, q3, k0, k1, k2, k3):
+    """q·k over four coordinate quarters on tensor cores: [M, N] fp32."""
+    s = tl.dot(q0, tl.trans(k0))
+    s = tl.dot(q1, tl.trans(k1), s)
+    s = tl.dot(q2, tl.trans(k2), s)
+    return tl.dot(q3, tl.trans(k3), s)
 
 
 @triton.jit

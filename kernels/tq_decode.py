@@ -33,7 +33,7 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import load_codes, lookup_quarters, tanh
+from ._codes import load_codes, lookup_quarters, online_softmax_step, scores, tanh
 from .tq_store import check_head_dim
 
 
@@ -109,26 +109,14 @@ def _tq_decode_stage1(
                                mask=mask_x, other=0.0)
             # -- scores: codes -> fp16 values in registers, QK on tensor cores, K norms after
             k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM)
-            s = tl.dot(q0, tl.trans(k0))
-            s = tl.dot(q1, tl.trans(k1), s)
-            s = tl.dot(q2, tl.trans(k2), s)
-            s = tl.dot(q3, tl.trans(k3), s)
-            s = s * (k_norm.to(tl.float32) * sm_scale)[None, :]
+            s = scores(q0, q1, q2, q3, k0, k1, k2, k3) * (k_norm.to(tl.float32) * sm_scale)[None, :]
             if HAS_CAP:
                 s = logit_cap * tanh(s / logit_cap)
             s = tl.where(mask_n[None, :], s, float("-inf"))
-            # -- online softmax; V norms scale the probabilities, not the value tiles
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
-            pv = (p * v_norm.to(tl.float32)[None, :]).to(tl.float16)
+            # -- online softmax and PV; V norms scale the probabilities, not the value tiles
             v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM)
-            acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
-            acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
-            acc2 = tl.dot(pv, v2, acc2 * alpha[:, None])
-            acc3 = tl.dot(pv, v3, acc3 * alpha[:, None])
+            m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
+                s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_norm.to(tl.float32))
             ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
         # -- partial output (rotated space) and its log-sum-exp
         mo = (MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s

@@ -8,8 +8,8 @@ For each sequence, the new chunk's queries attend to
 * the chunk itself, causally, from its bf16 K and V.
 
 Both parts are computed in the rotated space (q·k = (Πq)·(Πk)): the launcher
-rotates q, the chunk's K (into K's unpacked column order) and its V (into V's),
-and un-rotates the output once. With ``attend_packed=True`` the chunk is read
+rotates q and the chunk's K and V, and un-rotates the output once. As in decode,
+every tile is kept as four coordinate quarters (``kernels/_codes.py``). With ``attend_packed=True`` the chunk is read
 back from the packed cache instead (its slots then end the prefix index list),
 so a cold prefill sees exactly the values a later radix hit or decode step sees.
 
@@ -24,9 +24,23 @@ import triton.language as tl
 
 from sglang_tq.codec import LayerCodec
 
-from ._codes import online_softmax_step, tanh, unpack_codes, unpacked_column
+from sglang_tq.env import triton_interpreting
+
+from ._codes import load_codes, lookup_quarters, online_softmax_step, scores, tanh
 from .tq_decode import attention_ref
 from .tq_store import check_head_dim
+
+
+@triton.jit
+def _load_quarters_bf16(X, rows, mask, head, stride_t, stride_h, QUARTER: tl.constexpr):
+    """Four fp16 [N, D/4] quarter tiles of rows ``rows`` of a [T, H, D] tensor."""
+    offs = tl.arange(0, QUARTER)
+    ptr = X + rows[:, None] * stride_t + head * stride_h + offs[None, :]
+    x0 = tl.load(ptr, mask=mask[:, None], other=0.0).to(tl.float16)
+    x1 = tl.load(ptr + QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
+    x2 = tl.load(ptr + 2 * QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
+    x3 = tl.load(ptr + 3 * QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -39,7 +53,7 @@ def _tq_extend_kernel(
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h, stride_o_t, stride_o_h,
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
-    PACKED_CHUNK: tl.constexpr,
+    PACKED_CHUNK: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     batch = tl.program_id(0)
     head = tl.program_id(1)
@@ -48,11 +62,11 @@ def _tq_extend_kernel(
     q_start = tl.load(QoIndptr + batch)
     q_len = tl.load(QoIndptr + batch + 1) - q_start
     if mblock * BLOCK_M < q_len:
+        QUARTER: tl.constexpr = HEAD_DIM // 4
         offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < q_len
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(QRot + (q_start + offs_m)[:, None] * stride_q_t + head * stride_q_h
-                    + offs_d[None, :], mask=mask_m[:, None], other=0.0).to(tl.float16)
+        q0, q1, q2, q3 = _load_quarters_bf16(QRot, q_start + offs_m, mask_m, head,
+                                             stride_q_t, stride_q_h, QUARTER)
         kv_start = tl.load(KvIndptr + batch)
         packed_len = tl.load(KvIndptr + batch + 1) - kv_start
         # Absolute position of each query; packed key j sits at position j.
@@ -60,7 +74,10 @@ def _tq_extend_kernel(
         q_pos = prefix_len + offs_m
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        acc0 = tl.zeros((BLOCK_M, QUARTER), tl.float32)
+        acc1 = tl.zeros((BLOCK_M, QUARTER), tl.float32)
+        acc2 = tl.zeros((BLOCK_M, QUARTER), tl.float32)
+        acc3 = tl.zeros((BLOCK_M, QUARTER), tl.float32)
         lo = 0
         if sliding_window > 0:
             lo = tl.maximum(prefix_len + mblock * BLOCK_M - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
@@ -74,23 +91,24 @@ def _tq_extend_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi
             slot = tl.load(KvIndices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
-            k_idx = unpack_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM)
-            k = tl.load(KCb + k_idx).to(tl.float16)
+            ka, kb = load_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM)
+            k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM)
             k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h,
                              mask=mask_n, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * (k_norm * sm_scale)[None, :]
+            s = scores(q0, q1, q2, q3, k0, k1, k2, k3) * (k_norm * sm_scale)[None, :]
             if HAS_CAP:
                 s = logit_cap * tanh(s / logit_cap)
             visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
             if sliding_window > 0:
                 visible = visible & (offs_n[None, :] > q_pos[:, None] - sliding_window)
             s = tl.where(visible, s, float("-inf"))
-            v_idx = unpack_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
-            v = tl.load(VCb + v_idx).to(tl.float16)
+            va, vb = load_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
+            v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM)
             v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h,
                              mask=mask_n, other=0.0).to(tl.float32)
-            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v, v_norm)
-        # -- new chunk in bf16, causal
+            m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
+                s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_norm)
+        # -- new chunk in bf16 (rotated), causal
         if not PACKED_CHUNK:
             e_hi = tl.minimum(q_len, (mblock + 1) * BLOCK_M)
             e_lo = 0
@@ -100,21 +118,27 @@ def _tq_extend_kernel(
             for n0 in range(e_lo, e_hi, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < e_hi
-                k = tl.load(KExt + (q_start + offs_n)[:, None] * stride_ke_t + kv_head * stride_ke_h
-                            + offs_d[None, :], mask=mask_n[:, None], other=0.0).to(tl.float16)
-                s = tl.dot(q, tl.trans(k)) * sm_scale
+                k0, k1, k2, k3 = _load_quarters_bf16(KExt, q_start + offs_n, mask_n, kv_head,
+                                                     stride_ke_t, stride_ke_h, QUARTER)
+                s = scores(q0, q1, q2, q3, k0, k1, k2, k3) * sm_scale
                 if HAS_CAP:
                     s = logit_cap * tanh(s / logit_cap)
                 visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
                 if sliding_window > 0:
                     visible = visible & (offs_n[None, :] > offs_m[:, None] - sliding_window)
                 s = tl.where(visible, s, float("-inf"))
-                v = tl.load(VExt + (q_start + offs_n)[:, None] * stride_ve_t + kv_head * stride_ve_h
-                            + offs_d[None, :], mask=mask_n[:, None], other=0.0).to(tl.float16)
-                m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v, ones)
-        cols = unpacked_column(HEAD_DIM, V_BITS)
-        tl.store(ORot + (q_start + offs_m)[:, None] * stride_o_t + head * stride_o_h + cols[None, :],
-                 acc / l_i[:, None], mask=mask_m[:, None])
+                v0, v1, v2, v3 = _load_quarters_bf16(VExt, q_start + offs_n, mask_n, kv_head,
+                                                     stride_ve_t, stride_ve_h, QUARTER)
+                m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
+                    s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, ones)
+        # -- rotated output, natural coordinate order
+        o = (ORot + (q_start + offs_m)[:, None] * stride_o_t + head * stride_o_h
+             + tl.arange(0, QUARTER)[None, :])
+        inv_l = 1.0 / l_i[:, None]
+        tl.store(o, acc0 * inv_l, mask=mask_m[:, None])
+        tl.store(o + QUARTER, acc1 * inv_l, mask=mask_m[:, None])
+        tl.store(o + 2 * QUARTER, acc2 * inv_l, mask=mask_m[:, None])
+        tl.store(o + 3 * QUARTER, acc3 * inv_l, mask=mask_m[:, None])
 
 
 def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,
@@ -145,11 +169,11 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     bsz = qo_indptr.numel() - 1
     if kv_indptr.shape != (bsz + 1,):
         raise ValueError(f"kv_indptr must have {bsz + 1} entries like qo_indptr.")
-    # -- rotate once: q and the chunk's K into K's column order, V into V's
+    # -- rotate once: q and the chunk's K and V (q·k = Πq·Πk; the output is un-rotated below)
     f32 = torch.float32
-    q_rot = torch.matmul(q.to(f32), codec.pi_t_k)
-    k_rot = torch.matmul(k.to(f32), codec.pi_t_k)
-    v_rot = torch.matmul(v.to(f32), codec.pi_t_v)
+    q_rot = torch.matmul(q.to(f32), codec.pi.T)
+    k_rot = torch.matmul(k.to(f32), codec.pi.T)
+    v_rot = torch.matmul(v.to(f32), codec.pi.T)
     o_rot = torch.empty(t, hq, d, dtype=f32, device=q.device)
     if t == 0:
         return o_rot.to(q.dtype)
@@ -165,7 +189,8 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         o_rot.stride(0), o_rot.stride(1),
         GQA=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HAS_CAP=logit_cap > 0,
-        PACKED_CHUNK=attend_packed, num_warps=num_warps, num_stages=num_stages,
+        PACKED_CHUNK=attend_packed, K_LUT=codec.k_lut, V_LUT=codec.v_lut,
+        USE_ASM=not triton_interpreting(), num_warps=num_warps, num_stages=num_stages,
     )
     return torch.matmul(o_rot, codec.pi).to(q.dtype)
 

@@ -2,9 +2,9 @@
 
 A ``LayerCodec`` is what the kernels need for one attention layer: the rotation
 Π (shared by K and V of the layer, drawn from ``TQConfig.layer_seed``), the K and
-V Lloyd-Max codebooks and decision thresholds, and Πᵀ with its columns permuted
-into the order in which the decode kernels unpack codes (see
-:func:`unpacked_order`). It is built from the reference
+V Lloyd-Max codebooks and decision thresholds, the PTX of the codebook lookup
+(``kernels/_lut.py``), and Πᵀ with its columns permuted into the order in which the
+store kernel packs codes (see :func:`packing_order`). It is built from the reference
 :class:`~sglang_tq.quantizer.TurboQuantizer` objects, so kernels and reference
 share exactly the same matrices and codebooks.
 """
@@ -24,11 +24,12 @@ def codes_per_byte_block(bits: int) -> int:
     return 2 if bits == 4 else 4
 
 
-def unpacked_order(head_dim: int, bits: int) -> torch.Tensor:
-    """Coordinate held by column m of a tile that a kernel unpacked in registers.
+def packing_order(head_dim: int, bits: int) -> torch.Tensor:
+    """Coordinate the store kernel computes in column m of its rotated tile.
 
-    Kernels load byte column j of the split-plane layout and join its E codes
-    along a new last axis, so column m = j·E + k holds coordinate k·(D/E) + j.
+    Byte j of the split-plane layout holds the E codes of coordinates k·(D/E) + j,
+    k < E; with column m = j·E + k they sit next to each other, so a reshape to
+    [N, D/E, E] and a shifted sum packs them.
     """
     e = codes_per_byte_block(bits)
     m = torch.arange(head_dim)
@@ -48,7 +49,7 @@ class LayerCodec:
     v_codebook: torch.Tensor
     k_bounds: torch.Tensor  # fp32 [2**k_bits - 1]
     v_bounds: torch.Tensor
-    pi_t_k: torch.Tensor  # [D, D] fp32: Πᵀ with columns in unpacked_order(D, k_bits)
+    pi_t_k: torch.Tensor  # [D, D] fp32: Πᵀ with columns in packing_order(D, k_bits)
     pi_t_v: torch.Tensor
     k_lut: str  # PTX of the prmt codebook lookup (kernels/_lut.py)
     v_lut: str
@@ -66,8 +67,8 @@ class LayerCodec:
             pi=pi.to(**to).contiguous(),
             k_codebook=kq.codebook.to(**to), v_codebook=vq.codebook.to(**to),
             k_bounds=kq.boundaries.to(**to), v_bounds=vq.boundaries.to(**to),
-            pi_t_k=pi.T[:, unpacked_order(head_dim, k_bits)].to(**to).contiguous(),
-            pi_t_v=pi.T[:, unpacked_order(head_dim, v_bits)].to(**to).contiguous(),
+            pi_t_k=pi.T[:, packing_order(head_dim, k_bits)].to(**to).contiguous(),
+            pi_t_v=pi.T[:, packing_order(head_dim, v_bits)].to(**to).contiguous(),
             k_lut=lut_asm(kq.codebook, k_bits), v_lut=lut_asm(vq.codebook, v_bits),
         )
 

@@ -1,0 +1,211 @@
+"""The ``turboquant`` attention backend: SGLang's Triton backend with packed-KV kernels.
+
+All metadata comes from :class:`TritonAttnBackend` unchanged: per-token slot lists
+(``kv_indptr``/``kv_indices``), ``qo_indptr``, the split counts, and the CUDA-graph
+buffers it fills before every replay. That code only indexes slots; it never
+reads KV bytes, so it works on the packed pool as is. What changes is the math:
+
+* decode: ``tq_decode`` over the packed slots, writing into a
+  :class:`~sglang_tq.kernels.tq_decode.DecodeWorkspace` preallocated for the
+  largest captured batch (graphs) or grown on demand (eager), so the captured
+  forward allocates nothing and never syncs with the host;
+* extend (prefill, chunked prefill, radix hits): the new K/V are quantized into
+  the cache first, then ``tq_extend`` attends to the packed prefix plus the
+  chunk in bf16, or, with ``--kv-quant-packed-prefill``, to the chunk read back
+  from the packed cache, so a cold prefill sees the same values a warm radix hit
+  would;
+* layers in ``--kv-quant-bf16-layers`` hold plain bf16 buffers and go to the
+  Triton kernels of the parent class unchanged.
+
+The split count per sequence follows our kernel's occupancy rule
+(``default_num_kv_splits``); it is computed outside the graph, like Triton's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
+
+from . import refusals
+from .kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, tq_decode
+from .kernels.tq_extend import tq_extend
+from .pool import TQTokenToKVPool
+
+# SGLang wraps its own Triton launchers the same way: no torch.compile tracing.
+_tq_decode = torch.compiler.disable(tq_decode)
+_tq_extend = torch.compiler.disable(tq_extend)
+_DEFAULT_NUM_SMS = 132
+
+
+class _ShapeOnlyPool:
+    """Stands in for the pool while ``TritonAttnBackend.__init__`` runs: it reads
+    ``get_value_buffer(0).shape[-1]`` for v_head_dim, which has no bf16 tensor here."""
+
+    def __init__(self, pool: TQTokenToKVPool):
+        self._pool = pool
+
+    def get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        return torch.empty((0, self._pool.head_num, self._pool.v_head_dim), device="meta")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+class TQAttnBackend(TritonAttnBackend):
+    """Attention over the packed TurboQuant pool (see the module docstring)."""
+
+    def __init__(self, model_runner):
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, TQTokenToKVPool):
+            raise RuntimeError(
+                f"the turboquant attention backend needs the packed TurboQuant KV pool but SGLang "
+                f"built {type(pool).__name__}; start the server with --kv-quant turboquant "
+                f"(not just --attention-backend turboquant)."
+            )
+        model_runner.token_to_kv_pool = _ShapeOnlyPool(pool)
+        try:
+            super().__init__(model_runner)
+        finally:
+            model_runner.token_to_kv_pool = pool
+        self.token_to_kv_pool = pool
+        server_args = model_runner.server_args
+        self.packed_prefill = bool(getattr(server_args, "kv_quant_packed_prefill", False))
+        self.out_dtype = getattr(model_runner, "dtype", pool.model_dtype)
+        self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
+        self.prefill_kv_indptr = torch.zeros_like(self.kv_indptr)
+        self._eager_ws: Optional[DecodeWorkspace] = None
+        self._graph_ws: Optional[DecodeWorkspace] = None
+        self._decode_ws: Optional[DecodeWorkspace] = None
+        self._prefill_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    # -- metadata ----------------------------------------------------------------
+    def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        num_kv_splits.copy_(default_num_kv_splits(seq_lens, self.num_kv_head, self.max_kv_splits,
+                                                  num_sms=self.num_sms))
+
+    def _workspace(self, batch: int) -> DecodeWorkspace:
+        return DecodeWorkspace.create(batch, self.num_head, self.token_to_kv_pool.head_dim,
+                                      self.max_kv_splits, self.device, out_dtype=self.out_dtype)
+
+    def init_forward_metadata(self, forward_batch) -> None:
+        super().init_forward_metadata(forward_batch)
+        mode = forward_batch.forward_mode
+        if mode.is_decode_or_idle():
+            bs = forward_batch.batch_size
+            if self._eager_ws is None or self._eager_ws.q_rot.shape[0] < bs:
+                self._eager_ws = self._workspace(1 << max(0, bs - 1).bit_length())
+            self._decode_ws = self._eager_ws
+        elif self.packed_prefill:
+            self._prefill_kv = self._prefix_and_chunk_slots(forward_batch)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
+        super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        self._graph_ws = self._workspace(max_num_tokens)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        self._decode_ws = self._graph_ws
+
+    def _prefix_and_chunk_slots(self, fb) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of each sequence's prefix followed by its new chunk (for packed prefill)."""
+        bs = fb.batch_size
+        if fb.extend_prefix_lens_cpu is not None and fb.extend_seq_lens_cpu is not None:
+            total = sum(fb.extend_prefix_lens_cpu) + sum(fb.extend_seq_lens_cpu)
+        else:
+            total = bs * self.max_context_len
+        kv_indices = torch.empty(total, dtype=torch.int64, device=self.device)
+        kv_indptr = self.prefill_kv_indptr[: bs + 1]
+        kv_indptr[1:] = torch.cumsum(fb.seq_lens[:bs], dim=0)
+        create_flashinfer_kv_indices_triton[(bs,)](
+            self.req_to_token, fb.req_pool_indices, fb.seq_lens, kv_indptr, None, kv_indices,
+            self.req_to_token.stride(0),
+        )
+        return kv_indptr, kv_indices
+
+    # -- attention -----------------------------------------------------------------
+    def _check_call(self, k, sinks, score_mod, forward_batch) -> None:
+        if k is None:
+            raise RuntimeError("the turboquant backend needs this layer's own K/V (cross-layer KV "
+                               "sharing is not supported); use --kv-quant none for this model.")
+        if sinks is not None or score_mod is not None:
+            raise RuntimeError("the turboquant backend implements neither attention sinks nor "
+                               "score_mod; use --kv-quant none for this model.")
+        if forward_batch.forward_mode.is_target_verify():
+            raise RuntimeError("the turboquant backend does not support speculative verification; "
+                               "drop --speculative-algorithm or use --kv-quant none.")
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
+                       score_mod=None, aux_tensors=None):
+        pool = self.token_to_kv_pool
+        if not pool.is_packed_layer(layer.layer_id):
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
+                                          score_mod=score_mod, aux_tensors=aux_tensors)
+        self._check_call(k, sinks, score_mod, forward_batch)
+        hq, d = layer.tp_q_head_num, layer.qk_head_dim
+        q = q.reshape(-1, hq, d)
+        bs = q.shape[0]
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        packed = pool.get_packed_layer(layer.layer_id)
+        md = self.forward_metadata
+        out = _tq_decode(
+            q, packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
+            md.kv_indptr[: bs + 1], md.kv_indices, packed.codec, layer.scaling,
+            num_kv_splits=md.num_kv_splits[:bs], max_kv_splits=self.max_kv_splits,
+            workspace=self._decode_ws, logit_cap=_logit_cap(layer),
+        )
+        # The workspace is shared by all layers: hand out a copy in q's layout.
+        o = torch.empty((bs, hq * d), dtype=q.dtype, device=q.device)
+        o.view(bs, hq, d).copy_(out)
+        return o
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
+                       score_mod=None, aux_tensors=None):
+        pool = self.token_to_kv_pool
+        if not pool.is_packed_layer(layer.layer_id):
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
+                                          score_mod=score_mod, aux_tensors=aux_tensors)
+        self._check_call(k, sinks, score_mod, forward_batch)
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        o = getattr(forward_batch, "_attn_output", None)
+        if o is None:
+            o = torch.empty((q.shape[0], hq * d), dtype=q.dtype, device=q.device)
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        elif self.packed_prefill:
+            raise RuntimeError("--kv-quant-packed-prefill needs the chunk written to the cache "
+                               "before attention, but this model skipped the write; drop "
+                               "--kv-quant-packed-prefill.")
+        md = self.forward_metadata
+        kv_indptr, kv_indices = self._prefill_kv if self.packed_prefill else (md.kv_indptr,
+                                                                              md.kv_indices)
+        packed = pool.get_packed_layer(layer.layer_id)
+        out = _tq_extend(
+            q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d),
+            packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
+            md.qo_indptr, kv_indptr, kv_indices, packed.codec, layer.scaling,
+            max_extend_len=md.max_extend_len, logit_cap=_logit_cap(layer),
+            attend_packed=self.packed_prefill,
+        )
+        o.view(-1, hq, d).copy_(out)
+        return o
+
+
+def _logit_cap(layer) -> float:
+    return float(logit_capping_mod(layer.logit_capping_method, layer.logit_cap) or 0.0)
+
+
+def create_tq_backend(runner) -> TQAttnBackend:
+    """Factory registered as the ``turboquant`` attention backend; refuses what it cannot run."""
+    pool = runner.token_to_kv_pool
+    if not isinstance(pool, TQTokenToKVPool):
+        raise RuntimeError(
+            f"--attention-backend turboquant needs the packed TurboQuant KV pool but SGLang built "
+            f"{type(pool).__name__}; start the server with --kv-quant turboquant."
+        )
+    refusals.check_model_layers(runner, pool)
+    return TQAttnBackend(runner)

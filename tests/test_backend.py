@@ -1,0 +1,258 @@
+"""The turboquant attention backend on CPU: SGLang's real Triton metadata code plus our
+kernels under the Triton interpreter, against the kernels' torch twins.
+
+A tiny Llama-shaped model (4 query heads, 2 KV heads, head_dim 64, layer 1 in bf16)
+runs a chunked prefill with a radix-cache prefix, then a decode step, eagerly and
+through the CUDA-graph metadata path (preallocated buffers, padded batch).
+"""
+
+import json
+import types
+
+import pytest
+import torch
+
+import sglang.srt.server_args as sglang_server_args
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.plugins.hook_registry import HookRegistry
+from sglang.srt.runtime_context import get_context, get_parallel
+
+from sglang_tq.config import TQConfig
+from sglang_tq.kernels.tq_decode import tq_decode_ref
+from sglang_tq.kernels.tq_extend import tq_extend_ref
+from sglang_tq.plugin import register
+from sglang_tq.pool import TQTokenToKVPool
+
+HQ, HKV, D, LAYERS = 4, 2, 64, 2
+BF16_LAYER = 1
+SLOTS = 64
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "head_dim": D,
+    "hidden_size": HQ * D, "intermediate_size": 512, "max_position_embeddings": 256,
+    "num_attention_heads": HQ, "num_hidden_layers": LAYERS, "num_key_value_heads": HKV,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "vocab_size": 1000,
+    "hidden_act": "silu", "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture(scope="module")
+def server_args(tmp_path_factory):
+    model = tmp_path_factory.mktemp("tiny-llama")
+    (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+    register()
+    HookRegistry.apply_hooks()
+    with pytest.MonkeyPatch.context() as mp:
+        # ServerArgs resolution asks the accelerator for its kind and memory size.
+        mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
+        mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
+        sa = sglang_server_args.prepare_server_args(
+            ["--model-path", str(model), "--load-format", "dummy", "--skip-tokenizer-init",
+             "--kv-quant", "turboquant", "--kv-quant-bf16-layers", str(BF16_LAYER)])
+    get_context().set_server_args(sa)
+    with get_parallel().override(attn_tp_size=1, attn_dcp_size=1, attn_dcp_rank=0):
+        yield sa
+
+
+def _make_backend(sa, packed_prefill=False):
+    from sglang_tq.backend import TQAttnBackend
+
+    cfg = TQConfig(head_dim=D, seed=7, bf16_layers=(BF16_LAYER,))
+    pool = TQTokenToKVPool(SLOTS, 1, HKV, D, LAYERS, "cpu", False, cfg=cfg)
+    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
+    runner = types.SimpleNamespace(
+        req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
+        sliding_window_size=None, model_config=sa.get_model_config(), device="cpu", gpu_id=0,
+        server_args=types.SimpleNamespace(**{**vars(sa), "kv_quant_packed_prefill": packed_prefill}),
+        is_draft_worker=False, dtype=torch.bfloat16, page_size=1,
+    )
+    return TQAttnBackend(runner), pool, req_to_token
+
+
+def _layer(layer_id):
+    return types.SimpleNamespace(
+        layer_id=layer_id, tp_q_head_num=HQ, tp_k_head_num=HKV, tp_v_head_num=HKV,
+        qk_head_dim=D, v_head_dim=D, head_dim=D, scaling=D**-0.5, logit_cap=0.0,
+        logit_capping_method="tanh", sliding_window_size=-1, is_cross_attention=False,
+        attn_type=None, k_scale=None, v_scale=None, xai_temperature_len=-1,
+    )
+
+
+def _qkv(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(n, HQ + 2 * HKV, D, generator=g).bfloat16()
+    # k and v are strided views into one fused projection, as RadixAttention passes them
+    return qkv[:, :HQ], qkv[:, HQ : HQ + HKV], qkv[:, HQ + HKV :]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# Two requests: request 1 (pool row 1) has a 5-token radix prefix in slots 10..14 and
+# extends by 7 tokens; request 2 (row 2) is cold and prefills 3 tokens.
+PREFIX = torch.arange(10, 15)
+CHUNKS = (torch.arange(20, 27), torch.arange(30, 33))
+
+
+def _extend_batch(req_to_token):
+    req_to_token.req_to_token[1, :12] = torch.cat([PREFIX, CHUNKS[0]]).int()
+    req_to_token.req_to_token[2, :3] = CHUNKS[1].int()
+    prefix_lens, ext_lens = [5, 0], [7, 3]
+    return types.SimpleNamespace(
+        batch_size=2, forward_mode=ForwardMode.EXTEND, spec_info=None,
+        req_pool_indices=torch.tensor([1, 2]), seq_lens=torch.tensor([12, 3]), seq_lens_sum=15,
+        seq_lens_cpu=torch.tensor([12, 3]), extend_prefix_lens=torch.tensor(prefix_lens),
+        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens=torch.tensor(ext_lens),
+        extend_seq_lens_cpu=ext_lens, out_cache_loc=torch.cat(CHUNKS), encoder_lens=None,
+    )
+
+
+def _decode_batch(req_to_token, padded_to=None):
+    req_to_token.req_to_token[1, 12] = 40
+    req_to_token.req_to_token[2, 3] = 41
+    rows, lens, locs = [1, 2], [13, 4], [40, 41]
+    pad = (padded_to or 2) - 2
+    # CUDA-graph padding: request row 0, length 1 (the fill value), write slot 0
+    rows, lens, locs = rows + [0] * pad, lens + [1] * pad, locs + [0] * pad
+    return types.SimpleNamespace(
+        batch_size=len(rows), forward_mode=ForwardMode.DECODE, spec_info=None,
+        req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(lens), seq_lens_sum=sum(lens),
+        seq_lens_cpu=torch.tensor(lens), out_cache_loc=torch.tensor(locs), encoder_lens=None,
+        num_padding=pad,
+    )
+
+
+def _fill_prefix(pool, layer_id):
+    _, k, v = _qkv(len(PREFIX), seed=100 + layer_id)
+    pool.set_kv_buffer(_layer(layer_id), PREFIX, k, v)
+    return k, v
+
+
+def _packed_ref(pool, layer_id):
+    packed = pool.get_packed_layer(layer_id)
+    return packed[:4], packed.codec
+
+
+def test_backend_init_reuses_triton_metadata_without_reading_the_pool(server_args):
+    backend, pool, _ = _make_backend(server_args)
+    assert backend.token_to_kv_pool is pool
+    assert (backend.v_head_dim, backend.num_head, backend.num_kv_head) == (D, HQ, HKV)
+    # Attributes of SGLang 0.5.17's TritonAttnBackend.__init__ the backend relies on.
+    for name in ("kv_indptr", "qo_indptr", "max_kv_splits", "req_to_token", "device_core_count",
+                 "max_context_len", "forward_metadata", "page_size"):
+        assert hasattr(backend, name), name
+
+
+def test_extend_then_decode_match_reference(server_args):
+    backend, pool, req_to_token = _make_backend(server_args)
+    layer = _layer(0)
+    _fill_prefix(pool, 0)
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(10, seed=1)
+    out = backend.forward_extend(q, k, v, layer, fb)
+    assert out.shape == (10, HQ * D) and out.dtype == torch.bfloat16
+    codes, codec = _packed_ref(pool, 0)
+    md = backend.forward_metadata
+    want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
+                         layer.scaling)
+    assert _rel(out.view(10, HQ, D), want) < 2e-2
+    # the chunk was quantized into its slots on the way
+    assert (pool.k_norms[0][CHUNKS[0]] > 0).all() and (pool.k_norms[0][CHUNKS[1]] > 0).all()
+
+    fb = _decode_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(2, seed=2)
+    out = backend.forward_decode(q, k, v, layer, fb)
+    indptr = torch.tensor([0, 13, 17])
+    indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
+    want = tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling)
+    assert _rel(out.view(2, HQ, D), want) < 2e-2
+
+
+def test_packed_prefill_reads_the_chunk_back_from_the_cache(server_args):
+    backend, pool, req_to_token = _make_backend(server_args, packed_prefill=True)
+    layer = _layer(0)
+    _fill_prefix(pool, 0)
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(10, seed=1)
+    out = backend.forward_extend(q, k, v, layer, fb)
+    codes, codec = _packed_ref(pool, 0)
+    indptr = torch.tensor([0, 12, 15])
+    indices = torch.cat([PREFIX, CHUNKS[0], CHUNKS[1]])
+    qo = torch.tensor([0, 7, 10])
+    want = tq_extend_ref(q, k, v, *codes, qo, indptr, indices, codec, layer.scaling,
+                         attend_packed=True)
+    assert _rel(out.view(10, HQ, D), want) < 2e-2
+    bf16_chunk = tq_extend_ref(q, k, v, *codes, qo, torch.tensor([0, 5, 5]), PREFIX, codec,
+                               layer.scaling)
+    assert _rel(out.view(10, HQ, D), bf16_chunk) > _rel(out.view(10, HQ, D), want)
+
+
+def test_cuda_graph_path_uses_preallocated_buffers_and_matches_eager(server_args):
+    backend, pool, req_to_token = _make_backend(server_args)
+    layer = _layer(0)
+    _fill_prefix(pool, 0)
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    backend.forward_extend(*_qkv(10, seed=1), layer, fb)
+    snapshot = [t.clone() for t in pool.get_packed_layer(0)[:4]]
+
+    q, k, v = _qkv(2, seed=2)
+    fb = _decode_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    eager = backend.forward_decode(q, k, v, layer, fb)
+
+    for t, s in zip(pool.get_packed_layer(0)[:4], snapshot):
+        t.copy_(s)
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+    ws = backend._graph_ws
+    fb = _decode_batch(req_to_token, padded_to=4)
+    backend.init_forward_metadata_out_graph(fb, in_capture=True)
+    assert backend._decode_ws is ws
+    qp, kp, vp = (torch.cat([x, torch.zeros(2, *x.shape[1:], dtype=x.dtype)]) for x in (q, k, v))
+    graph = backend.forward_decode(qp, kp, vp, layer, fb)
+    assert torch.isfinite(graph.float()).all()
+    assert torch.equal(graph[:2], eager)
+    # replay: same buffers refilled in place, the metadata object is kept
+    md = backend.forward_metadata
+    backend.init_forward_metadata_out_graph(fb)
+    assert backend.forward_metadata is md and backend._decode_ws is ws
+
+
+def test_bf16_layer_goes_to_sglang_triton_kernels(server_args):
+    # SGLang's own Triton kernels do not run under the CPU interpreter, so this test
+    # records what the parent backend hands them: the bf16 buffers of the layer.
+    backend, pool, req_to_token = _make_backend(server_args)
+    calls = []
+    backend.extend_attention_fwd = lambda *a, **kw: calls.append(("extend", a))
+    backend.decode_attention_fwd = lambda *a, **kw: calls.append(("decode", a))
+    layer = _layer(BF16_LAYER)
+    pk, _ = _fill_prefix(pool, BF16_LAYER)
+    assert torch.equal(pool.get_key_buffer(BF16_LAYER)[PREFIX], pk)
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(10, seed=1)
+    backend.forward_extend(q, k, v, layer, fb)
+    assert torch.equal(pool.get_value_buffer(BF16_LAYER)[CHUNKS[0]], v[:7])
+    fb = _decode_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(2, seed=2)
+    backend.forward_decode(q, k, v, layer, fb)
+    assert torch.equal(pool.get_key_buffer(BF16_LAYER)[torch.tensor([40, 41])], k)
+    (kind_e, args_e), (kind_d, args_d) = calls
+    assert (kind_e, kind_d) == ("extend", "decode")
+    assert args_e[4] is pool.get_key_buffer(BF16_LAYER) and args_e[5] is pool.get_value_buffer(BF16_LAYER)
+    assert args_d[1] is pool.get_key_buffer(BF16_LAYER) and args_d[2] is pool.get_value_buffer(BF16_LAYER)
+    with pytest.raises(RuntimeError, match="get_packed_layer"):
+        pool.get_key_buffer(0)
+
+
+def test_factory_refuses_a_stock_pool(server_args):
+    from sglang_tq.backend import create_tq_backend
+
+    runner = types.SimpleNamespace(token_to_kv_pool=object())
+    with pytest.raises(RuntimeError, match="--kv-quant turboquant"):
+        create_tq_backend(runner)
