@@ -1,0 +1,237 @@
+"""The packed KV pool: sizing arithmetic, SGLang's pool configurator through our hooks,
+and writes through ``set_kv_buffer`` read back by the decode kernel (Triton
+interpreter on CPU) against the torch reference."""
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import sglang.srt.server_args as sglang_server_args
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
+from sglang.srt.plugins.hook_registry import HookRegistry
+from sglang.srt.runtime_context import get_parallel
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+from sglang_tq import integration
+from sglang_tq.config import TQConfig
+from sglang_tq.kernels.tq_decode import (
+    DecodeWorkspace,
+    attention_ref,
+    tq_decode,
+    tq_decode_ref,
+)
+from sglang_tq.plugin import register
+from sglang_tq.pool import TQTokenToKVPool, bytes_per_token
+
+LLAMA_8B = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/llama-3.1-8b")
+GB = 1 << 30
+
+
+def _server_args(*extra):
+    register()
+    HookRegistry.apply_hooks()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
+        mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
+        return sglang_server_args.prepare_server_args(
+            ["--model-path", LLAMA_8B, "--load-format", "dummy", "--skip-tokenizer-init", *extra])
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    with get_parallel().override(attn_tp_size=1, attn_cp_size=1):
+        yield
+
+
+def _kvc(sa, dtype=torch.bfloat16):
+    """The fields of KVCacheConfigurator that pool sizing and building read."""
+    mc = sa.get_model_config()
+    layers = mc.num_hidden_layers
+    return types.SimpleNamespace(
+        server_args=sa, model_config=mc, kv_cache_dtype=dtype, kv_cache_dtype_str="auto",
+        model_dtype=dtype, use_mla_backend=False, is_draft_worker=False,
+        spec_algorithm=SpeculativeAlgorithm.NONE, sliding_window_size=None, device="cpu",
+        pool_page_size=1, ps=types.SimpleNamespace(pp_size=1),
+        layer_info=types.SimpleNamespace(start_layer=0, end_layer=layers, num_effective_layers=layers),
+    )
+
+
+# ------------------------------------------------------------------------ arithmetic
+def test_llama_8b_bytes_per_token():
+    cfg = TQConfig(head_dim=128)
+    assert cfg.bytes_per_token_per_head == 132
+    tq = bytes_per_token(cfg, range(32), num_kv_heads=8)
+    assert tq == 33_792
+    bf16 = 32 * 8 * 2 * 128 * 2
+    assert bf16 == 131_072
+    assert round(bf16 / tq, 2) == 3.88
+    with_boundary = bytes_per_token(TQConfig(head_dim=128, bf16_layers=(0, 31)), range(32), 8)
+    assert with_boundary == 30 * 8 * 132 + 2 * 8 * 512 == 39_872
+    assert bytes_per_token(TQConfig(head_dim=128, k_bits=4, v_bits=2), range(32), 8) == 32 * 8 * (64 + 32 + 4)
+    assert bytes_per_token(TQConfig(head_dim=128, k_bits=3, v_bits=3), range(32), 8) == 32 * 8 * (48 + 48 + 4)
+
+
+@pytest.mark.parametrize("bits, bf16_layers", [("k4v4", ()), ("k3v3", ()), ("k4v2", (0, 3))])
+def test_pool_allocates_exactly_the_cell_size(bits, bf16_layers):
+    k_bits, v_bits = TQConfig.parse_bits(bits)
+    cfg = TQConfig(head_dim=128, k_bits=k_bits, v_bits=v_bits, bf16_layers=bf16_layers)
+    size, page, layers, heads = 29, 1, 4, 8
+    pool = TQTokenToKVPool(size, page, heads, 128, layers, "cpu", False, cfg=cfg)
+    k_bytes, v_bytes = pool.get_kv_size_bytes()
+    assert k_bytes + v_bytes == bytes_per_token(cfg, range(layers), heads) * (size + page)
+    assert pool.dtype == torch.uint8  # SGLang's fused set-KV test needs bf16: off by construction
+    layer = pool.get_packed_layer(1)
+    assert layer.k_codes.shape == (size + page, heads, 128 * k_bits // 8)
+    assert layer.k_codes.dtype == torch.uint8 and layer.k_norms.dtype == torch.float16
+    assert layer.v_norms.shape == (size + page, heads)
+
+
+# --------------------------------------------------------- SGLang's configurator + hooks
+def test_cell_size_hook_grants_3_88x_the_tokens(parallel):
+    stock = DefaultPoolConfigurator(_kvc(_server_args()))
+    tq = DefaultPoolConfigurator(_kvc(_server_args("--kv-quant", "turboquant")))
+    assert stock._cell_size == 131_072
+    assert tq._cell_size == 33_792
+    budget = 40 * GB
+    stock_tokens = stock.calculate_pool_sizes(budget, page_size=1).max_total_num_tokens
+    tq_tokens = tq.calculate_pool_sizes(budget, page_size=1).max_total_num_tokens
+    assert stock_tokens == budget // 131_072 and tq_tokens == budget // 33_792
+    assert round(tq_tokens / stock_tokens, 2) == 3.88
+    mixed = DefaultPoolConfigurator(
+        _kvc(_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0,31")))
+    assert mixed._cell_size == 39_872
+
+
+def test_build_pool_hook_builds_what_the_cell_size_promised(parallel, monkeypatch):
+    sa = _server_args("--kv-quant", "turboquant", "--kv-quant-bits", "k4v3",
+                      "--kv-quant-bf16-layers", "31", "--kv-quant-seed", "5")
+    kvc = _kvc(sa)
+    kvc.pool_page_size = 1
+    monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
+
+    def stock_builder(*a, **kw):
+        raise AssertionError("the stock MHA pool must not be built with --kv-quant turboquant")
+
+    pool = integration._build_mha_kv_pool(stock_builder, kvc, max_total_num_tokens=17,
+                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    assert isinstance(pool, TQTokenToKVPool)
+    assert (pool.cfg.k_bits, pool.cfg.v_bits, pool.cfg.seed, pool.cfg.bf16_layers) == (4, 3, 5, (31,))
+    assert (pool.head_num, pool.head_dim, pool.layer_num) == (8, 128, 32)
+    cell = DefaultPoolConfigurator(kvc)._cell_size
+    assert sum(pool.get_kv_size_bytes()) == cell * (17 + 1)
+    assert integration._after_build_token_to_kv_pool(pool, kvc) is None
+
+
+def test_pool_hooks_refuse_what_they_cannot_build(parallel, monkeypatch):
+    kvc = _kvc(_server_args("--kv-quant", "turboquant"))
+    monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
+    kvc.kv_cache_dtype = torch.float8_e4m3fn
+    with pytest.raises(RuntimeError, match="--kv-cache-dtype bf16"):
+        DefaultPoolConfigurator(kvc)
+    kvc.kv_cache_dtype = torch.bfloat16
+    kvc.sliding_window_size = 4096
+    with pytest.raises(RuntimeError, match="sliding-window"):
+        integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=8,
+                                       mha_pool_class=MHATokenToKVPool, quant_method=None)
+    kvc.sliding_window_size = None
+    with pytest.raises(RuntimeError, match="--enable-page-major-kv-layout"):
+        integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=8,
+                                       mha_pool_class=object, quant_method=None)
+    with pytest.raises(RuntimeError, match="could not install its packed pool"):
+        integration._after_build_token_to_kv_pool(object(), kvc)
+
+
+def test_pool_hooks_pass_through_without_turboquant(parallel):
+    kvc = _kvc(_server_args())
+    sentinel = object()
+    seen = {}
+
+    def stock_builder(self, **kw):
+        seen.update(kw, self=self)
+        return sentinel
+
+    kwargs = dict(max_total_num_tokens=8, mha_pool_class=MHATokenToKVPool, quant_method=None)
+    assert integration._build_mha_kv_pool(stock_builder, kvc, **kwargs) is sentinel
+    assert seen == {**kwargs, "self": kvc}
+    assert integration._after_build_token_to_kv_pool(sentinel, kvc) is None
+
+
+def test_fused_set_kv_is_off_only_for_the_packed_pool(monkeypatch):
+    from sglang.srt.model_executor import forward_context
+
+    cfg = TQConfig(head_dim=64)
+    pool = TQTokenToKVPool(8, 1, 1, 64, 1, "cpu", False, cfg=cfg)
+    monkeypatch.setattr(forward_context, "get_token_to_kv_pool", lambda: pool)
+    assert integration._enable_fused_set_kv_buffer(lambda fb: True, None) is False
+    monkeypatch.setattr(forward_context, "get_token_to_kv_pool", lambda: object())
+    assert integration._enable_fused_set_kv_buffer(lambda fb: "stock", None) == "stock"
+
+
+# ------------------------------------------------------------------ write and read back
+def test_set_kv_buffer_then_decode_kernel_matches_reference():
+    hq, hkv, d, slots = 8, 2, 64, 40
+    cfg = TQConfig(head_dim=d, k_bits=4, v_bits=3, seed=11)
+    pool = TQTokenToKVPool(slots - 1, 1, hkv, d, 2, "cpu", False, cfg=cfg)
+    layer = types.SimpleNamespace(layer_id=1)
+    g = torch.Generator().manual_seed(0)
+    lens = (9, 21)
+    qkv = torch.randn(sum(lens), hq + 2 * hkv, d, generator=g).bfloat16()
+    k, v = qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]  # strided, like RadixAttention's views
+    loc = torch.randperm(slots - 1, generator=g)[: sum(lens)] + 1  # slot 0 is the padding slot
+    pool.set_kv_buffer(layer, loc, k, v)
+    packed = pool.get_packed_layer(1)
+    assert (packed.k_norms[0] == 0).all() and (pool.get_packed_layer(0).k_norms == 0).all()
+
+    q = torch.randn(len(lens), hq, d, generator=g).bfloat16()
+    indptr = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
+    ws = DecodeWorkspace.create(4, hq, d, max_kv_splits=4, device="cpu")
+    splits = torch.tensor([1, 3], dtype=torch.int32)
+    got = tq_decode(q, *packed[:4], indptr, loc, packed.codec, d**-0.5, num_kv_splits=splits,
+                    max_kv_splits=4, workspace=ws)
+    want = tq_decode_ref(q, *packed[:4], indptr, loc, packed.codec, d**-0.5)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < 2e-2
+    # and the packed cache stays near attention over the original K/V (k4v3 at
+    # head_dim 64 on Gaussian data: about 0.2 relative error; garbage would be ~1)
+    exact = torch.cat([
+        attention_ref(q[b : b + 1].double(), k[s:e].double(), v[s:e].double(), d**-0.5)
+        for b, (s, e) in enumerate(((0, lens[0]), (lens[0], sum(lens))))
+    ])
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 0.3
+
+
+def test_layers_draw_their_own_rotation_and_ranks_agree():
+    cfg = TQConfig(head_dim=64, seed=3)
+    a = TQTokenToKVPool(4, 1, 2, 64, 3, "cpu", False, cfg=cfg)
+    b = TQTokenToKVPool(4, 1, 1, 64, 2, "cpu", False, cfg=cfg, start_layer=1)  # another PP/TP shape
+    pis = [a.get_packed_layer(i).codec.pi for i in range(3)]
+    assert not torch.equal(pis[0], pis[1]) and not torch.equal(pis[1], pis[2])
+    assert torch.equal(b.get_packed_layer(1).codec.pi, pis[1])
+    assert torch.equal(b.get_packed_layer(2).codec.pi, pis[2])
+    assert cfg.layer_seed(1) != TQConfig(head_dim=64, seed=4).layer_seed(1)
+
+
+def test_getters_never_hand_out_bf16_views_of_packed_bytes():
+    cfg = TQConfig(head_dim=64, bf16_layers=(1,))
+    pool = TQTokenToKVPool(6, 1, 2, 64, 2, "cpu", False, cfg=cfg)
+    for getter in (pool.get_key_buffer, pool.get_value_buffer, pool.get_kv_buffer):
+        with pytest.raises(RuntimeError, match="get_packed_layer.*--kv-quant none"):
+            getter(0)
+    k, v = pool.get_kv_buffer(1)
+    assert k.dtype == torch.bfloat16 and k.shape == (7, 2, 64) and v is pool.get_value_buffer(1)
+    with pytest.raises(RuntimeError, match="kept in bf16"):
+        pool.get_packed_layer(1)
+    layer = types.SimpleNamespace(layer_id=1)
+    x = torch.randn(2, 2, 64).bfloat16()
+    pool.set_kv_buffer(layer, torch.tensor([3, 5]), x, -x)
+    assert torch.equal(pool.get_key_buffer(1)[5], x[1]) and torch.equal(pool.get_value_buffer(1)[3], -x[0])
+    for refused in (lambda: pool.move_kv_cache(None, None), lambda: pool.get_cpu_copy(None),
+                    lambda: pool.load_cpu_copy(None, None), pool.get_contiguous_buf_infos,
+                    pool.set_kv_buffer_prefix_valid):
+        with pytest.raises(RuntimeError, match="--kv-quant none"):
+            refused()
+    with pytest.raises(RuntimeError, match="--dcp-size"):
+        pool.set_kv_buffer(layer, torch.tensor([1]), x[:1], x[:1], dcp_kv_mask=torch.ones(1))
