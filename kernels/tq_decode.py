@@ -34,7 +34,7 @@ from sglang_tq.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
 
 from ._codes import load_codes, lookup_quarters, online_softmax_step, scores, tanh
-from .tq_store import check_head_dim
+from ._checks import check_attention_args
 
 
 @triton.jit
@@ -206,18 +206,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     num_kv_splits int32 [B] with values in [1, max_kv_splits]. Returns a view of
     ``workspace.out`` [B, Hq, D].
     """
-    bsz, hq, d = q.shape
-    check_head_dim(d)
-    hkv = k_codes.shape[1]
-    if d != codec.head_dim:
-        raise ValueError(f"q has head_dim {d} but the codec was built for {codec.head_dim}.")
-    if hq % hkv:
-        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads.")
-    if k_codes.shape[1:] != (hkv, codec.k_code_bytes) or v_codes.shape[1:] != (hkv, codec.v_code_bytes):
-        raise ValueError("the packed pool does not match the codec's bit widths; rebuild it with "
-                         "LayerCodec.alloc_buffers.")
-    if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
-        raise ValueError("k_codes and v_codes must be uint8 packed pages, not bf16 views.")
+    bsz = q.shape[0]
+    hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
     if kv_indptr.shape != (bsz + 1,) or num_kv_splits.shape != (bsz,):
         raise ValueError(f"kv_indptr must be [{bsz + 1}] and num_kv_splits [{bsz}].")
     ws = workspace

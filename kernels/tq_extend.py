@@ -28,7 +28,7 @@ from sglang_tq.env import triton_interpreting
 
 from ._codes import load_codes, lookup_quarters, online_softmax_step, scores, tanh
 from .tq_decode import attention_ref
-from .tq_store import check_head_dim
+from ._checks import check_attention_args
 
 
 @triton.jit
@@ -154,18 +154,10 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     length; pass it from host metadata to avoid a device sync. Returns [T, Hq, D]
     in q's dtype.
     """
-    t, hq, d = q.shape
-    check_head_dim(d)
-    hkv = k_codes.shape[1]
-    if d != codec.head_dim:
-        raise ValueError(f"q has head_dim {d} but the codec was built for {codec.head_dim}.")
-    if hq % hkv:
-        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads.")
+    t = q.shape[0]
+    hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
     if k.shape != (t, hkv, d) or v.shape != (t, hkv, d):
         raise ValueError(f"k and v must be [{t}, {hkv}, {d}], got {tuple(k.shape)} and {tuple(v.shape)}.")
-    if k_codes.shape[1:] != (hkv, codec.k_code_bytes) or v_codes.shape[1:] != (hkv, codec.v_code_bytes):
-        raise ValueError("the packed pool does not match the codec's bit widths; rebuild it with "
-                         "LayerCodec.alloc_buffers.")
     bsz = qo_indptr.numel() - 1
     if kv_indptr.shape != (bsz + 1,):
         raise ValueError(f"kv_indptr must have {bsz + 1} entries like qo_indptr.")

@@ -14,8 +14,7 @@ import triton.language as tl
 
 from sglang_tq.codec import LayerCodec
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-
+from ._checks import check_head_dim
 
 @triton.jit
 def _quantize_tile(
@@ -93,14 +92,6 @@ def _tq_store_kernel(
         _quantize_tile(V, PiTV, BoundsV, VCodes, VNorms, loc, offs_n, mask_n, head,
                        stride_v_n, stride_v_h, stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
                        V_BITS, HEAD_DIM, BLOCK_N)
-
-
-def check_head_dim(head_dim: int) -> None:
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"the TurboQuant kernels support head_dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}; "
-            f"use --kv-quant none (or fp8 KV) for this model."
-        )
 
 
 def _check_pool(name, codes, norms, num_heads, code_bytes):

@@ -1,0 +1,35 @@
+"""Launcher argument checks shared by the kernels: one clear sentence per mistake."""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_tq.codec import LayerCodec
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"the TurboQuant kernels support head_dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}; "
+            f"use --kv-quant none (or fp8 KV) for this model."
+        )
+
+
+def check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
+                         codec: LayerCodec) -> tuple[int, int, int]:
+    """Validate a query [·, Hq, D] against a packed pool; returns (Hq, D, Hkv)."""
+    hq, d = q.shape[-2:]
+    check_head_dim(d)
+    hkv = k_codes.shape[1]
+    if d != codec.head_dim:
+        raise ValueError(f"q has head_dim {d} but the codec was built for {codec.head_dim}.")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads.")
+    if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
+        raise ValueError("k_codes and v_codes must be uint8 packed pages, not bf16 views.")
+    if k_codes.shape[1:] != (hkv, codec.k_code_bytes) or v_codes.shape[1:] != (hkv, codec.v_code_bytes):
+        raise ValueError("the packed pool does not match the codec's bit widths; rebuild it with "
+                         "LayerCodec.alloc_buffers.")
+    return hq, d, hkv
