@@ -194,7 +194,7 @@ def _server_args_init(orig, self, *args, **kwargs):
         for name in BACKEND_FIELDS:
             if kwargs.get(name) == "triton":
                 kwargs[name] = BACKEND_NAME
-        if all(kwargs.get(name) is None for name in BACKEND_FIELDS):
+        if kwargs.get("attention_backend") is None:
             kwargs["attention_backend"] = BACKEND_NAME
     return orig(self, *args, **kwargs)
 

@@ -1,0 +1,323 @@
+"""The plugin as SGLang 0.5.17 sees it: entry point, --help, flag parsing, start-up
+refusals, and --kv-quant none leaving ServerArgs exactly as stock."""
+
+import argparse
+import json
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import sglang.srt.server_args as sglang_server_args
+from sglang.srt.plugins.hook_registry import HookRegistry
+from sglang.srt.server_args import ServerArgs
+
+from sglang_tq import integration, refusals
+from sglang_tq.plugin import register
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_8B = str(ROOT / "scripts/model_configs/llama-3.1-8b")
+BASE = ["--model-path", LLAMA_8B, "--load-format", "dummy", "--skip-tokenizer-init"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin():
+    register()
+    HookRegistry.apply_hooks()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """ServerArgs resolution asks the accelerator for its kind and memory size."""
+    monkeypatch.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
+    monkeypatch.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
+
+
+def _parse(*extra):
+    return sglang_server_args.prepare_server_args([*BASE, *extra])
+
+
+def _one_sentence(msg: str) -> bool:
+    return msg.endswith(".") and ". " not in msg[:-1].replace("e.g. ", "")
+
+
+# ------------------------------------------------------------------ entry point and flags
+def test_entry_point_is_installed_and_zero_arg():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="sglang.srt.plugins") if e.name == "turboquant"]
+    assert ep.value == "sglang_tq.plugin:register"
+    func = ep.load()
+    assert func is register
+    func()  # idempotent: nothing registered twice
+    for patch in integration.PATCHES:
+        assert sum(h is patch.hook for _, h, _ in HookRegistry._hooks[patch.target]) == 1
+    assert sglang_server_args.ATTENTION_BACKEND_CHOICES.count("turboquant") == 1
+
+
+def test_every_patch_is_applied_and_named():
+    names = [p.name for p in integration.PATCHES]
+    assert len(set(names)) == len(names)
+    assert {p.target for p in integration.PATCHES} <= HookRegistry._patched
+    integration.verify_patches_applied()
+
+
+def test_a_patch_sglang_failed_to_apply_stops_turboquant(monkeypatch):
+    monkeypatch.setattr(HookRegistry, "_patched", set(HookRegistry._patched) - {integration.PATCHES[4].target})
+    with pytest.raises(RuntimeError, match="cell-size") as exc:
+        integration.verify_patches_applied()
+    assert _one_sentence(str(exc.value))
+
+
+def test_wrong_sglang_version_is_refused(monkeypatch):
+    monkeypatch.setattr(integration.importlib.metadata, "version", lambda name: "0.5.18")
+    with pytest.raises(RuntimeError, match="install sglang==0.5.17"):
+        integration.check_sglang_version()
+
+
+def test_help_lists_the_flags_with_defaults():
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    text = parser.format_help()
+    for flag, default in (("--kv-quant {none,turboquant}", "Default: none"),
+                          ("--kv-quant-bits", "Default: k4v4"), ("--kv-quant-seed", "Default: 0"),
+                          ("--kv-quant-bf16-layers", "Default: none"),
+                          ("--kv-quant-packed-prefill", "Default: off")):
+        assert flag in text
+        assert default in " ".join(text.split())
+    assert "turboquant" in parser._option_string_actions["--attention-backend"].choices
+    args = parser.parse_args(["--model-path", "x"])
+    assert (args.kv_quant, args.kv_quant_bits, args.kv_quant_seed, args.kv_quant_bf16_layers,
+            args.kv_quant_packed_prefill) == ("none", "k4v4", 0, (), False)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--kv-quant-bits", "k5v4"], "k4v4, k4v3, k3v3 or k4v2"),
+    (["--kv-quant-bf16-layers", "0,x"], "comma-separated non-negative layer ids"),
+    (["--kv-quant", "fp4"], "invalid choice"),
+])
+def test_bad_flag_values_fail_in_argparse(argv, needle, capsys):
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-path", "x", *argv])
+    assert needle in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ ServerArgs
+def test_turboquant_flags_reach_server_args_and_survive_pickling(fake_gpu):
+    sa = _parse("--kv-quant", "turboquant", "--kv-quant-bits", "K4V3", "--kv-quant-seed", "9",
+                "--kv-quant-bf16-layers", "31,0", "--kv-quant-packed-prefill")
+    assert sa.attention_backend == "turboquant"
+    assert (sa.kv_quant, sa.kv_quant_bits, sa.kv_quant_seed, sa.kv_quant_bf16_layers,
+            sa.kv_quant_packed_prefill) == ("turboquant", "k4v3", 9, (0, 31), True)
+    # the scheduler receives ServerArgs pickled (spawn)
+    back = pickle.loads(pickle.dumps(sa))
+    assert (back.kv_quant, back.kv_quant_bits, back.kv_quant_bf16_layers) == ("turboquant", "k4v3", (0, 31))
+    cfg = integration.tq_config(back, 128)
+    assert (cfg.k_bits, cfg.v_bits, cfg.seed, cfg.bf16_layers) == (4, 3, 9, (0, 31))
+
+
+def test_triton_backend_maps_to_turboquant(fake_gpu):
+    assert _parse("--kv-quant", "turboquant", "--attention-backend", "triton").attention_backend == "turboquant"
+    assert _parse("--kv-quant", "turboquant", "--attention-backend", "turboquant").attention_backend == "turboquant"
+
+
+def test_engine_keyword_arguments(fake_gpu):
+    sa = ServerArgs(model_path=LLAMA_8B, load_format="dummy", skip_tokenizer_init=True,
+                    kv_quant="turboquant", kv_quant_bits="k3v3", kv_quant_bf16_layers=[1])
+    assert (sa.attention_backend, sa.kv_quant_bits, sa.kv_quant_bf16_layers) == ("turboquant", "k3v3", (1,))
+    with pytest.raises(ValueError, match="--kv-quant must be one of"):
+        ServerArgs(model_path=LLAMA_8B, kv_quant="int4")
+
+
+def test_kv_quant_options_without_turboquant_are_refused(fake_gpu):
+    with pytest.raises(ValueError, match="need --kv-quant turboquant") as exc:
+        _parse("--kv-quant-bits", "k3v3", "--kv-quant-packed-prefill")
+    assert "--kv-quant-bits, --kv-quant-packed-prefill" in str(exc.value)
+    assert _one_sentence(str(exc.value))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--attention-backend", "flashinfer"], "--attention-backend must be turboquant, triton or unset"),
+    (["--decode-attention-backend", "fa3"], "--decode-attention-backend must be"),
+    (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype must be auto or bf16"),
+    (["--enable-hierarchical-cache"], "HiCache"),
+    (["--kv-quant-bf16-layers", "40"], "has layers 0..31"),
+    (["--kv-canary", "log"], "--kv-canary"),
+])
+def test_start_up_refusals_through_sglang(fake_gpu, argv, needle):
+    with pytest.raises(ValueError, match=needle) as exc:
+        _parse("--kv-quant", "turboquant", *argv)
+    msg = str(exc.value)
+    assert _one_sentence(msg) and "--kv-quant" in msg
+
+
+def _stock_fields(**overrides):
+    defaults = {
+        "attention_backend": "turboquant", "prefill_attention_backend": None,
+        "decode_attention_backend": None, "kv_cache_dtype": "auto", "disaggregation_mode": "null",
+        "disaggregation_decode_enable_offload_kvcache": False, "enable_hierarchical_cache": False,
+        "hicache_storage_backend": None, "enable_lmcache": False, "enable_flexkv": False,
+        "enable_hisparse": False, "speculative_algorithm": None, "dcp_size": 1, "attn_cp_size": 1,
+        "enable_prefill_cp": False, "pp_size": 1, "enable_dp_attention": False,
+        "enable_two_batch_overlap": False, "enable_pdmux": False,
+        "enable_deterministic_inference": False, "enable_unified_memory": False,
+        "enable_page_major_kv_layout": False, "prefill_only_disable_kv_cache": False,
+        "kv_canary": "none", "device": "cuda", "tp_size": 1, "kv_quant_bf16_layers": (),
+    }
+    return types.SimpleNamespace(**{**defaults, **overrides})
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("disaggregation_mode", "prefill", "--disaggregation-mode"),
+    ("disaggregation_decode_enable_offload_kvcache", True, "--disaggregation-decode-enable-offload-kvcache"),
+    ("enable_hierarchical_cache", True, "--enable-hierarchical-cache"),
+    ("hicache_storage_backend", "file", "--hicache-storage-backend"),
+    ("enable_lmcache", True, "--enable-lmcache"),
+    ("speculative_algorithm", "EAGLE", "--speculative-algorithm"),
+    ("dcp_size", 2, "--dcp-size"),
+    ("pp_size", 2, "--pp-size"),
+    ("enable_dp_attention", True, "--enable-dp-attention"),
+    ("enable_two_batch_overlap", True, "--enable-two-batch-overlap"),
+    ("enable_deterministic_inference", True, "--enable-deterministic-inference"),
+    ("enable_unified_memory", True, "--enable-unified-memory"),
+    ("device", "cpu", "--device"),
+    ("attention_backend", "fa3", "--attention-backend"),
+    ("prefill_attention_backend", "flashinfer", "--prefill-attention-backend"),
+    ("kv_cache_dtype", "fp8_e5m2", "--kv-cache-dtype"),
+])
+def test_each_flag_refusal_names_the_flag_and_the_alternative(field, value, flag):
+    with pytest.raises(ValueError) as exc:
+        refusals.check_server_args(_stock_fields(**{field: value}))
+    msg = str(exc.value)
+    assert flag in msg and "--kv-quant none" in msg and _one_sentence(msg), msg
+
+
+@pytest.mark.parametrize("var", ["SGLANG_USE_HND_KVCACHE", "SGLANG_ENABLE_POST_CAPTURE_KV_SIZING"])
+def test_refusal_of_environment_layouts(var, monkeypatch):
+    refusals.check_server_args(_stock_fields())
+    monkeypatch.setenv(var, "1")
+    with pytest.raises(ValueError, match=f"unset {var}") as exc:
+        refusals.check_server_args(_stock_fields())
+    assert _one_sentence(str(exc.value))
+
+
+def _model(**overrides):
+    from sglang.srt.configs.model_config import AttentionArch
+
+    hf = types.SimpleNamespace(architectures=[overrides.pop("arch", "LlamaForCausalLM")])
+    fields = dict(attention_arch=AttentionArch.MHA, hf_config=hf, hf_text_config=hf, head_dim=128,
+                  v_head_dim=128, is_hybrid_swa=False, attention_chunk_size=None,
+                  is_encoder_decoder=False, has_attention_sinks=False, num_hidden_layers=32,
+                  get_total_num_kv_heads=lambda: 8)
+    fields.update(overrides)
+    return types.SimpleNamespace(**fields)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(arch="DeepseekV3ForCausalLM", attention_arch="MLA"), "MLA models"),
+    (dict(is_hybrid_swa=True, arch="Gemma3ForCausalLM"), "hybrid sliding-window"),
+    (dict(attention_chunk_size=8192, arch="Llama4ForCausalLM"), "chunked local attention"),
+    (dict(has_attention_sinks=True, arch="GptOssForCausalLM"), "attention sinks"),
+    (dict(head_dim=96, v_head_dim=96), r"head dims in \(64, 128, 256\)"),
+    (dict(v_head_dim=64), "v_head_dim=64"),
+    (dict(arch="Gemma2ForCausalLM"), "not Gemma2ForCausalLM"),
+    (dict(is_encoder_decoder=True, arch="LlamaForCausalLM"), "decoder-only"),
+])
+def test_model_refusals(overrides, needle, monkeypatch):
+    from sglang.srt.configs import hybrid_arch
+    from sglang.srt.configs.model_config import AttentionArch
+
+    monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: None)
+    if overrides.get("attention_arch") == "MLA":
+        overrides["attention_arch"] = AttentionArch.MLA
+    with pytest.raises(ValueError, match=needle) as exc:
+        refusals.check_model_config(_model(**overrides))
+    msg = str(exc.value)
+    assert "--kv-quant" in msg and _one_sentence(msg), msg
+
+
+def test_hybrid_linear_and_tensor_parallel_refusals(monkeypatch):
+    from sglang.srt.configs import hybrid_arch
+
+    monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: object())
+    with pytest.raises(ValueError, match="hybrid linear-attention"):
+        refusals.check_model_config(_model(arch="Qwen3NextForCausalLM"))
+    monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: None)
+    refusals.check_model_config(_model(), _stock_fields(tp_size=16))  # 8 KV heads replicated
+    refusals.check_model_config(_model(), _stock_fields(tp_size=4))
+    with pytest.raises(ValueError, match="--tp-size 3"):
+        refusals.check_model_config(_model(), _stock_fields(tp_size=3))
+
+
+def test_backend_refuses_layers_the_kernels_do_not_implement():
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    pool = types.SimpleNamespace(head_dim=128, head_num=8, start_layer=0, layer_num=32)
+    ok = dict(num_heads=32, head_dim=128, scaling=0.1, num_kv_heads=8, layer_id=3)
+    runner = types.SimpleNamespace(sliding_window_size=None, use_mla_backend=False,
+                                   model_config=types.SimpleNamespace(is_encoder_decoder=False))
+    runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**ok)])
+    refusals.check_model_layers(runner, pool)
+    for bad, needle in ((dict(sliding_window_size=4096), "sliding window"),
+                        (dict(is_cross_attention=True), "not causal"),
+                        (dict(num_kv_heads=4), "4 KV heads"),
+                        (dict(layer_id=40), "outside the KV pool")):
+        runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**{**ok, **bad})])
+        with pytest.raises(RuntimeError, match=needle) as exc:
+            refusals.check_model_layers(runner, pool)
+        assert _one_sentence(str(exc.value)) and "--kv-quant none" in str(exc.value)
+    runner.sliding_window_size = 4096
+    with pytest.raises(RuntimeError, match="sliding-window"):
+        refusals.check_model_layers(runner, pool)
+
+
+def test_server_info_reports_the_settings(fake_gpu):
+    sa = _parse("--kv-quant", "turboquant", "--kv-quant-bits", "k4v2")
+    manager = types.SimpleNamespace(server_args=sa)
+    info = {"model_path": LLAMA_8B}
+    integration._resolved_config_dict(info, manager, {})
+    assert info["kv_quant"] == "turboquant" and info["kv_quant_bits"] == "k4v2"
+    stock = {"model_path": LLAMA_8B}
+    integration._resolved_config_dict(stock, types.SimpleNamespace(server_args=_parse()), {})
+    assert stock == {"model_path": LLAMA_8B}
+
+
+# ------------------------------------------------------------ --kv-quant none is stock
+_STOCK_CHECK = """
+import json
+import sglang.srt.server_args as S
+S.get_device = lambda *a, **k: "cuda"
+S.get_device_memory_capacity = lambda *a, **k: 80 * 1024
+argv = json.loads({argv!r})
+
+def snapshot(extra):
+    sa = S.prepare_server_args(argv + extra)
+    state = {{k: repr(v) for k, v in vars(sa).items() if k not in ("random_seed", "model_config")}}
+    return state, type(sa.model_config).__name__
+
+stock = snapshot([])
+from sglang_tq.plugin import register
+from sglang.srt.plugins.hook_registry import HookRegistry
+register()
+HookRegistry.apply_hooks()
+print(json.dumps({{"stock": stock, "none": snapshot(["--kv-quant", "none"]), "unset": snapshot([]),
+                   "patched": sorted(HookRegistry._patched)}}))
+"""
+
+
+def test_kv_quant_none_leaves_server_args_exactly_stock():
+    # A fresh interpreter, so that "stock" is SGLang before the plugin is registered.
+    code = _STOCK_CHECK.format(argv=json.dumps(BASE))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["patched"]) == len(integration.PATCHES)
+    assert result["none"] == result["stock"]
+    assert result["unset"] == result["stock"]
+    assert result["stock"][0]["attention_backend"] == "'triton'"
