@@ -32,7 +32,6 @@ import contextvars
 import dataclasses
 import importlib.metadata
 import logging
-import sys
 from typing import Any, Callable
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -54,6 +53,8 @@ OPTION_DEFAULTS = {
     "kv_quant_packed_prefill": False,
 }
 
+# TQTokenToKVPool once this process has built one (read by the fused set-KV patch).
+_packed_pool_class: type | None = None
 # Values parsed by argparse, handed from from_cli_args to the __init__ it calls.
 _CLI_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "sglang_tq_cli_options", default=None
@@ -252,12 +253,14 @@ def _compute_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
 def _build_mha_kv_pool(orig, self, *args, **kwargs):
     if not kv_quant_enabled(self.server_args):
         return orig(self, *args, **kwargs)
+    global _packed_pool_class
     from .pool import TQTokenToKVPool
 
     verify_patches_applied()
     refusals.check_kv_context(self)
     refusals.check_pool_build(self, kwargs.get("mha_pool_class"), kwargs.get("quant_method"))
     mc = self.model_config
+    _packed_pool_class = TQTokenToKVPool
     return TQTokenToKVPool(
         kwargs["max_total_num_tokens"], self.pool_page_size,
         head_num=mc.get_num_kv_heads(_attn_tp_size()), head_dim=mc.head_dim,
@@ -268,15 +271,12 @@ def _build_mha_kv_pool(orig, self, *args, **kwargs):
     )
 
 
-def _is_tq_pool(pool) -> bool:
-    # The pool module is only imported once a TurboQuant pool is built, so a
-    # stock server never loads it (and never pays for the check).
-    pool_module = sys.modules.get("sglang_tq.pool")
-    return pool_module is not None and isinstance(pool, pool_module.TQTokenToKVPool)
-
-
 def _after_build_token_to_kv_pool(result, self, *args, **kwargs):
-    if kv_quant_enabled(self.server_args) and not _is_tq_pool(result):
+    if not kv_quant_enabled(self.server_args):
+        return None
+    from .pool import TQTokenToKVPool
+
+    if not isinstance(result, TQTokenToKVPool):
         raise RuntimeError(
             f"--kv-quant turboquant could not install its packed pool for this model (SGLang "
             f"built {type(result).__name__}); use --kv-quant none for this model."
@@ -285,10 +285,14 @@ def _after_build_token_to_kv_pool(result, self, *args, **kwargs):
 
 
 def _enable_fused_set_kv_buffer(orig, forward_batch, *args, **kwargs):
-    if "sglang_tq.pool" in sys.modules:
+    # Runs inside model forwards (possibly under torch.compile): a global read and
+    # an isinstance, nothing else. The class is set once our pool is built, so a
+    # stock server only reads a None.
+    pool_class = _packed_pool_class
+    if pool_class is not None:
         from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
 
-        if _is_tq_pool(get_token_to_kv_pool()):
+        if isinstance(get_token_to_kv_pool(), pool_class):
             return False
     return orig(forward_batch, *args, **kwargs)
 

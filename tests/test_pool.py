@@ -164,6 +164,9 @@ def test_fused_set_kv_is_off_only_for_the_packed_pool(monkeypatch):
 
     cfg = TQConfig(head_dim=64)
     pool = TQTokenToKVPool(8, 1, 1, 64, 1, "cpu", False, cfg=cfg)
+    monkeypatch.setattr(integration, "_packed_pool_class", None)  # stock process: never looks
+    assert integration._enable_fused_set_kv_buffer(lambda fb: "stock", None) == "stock"
+    monkeypatch.setattr(integration, "_packed_pool_class", TQTokenToKVPool)
     monkeypatch.setattr(forward_context, "get_token_to_kv_pool", lambda: pool)
     assert integration._enable_fused_set_kv_buffer(lambda fb: True, None) is False
     monkeypatch.setattr(forward_context, "get_token_to_kv_pool", lambda: object())
