@@ -105,6 +105,40 @@ def test_cell_size_hook_grants_3_88x_the_tokens(parallel):
     assert mixed._cell_size == 39_872
 
 
+def _real_configurator(sa):
+    """SGLang's own KVCacheConfigurator, with the fields a CPU test can fill."""
+    import dataclasses
+
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.runtime_context import get_context
+
+    get_context().set_server_args(sa)
+    fake = _kvc(sa)
+    fields = {f.name: None for f in dataclasses.fields(KVCacheConfigurator) if f.init}
+    fields.update({k: getattr(fake, k) for k in (
+        "device", "model_config", "server_args", "kv_cache_dtype", "model_dtype",
+        "sliding_window_size", "spec_algorithm", "is_draft_worker", "use_mla_backend",
+        "kv_cache_dtype_str", "layer_info")})
+    fields.update(gpu_id=0, page_size=1, post_capture_kv_active=False, is_hybrid_swa=False,
+                  is_hybrid_swa_compress=False)
+    return KVCacheConfigurator(**fields)
+
+
+@pytest.mark.parametrize("kv_quant, pool_class", [("none", MHATokenToKVPool),
+                                                  ("turboquant", TQTokenToKVPool)])
+def test_sglang_configurator_builds_the_pool_it_sized(parallel, kv_quant, pool_class):
+    from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
+
+    kvc = _real_configurator(_server_args("--kv-quant", kv_quant))
+    cell = create_memory_pool_configurator(kvc)._cell_size
+    assert cell == {"none": 131_072, "turboquant": 33_792}[kv_quant]
+    pool = kvc._build_token_to_kv_pool(sizes=types.SimpleNamespace(max_total_num_tokens=64),
+                                       is_dsa_model=False, is_dsv4_model=False,
+                                       req_to_token_pool=None)
+    assert type(pool) is pool_class
+    assert sum(pool.get_kv_size_bytes()) == cell * (64 + 1)
+
+
 def test_build_pool_hook_builds_what_the_cell_size_promised(parallel, monkeypatch):
     sa = _server_args("--kv-quant", "turboquant", "--kv-quant-bits", "k4v3",
                       "--kv-quant-bf16-layers", "31", "--kv-quant-seed", "5")
