@@ -24,6 +24,11 @@ from sglang_tq.kernels.tq_extend import tq_extend_ref
 from sglang_tq.plugin import register
 from sglang_tq.pool import TQTokenToKVPool
 
+from conftest import HAS_CUDA
+
+# where Triton compiles the kernels: the GPU, or the interpreter on the CPU
+DEV = "cuda" if HAS_CUDA else "cpu"
+
 HQ, HKV, D, LAYERS = 4, 2, 64, 2
 BF16_LAYER = 1
 SLOTS = 64
@@ -58,11 +63,11 @@ def _make_backend(sa, packed_prefill=False):
     from sglang_tq.backend import TQAttnBackend
 
     cfg = TQConfig(head_dim=D, seed=7, bf16_layers=(BF16_LAYER,))
-    pool = TQTokenToKVPool(SLOTS, 1, HKV, D, LAYERS, "cpu", False, cfg=cfg)
-    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
+    pool = TQTokenToKVPool(SLOTS, 1, HKV, D, LAYERS, DEV, False, cfg=cfg)
+    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
     runner = types.SimpleNamespace(
         req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
-        sliding_window_size=None, model_config=sa.get_model_config(), device="cpu", gpu_id=0,
+        sliding_window_size=None, model_config=sa.get_model_config(), device=DEV, gpu_id=0,
         server_args=types.SimpleNamespace(**{**vars(sa), "kv_quant_packed_prefill": packed_prefill}),
         is_draft_worker=False, dtype=torch.bfloat16, page_size=1,
     )
@@ -80,7 +85,7 @@ def _layer(layer_id):
 
 def _qkv(n, seed):
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(n, HQ + 2 * HKV, D, generator=g).bfloat16()
+    qkv = torch.randn(n, HQ + 2 * HKV, D, generator=g).bfloat16().to(DEV)
     # k and v are strided views into one fused projection, as RadixAttention passes them
     return qkv[:, :HQ], qkv[:, HQ : HQ + HKV], qkv[:, HQ + HKV :]
 
@@ -91,8 +96,12 @@ def _rel(a, b):
 
 # Two requests: request 1 (pool row 1) has a 5-token radix prefix in slots 10..14 and
 # extends by 7 tokens; request 2 (row 2) is cold and prefills 3 tokens.
-PREFIX = torch.arange(10, 15)
-CHUNKS = (torch.arange(20, 27), torch.arange(30, 33))
+PREFIX = torch.arange(10, 15, device=DEV)
+CHUNKS = (torch.arange(20, 27, device=DEV), torch.arange(30, 33, device=DEV))
+
+
+def _t(values):
+    return torch.tensor(values, device=DEV)
 
 
 def _extend_batch(req_to_token):
@@ -101,9 +110,9 @@ def _extend_batch(req_to_token):
     prefix_lens, ext_lens = [5, 0], [7, 3]
     return types.SimpleNamespace(
         batch_size=2, forward_mode=ForwardMode.EXTEND, spec_info=None,
-        req_pool_indices=torch.tensor([1, 2]), seq_lens=torch.tensor([12, 3]), seq_lens_sum=15,
-        seq_lens_cpu=torch.tensor([12, 3]), extend_prefix_lens=torch.tensor(prefix_lens),
-        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens=torch.tensor(ext_lens),
+        req_pool_indices=_t([1, 2]), seq_lens=_t([12, 3]), seq_lens_sum=15,
+        seq_lens_cpu=torch.tensor([12, 3]), extend_prefix_lens=_t(prefix_lens),
+        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens=_t(ext_lens),
         extend_seq_lens_cpu=ext_lens, out_cache_loc=torch.cat(CHUNKS), encoder_lens=None,
     )
 
@@ -117,8 +126,8 @@ def _decode_batch(req_to_token, padded_to=None):
     rows, lens, locs = rows + [0] * pad, lens + [1] * pad, locs + [0] * pad
     return types.SimpleNamespace(
         batch_size=len(rows), forward_mode=ForwardMode.DECODE, spec_info=None,
-        req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(lens), seq_lens_sum=sum(lens),
-        seq_lens_cpu=torch.tensor(lens), out_cache_loc=torch.tensor(locs), encoder_lens=None,
+        req_pool_indices=_t(rows), seq_lens=_t(lens), seq_lens_sum=sum(lens),
+        seq_lens_cpu=torch.tensor(lens), out_cache_loc=_t(locs), encoder_lens=None,
         num_padding=pad,
     )
 
@@ -165,7 +174,7 @@ def test_extend_then_decode_match_reference(server_args):
     backend.init_forward_metadata(fb)
     q, k, v = _qkv(2, seed=2)
     out = backend.forward_decode(q, k, v, layer, fb)
-    indptr = torch.tensor([0, 13, 17])
+    indptr = _t([0, 13, 17])
     indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
     want = tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling)
     assert _rel(out.view(2, HQ, D), want) < 2e-2
@@ -180,13 +189,13 @@ def test_packed_prefill_reads_the_chunk_back_from_the_cache(server_args):
     q, k, v = _qkv(10, seed=1)
     out = backend.forward_extend(q, k, v, layer, fb)
     codes, codec = _packed_ref(pool, 0)
-    indptr = torch.tensor([0, 12, 15])
+    indptr = _t([0, 12, 15])
     indices = torch.cat([PREFIX, CHUNKS[0], CHUNKS[1]])
-    qo = torch.tensor([0, 7, 10])
+    qo = _t([0, 7, 10])
     want = tq_extend_ref(q, k, v, *codes, qo, indptr, indices, codec, layer.scaling,
                          attend_packed=True)
     assert _rel(out.view(10, HQ, D), want) < 2e-2
-    bf16_chunk = tq_extend_ref(q, k, v, *codes, qo, torch.tensor([0, 5, 5]), PREFIX, codec,
+    bf16_chunk = tq_extend_ref(q, k, v, *codes, qo, _t([0, 5, 5]), PREFIX, codec,
                                layer.scaling)
     assert _rel(out.view(10, HQ, D), bf16_chunk) > _rel(out.view(10, HQ, D), want)
 
@@ -212,7 +221,7 @@ def test_cuda_graph_path_uses_preallocated_buffers_and_matches_eager(server_args
     fb = _decode_batch(req_to_token, padded_to=4)
     backend.init_forward_metadata_out_graph(fb, in_capture=True)
     assert backend._decode_ws is ws
-    qp, kp, vp = (torch.cat([x, torch.zeros(2, *x.shape[1:], dtype=x.dtype)]) for x in (q, k, v))
+    qp, kp, vp = (torch.cat([x, torch.zeros(2, *x.shape[1:], dtype=x.dtype, device=DEV)]) for x in (q, k, v))
     graph = backend.forward_decode(qp, kp, vp, layer, fb)
     assert torch.isfinite(graph.float()).all()
     assert torch.equal(graph[:2], eager)
@@ -241,7 +250,7 @@ def test_bf16_layer_goes_to_sglang_triton_kernels(server_args):
     backend.init_forward_metadata(fb)
     q, k, v = _qkv(2, seed=2)
     backend.forward_decode(q, k, v, layer, fb)
-    assert torch.equal(pool.get_key_buffer(BF16_LAYER)[torch.tensor([40, 41])], k)
+    assert torch.equal(pool.get_key_buffer(BF16_LAYER)[_t([40, 41])], k)
     (kind_e, args_e), (kind_d, args_d) = calls
     assert (kind_e, kind_d) == ("extend", "decode")
     assert args_e[4] is pool.get_key_buffer(BF16_LAYER) and args_e[5] is pool.get_value_buffer(BF16_LAYER)

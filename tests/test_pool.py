@@ -26,6 +26,11 @@ from sglang_tq.kernels.tq_decode import (
 from sglang_tq.plugin import register
 from sglang_tq.pool import TQTokenToKVPool, bytes_per_token
 
+from conftest import HAS_CUDA
+
+# where Triton compiles the kernels: the GPU, or the interpreter on the CPU
+DEV = "cuda" if HAS_CUDA else "cpu"
+
 LLAMA_8B = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/llama-3.1-8b")
 GB = 1 << 30
 
@@ -211,21 +216,21 @@ def test_fused_set_kv_is_off_only_for_the_packed_pool(monkeypatch):
 def test_set_kv_buffer_then_decode_kernel_matches_reference():
     hq, hkv, d, slots = 8, 2, 64, 40
     cfg = TQConfig(head_dim=d, k_bits=4, v_bits=3, seed=11)
-    pool = TQTokenToKVPool(slots - 1, 1, hkv, d, 2, "cpu", False, cfg=cfg)
+    pool = TQTokenToKVPool(slots - 1, 1, hkv, d, 2, DEV, False, cfg=cfg)
     layer = types.SimpleNamespace(layer_id=1)
     g = torch.Generator().manual_seed(0)
     lens = (9, 21)
-    qkv = torch.randn(sum(lens), hq + 2 * hkv, d, generator=g).bfloat16()
+    qkv = torch.randn(sum(lens), hq + 2 * hkv, d, generator=g).bfloat16().to(DEV)
     k, v = qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]  # strided, like RadixAttention's views
-    loc = torch.randperm(slots - 1, generator=g)[: sum(lens)] + 1  # slot 0 is the padding slot
+    loc = (torch.randperm(slots - 1, generator=g)[: sum(lens)] + 1).to(DEV)  # 0: padding slot
     pool.set_kv_buffer(layer, loc, k, v)
     packed = pool.get_packed_layer(1)
     assert (packed.k_norms[0] == 0).all() and (pool.get_packed_layer(0).k_norms == 0).all()
 
-    q = torch.randn(len(lens), hq, d, generator=g).bfloat16()
-    indptr = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
-    ws = DecodeWorkspace.create(4, hq, d, max_kv_splits=4, device="cpu")
-    splits = torch.tensor([1, 3], dtype=torch.int32)
+    q = torch.randn(len(lens), hq, d, generator=g).bfloat16().to(DEV)
+    indptr = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=DEV)
+    ws = DecodeWorkspace.create(4, hq, d, max_kv_splits=4, device=DEV)
+    splits = torch.tensor([1, 3], dtype=torch.int32, device=DEV)
     got = tq_decode(q, *packed[:4], indptr, loc, packed.codec, d**-0.5, num_kv_splits=splits,
                     max_kv_splits=4, workspace=ws)
     want = tq_decode_ref(q, *packed[:4], indptr, loc, packed.codec, d**-0.5)
