@@ -7,8 +7,8 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
 
 * decode: ``tq_decode`` over the packed slots, writing into a
   :class:`~sglang_tq.kernels.tq_decode.DecodeWorkspace` preallocated for the
-  largest captured batch (graphs) or grown on demand (eager), so the captured
-  forward allocates nothing and never syncs with the host;
+  largest captured batch (graphs) or grown on demand (eager), so a captured
+  decode step writes into fixed buffers and never syncs with the host;
 * extend (prefill, chunked prefill, radix hits): the new K/V are quantized into
   the cache first, then ``tq_extend`` attends to the packed prefix plus the
   chunk in bf16, or, with ``--kv-quant-packed-prefill``, to the chunk read back

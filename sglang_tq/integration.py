@@ -202,6 +202,11 @@ def _server_args_init(orig, self, *args, **kwargs):
 
 def _server_args_post_init(result, self):
     if not kv_quant_enabled(self):
+        for name in BACKEND_FIELDS:
+            if getattr(self, name, None) == BACKEND_NAME:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} turboquant reads the packed TurboQuant KV cache, so it "
+                                 f"needs --kv-quant turboquant; add it or pick another backend.")
         return None
     refusals.check_server_args(self)
     logger.info(

@@ -126,6 +126,12 @@ def test_triton_backend_maps_to_turboquant(fake_gpu):
     assert _parse("--kv-quant", "turboquant", "--attention-backend", "turboquant").attention_backend == "turboquant"
 
 
+def test_turboquant_backend_needs_kv_quant(fake_gpu):
+    with pytest.raises(ValueError, match="needs --kv-quant turboquant") as exc:
+        _parse("--attention-backend", "turboquant")
+    assert _one_sentence(str(exc.value))
+
+
 def test_engine_keyword_arguments(fake_gpu):
     sa = ServerArgs(model_path=LLAMA_8B, load_format="dummy", skip_tokenizer_init=True,
                     kv_quant="turboquant", kv_quant_bits="k3v3", kv_quant_bf16_layers=[1])
