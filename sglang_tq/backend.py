@@ -78,6 +78,7 @@ class TQAttnBackend(TritonAttnBackend):
         self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
         self.prefill_kv_indptr = torch.zeros_like(self.kv_indptr)
         self._eager_ws: Optional[DecodeWorkspace] = None
+        self._eager_ws_batch = 0
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
         self._prefill_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -96,8 +97,9 @@ class TQAttnBackend(TritonAttnBackend):
         mode = forward_batch.forward_mode
         if mode.is_decode_or_idle():
             bs = forward_batch.batch_size
-            if self._eager_ws is None or self._eager_ws.q_rot.shape[0] < bs:
-                self._eager_ws = self._workspace(1 << max(0, bs - 1).bit_length())
+            if bs > self._eager_ws_batch:
+                self._eager_ws_batch = 1 << max(0, bs - 1).bit_length()
+                self._eager_ws = self._workspace(self._eager_ws_batch)
             self._decode_ws = self._eager_ws
         elif self.packed_prefill:
             self._prefill_kv = self._prefix_and_chunk_slots(forward_batch)
