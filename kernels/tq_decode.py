@@ -39,8 +39,9 @@ from ._checks import check_attention_args
 
 @triton.jit
 def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_KV: tl.constexpr):
-    start = tl.load(KvIndptr + batch)
-    seq_len = tl.load(KvIndptr + batch + 1) - start
+    # kv_indptr may arrive as int32 or int64; lengths fit in int32
+    start = tl.load(KvIndptr + batch).to(tl.int32)
+    seq_len = tl.load(KvIndptr + batch + 1).to(tl.int32) - start
     first = 0
     if sliding_window > 0:
         first = tl.maximum(seq_len - sliding_window, 0)

@@ -59,16 +59,17 @@ def _tq_extend_kernel(
     head = tl.program_id(1)
     mblock = tl.program_id(2)
     kv_head = head // GQA
-    q_start = tl.load(QoIndptr + batch)
-    q_len = tl.load(QoIndptr + batch + 1) - q_start
+    # index pointers may arrive as int32 or int64; positions fit in int32
+    q_start = tl.load(QoIndptr + batch).to(tl.int32)
+    q_len = tl.load(QoIndptr + batch + 1).to(tl.int32) - q_start
     if mblock * BLOCK_M < q_len:
         QUARTER: tl.constexpr = HEAD_DIM // 4
         offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < q_len
         q0, q1, q2, q3 = _load_quarters_bf16(QRot, q_start + offs_m, mask_m, head,
                                              stride_q_t, stride_q_h, QUARTER)
-        kv_start = tl.load(KvIndptr + batch)
-        packed_len = tl.load(KvIndptr + batch + 1) - kv_start
+        kv_start = tl.load(KvIndptr + batch).to(tl.int32)
+        packed_len = tl.load(KvIndptr + batch + 1).to(tl.int32) - kv_start
         # Absolute position of each query; packed key j sits at position j.
         prefix_len = packed_len - q_len if PACKED_CHUNK else packed_len
         q_pos = prefix_len + offs_m

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from .kernels._checks import SUPPORTED_HEAD_DIMS
+
 KV_QUANT_CHOICES = ("none", "turboquant")
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # --attention-backend triton (or unset) maps onto ours: our backend is SGLang's
 # Triton backend with the packed kernels swapped in.
 BACKEND_NAME = "turboquant"
