@@ -41,6 +41,27 @@ def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_s
 
 
 @triton.jit
+def load_dense_quarters(ptrs, mask):
+    """Four fp16 quarter tiles of dense rows; ``ptrs`` [M, D/4] points at the first quarter."""
+    QUARTER: tl.constexpr = ptrs.shape[1]
+    x0 = tl.load(ptrs, mask=mask[:, None], other=0.0).to(tl.float16)
+    x1 = tl.load(ptrs + QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
+    x2 = tl.load(ptrs + 2 * QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
+    x3 = tl.load(ptrs + 3 * QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def store_quarters(ptrs, mask, acc0, acc1, acc2, acc3, scale):
+    """Store four [M, D/4] accumulators, each row times ``scale`` [M], at ``ptrs`` (first quarter)."""
+    QUARTER: tl.constexpr = ptrs.shape[1]
+    tl.store(ptrs, acc0 * scale[:, None], mask=mask[:, None])
+    tl.store(ptrs + QUARTER, acc1 * scale[:, None], mask=mask[:, None])
+    tl.store(ptrs + 2 * QUARTER, acc2 * scale[:, None], mask=mask[:, None])
+    tl.store(ptrs + 3 * QUARTER, acc3 * scale[:, None], mask=mask[:, None])
+
+
+@triton.jit
 def scores(q0, q1, q2, q3, k0, k1, k2, k3):
     """q·k over four coordinate quarters on tensor cores: [M, N] fp32."""
     s = tl.dot(q0, tl.trans(k0))

@@ -33,7 +33,8 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import load_codes, lookup_quarters, online_softmax_step, scores, tanh
+from ._codes import (load_codes, load_dense_quarters, lookup_quarters, online_softmax_step,
+                     scores, store_quarters, tanh)
 from ._checks import check_attention_args
 
 
@@ -76,11 +77,8 @@ def _tq_decode_stage1(
         heads = kv_head * GQA + offs_g
         offs_q = tl.arange(0, QUARTER)
         # -- rotated query of the whole GQA group, as four quarters of coordinates
-        q_ptr = QRot + batch * stride_q_b + heads[:, None] * stride_q_h + offs_q[None, :]
-        q0 = tl.load(q_ptr, mask=mask_h[:, None], other=0.0).to(tl.float16)
-        q1 = tl.load(q_ptr + QUARTER, mask=mask_h[:, None], other=0.0).to(tl.float16)
-        q2 = tl.load(q_ptr + 2 * QUARTER, mask=mask_h[:, None], other=0.0).to(tl.float16)
-        q3 = tl.load(q_ptr + 3 * QUARTER, mask=mask_h[:, None], other=0.0).to(tl.float16)
+        q0, q1, q2, q3 = load_dense_quarters(
+            QRot + batch * stride_q_b + heads[:, None] * stride_q_h + offs_q[None, :], mask_h)
         kc_base = KCodes + kv_head * stride_kc_h
         vc_base = VCodes + kv_head * stride_vc_h
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
@@ -122,11 +120,7 @@ def _tq_decode_stage1(
         # -- partial output (rotated space) and its log-sum-exp
         mo = (MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
               + offs_q[None, :])
-        inv_l = 1.0 / l_i[:, None]
-        tl.store(mo, acc0 * inv_l, mask=mask_h[:, None])
-        tl.store(mo + QUARTER, acc1 * inv_l, mask=mask_h[:, None])
-        tl.store(mo + 2 * QUARTER, acc2 * inv_l, mask=mask_h[:, None])
-        tl.store(mo + 3 * QUARTER, acc3 * inv_l, mask=mask_h[:, None])
+        store_quarters(mo, mask_h, acc0, acc1, acc2, acc3, 1.0 / l_i)
         tl.store(MidLse + batch * stride_ml_b + heads * stride_ml_h + split, m_i + tl.log(l_i),
                  mask=mask_h)
 

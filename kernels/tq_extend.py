@@ -26,21 +26,10 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import load_codes, lookup_quarters, online_softmax_step, scores, tanh
+from ._codes import (load_codes, load_dense_quarters, lookup_quarters, online_softmax_step,
+                     scores, store_quarters, tanh)
 from .tq_decode import attention_ref
 from ._checks import check_attention_args
-
-
-@triton.jit
-def _load_quarters_bf16(X, rows, mask, head, stride_t, stride_h, QUARTER: tl.constexpr):
-    """Four fp16 [N, D/4] quarter tiles of rows ``rows`` of a [T, H, D] tensor."""
-    offs = tl.arange(0, QUARTER)
-    ptr = X + rows[:, None] * stride_t + head * stride_h + offs[None, :]
-    x0 = tl.load(ptr, mask=mask[:, None], other=0.0).to(tl.float16)
-    x1 = tl.load(ptr + QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
-    x2 = tl.load(ptr + 2 * QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
-    x3 = tl.load(ptr + 3 * QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
-    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -66,8 +55,10 @@ def _tq_extend_kernel(
         QUARTER: tl.constexpr = HEAD_DIM // 4
         offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < q_len
-        q0, q1, q2, q3 = _load_quarters_bf16(QRot, q_start + offs_m, mask_m, head,
-                                             stride_q_t, stride_q_h, QUARTER)
+        offs_q = tl.arange(0, QUARTER)
+        q0, q1, q2, q3 = load_dense_quarters(
+            QRot + (q_start + offs_m)[:, None] * stride_q_t + head * stride_q_h + offs_q[None, :],
+            mask_m)
         kv_start = tl.load(KvIndptr + batch).to(tl.int32)
         packed_len = tl.load(KvIndptr + batch + 1).to(tl.int32) - kv_start
         # Absolute position of each query; packed key j sits at position j.
@@ -119,8 +110,9 @@ def _tq_extend_kernel(
             for n0 in range(e_lo, e_hi, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < e_hi
-                k0, k1, k2, k3 = _load_quarters_bf16(KExt, q_start + offs_n, mask_n, kv_head,
-                                                     stride_ke_t, stride_ke_h, QUARTER)
+                rows = (q_start + offs_n)[:, None]
+                k0, k1, k2, k3 = load_dense_quarters(
+                    KExt + rows * stride_ke_t + kv_head * stride_ke_h + offs_q[None, :], mask_n)
                 s = scores(q0, q1, q2, q3, k0, k1, k2, k3) * sm_scale
                 if HAS_CAP:
                     s = logit_cap * tanh(s / logit_cap)
@@ -128,18 +120,14 @@ def _tq_extend_kernel(
                 if sliding_window > 0:
                     visible = visible & (offs_n[None, :] > offs_m[:, None] - sliding_window)
                 s = tl.where(visible, s, float("-inf"))
-                v0, v1, v2, v3 = _load_quarters_bf16(VExt, q_start + offs_n, mask_n, kv_head,
-                                                     stride_ve_t, stride_ve_h, QUARTER)
+                v0, v1, v2, v3 = load_dense_quarters(
+                    VExt + rows * stride_ve_t + kv_head * stride_ve_h + offs_q[None, :], mask_n)
                 m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
                     s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, ones)
         # -- rotated output, natural coordinate order
         o = (ORot + (q_start + offs_m)[:, None] * stride_o_t + head * stride_o_h
-             + tl.arange(0, QUARTER)[None, :])
-        inv_l = 1.0 / l_i[:, None]
-        tl.store(o, acc0 * inv_l, mask=mask_m[:, None])
-        tl.store(o + QUARTER, acc1 * inv_l, mask=mask_m[:, None])
-        tl.store(o + 2 * QUARTER, acc2 * inv_l, mask=mask_m[:, None])
-        tl.store(o + 3 * QUARTER, acc3 * inv_l, mask=mask_m[:, None])
+             + offs_q[None, :])
+        store_quarters(o, mask_m, acc0, acc1, acc2, acc3, 1.0 / l_i)
 
 
 def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,
