@@ -35,8 +35,11 @@ can run one (workload, config) per command:
 
     python scripts/loadtest.py --configs k4v4 --workloads reference --out r.json --append
 
-``--summarize`` only prints the table of a JSON file (ratios vs bf16 and fp8, target
-checks). ``--quick`` shrinks both workloads for smoke tests.
+or each command writes its own file and ``--merge a.json b.json --out all.json``
+combines them afterwards. ``--summarize`` only prints the table of a JSON file (ratios
+vs bf16 and fp8, target checks). ``--plan`` prints the plan and time estimate only.
+``--quick`` shrinks both workloads for smoke tests. ``--budget-s`` skips whatever would
+not finish in time (one GPU-host command may run at most 10 minutes).
 """
 
 from __future__ import annotations
@@ -60,9 +63,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 try:  # orjson ships with SGLang; the stdlib parser is the fallback
     import orjson as _orjson
@@ -810,6 +813,9 @@ def parse_args(argv=None):
     ap.add_argument("--server-url", default=None,
                     help="use an already running loopback server (one --configs label) instead of launching")
     ap.add_argument("--summarize", action="store_true", help="only print the summary of --out")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="only merge these result files into --out (with --append: into its results), "
+                         "later files win per (workload, variant, kv), and print the summary")
     ap.add_argument("--plan", action="store_true", help="only print the plan and time estimate")
     g = ap.add_argument_group("reference workload overrides")
     g.add_argument("--num-requests", type=int)
@@ -853,6 +859,8 @@ def _on_sigterm(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.merge:
+        return merge_files(out, args.merge, append=args.append)
     if args.summarize:
         doc = load_doc(out)
         if not doc:
@@ -1004,6 +1012,28 @@ def main(argv=None) -> int:
     print("\n" + summary_text(doc), flush=True)
     print(f"\nJSON: {out}   total {time.time() - t_launch:.0f} s")
     return rc
+
+
+def merge_files(out: Path, files: list[str], append: bool = False) -> int:
+    doc = load_doc(out) if append else {}
+    doc.setdefault("tool", "scripts/loadtest.py")
+    doc.setdefault("results", [])
+    doc.setdefault("invocations", [])
+    for f in files:
+        part = load_doc(Path(f))
+        if not part:
+            print(f"no results in {f}")
+            return 1
+        for r in part["results"]:
+            merge_result(doc, r)
+        doc["invocations"] += part.get("invocations", [])
+        doc.update({k: part[k] for k in ("commit", "versions", "date") if k in part})
+    gpus = sorted({str(r.get("gpu")) for r in doc["results"]})
+    doc["gpu"] = gpus[0] if len(gpus) == 1 else "mixed: " + ", ".join(gpus)
+    write_doc(out, doc)
+    print(summary_text(doc))
+    print(f"\nJSON: {out} ({len(doc['results'])} results from {len(files)} file(s))")
+    return 0
 
 
 def _info_of(base_url: str) -> dict:

@@ -434,6 +434,18 @@ def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     assert "estimated total" in text and "== reference (quick)" in text and "xfp8" in text
     assert lt.main(["--summarize", "--out", str(out)]) == 0
 
+    # --merge: per-command files combined afterwards; later files win per key
+    other = tmp_path / "other.json"
+    doc2 = json.loads(out.read_text())
+    doc2["results"] = [{**fp8, "gpu": "OtherGPU", "out_tok_s": 1.0}]
+    other.write_text(json.dumps(doc2))
+    merged = tmp_path / "merged.json"
+    assert lt.main(["--merge", str(out), str(other), "--out", str(merged)]) == 0
+    m = json.loads(merged.read_text())
+    assert len(m["results"]) == 5 and m["gpu"] == "mixed: FakeGPU, OtherGPU"
+    assert next(r for r in m["results"] if r["kv"] == "fp8")["out_tok_s"] == 1.0
+    assert next(g for g in m["summary"]["groups"] if g["workload"] == "reference")["mixed_gpus"] is True
+
 
 def test_server_failure_is_recorded(tmp_path, monkeypatch):
     (tmp_path / "broken_sglang.py").write_text(
