@@ -557,10 +557,13 @@ class Server:
 
     def pool_from_log(self) -> dict:
         text = self.log_text()
-        out = {}
-        for key in ("max_total_num_tokens", "max_running_requests"):
-            m = re.findall(rf"{key}=(\d+)", text)
+        out: dict = {}
+        for key in ("max_total_num_tokens", "chunked_prefill_size", "max_prefill_tokens",
+                    "max_running_requests", "context_len"):
+            m = re.findall(rf"\b{key}=(\d+)", text)  # the scheduler's start-up line; last one wins
             out[key] = int(m[-1]) if m else None
+        m = re.findall(r"available_gpu_mem=([\d.]+) GB", text)
+        out["available_gpu_mem_gb"] = float(m[-1]) if m else None
         return out
 
     def info(self) -> dict:
@@ -954,6 +957,7 @@ def main(argv=None) -> int:
                 base_res["max_total_num_tokens"] = pool.get("max_total_num_tokens") or info.get("max_total_num_tokens")
                 base_res["max_running_requests"] = pool.get("max_running_requests") or info.get("max_running_requests")
                 base_res["server_info"] = info
+                base_res["server_log"] = pool
                 print(f"  {kv}: max_total_num_tokens={base_res['max_total_num_tokens']} "
                       f"max_running_requests={base_res['max_running_requests']}", flush=True)
                 try:

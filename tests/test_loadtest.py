@@ -168,7 +168,8 @@ def fake_server_cli():
     else:
         pool, itl = 1000, 0.002
     print(f"KV Cache is allocated. max_total_num_tokens={pool}, chunked_prefill_size=8192, "
-          f"max_running_requests=64, context_len=131072", flush=True)
+          f"max_prefill_tokens=16384, max_running_requests=64, context_len=131072, "
+          f"available_gpu_mem=12.34 GB", flush=True)
     state = FakeState(itl_s=itl, pool=pool, ready_after_s=0.1)
     web.run_app(make_fake_app(state), host=args.host, port=args.port, print=None,
                 handle_signals=True)
@@ -399,6 +400,9 @@ def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     assert by[("reference", "bf16")]["max_total_num_tokens"] == 1000
     assert by[("reference", "k4v4")]["max_total_num_tokens"] == 3880
     assert by[("reference", "k4v4")]["server_info"]["attention_backend"] == "fake"
+    assert by[("reference", "k4v4")]["server_log"] == {
+        "max_total_num_tokens": 3880, "chunked_prefill_size": 8192, "max_prefill_tokens": 16384,
+        "max_running_requests": 64, "context_len": 131072, "available_gpu_mem_gb": 12.34}
     assert "--kv-quant turboquant --kv-quant-bits k4v4" in by[("reference", "k4v4")]["server_cmd"]
     p = lt.SP_QUICK
     assert by[("shared-prefix", "k4v4")]["cache_hit_rate"] == pytest.approx(
