@@ -1,13 +1,15 @@
-"""Shared Triton helpers: packed codes → fp16 quarter tiles, scores, online softmax.
+"""Shared Triton helpers: packed codes → four fp16 tiles, scores, online softmax.
 
 The packed layout (``sglang_tq/packing.py``) keeps 8/w codes of a w-bit plane in
-one byte, byte j holding coordinates j, j + D·w/8, … . Every field of a byte
-column range therefore covers a contiguous block of coordinates: for 4-bit codes
-bytes [0, D/4) give coordinates [0, D/4) (low nibbles) and [D/2, 3D/4) (high
-nibbles), bytes [D/4, D/2) give the other two quarters; for 2- and 3-bit codes
-the four 2-bit fields of bytes [0, D/4) are the four quarters. Kernels keep K, V,
-the query and the output as four [·, D/4] quarter tiles, so attention is a sum of
-tensor-core dots over quarters and no register shuffles are needed.
+one byte, byte j holding coordinates j, j + D·w/8, … . Kernels keep K, V, the
+query and the output as four [·, D/4] tiles whose coordinates follow from the
+layout (:func:`tile_columns`), so attention is a sum of four tensor-core dots and
+no register shuffles are needed:
+
+* 2- and 3-bit codes: the four 2-bit fields of bytes [0, D/4) are the four
+  contiguous quarters [t·D/4, (t+1)·D/4);
+* 4-bit codes are read as uint16 words w < D/4 (bytes 2w, 2w+1): low nibbles of
+  even / odd bytes are coordinates 2w / 2w+1, high nibbles D/2 + 2w / D/2 + 2w+1.
 """
 
 import triton
@@ -41,24 +43,38 @@ def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_s
 
 
 @triton.jit
-def load_dense_quarters(ptrs, mask):
-    """Four fp16 quarter tiles of dense rows; ``ptrs`` [M, D/4] points at the first quarter."""
-    QUARTER: tl.constexpr = ptrs.shape[1]
-    x0 = tl.load(ptrs, mask=mask[:, None], other=0.0).to(tl.float16)
-    x1 = tl.load(ptrs + QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
-    x2 = tl.load(ptrs + 2 * QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
-    x3 = tl.load(ptrs + 3 * QUARTER, mask=mask[:, None], other=0.0).to(tl.float16)
+def tile_columns(BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The coordinates held by the four [·, D/4] tiles of a BITS-bit code (module doc)."""
+    QUARTER: tl.constexpr = HEAD_DIM // 4
+    w = tl.arange(0, QUARTER)
+    if BITS == 4:
+        return 2 * w, 2 * w + 1, HEAD_DIM // 2 + 2 * w, HEAD_DIM // 2 + 2 * w + 1
+    else:
+        return w, QUARTER + w, 2 * QUARTER + w, 3 * QUARTER + w
+
+
+@triton.jit
+def load_dense_tiles(rows, mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Four fp16 tiles of dense rows in the tile order of BITS-bit codes; ``rows`` [M, 1]
+    points at the start of each row."""
+    c0, c1, c2, c3 = tile_columns(BITS, HEAD_DIM)
+    x0 = tl.load(rows + c0[None, :], mask=mask[:, None], other=0.0).to(tl.float16)
+    x1 = tl.load(rows + c1[None, :], mask=mask[:, None], other=0.0).to(tl.float16)
+    x2 = tl.load(rows + c2[None, :], mask=mask[:, None], other=0.0).to(tl.float16)
+    x3 = tl.load(rows + c3[None, :], mask=mask[:, None], other=0.0).to(tl.float16)
     return x0, x1, x2, x3
 
 
 @triton.jit
-def store_quarters(ptrs, mask, acc0, acc1, acc2, acc3, scale):
-    """Store four [M, D/4] accumulators, each row times ``scale`` [M], at ``ptrs`` (first quarter)."""
-    QUARTER: tl.constexpr = ptrs.shape[1]
-    tl.store(ptrs, acc0 * scale[:, None], mask=mask[:, None])
-    tl.store(ptrs + QUARTER, acc1 * scale[:, None], mask=mask[:, None])
-    tl.store(ptrs + 2 * QUARTER, acc2 * scale[:, None], mask=mask[:, None])
-    tl.store(ptrs + 3 * QUARTER, acc3 * scale[:, None], mask=mask[:, None])
+def store_tiles(rows, mask, acc0, acc1, acc2, acc3, scale, BITS: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """Store four [M, D/4] accumulators in the tile order of BITS-bit codes, each row times
+    ``scale`` [M]; ``rows`` [M, 1] points at the start of each output row."""
+    c0, c1, c2, c3 = tile_columns(BITS, HEAD_DIM)
+    tl.store(rows + c0[None, :], acc0 * scale[:, None], mask=mask[:, None])
+    tl.store(rows + c1[None, :], acc1 * scale[:, None], mask=mask[:, None])
+    tl.store(rows + c2[None, :], acc2 * scale[:, None], mask=mask[:, None])
+    tl.store(rows + c3[None, :], acc3 * scale[:, None], mask=mask[:, None])
 
 
 @triton.jit
@@ -76,7 +92,7 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
     if USE_ASM:
         if BITS == 4:
             return tl.inline_asm_elementwise(LUT, "=r,=r,=r,=r,r", [codes],
-                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+                                             dtype=(tl.float16,) * 4, is_pure=True, pack=2)
         elif BITS == 3:
             return tl.inline_asm_elementwise(LUT, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [codes, hi],
                                              dtype=(tl.float16,) * 4, is_pure=True, pack=4)
@@ -86,7 +102,12 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
     else:
         c = codes.to(tl.int32)
         if BITS == 4:
-            return (tl.load(CB + (c & 15)).to(tl.float16), tl.load(CB + (c >> 4)).to(tl.float16))
+            return (
+                tl.load(CB + (c & 15)).to(tl.float16),
+                tl.load(CB + ((c >> 8) & 15)).to(tl.float16),
+                tl.load(CB + ((c >> 4) & 15)).to(tl.float16),
+                tl.load(CB + ((c >> 12) & 15)).to(tl.float16),
+            )
         else:
             h = tl.zeros_like(c)
             if BITS == 3:
@@ -101,37 +122,32 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
 
 @triton.jit
 def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Raw code bytes of N packed vectors as two uint8 [N, D/4] tiles for :func:`lookup_quarters`.
+    """Raw codes of N packed vectors as two [N, D/4] tiles for :func:`lookup_quarters`.
 
-    4-bit: bytes [0, D/4) and [D/4, D/2). 3-bit: the 2-bit plane and, per column i,
-    the 1-bit-plane byte i mod D/8 shifted right by i div D/8, so that bit 2t holds
-    the high bit of coordinate t·D/4 + i. 2-bit: the plane, twice (the second is unused).
+    4-bit: the D/2 bytes as uint16 words (the second tile is unused). 3-bit: the
+    2-bit plane and, per column i, the 1-bit-plane byte i mod D/8 shifted right by
+    i div D/8, so that bit 2t holds the high bit of coordinate t·D/4 + i. 2-bit: the
+    plane, twice (the second is unused).
     """
     QUARTER: tl.constexpr = HEAD_DIM // 4
     cols = tl.arange(0, QUARTER)
-    ptrs = codes_ptr + row_off[:, None] + cols[None, :]
-    a = tl.load(ptrs, mask=mask_n[:, None], other=0)
     if BITS == 4:
-        b = tl.load(ptrs + QUARTER, mask=mask_n[:, None], other=0)
-    elif BITS == 3:
-        EIGHTH: tl.constexpr = HEAD_DIM // 8
-        b = tl.load(codes_ptr + row_off[:, None] + QUARTER + (cols % EIGHTH)[None, :],
-                    mask=mask_n[:, None], other=0)
-        b = b >> (cols // EIGHTH)[None, :].to(tl.uint8)
-    else:
+        words = (codes_ptr + row_off[:, None]).to(tl.pointer_type(tl.uint16))
+        a = tl.load(words + cols[None, :], mask=mask_n[:, None], other=0)
         b = a
+    else:
+        a = tl.load(codes_ptr + row_off[:, None] + cols[None, :], mask=mask_n[:, None], other=0)
+        b = a
+        if BITS == 3:
+            EIGHTH: tl.constexpr = HEAD_DIM // 8
+            b = tl.load(codes_ptr + row_off[:, None] + QUARTER + (cols % EIGHTH)[None, :],
+                        mask=mask_n[:, None], other=0)
+            b = b >> (cols // EIGHTH)[None, :].to(tl.uint8)
     return a, b
 
 
 @triton.jit
 def lookup_quarters(a, b, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
     """fp16 values of the tiles from :func:`load_codes`, as four [N, D/4] tiles holding
-    coordinates [t·D/4, (t+1)·D/4), t = 0..3: QK and PV become four tensor-core dots
-    over contiguous quarters, and no register shuffles are needed."""
-    if BITS == 4:
-        # byte j holds coordinates j (low nibble) and j + D/2 (high nibble)
-        a_lo, a_hi = _lookup(a, CB, LUT, BITS, USE_ASM)
-        b_lo, b_hi = _lookup(b, CB, LUT, BITS, USE_ASM)
-        return a_lo, b_lo, a_hi, b_hi
-    else:
-        return _lookup(a, CB, LUT, BITS, USE_ASM, b)
+    the coordinates :func:`tile_columns` names."""
+    return _lookup(a, CB, LUT, BITS, USE_ASM, b)

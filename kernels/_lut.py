@@ -12,9 +12,15 @@ sign is XOR-ed into bit 15. About five instructions per code, done on four codes
 at a time, with no memory access.
 
 ``lut_asm`` builds the PTX for one packed byte register holding F fields of
-w bits (4-bit codes: 2 fields; 2-bit: 4 fields; 3-bit: the 2-bit fields plus
-their high bits from a second register). ``emulate`` executes that PTX subset in
-Python so the CPU tests check the bit logic against the codebook.
+w bits (2-bit: 4 fields; 3-bit: the 2-bit fields plus their high bits from a
+second register), fed four uint8 elements at a time. ``lut4_asm`` is the 4-bit
+version fed two uint16 elements (one 32-bit word, 8 codes) at a time: all eight
+3-bit magnitude indices come from one xor/and on the word, two byte permutes
+turn them into selectors, and it returns the codes of even bytes and odd bytes,
+low and high nibbles, as four fp16 tiles; this avoids Triton re-packing single
+bytes into words (about 2 instructions per code with uint8 elements).
+``emulate`` executes that PTX subset in Python so the CPU tests check the bit
+logic against the codebook.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ def _table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]
 
 
 def fields_of(bits: int) -> tuple[int, int]:
-    """(fields per byte, field width) of the low plane for a code width."""
-    return (2, 4) if bits == 4 else (4, 2)
+    """(fields per byte, field width) of the low plane of 2- and 3-bit codes."""
+    return (4, 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,8 +108,11 @@ def _lut_asm_cached(words: tuple[int, int, int, int], bits: int) -> str:
 
 
 def lut_asm(codebook: torch.Tensor, bits: int) -> str:
-    """PTX mapping a register of 4 packed bytes to the fp16 values of its fields."""
-    if bits not in (2, 3, 4):
+    """PTX for ``bits``-bit codes: :func:`lut4_asm` at 4 bits, else a register of 4
+    packed bytes to the fp16 values of its fields."""
+    if bits == 4:
+        return lut4_asm(codebook)
+    if bits not in (2, 3):
         raise ValueError(f"the prmt lookup supports 2-4-bit codes, got {bits}.")
     c = codebook.detach().cpu().float()
     if not torch.equal(c, -c.flip(0)):
@@ -111,10 +120,51 @@ def lut_asm(codebook: torch.Tensor, bits: int) -> str:
     return _lut_asm_cached(_table_words(c, bits), bits)
 
 
-def lut_constraints(bits: int) -> str:
-    nfields, _ = fields_of(bits)
-    outs = ",".join(["=r"] * (2 * nfields))
-    return outs + (",r,r" if bits == 3 else ",r")
+@functools.lru_cache(maxsize=None)
+def _lut4_asm_cached(words: tuple[int, int, int, int]) -> str:
+    tl0, tl1, th0, th1 = words
+    return "\n".join([
+        "{",
+        ".reg .b32 n, m, j, sx, sy, lx, hx, ly, hy, t, tl0, tl1, th0, th1;",
+        f"mov.b32 tl0, {tl0:#x};", f"mov.b32 tl1, {tl1:#x};",
+        f"mov.b32 th0, {th0:#x};", f"mov.b32 th1, {th1:#x};",
+        # bit 3 of every nibble set where the code is in the negative half
+        "not.b32 n, $4;",
+        "and.b32 n, n, 0x88888888;",
+        # magnitude index of all 8 codes: c xor 7 on negative codes
+        "shr.b32 m, n, 3;",
+        "mul.lo.u32 m, m, 7;",
+        "xor.b32 j, $4, m;",
+        "and.b32 j, j, 0x77777777;",
+        # selectors: nibbles (lo0, hi0, lo2, hi2) and (lo1, hi1, lo3, hi3)
+        "prmt.b32 sx, j, j, 0x2020;",
+        "prmt.b32 sy, j, j, 0x3131;",
+        "prmt.b32 lx, tl0, tl1, sx;",
+        "prmt.b32 hx, th0, th1, sx;",
+        "prmt.b32 ly, tl0, tl1, sy;",
+        "prmt.b32 hy, th0, th1, sy;",
+        # fp16x2 outputs: low nibbles of bytes 0,2 / 1,3, high nibbles of bytes 0,2 / 1,3
+        "prmt.b32 $0, lx, hx, 0x6240;",
+        "prmt.b32 $1, ly, hy, 0x6240;",
+        "prmt.b32 $2, lx, hx, 0x7351;",
+        "prmt.b32 $3, ly, hy, 0x7351;",
+        # signs: bit 3 of nibbles (0,4), (2,6), (1,5), (3,7) to bits 15 and 31
+        "shl.b32 t, n, 12;", "and.b32 t, t, 0x80008000;", "xor.b32 $0, $0, t;",
+        "shl.b32 t, n, 4;", "and.b32 t, t, 0x80008000;", "xor.b32 $1, $1, t;",
+        "shl.b32 t, n, 8;", "and.b32 t, t, 0x80008000;", "xor.b32 $2, $2, t;",
+        "and.b32 t, n, 0x80008000;", "xor.b32 $3, $3, t;",
+        "}",
+    ])
+
+
+def lut4_asm(codebook: torch.Tensor) -> str:
+    """PTX mapping a word of two uint16 elements (8 packed 4-bit codes) to four fp16x2
+    registers: low nibbles of bytes (0, 2), of bytes (1, 3), high nibbles of bytes
+    (0, 2), of bytes (1, 3)."""
+    c = codebook.detach().cpu().float()
+    if c.numel() != 16 or not torch.equal(c, -c.flip(0)):
+        raise ValueError("the 4-bit prmt lookup needs a symmetric 16-entry codebook.")
+    return _lut4_asm_cached(_table_words(c, 4))
 
 
 # ----------------------------------------------------------------------------- emulator
@@ -153,6 +203,10 @@ def emulate(asm: str, inputs: list[int], num_outputs: int) -> list[int]:
             r = srcs[0] ^ srcs[1]
         elif op == "sub.u32":
             r = srcs[0] - srcs[1]
+        elif op == "mul.lo.u32":
+            r = srcs[0] * srcs[1]
+        elif op == "not.b32":
+            r = ~srcs[0]
         elif op == "prmt.b32":
             r = _prmt(srcs[0], srcs[1], srcs[2])
         else:

@@ -9,9 +9,11 @@ so each packed code is read once per KV head:
 Keys and values stay in the rotated space (q·k = (Πq)·(Πk), TurboQuant Sec. 3),
 and the per-token norms r factor out of the inner products: they scale the score
 row and the probability row instead of the [N, D] tiles. Codes become fp16
-values in registers, four codes per few instructions (``kernels/_lut.py``), as
-four tiles of contiguous coordinate quarters (``kernels/_codes.py``), so each
-product is four tensor-core dots and nothing is shuffled between registers.
+values in registers, eight 4-bit codes per ~21 PTX instructions (``kernels/_lut.py``),
+as four [N, D/4] tiles whose coordinates follow the byte layout
+(``kernels/_codes.py``), so each product is four tensor-core dots and nothing is
+shuffled between registers. The next tile's codes are prefetched into registers
+while the current one is computed.
 
 Stage 2, one program per (sequence, KV head), merges the splits by their
 log-sum-exp and un-rotates the group's outputs once, o = (Σ p v_rot) · Π.
@@ -33,8 +35,8 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import (load_codes, load_dense_quarters, lookup_quarters, online_softmax_step,
-                     scores, store_quarters, tanh)
+from ._codes import (load_codes, load_dense_tiles, lookup_quarters, online_softmax_step,
+                     scores, store_tiles, tanh)
 from ._checks import check_attention_args
 
 
@@ -75,10 +77,9 @@ def _tq_decode_stage1(
         offs_g = tl.arange(0, BLOCK_H)
         mask_h = offs_g < GQA
         heads = kv_head * GQA + offs_g
-        offs_q = tl.arange(0, QUARTER)
-        # -- rotated query of the whole GQA group, as four quarters of coordinates
-        q0, q1, q2, q3 = load_dense_quarters(
-            QRot + batch * stride_q_b + heads[:, None] * stride_q_h + offs_q[None, :], mask_h)
+        # -- rotated query of the whole GQA group, in the tile order of K's codes
+        q0, q1, q2, q3 = load_dense_tiles(
+            QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h, K_BITS, HEAD_DIM)
         kc_base = KCodes + kv_head * stride_kc_h
         vc_base = VCodes + kv_head * stride_vc_h
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
@@ -118,9 +119,8 @@ def _tq_decode_stage1(
                 s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_norm.to(tl.float32))
             ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
         # -- partial output (rotated space) and its log-sum-exp
-        mo = (MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
-              + offs_q[None, :])
-        store_quarters(mo, mask_h, acc0, acc1, acc2, acc3, 1.0 / l_i)
+        mo = MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+        store_tiles(mo, mask_h, acc0, acc1, acc2, acc3, 1.0 / l_i, V_BITS, HEAD_DIM)
         tl.store(MidLse + batch * stride_ml_b + heads * stride_ml_h + split, m_i + tl.log(l_i),
                  mask=mask_h)
 

@@ -26,8 +26,8 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import (load_codes, load_dense_quarters, lookup_quarters, online_softmax_step,
-                     scores, store_quarters, tanh)
+from ._codes import (load_codes, load_dense_tiles, lookup_quarters, online_softmax_step,
+                     scores, store_tiles, tanh)
 from .tq_decode import attention_ref
 from ._checks import check_attention_args
 
@@ -55,10 +55,9 @@ def _tq_extend_kernel(
         QUARTER: tl.constexpr = HEAD_DIM // 4
         offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < q_len
-        offs_q = tl.arange(0, QUARTER)
-        q0, q1, q2, q3 = load_dense_quarters(
-            QRot + (q_start + offs_m)[:, None] * stride_q_t + head * stride_q_h + offs_q[None, :],
-            mask_m)
+        q0, q1, q2, q3 = load_dense_tiles(
+            QRot + (q_start + offs_m)[:, None] * stride_q_t + head * stride_q_h, mask_m,
+            K_BITS, HEAD_DIM)
         kv_start = tl.load(KvIndptr + batch).to(tl.int32)
         packed_len = tl.load(KvIndptr + batch + 1).to(tl.int32) - kv_start
         # Absolute position of each query; packed key j sits at position j.
@@ -111,8 +110,8 @@ def _tq_extend_kernel(
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < e_hi
                 rows = (q_start + offs_n)[:, None]
-                k0, k1, k2, k3 = load_dense_quarters(
-                    KExt + rows * stride_ke_t + kv_head * stride_ke_h + offs_q[None, :], mask_n)
+                k0, k1, k2, k3 = load_dense_tiles(
+                    KExt + rows * stride_ke_t + kv_head * stride_ke_h, mask_n, K_BITS, HEAD_DIM)
                 s = scores(q0, q1, q2, q3, k0, k1, k2, k3) * sm_scale
                 if HAS_CAP:
                     s = logit_cap * tanh(s / logit_cap)
@@ -120,14 +119,13 @@ def _tq_extend_kernel(
                 if sliding_window > 0:
                     visible = visible & (offs_n[None, :] > offs_m[:, None] - sliding_window)
                 s = tl.where(visible, s, float("-inf"))
-                v0, v1, v2, v3 = load_dense_quarters(
-                    VExt + rows * stride_ve_t + kv_head * stride_ve_h + offs_q[None, :], mask_n)
+                v0, v1, v2, v3 = load_dense_tiles(
+                    VExt + rows * stride_ve_t + kv_head * stride_ve_h, mask_n, V_BITS, HEAD_DIM)
                 m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
                     s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, ones)
         # -- rotated output, natural coordinate order
-        o = (ORot + (q_start + offs_m)[:, None] * stride_o_t + head * stride_o_h
-             + offs_q[None, :])
-        store_quarters(o, mask_m, acc0, acc1, acc2, acc3, 1.0 / l_i)
+        o = ORot + (q_start + offs_m)[:, None] * stride_o_t + head * stride_o_h
+        store_tiles(o, mask_m, acc0, acc1, acc2, acc3, 1.0 / l_i, V_BITS, HEAD_DIM)
 
 
 def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,

@@ -18,7 +18,23 @@ def _fp16_bits(x: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("dim", [64, 128, 256])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lut4_word_matches_codebook_for_every_code(dim):
+    """4-bit: a word of 4 bytes → fp16 pairs (lo nibbles of bytes 0,2), (1,3), hi (0,2), (1,3)."""
+    cb = codebook(dim, 4)
+    asm = lut_asm(cb, 4)
+    for byte0, lane in itertools.product(range(256), range(4)):
+        b = [(byte0 * (7 + 2 * e) + 31 * e) % 256 for e in range(4)]
+        b[lane] = byte0
+        out = emulate(asm, [sum(x << (8 * e) for e, x in enumerate(b))], 4)
+        lo, hi = [x & 15 for x in b], [x >> 4 for x in b]
+        want = [(lo[0], lo[2]), (lo[1], lo[3]), (hi[0], hi[2]), (hi[1], hi[3])]
+        for reg, (first, second) in zip(out, want):
+            assert reg & 0xFFFF == _fp16_bits(cb[first])
+            assert reg >> 16 == _fp16_bits(cb[second])
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3])
 def test_lut_matches_codebook_for_every_code(bits, dim):
     cb = codebook(dim, bits)
     asm = lut_asm(cb, bits)
@@ -44,8 +60,9 @@ def test_lut_matches_codebook_for_every_code(bits, dim):
                 assert got == [_fp16_bits(cb[x]) for x in codes[ff]]
 
 
-def test_lut_refuses_asymmetric_codebook():
-    cb = codebook(128, 2).clone()
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lut_refuses_asymmetric_codebook(bits):
+    cb = codebook(128, bits).clone()
     cb[0] -= 0.01
     with pytest.raises(ValueError, match="symmetric"):
-        lut_asm(cb, 2)
+        lut_asm(cb, bits)
