@@ -16,29 +16,12 @@ import argparse
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
-from sglang_tq.provenance import provenance
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _server import Server, post  # noqa: E402  (scripts/ is not a package)
 
-
-def _post(url: str, payload: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def _healthy(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=5) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
+from sglang_tq.provenance import provenance  # noqa: E402
 
 
 def main() -> int:
@@ -53,38 +36,20 @@ def main() -> int:
                     help="after --: extra arguments for sglang.launch_server")
     args = ap.parse_args()
     extra = [a for a in args.server_args if a != "--"]
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", args.model_path,
-           "--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1",
-           "--port", str(args.port), *extra]
-    print("launch:", " ".join(cmd), flush=True)
-    base = f"http://127.0.0.1:{args.port}"
-    t0 = time.time()
-    with open(args.log, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    result = {**provenance(), "command": cmd, "ok": False}
+    server = Server(args.model_path, ["--load-format", "dummy", "--skip-tokenizer-init", *extra],
+                    args.log, port=args.port, startup_timeout=args.startup_timeout)
+    result = {**provenance(), "command": server.cmd, "ok": False}
     try:
-        while not _healthy(base):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {proc.returncode}; see {args.log}")
-            if time.time() - t0 > args.startup_timeout:
-                raise RuntimeError(f"server not healthy after {args.startup_timeout:.0f} s")
-            time.sleep(3)
-            print(f"  waiting for server ... {time.time() - t0:.0f} s", flush=True)
-        result["startup_s"] = round(time.time() - t0, 1)
-        reply = _post(base + "/generate", {
-            "input_ids": [[128000, 791, 6864, 315, 9822, 374], [128000, 16, 11, 17, 11, 18, 11]],
-            "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
-        })
-        result["reply"] = reply
-        result["ok"] = all(len(r.get("output_ids", [])) == args.max_new_tokens for r in reply)
+        with server:
+            result["startup_s"] = server.startup_s
+            reply = post(server.base + "/generate", {
+                "input_ids": [[128000, 791, 6864, 315, 9822, 374], [128000, 16, 11, 17, 11, 18, 11]],
+                "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
+            }, timeout=120)
+            result["reply"] = reply
+            result["ok"] = all(len(r.get("output_ids", [])) == args.max_new_tokens for r in reply)
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON, then re-raised as exit code
         result["error"] = repr(exc)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
     log_text = open(args.log, errors="replace").read()
     m = re.findall(r"max_total_num_tokens=(\d+)", log_text)
     result["max_total_num_tokens"] = int(m[-1]) if m else None
