@@ -18,12 +18,17 @@ import urllib.request
 
 
 def post(url: str, payload: dict, timeout: float = 600) -> object:
-    """POST JSON, return the decoded JSON reply; HTTP errors carry the server's message."""
+    """POST JSON, return the decoded JSON reply (or the text, for endpoints such as
+    /flush_cache that answer in plain text); HTTP errors carry the server's message."""
     req = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            body = resp.read()
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            return body.decode(errors="replace")
     except urllib.error.HTTPError as exc:
         body = exc.read().decode(errors="replace")[:2000]
         raise RuntimeError(f"POST {url} -> HTTP {exc.code}: {body}") from exc
