@@ -55,8 +55,10 @@ survives only while calls follow each other within ~30 s, so issue them back to 
                   (unpack_model.sh reassembles the pieces in order, verifies every sha256,
                   extracts, converts the GGUF to /tmp/models/<name>-bf16 and prints that path)
 
-SmolLM2 is therefore 3 calls (2 pieces + the run), Qwen2.5-Coder-0.5B 9 (8 + the run);
-both in one sequence 11. The script prints this plan with sizes at the end.
+SmolLM2 is therefore 3 calls (2 pieces + the run), Qwen2.5-Coder-0.5B 9 (8 + the run),
+both 12 (each model's run call needs most of the 10-minute limit). A run call cut off by
+its time limit is simply repeated: unpacking and fidelity.py resume. The script prints
+this plan with sizes at the end.
 
 On the GPU host (no network) only the `convert` step runs, called by unpack_model.sh:
 
