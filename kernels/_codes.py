@@ -22,6 +22,14 @@ def tanh(x):
 
 
 @triton.jit
+def softmax_state(ROWS: tl.constexpr, QUARTER: tl.constexpr):
+    """Empty online-softmax state: running max, running sum and four [ROWS, D/4] accumulators."""
+    acc = tl.zeros((ROWS, QUARTER), tl.float32)
+    return (tl.full((ROWS,), float("-inf"), tl.float32), tl.zeros((ROWS,), tl.float32),
+            acc, acc, acc, acc)
+
+
+@triton.jit
 def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_scale):
     """One flash-attention update with scores ``s`` [M, N] and value quarters ``v*`` [N, D/4].
 

@@ -35,7 +35,7 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import (load_codes, load_dense_tiles, lookup_quarters, online_softmax_step,
+from ._codes import (load_codes, load_dense_tiles, lookup_quarters, online_softmax_step, softmax_state,
                      scores, store_tiles, tanh)
 from ._checks import check_attention_args
 
@@ -82,12 +82,7 @@ def _tq_decode_stage1(
             QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h, K_BITS, HEAD_DIM)
         kc_base = KCodes + kv_head * stride_kc_h
         vc_base = VCodes + kv_head * stride_vc_h
-        m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_H,), tl.float32)
-        acc0 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
-        acc1 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
-        acc2 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
-        acc3 = tl.zeros((BLOCK_H, QUARTER), tl.float32)
+        m_i, l_i, acc0, acc1, acc2, acc3 = softmax_state(BLOCK_H, QUARTER)
         # -- codes, norms and slots of the first tile; each iteration prefetches the next
         offs_n = lo + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
@@ -193,13 +188,14 @@ def _block_h(gqa: int) -> int:
 def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
               sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
               logit_cap: float = 0.0, sliding_window: int = 0,
-              block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+              block_n: int = 64, num_warps: int = 4, num_stages: int = 2, out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
     kv_indptr int32 [B+1] and kv_indices [total] as in SGLang's Triton backend;
-    num_kv_splits int32 [B] with values in [1, max_kv_splits]. Returns a view of
-    ``workspace.out`` [B, Hq, D].
+    num_kv_splits int32 [B] with values in [1, max_kv_splits]. Writes ``out``
+    [B, Hq, D] when given (any strides along B and Hq), else a view of
+    ``workspace.out``, and returns it.
     """
     bsz = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -211,7 +207,11 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
                          "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits).")
     gqa = hq // hkv
     block_h = _block_h(gqa)
-    q_rot, mid_o, mid_lse, out = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz], ws.out[:bsz]
+    q_rot, mid_o, mid_lse = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz]
+    if out is None:
+        out = ws.out[:bsz]
+    elif out.shape != (bsz, hq, d) or out.stride(2) != 1:
+        raise ValueError(f"out must be [{bsz}, {hq}, {d}] and contiguous in head_dim.")
     # -- rotate q once per step
     torch.matmul(q.to(torch.float32), codec.pi.T, out=q_rot)
     _tq_decode_stage1[(bsz, hkv, max_kv_splits)](

@@ -26,7 +26,7 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import (load_codes, load_dense_tiles, lookup_quarters, online_softmax_step,
+from ._codes import (load_codes, load_dense_tiles, lookup_quarters, online_softmax_step, softmax_state,
                      scores, store_tiles, tanh)
 from .tq_decode import attention_ref
 from ._checks import check_attention_args
@@ -63,12 +63,7 @@ def _tq_extend_kernel(
         # Absolute position of each query; packed key j sits at position j.
         prefix_len = packed_len - q_len if PACKED_CHUNK else packed_len
         q_pos = prefix_len + offs_m
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc0 = tl.zeros((BLOCK_M, QUARTER), tl.float32)
-        acc1 = tl.zeros((BLOCK_M, QUARTER), tl.float32)
-        acc2 = tl.zeros((BLOCK_M, QUARTER), tl.float32)
-        acc3 = tl.zeros((BLOCK_M, QUARTER), tl.float32)
+        m_i, l_i, acc0, acc1, acc2, acc3 = softmax_state(BLOCK_M, QUARTER)
         lo = 0
         if sliding_window > 0:
             lo = tl.maximum(prefix_len + mblock * BLOCK_M - sliding_window + 1, 0) // BLOCK_N * BLOCK_N

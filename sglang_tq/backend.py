@@ -154,15 +154,14 @@ class TQAttnBackend(TritonAttnBackend):
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         packed = pool.get_packed_layer(layer.layer_id)
         md = self.forward_metadata
-        out = _tq_decode(
+        # A fresh output per layer (the workspace is shared by all layers), written in place.
+        o = torch.empty((bs, hq * d), dtype=q.dtype, device=q.device)
+        _tq_decode(
             q, packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
             md.kv_indptr[: bs + 1], md.kv_indices, packed.codec, layer.scaling,
             num_kv_splits=md.num_kv_splits[:bs], max_kv_splits=self.max_kv_splits,
-            workspace=self._decode_ws, logit_cap=_logit_cap(layer),
+            workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o.view(bs, hq, d),
         )
-        # The workspace is shared by all layers: hand out a copy in q's layout.
-        o = torch.empty((bs, hq * d), dtype=q.dtype, device=q.device)
-        o.view(bs, hq, d).copy_(out)
         return o
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,

@@ -240,3 +240,20 @@ def test_kernels_refuse_mismatched_pool():
     with pytest.raises(ValueError, match="does not match the codec"):
         tq_decode(x[:1], *bufs, torch.tensor([0, 2], dtype=torch.int32), torch.arange(2), codec, 0.1,
                   num_kv_splits=torch.ones(1, dtype=torch.int32), max_kv_splits=1, workspace=ws)
+
+
+def test_decode_writes_into_given_out(device):
+    """``out=`` is written in place, also as a strided view of a wider [B, Hq·D] buffer."""
+    codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 2, 4, device, lens=(33, 5), seed=12)
+    bsz, hq, d = q.shape
+    ws = DecodeWorkspace.create(bsz, hq, d, 2, q.device)
+    wide = torch.full((bsz, hq * d + 8), float("nan"), dtype=torch.bfloat16, device=q.device)
+    out = wide[:, :hq * d].view(bsz, hq, d)
+    splits = torch.tensor([2, 1], dtype=torch.int32, device=q.device)
+    got = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits, max_kv_splits=2,
+                    workspace=ws, block_n=16 if not HAS_CUDA else 64, out=out)
+    assert got.data_ptr() == out.data_ptr() and not out.isnan().any()
+    assert wide[:, hq * d:].isnan().all(), "wrote past the given output"
+    ref = tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5)
+    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5, dtype=torch.bfloat16), ref)
+    assert _rel(out, ref) <= 2 * torch_err
