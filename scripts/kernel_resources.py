@@ -41,7 +41,25 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages):
+def loop_mix(sass: str) -> dict:
+    """Opcode histogram of the longest loop body (the KV-tile loop) in a SASS listing.
+
+    A loop is a backward ``BRA`` to an earlier ``/*addr*/``; its body is every
+    instruction between the target and the branch."""
+    insts = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
+    addr = [int(a, 16) for a, _, _ in insts]
+    best = (0, 0)
+    for i, (_, op, rest) in enumerate(insts):
+        m = re.search(r"`?\(?\.L_x_\d+\)?|0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if m and m.group(1) and int(m.group(1), 16) < addr[i]:
+            start = addr.index(int(m.group(1), 16)) if int(m.group(1), 16) in addr else None
+            if start is not None and i - start > best[1] - best[0]:
+                best = (start, i)
+    body = [op.split(".")[0] for _, op, _ in insts[best[0]:best[1] + 1]]
+    return {"loop_instructions": len(body), "loop_mix": dict(collections.Counter(body).most_common())}
+
+
+def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages, sass_dir=None):
     fn = dec._tq_decode_stage1
     codec = LayerCodec.create(head_dim, k_bits, v_bits)
     sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa), HEAD_DIM=head_dim, BLOCK_N=block_n,
@@ -73,8 +91,13 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
     counts = collections.Counter({k: len(re.findall(p, sass)) for k, p in _SASS_CLASSES.items()})
+    if sass_dir:
+        os.makedirs(sass_dir, exist_ok=True)
+        name = f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}.sass"
+        with open(os.path.join(sass_dir, name), "w") as f:
+            f.write(sass)
     return {"regs": int(regs[1]) if regs else None, "spill_bytes": int(spill[1]) if spill else None,
-            "sass_lines": sass.count("\n"), **counts}
+            "sass_lines": sass.count("\n"), **counts, **loop_mix(sass)}
 
 
 def main() -> None:
@@ -86,13 +109,15 @@ def main() -> None:
     ap.add_argument("--num-warps", default="4,8")
     ap.add_argument("--num-stages", default="1,2")
     ap.add_argument("--out")
+    ap.add_argument("--sass-dir", help="also write each variant's SASS listing here")
     args = ap.parse_args()
     rows = []
     grid = itertools.product(args.kv.split(","), *(map(int, x.split(",")) for x in
                                                     (args.block_n, args.num_warps, args.num_stages)))
     for kv, bn, nw, ns in grid:
         r = {"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns,
-             **compile_stage1(args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw, ns)}
+             **compile_stage1(args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw, ns,
+                                 args.sass_dir)}
         rows.append(r)
         print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     if args.out:
