@@ -10,10 +10,10 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
   largest captured batch (graphs) or grown on demand (eager), so a captured
   decode step writes into fixed buffers and never syncs with the host;
 * extend (prefill, chunked prefill, radix hits): the new K/V are quantized into
-  the cache first, then ``tq_extend`` attends to the packed prefix plus the
-  chunk in bf16, or, with ``--kv-quant-packed-prefill``, to the chunk read back
-  from the packed cache, so a cold prefill sees the same values a warm radix hit
-  would;
+  the cache first, then ``tq_extend`` dequantizes the packed prefix once per
+  token and runs SGLang's extend kernel over it plus the chunk in bf16, or, with
+  ``--kv-quant-packed-prefill``, plus the chunk read back from the packed cache,
+  so a cold prefill sees the same values a warm radix hit would;
 * layers in ``--kv-quant-bf16-layers`` hold plain bf16 buffers and go to the
   Triton kernels of the parent class unchanged.
 
@@ -27,7 +27,6 @@ from typing import Any, Optional
 
 import torch
 
-from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 
 from . import refusals
@@ -76,12 +75,10 @@ class TQAttnBackend(TritonAttnBackend):
         self.packed_prefill = bool(getattr(server_args, "kv_quant_packed_prefill", False))
         self.out_dtype = getattr(model_runner, "dtype", pool.model_dtype)
         self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
-        self.prefill_kv_indptr = torch.zeros_like(self.kv_indptr)
         self._eager_ws: Optional[DecodeWorkspace] = None
         self._eager_ws_batch = 0
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
-        self._prefill_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     # -- metadata ----------------------------------------------------------------
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -101,8 +98,6 @@ class TQAttnBackend(TritonAttnBackend):
                 self._eager_ws_batch = 1 << max(0, bs - 1).bit_length()
                 self._eager_ws = self._workspace(self._eager_ws_batch)
             self._decode_ws = self._eager_ws
-        elif self.packed_prefill:
-            self._prefill_kv = self._prefix_and_chunk_slots(forward_batch)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
@@ -111,22 +106,6 @@ class TQAttnBackend(TritonAttnBackend):
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
         self._decode_ws = self._graph_ws
-
-    def _prefix_and_chunk_slots(self, fb) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots of each sequence's prefix followed by its new chunk (for packed prefill)."""
-        bs = fb.batch_size
-        if fb.extend_prefix_lens_cpu is not None and fb.extend_seq_lens_cpu is not None:
-            total = sum(fb.extend_prefix_lens_cpu) + sum(fb.extend_seq_lens_cpu)
-        else:
-            total = bs * self.max_context_len
-        kv_indices = torch.empty(total, dtype=torch.int64, device=self.device)
-        kv_indptr = self.prefill_kv_indptr[: bs + 1]
-        kv_indptr[1:] = torch.cumsum(fb.seq_lens[:bs], dim=0)
-        create_flashinfer_kv_indices_triton[(bs,)](
-            self.req_to_token, fb.req_pool_indices, fb.seq_lens, kv_indptr, None, kv_indices,
-            self.req_to_token.stride(0),
-        )
-        return kv_indptr, kv_indices
 
     # -- attention -----------------------------------------------------------------
     def _check_call(self, k, sinks, score_mod, forward_batch) -> None:
@@ -182,17 +161,17 @@ class TQAttnBackend(TritonAttnBackend):
                                "before attention, but this model skipped the write; drop "
                                "--kv-quant-packed-prefill.")
         md = self.forward_metadata
-        kv_indptr, kv_indices = self._prefill_kv if self.packed_prefill else (md.kv_indptr,
-                                                                              md.kv_indices)
         packed = pool.get_packed_layer(layer.layer_id)
-        out = _tq_extend(
+        prefix_lens = forward_batch.extend_prefix_lens_cpu
+        _tq_extend(
             q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d),
             packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
-            md.qo_indptr, kv_indptr, kv_indices, packed.codec, layer.scaling,
-            max_extend_len=md.max_extend_len, logit_cap=_logit_cap(layer),
-            attend_packed=self.packed_prefill,
+            md.qo_indptr, md.kv_indptr, md.kv_indices, packed.codec, layer.scaling,
+            max_extend_len=md.max_extend_len,
+            num_prefix_tokens=None if prefix_lens is None else int(sum(prefix_lens)),
+            chunk_slots=forward_batch.out_cache_loc if self.packed_prefill else None,
+            logit_cap=_logit_cap(layer), out=o.view(-1, hq, d),
         )
-        o.view(-1, hq, d).copy_(out)
         return o
 
 

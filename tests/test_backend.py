@@ -189,11 +189,9 @@ def test_packed_prefill_reads_the_chunk_back_from_the_cache(server_args):
     q, k, v = _qkv(10, seed=1)
     out = backend.forward_extend(q, k, v, layer, fb)
     codes, codec = _packed_ref(pool, 0)
-    indptr = _t([0, 12, 15])
-    indices = torch.cat([PREFIX, CHUNKS[0], CHUNKS[1]])
     qo = _t([0, 7, 10])
-    want = tq_extend_ref(q, k, v, *codes, qo, indptr, indices, codec, layer.scaling,
-                         attend_packed=True)
+    want = tq_extend_ref(q, k, v, *codes, qo, _t([0, 5, 5]), PREFIX, codec, layer.scaling,
+                         chunk_slots=torch.cat(CHUNKS))
     assert _rel(out.view(10, HQ, D), want) < 2e-2
     bf16_chunk = tq_extend_ref(q, k, v, *codes, qo, _t([0, 5, 5]), PREFIX, codec,
                                layer.scaling)

@@ -15,6 +15,7 @@ import torch
 
 from sglang_tq.codec import LayerCodec
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_ref
+from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import tq_extend, tq_extend_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
 from sglang_tq.packing import unpack
@@ -140,7 +141,9 @@ def test_decode_is_split_invariant(device):
 
 
 # -------------------------------------------------------------------------- extend
-def _extend_inputs(head_dim, k_bits, v_bits, gqa, device, prefix, chunk, attend_packed, seed=0, hkv=2):
+def _extend_inputs(head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk, seed=0, hkv=2):
+    """A pool, a batch of chunks with prefixes in random slots; with ``packed_chunk`` the
+    chunks are stored too and their slots returned (else None)."""
     codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=seed, device=device)
     num_slots = sum(prefix) + sum(chunk) + 3
     bufs = _filled_pool(codec, num_slots, hkv, device, seed)
@@ -150,21 +153,13 @@ def _extend_inputs(head_dim, k_bits, v_bits, gqa, device, prefix, chunk, attend_
     k = (torch.randn(t, hkv, head_dim, generator=g) * 2).bfloat16().to(device)
     v = torch.randn(t, hkv, head_dim, generator=g).bfloat16().to(device)
     perm = torch.randperm(num_slots, generator=g).to(device)
-    indices, indptr, used, start = [], [0], 0, 0
-    for p, c in zip(prefix, chunk):
-        slots = perm[used : used + p]
-        used += p
-        if attend_packed:
-            chunk_slots = perm[used : used + c]
-            used += c
-            tq_store_kv(k[start : start + c], v[start : start + c], chunk_slots, *bufs, codec)
-            slots = torch.cat([slots, chunk_slots])
-        start += c
-        indices.append(slots)
-        indptr.append(indptr[-1] + len(slots))
+    prefix_slots = perm[: sum(prefix)]
+    chunk_slots = perm[sum(prefix): sum(prefix) + t]
+    if packed_chunk:
+        tq_store_kv(k, v, chunk_slots, *bufs, codec)
     qo = torch.tensor((0,) + tuple(chunk)).cumsum(0).int().to(device)
-    kv_indptr = torch.tensor(indptr).int().to(device)
-    return codec, bufs, q, k, v, qo, kv_indptr, torch.cat(indices)
+    kv_indptr = torch.tensor((0,) + tuple(prefix)).cumsum(0).int().to(device)
+    return codec, bufs, q, k, v, qo, kv_indptr, prefix_slots, chunk_slots if packed_chunk else None
 
 
 EXTEND_CASES = (
@@ -173,31 +168,30 @@ EXTEND_CASES = (
 )
 
 
-@pytest.mark.parametrize("attend_packed", [False, True])
+@pytest.mark.parametrize("packed_chunk", [False, True])
 @pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", EXTEND_CASES)
-def test_extend_matches_reference(head_dim, k_bits, v_bits, gqa, attend_packed, device):
+def test_extend_matches_reference(head_dim, k_bits, v_bits, gqa, packed_chunk, device):
     prefix = (0, 17, 97) + ((1000,) if HAS_CUDA else ())
     chunk = (5, 1, 40) + ((300,) if HAS_CUDA else ())
-    codec, bufs, q, k, v, qo, kv_indptr, kv_indices = _extend_inputs(
-        head_dim, k_bits, v_bits, gqa, device, prefix, chunk, attend_packed)
-    blocks = dict(block_m=16, block_n=16) if not HAS_CUDA else {}
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices, chunk_slots = _extend_inputs(
+        head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk)
     out = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5,
-                    max_extend_len=max(chunk), attend_packed=attend_packed, **blocks)
+                    max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
+                    chunk_slots=chunk_slots)
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5)
-    ref = tq_extend_ref(*args, attend_packed=attend_packed)
-    torch_err = _rel(tq_extend_ref(*args, attend_packed=attend_packed, dtype=torch.bfloat16), ref)
-    assert out.shape == q.shape and not out.isnan().any()
+    ref = tq_extend_ref(*args, chunk_slots=chunk_slots)
+    torch_err = _rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
+    assert out.shape == q.shape and out.dtype == q.dtype and not out.isnan().any()
     assert _rel(out, ref) <= 2 * torch_err
 
 
 @pytest.mark.parametrize("logit_cap, window", [(20.0, 0), (0.0, 11)])
 def test_extend_softcap_and_sliding_window(logit_cap, window, device):
-    codec, bufs, q, k, v, qo, kv_indptr, kv_indices = _extend_inputs(
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
         64, 4, 2, 2, device, (0, 30), (9, 33), False, seed=4)
     q = q * 4
-    blocks = dict(block_m=16, block_n=16) if not HAS_CUDA else {}
     out = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5,
-                    max_extend_len=33, logit_cap=logit_cap, sliding_window=window, **blocks)
+                    max_extend_len=33, logit_cap=logit_cap, sliding_window=window)
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
     kw = dict(logit_cap=logit_cap, sliding_window=window)
     ref = tq_extend_ref(*args, **kw)
@@ -206,18 +200,65 @@ def test_extend_softcap_and_sliding_window(logit_cap, window, device):
     assert _rel(tq_extend_ref(*args), ref) > 4 * torch_err, "the option must change the result"
 
 
+def test_extend_writes_into_given_out(device):
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
+        64, 3, 4, 2, device, (6, 0), (4, 9), False, seed=5)
+    wide = torch.full((q.shape[0], q.shape[1] * 64 + 8), float("nan"), dtype=q.dtype, device=q.device)
+    out = wide[:, : q.shape[1] * 64].view(q.shape)
+    got = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5, max_extend_len=9,
+                    out=out)
+    args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
+    ref = tq_extend_ref(*args)
+    assert got is out and not out.isnan().any() and wide[:, -8:].isnan().all()
+    assert _rel(out, ref) <= 2 * _rel(tq_extend_ref(*args, dtype=torch.bfloat16), ref)
+
+
 def test_extend_decode_consistency(device):
     """The last token of a packed-chunk extend equals a decode step over the same slots."""
-    codec, bufs, q, k, v, qo, kv_indptr, kv_indices = _extend_inputs(
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices, chunk_slots = _extend_inputs(
         128, 4, 4, 4, device, (20,), (12,), True, seed=8)
-    blocks = dict(block_m=16, block_n=16) if not HAS_CUDA else {}
     ext = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 128**-0.5,
-                    max_extend_len=12, attend_packed=True, **blocks)
-    dec = _run_decode(q[-1:], bufs, kv_indptr, kv_indices, codec, max_splits=2)
-    ref = tq_decode_ref(q[-1:], *bufs, kv_indptr, kv_indices, codec, 128**-0.5)
-    torch_err = _rel(tq_decode_ref(q[-1:], *bufs, kv_indptr, kv_indices, codec, 128**-0.5,
+                    max_extend_len=12, chunk_slots=chunk_slots)
+    all_slots = torch.cat([kv_indices, chunk_slots])
+    all_indptr = torch.tensor([0, 32], dtype=torch.int32, device=q.device)
+    dec = _run_decode(q[-1:], bufs, all_indptr, all_slots, codec, max_splits=2)
+    ref = tq_decode_ref(q[-1:], *bufs, all_indptr, all_slots, codec, 128**-0.5)
+    torch_err = _rel(tq_decode_ref(q[-1:], *bufs, all_indptr, all_slots, codec, 128**-0.5,
                                    dtype=torch.bfloat16), ref)
     assert _rel(ext[-1:], dec) <= 2 * torch_err
+
+
+# -------------------------------------------------------------------------- dequant
+@pytest.mark.parametrize("head_dim, k_bits, v_bits",
+                         [(64, kb, vb) for kb, vb in BIT_PAIRS] + [(128, 4, 3), (256, 2, 4)])
+def test_dequant_matches_reference(head_dim, k_bits, v_bits, device):
+    codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=3, device=device)
+    k_codes, k_norms, v_codes, v_norms = bufs = _filled_pool(codec, 150, 3, device, seed=3)
+    slots = torch.randperm(150, generator=torch.Generator().manual_seed(1))[:97].to(device)
+    refs = tq_dequant_ref(*bufs, slots, codec)
+    # fp32 output: the kernel's only roundings are its fp16 operands (codebook values and
+    # Π); PyTorch with the same fp16 operands and fp32 accumulation sets the bound
+    k32, v32 = tq_dequant(*bufs, slots, codec, dtype=torch.float32)
+    for got, quant, codes, norms, want in ((k32, codec.k_quant, k_codes, k_norms, refs[0]),
+                                           (v32, codec.v_quant, v_codes, v_norms, refs[1])):
+        n = norms[slots].float()[..., None]
+        unit = (quant.dequantize_rotated(codes[slots], norms[slots]) / n).half().float()
+        torch_fp16 = (unit @ codec.pi.half().float()) * n
+        assert _rel(got, want) <= 2 * max(_rel(torch_fp16, want), 1e-7)
+    # bf16 output: one rounding on top; the interpreter casts fp32 -> bf16 by truncation,
+    # which has twice round-to-nearest's error
+    k, v = tq_dequant(*bufs, slots, codec)
+    assert k.shape == v.shape == (97, 3, head_dim) and k.dtype == torch.bfloat16
+    bound = 2 if device.type == "cuda" else 4
+    for got, want in ((k, refs[0]), (v, refs[1])):
+        assert _rel(got, want) <= bound * _rel(want.bfloat16(), want)
+
+
+def test_dequant_refuses_bad_slots():
+    codec = LayerCodec.create(64, 4, 4)
+    bufs = codec.alloc_buffers(4, 1, "cpu")
+    with pytest.raises(ValueError, match="1-D"):
+        tq_dequant(*bufs, torch.zeros(2, 2, dtype=torch.int64), codec)
 
 
 # ----------------------------------------------------------------------- bad input

@@ -1,0 +1,107 @@
+"""Dequantize packed slots back to dense K and V (the prefill path's prefix reader).
+
+Prefill is compute-bound: every query block of a chunk visits the whole prefix,
+so decoding codes inside the attention loop would repeat the codebook lookup
+once per query block and per query head. Instead the prefix (radix-cache hit or
+earlier chunks) is dequantized once per token and KV head into a dense
+[N, Hkv, D] buffer, and SGLang's own extend kernel attends to it
+(``tq_extend.py``); only the few-MB scratch buffer lives between the two.
+
+Per token and KV head (TurboQuant Alg. 1, DeQuant): x̃ = r · Πᵀ c[idx]. The
+codes become fp16 codebook values in registers exactly as in decode
+(``kernels/_lut.py``, four [N, D/4] tiles in byte order, ``kernels/_codes.py``),
+and the un-rotation is four tensor-core dots per output column chunk with the
+rows of Π that each tile's coordinates select, x[:, c] = Σ_j c[idx_j] Π[j, c].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang_tq.codec import LayerCodec
+from sglang_tq.env import triton_interpreting
+
+from ._checks import check_head_dim
+from ._codes import load_codes, lookup_quarters, tile_columns
+
+
+@triton.jit
+def _dequant_tile(
+    slot, mask_n, head, Codes, Norms, Cb, Pi, Out, offs_n,
+    stride_c_s, stride_c_h, stride_nrm_s, stride_nrm_h, stride_o_t, stride_o_h,
+    BITS: tl.constexpr, LUT: tl.constexpr, HEAD_DIM: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    # -- codes -> four fp16 tiles in byte order, norms
+    a, b = load_codes(Codes + head * stride_c_h, slot * stride_c_s, mask_n, BITS, HEAD_DIM)
+    t0, t1, t2, t3 = lookup_quarters(a, b, Cb, LUT, BITS, USE_ASM)
+    norm = tl.load(Norms + slot * stride_nrm_s + head * stride_nrm_h, mask=mask_n, other=0.0)
+    c0, c1, c2, c3 = tile_columns(BITS, HEAD_DIM)
+    # -- un-rotate by column chunks of Π (bounded shared memory at head_dim 256)
+    CHUNK: tl.constexpr = 64
+    offs_c = tl.arange(0, CHUNK)
+    rows = Out + offs_n[:, None] * stride_o_t + head * stride_o_h
+    for cc in tl.static_range(0, HEAD_DIM, CHUNK):
+        cols = (cc + offs_c)[None, :]
+        acc = tl.dot(t0, tl.load(Pi + c0[:, None] * HEAD_DIM + cols).to(tl.float16))
+        acc = tl.dot(t1, tl.load(Pi + c1[:, None] * HEAD_DIM + cols).to(tl.float16), acc)
+        acc = tl.dot(t2, tl.load(Pi + c2[:, None] * HEAD_DIM + cols).to(tl.float16), acc)
+        acc = tl.dot(t3, tl.load(Pi + c3[:, None] * HEAD_DIM + cols).to(tl.float16), acc)
+        acc = acc * norm.to(tl.float32)[:, None]
+        tl.store(rows + cols, acc.to(Out.dtype.element_ty), mask=mask_n[:, None])
+
+
+@triton.jit
+def _tq_dequant_kernel(
+    Slots, KCodes, KNorms, VCodes, VNorms, KCb, VCb, Pi, KOut, VOut, num_tokens,
+    stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
+    stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
+    stride_ko_t, stride_ko_h, stride_vo_t, stride_vo_h,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    head = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < num_tokens
+    slot = tl.load(Slots + offs_n, mask=mask_n, other=0).to(tl.int64)
+    _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, Pi, KOut, offs_n,
+                  stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h, stride_ko_t, stride_ko_h,
+                  K_BITS, K_LUT, HEAD_DIM, USE_ASM)
+    _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, Pi, VOut, offs_n,
+                  stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h, stride_vo_t, stride_vo_h,
+                  V_BITS, V_LUT, HEAD_DIM, USE_ASM)
+
+
+def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
+               dtype=torch.bfloat16, block_n: int = 64, num_warps: int = 4):
+    """Dense K and V [N, Hkv, D] in ``dtype`` of the packed ``slots`` [N] (any int dtype)."""
+    check_head_dim(codec.head_dim)
+    if slots.dim() != 1:
+        raise ValueError(f"slots must be a 1-D index tensor, got shape {tuple(slots.shape)}.")
+    if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
+        raise ValueError("k_codes and v_codes must be uint8 packed pages, not bf16 views.")
+    n, hkv, d = slots.numel(), k_codes.shape[1], codec.head_dim
+    k = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
+    v = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
+    if n == 0:
+        return k, v
+    _tq_dequant_kernel[(triton.cdiv(n, block_n), hkv)](
+        slots, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook, codec.pi,
+        k, v, n,
+        k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
+        v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        HEAD_DIM=d, BLOCK_N=block_n, K_BITS=codec.k_bits, V_BITS=codec.v_bits,
+        K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=not triton_interpreting(),
+        num_warps=num_warps,
+    )
+    return k, v
+
+
+def tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
+                   dtype=torch.float64):
+    """Pure-torch twin of :func:`tq_dequant` on the reference quantizer."""
+    s = slots.long()
+    return (codec.k_quant.dequantize(k_codes[s], k_norms[s]).to(dtype),
+            codec.v_quant.dequantize(v_codes[s], v_norms[s]).to(dtype))
