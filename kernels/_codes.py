@@ -15,6 +15,12 @@ no register shuffles are needed:
 import triton
 import triton.language as tl
 
+from ._lut import constraints
+
+_C2 = tl.constexpr(constraints(2))
+_C3 = tl.constexpr(constraints(3))
+_C4 = tl.constexpr(constraints(4))
+
 
 @triton.jit
 def tanh(x):
@@ -95,17 +101,28 @@ def scores(q0, q1, q2, q3, k0, k1, k2, k3):
 
 
 @triton.jit
-def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, hi=None):
+def load_lut_words(Tab):
+    """The four prmt table words of a codebook (``LayerCodec.k_lut_words``): load them once
+    per program, before the KV loop, and hand them to :func:`lookup_quarters`."""
+    return tl.load(Tab), tl.load(Tab + 1), tl.load(Tab + 2), tl.load(Tab + 3)
+
+
+@triton.jit
+def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, hi, t0, t1, t2,
+            t3):
     """fp16 codebook values of every field of a packed byte tile (see ``_lut.py``)."""
     if USE_ASM:
+        # table words as register operands, splat to the tile's shape
+        zero = tl.full(codes.shape, 0, tl.int32)
+        tab = [zero + t0, zero + t1, zero + t2, zero + t3]
         if BITS == 4:
-            return tl.inline_asm_elementwise(LUT, "=r,=r,=r,=r,r", [codes],
+            return tl.inline_asm_elementwise(LUT, _C4, [codes] + tab,
                                              dtype=(tl.float16,) * 4, is_pure=True, pack=2)
         elif BITS == 3:
-            return tl.inline_asm_elementwise(LUT, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [codes, hi],
+            return tl.inline_asm_elementwise(LUT, _C3, [codes, hi] + tab,
                                              dtype=(tl.float16,) * 4, is_pure=True, pack=4)
         else:
-            return tl.inline_asm_elementwise(LUT, "=r,=r,=r,=r,=r,=r,=r,=r,r", [codes],
+            return tl.inline_asm_elementwise(LUT, _C2, [codes] + tab,
                                              dtype=(tl.float16,) * 4, is_pure=True, pack=4)
     else:
         c = codes.to(tl.int32)
@@ -155,7 +172,8 @@ def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.cons
 
 
 @triton.jit
-def lookup_quarters(a, b, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+def lookup_quarters(a, b, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, t0, t1,
+                    t2, t3):
     """fp16 values of the tiles from :func:`load_codes`, as four [N, D/4] tiles holding
-    the coordinates :func:`tile_columns` names."""
-    return _lookup(a, CB, LUT, BITS, USE_ASM, b)
+    the coordinates :func:`tile_columns` names; ``t0..t3`` from :func:`load_lut_words`."""
+    return _lookup(a, CB, LUT, BITS, USE_ASM, b, t0, t1, t2, t3)

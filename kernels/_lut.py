@@ -21,6 +21,13 @@ low and high nibbles, as four fp16 tiles; this avoids Triton re-packing single
 bytes into words (about 2 instructions per code with uint8 elements).
 ``emulate`` executes that PTX subset in Python so the CPU tests check the bit
 logic against the codebook.
+
+The four table words are operands, not immediates: the kernels load them once per
+program (``table_words`` → ``LayerCodec.k_lut_words``) and the asm reads them from
+registers. With immediates, ptxas re-materialised the four words before every asm
+block (about 0.45 instructions per code inside the decode loop, offline SASS).
+Operand order (Triton's): outputs, the packed code input(s), then each table word
+repeated ``pack`` times (one register per packed element; the first is used).
 """
 
 from __future__ import annotations
@@ -32,6 +39,17 @@ import torch
 
 def _rep(byte: int) -> int:
     return byte * 0x01010101
+
+
+def table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
+    """(lo bytes 0-3, lo bytes 4-7, hi bytes 0-3, hi bytes 4-7) of the fp16 magnitudes."""
+    return _table_words(codebook.detach().cpu().float(), bits)
+
+
+def table_tensor(codebook: torch.Tensor, bits: int, device=None) -> torch.Tensor:
+    """:func:`table_words` as an int32 tensor [4] (two's complement), for the kernels."""
+    words = [w - (1 << 32) if w >= 1 << 31 else w for w in table_words(codebook, bits)]
+    return torch.tensor(words, dtype=torch.int32, device=device)
 
 
 def _table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
@@ -52,18 +70,32 @@ def fields_of(bits: int) -> tuple[int, int]:
     return (4, 2)
 
 
+PACK_SMALL = 4  # uint8 elements per asm call (2- and 3-bit)
+PACK_WORD = 2  # uint16 elements per asm call (4-bit)
+
+
+def _table_operands(first: int, pack: int) -> list[str]:
+    return [f"${first + pack * i}" for i in range(4)]
+
+
+def constraints(bits: int) -> str:
+    """Triton constraint string of :func:`lut_asm`'s PTX."""
+    if bits == 4:
+        return ",".join(["=r"] * 4 + ["r"] + ["r"] * 4 * PACK_WORD)
+    n_in = 2 if bits == 3 else 1
+    return ",".join(["=r"] * 8 + ["r"] * n_in + ["r"] * 4 * PACK_SMALL)
+
+
 @functools.lru_cache(maxsize=None)
-def _lut_asm_cached(words: tuple[int, int, int, int], bits: int) -> str:
+def _lut_asm_cached(bits: int) -> str:
     nfields, width = fields_of(bits)
     magmax = (1 << (bits - 1)) - 1
-    tl0, tl1, th0, th1 = words
     src = 2 * nfields  # first input operand
+    tl0, tl1, th0, th1 = _table_operands(src + (2 if bits == 3 else 1), PACK_SMALL)
     lines = [
         "{",
-        ".reg .b32 c, n, m, j, s, l, h, g, t, z, tl0, tl1, th0, th1;",
+        ".reg .b32 c, n, m, j, s, l, h, g, t, z;",
         "mov.b32 z, 0;",
-        f"mov.b32 tl0, {tl0:#x};", f"mov.b32 tl1, {tl1:#x};",
-        f"mov.b32 th0, {th0:#x};", f"mov.b32 th1, {th1:#x};",
     ]
     for f in range(nfields):
         o0, o1 = 2 * f, 2 * f + 1
@@ -92,8 +124,8 @@ def _lut_asm_cached(words: tuple[int, int, int, int], bits: int) -> str:
             "or.b32 s, s, j;",
             "prmt.b32 s, s, s, 0x2020;",
             # low and high bytes of the fp16 magnitudes, interleaved into fp16x2
-            "prmt.b32 l, tl0, tl1, s;",
-            "prmt.b32 h, th0, th1, s;",
+            f"prmt.b32 l, {tl0}, {tl1}, s;",
+            f"prmt.b32 h, {th0}, {th1}, s;",
             f"prmt.b32 ${o0}, l, h, 0x5140;",
             f"prmt.b32 ${o1}, l, h, 0x7362;",
             # sign into bit 15 of each half
@@ -117,17 +149,15 @@ def lut_asm(codebook: torch.Tensor, bits: int) -> str:
     c = codebook.detach().cpu().float()
     if not torch.equal(c, -c.flip(0)):
         raise ValueError("the prmt lookup needs a symmetric codebook.")
-    return _lut_asm_cached(_table_words(c, bits), bits)
+    return _lut_asm_cached(bits)
 
 
 @functools.lru_cache(maxsize=None)
-def _lut4_asm_cached(words: tuple[int, int, int, int]) -> str:
-    tl0, tl1, th0, th1 = words
+def _lut4_asm_cached() -> str:
+    tl0, tl1, th0, th1 = _table_operands(5, PACK_WORD)
     return "\n".join([
         "{",
-        ".reg .b32 n, m, j, sx, sy, lx, hx, ly, hy, t, tl0, tl1, th0, th1;",
-        f"mov.b32 tl0, {tl0:#x};", f"mov.b32 tl1, {tl1:#x};",
-        f"mov.b32 th0, {th0:#x};", f"mov.b32 th1, {th1:#x};",
+        ".reg .b32 n, m, j, sx, sy, lx, hx, ly, hy, t;",
         # bit 3 of every nibble set where the code is in the negative half
         "not.b32 n, $4;",
         "and.b32 n, n, 0x88888888;",
@@ -139,10 +169,10 @@ def _lut4_asm_cached(words: tuple[int, int, int, int]) -> str:
         # selectors: nibbles (lo0, hi0, lo2, hi2) and (lo1, hi1, lo3, hi3)
         "prmt.b32 sx, j, j, 0x2020;",
         "prmt.b32 sy, j, j, 0x3131;",
-        "prmt.b32 lx, tl0, tl1, sx;",
-        "prmt.b32 hx, th0, th1, sx;",
-        "prmt.b32 ly, tl0, tl1, sy;",
-        "prmt.b32 hy, th0, th1, sy;",
+        f"prmt.b32 lx, {tl0}, {tl1}, sx;",
+        f"prmt.b32 hx, {th0}, {th1}, sx;",
+        f"prmt.b32 ly, {tl0}, {tl1}, sy;",
+        f"prmt.b32 hy, {th0}, {th1}, sy;",
         # fp16x2 outputs: low nibbles of bytes 0,2 / 1,3, high nibbles of bytes 0,2 / 1,3
         "prmt.b32 $0, lx, hx, 0x6240;",
         "prmt.b32 $1, ly, hy, 0x6240;",
@@ -164,13 +194,20 @@ def lut4_asm(codebook: torch.Tensor) -> str:
     c = codebook.detach().cpu().float()
     if c.numel() != 16 or not torch.equal(c, -c.flip(0)):
         raise ValueError("the 4-bit prmt lookup needs a symmetric 16-entry codebook.")
-    return _lut4_asm_cached(_table_words(c, 4))
+    return _lut4_asm_cached()
 
 
 # ----------------------------------------------------------------------------- emulator
 def _prmt(a: int, b: int, sel: int) -> int:
     src = (a | (b << 32)).to_bytes(8, "little")
     return int.from_bytes(bytes(src[(sel >> (4 * i)) & 7] for i in range(4)), "little")
+
+
+def emulate_lookup(codebook: torch.Tensor, bits: int, code_inputs: list[int]) -> list[int]:
+    """Run :func:`lut_asm` on packed code registers with the codebook's table operands."""
+    pack = PACK_WORD if bits == 4 else PACK_SMALL
+    tables = [w for w in table_words(codebook, bits) for _ in range(pack)]
+    return emulate(lut_asm(codebook, bits), list(code_inputs) + tables, 4 if bits == 4 else 8)
 
 
 def emulate(asm: str, inputs: list[int], num_outputs: int) -> list[int]:

@@ -35,8 +35,8 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import (load_codes, load_dense_tiles, lookup_quarters, online_softmax_step, softmax_state,
-                     scores, store_tiles, tanh)
+from ._codes import (load_codes, load_dense_tiles, load_lut_words, lookup_quarters,
+                     online_softmax_step, softmax_state, scores, store_tiles, tanh)
 from ._checks import check_attention_args
 
 
@@ -57,7 +57,7 @@ def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_
 
 @triton.jit
 def _tq_decode_stage1(
-    QRot, KCodes, KNorms, VCodes, VNorms, KCb, VCb,
+    QRot, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab,
     KvIndptr, KvIndices, NumKvSplits, MidO, MidLse,
     sm_scale, logit_cap, sliding_window,
     stride_q_b, stride_q_h,
@@ -82,6 +82,8 @@ def _tq_decode_stage1(
             QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h, K_BITS, HEAD_DIM)
         kc_base = KCodes + kv_head * stride_kc_h
         vc_base = VCodes + kv_head * stride_vc_h
+        kt0, kt1, kt2, kt3 = load_lut_words(KTab)
+        vt0, vt1, vt2, vt3 = load_lut_words(VTab)
         m_i, l_i, acc0, acc1, acc2, acc3 = softmax_state(BLOCK_H, QUARTER)
         # -- codes, norms and slots of the first tile; each iteration prefetches the next
         offs_n = lo + tl.arange(0, BLOCK_N)
@@ -103,13 +105,13 @@ def _tq_decode_stage1(
             v_norm_x = tl.load(VNorms + slot_x * stride_vn_s + kv_head * stride_vn_h,
                                mask=mask_x, other=0.0)
             # -- scores: codes -> fp16 values in registers, QK on tensor cores, K norms after
-            k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM)
+            k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM, kt0, kt1, kt2, kt3)
             s = scores(q0, q1, q2, q3, k0, k1, k2, k3) * (k_norm.to(tl.float32) * sm_scale)[None, :]
             if HAS_CAP:
                 s = logit_cap * tanh(s / logit_cap)
             s = tl.where(mask_n[None, :], s, float("-inf"))
             # -- online softmax and PV; V norms scale the probabilities, not the value tiles
-            v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM)
+            v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM, vt0, vt1, vt2, vt3)
             m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
                 s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_norm.to(tl.float32))
             ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
@@ -216,7 +218,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     torch.matmul(q.to(torch.float32), codec.pi.T, out=q_rot)
     _tq_decode_stage1[(bsz, hkv, max_kv_splits)](
         q_rot, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
-        kv_indptr, kv_indices, num_kv_splits, mid_o, mid_lse,
+        codec.k_lut_words, codec.v_lut_words, kv_indptr, kv_indices, num_kv_splits, mid_o, mid_lse,
         sm_scale, logit_cap, sliding_window,
         q_rot.stride(0), q_rot.stride(1),
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),

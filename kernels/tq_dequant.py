@@ -24,18 +24,19 @@ from sglang_tq.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
 
 from ._checks import check_head_dim
-from ._codes import load_codes, lookup_quarters, tile_columns
+from ._codes import load_codes, load_lut_words, lookup_quarters, tile_columns
 
 
 @triton.jit
 def _dequant_tile(
-    slot, mask_n, head, Codes, Norms, Cb, Pi, Out, offs_n,
+    slot, mask_n, head, Codes, Norms, Cb, Tab, Pi, Out, offs_n,
     stride_c_s, stride_c_h, stride_nrm_s, stride_nrm_h, stride_o_t, stride_o_h,
     BITS: tl.constexpr, LUT: tl.constexpr, HEAD_DIM: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     # -- codes -> four fp16 tiles in byte order, norms
     a, b = load_codes(Codes + head * stride_c_h, slot * stride_c_s, mask_n, BITS, HEAD_DIM)
-    t0, t1, t2, t3 = lookup_quarters(a, b, Cb, LUT, BITS, USE_ASM)
+    w0, w1, w2, w3 = load_lut_words(Tab)
+    t0, t1, t2, t3 = lookup_quarters(a, b, Cb, LUT, BITS, USE_ASM, w0, w1, w2, w3)
     norm = tl.load(Norms + slot * stride_nrm_s + head * stride_nrm_h, mask=mask_n, other=0.0)
     c0, c1, c2, c3 = tile_columns(BITS, HEAD_DIM)
     # -- un-rotate by column chunks of Π (bounded shared memory at head_dim 256)
@@ -54,7 +55,7 @@ def _dequant_tile(
 
 @triton.jit
 def _tq_dequant_kernel(
-    Slots, KCodes, KNorms, VCodes, VNorms, KCb, VCb, Pi, KOut, VOut, num_tokens,
+    Slots, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab, Pi, KOut, VOut, num_tokens,
     stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     stride_ko_t, stride_ko_h, stride_vo_t, stride_vo_h,
@@ -65,10 +66,10 @@ def _tq_dequant_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < num_tokens
     slot = tl.load(Slots + offs_n, mask=mask_n, other=0).to(tl.int64)
-    _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, Pi, KOut, offs_n,
+    _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, KTab, Pi, KOut, offs_n,
                   stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h, stride_ko_t, stride_ko_h,
                   K_BITS, K_LUT, HEAD_DIM, USE_ASM)
-    _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, Pi, VOut, offs_n,
+    _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, VTab, Pi, VOut, offs_n,
                   stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h, stride_vo_t, stride_vo_h,
                   V_BITS, V_LUT, HEAD_DIM, USE_ASM)
 
@@ -87,7 +88,8 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
     if n == 0:
         return k, v
     _tq_dequant_kernel[(triton.cdiv(n, block_n), hkv)](
-        slots, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook, codec.pi,
+        slots, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
+        codec.k_lut_words, codec.v_lut_words, codec.pi,
         k, v, n,
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),

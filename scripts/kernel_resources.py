@@ -28,7 +28,7 @@ from sglang_tq.kernels import tq_decode as dec
 
 _POINTERS = {
     "QRot": "*fp32", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
-    "KCb": "*fp32", "VCb": "*fp32", "KvIndptr": "*i32", "KvIndices": "*i64",
+    "KCb": "*fp32", "VCb": "*fp32", "KTab": "*i32", "VTab": "*i32", "KvIndptr": "*i32", "KvIndices": "*i64",
     "NumKvSplits": "*i32", "MidO": "*fp32", "MidLse": "*fp32",
 }
 _SASS_CLASSES = {

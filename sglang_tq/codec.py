@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from .quantizer import TurboQuantizer
-from .kernels._lut import lut_asm
+from .kernels._lut import lut_asm, table_tensor
 
 
 def codes_per_byte_block(bits: int) -> int:
@@ -53,6 +53,8 @@ class LayerCodec:
     pi_t_v: torch.Tensor
     k_lut: str  # PTX of the prmt codebook lookup (kernels/_lut.py)
     v_lut: str
+    k_lut_words: torch.Tensor  # int32 [4]: its table operands (kernels/_lut.py)
+    v_lut_words: torch.Tensor
 
     @classmethod
     def create(cls, head_dim: int, k_bits: int, v_bits: int, seed: int = 0,
@@ -70,6 +72,8 @@ class LayerCodec:
             pi_t_k=pi.T[:, packing_order(head_dim, k_bits)].to(**to).contiguous(),
             pi_t_v=pi.T[:, packing_order(head_dim, v_bits)].to(**to).contiguous(),
             k_lut=lut_asm(kq.codebook, k_bits), v_lut=lut_asm(vq.codebook, v_bits),
+            k_lut_words=table_tensor(kq.codebook, k_bits, device),
+            v_lut_words=table_tensor(vq.codebook, v_bits, device),
         )
 
     @property

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sglang_tq.codebook import codebook
-from sglang_tq.kernels._lut import emulate, fields_of, lut_asm
+from sglang_tq.kernels._lut import constraints, emulate_lookup, fields_of, lut_asm
 
 
 def _fp16_bits(x: torch.Tensor) -> int:
@@ -21,11 +21,10 @@ def _fp16_bits(x: torch.Tensor) -> int:
 def test_lut4_word_matches_codebook_for_every_code(dim):
     """4-bit: a word of 4 bytes → fp16 pairs (lo nibbles of bytes 0,2), (1,3), hi (0,2), (1,3)."""
     cb = codebook(dim, 4)
-    asm = lut_asm(cb, 4)
     for byte0, lane in itertools.product(range(256), range(4)):
         b = [(byte0 * (7 + 2 * e) + 31 * e) % 256 for e in range(4)]
         b[lane] = byte0
-        out = emulate(asm, [sum(x << (8 * e) for e, x in enumerate(b))], 4)
+        out = emulate_lookup(cb, 4, [sum(x << (8 * e) for e, x in enumerate(b))])
         lo, hi = [x & 15 for x in b], [x >> 4 for x in b]
         want = [(lo[0], lo[2]), (lo[1], lo[3]), (hi[0], hi[2]), (hi[1], hi[3])]
         for reg, (first, second) in zip(out, want):
@@ -37,7 +36,6 @@ def test_lut4_word_matches_codebook_for_every_code(dim):
 @pytest.mark.parametrize("bits", [2, 3])
 def test_lut_matches_codebook_for_every_code(bits, dim):
     cb = codebook(dim, bits)
-    asm = lut_asm(cb, bits)
     nfields, width = fields_of(bits)
     levels = range(1 << bits)
     # every code at every field position and byte lane, in groups of 4 lanes
@@ -53,7 +51,7 @@ def test_lut_matches_codebook_for_every_code(bits, dim):
                 high = [sum(((codes[ff][e] >> 2) & 1) << (2 * ff) for ff in range(nfields))
                         for e in range(4)]
                 inputs.append(sum(b << (8 * e) for e, b in enumerate(high)))
-            out = emulate(asm, inputs, 2 * nfields)
+            out = emulate_lookup(cb, bits, inputs)
             for ff in range(nfields):
                 got = [out[2 * ff] & 0xFFFF, out[2 * ff] >> 16, out[2 * ff + 1] & 0xFFFF,
                        out[2 * ff + 1] >> 16]
@@ -66,3 +64,16 @@ def test_lut_refuses_asymmetric_codebook(bits):
     cb[0] -= 0.01
     with pytest.raises(ValueError, match="symmetric"):
         lut_asm(cb, bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_asm_operands_match_the_constraint_string(bits):
+    """Every $i the PTX names exists in the constraint list Triton is given, and the
+    table is read from operands, not re-materialised as immediates in every block."""
+    import re
+
+    asm = lut_asm(codebook(128, bits), bits)
+    n_operands = len(constraints(bits).split(","))
+    used = {int(m) for m in re.findall(r"\$(\d+)", asm)}
+    assert max(used) < n_operands
+    assert not re.search(r"mov\.b32 \w+, 0x", asm)
