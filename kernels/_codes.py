@@ -101,6 +101,22 @@ def scores(q0, q1, q2, q3, k0, k1, k2, k3):
 
 
 @triton.jit
+def load_slots(ptr, mask, SLOT_I64: tl.constexpr):
+    """Slot ids as the offset type: int32 when every byte offset into the pool fits (the
+    launcher checks), which halves the address arithmetic of the gathers."""
+    slot = tl.load(ptr, mask=mask, other=0)
+    if SLOT_I64:
+        return slot.to(tl.int64)
+    else:
+        return slot.to(tl.int32)
+
+
+def slot_offsets_need_int64(*buffers) -> bool:
+    """Whether a gather into these pool buffers can overflow int32 offsets."""
+    return any(b.numel() >= 2**31 for b in buffers)
+
+
+@triton.jit
 def load_lut_words(Tab):
     """The four prmt table words of a codebook (``LayerCodec.k_lut_words``): load them once
     per program, before the KV loop, and hand them to :func:`lookup_quarters`."""

@@ -35,8 +35,9 @@ from sglang_tq.codec import LayerCodec
 
 from sglang_tq.env import triton_interpreting
 
-from ._codes import (load_codes, load_dense_tiles, load_lut_words, lookup_quarters,
-                     online_softmax_step, softmax_state, scores, store_tiles, tanh)
+from ._codes import (load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_quarters,
+                     online_softmax_step, slot_offsets_need_int64, softmax_state, scores,
+                     store_tiles, tanh)
 from ._checks import check_attention_args
 
 
@@ -66,7 +67,7 @@ def _tq_decode_stage1(
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
-    K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr,
+    K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
 ):
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,7 +89,7 @@ def _tq_decode_stage1(
         # -- codes, norms and slots of the first tile; each iteration prefetches the next
         offs_n = lo + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
-        slot = tl.load(KvIndices + start + offs_n, mask=mask_n, other=0).to(tl.int64)
+        slot = load_slots(KvIndices + start + offs_n, mask_n, SLOT_I64)
         ka, kb = load_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM)
         va, vb = load_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
         k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h, mask=mask_n, other=0.0)
@@ -97,7 +98,7 @@ def _tq_decode_stage1(
             # -- prefetch tile n0 + BLOCK_N into registers while this one is computed
             offs_x = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
             mask_x = offs_x < hi
-            slot_x = tl.load(KvIndices + start + offs_x, mask=mask_x, other=0).to(tl.int64)
+            slot_x = load_slots(KvIndices + start + offs_x, mask_x, SLOT_I64)
             ka_x, kb_x = load_codes(kc_base, slot_x * stride_kc_s, mask_x, K_BITS, HEAD_DIM)
             va_x, vb_x = load_codes(vc_base, slot_x * stride_vc_s, mask_x, V_BITS, HEAD_DIM)
             k_norm_x = tl.load(KNorms + slot_x * stride_kn_s + kv_head * stride_kn_h,
@@ -228,6 +229,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HAS_CAP=logit_cap > 0,
         K_LUT=codec.k_lut, V_LUT=codec.v_lut,
         USE_ASM=not triton_interpreting(),
+        SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
         num_warps=num_warps, num_stages=num_stages,
     )
     _tq_decode_stage2[(bsz, hkv)](

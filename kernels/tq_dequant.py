@@ -24,7 +24,8 @@ from sglang_tq.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
 
 from ._checks import check_head_dim
-from ._codes import load_codes, load_lut_words, lookup_quarters, tile_columns
+from ._codes import (load_codes, load_lut_words, load_slots, lookup_quarters,
+                     slot_offsets_need_int64, tile_columns)
 
 
 @triton.jit
@@ -60,12 +61,12 @@ def _tq_dequant_kernel(
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     stride_ko_t, stride_ko_h, stride_vo_t, stride_vo_h,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr,
+    K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
 ):
     head = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < num_tokens
-    slot = tl.load(Slots + offs_n, mask=mask_n, other=0).to(tl.int64)
+    slot = load_slots(Slots + offs_n, mask_n, SLOT_I64)
     _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, KTab, Pi, KOut, offs_n,
                   stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h, stride_ko_t, stride_ko_h,
                   K_BITS, K_LUT, HEAD_DIM, USE_ASM)
@@ -96,7 +97,7 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HEAD_DIM=d, BLOCK_N=block_n, K_BITS=codec.k_bits, V_BITS=codec.v_bits,
         K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=not triton_interpreting(),
-        num_warps=num_warps,
+        SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms), num_warps=num_warps,
     )
     return k, v
 

@@ -64,7 +64,7 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
     codec = LayerCodec.create(head_dim, k_bits, v_bits)
     sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa), HEAD_DIM=head_dim, BLOCK_N=block_n,
                            K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False, K_LUT=codec.k_lut,
-                           V_LUT=codec.v_lut, USE_ASM=True)
+                           V_LUT=codec.v_lut, USE_ASM=True, SLOT_I64=False)
     for name in fn.arg_names:
         if name in _POINTERS:
             sig[name] = _POINTERS[name]
