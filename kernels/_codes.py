@@ -37,7 +37,8 @@ def softmax_state(ROWS: tl.constexpr, QUARTER: tl.constexpr):
 
 @triton.jit
 def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_scale):
-    """One flash-attention update with scores ``s`` [M, N] and value quarters ``v*`` [N, D/4].
+    """One flash-attention update with scores ``s`` [M, N] in log2 units (softmax by exp2)
+    and value quarters ``v*`` [N, D/4].
 
     ``v_scale`` [N] multiplies the probabilities (the V norms of packed tokens), so
     the value tiles stay unscaled. Rows whose scores are all −inf so far stay at
@@ -45,8 +46,8 @@ def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_s
     """
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     pv = (p * v_scale[None, :]).to(tl.float16)
     acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
