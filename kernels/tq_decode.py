@@ -197,7 +197,7 @@ def _block_h(gqa: int) -> int:
 def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
               sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
               logit_cap: float = 0.0, sliding_window: int = 0,
-              block_n: int = 64, num_warps: int = 4, num_stages: int = 2, out=None):
+              block_n: int = 128, num_warps: int = 4, num_stages: int = 2, out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;

@@ -30,6 +30,8 @@ def device(request):
     """Kernels run where Triton compiles them: CUDA, or the interpreter on the CPU."""
     return torch.device(request.param)
 LENS = (1, 17, 97, 1000) if HAS_CUDA else (1, 17, 97)
+# the interpreter gets small tiles (speed); CUDA runs the launch defaults the backend uses
+_BLOCKS = {} if HAS_CUDA else dict(block_n=16)
 
 
 def _rel(a, b):
@@ -100,7 +102,7 @@ def _run_decode(q, bufs, kv_indptr, kv_indices, codec, max_splits=4, **kw):
     ws.out.fill_(float("nan"))  # every element must be written
     splits = torch.tensor([1 + (i % max_splits) for i in range(bsz)], dtype=torch.int32, device=q.device)
     out = tq_decode(q, *bufs, kv_indptr, kv_indices, codec, d**-0.5, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, block_n=16 if not HAS_CUDA else 64, **kw)
+                    max_kv_splits=max_splits, workspace=ws, **_BLOCKS, **kw)
     assert not out.isnan().any()
     return out
 
@@ -292,7 +294,7 @@ def test_decode_writes_into_given_out(device):
     out = wide[:, :hq * d].view(bsz, hq, d)
     splits = torch.tensor([2, 1], dtype=torch.int32, device=q.device)
     got = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits, max_kv_splits=2,
-                    workspace=ws, block_n=16 if not HAS_CUDA else 64, out=out)
+                    workspace=ws, **_BLOCKS, out=out)
     assert got.data_ptr() == out.data_ptr() and not out.isnan().any()
     assert wide[:, hq * d:].isnan().all(), "wrote past the given output"
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5)
