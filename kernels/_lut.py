@@ -11,9 +11,15 @@ one the high bytes, two more interleave them into two fp16x2 registers, and the
 sign is XOR-ed into bit 15. About five instructions per code, done on four codes
 at a time, with no memory access.
 
-``lut_asm`` builds the PTX for one packed byte register holding F fields of
-w bits (2-bit: 4 fields; 3-bit: the 2-bit fields plus their high bits from a
-second register), fed four uint8 elements at a time. ``lut4_asm`` is the 4-bit
+``lut_asm`` builds the PTX for one packed byte register holding 4 fields of 2
+bits (3-bit: plus their high bits from a second register), fed four uint8
+elements at a time. Four 2-bit codes have only four fp16 values: 8 bytes, one
+prmt source. So the table holds the values themselves, no sign step is needed,
+and one ``mad`` turns the four fields of a word into prmt selectors at once
+(field c → nibbles 2c, 2c+1: s = c·0x22 + 0x10 per byte); one prmt per two codes
+then yields an fp16x2 (about 1.5 instructions per code). 3-bit codes read codes
+0-3 and 4-7 from two such tables with the same selector and pick per fp16 half by
+the high bit (about 3.75 per code). ``lut4_asm`` is the 4-bit
 version fed two uint16 elements (one 32-bit word, 8 codes) at a time: all eight
 3-bit magnitude indices come from one xor/and on the word, two byte permutes
 turn them into selectors, and it returns the codes of even bytes and odd bytes,
@@ -42,7 +48,12 @@ def _rep(byte: int) -> int:
 
 
 def table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
-    """(lo bytes 0-3, lo bytes 4-7, hi bytes 0-3, hi bytes 4-7) of the fp16 magnitudes."""
+    """The four 32-bit table operands of :func:`lut_asm` for a codebook.
+
+    4-bit: (lo bytes 0-3, lo bytes 4-7, hi bytes 0-3, hi bytes 4-7) of the eight fp16
+    magnitudes. 2- and 3-bit: the fp16 values themselves, two per word (code 2i in the
+    low half of word i), so one prmt reads a whole fp16 value pair.
+    """
     return _table_words(codebook.detach().cpu().float(), bits)
 
 
@@ -52,17 +63,22 @@ def table_tensor(codebook: torch.Tensor, bits: int, device=None) -> torch.Tensor
     return torch.tensor(words, dtype=torch.int32, device=device)
 
 
+def _fp16_bits(values: torch.Tensor) -> list[int]:
+    return [int(v) & 0xFFFF for v in values.to(torch.float16).view(torch.int16).to(torch.int64)]
+
+
+def _word(b) -> int:
+    return b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+
+
 def _table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
-    half = 1 << (bits - 1)
-    mags = codebook[half:].to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
-    vals = [int(v) for v in mags] + [0] * (8 - half)
+    if bits != 4:
+        vals = _fp16_bits(codebook) + [0] * (8 - (1 << bits))
+        return tuple(vals[2 * i] | vals[2 * i + 1] << 16 for i in range(4))
+    vals = _fp16_bits(codebook[8:])
     lo = [v & 0xFF for v in vals]
     hi = [v >> 8 for v in vals]
-
-    def word(b):
-        return b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
-
-    return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+    return _word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])
 
 
 def fields_of(bits: int) -> tuple[int, int]:
@@ -89,51 +105,36 @@ def constraints(bits: int) -> str:
 @functools.lru_cache(maxsize=None)
 def _lut_asm_cached(bits: int) -> str:
     nfields, width = fields_of(bits)
-    magmax = (1 << (bits - 1)) - 1
-    src = 2 * nfields  # first input operand
-    tl0, tl1, th0, th1 = _table_operands(src + (2 if bits == 3 else 1), PACK_SMALL)
-    lines = [
-        "{",
-        ".reg .b32 c, n, m, j, s, l, h, g, t, z;",
-        "mov.b32 z, 0;",
-    ]
+    src = 2 * nfields  # first input operand: the four packed bytes (3-bit: then the high bits)
+    t0, t1, t2, t3 = _table_operands(src + (2 if bits == 3 else 1), PACK_SMALL)
+    lines = ["{", ".reg .b32 x, s, t, h, m, a, b, d;"]
     for f in range(nfields):
-        o0, o1 = 2 * f, 2 * f + 1
+        o0, o1 = f"${2 * f}", f"${2 * f + 1}"
         lines += [
-            f"shr.b32 c, ${src}, {f * width};",
-            f"and.b32 c, c, {_rep((1 << width) - 1):#x};",
+            # selector: each byte's field f as nibbles (2c, 2c+1), i.e. the two bytes of
+            # fp16 value c in the table; the low 16 bits serve bytes 0, 1, the high 16 bytes 2, 3
+            f"shr.b32 x, ${src}, {f * width};",
+            f"and.b32 x, x, {_rep((1 << width) - 1):#x};",
+            f"mad.lo.u32 s, x, 0x22, {_rep(0x10):#x};",
+            "shr.b32 t, s, 16;",
         ]
-        if bits == 3:
-            lines += [
-                f"shr.b32 t, ${src + 1}, {2 * f};",
-                f"and.b32 t, t, {_rep(1):#x};",
-                "shl.b32 t, t, 2;",
-                "or.b32 c, c, t;",
-            ]
+        if bits == 2:
+            lines += [f"prmt.b32 {o0}, {t0}, {t1}, s;", f"prmt.b32 {o1}, {t0}, {t1}, t;"]
+            continue
         lines += [
-            # sign: set in n (bit B-1 of each byte) where the code is in the negative half
-            f"and.b32 n, c, {_rep(1 << (bits - 1)):#x};",
-            f"xor.b32 n, n, {_rep(1 << (bits - 1)):#x};",
-            # magnitude index j = c xor magmax on negative codes, c otherwise
-            f"shr.b32 m, n, {bits - 1};",
-            "sub.u32 m, n, m;",
-            "xor.b32 j, c, m;",
-            f"and.b32 j, j, {_rep(magmax):#x};",
-            # selector: the four 3-bit indices as nibbles
-            "shr.b32 s, j, 4;",
-            "or.b32 s, s, j;",
-            "prmt.b32 s, s, s, 0x2020;",
-            # low and high bytes of the fp16 magnitudes, interleaved into fp16x2
-            f"prmt.b32 l, {tl0}, {tl1}, s;",
-            f"prmt.b32 h, {th0}, {th1}, s;",
-            f"prmt.b32 ${o0}, l, h, 0x5140;",
-            f"prmt.b32 ${o1}, l, h, 0x7362;",
-            # sign into bit 15 of each half
-            f"shl.b32 g, n, {8 - bits};",
-            "prmt.b32 t, g, z, 0x1404;",
-            f"xor.b32 ${o0}, ${o0}, t;",
-            "prmt.b32 t, g, z, 0x3424;",
-            f"xor.b32 ${o1}, ${o1}, t;",
+            # 3-bit: the low two bits index codes 0-3 (t0, t1) and 4-7 (t2, t3); the high
+            # bit picks one of the two per fp16 half
+            f"prmt.b32 a, {t0}, {t1}, s;",
+            f"prmt.b32 b, {t2}, {t3}, s;",
+            f"shr.b32 h, ${src + 1}, {2 * f};",
+            f"and.b32 h, h, {_rep(1):#x};",
+            "mul.lo.u32 m, h, 0xff;",
+            "prmt.b32 d, m, m, 0x1100;",
+            "xor.b32 b, b, a;", "and.b32 b, b, d;", f"xor.b32 {o0}, a, b;",
+            f"prmt.b32 a, {t0}, {t1}, t;",
+            f"prmt.b32 b, {t2}, {t3}, t;",
+            "prmt.b32 d, m, m, 0x3322;",
+            "xor.b32 b, b, a;", "and.b32 b, b, d;", f"xor.b32 {o1}, a, b;",
         ]
     lines.append("}")
     return "\n".join(lines)
@@ -146,9 +147,8 @@ def lut_asm(codebook: torch.Tensor, bits: int) -> str:
         return lut4_asm(codebook)
     if bits not in (2, 3):
         raise ValueError(f"the prmt lookup supports 2-4-bit codes, got {bits}.")
-    c = codebook.detach().cpu().float()
-    if not torch.equal(c, -c.flip(0)):
-        raise ValueError("the prmt lookup needs a symmetric codebook.")
+    if codebook.numel() != 1 << bits:
+        raise ValueError(f"a {bits}-bit lookup needs {1 << bits} codebook entries.")
     return _lut_asm_cached(bits)
 
 
@@ -242,6 +242,8 @@ def emulate(asm: str, inputs: list[int], num_outputs: int) -> list[int]:
             r = srcs[0] - srcs[1]
         elif op == "mul.lo.u32":
             r = srcs[0] * srcs[1]
+        elif op == "mad.lo.u32":
+            r = srcs[0] * srcs[1] + srcs[2]
         elif op == "not.b32":
             r = ~srcs[0]
         elif op == "prmt.b32":

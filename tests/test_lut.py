@@ -58,12 +58,28 @@ def test_lut_matches_codebook_for_every_code(bits, dim):
                 assert got == [_fp16_bits(cb[x]) for x in codes[ff]]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_lut_refuses_asymmetric_codebook(bits):
-    cb = codebook(128, bits).clone()
+def test_lut4_refuses_asymmetric_codebook():
+    cb = codebook(128, 4).clone()
     cb[0] -= 0.01
     with pytest.raises(ValueError, match="symmetric"):
-        lut_asm(cb, bits)
+        lut_asm(cb, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_small_lut_reads_any_codebook(bits):
+    """2/3-bit tables hold the values themselves: an asymmetric codebook comes out exactly,
+    and a codebook of the wrong size is refused."""
+    cb = torch.linspace(-0.3, 0.2, 1 << bits) ** 3
+    codes = [(3 * e + 1) % (1 << bits) for e in range(4)]
+    low = [c & 3 for c in codes]
+    inputs = [sum(b << (8 * e) for e, b in enumerate(low))]
+    if bits == 3:
+        inputs.append(sum(((c >> 2) & 1) << (8 * e) for e, c in enumerate(codes)))
+    out = emulate_lookup(cb, bits, inputs)
+    got = [out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16]
+    assert got == [_fp16_bits(cb[c]) for c in codes]
+    with pytest.raises(ValueError, match="entries"):
+        lut_asm(torch.zeros(3), bits)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
