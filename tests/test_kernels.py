@@ -285,6 +285,18 @@ def test_kernels_refuse_mismatched_pool():
                   num_kv_splits=torch.ones(1, dtype=torch.int32), max_kv_splits=1, workspace=ws)
 
 
+def test_extend_refuses_mismatched_chunk_slots_and_out():
+    codec = LayerCodec.create(64, 4, 4)
+    bufs = codec.alloc_buffers(8, 1)
+    q, kv = torch.randn(3, 2, 64).bfloat16(), torch.randn(3, 1, 64).bfloat16()
+    qo, kv_indptr = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32)
+    args = (q, kv, kv, *bufs, qo, kv_indptr, torch.arange(2), codec, 0.1)
+    with pytest.raises(ValueError, match="one slot per new token"):
+        tq_extend(*args, max_extend_len=3, chunk_slots=torch.arange(2))
+    with pytest.raises(ValueError, match="out must be"):
+        tq_extend(*args, max_extend_len=3, out=torch.empty(3, 2, 32, dtype=q.dtype))
+
+
 def test_decode_writes_into_given_out(device):
     """``out=`` is written in place, also as a strided view of a wider [B, Hq·D] buffer."""
     codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 2, 4, device, lens=(33, 5), seed=12)
