@@ -194,10 +194,13 @@ def _block_h(gqa: int) -> int:
     return max(16, triton.next_power_of_2(gqa))
 
 
+DEFAULT_BLOCK_N = 128
+
+
 def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
               sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
               logit_cap: float = 0.0, sliding_window: int = 0,
-              block_n: int = 128, num_warps: int = 4, num_stages: int = 2, out=None):
+              block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4, num_stages: int = 2, out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -288,9 +291,25 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
 
 
 def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_splits: int,
-                          num_sms: int = 132, min_tokens_per_split: int = 256) -> torch.Tensor:
-    """Splits per sequence: enough programs to fill the GPU, none shorter than a few tiles."""
+                          num_sms: int = 132, programs_per_sm: int = 2, block_n: int = DEFAULT_BLOCK_N,
+                          min_tokens_per_split: int = 256) -> torch.Tensor:
+    """Splits per sequence that minimise stage 1's critical path, on the device (no sync).
+
+    With ``B·Hkv·s`` programs and ``num_sms · programs_per_sm`` resident at a time (2 at
+    block_n 128: ~220 registers per thread), the step takes ``waves(s) · (tiles(s) + 1)``
+    tile-times, where a program's fixed cost (query, tables, partial store) counts as one
+    tile. Rounding waves up matters: at 16 × 8k, 3 splits are 1.45 waves (the second
+    mostly idle) and 2 splits one full wave. Ties go to fewer splits (less merging);
+    no split is shorter than ``min_tokens_per_split``.
+    """
     bsz = seq_lens.numel()
-    want = max(1, math.ceil(2 * num_sms / max(1, bsz * num_kv_heads)))
-    by_len = torch.clamp(seq_lens // min_tokens_per_split, min=1)
-    return torch.clamp(by_len, max=min(want, max_kv_splits)).to(torch.int32)
+    slots = max(1, num_sms * programs_per_sm)
+    s = torch.arange(1, max_kv_splits + 1, device=seq_lens.device)
+    waves = torch.div(bsz * num_kv_heads * s + slots - 1, slots, rounding_mode="floor")
+    lens = seq_lens.to(torch.int64).clamp(min=1)[:, None]
+    per_split = torch.div(lens + s - 1, s, rounding_mode="floor")
+    tiles = torch.div(per_split + block_n - 1, block_n, rounding_mode="floor")
+    cost = waves[None, :] * (tiles + 1)
+    too_short = s[None, :] > torch.clamp(lens // min_tokens_per_split, min=1)
+    cost = cost.masked_fill(too_short, torch.iinfo(torch.int64).max)
+    return (cost.argmin(dim=1) + 1).to(torch.int32)

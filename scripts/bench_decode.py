@@ -152,10 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-kv-splits", type=int, default=32,
                    help="sglang-tq: max_kv_splits (workspace size / grid cap, like SGLang's "
                         "--triton-attention-num-kv-splits) (default 32)")
-    g.add_argument("--splits-policy", choices=("waves", "sglang", "fixed"), default="waves",
-                   help="sglang-tq num_kv_splits: 'waves' = clamp(ceil(waves*SMs/(B*Hkv)), 1, max), "
-                        "also at most ceil(L/--min-split-tokens); 'sglang' = SGLang's get_num_kv_splits "
-                        "heuristic with our --max-kv-splits; 'fixed' = --num-kv-splits (default waves)")
+    g.add_argument("--splits-policy", choices=("backend", "waves", "sglang", "fixed"), default="backend",
+                   help="sglang-tq num_kv_splits: 'backend' = what the turboquant backend uses "
+                        "(tq_decode.default_num_kv_splits, wave-aware); 'waves' = "
+                        "clamp(ceil(waves*SMs/(B*Hkv)), 1, max), also at most ceil(L/--min-split-tokens); "
+                        "'sglang' = SGLang's get_num_kv_splits heuristic with our --max-kv-splits; "
+                        "'fixed' = --num-kv-splits (default backend)")
     g.add_argument("--waves", type=float, default=4.0, help="'waves' policy: CTAs per SM to aim for (default 4)")
     g.add_argument("--min-split-tokens", type=int, default=256,
                    help="'waves' policy: fewest tokens per split (default 256)")
@@ -258,6 +260,14 @@ def sglang_num_kv_splits(seq_lens, num_head, num_kv_head, max_kv_splits, core_co
 def tq_num_kv_splits(args, B, L, sm_count) -> int:
     if args.splits_policy == "fixed":
         n = args.num_kv_splits
+    elif args.splits_policy == "backend":
+        import torch
+
+        from sglang_tq.kernels.tq_decode import DEFAULT_BLOCK_N, default_num_kv_splits
+
+        block_n = json.loads(args.tq_kernel_args or "{}").get("block_n", DEFAULT_BLOCK_N)
+        n = int(default_num_kv_splits(torch.full((B,), L), args.num_kv_heads, args.max_kv_splits,
+                                      num_sms=sm_count, block_n=block_n)[0])
     elif args.splits_policy == "sglang":
         n = sglang_num_kv_splits([L] * B, args.num_q_heads, args.num_kv_heads, args.max_kv_splits, sm_count)[0]
     else:

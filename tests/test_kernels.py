@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sglang_tq.codec import LayerCodec
-from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_ref
+from sglang_tq.kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, tq_decode, tq_decode_ref
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import tq_extend, tq_extend_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
@@ -312,3 +312,20 @@ def test_decode_writes_into_given_out(device):
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5)
     torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5, dtype=torch.bfloat16), ref)
     assert _rel(out, ref) <= 2 * torch_err
+
+
+# ---------------------------------------------------------------------- split policy
+def test_default_splits_fill_whole_waves():
+    """Splits minimise waves × tiles: never a partial extra wave when a full one does."""
+    def splits(b, length, **kw):
+        return default_num_kv_splits(torch.full((b,), length), 8, 32, num_sms=132, **kw)
+
+    # 16 × 8k: 3 splits = 384 programs on 264 slots (1.45 waves); 2 splits fill one wave
+    assert splits(16, 8192).tolist() == [2] * 16
+    # enough sequences to fill the GPU: no split at all
+    assert splits(64, 16384).tolist() == [1] * 64
+    # one long sequence spreads over max_kv_splits; a short one keeps >= 256 tokens a split
+    assert splits(1, 32768).item() == 32 and splits(1, 4096).item() == 16
+    assert splits(1, 17).item() == 1 and splits(3, 0).tolist() == [1, 1, 1]
+    got = default_num_kv_splits(torch.tensor([17, 4000, 100000]), 8, 32)
+    assert got.dtype == torch.int32 and got.min() >= 1 and got.max() <= 32
