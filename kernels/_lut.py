@@ -157,7 +157,7 @@ def _lut4_asm_cached() -> str:
     tl0, tl1, th0, th1 = _table_operands(5, PACK_WORD)
     return "\n".join([
         "{",
-        ".reg .b32 n, m, j, sx, sy, lx, hx, ly, hy, t;",
+        ".reg .b32 n, m, j, sx, sy, lx, hx, ly, hy, t, gx, gy;",
         # bit 3 of every nibble set where the code is in the negative half
         "not.b32 n, $4;",
         "and.b32 n, n, 0x88888888;",
@@ -173,16 +173,18 @@ def _lut4_asm_cached() -> str:
         f"prmt.b32 hx, {th0}, {th1}, sx;",
         f"prmt.b32 ly, {tl0}, {tl1}, sy;",
         f"prmt.b32 hy, {th0}, {th1}, sy;",
+        # signs into bit 7 of the high bytes: bit 3 of nibbles (0, 1, 4, 5) for hx and
+        # (2, 3, 6, 7) for hy, gathered bytewise from n << 4 and n
+        "shl.b32 t, n, 4;",
+        "prmt.b32 gx, t, n, 0x6240;",
+        "prmt.b32 gy, t, n, 0x7351;",
+        "and.b32 gx, gx, 0x80808080;", "or.b32 hx, hx, gx;",
+        "and.b32 gy, gy, 0x80808080;", "or.b32 hy, hy, gy;",
         # fp16x2 outputs: low nibbles of bytes 0,2 / 1,3, high nibbles of bytes 0,2 / 1,3
         "prmt.b32 $0, lx, hx, 0x6240;",
         "prmt.b32 $1, ly, hy, 0x6240;",
         "prmt.b32 $2, lx, hx, 0x7351;",
         "prmt.b32 $3, ly, hy, 0x7351;",
-        # signs: bit 3 of nibbles (0,4), (2,6), (1,5), (3,7) to bits 15 and 31
-        "shl.b32 t, n, 12;", "and.b32 t, t, 0x80008000;", "xor.b32 $0, $0, t;",
-        "shl.b32 t, n, 4;", "and.b32 t, t, 0x80008000;", "xor.b32 $1, $1, t;",
-        "shl.b32 t, n, 8;", "and.b32 t, t, 0x80008000;", "xor.b32 $2, $2, t;",
-        "and.b32 t, n, 0x80008000;", "xor.b32 $3, $3, t;",
         "}",
     ])
 
