@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="64x16384,1x32768", help="comma list of BxL")
     ap.add_argument("--kv", default="k4v4,k2v2")
-    ap.add_argument("--block-n", default="16,32,64")
+    ap.add_argument("--block-n", default="64,128")
     ap.add_argument("--num-warps", default="2,4,8")
     ap.add_argument("--num-stages", default="1,2,3")
     ap.add_argument("--head-dim", type=int, default=128)
