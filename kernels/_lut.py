@@ -3,13 +3,13 @@
 A table lookup per element (``tl.load(codebook + idx)``) costs a 64-bit address,
 a global load and a conversion per code: far over the few instructions per code
 that a bandwidth-bound decode can afford (REFERENCE.md, compute budget). Instead,
-following the ``prmt`` idea in DESIGN.md, the Lloyd-Max codebook is symmetric
-(c[2^B−1−i] = −c[i]), so each code splits into a sign (its top bit) and a
-magnitude index j < 2^(B−1) ≤ 8. The fp16 magnitudes are 8 low bytes and 8 high
-bytes held in four registers; one ``prmt`` selects the low bytes of four codes,
-one the high bytes, two more interleave them into two fp16x2 registers, and the
-sign is XOR-ed into bit 15. About five instructions per code, done on four codes
-at a time, with no memory access.
+following the ``prmt`` idea in DESIGN.md: the Lloyd-Max codebook is symmetric and
+codes are sign-magnitude (``quantizer.code_of_index``: top bit = sign, low bits =
+magnitude rank), so a 4-bit code is a 3-bit magnitude index j < 8 plus a sign
+bit. The eight fp16 magnitudes are 8 low bytes and 8 high bytes held in four
+registers; one ``prmt`` selects the low bytes of four codes, one the high bytes,
+the sign bits are OR-ed into the high bytes, and two more prmt interleave them
+into two fp16x2 registers: 16 instructions per eight codes, no memory access.
 
 ``lut_asm`` builds the PTX for one packed byte register holding 4 fields of 2
 bits (3-bit: plus their high bits from a second register), fed four uint8
@@ -75,7 +75,7 @@ def _table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]
     if bits != 4:
         vals = _fp16_bits(codebook) + [0] * (8 - (1 << bits))
         return tuple(vals[2 * i] | vals[2 * i + 1] << 16 for i in range(4))
-    vals = _fp16_bits(codebook[8:])
+    vals = _fp16_bits(codebook[:8])
     lo = [v & 0xFF for v in vals]
     hi = [v >> 8 for v in vals]
     return _word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])
@@ -157,15 +157,9 @@ def _lut4_asm_cached() -> str:
     tl0, tl1, th0, th1 = _table_operands(5, PACK_WORD)
     return "\n".join([
         "{",
-        ".reg .b32 n, m, j, sx, sy, lx, hx, ly, hy, t, gx, gy;",
-        # bit 3 of every nibble set where the code is in the negative half
-        "not.b32 n, $4;",
-        "and.b32 n, n, 0x88888888;",
-        # magnitude index of all 8 codes: c xor 7 on negative codes
-        "shr.b32 m, n, 3;",
-        "mul.lo.u32 m, m, 7;",
-        "xor.b32 j, $4, m;",
-        "and.b32 j, j, 0x77777777;",
+        ".reg .b32 j, sx, sy, lx, hx, ly, hy, t, gx, gy;",
+        # sign-magnitude codes: the low 3 bits of every nibble index the magnitude
+        "and.b32 j, $4, 0x77777777;",
         # selectors: nibbles (lo0, hi0, lo2, hi2) and (lo1, hi1, lo3, hi3)
         "prmt.b32 sx, j, j, 0x2020;",
         "prmt.b32 sy, j, j, 0x3131;",
@@ -174,10 +168,10 @@ def _lut4_asm_cached() -> str:
         f"prmt.b32 ly, {tl0}, {tl1}, sy;",
         f"prmt.b32 hy, {th0}, {th1}, sy;",
         # signs into bit 7 of the high bytes: bit 3 of nibbles (0, 1, 4, 5) for hx and
-        # (2, 3, 6, 7) for hy, gathered bytewise from n << 4 and n
-        "shl.b32 t, n, 4;",
-        "prmt.b32 gx, t, n, 0x6240;",
-        "prmt.b32 gy, t, n, 0x7351;",
+        # (2, 3, 6, 7) for hy, gathered bytewise from w << 4 and w
+        "shl.b32 t, $4, 4;",
+        "prmt.b32 gx, t, $4, 0x6240;",
+        "prmt.b32 gy, t, $4, 0x7351;",
         "and.b32 gx, gx, 0x80808080;", "or.b32 hx, hx, gx;",
         "and.b32 gy, gy, 0x80808080;", "or.b32 hy, hy, gy;",
         # fp16x2 outputs: low nibbles of bytes 0,2 / 1,3, high nibbles of bytes 0,2 / 1,3
@@ -194,8 +188,9 @@ def lut4_asm(codebook: torch.Tensor) -> str:
     registers: low nibbles of bytes (0, 2), of bytes (1, 3), high nibbles of bytes
     (0, 2), of bytes (1, 3)."""
     c = codebook.detach().cpu().float()
-    if c.numel() != 16 or not torch.equal(c, -c.flip(0)):
-        raise ValueError("the 4-bit prmt lookup needs a symmetric 16-entry codebook.")
+    if c.numel() != 16 or not torch.equal(c[8:], -c[:8]):
+        raise ValueError("the 4-bit prmt lookup needs a symmetric 16-entry codebook in "
+                         "sign-magnitude code order (code 8 + m = −code m).")
     return _lut4_asm_cached()
 
 

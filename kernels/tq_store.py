@@ -3,9 +3,10 @@
 One launch handles K and V of N tokens (grid axis 2 picks K or V, each with its
 own constexpr bit width). Per token and KV head (TurboQuant Alg. 1):
 rotate y = Πx on tensor cores, r = ‖y‖, u = y/r, index = number of Lloyd-Max
-thresholds below u, pack into the split-plane layout, scatter codes and the fp16
-norm to the token's slot. Πᵀ arrives with its columns already in the kernel's
-packing order (``LayerCodec.pi_t_k``/``pi_t_v``), so y comes out grouped by byte.
+thresholds below u, its sign-magnitude code (``quantizer.code_of_index``), pack
+into the split-plane layout, scatter codes and the fp16 norm to the token's
+slot. Πᵀ arrives with its columns already in the kernel's packing order
+(``LayerCodec.pi_t_k``/``pi_t_v``), so y comes out grouped by byte.
 """
 
 import torch
@@ -42,6 +43,9 @@ def _quantize_tile(
     idx = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.int32)
     for j in tl.static_range(2**BITS - 1):
         idx += (u > tl.load(Bounds + j)).to(tl.int32)
+    # -- sign-magnitude code (quantizer.code_of_index): top bit = negative half
+    HALF: tl.constexpr = 2 ** (BITS - 1)
+    idx = tl.where(idx >= HALF, idx - HALF, 2 * HALF - 1 - idx)
     # -- pack and scatter
     code_base = Codes + loc.to(tl.int64)[:, None] * stride_c_s + head * stride_c_h
     if BITS == 4:

@@ -7,7 +7,13 @@ x ∈ R^d (one token of one KV head):
 2. norm:   r = ‖y‖ = ‖x‖, stored as fp16; u = y / r;
 3. quantize every coordinate of u to the nearest Lloyd-Max centroid of its
    Beta-type density (``codebook.py``; Alg. 1 line 5, Eq. 4);
-4. pack the b-bit indices (``packing.py``).
+4. pack the b-bit codes (``packing.py``).
+
+Codes are sign-magnitude: the top bit is set for the negative half of the
+(symmetric) codebook and the low b−1 bits rank the magnitude, so code m and code
+2^(b−1) + m hold +c and −c of the same magnitude. The packed-KV kernels then read
+a magnitude index and a sign straight from the bits (``kernels/_lut.py``);
+:meth:`TurboQuantizer.codebook` lists the centroids in code order.
 
 Dequantization is x̂ = r · Πᵀ c[idx] (Alg. 1 lines 9-10). Attention kernels stay
 in the rotated space: q·k = (Πq)·(Πk), so they use :meth:`dequantize_rotated`.
@@ -41,6 +47,13 @@ VARIANTS = ("mse", "prod")
 _FP16_MAX = torch.finfo(torch.float16).max
 
 
+def code_of_index(bits: int) -> torch.Tensor:
+    """uint8 [2^bits]: the sign-magnitude code of the i-th smallest centroid."""
+    half = 1 << (bits - 1)
+    i = torch.arange(1 << bits)
+    return torch.where(i >= half, i - half, 2 * half - 1 - i).to(torch.uint8)
+
+
 class TurboQuantizer:
     """Quantizer for vectors of one ``head_dim`` at one bit width and seed."""
 
@@ -61,8 +74,11 @@ class TurboQuantizer:
         self.variant = variant
         self.mse_bits = bits if variant == "mse" else bits - 1
         self._pi = rotation.rotation_matrix(head_dim, seed)
-        self._codebook = _cb.codebook(head_dim, self.mse_bits)
+        self._sorted = _cb.codebook(head_dim, self.mse_bits)
         self._bounds = _cb.boundaries(head_dim, self.mse_bits)
+        self._code_of = code_of_index(self.mse_bits)
+        self._codebook = torch.empty_like(self._sorted)
+        self._codebook[self._code_of.long()] = self._sorted
         self._s = rotation.qjl_matrix(head_dim, seed) if variant == "prod" else None
         self._device_cache: dict[torch.device, tuple] = {}
 
@@ -79,7 +95,7 @@ class TurboQuantizer:
 
     @property
     def codebook(self) -> torch.Tensor:
-        """Sorted float32 centroids of the MSE code."""
+        """float32 centroids of the MSE code in code (sign-magnitude) order."""
         return self._codebook
 
     @property
@@ -112,6 +128,7 @@ class TurboQuantizer:
                 self._codebook.to(device),
                 self._bounds.to(device),
                 s,
+                self._code_of.to(device),
             )
         return self._device_cache[device]
 
@@ -151,14 +168,14 @@ class TurboQuantizer:
 
     # -- quantize / dequantize ----------------------------------------------
     def quantize_indices(self, u: torch.Tensor) -> torch.Tensor:
-        """Nearest-centroid indices (uint8) of rotated unit vectors ``u``."""
-        bounds = self._on(u.device)[2]
-        return torch.bucketize(u.float().contiguous(), bounds).to(torch.uint8)
+        """Codes (uint8, sign-magnitude) of the nearest centroids of rotated unit vectors ``u``."""
+        state = self._on(u.device)
+        return state[4][torch.bucketize(u.float().contiguous(), state[2])]
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x float [..., D] → (codes uint8 [..., code_bytes], norms fp16 [...] or [..., 2])."""
         self._check_input(x)
-        _, cb, _, s = self._on(x.device)
+        _, cb, _, s, _ = self._on(x.device)
         y = self.rotate(x)
         r = y.norm(dim=-1)
         if (r > _FP16_MAX).any():
@@ -177,7 +194,7 @@ class TurboQuantizer:
     def dequantize_rotated(self, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """Reconstruction in the rotated space, float32 [..., D] (what kernels compute)."""
         self._check_codes(codes, norms)
-        _, cb, _, s = self._on(codes.device)
+        _, cb, _, s, _ = self._on(codes.device)
         idx = packing.unpack(codes[..., : self.mse_bytes], self.mse_bits, self.head_dim)
         u_hat = cb[idx.long()]
         if self.variant == "prod":

@@ -9,7 +9,12 @@ import itertools
 import pytest
 import torch
 
-from sglang_tq.codebook import codebook
+from sglang_tq.quantizer import TurboQuantizer
+
+
+def codebook(dim, bits):
+    """Centroids in code (sign-magnitude) order, as the kernels receive them."""
+    return TurboQuantizer(dim, bits).codebook
 from sglang_tq.kernels._lut import constraints, emulate_lookup, fields_of, lut_asm
 
 
@@ -61,6 +66,9 @@ def test_lut_matches_codebook_for_every_code(bits, dim):
 def test_lut4_refuses_asymmetric_codebook():
     cb = codebook(128, 4).clone()
     cb[0] -= 0.01
+    with pytest.raises(ValueError, match="symmetric"):
+        lut_asm(cb, 4)
+    cb = torch.sort(codebook(128, 4)).values  # symmetric but in index order, not code order
     with pytest.raises(ValueError, match="symmetric"):
         lut_asm(cb, 4)
 
