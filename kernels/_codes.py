@@ -125,6 +125,14 @@ def load_lut_words(Tab):
 
 
 @triton.jit
+def _hi_shift(codes):
+    """[1, D/4] int32: column i of a 3-bit tile reads its high bits at bit 2t + i div D/8
+    of 1-bit-plane byte i mod D/8 (see :func:`load_codes`)."""
+    QUARTER: tl.constexpr = codes.shape[1]
+    return (tl.arange(0, QUARTER) // (QUARTER // 2))[None, :]
+
+
+@triton.jit
 def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, hi, t0, t1, t2,
             t3):
     """fp16 codebook values of every field of a packed byte tile (see ``_lut.py``)."""
@@ -136,7 +144,7 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
             return tl.inline_asm_elementwise(LUT, _C4, [codes] + tab,
                                              dtype=(tl.float16,) * 4, is_pure=True, pack=2)
         elif BITS == 3:
-            return tl.inline_asm_elementwise(LUT, _C3, [codes, hi] + tab,
+            return tl.inline_asm_elementwise(LUT, _C3, [codes, hi, zero + _hi_shift(codes)] + tab,
                                              dtype=(tl.float16,) * 4, is_pure=True, pack=4)
         else:
             return tl.inline_asm_elementwise(LUT, _C2, [codes] + tab,
@@ -153,7 +161,7 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
         else:
             h = tl.zeros_like(c)
             if BITS == 3:
-                h = hi.to(tl.int32)
+                h = hi.to(tl.int32) >> _hi_shift(codes)
             return (
                 tl.load(CB + ((c & 3) | ((h & 1) << 2))).to(tl.float16),
                 tl.load(CB + (((c >> 2) & 3) | (((h >> 2) & 1) << 2))).to(tl.float16),
@@ -167,9 +175,9 @@ def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.cons
     """Raw codes of N packed vectors as two [N, D/4] tiles for :func:`lookup_quarters`.
 
     4-bit: the D/2 bytes as uint16 words (the second tile is unused). 3-bit: the
-    2-bit plane and, per column i, the 1-bit-plane byte i mod D/8 shifted right by
-    i div D/8, so that bit 2t holds the high bit of coordinate t·D/4 + i. 2-bit: the
-    plane, twice (the second is unused).
+    2-bit plane and, per column i, the 1-bit-plane byte i mod D/8, whose bit
+    2t + i div D/8 holds the high bit of coordinate t·D/4 + i (the lookup shifts).
+    2-bit: the plane, twice (the second is unused).
     """
     QUARTER: tl.constexpr = HEAD_DIM // 4
     cols = tl.arange(0, QUARTER)
@@ -184,7 +192,6 @@ def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.cons
             EIGHTH: tl.constexpr = HEAD_DIM // 8
             b = tl.load(codes_ptr + row_off[:, None] + QUARTER + (cols % EIGHTH)[None, :],
                         mask=mask_n[:, None], other=0)
-            b = b >> (cols // EIGHTH)[None, :].to(tl.uint8)
     return a, b
 
 

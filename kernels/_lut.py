@@ -17,9 +17,9 @@ elements at a time. Four 2-bit codes have only four fp16 values: 8 bytes, one
 prmt source. So the table holds the values themselves, no sign step is needed,
 and one ``mad`` turns the four fields of a word into prmt selectors at once
 (field c → nibbles 2c, 2c+1: s = c·0x22 + 0x10 per byte); one prmt per two codes
-then yields an fp16x2 (about 1.5 instructions per code). 3-bit codes read codes
-0-3 and 4-7 from two such tables with the same selector and pick per fp16 half by
-the high bit (about 3.75 per code). ``lut4_asm`` is the 4-bit
+then yields an fp16x2 (about 1.5 instructions per code). 3-bit codes are
+sign-magnitude, so their 2-bit plane indexes the four magnitudes the same way and
+their 1-bit plane is the sign, OR-ed into bit 15 (about 3 per code). ``lut4_asm`` is the 4-bit
 version fed two uint16 elements (one 32-bit word, 8 codes) at a time: all eight
 3-bit magnitude indices come from one xor/and on the word, two byte permutes
 turn them into selectors, and it returns the codes of even bytes and odd bytes,
@@ -51,8 +51,8 @@ def table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
     """The four 32-bit table operands of :func:`lut_asm` for a codebook.
 
     4-bit: (lo bytes 0-3, lo bytes 4-7, hi bytes 0-3, hi bytes 4-7) of the eight fp16
-    magnitudes. 2- and 3-bit: the fp16 values themselves, two per word (code 2i in the
-    low half of word i), so one prmt reads a whole fp16 value pair.
+    magnitudes. 2-bit: the four fp16 values; 3-bit: the four fp16 magnitudes; two per
+    word (code 2i in the low half of word i), so one prmt reads a whole fp16 pair.
     """
     return _table_words(codebook.detach().cpu().float(), bits)
 
@@ -72,8 +72,11 @@ def _word(b) -> int:
 
 
 def _table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
-    if bits != 4:
-        vals = _fp16_bits(codebook) + [0] * (8 - (1 << bits))
+    if bits == 3:  # the four magnitudes; the sign comes from the high-bit plane
+        vals = _fp16_bits(codebook[:4]) + [0] * 4
+        return tuple(vals[2 * i] | vals[2 * i + 1] << 16 for i in range(4))
+    if bits == 2:  # the four values
+        vals = _fp16_bits(codebook) + [0] * 4
         return tuple(vals[2 * i] | vals[2 * i + 1] << 16 for i in range(4))
     vals = _fp16_bits(codebook[:8])
     lo = [v & 0xFF for v in vals]
@@ -98,16 +101,21 @@ def constraints(bits: int) -> str:
     """Triton constraint string of :func:`lut_asm`'s PTX."""
     if bits == 4:
         return ",".join(["=r"] * 4 + ["r"] + ["r"] * 4 * PACK_WORD)
-    n_in = 2 if bits == 3 else 1
+    # 3-bit: the high-bit bytes and their per-column shift (int32, one register per element)
+    n_in = 2 + PACK_SMALL if bits == 3 else 1
     return ",".join(["=r"] * 8 + ["r"] * n_in + ["r"] * 4 * PACK_SMALL)
 
 
 @functools.lru_cache(maxsize=None)
 def _lut_asm_cached(bits: int) -> str:
     nfields, width = fields_of(bits)
-    src = 2 * nfields  # first input operand: the four packed bytes (3-bit: then the high bits)
-    t0, t1, t2, t3 = _table_operands(src + (2 if bits == 3 else 1), PACK_SMALL)
-    lines = ["{", ".reg .b32 x, s, t, h, m, a, b, d;"]
+    # inputs: the four packed bytes; 3-bit: then the high-bit bytes and their shift
+    src = 2 * nfields
+    t0, t1, t2, t3 = _table_operands(src + (2 + PACK_SMALL if bits == 3 else 1), PACK_SMALL)
+    lines = ["{", ".reg .b32 x, s, t, h, d, z, hb;", "mov.b32 z, 0;"]
+    if bits == 3:
+        # 1-bit-plane byte i mod D/8 serves column i; bit 2f + i div D/8 is field f's
+        lines.append(f"shr.b32 hb, ${src + 1}, ${src + 2};")
     for f in range(nfields):
         o0, o1 = f"${2 * f}", f"${2 * f + 1}"
         lines += [
@@ -122,19 +130,15 @@ def _lut_asm_cached(bits: int) -> str:
             lines += [f"prmt.b32 {o0}, {t0}, {t1}, s;", f"prmt.b32 {o1}, {t0}, {t1}, t;"]
             continue
         lines += [
-            # 3-bit: the low two bits index codes 0-3 (t0, t1) and 4-7 (t2, t3); the high
-            # bit picks one of the two per fp16 half
-            f"prmt.b32 a, {t0}, {t1}, s;",
-            f"prmt.b32 b, {t2}, {t3}, s;",
-            f"shr.b32 h, ${src + 1}, {2 * f};",
-            f"and.b32 h, h, {_rep(1):#x};",
-            "mul.lo.u32 m, h, 0xff;",
-            "prmt.b32 d, m, m, 0x1100;",
-            "xor.b32 b, b, a;", "and.b32 b, b, d;", f"xor.b32 {o0}, a, b;",
-            f"prmt.b32 a, {t0}, {t1}, t;",
-            f"prmt.b32 b, {t2}, {t3}, t;",
-            "prmt.b32 d, m, m, 0x3322;",
-            "xor.b32 b, b, a;", "and.b32 b, b, d;", f"xor.b32 {o1}, a, b;",
+            # 3-bit, sign-magnitude: the low two bits index the four magnitudes (t0, t1);
+            # the high-bit plane is the sign, moved to bit 7 of each byte and then to bit
+            # 15 of each fp16 half
+            f"prmt.b32 {o0}, {t0}, {t1}, s;",
+            f"prmt.b32 {o1}, {t0}, {t1}, t;",
+            f"shl.b32 h, hb, {7 - 2 * f};",
+            f"and.b32 h, h, {_rep(0x80):#x};",
+            "prmt.b32 d, h, z, 0x1404;", f"or.b32 {o0}, {o0}, d;",
+            "prmt.b32 d, h, z, 0x3424;", f"or.b32 {o1}, {o1}, d;",
         ]
     lines.append("}")
     return "\n".join(lines)
@@ -149,6 +153,10 @@ def lut_asm(codebook: torch.Tensor, bits: int) -> str:
         raise ValueError(f"the prmt lookup supports 2-4-bit codes, got {bits}.")
     if codebook.numel() != 1 << bits:
         raise ValueError(f"a {bits}-bit lookup needs {1 << bits} codebook entries.")
+    c = codebook.detach().cpu().float()
+    if bits == 3 and not torch.equal(c[4:], -c[:4]):
+        raise ValueError("the 3-bit prmt lookup needs a symmetric codebook in sign-magnitude "
+                         "code order (code 4 + m = −code m).")
     return _lut_asm_cached(bits)
 
 
@@ -200,11 +208,13 @@ def _prmt(a: int, b: int, sel: int) -> int:
     return int.from_bytes(bytes(src[(sel >> (4 * i)) & 7] for i in range(4)), "little")
 
 
-def emulate_lookup(codebook: torch.Tensor, bits: int, code_inputs: list[int]) -> list[int]:
-    """Run :func:`lut_asm` on packed code registers with the codebook's table operands."""
+def emulate_lookup(codebook: torch.Tensor, bits: int, code_inputs: list[int], shift: int = 0) -> list[int]:
+    """Run :func:`lut_asm` on packed code registers with the codebook's table operands
+    (3-bit: ``code_inputs`` = [low plane, high-bit bytes], ``shift`` their column shift)."""
     pack = PACK_WORD if bits == 4 else PACK_SMALL
     tables = [w for w in table_words(codebook, bits) for _ in range(pack)]
-    return emulate(lut_asm(codebook, bits), list(code_inputs) + tables, 4 if bits == 4 else 8)
+    extra = [shift] * PACK_SMALL if bits == 3 else []
+    return emulate(lut_asm(codebook, bits), list(code_inputs) + extra + tables, 4 if bits == 4 else 8)
 
 
 def emulate(asm: str, inputs: list[int], num_outputs: int) -> list[int]:

@@ -52,11 +52,14 @@ def test_lut_matches_codebook_for_every_code(bits, dim):
             low = [sum((codes[ff][e] & ((1 << width) - 1)) << (ff * width) for ff in range(nfields))
                    for e in range(4)]
             inputs = [sum(b << (8 * e) for e, b in enumerate(low))]
+            shift = (f + lane + c) % 2  # columns in the second half of a tile read bit 2t + 1
             if bits == 3:
-                high = [sum(((codes[ff][e] >> 2) & 1) << (2 * ff) for ff in range(nfields))
+                # the other bit of each pair belongs to the other half-tile: noise here
+                high = [sum(((codes[ff][e] >> 2) & 1) << (2 * ff + shift)
+                            | (((e + ff + c) % 3 == 0) << (2 * ff + 1 - shift)) for ff in range(nfields))
                         for e in range(4)]
                 inputs.append(sum(b << (8 * e) for e, b in enumerate(high)))
-            out = emulate_lookup(cb, bits, inputs)
+            out = emulate_lookup(cb, bits, inputs, shift=shift)
             for ff in range(nfields):
                 got = [out[2 * ff] & 0xFFFF, out[2 * ff] >> 16, out[2 * ff + 1] & 0xFFFF,
                        out[2 * ff + 1] >> 16]
@@ -73,21 +76,23 @@ def test_lut4_refuses_asymmetric_codebook():
         lut_asm(cb, 4)
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_small_lut_reads_any_codebook(bits):
-    """2/3-bit tables hold the values themselves: an asymmetric codebook comes out exactly,
-    and a codebook of the wrong size is refused."""
-    cb = torch.linspace(-0.3, 0.2, 1 << bits) ** 3
-    codes = [(3 * e + 1) % (1 << bits) for e in range(4)]
-    low = [c & 3 for c in codes]
-    inputs = [sum(b << (8 * e) for e, b in enumerate(low))]
-    if bits == 3:
-        inputs.append(sum(((c >> 2) & 1) << (8 * e) for e, c in enumerate(codes)))
-    out = emulate_lookup(cb, bits, inputs)
+def test_2bit_lut_reads_any_codebook():
+    """The 2-bit table holds the four values themselves: an asymmetric codebook comes out
+    exactly, and a codebook of the wrong size is refused."""
+    cb = torch.linspace(-0.3, 0.2, 4) ** 3
+    codes = [3, 0, 2, 1]
+    out = emulate_lookup(cb, 2, [sum(c << (8 * e) for e, c in enumerate(codes))])
     got = [out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16]
     assert got == [_fp16_bits(cb[c]) for c in codes]
     with pytest.raises(ValueError, match="entries"):
-        lut_asm(torch.zeros(3), bits)
+        lut_asm(torch.zeros(3), 2)
+
+
+def test_3bit_lut_refuses_codebook_not_in_sign_magnitude_order():
+    cb = codebook(128, 3)
+    lut_asm(cb, 3)
+    with pytest.raises(ValueError, match="sign-magnitude"):
+        lut_asm(torch.sort(cb).values, 3)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
