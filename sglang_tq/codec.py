@@ -45,9 +45,9 @@ class LayerCodec:
     k_quant: TurboQuantizer
     v_quant: TurboQuantizer
     pi: torch.Tensor  # [D, D] fp32, y = x @ pi.T
-    k_codebook: torch.Tensor  # fp32 [2**k_bits]
+    k_codebook: torch.Tensor  # fp32 [2**k_bits], in code (sign-magnitude) order
     v_codebook: torch.Tensor
-    k_bounds: torch.Tensor  # fp32 [2**k_bits - 1]
+    k_bounds: torch.Tensor  # fp32 [2**k_bits - 1], ascending (thresholds between sorted centroids)
     v_bounds: torch.Tensor
     pi_t_k: torch.Tensor  # [D, D] fp32: Πᵀ with columns in packing_order(D, k_bits)
     pi_t_v: torch.Tensor
