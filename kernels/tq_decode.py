@@ -194,13 +194,16 @@ def _block_h(gqa: int) -> int:
     return max(16, triton.next_power_of_2(gqa))
 
 
-DEFAULT_BLOCK_N = 128
+def default_block_n(head_dim: int) -> int:
+    """Tokens per tile: 128 fits in registers at head_dim 64 and 128 (~220-255 per thread,
+    no spills, offline sm_90a); at 256 it spills, so 64 (252 registers, no spills)."""
+    return 64 if head_dim > 128 else 128
 
 
 def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
               sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
               logit_cap: float = 0.0, sliding_window: int = 0,
-              block_n: int = DEFAULT_BLOCK_N, num_warps: int = 4, num_stages: int = 2, out=None):
+              block_n: int | None = None, num_warps: int = 4, num_stages: int = 2, out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -219,6 +222,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
                          "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits).")
     gqa = hq // hkv
     block_h = _block_h(gqa)
+    block_n = block_n or default_block_n(d)
     q_rot, mid_o, mid_lse = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz]
     if out is None:
         out = ws.out[:bsz]
@@ -291,7 +295,7 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
 
 
 def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_splits: int,
-                          num_sms: int = 132, programs_per_sm: int = 2, block_n: int = DEFAULT_BLOCK_N,
+                          num_sms: int = 132, programs_per_sm: int = 2, block_n: int = 128,
                           min_tokens_per_split: int = 256) -> torch.Tensor:
     """Splits per sequence that minimise stage 1's critical path, on the device (no sync).
 

@@ -257,15 +257,15 @@ def sglang_num_kv_splits(seq_lens, num_head, num_kv_head, max_kv_splits, core_co
     return [max(cdiv(l, chunk1), cdiv(l, chunk2)) for l in seq_lens]
 
 
-def tq_num_kv_splits(args, B, L, sm_count) -> int:
+def tq_num_kv_splits(args, B, L, sm_count, D=None) -> int:
     if args.splits_policy == "fixed":
         n = args.num_kv_splits
     elif args.splits_policy == "backend":
         import torch
 
-        from sglang_tq.kernels.tq_decode import DEFAULT_BLOCK_N, default_num_kv_splits
+        from sglang_tq.kernels.tq_decode import default_block_n, default_num_kv_splits
 
-        block_n = json.loads(args.tq_kernel_args or "{}").get("block_n", DEFAULT_BLOCK_N)
+        block_n = json.loads(args.tq_kernel_args or "{}").get("block_n") or default_block_n(D or args.head_dim)
         n = int(default_num_kv_splits(torch.full((B,), L), args.num_kv_heads, args.max_kv_splits,
                                       num_sms=sm_count, block_n=block_n)[0])
     elif args.splits_policy == "sglang":
@@ -697,7 +697,7 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
 
     # ---- ours ----------------------------------------------------------------------
     if "sglang-tq" in args.impl_set:
-        n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count)
+        n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count, D)
         for kvname, kbits, vbits in args.kv_list:
             row = row_base("sglang-tq", kvname, B, L, D, args)
             if "sglang-tq" in ctx.import_errors:
@@ -953,7 +953,7 @@ def bench_write_path(ctx, args, codecs, write_rows):
     else:
         from sglang_tq.kernels.tq_store import tq_store_kv
 
-        n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count)
+        n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count, D)
         for kvname, kbits, vbits in args.kv_list:
             row = wrow("sglang-tq-store", kvname)
             bufs = None
@@ -1128,7 +1128,7 @@ def dry_run(args):
         S = B * L
         gib = S * args.num_kv_heads * 4 * D / 2**30
         tri = sglang_num_kv_splits([L] * B, args.num_q_heads, args.num_kv_heads, args.triton_max_kv_splits, sm)[0]
-        tq = tq_num_kv_splits(args, B, L, sm)
+        tq = tq_num_kv_splits(args, B, L, sm, D)
         per = {"bf16": 4 * D, "fp8": 2 * D}
         for name, kb, vb in args.kv_list:
             per[name] = code_bytes(D, kb) + code_bytes(D, vb) + 4
