@@ -194,16 +194,34 @@ def _block_h(gqa: int) -> int:
     return max(16, triton.next_power_of_2(gqa))
 
 
-def default_block_n(head_dim: int) -> int:
-    """Tokens per tile: 128 fits in registers at head_dim 64 and 128 (~220-255 per thread,
-    no spills, offline sm_90a); at 256 it spills, so 64 (252 registers, no spills)."""
-    return 64 if head_dim > 128 else 128
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunch:
+    """Stage-1 launch shape: tokens per tile, warps per program, programs resident per SM."""
+
+    block_n: int
+    num_warps: int
+    programs_per_sm: int
+
+
+def default_launch(head_dim: int) -> DecodeLaunch:
+    """The launch with the fewest loop instructions per code that neither spills nor
+    replicates the score tile across warps (offline sm_90a SASS, notes/perf.md):
+    d 128: 128 tokens, 4 warps (4.0 per code, ~220 registers: 2 programs per SM);
+    d 256: 64 tokens, 4 warps (4.5; 128 tokens spill); d 64: 64 tokens, 1 warp (5.1;
+    with 4 warps the [16, N] softmax tiles are computed 4 times over, 11 per code).
+    Chosen offline; tune_decode.py measures the alternatives."""
+    if head_dim <= 64:
+        return DecodeLaunch(block_n=64, num_warps=1, programs_per_sm=8)
+    if head_dim <= 128:
+        return DecodeLaunch(block_n=128, num_warps=4, programs_per_sm=2)
+    return DecodeLaunch(block_n=64, num_warps=4, programs_per_sm=2)
 
 
 def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
               sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
               logit_cap: float = 0.0, sliding_window: int = 0,
-              block_n: int | None = None, num_warps: int = 4, num_stages: int = 2, out=None):
+              block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+              out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -222,7 +240,9 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
                          "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits).")
     gqa = hq // hkv
     block_h = _block_h(gqa)
-    block_n = block_n or default_block_n(d)
+    launch = default_launch(d)
+    block_n = block_n or launch.block_n
+    num_warps = num_warps or launch.num_warps
     q_rot, mid_o, mid_lse = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz]
     if out is None:
         out = ws.out[:bsz]

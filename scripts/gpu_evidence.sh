@@ -37,7 +37,8 @@ perf)
     export CUDA_VISIBLE_DEVICES=0
     timeout 300 python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
     timeout "$(left 560)" python scripts/bench_decode.py \
-      --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096 --kv k4v4,k4v3,k3v3,k4v2,k2v2 \
+      --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256 \
+      --kv k4v4,k4v3,k3v3,k4v2,k2v2 \
       --flashinfer-head-dims 128 --time-budget-s "$(left 530)" --out "$OUT/bench_decode.json" \
       > "$LOGS/bench.log" 2>&1
   ) &

@@ -30,7 +30,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 
 from . import refusals
-from .kernels.tq_decode import DecodeWorkspace, default_block_n, default_num_kv_splits, tq_decode
+from .kernels.tq_decode import DecodeWorkspace, default_launch, default_num_kv_splits, tq_decode
 from .kernels.tq_extend import tq_extend
 from .pool import TQTokenToKVPool
 
@@ -82,9 +82,10 @@ class TQAttnBackend(TritonAttnBackend):
 
     # -- metadata ----------------------------------------------------------------
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        launch = default_launch(self.token_to_kv_pool.head_dim)
         num_kv_splits.copy_(default_num_kv_splits(
             seq_lens, self.num_kv_head, self.max_kv_splits, num_sms=self.num_sms,
-            block_n=default_block_n(self.token_to_kv_pool.head_dim)))
+            programs_per_sm=launch.programs_per_sm, block_n=launch.block_n))
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
         return DecodeWorkspace.create(batch, self.num_head, self.token_to_kv_pool.head_dim,
