@@ -17,19 +17,26 @@ def check_head_dim(head_dim: int) -> None:
         )
 
 
-def check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
-                         codec: LayerCodec) -> tuple[int, int, int]:
-    """Validate a query [·, Hq, D] against a packed pool; returns (Hq, D, Hkv)."""
-    hq, d = q.shape[-2:]
-    check_head_dim(d)
+def check_pool(k_codes: torch.Tensor, v_codes: torch.Tensor, codec: LayerCodec) -> int:
+    """Validate packed K/V pages [slots, Hkv, bytes] against a codec; returns Hkv."""
+    check_head_dim(codec.head_dim)
     hkv = k_codes.shape[1]
-    if d != codec.head_dim:
-        raise ValueError(f"q has head_dim {d} but the codec was built for {codec.head_dim}.")
-    if hq % hkv:
-        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads.")
     if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
         raise ValueError("k_codes and v_codes must be uint8 packed pages, not bf16 views.")
     if k_codes.shape[1:] != (hkv, codec.k_code_bytes) or v_codes.shape[1:] != (hkv, codec.v_code_bytes):
         raise ValueError("the packed pool does not match the codec's bit widths; rebuild it with "
                          "LayerCodec.alloc_buffers.")
+    return hkv
+
+
+def check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
+                         codec: LayerCodec) -> tuple[int, int, int]:
+    """Validate a query [·, Hq, D] against a packed pool; returns (Hq, D, Hkv)."""
+    hq, d = q.shape[-2:]
+    check_head_dim(d)
+    if d != codec.head_dim:
+        raise ValueError(f"q has head_dim {d} but the codec was built for {codec.head_dim}.")
+    hkv = check_pool(k_codes, v_codes, codec)
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads.")
     return hq, d, hkv

@@ -72,11 +72,8 @@ def _word(b) -> int:
 
 
 def _table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
-    if bits == 3:  # the four magnitudes; the sign comes from the high-bit plane
+    if bits != 4:  # 2-bit: the four values; 3-bit: the four magnitudes (codes 0-3)
         vals = _fp16_bits(codebook[:4]) + [0] * 4
-        return tuple(vals[2 * i] | vals[2 * i + 1] << 16 for i in range(4))
-    if bits == 2:  # the four values
-        vals = _fp16_bits(codebook) + [0] * 4
         return tuple(vals[2 * i] | vals[2 * i + 1] << 16 for i in range(4))
     vals = _fp16_bits(codebook[:8])
     lo = [v & 0xFF for v in vals]
@@ -151,13 +148,19 @@ def lut_asm(codebook: torch.Tensor, bits: int) -> str:
         return lut4_asm(codebook)
     if bits not in (2, 3):
         raise ValueError(f"the prmt lookup supports 2-4-bit codes, got {bits}.")
+    _check_codebook(codebook, bits, sign_magnitude=bits == 3)
+    return _lut_asm_cached(bits)
+
+
+def _check_codebook(codebook: torch.Tensor, bits: int, sign_magnitude: bool) -> None:
+    """Lookups that build values from magnitudes and a sign bit (3- and 4-bit) need the
+    codebook in sign-magnitude code order: code half + m = −code m."""
     if codebook.numel() != 1 << bits:
         raise ValueError(f"a {bits}-bit lookup needs {1 << bits} codebook entries.")
-    c = codebook.detach().cpu().float()
-    if bits == 3 and not torch.equal(c[4:], -c[:4]):
-        raise ValueError("the 3-bit prmt lookup needs a symmetric codebook in sign-magnitude "
-                         "code order (code 4 + m = −code m).")
-    return _lut_asm_cached(bits)
+    c, half = codebook.detach().cpu().float(), 1 << (bits - 1)
+    if sign_magnitude and not torch.equal(c[half:], -c[:half]):
+        raise ValueError(f"the {bits}-bit prmt lookup needs a symmetric codebook in "
+                         f"sign-magnitude code order (code {half} + m = −code m).")
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,10 +198,7 @@ def lut4_asm(codebook: torch.Tensor) -> str:
     """PTX mapping a word of two uint16 elements (8 packed 4-bit codes) to four fp16x2
     registers: low nibbles of bytes (0, 2), of bytes (1, 3), high nibbles of bytes
     (0, 2), of bytes (1, 3)."""
-    c = codebook.detach().cpu().float()
-    if c.numel() != 16 or not torch.equal(c[8:], -c[:8]):
-        raise ValueError("the 4-bit prmt lookup needs a symmetric 16-entry codebook in "
-                         "sign-magnitude code order (code 8 + m = −code m).")
+    _check_codebook(codebook, 4, sign_magnitude=True)
     return _lut4_asm_cached()
 
 

@@ -39,6 +39,7 @@ from ._codes import (load_codes, load_dense_tiles, load_lut_words, load_slots, l
                      online_softmax_step, slot_offsets_need_int64, softmax_state, scores,
                      store_tiles, tanh)
 from ._checks import check_attention_args
+from .tq_dequant import tq_dequant_ref
 
 
 @triton.jit
@@ -308,26 +309,27 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
         slots = kv_indices[kv_indptr[b]: kv_indptr[b + 1]].long()
         if sliding_window > 0:
             slots = slots[-sliding_window:]
-        k = codec.k_quant.dequantize(k_codes[slots], k_norms[slots]).to(dtype)
-        v = codec.v_quant.dequantize(v_codes[slots], v_norms[slots]).to(dtype)
+        k, v = tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype)
         outs.append(attention_ref(q[b : b + 1].to(dtype), k, v, sm_scale, logit_cap)[0])
     return torch.stack(outs)
 
 
 def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_splits: int,
-                          num_sms: int = 132, programs_per_sm: int = 2, block_n: int = 128,
+                          num_sms: int = 132, head_dim: int = 128, block_n: int | None = None,
                           min_tokens_per_split: int = 256) -> torch.Tensor:
     """Splits per sequence that minimise stage 1's critical path, on the device (no sync).
 
-    With ``B·Hkv·s`` programs and ``num_sms · programs_per_sm`` resident at a time (2 at
-    block_n 128: ~220 registers per thread), the step takes ``waves(s) · (tiles(s) + 1)``
+    With ``B·Hkv·s`` programs and ``num_sms · programs_per_sm`` resident at a time
+    (:func:`default_launch` of ``head_dim``; ``block_n`` overrides its tile), the step takes ``waves(s) · (tiles(s) + 1)``
     tile-times, where a program's fixed cost (query, tables, partial store) counts as one
     tile. Rounding waves up matters: at 16 × 8k, 3 splits are 1.45 waves (the second
     mostly idle) and 2 splits one full wave. Ties go to fewer splits (less merging);
     no split is shorter than ``min_tokens_per_split``.
     """
+    launch = default_launch(head_dim)
+    block_n = block_n or launch.block_n
     bsz = seq_lens.numel()
-    slots = max(1, num_sms * programs_per_sm)
+    slots = max(1, num_sms * launch.programs_per_sm)
     s = torch.arange(1, max_kv_splits + 1, device=seq_lens.device)
     waves = torch.div(bsz * num_kv_heads * s + slots - 1, slots, rounding_mode="floor")
     lens = seq_lens.to(torch.int64).clamp(min=1)[:, None]

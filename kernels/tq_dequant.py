@@ -23,7 +23,7 @@ import triton.language as tl
 from sglang_tq.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
 
-from ._checks import check_head_dim
+from ._checks import check_pool
 from ._codes import (load_codes, load_lut_words, load_slots, lookup_quarters,
                      slot_offsets_need_int64, tile_columns)
 
@@ -78,12 +78,10 @@ def _tq_dequant_kernel(
 def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
                dtype=torch.bfloat16, block_n: int = 64, num_warps: int = 4):
     """Dense K and V [N, Hkv, D] in ``dtype`` of the packed ``slots`` [N] (any int dtype)."""
-    check_head_dim(codec.head_dim)
+    hkv = check_pool(k_codes, v_codes, codec)
     if slots.dim() != 1:
         raise ValueError(f"slots must be a 1-D index tensor, got shape {tuple(slots.shape)}.")
-    if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
-        raise ValueError("k_codes and v_codes must be uint8 packed pages, not bf16 views.")
-    n, hkv, d = slots.numel(), k_codes.shape[1], codec.head_dim
+    n, d = slots.numel(), codec.head_dim
     k = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
     v = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
     if n == 0:

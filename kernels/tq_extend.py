@@ -25,7 +25,7 @@ from sglang_tq.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
 
 from ._checks import check_attention_args
-from .tq_dequant import tq_dequant
+from .tq_dequant import tq_dequant, tq_dequant_ref
 from .tq_decode import attention_ref
 
 
@@ -95,8 +95,7 @@ def tq_extend_ref(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_ind
         slots = kv_indices[int(kv_indptr[b]): int(kv_indptr[b + 1])].long()
         if chunk_slots is not None:
             slots = torch.cat([slots, chunk_slots[qs:qe].long()])
-        kp = codec.k_quant.dequantize(k_codes[slots], k_norms[slots]).to(dtype)
-        vp = codec.v_quant.dequantize(v_codes[slots], v_norms[slots]).to(dtype)
+        kp, vp = tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype)
         if chunk_slots is None:
             kp = torch.cat([kp, k[qs:qe].to(dtype)])
             vp = torch.cat([vp, v[qs:qe].to(dtype)])

@@ -263,13 +263,11 @@ def tq_num_kv_splits(args, B, L, sm_count, D=None) -> int:
     elif args.splits_policy == "backend":
         import torch
 
-        from sglang_tq.kernels.tq_decode import default_launch, default_num_kv_splits
+        from sglang_tq.kernels.tq_decode import default_num_kv_splits
 
-        launch = default_launch(D or args.head_dim)
-        block_n = json.loads(args.tq_kernel_args or "{}").get("block_n") or launch.block_n
         n = int(default_num_kv_splits(torch.full((B,), L), args.num_kv_heads, args.max_kv_splits,
-                                      num_sms=sm_count, programs_per_sm=launch.programs_per_sm,
-                                      block_n=block_n)[0])
+                                      num_sms=sm_count, head_dim=D or args.head_dim,
+                                      block_n=json.loads(args.tq_kernel_args or "{}").get("block_n"))[0])
     elif args.splits_policy == "sglang":
         n = sglang_num_kv_splits([L] * B, args.num_q_heads, args.num_kv_heads, args.max_kv_splits, sm_count)[0]
     else:

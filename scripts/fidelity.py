@@ -105,6 +105,17 @@ NAMED_CONFIGS = {
 }
 
 
+def parse_config_specs(specs: list[str], error) -> dict[str, list[str]]:
+    """``--config NAME=FLAGS`` values → {name: flags}; ``error`` (argparse's) on a bad one."""
+    custom = {}
+    for spec in specs:
+        name, _, flags = spec.partition("=")
+        if not name or not flags:
+            error(f"--config {spec!r}: expected NAME=FLAGS")
+        custom[name.strip()] = shlex.split(flags)
+    return custom
+
+
 def config_flags(name: str, custom: dict[str, list[str]] | None = None) -> list[str]:
     """Server flags of a config name: bf16, fp8, kKvV (TurboQuant), kKvV-pp (+packed prefill)."""
     if custom and name in custom:
@@ -590,12 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="fidelity.json")
     args = ap.parse_args(argv)
 
-    custom = {}
-    for spec in args.config:
-        name, _, flags = spec.partition("=")
-        if not name or not flags:
-            ap.error(f"--config {spec!r}: expected NAME=FLAGS")
-        custom[name.strip()] = shlex.split(flags)
+    custom = parse_config_specs(args.config, ap.error)
     under_test = [c.strip() for c in args.configs.split(",") if c.strip() and c.strip() != "bf16"]
     for c in ["bf16", *under_test]:
         config_flags(c, custom)  # fail early on unknown names

@@ -114,6 +114,7 @@ from fidelity import (  # noqa: E402
     _server_module,
     config_flags,
     first_divergence,
+    parse_config_specs,
     parse_generation,
 )
 
@@ -515,12 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     t_start = time.time()
-    custom = {}
-    for spec in args.config:
-        name, _, flags = spec.partition("=")
-        if not name or not flags:
-            ap.error(f"--config {spec!r}: expected NAME=FLAGS")
-        custom[name.strip()] = shlex.split(flags)
+    custom = parse_config_specs(args.config, ap.error)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not names:
         ap.error("--configs is empty")

@@ -61,7 +61,8 @@ def main() -> None:
             indptr = torch.arange(0, slots + 1, seq, device="cuda", dtype=torch.int32)
             q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
             splits = dec.default_num_kv_splits(torch.full((bsz,), seq), hkv, args.max_kv_splits,
-                                               num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+                                               num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                                               head_dim=d)
             splits = splits.cuda()
             ws = dec.DecodeWorkspace.create(bsz, hq, d, args.max_kv_splits, "cuda")
             for bn, nw, ns in itertools.product(*(map(int, x.split(",")) for x in

@@ -30,7 +30,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 
 from . import refusals
-from .kernels.tq_decode import DecodeWorkspace, default_launch, default_num_kv_splits, tq_decode
+from .kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, tq_decode
 from .kernels.tq_extend import tq_extend
 from .pool import TQTokenToKVPool
 
@@ -76,16 +76,14 @@ class TQAttnBackend(TritonAttnBackend):
         self.out_dtype = getattr(model_runner, "dtype", pool.model_dtype)
         self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
         self._eager_ws: Optional[DecodeWorkspace] = None
-        self._eager_ws_batch = 0
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
 
     # -- metadata ----------------------------------------------------------------
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        launch = default_launch(self.token_to_kv_pool.head_dim)
         num_kv_splits.copy_(default_num_kv_splits(
             seq_lens, self.num_kv_head, self.max_kv_splits, num_sms=self.num_sms,
-            programs_per_sm=launch.programs_per_sm, block_n=launch.block_n))
+            head_dim=self.token_to_kv_pool.head_dim))
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
         return DecodeWorkspace.create(batch, self.num_head, self.token_to_kv_pool.head_dim,
@@ -96,9 +94,8 @@ class TQAttnBackend(TritonAttnBackend):
         mode = forward_batch.forward_mode
         if mode.is_decode_or_idle():
             bs = forward_batch.batch_size
-            if bs > self._eager_ws_batch:
-                self._eager_ws_batch = 1 << max(0, bs - 1).bit_length()
-                self._eager_ws = self._workspace(self._eager_ws_batch)
+            if self._eager_ws is None or self._eager_ws.q_rot.shape[0] < bs:
+                self._eager_ws = self._workspace(1 << max(0, bs - 1).bit_length())
             self._decode_ws = self._eager_ws
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
