@@ -8,6 +8,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-python -m pip install --upgrade pip
-pip install -e ".[test]"
+df -h . | tail -1 | awk '{print "ci: free disk before install: " $4}'
+python -m pip install --no-cache-dir --upgrade pip
+pip install --no-cache-dir -e ".[test]"
 python -m pytest -q tests
