@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""KV-cache fidelity of the TurboQuant *algorithm* on a real model, without SGLang or a GPU.
+
+    python scripts/fidelity_ref.py --model-path .models/smollm2-bf16 \\
+        --configs fp8,k4v4,k3v3,k4v2 --out benchmarks/results/fidelity_ref_smollm2.json
+
+``scripts/fidelity.py`` measures the engine: SGLang servers, fused kernels, GPU. This
+script measures the same quantities with the Hugging Face model and a KV cache that
+stores every K/V vector the way the engine's pool does, so the numbers isolate what the
+quantizer costs from what the kernels and the engine add. It runs on the CPU (two cores
+are enough for a 135M–0.5B model) and on CUDA (--device cuda).
+
+What is stored, per config (the cache layer ``RoundTripLayer``):
+* ``bf16``: the model's K/V unchanged (the noise-floor row, as in fidelity.py);
+* ``fp8``:  K/V cast to float8_e4m3fn and back, as SGLang's ``--kv-cache-dtype
+  fp8_e4m3`` pool does without scales (a plain ``.to(float8_e4m3fn)``);
+* ``kKvV``: K through ``TurboQuantizer(head_dim, K, seed=TQConfig.layer_seed(layer))``,
+  V through the V-bit quantizer of the same seed (one rotation per layer, paper Alg. 1:
+  rotate, fp16 norm, Lloyd-Max code), then dequantized (Alg. 1 lines 9–10): exactly the
+  codes and norms the pool's store kernel writes (tests compare the two).
+K is stored after RoPE, as SGLang's ``set_kv_buffer`` receives it. When several tokens
+arrive at once (the prompt), attention uses their unquantized K/V and only later steps
+read them back from the cache: SGLang's extend path works the same way (new tokens from
+the forward pass, the prefix from the pool; sglang-tq's default, non-packed prefill).
+
+Metrics are those of fidelity.py (``score_config``): every config generates greedily
+(--max-new-tokens, EOS ignored) and records its own top-K at each step; the bf16 model
+with a plain cache then scores prompt + generated tokens in one forward pass (teacher
+forcing); top-1 agreement, KL(bf16 || config) over top-K buckets, |dlogp|, and where the
+greedy text first leaves bf16's own greedy text. The model runs in float32 by default (the
+"bf16" row is then the unquantized cache; --dtype bfloat16 matches the engine on CUDA).
+Prompts are decoded as one left-padded batch (--batch-size). The issue-4 criterion reads
+``top1_disagreement(k4v4) <= 2 x top1_disagreement(fp8)``; the JSON records it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def _fidelity_module():
+    """scripts/fidelity.py (metrics, prompts, report), loaded by path."""
+    spec = importlib.util.spec_from_file_location("_tq_fidelity", HERE / "fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fid = _fidelity_module()
+
+
+def parse_configs(spec: str) -> list[str]:
+    """'fp8,k4v4' -> ['bf16', 'fp8', 'k4v4']: bf16 first (reference), no duplicates."""
+    from sglang_tq.config import TQConfig  # noqa: PLC0415
+
+    names = ["bf16"]
+    for c in (x.strip().lower() for x in spec.split(",")):
+        if not c or c in names:
+            continue
+        if c != "fp8":
+            try:
+                TQConfig.parse_bits(c)
+            except ValueError as exc:
+                raise ValueError(f"unknown config {c!r}: use bf16, fp8 or kKvV such as k4v4 ({exc})") from None
+        names.append(c)
+    return names
+
+
+def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0):
+    """(k_fn, v_fn): what the KV pool of `config` gives back for a stored K / V [..., D]."""
+    import torch  # noqa: PLC0415
+
+    if config == "bf16":
+        ident = lambda x: x  # noqa: E731
+        return ident, ident
+    if config == "fp8":
+        fp8 = lambda x: x.to(torch.float8_e4m3fn).to(x.dtype)  # noqa: E731
+        return fp8, fp8
+    from sglang_tq.config import TQConfig  # noqa: PLC0415
+    from sglang_tq.quantizer import TurboQuantizer  # noqa: PLC0415
+
+    k_bits, v_bits = TQConfig.parse_bits(config)
+    cfg = TQConfig(head_dim=head_dim, k_bits=k_bits, v_bits=v_bits, seed=seed)
+    layer_seed = cfg.layer_seed(layer_id)
+    qk = TurboQuantizer(head_dim, k_bits, seed=layer_seed)
+    qv = TurboQuantizer(head_dim, v_bits, seed=layer_seed)
+
+    def make(q):
+        def fn(x):
+            return q.dequantize(*q.quantize(x.float())).to(x.dtype)
+        return fn
+
+    return make(qk), make(qv)
+
+
+def make_cache(config: str, num_layers: int, head_dim: int, seed: int = 0):
+    """A transformers Cache whose layers store K/V as the `config` pool would."""
+    from transformers.cache_utils import Cache, DynamicLayer  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    class RoundTripLayer(DynamicLayer):
+        """DynamicLayer that stores round-tripped K/V; a multi-token step attends its own
+        tokens unquantized (SGLang extend), a one-token step reads everything stored."""
+
+        def __init__(self, k_fn, v_fn):
+            super().__init__()
+            self.k_fn, self.v_fn = k_fn, v_fn
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            old_k, old_v = self.keys, self.values
+            self.keys = torch.cat([old_k, self.k_fn(key_states)], dim=-2)
+            self.values = torch.cat([old_v, self.v_fn(value_states)], dim=-2)
+            if key_states.shape[-2] == 1:
+                return self.keys, self.values
+            return torch.cat([old_k, key_states], dim=-2), torch.cat([old_v, value_states], dim=-2)
+
+    layers = [RoundTripLayer(*round_trip_fns(config, i, head_dim, seed)) for i in range(num_layers)]
+    return Cache(layers=layers)
+
+
+def _top_rows(logprobs, k: int) -> list:
+    """log-softmax [V] -> one SGLang-style top-K row [[logprob, id, None] x K]."""
+    vals, ids = logprobs.topk(k)
+    return [[float(v), int(i), None] for v, i in zip(vals.tolist(), ids.tolist())]
+
+
+def generate(model, config: str, prompts: list[list[int]], max_new_tokens: int, top_k: int,
+             head_dim: int, seed: int = 0, pad_id: int = 0) -> dict:
+    """Greedy decode of all prompts as one left-padded batch with the `config` cache; EOS
+    ignored (every sequence full length). Position ids skip the padding, as HF's
+    generate() does; padded slots are masked out of every attention."""
+    import torch  # noqa: PLC0415
+
+    dev = next(model.parameters()).device
+    n = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = make_cache(config, model.config.num_hidden_layers, head_dim, seed)
+    out = {"tokens": [[] for _ in prompts], "token_lps": [[] for _ in prompts],
+           "top": [[] for _ in prompts]}
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                           past_key_values=cache, use_cache=True).logits[:, -1]
+            lp = torch.log_softmax(logits.float(), -1)
+            if not torch.isfinite(lp).all():
+                raise RuntimeError(f"{config}: non-finite logits while decoding")
+            tok = lp.argmax(-1)
+            tok_lp = lp.gather(1, tok[:, None])[:, 0]
+            for b in range(len(prompts)):
+                out["tokens"][b].append(int(tok[b]))
+                out["token_lps"][b].append(float(tok_lp[b]))
+                out["top"][b].append(_top_rows(lp[b], top_k))
+            ids = tok[:, None]
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return out
+
+
+def score(model, prompt: list[int], gen_tokens: list[int], top_k: int) -> dict:
+    """bf16 teacher: one forward pass over prompt + generated tokens (plain cache)."""
+    import torch  # noqa: PLC0415
+
+    dev = next(model.parameters()).device
+    seq = torch.tensor([prompt + gen_tokens], device=dev)
+    with torch.no_grad():
+        logits = model(input_ids=seq, use_cache=False).logits[0].float()
+    lp = torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(gen_tokens)], -1)
+    tok = torch.tensor(gen_tokens, device=dev)
+    return {"token_lps": lp.gather(1, tok[:, None])[:, 0].tolist(),
+            "top": [_top_rows(row, top_k) for row in lp]}
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def verdict(results: dict) -> dict | None:
+    """Issue 4's accuracy criterion: k4v4's top-1 disagreement at most 2x fp8's."""
+    if "k4v4" not in results or "fp8" not in results:
+        return None
+    d = {n: 1.0 - results[n]["summary"]["top1_agreement"] for n in results}
+    ratio = d["k4v4"] / d["fp8"] if d["fp8"] > 0 else float("inf")
+    return {"top1_disagreement": d, "k4v4_over_fp8": ratio, "met": bool(d["k4v4"] <= 2 * d["fp8"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--model-path", required=True, help="HF folder (config, tokenizer, weights)")
+    ap.add_argument("--configs", default="fp8,k4v4,k3v3",
+                    help="comma list: fp8 and/or kKvV (k4v4, k4v3, k3v3, k4v2, ...); "
+                         "bf16 is always run as the reference")
+    ap.add_argument("--num-prompts", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--bin-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0, help="--kv-quant-seed of the engine (default 0)")
+    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
+                    help="model dtype (default float32: CPU bf16 matmuls without AMX run ~20x "
+                         "slower, and an fp32 model leaves the KV cache as the only error "
+                         "source; use bfloat16 on CUDA to match the engine)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--batch-size", type=int, default=20,
+                    help="prompts decoded together (left-padded; default 20)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--out", default="fidelity_ref.json")
+    args = ap.parse_args(argv)
+    try:
+        configs = parse_configs(args.configs)
+    except ValueError as exc:
+        ap.error(str(exc))
+
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    from sglang_tq.provenance import provenance  # noqa: PLC0415
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = fid.build_prompts(args.model_path, args.num_prompts)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype).to(args.device).eval()
+    hd = head_dim_of(model.config)
+    print(f"{len(prompts)} prompts, {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
+          f"{args.max_new_tokens} new tokens each; {model.config.num_hidden_layers} layers, "
+          f"head_dim {hd}; configs {configs}", flush=True)
+
+    t0 = time.time()
+    gens = {}
+    for name in configs:
+        gens[name] = {"tokens": [], "token_lps": [], "top": []}
+        for start in range(0, len(prompts), args.batch_size):
+            r = generate(model, name, prompts[start:start + args.batch_size], args.max_new_tokens,
+                         args.top_k, hd, args.seed)
+            for key in gens[name]:
+                gens[name][key].extend(r[key])
+            print(f"  {name}: {len(gens[name]['tokens'])}/{len(prompts)} prompts "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    results = {}
+    for name in configs:
+        s = {"token_lps": [], "top": []}
+        for p, toks in zip(prompts, gens[name]["tokens"]):
+            r = score(model, p, toks, args.top_k)
+            s["token_lps"].append(r["token_lps"])
+            s["top"].append(r["top"])
+        results[name] = fid.score_config(gens[name], s, gens["bf16"]["tokens"], args.bin_size)
+    fid.print_table(results)
+    fid.print_curves(results)
+    v = verdict(results)
+    if v:
+        print(f"\ntop-1 disagreement k4v4 / fp8 = {v['k4v4_over_fp8']:.2f} "
+              f"(criterion <= 2: {'met' if v['met'] else 'NOT met'})")
+    out = {**provenance(), "script": "fidelity_ref.py", "model_path": str(args.model_path),
+           "settings": {"configs": configs, "num_prompts": len(prompts),
+                        "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
+                        "seed": args.seed, "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
+                        "head_dim": hd, "prefill": "prompt unquantized (SGLang extend)"},
+           "prompt_lens": [len(p) for p in prompts], "elapsed_s": round(time.time() - t0, 1),
+           "criterion": v, "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
