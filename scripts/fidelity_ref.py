@@ -17,7 +17,10 @@ What is stored, per config (the cache layer ``RoundTripLayer``):
 * ``kKvV``: K through ``TurboQuantizer(head_dim, K, seed=TQConfig.layer_seed(layer))``,
   V through the V-bit quantizer of the same seed (one rotation per layer, paper Alg. 1:
   rotate, fp16 norm, Lloyd-Max code), then dequantized (Alg. 1 lines 9–10): exactly the
-  codes and norms the pool's store kernel writes (tests compare the two).
+  codes and norms the pool's store kernel writes (tests compare the two);
+* mixed sides for diagnosis: in ``kKvV`` a side of 8 is fp8 e4m3, 16 is unquantized
+  (k16v4: only V quantized; k8v4: DESIGN.md's "k8v4-like" option), and ``-prod``
+  makes the keys TurboQuant_prod (Alg. 2: (b-1)-bit code + 1-bit QJL residual sketch).
 K is stored after RoPE, as SGLang's ``set_kv_buffer`` receives it. When several tokens
 arrive at once (the prompt), attention uses their unquantized K/V and only later steps
 read them back from the cache: SGLang's extend path works the same way (new tokens from
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -57,19 +61,32 @@ def _fidelity_module():
 fid = _fidelity_module()
 
 
+_CONFIG_RE = re.compile(r"k(2|3|4|8|16)v(2|3|4|8|16)(-prod)?")
+_ALIASES = {"fp8": "k8v8"}
+
+
+def parse_config(name: str) -> tuple[int, int, str]:
+    """'k4v4' -> (4, 4, 'mse'); 'k4v4-prod' -> (4, 4, 'prod'); 'fp8' -> (8, 8, 'mse').
+
+    Each side: 2/3/4 = TurboQuant at that many bits, 8 = fp8 e4m3 (SGLang's fp8 pool),
+    16 = stored unquantized; '-prod' = TurboQuant_prod keys (paper Alg. 2)."""
+    c = name.strip().lower()
+    m = _CONFIG_RE.fullmatch(_ALIASES.get(c, c))
+    if c == "bf16" or not m or (m[3] and int(m[1]) not in (2, 3, 4)):
+        raise ValueError(
+            f"unknown config {name!r}: use fp8 or kKvV with each of K, V in 2/3/4 (TurboQuant "
+            f"bits), 8 (fp8 e4m3) or 16 (unquantized), such as k4v4, k8v4, k16v4, k4v4-prod "
+            f"(-prod needs TurboQuant keys)")
+    return int(m[1]), int(m[2]), "prod" if m[3] else "mse"
+
+
 def parse_configs(spec: str) -> list[str]:
     """'fp8,k4v4' -> ['bf16', 'fp8', 'k4v4']: bf16 first (reference), no duplicates."""
-    from sglang_tq.config import TQConfig  # noqa: PLC0415
-
     names = ["bf16"]
     for c in (x.strip().lower() for x in spec.split(",")):
         if not c or c in names:
             continue
-        if c != "fp8":
-            try:
-                TQConfig.parse_bits(c)
-            except ValueError as exc:
-                raise ValueError(f"unknown config {c!r}: use bf16, fp8 or kKvV such as k4v4 ({exc})") from None
+        parse_config(c)
         names.append(c)
     return names
 
@@ -78,27 +95,24 @@ def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0):
     """(k_fn, v_fn): what the KV pool of `config` gives back for a stored K / V [..., D]."""
     import torch  # noqa: PLC0415
 
-    if config == "bf16":
-        ident = lambda x: x  # noqa: E731
-        return ident, ident
-    if config == "fp8":
-        fp8 = lambda x: x.to(torch.float8_e4m3fn).to(x.dtype)  # noqa: E731
-        return fp8, fp8
     from sglang_tq.config import TQConfig  # noqa: PLC0415
     from sglang_tq.quantizer import TurboQuantizer  # noqa: PLC0415
 
-    k_bits, v_bits = TQConfig.parse_bits(config)
-    cfg = TQConfig(head_dim=head_dim, k_bits=k_bits, v_bits=v_bits, seed=seed)
-    layer_seed = cfg.layer_seed(layer_id)
-    qk = TurboQuantizer(head_dim, k_bits, seed=layer_seed)
-    qv = TurboQuantizer(head_dim, v_bits, seed=layer_seed)
+    if config == "bf16":
+        k_bits, v_bits, variant = 16, 16, "mse"
+    else:
+        k_bits, v_bits, variant = parse_config(config)
+    layer_seed = TQConfig(head_dim=head_dim, seed=seed).layer_seed(layer_id)
 
-    def make(q):
-        def fn(x):
-            return q.dequantize(*q.quantize(x.float())).to(x.dtype)
-        return fn
+    def make(bits: int, var: str):
+        if bits == 16:
+            return lambda x: x
+        if bits == 8:
+            return lambda x: x.to(torch.float8_e4m3fn).to(x.dtype)
+        q = TurboQuantizer(head_dim, bits, seed=layer_seed, variant=var)
+        return lambda x: q.dequantize(*q.quantize(x.float())).to(x.dtype)
 
-    return make(qk), make(qv)
+    return make(k_bits, variant), make(v_bits, "mse")
 
 
 def make_cache(config: str, num_layers: int, head_dim: int, seed: int = 0):
@@ -201,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--model-path", required=True, help="HF folder (config, tokenizer, weights)")
     ap.add_argument("--configs", default="fp8,k4v4,k3v3",
-                    help="comma list: fp8 and/or kKvV (k4v4, k4v3, k3v3, k4v2, ...); "
-                         "bf16 is always run as the reference")
+                    help="comma list: fp8 and/or kKvV, each side 2/3/4 (TurboQuant bits), 8 "
+                         "(fp8 e4m3) or 16 (unquantized), optional -prod (QJL keys): k4v4, "
+                         "k8v4, k16v4, k4v16, k4v4-prod; bf16 is always run as the reference")
     ap.add_argument("--num-prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=20)

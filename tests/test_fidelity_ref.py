@@ -25,9 +25,12 @@ fr = _load()
 
 
 def test_parse_configs_puts_bf16_first_and_refuses_unknown_names():
-    assert fr.parse_configs("k4v4, fp8,k4v4,bf16") == ["bf16", "k4v4", "fp8"]
-    for bad in ("int8", "k5v4", "k4"):
-        with pytest.raises(ValueError, match="use bf16, fp8 or kKvV"):
+    assert fr.parse_configs("k4v4, fp8,k4v4,bf16,k8v4") == ["bf16", "k4v4", "fp8", "k8v4"]
+    assert fr.parse_config("k4v4-prod") == (4, 4, "prod")
+    assert fr.parse_config("fp8") == (8, 8, "mse")
+    assert fr.parse_config("k16v2") == (16, 2, "mse")
+    for bad in ("int8", "k5v4", "k4", "k8v4-prod", "k4v32"):
+        with pytest.raises(ValueError, match="use fp8 or kKvV"):
             fr.parse_configs(bad)
 
 
@@ -48,13 +51,28 @@ def test_round_trip_is_the_pool_quantizer_of_the_layer(bits):
     assert not torch.equal(fr.round_trip_fns(bits, layer + 1, d, seed=3)[0](x), k_fn(x))
 
 
+def test_round_trip_mixed_sides_and_prod_keys():
+    d, layer = 64, 2
+    x = torch.randn(1, 2, 5, d, dtype=torch.bfloat16)
+    seed = TQConfig(head_dim=d).layer_seed(layer)
+    k_fn, v_fn = fr.round_trip_fns("k8v4", layer, d)
+    assert torch.equal(k_fn(x), x.to(torch.float8_e4m3fn).to(torch.bfloat16))
+    q = TurboQuantizer(d, 4, seed=seed)
+    assert torch.equal(v_fn(x), q.dequantize(*q.quantize(x.float())).to(torch.bfloat16))
+    k_fn, v_fn = fr.round_trip_fns("k16v3", layer, d)
+    assert torch.equal(k_fn(x), x) and not torch.equal(v_fn(x), x)
+    k_fn, _ = fr.round_trip_fns("k4v4-prod", layer, d)
+    qp = TurboQuantizer(d, 4, seed=seed, variant="prod")
+    assert torch.equal(k_fn(x), qp.dequantize(*qp.quantize(x.float())).to(torch.bfloat16))
+
+
 def test_round_trip_fp8_and_bf16():
     x = torch.randn(1, 2, 5, 64, dtype=torch.bfloat16) * 3
     k_fn, v_fn = fr.round_trip_fns("fp8", 0, 64)
     assert torch.equal(k_fn(x), x.to(torch.float8_e4m3fn).to(torch.bfloat16))
     assert not torch.equal(k_fn(x), x)
     k_fn, v_fn = fr.round_trip_fns("bf16", 0, 64)
-    assert k_fn(x) is x and v_fn(x) is x
+    assert torch.equal(k_fn(x), x) and torch.equal(v_fn(x), x)
 
 
 def test_cache_extend_sees_own_tokens_unquantized_decode_reads_the_stored_ones():
