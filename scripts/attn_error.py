@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Where a KV format's error enters attention: per-layer KL of the attention rows.
+
+    python scripts/attn_error.py --model-path .models/smollm2-bf16 \\
+        --configs fp8,k4v4,k8v4 --center-text scripts/fidelity.py \\
+        --out benchmarks/results/attn_error_smollm2_cpu.json
+
+One forward pass of the Hugging Face model over --text (default: this repository's
+README, first --tokens tokens) records every layer's post-RoPE queries and keys (the
+keys SGLang's pool receives). For each layer, KV head and config, the keys are
+round-tripped through the config's pool format (``fidelity_ref.round_trip_fns``: TurboQuant
+bits, fp8 e4m3, unquantized) and the causal attention rows softmax(q·k/√d) are compared
+with the exact ones: mean KL(exact || quantized) over query positions ≥ 16 (the first
+rows have almost nothing to attend to). Values do not enter: this isolates the keys, the
+side issue 4's fidelity runs showed to dominate.
+
+Key centering (--center-text): the softmax of a row is unchanged when one vector μ is
+subtracted from every key of a head, since q·(k − μ) = q·k − q·μ shifts the whole row.
+Quantizing k − μ instead of k shrinks the norm the error scales with. μ is the mean
+post-RoPE key per layer and head over a *different* text (a calibration run); the
+"oracle" row uses the evaluated text's own mean, an upper bound on what centering gains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def _fidelity_ref():
+    spec = importlib.util.spec_from_file_location("_tq_fidelity_ref", HERE / "fidelity_ref.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fr = _fidelity_ref()
+
+
+def capture_qk(model, ids: list[int]):
+    """[(q [1, Hq, T, D], k [1, Hkv, T, D])] per layer, post-RoPE, from one forward pass."""
+    import torch  # noqa: PLC0415
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: PLC0415
+
+    impl = model.config._attn_implementation
+    inner = ALL_ATTENTION_FUNCTIONS[impl]
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.detach().float(), key.detach().float()))
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS[impl] = recording
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids], device=next(model.parameters()).device))
+    finally:
+        ALL_ATTENTION_FUNCTIONS[impl] = inner
+    if len(seen) != model.config.num_hidden_layers:
+        raise RuntimeError(f"captured {len(seen)} attention calls for "
+                           f"{model.config.num_hidden_layers} layers")
+    return seen
+
+
+def attention_kl(q, k, k_hat, skip: int = 16):
+    """Mean over query rows ≥ skip of KL(softmax(qk) || softmax(q k_hat)), per KV head."""
+    import torch  # noqa: PLC0415
+
+    t, d = q.shape[-2], q.shape[-1]
+    group = q.shape[1] // k.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+
+    def logp(keys):
+        s = q @ keys.repeat_interleave(group, 1).transpose(-1, -2) / d ** 0.5
+        return s.masked_fill(~causal, float("-inf")).log_softmax(-1)
+
+    p, p_hat = logp(k), logp(k_hat)
+    kl = (p.exp() * (p - p_hat)).nan_to_num(0.0).sum(-1)[0, :, skip:].mean(-1)   # [Hq]
+    return kl.view(k.shape[1], group).mean(-1)                                     # [Hkv]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--configs", default="fp8,k4v4,k3v3",
+                    help="key formats, as in fidelity_ref.py (only the K side is used)")
+    ap.add_argument("--text", default=str(HERE.parent / "README.md"), help="evaluated text file")
+    ap.add_argument("--center-text", default=None,
+                    help="calibration text for key centering (adds <config>+center and "
+                         "<config>+oracle rows for TurboQuant configs)")
+    ap.add_argument("--tokens", type=int, default=768)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="attn_error.json")
+    args = ap.parse_args(argv)
+    try:
+        configs = fr.parse_configs(args.configs)[1:]
+    except ValueError as exc:
+        ap.error(str(exc))
+
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from sglang_tq.provenance import provenance  # noqa: PLC0415
+
+    tok = AutoTokenizer.from_pretrained(args.model_path)
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).eval()
+    hd = fr.head_dim_of(model.config)
+
+    def ids_of(path):
+        ids = tok(Path(path).read_text()).input_ids[:args.tokens]
+        if len(ids) < 64:
+            raise SystemExit(f"{path}: only {len(ids)} tokens; give a longer text")
+        return ids
+
+    layers = capture_qk(model, ids_of(args.text))
+    calib = capture_qk(model, ids_of(args.center_text)) if args.center_text else None
+    rows: dict[str, list[list[float]]] = {}
+    for i, (q, k) in enumerate(layers):
+        for name in configs:
+            k_fn, _ = fr.round_trip_fns(name, i, hd, args.seed)
+            rows.setdefault(name, []).append(attention_kl(q, k, k_fn(k)).tolist())
+            if calib is None or fr.parse_config(name)[0] not in (2, 3, 4):
+                continue
+            for tag, mu in (("center", calib[i][1].mean(2, keepdim=True)),
+                            ("oracle", k.mean(2, keepdim=True))):
+                rows.setdefault(f"{name}+{tag}", []).append(
+                    attention_kl(q, k, k_fn(k - mu) + mu).tolist())
+    summary = {n: sum(map(sum, r)) / sum(map(len, r)) for n, r in rows.items()}
+    ref = summary.get("fp8")
+    print(f"mean attention-row KL over {len(layers)} layers ({len(ids_of(args.text))} tokens):")
+    for n, v in summary.items():
+        print(f"  {n:16s} {v:.5f}" + (f"   {v / ref:5.1f}x fp8" if ref else ""))
+    print("per layer (mean over KV heads):")
+    names = list(rows)
+    print("  layer " + "".join(f"{n:>16s}" for n in names))
+    for i in range(len(layers)):
+        print(f"  {i:5d} " + "".join(f"{sum(rows[n][i]) / len(rows[n][i]):16.5f}" for n in names))
+    out = {**provenance(), "script": "attn_error.py", "model_path": str(args.model_path),
+           "text": args.text, "center_text": args.center_text, "tokens": args.tokens,
+           "summary": summary, "per_layer_per_kv_head": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
