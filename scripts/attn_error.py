@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         configs = fr.parse_configs(args.configs)[1:]
     except ValueError as exc:
         ap.error(str(exc))
+    if any(fr.parse_config(c)[3] for c in configs):
+        ap.error("attn_error.py centers keys itself (--center-text adds the centered rows); "
+                 "drop the -c suffix")
 
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415

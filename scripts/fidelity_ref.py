@@ -20,7 +20,9 @@ What is stored, per config (the cache layer ``RoundTripLayer``):
   codes and norms the pool's store kernel writes (tests compare the two);
 * mixed sides for diagnosis: in ``kKvV`` a side of 8 is fp8 e4m3, 16 is unquantized
   (k16v4: only V quantized; k8v4: DESIGN.md's "k8v4-like" option), and ``-prod``
-  makes the keys TurboQuant_prod (Alg. 2: (b-1)-bit code + 1-bit QJL residual sketch).
+  makes the keys TurboQuant_prod (Alg. 2: (b-1)-bit code + 1-bit QJL residual sketch);
+* ``-c``: keys centered before quantizing, k − μ with μ from --key-centers
+  (``sglang_tq/centers.py``; the softmax is unchanged by a common shift of the keys).
 K is stored after RoPE, as SGLang's ``set_kv_buffer`` receives it. When several tokens
 arrive at once (the prompt), attention uses their unquantized K/V and only later steps
 read them back from the cache: SGLang's extend path works the same way (new tokens from
@@ -61,23 +63,25 @@ def _fidelity_module():
 fid = _fidelity_module()
 
 
-_CONFIG_RE = re.compile(r"k(2|3|4|8|16)v(2|3|4|8|16)(-prod)?")
+_CONFIG_RE = re.compile(r"k(2|3|4|8|16)v(2|3|4|8|16)(-prod)?(-c)?")
 _ALIASES = {"fp8": "k8v8"}
 
 
-def parse_config(name: str) -> tuple[int, int, str]:
-    """'k4v4' -> (4, 4, 'mse'); 'k4v4-prod' -> (4, 4, 'prod'); 'fp8' -> (8, 8, 'mse').
+def parse_config(name: str) -> tuple[int, int, str, bool]:
+    """'k4v4' -> (4, 4, 'mse', False); 'k4v4-prod' -> (4, 4, 'prod', False);
+    'k4v4-c' -> (4, 4, 'mse', True); 'fp8' -> (8, 8, 'mse', False).
 
     Each side: 2/3/4 = TurboQuant at that many bits, 8 = fp8 e4m3 (SGLang's fp8 pool),
-    16 = stored unquantized; '-prod' = TurboQuant_prod keys (paper Alg. 2)."""
+    16 = stored unquantized; '-prod' = TurboQuant_prod keys (paper Alg. 2); '-c' = keys
+    centered by the --key-centers file."""
     c = name.strip().lower()
     m = _CONFIG_RE.fullmatch(_ALIASES.get(c, c))
-    if c == "bf16" or not m or (m[3] and int(m[1]) not in (2, 3, 4)):
+    if c == "bf16" or not m or ((m[3] or m[4]) and int(m[1]) not in (2, 3, 4)):
         raise ValueError(
             f"unknown config {name!r}: use fp8 or kKvV with each of K, V in 2/3/4 (TurboQuant "
-            f"bits), 8 (fp8 e4m3) or 16 (unquantized), such as k4v4, k8v4, k16v4, k4v4-prod "
-            f"(-prod needs TurboQuant keys)")
-    return int(m[1]), int(m[2]), "prod" if m[3] else "mse"
+            f"bits), 8 (fp8 e4m3) or 16 (unquantized), such as k4v4, k8v4, k16v4, k4v4-prod, "
+            f"k4v4-c (-prod and -c need TurboQuant keys)")
+    return int(m[1]), int(m[2]), "prod" if m[3] else "mse", bool(m[4])
 
 
 def parse_configs(spec: str) -> list[str]:
@@ -91,17 +95,23 @@ def parse_configs(spec: str) -> list[str]:
     return names
 
 
-def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0):
-    """(k_fn, v_fn): what the KV pool of `config` gives back for a stored K / V [..., D]."""
+def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0, center=None):
+    """(k_fn, v_fn): what the KV pool of `config` gives back for a stored K / V [B, H, T, D].
+
+    center: this layer's key centers [H, D] (``sglang_tq.centers``), used by '-c'
+    configs: their TurboQuant keys are stored as Q(k − μ), which attention reads as
+    Q(k − μ) + μ (the same softmax: every key of a head moves by the same μ)."""
     import torch  # noqa: PLC0415
 
     from sglang_tq.config import TQConfig  # noqa: PLC0415
     from sglang_tq.quantizer import TurboQuantizer  # noqa: PLC0415
 
     if config == "bf16":
-        k_bits, v_bits, variant = 16, 16, "mse"
+        k_bits, v_bits, variant, centered = 16, 16, "mse", False
     else:
-        k_bits, v_bits, variant = parse_config(config)
+        k_bits, v_bits, variant, centered = parse_config(config)
+    if centered and center is None:
+        raise ValueError(f"config {config!r} centers keys: give --key-centers")
     layer_seed = TQConfig(head_dim=head_dim, seed=seed).layer_seed(layer_id)
 
     def make(bits: int, var: str):
@@ -112,10 +122,15 @@ def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0):
         q = TurboQuantizer(head_dim, bits, seed=layer_seed, variant=var)
         return lambda x: q.dequantize(*q.quantize(x.float())).to(x.dtype)
 
-    return make(k_bits, variant), make(v_bits, "mse")
+    k_fn = make(k_bits, variant)
+    if centered:
+        mu = center.float()[None, :, None, :]
+        plain = k_fn
+        k_fn = lambda x: (plain(x.float() - mu.to(x.device)) + mu.to(x.device)).to(x.dtype)  # noqa: E731
+    return k_fn, make(v_bits, "mse")
 
 
-def make_cache(config: str, num_layers: int, head_dim: int, seed: int = 0):
+def make_cache(config: str, num_layers: int, head_dim: int, seed: int = 0, centers=None):
     """A transformers Cache whose layers store K/V as the `config` pool would."""
     from transformers.cache_utils import Cache, DynamicLayer  # noqa: PLC0415
     import torch  # noqa: PLC0415
@@ -138,7 +153,9 @@ def make_cache(config: str, num_layers: int, head_dim: int, seed: int = 0):
                 return self.keys, self.values
             return torch.cat([old_k, key_states], dim=-2), torch.cat([old_v, value_states], dim=-2)
 
-    layers = [RoundTripLayer(*round_trip_fns(config, i, head_dim, seed)) for i in range(num_layers)]
+    layers = [RoundTripLayer(*round_trip_fns(config, i, head_dim, seed,
+                                             None if centers is None else centers[i]))
+              for i in range(num_layers)]
     return Cache(layers=layers)
 
 
@@ -149,7 +166,7 @@ def _top_rows(logprobs, k: int) -> list:
 
 
 def generate(model, config: str, prompts: list[list[int]], max_new_tokens: int, top_k: int,
-             head_dim: int, seed: int = 0, pad_id: int = 0) -> dict:
+             head_dim: int, seed: int = 0, pad_id: int = 0, centers=None) -> dict:
     """Greedy decode of all prompts as one left-padded batch with the `config` cache; EOS
     ignored (every sequence full length). Position ids skip the padding, as HF's
     generate() does; padded slots are masked out of every attention."""
@@ -160,7 +177,7 @@ def generate(model, config: str, prompts: list[list[int]], max_new_tokens: int, 
     ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts], device=dev)
     mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = make_cache(config, model.config.num_hidden_layers, head_dim, seed)
+    cache = make_cache(config, model.config.num_hidden_layers, head_dim, seed, centers)
     out = {"tokens": [[] for _ in prompts], "token_lps": [[] for _ in prompts],
            "top": [[] for _ in prompts]}
     with torch.no_grad():
@@ -223,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--bin-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0, help="--kv-quant-seed of the engine (default 0)")
+    ap.add_argument("--key-centers", default=None,
+                    help="key centers file (scripts/key_centers.py) for the '-c' configs, whose "
+                         "TurboQuant keys are quantized as k - mu")
     ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
                     help="model dtype (default float32: CPU bf16 matmuls without AMX run ~20x "
                          "slower, and an fp32 model leaves the KV cache as the only error "
@@ -249,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype).to(args.device).eval()
     hd = head_dim_of(model.config)
+    centers = None
+    if any(parse_config(c)[3] for c in configs[1:]) and not args.key_centers:
+        ap.error("a '-c' config centers keys: give --key-centers (scripts/key_centers.py)")
+    if args.key_centers:
+        from sglang_tq.centers import load_key_centers  # noqa: PLC0415
+
+        try:
+            centers = load_key_centers(args.key_centers, model.config.num_hidden_layers,
+                                       model.config.num_key_value_heads, hd)
+        except ValueError as exc:
+            ap.error(str(exc))
     print(f"{len(prompts)} prompts, {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
           f"{args.max_new_tokens} new tokens each; {model.config.num_hidden_layers} layers, "
           f"head_dim {hd}; configs {configs}", flush=True)
@@ -259,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         gens[name] = {"tokens": [], "token_lps": [], "top": []}
         for start in range(0, len(prompts), args.batch_size):
             r = generate(model, name, prompts[start:start + args.batch_size], args.max_new_tokens,
-                         args.top_k, hd, args.seed)
+                         args.top_k, hd, args.seed, centers=centers)
             for key in gens[name]:
                 gens[name][key].extend(r[key])
             print(f"  {name}: {len(gens[name]['tokens'])}/{len(prompts)} prompts "
@@ -281,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {**provenance(), "script": "fidelity_ref.py", "model_path": str(args.model_path),
            "settings": {"configs": configs, "num_prompts": len(prompts),
                         "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
-                        "seed": args.seed, "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
+                        "seed": args.seed, "batch_size": args.batch_size,
+                        "key_centers": args.key_centers, "dtype": args.dtype, "device": args.device,
                         "head_dim": hd, "prefill": "prompt unquantized (SGLang extend)"},
            "prompt_lens": [len(p) for p in prompts], "elapsed_s": round(time.time() - t0, 1),
            "criterion": v, "results": results}

@@ -26,10 +26,11 @@ fr = _load()
 
 def test_parse_configs_puts_bf16_first_and_refuses_unknown_names():
     assert fr.parse_configs("k4v4, fp8,k4v4,bf16,k8v4") == ["bf16", "k4v4", "fp8", "k8v4"]
-    assert fr.parse_config("k4v4-prod") == (4, 4, "prod")
-    assert fr.parse_config("fp8") == (8, 8, "mse")
-    assert fr.parse_config("k16v2") == (16, 2, "mse")
-    for bad in ("int8", "k5v4", "k4", "k8v4-prod", "k4v32"):
+    assert fr.parse_config("k4v4-prod") == (4, 4, "prod", False)
+    assert fr.parse_config("fp8") == (8, 8, "mse", False)
+    assert fr.parse_config("k16v2") == (16, 2, "mse", False)
+    assert fr.parse_config("k3v2-c") == (3, 2, "mse", True)
+    for bad in ("int8", "k5v4", "k4", "k8v4-prod", "k4v32", "k16v4-c", "k4v4-c-prod"):
         with pytest.raises(ValueError, match="use fp8 or kKvV"):
             fr.parse_configs(bad)
 
@@ -64,6 +65,20 @@ def test_round_trip_mixed_sides_and_prod_keys():
     k_fn, _ = fr.round_trip_fns("k4v4-prod", layer, d)
     qp = TurboQuantizer(d, 4, seed=seed, variant="prod")
     assert torch.equal(k_fn(x), qp.dequantize(*qp.quantize(x.float())).to(torch.bfloat16))
+
+
+def test_centered_keys_round_trip_k_minus_mu_and_add_it_back():
+    d, layer = 64, 3
+    x = torch.randn(2, 2, 5, d) * 4 + 10  # a large common component
+    mu = x.mean(dim=(0, 2))  # [H, D]
+    k_c, v_c = fr.round_trip_fns("k4v4-c", layer, d, center=mu)
+    k_p, v_p = fr.round_trip_fns("k4v4", layer, d)
+    assert torch.allclose(k_c(x) - mu[None, :, None, :], k_p(x - mu[None, :, None, :]), atol=1e-5)
+    assert torch.equal(v_c(x), v_p(x))  # values are never centered
+    # removing the common component is the point: the key error shrinks
+    assert (k_c(x) - x).norm() < 0.5 * (k_p(x) - x).norm()
+    with pytest.raises(ValueError, match="give --key-centers"):
+        fr.round_trip_fns("k4v4-c", layer, d)
 
 
 def test_round_trip_fp8_and_bf16():

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Compute a model's key centers (mean post-RoPE key per layer and KV head).
+
+    python scripts/key_centers.py --model-path .models/qwen2.5-coder-0.5b-bf16 \\
+        --out .models/qwen2.5-coder-0.5b-bf16/key_centers.safetensors
+
+Runs the Hugging Face model (float32, CPU by default) over a calibration text — by
+default this repository's Python sources and notes, ~--tokens tokens in --chunk-token
+pieces, so positions 0..chunk are covered like in serving — and averages the keys the
+KV cache receives. See ``sglang_tq/centers.py`` for why and for the file format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+
+def default_text() -> str:
+    files = sorted([*ROOT.glob("sglang_tq/*.py"), *ROOT.glob("notes/*.md"), ROOT / "README.md"])
+    return "\n\n".join(p.read_text() for p in files)
+
+
+def mean_keys(model, chunks: list[list[int]]):
+    """float32 [layers, kv_heads, head_dim]: the mean over all chunks and positions."""
+    import torch  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("_tq_fidelity_ref", HERE / "fidelity_ref.py")
+    fr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fr)
+    n_layers = model.config.num_hidden_layers
+    total, count = None, 0
+    dev = next(model.parameters()).device
+    for ids in chunks:
+        cache = fr.make_cache("bf16", n_layers, fr.head_dim_of(model.config))
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids], device=dev), past_key_values=cache, use_cache=True)
+        s = torch.stack([layer.keys[0].float().sum(1) for layer in cache.layers])  # [L, H, D]
+        total = s if total is None else total + s
+        count += len(ids)
+    return (total / count).cpu()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--out", required=True, help="output .safetensors file")
+    ap.add_argument("--text", default=None, help="calibration text file (default: repo sources)")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--chunk-tokens", type=int, default=1024)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from sglang_tq.centers import save_key_centers  # noqa: PLC0415
+    from sglang_tq.provenance import git_commit  # noqa: PLC0415
+
+    text = Path(args.text).read_text() if args.text else default_text()
+    tok = AutoTokenizer.from_pretrained(args.model_path)
+    ids = tok(text).input_ids[:args.tokens]
+    if len(ids) < args.chunk_tokens:
+        raise SystemExit(f"the calibration text has {len(ids)} tokens, fewer than "
+                         f"--chunk-tokens {args.chunk_tokens}; give a longer --text")
+    chunks = [ids[i:i + args.chunk_tokens] for i in range(0, len(ids) - args.chunk_tokens + 1,
+                                                          args.chunk_tokens)]
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    model = model.to(args.device).eval()
+    print(f"{len(chunks)} chunks x {args.chunk_tokens} tokens", flush=True)
+    centers = mean_keys(model, chunks)
+    meta = {"model_path": str(args.model_path), "tokens": str(len(chunks) * args.chunk_tokens),
+            "chunk_tokens": str(args.chunk_tokens),
+            "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "commit": git_commit()}
+    save_key_centers(args.out, centers, meta)
+    norms = centers.norm(dim=-1)
+    print(f"wrote {args.out}: {list(centers.shape)}, |mu| per layer "
+          f"{[round(float(x), 1) for x in norms.mean(-1)]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
