@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sglang_tq.provenance import provenance  # noqa: PLC0415
 
+    prov = provenance()  # at the start: the commit whose code runs
     tok = AutoTokenizer.from_pretrained(args.model_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).eval()
     hd = fr.head_dim_of(model.config)
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  layer " + "".join(f"{n:>16s}" for n in names))
     for i in range(len(layers)):
         print(f"  {i:5d} " + "".join(f"{sum(rows[n][i]) / len(rows[n][i]):16.5f}" for n in names))
-    out = {**provenance(), "script": "attn_error.py", "model_path": str(args.model_path),
+    out = {**prov, "script": "attn_error.py", "model_path": str(args.model_path),
            "text": args.text, "center_text": args.center_text, "tokens": args.tokens,
            "summary": summary, "per_layer_per_kv_head": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

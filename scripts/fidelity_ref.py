@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sglang_tq.provenance import provenance  # noqa: PLC0415
 
+    prov = provenance()  # at the start: the commit whose code runs, not HEAD at the end
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = fid.build_prompts(args.model_path, args.num_prompts)
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if v:
         print(f"\ntop-1 disagreement k4v4 / fp8 = {v['k4v4_over_fp8']:.2f} "
               f"(criterion <= 2: {'met' if v['met'] else 'NOT met'})")
-    out = {**provenance(), "script": "fidelity_ref.py", "model_path": str(args.model_path),
+    out = {**prov, "script": "fidelity_ref.py", "model_path": str(args.model_path),
            "settings": {"configs": configs, "num_prompts": len(prompts),
                         "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
                         "seed": args.seed, "batch_size": args.batch_size,
