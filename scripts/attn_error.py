@@ -24,23 +24,15 @@ post-RoPE key per layer and head over a *different* text (a calibration run); th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent))  # sglang_tq from a checkout
+sys.path.insert(0, str(HERE))         # sibling scripts
 
-
-def _fidelity_ref():
-    spec = importlib.util.spec_from_file_location("_tq_fidelity_ref", HERE / "fidelity_ref.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fr = _fidelity_ref()
+import fidelity_ref as fr  # noqa: E402
 
 
 def capture_qk(model, ids: list[int]):

@@ -41,7 +41,6 @@ Prompts are decoded as one left-padded batch (--batch-size). The issue-4 criteri
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import sys
@@ -49,18 +48,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent))  # sglang_tq from a checkout
+sys.path.insert(0, str(HERE))         # sibling scripts: fidelity (metrics, prompts, report)
 
-
-def _fidelity_module():
-    """scripts/fidelity.py (metrics, prompts, report), loaded by path."""
-    spec = importlib.util.spec_from_file_location("_tq_fidelity", HERE / "fidelity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fid = _fidelity_module()
+import fidelity as fid  # noqa: E402
 
 
 _CONFIG_RE = re.compile(r"k(2|3|4|8|16)v(2|3|4|8|16)(-prod)?(-c)?")

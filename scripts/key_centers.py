@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -32,16 +31,11 @@ def mean_keys(model, chunks: list[list[int]]):
     """float32 [layers, kv_heads, head_dim]: the mean over all chunks and positions."""
     import torch  # noqa: PLC0415
 
-    spec = importlib.util.spec_from_file_location("_tq_fidelity_ref", HERE / "fidelity_ref.py")
-    fr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fr)
-    n_layers = model.config.num_hidden_layers
     total, count = None, 0
     dev = next(model.parameters()).device
     for ids in chunks:
-        cache = fr.make_cache("bf16", n_layers, fr.head_dim_of(model.config))
         with torch.no_grad():
-            model(input_ids=torch.tensor([ids], device=dev), past_key_values=cache, use_cache=True)
+            cache = model(input_ids=torch.tensor([ids], device=dev), use_cache=True).past_key_values
         s = torch.stack([layer.keys[0].float().sum(1) for layer in cache.layers])  # [L, H, D]
         total = s if total is None else total + s
         count += len(ids)
