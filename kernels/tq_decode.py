@@ -25,7 +25,10 @@ pre-rotation matmul into the workspace, so it can be captured in a CUDA graph.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+from pathlib import Path
 
 import torch
 import triton
@@ -33,7 +36,7 @@ import triton.language as tl
 
 from sglang_tq.codec import LayerCodec
 
-from sglang_tq.env import triton_interpreting
+from sglang_tq.env import decode_launch_file, triton_interpreting
 
 from ._codes import (load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_quarters,
                      online_softmax_step, slot_offsets_need_int64, softmax_state, scores,
@@ -203,19 +206,57 @@ class DecodeLaunch:
     num_warps: int
     programs_per_sm: int
 
+    def __post_init__(self):
+        if self.block_n not in (16, 32, 64, 128, 256) or self.num_warps not in (1, 2, 4, 8) \
+                or not 1 <= self.programs_per_sm <= 64:
+            raise ValueError(f"invalid decode launch {self}: block_n must be a power of two in "
+                             "16..256, num_warps 1, 2, 4 or 8, programs_per_sm 1..64.")
 
-def default_launch(head_dim: int) -> DecodeLaunch:
-    """The launch with the fewest loop instructions per code that neither spills nor
-    replicates the score tile across warps (offline sm_90a SASS, notes/perf.md):
-    d 128: 128 tokens, 4 warps (4.0 per code, ~220 registers: 2 programs per SM);
-    d 256: 64 tokens, 4 warps (4.5; 128 tokens spill); d 64: 64 tokens, 1 warp (5.1;
-    with 4 warps the [16, N] softmax tiles are computed 4 times over, 11 per code).
-    Chosen offline; tune_decode.py measures the alternatives."""
-    if head_dim <= 64:
-        return DecodeLaunch(block_n=64, num_warps=1, programs_per_sm=8)
+
+LAUNCH_TABLE = Path(__file__).with_name("decode_launch.json")
+
+
+def builtin_launch(head_dim: int) -> DecodeLaunch:
+    """The launch for a GPU the table does not name. 64-token tiles with 2 warps were the
+    fastest of block_n {64, 128} x warps {2, 4, 8} for k4v4 and k3v3 at d 128 and d 64 on
+    the H200 (tune_decode_v4*_h200.json; same SM as the H100); d 256 keeps 4 warps (the
+    [N, 256] tiles of 2 warps would spill)."""
     if head_dim <= 128:
-        return DecodeLaunch(block_n=128, num_warps=4, programs_per_sm=2)
+        return DecodeLaunch(block_n=64, num_warps=2, programs_per_sm=4)
     return DecodeLaunch(block_n=64, num_warps=4, programs_per_sm=2)
+
+
+@functools.lru_cache(maxsize=None)
+def load_launch_table(path: str) -> dict:
+    """{device name: {head_dim: {"kKvV": DecodeLaunch}}} from a table file; extra keys
+    of an entry (the timings tune_decode.py records) are ignored."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        return {dev: {int(d): {kv: DecodeLaunch(**{k: e[k] for k in ("block_n", "num_warps",
+                                                                       "programs_per_sm")})
+                               for kv, e in per_d.items()}
+                      for d, per_d in dims.items()}
+                for dev, dims in raw.items() if not dev.startswith("_")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"the decode launch table {path} is unreadable ({exc}); regenerate it "
+                         "with scripts/tune_decode.py --write-table, or unset "
+                         "SGLANG_TQ_DECODE_LAUNCH to use the packaged one.") from exc
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def default_launch(head_dim: int, k_bits: int = 4, v_bits: int = 4,
+                   device_name: str | None = None) -> DecodeLaunch:
+    """The measured launch for this GPU, head_dim and bit pair (``decode_launch.json``,
+    tuned by ``scripts/tune_decode.py``; ``SGLANG_TQ_DECODE_LAUNCH`` names another
+    table), else :func:`builtin_launch`."""
+    table = load_launch_table(decode_launch_file() or str(LAUNCH_TABLE))
+    per_d = table.get(device_name or _device_name() or "", {}).get(head_dim, {})
+    return per_d.get(f"k{k_bits}v{v_bits}") or builtin_launch(head_dim)
 
 
 def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
@@ -241,7 +282,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
                          "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits).")
     gqa = hq // hkv
     block_h = _block_h(gqa)
-    launch = default_launch(d)
+    launch = default_launch(d, codec.k_bits, codec.v_bits)
     block_n = block_n or launch.block_n
     num_warps = num_warps or launch.num_warps
     q_rot, mid_o, mid_lse = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz]
@@ -315,19 +356,21 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
 
 
 def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_splits: int,
-                          num_sms: int = 132, head_dim: int = 128, block_n: int | None = None,
+                          num_sms: int = 132, head_dim: int = 128, k_bits: int = 4, v_bits: int = 4,
+                          launch: DecodeLaunch | None = None,
                           min_tokens_per_split: int = 256) -> torch.Tensor:
     """Splits per sequence that minimise stage 1's critical path, on the device (no sync).
 
     With ``B·Hkv·s`` programs and ``num_sms · programs_per_sm`` resident at a time
-    (:func:`default_launch` of ``head_dim``; ``block_n`` overrides its tile), the step takes ``waves(s) · (tiles(s) + 1)``
-    tile-times, where a program's fixed cost (query, tables, partial store) counts as one
-    tile. Rounding waves up matters: at 16 × 8k, 3 splits are 1.45 waves (the second
-    mostly idle) and 2 splits one full wave. Ties go to fewer splits (less merging);
-    no split is shorter than ``min_tokens_per_split``.
+    (``launch``, by default :func:`default_launch` of the head_dim and bits), the step
+    takes ``waves(s) · (tiles(s) + 1)`` tile-times, where a program's fixed cost (query,
+    tables, partial store) counts as one tile. Rounding waves up matters: at 16 × 8k with
+    264 slots, 3 splits are 1.45 waves (the second mostly idle) and 2 splits one full
+    wave. Ties go to fewer splits (less merging); no split is shorter than
+    ``min_tokens_per_split``.
     """
-    launch = default_launch(head_dim)
-    block_n = block_n or launch.block_n
+    launch = launch or default_launch(head_dim, k_bits, v_bits)
+    block_n = launch.block_n
     bsz = seq_lens.numel()
     slots = max(1, num_sms * launch.programs_per_sm)
     s = torch.arange(1, max_kv_splits + 1, device=seq_lens.device)

@@ -257,17 +257,20 @@ def sglang_num_kv_splits(seq_lens, num_head, num_kv_head, max_kv_splits, core_co
     return [max(cdiv(l, chunk1), cdiv(l, chunk2)) for l in seq_lens]
 
 
-def tq_num_kv_splits(args, B, L, sm_count, D=None) -> int:
+def tq_num_kv_splits(args, B, L, sm_count, D=None, kbits=4, vbits=4) -> int:
     if args.splits_policy == "fixed":
         n = args.num_kv_splits
     elif args.splits_policy == "backend":
         import torch
 
-        from sglang_tq.kernels.tq_decode import default_num_kv_splits
+        from sglang_tq.kernels.tq_decode import DecodeLaunch, default_launch, default_num_kv_splits
 
+        launch = default_launch(D or args.head_dim, kbits, vbits)
+        block_n = json.loads(args.tq_kernel_args or "{}").get("block_n")
+        if block_n:
+            launch = DecodeLaunch(block_n, launch.num_warps, launch.programs_per_sm)
         n = int(default_num_kv_splits(torch.full((B,), L), args.num_kv_heads, args.max_kv_splits,
-                                      num_sms=sm_count, head_dim=D or args.head_dim,
-                                      block_n=json.loads(args.tq_kernel_args or "{}").get("block_n"))[0])
+                                      num_sms=sm_count, launch=launch)[0])
     elif args.splits_policy == "sglang":
         n = sglang_num_kv_splits([L] * B, args.num_q_heads, args.num_kv_heads, args.max_kv_splits, sm_count)[0]
     else:
@@ -697,8 +700,8 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
 
     # ---- ours ----------------------------------------------------------------------
     if "sglang-tq" in args.impl_set:
-        n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count, D)
         for kvname, kbits, vbits in args.kv_list:
+            n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count, D, kbits, vbits)
             row = row_base("sglang-tq", kvname, B, L, D, args)
             if "sglang-tq" in ctx.import_errors:
                 row["error"] = ctx.import_errors["sglang-tq"]
@@ -725,6 +728,7 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
                     row["max_kv_splits"] = args.max_kv_splits
                     row["num_kv_splits"] = n_splits
                     row["splits_policy"] = args.splits_policy
+                    row["launch"] = tq_launch(args, D, kbits, vbits)
                     row["k_code_bytes"] = codec.k_code_bytes
                     row["v_code_bytes"] = codec.v_code_bytes
                     finish_row(row, time_it(ctx, args, fn),
@@ -818,6 +822,17 @@ def sanity_pool(ctx, bufs, idx0, kvname):
         log(f"!!! sglang-tq {kvname}: {zk} K and {zv} V norms of sequence 0 are zero after tq_store_kv: "
             "pool not (fully) written?")
         log("!" * 78)
+
+
+def tq_launch(args, D, kbits, vbits) -> dict:
+    """The stage-1 launch this row ran: the table's (or built-in) choice, then --tq-kernel-args."""
+    import dataclasses
+
+    from sglang_tq.kernels.tq_decode import default_launch
+
+    chosen = dataclasses.asdict(default_launch(D, kbits, vbits))
+    over = json.loads(args.tq_kernel_args or "{}")
+    return {**chosen, **{k: over[k] for k in ("block_n", "num_warps") if k in over}}
 
 
 def build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits):
@@ -953,8 +968,8 @@ def bench_write_path(ctx, args, codecs, write_rows):
     else:
         from sglang_tq.kernels.tq_store import tq_store_kv
 
-        n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count, D)
         for kvname, kbits, vbits in args.kv_list:
+            n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count, D, kbits, vbits)
             row = wrow("sglang-tq-store", kvname)
             bufs = None
             try:
@@ -1078,6 +1093,8 @@ def write_json(path: Path, payload: dict):
 
 
 def config_dict(args, ctx=None):
+    from sglang_tq.env import decode_launch_file
+
     cfg = {
         "tq_kernel_args": json.loads(args.tq_kernel_args),
         "shapes": [list(s) for s in args.shapes_list],
@@ -1099,6 +1116,7 @@ def config_dict(args, ctx=None):
         "sglang_tq_waves": args.waves,
         "sglang_tq_min_split_tokens": args.min_split_tokens,
         "sglang_tq_fixed_num_kv_splits": args.num_kv_splits,
+        "sglang_tq_decode_launch_table": decode_launch_file() or "packaged",
         "sglang_triton_max_kv_splits": args.triton_max_kv_splits,
         "sglang_triton_num_kv_splits": "SGLang get_num_kv_splits_triton (TritonAttnBackend.get_num_kv_splits)",
         "flashinfer": {"wrapper": "BatchDecodeWithPagedKVCacheWrapper", "kv_layout": "NHD", "backend": "fa2",

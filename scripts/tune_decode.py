@@ -1,11 +1,17 @@
-"""Sweep launch parameters of the packed decode kernel and report registers and spills.
+"""Tune the packed decode kernel's launch per GPU, head_dim and bit pair; write the table.
 
-Times ``tq_decode`` at a few shapes over a grid of (block_n, num_warps,
-num_stages), prints a table with the compiled stage-1 kernel's register count
-and spills, and writes JSON; the last line names the fastest configuration at
-the largest shape, in the form ``bench_decode.py --tq-kernel-args`` takes.
+For each bit pair, times ``tq_decode`` (stage 1 + merge, as the server runs it) at
+every shape over a grid of (block_n, num_warps, programs_per_sm). programs_per_sm
+feeds the split policy (``default_num_kv_splits``), so the grid also covers how
+many KV splits each shape gets. The winner of a bit pair is the configuration with
+the smallest geometric mean of ms over the shapes (every shape counts the same);
+the table also records each shape's own best, so the cost of one launch for all
+shapes is visible. ``--write-table`` stores the winners under this GPU's name in
+the format of ``kernels/decode_launch.json``; ``SGLANG_TQ_DECODE_LAUNCH=<file>``
+makes the kernels use it before it is committed.
 
-    python scripts/tune_decode.py --out tune_decode.json
+    python scripts/tune_decode.py --kv k4v4,k3v3 --write-table launch.json
+    python scripts/tune_decode.py --merge-tables a.json b.json --write-table launch.json
 """
 
 from __future__ import annotations
@@ -13,43 +19,92 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-
-import torch
-import triton
-
-from sglang_tq.codec import LayerCodec
-from sglang_tq.kernels import tq_decode as dec
-from sglang_tq.kernels.tq_store import tq_store_kv
-from sglang_tq.provenance import provenance
+import math
+import sys
+import time
+from pathlib import Path
 
 
-def _stage1_resources():
-    """(n_regs, n_spills) of each compiled stage-1 variant, keyed by its constants."""
-    found = {}
-    for cache in getattr(dec._tq_decode_stage1, "device_caches", {}).values():
-        kernels = cache[0] if isinstance(cache, tuple) else cache
-        for key, kern in kernels.items():
-            found[str(key)] = (getattr(kern, "n_regs", None), getattr(kern, "n_spills", None))
-    return found
+def parse_kv(text: str) -> list[tuple[str, int, int]]:
+    out = []
+    for kv in text.split(","):
+        if len(kv) != 4 or kv[0] != "k" or kv[2] != "v" or kv[1] not in "234" or kv[3] not in "234":
+            raise SystemExit(f"--kv: '{kv}' is not a bit pair like k4v4 (bits 2, 3 or 4).")
+        out.append((kv, int(kv[1]), int(kv[3])))
+    return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="64x16384,1x32768", help="comma list of BxL")
-    ap.add_argument("--kv", default="k4v4,k2v2")
-    ap.add_argument("--block-n", default="64,128")
-    ap.add_argument("--num-warps", default="2,4,8")
-    ap.add_argument("--num-stages", default="1,2,3")
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--max-kv-splits", type=int, default=32)
-    ap.add_argument("--out")
-    args = ap.parse_args()
+def parse_ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{name}: expected a comma list of integers, got '{text}'.") from None
+
+
+def choose(rows: list[dict], shapes: list[str]) -> dict | None:
+    """The configuration with the smallest geometric mean of ms over all shapes."""
+    by_cfg: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if "ms" in r:
+            by_cfg.setdefault((r["block_n"], r["num_warps"], r["programs_per_sm"]), {})[r["shape"]] = r["ms"]
+    full = {cfg: t for cfg, t in by_cfg.items() if all(s in t for s in shapes)}
+    if not full:
+        return None
+    geo = {cfg: math.exp(sum(math.log(t[s]) for s in shapes) / len(shapes)) for cfg, t in full.items()}
+    best = min(geo, key=geo.get)
+    per_shape = {s: min(t[s] for t in full.values()) for s in shapes}
+    return {"block_n": best[0], "num_warps": best[1], "programs_per_sm": best[2],
+            "geomean_ms": round(geo[best], 5),
+            "ms": {s: round(full[best][s], 5) for s in shapes},
+            "best_ms_per_shape": {s: round(v, 5) for s, v in per_shape.items()}}
+
+
+def merge_tables(paths: list[str]) -> dict:
+    table: dict = {}
+    for p in paths:
+        with open(p) as f:
+            part = json.load(f)
+        for dev, dims in part.items():
+            if dev.startswith("_"):
+                table.setdefault(dev, dims)
+                continue
+            for d, per_kv in dims.items():
+                table.setdefault(dev, {}).setdefault(d, {}).update(per_kv)
+    return table
+
+
+def write_table(path: str, table: dict) -> None:
+    from sglang_tq.kernels.tq_decode import load_launch_table
+
+    Path(path).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    load_launch_table.cache_clear()
+    load_launch_table(path)  # refuse to leave an unreadable table behind
+    print(f"wrote {path}")
+
+
+def tune(args) -> int:
+    import torch
+    import triton
+
+    from sglang_tq.codec import LayerCodec
+    from sglang_tq.kernels import tq_decode as dec
+    from sglang_tq.kernels.tq_store import tq_store_kv
+    from sglang_tq.provenance import provenance
+
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_decode.py times the kernels on a CUDA GPU; none is visible.")
     d, hq, hkv = args.head_dim, 32, 8
-    rows = []
-    for kv in args.kv.split(","):
-        kb, vb = int(kv[1]), int(kv[3])
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    grid = list(itertools.product(parse_ints(args.block_n, "--block-n"),
+                                  parse_ints(args.num_warps, "--num-warps"),
+                                  parse_ints(args.programs_per_sm, "--programs-per-sm")))
+    shapes = args.shapes.split(",")
+    t0 = time.time()
+    rows, winners = [], {}
+    for kv, kb, vb in parse_kv(args.kv):
         codec = LayerCodec.create(d, kb, vb, device="cuda")
-        for shape in args.shapes.split(","):
+        kv_rows = []
+        for shape in shapes:
             bsz, seq = map(int, shape.split("x"))
             slots = bsz * seq
             bufs = codec.alloc_buffers(slots, hkv)
@@ -60,45 +115,78 @@ def main() -> None:
             indices = torch.randperm(slots, device="cuda")
             indptr = torch.arange(0, slots + 1, seq, device="cuda", dtype=torch.int32)
             q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
-            splits = dec.default_num_kv_splits(torch.full((bsz,), seq), hkv, args.max_kv_splits,
-                                               num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                                               head_dim=d)
-            splits = splits.cuda()
             ws = dec.DecodeWorkspace.create(bsz, hq, d, args.max_kv_splits, "cuda")
-            for bn, nw, ns in itertools.product(*(map(int, x.split(",")) for x in
-                                                   (args.block_n, args.num_warps, args.num_stages))):
-                kw = dict(block_n=bn, num_warps=nw, num_stages=ns)
+            nbytes = bsz * seq * hkv * (codec.k_code_bytes + codec.v_code_bytes + 4)
+            for bn, nw, pps in grid:
+                launch = dec.DecodeLaunch(bn, nw, pps)
+                splits = dec.default_num_kv_splits(torch.full((bsz,), seq), hkv, args.max_kv_splits,
+                                                   num_sms=num_sms, launch=launch).cuda()
+                row = {"kv": kv, "shape": shape, "B": bsz, "L": seq, "head_dim": d, "block_n": bn,
+                       "num_warps": nw, "programs_per_sm": pps, "splits": int(splits[0])}
                 fn = lambda: dec.tq_decode(q, *bufs, indptr, indices, codec, d**-0.5,  # noqa: E731
                                            num_kv_splits=splits, max_kv_splits=args.max_kv_splits,
-                                           workspace=ws, **kw)
+                                           workspace=ws, block_n=bn, num_warps=nw)
                 try:
                     fn()
                     ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
                 except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
-                    rows.append({"kv": kv, "B": bsz, "L": seq, **kw, "error": repr(exc)[:200]})
-                    print(f"{kv} {bsz}x{seq} {kw}: {exc!r}"[:160], flush=True)
-                    continue
-                nbytes = bsz * seq * hkv * (codec.k_code_bytes + codec.v_code_bytes + 4)
-                rows.append({"kv": kv, "B": bsz, "L": seq, **kw, "ms": ms, "tbps": nbytes / ms / 1e9,
-                             "splits": int(splits[0])})
-                print(f"{kv} {bsz:>4}x{seq:<6} bn={bn:<3} warps={nw} stages={ns}  {ms:8.4f} ms  "
-                      f"{nbytes / ms / 1e9:6.3f} TB/s", flush=True)
+                    row["error"] = repr(exc)[:200]
+                    print(f"{kv} {shape} bn={bn} warps={nw} pps={pps}: {exc!r}"[:160], flush=True)
+                else:
+                    row.update(ms=ms, tbps=nbytes / ms / 1e9)
+                    print(f"{kv} {shape:>9} d={d} bn={bn:<3} warps={nw} pps={pps} splits={row['splits']:<2} "
+                          f"{ms:8.4f} ms  {nbytes / ms / 1e9:6.3f} TB/s", flush=True)
+                kv_rows.append(row)
             del bufs, indices
             torch.cuda.empty_cache()
-    resources = _stage1_resources()
-    for key, (regs, spills) in resources.items():
-        print(f"stage1 variant regs={regs} spills={spills}  {key[:150]}")
-    result = {**provenance(), "rows": rows, "stage1_resources": resources}
-    ok = [r for r in rows if "ms" in r]
-    biggest = max(r["B"] * r["L"] for r in ok)
-    best = min((r for r in ok if r["B"] * r["L"] == biggest and r["kv"] == ok[0]["kv"]),
-               key=lambda r: r["ms"])
-    result["best"] = {k: best[k] for k in ("block_n", "num_warps", "num_stages")}
+        rows += kv_rows
+        win = choose(kv_rows, shapes)
+        if win:
+            winners[kv] = win
+            print(f"BEST {kv} d={d}: block_n {win['block_n']} warps {win['num_warps']} "
+                  f"programs/SM {win['programs_per_sm']}: " + ", ".join(
+                      f"{s} {win['ms'][s]:.4f} (best {win['best_ms_per_shape'][s]:.4f})" for s in shapes),
+                  flush=True)
+    name = torch.cuda.get_device_name()
+    prov = provenance()
+    result = {**prov, "head_dim": d, "num_sms": num_sms, "grid": grid, "shapes": shapes,
+              "rows": rows, "winners": winners, "elapsed_s": round(time.time() - t0, 1)}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    print("BEST", json.dumps(result["best"]))
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.write_table:
+        stamp = {"commit": prov.get("commit"), "date": prov.get("date")}
+        table = merge_tables([args.write_table]) if Path(args.write_table).exists() else {}
+        table.setdefault(name, {}).setdefault(str(d), {}).update(
+            {kv: {**w, **stamp} for kv, w in winners.items()})
+        write_table(args.write_table, table)
+    return 0 if winners else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="64x16384,32x32768,128x4096,16x8192,64x6144",
+                    help="comma list of BxL (default: the B·L >= 64k rows of bench_decode.py and "
+                         "the load test's 64 x 6k)")
+    ap.add_argument("--kv", default="k4v4,k4v3,k3v3,k4v2,k2v2", help="bit pairs to tune")
+    ap.add_argument("--block-n", default="64,128")
+    ap.add_argument("--num-warps", default="2,4")
+    ap.add_argument("--programs-per-sm", default="2,4,8",
+                    help="resident programs per SM assumed by the split policy")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--max-kv-splits", type=int, default=32)
+    ap.add_argument("--out", help="JSON with every timing")
+    ap.add_argument("--write-table", help="launch table to create or update with the winners")
+    ap.add_argument("--merge-tables", nargs="+", metavar="TABLE",
+                    help="merge these tables into --write-table instead of tuning")
+    args = ap.parse_args(argv)
+    if args.merge_tables:
+        if not args.write_table:
+            raise SystemExit("--merge-tables needs --write-table OUT.")
+        write_table(args.write_table, merge_tables(args.merge_tables))
+        return 0
+    return tune(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

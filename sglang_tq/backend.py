@@ -83,7 +83,8 @@ class TQAttnBackend(TritonAttnBackend):
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
         num_kv_splits.copy_(default_num_kv_splits(
             seq_lens, self.num_kv_head, self.max_kv_splits, num_sms=self.num_sms,
-            head_dim=self.token_to_kv_pool.head_dim))
+            head_dim=self.token_to_kv_pool.head_dim, k_bits=self.token_to_kv_pool.cfg.k_bits,
+            v_bits=self.token_to_kv_pool.cfg.v_bits))
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
         return DecodeWorkspace.create(batch, self.num_head, self.token_to_kv_pool.head_dim,

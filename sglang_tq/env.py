@@ -5,6 +5,9 @@
   interpreter cannot execute inline PTX.
 * ``SGLANG_TQ_COMMIT``: commit id recorded in result JSON where the checkout
   has no ``.git`` (the GPU host receives a bare copy of the working tree).
+* ``SGLANG_TQ_DECODE_LAUNCH``: path of a decode launch table (the format of
+  ``kernels/decode_launch.json``, written by ``scripts/tune_decode.py``) used
+  instead of the packaged one, e.g. to benchmark a fresh tuning before committing it.
 """
 
 from __future__ import annotations
@@ -18,3 +21,7 @@ def triton_interpreting() -> bool:
 
 def commit_override() -> str | None:
     return os.environ.get("SGLANG_TQ_COMMIT") or None
+
+
+def decode_launch_file() -> str | None:
+    return os.environ.get("SGLANG_TQ_DECODE_LAUNCH") or None

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sglang_tq.codec import LayerCodec
-from sglang_tq.kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, tq_decode, tq_decode_ref
+from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_num_kv_splits, tq_decode,
+                                         tq_decode_ref)
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import tq_extend, tq_extend_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
@@ -317,8 +318,11 @@ def test_decode_writes_into_given_out(device):
 # ---------------------------------------------------------------------- split policy
 def test_default_splits_fill_whole_waves():
     """Splits minimise waves × tiles: never a partial extra wave when a full one does."""
+    launch = DecodeLaunch(block_n=128, num_warps=4, programs_per_sm=2)  # 264 resident programs
+
     def splits(b, length, **kw):
-        return default_num_kv_splits(torch.full((b,), length), 8, 32, num_sms=132, **kw)
+        return default_num_kv_splits(torch.full((b,), length), 8, 32, num_sms=132,
+                                     launch=kw.pop("launch", launch), **kw)
 
     # 16 × 8k: 3 splits = 384 programs on 264 slots (1.45 waves); 2 splits fill one wave
     assert splits(16, 8192).tolist() == [2] * 16

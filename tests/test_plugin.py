@@ -326,4 +326,5 @@ def test_kv_quant_none_leaves_server_args_exactly_stock():
     assert len(result["patched"]) == len(integration.PATCHES)
     assert result["none"] == result["stock"]
     assert result["unset"] == result["stock"]
-    assert result["stock"][0]["attention_backend"] == "'triton'"
+    # SGLang resolved its own backend (triton on a CPU host, fa3 on a Hopper GPU), not ours
+    assert result["stock"][0]["attention_backend"] not in ("None", "'turboquant'")

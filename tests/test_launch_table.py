@@ -1,0 +1,104 @@
+"""The decode launch table: lookup by GPU name, head_dim and bit pair, the built-in
+fallback, the environment override, refusal of a corrupt table, and the tuner's choice
+and merge (scripts/tune_decode.py) that write it."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sglang_tq.kernels import tq_decode as dec
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import tune_decode  # noqa: E402
+
+
+@pytest.fixture
+def table_file(tmp_path, monkeypatch):
+    path = tmp_path / "launch.json"
+    path.write_text(json.dumps({
+        "_doc": "test table",
+        "GPU X": {"128": {"k4v4": {"block_n": 128, "num_warps": 4, "programs_per_sm": 3,
+                                   "geomean_ms": 0.5, "commit": "abc"}},
+                  "64": {"k3v2": {"block_n": 32, "num_warps": 1, "programs_per_sm": 8}}},
+    }))
+    monkeypatch.setenv("SGLANG_TQ_DECODE_LAUNCH", str(path))
+    dec.load_launch_table.cache_clear()
+    yield path
+    dec.load_launch_table.cache_clear()
+
+
+def test_packaged_table_is_readable():
+    table = dec.load_launch_table(str(dec.LAUNCH_TABLE))
+    for dims in table.values():
+        for per_kv in dims.values():
+            assert all(isinstance(v, dec.DecodeLaunch) for v in per_kv.values())
+
+
+def test_lookup_by_gpu_head_dim_and_bits(table_file):
+    assert dec.default_launch(128, 4, 4, device_name="GPU X") == dec.DecodeLaunch(128, 4, 3)
+    assert dec.default_launch(64, 3, 2, device_name="GPU X") == dec.DecodeLaunch(32, 1, 8)
+    # another bit pair, head_dim or GPU falls back to the built-in launch
+    assert dec.default_launch(128, 3, 3, device_name="GPU X") == dec.builtin_launch(128)
+    assert dec.default_launch(256, 4, 4, device_name="GPU X") == dec.builtin_launch(256)
+    assert dec.default_launch(128, 4, 4, device_name="GPU Y") == dec.builtin_launch(128)
+
+
+def test_split_policy_follows_the_table(table_file, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(dec, "_device_name", lambda: "GPU X")
+    lens = torch.full((16,), 8192)
+    via_table = dec.default_num_kv_splits(lens, 8, 32, head_dim=128, k_bits=4, v_bits=4)
+    explicit = dec.default_num_kv_splits(lens, 8, 32, launch=dec.DecodeLaunch(128, 4, 3))
+    assert via_table.tolist() == explicit.tolist()
+
+
+@pytest.mark.parametrize("text, why", [
+    ("{not json", "unreadable"),
+    (json.dumps({"GPU X": {"128": {"k4v4": {"block_n": 64}}}}), "unreadable"),
+    (json.dumps({"GPU X": {"128": {"k4v4": {"block_n": 48, "num_warps": 2, "programs_per_sm": 2}}}}),
+     "block_n must be"),
+])
+def test_corrupt_table_is_refused_with_a_sentence(table_file, text, why):
+    table_file.write_text(text)
+    with pytest.raises(ValueError, match="tune_decode.py --write-table") as err:
+        dec.default_launch(128, 4, 4, device_name="GPU X")
+    assert why in str(err.value)
+
+
+def test_invalid_launch_is_refused():
+    with pytest.raises(ValueError, match="num_warps"):
+        dec.DecodeLaunch(64, 3, 2)
+
+
+def _row(shape, bn, nw, pps, ms):
+    return {"shape": shape, "block_n": bn, "num_warps": nw, "programs_per_sm": pps, "ms": ms}
+
+
+def test_tuner_picks_the_smallest_geometric_mean_over_complete_configs():
+    shapes = ["a", "b"]
+    rows = [_row("a", 64, 2, 2, 1.0), _row("b", 64, 2, 2, 4.0),     # geomean 2.0
+            _row("a", 128, 4, 2, 3.0), _row("b", 128, 4, 2, 1.0),   # geomean 1.73
+            _row("a", 64, 4, 8, 0.1),                               # missing b: not eligible
+            {**_row("b", 64, 4, 8, 0.0), "error": "does not compile"}]
+    del rows[-1]["ms"]
+    win = tune_decode.choose(rows, shapes)
+    assert (win["block_n"], win["num_warps"], win["programs_per_sm"]) == (128, 4, 2)
+    assert win["geomean_ms"] == pytest.approx(3 ** 0.5, abs=1e-5)
+    assert win["best_ms_per_shape"] == {"a": 1.0, "b": 1.0}
+    assert tune_decode.choose([], shapes) is None
+
+
+def test_tuner_merges_tables_and_writes_a_loadable_one(tmp_path):
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json"
+    entry = {"block_n": 64, "num_warps": 2, "programs_per_sm": 4}
+    a.write_text(json.dumps({"_doc": "x", "GPU X": {"128": {"k4v4": entry}}}))
+    b.write_text(json.dumps({"GPU X": {"64": {"k4v4": entry}, "128": {"k3v3": entry}}}))
+    assert tune_decode.main(["--merge-tables", str(a), str(b), "--write-table", str(out)]) == 0
+    merged = dec.load_launch_table(str(out))
+    assert set(merged["GPU X"]) == {64, 128} and set(merged["GPU X"][128]) == {"k4v4", "k3v3"}
+    with pytest.raises(SystemExit, match="needs --write-table"):
+        tune_decode.main(["--merge-tables", str(a)])
