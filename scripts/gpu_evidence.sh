@@ -12,6 +12,13 @@
 #       GPU 1: scripts/radix_check.py on SmolLM2 (bf16, k4v4, k4v4 with packed prefill).
 #       SmolLM2 must have been staged first (scripts/unpack_model.sh stage, one call per
 #       piece, back to back with this one).
+#   bash scripts/gpu_evidence.sh <commit> tune    # nvidia-h200-x4: four GPUs
+#       phase 1: GPUs 0/1 tune the d = 128 decode launch (tune_decode.py, every bit pair),
+#                GPU 3 tunes d = 64 and d = 256, GPU 2 runs the whole test suite on CUDA;
+#       phase 2, with the merged table (SGLANG_TQ_DECODE_LAUNCH): GPU 0 bench_decode.py
+#                (every shape, bit pair and the write path), GPU 1 the load test for k4v4
+#                and k3v3, GPU 3 for bf16 and fp8, merged into one JSON.
+#       decode_launch.json comes back for kernels/.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -52,6 +59,43 @@ perf)
   wait "$P0" "$P1"
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== bench"; tail -60 "$LOGS/bench.log"
     echo "== loadtest"; tail -25 "$LOGS/loadtest.log"; } > "$OUT/summary.txt" 2>&1
+  ;;
+tune)
+  TAB=$OUT/decode_launch.json
+  tune_job() {  # GPU, seconds, log name, tune_decode.py arguments
+    local gpu=$1 secs=$2 name=$3; shift 3
+    CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python scripts/tune_decode.py "$@" \
+      --num-warps 1,2,4 --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" \
+      > "$LOGS/$name.log" 2>&1
+  }
+  tune_job 0 190 tune_a --kv k4v4,k4v3 & PA=$!
+  tune_job 1 190 tune_b --kv k3v3,k4v2,k2v2 & PB=$!
+  ( tune_job 3 95 tune_d64 --head-dim 64 --shapes 64x16384,128x4096 --kv k4v4,k3v3,k4v2
+    tune_job 3 95 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k4v4,k3v3,k4v2 ) & PC=$!
+  ( export CUDA_VISIBLE_DEVICES=2
+    timeout 470 python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1 ) & PT=$!
+  wait "$PA" "$PB" "$PC"
+  python scripts/tune_decode.py --merge-tables kernels/decode_launch.json "$LOGS"/table_*.json \
+    --write-table "$TAB" > "$LOGS/merge.log" 2>&1
+  export SGLANG_TQ_DECODE_LAUNCH=$TAB
+  echo "phase 2 at $(left 0 | tr -d -) s" > "$LOGS/phase.log"
+  ( export CUDA_VISIBLE_DEVICES=0
+    timeout "$(left 510)" python scripts/bench_decode.py \
+      --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256 \
+      --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 490)" \
+      --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) & P0=$!
+  ( export CUDA_VISIBLE_DEVICES=1
+    python scripts/loadtest.py --configs k4v4,k3v3 "${LT[@]}" --out "$LOGS/lt_tq.json" \
+      --log-dir "$LOGS/lt_tq" --budget-s "$(left 495)" > "$LOGS/lt_tq.log" 2>&1 ) & P1=$!
+  ( export CUDA_VISIBLE_DEVICES=3
+    python scripts/loadtest.py --configs bf16,fp8 "${LT[@]}" --out "$LOGS/lt_base.json" \
+      --log-dir "$LOGS/lt_base" --budget-s "$(left 495)" > "$LOGS/lt_base.log" 2>&1 ) & P3=$!
+  wait "$P0" "$P1" "$P3" "$PT"
+  python scripts/loadtest.py --merge "$LOGS/lt_base.json" "$LOGS/lt_tq.json" \
+    --out "$OUT/loadtest.json" > "$LOGS/lt_merge.log" 2>&1
+  { echo "== pytest"; tail -3 "$OUT/pytest.log"; cat "$LOGS/phase.log"; grep -h BEST "$LOGS"/tune_*.log
+    echo "== bench"; tail -60 "$LOGS/bench.log"; echo "== loadtest"; tail -25 "$LOGS/lt_merge.log"
+  } > "$OUT/summary.txt" 2>&1
   ;;
 accuracy)
   M=$(model) || M=""
@@ -107,7 +151,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, accuracy or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, accuracy or all." >&2
   exit 2
   ;;
 esac

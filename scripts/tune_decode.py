@@ -82,6 +82,17 @@ def write_table(path: str, table: dict) -> None:
     print(f"wrote {path}")
 
 
+def save_winners(path: str, device_name: str, head_dim: int, winners: dict) -> None:
+    from sglang_tq.provenance import provenance
+
+    prov = provenance()
+    stamp = {"commit": prov.get("commit"), "date": prov.get("date")}
+    table = merge_tables([path]) if Path(path).exists() else {}
+    table.setdefault(device_name, {}).setdefault(str(head_dim), {}).update(
+        {kv: {**w, **stamp} for kv, w in winners.items()})
+    write_table(path, table)
+
+
 def tune(args) -> int:
     import torch
     import triton
@@ -143,23 +154,18 @@ def tune(args) -> int:
         win = choose(kv_rows, shapes)
         if win:
             winners[kv] = win
+            if args.write_table:  # after every bit pair: a run cut short keeps what it found
+                save_winners(args.write_table, torch.cuda.get_device_name(), d, {kv: win})
             print(f"BEST {kv} d={d}: block_n {win['block_n']} warps {win['num_warps']} "
                   f"programs/SM {win['programs_per_sm']}: " + ", ".join(
                       f"{s} {win['ms'][s]:.4f} (best {win['best_ms_per_shape'][s]:.4f})" for s in shapes),
                   flush=True)
-    name = torch.cuda.get_device_name()
     prov = provenance()
     result = {**prov, "head_dim": d, "num_sms": num_sms, "grid": grid, "shapes": shapes,
               "rows": rows, "winners": winners, "elapsed_s": round(time.time() - t0, 1)}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
-    if args.write_table:
-        stamp = {"commit": prov.get("commit"), "date": prov.get("date")}
-        table = merge_tables([args.write_table]) if Path(args.write_table).exists() else {}
-        table.setdefault(name, {}).setdefault(str(d), {}).update(
-            {kv: {**w, **stamp} for kv, w in winners.items()})
-        write_table(args.write_table, table)
     return 0 if winners else 1
 
 
