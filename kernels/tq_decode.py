@@ -217,13 +217,13 @@ LAUNCH_TABLE = Path(__file__).with_name("decode_launch.json")
 
 
 def builtin_launch(head_dim: int) -> DecodeLaunch:
-    """The launch for a GPU the table does not name. 64-token tiles with 2 warps were the
-    fastest of block_n {64, 128} x warps {2, 4, 8} for k4v4 and k3v3 at d 128 and d 64 on
-    the H200 (tune_decode_v4*_h200.json; same SM as the H100); d 256 keeps 4 warps (the
-    [N, 256] tiles of 2 warps would spill)."""
+    """The launch for a GPU the table does not name: what won most often on the H200
+    (tune_decode_v5_h200.json; the H100 has the same SM): 64-token tiles, 2 warps, and a
+    split policy that assumes 8 resident programs per SM (more KV splits than 2 would
+    give: 2 at 64 x 16k, 4 at 32 x 32k). d 256 keeps 4 warps, the k3v3 winner there."""
     if head_dim <= 128:
-        return DecodeLaunch(block_n=64, num_warps=2, programs_per_sm=4)
-    return DecodeLaunch(block_n=64, num_warps=4, programs_per_sm=2)
+        return DecodeLaunch(block_n=64, num_warps=2, programs_per_sm=8)
+    return DecodeLaunch(block_n=64, num_warps=4, programs_per_sm=8)
 
 
 @functools.lru_cache(maxsize=None)

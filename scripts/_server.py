@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -42,10 +43,22 @@ def healthy(base: str) -> bool:
         return False
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A free TCP port below Linux's ephemeral range (32768 and up). A port from
+    bind(0) is ephemeral, and a second server starting beside ours (another GPU) can
+    be handed the same number by its own bind(0) before our server binds it: on
+    2026-11-28 two load tests collided that way. Ports below the range are never
+    handed out by bind(0)."""
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {low}-{high}; stop stale servers and retry.")
 
 
 def log_tail(path: str, n: int = 40) -> str:

@@ -56,7 +56,6 @@ import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -66,6 +65,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import free_port  # noqa: E402  (scripts/ is not a package)
 
 try:  # orjson ships with SGLang; the stdlib parser is the fallback
     import orjson as _orjson
@@ -478,12 +480,6 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
 
 
 # ----------------------------------------------------------------------------- server
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _http(url: str, method: str = "GET", timeout: float = 10) -> tuple[int, bytes]:
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)

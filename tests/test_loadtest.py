@@ -467,3 +467,13 @@ def test_server_failure_is_recorded(tmp_path, monkeypatch):
 if __name__ == "__main__":  # pragma: no cover
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     fake_server_cli()
+
+
+def test_free_port_is_below_the_ephemeral_range():
+    """Servers started side by side must not race for a bind(0) port (2026-11-28 collision)."""
+    import socket
+
+    ports = {lt.free_port() for _ in range(20)}
+    assert all(20000 <= p < 32000 for p in ports)
+    with socket.socket() as s:  # the port really is free
+        s.bind(("127.0.0.1", ports.pop()))
