@@ -17,6 +17,13 @@ def check_head_dim(head_dim: int) -> None:
         )
 
 
+def check_center(codec: LayerCodec, hkv: int) -> None:
+    if codec.k_center is not None and tuple(codec.k_center.shape) != (hkv, codec.head_dim):
+        raise ValueError(f"the codec's key center is {tuple(codec.k_center.shape)} but the pool has "
+                         f"{hkv} KV heads of dim {codec.head_dim}; the key centers file must match "
+                         f"the model (and its tensor-parallel KV heads).")
+
+
 def check_pool(k_codes: torch.Tensor, v_codes: torch.Tensor, codec: LayerCodec) -> int:
     """Validate packed K/V pages [slots, Hkv, bytes] against a codec; returns Hkv."""
     check_head_dim(codec.head_dim)
@@ -26,6 +33,7 @@ def check_pool(k_codes: torch.Tensor, v_codes: torch.Tensor, codec: LayerCodec) 
     if k_codes.shape[1:] != (hkv, codec.k_code_bytes) or v_codes.shape[1:] != (hkv, codec.v_code_bytes):
         raise ValueError("the packed pool does not match the codec's bit widths; rebuild it with "
                          "LayerCodec.alloc_buffers.")
+    check_center(codec, hkv)
     return hkv
 
 

@@ -15,6 +15,10 @@ as four [N, D/4] tiles whose coordinates follow the byte layout
 shuffled between registers. The next tile's codes are prefetched into registers
 while the current one is computed.
 
+Keys stored with a key center (k − μ, ``sglang_tq/centers.py``) need nothing here:
+q·(k − μ) = q·k − q·μ shifts a query's whole score row, which the softmax ignores
+(a logit soft-cap does not, so that combination is refused).
+
 Stage 2, one program per (sequence, KV head), merges the splits by their
 log-sum-exp and un-rotates the group's outputs once, o = (Σ p v_rot) · Π.
 
@@ -280,6 +284,9 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     if ws.q_rot.shape[0] < bsz or ws.q_rot.shape[1:] != (hq, d) or ws.mid_o.shape[2] < max_kv_splits:
         raise ValueError("the decode workspace is too small for this batch; create it with "
                          "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits).")
+    if logit_cap > 0 and codec.k_center is not None:
+        raise ValueError("a logit soft-cap does not ignore the per-query shift q·μ that key "
+                         "centering adds to every score; run this model without key centers.")
     gqa = hq // hkv
     block_h = _block_h(gqa)
     launch = default_launch(d, codec.k_bits, codec.v_bits)

@@ -7,7 +7,8 @@ earlier chunks) is dequantized once per token and KV head into a dense
 [N, Hkv, D] buffer, and SGLang's own extend kernel attends to it
 (``tq_extend.py``); only the few-MB scratch buffer lives between the two.
 
-Per token and KV head (TurboQuant Alg. 1, DeQuant): x̃ = r · Πᵀ c[idx]. The
+Per token and KV head (TurboQuant Alg. 1, DeQuant): x̃ = r · Πᵀ c[idx] (+ μ for keys
+stored with a key center, ``sglang_tq/centers.py``). The
 codes become fp16 codebook values in registers exactly as in decode
 (``kernels/_lut.py``, four [N, D/4] tiles in byte order, ``kernels/_codes.py``),
 and the un-rotation is four tensor-core dots per output column chunk with the
@@ -30,9 +31,10 @@ from ._codes import (load_codes, load_lut_words, load_slots, lookup_quarters,
 
 @triton.jit
 def _dequant_tile(
-    slot, mask_n, head, Codes, Norms, Cb, Tab, Pi, Out, offs_n,
+    slot, mask_n, head, Codes, Norms, Cb, Tab, Pi, Center, Out, offs_n,
     stride_c_s, stride_c_h, stride_nrm_s, stride_nrm_h, stride_o_t, stride_o_h,
     BITS: tl.constexpr, LUT: tl.constexpr, HEAD_DIM: tl.constexpr, USE_ASM: tl.constexpr,
+    HAS_CENTER: tl.constexpr,
 ):
     # -- codes -> four fp16 tiles in byte order, norms
     a, b = load_codes(Codes + head * stride_c_h, slot * stride_c_s, mask_n, BITS, HEAD_DIM)
@@ -51,28 +53,31 @@ def _dequant_tile(
         acc = tl.dot(t2, tl.load(Pi + c2[:, None] * HEAD_DIM + cols).to(tl.float16), acc)
         acc = tl.dot(t3, tl.load(Pi + c3[:, None] * HEAD_DIM + cols).to(tl.float16), acc)
         acc = acc * norm.to(tl.float32)[:, None]
+        if HAS_CENTER:  # the store quantized k − μ: add the head's key center back
+            acc += tl.load(Center + head * HEAD_DIM + cc + offs_c)[None, :]
         tl.store(rows + cols, acc.to(Out.dtype.element_ty), mask=mask_n[:, None])
 
 
 @triton.jit
 def _tq_dequant_kernel(
-    Slots, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab, Pi, KOut, VOut, num_tokens,
+    Slots, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab, Pi, KCenter, KOut, VOut, num_tokens,
     stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     stride_ko_t, stride_ko_h, stride_vo_t, stride_vo_h,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
+    K_CENTER: tl.constexpr,
 ):
     head = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < num_tokens
     slot = load_slots(Slots + offs_n, mask_n, SLOT_I64)
-    _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, KTab, Pi, KOut, offs_n,
+    _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, KTab, Pi, KCenter, KOut, offs_n,
                   stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h, stride_ko_t, stride_ko_h,
-                  K_BITS, K_LUT, HEAD_DIM, USE_ASM)
-    _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, VTab, Pi, VOut, offs_n,
+                  K_BITS, K_LUT, HEAD_DIM, USE_ASM, K_CENTER)
+    _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, VTab, Pi, KCenter, VOut, offs_n,
                   stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h, stride_vo_t, stride_vo_h,
-                  V_BITS, V_LUT, HEAD_DIM, USE_ASM)
+                  V_BITS, V_LUT, HEAD_DIM, USE_ASM, False)
 
 
 def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
@@ -89,13 +94,14 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
     _tq_dequant_kernel[(triton.cdiv(n, block_n), hkv)](
         slots, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
         codec.k_lut_words, codec.v_lut_words, codec.pi,
-        k, v, n,
+        codec.pi if codec.k_center is None else codec.k_center, k, v, n,
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HEAD_DIM=d, BLOCK_N=block_n, K_BITS=codec.k_bits, V_BITS=codec.v_bits,
         K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=not triton_interpreting(),
-        SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms), num_warps=num_warps,
+        SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
+        K_CENTER=codec.k_center is not None, num_warps=num_warps,
     )
     return k, v
 
@@ -104,5 +110,7 @@ def tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
                    dtype=torch.float64):
     """Pure-torch twin of :func:`tq_dequant` on the reference quantizer."""
     s = slots.long()
-    return (codec.k_quant.dequantize(k_codes[s], k_norms[s]).to(dtype),
-            codec.v_quant.dequantize(v_codes[s], v_norms[s]).to(dtype))
+    k = codec.k_quant.dequantize(k_codes[s], k_norms[s]).to(dtype)
+    if codec.k_center is not None:
+        k = k + codec.k_center.to(k.device, dtype)
+    return k, codec.v_quant.dequantize(v_codes[s], v_norms[s]).to(dtype)

@@ -15,17 +15,17 @@ import triton.language as tl
 
 from sglang_tq.codec import LayerCodec
 
-from ._checks import check_head_dim
+from ._checks import check_center, check_head_dim
 
 @triton.jit
 def _quantize_tile(
-    X, PiT, Bounds, Codes, Norms, loc, offs_n, mask_n, head,
+    X, PiT, Bounds, Codes, Norms, Center, loc, offs_n, mask_n, head,
     stride_x_n, stride_x_h, stride_c_s, stride_c_h, stride_nrm_s, stride_nrm_h,
-    BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CENTER: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
-    # -- load and rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c], over chunks of c so that
-    #    the fp32 slice of Πᵀ fits in shared memory at head_dim 256
+    # -- load (minus the head's key center), rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c],
+    #    over chunks of c so that the fp32 slice of Πᵀ fits in shared memory at head_dim 256
     CHUNK: tl.constexpr = 64
     offs_c = tl.arange(0, CHUNK)
     y = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
@@ -34,6 +34,8 @@ def _quantize_tile(
             X + offs_n[:, None] * stride_x_n + head * stride_x_h + (c0 + offs_c)[None, :],
             mask=mask_n[:, None], other=0.0,
         ).to(tl.float32)
+        if HAS_CENTER:
+            x -= tl.load(Center + head * HEAD_DIM + c0 + offs_c)[None, :]
         pit = tl.load(PiT + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :])
         y += tl.dot(x, pit, input_precision="ieee")
     # -- norm and unit vector
@@ -76,11 +78,12 @@ def _quantize_tile(
 @triton.jit
 def _tq_store_kernel(
     K, V, Loc, PiTK, PiTV, BoundsK, BoundsV,
-    KCodes, KNorms, VCodes, VNorms, N,
+    KCodes, KNorms, VCodes, VNorms, KCenter, N,
     stride_k_n, stride_k_h, stride_v_n, stride_v_h,
     stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_CENTER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     head = tl.program_id(1)
@@ -89,13 +92,13 @@ def _tq_store_kernel(
     mask_n = offs_n < N
     loc = tl.load(Loc + offs_n, mask=mask_n, other=0)
     if which == 0:
-        _quantize_tile(K, PiTK, BoundsK, KCodes, KNorms, loc, offs_n, mask_n, head,
+        _quantize_tile(K, PiTK, BoundsK, KCodes, KNorms, KCenter, loc, offs_n, mask_n, head,
                        stride_k_n, stride_k_h, stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
-                       K_BITS, HEAD_DIM, BLOCK_N)
+                       K_BITS, HEAD_DIM, BLOCK_N, K_CENTER)
     else:
-        _quantize_tile(V, PiTV, BoundsV, VCodes, VNorms, loc, offs_n, mask_n, head,
+        _quantize_tile(V, PiTV, BoundsV, VCodes, VNorms, KCenter, loc, offs_n, mask_n, head,
                        stride_v_n, stride_v_h, stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
-                       V_BITS, HEAD_DIM, BLOCK_N)
+                       V_BITS, HEAD_DIM, BLOCK_N, False)
 
 
 def _check_pool(name, codes, norms, num_heads, code_bytes):
@@ -126,23 +129,27 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
         raise ValueError(f"loc must be int32/int64 [{n}], got {loc.dtype} {tuple(loc.shape)}.")
     _check_pool("k", k_codes, k_norms, hkv, codec.k_code_bytes)
     _check_pool("v", v_codes, v_norms, hkv, codec.v_code_bytes)
+    check_center(codec, hkv)
     if n == 0:
         return
     grid = (triton.cdiv(n, block_n), hkv, 2)
     _tq_store_kernel[grid](
         k, v, loc, codec.pi_t_k, codec.pi_t_v, codec.k_bounds, codec.v_bounds,
-        k_codes, k_norms, v_codes, v_norms, n,
+        k_codes, k_norms, v_codes, v_norms,
+        codec.k_bounds if codec.k_center is None else codec.k_center, n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HEAD_DIM=d, BLOCK_N=block_n,
-        num_warps=num_warps,
+        K_CENTER=codec.k_center is not None, num_warps=num_warps,
     )
 
 
 def tq_store_kv_ref(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec):
     """Pure-torch twin of :func:`tq_store_kv`, built on the reference quantizer."""
     loc = loc.long()
+    if codec.k_center is not None:
+        k = k.float() - codec.k_center.to(k.device)
     for x, codes, norms, quant in ((k, k_codes, k_norms, codec.k_quant),
                                    (v, v_codes, v_norms, codec.v_quant)):
         c, r = quant.quantize(x.float())

@@ -55,10 +55,17 @@ class LayerCodec:
     v_lut: str
     k_lut_words: torch.Tensor  # int32 [4]: its table operands (kernels/_lut.py)
     v_lut_words: torch.Tensor
+    # fp32 [Hkv, D] or None: key center μ per KV head (sglang_tq/centers.py). The store
+    # quantizes k − μ, prefix dequantization adds μ back, decode needs nothing (a common
+    # shift of a head's keys shifts each score row by q·μ, which the softmax ignores).
+    k_center: torch.Tensor | None = None
 
     @classmethod
     def create(cls, head_dim: int, k_bits: int, v_bits: int, seed: int = 0,
-               device: torch.device | str = "cpu") -> "LayerCodec":
+               device: torch.device | str = "cpu",
+               k_center: torch.Tensor | None = None) -> "LayerCodec":
+        if k_center is not None and (k_center.dim() != 2 or k_center.shape[1] != head_dim):
+            raise ValueError(f"a key center must be [kv_heads, {head_dim}], got {tuple(k_center.shape)}.")
         kq = TurboQuantizer(head_dim, k_bits, seed=seed)
         vq = TurboQuantizer(head_dim, v_bits, seed=seed)
         pi = kq.rotation
@@ -74,6 +81,7 @@ class LayerCodec:
             k_lut=lut_asm(kq.codebook, k_bits), v_lut=lut_asm(vq.codebook, v_bits),
             k_lut_words=table_tensor(kq.codebook, k_bits, device),
             v_lut_words=table_tensor(vq.codebook, v_bits, device),
+            k_center=None if k_center is None else k_center.to(**to).contiguous(),
         )
 
     @property
