@@ -32,6 +32,7 @@ import contextvars
 import dataclasses
 import importlib.metadata
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -51,6 +52,7 @@ OPTION_DEFAULTS = {
     "kv_quant_seed": 0,
     "kv_quant_bf16_layers": (),
     "kv_quant_packed_prefill": False,
+    "kv_quant_key_centers": None,
 }
 
 # TQTokenToKVPool once this process has built one (read by the fused set-KV patch).
@@ -79,6 +81,18 @@ def parse_bf16_layers(spec: Any) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
+def parse_key_centers(spec: Any) -> str | None:
+    """A key centers file path (checked to exist; its shape is checked against the model
+    when the pool is built), or None."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+        return None
+    path = Path(str(spec)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--kv-quant-key-centers {str(spec)!r} is not a file; create one with "
+                         f"`python scripts/key_centers.py --model-path <model> --out {spec}`.")
+    return str(path.resolve())
+
+
 def normalize_options(given: dict) -> dict:
     """Validated ``kv_quant*`` options with defaults filled in; raises ``ValueError``."""
     unknown = set(given) - set(OPTION_DEFAULTS)
@@ -98,6 +112,7 @@ def normalize_options(given: dict) -> dict:
         "kv_quant_seed": seed,
         "kv_quant_bf16_layers": parse_bf16_layers(opts["kv_quant_bf16_layers"]),
         "kv_quant_packed_prefill": bool(opts["kv_quant_packed_prefill"]),
+        "kv_quant_key_centers": parse_key_centers(opts["kv_quant_key_centers"]),
     }
     if mode == "none":
         changed = [k for k in OPTION_DEFAULTS if k != "kv_quant" and normalized[k] != OPTION_DEFAULTS[k]]
@@ -116,7 +131,8 @@ def tq_config(server_args: Any, head_dim: int) -> TQConfig:
     k_bits, v_bits = TQConfig.parse_bits(server_args.kv_quant_bits)
     return TQConfig(head_dim=head_dim, k_bits=k_bits, v_bits=v_bits,
                     seed=server_args.kv_quant_seed,
-                    bf16_layers=tuple(server_args.kv_quant_bf16_layers))
+                    bf16_layers=tuple(server_args.kv_quant_bf16_layers),
+                    key_centers=getattr(server_args, "kv_quant_key_centers", None))
 
 
 def _argparse_type(parse: Callable) -> Callable:
@@ -172,6 +188,14 @@ def _add_cli_args(result, parser: argparse.ArgumentParser):
              "rather than its bf16 values, so a cold prefill sees exactly what a later radix-"
              "cache hit sees. Default: off.",
     )
+    group.add_argument(
+        "--kv-quant-key-centers", type=_argparse_type(parse_key_centers), default=None,
+        metavar="FILE",
+        help="Key centers of this model (safetensors from scripts/key_centers.py): keys are "
+             "quantized as k - mu per layer and KV head, which leaves attention unchanged and "
+             "cuts the key error of models whose keys share a large common part (e.g. a "
+             "k_proj bias). Refused for models with a logit soft-cap. Default: none.",
+    )
 
 
 def _from_cli_args(orig, cls, args):
@@ -210,9 +234,10 @@ def _server_args_post_init(result, self):
         return None
     refusals.check_server_args(self)
     logger.info(
-        "sglang-tq: TurboQuant KV cache %s, seed %d, bf16 layers %s, packed prefill %s.",
+        "sglang-tq: TurboQuant KV cache %s, seed %d, bf16 layers %s, packed prefill %s, "
+        "key centers %s.",
         self.kv_quant_bits, self.kv_quant_seed, list(self.kv_quant_bf16_layers) or "none",
-        "on" if self.kv_quant_packed_prefill else "off",
+        "on" if self.kv_quant_packed_prefill else "off", self.kv_quant_key_centers or "none",
     )
     return None
 
@@ -265,12 +290,19 @@ def _build_mha_kv_pool(orig, self, *args, **kwargs):
     refusals.check_kv_context(self)
     refusals.check_pool_build(self, kwargs.get("mha_pool_class"), kwargs.get("quant_method"))
     mc = self.model_config
+    cfg = tq_config(self.server_args, mc.head_dim)
+    key_centers = None
+    if cfg.key_centers:
+        from .centers import load_key_centers
+
+        key_centers = load_key_centers(cfg.key_centers, mc.num_hidden_layers,
+                                       mc.get_num_kv_heads(_attn_tp_size()), mc.head_dim)
     _packed_pool_class = TQTokenToKVPool
     return TQTokenToKVPool(
         kwargs["max_total_num_tokens"], self.pool_page_size,
         head_num=mc.get_num_kv_heads(_attn_tp_size()), head_dim=mc.head_dim,
         layer_num=self.layer_info.num_effective_layers, device=self.device,
-        enable_memory_saver=_memory_saver_enabled(), cfg=tq_config(self.server_args, mc.head_dim),
+        enable_memory_saver=_memory_saver_enabled(), cfg=cfg, key_centers=key_centers,
         model_dtype=self.kv_cache_dtype, v_head_dim=mc.v_head_dim,
         start_layer=self.layer_info.start_layer, end_layer=self.layer_info.end_layer,
     )

@@ -68,7 +68,8 @@ class TQTokenToKVPool(KVCache):
     def __init__(self, size: int, page_size: int, head_num: int, head_dim: int, layer_num: int,
                  device: str, enable_memory_saver: bool, *, cfg: TQConfig,
                  model_dtype: torch.dtype = torch.bfloat16, v_head_dim: Optional[int] = None,
-                 start_layer: Optional[int] = None, end_layer: Optional[int] = None):
+                 start_layer: Optional[int] = None, end_layer: Optional[int] = None,
+                 key_centers: Optional[torch.Tensor] = None):
         if cfg.head_dim != head_dim or (v_head_dim or head_dim) != head_dim:
             raise ValueError(
                 f"TQTokenToKVPool needs equal K/V head dims matching TQConfig.head_dim={cfg.head_dim}, "
@@ -81,6 +82,8 @@ class TQTokenToKVPool(KVCache):
         super().__init__(size, page_size, torch.uint8, layer_num, device, enable_memory_saver,
                          start_layer, end_layer)
         self.cfg = cfg
+        # [model layers, head_num, head_dim] fp32 key centers by global layer id, or None
+        self.key_centers = key_centers
         self.model_dtype = model_dtype
         self.head_num = head_num
         self.head_dim = head_dim
@@ -111,8 +114,10 @@ class TQTokenToKVPool(KVCache):
             for packed in (self.codecs, self.k_codes, self.k_norms, self.v_codes, self.v_norms):
                 packed.append(None)
             return
+        center = None if self.key_centers is None else self.key_centers[layer_id]
         codec = LayerCodec.create(self.head_dim, self.cfg.k_bits, self.cfg.v_bits,
-                                  seed=self.cfg.layer_seed(layer_id), device=self.device)
+                                  seed=self.cfg.layer_seed(layer_id), device=self.device,
+                                  k_center=center)
         kc, kn, vc, vn = codec.alloc_buffers(self.num_slots, self.head_num, self.device)
         self.codecs.append(codec)
         self.k_codes.append(kc)

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import sglang.srt.server_args as sglang_server_args
 from sglang.srt.plugins.hook_registry import HookRegistry
@@ -85,7 +86,8 @@ def test_help_lists_the_flags_with_defaults():
     for flag, default in (("--kv-quant {none,turboquant}", "Default: none"),
                           ("--kv-quant-bits", "Default: k4v4"), ("--kv-quant-seed", "Default: 0"),
                           ("--kv-quant-bf16-layers", "Default: none"),
-                          ("--kv-quant-packed-prefill", "Default: off")):
+                          ("--kv-quant-packed-prefill", "Default: off"),
+                          ("--kv-quant-key-centers", "Default: none")):
         assert flag in text
         assert default in " ".join(text.split())
     assert "turboquant" in parser._option_string_actions["--attention-backend"].choices
@@ -98,6 +100,7 @@ def test_help_lists_the_flags_with_defaults():
     (["--kv-quant-bits", "k5v4"], "k4v4, k4v3, k3v3 or k4v2"),
     (["--kv-quant-bf16-layers", "0,x"], "comma-separated non-negative layer ids"),
     (["--kv-quant", "fp4"], "invalid choice"),
+    (["--kv-quant-key-centers", "/no/such/centers.safetensors"], "scripts/key_centers.py"),
 ])
 def test_bad_flag_values_fail_in_argparse(argv, needle, capsys):
     parser = argparse.ArgumentParser()
@@ -119,6 +122,17 @@ def test_turboquant_flags_reach_server_args_and_survive_pickling(fake_gpu):
     assert (back.kv_quant, back.kv_quant_bits, back.kv_quant_bf16_layers) == ("turboquant", "k4v3", (0, 31))
     cfg = integration.tq_config(back, 128)
     assert (cfg.k_bits, cfg.v_bits, cfg.seed, cfg.bf16_layers) == (4, 3, 9, (0, 31))
+
+
+def test_key_centers_flag_reaches_the_config(fake_gpu, tmp_path):
+    path = tmp_path / "centers.safetensors"
+    path.write_bytes(b"x")  # existence is checked here, contents when the pool is built
+    sa = _parse("--kv-quant", "turboquant", "--kv-quant-key-centers", str(path))
+    assert sa.kv_quant_key_centers == str(path.resolve())
+    assert integration.tq_config(pickle.loads(pickle.dumps(sa)), 128).key_centers == str(path.resolve())
+    assert _parse("--kv-quant", "turboquant").kv_quant_key_centers is None
+    with pytest.raises(ValueError, match="need --kv-quant turboquant"):
+        _parse("--kv-quant-key-centers", str(path))
 
 
 def test_triton_backend_maps_to_turboquant(fake_gpu):
@@ -277,6 +291,14 @@ def test_backend_refuses_layers_the_kernels_do_not_implement():
         with pytest.raises(RuntimeError, match=needle) as exc:
             refusals.check_model_layers(runner, pool)
         assert _one_sentence(str(exc.value)) and "--kv-quant none" in str(exc.value)
+    # key centers shift every score of a query, which a logit soft-cap does not ignore
+    capped = dict(ok, logit_cap=30.0)
+    runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**capped)])
+    refusals.check_model_layers(runner, pool)
+    centered = types.SimpleNamespace(**vars(pool), key_centers=torch.zeros(32, 8, 128))
+    with pytest.raises(RuntimeError, match="drop --kv-quant-key-centers") as exc:
+        refusals.check_model_layers(runner, centered)
+    assert _one_sentence(str(exc.value))
     runner.sliding_window_size = 4096
     with pytest.raises(RuntimeError, match="sliding-window"):
         refusals.check_model_layers(runner, pool)

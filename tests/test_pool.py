@@ -245,6 +245,49 @@ def test_set_kv_buffer_then_decode_kernel_matches_reference():
     assert ((got.double() - exact).norm() / exact.norm()).item() < 0.3
 
 
+def test_build_pool_hook_loads_key_centers(parallel, monkeypatch, tmp_path):
+    from sglang_tq.centers import save_key_centers
+
+    path = tmp_path / "centers.safetensors"
+    centers = torch.randn(32, 8, 128)
+    save_key_centers(path, centers, {"model": "test"})
+    sa = _server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0",
+                      "--kv-quant-key-centers", str(path))
+    kvc = _kvc(sa)
+    kvc.pool_page_size = 1
+    monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
+    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
+                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    assert not pool.is_packed_layer(0)
+    assert torch.equal(pool.get_packed_layer(7).codec.k_center.cpu(), centers[7])
+    # a file made for another model is refused with the shape it needed
+    save_key_centers(path, torch.randn(30, 8, 128), {})
+    with pytest.raises(ValueError, match=r"\[32, 8, 128\].*scripts/key_centers.py"):
+        integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
+                                       mha_pool_class=MHATokenToKVPool, quant_method=None)
+
+
+def test_centered_pool_round_trip_is_closer():
+    """Keys with a large common part: the centered pool reads them back far closer."""
+    from sglang_tq.kernels.tq_dequant import tq_dequant
+
+    hkv, d, n = 2, 64, 30
+    g = torch.Generator().manual_seed(2)
+    mu = torch.randn(2, hkv, d, generator=g) * 4
+    k = (mu[1][None] + torch.randn(n, hkv, d, generator=g)).bfloat16().to(DEV)
+    v = torch.randn(n, hkv, d, generator=g).bfloat16().to(DEV)
+    loc = torch.arange(1, n + 1, device=DEV)
+    errs = []
+    for centers in (mu, None):
+        cfg = TQConfig(head_dim=d, k_bits=4, v_bits=4, seed=3)
+        pool = TQTokenToKVPool(n + 1, 1, hkv, d, 2, DEV, False, cfg=cfg, key_centers=centers)
+        pool.set_kv_buffer(types.SimpleNamespace(layer_id=1), loc, k, v)
+        packed = pool.get_packed_layer(1)
+        k_back, _ = tq_dequant(*packed[:4], loc, packed.codec, dtype=torch.float32)
+        errs.append(((k_back - k.float()).norm() / k.float().norm()).item())
+    assert errs[0] < 0.5 * errs[1], errs
+
+
 def test_layers_draw_their_own_rotation_and_ranks_agree():
     cfg = TQConfig(head_dim=64, seed=3)
     a = TQTokenToKVPool(4, 1, 2, 64, 3, "cpu", False, cfg=cfg)
