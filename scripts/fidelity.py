@@ -116,6 +116,19 @@ def parse_config_specs(specs: list[str], error) -> dict[str, list[str]]:
     return custom
 
 
+def add_centered_configs(names: list[str], custom: dict[str, list[str]], key_centers: str | None,
+                         error) -> None:
+    """Define each ``<config>-c`` name (keys quantized around the model's key centers) as
+    ``<config>``'s flags plus ``--kv-quant-key-centers``; ``error`` (argparse's) if no
+    centers file was given."""
+    for name in names:
+        if name.endswith("-c") and name not in custom:
+            if not key_centers:
+                error(f"config {name!r} (centered keys) needs --key-centers FILE, made by "
+                      "scripts/key_centers.py for this model")
+            custom[name] = config_flags(name[:-2], custom) + ["--kv-quant-key-centers", key_centers]
+
+
 def config_flags(name: str, custom: dict[str, list[str]] | None = None) -> list[str]:
     """Server flags of a config name: bf16, fp8, kKvV (TurboQuant), kKvV-pp (+packed prefill)."""
     if custom and name in custom:
@@ -131,7 +144,7 @@ def config_flags(name: str, custom: dict[str, list[str]] | None = None) -> list[
             raise ValueError(f"unknown config suffix in {name!r} (known: -pp)")
         return flags
     raise ValueError(f"unknown config {name!r}: use bf16, fp8, kKvV (e.g. k4v4), kKvV-pp, "
-                     "or define it with --config NAME='flags'")
+                     "a -c suffix with --key-centers, or define it with --config NAME='flags'")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -581,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
                     help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
                          "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'")
+    ap.add_argument("--key-centers", default=None, metavar="FILE",
+                    help="key centers file (scripts/key_centers.py) for configs named <config>-c, "
+                         "e.g. k4v4-c")
     ap.add_argument("--num-prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=20, help="top_logprobs_num (default 20)")
@@ -603,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
 
     custom = parse_config_specs(args.config, ap.error)
     under_test = [c.strip() for c in args.configs.split(",") if c.strip() and c.strip() != "bf16"]
+    add_centered_configs(under_test, custom, args.key_centers, ap.error)
     for c in ["bf16", *under_test]:
         config_flags(c, custom)  # fail early on unknown names
 

@@ -19,6 +19,10 @@
 #                (every shape, bit pair and the write path), GPU 1 the load test for k4v4
 #                and k3v3, GPU 3 for bf16 and fp8, merged into one JSON.
 #       decode_launch.json comes back for kernels/.
+#   bash scripts/gpu_evidence.sh <commit> qwen    # nvidia-h200-x2, after staging the 8 pieces
+#       GPU 0: key centers of Qwen2.5-Coder-0.5B (scripts/key_centers.py), then fidelity
+#              fp8, k4v4, k4v4-c (centered keys) against bf16 with the HF check;
+#       GPU 1: fidelity k3v3, k3v3-c, k4v4-pp-c.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -97,6 +101,24 @@ tune)
     echo "== bench"; tail -60 "$LOGS/bench.log"; echo "== loadtest"; tail -25 "$LOGS/lt_merge.log"
   } > "$OUT/summary.txt" 2>&1
   ;;
+qwen)
+  M=$(bash scripts/unpack_model.sh qwen2.5-coder-0.5b 2>> "$LOGS/unpack.log") || M=""
+  [ -n "$M" ] || { tail -5 "$LOGS/unpack.log"; exit 1; }
+  C=$OUT/key_centers_qwen2.5-coder-0.5b.safetensors
+  python scripts/key_centers.py --model-path "$M" --out "$C" --device cuda > "$LOGS/centers.log" 2>&1 \
+    || { tail -5 "$LOGS/centers.log"; exit 1; }
+  fid() {  # GPU, name, configs, extra args
+    local gpu=$1 name=$2 configs=$3; shift 3
+    CUDA_VISIBLE_DEVICES=$gpu timeout -s TERM "$(left 560)" python scripts/fidelity.py \
+      --model-path "$M" --configs "$configs" --key-centers "$C" --log-dir "$LOGS/$name" \
+      --work-dir "/tmp/fidelity_$name" --out "$OUT/fidelity_qwen_$name.json" "$@" > "$LOGS/$name.log" 2>&1
+  }
+  fid 0 a fp8,k4v4,k4v4-c --check-hf & P0=$!
+  fid 1 b k3v3,k3v3-c,k4v4-pp-c & P1=$!
+  wait "$P0" "$P1"
+  { echo "== fidelity a"; tail -32 "$LOGS/a.log"; echo "== fidelity b"; tail -22 "$LOGS/b.log"
+  } > "$OUT/summary.txt" 2>&1
+  ;;
 accuracy)
   M=$(model) || M=""
   [ -n "$M" ] || { tail -5 "$LOGS/unpack.log"; exit 1; }
@@ -151,7 +173,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, accuracy or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, accuracy, qwen or all." >&2
   exit 2
   ;;
 esac

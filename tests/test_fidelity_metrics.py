@@ -240,3 +240,20 @@ def test_config_flags():
     assert fid.config_flags("x", {"x": ["--a"]}) == ["--a"]
     with pytest.raises(ValueError):
         fid.config_flags("int4")
+
+
+def test_centered_configs_add_the_centers_flag():
+    custom = {}
+    fid.add_centered_configs(["fp8", "k4v4-c", "k4v4-pp-c"], custom, "/m/centers.safetensors",
+                             error=pytest.fail)
+    assert custom["k4v4-c"] == ["--kv-quant", "turboquant", "--kv-quant-bits", "k4v4",
+                                "--kv-quant-key-centers", "/m/centers.safetensors"]
+    assert custom["k4v4-pp-c"][-3:] == ["--kv-quant-packed-prefill", "--kv-quant-key-centers",
+                                        "/m/centers.safetensors"]
+    assert "fp8" not in custom
+
+    def error(msg):
+        raise SystemExit(msg)
+
+    with pytest.raises(SystemExit, match="needs --key-centers"):
+        fid.add_centered_configs(["k4v4-c"], {}, None, error)
