@@ -76,6 +76,7 @@ def _tq_decode_stage1(
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -96,17 +97,20 @@ def _tq_decode_stage1(
         m_i, l_i, acc0, acc1, acc2, acc3 = softmax_state(BLOCK_H, QUARTER)
         LOG2E: tl.constexpr = 1.4426950408889634
         sm_scale_log2 = sm_scale * LOG2E
-        # -- codes, norms and slots of the first tile; each iteration prefetches the next
-        offs_n = lo + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        slot = load_slots(KvIndices + start + offs_n, mask_n, SLOT_I64)
-        ka, kb = load_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM)
-        va, vb = load_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
-        k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h, mask=mask_n, other=0.0)
-        v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h, mask=mask_n, other=0.0)
+        # -- codes, norms and slots of the first tile; with PREFETCH each iteration loads
+        #    the next tile into registers while this one is computed (more registers,
+        #    fewer resident programs: the launch table says which wins)
+        if PREFETCH:
+            offs_n = lo + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            slot = load_slots(KvIndices + start + offs_n, mask_n, SLOT_I64)
+            ka, kb = load_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM)
+            va, vb = load_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
+            k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h, mask=mask_n, other=0.0)
+            v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h, mask=mask_n, other=0.0)
         for n0 in range(lo, hi, BLOCK_N):
-            # -- prefetch tile n0 + BLOCK_N into registers while this one is computed
-            offs_x = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
+            # -- this tile's (or, with PREFETCH, the next tile's) codes, norms and slots
+            offs_x = n0 + BLOCK_N * PREFETCH + tl.arange(0, BLOCK_N)
             mask_x = offs_x < hi
             slot_x = load_slots(KvIndices + start + offs_x, mask_x, SLOT_I64)
             ka_x, kb_x = load_codes(kc_base, slot_x * stride_kc_s, mask_x, K_BITS, HEAD_DIM)
@@ -115,6 +119,8 @@ def _tq_decode_stage1(
                                mask=mask_x, other=0.0)
             v_norm_x = tl.load(VNorms + slot_x * stride_vn_s + kv_head * stride_vn_h,
                                mask=mask_x, other=0.0)
+            if not PREFETCH:
+                ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
             # -- scores: codes -> fp16 values in registers, QK on tensor cores, K norms after
             k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM, kt0, kt1, kt2, kt3)
             # scores in log2 units: the softmax runs on exp2 (one multiply less per score)
@@ -129,7 +135,8 @@ def _tq_decode_stage1(
             v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM, vt0, vt1, vt2, vt3)
             m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
                 s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_norm.to(tl.float32))
-            ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
+            if PREFETCH:
+                ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
         # -- partial output (rotated space) and its log-sum-exp
         mo = MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
         store_tiles(mo, mask_h, acc0, acc1, acc2, acc3, 1.0 / l_i, V_BITS, HEAD_DIM)
@@ -209,12 +216,15 @@ class DecodeLaunch:
     block_n: int
     num_warps: int
     programs_per_sm: int
+    prefetch: bool = True  # load the next tile's codes while computing this one
+    num_stages: int = 2  # Triton's software pipelining depth (acts when prefetch is off)
 
     def __post_init__(self):
         if self.block_n not in (16, 32, 64, 128, 256) or self.num_warps not in (1, 2, 4, 8) \
-                or not 1 <= self.programs_per_sm <= 64:
+                or not 1 <= self.programs_per_sm <= 64 or not 1 <= self.num_stages <= 4:
             raise ValueError(f"invalid decode launch {self}: block_n must be a power of two in "
-                             "16..256, num_warps 1, 2, 4 or 8, programs_per_sm 1..64.")
+                             "16..256, num_warps 1, 2, 4 or 8, programs_per_sm 1..64, "
+                             "num_stages 1..4.")
 
 
 LAUNCH_TABLE = Path(__file__).with_name("decode_launch.json")
@@ -238,7 +248,10 @@ def load_launch_table(path: str) -> dict:
         with open(path) as f:
             raw = json.load(f)
         return {dev: {int(d): {kv: DecodeLaunch(**{k: e[k] for k in ("block_n", "num_warps",
-                                                                       "programs_per_sm")})
+                                                                       "programs_per_sm", "prefetch",
+                                                                       "num_stages")
+                                                     if k in e or k in ("block_n", "num_warps",
+                                                                        "programs_per_sm")})
                                for kv, e in per_d.items()}
                       for d, per_d in dims.items()}
                 for dev, dims in raw.items() if not dev.startswith("_")}
@@ -266,8 +279,8 @@ def default_launch(head_dim: int, k_bits: int = 4, v_bits: int = 4,
 def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
               sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
               logit_cap: float = 0.0, sliding_window: int = 0,
-              block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-              out=None):
+              block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+              prefetch: bool | None = None, out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -292,6 +305,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     launch = default_launch(d, codec.k_bits, codec.v_bits)
     block_n = block_n or launch.block_n
     num_warps = num_warps or launch.num_warps
+    prefetch = launch.prefetch if prefetch is None else prefetch
+    num_stages = num_stages or launch.num_stages
     q_rot, mid_o, mid_lse = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz]
     if out is None:
         out = ws.out[:bsz]
@@ -312,7 +327,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         K_LUT=codec.k_lut, V_LUT=codec.v_lut,
         USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
-        num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=int(prefetch), num_warps=num_warps, num_stages=num_stages,
     )
     _tq_decode_stage2[(bsz, hkv)](
         mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,

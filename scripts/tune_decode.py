@@ -41,19 +41,32 @@ def parse_ints(text: str, name: str) -> list[int]:
         raise SystemExit(f"{name}: expected a comma list of integers, got '{text}'.") from None
 
 
+LAUNCH_KEYS = ("block_n", "num_warps", "programs_per_sm", "prefetch", "num_stages")
+
+
+def launch_grid(block_n, num_warps, programs_per_sm, prefetch, num_stages) -> list[dict]:
+    """Every launch to time; pipelining depth only varies without the register prefetch
+    (with it, the loads feed inline asm and Triton's pipeliner leaves them alone)."""
+    grid = []
+    for bn, nw, pps, pf in itertools.product(block_n, num_warps, programs_per_sm, prefetch):
+        for ns in (num_stages if not pf else num_stages[:1]):
+            grid.append(dict(zip(LAUNCH_KEYS, (bn, nw, pps, bool(pf), ns))))
+    return grid
+
+
 def choose(rows: list[dict], shapes: list[str]) -> dict | None:
     """The configuration with the smallest geometric mean of ms over all shapes."""
     by_cfg: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if "ms" in r:
-            by_cfg.setdefault((r["block_n"], r["num_warps"], r["programs_per_sm"]), {})[r["shape"]] = r["ms"]
+            by_cfg.setdefault(tuple(r[k] for k in LAUNCH_KEYS), {})[r["shape"]] = r["ms"]
     full = {cfg: t for cfg, t in by_cfg.items() if all(s in t for s in shapes)}
     if not full:
         return None
     geo = {cfg: math.exp(sum(math.log(t[s]) for s in shapes) / len(shapes)) for cfg, t in full.items()}
     best = min(geo, key=geo.get)
     per_shape = {s: min(t[s] for t in full.values()) for s in shapes}
-    return {"block_n": best[0], "num_warps": best[1], "programs_per_sm": best[2],
+    return {**dict(zip(LAUNCH_KEYS, best)),
             "geomean_ms": round(geo[best], 5),
             "ms": {s: round(full[best][s], 5) for s in shapes},
             "best_ms_per_shape": {s: round(v, 5) for s, v in per_shape.items()}}
@@ -106,9 +119,9 @@ def tune(args) -> int:
         raise SystemExit("tune_decode.py times the kernels on a CUDA GPU; none is visible.")
     d, hq, hkv = args.head_dim, 32, 8
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    grid = list(itertools.product(parse_ints(args.block_n, "--block-n"),
-                                  parse_ints(args.num_warps, "--num-warps"),
-                                  parse_ints(args.programs_per_sm, "--programs-per-sm")))
+    grid = launch_grid(parse_ints(args.block_n, "--block-n"), parse_ints(args.num_warps, "--num-warps"),
+                       parse_ints(args.programs_per_sm, "--programs-per-sm"),
+                       parse_ints(args.prefetch, "--prefetch"), parse_ints(args.num_stages, "--num-stages"))
     shapes = args.shapes.split(",")
     t0 = time.time()
     rows, winners = [], {}
@@ -128,24 +141,28 @@ def tune(args) -> int:
             q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
             ws = dec.DecodeWorkspace.create(bsz, hq, d, args.max_kv_splits, "cuda")
             nbytes = bsz * seq * hkv * (codec.k_code_bytes + codec.v_code_bytes + 4)
-            for bn, nw, pps in grid:
-                launch = dec.DecodeLaunch(bn, nw, pps)
+            for cfg in grid:
+                launch = dec.DecodeLaunch(**cfg)
                 splits = dec.default_num_kv_splits(torch.full((bsz,), seq), hkv, args.max_kv_splits,
                                                    num_sms=num_sms, launch=launch).cuda()
-                row = {"kv": kv, "shape": shape, "B": bsz, "L": seq, "head_dim": d, "block_n": bn,
-                       "num_warps": nw, "programs_per_sm": pps, "splits": int(splits[0])}
+                row = {"kv": kv, "shape": shape, "B": bsz, "L": seq, "head_dim": d, **cfg,
+                       "splits": int(splits[0])}
                 fn = lambda: dec.tq_decode(q, *bufs, indptr, indices, codec, d**-0.5,  # noqa: E731
                                            num_kv_splits=splits, max_kv_splits=args.max_kv_splits,
-                                           workspace=ws, block_n=bn, num_warps=nw)
+                                           workspace=ws, block_n=launch.block_n,
+                                           num_warps=launch.num_warps, prefetch=launch.prefetch,
+                                           num_stages=launch.num_stages)
                 try:
                     fn()
                     ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
                 except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
                     row["error"] = repr(exc)[:200]
-                    print(f"{kv} {shape} bn={bn} warps={nw} pps={pps}: {exc!r}"[:160], flush=True)
+                    print(f"{kv} {shape} {cfg}: {exc!r}"[:160], flush=True)
                 else:
                     row.update(ms=ms, tbps=nbytes / ms / 1e9)
-                    print(f"{kv} {shape:>9} d={d} bn={bn:<3} warps={nw} pps={pps} splits={row['splits']:<2} "
+                    print(f"{kv} {shape:>9} d={d} bn={launch.block_n:<3} warps={launch.num_warps} "
+                          f"pps={launch.programs_per_sm:<2} prefetch={int(launch.prefetch)} "
+                          f"stages={launch.num_stages} splits={row['splits']:<2} "
                           f"{ms:8.4f} ms  {nbytes / ms / 1e9:6.3f} TB/s", flush=True)
                 kv_rows.append(row)
             del bufs, indices
@@ -157,7 +174,8 @@ def tune(args) -> int:
             if args.write_table:  # after every bit pair: a run cut short keeps what it found
                 save_winners(args.write_table, torch.cuda.get_device_name(), d, {kv: win})
             print(f"BEST {kv} d={d}: block_n {win['block_n']} warps {win['num_warps']} "
-                  f"programs/SM {win['programs_per_sm']}: " + ", ".join(
+                  f"programs/SM {win['programs_per_sm']} prefetch {int(win['prefetch'])} "
+                  f"stages {win['num_stages']}: " + ", ".join(
                       f"{s} {win['ms'][s]:.4f} (best {win['best_ms_per_shape'][s]:.4f})" for s in shapes),
                   flush=True)
     prov = provenance()
@@ -177,8 +195,12 @@ def main(argv=None) -> int:
     ap.add_argument("--kv", default="k4v4,k4v3,k3v3,k4v2,k2v2", help="bit pairs to tune")
     ap.add_argument("--block-n", default="64,128")
     ap.add_argument("--num-warps", default="2,4")
-    ap.add_argument("--programs-per-sm", default="2,4,8",
-                    help="resident programs per SM assumed by the split policy")
+    ap.add_argument("--programs-per-sm", default="4,8,16",
+                    help="resident programs per SM assumed by the split policy (more: more splits)")
+    ap.add_argument("--prefetch", default="1,0",
+                    help="1: register prefetch of the next tile; 0: loads at the top of the tile, "
+                         "pipelined by Triton over --num-stages")
+    ap.add_argument("--num-stages", default="2,3", help="pipelining depths tried without prefetch")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--max-kv-splits", type=int, default=32)
     ap.add_argument("--out", help="JSON with every timing")

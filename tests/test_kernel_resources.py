@@ -26,7 +26,8 @@ def test_default_launch_compiles_without_spills(head_dim, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_resources.py"),
                     "--head-dim", str(head_dim), "--kv", "k4v4,k3v3,k2v2",
                     "--block-n", str(launch.block_n), "--num-warps", str(launch.num_warps),
-                    "--num-stages", "2", "--out", str(out)],
+                    "--num-stages", str(launch.num_stages), "--prefetch", str(int(launch.prefetch)),
+                    "--out", str(out)],
                    env=env, check=True, capture_output=True, text=True, timeout=600)
     rows = json.loads(out.read_text())
     assert [r["kv"] for r in rows] == ["k4v4", "k3v3", "k2v2"]

@@ -119,6 +119,18 @@ def test_decode_matches_reference(head_dim, k_bits, v_bits, gqa, device):
     assert _rel(out, ref) <= 2 * torch_err
 
 
+@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", [(64, 4, 4, 4), (128, 3, 3, 8), (256, 2, 4, 1)])
+def test_decode_without_prefetch_matches_reference(head_dim, k_bits, v_bits, gqa, device):
+    """The launch table may choose loads at the top of each tile instead of a register
+    prefetch of the next one (PREFETCH = 0): same result."""
+    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device, seed=4)
+    out = _run_decode(q, bufs, indptr, indices, codec, prefetch=False)
+    ref = tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5)
+    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5,
+                                   dtype=torch.bfloat16), ref)
+    assert _rel(out, ref) <= 2 * torch_err
+
+
 @pytest.mark.parametrize("logit_cap, window", [(30.0, 0), (0.0, 13), (5.0, 40)])
 def test_decode_softcap_and_sliding_window(logit_cap, window, device):
     codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 3, 4, device, seed=5)

@@ -22,7 +22,8 @@ def table_file(tmp_path, monkeypatch):
         "_doc": "test table",
         "GPU X": {"128": {"k4v4": {"block_n": 128, "num_warps": 4, "programs_per_sm": 3,
                                    "geomean_ms": 0.5, "commit": "abc"}},
-                  "64": {"k3v2": {"block_n": 32, "num_warps": 1, "programs_per_sm": 8}}},
+                  "64": {"k3v2": {"block_n": 32, "num_warps": 1, "programs_per_sm": 8,
+                                  "prefetch": False, "num_stages": 3}}},
     }))
     monkeypatch.setenv("SGLANG_TQ_DECODE_LAUNCH", str(path))
     dec.load_launch_table.cache_clear()
@@ -39,7 +40,8 @@ def test_packaged_table_is_readable():
 
 def test_lookup_by_gpu_head_dim_and_bits(table_file):
     assert dec.default_launch(128, 4, 4, device_name="GPU X") == dec.DecodeLaunch(128, 4, 3)
-    assert dec.default_launch(64, 3, 2, device_name="GPU X") == dec.DecodeLaunch(32, 1, 8)
+    assert dec.default_launch(64, 3, 2, device_name="GPU X") == dec.DecodeLaunch(32, 1, 8, False, 3)
+    assert dec.default_launch(128, 4, 4, device_name="GPU X").prefetch  # absent: the default
     # another bit pair, head_dim or GPU falls back to the built-in launch
     assert dec.default_launch(128, 3, 3, device_name="GPU X") == dec.builtin_launch(128)
     assert dec.default_launch(256, 4, 4, device_name="GPU X") == dec.builtin_launch(256)
@@ -74,21 +76,32 @@ def test_invalid_launch_is_refused():
         dec.DecodeLaunch(64, 3, 2)
 
 
-def _row(shape, bn, nw, pps, ms):
-    return {"shape": shape, "block_n": bn, "num_warps": nw, "programs_per_sm": pps, "ms": ms}
+def _row(shape, bn, nw, pps, ms, prefetch=True, stages=2):
+    return {"shape": shape, "block_n": bn, "num_warps": nw, "programs_per_sm": pps,
+            "prefetch": prefetch, "num_stages": stages, "ms": ms}
+
+
+def test_tuner_grid_varies_pipelining_only_without_prefetch():
+    grid = tune_decode.launch_grid([64], [2], [4, 8], [1, 0], [2, 3])
+    assert len(grid) == 2 * (1 + 2)
+    assert {g["num_stages"] for g in grid if g["prefetch"]} == {2}
+    assert {g["num_stages"] for g in grid if not g["prefetch"]} == {2, 3}
+    assert all(dec.DecodeLaunch(**g) for g in grid)
 
 
 def test_tuner_picks_the_smallest_geometric_mean_over_complete_configs():
     shapes = ["a", "b"]
     rows = [_row("a", 64, 2, 2, 1.0), _row("b", 64, 2, 2, 4.0),     # geomean 2.0
-            _row("a", 128, 4, 2, 3.0), _row("b", 128, 4, 2, 1.0),   # geomean 1.73
+            _row("a", 128, 4, 2, 3.0, False, 3), _row("b", 128, 4, 2, 1.0, False, 3),  # 1.73
+            _row("a", 128, 4, 2, 0.5), _row("b", 128, 4, 2, 9.0),   # same shape, prefetch: 2.12
             _row("a", 64, 4, 8, 0.1),                               # missing b: not eligible
             {**_row("b", 64, 4, 8, 0.0), "error": "does not compile"}]
     del rows[-1]["ms"]
     win = tune_decode.choose(rows, shapes)
-    assert (win["block_n"], win["num_warps"], win["programs_per_sm"]) == (128, 4, 2)
+    assert (win["block_n"], win["num_warps"], win["programs_per_sm"], win["prefetch"],
+            win["num_stages"]) == (128, 4, 2, False, 3)
     assert win["geomean_ms"] == pytest.approx(3 ** 0.5, abs=1e-5)
-    assert win["best_ms_per_shape"] == {"a": 1.0, "b": 1.0}
+    assert win["best_ms_per_shape"] == {"a": 0.5, "b": 1.0}
     assert tune_decode.choose([], shapes) is None
 
 
