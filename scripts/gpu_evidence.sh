@@ -23,6 +23,10 @@
 #       GPU 0: key centers of Qwen2.5-Coder-0.5B (scripts/key_centers.py), then fidelity
 #              fp8, k4v4, k4v4-c (centered keys) against bf16 with the HF check;
 #       GPU 1: fidelity k3v3, k3v3-c, k4v4-pp-c.
+#   bash scripts/gpu_evidence.sh <commit> qwen+serving   # nvidia-h200-x4: qwen on GPUs 0/1 and
+#       GPU 2: shared-prefix load test, fp8 and k4v4 at 0.45 (target: k4v4 TTFT p50 < fp8's);
+#       GPU 3: the same for k4v4 with SGLang's prefill CUDA graphs on (every other run
+#              disables them), then bf16.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -69,13 +73,14 @@ tune)
   tune_job() {  # GPU, seconds, log name, tune_decode.py arguments
     local gpu=$1 secs=$2 name=$3; shift 3
     CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python scripts/tune_decode.py "$@" \
-      --num-warps 1,2,4 --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" \
+      --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" \
       > "$LOGS/$name.log" 2>&1
   }
-  tune_job 0 190 tune_a --kv k4v4,k4v3 & PA=$!
-  tune_job 1 190 tune_b --kv k3v3,k4v2,k2v2 & PB=$!
-  ( tune_job 3 95 tune_d64 --head-dim 64 --shapes 64x16384,128x4096 --kv k4v4,k3v3,k4v2
-    tune_job 3 95 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k4v4,k3v3,k4v2 ) & PC=$!
+  SH=(--block-n 64 --num-warps 2,4 --shapes 64x16384,32x32768,128x4096,16x8192)
+  tune_job 0 190 tune_a --kv k4v4,k4v3 "${SH[@]}" & PA=$!
+  tune_job 1 190 tune_b --kv k3v3,k4v2,k2v2 "${SH[@]}" & PB=$!
+  ( tune_job 3 95 tune_d64 --head-dim 64 --shapes 64x16384,128x4096 --kv k4v4,k3v3,k4v2 --block-n 64 --num-warps 1,2
+    tune_job 3 95 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k4v4,k3v3,k4v2 --block-n 64 --num-warps 2,4 ) & PC=$!
   ( export CUDA_VISIBLE_DEVICES=2
     timeout 470 python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1 ) & PT=$!
   wait "$PA" "$PB" "$PC"
@@ -101,7 +106,18 @@ tune)
     echo "== bench"; tail -60 "$LOGS/bench.log"; echo "== loadtest"; tail -25 "$LOGS/lt_merge.log"
   } > "$OUT/summary.txt" 2>&1
   ;;
-qwen)
+qwen|qwen+serving)
+  SP=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
+      --extra-server-args=--cuda-graph-max-bs-decode=64)
+  if [ "$MODE" = qwen+serving ]; then
+    ( export CUDA_VISIBLE_DEVICES=2
+      python scripts/loadtest.py --configs fp8,k4v4 "${SP[@]}" --out "$OUT/loadtest_sp.json" \
+        --log-dir "$LOGS/sp" --budget-s "$(left 540)" > "$LOGS/sp.log" 2>&1 ) & PS=$!
+    ( export CUDA_VISIBLE_DEVICES=3
+      python scripts/loadtest.py --configs k4v4,bf16 "${SP[@]}" --prefill-cuda-graph \
+        --out "$OUT/loadtest_sp_prefill_graphs.json" --log-dir "$LOGS/spg" --budget-s "$(left 540)" \
+        > "$LOGS/spg.log" 2>&1 ) & PG=$!
+  fi
   M=$(bash scripts/unpack_model.sh qwen2.5-coder-0.5b 2>> "$LOGS/unpack.log") || M=""
   [ -n "$M" ] || { tail -5 "$LOGS/unpack.log"; exit 1; }
   C=$OUT/key_centers_qwen2.5-coder-0.5b.safetensors
@@ -116,7 +132,10 @@ qwen)
   fid 0 a fp8,k4v4,k4v4-c --check-hf & P0=$!
   fid 1 b k3v3,k3v3-c,k4v4-pp-c & P1=$!
   wait "$P0" "$P1"
+  [ "$MODE" = qwen+serving ] && wait "$PS" "$PG"
   { echo "== fidelity a"; tail -32 "$LOGS/a.log"; echo "== fidelity b"; tail -22 "$LOGS/b.log"
+    [ "$MODE" = qwen+serving ] && { echo "== shared prefix"; tail -16 "$LOGS/sp.log"
+      echo "== shared prefix, prefill CUDA graphs"; tail -16 "$LOGS/spg.log"; }
   } > "$OUT/summary.txt" 2>&1
   ;;
 accuracy)
@@ -173,7 +192,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, accuracy, qwen or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac
