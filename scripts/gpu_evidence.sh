@@ -26,7 +26,7 @@
 #   bash scripts/gpu_evidence.sh <commit> qwen+serving   # nvidia-h200-x4: qwen on GPUs 0/1 and
 #       GPU 2: shared-prefix load test, fp8 and k4v4 at 0.45 (target: k4v4 TTFT p50 < fp8's);
 #       GPU 3: the same for k4v4 with SGLang's prefill CUDA graphs on (every other run
-#              disables them), then bf16.
+#              disables them), then the reference load test for k3v3 at 0.25.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -114,9 +114,11 @@ qwen|qwen+serving)
       python scripts/loadtest.py --configs fp8,k4v4 "${SP[@]}" --out "$OUT/loadtest_sp.json" \
         --log-dir "$LOGS/sp" --budget-s "$(left 540)" > "$LOGS/sp.log" 2>&1 ) & PS=$!
     ( export CUDA_VISIBLE_DEVICES=3
-      python scripts/loadtest.py --configs k4v4,bf16 "${SP[@]}" --prefill-cuda-graph \
+      python scripts/loadtest.py --configs k4v4 "${SP[@]}" --prefill-cuda-graph \
         --out "$OUT/loadtest_sp_prefill_graphs.json" --log-dir "$LOGS/spg" --budget-s "$(left 540)" \
-        > "$LOGS/spg.log" 2>&1 ) & PG=$!
+        > "$LOGS/spg.log" 2>&1
+      python scripts/loadtest.py --configs k3v3 "${LT[@]}" --out "$OUT/loadtest_k3v3.json" \
+        --log-dir "$LOGS/lt_k3v3" --budget-s "$(left 545)" > "$LOGS/lt_k3v3.log" 2>&1 ) & PG=$!
   fi
   M=$(bash scripts/unpack_model.sh qwen2.5-coder-0.5b 2>> "$LOGS/unpack.log") || M=""
   [ -n "$M" ] || { tail -5 "$LOGS/unpack.log"; exit 1; }
@@ -135,7 +137,8 @@ qwen|qwen+serving)
   [ "$MODE" = qwen+serving ] && wait "$PS" "$PG"
   { echo "== fidelity a"; tail -32 "$LOGS/a.log"; echo "== fidelity b"; tail -22 "$LOGS/b.log"
     [ "$MODE" = qwen+serving ] && { echo "== shared prefix"; tail -16 "$LOGS/sp.log"
-      echo "== shared prefix, prefill CUDA graphs"; tail -16 "$LOGS/spg.log"; }
+      echo "== shared prefix, prefill CUDA graphs"; tail -16 "$LOGS/spg.log"
+      echo "== reference k3v3"; tail -12 "$LOGS/lt_k3v3.log"; }
   } > "$OUT/summary.txt" 2>&1
   ;;
 accuracy)
