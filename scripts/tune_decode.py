@@ -44,11 +44,22 @@ def parse_ints(text: str, name: str) -> list[int]:
 LAUNCH_KEYS = ("block_n", "num_warps", "programs_per_sm", "prefetch", "num_stages")
 
 
-def launch_grid(block_n, num_warps, programs_per_sm, prefetch, num_stages) -> list[dict]:
+def parse_tiles(text: str) -> list[tuple[int, int]]:
+    """``"32x1,64x2"`` → [(block_n, num_warps), ...]."""
+    try:
+        tiles = [tuple(int(v) for v in t.split("x")) for t in text.split(",")]
+    except ValueError:
+        tiles = [()]
+    if any(len(t) != 2 for t in tiles):
+        raise SystemExit(f"--tiles: expected BLOCKxWARPS pairs such as 32x1,64x2, got '{text}'.")
+    return tiles
+
+
+def launch_grid(tiles, programs_per_sm, prefetch, num_stages) -> list[dict]:
     """Every launch to time; pipelining depth only varies without the register prefetch
     (with it, the loads feed inline asm and Triton's pipeliner leaves them alone)."""
     grid = []
-    for bn, nw, pps, pf in itertools.product(block_n, num_warps, programs_per_sm, prefetch):
+    for (bn, nw), pps, pf in itertools.product(tiles, programs_per_sm, prefetch):
         for ns in (num_stages if not pf else num_stages[:1]):
             grid.append(dict(zip(LAUNCH_KEYS, (bn, nw, pps, bool(pf), ns))))
     return grid
@@ -119,8 +130,7 @@ def tune(args) -> int:
         raise SystemExit("tune_decode.py times the kernels on a CUDA GPU; none is visible.")
     d, hq, hkv = args.head_dim, 32, 8
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    grid = launch_grid(parse_ints(args.block_n, "--block-n"), parse_ints(args.num_warps, "--num-warps"),
-                       parse_ints(args.programs_per_sm, "--programs-per-sm"),
+    grid = launch_grid(parse_tiles(args.tiles), parse_ints(args.programs_per_sm, "--programs-per-sm"),
                        parse_ints(args.prefetch, "--prefetch"), parse_ints(args.num_stages, "--num-stages"))
     shapes = args.shapes.split(",")
     t0 = time.time()
@@ -193,8 +203,9 @@ def main(argv=None) -> int:
                     help="comma list of BxL (default: the B·L >= 64k rows of bench_decode.py and "
                          "the load test's 64 x 6k)")
     ap.add_argument("--kv", default="k4v4,k4v3,k3v3,k4v2,k2v2", help="bit pairs to tune")
-    ap.add_argument("--block-n", default="64,128")
-    ap.add_argument("--num-warps", default="2,4")
+    ap.add_argument("--tiles", default="32x1,64x2,64x4",
+                    help="tile shapes BLOCK_NxNUM_WARPS to try (32 tokens per warp won on the "
+                         "H200: 64x2; 32x1 does the same without cross-warp exchanges)")
     ap.add_argument("--programs-per-sm", default="4,8,16",
                     help="resident programs per SM assumed by the split policy (more: more splits)")
     ap.add_argument("--prefetch", default="1,0",

@@ -131,6 +131,22 @@ def test_decode_without_prefetch_matches_reference(head_dim, k_bits, v_bits, gqa
     assert _rel(out, ref) <= 2 * torch_err
 
 
+@pytest.mark.parametrize("launch", [dict(block_n=32, num_warps=1, prefetch=True),
+                                    dict(block_n=32, num_warps=1, prefetch=False, num_stages=3),
+                                    dict(block_n=64, num_warps=4, prefetch=False, num_stages=2)])
+def test_decode_launch_variants_match_reference(launch, device):
+    """Every launch shape the tuner may write into the table computes the same attention."""
+    codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 2, 4, device, seed=6)
+    bsz, hq, d = q.shape
+    ws = DecodeWorkspace.create(bsz, hq, d, 4, q.device)
+    splits = torch.tensor([1 + i % 4 for i in range(bsz)], dtype=torch.int32, device=q.device)
+    out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits, max_kv_splits=4,
+                    workspace=ws, **launch)
+    ref = tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5)
+    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5, dtype=torch.bfloat16), ref)
+    assert _rel(out, ref) <= 2 * torch_err
+
+
 @pytest.mark.parametrize("logit_cap, window", [(30.0, 0), (0.0, 13), (5.0, 40)])
 def test_decode_softcap_and_sliding_window(logit_cap, window, device):
     codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 3, 4, device, seed=5)

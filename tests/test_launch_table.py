@@ -82,11 +82,14 @@ def _row(shape, bn, nw, pps, ms, prefetch=True, stages=2):
 
 
 def test_tuner_grid_varies_pipelining_only_without_prefetch():
-    grid = tune_decode.launch_grid([64], [2], [4, 8], [1, 0], [2, 3])
-    assert len(grid) == 2 * (1 + 2)
+    grid = tune_decode.launch_grid(tune_decode.parse_tiles("64x2,32x1"), [4, 8], [1, 0], [2, 3])
+    assert len(grid) == 2 * 2 * (1 + 2)
+    assert {(g["block_n"], g["num_warps"]) for g in grid} == {(64, 2), (32, 1)}
     assert {g["num_stages"] for g in grid if g["prefetch"]} == {2}
     assert {g["num_stages"] for g in grid if not g["prefetch"]} == {2, 3}
     assert all(dec.DecodeLaunch(**g) for g in grid)
+    with pytest.raises(SystemExit, match="BLOCKxWARPS"):
+        tune_decode.parse_tiles("64,2")
 
 
 def test_tuner_picks_the_smallest_geometric_mean_over_complete_configs():
