@@ -12,24 +12,14 @@ import pytest
 import torch
 
 from sglang_tq.codec import LayerCodec
-from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_ref
+from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import tq_extend, tq_extend_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
 from sglang_tq.packing import unpack
 
 from conftest import HAS_CUDA
-
-_BLOCKS = {} if HAS_CUDA else dict(block_n=16)
-
-
-@pytest.fixture(params=["cuda" if HAS_CUDA else "cpu"])
-def device(request):
-    return torch.device(request.param)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from test_kernels import _assert_decode_matches_ref, _rel, _run_decode, device  # noqa: F401 (fixture)
 
 
 def _centered(head_dim, k_bits, v_bits, hkv, device, seed=0, mean_scale=4.0):
@@ -124,15 +114,9 @@ def _decode_case(head_dim, k_bits, v_bits, gqa, device, lens, seed):
 def test_decode_over_centered_keys_matches_uncentered_attention(head_dim, k_bits, v_bits, gqa, device):
     lens = (1, 17, 97) + ((1000,) if HAS_CUDA else ())
     codec, bufs, indptr, indices, q = _decode_case(head_dim, k_bits, v_bits, gqa, device, lens, seed=11)
-    bsz, hq, d = q.shape
-    ws = DecodeWorkspace.create(bsz, hq, d, 4, q.device)
-    splits = torch.tensor([1 + i % 4 for i in range(bsz)], dtype=torch.int32, device=q.device)
-    out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits, max_kv_splits=4,
-                    workspace=ws, **_BLOCKS)
+    out = _run_decode(q, bufs, indptr, indices, codec)
     # the reference attends to the dequantized keys + μ (what the model's keys were)
-    ref = tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5)
-    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5, dtype=torch.bfloat16), ref)
-    assert _rel(out, ref) <= 2 * torch_err
+    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
 @pytest.mark.parametrize("packed_chunk", [False, True])
