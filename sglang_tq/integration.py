@@ -248,6 +248,24 @@ def _attn_tp_size() -> int:
     return get_parallel().attn_tp_size
 
 
+def _attn_tp_rank() -> int:
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().attn_tp_rank
+
+
+def rank_key_centers(centers: Any, tp_rank: int, tp_size: int) -> Any:
+    """The KV heads of [layers, total_kv_heads, D] key centers that attention-TP rank
+    ``tp_rank`` holds: a contiguous slice, or with more ranks than KV heads the one head
+    SGLang replicates onto it (QKVParallelLinear: rank r holds head r // replicas)."""
+    total = centers.shape[1]
+    if tp_size <= total:
+        per = total // tp_size
+        return centers[:, tp_rank * per:(tp_rank + 1) * per].contiguous()
+    head = tp_rank // (tp_size // total)
+    return centers[:, head:head + 1].contiguous()
+
+
 def _memory_saver_enabled() -> bool:
     from sglang.srt.runtime_context import get_exec
 
@@ -295,8 +313,9 @@ def _build_mha_kv_pool(orig, self, *args, **kwargs):
     if cfg.key_centers:
         from .centers import load_key_centers
 
-        key_centers = load_key_centers(cfg.key_centers, mc.num_hidden_layers,
-                                       mc.get_num_kv_heads(_attn_tp_size()), mc.head_dim)
+        key_centers = rank_key_centers(
+            load_key_centers(cfg.key_centers, mc.num_hidden_layers, mc.get_total_num_kv_heads(),
+                             mc.head_dim), _attn_tp_rank(), _attn_tp_size())
     _packed_pool_class = TQTokenToKVPool
     return TQTokenToKVPool(
         kwargs["max_total_num_tokens"], self.pool_page_size,

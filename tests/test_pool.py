@@ -47,7 +47,7 @@ def _server_args(*extra):
 
 @pytest.fixture(scope="module")
 def parallel():
-    with get_parallel().override(attn_tp_size=1, attn_cp_size=1):
+    with get_parallel().override(attn_tp_size=1, attn_tp_rank=0, attn_cp_size=1):
         yield
 
 
@@ -265,6 +265,14 @@ def test_build_pool_hook_loads_key_centers(parallel, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"\[32, 8, 128\].*scripts/key_centers.py"):
         integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
                                        mha_pool_class=MHATokenToKVPool, quant_method=None)
+
+
+def test_key_centers_follow_the_tensor_parallel_kv_heads():
+    centers = torch.arange(2 * 8 * 1, dtype=torch.float32).view(2, 8, 1)
+    assert integration.rank_key_centers(centers, 1, 4)[0, :, 0].tolist() == [2, 3]  # heads 2, 3
+    assert integration.rank_key_centers(centers, 0, 1).shape == (2, 8, 1)
+    # 16 ranks over 8 heads: each head on two ranks, rank 5 holds head 2
+    assert integration.rank_key_centers(centers, 5, 16)[0, :, 0].tolist() == [2]
 
 
 def test_centered_pool_round_trip_is_closer():
