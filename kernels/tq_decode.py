@@ -247,11 +247,8 @@ def load_launch_table(path: str) -> dict:
     try:
         with open(path) as f:
             raw = json.load(f)
-        return {dev: {int(d): {kv: DecodeLaunch(**{k: e[k] for k in ("block_n", "num_warps",
-                                                                       "programs_per_sm", "prefetch",
-                                                                       "num_stages")
-                                                     if k in e or k in ("block_n", "num_warps",
-                                                                        "programs_per_sm")})
+        fields = {f.name for f in dataclasses.fields(DecodeLaunch)}
+        return {dev: {int(d): {kv: DecodeLaunch(**{k: v for k, v in e.items() if k in fields})
                                for kv, e in per_d.items()}
                       for d, per_d in dims.items()}
                 for dev, dims in raw.items() if not dev.startswith("_")}

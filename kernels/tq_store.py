@@ -136,7 +136,7 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     _tq_store_kernel[grid](
         k, v, loc, codec.pi_t_k, codec.pi_t_v, codec.k_bounds, codec.v_bounds,
         k_codes, k_norms, v_codes, v_norms,
-        codec.k_bounds if codec.k_center is None else codec.k_center, n,
+        codec.pi if codec.k_center is None else codec.k_center, n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),

@@ -24,7 +24,6 @@ post-RoPE key per layer and head over a *different* text (a calibration run); th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -142,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {**prov, "script": "attn_error.py", "model_path": str(args.model_path),
            "text": args.text, "center_text": args.center_text, "tokens": args.tokens,
            "summary": summary, "per_layer_per_kv_head": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    fr.write_result(args.out, out)
     return 0
 
 

@@ -217,6 +217,12 @@ def verdict(results: dict) -> dict | None:
     return {"top1_disagreement": d, "k4v4_over_fp8": ratio, "met": bool(d["k4v4"] <= 2 * d["fp8"])}
 
 
+def write_result(path: str, doc: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1))
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -309,9 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                         "head_dim": hd, "prefill": "prompt unquantized (SGLang extend)"},
            "prompt_lens": [len(p) for p in prompts], "elapsed_s": round(time.time() - t0, 1),
            "criterion": v, "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, out)
     return 0
 
 

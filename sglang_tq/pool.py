@@ -82,8 +82,6 @@ class TQTokenToKVPool(KVCache):
         super().__init__(size, page_size, torch.uint8, layer_num, device, enable_memory_saver,
                          start_layer, end_layer)
         self.cfg = cfg
-        # [model layers, head_num, head_dim] fp32 key centers by global layer id, or None
-        self.key_centers = key_centers
         self.model_dtype = model_dtype
         self.head_num = head_num
         self.head_dim = head_dim
@@ -98,7 +96,7 @@ class TQTokenToKVPool(KVCache):
         self.v_buffer: list[Optional[torch.Tensor]] = []
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             for layer_id in self.layer_ids:
-                self._alloc_layer(layer_id)
+                self._alloc_layer(layer_id, None if key_centers is None else key_centers[layer_id])
         self._finalize_allocation_log(size)
 
     @property
@@ -106,7 +104,9 @@ class TQTokenToKVPool(KVCache):
         """Global ids of this pool's layers (a pipeline stage holds a contiguous range)."""
         return range(self.start_layer, self.start_layer + self.layer_num)
 
-    def _alloc_layer(self, layer_id: int) -> None:
+    def _alloc_layer(self, layer_id: int, k_center: Optional[torch.Tensor]) -> None:
+        """``k_center``: [head_num, head_dim] key center of this layer (key_centers is indexed
+        by global layer id), or None."""
         if self.cfg.is_bf16_layer(layer_id):
             shape = (self.num_slots, self.head_num, self.head_dim)
             self.k_buffer.append(torch.zeros(shape, dtype=self.model_dtype, device=self.device))
@@ -114,10 +114,9 @@ class TQTokenToKVPool(KVCache):
             for packed in (self.codecs, self.k_codes, self.k_norms, self.v_codes, self.v_norms):
                 packed.append(None)
             return
-        center = None if self.key_centers is None else self.key_centers[layer_id]
         codec = LayerCodec.create(self.head_dim, self.cfg.k_bits, self.cfg.v_bits,
                                   seed=self.cfg.layer_seed(layer_id), device=self.device,
-                                  k_center=center)
+                                  k_center=k_center)
         kc, kn, vc, vn = codec.alloc_buffers(self.num_slots, self.head_num, self.device)
         self.codecs.append(codec)
         self.k_codes.append(kc)

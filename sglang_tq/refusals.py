@@ -248,7 +248,7 @@ def _layer_problem(layer: Any, pool: Any, decoder: Any) -> Optional[str]:
         return "it is not causal decoder self-attention"
     if layer.logit_capping_method != "tanh":
         return f"logit capping method {layer.logit_capping_method!r} is not implemented"
-    if getattr(pool, "key_centers", None) is not None and layer.logit_cap > 0:
+    if getattr(getattr(pool, "cfg", None), "key_centers", None) and layer.logit_cap > 0:
         return ("its logit soft-cap does not ignore the score shift that key centering adds; "
                 "drop --kv-quant-key-centers")
     if getattr(layer, "xai_temperature_len", -1) != -1:

@@ -295,7 +295,7 @@ def test_backend_refuses_layers_the_kernels_do_not_implement():
     capped = dict(ok, logit_cap=30.0)
     runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**capped)])
     refusals.check_model_layers(runner, pool)
-    centered = types.SimpleNamespace(**vars(pool), key_centers=torch.zeros(32, 8, 128))
+    centered = types.SimpleNamespace(**vars(pool), cfg=types.SimpleNamespace(key_centers="c.safetensors"))
     with pytest.raises(RuntimeError, match="drop --kv-quant-key-centers") as exc:
         refusals.check_model_layers(runner, centered)
     assert _one_sentence(str(exc.value))
