@@ -76,8 +76,8 @@ tune)
       --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" \
       > "$LOGS/$name.log" 2>&1
   }
-  SH=(--tiles 32x1,64x2 --shapes 64x16384,32x32768,128x4096,16x8192)
-  tune_job 0 190 tune_a --kv k4v4,k4v3 "${SH[@]}" --tiles 16x1,32x1,64x2 & PA=$!
+  SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192)
+  tune_job 0 190 tune_a --kv k4v4,k4v3 "${SH[@]}" --tiles 16x1,32x1,32x2,64x2 & PA=$!
   tune_job 1 190 tune_b --kv k3v3,k4v2,k2v2 "${SH[@]}" & PB=$!
   ( tune_job 3 95 tune_d64 --head-dim 64 --shapes 64x16384,128x4096 --kv k4v4,k3v3,k4v2 --tiles 64x1,32x1,64x2
     tune_job 3 95 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k4v4,k3v3,k4v2 --tiles 64x2,64x4,32x2 ) & PC=$!

@@ -140,7 +140,8 @@ def test_decode_without_prefetch_matches_reference(head_dim, k_bits, v_bits, gqa
 @pytest.mark.parametrize("launch", [dict(block_n=32, num_warps=1, prefetch=True),
                                     dict(block_n=32, num_warps=1, prefetch=False, num_stages=3),
                                     dict(block_n=64, num_warps=4, prefetch=False, num_stages=2),
-                                    dict(block_n=16, num_warps=1, prefetch=False, num_stages=3)])
+                                    dict(block_n=16, num_warps=1, prefetch=False, num_stages=3),
+                                    dict(block_n=32, num_warps=2, prefetch=False, num_stages=2)])
 def test_decode_launch_variants_match_reference(launch, device):
     """Every launch shape the tuner may write into the table computes the same attention."""
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 2, 4, device, seed=6)
