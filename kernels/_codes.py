@@ -28,32 +28,52 @@ def tanh(x):
 
 
 @triton.jit
-def softmax_state(ROWS: tl.constexpr, QUARTER: tl.constexpr):
-    """Empty online-softmax state: running max, running sum and four [ROWS, D/4] accumulators."""
-    acc = tl.zeros((ROWS, QUARTER), tl.float32)
+def softmax_state(ROWS: tl.constexpr, QUARTER: tl.constexpr, HEADS_N: tl.constexpr):
+    """Empty online-softmax state: running max, running sum and four [ROWS, D/4]
+    accumulators ([D/4, ROWS] with HEADS_N, see :func:`online_softmax_step`)."""
+    if HEADS_N:
+        acc = tl.zeros((QUARTER, ROWS), tl.float32)
+    else:
+        acc = tl.zeros((ROWS, QUARTER), tl.float32)
     return (tl.full((ROWS,), float("-inf"), tl.float32), tl.zeros((ROWS,), tl.float32),
             acc, acc, acc, acc)
 
 
 @triton.jit
-def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_scale):
-    """One flash-attention update with scores ``s`` [M, N] in log2 units (softmax by exp2)
-    and value quarters ``v*`` [N, D/4].
+def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_scale,
+                        HEADS_N: tl.constexpr):
+    """One flash-attention update with scores ``s`` in log2 units (softmax by exp2).
 
+    Heads as rows (HEADS_N = 0): ``s`` [M, N], value quarters ``v*`` [N, D/4],
+    accumulators [M, D/4]. Heads as columns (HEADS_N = 1, the transposed problem
+    Oᵀ = Vᵀ·Pᵀ): ``s`` [N, M], ``v*`` [D/4, N], accumulators [D/4, M]; the tensor-core
+    tile's narrow side (8) then holds the GQA group instead of its wide side (16).
     ``v_scale`` [N] multiplies the probabilities (the V norms of packed tokens), so
-    the value tiles stay unscaled. Rows whose scores are all −inf so far stay at
+    the value tiles stay unscaled. Heads whose scores are all −inf so far stay at
     zero instead of producing NaN.
     """
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    pv = (p * v_scale[None, :]).to(tl.float16)
-    acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
-    acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
-    acc2 = tl.dot(pv, v2, acc2 * alpha[:, None])
-    acc3 = tl.dot(pv, v3, acc3 * alpha[:, None])
+    if HEADS_N:
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        pv = (p * v_scale[:, None]).to(tl.float16)
+        acc0 = tl.dot(v0, pv, acc0 * alpha[None, :])
+        acc1 = tl.dot(v1, pv, acc1 * alpha[None, :])
+        acc2 = tl.dot(v2, pv, acc2 * alpha[None, :])
+        acc3 = tl.dot(v3, pv, acc3 * alpha[None, :])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        pv = (p * v_scale[None, :]).to(tl.float16)
+        acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
+        acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
+        acc2 = tl.dot(pv, v2, acc2 * alpha[:, None])
+        acc3 = tl.dot(pv, v3, acc3 * alpha[:, None])
     return m_new, l_i, acc0, acc1, acc2, acc3
 
 
@@ -93,12 +113,20 @@ def store_tiles(rows, mask, acc0, acc1, acc2, acc3, scale, BITS: tl.constexpr,
 
 
 @triton.jit
-def scores(q0, q1, q2, q3, k0, k1, k2, k3):
-    """q·k over four coordinate quarters on tensor cores: [M, N] fp32."""
-    s = tl.dot(q0, tl.trans(k0))
-    s = tl.dot(q1, tl.trans(k1), s)
-    s = tl.dot(q2, tl.trans(k2), s)
-    return tl.dot(q3, tl.trans(k3), s)
+def scores(q0, q1, q2, q3, k0, k1, k2, k3, HEADS_N: tl.constexpr):
+    """q·k over four coordinate quarters on tensor cores, from key quarters [N, D/4]:
+    [M, N] fp32 from query quarters [M, D/4], or with HEADS_N [N, M] from [D/4, M]."""
+    if HEADS_N:
+        s = tl.dot(k0, q0)
+        s = tl.dot(k1, q1, s)
+        s = tl.dot(k2, q2, s)
+        s = tl.dot(k3, q3, s)
+    else:
+        s = tl.dot(q0, tl.trans(k0))
+        s = tl.dot(q1, tl.trans(k1), s)
+        s = tl.dot(q2, tl.trans(k2), s)
+        s = tl.dot(q3, tl.trans(k3), s)
+    return s
 
 
 @triton.jit
@@ -125,16 +153,20 @@ def load_lut_words(Tab):
 
 
 @triton.jit
-def _hi_shift(codes):
-    """[1, D/4] int32: column i of a 3-bit tile reads its high bits at bit 2t + i div D/8
-    of 1-bit-plane byte i mod D/8 (see :func:`load_codes`)."""
-    QUARTER: tl.constexpr = codes.shape[1]
-    return (tl.arange(0, QUARTER) // (QUARTER // 2))[None, :]
+def _hi_shift(codes, TRANS: tl.constexpr):
+    """[1, D/4] int32 ([D/4, 1] for a TRANS tile): column i of a 3-bit tile reads its high
+    bits at bit 2t + i div D/8 of 1-bit-plane byte i mod D/8 (see :func:`load_codes`)."""
+    if TRANS:
+        QUARTER: tl.constexpr = codes.shape[0]
+        return (tl.arange(0, QUARTER) // (QUARTER // 2))[:, None]
+    else:
+        QUARTER: tl.constexpr = codes.shape[1]
+        return (tl.arange(0, QUARTER) // (QUARTER // 2))[None, :]
 
 
 @triton.jit
 def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, hi, t0, t1, t2,
-            t3):
+            t3, TRANS: tl.constexpr):
     """fp16 codebook values of every field of a packed byte tile (see ``_lut.py``)."""
     if USE_ASM:
         # table words as register operands, splat to the tile's shape
@@ -144,7 +176,7 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
             return tl.inline_asm_elementwise(LUT, _C4, [codes] + tab,
                                              dtype=(tl.float16,) * 4, is_pure=True, pack=2)
         elif BITS == 3:
-            return tl.inline_asm_elementwise(LUT, _C3, [codes, hi, zero + _hi_shift(codes)] + tab,
+            return tl.inline_asm_elementwise(LUT, _C3, [codes, hi, zero + _hi_shift(codes, TRANS)] + tab,
                                              dtype=(tl.float16,) * 4, is_pure=True, pack=4)
         else:
             return tl.inline_asm_elementwise(LUT, _C2, [codes] + tab,
@@ -161,7 +193,7 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
         else:
             h = tl.zeros_like(c)
             if BITS == 3:
-                h = hi.to(tl.int32) >> _hi_shift(codes)
+                h = hi.to(tl.int32) >> _hi_shift(codes, TRANS)
             return (
                 tl.load(CB + ((c & 3) | ((h & 1) << 2))).to(tl.float16),
                 tl.load(CB + (((c >> 2) & 3) | (((h >> 2) & 1) << 2))).to(tl.float16),
@@ -171,8 +203,10 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
 
 
 @triton.jit
-def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Raw codes of N packed vectors as two [N, D/4] tiles for :func:`lookup_quarters`.
+def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               TRANS: tl.constexpr):
+    """Raw codes of N packed vectors as two [N, D/4] tiles for :func:`lookup_quarters`
+    ([D/4, N] with TRANS: the vectors as columns, for Vᵀ as a tensor-core A operand).
 
     4-bit: the D/2 bytes as uint16 words (the second tile is unused). 3-bit: the
     2-bit plane and, per column i, the 1-bit-plane byte i mod D/8, whose bit
@@ -181,23 +215,31 @@ def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.cons
     """
     QUARTER: tl.constexpr = HEAD_DIM // 4
     cols = tl.arange(0, QUARTER)
+    if TRANS:
+        rows = row_off[None, :]
+        cols = cols[:, None]
+        mask = mask_n[None, :]
+    else:
+        rows = row_off[:, None]
+        cols = cols[None, :]
+        mask = mask_n[:, None]
     if BITS == 4:
-        words = (codes_ptr + row_off[:, None]).to(tl.pointer_type(tl.uint16))
-        a = tl.load(words + cols[None, :], mask=mask_n[:, None], other=0)
+        words = (codes_ptr + rows).to(tl.pointer_type(tl.uint16))
+        a = tl.load(words + cols, mask=mask, other=0)
         b = a
     else:
-        a = tl.load(codes_ptr + row_off[:, None] + cols[None, :], mask=mask_n[:, None], other=0)
+        a = tl.load(codes_ptr + rows + cols, mask=mask, other=0)
         b = a
         if BITS == 3:
             EIGHTH: tl.constexpr = HEAD_DIM // 8
-            b = tl.load(codes_ptr + row_off[:, None] + QUARTER + (cols % EIGHTH)[None, :],
-                        mask=mask_n[:, None], other=0)
+            b = tl.load(codes_ptr + rows + QUARTER + cols % EIGHTH, mask=mask, other=0)
     return a, b
 
 
 @triton.jit
 def lookup_quarters(a, b, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, t0, t1,
-                    t2, t3):
-    """fp16 values of the tiles from :func:`load_codes`, as four [N, D/4] tiles holding
-    the coordinates :func:`tile_columns` names; ``t0..t3`` from :func:`load_lut_words`."""
-    return _lookup(a, CB, LUT, BITS, USE_ASM, b, t0, t1, t2, t3)
+                    t2, t3, TRANS: tl.constexpr):
+    """fp16 values of the tiles from :func:`load_codes` (same TRANS), as four [N, D/4]
+    tiles ([D/4, N] with TRANS) holding the coordinates :func:`tile_columns` names;
+    ``t0..t3`` from :func:`load_lut_words`."""
+    return _lookup(a, CB, LUT, BITS, USE_ASM, b, t0, t1, t2, t3, TRANS)

@@ -65,6 +65,15 @@ def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_
 
 
 @triton.jit
+def _along_n(x, HEADS_N: tl.constexpr):
+    """A per-token vector [N] broadcast along the token axis of a score tile."""
+    if HEADS_N:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
 def _tq_decode_stage1(
     QRot, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab,
     KvIndptr, KvIndices, NumKvSplits, MidO, MidLse,
@@ -76,7 +85,7 @@ def _tq_decode_stage1(
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, HEADS_N: tl.constexpr,
 ):
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -90,11 +99,13 @@ def _tq_decode_stage1(
         # -- rotated query of the whole GQA group, in the tile order of K's codes
         q0, q1, q2, q3 = load_dense_tiles(
             QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h, K_BITS, HEAD_DIM)
+        if HEADS_N:
+            q0, q1, q2, q3 = tl.trans(q0), tl.trans(q1), tl.trans(q2), tl.trans(q3)
         kc_base = KCodes + kv_head * stride_kc_h
         vc_base = VCodes + kv_head * stride_vc_h
         kt0, kt1, kt2, kt3 = load_lut_words(KTab)
         vt0, vt1, vt2, vt3 = load_lut_words(VTab)
-        m_i, l_i, acc0, acc1, acc2, acc3 = softmax_state(BLOCK_H, QUARTER)
+        m_i, l_i, acc0, acc1, acc2, acc3 = softmax_state(BLOCK_H, QUARTER, HEADS_N)
         LOG2E: tl.constexpr = 1.4426950408889634
         sm_scale_log2 = sm_scale * LOG2E
         # -- codes, norms and slots of the first tile; with PREFETCH each iteration loads
@@ -104,8 +115,8 @@ def _tq_decode_stage1(
             offs_n = lo + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi
             slot = load_slots(KvIndices + start + offs_n, mask_n, SLOT_I64)
-            ka, kb = load_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM)
-            va, vb = load_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM)
+            ka, kb = load_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM, False)
+            va, vb = load_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM, HEADS_N)
             k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h, mask=mask_n, other=0.0)
             v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h, mask=mask_n, other=0.0)
         for n0 in range(lo, hi, BLOCK_N):
@@ -113,8 +124,8 @@ def _tq_decode_stage1(
             offs_x = n0 + BLOCK_N * PREFETCH + tl.arange(0, BLOCK_N)
             mask_x = offs_x < hi
             slot_x = load_slots(KvIndices + start + offs_x, mask_x, SLOT_I64)
-            ka_x, kb_x = load_codes(kc_base, slot_x * stride_kc_s, mask_x, K_BITS, HEAD_DIM)
-            va_x, vb_x = load_codes(vc_base, slot_x * stride_vc_s, mask_x, V_BITS, HEAD_DIM)
+            ka_x, kb_x = load_codes(kc_base, slot_x * stride_kc_s, mask_x, K_BITS, HEAD_DIM, False)
+            va_x, vb_x = load_codes(vc_base, slot_x * stride_vc_s, mask_x, V_BITS, HEAD_DIM, HEADS_N)
             k_norm_x = tl.load(KNorms + slot_x * stride_kn_s + kv_head * stride_kn_h,
                                mask=mask_x, other=0.0)
             v_norm_x = tl.load(VNorms + slot_x * stride_vn_s + kv_head * stride_vn_h,
@@ -122,23 +133,25 @@ def _tq_decode_stage1(
             if not PREFETCH:
                 ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
             # -- scores: codes -> fp16 values in registers, QK on tensor cores, K norms after
-            k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM, kt0, kt1, kt2, kt3)
+            k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM, kt0, kt1, kt2, kt3, False)
             # scores in log2 units: the softmax runs on exp2 (one multiply less per score)
-            qk = scores(q0, q1, q2, q3, k0, k1, k2, k3)
+            qk = scores(q0, q1, q2, q3, k0, k1, k2, k3, HEADS_N)
             if HAS_CAP:
-                s = qk * (k_norm.to(tl.float32) * sm_scale)[None, :]
+                s = qk * _along_n(k_norm.to(tl.float32) * sm_scale, HEADS_N)
                 s = logit_cap * tanh(s / logit_cap) * LOG2E
             else:
-                s = qk * (k_norm.to(tl.float32) * sm_scale_log2)[None, :]
-            s = tl.where(mask_n[None, :], s, float("-inf"))
+                s = qk * _along_n(k_norm.to(tl.float32) * sm_scale_log2, HEADS_N)
+            s = tl.where(_along_n(mask_n, HEADS_N), s, float("-inf"))
             # -- online softmax and PV; V norms scale the probabilities, not the value tiles
-            v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM, vt0, vt1, vt2, vt3)
+            v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM, vt0, vt1, vt2, vt3, HEADS_N)
             m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
-                s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_norm.to(tl.float32))
+                s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_norm.to(tl.float32), HEADS_N)
             if PREFETCH:
                 ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
         # -- partial output (rotated space) and its log-sum-exp
         mo = MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+        if HEADS_N:
+            acc0, acc1, acc2, acc3 = tl.trans(acc0), tl.trans(acc1), tl.trans(acc2), tl.trans(acc3)
         store_tiles(mo, mask_h, acc0, acc1, acc2, acc3, 1.0 / l_i, V_BITS, HEAD_DIM)
         tl.store(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
                  m_i / LOG2E + tl.log(l_i), mask=mask_h)
@@ -205,8 +218,10 @@ class DecodeWorkspace:
         )
 
 
-def _block_h(gqa: int) -> int:
-    return max(16, triton.next_power_of_2(gqa))
+def _block_h(gqa: int, heads_n: bool = False) -> int:
+    """Rows of the GQA group's tiles: the tensor-core tile's wide side (16) holds the heads,
+    or with ``heads_n`` its narrow side (8)."""
+    return max(8 if heads_n else 16, triton.next_power_of_2(gqa))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +233,7 @@ class DecodeLaunch:
     programs_per_sm: int
     prefetch: bool = True  # load the next tile's codes while computing this one
     num_stages: int = 2  # Triton's software pipelining depth (acts when prefetch is off)
+    heads_n: bool = False  # solve the transposed problem (GQA group as the dots' N side)
 
     def __post_init__(self):
         if self.block_n not in (16, 32, 64, 128, 256) or self.num_warps not in (1, 2, 4, 8) \
@@ -277,7 +293,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
               logit_cap: float = 0.0, sliding_window: int = 0,
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-              prefetch: bool | None = None, out=None):
+              prefetch: bool | None = None, heads_n: bool | None = None, out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -298,12 +314,12 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         raise ValueError("a logit soft-cap does not ignore the per-query shift q·μ that key "
                          "centering adds to every score; run this model without key centers.")
     gqa = hq // hkv
-    block_h = _block_h(gqa)
     launch = default_launch(d, codec.k_bits, codec.v_bits)
     block_n = block_n or launch.block_n
     num_warps = num_warps or launch.num_warps
     prefetch = launch.prefetch if prefetch is None else prefetch
     num_stages = num_stages or launch.num_stages
+    heads_n = launch.heads_n if heads_n is None else heads_n
     q_rot, mid_o, mid_lse = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz]
     if out is None:
         out = ws.out[:bsz]
@@ -319,18 +335,18 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        GQA=gqa, BLOCK_H=block_h, HEAD_DIM=d, BLOCK_N=block_n,
+        GQA=gqa, BLOCK_H=_block_h(gqa, heads_n), HEAD_DIM=d, BLOCK_N=block_n,
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HAS_CAP=logit_cap > 0,
         K_LUT=codec.k_lut, V_LUT=codec.v_lut,
         USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
-        PREFETCH=int(prefetch), num_warps=num_warps, num_stages=num_stages,
+        PREFETCH=int(prefetch), HEADS_N=int(heads_n), num_warps=num_warps, num_stages=num_stages,
     )
     _tq_decode_stage2[(bsz, hkv)](
         mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        GQA=gqa, BLOCK_H=block_h, HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
+        GQA=gqa, BLOCK_H=_block_h(gqa), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
         num_warps=4,
     )
     return out

@@ -37,9 +37,9 @@ def _dequant_tile(
     HAS_CENTER: tl.constexpr,
 ):
     # -- codes -> four fp16 tiles in byte order, norms
-    a, b = load_codes(Codes + head * stride_c_h, slot * stride_c_s, mask_n, BITS, HEAD_DIM)
+    a, b = load_codes(Codes + head * stride_c_h, slot * stride_c_s, mask_n, BITS, HEAD_DIM, False)
     w0, w1, w2, w3 = load_lut_words(Tab)
-    t0, t1, t2, t3 = lookup_quarters(a, b, Cb, LUT, BITS, USE_ASM, w0, w1, w2, w3)
+    t0, t1, t2, t3 = lookup_quarters(a, b, Cb, LUT, BITS, USE_ASM, w0, w1, w2, w3, False)
     norm = tl.load(Norms + slot * stride_nrm_s + head * stride_nrm_h, mask=mask_n, other=0.0)
     c0, c1, c2, c3 = tile_columns(BITS, HEAD_DIM)
     # -- un-rotate by column chunks of Π (bounded shared memory at head_dim 256)

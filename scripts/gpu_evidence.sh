@@ -13,11 +13,12 @@
 #       SmolLM2 must have been staged first (scripts/unpack_model.sh stage, one call per
 #       piece, back to back with this one).
 #   bash scripts/gpu_evidence.sh <commit> tune    # nvidia-h200-x4: four GPUs
-#       phase 1: GPUs 0/1 tune the d = 128 decode launch (tune_decode.py, every bit pair),
-#                GPU 3 tunes d = 64 and d = 256, GPU 2 runs the whole test suite on CUDA;
+#       phase 1 (150 s): GPUs 0-2 tune the d = 128 decode launch (tune_decode.py, every bit
+#                pair, both problem orientations), GPU 3 tunes d = 64 and d = 256;
 #       phase 2, with the merged table (SGLANG_TQ_DECODE_LAUNCH): GPU 0 bench_decode.py
-#                (every shape, bit pair and the write path), GPU 1 the load test for k4v4
-#                and k3v3, GPU 3 for bf16 and fp8, merged into one JSON.
+#                (every shape, bit pair and the write path), GPU 1 the load test for k4v4,
+#                GPU 2 the decode-kernel tests on CUDA then k3v3, GPU 3 bf16 then fp8,
+#                merged into one JSON.
 #       decode_launch.json comes back for kernels/.
 #   bash scripts/gpu_evidence.sh <commit> qwen    # nvidia-h200-x2, after staging the 8 pieces
 #       GPU 0: key centers of Qwen2.5-Coder-0.5B (scripts/key_centers.py), then fidelity
@@ -76,32 +77,37 @@ tune)
       --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" \
       > "$LOGS/$name.log" 2>&1
   }
-  SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192)
-  tune_job 0 190 tune_a --kv k4v4,k4v3 "${SH[@]}" --tiles 16x1,32x1,32x2,64x2 & PA=$!
-  tune_job 1 190 tune_b --kv k3v3,k4v2,k2v2 "${SH[@]}" & PB=$!
-  ( tune_job 3 95 tune_d64 --head-dim 64 --shapes 64x16384,128x4096 --kv k4v4,k3v3,k4v2 --tiles 64x1,32x1,64x2
-    tune_job 3 95 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k4v4,k3v3,k4v2 --tiles 64x2,64x4,32x2 ) & PC=$!
-  ( export CUDA_VISIBLE_DEVICES=2
-    timeout 470 python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1 ) & PT=$!
-  wait "$PA" "$PB" "$PC"
+  G=(--programs-per-sm 8,16 --prefetch 1,0 --num-stages 2 --heads-n 0,1)
+  SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192 "${G[@]}")
+  tune_job 0 150 tune_a --kv k4v4 "${SH[@]}" & PA=$!
+  tune_job 1 150 tune_b --kv k3v3,k4v3 "${SH[@]}" & PB=$!
+  tune_job 2 150 tune_c --kv k4v2,k2v2 "${SH[@]}" & PC=$!
+  ( tune_job 3 75 tune_d64 --head-dim 64 --shapes 64x16384,128x4096 --kv k4v4,k3v3,k4v2 \
+      --tiles 32x1,32x2,64x2 "${G[@]}"
+    tune_job 3 75 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k4v4,k3v3,k4v2 \
+      --tiles 64x2,64x4,32x2 "${G[@]}" ) & PD=$!
+  wait "$PA" "$PB" "$PC" "$PD"
   python scripts/tune_decode.py --merge-tables kernels/decode_launch.json "$LOGS"/table_*.json \
     --write-table "$TAB" > "$LOGS/merge.log" 2>&1
   export SGLANG_TQ_DECODE_LAUNCH=$TAB
   echo "phase 2 at $(left 0 | tr -d -) s" > "$LOGS/phase.log"
   ( export CUDA_VISIBLE_DEVICES=0
-    timeout "$(left 510)" python scripts/bench_decode.py \
+    timeout "$(left 530)" python scripts/bench_decode.py \
       --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256 \
-      --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 490)" \
+      --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 510)" \
       --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) & P0=$!
-  ( export CUDA_VISIBLE_DEVICES=1
-    python scripts/loadtest.py --configs k4v4,k3v3 "${LT[@]}" --out "$LOGS/lt_tq.json" \
-      --log-dir "$LOGS/lt_tq" --budget-s "$(left 495)" > "$LOGS/lt_tq.log" 2>&1 ) & P1=$!
-  ( export CUDA_VISIBLE_DEVICES=3
-    python scripts/loadtest.py --configs bf16,fp8 "${LT[@]}" --out "$LOGS/lt_base.json" \
-      --log-dir "$LOGS/lt_base" --budget-s "$(left 495)" > "$LOGS/lt_base.log" 2>&1 ) & P3=$!
-  wait "$P0" "$P1" "$P3" "$PT"
-  python scripts/loadtest.py --merge "$LOGS/lt_base.json" "$LOGS/lt_tq.json" \
-    --out "$OUT/loadtest.json" > "$LOGS/lt_merge.log" 2>&1
+  lt() {  # GPU, configs, name
+    CUDA_VISIBLE_DEVICES=$1 python scripts/loadtest.py --configs "$2" "${LT[@]}" --out "$LOGS/lt_$3.json" \
+      --log-dir "$LOGS/lt_$3" --budget-s "$(left 520)" > "$LOGS/lt_$3.log" 2>&1
+  }
+  lt 1 k4v4 tq4 & P1=$!
+  ( CUDA_VISIBLE_DEVICES=2 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+      tests/test_key_centers_kernels.py tests/test_launch_table.py > "$OUT/pytest.log" 2>&1
+    lt 2 k3v3 tq3 ) & P2=$!
+  ( lt 3 bf16 bf16; lt 3 fp8 fp8 ) & P3=$!
+  wait "$P0" "$P1" "$P2" "$P3"
+  python scripts/loadtest.py --merge "$LOGS"/lt_bf16.json "$LOGS"/lt_fp8.json "$LOGS"/lt_tq4.json \
+    "$LOGS"/lt_tq3.json --out "$OUT/loadtest.json" > "$LOGS/lt_merge.log" 2>&1
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; cat "$LOGS/phase.log"; grep -h BEST "$LOGS"/tune_*.log
     echo "== bench"; tail -60 "$LOGS/bench.log"; echo "== loadtest"; tail -25 "$LOGS/lt_merge.log"
   } > "$OUT/summary.txt" 2>&1

@@ -60,12 +60,13 @@ def loop_mix(sass: str) -> dict:
 
 
 def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages, sass_dir=None,
-                   prefetch=1):
+                   prefetch=1, heads_n=0):
     fn = dec._tq_decode_stage1
     codec = LayerCodec.create(head_dim, k_bits, v_bits)
-    sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa), HEAD_DIM=head_dim, BLOCK_N=block_n,
-                           K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False, K_LUT=codec.k_lut,
-                           V_LUT=codec.v_lut, USE_ASM=True, SLOT_I64=False, PREFETCH=prefetch)
+    sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa, heads_n), HEAD_DIM=head_dim,
+                           BLOCK_N=block_n, K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False,
+                           K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=True, SLOT_I64=False,
+                           PREFETCH=prefetch, HEADS_N=heads_n)
     for name in fn.arg_names:
         if name in _POINTERS:
             sig[name] = _POINTERS[name]
@@ -94,7 +95,8 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
     counts = collections.Counter({k: len(re.findall(p, sass)) for k, p in _SASS_CLASSES.items()})
     if sass_dir:
         os.makedirs(sass_dir, exist_ok=True)
-        name = f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}_p{prefetch}.sass"
+        name = (f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}_p{prefetch}"
+                f"_h{heads_n}.sass")
         with open(os.path.join(sass_dir, name), "w") as f:
             f.write(sass)
     return {"regs": int(regs[1]) if regs else None, "spill_bytes": int(spill[1]) if spill else None,
@@ -110,17 +112,19 @@ def main() -> None:
     ap.add_argument("--num-warps", default="4,8")
     ap.add_argument("--num-stages", default="1,2")
     ap.add_argument("--prefetch", default="1", help="1 (register prefetch of the next tile), 0, or 1,0")
+    ap.add_argument("--heads-n", default="0",
+                    help="1 (the GQA group as the dots' N side: the transposed problem), 0, or 0,1")
     ap.add_argument("--out")
     ap.add_argument("--sass-dir", help="also write each variant's SASS listing here")
     args = ap.parse_args()
     rows = []
     grid = itertools.product(args.kv.split(","), *(map(int, x.split(",")) for x in
                                                     (args.block_n, args.num_warps, args.num_stages,
-                                                     args.prefetch)))
-    for kv, bn, nw, ns, pf in grid:
-        r = {"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns, "prefetch": pf,
+                                                     args.prefetch, args.heads_n)))
+    for kv, bn, nw, ns, pf, hn in grid:
+        r = {"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns, "prefetch": pf, "heads_n": hn,
              **compile_stage1(args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw, ns,
-                                 args.sass_dir, pf)}
+                              args.sass_dir, pf, hn)}
         rows.append(r)
         print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     if args.out:

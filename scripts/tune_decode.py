@@ -41,7 +41,7 @@ def parse_ints(text: str, name: str) -> list[int]:
         raise SystemExit(f"{name}: expected a comma list of integers, got '{text}'.") from None
 
 
-LAUNCH_KEYS = ("block_n", "num_warps", "programs_per_sm", "prefetch", "num_stages")
+LAUNCH_KEYS = ("block_n", "num_warps", "programs_per_sm", "prefetch", "num_stages", "heads_n")
 
 
 def parse_tiles(text: str) -> list[tuple[int, int]]:
@@ -55,13 +55,13 @@ def parse_tiles(text: str) -> list[tuple[int, int]]:
     return tiles
 
 
-def launch_grid(tiles, programs_per_sm, prefetch, num_stages) -> list[dict]:
+def launch_grid(tiles, programs_per_sm, prefetch, num_stages, heads_n=(0,)) -> list[dict]:
     """Every launch to time; pipelining depth only varies without the register prefetch
     (with it, the loads feed inline asm and Triton's pipeliner leaves them alone)."""
     grid = []
-    for (bn, nw), pps, pf in itertools.product(tiles, programs_per_sm, prefetch):
+    for (bn, nw), pps, pf, hn in itertools.product(tiles, programs_per_sm, prefetch, heads_n):
         for ns in (num_stages if not pf else num_stages[:1]):
-            grid.append(dict(zip(LAUNCH_KEYS, (bn, nw, pps, bool(pf), ns))))
+            grid.append(dict(zip(LAUNCH_KEYS, (bn, nw, pps, bool(pf), ns, bool(hn)))))
     return grid
 
 
@@ -131,7 +131,8 @@ def tune(args) -> int:
     d, hq, hkv = args.head_dim, 32, 8
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     grid = launch_grid(parse_tiles(args.tiles), parse_ints(args.programs_per_sm, "--programs-per-sm"),
-                       parse_ints(args.prefetch, "--prefetch"), parse_ints(args.num_stages, "--num-stages"))
+                       parse_ints(args.prefetch, "--prefetch"), parse_ints(args.num_stages, "--num-stages"),
+                       parse_ints(args.heads_n, "--heads-n"))
     shapes = args.shapes.split(",")
     t0 = time.time()
     rows, winners = [], {}
@@ -161,7 +162,7 @@ def tune(args) -> int:
                                            num_kv_splits=splits, max_kv_splits=args.max_kv_splits,
                                            workspace=ws, block_n=launch.block_n,
                                            num_warps=launch.num_warps, prefetch=launch.prefetch,
-                                           num_stages=launch.num_stages)
+                                           num_stages=launch.num_stages, heads_n=launch.heads_n)
                 try:
                     fn()
                     ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
@@ -172,7 +173,7 @@ def tune(args) -> int:
                     row.update(ms=ms, tbps=nbytes / ms / 1e9)
                     print(f"{kv} {shape:>9} d={d} bn={launch.block_n:<3} warps={launch.num_warps} "
                           f"pps={launch.programs_per_sm:<2} prefetch={int(launch.prefetch)} "
-                          f"stages={launch.num_stages} splits={row['splits']:<2} "
+                          f"stages={launch.num_stages} heads_n={int(launch.heads_n)} splits={row['splits']:<2} "
                           f"{ms:8.4f} ms  {nbytes / ms / 1e9:6.3f} TB/s", flush=True)
                 kv_rows.append(row)
             del bufs, indices
@@ -185,7 +186,7 @@ def tune(args) -> int:
                 save_winners(args.write_table, torch.cuda.get_device_name(), d, {kv: win})
             print(f"BEST {kv} d={d}: block_n {win['block_n']} warps {win['num_warps']} "
                   f"programs/SM {win['programs_per_sm']} prefetch {int(win['prefetch'])} "
-                  f"stages {win['num_stages']}: " + ", ".join(
+                  f"stages {win['num_stages']} heads_n {int(win['heads_n'])}: " + ", ".join(
                       f"{s} {win['ms'][s]:.4f} (best {win['best_ms_per_shape'][s]:.4f})" for s in shapes),
                   flush=True)
     prov = provenance()
@@ -212,6 +213,8 @@ def main(argv=None) -> int:
                     help="1: register prefetch of the next tile; 0: loads at the top of the tile, "
                          "pipelined by Triton over --num-stages")
     ap.add_argument("--num-stages", default="2,3", help="pipelining depths tried without prefetch")
+    ap.add_argument("--heads-n", default="0,1",
+                    help="1: the transposed problem (GQA group as the dots' N side); 0: heads as rows")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--max-kv-splits", type=int, default=32)
     ap.add_argument("--out", help="JSON with every timing")

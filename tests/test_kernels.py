@@ -137,11 +137,24 @@ def test_decode_without_prefetch_matches_reference(head_dim, k_bits, v_bits, gqa
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
+@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, prefetch",
+                         [(64, 4, 3, 1, True), (128, 3, 3, 8, False), (128, 4, 4, 4, True),
+                          (256, 2, 4, 4, False), (128, 4, 2, 16, True)])
+def test_decode_heads_as_n_matches_reference(head_dim, k_bits, v_bits, gqa, prefetch, device):
+    """The transposed problem (GQA group as the dots' N side, value codes loaded as
+    [D/4, N] tiles, every V bit width) computes the same attention."""
+    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device, seed=7)
+    out = _run_decode(q, bufs, indptr, indices, codec, heads_n=True, prefetch=prefetch)
+    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+
+
 @pytest.mark.parametrize("launch", [dict(block_n=32, num_warps=1, prefetch=True),
                                     dict(block_n=32, num_warps=1, prefetch=False, num_stages=3),
                                     dict(block_n=64, num_warps=4, prefetch=False, num_stages=2),
                                     dict(block_n=16, num_warps=1, prefetch=False, num_stages=3),
-                                    dict(block_n=32, num_warps=2, prefetch=False, num_stages=2)])
+                                    dict(block_n=32, num_warps=2, prefetch=False, num_stages=2),
+                                    dict(block_n=32, num_warps=2, prefetch=False, heads_n=True),
+                                    dict(block_n=64, num_warps=2, prefetch=True, heads_n=True)])
 def test_decode_launch_variants_match_reference(launch, device):
     """Every launch shape the tuner may write into the table computes the same attention."""
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 2, 4, device, seed=6)
@@ -149,11 +162,13 @@ def test_decode_launch_variants_match_reference(launch, device):
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
+@pytest.mark.parametrize("heads_n", [False, True])
 @pytest.mark.parametrize("logit_cap, window", [(30.0, 0), (0.0, 13), (5.0, 40)])
-def test_decode_softcap_and_sliding_window(logit_cap, window, device):
+def test_decode_softcap_and_sliding_window(logit_cap, window, heads_n, device):
     codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 3, 4, device, seed=5)
     q = q * 4  # make the cap bite
-    out = _run_decode(q, bufs, indptr, indices, codec, logit_cap=logit_cap, sliding_window=window)
+    out = _run_decode(q, bufs, indptr, indices, codec, logit_cap=logit_cap, sliding_window=window,
+                      heads_n=heads_n)
     kw = dict(logit_cap=logit_cap, sliding_window=window)
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5, **kw)
     torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5,

@@ -76,14 +76,15 @@ def test_invalid_launch_is_refused():
         dec.DecodeLaunch(64, 3, 2)
 
 
-def _row(shape, bn, nw, pps, ms, prefetch=True, stages=2):
+def _row(shape, bn, nw, pps, ms, prefetch=True, stages=2, heads_n=False):
     return {"shape": shape, "block_n": bn, "num_warps": nw, "programs_per_sm": pps,
-            "prefetch": prefetch, "num_stages": stages, "ms": ms}
+            "prefetch": prefetch, "num_stages": stages, "heads_n": heads_n, "ms": ms}
 
 
 def test_tuner_grid_varies_pipelining_only_without_prefetch():
-    grid = tune_decode.launch_grid(tune_decode.parse_tiles("64x2,32x1"), [4, 8], [1, 0], [2, 3])
-    assert len(grid) == 2 * 2 * (1 + 2)
+    grid = tune_decode.launch_grid(tune_decode.parse_tiles("64x2,32x1"), [4, 8], [1, 0], [2, 3], [0, 1])
+    assert len(grid) == 2 * 2 * (1 + 2) * 2
+    assert {g["heads_n"] for g in grid} == {False, True}
     assert {(g["block_n"], g["num_warps"]) for g in grid} == {(64, 2), (32, 1)}
     assert {g["num_stages"] for g in grid if g["prefetch"]} == {2}
     assert {g["num_stages"] for g in grid if not g["prefetch"]} == {2, 3}
@@ -97,6 +98,7 @@ def test_tuner_picks_the_smallest_geometric_mean_over_complete_configs():
     rows = [_row("a", 64, 2, 2, 1.0), _row("b", 64, 2, 2, 4.0),     # geomean 2.0
             _row("a", 128, 4, 2, 3.0, False, 3), _row("b", 128, 4, 2, 1.0, False, 3),  # 1.73
             _row("a", 128, 4, 2, 0.5), _row("b", 128, 4, 2, 9.0),   # same shape, prefetch: 2.12
+            _row("a", 128, 4, 2, 3.0, False, 3, True), _row("b", 128, 4, 2, 2.0, False, 3, True),
             _row("a", 64, 4, 8, 0.1),                               # missing b: not eligible
             {**_row("b", 64, 4, 8, 0.0), "error": "does not compile"}]
     del rows[-1]["ms"]
