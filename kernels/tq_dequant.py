@@ -61,31 +61,45 @@ def _dequant_tile(
 @triton.jit
 def _tq_dequant_kernel(
     Slots, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab, Pi, KCenter, KOut, VOut, num_tokens,
+    Count,
     stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     stride_ko_t, stride_ko_h, stride_vo_t, stride_vo_h,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
-    K_CENTER: tl.constexpr,
+    K_CENTER: tl.constexpr, DEVICE_COUNT: tl.constexpr,
 ):
     head = tl.program_id(1)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < num_tokens
-    slot = load_slots(Slots + offs_n, mask_n, SLOT_I64)
-    _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, KTab, Pi, KCenter, KOut, offs_n,
-                  stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h, stride_ko_t, stride_ko_h,
-                  K_BITS, K_LUT, HEAD_DIM, USE_ASM, K_CENTER)
-    _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, VTab, Pi, KCenter, VOut, offs_n,
-                  stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h, stride_vo_t, stride_vo_h,
-                  V_BITS, V_LUT, HEAD_DIM, USE_ASM, False)
+    # -- how many leading slots to decode: the launch's N, or a count on the device (the
+    #    unique slots of a deduplicated prefix; the grid covers the upper bound N)
+    if DEVICE_COUNT:
+        num_tokens = tl.load(Count)
+    start = tl.program_id(0) * BLOCK_N
+    if start < num_tokens:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < num_tokens
+        slot = load_slots(Slots + offs_n, mask_n, SLOT_I64)
+        _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, KTab, Pi, KCenter, KOut, offs_n,
+                      stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h, stride_ko_t, stride_ko_h,
+                      K_BITS, K_LUT, HEAD_DIM, USE_ASM, K_CENTER)
+        _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, VTab, Pi, KCenter, VOut, offs_n,
+                      stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h, stride_vo_t, stride_vo_h,
+                      V_BITS, V_LUT, HEAD_DIM, USE_ASM, False)
 
 
 def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
-               dtype=torch.bfloat16, block_n: int = 64, num_warps: int = 4):
-    """Dense K and V [N, Hkv, D] in ``dtype`` of the packed ``slots`` [N] (any int dtype)."""
+               dtype=torch.bfloat16, block_n: int = 64, num_warps: int = 4, count=None):
+    """Dense K and V [N, Hkv, D] in ``dtype`` of the packed ``slots`` [N] (any int dtype).
+
+    ``count`` (int32 [1] on the device) decodes only the first ``count`` slots and leaves
+    the remaining rows unwritten, without a host sync (see ``tq_extend.dedup_prefix``).
+    """
     hkv = check_pool(k_codes, v_codes, codec)
     if slots.dim() != 1:
         raise ValueError(f"slots must be a 1-D index tensor, got shape {tuple(slots.shape)}.")
+    if count is not None and (count.shape != (1,) or count.dtype != torch.int32
+                              or count.device != slots.device):
+        raise ValueError("count must be an int32 tensor of shape [1] on the slots' device.")
     n, d = slots.numel(), codec.head_dim
     k = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
     v = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
@@ -95,13 +109,14 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
         slots, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
         codec.k_lut_words, codec.v_lut_words, codec.pi,
         codec.pi if codec.k_center is None else codec.k_center, k, v, n,
+        slots if count is None else count,
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HEAD_DIM=d, BLOCK_N=block_n, K_BITS=codec.k_bits, V_BITS=codec.v_bits,
         K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
-        K_CENTER=codec.k_center is not None, num_warps=num_warps,
+        K_CENTER=codec.k_center is not None, DEVICE_COUNT=count is not None, num_warps=num_warps,
     )
     return k, v
 

@@ -14,9 +14,17 @@ whole prefix, so the prefix is dequantized once per token and KV head
 buffer and SGLang's own Triton extend kernel (``extend_attention_fwd``, pinned
 with SGLang) attends to it with the chunk. The scratch holds the prefix of one
 layer at a time: 2 · Hkv · D · 2 bytes per prefix token (4 KiB at Llama-3.1-8B).
+
+Requests of one batch that hit the same radix prefix list the same slots; each slot
+is decoded once (:func:`dedup_prefix`: a sort, no host sync, so CUDA graphs can hold
+it) and the extend kernel reads every request's prefix through an index into the
+deduplicated scratch. A batch of n requests over one shared prefix decodes it once,
+not n times.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -29,10 +37,33 @@ from .tq_dequant import tq_dequant, tq_dequant_ref
 from .tq_decode import attention_ref
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefixDedup:
+    """The prefix slots of a batch with repeats removed, all on the device."""
+
+    slots: torch.Tensor  # [N]: the distinct slots first (ascending), then padding
+    count: torch.Tensor  # int32 [1]: how many distinct slots
+    index: torch.Tensor  # int64 [N]: prefix position i -> its row in ``slots``
+
+
+def dedup_prefix(prefix_slots: torch.Tensor) -> PrefixDedup:
+    """Distinct slots of ``prefix_slots`` [N] (N > 0) and where each position finds its
+    slot, by a sort: sizes stay N, the count stays on the device."""
+    ordered, order = torch.sort(prefix_slots)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    rank = torch.cumsum(first, 0) - 1  # row of each sorted position's slot
+    slots = torch.zeros_like(prefix_slots)
+    slots[rank] = ordered  # repeats write the same value
+    index = torch.empty_like(rank)
+    index[order] = rank
+    return PrefixDedup(slots, (rank[-1:] + 1).to(torch.int32), index)
+
+
 def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,
               codec: LayerCodec, sm_scale: float, *, max_extend_len: int,
               num_prefix_tokens: int | None = None, chunk_slots=None, logit_cap: float = 0.0,
-              sliding_window: int = 0, out=None):
+              sliding_window: int = 0, prefix_dedup: PrefixDedup | None = None, out=None):
     """Causal attention of new tokens over a packed prefix plus themselves.
 
     q [T, Hq, D], k/v [T, Hkv, D]: the new tokens of all sequences, concatenated
@@ -42,8 +73,9 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     ``tq_store_kv``) makes the chunk's K and V come from the packed cache instead
     of ``k``/``v``. ``max_extend_len`` ≥ every chunk length and
     ``num_prefix_tokens`` = kv_indptr[-1]: pass both from host metadata to avoid a
-    device sync. Writes ``out`` [T, Hq, D] when given, else returns a new tensor in
-    q's dtype.
+    device sync. ``prefix_dedup`` = ``dedup_prefix(kv_indices[:num_prefix_tokens])``,
+    computed once per batch and shared by its layers (else computed here). Writes
+    ``out`` [T, Hq, D] when given, else returns a new tensor in q's dtype.
     """
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
@@ -66,16 +98,26 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         num_prefix_tokens = int(kv_indptr[-1])
     # The interpreter has no bf16 arithmetic: there SGLang's kernel runs in fp32.
     work = torch.float32 if triton_interpreting() else q.dtype
-    # -- prefix (and, with chunk_slots, the chunk) from the packed cache, once per token
-    k_pre, v_pre = tq_dequant(k_codes, k_norms, v_codes, v_norms, kv_indices[:num_prefix_tokens],
-                              codec, dtype=work)
+    # -- prefix (and, with chunk_slots, the chunk) from the packed cache, once per slot
+    prefix_index = torch.arange(num_prefix_tokens, device=q.device)
+    if num_prefix_tokens:
+        dd = prefix_dedup or dedup_prefix(kv_indices[:num_prefix_tokens])
+        if dd.index.shape != (num_prefix_tokens,):
+            raise ValueError(f"prefix_dedup covers {dd.index.numel()} prefix tokens, the batch "
+                             f"has {num_prefix_tokens}; build it from this batch's kv_indices.")
+        k_pre, v_pre = tq_dequant(k_codes, k_norms, v_codes, v_norms, dd.slots, codec, dtype=work,
+                                  count=dd.count)
+        prefix_index = dd.index
+    else:
+        k_pre, v_pre = tq_dequant(k_codes, k_norms, v_codes, v_norms, kv_indices[:0], codec,
+                                  dtype=work)
     if chunk_slots is not None:
         k, v = tq_dequant(k_codes, k_norms, v_codes, v_norms, chunk_slots, codec, dtype=work)
     o = out if work == q.dtype and out.is_contiguous() else torch.empty(q.shape, dtype=work,
                                                                           device=q.device)
     extend_attention_fwd(
         q.to(work).contiguous(), k.to(work).contiguous(), v.to(work).contiguous(), o, k_pre, v_pre,
-        qo_indptr, kv_indptr, torch.arange(num_prefix_tokens, device=q.device), None, True, None,
+        qo_indptr, kv_indptr, prefix_index, None, True, None,
         max_extend_len, 1.0, 1.0, sm_scale, logit_cap=logit_cap,
         # SGLang's window counts the keys before the query; ours includes the query
         sliding_window_size=sliding_window - 1 if sliding_window > 0 else -1,

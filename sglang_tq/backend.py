@@ -11,7 +11,9 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
   decode step writes into fixed buffers and never syncs with the host;
 * extend (prefill, chunked prefill, radix hits): the new K/V are quantized into
   the cache first, then ``tq_extend`` dequantizes the packed prefix once per
-  token and runs SGLang's extend kernel over it plus the chunk in bf16, or, with
+  slot (a batch of requests over one radix prefix decodes it once; the dedup is
+  computed with the batch's metadata) and runs SGLang's extend kernel over it plus
+  the chunk in bf16, or, with
   ``--kv-quant-packed-prefill``, plus the chunk read back from the packed cache,
   so a cold prefill sees the same values a warm radix hit would;
 * layers in ``--kv-quant-bf16-layers`` hold plain bf16 buffers and go to the
@@ -31,7 +33,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_
 
 from . import refusals
 from .kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, tq_decode
-from .kernels.tq_extend import tq_extend
+from .kernels.tq_extend import PrefixDedup, dedup_prefix, tq_extend
 from .pool import TQTokenToKVPool
 
 # SGLang wraps its own Triton launchers the same way: no torch.compile tracing.
@@ -78,6 +80,7 @@ class TQAttnBackend(TritonAttnBackend):
         self._eager_ws: Optional[DecodeWorkspace] = None
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
+        self._prefix_dedup: Optional[PrefixDedup] = None
 
     # -- metadata ----------------------------------------------------------------
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
@@ -93,11 +96,16 @@ class TQAttnBackend(TritonAttnBackend):
     def init_forward_metadata(self, forward_batch) -> None:
         super().init_forward_metadata(forward_batch)
         mode = forward_batch.forward_mode
+        self._prefix_dedup = None
         if mode.is_decode_or_idle():
             bs = forward_batch.batch_size
             if self._eager_ws is None or self._eager_ws.q_rot.shape[0] < bs:
                 self._eager_ws = self._workspace(1 << max(0, bs - 1).bit_length())
             self._decode_ws = self._eager_ws
+        else:
+            n = _num_prefix_tokens(forward_batch)
+            if n:  # every layer of this batch reads the prefix through the same dedup
+                self._prefix_dedup = dedup_prefix(self.forward_metadata.kv_indices[:n])
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
@@ -162,17 +170,25 @@ class TQAttnBackend(TritonAttnBackend):
                                "--kv-quant-packed-prefill.")
         md = self.forward_metadata
         packed = pool.get_packed_layer(layer.layer_id)
-        prefix_lens = forward_batch.extend_prefix_lens_cpu
+        n = _num_prefix_tokens(forward_batch)
+        dd = self._prefix_dedup
         _tq_extend(
             q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d),
             packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
             md.qo_indptr, md.kv_indptr, md.kv_indices, packed.codec, layer.scaling,
             max_extend_len=md.max_extend_len,
-            num_prefix_tokens=None if prefix_lens is None else int(sum(prefix_lens)),
+            num_prefix_tokens=n,
+            prefix_dedup=dd if n and dd is not None and dd.index.numel() == n else None,
             chunk_slots=forward_batch.out_cache_loc if self.packed_prefill else None,
             logit_cap=_logit_cap(layer), out=o.view(-1, hq, d),
         )
         return o
+
+
+def _num_prefix_tokens(forward_batch) -> Optional[int]:
+    """Prefix tokens of an extend batch from host metadata (None when SGLang gave none)."""
+    prefix_lens = forward_batch.extend_prefix_lens_cpu
+    return None if prefix_lens is None else int(sum(prefix_lens))
 
 
 def _logit_cap(layer) -> float:

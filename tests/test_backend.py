@@ -159,6 +159,8 @@ def test_extend_then_decode_match_reference(server_args):
     _fill_prefix(pool, 0)
     fb = _extend_batch(req_to_token)
     backend.init_forward_metadata(fb)
+    # the prefix dedup is built once with the batch's metadata, for all its layers
+    assert backend._prefix_dedup.index.numel() == sum(fb.extend_prefix_lens_cpu)
     q, k, v = _qkv(10, seed=1)
     out = backend.forward_extend(q, k, v, layer, fb)
     assert out.shape == (10, HQ * D) and out.dtype == torch.bfloat16
@@ -172,6 +174,7 @@ def test_extend_then_decode_match_reference(server_args):
 
     fb = _decode_batch(req_to_token)
     backend.init_forward_metadata(fb)
+    assert backend._prefix_dedup is None
     q, k, v = _qkv(2, seed=2)
     out = backend.forward_decode(q, k, v, layer, fb)
     indptr = _t([0, 13, 17])

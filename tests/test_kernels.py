@@ -17,7 +17,7 @@ from sglang_tq.codec import LayerCodec
 from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_num_kv_splits, tq_decode,
                                          tq_decode_ref)
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
-from sglang_tq.kernels.tq_extend import tq_extend, tq_extend_ref
+from sglang_tq.kernels.tq_extend import dedup_prefix, tq_extend, tq_extend_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
 from sglang_tq.packing import unpack
 
@@ -233,6 +233,43 @@ def test_extend_matches_reference(head_dim, k_bits, v_bits, gqa, packed_chunk, d
     assert _rel(out, ref) <= 2 * torch_err
 
 
+def test_dedup_prefix_maps_every_position_to_its_slot(device):
+    prefix = torch.tensor([7, 3, 7, 9, 3, 3, 0, 9], device=device)
+    dd = dedup_prefix(prefix)
+    count = int(dd.count)
+    assert count == 4 and dd.count.dtype == torch.int32
+    assert dd.slots[:count].tolist() == [0, 3, 7, 9]
+    assert torch.equal(dd.slots[dd.index], prefix)
+    assert int(dd.index.max()) == count - 1
+
+
+@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, packed_chunk",
+                         [(64, 4, 3, 4, False), (128, 3, 4, 8, True)])
+def test_extend_with_shared_prefix_matches_reference(head_dim, k_bits, v_bits, gqa, packed_chunk,
+                                                     device):
+    """Requests over one radix prefix list the same slots: each slot is decoded once and
+    every request reads it through the dedup index, with the same result."""
+    shared = 23 if HAS_CUDA else 11
+    prefix = (shared, shared + 5, shared, 0)
+    chunk = (4, 9, 1, 6)
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices, chunk_slots = _extend_inputs(
+        head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk, seed=9)
+    # sequences 0 and 2 share sequence 1's first `shared` slots (a radix hit); 1 adds 5 own
+    p = kv_indices
+    kv_indices = torch.cat([p[:shared], p[:shared + 5], p[:shared]])
+    kv_indptr = torch.tensor((0,) + tuple(prefix), device=device).cumsum(0).int()
+    assert int(dedup_prefix(kv_indices).count) == shared + 5
+    args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5)
+    out = tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
+                    chunk_slots=chunk_slots, prefix_dedup=dedup_prefix(kv_indices))
+    ref = tq_extend_ref(*args, chunk_slots=chunk_slots)
+    torch_err = _rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
+    assert _rel(out, ref) <= 2 * torch_err
+    with pytest.raises(ValueError, match="prefix_dedup covers"):
+        tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
+                  prefix_dedup=dedup_prefix(kv_indices[:-1]))
+
+
 @pytest.mark.parametrize("logit_cap, window", [(20.0, 0), (0.0, 11)])
 def test_extend_softcap_and_sliding_window(logit_cap, window, device):
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
@@ -300,6 +337,18 @@ def test_dequant_matches_reference(head_dim, k_bits, v_bits, device):
     bound = 2 if device.type == "cuda" else 4
     for got, want in ((k, refs[0]), (v, refs[1])):
         assert _rel(got, want) <= bound * _rel(want.bfloat16(), want)
+
+
+def test_dequant_count_on_device_decodes_only_the_leading_slots(device):
+    codec = LayerCodec.create(64, 4, 2, seed=2, device=device)
+    bufs = _filled_pool(codec, 80, 2, device, seed=2)
+    slots = torch.randperm(80, generator=torch.Generator().manual_seed(3))[:70].to(device)
+    count = torch.tensor([37], dtype=torch.int32, device=device)
+    k, v = tq_dequant(*bufs, slots, codec, dtype=torch.float32, count=count)
+    k_all, v_all = tq_dequant(*bufs, slots, codec, dtype=torch.float32)
+    assert torch.equal(k[:37], k_all[:37]) and torch.equal(v[:37], v_all[:37])
+    with pytest.raises(ValueError, match="count must be"):
+        tq_dequant(*bufs, slots, codec, count=count.long())
 
 
 def test_dequant_refuses_bad_slots():
