@@ -200,12 +200,27 @@ def _tq_decode_stage2(
 
 @dataclasses.dataclass
 class DecodeWorkspace:
-    """Preallocated decode buffers, sized for the largest batch (CUDA-graph safe)."""
+    """Preallocated decode buffers, sized for the largest batch (CUDA-graph safe).
+
+    The split partials hold B·S (sequence, split) pairs: a smaller batch may use more
+    splits per sequence in the same memory (:meth:`partials`)."""
 
     q_rot: torch.Tensor  # [B, Hq, D] fp32
     mid_o: torch.Tensor  # [B, Hq, S, D] fp32
     mid_lse: torch.Tensor  # [B, Hq, S] fp32
     out: torch.Tensor  # [B, Hq, D] bf16
+
+    def fits(self, bsz: int, max_kv_splits: int) -> bool:
+        """Whether ``bsz`` sequences with up to ``max_kv_splits`` splits fit."""
+        return bsz * max_kv_splits <= self.mid_lse.shape[0] * self.mid_lse.shape[2]
+
+    def partials(self, bsz: int, max_kv_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [bsz, Hq, S, D] and [bsz, Hq, S] of the split partials with S =
+        ``max_kv_splits`` (at most B·S_created / bsz)."""
+        _, hq, _, d = self.mid_o.shape
+        n = bsz * hq * max_kv_splits
+        return (self.mid_o.view(-1)[: n * d].view(bsz, hq, max_kv_splits, d),
+                self.mid_lse.view(-1)[:n].view(bsz, hq, max_kv_splits))
 
     @classmethod
     def create(cls, max_batch, num_q_heads, head_dim, max_kv_splits, device, out_dtype=torch.bfloat16):
@@ -307,7 +322,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     if kv_indptr.shape != (bsz + 1,) or num_kv_splits.shape != (bsz,):
         raise ValueError(f"kv_indptr must be [{bsz + 1}] and num_kv_splits [{bsz}].")
     ws = workspace
-    if ws.q_rot.shape[0] < bsz or ws.q_rot.shape[1:] != (hq, d) or ws.mid_o.shape[2] < max_kv_splits:
+    if ws.q_rot.shape[0] < bsz or ws.q_rot.shape[1:] != (hq, d) or not ws.fits(bsz, max_kv_splits):
         raise ValueError("the decode workspace is too small for this batch; create it with "
                          "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits).")
     if logit_cap > 0 and codec.k_center is not None:
@@ -320,7 +335,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     prefetch = launch.prefetch if prefetch is None else prefetch
     num_stages = num_stages or launch.num_stages
     heads_n = launch.heads_n if heads_n is None else heads_n
-    q_rot, mid_o, mid_lse = ws.q_rot[:bsz], ws.mid_o[:bsz], ws.mid_lse[:bsz]
+    q_rot = ws.q_rot[:bsz]
+    mid_o, mid_lse = ws.partials(bsz, max_kv_splits)
     if out is None:
         out = ws.out[:bsz]
     elif out.shape != (bsz, hq, d) or out.stride(2) != 1:

@@ -20,7 +20,11 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
   Triton kernels of the parent class unchanged.
 
 The split count per sequence follows our kernel's occupancy rule
-(``default_num_kv_splits``); it is computed outside the graph, like Triton's.
+(``default_num_kv_splits``); it is computed outside the graph, like Triton's. Its
+ceiling grows as the batch shrinks (:meth:`TQAttnBackend.max_splits`): SGLang's
+``--triton-attention-num-kv-splits`` (8) suits a large batch, but one long sequence
+then runs only Hkv · 8 programs; the workspace keeps the same (sequence, split) pairs,
+so a batch of one may use up to 64 splits in the memory a batch of 64 uses for 8.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from .pool import TQTokenToKVPool
 _tq_decode = torch.compiler.disable(tq_decode)
 _tq_extend = torch.compiler.disable(tq_extend)
 _DEFAULT_NUM_SMS = 132
+_SPLIT_BATCH = 64  # the batch whose split budget smaller batches share out
+_SPLIT_CAP = 64  # most splits one sequence gets
 
 
 class _ShapeOnlyPool:
@@ -81,17 +87,29 @@ class TQAttnBackend(TritonAttnBackend):
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
         self._prefix_dedup: Optional[PrefixDedup] = None
+        # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
+        self._split_cap = self.max_kv_splits if pool.cfg.bf16_layers else max(_SPLIT_CAP,
+                                                                                self.max_kv_splits)
 
     # -- metadata ----------------------------------------------------------------
+    def max_splits(self, bs: int) -> int:
+        """Split ceiling for a decode batch of ``bs``: ``max_kv_splits`` at 64 sequences and
+        above, doubling as the batch halves, at most 64 (``max_kv_splits`` alone when
+        bf16 layers share the split counts with SGLang's kernel)."""
+        share = self.max_kv_splits * _SPLIT_BATCH // max(bs, 1)
+        return min(self._split_cap, max(self.max_kv_splits, 1 << (share.bit_length() - 1)))
+
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
         num_kv_splits.copy_(default_num_kv_splits(
-            seq_lens, self.num_kv_head, self.max_kv_splits, num_sms=self.num_sms,
+            seq_lens, self.num_kv_head, self.max_splits(seq_lens.numel()), num_sms=self.num_sms,
             head_dim=self.token_to_kv_pool.head_dim, k_bits=self.token_to_kv_pool.cfg.k_bits,
             v_bits=self.token_to_kv_pool.cfg.v_bits))
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
-        return DecodeWorkspace.create(batch, self.num_head, self.token_to_kv_pool.head_dim,
-                                      self.max_kv_splits, self.device, out_dtype=self.out_dtype)
+        # room for every batch up to ``batch`` at its split ceiling (max_splits)
+        return DecodeWorkspace.create(max(batch, _SPLIT_BATCH), self.num_head,
+                                      self.token_to_kv_pool.head_dim, self.max_kv_splits,
+                                      self.device, out_dtype=self.out_dtype)
 
     def init_forward_metadata(self, forward_batch) -> None:
         super().init_forward_metadata(forward_batch)
@@ -146,7 +164,7 @@ class TQAttnBackend(TritonAttnBackend):
         _tq_decode(
             q, packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
             md.kv_indptr[: bs + 1], md.kv_indices, packed.codec, layer.scaling,
-            num_kv_splits=md.num_kv_splits[:bs], max_kv_splits=self.max_kv_splits,
+            num_kv_splits=md.num_kv_splits[:bs], max_kv_splits=self.max_splits(bs),
             workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o.view(bs, hq, d),
         )
         return o

@@ -59,10 +59,10 @@ def server_args(tmp_path_factory):
         yield sa
 
 
-def _make_backend(sa, packed_prefill=False):
+def _make_backend(sa, packed_prefill=False, bf16_layers=(BF16_LAYER,)):
     from sglang_tq.backend import TQAttnBackend
 
-    cfg = TQConfig(head_dim=D, seed=7, bf16_layers=(BF16_LAYER,))
+    cfg = TQConfig(head_dim=D, seed=7, bf16_layers=bf16_layers)
     pool = TQTokenToKVPool(SLOTS, 1, HKV, D, LAYERS, DEV, False, cfg=cfg)
     req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
     runner = types.SimpleNamespace(
@@ -153,8 +153,12 @@ def test_backend_init_reuses_triton_metadata_without_reading_the_pool(server_arg
         assert hasattr(backend, name), name
 
 
-def test_extend_then_decode_match_reference(server_args):
-    backend, pool, req_to_token = _make_backend(server_args)
+@pytest.mark.parametrize("bf16_layers", [(BF16_LAYER,), ()])
+def test_extend_then_decode_match_reference(server_args, bf16_layers):
+    """With no bf16 layer the decode batch of 2 may use up to 64 splits (the split
+    ceiling grows as the batch shrinks); with one, SGLang's max_kv_splits bounds it."""
+    backend, pool, req_to_token = _make_backend(server_args, bf16_layers=bf16_layers)
+    assert backend.max_splits(2) == (backend.max_kv_splits if bf16_layers else 64)
     layer = _layer(0)
     _fill_prefix(pool, 0)
     fb = _extend_batch(req_to_token)
@@ -266,3 +270,17 @@ def test_factory_refuses_a_stock_pool(server_args):
     runner = types.SimpleNamespace(token_to_kv_pool=object())
     with pytest.raises(RuntimeError, match="--kv-quant turboquant"):
         create_tq_backend(runner)
+
+
+def test_split_ceiling_shares_the_workspace_of_a_large_batch(server_args):
+    backend, _, _ = _make_backend(server_args, bf16_layers=())
+    base = backend.max_kv_splits
+    assert backend.max_splits(64) == backend.max_splits(300) == base
+    assert backend.max_splits(1) == backend.max_splits(8) == 64
+    assert backend.max_splits(16) == 32 and backend.max_splits(32) == 2 * base
+    assert backend.max_splits(33) == base  # rounded down to a power of two
+    for grown in (1, 5, 64, 100):
+        ws = backend._workspace(grown)
+        assert all(ws.fits(bs, backend.max_splits(bs)) for bs in range(1, grown + 1))
+    capped, _, _ = _make_backend(server_args)  # a bf16 layer: SGLang's kernel shares the counts
+    assert capped.max_splits(1) == base
