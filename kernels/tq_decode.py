@@ -406,6 +406,16 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
     return torch.stack(outs)
 
 
+def split_ceiling(bsz: int, base: int = 8, cap: int = 64, ref_batch: int = 64) -> int:
+    """Most KV splits per sequence for a decode batch of ``bsz``: ``base`` (SGLang's
+    ``--triton-attention-num-kv-splits``) at ``ref_batch`` sequences and above, doubling
+    as the batch halves (a power of two), at most ``max(cap, base)``. ``bsz`` times the
+    ceiling never exceeds ``max(bsz, ref_batch) · base``, so one workspace sized for that
+    serves every batch."""
+    share = base * ref_batch // max(bsz, 1)
+    return min(max(cap, base), max(base, 1 << (share.bit_length() - 1)))
+
+
 def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_splits: int,
                           num_sms: int = 132, head_dim: int = 128, k_bits: int = 4, v_bits: int = 4,
                           launch: DecodeLaunch | None = None,

@@ -149,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("split-KV")
     g.add_argument("--tq-kernel-args", default="{}",
                    help='JSON of extra tq_decode launch arguments, e.g. \'{"block_n": 32, "num_warps": 4}\'')
-    g.add_argument("--max-kv-splits", type=int, default=32,
-                   help="sglang-tq: max_kv_splits (workspace size / grid cap, like SGLang's "
-                        "--triton-attention-num-kv-splits) (default 32)")
+    g.add_argument("--max-kv-splits", type=int, default=0,
+                   help="sglang-tq: max_kv_splits (workspace size / grid cap); 0 (default) = "
+                        "the turboquant backend's ceiling for the batch size "
+                        "(tq_decode.split_ceiling: 8 at B >= 64 up to 64 at B <= 8)")
     g.add_argument("--splits-policy", choices=("backend", "waves", "sglang", "fixed"), default="backend",
                    help="sglang-tq num_kv_splits: 'backend' = what the turboquant backend uses "
                         "(tq_decode.default_num_kv_splits, wave-aware); 'waves' = "
@@ -224,8 +225,9 @@ def finalize_args(args):
         raise SystemExit("--num-q-heads must be a multiple of --num-kv-heads")
     if args.splits_policy == "fixed" and not args.num_kv_splits:
         raise SystemExit("--splits-policy fixed needs --num-kv-splits")
-    if args.max_kv_splits < 1 or args.triton_max_kv_splits < 1:
-        raise SystemExit("max kv splits must be >= 1")
+    if args.max_kv_splits < 0 or args.triton_max_kv_splits < 1:
+        raise SystemExit("--max-kv-splits must be >= 0 (0: the backend's ceiling) and "
+                         "--triton-max-kv-splits >= 1")
     args.cuda_graph = not args.no_cuda_graph
     out = Path(args.out)
     args.out_path = out if out.is_absolute() else REPO / out
@@ -257,6 +259,13 @@ def sglang_num_kv_splits(seq_lens, num_head, num_kv_head, max_kv_splits, core_co
     return [max(cdiv(l, chunk1), cdiv(l, chunk2)) for l in seq_lens]
 
 
+def tq_max_splits(args, B) -> int:
+    """sglang-tq's split ceiling at batch B: --max-kv-splits, or the backend's rule."""
+    from sglang_tq.kernels.tq_decode import split_ceiling
+
+    return args.max_kv_splits or split_ceiling(B)
+
+
 def tq_num_kv_splits(args, B, L, sm_count, D=None, kbits=4, vbits=4) -> int:
     if args.splits_policy == "fixed":
         n = args.num_kv_splits
@@ -269,14 +278,15 @@ def tq_num_kv_splits(args, B, L, sm_count, D=None, kbits=4, vbits=4) -> int:
         block_n = json.loads(args.tq_kernel_args or "{}").get("block_n")
         if block_n:
             launch = DecodeLaunch(block_n, launch.num_warps, launch.programs_per_sm)
-        n = int(default_num_kv_splits(torch.full((B,), L), args.num_kv_heads, args.max_kv_splits,
+        n = int(default_num_kv_splits(torch.full((B,), L), args.num_kv_heads, tq_max_splits(args, B),
                                       num_sms=sm_count, launch=launch)[0])
     elif args.splits_policy == "sglang":
-        n = sglang_num_kv_splits([L] * B, args.num_q_heads, args.num_kv_heads, args.max_kv_splits, sm_count)[0]
+        n = sglang_num_kv_splits([L] * B, args.num_q_heads, args.num_kv_heads, tq_max_splits(args, B),
+                                 sm_count)[0]
     else:
         n = cdiv(int(math.ceil(args.waves * sm_count)), B * args.num_kv_heads)
         n = min(n, cdiv(L, max(1, args.min_split_tokens)))
-    return max(1, min(n, args.max_kv_splits, L))
+    return max(1, min(n, tq_max_splits(args, B), L))
 
 
 # --------------------------------------------------------------------------------------
@@ -725,7 +735,7 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
                     if do_check and ctx.decode_attention_fwd is not None:
                         check_vs_triton_dequant(ctx, args, row, out, q, kd, vd, sm_scale, checks,
                                                 f"sglang-tq {kvname} {B}x{L}x{D}")
-                    row["max_kv_splits"] = args.max_kv_splits
+                    row["max_kv_splits"] = tq_max_splits(args, B)
                     row["num_kv_splits"] = n_splits
                     row["splits_policy"] = args.splits_policy
                     row["launch"] = tq_launch(args, D, kbits, vbits)
@@ -840,10 +850,10 @@ def build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits):
     from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
 
     B, Hq, D = q.shape
-    ws = DecodeWorkspace.create(B, Hq, D, args.max_kv_splits, ctx.device)
+    max_kv_splits = tq_max_splits(args, B)
+    ws = DecodeWorkspace.create(B, Hq, D, max_kv_splits, ctx.device)
     num_kv_splits = torch.full((B,), n_splits, dtype=torch.int32, device=ctx.device)
     k_codes, k_norms, v_codes, v_norms = bufs
-    max_kv_splits = args.max_kv_splits
 
     def fn():
         return tq_decode(q, k_codes, k_norms, v_codes, v_norms, indptr, indices64, codec, sm_scale,
@@ -995,7 +1005,7 @@ def bench_write_path(ctx, args, codecs, write_rows):
                 if dec_ms:
                     row.update(decode_ms=dec_ms, decode_impl=f"sglang-tq {kvname}",
                                pct_of_decode=100.0 * row["ms"] / dec_ms, num_kv_splits=n_splits,
-                               max_kv_splits=args.max_kv_splits)
+                               max_kv_splits=tq_max_splits(args, B))
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"[:2000]
             finally:
@@ -1111,7 +1121,7 @@ def config_dict(args, ctx=None):
         "timer": "triton.testing.do_bench(return_mode='median'), L2 cleared before each call; "
                  "ms = median over 'repeat' passes",
         "cuda_graph": args.cuda_graph,
-        "sglang_tq_max_kv_splits": args.max_kv_splits,
+        "sglang_tq_max_kv_splits": args.max_kv_splits or "backend ceiling (split_ceiling)",
         "sglang_tq_splits_policy": args.splits_policy,
         "sglang_tq_waves": args.waves,
         "sglang_tq_min_split_tokens": args.min_split_tokens,

@@ -36,7 +36,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 
 from . import refusals
-from .kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, tq_decode
+from .kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, split_ceiling, tq_decode
 from .kernels.tq_extend import PrefixDedup, dedup_prefix, tq_extend
 from .pool import TQTokenToKVPool
 
@@ -88,16 +88,14 @@ class TQAttnBackend(TritonAttnBackend):
         self._decode_ws: Optional[DecodeWorkspace] = None
         self._prefix_dedup: Optional[PrefixDedup] = None
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
-        self._split_cap = self.max_kv_splits if pool.cfg.bf16_layers else max(_SPLIT_CAP,
-                                                                                self.max_kv_splits)
+        self._split_cap = self.max_kv_splits if pool.cfg.bf16_layers else _SPLIT_CAP
 
     # -- metadata ----------------------------------------------------------------
     def max_splits(self, bs: int) -> int:
         """Split ceiling for a decode batch of ``bs``: ``max_kv_splits`` at 64 sequences and
         above, doubling as the batch halves, at most 64 (``max_kv_splits`` alone when
         bf16 layers share the split counts with SGLang's kernel)."""
-        share = self.max_kv_splits * _SPLIT_BATCH // max(bs, 1)
-        return min(self._split_cap, max(self.max_kv_splits, 1 << (share.bit_length() - 1)))
+        return split_ceiling(bs, self.max_kv_splits, self._split_cap, _SPLIT_BATCH)
 
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
         num_kv_splits.copy_(default_num_kv_splits(

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from sglang_tq.codec import LayerCodec
-from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_num_kv_splits, tq_decode,
-                                         tq_decode_ref)
+from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_num_kv_splits, split_ceiling,
+                                         tq_decode, tq_decode_ref)
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import dedup_prefix, tq_extend, tq_extend_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
@@ -410,6 +410,17 @@ def test_decode_writes_into_given_out(device):
 
 
 # ---------------------------------------------------------------------- split policy
+def test_split_ceiling_shares_one_workspace_across_batch_sizes():
+    assert [split_ceiling(b) for b in (1, 8, 9, 16, 32, 63, 64, 500)] == [64, 64, 32, 32, 16, 8, 8, 8]
+    assert split_ceiling(1, base=128) == 128 and split_ceiling(1, base=8, cap=8) == 8
+    for b in range(1, 300):
+        assert b * split_ceiling(b) <= max(b, 64) * 8
+    ws = DecodeWorkspace.create(64, 4, 32, 8, "cpu")
+    mid_o, mid_lse = ws.partials(1, 64)
+    assert mid_o.shape == (1, 4, 64, 32) and mid_lse.shape == (1, 4, 64)
+    assert ws.fits(1, 64) and ws.fits(64, 8) and not ws.fits(2, 512)
+
+
 def test_default_splits_fill_whole_waves():
     """Splits minimise waves × tiles: never a partial extra wave when a full one does."""
     launch = DecodeLaunch(block_n=128, num_warps=4, programs_per_sm=2)  # 264 resident programs
