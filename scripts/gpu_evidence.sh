@@ -28,6 +28,9 @@
 #       GPU 2: shared-prefix load test, fp8 and k4v4 at 0.45 (target: k4v4 TTFT p50 < fp8's);
 #       GPU 3: the same for k4v4 with SGLang's prefill CUDA graphs on (every other run
 #              disables them), then the reference load test for k3v3 at 0.25.
+#   bash scripts/gpu_evidence.sh <commit> check   # nvidia-h200-x4, after an extend or split change:
+#       GPUs 0/1 the shared-prefix load test, fp8 | k4v4 (target: k4v4 TTFT p50 < fp8's);
+#       GPU 2 the whole test suite on CUDA; GPU 3 bench_decode.py at small and large batch.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -111,6 +114,28 @@ tune)
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; cat "$LOGS/phase.log"; grep -h BEST "$LOGS"/tune_*.log
     echo "== bench"; tail -60 "$LOGS/bench.log"; echo "== loadtest"; tail -25 "$LOGS/lt_merge.log"
   } > "$OUT/summary.txt" 2>&1
+  ;;
+check)
+  # after a change to the extend path or the split policy, on four GPUs at once
+  SPX=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
+       --extra-server-args=--cuda-graph-max-bs-decode=64)
+  for i in 0 1; do
+    c=$([ $i = 0 ] && echo fp8 || echo k4v4)
+    ( CUDA_VISIBLE_DEVICES=$i python scripts/loadtest.py --configs "$c" "${SPX[@]}" \
+        --out "$LOGS/sp_$c.json" --log-dir "$LOGS/sp_$c" --budget-s "$(left 540)" \
+        > "$LOGS/sp_$c.log" 2>&1 ) &
+  done
+  ( export CUDA_VISIBLE_DEVICES=2
+    timeout "$(left 560)" python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1 ) &
+  ( export CUDA_VISIBLE_DEVICES=3
+    timeout "$(left 540)" python scripts/bench_decode.py --shapes 1x4096,1x32768,16x8192,64x16384 \
+      --kv k4v4,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 520)" \
+      --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) &
+  wait
+  python scripts/loadtest.py --merge "$LOGS/sp_fp8.json" "$LOGS/sp_k4v4.json" \
+    --out "$OUT/loadtest_sp.json" > "$LOGS/sp_merge.log" 2>&1
+  { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== shared prefix"; tail -12 "$LOGS/sp_merge.log"
+    echo "== bench"; tail -40 "$LOGS/bench.log"; } > "$OUT/summary.txt" 2>&1
   ;;
 qwen|qwen+serving)
   SP=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
@@ -201,7 +226,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac
