@@ -130,6 +130,7 @@ class TQAttnBackend(TritonAttnBackend):
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
         self._decode_ws = self._graph_ws
+        self._prefix_dedup = None  # an extend here builds its own (tq_extend), never a stale one
 
     # -- attention -----------------------------------------------------------------
     def _check_call(self, k, sinks, score_mod, forward_batch) -> None:
