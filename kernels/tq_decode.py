@@ -15,6 +15,12 @@ as four [N, D/4] tiles whose coordinates follow the byte layout
 shuffled between registers. The next tile's codes are prefetched into registers
 while the current one is computed.
 
+With ``HEADS_N`` (the launch table's ``heads_n``) the program solves the transposed
+problem, sᵀ = c_K[idx_K]·(Πq)ᵀ and accᵀ = c_V[idx_V]ᵀ·pᵀ: the GQA group (4 heads for
+Llama-3.1-8B) then sits on the tensor-core tile's narrow side (8) instead of its wide side
+(16), which halves the MMAs, the padded softmax elements and the accumulator registers;
+the value codes are loaded as [D/4, N] tiles so that c_V[idx_V]ᵀ is built in place.
+
 Keys stored with a key center (k − μ, ``sglang_tq/centers.py``) need nothing here:
 q·(k − μ) = q·k − q·μ shifts a query's whole score row, which the softmax ignores
 (a logit soft-cap does not, so that combination is refused).
