@@ -52,29 +52,27 @@ def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_s
     the value tiles stay unscaled. Heads whose scores are all −inf so far stay at
     zero instead of producing NaN.
     """
-    if HEADS_N:
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        pv = (p * v_scale[:, None]).to(tl.float16)
-        acc0 = tl.dot(v0, pv, acc0 * alpha[None, :])
-        acc1 = tl.dot(v1, pv, acc1 * alpha[None, :])
-        acc2 = tl.dot(v2, pv, acc2 * alpha[None, :])
-        acc3 = tl.dot(v3, pv, acc3 * alpha[None, :])
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        pv = (p * v_scale[None, :]).to(tl.float16)
-        acc0 = tl.dot(pv, v0, acc0 * alpha[:, None])
-        acc1 = tl.dot(pv, v1, acc1 * alpha[:, None])
-        acc2 = tl.dot(pv, v2, acc2 * alpha[:, None])
-        acc3 = tl.dot(pv, v3, acc3 * alpha[:, None])
+    TOKENS: tl.constexpr = 1 - HEADS_N  # the token axis of ``s``; the other holds heads
+    m_new = tl.maximum(m_i, tl.max(s, axis=TOKENS))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - tl.expand_dims(m_safe, TOKENS))
+    l_i = l_i * alpha + tl.sum(p, axis=TOKENS)
+    pv = (p * tl.expand_dims(v_scale, HEADS_N)).to(tl.float16)
+    acc0 = _pv(pv, v0, acc0 * tl.expand_dims(alpha, TOKENS), HEADS_N)
+    acc1 = _pv(pv, v1, acc1 * tl.expand_dims(alpha, TOKENS), HEADS_N)
+    acc2 = _pv(pv, v2, acc2 * tl.expand_dims(alpha, TOKENS), HEADS_N)
+    acc3 = _pv(pv, v3, acc3 * tl.expand_dims(alpha, TOKENS), HEADS_N)
     return m_new, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _pv(p, v, acc, HEADS_N: tl.constexpr):
+    """acc + P·V on tensor cores, or with HEADS_N acc + Vᵀ·Pᵀ."""
+    if HEADS_N:
+        return tl.dot(v, p, acc)
+    else:
+        return tl.dot(p, v, acc)
 
 
 @triton.jit

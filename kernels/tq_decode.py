@@ -71,15 +71,6 @@ def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_
 
 
 @triton.jit
-def _along_n(x, HEADS_N: tl.constexpr):
-    """A per-token vector [N] broadcast along the token axis of a score tile."""
-    if HEADS_N:
-        return x[:, None]
-    else:
-        return x[None, :]
-
-
-@triton.jit
 def _tq_decode_stage1(
     QRot, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab,
     KvIndptr, KvIndices, NumKvSplits, MidO, MidLse,
@@ -142,12 +133,13 @@ def _tq_decode_stage1(
             k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM, kt0, kt1, kt2, kt3, False)
             # scores in log2 units: the softmax runs on exp2 (one multiply less per score)
             qk = scores(q0, q1, q2, q3, k0, k1, k2, k3, HEADS_N)
+            # per-token vectors (norms, mask) broadcast over the heads axis, axis HEADS_N
             if HAS_CAP:
-                s = qk * _along_n(k_norm.to(tl.float32) * sm_scale, HEADS_N)
+                s = qk * tl.expand_dims(k_norm.to(tl.float32) * sm_scale, HEADS_N)
                 s = logit_cap * tanh(s / logit_cap) * LOG2E
             else:
-                s = qk * _along_n(k_norm.to(tl.float32) * sm_scale_log2, HEADS_N)
-            s = tl.where(_along_n(mask_n, HEADS_N), s, float("-inf"))
+                s = qk * tl.expand_dims(k_norm.to(tl.float32) * sm_scale_log2, HEADS_N)
+            s = tl.where(tl.expand_dims(mask_n, HEADS_N), s, float("-inf"))
             # -- online softmax and PV; V norms scale the probabilities, not the value tiles
             v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM, vt0, vt1, vt2, vt3, HEADS_N)
             m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
@@ -412,7 +404,12 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
     return torch.stack(outs)
 
 
-def split_ceiling(bsz: int, base: int = 8, cap: int = 64, ref_batch: int = 64) -> int:
+SPLIT_REF_BATCH = 64  # the batch whose split budget smaller batches share out
+SPLIT_CAP = 64  # most splits one sequence gets
+
+
+def split_ceiling(bsz: int, base: int = 8, cap: int = SPLIT_CAP,
+                  ref_batch: int = SPLIT_REF_BATCH) -> int:
     """Most KV splits per sequence for a decode batch of ``bsz``: ``base`` (SGLang's
     ``--triton-attention-num-kv-splits``) at ``ref_batch`` sequences and above, doubling
     as the batch halves (a power of two), at most ``max(cap, base)``. ``bsz`` times the
