@@ -99,18 +99,16 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     # The interpreter has no bf16 arithmetic: there SGLang's kernel runs in fp32.
     work = torch.float32 if triton_interpreting() else q.dtype
     # -- prefix (and, with chunk_slots, the chunk) from the packed cache, once per slot
-    prefix_index = torch.arange(num_prefix_tokens, device=q.device)
     if num_prefix_tokens:
         dd = prefix_dedup or dedup_prefix(kv_indices[:num_prefix_tokens])
         if dd.index.shape != (num_prefix_tokens,):
             raise ValueError(f"prefix_dedup covers {dd.index.numel()} prefix tokens, the batch "
                              f"has {num_prefix_tokens}; build it from this batch's kv_indices.")
-        k_pre, v_pre = tq_dequant(k_codes, k_norms, v_codes, v_norms, dd.slots, codec, dtype=work,
-                                  count=dd.count)
-        prefix_index = dd.index
+        prefix_slots, count, prefix_index = dd.slots, dd.count, dd.index
     else:
-        k_pre, v_pre = tq_dequant(k_codes, k_norms, v_codes, v_norms, kv_indices[:0], codec,
-                                  dtype=work)
+        prefix_slots, count, prefix_index = kv_indices[:0], None, kv_indices[:0].long()
+    k_pre, v_pre = tq_dequant(k_codes, k_norms, v_codes, v_norms, prefix_slots, codec, dtype=work,
+                              count=count)
     if chunk_slots is not None:
         k, v = tq_dequant(k_codes, k_norms, v_codes, v_norms, chunk_slots, codec, dtype=work)
     o = out if work == q.dtype and out.is_contiguous() else torch.empty(q.shape, dtype=work,

@@ -36,7 +36,8 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 
 from . import refusals
-from .kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, split_ceiling, tq_decode
+from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
+                                split_ceiling, tq_decode)
 from .kernels.tq_extend import PrefixDedup, dedup_prefix, tq_extend
 from .pool import TQTokenToKVPool
 
@@ -44,8 +45,6 @@ from .pool import TQTokenToKVPool
 _tq_decode = torch.compiler.disable(tq_decode)
 _tq_extend = torch.compiler.disable(tq_extend)
 _DEFAULT_NUM_SMS = 132
-_SPLIT_BATCH = 64  # the batch whose split budget smaller batches share out
-_SPLIT_CAP = 64  # most splits one sequence gets
 
 
 class _ShapeOnlyPool:
@@ -88,14 +87,16 @@ class TQAttnBackend(TritonAttnBackend):
         self._decode_ws: Optional[DecodeWorkspace] = None
         self._prefix_dedup: Optional[PrefixDedup] = None
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
-        self._split_cap = self.max_kv_splits if pool.cfg.bf16_layers else _SPLIT_CAP
+        self._fixed_splits = self.max_kv_splits if pool.cfg.bf16_layers else None
 
     # -- metadata ----------------------------------------------------------------
     def max_splits(self, bs: int) -> int:
         """Split ceiling for a decode batch of ``bs``: ``max_kv_splits`` at 64 sequences and
         above, doubling as the batch halves, at most 64 (``max_kv_splits`` alone when
         bf16 layers share the split counts with SGLang's kernel)."""
-        return split_ceiling(bs, self.max_kv_splits, self._split_cap, _SPLIT_BATCH)
+        if self._fixed_splits is not None:
+            return self._fixed_splits
+        return split_ceiling(bs, self.max_kv_splits)
 
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
         num_kv_splits.copy_(default_num_kv_splits(
@@ -105,7 +106,7 @@ class TQAttnBackend(TritonAttnBackend):
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
         # room for every batch up to ``batch`` at its split ceiling (max_splits)
-        return DecodeWorkspace.create(max(batch, _SPLIT_BATCH), self.num_head,
+        return DecodeWorkspace.create(max(batch, SPLIT_REF_BATCH), self.num_head,
                                       self.token_to_kv_pool.head_dim, self.max_kv_splits,
                                       self.device, out_dtype=self.out_dtype)
 
