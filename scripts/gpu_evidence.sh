@@ -30,7 +30,7 @@
 #              disables them), then the reference load test for k3v3 at 0.25.
 #   bash scripts/gpu_evidence.sh <commit> check   # nvidia-h200-x4, after an extend or split change:
 #       GPUs 0/1 the shared-prefix load test, fp8 | k4v4 (target: k4v4 TTFT p50 < fp8's);
-#       GPU 2 the whole test suite on CUDA; GPU 3 bench_decode.py at small and large batch.
+#       GPU 2 the whole test suite on CUDA; GPU 3 bench_decode.py (every shape and bit pair).
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -128,8 +128,9 @@ check)
   ( export CUDA_VISIBLE_DEVICES=2
     timeout "$(left 560)" python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1 ) &
   ( export CUDA_VISIBLE_DEVICES=3
-    timeout "$(left 540)" python scripts/bench_decode.py --shapes 1x4096,1x32768,16x8192,64x16384 \
-      --kv k4v4,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 520)" \
+    timeout "$(left 540)" python scripts/bench_decode.py \
+      --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256 \
+      --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 520)" \
       --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) &
   wait
   python scripts/loadtest.py --merge "$LOGS/sp_fp8.json" "$LOGS/sp_k4v4.json" \
