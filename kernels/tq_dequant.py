@@ -58,7 +58,8 @@ def _dequant_tile(
         tl.store(rows + cols, acc.to(Out.dtype.element_ty), mask=mask_n[:, None])
 
 
-@triton.jit
+# num_tokens varies with every batch: one compiled variant for all, not one per N % 16
+@triton.jit(do_not_specialize=["num_tokens"])
 def _tq_dequant_kernel(
     Slots, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab, Pi, KCenter, KOut, VOut, num_tokens,
     Count,

@@ -75,7 +75,8 @@ def _quantize_tile(
     tl.store(nrm, r.to(tl.float16), mask=mask_n)
 
 
-@triton.jit
+# N varies with every batch: one compiled variant for all of them, not one per N % 16
+@triton.jit(do_not_specialize=["N"])
 def _tq_store_kernel(
     K, V, Loc, PiTK, PiTV, BoundsK, BoundsV,
     KCodes, KNorms, VCodes, VNorms, KCenter, N,

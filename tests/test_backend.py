@@ -153,6 +153,32 @@ def test_backend_init_reuses_triton_metadata_without_reading_the_pool(server_arg
         assert hasattr(backend, name), name
 
 
+@pytest.mark.parametrize("packed_prefill", [False, True])
+def test_backend_init_compiles_the_prefix_dequant_without_writing_the_pool(server_args, monkeypatch,
+                                                                          packed_prefill):
+    """Every packed layer's prefix dequant runs once at start-up (the device-count variant
+    tq_extend uses for a radix hit, plus the plain one with packed prefill), on slot 0,
+    and the pool stays as allocated."""
+    import sglang_tq.backend as backend_mod
+
+    calls = []
+    real = backend_mod.tq_dequant
+
+    def spy(k_codes, k_norms, v_codes, v_norms, slots, codec, **kw):
+        calls.append((k_codes.data_ptr(), slots.tolist(), None if kw["count"] is None
+                      else kw["count"].tolist(), kw["dtype"]))
+        return real(k_codes, k_norms, v_codes, v_norms, slots, codec, **kw)
+
+    monkeypatch.setattr(backend_mod, "tq_dequant", spy)
+    _, pool, _ = _make_backend(server_args, packed_prefill=packed_prefill)
+    packed = [pool.get_packed_layer(i) for i in range(LAYERS) if pool.is_packed_layer(i)]
+    counts = [[1], None] if packed_prefill else [[1]]
+    assert calls == [(p.k_codes.data_ptr(), [0], c, torch.bfloat16) for p in packed for c in counts]
+    for p in packed:
+        for buf in p[:4]:
+            assert not buf.any()
+
+
 @pytest.mark.parametrize("bf16_layers", [(BF16_LAYER,), ()])
 def test_extend_then_decode_match_reference(server_args, bf16_layers):
     """With no bf16 layer the decode batch of 2 may use up to 64 splits (the split
