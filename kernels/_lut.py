@@ -133,10 +133,9 @@ def _lut_asm_cached(bits: int) -> str:
             f"prmt.b32 {o0}, {t0}, {t1}, s;",
             f"prmt.b32 {o1}, {t0}, {t1}, t;",
             f"shl.b32 h, hb, {7 - 2 * f};",
-            # bytes (0, 1) / (2, 3) of h to bytes 1 and 3, their bit 7 to bits 15 and 31
-            # (the and and the or become one LOP3)
-            "prmt.b32 d, h, z, 0x1404;", "and.b32 d, d, 0x80008000;", f"or.b32 {o0}, {o0}, d;",
-            "prmt.b32 d, h, z, 0x3424;", "and.b32 d, d, 0x80008000;", f"or.b32 {o1}, {o1}, d;",
+            f"and.b32 h, h, {_rep(0x80):#x};",
+            "prmt.b32 d, h, z, 0x1404;", f"or.b32 {o0}, {o0}, d;",
+            "prmt.b32 d, h, z, 0x3424;", f"or.b32 {o1}, {o1}, d;",
         ]
     lines.append("}")
     return "\n".join(lines)
