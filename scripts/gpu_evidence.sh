@@ -31,6 +31,12 @@
 #   bash scripts/gpu_evidence.sh <commit> check   # nvidia-h200-x4, after an extend or split change:
 #       GPUs 0/1 the shared-prefix load test, fp8 | k4v4 (target: k4v4 TTFT p50 < fp8's);
 #       GPU 2 the whole test suite on CUDA; GPU 3 bench_decode.py (every shape and bit pair).
+#   bash scripts/gpu_evidence.sh <commit> final   # nvidia-h200-x4, the closing evidence of a commit:
+#       GPU 0 bench_decode.py (every shape and bit pair), then the shared-prefix test for fp8;
+#       GPU 1 the reference load test (0.25) for bf16, then the shared-prefix test for k4v4;
+#       GPU 2 the reference load test for fp8, then the kernel and backend tests on CUDA and
+#             profile_decode.py (kernel times of a step at small and large batch);
+#       GPU 3 the reference load test for k4v4, then k3v3. One merged JSON per workload.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -138,6 +144,40 @@ check)
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== shared prefix"; tail -12 "$LOGS/sp_merge.log"
     echo "== bench"; tail -40 "$LOGS/bench.log"; } > "$OUT/summary.txt" 2>&1
   ;;
+final)
+  SPX=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
+       --extra-server-args=--cuda-graph-max-bs-decode=64)
+  lt() {  # GPU, config
+    CUDA_VISIBLE_DEVICES=$1 python scripts/loadtest.py --configs "$2" "${LT[@]}" --out "$LOGS/lt_$2.json" \
+      --log-dir "$LOGS/lt_$2" --budget-s "$(left 540)" > "$LOGS/lt_$2.log" 2>&1
+  }
+  sp() {  # GPU, config
+    CUDA_VISIBLE_DEVICES=$1 python scripts/loadtest.py --configs "$2" "${SPX[@]}" --out "$LOGS/sp_$2.json" \
+      --log-dir "$LOGS/sp_$2" --budget-s "$(left 540)" > "$LOGS/sp_$2.log" 2>&1
+  }
+  ( CUDA_VISIBLE_DEVICES=0 timeout "$(left 330)" python scripts/bench_decode.py \
+      --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256 \
+      --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 320)" \
+      --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1
+    sp 0 fp8 ) &
+  ( lt 1 bf16; sp 1 k4v4 ) &
+  ( lt 2 fp8
+    CUDA_VISIBLE_DEVICES=2 timeout "$(left 470)" python -m pytest -q -p no:cacheprovider \
+      tests/test_kernels.py tests/test_key_centers_kernels.py tests/test_launch_table.py \
+      tests/test_backend.py > "$OUT/pytest.log" 2>&1
+    CUDA_VISIBLE_DEVICES=2 timeout "$(left 560)" python scripts/profile_decode.py \
+      --shapes 1x4096,1x32768,16x8192,64x16384 --kv k4v4,k3v3,k4v2 \
+      --out "$LOGS/profile_decode.json" > "$LOGS/profile.log" 2>&1 ) &
+  ( lt 3 k4v4; lt 3 k3v3 ) &
+  wait
+  python scripts/loadtest.py --merge "$LOGS"/lt_bf16.json "$LOGS"/lt_fp8.json "$LOGS"/lt_k4v4.json \
+    "$LOGS"/lt_k3v3.json --out "$OUT/loadtest.json" > "$LOGS/lt_merge.log" 2>&1
+  python scripts/loadtest.py --merge "$LOGS"/sp_fp8.json "$LOGS"/sp_k4v4.json \
+    --out "$OUT/loadtest_sp.json" > "$LOGS/sp_merge.log" 2>&1
+  { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== bench"; tail -45 "$LOGS/bench.log"
+    echo "== loadtest"; tail -10 "$LOGS/lt_merge.log"; echo "== shared prefix"; tail -8 "$LOGS/sp_merge.log"
+    echo "== profile"; cat "$LOGS/profile.log"; } > "$OUT/summary.txt" 2>&1
+  ;;
 qwen|qwen+serving)
   SP=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
       --extra-server-args=--cuda-graph-max-bs-decode=64)
@@ -227,7 +267,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac
