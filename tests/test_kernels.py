@@ -15,6 +15,7 @@ import torch
 
 from sglang_tq.codec import LayerCodec
 from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_num_kv_splits, split_ceiling,
+                                         rotate_query, rotate_query_ref,
                                          tq_decode, tq_decode_ref)
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import dedup_prefix, tq_extend, tq_extend_ref
@@ -186,6 +187,48 @@ def test_decode_is_split_invariant(device):
     torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 128**-0.5,
                                    dtype=torch.bfloat16), ref)
     assert _rel(one, many) <= 2 * torch_err
+
+
+@pytest.mark.parametrize("head_dim, max_splits", [(128, 48), (256, 64), (64, 5)])
+def test_decode_merges_many_splits(head_dim, max_splits, device):
+    """Stage 2 reads the split partials in chunks of 4096 / head_dim splits: more splits
+    than one chunk, a ceiling that is not a power of two, and splits left empty."""
+    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, 4, 4, 4, device, lens=(1000, 3, 130),
+                                                     seed=5)
+    bsz, hq, d = q.shape
+    ws = DecodeWorkspace.create(bsz, hq, d, max_splits, device)
+    ws.out.fill_(float("nan"))
+    splits = torch.tensor([max_splits, max_splits, max(1, max_splits // 3)], dtype=torch.int32,
+                          device=device)
+    out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
+                    max_kv_splits=max_splits, workspace=ws, **_BLOCKS)
+    assert not out.isnan().any()
+    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+
+
+@pytest.mark.parametrize("bsz, hq, head_dim", [(1, 4, 64), (3, 32, 128), (17, 8, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotate_query_matches_reference(bsz, hq, head_dim, dtype, device):
+    """q · Πᵀ in fp32 from a strided q (a slice of a fused projection): within 2x of
+    PyTorch's own fp32 product, or the fp32 rounding of a head_dim-term sum."""
+    codec = LayerCodec.create(head_dim, 4, 4, seed=3, device=device)
+    g = torch.Generator().manual_seed(bsz)
+    fused = torch.randn(bsz, 2 * hq, head_dim, generator=g).to(dtype).to(device)
+    q = fused[:, 1::2]
+    out = torch.full((bsz, hq, head_dim), float("nan"), device=device)
+    rotate_query(q, codec.pi, out)
+    ref = rotate_query_ref(q, codec.pi)
+    torch_err = _rel(q.float() @ codec.pi.T, ref)
+    assert _rel(out, ref) <= max(2 * torch_err, 2**-24 * head_dim**0.5)
+
+
+def test_rotate_query_refuses_bad_arguments(device):
+    codec = LayerCodec.create(64, 4, 4, seed=0, device=device)
+    q = torch.randn(2, 4, 64, device=device)
+    with pytest.raises(ValueError, match="float32"):
+        rotate_query(q, codec.pi, torch.empty(2, 4, 64, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="rotation"):
+        rotate_query(q, codec.pi.double(), torch.empty(2, 4, 64, device=device))
 
 
 # -------------------------------------------------------------------------- extend
