@@ -164,7 +164,7 @@ def _tq_decode_stage2(
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_o_b, stride_o_h,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr,
-    SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr,
+    SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr, VECTOR_MERGE: tl.constexpr,
 ):
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -172,35 +172,55 @@ def _tq_decode_stage2(
     mask_h = offs_g < GQA
     heads = kv_head * GQA + offs_g
     offs_d = tl.arange(0, HEAD_DIM)
-    # -- every split's log-sum-exp at once: the group's max and normaliser
-    offs_s = tl.arange(0, SPLITS_P2)
-    _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, offs_s, sliding_window, MIN_BLOCK_KV)
-    valid = (hi > lo) & (offs_s < MAX_KV_SPLITS)
-    lse = tl.load(MidLse + batch * stride_ml_b + heads[:, None] * stride_ml_h + offs_s[None, :],
-                  mask=mask_h[:, None] & valid[None, :], other=float("-inf"))
-    e_max = tl.max(lse, axis=1)
-    e_max = tl.where(e_max == float("-inf"), 0.0, e_max)  # no split holds tokens
-    e_sum = tl.sum(tl.exp(lse - e_max[:, None]), axis=1)
-    e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
-    # -- Σ_s exp(lse_s − max) · o_s per query head, the splits as [CHUNK_S, D] tiles whose
-    #    loads do not wait on each other
-    o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
-    for g in range(GQA):
-        head = kv_head * GQA + g
-        m_g = tl.sum(tl.where(offs_g == g, e_max, 0.0))
-        row = tl.zeros((HEAD_DIM,), tl.float32)
-        for c in tl.static_range(0, SPLITS_P2, CHUNK_S):
-            offs_c = c + tl.arange(0, CHUNK_S)
-            _, lo_c, hi_c = _split_range(KvIndptr, NumKvSplits, batch, offs_c, sliding_window,
-                                         MIN_BLOCK_KV)
-            valid_c = (hi_c > lo_c) & (offs_c < MAX_KV_SPLITS)
-            w = tl.exp(tl.load(MidLse + batch * stride_ml_b + head * stride_ml_h + offs_c,
-                               mask=valid_c, other=float("-inf")) - m_g)
-            part = tl.load(MidO + batch * stride_mo_b + head * stride_mo_h
-                           + offs_c[:, None] * stride_mo_s + offs_d[None, :],
-                           mask=valid_c[:, None], other=0.0)
-            row += tl.sum(part * w[:, None], axis=0)
-        o_rot = tl.where(offs_g[:, None] == g, row[None, :], o_rot)
+    if VECTOR_MERGE:
+        # -- every split's log-sum-exp at once: the group's max and normaliser
+        offs_s = tl.arange(0, SPLITS_P2)
+        _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, offs_s, sliding_window, MIN_BLOCK_KV)
+        valid = (hi > lo) & (offs_s < MAX_KV_SPLITS)
+        lse = tl.load(MidLse + batch * stride_ml_b + heads[:, None] * stride_ml_h + offs_s[None, :],
+                      mask=mask_h[:, None] & valid[None, :], other=float("-inf"))
+        e_max = tl.max(lse, axis=1)
+        e_max = tl.where(e_max == float("-inf"), 0.0, e_max)  # no split holds tokens
+        e_sum = tl.sum(tl.exp(lse - e_max[:, None]), axis=1)
+        e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
+        # -- Σ_s exp(lse_s − max) · o_s per query head, the splits as [CHUNK_S, D] tiles whose
+        #    loads do not wait on each other
+        o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+        for g in range(GQA):
+            head = kv_head * GQA + g
+            m_g = tl.sum(tl.where(offs_g == g, e_max, 0.0))
+            row = tl.zeros((HEAD_DIM,), tl.float32)
+            for c in tl.static_range(0, SPLITS_P2, CHUNK_S):
+                offs_c = c + tl.arange(0, CHUNK_S)
+                _, lo_c, hi_c = _split_range(KvIndptr, NumKvSplits, batch, offs_c, sliding_window,
+                                             MIN_BLOCK_KV)
+                valid_c = (hi_c > lo_c) & (offs_c < MAX_KV_SPLITS)
+                w = tl.exp(tl.load(MidLse + batch * stride_ml_b + head * stride_ml_h + offs_c,
+                                   mask=valid_c, other=float("-inf")) - m_g)
+                part = tl.load(MidO + batch * stride_mo_b + head * stride_mo_h
+                               + offs_c[:, None] * stride_mo_s + offs_d[None, :],
+                               mask=valid_c[:, None], other=0.0)
+                row += tl.sum(part * w[:, None], axis=0)
+            o_rot = tl.where(offs_g[:, None] == g, row[None, :], o_rot)
+    else:
+        # -- few splits (large batches): merge them in a loop, skipping empty splits
+        e_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+        e_sum = tl.zeros((BLOCK_H,), tl.float32)
+        o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+        for split in range(MAX_KV_SPLITS):
+            _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_KV)
+            if hi > lo:
+                part = tl.load(MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h
+                               + split * stride_mo_s + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+                lse = tl.load(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
+                              mask=mask_h, other=0.0)
+                new_max = tl.maximum(e_max, lse)
+                scale = tl.exp(e_max - new_max)
+                w = tl.exp(lse - new_max)
+                o_rot = o_rot * scale[:, None] + w[:, None] * part
+                e_sum = e_sum * scale + w
+                e_max = new_max
+        e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
     # -- un-rotate once: o = o_rot · Π, by column chunks of Π to bound shared memory
     o_rot = o_rot / e_sum[:, None]
     CHUNK: tl.constexpr = 64
@@ -289,6 +309,14 @@ class DecodeWorkspace:
             mid_lse=torch.empty(max_batch, num_q_heads, max_kv_splits, **f32),
             out=torch.empty(max_batch, num_q_heads, head_dim, dtype=out_dtype, device=device),
         )
+
+
+# Measured on the H200 (A/B at 70620c9 against 3328aec, bench_decode): the one-kernel query
+# rotation beats cast + cuBLAS up to ~1k query rows (B = 1: 6.2 vs 10.9 us; B = 64 · 32
+# heads: 11.8 vs 9.5), and the vectorized split merge wins only with many splits (B = 1,
+# 64 splits: 11.6 vs 18.2 us; 4 of 8 splits at B = 64: 19.7 vs 12.4).
+ROTATE_KERNEL_ROWS = 1024
+VECTOR_MERGE_SPLITS = 16
 
 
 def _block_h(gqa: int, heads_n: bool = False) -> int:
@@ -400,7 +428,10 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     elif out.shape != (bsz, hq, d) or out.stride(2) != 1:
         raise ValueError(f"out must be [{bsz}, {hq}, {d}] and contiguous in head_dim.")
     # -- rotate q once per step
-    rotate_query(q, codec.pi, q_rot)
+    if bsz * hq <= ROTATE_KERNEL_ROWS:
+        rotate_query(q, codec.pi, q_rot)
+    else:
+        torch.matmul(q.to(torch.float32), codec.pi.T, out=q_rot)
     _tq_decode_stage1[(bsz, hkv, max_kv_splits)](
         q_rot, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
         codec.k_lut_words, codec.v_lut_words, kv_indptr, kv_indices, num_kv_splits, mid_o, mid_lse,
@@ -422,7 +453,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         out.stride(0), out.stride(1),
         GQA=gqa, BLOCK_H=_block_h(gqa), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
         SPLITS_P2=triton.next_power_of_2(max_kv_splits),
-        CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d), num_warps=4,
+        CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d),
+        VECTOR_MERGE=max_kv_splits > VECTOR_MERGE_SPLITS, num_warps=4,
     )
     return out
 

@@ -191,8 +191,9 @@ def test_decode_is_split_invariant(device):
 
 @pytest.mark.parametrize("head_dim, max_splits", [(128, 48), (256, 64), (64, 5)])
 def test_decode_merges_many_splits(head_dim, max_splits, device):
-    """Stage 2 reads the split partials in chunks of 4096 / head_dim splits: more splits
-    than one chunk, a ceiling that is not a power of two, and splits left empty."""
+    """Above VECTOR_MERGE_SPLITS stage 2 reads the split partials in chunks of 4096 /
+    head_dim splits: more splits than one chunk, a ceiling that is not a power of two,
+    splits left empty; 5 splits take the sequential merge."""
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, 4, 4, 4, device, lens=(1000, 3, 130),
                                                      seed=5)
     bsz, hq, d = q.shape
@@ -203,6 +204,18 @@ def test_decode_merges_many_splits(head_dim, max_splits, device):
     out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
                     max_kv_splits=max_splits, workspace=ws, **_BLOCKS)
     assert not out.isnan().any()
+    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+
+
+@pytest.mark.parametrize("rotate_kernel_rows", [0, 1 << 20])
+def test_decode_rotation_paths_match_reference(rotate_kernel_rows, device, monkeypatch):
+    """The query rotation runs as one Triton kernel for small batches and as cast + torch
+    matmul above ROTATE_KERNEL_ROWS query rows; both feed the same stage 1."""
+    import sglang_tq.kernels.tq_decode as dec
+
+    monkeypatch.setattr(dec, "ROTATE_KERNEL_ROWS", rotate_kernel_rows)
+    codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 3, 4, device, lens=(40, 7), seed=11)
+    out = _run_decode(q, bufs, indptr, indices, codec)
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
