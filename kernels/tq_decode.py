@@ -26,10 +26,12 @@ q·(k − μ) = q·k − q·μ shifts a query's whole score row, which the softm
 (a logit soft-cap does not, so that combination is refused).
 
 Stage 2, one program per (sequence, KV head), merges the splits by their
-log-sum-exp (all split LSEs in one load, the partials as [splits, D] tiles per query
-head, so a batch of one with 64 splits does not wait on 64 loads in a row) and
-un-rotates the group's outputs once, o = (Σ p v_rot) · Π. The query is rotated
-before stage 1 by one small fp32 kernel (:func:`rotate_query`, cast included).
+log-sum-exp and un-rotates the group's outputs once, o = (Σ p v_rot) · Π. Above 16
+splits (small batches) it loads every split's LSE at once and the partials as
+[splits, D] tiles per query head, so a batch of one with 64 splits does not wait on 64
+loads in a row; with few splits a loop that skips empty ones is cheaper. The query is
+rotated before stage 1, for small batches by one fp32 kernel with the cast included
+(:func:`rotate_query`), else by cast + matmul.
 
 No allocation or host synchronisation happens in the launcher, so it can be captured
 in a CUDA graph.
@@ -311,11 +313,12 @@ class DecodeWorkspace:
         )
 
 
-# Measured on the H200 (A/B at 70620c9 against 3328aec, bench_decode): the one-kernel query
-# rotation beats cast + cuBLAS up to ~1k query rows (B = 1: 6.2 vs 10.9 us; B = 64 · 32
-# heads: 11.8 vs 9.5), and the vectorized split merge wins only with many splits (B = 1,
-# 64 splits: 11.6 vs 18.2 us; 4 of 8 splits at B = 64: 19.7 vs 12.4).
-ROTATE_KERNEL_ROWS = 1024
+# Measured on the H200 (A/B at 70620c9 and b633aed against 3328aec, bench_decode): the
+# one-kernel query rotation beats cast + cuBLAS up to ~128k query elements (B = 1 · 32
+# heads · 128: 6.2 vs 10.9 us; 2048 rows · 128: 11.8 vs 9.5; 1024 rows · 256: 2% slower
+# per step), and the vectorized split merge wins only with many splits (B = 1, 64 splits:
+# 11.6 vs 18.2 us; 4 of 8 splits at B = 64: 19.7 vs 12.4).
+ROTATE_KERNEL_ELEMS = 128 * 1024
 VECTOR_MERGE_SPLITS = 16
 
 
@@ -428,7 +431,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     elif out.shape != (bsz, hq, d) or out.stride(2) != 1:
         raise ValueError(f"out must be [{bsz}, {hq}, {d}] and contiguous in head_dim.")
     # -- rotate q once per step
-    if bsz * hq <= ROTATE_KERNEL_ROWS:
+    if bsz * hq * d <= ROTATE_KERNEL_ELEMS:
         rotate_query(q, codec.pi, q_rot)
     else:
         torch.matmul(q.to(torch.float32), codec.pi.T, out=q_rot)

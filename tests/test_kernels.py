@@ -207,13 +207,13 @@ def test_decode_merges_many_splits(head_dim, max_splits, device):
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
-@pytest.mark.parametrize("rotate_kernel_rows", [0, 1 << 20])
-def test_decode_rotation_paths_match_reference(rotate_kernel_rows, device, monkeypatch):
+@pytest.mark.parametrize("rotate_kernel_elems", [0, 1 << 30])
+def test_decode_rotation_paths_match_reference(rotate_kernel_elems, device, monkeypatch):
     """The query rotation runs as one Triton kernel for small batches and as cast + torch
-    matmul above ROTATE_KERNEL_ROWS query rows; both feed the same stage 1."""
+    matmul above ROTATE_KERNEL_ELEMS query elements; both feed the same stage 1."""
     import sglang_tq.kernels.tq_decode as dec
 
-    monkeypatch.setattr(dec, "ROTATE_KERNEL_ROWS", rotate_kernel_rows)
+    monkeypatch.setattr(dec, "ROTATE_KERNEL_ELEMS", rotate_kernel_elems)
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 3, 4, device, lens=(40, 7), seed=11)
     out = _run_decode(q, bufs, indptr, indices, codec)
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
