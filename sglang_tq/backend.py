@@ -18,6 +18,10 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
   so a cold prefill sees the same values a warm radix hit would; the prefix
   dequant is compiled when the backend is built (:meth:`TQAttnBackend.compile_prefix_path`),
   since SGLang's start-up warm-up request has no prefix to read;
+* mixed batches (``--enable-mixed-chunk``: a prefill chunk plus one new token per
+  running request): the trailing one-token requests go to ``tq_decode`` over their
+  packed context (built on the device from the batch's metadata, no host sync), the
+  rest to ``tq_extend``, so a running request's context is not dequantized per step;
 * layers in ``--kv-quant-bf16-layers`` hold plain bf16 buffers and go to the
   Triton kernels of the parent class unchanged.
 
@@ -31,6 +35,7 @@ so a batch of one may use up to 64 splits in the memory a batch of 64 uses for 8
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -48,6 +53,19 @@ from .pool import TQTokenToKVPool
 _tq_decode = torch.compiler.disable(tq_decode)
 _tq_extend = torch.compiler.disable(tq_extend)
 _DEFAULT_NUM_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixedSplit:
+    """A mixed batch cut in two: requests [0, num_extend) extend, the rest decode one
+    token each over ``kv_indptr`` / ``kv_indices`` (their prefix plus the new slot)."""
+
+    num_extend: int  # requests that extend
+    extend_tokens: int  # their new tokens (the decode rows of q follow)
+    extend_prefix_tokens: int  # their prefix tokens (the head of the batch's kv_indices)
+    kv_indptr: torch.Tensor  # [n_decode + 1] int32
+    kv_indices: torch.Tensor  # [Σ (prefix + 1)] int64
+    num_kv_splits: torch.Tensor  # [n_decode] int32
 
 
 class _ShapeOnlyPool:
@@ -89,6 +107,7 @@ class TQAttnBackend(TritonAttnBackend):
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
         self._prefix_dedup: Optional[PrefixDedup] = None
+        self._mixed: Optional[_MixedSplit] = None
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
         self._fixed_splits = self.max_kv_splits if pool.cfg.bf16_layers else None
         self.compile_prefix_path()
@@ -137,15 +156,56 @@ class TQAttnBackend(TritonAttnBackend):
         super().init_forward_metadata(forward_batch)
         mode = forward_batch.forward_mode
         self._prefix_dedup = None
+        self._mixed = None
         if mode.is_decode_or_idle():
-            bs = forward_batch.batch_size
-            if self._eager_ws is None or self._eager_ws.q_rot.shape[0] < bs:
-                self._eager_ws = self._workspace(1 << max(0, bs - 1).bit_length())
-            self._decode_ws = self._eager_ws
+            self._use_eager_workspace(forward_batch.batch_size)
         else:
-            n = _num_prefix_tokens(forward_batch)
+            if mode.is_mixed():
+                self._mixed = self._split_mixed(forward_batch)
+            n = (_num_prefix_tokens(forward_batch) if self._mixed is None
+                 else self._mixed.extend_prefix_tokens)
             if n:  # every layer of this batch reads the prefix through the same dedup
                 self._prefix_dedup = dedup_prefix(self.forward_metadata.kv_indices[:n])
+
+    def _use_eager_workspace(self, bs: int) -> None:
+        if self._eager_ws is None or self._eager_ws.q_rot.shape[0] < bs:
+            self._eager_ws = self._workspace(1 << max(0, bs - 1).bit_length())
+        self._decode_ws = self._eager_ws
+
+    def _split_mixed(self, forward_batch) -> Optional[_MixedSplit]:
+        """The decode half of a mixed batch: its trailing run of one-token requests (the
+        running requests SGLang appends), with slot lists that end in the new token's
+        slot. Sizes come from host metadata, so nothing waits on the device."""
+        ext = forward_batch.extend_seq_lens_cpu
+        pre = forward_batch.extend_prefix_lens_cpu
+        if ext is None or pre is None:
+            return None
+        ext, pre = [int(x) for x in ext], [int(x) for x in pre]
+        first = len(ext)
+        while first > 0 and ext[first - 1] == 1:
+            first -= 1
+        n_dec = len(ext) - first
+        if n_dec == 0:
+            return None
+        md = self.forward_metadata
+        dev = md.kv_indices.device
+        n_pre = sum(pre[:first])
+        dec_pre = torch.tensor(pre[first:], dtype=torch.int64, device=dev)
+        total_pre = sum(pre[first:])
+        indptr = torch.zeros(n_dec + 1, dtype=torch.int32, device=dev)
+        indptr[1:] = torch.cumsum(dec_pre + 1, 0)
+        indices = torch.empty(total_pre + n_dec, dtype=md.kv_indices.dtype, device=dev)
+        if total_pre:
+            # prefix slot t of decode request j moves j places right (one new slot per request)
+            shift = torch.repeat_interleave(torch.arange(n_dec, device=dev), dec_pre,
+                                            output_size=total_pre)
+            indices[torch.arange(total_pre, device=dev) + shift] = \
+                md.kv_indices[n_pre: n_pre + total_pre]
+        indices[indptr[1:].long() - 1] = forward_batch.out_cache_loc[sum(ext[:first]):].to(indices.dtype)
+        splits = torch.empty(n_dec, dtype=torch.int32, device=dev)
+        self.get_num_kv_splits(splits, dec_pre + 1)
+        self._use_eager_workspace(n_dec)
+        return _MixedSplit(first, sum(ext[:first]), n_pre, indptr, indices, splits)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
@@ -155,6 +215,7 @@ class TQAttnBackend(TritonAttnBackend):
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
         self._decode_ws = self._graph_ws
         self._prefix_dedup = None  # an extend here builds its own (tq_extend), never a stale one
+        self._mixed = None
 
     # -- attention -----------------------------------------------------------------
     def _check_call(self, k, sinks, score_mod, forward_batch) -> None:
@@ -211,17 +272,30 @@ class TQAttnBackend(TritonAttnBackend):
                                "--kv-quant-packed-prefill.")
         md = self.forward_metadata
         packed = pool.get_packed_layer(layer.layer_id)
-        n = _num_prefix_tokens(forward_batch)
+        q, k, v = q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)
+        o3 = o.view(-1, hq, d)
+        mx = self._mixed
+        if mx is None:
+            n, t, b = _num_prefix_tokens(forward_batch), q.shape[0], md.qo_indptr.numel() - 1
+        else:  # the decode half first, then the extend half below
+            n, t, b = mx.extend_prefix_tokens, mx.extend_tokens, mx.num_extend
+            rows = q.shape[0] - t
+            _tq_decode(
+                q[t:], packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
+                mx.kv_indptr, mx.kv_indices, packed.codec, layer.scaling,
+                num_kv_splits=mx.num_kv_splits, max_kv_splits=self.max_splits(rows),
+                workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o3[t:],
+            )
+        if b == 0:
+            return o
         dd = self._prefix_dedup
         _tq_extend(
-            q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d),
-            packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
-            md.qo_indptr, md.kv_indptr, md.kv_indices, packed.codec, layer.scaling,
-            max_extend_len=md.max_extend_len,
-            num_prefix_tokens=n,
+            q[:t], k[:t], v[:t], packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
+            md.qo_indptr[: b + 1], md.kv_indptr[: b + 1], md.kv_indices, packed.codec,
+            layer.scaling, max_extend_len=md.max_extend_len, num_prefix_tokens=n,
             prefix_dedup=dd if n and dd is not None and dd.index.numel() == n else None,
-            chunk_slots=forward_batch.out_cache_loc if self.packed_prefill else None,
-            logit_cap=_logit_cap(layer), out=o.view(-1, hq, d),
+            chunk_slots=forward_batch.out_cache_loc[:t] if self.packed_prefill else None,
+            logit_cap=_logit_cap(layer), out=o3[:t],
         )
         return o
 

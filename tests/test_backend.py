@@ -213,6 +213,48 @@ def test_extend_then_decode_match_reference(server_args, bf16_layers):
     assert _rel(out.view(2, HQ, D), want) < 2e-2
 
 
+def _mixed_batch(req_to_token):
+    """Request 1 extends its 5-token radix prefix by 7 tokens; request 2 is a running
+    request (3 tokens in slots 30..32) decoding one token into slot 33, appended the way
+    ``ScheduleBatch.mix_with_running`` appends it."""
+    req_to_token.req_to_token[1, :12] = torch.cat([PREFIX, CHUNKS[0]]).int()
+    req_to_token.req_to_token[2, :4] = _t([30, 31, 32, 33]).int()
+    prefix_lens, ext_lens = [5, 3], [7, 1]
+    return types.SimpleNamespace(
+        batch_size=2, forward_mode=ForwardMode.MIXED, spec_info=None,
+        req_pool_indices=_t([1, 2]), seq_lens=_t([12, 4]), seq_lens_sum=16,
+        seq_lens_cpu=torch.tensor([12, 4]), extend_prefix_lens=_t(prefix_lens),
+        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens=_t(ext_lens),
+        extend_seq_lens_cpu=ext_lens, out_cache_loc=torch.cat([CHUNKS[0], _t([33])]),
+        encoder_lens=None,
+    )
+
+
+def test_mixed_batch_decodes_its_running_requests(server_args):
+    """A mixed batch (--enable-mixed-chunk): the running request's token goes through
+    tq_decode over its packed context plus its new slot, the chunk through tq_extend."""
+    backend, pool, req_to_token = _make_backend(server_args)
+    layer = _layer(0)
+    _fill_prefix(pool, 0)
+    _, k_run, v_run = _qkv(3, seed=50)
+    pool.set_kv_buffer(layer, _t([30, 31, 32]), k_run, v_run)
+    fb = _mixed_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    mx = backend._mixed
+    assert (mx.num_extend, mx.extend_tokens, mx.extend_prefix_tokens) == (1, 7, 5)
+    assert mx.kv_indices.tolist() == [30, 31, 32, 33] and mx.kv_indptr.tolist() == [0, 4]
+    assert backend._prefix_dedup.index.numel() == 5
+    q, k, v = _qkv(8, seed=3)
+    out = backend.forward_extend(q, k, v, layer, fb).view(8, HQ, D)
+    codes, codec = _packed_ref(pool, 0)
+    want_ext = tq_extend_ref(q[:7], k[:7], v[:7], *codes, _t([0, 7]), _t([0, 5]), PREFIX, codec,
+                             layer.scaling)
+    want_dec = tq_decode_ref(q[7:], *codes, _t([0, 4]), _t([30, 31, 32, 33]), codec,
+                             layer.scaling)
+    assert _rel(out[:7], want_ext) < 2e-2
+    assert _rel(out[7:], want_dec) < 2e-2
+
+
 def test_packed_prefill_reads_the_chunk_back_from_the_cache(server_args):
     backend, pool, req_to_token = _make_backend(server_args, packed_prefill=True)
     layer = _layer(0)
