@@ -37,6 +37,9 @@
 #       GPU 2 the reference load test for fp8, then the kernel and backend tests on CUDA and
 #             profile_decode.py (kernel times of a step at small and large batch);
 #       GPU 3 the reference load test for k4v4, then k3v3. One merged JSON per workload.
+#   bash scripts/gpu_evidence.sh <commit> mixed   # nvidia-h200-x4: the reference load test (0.25)
+#       with SGLang's --enable-mixed-chunk for bf16 | fp8 | k4v4 | k3v3, one GPU each, then
+#       the mixed-batch backend test on CUDA.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -178,6 +181,24 @@ final)
     echo "== loadtest"; tail -10 "$LOGS/lt_merge.log"; echo "== shared prefix"; tail -8 "$LOGS/sp_merge.log"
     echo "== profile"; cat "$LOGS/profile.log"; } > "$OUT/summary.txt" 2>&1
   ;;
+mixed)
+  LTM=(--workloads reference --mem-fraction-static 0.25
+       "--extra-server-args=--cuda-graph-max-bs-decode=64 --enable-mixed-chunk")
+  i=0
+  for c in bf16 fp8 k4v4 k3v3; do
+    CUDA_VISIBLE_DEVICES=$i python scripts/loadtest.py --configs "$c" "${LTM[@]}" \
+      --out "$LOGS/ltm_$c.json" --log-dir "$LOGS/ltm_$c" --budget-s "$(left 500)" \
+      > "$LOGS/ltm_$c.log" 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  CUDA_VISIBLE_DEVICES=0 timeout "$(left 570)" python -m pytest -q -p no:cacheprovider \
+    tests/test_backend.py > "$OUT/pytest.log" 2>&1
+  python scripts/loadtest.py --merge "$LOGS"/ltm_bf16.json "$LOGS"/ltm_fp8.json "$LOGS"/ltm_k4v4.json \
+    "$LOGS"/ltm_k3v3.json --out "$OUT/loadtest_mixed.json" > "$LOGS/ltm_merge.log" 2>&1
+  { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== loadtest (mixed chunk)"
+    tail -14 "$LOGS/ltm_merge.log"; } > "$OUT/summary.txt" 2>&1
+  ;;
 qwen|qwen+serving)
   SP=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
       --extra-server-args=--cuda-graph-max-bs-decode=64)
@@ -267,7 +288,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac
