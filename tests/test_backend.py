@@ -255,6 +255,38 @@ def test_mixed_batch_decodes_its_running_requests(server_args):
     assert _rel(out[7:], want_dec) < 2e-2
 
 
+def test_mixed_batch_edges(server_args):
+    """A mixed batch whose requests all decode one token runs tq_decode alone; one whose
+    last request extends by more than one token is an ordinary extend."""
+    backend, pool, req_to_token = _make_backend(server_args)
+    layer = _layer(0)
+    _fill_prefix(pool, 0)
+    fb = _mixed_batch(req_to_token)
+    fb.extend_seq_lens_cpu = [1, 1]
+    fb.extend_seq_lens = _t([1, 1])
+    fb.extend_prefix_lens_cpu = [11, 3]
+    fb.extend_prefix_lens = _t([11, 3])
+    fb.out_cache_loc = _t([26, 33])
+    fb.seq_lens_sum = 16
+    req_to_token.req_to_token[1, :12] = torch.cat([PREFIX, CHUNKS[0]]).int()
+    backend.init_forward_metadata(fb)
+    mx = backend._mixed
+    assert (mx.num_extend, mx.extend_tokens) == (0, 0) and backend._prefix_dedup is None
+    q, k, v = _qkv(2, seed=4)
+    out = backend.forward_extend(q, k, v, layer, fb).view(2, HQ, D)
+    codes, codec = _packed_ref(pool, 0)
+    indices = torch.cat([req_to_token.req_to_token[1, :12], _t([30, 31, 32, 33])])
+    want = tq_decode_ref(q, *codes, _t([0, 12, 16]), indices, codec, layer.scaling)
+    assert mx.kv_indices.tolist() == indices.tolist()
+    assert _rel(out, want) < 2e-2
+
+    fb = _mixed_batch(req_to_token)
+    fb.extend_seq_lens_cpu, fb.extend_seq_lens = [1, 7], _t([1, 7])
+    fb.extend_prefix_lens_cpu, fb.extend_prefix_lens = [11, 5], _t([11, 5])
+    backend.init_forward_metadata(fb)
+    assert backend._mixed is None
+
+
 def test_packed_prefill_reads_the_chunk_back_from_the_cache(server_args):
     backend, pool, req_to_token = _make_backend(server_args, packed_prefill=True)
     layer = _layer(0)
