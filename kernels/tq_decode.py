@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -368,10 +369,15 @@ def load_launch_table(path: str) -> dict:
         with open(path) as f:
             raw = json.load(f)
         fields = {f.name for f in dataclasses.fields(DecodeLaunch)}
-        return {dev: {int(d): {kv: DecodeLaunch(**{k: v for k, v in e.items() if k in fields})
-                               for kv, e in per_d.items()}
-                      for d, per_d in dims.items()}
-                for dev, dims in raw.items() if not dev.startswith("_")}
+        table = {dev: {int(d): {kv: DecodeLaunch(**{k: v for k, v in e.items() if k in fields})
+                                for kv, e in per_d.items()}
+                       for d, per_d in dims.items()}
+                 for dev, dims in raw.items() if not dev.startswith("_")}
+        bad = [kv for dims in table.values() for per_d in dims.values() for kv in per_d
+               if not re.fullmatch(r"k[234]v[234]", kv)]
+        if bad:
+            raise ValueError(f"bit pair {bad[0]!r} is not kXvY with X, Y in 2, 3, 4")
+        return table
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"the decode launch table {path} is unreadable ({exc}); regenerate it "
                          "with scripts/tune_decode.py --write-table, or unset "
@@ -387,10 +393,21 @@ def default_launch(head_dim: int, k_bits: int = 4, v_bits: int = 4,
                    device_name: str | None = None) -> DecodeLaunch:
     """The measured launch for this GPU, head_dim and bit pair (``decode_launch.json``,
     tuned by ``scripts/tune_decode.py``; ``SGLANG_TQ_DECODE_LAUNCH`` names another
-    table), else :func:`builtin_launch`."""
+    table); for a pair the table lacks at this GPU and head_dim, the launch of the
+    nearest pair it has (fewest bits changed, then the most even change, then the same
+    key bits, then the name); else :func:`builtin_launch`. The H200 entries at d = 64
+    and 256 agree on tile, warps and residency across the pairs tuned there, while the
+    built-in launch (the v5 winner) ran k4v3 at d = 64 2x slower than k4v4
+    (bench_decode_v8_h200.json)."""
     table = load_launch_table(decode_launch_file() or str(LAUNCH_TABLE))
     per_d = table.get(device_name or _device_name() or "", {}).get(head_dim, {})
-    return per_d.get(f"k{k_bits}v{v_bits}") or builtin_launch(head_dim)
+    found = per_d.get(f"k{k_bits}v{v_bits}")
+    if found is None and per_d:
+        def distance(kv: str) -> tuple[int, int, int, str]:
+            dk, dv = abs(int(kv[1]) - k_bits), abs(int(kv[3]) - v_bits)
+            return dk + dv, max(dk, dv), dk, kv
+        found = per_d[min(per_d, key=distance)]
+    return found or builtin_launch(head_dim)
 
 
 def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,

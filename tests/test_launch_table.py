@@ -42,10 +42,28 @@ def test_lookup_by_gpu_head_dim_and_bits(table_file):
     assert dec.default_launch(128, 4, 4, device_name="GPU X") == dec.DecodeLaunch(128, 4, 3)
     assert dec.default_launch(64, 3, 2, device_name="GPU X") == dec.DecodeLaunch(32, 1, 8, False, 3)
     assert dec.default_launch(128, 4, 4, device_name="GPU X").prefetch  # absent: the default
-    # another bit pair, head_dim or GPU falls back to the built-in launch
-    assert dec.default_launch(128, 3, 3, device_name="GPU X") == dec.builtin_launch(128)
+    # a bit pair the table lacks at this GPU and head_dim takes the nearest pair it has
+    assert dec.default_launch(128, 3, 3, device_name="GPU X") == dec.DecodeLaunch(128, 4, 3)
+    assert dec.default_launch(64, 4, 4, device_name="GPU X") == dec.DecodeLaunch(32, 1, 8, False, 3)
+    # another head_dim or GPU falls back to the built-in launch
     assert dec.default_launch(256, 4, 4, device_name="GPU X") == dec.builtin_launch(256)
     assert dec.default_launch(128, 4, 4, device_name="GPU Y") == dec.builtin_launch(128)
+
+
+def test_missing_pair_takes_the_nearest_tuned_pair(table_file):
+    """Fewest bits changed, then the most even change, then the same key bits, then
+    the pair's name."""
+    import json
+
+    entry = lambda n: {"block_n": 32, "num_warps": 1, "programs_per_sm": n}  # noqa: E731
+    table_file.write_text(json.dumps({"GPU X": {"128": {
+        "k4v4": entry(1), "k4v2": entry(2), "k3v3": entry(3)}}}))
+    dec.load_launch_table.cache_clear()
+    pps = lambda kb, vb: dec.default_launch(128, kb, vb, device_name="GPU X").programs_per_sm  # noqa: E731
+    assert pps(4, 3) == 2  # k4v2 and k4v4 both one value bit away: name order picks k4v2
+    assert pps(2, 2) == 3  # k3v3 (1 + 1 bits) over k4v2 (2 + 0)
+    assert pps(3, 4) == 3  # k3v3 (value bit) over k4v4 (key bit): the same key bits
+    assert pps(3, 2) == 3  # k3v3 and k4v2 one bit away: the same key bits again
 
 
 def test_split_policy_follows_the_table(table_file, monkeypatch):
@@ -63,6 +81,8 @@ def test_split_policy_follows_the_table(table_file, monkeypatch):
     (json.dumps({"GPU X": {"128": {"k4v4": {"block_n": 64}}}}), "unreadable"),
     (json.dumps({"GPU X": {"128": {"k4v4": {"block_n": 48, "num_warps": 2, "programs_per_sm": 2}}}}),
      "block_n must be"),
+    (json.dumps({"GPU X": {"128": {"k4v9": {"block_n": 32, "num_warps": 1, "programs_per_sm": 2}}}}),
+     "is not kXvY"),
 ])
 def test_corrupt_table_is_refused_with_a_sentence(table_file, text, why):
     table_file.write_text(text)
