@@ -104,17 +104,25 @@ def _t(values):
     return torch.tensor(values, device=DEV)
 
 
-def _extend_batch(req_to_token):
+def _batch_with_prefix(req_to_token, mode, row2, prefix_lens, ext_lens, out_cache_loc):
+    """Request 1 (pool row 1) extends its 5-token radix prefix (slots 10..14) by 7 tokens;
+    request 2 (row 2) holds the slots ``row2``."""
     req_to_token.req_to_token[1, :12] = torch.cat([PREFIX, CHUNKS[0]]).int()
-    req_to_token.req_to_token[2, :3] = CHUNKS[1].int()
-    prefix_lens, ext_lens = [5, 0], [7, 3]
+    req_to_token.req_to_token[2, : len(row2)] = row2.int()
+    seq_lens = [p + e for p, e in zip(prefix_lens, ext_lens)]
     return types.SimpleNamespace(
-        batch_size=2, forward_mode=ForwardMode.EXTEND, spec_info=None,
-        req_pool_indices=_t([1, 2]), seq_lens=_t([12, 3]), seq_lens_sum=15,
-        seq_lens_cpu=torch.tensor([12, 3]), extend_prefix_lens=_t(prefix_lens),
+        batch_size=2, forward_mode=mode, spec_info=None,
+        req_pool_indices=_t([1, 2]), seq_lens=_t(seq_lens), seq_lens_sum=sum(seq_lens),
+        seq_lens_cpu=torch.tensor(seq_lens), extend_prefix_lens=_t(prefix_lens),
         extend_prefix_lens_cpu=prefix_lens, extend_seq_lens=_t(ext_lens),
-        extend_seq_lens_cpu=ext_lens, out_cache_loc=torch.cat(CHUNKS), encoder_lens=None,
+        extend_seq_lens_cpu=ext_lens, out_cache_loc=out_cache_loc, encoder_lens=None,
     )
+
+
+def _extend_batch(req_to_token):
+    """Request 2 is cold and prefills 3 tokens (slots 30..32)."""
+    return _batch_with_prefix(req_to_token, ForwardMode.EXTEND, CHUNKS[1], [5, 0], [7, 3],
+                              torch.cat(CHUNKS))
 
 
 def _decode_batch(req_to_token, padded_to=None):
@@ -214,20 +222,10 @@ def test_extend_then_decode_match_reference(server_args, bf16_layers):
 
 
 def _mixed_batch(req_to_token):
-    """Request 1 extends its 5-token radix prefix by 7 tokens; request 2 is a running
-    request (3 tokens in slots 30..32) decoding one token into slot 33, appended the way
-    ``ScheduleBatch.mix_with_running`` appends it."""
-    req_to_token.req_to_token[1, :12] = torch.cat([PREFIX, CHUNKS[0]]).int()
-    req_to_token.req_to_token[2, :4] = _t([30, 31, 32, 33]).int()
-    prefix_lens, ext_lens = [5, 3], [7, 1]
-    return types.SimpleNamespace(
-        batch_size=2, forward_mode=ForwardMode.MIXED, spec_info=None,
-        req_pool_indices=_t([1, 2]), seq_lens=_t([12, 4]), seq_lens_sum=16,
-        seq_lens_cpu=torch.tensor([12, 4]), extend_prefix_lens=_t(prefix_lens),
-        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens=_t(ext_lens),
-        extend_seq_lens_cpu=ext_lens, out_cache_loc=torch.cat([CHUNKS[0], _t([33])]),
-        encoder_lens=None,
-    )
+    """Request 2 is a running request (3 tokens in slots 30..32) decoding one token into
+    slot 33, appended the way ``ScheduleBatch.mix_with_running`` appends it."""
+    return _batch_with_prefix(req_to_token, ForwardMode.MIXED, _t([30, 31, 32, 33]), [5, 3],
+                              [7, 1], torch.cat([CHUNKS[0], _t([33])]))
 
 
 def test_mixed_batch_decodes_its_running_requests(server_args):
