@@ -62,7 +62,8 @@ def _kernel_class(name: str) -> str:
         return "stage1"
     if "stage2" in name:
         return "stage2"
-    if "gemm" in name.lower() or "sm90" in name or "cutlass" in name.lower() or "matmul" in name.lower():
+    if ("rotate_query" in name or "gemm" in name.lower() or "sm90" in name
+            or "cutlass" in name.lower() or "matmul" in name.lower()):
         return "rotate_q"
     return "other"
 
