@@ -20,8 +20,8 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
   since SGLang's start-up warm-up request has no prefix to read;
 * mixed batches (``--enable-mixed-chunk``: a prefill chunk plus one new token per
   running request): the trailing one-token requests go to ``tq_decode`` over their
-  packed context (built on the device from the batch's metadata, no host sync), the
-  rest to ``tq_extend``, so a running request's context is not dequantized per step;
+  packed context (slot lists from ``req_to_token`` as for a decode batch, no host
+  sync), the rest to ``tq_extend``, so a running request's context is not dequantized per step;
 * layers in ``--kv-quant-bf16-layers`` hold plain bf16 buffers and go to the
   Triton kernels of the parent class unchanged.
 
@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 import torch
 
+from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 
 from . import refusals
@@ -174,8 +175,10 @@ class TQAttnBackend(TritonAttnBackend):
 
     def _split_mixed(self, forward_batch) -> Optional[_MixedSplit]:
         """The decode half of a mixed batch: its trailing run of one-token requests (the
-        running requests SGLang appends), with slot lists that end in the new token's
-        slot. Sizes come from host metadata, so nothing waits on the device."""
+        running requests SGLang appends). Their slot lists come from ``req_to_token``,
+        where ``prepare_for_decode`` already wrote the new token's slot, by the kernel
+        SGLang's decode metadata uses; sizes come from host metadata, so nothing waits
+        on the device."""
         ext = forward_batch.extend_seq_lens_cpu
         pre = forward_batch.extend_prefix_lens_cpu
         if ext is None or pre is None:
@@ -187,25 +190,19 @@ class TQAttnBackend(TritonAttnBackend):
         n_dec = len(ext) - first
         if n_dec == 0:
             return None
-        md = self.forward_metadata
-        dev = md.kv_indices.device
-        n_pre = sum(pre[:first])
-        dec_pre = torch.tensor(pre[first:], dtype=torch.int64, device=dev)
-        total_pre = sum(pre[first:])
+        dev = self.forward_metadata.kv_indices.device
+        seq_lens = forward_batch.seq_lens[first:]
         indptr = torch.zeros(n_dec + 1, dtype=torch.int32, device=dev)
-        indptr[1:] = torch.cumsum(dec_pre + 1, 0)
-        indices = torch.empty(total_pre + n_dec, dtype=md.kv_indices.dtype, device=dev)
-        if total_pre:
-            # prefix slot t of decode request j moves j places right (one new slot per request)
-            shift = torch.repeat_interleave(torch.arange(n_dec, device=dev), dec_pre,
-                                            output_size=total_pre)
-            indices[torch.arange(total_pre, device=dev) + shift] = \
-                md.kv_indices[n_pre: n_pre + total_pre]
-        indices[indptr[1:].long() - 1] = forward_batch.out_cache_loc[sum(ext[:first]):].to(indices.dtype)
+        indptr[1:] = torch.cumsum(seq_lens, 0)
+        indices = torch.empty(sum(pre[first:]) + n_dec, dtype=torch.int64, device=dev)
+        create_flashinfer_kv_indices_triton[(n_dec,)](
+            self.req_to_token, forward_batch.req_pool_indices[first:], seq_lens, indptr, None,
+            indices, self.req_to_token.stride(0),
+        )
         splits = torch.empty(n_dec, dtype=torch.int32, device=dev)
-        self.get_num_kv_splits(splits, dec_pre + 1)
+        self.get_num_kv_splits(splits, seq_lens)
         self._use_eager_workspace(n_dec)
-        return _MixedSplit(first, sum(ext[:first]), n_pre, indptr, indices, splits)
+        return _MixedSplit(first, sum(ext[:first]), sum(pre[:first]), indptr, indices, splits)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
