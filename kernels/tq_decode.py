@@ -33,8 +33,9 @@ loads in a row; with few splits a loop that skips empty ones is cheaper. The que
 rotated before stage 1, for small batches by one fp32 kernel with the cast included
 (:func:`rotate_query`), else by cast + matmul.
 
-No allocation or host synchronisation happens in the launcher, so it can be captured
-in a CUDA graph.
+No host synchronisation happens in the launcher and nothing is allocated beyond the
+fp32 copy of q on the cast + matmul path (from the graph's pool when captured), so it
+can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
