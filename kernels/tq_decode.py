@@ -44,7 +44,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -52,6 +51,7 @@ import triton
 import triton.language as tl
 
 from sglang_tq.codec import LayerCodec
+from sglang_tq.config import TQConfig
 
 from sglang_tq.env import decode_launch_file, triton_interpreting
 
@@ -374,10 +374,10 @@ def load_launch_table(path: str) -> dict:
                                 for kv, e in per_d.items()}
                        for d, per_d in dims.items()}
                  for dev, dims in raw.items() if not dev.startswith("_")}
-        bad = [kv for dims in table.values() for per_d in dims.values() for kv in per_d
-               if not re.fullmatch(r"k[234]v[234]", kv)]
-        if bad:
-            raise ValueError(f"bit pair {bad[0]!r} is not kXvY with X, Y in 2, 3, 4")
+        for dims in table.values():
+            for per_d in dims.values():
+                for kv in per_d:
+                    TQConfig.parse_bits(kv)
         return table
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"the decode launch table {path} is unreadable ({exc}); regenerate it "
@@ -405,7 +405,8 @@ def default_launch(head_dim: int, k_bits: int = 4, v_bits: int = 4,
     found = per_d.get(f"k{k_bits}v{v_bits}")
     if found is None and per_d:
         def distance(kv: str) -> tuple[int, int, int, str]:
-            dk, dv = abs(int(kv[1]) - k_bits), abs(int(kv[3]) - v_bits)
+            kb, vb = TQConfig.parse_bits(kv)
+            dk, dv = abs(kb - k_bits), abs(vb - v_bits)
             return dk + dv, max(dk, dv), dk, kv
         found = per_d[min(per_d, key=distance)]
     return found or builtin_launch(head_dim)

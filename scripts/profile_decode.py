@@ -52,9 +52,12 @@ def _shape(text: str, d: int) -> tuple[int, int, int]:
 
 
 def _bits(text: str) -> tuple[int, int]:
-    if len(text) != 4 or text[0] != "k" or text[2] != "v" or text[1] not in "234" or text[3] not in "234":
-        raise SystemExit(f"--kv: '{text}' is not kXvY with X, Y in 2, 3, 4 (e.g. k4v4).")
-    return int(text[1]), int(text[3])
+    from sglang_tq.config import TQConfig
+
+    try:
+        return TQConfig.parse_bits(text)
+    except ValueError as exc:
+        raise SystemExit(f"--kv: {exc}") from None
 
 
 def _kernel_class(name: str) -> str:

@@ -82,7 +82,7 @@ def test_split_policy_follows_the_table(table_file, monkeypatch):
     (json.dumps({"GPU X": {"128": {"k4v4": {"block_n": 48, "num_warps": 2, "programs_per_sm": 2}}}}),
      "block_n must be"),
     (json.dumps({"GPU X": {"128": {"k4v9": {"block_n": 32, "num_warps": 1, "programs_per_sm": 2}}}}),
-     "is not kXvY"),
+     "must look like k4v4"),
 ])
 def test_corrupt_table_is_refused_with_a_sentence(table_file, text, why):
     table_file.write_text(text)
