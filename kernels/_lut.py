@@ -17,9 +17,13 @@ elements at a time. Four 2-bit codes have only four fp16 values: 8 bytes, one
 prmt source. So the table holds the values themselves, no sign step is needed,
 and one ``mad`` turns the four fields of a word into prmt selectors at once
 (field c → nibbles 2c, 2c+1: s = c·0x22 + 0x10 per byte); one prmt per two codes
-then yields an fp16x2 (about 1.5 instructions per code). 3-bit codes are
-sign-magnitude, so their 2-bit plane indexes the four magnitudes the same way and
-their 1-bit plane is the sign, OR-ed into bit 15 (about 3 per code). ``lut4_asm`` is the 4-bit
+then yields an fp16x2 (about 1.5 instructions per code). 3-bit codes are first made
+whole: the 2-bit fields and their high bits (from the 1-bit plane) are merged into two
+words of 3-bit nibbles, fields 0 and 2 of each byte and fields 1 and 3, and those
+nibbles select from the eight fp16 values split into low bytes (two words) and high
+bytes (two words), paired up by two more permutes (about 1.7 instructions per code;
+an earlier version looked up four magnitudes and OR-ed the sign into bit 15, about 3
+per code). ``lut4_asm`` is the 4-bit
 version fed two uint16 elements (one 32-bit word, 8 codes) at a time: all eight
 3-bit magnitude indices come from one xor/and on the word, two byte permutes
 turn them into selectors, and it returns the codes of even bytes and odd bytes,
@@ -51,8 +55,8 @@ def table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
     """The four 32-bit table operands of :func:`lut_asm` for a codebook.
 
     4-bit: (lo bytes 0-3, lo bytes 4-7, hi bytes 0-3, hi bytes 4-7) of the eight fp16
-    magnitudes. 2-bit: the four fp16 values; 3-bit: the four fp16 magnitudes; two per
-    word (code 2i in the low half of word i), so one prmt reads a whole fp16 pair.
+    magnitudes; 3-bit: the same of the eight fp16 values. 2-bit: the four fp16 values,
+    two per word (code 2i in the low half of word i), so one prmt reads a whole fp16 pair.
     """
     return _table_words(codebook.detach().cpu().float(), bits)
 
@@ -72,10 +76,10 @@ def _word(b) -> int:
 
 
 def _table_words(codebook: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
-    if bits != 4:  # 2-bit: the four values; 3-bit: the four magnitudes (codes 0-3)
+    if bits == 2:  # the four values
         vals = _fp16_bits(codebook[:4]) + [0] * 4
         return tuple(vals[2 * i] | vals[2 * i + 1] << 16 for i in range(4))
-    vals = _fp16_bits(codebook[:8])
+    vals = _fp16_bits(codebook[:8])  # 4-bit: the eight magnitudes; 3-bit: the eight values
     lo = [v & 0xFF for v in vals]
     hi = [v >> 8 for v in vals]
     return _word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])
@@ -104,39 +108,55 @@ def constraints(bits: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _lut_asm_cached(bits: int) -> str:
-    nfields, width = fields_of(bits)
-    # inputs: the four packed bytes; 3-bit: then the high-bit bytes and their shift
-    src = 2 * nfields
-    t0, t1, t2, t3 = _table_operands(src + (2 + PACK_SMALL if bits == 3 else 1), PACK_SMALL)
-    lines = ["{", ".reg .b32 x, s, t, h, d, z, hb;", "mov.b32 z, 0;"]
-    if bits == 3:
-        # 1-bit-plane byte i mod D/8 serves column i; bit 2f + i div D/8 is field f's
-        lines.append(f"shr.b32 hb, ${src + 1}, ${src + 2};")
+def _lut2_asm_cached() -> str:
+    nfields, width = fields_of(2)
+    t0, t1, _, _ = _table_operands(2 * nfields + 1, PACK_SMALL)
+    lines = ["{", ".reg .b32 x, s, t;"]
     for f in range(nfields):
-        o0, o1 = f"${2 * f}", f"${2 * f + 1}"
         lines += [
             # selector: each byte's field f as nibbles (2c, 2c+1), i.e. the two bytes of
             # fp16 value c in the table; the low 16 bits serve bytes 0, 1, the high 16 bytes 2, 3
-            f"shr.b32 x, ${src}, {f * width};",
+            f"shr.b32 x, $8, {f * width};",
             f"and.b32 x, x, {_rep((1 << width) - 1):#x};",
             f"mad.lo.u32 s, x, 0x22, {_rep(0x10):#x};",
             "shr.b32 t, s, 16;",
+            f"prmt.b32 ${2 * f}, {t0}, {t1}, s;",
+            f"prmt.b32 ${2 * f + 1}, {t0}, {t1}, t;",
         ]
-        if bits == 2:
-            lines += [f"prmt.b32 {o0}, {t0}, {t1}, s;", f"prmt.b32 {o1}, {t0}, {t1}, t;"]
-            continue
-        lines += [
-            # 3-bit, sign-magnitude: the low two bits index the four magnitudes (t0, t1);
-            # the high-bit plane is the sign, moved to bit 7 of each byte and then to bit
-            # 15 of each fp16 half
-            f"prmt.b32 {o0}, {t0}, {t1}, s;",
-            f"prmt.b32 {o1}, {t0}, {t1}, t;",
-            f"shl.b32 h, hb, {7 - 2 * f};",
-            f"and.b32 h, h, {_rep(0x80):#x};",
-            "prmt.b32 d, h, z, 0x1404;", f"or.b32 {o0}, {o0}, d;",
-            "prmt.b32 d, h, z, 0x3424;", f"or.b32 {o1}, {o1}, d;",
-        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def _lut3_asm_cached() -> str:
+    # operands: $0-$7 out, $8 the low-plane bytes, $9 the high-bit bytes, $10 their
+    # column shift (then three unused copies), the table words from $14
+    tl0, tl1, th0, th1 = _table_operands(8 + 2 + PACK_SMALL, PACK_SMALL)
+    lines = [
+        "{",
+        ".reg .b32 hb, t, x0, x1, s, l, h;",
+        # high bit of field f of byte k at bit 8k + 2f
+        "shr.b32 hb, $9, $10;",
+        # whole 3-bit codes as nibbles: x0 holds fields 0 (low nibble) and 2 (high
+        # nibble) of every byte, x1 fields 1 and 3; the high bit goes to nibble bit 2
+        "shl.b32 t, hb, 2;", "and.b32 t, t, 0x44444444;",
+        "and.b32 x0, $8, 0x33333333;", "or.b32 x0, x0, t;",
+        "shr.b32 x1, $8, 2;", "and.b32 x1, x1, 0x33333333;",
+        "and.b32 t, hb, 0x44444444;", "or.b32 x1, x1, t;",
+    ]
+    for x, fa, fb in (("x0", 0, 2), ("x1", 1, 3)):
+        for pair in range(2):
+            # the nibbles of bytes (2·pair, 2·pair + 1) select the low and the high bytes
+            # of their fp16 values; two more permutes pair them up per field
+            sel = x if pair == 0 else "s"
+            if pair:
+                lines.append(f"shr.b32 s, {x}, 16;")
+            lines += [
+                f"prmt.b32 l, {tl0}, {tl1}, {sel};",
+                f"prmt.b32 h, {th0}, {th1}, {sel};",
+                f"prmt.b32 ${2 * fa + pair}, l, h, 0x6240;",
+                f"prmt.b32 ${2 * fb + pair}, l, h, 0x7351;",
+            ]
     lines.append("}")
     return "\n".join(lines)
 
@@ -148,8 +168,8 @@ def lut_asm(codebook: torch.Tensor, bits: int) -> str:
         return lut4_asm(codebook)
     if bits not in (2, 3):
         raise ValueError(f"the prmt lookup supports 2-4-bit codes, got {bits}.")
-    _check_codebook(codebook, bits, sign_magnitude=bits == 3)
-    return _lut_asm_cached(bits)
+    _check_codebook(codebook, bits, sign_magnitude=False)
+    return _lut3_asm_cached() if bits == 3 else _lut2_asm_cached()
 
 
 def _check_codebook(codebook: torch.Tensor, bits: int, sign_magnitude: bool) -> None:

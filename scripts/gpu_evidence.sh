@@ -40,6 +40,13 @@
 #   bash scripts/gpu_evidence.sh <commit> mixed   # nvidia-h200-x4: the reference load test (0.25)
 #       with SGLang's --enable-mixed-chunk for bf16 | fp8 | k4v4 | k3v3, one GPU each, then
 #       the mixed-batch backend test on CUDA.
+#   bash scripts/gpu_evidence.sh <commit> lut3    # nvidia-h200-x4, after a 2/3-bit lookup change:
+#       phase 1 (120 s): tune the launch of k3v3 (GPU 0) and k4v3 (GPU 1) at d = 128 and of
+#                k3v3, k4v3, k2v2 at d = 64 (GPU 2) and d = 256 (GPU 3); merged table;
+#       phase 2: GPU 0 bench_decode.py with it (every shape and bit pair); GPU 1 the same-run
+#                A/B of the 2/3-bit pairs against the previous lookup and table (the file
+#                .gpu_bundle/ab/_lut_old.py, carried, in an overlay package); GPU 2 the
+#                kernel tests on CUDA; GPU 3 the reference load test (0.25) for k3v3.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -199,6 +206,49 @@ mixed)
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== loadtest (mixed chunk)"
     tail -14 "$LOGS/ltm_merge.log"; } > "$OUT/summary.txt" 2>&1
   ;;
+lut3)
+  TAB=$OUT/decode_launch.json
+  tune_job() {  # GPU, log name, tune_decode.py arguments
+    local gpu=$1 name=$2; shift 2
+    CUDA_VISIBLE_DEVICES=$gpu timeout 120 python scripts/tune_decode.py "$@" \
+      --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" > "$LOGS/$name.log" 2>&1
+  }
+  G=(--programs-per-sm 8,16 --prefetch 1,0 --num-stages 2 --heads-n 0,1)
+  SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192 "${G[@]}")
+  tune_job 0 tune_k3v3 --kv k3v3 "${SH[@]}" &
+  tune_job 1 tune_k4v3 --kv k4v3 "${SH[@]}" &
+  tune_job 2 tune_d64 --head-dim 64 --shapes 64x16384,128x4096 --kv k3v3,k4v3,k2v2 \
+    --tiles 32x1,32x2,64x2 "${G[@]}" &
+  tune_job 3 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k3v3,k4v3,k2v2 \
+    --tiles 64x2,64x4,32x2 "${G[@]}" &
+  wait
+  python scripts/tune_decode.py --merge-tables kernels/decode_launch.json "$LOGS"/table_*.json \
+    --write-table "$TAB" > "$LOGS/merge.log" 2>&1
+  SHAPES=1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256
+  ( export CUDA_VISIBLE_DEVICES=0 SGLANG_TQ_DECODE_LAUNCH=$TAB
+    timeout "$(left 560)" python scripts/bench_decode.py --shapes "$SHAPES" \
+      --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 540)" \
+      --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) &
+  ( export CUDA_VISIBLE_DEVICES=1
+    ov=/tmp/ov_lut3; rm -rf "$ov"; mkdir -p "$ov"; cp -r sglang_tq "$ov/"; rm -rf "$ov/sglang_tq/kernels"
+    cp -r kernels "$ov/sglang_tq/kernels"; cp .gpu_bundle/ab/_lut_old.py "$ov/sglang_tq/kernels/_lut.py"
+    AB=(--shapes "$SHAPES" --kv k3v3,k4v3,k2v2 --impls sglang-tq --no-write-path --check first)
+    PYTHONPATH=$ov${PYTHONPATH:+:$PYTHONPATH} timeout "$(left 560)" python scripts/bench_decode.py "${AB[@]}" \
+      --out "$LOGS/ab_old.json" > "$LOGS/ab_old.log" 2>&1
+    SGLANG_TQ_DECODE_LAUNCH=$TAB timeout "$(left 560)" python scripts/bench_decode.py "${AB[@]}" \
+      --out "$LOGS/ab_new.json" > "$LOGS/ab_new.log" 2>&1 ) &
+  ( export CUDA_VISIBLE_DEVICES=2 SGLANG_TQ_DECODE_LAUNCH=$TAB
+    timeout "$(left 560)" python -m pytest -q -p no:cacheprovider tests/test_lut.py tests/test_kernels.py \
+      tests/test_key_centers_kernels.py tests/test_launch_table.py > "$OUT/pytest.log" 2>&1 ) &
+  ( export SGLANG_TQ_DECODE_LAUNCH=$TAB
+    CUDA_VISIBLE_DEVICES=3 python scripts/loadtest.py --configs k3v3 "${LT[@]}" --out "$OUT/loadtest_k3v3.json" \
+      --log-dir "$LOGS/lt_k3v3" --budget-s "$(left 560)" > "$LOGS/lt_k3v3.log" 2>&1 ) &
+  wait
+  { echo "== merge"; cat "$LOGS/merge.log"; echo "== pytest"; tail -3 "$OUT/pytest.log"
+    echo "== bench"; tail -45 "$LOGS/bench.log"; echo "== A/B old"; grep -E "^ +sglang-tq" "$LOGS/ab_old.log"
+    echo "== A/B new"; grep -E "^ +sglang-tq" "$LOGS/ab_new.log"; echo "== loadtest k3v3"; tail -12 "$LOGS/lt_k3v3.log"
+  } > "$OUT/summary.txt" 2>&1
+  ;;
 qwen|qwen+serving)
   SP=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
       --extra-server-args=--cuda-graph-max-bs-decode=64)
@@ -288,7 +338,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac

@@ -88,11 +88,22 @@ def test_2bit_lut_reads_any_codebook():
         lut_asm(torch.zeros(3), 2)
 
 
-def test_3bit_lut_refuses_codebook_not_in_sign_magnitude_order():
-    cb = codebook(128, 3)
-    lut_asm(cb, 3)
-    with pytest.raises(ValueError, match="sign-magnitude"):
-        lut_asm(torch.sort(cb).values, 3)
+def test_3bit_lut_reads_any_codebook():
+    """The 3-bit table holds the eight values themselves (no sign step): a codebook in
+    index order, or an asymmetric one, comes out exactly for every code."""
+    for cb in (torch.sort(codebook(128, 3)).values, torch.linspace(-0.3, 0.2, 8) ** 3):
+        for shift in (0, 1):
+            codes = [[(3 * f + 5 * e + shift) % 8 for e in range(4)] for f in range(4)]
+            low = sum(sum((codes[f][e] & 3) << (2 * f) for f in range(4)) << (8 * e) for e in range(4))
+            high = sum(sum((codes[f][e] >> 2) << (2 * f + shift) for f in range(4)) << (8 * e)
+                       for e in range(4))
+            out = emulate_lookup(cb, 3, [low, high], shift=shift)
+            for f in range(4):
+                got = [out[2 * f] & 0xFFFF, out[2 * f] >> 16, out[2 * f + 1] & 0xFFFF,
+                       out[2 * f + 1] >> 16]
+                assert got == [_fp16_bits(cb[c]) for c in codes[f]]
+    with pytest.raises(ValueError, match="entries"):
+        lut_asm(torch.zeros(4), 3)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
