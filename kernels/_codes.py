@@ -1,25 +1,39 @@
-"""Shared Triton helpers: packed codes → four fp16 tiles, scores, online softmax.
+"""Shared Triton helpers: packed codes → fp16 tiles, scores, online softmax.
 
 The packed layout (``sglang_tq/packing.py``) keeps 8/w codes of a w-bit plane in
 one byte, byte j holding coordinates j, j + D·w/8, … . Kernels keep K, V, the
-query and the output as four [·, D/4] tiles whose coordinates follow from the
-layout (:func:`tile_columns`), so attention is a sum of four tensor-core dots and
+query and the output as a tuple of tiles whose coordinates follow from the layout
+(:func:`tile_columns`), so attention is a sum of tensor-core dots, one per tile, and
 no register shuffles are needed:
 
-* 2- and 3-bit codes: the four 2-bit fields of bytes [0, D/4) are the four
-  contiguous quarters [t·D/4, (t+1)·D/4);
-* 4-bit codes are read as uint16 words w < D/4 (bytes 2w, 2w+1): low nibbles of
-  even / odd bytes are coordinates 2w / 2w+1, high nibbles D/2 + 2w / D/2 + 2w+1.
+* 4-bit codes are read as uint16 words w < D/4 (bytes 2w, 2w+1): four [·, D/4]
+  tiles; low nibbles of even / odd bytes are coordinates 2w / 2w+1, high nibbles
+  D/2 + 2w / D/2 + 2w+1.
+* 2- and 3-bit codes from head_dim 128 are read as uint16 words w < D/8 (bytes 2w,
+  2w+1): eight [·, D/8] tiles; field f of the even / odd byte is coordinate
+  f·D/4 + 2w / f·D/4 + 2w+1 (:func:`~._lut.word_tiles`).
+* 2- and 3-bit codes at head_dim 64 are read as bytes j < D/4: four [·, D/4] tiles,
+  field f of byte j being coordinate f·D/4 + j (eight tiles would be 8 columns wide,
+  below a tensor-core dot's 16).
 """
 
 import triton
 import triton.language as tl
 
-from ._lut import constraints
+from ._lut import constraints, word_tiles
 
-_C2 = tl.constexpr(constraints(2))
-_C3 = tl.constexpr(constraints(3))
-_C4 = tl.constexpr(constraints(4))
+_C2 = tl.constexpr(constraints(2, False))
+_C3 = tl.constexpr(constraints(3, False))
+_C2W = tl.constexpr(constraints(2, True))
+_C3W = tl.constexpr(constraints(3, True))
+_C4 = tl.constexpr(constraints(4, True))
+
+
+@triton.constexpr_function
+def eight_tiles(bits, head_dim):
+    """Whether ``bits``-bit codes of ``head_dim`` fill eight [·, D/8] tiles (else four
+    [·, D/4])."""
+    return bits != 4 and word_tiles(bits, head_dim)
 
 
 @triton.jit
@@ -28,42 +42,53 @@ def tanh(x):
 
 
 @triton.jit
-def softmax_state(ROWS: tl.constexpr, QUARTER: tl.constexpr, HEADS_N: tl.constexpr):
-    """Empty online-softmax state: running max, running sum and four [ROWS, D/4]
-    accumulators ([D/4, ROWS] with HEADS_N, see :func:`online_softmax_step`)."""
-    if HEADS_N:
-        acc = tl.zeros((QUARTER, ROWS), tl.float32)
+def softmax_state(ROWS: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEADS_N: tl.constexpr):
+    """Empty online-softmax state: running max, running sum and one [ROWS, W] accumulator
+    per tile of BITS-bit values ([W, ROWS] with HEADS_N, see :func:`online_softmax_step`)."""
+    if eight_tiles(BITS, HEAD_DIM):
+        W: tl.constexpr = HEAD_DIM // 8
     else:
-        acc = tl.zeros((ROWS, QUARTER), tl.float32)
-    return (tl.full((ROWS,), float("-inf"), tl.float32), tl.zeros((ROWS,), tl.float32),
-            acc, acc, acc, acc)
+        W: tl.constexpr = HEAD_DIM // 4
+    if HEADS_N:
+        acc = tl.zeros((W, ROWS), tl.float32)
+    else:
+        acc = tl.zeros((ROWS, W), tl.float32)
+    if eight_tiles(BITS, HEAD_DIM):
+        accs = (acc, acc, acc, acc, acc, acc, acc, acc)
+    else:
+        accs = (acc, acc, acc, acc)
+    return tl.full((ROWS,), float("-inf"), tl.float32), tl.zeros((ROWS,), tl.float32), accs
 
 
 @triton.jit
-def online_softmax_step(s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_scale,
-                        HEADS_N: tl.constexpr):
+def online_softmax_step(s, m_i, l_i, acc, v, v_scale, HEADS_N: tl.constexpr):
     """One flash-attention update with scores ``s`` in log2 units (softmax by exp2).
 
-    Heads as rows (HEADS_N = 0): ``s`` [M, N], value quarters ``v*`` [N, D/4],
-    accumulators [M, D/4]. Heads as columns (HEADS_N = 1, the transposed problem
-    Oᵀ = Vᵀ·Pᵀ): ``s`` [N, M], ``v*`` [D/4, N], accumulators [D/4, M]; the tensor-core
-    tile's narrow side (8) then holds the GQA group instead of its wide side (16).
-    ``v_scale`` [N] multiplies the probabilities (the V norms of packed tokens), so
-    the value tiles stay unscaled. Heads whose scores are all −inf so far stay at
-    zero instead of producing NaN.
+    Heads as rows (HEADS_N = 0): ``s`` [M, N], value tiles ``v`` [N, W], accumulators
+    ``acc`` [M, W] (one per tile). Heads as columns (HEADS_N = 1, the transposed problem
+    Oᵀ = Vᵀ·Pᵀ): ``s`` [N, M], ``v`` [W, N], accumulators [W, M]; the tensor-core tile's
+    narrow side (8) then holds the GQA group instead of its wide side (16). ``v_scale``
+    [N] multiplies the probabilities (the V norms of packed tokens), so the value tiles
+    stay unscaled. Heads whose scores are all −inf so far stay at zero instead of
+    producing NaN.
     """
     TOKENS: tl.constexpr = 1 - HEADS_N  # the token axis of ``s``; the other holds heads
     m_new = tl.maximum(m_i, tl.max(s, axis=TOKENS))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
+    alpha = tl.expand_dims(tl.exp2(m_i - m_safe), TOKENS)
     p = tl.exp2(s - tl.expand_dims(m_safe, TOKENS))
-    l_i = l_i * alpha + tl.sum(p, axis=TOKENS)
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, axis=TOKENS)
     pv = (p * tl.expand_dims(v_scale, HEADS_N)).to(tl.float16)
-    acc0 = _pv(pv, v0, acc0 * tl.expand_dims(alpha, TOKENS), HEADS_N)
-    acc1 = _pv(pv, v1, acc1 * tl.expand_dims(alpha, TOKENS), HEADS_N)
-    acc2 = _pv(pv, v2, acc2 * tl.expand_dims(alpha, TOKENS), HEADS_N)
-    acc3 = _pv(pv, v3, acc3 * tl.expand_dims(alpha, TOKENS), HEADS_N)
-    return m_new, l_i, acc0, acc1, acc2, acc3
+    if len(v) == 8:
+        acc = (_pv(pv, v[0], acc[0] * alpha, HEADS_N), _pv(pv, v[1], acc[1] * alpha, HEADS_N),
+               _pv(pv, v[2], acc[2] * alpha, HEADS_N), _pv(pv, v[3], acc[3] * alpha, HEADS_N),
+               _pv(pv, v[4], acc[4] * alpha, HEADS_N), _pv(pv, v[5], acc[5] * alpha, HEADS_N),
+               _pv(pv, v[6], acc[6] * alpha, HEADS_N), _pv(pv, v[7], acc[7] * alpha, HEADS_N))
+    else:
+        acc = (_pv(pv, v[0], acc[0] * alpha, HEADS_N), _pv(pv, v[1], acc[1] * alpha, HEADS_N),
+               _pv(pv, v[2], acc[2] * alpha, HEADS_N), _pv(pv, v[3], acc[3] * alpha, HEADS_N))
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -77,53 +102,71 @@ def _pv(p, v, acc, HEADS_N: tl.constexpr):
 
 @triton.jit
 def tile_columns(BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The coordinates held by the four [·, D/4] tiles of a BITS-bit code (module doc)."""
+    """The coordinates held by the tiles of a BITS-bit code (module doc), as a tuple."""
     QUARTER: tl.constexpr = HEAD_DIM // 4
-    w = tl.arange(0, QUARTER)
     if BITS == 4:
+        w = tl.arange(0, QUARTER)
         return 2 * w, 2 * w + 1, HEAD_DIM // 2 + 2 * w, HEAD_DIM // 2 + 2 * w + 1
+    elif eight_tiles(BITS, HEAD_DIM):
+        w = 2 * tl.arange(0, HEAD_DIM // 8)
+        return (w, w + 1, QUARTER + w, QUARTER + w + 1, 2 * QUARTER + w, 2 * QUARTER + w + 1,
+                3 * QUARTER + w, 3 * QUARTER + w + 1)
     else:
+        w = tl.arange(0, QUARTER)
         return w, QUARTER + w, 2 * QUARTER + w, 3 * QUARTER + w
 
 
 @triton.jit
+def _load_cols(rows, cols, mask):
+    return tl.load(rows + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float16)
+
+
+@triton.jit
 def load_dense_tiles(rows, mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Four fp16 tiles of dense rows in the tile order of BITS-bit codes; ``rows`` [M, 1]
+    """fp16 tiles of dense rows in the tile order of BITS-bit codes; ``rows`` [M, 1]
     points at the start of each row."""
-    c0, c1, c2, c3 = tile_columns(BITS, HEAD_DIM)
-    x0 = tl.load(rows + c0[None, :], mask=mask[:, None], other=0.0).to(tl.float16)
-    x1 = tl.load(rows + c1[None, :], mask=mask[:, None], other=0.0).to(tl.float16)
-    x2 = tl.load(rows + c2[None, :], mask=mask[:, None], other=0.0).to(tl.float16)
-    x3 = tl.load(rows + c3[None, :], mask=mask[:, None], other=0.0).to(tl.float16)
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def store_tiles(rows, mask, acc0, acc1, acc2, acc3, scale, BITS: tl.constexpr,
-                HEAD_DIM: tl.constexpr):
-    """Store four [M, D/4] accumulators in the tile order of BITS-bit codes, each row times
-    ``scale`` [M]; ``rows`` [M, 1] points at the start of each output row."""
-    c0, c1, c2, c3 = tile_columns(BITS, HEAD_DIM)
-    tl.store(rows + c0[None, :], acc0 * scale[:, None], mask=mask[:, None])
-    tl.store(rows + c1[None, :], acc1 * scale[:, None], mask=mask[:, None])
-    tl.store(rows + c2[None, :], acc2 * scale[:, None], mask=mask[:, None])
-    tl.store(rows + c3[None, :], acc3 * scale[:, None], mask=mask[:, None])
-
-
-@triton.jit
-def scores(q0, q1, q2, q3, k0, k1, k2, k3, HEADS_N: tl.constexpr):
-    """q·k over four coordinate quarters on tensor cores, from key quarters [N, D/4]:
-    [M, N] fp32 from query quarters [M, D/4], or with HEADS_N [N, M] from [D/4, M]."""
-    if HEADS_N:
-        s = tl.dot(k0, q0)
-        s = tl.dot(k1, q1, s)
-        s = tl.dot(k2, q2, s)
-        s = tl.dot(k3, q3, s)
+    c = tile_columns(BITS, HEAD_DIM)
+    if len(c) == 8:
+        return (_load_cols(rows, c[0], mask), _load_cols(rows, c[1], mask),
+                _load_cols(rows, c[2], mask), _load_cols(rows, c[3], mask),
+                _load_cols(rows, c[4], mask), _load_cols(rows, c[5], mask),
+                _load_cols(rows, c[6], mask), _load_cols(rows, c[7], mask))
     else:
-        s = tl.dot(q0, tl.trans(k0))
-        s = tl.dot(q1, tl.trans(k1), s)
-        s = tl.dot(q2, tl.trans(k2), s)
-        s = tl.dot(q3, tl.trans(k3), s)
+        return (_load_cols(rows, c[0], mask), _load_cols(rows, c[1], mask),
+                _load_cols(rows, c[2], mask), _load_cols(rows, c[3], mask))
+
+
+@triton.jit
+def trans_tiles(t):
+    """Every tile of a tuple transposed."""
+    if len(t) == 8:
+        return (tl.trans(t[0]), tl.trans(t[1]), tl.trans(t[2]), tl.trans(t[3]),
+                tl.trans(t[4]), tl.trans(t[5]), tl.trans(t[6]), tl.trans(t[7]))
+    else:
+        return tl.trans(t[0]), tl.trans(t[1]), tl.trans(t[2]), tl.trans(t[3])
+
+
+@triton.jit
+def store_tiles(rows, mask, acc, scale, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store [M, W] accumulators in the tile order of BITS-bit codes, each row times
+    ``scale`` [M]; ``rows`` [M, 1] points at the start of each output row."""
+    c = tile_columns(BITS, HEAD_DIM)
+    for i in tl.static_range(len(c)):
+        tl.store(rows + c[i][None, :], acc[i] * scale[:, None], mask=mask[:, None])
+
+
+@triton.jit
+def scores(q, k, HEADS_N: tl.constexpr):
+    """q·k summed over the tiles on tensor cores, from key tiles [N, W]: [M, N] fp32 from
+    query tiles [M, W], or with HEADS_N [N, M] from [W, M]."""
+    if HEADS_N:
+        s = tl.dot(k[0], q[0])
+        for i in tl.static_range(1, len(k)):
+            s = tl.dot(k[i], q[i], s)
+    else:
+        s = tl.dot(q[0], tl.trans(k[0]))
+        for i in tl.static_range(1, len(k)):
+            s = tl.dot(q[i], tl.trans(k[i]), s)
     return s
 
 
@@ -146,7 +189,7 @@ def slot_offsets_need_int64(*buffers) -> bool:
 @triton.jit
 def load_lut_words(Tab):
     """The four prmt table words of a codebook (``LayerCodec.k_lut_words``): load them once
-    per program, before the KV loop, and hand them to :func:`lookup_quarters`.
+    per program, before the KV loop, and hand them to :func:`lookup_tiles`.
 
     Loaded as a tensor and picked out by reductions, so they live in ordinary registers:
     scalar loads put them in uniform registers, and ptxas then copied one of them into
@@ -160,20 +203,32 @@ def load_lut_words(Tab):
 
 @triton.jit
 def _hi_shift(codes, TRANS: tl.constexpr):
-    """[1, D/4] int32 ([D/4, 1] for a TRANS tile): column i of a 3-bit tile reads its high
-    bits at bit 2t + i div D/8 of 1-bit-plane byte i mod D/8 (see :func:`load_codes`)."""
+    """[1, W] int32 ([W, 1] for a TRANS tile) for a 3-bit code tile of W columns: column i
+    reads its high bits at bit 2t + i div (W/2) of 1-bit-plane column i mod W/2 (see
+    :func:`load_codes`)."""
     if TRANS:
-        QUARTER: tl.constexpr = codes.shape[0]
-        return (tl.arange(0, QUARTER) // (QUARTER // 2))[:, None]
+        W: tl.constexpr = codes.shape[0]
+        return (tl.arange(0, W) // (W // 2))[:, None]
     else:
-        QUARTER: tl.constexpr = codes.shape[1]
-        return (tl.arange(0, QUARTER) // (QUARTER // 2))[None, :]
+        W: tl.constexpr = codes.shape[1]
+        return (tl.arange(0, W) // (W // 2))[None, :]
 
 
 @triton.jit
-def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, hi, t0, t1, t2,
-            t3, TRANS: tl.constexpr):
-    """fp16 codebook values of every field of a packed byte tile (see ``_lut.py``)."""
+def _field_value(c, h, CB, FIELD: tl.constexpr, SHIFT: tl.constexpr):
+    """fp16 codebook value of the 2-bit field at bit SHIFT + 2·FIELD of codes ``c``, its
+    high bit (3-bit; zero otherwise) at the same bit of ``h`` (the interpreter's path)."""
+    low = (c >> (SHIFT + 2 * FIELD)) & 3
+    high = (h >> (SHIFT + 2 * FIELD)) & 1
+    return tl.load(CB + (low | (high << 2))).to(tl.float16)
+
+
+@triton.jit
+def lookup_tiles(codes, hi, CB, LUT: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 USE_ASM: tl.constexpr, t0, t1, t2, t3, TRANS: tl.constexpr):
+    """fp16 values of the tiles from :func:`load_codes` (same TRANS) as the tuple of tiles
+    :func:`tile_columns` names, with the prmt lookup of ``_lut.py`` (``t0..t3`` from
+    :func:`load_lut_words`) or, in the interpreter, codebook loads."""
     if USE_ASM:
         # table words as register operands, splat to the tile's shape
         zero = tl.full(codes.shape, 0, tl.int32)
@@ -181,14 +236,28 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
         if BITS == 4:
             return tl.inline_asm_elementwise(LUT, _C4, [codes] + tab,
                                              dtype=(tl.float16,) * 4, is_pure=True, pack=2)
-        elif BITS == 3:
-            return tl.inline_asm_elementwise(LUT, _C3, [codes, hi, zero + _hi_shift(codes, TRANS)] + tab,
-                                             dtype=(tl.float16,) * 4, is_pure=True, pack=4)
+        elif eight_tiles(BITS, HEAD_DIM):
+            # outputs: field f of the even bytes, of the odd bytes, f = 0..3
+            if BITS == 3:
+                return tl.inline_asm_elementwise(LUT, _C3W, [codes, hi, zero + _hi_shift(codes, TRANS)] + tab,
+                                                 dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(LUT, _C2W, [codes] + tab,
+                                                 dtype=(tl.float16,) * 8, is_pure=True, pack=2)
         else:
-            return tl.inline_asm_elementwise(LUT, _C2, [codes] + tab,
-                                             dtype=(tl.float16,) * 4, is_pure=True, pack=4)
+            # outputs: fields 0-3 of each byte, pairs (bytes 0, 1) and (2, 3) of a register
+            if BITS == 3:
+                o = tl.inline_asm_elementwise(LUT, _C3, [codes, hi, zero + _hi_shift(codes, TRANS)] + tab,
+                                              dtype=(tl.float16,) * 4, is_pure=True, pack=4)
+            else:
+                o = tl.inline_asm_elementwise(LUT, _C2, [codes] + tab,
+                                              dtype=(tl.float16,) * 4, is_pure=True, pack=4)
+            return o
     else:
         c = codes.to(tl.int32)
+        h = tl.zeros_like(c)
+        if BITS == 3:
+            h = hi.to(tl.int32) >> _hi_shift(codes, TRANS)
         if BITS == 4:
             return (
                 tl.load(CB + (c & 15)).to(tl.float16),
@@ -196,31 +265,35 @@ def _lookup(codes, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.conste
                 tl.load(CB + ((c >> 4) & 15)).to(tl.float16),
                 tl.load(CB + ((c >> 12) & 15)).to(tl.float16),
             )
+        elif eight_tiles(BITS, HEAD_DIM):
+            return (_field_value(c, h, CB, 0, 0), _field_value(c, h, CB, 0, 8),
+                    _field_value(c, h, CB, 1, 0), _field_value(c, h, CB, 1, 8),
+                    _field_value(c, h, CB, 2, 0), _field_value(c, h, CB, 2, 8),
+                    _field_value(c, h, CB, 3, 0), _field_value(c, h, CB, 3, 8))
         else:
-            h = tl.zeros_like(c)
-            if BITS == 3:
-                h = hi.to(tl.int32) >> _hi_shift(codes, TRANS)
-            return (
-                tl.load(CB + ((c & 3) | ((h & 1) << 2))).to(tl.float16),
-                tl.load(CB + (((c >> 2) & 3) | (((h >> 2) & 1) << 2))).to(tl.float16),
-                tl.load(CB + (((c >> 4) & 3) | (((h >> 4) & 1) << 2))).to(tl.float16),
-                tl.load(CB + (((c >> 6) & 3) | (((h >> 6) & 1) << 2))).to(tl.float16),
-            )
+            return (_field_value(c, h, CB, 0, 0), _field_value(c, h, CB, 1, 0),
+                    _field_value(c, h, CB, 2, 0), _field_value(c, h, CB, 3, 0))
 
 
 @triton.jit
 def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
                TRANS: tl.constexpr):
-    """Raw codes of N packed vectors as two [N, D/4] tiles for :func:`lookup_quarters`
-    ([D/4, N] with TRANS: the vectors as columns, for Vᵀ as a tensor-core A operand).
+    """Raw codes of N packed vectors as two [N, W] tiles for :func:`lookup_tiles` ([W, N]
+    with TRANS: the vectors as columns, for Vᵀ as a tensor-core A operand).
 
-    4-bit: the D/2 bytes as uint16 words (the second tile is unused). 3-bit: the
-    2-bit plane and, per column i, the 1-bit-plane byte i mod D/8, whose bit
-    2t + i div D/8 holds the high bit of coordinate t·D/4 + i (the lookup shifts).
-    2-bit: the plane, twice (the second is unused).
+    4-bit: the D/2 bytes as W = D/4 uint16 words (the second tile is unused). 2- and
+    3-bit: the 2-bit plane as W = D/8 uint16 words (:func:`eight_tiles`) or W = D/4
+    bytes; 3-bit also, per column i, the 1-bit-plane column i mod W/2 (same element
+    type), whose bit 2t + i div (W/2) in each byte holds the high bit of field t (the
+    lookup shifts). 2-bit: the plane, twice (the second is unused).
     """
-    QUARTER: tl.constexpr = HEAD_DIM // 4
-    cols = tl.arange(0, QUARTER)
+    if BITS == 4:
+        W: tl.constexpr = HEAD_DIM // 4
+    elif eight_tiles(BITS, HEAD_DIM):
+        W: tl.constexpr = HEAD_DIM // 8
+    else:
+        W: tl.constexpr = HEAD_DIM // 4
+    cols = tl.arange(0, W)
     if TRANS:
         rows = row_off[None, :]
         cols = cols[:, None]
@@ -229,23 +302,12 @@ def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.cons
         rows = row_off[:, None]
         cols = cols[None, :]
         mask = mask_n[:, None]
-    if BITS == 4:
-        words = (codes_ptr + rows).to(tl.pointer_type(tl.uint16))
-        a = tl.load(words + cols, mask=mask, other=0)
-        b = a
+    if BITS == 4 or eight_tiles(BITS, HEAD_DIM):
+        base = (codes_ptr + rows).to(tl.pointer_type(tl.uint16))
     else:
-        a = tl.load(codes_ptr + rows + cols, mask=mask, other=0)
-        b = a
-        if BITS == 3:
-            EIGHTH: tl.constexpr = HEAD_DIM // 8
-            b = tl.load(codes_ptr + rows + QUARTER + cols % EIGHTH, mask=mask, other=0)
+        base = codes_ptr + rows
+    a = tl.load(base + cols, mask=mask, other=0)
+    b = a
+    if BITS == 3:  # the 1-bit plane starts after the D/4 bytes of the 2-bit plane
+        b = tl.load(base + W + cols % (W // 2), mask=mask, other=0)
     return a, b
-
-
-@triton.jit
-def lookup_quarters(a, b, CB, LUT: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr, t0, t1,
-                    t2, t3, TRANS: tl.constexpr):
-    """fp16 values of the tiles from :func:`load_codes` (same TRANS), as four [N, D/4]
-    tiles ([D/4, N] with TRANS) holding the coordinates :func:`tile_columns` names;
-    ``t0..t3`` from :func:`load_lut_words`."""
-    return _lookup(a, CB, LUT, BITS, USE_ASM, b, t0, t1, t2, t3, TRANS)

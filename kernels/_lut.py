@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 
 
 def _rep(byte: int) -> int:
@@ -90,48 +91,61 @@ def fields_of(bits: int) -> tuple[int, int]:
     return (4, 2)
 
 
-PACK_SMALL = 4  # uint8 elements per asm call (2- and 3-bit)
-PACK_WORD = 2  # uint16 elements per asm call (4-bit)
+PACK_SMALL = 4  # uint8 elements per asm call (2- and 3-bit codes read as bytes)
+PACK_WORD = 2  # uint16 elements per asm call (4-bit codes; 2- and 3-bit codes read as words)
+
+
+@triton.constexpr_function
+def word_tiles(bits: int, head_dim: int) -> bool:
+    """Whether ``bits``-bit codes of ``head_dim`` are read as uint16 words (4-bit: always;
+    2- and 3-bit: from head_dim 128, into eight [·, D/8] tiles, since a tensor-core dot
+    needs 16 columns) rather than as bytes into four [·, D/4] tiles (2- and 3-bit at
+    head_dim 64). Words reach the asm's 32-bit registers without byte re-packing."""
+    return bits == 4 or head_dim >= 128
 
 
 def _table_operands(first: int, pack: int) -> list[str]:
     return [f"${first + pack * i}" for i in range(4)]
 
 
-def constraints(bits: int) -> str:
+def constraints(bits: int, words: bool) -> str:
     """Triton constraint string of :func:`lut_asm`'s PTX."""
     if bits == 4:
         return ",".join(["=r"] * 4 + ["r"] + ["r"] * 4 * PACK_WORD)
+    pack = PACK_WORD if words else PACK_SMALL
     # 3-bit: the high-bit bytes and their per-column shift (int32, one register per element)
-    n_in = 2 + PACK_SMALL if bits == 3 else 1
-    return ",".join(["=r"] * 8 + ["r"] * n_in + ["r"] * 4 * PACK_SMALL)
+    n_in = 2 + pack if bits == 3 else 1
+    return ",".join(["=r"] * 8 + ["r"] * n_in + ["r"] * 4 * pack)
 
 
 @functools.lru_cache(maxsize=None)
-def _lut2_asm_cached() -> str:
-    nfields, width = fields_of(2)
-    t0, t1, _, _ = _table_operands(2 * nfields + 1, PACK_SMALL)
-    lines = ["{", ".reg .b32 x, s, t;"]
-    for f in range(nfields):
-        lines += [
-            # selector: each byte's field f as nibbles (2c, 2c+1), i.e. the two bytes of
-            # fp16 value c in the table; the low 16 bits serve bytes 0, 1, the high 16 bytes 2, 3
-            f"shr.b32 x, $8, {f * width};",
-            f"and.b32 x, x, {_rep((1 << width) - 1):#x};",
-            f"mad.lo.u32 s, x, 0x22, {_rep(0x10):#x};",
-            "shr.b32 t, s, 16;",
-            f"prmt.b32 ${2 * f}, {t0}, {t1}, s;",
-            f"prmt.b32 ${2 * f + 1}, {t0}, {t1}, t;",
-        ]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-@functools.lru_cache(maxsize=None)
-def _lut3_asm_cached() -> str:
-    # operands: $0-$7 out, $8 the low-plane bytes, $9 the high-bit bytes, $10 their
-    # column shift (then three unused copies), the table words from $14
-    tl0, tl1, th0, th1 = _table_operands(8 + 2 + PACK_SMALL, PACK_SMALL)
+def _small_asm_cached(bits: int, words: bool) -> str:
+    """PTX of 2- and 3-bit codes: $8 holds four packed bytes, $0-$7 receive field f's
+    fp16 pairs in $2f and $2f+1: bytes (0, 1) and (2, 3) when read as bytes, (0, 2) and
+    (1, 3) when read as two uint16 words (Triton's element order of each output)."""
+    pack = PACK_WORD if words else PACK_SMALL
+    nfields, width = fields_of(bits)
+    t0, t1, t2, t3 = _table_operands(8 + (2 + pack if bits == 3 else 1), pack)
+    if bits == 2:
+        lines = ["{", ".reg .b32 y, x, s, t;"]
+        src = "$8"
+        if words:  # bytes (0, 2, 1, 3), so the low half serves bytes 0 and 2
+            lines.append("prmt.b32 y, $8, $8, 0x3120;")
+            src = "y"
+        for f in range(nfields):
+            lines += [
+                # selector: each byte's field f as nibbles (2c, 2c+1), i.e. the two bytes
+                # of fp16 value c in the table; the low 16 bits serve the first pair
+                f"shr.b32 x, {src}, {f * width};",
+                f"and.b32 x, x, {_rep((1 << width) - 1):#x};",
+                f"mad.lo.u32 s, x, 0x22, {_rep(0x10):#x};",
+                "shr.b32 t, s, 16;",
+                f"prmt.b32 ${2 * f}, {t0}, {t1}, s;",
+                f"prmt.b32 ${2 * f + 1}, {t0}, {t1}, t;",
+            ]
+        lines.append("}")
+        return "\n".join(lines)
+    # 3-bit: $9 the high-bit bytes, $10 their column shift
     lines = [
         "{",
         ".reg .b32 hb, t, x0, x1, s, l, h;",
@@ -146,14 +160,19 @@ def _lut3_asm_cached() -> str:
     ]
     for x, fa, fb in (("x0", 0, 2), ("x1", 1, 3)):
         for pair in range(2):
-            # the nibbles of bytes (2·pair, 2·pair + 1) select the low and the high bytes
-            # of their fp16 values; two more permutes pair them up per field
-            sel = x if pair == 0 else "s"
-            if pair:
+            # the nibbles of the pair's two bytes select the low and the high bytes of
+            # their fp16 values; two more permutes pair them up per field
+            if words:
+                lines.append(f"prmt.b32 s, {x}, {x}, {('0x2020', '0x3131')[pair]};")
+                sel = "s"
+            elif pair:
                 lines.append(f"shr.b32 s, {x}, 16;")
+                sel = "s"
+            else:
+                sel = x
             lines += [
-                f"prmt.b32 l, {tl0}, {tl1}, {sel};",
-                f"prmt.b32 h, {th0}, {th1}, {sel};",
+                f"prmt.b32 l, {t0}, {t1}, {sel};",
+                f"prmt.b32 h, {t2}, {t3}, {sel};",
                 f"prmt.b32 ${2 * fa + pair}, l, h, 0x6240;",
                 f"prmt.b32 ${2 * fb + pair}, l, h, 0x7351;",
             ]
@@ -161,15 +180,16 @@ def _lut3_asm_cached() -> str:
     return "\n".join(lines)
 
 
-def lut_asm(codebook: torch.Tensor, bits: int) -> str:
+def lut_asm(codebook: torch.Tensor, bits: int, words: bool) -> str:
     """PTX for ``bits``-bit codes: :func:`lut4_asm` at 4 bits, else a register of 4
-    packed bytes to the fp16 values of its fields."""
+    packed bytes (``words``: two uint16 elements, see :func:`word_tiles`) to the fp16
+    values of their fields."""
     if bits == 4:
         return lut4_asm(codebook)
     if bits not in (2, 3):
         raise ValueError(f"the prmt lookup supports 2-4-bit codes, got {bits}.")
     _check_codebook(codebook, bits, sign_magnitude=False)
-    return _lut3_asm_cached() if bits == 3 else _lut2_asm_cached()
+    return _small_asm_cached(bits, words)
 
 
 def _check_codebook(codebook: torch.Tensor, bits: int, sign_magnitude: bool) -> None:
@@ -228,13 +248,15 @@ def _prmt(a: int, b: int, sel: int) -> int:
     return int.from_bytes(bytes(src[(sel >> (4 * i)) & 7] for i in range(4)), "little")
 
 
-def emulate_lookup(codebook: torch.Tensor, bits: int, code_inputs: list[int], shift: int = 0) -> list[int]:
+def emulate_lookup(codebook: torch.Tensor, bits: int, code_inputs: list[int], shift: int = 0,
+                   words: bool = False) -> list[int]:
     """Run :func:`lut_asm` on packed code registers with the codebook's table operands
     (3-bit: ``code_inputs`` = [low plane, high-bit bytes], ``shift`` their column shift)."""
-    pack = PACK_WORD if bits == 4 else PACK_SMALL
+    pack = PACK_WORD if bits == 4 or words else PACK_SMALL
     tables = [w for w in table_words(codebook, bits) for _ in range(pack)]
-    extra = [shift] * PACK_SMALL if bits == 3 else []
-    return emulate(lut_asm(codebook, bits), list(code_inputs) + extra + tables, 4 if bits == 4 else 8)
+    extra = [shift] * pack if bits == 3 else []
+    return emulate(lut_asm(codebook, bits, words), list(code_inputs) + extra + tables,
+                   4 if bits == 4 else 8)
 
 
 def emulate(asm: str, inputs: list[int], num_outputs: int) -> list[int]:

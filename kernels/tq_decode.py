@@ -55,9 +55,9 @@ from sglang_tq.config import TQConfig
 
 from sglang_tq.env import decode_launch_file, triton_interpreting
 
-from ._codes import (load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_quarters,
+from ._codes import (load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_tiles,
                      online_softmax_step, slot_offsets_need_int64, softmax_state, scores,
-                     store_tiles, tanh)
+                     store_tiles, tanh, trans_tiles)
 from ._checks import check_attention_args
 from .tq_dequant import tq_dequant_ref
 
@@ -96,20 +96,19 @@ def _tq_decode_stage1(
     split = tl.program_id(2)
     start, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, BLOCK_N)
     if hi > lo:
-        QUARTER: tl.constexpr = HEAD_DIM // 4
         offs_g = tl.arange(0, BLOCK_H)
         mask_h = offs_g < GQA
         heads = kv_head * GQA + offs_g
         # -- rotated query of the whole GQA group, in the tile order of K's codes
-        q0, q1, q2, q3 = load_dense_tiles(
-            QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h, K_BITS, HEAD_DIM)
+        q = load_dense_tiles(QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h,
+                             K_BITS, HEAD_DIM)
         if HEADS_N:
-            q0, q1, q2, q3 = tl.trans(q0), tl.trans(q1), tl.trans(q2), tl.trans(q3)
+            q = trans_tiles(q)
         kc_base = KCodes + kv_head * stride_kc_h
         vc_base = VCodes + kv_head * stride_vc_h
         kt0, kt1, kt2, kt3 = load_lut_words(KTab)
         vt0, vt1, vt2, vt3 = load_lut_words(VTab)
-        m_i, l_i, acc0, acc1, acc2, acc3 = softmax_state(BLOCK_H, QUARTER, HEADS_N)
+        m_i, l_i, acc = softmax_state(BLOCK_H, V_BITS, HEAD_DIM, HEADS_N)
         LOG2E: tl.constexpr = 1.4426950408889634
         sm_scale_log2 = sm_scale * LOG2E
         # -- codes, norms and slots of the first tile; with PREFETCH each iteration loads
@@ -137,9 +136,9 @@ def _tq_decode_stage1(
             if not PREFETCH:
                 ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
             # -- scores: codes -> fp16 values in registers, QK on tensor cores, K norms after
-            k0, k1, k2, k3 = lookup_quarters(ka, kb, KCb, K_LUT, K_BITS, USE_ASM, kt0, kt1, kt2, kt3, False)
+            k = lookup_tiles(ka, kb, KCb, K_LUT, K_BITS, HEAD_DIM, USE_ASM, kt0, kt1, kt2, kt3, False)
             # scores in log2 units: the softmax runs on exp2 (one multiply less per score)
-            qk = scores(q0, q1, q2, q3, k0, k1, k2, k3, HEADS_N)
+            qk = scores(q, k, HEADS_N)
             # per-token vectors (norms, mask) broadcast over the heads axis, axis HEADS_N
             if HAS_CAP:
                 s = qk * tl.expand_dims(k_norm.to(tl.float32) * sm_scale, HEADS_N)
@@ -148,16 +147,15 @@ def _tq_decode_stage1(
                 s = qk * tl.expand_dims(k_norm.to(tl.float32) * sm_scale_log2, HEADS_N)
             s = tl.where(tl.expand_dims(mask_n, HEADS_N), s, float("-inf"))
             # -- online softmax and PV; V norms scale the probabilities, not the value tiles
-            v0, v1, v2, v3 = lookup_quarters(va, vb, VCb, V_LUT, V_BITS, USE_ASM, vt0, vt1, vt2, vt3, HEADS_N)
-            m_i, l_i, acc0, acc1, acc2, acc3 = online_softmax_step(
-                s, m_i, l_i, acc0, acc1, acc2, acc3, v0, v1, v2, v3, v_norm.to(tl.float32), HEADS_N)
+            v = lookup_tiles(va, vb, VCb, V_LUT, V_BITS, HEAD_DIM, USE_ASM, vt0, vt1, vt2, vt3, HEADS_N)
+            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v, v_norm.to(tl.float32), HEADS_N)
             if PREFETCH:
                 ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
         # -- partial output (rotated space) and its log-sum-exp
         mo = MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
         if HEADS_N:
-            acc0, acc1, acc2, acc3 = tl.trans(acc0), tl.trans(acc1), tl.trans(acc2), tl.trans(acc3)
-        store_tiles(mo, mask_h, acc0, acc1, acc2, acc3, 1.0 / l_i, V_BITS, HEAD_DIM)
+            acc = trans_tiles(acc)
+        store_tiles(mo, mask_h, acc, 1.0 / l_i, V_BITS, HEAD_DIM)
         tl.store(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
                  m_i / LOG2E + tl.log(l_i), mask=mask_h)
 

@@ -10,8 +10,8 @@ earlier chunks) is dequantized once per token and KV head into a dense
 Per token and KV head (TurboQuant Alg. 1, DeQuant): x̃ = r · Πᵀ c[idx] (+ μ for keys
 stored with a key center, ``sglang_tq/centers.py``). The
 codes become fp16 codebook values in registers exactly as in decode
-(``kernels/_lut.py``, four [N, D/4] tiles in byte order, ``kernels/_codes.py``),
-and the un-rotation is four tensor-core dots per output column chunk with the
+(``kernels/_lut.py``, tiles in byte order, ``kernels/_codes.py``),
+and the un-rotation is one tensor-core dot per tile and output column chunk with the
 rows of Π that each tile's coordinates select, x[:, c] = Σ_j c[idx_j] Π[j, c].
 """
 
@@ -25,7 +25,7 @@ from sglang_tq.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
 
 from ._checks import check_pool
-from ._codes import (load_codes, load_lut_words, load_slots, lookup_quarters,
+from ._codes import (load_codes, load_lut_words, load_slots, lookup_tiles,
                      slot_offsets_need_int64, tile_columns)
 
 
@@ -36,22 +36,21 @@ def _dequant_tile(
     BITS: tl.constexpr, LUT: tl.constexpr, HEAD_DIM: tl.constexpr, USE_ASM: tl.constexpr,
     HAS_CENTER: tl.constexpr,
 ):
-    # -- codes -> four fp16 tiles in byte order, norms
+    # -- codes -> fp16 tiles in byte order, norms
     a, b = load_codes(Codes + head * stride_c_h, slot * stride_c_s, mask_n, BITS, HEAD_DIM, False)
     w0, w1, w2, w3 = load_lut_words(Tab)
-    t0, t1, t2, t3 = lookup_quarters(a, b, Cb, LUT, BITS, USE_ASM, w0, w1, w2, w3, False)
+    t = lookup_tiles(a, b, Cb, LUT, BITS, HEAD_DIM, USE_ASM, w0, w1, w2, w3, False)
     norm = tl.load(Norms + slot * stride_nrm_s + head * stride_nrm_h, mask=mask_n, other=0.0)
-    c0, c1, c2, c3 = tile_columns(BITS, HEAD_DIM)
+    c = tile_columns(BITS, HEAD_DIM)
     # -- un-rotate by column chunks of Π (bounded shared memory at head_dim 256)
     CHUNK: tl.constexpr = 64
     offs_c = tl.arange(0, CHUNK)
     rows = Out + offs_n[:, None] * stride_o_t + head * stride_o_h
     for cc in tl.static_range(0, HEAD_DIM, CHUNK):
         cols = (cc + offs_c)[None, :]
-        acc = tl.dot(t0, tl.load(Pi + c0[:, None] * HEAD_DIM + cols).to(tl.float16))
-        acc = tl.dot(t1, tl.load(Pi + c1[:, None] * HEAD_DIM + cols).to(tl.float16), acc)
-        acc = tl.dot(t2, tl.load(Pi + c2[:, None] * HEAD_DIM + cols).to(tl.float16), acc)
-        acc = tl.dot(t3, tl.load(Pi + c3[:, None] * HEAD_DIM + cols).to(tl.float16), acc)
+        acc = tl.dot(t[0], tl.load(Pi + c[0][:, None] * HEAD_DIM + cols).to(tl.float16))
+        for i in tl.static_range(1, len(t)):
+            acc = tl.dot(t[i], tl.load(Pi + c[i][:, None] * HEAD_DIM + cols).to(tl.float16), acc)
         acc = acc * norm.to(tl.float32)[:, None]
         if HAS_CENTER:  # the store quantized k − μ: add the head's key center back
             acc += tl.load(Center + head * HEAD_DIM + cc + offs_c)[None, :]

@@ -41,12 +41,13 @@
 #       with SGLang's --enable-mixed-chunk for bf16 | fp8 | k4v4 | k3v3, one GPU each, then
 #       the mixed-batch backend test on CUDA.
 #   bash scripts/gpu_evidence.sh <commit> lut3    # nvidia-h200-x4, after a 2/3-bit lookup change:
-#       phase 1 (120 s): tune the launch of k3v3 (GPU 0) and k4v3 (GPU 1) at d = 128 and of
-#                k3v3, k4v3, k2v2 at d = 64 (GPU 2) and d = 256 (GPU 3); merged table;
+#       phase 1 (100 s): tune the d = 128 launch of k3v3 (GPU 0), k4v3 (GPU 1), k2v2 and
+#                k4v2 (GPU 2), and the d = 256 launch of k3v3, k4v3, k2v2 (GPU 3); merged table;
 #       phase 2: GPU 0 bench_decode.py with it (every shape and bit pair); GPU 1 the same-run
-#                A/B of the 2/3-bit pairs against the previous lookup and table (the file
-#                .gpu_bundle/ab/_lut_old.py, carried, in an overlay package); GPU 2 the
-#                kernel tests on CUDA; GPU 3 the reference load test (0.25) for k3v3.
+#                A/B of the 2/3-bit pairs against the previous package and its table (a
+#                copy of sglang_tq with its kernels in .gpu_bundle/ab/old, carried, put
+#                first on PYTHONPATH); GPU 2 the kernel tests on CUDA; GPU 3 the reference
+#                load test (0.25) for k3v3.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -210,15 +211,14 @@ lut3)
   TAB=$OUT/decode_launch.json
   tune_job() {  # GPU, log name, tune_decode.py arguments
     local gpu=$1 name=$2; shift 2
-    CUDA_VISIBLE_DEVICES=$gpu timeout 120 python scripts/tune_decode.py "$@" \
+    CUDA_VISIBLE_DEVICES=$gpu timeout 100 python scripts/tune_decode.py "$@" \
       --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" > "$LOGS/$name.log" 2>&1
   }
   G=(--programs-per-sm 8,16 --prefetch 1,0 --num-stages 2 --heads-n 0,1)
   SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192 "${G[@]}")
   tune_job 0 tune_k3v3 --kv k3v3 "${SH[@]}" &
   tune_job 1 tune_k4v3 --kv k4v3 "${SH[@]}" &
-  tune_job 2 tune_d64 --head-dim 64 --shapes 64x16384,128x4096 --kv k3v3,k4v3,k2v2 \
-    --tiles 32x1,32x2,64x2 "${G[@]}" &
+  tune_job 2 tune_k2 --kv k2v2,k4v2 "${SH[@]}" &
   tune_job 3 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k3v3,k4v3,k2v2 \
     --tiles 64x2,64x4,32x2 "${G[@]}" &
   wait
@@ -230,9 +230,8 @@ lut3)
       --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 540)" \
       --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) &
   ( export CUDA_VISIBLE_DEVICES=1
-    ov=/tmp/ov_lut3; rm -rf "$ov"; mkdir -p "$ov"; cp -r sglang_tq "$ov/"; rm -rf "$ov/sglang_tq/kernels"
-    cp -r kernels "$ov/sglang_tq/kernels"; cp .gpu_bundle/ab/_lut_old.py "$ov/sglang_tq/kernels/_lut.py"
-    AB=(--shapes "$SHAPES" --kv k3v3,k4v3,k2v2 --impls sglang-tq --no-write-path --check first)
+    AB=(--shapes "$SHAPES" --kv k3v3,k4v3,k2v2,k4v2 --impls sglang-tq --no-write-path --check first)
+    ov=$PWD/.gpu_bundle/ab/old
     PYTHONPATH=$ov${PYTHONPATH:+:$PYTHONPATH} timeout "$(left 560)" python scripts/bench_decode.py "${AB[@]}" \
       --out "$LOGS/ab_old.json" > "$LOGS/ab_old.log" 2>&1
     SGLANG_TQ_DECODE_LAUNCH=$TAB timeout "$(left 560)" python scripts/bench_decode.py "${AB[@]}" \
@@ -245,8 +244,8 @@ lut3)
       --log-dir "$LOGS/lt_k3v3" --budget-s "$(left 560)" > "$LOGS/lt_k3v3.log" 2>&1 ) &
   wait
   { echo "== merge"; cat "$LOGS/merge.log"; echo "== pytest"; tail -3 "$OUT/pytest.log"
-    echo "== bench"; tail -45 "$LOGS/bench.log"; echo "== A/B old"; grep -E "^ +sglang-tq" "$LOGS/ab_old.log"
-    echo "== A/B new"; grep -E "^ +sglang-tq" "$LOGS/ab_new.log"; echo "== loadtest k3v3"; tail -12 "$LOGS/lt_k3v3.log"
+    echo "== bench"; tail -45 "$LOGS/bench.log"; echo "== A/B old"; grep -E "^ +sglang-tq|check" "$LOGS/ab_old.log"
+    echo "== A/B new"; grep -E "^ +sglang-tq|check" "$LOGS/ab_new.log"; echo "== loadtest k3v3"; tail -12 "$LOGS/lt_k3v3.log"
   } > "$OUT/summary.txt" 2>&1
   ;;
 qwen|qwen+serving)

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from .quantizer import TurboQuantizer
-from .kernels._lut import lut_asm, table_tensor
+from .kernels._lut import lut_asm, table_tensor, word_tiles
 
 
 def codes_per_byte_block(bits: int) -> int:
@@ -78,7 +78,8 @@ class LayerCodec:
             k_bounds=kq.boundaries.to(**to), v_bounds=vq.boundaries.to(**to),
             pi_t_k=pi.T[:, packing_order(head_dim, k_bits)].to(**to).contiguous(),
             pi_t_v=pi.T[:, packing_order(head_dim, v_bits)].to(**to).contiguous(),
-            k_lut=lut_asm(kq.codebook, k_bits), v_lut=lut_asm(vq.codebook, v_bits),
+            k_lut=lut_asm(kq.codebook, k_bits, word_tiles(k_bits, head_dim)),
+            v_lut=lut_asm(vq.codebook, v_bits, word_tiles(v_bits, head_dim)),
             k_lut_words=table_tensor(kq.codebook, k_bits, device),
             v_lut_words=table_tensor(vq.codebook, v_bits, device),
             k_center=None if k_center is None else k_center.to(**to).contiguous(),

@@ -37,16 +37,26 @@ def test_lut4_word_matches_codebook_for_every_code(dim):
             assert reg >> 16 == _fp16_bits(cb[second])
 
 
+def _pairs(out, f, words):
+    """Field f's four fp16 values in byte order from output registers 2f, 2f+1: pairs of
+    bytes (0, 1), (2, 3) when read as bytes, (0, 2), (1, 3) when read as words."""
+    a, b = out[2 * f], out[2 * f + 1]
+    if words:
+        return [a & 0xFFFF, b & 0xFFFF, a >> 16, b >> 16]
+    return [a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16]
+
+
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("bits", [2, 3])
-def test_lut_matches_codebook_for_every_code(bits, dim):
+@pytest.mark.parametrize("words", [False, True])
+def test_lut_matches_codebook_for_every_code(bits, dim, words):
+    """2/3-bit: a register of four packed bytes → each field's four fp16 values."""
     cb = codebook(dim, bits)
     nfields, width = fields_of(bits)
     levels = range(1 << bits)
     # every code at every field position and byte lane, in groups of 4 lanes
-    combos = list(itertools.product(levels, repeat=1))
     for f, lane in itertools.product(range(nfields), range(4)):
-        for (c,) in combos:
+        for c in levels:
             codes = [[(c + 3 * ff + 5 * e) % (1 << bits) for e in range(4)] for ff in range(nfields)]
             codes[f][lane] = c
             low = [sum((codes[ff][e] & ((1 << width) - 1)) << (ff * width) for ff in range(nfields))
@@ -59,21 +69,19 @@ def test_lut_matches_codebook_for_every_code(bits, dim):
                             | (((e + ff + c) % 3 == 0) << (2 * ff + 1 - shift)) for ff in range(nfields))
                         for e in range(4)]
                 inputs.append(sum(b << (8 * e) for e, b in enumerate(high)))
-            out = emulate_lookup(cb, bits, inputs, shift=shift)
+            out = emulate_lookup(cb, bits, inputs, shift=shift, words=words)
             for ff in range(nfields):
-                got = [out[2 * ff] & 0xFFFF, out[2 * ff] >> 16, out[2 * ff + 1] & 0xFFFF,
-                       out[2 * ff + 1] >> 16]
-                assert got == [_fp16_bits(cb[x]) for x in codes[ff]]
+                assert _pairs(out, ff, words) == [_fp16_bits(cb[x]) for x in codes[ff]]
 
 
 def test_lut4_refuses_asymmetric_codebook():
     cb = codebook(128, 4).clone()
     cb[0] -= 0.01
     with pytest.raises(ValueError, match="symmetric"):
-        lut_asm(cb, 4)
+        lut_asm(cb, 4, True)
     cb = torch.sort(codebook(128, 4)).values  # symmetric but in index order, not code order
     with pytest.raises(ValueError, match="symmetric"):
-        lut_asm(cb, 4)
+        lut_asm(cb, 4, True)
 
 
 def test_2bit_lut_reads_any_codebook():
@@ -81,11 +89,11 @@ def test_2bit_lut_reads_any_codebook():
     exactly, and a codebook of the wrong size is refused."""
     cb = torch.linspace(-0.3, 0.2, 4) ** 3
     codes = [3, 0, 2, 1]
-    out = emulate_lookup(cb, 2, [sum(c << (8 * e) for e, c in enumerate(codes))])
-    got = [out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16]
-    assert got == [_fp16_bits(cb[c]) for c in codes]
+    for words in (False, True):
+        out = emulate_lookup(cb, 2, [sum(c << (8 * e) for e, c in enumerate(codes))], words=words)
+        assert _pairs(out, 0, words) == [_fp16_bits(cb[c]) for c in codes]
     with pytest.raises(ValueError, match="entries"):
-        lut_asm(torch.zeros(3), 2)
+        lut_asm(torch.zeros(3), 2, True)
 
 
 def test_3bit_lut_reads_any_codebook():
@@ -97,23 +105,23 @@ def test_3bit_lut_reads_any_codebook():
             low = sum(sum((codes[f][e] & 3) << (2 * f) for f in range(4)) << (8 * e) for e in range(4))
             high = sum(sum((codes[f][e] >> 2) << (2 * f + shift) for f in range(4)) << (8 * e)
                        for e in range(4))
-            out = emulate_lookup(cb, 3, [low, high], shift=shift)
-            for f in range(4):
-                got = [out[2 * f] & 0xFFFF, out[2 * f] >> 16, out[2 * f + 1] & 0xFFFF,
-                       out[2 * f + 1] >> 16]
-                assert got == [_fp16_bits(cb[c]) for c in codes[f]]
+            for words in (False, True):
+                out = emulate_lookup(cb, 3, [low, high], shift=shift, words=words)
+                for f in range(4):
+                    assert _pairs(out, f, words) == [_fp16_bits(cb[c]) for c in codes[f]]
     with pytest.raises(ValueError, match="entries"):
-        lut_asm(torch.zeros(4), 3)
+        lut_asm(torch.zeros(4), 3, True)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_asm_operands_match_the_constraint_string(bits):
+@pytest.mark.parametrize("words", [False, True])
+def test_asm_operands_match_the_constraint_string(bits, words):
     """Every $i the PTX names exists in the constraint list Triton is given, and the
     table is read from operands, not re-materialised as immediates in every block."""
     import re
 
-    asm = lut_asm(codebook(128, bits), bits)
-    n_operands = len(constraints(bits).split(","))
+    asm = lut_asm(codebook(128, bits), bits, words)
+    n_operands = len(constraints(bits, words).split(","))
     used = {int(m) for m in re.findall(r"\$(\d+)", asm)}
     assert max(used) < n_operands
     assert not re.search(r"mov\.b32 \w+, 0x", asm)
