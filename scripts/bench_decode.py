@@ -107,15 +107,19 @@ def parse_shapes(text: str, default_d: int) -> list[tuple[int, int, int]]:
 
 
 def parse_kv(text: str) -> list[tuple[str, int, int]]:
+    """Comma-separated bit pairs (``k4v4,k3v3``) by the server's own rule."""
+    from sglang_tq.config import TQConfig
+
     out = []
     for tok in text.split(","):
         tok = tok.strip().lower()
         if not tok:
             continue
-        m = re.fullmatch(r"k([234])v([234])", tok)
-        if not m:
-            raise argparse.ArgumentTypeError(f"bad --kv format {tok!r}: expected kXvY with X,Y in 2..4")
-        out.append((tok, int(m.group(1)), int(m.group(2))))
+        try:
+            kb, vb = TQConfig.parse_bits(tok)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"--kv: {exc}") from None
+        out.append((tok, kb, vb))
     return out
 
 

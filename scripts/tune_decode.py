@@ -26,11 +26,16 @@ from pathlib import Path
 
 
 def parse_kv(text: str) -> list[tuple[str, int, int]]:
+    """Comma-separated bit pairs (``k4v4,k3v3``) by the server's own rule."""
+    from sglang_tq.config import TQConfig
+
     out = []
     for kv in text.split(","):
-        if len(kv) != 4 or kv[0] != "k" or kv[2] != "v" or kv[1] not in "234" or kv[3] not in "234":
-            raise SystemExit(f"--kv: '{kv}' is not a bit pair like k4v4 (bits 2, 3 or 4).")
-        out.append((kv, int(kv[1]), int(kv[3])))
+        try:
+            kb, vb = TQConfig.parse_bits(kv)
+        except ValueError as exc:
+            raise SystemExit(f"--kv: {exc}") from None
+        out.append((kv.strip().lower(), kb, vb))
     return out
 
 
