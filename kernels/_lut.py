@@ -11,9 +11,12 @@ registers; one ``prmt`` selects the low bytes of four codes, one the high bytes,
 the sign bits are OR-ed into the high bytes, and two more prmt interleave them
 into two fp16x2 registers: 16 instructions per eight codes, no memory access.
 
-``lut_asm`` builds the PTX for one packed byte register holding 4 fields of 2
-bits (3-bit: plus their high bits from a second register), fed four uint8
-elements at a time. Four 2-bit codes have only four fp16 values: 8 bytes, one
+``lut_asm`` builds the PTX for one register of four packed bytes holding 4 fields of
+2 bits each (3-bit: plus their high bits from a second register), fed as two uint16
+elements from head_dim 128 (:func:`word_tiles`: outputs pair bytes (0, 2) and (1, 3),
+the even- and odd-byte tiles) or as four uint8 elements at head_dim 64 (pairs (0, 1)
+and (2, 3)); Triton re-packs single bytes into the register with a few instructions per
+byte, 16-bit elements pass through. Four 2-bit codes have only four fp16 values: 8 bytes, one
 prmt source. So the table holds the values themselves, no sign step is needed,
 and one ``mad`` turns the four fields of a word into prmt selectors at once
 (field c → nibbles 2c, 2c+1: s = c·0x22 + 0x10 per byte); one prmt per two codes
