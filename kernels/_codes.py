@@ -36,6 +36,12 @@ def eight_tiles(bits, head_dim):
     return bits != 4 and word_tiles(bits, head_dim)
 
 
+@triton.constexpr_function
+def tile_width(bits, head_dim):
+    """Columns of one tile of ``bits``-bit codes (:func:`eight_tiles`)."""
+    return head_dim // 8 if eight_tiles(bits, head_dim) else head_dim // 4
+
+
 @triton.jit
 def tanh(x):
     return 2 * tl.sigmoid(2 * x) - 1
@@ -46,10 +52,7 @@ def softmax_state(ROWS: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr
                   HEADS_N: tl.constexpr):
     """Empty online-softmax state: running max, running sum and one [ROWS, W] accumulator
     per tile of BITS-bit values ([W, ROWS] with HEADS_N, see :func:`online_softmax_step`)."""
-    if eight_tiles(BITS, HEAD_DIM):
-        W: tl.constexpr = HEAD_DIM // 8
-    else:
-        W: tl.constexpr = HEAD_DIM // 4
+    W: tl.constexpr = tile_width(BITS, HEAD_DIM)
     if HEADS_N:
         acc = tl.zeros((W, ROWS), tl.float32)
     else:
@@ -287,12 +290,7 @@ def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.cons
     type), whose bit 2t + i div (W/2) in each byte holds the high bit of field t (the
     lookup shifts). 2-bit: the plane, twice (the second is unused).
     """
-    if BITS == 4:
-        W: tl.constexpr = HEAD_DIM // 4
-    elif eight_tiles(BITS, HEAD_DIM):
-        W: tl.constexpr = HEAD_DIM // 8
-    else:
-        W: tl.constexpr = HEAD_DIM // 4
+    W: tl.constexpr = tile_width(BITS, HEAD_DIM)
     cols = tl.arange(0, W)
     if TRANS:
         rows = row_off[None, :]
@@ -302,7 +300,7 @@ def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.cons
         rows = row_off[:, None]
         cols = cols[None, :]
         mask = mask_n[:, None]
-    if BITS == 4 or eight_tiles(BITS, HEAD_DIM):
+    if word_tiles(BITS, HEAD_DIM):
         base = (codes_ptr + rows).to(tl.pointer_type(tl.uint16))
     else:
         base = codes_ptr + rows

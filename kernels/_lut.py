@@ -191,17 +191,19 @@ def lut_asm(codebook: torch.Tensor, bits: int, words: bool) -> str:
         return lut4_asm(codebook)
     if bits not in (2, 3):
         raise ValueError(f"the prmt lookup supports 2-4-bit codes, got {bits}.")
-    _check_codebook(codebook, bits, sign_magnitude=False)
+    _check_codebook(codebook, bits)
     return _small_asm_cached(bits, words)
 
 
-def _check_codebook(codebook: torch.Tensor, bits: int, sign_magnitude: bool) -> None:
-    """Lookups that build values from magnitudes and a sign bit (3- and 4-bit) need the
-    codebook in sign-magnitude code order: code half + m = −code m."""
+def _check_codebook(codebook: torch.Tensor, bits: int) -> None:
+    """A ``bits``-bit lookup needs 2**bits entries; the 4-bit one, whose table holds only
+    the eight magnitudes and sets the sign from the code's top bit, also needs the
+    codebook in sign-magnitude code order: code 8 + m = −code m (2- and 3-bit tables
+    hold every value)."""
     if codebook.numel() != 1 << bits:
         raise ValueError(f"a {bits}-bit lookup needs {1 << bits} codebook entries.")
     c, half = codebook.detach().cpu().float(), 1 << (bits - 1)
-    if sign_magnitude and not torch.equal(c[half:], -c[:half]):
+    if bits == 4 and not torch.equal(c[half:], -c[:half]):
         raise ValueError(f"the {bits}-bit prmt lookup needs a symmetric codebook in "
                          f"sign-magnitude code order (code {half} + m = −code m).")
 
@@ -241,7 +243,7 @@ def lut4_asm(codebook: torch.Tensor) -> str:
     """PTX mapping a word of two uint16 elements (8 packed 4-bit codes) to four fp16x2
     registers: low nibbles of bytes (0, 2), of bytes (1, 3), high nibbles of bytes
     (0, 2), of bytes (1, 3)."""
-    _check_codebook(codebook, 4, sign_magnitude=True)
+    _check_codebook(codebook, 4)
     return _lut4_asm_cached()
 
 
