@@ -110,17 +110,10 @@ def parse_kv(text: str) -> list[tuple[str, int, int]]:
     """Comma-separated bit pairs (``k4v4,k3v3``) by the server's own rule."""
     from sglang_tq.config import TQConfig
 
-    out = []
-    for tok in text.split(","):
-        tok = tok.strip().lower()
-        if not tok:
-            continue
-        try:
-            kb, vb = TQConfig.parse_bits(tok)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"--kv: {exc}") from None
-        out.append((tok, kb, vb))
-    return out
+    try:
+        return TQConfig.parse_bits_list(text)
+    except ValueError as exc:
+        raise SystemExit(f"--kv: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,11 +51,11 @@ def _shape(text: str, d: int) -> tuple[int, int, int]:
     return (parts[0], parts[1], parts[2] if len(parts) == 3 else d)
 
 
-def _bits(text: str) -> tuple[int, int]:
+def _pairs(text: str) -> list[tuple[int, int]]:
     from sglang_tq.config import TQConfig
 
     try:
-        return TQConfig.parse_bits(text)
+        return [(kb, vb) for _, kb, vb in TQConfig.parse_bits_list(text)]
     except ValueError as exc:
         raise SystemExit(f"--kv: {exc}") from None
 
@@ -126,7 +126,7 @@ def profile_row(torch, B, L, D, hq, hkv, kbits, vbits, steps, sm_count):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     shapes = [_shape(s, args.head_dim) for s in _parse(args.shapes)]
-    pairs = [_bits(k) for k in _parse(args.kv)]
+    pairs = _pairs(args.kv)
     import torch
 
     if not torch.cuda.is_available():

@@ -29,14 +29,10 @@ def parse_kv(text: str) -> list[tuple[str, int, int]]:
     """Comma-separated bit pairs (``k4v4,k3v3``) by the server's own rule."""
     from sglang_tq.config import TQConfig
 
-    out = []
-    for kv in text.split(","):
-        try:
-            kb, vb = TQConfig.parse_bits(kv)
-        except ValueError as exc:
-            raise SystemExit(f"--kv: {exc}") from None
-        out.append((kv.strip().lower(), kb, vb))
-    return out
+    try:
+        return TQConfig.parse_bits_list(text)
+    except ValueError as exc:
+        raise SystemExit(f"--kv: {exc}") from None
 
 
 def parse_ints(text: str, name: str) -> list[int]:

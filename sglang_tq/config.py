@@ -80,6 +80,17 @@ class TQConfig:
             )
         return int(m[1]), int(m[2])
 
+    @staticmethod
+    def parse_bits_list(text: str) -> list[tuple[str, int, int]]:
+        """``"k4v4, k3v3"`` → [("k4v4", 4, 4), ("k3v3", 3, 3)] (empty items skipped), each by
+        :meth:`parse_bits`; the scripts' ``--kv`` lists."""
+        out = []
+        for spec in str(text).split(","):
+            if spec.strip():
+                kb, vb = TQConfig.parse_bits(spec)
+                out.append((f"k{kb}v{vb}", kb, vb))
+        return out
+
     def is_bf16_layer(self, layer_id: int) -> bool:
         return layer_id in self.bf16_layers
 

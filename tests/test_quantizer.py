@@ -151,6 +151,10 @@ def test_config_validation_and_bytes():
     for bad in ("k5v4", "4/4", "k4"):
         with pytest.raises(ValueError, match="like k4v4"):
             TQConfig.parse_bits(bad)
+    assert TQConfig.parse_bits_list(" K4v4, k3v3,,k2v4") == [("k4v4", 4, 4), ("k3v3", 3, 3),
+                                                              ("k2v4", 2, 4)]
+    with pytest.raises(ValueError, match="like k4v4"):
+        TQConfig.parse_bits_list("k4v4,k4")
     with pytest.raises(ValueError, match="k_bits"):
         TQConfig(head_dim=128, k_bits=5)
     with pytest.raises(ValueError, match="key_variant"):
