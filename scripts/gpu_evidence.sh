@@ -66,6 +66,18 @@ T0=$(date +%s)
 left() { echo $(( $1 - ($(date +%s) - T0) )); }
 LT=(--workloads reference --mem-fraction-static 0.25 --extra-server-args=--cuda-graph-max-bs-decode=64)
 model() { bash scripts/unpack_model.sh smollm2 2>> "$LOGS/unpack.log"; }
+# launch tuning (tune, lut3): one tune_decode.py job, the grid, the merged table
+TUNE_G=(--programs-per-sm 8,16 --prefetch 1,0 --num-stages 2 --heads-n 0,1)
+TUNE_SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192 "${TUNE_G[@]}")
+tune_job() {  # GPU, seconds, log name, tune_decode.py arguments
+  local gpu=$1 secs=$2 name=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python scripts/tune_decode.py "$@" \
+    --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" > "$LOGS/$name.log" 2>&1
+}
+merge_tables() {  # the committed table with every table_*.json of this call, into $1
+  python scripts/tune_decode.py --merge-tables kernels/decode_launch.json "$LOGS"/table_*.json \
+    --write-table "$1" > "$LOGS/merge.log" 2>&1
+}
 
 case "$MODE" in
 perf)
@@ -91,24 +103,15 @@ perf)
   ;;
 tune)
   TAB=$OUT/decode_launch.json
-  tune_job() {  # GPU, seconds, log name, tune_decode.py arguments
-    local gpu=$1 secs=$2 name=$3; shift 3
-    CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python scripts/tune_decode.py "$@" \
-      --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" \
-      > "$LOGS/$name.log" 2>&1
-  }
-  G=(--programs-per-sm 8,16 --prefetch 1,0 --num-stages 2 --heads-n 0,1)
-  SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192 "${G[@]}")
-  tune_job 0 150 tune_a --kv k4v4 "${SH[@]}" & PA=$!
-  tune_job 1 150 tune_b --kv k3v3,k4v3 "${SH[@]}" & PB=$!
-  tune_job 2 150 tune_c --kv k4v2,k2v2 "${SH[@]}" & PC=$!
+  tune_job 0 150 tune_a --kv k4v4 "${TUNE_SH[@]}" & PA=$!
+  tune_job 1 150 tune_b --kv k3v3,k4v3 "${TUNE_SH[@]}" & PB=$!
+  tune_job 2 150 tune_c --kv k4v2,k2v2 "${TUNE_SH[@]}" & PC=$!
   ( tune_job 3 75 tune_d64 --head-dim 64 --shapes 64x16384,128x4096 --kv k4v4,k3v3,k4v2 \
-      --tiles 32x1,32x2,64x2 "${G[@]}"
+      --tiles 32x1,32x2,64x2 "${TUNE_G[@]}"
     tune_job 3 75 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k4v4,k3v3,k4v2 \
-      --tiles 64x2,64x4,32x2 "${G[@]}" ) & PD=$!
+      --tiles 64x2,64x4,32x2 "${TUNE_G[@]}" ) & PD=$!
   wait "$PA" "$PB" "$PC" "$PD"
-  python scripts/tune_decode.py --merge-tables kernels/decode_launch.json "$LOGS"/table_*.json \
-    --write-table "$TAB" > "$LOGS/merge.log" 2>&1
+  merge_tables "$TAB"
   export SGLANG_TQ_DECODE_LAUNCH=$TAB
   echo "phase 2 at $(left 0 | tr -d -) s" > "$LOGS/phase.log"
   ( export CUDA_VISIBLE_DEVICES=0
@@ -209,21 +212,13 @@ mixed)
   ;;
 lut3)
   TAB=$OUT/decode_launch.json
-  tune_job() {  # GPU, log name, tune_decode.py arguments
-    local gpu=$1 name=$2; shift 2
-    CUDA_VISIBLE_DEVICES=$gpu timeout 100 python scripts/tune_decode.py "$@" \
-      --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" > "$LOGS/$name.log" 2>&1
-  }
-  G=(--programs-per-sm 8,16 --prefetch 1,0 --num-stages 2 --heads-n 0,1)
-  SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192 "${G[@]}")
-  tune_job 0 tune_k3v3 --kv k3v3 "${SH[@]}" &
-  tune_job 1 tune_k4v3 --kv k4v3 "${SH[@]}" &
-  tune_job 2 tune_k2 --kv k2v2,k4v2 "${SH[@]}" &
-  tune_job 3 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k3v3,k4v3,k2v2 \
-    --tiles 64x2,64x4,32x2 "${G[@]}" &
+  tune_job 0 100 tune_k3v3 --kv k3v3 "${TUNE_SH[@]}" &
+  tune_job 1 100 tune_k4v3 --kv k4v3 "${TUNE_SH[@]}" &
+  tune_job 2 100 tune_k2 --kv k2v2,k4v2 "${TUNE_SH[@]}" &
+  tune_job 3 100 tune_d256 --head-dim 256 --shapes 32x8192,16x8192 --kv k3v3,k4v3,k2v2 \
+    --tiles 64x2,64x4,32x2 "${TUNE_G[@]}" &
   wait
-  python scripts/tune_decode.py --merge-tables kernels/decode_launch.json "$LOGS"/table_*.json \
-    --write-table "$TAB" > "$LOGS/merge.log" 2>&1
+  merge_tables "$TAB"
   SHAPES=1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256
   ( export CUDA_VISIBLE_DEVICES=0 SGLANG_TQ_DECODE_LAUNCH=$TAB
     timeout "$(left 560)" python scripts/bench_decode.py --shapes "$SHAPES" \
