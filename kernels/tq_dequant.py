@@ -88,11 +88,13 @@ def _tq_dequant_kernel(
 
 
 def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
-               dtype=torch.bfloat16, block_n: int = 64, num_warps: int = 4, count=None):
+               dtype=torch.bfloat16, block_n: int = 64, num_warps: int = 4, count=None, out=None):
     """Dense K and V [N, Hkv, D] in ``dtype`` of the packed ``slots`` [N] (any int dtype).
 
     ``count`` (int32 [1] on the device) decodes only the first ``count`` slots and leaves
     the remaining rows unwritten, without a host sync (see ``tq_extend.dedup_prefix``).
+    ``out`` = (k, v), two [N, Hkv, D] tensors with unit stride in D, receives the rows
+    (e.g. the head of a larger buffer) instead of new tensors.
     """
     hkv = check_pool(k_codes, v_codes, codec)
     if slots.dim() != 1:
@@ -101,8 +103,15 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
                               or count.device != slots.device):
         raise ValueError("count must be an int32 tensor of shape [1] on the slots' device.")
     n, d = slots.numel(), codec.head_dim
-    k = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
-    v = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
+    if out is None:
+        k = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
+        v = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
+    else:
+        k, v = out
+        for t in (k, v):
+            if t.shape != (n, hkv, d) or t.stride(2) != 1 or t.device != k_codes.device:
+                raise ValueError(f"out must be two [{n}, {hkv}, {d}] tensors on {k_codes.device} "
+                                 f"with unit stride in the last dimension.")
     if n == 0:
         return k, v
     _tq_dequant_kernel[(triton.cdiv(n, block_n), hkv)](

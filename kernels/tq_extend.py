@@ -20,6 +20,17 @@ is decoded once (:func:`dedup_prefix`: a sort, no host sync, so CUDA graphs can 
 it) and the extend kernel reads every request's prefix through an index into the
 deduplicated scratch. A batch of n requests over one shared prefix decodes it once,
 not n times.
+
+Two attention kernels run over the dense rows (``impl``):
+
+* ``"fa3"`` (the default on Hopper in bf16/fp16): sgl-kernel's FlashAttention-3, the
+  kernel SGLang's own default prefill runs there. A chunk without a prefix is one
+  varlen causal call over its bf16 K/V; with a prefix, the chunk's rows follow the
+  deduplicated prefix rows in one scratch, and a page table of page size 1
+  (:func:`extend_kv_table`) lists each sequence's rows, prefix first, so one causal
+  call (aligned to the last key) covers both. Prefill is GEMM-bound, but attention
+  is ~10% of a 6k-token prompt's FLOPs, and this kernel runs them faster;
+* ``"triton"``: SGLang's Triton extend kernel (everywhere else, and the interpreter).
 """
 
 from __future__ import annotations
@@ -30,11 +41,42 @@ import torch
 
 from sglang_tq.codec import LayerCodec
 
-from sglang_tq.env import triton_interpreting
+from sglang_tq.env import extend_impl_override, triton_interpreting
 
 from ._checks import check_attention_args
 from .tq_dequant import tq_dequant, tq_dequant_ref
 from .tq_decode import attention_ref
+
+
+EXTEND_IMPLS = ("fa3", "triton")
+
+
+def default_extend_impl(device: torch.device, dtype: torch.dtype) -> str:
+    """The attention kernel :func:`tq_extend` runs for queries of ``dtype`` on ``device``
+    when not told: FA3 for bf16/fp16 on Hopper (sm90), SGLang's Triton extend kernel
+    elsewhere; ``SGLANG_TQ_EXTEND_IMPL`` overrides it."""
+    forced = extend_impl_override()
+    if forced is not None:
+        return _check_impl(forced, "SGLANG_TQ_EXTEND_IMPL")
+    if (triton_interpreting() or device.type != "cuda"
+            or dtype not in (torch.float16, torch.bfloat16)):
+        return "triton"
+    return "fa3" if torch.cuda.get_device_capability(device)[0] == 9 else "triton"
+
+
+def _check_impl(impl: str, where: str) -> str:
+    if impl not in EXTEND_IMPLS:
+        raise ValueError(f"{where} must be one of {', '.join(EXTEND_IMPLS)}, got {impl!r}.")
+    return impl
+
+
+def _fa3():
+    try:
+        from sgl_kernel.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+    except ImportError as e:
+        raise RuntimeError(f"the fa3 extend path needs sgl-kernel's FlashAttention-3, which did "
+                           f"not import ({e}); set SGLANG_TQ_EXTEND_IMPL=triton.") from e
+    return flash_attn_varlen_func, flash_attn_with_kvcache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +102,30 @@ def dedup_prefix(prefix_slots: torch.Tensor) -> PrefixDedup:
     return PrefixDedup(slots, (rank[-1:] + 1).to(torch.int32), index)
 
 
+def extend_kv_table(qo_indptr, kv_indptr, prefix_index, num_prefix_rows: int, num_rows: int,
+                    max_kv_len: int):
+    """Page table (page size 1) of each sequence's keys in a scratch of ``num_rows`` rows:
+    ``num_prefix_rows`` prefix rows, then the chunk's rows in ``qo_indptr`` order.
+
+    Key j of sequence b is prefix row ``prefix_index[kv_indptr[b] + j]`` for j below its
+    prefix length, else chunk row ``num_prefix_rows + qo_indptr[b] + j - prefix_len``.
+    Returns (table int32 [B, max_kv_len], key lengths int32 [B]); entries past a
+    sequence's length point at a valid row and are never read."""
+    pre = (kv_indptr[1:] - kv_indptr[:-1]).long()[:, None]
+    j = torch.arange(max_kv_len, device=qo_indptr.device)[None, :]
+    row = num_prefix_rows + qo_indptr[:-1].long()[:, None] + (j - pre)
+    if prefix_index.numel():
+        at = (kv_indptr[:-1].long()[:, None] + j).clamp_(max=prefix_index.numel() - 1)
+        row = torch.where(j < pre, prefix_index[at], row)
+    lens = (kv_indptr[1:] - kv_indptr[:-1]) + (qo_indptr[1:] - qo_indptr[:-1])
+    return row.clamp_(0, num_rows - 1).to(torch.int32), lens.to(torch.int32)
+
+
 def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,
               codec: LayerCodec, sm_scale: float, *, max_extend_len: int,
               num_prefix_tokens: int | None = None, chunk_slots=None, logit_cap: float = 0.0,
-              sliding_window: int = 0, prefix_dedup: PrefixDedup | None = None, out=None):
+              sliding_window: int = 0, prefix_dedup: PrefixDedup | None = None, out=None,
+              impl: str | None = None, max_kv_len: int | None = None, kv_table=None):
     """Causal attention of new tokens over a packed prefix plus themselves.
 
     q [T, Hq, D], k/v [T, Hkv, D]: the new tokens of all sequences, concatenated
@@ -76,9 +138,13 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     device sync. ``prefix_dedup`` = ``dedup_prefix(kv_indices[:num_prefix_tokens])``,
     computed once per batch and shared by its layers (else computed here). Writes
     ``out`` [T, Hq, D] when given, else returns a new tensor in q's dtype.
-    """
-    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
+    ``impl`` picks the attention kernel ("fa3" or "triton"; default
+    :func:`default_extend_impl`). The fa3 path over a prefix also takes ``max_kv_len``
+    ≥ every prefix + chunk length (host metadata, else one device sync) and
+    ``kv_table`` = :func:`extend_kv_table` of the batch, computed once for all layers
+    (else here).
+    """
     t = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
     if k.shape != (t, hkv, d) or v.shape != (t, hkv, d):
@@ -88,6 +154,10 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         raise ValueError(f"kv_indptr must have {bsz + 1} entries like qo_indptr.")
     if chunk_slots is not None and chunk_slots.shape != (t,):
         raise ValueError(f"chunk_slots must hold one slot per new token ({t}).")
+    impl = default_extend_impl(q.device, q.dtype) if impl is None else _check_impl(impl, "impl")
+    if impl == "fa3" and (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)):
+        raise ValueError(f"the fa3 extend path needs bf16 or fp16 CUDA tensors, got {q.dtype} on "
+                         f"{q.device}; use impl='triton'.")
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape:
@@ -96,9 +166,7 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         return out
     if num_prefix_tokens is None:
         num_prefix_tokens = int(kv_indptr[-1])
-    # The interpreter has no bf16 arithmetic: there SGLang's kernel runs in fp32.
-    work = torch.float32 if triton_interpreting() else q.dtype
-    # -- prefix (and, with chunk_slots, the chunk) from the packed cache, once per slot
+    # -- the prefix's distinct slots, and where each prefix position finds its row
     if num_prefix_tokens:
         dd = prefix_dedup or dedup_prefix(kv_indices[:num_prefix_tokens])
         if dd.index.shape != (num_prefix_tokens,):
@@ -107,10 +175,48 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         prefix_slots, count, prefix_index = dd.slots, dd.count, dd.index
     else:
         prefix_slots, count, prefix_index = kv_indices[:0], None, kv_indices[:0].long()
-    k_pre, v_pre = tq_dequant(k_codes, k_norms, v_codes, v_norms, prefix_slots, codec, dtype=work,
-                              count=count)
+    # The interpreter has no bf16 arithmetic: there SGLang's kernel runs in fp32.
+    work = torch.float32 if triton_interpreting() else q.dtype
+    n = prefix_slots.numel()
+
+    def dequant(slots, c=None, rows=None):
+        return tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype=work, count=c,
+                          out=rows)
+
+    if impl == "fa3":
+        varlen, paged = _fa3()
+        window = (sliding_window - 1, 0) if sliding_window > 0 else (-1, -1)
+        o = out if out.is_contiguous() else torch.empty_like(q)
+        kw = dict(softmax_scale=sm_scale, causal=True, window_size=window, softcap=logit_cap, out=o)
+        if n == 0:  # -- no prefix: one varlen call over the chunk itself
+            if chunk_slots is not None:
+                k, v = dequant(chunk_slots)
+            varlen(q, k, v, qo_indptr, qo_indptr, max_extend_len, max_extend_len, **kw)
+        else:  # -- [distinct prefix rows; chunk rows], one page-table call
+            k_all = torch.empty(n + t, hkv, d, dtype=work, device=q.device)
+            v_all = torch.empty_like(k_all)
+            dequant(prefix_slots, count, (k_all[:n], v_all[:n]))
+            if chunk_slots is not None:
+                dequant(chunk_slots, None, (k_all[n:], v_all[n:]))
+            else:
+                k_all[n:].copy_(k)
+                v_all[n:].copy_(v)
+            if kv_table is None:
+                if max_kv_len is None:
+                    max_kv_len = int((kv_indptr.diff() + qo_indptr.diff()).max())
+                kv_table = extend_kv_table(qo_indptr, kv_indptr, prefix_index, n, n + t, max_kv_len)
+            table, lens = kv_table
+            paged(q, k_all.unsqueeze(1), v_all.unsqueeze(1), page_table=table, cache_seqlens=lens,
+                  cu_seqlens_q=qo_indptr, max_seqlen_q=max_extend_len, **kw)
+        if o is not out:
+            out.copy_(o)
+        return out
+
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+
+    k_pre, v_pre = dequant(prefix_slots, count)
     if chunk_slots is not None:
-        k, v = tq_dequant(k_codes, k_norms, v_codes, v_norms, chunk_slots, codec, dtype=work)
+        k, v = dequant(chunk_slots)
     o = out if work == q.dtype and out.is_contiguous() else torch.empty(q.shape, dtype=work,
                                                                           device=q.device)
     extend_attention_fwd(

@@ -48,6 +48,12 @@
 #                copy of sglang_tq with its kernels in .gpu_bundle/ab/old, carried, put
 #                first on PYTHONPATH); GPU 2 the kernel tests on CUDA; GPU 3 the reference
 #                load test (0.25) for k3v3.
+#   bash scripts/gpu_evidence.sh <commit> prefill # nvidia-h200 (one GPU), after an extend-path change:
+#       the extend, dequant and backend tests on CUDA (both extend kernels), then
+#       scripts/bench_extend.py, then the reference load test (0.25) for k4v4 with the default
+#       (FA3) extend kernel and with SGLANG_TQ_EXTEND_IMPL=triton (same-run A/B).
+#   bash scripts/gpu_evidence.sh <commit> ref1    # nvidia-h200 (one GPU): the reference load
+#       test (0.25) for bf16, fp8, k4v4 and k3v3, one server after another, one JSON.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -299,6 +305,27 @@ accuracy)
   { echo "== fidelity"; tail -40 "$LOGS/fidelity.log"; echo "== radix"; tail -30 "$LOGS/radix.log"
   } > "$OUT/summary.txt" 2>&1
   ;;
+prefill)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
+    -k "extend or dequant or backend" > "$OUT/pytest.log" 2>&1
+  timeout 120 python scripts/bench_extend.py --out "$OUT/bench_extend.json" > "$LOGS/bench_extend.log" 2>&1
+  # loadtest.py's start-up estimate (150 s) is an H100-era guess: bound by timeout instead
+  timeout 220 python scripts/loadtest.py --configs k4v4 "${LT[@]}" --out "$LOGS/lt_fa3.json" \
+    --log-dir "$LOGS/lt_fa3" > "$LOGS/lt_fa3.log" 2>&1
+  SGLANG_TQ_EXTEND_IMPL=triton timeout "$(left 575)" python scripts/loadtest.py --configs k4v4 \
+    "${LT[@]}" --out "$LOGS/lt_triton.json" --log-dir "$LOGS/lt_triton" > "$LOGS/lt_triton.log" 2>&1
+  cp "$LOGS"/lt_fa3.json "$LOGS"/lt_triton.json "$OUT"/ 2>/dev/null
+  { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== bench_extend"; cat "$LOGS/bench_extend.log"
+    for x in fa3 triton; do echo "== loadtest k4v4 $x"; tail -8 "$LOGS/lt_$x.log"; done
+  } > "$OUT/summary.txt" 2>&1
+  ;;
+ref1)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout "$(left 585)" python scripts/loadtest.py --configs k4v4,bf16,fp8,k3v3 "${LT[@]}" \
+    --out "$OUT/loadtest.json" --log-dir "$LOGS/lt" > "$LOGS/lt.log" 2>&1
+  { echo "== loadtest"; tail -25 "$LOGS/lt.log"; } > "$OUT/summary.txt" 2>&1
+  ;;
 all)
   M=$(model) || M=""
   SMALL=(--server-args "--mem-fraction-static 0.3")
@@ -332,7 +359,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac

@@ -8,6 +8,8 @@
 * ``SGLANG_TQ_DECODE_LAUNCH``: path of a decode launch table (the format of
   ``kernels/decode_launch.json``, written by ``scripts/tune_decode.py``) used
   instead of the packaged one, e.g. to benchmark a fresh tuning before committing it.
+* ``SGLANG_TQ_EXTEND_IMPL``: the prefill (extend) attention kernel, ``fa3`` or
+  ``triton``, instead of the default (``kernels/tq_extend.py``), e.g. for an A/B run.
 """
 
 from __future__ import annotations
@@ -25,3 +27,8 @@ def commit_override() -> str | None:
 
 def decode_launch_file() -> str | None:
     return os.environ.get("SGLANG_TQ_DECODE_LAUNCH") or None
+
+
+def extend_impl_override() -> str | None:
+    """``SGLANG_TQ_EXTEND_IMPL`` (fa3 or triton): the prefill attention kernel, for A/B runs."""
+    return os.environ.get("SGLANG_TQ_EXTEND_IMPL") or None

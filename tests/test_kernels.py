@@ -18,7 +18,8 @@ from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_
                                          rotate_query, rotate_query_ref,
                                          tq_decode, tq_decode_ref)
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
-from sglang_tq.kernels.tq_extend import dedup_prefix, tq_extend, tq_extend_ref
+from sglang_tq.kernels.tq_extend import (dedup_prefix, default_extend_impl, extend_kv_table,
+                                         tq_extend, tq_extend_ref)
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
 from sglang_tq.packing import unpack
 
@@ -266,6 +267,17 @@ def _extend_inputs(head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_
     return codec, bufs, q, k, v, qo, kv_indptr, prefix_slots, chunk_slots if packed_chunk else None
 
 
+IS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.fixture(params=["triton", pytest.param("fa3", marks=pytest.mark.gpu)])
+def impl(request):
+    """The extend path's attention kernel: SGLang's Triton kernel, or FA3 on Hopper."""
+    if request.param == "fa3" and not IS_HOPPER:
+        pytest.skip("sgl-kernel's FA3 runs on Hopper (sm90) only")
+    return request.param
+
+
 EXTEND_CASES = (
     [(64, kb, vb, gqa) for (kb, vb), gqa in zip(BIT_PAIRS, itertools.cycle((4, 1, 8)))]
     + [(128, 4, 4, 4), (256, 3, 3, 2)]
@@ -274,14 +286,14 @@ EXTEND_CASES = (
 
 @pytest.mark.parametrize("packed_chunk", [False, True])
 @pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", EXTEND_CASES)
-def test_extend_matches_reference(head_dim, k_bits, v_bits, gqa, packed_chunk, device):
+def test_extend_matches_reference(head_dim, k_bits, v_bits, gqa, packed_chunk, device, impl):
     prefix = (0, 17, 97) + ((1000,) if HAS_CUDA else ())
     chunk = (5, 1, 40) + ((300,) if HAS_CUDA else ())
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, chunk_slots = _extend_inputs(
         head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk)
     out = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5,
                     max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
-                    chunk_slots=chunk_slots)
+                    chunk_slots=chunk_slots, impl=impl)
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5)
     ref = tq_extend_ref(*args, chunk_slots=chunk_slots)
     torch_err = _rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
@@ -299,10 +311,39 @@ def test_dedup_prefix_maps_every_position_to_its_slot(device):
     assert int(dd.index.max()) == count - 1
 
 
+def test_extend_kv_table_lists_prefix_rows_then_chunk_rows():
+    qo = torch.tensor([0, 2, 5, 6], dtype=torch.int32)  # chunks of 2, 3, 1
+    kv_indptr = torch.tensor([0, 3, 3, 5], dtype=torch.int32)  # prefixes of 3, 0, 2
+    prefix_index = torch.tensor([4, 0, 2, 1, 3])  # prefix position -> distinct row
+    table, lens = extend_kv_table(qo, kv_indptr, prefix_index, 5, 11, max_kv_len=6)
+    assert lens.tolist() == [5, 3, 3] and table.dtype == lens.dtype == torch.int32
+    want = [[4, 0, 2, 5, 6], [7, 8, 9], [1, 3, 10]]
+    for b, rows in enumerate(want):
+        assert table[b, : len(rows)].tolist() == rows
+    assert 0 <= int(table.min()) and int(table.max()) <= 10
+
+
+def test_extend_impl_choice_and_refusals(monkeypatch):
+    cpu = torch.device("cpu")
+    assert default_extend_impl(cpu, torch.bfloat16) == "triton"
+    monkeypatch.setenv("SGLANG_TQ_EXTEND_IMPL", "fa2")
+    with pytest.raises(ValueError, match="SGLANG_TQ_EXTEND_IMPL must be one of fa3, triton"):
+        default_extend_impl(cpu, torch.bfloat16)
+    monkeypatch.setenv("SGLANG_TQ_EXTEND_IMPL", "triton")
+    assert default_extend_impl(cpu, torch.bfloat16) == "triton"
+    args = _extend_inputs(64, 4, 4, 2, cpu, (3,), (2,), False)
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = args
+    call = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 0.125)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        tq_extend(*call, max_extend_len=2, impl="flash")
+    with pytest.raises(ValueError, match="fa3 extend path needs bf16 or fp16 CUDA tensors"):
+        tq_extend(*call, max_extend_len=2, impl="fa3")
+
+
 @pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, packed_chunk",
                          [(64, 4, 3, 4, False), (128, 3, 4, 8, True)])
 def test_extend_with_shared_prefix_matches_reference(head_dim, k_bits, v_bits, gqa, packed_chunk,
-                                                     device):
+                                                     device, impl):
     """Requests over one radix prefix list the same slots: each slot is decoded once and
     every request reads it through the dedup index, with the same result."""
     shared = 23 if HAS_CUDA else 11
@@ -317,22 +358,22 @@ def test_extend_with_shared_prefix_matches_reference(head_dim, k_bits, v_bits, g
     assert int(dedup_prefix(kv_indices).count) == shared + 5
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5)
     out = tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
-                    chunk_slots=chunk_slots, prefix_dedup=dedup_prefix(kv_indices))
+                    chunk_slots=chunk_slots, prefix_dedup=dedup_prefix(kv_indices), impl=impl)
     ref = tq_extend_ref(*args, chunk_slots=chunk_slots)
     torch_err = _rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
     assert _rel(out, ref) <= 2 * torch_err
     with pytest.raises(ValueError, match="prefix_dedup covers"):
         tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
-                  prefix_dedup=dedup_prefix(kv_indices[:-1]))
+                  prefix_dedup=dedup_prefix(kv_indices[:-1]), impl=impl)
 
 
 @pytest.mark.parametrize("logit_cap, window", [(20.0, 0), (0.0, 11)])
-def test_extend_softcap_and_sliding_window(logit_cap, window, device):
+def test_extend_softcap_and_sliding_window(logit_cap, window, device, impl):
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
         64, 4, 2, 2, device, (0, 30), (9, 33), False, seed=4)
     q = q * 4
     out = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5,
-                    max_extend_len=33, logit_cap=logit_cap, sliding_window=window)
+                    max_extend_len=33, logit_cap=logit_cap, sliding_window=window, impl=impl)
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
     kw = dict(logit_cap=logit_cap, sliding_window=window)
     ref = tq_extend_ref(*args, **kw)
@@ -341,25 +382,25 @@ def test_extend_softcap_and_sliding_window(logit_cap, window, device):
     assert _rel(tq_extend_ref(*args), ref) > 4 * torch_err, "the option must change the result"
 
 
-def test_extend_writes_into_given_out(device):
+def test_extend_writes_into_given_out(device, impl):
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
         64, 3, 4, 2, device, (6, 0), (4, 9), False, seed=5)
     wide = torch.full((q.shape[0], q.shape[1] * 64 + 8), float("nan"), dtype=q.dtype, device=q.device)
     out = wide[:, : q.shape[1] * 64].view(q.shape)
     got = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5, max_extend_len=9,
-                    out=out)
+                    out=out, impl=impl)
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
     ref = tq_extend_ref(*args)
     assert got is out and not out.isnan().any() and wide[:, -8:].isnan().all()
     assert _rel(out, ref) <= 2 * _rel(tq_extend_ref(*args, dtype=torch.bfloat16), ref)
 
 
-def test_extend_decode_consistency(device):
+def test_extend_decode_consistency(device, impl):
     """The last token of a packed-chunk extend equals a decode step over the same slots."""
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, chunk_slots = _extend_inputs(
         128, 4, 4, 4, device, (20,), (12,), True, seed=8)
     ext = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 128**-0.5,
-                    max_extend_len=12, chunk_slots=chunk_slots)
+                    max_extend_len=12, chunk_slots=chunk_slots, impl=impl)
     all_slots = torch.cat([kv_indices, chunk_slots])
     all_indptr = torch.tensor([0, 32], dtype=torch.int32, device=q.device)
     dec = _run_decode(q[-1:], bufs, all_indptr, all_slots, codec, max_splits=2)
