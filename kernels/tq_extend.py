@@ -36,6 +36,7 @@ Two attention kernels run over the dense rows (``impl``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -53,15 +54,26 @@ EXTEND_IMPLS = ("fa3", "triton")
 
 def default_extend_impl(device: torch.device, dtype: torch.dtype) -> str:
     """The attention kernel :func:`tq_extend` runs for queries of ``dtype`` on ``device``
-    when not told: FA3 for bf16/fp16 on Hopper (sm90), SGLang's Triton extend kernel
-    elsewhere; ``SGLANG_TQ_EXTEND_IMPL`` overrides it."""
+    when not told: FA3 for bf16/fp16 on Hopper (sm90) where sgl-kernel ships it, SGLang's
+    Triton extend kernel elsewhere (both exact; the KV format is the same);
+    ``SGLANG_TQ_EXTEND_IMPL`` overrides it."""
     forced = extend_impl_override()
     if forced is not None:
         return _check_impl(forced, "SGLANG_TQ_EXTEND_IMPL")
     if (triton_interpreting() or device.type != "cuda"
-            or dtype not in (torch.float16, torch.bfloat16)):
+            or dtype not in (torch.float16, torch.bfloat16)
+            or torch.cuda.get_device_capability(device)[0] != 9):
         return "triton"
-    return "fa3" if torch.cuda.get_device_capability(device)[0] == 9 else "triton"
+    return "fa3" if _fa3_importable() else "triton"
+
+
+@functools.lru_cache(maxsize=None)
+def _fa3_importable() -> bool:
+    try:
+        _fa3()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _check_impl(impl: str, where: str) -> str:

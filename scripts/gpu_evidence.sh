@@ -66,6 +66,7 @@ export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT="${1:-unknown}"
 MODE="${2:-all}"
 # shellcheck source=/dev/null
 source scripts/gpu_host_setup.sh > "$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 1; }
+bash scripts/stage_fa3.sh install >> "$OUT/setup.log" 2>&1 || { tail -5 "$OUT/setup.log"; exit 1; }
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 T0=$(date +%s)

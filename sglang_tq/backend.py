@@ -36,6 +36,7 @@ so a batch of one may use up to 64 splits in the memory a batch of 64 uses for 8
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Optional
 
 import torch
@@ -55,6 +56,7 @@ from .pool import TQTokenToKVPool
 _tq_decode = torch.compiler.disable(tq_decode)
 _tq_extend = torch.compiler.disable(tq_extend)
 _DEFAULT_NUM_SMS = 132
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,8 @@ class TQAttnBackend(TritonAttnBackend):
         self._max_kv_len: Optional[int] = None
         self._mixed: Optional[_MixedSplit] = None
         self.extend_impl = default_extend_impl(torch.device(self.device), self.out_dtype)
+        logger.info("sglang-tq: prefill attention over the dequantized prefix runs %s.",
+                    "sgl-kernel's FA3" if self.extend_impl == "fa3" else "SGLang's Triton extend kernel")
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
         self._fixed_splits = self.max_kv_splits if pool.cfg.bf16_layers else None
         self.compile_prefix_path()
