@@ -197,6 +197,7 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
 
     if impl == "fa3":
         varlen, paged = _fa3()
+        qo_indptr = qo_indptr.to(torch.int32)  # FA3 takes int32 offsets (SGLang's are int64)
         window = (sliding_window - 1, 0) if sliding_window > 0 else (-1, -1)
         o = out if out.is_contiguous() else torch.empty_like(q)
         kw = dict(softmax_scale=sm_scale, causal=True, window_size=window, softcap=logit_cap, out=o)

@@ -48,10 +48,11 @@
 #                copy of sglang_tq with its kernels in .gpu_bundle/ab/old, carried, put
 #                first on PYTHONPATH); GPU 2 the kernel tests on CUDA; GPU 3 the reference
 #                load test (0.25) for k3v3.
-#   bash scripts/gpu_evidence.sh <commit> prefill # nvidia-h200 (one GPU), after an extend-path change:
-#       the extend, dequant and backend tests on CUDA (both extend kernels), then
-#       scripts/bench_extend.py, then the reference load test (0.25) for k4v4 with the default
-#       (FA3) extend kernel and with SGLANG_TQ_EXTEND_IMPL=triton (same-run A/B).
+#   bash scripts/gpu_evidence.sh <commit> prefill # nvidia-h200 (one GPU), after an extend-path change
+#       (FA3 staged first: scripts/stage_fa3.sh): the FA3 extend and backend tests on CUDA, then
+#       the reference load test (0.25) for k4v4, bf16 and fp8, one server after another.
+#   bash scripts/gpu_evidence.sh <commit> sp1     # nvidia-h200 (one GPU): the shared-prefix load test
+#       (0.45) for k4v4 and fp8, then the reference load test (0.25) for k3v3.
 #   bash scripts/gpu_evidence.sh <commit> ref1    # nvidia-h200 (one GPU): the reference load
 #       test (0.25) for bf16, fp8, k4v4 and k3v3, one server after another, one JSON.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
@@ -308,24 +309,24 @@ accuracy)
   ;;
 prefill)
   export CUDA_VISIBLE_DEVICES=0
-  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
-    -k "extend or dequant or backend" > "$OUT/pytest.log" 2>&1
-  timeout 120 python scripts/bench_extend.py --out "$OUT/bench_extend.json" > "$LOGS/bench_extend.log" 2>&1
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
+    -k "fa3 or impl or backend" > "$OUT/pytest.log" 2>&1
   # loadtest.py's start-up estimate (150 s) is an H100-era guess: bound by timeout instead
-  timeout 220 python scripts/loadtest.py --configs k4v4 "${LT[@]}" --out "$LOGS/lt_fa3.json" \
-    --log-dir "$LOGS/lt_fa3" > "$LOGS/lt_fa3.log" 2>&1
-  SGLANG_TQ_EXTEND_IMPL=triton timeout "$(left 575)" python scripts/loadtest.py --configs k4v4 \
-    "${LT[@]}" --out "$LOGS/lt_triton.json" --log-dir "$LOGS/lt_triton" > "$LOGS/lt_triton.log" 2>&1
-  cp "$LOGS"/lt_fa3.json "$LOGS"/lt_triton.json "$OUT"/ 2>/dev/null
-  { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== bench_extend"; cat "$LOGS/bench_extend.log"
-    for x in fa3 triton; do echo "== loadtest k4v4 $x"; tail -8 "$LOGS/lt_$x.log"; done
-  } > "$OUT/summary.txt" 2>&1
-  ;;
-ref1)
-  export CUDA_VISIBLE_DEVICES=0
-  timeout "$(left 585)" python scripts/loadtest.py --configs k4v4,bf16,fp8,k3v3 "${LT[@]}" \
+  timeout "$(left 585)" python scripts/loadtest.py --configs k4v4,bf16,fp8 "${LT[@]}" \
     --out "$OUT/loadtest.json" --log-dir "$LOGS/lt" > "$LOGS/lt.log" 2>&1
-  { echo "== loadtest"; tail -25 "$LOGS/lt.log"; } > "$OUT/summary.txt" 2>&1
+  { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== loadtest"; tail -14 "$LOGS/lt.log"
+    grep -h "prefill attention" "$LOGS"/lt/*.log; } > "$OUT/summary.txt" 2>&1
+  ;;
+sp1)
+  export CUDA_VISIBLE_DEVICES=0
+  SPX=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
+       --extra-server-args=--cuda-graph-max-bs-decode=64)
+  timeout "$(left 380)" python scripts/loadtest.py --configs k4v4,fp8 "${SPX[@]}" \
+    --out "$OUT/loadtest_sp.json" --log-dir "$LOGS/sp" > "$LOGS/sp.log" 2>&1
+  timeout "$(left 585)" python scripts/loadtest.py --configs k3v3 "${LT[@]}" \
+    --out "$OUT/loadtest_k3v3.json" --log-dir "$LOGS/lt" > "$LOGS/lt.log" 2>&1
+  { echo "== shared prefix"; tail -12 "$LOGS/sp.log"; echo "== k3v3"; tail -8 "$LOGS/lt.log"
+  } > "$OUT/summary.txt" 2>&1
   ;;
 all)
   M=$(model) || M=""

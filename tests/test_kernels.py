@@ -323,21 +323,22 @@ def test_extend_kv_table_lists_prefix_rows_then_chunk_rows():
     assert 0 <= int(table.min()) and int(table.max()) <= 10
 
 
-def test_extend_impl_choice_and_refusals(monkeypatch):
+def test_extend_impl_choice_and_refusals(monkeypatch, device):
     cpu = torch.device("cpu")
     assert default_extend_impl(cpu, torch.bfloat16) == "triton"
+    assert default_extend_impl(device, torch.float32) == "triton"
     monkeypatch.setenv("SGLANG_TQ_EXTEND_IMPL", "fa2")
     with pytest.raises(ValueError, match="SGLANG_TQ_EXTEND_IMPL must be one of fa3, triton"):
         default_extend_impl(cpu, torch.bfloat16)
     monkeypatch.setenv("SGLANG_TQ_EXTEND_IMPL", "triton")
-    assert default_extend_impl(cpu, torch.bfloat16) == "triton"
-    args = _extend_inputs(64, 4, 4, 2, cpu, (3,), (2,), False)
-    codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = args
+    assert default_extend_impl(device, torch.bfloat16) == "triton"
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
+        64, 4, 4, 2, device, (3,), (2,), False)
     call = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 0.125)
     with pytest.raises(ValueError, match="impl must be one of"):
         tq_extend(*call, max_extend_len=2, impl="flash")
     with pytest.raises(ValueError, match="fa3 extend path needs bf16 or fp16 CUDA tensors"):
-        tq_extend(*call, max_extend_len=2, impl="fa3")
+        tq_extend(q.float(), *call[1:], max_extend_len=2, impl="fa3")
 
 
 @pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, packed_chunk",
