@@ -4,7 +4,7 @@ Prefill is compute-bound: every query block of a chunk visits the whole prefix,
 so decoding codes inside the attention loop would repeat the codebook lookup
 once per query block and per query head. Instead the prefix (radix-cache hit or
 earlier chunks) is dequantized once per token and KV head into a dense
-[N, Hkv, D] buffer, and SGLang's own extend kernel attends to it
+[N, Hkv, D] buffer, and an exact attention kernel attends to it
 (``tq_extend.py``); only the few-MB scratch buffer lives between the two.
 
 Per token and KV head (TurboQuant Alg. 1, DeQuant): x̃ = r · Πᵀ c[idx] (+ μ for keys

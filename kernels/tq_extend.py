@@ -11,13 +11,13 @@ For each sequence, the new chunk's queries attend to
 Prefill is compute-bound, unlike decode: each query block of the chunk visits the
 whole prefix, so the prefix is dequantized once per token and KV head
 (``tq_dequant.py``, codes → codebook → Πᵀ on tensor cores) into a dense scratch
-buffer and SGLang's own Triton extend kernel (``extend_attention_fwd``, pinned
-with SGLang) attends to it with the chunk. The scratch holds the prefix of one
-layer at a time: 2 · Hkv · D · 2 bytes per prefix token (4 KiB at Llama-3.1-8B).
+buffer, and an exact attention kernel (FA3 or SGLang's Triton extend kernel, below)
+attends to it with the chunk. The scratch holds the prefix of one layer at a time:
+2 · Hkv · D · 2 bytes per prefix token (4 KiB at Llama-3.1-8B).
 
 Requests of one batch that hit the same radix prefix list the same slots; each slot
 is decoded once (:func:`dedup_prefix`: a sort, no host sync, so CUDA graphs can hold
-it) and the extend kernel reads every request's prefix through an index into the
+it) and the attention kernel reads every request's prefix through an index into the
 deduplicated scratch. A batch of n requests over one shared prefix decodes it once,
 not n times.
 

@@ -12,8 +12,8 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
 * extend (prefill, chunked prefill, radix hits): the new K/V are quantized into
   the cache first, then ``tq_extend`` dequantizes the packed prefix once per
   slot (a batch of requests over one radix prefix decodes it once; the dedup is
-  computed with the batch's metadata) and runs SGLang's extend kernel over it plus
-  the chunk in bf16, or, with
+  computed with the batch's metadata) and runs FA3 (Hopper, where sgl-kernel ships
+  it) or SGLang's Triton extend kernel over it plus the chunk in bf16, or, with
   ``--kv-quant-packed-prefill``, plus the chunk read back from the packed cache,
   so a cold prefill sees the same values a warm radix hit would; the prefix
   dequant is compiled when the backend is built (:meth:`TQAttnBackend.compile_prefix_path`),
