@@ -231,6 +231,10 @@ def test_kv_flags_and_loopback():
     assert lt.kv_server_flags("bf16") == ["--attention-backend", "triton"]
     assert lt.kv_server_flags("fp8") == ["--attention-backend", "triton", "--kv-cache-dtype", "fp8_e4m3"]
     assert lt.kv_server_flags("k3v3") == ["--kv-quant", "turboquant", "--kv-quant-bits", "k3v3"]
+    assert lt.kv_server_flags("bf16-fa3") == ["--attention-backend", "fa3"]
+    assert lt.kv_server_flags("fp8-fa3") == ["--attention-backend", "fa3", "--kv-cache-dtype", "fp8_e4m3"]
+    with pytest.raises(ValueError, match="unknown KV config 'bf16-flashinfer'"):
+        lt.kv_server_flags("bf16-flashinfer")
     with pytest.raises(ValueError):
         lt.kv_server_flags("int8")
     assert lt._check_loopback("http://127.0.0.1:1/") == "http://127.0.0.1:1"
