@@ -57,14 +57,20 @@ def default_extend_impl(device: torch.device, dtype: torch.dtype) -> str:
     when not told: FA3 for bf16/fp16 on Hopper (sm90) where sgl-kernel ships it, SGLang's
     Triton extend kernel elsewhere (both exact; the KV format is the same);
     ``SGLANG_TQ_EXTEND_IMPL`` overrides it."""
+    usable = _fa3_usable(device, dtype)
     forced = extend_impl_override()
-    if forced is not None:
-        return _check_impl(forced, "SGLANG_TQ_EXTEND_IMPL")
-    if (triton_interpreting() or device.type != "cuda"
-            or dtype not in (torch.float16, torch.bfloat16)
-            or torch.cuda.get_device_capability(device)[0] != 9):
-        return "triton"
-    return "fa3" if _fa3_importable() else "triton"
+    if forced is None:
+        return "fa3" if usable else "triton"
+    if _check_impl(forced, "SGLANG_TQ_EXTEND_IMPL") == "fa3" and not usable:
+        raise ValueError("SGLANG_TQ_EXTEND_IMPL=fa3 needs bf16 or fp16 on a Hopper GPU with "
+                         "sgl-kernel's FA3 library; unset it or set it to triton.")
+    return forced
+
+
+def _fa3_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    return (not triton_interpreting() and device.type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(device)[0] == 9 and _fa3_importable())
 
 
 @functools.lru_cache(maxsize=None)

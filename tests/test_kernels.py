@@ -330,6 +330,9 @@ def test_extend_impl_choice_and_refusals(monkeypatch, device):
     monkeypatch.setenv("SGLANG_TQ_EXTEND_IMPL", "fa2")
     with pytest.raises(ValueError, match="SGLANG_TQ_EXTEND_IMPL must be one of fa3, triton"):
         default_extend_impl(cpu, torch.bfloat16)
+    monkeypatch.setenv("SGLANG_TQ_EXTEND_IMPL", "fa3")
+    with pytest.raises(ValueError, match="SGLANG_TQ_EXTEND_IMPL=fa3 needs bf16 or fp16 on a Hopper"):
+        default_extend_impl(cpu, torch.bfloat16)
     monkeypatch.setenv("SGLANG_TQ_EXTEND_IMPL", "triton")
     assert default_extend_impl(device, torch.bfloat16) == "triton"
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
