@@ -109,9 +109,10 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
     else:
         k, v = out
         for t in (k, v):
-            if t.shape != (n, hkv, d) or t.stride(2) != 1 or t.device != k_codes.device:
-                raise ValueError(f"out must be two [{n}, {hkv}, {d}] tensors on {k_codes.device} "
-                                 f"with unit stride in the last dimension.")
+            if (t.shape != (n, hkv, d) or t.stride(2) != 1 or t.device != k_codes.device
+                    or t.dtype != dtype):
+                raise ValueError(f"out must be two [{n}, {hkv}, {d}] {dtype} tensors on "
+                                 f"{k_codes.device} with unit stride in the last dimension.")
     if n == 0:
         return k, v
     _tq_dequant_kernel[(triton.cdiv(n, block_n), hkv)](

@@ -27,7 +27,8 @@ Two attention kernels run over the dense rows (``impl``):
   kernel SGLang's own default prefill runs there. A chunk without a prefix is one
   varlen causal call over its bf16 K/V; with a prefix, the chunk's rows follow the
   deduplicated prefix rows in one scratch, and a page table of page size 1
-  (:func:`extend_kv_table`) lists each sequence's rows, prefix first, so one causal
+  (:func:`extend_kv_table`, built with the batch's :class:`PrefixDedup`) lists each
+  sequence's rows, prefix first, so one causal
   call (aligned to the last key) covers both. Prefill is GEMM-bound, but attention
   is ~10% of a 6k-token prompt's FLOPs, and this kernel runs them faster;
 * ``"triton"``: SGLang's Triton extend kernel (everywhere else, and the interpreter).
@@ -57,14 +58,10 @@ def default_extend_impl(device: torch.device, dtype: torch.dtype) -> str:
     when not told: FA3 for bf16/fp16 on Hopper (sm90) where sgl-kernel ships it, SGLang's
     Triton extend kernel elsewhere (both exact; the KV format is the same);
     ``SGLANG_TQ_EXTEND_IMPL`` overrides it."""
-    usable = _fa3_usable(device, dtype)
     forced = extend_impl_override()
     if forced is None:
-        return "fa3" if usable else "triton"
-    if _check_impl(forced, "SGLANG_TQ_EXTEND_IMPL") == "fa3" and not usable:
-        raise ValueError("SGLANG_TQ_EXTEND_IMPL=fa3 needs bf16 or fp16 on a Hopper GPU with "
-                         "sgl-kernel's FA3 library; unset it or set it to triton.")
-    return forced
+        return "fa3" if _fa3_usable(device, dtype) else "triton"
+    return _check_impl(forced, "SGLANG_TQ_EXTEND_IMPL", device, dtype)
 
 
 def _fa3_usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -82,9 +79,13 @@ def _fa3_importable() -> bool:
     return True
 
 
-def _check_impl(impl: str, where: str) -> str:
+def _check_impl(impl: str, where: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``impl`` if it is known and runs for ``dtype`` on ``device``; else one sentence."""
     if impl not in EXTEND_IMPLS:
         raise ValueError(f"{where} must be one of {', '.join(EXTEND_IMPLS)}, got {impl!r}.")
+    if impl == "fa3" and not _fa3_usable(device, dtype):
+        raise ValueError(f"{where}=fa3 needs bf16 or fp16 on a Hopper GPU with sgl-kernel's "
+                         f"FA3 library, got {dtype} on {device}; use triton.")
     return impl
 
 
@@ -102,8 +103,10 @@ class PrefixDedup:
     """The prefix slots of a batch with repeats removed, all on the device."""
 
     slots: torch.Tensor  # [N]: the distinct slots first (ascending), then padding
-    count: torch.Tensor  # int32 [1]: how many distinct slots
+    count: torch.Tensor | None  # int32 [1]: how many distinct slots (None: all of them)
     index: torch.Tensor  # int64 [N]: prefix position i -> its row in ``slots``
+    # the fa3 path's (page table, key lengths) of the batch (:func:`with_kv_table`)
+    kv_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def dedup_prefix(prefix_slots: torch.Tensor) -> PrefixDedup:
@@ -120,30 +123,41 @@ def dedup_prefix(prefix_slots: torch.Tensor) -> PrefixDedup:
     return PrefixDedup(slots, (rank[-1:] + 1).to(torch.int32), index)
 
 
-def extend_kv_table(qo_indptr, kv_indptr, prefix_index, num_prefix_rows: int, num_rows: int,
-                    max_kv_len: int):
-    """Page table (page size 1) of each sequence's keys in a scratch of ``num_rows`` rows:
-    ``num_prefix_rows`` prefix rows, then the chunk's rows in ``qo_indptr`` order.
+def extend_kv_table(qo_indptr, kv_indptr, prefix_index, max_kv_len: int):
+    """Page table (page size 1) of each sequence's keys in a scratch that holds the N =
+    ``prefix_index.numel()`` prefix rows, then the chunk's rows in ``qo_indptr`` order.
 
     Key j of sequence b is prefix row ``prefix_index[kv_indptr[b] + j]`` for j below its
-    prefix length, else chunk row ``num_prefix_rows + qo_indptr[b] + j - prefix_len``.
-    Returns (table int32 [B, max_kv_len], key lengths int32 [B]); entries past a
-    sequence's length point at a valid row and are never read."""
+    prefix length, else chunk row ``N + qo_indptr[b] + j - prefix_len``. Returns (table
+    int32 [B, max_kv_len], key lengths int32 [B]); entries past a sequence's length point
+    at a row of the scratch and are never read. No host sync."""
+    n = prefix_index.numel()
     pre = (kv_indptr[1:] - kv_indptr[:-1]).long()[:, None]
     j = torch.arange(max_kv_len, device=qo_indptr.device)[None, :]
-    row = num_prefix_rows + qo_indptr[:-1].long()[:, None] + (j - pre)
-    if prefix_index.numel():
-        at = (kv_indptr[:-1].long()[:, None] + j).clamp_(max=prefix_index.numel() - 1)
+    row = n + qo_indptr[:-1].long()[:, None] + (j - pre)
+    if n:
+        at = (kv_indptr[:-1].long()[:, None] + j).clamp_(max=n - 1)
         row = torch.where(j < pre, prefix_index[at], row)
+    row = torch.minimum(row.clamp_(min=0), n + qo_indptr[-1:].long() - 1)
     lens = (kv_indptr[1:] - kv_indptr[:-1]) + (qo_indptr[1:] - qo_indptr[:-1])
-    return row.clamp_(0, num_rows - 1).to(torch.int32), lens.to(torch.int32)
+    return row.to(torch.int32), lens.to(torch.int32)
+
+
+def with_kv_table(dd: PrefixDedup, qo_indptr, kv_indptr, max_kv_len: int | None) -> PrefixDedup:
+    """``dd`` with the fa3 path's page table of its batch (:func:`extend_kv_table`), so that
+    every layer shares one; ``max_kv_len`` ≥ every prefix + chunk length from host metadata
+    (None: one device sync)."""
+    if max_kv_len is None:
+        max_kv_len = int((kv_indptr.diff() + qo_indptr.diff()).max())
+    return dataclasses.replace(dd, kv_table=extend_kv_table(qo_indptr, kv_indptr, dd.index,
+                                                            max_kv_len))
 
 
 def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,
               codec: LayerCodec, sm_scale: float, *, max_extend_len: int,
               num_prefix_tokens: int | None = None, chunk_slots=None, logit_cap: float = 0.0,
               sliding_window: int = 0, prefix_dedup: PrefixDedup | None = None, out=None,
-              impl: str | None = None, max_kv_len: int | None = None, kv_table=None):
+              impl: str | None = None, max_kv_len: int | None = None):
     """Causal attention of new tokens over a packed prefix plus themselves.
 
     q [T, Hq, D], k/v [T, Hkv, D]: the new tokens of all sequences, concatenated
@@ -158,10 +172,9 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     ``out`` [T, Hq, D] when given, else returns a new tensor in q's dtype.
 
     ``impl`` picks the attention kernel ("fa3" or "triton"; default
-    :func:`default_extend_impl`). The fa3 path over a prefix also takes ``max_kv_len``
-    ≥ every prefix + chunk length (host metadata, else one device sync) and
-    ``kv_table`` = :func:`extend_kv_table` of the batch, computed once for all layers
-    (else here).
+    :func:`default_extend_impl`). Over a prefix the fa3 path reads its page table from
+    ``prefix_dedup`` (:func:`with_kv_table`, once for all layers), else builds it here
+    with ``max_kv_len`` ≥ every prefix + chunk length (host metadata, else a device sync).
     """
     t = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -172,10 +185,8 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         raise ValueError(f"kv_indptr must have {bsz + 1} entries like qo_indptr.")
     if chunk_slots is not None and chunk_slots.shape != (t,):
         raise ValueError(f"chunk_slots must hold one slot per new token ({t}).")
-    impl = default_extend_impl(q.device, q.dtype) if impl is None else _check_impl(impl, "impl")
-    if impl == "fa3" and (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)):
-        raise ValueError(f"the fa3 extend path needs bf16 or fp16 CUDA tensors, got {q.dtype} on "
-                         f"{q.device}; use impl='triton'.")
+    impl = (default_extend_impl(q.device, q.dtype) if impl is None
+            else _check_impl(impl, "impl", q.device, q.dtype))
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape:
@@ -190,12 +201,11 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         if dd.index.shape != (num_prefix_tokens,):
             raise ValueError(f"prefix_dedup covers {dd.index.numel()} prefix tokens, the batch "
                              f"has {num_prefix_tokens}; build it from this batch's kv_indices.")
-        prefix_slots, count, prefix_index = dd.slots, dd.count, dd.index
     else:
-        prefix_slots, count, prefix_index = kv_indices[:0], None, kv_indices[:0].long()
+        dd = None
     # The interpreter has no bf16 arithmetic: there SGLang's kernel runs in fp32.
     work = torch.float32 if triton_interpreting() else q.dtype
-    n = prefix_slots.numel()
+    n = num_prefix_tokens
 
     def dequant(slots, c=None, rows=None):
         return tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype=work, count=c,
@@ -214,17 +224,15 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         else:  # -- [distinct prefix rows; chunk rows], one page-table call
             k_all = torch.empty(n + t, hkv, d, dtype=work, device=q.device)
             v_all = torch.empty_like(k_all)
-            dequant(prefix_slots, count, (k_all[:n], v_all[:n]))
+            dequant(dd.slots, dd.count, (k_all[:n], v_all[:n]))
             if chunk_slots is not None:
                 dequant(chunk_slots, None, (k_all[n:], v_all[n:]))
             else:
                 k_all[n:].copy_(k)
                 v_all[n:].copy_(v)
-            if kv_table is None:
-                if max_kv_len is None:
-                    max_kv_len = int((kv_indptr.diff() + qo_indptr.diff()).max())
-                kv_table = extend_kv_table(qo_indptr, kv_indptr, prefix_index, n, n + t, max_kv_len)
-            table, lens = kv_table
+            if dd.kv_table is None:
+                dd = with_kv_table(dd, qo_indptr, kv_indptr, max_kv_len)
+            table, lens = dd.kv_table
             paged(q, k_all.unsqueeze(1), v_all.unsqueeze(1), page_table=table, cache_seqlens=lens,
                   cu_seqlens_q=qo_indptr, max_seqlen_q=max_extend_len, **kw)
         if o is not out:
@@ -233,14 +241,16 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
 
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
-    k_pre, v_pre = dequant(prefix_slots, count)
+    if dd is None:
+        dd = PrefixDedup(kv_indices[:0], None, kv_indices[:0].long())
+    k_pre, v_pre = dequant(dd.slots, dd.count)
     if chunk_slots is not None:
         k, v = dequant(chunk_slots)
     o = out if work == q.dtype and out.is_contiguous() else torch.empty(q.shape, dtype=work,
                                                                           device=q.device)
     extend_attention_fwd(
         q.to(work).contiguous(), k.to(work).contiguous(), v.to(work).contiguous(), o, k_pre, v_pre,
-        qo_indptr, kv_indptr, prefix_index, None, True, None,
+        qo_indptr, kv_indptr, dd.index, None, True, None,
         max_extend_len, 1.0, 1.0, sm_scale, logit_cap=logit_cap,
         # SGLang's window counts the keys before the query; ours includes the query
         sliding_window_size=sliding_window - 1 if sliding_window > 0 else -1,

@@ -48,8 +48,8 @@ from . import refusals
 from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
                                 split_ceiling, tq_decode)
 from .kernels.tq_dequant import tq_dequant
-from .kernels.tq_extend import (PrefixDedup, dedup_prefix, default_extend_impl, extend_kv_table,
-                                tq_extend)
+from .kernels.tq_extend import (PrefixDedup, dedup_prefix, default_extend_impl, tq_extend,
+                                with_kv_table)
 from .pool import TQTokenToKVPool
 
 # SGLang wraps its own Triton launchers the same way: no torch.compile tracing.
@@ -111,8 +111,6 @@ class TQAttnBackend(TritonAttnBackend):
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
         self._prefix_dedup: Optional[PrefixDedup] = None
-        self._kv_table: Optional[tuple] = None
-        self._max_kv_len: Optional[int] = None
         self._mixed: Optional[_MixedSplit] = None
         self.extend_impl = default_extend_impl(torch.device(self.device), self.out_dtype)
         logger.info("sglang-tq: prefill attention over the dequantized prefix runs %s.",
@@ -165,19 +163,22 @@ class TQAttnBackend(TritonAttnBackend):
         super().init_forward_metadata(forward_batch)
         mode = forward_batch.forward_mode
         self._prefix_dedup = None
-        self._kv_table = None
-        self._max_kv_len = None
         self._mixed = None
         if mode.is_decode_or_idle():
             self._use_eager_workspace(forward_batch.batch_size)
         else:
-            self._max_kv_len = _max_kv_len(forward_batch)
             if mode.is_mixed():
                 self._mixed = self._split_mixed(forward_batch)
-            n = (_num_prefix_tokens(forward_batch) if self._mixed is None
-                 else self._mixed.extend_prefix_tokens)
+            md = self.forward_metadata
+            n, b = ((_num_prefix_tokens(forward_batch), md.qo_indptr.numel() - 1)
+                    if self._mixed is None
+                    else (self._mixed.extend_prefix_tokens, self._mixed.num_extend))
             if n:  # every layer of this batch reads the prefix through the same dedup
-                self._prefix_dedup = dedup_prefix(self.forward_metadata.kv_indices[:n])
+                dd = dedup_prefix(md.kv_indices[:n])
+                if self.extend_impl == "fa3":  # and the same page table
+                    dd = with_kv_table(dd, md.qo_indptr[: b + 1], md.kv_indptr[: b + 1],
+                                       _max_kv_len(forward_batch))
+                self._prefix_dedup = dd
 
     def _use_eager_workspace(self, bs: int) -> None:
         if self._eager_ws is None or self._eager_ws.q_rot.shape[0] < bs:
@@ -223,8 +224,6 @@ class TQAttnBackend(TritonAttnBackend):
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
         self._decode_ws = self._graph_ws
         self._prefix_dedup = None  # an extend here builds its own (tq_extend), never a stale one
-        self._kv_table = None
-        self._max_kv_len = None
         self._mixed = None
 
     # -- attention -----------------------------------------------------------------
@@ -301,19 +300,12 @@ class TQAttnBackend(TritonAttnBackend):
         dd = self._prefix_dedup
         if dd is not None and dd.index.numel() != n:
             dd = None
-        if self.extend_impl == "fa3" and dd is not None and self._kv_table is None:
-            # one page table per batch for every layer (the fa3 path over a prefix)
-            self._kv_table = extend_kv_table(md.qo_indptr[: b + 1], md.kv_indptr[: b + 1],
-                                             dd.index, n, n + t, self._max_kv_len or
-                                             int((md.kv_indptr[: b + 1].diff()
-                                                  + md.qo_indptr[: b + 1].diff()).max()))
         _tq_extend(
             q[:t], k[:t], v[:t], packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
             md.qo_indptr[: b + 1], md.kv_indptr[: b + 1], md.kv_indices, packed.codec,
             layer.scaling, max_extend_len=md.max_extend_len, num_prefix_tokens=n,
             prefix_dedup=dd, chunk_slots=forward_batch.out_cache_loc[:t] if self.packed_prefill else None,
             logit_cap=_logit_cap(layer), out=o3[:t], impl=self.extend_impl,
-            max_kv_len=self._max_kv_len, kv_table=self._kv_table if dd is not None else None,
         )
         return o
 
@@ -326,8 +318,7 @@ def _num_prefix_tokens(forward_batch) -> Optional[int]:
 
 def _max_kv_len(forward_batch) -> Optional[int]:
     """Longest prefix + new tokens of an extend batch from host metadata (None if absent)."""
-    pre = getattr(forward_batch, "extend_prefix_lens_cpu", None)
-    ext = getattr(forward_batch, "extend_seq_lens_cpu", None)
+    pre, ext = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
     if pre is None or ext is None or len(pre) == 0:
         return None
     return max(int(p) + int(e) for p, e in zip(pre, ext))

@@ -19,7 +19,7 @@ from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_
                                          tq_decode, tq_decode_ref)
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import (dedup_prefix, default_extend_impl, extend_kv_table,
-                                         tq_extend, tq_extend_ref)
+                                         tq_extend, tq_extend_ref, with_kv_table)
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
 from sglang_tq.packing import unpack
 
@@ -315,12 +315,16 @@ def test_extend_kv_table_lists_prefix_rows_then_chunk_rows():
     qo = torch.tensor([0, 2, 5, 6], dtype=torch.int32)  # chunks of 2, 3, 1
     kv_indptr = torch.tensor([0, 3, 3, 5], dtype=torch.int32)  # prefixes of 3, 0, 2
     prefix_index = torch.tensor([4, 0, 2, 1, 3])  # prefix position -> distinct row
-    table, lens = extend_kv_table(qo, kv_indptr, prefix_index, 5, 11, max_kv_len=6)
+    table, lens = extend_kv_table(qo, kv_indptr, prefix_index, max_kv_len=6)
     assert lens.tolist() == [5, 3, 3] and table.dtype == lens.dtype == torch.int32
     want = [[4, 0, 2, 5, 6], [7, 8, 9], [1, 3, 10]]
     for b, rows in enumerate(want):
         assert table[b, : len(rows)].tolist() == rows
     assert 0 <= int(table.min()) and int(table.max()) <= 10
+    # the batch's dedup carries the same table, its width from the device when not given
+    dd = with_kv_table(dedup_prefix(torch.tensor([9, 3, 7, 5, 8])), qo, kv_indptr, None)
+    assert dd.kv_table[0].shape == (3, 5) and dd.kv_table[1].tolist() == [5, 3, 3]
+    assert torch.equal(dd.kv_table[0], extend_kv_table(qo, kv_indptr, dd.index, 5)[0])
 
 
 def test_extend_impl_choice_and_refusals(monkeypatch, device):
@@ -340,7 +344,7 @@ def test_extend_impl_choice_and_refusals(monkeypatch, device):
     call = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 0.125)
     with pytest.raises(ValueError, match="impl must be one of"):
         tq_extend(*call, max_extend_len=2, impl="flash")
-    with pytest.raises(ValueError, match="fa3 extend path needs bf16 or fp16 CUDA tensors"):
+    with pytest.raises(ValueError, match="impl=fa3 needs bf16 or fp16 on a Hopper GPU"):
         tq_extend(q.float(), *call[1:], max_extend_len=2, impl="fa3")
 
 
@@ -450,6 +454,22 @@ def test_dequant_count_on_device_decodes_only_the_leading_slots(device):
     assert torch.equal(k[:37], k_all[:37]) and torch.equal(v[:37], v_all[:37])
     with pytest.raises(ValueError, match="count must be"):
         tq_dequant(*bufs, slots, codec, count=count.long())
+
+
+def test_dequant_writes_into_given_rows(device):
+    """``out`` rows at the head of a larger buffer (the fa3 extend scratch) get exactly the
+    values of a fresh dequant, and the rows after them stay untouched."""
+    codec = LayerCodec.create(128, 3, 4, seed=6, device=device)
+    bufs = _filled_pool(codec, 40, 2, device, seed=6)
+    slots = torch.randperm(40, generator=torch.Generator().manual_seed(7))[:23].to(device)
+    k_all = torch.full((30, 2, 128), float("nan"), device=device)
+    v_all = torch.full_like(k_all, float("nan"))
+    tq_dequant(*bufs, slots, codec, dtype=torch.float32, out=(k_all[:23], v_all[:23]))
+    k, v = tq_dequant(*bufs, slots, codec, dtype=torch.float32)
+    assert torch.equal(k_all[:23], k) and torch.equal(v_all[:23], v)
+    assert k_all[23:].isnan().all() and v_all[23:].isnan().all()
+    with pytest.raises(ValueError, match="out must be two"):
+        tq_dequant(*bufs, slots, codec, dtype=torch.bfloat16, out=(k_all[:23], v_all[:23]))
 
 
 def test_dequant_refuses_bad_slots():
