@@ -322,6 +322,11 @@ ROTATE_KERNEL_ELEMS = 128 * 1024
 VECTOR_MERGE_SPLITS = 16
 
 
+def _register_cap(maxnreg: int) -> dict:
+    """Launch options for a register cap (none for 0; the interpreter has no registers)."""
+    return {"maxnreg": maxnreg} if maxnreg and not triton_interpreting() else {}
+
+
 def _block_h(gqa: int, heads_n: bool = False) -> int:
     """Rows of the GQA group's tiles: the tensor-core tile's wide side (16) holds the heads,
     or with ``heads_n`` its narrow side (8)."""
@@ -338,13 +343,17 @@ class DecodeLaunch:
     prefetch: bool = True  # load the next tile's codes while computing this one
     num_stages: int = 2  # Triton's software pipelining depth (acts when prefetch is off)
     heads_n: bool = False  # solve the transposed problem (GQA group as the dots' N side)
+    # registers per thread ptxas may use (0: its own choice). Uncapped, ptxas takes 205-255
+    # for one-warp tiles, which leaves 8 warps per SM; a cap trades a few spills for residency
+    maxnreg: int = 0
 
     def __post_init__(self):
         if self.block_n not in (16, 32, 64, 128, 256) or self.num_warps not in (1, 2, 4, 8) \
-                or not 1 <= self.programs_per_sm <= 64 or not 1 <= self.num_stages <= 4:
+                or not 1 <= self.programs_per_sm <= 64 or not 1 <= self.num_stages <= 4 \
+                or not (self.maxnreg == 0 or 32 <= self.maxnreg <= 255):
             raise ValueError(f"invalid decode launch {self}: block_n must be a power of two in "
                              "16..256, num_warps 1, 2, 4 or 8, programs_per_sm 1..64, "
-                             "num_stages 1..4.")
+                             "num_stages 1..4, maxnreg 0 (no cap) or 32..255.")
 
 
 LAUNCH_TABLE = Path(__file__).with_name("decode_launch.json")
@@ -414,7 +423,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
               logit_cap: float = 0.0, sliding_window: int = 0,
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-              prefetch: bool | None = None, heads_n: bool | None = None, out=None):
+              prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
+              out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -441,6 +451,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     prefetch = launch.prefetch if prefetch is None else prefetch
     num_stages = num_stages or launch.num_stages
     heads_n = launch.heads_n if heads_n is None else heads_n
+    maxnreg = launch.maxnreg if maxnreg is None else maxnreg
     q_rot = ws.q_rot[:bsz]
     mid_o, mid_lse = ws.partials(bsz, max_kv_splits)
     if out is None:
@@ -466,6 +477,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
         PREFETCH=int(prefetch), HEADS_N=int(heads_n), num_warps=num_warps, num_stages=num_stages,
+        **_register_cap(maxnreg),
     )
     _tq_decode_stage2[(bsz, hkv)](
         mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,

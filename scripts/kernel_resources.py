@@ -60,7 +60,7 @@ def loop_mix(sass: str) -> dict:
 
 
 def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages, sass_dir=None,
-                   prefetch=1, heads_n=0):
+                   prefetch=1, heads_n=0, maxnreg=0):
     fn = dec._tq_decode_stage1
     codec = LayerCodec.create(head_dim, k_bits, v_bits)
     sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa, heads_n), HEAD_DIM=head_dim,
@@ -81,7 +81,8 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
         fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
         attrs=attrs)
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages,
+                                       **({"maxnreg": maxnreg} if maxnreg else {})))
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
@@ -96,10 +97,11 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
     if sass_dir:
         os.makedirs(sass_dir, exist_ok=True)
         name = (f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}_p{prefetch}"
-                f"_h{heads_n}.sass")
+                f"_h{heads_n}_r{maxnreg}.sass")
         with open(os.path.join(sass_dir, name), "w") as f:
             f.write(sass)
     return {"regs": int(regs[1]) if regs else None, "spill_bytes": int(spill[1]) if spill else None,
+            "shared_bytes": kern.metadata.shared,
             "sass_lines": sass.count("\n"), **counts, **loop_mix(sass)}
 
 
@@ -114,17 +116,19 @@ def main() -> None:
     ap.add_argument("--prefetch", default="1", help="1 (register prefetch of the next tile), 0, or 1,0")
     ap.add_argument("--heads-n", default="0",
                     help="1 (the GQA group as the dots' N side: the transposed problem), 0, or 0,1")
+    ap.add_argument("--maxnreg", default="0",
+                    help="register cap per thread handed to ptxas (0: none), or a list, e.g. 0,128,168")
     ap.add_argument("--out")
     ap.add_argument("--sass-dir", help="also write each variant's SASS listing here")
     args = ap.parse_args()
     rows = []
     grid = itertools.product(args.kv.split(","), *(map(int, x.split(",")) for x in
                                                     (args.block_n, args.num_warps, args.num_stages,
-                                                     args.prefetch, args.heads_n)))
-    for kv, bn, nw, ns, pf, hn in grid:
+                                                     args.prefetch, args.heads_n, args.maxnreg)))
+    for kv, bn, nw, ns, pf, hn, mr in grid:
         r = {"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns, "prefetch": pf, "heads_n": hn,
-             **compile_stage1(args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw, ns,
-                              args.sass_dir, pf, hn)}
+             "maxnreg": mr, **compile_stage1(args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw,
+                                             ns, args.sass_dir, pf, hn, mr)}
         rows.append(r)
         print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     if args.out:

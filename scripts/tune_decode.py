@@ -42,7 +42,8 @@ def parse_ints(text: str, name: str) -> list[int]:
         raise SystemExit(f"{name}: expected a comma list of integers, got '{text}'.") from None
 
 
-LAUNCH_KEYS = ("block_n", "num_warps", "programs_per_sm", "prefetch", "num_stages", "heads_n")
+LAUNCH_KEYS = ("block_n", "num_warps", "programs_per_sm", "prefetch", "num_stages", "heads_n",
+               "maxnreg")
 
 
 def parse_tiles(text: str) -> list[tuple[int, int]]:
@@ -56,13 +57,14 @@ def parse_tiles(text: str) -> list[tuple[int, int]]:
     return tiles
 
 
-def launch_grid(tiles, programs_per_sm, prefetch, num_stages, heads_n=(0,)) -> list[dict]:
+def launch_grid(tiles, programs_per_sm, prefetch, num_stages, heads_n=(0,), maxnreg=(0,)) -> list[dict]:
     """Every launch to time; pipelining depth only varies without the register prefetch
     (with it, the loads feed inline asm and Triton's pipeliner leaves them alone)."""
     grid = []
-    for (bn, nw), pps, pf, hn in itertools.product(tiles, programs_per_sm, prefetch, heads_n):
+    for (bn, nw), pps, pf, hn, mr in itertools.product(tiles, programs_per_sm, prefetch, heads_n,
+                                                        maxnreg):
         for ns in (num_stages if not pf else num_stages[:1]):
-            grid.append(dict(zip(LAUNCH_KEYS, (bn, nw, pps, bool(pf), ns, bool(hn)))))
+            grid.append(dict(zip(LAUNCH_KEYS, (bn, nw, pps, bool(pf), ns, bool(hn), mr))))
     return grid
 
 
@@ -71,7 +73,8 @@ def choose(rows: list[dict], shapes: list[str]) -> dict | None:
     by_cfg: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if "ms" in r:
-            by_cfg.setdefault(tuple(r[k] for k in LAUNCH_KEYS), {})[r["shape"]] = r["ms"]
+            # rows timed before a knob existed ran at its default (maxnreg 0: no cap)
+            by_cfg.setdefault(tuple(r.get(k, 0) for k in LAUNCH_KEYS), {})[r["shape"]] = r["ms"]
     full = {cfg: t for cfg, t in by_cfg.items() if all(s in t for s in shapes)}
     if not full:
         return None
@@ -133,7 +136,7 @@ def tune(args) -> int:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     grid = launch_grid(parse_tiles(args.tiles), parse_ints(args.programs_per_sm, "--programs-per-sm"),
                        parse_ints(args.prefetch, "--prefetch"), parse_ints(args.num_stages, "--num-stages"),
-                       parse_ints(args.heads_n, "--heads-n"))
+                       parse_ints(args.heads_n, "--heads-n"), parse_ints(args.maxnreg, "--maxnreg"))
     shapes = args.shapes.split(",")
     t0 = time.time()
     rows, winners = [], {}
@@ -163,7 +166,8 @@ def tune(args) -> int:
                                            num_kv_splits=splits, max_kv_splits=args.max_kv_splits,
                                            workspace=ws, block_n=launch.block_n,
                                            num_warps=launch.num_warps, prefetch=launch.prefetch,
-                                           num_stages=launch.num_stages, heads_n=launch.heads_n)
+                                           num_stages=launch.num_stages, heads_n=launch.heads_n,
+                                           maxnreg=launch.maxnreg)
                 try:
                     fn()
                     ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
@@ -174,7 +178,8 @@ def tune(args) -> int:
                     row.update(ms=ms, tbps=nbytes / ms / 1e9)
                     print(f"{kv} {shape:>9} d={d} bn={launch.block_n:<3} warps={launch.num_warps} "
                           f"pps={launch.programs_per_sm:<2} prefetch={int(launch.prefetch)} "
-                          f"stages={launch.num_stages} heads_n={int(launch.heads_n)} splits={row['splits']:<2} "
+                          f"stages={launch.num_stages} heads_n={int(launch.heads_n)} "
+                          f"maxnreg={launch.maxnreg:<3} splits={row['splits']:<2} "
                           f"{ms:8.4f} ms  {nbytes / ms / 1e9:6.3f} TB/s", flush=True)
                 kv_rows.append(row)
             del bufs, indices
@@ -187,7 +192,8 @@ def tune(args) -> int:
                 save_winners(args.write_table, torch.cuda.get_device_name(), d, {kv: win})
             print(f"BEST {kv} d={d}: block_n {win['block_n']} warps {win['num_warps']} "
                   f"programs/SM {win['programs_per_sm']} prefetch {int(win['prefetch'])} "
-                  f"stages {win['num_stages']} heads_n {int(win['heads_n'])}: " + ", ".join(
+                  f"stages {win['num_stages']} heads_n {int(win['heads_n'])} "
+                  f"maxnreg {win['maxnreg']}: " + ", ".join(
                       f"{s} {win['ms'][s]:.4f} (best {win['best_ms_per_shape'][s]:.4f})" for s in shapes),
                   flush=True)
     prov = provenance()
@@ -216,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-stages", default="2,3", help="pipelining depths tried without prefetch")
     ap.add_argument("--heads-n", default="0,1",
                     help="1: the transposed problem (GQA group as the dots' N side); 0: heads as rows")
+    ap.add_argument("--maxnreg", default="0",
+                    help="register caps per thread to try (0: ptxas's choice); a cap lets more "
+                         "one-warp programs share an SM, e.g. 0,168,128")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--max-kv-splits", type=int, default=32)
     ap.add_argument("--out", help="JSON with every timing")

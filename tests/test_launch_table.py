@@ -109,6 +109,12 @@ def test_tuner_grid_varies_pipelining_only_without_prefetch():
     assert {g["num_stages"] for g in grid if g["prefetch"]} == {2}
     assert {g["num_stages"] for g in grid if not g["prefetch"]} == {2, 3}
     assert all(dec.DecodeLaunch(**g) for g in grid)
+    assert {g["maxnreg"] for g in grid} == {0}
+    capped = tune_decode.launch_grid([(32, 1)], [12], [0], [3], [1], [0, 168])
+    assert [g["maxnreg"] for g in capped] == [0, 168]
+    assert dec.DecodeLaunch(**capped[1]).maxnreg == 168
+    with pytest.raises(ValueError, match="maxnreg"):
+        dec.DecodeLaunch(32, 1, 12, maxnreg=16)
     with pytest.raises(SystemExit, match="BLOCKxWARPS"):
         tune_decode.parse_tiles("64,2")
 
