@@ -2,7 +2,8 @@
 
 One launch handles K and V of N tokens (grid axis 2 picks K or V, each with its
 own constexpr bit width). Per token and KV head (TurboQuant Alg. 1):
-rotate y = Πx on tensor cores, r = ‖y‖, u = y/r, index = number of Lloyd-Max
+rotate y = Πx on tensor cores (tf32x3: three tf32 products, about fp32's precision,
+instead of an fp32 FMA loop), r = ‖y‖, u = y/r, index = number of Lloyd-Max
 thresholds below u, its sign-magnitude code (``quantizer.code_of_index``), pack
 into the split-plane layout, scatter codes and the fp16 norm to the token's
 slot. Πᵀ arrives with its columns already in the kernel's packing order
@@ -37,7 +38,7 @@ def _quantize_tile(
         if HAS_CENTER:
             x -= tl.load(Center + head * HEAD_DIM + c0 + offs_c)[None, :]
         pit = tl.load(PiT + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :])
-        y += tl.dot(x, pit, input_precision="ieee")
+        y += tl.dot(x, pit, input_precision="tf32x3")
     # -- norm and unit vector
     r = tl.sqrt(tl.sum(y * y, axis=1))
     u = y / tl.maximum(r, 1e-30)[:, None]

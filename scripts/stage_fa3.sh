@@ -21,7 +21,8 @@ dst="${FA3_STAGE:-/tmp/fa3}"
 site="${GPU_SITE:-/tmp/site}"
 case "${1:-}" in
 make)
-  lib="$(python -c 'import os, sgl_kernel; print(os.path.dirname(sgl_kernel.__file__))')/flash_ops.abi3.so"
+  # locate the package without importing it: sgl_kernel's import needs libcuda
+  lib="$(python -c 'import importlib.util as u; print(u.find_spec("sgl_kernel").submodule_search_locations[0])')/flash_ops.abi3.so"
   mkdir -p "$src" && rm -f "$src"/flash_ops.so.xz.part*
   xz -T0 -6 -c "$lib" | tee >(sha256sum | cut -d' ' -f1 > "$src/SHA256") \
     | split -b 50000000 -d -a 1 - "$src/flash_ops.so.xz.part"
