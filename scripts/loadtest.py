@@ -1,45 +1,88 @@
-"""End-to-end load test: bf16, fp8 and TurboQuant KV at the same --mem-fraction-static.
+"""End-to-end load test: TurboQuant KV against what a user would run instead, at the same memory.
 
 Each KV config gets a fresh SGLang server (dummy weights, ``--skip-tokenizer-init``,
-127.0.0.1 only) and runs the selected workloads on it:
+127.0.0.1 only) and runs the selected workloads on it, one after the other.
 
-* ``reference`` -- the REFERENCE.md end-to-end load: 96 requests of 6000 random input
-  tokens and 400 output tokens at concurrency 64 (H100 baselines: bf16 920, fp8 1149
-  output tok/s; pools of 166k and 332k tokens at ``--mem-fraction-static 0.45``);
+Configs -> server flags (every server also gets the common flags below):
+
+    bf16          (no backend flag)          SGLang's default attention backend,
+    fp8           --kv-cache-dtype fp8_e4m3  fa3 on Hopper in SGLang 0.5.17
+    bf16-triton   --attention-backend triton                            SGLang's Triton backend
+    fp8-triton    --attention-backend triton --kv-cache-dtype fp8_e4m3  (REFERENCE.md's H100 setup)
+    bf16-fa3      --attention-backend fa3                               FA3 named explicitly
+    fp8-fa3       --attention-backend fa3 --kv-cache-dtype fp8_e4m3
+    kXvY          --kv-quant turboquant --kv-quant-bits kXvY            k4v4, k3v3, k4v2, ...
+
+``bf16`` and ``fp8`` are the baselines every ratio and target uses: SGLang with no
+``--attention-backend``, so it picks its own default for the GPU at hand
+(ServerArgs._get_default_attn_backend: fa3 on Hopper with CUDA >= 12.3, trtllm_mha on
+B200, else flashinfer or triton). Every result row records the backend the server
+really ran as ``backend``: ``attention_backend`` of the server's ``/server_info``
+(SGLang's resolved ServerArgs), else the start-up log line "Attention backend not
+specified. Use X backend by default.", else the flag; turboquant servers report
+``turboquant``.
+
+Common server flags, identical for every config: ``--mem-fraction-static``
+(default 0.25), ``--cuda-graph-max-bs-decode`` (``--cuda-graph-max-bs``, default 128;
+SGLang's ``--cuda-graph-max-bs`` is a deprecated alias of it), ``--stream-interval 1``
+(SGLang's default, explicit: one streamed chunk per decode step) and
+``--incremental-streaming-output`` (each chunk carries only its new token ids instead of
+all of them, which keeps a 4000-token stream from sending O(n^2) JSON; ``--cumulative-stream``
+turns it off). Prefill CUDA graphs stay on (SGLang's default): the script adds no
+``--disable-prefill-cuda-graph`` and refuses ``--extra-server-args`` that would turn
+them off or change a config's backend or KV dtype.
+
+Workloads (``--workloads``, default ``reference,long-gen,single-stream``):
+
+* ``reference`` -- 96 requests of 6000 random input tokens and 400 output tokens at
+  concurrency 64 (REFERENCE.md; H200, fa3: bf16 1227, fp8 1476 out tok/s);
+* ``long-gen`` -- 128 requests of 1000 input and 4000 output tokens at concurrency 128,
+  the reasoning-model case (H200, fa3: bf16 3786, fp8 5582 out tok/s);
+* ``single-stream`` -- one request at a time at 4096 and at 32768 input tokens
+  (``--ss-contexts``), 512 output tokens each, 3 requests per context
+  (``--ss-requests``); each context is its own result row, workload
+  ``single-stream-4k`` / ``single-stream-32k`` (H200, fa3: ITL p50 bf16 4.98 / 5.86 ms);
 * ``shared-prefix`` -- 4 prefixes x 4000 tokens, 128 requests per prefix (prefix + 200
-  unique tokens, 200 output tokens), requests interleaved across prefixes, concurrency
-  64. By default one request per prefix is sent first, untimed (1 output token), so
-  the timed phase measures serving from a warm radix cache; ``--sp-cold`` skips that.
+  unique tokens, 200 output tokens), interleaved across prefixes, concurrency 64. By
+  default one request per prefix is sent first, untimed (1 output token), so the timed
+  phase measures serving from a warm radix cache; ``--sp-cold`` skips that.
 
-Config -> server flags (all with the same ``--mem-fraction-static``):
-
-    bf16   --attention-backend triton
-    fp8    --attention-backend triton --kv-cache-dtype fp8_e4m3
-    kXvY   --kv-quant turboquant --kv-quant-bits kXvY     (k4v4, k3v3, k4v2, ...)
+``--quick`` shrinks every workload for smoke tests.
 
 Before each workload the client sends a few untimed requests of the workload's prompt
-length with 8 output tokens (kernel JIT warm-up) and then ``/flush_cache``, so every timed phase starts from an empty radix
+length with 8 output tokens (kernel JIT warm-up; single-stream: one request of the full
+context) and then ``/flush_cache``, so every timed phase starts from an empty radix
 cache. Requests are streaming ``/generate`` calls with ``input_ids`` (random ids in
-[1000, 30000), fixed seed: identical prompts for every config), ``ignore_eos``,
-greedy. TTFT = first streamed chunk carrying an output token; latency = the chunk
-with ``finish_reason``; output tokens = final ``meta_info.completion_tokens``; cache
-hit rate = sum(``meta_info.cached_tokens``) / sum(``meta_info.prompt_tokens``) over the
-timed requests. Throughput divides by the timed phase's wall time (first send to last
-finish). Percentiles interpolate linearly (numpy's default).
+[1000, 30000), fixed seed: identical prompts for every config), ``ignore_eos``, greedy.
+TTFT = arrival of the first chunk carrying an output token; latency = the chunk with
+``finish_reason``; output tokens = ``meta_info.completion_tokens``. ITL (inter-token
+latency) = the gaps between successive arrivals of a request's output tokens: a network
+read that brings n new tokens (one chunk carrying several tokens, or several chunks at
+once) after a gap g counts as n gaps of g/n, so ITL is per token; ``multi_token_chunks``
+counts such reads. ITL percentiles pool every token gap of the timed requests. Cache hit
+rate = sum(``cached_tokens``) / sum(``prompt_tokens``). Throughput divides by the timed
+phase's wall time (first send to last finish). Percentiles interpolate linearly (numpy's
+default).
 
-Results go to one JSON file (``--out``), rewritten after every (workload, kv), so a
-run cut short keeps what finished: top-level ``gpu``/``commit`` (provenance) and
-``results``, one object per (workload, kv). ``--append`` merges into an existing file
-(a new result replaces one with the same workload, variant and kv), so the GPU session
-can run one (workload, config) per command:
+Results go to one JSON file (``--out``), rewritten after every (workload, config), so a
+run cut short keeps what finished: top-level ``gpu``/``commit``, ``results`` (one object
+per workload, variant and config, with at least workload, kv, backend, out_tok_s,
+ttft_p50_s, itl_p50_ms, max_total_num_tokens, gpu, commit) and ``summary`` (ratios
+against the same file's ``bf16`` and ``fp8`` rows, the target checks, and the printed
+table as ``summary.text``). One GPU-host command may run at most 10 minutes, so run one
+config per command and ``--append`` into one file (a new result replaces one with the
+same workload, variant and config):
 
-    python scripts/loadtest.py --configs k4v4 --workloads reference --out r.json --append
+    python scripts/loadtest.py --configs bf16 --out lt.json --append --budget-s 570
+    python scripts/loadtest.py --configs fp8  --out lt.json --append --budget-s 570
+    python scripts/loadtest.py --configs k4v4 --out lt.json --append --budget-s 570
 
-or each command writes its own file and ``--merge a.json b.json --out all.json``
-combines them afterwards. ``--summarize`` only prints the table of a JSON file (ratios
-vs bf16 and fp8, target checks). ``--plan`` prints the plan and time estimate only.
-``--quick`` shrinks both workloads for smoke tests. ``--budget-s`` skips whatever would
-not finish in time (one GPU-host command may run at most 10 minutes).
+or let each command write its own file and ``--merge a.json b.json --out all.json``
+afterwards. ``--summarize`` prints the table of a JSON file (targets: reference >= 1.5x
+bf16 and >= 1.25x fp8 out tok/s; long-gen >= 2.0x bf16 and >= 1.4x fp8; single-stream
+ITL p50 <= bf16's at 4k and at 32k; shared-prefix TTFT p50 < fp8's). ``--plan`` prints
+the plan with each config's estimated seconds (H200 rates, start-up ~140 s) and exits.
+``--budget-s`` skips whatever would not finish in time.
 """
 
 from __future__ import annotations
@@ -80,54 +123,121 @@ except ImportError:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = str(ROOT / "scripts/model_configs/llama-3.1-8b")
-KV_ORDER = ("bf16", "fp8", "bf16-fa3", "fp8-fa3", "k4v4", "k3v3")
-WORKLOADS = ("reference", "shared-prefix")
+BASELINES = ("bf16", "fp8")  # SGLang's default backend: the denominators of every ratio
+KV_ORDER = ("bf16", "fp8", "bf16-triton", "fp8-triton", "bf16-fa3", "fp8-fa3", "k4v4", "k3v3")
+DEFAULT_CONFIGS = ("bf16", "fp8", "k4v4", "k3v3", "bf16-triton", "fp8-triton")
+WORKLOADS = ("reference", "long-gen", "single-stream", "shared-prefix")
+DEFAULT_WORKLOADS = ("reference", "long-gen", "single-stream")
 TOKEN_LO, TOKEN_HI = 1000, 30000
 _TQ_RE = re.compile(r"^k[2-4]v[2-4]$")
+_SS_RE = re.compile(r"^single-stream-(\d+)(k?)$")
+DEFAULT_MEM_FRACTION = 0.25
+DEFAULT_CUDA_GRAPH_MAX_BS = 128
+DEFAULT_BUDGET_HINT_S = 570  # one GPU-host command: 600 s
 
-# REFERENCE.md, H100, SGLang 0.5.17 Triton backend, dummy Llama-3.1-8B, mem 0.45.
+# Measured rates, for the README line under the reference table (REFERENCE.md).
 BASELINE_H100 = {"bf16": {"out_tok_s": 920, "pool": 166_000}, "fp8": {"out_tok_s": 1149, "pool": 332_000}}
+BASELINE_H200 = {  # Update 2026-12-02: one H200, fa3, mem 0.25, --cuda-graph-max-bs 128
+    "reference": {"bf16": 1227, "fp8": 1476, "k4v4": 1558},
+    "long-gen": {"bf16": 3786, "fp8": 5582, "k4v4": 5994},
+    "single-stream-4k": {"bf16": 4.98, "fp8": 5.07, "k4v4": 6.07},   # ITL p50 ms
+    "single-stream-32k": {"bf16": 5.86, "fp8": 5.84, "k4v4": 6.64},  # ITL p50 ms
+}
 
-# Rough device-time model for the printed plan (H100; an H200 is faster).
-EST_STARTUP_S = 150.0          # README: 145 s bf16, 109 s k4v4 (H200, prefill CG off)
-EST_WARMUP_S = 15.0            # JIT warm-up requests + flush
-EST_PREFILL_TOK_S = 12_000.0   # uncached prompt tokens per second
-EST_DECODE_TOK_S = {"bf16": 920.0, "fp8": 1149.0}  # reference-shaped load, measured
-EST_DECODE_TOK_S_DEFAULT = 1149.0                    # turboquant: assume fp8's rate
-EST_SP_DECODE_TOK_S = 2_000.0  # short contexts, everything fits
+# The issue's targets: every kXvY config against the default-backend bf16 / fp8 rows.
+THROUGHPUT_TARGETS = {"reference": (("bf16", 1.5), ("fp8", 1.25)),
+                      "long-gen": (("bf16", 2.0), ("fp8", 1.4))}
+ITL_TARGET_WORKLOADS = ("single-stream-4k", "single-stream-32k")  # ITL p50 <= bf16's
+
+# Device-time model for the plan and --budget-s (one H200, REFERENCE.md's update).
+EST_STARTUP_S = 140.0          # server start-up with prefill CUDA graphs on
+EST_WARMUP_S = 10.0            # per workload: JIT warm-up requests + flush
+EST_PREFILL_TOK_S = 12_000.0   # uncached prompt tokens per second, one long prompt
+EST_OUT_TOK_S = {              # out tok/s per workload and config family
+    "reference": {"bf16": 1227.0, "fp8": 1476.0, "tq": 1558.0},
+    "long-gen": {"bf16": 3786.0, "fp8": 5582.0, "tq": 6000.0},
+}
+EST_TRITON_FACTOR = 0.85       # SGLang's Triton backend against fa3 (d84bfea: 1048 vs 1227)
+EST_ITL_S = {"bf16": 0.0059, "fp8": 0.0059, "tq": 0.0066}  # single stream, 32k
+EST_SP_DECODE_TOK_S = 2_000.0  # shared-prefix: short contexts, everything fits
 
 
 # ----------------------------------------------------------------------------- configs
 
+# flags in --extra-server-args that would make a config label lie or turn prefill graphs off
+_REFUSED_EXTRA = ("--attention-backend", "--prefill-attention-backend", "--decode-attention-backend",
+                  "--kv-cache-dtype", "--kv-quant", "--kv-quant-bits", "--disable-prefill-cuda-graph",
+                  "--disable-cuda-graph", "--disable-piecewise-cuda-graph", "--cuda-graph-backend-prefill",
+                  "--stream-interval")
+
+
 def kv_server_flags(kv: str) -> list[str]:
-    """Server flags of one KV config label."""
-    # bf16 / fp8: SGLang's Triton backend, REFERENCE.md's baseline setup; the -fa3 variants
-    # run SGLang's FA3 backend (its Hopper default), the fastest stock prefill
-    base = {"bf16": [], "fp8": ["--kv-cache-dtype", "fp8_e4m3"]}
+    """Server flags of one KV config label (the common flags come from server_command)."""
+    dtype = {"bf16": [], "fp8": ["--kv-cache-dtype", "fp8_e4m3"]}
     name, _, backend = kv.partition("-")
-    if name in base and backend in ("", "fa3"):
-        return ["--attention-backend", backend or "triton", *base[name]]
+    if name in dtype and backend == "":
+        return list(dtype[name])  # SGLang's default backend: no --attention-backend at all
+    if name in dtype and backend in ("triton", "fa3"):
+        return ["--attention-backend", backend, *dtype[name]]
     if _TQ_RE.match(kv):
         return ["--kv-quant", "turboquant", "--kv-quant-bits", kv]
-    raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8, bf16-fa3, fp8-fa3 or kXvY "
-                     f"(e.g. k4v4, k3v3)")
+    raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
+                     f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3 or kXvY (e.g. k4v4, k3v3)")
+
+
+def expected_backend(kv: str) -> str | None:
+    """The backend a config's flags name, or None for SGLang's default choice."""
+    if _TQ_RE.match(kv):
+        return "turboquant"
+    flags = kv_server_flags(kv)
+    return flags[flags.index("--attention-backend") + 1] if "--attention-backend" in flags else None
 
 
 def kv_sort_key(kv: str):
     return (KV_ORDER.index(kv) if kv in KV_ORDER else len(KV_ORDER), kv)
 
 
+def _flag_value(cmd: list[str], *names: str):
+    """Value of the last occurrence of any of ``names`` in an argv (``--x v`` or ``--x=v``)."""
+    val = None
+    for i, a in enumerate(cmd):
+        for n in names:
+            if a == n and i + 1 < len(cmd):
+                val = cmd[i + 1]
+            elif a.startswith(n + "="):
+                val = a[len(n) + 1:]
+    return val
+
+
+def check_extra_server_args(extra: str) -> list[str]:
+    """shlex-split ``--extra-server-args``; refuse flags that belong to the configs."""
+    toks = shlex.split(extra or "")
+    for t in toks:
+        name = t.split("=", 1)[0]
+        if name in _REFUSED_EXTRA:
+            raise ValueError(f"--extra-server-args may not contain {name}: the configs own the backend, "
+                             f"KV dtype and streaming flags, and prefill CUDA graphs stay on in every "
+                             f"measured server")
+    return toks
+
+
 # ----------------------------------------------------------------------------- workloads
 
 @dataclass
 class Workload:
-    name: str
+    name: str                       # result rows' "workload" (single-stream: one per context)
     params: dict
     prompts: list[list[int]]
     output_len: int
     concurrency: int
     warm_prompts: list[list[int]] = field(default_factory=list)  # untimed, sent first
     variant: str = "default"
+    family: str = ""                # the --workloads name
+    warmup_requests: int | None = None  # JIT warm-up override (None: --warmup-requests)
+    warmup_len: int | None = None       # JIT warm-up prompt length (None: min(prompt, 8192))
+
+    def __post_init__(self):
+        self.family = self.family or self.name
 
     @property
     def label(self) -> str:
@@ -143,6 +253,12 @@ def _rand_ids(rng: random.Random, n: int) -> list[int]:
 
 REFERENCE_DEFAULTS = dict(num_requests=96, input_len=6000, output_len=400, concurrency=64)
 REFERENCE_QUICK = dict(num_requests=16, input_len=1024, output_len=32, concurrency=8)
+LONG_GEN_DEFAULTS = dict(num_requests=128, input_len=1000, output_len=4000, concurrency=128)
+LONG_GEN_QUICK = dict(num_requests=16, input_len=256, output_len=128, concurrency=16)
+SS_DEFAULTS = dict(num_requests=3, output_len=512)
+SS_QUICK = dict(num_requests=2, output_len=32)
+SS_CONTEXTS = (4096, 32768)
+SS_QUICK_CONTEXTS = (1024, 4096)
 SP_DEFAULTS = dict(num_prefixes=4, prefix_len=4000, requests_per_prefix=128, suffix_len=200,
                    output_len=200, concurrency=64, warm=True)
 SP_QUICK = dict(num_prefixes=2, prefix_len=1024, requests_per_prefix=8, suffix_len=64,
@@ -160,14 +276,42 @@ def _variant(params: dict, defaults: dict, quick: dict, is_quick: bool) -> str:
     return ("quick-" if is_quick else "") + "custom-" + digest
 
 
-def reference_workload(num_requests: int, input_len: int, output_len: int, concurrency: int,
-                       seed: int = 0, quick: bool = False) -> Workload:
+def _random_workload(name: str, defaults: dict, quick_defaults: dict, num_requests: int, input_len: int,
+                     output_len: int, concurrency: int, seed: int, quick: bool) -> Workload:
     params = dict(num_requests=num_requests, input_len=input_len, output_len=output_len,
                   concurrency=concurrency)
-    rng = random.Random(f"reference-{seed}")
+    rng = random.Random(f"{name}-{seed}")
     prompts = [_rand_ids(rng, input_len) for _ in range(num_requests)]
-    return Workload("reference", {**params, "seed": seed}, prompts, output_len, concurrency,
-                    variant=_variant(params, REFERENCE_DEFAULTS, REFERENCE_QUICK, quick))
+    return Workload(name, {**params, "seed": seed}, prompts, output_len, concurrency,
+                    variant=_variant(params, defaults, quick_defaults, quick))
+
+
+def reference_workload(num_requests: int, input_len: int, output_len: int, concurrency: int,
+                       seed: int = 0, quick: bool = False) -> Workload:
+    return _random_workload("reference", REFERENCE_DEFAULTS, REFERENCE_QUICK, num_requests, input_len,
+                            output_len, concurrency, seed, quick)
+
+
+def long_gen_workload(num_requests: int, input_len: int, output_len: int, concurrency: int,
+                      seed: int = 0, quick: bool = False) -> Workload:
+    return _random_workload("long-gen", LONG_GEN_DEFAULTS, LONG_GEN_QUICK, num_requests, input_len,
+                            output_len, concurrency, seed, quick)
+
+
+def single_stream_name(context: int) -> str:
+    return f"single-stream-{context // 1024}k" if context % 1024 == 0 else f"single-stream-{context}"
+
+
+def single_stream_workload(context: int, num_requests: int, output_len: int, seed: int = 0,
+                           quick: bool = False) -> Workload:
+    """One request at a time (concurrency 1) of ``context`` input tokens; one untimed
+    warm-up request of the same length first."""
+    params = dict(num_requests=num_requests, output_len=output_len)
+    rng = random.Random(f"single-stream-{context}-{seed}")
+    prompts = [_rand_ids(rng, context) for _ in range(num_requests)]
+    return Workload(single_stream_name(context), {"context": context, **params, "seed": seed}, prompts,
+                    output_len, 1, variant=_variant(params, SS_DEFAULTS, SS_QUICK, quick),
+                    family="single-stream", warmup_requests=1, warmup_len=context)
 
 
 def shared_prefix_workload(num_prefixes: int, prefix_len: int, requests_per_prefix: int,
@@ -187,38 +331,75 @@ def shared_prefix_workload(num_prefixes: int, prefix_len: int, requests_per_pref
                     variant=_variant(params, SP_DEFAULTS, SP_QUICK, quick))
 
 
+def _overrides(args, defaults: dict, prefix: str, names: dict | None = None) -> dict:
+    p = dict(defaults)
+    for k in p:
+        v = getattr(args, (names or {}).get(k, prefix + k), None)
+        if v is not None:
+            p[k] = v
+    return p
+
+
 def build_workloads(args) -> list[Workload]:
     out = []
+    q = args.quick
     for name in args.workloads:
         if name == "reference":
-            p = dict(REFERENCE_QUICK if args.quick else REFERENCE_DEFAULTS)
-            for k in p:
-                if getattr(args, k, None) is not None:
-                    p[k] = getattr(args, k)
-            out.append(reference_workload(**p, seed=args.seed, quick=args.quick))
+            p = _overrides(args, REFERENCE_QUICK if q else REFERENCE_DEFAULTS, "")
+            out.append(reference_workload(**p, seed=args.seed, quick=q))
+        elif name == "long-gen":
+            p = _overrides(args, LONG_GEN_QUICK if q else LONG_GEN_DEFAULTS, "lg_")
+            out.append(long_gen_workload(**p, seed=args.seed, quick=q))
+        elif name == "single-stream":
+            p = _overrides(args, SS_QUICK if q else SS_DEFAULTS, "ss_",
+                           {"num_requests": "ss_requests", "output_len": "ss_output_len"})
+            contexts = getattr(args, "ss_contexts", None) or (SS_QUICK_CONTEXTS if q else SS_CONTEXTS)
+            out += [single_stream_workload(c, **p, seed=args.seed, quick=q) for c in contexts]
         else:
-            p = dict(SP_QUICK if args.quick else SP_DEFAULTS)
-            for k in p:
-                v = getattr(args, "sp_" + k, None)
-                if v is not None:
-                    p[k] = v
+            p = _overrides(args, SP_QUICK if q else SP_DEFAULTS, "sp_")
             if args.sp_cold:
                 p["warm"] = False
-            out.append(shared_prefix_workload(**p, seed=args.seed, quick=args.quick))
+            out.append(shared_prefix_workload(**p, seed=args.seed, quick=q))
     return out
 
 
+def _est_family(kv: str) -> tuple[str, float]:
+    """(rate family, speed factor) of a config for the time model."""
+    if _TQ_RE.match(kv):
+        return "tq", 1.0
+    name, _, backend = kv.partition("-")
+    return name, (EST_TRITON_FACTOR if backend == "triton" else 1.0)
+
+
 def estimate_run_s(wl: Workload, kv: str) -> float:
-    """Rough seconds for one timed phase plus warm-up (H100 rates, see EST_*)."""
+    """Rough seconds for one workload's warm-up and timed phase (H200 rates, see EST_*)."""
+    fam, speed = _est_family(kv)
     n = len(wl.prompts)
     out_tokens = n * wl.output_len
-    if wl.name == "reference":
-        rate = EST_DECODE_TOK_S.get(kv, EST_DECODE_TOK_S_DEFAULT)
-        return EST_WARMUP_S + out_tokens / rate
+    if wl.family in EST_OUT_TOK_S:
+        return EST_WARMUP_S + out_tokens / (EST_OUT_TOK_S[wl.family][fam] * speed)
+    if wl.family == "single-stream":
+        ctx = wl.params["context"]
+        prefill = ctx / (EST_PREFILL_TOK_S * speed)
+        warm = prefill + 8 * EST_ITL_S[fam] / speed
+        return EST_WARMUP_S + warm + n * (prefill + wl.output_len * EST_ITL_S[fam] / speed)
     p = wl.params
     uncached = p["num_prefixes"] * p["prefix_len"] + n * p["suffix_len"]
     warm = p["num_prefixes"] * (p["prefix_len"] + p["suffix_len"]) / EST_PREFILL_TOK_S
     return EST_WARMUP_S + warm + uncached / EST_PREFILL_TOK_S + out_tokens / EST_SP_DECODE_TOK_S
+
+
+def estimate_config_s(workloads: list[Workload], kv: str, starts: int = 1) -> float:
+    return EST_STARTUP_S * starts + sum(estimate_run_s(w, kv) for w in workloads)
+
+
+def workload_sort_key(name: str):
+    """Result order: reference, long-gen, single-stream by context, shared-prefix, others."""
+    m = _SS_RE.match(name or "")
+    if m:
+        ctx = int(m.group(1)) * (1024 if m.group(2) else 1)
+        return (WORKLOADS.index("single-stream"), ctx, name)
+    return (WORKLOADS.index(name) if name in WORKLOADS else len(WORKLOADS), 0, name or "")
 
 
 # ----------------------------------------------------------------------------- client
@@ -236,6 +417,39 @@ class ReqResult:
     retractions: int = 0
     finish_reason: object = None
     error: str | None = None
+    incremental: bool = False      # chunks carry only their new output_ids
+    itl: list = field(default_factory=list)  # seconds between successive output tokens
+    arrivals: int = 0              # network reads that brought new tokens
+    multi_token_chunks: int = 0    # of those, reads that brought more than one token
+    max_chunk_tokens: int = 0
+    first_chunk_tokens: int = 0
+    _seen: int = 0
+    _last_t: float | None = None
+
+    def note_arrival(self, now: float) -> None:
+        """Tokens that arrived since the last call came in at ``now``; n new tokens after
+        a gap g are n inter-token gaps of g/n (the first arrival has no gap: TTFT)."""
+        n = self.completion_tokens - self._seen
+        if n <= 0:
+            return
+        self.arrivals += 1
+        self.max_chunk_tokens = max(self.max_chunk_tokens, n)
+        if self._last_t is None:
+            self.first_chunk_tokens = n
+        else:
+            if n > 1:
+                self.multi_token_chunks += 1
+            self.itl.extend([(now - self._last_t) / n] * n)
+        self._seen, self._last_t = self.completion_tokens, now
+
+
+def itl_from_arrivals(arrivals: list[tuple[float, int]]) -> ReqResult:
+    """Per-token ITL of one stream from (arrival time, cumulative output tokens) pairs."""
+    r = ReqResult()
+    for t, ntok in arrivals:
+        r.completion_tokens = max(r.completion_tokens, ntok)
+        r.note_arrival(t)
+    return r
 
 
 def _check_loopback(url: str) -> str:
@@ -271,9 +485,10 @@ def _handle_event(event: bytes, res: ReqResult, t0: float, now: float) -> bool:
             res.error = res.error or (err.get("message") if isinstance(err, dict) else str(err))
             continue
         meta = obj.get("meta_info") or {}
-        ntok = meta.get("completion_tokens")
+        ntok = meta.get("completion_tokens")  # cumulative in both streaming modes
         if ntok is None:
-            ntok = len(obj.get("output_ids") or [])
+            ids = obj.get("output_ids") or []
+            ntok = res.completion_tokens + len(ids) if res.incremental else len(ids)
         if res.ttft is None and ntok > 0:
             res.ttft = now - t0
         res.completion_tokens = max(res.completion_tokens, int(ntok))
@@ -293,7 +508,7 @@ def _handle_event(event: bytes, res: ReqResult, t0: float, now: float) -> bool:
 
 
 async def stream_generate(session, base_url: str, input_ids: list[int], max_new_tokens: int,
-                          ignore_eos: bool = True) -> ReqResult:
+                          ignore_eos: bool = True, incremental: bool = False) -> ReqResult:
     """One streaming /generate request; never raises (errors land in ReqResult.error)."""
     payload = {
         "input_ids": input_ids,
@@ -301,7 +516,7 @@ async def stream_generate(session, base_url: str, input_ids: list[int], max_new_
                             "ignore_eos": ignore_eos},
         "stream": True,
     }
-    res = ReqResult(input_len=len(input_ids))
+    res = ReqResult(input_len=len(input_ids), incremental=incremental)
     t0 = time.perf_counter()
     try:
         async with session.post(base_url + "/generate", json=payload) as resp:
@@ -316,8 +531,11 @@ async def stream_generate(session, base_url: str, input_ids: list[int], max_new_
                 while b"\n\n" in buf:
                     event, buf = buf.split(b"\n\n", 1)
                     _handle_event(event, res, t0, now)
+                res.note_arrival(now)  # everything parsed from this read arrived at `now`
             if buf.strip():
-                _handle_event(buf, res, t0, time.perf_counter())
+                now = time.perf_counter()
+                _handle_event(buf, res, t0, now)
+                res.note_arrival(now)
     except asyncio.CancelledError:
         res.error = res.error or "cancelled (timeout)"
         raise
@@ -339,6 +557,12 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     v = sorted(values)
+    return _sorted_percentile(v, q)
+
+
+def _sorted_percentile(v: list[float], q: float) -> float | None:
+    if not v:
+        return None
     pos = (len(v) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
@@ -357,10 +581,15 @@ def compute_stats(results: list[ReqResult | None], duration_s: float, num_reques
     lat = [r.latency for r in ok if r.latency is not None]
     tpot = [(r.latency - r.ttft) / (r.completion_tokens - 1) for r in ok
             if r.latency is not None and r.ttft is not None and r.completion_tokens > 1]
+    itl = sorted(g for r in ok for g in r.itl)
     out_tokens = sum(r.completion_tokens for r in ok)
     prompt_tokens = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
     d = duration_s if duration_s > 0 else float("nan")
+
+    def ms(x):
+        return None if x is None else round(x * 1e3, 3)
+
     stats = {
         "num_requests": num_requests,
         "completed": len(ok),
@@ -384,6 +613,15 @@ def compute_stats(results: list[ReqResult | None], duration_s: float, num_reques
         "lat_p99_s": _r(percentile(lat, 99)),
         "tpot_p50_s": _r(percentile(tpot, 50), 5),
         "tpot_p90_s": _r(percentile(tpot, 90), 5),
+        # per output token, pooled over the timed requests (see the module docstring)
+        "itl_mean_ms": ms(sum(itl) / len(itl) if itl else None),
+        "itl_p50_ms": ms(_sorted_percentile(itl, 50)),
+        "itl_p90_ms": ms(_sorted_percentile(itl, 90)),
+        "itl_p99_ms": ms(_sorted_percentile(itl, 99)),
+        "itl_tokens": len(itl),
+        "stream_chunks": sum(r.arrivals for r in ok),
+        "multi_token_chunks": sum(r.multi_token_chunks for r in ok),
+        "max_tokens_per_chunk": max((r.max_chunk_tokens for r in ok), default=0),
     }
     if expected_output_len is not None:
         stats["short_outputs"] = sum(1 for r in ok if r.completion_tokens != expected_output_len)
@@ -396,31 +634,41 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
                        progress_s: float = 10.0, label: str = "",
                        warmup_requests: int = 4, warmup_len: int | None = None,
                        flush: Callable[[], object] | None = None,
-                       log: Callable[[str], None] = print) -> dict:
-    """Warm up, flush, (prefix warm-up), then the timed phase; returns compute_stats + extras."""
+                       log: Callable[[str], None] = print, incremental: bool = False) -> dict:
+    """Warm up, flush, (prefix warm-up), then the timed phase; returns compute_stats + extras.
+
+    ``warmup_requests=0`` skips the JIT warm-up; otherwise the workload's own warm-up
+    (single-stream: one request of the full context) replaces the count and length."""
     import aiohttp
 
     base_url = _check_loopback(base_url)
+    if warmup_requests > 0 and wl.warmup_requests is not None:
+        warmup_requests = wl.warmup_requests
+    if warmup_len is None:
+        warmup_len = wl.warmup_len
     conn = aiohttp.TCPConnector(limit=max(wl.concurrency, warmup_requests, len(wl.warm_prompts)) + 4)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=max(timeout_s, 60))
     extra: dict = {}
+
+    def gen(ids, n):
+        return stream_generate(session, base_url, ids, n, incremental=incremental)
+
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         if warmup_requests > 0:  # JIT compile / first-launch costs, untimed, then flushed
             rng = random.Random("jit-warmup")  # prompts of the workload's length, never reused
             if warmup_len is None:
                 warmup_len = min(len(wl.prompts[0]), 8192) if wl.prompts else 256
             t = time.perf_counter()
-            ws = await asyncio.gather(*(stream_generate(session, base_url, _rand_ids(rng, warmup_len), 8)
-                                        for _ in range(warmup_requests)))
-            extra["jit_warmup"] = {"requests": warmup_requests, "ok": sum(r.ok for r in ws),
-                                   "s": round(time.perf_counter() - t, 2)}
+            ws = await asyncio.gather(*(gen(_rand_ids(rng, warmup_len), 8) for _ in range(warmup_requests)))
+            extra["jit_warmup"] = {"requests": warmup_requests, "input_len": warmup_len,
+                                   "ok": sum(r.ok for r in ws), "s": round(time.perf_counter() - t, 2)}
             if not any(r.ok for r in ws):
                 raise RuntimeError(f"warm-up requests failed: {ws[0].error}")
         if flush is not None:
             extra["flushed"] = await asyncio.get_running_loop().run_in_executor(None, flush)
         if wl.warm_prompts:  # shared-prefix: put every prefix in the radix cache, untimed
             t = time.perf_counter()
-            ws = await asyncio.gather(*(stream_generate(session, base_url, p, 1) for p in wl.warm_prompts))
+            ws = await asyncio.gather(*(gen(p, 1) for p in wl.warm_prompts))
             extra["prefix_warmup"] = {"requests": len(ws), "ok": sum(r.ok for r in ws),
                                       "s": round(time.perf_counter() - t, 2)}
 
@@ -432,7 +680,7 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
 
         async def one(i: int):
             async with sem:
-                r = await stream_generate(session, base_url, wl.prompts[i], wl.output_len)
+                r = await gen(wl.prompts[i], wl.output_len)
             results[i] = r
             finish_times.append(time.perf_counter())
 
@@ -506,8 +754,14 @@ def _set_pdeathsig():  # the server dies with us even if we are SIGKILLed (Linux
 
 SERVER_INFO_KEYS = ("max_total_num_tokens", "max_running_requests", "max_req_input_len",
                     "chunked_prefill_size", "max_prefill_tokens", "attention_backend",
+                    "prefill_attention_backend", "decode_attention_backend",
                     "kv_cache_dtype", "kv_quant", "kv_quant_bits", "page_size",
-                    "disable_radix_cache", "schedule_policy", "mem_fraction_static", "version")
+                    "disable_radix_cache", "schedule_policy", "mem_fraction_static",
+                    "cuda_graph_max_bs_decode", "disable_prefill_cuda_graph", "disable_cuda_graph",
+                    "cuda_graph_config", "stream_interval", "incremental_streaming_output", "version")
+# ServerArgs._attention_backend_default (sglang/srt/arg_groups/overrides.py) logs this
+# when no --attention-backend is given
+_DEFAULT_BACKEND_RE = re.compile(r"Attention backend not specified\. Use (\w+) backend by default")
 
 
 class Server:
@@ -565,6 +819,10 @@ class Server:
         out["available_gpu_mem_gb"] = float(m[-1]) if m else None
         return out
 
+    def default_backend_from_log(self) -> str | None:
+        m = _DEFAULT_BACKEND_RE.findall(self.log_text())
+        return m[-1] if m else None
+
     def info(self) -> dict:
         return _info_of(self.base_url)
 
@@ -619,15 +877,72 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def common_server_flags(args) -> list[str]:
+    """Flags every measured server gets, whatever its config."""
+    flags = ["--load-format", "dummy", "--skip-tokenizer-init",
+             "--mem-fraction-static", str(args.mem_fraction_static),
+             "--cuda-graph-max-bs-decode", str(args.cuda_graph_max_bs),
+             "--stream-interval", "1"]
+    if not args.cumulative_stream:
+        flags.append("--incremental-streaming-output")
+    return flags
+
+
 def server_command(args, kv: str, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", args.server_module, "--model-path", args.model_path,
-           "--load-format", "dummy", "--skip-tokenizer-init", "--host", "127.0.0.1",
-           "--port", str(port), "--mem-fraction-static", str(args.mem_fraction_static),
-           *kv_server_flags(kv)]
-    if not args.prefill_cuda_graph:
-        cmd.append("--disable-prefill-cuda-graph")
-    cmd += shlex.split(args.extra_server_args or "")
-    return cmd
+    return [sys.executable, "-m", args.server_module, "--model-path", args.model_path,
+            "--host", "127.0.0.1", "--port", str(port), *common_server_flags(args),
+            *kv_server_flags(kv), *check_extra_server_args(args.extra_server_args)]
+
+
+def detect_backend(kv: str, info: dict, log_default: str | None = None) -> dict:
+    """The attention backend a server ran: /server_info's resolved ``attention_backend``,
+    else the start-up log's default-backend line, else what the flags name."""
+    want = expected_backend(kv)
+    if info.get("attention_backend"):
+        backend, source = str(info["attention_backend"]), "server_info"
+    elif log_default and want is None:
+        backend, source = log_default, "server log"
+    elif want is not None:
+        backend, source = want, "flags"
+    else:
+        backend, source = "unknown", "none"
+    out = {"backend": backend, "backend_source": source,
+           "prefill_backend": info.get("prefill_attention_backend") or backend,
+           "decode_backend": info.get("decode_attention_backend") or backend}
+    if want is not None and backend != want:
+        out["backend_mismatch"] = f"flags name {want}, server ran {backend}"
+    return out
+
+
+def prefill_graph_state(info: dict, cmd: list[str] | None) -> bool | None:
+    """Were prefill CUDA graphs on? From the server's resolved cuda_graph_config where
+    it reports one, else from its flags; None if neither tells."""
+    cfg = info.get("cuda_graph_config")
+    if isinstance(cfg, dict) and isinstance(cfg.get("prefill"), dict) and "backend" in cfg["prefill"]:
+        return str(cfg["prefill"]["backend"]).lower() not in ("disabled", "backend.disabled")
+    if info.get("disable_prefill_cuda_graph") or info.get("disable_cuda_graph"):
+        return False
+    if cmd is not None:
+        return not any(a in ("--disable-prefill-cuda-graph", "--disable-cuda-graph") for a in cmd)
+    return None
+
+
+def server_settings(args, kv: str, cmd: list[str] | None, info: dict) -> dict:
+    """The settings a result row records (and the summary compares across configs)."""
+    gmb = info.get("cuda_graph_max_bs_decode")
+    if gmb is None and cmd is not None:
+        gmb = _flag_value(cmd, "--cuda-graph-max-bs-decode", "--cuda-graph-max-bs")
+    si = info.get("stream_interval")
+    if si is None and cmd is not None:
+        si = _flag_value(cmd, "--stream-interval")
+    inc = info.get("incremental_streaming_output")
+    if inc is None and cmd is not None:
+        inc = "--incremental-streaming-output" in cmd
+    return {"mem_fraction_static": info.get("mem_fraction_static") or args.mem_fraction_static,
+            "cuda_graph_max_bs": None if gmb is None else int(gmb),
+            "stream_interval": None if si is None else int(si),
+            "incremental_stream": inc,
+            "prefill_cuda_graph": prefill_graph_state(info, cmd)}
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -646,12 +961,32 @@ def get_provenance() -> dict:
                 "provenance_error": repr(exc)[:300]}
 
 
+def upgrade_row(r: dict) -> dict:
+    """Rows written before configs recorded ``backend`` (commit dde726b and earlier):
+    their ``bf16`` / ``fp8`` ran ``--attention-backend triton``, so they become
+    ``bf16-triton`` / ``fp8-triton`` and never stand in for the default-backend rows."""
+    if "backend" in r or not isinstance(r.get("kv"), str):
+        return r
+    flags = r.get("kv_flags") or []
+    named = flags[flags.index("--attention-backend") + 1] if "--attention-backend" in flags[:-1] else None
+    kv = r["kv"]
+    if kv in BASELINES and named:
+        r["kv"] = f"{kv}-{named}"
+    ran = (r.get("server_info") or {}).get("attention_backend")
+    r["backend"] = ran or named or ("turboquant" if _TQ_RE.match(kv) else "unknown")
+    r["backend_source"] = "server_info" if ran else "legacy kv_flags"
+    return r
+
+
 def load_doc(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return doc if isinstance(doc, dict) and isinstance(doc.get("results"), list) else {}
+    if not (isinstance(doc, dict) and isinstance(doc.get("results"), list)):
+        return {}
+    doc["results"] = [upgrade_row(r) for r in doc["results"] if isinstance(r, dict)]
+    return doc
 
 
 def result_key(r: dict) -> tuple:
@@ -659,17 +994,19 @@ def result_key(r: dict) -> tuple:
 
 
 def merge_result(doc: dict, res: dict) -> dict:
+    res = upgrade_row(res)
     doc["results"] = [r for r in doc.get("results", []) if result_key(r) != result_key(res)]
     doc["results"].append(res)
-    doc["results"].sort(key=lambda r: (WORKLOADS.index(r["workload"]) if r.get("workload") in WORKLOADS else 9,
-                                       r.get("variant", ""), kv_sort_key(r.get("kv", ""))))
+    doc["results"].sort(key=lambda r: (workload_sort_key(r.get("workload")), r.get("variant", ""),
+                                       kv_sort_key(r.get("kv", ""))))
     return doc
 
 
 def write_doc(path: Path, doc: dict):
-    gpus = sorted({r.get("gpu", "unknown") for r in doc.get("results", [])})
+    gpus = sorted({str(r.get("gpu", "unknown")) for r in doc.get("results", [])})
     doc["gpus"] = gpus
     doc["summary"] = summarize(doc.get("results", []))
+    doc["summary"]["text"] = summary_text(doc).splitlines()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
@@ -683,48 +1020,64 @@ def _ratio(a, b):
 
 
 def summarize(results: list[dict]) -> dict:
-    """Ratios vs bf16/fp8 per (workload, variant) and the project's target checks.
+    """Ratios vs the default-backend ``bf16`` / ``fp8`` rows per (workload, variant) and
+    the issue's target checks.
 
     Only complete runs (status "ok") enter ratios; a target whose inputs are missing or
-    incomplete reads ``pass: null``. Targets use the default workloads only."""
+    incomplete reads ``pass: null``. Targets use the default workloads only. Ratios:
+    ``out_tok_s_vs_*`` and ``ttft_p50_speedup_vs_*`` > 1 is better; ``itl_p50_vs_*`` is
+    this row's ITL p50 over the baseline's, < 1 is better."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in results:
         groups.setdefault((r["workload"], r.get("variant", "default")), {})[r["kv"]] = r
-    out = {"groups": [], "targets": []}
-    for (wl, variant), all_kv in groups.items():
+    out = {"baselines": {"bf16": "SGLang's default attention backend, bf16 KV",
+                         "fp8": "SGLang's default attention backend, --kv-cache-dtype fp8_e4m3"},
+           "groups": [], "targets": []}
+    for (wl, variant), all_kv in sorted(groups.items(), key=lambda kv: (workload_sort_key(kv[0][0]), kv[0][1])):
         by_kv = {kv: r for kv, r in all_kv.items() if r.get("status") == "ok"}
-        bf16, fp8 = by_kv.get("bf16"), by_kv.get("fp8")
+        base = {b: by_kv.get(b) for b in BASELINES}
         rows = {}
         for kv, r in sorted(by_kv.items(), key=lambda kv_r: kv_sort_key(kv_r[0])):
-            rows[kv] = {
-                "out_tok_s_vs_bf16": _ratio(r["out_tok_s"], bf16 and bf16["out_tok_s"]),
-                "out_tok_s_vs_fp8": _ratio(r["out_tok_s"], fp8 and fp8["out_tok_s"]),
+            row = {}
+            for b, br in base.items():
+                row[f"out_tok_s_vs_{b}"] = _ratio(r.get("out_tok_s"), br and br.get("out_tok_s"))
                 # > 1 means faster (lower TTFT) than the baseline
-                "ttft_p50_speedup_vs_bf16": _ratio(bf16 and bf16["ttft_p50_s"], r["ttft_p50_s"]),
-                "ttft_p50_speedup_vs_fp8": _ratio(fp8 and fp8["ttft_p50_s"], r["ttft_p50_s"]),
-                "pool_vs_bf16": _ratio(r.get("max_total_num_tokens"), bf16 and bf16.get("max_total_num_tokens")),
-            }
+                row[f"ttft_p50_speedup_vs_{b}"] = _ratio(br and br.get("ttft_p50_s"), r.get("ttft_p50_s"))
+                row[f"itl_p50_vs_{b}"] = _ratio(r.get("itl_p50_ms"), br and br.get("itl_p50_ms"))
+            row["pool_vs_bf16"] = _ratio(r.get("max_total_num_tokens"),
+                                         base["bf16"] and base["bf16"].get("max_total_num_tokens"))
+            rows[kv] = row
         mixed = len({r.get("gpu") for r in by_kv.values()}) > 1
-        out["groups"].append({"workload": wl, "variant": variant, "mixed_gpus": mixed, "ratios": rows})
+        settings = {k: sorted({str(r.get(k)) for r in by_kv.values()})
+                    for k in ("mem_fraction_static", "cuda_graph_max_bs", "stream_interval", "prefill_cuda_graph")}
+        out["groups"].append({"workload": wl, "variant": variant, "mixed_gpus": mixed,
+                              "baseline_backends": {b: br and br.get("backend") for b, br in base.items()},
+                              "settings_differ": [k for k, v in settings.items() if len(v) > 1],
+                              "ratios": rows})
         if variant != "default":
             continue
         for kv in sorted(all_kv, key=kv_sort_key):
             if not _TQ_RE.match(kv):
                 continue
             row = rows.get(kv, {})
-            if wl == "reference":
-                for base, thr in (("bf16", 1.5), ("fp8", 1.2)):
-                    v = row.get(f"out_tok_s_vs_{base}")
-                    out["targets"].append({"name": f"reference {kv} out tok/s >= {thr}x {base}", "kv": kv,
-                                           "value": v, "threshold": thr,
-                                           "pass": None if v is None else v >= thr, "mixed_gpus": mixed})
+            mine = by_kv.get(kv)
+
+            def target(name, value, threshold, ok):
+                out["targets"].append({"name": name, "workload": wl, "kv": kv, "value": value,
+                                       "threshold": threshold, "pass": ok, "mixed_gpus": mixed})
+
+            if wl in THROUGHPUT_TARGETS:
+                for b, thr in THROUGHPUT_TARGETS[wl]:
+                    v = row.get(f"out_tok_s_vs_{b}")
+                    target(f"{wl} {kv} out tok/s >= {thr}x {b}", v, thr, None if v is None else v >= thr)
+            elif wl in ITL_TARGET_WORKLOADS:
+                v = mine and mine.get("itl_p50_ms")
+                b = base["bf16"] and base["bf16"].get("itl_p50_ms")
+                target(f"{wl} {kv} ITL p50 <= bf16", v, b, None if v is None or b is None else v <= b)
             elif wl == "shared-prefix":
-                mine = by_kv[kv]["ttft_p50_s"] if kv in by_kv else None
-                base = fp8 and fp8["ttft_p50_s"]
-                out["targets"].append({"name": f"shared-prefix {kv} TTFT p50 < fp8", "kv": kv,
-                                       "value": mine, "threshold": base,
-                                       "pass": None if mine is None or base is None else mine < base,
-                                       "mixed_gpus": mixed})
+                v = mine and mine.get("ttft_p50_s")
+                b = base["fp8"] and base["fp8"].get("ttft_p50_s")
+                target(f"shared-prefix {kv} TTFT p50 < fp8", v, b, None if v is None or b is None else v < b)
     return out
 
 
@@ -736,23 +1089,28 @@ def summary_text(doc: dict) -> str:
     results = doc.get("results", [])
     summ = summarize(results)
     lines = [f"GPU(s): {', '.join(sorted({str(r.get('gpu')) for r in results})) or '-'}   "
-             f"commit(s): {', '.join(sorted({str(r.get('commit')) for r in results})) or '-'}"]
+             f"commit(s): {', '.join(sorted({str(r.get('commit')) for r in results})) or '-'}",
+             "bf16 / fp8 = SGLang's default attention backend (column 'backend'); x = ratio to that row "
+             "(out tok/s: higher is better; ITL: this / baseline, lower is better)"]
     ratio_by_group = {(g["workload"], g["variant"]): g for g in summ["groups"]}
     keys = sorted({(r["workload"], r.get("variant", "default")) for r in results},
-                  key=lambda k: (WORKLOADS.index(k[0]) if k[0] in WORKLOADS else 9, k[1]))
-    hdr = (f"{'kv':<6} {'pool tok':>9} {'xbf16':>6} {'out tok/s':>9} {'xbf16':>6} {'xfp8':>6} "
-           f"{'req/s':>6} {'TTFT p50':>8} {'p90':>7} {'lat p50':>7} {'p90':>7} {'hit%':>5} {'done':>7} note")
+                  key=lambda k: (workload_sort_key(k[0]), k[1]))
+    hdr = (f"{'kv':<11} {'backend':<10} {'pool tok':>9} {'xbf16':>5} {'out tok/s':>9} {'xbf16':>6} {'xfp8':>6} "
+           f"{'TTFT p50':>8} {'ITL p50':>7} {'p90':>6} {'ITL/bf16':>8} {'/fp8':>5} {'hit%':>5} {'done':>7} note")
     for wl, variant in keys:
-        g = ratio_by_group.get((wl, variant), {"ratios": {}, "mixed_gpus": False})
-        lines += ["", f"== {wl}" + ("" if variant == "default" else f" ({variant})")
-                  + ("   WARNING: results from different GPUs" if g["mixed_gpus"] else ""), hdr]
+        g = ratio_by_group.get((wl, variant), {"ratios": {}, "mixed_gpus": False, "settings_differ": [],
+                                               "baseline_backends": {}})
+        warn = ("   WARNING: results from different GPUs" if g["mixed_gpus"] else "")
+        if g["settings_differ"]:
+            warn += f"   WARNING: servers differ in {', '.join(g['settings_differ'])}"
+        lines += ["", f"== {wl}" + ("" if variant == "default" else f" ({variant})") + warn, hdr]
         rows = sorted((r for r in results if (r["workload"], r.get("variant", "default")) == (wl, variant)),
                       key=lambda r: kv_sort_key(r["kv"]))
         for r in rows:
             if r.get("status") not in ("ok", "partial"):
                 why = r.get("error") or (f"interrupted ({r['interrupted']})" if r.get("interrupted") else
                                          "timed out" if r.get("timed_out") else "")
-                lines.append(f"{r['kv']:<6} {r.get('status')}: {str(why)[:100]}")
+                lines.append(f"{r['kv']:<11} {str(r.get('backend') or '?'):<10} {r.get('status')}: {str(why)[:100]}")
                 continue
             q = g["ratios"].get(r["kv"], {})
             note = ("TIMED OUT (no ratios)" if r.get("timed_out") else
@@ -760,71 +1118,121 @@ def summary_text(doc: dict) -> str:
                     f"{r['failed']} FAILED REQS" if r.get("failed") else "")
             if r.get("retractions"):
                 note += f" {r['retractions']} retractions"
+            if r.get("backend_mismatch"):
+                note += f" BACKEND MISMATCH ({r['backend_mismatch']})"
+            if r.get("prefill_cuda_graph") is False:
+                note += " PREFILL GRAPHS OFF"
             hit = r.get("cache_hit_rate")
             lines.append(
-                f"{r['kv']:<6} {_fmt(r.get('max_total_num_tokens')):>9} {_fmt(q.get('pool_vs_bf16'), '{:.2f}'):>6} "
-                f"{_fmt(r['out_tok_s']):>9} {_fmt(q.get('out_tok_s_vs_bf16'), '{:.2f}'):>6} "
-                f"{_fmt(q.get('out_tok_s_vs_fp8'), '{:.2f}'):>6} {_fmt(r['req_s'], '{:.2f}'):>6} "
-                f"{_fmt(r['ttft_p50_s'], '{:.2f}'):>8} {_fmt(r.get('ttft_p90_s'), '{:.2f}'):>7} "
-                f"{_fmt(r['lat_p50_s'], '{:.1f}'):>7} {_fmt(r.get('lat_p90_s'), '{:.1f}'):>7} "
+                f"{r['kv']:<11} {str(r.get('backend') or '?'):<10} {_fmt(r.get('max_total_num_tokens')):>9} "
+                f"{_fmt(q.get('pool_vs_bf16'), '{:.2f}'):>5} "
+                f"{_fmt(r.get('out_tok_s')):>9} {_fmt(q.get('out_tok_s_vs_bf16'), '{:.2f}'):>6} "
+                f"{_fmt(q.get('out_tok_s_vs_fp8'), '{:.2f}'):>6} "
+                f"{_fmt(r.get('ttft_p50_s'), '{:.2f}'):>8} {_fmt(r.get('itl_p50_ms'), '{:.2f}'):>7} "
+                f"{_fmt(r.get('itl_p90_ms'), '{:.2f}'):>6} {_fmt(q.get('itl_p50_vs_bf16'), '{:.2f}'):>8} "
+                f"{_fmt(q.get('itl_p50_vs_fp8'), '{:.2f}'):>5} "
                 f"{_fmt(None if hit is None else 100 * hit, '{:.1f}'):>5} "
-                f"{r.get('completed')}/{r.get('num_requests'):<3} {note}")
-        if wl == "reference" and variant == "default":
-            lines.append(f"(REFERENCE.md, H100: bf16 {BASELINE_H100['bf16']['out_tok_s']} tok/s, 166k pool; "
-                         f"fp8 {BASELINE_H100['fp8']['out_tok_s']} tok/s, 332k pool)")
+                f"{r.get('completed')}/{r.get('num_requests'):<3} {note}".rstrip())
+        bb = g.get("baseline_backends") or {}
+        if bb.get("bf16") and bb.get("fp8") and bb["bf16"] != bb["fp8"]:
+            lines.append(f"WARNING: the baselines ran different backends (bf16 {bb['bf16']}, fp8 {bb['fp8']})")
+        if variant == "default" and wl in BASELINE_H200:
+            ref = BASELINE_H200[wl]
+            what = "ITL p50 ms" if wl.startswith("single-stream") else "out tok/s"
+            lines.append(f"(REFERENCE.md update, H200, fa3, {what}: "
+                         + ", ".join(f"{k} {v}" for k, v in ref.items()) + ")")
     if summ["targets"]:
-        lines += ["", "targets:"]
+        lines += ["", "targets (against this file's bf16 / fp8 rows):"]
         for t in summ["targets"]:
             mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
-            val = _fmt(t["value"], "{:.3f}")
-            lines.append(f"  [{mark}] {t['name']}: {val}" + (f" (fp8 {_fmt(t['threshold'], '{:.3f}')} s)"
-                                                               if "TTFT" in t["name"] else "")
-                         + ("  (mixed GPUs!)" if t["mixed_gpus"] else ""))
+            if "ITL" in t["name"]:
+                val = f"{_fmt(t['value'], '{:.2f}')} ms (bf16 {_fmt(t['threshold'], '{:.2f}')} ms)"
+            elif "TTFT" in t["name"]:
+                val = f"{_fmt(t['value'], '{:.3f}')} s (fp8 {_fmt(t['threshold'], '{:.3f}')} s)"
+            else:
+                val = f"{_fmt(t['value'], '{:.3f}')}x"
+            lines.append(f"  [{mark}] {t['name']}: {val}" + ("  (mixed GPUs!)" if t["mixed_gpus"] else ""))
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
 
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--model-path", default=DEFAULT_MODEL)
-    ap.add_argument("--configs", default=",".join(KV_ORDER), help="comma list: bf16,fp8,k4v4,k3v3 (any kXvY); bf16-fa3 / fp8-fa3 run SGLang's FA3 "
-                         "backend instead of Triton")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list: reference,shared-prefix")
-    ap.add_argument("--mem-fraction-static", type=float, default=0.45)
-    ap.add_argument("--extra-server-args", default="", help="one string, shlex-split, added to every server")
-    ap.add_argument("--prefill-cuda-graph", action="store_true",
-                    help="keep SGLang's prefill CUDA graph (default: --disable-prefill-cuda-graph on every "
-                         "server, which saves ~70 s of start-up each)")
+    ap.add_argument("--model-path", default=DEFAULT_MODEL, help="model folder (default: the dummy "
+                    "Llama-3.1-8B config in scripts/model_configs/llama-3.1-8b)")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help="comma list of KV configs (default %(default)s): bf16 and fp8 run SGLang's default "
+                         "attention backend (no --attention-backend: fa3 on Hopper) and are the baselines of "
+                         "every ratio; bf16-triton / fp8-triton run SGLang's Triton backend, bf16-fa3 / fp8-fa3 "
+                         "name fa3 explicitly; kXvY (k4v4, k3v3, ...) run --kv-quant turboquant")
+    ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                    help=f"comma list from {','.join(WORKLOADS)} (default %(default)s); single-stream gives one "
+                         "result per --ss-contexts entry (single-stream-4k, single-stream-32k)")
+    ap.add_argument("--mem-fraction-static", type=float, default=DEFAULT_MEM_FRACTION,
+                    help="the same for every server (default %(default)s)")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=DEFAULT_CUDA_GRAPH_MAX_BS,
+                    help="decode CUDA-graph batch cap, the same for every server, passed as "
+                         "--cuda-graph-max-bs-decode (default %(default)s)")
+    ap.add_argument("--cumulative-stream", action="store_true",
+                    help="let SGLang send all output ids in every streamed chunk (its default) instead of "
+                         "--incremental-streaming-output (only the new ids); both stream every token")
+    ap.add_argument("--extra-server-args", default="",
+                    help="one string, shlex-split, added to every server; may not name a backend, KV dtype, "
+                         "streaming or prefill-CUDA-graph flag")
+    ap.add_argument("--prefill-cuda-graph", action="store_true", help=argparse.SUPPRESS)  # always on now
     ap.add_argument("--out", default="loadtest.json")
     ap.add_argument("--append", action="store_true", help="merge into an existing --out instead of starting over")
     ap.add_argument("--log-dir", default=None, help="server logs (default: the folder of --out)")
     ap.add_argument("--timeout-per-run", type=float, default=None,
-                    help="seconds for one timed phase (default 300; 120 with --quick)")
+                    help="seconds for one timed phase (default: max(300, 2x its estimate); 120 with --quick)")
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--budget-s", type=float, default=0,
-                    help="stop starting new servers/workloads whose estimate would exceed this many seconds "
-                         "since launch (0: no limit); also caps --timeout-per-run")
+                    help="skip servers / workloads whose estimate would end later than this many seconds after "
+                         f"launch (0: no limit; ~{DEFAULT_BUDGET_HINT_S} for one 600 s GPU-host command); also "
+                         "caps each timed phase")
     ap.add_argument("--fresh-server-per-workload", action="store_true",
                     help="restart the server for every workload (default: one server per KV config, "
                          "/flush_cache between workloads)")
     ap.add_argument("--quick", action="store_true", help="small workloads for smoke tests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress-s", type=float, default=10)
-    ap.add_argument("--warmup-requests", type=int, default=4)
+    ap.add_argument("--warmup-requests", type=int, default=4,
+                    help="untimed JIT warm-up requests per workload (single-stream: always one of the full "
+                         "context; 0: none)")
     ap.add_argument("--server-url", default=None,
                     help="use an already running loopback server (one --configs label) instead of launching")
     ap.add_argument("--summarize", action="store_true", help="only print the summary of --out")
     ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                     help="only merge these result files into --out (with --append: into its results), "
                          "later files win per (workload, variant, kv), and print the summary")
-    ap.add_argument("--plan", action="store_true", help="only print the plan and time estimate")
-    g = ap.add_argument_group("reference workload overrides")
+    ap.add_argument("--plan", action="store_true",
+                    help="only print the plan with each config's estimated seconds, then exit")
+    g = ap.add_argument_group("reference workload overrides (default 96 x 6000/400, concurrency 64)")
     g.add_argument("--num-requests", type=int)
     g.add_argument("--input-len", type=int)
     g.add_argument("--output-len", type=int)
     g.add_argument("--concurrency", type=int)
+    g = ap.add_argument_group("long-gen workload overrides (default 128 x 1000/4000, concurrency 128)")
+    g.add_argument("--lg-num-requests", type=int)
+    g.add_argument("--lg-input-len", type=int)
+    g.add_argument("--lg-output-len", type=int)
+    g.add_argument("--lg-concurrency", type=int)
+    g = ap.add_argument_group("single-stream workload overrides (default 4096,32768 x 3 requests, 512 output)")
+    g.add_argument("--ss-contexts", type=_int_list, help="comma list of input lengths, one result each")
+    g.add_argument("--ss-requests", type=int, help="requests per context, one at a time")
+    g.add_argument("--ss-output-len", type=int)
     g = ap.add_argument_group("shared-prefix workload overrides")
     g.add_argument("--sp-num-prefixes", type=int)
     g.add_argument("--sp-prefix-len", type=int)
@@ -838,17 +1246,47 @@ def parse_args(argv=None):
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for kv in args.configs:
-        kv_server_flags(kv)  # validates
+        try:
+            kv_server_flags(kv)
+        except ValueError as exc:
+            ap.error(str(exc))
     for w in args.workloads:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
-    if args.timeout_per_run is None:
-        args.timeout_per_run = 120.0 if args.quick else 300.0
+    try:
+        check_extra_server_args(args.extra_server_args)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.server_url:
         _check_loopback(args.server_url)
         if len(args.configs) != 1:
             ap.error("--server-url needs exactly one --configs label (the running server's KV)")
     return args
+
+
+def run_timeout_s(args, est: float) -> float:
+    if args.timeout_per_run is not None:
+        return args.timeout_per_run
+    return 120.0 if args.quick else max(300.0, 2.0 * est)
+
+
+def plan_text(args, workloads: list[Workload]) -> tuple[str, float]:
+    n_starts = 0 if args.server_url else (len(workloads) if args.fresh_server_per_workload else 1)
+    lines = [f"plan: {len(args.configs)} config(s) x {len(workloads)} workload(s), mem-fraction-static "
+             f"{args.mem_fraction_static}, cuda-graph-max-bs {args.cuda_graph_max_bs}, prefill CUDA graphs on, "
+             + ("reusing one server per config" if not args.fresh_server_per_workload else "fresh server each")]
+    total = 0.0
+    for kv in args.configs:
+        parts = [f"start ~{EST_STARTUP_S * n_starts:.0f} s"] if n_starts else []
+        for wl in workloads:
+            parts.append(f"{wl.label} ~{estimate_run_s(wl, kv):.0f} s ({len(wl.prompts)} req)")
+        t = estimate_config_s(workloads, kv, n_starts)
+        total += t
+        fits = "" if t <= DEFAULT_BUDGET_HINT_S else f"  (> {DEFAULT_BUDGET_HINT_S} s: split --workloads)"
+        lines.append(f"  {kv:<11} ~{t:.0f} s = " + ", ".join(parts) + fits)
+    lines.append(f"  estimated total ~{total:.0f} s ({total / 60:.1f} min; H200 rates from REFERENCE.md's "
+                 f"update, start-up ~{EST_STARTUP_S:.0f} s; one config per 600 s command with --append)")
+    return "\n".join(lines), total
 
 
 class _Terminated(KeyboardInterrupt):
@@ -875,23 +1313,8 @@ def main(argv=None) -> int:
     t_launch = time.time()
     log_dir = Path(args.log_dir) if args.log_dir else (out.parent if str(out.parent) else Path("."))
     workloads = build_workloads(args)
-
-    # plan and estimate
-    plan_total = 0.0
-    print(f"plan: {len(args.configs)} config(s) x {len(workloads)} workload(s), "
-          f"mem-fraction-static {args.mem_fraction_static}"
-          + (", reusing one server per config" if not args.fresh_server_per_workload else ", fresh server each"))
-    for kv in args.configs:
-        n_starts = 0 if args.server_url else (len(workloads) if args.fresh_server_per_workload else 1)
-        parts = [f"start ~{EST_STARTUP_S * n_starts:.0f} s"] if n_starts else []
-        plan_total += EST_STARTUP_S * n_starts
-        for wl in workloads:
-            e = estimate_run_s(wl, kv)
-            plan_total += e
-            parts.append(f"{wl.label} ~{e:.0f} s ({len(wl.prompts)} req)")
-        print(f"  {kv:<5} " + ", ".join(parts))
-    print(f"  estimated total ~{plan_total:.0f} s ({plan_total / 60:.1f} min; H100 rates, startup dominates; "
-          f"timeout per timed phase {args.timeout_per_run:.0f} s)", flush=True)
+    text, _ = plan_text(args, workloads)
+    print(text, flush=True)
     if args.plan:
         return 0
 
@@ -918,15 +1341,16 @@ def main(argv=None) -> int:
         for kv in args.configs:
             groups = [[wl] for wl in workloads] if args.fresh_server_per_workload else [workloads]
             for group in groups:
-                est = (0 if args.server_url else EST_STARTUP_S) + sum(estimate_run_s(w, kv) for w in group)
+                est = estimate_config_s(group, kv, 0 if args.server_url else 1)
                 if est > remaining():
                     print(f"SKIP {kv} {[w.name for w in group]}: estimate {est:.0f} s > budget left "
                           f"{remaining():.0f} s", flush=True)
                     rc = 2
                     continue
                 base_res = {"kv": kv, "gpu": prov.get("gpu"), "commit": prov.get("commit"),
-                            "date": prov.get("date"), "mem_fraction_static": args.mem_fraction_static,
-                            "kv_flags": kv_server_flags(kv)}
+                            "date": prov.get("date"), "kv_flags": kv_server_flags(kv)}
+                cmd = None
+                log_default = None
                 if args.server_url:
                     server = None
                     base_url = _check_loopback(args.server_url)
@@ -936,15 +1360,19 @@ def main(argv=None) -> int:
                 else:
                     port = free_port()
                     tag = kv + ("_" + group[0].name if args.fresh_server_per_workload or len(group) == 1 else "")
-                    server = Server(server_command(args, kv, port), port, log_dir / f"loadtest_server_{tag}.log")
+                    cmd = server_command(args, kv, port)
+                    server = Server(cmd, port, log_dir / f"loadtest_server_{tag}.log")
                     base_res["server_cmd"] = shlex.join(server.cmd[1:])
+                    base_res.update(server_settings(args, kv, cmd, {}))
                     try:
                         server.start(min(args.startup_timeout, max(remaining(), 30)))
                     except RuntimeError as exc:
                         print(f"ERROR {kv}: {exc}", flush=True)
                         for wl in group:
-                            merge_result(doc, {**base_res, "workload": wl.name, "variant": wl.variant,
-                                               "status": "server_failed", "error": str(exc)[-2000:]})
+                            merge_result(doc, {**base_res, "backend": expected_backend(kv) or "unknown",
+                                               "backend_source": "flags", "workload": wl.name,
+                                               "variant": wl.variant, "status": "server_failed",
+                                               "error": str(exc)[-2000:]})
                         write_doc(out, doc)
                         server.stop()
                         server = None
@@ -953,13 +1381,21 @@ def main(argv=None) -> int:
                     base_url = server.base_url
                     info = server.info()
                     pool = server.pool_from_log()
+                    log_default = server.default_backend_from_log()
                     base_res["startup_s"] = server.startup_s
+                base_res.update(server_settings(args, kv, cmd, info))
+                base_res.update(detect_backend(kv, info, log_default))
                 base_res["max_total_num_tokens"] = pool.get("max_total_num_tokens") or info.get("max_total_num_tokens")
                 base_res["max_running_requests"] = pool.get("max_running_requests") or info.get("max_running_requests")
                 base_res["server_info"] = info
                 base_res["server_log"] = pool
-                print(f"  {kv}: max_total_num_tokens={base_res['max_total_num_tokens']} "
+                print(f"  {kv}: backend {base_res['backend']} ({base_res['backend_source']}), "
+                      f"max_total_num_tokens={base_res['max_total_num_tokens']} "
                       f"max_running_requests={base_res['max_running_requests']}", flush=True)
+                if base_res.get("backend_mismatch"):
+                    print(f"  WARNING {kv}: {base_res['backend_mismatch']}", flush=True)
+                if base_res.get("prefill_cuda_graph") is False:
+                    print(f"  WARNING {kv}: the server runs without prefill CUDA graphs", flush=True)
                 try:
                     for wl in group:
                         est = estimate_run_s(wl, kv)
@@ -967,18 +1403,21 @@ def main(argv=None) -> int:
                             print(f"SKIP {kv} {wl.label}: estimate {est:.0f} s > budget left {remaining():.0f} s")
                             rc = 2
                             continue
-                        timeout = min(args.timeout_per_run, max(remaining() - 45, 10))
+                        timeout = min(run_timeout_s(args, est), max(remaining() - 45, 10))
                         label = f"{kv}/{wl.label}"
                         print(f"run {label}: {len(wl.prompts)} requests, concurrency {wl.concurrency}, "
                               f"output {wl.output_len}, timeout {timeout:.0f} s (estimate ~{est:.0f} s)", flush=True)
                         flush = server.flush_cache if server else (lambda: _flush_url(base_url))
                         t = time.time()
-                        res = {**base_res, "workload": wl.name, "variant": wl.variant, "quick": args.quick,
-                               "workload_params": wl.params}
+                        res = {**base_res, "workload": wl.name, "workload_family": wl.family,
+                               "variant": wl.variant, "quick": args.quick, "workload_params": wl.params}
+                        if wl.family == "single-stream":
+                            res["context"] = wl.params["context"]
                         try:
-                            stats = asyncio.run(run_workload(base_url, wl, timeout, progress_s=args.progress_s,
-                                                             label=label, warmup_requests=args.warmup_requests,
-                                                             flush=flush))
+                            stats = asyncio.run(run_workload(
+                                base_url, wl, timeout, progress_s=args.progress_s, label=label,
+                                warmup_requests=args.warmup_requests, flush=flush,
+                                incremental=bool(base_res.get("incremental_stream"))))
                             incomplete = stats["timed_out"] or stats.get("interrupted")
                             res.update(stats, status=("partial" if incomplete else "ok")
                                        if stats["completed"] else "no_completions")
@@ -993,8 +1432,8 @@ def main(argv=None) -> int:
                         if res.get("interrupted"):
                             raise _Terminated(res["interrupted"])
                         if res["status"] in ("ok", "partial"):
-                            print(f"done {label}: {res['out_tok_s']} out tok/s, {res['req_s']} req/s, "
-                                  f"TTFT p50 {res['ttft_p50_s']} s, latency p50 {res['lat_p50_s']} s, "
+                            print(f"done {label}: {res['out_tok_s']} out tok/s, TTFT p50 {res['ttft_p50_s']} s, "
+                                  f"ITL p50 {res['itl_p50_ms']} ms, latency p50 {res['lat_p50_s']} s, "
                                   f"hit {res['cache_hit_rate']}, {res['completed']}/{res['num_requests']} "
                                   f"ok{' TIMED OUT' if res['timed_out'] else ''} ({res['wall_s']} s)", flush=True)
                             if res["failed"]:
