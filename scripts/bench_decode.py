@@ -1,4 +1,4 @@
-"""Decode-attention benchmark: sglang-tq packed KV vs SGLang Triton, FlashInfer and a copy roof.
+"""Decode-attention benchmark: sglang-tq packed KV vs SGLang Triton, FlashInfer, FA3 and a copy roof.
 
 One layer of Llama-3.1-8B attention (32 q heads, 8 kv heads, head_dim 128; plus
 rows at head_dim 64 and 256), one decode token per sequence, every sequence of
@@ -12,6 +12,20 @@ length L, page size 1 and slot ids drawn as a random permutation of the pool
                  called as TritonAttnBackend.forward_decode calls it, bf16 and fp8_e4m3;
   flashinfer     flashinfer.BatchDecodeWithPagedKVCacheWrapper, NHD, page_size 1,
                  backend "fa2", tensor cores chosen by SGLang's rule, bf16 and fp8_e4m3;
+  fa3            sgl-kernel's FlashAttention-3 (sgl_kernel.flash_attn.flash_attn_with_kvcache),
+                 the kernel of SGLang's fa3 backend (its default on Hopper), called as
+                 FlashAttentionBackend.forward_decode calls it: pool viewed as
+                 [slots, page 1, Hkv, D], an int32 page table [B, L] of each sequence's
+                 slot ids, cache_seqlens, cu_seqlens_q = arange(B+1), max_seqlen_q 1,
+                 causal, num_splits 0 (its heuristic), scheduler metadata precomputed
+                 once per batch (get_scheduler_metadata, outside the timed call, as
+                 SGLang does once per forward for all layers); fp8_e4m3: q cast to fp8,
+                 no k_descale/v_descale (what SGLang passes for a checkpoint without KV
+                 scales, e.g. the dummy Llama-3.1-8B; --fa3-descale passes ones [B, Hkv]
+                 as for a checkpoint with scales of 1.0), bf16 and fp8_e4m3. Where the
+                 FA3 library is missing (the GPU host stages it separately,
+                 scripts/stage_fa3.sh) or the GPU cannot run it, one line says so, the
+                 fa3 rows are written with "unavailable": <why> and the rest runs;
   copy           a device-to-device copy of as many bytes as the bf16 KV at that shape
                  (the bandwidth roof; TB/s counts bytes read + bytes written).
 
@@ -25,8 +39,9 @@ graph replay is timed (decode runs inside CUDA graphs in SGLang); --no-cuda-grap
 times eager calls. Bytes counted ("effective TB/s" = bytes / time): the KV bytes the
 format must read (ours: k_code_bytes + v_code_bytes + 4 B of fp16 norms per token per
 kv head; bf16: 4*D; fp8: 2*D), the slot-id list (8 B/token for int64 kv_indices as
-SGLang Triton and sglang-tq take it, 4 B/token for FlashInfer's int32 indices), q and
-out (bf16). kv_indptr, num_kv_splits and split-KV partials are not counted.
+SGLang Triton and sglang-tq take it, 4 B/token for FlashInfer's int32 indices and FA3's
+int32 page table), q (bf16; fp8 for FA3 fp8) and out (bf16). kv_indptr, num_kv_splits,
+scheduler metadata and split-KV partials are not counted.
 
 Results go to --out as JSON (rewritten after every shape, so a run cut short keeps
 what it measured). Examples:
@@ -57,20 +72,21 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPES = "1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256"
 QUICK_SHAPES = "1x4096,64x16384"
 DEFAULT_KV = "k4v4,k4v3,k3v3,k4v2,k2v2"
-ALL_IMPLS = ("sglang-tq", "sglang-triton", "flashinfer", "copy")
+ALL_IMPLS = ("sglang-tq", "sglang-triton", "flashinfer", "fa3", "copy")
 BASELINE_KV = {"bf16": "bf16", "fp8": "fp8_e4m3"}  # --baseline-dtypes value -> row "kv"
 # SGLang's default FlashInfer workspace (srt/environ.py SGLANG_FLASHINFER_WORKSPACE_SIZE).
 FLASHINFER_WORKSPACE_BYTES = 384 * 1024 * 1024
 # SGLang's default --triton-attention-num-kv-splits (srt/server_args.py).
 SGLANG_DEFAULT_MAX_KV_SPLITS = 8
 ASSUMED_SM_COUNT = 132  # H100 SXM; only used by --dry-run without a GPU
-TOL = {"bf16": 2e-2, "fp8_e4m3": 8e-2, "tq": 2e-2}  # rel. error ‖out-ref‖/‖ref‖ flagged above this
+TOL = {"bf16": 2e-2, "fp8_e4m3": 8e-2, "tq": 2e-2}  # FA3 fp8: reference with q rounded to fp8 too  # rel. error ‖out-ref‖/‖ref‖ flagged above this
 
 BYTES_NOTE = (
     "bytes.kv: packed KV the kernel must read (sglang-tq: (k_code_bytes + v_code_bytes + 4 B fp16 "
     "norms) per token per kv head; bf16: 4*D B; fp8: 2*D B per token per kv head); bytes.indices: "
     "slot ids, 8 B/token (int64 kv_indices; sglang-tq and SGLang Triton) or 4 B/token (int32; "
-    "FlashInfer); bytes.q / bytes.out: bf16 [B,Hq,D] each. Not counted: kv_indptr, num_kv_splits, "
+    "FlashInfer indices, FA3 page table); bytes.q / bytes.out: [B,Hq,D] each, bf16 (q fp8 for FA3 fp8). "
+    "Not counted: kv_indptr, num_kv_splits, FA3 scheduler metadata, "
     "split-KV partial results (written and re-read by the reduce step). copy: bytes.read = bytes of "
     "the bf16 KV at that shape, bytes.write = same, tbps = (read+write)/time."
 )
@@ -132,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--impls", default=",".join(ALL_IMPLS),
                    help=f"comma subset of {','.join(ALL_IMPLS)} (default: all)")
     g.add_argument("--baseline-dtypes", default="bf16,fp8",
-                   help="KV dtypes for sglang-triton and flashinfer: subset of bf16,fp8 (default both)")
+                   help="KV dtypes for sglang-triton, flashinfer and fa3: subset of bf16,fp8 (default both)")
     g.add_argument("--num-q-heads", type=int, default=32)
     g.add_argument("--num-kv-heads", type=int, default=8)
     g.add_argument("--head-dim", type=int, default=128, help="head_dim for shapes given as BxL")
@@ -168,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "is a separate FlashInfer JIT build on first use, which can take minutes without a cache")
     g.add_argument("--flashinfer-tensor-cores", choices=("auto", "on", "off"), default="auto",
                    help="auto = SGLang's should_use_tensor_core rule (fp8: on; bf16: GQA group >= 4)")
+    g.add_argument("--fa3-descale", action="store_true",
+                   help="fa3 fp8: pass k_descale = v_descale = ones [B, Hkv] (SGLang, for a checkpoint with "
+                        "KV scales); default none (SGLang, for a checkpoint without, e.g. the dummy Llama)")
+    g.add_argument("--fa3-no-scheduler-metadata", action="store_true",
+                   help="fa3: let every call plan its own tiles instead of the precomputed scheduler metadata "
+                        "SGLang passes in decode")
 
     g = ap.add_argument_group("timing")
     g.add_argument("--warmup", type=int, default=None, help="do_bench warmup in ms (default 25)")
@@ -297,12 +319,12 @@ def kv_bytes_per_token_head(kv: str, D: int, k_code_bytes=None, v_code_bytes=Non
     return k_code_bytes + v_code_bytes + 4
 
 
-def count_bytes(kv, B, L, Hq, Hkv, D, index_bytes, kcb=None, vcb=None) -> dict:
+def count_bytes(kv, B, L, Hq, Hkv, D, index_bytes, kcb=None, vcb=None, q_elt=2) -> dict:
     T = B * L
     d = {
         "kv": T * Hkv * kv_bytes_per_token_head(kv, D, kcb, vcb),
         "indices": T * index_bytes,
-        "q": B * Hq * D * 2,
+        "q": B * Hq * D * q_elt,
         "out": B * Hq * D * 2,
     }
     d["total"] = sum(d.values())
@@ -329,8 +351,32 @@ class Ctx:
     get_num_kv_splits_triton = None
     flashinfer = None
     fi_workspace = None
+    fa3 = None          # sgl_kernel.flash_attn.flash_attn_with_kvcache
+    fa3_sched = None    # sgl_kernel.flash_attn.get_scheduler_metadata (None: not in this build)
     use_pdl = False
     import_errors: dict = {}
+
+
+def probe_fa3(ctx) -> str | None:
+    """Load sgl-kernel's FA3 into ctx; return None, or why the fa3 rows cannot run."""
+    torch = ctx.torch
+    if ctx.device is None or ctx.device.type != "cuda":
+        return f"FA3 needs a CUDA device, got {ctx.device}"
+    try:
+        from sgl_kernel import flash_attn as fa
+    except Exception as e:  # noqa: BLE001  (ImportError, or OSError from a missing/corrupt .so)
+        return (f"sgl-kernel's FA3 library did not import ({type(e).__name__}: {str(e)[:200]}); "
+                f"on the GPU host stage it with scripts/stage_fa3.sh")
+    try:
+        ok = bool(fa.is_fa3_supported(ctx.device))
+    except Exception as e:  # noqa: BLE001
+        return f"sgl_kernel.flash_attn.is_fa3_supported failed: {e!r}"
+    if not ok:
+        cap = torch.cuda.get_device_capability(ctx.device)
+        return f"FA3 needs sm80/sm90 with CUDA >= 12.3, got sm{cap[0]}{cap[1]} with CUDA {torch.version.cuda}"
+    ctx.fa3 = fa.flash_attn_with_kvcache
+    ctx.fa3_sched = getattr(fa, "get_scheduler_metadata", None)
+    return None
 
 
 def try_import(ctx: Ctx, args):
@@ -366,6 +412,11 @@ def try_import(ctx: Ctx, args):
         except Exception as e:  # noqa: BLE001
             ctx.import_errors["flashinfer"] = f"import flashinfer failed: {e!r}"
             log(f"[skip] flashinfer: {ctx.import_errors['flashinfer']}")
+    if "fa3" in args.impl_set:
+        why = probe_fa3(ctx)
+        if why:
+            ctx.import_errors["fa3"] = why
+            log(f"[skip] FA3 rows not run: {why}")
     if "sglang-tq" in args.impl_set or not args.no_write_path:
         try:
             from sglang_tq.codec import LayerCodec  # noqa: F401
@@ -546,6 +597,56 @@ def build_flashinfer(ctx, args, q, kbuf, vbuf, indptr32, indices32, sm_scale, kv
     return fn, out, {"use_tensor_cores": use_tc, "backend": "fa2"}
 
 
+def build_fa3(ctx, args, q, kbuf, vbuf, page_table, cache_seqlens, cu_seqlens_q, sm_scale, kv_dtype_name):
+    """Mirrors FlashAttentionBackend.forward_decode (srt/layers/attention/flashattention_backend.py,
+    SGLang 0.5.17, MHA, page_size 1, no SWA / cascade / sinks): q [B, Hq, D] (cast to the KV
+    dtype for fp8 KV), k/v cache viewed as [-1, page_size, Hkv, D], page_table int32 [B, L],
+    cache_seqlens int32, cu_seqlens_q arange(B+1), max_seqlen_q 1, softmax_scale, causal=True,
+    window (-1, -1), softcap 0, num_splits 0, scheduler_metadata precomputed per batch."""
+    torch = ctx.torch
+    B, Hq, D = q.shape
+    Hkv = kbuf.shape[1]
+    fp8 = kv_dtype_name == "fp8_e4m3"
+    q_in = q.to(kbuf.dtype) if fp8 else q  # forward_decode: q = q.to(self.kv_cache_dtype)
+    k_cache = kbuf.view(-1, 1, Hkv, D)
+    v_cache = vbuf.view(-1, 1, Hkv, vbuf.shape[-1])
+    kw = {}
+    if fp8 and args.fa3_descale:  # layer.k_scale.expand((batch_size, tp_k_head_num)) with scale 1.0
+        kw["k_descale"] = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(B, Hkv)
+        kw["v_descale"] = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(B, Hkv)
+    meta = {"q_dtype": str(q_in.dtype).replace("torch.", ""), "descale": bool(kw), "num_splits": 0,
+            "scheduler_metadata": False}
+    sched = None
+    if ctx.fa3_sched is not None and not args.fa3_no_scheduler_metadata:
+        # FlashAttentionBackend._compute_scheduler_metadata: once per batch, for all layers
+        sched = ctx.fa3_sched(batch_size=B, max_seqlen_q=1, max_seqlen_k=page_table.shape[1], num_heads=Hq,
+                              num_heads_k=Hkv, headdim=D, cache_seqlens=cache_seqlens, qkv_dtype=kbuf.dtype,
+                              cu_seqlens_q=cu_seqlens_q, page_size=1, causal=True, has_softcap=False,
+                              num_splits=0)
+        meta["scheduler_metadata"] = sched is not None
+    out = torch.empty(B, Hq, vbuf.shape[-1], dtype=torch.bfloat16, device=q.device)
+    f = ctx.fa3
+
+    def fn():
+        o = f(q=q_in, k_cache=k_cache, v_cache=v_cache, page_table=page_table, cache_seqlens=cache_seqlens,
+              cu_seqlens_q=cu_seqlens_q, max_seqlen_q=1, softmax_scale=sm_scale, causal=True,
+              window_size=(-1, -1), softcap=0.0, return_softmax_lse=False, num_splits=0,
+              scheduler_metadata=sched, out=out, **kw)
+        return o[0] if isinstance(o, (tuple, list)) else o
+
+    return fn, out, meta
+
+
+def fa3_tables(ctx, slots, B, L):
+    """FlashAttentionBackend's decode metadata for B sequences of L tokens (page size 1):
+    page_table = req_to_token rows (int32 slot ids), cache_seqlens, cu_seqlens_q."""
+    torch = ctx.torch
+    page_table = slots.view(B, L).to(torch.int32)
+    cache_seqlens = torch.full((B,), L, dtype=torch.int32, device=slots.device)
+    cu_seqlens_q = torch.arange(B + 1, dtype=torch.int32, device=slots.device)
+    return page_table, cache_seqlens, cu_seqlens_q
+
+
 # --------------------------------------------------------------------------------------
 # one shape
 # --------------------------------------------------------------------------------------
@@ -637,7 +738,9 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
     # ---- bf16 / fp8 baselines ---------------------------------------------------------
     want_tri = "sglang-triton" in args.impl_set
     want_fi = "flashinfer" in args.impl_set and (args.fi_head_dims is None or D in args.fi_head_dims)
-    if (want_tri or want_fi) and args.base_dtypes:
+    want_fa3 = "fa3" in args.impl_set
+    fa3_meta = fa3_tables(ctx, slots, B, L) if want_fa3 and ctx.fa3 is not None else None
+    if (want_tri or want_fi or want_fa3) and args.base_dtypes:
         tri_splits = None
         if want_tri and ctx.decode_attention_fwd is not None:
             tri_splits = sglang_splits_tensor(ctx, args, B, L, args.triton_max_kv_splits)
@@ -696,14 +799,39 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
                                    count_bytes(kvname, B, L, Hq, Hkv, D, 4))
 
                     run_impl(f"flashinfer {kvname}", row, results, do_fi)
+
+            if want_fa3:
+                row = row_base("fa3", kvname, B, L, D, args)
+                if ctx.fa3 is None:
+                    why = ctx.import_errors.get("fa3", "unavailable")
+                    row.update(unavailable=why, error=f"unavailable: {why}")
+                    results.append(row)
+                else:
+                    def do_fa3(row, kbuf=kbuf, vbuf=vbuf, kvname=kvname, ref=ref):
+                        t0 = time.perf_counter()
+                        fn, out, meta = build_fa3(ctx, args, q, kbuf, vbuf, *fa3_meta, sm_scale, kvname)
+                        row.update(meta)
+                        out.fill_(float("nan"))
+                        out, _ = first_call(ctx, fn)
+                        row["first_call_s"] = time.perf_counter() - t0
+                        ref8 = ref
+                        if ref is not None and kvname == "fp8_e4m3":  # FA3 also rounds q to fp8
+                            ref8 = ref_attention(torch, q[0].to(kbuf.dtype).float(), gather_rows(torch, kbuf, idx0),
+                                                 gather_rows(torch, vbuf, idx0), sm_scale)
+                        post_checks(ctx, row, out, ref8, kvname, checks, f"fa3 {kvname} {B}x{L}x{D}")
+                        finish_row(row, time_it(ctx, args, fn),
+                                   count_bytes(kvname, B, L, Hq, Hkv, D, 4, q_elt=1 if kvname == "fp8_e4m3" else 2))
+
+                    run_impl(f"fa3 {kvname}", row, results, do_fa3)
             # drop every reference (closures included) before the next format is built
-            do_tri = do_fi = None  # noqa: F841
+            do_tri = do_fi = do_fa3 = None  # noqa: F841
             del kbuf, vbuf, ref
             gc.collect()
             torch.cuda.empty_cache()
         del kb, vb
         gc.collect()
         torch.cuda.empty_cache()
+    fa3_meta = None  # noqa: F841
 
     # ---- ours ----------------------------------------------------------------------
     if "sglang-tq" in args.impl_set:
@@ -1029,7 +1157,9 @@ def add_derived(results, copy_roof_tbps):
         for key, name in ((("flashinfer", "bf16"), "speedup_vs_flashinfer_bf16"),
                           (("flashinfer", "fp8_e4m3"), "speedup_vs_flashinfer_fp8"),
                           (("sglang-triton", "bf16"), "speedup_vs_sglang_triton_bf16"),
-                          (("sglang-triton", "fp8_e4m3"), "speedup_vs_sglang_triton_fp8")):
+                          (("sglang-triton", "fp8_e4m3"), "speedup_vs_sglang_triton_fp8"),
+                          (("fa3", "bf16"), "speedup_vs_fa3_bf16"),
+                          (("fa3", "fp8_e4m3"), "speedup_vs_fa3_fp8")):
             if key in ref:
                 r[name] = ref[key]["ms"] / r["ms"]
             else:
@@ -1043,7 +1173,7 @@ def add_derived(results, copy_roof_tbps):
 
 def print_table(results):
     hdr = (f"{'impl':<14} {'kv':<9} {'B':>4} {'L':>6} {'D':>4} {'spl':>4} {'ms':>9} {'TB/s':>6} "
-           f"{'%copy':>6} {'xFI-bf16':>8} {'xFI-fp8':>8} {'xTri-bf16':>9}  check")
+           f"{'%copy':>6} {'xFI-bf16':>8} {'xFI-fp8':>8} {'xTri-bf16':>9} {'xFA3-bf16':>9} {'xFA3-fp8':>8}  check")
     log("\n" + hdr)
     log("-" * len(hdr))
     last = None
@@ -1052,6 +1182,10 @@ def print_table(results):
         if last is not None and shape != last:
             log("")
         last = shape
+        if "unavailable" in r:
+            log(f"{r['impl']:<14} {r['kv']:<9} {r['B']:>4} {r['L']:>6} {r['head_dim']:>4}  "
+                f"not run (unavailable): {r['unavailable'][:90]}")
+            continue
         if "error" in r:
             log(f"{r['impl']:<14} {r['kv']:<9} {r['B']:>4} {r['L']:>6} {r['head_dim']:>4}  ERROR: {r['error'][:80]}")
             continue
@@ -1071,7 +1205,8 @@ def print_table(results):
             f"{f(r.get('num_kv_splits'), 'd') if 'num_kv_splits' in r else '-':>4} {r['ms']:9.4f} "
             f"{r['tbps']:6.3f} {f(pc * 100 if pc is not None else None, '.0f'):>6} "
             f"{f(r.get('speedup_vs_flashinfer_bf16'), '.2f'):>8} {f(r.get('speedup_vs_flashinfer_fp8'), '.2f'):>8} "
-            f"{f(r.get('speedup_vs_sglang_triton_bf16'), '.2f'):>9}  {chk}")
+            f"{f(r.get('speedup_vs_sglang_triton_bf16'), '.2f'):>9} {f(r.get('speedup_vs_fa3_bf16'), '.2f'):>9} "
+            f"{f(r.get('speedup_vs_fa3_fp8'), '.2f'):>8}  {chk}")
 
 
 def print_write_table(rows):
@@ -1126,6 +1261,13 @@ def config_dict(args, ctx=None):
         "sglang_tq_decode_launch_table": decode_launch_file() or "packaged",
         "sglang_triton_max_kv_splits": args.triton_max_kv_splits,
         "sglang_triton_num_kv_splits": "SGLang get_num_kv_splits_triton (TritonAttnBackend.get_num_kv_splits)",
+        "fa3": {"kernel": "sgl_kernel.flash_attn.flash_attn_with_kvcache (SGLang fa3 backend, forward_decode)",
+                "page_size": 1, "page_table": "int32 [B, L] slot ids", "cu_seqlens_q": "arange(B+1)",
+                "max_seqlen_q": 1, "causal": True, "num_splits": 0,
+                "scheduler_metadata": "none" if args.fa3_no_scheduler_metadata else
+                "get_scheduler_metadata once per batch, outside the timed call",
+                "fp8": "q cast to float8_e4m3fn; " + ("k/v_descale ones [B, Hkv]" if args.fa3_descale
+                                                      else "no k/v_descale (checkpoint without KV scales)")},
         "flashinfer": {"wrapper": "BatchDecodeWithPagedKVCacheWrapper", "kv_layout": "NHD", "backend": "fa2",
                        "head_dims": sorted(args.fi_head_dims) if args.fi_head_dims else "all",
                        "tensor_cores": args.flashinfer_tensor_cores, "workspace_bytes": FLASHINFER_WORKSPACE_BYTES},
@@ -1261,6 +1403,8 @@ def main(argv=None):
     payload["elapsed_s"] = time.perf_counter() - t_start
     write_json(args.out_path, payload)
     print_table(results)
+    if "fa3" in ctx.import_errors:
+        log(f"FA3 rows not run: {ctx.import_errors['fa3']}")
     print_write_table(write_rows)
     failed = [c for c in checks if not c.get("ok")]
     if failed:
