@@ -140,51 +140,6 @@ def load_dense_tiles(rows, mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _rot_cols(rows, stride_d, Pi, cols, mask, HEAD_DIM: tl.constexpr, HEADS_N: tl.constexpr):
-    """Columns ``cols`` of q·Πᵀ (Πq, TurboQuant Sec. 3) for the rows ``rows`` [M, 1]:
-    [M, W] fp16, or [W, M] with HEADS_N; tf32 dots over 32-wide slices of head_dim,
-    accumulated in fp32."""
-    CHUNK: tl.constexpr = 32
-    offs_k = tl.arange(0, CHUNK)
-    if HEADS_N:
-        acc = tl.zeros((cols.shape[0], rows.shape[0]), tl.float32)
-    else:
-        acc = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
-    for k0 in tl.static_range(0, HEAD_DIM, CHUNK):
-        q = tl.load(rows + (k0 + offs_k)[None, :] * stride_d, mask=mask[:, None], other=0.0)
-        q = q.to(tl.float32)
-        if HEADS_N:  # Π[cols, k] · qᵀ
-            acc = tl.dot(tl.load(Pi + cols[:, None] * HEAD_DIM + (k0 + offs_k)[None, :]), tl.trans(q), acc)
-        else:  # q · Π[cols, k]ᵀ
-            acc = tl.dot(q, tl.load(Pi + cols[None, :] * HEAD_DIM + (k0 + offs_k)[:, None]), acc)
-    return acc.to(tl.float16)
-
-
-@triton.jit
-def rotate_dense_tiles(rows, stride_d, Pi, mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       HEADS_N: tl.constexpr):
-    """The rotated query Πq of rows ``rows`` [M, 1] (any float dtype, ``stride_d`` apart in
-    head_dim) as :func:`load_dense_tiles` returns a rotated one ([W, M] tiles with HEADS_N,
-    as :func:`trans_tiles` would give): the rotation inside the decode kernel, one launch
-    less at small batches."""
-    c = tile_columns(BITS, HEAD_DIM)
-    if len(c) == 8:
-        return (_rot_cols(rows, stride_d, Pi, c[0], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[1], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[2], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[3], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[4], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[5], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[6], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[7], mask, HEAD_DIM, HEADS_N))
-    else:
-        return (_rot_cols(rows, stride_d, Pi, c[0], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[1], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[2], mask, HEAD_DIM, HEADS_N),
-                _rot_cols(rows, stride_d, Pi, c[3], mask, HEAD_DIM, HEADS_N))
-
-
-@triton.jit
 def trans_tiles(t):
     """Every tile of a tuple transposed."""
     if len(t) == 8:

@@ -33,15 +33,6 @@ loads in a row; with few splits a loop that skips empty ones is cheaper. The que
 rotated before stage 1, for small batches by one fp32 kernel with the cast included
 (:func:`rotate_query`), else by cast + matmul.
 
-Small batches (up to ``FUSED_DECODE_ELEMS`` query elements) run all of it as one
-launch (``FUSED``): each stage-1 program rotates its group's query itself (tf32 dots
-with Π, :func:`~._codes.rotate_dense_tiles`), and after storing its partial takes a
-ticket from a per-(sequence, KV head) counter; the program that takes the last ticket
-merges the group's splits and un-rotates, as stage 2 would (the split-K "last block
-fixes up" pattern), and zeroes the counter for the next launch. At batch 1 the rotation
-and stage 2 were 6 and 8-18 µs of a 41-63 µs step (profile_decode_h200_3328aec.json),
-and each launch boundary drains the GPU once more.
-
 No host synchronisation happens in the launcher and nothing is allocated beyond the
 fp32 copy of q on the cast + matmul path (from the graph's pool when captured), so it
 can be captured in a CUDA graph.
@@ -65,8 +56,8 @@ from sglang_tq.config import TQConfig
 from sglang_tq.env import decode_launch_file, triton_interpreting
 
 from ._codes import (load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_tiles,
-                     online_softmax_step, rotate_dense_tiles, slot_offsets_need_int64,
-                     softmax_state, scores, store_tiles, tanh, trans_tiles)
+                     online_softmax_step, slot_offsets_need_int64, softmax_state, scores,
+                     store_tiles, tanh, trans_tiles)
 from ._checks import check_attention_args
 from .tq_dequant import tq_dequant_ref
 
@@ -88,21 +79,17 @@ def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_
 
 @triton.jit
 def _tq_decode_stage1(
-    Q, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab,
-    KvIndptr, KvIndices, NumKvSplits, MidO, MidLse, Pi, Out, Lock,
+    QRot, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab,
+    KvIndptr, KvIndices, NumKvSplits, MidO, MidLse,
     sm_scale, logit_cap, sliding_window,
-    stride_q_b, stride_q_h, stride_q_d,
+    stride_q_b, stride_q_h,
     stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-    stride_o_b, stride_o_h, stride_lock_b,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
     PREFETCH: tl.constexpr, HEADS_N: tl.constexpr,
-    FUSED: tl.constexpr, MERGE_H: tl.constexpr, MAX_KV_SPLITS: tl.constexpr,
-    SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr, VECTOR_MERGE: tl.constexpr,
-    CHUNK_D: tl.constexpr,
 ):
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -112,15 +99,11 @@ def _tq_decode_stage1(
         offs_g = tl.arange(0, BLOCK_H)
         mask_h = offs_g < GQA
         heads = kv_head * GQA + offs_g
-        # -- rotated query of the whole GQA group, in the tile order of K's codes: Q is the
-        #    rotated fp32 query, or with FUSED the model's query, rotated here (Πq per tile)
-        q_rows = Q + batch * stride_q_b + heads[:, None] * stride_q_h
-        if FUSED:
-            q = rotate_dense_tiles(q_rows, stride_q_d, Pi, mask_h, K_BITS, HEAD_DIM, HEADS_N)
-        else:
-            q = load_dense_tiles(q_rows, mask_h, K_BITS, HEAD_DIM)
-            if HEADS_N:
-                q = trans_tiles(q)
+        # -- rotated query of the whole GQA group, in the tile order of K's codes
+        q = load_dense_tiles(QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h,
+                             K_BITS, HEAD_DIM)
+        if HEADS_N:
+            q = trans_tiles(q)
         kc_base = KCodes + kv_head * stride_kc_h
         vc_base = VCodes + kv_head * stride_vc_h
         kt0, kt1, kt2, kt3 = load_lut_words(KTab)
@@ -175,19 +158,6 @@ def _tq_decode_stage1(
         store_tiles(mo, mask_h, acc, 1.0 / l_i, V_BITS, HEAD_DIM)
         tl.store(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
                  m_i / LOG2E + tl.log(l_i), mask=mask_h)
-    if FUSED:
-        # -- stage 2 without a launch: the group's last program to finish (empty splits
-        #    count too) merges the partials; the barrier orders every thread's partial
-        #    stores before the release of the ticket, whose acquire side the merger reads
-        tl.debug_barrier()
-        lock = Lock + batch * stride_lock_b + kv_head
-        ticket = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-        if ticket == MAX_KV_SPLITS - 1:
-            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # zero for the next launch
-            _merge_group(MidO, MidLse, Pi, Out, KvIndptr, NumKvSplits, sliding_window, batch, kv_head,
-                         stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-                         stride_o_b, stride_o_h, GQA, MERGE_H, HEAD_DIM, MAX_KV_SPLITS, BLOCK_N,
-                         SPLITS_P2, CHUNK_S, VECTOR_MERGE, CHUNK_D)
 
 
 @triton.jit
@@ -197,27 +167,9 @@ def _tq_decode_stage2(
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr,
     SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr, VECTOR_MERGE: tl.constexpr,
-    CHUNK_D: tl.constexpr,
 ):
-    _merge_group(MidO, MidLse, Pi, Out, KvIndptr, NumKvSplits, sliding_window,
-                 tl.program_id(0), tl.program_id(1),
-                 stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_o_b, stride_o_h,
-                 GQA, BLOCK_H, HEAD_DIM, MAX_KV_SPLITS, MIN_BLOCK_KV, SPLITS_P2, CHUNK_S, VECTOR_MERGE,
-                 CHUNK_D)
-
-
-@triton.jit
-def _merge_group(
-    MidO, MidLse, Pi, Out, KvIndptr, NumKvSplits, sliding_window, batch, kv_head,
-    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_o_b, stride_o_h,
-    GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr,
-    SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr, VECTOR_MERGE: tl.constexpr,
-    CHUNK_D: tl.constexpr,
-):
-    """Merge the split partials of one (sequence, KV head) by their log-sum-exp and
-    un-rotate the group's outputs. Partials are read through L2 (``.cg``): in the fused
-    kernel other SMs wrote them during this launch."""
+    batch = tl.program_id(0)
+    kv_head = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_H)
     mask_h = offs_g < GQA
     heads = kv_head * GQA + offs_g
@@ -228,7 +180,7 @@ def _merge_group(
         _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, offs_s, sliding_window, MIN_BLOCK_KV)
         valid = (hi > lo) & (offs_s < MAX_KV_SPLITS)
         lse = tl.load(MidLse + batch * stride_ml_b + heads[:, None] * stride_ml_h + offs_s[None, :],
-                      mask=mask_h[:, None] & valid[None, :], other=float("-inf"), cache_modifier=".cg")
+                      mask=mask_h[:, None] & valid[None, :], other=float("-inf"))
         e_max = tl.max(lse, axis=1)
         e_max = tl.where(e_max == float("-inf"), 0.0, e_max)  # no split holds tokens
         e_sum = tl.sum(tl.exp(lse - e_max[:, None]), axis=1)
@@ -246,10 +198,10 @@ def _merge_group(
                                              MIN_BLOCK_KV)
                 valid_c = (hi_c > lo_c) & (offs_c < MAX_KV_SPLITS)
                 w = tl.exp(tl.load(MidLse + batch * stride_ml_b + head * stride_ml_h + offs_c,
-                                   mask=valid_c, other=float("-inf"), cache_modifier=".cg") - m_g)
+                                   mask=valid_c, other=float("-inf")) - m_g)
                 part = tl.load(MidO + batch * stride_mo_b + head * stride_mo_h
                                + offs_c[:, None] * stride_mo_s + offs_d[None, :],
-                               mask=valid_c[:, None], other=0.0, cache_modifier=".cg")
+                               mask=valid_c[:, None], other=0.0)
                 row += tl.sum(part * w[:, None], axis=0)
             o_rot = tl.where(offs_g[:, None] == g, row[None, :], o_rot)
     else:
@@ -261,10 +213,9 @@ def _merge_group(
             _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_KV)
             if hi > lo:
                 part = tl.load(MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h
-                               + split * stride_mo_s + offs_d[None, :], mask=mask_h[:, None], other=0.0,
-                               cache_modifier=".cg")
+                               + split * stride_mo_s + offs_d[None, :], mask=mask_h[:, None], other=0.0)
                 lse = tl.load(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
-                              mask=mask_h, other=0.0, cache_modifier=".cg")
+                              mask=mask_h, other=0.0)
                 new_max = tl.maximum(e_max, lse)
                 scale = tl.exp(e_max - new_max)
                 w = tl.exp(lse - new_max)
@@ -272,11 +223,11 @@ def _merge_group(
                 e_sum = e_sum * scale + w
                 e_max = new_max
         e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
-    # -- un-rotate once: o = o_rot · Π, by CHUNK_D columns of Π to bound registers and
-    #    shared memory
+    # -- un-rotate once: o = o_rot · Π, by column chunks of Π to bound shared memory
     o_rot = o_rot / e_sum[:, None]
-    offs_k = tl.arange(0, CHUNK_D)
-    for c0 in tl.static_range(0, HEAD_DIM, CHUNK_D):
+    CHUNK: tl.constexpr = 64
+    offs_k = tl.arange(0, CHUNK)
+    for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
         pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + (c0 + offs_k)[None, :])
         out = tl.dot(o_rot, pi)
         tl.store(Out + batch * stride_o_b + heads[:, None] * stride_o_h + (c0 + offs_k)[None, :],
@@ -338,9 +289,6 @@ class DecodeWorkspace:
     mid_o: torch.Tensor  # [B, Hq, S, D] fp32
     mid_lse: torch.Tensor  # [B, Hq, S] fp32
     out: torch.Tensor  # [B, Hq, D] bf16
-    # [B, Hq] int32 split tickets of the fused kernel, zero between launches (the merging
-    # program resets its own)
-    lock: torch.Tensor
 
     def fits(self, bsz: int, max_kv_splits: int) -> bool:
         """Whether ``bsz`` sequences with up to ``max_kv_splits`` splits fit."""
@@ -362,7 +310,6 @@ class DecodeWorkspace:
             mid_o=torch.empty(max_batch, num_q_heads, max_kv_splits, head_dim, **f32),
             mid_lse=torch.empty(max_batch, num_q_heads, max_kv_splits, **f32),
             out=torch.empty(max_batch, num_q_heads, head_dim, dtype=out_dtype, device=device),
-            lock=torch.zeros(max_batch, num_q_heads, dtype=torch.int32, device=device),
         )
 
 
@@ -373,20 +320,6 @@ class DecodeWorkspace:
 # 11.6 vs 18.2 us; 4 of 8 splits at B = 64: 19.7 vs 12.4).
 ROTATE_KERNEL_ELEMS = 128 * 1024
 VECTOR_MERGE_SPLITS = 16
-# Up to this many query elements (B · Hq · D) one launch does it all (FUSED): every
-# program rotates its group's query and the last program of a group merges the splits.
-# Above, the rotation is redone once per split, so the separate launches are kept.
-FUSED_DECODE_ELEMS = 128 * 1024
-STAGE2_WARPS = 4
-
-
-def merge_chunks(head_dim: int, max_kv_splits: int, num_warps: int) -> tuple[int, int]:
-    """(CHUNK_S, CHUNK_D) of the split merge: splits per [CHUNK_S, D] partial tile and
-    columns of Π per un-rotation dot, sized for ``num_warps`` (about 32 fp32 registers
-    per thread each at D = 128; stage 2's four warps get 4096 / D splits and 64 columns)."""
-    chunk_s = min(triton.next_power_of_2(max_kv_splits), max(1, 1024 * num_warps // head_dim))
-    chunk_d = min(head_dim, 16 * num_warps)
-    return chunk_s, chunk_d
 
 
 def _register_cap(maxnreg: int) -> dict:
@@ -491,15 +424,14 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               logit_cap: float = 0.0, sliding_window: int = 0,
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
-              fused: bool | None = None, out=None):
+              out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
     kv_indptr int32 [B+1] and kv_indices [total] as in SGLang's Triton backend;
     num_kv_splits int32 [B] with values in [1, max_kv_splits]. Writes ``out``
     [B, Hq, D] when given (any strides along B and Hq), else a view of
-    ``workspace.out``, and returns it. ``fused`` (default: up to ``FUSED_DECODE_ELEMS``
-    query elements) runs rotation, stage 1 and the merge as one launch.
+    ``workspace.out``, and returns it.
     """
     bsz = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -526,47 +458,36 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         out = ws.out[:bsz]
     elif out.shape != (bsz, hq, d) or out.stride(2) != 1:
         raise ValueError(f"out must be [{bsz}, {hq}, {d}] and contiguous in head_dim.")
-    fused = bsz * hq * d <= FUSED_DECODE_ELEMS if fused is None else fused
-    if fused:  # stage 1 reads q as it is and rotates it
-        q_in, q_strides = q, (q.stride(0), q.stride(1), q.stride(2))
-    else:  # -- rotate q once per step
-        if bsz * hq * d <= ROTATE_KERNEL_ELEMS:
-            rotate_query(q, codec.pi, q_rot)
-        else:
-            torch.matmul(q.to(torch.float32), codec.pi.T, out=q_rot)
-        q_in, q_strides = q_rot, (q_rot.stride(0), q_rot.stride(1), 1)
-    merge = dict(GQA=gqa, HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits,
-                 SPLITS_P2=triton.next_power_of_2(max_kv_splits),
-                 VECTOR_MERGE=max_kv_splits > VECTOR_MERGE_SPLITS)
-    chunk_s, chunk_d = merge_chunks(d, max_kv_splits, num_warps)
+    # -- rotate q once per step
+    if bsz * hq * d <= ROTATE_KERNEL_ELEMS:
+        rotate_query(q, codec.pi, q_rot)
+    else:
+        torch.matmul(q.to(torch.float32), codec.pi.T, out=q_rot)
     _tq_decode_stage1[(bsz, hkv, max_kv_splits)](
-        q_in, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
+        q_rot, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
         codec.k_lut_words, codec.v_lut_words, kv_indptr, kv_indices, num_kv_splits, mid_o, mid_lse,
-        codec.pi, out, ws.lock,
         sm_scale, logit_cap, sliding_window,
-        *q_strides,
+        q_rot.stride(0), q_rot.stride(1),
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1), ws.lock.stride(0),
-        BLOCK_H=_block_h(gqa, heads_n), BLOCK_N=block_n,
+        GQA=gqa, BLOCK_H=_block_h(gqa, heads_n), HEAD_DIM=d, BLOCK_N=block_n,
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HAS_CAP=logit_cap > 0,
         K_LUT=codec.k_lut, V_LUT=codec.v_lut,
         USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
-        PREFETCH=int(prefetch), HEADS_N=int(heads_n),
-        FUSED=int(fused), MERGE_H=_block_h(gqa), CHUNK_S=chunk_s, CHUNK_D=chunk_d, **merge,
-        num_warps=num_warps, num_stages=num_stages, **_register_cap(maxnreg),
+        PREFETCH=int(prefetch), HEADS_N=int(heads_n), num_warps=num_warps, num_stages=num_stages,
+        **_register_cap(maxnreg),
     )
-    if not fused:
-        chunk_s, chunk_d = merge_chunks(d, max_kv_splits, STAGE2_WARPS)
-        _tq_decode_stage2[(bsz, hkv)](
-            mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-            out.stride(0), out.stride(1),
-            BLOCK_H=_block_h(gqa), MIN_BLOCK_KV=block_n, CHUNK_S=chunk_s, CHUNK_D=chunk_d, **merge,
-            num_warps=STAGE2_WARPS,
-        )
+    _tq_decode_stage2[(bsz, hkv)](
+        mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        GQA=gqa, BLOCK_H=_block_h(gqa), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
+        SPLITS_P2=triton.next_power_of_2(max_kv_splits),
+        CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d),
+        VECTOR_MERGE=max_kv_splits > VECTOR_MERGE_SPLITS, num_warps=4,
+    )
     return out
 
 

@@ -1,15 +1,16 @@
 """Same-run A/B of ``tq_decode`` variants: one table of medians, one JSON.
 
-Each variant is a set of keyword overrides of :func:`tq_decode` (``fused``, ``block_n``,
-``num_warps``, ``prefetch``, ``num_stages``, ``heads_n``, ``maxnreg``) on top of the launch
+Each variant is a set of keyword overrides of :func:`tq_decode` (``block_n``, ``num_warps``,
+``prefetch``, ``num_stages``, ``heads_n``, ``maxnreg``; ``programs_per_sm`` and ``splits``
+steer the split count) on top of the launch
 the backend would run; every variant runs on the same packed pool, slots and queries of
 each shape, timed as CUDA-graph replays (median of ``triton.testing.do_bench``) after a
 correctness check against the first variant. The split count per sequence is the
 backend's (``default_num_kv_splits`` with the batch's split ceiling) for the variant's
 launch, unless ``splits`` is given.
 
-    python scripts/ab_decode.py --kv k4v4 --shapes 1x4096,1x32768,64x16384 \\
-        --variant base:fused=0 --variant fused:fused=1 --out ab.json
+    python scripts/ab_decode.py --kv k4v4 --shapes 64x16384,128x4096 --variant table: \\
+        --variant r168:prefetch=0,num_stages=3,maxnreg=168,programs_per_sm=12 --out ab.json
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 _INT_KEYS = ("block_n", "num_warps", "num_stages", "maxnreg", "splits", "programs_per_sm")
-_BOOL_KEYS = ("fused", "prefetch", "heads_n")
+_BOOL_KEYS = ("prefetch", "heads_n")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -57,9 +57,11 @@
 #       test (0.25) for bf16, fp8, k4v4 and k3v3, one server after another, one JSON.
 #   bash scripts/gpu_evidence.sh <commit> roof    # nvidia-h200 (one GPU), after a decode-kernel change
 #       (FA3 staged first, for bench_decode.py's FA3 rows): the decode, store and backend tests
-#       on CUDA; scripts/ab_decode.py (one launch vs three at small batch, register caps at
-#       large batch); tune_decode.py for k4v4 with register caps (table comes back); then
-#       bench_decode.py with that table (FlashInfer, FA3 and SGLang Triton baselines).
+#       on CUDA; scripts/ab_decode.py per bit pair (the table's launch against register-capped
+#       ones, CUDA-graph replay); bench_decode.py (FlashInfer, FA3 and SGLang Triton baselines).
+#   bash scripts/gpu_evidence.sh <commit> lt1 <configs>   # nvidia-h200 (one GPU, FA3 staged):
+#       scripts/loadtest.py's workloads (reference, long-gen, single-stream) for <configs>,
+#       one fresh server each, into $OUT/loadtest.json (merge the calls with --merge).
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -336,30 +338,29 @@ sp1)
 roof)
   export CUDA_VISIBLE_DEVICES=0
   timeout 170 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
-    tests/test_launch_table.py -k "decode or fused or rotat or store or backend or launch" \
+    tests/test_launch_table.py -k "decode or rotat or store or backend or launch" \
     > "$OUT/pytest.log" 2>&1
-  timeout 90 python scripts/ab_decode.py --kv k4v4 --shapes 1x4096,1x32768,4x8192,16x8192,32x4096 \
-    --variant three:fused=0 --variant one:fused=1 --out "$OUT/ab_fused.json" > "$LOGS/ab_fused.log" 2>&1
-  timeout 60 python scripts/ab_decode.py --kv k4v4 --shapes 1x4096,1x32768 --variant one:fused=1 \
-    --variant s16:fused=1,splits=16 --variant s32:fused=1,splits=32 --variant s64:fused=1,splits=64 \
-    --out "$LOGS/ab_splits.json" > "$LOGS/ab_splits.log" 2>&1
-  CAPS=(--variant table: --variant r168:prefetch=0,num_stages=3,maxnreg=168,programs_per_sm=12
-        --variant r144:prefetch=0,num_stages=3,maxnreg=144,programs_per_sm=14
-        --variant r128:prefetch=0,num_stages=3,maxnreg=128,programs_per_sm=16
-        --variant p168:prefetch=1,maxnreg=168,programs_per_sm=12)
-  timeout 90 python scripts/ab_decode.py --kv k4v4 --shapes 64x16384,128x4096,32x32768,16x8192 \
-    "${CAPS[@]}" --out "$OUT/ab_maxnreg.json" > "$LOGS/ab_maxnreg.log" 2>&1
-  tune_job 0 "$(left 420)" tune_r --kv k4v4 --tiles 32x1 --programs-per-sm 8,12,16 --prefetch 1,0 \
-    --num-stages 3 --heads-n 1 --maxnreg 0,168,128 --shapes 64x16384,32x32768,128x4096,16x8192
-  merge_tables "$OUT/decode_launch.json"
-  SGLANG_TQ_DECODE_LAUNCH=$OUT/decode_launch.json timeout "$(left 585)" python scripts/bench_decode.py \
+  for kv in k4v4 k3v3 k4v2 k2v2; do  # the table's launch against register-capped ones, same run
+    timeout 80 python scripts/ab_decode.py --kv $kv --shapes 64x16384,128x4096,32x32768,16x8192 \
+      --variant table: --variant r168:prefetch=0,num_stages=3,maxnreg=168,programs_per_sm=12 \
+      --variant r144:prefetch=0,num_stages=3,maxnreg=144,programs_per_sm=14 \
+      --out "$LOGS/ab_$kv.json" > "$LOGS/ab_$kv.log" 2>&1
+  done
+  python -c "import json,sys; json.dump([json.load(open(f)) for f in sys.argv[1:]], open('$OUT/ab_maxnreg.json','w'), indent=1)" "$LOGS"/ab_k*.json
+  timeout "$(left 585)" python scripts/bench_decode.py \
     --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096 --kv k4v4,k3v3,k4v2,k2v2 \
     --flashinfer-head-dims 128 --time-budget-s "$(left 570)" --out "$OUT/bench_decode.json" \
     > "$LOGS/bench.log" 2>&1
-  { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== ab fused"; tail -8 "$LOGS/ab_fused.log"
-    echo "== ab batch-1 splits"; tail -4 "$LOGS/ab_splits.log"
-    echo "== ab maxnreg"; tail -7 "$LOGS/ab_maxnreg.log"; echo "== tune"; grep BEST "$LOGS/tune_r.log"
+  { echo "== pytest"; tail -3 "$OUT/pytest.log"; for kv in k4v4 k3v3 k4v2 k2v2; do
+      echo "== ab $kv"; tail -6 "$LOGS/ab_$kv.log"; done
     echo "== bench"; tail -40 "$LOGS/bench.log"; } > "$OUT/summary.txt" 2>&1
+  ;;
+lt1)  # nvidia-h200 (one GPU, FA3 staged): loadtest.py's default workloads for the configs in $3
+  export CUDA_VISIBLE_DEVICES=0
+  timeout "$(left 590)" python scripts/loadtest.py --configs "${3:?configs}" --out "$OUT/loadtest.json" \
+    --log-dir "$LOGS/lt" --budget-s "$(left 580)" > "$LOGS/lt.log" 2>&1
+  { tail -40 "$LOGS/lt.log"; grep -h "prefill attention\|Use .* backend\|max_total_num_tokens=" \
+      "$LOGS"/lt/*.log | head; } > "$OUT/summary.txt" 2>&1
   ;;
 all)
   M=$(model) || M=""
@@ -394,7 +395,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, lt1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac

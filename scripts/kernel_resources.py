@@ -27,10 +27,9 @@ from sglang_tq.codec import LayerCodec
 from sglang_tq.kernels import tq_decode as dec
 
 _POINTERS = {
-    "Q": "*fp32", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
+    "QRot": "*fp32", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
     "KCb": "*fp32", "VCb": "*fp32", "KTab": "*i32", "VTab": "*i32", "KvIndptr": "*i32", "KvIndices": "*i64",
-    "NumKvSplits": "*i32", "MidO": "*fp32", "MidLse": "*fp32", "Pi": "*fp32", "Out": "*bf16",
-    "Lock": "*i32",
+    "NumKvSplits": "*i32", "MidO": "*fp32", "MidLse": "*fp32",
 }
 _SASS_CLASSES = {
     "LDG": r"\bLDG\.", "LDGSTS": r"\bLDGSTS", "LDS": r"\bLDS", "STS": r"\bSTS", "HMMA": r"\bHMMA",
@@ -61,21 +60,15 @@ def loop_mix(sass: str) -> dict:
 
 
 def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages, sass_dir=None,
-                   prefetch=1, heads_n=0, maxnreg=0, fused=0, max_kv_splits=8):
+                   prefetch=1, heads_n=0, maxnreg=0):
     fn = dec._tq_decode_stage1
     codec = LayerCodec.create(head_dim, k_bits, v_bits)
-    chunk_s, chunk_d = dec.merge_chunks(head_dim, max_kv_splits, num_warps)
     sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa, heads_n), HEAD_DIM=head_dim,
                            BLOCK_N=block_n, K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False,
                            K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=True, SLOT_I64=False,
-                           PREFETCH=prefetch, HEADS_N=heads_n, FUSED=fused,
-                           MERGE_H=dec._block_h(gqa), MAX_KV_SPLITS=max_kv_splits,
-                           SPLITS_P2=1 << (max_kv_splits - 1).bit_length(), CHUNK_S=chunk_s,
-                           VECTOR_MERGE=max_kv_splits > dec.VECTOR_MERGE_SPLITS, CHUNK_D=chunk_d)
+                           PREFETCH=prefetch, HEADS_N=heads_n)
     for name in fn.arg_names:
-        if name == "Q" and fused:  # the model's query, rotated in the kernel
-            sig[name] = "*bf16"
-        elif name in _POINTERS:
+        if name in _POINTERS:
             sig[name] = _POINTERS[name]
         elif name in consts:
             sig[name] = "constexpr"
@@ -104,7 +97,7 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
     if sass_dir:
         os.makedirs(sass_dir, exist_ok=True)
         name = (f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}_p{prefetch}"
-                f"_h{heads_n}_r{maxnreg}_f{fused}.sass")
+                f"_h{heads_n}_r{maxnreg}.sass")
         with open(os.path.join(sass_dir, name), "w") as f:
             f.write(sass)
     return {"regs": int(regs[1]) if regs else None, "spill_bytes": int(spill[1]) if spill else None,
@@ -125,23 +118,17 @@ def main() -> None:
                     help="1 (the GQA group as the dots' N side: the transposed problem), 0, or 0,1")
     ap.add_argument("--maxnreg", default="0",
                     help="register cap per thread handed to ptxas (0: none), or a list, e.g. 0,128,168")
-    ap.add_argument("--fused", default="0",
-                    help="1 (rotation and split merge inside stage 1, the small-batch launch), 0, or 0,1")
-    ap.add_argument("--max-kv-splits", type=int, default=8,
-                    help="split ceiling the fused merge is compiled for (above 16: the vector merge)")
     ap.add_argument("--out")
     ap.add_argument("--sass-dir", help="also write each variant's SASS listing here")
     args = ap.parse_args()
     rows = []
     grid = itertools.product(args.kv.split(","), *(map(int, x.split(",")) for x in
                                                     (args.block_n, args.num_warps, args.num_stages,
-                                                     args.prefetch, args.heads_n, args.maxnreg,
-                                                     args.fused)))
-    for kv, bn, nw, ns, pf, hn, mr, fu in grid:
+                                                     args.prefetch, args.heads_n, args.maxnreg)))
+    for kv, bn, nw, ns, pf, hn, mr in grid:
         r = {"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns, "prefetch": pf, "heads_n": hn,
-             "maxnreg": mr, "fused": fu,
-             **compile_stage1(args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw, ns,
-                              args.sass_dir, pf, hn, mr, fu, args.max_kv_splits)}
+             "maxnreg": mr, **compile_stage1(args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw,
+                                             ns, args.sass_dir, pf, hn, mr)}
         rows.append(r)
         print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     if args.out:

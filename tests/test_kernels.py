@@ -119,11 +119,10 @@ def _assert_decode_matches_ref(out, q, bufs, kv_indptr, kv_indices, codec):
     assert _rel(out, ref) <= 2 * torch_err
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "three-launches"])
 @pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", DECODE_CASES)
-def test_decode_matches_reference(head_dim, k_bits, v_bits, gqa, fused, device):
+def test_decode_matches_reference(head_dim, k_bits, v_bits, gqa, device):
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device)
-    out = _run_decode(q, bufs, indptr, indices, codec, fused=fused)
+    out = _run_decode(q, bufs, indptr, indices, codec)
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5)
     torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5,
                                    dtype=torch.bfloat16), ref)
@@ -191,9 +190,8 @@ def test_decode_is_split_invariant(device):
     assert _rel(one, many) <= 2 * torch_err
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "three-launches"])
 @pytest.mark.parametrize("head_dim, max_splits", [(128, 48), (256, 64), (64, 5)])
-def test_decode_merges_many_splits(head_dim, max_splits, fused, device):
+def test_decode_merges_many_splits(head_dim, max_splits, device):
     """Above VECTOR_MERGE_SPLITS stage 2 reads the split partials in chunks of 4096 /
     head_dim splits: more splits than one chunk, a ceiling that is not a power of two,
     splits left empty; 5 splits take the sequential merge."""
@@ -205,39 +203,9 @@ def test_decode_merges_many_splits(head_dim, max_splits, fused, device):
     splits = torch.tensor([max_splits, max_splits, max(1, max_splits // 3)], dtype=torch.int32,
                           device=device)
     out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, fused=fused, **_BLOCKS)
+                    max_kv_splits=max_splits, workspace=ws, **_BLOCKS)
     assert not out.isnan().any()
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
-
-
-@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, heads_n, max_splits",
-                         [(64, 4, 4, 4, False, 4), (64, 3, 2, 1, True, 4), (128, 2, 3, 8, True, 3),
-                          (128, 4, 4, 4, True, 20), (256, 4, 2, 4, False, 5)])
-def test_fused_decode_matches_reference(head_dim, k_bits, v_bits, gqa, heads_n, max_splits, device):
-    """One launch (rotation in stage 1, the last program of a group merges its splits;
-    empty splits still count, 20 splits take the vector merge) computes what the three
-    launches compute, and leaves every split ticket at zero for the next launch."""
-    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device,
-                                                     lens=(1, 70, 33), seed=13)
-    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous batch / head strides
-    bsz, hq, d = q.shape
-    ws = DecodeWorkspace.create(bsz, hq, d, max_splits, device)
-    outs = []
-    for fused in (True, False, True):
-        ws.out.fill_(float("nan"))
-        splits = torch.tensor([max_splits, max_splits, 2], dtype=torch.int32, device=device)
-        out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
-                        max_kv_splits=max_splits, workspace=ws, heads_n=heads_n, fused=fused,
-                        **_BLOCKS)
-        assert not out.isnan().any()
-        assert (ws.lock == 0).all(), "a split ticket was left for the next launch"
-        outs.append(out.clone())
-    _assert_decode_matches_ref(outs[0], q, bufs, indptr, indices, codec)
-    # the second fused launch reuses the tickets the first one reset
-    assert torch.equal(outs[0], outs[2])
-    ref = tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5)
-    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5, dtype=torch.bfloat16), ref)
-    assert _rel(outs[0], outs[1]) <= 2 * torch_err
 
 
 @pytest.mark.parametrize("rotate_kernel_elems", [0, 1 << 30])
@@ -248,7 +216,7 @@ def test_decode_rotation_paths_match_reference(rotate_kernel_elems, device, monk
 
     monkeypatch.setattr(dec, "ROTATE_KERNEL_ELEMS", rotate_kernel_elems)
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 3, 4, device, lens=(40, 7), seed=11)
-    out = _run_decode(q, bufs, indptr, indices, codec, fused=False)
+    out = _run_decode(q, bufs, indptr, indices, codec)
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
