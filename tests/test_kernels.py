@@ -156,7 +156,9 @@ def test_decode_heads_as_n_matches_reference(head_dim, k_bits, v_bits, gqa, pref
                                     dict(block_n=16, num_warps=1, prefetch=False, num_stages=3),
                                     dict(block_n=32, num_warps=2, prefetch=False, num_stages=2),
                                     dict(block_n=32, num_warps=2, prefetch=False, heads_n=True),
-                                    dict(block_n=64, num_warps=2, prefetch=True, heads_n=True)])
+                                    dict(block_n=64, num_warps=2, prefetch=True, heads_n=True),
+                                    dict(block_n=32, num_warps=1, prefetch=False, num_stages=3,
+                                         heads_n=True, maxnreg=168)])
 def test_decode_launch_variants_match_reference(launch, device):
     """Every launch shape the tuner may write into the table computes the same attention."""
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 2, 4, device, seed=6)
