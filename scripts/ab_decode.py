@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _decode_shape import decode_shape  # noqa: E402  (scripts/ is not a package)
+
 _INT_KEYS = ("block_n", "num_warps", "num_stages", "maxnreg", "splits", "programs_per_sm")
 _BOOL_KEYS = ("prefetch", "heads_n")
 
@@ -50,12 +53,11 @@ def run(args) -> int:
     from sglang_tq.codec import LayerCodec
     from sglang_tq.config import TQConfig
     from sglang_tq.kernels import tq_decode as dec
-    from sglang_tq.kernels.tq_store import tq_store_kv
     from sglang_tq.provenance import provenance
 
+    variants = [parse_variant(v) for v in args.variant]
     if not torch.cuda.is_available():
         raise SystemExit("ab_decode.py times the kernels on a CUDA GPU; none is visible.")
-    variants = [parse_variant(v) for v in args.variant]
     d, hq, hkv = args.head_dim, 32, 8
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     try:
@@ -66,18 +68,10 @@ def run(args) -> int:
     rows = []
     for shape in args.shapes.split(","):
         bsz, seq = map(int, shape.split("x"))
-        slots = bsz * seq
-        bufs = codec.alloc_buffers(slots, hkv)
-        for s0 in range(0, slots, 1 << 18):
-            n = min(1 << 18, slots - s0)
-            kvx = torch.randn(2, n, hkv, d, device="cuda", dtype=torch.bfloat16)
-            tq_store_kv(kvx[0], kvx[1], torch.arange(s0, s0 + n, device="cuda"), *bufs, codec)
-        indices = torch.randperm(slots, device="cuda")
-        indptr = torch.arange(0, slots + 1, seq, device="cuda", dtype=torch.int32)
-        q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
+        sh = decode_shape(codec, bsz, seq, hq, hkv)
+        bufs, indptr, indices, q, nbytes = sh.bufs, sh.indptr, sh.indices, sh.q, sh.nbytes
         max_splits = dec.split_ceiling(bsz)
         ws = dec.DecodeWorkspace.create(max(bsz, dec.SPLIT_REF_BATCH), hq, d, 8, "cuda")
-        nbytes = bsz * seq * hkv * (codec.k_code_bytes + codec.v_code_bytes + 4)
         first = None
         for name, kw in variants:
             kw = dict(kw)
@@ -114,7 +108,7 @@ def run(args) -> int:
                   f"{row['tbps']:6.3f} TB/s  rel.diff vs {variants[0][0]} {err:.1e}", flush=True)
             if err > 2e-2:
                 print(f"CHECK FAILED: {name} differs from {variants[0][0]} by {err:.3e}", flush=True)
-        del bufs, indices
+        del sh, bufs, indices
         torch.cuda.empty_cache()
     print("\n| shape | " + " | ".join(n for n, _ in variants) + " |")
     print("|---|" + "---|" * len(variants))

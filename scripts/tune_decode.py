@@ -127,7 +127,8 @@ def tune(args) -> int:
 
     from sglang_tq.codec import LayerCodec
     from sglang_tq.kernels import tq_decode as dec
-    from sglang_tq.kernels.tq_store import tq_store_kv
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _decode_shape import decode_shape  # scripts/ is not a package
     from sglang_tq.provenance import provenance
 
     if not torch.cuda.is_available():
@@ -145,17 +146,9 @@ def tune(args) -> int:
         kv_rows = []
         for shape in shapes:
             bsz, seq = map(int, shape.split("x"))
-            slots = bsz * seq
-            bufs = codec.alloc_buffers(slots, hkv)
-            for s0 in range(0, slots, 1 << 18):
-                n = min(1 << 18, slots - s0)
-                kvx = torch.randn(2, n, hkv, d, device="cuda", dtype=torch.bfloat16)
-                tq_store_kv(kvx[0], kvx[1], torch.arange(s0, s0 + n, device="cuda"), *bufs, codec)
-            indices = torch.randperm(slots, device="cuda")
-            indptr = torch.arange(0, slots + 1, seq, device="cuda", dtype=torch.int32)
-            q = torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16)
+            sh = decode_shape(codec, bsz, seq, hq, hkv)
+            bufs, indptr, indices, q, nbytes = sh.bufs, sh.indptr, sh.indices, sh.q, sh.nbytes
             ws = dec.DecodeWorkspace.create(bsz, hq, d, args.max_kv_splits, "cuda")
-            nbytes = bsz * seq * hkv * (codec.k_code_bytes + codec.v_code_bytes + 4)
             for cfg in grid:
                 launch = dec.DecodeLaunch(**cfg)
                 splits = dec.default_num_kv_splits(torch.full((bsz,), seq), hkv, args.max_kv_splits,
@@ -182,7 +175,7 @@ def tune(args) -> int:
                           f"maxnreg={launch.maxnreg:<3} splits={row['splits']:<2} "
                           f"{ms:8.4f} ms  {nbytes / ms / 1e9:6.3f} TB/s", flush=True)
                 kv_rows.append(row)
-            del bufs, indices
+            del sh, bufs, indices
             torch.cuda.empty_cache()
         rows += kv_rows
         win = choose(kv_rows, shapes)

@@ -1,0 +1,39 @@
+"""One decode-benchmark shape on the GPU, shared by tune_decode.py and ab_decode.py.
+
+A packed pool of B·L random bf16 K/V tokens (written by ``tq_store_kv`` in chunks of
+256k tokens), the slots of every sequence scattered by a random permutation, one query
+token per sequence, and the packed bytes one decode step reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang_tq.kernels.tq_store import tq_store_kv
+
+
+@dataclass
+class DecodeShape:
+    bufs: tuple  # k_codes, k_norms, v_codes, v_norms
+    indptr: torch.Tensor  # [B + 1] int32
+    indices: torch.Tensor  # [B·L] slot ids
+    q: torch.Tensor  # [B, Hq, D] bf16
+    nbytes: int  # packed KV bytes one step reads
+
+
+def decode_shape(codec, bsz: int, seq: int, hq: int, hkv: int) -> DecodeShape:
+    d, slots = codec.head_dim, bsz * seq
+    bufs = codec.alloc_buffers(slots, hkv)
+    for s0 in range(0, slots, 1 << 18):
+        n = min(1 << 18, slots - s0)
+        kvx = torch.randn(2, n, hkv, d, device="cuda", dtype=torch.bfloat16)
+        tq_store_kv(kvx[0], kvx[1], torch.arange(s0, s0 + n, device="cuda"), *bufs, codec)
+    return DecodeShape(
+        bufs=bufs,
+        indptr=torch.arange(0, slots + 1, seq, device="cuda", dtype=torch.int32),
+        indices=torch.randperm(slots, device="cuda"),
+        q=torch.randn(bsz, hq, d, device="cuda", dtype=torch.bfloat16),
+        nbytes=slots * hkv * (codec.k_code_bytes + codec.v_code_bytes + 4),
+    )
