@@ -140,6 +140,34 @@ def load_dense_tiles(rows, mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _rotated_cols(q_t, Pi, cols, HEAD_DIM: tl.constexpr):
+    """[W, M] fp16 = Π[cols, :] · q_t for q_t [D, M] fp16 (rows of Π in fp16)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    pi = tl.load(Pi + cols[:, None] * HEAD_DIM + offs_d[None, :])
+    return tl.dot(pi, q_t).to(tl.float16)
+
+
+@triton.jit
+def rotate_dense_tiles_t(cols_t, mask, Pi, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Transposed fp16 tiles [W, M] of the rotated rows (Πq, TurboQuant Sec. 3) in the
+    tile order of BITS-bit codes: ``cols_t`` [1, M] points at the start of each (unrotated,
+    any float dtype, contiguous) row, ``Pi`` at Π as fp16 [D, D]. fp16 operands with fp32
+    accumulation, then fp16, as the unfused path rounds its fp32 product to fp16; the
+    group's heads are the dots' N side (8 suffices), Π's rows their M side."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_t = tl.load(cols_t + offs_d[:, None], mask=mask[None, :], other=0.0).to(tl.float16)
+    c = tile_columns(BITS, HEAD_DIM)
+    if len(c) == 8:
+        return (_rotated_cols(q_t, Pi, c[0], HEAD_DIM), _rotated_cols(q_t, Pi, c[1], HEAD_DIM),
+                _rotated_cols(q_t, Pi, c[2], HEAD_DIM), _rotated_cols(q_t, Pi, c[3], HEAD_DIM),
+                _rotated_cols(q_t, Pi, c[4], HEAD_DIM), _rotated_cols(q_t, Pi, c[5], HEAD_DIM),
+                _rotated_cols(q_t, Pi, c[6], HEAD_DIM), _rotated_cols(q_t, Pi, c[7], HEAD_DIM))
+    else:
+        return (_rotated_cols(q_t, Pi, c[0], HEAD_DIM), _rotated_cols(q_t, Pi, c[1], HEAD_DIM),
+                _rotated_cols(q_t, Pi, c[2], HEAD_DIM), _rotated_cols(q_t, Pi, c[3], HEAD_DIM))
+
+
+@triton.jit
 def trans_tiles(t):
     """Every tile of a tuple transposed."""
     if len(t) == 8:

@@ -56,8 +56,8 @@ from sglang_tq.config import TQConfig
 from sglang_tq.env import decode_launch_file, triton_interpreting
 
 from ._codes import (load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_tiles,
-                     online_softmax_step, slot_offsets_need_int64, softmax_state, scores,
-                     store_tiles, tanh, trans_tiles)
+                     online_softmax_step, rotate_dense_tiles_t, slot_offsets_need_int64,
+                     softmax_state, scores, store_tiles, tanh, trans_tiles)
 from ._checks import check_attention_args
 from .tq_dequant import tq_dequant_ref
 
@@ -79,7 +79,7 @@ def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_
 
 @triton.jit
 def _tq_decode_stage1(
-    QRot, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab,
+    QRot, Pi16, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab,
     KvIndptr, KvIndices, NumKvSplits, MidO, MidLse,
     sm_scale, logit_cap, sliding_window,
     stride_q_b, stride_q_h,
@@ -89,8 +89,13 @@ def _tq_decode_stage1(
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
-    PREFETCH: tl.constexpr, HEADS_N: tl.constexpr,
+    PREFETCH: tl.constexpr, HEADS_N: tl.constexpr, FUSE_ROT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        # programmatic dependent launch: wait for the kernel before (it wrote q), then let
+        # stage 2 launch while this grid runs (it waits for this one in turn)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -99,11 +104,18 @@ def _tq_decode_stage1(
         offs_g = tl.arange(0, BLOCK_H)
         mask_h = offs_g < GQA
         heads = kv_head * GQA + offs_g
-        # -- rotated query of the whole GQA group, in the tile order of K's codes
-        q = load_dense_tiles(QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h,
-                             K_BITS, HEAD_DIM)
-        if HEADS_N:
-            q = trans_tiles(q)
+        # -- rotated query of the whole GQA group, in the tile order of K's codes: rotated
+        #    here from q itself (FUSE_ROT, small batches: one launch less) or read
+        if FUSE_ROT:
+            q = rotate_dense_tiles_t(QRot + batch * stride_q_b + heads[None, :] * stride_q_h,
+                                     mask_h, Pi16, K_BITS, HEAD_DIM)
+            if not HEADS_N:
+                q = trans_tiles(q)
+        else:
+            q = load_dense_tiles(QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h,
+                                 K_BITS, HEAD_DIM)
+            if HEADS_N:
+                q = trans_tiles(q)
         kc_base = KCodes + kv_head * stride_kc_h
         vc_base = VCodes + kv_head * stride_vc_h
         kt0, kt1, kt2, kt3 = load_lut_words(KTab)
@@ -161,77 +173,120 @@ def _tq_decode_stage1(
 
 
 @triton.jit
+def _merge_weights(MidLse, lse_row, KvIndptr, NumKvSplits, batch, offs_s, sliding_window,
+                   MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr):
+    """Log-sum-exp of the splits ``offs_s`` that hold tokens, from ``lse_row`` (the
+    head's row of MidLse: [1] or [M, 1] offsets); empty splits read −inf."""
+    _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, offs_s, sliding_window, MIN_BLOCK_KV)
+    valid = (hi > lo) & (offs_s < MAX_KV_SPLITS)
+    return valid, tl.load(MidLse + lse_row + offs_s, mask=valid, other=float("-inf"))
+
+
+@triton.jit
 def _tq_decode_stage2(
     MidO, MidLse, Pi, Out, KvIndptr, NumKvSplits, sliding_window,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_o_b, stride_o_h,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr,
     SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr, VECTOR_MERGE: tl.constexpr,
+    PER_HEAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # stage 1's partials are complete and visible
     batch = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    offs_g = tl.arange(0, BLOCK_H)
-    mask_h = offs_g < GQA
-    heads = kv_head * GQA + offs_g
     offs_d = tl.arange(0, HEAD_DIM)
-    if VECTOR_MERGE:
-        # -- every split's log-sum-exp at once: the group's max and normaliser
-        offs_s = tl.arange(0, SPLITS_P2)
-        _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, offs_s, sliding_window, MIN_BLOCK_KV)
-        valid = (hi > lo) & (offs_s < MAX_KV_SPLITS)
-        lse = tl.load(MidLse + batch * stride_ml_b + heads[:, None] * stride_ml_h + offs_s[None, :],
-                      mask=mask_h[:, None] & valid[None, :], other=float("-inf"))
-        e_max = tl.max(lse, axis=1)
-        e_max = tl.where(e_max == float("-inf"), 0.0, e_max)  # no split holds tokens
-        e_sum = tl.sum(tl.exp(lse - e_max[:, None]), axis=1)
-        e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
-        # -- Σ_s exp(lse_s − max) · o_s per query head, the splits as [CHUNK_S, D] tiles whose
-        #    loads do not wait on each other
-        o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
-        for g in range(GQA):
-            head = kv_head * GQA + g
-            m_g = tl.sum(tl.where(offs_g == g, e_max, 0.0))
-            row = tl.zeros((HEAD_DIM,), tl.float32)
-            for c in tl.static_range(0, SPLITS_P2, CHUNK_S):
-                offs_c = c + tl.arange(0, CHUNK_S)
-                _, lo_c, hi_c = _split_range(KvIndptr, NumKvSplits, batch, offs_c, sliding_window,
-                                             MIN_BLOCK_KV)
-                valid_c = (hi_c > lo_c) & (offs_c < MAX_KV_SPLITS)
-                w = tl.exp(tl.load(MidLse + batch * stride_ml_b + head * stride_ml_h + offs_c,
-                                   mask=valid_c, other=float("-inf")) - m_g)
-                part = tl.load(MidO + batch * stride_mo_b + head * stride_mo_h
-                               + offs_c[:, None] * stride_mo_s + offs_d[None, :],
-                               mask=valid_c[:, None], other=0.0)
-                row += tl.sum(part * w[:, None], axis=0)
-            o_rot = tl.where(offs_g[:, None] == g, row[None, :], o_rot)
-    else:
-        # -- few splits (large batches): merge them in a loop, skipping empty splits
-        e_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-        e_sum = tl.zeros((BLOCK_H,), tl.float32)
-        o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
-        for split in range(MAX_KV_SPLITS):
-            _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_KV)
-            if hi > lo:
-                part = tl.load(MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h
-                               + split * stride_mo_s + offs_d[None, :], mask=mask_h[:, None], other=0.0)
-                lse = tl.load(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
-                              mask=mask_h, other=0.0)
-                new_max = tl.maximum(e_max, lse)
-                scale = tl.exp(e_max - new_max)
-                w = tl.exp(lse - new_max)
-                o_rot = o_rot * scale[:, None] + w[:, None] * part
-                e_sum = e_sum * scale + w
-                e_max = new_max
-        e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
-    # -- un-rotate once: o = o_rot · Π, by column chunks of Π to bound shared memory
-    o_rot = o_rot / e_sum[:, None]
     CHUNK: tl.constexpr = 64
     offs_k = tl.arange(0, CHUNK)
-    for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
-        pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + (c0 + offs_k)[None, :])
-        out = tl.dot(o_rot, pi)
-        tl.store(Out + batch * stride_o_b + heads[:, None] * stride_o_h + (c0 + offs_k)[None, :],
-                 out.to(Out.dtype.element_ty), mask=mask_h[:, None])
+    if PER_HEAD:
+        # -- one query head per program (small batches: Hq programs instead of Hkv, no
+        #    loop over the group): every split's LSE at once, the partials as [CHUNK_S, D]
+        #    tiles whose loads do not wait on each other
+        head = tl.program_id(1)
+        _, lse = _merge_weights(MidLse, batch * stride_ml_b + head * stride_ml_h, KvIndptr,
+                                NumKvSplits, batch, tl.arange(0, SPLITS_P2), sliding_window,
+                                MAX_KV_SPLITS, MIN_BLOCK_KV)
+        e_max = tl.max(lse)
+        e_max = tl.where(e_max == float("-inf"), 0.0, e_max)  # no split holds tokens
+        e_sum = tl.sum(tl.exp(lse - e_max))
+        e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
+        row = tl.zeros((HEAD_DIM,), tl.float32)
+        for c in tl.static_range(0, SPLITS_P2, CHUNK_S):
+            offs_c = c + tl.arange(0, CHUNK_S)
+            valid_c, lse_c = _merge_weights(MidLse, batch * stride_ml_b + head * stride_ml_h,
+                                            KvIndptr, NumKvSplits, batch, offs_c, sliding_window,
+                                            MAX_KV_SPLITS, MIN_BLOCK_KV)
+            part = tl.load(MidO + batch * stride_mo_b + head * stride_mo_h
+                           + offs_c[:, None] * stride_mo_s + offs_d[None, :],
+                           mask=valid_c[:, None], other=0.0)
+            row += tl.sum(part * tl.exp(lse_c - e_max)[:, None], axis=0)
+        row = row / e_sum
+        # -- un-rotate: o = o_rot · Π as a reduction over Π's rows (one row: no dot)
+        for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
+            pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + (c0 + offs_k)[None, :])
+            out = tl.sum(row[:, None] * pi, axis=0)
+            tl.store(Out + batch * stride_o_b + head * stride_o_h + c0 + offs_k,
+                     out.to(Out.dtype.element_ty))
+    else:
+        kv_head = tl.program_id(1)
+        offs_g = tl.arange(0, BLOCK_H)
+        mask_h = offs_g < GQA
+        heads = kv_head * GQA + offs_g
+        if VECTOR_MERGE:
+            # -- every split's log-sum-exp at once: the group's max and normaliser
+            offs_s = tl.arange(0, SPLITS_P2)
+            _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, offs_s, sliding_window,
+                                     MIN_BLOCK_KV)
+            valid = (hi > lo) & (offs_s < MAX_KV_SPLITS)
+            lse = tl.load(MidLse + batch * stride_ml_b + heads[:, None] * stride_ml_h + offs_s[None, :],
+                          mask=mask_h[:, None] & valid[None, :], other=float("-inf"))
+            e_max = tl.max(lse, axis=1)
+            e_max = tl.where(e_max == float("-inf"), 0.0, e_max)  # no split holds tokens
+            e_sum = tl.sum(tl.exp(lse - e_max[:, None]), axis=1)
+            e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
+            # -- Σ_s exp(lse_s − max) · o_s per query head, the splits as [CHUNK_S, D] tiles
+            o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+            for g in range(GQA):
+                head = kv_head * GQA + g
+                m_g = tl.sum(tl.where(offs_g == g, e_max, 0.0))
+                row = tl.zeros((HEAD_DIM,), tl.float32)
+                for c in tl.static_range(0, SPLITS_P2, CHUNK_S):
+                    offs_c = c + tl.arange(0, CHUNK_S)
+                    valid_c, lse_c = _merge_weights(MidLse, batch * stride_ml_b + head * stride_ml_h,
+                                                    KvIndptr, NumKvSplits, batch, offs_c,
+                                                    sliding_window, MAX_KV_SPLITS, MIN_BLOCK_KV)
+                    part = tl.load(MidO + batch * stride_mo_b + head * stride_mo_h
+                                   + offs_c[:, None] * stride_mo_s + offs_d[None, :],
+                                   mask=valid_c[:, None], other=0.0)
+                    row += tl.sum(part * tl.exp(lse_c - m_g)[:, None], axis=0)
+                o_rot = tl.where(offs_g[:, None] == g, row[None, :], o_rot)
+        else:
+            # -- few splits (large batches): merge them in a loop, skipping empty splits
+            e_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+            e_sum = tl.zeros((BLOCK_H,), tl.float32)
+            o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+            for split in range(MAX_KV_SPLITS):
+                _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window,
+                                         MIN_BLOCK_KV)
+                if hi > lo:
+                    part = tl.load(MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h
+                                   + split * stride_mo_s + offs_d[None, :], mask=mask_h[:, None],
+                                   other=0.0)
+                    lse = tl.load(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
+                                  mask=mask_h, other=0.0)
+                    new_max = tl.maximum(e_max, lse)
+                    scale = tl.exp(e_max - new_max)
+                    w = tl.exp(lse - new_max)
+                    o_rot = o_rot * scale[:, None] + w[:, None] * part
+                    e_sum = e_sum * scale + w
+                    e_max = new_max
+            e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
+        # -- un-rotate once: o = o_rot · Π, by column chunks of Π to bound shared memory
+        o_rot = o_rot / e_sum[:, None]
+        for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
+            pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + (c0 + offs_k)[None, :])
+            out = tl.dot(o_rot, pi)
+            tl.store(Out + batch * stride_o_b + heads[:, None] * stride_o_h + (c0 + offs_k)[None, :],
+                     out.to(Out.dtype.element_ty), mask=mask_h[:, None])
 
 
 @triton.jit
@@ -320,6 +375,37 @@ class DecodeWorkspace:
 # 11.6 vs 18.2 us; 4 of 8 splits at B = 64: 19.7 vs 12.4).
 ROTATE_KERNEL_ELEMS = 128 * 1024
 VECTOR_MERGE_SPLITS = 16
+
+
+# Small batches (measured on the H200, ab_decode): at B = 1 the step was 6 us of query
+# rotation, 14 us of stage 1 and 10 us of stage 2 plus the gaps between three launches
+# (profile_decode_h200_74bf82a.json), for 4 MB of codes.
+FUSE_ROTATION_BATCH = 8  # stage 1 rotates q itself up to this batch
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallBatchPlan:
+    fuse_rotation: bool  # stage 1 rotates q (fp16 Π): one launch less
+    per_head_merge: bool  # stage 2 runs one program per query head
+    pdl: bool  # programmatic dependent launch: stage 2 launches while stage 1 runs
+
+
+def small_batch_plan(bsz: int, max_kv_splits: int) -> SmallBatchPlan:
+    """The launch rules for a batch of ``bsz`` with ``max_kv_splits`` splits."""
+    vector_merge = max_kv_splits > VECTOR_MERGE_SPLITS
+    return SmallBatchPlan(fuse_rotation=bsz <= FUSE_ROTATION_BATCH, per_head_merge=vector_merge,
+                          pdl=pdl_supported())
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_supported() -> bool:
+    """Programmatic dependent launch (griddepcontrol) needs sm_90+ and a real GPU."""
+    return (not triton_interpreting() and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (9, 0))
+
+
+def _pdl_launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _register_cap(maxnreg: int) -> dict:
@@ -424,7 +510,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               logit_cap: float = 0.0, sliding_window: int = 0,
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
-              out=None):
+              fuse_rotation: bool | None = None, per_head_merge: bool | None = None,
+              pdl: bool | None = None, out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -432,6 +519,11 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     num_kv_splits int32 [B] with values in [1, max_kv_splits]. Writes ``out``
     [B, Hq, D] when given (any strides along B and Hq), else a view of
     ``workspace.out``, and returns it.
+
+    The launch options default to the measured launch (:func:`default_launch`) and the
+    small-batch rules (:func:`small_batch_plan`); ``fuse_rotation`` (stage 1 rotates q),
+    ``per_head_merge`` (stage 2 per query head, needs more than VECTOR_MERGE_SPLITS
+    splits) and ``pdl`` (programmatic dependent launch, Hopper and newer) override them.
     """
     bsz = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -452,19 +544,32 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     num_stages = num_stages or launch.num_stages
     heads_n = launch.heads_n if heads_n is None else heads_n
     maxnreg = launch.maxnreg if maxnreg is None else maxnreg
-    q_rot = ws.q_rot[:bsz]
+    plan = small_batch_plan(bsz, max_kv_splits)
+    fuse_rotation = plan.fuse_rotation if fuse_rotation is None else fuse_rotation
+    per_head_merge = plan.per_head_merge if per_head_merge is None else per_head_merge
+    pdl = plan.pdl if pdl is None else pdl
+    vector_merge = max_kv_splits > VECTOR_MERGE_SPLITS
+    if per_head_merge and not vector_merge:
+        raise ValueError(f"per_head_merge needs more than {VECTOR_MERGE_SPLITS} splits "
+                         f"(max_kv_splits = {max_kv_splits}).")
+    if pdl and not pdl_supported():
+        raise ValueError("pdl (programmatic dependent launch) needs a CUDA GPU of compute "
+                         "capability 9.0 or newer, outside the Triton interpreter.")
+    fuse_rotation = fuse_rotation and q.stride(2) == 1
     mid_o, mid_lse = ws.partials(bsz, max_kv_splits)
     if out is None:
         out = ws.out[:bsz]
     elif out.shape != (bsz, hq, d) or out.stride(2) != 1:
         raise ValueError(f"out must be [{bsz}, {hq}, {d}] and contiguous in head_dim.")
-    # -- rotate q once per step
-    if bsz * hq * d <= ROTATE_KERNEL_ELEMS:
-        rotate_query(q, codec.pi, q_rot)
+    # -- rotate q once per step (or inside stage 1)
+    if fuse_rotation:
+        q_rot = q
+    elif bsz * hq * d <= ROTATE_KERNEL_ELEMS:
+        q_rot = rotate_query(q, codec.pi, ws.q_rot[:bsz])
     else:
-        torch.matmul(q.to(torch.float32), codec.pi.T, out=q_rot)
+        q_rot = torch.matmul(q.to(torch.float32), codec.pi.T, out=ws.q_rot[:bsz])
     _tq_decode_stage1[(bsz, hkv, max_kv_splits)](
-        q_rot, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
+        q_rot, codec.pi_f16, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
         codec.k_lut_words, codec.v_lut_words, kv_indptr, kv_indices, num_kv_splits, mid_o, mid_lse,
         sm_scale, logit_cap, sliding_window,
         q_rot.stride(0), q_rot.stride(1),
@@ -476,17 +581,19 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         K_LUT=codec.k_lut, V_LUT=codec.v_lut,
         USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
-        PREFETCH=int(prefetch), HEADS_N=int(heads_n), num_warps=num_warps, num_stages=num_stages,
-        **_register_cap(maxnreg),
+        PREFETCH=int(prefetch), HEADS_N=int(heads_n), FUSE_ROT=int(fuse_rotation),
+        USE_PDL=int(pdl), num_warps=num_warps, num_stages=num_stages,
+        **_register_cap(maxnreg), **_pdl_launch(pdl),
     )
-    _tq_decode_stage2[(bsz, hkv)](
+    _tq_decode_stage2[(bsz, hq if per_head_merge else hkv)](
         mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         GQA=gqa, BLOCK_H=_block_h(gqa), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
         SPLITS_P2=triton.next_power_of_2(max_kv_splits),
         CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d),
-        VECTOR_MERGE=max_kv_splits > VECTOR_MERGE_SPLITS, num_warps=4,
+        VECTOR_MERGE=vector_merge, PER_HEAD=int(per_head_merge), USE_PDL=int(pdl), num_warps=4,
+        **_pdl_launch(pdl),
     )
     return out
 

@@ -1,7 +1,8 @@
 """Same-run A/B of ``tq_decode`` variants: one table of medians, one JSON.
 
 Each variant is a set of keyword overrides of :func:`tq_decode` (``block_n``, ``num_warps``,
-``prefetch``, ``num_stages``, ``heads_n``, ``maxnreg``; ``programs_per_sm`` and ``splits``
+``prefetch``, ``num_stages``, ``heads_n``, ``maxnreg``, and the small-batch switches
+``fuse_rotation``, ``per_head_merge``, ``pdl``; ``programs_per_sm`` and ``splits``
 steer the split count) on top of the launch
 the backend would run; every variant runs on the same packed pool, slots and queries of
 each shape, timed as CUDA-graph replays (median of ``triton.testing.do_bench``) after a
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _decode_shape import decode_shape  # noqa: E402  (scripts/ is not a package)
 
 _INT_KEYS = ("block_n", "num_warps", "num_stages", "maxnreg", "splits", "programs_per_sm")
-_BOOL_KEYS = ("prefetch", "heads_n")
+_BOOL_KEYS = ("prefetch", "heads_n", "fuse_rotation", "per_head_merge", "pdl")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -91,7 +92,13 @@ def run(args) -> int:
                 dec.tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
                               max_kv_splits=max_splits, workspace=ws, out=out, **kw)
 
-            fn()
+            try:
+                fn()
+            except ValueError as exc:  # an option this shape cannot take (e.g. too few splits)
+                rows.append({"variant": name, "overrides": kw, "shape": shape, "B": bsz, "L": seq,
+                             "kv": args.kv, "head_dim": d, "ms": None, "refused": str(exc)})
+                print(f"{args.kv} {shape:>9} {name:<14} refused: {exc}", flush=True)
+                continue
             torch.cuda.synchronize()
             if first is None:
                 first = out.clone()
@@ -113,7 +120,7 @@ def run(args) -> int:
     print("\n| shape | " + " | ".join(n for n, _ in variants) + " |")
     print("|---|" + "---|" * len(variants))
     for shape in args.shapes.split(","):
-        cells = [f"{r['ms'] * 1e3:.1f}" for r in rows if r["shape"] == shape]
+        cells = [f"{r['ms'] * 1e3:.1f}" if r["ms"] else "-" for r in rows if r["shape"] == shape]
         print(f"| {shape} | " + " | ".join(cells) + " |  (us)")
     if args.out:
         doc = {**provenance(), "tool": "scripts/ab_decode.py", "argv": sys.argv[1:], "rows": rows,

@@ -59,9 +59,12 @@
 #       (FA3 staged first, for bench_decode.py's FA3 rows): the decode, store and backend tests
 #       on CUDA; scripts/ab_decode.py per bit pair (the table's launch against register-capped
 #       ones, CUDA-graph replay); bench_decode.py (FlashInfer, FA3 and SGLang Triton baselines).
-#   bash scripts/gpu_evidence.sh <commit> lt1 <configs>   # nvidia-h200 (one GPU, FA3 staged):
-#       scripts/loadtest.py's workloads (reference, long-gen, single-stream) for <configs>,
-#       one fresh server each, into $OUT/loadtest.json (merge the calls with --merge).
+#   bash scripts/gpu_evidence.sh <commit> small   # nvidia-h200 (one GPU), after a small-batch change:
+#       the decode and backend tests on CUDA; scripts/ab_decode.py of the small-batch switches
+#       (fused query rotation, per-head split merge, programmatic dependent launch), k4v4 and k3v3.
+#   bash scripts/gpu_evidence.sh <commit> lt1 <configs> [workloads]   # nvidia-h200 (one GPU, FA3
+#       staged): scripts/loadtest.py's workloads (default: reference, long-gen, single-stream)
+#       for <configs>, one fresh server each, into $OUT/loadtest.json (merge calls with --merge).
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -355,10 +358,27 @@ roof)
       echo "== ab $kv"; tail -6 "$LOGS/ab_$kv.log"; done
     echo "== bench"; tail -40 "$LOGS/bench.log"; } > "$OUT/summary.txt" 2>&1
   ;;
-lt1)  # nvidia-h200 (one GPU, FA3 staged): loadtest.py's default workloads for the configs in $3
+small)  # nvidia-h200 (one GPU), after a small-batch decode change: decode tests on CUDA, then
+  # the same-run A/B of the small-batch switches (fused rotation, per-head merge, PDL)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
+    tests/test_launch_table.py -k "decode or rotat or backend or launch" > "$OUT/pytest.log" 2>&1
+  for kv in k4v4 k3v3; do
+    timeout 150 python scripts/ab_decode.py --kv $kv \
+      --shapes 1x4096,1x32768,2x16384,4x8192,8x8192,16x8192,64x16384,128x4096 \
+      --variant old:fuse_rotation=0,per_head_merge=0,pdl=0 --variant fuse:fuse_rotation=1,per_head_merge=0,pdl=0 \
+      --variant merge:fuse_rotation=0,per_head_merge=1,pdl=0 --variant pdl:fuse_rotation=0,per_head_merge=0,pdl=1 \
+      --variant all:fuse_rotation=1,per_head_merge=1,pdl=1 --variant fuse_pdl:fuse_rotation=1,pdl=1 \
+      --variant default: --out "$LOGS/ab_$kv.json" > "$LOGS/ab_$kv.log" 2>&1
+  done
+  python -c "import json,sys; json.dump([json.load(open(f)) for f in sys.argv[1:]], open('$OUT/ab_small.json','w'), indent=1)" "$LOGS"/ab_k*.json
+  { echo "== pytest"; tail -15 "$OUT/pytest.log"; for kv in k4v4 k3v3; do
+      echo "== ab $kv"; tail -12 "$LOGS/ab_$kv.log"; done; } > "$OUT/summary.txt" 2>&1
+  ;;
+lt1)  # nvidia-h200 (one GPU, FA3 staged): loadtest.py's workloads ($4, default all) for the configs in $3
   export CUDA_VISIBLE_DEVICES=0
   timeout "$(left 590)" python scripts/loadtest.py --configs "${3:?configs}" --out "$OUT/loadtest.json" \
-    --log-dir "$LOGS/lt" --budget-s "$(left 580)" > "$LOGS/lt.log" 2>&1
+    ${4:+--workloads "$4"} --log-dir "$LOGS/lt" --budget-s "$(left 580)" > "$LOGS/lt.log" 2>&1
   { tail -40 "$LOGS/lt.log"; grep -h "prefill attention\|Use .* backend\|max_total_num_tokens=" \
       "$LOGS"/lt/*.log | head; } > "$OUT/summary.txt" 2>&1
   ;;
@@ -395,7 +415,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, lt1, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, lt1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac

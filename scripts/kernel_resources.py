@@ -27,7 +27,7 @@ from sglang_tq.codec import LayerCodec
 from sglang_tq.kernels import tq_decode as dec
 
 _POINTERS = {
-    "QRot": "*fp32", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
+    "QRot": "*fp32", "Pi16": "*fp16", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
     "KCb": "*fp32", "VCb": "*fp32", "KTab": "*i32", "VTab": "*i32", "KvIndptr": "*i32", "KvIndices": "*i64",
     "NumKvSplits": "*i32", "MidO": "*fp32", "MidLse": "*fp32",
 }
@@ -66,7 +66,7 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
     sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa, heads_n), HEAD_DIM=head_dim,
                            BLOCK_N=block_n, K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False,
                            K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=True, SLOT_I64=False,
-                           PREFETCH=prefetch, HEADS_N=heads_n)
+                           PREFETCH=prefetch, HEADS_N=heads_n, FUSE_ROT=0, USE_PDL=0)
     for name in fn.arg_names:
         if name in _POINTERS:
             sig[name] = _POINTERS[name]

@@ -45,6 +45,7 @@ class LayerCodec:
     k_quant: TurboQuantizer
     v_quant: TurboQuantizer
     pi: torch.Tensor  # [D, D] fp32, y = x @ pi.T
+    pi_f16: torch.Tensor  # Π as fp16 [D, D], for the query rotation inside small-batch decode
     k_codebook: torch.Tensor  # fp32 [2**k_bits], in code (sign-magnitude) order
     v_codebook: torch.Tensor
     k_bounds: torch.Tensor  # fp32 [2**k_bits - 1], ascending (thresholds between sorted centroids)
@@ -74,6 +75,7 @@ class LayerCodec:
             head_dim=head_dim, k_bits=k_bits, v_bits=v_bits, seed=seed,
             k_quant=kq, v_quant=vq,
             pi=pi.to(**to).contiguous(),
+            pi_f16=pi.to(device=device, dtype=torch.float16).contiguous(),
             k_codebook=kq.codebook.to(**to), v_codebook=vq.codebook.to(**to),
             k_bounds=kq.boundaries.to(**to), v_bounds=vq.boundaries.to(**to),
             pi_t_k=pi.T[:, packing_order(head_dim, k_bits)].to(**to).contiguous(),

@@ -15,7 +15,7 @@ import torch
 
 from sglang_tq.codec import LayerCodec
 from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_num_kv_splits, split_ceiling,
-                                         rotate_query, rotate_query_ref,
+                                         pdl_supported, rotate_query, rotate_query_ref,
                                          tq_decode, tq_decode_ref)
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import (dedup_prefix, default_extend_impl, extend_kv_table,
@@ -192,11 +192,14 @@ def test_decode_is_split_invariant(device):
     assert _rel(one, many) <= 2 * torch_err
 
 
-@pytest.mark.parametrize("head_dim, max_splits", [(128, 48), (256, 64), (64, 5)])
-def test_decode_merges_many_splits(head_dim, max_splits, device):
+@pytest.mark.parametrize("head_dim, max_splits, per_head_merge",
+                         [(128, 48, False), (128, 48, True), (256, 64, True), (64, 17, True),
+                          (256, 64, False), (64, 5, False)])
+def test_decode_merges_many_splits(head_dim, max_splits, per_head_merge, device):
     """Above VECTOR_MERGE_SPLITS stage 2 reads the split partials in chunks of 4096 /
-    head_dim splits: more splits than one chunk, a ceiling that is not a power of two,
-    splits left empty; 5 splits take the sequential merge."""
+    head_dim splits, per KV head's group or per query head (``per_head_merge``, which
+    un-rotates by a reduction instead of a dot): more splits than one chunk, a ceiling
+    that is not a power of two, splits left empty; 5 splits take the sequential merge."""
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, 4, 4, 4, device, lens=(1000, 3, 130),
                                                      seed=5)
     bsz, hq, d = q.shape
@@ -205,21 +208,55 @@ def test_decode_merges_many_splits(head_dim, max_splits, device):
     splits = torch.tensor([max_splits, max_splits, max(1, max_splits // 3)], dtype=torch.int32,
                           device=device)
     out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, **_BLOCKS)
+                    max_kv_splits=max_splits, workspace=ws, per_head_merge=per_head_merge,
+                    **_BLOCKS)
     assert not out.isnan().any()
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
 @pytest.mark.parametrize("rotate_kernel_elems", [0, 1 << 30])
 def test_decode_rotation_paths_match_reference(rotate_kernel_elems, device, monkeypatch):
-    """The query rotation runs as one Triton kernel for small batches and as cast + torch
-    matmul above ROTATE_KERNEL_ELEMS query elements; both feed the same stage 1."""
+    """Unfused, the query rotation runs as one Triton kernel for small batches and as
+    cast + torch matmul above ROTATE_KERNEL_ELEMS query elements; both feed the same
+    stage 1."""
     import sglang_tq.kernels.tq_decode as dec
 
     monkeypatch.setattr(dec, "ROTATE_KERNEL_ELEMS", rotate_kernel_elems)
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 3, 4, device, lens=(40, 7), seed=11)
-    out = _run_decode(q, bufs, indptr, indices, codec)
+    out = _run_decode(q, bufs, indptr, indices, codec, fuse_rotation=False)
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+
+
+@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, heads_n",
+                         [(64, 4, 4, 4, False), (64, 3, 2, 1, True), (128, 4, 4, 4, True),
+                          (128, 2, 3, 8, False), (256, 3, 4, 2, True)])
+def test_decode_fused_rotation_matches_reference(head_dim, k_bits, v_bits, gqa, heads_n, device):
+    """Stage 1 rotating a strided bf16 q itself (fp16 Π, every tile layout, both problem
+    orientations) computes the same attention as the separate fp32 rotation."""
+    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device,
+                                                     lens=(40, 7, 129), seed=13)
+    wide = torch.zeros(q.shape[0], q.shape[1], 2 * head_dim, dtype=q.dtype, device=device)
+    wide[..., :head_dim] = q
+    q = wide[..., :head_dim]  # strided along heads, contiguous in head_dim
+    fused = _run_decode(q, bufs, indptr, indices, codec, fuse_rotation=True, heads_n=heads_n)
+    _assert_decode_matches_ref(fused, q, bufs, indptr, indices, codec)
+    apart = _run_decode(q, bufs, indptr, indices, codec, fuse_rotation=False, heads_n=heads_n)
+    assert _rel(fused, apart) <= 2 * _rel(
+        tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5, dtype=torch.bfloat16),
+        tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5))
+
+
+def test_decode_refuses_per_head_merge_with_few_splits(device):
+    codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 4, 4, device, lens=(5,), seed=2)
+    with pytest.raises(ValueError, match="per_head_merge needs more than"):
+        _run_decode(q, bufs, indptr, indices, codec, per_head_merge=True)
+
+
+@pytest.mark.skipif(pdl_supported(), reason="this GPU supports programmatic dependent launch")
+def test_decode_refuses_pdl_where_unsupported():
+    codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 4, 4, "cpu", lens=(5,), seed=2)
+    with pytest.raises(ValueError, match="programmatic dependent launch"):
+        _run_decode(q, bufs, indptr, indices, codec, pdl=True)
 
 
 @pytest.mark.parametrize("bsz, hq, head_dim", [(1, 4, 64), (3, 32, 128), (17, 8, 256)])
