@@ -55,7 +55,7 @@ from sglang_tq.config import TQConfig
 
 from sglang_tq.env import decode_launch_file, triton_interpreting
 
-from ._codes import (load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_tiles,
+from ._codes import (eight_tiles, load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_tiles,
                      online_softmax_step, rotate_dense_tiles_t, slot_offsets_need_int64,
                      softmax_state, scores, store_tiles, tanh, trans_tiles)
 from ._checks import check_attention_args
@@ -377,10 +377,15 @@ ROTATE_KERNEL_ELEMS = 128 * 1024
 VECTOR_MERGE_SPLITS = 16
 
 
-# Small batches (measured on the H200, ab_decode): at B = 1 the step was 6 us of query
-# rotation, 14 us of stage 1 and 10 us of stage 2 plus the gaps between three launches
-# (profile_decode_h200_74bf82a.json), for 4 MB of codes.
-FUSE_ROTATION_BATCH = 8  # stage 1 rotates q itself up to this batch
+# Small batches: at B = 1 the step was 6 us of query rotation, 14 us of stage 1 and 10 us
+# of stage 2 plus the gaps between three launches (profile_decode_h200_74bf82a.json), for
+# 4 MB of codes. Same-run A/B on the H200 (ab_small_batch_h200_464ba0e.json, graph replay),
+# all three switches against none: k4v4 1 x 4k 39.6 -> 31.8 us, 1 x 32k 63.6 -> 52.9,
+# 8 x 8k 69.0 -> 59.9; the fused rotation alone 1-3 us, the per-head merge 5-7, PDL ~1
+# more. Keys in eight tiles (2/3-bit) carry eight rotated query tiles: k3v3 at 8 x 8k
+# lost 4 us with the fused rotation (68.4 -> 72.1) and at 64 x 16k 718 -> 889.
+FUSE_ROTATION_BATCH = 8  # stage 1 rotates q itself up to this batch (4-bit keys)
+FUSE_ROTATION_BATCH_EIGHT_TILES = 4  # the same for keys in eight tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,10 +395,13 @@ class SmallBatchPlan:
     pdl: bool  # programmatic dependent launch: stage 2 launches while stage 1 runs
 
 
-def small_batch_plan(bsz: int, max_kv_splits: int) -> SmallBatchPlan:
+def small_batch_plan(bsz: int, max_kv_splits: int, k_bits: int = 4,
+                     head_dim: int = 128) -> SmallBatchPlan:
     """The launch rules for a batch of ``bsz`` with ``max_kv_splits`` splits."""
     vector_merge = max_kv_splits > VECTOR_MERGE_SPLITS
-    return SmallBatchPlan(fuse_rotation=bsz <= FUSE_ROTATION_BATCH, per_head_merge=vector_merge,
+    fuse_batch = (FUSE_ROTATION_BATCH_EIGHT_TILES if eight_tiles(k_bits, head_dim)
+                  else FUSE_ROTATION_BATCH)
+    return SmallBatchPlan(fuse_rotation=bsz <= fuse_batch, per_head_merge=vector_merge,
                           pdl=pdl_supported())
 
 
@@ -544,7 +552,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     num_stages = num_stages or launch.num_stages
     heads_n = launch.heads_n if heads_n is None else heads_n
     maxnreg = launch.maxnreg if maxnreg is None else maxnreg
-    plan = small_batch_plan(bsz, max_kv_splits)
+    plan = small_batch_plan(bsz, max_kv_splits, codec.k_bits, d)
     fuse_rotation = plan.fuse_rotation if fuse_rotation is None else fuse_rotation
     per_head_merge = plan.per_head_merge if per_head_merge is None else per_head_merge
     pdl = plan.pdl if pdl is None else pdl

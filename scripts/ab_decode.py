@@ -2,8 +2,9 @@
 
 Each variant is a set of keyword overrides of :func:`tq_decode` (``block_n``, ``num_warps``,
 ``prefetch``, ``num_stages``, ``heads_n``, ``maxnreg``, and the small-batch switches
-``fuse_rotation``, ``per_head_merge``, ``pdl``; ``programs_per_sm`` and ``splits``
-steer the split count) on top of the launch
+``fuse_rotation``, ``per_head_merge``, ``pdl``; ``programs_per_sm``, ``splits``,
+``min_tokens_per_split`` and ``max_splits``, the ceiling, steer the split count) on top
+of the launch
 the backend would run; every variant runs on the same packed pool, slots and queries of
 each shape, timed as CUDA-graph replays (median of ``triton.testing.do_bench``) after a
 correctness check against the first variant. The split count per sequence is the
@@ -25,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _decode_shape import decode_shape  # noqa: E402  (scripts/ is not a package)
 
-_INT_KEYS = ("block_n", "num_warps", "num_stages", "maxnreg", "splits", "programs_per_sm")
+_INT_KEYS = ("block_n", "num_warps", "num_stages", "maxnreg", "splits", "programs_per_sm",
+             "max_splits", "min_tokens_per_split")
 _BOOL_KEYS = ("prefetch", "heads_n", "fuse_rotation", "per_head_merge", "pdl")
 
 
@@ -71,11 +73,13 @@ def run(args) -> int:
         bsz, seq = map(int, shape.split("x"))
         sh = decode_shape(codec, bsz, seq, hq, hkv)
         bufs, indptr, indices, q, nbytes = sh.bufs, sh.indptr, sh.indices, sh.q, sh.nbytes
-        max_splits = dec.split_ceiling(bsz)
         ws = dec.DecodeWorkspace.create(max(bsz, dec.SPLIT_REF_BATCH), hq, d, 8, "cuda")
         first = None
         for name, kw in variants:
             kw = dict(kw)
+            max_splits = kw.pop("max_splits", None) or dec.split_ceiling(bsz)
+            policy = {"min_tokens_per_split": kw.pop("min_tokens_per_split")} \
+                if "min_tokens_per_split" in kw else {}
             launch = dec.default_launch(d, kb, vb)
             if "programs_per_sm" in kw:
                 launch = dec.DecodeLaunch(**{**launch.__dict__, "programs_per_sm": kw.pop("programs_per_sm")})
@@ -85,7 +89,7 @@ def run(args) -> int:
                 launch = dec.DecodeLaunch(**{**launch.__dict__, **{k: kw[k] for k in kw
                                                                     if k in launch.__dict__}})
                 splits = dec.default_num_kv_splits(torch.full((bsz,), seq), hkv, max_splits,
-                                                   num_sms=num_sms, launch=launch).cuda()
+                                                   num_sms=num_sms, launch=launch, **policy).cuda()
             out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device="cuda")
 
             def fn():
@@ -93,6 +97,9 @@ def run(args) -> int:
                               max_kv_splits=max_splits, workspace=ws, out=out, **kw)
 
             try:
+                if int(splits.max()) > max_splits:
+                    raise ValueError(f"{int(splits.max())} splits exceed the ceiling {max_splits}; "
+                                     "raise max_splits.")
                 fn()
             except ValueError as exc:  # an option this shape cannot take (e.g. too few splits)
                 rows.append({"variant": name, "overrides": kw, "shape": shape, "B": bsz, "L": seq,

@@ -598,3 +598,16 @@ def test_default_splits_fill_whole_waves():
     assert splits(1, 17).item() == 1 and splits(3, 0).tolist() == [1, 1, 1]
     got = default_num_kv_splits(torch.tensor([17, 4000, 100000]), 8, 32)
     assert got.dtype == torch.int32 and got.min() >= 1 and got.max() <= 32
+
+
+def test_small_batch_plan_rules():
+    """Fused rotation up to 8 sequences for 4-bit keys, 4 for keys in eight tiles (2/3-bit
+    from head_dim 128); the per-head merge exactly where the vectorized merge runs."""
+    from sglang_tq.kernels.tq_decode import VECTOR_MERGE_SPLITS, small_batch_plan
+
+    assert small_batch_plan(8, 64, 4, 128).fuse_rotation and not small_batch_plan(9, 32, 4, 128).fuse_rotation
+    assert small_batch_plan(4, 64, 3, 128).fuse_rotation and not small_batch_plan(5, 64, 3, 128).fuse_rotation
+    assert small_batch_plan(8, 64, 3, 64).fuse_rotation  # four tiles at head_dim 64
+    assert small_batch_plan(1, VECTOR_MERGE_SPLITS + 1).per_head_merge
+    assert not small_batch_plan(1, VECTOR_MERGE_SPLITS).per_head_merge
+    assert small_batch_plan(1, 64).pdl == pdl_supported()
