@@ -62,6 +62,8 @@
 #   bash scripts/gpu_evidence.sh <commit> small   # nvidia-h200 (one GPU), after a small-batch change:
 #       the decode and backend tests on CUDA; scripts/ab_decode.py of the small-batch switches
 #       (fused query rotation, per-head split merge, programmatic dependent launch), k4v4 and k3v3.
+#   bash scripts/gpu_evidence.sh <commit> split1  # nvidia-h200 (one GPU): kernel times of a k4v4
+#       step at B <= 4 (profile_decode.py) and an A/B of split counts and launches there.
 #   bash scripts/gpu_evidence.sh <commit> lt1 <configs> [workloads]   # nvidia-h200 (one GPU, FA3
 #       staged): scripts/loadtest.py's workloads (default: reference, long-gen, single-stream)
 #       for <configs>, one fresh server each, into $OUT/loadtest.json (merge calls with --merge).
@@ -375,6 +377,20 @@ small)  # nvidia-h200 (one GPU), after a small-batch decode change: decode tests
   { echo "== pytest"; tail -15 "$OUT/pytest.log"; for kv in k4v4 k3v3; do
       echo "== ab $kv"; tail -12 "$LOGS/ab_$kv.log"; done; } > "$OUT/summary.txt" 2>&1
   ;;
+split1)  # nvidia-h200 (one GPU): batch-1 split counts and launches (ab_decode), kernel times
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 60 python scripts/profile_decode.py --shapes 1x4096,1x32768,4x8192 --kv k4v4 \
+    --out "$LOGS/profile.json" > "$LOGS/profile.log" 2>&1
+  timeout 240 python scripts/ab_decode.py --kv k4v4 --shapes 1x4096,1x32768,2x16384,4x8192 \
+    --variant default: --variant s32:splits=32 --variant s64:splits=64 \
+    --variant s128:max_splits=128,splits=128 --variant s256:max_splits=256,splits=256 \
+    --variant s64apart:splits=64,fuse_rotation=0 --variant s128apart:max_splits=128,splits=128,fuse_rotation=0 \
+    --variant b64w2s64:block_n=64,num_warps=2,splits=64 --variant b64w4s64:block_n=64,num_warps=4,splits=64 \
+    --variant b16s128:block_n=16,max_splits=128,splits=128 \
+    --out "$OUT/ab_split1.json" > "$LOGS/ab.log" 2>&1
+  cp "$LOGS/profile.json" "$OUT/profile_decode.json"
+  { echo "== profile"; tail -8 "$LOGS/profile.log"; echo "== ab"; tail -8 "$LOGS/ab.log"; } > "$OUT/summary.txt" 2>&1
+  ;;
 lt1)  # nvidia-h200 (one GPU, FA3 staged): loadtest.py's workloads ($4, default all) for the configs in $3
   export CUDA_VISIBLE_DEVICES=0
   timeout "$(left 590)" python scripts/loadtest.py --configs "${3:?configs}" --out "$OUT/loadtest.json" \
@@ -415,7 +431,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, lt1, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac
