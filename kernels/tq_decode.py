@@ -645,7 +645,12 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
 
 
 SPLIT_REF_BATCH = 64  # the batch whose split budget smaller batches share out
-SPLIT_CAP = 64  # most splits one sequence gets
+# Most splits one sequence gets, and the fewest tokens a split holds. Same-run A/B on the
+# H200 (ab_split1_h200_dad0f90.json, k4v4, graph replay): 1 x 4k 30.9 us at 16 splits
+# (the old 256-token floor) -> 19.8 at 64; 1 x 32k 53.1 at 64 (the old cap) -> 42.8 at 128;
+# 2 x 16k and 4 x 8k kept their counts (a second wave of programs costs more).
+SPLIT_CAP = 128
+MIN_TOKENS_PER_SPLIT = 64
 
 
 def split_ceiling(bsz: int, base: int = 8, cap: int = SPLIT_CAP,
@@ -662,7 +667,7 @@ def split_ceiling(bsz: int, base: int = 8, cap: int = SPLIT_CAP,
 def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_splits: int,
                           num_sms: int = 132, head_dim: int = 128, k_bits: int = 4, v_bits: int = 4,
                           launch: DecodeLaunch | None = None,
-                          min_tokens_per_split: int = 256) -> torch.Tensor:
+                          min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT) -> torch.Tensor:
     """Splits per sequence that minimise stage 1's critical path, on the device (no sync).
 
     With ``B·Hkv·s`` programs and ``num_sms · programs_per_sm`` resident at a time

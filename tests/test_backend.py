@@ -374,7 +374,7 @@ def test_split_ceiling_shares_the_workspace_of_a_large_batch(server_args):
     backend, _, _ = _make_backend(server_args, bf16_layers=())
     base = backend.max_kv_splits
     assert backend.max_splits(64) == backend.max_splits(300) == base
-    assert backend.max_splits(1) == backend.max_splits(8) == 64
+    assert backend.max_splits(1) == 128 and backend.max_splits(8) == 64
     assert backend.max_splits(16) == 32 and backend.max_splits(32) == 2 * base
     assert backend.max_splits(33) == base  # rounded down to a power of two
     for grown in (1, 5, 64, 100):

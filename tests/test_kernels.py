@@ -571,7 +571,7 @@ def test_decode_writes_into_given_out(device):
 
 # ---------------------------------------------------------------------- split policy
 def test_split_ceiling_shares_one_workspace_across_batch_sizes():
-    assert [split_ceiling(b) for b in (1, 8, 9, 16, 32, 63, 64, 500)] == [64, 64, 32, 32, 16, 8, 8, 8]
+    assert [split_ceiling(b) for b in (1, 8, 9, 16, 32, 63, 64, 500)] == [128, 64, 32, 32, 16, 8, 8, 8]
     assert split_ceiling(1, base=128) == 128 and split_ceiling(1, base=8, cap=8) == 8
     for b in range(1, 300):
         assert b * split_ceiling(b) <= max(b, 64) * 8
@@ -593,8 +593,11 @@ def test_default_splits_fill_whole_waves():
     assert splits(16, 8192).tolist() == [2] * 16
     # enough sequences to fill the GPU: no split at all
     assert splits(64, 16384).tolist() == [1] * 64
-    # one long sequence spreads over max_kv_splits; a short one keeps >= 256 tokens a split
-    assert splits(1, 32768).item() == 32 and splits(1, 4096).item() == 16
+    # one long sequence spreads over max_kv_splits; a short one keeps >= 64 tokens a split
+    assert splits(1, 32768).item() == 32
+    small = DecodeLaunch(block_n=32, num_warps=1, programs_per_sm=8)
+    assert splits(1, 1024, launch=small).item() == 16  # the 64-token floor binds
+    assert splits(1, 1024, launch=small, min_tokens_per_split=256).item() == 4
     assert splits(1, 17).item() == 1 and splits(3, 0).tolist() == [1, 1, 1]
     got = default_num_kv_splits(torch.tensor([17, 4000, 100000]), 8, 32)
     assert got.dtype == torch.int32 and got.min() >= 1 and got.max() <= 32
