@@ -189,10 +189,12 @@ def test_backend_init_compiles_the_prefix_dequant_without_writing_the_pool(serve
 
 @pytest.mark.parametrize("bf16_layers", [(BF16_LAYER,), ()])
 def test_extend_then_decode_match_reference(server_args, bf16_layers):
-    """With no bf16 layer the decode batch of 2 may use up to 64 splits (the split
+    """With no bf16 layer the decode batch of 2 may use up to SPLIT_CAP splits (the split
     ceiling grows as the batch shrinks); with one, SGLang's max_kv_splits bounds it."""
+    from sglang_tq.kernels.tq_decode import SPLIT_CAP
+
     backend, pool, req_to_token = _make_backend(server_args, bf16_layers=bf16_layers)
-    assert backend.max_splits(2) == (backend.max_kv_splits if bf16_layers else 64)
+    assert backend.max_splits(2) == (backend.max_kv_splits if bf16_layers else SPLIT_CAP)
     layer = _layer(0)
     _fill_prefix(pool, 0)
     fb = _extend_batch(req_to_token)
