@@ -27,11 +27,13 @@ q·(k − μ) = q·k − q·μ shifts a query's whole score row, which the softm
 
 Stage 2, one program per (sequence, KV head), merges the splits by their
 log-sum-exp and un-rotates the group's outputs once, o = (Σ p v_rot) · Π. Above 16
-splits (small batches) it loads every split's LSE at once and the partials as
-[splits, D] tiles per query head, so a batch of one with 64 splits does not wait on 64
-loads in a row; with few splits a loop that skips empty ones is cheaper. The query is
-rotated before stage 1, for small batches by one fp32 kernel with the cast included
-(:func:`rotate_query`), else by cast + matmul.
+splits (small batches) it runs one program per query head instead, loads every
+split's LSE at once and the partials as [splits, D] tiles, so a batch of one with 128
+splits does not wait on 128 loads in a row; with few splits a loop that skips empty
+ones is cheaper. Up to a few sequences stage 1 rotates the query itself (fp16 Π);
+above, it is rotated before stage 1 by one fp32 kernel with the cast included
+(:func:`rotate_query`) or, for large batches, by cast + matmul. On Hopper the stages
+are chained by programmatic dependent launch (:func:`small_batch_plan`).
 
 No host synchronisation happens in the launcher and nothing is allocated beyond the
 fp32 copy of q on the cast + matmul path (from the graph's pool when captured), so it
@@ -189,7 +191,7 @@ def _tq_decode_stage2(
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr,
     SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr, VECTOR_MERGE: tl.constexpr,
-    PER_HEAD: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # stage 1's partials are complete and visible
@@ -197,10 +199,10 @@ def _tq_decode_stage2(
     offs_d = tl.arange(0, HEAD_DIM)
     CHUNK: tl.constexpr = 64
     offs_k = tl.arange(0, CHUNK)
-    if PER_HEAD:
-        # -- one query head per program (small batches: Hq programs instead of Hkv, no
-        #    loop over the group): every split's LSE at once, the partials as [CHUNK_S, D]
-        #    tiles whose loads do not wait on each other
+    if VECTOR_MERGE:
+        # -- many splits (small batches): one query head per program (Hq programs instead
+        #    of Hkv, no loop over the group), every split's LSE at once, the partials as
+        #    [CHUNK_S, D] tiles whose loads do not wait on each other
         head = tl.program_id(1)
         _, lse = _merge_weights(MidLse, batch * stride_ml_b + head * stride_ml_h, KvIndptr,
                                 NumKvSplits, batch, tl.arange(0, SPLITS_P2), sliding_window,
@@ -231,55 +233,26 @@ def _tq_decode_stage2(
         offs_g = tl.arange(0, BLOCK_H)
         mask_h = offs_g < GQA
         heads = kv_head * GQA + offs_g
-        if VECTOR_MERGE:
-            # -- every split's log-sum-exp at once: the group's max and normaliser
-            offs_s = tl.arange(0, SPLITS_P2)
-            _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, offs_s, sliding_window,
+        # -- few splits (large batches): merge them in a loop, skipping empty splits
+        e_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+        e_sum = tl.zeros((BLOCK_H,), tl.float32)
+        o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+        for split in range(MAX_KV_SPLITS):
+            _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window,
                                      MIN_BLOCK_KV)
-            valid = (hi > lo) & (offs_s < MAX_KV_SPLITS)
-            lse = tl.load(MidLse + batch * stride_ml_b + heads[:, None] * stride_ml_h + offs_s[None, :],
-                          mask=mask_h[:, None] & valid[None, :], other=float("-inf"))
-            e_max = tl.max(lse, axis=1)
-            e_max = tl.where(e_max == float("-inf"), 0.0, e_max)  # no split holds tokens
-            e_sum = tl.sum(tl.exp(lse - e_max[:, None]), axis=1)
-            e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
-            # -- Σ_s exp(lse_s − max) · o_s per query head, the splits as [CHUNK_S, D] tiles
-            o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
-            for g in range(GQA):
-                head = kv_head * GQA + g
-                m_g = tl.sum(tl.where(offs_g == g, e_max, 0.0))
-                row = tl.zeros((HEAD_DIM,), tl.float32)
-                for c in tl.static_range(0, SPLITS_P2, CHUNK_S):
-                    offs_c = c + tl.arange(0, CHUNK_S)
-                    valid_c, lse_c = _merge_weights(MidLse, batch * stride_ml_b + head * stride_ml_h,
-                                                    KvIndptr, NumKvSplits, batch, offs_c,
-                                                    sliding_window, MAX_KV_SPLITS, MIN_BLOCK_KV)
-                    part = tl.load(MidO + batch * stride_mo_b + head * stride_mo_h
-                                   + offs_c[:, None] * stride_mo_s + offs_d[None, :],
-                                   mask=valid_c[:, None], other=0.0)
-                    row += tl.sum(part * tl.exp(lse_c - m_g)[:, None], axis=0)
-                o_rot = tl.where(offs_g[:, None] == g, row[None, :], o_rot)
-        else:
-            # -- few splits (large batches): merge them in a loop, skipping empty splits
-            e_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-            e_sum = tl.zeros((BLOCK_H,), tl.float32)
-            o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
-            for split in range(MAX_KV_SPLITS):
-                _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window,
-                                         MIN_BLOCK_KV)
-                if hi > lo:
-                    part = tl.load(MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h
-                                   + split * stride_mo_s + offs_d[None, :], mask=mask_h[:, None],
-                                   other=0.0)
-                    lse = tl.load(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
-                                  mask=mask_h, other=0.0)
-                    new_max = tl.maximum(e_max, lse)
-                    scale = tl.exp(e_max - new_max)
-                    w = tl.exp(lse - new_max)
-                    o_rot = o_rot * scale[:, None] + w[:, None] * part
-                    e_sum = e_sum * scale + w
-                    e_max = new_max
-            e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
+            if hi > lo:
+                part = tl.load(MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h
+                               + split * stride_mo_s + offs_d[None, :], mask=mask_h[:, None],
+                               other=0.0)
+                lse = tl.load(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
+                              mask=mask_h, other=0.0)
+                new_max = tl.maximum(e_max, lse)
+                scale = tl.exp(e_max - new_max)
+                w = tl.exp(lse - new_max)
+                o_rot = o_rot * scale[:, None] + w[:, None] * part
+                e_sum = e_sum * scale + w
+                e_max = new_max
+        e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
         # -- un-rotate once: o = o_rot · Π, by column chunks of Π to bound shared memory
         o_rot = o_rot / e_sum[:, None]
         for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
@@ -381,8 +354,8 @@ VECTOR_MERGE_SPLITS = 16
 # of stage 2 plus the gaps between three launches (profile_decode_h200_74bf82a.json), for
 # 4 MB of codes. Same-run A/B on the H200 (ab_small_batch_h200_464ba0e.json, graph replay),
 # all three switches against none: k4v4 1 x 4k 39.6 -> 31.8 us, 1 x 32k 63.6 -> 52.9,
-# 8 x 8k 69.0 -> 59.9; the fused rotation alone 1-3 us, the per-head merge 5-7, PDL ~1
-# more. Keys in eight tiles (2/3-bit) carry eight rotated query tiles: k3v3 at 8 x 8k
+# 8 x 8k 69.0 -> 59.9; the fused rotation alone 1-3 us, the per-head merge 5-7 (it
+# replaced a merge per KV head's group, slower at every shape), PDL ~1 more. Keys in eight tiles (2/3-bit) carry eight rotated query tiles: k3v3 at 8 x 8k
 # lost 4 us with the fused rotation (68.4 -> 72.1) and at 64 x 16k 718 -> 889.
 FUSE_ROTATION_BATCH = 8  # stage 1 rotates q itself up to this batch (4-bit keys)
 FUSE_ROTATION_BATCH_EIGHT_TILES = 4  # the same for keys in eight tiles
@@ -391,18 +364,15 @@ FUSE_ROTATION_BATCH_EIGHT_TILES = 4  # the same for keys in eight tiles
 @dataclasses.dataclass(frozen=True)
 class SmallBatchPlan:
     fuse_rotation: bool  # stage 1 rotates q (fp16 Π): one launch less
-    per_head_merge: bool  # stage 2 runs one program per query head
     pdl: bool  # programmatic dependent launch: stage 2 launches while stage 1 runs
 
 
-def small_batch_plan(bsz: int, max_kv_splits: int, k_bits: int = 4,
-                     head_dim: int = 128) -> SmallBatchPlan:
-    """The launch rules for a batch of ``bsz`` with ``max_kv_splits`` splits."""
-    vector_merge = max_kv_splits > VECTOR_MERGE_SPLITS
+@functools.lru_cache(maxsize=None)
+def small_batch_plan(bsz: int, k_bits: int = 4, head_dim: int = 128) -> SmallBatchPlan:
+    """The launch rules for a batch of ``bsz`` (cached: it runs per layer and step)."""
     fuse_batch = (FUSE_ROTATION_BATCH_EIGHT_TILES if eight_tiles(k_bits, head_dim)
                   else FUSE_ROTATION_BATCH)
-    return SmallBatchPlan(fuse_rotation=bsz <= fuse_batch, per_head_merge=vector_merge,
-                          pdl=pdl_supported())
+    return SmallBatchPlan(fuse_rotation=bsz <= fuse_batch, pdl=pdl_supported())
 
 
 @functools.lru_cache(maxsize=None)
@@ -518,8 +488,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               logit_cap: float = 0.0, sliding_window: int = 0,
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
-              fuse_rotation: bool | None = None, per_head_merge: bool | None = None,
-              pdl: bool | None = None, out=None):
+              fuse_rotation: bool | None = None, pdl: bool | None = None, out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -529,9 +498,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     ``workspace.out``, and returns it.
 
     The launch options default to the measured launch (:func:`default_launch`) and the
-    small-batch rules (:func:`small_batch_plan`); ``fuse_rotation`` (stage 1 rotates q),
-    ``per_head_merge`` (stage 2 per query head, needs more than VECTOR_MERGE_SPLITS
-    splits) and ``pdl`` (programmatic dependent launch, Hopper and newer) override them.
+    small-batch rules (:func:`small_batch_plan`); ``fuse_rotation`` (stage 1 rotates q)
+    and ``pdl`` (programmatic dependent launch, Hopper and newer) override them.
     """
     bsz = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -552,14 +520,10 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     num_stages = num_stages or launch.num_stages
     heads_n = launch.heads_n if heads_n is None else heads_n
     maxnreg = launch.maxnreg if maxnreg is None else maxnreg
-    plan = small_batch_plan(bsz, max_kv_splits, codec.k_bits, d)
+    plan = small_batch_plan(bsz, codec.k_bits, d)
     fuse_rotation = plan.fuse_rotation if fuse_rotation is None else fuse_rotation
-    per_head_merge = plan.per_head_merge if per_head_merge is None else per_head_merge
     pdl = plan.pdl if pdl is None else pdl
     vector_merge = max_kv_splits > VECTOR_MERGE_SPLITS
-    if per_head_merge and not vector_merge:
-        raise ValueError(f"per_head_merge needs more than {VECTOR_MERGE_SPLITS} splits "
-                         f"(max_kv_splits = {max_kv_splits}).")
     if pdl and not pdl_supported():
         raise ValueError("pdl (programmatic dependent launch) needs a CUDA GPU of compute "
                          "capability 9.0 or newer, outside the Triton interpreter.")
@@ -593,14 +557,14 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         USE_PDL=int(pdl), num_warps=num_warps, num_stages=num_stages,
         **_register_cap(maxnreg), **_pdl_launch(pdl),
     )
-    _tq_decode_stage2[(bsz, hq if per_head_merge else hkv)](
+    _tq_decode_stage2[(bsz, hq if vector_merge else hkv)](  # per query head / per group
         mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         GQA=gqa, BLOCK_H=_block_h(gqa), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
         SPLITS_P2=triton.next_power_of_2(max_kv_splits),
         CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d),
-        VECTOR_MERGE=vector_merge, PER_HEAD=int(per_head_merge), USE_PDL=int(pdl), num_warps=4,
+        VECTOR_MERGE=vector_merge, USE_PDL=int(pdl), num_warps=4,
         **_pdl_launch(pdl),
     )
     return out

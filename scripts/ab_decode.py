@@ -2,7 +2,7 @@
 
 Each variant is a set of keyword overrides of :func:`tq_decode` (``block_n``, ``num_warps``,
 ``prefetch``, ``num_stages``, ``heads_n``, ``maxnreg``, and the small-batch switches
-``fuse_rotation``, ``per_head_merge``, ``pdl``; ``programs_per_sm``, ``splits``,
+``fuse_rotation``, ``pdl``; ``programs_per_sm``, ``splits``,
 ``min_tokens_per_split`` and ``max_splits``, the ceiling, steer the split count) on top
 of the launch
 the backend would run; every variant runs on the same packed pool, slots and queries of
@@ -28,7 +28,7 @@ from _decode_shape import decode_shape  # noqa: E402  (scripts/ is not a package
 
 _INT_KEYS = ("block_n", "num_warps", "num_stages", "maxnreg", "splits", "programs_per_sm",
              "max_splits", "min_tokens_per_split")
-_BOOL_KEYS = ("prefetch", "heads_n", "fuse_rotation", "per_head_merge", "pdl")
+_BOOL_KEYS = ("prefetch", "heads_n", "fuse_rotation", "pdl")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -61,7 +61,7 @@
 #       ones, CUDA-graph replay); bench_decode.py (FlashInfer, FA3 and SGLang Triton baselines).
 #   bash scripts/gpu_evidence.sh <commit> small   # nvidia-h200 (one GPU), after a small-batch change:
 #       the decode and backend tests on CUDA; scripts/ab_decode.py of the small-batch switches
-#       (fused query rotation, per-head split merge, programmatic dependent launch), k4v4 and k3v3.
+#       (fused query rotation, programmatic dependent launch), k4v4 and k3v3.
 #   bash scripts/gpu_evidence.sh <commit> split1  # nvidia-h200 (one GPU): kernel times of a k4v4
 #       step at B <= 4 (profile_decode.py) and an A/B of split counts and launches there.
 #   bash scripts/gpu_evidence.sh <commit> lt1 <configs> [workloads]   # nvidia-h200 (one GPU, FA3
@@ -361,17 +361,15 @@ roof)
     echo "== bench"; tail -40 "$LOGS/bench.log"; } > "$OUT/summary.txt" 2>&1
   ;;
 small)  # nvidia-h200 (one GPU), after a small-batch decode change: decode tests on CUDA, then
-  # the same-run A/B of the small-batch switches (fused rotation, per-head merge, PDL)
+  # the same-run A/B of the small-batch switches (fused rotation, PDL)
   export CUDA_VISIBLE_DEVICES=0
   timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
     tests/test_launch_table.py -k "decode or rotat or backend or launch" > "$OUT/pytest.log" 2>&1
   for kv in k4v4 k3v3; do
     timeout 150 python scripts/ab_decode.py --kv $kv \
       --shapes 1x4096,1x32768,2x16384,4x8192,8x8192,16x8192,64x16384,128x4096 \
-      --variant old:fuse_rotation=0,per_head_merge=0,pdl=0 --variant fuse:fuse_rotation=1,per_head_merge=0,pdl=0 \
-      --variant merge:fuse_rotation=0,per_head_merge=1,pdl=0 --variant pdl:fuse_rotation=0,per_head_merge=0,pdl=1 \
-      --variant all:fuse_rotation=1,per_head_merge=1,pdl=1 --variant fuse_pdl:fuse_rotation=1,pdl=1 \
-      --variant default: --out "$LOGS/ab_$kv.json" > "$LOGS/ab_$kv.log" 2>&1
+      --variant apart:fuse_rotation=0,pdl=0 --variant fuse:fuse_rotation=1,pdl=0 \
+      --variant pdl:fuse_rotation=0,pdl=1 --variant default: --out "$LOGS/ab_$kv.json" > "$LOGS/ab_$kv.log" 2>&1
   done
   python -c "import json,sys; json.dump([json.load(open(f)) for f in sys.argv[1:]], open('$OUT/ab_small.json','w'), indent=1)" "$LOGS"/ab_k*.json
   { echo "== pytest"; tail -15 "$OUT/pytest.log"; for kv in k4v4 k3v3; do

@@ -192,14 +192,13 @@ def test_decode_is_split_invariant(device):
     assert _rel(one, many) <= 2 * torch_err
 
 
-@pytest.mark.parametrize("head_dim, max_splits, per_head_merge",
-                         [(128, 48, False), (128, 48, True), (256, 64, True), (64, 17, True),
-                          (256, 64, False), (64, 5, False)])
-def test_decode_merges_many_splits(head_dim, max_splits, per_head_merge, device):
-    """Above VECTOR_MERGE_SPLITS stage 2 reads the split partials in chunks of 4096 /
-    head_dim splits, per KV head's group or per query head (``per_head_merge``, which
-    un-rotates by a reduction instead of a dot): more splits than one chunk, a ceiling
-    that is not a power of two, splits left empty; 5 splits take the sequential merge."""
+@pytest.mark.parametrize("head_dim, max_splits", [(128, 48), (256, 64), (64, 17), (128, 128),
+                                                   (64, 5)])
+def test_decode_merges_many_splits(head_dim, max_splits, device):
+    """Above VECTOR_MERGE_SPLITS stage 2 runs per query head, reads the split partials in
+    chunks of 4096 / head_dim splits and un-rotates by a reduction instead of a dot: more
+    splits than one chunk, a ceiling that is not a power of two, splits left empty; 5
+    splits take the sequential merge per KV head's group."""
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, 4, 4, 4, device, lens=(1000, 3, 130),
                                                      seed=5)
     bsz, hq, d = q.shape
@@ -208,8 +207,7 @@ def test_decode_merges_many_splits(head_dim, max_splits, per_head_merge, device)
     splits = torch.tensor([max_splits, max_splits, max(1, max_splits // 3)], dtype=torch.int32,
                           device=device)
     out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, per_head_merge=per_head_merge,
-                    **_BLOCKS)
+                    max_kv_splits=max_splits, workspace=ws, **_BLOCKS)
     assert not out.isnan().any()
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
@@ -244,12 +242,6 @@ def test_decode_fused_rotation_matches_reference(head_dim, k_bits, v_bits, gqa, 
     assert _rel(fused, apart) <= 2 * _rel(
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5, dtype=torch.bfloat16),
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5))
-
-
-def test_decode_refuses_per_head_merge_with_few_splits(device):
-    codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 4, 4, device, lens=(5,), seed=2)
-    with pytest.raises(ValueError, match="per_head_merge needs more than"):
-        _run_decode(q, bufs, indptr, indices, codec, per_head_merge=True)
 
 
 @pytest.mark.skipif(pdl_supported(), reason="this GPU supports programmatic dependent launch")
@@ -605,12 +597,10 @@ def test_default_splits_fill_whole_waves():
 
 def test_small_batch_plan_rules():
     """Fused rotation up to 8 sequences for 4-bit keys, 4 for keys in eight tiles (2/3-bit
-    from head_dim 128); the per-head merge exactly where the vectorized merge runs."""
-    from sglang_tq.kernels.tq_decode import VECTOR_MERGE_SPLITS, small_batch_plan
+    from head_dim 128); PDL wherever the GPU has it."""
+    from sglang_tq.kernels.tq_decode import small_batch_plan
 
-    assert small_batch_plan(8, 64, 4, 128).fuse_rotation and not small_batch_plan(9, 32, 4, 128).fuse_rotation
-    assert small_batch_plan(4, 64, 3, 128).fuse_rotation and not small_batch_plan(5, 64, 3, 128).fuse_rotation
-    assert small_batch_plan(8, 64, 3, 64).fuse_rotation  # four tiles at head_dim 64
-    assert small_batch_plan(1, VECTOR_MERGE_SPLITS + 1).per_head_merge
-    assert not small_batch_plan(1, VECTOR_MERGE_SPLITS).per_head_merge
-    assert small_batch_plan(1, 64).pdl == pdl_supported()
+    assert small_batch_plan(8, 4, 128).fuse_rotation and not small_batch_plan(9, 4, 128).fuse_rotation
+    assert small_batch_plan(4, 3, 128).fuse_rotation and not small_batch_plan(5, 3, 128).fuse_rotation
+    assert small_batch_plan(8, 3, 64).fuse_rotation  # four tiles at head_dim 64
+    assert small_batch_plan(1).pdl == pdl_supported()

@@ -581,17 +581,23 @@ def test_stream_itl_is_per_token_with_multi_token_chunks(incremental):
     assert sorted(r.itl)[:6] == pytest.approx([sorted(r.itl)[0]] * 6, rel=0.5)  # 3-token chunks: 6 equal thirds
 
 
-def test_run_workload_single_stream_is_sequential():
-    wl = lt.single_stream_workload(64, num_requests=3, output_len=6)
-
+def _run_on_fake(wl, itl_s, progress_s, warmup_requests, ttft_s=0.01):
+    """run_workload against a fresh fake server with a flush; (stats, server state)."""
     async def go():
-        state = FakeState(ttft_s=0.01, itl_s=0.005)
+        state = FakeState(ttft_s=ttft_s, itl_s=itl_s)
         async with running_fake(state) as url:
-            stats = await lt.run_workload(url, wl, timeout_s=30, progress_s=5, warmup_requests=4,
+            stats = await lt.run_workload(url, wl, timeout_s=30, progress_s=progress_s,
+                                          warmup_requests=warmup_requests,
                                           flush=lambda: lt._flush_url(url), log=lambda s: None)
         return stats, state
 
-    stats, state = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_run_workload_single_stream_is_sequential():
+    wl = lt.single_stream_workload(64, num_requests=3, output_len=6)
+
+    stats, state = _run_on_fake(wl, itl_s=0.005, progress_s=5, warmup_requests=4)
     assert state.max_in_flight == 1 and state.requests == 1 + 3  # one warm-up of the full context, 3 timed
     assert stats["jit_warmup"]["requests"] == 1 and stats["jit_warmup"]["input_len"] == 64
     assert stats["completed"] == 3 and stats["itl_tokens"] == 3 * 5
@@ -602,14 +608,7 @@ def test_run_workload_shared_prefix_stats():
     wl = lt.shared_prefix_workload(num_prefixes=3, prefix_len=200, requests_per_prefix=6, suffix_len=20,
                                    output_len=8, concurrency=4)
 
-    async def go():
-        state = FakeState(ttft_s=0.01, itl_s=0.002)
-        async with running_fake(state) as url:
-            stats = await lt.run_workload(url, wl, timeout_s=30, progress_s=0.05, warmup_requests=2,
-                                          flush=lambda: lt._flush_url(url), log=lambda s: None)
-        return stats, state
-
-    stats, state = asyncio.run(go())
+    stats, state = _run_on_fake(wl, itl_s=0.002, progress_s=0.05, warmup_requests=2)
     assert stats["completed"] == 18 and stats["failed"] == 0 and not stats["timed_out"]
     assert state.max_in_flight == 4  # the semaphore, not more
     assert state.flushes == 1 and stats["flushed"] is True
