@@ -64,9 +64,10 @@
 #       (fused query rotation, programmatic dependent launch), k4v4 and k3v3.
 #   bash scripts/gpu_evidence.sh <commit> split1  # nvidia-h200 (one GPU): kernel times of a k4v4
 #       step at B <= 4 (profile_decode.py) and an A/B of split counts and launches there.
-#   bash scripts/gpu_evidence.sh <commit> lt1 <configs> [workloads]   # nvidia-h200 (one GPU, FA3
-#       staged): scripts/loadtest.py's workloads (default: reference, long-gen, single-stream)
-#       for <configs>, one fresh server each, into $OUT/loadtest.json (merge calls with --merge).
+#   bash scripts/gpu_evidence.sh <commit> lt1 <configs> [workloads [loadtest args...]]   # nvidia-h200
+#       (one GPU, FA3 staged): scripts/loadtest.py's workloads (default: reference, long-gen,
+#       single-stream) for <configs>, one fresh server each, into $OUT/loadtest.json (merge calls
+#       with --merge); e.g. `lt1 k4v4,bf16 single-stream --profile-steps 32`.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -392,7 +393,7 @@ split1)  # nvidia-h200 (one GPU): batch-1 split counts and launches (ab_decode),
 lt1)  # nvidia-h200 (one GPU, FA3 staged): loadtest.py's workloads ($4, default all) for the configs in $3
   export CUDA_VISIBLE_DEVICES=0
   timeout "$(left 590)" python scripts/loadtest.py --configs "${3:?configs}" --out "$OUT/loadtest.json" \
-    ${4:+--workloads "$4"} --log-dir "$LOGS/lt" --budget-s "$(left 580)" > "$LOGS/lt.log" 2>&1
+    ${4:+--workloads "$4"} "${@:5}" --log-dir "$LOGS/lt" --budget-s "$(left 580)" > "$LOGS/lt.log" 2>&1
   { tail -40 "$LOGS/lt.log"; grep -h "prefill attention\|Use .* backend\|max_total_num_tokens=" \
       "$LOGS"/lt/*.log | head; } > "$OUT/summary.txt" 2>&1
   ;;

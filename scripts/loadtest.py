@@ -508,15 +508,19 @@ def _handle_event(event: bytes, res: ReqResult, t0: float, now: float) -> bool:
 
 
 async def stream_generate(session, base_url: str, input_ids: list[int], max_new_tokens: int,
-                          ignore_eos: bool = True, incremental: bool = False) -> ReqResult:
-    """One streaming /generate request; never raises (errors land in ReqResult.error)."""
+                          ignore_eos: bool = True, incremental: bool = False,
+                          res: ReqResult | None = None) -> ReqResult:
+    """One streaming /generate request; never raises (errors land in ReqResult.error).
+    ``res`` lets the caller watch the stream's progress while it runs."""
     payload = {
         "input_ids": input_ids,
         "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                             "ignore_eos": ignore_eos},
         "stream": True,
     }
-    res = ReqResult(input_len=len(input_ids), incremental=incremental)
+    if res is None:
+        res = ReqResult()
+    res.input_len, res.incremental = len(input_ids), incremental
     t0 = time.perf_counter()
     try:
         async with session.post(base_url + "/generate", json=payload) as resp:
@@ -728,6 +732,105 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
         stats["interrupted"] = caught[0]
     stats.update(extra)
     return stats
+
+
+# ----------------------------------------------------------------------------- decode profile
+
+# device time of a decode step by kernel class, from the kernels' names (first match wins)
+KERNEL_CLASSES = (
+    ("kv_write", re.compile(r"tq_store|store_cache|store_kv|set_kv|index_put|scatter")),
+    ("attention", re.compile(r"tq_decode|flash|fwd_combine|attn|attention")),
+    ("gemm", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|cublas|matmul|splitk")),
+    ("norm", re.compile(r"norm")),
+    ("rope", re.compile(r"rope|rotary")),
+    ("activation", re.compile(r"silu|gelu|act_and_mul")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((c for c, rx in KERNEL_CLASSES if rx.search(low)), "other")
+
+
+def summarize_kernel_trace(events: list[dict], steps: int, top: int = 12) -> dict:
+    """Per-step device time (µs) by kernel class and of the ``top`` kernels, from a
+    Chrome trace's kernel events (``cat`` == "kernel", ``dur`` in µs) of ``steps``
+    decode steps; ``span_us_per_step`` is first kernel start to last kernel end over
+    the steps, so span minus busy is the GPU's idle time between kernels."""
+    kern = [e for e in events if e.get("cat") == "kernel" and e.get("ph", "X") == "X"
+            and "dur" in e and "ts" in e]
+    if not kern or steps < 1:
+        return {"steps": steps, "kernels": 0}
+    by_class: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for e in kern:
+        c = kernel_class(e.get("name", ""))
+        by_class[c] = by_class.get(c, 0.0) + float(e["dur"])
+        slot = by_name.setdefault(e.get("name", ""), [0.0, 0, c])
+        slot[0] += float(e["dur"])
+        slot[1] += 1
+    busy = sum(by_class.values())
+    span = max(float(e["ts"]) + float(e["dur"]) for e in kern) - min(float(e["ts"]) for e in kern)
+    names = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "steps": steps,
+        "kernels_per_step": round(len(kern) / steps, 2),
+        "busy_us_per_step": round(busy / steps, 2),
+        "span_us_per_step": round(span / steps, 2),
+        "class_us_per_step": {c: round(t / steps, 2) for c, t in sorted(by_class.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": n[:160], "class": c, "us_per_step": round(t / steps, 2),
+                         "launches_per_step": round(k / steps, 2), "us_per_launch": round(t / k, 3)}
+                        for n, (t, k, c) in names],
+    }
+
+
+def read_trace_events(path: Path) -> list[dict]:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        doc = json.load(f)
+    return doc.get("traceEvents", []) if isinstance(doc, dict) else doc
+
+
+async def profile_decode_steps(base_url: str, prompt: list[int], steps: int, out_dir: Path, *,
+                               incremental: bool = False, lead_tokens: int = 16,
+                               timeout_s: float = 120.0) -> dict:
+    """Profile ``steps`` decode steps of one streamed request (SGLang's /start_profile,
+    GPU kernels only), started once ``lead_tokens`` tokens arrived so no prefill is in
+    the window; returns :func:`summarize_kernel_trace` plus the trace's path."""
+    import aiohttp
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.trace.json*"):
+        old.unlink()
+    res = ReqResult()
+    req = {"output_dir": str(out_dir.resolve()), "num_steps": steps, "activities": ["GPU"],
+           "profile_id": "decode"}
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        task = asyncio.create_task(stream_generate(session, base_url, prompt, lead_tokens + steps + 64,
+                                                   incremental=incremental, res=res))
+        while res.completion_tokens < lead_tokens and not task.done():
+            await asyncio.sleep(0.002)
+        if task.done():
+            raise RuntimeError(f"the profiled request ended early: {res.error}")
+        async with session.post(base_url + "/start_profile", json=req) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"/start_profile -> HTTP {resp.status}: {(await resp.text())[:300]}")
+        await task
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:  # the scheduler exports the trace after the last step
+        found = sorted(out_dir.glob("*.trace.json*"))
+        if found:
+            try:
+                events = read_trace_events(found[0])
+            except (OSError, ValueError, EOFError):
+                await asyncio.sleep(1.0)  # still being written
+                continue
+            return {**summarize_kernel_trace(events, steps), "trace": str(found[0])}
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"no trace in {out_dir} {timeout_s:.0f} s after /start_profile")
 
 
 # ----------------------------------------------------------------------------- server
@@ -1233,6 +1336,10 @@ def parse_args(argv=None):
     g.add_argument("--ss-contexts", type=_int_list, help="comma list of input lengths, one result each")
     g.add_argument("--ss-requests", type=int, help="requests per context, one at a time")
     g.add_argument("--ss-output-len", type=int)
+    g.add_argument("--profile-steps", type=int, default=0,
+                   help="after each single-stream context, profile this many decode steps of one more "
+                        "request (SGLang's /start_profile, GPU kernels only) and record the device time "
+                        "per step by kernel class as decode_profile (default 0: off)")
     g = ap.add_argument_group("shared-prefix workload overrides")
     g.add_argument("--sp-num-prefixes", type=int)
     g.add_argument("--sp-prefix-len", type=int)
@@ -1426,6 +1533,9 @@ def main(argv=None) -> int:
                             rc = 1
                         finally:
                             signal.signal(signal.SIGTERM, _on_sigterm)  # asyncio reset it
+                        if args.profile_steps > 0 and wl.family == "single-stream" and res["status"] == "ok":
+                            res["decode_profile"] = _profile_row(args, base_url, wl, kv, log_dir,
+                                                                 bool(base_res.get("incremental_stream")))
                         res["wall_s"] = round(time.time() - t, 1)
                         merge_result(doc, res)
                         write_doc(out, doc)
@@ -1455,6 +1565,22 @@ def main(argv=None) -> int:
     print("\n" + summary_text(doc), flush=True)
     print(f"\nJSON: {out}   total {time.time() - t_launch:.0f} s")
     return rc
+
+
+def _profile_row(args, base_url: str, wl: Workload, kv: str, log_dir: Path, incremental: bool) -> dict:
+    """decode_profile of a single-stream row; a failure is recorded, not raised."""
+    try:
+        prof = asyncio.run(profile_decode_steps(base_url, wl.prompts[0], args.profile_steps,
+                                                log_dir / f"profile_{kv}_{wl.name}", incremental=incremental))
+    except Exception as exc:  # noqa: BLE001 - the timed numbers stand without it
+        print(f"  profile {kv}/{wl.name} failed: {type(exc).__name__}: {exc}", flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    finally:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    cls = ", ".join(f"{c} {t}" for c, t in prof.get("class_us_per_step", {}).items())
+    print(f"  profile {kv}/{wl.name}: {prof.get('busy_us_per_step')} us busy / {prof.get('span_us_per_step')} "
+          f"us span per step, {prof.get('kernels_per_step')} kernels; {cls}", flush=True)
+    return prof
 
 
 def merge_files(out: Path, files: list[str], append: bool = False) -> int:

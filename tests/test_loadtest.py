@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import random
@@ -32,6 +33,10 @@ sys.path.insert(0, str(TESTS.parent / "scripts"))
 import loadtest as lt  # noqa: E402
 
 ERROR_TOKEN, ABORT_TOKEN, HTTP500_TOKEN = 13, 14, 15
+# one fake decode step: (kernel name, µs); each kernel is followed by 1 µs of idle GPU
+FAKE_STEP_KERNELS = (("nvjet_tst_128x64_64x5_gemm", 10.0), ("_tq_store_kernel", 3.0),
+                     ("_tq_decode_stage1", 12.0), ("_tq_decode_stage2", 4.0),
+                     ("rmsnorm_kernel", 2.0), ("elementwise_misc", 1.0))
 
 
 # ----------------------------------------------------------------------------- fake server
@@ -48,6 +53,7 @@ class FakeState:
         self.max_in_flight = 0
         self.requests = 0
         self.flushes = 0
+        self.profiles: list[dict] = []
 
     def cached_len(self, ids: list[int]) -> int:
         best = 0
@@ -135,8 +141,28 @@ def make_fake_app(state: FakeState) -> web.Application:
         finally:
             state.in_flight -= 1
 
+    async def start_profile(request):  # writes a trace of num_steps fake decode steps
+        body = await request.json()
+        state.profiles.append(body)
+        assert body["activities"] == ["GPU"] and state.in_flight == 1  # inside the stream
+
+        def write():
+            events, t = [], 0.0
+            for _ in range(body["num_steps"]):
+                for name, dur in FAKE_STEP_KERNELS:
+                    events.append({"ph": "X", "cat": "kernel", "name": name, "ts": t, "dur": dur})
+                    t += dur + 1.0  # 1 us idle after each kernel
+            events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0, "dur": 99})
+            path = Path(body["output_dir"]) / f"{body['profile_id']}-TP-0.trace.json.gz"
+            with gzip.open(path, "wt") as f:
+                json.dump({"traceEvents": events}, f)
+
+        asyncio.get_running_loop().call_later(0.05, write)
+        return web.Response(text="Start profiling.\n")
+
     app = web.Application()
     app.router.add_get("/health", health)
+    app.router.add_post("/start_profile", start_profile)
     app.router.add_get("/server_info", server_info)
     app.router.add_route("*", "/flush_cache", flush)
     app.router.add_post("/generate", generate)
@@ -204,6 +230,49 @@ def fake_server_cli():
 
 
 # ----------------------------------------------------------------------------- pure logic
+
+def test_kernel_classes():
+    names = {"_tq_store_kernel": "kv_write", "store_cache_kernel<...>": "kv_write",
+             "void flash::flash_fwd_kernel<...>": "attention", "_tq_decode_stage2": "attention",
+             "flash::FlashAttnFwdCombine<...>": "attention", "nvjet_tst_64x8_64x16_4x1_v_bz_TNT": "gemm",
+             "void cutlass::device_kernel<...>": "gemm", "FusedAddRMSNormKernel": "norm",
+             "apply_rope_pos_ids_cos_sin_cache": "rope", "act_and_mul_kernel<silu>": "activation",
+             "vectorized_elementwise_kernel": "other"}
+    for name, cls in names.items():
+        assert lt.kernel_class(name) == cls, name
+
+
+def test_summarize_kernel_trace_per_step():
+    events, t = [], 100.0
+    for _ in range(4):
+        for name, dur in FAKE_STEP_KERNELS:
+            events.append({"ph": "X", "cat": "kernel", "name": name, "ts": t, "dur": dur})
+            t += dur + 1.0
+    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 1e6})  # not a kernel
+    s = lt.summarize_kernel_trace(events, 4, top=3)
+    assert s["kernels_per_step"] == 6 and s["busy_us_per_step"] == 32.0
+    assert s["span_us_per_step"] == pytest.approx((4 * 38 - 1) / 4)  # the last idle µs is not in the span
+    assert s["class_us_per_step"] == {"attention": 16.0, "gemm": 10.0, "kv_write": 3.0, "norm": 2.0,
+                                      "other": 1.0}
+    assert [k["name"] for k in s["top_kernels"]] == ["_tq_decode_stage1", "nvjet_tst_128x64_64x5_gemm",
+                                                     "_tq_decode_stage2"]
+    assert s["top_kernels"][0] == {"name": "_tq_decode_stage1", "class": "attention", "us_per_step": 12.0,
+                                   "launches_per_step": 1.0, "us_per_launch": 12.0}
+    assert lt.summarize_kernel_trace([], 4) == {"steps": 4, "kernels": 0}
+
+
+def test_profile_decode_steps_against_fake(tmp_path):
+    state = FakeState(itl_s=0.002)
+
+    async def go():
+        async with running_fake(state) as url:
+            return await lt.profile_decode_steps(url, [2000] * 50, 5, tmp_path / "prof", lead_tokens=4)
+
+    prof = asyncio.run(go())
+    assert state.profiles[0]["num_steps"] == 5 and state.requests == 1
+    assert Path(state.profiles[0]["output_dir"]) == (tmp_path / "prof").resolve()
+    assert prof["steps"] == 5 and prof["busy_us_per_step"] == 32.0 and prof["kernels_per_step"] == 6
+    assert prof["class_us_per_step"]["kv_write"] == 3.0 and prof["trace"].endswith(".trace.json.gz")
 
 def test_percentile_matches_numpy():
     np = pytest.importorskip("numpy")
@@ -674,7 +743,7 @@ def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     out = tmp_path / "res" / "lt.json"
     common = ["--quick", "--out", str(out), "--server-module", "fake_sglang", "--progress-s", "0.2",
               "--warmup-requests", "1", "--extra-server-args", "--log-level warning"]
-    assert lt.main(["--configs", "bf16,k4v4", *common]) == 0
+    assert lt.main(["--configs", "bf16,k4v4", "--profile-steps", "3", *common]) == 0
     doc = json.loads(out.read_text())
     assert doc["gpu"] == "FakeGPU" and doc["commit"] == "abc123"
     assert [(r["workload"], r["kv"]) for r in doc["results"]] == [
@@ -706,6 +775,8 @@ def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     assert "--kv-quant turboquant --kv-quant-bits k4v4" in by[("reference", "k4v4")]["server_cmd"]
     ss = by[("single-stream-4k", "k4v4")]
     assert ss["context"] == 4096 and ss["workload_family"] == "single-stream"
+    assert ss["decode_profile"]["steps"] == 3 and ss["decode_profile"]["busy_us_per_step"] == 32.0
+    assert "decode_profile" not in by[("reference", "k4v4")]
     assert ss["itl_tokens"] == lt.SS_QUICK["num_requests"] * (lt.SS_QUICK["output_len"] - 1)
     assert 0.9 <= ss["itl_p50_ms"] < 20  # the fake server's 1 ms per token for k4v4
     lg = by[("long-gen", "bf16")]
