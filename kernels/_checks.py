@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from sglang_tq.codec import LayerCodec
+from sglang_tq.env import triton_interpreting
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
@@ -48,3 +51,21 @@ def check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads.")
     return hq, d, hkv
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_supported() -> bool:
+    """Programmatic dependent launch (griddepcontrol) needs sm_90+ and a real GPU."""
+    return (not triton_interpreting() and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (9, 0))
+
+
+def check_pdl(pdl: bool) -> None:
+    if pdl and not pdl_supported():
+        raise ValueError("pdl (programmatic dependent launch) needs a CUDA GPU of compute "
+                         "capability 9.0 or newer, outside the Triton interpreter.")
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """Launch options of a kernel started with programmatic dependent launch."""
+    return {"launch_pdl": True} if pdl else {}

@@ -60,7 +60,7 @@ from sglang_tq.env import decode_launch_file, triton_interpreting
 from ._codes import (eight_tiles, load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_tiles,
                      online_softmax_step, rotate_dense_tiles_t, slot_offsets_need_int64,
                      softmax_state, scores, store_tiles, tanh, trans_tiles)
-from ._checks import check_attention_args
+from ._checks import check_attention_args, check_pdl, pdl_launch, pdl_supported
 from .tq_dequant import tq_dequant_ref
 
 
@@ -92,8 +92,9 @@ def _tq_decode_stage1(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
     PREFETCH: tl.constexpr, HEADS_N: tl.constexpr, FUSE_ROT: tl.constexpr, USE_PDL: tl.constexpr,
+    EARLY_Q: tl.constexpr,
 ):
-    if USE_PDL:
+    if USE_PDL and not EARLY_Q:
         # programmatic dependent launch: wait for the kernel before (it wrote q), then let
         # stage 2 launch while this grid runs (it waits for this one in turn)
         tl.extra.cuda.gdc_wait()
@@ -122,6 +123,12 @@ def _tq_decode_stage1(
         vc_base = VCodes + kv_head * stride_vc_h
         kt0, kt1, kt2, kt3 = load_lut_words(KTab)
         vt0, vt1, vt2, vt3 = load_lut_words(VTab)
+        if USE_PDL and EARLY_Q:
+            # EARLY_Q: the kernel before is the PDL store of this step, which waited for q's
+            # producer before releasing us; q and its rotation overlap the store, the codes
+            # it writes are read only after this wait
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         m_i, l_i, acc = softmax_state(BLOCK_H, V_BITS, HEAD_DIM, HEADS_N)
         LOG2E: tl.constexpr = 1.4426950408889634
         sm_scale_log2 = sm_scale * LOG2E
@@ -375,17 +382,6 @@ def small_batch_plan(bsz: int, k_bits: int = 4, head_dim: int = 128) -> SmallBat
     return SmallBatchPlan(fuse_rotation=bsz <= fuse_batch, pdl=pdl_supported())
 
 
-@functools.lru_cache(maxsize=None)
-def pdl_supported() -> bool:
-    """Programmatic dependent launch (griddepcontrol) needs sm_90+ and a real GPU."""
-    return (not triton_interpreting() and torch.cuda.is_available()
-            and torch.cuda.get_device_capability() >= (9, 0))
-
-
-def _pdl_launch(pdl: bool) -> dict:
-    return {"launch_pdl": True} if pdl else {}
-
-
 def _register_cap(maxnreg: int) -> dict:
     """Launch options for a register cap (none for 0; the interpreter has no registers)."""
     return {"maxnreg": maxnreg} if maxnreg and not triton_interpreting() else {}
@@ -488,7 +484,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               logit_cap: float = 0.0, sliding_window: int = 0,
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
-              fuse_rotation: bool | None = None, pdl: bool | None = None, out=None):
+              fuse_rotation: bool | None = None, pdl: bool | None = None, early_q: bool = False,
+              out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -500,6 +497,9 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     The launch options default to the measured launch (:func:`default_launch`) and the
     small-batch rules (:func:`small_batch_plan`); ``fuse_rotation`` (stage 1 rotates q)
     and ``pdl`` (programmatic dependent launch, Hopper and newer) override them.
+    ``early_q`` (with pdl) promises that the kernel launched just before is
+    ``tq_store_kv(..., pdl=True)``, which waits for q's producer before it lets this
+    launch start: stage 1 then reads and rotates q while the store still runs.
     """
     bsz = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -524,10 +524,9 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     fuse_rotation = plan.fuse_rotation if fuse_rotation is None else fuse_rotation
     pdl = plan.pdl if pdl is None else pdl
     vector_merge = max_kv_splits > VECTOR_MERGE_SPLITS
-    if pdl and not pdl_supported():
-        raise ValueError("pdl (programmatic dependent launch) needs a CUDA GPU of compute "
-                         "capability 9.0 or newer, outside the Triton interpreter.")
+    check_pdl(pdl)
     fuse_rotation = fuse_rotation and q.stride(2) == 1
+    early_q = early_q and pdl and fuse_rotation  # no launch between the store and stage 1
     mid_o, mid_lse = ws.partials(bsz, max_kv_splits)
     if out is None:
         out = ws.out[:bsz]
@@ -554,8 +553,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
         PREFETCH=int(prefetch), HEADS_N=int(heads_n), FUSE_ROT=int(fuse_rotation),
-        USE_PDL=int(pdl), num_warps=num_warps, num_stages=num_stages,
-        **_register_cap(maxnreg), **_pdl_launch(pdl),
+        USE_PDL=int(pdl), EARLY_Q=int(early_q), num_warps=num_warps, num_stages=num_stages,
+        **_register_cap(maxnreg), **pdl_launch(pdl),
     )
     _tq_decode_stage2[(bsz, hq if vector_merge else hkv)](  # per query head / per group
         mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,
@@ -565,7 +564,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         SPLITS_P2=triton.next_power_of_2(max_kv_splits),
         CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d),
         VECTOR_MERGE=vector_merge, USE_PDL=int(pdl), num_warps=4,
-        **_pdl_launch(pdl),
+        **pdl_launch(pdl),
     )
     return out
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from sglang_tq.codec import LayerCodec
 
-from ._checks import check_center, check_head_dim
+from ._checks import check_center, check_head_dim, check_pdl, pdl_launch, pdl_supported
 
 @triton.jit
 def _quantize_tile(
@@ -85,8 +85,14 @@ def _tq_store_kernel(
     stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_CENTER: tl.constexpr,
+    K_CENTER: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        # programmatic dependent launch: wait for the kernel that wrote K and V (and, in a
+        # decode layer, q), then let the next launch start: tq_decode's stage 1 reads and
+        # rotates q while the codes are written (``early_q``)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     head = tl.program_id(1)
     which = tl.program_id(2)
@@ -115,8 +121,11 @@ def _check_pool(name, codes, norms, num_heads, code_bytes):
 
 
 def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec,
-                block_n: int = 16, num_warps: int = 4):
-    """Quantize K, V [N, Hkv, D] (any float dtype) and write them to slots ``loc`` [N]."""
+                block_n: int = 16, num_warps: int = 4, pdl: bool | None = None):
+    """Quantize K, V [N, Hkv, D] (any float dtype) and write them to slots ``loc`` [N].
+
+    ``pdl`` (default: where supported) launches with programmatic dependent launch: the
+    kernel still waits for its inputs first, but the next PDL launch may start early."""
     n, hkv, d = k.shape
     check_head_dim(d)
     if v.shape != k.shape:
@@ -132,6 +141,8 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     _check_pool("k", k_codes, k_norms, hkv, codec.k_code_bytes)
     _check_pool("v", v_codes, v_norms, hkv, codec.v_code_bytes)
     check_center(codec, hkv)
+    pdl = pdl_supported() if pdl is None else pdl
+    check_pdl(pdl)
     if n == 0:
         return
     grid = (triton.cdiv(n, block_n), hkv, 2)
@@ -143,7 +154,8 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HEAD_DIM=d, BLOCK_N=block_n,
-        K_CENTER=codec.k_center is not None, num_warps=num_warps,
+        K_CENTER=codec.k_center is not None, USE_PDL=int(pdl), num_warps=num_warps,
+        **pdl_launch(pdl),
     )
 
 

@@ -970,7 +970,7 @@ def tq_launch(args, D, kbits, vbits) -> dict:
     return {**chosen, **{k: over[k] for k in ("block_n", "num_warps") if k in over}}
 
 
-def build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits):
+def build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits, extra=None):
     torch = ctx.torch
     from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
 
@@ -983,7 +983,7 @@ def build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits):
     def fn():
         return tq_decode(q, k_codes, k_norms, v_codes, v_norms, indptr, indices64, codec, sm_scale,
                          num_kv_splits=num_kv_splits, max_kv_splits=max_kv_splits, workspace=ws,
-                         **json.loads(args.tq_kernel_args))
+                         **{**json.loads(args.tq_kernel_args), **(extra or {})})
 
     return fn, ws
 
@@ -1131,6 +1131,10 @@ def bench_write_path(ctx, args, codecs, write_rows):
                     row.update(decode_ms=dec_ms, decode_impl=f"sglang-tq {kvname}",
                                pct_of_decode=100.0 * row["ms"] / dec_ms, num_kv_splits=n_splits,
                                max_kv_splits=tq_max_splits(args, B))
+                row["chain"] = bench_store_decode_chain(ctx, args, q, k_new, v_new, loc, bufs, indptr,
+                                                        slots, codec, sm_scale, n_splits)
+                log(f"    store + decode chain {kvname}: " + ", ".join(
+                    f"{k} {v * 1e3:.2f} us" for k, v in row["chain"].items() if isinstance(v, float)))
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"[:2000]
             finally:
@@ -1140,6 +1144,29 @@ def bench_write_path(ctx, args, codecs, write_rows):
             record(row, f"tq_store_kv {kvname}")
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def bench_store_decode_chain(ctx, args, q, k_new, v_new, loc, bufs, indptr, slots, codec, sm_scale,
+                             n_splits) -> dict:
+    """One decode layer's attention as the backend launches it: tq_store_kv of the new
+    tokens, then tq_decode; serial launches against programmatic dependent launch with
+    stage 1 rotating q while the store runs (``early_q``). ms of each, same buffers."""
+    from sglang_tq.kernels.tq_decode import pdl_supported
+    from sglang_tq.kernels.tq_store import tq_store_kv
+
+    decode, _ = build_tq(ctx, args, q, bufs, indptr, slots, codec, sm_scale, n_splits)
+    early, _ = build_tq(ctx, args, q, bufs, indptr, slots, codec, sm_scale, n_splits,
+                        extra={"early_q": True})
+    out = {}
+    variants = [("serial_ms", False, decode)] + ([("pdl_early_q_ms", True, early)] if pdl_supported() else [])
+    for name, pdl, dec in variants:
+        def chain(pdl=pdl, dec=dec):
+            tq_store_kv(k_new, v_new, loc, *bufs, codec, pdl=pdl)
+            return dec()
+
+        first_call(ctx, chain)
+        out[name] = time_it(ctx, args, chain)["ms"]
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -259,6 +259,7 @@ class TQAttnBackend(TritonAttnBackend):
             md.kv_indptr[: bs + 1], md.kv_indices, packed.codec, layer.scaling,
             num_kv_splits=md.num_kv_splits[:bs], max_kv_splits=self.max_splits(bs),
             workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o.view(bs, hq, d),
+            early_q=save_kv_cache,  # the store just launched: stage 1 overlaps it (PDL)
         )
         return o
 

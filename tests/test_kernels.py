@@ -245,10 +245,64 @@ def test_decode_fused_rotation_matches_reference(head_dim, k_bits, v_bits, gqa, 
 
 
 @pytest.mark.skipif(pdl_supported(), reason="this GPU supports programmatic dependent launch")
-def test_decode_refuses_pdl_where_unsupported():
+def test_decode_and_store_refuse_pdl_where_unsupported():
     codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 4, 4, "cpu", lens=(5,), seed=2)
     with pytest.raises(ValueError, match="programmatic dependent launch"):
         _run_decode(q, bufs, indptr, indices, codec, pdl=True)
+    k = torch.zeros(1, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="programmatic dependent launch"):
+        tq_store_kv(k, k, torch.zeros(1, dtype=torch.long), *bufs, codec, pdl=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not pdl_supported(), reason="needs programmatic dependent launch (sm_90+)")
+@pytest.mark.parametrize("graph", [False, True])
+def test_pdl_store_then_early_q_decode_matches_serial(graph):
+    """A decode layer's chain with programmatic dependent launch: a producer kernel writes
+    q, k and v; the PDL store waits for it and releases stage 1, which rotates q before
+    its own wait (early_q) and reads the new token's codes after it. The outputs, and the
+    codes written, must equal the serial chain bit for bit (same arithmetic, only the
+    launch order differs), eagerly and replayed in a CUDA graph; a race on q or on the
+    new codes would show up as a mismatch."""
+    dev = torch.device("cuda")
+    codec, bufs, indptr, indices, q0 = _decode_inputs(128, 4, 4, 4, dev, lens=(4000, 1, 300), seed=21)
+    bsz, hq, d = q0.shape
+    hkv = bufs[0].shape[1]
+    new_slot = indices[indptr[1:] - 1]  # each sequence's last slot is the token of this step
+    g = torch.Generator().manual_seed(22)
+    src = torch.randn(bsz, hq + 2 * hkv, d, generator=g).bfloat16().to(dev)
+    qkv = torch.empty_like(src)
+    ws = DecodeWorkspace.create(bsz, hq, d, 64, dev)
+    splits = torch.tensor([64, 1, 8], dtype=torch.int32, device=dev)
+
+    def layer(pdl, pools, step):
+        torch.mul(src, step, out=qkv)  # the producer of q, k, v (a rope kernel in a model)
+        q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+        tq_store_kv(k, v, new_slot, *pools, codec, pdl=pdl)
+        return tq_decode(q, *pools, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
+                         max_kv_splits=64, workspace=ws, fuse_rotation=True, pdl=pdl, early_q=pdl,
+                         out=torch.empty(bsz, hq, d, dtype=q.dtype, device=dev))
+
+    serial_pools, pdl_pools = [b.clone() for b in bufs], [b.clone() for b in bufs]
+    want = [layer(False, serial_pools, 1.0 + i / 8).clone() for i in range(6)]
+    if graph:
+        layer(True, pdl_pools, 1.0)  # compile outside the capture
+        step = torch.ones((), device=dev)
+        cg = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cg):
+            out = layer(True, pdl_pools, step)
+        got = []
+        for i in range(6):
+            step.fill_(1.0 + i / 8)
+            cg.replay()
+            got.append(out.clone())
+    else:
+        got = [layer(True, pdl_pools, 1.0 + i / 8).clone() for i in range(6)]
+    torch.cuda.synchronize()
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)
+    for a, b in zip(serial_pools, pdl_pools):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("bsz, hq, head_dim", [(1, 4, 64), (3, 32, 128), (17, 8, 256)])
