@@ -739,9 +739,9 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
 # device time of a decode step by kernel class, from the kernels' names (first match wins)
 KERNEL_CLASSES = (
     ("kv_write", re.compile(r"tq_store|store_cache|store_kv|set_kv|index_put|scatter")),
-    ("attention", re.compile(r"tq_decode|flash|fwd_combine|attn|attention")),
+    ("norm", re.compile(r"norm")),  # before attention: flashinfer::norm::FusedAddRMSNormKernel
+    ("attention", re.compile(r"tq_decode|flash_fwd|flash::|flashattn|fwd_combine|attn|attention")),
     ("gemm", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|cublas|matmul|splitk")),
-    ("norm", re.compile(r"norm")),
     ("rope", re.compile(r"rope|rotary")),
     ("activation", re.compile(r"silu|gelu|act_and_mul")),
 )
@@ -756,7 +756,9 @@ def summarize_kernel_trace(events: list[dict], steps: int, top: int = 12) -> dic
     """Per-step device time (µs) by kernel class and of the ``top`` kernels, from a
     Chrome trace's kernel events (``cat`` == "kernel", ``dur`` in µs) of ``steps``
     decode steps; ``span_us_per_step`` is first kernel start to last kernel end over
-    the steps, so span minus busy is the GPU's idle time between kernels."""
+    the steps, so span minus busy is the GPU's idle time between kernels. Kernels started
+    with programmatic dependent launch overlap their predecessor (busy can exceed span),
+    and their duration includes the time they wait for it."""
     kern = [e for e in events if e.get("cat") == "kernel" and e.get("ph", "X") == "X"
             and "dur" in e and "ts" in e]
     if not kern or steps < 1:

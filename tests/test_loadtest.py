@@ -236,7 +236,8 @@ def test_kernel_classes():
              "void flash::flash_fwd_kernel<...>": "attention", "_tq_decode_stage2": "attention",
              "flash::FlashAttnFwdCombine<...>": "attention", "nvjet_tst_64x8_64x16_4x1_v_bz_TNT": "gemm",
              "void cutlass::device_kernel<...>": "gemm", "FusedAddRMSNormKernel": "norm",
-             "apply_rope_pos_ids_cos_sin_cache": "rope", "act_and_mul_kernel<silu>": "activation",
+             "apply_rope_pos_ids_cos_sin_cache": "rope",
+             "void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>": "norm", "act_and_mul_kernel<silu>": "activation",
              "vectorized_elementwise_kernel": "other"}
     for name, cls in names.items():
         assert lt.kernel_class(name) == cls, name
