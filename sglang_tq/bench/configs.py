@@ -1,0 +1,77 @@
+"""KV-cache config labels and the SGLang server flags each one stands for.
+
+One table for every benchmark, so that a label such as ``k4v4`` means the same server
+in a load test, a fidelity run and an accuracy evaluation:
+
+    bf16          (no flag)                                SGLang's default attention backend
+    fp8           --kv-cache-dtype fp8_e4m3                the same backend, fp8 KV
+    bf16-triton   --attention-backend triton               SGLang's Triton backend
+    fp8-triton    --attention-backend triton --kv-cache-dtype fp8_e4m3
+    bf16-fa3      --attention-backend fa3                  FA3 named explicitly
+    fp8-fa3       --attention-backend fa3 --kv-cache-dtype fp8_e4m3
+    kXvY          --kv-quant turboquant --kv-quant-bits kXvY   (X, Y in 2..4: k4v4, k3v3, k4v2, ...)
+
+``bf16`` and ``fp8`` name no ``--attention-backend``, so SGLang picks its default for the
+GPU at hand (fa3 on Hopper). This is the mapping of ``scripts/loadtest.py``'s
+``kv_server_flags``, moved here so that scripts can import it instead of keeping a copy.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+BASELINE = "bf16"
+KV_ORDER = ("bf16", "fp8", "bf16-triton", "fp8-triton", "bf16-fa3", "fp8-fa3", "k4v4", "k3v3")
+TQ_RE = re.compile(r"^k[2-4]v[2-4]$")
+_DTYPE_FLAGS = {"bf16": [], "fp8": ["--kv-cache-dtype", "fp8_e4m3"]}
+_NAMED_BACKENDS = ("triton", "fa3")
+
+
+def kv_server_flags(kv: str) -> list[str]:
+    """Server flags of one KV config label; ValueError (one sentence) for an unknown label."""
+    name, _, backend = kv.partition("-")
+    if name in _DTYPE_FLAGS and backend == "":
+        return list(_DTYPE_FLAGS[name])
+    if name in _DTYPE_FLAGS and backend in _NAMED_BACKENDS:
+        return ["--attention-backend", backend, *_DTYPE_FLAGS[name]]
+    if TQ_RE.match(kv):
+        return ["--kv-quant", "turboquant", "--kv-quant-bits", kv]
+    raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
+                     f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3 or kXvY (e.g. k4v4, k3v3)")
+
+
+def expected_backend(kv: str) -> str | None:
+    """The attention backend a label's flags name, or None where SGLang chooses."""
+    if TQ_RE.match(kv):
+        return "turboquant"
+    flags = kv_server_flags(kv)
+    return flags[flags.index("--attention-backend") + 1] if "--attention-backend" in flags else None
+
+
+def kv_sort_key(kv: str) -> tuple:
+    return (KV_ORDER.index(kv) if kv in KV_ORDER else len(KV_ORDER), kv)
+
+
+def parse_config_list(text: str) -> list[str]:
+    """Comma-separated labels, each checked; duplicates dropped, order kept."""
+    out: list[str] = []
+    for kv in (c.strip() for c in text.split(",")):
+        if kv and kv not in out:
+            kv_server_flags(kv)
+            out.append(kv)
+    if not out:
+        raise ValueError("no KV config given: name at least one, e.g. --configs bf16,k4v4")
+    return out
+
+
+def check_extra_server_args(extra: str | None, refused: tuple[str, ...]) -> list[str]:
+    """shlex-split extra server arguments, refusing any flag in ``refused`` (flags the
+    configs or the benchmark itself set, which an extra argument would silently override)."""
+    toks = shlex.split(extra or "")
+    for t in toks:
+        name = t.split("=", 1)[0]
+        if name in refused:
+            raise ValueError(f"--extra-server-args may not contain {name}: the benchmark sets it "
+                             f"itself (the config labels own the KV dtype and attention backend)")
+    return toks
