@@ -112,6 +112,10 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import free_port  # noqa: E402  (scripts/ is not a package)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sglang_tq.bench.configs import KV_ORDER, expected_backend, kv_server_flags, kv_sort_key  # noqa: E402,F401
+from sglang_tq.bench.configs import TQ_RE as _TQ_RE  # noqa: E402
+
 try:  # orjson ships with SGLang; the stdlib parser is the fallback
     import orjson as _orjson
 
@@ -124,12 +128,10 @@ except ImportError:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = str(ROOT / "scripts/model_configs/llama-3.1-8b")
 BASELINES = ("bf16", "fp8")  # SGLang's default backend: the denominators of every ratio
-KV_ORDER = ("bf16", "fp8", "bf16-triton", "fp8-triton", "bf16-fa3", "fp8-fa3", "k4v4", "k3v3")
 DEFAULT_CONFIGS = ("bf16", "fp8", "k4v4", "k3v3", "bf16-triton", "fp8-triton")
 WORKLOADS = ("reference", "long-gen", "single-stream", "shared-prefix")
 DEFAULT_WORKLOADS = ("reference", "long-gen", "single-stream")
 TOKEN_LO, TOKEN_HI = 1000, 30000
-_TQ_RE = re.compile(r"^k[2-4]v[2-4]$")
 _SS_RE = re.compile(r"^single-stream-(\d+)(k?)$")
 DEFAULT_MEM_FRACTION = 0.25
 DEFAULT_CUDA_GRAPH_MAX_BS = 128
@@ -169,32 +171,6 @@ _REFUSED_EXTRA = ("--attention-backend", "--prefill-attention-backend", "--decod
                   "--kv-cache-dtype", "--kv-quant", "--kv-quant-bits", "--disable-prefill-cuda-graph",
                   "--disable-cuda-graph", "--disable-piecewise-cuda-graph", "--cuda-graph-backend-prefill",
                   "--stream-interval")
-
-
-def kv_server_flags(kv: str) -> list[str]:
-    """Server flags of one KV config label (the common flags come from server_command)."""
-    dtype = {"bf16": [], "fp8": ["--kv-cache-dtype", "fp8_e4m3"]}
-    name, _, backend = kv.partition("-")
-    if name in dtype and backend == "":
-        return list(dtype[name])  # SGLang's default backend: no --attention-backend at all
-    if name in dtype and backend in ("triton", "fa3"):
-        return ["--attention-backend", backend, *dtype[name]]
-    if _TQ_RE.match(kv):
-        return ["--kv-quant", "turboquant", "--kv-quant-bits", kv]
-    raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
-                     f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3 or kXvY (e.g. k4v4, k3v3)")
-
-
-def expected_backend(kv: str) -> str | None:
-    """The backend a config's flags name, or None for SGLang's default choice."""
-    if _TQ_RE.match(kv):
-        return "turboquant"
-    flags = kv_server_flags(kv)
-    return flags[flags.index("--attention-backend") + 1] if "--attention-backend" in flags else None
-
-
-def kv_sort_key(kv: str):
-    return (KV_ORDER.index(kv) if kv in KV_ORDER else len(KV_ORDER), kv)
 
 
 def _flag_value(cmd: list[str], *names: str):
