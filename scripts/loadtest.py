@@ -89,9 +89,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
-import ipaddress
 import json
 import math
 import os
@@ -102,9 +100,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -115,6 +110,7 @@ from _server import free_port  # noqa: E402  (scripts/ is not a package)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sglang_tq.bench.configs import KV_ORDER, expected_backend, kv_server_flags, kv_sort_key  # noqa: E402,F401
 from sglang_tq.bench.configs import TQ_RE as _TQ_RE  # noqa: E402
+from sglang_tq.bench.server import SGLangServer, check_loopback, http, server_info  # noqa: E402
 
 try:  # orjson ships with SGLang; the stdlib parser is the fallback
     import orjson as _orjson
@@ -428,17 +424,6 @@ def itl_from_arrivals(arrivals: list[tuple[float, int]]) -> ReqResult:
     return r
 
 
-def _check_loopback(url: str) -> str:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    try:
-        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"only loopback servers are allowed, got {url!r}")
-    return url.rstrip("/")
-
-
 def _handle_event(event: bytes, res: ReqResult, t0: float, now: float) -> bool:
     """Apply one SSE event (``data: {...}``); return True at ``data: [DONE]``."""
     done = False
@@ -621,7 +606,7 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
     (single-stream: one request of the full context) replaces the count and length."""
     import aiohttp
 
-    base_url = _check_loopback(base_url)
+    base_url = check_loopback(base_url)
     if warmup_requests > 0 and wl.warmup_requests is not None:
         warmup_requests = wl.warmup_requests
     if warmup_len is None:
@@ -813,149 +798,9 @@ async def profile_decode_steps(base_url: str, prompt: list[int], steps: int, out
 
 # ----------------------------------------------------------------------------- server
 
-def _http(url: str, method: str = "GET", timeout: float = 10) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return 0, b""
-
-
-def _set_pdeathsig():  # the server dies with us even if we are SIGKILLed (Linux)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001
-        pass
-
-
-SERVER_INFO_KEYS = ("max_total_num_tokens", "max_running_requests", "max_req_input_len",
-                    "chunked_prefill_size", "max_prefill_tokens", "attention_backend",
-                    "prefill_attention_backend", "decode_attention_backend",
-                    "kv_cache_dtype", "kv_quant", "kv_quant_bits", "page_size",
-                    "disable_radix_cache", "schedule_policy", "mem_fraction_static",
-                    "cuda_graph_max_bs_decode", "disable_prefill_cuda_graph", "disable_cuda_graph",
-                    "cuda_graph_config", "stream_interval", "incremental_streaming_output", "version")
 # ServerArgs._attention_backend_default (sglang/srt/arg_groups/overrides.py) logs this
 # when no --attention-backend is given
 _DEFAULT_BACKEND_RE = re.compile(r"Attention backend not specified\. Use (\w+) backend by default")
-
-
-class Server:
-    """One SGLang server in its own process group; stop() kills the whole group."""
-
-    def __init__(self, cmd: list[str], port: int, log_path: Path, log: Callable[[str], None] = print):
-        self.cmd, self.port, self.log_path, self.log = cmd, port, Path(log_path), log
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-        self.startup_s: float | None = None
-
-    def start(self, timeout_s: float) -> float:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log(f"launch: {shlex.join(self.cmd)}\n  log: {self.log_path}")
-        t0 = time.time()
-        with open(self.log_path, "w") as logf:
-            self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
-        last = 0.0
-        while True:
-            if _http(self.base_url + "/health", timeout=5)[0] == 200:
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode} during start-up; "
-                                   f"log tail:\n{self.log_tail()}")
-            el = time.time() - t0
-            if el > timeout_s:
-                raise RuntimeError(f"server not healthy after {timeout_s:.0f} s; log tail:\n{self.log_tail()}")
-            if el - last >= 15:
-                self.log(f"  waiting for server ... {el:.0f} s")
-                last = el
-            time.sleep(0.2 if el < 10 else 1.0)
-        self.startup_s = round(time.time() - t0, 1)
-        self.log(f"  server up in {self.startup_s} s")
-        return self.startup_s
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n: int = 25) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def pool_from_log(self) -> dict:
-        text = self.log_text()
-        out: dict = {}
-        for key in ("max_total_num_tokens", "chunked_prefill_size", "max_prefill_tokens",
-                    "max_running_requests", "context_len"):
-            m = re.findall(rf"\b{key}=(\d+)", text)  # the scheduler's start-up line; last one wins
-            out[key] = int(m[-1]) if m else None
-        m = re.findall(r"available_gpu_mem=([\d.]+) GB", text)
-        out["available_gpu_mem_gb"] = float(m[-1]) if m else None
-        return out
-
-    def default_backend_from_log(self) -> str | None:
-        m = _DEFAULT_BACKEND_RE.findall(self.log_text())
-        return m[-1] if m else None
-
-    def info(self) -> dict:
-        return _info_of(self.base_url)
-
-    def flush_cache(self) -> bool:
-        for _ in range(10):
-            code, _ = _http(self.base_url + "/flush_cache", method="POST", timeout=60)
-            if code == 200:
-                return True
-            time.sleep(1.0)
-        self.log("  WARNING: /flush_cache did not succeed")
-        return False
-
-    def stop(self):
-        """SIGTERM to the whole process group, SIGKILL after 30 s; wait until it is gone."""
-        if self.proc is None:
-            return
-        pgid = self.proc.pid
-        for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 15.0)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-            deadline = time.time() + wait_s
-            while time.time() < deadline:
-                self.proc.poll()  # reap the leader
-                if not _group_alive(pgid):
-                    self.proc = None
-                    return
-                time.sleep(0.1)
-        self.log(f"  WARNING: process group {pgid} still alive after SIGKILL")
-        self.proc = None
-
-
-def _group_alive(pgid: int) -> bool:
-    """Any non-zombie process left in the group? (Zombies hold no GPU memory, and in a
-    container without an init that reaps, orphaned ones may linger.)"""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-    for d in proc.iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
 
 
 def common_server_flags(args) -> list[str]:
@@ -969,10 +814,18 @@ def common_server_flags(args) -> list[str]:
     return flags
 
 
+def server_flags(args, kv: str) -> list[str]:
+    """A config's server arguments after --model-path/--host/--port."""
+    return [*common_server_flags(args), *kv_server_flags(kv), *check_extra_server_args(args.extra_server_args)]
+
+
+def make_server(args, kv: str, port: int, log_path: Path) -> SGLangServer:
+    return SGLangServer(args.model_path, server_flags(args, kv), log_path, module=args.server_module,
+                        port=port)
+
+
 def server_command(args, kv: str, port: int) -> list[str]:
-    return [sys.executable, "-m", args.server_module, "--model-path", args.model_path,
-            "--host", "127.0.0.1", "--port", str(port), *common_server_flags(args),
-            *kv_server_flags(kv), *check_extra_server_args(args.extra_server_args)]
+    return make_server(args, kv, port, Path(os.devnull)).cmd
 
 
 def detect_backend(kv: str, info: dict, log_default: str | None = None) -> dict:
@@ -1343,7 +1196,7 @@ def parse_args(argv=None):
     except ValueError as exc:
         ap.error(str(exc))
     if args.server_url:
-        _check_loopback(args.server_url)
+        check_loopback(args.server_url)
         if len(args.configs) != 1:
             ap.error("--server-url needs exactly one --configs label (the running server's KV)")
     return args
@@ -1420,7 +1273,7 @@ def main(argv=None) -> int:
         return float("inf") if args.budget_s <= 0 else args.budget_s - (time.time() - t_launch)
 
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
-    server: Server | None = None
+    server: SGLangServer | None = None
     rc = 0
     try:
         for kv in args.configs:
@@ -1438,15 +1291,15 @@ def main(argv=None) -> int:
                 log_default = None
                 if args.server_url:
                     server = None
-                    base_url = _check_loopback(args.server_url)
+                    base_url = check_loopback(args.server_url)
                     base_res.update(server_url=base_url, startup_s=None)
-                    info = _info_of(base_url)
+                    info = server_info(base_url)
                     pool = {"max_total_num_tokens": info.get("max_total_num_tokens")}
                 else:
                     port = free_port()
                     tag = kv + ("_" + group[0].name if args.fresh_server_per_workload or len(group) == 1 else "")
-                    cmd = server_command(args, kv, port)
-                    server = Server(cmd, port, log_dir / f"loadtest_server_{tag}.log")
+                    server = make_server(args, kv, port, log_dir / f"loadtest_server_{tag}.log")
+                    cmd = server.cmd
                     base_res["server_cmd"] = shlex.join(server.cmd[1:])
                     base_res.update(server_settings(args, kv, cmd, {}))
                     try:
@@ -1583,18 +1436,8 @@ def merge_files(out: Path, files: list[str], append: bool = False) -> int:
     return 0
 
 
-def _info_of(base_url: str) -> dict:
-    for path in ("/server_info", "/get_server_info"):
-        code, body = _http(base_url + path, timeout=30)
-        if code == 200:
-            with contextlib.suppress(ValueError):
-                data = json.loads(body)
-                return {k: data[k] for k in SERVER_INFO_KEYS if k in data}
-    return {}
-
-
 def _flush_url(base_url: str) -> bool:
-    return _http(base_url + "/flush_cache", method="POST", timeout=60)[0] == 200
+    return http(base_url + "/flush_cache", method="POST", timeout=60)[0] == 200
 
 
 if __name__ == "__main__":

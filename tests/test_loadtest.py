@@ -340,10 +340,10 @@ def test_kv_flags_and_loopback():
         lt.kv_server_flags("bf16-flashinfer")
     with pytest.raises(ValueError):
         lt.kv_server_flags("int8")
-    assert lt._check_loopback("http://127.0.0.1:1/") == "http://127.0.0.1:1"
+    assert lt.check_loopback("http://127.0.0.1:1/") == "http://127.0.0.1:1"
     for bad in ("http://10.0.0.1:80", "http://example.com"):
         with pytest.raises(ValueError):
-            lt._check_loopback(bad)
+            lt.check_loopback(bad)
 
 
 def _flag(cmd, name):

@@ -42,7 +42,8 @@ SERVER_INFO_KEYS = ("max_total_num_tokens", "max_running_requests", "max_req_inp
                     "prefill_attention_backend", "decode_attention_backend", "kv_cache_dtype",
                     "kv_quant", "kv_quant_bits", "page_size", "disable_radix_cache",
                     "mem_fraction_static", "cuda_graph_max_bs_decode", "disable_prefill_cuda_graph",
-                    "disable_cuda_graph", "context_length", "model_path", "tokenizer_path",
+                    "disable_cuda_graph", "cuda_graph_config", "schedule_policy", "stream_interval",
+                    "incremental_streaming_output", "context_length", "model_path", "tokenizer_path",
                     "served_model_name", "dtype", "version")
 # the scheduler's start-up line ("KV Cache is allocated. max_total_num_tokens=..., ...")
 _POOL_KEYS = ("max_total_num_tokens", "chunked_prefill_size", "max_prefill_tokens",
