@@ -54,24 +54,15 @@ def get_provenance(python: str = sys.executable, timeout_s: float = 120.0) -> di
 def write_json_atomic(path: str | Path, obj) -> None:
     """Serialize ``obj`` to a temporary file beside ``path``, fsync, then os.replace it
     over ``path``; on any error the old file stays and the temporary file is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    _write_atomic(path, [json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False)])
 
 
 def write_lines_atomic(path: str | Path, lines: Iterable[str]) -> None:
     """The JSONL counterpart of write_json_atomic: ``lines`` (without newlines) replace ``path``."""
+    _write_atomic(path, lines)
+
+
+def _write_atomic(path: str | Path, lines: Iterable[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
