@@ -19,6 +19,11 @@ subtracted from every key of a head, since q·(k − μ) = q·k − q·μ shifts
 Quantizing k − μ instead of k shrinks the norm the error scales with. μ is the mean
 post-RoPE key per layer and head over a *different* text (a calibration run); the
 "oracle" row uses the evaluated text's own mean, an upper bound on what centering gains.
+
+Centers from the k_proj bias (--bias-horizons P1,P2,...): no calibration text, only the
+weights: μ = mean over positions 0..P−1 of RoPE(b) (``sglang_tq.centers.rope_mean_of_bias``,
+what the engine's ``--kv-quant-key-centers auto`` computes at start-up); adds
+<config>+bias<P> rows for models whose attention has a k_proj bias.
 """
 
 from __future__ import annotations
@@ -59,6 +64,30 @@ def capture_qk(model, ids: list[int]):
     return seen
 
 
+def bias_centers(model, horizon: int):
+    """[layers, kv_heads, head_dim] centers from each layer's k_proj bias and the model's
+    own RoPE (Hugging Face modules), averaged over positions 0..horizon-1."""
+    import torch  # noqa: PLC0415
+    from transformers.models.llama.modeling_llama import rotate_half  # noqa: PLC0415
+
+    from sglang_tq.centers import rope_mean_of_bias  # noqa: PLC0415
+
+    rotary = model.model.rotary_emb
+    hd = fr.head_dim_of(model.config)
+
+    def rotate(pos, k):                      # k [n, H, D], neox-style rotate_half RoPE
+        cos, sin = rotary(k, pos[None])
+        return k * cos[0, :, None, :] + rotate_half(k) * sin[0, :, None, :]
+
+    out = []
+    for layer in model.model.layers:
+        b = layer.self_attn.k_proj.bias
+        if b is None:
+            raise SystemExit("--bias-horizons: this model's k_proj has no bias")
+        out.append(rope_mean_of_bias(b.detach().float().view(-1, hd), rotate, horizon))
+    return torch.stack(out)
+
+
 def attention_kl(q, k, k_hat, skip: int = 16):
     """Mean over query rows ≥ skip of KL(softmax(qk) || softmax(q k_hat)), per KV head."""
     import torch  # noqa: PLC0415
@@ -87,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--center-text", default=None,
                     help="calibration text for key centering (adds <config>+center and "
                          "<config>+oracle rows for TurboQuant configs)")
+    ap.add_argument("--bias-horizons", default="",
+                    help="comma list of RoPE horizons P: adds <config>+bias<P> rows (centers "
+                         "from the k_proj bias, averaged over positions 0..P-1)")
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="attn_error.json")
@@ -117,15 +149,23 @@ def main(argv: list[str] | None = None) -> int:
 
     layers = capture_qk(model, ids_of(args.text))
     calib = capture_qk(model, ids_of(args.center_text)) if args.center_text else None
+    try:
+        horizons = [int(h) for h in args.bias_horizons.split(",") if h.strip()]
+    except ValueError:
+        ap.error(f"--bias-horizons takes comma-separated integers, got {args.bias_horizons!r}")
+    bias_mu = {h: bias_centers(model, h) for h in horizons}
     rows: dict[str, list[list[float]]] = {}
     for i, (q, k) in enumerate(layers):
         for name in configs:
             k_fn, _ = fr.round_trip_fns(name, i, hd, args.seed)
             rows.setdefault(name, []).append(attention_kl(q, k, k_fn(k)).tolist())
-            if calib is None or fr.parse_config(name)[0] not in (2, 3, 4):
+            if (calib is None and not bias_mu) or fr.parse_config(name)[0] not in (2, 3, 4):
                 continue
-            for tag, mu in (("center", calib[i][1].mean(2, keepdim=True)),
-                            ("oracle", k.mean(2, keepdim=True))):
+            centers = [(f"bias{h}", mu[i][None, :, None, :]) for h, mu in bias_mu.items()]
+            if calib is not None:
+                centers += [("center", calib[i][1].mean(2, keepdim=True)),
+                            ("oracle", k.mean(2, keepdim=True))]
+            for tag, mu in centers:
                 rows.setdefault(f"{name}+{tag}", []).append(
                     attention_kl(q, k, k_fn(k - mu) + mu).tolist())
     summary = {n: sum(map(sum, r)) / sum(map(len, r)) for n, r in rows.items()}
@@ -140,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {i:5d} " + "".join(f"{sum(rows[n][i]) / len(rows[n][i]):16.5f}" for n in names))
     out = {**prov, "script": "attn_error.py", "model_path": str(args.model_path),
            "text": args.text, "center_text": args.center_text, "tokens": args.tokens,
+           "bias_horizons": horizons,
            "summary": summary, "per_layer_per_kv_head": rows}
     fr.write_result(args.out, out)
     return 0

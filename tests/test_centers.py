@@ -52,3 +52,48 @@ def test_mean_keys_is_the_mean_of_what_the_cache_stores():
     want = torch.cat(keys, dim=2).mean(2)  # [L, H, T, D] -> [L, H, D]
     assert got.shape == (2, 2, 16)
     torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------- centers from a k_proj bias
+def _neox_rope(head_dim: int, base: float, dtype=torch.float64):
+    """Independent twin of RoPE (rotate-half layout): rotate(positions [n], k [n, H, D])."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+
+    def rotate(pos, k):
+        ang = pos.to(dtype)[:, None] * inv[None]                       # [n, D/2]
+        cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+        a, b = k[..., : head_dim // 2].to(dtype), k[..., head_dim // 2:].to(dtype)
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+    return rotate
+
+
+@pytest.mark.parametrize("horizon,chunk", [(1, 4096), (37, 8), (300, 4096), (1000, 97)])
+def test_rope_mean_of_bias_is_the_mean_over_positions(horizon, chunk):
+    from sglang_tq.centers import rope_mean_of_bias
+
+    torch.manual_seed(horizon)
+    bias = torch.randn(3, 16) * 10
+    rotate = _neox_rope(16, 1e4)
+    got = rope_mean_of_bias(bias, rotate, horizon, chunk=chunk)
+    pos = torch.arange(horizon)
+    want = rotate(pos, bias.double().expand(horizon, 3, 16)).mean(0)
+    assert got.dtype == torch.float32 and got.shape == (3, 16)
+    # float32 sums of horizon terms of size ~|b|: a few ulps of |b| per term
+    torch.testing.assert_close(got.double(), want, atol=1e-4 * bias.abs().max().item(), rtol=0)
+
+
+def test_rope_mean_of_bias_keeps_slow_pairs_and_cancels_fast_ones():
+    from sglang_tq.centers import rope_mean_of_bias
+
+    d, horizon = 16, 2048
+    bias = torch.ones(1, d)
+    got = rope_mean_of_bias(bias, _neox_rope(d, 1e6), horizon)[0]
+    inv = 1.0 / 1e6 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    # closed form of mean_p cos(p θ) for the first half of a pair (b = (1, 1)):
+    # (cos - sin) averaged; the slowest pair barely turns, the fastest (θ = 1) cancels
+    p = torch.arange(horizon, dtype=torch.float64)
+    want = (torch.cos(p[:, None] * inv) - torch.sin(p[:, None] * inv)).mean(0)
+    torch.testing.assert_close(got[: d // 2].double(), want, atol=1e-5, rtol=0)
+    assert got[d // 2 - 1] > 0.95 and abs(got[0]) < 0.01
+    with pytest.raises(ValueError, match="kv_heads, head_dim"):
+        rope_mean_of_bias(torch.ones(16), _neox_rope(16, 1e4), 8)

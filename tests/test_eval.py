@@ -457,7 +457,10 @@ def test_config_flags_are_shared_with_loadtest():
                                                      "fp8_e4m3"]
     assert configs.kv_server_flags("fp8") == ["--kv-cache-dtype", "fp8_e4m3"]
     assert configs.kv_server_flags("k3v3") == ["--kv-quant", "turboquant", "--kv-quant-bits", "k3v3"]
-    for bad in ("q8", "k5v4", "fp8-flashinfer", ""):
+    assert configs.kv_server_flags("k4v4-nc") == ["--kv-quant", "turboquant", "--kv-quant-bits", "k4v4",
+                                                  "--kv-quant-key-centers", "none"]
+    assert configs.expected_backend("k4v4-nc") == "turboquant"
+    for bad in ("q8", "k5v4", "fp8-flashinfer", "", "k4v4-c", "k4v4nc"):
         with pytest.raises(ValueError, match="unknown KV config"):
             configs.kv_server_flags(bad)
     assert configs.parse_config_list("bf16, k4v4,bf16") == ["bf16", "k4v4"]

@@ -130,7 +130,8 @@ def test_key_centers_flag_reaches_the_config(fake_gpu, tmp_path):
     sa = _parse("--kv-quant", "turboquant", "--kv-quant-key-centers", str(path))
     assert sa.kv_quant_key_centers == str(path.resolve())
     assert integration.tq_config(pickle.loads(pickle.dumps(sa)), 128).key_centers == str(path.resolve())
-    assert _parse("--kv-quant", "turboquant").kv_quant_key_centers is None
+    assert _parse("--kv-quant", "turboquant").kv_quant_key_centers == "auto"   # the default
+    assert _parse("--kv-quant", "turboquant", "--kv-quant-key-centers", "none").kv_quant_key_centers is None
     with pytest.raises(ValueError, match="need --kv-quant turboquant"):
         _parse("--kv-quant-key-centers", str(path))
 
@@ -296,7 +297,7 @@ def test_backend_refuses_layers_the_kernels_do_not_implement():
     runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**capped)])
     refusals.check_model_layers(runner, pool)
     centered = types.SimpleNamespace(**vars(pool), cfg=types.SimpleNamespace(key_centers="c.safetensors"))
-    with pytest.raises(RuntimeError, match="drop --kv-quant-key-centers") as exc:
+    with pytest.raises(RuntimeError, match="use --kv-quant-key-centers none") as exc:
         refusals.check_model_layers(runner, centered)
     assert _one_sentence(str(exc.value))
     runner.sliding_window_size = 4096

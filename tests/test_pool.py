@@ -60,6 +60,7 @@ def _kvc(sa, dtype=torch.bfloat16):
         model_dtype=dtype, use_mla_backend=False, is_draft_worker=False,
         spec_algorithm=SpeculativeAlgorithm.NONE, sliding_window_size=None, device="cpu",
         pool_page_size=1, ps=types.SimpleNamespace(pp_size=1),
+        model=torch.nn.Module(),  # no attention module with a k_proj bias: auto centers nothing
         layer_info=types.SimpleNamespace(start_layer=0, end_layer=layers, num_effective_layers=layers),
     )
 
@@ -123,7 +124,7 @@ def _real_configurator(sa):
     fields.update({k: getattr(fake, k) for k in (
         "device", "model_config", "server_args", "kv_cache_dtype", "model_dtype",
         "sliding_window_size", "spec_algorithm", "is_draft_worker", "use_mla_backend",
-        "kv_cache_dtype_str", "layer_info")})
+        "kv_cache_dtype_str", "layer_info", "model")})
     fields.update(gpu_id=0, page_size=1, post_capture_kv_active=False, is_hybrid_swa=False,
                   is_hybrid_swa_compress=False)
     return KVCacheConfigurator(**fields)
@@ -328,3 +329,96 @@ def test_getters_never_hand_out_bf16_views_of_packed_bytes():
             refused()
     with pytest.raises(RuntimeError, match="--dcp-size"):
         pool.set_kv_buffer(layer, torch.tensor([1]), x[:1], x[:1], dcp_kv_mask=torch.ones(1))
+
+
+# ------------------------------------------------ key centers auto: from the k_proj bias
+class _Attention(torch.nn.Module):
+    """The fields of an SGLang MHA attention module (Qwen2Attention) that the bias centers
+    read, with SGLang's own rotary embedding."""
+
+    def __init__(self, layer_id, hq, hkv, d, bias=True, max_position=4096):
+        from sglang.srt.layers.rotary_embedding import get_rope
+
+        super().__init__()
+        self.q_size, self.kv_size = hq * d, hkv * d
+        self.qkv_proj = torch.nn.Linear(8, (hq + 2 * hkv) * d, bias=bias)
+        if bias:
+            torch.nn.init.normal_(self.qkv_proj.bias, std=5.0)
+        self.rotary_emb = get_rope(d, d, max_position, 1_000_000, True, dtype=torch.float32)
+        self.attn = types.SimpleNamespace(layer_id=layer_id)
+
+
+def _attn_model(layers, hq, hkv, d, bias=True, max_position=4096):
+    torch.manual_seed(1)
+    m = torch.nn.Module()
+    m.layers = torch.nn.ModuleList(
+        _Attention(i, hq, hkv, d, bias, max_position) for i in range(layers))
+    return m
+
+
+def _k_bias(m):
+    return m.qkv_proj.bias.detach()[m.q_size:m.q_size + m.kv_size].double()
+
+
+@pytest.fixture
+def rope_context(monkeypatch):
+    """SGLang's rotary embedding on this machine: the runtime context it reads, and its
+    CPU platform flag (without one it looks for a vLLM kernel on a machine without CUDA)."""
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    from sglang.srt.runtime_context import get_context
+
+    get_context().set_server_args(_server_args())
+    if not HAS_CUDA:
+        monkeypatch.setattr(rope_base, "_is_cpu", True)
+
+
+def test_sglang_bias_key_centers_match_the_twin(rope_context):
+    from sglang_tq.centers import sglang_bias_key_centers
+
+    layers, hq, hkv, d, horizon = 3, 4, 2, 32, 512
+    model = _attn_model(layers, hq, hkv, d)
+    got = sglang_bias_key_centers(model, layers, hkv, d, horizon)
+    inv = 1.0 / 1e6 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(horizon, dtype=torch.float64)[:, None] * inv      # [P, D/2]
+    c, s = ang.cos().mean(0), ang.sin().mean(0)                           # mean rotation
+    for i, m in enumerate(model.layers):
+        b = _k_bias(m).view(hkv, d)
+        lo, hi = b[:, : d // 2], b[:, d // 2:]
+        want = torch.cat([lo * c - hi * s, hi * c + lo * s], -1)          # rotate-half RoPE
+        # SGLang's float32 cos/sin cache: ~1e-6 relative per term, |b| ~ 15
+        torch.testing.assert_close(got[i].double(), want, atol=1e-4 * b.abs().max().item(), rtol=0)
+    # a horizon past the RoPE cache is clipped to the positions the model can have
+    short = _attn_model(layers, hq, hkv, d, max_position=100)
+    torch.testing.assert_close(sglang_bias_key_centers(short, layers, hkv, d, 10_000),
+                               sglang_bias_key_centers(short, layers, hkv, d, 100))
+    assert sglang_bias_key_centers(_attn_model(layers, hq, hkv, d, bias=False),
+                                   layers, hkv, d, 64) is None
+    with pytest.raises(ValueError, match="kv_size"):
+        sglang_bias_key_centers(model, layers, 4, d, 64)
+
+
+def test_build_pool_hook_auto_centers_come_from_the_bias(parallel, rope_context, monkeypatch):
+    from sglang_tq import centers
+
+    sa = _server_args("--kv-quant", "turboquant")
+    assert sa.kv_quant_key_centers == "auto"                 # the default
+    kvc = _kvc(sa)
+    kvc.model = _attn_model(32, 4, 8, 128)
+    monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
+    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
+                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    want = centers.sglang_bias_key_centers(kvc.model, 32, 8, 128, centers.BIAS_HORIZON)
+    assert pool.cfg.key_centers == "auto"
+    assert torch.equal(pool.get_packed_layer(5).codec.k_center.cpu(), want[5])
+    assert want[5].norm() > 10                                # a real, large center
+    # a model without a k_proj bias: nothing centered, and the config says so
+    kvc.model = _attn_model(32, 4, 8, 128, bias=False)
+    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
+                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    assert pool.cfg.key_centers is None and pool.get_packed_layer(5).codec.k_center is None
+    # none: off even with a bias
+    kvc = _kvc(_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", "none"))
+    kvc.model = _attn_model(32, 4, 8, 128)
+    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
+                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    assert pool.get_packed_layer(5).codec.k_center is None

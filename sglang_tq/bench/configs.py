@@ -10,6 +10,8 @@ in a load test, a fidelity run and an accuracy evaluation:
     bf16-fa3      --attention-backend fa3                  FA3 named explicitly
     fp8-fa3       --attention-backend fa3 --kv-cache-dtype fp8_e4m3
     kXvY          --kv-quant turboquant --kv-quant-bits kXvY   (X, Y in 2..4: k4v4, k3v3, k4v2, ...)
+                  with the default key centers (auto: from the k_proj bias where there is one)
+    kXvY-nc       the same with --kv-quant-key-centers none (keys quantized uncentered)
 
 ``bf16`` and ``fp8`` name no ``--attention-backend``, so SGLang picks its default for the
 GPU at hand (fa3 on Hopper). This is the mapping of ``scripts/loadtest.py``'s
@@ -23,7 +25,7 @@ import shlex
 
 BASELINE = "bf16"
 KV_ORDER = ("bf16", "fp8", "bf16-triton", "fp8-triton", "bf16-fa3", "fp8-fa3", "k4v4", "k3v3")
-TQ_RE = re.compile(r"^k[2-4]v[2-4]$")
+TQ_RE = re.compile(r"^k[2-4]v[2-4](-nc)?$")
 _DTYPE_FLAGS = {"bf16": [], "fp8": ["--kv-cache-dtype", "fp8_e4m3"]}
 _NAMED_BACKENDS = ("triton", "fa3")
 
@@ -36,9 +38,12 @@ def kv_server_flags(kv: str) -> list[str]:
     if name in _DTYPE_FLAGS and backend in _NAMED_BACKENDS:
         return ["--attention-backend", backend, *_DTYPE_FLAGS[name]]
     if TQ_RE.match(kv):
-        return ["--kv-quant", "turboquant", "--kv-quant-bits", kv]
+        bits, _, nc = kv.partition("-")
+        return ["--kv-quant", "turboquant", "--kv-quant-bits", bits,
+                *(["--kv-quant-key-centers", "none"] if nc else [])]
     raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
-                     f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3 or kXvY (e.g. k4v4, k3v3)")
+                     f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY (e.g. k4v4, k3v3) or "
+                     f"kXvY-nc (uncentered keys)")
 
 
 def expected_backend(kv: str) -> str | None:
