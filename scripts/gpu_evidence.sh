@@ -68,6 +68,12 @@
 #       (one GPU, FA3 staged): scripts/loadtest.py's workloads (default: reference, long-gen,
 #       single-stream) for <configs>, one fresh server each, into $OUT/loadtest.json (merge calls
 #       with --merge); e.g. `lt1 k4v4,bf16 single-stream --profile-steps 32`.
+#   bash scripts/gpu_evidence.sh <commit> eval1 <configs> [tasks]   # nvidia-h200 (one GPU, FA3 and
+#       the model's pieces staged): python -m sglang_tq.bench eval (GSM8K-CoT, HumanEval) for
+#       <configs> on $EVAL_MODEL (default qwen2.5-coder-1.5b, unpacked here), resuming from
+#       /tmp/eval or from $EVAL_PREV (a carried eval JSON); the call carries .eval_data. Its
+#       budget comes from LIMIT_S (the call's limit_s, default 590, counted from the script's
+#       start), and the JSON returns even when the budget cuts the run short.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -397,6 +403,26 @@ lt1)  # nvidia-h200 (one GPU, FA3 staged): loadtest.py's workloads ($4, default 
   { tail -40 "$LOGS/lt.log"; grep -h "prefill attention\|Use .* backend\|max_total_num_tokens=" \
       "$LOGS"/lt/*.log | head; } > "$OUT/summary.txt" 2>&1
   ;;
+eval1)
+  export CUDA_VISIBLE_DEVICES=0
+  EV=/tmp/eval
+  mkdir -p "$EV"
+  # shellcheck disable=SC2329
+  save_eval() { cp "$EV/eval.json" "$EV/eval.generations.jsonl" "$OUT/" 2>/dev/null
+                tail -30 "$LOGS/eval.log" > "$OUT/summary.txt" 2>&1; }
+  trap 'save_eval; tar czf "$OUT/logs.tgz" -C "$OUT" logs' TERM INT
+  M=$(bash scripts/unpack_model.sh "${EVAL_MODEL:-qwen2.5-coder-1.5b}" 2>> "$LOGS/unpack.log") \
+    || { tail -5 "$LOGS/unpack.log"; exit 1; }
+  if [ ! -f "$EV/eval.json" ] && [ -n "${EVAL_PREV:-}" ]; then
+    cp "$EVAL_PREV" "$EV/eval.json" && chmod u+w "$EV/eval.json"
+  fi
+  B=$(( ${LIMIT_S:-590} - SECONDS - 30 ))
+  timeout -s TERM $(( B + 15 )) python -m sglang_tq.bench eval --model-path "$M" \
+    --configs "${3:?configs}" --tasks "${4:-gsm8k,humaneval}" --data-dir .eval_data \
+    --out "$EV/eval.json" --log-dir "$LOGS/eval" --resume --budget-s "$B" > "$LOGS/eval.log" 2>&1
+  save_eval
+  trap - TERM INT
+  ;;
 all)
   M=$(model) || M=""
   SMALL=(--server-args "--mem-fraction-static 0.3")
@@ -430,7 +456,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac
