@@ -65,7 +65,22 @@ def load_key_centers(path: str | Path, num_layers: int, num_kv_heads: int,
                          f"for this model with scripts/key_centers.py.")
     if not torch.isfinite(centers).all():
         raise ValueError(f"key centers file {str(p)!r} holds non-finite values; recreate it.")
+    check_center_range(centers, f"key centers file {str(p)!r}")
     return centers
+
+
+# A centered key's norm is stored in fp16: a center this large makes ‖k − μ‖ overflow it
+# for any key of a real model (bf16 keys of the models served are far below this).
+MAX_CENTER_NORM = float(torch.finfo(torch.float16).max) / 2
+
+
+def check_center_range(centers: torch.Tensor, what: str) -> None:
+    """One sentence for centers whose norm would overflow the fp16 norms of centered keys."""
+    worst = centers.float().norm(dim=-1).max().item() if centers.numel() else 0.0
+    if worst > MAX_CENTER_NORM:
+        raise ValueError(f"{what} holds a center of norm {worst:.4g}, beyond what the fp16 key "
+                         f"norms can hold (max {MAX_CENTER_NORM:.4g}); recreate it, or use "
+                         f"--kv-quant-key-centers none.")
 
 
 # ---------------------------------------------------------------- centers from a k_proj bias
@@ -124,4 +139,6 @@ def sglang_bias_key_centers(model, num_layers: int, num_kv_heads: int, head_dim:
 
         centers[layer] = rope_mean_of_bias(k_bias, rotate, h).cpu()
         found += 1
+    if found:
+        check_center_range(centers, "the k_proj bias of this model (--kv-quant-key-centers auto)")
     return centers if found else None

@@ -29,6 +29,11 @@ def test_bad_files_get_one_sentence(tmp_path):
     save_key_centers(tmp_path / "nan.safetensors", bad, {})
     with pytest.raises(ValueError, match="non-finite"):
         load_key_centers(tmp_path / "nan.safetensors", 3, 2, 16)
+    huge = torch.randn(3, 2, 16)
+    huge[2, 1] = 1e5          # finite in fp32, but ‖k − μ‖ could not be stored as fp16
+    save_key_centers(tmp_path / "huge.safetensors", huge, {})
+    with pytest.raises(ValueError, match="beyond what the fp16 key norms can hold"):
+        load_key_centers(tmp_path / "huge.safetensors", 3, 2, 16)
 
 
 def test_mean_keys_is_the_mean_of_what_the_cache_stores():
