@@ -10,6 +10,9 @@
   instead of the packaged one, e.g. to benchmark a fresh tuning before committing it.
 * ``SGLANG_TQ_EXTEND_IMPL``: the prefill (extend) attention kernel, ``fa3`` or
   ``triton``, instead of the default (``kernels/tq_extend.py``), e.g. for an A/B run.
+* ``SGLANG_DEBUG_MEMORY_POOL`` (SGLang's own debug switch, read here too): the packed
+  pool checks every store's slots against its size and the stored norms for fp16
+  overflow, raising one sentence (each check synchronizes the GPU: debugging only).
 """
 
 from __future__ import annotations
@@ -32,3 +35,7 @@ def decode_launch_file() -> str | None:
 def extend_impl_override() -> str | None:
     """``SGLANG_TQ_EXTEND_IMPL`` (fa3 or triton): the prefill attention kernel, for A/B runs."""
     return os.environ.get("SGLANG_TQ_EXTEND_IMPL") or None
+
+
+def debug_memory_pool() -> bool:
+    return os.environ.get("SGLANG_DEBUG_MEMORY_POOL", "0").strip().lower() in ("1", "true", "yes")

@@ -36,6 +36,7 @@ from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
 from .codec import LayerCodec
 from .config import TQConfig
+from .env import debug_memory_pool
 from .kernels.tq_store import tq_store_kv
 
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -82,6 +83,7 @@ class TQTokenToKVPool(KVCache):
         super().__init__(size, page_size, torch.uint8, layer_num, device, enable_memory_saver,
                          start_layer, end_layer)
         self.cfg = cfg
+        self._debug = debug_memory_pool()
         self.model_dtype = model_dtype
         self.head_num = head_num
         self.head_dim = head_dim
@@ -191,8 +193,28 @@ class TQTokenToKVPool(KVCache):
             self.k_buffer[idx][loc] = k.to(self.model_dtype)
             self.v_buffer[idx][loc] = v.to(self.model_dtype)
             return
+        if self._debug:
+            self._check_slots(loc)
         _store_kv(k, v, loc, self.k_codes[idx], self.k_norms[idx], self.v_codes[idx],
                self.v_norms[idx], self.codecs[idx])
+        if self._debug:
+            self._check_norms(layer_id, loc)
+
+    def _check_slots(self, loc: torch.Tensor) -> None:
+        """SGLANG_DEBUG_MEMORY_POOL: every slot of a store inside the pool (synchronizes)."""
+        if loc.numel() and (int(loc.min()) < 0 or int(loc.max()) >= self.num_slots):
+            raise IndexError(f"a KV store addressed slots {int(loc.min())}..{int(loc.max())} of a "
+                             f"pool of {self.num_slots}; this is an allocator bug, please report it.")
+
+    def _check_norms(self, layer_id: int, loc: torch.Tensor) -> None:
+        """SGLANG_DEBUG_MEMORY_POOL: the fp16 norms just stored are finite (the kernel writes
+        inf for a vector whose norm exceeds fp16's range; the reference quantizer raises)."""
+        idx = self._index(layer_id)
+        for which, norms in (("key", self.k_norms[idx]), ("value", self.v_norms[idx])):
+            if not torch.isfinite(norms[loc.long()]).all():
+                raise ValueError(f"layer {layer_id}: a {which} vector's norm exceeds the fp16 range "
+                                 f"of the packed pool; keep this layer in bf16 "
+                                 f"(--kv-quant-bf16-layers {layer_id}).")
 
     def get_kv_size_bytes(self) -> tuple[int, int]:
         def nbytes(tensors):

@@ -213,6 +213,25 @@ def test_fused_set_kv_is_off_only_for_the_packed_pool(monkeypatch):
     assert integration._enable_fused_set_kv_buffer(lambda fb: "stock", None) == "stock"
 
 
+# ------------------------------------------------------- SGLANG_DEBUG_MEMORY_POOL checks
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_debug_pool_checks_slots_and_norm_overflow(monkeypatch, debug):
+    monkeypatch.setenv("SGLANG_DEBUG_MEMORY_POOL", debug)
+    cfg = TQConfig(head_dim=64, bf16_layers=(0,))
+    pool = TQTokenToKVPool(7, 1, 2, 64, 2, DEV, False, cfg=cfg)        # 8 slots
+    layer = types.SimpleNamespace(layer_id=1)
+    k = torch.randn(3, 2, 64, device=DEV, dtype=torch.bfloat16)
+    pool.set_kv_buffer(layer, torch.tensor([1, 5, 7], device=DEV), k, k)  # in range: fine
+    if debug == "0":
+        return                                  # no checks, no synchronization by default
+    with pytest.raises(IndexError, match=r"slots 1\.\.8 of a pool of 8"):
+        pool.set_kv_buffer(layer, torch.tensor([1, 5, 8], device=DEV), k, k)
+    big = k.clone()
+    big[1, 0] = 3e4                             # ‖v‖ = 2.4e5 > fp16 max
+    with pytest.raises(ValueError, match=r"layer 1: a value vector's norm exceeds the fp16 range"):
+        pool.set_kv_buffer(layer, torch.tensor([2, 3, 4], device=DEV), k, big)
+
+
 # ------------------------------------------------------------------ write and read back
 def test_set_kv_buffer_then_decode_kernel_matches_reference():
     hq, hkv, d, slots = 8, 2, 64, 40
