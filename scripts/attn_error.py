@@ -9,7 +9,8 @@ One forward pass of the Hugging Face model over --text (default: this repository
 README, first --tokens tokens) records every layer's post-RoPE queries and keys (the
 keys SGLang's pool receives). For each layer, KV head and config, the keys are
 round-tripped through the config's pool format (``fidelity_ref.round_trip_fns``: TurboQuant
-bits, fp8 e4m3, unquantized) and the causal attention rows softmax(q·k/√d) are compared
+bits, fp8 e4m3, unquantized, or the prior-art hqB / kiviB of ``sglang_tq.priorart``; KIVI
+over the whole text, its last incomplete 32-token group exact) and the causal attention rows softmax(q·k/√d) are compared
 with the exact ones: mean KL(exact || quantized) over query positions ≥ 16 (the first
 rows have almost nothing to attend to). Values do not enter: this isolates the keys, the
 side issue 4's fidelity runs showed to dominate.
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--configs", default="fp8,k4v4,k3v3",
-                    help="key formats, as in fidelity_ref.py (only the K side is used)")
+                    help="key formats, as in fidelity_ref.py, plus kiviB (only the K side is "
+                         "used), e.g. fp8,k4v4,hq4,kivi4")
     ap.add_argument("--text", default=str(HERE.parent / "README.md"), help="evaluated text file")
     ap.add_argument("--center-text", default=None,
                     help="calibration text for key centering (adds <config>+center and "

@@ -22,7 +22,13 @@ What is stored, per config (the cache layer ``RoundTripLayer``):
   (k16v4: only V quantized; k8v4: DESIGN.md's "k8v4-like" option), and ``-prod``
   makes the keys TurboQuant_prod (Alg. 2: (b-1)-bit code + 1-bit QJL residual sketch);
 * ``-c``: keys centered before quantizing, k − μ with μ from --key-centers
-  (``sglang_tq/centers.py``; the softmax is unchanged by a common shift of the keys).
+  (``sglang_tq/centers.py``; the softmax is unchanged by a common shift of the keys);
+* prior-art baselines (``sglang_tq.priorart``, the engine's ``--kv-quant hadamard|kivi``):
+  ``hqB`` QuaRot-style randomized Hadamard + per-token asymmetric B-bit int (fp16 scale
+  and zero per vector; signs seeded by ``TQConfig.layer_seed``, as the engine), and
+  ``kiviB`` KIVI (per-channel keys in 32-token groups, per-token values, the incomplete
+  group exact). KIVI's groups span tokens, so its round trip needs the whole sequence:
+  ``attn_error.py`` runs it, this script's step-by-step generation refuses it.
 K is stored after RoPE, as SGLang's ``set_kv_buffer`` receives it. When several tokens
 arrive at once (the prompt), attention uses their unquantized K/V and only later steps
 read them back from the cache: SGLang's extend path works the same way (new tokens from
@@ -55,23 +61,29 @@ import fidelity as fid  # noqa: E402
 
 
 _CONFIG_RE = re.compile(r"k(2|3|4|8|16)v(2|3|4|8|16)(-prod)?(-c)?")
+_PRIOR_ART_RE = re.compile(r"(hq|kivi)([2-4])")
+_PRIOR_ART = {"hq": "hadamard", "kivi": "kivi"}
 _ALIASES = {"fp8": "k8v8"}
 
 
 def parse_config(name: str) -> tuple[int, int, str, bool]:
     """'k4v4' -> (4, 4, 'mse', False); 'k4v4-prod' -> (4, 4, 'prod', False);
-    'k4v4-c' -> (4, 4, 'mse', True); 'fp8' -> (8, 8, 'mse', False).
+    'k4v4-c' -> (4, 4, 'mse', True); 'fp8' -> (8, 8, 'mse', False);
+    'hq4' -> (4, 4, 'hadamard', False); 'kivi2' -> (2, 2, 'kivi', False).
 
     Each side: 2/3/4 = TurboQuant at that many bits, 8 = fp8 e4m3 (SGLang's fp8 pool),
     16 = stored unquantized; '-prod' = TurboQuant_prod keys (paper Alg. 2); '-c' = keys
-    centered by the --key-centers file."""
+    centered by the --key-centers file; hqB / kiviB = the prior-art baselines at B bits."""
     c = name.strip().lower()
+    p = _PRIOR_ART_RE.fullmatch(c)
+    if p:
+        return int(p[2]), int(p[2]), _PRIOR_ART[p[1]], False
     m = _CONFIG_RE.fullmatch(_ALIASES.get(c, c))
     if c == "bf16" or not m or ((m[3] or m[4]) and int(m[1]) not in (2, 3, 4)):
         raise ValueError(
             f"unknown config {name!r}: use fp8 or kKvV with each of K, V in 2/3/4 (TurboQuant "
             f"bits), 8 (fp8 e4m3) or 16 (unquantized), such as k4v4, k8v4, k16v4, k4v4-prod, "
-            f"k4v4-c (-prod and -c need TurboQuant keys)")
+            f"k4v4-c (-prod and -c need TurboQuant keys), or hqB / kiviB (B in 2/3/4)")
     return int(m[1]), int(m[2]), "prod" if m[3] else "mse", bool(m[4])
 
 
@@ -104,6 +116,8 @@ def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0, cen
     if centered and center is None:
         raise ValueError(f"config {config!r} centers keys: give --key-centers")
     layer_seed = TQConfig(head_dim=head_dim, seed=seed).layer_seed(layer_id)
+    if variant in ("hadamard", "kivi"):
+        return _prior_art_fns(variant, k_bits, v_bits, head_dim, layer_seed)
 
     def make(bits: int, var: str):
         if bits == 16:
@@ -121,10 +135,29 @@ def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0, cen
     return k_fn, make(v_bits, "mse")
 
 
+def _prior_art_fns(variant: str, k_bits: int, v_bits: int, head_dim: int, layer_seed: int):
+    """(k_fn, v_fn) of a prior-art format on [B, H, T, D]: hadamard per vector (the engine's
+    per-layer signs); kivi over the whole sequence, T holding positions 0..T−1."""
+    from sglang_tq.priorart import KIVI, HadamardInt  # noqa: PLC0415
+
+    if variant == "hadamard":
+        kq = HadamardInt(head_dim, k_bits, seed=layer_seed)
+        vq = HadamardInt(head_dim, v_bits, seed=layer_seed)
+        return kq.round_trip, vq.round_trip
+    q = KIVI(head_dim, k_bits, v_bits)
+    return (lambda x: q.round_trip_keys(x.transpose(-3, -2)).transpose(-3, -2),
+            lambda x: q.round_trip_values(x.transpose(-3, -2)).transpose(-3, -2))
+
+
 def make_cache(config: str, num_layers: int, head_dim: int, seed: int = 0, centers=None):
     """A transformers Cache whose layers store K/V as the `config` pool would."""
     from transformers.cache_utils import Cache, DynamicLayer  # noqa: PLC0415
     import torch  # noqa: PLC0415
+
+    if config != "bf16" and parse_config(config)[2] == "kivi":
+        raise ValueError(f"config {config!r} quantizes keys over 32-token groups, which this "
+                         f"step-by-step cache cannot see; measure it with scripts/attn_error.py "
+                         f"or in the engine (python -m sglang_tq.bench eval --configs {config}).")
 
     class RoundTripLayer(DynamicLayer):
         """DynamicLayer that stores round-tripped K/V; a multi-token step attends its own
@@ -231,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="fp8,k4v4,k3v3",
                     help="comma list: fp8 and/or kKvV, each side 2/3/4 (TurboQuant bits), 8 "
                          "(fp8 e4m3) or 16 (unquantized), optional -prod (QJL keys): k4v4, "
-                         "k8v4, k16v4, k4v16, k4v4-prod; bf16 is always run as the reference")
+                         "k8v4, k16v4, k4v16, k4v4-prod; hqB (Hadamard + int, B in 2/3/4); "
+                         "bf16 is always run as the reference")
     ap.add_argument("--num-prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=20)
@@ -254,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         configs = parse_configs(args.configs)
     except ValueError as exc:
         ap.error(str(exc))
+    kivi = [c for c in configs[1:] if parse_config(c)[2] == "kivi"]
+    if kivi:
+        ap.error(f"{', '.join(kivi)}: KIVI's token groups need the whole sequence; run them with "
+                 f"scripts/attn_error.py or python -m sglang_tq.bench eval")
 
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM  # noqa: PLC0415

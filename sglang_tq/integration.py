@@ -15,7 +15,16 @@ registers the patches listed in :data:`PATCHES`, each with a name:
   other pool was built;
 * ``no-fused-set-kv``: SGLang's fused rotary+set-KV path writes bf16 straight into
   pool buffers, so it is switched off for our pool;
-* ``server-info``: the ``kv_quant*`` settings in ``/get_server_info``.
+* ``server-info``: the ``kv_quant*`` settings in ``/get_server_info``;
+* ``kivi-groups``: after each forward of a ``--kv-quant kivi`` server, re-quantize the
+  KIVI key/value groups that forward completed (:mod:`sglang_tq.simulated`).
+
+``--kv-quant hadamard`` and ``--kv-quant kivi`` are prior-art baselines (QuaRot-style
+Hadamard + int, KIVI; :mod:`sglang_tq.priorart`) *simulated* in SGLang's own bf16 pool:
+``build-pool`` builds :class:`~sglang_tq.simulated.SimulatedKVPool`, an
+``MHATokenToKVPool`` of the stock size whose stored K/V are round trips of the format,
+and SGLang keeps choosing its attention backend. They measure accuracy, save no memory,
+and ``cell-size`` leaves their pool size stock.
 
 With ``--kv-quant none`` (the default) every patch calls straight through to the
 original with untouched arguments and returns its result: stock behaviour.
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import dataclasses
+import functools
 import importlib.metadata
 import logging
 from pathlib import Path
@@ -56,7 +66,8 @@ OPTION_DEFAULTS = {
 }
 AUTO_CENTERS = "auto"
 
-# TQTokenToKVPool once this process has built one (read by the fused set-KV patch).
+# The pool class sglang-tq built in this process (TQTokenToKVPool or SimulatedKVPool), read
+# by the fused set-KV patch: both need every K/V write to go through their set_kv_buffer.
 _packed_pool_class: type | None = None
 # Values parsed by argparse, handed from from_cli_args to the __init__ it calls.
 _CLI_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
@@ -107,6 +118,13 @@ def normalize_options(given: dict) -> dict:
     mode = str(opts["kv_quant"]).strip().lower()
     if mode not in refusals.KV_QUANT_CHOICES:
         raise ValueError(f"--kv-quant must be one of {refusals.KV_QUANT_CHOICES}, got {opts['kv_quant']!r}.")
+    if mode in refusals.SIMULATED_MODES:
+        tq_only = [k for k in ("kv_quant_packed_prefill", "kv_quant_key_centers")
+                   if opts[k] != OPTION_DEFAULTS[k]]
+        if tq_only:
+            flags = ", ".join("--" + k.replace("_", "-") for k in tq_only)
+            raise ValueError(f"the options {flags} need --kv-quant turboquant (--kv-quant {mode} "
+                             f"has no packed prefill and no key centers); drop them.")
     k_bits, v_bits = TQConfig.parse_bits(opts["kv_quant_bits"])
     seed = opts["kv_quant_seed"]
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -124,11 +142,19 @@ def normalize_options(given: dict) -> dict:
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(f"the options {flags} need --kv-quant turboquant; add it or drop them.")
+    if mode in refusals.SIMULATED_MODES:
+        normalized["kv_quant_key_centers"] = None
     return normalized
 
 
 def kv_quant_enabled(server_args: Any) -> bool:
     return getattr(server_args, "kv_quant", "none") == "turboquant"
+
+
+def simulated_mode(server_args: Any) -> str | None:
+    """'hadamard' / 'kivi' for a prior-art format simulated in the bf16 pool, else None."""
+    mode = getattr(server_args, "kv_quant", "none")
+    return mode if mode in refusals.SIMULATED_MODES else None
 
 
 def tq_config(server_args: Any, head_dim: int) -> TQConfig:
@@ -168,13 +194,15 @@ def _add_cli_args(result, parser: argparse.ArgumentParser):
         "--kv-quant", choices=refusals.KV_QUANT_CHOICES, default="none",
         help="KV-cache quantization. 'turboquant' stores K and V as rotated Lloyd-Max codes "
              "plus one fp16 norm per token and head (3.88x the tokens of bf16 at k4v4, head_dim 128) "
-             "and selects the turboquant attention backend; 'none' is stock SGLang. "
-             "Default: none.",
+             "and selects the turboquant attention backend; 'hadamard' (QuaRot-style Hadamard + "
+             "per-token int) and 'kivi' (per-channel keys in 32-token groups, per-token values) "
+             "are prior-art baselines simulated in SGLang's bf16 pool with SGLang's backend: "
+             "accuracy only, no memory saving; 'none' is stock SGLang. Default: none.",
     )
     group.add_argument(
         "--kv-quant-bits", type=_argparse_type(_bits), default="k4v4", metavar="kKvV",
         help="Bits per coordinate for keys and values, e.g. k4v4, k4v3, k3v3, k4v2 "
-             "(each digit 2, 3 or 4). Default: k4v4.",
+             "(each digit 2, 3 or 4), for every --kv-quant mode. Default: k4v4.",
     )
     group.add_argument(
         "--kv-quant-seed", type=int, default=0, metavar="SEED",
@@ -221,9 +249,10 @@ def _server_args_init(orig, self, *args, **kwargs):
         given = _CLI_OPTIONS.get() or {}
         _CLI_OPTIONS.set(None)
     options = normalize_options(given)
-    if options["kv_quant"] == "turboquant":
+    if options["kv_quant"] != "none":
         for name, value in options.items():
             object.__setattr__(self, name, value)
+    if options["kv_quant"] == "turboquant":
         for name in BACKEND_FIELDS:
             if kwargs.get(name) == "triton":
                 kwargs[name] = BACKEND_NAME
@@ -233,6 +262,17 @@ def _server_args_init(orig, self, *args, **kwargs):
 
 
 def _server_args_post_init(result, self):
+    mode = simulated_mode(self)
+    if mode:
+        refusals.check_server_args(self)
+        logger.info(
+            "sglang-tq: --kv-quant %s %s is SIMULATED through SGLang's bf16 KV pool (every stored "
+            "K/V is its quantize-dequantize round trip; same pool size as bf16, no memory "
+            "saving, attention backend %s), bf16 layers %s.",
+            mode, self.kv_quant_bits, self.attention_backend or "SGLang's default",
+            list(self.kv_quant_bf16_layers) or "none",
+        )
+        return None
     if not kv_quant_enabled(self):
         for name in BACKEND_FIELDS:
             if getattr(self, name, None) == BACKEND_NAME:
@@ -336,7 +376,36 @@ def _resolve_key_centers(kvc, cfg: TQConfig) -> tuple[TQConfig, Any]:
     return cfg, None
 
 
+def _build_simulated_pool(orig, kvc, mode: str, **kwargs):
+    """SGLang's own MHA pool build, with :class:`SimulatedKVPool` as the class."""
+    global _packed_pool_class
+    from .simulated import SimulatedKVPool
+
+    verify_patches_applied(mode)
+    refusals.check_kv_context(kvc)
+    refusals.check_pool_build(kvc, kwargs.get("mha_pool_class"), kwargs.get("quant_method"))
+    sa = kvc.server_args
+    if mode == "hadamard":
+        refusals.check_model_config(kvc.model_config, sa)
+    k_bits, v_bits = TQConfig.parse_bits(sa.kv_quant_bits)
+    pool_class = functools.partial(SimulatedKVPool, mode=mode, k_bits=k_bits, v_bits=v_bits,
+                                   seed=sa.kv_quant_seed, bf16_layers=sa.kv_quant_bf16_layers)
+    pool = orig(kvc, **{**kwargs, "mha_pool_class": pool_class})
+    if not isinstance(pool, SimulatedKVPool):
+        raise RuntimeError(
+            f"--kv-quant {mode} could not install its simulated pool (SGLang built "
+            f"{type(pool).__name__}); use --kv-quant none for this model."
+        )
+    _packed_pool_class = SimulatedKVPool
+    logger.info("sglang-tq: KV pool %s SIMULATED in SGLang's %s pool (size as bf16, no memory "
+                "saving).", pool.describe(), pool.dtype)
+    return pool
+
+
 def _build_mha_kv_pool(orig, self, *args, **kwargs):
+    mode = simulated_mode(self.server_args)
+    if mode:
+        return _build_simulated_pool(orig, self, mode, **kwargs)
     if not kv_quant_enabled(self.server_args):
         return orig(self, *args, **kwargs)
     global _packed_pool_class
@@ -359,6 +428,16 @@ def _build_mha_kv_pool(orig, self, *args, **kwargs):
 
 
 def _after_build_token_to_kv_pool(result, self, *args, **kwargs):
+    mode = simulated_mode(self.server_args)
+    if mode:
+        from .simulated import SimulatedKVPool
+
+        if not isinstance(result, SimulatedKVPool):
+            raise RuntimeError(
+                f"--kv-quant {mode} could not install its simulated pool for this model (SGLang "
+                f"built {type(result).__name__}); use --kv-quant none for this model."
+            )
+        return None
     if not kv_quant_enabled(self.server_args):
         return None
     from .pool import TQTokenToKVPool
@@ -384,9 +463,28 @@ def _enable_fused_set_kv_buffer(orig, forward_batch, *args, **kwargs):
     return orig(forward_batch, *args, **kwargs)
 
 
+def _kivi_after_forward(result, self, forward_batch, *args, **kwargs):
+    # Every forward of every process passes here: one attribute read unless the pool is a
+    # KIVI simulated pool. Runs after the (possibly CUDA-graph) forward, on its stream.
+    pool = getattr(self, "token_to_kv_pool", None)
+    if getattr(pool, "kivi", None) is None:
+        return None
+    from .simulated import new_token_counts
+
+    counts = new_token_counts(forward_batch)
+    if counts:
+        seq_lens = forward_batch.seq_lens_cpu
+        if seq_lens is None:
+            seq_lens = forward_batch.seq_lens.cpu()
+        pool.requantize_completed_groups(self.req_to_token_pool.req_to_token,
+                                         forward_batch.req_pool_indices,
+                                         seq_lens[:len(counts)].tolist(), counts)
+    return None
+
+
 def _resolved_config_dict(result, self, *args, **kwargs):
     server_args = getattr(self, "server_args", None)
-    if kv_quant_enabled(server_args):
+    if kv_quant_enabled(server_args) or simulated_mode(server_args):
         result.update({k: getattr(server_args, k) for k in OPTION_DEFAULTS})
     return None
 
@@ -432,6 +530,9 @@ PATCHES = (
     Patch("server-info",
           "sglang.srt.managers.tokenizer_manager.TokenizerManager.resolved_config_dict",
           HookType.AFTER, _resolved_config_dict, "report kv_quant* in /get_server_info"),
+    Patch("kivi-groups", "sglang.srt.model_executor.model_runner.ModelRunner.forward",
+          HookType.AFTER, _kivi_after_forward,
+          "re-quantize the KIVI groups each forward completed (--kv-quant kivi only)"),
 )
 
 
@@ -444,12 +545,12 @@ def check_sglang_version() -> None:
         )
 
 
-def verify_patches_applied() -> None:
-    """Refuse to run TurboQuant when SGLang failed to apply any of our patches."""
+def verify_patches_applied(mode: str = "turboquant") -> None:
+    """Refuse to run a --kv-quant mode when SGLang failed to apply any of our patches."""
     missing = [p.name for p in PATCHES if p.target not in HookRegistry._patched]
     if missing:
         raise RuntimeError(
-            f"--kv-quant turboquant needs the sglang-tq patches {missing}, which SGLang did not "
+            f"--kv-quant {mode} needs the sglang-tq patches {missing}, which SGLang did not "
             f"apply (see 'Failed to apply hooks' in the log); reinstall sglang-tq for SGLang "
             f"{SGLANG_VERSION} or use --kv-quant none."
         )

@@ -1,5 +1,11 @@
 """Everything ``--kv-quant turboquant`` refuses, each as one sentence naming the flag and the way out.
 
+The simulated prior-art modes (``--kv-quant hadamard`` / ``kivi``, :mod:`sglang_tq.simulated`)
+go through the same checks, with their own flag in the message, except where they differ:
+they run SGLang's own attention backends (fa3, flashinfer, triton, or unset) on SGLang's
+bf16 pool, Hadamard needs a power-of-two head_dim instead of the kernels' head dims, and
+KIVI's token groups need ``--disable-radix-cache`` or a ``--page-size`` multiple of 32.
+
 Three stages, from earliest to latest:
 
 * :func:`check_server_args` runs at the end of ``ServerArgs.__post_init__`` in the
@@ -23,8 +29,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .kernels._checks import SUPPORTED_HEAD_DIMS
+from .priorart import KIVI_GROUP_TOKENS
 
-KV_QUANT_CHOICES = ("none", "turboquant")
+KV_QUANT_CHOICES = ("none", "turboquant", "hadamard", "kivi")
+SIMULATED_MODES = ("hadamard", "kivi")
+# SGLang backends whose MHA path stores K/V through the pool's set_kv_buffer (None: SGLang picks).
+SIMULATED_BACKENDS = (None, "fa3", "flashinfer", "triton")
 # --attention-backend triton (or unset) maps onto ours: our backend is SGLang's
 # Triton backend with the packed kernels swapped in.
 BACKEND_NAME = "turboquant"
@@ -43,23 +53,47 @@ ARCHITECTURES = (
 _ALT = "or start the server with --kv-quant none"
 
 
+def mode_of(args: Any) -> str:
+    """The ``--kv-quant`` mode of server args (or of a KV configurator holding them);
+    objects without one are checked as turboquant."""
+    sa = getattr(args, "server_args", args)
+    return getattr(sa, "kv_quant", "turboquant") if sa is not None else "turboquant"
+
+
 def check_server_args(sa: Any) -> None:
     """Raise ``ValueError`` (one sentence) for the first unsupported server setting."""
+    mode = mode_of(sa)
+    q = f"--kv-quant {mode}"
+    simulated = mode in SIMULATED_MODES
     for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
         value = getattr(sa, name, None)
-        if value not in (None, BACKEND_NAME):
-            flag = "--" + name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
+        if simulated and value not in SIMULATED_BACKENDS:
             raise ValueError(
-                f"--kv-quant turboquant decodes with its own attention backend, so {flag} must be "
+                f"{q} is simulated through SGLang's bf16 pool and its set_kv_buffer, which the "
+                f"fa3, flashinfer and triton backends call, so {flag} must be one of those or "
+                f"unset (got {value!r}); drop {flag} {_ALT}."
+            )
+        if not simulated and value not in (None, BACKEND_NAME):
+            raise ValueError(
+                f"{q} decodes with its own attention backend, so {flag} must be "
                 f"turboquant, triton or unset (got {value!r}); drop {flag} {_ALT}."
             )
     if str(sa.kv_cache_dtype) not in ACCEPTED_KV_CACHE_DTYPES:
+        what = ("stores its round-tripped K/V in the bf16 pool" if simulated
+                else "replaces the KV cache format")
         raise ValueError(
-            f"--kv-quant turboquant replaces the KV cache format, so --kv-cache-dtype must be auto "
+            f"{q} {what}, so --kv-cache-dtype must be auto "
             f"or bf16 (got {sa.kv_cache_dtype!r}); drop --kv-cache-dtype {_ALT}."
         )
+    if mode == "kivi" and not sa.disable_radix_cache and (sa.page_size or 1) % KIVI_GROUP_TOKENS:
+        raise ValueError(
+            f"{q} quantizes keys in groups of {KIVI_GROUP_TOKENS} positions, which a radix-cache "
+            f"hit inside a group would split between requests, so add --disable-radix-cache or "
+            f"--page-size {KIVI_GROUP_TOKENS} (got --page-size {sa.page_size})."
+        )
     _check_flags(sa)
-    _check_environment()
+    _check_environment(q)
     if getattr(sa, "_declarations_materialized", False):
         check_model_config(sa.get_model_config(), sa)
 
@@ -100,18 +134,19 @@ _FLAG_RULES = (
 
 
 def _check_flags(sa: Any) -> None:
+    q = f"--kv-quant {mode_of(sa)}"
     for refused, flag, what in _FLAG_RULES:
         if refused(sa):
-            raise ValueError(f"--kv-quant turboquant does not support {what}; drop {flag} {_ALT}.")
+            raise ValueError(f"{q} does not support {what}; drop {flag} {_ALT}.")
 
 
-def _check_environment() -> None:
+def _check_environment(q: str) -> None:
     from sglang.srt.environ import envs
 
     for var, what in (("SGLANG_USE_HND_KVCACHE", "the HND KV layout"),
                       ("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "post-capture KV sizing")):
         if getattr(envs, var).get():
-            raise ValueError(f"--kv-quant turboquant does not support {what}; unset {var} {_ALT}.")
+            raise ValueError(f"{q} does not support {what}; unset {var} {_ALT}.")
 
 
 def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
@@ -124,47 +159,57 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
         is_minimax_sparse,
     )
 
+    mode = mode_of(sa)
+    q = f"--kv-quant {mode}"
     hf = mc.hf_config
     arch = (getattr(hf, "architectures", None) or ["<unknown>"])[0]
     if mc.attention_arch == AttentionArch.MLA or is_deepseek_dsa(hf) or is_deepseek_v4(hf):
         raise ValueError(
-            f"--kv-quant turboquant does not support MLA models such as {arch} (their latent KV "
+            f"{q} does not support MLA models such as {arch} (their latent KV "
             f"is not per-head K/V); use --kv-quant none or --kv-cache-dtype fp8_e4m3."
         )
     if mambaish_config(mc) is not None or is_minimax_sparse(hf):
         raise ValueError(
-            f"--kv-quant turboquant does not support hybrid linear-attention models such as "
+            f"{q} does not support hybrid linear-attention models such as "
             f"{arch} yet; use --kv-quant none for this model."
         )
     if getattr(mc, "is_hybrid_swa", False) or getattr(mc, "is_hybrid_swa_compress", False):
         raise ValueError(
-            f"--kv-quant turboquant does not support hybrid sliding-window models such as {arch} "
+            f"{q} does not support hybrid sliding-window models such as {arch} "
             f"yet; use --kv-quant none for this model."
         )
     if getattr(mc, "attention_chunk_size", None) is not None:
         raise ValueError(
-            f"--kv-quant turboquant does not support chunked local attention ({arch}) yet; "
+            f"{q} does not support chunked local attention ({arch}) yet; "
             f"use --kv-quant none for this model."
         )
     if getattr(mc, "is_encoder_decoder", False):
         raise ValueError(
-            f"--kv-quant turboquant supports decoder-only models, not the encoder-decoder {arch}; "
+            f"{q} supports decoder-only models, not the encoder-decoder {arch}; "
             f"use --kv-quant none for this model."
         )
     if getattr(mc, "has_attention_sinks", False):
         raise ValueError(
-            f"--kv-quant turboquant does not support attention sinks ({arch}) yet; "
+            f"{q} does not support attention sinks ({arch}) yet; "
             f"use --kv-quant none for this model."
         )
-    if mc.head_dim != mc.v_head_dim or mc.head_dim not in SUPPORTED_HEAD_DIMS:
+    if mode == "hadamard" and not all(d > 0 and d & (d - 1) == 0
+                                      for d in (mc.head_dim, mc.v_head_dim)):
         raise ValueError(
-            f"--kv-quant turboquant kernels need equal K/V head dims in {SUPPORTED_HEAD_DIMS}, but "
+            f"{q} rotates each head vector by a Walsh-Hadamard matrix, which needs power-of-two "
+            f"head dims, but {arch} has head_dim={mc.head_dim}, v_head_dim={mc.v_head_dim}; use "
+            f"--kv-quant kivi or --kv-quant none for this model."
+        )
+    if mode not in SIMULATED_MODES and (mc.head_dim != mc.v_head_dim
+                                        or mc.head_dim not in SUPPORTED_HEAD_DIMS):
+        raise ValueError(
+            f"{q} kernels need equal K/V head dims in {SUPPORTED_HEAD_DIMS}, but "
             f"{arch} has head_dim={mc.head_dim}, v_head_dim={mc.v_head_dim}; use --kv-quant none "
             f"or --kv-cache-dtype fp8_e4m3 for this model."
         )
     if arch not in ARCHITECTURES:
         raise ValueError(
-            f"--kv-quant turboquant is validated for the full-attention architectures "
+            f"{q} is validated for the full-attention architectures "
             f"{', '.join(ARCHITECTURES)}, not {arch} (which may use sliding windows or write the "
             f"KV cache itself); use --kv-quant none for this model."
         )
@@ -173,7 +218,7 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
     total_kv = mc.get_total_num_kv_heads()
     if total_kv % sa.tp_size and sa.tp_size % total_kv:
         raise ValueError(
-            f"--kv-quant turboquant needs --tp-size to divide or be a multiple of the "
+            f"{q} needs --tp-size to divide or be a multiple of the "
             f"{total_kv} KV heads (got --tp-size {sa.tp_size}); pick another --tp-size {_ALT}."
         )
     layers = mc.num_hidden_layers
@@ -189,18 +234,19 @@ def check_kv_context(kvc: Any) -> None:
     """Scheduler-side refusals from the loaded model, where SGLang sizes and builds the pool."""
     import torch
 
+    q = f"--kv-quant {mode_of(kvc)}"
     if kvc.kv_cache_dtype not in (torch.bfloat16, torch.float16):
         raise RuntimeError(
-            f"--kv-quant turboquant stores its own format but the KV dtype resolved to "
+            f"{q} stores its own format but the KV dtype resolved to "
             f"{kvc.kv_cache_dtype} (an FP8-KV checkpoint?); pass --kv-cache-dtype bf16 {_ALT}."
         )
     if kvc.sliding_window_size is not None:
         raise RuntimeError(
-            f"--kv-quant turboquant does not support sliding-window attention "
+            f"{q} does not support sliding-window attention "
             f"(window {kvc.sliding_window_size}) yet; use --kv-quant none for this model."
         )
     if kvc.is_draft_worker:
-        raise RuntimeError("--kv-quant turboquant does not support speculative-decoding draft "
+        raise RuntimeError(f"{q} does not support speculative-decoding draft "
                            f"models; drop --speculative-algorithm {_ALT}.")
 
 
@@ -208,12 +254,13 @@ def check_pool_build(kvc: Any, mha_pool_class: type, quant_method: Any) -> None:
     """Refusals for the pool SGLang was about to build in place of ours."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
+    q = f"--kv-quant {mode_of(kvc)}"
     if quant_method is not None or kvc.kv_cache_dtype_str == "mxfp8":
-        raise RuntimeError("--kv-quant turboquant cannot be combined with another KV-cache "
+        raise RuntimeError(f"{q} cannot be combined with another KV-cache "
                            f"quantization; drop --kv-cache-dtype {_ALT}.")
     if mha_pool_class is not MHATokenToKVPool:
         raise RuntimeError(
-            f"--kv-quant turboquant replaces the standard MHA KV pool, not "
+            f"{q} replaces the standard MHA KV pool, not "
             f"{mha_pool_class.__name__}; drop --enable-page-major-kv-layout {_ALT}."
         )
 

@@ -83,7 +83,7 @@ def test_help_lists_the_flags_with_defaults():
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     text = parser.format_help()
-    for flag, default in (("--kv-quant {none,turboquant}", "Default: none"),
+    for flag, default in (("--kv-quant {none,turboquant,hadamard,kivi}", "Default: none"),
                           ("--kv-quant-bits", "Default: k4v4"), ("--kv-quant-seed", "Default: 0"),
                           ("--kv-quant-bf16-layers", "Default: none"),
                           ("--kv-quant-packed-prefill", "Default: off"),

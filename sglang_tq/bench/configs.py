@@ -12,6 +12,18 @@ in a load test, a fidelity run and an accuracy evaluation:
     kXvY          --kv-quant turboquant --kv-quant-bits kXvY   (X, Y in 2..4: k4v4, k3v3, k4v2, ...)
                   with the default key centers (auto: from the k_proj bias where there is one)
     kXvY-nc       the same with --kv-quant-key-centers none (keys quantized uncentered)
+    hqB           --kv-quant hadamard --kv-quant-bits kBvB     (B in 2..4: hq4, hq3, hq2)
+                  QuaRot-style Hadamard + per-token asymmetric B-bit int, one fp16 scale and
+                  zero per head vector; SGLang's default backend
+    kiviB         --kv-quant kivi --kv-quant-bits kBvB --disable-radix-cache   (kivi4, kivi2, ...)
+                  KIVI: keys per channel in 32-token groups, values per token, the incomplete
+                  group exact; SGLang's default backend
+
+``hqB`` and ``kiviB`` are prior-art baselines (``sglang_tq.priorart``) *simulated* in SGLang's
+bf16 pool (``sglang_tq.simulated``): every stored K/V is its quantize-dequantize round trip,
+read by SGLang's own attention kernels (the reference path; no fused kernel), so they
+measure accuracy and leave the pool at bf16 size. KIVI's token groups must not be split by
+a radix-cache hit, hence ``--disable-radix-cache``.
 
 ``bf16`` and ``fp8`` name no ``--attention-backend``, so SGLang picks its default for the
 GPU at hand (fa3 on Hopper). This is the mapping of ``scripts/loadtest.py``'s
@@ -26,6 +38,9 @@ import shlex
 BASELINE = "bf16"
 KV_ORDER = ("bf16", "fp8", "bf16-triton", "fp8-triton", "bf16-fa3", "fp8-fa3", "k4v4", "k3v3")
 TQ_RE = re.compile(r"^k[2-4]v[2-4](-nc)?$")
+PRIOR_ART_RE = re.compile(r"^(hq|kivi)([2-4])$")
+_PRIOR_ART_FLAGS = {"hq": ["--kv-quant", "hadamard"], "kivi": ["--kv-quant", "kivi"]}
+_PRIOR_ART_EXTRA = {"hq": [], "kivi": ["--disable-radix-cache"]}
 _DTYPE_FLAGS = {"bf16": [], "fp8": ["--kv-cache-dtype", "fp8_e4m3"]}
 _NAMED_BACKENDS = ("triton", "fa3")
 
@@ -41,9 +56,13 @@ def kv_server_flags(kv: str) -> list[str]:
         bits, _, nc = kv.partition("-")
         return ["--kv-quant", "turboquant", "--kv-quant-bits", bits,
                 *(["--kv-quant-key-centers", "none"] if nc else [])]
+    m = PRIOR_ART_RE.match(kv)
+    if m:
+        fmt, bits = m[1], m[2]
+        return [*_PRIOR_ART_FLAGS[fmt], "--kv-quant-bits", f"k{bits}v{bits}", *_PRIOR_ART_EXTRA[fmt]]
     raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
-                     f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY (e.g. k4v4, k3v3) or "
-                     f"kXvY-nc (uncentered keys)")
+                     f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY (e.g. k4v4, k3v3), "
+                     f"kXvY-nc (uncentered keys), hqB or kiviB (B in 2..4, prior-art baselines)")
 
 
 def expected_backend(kv: str) -> str | None:
