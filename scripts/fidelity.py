@@ -7,24 +7,33 @@
 On the GPU host (after the model pieces were staged, see scripts/fetch_models.py), in the
 call that carries the SGLang bundle:
 
-    export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source scripts/gpu_host_setup.sh \
-      && M=$(bash scripts/unpack_model.sh smollm2) \
-      && timeout -s TERM 540 python3 scripts/fidelity.py --model-path "$M" \
+    export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source scripts/gpu_host_setup.sh \\
+      && M=$(bash scripts/unpack_model.sh smollm2) \\
+      && timeout -s TERM 540 python3 scripts/fidelity.py --model-path "$M" \\
            --configs fp8,k4v4,k3v3 --check-hf --log-dir $OUT/logs --out $OUT/fidelity_smollm2.json
 
 A run cut off by `timeout` stops its server (SIGTERM is handled) and the same command
-in the next call resumes from the work files in /tmp/fidelity/<model>.
+in the next call resumes from the work files in /tmp/fidelity/<model> (while the host
+keeps its /tmp, i.e. calls back to back).
+
+Long generation (issue 14: does the error accumulate?), then the plot here:
+
+    python scripts/fidelity.py --model-path "$M" --long --configs fp8,k4v4,k4v4-nc,k3v3 \\
+        --out $OUT/fidelity_long.json
+    python scripts/plot_fidelity.py fidelity_long.json --out fidelity_long.png
 
 What it does
 ------------
 1. Builds --num-prompts (20) chat prompts with the model's chat template (math word
-   problems, code, explanations, writing), tokenized here, sent as input_ids.
-2. For every config under test (--configs; bf16 is always the reference and is added),
+   problems, code, explanations, writing; with --long the LONG_PROMPTS), tokenized here,
+   sent as input_ids.
+2. For every config under test (--configs; the teacher is always run and is added),
    starts one SGLang server and generates greedily (temperature 0, --max-new-tokens 256,
    ignore_eos so every sequence is full length) with ``return_logprob`` and
    ``top_logprobs_num=K``: the config's own decode-time distribution at each step
    (``meta_info.output_top_logprobs``), i.e. what its KV cache produced while decoding.
-3. Starts ONE bf16 server (``--attention-backend triton``), which first generates its own
+3. Starts ONE bf16 server, the teacher (--teacher, default bf16-triton: bf16 KV on
+   ``--attention-backend triton``), which first generates its own
    greedy output the same way (bf16 decode kernels), then flushes its cache and scores
    every config's prompt + generated tokens in a single prefill (``logprob_start_len =
    prompt_len - 1``, ``top_logprobs_num=K``, ``max_new_tokens=1``): the bf16 teacher's
@@ -35,9 +44,11 @@ What it does
    * KL(bf16 || config), from the two top-K lists (see `kl_topk`);
    * |dlogp|: |config's logprob of its token - bf16's logprob of it|, exact;
    * bf16 NLL of the generated token, exact.
-   Means over all prompts x positions, a curve binned by position (--bin-size), and the
-   first position where the config's greedy text leaves bf16's own greedy text.
-   The bf16 row is the noise floor: bf16 decode kernels scored by bf16 prefill kernels.
+   Means over all prompts x positions, a curve binned by position (--bin-size), the
+   trend over position (`trend`, below), and the first position where the config's
+   greedy text leaves the teacher's own greedy text.
+   The teacher's row (named after it, e.g. bf16-triton) is the noise floor: bf16 decode
+   kernels scored by bf16 prefill kernels of the same backend.
 5. --check-hf: the bf16 server also returns prompt logprobs (``logprob_start_len=0``) for
    the first --hf-prompts sequences (prompt + bf16 output); after the servers stop, the
    Hugging Face model computes the same positions (``--hf-dtypes``, default bf16 and fp32)
@@ -71,6 +82,45 @@ log P(input[start + j] | input[:start + j]); ``input_top_logprobs`` is aligned t
 way (entry 0 null). The code checks this alignment (token ids, and the token's logprob
 against the top-K list) and stops with an error if it does not hold.
 
+Configs and attention backends
+------------------------------
+Config names are the labels of ``sglang_tq.bench.configs`` (the table the load test and
+the accuracy harness use), so that a label means the same server everywhere:
+  bf16, fp8       SGLang's default attention backend (fa3 on Hopper: on the GPU host its
+                  library must be staged first, scripts/stage_fa3.sh), bf16 / fp8_e4m3 KV;
+  bf16-triton, fp8-triton, bf16-fa3, fp8-fa3   the backend named;
+  kXvY            TurboQuant (the turboquant backend) with the default key centers (auto:
+                  from the k_proj bias where the model has one), e.g. k4v4, k3v3;
+  kXvY-nc         the same with --kv-quant-key-centers none (uncentered keys).
+On top of the table, fidelity's own names: ``-pp`` after a TurboQuant label adds
+--kv-quant-packed-prefill (k4v4-pp, k4v4-nc-pp); ``-c`` after one adds
+--kv-quant-key-centers FILE from --key-centers (k4v4-c, k4v4-pp-c); --config NAME=FLAGS
+defines any other name. Roles: each config under test generates on its own flags'
+backend; the teacher (bf16-triton unless --teacher says bf16 or bf16-fa3) scores them
+all. Before the shared table, fidelity's bf16 and fp8 meant Triton: the results of
+commits up to a0d9ac7 name as bf16 / fp8 what is now bf16-triton / fp8-triton.
+
+Long generation (--long) and the trend
+--------------------------------------
+--long sets --max-new-tokens 1024 (a larger value may be given, a smaller one is refused),
+--bin-size 64 and the LONG_PROMPTS: 20 requests for long answers (programs with tests and
+explanations, ten problems at once, long articles), so that most positions lie inside the
+assistant's turn. The 20 PROMPTS cannot sustain 1024 tokens: Qwen2.5-Coder-0.5B-Instruct
+(HF, bf16, greedy) ends 16 of them within 95-620 tokens, so about 60% of 1024 positions
+would follow the end of the turn; it ends 11 of the LONG_PROMPTS at 643-1006 tokens and
+runs the other 9 past 1100, about 7% of the positions after the end. ignore_eos still
+holds every sequence at full length: a model that ends its turn early keeps generating
+after its end-of-turn token, which is acceptable for a teacher-forced comparison (both
+models see the same prefix) but is text it would not produce in use; `first_eos` per
+prompt and ``past_eos_frac`` record how much of it there is.
+`trend` fits one least-squares line to KL(position) over all prompts x positions
+(position in units of 1000 generated tokens) and gives its slope with a 95% interval from
+a bootstrap over prompts (2000 resamples, seed 0; prompts are the independent units), the
+mean of the first and of the last quarter of the positions and their ratio; the same for
+top-1 disagreement (1 - top1). The slope also moves with the text: a run of easy tokens
+late in the answers lowers KL whatever the cache does, so read a config's slope against
+the teacher row's. scripts/plot_fidelity.py draws the per-bin curves as a PNG.
+
 Servers run with --skip-tokenizer-init (token ids in and out) plus --common-server-args;
 each config adds its flags (`config_flags`). Work files (raw generations, scores) go to
 --work-dir and are reused on a rerun with identical settings (--fresh to redo), so a run
@@ -99,10 +149,11 @@ HERE = Path(__file__).resolve().parent
 COMMON_SERVER_ARGS = ("--skip-tokenizer-init --mem-fraction-static 0.5 "
                       "--cuda-graph-max-bs-decode 32 --disable-prefill-cuda-graph --random-seed 0")
 
-NAMED_CONFIGS = {
-    "bf16": ["--attention-backend", "triton"],
-    "fp8": ["--kv-cache-dtype", "fp8_e4m3", "--attention-backend", "triton"],
-}
+# The bf16 server that scores every config (the teacher) and whose own greedy generation
+# is the noise-floor row; a label of sglang_tq.bench.configs that keeps bf16 KV.
+DEFAULT_TEACHER = "bf16-triton"
+TEACHER_LABELS = ("bf16-triton", "bf16", "bf16-fa3")
+LONG_MIN_TOKENS = 1024
 
 
 def parse_config_specs(specs: list[str], error) -> dict[str, list[str]]:
@@ -119,32 +170,50 @@ def parse_config_specs(specs: list[str], error) -> dict[str, list[str]]:
 def add_centered_configs(names: list[str], custom: dict[str, list[str]], key_centers: str | None,
                          error) -> None:
     """Define each ``<config>-c`` name (keys quantized around the model's key centers) as
-    ``<config>``'s flags plus ``--kv-quant-key-centers``; ``error`` (argparse's) if no
-    centers file was given."""
+    ``<config>``'s flags plus ``--kv-quant-key-centers FILE``; ``error`` (argparse's) if no
+    centers file was given or ``<config>`` is not a TurboQuant config with default centers."""
     for name in names:
         if name.endswith("-c") and name not in custom:
             if not key_centers:
                 error(f"config {name!r} (centered keys) needs --key-centers FILE, made by "
                       "scripts/key_centers.py for this model")
-            custom[name] = config_flags(name[:-2], custom) + ["--kv-quant-key-centers", key_centers]
+            base = config_flags(name[:-2], custom)
+            if "--kv-quant" not in base or "--kv-quant-key-centers" in base:
+                error(f"config {name!r}: -c adds key centers to a TurboQuant config with default "
+                      "centers (e.g. k4v4-c, k4v4-pp-c); drop the -c or the -nc")
+            custom[name] = [*base, "--kv-quant-key-centers", key_centers]
 
 
 def config_flags(name: str, custom: dict[str, list[str]] | None = None) -> list[str]:
-    """Server flags of a config name: bf16, fp8, kKvV (TurboQuant), kKvV-pp (+packed prefill)."""
+    """Server flags of a config name.
+
+    In this order: a name of ``custom`` (--config NAME=FLAGS, and the -c names that
+    `add_centered_configs` defines); a label of the shared table
+    ``sglang_tq.bench.configs.kv_server_flags`` (bf16, fp8 on SGLang's default attention
+    backend; bf16-triton, fp8-triton, bf16-fa3, fp8-fa3; kXvY with default key centers,
+    kXvY-nc uncentered); a TurboQuant name of either kind plus ``-pp``
+    (``--kv-quant-packed-prefill``), e.g. k4v4-pp, k4v4-nc-pp.
+    """
     if custom and name in custom:
         return list(custom[name])
-    if name in NAMED_CONFIGS:
-        return list(NAMED_CONFIGS[name])
-    base, _, suffix = name.partition("-")
-    if len(base) == 4 and base[0] == "k" and base[2] == "v" and base[1].isdigit() and base[3].isdigit():
-        flags = ["--kv-quant", "turboquant", "--kv-quant-bits", base]
-        if suffix == "pp":
-            flags.append("--kv-quant-packed-prefill")
-        elif suffix:
-            raise ValueError(f"unknown config suffix in {name!r} (known: -pp)")
-        return flags
-    raise ValueError(f"unknown config {name!r}: use bf16, fp8, kKvV (e.g. k4v4), kKvV-pp, "
-                     "a -c suffix with --key-centers, or define it with --config NAME='flags'")
+    from sglang_tq.bench.configs import kv_server_flags  # noqa: PLC0415  (sglang_tq imports torch)
+
+    try:
+        return kv_server_flags(name)
+    except ValueError:
+        pass
+    base, sep, suffix = name.rpartition("-")
+    if sep and suffix == "pp":
+        try:
+            flags = config_flags(base, custom)
+        except ValueError:
+            flags = []
+        if "--kv-quant" in flags and "--kv-quant-packed-prefill" not in flags:
+            return [*flags, "--kv-quant-packed-prefill"]
+    raise ValueError(f"unknown config {name!r}: use a label of sglang_tq.bench.configs (bf16, fp8, "
+                     "bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY such as k4v4, kXvY-nc), a "
+                     "TurboQuant label plus -pp or -c (with --key-centers), or define it with "
+                     "--config NAME='flags'")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -183,6 +252,81 @@ PROMPTS = [
     "Summarize the main causes of the French Revolution in a short paragraph.",
     "Give me five tips for writing clear technical documentation.",
     "Write a short story of about 150 words about a robot who learns to paint.",
+]
+
+# --long: requests whose full answers run past 1024 tokens, so that most generated
+# positions are inside the assistant's turn rather than after its end-of-turn token
+LONG_PROMPTS = [
+    # code, with tests and explanations
+    "Write a complete, well-commented Python module for a command-line to-do list manager "
+    "backed by SQLite: argument parsing, add/list/complete/delete commands, input validation "
+    "and error handling. Then write a full pytest test suite for it, and finally walk through "
+    "every function explaining the design decisions.",
+    "Implement a red-black tree in C++ with insert, delete, search and in-order iteration, "
+    "with comments on every rotation and recoloring case, and a main() that tests it "
+    "thoroughly. After the code, explain each of the insertion and deletion cases in detail.",
+    "Write a comprehensive guide to sorting algorithms: for bubble sort, insertion sort, "
+    "selection sort, merge sort, quicksort, heapsort, counting sort and radix sort, explain "
+    "how it works, give a Python implementation, analyse its time and space complexity, and "
+    "trace it by hand on the list [5, 2, 9, 1, 7, 3].",
+    "Build a REST API for a small blog (users, posts, comments) with FastAPI and SQLAlchemy. "
+    "Give the full code for the models, schemas, routes and authentication, then explain "
+    "each part step by step and show example requests and responses for every endpoint.",
+    "Implement an LRU cache in Python, Java, Go and C++. For each language give complete, "
+    "commented code and unit tests, then compare the four implementations in detail.",
+    "Write a complete implementation of Conway's Game of Life in Python with a text-based "
+    "display, a pattern loader and unit tests. Then discuss at length how to make it faster, "
+    "with code for each optimisation.",
+    "Design a relational database for a public library: give the CREATE TABLE statements with "
+    "keys, constraints and indexes, INSERT statements with sample data for every table, and "
+    "fifteen example SQL queries of increasing difficulty, each followed by an explanation.",
+    "Explain how a compiler works, stage by stage (lexing, parsing, semantic analysis, "
+    "intermediate representation, optimisation, code generation), with a worked example of "
+    "each stage on the statement x = (a + b) * c - 4. Then write a Python tokenizer and a "
+    "recursive-descent parser for arithmetic expressions, with tests.",
+    "Implement a small neural network from scratch in NumPy: derive the forward pass and "
+    "backpropagation equations step by step, write the full training code for the XOR "
+    "problem, and explain every line and every hyperparameter.",
+    "Write the complete README documentation for a hypothetical open-source Python library "
+    "that parses and validates CSV files: installation, quick start, ten usage examples with "
+    "code, an API reference for every class and function, an FAQ and a contribution guide.",
+    "Write a multithreaded web crawler in Python with a worker pool, rate limiting, robots.txt "
+    "handling and retries, with full code and tests, then explain the concurrency design and "
+    "every possible race condition in detail.",
+    "Write a bash script that backs up a set of directories with rotation, compression, "
+    "logging and e-mail alerts, with a comment on every line. Then explain each part of the "
+    "script at length and describe how to test it.",
+    # mathematics, many problems at once
+    "Solve the following ten problems one by one, showing every step of your reasoning in "
+    "full for each: (1) the sum of the first 100 odd numbers; (2) the number of ways to seat "
+    "6 people at a round table; (3) the area of a triangle with sides 13, 14 and 15; (4) the "
+    "roots of x^2 - 7x + 10; (5) compound interest on $1000 at 5% for 10 years; (6) the "
+    "probability of two sixes in three dice rolls; (7) the 20th Fibonacci number; (8) the "
+    "least common multiple of 12, 18 and 30; (9) the volume of a sphere of radius 7; (10) the "
+    "derivative of x^3 * sin(x).",
+    "Write a detailed, self-contained introduction to linear algebra for programmers: vectors, "
+    "matrices, matrix multiplication, determinants, inverses, eigenvalues and eigenvectors, "
+    "each with a worked numerical example computed by hand and the same computation in NumPy.",
+    # explanations
+    "Explain in a long, thorough article how the internet works, from typing a URL into a "
+    "browser to the page being displayed: DNS, TCP, TLS, HTTP, routing, caching and "
+    "rendering, with concrete examples at every step.",
+    "Write a detailed guide to the history of computing, from the abacus and Babbage's "
+    "engines through vacuum tubes, transistors, integrated circuits and personal computers to "
+    "today's GPUs, with a section on each era and the people involved.",
+    "Explain how operating systems manage memory, in depth: virtual memory, paging, page "
+    "tables, TLBs, page faults, swapping, memory-mapped files and allocators, with a worked "
+    "example for each and C code where it helps.",
+    # writing
+    "Write a long short story, at least 1500 words, in several chapters, about a robot who "
+    "learns to paint and opens an art school, with dialogue and detailed descriptions.",
+    "Write a detailed week-long lesson plan for an introductory programming course in Python: "
+    "for each day the goals, a lecture outline, code examples, exercises with full solutions "
+    "and a short quiz with answers.",
+    "Write a comprehensive code review of a typical beginner's Python script that reads a "
+    "file of numbers, computes statistics and prints a report: first write the script with "
+    "its usual mistakes, then review it line by line, and finally give the fully improved "
+    "version with tests.",
 ]
 
 
@@ -267,6 +411,112 @@ def bin_positions(per_prompt: list, bin_size: int) -> list[dict]:
     return out
 
 
+def _ols(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slope, denominator) of least-squares lines from summed [n, Sx, Sy, Sxx, Sxy] rows."""
+    n, sx, sy, sxx, sxy = np.moveaxis(np.asarray(stats, dtype=np.float64), -1, 0)
+    den = n * sxx - sx * sx
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (n * sxy - sx * sy) / den, den
+
+
+def trend(per_prompt: list, n_boot: int = 2000, seed: int = 0, per: float = 1000.0) -> dict:
+    """Linear trend of a per-position quantity over the generated positions.
+
+    per_prompt: one 1-D sequence per prompt, entry t at generated position t (lengths may
+    differ; NaN entries are skipped). One ordinary least-squares line y = a + b * t / per
+    is fitted to all prompts x positions together; ``slope_per_1k`` is b (the change of y
+    per ``per`` = 1000 generated tokens). Its 95% interval is the 2.5 / 97.5 percentile
+    of the slope refitted on ``n_boot`` bootstrap resamples of whole prompts (drawn with
+    replacement, ``np.random.default_rng(seed)``): the prompts are the independent units,
+    positions within a prompt are not. With one prompt there is nothing to resample and
+    ``ci95`` is None (with a note); constant data give slope 0 and [0, 0].
+    Also: the mean of y over the first and over the last quarter of the positions, and
+    last / first (None when the first-quarter mean is 0).
+    Raises ValueError for no prompts or fewer than 2 positions with data.
+    """
+    arrays = [np.asarray(a, dtype=np.float64).ravel() for a in per_prompt]
+    if not arrays:
+        raise ValueError("trend needs at least one prompt")
+    n_pos = max(a.size for a in arrays)
+    has = np.zeros(n_pos, dtype=bool)
+    stats = np.zeros((len(arrays), 5))
+    for i, a in enumerate(arrays):
+        ok = ~np.isnan(a)
+        has[:a.size] |= ok
+        x, y = np.flatnonzero(ok) / per, a[ok]
+        stats[i] = (x.size, x.sum(), y.sum(), (x * x).sum(), (x * y).sum())
+    if has.sum() < 2:
+        raise ValueError(f"trend needs at least 2 positions with data, got {int(has.sum())}: "
+                         "generate more tokens per prompt")
+    n_pos = int(np.flatnonzero(has)[-1]) + 1
+    vals = np.concatenate([a[~np.isnan(a)] for a in arrays])
+    q = max(1, n_pos // 4)
+    first = np.concatenate([a[:q] for a in arrays])
+    last = np.concatenate([a[n_pos - q:n_pos] for a in arrays])
+    first_m = float(np.nanmean(first)) if np.any(~np.isnan(first)) else None
+    last_m = float(np.nanmean(last)) if np.any(~np.isnan(last)) else None
+    out = {"mean": float(vals.mean()), "prompts": len(arrays), "positions": n_pos,
+           "first_quarter": first_m, "last_quarter": last_m,
+           "ratio": last_m / first_m if first_m and last_m is not None else None,
+           "quarter_len": q, "n_boot": n_boot, "seed": seed}
+    notes = []
+    if len(arrays) == 1:
+        notes.append("one prompt: no bootstrap over prompts, no interval")
+    if np.ptp(vals) == 0:
+        slope, intercept = 0.0, float(vals[0])
+        ci = [0.0, 0.0] if len(arrays) > 1 else None
+        notes.append("constant data")
+    else:
+        tot = stats.sum(0)
+        slope = float(_ols(tot)[0])
+        intercept = float((tot[2] - slope * tot[1]) / tot[0])
+        ci = None
+        if len(arrays) > 1:
+            rng = np.random.default_rng(seed)
+            idx = rng.integers(0, len(arrays), size=(n_boot, len(arrays)))
+            counts = np.zeros((n_boot, len(arrays)))
+            np.add.at(counts, (np.repeat(np.arange(n_boot), len(arrays)), idx.ravel()), 1.0)
+            boot = counts @ stats
+            b, den = _ols(boot)
+            good = den > 1e-12 * boot[:, 0] * boot[:, 3]      # >= 2 distinct positions
+            if not good.all():
+                notes.append(f"{n_boot - int(good.sum())} resamples with one position skipped")
+            if good.any():
+                ci = [float(v) for v in np.percentile(b[good], [2.5, 97.5])]
+    out.update({"slope_per_1k": slope, "intercept": intercept, "ci95": ci})
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
+def trends(kl_per_prompt: list, top1_per_prompt: list, **kw) -> dict:
+    """`trend` of KL and of top-1 disagreement (1 - top1); {"error": ...} where one fails."""
+    out = {}
+    disagreement = [1.0 - np.asarray(t, dtype=np.float64) for t in top1_per_prompt]
+    for key, data in (("kl", kl_per_prompt), ("disagreement", disagreement)):
+        try:
+            out[key] = trend(data, **kw)
+        except ValueError as exc:
+            out[key] = {"error": str(exc)}
+    return out
+
+
+def first_eos(tokens, eos_ids) -> int | None:
+    """Index of the first end-of-sequence token in a generated sequence, None if there is none."""
+    eos = set(int(e) for e in eos_ids)
+    return next((i for i, t in enumerate(tokens) if int(t) in eos), None)
+
+
+def eos_summary(tokens_per_prompt: list, eos_ids) -> tuple[list, float]:
+    """(first end-of-sequence index per prompt, share of all positions after it).
+
+    With ignore_eos the servers keep generating after the model ends its turn; the
+    positions after that token are text the model would not have produced in use."""
+    firsts = [first_eos(t, eos_ids) for t in tokens_per_prompt]
+    past = sum(len(t) - f - 1 for t, f in zip(tokens_per_prompt, firsts) if f is not None)
+    return firsts, past / max(1, sum(len(t) for t in tokens_per_prompt))
+
+
 def first_divergence(a, b) -> int | None:
     """Index of the first differing token of two sequences; None if one is a prefix of the other."""
     for i, (x, y) in enumerate(zip(a, b)):
@@ -327,7 +577,8 @@ def score_config(gen: dict, score: dict, ref_tokens: list | None, bin_size: int)
     if ref_tokens is not None:
         summary["first_divergence"] = summarize_divergence(firsts, max(len(t) for t in gen["tokens"]))
     curve = {"kl": bin_positions(kl_all, bin_size), "top1": bin_positions(top1_all, bin_size)}
-    return {"summary": summary, "curve": curve, "per_prompt": per_prompt}
+    return {"summary": summary, "curve": curve, "trend": trends(kl_all, top1_all),
+            "per_prompt": per_prompt}
 
 
 # ----------------------------------------------------------------------------- reply parsing
@@ -423,14 +674,16 @@ def _server_module():
     return _server
 
 
-def build_prompts(model_path: str, n: int) -> list[list[int]]:
+def build_prompts(model_path: str, n: int, texts: list[str] | None = None) -> list[list[int]]:
+    """The first ``n`` of ``texts`` (default PROMPTS) as chat-template token ids."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    if n > len(PROMPTS):
-        raise SystemExit(f"--num-prompts {n}: only {len(PROMPTS)} prompts are defined")
+    texts = PROMPTS if texts is None else texts
+    if n > len(texts):
+        raise SystemExit(f"--num-prompts {n}: only {len(texts)} prompts are defined; ask for fewer")
     tok = AutoTokenizer.from_pretrained(model_path)
     out = []
-    for text in PROMPTS[:n]:
+    for text in texts[:n]:
         msgs = [{"role": "user", "content": text}]
         if getattr(tok, "chat_template", None):
             s = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -438,6 +691,18 @@ def build_prompts(model_path: str, n: int) -> list[list[int]]:
             s = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
         out.append(list(tok(s, add_special_tokens=False).input_ids))
     return out
+
+
+def eos_token_ids(model_path: str) -> list[int]:
+    """End-of-sequence ids of a HF model folder (generation_config.json and config.json)."""
+    ids: set[int] = set()
+    for fname in ("generation_config.json", "config.json"):
+        try:
+            v = json.loads((Path(model_path) / fname).read_text()).get("eos_token_id")
+        except (OSError, json.JSONDecodeError):
+            continue
+        ids.update(int(x) for x in (v if isinstance(v, list) else [v]) if x is not None)
+    return sorted(ids)
 
 
 def _digest(obj) -> str:
@@ -568,29 +833,96 @@ def print_table(results: dict) -> None:
 
 
 def print_curves(results: dict) -> None:
+    """Mean KL and top-1 agreement per position bin, then the trend table (`print_trends`)."""
     names = [n for n, r in results.items() if "curve" in r]
     if not names:
         return
-    bins = results[names[0]]["curve"]["kl"]
-    print("\nmean KL by position (teacher forced):")
-    print("  pos       " + "  ".join(f"{n:>9s}" for n in names))
-    for b in range(len(bins)):
-        vals = []
-        for n in names:
-            c = results[n]["curve"]["kl"]
-            vals.append(f"{c[b]['mean']:9.5f}" if b < len(c) and c[b]["mean"] is not None else " " * 9)
-        print(f"  {bins[b]['start']:4d}-{bins[b]['end']:<4d} " + "  ".join(vals))
+    bins = max((results[n]["curve"]["kl"] for n in names), key=len)
+    for key, title, fmt in (("kl", "mean KL", "{:9.5f}"), ("top1", "top-1 agreement", "{:9.2%}")):
+        print(f"\n{title} by position (teacher forced):")
+        print("  pos         " + "  ".join(f"{n:>9s}" for n in names))
+        for b in range(len(bins)):
+            vals = []
+            for n in names:
+                c = results[n]["curve"][key]
+                vals.append(fmt.format(c[b]["mean"]) if b < len(c) and c[b]["mean"] is not None
+                            else " " * 9)
+            print(f"  {bins[b]['start']:5d}-{bins[b]['end']:<5d} " + "  ".join(vals))
+    print_trends(results)
+
+
+def _fmt_trend(t: dict | None) -> tuple[str, str, str, str]:
+    if not t:
+        return ("-", "", "", "")
+    if "error" in t:
+        return (f"({t['error'][:60]})", "", "", "")
+    ci = t.get("ci95")
+    slope = f"{t['slope_per_1k']:+.2e}" + (f" [{ci[0]:+.2e}, {ci[1]:+.2e}]" if ci else " [no CI]")
+    ratio = f"{t['ratio']:.2f}" if t.get("ratio") is not None else "-"
+
+    def num(v):
+        return f"{v:.5f}" if v is not None else "-"
+
+    return (slope, num(t.get("first_quarter")), num(t.get("last_quarter")), ratio)
+
+
+def print_trends(results: dict) -> None:
+    """Per config: OLS slope per 1000 generated tokens with its bootstrap 95% CI, the first-
+    and last-quarter means and their ratio, for KL and for top-1 disagreement."""
+    names = [n for n, r in results.items() if r.get("trend")]
+    if not names:
+        return
+    rows = [("config", "KL slope/1k tok [95% CI]", "KL q1", "KL q4", "q4/q1",
+             "disagree slope/1k [95% CI]", "dis q1", "dis q4", "q4/q1", "past EOS")]
+    for n in names:
+        t = results[n]["trend"]
+        eos = results[n].get("summary", {}).get("past_eos_frac")
+        rows.append((n, *_fmt_trend(t.get("kl")), *_fmt_trend(t.get("disagreement")),
+                     f"{eos:.0%}" if eos is not None else "-"))
+    any_t = next(iter(results[names[0]]["trend"].values()))
+    print(f"\ntrend over generated positions (least squares over prompts x positions; 95% CI: "
+          f"{any_t.get('n_boot', '?')} bootstrap resamples of prompts; q1 / q4: first / last "
+          f"quarter of the positions):")
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if j == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+    notes = {f"{n} {k}: {v['note']}" for n in names for k, v in results[n]["trend"].items()
+             if isinstance(v, dict) and v.get("note")}
+    for line in sorted(notes):
+        print(f"  note: {line}")
 
 
 # ----------------------------------------------------------------------------- main
+def apply_preset(args, error) -> list[str]:
+    """Fill in --max-new-tokens and --bin-size (256 / 32, or 1024 / 64 with --long) and
+    return the prompt texts; ``error`` (argparse's) for --long with fewer than 1024 tokens."""
+    if args.long and args.max_new_tokens is not None and args.max_new_tokens < LONG_MIN_TOKENS:
+        error(f"--long measures at least {LONG_MIN_TOKENS} generated tokens: give "
+              f"--max-new-tokens >= {LONG_MIN_TOKENS} or drop --long")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = LONG_MIN_TOKENS if args.long else 256
+    if args.bin_size is None:
+        args.bin_size = 64 if args.long else 32
+    if args.max_new_tokens < 1 or args.bin_size < 1:
+        error("--max-new-tokens and --bin-size must be positive")
+    return LONG_PROMPTS if args.long else PROMPTS
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--model-path", required=True, help="bf16 HF folder (config, tokenizer, weights)")
     ap.add_argument("--configs", default="fp8,k4v4,k3v3",
-                    help="comma list of configs under test: bf16, fp8, kKvV, kKvV-pp, or names "
-                         "given with --config (bf16 is always run as the reference); '' for none")
+                    help="comma list of configs under test: labels of sglang_tq.bench.configs "
+                         "(bf16, fp8, bf16-triton, fp8-triton, kXvY, kXvY-nc), a TurboQuant "
+                         "label plus -pp and/or -c, or names given with --config; the teacher "
+                         "(--teacher) always runs and is left out here; '' for none")
+    ap.add_argument("--teacher", default=DEFAULT_TEACHER, choices=TEACHER_LABELS,
+                    help=f"the bf16 server that scores every config (default {DEFAULT_TEACHER}: "
+                         "bf16 KV on SGLang's Triton backend)")
     ap.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
                     help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
                          "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'")
@@ -598,9 +930,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="key centers file (scripts/key_centers.py) for configs named <config>-c, "
                          "e.g. k4v4-c")
     ap.add_argument("--num-prompts", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help=f"default 256; {LONG_MIN_TOKENS} with --long, which refuses fewer")
     ap.add_argument("--top-k", type=int, default=20, help="top_logprobs_num (default 20)")
-    ap.add_argument("--bin-size", type=int, default=32)
+    ap.add_argument("--bin-size", type=int, default=None, help="default 32; 64 with --long")
+    ap.add_argument("--long", action="store_true",
+                    help=f"long-generation preset: LONG_PROMPTS, >= {LONG_MIN_TOKENS} new tokens "
+                         f"(default {LONG_MIN_TOKENS}), bins of 64 positions")
     ap.add_argument("--common-server-args", default=COMMON_SERVER_ARGS,
                     help=f"flags of every server (default: {COMMON_SERVER_ARGS!r})")
     ap.add_argument("--server-args", default="", help="extra flags appended for every server")
@@ -616,12 +952,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="ignore cached work files")
     ap.add_argument("--out", default="fidelity.json")
     args = ap.parse_args(argv)
+    texts = apply_preset(args, ap.error)
 
+    ref = args.teacher
     custom = parse_config_specs(args.config, ap.error)
-    under_test = [c.strip() for c in args.configs.split(",") if c.strip() and c.strip() != "bf16"]
+    under_test = []
+    for c in (c.strip() for c in args.configs.split(",")):
+        if c and c != ref and c not in under_test:
+            under_test.append(c)
     add_centered_configs(under_test, custom, args.key_centers, ap.error)
-    for c in ["bf16", *under_test]:
-        config_flags(c, custom)  # fail early on unknown names
+    for c in [ref, *under_test]:
+        try:
+            config_flags(c, custom)  # fail early on unknown names
+        except ValueError as exc:
+            ap.error(str(exc))
 
     # `timeout` sends SIGTERM: turn it into an exception so that the `with Server` blocks
     # stop their servers (they run in their own sessions and would outlive us otherwise)
@@ -642,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
     ignore_eos = True  # every sequence is exactly --max-new-tokens long
 
     t_start = time.time()
-    prompts = build_prompts(model_path, args.num_prompts)
+    prompts = build_prompts(model_path, args.num_prompts, texts)
     print(f"{len(prompts)} prompts, {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
           f"{args.max_new_tokens} new tokens each, top-{args.top_k}", flush=True)
     gen_settings = {"prompts": prompts, "max_new_tokens": args.max_new_tokens,
@@ -651,9 +995,11 @@ def main(argv: list[str] | None = None) -> int:
     weights = sorted(Path(model_path).glob("*.safetensors"))
     gen_settings["weights"] = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
 
-    result = {**provenance(), "model_path": model_path,
-              "settings": {k: v for k, v in gen_settings.items() if k != "prompts"},
-              "prompts": PROMPTS[:args.num_prompts], "prompt_lens": [len(p) for p in prompts],
+    result = {**provenance(), "model_path": model_path, "teacher": ref,
+              "settings": {**{k: v for k, v in gen_settings.items() if k != "prompts"},
+                           "bin_size": args.bin_size, "long": args.long,
+                           "prompt_set": "LONG_PROMPTS" if args.long else "PROMPTS"},
+              "prompts": texts[:args.num_prompts], "prompt_lens": [len(p) for p in prompts],
               "kl_approximation": "bucketed top-K: P's top-K tokens + rest bucket; Q imputed "
                                   "min(Q K-th prob, Q unlisted mass / #missing) where missing",
               "configs": {}, "timings": {}}
@@ -699,18 +1045,18 @@ def main(argv: list[str] | None = None) -> int:
         gens[name] = g
         _save(path, {"key": key, "gen": g, "server": server_info[name]})
 
-    # ---- 2. the bf16 server: own generation, scoring, HF prompt logprobs ---------
+    # ---- 2. the teacher (bf16): own generation, scoring, HF prompt logprobs -------
     scores: dict[str, dict] = {}
     hf_sg = None
-    bf16_path = work / "gen_bf16.json"
-    bf16_key = gen_key("bf16")
+    bf16_path = work / f"gen_{ref}.json"
+    bf16_key = gen_key(ref)
     cached = _cached(bf16_path, bf16_key, args.fresh)
     if cached:
-        gens["bf16"] = cached["gen"]
-        server_info["bf16"] = cached.get("server", {})
+        gens[ref] = cached["gen"]
+        server_info[ref] = cached.get("server", {})
     score_keys = {n: _digest({"gen": gen_key(n), "bf16": bf16_key, "tokens": gens[n]["tokens"]})
                   for n in gens}
-    todo = [n for n in [*under_test, "bf16"] if n in gens or n == "bf16"]
+    todo = [n for n in [*under_test, ref] if n in gens or n == ref]
     for n in list(todo):
         if n in gens:
             c = _cached(work / f"score_{n}.json", score_keys[n], args.fresh)
@@ -718,68 +1064,72 @@ def main(argv: list[str] | None = None) -> int:
                 scores[n] = c["score"]
     hf_path = work / "hf_sglang.json"
     need_hf_sg = args.check_hf
-    if need_hf_sg and "bf16" in gens:
+    if need_hf_sg and ref in gens:
         hf_key = _digest({"bf16": bf16_key, "n": args.hf_prompts})
         c = _cached(hf_path, hf_key, args.fresh)
         if c:
             hf_sg = c["data"]
             need_hf_sg = False
-    need_server = "bf16" not in gens or any(n not in scores for n in gens) or need_hf_sg
+    need_server = ref not in gens or any(n not in scores for n in gens) or need_hf_sg
     if need_server:
-        flags = config_flags("bf16", custom)
-        print(f"[bf16] starting the reference server: {' '.join(flags)}", flush=True)
-        srv = srv_mod.Server(model_path, [*common, *flags], str(log_dir / "server_bf16.log"),
+        flags = config_flags(ref, custom)
+        print(f"[{ref}] starting the teacher server: {' '.join(flags)}", flush=True)
+        srv = srv_mod.Server(model_path, [*common, *flags], str(log_dir / f"server_{ref}.log"),
                              startup_timeout=args.startup_timeout)
         try:
             with srv:
-                if "bf16" not in gens:
+                if ref not in gens:
                     g = generate(srv, prompts, args.max_new_tokens, args.top_k, ignore_eos)
-                    gens["bf16"] = g
-                    server_info["bf16"] = {"flags": flags, "startup_s": srv.startup_s,
-                                           "generate_s": g["seconds"], "log": srv.log_path}
-                    _save(bf16_path, {"key": bf16_key, "gen": g, "server": server_info["bf16"]})
-                    print(f"[bf16] generated in {g['seconds']} s (startup {srv.startup_s} s)", flush=True)
-                    score_keys["bf16"] = _digest({"gen": bf16_key, "bf16": bf16_key,
-                                                  "tokens": g["tokens"]})
+                    gens[ref] = g
+                    server_info[ref] = {"flags": flags, "startup_s": srv.startup_s,
+                                        "generate_s": g["seconds"], "log": srv.log_path}
+                    _save(bf16_path, {"key": bf16_key, "gen": g, "server": server_info[ref]})
+                    print(f"[{ref}] generated in {g['seconds']} s (startup {srv.startup_s} s)", flush=True)
+                    score_keys[ref] = _digest({"gen": bf16_key, "bf16": bf16_key,
+                                               "tokens": g["tokens"]})
                 try:  # not essential: logprob_start_len already stops prefix reuse of the scored part
                     srv_mod.post(srv.base + "/flush_cache", {}, timeout=60)
                 except Exception as exc:  # noqa: BLE001
-                    print(f"[bf16] note: /flush_cache failed ({exc}); continuing", flush=True)
-                for n in [*[x for x in under_test if x in gens], "bf16"]:
+                    print(f"[{ref}] note: /flush_cache failed ({exc}); continuing", flush=True)
+                for n in [*[x for x in under_test if x in gens], ref]:
                     if n in scores:
                         continue
                     s = score(srv, prompts, gens[n]["tokens"], args.top_k)
                     scores[n] = s
                     _save(work / f"score_{n}.json", {"key": score_keys[n], "score": s})
-                    print(f"[bf16] scored {n} in {s['seconds']} s", flush=True)
+                    print(f"[{ref}] scored {n} in {s['seconds']} s", flush=True)
                 if need_hf_sg:
                     seqs = [list(p) + list(t) for p, t in
-                            zip(prompts[:args.hf_prompts], gens["bf16"]["tokens"][:args.hf_prompts])]
+                            zip(prompts[:args.hf_prompts], gens[ref]["tokens"][:args.hf_prompts])]
                     hf_sg = {"seqs": seqs, "sglang": prompt_logprobs(srv, seqs, args.top_k)}
                     _save(hf_path, {"key": _digest({"bf16": bf16_key, "n": args.hf_prompts}),
                                     "data": hf_sg})
         except Exception as exc:  # noqa: BLE001
-            errors["bf16"] = f"{type(exc).__name__}: {exc}"
-            print(f"[bf16] FAILED: {errors['bf16'][:2000]}", flush=True)
+            errors[ref] = f"{type(exc).__name__}: {exc}"
+            print(f"[{ref}] FAILED: {errors[ref][:2000]}", flush=True)
     result["timings"]["servers_done_s"] = round(time.time() - t_start, 1)
 
     # ---- 3. metrics -------------------------------------------------------------
-    ref_tokens = gens.get("bf16", {}).get("tokens")
-    for n in ["bf16", *under_test]:
+    ref_tokens = gens.get(ref, {}).get("tokens")
+    eos_ids = eos_token_ids(model_path)
+    result["eos_token_ids"] = eos_ids
+    for n in [ref, *under_test]:
         entry = {"flags": config_flags(n, custom), "server": server_info.get(n, {})}
         if n in errors:
             entry["error"] = errors[n]
         if n in gens and n in scores:
             entry.update(score_config(gens[n], scores[n], ref_tokens, args.bin_size))
+            entry["first_eos"], entry["summary"]["past_eos_frac"] = eos_summary(
+                gens[n]["tokens"], eos_ids)
             entry["tokens"] = gens[n]["tokens"]
         elif "error" not in entry:
-            entry["error"] = "not scored (bf16 reference server failed?)"
+            entry["error"] = f"not scored (the teacher server {ref} failed?)"
         result["configs"][n] = entry
 
     # ---- 4. HF reference ----------------------------------------------------------
     if args.check_hf:
         if hf_sg is None:
-            result["hf_check"] = {"error": "no SGLang prompt logprobs (bf16 server failed?)"}
+            result["hf_check"] = {"error": f"no SGLang prompt logprobs (teacher {ref} failed?)"}
         else:
             t0 = time.time()
             try:
@@ -810,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 5. summary -----------------------------------------------------------------
     print(f"\n{Path(model_path).name}: {args.num_prompts} prompts x {args.max_new_tokens} greedy "
-          f"tokens, teacher-forced against bf16 prefill, KL over top-{args.top_k} + rest")
+          f"tokens, teacher-forced against {ref} prefill, KL over top-{args.top_k} + rest")
     print_table(result["configs"])
     print_curves(result["configs"])
     if "hf_check" in result:

@@ -233,8 +233,11 @@ def test_compare_logprobs_against_full_reference():
 
 
 def test_config_flags():
-    assert fid.config_flags("bf16") == ["--attention-backend", "triton"]
-    assert fid.config_flags("fp8") == ["--kv-cache-dtype", "fp8_e4m3", "--attention-backend", "triton"]
+    # the labels of sglang_tq.bench.configs: bf16 / fp8 name no backend (SGLang's default)
+    assert fid.config_flags("bf16") == []
+    assert fid.config_flags("fp8") == ["--kv-cache-dtype", "fp8_e4m3"]
+    assert fid.config_flags("bf16-triton") == ["--attention-backend", "triton"]
+    assert fid.config_flags(fid.DEFAULT_TEACHER) == ["--attention-backend", "triton"]
     assert fid.config_flags("k3v3") == ["--kv-quant", "turboquant", "--kv-quant-bits", "k3v3"]
     assert fid.config_flags("k4v4-pp")[-1] == "--kv-quant-packed-prefill"
     assert fid.config_flags("x", {"x": ["--a"]}) == ["--a"]
