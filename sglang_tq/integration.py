@@ -109,6 +109,32 @@ def parse_key_centers(spec: Any) -> str | None:
     return str(path.resolve())
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def parse_switch(value: Any, flag: str) -> bool:
+    """A bool option given as a bool, 0/1 or a word (Engine(**kwargs) passes what the user
+    wrote): ``"false"`` is False, not ``bool("false")``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{flag} is a switch: give True or False, got {value!r}.")
+
+
+def parse_seed(spec: Any) -> int:
+    """A non-negative integer seed (argparse hands a string)."""
+    try:
+        seed = int(spec) if isinstance(spec, str) else spec
+    except ValueError:
+        seed = None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--kv-quant-seed must be a non-negative integer, got {spec!r}.")
+    return seed
+
+
 def normalize_options(given: dict) -> dict:
     """Validated ``kv_quant*`` options with defaults filled in; raises ``ValueError``."""
     unknown = set(given) - set(OPTION_DEFAULTS)
@@ -127,6 +153,8 @@ def normalize_options(given: dict) -> dict:
                              f"has no packed prefill and no key centers); drop them.")
     k_bits, v_bits = TQConfig.parse_bits(opts["kv_quant_bits"])
     seed = opts["kv_quant_seed"]
+    if isinstance(seed, str):  # Engine(kv_quant_seed="3") is as good as the flag
+        seed = parse_seed(seed)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--kv-quant-seed must be a non-negative integer, got {seed!r}.")
     normalized = {
@@ -134,7 +162,8 @@ def normalize_options(given: dict) -> dict:
         "kv_quant_bits": f"k{k_bits}v{v_bits}",
         "kv_quant_seed": seed,
         "kv_quant_bf16_layers": parse_bf16_layers(opts["kv_quant_bf16_layers"]),
-        "kv_quant_packed_prefill": bool(opts["kv_quant_packed_prefill"]),
+        "kv_quant_packed_prefill": parse_switch(opts["kv_quant_packed_prefill"],
+                                                "--kv-quant-packed-prefill"),
         "kv_quant_key_centers": parse_key_centers(opts["kv_quant_key_centers"]),
     }
     if mode == "none":
@@ -205,7 +234,7 @@ def _add_cli_args(result, parser: argparse.ArgumentParser):
              "(each digit 2, 3 or 4), for every --kv-quant mode. Default: k4v4.",
     )
     group.add_argument(
-        "--kv-quant-seed", type=int, default=0, metavar="SEED",
+        "--kv-quant-seed", type=_argparse_type(parse_seed), default=0, metavar="SEED",
         help="Seed of the random rotations; each layer derives its own from it and its layer "
              "id, identically on every tensor-parallel rank. Default: 0.",
     )

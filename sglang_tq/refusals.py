@@ -86,6 +86,11 @@ def check_server_args(sa: Any) -> None:
             f"{q} {what}, so --kv-cache-dtype must be auto "
             f"or bf16 (got {sa.kv_cache_dtype!r}); drop --kv-cache-dtype {_ALT}."
         )
+    if str(getattr(sa, "dtype", "auto")) in ("float32", "float"):
+        raise ValueError(
+            f"{q} runs bf16 or fp16 models (its kernels and SGLang's attention take those), "
+            f"so --dtype {sa.dtype} cannot be served; use --dtype bfloat16 or auto {_ALT}."
+        )
     if mode == "kivi" and not sa.disable_radix_cache and (sa.page_size or 1) % KIVI_GROUP_TOKENS:
         raise ValueError(
             f"{q} quantizes keys in groups of {KIVI_GROUP_TOKENS} positions, which a radix-cache "
@@ -235,6 +240,11 @@ def check_kv_context(kvc: Any) -> None:
     import torch
 
     q = f"--kv-quant {mode_of(kvc)}"
+    if kvc.kv_cache_dtype == torch.float32:
+        raise RuntimeError(
+            f"{q} runs a bf16 or fp16 model, but the KV dtype resolved to float32 (the model "
+            f"runs in float32, e.g. --dtype float32); use --dtype bfloat16 {_ALT}."
+        )
     if kvc.kv_cache_dtype not in (torch.bfloat16, torch.float16):
         raise RuntimeError(
             f"{q} stores its own format but the KV dtype resolved to "

@@ -87,7 +87,7 @@ def test_help_lists_the_flags_with_defaults():
                           ("--kv-quant-bits", "Default: k4v4"), ("--kv-quant-seed", "Default: 0"),
                           ("--kv-quant-bf16-layers", "Default: none"),
                           ("--kv-quant-packed-prefill", "Default: off"),
-                          ("--kv-quant-key-centers", "Default: none")):
+                          ("--kv-quant-key-centers", "'auto' (default)")):
         assert flag in text
         assert default in " ".join(text.split())
     assert "turboquant" in parser._option_string_actions["--attention-backend"].choices
@@ -101,6 +101,8 @@ def test_help_lists_the_flags_with_defaults():
     (["--kv-quant-bf16-layers", "0,x"], "comma-separated non-negative layer ids"),
     (["--kv-quant", "fp4"], "invalid choice"),
     (["--kv-quant-key-centers", "/no/such/centers.safetensors"], "scripts/key_centers.py"),
+    (["--kv-quant-seed", "-3"], "--kv-quant-seed must be a non-negative integer"),
+    (["--kv-quant-seed", "x"], "--kv-quant-seed must be a non-negative integer"),
 ])
 def test_bad_flag_values_fail_in_argparse(argv, needle, capsys):
     parser = argparse.ArgumentParser()
@@ -351,3 +353,23 @@ def test_kv_quant_none_leaves_server_args_exactly_stock():
     assert result["unset"] == result["stock"]
     # SGLang resolved its own backend (triton on a CPU host, fa3 on a Hopper GPU), not ours
     assert result["stock"][0]["attention_backend"] not in ("None", "'turboquant'")
+
+
+def test_engine_style_options_parse_strictly():
+    """Engine(**kwargs) hands the user's values as they are: "false" must not turn a switch on."""
+    norm = integration.normalize_options
+    base = {"kv_quant": "turboquant"}
+    assert norm({**base, "kv_quant_packed_prefill": "false"})["kv_quant_packed_prefill"] is False
+    assert norm({**base, "kv_quant_packed_prefill": "True"})["kv_quant_packed_prefill"] is True
+    assert norm({**base, "kv_quant_packed_prefill": 0})["kv_quant_packed_prefill"] is False
+    with pytest.raises(ValueError, match="is a switch: give True or False"):
+        norm({**base, "kv_quant_packed_prefill": "maybe"})
+    assert norm({**base, "kv_quant_seed": "7"})["kv_quant_seed"] == 7
+    for bad in (-1, "-1", 1.5, True):
+        with pytest.raises(ValueError, match="non-negative integer"):
+            norm({**base, "kv_quant_seed": bad})
+
+
+def test_float32_model_is_refused_at_launch(fake_gpu):
+    with pytest.raises(ValueError, match="--dtype float32 cannot be served; use --dtype bfloat16"):
+        _parse("--kv-quant", "turboquant", "--dtype", "float32")

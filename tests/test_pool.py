@@ -171,6 +171,9 @@ def test_pool_hooks_refuse_what_they_cannot_build(parallel, monkeypatch):
     kvc.kv_cache_dtype = torch.float8_e4m3fn
     with pytest.raises(RuntimeError, match="--kv-cache-dtype bf16"):
         DefaultPoolConfigurator(kvc)
+    kvc.kv_cache_dtype = torch.float32   # a float32 model is not told "(an FP8-KV checkpoint?)"
+    with pytest.raises(RuntimeError, match=r"resolved to float32 .* use --dtype bfloat16"):
+        DefaultPoolConfigurator(kvc)
     kvc.kv_cache_dtype = torch.bfloat16
     kvc.sliding_window_size = 4096
     with pytest.raises(RuntimeError, match="sliding-window"):
