@@ -297,7 +297,6 @@ def test_plot_without_matplotlib_names_the_install(monkeypatch, tmp_path):
 
 
 def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     p = tmp_path / "fidelity_long.json"
     p.write_text(json.dumps(_doc()))
     out = tmp_path / "plots" / "fidelity_long.png"
