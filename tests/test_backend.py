@@ -336,6 +336,66 @@ def test_cuda_graph_path_uses_preallocated_buffers_and_matches_eager(server_args
     assert backend.forward_metadata is md and backend._decode_ws is ws
 
 
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay_match_eager(server_args):
+    """A real torch.cuda.CUDAGraph: capture forward_decode (store + decode) once, replay it
+    with new q/k/v copied into the static inputs, and compare with eager decode on the same
+    pool state, bit for bit (the same kernels on the same data)."""
+    backend, pool, req_to_token = _make_backend(server_args)
+    layer = _layer(0)
+    _fill_prefix(pool, 0)
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    backend.forward_extend(*_qkv(10, seed=1), layer, fb)
+    snapshot = [t.clone() for t in pool.get_packed_layer(0)[:4]]
+
+    def restore():
+        for t, saved in zip(pool.get_packed_layer(0)[:4], snapshot):
+            t.copy_(saved)
+
+    inputs = {seed: _qkv(2, seed=seed) for seed in (2, 3)}
+    eager = {}
+    for seed, (q, k, v) in inputs.items():
+        restore()
+        fb = _decode_batch(req_to_token)
+        backend.init_forward_metadata(fb)
+        eager[seed] = backend.forward_decode(q, k, v, layer, fb).clone()
+
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+    fb = _decode_batch(req_to_token, padded_to=4)
+    static = [torch.zeros(4, h, D, dtype=torch.bfloat16, device=DEV) for h in (HQ, HKV, HKV)]
+    backend.init_forward_metadata_out_graph(fb, in_capture=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (compilation, autotuning)
+        backend.forward_decode(*static, layer, fb)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.forward_decode(*static, layer, fb)
+    for seed, (q, k, v) in inputs.items():
+        restore()
+        for buf, x in zip(static, (q, k, v)):
+            buf.zero_()
+            buf[:2].copy_(x)
+        backend.init_forward_metadata_out_graph(fb)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[:2], eager[seed]), f"replay with inputs {seed} differs from eager"
+        # the replay's store wrote the new tokens' codes like an eager store would
+        assert torch.equal(pool.get_packed_layer(0).k_norms[_t([40, 41])],
+                           _store_norms_of(k, pool.get_packed_layer(0)))
+
+
+def _store_norms_of(k, packed):
+    from sglang_tq.kernels.tq_store import tq_store_kv
+
+    kc, kn, vc, vn = (torch.zeros_like(t[:2]) for t in packed[:4])
+    tq_store_kv(k.contiguous(), k.contiguous(), torch.arange(2, device=DEV), kc, kn, vc, vn,
+                packed.codec)
+    return kn
+
+
 def test_bf16_layer_goes_to_sglang_triton_kernels(server_args):
     # SGLang's own Triton kernels do not run under the CPU interpreter, so this test
     # records what the parent backend hands them: the bf16 buffers of the layer.
