@@ -305,14 +305,20 @@ def test_packed_prefill_reads_the_chunk_back_from_the_cache(server_args):
     assert _rel(out.view(10, HQ, D), bf16_chunk) > _rel(out.view(10, HQ, D), want)
 
 
-def test_cuda_graph_path_uses_preallocated_buffers_and_matches_eager(server_args):
+def _after_prefill(server_args):
+    """A backend whose packed layer 0 holds the prefix and the extend batch's chunks, and a
+    snapshot of that layer's codes and norms (decode tests restore it between runs)."""
     backend, pool, req_to_token = _make_backend(server_args)
     layer = _layer(0)
     _fill_prefix(pool, 0)
     fb = _extend_batch(req_to_token)
     backend.init_forward_metadata(fb)
     backend.forward_extend(*_qkv(10, seed=1), layer, fb)
-    snapshot = [t.clone() for t in pool.get_packed_layer(0)[:4]]
+    return backend, pool, req_to_token, layer, [t.clone() for t in pool.get_packed_layer(0)[:4]]
+
+
+def test_cuda_graph_path_uses_preallocated_buffers_and_matches_eager(server_args):
+    backend, pool, req_to_token, layer, snapshot = _after_prefill(server_args)
 
     q, k, v = _qkv(2, seed=2)
     fb = _decode_batch(req_to_token)
@@ -341,13 +347,7 @@ def test_cuda_graph_capture_and_replay_match_eager(server_args):
     """A real torch.cuda.CUDAGraph: capture forward_decode (store + decode) once, replay it
     with new q/k/v copied into the static inputs, and compare with eager decode on the same
     pool state, bit for bit (the same kernels on the same data)."""
-    backend, pool, req_to_token = _make_backend(server_args)
-    layer = _layer(0)
-    _fill_prefix(pool, 0)
-    fb = _extend_batch(req_to_token)
-    backend.init_forward_metadata(fb)
-    backend.forward_extend(*_qkv(10, seed=1), layer, fb)
-    snapshot = [t.clone() for t in pool.get_packed_layer(0)[:4]]
+    backend, pool, req_to_token, layer, snapshot = _after_prefill(server_args)
 
     def restore():
         for t, saved in zip(pool.get_packed_layer(0)[:4], snapshot):
