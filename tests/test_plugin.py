@@ -191,6 +191,8 @@ def _stock_fields(**overrides):
         "enable_deterministic_inference": False, "enable_unified_memory": False,
         "enable_page_major_kv_layout": False, "prefill_only_disable_kv_cache": False,
         "kv_canary": "none", "device": "cuda", "tp_size": 1, "kv_quant_bf16_layers": (),
+        "page_size": 1, "enable_lora": False, "lora_paths": None, "enable_torch_compile": False,
+        "dp_size": 1,
     }
     return types.SimpleNamespace(**{**defaults, **overrides})
 
@@ -212,6 +214,11 @@ def _stock_fields(**overrides):
     ("attention_backend", "fa3", "--attention-backend"),
     ("prefill_attention_backend", "flashinfer", "--prefill-attention-backend"),
     ("kv_cache_dtype", "fp8_e5m2", "--kv-cache-dtype"),
+    ("page_size", 16, "--page-size"),
+    ("enable_lora", True, "--enable-lora"),
+    ("lora_paths", ["a=/x"], "--lora-paths"),
+    ("enable_torch_compile", True, "--enable-torch-compile"),
+    ("dp_size", 2, "--dp-size"),
 ])
 def test_each_flag_refusal_names_the_flag_and_the_alternative(field, value, flag):
     with pytest.raises(ValueError) as exc:
