@@ -13,7 +13,8 @@ what a dequantize-on-read kernel gives, without any memory saving), and the CPU 
   transform of each head vector, then asymmetric round-to-nearest per group), which is
   also llama.cpp's rotated q4_0/q4_1-style cache. Each K or V vector x ∈ R^D (D a power
   of two) is rotated, y = H·diag(s)·x/√D with H the Sylvester Walsh-Hadamard matrix and
-  s ∈ {±1}^D random signs from a seed; each group of ``group`` coordinates of y gets a
+  s ∈ {±1}^D random signs from a seed (exactly TurboQuant's rotation for that seed,
+  ``rotation.rotation_matrix``: the two formats differ only in the quantizer); each group of ``group`` coordinates of y gets a
   fp16 scale Δ = (max − min)/(2^b − 1) and a fp16 zero point m = min, and stores
   q = round((y − m)/Δ) ∈ [0, 2^b − 1]; reading back is y' = qΔ + m, rotated back.
   Default group: the whole head vector (QuaRot's KV setting, group size = head_dim 128),
@@ -57,6 +58,8 @@ import math
 
 import torch
 
+from .rotation import is_power_of_two, rotation_matrix
+
 BITS = (2, 3, 4)
 KIVI_GROUP_TOKENS = 32
 FP16_BYTES = 2
@@ -65,32 +68,6 @@ FP16_BYTES = 2
 def _check_bits(bits: int, what: str) -> None:
     if bits not in BITS:
         raise ValueError(f"{what} takes bits in {BITS}, got {bits!r}; pick 2, 3 or 4.")
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform of the last dim (x·H/√D, H Sylvester-ordered),
-    by log2(D) butterfly stages; H is symmetric and H·H = D·I, so fwht is its own inverse."""
-    d = x.shape[-1]
-    if not is_power_of_two(d):
-        raise ValueError(f"a Hadamard transform needs a power-of-two length, got {d}; use a "
-                         f"format without rotation (kivi) for this head_dim.")
-    y = x.reshape(-1, d)
-    h = 1
-    while h < d:
-        y = y.view(-1, d // (2 * h), 2, h)
-        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
-        h *= 2
-    return y.reshape(x.shape) / math.sqrt(d)
-
-
-def random_signs(dim: int, seed: int) -> torch.Tensor:
-    """float32 [dim] of ±1 from a CPU generator, identical on every machine for a seed."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed) & ((1 << 63) - 1))
-    return (torch.randint(0, 2, (dim,), generator=gen) * 2 - 1).to(torch.float32)
 
 
 def quantize_minmax(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -142,34 +119,37 @@ class HadamardInt:
     def bytes_per_vector(self) -> int:
         return self.head_dim * self.bits // 8 + (self.head_dim // self.group_size) * 2 * FP16_BYTES
 
-    def signs(self, device=None) -> torch.Tensor:
-        return random_signs(self.head_dim, self.seed).to(device)
+    def rotation(self, device=None) -> torch.Tensor:
+        """float64 Π [D, D] = H·diag(s)/√D: TurboQuant's own randomized Hadamard for this
+        seed (``rotation.rotation_matrix``), applied in float64 so the rotation adds no
+        error next to the quantizer's (TF32 matmuls would)."""
+        return rotation_matrix(self.head_dim, self.seed).to(device=device, dtype=torch.float64)
 
-    def rotate(self, x: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
-        s = self.signs(x.device) if signs is None else signs
-        return fwht(x.float() * s)
+    def rotate(self, x: torch.Tensor, pi: torch.Tensor | None = None) -> torch.Tensor:
+        pi = self.rotation(x.device) if pi is None else pi
+        return (x.double() @ pi.T).float()
 
-    def unrotate(self, y: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
-        s = self.signs(y.device) if signs is None else signs
-        return fwht(y.float()) * s
+    def unrotate(self, y: torch.Tensor, pi: torch.Tensor | None = None) -> torch.Tensor:
+        pi = self.rotation(y.device) if pi is None else pi
+        return (y.double() @ pi).float()
 
-    def quantize(self, x: torch.Tensor, signs: torch.Tensor | None = None):
+    def quantize(self, x: torch.Tensor, pi: torch.Tensor | None = None):
         """x [..., D] → (codes uint8 [..., D], scale fp16 [..., D/g, 1], zero fp16 [..., D/g, 1])."""
-        y = self.rotate(x, signs)
+        y = self.rotate(x, pi)
         g = self.group_size
         codes, scale, zero = quantize_minmax(y.reshape(*y.shape[:-1], -1, g), self.bits, -1)
         return codes.reshape(y.shape), scale, zero
 
-    def dequantize(self, codes, scale, zero, signs: torch.Tensor | None = None) -> torch.Tensor:
+    def dequantize(self, codes, scale, zero, pi: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [..., D] read back from :meth:`quantize`'s output."""
         g = self.group_size
         y = dequantize_minmax(codes.reshape(*codes.shape[:-1], -1, g), scale, zero)
-        return self.unrotate(y.reshape(codes.shape), signs)
+        return self.unrotate(y.reshape(codes.shape), pi)
 
-    def round_trip(self, x: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+    def round_trip(self, x: torch.Tensor, pi: torch.Tensor | None = None) -> torch.Tensor:
         """What a dequantize-on-read pool gives back for ``x``, in ``x``'s dtype."""
-        s = self.signs(x.device) if signs is None else signs
-        return self.dequantize(*self.quantize(x, s), s).to(x.dtype)
+        pi = self.rotation(x.device) if pi is None else pi
+        return self.dequantize(*self.quantize(x, pi), pi).to(x.dtype)
 
 
 def hadamard_int(bits: int, head_dim: int = 128, group: int | None = None,

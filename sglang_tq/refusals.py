@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from .kernels._checks import SUPPORTED_HEAD_DIMS
 from .priorart import KIVI_GROUP_TOKENS
+from .rotation import is_power_of_two
 
 KV_QUANT_CHOICES = ("none", "turboquant", "hadamard", "kivi")
 SIMULATED_MODES = ("hadamard", "kivi")
@@ -213,8 +214,7 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"{q} does not support attention sinks ({arch}) yet; "
             f"use --kv-quant none for this model."
         )
-    if mode == "hadamard" and not all(d > 0 and d & (d - 1) == 0
-                                      for d in (mc.head_dim, mc.v_head_dim)):
+    if mode == "hadamard" and not all(is_power_of_two(d) for d in (mc.head_dim, mc.v_head_dim)):
         raise ValueError(
             f"{q} rotates each head vector by a Walsh-Hadamard matrix, which needs power-of-two "
             f"head dims, but {arch} has head_dim={mc.head_dim}, v_head_dim={mc.v_head_dim}; use "

@@ -11,8 +11,8 @@ with one extra bf16 rounding of the dequantized value. It saves no memory and is
 fast; the server log says so at start-up.
 
 * **hadamard** (per token): :meth:`SimulatedKVPool.set_kv_buffer` round-trips K and V
-  before SGLang's own store. Per layer and step that is a Hadamard butterfly
-  (log2 D stages), a min/max and a rounding over the step's new tokens, in torch ops
+  before SGLang's own store. Per layer and step that is a [D, D] float64 rotation
+  (TurboQuant's own randomized Hadamard for the seed), a min/max and a rounding over the step's new tokens, in torch ops
   with static shapes, so it is captured by SGLang's decode CUDA graphs.
 * **kivi** (per channel over token groups): K/V are stored exact; after each forward,
   :meth:`SimulatedKVPool.requantize_completed_groups` (called from the ``kivi-groups``
@@ -53,7 +53,7 @@ class SimulatedKVPool(MHATokenToKVPool):
     """SGLang's bf16 MHA pool whose stored K/V are round trips of a prior-art format.
 
     ``mode``: 'hadamard' or 'kivi'; ``k_bits``/``v_bits`` in 2..4; ``seed`` draws each
-    layer's Hadamard signs (``TQConfig.layer_seed`` of the global layer id, so TP ranks
+    layer's randomized Hadamard rotation (``TQConfig.layer_seed`` of the global layer id, so TP ranks
     agree); ``bf16_layers``: global layer ids stored exact. Everything else is
     ``MHATokenToKVPool``'s, so sizes, getters and transfers are stock."""
 
@@ -71,7 +71,7 @@ class SimulatedKVPool(MHATokenToKVPool):
         seeds = TQConfig(head_dim=8, seed=seed)
         self._k_fmt: dict[int, HadamardInt] = {}
         self._v_fmt: dict[int, HadamardInt] = {}
-        self._signs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rot: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kivi: Optional[KIVI] = None
         if mode == "hadamard":
             for i in layers:
@@ -81,8 +81,8 @@ class SimulatedKVPool(MHATokenToKVPool):
                 self._k_fmt[i] = HadamardInt(self.head_dim, k_bits, seed=s)
                 self._v_fmt[i] = HadamardInt(self.v_head_dim, v_bits, seed=s)
                 # on the pool's device now: CUDA-graph capture must not copy from the host
-                self._signs[i] = (self._k_fmt[i].signs(self.device),
-                                  self._v_fmt[i].signs(self.device))
+                self._rot[i] = (self._k_fmt[i].rotation(self.device),
+                                self._v_fmt[i].rotation(self.device))
         else:
             self.kivi = KIVI(self.head_dim, k_bits, v_bits, group_tokens=group_tokens)
             self._arange = torch.arange(group_tokens, device=self.device)
@@ -95,9 +95,9 @@ class SimulatedKVPool(MHATokenToKVPool):
                       layer_id_override=None, dcp_kv_mask=None):
         layer_id = layer.layer_id if layer is not None else layer_id_override
         if layer_id in self._k_fmt:
-            ks, vs = self._signs[layer_id]
-            cache_k = self._k_fmt[layer_id].round_trip(cache_k, ks)
-            cache_v = self._v_fmt[layer_id].round_trip(cache_v, vs)
+            k_pi, v_pi = self._rot[layer_id]
+            cache_k = self._k_fmt[layer_id].round_trip(cache_k, k_pi)
+            cache_v = self._v_fmt[layer_id].round_trip(cache_v, v_pi)
         return super().set_kv_buffer(layer, loc_info, cache_k, cache_v, k_scale, v_scale,
                                      layer_id_override, dcp_kv_mask)
 

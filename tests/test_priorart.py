@@ -36,12 +36,22 @@ def _bound(scale, zero, bits):
 
 
 # ------------------------------------------------------------------ Hadamard + int
+def _signs(d, seed):
+    """The ±1 signs s of Π = H·diag(s)/√d, read off its first row (H's first row is all 1)."""
+    return (priorart.hadamard_int(4, d, seed=seed).rotation()[0] * math.sqrt(d)).round().float()
+
+
 @pytest.mark.parametrize("d", [64, 128])
-def test_fwht_is_the_sylvester_matrix_and_its_own_inverse(d):
+def test_rotation_is_a_signed_sylvester_hadamard_and_orthogonal(d):
+    pi = priorart.hadamard_int(4, d, seed=3).rotation()
+    s = _signs(d, 3)
+    assert set(s.tolist()) <= {-1.0, 1.0} and 0 < (s > 0).sum() < d
+    want = hadamard(d) * s.double()[None, :] / math.sqrt(d)
+    assert torch.allclose(pi, want, atol=1e-7)
+    assert torch.allclose(pi @ pi.T, torch.eye(d, dtype=torch.float64), atol=1e-6)
     x = torch.randn(17, 3, d, generator=torch.Generator().manual_seed(d))
-    h = hadamard(d).float() / math.sqrt(d)
-    assert torch.allclose(priorart.fwht(x), x @ h, atol=1e-5)
-    assert torch.allclose(priorart.fwht(priorart.fwht(x)), x, atol=1e-5)
+    q = priorart.hadamard_int(4, d, seed=3)
+    assert torch.allclose(q.unrotate(q.rotate(x)), x, atol=1e-5)
 
 
 def _rtn_twin(seg, bits):
@@ -57,7 +67,7 @@ def _rtn_twin(seg, bits):
 def _hadamard_twin(x, bits, group, seed):
     """Explicit matrix rotation and a loop over every group of every vector."""
     d = x.shape[-1]
-    s = priorart.random_signs(d, seed)
+    s = _signs(d, seed)
     rot = torch.diag(s) @ hadamard(d).float() / math.sqrt(d)       # y = x @ rot
     y = x.float() @ rot
     out = torch.empty_like(y)
@@ -99,8 +109,6 @@ def test_hadamard_int_refuses_what_it_cannot_do():
         with pytest.raises(ValueError, match=needle) as exc:
             priorart.hadamard_int(**kwargs)
         assert _one_sentence(str(exc.value))
-    with pytest.raises(ValueError, match="power-of-two"):
-        priorart.fwht(torch.zeros(3, 96))
 
 
 def test_constant_vectors_read_back_exactly():
