@@ -19,7 +19,10 @@ Requests of one batch that hit the same radix prefix list the same slots; each s
 is decoded once (:func:`dedup_prefix`: a sort, no host sync, so CUDA graphs can hold
 it) and the attention kernel reads every request's prefix through an index into the
 deduplicated scratch. A batch of n requests over one shared prefix decodes it once,
-not n times.
+not n times, and the scratch holds ``PrefixDedup.rows`` prefix rows: the prefix
+length by default, the distinct count when the caller measured it
+(:func:`exact_rows`, one host sync), so that 150 questions over one 100k-token
+document allocate 100k rows, not 15M (the backend's prefill plan bounds it further).
 
 Two attention kernels run over the dense rows (``impl``):
 
@@ -107,11 +110,16 @@ class PrefixDedup:
     index: torch.Tensor  # int64 [N]: prefix position i -> its row in ``slots``
     # the fa3 path's (page table, key lengths) of the batch (:func:`with_kv_table`)
     kv_table: tuple[torch.Tensor, torch.Tensor] | None = None
+    rows: int = -1  # scratch rows, known on the host and >= the distinct count (-1: N)
+
+    def __post_init__(self):
+        if self.rows < 0:
+            object.__setattr__(self, "rows", self.index.numel())
 
 
 def dedup_prefix(prefix_slots: torch.Tensor) -> PrefixDedup:
     """Distinct slots of ``prefix_slots`` [N] (N > 0) and where each position finds its
-    slot, by a sort: sizes stay N, the count stays on the device."""
+    slot, by a sort: sizes stay N, the count stays on the device (``rows`` = N)."""
     ordered, order = torch.sort(prefix_slots)
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[1:] = ordered[1:] != ordered[:-1]
@@ -123,22 +131,31 @@ def dedup_prefix(prefix_slots: torch.Tensor) -> PrefixDedup:
     return PrefixDedup(slots, (rank[-1:] + 1).to(torch.int32), index)
 
 
-def extend_kv_table(qo_indptr, kv_indptr, prefix_index, max_kv_len: int):
-    """Page table (page size 1) of each sequence's keys in a scratch that holds the N =
-    ``prefix_index.numel()`` prefix rows, then the chunk's rows in ``qo_indptr`` order.
+def exact_rows(dd: PrefixDedup) -> PrefixDedup:
+    """``dd`` with ``rows`` = its distinct count, read from the device (one host sync):
+    the scratch then holds the distinct slots only."""
+    rows = dd.index.numel() if dd.count is None else int(dd.count)
+    return dataclasses.replace(dd, slots=dd.slots[:rows], rows=rows)
+
+
+def extend_kv_table(qo_indptr, kv_indptr, prefix_index, max_kv_len: int, rows: int | None = None):
+    """Page table (page size 1) of each sequence's keys in a scratch that holds ``rows``
+    prefix rows (default N = ``prefix_index.numel()``), then the chunk's rows in
+    ``qo_indptr`` order.
 
     Key j of sequence b is prefix row ``prefix_index[kv_indptr[b] + j]`` for j below its
-    prefix length, else chunk row ``N + qo_indptr[b] + j - prefix_len``. Returns (table
+    prefix length, else chunk row ``rows + qo_indptr[b] + j - prefix_len``. Returns (table
     int32 [B, max_kv_len], key lengths int32 [B]); entries past a sequence's length point
     at a row of the scratch and are never read. No host sync."""
     n = prefix_index.numel()
+    rows = n if rows is None else rows
     pre = (kv_indptr[1:] - kv_indptr[:-1]).long()[:, None]
     j = torch.arange(max_kv_len, device=qo_indptr.device)[None, :]
-    row = n + qo_indptr[:-1].long()[:, None] + (j - pre)
+    row = rows + qo_indptr[:-1].long()[:, None] + (j - pre)
     if n:
         at = (kv_indptr[:-1].long()[:, None] + j).clamp_(max=n - 1)
         row = torch.where(j < pre, prefix_index[at], row)
-    row = torch.minimum(row.clamp_(min=0), n + qo_indptr[-1:].long() - 1)
+    row = torch.minimum(row.clamp_(min=0), rows + qo_indptr[-1:].long() - 1)
     lens = (kv_indptr[1:] - kv_indptr[:-1]) + (qo_indptr[1:] - qo_indptr[:-1])
     return row.to(torch.int32), lens.to(torch.int32)
 
@@ -150,7 +167,7 @@ def with_kv_table(dd: PrefixDedup, qo_indptr, kv_indptr, max_kv_len: int | None)
     if max_kv_len is None:
         max_kv_len = int((kv_indptr.diff() + qo_indptr.diff()).max())
     return dataclasses.replace(dd, kv_table=extend_kv_table(qo_indptr, kv_indptr, dd.index,
-                                                            max_kv_len))
+                                                            max_kv_len, dd.rows))
 
 
 def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,
@@ -167,8 +184,9 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     ``tq_store_kv``) makes the chunk's K and V come from the packed cache instead
     of ``k``/``v``. ``max_extend_len`` ≥ every chunk length and
     ``num_prefix_tokens`` = kv_indptr[-1]: pass both from host metadata to avoid a
-    device sync. ``prefix_dedup`` = ``dedup_prefix(kv_indices[:num_prefix_tokens])``,
-    computed once per batch and shared by its layers (else computed here). Writes
+    device sync. ``prefix_dedup`` = ``dedup_prefix(kv_indices[:num_prefix_tokens])``
+    (or its :func:`exact_rows`), computed once per batch and shared by its layers (else
+    computed here); the prefix scratch holds its ``rows``. Writes
     ``out`` [T, Hq, D] when given, else returns a new tensor in q's dtype.
 
     ``impl`` picks the attention kernel ("fa3" or "triton"; default
@@ -201,6 +219,9 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         if dd.index.shape != (num_prefix_tokens,):
             raise ValueError(f"prefix_dedup covers {dd.index.numel()} prefix tokens, the batch "
                              f"has {num_prefix_tokens}; build it from this batch's kv_indices.")
+        if not 0 < dd.rows <= min(num_prefix_tokens, dd.slots.numel()):
+            raise ValueError(f"prefix_dedup.rows must lie in [1, {num_prefix_tokens}] and within "
+                             f"its slots, got {dd.rows}; take it from exact_rows().")
     else:
         dd = None
     # The interpreter has no bf16 arithmetic: there SGLang's kernel runs in fp32.
@@ -222,14 +243,15 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
                 k, v = dequant(chunk_slots)
             varlen(q, k, v, qo_indptr, qo_indptr, max_extend_len, max_extend_len, **kw)
         else:  # -- [distinct prefix rows; chunk rows], one page-table call
-            k_all = torch.empty(n + t, hkv, d, dtype=work, device=q.device)
+            r = dd.rows
+            k_all = torch.empty(r + t, hkv, d, dtype=work, device=q.device)
             v_all = torch.empty_like(k_all)
-            dequant(dd.slots, dd.count, (k_all[:n], v_all[:n]))
+            dequant(dd.slots[:r], dd.count, (k_all[:r], v_all[:r]))
             if chunk_slots is not None:
-                dequant(chunk_slots, None, (k_all[n:], v_all[n:]))
+                dequant(chunk_slots, None, (k_all[r:], v_all[r:]))
             else:
-                k_all[n:].copy_(k)
-                v_all[n:].copy_(v)
+                k_all[r:].copy_(k)
+                v_all[r:].copy_(v)
             if dd.kv_table is None:
                 dd = with_kv_table(dd, qo_indptr, kv_indptr, max_kv_len)
             table, lens = dd.kv_table
@@ -243,7 +265,7 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
 
     if dd is None:
         dd = PrefixDedup(kv_indices[:0], None, kv_indices[:0].long())
-    k_pre, v_pre = dequant(dd.slots, dd.count)
+    k_pre, v_pre = dequant(dd.slots[:dd.rows], dd.count)
     if chunk_slots is not None:
         k, v = dequant(chunk_slots)
     o = out if work == q.dtype and out.is_contiguous() else torch.empty(q.shape, dtype=work,

@@ -12,7 +12,9 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
 * extend (prefill, chunked prefill, radix hits): the new K/V are quantized into
   the cache first, then ``tq_extend`` dequantizes the packed prefix once per
   slot (a batch of requests over one radix prefix decodes it once; the dedup is
-  computed with the batch's metadata) and runs FA3 (Hopper, where sgl-kernel ships
+  computed with the batch's metadata, :func:`plan_prefill`, which also bounds the
+  dense scratch by the distinct prefix tokens and by ``context_len`` rows, the
+  budget the pool sizing set aside) and runs FA3 (Hopper, where sgl-kernel ships
   it) or SGLang's Triton extend kernel over it plus the chunk in bf16, or, with
   ``--kv-quant-packed-prefill``, plus the chunk read back from the packed cache,
   so a cold prefill sees the same values a warm radix hit would; the prefix
@@ -48,9 +50,9 @@ from . import refusals
 from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
                                 split_ceiling, tq_decode)
 from .kernels.tq_dequant import tq_dequant
-from .kernels.tq_extend import (PrefixDedup, dedup_prefix, default_extend_impl, tq_extend,
-                                with_kv_table)
-from .pool import TQTokenToKVPool
+from .kernels.tq_extend import (PrefixDedup, dedup_prefix, default_extend_impl, exact_rows,
+                                tq_extend, with_kv_table)
+from .pool import TQTokenToKVPool, prefill_scratch_bytes
 
 # SGLang wraps its own Triton launchers the same way: no torch.compile tracing.
 _tq_decode = torch.compiler.disable(tq_decode)
@@ -66,10 +68,78 @@ class _MixedSplit:
 
     num_extend: int  # requests that extend
     extend_tokens: int  # their new tokens (the decode rows of q follow)
-    extend_prefix_tokens: int  # their prefix tokens (the head of the batch's kv_indices)
     kv_indptr: torch.Tensor  # [n_decode + 1] int32
     kv_indices: torch.Tensor  # [Σ (prefix + 1)] int64
     num_kv_splits: torch.Tensor  # [n_decode] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillGroup:
+    """Requests [b0, b1) of an extend batch that attend through one prefix scratch: their
+    new-token rows [q0, q1) and their metadata, rebased to the group's first request."""
+
+    b0: int
+    b1: int
+    q0: int
+    q1: int
+    prefix_tokens: int  # Σ prefix lengths (host)
+    max_extend_len: int
+    qo_indptr: torch.Tensor  # [b1 - b0 + 1]
+    kv_indptr: torch.Tensor  # [b1 - b0 + 1]
+    kv_indices: torch.Tensor  # the group's prefix slots
+    dedup: Optional[PrefixDedup]  # None: no prefix
+
+
+def plan_prefill(qo_indptr, kv_indptr, kv_indices, prefix_lens: list[int], extend_lens: list[int],
+                 budget: int, fa3: bool) -> list[PrefillGroup]:
+    """Cut an extend batch into groups whose dense prefix scratch fits ``budget`` rows.
+
+    The whole batch is one group when its prefix tokens fit (no sync), or when its
+    *distinct* prefix slots do (one host sync reads the count: 150 requests over one
+    100k-token document need 100k rows, not 15M). Otherwise consecutive requests are
+    grouped while their prefix tokens fit, each group deduplicated on its own; a single
+    request's prefix is below ``context_len``, which is what ``budget`` is, so every
+    group fits. Attention of one request never depends on another's, so the cut is exact.
+    With ``fa3`` each group carries its page table (:func:`with_kv_table`)."""
+    b = len(prefix_lens)
+    if b == 0:
+        return []
+    q_off = [0]
+    for e in extend_lens:
+        q_off.append(q_off[-1] + e)
+    kv_off = [0]
+    for p in prefix_lens:
+        kv_off.append(kv_off[-1] + p)
+
+    def group(b0: int, b1: int, dd: Optional[PrefixDedup] = None) -> PrefillGroup:
+        n = kv_off[b1] - kv_off[b0]
+        qo, kv = qo_indptr[b0:b1 + 1], kv_indptr[b0:b1 + 1]
+        if b0:
+            qo, kv = qo - qo[0], kv - kv[0]
+        slots = kv_indices[kv_off[b0]:kv_off[b1]]
+        if n and dd is None:
+            dd = dedup_prefix(slots)
+        if dd is not None and fa3:
+            dd = with_kv_table(dd, qo, kv, max(prefix_lens[i] + extend_lens[i] for i in range(b0, b1)))
+        return PrefillGroup(b0, b1, q_off[b0], q_off[b1], n, max(extend_lens[b0:b1]), qo, kv,
+                            slots, dd if n else None)
+
+    n = kv_off[b]
+    if n <= budget:
+        return [group(0, b)]
+    dd = exact_rows(dedup_prefix(kv_indices[:n]))
+    if dd.rows <= budget:
+        return [group(0, b, dd)]
+    groups, b0 = [], 0
+    for i in range(1, b + 1):
+        if i == b or kv_off[i + 1] - kv_off[b0] > budget:
+            if kv_off[i] - kv_off[b0] > budget:
+                raise RuntimeError(f"a request's prefix of {kv_off[i] - kv_off[b0]} tokens exceeds "
+                                   f"the prefill scratch of {budget} rows (context_len); "
+                                   f"lower --context-length or use --kv-quant none.")
+            groups.append(group(b0, i))
+            b0 = i
+    return groups
 
 
 class _ShapeOnlyPool:
@@ -110,11 +180,17 @@ class TQAttnBackend(TritonAttnBackend):
         self._eager_ws: Optional[DecodeWorkspace] = None
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
-        self._prefix_dedup: Optional[PrefixDedup] = None
+        self._prefill: Optional[list[PrefillGroup]] = None
         self._mixed: Optional[_MixedSplit] = None
         self.extend_impl = default_extend_impl(torch.device(self.device), self.out_dtype)
-        logger.info("sglang-tq: prefill attention over the dequantized prefix runs %s.",
-                    "sgl-kernel's FA3" if self.extend_impl == "fa3" else "SGLang's Triton extend kernel")
+        # the dense prefix rows a prefill step may hold: what the pool sizing set aside
+        self.prefill_scratch_rows = int(self.max_context_len)
+        logger.info("sglang-tq: prefill attention over the dequantized prefix runs %s; its "
+                    "scratch holds at most %d prefix tokens (%.1f MiB, reserved from the KV pool).",
+                    "sgl-kernel's FA3" if self.extend_impl == "fa3" else "SGLang's Triton extend kernel",
+                    self.prefill_scratch_rows,
+                    prefill_scratch_bytes(pool.cfg, pool.layer_ids, pool.head_num,
+                                          self.prefill_scratch_rows, pool.model_dtype) / 2**20)
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
         self._fixed_splits = self.max_kv_splits if pool.cfg.bf16_layers else None
         self.compile_prefix_path()
@@ -162,23 +238,26 @@ class TQAttnBackend(TritonAttnBackend):
     def init_forward_metadata(self, forward_batch) -> None:
         super().init_forward_metadata(forward_batch)
         mode = forward_batch.forward_mode
-        self._prefix_dedup = None
+        self._prefill = None
         self._mixed = None
         if mode.is_decode_or_idle():
             self._use_eager_workspace(forward_batch.batch_size)
         else:
             if mode.is_mixed():
                 self._mixed = self._split_mixed(forward_batch)
-            md = self.forward_metadata
-            n, b = ((_num_prefix_tokens(forward_batch), md.qo_indptr.numel() - 1)
-                    if self._mixed is None
-                    else (self._mixed.extend_prefix_tokens, self._mixed.num_extend))
-            if n:  # every layer of this batch reads the prefix through the same dedup
-                dd = dedup_prefix(md.kv_indices[:n])
-                if self.extend_impl == "fa3":  # and the same page table
-                    dd = with_kv_table(dd, md.qo_indptr[: b + 1], md.kv_indptr[: b + 1],
-                                       _max_kv_len(forward_batch))
-                self._prefix_dedup = dd
+            self._prefill = self._plan(forward_batch)
+
+    def _plan(self, forward_batch) -> list[PrefillGroup]:
+        """The extend requests' prefill groups (:func:`plan_prefill`), shared by every layer
+        of the batch: the same dedup, page tables and scratch bound."""
+        md = self.forward_metadata
+        b = md.qo_indptr.numel() - 1 if self._mixed is None else self._mixed.num_extend
+        pre, ext = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
+        if pre is None or ext is None:  # no host metadata: read it once
+            pre, ext = forward_batch.extend_prefix_lens.tolist(), forward_batch.extend_seq_lens.tolist()
+        pre, ext = [int(x) for x in pre[:b]], [int(x) for x in ext[:b]]
+        return plan_prefill(md.qo_indptr, md.kv_indptr, md.kv_indices, pre, ext,
+                            self.prefill_scratch_rows, self.extend_impl == "fa3")
 
     def _use_eager_workspace(self, bs: int) -> None:
         if self._eager_ws is None or self._eager_ws.q_rot.shape[0] < bs:
@@ -214,7 +293,7 @@ class TQAttnBackend(TritonAttnBackend):
         splits = torch.empty(n_dec, dtype=torch.int32, device=dev)
         self.get_num_kv_splits(splits, seq_lens)
         self._use_eager_workspace(n_dec)
-        return _MixedSplit(first, sum(ext[:first]), sum(pre[:first]), indptr, indices, splits)
+        return _MixedSplit(first, sum(ext[:first]), indptr, indices, splits)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
@@ -223,7 +302,7 @@ class TQAttnBackend(TritonAttnBackend):
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
         self._decode_ws = self._graph_ws
-        self._prefix_dedup = None  # an extend here builds its own (tq_extend), never a stale one
+        self._prefill = None  # an extend here plans its own (forward_extend), never a stale one
         self._mixed = None
 
     # -- attention -----------------------------------------------------------------
@@ -285,44 +364,30 @@ class TQAttnBackend(TritonAttnBackend):
         q, k, v = q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)
         o3 = o.view(-1, hq, d)
         mx = self._mixed
-        if mx is None:
-            n, t, b = _num_prefix_tokens(forward_batch), q.shape[0], md.qo_indptr.numel() - 1
-        else:  # the decode half first, then the extend half below
-            n, t, b = mx.extend_prefix_tokens, mx.extend_tokens, mx.num_extend
-            rows = q.shape[0] - t
+        if mx is not None:  # the decode half first, then the extend half below
+            t = mx.extend_tokens
             _tq_decode(
                 q[t:], packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
                 mx.kv_indptr, mx.kv_indices, packed.codec, layer.scaling,
-                num_kv_splits=mx.num_kv_splits, max_kv_splits=self.max_splits(rows),
+                num_kv_splits=mx.num_kv_splits, max_kv_splits=self.max_splits(q.shape[0] - t),
                 workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o3[t:],
             )
-        if b == 0:
-            return o
-        dd = self._prefix_dedup
-        if dd is not None and dd.index.numel() != n:
-            dd = None
-        _tq_extend(
-            q[:t], k[:t], v[:t], packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
-            md.qo_indptr[: b + 1], md.kv_indptr[: b + 1], md.kv_indices, packed.codec,
-            layer.scaling, max_extend_len=md.max_extend_len, num_prefix_tokens=n,
-            prefix_dedup=dd, chunk_slots=forward_batch.out_cache_loc[:t] if self.packed_prefill else None,
-            logit_cap=_logit_cap(layer), out=o3[:t], impl=self.extend_impl,
-        )
+        t = q.shape[0] if mx is None else mx.extend_tokens
+        if not self._prefill or self._prefill[-1].q1 != t:  # once per batch, graphs too
+            self._prefill = self._plan(forward_batch)
+        slots = forward_batch.out_cache_loc
+        for g in self._prefill:
+            if g.b1 == g.b0:
+                continue
+            r = slice(g.q0, g.q1)
+            _tq_extend(
+                q[r], k[r], v[r], packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
+                g.qo_indptr, g.kv_indptr, g.kv_indices, packed.codec, layer.scaling,
+                max_extend_len=g.max_extend_len, num_prefix_tokens=g.prefix_tokens,
+                prefix_dedup=g.dedup, chunk_slots=slots[r] if self.packed_prefill else None,
+                logit_cap=_logit_cap(layer), out=o3[r], impl=self.extend_impl,
+            )
         return o
-
-
-def _num_prefix_tokens(forward_batch) -> Optional[int]:
-    """Prefix tokens of an extend batch from host metadata (None when SGLang gave none)."""
-    prefix_lens = forward_batch.extend_prefix_lens_cpu
-    return None if prefix_lens is None else int(sum(prefix_lens))
-
-
-def _max_kv_len(forward_batch) -> Optional[int]:
-    """Longest prefix + new tokens of an extend batch from host metadata (None if absent)."""
-    pre, ext = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
-    if pre is None or ext is None or len(pre) == 0:
-        return None
-    return max(int(p) + int(e) for p, e in zip(pre, ext))
 
 
 def _logit_cap(layer) -> float:

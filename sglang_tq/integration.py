@@ -357,7 +357,7 @@ def _local_layers(kvc) -> range:
 def _compute_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
     if not kv_quant_enabled(kvc.server_args):
         return orig(self, kvc, num_layers, *args, **kwargs)
-    from .pool import bytes_per_token
+    from .pool import bytes_per_token, prefill_scratch_bytes
 
     refusals.check_kv_context(kvc)
     layers = _local_layers(kvc)
@@ -367,12 +367,29 @@ def _compute_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
             f"sizes {num_layers}; use --kv-quant none for this model."
         )
     mc = kvc.model_config
-    cell = bytes_per_token(tq_config(kvc.server_args, mc.head_dim), layers,
-                           mc.get_num_kv_heads(_attn_tp_size()), kvc.kv_cache_dtype)
+    cfg, heads = tq_config(kvc.server_args, mc.head_dim), mc.get_num_kv_heads(_attn_tp_size())
+    cell = bytes_per_token(cfg, layers, heads, kvc.kv_cache_dtype)
     stock = orig(self, kvc, num_layers, *args, **kwargs)
     logger.info("sglang-tq: KV cell size %d B/token (bf16 pool: %d B/token, %.2fx the tokens).",
                 cell, stock, stock / cell)
+    # read by the sizing patch below: the prefill scratch comes out of the pool's bytes
+    self._tq_prefill_scratch_bytes = prefill_scratch_bytes(cfg, layers, heads, mc.context_len,
+                                                           kvc.kv_cache_dtype)
     return cell
+
+
+def _calculate_pool_sizes(orig, self, available_bytes: int, page_size: int):
+    scratch = getattr(self, "_tq_prefill_scratch_bytes", 0)
+    if not scratch:
+        return orig(self, available_bytes, page_size)
+    if scratch >= available_bytes:
+        raise RuntimeError(
+            f"--kv-quant turboquant sets aside {scratch / 2**20:.0f} MiB for the prefill scratch "
+            f"(context_len rows of dense K/V) but only {available_bytes / 2**20:.0f} MiB are left "
+            f"for the KV cache; raise --mem-fraction-static or lower --context-length.")
+    logger.info("sglang-tq: %.1f MiB of the KV budget set aside for the prefill scratch.",
+                scratch / 2**20)
+    return orig(self, available_bytes - scratch, page_size)
 
 
 def _resolve_key_centers(kvc, cfg: TQConfig) -> tuple[TQConfig, Any]:
@@ -547,6 +564,10 @@ PATCHES = (
     Patch("cell-size",
           "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
           HookType.AROUND, _compute_cell_size, "size the KV pool by packed bytes per token"),
+    Patch("scratch-budget",
+          "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator.calculate_pool_sizes",
+          HookType.AROUND, _calculate_pool_sizes,
+          "take the prefill scratch (context_len dense K/V rows) out of the KV budget"),
     Patch("build-pool",
           "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
           HookType.AROUND, _build_mha_kv_pool, "build TQTokenToKVPool instead of the MHA pool"),

@@ -53,6 +53,17 @@ def bytes_per_token(cfg: TQConfig, layer_ids: Iterable[int], num_kv_heads: int,
                for i in layer_ids)
 
 
+def prefill_scratch_bytes(cfg: TQConfig, layer_ids: Iterable[int], num_kv_heads: int,
+                          context_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the dense prefix scratch a prefill step may hold: ``context_len`` rows of
+    K and V [Hkv, D] in ``dtype`` (one layer at a time), or 0 when every layer is bf16.
+    The backend's prefill plan (``backend._plan_prefill``) never exceeds these rows, and
+    the pool-sizing hook takes them out of the KV budget, so the scratch cannot OOM."""
+    if all(cfg.is_bf16_layer(i) for i in layer_ids):
+        return 0
+    return context_len * 2 * num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 class PackedLayer(NamedTuple):
     """One packed layer's buffers and codec, in the argument order of the kernels."""
 

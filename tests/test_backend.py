@@ -200,7 +200,8 @@ def test_extend_then_decode_match_reference(server_args, bf16_layers):
     fb = _extend_batch(req_to_token)
     backend.init_forward_metadata(fb)
     # the prefix dedup is built once with the batch's metadata, for all its layers
-    assert backend._prefix_dedup.index.numel() == sum(fb.extend_prefix_lens_cpu)
+    (g,) = backend._prefill
+    assert g.dedup.index.numel() == g.dedup.rows == sum(fb.extend_prefix_lens_cpu)
     q, k, v = _qkv(10, seed=1)
     out = backend.forward_extend(q, k, v, layer, fb)
     assert out.shape == (10, HQ * D) and out.dtype == torch.bfloat16
@@ -214,13 +215,94 @@ def test_extend_then_decode_match_reference(server_args, bf16_layers):
 
     fb = _decode_batch(req_to_token)
     backend.init_forward_metadata(fb)
-    assert backend._prefix_dedup is None
+    assert backend._prefill is None
     q, k, v = _qkv(2, seed=2)
     out = backend.forward_decode(q, k, v, layer, fb)
     indptr = _t([0, 13, 17])
     indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
     want = tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling)
     assert _rel(out.view(2, HQ, D), want) < 2e-2
+
+
+# Three requests, pool rows 1..3, over 5-token prefixes: rows 1 and 3 share slots 10..14
+# (a radix hit), row 2 has its own in slots 15..19 unless told to share too.
+SHARED_CHUNKS = (torch.arange(20, 23, device=DEV), torch.arange(30, 32, device=DEV),
+                 torch.arange(40, 44, device=DEV))
+
+
+def _three_request_batch(pool, req_to_token, row2_prefix):
+    _fill_prefix(pool, 0)
+    _, k, v = _qkv(5, seed=120)
+    pool.set_kv_buffer(_layer(0), _t(list(range(15, 20))), k, v)
+    for row, (pre, chunk) in enumerate(zip((PREFIX, row2_prefix, PREFIX), SHARED_CHUNKS), 1):
+        req_to_token.req_to_token[row, : 5 + len(chunk)] = torch.cat([pre, chunk]).int()
+    ext = [len(c) for c in SHARED_CHUNKS]
+    seq_lens = [5 + e for e in ext]
+    return types.SimpleNamespace(
+        batch_size=3, forward_mode=ForwardMode.EXTEND, spec_info=None,
+        req_pool_indices=_t([1, 2, 3]), seq_lens=_t(seq_lens), seq_lens_sum=sum(seq_lens),
+        seq_lens_cpu=torch.tensor(seq_lens), extend_prefix_lens=_t([5, 5, 5]),
+        extend_prefix_lens_cpu=[5, 5, 5], extend_seq_lens=_t(ext), extend_seq_lens_cpu=ext,
+        out_cache_loc=torch.cat(SHARED_CHUNKS), encoder_lens=None,
+    )
+
+
+@pytest.mark.parametrize("row2_prefix, budget, groups, rows", [
+    (PREFIX, 8, [(0, 3)], [5]),  # 15 prefix tokens, 5 distinct: one group of 5 rows
+    (torch.arange(15, 20, device=DEV), 10, [(0, 3)], [10]),  # 10 distinct fit 10 rows
+    (torch.arange(15, 20, device=DEV), 9, [(0, 1), (1, 2), (2, 3)], [5, 5, 5]),
+    (torch.arange(15, 20, device=DEV), 15, [(0, 3)], [15]),  # fits without reading the count
+])
+def test_prefill_scratch_is_bounded_by_distinct_tokens_and_the_budget(
+        server_args, monkeypatch, row2_prefix, budget, groups, rows):
+    """The dense prefix scratch of an extend batch never holds more rows than its distinct
+    prefix slots or the budget (context_len): requests split into groups when the
+    distinct slots do not fit, and the output is the same."""
+    import sglang_tq.kernels.tq_extend as ext_mod
+
+    backend, pool, req_to_token = _make_backend(server_args)
+    backend.prefill_scratch_rows = budget
+    fb = _three_request_batch(pool, req_to_token, row2_prefix)
+    backend.init_forward_metadata(fb)
+    assert [(g.b0, g.b1) for g in backend._prefill] == groups
+    seen = []
+    real = ext_mod.tq_dequant
+    monkeypatch.setattr(ext_mod, "tq_dequant", lambda *a, **kw: (
+        seen.append(a[4].numel()) if kw.get("count") is not None else None, real(*a, **kw))[1])
+    layer = _layer(0)
+    q, k, v = _qkv(9, seed=5)
+    out = backend.forward_extend(q, k, v, layer, fb)
+    assert seen == rows and max(seen) <= budget
+    codes, codec = _packed_ref(pool, 0)
+    md = backend.forward_metadata
+    want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
+                         layer.scaling)
+    assert _rel(out.view(9, HQ, D), want) < 2e-2
+
+
+def test_prefill_plan_groups_and_page_tables():
+    from sglang_tq.backend import plan_prefill
+    from sglang_tq.kernels.tq_extend import extend_kv_table
+
+    pre, ext = [4, 0, 3, 2], [2, 3, 1, 2]
+    qo = torch.tensor([0, 2, 5, 6, 8])
+    kv = torch.tensor([0, 4, 4, 7, 9])
+    slots = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9])  # all distinct
+    (whole,) = plan_prefill(qo, kv, slots, pre, ext, budget=9, fa3=True)
+    assert (whole.q0, whole.q1, whole.prefix_tokens, whole.max_extend_len) == (0, 8, 9, 3)
+    groups = plan_prefill(qo, kv, slots, pre, ext, budget=5, fa3=True)
+    assert [(g.b0, g.b1, g.q0, g.q1, g.prefix_tokens) for g in groups] == [
+        (0, 2, 0, 5, 4), (2, 4, 5, 8, 5)]
+    g = groups[1]
+    assert g.qo_indptr.tolist() == [0, 1, 3] and g.kv_indptr.tolist() == [0, 3, 5]
+    assert g.kv_indices.tolist() == [5, 6, 7, 8, 9] and g.dedup.rows == 5
+    assert torch.equal(g.dedup.kv_table[0], extend_kv_table(g.qo_indptr, g.kv_indptr,
+                                                            g.dedup.index, 4, 5)[0])
+    assert plan_prefill(qo, kv, slots, [], [], budget=5, fa3=False) == []
+    (cold,) = plan_prefill(qo[:2], kv[:1].repeat(2), slots[:0], [0], [2], budget=1, fa3=False)
+    assert cold.dedup is None
+    with pytest.raises(RuntimeError, match="exceeds the prefill scratch of 3 rows"):
+        plan_prefill(qo, kv, slots, pre, ext, budget=3, fa3=False)
 
 
 def _mixed_batch(req_to_token):
@@ -241,9 +323,10 @@ def test_mixed_batch_decodes_its_running_requests(server_args):
     fb = _mixed_batch(req_to_token)
     backend.init_forward_metadata(fb)
     mx = backend._mixed
-    assert (mx.num_extend, mx.extend_tokens, mx.extend_prefix_tokens) == (1, 7, 5)
+    assert (mx.num_extend, mx.extend_tokens) == (1, 7)
     assert mx.kv_indices.tolist() == [30, 31, 32, 33] and mx.kv_indptr.tolist() == [0, 4]
-    assert backend._prefix_dedup.index.numel() == 5
+    (g,) = backend._prefill
+    assert (g.b0, g.b1, g.q0, g.q1, g.prefix_tokens, g.dedup.index.numel()) == (0, 1, 0, 7, 5, 5)
     q, k, v = _qkv(8, seed=3)
     out = backend.forward_extend(q, k, v, layer, fb).view(8, HQ, D)
     codes, codec = _packed_ref(pool, 0)
@@ -271,7 +354,7 @@ def test_mixed_batch_edges(server_args):
     req_to_token.req_to_token[1, :12] = torch.cat([PREFIX, CHUNKS[0]]).int()
     backend.init_forward_metadata(fb)
     mx = backend._mixed
-    assert (mx.num_extend, mx.extend_tokens) == (0, 0) and backend._prefix_dedup is None
+    assert (mx.num_extend, mx.extend_tokens) == (0, 0) and backend._prefill == []
     q, k, v = _qkv(2, seed=4)
     out = backend.forward_extend(q, k, v, layer, fb).view(2, HQ, D)
     codes, codec = _packed_ref(pool, 0)

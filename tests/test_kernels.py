@@ -8,6 +8,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 at tiny shapes; on CUDA the same
 tests also run at larger lengths.
 """
 
+import dataclasses
 import itertools
 
 import pytest
@@ -18,7 +19,7 @@ from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_
                                          pdl_supported, rotate_query, rotate_query_ref,
                                          tq_decode, tq_decode_ref)
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
-from sglang_tq.kernels.tq_extend import (dedup_prefix, default_extend_impl, extend_kv_table,
+from sglang_tq.kernels.tq_extend import (dedup_prefix, default_extend_impl, exact_rows, extend_kv_table,
                                          tq_extend, tq_extend_ref, with_kv_table)
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
 from sglang_tq.packing import unpack
@@ -455,6 +456,15 @@ def test_extend_with_shared_prefix_matches_reference(head_dim, k_bits, v_bits, g
     ref = tq_extend_ref(*args, chunk_slots=chunk_slots)
     torch_err = _rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
     assert _rel(out, ref) <= 2 * torch_err
+    # the scratch sized to the distinct slots only (exact_rows) gives the same result
+    exact = exact_rows(dedup_prefix(kv_indices))
+    assert exact.rows == shared + 5 and exact.slots.numel() == shared + 5
+    out_exact = tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
+                          chunk_slots=chunk_slots, prefix_dedup=exact, impl=impl)
+    assert _rel(out_exact, ref) <= 2 * torch_err
+    with pytest.raises(ValueError, match="prefix_dedup.rows must lie in"):
+        tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
+                  prefix_dedup=dataclasses.replace(exact, rows=sum(prefix) + 1), impl=impl)
     with pytest.raises(ValueError, match="prefix_dedup covers"):
         tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
                   prefix_dedup=dedup_prefix(kv_indices[:-1]), impl=impl)

@@ -96,19 +96,31 @@ def test_pool_allocates_exactly_the_cell_size(bits, bf16_layers):
 
 
 # --------------------------------------------------------- SGLang's configurator + hooks
-def test_cell_size_hook_grants_3_88x_the_tokens(parallel):
+def test_cell_size_hook_grants_3_88x_the_tokens_less_the_prefill_scratch(parallel):
+    """Llama-3.1-8B: 3.88x the tokens per byte; the prefill scratch (context_len = 131072
+    rows of dense K/V, 8 heads x 128 x 2 x bf16 = 512 MiB) comes out of the budget first."""
     stock = DefaultPoolConfigurator(_kvc(_server_args()))
     tq = DefaultPoolConfigurator(_kvc(_server_args("--kv-quant", "turboquant")))
     assert stock._cell_size == 131_072
     assert tq._cell_size == 33_792
+    scratch = 131_072 * 2 * 8 * 128 * 2
+    assert tq._tq_prefill_scratch_bytes == scratch == 512 * (1 << 20)
     budget = 40 * GB
     stock_tokens = stock.calculate_pool_sizes(budget, page_size=1).max_total_num_tokens
     tq_tokens = tq.calculate_pool_sizes(budget, page_size=1).max_total_num_tokens
-    assert stock_tokens == budget // 131_072 and tq_tokens == budget // 33_792
-    assert round(tq_tokens / stock_tokens, 2) == 3.88
+    assert stock_tokens == budget // 131_072 and tq_tokens == (budget - scratch) // 33_792
+    assert round(tq_tokens / stock_tokens, 2) == 3.83
+    assert tq.calculate_pool_sizes(budget, page_size=16).max_total_num_tokens == tq_tokens // 16 * 16
+    with pytest.raises(RuntimeError, match="sets aside 512 MiB for the prefill scratch"):
+        tq.calculate_pool_sizes(scratch, page_size=1)
     mixed = DefaultPoolConfigurator(
         _kvc(_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0,31")))
     assert mixed._cell_size == 39_872
+    every = ",".join(str(i) for i in range(32))  # no packed layer: no scratch either
+    plain = DefaultPoolConfigurator(
+        _kvc(_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", every)))
+    assert plain._tq_prefill_scratch_bytes == 0
+    assert plain.calculate_pool_sizes(budget, 1).max_total_num_tokens == budget // plain._cell_size
 
 
 def _real_configurator(sa):
