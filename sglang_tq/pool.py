@@ -107,9 +107,15 @@ class TQTokenToKVPool(KVCache):
         self.v_norms: list[Optional[torch.Tensor]] = []
         self.k_buffer: list[Optional[torch.Tensor]] = []
         self.v_buffer: list[Optional[torch.Tensor]] = []
+        # The codecs (rotations, codebooks, lookup words, key centers) are constants, made
+        # outside the KV region: --enable-memory-saver discards that region on release and
+        # hands back undefined bytes on resume, which is right for the codes and norms only.
+        codecs = {i: None if cfg.is_bf16_layer(i) else LayerCodec.create(
+            head_dim, cfg.k_bits, cfg.v_bits, seed=cfg.layer_seed(i), device=device,
+            k_center=None if key_centers is None else key_centers[i]) for i in self.layer_ids}
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             for layer_id in self.layer_ids:
-                self._alloc_layer(layer_id, None if key_centers is None else key_centers[layer_id])
+                self._alloc_layer(layer_id, codecs[layer_id])
         self._finalize_allocation_log(size)
 
     @property
@@ -117,19 +123,16 @@ class TQTokenToKVPool(KVCache):
         """Global ids of this pool's layers (a pipeline stage holds a contiguous range)."""
         return range(self.start_layer, self.start_layer + self.layer_num)
 
-    def _alloc_layer(self, layer_id: int, k_center: Optional[torch.Tensor]) -> None:
-        """``k_center``: [head_num, head_dim] key center of this layer (key_centers is indexed
-        by global layer id), or None."""
-        if self.cfg.is_bf16_layer(layer_id):
+    def _alloc_layer(self, layer_id: int, codec: Optional[LayerCodec]) -> None:
+        """The KV buffers of one layer: packed codes and norms for ``codec``, or plain
+        model-dtype K/V for a bf16 layer (``codec`` None)."""
+        if codec is None:
             shape = (self.num_slots, self.head_num, self.head_dim)
             self.k_buffer.append(torch.zeros(shape, dtype=self.model_dtype, device=self.device))
             self.v_buffer.append(torch.zeros(shape, dtype=self.model_dtype, device=self.device))
             for packed in (self.codecs, self.k_codes, self.k_norms, self.v_codes, self.v_norms):
                 packed.append(None)
             return
-        codec = LayerCodec.create(self.head_dim, self.cfg.k_bits, self.cfg.v_bits,
-                                  seed=self.cfg.layer_seed(layer_id), device=self.device,
-                                  k_center=k_center)
         kc, kn, vc, vn = codec.alloc_buffers(self.num_slots, self.head_num, self.device)
         self.codecs.append(codec)
         self.k_codes.append(kc)

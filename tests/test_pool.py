@@ -2,6 +2,7 @@
 and writes through ``set_kv_buffer`` read back by the decode kernel (Triton
 interpreter on CPU) against the torch reference."""
 
+import contextlib
 import types
 from pathlib import Path
 
@@ -245,6 +246,76 @@ def test_debug_pool_checks_slots_and_norm_overflow(monkeypatch, debug):
     big[1, 0] = 3e4                             # ‖v‖ = 2.4e5 > fp16 max
     with pytest.raises(ValueError, match=r"layer 1: a value vector's norm exceeds the fp16 range"):
         pool.set_kv_buffer(layer, torch.tensor([2, 3, 4], device=DEV), k, big)
+
+
+# ------------------------------------------------------- --enable-memory-saver
+class _RecordingSaver:
+    """Stands in for torch_memory_saver: remembers the tensors made inside a region (what
+    release discards), so a test can fill them with garbage the way resume hands them back."""
+
+    def __init__(self):
+        self.inside, self.made = False, []
+
+    @contextlib.contextmanager
+    def region(self, tag, enable_cpu_backup=False):
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+    def enabled(self):
+        return True
+
+
+def test_memory_saver_release_and_resume_keeps_the_codecs(monkeypatch):
+    """Only codes, norms and bf16 K/V live in the KV region; after a release/resume (their
+    bytes undefined) a fresh store and decode still match the reference, because the
+    rotations, codebooks and key centers were never in the region."""
+    import sglang.srt.mem_cache.memory_pool as sglang_pool
+    from sglang_tq.codec import LayerCodec
+
+    saver = _RecordingSaver()
+    monkeypatch.setattr(sglang_pool.TorchMemorySaverAdapter, "create", lambda enable: saver)
+    real_create, real_alloc = LayerCodec.create, LayerCodec.alloc_buffers
+
+    def create(*a, **kw):
+        assert not saver.inside, "a layer codec was made inside the KV memory-saver region"
+        return real_create(*a, **kw)
+
+    def alloc(self, *a, **kw):
+        bufs = real_alloc(self, *a, **kw)
+        saver.made.extend(bufs if saver.inside else ())
+        return bufs
+
+    monkeypatch.setattr(LayerCodec, "create", staticmethod(create))
+    monkeypatch.setattr(LayerCodec, "alloc_buffers", alloc)
+    hq, hkv, d = 4, 2, 64
+    centers = torch.randn(2, hkv, d, generator=torch.Generator().manual_seed(3)).to(DEV)
+    pool = TQTokenToKVPool(15, 1, hkv, d, 2, DEV, True, cfg=TQConfig(head_dim=d, seed=2),
+                           key_centers=centers)
+    assert len(saver.made) == 2 * 4  # two packed layers' codes and norms, nothing else
+    for t in saver.made:  # release, then resume: the region's bytes are undefined
+        t.copy_(torch.randint(0, 255, t.shape).to(t.dtype) if t.dtype == torch.uint8
+                else torch.full_like(t, float("nan")))
+    g = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(9, hkv, d, generator=g).bfloat16().to(DEV) for _ in range(2))
+    loc = torch.arange(1, 10, device=DEV)
+    pool.set_kv_buffer(types.SimpleNamespace(layer_id=1), loc, k, v)
+    packed = pool.get_packed_layer(1)
+    assert torch.equal(packed.codec.k_center, centers[1])
+    q = torch.randn(1, hq, d, generator=g).bfloat16().to(DEV)
+    indptr = torch.tensor([0, 9], dtype=torch.int32, device=DEV)
+    ws = DecodeWorkspace.create(1, hq, d, max_kv_splits=2, device=DEV)
+    got = tq_decode(q, *packed[:4], indptr, loc, packed.codec, d**-0.5,
+                    num_kv_splits=torch.tensor([2], dtype=torch.int32, device=DEV),
+                    max_kv_splits=2, workspace=ws)
+    fresh = TQTokenToKVPool(15, 1, hkv, d, 2, DEV, False, cfg=TQConfig(head_dim=d, seed=2),
+                            key_centers=centers)
+    fresh.set_kv_buffer(types.SimpleNamespace(layer_id=1), loc, k, v)
+    want = tq_decode_ref(q, *fresh.get_packed_layer(1)[:4], indptr, loc,
+                         fresh.get_packed_layer(1).codec, d**-0.5)
+    assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
 
 
 # ------------------------------------------------------------------ write and read back
