@@ -7,8 +7,10 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
 
 * decode: ``tq_decode`` over the packed slots, writing into a
   :class:`~sglang_tq.kernels.tq_decode.DecodeWorkspace` preallocated for the
-  largest captured batch (graphs) or grown on demand (eager), so a captured
-  decode step writes into fixed buffers and never syncs with the host;
+  largest captured batch (graphs; eager steps that fit share it) or sized to a larger
+  eager batch, so a captured decode step writes into fixed buffers and never syncs
+  with the host; SGLang's own split-KV logits are allocated empty unless bf16 layers
+  need its decode kernel;
 * extend (prefill, chunked prefill, radix hits): the new K/V are quantized into
   the cache first, then ``tq_extend`` dequantizes the packed prefix once per
   slot (a batch of requests over one radix prefix decodes it once; the dedup is
@@ -37,6 +39,7 @@ so a batch of one may use up to 64 splits in the memory a batch of 64 uses for 8
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any, Optional
@@ -58,6 +61,7 @@ from .pool import TQTokenToKVPool, prefill_scratch_bytes
 _tq_decode = torch.compiler.disable(tq_decode)
 _tq_extend = torch.compiler.disable(tq_extend)
 _DEFAULT_NUM_SMS = 132
+EAGER_WS_ROWS = 64  # an eager decode workspace grows in steps of this many sequences
 logger = logging.getLogger(__name__)
 
 
@@ -173,6 +177,8 @@ class TQAttnBackend(TritonAttnBackend):
         finally:
             model_runner.token_to_kv_pool = pool
         self.token_to_kv_pool = pool
+        # SGLang's own Triton decode runs only for bf16 layers (--kv-quant-bf16-layers)
+        self._sglang_decode = any(not pool.is_packed_layer(i) for i in pool.layer_ids)
         server_args = model_runner.server_args
         self.packed_prefill = bool(getattr(server_args, "kv_quant_packed_prefill", False))
         self.out_dtype = getattr(model_runner, "dtype", pool.model_dtype)
@@ -235,8 +241,23 @@ class TQAttnBackend(TritonAttnBackend):
                                       self.token_to_kv_pool.head_dim, self.max_kv_splits,
                                       self.device, out_dtype=self.out_dtype)
 
+    @contextlib.contextmanager
+    def _without_sglang_logits(self):
+        """While the parent builds metadata: SGLang's split-KV logits [B, H, splits, Dv] fp32
+        serve its own decode kernel only, so with no bf16 layer they are shaped [.., 0] and
+        hold no bytes (at B = 4096, 32 heads, 8 splits: 0.5 GB beside our workspace)."""
+        if self._sglang_decode:
+            yield
+            return
+        saved, self.v_head_dim = self.v_head_dim, 0
+        try:
+            yield
+        finally:
+            self.v_head_dim = saved
+
     def init_forward_metadata(self, forward_batch) -> None:
-        super().init_forward_metadata(forward_batch)
+        with self._without_sglang_logits():
+            super().init_forward_metadata(forward_batch)
         mode = forward_batch.forward_mode
         self._prefill = None
         self._mixed = None
@@ -260,9 +281,19 @@ class TQAttnBackend(TritonAttnBackend):
                             self.prefill_scratch_rows, self.extend_impl == "fa3")
 
     def _use_eager_workspace(self, bs: int) -> None:
-        if self._eager_ws is None or self._eager_ws.q_rot.shape[0] < bs:
-            self._eager_ws = self._workspace(1 << max(0, bs - 1).bit_length())
-        self._decode_ws = self._eager_ws
+        """The workspace of an eager decode of ``bs`` sequences: the CUDA-graph one when it
+        fits (graph replays and eager steps share the stream, never run at once), else one
+        of ``bs`` rounded up to 64 rows, replaced when it is over twice what the batch needs,
+        so a burst of 4096 requests does not pin its workspace for the server's life."""
+        g = self._graph_ws
+        if g is not None and g.q_rot.shape[0] >= bs:
+            self._eager_ws, self._decode_ws = None, g
+            return
+        ws, need = self._eager_ws, max(bs, SPLIT_REF_BATCH)
+        if ws is None or not bs <= ws.q_rot.shape[0] <= 2 * need:
+            self._eager_ws = ws = None  # freed before the next one is made
+            ws = self._eager_ws = self._workspace(-(-bs // EAGER_WS_ROWS) * EAGER_WS_ROWS)
+        self._decode_ws = ws
 
     def _split_mixed(self, forward_batch) -> Optional[_MixedSplit]:
         """The decode half of a mixed batch: its trailing run of one-token requests (the
@@ -296,7 +327,9 @@ class TQAttnBackend(TritonAttnBackend):
         return _MixedSplit(first, sum(ext[:first]), indptr, indices, splits)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
-        super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        with self._without_sglang_logits():
+            super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        self._eager_ws = None
         self._graph_ws = self._workspace(max_num_tokens)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:

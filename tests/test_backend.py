@@ -388,10 +388,10 @@ def test_packed_prefill_reads_the_chunk_back_from_the_cache(server_args):
     assert _rel(out.view(10, HQ, D), bf16_chunk) > _rel(out.view(10, HQ, D), want)
 
 
-def _after_prefill(server_args):
+def _after_prefill(server_args, bf16_layers=(BF16_LAYER,)):
     """A backend whose packed layer 0 holds the prefix and the extend batch's chunks, and a
     snapshot of that layer's codes and norms (decode tests restore it between runs)."""
-    backend, pool, req_to_token = _make_backend(server_args)
+    backend, pool, req_to_token = _make_backend(server_args, bf16_layers=bf16_layers)
     layer = _layer(0)
     _fill_prefix(pool, 0)
     fb = _extend_batch(req_to_token)
@@ -477,6 +477,33 @@ def _store_norms_of(k, packed):
     tq_store_kv(k.contiguous(), k.contiguous(), torch.arange(2, device=DEV), kc, kn, vc, vn,
                 packed.codec)
     return kn
+
+
+def test_decode_scratch_is_not_doubled(server_args):
+    """No bf16 layer: SGLang's split-KV logits hold no bytes (eager and graph state), eager
+    batches that fit share the graph workspace, and a larger eager batch's workspace is
+    sized to it and given up when the batches shrink again."""
+    backend, pool, req_to_token, layer, _ = _after_prefill(server_args, bf16_layers=())
+    fb = _decode_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    assert backend.forward_metadata.attn_logits.numel() == 0
+    assert backend.forward_metadata.attn_logits.shape[:3] == (2, HQ, backend.max_kv_splits)
+    eager = backend.forward_decode(*_qkv(2, seed=2), layer, fb)
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+    assert backend.cuda_graph_attn_logits.numel() == 0 and backend._eager_ws is None
+    assert backend.v_head_dim == D  # restored after the parent's allocations
+    graph_ws = backend._graph_ws
+    backend.init_forward_metadata(fb)
+    assert backend._decode_ws is graph_ws  # 2 sequences fit the graph workspace
+    for bs, rows in ((65, 128), (100, 128), (200, 256), (90, 128)):
+        backend._use_eager_workspace(bs)
+        assert backend._decode_ws is backend._eager_ws and backend._eager_ws.q_rot.shape[0] == rows
+    backend._use_eager_workspace(30)
+    assert backend._decode_ws is graph_ws and backend._eager_ws is None
+    with_bf16, _, _ = _make_backend(server_args)  # a bf16 layer runs SGLang's decode: kept
+    with_bf16.init_forward_metadata(_decode_batch(req_to_token))
+    assert with_bf16.forward_metadata.attn_logits.shape == (2, HQ, with_bf16.max_kv_splits, D)
+    assert torch.isfinite(eager.float()).all()
 
 
 def test_bf16_layer_goes_to_sglang_triton_kernels(server_args):
