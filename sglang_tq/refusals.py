@@ -12,9 +12,10 @@ Three stages, from earliest to latest:
   launching process, on the resolved fields, so most refusals stop the launch
   before any subprocess starts;
 * :func:`check_kv_context` and :func:`check_pool_build` run in the scheduler where
-  SGLang sizes and builds the KV pool, and catch what only the loaded model
-  reveals (a sliding window, an FP8 KV dtype resolved from the checkpoint, a
-  draft worker);
+  SGLang sizes and builds the KV pool; they back up the launch checks with what the
+  loaded model reveals (a sliding window, a KV dtype resolved to FP8, a draft
+  worker), which for the supported architectures and flags the launcher has already
+  refused (the checkpoint's FP8 KV config: :func:`checkpoint_kv_quant`);
 * :func:`check_model_layers` runs when the attention backend is built and checks
   every ``RadixAttention`` layer against what the kernels implement.
 
@@ -235,6 +236,12 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
         )
     if sa is None:
         return
+    if str(getattr(sa, "kv_cache_dtype", "auto")) == "auto" and checkpoint_kv_quant(mc) == "FP8":
+        raise ValueError(
+            f"{q} stores its own KV format, but {arch}'s checkpoint asks for an FP8 KV cache "
+            f"(kv_cache_quant_algo FP8), which --kv-cache-dtype auto would follow; pass "
+            f"--kv-cache-dtype bf16 to quantize the bf16 K/V instead {_ALT}."
+        )
     total_kv = mc.get_total_num_kv_heads()
     if total_kv % sa.tp_size and sa.tp_size % total_kv:
         raise ValueError(
@@ -248,6 +255,24 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"--kv-quant-bf16-layers names layers {bad} but {arch} has layers 0..{layers - 1}; "
             f"list existing layer ids only."
         )
+
+
+def checkpoint_kv_quant(mc: Any) -> Optional[str]:
+    """The KV-cache quantization a checkpoint's quantization config asks for ("FP8" or
+    None), read as SGLang reads it when ``--kv-cache-dtype auto`` resolves (ModelOpt's
+    ``kv_cache_quant_algo``, flat or under ``quantization``, or compressed-tensors'
+    ``kv_cache_scheme`` of 8-bit floats), so the launcher refuses what the scheduler would."""
+    parse = getattr(mc, "_parse_quant_hf_config", None)
+    cfg = parse() if parse is not None else None
+    if not isinstance(cfg, dict):
+        return None
+    scheme = cfg.get("kv_cache_scheme")
+    if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+        return "FP8"
+    nested = cfg.get("quantization")
+    algo = cfg.get("kv_cache_quant_algo") or (nested.get("kv_cache_quant_algo")
+                                             if isinstance(nested, dict) else None)
+    return algo.upper() if isinstance(algo, str) else None
 
 
 def check_kv_context(kvc: Any) -> None:

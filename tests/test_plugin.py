@@ -271,6 +271,31 @@ def test_model_refusals(overrides, needle, monkeypatch):
     assert "--kv-quant" in msg and _one_sentence(msg), msg
 
 
+@pytest.mark.parametrize("quant, refused", [
+    ({"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}, True),
+    ({"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "fp8"}}, True),
+    ({"quant_method": "compressed-tensors",
+      "kv_cache_scheme": {"type": "float", "num_bits": 8}}, True),
+    ({"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": None}, False),
+    (None, False),
+])
+def test_fp8_kv_checkpoint_is_refused_at_launch(monkeypatch, quant, refused):
+    """--kv-cache-dtype auto follows a checkpoint's FP8 KV config in the scheduler; the
+    launcher reads the same config and refuses first, unless --kv-cache-dtype bf16."""
+    from sglang.srt.configs import hybrid_arch
+
+    monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: None)
+    mc = _model(_parse_quant_hf_config=lambda: None if quant is None else dict(quant))
+    assert refusals.checkpoint_kv_quant(mc) == ("FP8" if refused else None)
+    refusals.check_model_config(mc, _stock_fields(kv_cache_dtype="bf16"))
+    if not refused:
+        refusals.check_model_config(mc, _stock_fields())
+        return
+    with pytest.raises(ValueError, match="pass --kv-cache-dtype bf16") as exc:
+        refusals.check_model_config(mc, _stock_fields())
+    assert _one_sentence(str(exc.value))
+
+
 def test_hybrid_linear_and_tensor_parallel_refusals(monkeypatch):
     from sglang.srt.configs import hybrid_arch
 
