@@ -963,6 +963,9 @@ def main(argv: list[str] | None = None) -> int:
     add_centered_configs(under_test, custom, args.key_centers, ap.error)
     for c in [ref, *under_test]:
         try:
+            if c not in custom and c.endswith("-b"):  # boundary layers: count the model's
+                from sglang_tq.bench.configs import kv_server_flags  # noqa: PLC0415
+                custom[c] = kv_server_flags(c, args.model_path)
             config_flags(c, custom)  # fail early on unknown names
         except ValueError as exc:
             ap.error(str(exc))

@@ -816,7 +816,8 @@ def common_server_flags(args) -> list[str]:
 
 def server_flags(args, kv: str) -> list[str]:
     """A config's server arguments after --model-path/--host/--port."""
-    return [*common_server_flags(args), *kv_server_flags(kv), *check_extra_server_args(args.extra_server_args)]
+    return [*common_server_flags(args), *kv_server_flags(kv, args.model_path),
+            *check_extra_server_args(args.extra_server_args)]
 
 
 def make_server(args, kv: str, port: int, log_path: Path) -> SGLangServer:
@@ -1185,7 +1186,7 @@ def parse_args(argv=None):
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for kv in args.configs:
         try:
-            kv_server_flags(kv)
+            kv_server_flags(kv, args.model_path)
         except ValueError as exc:
             ap.error(str(exc))
     for w in args.workloads:
@@ -1286,7 +1287,7 @@ def main(argv=None) -> int:
                     rc = 2
                     continue
                 base_res = {"kv": kv, "gpu": prov.get("gpu"), "commit": prov.get("commit"),
-                            "date": prov.get("date"), "kv_flags": kv_server_flags(kv)}
+                            "date": prov.get("date"), "kv_flags": kv_server_flags(kv, args.model_path)}
                 cmd = None
                 log_default = None
                 if args.server_url:

@@ -466,6 +466,28 @@ def test_config_flags_are_shared_with_loadtest():
     assert configs.parse_config_list("bf16, k4v4,bf16") == ["bf16", "k4v4"]
 
 
+def test_boundary_layer_labels_count_the_models_layers(tmp_path):
+    """kXvY-b keeps layers 0 and L-1 in bf16, L read from the model's config.json (or its
+    text_config); without a readable model folder the label is refused in one sentence."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 28}))
+    assert configs.kv_server_flags("k4v4-b", tmp_path) == [
+        "--kv-quant", "turboquant", "--kv-quant-bits", "k4v4", "--kv-quant-bf16-layers", "0,27"]
+    assert configs.kv_server_flags("k3v3-nc-b", tmp_path)[-4:] == [
+        "--kv-quant-key-centers", "none", "--kv-quant-bf16-layers", "0,27"]
+    assert configs.expected_backend("k4v4-b") == "turboquant"
+    nested = tmp_path / "vlm"
+    nested.mkdir()
+    (nested / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 26}}))
+    assert configs.kv_server_flags("k4v4-b", nested)[-1] == "0,25"
+    assert configs.parse_config_list("k4v4-b,bf16") == ["k4v4-b", "bf16"]  # by name only
+    with pytest.raises(ValueError, match="needs the model folder"):
+        configs.kv_server_flags("k4v4-b")
+    with pytest.raises(ValueError, match="cannot read the layer count"):
+        configs.parse_config_list("k4v4-b", tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown KV config"):
+        configs.kv_server_flags("k4v4-b-nc", tmp_path)
+
+
 def test_free_port_and_loopback():
     for _ in range(20):
         assert 20000 <= server.free_port() < 32000

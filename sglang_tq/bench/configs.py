@@ -12,6 +12,8 @@ in a load test, a fidelity run and an accuracy evaluation:
     kXvY          --kv-quant turboquant --kv-quant-bits kXvY   (X, Y in 2..4: k4v4, k3v3, k4v2, ...)
                   with the default key centers (auto: from the k_proj bias where there is one)
     kXvY-nc       the same with --kv-quant-key-centers none (keys quantized uncentered)
+    kXvY[-nc]-b   the same with --kv-quant-bf16-layers 0,L-1: the first and last of the
+                  model's L layers in bf16 (boundary layers; needs the model's config.json)
     hqB           --kv-quant hadamard --kv-quant-bits kBvB     (B in 2..4: hq4, hq3, hq2)
                   QuaRot-style Hadamard + per-token asymmetric B-bit int, one fp16 scale and
                   zero per head vector; SGLang's default backend
@@ -32,12 +34,14 @@ GPU at hand (fa3 on Hopper). This is the mapping of ``scripts/loadtest.py``'s
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+from pathlib import Path
 
 BASELINE = "bf16"
 KV_ORDER = ("bf16", "fp8", "bf16-triton", "fp8-triton", "bf16-fa3", "fp8-fa3", "k4v4", "k3v3")
-TQ_RE = re.compile(r"^k[2-4]v[2-4](-nc)?$")
+TQ_RE = re.compile(r"^k[2-4]v[2-4](-nc)?(-b)?$")
 PRIOR_ART_RE = re.compile(r"^(hq|kivi)([2-4])$")
 _PRIOR_ART_FLAGS = {"hq": ["--kv-quant", "hadamard"], "kivi": ["--kv-quant", "kivi"]}
 _PRIOR_ART_EXTRA = {"hq": [], "kivi": ["--disable-radix-cache"]}
@@ -45,24 +49,47 @@ _DTYPE_FLAGS = {"bf16": [], "fp8": ["--kv-cache-dtype", "fp8_e4m3"]}
 _NAMED_BACKENDS = ("triton", "fa3")
 
 
-def kv_server_flags(kv: str) -> list[str]:
-    """Server flags of one KV config label; ValueError (one sentence) for an unknown label."""
+def model_num_layers(model_path: str | Path) -> int:
+    """``num_hidden_layers`` of a model folder's config.json (or of its text_config)."""
+    path = Path(model_path) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the layer count from {path} ({exc}); boundary-layer labels "
+                         f"(kXvY-b) need a local model folder with a config.json") from None
+    n = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"{path} gives no num_hidden_layers of at least 2 (got {n!r}); boundary-"
+                         f"layer labels (kXvY-b) need one")
+    return n
+
+
+def kv_server_flags(kv: str, model_path: str | Path | None = None) -> list[str]:
+    """Server flags of one KV config label; ValueError (one sentence) for an unknown label.
+    ``model_path``: the model folder, read for its layer count by the ``-b`` labels only."""
     name, _, backend = kv.partition("-")
     if name in _DTYPE_FLAGS and backend == "":
         return list(_DTYPE_FLAGS[name])
     if name in _DTYPE_FLAGS and backend in _NAMED_BACKENDS:
         return ["--attention-backend", backend, *_DTYPE_FLAGS[name]]
     if TQ_RE.match(kv):
-        bits, _, nc = kv.partition("-")
-        return ["--kv-quant", "turboquant", "--kv-quant-bits", bits,
-                *(["--kv-quant-key-centers", "none"] if nc else [])]
+        bits, *suffixes = kv.split("-")
+        flags = ["--kv-quant", "turboquant", "--kv-quant-bits", bits,
+                 *(["--kv-quant-key-centers", "none"] if "nc" in suffixes else [])]
+        if "b" in suffixes:
+            if model_path is None:
+                raise ValueError(f"{kv} keeps the model's first and last layer in bf16, so it "
+                                 f"needs the model folder to count its layers")
+            flags += ["--kv-quant-bf16-layers", f"0,{model_num_layers(model_path) - 1}"]
+        return flags
     m = PRIOR_ART_RE.match(kv)
     if m:
         fmt, bits = m[1], m[2]
         return [*_PRIOR_ART_FLAGS[fmt], "--kv-quant-bits", f"k{bits}v{bits}", *_PRIOR_ART_EXTRA[fmt]]
     raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
                      f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY (e.g. k4v4, k3v3), "
-                     f"kXvY-nc (uncentered keys), hqB or kiviB (B in 2..4, prior-art baselines)")
+                     f"kXvY-nc (uncentered keys), kXvY-b or kXvY-nc-b (bf16 first and last "
+                     f"layer), hqB or kiviB (B in 2..4, prior-art baselines)")
 
 
 def expected_backend(kv: str) -> str | None:
@@ -77,12 +104,14 @@ def kv_sort_key(kv: str) -> tuple:
     return (KV_ORDER.index(kv) if kv in KV_ORDER else len(KV_ORDER), kv)
 
 
-def parse_config_list(text: str) -> list[str]:
-    """Comma-separated labels, each checked; duplicates dropped, order kept."""
+def parse_config_list(text: str, model_path: str | Path | None = None) -> list[str]:
+    """Comma-separated labels, each checked (a ``-b`` label against ``model_path`` when
+    given, else by name only); duplicates dropped, order kept."""
     out: list[str] = []
     for kv in (c.strip() for c in text.split(",")):
         if kv and kv not in out:
-            kv_server_flags(kv)
+            if model_path is not None or not (TQ_RE.match(kv) and kv.endswith("-b")):
+                kv_server_flags(kv, model_path)
             out.append(kv)
     if not out:
         raise ValueError("no KV config given: name at least one, e.g. --configs bf16,k4v4")

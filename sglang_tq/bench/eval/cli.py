@@ -99,7 +99,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.action = "eval"
     try:
-        args.configs = configs.parse_config_list(args.configs)
+        args.configs = configs.parse_config_list(args.configs, args.model_path)
         args.extra = configs.check_extra_server_args(args.extra_server_args, REFUSED_EXTRA)
     except ValueError as exc:
         ap.error(str(exc))
@@ -145,7 +145,7 @@ def prompts_sha256(items: list[dict]) -> str:
 
 def server_flags(args, kv: str) -> list[str]:
     mem = [] if args.mem_fraction_static is None else ["--mem-fraction-static", str(args.mem_fraction_static)]
-    return [*mem, *configs.kv_server_flags(kv), *args.extra]
+    return [*mem, *configs.kv_server_flags(kv, args.model_path), *args.extra]
 
 
 class Generations:
@@ -322,7 +322,7 @@ def run_eval(args) -> int:
                 continue
             server = SGLangServer(args.model_path, flags, log_dir / f"eval_server_{kv}.log",
                                   module=args.server_module)
-            base = {"config": kv, "kv_flags": configs.kv_server_flags(kv), "server_cmd": server.command_line,
+            base = {"config": kv, "kv_flags": configs.kv_server_flags(kv, args.model_path), "server_cmd": server.command_line,
                     "extra_server_args": args.extra, "mem_fraction_static": args.mem_fraction_static,
                     "data_sources": sources, "concurrency": args.concurrency, "limit": args.limit}
             try:
