@@ -506,32 +506,60 @@ def test_decode_scratch_is_not_doubled(server_args):
     assert torch.isfinite(eager.float()).all()
 
 
+def _bf16_layer_steps(backend, pool, req_to_token):
+    """An extend then a decode step on the bf16 layer; returns both outputs and the inputs."""
+    layer = _layer(BF16_LAYER)
+    pk, pv = _fill_prefix(pool, BF16_LAYER)
+    assert torch.equal(pool.get_key_buffer(BF16_LAYER)[PREFIX], pk)
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    ext = _qkv(10, seed=1)
+    out_e = backend.forward_extend(*ext, layer, fb)
+    assert torch.equal(pool.get_value_buffer(BF16_LAYER)[CHUNKS[0]], ext[2][:7])
+    fb = _decode_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    dec = _qkv(2, seed=2)
+    out_d = backend.forward_decode(*dec, layer, fb)
+    assert torch.equal(pool.get_key_buffer(BF16_LAYER)[_t([40, 41])], dec[1])
+    return out_e, out_d, ext, dec, (pk, pv)
+
+
 def test_bf16_layer_goes_to_sglang_triton_kernels(server_args):
-    # SGLang's own Triton kernels do not run under the CPU interpreter, so this test
-    # records what the parent backend hands them: the bf16 buffers of the layer.
+    """On the CPU SGLang's own Triton kernels do not run under the interpreter, so this
+    records what the parent backend hands them: the bf16 buffers of the layer."""
     backend, pool, req_to_token = _make_backend(server_args)
     calls = []
     backend.extend_attention_fwd = lambda *a, **kw: calls.append(("extend", a))
     backend.decode_attention_fwd = lambda *a, **kw: calls.append(("decode", a))
-    layer = _layer(BF16_LAYER)
-    pk, _ = _fill_prefix(pool, BF16_LAYER)
-    assert torch.equal(pool.get_key_buffer(BF16_LAYER)[PREFIX], pk)
-    fb = _extend_batch(req_to_token)
-    backend.init_forward_metadata(fb)
-    q, k, v = _qkv(10, seed=1)
-    backend.forward_extend(q, k, v, layer, fb)
-    assert torch.equal(pool.get_value_buffer(BF16_LAYER)[CHUNKS[0]], v[:7])
-    fb = _decode_batch(req_to_token)
-    backend.init_forward_metadata(fb)
-    q, k, v = _qkv(2, seed=2)
-    backend.forward_decode(q, k, v, layer, fb)
-    assert torch.equal(pool.get_key_buffer(BF16_LAYER)[_t([40, 41])], k)
+    _bf16_layer_steps(backend, pool, req_to_token)
     (kind_e, args_e), (kind_d, args_d) = calls
     assert (kind_e, kind_d) == ("extend", "decode")
     assert args_e[4] is pool.get_key_buffer(BF16_LAYER) and args_e[5] is pool.get_value_buffer(BF16_LAYER)
     assert args_d[1] is pool.get_key_buffer(BF16_LAYER) and args_d[2] is pool.get_value_buffer(BF16_LAYER)
     with pytest.raises(RuntimeError, match="get_packed_layer"):
         pool.get_key_buffer(0)
+
+
+@pytest.mark.gpu
+def test_bf16_layer_runs_sglang_kernels_and_matches_attention(server_args):
+    """On CUDA the bf16 layer runs SGLang's real Triton kernels, compared with plain
+    attention over the bf16 K/V (bf16 inputs: 2e-2 relative, as for the packed layers)."""
+    from sglang_tq.kernels.tq_decode import attention_ref
+
+    backend, pool, req_to_token = _make_backend(server_args)
+    out_e, out_d, (q, k, v), (qd, kd, vd), (pk, pv) = _bf16_layer_steps(backend, pool, req_to_token)
+    scale = _layer(BF16_LAYER).scaling
+    f = torch.float64
+    want_e = torch.cat([
+        attention_ref(q[:7].to(f), torch.cat([pk, k[:7]]).to(f), torch.cat([pv, v[:7]]).to(f),
+                      scale, causal_offset=5),
+        attention_ref(q[7:].to(f), k[7:].to(f), v[7:].to(f), scale, causal_offset=0)])
+    assert _rel(out_e.view(10, HQ, D), want_e) < 2e-2
+    kb, vb = pool.get_key_buffer(BF16_LAYER), pool.get_value_buffer(BF16_LAYER)
+    rows = [req_to_token.req_to_token[1, :13].long(), req_to_token.req_to_token[2, :4].long()]
+    want_d = torch.cat([attention_ref(qd[i:i + 1].to(f), kb[r].to(f), vb[r].to(f), scale)
+                        for i, r in enumerate(rows)])
+    assert _rel(out_d.view(2, HQ, D), want_d) < 2e-2
 
 
 def test_factory_refuses_a_stock_pool(server_args):
