@@ -193,12 +193,12 @@ def _merge_weights(MidLse, lse_row, KvIndptr, NumKvSplits, batch, offs_s, slidin
 
 @triton.jit
 def _tq_decode_stage2(
-    MidO, MidLse, Pi, Out, KvIndptr, NumKvSplits, sliding_window,
+    MidO, MidLse, Pi, Out, KvIndptr, NumKvSplits, Sinks, sliding_window,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_o_b, stride_o_h,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr,
     SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr, VECTOR_MERGE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_SINK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # stage 1's partials are complete and visible
@@ -217,6 +217,8 @@ def _tq_decode_stage2(
         e_max = tl.max(lse)
         e_max = tl.where(e_max == float("-inf"), 0.0, e_max)  # no split holds tokens
         e_sum = tl.sum(tl.exp(lse - e_max))
+        if HAS_SINK:  # the head's sink logit joins the softmax, with no value
+            e_sum += tl.exp(tl.load(Sinks + head).to(tl.float32) - e_max)
         e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
         row = tl.zeros((HEAD_DIM,), tl.float32)
         for c in tl.static_range(0, SPLITS_P2, CHUNK_S):
@@ -259,6 +261,9 @@ def _tq_decode_stage2(
                 o_rot = o_rot * scale[:, None] + w[:, None] * part
                 e_sum = e_sum * scale + w
                 e_max = new_max
+        if HAS_SINK:  # the sink logits join the softmax, with no value
+            sink = tl.load(Sinks + heads, mask=mask_h, other=float("-inf")).to(tl.float32)
+            e_sum += tl.exp(sink - tl.where(e_max == float("-inf"), sink, e_max))
         e_sum = tl.where(e_sum == 0.0, 1.0, e_sum)
         # -- un-rotate once: o = o_rot · Π, by column chunks of Π to bound shared memory
         o_rot = o_rot / e_sum[:, None]
@@ -485,7 +490,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
               fuse_rotation: bool | None = None, pdl: bool | None = None, early_q: bool = False,
-              out=None):
+              sinks=None, out=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -500,6 +505,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     ``early_q`` (with pdl) promises that the kernel launched just before is
     ``tq_store_kv(..., pdl=True)``, which waits for q's producer before it lets this
     launch start: stage 1 then reads and rotates q while the store still runs.
+    ``sinks`` [Hq] (any float dtype): a learned logit per query head that joins each
+    softmax without a value (attention sinks), added where the splits merge.
     """
     bsz = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -509,6 +516,10 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     if ws.q_rot.shape[0] < bsz or ws.q_rot.shape[1:] != (hq, d) or not ws.fits(bsz, max_kv_splits):
         raise ValueError("the decode workspace is too small for this batch; create it with "
                          "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits).")
+    if sinks is not None and (sinks.shape != (hq,) or not sinks.is_floating_point()
+                              or sinks.device != q.device):
+        raise ValueError(f"sinks must be a float tensor [{hq}] (one logit per query head) on "
+                         f"{q.device}, got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}.")
     if logit_cap > 0 and codec.k_center is not None:
         raise ValueError("a logit soft-cap does not ignore the per-query shift q·μ that key "
                          "centering adds to every score; run this model without key centers.")
@@ -557,23 +568,25 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         **_register_cap(maxnreg), **pdl_launch(pdl),
     )
     _tq_decode_stage2[(bsz, hq if vector_merge else hkv)](  # per query head / per group
-        mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits, sliding_window,
+        mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits,
+        mid_lse if sinks is None else sinks.contiguous(), sliding_window,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         GQA=gqa, BLOCK_H=_block_h(gqa), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
         SPLITS_P2=triton.next_power_of_2(max_kv_splits),
         CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d),
-        VECTOR_MERGE=vector_merge, USE_PDL=int(pdl), num_warps=4,
+        VECTOR_MERGE=vector_merge, HAS_SINK=sinks is not None, USE_PDL=int(pdl), num_warps=4,
         **pdl_launch(pdl),
     )
     return out
 
 
-def attention_ref(q, k, v, sm_scale, logit_cap=0.0, causal_offset=None):
+def attention_ref(q, k, v, sm_scale, logit_cap=0.0, causal_offset=None, sinks=None):
     """Plain softmax attention for one sequence: q [M, Hq, D], k/v [L, Hkv, D].
 
-    ``causal_offset`` = L − M makes query i see keys ≤ causal_offset + i.
-    Computes in the dtype of the inputs; returns [M, Hq, D].
+    ``causal_offset`` = L − M makes query i see keys ≤ causal_offset + i. ``sinks`` [Hq]:
+    one learned logit per query head that joins every softmax and carries no value
+    (gpt-oss's attention sinks). Computes in the dtype of the inputs; returns [M, Hq, D].
     """
     gqa = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(gqa, dim=1)
@@ -585,13 +598,17 @@ def attention_ref(q, k, v, sm_scale, logit_cap=0.0, causal_offset=None):
         m, L = q.shape[0], k.shape[0]
         allowed = torch.arange(L)[None, :] <= causal_offset + torch.arange(m)[:, None]
         s = s.masked_fill(~allowed.to(s.device)[None], float("-inf"))
-    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    if sinks is not None:
+        sink = sinks.to(s.device, s.dtype)[:, None, None].expand(-1, s.shape[1], 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1).float(), dim=-1)[..., :-1].to(q.dtype)
+    else:
+        p = torch.softmax(s.float(), dim=-1).to(q.dtype)
     return torch.einsum("hml,lhd->mhd", p, v)
 
 
 def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
                   sm_scale: float, logit_cap: float = 0.0, sliding_window: int = 0,
-                  dtype=torch.float64):
+                  dtype=torch.float64, sinks=None):
     """Pure-torch twin of :func:`tq_decode` on the reference quantizer's dequantization.
 
     Attention is computed in ``dtype`` in the original (unrotated) space, which is
@@ -603,7 +620,8 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
         if sliding_window > 0:
             slots = slots[-sliding_window:]
         k, v = tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype)
-        outs.append(attention_ref(q[b : b + 1].to(dtype), k, v, sm_scale, logit_cap)[0])
+        outs.append(attention_ref(q[b : b + 1].to(dtype), k, v, sm_scale, logit_cap,
+                                  sinks=None if sinks is None else sinks.to(dtype))[0])
     return torch.stack(outs)
 
 

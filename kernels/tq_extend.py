@@ -174,7 +174,7 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
               codec: LayerCodec, sm_scale: float, *, max_extend_len: int,
               num_prefix_tokens: int | None = None, chunk_slots=None, logit_cap: float = 0.0,
               sliding_window: int = 0, prefix_dedup: PrefixDedup | None = None, out=None,
-              impl: str | None = None, max_kv_len: int | None = None):
+              impl: str | None = None, max_kv_len: int | None = None, sinks=None):
     """Causal attention of new tokens over a packed prefix plus themselves.
 
     q [T, Hq, D], k/v [T, Hkv, D]: the new tokens of all sequences, concatenated
@@ -193,6 +193,8 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     :func:`default_extend_impl`). Over a prefix the fa3 path reads its page table from
     ``prefix_dedup`` (:func:`with_kv_table`, once for all layers), else builds it here
     with ``max_kv_len`` ≥ every prefix + chunk length (host metadata, else a device sync).
+    ``sinks`` [Hq]: one logit per query head that joins every softmax without a value
+    (attention sinks); both kernels take it.
     """
     t = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -203,6 +205,9 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         raise ValueError(f"kv_indptr must have {bsz + 1} entries like qo_indptr.")
     if chunk_slots is not None and chunk_slots.shape != (t,):
         raise ValueError(f"chunk_slots must hold one slot per new token ({t}).")
+    if sinks is not None and (sinks.shape != (hq,) or not sinks.is_floating_point()):
+        raise ValueError(f"sinks must be a float tensor [{hq}] (one logit per query head), got "
+                         f"{sinks.dtype} {tuple(sinks.shape)}.")
     impl = (default_extend_impl(q.device, q.dtype) if impl is None
             else _check_impl(impl, "impl", q.device, q.dtype))
     if out is None:
@@ -237,7 +242,8 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         qo_indptr = qo_indptr.to(torch.int32)  # FA3 takes int32 offsets (SGLang's are int64)
         window = (sliding_window - 1, 0) if sliding_window > 0 else (-1, -1)
         o = out if out.is_contiguous() else torch.empty_like(q)
-        kw = dict(softmax_scale=sm_scale, causal=True, window_size=window, softcap=logit_cap, out=o)
+        kw = dict(softmax_scale=sm_scale, causal=True, window_size=window, softcap=logit_cap, out=o,
+                  **({} if sinks is None else {"sinks": sinks.float().contiguous()}))
         if n == 0:  # -- no prefix: one varlen call over the chunk itself
             if chunk_slots is not None:
                 k, v = dequant(chunk_slots)
@@ -276,6 +282,7 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         max_extend_len, 1.0, 1.0, sm_scale, logit_cap=logit_cap,
         # SGLang's window counts the keys before the query; ours includes the query
         sliding_window_size=sliding_window - 1 if sliding_window > 0 else -1,
+        sinks=None if sinks is None else sinks.float().contiguous(),
     )
     if o is not out:
         out.copy_(o)
@@ -284,8 +291,9 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
 
 def tq_extend_ref(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,
                   codec: LayerCodec, sm_scale: float, logit_cap: float = 0.0,
-                  sliding_window: int = 0, chunk_slots=None, dtype=torch.float64):
+                  sliding_window: int = 0, chunk_slots=None, dtype=torch.float64, sinks=None):
     """Pure-torch twin of :func:`tq_extend`, on the reference quantizer's dequantization."""
+    sinks = None if sinks is None else sinks.to(dtype)
     outs = []
     for b in range(qo_indptr.numel() - 1):
         qs, qe = int(qo_indptr[b]), int(qo_indptr[b + 1])
@@ -302,10 +310,10 @@ def tq_extend_ref(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_ind
             out = torch.stack([
                 attention_ref(qb[i : i + 1], kp[max(0, offset + i - sliding_window + 1): offset + i + 1],
                               vp[max(0, offset + i - sliding_window + 1): offset + i + 1],
-                              sm_scale, logit_cap)[0]
+                              sm_scale, logit_cap, sinks=sinks)[0]
                 for i in range(qb.shape[0])
             ]) if qb.shape[0] else qb
         else:
-            out = attention_ref(qb, kp, vp, sm_scale, logit_cap, causal_offset=offset)
+            out = attention_ref(qb, kp, vp, sm_scale, logit_cap, causal_offset=offset, sinks=sinks)
         outs.append(out)
     return torch.cat(outs)

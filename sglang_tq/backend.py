@@ -343,9 +343,9 @@ class TQAttnBackend(TritonAttnBackend):
         if k is None:
             raise RuntimeError("the turboquant backend needs this layer's own K/V (cross-layer KV "
                                "sharing is not supported); use --kv-quant none for this model.")
-        if sinks is not None or score_mod is not None:
-            raise RuntimeError("the turboquant backend implements neither attention sinks nor "
-                               "score_mod; use --kv-quant none for this model.")
+        if score_mod is not None:
+            raise RuntimeError("the turboquant backend does not implement score_mod; use "
+                               "--kv-quant none for this model.")
         if forward_batch.forward_mode.is_target_verify():
             raise RuntimeError("the turboquant backend does not support speculative verification; "
                                "drop --speculative-algorithm or use --kv-quant none.")
@@ -372,6 +372,7 @@ class TQAttnBackend(TritonAttnBackend):
             num_kv_splits=md.num_kv_splits[:bs], max_kv_splits=self.max_splits(bs),
             workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o.view(bs, hq, d),
             early_q=save_kv_cache,  # the store just launched: stage 1 overlaps it (PDL)
+            sinks=sinks,
         )
         return o
 
@@ -403,7 +404,7 @@ class TQAttnBackend(TritonAttnBackend):
                 q[t:], packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
                 mx.kv_indptr, mx.kv_indices, packed.codec, layer.scaling,
                 num_kv_splits=mx.num_kv_splits, max_kv_splits=self.max_splits(q.shape[0] - t),
-                workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o3[t:],
+                workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o3[t:], sinks=sinks,
             )
         t = q.shape[0] if mx is None else mx.extend_tokens
         if not self._prefill or self._prefill[-1].q1 != t:  # once per batch, graphs too
@@ -418,7 +419,7 @@ class TQAttnBackend(TritonAttnBackend):
                 g.qo_indptr, g.kv_indptr, g.kv_indices, packed.codec, layer.scaling,
                 max_extend_len=g.max_extend_len, num_prefix_tokens=g.prefix_tokens,
                 prefix_dedup=g.dedup, chunk_slots=slots[r] if self.packed_prefill else None,
-                logit_cap=_logit_cap(layer), out=o3[r], impl=self.extend_impl,
+                logit_cap=_logit_cap(layer), out=o3[r], impl=self.extend_impl, sinks=sinks,
             )
         return o
 

@@ -212,8 +212,8 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
         )
     if getattr(mc, "has_attention_sinks", False):
         raise ValueError(
-            f"{q} does not support attention sinks ({arch}) yet; "
-            f"use --kv-quant none for this model."
+            f"{q} does not serve models with attention sinks such as {arch} yet (its kernels "
+            f"take sinks, the model family is not validated); use --kv-quant none for this model."
         )
     if mode == "hadamard" and not all(is_power_of_two(d) for d in (mc.head_dim, mc.v_head_dim)):
         raise ValueError(

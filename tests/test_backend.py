@@ -305,6 +305,34 @@ def test_prefill_plan_groups_and_page_tables():
         plan_prefill(qo, kv, slots, pre, ext, budget=3, fa3=False)
 
 
+def test_attention_sinks_reach_both_kernels(server_args):
+    """A layer's sink logits (gpt-oss style) go to the extend and the decode kernel."""
+    backend, pool, req_to_token = _make_backend(server_args)
+    layer = _layer(0)
+    _fill_prefix(pool, 0)
+    sinks = torch.linspace(-1.0, 3.0, HQ, device=DEV)
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(10, seed=1)
+    out = backend.forward_extend(q, k, v, layer, fb, sinks=sinks).view(10, HQ, D)
+    codes, codec = _packed_ref(pool, 0)
+    md = backend.forward_metadata
+    want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
+                         layer.scaling, sinks=sinks)
+    assert _rel(out, want) < 2e-2
+    fb = _decode_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(2, seed=2)
+    out = backend.forward_decode(q, k, v, layer, fb, sinks=sinks).view(2, HQ, D)
+    indptr = _t([0, 13, 17])
+    indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
+    want = tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling, sinks=sinks)
+    assert _rel(out, want) < 2e-2
+    assert _rel(out, tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling)) > 5e-2
+    with pytest.raises(RuntimeError, match="score_mod"):
+        backend.forward_decode(q, k, v, layer, fb, score_mod=lambda *a: None)
+
+
 def _mixed_batch(req_to_token):
     """Request 2 is a running request (3 tokens in slots 30..32) decoding one token into
     slot 33, appended the way ``ScheduleBatch.mix_with_running`` appends it."""

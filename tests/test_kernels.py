@@ -530,6 +530,46 @@ def test_extend_softcap_and_sliding_window(logit_cap, window, device, impl):
     assert _rel(tq_extend_ref(*args), ref) > 4 * torch_err, "the option must change the result"
 
 
+def _sinks(hq, device, seed):
+    """Sink logits of the size learned ones take (gpt-oss: about -2..6), one per query head."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(hq, generator=g) * 8 - 2).to(device)
+
+
+@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, max_splits",
+                         [(64, 4, 3, 4, 4), (128, 2, 4, 2, 32), (128, 4, 4, 8, 4)])
+def test_decode_with_attention_sinks_matches_reference(head_dim, k_bits, v_bits, gqa, max_splits,
+                                                       device):
+    """Attention sinks (a logit per query head in every softmax, no value) join where the
+    splits merge, in the loop merge (<= 16 splits) and the vector merge (> 16)."""
+    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device, seed=8)
+    sinks = _sinks(q.shape[1], device, seed=1)
+    out = _run_decode(q, bufs, indptr, indices, codec, max_splits=max_splits, sinks=sinks)
+    scale = head_dim**-0.5
+    ref = tq_decode_ref(q, *bufs, indptr, indices, codec, scale, sinks=sinks)
+    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, scale, dtype=torch.bfloat16,
+                                   sinks=sinks), ref)
+    assert _rel(out, ref) <= 2 * torch_err
+    assert _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, scale), ref) > 4 * torch_err, \
+        "the sinks must change the result"
+    with pytest.raises(ValueError, match="sinks must be a float tensor"):
+        _run_decode(q, bufs, indptr, indices, codec, sinks=sinks[:-1])
+
+
+def test_extend_with_attention_sinks_matches_reference(device, impl):
+    codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
+        64, 4, 3, 2, device, (0, 21, 5), (9, 6, 1), False, seed=6)
+    sinks = _sinks(q.shape[1], device, seed=2)
+    args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
+    out = tq_extend(*args, max_extend_len=9, sinks=sinks, impl=impl)
+    ref = tq_extend_ref(*args, sinks=sinks)
+    torch_err = _rel(tq_extend_ref(*args, dtype=torch.bfloat16, sinks=sinks), ref)
+    assert _rel(out, ref) <= 2 * torch_err
+    assert _rel(tq_extend_ref(*args), ref) > 4 * torch_err, "the sinks must change the result"
+    with pytest.raises(ValueError, match="sinks must be a float tensor"):
+        tq_extend(*args, max_extend_len=9, sinks=sinks[None], impl=impl)
+
+
 def test_extend_writes_into_given_out(device, impl):
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
         64, 3, 4, 2, device, (6, 0), (4, 9), False, seed=5)
