@@ -5,6 +5,7 @@ it is decided here from the driver-free ``torch.cuda.is_available()``.
 """
 
 import os
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
@@ -29,3 +30,17 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     """Run a test on the CPU and, where present, on CUDA."""
     return torch.device(request.param)
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """Base of the tests' fake HTTP servers: no request log, and one ``_send`` per reply."""
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code: int, body: bytes, ctype: str = "application/json"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
