@@ -34,9 +34,9 @@ Phases
    ``--malformed-share`` is malformed, one of ``--malformed-kinds``: ``not_json`` (a
    truncated body), ``negative_max_new_tokens``, ``id_out_of_vocab`` (one input id >=
    the vocab size), ``empty_input_ids``. The rest are streamed to the end. (SGLang 0.5.17
-   defines TokenizerManager._validate_input_ids_in_vocab but never calls it, so an
-   out-of-vocab id may get a 200 or reach the embedding lookup; the check reports
-   that, and ``--malformed-kinds`` can leave the kind out to soak the rest.)
+   defines TokenizerManager._validate_input_ids_in_vocab but never calls it; with any
+   ``--kv-quant`` mode the plugin's ``input-ids-range`` patch answers such ids with 400,
+   while a stock server lets them reach the embedding lookup.)
 3. drain: no new requests; the in-flight ones finish (``--drain-timeout-s``), then the
    server's /v1/loads is polled until nothing runs or waits;
 4. the same probe run again (after another flush) on the quiet server.

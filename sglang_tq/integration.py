@@ -535,6 +535,23 @@ def _resolved_config_dict(result, self, *args, **kwargs):
     return None
 
 
+def _validate_one_request(result, self, obj, input_ids, *args, **kwargs):
+    """Refuse token ids outside the vocabulary before they reach the embedding: SGLang 0.5.17
+    defines ``_validate_input_ids_in_vocab`` but never calls it, so an id past the table
+    indexes out of bounds on the GPU and can take the server down (issue 15's soak).
+    A ValueError here becomes SGLang's HTTP 400."""
+    server_args = getattr(self, "server_args", None)
+    if not input_ids or not (kv_quant_enabled(server_args) or simulated_mode(server_args)):
+        return None
+    vocab = self.model_config.vocab_size
+    low, high = min(input_ids), max(input_ids)
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab}); "
+                         f"send ids the model's tokenizer produces.")
+    return None
+
+
 def _create_backend(runner):
     from .backend import create_tq_backend
 
@@ -580,6 +597,10 @@ PATCHES = (
     Patch("server-info",
           "sglang.srt.managers.tokenizer_manager.TokenizerManager.resolved_config_dict",
           HookType.AFTER, _resolved_config_dict, "report kv_quant* in /get_server_info"),
+    Patch("input-ids-range",
+          "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+          HookType.AFTER, _validate_one_request,
+          "answer token ids outside the vocabulary with HTTP 400 instead of an out-of-bounds lookup"),
     Patch("kivi-groups", "sglang.srt.model_executor.model_runner.ModelRunner.forward",
           HookType.AFTER, _kivi_after_forward,
           "re-quantize the KIVI groups each forward completed (--kv-quant kivi only)"),

@@ -296,6 +296,23 @@ def test_fp8_kv_checkpoint_is_refused_at_launch(monkeypatch, quant, refused):
     assert _one_sentence(str(exc.value))
 
 
+@pytest.mark.parametrize("mode", ["turboquant", "kivi"])
+def test_token_ids_outside_the_vocabulary_are_refused(mode):
+    """SGLang 0.5.17 never calls its own vocabulary check; the plugin's patch does, so an
+    id past the embedding table is one sentence (HTTP 400), not an out-of-bounds lookup."""
+    tm = types.SimpleNamespace(server_args=types.SimpleNamespace(kv_quant=mode),
+                               model_config=types.SimpleNamespace(vocab_size=1000))
+    assert integration._validate_one_request(None, tm, object(), [0, 5, 999]) is None
+    for ids, bad in (([3, 1000, 7], 1000), ([-1, 2], -1)):
+        with pytest.raises(ValueError, match=f"token id {bad}, outside the vocabulary") as exc:
+            integration._validate_one_request(None, tm, object(), ids)
+        assert _one_sentence(str(exc.value))
+    stock = types.SimpleNamespace(server_args=types.SimpleNamespace(kv_quant="none"),
+                                  model_config=tm.model_config)
+    assert integration._validate_one_request(None, stock, object(), [5000]) is None  # stock
+    assert integration._validate_one_request(None, tm, object(), None) is None  # text input
+
+
 def test_hybrid_linear_and_tensor_parallel_refusals(monkeypatch):
     from sglang.srt.configs import hybrid_arch
 
