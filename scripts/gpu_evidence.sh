@@ -74,6 +74,12 @@
 #       /tmp/eval or from $EVAL_PREV (a carried eval JSON); the call carries .eval_data. Its
 #       budget comes from LIMIT_S (the call's limit_s, default 590, counted from the script's
 #       start), and the JSON returns even when the budget cuts the run short.
+#   bash scripts/gpu_evidence.sh <commit> soak1   # nvidia-h200 (one GPU), called 3 times back to back:
+#       scripts/soak.py on the dummy Llama-3.1-8B with k4v4 (pool capped at $SOAK_POOL tokens,
+#       default 100000, so that the offered load exceeds it 2x), $SOAK_S seconds (default
+#       1200). The first call starts it under setsid (it outlives the call while the host
+#       stays busy); every call waits until the soak ends or its LIMIT_S is nearly spent,
+#       and the call that sees it end returns soak.json and the server log.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -423,6 +429,26 @@ eval1)
   save_eval
   trap - TERM INT
   ;;
+soak1)
+  export CUDA_VISIBLE_DEVICES=0
+  SD=/tmp/soak
+  mkdir -p "$SD"
+  if [ ! -f "$SD/pid" ]; then
+    setsid nohup python scripts/soak.py --model-path scripts/model_configs/llama-3.1-8b \
+      --server-args "--load-format dummy --max-total-tokens ${SOAK_POOL:-100000}" \
+      --duration-s "${SOAK_S:-1200}" --out "$SD/soak.json" > "$SD/soak.log" 2>&1 < /dev/null &
+    echo $! > "$SD/pid"
+  fi
+  while kill -0 "$(cat "$SD/pid")" 2> /dev/null && [ "$(left $(( ${LIMIT_S:-590} - 25 )))" -gt 0 ]; do
+    sleep 10
+  done
+  if kill -0 "$(cat "$SD/pid")" 2> /dev/null; then
+    echo "soak still running: call soak1 again" > "$OUT/summary.txt"
+  else
+    cp "$SD"/soak*.json "$SD"/*.log "$OUT/" 2> /dev/null
+  fi
+  tail -40 "$SD/soak.log" >> "$OUT/summary.txt" 2>&1
+  ;;
 all)
   M=$(model) || M=""
   SMALL=(--server-args "--mem-fraction-static 0.3")
@@ -456,7 +482,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac
