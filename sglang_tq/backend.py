@@ -26,6 +26,12 @@ reads KV bytes, so it works on the packed pool as is. What changes is the math:
   running request): the trailing one-token requests go to ``tq_decode`` over their
   packed context (slot lists from ``req_to_token`` as for a decode batch, no host
   sync), the rest to ``tq_extend``, so a running request's context is not dequantized per step;
+* sliding-window layers (``layer.sliding_window_size`` > -1, on the plain pool, as SGLang
+  0.5.17 serves Gemma 3): decode reads the parent's window metadata (the last
+  ``sliding_window_size`` slots of each sequence, SGLang's own semantics, with their split
+  counts), and extend runs a second prefill plan over the window part of the prefix
+  with the kernels' window of ``sliding_window_size + 1`` keys (the query included);
+  still refused at launch until measured (issue 16, notes/modern-archs-design.md);
 * layers in ``--kv-quant-bf16-layers`` hold plain bf16 buffers and go to the
   Triton kernels of the parent class unchanged.
 
@@ -187,6 +193,7 @@ class TQAttnBackend(TritonAttnBackend):
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
         self._prefill: Optional[list[PrefillGroup]] = None
+        self._prefill_window: Optional[list[PrefillGroup]] = None
         self._mixed: Optional[_MixedSplit] = None
         self.extend_impl = default_extend_impl(torch.device(self.device), self.out_dtype)
         # the dense prefix rows a prefill step may hold: what the pool sizing set aside
@@ -259,7 +266,7 @@ class TQAttnBackend(TritonAttnBackend):
         with self._without_sglang_logits():
             super().init_forward_metadata(forward_batch)
         mode = forward_batch.forward_mode
-        self._prefill = None
+        self._prefill = self._prefill_window = None
         self._mixed = None
         if mode.is_decode_or_idle():
             self._use_eager_workspace(forward_batch.batch_size)
@@ -268,15 +275,21 @@ class TQAttnBackend(TritonAttnBackend):
                 self._mixed = self._split_mixed(forward_batch)
             self._prefill = self._plan(forward_batch)
 
-    def _plan(self, forward_batch) -> list[PrefillGroup]:
+    def _plan(self, forward_batch, window: bool = False) -> list[PrefillGroup]:
         """The extend requests' prefill groups (:func:`plan_prefill`), shared by every layer
-        of the batch: the same dedup, page tables and scratch bound."""
+        of the batch: the same dedup, page tables and scratch bound. ``window``: over the
+        parent's window metadata, the last ``sliding_window_size`` prefix slots of each
+        request, for the sliding-window layers."""
         md = self.forward_metadata
         b = md.qo_indptr.numel() - 1 if self._mixed is None else self._mixed.num_extend
         pre, ext = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
         if pre is None or ext is None:  # no host metadata: read it once
             pre, ext = forward_batch.extend_prefix_lens.tolist(), forward_batch.extend_seq_lens.tolist()
         pre, ext = [int(x) for x in pre[:b]], [int(x) for x in ext[:b]]
+        if window:
+            pre = [min(p, self.sliding_window_size) for p in pre]
+            return plan_prefill(md.qo_indptr, md.window_kv_indptr, md.window_kv_indices, pre, ext,
+                                self.prefill_scratch_rows, self.extend_impl == "fa3")
         return plan_prefill(md.qo_indptr, md.kv_indptr, md.kv_indices, pre, ext,
                             self.prefill_scratch_rows, self.extend_impl == "fa3")
 
@@ -335,7 +348,7 @@ class TQAttnBackend(TritonAttnBackend):
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
         self._decode_ws = self._graph_ws
-        self._prefill = None  # an extend here plans its own (forward_extend), never a stale one
+        self._prefill = self._prefill_window = None  # an extend here plans its own, never a stale one
         self._mixed = None
 
     # -- attention -----------------------------------------------------------------
@@ -364,12 +377,15 @@ class TQAttnBackend(TritonAttnBackend):
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         packed = pool.get_packed_layer(layer.layer_id)
         md = self.forward_metadata
+        indptr, indices, splits = ((md.window_kv_indptr, md.window_kv_indices, md.window_num_kv_splits)
+                                   if _window_layer(layer) else
+                                   (md.kv_indptr, md.kv_indices, md.num_kv_splits))
         # A fresh output per layer (the workspace is shared by all layers), written in place.
         o = torch.empty((bs, hq * d), dtype=q.dtype, device=q.device)
         _tq_decode(
             q, packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
-            md.kv_indptr[: bs + 1], md.kv_indices, packed.codec, layer.scaling,
-            num_kv_splits=md.num_kv_splits[:bs], max_kv_splits=self.max_splits(bs),
+            indptr[: bs + 1], indices, packed.codec, layer.scaling,
+            num_kv_splits=splits[:bs], max_kv_splits=self.max_splits(bs),
             workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o.view(bs, hq, d),
             early_q=save_kv_cache,  # the store just launched: stage 1 overlaps it (PDL)
             sinks=sinks,
@@ -398,6 +414,10 @@ class TQAttnBackend(TritonAttnBackend):
         q, k, v = q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)
         o3 = o.view(-1, hq, d)
         mx = self._mixed
+        window = _window_layer(layer)
+        if mx is not None and window:
+            raise RuntimeError("the turboquant backend does not yet run sliding-window layers in "
+                               "mixed batches; drop --enable-mixed-chunk.")
         if mx is not None:  # the decode half first, then the extend half below
             t = mx.extend_tokens
             _tq_decode(
@@ -407,10 +427,16 @@ class TQAttnBackend(TritonAttnBackend):
                 workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o3[t:], sinks=sinks,
             )
         t = q.shape[0] if mx is None else mx.extend_tokens
-        if not self._prefill or self._prefill[-1].q1 != t:  # once per batch, graphs too
-            self._prefill = self._plan(forward_batch)
+        if window:  # the window layers' own plan, once per batch
+            if not self._prefill_window or self._prefill_window[-1].q1 != t:
+                self._prefill_window = self._plan(forward_batch, window=True)
+            groups, sliding = self._prefill_window, layer.sliding_window_size + 1
+        else:
+            if not self._prefill or self._prefill[-1].q1 != t:  # once per batch, graphs too
+                self._prefill = self._plan(forward_batch)
+            groups, sliding = self._prefill, 0
         slots = forward_batch.out_cache_loc
-        for g in self._prefill:
+        for g in groups:
             if g.b1 == g.b0:
                 continue
             r = slice(g.q0, g.q1)
@@ -420,8 +446,14 @@ class TQAttnBackend(TritonAttnBackend):
                 max_extend_len=g.max_extend_len, num_prefix_tokens=g.prefix_tokens,
                 prefix_dedup=g.dedup, chunk_slots=slots[r] if self.packed_prefill else None,
                 logit_cap=_logit_cap(layer), out=o3[r], impl=self.extend_impl, sinks=sinks,
+                sliding_window=sliding,
             )
         return o
+
+
+def _window_layer(layer) -> bool:
+    """Whether SGLang runs ``layer`` with a sliding window (its Triton backend's test)."""
+    return getattr(layer, "sliding_window_size", None) is not None and layer.sliding_window_size > -1
 
 
 def _logit_cap(layer) -> float:

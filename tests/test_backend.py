@@ -59,7 +59,7 @@ def server_args(tmp_path_factory):
         yield sa
 
 
-def _make_backend(sa, packed_prefill=False, bf16_layers=(BF16_LAYER,)):
+def _make_backend(sa, packed_prefill=False, bf16_layers=(BF16_LAYER,), sliding_window=None):
     from sglang_tq.backend import TQAttnBackend
 
     cfg = TQConfig(head_dim=D, seed=7, bf16_layers=bf16_layers)
@@ -67,7 +67,7 @@ def _make_backend(sa, packed_prefill=False, bf16_layers=(BF16_LAYER,)):
     req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
     runner = types.SimpleNamespace(
         req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
-        sliding_window_size=None, model_config=sa.get_model_config(), device=DEV, gpu_id=0,
+        sliding_window_size=sliding_window, model_config=sa.get_model_config(), device=DEV, gpu_id=0,
         server_args=types.SimpleNamespace(**{**vars(sa), "kv_quant_packed_prefill": packed_prefill}),
         is_draft_worker=False, dtype=torch.bfloat16, page_size=1,
     )
@@ -331,6 +331,65 @@ def test_attention_sinks_reach_both_kernels(server_args):
     assert _rel(out, tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling)) > 5e-2
     with pytest.raises(RuntimeError, match="score_mod"):
         backend.forward_decode(q, k, v, layer, fb, score_mod=lambda *a: None)
+
+
+@pytest.mark.parametrize("packed_prefill", [False, True])
+def test_sliding_window_layer_reads_only_its_window(server_args, packed_prefill):
+    """A window layer on the plain pool (how SGLang 0.5.17 serves Gemma 3): extend attends
+    the last W prefix tokens plus the chunk under a window of W + 1 keys, decode the last W
+    slots (SGLang's window metadata, its semantics), each against the torch twin; a
+    full-attention layer of the same batch still sees everything."""
+    sws = 4
+    backend, pool, req_to_token = _make_backend(server_args, packed_prefill=packed_prefill,
+                                                bf16_layers=(), sliding_window=sws)
+    window, full = _layer(0), _layer(1)
+    window.sliding_window_size = sws
+    for layer in (window, full):
+        _fill_prefix(pool, layer.layer_id)
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(10, seed=1)
+    md = backend.forward_metadata
+    chunk = torch.cat(CHUNKS) if packed_prefill else None
+    for layer, w in ((window, sws + 1), (full, 0)):
+        out = backend.forward_extend(q, k, v, layer, fb).view(10, HQ, D)
+        codes, codec = pool.get_packed_layer(layer.layer_id)[:4], pool.get_packed_layer(layer.layer_id).codec
+        want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
+                             layer.scaling, sliding_window=w, chunk_slots=chunk)
+        assert _rel(out, want) < 2e-2, layer.layer_id
+        if w:  # the window changes the result: the test would notice full attention
+            assert _rel(out, tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr,
+                                           md.kv_indices, codec, layer.scaling,
+                                           chunk_slots=chunk)) > 5e-2
+    (g,) = backend._prefill_window
+    assert g.prefix_tokens == sws and g.kv_indices.tolist() == PREFIX[-sws:].tolist()
+    fb = _decode_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(2, seed=2)
+    indptr = _t([0, 13, 17])
+    indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
+    for layer, w in ((window, sws), (full, 0)):
+        out = backend.forward_decode(q, k, v, layer, fb).view(2, HQ, D)
+        packed = pool.get_packed_layer(layer.layer_id)
+        want = tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec, layer.scaling,
+                             sliding_window=w)
+        assert _rel(out, want) < 2e-2, layer.layer_id
+        if w:
+            assert _rel(out, tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec,
+                                           layer.scaling)) > 5e-2
+    assert _rel(out, tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec, layer.scaling,
+                                   sliding_window=sws)) > 5e-2  # the full layer is not windowed
+
+
+def test_sliding_window_layer_in_a_mixed_batch_is_refused(server_args):
+    backend, pool, req_to_token = _make_backend(server_args, bf16_layers=(), sliding_window=4)
+    layer = _layer(0)
+    layer.sliding_window_size = 4
+    _fill_prefix(pool, 0)
+    fb = _mixed_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    with pytest.raises(RuntimeError, match="drop --enable-mixed-chunk"):
+        backend.forward_extend(*_qkv(8, seed=3), layer, fb)
 
 
 def _mixed_batch(req_to_token):
