@@ -202,7 +202,7 @@ class TQAttnBackend(TritonAttnBackend):
                     "scratch holds at most %d prefix tokens (%.1f MiB, reserved from the KV pool).",
                     "sgl-kernel's FA3" if self.extend_impl == "fa3" else "SGLang's Triton extend kernel",
                     self.prefill_scratch_rows,
-                    prefill_scratch_bytes(pool.cfg, pool.layer_ids, pool.head_num,
+                    prefill_scratch_bytes(pool.cfg, pool.global_layer_ids, pool.head_num,
                                           self.prefill_scratch_rows, pool.model_dtype) / 2**20)
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
         self._fixed_splits = self.max_kv_splits if pool.cfg.bf16_layers else None

@@ -27,7 +27,7 @@ never mistake the codes for bf16.
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -64,6 +64,34 @@ def prefill_scratch_bytes(cfg: TQConfig, layer_ids: Iterable[int], num_kv_heads:
     return context_len * 2 * num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def inner_pool_factory(cfg: TQConfig, layer_ids: dict[Optional[str], Sequence[int]],
+                       key_centers: Optional[torch.Tensor] = None):
+    """A stand-in for the ``MHATokenToKVPool`` class that SGLang's hybrid pools build their
+    inner pools with (``SWAKVPool``'s ``token_to_kv_pool_class``, ``HybridLinearKVPool``'s
+    ``full_kv_pool_class``): it takes their keyword arguments and builds a
+    :class:`TQTokenToKVPool` whose model layer ids are ``layer_ids[allocation_label]``
+    (SGLang labels SWAKVPool's pools "Full" and "SWA"; HybridLinearKVPool gives none)."""
+
+    def build(*, size, page_size, dtype, head_num, head_dim, layer_num, device,
+              enable_memory_saver=False, allocation_label=None, quant_method=None,
+              enable_kv_cache_copy=False, post_capture_active=False, v_head_dim=None, **extra):
+        unknown = sorted(k for k, v in extra.items() if v is not None)
+        if unknown or quant_method is not None or enable_kv_cache_copy or post_capture_active:
+            raise RuntimeError(
+                f"--kv-quant turboquant cannot build SGLang's inner KV pool with "
+                f"{unknown or 'a KV quantization, KV copy or post-capture sizing'}; use "
+                f"--kv-quant none for this model.")
+        if allocation_label not in layer_ids:
+            raise RuntimeError(f"--kv-quant turboquant has no layer ids for SGLang's "
+                               f"{allocation_label!r} KV pool; use --kv-quant none for this model.")
+        return TQTokenToKVPool(size, page_size, head_num, head_dim, layer_num, device,
+                               enable_memory_saver, cfg=cfg, model_dtype=dtype,
+                               v_head_dim=v_head_dim, start_layer=0, key_centers=key_centers,
+                               global_layer_ids=layer_ids[allocation_label])
+
+    return build
+
+
 class PackedLayer(NamedTuple):
     """One packed layer's buffers and codec, in the argument order of the kernels."""
 
@@ -81,7 +109,8 @@ class TQTokenToKVPool(KVCache):
                  device: str, enable_memory_saver: bool, *, cfg: TQConfig,
                  model_dtype: torch.dtype = torch.bfloat16, v_head_dim: Optional[int] = None,
                  start_layer: Optional[int] = None, end_layer: Optional[int] = None,
-                 key_centers: Optional[torch.Tensor] = None):
+                 key_centers: Optional[torch.Tensor] = None,
+                 global_layer_ids: Optional[Sequence[int]] = None):
         if cfg.head_dim != head_dim or (v_head_dim or head_dim) != head_dim:
             raise ValueError(
                 f"TQTokenToKVPool needs equal K/V head dims matching TQConfig.head_dim={cfg.head_dim}, "
@@ -94,6 +123,14 @@ class TQTokenToKVPool(KVCache):
         super().__init__(size, page_size, torch.uint8, layer_num, device, enable_memory_saver,
                          start_layer, end_layer)
         self.cfg = cfg
+        # the model's ids of this pool's layers: what the rotation seed, --kv-quant-bf16-layers
+        # and the key centers are indexed by; an inner pool of SGLang's hybrid pools (SWA,
+        # linear attention) addresses layers 0..n-1 but holds scattered model layers
+        self.global_layer_ids = (tuple(self.layer_ids) if global_layer_ids is None
+                                 else tuple(int(i) for i in global_layer_ids))
+        if len(self.global_layer_ids) != layer_num:
+            raise ValueError(f"global_layer_ids must name {layer_num} layers, got "
+                             f"{len(self.global_layer_ids)}.")
         self._debug = debug_memory_pool()
         self.model_dtype = model_dtype
         self.head_num = head_num
@@ -110,9 +147,10 @@ class TQTokenToKVPool(KVCache):
         # The codecs (rotations, codebooks, lookup words, key centers) are constants, made
         # outside the KV region: --enable-memory-saver discards that region on release and
         # hands back undefined bytes on resume, which is right for the codes and norms only.
-        codecs = {i: None if cfg.is_bf16_layer(i) else LayerCodec.create(
-            head_dim, cfg.k_bits, cfg.v_bits, seed=cfg.layer_seed(i), device=device,
-            k_center=None if key_centers is None else key_centers[i]) for i in self.layer_ids}
+        codecs = {i: None if cfg.is_bf16_layer(g) else LayerCodec.create(
+            head_dim, cfg.k_bits, cfg.v_bits, seed=cfg.layer_seed(g), device=device,
+            k_center=None if key_centers is None else key_centers[g])
+            for i, g in zip(self.layer_ids, self.global_layer_ids)}
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             for layer_id in self.layer_ids:
                 self._alloc_layer(layer_id, codecs[layer_id])
@@ -120,7 +158,8 @@ class TQTokenToKVPool(KVCache):
 
     @property
     def layer_ids(self) -> range:
-        """Global ids of this pool's layers (a pipeline stage holds a contiguous range)."""
+        """The ids this pool's layers are addressed by (a pipeline stage holds a contiguous
+        range; an inner pool of a hybrid pool 0..n-1, see ``global_layer_ids``)."""
         return range(self.start_layer, self.start_layer + self.layer_num)
 
     def _alloc_layer(self, layer_id: int, codec: Optional[LayerCodec]) -> None:
@@ -226,9 +265,10 @@ class TQTokenToKVPool(KVCache):
         idx = self._index(layer_id)
         for which, norms in (("key", self.k_norms[idx]), ("value", self.v_norms[idx])):
             if not torch.isfinite(norms[loc.long()]).all():
-                raise ValueError(f"layer {layer_id}: a {which} vector's norm exceeds the fp16 range "
+                g = self.global_layer_ids[idx]
+                raise ValueError(f"layer {g}: a {which} vector's norm exceeds the fp16 range "
                                  f"of the packed pool; keep this layer in bf16 "
-                                 f"(--kv-quant-bf16-layers {layer_id}).")
+                                 f"(--kv-quant-bf16-layers {g}).")
 
     def get_kv_size_bytes(self) -> tuple[int, int]:
         def nbytes(tensors):

@@ -248,6 +248,50 @@ def test_debug_pool_checks_slots_and_norm_overflow(monkeypatch, debug):
         pool.set_kv_buffer(layer, torch.tensor([2, 3, 4], device=DEV), k, big)
 
 
+# ------------------------------------------------------- SGLang's hybrid pools
+def test_inner_pools_of_sglangs_hybrid_pools_use_model_layer_ids():
+    """SGLang's SWAKVPool and HybridLinearKVPool build inner pools addressed 0..n-1; built
+    through ``inner_pool_factory`` each takes its rotation seed, bf16 layers and key centers
+    from the model's layer ids, and SWAKVPool's writes land in the SWA pool's slots."""
+    from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, KVWriteLoc
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+    from sglang_tq.codec import LayerCodec
+    from sglang_tq.pool import inner_pool_factory
+
+    d, heads = 64, 2
+    cfg = TQConfig(head_dim=d, seed=3, bf16_layers=(2,))
+    centers = torch.randn(8, heads, d, generator=torch.Generator().manual_seed(0)).to(DEV)
+    common = dict(page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=d, device=DEV)
+    swa = SWAKVPool(size=20, size_swa=10, swa_attention_layer_ids=[0, 2],
+                    full_attention_layer_ids=[1, 3],
+                    token_to_kv_pool_class=inner_pool_factory(
+                        cfg, {"Full": (1, 3), "SWA": (0, 2)}, centers), **common)
+    linear = HybridLinearKVPool(size=20, full_attention_layer_ids=[3, 7], mamba_pool=None,
+                                full_kv_pool_class=inner_pool_factory(cfg, {None: (3, 7)}, centers),
+                                **common)
+    for inner, ids in ((swa.full_kv_pool, (1, 3)), (swa.swa_kv_pool, (0, 2)),
+                       (linear.full_kv_pool, (3, 7))):
+        assert isinstance(inner, TQTokenToKVPool) and inner.global_layer_ids == ids
+        for local, g in enumerate(ids):
+            if g == 2:  # --kv-quant-bf16-layers names model layer 2: the SWA pool's second
+                assert not inner.is_packed_layer(local)
+                continue
+            codec = inner.get_packed_layer(local).codec
+            assert torch.equal(codec.pi, LayerCodec.create(d, 4, 4, seed=cfg.layer_seed(g)).pi.to(DEV))
+            assert torch.equal(codec.k_center, centers[g])
+    k = torch.randn(3, heads, d).bfloat16().to(DEV)
+    loc, swa_loc = torch.tensor([4, 5, 6], device=DEV), torch.tensor([1, 2, 3], device=DEV)
+    swa.set_kv_buffer(types.SimpleNamespace(layer_id=0), KVWriteLoc(loc, swa_loc), k, k)
+    assert (swa.swa_kv_pool.get_packed_layer(0).k_norms[swa_loc] > 0).all()
+    assert (swa.swa_kv_pool.get_packed_layer(0).k_norms[loc] == 0).all()
+    with pytest.raises(RuntimeError, match="cannot build SGLang's inner KV pool with"):
+        inner_pool_factory(cfg, {None: (0,)})(size=4, layer_num=1, swa_head_num=8, **common)
+    with pytest.raises(RuntimeError, match="no layer ids for SGLang's 'SWA' KV pool"):
+        inner_pool_factory(cfg, {None: (0,)})(size=4, layer_num=1, allocation_label="SWA", **common)
+    with pytest.raises(ValueError, match="global_layer_ids must name 2 layers"):
+        inner_pool_factory(cfg, {None: (0,)})(size=4, layer_num=2, **common)
+
+
 # ------------------------------------------------------- --enable-memory-saver
 class _RecordingSaver:
     """Stands in for torch_memory_saver: remembers the tensors made inside a region (what
