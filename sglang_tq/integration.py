@@ -43,7 +43,7 @@ import functools
 import importlib.metadata
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -349,9 +349,17 @@ def _memory_saver_enabled() -> bool:
     return get_exec().features.enable_memory_saver
 
 
-def _local_layers(kvc) -> range:
-    return range(kvc.layer_info.start_layer,
-                 kvc.layer_info.start_layer + kvc.layer_info.num_effective_layers)
+def _local_layers(kvc) -> Sequence[int]:
+    """Model ids of the layers with a KV cache on this rank, as SGLang's configurator counts
+    them: a hybrid linear-attention model's full-attention layers only."""
+    from sglang.srt.configs.hybrid_arch import mambaish_config
+
+    start = kvc.layer_info.start_layer
+    hybrid = mambaish_config(kvc.model_config)
+    if hybrid is not None:
+        return [i for i in hybrid.full_attention_layer_ids
+                if start <= i < kvc.layer_info.end_layer]
+    return range(start, start + kvc.layer_info.num_effective_layers)
 
 
 def _compute_cell_size(orig, self, kvc, num_layers, *args, **kwargs):

@@ -124,6 +124,22 @@ def test_cell_size_hook_grants_3_88x_the_tokens_less_the_prefill_scratch(paralle
     assert plain.calculate_pool_sizes(budget, 1).max_total_num_tokens == budget // plain._cell_size
 
 
+def test_cell_size_of_a_hybrid_linear_model_counts_its_attention_layers(parallel, monkeypatch):
+    """SGLang sizes a hybrid linear-attention model's KV by its full-attention layers only
+    (DefaultPoolConfigurator with mambaish layer ids); the cell-size hook counts the same
+    layers, by model id, instead of refusing the layer count."""
+    from sglang.srt.configs import hybrid_arch
+    import sglang.srt.model_executor.pool_configurator as configurator
+
+    sa = _server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "7")  # launch: Llama
+    hybrid = types.SimpleNamespace(full_attention_layer_ids=[3, 7, 11, 15, 19, 23, 27, 31])
+    for mod in (hybrid_arch, configurator):
+        monkeypatch.setattr(mod, "mambaish_config", lambda mc: hybrid, raising=False)
+    cell = DefaultPoolConfigurator(_kvc(sa))._cell_size
+    assert cell == bytes_per_token(TQConfig(head_dim=128, bf16_layers=(7,)), hybrid.full_attention_layer_ids, 8)
+    assert cell == 7 * 8 * 132 + 8 * 512
+
+
 def _real_configurator(sa):
     """SGLang's own KVCacheConfigurator, with the fields a CPU test can fill."""
     import dataclasses
