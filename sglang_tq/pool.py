@@ -92,6 +92,37 @@ def inner_pool_factory(cfg: TQConfig, layer_ids: dict[Optional[str], Sequence[in
     return build
 
 
+def resolve_layer(pool, layer_id: int) -> tuple["TQTokenToKVPool", int]:
+    """The packed pool that holds model layer ``layer_id`` and the id it is addressed by
+    there: ``pool`` itself, or the inner pool of SGLang's ``SWAKVPool`` (``layers_mapping``)
+    or ``HybridLinearKVPool`` (``full_attention_layer_id_mapping``); one sentence when the
+    layer has no packed pool."""
+    if isinstance(pool, TQTokenToKVPool):
+        return pool, layer_id
+    swa_map = getattr(pool, "layers_mapping", None)
+    full_map = getattr(pool, "full_attention_layer_id_mapping", None)
+    if swa_map is not None and layer_id in swa_map:
+        idx, is_swa = swa_map[layer_id]
+        inner = pool.swa_kv_pool if is_swa else pool.full_kv_pool
+    elif full_map is not None and layer_id in full_map:
+        idx, inner = full_map[layer_id], pool.full_kv_pool
+    else:
+        raise RuntimeError(f"layer {layer_id} has no KV cache in the {type(pool).__name__} the "
+                           f"turboquant backend was given; use --kv-quant none for this model.")
+    if not isinstance(inner, TQTokenToKVPool):
+        raise RuntimeError(f"the {type(pool).__name__} holds a {type(inner).__name__} for layer "
+                           f"{layer_id}, not the packed pool; start with --kv-quant turboquant.")
+    return inner, idx
+
+
+def packed_pools(pool) -> list["TQTokenToKVPool"]:
+    """Every packed pool inside ``pool`` (itself, or a hybrid pool's inner pools)."""
+    if isinstance(pool, TQTokenToKVPool):
+        return [pool]
+    inner = [getattr(pool, name, None) for name in ("full_kv_pool", "swa_kv_pool")]
+    return [p for p in inner if isinstance(p, TQTokenToKVPool)]
+
+
 class PackedLayer(NamedTuple):
     """One packed layer's buffers and codec, in the argument order of the kernels."""
 

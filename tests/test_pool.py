@@ -272,7 +272,7 @@ def test_inner_pools_of_sglangs_hybrid_pools_use_model_layer_ids():
     from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, KVWriteLoc
     from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
     from sglang_tq.codec import LayerCodec
-    from sglang_tq.pool import inner_pool_factory
+    from sglang_tq.pool import inner_pool_factory, packed_pools, resolve_layer
 
     d, heads = 64, 2
     cfg = TQConfig(head_dim=d, seed=3, bf16_layers=(2,))
@@ -295,6 +295,13 @@ def test_inner_pools_of_sglangs_hybrid_pools_use_model_layer_ids():
             codec = inner.get_packed_layer(local).codec
             assert torch.equal(codec.pi, LayerCodec.create(d, 4, 4, seed=cfg.layer_seed(g)).pi.to(DEV))
             assert torch.equal(codec.k_center, centers[g])
+    # the backend's way in: model layer id -> (packed pool, its id there)
+    assert resolve_layer(swa, 2) == (swa.swa_kv_pool, 1) and resolve_layer(swa, 3) == (swa.full_kv_pool, 1)
+    assert resolve_layer(linear, 7) == (linear.full_kv_pool, 1)
+    assert packed_pools(swa) == [swa.full_kv_pool, swa.swa_kv_pool]
+    assert packed_pools(linear) == [linear.full_kv_pool] and packed_pools(object()) == []
+    with pytest.raises(RuntimeError, match="layer 4 has no KV cache in the HybridLinearKVPool"):
+        resolve_layer(linear, 4)
     k = torch.randn(3, heads, d).bfloat16().to(DEV)
     loc, swa_loc = torch.tensor([4, 5, 6], device=DEV), torch.tensor([1, 2, 3], device=DEV)
     swa.set_kv_buffer(types.SimpleNamespace(layer_id=0), KVWriteLoc(loc, swa_loc), k, k)
