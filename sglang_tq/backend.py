@@ -54,6 +54,8 @@ import torch
 
 from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
 from . import refusals
 from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
@@ -61,7 +63,7 @@ from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv
 from .kernels.tq_dequant import tq_dequant
 from .kernels.tq_extend import (PrefixDedup, dedup_prefix, default_extend_impl, exact_rows,
                                 tq_extend, with_kv_table)
-from .pool import TQTokenToKVPool, prefill_scratch_bytes
+from .pool import TQTokenToKVPool, packed_pools, prefill_scratch_bytes, resolve_layer
 
 # SGLang wraps its own Triton launchers the same way: no torch.compile tracing.
 _tq_decode = torch.compiler.disable(tq_decode)
@@ -154,13 +156,17 @@ def plan_prefill(qo_indptr, kv_indptr, kv_indices, prefix_lens: list[int], exten
 
 class _ShapeOnlyPool:
     """Stands in for the pool while ``TritonAttnBackend.__init__`` runs: it reads
-    ``get_value_buffer(0).shape[-1]`` for v_head_dim, which has no bf16 tensor here."""
+    ``get_value_buffer(0).shape[-1]`` (or, for a hybrid linear-attention pool,
+    ``get_v_head_dim()``) for v_head_dim, which has no bf16 tensor here."""
 
-    def __init__(self, pool: TQTokenToKVPool):
-        self._pool = pool
+    def __init__(self, pool, packed: TQTokenToKVPool):
+        self._pool, self._packed = pool, packed
 
     def get_value_buffer(self, layer_id: int) -> torch.Tensor:
-        return torch.empty((0, self._pool.head_num, self._pool.v_head_dim), device="meta")
+        return torch.empty((0, self._packed.head_num, self._packed.v_head_dim), device="meta")
+
+    def get_v_head_dim(self) -> int:
+        return self._packed.v_head_dim
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
@@ -171,23 +177,27 @@ class TQAttnBackend(TritonAttnBackend):
 
     def __init__(self, model_runner):
         pool = model_runner.token_to_kv_pool
-        if not isinstance(pool, TQTokenToKVPool):
+        self._packed_pools = packed_pools(pool)
+        if not self._packed_pools:
             raise RuntimeError(
                 f"the turboquant attention backend needs the packed TurboQuant KV pool but SGLang "
                 f"built {type(pool).__name__}; start the server with --kv-quant turboquant "
                 f"(not just --attention-backend turboquant)."
             )
-        model_runner.token_to_kv_pool = _ShapeOnlyPool(pool)
+        tq = self._tq = self._packed_pools[0]  # config, heads and dtype: the same in every one
+        model_runner.token_to_kv_pool = _ShapeOnlyPool(pool, tq)
         try:
             super().__init__(model_runner)
         finally:
             model_runner.token_to_kv_pool = pool
-        self.token_to_kv_pool = pool
+        self.token_to_kv_pool = pool  # the pool SGLang built: ours, or a hybrid pool around ours
+        self.use_sliding_window_kv_pool = isinstance(pool, SWAKVPool)
         # SGLang's own Triton decode runs only for bf16 layers (--kv-quant-bf16-layers)
-        self._sglang_decode = any(not pool.is_packed_layer(i) for i in pool.layer_ids)
+        self._sglang_decode = any(not p.is_packed_layer(i) for p in self._packed_pools
+                                  for i in p.layer_ids)
         server_args = model_runner.server_args
         self.packed_prefill = bool(getattr(server_args, "kv_quant_packed_prefill", False))
-        self.out_dtype = getattr(model_runner, "dtype", pool.model_dtype)
+        self.out_dtype = getattr(model_runner, "dtype", tq.model_dtype)
         self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
         self._eager_ws: Optional[DecodeWorkspace] = None
         self._graph_ws: Optional[DecodeWorkspace] = None
@@ -202,10 +212,10 @@ class TQAttnBackend(TritonAttnBackend):
                     "scratch holds at most %d prefix tokens (%.1f MiB, reserved from the KV pool).",
                     "sgl-kernel's FA3" if self.extend_impl == "fa3" else "SGLang's Triton extend kernel",
                     self.prefill_scratch_rows,
-                    prefill_scratch_bytes(pool.cfg, pool.global_layer_ids, pool.head_num,
-                                          self.prefill_scratch_rows, pool.model_dtype) / 2**20)
+                    prefill_scratch_bytes(tq.cfg, tq.global_layer_ids, tq.head_num,
+                                          self.prefill_scratch_rows, tq.model_dtype) / 2**20)
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
-        self._fixed_splits = self.max_kv_splits if pool.cfg.bf16_layers else None
+        self._fixed_splits = self.max_kv_splits if tq.cfg.bf16_layers else None
         self.compile_prefix_path()
 
     def compile_prefix_path(self) -> None:
@@ -216,16 +226,16 @@ class TQAttnBackend(TritonAttnBackend):
         radix hit or second prefill chunk waits for Triton to compile the dequant kernel:
         the whole first batch of a shared-prefix load test did (TTFT p90 1.26 s vs fp8's
         0.53 s at 751c473)."""
-        pool = self.token_to_kv_pool
         slots = torch.zeros(1, dtype=torch.int64, device=self.device)
         count = torch.ones(1, dtype=torch.int32, device=self.device)
-        for layer_id in pool.layer_ids:
-            if not pool.is_packed_layer(layer_id):
-                continue
-            p = pool.get_packed_layer(layer_id)
-            for c in (count, None) if self.packed_prefill else (count,):
-                tq_dequant(p.k_codes, p.k_norms, p.v_codes, p.v_norms, slots, p.codec,
-                           dtype=pool.model_dtype, count=c)
+        for pool in self._packed_pools:
+            for layer_id in pool.layer_ids:
+                if not pool.is_packed_layer(layer_id):
+                    continue
+                p = pool.get_packed_layer(layer_id)
+                for c in (count, None) if self.packed_prefill else (count,):
+                    tq_dequant(p.k_codes, p.k_norms, p.v_codes, p.v_norms, slots, p.codec,
+                               dtype=pool.model_dtype, count=c)
 
     # -- metadata ----------------------------------------------------------------
     def max_splits(self, bs: int) -> int:
@@ -239,13 +249,12 @@ class TQAttnBackend(TritonAttnBackend):
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
         num_kv_splits.copy_(default_num_kv_splits(
             seq_lens, self.num_kv_head, self.max_splits(seq_lens.numel()), num_sms=self.num_sms,
-            head_dim=self.token_to_kv_pool.head_dim, k_bits=self.token_to_kv_pool.cfg.k_bits,
-            v_bits=self.token_to_kv_pool.cfg.v_bits))
+            head_dim=self._tq.head_dim, k_bits=self._tq.cfg.k_bits, v_bits=self._tq.cfg.v_bits))
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
         # room for every batch up to ``batch`` at its split ceiling (max_splits)
         return DecodeWorkspace.create(max(batch, SPLIT_REF_BATCH), self.num_head,
-                                      self.token_to_kv_pool.head_dim, self.max_kv_splits,
+                                      self._tq.head_dim, self.max_kv_splits,
                                       self.device, out_dtype=self.out_dtype)
 
     @contextlib.contextmanager
@@ -363,10 +372,18 @@ class TQAttnBackend(TritonAttnBackend):
             raise RuntimeError("the turboquant backend does not support speculative verification; "
                                "drop --speculative-algorithm or use --kv-quant none.")
 
+    def _store(self, layer, forward_batch, k, v) -> None:
+        """Quantize this layer's new K/V into the pool SGLang built (a hybrid pool routes the
+        write to the inner pool of the layer, with the SWA slots the metadata carries)."""
+        loc = forward_batch.out_cache_loc
+        if not isinstance(self.token_to_kv_pool, TQTokenToKVPool):
+            loc = KVWriteLoc(loc, getattr(self.forward_metadata, "swa_out_cache_loc", None))
+        self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
+
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
                        score_mod=None, aux_tensors=None):
-        pool = self.token_to_kv_pool
-        if not pool.is_packed_layer(layer.layer_id):
+        inner, idx = resolve_layer(self.token_to_kv_pool, layer.layer_id)
+        if not inner.is_packed_layer(idx):
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
                                           score_mod=score_mod, aux_tensors=aux_tensors)
         self._check_call(k, sinks, score_mod, forward_batch)
@@ -374,8 +391,8 @@ class TQAttnBackend(TritonAttnBackend):
         q = q.reshape(-1, hq, d)
         bs = q.shape[0]
         if save_kv_cache:
-            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        packed = pool.get_packed_layer(layer.layer_id)
+            self._store(layer, forward_batch, k, v)
+        packed = inner.get_packed_layer(idx)
         md = self.forward_metadata
         indptr, indices, splits = ((md.window_kv_indptr, md.window_kv_indices, md.window_num_kv_splits)
                                    if _window_layer(layer) else
@@ -394,8 +411,8 @@ class TQAttnBackend(TritonAttnBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
                        score_mod=None, aux_tensors=None):
-        pool = self.token_to_kv_pool
-        if not pool.is_packed_layer(layer.layer_id):
+        inner, idx = resolve_layer(self.token_to_kv_pool, layer.layer_id)
+        if not inner.is_packed_layer(idx):
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
                                           score_mod=score_mod, aux_tensors=aux_tensors)
         self._check_call(k, sinks, score_mod, forward_batch)
@@ -404,13 +421,13 @@ class TQAttnBackend(TritonAttnBackend):
         if o is None:
             o = torch.empty((q.shape[0], hq * d), dtype=q.dtype, device=q.device)
         if save_kv_cache:
-            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+            self._store(layer, forward_batch, k, v)
         elif self.packed_prefill:
             raise RuntimeError("--kv-quant-packed-prefill needs the chunk written to the cache "
                                "before attention, but this model skipped the write; drop "
                                "--kv-quant-packed-prefill.")
         md = self.forward_metadata
-        packed = pool.get_packed_layer(layer.layer_id)
+        packed = inner.get_packed_layer(idx)
         q, k, v = q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)
         o3 = o.view(-1, hq, d)
         mx = self._mixed

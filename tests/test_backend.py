@@ -392,6 +392,47 @@ def test_sliding_window_layer_in_a_mixed_batch_is_refused(server_args):
         backend.forward_extend(*_qkv(8, seed=3), layer, fb)
 
 
+def test_backend_over_sglangs_hybrid_linear_pool(server_args):
+    """SGLang's HybridLinearKVPool around packed inner pools (full-attention model layers 1
+    and 3, addressed 0 and 1 inside): the backend writes through the wrapper and reads the
+    inner pool of each layer, extend and decode against the torch twin."""
+    from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool
+    from sglang_tq.backend import TQAttnBackend
+    from sglang_tq.pool import inner_pool_factory
+
+    cfg = TQConfig(head_dim=D, seed=7)
+    pool = HybridLinearKVPool(size=SLOTS - 1, dtype=torch.bfloat16, page_size=1, head_num=HKV,
+                              head_dim=D, full_attention_layer_ids=[1, 3], device=DEV,
+                              mamba_pool=None, full_kv_pool_class=inner_pool_factory(cfg, {None: (1, 3)}))
+    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
+    runner = types.SimpleNamespace(
+        req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
+        sliding_window_size=None, model_config=server_args.get_model_config(), device=DEV, gpu_id=0,
+        server_args=server_args, is_draft_worker=False, dtype=torch.bfloat16, page_size=1)
+    backend = TQAttnBackend(runner)
+    assert backend.token_to_kv_pool is pool and backend._packed_pools == [pool.full_kv_pool]
+    layer = _layer(3)
+    _, pk, pv = _qkv(len(PREFIX), seed=103)
+    pool.set_kv_buffer(layer, PREFIX, pk, pv)
+    inner = pool.full_kv_pool.get_packed_layer(1)
+    assert (inner.k_norms[PREFIX] > 0).all() and not pool.full_kv_pool.get_packed_layer(0).k_norms.any()
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(10, seed=1)
+    out = backend.forward_extend(q, k, v, layer, fb).view(10, HQ, D)
+    md = backend.forward_metadata
+    want = tq_extend_ref(q, k, v, *inner[:4], md.qo_indptr, md.kv_indptr, md.kv_indices,
+                         inner.codec, layer.scaling)
+    assert _rel(out, want) < 2e-2
+    fb = _decode_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(2, seed=2)
+    out = backend.forward_decode(q, k, v, layer, fb).view(2, HQ, D)
+    indptr = _t([0, 13, 17])
+    indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
+    assert _rel(out, tq_decode_ref(q, *inner[:4], indptr, indices, inner.codec, layer.scaling)) < 2e-2
+
+
 def _mixed_batch(req_to_token):
     """Request 2 is a running request (3 tokens in slots 30..32) decoding one token into
     slot 33, appended the way ``ScheduleBatch.mix_with_running`` appends it."""
