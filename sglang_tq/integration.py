@@ -494,14 +494,37 @@ def _after_build_token_to_kv_pool(result, self, *args, **kwargs):
         return None
     if not kv_quant_enabled(self.server_args):
         return None
-    from .pool import TQTokenToKVPool
+    from .pool import TQTokenToKVPool, packed_pools
 
-    if not isinstance(result, TQTokenToKVPool):
+    inner = [getattr(result, n, None) for n in ("full_kv_pool", "swa_kv_pool")]
+    if not isinstance(result, TQTokenToKVPool) and (
+            not packed_pools(result) or any(p is not None and not isinstance(p, TQTokenToKVPool)
+                                            for p in inner)):
         raise RuntimeError(
             f"--kv-quant turboquant could not install its packed pool for this model (SGLang "
             f"built {type(result).__name__}); use --kv-quant none for this model."
         )
     return None
+
+
+def _build_hybrid_linear_kv_pool(orig, self, *args, **kwargs):
+    """SGLang's HybridLinearKVPool with packed inner pools for the full-attention layers
+    (the recurrent state stays SGLang's): the class it builds them with becomes
+    :func:`pool.inner_pool_factory`, keyed by the model ids of those layers."""
+    if not kv_quant_enabled(self.server_args):
+        return orig(self, *args, **kwargs)
+    global _packed_pool_class
+    from .pool import TQTokenToKVPool, inner_pool_factory
+
+    verify_patches_applied()
+    refusals.check_kv_context(self)
+    refusals.check_pool_build(self, kwargs.get("mha_pool_class"), None)
+    mc = self.model_config
+    cfg, key_centers = _resolve_key_centers(self, tq_config(self.server_args, mc.head_dim))
+    ids = tuple(_local_layers(self))
+    _packed_pool_class = TQTokenToKVPool
+    return orig(self, *args, **{**kwargs, "mha_pool_class": inner_pool_factory(
+        cfg, {None: ids}, key_centers)})
 
 
 def _enable_fused_set_kv_buffer(orig, forward_batch, *args, **kwargs):
@@ -596,6 +619,10 @@ PATCHES = (
     Patch("build-pool",
           "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
           HookType.AROUND, _build_mha_kv_pool, "build TQTokenToKVPool instead of the MHA pool"),
+    Patch("build-hybrid-linear-pool",
+          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_hybrid_linear_kv_pool",
+          HookType.AROUND, _build_hybrid_linear_kv_pool,
+          "build HybridLinearKVPool's full-attention pool as packed pools"),
     Patch("pool-guard",
           "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool",
           HookType.AFTER, _after_build_token_to_kv_pool, "refuse any pool other than ours"),

@@ -140,6 +140,40 @@ def test_cell_size_of_a_hybrid_linear_model_counts_its_attention_layers(parallel
     assert cell == 7 * 8 * 132 + 8 * 512
 
 
+def test_hybrid_linear_pool_is_built_with_packed_full_attention_pools(parallel, monkeypatch):
+    """The build hook hands SGLang's own _build_hybrid_linear_kv_pool the packed inner-pool
+    factory: full-attention model layers 3 and 7 become one packed pool (rotation seeds by
+    model id), the recurrent state pool stays SGLang's, and the pool guard accepts it;
+    --kv-quant none builds SGLang's stock pool."""
+    from sglang.srt.configs import hybrid_arch
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool
+    from sglang.srt.runtime_context import get_context
+    from sglang_tq.codec import LayerCodec
+
+    built = {}
+    for kv_quant in ("turboquant", "none"):
+        sa = _server_args("--kv-quant", kv_quant)
+        get_context().set_server_args(sa)
+        kvc = _kvc(sa)
+        hybrid = types.SimpleNamespace(full_attention_layer_ids=[3, 7])
+        kvc.mambaish_config, kvc.post_capture_kv_active = hybrid, False
+        kvc._build_fp4_quant_method = lambda num_layers: None
+        monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: hybrid)
+        monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
+        built[kv_quant] = KVCacheConfigurator._build_hybrid_linear_kv_pool(
+            kvc, max_total_num_tokens=16, req_to_token_pool=types.SimpleNamespace(mamba_pool=None),
+            mha_pool_class=MHATokenToKVPool)
+        monkeypatch.undo()
+        assert integration._after_build_token_to_kv_pool(built[kv_quant], kvc) is None
+    tq, stock = built["turboquant"], built["none"]
+    assert isinstance(tq, HybridLinearKVPool) and isinstance(tq.full_kv_pool, TQTokenToKVPool)
+    assert tq.full_kv_pool.global_layer_ids == (3, 7)
+    assert torch.equal(tq.full_kv_pool.get_packed_layer(1).codec.pi,
+                       LayerCodec.create(128, 4, 4, seed=TQConfig(head_dim=128).layer_seed(7)).pi)
+    assert type(stock.full_kv_pool) is MHATokenToKVPool
+
+
 def _real_configurator(sa):
     """SGLang's own KVCacheConfigurator, with the fields a CPU test can fill."""
     import dataclasses
