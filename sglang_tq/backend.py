@@ -480,7 +480,7 @@ def _logit_cap(layer) -> float:
 def create_tq_backend(runner) -> TQAttnBackend:
     """Factory registered as the ``turboquant`` attention backend; refuses what it cannot run."""
     pool = runner.token_to_kv_pool
-    if not isinstance(pool, TQTokenToKVPool):
+    if not packed_pools(pool):
         raise RuntimeError(
             f"--attention-backend turboquant needs the packed TurboQuant KV pool but SGLang built "
             f"{type(pool).__name__}; start the server with --kv-quant turboquant."

@@ -327,10 +327,19 @@ def check_model_layers(runner: Any, pool: Any) -> None:
     if getattr(runner, "use_mla_backend", False) or runner.model_config.is_encoder_decoder:
         raise RuntimeError("--kv-quant turboquant supports decoder-only MHA/GQA models only; "
                            "use --kv-quant none for this model.")
+    from .pool import resolve_layer
+
     for module in runner.model.modules():
         if not isinstance(module, RadixAttention):
             continue
-        problem = _layer_problem(module, pool, AttentionType.DECODER)
+        inner = pool
+        if hasattr(pool, "layers_mapping") or hasattr(pool, "full_attention_layer_id_mapping"):
+            try:  # a hybrid pool: the inner pool that holds the layer
+                inner, _ = resolve_layer(pool, module.layer_id)
+            except RuntimeError:
+                inner = None
+        problem = ("its layer has no packed KV pool" if inner is None
+                   else _layer_problem(module, inner, AttentionType.DECODER))
         if problem:
             raise RuntimeError(
                 f"--kv-quant turboquant cannot run attention layer {module.layer_id}: {problem}; "
@@ -356,6 +365,8 @@ def _layer_problem(layer: Any, pool: Any, decoder: Any) -> Optional[str]:
         return f"it has {layer.tp_k_head_num} KV heads but the pool holds {pool.head_num}"
     if layer.tp_q_head_num % layer.tp_k_head_num:
         return "its query heads are not a multiple of its KV heads"
-    if not pool.start_layer <= layer.layer_id < pool.start_layer + pool.layer_num:
+    scattered = getattr(pool, "global_layer_ids", None) not in (None, tuple(range(
+        pool.start_layer, pool.start_layer + pool.layer_num)))  # an inner pool: resolved already
+    if not scattered and not pool.start_layer <= layer.layer_id < pool.start_layer + pool.layer_num:
         return "its layer id lies outside the KV pool"
     return None

@@ -411,6 +411,17 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
         server_args=server_args, is_draft_worker=False, dtype=torch.bfloat16, page_size=1)
     backend = TQAttnBackend(runner)
     assert backend.token_to_kv_pool is pool and backend._packed_pools == [pool.full_kv_pool]
+    # the launch-side layer checks resolve each model layer through the wrapper
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang_tq import refusals
+
+    attn = dict(num_heads=HQ, head_dim=D, scaling=D**-0.5, num_kv_heads=HKV)
+    runner.use_mla_backend = False
+    runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(layer_id=i, **attn) for i in (1, 3)])
+    refusals.check_model_layers(runner, pool)
+    runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(layer_id=2, **attn)])
+    with pytest.raises(RuntimeError, match="attention layer 2: its layer has no packed KV pool"):
+        refusals.check_model_layers(runner, pool)
     layer = _layer(3)
     _, pk, pv = _qkv(len(PREFIX), seed=103)
     pool.set_kv_buffer(layer, PREFIX, pk, pv)
