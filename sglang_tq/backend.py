@@ -295,12 +295,12 @@ class TQAttnBackend(TritonAttnBackend):
         if pre is None or ext is None:  # no host metadata: read it once
             pre, ext = forward_batch.extend_prefix_lens.tolist(), forward_batch.extend_seq_lens.tolist()
         pre, ext = [int(x) for x in pre[:b]], [int(x) for x in ext[:b]]
+        indptr, indices = md.kv_indptr, md.kv_indices
         if window:
             pre = [min(p, self.sliding_window_size) for p in pre]
-            return plan_prefill(md.qo_indptr, md.window_kv_indptr, md.window_kv_indices, pre, ext,
-                                self.prefill_scratch_rows, self.extend_impl == "fa3")
-        return plan_prefill(md.qo_indptr, md.kv_indptr, md.kv_indices, pre, ext,
-                            self.prefill_scratch_rows, self.extend_impl == "fa3")
+            indptr, indices = md.window_kv_indptr, md.window_kv_indices
+        return plan_prefill(md.qo_indptr, indptr, indices, pre, ext, self.prefill_scratch_rows,
+                            self.extend_impl == "fa3")
 
     def _use_eager_workspace(self, bs: int) -> None:
         """The workspace of an eager decode of ``bs`` sequences: the CUDA-graph one when it

@@ -70,6 +70,12 @@ def _check_bits(bits: int, what: str) -> None:
         raise ValueError(f"{what} takes bits in {BITS}, got {bits!r}; pick 2, 3 or 4.")
 
 
+def _check_group(head_dim: int, group: int | None, size: int, what: str) -> None:
+    if head_dim % size:
+        raise ValueError(f"{what} {group} must divide head_dim {head_dim}; pick a divisor "
+                         f"such as 32.")
+
+
 def quantize_minmax(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                     torch.Tensor]:
     """Asymmetric round-to-nearest of ``x`` with one (scale, zero) per slice along ``dim``.
@@ -107,9 +113,7 @@ class HadamardInt:
         if not is_power_of_two(self.head_dim):
             raise ValueError(f"hadamard_int rotates by a Walsh-Hadamard matrix, which needs a "
                              f"power-of-two head_dim, got {self.head_dim}; use kivi for this model.")
-        if self.head_dim % self.group_size:
-            raise ValueError(f"hadamard_int group {self.group} must divide head_dim "
-                             f"{self.head_dim}; pick a divisor such as 32.")
+        _check_group(self.head_dim, self.group, self.group_size, "hadamard_int group")
 
     @property
     def group_size(self) -> int:
@@ -181,9 +185,7 @@ class KIVI:
         if self.residual_tokens % self.group_tokens:
             raise ValueError(f"kivi residual {self.residual} must be a multiple of group_tokens "
                              f"{self.group_tokens}; round it to whole groups.")
-        if self.head_dim % self.value_group_size:
-            raise ValueError(f"kivi value_group {self.value_group} must divide head_dim "
-                             f"{self.head_dim}; pick a divisor such as 32.")
+        _check_group(self.head_dim, self.value_group, self.value_group_size, "kivi value_group")
 
     @property
     def residual_tokens(self) -> int:

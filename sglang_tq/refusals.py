@@ -332,14 +332,17 @@ def check_model_layers(runner: Any, pool: Any) -> None:
     for module in runner.model.modules():
         if not isinstance(module, RadixAttention):
             continue
-        inner = pool
         if hasattr(pool, "layers_mapping") or hasattr(pool, "full_attention_layer_id_mapping"):
             try:  # a hybrid pool: the inner pool that holds the layer
                 inner, _ = resolve_layer(pool, module.layer_id)
             except RuntimeError:
-                inner = None
-        problem = ("its layer has no packed KV pool" if inner is None
-                   else _layer_problem(module, inner, AttentionType.DECODER))
+                problem = "its layer has no packed KV pool"
+            else:
+                problem = _layer_problem(module, inner, AttentionType.DECODER)
+        elif not pool.start_layer <= module.layer_id < pool.start_layer + pool.layer_num:
+            problem = "its layer id lies outside the KV pool"
+        else:
+            problem = _layer_problem(module, pool, AttentionType.DECODER)
         if problem:
             raise RuntimeError(
                 f"--kv-quant turboquant cannot run attention layer {module.layer_id}: {problem}; "
@@ -365,8 +368,4 @@ def _layer_problem(layer: Any, pool: Any, decoder: Any) -> Optional[str]:
         return f"it has {layer.tp_k_head_num} KV heads but the pool holds {pool.head_num}"
     if layer.tp_q_head_num % layer.tp_k_head_num:
         return "its query heads are not a multiple of its KV heads"
-    scattered = getattr(pool, "global_layer_ids", None) not in (None, tuple(range(
-        pool.start_layer, pool.start_layer + pool.layer_num)))  # an inner pool: resolved already
-    if not scattered and not pool.start_layer <= layer.layer_id < pool.start_layer + pool.layer_num:
-        return "its layer id lies outside the KV pool"
     return None
