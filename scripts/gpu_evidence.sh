@@ -80,6 +80,11 @@
 #       1200). The first call starts it under setsid (it outlives the call while the host
 #       stays busy); every call waits until the soak ends or its LIMIT_S is nearly spent,
 #       and the call that sees it end returns soak.json and the server log.
+#   bash scripts/gpu_evidence.sh <commit> ab+soak   # nvidia-h200: the batch-1 write-path A/B
+#       (bench_decode.py 1x4096,1x32768 k4v4, SGLANG_TQ_STORE_MATVEC_TOKENS=0 | 8), then the
+#       soak of soak1 starts under setsid; later calls (suite, eval1, ...) run beside it and a
+#       last soak1 call collects it. (The soak samples its own server's GPU memory.)
+#   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -110,6 +115,16 @@ tune_job() {  # GPU, seconds, log name, tune_decode.py arguments
 merge_tables() {  # the committed table with every table_*.json of this call, into $1
   python scripts/tune_decode.py --merge-tables kernels/decode_launch.json "$LOGS"/table_*.json \
     --write-table "$1" > "$LOGS/merge.log" 2>&1
+}
+
+soak_start() {  # scripts/soak.py under setsid, once per host (its pid in /tmp/soak): it outlives the call
+  SD=/tmp/soak
+  mkdir -p "$SD"
+  [ -f "$SD/pid" ] && return 0
+  setsid nohup python scripts/soak.py --model-path scripts/model_configs/llama-3.1-8b \
+    --server-args "--load-format dummy --max-total-tokens ${SOAK_POOL:-100000}" \
+    --duration-s "${SOAK_S:-1200}" --out "$SD/soak.json" > "$SD/soak.log" 2>&1 < /dev/null &
+  echo $! > "$SD/pid"
 }
 
 case "$MODE" in
@@ -431,14 +446,7 @@ eval1)
   ;;
 soak1)
   export CUDA_VISIBLE_DEVICES=0
-  SD=/tmp/soak
-  mkdir -p "$SD"
-  if [ ! -f "$SD/pid" ]; then
-    setsid nohup python scripts/soak.py --model-path scripts/model_configs/llama-3.1-8b \
-      --server-args "--load-format dummy --max-total-tokens ${SOAK_POOL:-100000}" \
-      --duration-s "${SOAK_S:-1200}" --out "$SD/soak.json" > "$SD/soak.log" 2>&1 < /dev/null &
-    echo $! > "$SD/pid"
-  fi
+  soak_start
   while kill -0 "$(cat "$SD/pid")" 2> /dev/null && [ "$(left $(( ${LIMIT_S:-590} - 25 )))" -gt 0 ]; do
     sleep 10
   done
@@ -448,6 +456,23 @@ soak1)
     cp "$SD"/soak*.json "$SD"/*.log "$OUT/" 2> /dev/null
   fi
   tail -40 "$SD/soak.log" >> "$OUT/summary.txt" 2>&1
+  ;;
+ab+soak)  # nvidia-h200: the batch-1 write-path A/B (store mat-vec off | on), then the soak starts
+  export CUDA_VISIBLE_DEVICES=0
+  for n in 0 8; do
+    SGLANG_TQ_STORE_MATVEC_TOKENS=$n timeout 150 python scripts/bench_decode.py --shapes 1x4096,1x32768 \
+      --kv k4v4 --store-batch 1 --impls sglang-tq,fa3 --out "$OUT/store_matvec$n.json" > "$LOGS/ab$n.log" 2>&1
+    tail -25 "$LOGS/ab$n.log" >> "$OUT/summary.txt"
+  done
+  soak_start
+  sleep 5; tail -5 "$SD/soak.log" >> "$OUT/summary.txt" 2>&1
+  ;;
+suite)  # nvidia-h200: the whole test suite on CUDA (beside a running soak, if one was started)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout "$(left $(( ${LIMIT_S:-590} - 15 )))" python -m pytest -q -rs tests > "$OUT/pytest.log" 2>&1
+  echo "pytest rc $?" >> "$OUT/pytest.log"
+  tail -30 "$OUT/pytest.log" > "$OUT/summary.txt"
+  tail -3 /tmp/soak/soak.log >> "$OUT/summary.txt" 2>&1
   ;;
 all)
   M=$(model) || M=""
@@ -482,7 +507,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, ab+soak, suite, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac

@@ -40,9 +40,11 @@ Phases
 3. drain: no new requests; the in-flight ones finish (``--drain-timeout-s``), then the
    server's /v1/loads is polled until nothing runs or waits;
 4. the same probe run again (after another flush) on the quiet server.
-Memory is sampled every ``--sample-s`` throughout: GPU memory used (nvidia-smi, the GPUs
-of $CUDA_VISIBLE_DEVICES or all of them, summed) and the RSS of the server's process
-tree (from /proc; only with a known server pid).
+Memory is sampled every ``--sample-s`` throughout: the GPU memory of the server's process
+tree (nvidia-smi's compute apps, so that other jobs on the same GPU do not count; where
+their pids are not visible, the device's used memory on the GPUs of $CUDA_VISIBLE_DEVICES
+or all of them, summed; ``memory.gpu_scope`` says which) and the RSS of the server's
+process tree (from /proc; only with a known server pid).
 
 Load
 ----
@@ -428,19 +430,21 @@ def server_gone(proc, pid: int | None) -> bool:
 
 
 # ----------------------------------------------------------------------------- memory
-def gpu_query_cmd() -> list[str] | None:
+def gpu_query_cmd(what: str = "gpu") -> list[str] | None:
+    """nvidia-smi's per-device used memory (``gpu``) or per-process used memory (``apps``)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
-    cmd = [exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    query = "--query-gpu=memory.used" if what == "gpu" else "--query-compute-apps=pid,used_memory"
+    cmd = [exe, query, "--format=csv,noheader,nounits"]
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if cvd and all(p.strip().isdigit() for p in cvd.split(",")):
         cmd.append("--id=" + cvd)
     return cmd
 
 
-def tree_rss_mib(pid: int) -> float | None:
-    """RSS of ``pid`` and all its descendants in MiB (Linux /proc); None once it is gone."""
+def tree_pids(pid: int) -> set[int]:
+    """``pid`` and all its live descendants (Linux /proc)."""
     children: dict[int, list[int]] = defaultdict(list)
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -449,9 +453,19 @@ def tree_rss_mib(pid: int) -> float | None:
             except OSError:
                 continue
             children[int(stat[stat.rindex(")") + 2:].split()[1])].append(int(d.name))
-    total, todo, found = 0, [pid], False
+    found, todo = set(), [pid]
     while todo:
         p = todo.pop()
+        if Path(f"/proc/{p}").exists():
+            found.add(p)
+            todo += children.get(p, [])
+    return found
+
+
+def tree_rss_mib(pid: int) -> float | None:
+    """RSS of ``pid`` and all its descendants in MiB (Linux /proc); None once it is gone."""
+    total, found = 0, False
+    for p in tree_pids(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -459,36 +473,79 @@ def tree_rss_mib(pid: int) -> float | None:
             found = True
         except OSError:
             continue
-        todo += children.get(p, [])
     return round(total / 1024, 1) if found else None
 
 
+def apps_mib(csv_text: str, pids: set[int]) -> float | None:
+    """The GPU memory (MiB) of the processes in ``pids`` from nvidia-smi's compute-apps CSV
+    (``pid, used_memory`` rows); None when none of them is listed (e.g. the GPU host's
+    nvidia-smi sees another pid namespace)."""
+    total, seen = 0.0, False
+    for line in csv_text.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) in pids:
+            try:
+                total += float(parts[1])
+            except ValueError:
+                continue
+            seen = True
+    return total if seen else None
+
+
 class MemorySampler:
-    """Samples GPU memory used and the server tree's RSS every ``interval_s`` seconds."""
+    """Samples the server's GPU memory and its process tree's RSS every ``interval_s`` seconds.
+
+    GPU memory is the server's own processes' (nvidia-smi compute apps, so that other jobs
+    on the same GPU do not count) where their pids are visible, else the device's used
+    memory; ``scope`` says which one the samples hold."""
 
     def __init__(self, pid: int | None, interval_s: float):
         self.pid, self.interval_s = pid, interval_s
-        self.gpu_cmd = gpu_query_cmd()
+        self.gpu_cmd, self.apps_cmd = gpu_query_cmd("gpu"), gpu_query_cmd("apps")
         self.samples: list[dict] = []
         self.phase = "start"
         self.t0 = time.monotonic()
         self.notes = {}
+        self.scope: str | None = None
         if self.gpu_cmd is None:
             self.notes["gpu"] = "nvidia-smi not found: GPU memory not sampled"
         if pid is None:
             self.notes["host"] = "server pid unknown (attached without --server-pid): host memory not sampled"
 
+    async def _smi(self, cmd: list[str]) -> str | None:
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+            return out.decode()
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.notes["gpu"] = f"nvidia-smi failed: {type(exc).__name__}: {exc}"[:300]
+            return None
+
     async def gpu_mib(self) -> float | None:
         if self.gpu_cmd is None:
             return None
-        try:
-            proc = await asyncio.create_subprocess_exec(*self.gpu_cmd, stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.DEVNULL)
-            out, _ = await asyncio.wait_for(proc.communicate(), 30)
-            return sum(float(x) for x in out.decode().split())
-        except (OSError, ValueError, asyncio.TimeoutError) as exc:
-            self.notes["gpu"] = f"nvidia-smi failed: {type(exc).__name__}: {exc}"[:300]
+        if self.pid is not None and self.scope != "device":
+            out = await self._smi(self.apps_cmd)
+            mib = None if out is None else apps_mib(out, tree_pids(self.pid))
+            if mib is not None:
+                self.scope = "server processes"
+                return mib
+            if self.scope == "server processes":  # seen before: the server holds no GPU memory now
+                return None
+        out = await self._smi(self.gpu_cmd)
+        if out is None:
             return None
+        try:
+            mib = sum(float(x) for x in out.split())
+        except ValueError as exc:
+            self.notes["gpu"] = f"nvidia-smi output unreadable: {exc}"[:300]
+            return None
+        if self.scope is None:
+            self.scope = "device"
+            self.notes["gpu_scope"] = ("device-wide used memory: the server's pids are not among nvidia-smi's "
+                                       "compute apps, so other processes on the GPU count too")
+        return mib
 
     async def sample(self) -> dict:
         s = {"t": round(time.monotonic() - self.t0, 2), "phase": self.phase, "gpu_mib": await self.gpu_mib(),
@@ -746,6 +803,7 @@ def evaluate(doc: dict, tally: Tally | None, sampler: MemorySampler | None, aliv
         mem["growth"] = {"gpu": memory_growth(sampler.series("gpu_mib"), gpu_limit),
                          "host": memory_growth(sampler.series("host_mib"), host_limit)}
         mem["notes"] = sampler.notes
+        mem["gpu_scope"] = sampler.scope
     growth = mem.get("growth", {})
     probes = doc["probes"]
     if probes.get("start") and probes.get("end"):

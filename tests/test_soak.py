@@ -13,6 +13,7 @@ after N requests (corruption), streamed requests failing with 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -363,6 +364,36 @@ def test_memory_growth_rule():
     assert g["flat"] is False and g["growth_mib"] == pytest.approx(50 * 20)  # means of [10:20] and [30:40]
     assert soak.memory_growth([1.0, 2.0, 3.0], 512)["flat"] is None
     assert soak.memory_growth([0.0, 0.0, 0.0, 600.0], 512)["flat"] is False
+
+
+def fake_smi(tmp_path: Path, monkeypatch, apps: str, used: str = "70000") -> None:
+    """An nvidia-smi on PATH answering the two queries the sampler makes."""
+    exe = tmp_path / "bin" / "nvidia-smi"
+    exe.parent.mkdir(exist_ok=True)
+    exe.write_text("#!/bin/sh\ncase \"$1\" in --query-compute-apps*) printf '%s' \"$APPS\";; "
+                   "*) echo \"$USED\";; esac\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("APPS", apps)
+    monkeypatch.setenv("USED", used)
+    monkeypatch.setenv("PATH", f"{exe.parent}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_gpu_memory_is_the_servers_own_where_visible(tmp_path, monkeypatch, listed):
+    """Another job on the GPU (pid 1, 60000 MiB) must not count when the server's pids are
+    listed; when they are not, the device total is sampled and the scope says so."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    me = os.getpid()
+    apps = f"1, 60000\n{me}, 1234\n{me}, 66\n" if listed else "1, 60000\n"
+    fake_smi(tmp_path, monkeypatch, apps)
+    sampler = soak.MemorySampler(me, 1.0)
+    s = asyncio.run(sampler.sample())
+    if listed:
+        assert s["gpu_mib"] == 1300 and sampler.scope == "server processes" and "gpu_scope" not in sampler.notes
+    else:
+        assert s["gpu_mib"] == 70000 and sampler.scope == "device" and "device-wide" in sampler.notes["gpu_scope"]
+    assert soak.apps_mib("pid, used\n12, 5\nbad line\n", {12}) == 5
+    assert soak.apps_mib("12, 5\n", {13}) is None
 
 
 def test_prometheus_parsing_and_deltas():
