@@ -84,7 +84,8 @@
 #       (bench_decode.py 1x4096,1x32768 k4v4, SGLANG_TQ_STORE_MATVEC_TOKENS=0 | 8), then the
 #       soak of soak1 starts under setsid; later calls (suite, eval1, ...) run beside it and a
 #       last soak1 call collects it. (The soak samples its own server's GPU memory.)
-#   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA.
+#   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA; with
+#       UNPACK=<model> the staged pieces of that model are converted beside it (unpack_model.sh).
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -469,6 +470,9 @@ ab+soak)  # nvidia-h200: the batch-1 write-path A/B (store mat-vec off | on), th
   ;;
 suite)  # nvidia-h200: the whole test suite on CUDA (beside a running soak, if one was started)
   export CUDA_VISIBLE_DEVICES=0
+  if [ -n "${UNPACK:-}" ]; then  # staged pieces of model $UNPACK: convert them meanwhile, for a later call
+    setsid nohup bash scripts/unpack_model.sh "$UNPACK" > /tmp/unpack_bg.log 2>&1 < /dev/null &
+  fi
   timeout "$(left $(( ${LIMIT_S:-590} - 15 )))" python -m pytest -q -rs tests > "$OUT/pytest.log" 2>&1
   echo "pytest rc $?" >> "$OUT/pytest.log"
   tail -30 "$OUT/pytest.log" > "$OUT/summary.txt"
