@@ -619,6 +619,8 @@ FAKE_SERVER_SOURCE = textwrap.dedent('''\
     if kv == os.environ.get("FAKE_EVAL_FAIL"):
         print("ValueError: the fake server refuses", kv, flush=True)
         sys.exit(3)
+    if kv == os.environ.get("FAKE_EVAL_SLOW_START"):  # still loading when a short budget ends
+        time.sleep(60)
     pool = {"bf16": 1000, "fp8": 2000}.get(kv, 3880)
     print("UNKNOWN_ARGS", json.dumps(unknown), flush=True)
     print("PID", os.getpid(), flush=True)
@@ -844,6 +846,23 @@ def test_eval_records_a_server_failure(tmp_path, fake_launcher, monkeypatch, cap
     assert e[("gsm8k", "k3v3")]["status"] == "server_failed" and "refuses k3v3" in e[("gsm8k", "k3v3")]["error"]
     assert e[("gsm8k", "bf16")]["status"] == "ok" and e[("gsm8k", "bf16")]["n"] == 2
     assert "ERROR k3v3: server exited with code 3" in capsys.readouterr().out
+
+
+def test_eval_budget_ending_during_a_server_start_is_a_skip_not_a_failure(tmp_path, fake_launcher,
+                                                                           monkeypatch, capsys):
+    """A server still starting when --budget-s runs out gets no entry (--resume runs it later)."""
+    from sglang_tq.bench.eval import cli
+    monkeypatch.setattr(cli, "MIN_START_S", 1.0)
+    monkeypatch.setattr(cli, "DEADLINE_MARGIN_S", 0.5)
+    monkeypatch.setenv("FAKE_EVAL_SLOW_START", "k3v3")
+    out = tmp_path / "budget.json"
+    t0 = time.monotonic()
+    rc = bench_main.main(["eval", *fake_launcher, "--configs", "k3v3", "--tasks", "gsm8k", "--out", str(out),
+                          "--limit", "2", "--budget-s", "3"])
+    assert rc == 3 and time.monotonic() - t0 < 30
+    assert _entries(out) == {}
+    text = capsys.readouterr().out
+    assert "SKIP k3v3: --budget-s ran out while its server started" in text and "ERROR" not in text
 
 
 @pytest.mark.parametrize("extra, message", [

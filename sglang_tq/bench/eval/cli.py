@@ -325,9 +325,17 @@ def run_eval(args) -> int:
             base = {"config": kv, "kv_flags": configs.kv_server_flags(kv, args.model_path), "server_cmd": server.command_line,
                     "extra_server_args": args.extra, "mem_fraction_static": args.mem_fraction_static,
                     "data_sources": sources, "concurrency": args.concurrency, "limit": args.limit}
+            wait = min(args.startup_timeout, max(remaining() - DEADLINE_MARGIN_S, MIN_START_S))
             try:
-                server.start(min(args.startup_timeout, max(remaining() - DEADLINE_MARGIN_S, MIN_START_S)))
+                server.start(wait)
             except RuntimeError as exc:
+                if wait < args.startup_timeout and server.proc is not None and server.proc.poll() is None:
+                    # still starting when --budget-s ran out: not a failure, no entry (--resume runs it)
+                    print(f"SKIP {kv}: --budget-s ran out while its server started ({wait:.0f} s)", flush=True)
+                    server.stop()
+                    server = None
+                    rc = max(rc, 3)
+                    continue
                 print(f"ERROR {kv}: {exc}", flush=True)
                 for name, task, want, _ in plan:
                     rf.put({"task": name, **base, **want, "status": "server_failed", "metric": task.headline,
