@@ -259,13 +259,14 @@ async def stream_and_close(session, base_url: str, req: Req) -> tuple[ReqResult,
     return res, False
 
 
-async def post_raw(session, base_url: str, body: bytes) -> tuple[int, str]:
-    """(HTTP status, body) of one non-streaming /generate with a raw body; status 0 when
-    the connection failed (the body then holds the exception)."""
+async def post_raw(session, base_url: str, body: bytes, keep: int | None = 300) -> tuple[int, str]:
+    """(HTTP status, body) of one non-streaming /generate with a raw body, the body cut to
+    ``keep`` characters (None: whole); status 0 when the connection failed (the body then
+    holds the exception)."""
     try:
         async with session.post(base_url + "/generate", data=body,
                                 headers={"Content-Type": "application/json"}) as resp:
-            return resp.status, (await resp.text())[:300]
+            return resp.status, (await resp.text())[:keep]
     except Exception as exc:  # noqa: BLE001
         return 0, f"{type(exc).__name__}: {exc}"[:300]
 
@@ -273,9 +274,9 @@ async def post_raw(session, base_url: str, body: bytes) -> tuple[int, str]:
 async def generate_once(session, base_url: str, input_ids: list[int], max_new_tokens: int) -> dict:
     """One greedy non-streaming /generate -> {"output_ids": [...]} or {"error": ...}."""
     status, text = await post_raw(session, base_url,
-                                  json.dumps(generate_payload(input_ids, max_new_tokens, False)).encode())
+                                  json.dumps(generate_payload(input_ids, max_new_tokens, False)).encode(), None)
     if status != 200:
-        return {"error": f"HTTP {status}: {text}"}
+        return {"error": f"HTTP {status}: {text[:300]}"}
     try:
         return {"output_ids": [int(t) for t in json.loads(text)["output_ids"]]}
     except (ValueError, KeyError, TypeError) as exc:

@@ -82,7 +82,9 @@ class FakeState:
         if self.corrupt_after is not None and k > self.corrupt_after:
             toks = [t if j < CORRUPT_FROM else (t + 1) % VOCAB for j, t in enumerate(toks)]
         meta = {"id": f"r{k}", "prompt_tokens": len(ids), "completion_tokens": len(toks), "cached_tokens": cached,
-                "num_retractions": retractions, "finish_reason": {"type": "length", "length": len(toks)}}
+                "num_retractions": retractions, "finish_reason": {"type": "length", "length": len(toks)},
+                # SGLang's replies are long (timings, per-token details): more than a few hundred bytes
+                "e2e_latency": 0.1, "spec_verify_ct": [0] * 200}
         return {"output_ids": toks, "meta_info": meta}
 
     def metrics(self) -> bytes:
