@@ -242,8 +242,9 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         qo_indptr = qo_indptr.to(torch.int32)  # FA3 takes int32 offsets (SGLang's are int64)
         window = (sliding_window - 1, 0) if sliding_window > 0 else (-1, -1)
         o = out if out.is_contiguous() else torch.empty_like(q)
+        # FA3 reads the sinks in the query's dtype (SGLang's gpt-oss keeps them in bf16 for it)
         kw = dict(softmax_scale=sm_scale, causal=True, window_size=window, softcap=logit_cap, out=o,
-                  **({} if sinks is None else {"sinks": sinks.float().contiguous()}))
+                  **({} if sinks is None else {"sinks": sinks.to(q.dtype).contiguous()}))
         if n == 0:  # -- no prefix: one varlen call over the chunk itself
             if chunk_slots is not None:
                 k, v = dequant(chunk_slots)

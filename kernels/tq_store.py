@@ -3,9 +3,7 @@
 One launch handles K and V of N tokens (grid axis 2 picks K or V, each with its
 own constexpr bit width). Per token and KV head (TurboQuant Alg. 1):
 rotate y = Πx on tensor cores (tf32x3: three tf32 products, about fp32's precision,
-instead of an fp32 FMA loop) over tiles of 16 tokens, or, for a store of a few tokens
-(``BLOCK_N`` = 1, one warp per token, head and K/V: the batch-1 decode step), as an fp32
-FMA mat-vec that pads nothing to 16 rows; r = ‖y‖, u = y/r, index = number of Lloyd-Max
+instead of an fp32 FMA loop), r = ‖y‖, u = y/r, index = number of Lloyd-Max
 thresholds below u, its sign-magnitude code (``quantizer.code_of_index``), pack
 into the split-plane layout, scatter codes and the fp16 norm to the token's
 slot. Πᵀ arrives with its columns already in the kernel's packing order
@@ -18,10 +16,7 @@ import triton.language as tl
 
 from sglang_tq.codec import LayerCodec
 
-from sglang_tq.env import store_matvec_tokens
-
 from ._checks import check_center, check_head_dim, check_pdl, pdl_launch, pdl_supported
-
 
 @triton.jit
 def _quantize_tile(
@@ -30,35 +25,20 @@ def _quantize_tile(
     BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CENTER: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
-    # -- load (minus the head's key center), rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c]
+    # -- load (minus the head's key center), rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c],
+    #    over chunks of c so that the fp32 slice of Πᵀ fits in shared memory at head_dim 256
+    CHUNK: tl.constexpr = 64
+    offs_c = tl.arange(0, CHUNK)
     y = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    if BLOCK_N == 1:
-        # one token: x as a column [16, 1] against 16 rows of Πᵀ at a time, summed in fp32
-        MV: tl.constexpr = 16
-        offs_r = tl.arange(0, MV)
-        for c0 in tl.static_range(0, HEAD_DIM, MV):
-            x = tl.load(
-                X + offs_n[None, :] * stride_x_n + head * stride_x_h + (c0 + offs_r)[:, None],
-                mask=mask_n[None, :], other=0.0,
-            ).to(tl.float32)
-            if HAS_CENTER:
-                x -= tl.load(Center + head * HEAD_DIM + c0 + offs_r)[:, None]
-            pit = tl.load(PiT + (c0 + offs_r)[:, None] * HEAD_DIM + offs_d[None, :])
-            y += tl.sum(x * pit, axis=0)[None, :]
-    else:
-        # tiles of tokens on tensor cores, over chunks of c so that the fp32 slice of Πᵀ
-        # fits in shared memory at head_dim 256
-        CHUNK: tl.constexpr = 64
-        offs_c = tl.arange(0, CHUNK)
-        for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
-            x = tl.load(
-                X + offs_n[:, None] * stride_x_n + head * stride_x_h + (c0 + offs_c)[None, :],
-                mask=mask_n[:, None], other=0.0,
-            ).to(tl.float32)
-            if HAS_CENTER:
-                x -= tl.load(Center + head * HEAD_DIM + c0 + offs_c)[None, :]
-            pit = tl.load(PiT + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :])
-            y += tl.dot(x, pit, input_precision="tf32x3")
+    for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
+        x = tl.load(
+            X + offs_n[:, None] * stride_x_n + head * stride_x_h + (c0 + offs_c)[None, :],
+            mask=mask_n[:, None], other=0.0,
+        ).to(tl.float32)
+        if HAS_CENTER:
+            x -= tl.load(Center + head * HEAD_DIM + c0 + offs_c)[None, :]
+        pit = tl.load(PiT + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :])
+        y += tl.dot(x, pit, input_precision="tf32x3")
     # -- norm and unit vector
     r = tl.sqrt(tl.sum(y * y, axis=1))
     u = y / tl.maximum(r, 1e-30)[:, None]
@@ -141,11 +121,9 @@ def _check_pool(name, codes, norms, num_heads, code_bytes):
 
 
 def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec,
-                block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None):
+                block_n: int = 16, num_warps: int = 4, pdl: bool | None = None):
     """Quantize K, V [N, Hkv, D] (any float dtype) and write them to slots ``loc`` [N].
 
-    ``block_n``: tokens per program, 16 (tensor-core tiles, 4 warps) by default, 1 (the
-    fp32 mat-vec, 1 warp) for N up to ``SGLANG_TQ_STORE_MATVEC_TOKENS``.
     ``pdl`` (default: where supported) launches with programmatic dependent launch: the
     kernel still waits for its inputs first, but the next PDL launch may start early."""
     n, hkv, d = k.shape
@@ -167,12 +145,6 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     check_pdl(pdl)
     if n == 0:
         return
-    if block_n is None:
-        block_n = 1 if n <= store_matvec_tokens() else 16
-    if block_n not in (1, 16, 32, 64):
-        raise ValueError(f"block_n must be 1 (mat-vec) or 16, 32, 64 (tensor-core tiles), got {block_n}.")
-    if num_warps is None:
-        num_warps = 1 if block_n == 1 else 4
     grid = (triton.cdiv(n, block_n), hkv, 2)
     _tq_store_kernel[grid](
         k, v, loc, codec.pi_t_k, codec.pi_t_v, codec.k_bounds, codec.v_bounds,

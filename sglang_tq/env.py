@@ -10,10 +10,6 @@
   instead of the packaged one, e.g. to benchmark a fresh tuning before committing it.
 * ``SGLANG_TQ_EXTEND_IMPL``: the prefill (extend) attention kernel, ``fa3`` or
   ``triton``, instead of the default (``kernels/tq_extend.py``), e.g. for an A/B run.
-* ``SGLANG_TQ_STORE_MATVEC_TOKENS``: stores of at most this many tokens rotate each head
-  vector by an fp32 FMA mat-vec, one warp per (token, head, K/V), instead of a padded
-  16-row tensor-core tile (``kernels/tq_store.py``); 0 (the default until an A/B on the
-  GPU says otherwise) keeps the tile everywhere.
 * ``SGLANG_DEBUG_MEMORY_POOL`` (SGLang's own debug switch, read here too): the packed
   pool checks every store's slots against its size and the stored norms for fp16
   overflow, raising one sentence (each check synchronizes the GPU: debugging only).
@@ -43,15 +39,3 @@ def extend_impl_override() -> str | None:
 
 def debug_memory_pool() -> bool:
     return os.environ.get("SGLANG_DEBUG_MEMORY_POOL", "0").strip().lower() in ("1", "true", "yes")
-
-
-def store_matvec_tokens() -> int:
-    """``SGLANG_TQ_STORE_MATVEC_TOKENS``: the largest store that takes the mat-vec path (0: none)."""
-    raw = os.environ.get("SGLANG_TQ_STORE_MATVEC_TOKENS", "0").strip() or "0"
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"SGLANG_TQ_STORE_MATVEC_TOKENS must be a token count >= 0, got {raw!r}.")
-    return value

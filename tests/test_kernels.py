@@ -82,51 +82,6 @@ def test_store_matches_reference(head_dim, k_bits, v_bits, device):
     assert (got[0][untouched.to(device)] == 0).all(), "store wrote outside its slots"
 
 
-@pytest.mark.parametrize("head_dim, k_bits, v_bits, centered",
-                         [(64, 4, 3, False), (128, 3, 3, True), (256, 2, 4, False), (128, 4, 4, True)])
-def test_store_matvec_path_matches_reference(head_dim, k_bits, v_bits, centered, device, monkeypatch):
-    """A store of a few tokens (the batch-1 decode step) may rotate by an fp32 mat-vec, one
-    warp per token, head and K/V: the same codes and norms as the reference, up to the
-    rare threshold flip of a differently rounded fp32 sum; chosen by block_n=1 or, with
-    no block_n, by SGLANG_TQ_STORE_MATVEC_TOKENS."""
-    import sglang_tq.kernels.tq_store as store_mod
-
-    hkv, slots, n = 3, 20, 5
-    g = torch.Generator().manual_seed(head_dim + k_bits)
-    center = (torch.randn(hkv, head_dim, generator=g) * 3).to(device) if centered else None
-    codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=5, device=device, k_center=center)
-    qkv = (torch.randn(n, 3 * hkv, head_dim, generator=g) * 2).bfloat16().to(device)
-    k, v = qkv[:, hkv: 2 * hkv], qkv[:, 2 * hkv:]
-    loc = torch.randperm(slots, generator=g)[:n].to(device)
-    want = codec.alloc_buffers(slots, hkv)
-    tq_store_kv_ref(k, v, loc, *want, codec)
-    launched = []
-    real = store_mod._tq_store_kernel
-    monkeypatch.setattr(store_mod, "_tq_store_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: (launched.append(grid), real[grid])[1]})())
-    for how in ("block_n", "env"):
-        got = codec.alloc_buffers(slots, hkv)
-        if how == "block_n":
-            tq_store_kv(k, v, loc, *got, codec, block_n=1)
-        else:
-            monkeypatch.setenv("SGLANG_TQ_STORE_MATVEC_TOKENS", str(n))
-            tq_store_kv(k, v, loc, *got, codec)
-        assert launched[-1] == (n, hkv, 2)  # one program per token, head and K/V
-        for bits, gc, wc in ((k_bits, got[0], want[0]), (v_bits, got[2], want[2])):
-            diff = (unpack(gc[loc], bits, head_dim).int() - unpack(wc[loc], bits, head_dim).int()).abs()
-            assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # as the tile path
-        for gn, wn in ((got[1], want[1]), (got[3], want[3])):
-            assert torch.allclose(gn.float(), wn.float(), rtol=2**-10, atol=0)
-    monkeypatch.setenv("SGLANG_TQ_STORE_MATVEC_TOKENS", str(n - 1))  # above the threshold
-    tq_store_kv(k, v, loc, *codec.alloc_buffers(slots, hkv), codec)
-    assert launched[-1] == (1, hkv, 2)
-    monkeypatch.setenv("SGLANG_TQ_STORE_MATVEC_TOKENS", "-3")
-    with pytest.raises(ValueError, match="SGLANG_TQ_STORE_MATVEC_TOKENS must be a token count"):
-        tq_store_kv(k, v, loc, *codec.alloc_buffers(slots, hkv), codec)
-    with pytest.raises(ValueError, match="block_n must be 1"):
-        tq_store_kv(k, v, loc, *codec.alloc_buffers(slots, hkv), codec, block_n=8)
-
-
 # -------------------------------------------------------------------------- decode
 DECODE_CASES = (
     [(64, kb, vb, gqa) for (kb, vb), gqa in zip(BIT_PAIRS, itertools.cycle((1, 4, 8)))]
