@@ -65,6 +65,7 @@ OPTION_DEFAULTS = {
     "kv_quant_key_centers": "auto",
 }
 AUTO_CENTERS = "auto"
+BIAS_CENTERS = "bias"  # the k_proj-bias centers, asked for by name (refused without a bias)
 
 # The pool class sglang-tq built in this process (TQTokenToKVPool or SimulatedKVPool), read
 # by the fused set-KV patch: both need every K/V write to go through their set_kv_buffer.
@@ -94,18 +95,19 @@ def parse_bf16_layers(spec: Any) -> tuple[int, ...]:
 
 
 def parse_key_centers(spec: Any) -> str | None:
-    """``auto`` (centers from the model's k_proj bias, see ``_resolve_key_centers``), a key
-    centers file path (checked to exist; its shape is checked against the model when the
+    """``auto`` (centers from the model's k_proj bias where it has one, see
+    ``_resolve_key_centers``), ``bias`` (the same, refused for a model without a bias), a
+    key centers file path (checked to exist; its shape is checked against the model when the
     pool is built), or None (``none``: keys quantized uncentered)."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
         return None
-    if isinstance(spec, str) and spec.strip().lower() == AUTO_CENTERS:
-        return AUTO_CENTERS
+    if isinstance(spec, str) and spec.strip().lower() in (AUTO_CENTERS, BIAS_CENTERS):
+        return spec.strip().lower()
     path = Path(str(spec)).expanduser()
     if not path.is_file():
         raise ValueError(f"--kv-quant-key-centers {str(spec)!r} is not a file; create one with "
                          f"`python scripts/key_centers.py --model-path <model> --out {spec}`, "
-                         f"or give auto or none.")
+                         f"or give auto, bias or none.")
     return str(path.resolve())
 
 
@@ -145,12 +147,15 @@ def normalize_options(given: dict) -> dict:
     if mode not in refusals.KV_QUANT_CHOICES:
         raise ValueError(f"--kv-quant must be one of {refusals.KV_QUANT_CHOICES}, got {opts['kv_quant']!r}.")
     if mode in refusals.SIMULATED_MODES:
+        # hadamard takes key centers by name (bias or FILE; its default stays QuaRot's
+        # uncentered keys), kivi none: its per-channel key scales already absorb them
         tq_only = [k for k in ("kv_quant_packed_prefill", "kv_quant_key_centers")
-                   if opts[k] != OPTION_DEFAULTS[k]]
+                   if opts[k] != OPTION_DEFAULTS[k] and not (k == "kv_quant_key_centers" and mode == "hadamard")]
         if tq_only:
             flags = ", ".join("--" + k.replace("_", "-") for k in tq_only)
             raise ValueError(f"the options {flags} need --kv-quant turboquant (--kv-quant {mode} "
-                             f"has no packed prefill and no key centers); drop them.")
+                             f"has no packed prefill{'' if mode == 'hadamard' else ' and no key centers'}); "
+                             f"drop them.")
     k_bits, v_bits = TQConfig.parse_bits(opts["kv_quant_bits"])
     seed = opts["kv_quant_seed"]
     if isinstance(seed, str):  # Engine(kv_quant_seed="3") is as good as the flag
@@ -171,7 +176,7 @@ def normalize_options(given: dict) -> dict:
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(f"the options {flags} need --kv-quant turboquant; add it or drop them.")
-    if mode in refusals.SIMULATED_MODES:
+    if mode in refusals.SIMULATED_MODES and normalized["kv_quant_key_centers"] == AUTO_CENTERS:
         normalized["kv_quant_key_centers"] = None
     return normalized
 
@@ -252,14 +257,16 @@ def _add_cli_args(result, parser: argparse.ArgumentParser):
     )
     group.add_argument(
         "--kv-quant-key-centers", type=_argparse_type(parse_key_centers), default=AUTO_CENTERS,
-        metavar="auto|none|FILE",
+        metavar="auto|bias|none|FILE",
         help="Key centers mu per layer and KV head: keys are quantized as k - mu, which leaves "
              "attention unchanged and cuts the key error of models whose keys share a large "
              "common part. 'auto' (default) derives mu from the model's k_proj bias (Qwen2 "
              "and kin; RoPE-averaged, computed at start-up) and centers nothing for models "
-             "without one; FILE is a safetensors file from scripts/key_centers.py (a "
-             "calibration mean, also for bias-free models); 'none' turns centering off. "
-             "Centered keys are refused for models with a logit soft-cap.",
+             "without one; 'bias' is the same but refused for a model without a bias; FILE "
+             "is a safetensors file from scripts/key_centers.py (a calibration mean, also for "
+             "bias-free models); 'none' turns centering off. Centered keys are refused for "
+             "models with a logit soft-cap. With --kv-quant hadamard the default is QuaRot's "
+             "uncentered keys, and bias or FILE centers them the same way.",
     )
 
 
@@ -407,27 +414,40 @@ def _resolve_key_centers(kvc, cfg: TQConfig) -> tuple[TQConfig, Any]:
     (``centers.sglang_bias_key_centers``) or, for a model without a bias, no centers: the
     returned cfg then says ``key_centers=None``, so the logit-cap refusal only sees
     centers that are really applied."""
+    mu = key_centers_of(kvc, cfg.key_centers)
+    if mu is None and cfg.key_centers == AUTO_CENTERS:
+        return dataclasses.replace(cfg, key_centers=None), None
+    return cfg, mu
+
+
+def key_centers_of(kvc, spec: str | None):
+    """The [layers, local kv heads, D] key centers ``spec`` (``parse_key_centers``) gives
+    for the model ``kvc`` loaded, or None (``none``; ``auto`` for a model without a
+    k_proj bias). ``bias`` without a bias is refused in one sentence."""
     from . import centers as kc
 
     mc = kvc.model_config
-    if cfg.key_centers == AUTO_CENTERS:
+    if spec in (AUTO_CENTERS, BIAS_CENTERS):
         heads = mc.get_num_kv_heads(_attn_tp_size())
         mu = kc.sglang_bias_key_centers(kvc.model, mc.num_hidden_layers, heads, mc.head_dim,
                                         kc.BIAS_HORIZON)
         if mu is None:
+            if spec == BIAS_CENTERS:
+                raise ValueError("--kv-quant-key-centers bias needs a model with a k_proj bias; "
+                                 "this one has none: give a calibration file "
+                                 "(scripts/key_centers.py) or none.")
             logger.info("sglang-tq: key centers auto: the model has no k_proj bias, keys are "
                         "quantized uncentered (a calibration file: --kv-quant-key-centers FILE).")
-            return dataclasses.replace(cfg, key_centers=None), None
-        logger.info("sglang-tq: key centers auto: from the k_proj bias, RoPE-averaged over "
-                    "positions 0..%d; largest center norm %.1f.", kc.BIAS_HORIZON - 1,
+            return None
+        logger.info("sglang-tq: key centers %s: from the k_proj bias, RoPE-averaged over "
+                    "positions 0..%d; largest center norm %.1f.", spec, kc.BIAS_HORIZON - 1,
                     mu.norm(dim=-1).max().item())
-        return cfg, mu
-    if cfg.key_centers:
-        return cfg, rank_key_centers(
-            kc.load_key_centers(cfg.key_centers, mc.num_hidden_layers,
-                                mc.get_total_num_kv_heads(), mc.head_dim),
+        return mu
+    if spec:
+        return rank_key_centers(
+            kc.load_key_centers(spec, mc.num_hidden_layers, mc.get_total_num_kv_heads(), mc.head_dim),
             _attn_tp_rank(), _attn_tp_size())
-    return cfg, None
+    return None
 
 
 def _build_simulated_pool(orig, kvc, mode: str, **kwargs):
@@ -443,7 +463,8 @@ def _build_simulated_pool(orig, kvc, mode: str, **kwargs):
         refusals.check_model_config(kvc.model_config, sa)
     k_bits, v_bits = TQConfig.parse_bits(sa.kv_quant_bits)
     pool_class = functools.partial(SimulatedKVPool, mode=mode, k_bits=k_bits, v_bits=v_bits,
-                                   seed=sa.kv_quant_seed, bf16_layers=sa.kv_quant_bf16_layers)
+                                   seed=sa.kv_quant_seed, bf16_layers=sa.kv_quant_bf16_layers,
+                                   key_centers=key_centers_of(kvc, getattr(sa, "kv_quant_key_centers", None)))
     pool = orig(kvc, **{**kwargs, "mha_pool_class": pool_class})
     if not isinstance(pool, SimulatedKVPool):
         raise RuntimeError(

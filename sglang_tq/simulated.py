@@ -11,7 +11,8 @@ with one extra bf16 rounding of the dequantized value. It saves no memory and is
 fast; the server log says so at start-up.
 
 * **hadamard** (per token): :meth:`SimulatedKVPool.set_kv_buffer` round-trips K and V
-  before SGLang's own store. Per layer and step that is a [D, D] float64 rotation
+  before SGLang's own store; with key centers μ (``--kv-quant-key-centers bias|FILE``,
+  TurboQuant's centering applied to the prior art) a key is stored as Q(k − μ) + μ. Per layer and step that is a [D, D] float64 rotation
   (TurboQuant's own randomized Hadamard for the seed), a min/max and a rounding over the step's new tokens, in torch ops
   with static shapes, so it is captured by SGLang's decode CUDA graphs.
 * **kivi** (per channel over token groups): K/V are stored exact; after each forward,
@@ -59,10 +60,13 @@ class SimulatedKVPool(MHATokenToKVPool):
 
     def __init__(self, *args, mode: str, k_bits: int, v_bits: int, seed: int = 0,
                  bf16_layers: Iterable[int] = (), group_tokens: int = KIVI_GROUP_TOKENS,
-                 **kwargs):
+                 key_centers: Optional[torch.Tensor] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if mode not in SIMULATED_MODES:
             raise ValueError(f"SimulatedKVPool mode must be one of {SIMULATED_MODES}, got {mode!r}.")
+        if key_centers is not None and mode != "hadamard":
+            raise ValueError("key centers apply to --kv-quant hadamard only (KIVI's per-channel "
+                             "key scales absorb a common key part already).")
         self.sim_mode = mode
         self.k_bits, self.v_bits = k_bits, v_bits
         self.bf16_layers = tuple(sorted(set(bf16_layers)))
@@ -86,17 +90,26 @@ class SimulatedKVPool(MHATokenToKVPool):
         else:
             self.kivi = KIVI(self.head_dim, k_bits, v_bits, group_tokens=group_tokens)
             self._arange = torch.arange(group_tokens, device=self.device)
+        # [global layers, kv heads, D]: keys stored as Q(k - mu) + mu (attention unchanged)
+        self._mu: dict[int, torch.Tensor] = {} if key_centers is None else {
+            i: key_centers[i].to(self.device, torch.float32) for i in self._k_fmt}
 
     def describe(self) -> str:
         return (f"{self.sim_mode} k{self.k_bits}v{self.v_bits}"
-                + (f", {self.kivi.group_tokens}-token key groups" if self.kivi else ""))
+                + (f", {self.kivi.group_tokens}-token key groups" if self.kivi else "")
+                + (", keys centered" if self._mu else ""))
 
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
                       layer_id_override=None, dcp_kv_mask=None):
         layer_id = layer.layer_id if layer is not None else layer_id_override
         if layer_id in self._k_fmt:
             k_pi, v_pi = self._rot[layer_id]
-            cache_k = self._k_fmt[layer_id].round_trip(cache_k, k_pi)
+            mu = self._mu.get(layer_id)
+            if mu is None:
+                cache_k = self._k_fmt[layer_id].round_trip(cache_k, k_pi)
+            else:
+                k = cache_k.reshape(-1, *mu.shape).float() - mu
+                cache_k = (self._k_fmt[layer_id].round_trip(k, k_pi) + mu).view(cache_k.shape).to(cache_k.dtype)
             cache_v = self._v_fmt[layer_id].round_trip(cache_v, v_pi)
         return super().set_kv_buffer(layer, loc_info, cache_k, cache_v, k_scale, v_scale,
                                      layer_id_override, dcp_kv_mask)

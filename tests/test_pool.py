@@ -628,3 +628,38 @@ def test_build_pool_hook_auto_centers_come_from_the_bias(parallel, rope_context,
     pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
                                           mha_pool_class=MHATokenToKVPool, quant_method=None)
     assert pool.get_packed_layer(5).codec.k_center is None
+
+
+def test_bias_centers_by_name_for_turboquant_and_the_hadamard_baseline(parallel, rope_context, monkeypatch):
+    """``bias`` is auto asked for by name: the same centers, but refused for a model without a
+    k_proj bias; it is also how the QuaRot-style baseline gets TurboQuant's centering."""
+    from sglang_tq import centers
+    from sglang_tq.simulated import SimulatedKVPool
+
+    monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
+    model = _attn_model(32, 4, 8, 128)
+    want = centers.sglang_bias_key_centers(model, 32, 8, 128, centers.BIAS_HORIZON)
+    kvc = _kvc(_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", "bias"))
+    kvc.model = model
+    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
+                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    assert pool.cfg.key_centers == "bias"
+    assert torch.equal(pool.get_packed_layer(5).codec.k_center.cpu(), want[5])
+    kvc.model = _attn_model(32, 4, 8, 128, bias=False)
+    with pytest.raises(ValueError, match="needs a model with a k_proj bias") as exc:
+        integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
+                                       mha_pool_class=MHATokenToKVPool, quant_method=None)
+    assert str(exc.value).count(". ") == 0 and str(exc.value).endswith(".")
+
+    def stock_build(kvc, **kw):  # SGLang's MHA build, reduced to the class it was handed
+        return kw["mha_pool_class"](5, 1, torch.bfloat16, 8, 128, 32, "cpu", False)
+
+    for flags, centered in (((), False), (("--kv-quant-key-centers", "bias"), True)):
+        kvc = _kvc(_server_args("--kv-quant", "hadamard", *flags))
+        assert kvc.server_args.kv_quant_key_centers == ("bias" if centered else None)
+        kvc.model = model
+        pool = integration._build_mha_kv_pool(stock_build, kvc, max_total_num_tokens=5,
+                                              mha_pool_class=MHATokenToKVPool, quant_method=None)
+        assert isinstance(pool, SimulatedKVPool) and ("keys centered" in pool.describe()) == centered
+        if centered:
+            assert torch.equal(pool._mu[5], want[5].float())

@@ -18,7 +18,7 @@ from sglang_tq.config import TQConfig
 from sglang_tq.rotation import hadamard
 from sglang_tq.simulated import SimulatedKVPool
 
-from test_plugin import _model, _one_sentence, _parse, _stock_fields, fake_gpu  # noqa: F401
+from test_plugin import _model, _one_sentence, _parse, _stock_fields, fake_gpu, plugin  # noqa: F401
 from test_pool import _real_configurator, _server_args, parallel  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -188,9 +188,10 @@ def test_kivi_residual_and_short_sequences():
 
 
 # ------------------------------------------------------------- the simulated pool
-def _pool(mode, bits=(4, 3), layers=2, heads=2, d=64, size=200, bf16_layers=()):
+def _pool(mode, bits=(4, 3), layers=2, heads=2, d=64, size=200, bf16_layers=(), key_centers=None):
     return SimulatedKVPool(size, 1, torch.bfloat16, heads, d, layers, "cpu", False, mode=mode,
-                           k_bits=bits[0], v_bits=bits[1], seed=3, bf16_layers=bf16_layers)
+                           k_bits=bits[0], v_bits=bits[1], seed=3, bf16_layers=bf16_layers,
+                           key_centers=key_centers)
 
 
 def test_hadamard_pool_stores_round_trips_and_keeps_the_stock_size():
@@ -210,6 +211,31 @@ def test_hadamard_pool_stores_round_trips_and_keeps_the_stock_size():
     assert torch.equal(pool.get_value_buffer(0)[loc], want_v)
     assert torch.equal(pool.get_key_buffer(1)[loc], k) and torch.equal(pool.get_value_buffer(1)[loc], v)
     assert not torch.equal(want_k, k)
+
+
+def test_hadamard_pool_with_key_centers_stores_q_of_k_minus_mu_plus_mu():
+    """Keys with a large common part (Qwen's k_proj bias): Q(k - mu) + mu, in fp32 before the
+    one bf16 rounding of the store; values untouched by the centers; KIVI refuses them."""
+    gen = torch.Generator().manual_seed(1)
+    mu = torch.randn(2, 2, 64, generator=gen) * 3
+    mu[:, :, 5] = 300.0                                   # one huge bias coordinate per head
+    k = (mu[0] + torch.randn(9, 2, 64, generator=gen)).bfloat16()
+    v = torch.randn(9, 2, 64, generator=gen).bfloat16()
+    loc = torch.arange(9) + 1
+    plain, centered = _pool("hadamard"), _pool("hadamard", key_centers=mu)
+    for pool in (plain, centered):
+        pool.set_kv_buffer(types.SimpleNamespace(layer_id=0), loc, k, v)
+    seed = TQConfig(head_dim=8, seed=3).layer_seed(0)
+    fmt = priorart.hadamard_int(4, 64, seed=seed)
+    want = (fmt.round_trip(k.float() - mu[0]) + mu[0]).bfloat16()
+    assert torch.equal(centered.get_key_buffer(0)[loc], want)
+    assert torch.equal(centered.get_value_buffer(0)[loc], plain.get_value_buffer(0)[loc])
+    err = {n: (p.get_key_buffer(0)[loc].float() - k.float()).norm().item()
+           for n, p in (("plain", plain), ("centered", centered))}
+    assert err["centered"] < err["plain"] / 4, err    # the point of centering
+    assert "keys centered" in centered.describe() and "keys centered" not in plain.describe()
+    with pytest.raises(ValueError, match="hadamard only"):
+        _pool("kivi", key_centers=mu)
 
 
 def _decode(seq_lens, rows):
@@ -361,8 +387,11 @@ def test_config_labels_map_to_the_simulated_flags(fake_gpu):
         assert configs.expected_backend(label) is None          # SGLang's default, as bf16
         assert _parse(*configs.kv_server_flags(label)).kv_quant in ("hadamard", "kivi")
     assert configs.parse_config_list("bf16,hq4,kivi4,k4v4") == ["bf16", "hq4", "kivi4", "k4v4"]
-    for bad in ("hq5", "kivi", "hq4-nc", "kivi8"):
-        with pytest.raises(ValueError, match="hqB or kiviB"):
+    assert configs.kv_server_flags("hq3-c") == ["--kv-quant", "hadamard", "--kv-quant-bits", "k3v3",
+                                                "--kv-quant-key-centers", "bias"]
+    assert _parse(*configs.kv_server_flags("hq4-c")).kv_quant_key_centers == "bias"
+    for bad in ("hq5", "kivi", "hq4-nc", "kivi8", "kivi4-c"):
+        with pytest.raises(ValueError, match="hqB-c"):
             configs.kv_server_flags(bad)
 
 

@@ -17,6 +17,8 @@ in a load test, a fidelity run and an accuracy evaluation:
     hqB           --kv-quant hadamard --kv-quant-bits kBvB     (B in 2..4: hq4, hq3, hq2)
                   QuaRot-style Hadamard + per-token asymmetric B-bit int, one fp16 scale and
                   zero per head vector; SGLang's default backend
+    hqB-c         the same with --kv-quant-key-centers bias: keys centered by TurboQuant's
+                  auto centers (the k_proj bias) before the rotation (prior art + our fix)
     kiviB         --kv-quant kivi --kv-quant-bits kBvB --disable-radix-cache   (kivi4, kivi2, ...)
                   KIVI: keys per channel in 32-token groups, values per token, the incomplete
                   group exact; SGLang's default backend
@@ -42,7 +44,7 @@ from pathlib import Path
 BASELINE = "bf16"
 KV_ORDER = ("bf16", "fp8", "bf16-triton", "fp8-triton", "bf16-fa3", "fp8-fa3", "k4v4", "k3v3")
 TQ_RE = re.compile(r"^k[2-4]v[2-4](-nc)?(-b)?$")
-PRIOR_ART_RE = re.compile(r"^(hq|kivi)([2-4])$")
+PRIOR_ART_RE = re.compile(r"^(?:(hq)([2-4])(-c)?|(kivi)([2-4]))$")
 _PRIOR_ART_FLAGS = {"hq": ["--kv-quant", "hadamard"], "kivi": ["--kv-quant", "kivi"]}
 _PRIOR_ART_EXTRA = {"hq": [], "kivi": ["--disable-radix-cache"]}
 _DTYPE_FLAGS = {"bf16": [], "fp8": ["--kv-cache-dtype", "fp8_e4m3"]}
@@ -84,12 +86,13 @@ def kv_server_flags(kv: str, model_path: str | Path | None = None) -> list[str]:
         return flags
     m = PRIOR_ART_RE.match(kv)
     if m:
-        fmt, bits = m[1], m[2]
-        return [*_PRIOR_ART_FLAGS[fmt], "--kv-quant-bits", f"k{bits}v{bits}", *_PRIOR_ART_EXTRA[fmt]]
+        fmt, bits = m[1] or m[4], m[2] or m[5]
+        return [*_PRIOR_ART_FLAGS[fmt], "--kv-quant-bits", f"k{bits}v{bits}", *_PRIOR_ART_EXTRA[fmt],
+                *(["--kv-quant-key-centers", "bias"] if m[3] else [])]
     raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
                      f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY (e.g. k4v4, k3v3), "
                      f"kXvY-nc (uncentered keys), kXvY-b or kXvY-nc-b (bf16 first and last "
-                     f"layer), hqB or kiviB (B in 2..4, prior-art baselines)")
+                     f"layer), hqB, hqB-c (centered keys) or kiviB (B in 2..4, prior-art baselines)")
 
 
 def expected_backend(kv: str) -> str | None:
