@@ -84,8 +84,9 @@
 #       1x32768, k4v4, the write path and the store + decode chain, FA3 baselines), then the
 #       soak of soak1 starts under setsid; later calls (suite, eval1, ...) run beside it and a
 #       last soak1 call collects it. (The soak samples its own server's GPU memory.)
-#   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA; with
-#       UNPACK=<model> the staged pieces of that model are converted beside it (unpack_model.sh).
+#   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA
+#       (SUITE="<pytest args>" for a shard); UNPACK=<model> converts the staged pieces of that
+#       model beside it (unpack_model.sh); SOAK=1 starts the soak of soak1 first.
 #   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
@@ -471,7 +472,10 @@ suite)  # nvidia-h200: the whole test suite on CUDA (beside a running soak, if o
   if [ -n "${UNPACK:-}" ]; then  # staged pieces of model $UNPACK: convert them meanwhile, for a later call
     setsid nohup bash scripts/unpack_model.sh "$UNPACK" > /tmp/unpack_bg.log 2>&1 < /dev/null &
   fi
-  timeout "$(left $(( ${LIMIT_S:-590} - 15 )))" python -m pytest -q -rs tests > "$OUT/pytest.log" 2>&1
+  [ -n "${SOAK:-}" ] && soak_start  # SOAK=1: the soak starts first and runs on beside everything
+  # -v: a run cut by the call's limit still names every test it ran; SUITE: a shard (files, -k)
+  # shellcheck disable=SC2086
+  timeout "$(left $(( ${LIMIT_S:-590} - 15 )))" python -m pytest -v -rs ${SUITE:-tests} > "$OUT/pytest.log" 2>&1
   echo "pytest rc $?" >> "$OUT/pytest.log"
   tail -30 "$OUT/pytest.log" > "$OUT/summary.txt"
   tail -3 /tmp/soak/soak.log >> "$OUT/summary.txt" 2>&1
