@@ -51,7 +51,12 @@ ARCHITECTURES = (
     "Qwen2MoeForCausalLM",
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    # sliding-window layers on SGLang's plain pool (it turns hybrid SWA memory off for them)
+    "Gemma3ForCausalLM",
+    # hybrid linear attention: only the full-attention layers hold K/V (HybridLinearKVPool)
+    "Qwen3NextForCausalLM",
 )
+HYBRID_LINEAR_ARCHITECTURES = ("Qwen3NextForCausalLM",)
 _ALT = "or start the server with --kv-quant none"
 
 
@@ -190,7 +195,8 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"{q} does not support MLA models such as {arch} (their latent KV "
             f"is not per-head K/V); use --kv-quant none or --kv-cache-dtype fp8_e4m3."
         )
-    if mambaish_config(mc) is not None or is_minimax_sparse(hf):
+    hybrid_linear_ok = mode == "turboquant" and arch in HYBRID_LINEAR_ARCHITECTURES
+    if (mambaish_config(mc) is not None and not hybrid_linear_ok) or is_minimax_sparse(hf):
         raise ValueError(
             f"{q} does not support hybrid linear-attention models such as "
             f"{arch} yet; use --kv-quant none for this model."
@@ -236,6 +242,11 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
         )
     if sa is None:
         return
+    if getattr(sa, "enable_mixed_chunk", False) and "sliding_attention" in window_layer_types(mc):
+        raise ValueError(
+            f"{q} does not yet run {arch}'s sliding-window layers in mixed prefill/decode "
+            f"batches; drop --enable-mixed-chunk {_ALT}."
+        )
     if str(getattr(sa, "kv_cache_dtype", "auto")) == "auto" and checkpoint_kv_quant(mc) == "FP8":
         raise ValueError(
             f"{q} stores its own KV format, but {arch}'s checkpoint asks for an FP8 KV cache "
@@ -255,6 +266,12 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"--kv-quant-bf16-layers names layers {bad} but {arch} has layers 0..{layers - 1}; "
             f"list existing layer ids only."
         )
+
+
+def window_layer_types(mc: Any) -> tuple:
+    """The text config's ``layer_types`` (``sliding_attention`` / ``full_attention`` ...), or ()."""
+    text = getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None)
+    return tuple(getattr(text, "layer_types", None) or ())
 
 
 def checkpoint_kv_quant(mc: Any) -> Optional[str]:
@@ -290,7 +307,7 @@ def check_kv_context(kvc: Any) -> None:
             f"{q} stores its own format but the KV dtype resolved to "
             f"{kvc.kv_cache_dtype} (an FP8-KV checkpoint?); pass --kv-cache-dtype bf16 {_ALT}."
         )
-    if kvc.sliding_window_size is not None:
+    if kvc.sliding_window_size is not None and mode_of(kvc) != "turboquant":
         raise RuntimeError(
             f"{q} does not support sliding-window attention "
             f"(window {kvc.sliding_window_size}) yet; use --kv-quant none for this model."
@@ -319,11 +336,6 @@ def check_model_layers(runner: Any, pool: Any) -> None:
     """Backend-side refusals: every RadixAttention layer must be one the kernels implement."""
     from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 
-    if getattr(runner, "sliding_window_size", None) is not None:
-        raise RuntimeError(
-            f"--kv-quant turboquant does not support sliding-window attention "
-            f"(window {runner.sliding_window_size}) yet; use --kv-quant none for this model."
-        )
     if getattr(runner, "use_mla_backend", False) or runner.model_config.is_encoder_decoder:
         raise RuntimeError("--kv-quant turboquant supports decoder-only MHA/GQA models only; "
                            "use --kv-quant none for this model.")
@@ -351,8 +363,6 @@ def check_model_layers(runner: Any, pool: Any) -> None:
 
 
 def _layer_problem(layer: Any, pool: Any, decoder: Any) -> Optional[str]:
-    if layer.sliding_window_size not in (None, -1):
-        return f"it uses a sliding window of {layer.sliding_window_size}"
     if layer.is_cross_attention or layer.attn_type != decoder:
         return "it is not causal decoder self-attention"
     if layer.logit_capping_method != "tanh":

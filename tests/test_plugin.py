@@ -317,13 +317,48 @@ def test_hybrid_linear_and_tensor_parallel_refusals(monkeypatch):
     from sglang.srt.configs import hybrid_arch
 
     monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: object())
-    with pytest.raises(ValueError, match="hybrid linear-attention"):
-        refusals.check_model_config(_model(arch="Qwen3NextForCausalLM"))
+    refusals.check_model_config(_model(arch="Qwen3NextForCausalLM", head_dim=256, v_head_dim=256))
+    for arch, sa in (("NemotronHForCausalLM", None), ("Qwen3NextForCausalLM", _stock_fields(kv_quant="hadamard"))):
+        with pytest.raises(ValueError, match="hybrid linear-attention") as exc:
+            refusals.check_model_config(_model(arch=arch), sa)
+        assert _one_sentence(str(exc.value))
     monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: None)
     refusals.check_model_config(_model(), _stock_fields(tp_size=16))  # 8 KV heads replicated
     refusals.check_model_config(_model(), _stock_fields(tp_size=4))
     with pytest.raises(ValueError, match="--tp-size 3"):
         refusals.check_model_config(_model(), _stock_fields(tp_size=3))
+
+
+GEMMA3_270M = str(ROOT / "scripts/model_configs/gemma-3-270m")
+QWEN3_NEXT = str(ROOT / "scripts/model_configs/qwen3-next-small")
+
+
+def test_sliding_window_and_hybrid_linear_models_start(fake_gpu, monkeypatch):
+    """Gemma 3 (sliding-window layers on SGLang's plain pool: it turns hybrid SWA memory off)
+    and Qwen3-Next (full-attention layers in SGLang's hybrid linear pool) resolve with
+    --kv-quant turboquant; a window model with mixed chunks is refused at launch."""
+    tail = ["--load-format", "dummy", "--skip-tokenizer-init", "--kv-quant", "turboquant"]
+    sa = sglang_server_args.prepare_server_args(["--model-path", GEMMA3_270M, *tail])
+    assert sa.attention_backend == "turboquant" and sa.disable_hybrid_swa_memory
+    with pytest.raises(ValueError, match="drop --enable-mixed-chunk") as exc:
+        sglang_server_args.prepare_server_args(["--model-path", GEMMA3_270M, *tail, "--enable-mixed-chunk"])
+    assert _one_sentence(str(exc.value)) and "Gemma3ForCausalLM" in str(exc.value)
+    monkeypatch.setattr(sglang_server_args, "is_cuda", lambda: True)  # SGLang's FLA check for GDN
+    sa = sglang_server_args.prepare_server_args(["--model-path", QWEN3_NEXT, *tail])
+    assert sa.kv_quant == "turboquant"
+
+
+def test_sliding_window_context_is_refused_only_for_the_simulated_formats():
+    import torch
+
+    kvc = types.SimpleNamespace(kv_cache_dtype=torch.bfloat16, sliding_window_size=511,
+                                is_draft_worker=False,
+                                server_args=types.SimpleNamespace(kv_quant="turboquant"))
+    refusals.check_kv_context(kvc)
+    kvc.server_args.kv_quant = "hadamard"
+    with pytest.raises(RuntimeError, match="sliding-window attention") as exc:
+        refusals.check_kv_context(kvc)
+    assert _one_sentence(str(exc.value))
 
 
 def test_backend_refuses_layers_the_kernels_do_not_implement():
@@ -335,8 +370,11 @@ def test_backend_refuses_layers_the_kernels_do_not_implement():
                                    model_config=types.SimpleNamespace(is_encoder_decoder=False))
     runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**ok)])
     refusals.check_model_layers(runner, pool)
-    for bad, needle in ((dict(sliding_window_size=4096), "sliding window"),
-                        (dict(is_cross_attention=True), "not causal"),
+    # a sliding-window layer runs (the backend reads SGLang's window metadata), as Gemma 3's do
+    runner.sliding_window_size = 511
+    runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**ok, sliding_window_size=511)])
+    refusals.check_model_layers(runner, pool)
+    for bad, needle in ((dict(is_cross_attention=True), "not causal"),
                         (dict(num_kv_heads=4), "4 KV heads"),
                         (dict(layer_id=40), "outside the KV pool")):
         runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**{**ok, **bad})])
@@ -351,9 +389,6 @@ def test_backend_refuses_layers_the_kernels_do_not_implement():
     with pytest.raises(RuntimeError, match="use --kv-quant-key-centers none") as exc:
         refusals.check_model_layers(runner, centered)
     assert _one_sentence(str(exc.value))
-    runner.sliding_window_size = 4096
-    with pytest.raises(RuntimeError, match="sliding-window"):
-        refusals.check_model_layers(runner, pool)
 
 
 def test_server_info_reports_the_settings(fake_gpu):
