@@ -84,6 +84,11 @@
 #       1x32768, k4v4, the write path and the store + decode chain, FA3 baselines), then the
 #       soak of soak1 starts under setsid; later calls (suite, eval1, ...) run beside it and a
 #       last soak1 call collects it. (The soak samples its own server's GPU memory.)
+#   bash scripts/gpu_evidence.sh <commit> arch1 <model config> [labels]   # nvidia-h200 (one GPU):
+#       scripts/server_smoke.py on scripts/model_configs/<model config> (dummy weights) for each
+#       KV label (default bf16,fp8,k4v4; CUDA graphs on, SGLang's defaults otherwise): does the
+#       server start and answer, and its pool tokens (issue 16: gemma-3-270m, gemma-3-27b,
+#       qwen3-next-small), into $OUT/smoke_<model>_<label>.json.
 #   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA
 #       (SUITE="<pytest args>" for a shard); UNPACK=<model> converts the staged pieces of that
 #       model beside it (unpack_model.sh); SOAK=1 starts the soak of soak1 first.
@@ -467,6 +472,20 @@ b1+soak)  # nvidia-h200: the batch-1 decode and write-path bench, then the soak 
   soak_start
   sleep 5; tail -5 "$SD/soak.log" >> "$OUT/summary.txt" 2>&1
   ;;
+arch1)  # nvidia-h200: server_smoke.py on one dummy model config, one server per KV label
+  export CUDA_VISIBLE_DEVICES=0
+  MC="scripts/model_configs/${3:?model config}"
+  for kv in $(echo "${4:-bf16,fp8,k4v4}" | tr , ' '); do
+    # shellcheck disable=SC2046
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/server_smoke.py --model-path "$MC" \
+      --log "$LOGS/smoke_$kv.log" --out "$OUT/smoke_${3}_$kv.json" -- \
+      $(python -c "from sglang_tq.bench.configs import kv_server_flags; print(' '.join(kv_server_flags('$kv')))") \
+      > "$LOGS/smoke_${kv}_driver.log" 2>&1
+    echo "$kv rc $?: $(grep -h 'max_total_num_tokens=' "$LOGS/smoke_$kv.log" | tail -1)" >> "$OUT/summary.txt"
+    grep -h "Error\|error:" "$LOGS/smoke_$kv.log" | tail -3 >> "$OUT/summary.txt"
+  done
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs
+  ;;
 suite)  # nvidia-h200: the whole test suite on CUDA (beside a running soak, if one was started)
   export CUDA_VISIBLE_DEVICES=0
   if [ -n "${UNPACK:-}" ]; then  # staged pieces of model $UNPACK: convert them meanwhile, for a later call
@@ -513,7 +532,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, b1+soak, suite, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, b1+soak, suite, arch1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac
