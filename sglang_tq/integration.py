@@ -270,6 +270,25 @@ def _add_cli_args(result, parser: argparse.ArgumentParser):
     )
 
 
+# Set while SGLang's model-specific server-args adjustments run (gpt-oss asserts that its
+# attention backend is one it knows; ours is a TritonAttnBackend with packed kernels).
+_MODEL_ADJUSTMENTS: contextvars.ContextVar[bool] = contextvars.ContextVar("tq_model_adjust", default=False)
+
+
+def _model_adjustments(orig, self, *args, **kwargs):
+    token = _MODEL_ADJUSTMENTS.set(True)
+    try:
+        return orig(self, *args, **kwargs)
+    finally:
+        _MODEL_ADJUSTMENTS.reset(token)
+
+
+def _resolved_attention_backends(result, self, *args, **kwargs):
+    if not _MODEL_ADJUSTMENTS.get() or not kv_quant_enabled(self):
+        return None
+    return tuple("triton" if b == refusals.BACKEND_NAME else b for b in result)
+
+
 def _from_cli_args(orig, cls, args):
     options = {k: getattr(args, k) for k in OPTION_DEFAULTS if hasattr(args, k)}
     token = _CLI_OPTIONS.set(options)
@@ -405,6 +424,60 @@ def _calculate_pool_sizes(orig, self, available_bytes: int, page_size: int):
     logger.info("sglang-tq: %.1f MiB of the KV budget set aside for the prefill scratch.",
                 scratch / 2**20)
     return orig(self, available_bytes - scratch, page_size)
+
+
+def _swa_cell_size(result, self, kvc):
+    """SGLang's hybrid-SWA sizing (full and window pools, ``--swa-full-tokens-ratio``) by
+    packed bytes: the per-token bytes of both layer groups and the cell are recomputed with
+    SGLang's formula, and the prefill scratch is set aside as for the plain pool."""
+    if not kv_quant_enabled(kvc.server_args):
+        return None
+    from .pool import bytes_per_token, prefill_scratch_bytes
+
+    refusals.check_kv_context(kvc)
+    mc = kvc.model_config
+    if self._draft_full_layers_num or self._draft_swa_full_layers_num:
+        raise RuntimeError("--kv-quant turboquant does not support speculative-decoding draft "
+                           "layers; drop --speculative-algorithm or use --kv-quant none.")
+    heads = mc.get_num_kv_heads(_attn_tp_size())
+    if (mc.get_swa_num_kv_heads(_attn_tp_size()), mc.swa_head_dim, mc.swa_v_head_dim) != (
+            heads, mc.head_dim, mc.v_head_dim):
+        raise RuntimeError("--kv-quant turboquant needs the window layers to have the full "
+                           "layers' KV heads and head dims; use --kv-quant none for this model.")
+    cfg = tq_config(kvc.server_args, mc.head_dim)
+    full, swa = mc.full_attention_layer_ids, mc.swa_attention_layer_ids
+    stock = self._cell_size
+    self._full_per_token = bytes_per_token(cfg, full, heads, kvc.kv_cache_dtype) / max(len(full), 1)
+    self._swa_per_token = bytes_per_token(cfg, swa, heads, kvc.kv_cache_dtype) / len(swa)
+    self._cell_size = (self._swa_per_token * len(swa) if not full else
+                       self._full_per_token * len(full)
+                       + self._swa_full_tokens_ratio * self._swa_per_token * len(swa))
+    logger.info("sglang-tq: hybrid SWA KV cell %.1f B/token (bf16 pools: %.1f, %.2fx the tokens).",
+                self._cell_size, stock, stock / self._cell_size)
+    self._tq_prefill_scratch_bytes = prefill_scratch_bytes(cfg, [*full, *swa], heads, mc.context_len,
+                                                           kvc.kv_cache_dtype)
+    return None
+
+
+def _build_hybrid_swa_kv_pool(orig, self, *args, **kwargs):
+    """SGLang's SWAKVPool with packed "Full" and "SWA" inner pools (window eviction, the
+    SWA allocator and radix cache stay SGLang's: they move slot ids, never KV bytes)."""
+    if not kv_quant_enabled(self.server_args):
+        return orig(self, *args, **kwargs)
+    global _packed_pool_class
+    from .pool import TQTokenToKVPool, inner_pool_factory
+
+    verify_patches_applied()
+    refusals.check_kv_context(self)
+    refusals.check_pool_build(self, kwargs.get("mha_pool_class"), None)
+    mc = self.model_config
+    cfg, key_centers = _resolve_key_centers(self, tq_config(self.server_args, mc.head_dim))
+    _packed_pool_class = TQTokenToKVPool
+    pool = orig(self, *args, **{**kwargs, "mha_pool_class": inner_pool_factory(
+        cfg, {"Full": tuple(mc.full_attention_layer_ids), "SWA": tuple(mc.swa_attention_layer_ids)},
+        key_centers)})
+    pool._tq_packed = True  # read by the no-fused-set-kv patch: the wrapper holds packed pools
+    return pool
 
 
 def _resolve_key_centers(kvc, cfg: TQConfig) -> tuple[TQConfig, Any]:
@@ -544,8 +617,10 @@ def _build_hybrid_linear_kv_pool(orig, self, *args, **kwargs):
     cfg, key_centers = _resolve_key_centers(self, tq_config(self.server_args, mc.head_dim))
     ids = tuple(_local_layers(self))
     _packed_pool_class = TQTokenToKVPool
-    return orig(self, *args, **{**kwargs, "mha_pool_class": inner_pool_factory(
+    pool = orig(self, *args, **{**kwargs, "mha_pool_class": inner_pool_factory(
         cfg, {None: ids}, key_centers)})
+    pool._tq_packed = True  # read by the no-fused-set-kv patch: the wrapper holds packed pools
+    return pool
 
 
 def _enable_fused_set_kv_buffer(orig, forward_batch, *args, **kwargs):
@@ -556,7 +631,8 @@ def _enable_fused_set_kv_buffer(orig, forward_batch, *args, **kwargs):
     if pool_class is not None:
         from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
 
-        if isinstance(get_token_to_kv_pool(), pool_class):
+        pool = get_token_to_kv_pool()
+        if isinstance(pool, pool_class) or getattr(pool, "_tq_packed", False):
             return False
     return orig(forward_batch, *args, **kwargs)
 
@@ -640,6 +716,23 @@ PATCHES = (
     Patch("build-pool",
           "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
           HookType.AROUND, _build_mha_kv_pool, "build TQTokenToKVPool instead of the MHA pool"),
+    Patch("swa-cell-size", "sglang.srt.model_executor.pool_configurator.HybridSWAPoolConfigurator.__init__",
+          HookType.AFTER, _swa_cell_size, "size SGLang's full + window pools by packed bytes per token"),
+    Patch("swa-scratch-budget",
+          "sglang.srt.model_executor.pool_configurator.HybridSWAPoolConfigurator.calculate_pool_sizes",
+          HookType.AROUND, _calculate_pool_sizes, "take the prefill scratch out of the hybrid SWA budget"),
+    Patch("swa-cap-scratch-budget",
+          "sglang.srt.model_executor.pool_configurator.SWAChunkCapPoolConfigurator.calculate_pool_sizes",
+          HookType.AROUND, _calculate_pool_sizes,
+          "take the prefill scratch out of the chunk-capped hybrid SWA budget"),
+    Patch("build-hybrid-swa-pool",
+          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_hybrid_swa_kv_pool",
+          HookType.AROUND, _build_hybrid_swa_kv_pool, "build SWAKVPool's full and window pools as packed pools"),
+    Patch("model-adjustments", f"{_SA}._handle_model_specific_adjustments", HookType.AROUND,
+          _model_adjustments, "mark SGLang's per-model server-args checks (for the next patch)"),
+    Patch("backend-name-for-model-checks", f"{_SA}._resolved_attention_backends", HookType.AFTER,
+          _resolved_attention_backends,
+          "inside the per-model checks, report turboquant as triton (gpt-oss's backend assert)"),
     Patch("build-hybrid-linear-pool",
           "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_hybrid_linear_kv_pool",
           HookType.AROUND, _build_hybrid_linear_kv_pool,

@@ -55,8 +55,11 @@ ARCHITECTURES = (
     "Gemma3ForCausalLM",
     # hybrid linear attention: only the full-attention layers hold K/V (HybridLinearKVPool)
     "Qwen3NextForCausalLM",
+    # alternating 128-token windows with learned sinks, in SGLang's hybrid SWA pool (SWAKVPool)
+    "GptOssForCausalLM",
 )
 HYBRID_LINEAR_ARCHITECTURES = ("Qwen3NextForCausalLM",)
+HYBRID_SWA_ARCHITECTURES = ("GptOssForCausalLM",)  # also the ones with attention sinks
 _ALT = "or start the server with --kv-quant none"
 
 
@@ -201,7 +204,8 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"{q} does not support hybrid linear-attention models such as "
             f"{arch} yet; use --kv-quant none for this model."
         )
-    if getattr(mc, "is_hybrid_swa", False) or getattr(mc, "is_hybrid_swa_compress", False):
+    hybrid_swa_ok = mode == "turboquant" and arch in HYBRID_SWA_ARCHITECTURES
+    if (getattr(mc, "is_hybrid_swa", False) and not hybrid_swa_ok) or getattr(mc, "is_hybrid_swa_compress", False):
         raise ValueError(
             f"{q} does not support hybrid sliding-window models such as {arch} "
             f"yet; use --kv-quant none for this model."
@@ -216,7 +220,7 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"{q} supports decoder-only models, not the encoder-decoder {arch}; "
             f"use --kv-quant none for this model."
         )
-    if getattr(mc, "has_attention_sinks", False):
+    if getattr(mc, "has_attention_sinks", False) and not hybrid_swa_ok:
         raise ValueError(
             f"{q} does not serve models with attention sinks such as {arch} yet (its kernels "
             f"take sinks, the model family is not validated); use --kv-quant none for this model."
@@ -242,6 +246,11 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
         )
     if sa is None:
         return
+    if getattr(sa, "kv_quant_packed_prefill", False) and getattr(mc, "is_hybrid_swa", False):
+        raise ValueError(
+            f"{q} does not yet read a prefill chunk back from {arch}'s window pool; drop "
+            f"--kv-quant-packed-prefill {_ALT}."
+        )
     if getattr(sa, "enable_mixed_chunk", False) and "sliding_attention" in window_layer_types(mc):
         raise ValueError(
             f"{q} does not yet run {arch}'s sliding-window layers in mixed prefill/decode "

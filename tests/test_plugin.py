@@ -252,7 +252,8 @@ def _model(**overrides):
     (dict(arch="DeepseekV3ForCausalLM", attention_arch="MLA"), "MLA models"),
     (dict(is_hybrid_swa=True, arch="Gemma3ForCausalLM"), "hybrid sliding-window"),
     (dict(attention_chunk_size=8192, arch="Llama4ForCausalLM"), "chunked local attention"),
-    (dict(has_attention_sinks=True, arch="GptOssForCausalLM"), "attention sinks"),
+    (dict(has_attention_sinks=True, arch="MiMoV2FlashForCausalLM"), "attention sinks"),
+    (dict(is_hybrid_swa=True, is_hybrid_swa_compress=True, arch="GptOssForCausalLM"), "hybrid sliding-window"),
     (dict(head_dim=96, v_head_dim=96), r"head dims in \(64, 128, 256\)"),
     (dict(v_head_dim=64), "v_head_dim=64"),
     (dict(arch="Gemma2ForCausalLM"), "not Gemma2ForCausalLM"),
@@ -331,6 +332,7 @@ def test_hybrid_linear_and_tensor_parallel_refusals(monkeypatch):
 
 GEMMA3_270M = str(ROOT / "scripts/model_configs/gemma-3-270m")
 QWEN3_NEXT = str(ROOT / "scripts/model_configs/qwen3-next-small")
+GPT_OSS = str(ROOT / "scripts/model_configs/gpt-oss-20b")
 
 
 def test_sliding_window_and_hybrid_linear_models_start(fake_gpu, monkeypatch):
@@ -346,6 +348,16 @@ def test_sliding_window_and_hybrid_linear_models_start(fake_gpu, monkeypatch):
     monkeypatch.setattr(sglang_server_args, "is_cuda", lambda: True)  # SGLang's FLA check for GDN
     sa = sglang_server_args.prepare_server_args(["--model-path", QWEN3_NEXT, *tail])
     assert sa.kv_quant == "turboquant"
+    # gpt-oss: SGLang's own backend assert sees our backend as the Triton one it is; its window
+    # pool cannot yet be read back by the packed prefill
+    sa = sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail])
+    assert sa.attention_backend == "turboquant" and not sa.disable_hybrid_swa_memory
+    with pytest.raises(ValueError, match="drop --kv-quant-packed-prefill") as exc:
+        sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail, "--kv-quant-packed-prefill"])
+    assert _one_sentence(str(exc.value))
+    with pytest.raises(AssertionError, match="GptOssForCausalLM requires one of"):  # stock, unchanged
+        sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail[:3], "--attention-backend",
+                                                "flashinfer"])
 
 
 def test_sliding_window_context_is_refused_only_for_the_simulated_formats():

@@ -124,6 +124,81 @@ def test_cell_size_hook_grants_3_88x_the_tokens_less_the_prefill_scratch(paralle
     assert plain.calculate_pool_sizes(budget, 1).max_total_num_tokens == budget // plain._cell_size
 
 
+GPT_OSS = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/gpt-oss-20b")
+
+
+def test_hybrid_swa_sizing_and_build_use_packed_pools(parallel, monkeypatch):
+    """gpt-oss-20b (12 full + 12 window layers of 8 KV heads x 64): SGLang's hybrid-SWA
+    sizing by packed bytes (k4v4: 8 x 68 B per layer and token, cell = 12 F + 0.8 x 12 S),
+    the prefill scratch out of the budget, and SWAKVPool built with packed "Full" and "SWA"
+    inner pools holding the right model layers."""
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+    from sglang.srt.model_executor.pool_configurator import (
+        HybridSWAPoolConfigurator,
+        SWAChunkCapPoolConfigurator,
+    )
+
+    def kvc_of(*flags):
+        register()
+        HookRegistry.apply_hooks()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
+            mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 140 * 1024)
+            sa = sglang_server_args.prepare_server_args(
+                ["--model-path", GPT_OSS, "--load-format", "dummy", "--skip-tokenizer-init", *flags])
+        kvc = _kvc(sa)
+        kvc.sliding_window_size, kvc.page_size = 127, 1
+        kvc.ps = types.SimpleNamespace(pp_size=1, attn_dp_size=1)
+        return kvc
+
+    stock = HybridSWAPoolConfigurator(kvc_of())
+    kvc = kvc_of("--kv-quant", "turboquant")
+    mc = kvc.model_config
+    assert mc.is_hybrid_swa and len(mc.full_attention_layer_ids) == len(mc.swa_attention_layer_ids) == 12
+    tq = HybridSWAPoolConfigurator(kvc)
+    assert stock._cell_size == pytest.approx(2048 * 12 + 0.8 * 2048 * 12)
+    assert tq._full_per_token == tq._swa_per_token == 8 * 68
+    assert tq._cell_size == pytest.approx(544 * 12 + 0.8 * 544 * 12)  # 11,750.4 B: 3.76x the tokens
+    scratch = mc.context_len * 2 * 8 * 64 * 2
+    assert tq._tq_prefill_scratch_bytes == scratch
+    budget = 8 * GB
+    sizes = tq.calculate_pool_sizes(budget, page_size=1)
+    assert sizes.full_max_total_num_tokens == int((budget - scratch) // tq._cell_size)
+    assert sizes.swa_max_total_num_tokens == int(sizes.full_max_total_num_tokens * 0.8)
+    # the chunk-capped variant (radix cache off, explicit max requests) runs the same hooks
+    capped = SWAChunkCapPoolConfigurator(kvc_of("--kv-quant", "turboquant", "--disable-radix-cache",
+                                                 "--max-running-requests", "8"))
+    assert capped._swa_per_token == 544 and capped._tq_prefill_scratch_bytes == scratch
+    assert capped.calculate_pool_sizes(budget, 1).max_total_num_tokens == pytest.approx(
+        (budget - scratch - capped.calculate_pool_sizes(budget, 1).swa_max_total_num_tokens * 544 * 12)
+        // (544 * 12), abs=1)
+
+    builder = types.SimpleNamespace(
+        server_args=kvc.server_args, model_config=mc, kv_cache_dtype=torch.bfloat16,
+        kv_cache_dtype_str="auto", pool_page_size=1, post_capture_kv_active=False,
+        is_hybrid_swa_compress=False, is_inkling_mtp_draft=False, draft_swa_full_capacity=False,
+        device="cpu", model=torch.nn.Module(), is_draft_worker=False, sliding_window_size=127)
+    monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
+    from sglang.srt.mem_cache import kv_cache_configurator  # its runtime context, unpublished here
+    monkeypatch.setattr(kv_cache_configurator, "get_spec",
+                        lambda: types.SimpleNamespace(speculative_algorithm=None))
+    pool = KVCacheConfigurator._build_hybrid_swa_kv_pool(
+        builder, full_max_total_num_tokens=64, swa_max_total_num_tokens=48, mha_pool_class=MHATokenToKVPool)
+    assert isinstance(pool, SWAKVPool) and pool._tq_packed
+    assert isinstance(pool.full_kv_pool, TQTokenToKVPool) and isinstance(pool.swa_kv_pool, TQTokenToKVPool)
+    assert pool.full_kv_pool.size == 64 and pool.swa_kv_pool.size == 48
+    idx, is_swa = pool.layers_mapping[0]
+    assert is_swa and pool.swa_kv_pool.get_packed_layer(idx).codec.seed == \
+        pool.full_kv_pool.cfg.layer_seed(0)
+    integration._after_build_token_to_kv_pool(pool, types.SimpleNamespace(server_args=kvc.server_args))
+    # stock SGLang without --kv-quant: the hook passes through
+    stock_builder = types.SimpleNamespace(**{**vars(builder), "server_args": kvc_of().server_args})
+    plain = KVCacheConfigurator._build_hybrid_swa_kv_pool(
+        stock_builder, full_max_total_num_tokens=64, swa_max_total_num_tokens=48, mha_pool_class=MHATokenToKVPool)
+    assert type(plain.full_kv_pool) is MHATokenToKVPool
+
+
 def test_cell_size_of_a_hybrid_linear_model_counts_its_attention_layers(parallel, monkeypatch):
     """SGLang sizes a hybrid linear-attention model's KV by its full-attention layers only
     (DefaultPoolConfigurator with mambaish layer ids); the cell-size hook counts the same
