@@ -13,8 +13,15 @@ registers the patches listed in :data:`PATCHES`, each with a name:
 * ``cell-size``, ``build-pool``, ``pool-guard``: size and build the packed pool
   (:mod:`sglang_tq.pool`) instead of SGLang's MHA pool, and refuse to start if any
   other pool was built;
+* ``scratch-budget``: the prefill scratch comes out of the KV budget;
+* ``build-hybrid-linear-pool`` (Qwen3-Next), ``swa-cell-size``, ``swa-scratch-budget``,
+  ``swa-cap-scratch-budget``, ``build-hybrid-swa-pool`` (gpt-oss): SGLang's hybrid pools
+  sized by packed bytes and built around packed inner pools; ``model-adjustments`` and
+  ``backend-name-for-model-checks``: SGLang's per-model server-args checks see our
+  backend as the Triton backend it derives from (gpt-oss names the backends it accepts);
 * ``no-fused-set-kv``: SGLang's fused rotary+set-KV path writes bf16 straight into
-  pool buffers, so it is switched off for our pool;
+  pool buffers, so it is switched off for our pool and the hybrid pools around it;
+* ``input-ids-range``: token ids outside the vocabulary answered with HTTP 400;
 * ``server-info``: the ``kv_quant*`` settings in ``/get_server_info``;
 * ``kivi-groups``: after each forward of a ``--kv-quant kivi`` server, re-quantize the
   KIVI key/value groups that forward completed (:mod:`sglang_tq.simulated`).
