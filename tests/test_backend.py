@@ -444,6 +444,71 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
     assert _rel(out, tq_decode_ref(q, *inner[:4], indptr, indices, inner.codec, layer.scaling)) < 2e-2
 
 
+def test_backend_over_sglangs_hybrid_swa_pool(server_args):
+    """gpt-oss's layout: SGLang's SWAKVPool with packed inner pools (model layer 0 a window
+    layer in the "SWA" pool, layer 1 full), full slot s stored at SWA slot s + 3. The window
+    layer must read and write SWA slots (the parent's translated window lists, the
+    KVWriteLoc's SWA half) with sinks, the full layer full slots; each against the twin over
+    the slots it should read."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+    from sglang_tq.backend import TQAttnBackend
+    from sglang_tq.pool import inner_pool_factory
+
+    sws, shift = 4, 3
+    cfg = TQConfig(head_dim=D, seed=7)
+    pool = SWAKVPool(size=SLOTS - 1, size_swa=SLOTS + shift, page_size=1, dtype=torch.bfloat16,
+                     head_num=HKV, head_dim=D, swa_attention_layer_ids=[0], full_attention_layer_ids=[1],
+                     device=DEV, enable_kv_cache_copy=False, post_capture_active=False,
+                     token_to_kv_pool_class=inner_pool_factory(cfg, {"Full": (1,), "SWA": (0,)}))
+    mapping = torch.arange(SLOTS + 1, device=DEV) + shift
+    mapping[-1] = -1
+    pool.register_mapping(mapping)
+    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
+    runner = types.SimpleNamespace(
+        req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
+        sliding_window_size=sws, model_config=server_args.get_model_config(), device=DEV, gpu_id=0,
+        server_args=server_args, is_draft_worker=False, dtype=torch.bfloat16, page_size=1)
+    backend = TQAttnBackend(runner)
+    assert backend.use_sliding_window_kv_pool
+    window, full = _layer(0), _layer(1)
+    window.sliding_window_size = sws
+    sinks = (torch.rand(HQ, generator=torch.Generator().manual_seed(4)) * 4 - 1).to(DEV)
+    for layer in (window, full):
+        _, pk, pv = _qkv(len(PREFIX), seed=100 + layer.layer_id)
+        pool.set_kv_buffer(layer, KVWriteLoc(PREFIX, PREFIX + shift), pk, pv)
+    swa_inner, full_inner = pool.swa_kv_pool.get_packed_layer(0), pool.full_kv_pool.get_packed_layer(0)
+    assert (swa_inner.k_norms[PREFIX + shift] > 0).all() and not swa_inner.k_norms[PREFIX[:shift]].any()
+    assert (full_inner.k_norms[PREFIX] > 0).all()
+    fb = _extend_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(10, seed=1)
+    md = backend.forward_metadata
+    assert torch.equal(md.swa_out_cache_loc, fb.out_cache_loc + shift)
+    for layer, inner, sl, w in ((window, swa_inner, shift, sws + 1), (full, full_inner, 0, 0)):
+        out = backend.forward_extend(q, k, v, layer, fb, sinks=sinks if w else None).view(10, HQ, D)
+        want = tq_extend_ref(q, k, v, *inner[:4], md.qo_indptr, md.kv_indptr, md.kv_indices + sl,
+                             inner.codec, layer.scaling, sliding_window=w, sinks=sinks if w else None)
+        assert _rel(out, want) < 2e-2, layer.layer_id
+    # the chunk went to the SWA slots of the window layer and the full slots of the full layer
+    assert (swa_inner.k_norms[fb.out_cache_loc + shift] > 0).all()
+    assert (full_inner.k_norms[fb.out_cache_loc] > 0).all()
+    fb = _decode_batch(req_to_token)
+    backend.init_forward_metadata(fb)
+    q, k, v = _qkv(2, seed=2)
+    indptr = _t([0, 13, 17])
+    indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]]).long()
+    outs = {}
+    for layer, inner, sl, w in ((window, swa_inner, shift, sws), (full, full_inner, 0, 0)):
+        outs[w] = backend.forward_decode(q, k, v, layer, fb, sinks=sinks if w else None).view(2, HQ, D)
+        want = tq_decode_ref(q, *inner[:4], indptr, indices + sl, inner.codec, layer.scaling,
+                             sliding_window=w, sinks=sinks if w else None)
+        assert _rel(outs[w], want) < 2e-2, layer.layer_id
+    # reading the window layer's full slot ids (no translation) would give another answer
+    assert _rel(outs[sws], tq_decode_ref(q, *swa_inner[:4], indptr, indices, swa_inner.codec,
+                                         window.scaling, sliding_window=sws, sinks=sinks)) > 5e-2
+
+
 def _mixed_batch(req_to_token):
     """Request 2 is a running request (3 tokens in slots 30..32) decoding one token into
     slot 33, appended the way ``ScheduleBatch.mix_with_running`` appends it."""
