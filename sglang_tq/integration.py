@@ -471,18 +471,23 @@ def _build_hybrid_swa_kv_pool(orig, self, *args, **kwargs):
     SWA allocator and radix cache stay SGLang's: they move slot ids, never KV bytes)."""
     if not kv_quant_enabled(self.server_args):
         return orig(self, *args, **kwargs)
+    mc = self.model_config
+    return _build_packed_wrapper(orig, self, {"Full": tuple(mc.full_attention_layer_ids),
+                                              "SWA": tuple(mc.swa_attention_layer_ids)}, *args, **kwargs)
+
+
+def _build_packed_wrapper(orig, self, layer_ids, *args, **kwargs):
+    """SGLang's own hybrid-pool build with :func:`pool.inner_pool_factory` as the class of
+    its inner pools (``layer_ids``: model layer ids by SGLang's allocation label)."""
     global _packed_pool_class
     from .pool import TQTokenToKVPool, inner_pool_factory
 
     verify_patches_applied()
     refusals.check_kv_context(self)
     refusals.check_pool_build(self, kwargs.get("mha_pool_class"), None)
-    mc = self.model_config
-    cfg, key_centers = _resolve_key_centers(self, tq_config(self.server_args, mc.head_dim))
+    cfg, key_centers = _resolve_key_centers(self, tq_config(self.server_args, self.model_config.head_dim))
     _packed_pool_class = TQTokenToKVPool
-    pool = orig(self, *args, **{**kwargs, "mha_pool_class": inner_pool_factory(
-        cfg, {"Full": tuple(mc.full_attention_layer_ids), "SWA": tuple(mc.swa_attention_layer_ids)},
-        key_centers)})
+    pool = orig(self, *args, **{**kwargs, "mha_pool_class": inner_pool_factory(cfg, layer_ids, key_centers)})
     pool._tq_packed = True  # read by the no-fused-set-kv patch: the wrapper holds packed pools
     return pool
 
@@ -614,20 +619,7 @@ def _build_hybrid_linear_kv_pool(orig, self, *args, **kwargs):
     :func:`pool.inner_pool_factory`, keyed by the model ids of those layers."""
     if not kv_quant_enabled(self.server_args):
         return orig(self, *args, **kwargs)
-    global _packed_pool_class
-    from .pool import TQTokenToKVPool, inner_pool_factory
-
-    verify_patches_applied()
-    refusals.check_kv_context(self)
-    refusals.check_pool_build(self, kwargs.get("mha_pool_class"), None)
-    mc = self.model_config
-    cfg, key_centers = _resolve_key_centers(self, tq_config(self.server_args, mc.head_dim))
-    ids = tuple(_local_layers(self))
-    _packed_pool_class = TQTokenToKVPool
-    pool = orig(self, *args, **{**kwargs, "mha_pool_class": inner_pool_factory(
-        cfg, {None: ids}, key_centers)})
-    pool._tq_packed = True  # read by the no-fused-set-kv patch: the wrapper holds packed pools
-    return pool
+    return _build_packed_wrapper(orig, self, {None: tuple(_local_layers(self))}, *args, **kwargs)
 
 
 def _enable_fused_set_kv_buffer(orig, forward_batch, *args, **kwargs):

@@ -59,18 +59,24 @@ def server_args(tmp_path_factory):
         yield sa
 
 
+def _runner(sa, pool, sliding_window=None):
+    """The ModelRunner fields the backend reads, over ``pool``, with a fresh request table."""
+    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
+    runner = types.SimpleNamespace(
+        req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
+        sliding_window_size=sliding_window, model_config=sa.get_model_config(), device=DEV, gpu_id=0,
+        server_args=sa, is_draft_worker=False, dtype=torch.bfloat16, page_size=1)
+    return runner, req_to_token
+
+
 def _make_backend(sa, packed_prefill=False, bf16_layers=(BF16_LAYER,), sliding_window=None):
     from sglang_tq.backend import TQAttnBackend
 
     cfg = TQConfig(head_dim=D, seed=7, bf16_layers=bf16_layers)
     pool = TQTokenToKVPool(SLOTS, 1, HKV, D, LAYERS, DEV, False, cfg=cfg)
-    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
-    runner = types.SimpleNamespace(
-        req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
-        sliding_window_size=sliding_window, model_config=sa.get_model_config(), device=DEV, gpu_id=0,
-        server_args=types.SimpleNamespace(**{**vars(sa), "kv_quant_packed_prefill": packed_prefill}),
-        is_draft_worker=False, dtype=torch.bfloat16, page_size=1,
-    )
+    runner, req_to_token = _runner(types.SimpleNamespace(**{**vars(sa), "kv_quant_packed_prefill": packed_prefill,
+                                                            "get_model_config": sa.get_model_config}),
+                                   pool, sliding_window)
     return TQAttnBackend(runner), pool, req_to_token
 
 
@@ -404,11 +410,7 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
     pool = HybridLinearKVPool(size=SLOTS - 1, dtype=torch.bfloat16, page_size=1, head_num=HKV,
                               head_dim=D, full_attention_layer_ids=[1, 3], device=DEV,
                               mamba_pool=None, full_kv_pool_class=inner_pool_factory(cfg, {None: (1, 3)}))
-    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
-    runner = types.SimpleNamespace(
-        req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
-        sliding_window_size=None, model_config=server_args.get_model_config(), device=DEV, gpu_id=0,
-        server_args=server_args, is_draft_worker=False, dtype=torch.bfloat16, page_size=1)
+    runner, req_to_token = _runner(server_args, pool)
     backend = TQAttnBackend(runner)
     assert backend.token_to_kv_pool is pool and backend._packed_pools == [pool.full_kv_pool]
     # the launch-side layer checks resolve each model layer through the wrapper
@@ -464,11 +466,7 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args):
     mapping = torch.arange(SLOTS + 1, device=DEV) + shift
     mapping[-1] = -1
     pool.register_mapping(mapping)
-    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
-    runner = types.SimpleNamespace(
-        req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
-        sliding_window_size=sws, model_config=server_args.get_model_config(), device=DEV, gpu_id=0,
-        server_args=server_args, is_draft_worker=False, dtype=torch.bfloat16, page_size=1)
+    runner, req_to_token = _runner(server_args, pool, sliding_window=sws)
     backend = TQAttnBackend(runner)
     assert backend.use_sliding_window_kv_pool
     window, full = _layer(0), _layer(1)

@@ -36,14 +36,14 @@ LLAMA_8B = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/llam
 GB = 1 << 30
 
 
-def _server_args(*extra):
+def _server_args(*extra, model=LLAMA_8B):
     register()
     HookRegistry.apply_hooks()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
         mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
         return sglang_server_args.prepare_server_args(
-            ["--model-path", LLAMA_8B, "--load-format", "dummy", "--skip-tokenizer-init", *extra])
+            ["--model-path", model, "--load-format", "dummy", "--skip-tokenizer-init", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +140,7 @@ def test_hybrid_swa_sizing_and_build_use_packed_pools(parallel, monkeypatch):
     )
 
     def kvc_of(*flags):
-        register()
-        HookRegistry.apply_hooks()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
-            mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 140 * 1024)
-            sa = sglang_server_args.prepare_server_args(
-                ["--model-path", GPT_OSS, "--load-format", "dummy", "--skip-tokenizer-init", *flags])
-        kvc = _kvc(sa)
+        kvc = _kvc(_server_args(*flags, model=GPT_OSS))
         kvc.sliding_window_size, kvc.page_size = 127, 1
         kvc.ps = types.SimpleNamespace(pp_size=1, attn_dp_size=1)
         return kvc
