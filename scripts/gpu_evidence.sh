@@ -89,6 +89,10 @@
 #       KV label (default bf16,fp8,k4v4; CUDA graphs on, SGLang's defaults otherwise): does the
 #       server start and answer, and its pool tokens (issue 16: gemma-3-270m, gemma-3-27b,
 #       qwen3-next-small), into $OUT/smoke_<model>_<label>.json.
+#   bash scripts/gpu_evidence.sh <commit> stock1   # nvidia-h200 (one GPU): `--kv-quant none` against
+#       stock SGLang (the plugin not loaded: SGLANG_PLUGINS names another plugin), one server
+#       each on the dummy Llama-3.1-8B, greedy output ids of server_smoke.py compared
+#       (issue 15: "--kv-quant none is still bit-identical"), into $OUT/stock_identity.json.
 #   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA
 #       (SUITE="<pytest args>" for a shard); UNPACK=<model> converts the staged pieces of that
 #       model beside it (unpack_model.sh); SOAK=1 starts the soak of soak1 first.
@@ -486,6 +490,31 @@ arch1)  # nvidia-h200: server_smoke.py on one dummy model config, one server per
   done
   tar czf "$OUT/logs.tgz" -C "$OUT" logs
   ;;
+stock1)  # nvidia-h200: --kv-quant none (plugin loaded) against stock SGLang (plugin not loaded)
+  export CUDA_VISIBLE_DEVICES=0
+  for run in stock plugin; do
+    pre=SGLANG_PLUGINS=; [ "$run" = stock ] && pre=SGLANG_PLUGINS=no-such-plugin
+    env "$pre" timeout "$(left $(( ${LIMIT_S:-590} - 30 )))" python scripts/server_smoke.py \
+      --model-path scripts/model_configs/llama-3.1-8b --max-new-tokens 256 --log "$LOGS/$run.log" \
+      --out "$OUT/smoke_$run.json" > "$LOGS/${run}_driver.log" 2>&1
+  done
+  python - "$OUT" "$LOGS" > "$OUT/summary.txt" 2>&1 <<'PY'
+import json, sys
+out, logs = sys.argv[1:3]
+a, b = (json.load(open(f"{out}/smoke_{r}.json")) for r in ("stock", "plugin"))
+ids = [[r.get("output_ids") for r in d.get("reply") or []] for d in (a, b)]
+text = {r: open(f"{logs}/{r}.log", errors="replace").read() for r in ("stock", "plugin")}
+loaded = {r: "turboquant -> sglang_tq.plugin" in t and "Skipping plugin turboquant" not in t
+          for r, t in text.items()}
+doc = {"plugin_loaded": loaded, "stock_ok": a.get("ok"), "plugin_ok": b.get("ok"),
+       "identical": bool(a.get("ok") and ids[0] == ids[1] and loaded["plugin"] and not loaded["stock"]),
+       "prompts": len(ids[0]), "tokens_each": [len(x or []) for x in ids[0]],
+       "stock_cmd": a.get("command"), "plugin_cmd": b.get("command"), "commit": b.get("commit"), "gpu": b.get("gpu")}
+json.dump(doc, open(f"{out}/stock_identity.json", "w"), indent=1)
+print(json.dumps(doc))
+PY
+  grep -h "sglang-tq\|Skipping plugin" "$LOGS"/stock.log "$LOGS"/plugin.log | head -5 >> "$OUT/summary.txt"
+  ;;
 suite)  # nvidia-h200: the whole test suite on CUDA (beside a running soak, if one was started)
   export CUDA_VISIBLE_DEVICES=0
   if [ -n "${UNPACK:-}" ]; then  # staged pieces of model $UNPACK: convert them meanwhile, for a later call
@@ -532,7 +561,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, b1+soak, suite, arch1, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, b1+soak, suite, arch1, stock1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac
