@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--store-decode-len", type=int, default=4096,
                    help="write path: L of the decode step the store is compared with (default 4096)")
     g.add_argument("--store-head-dim", type=int, default=128)
+    g.add_argument("--store-num-warps", type=int, default=None,
+                   help="write path: warps per tq_store_kv program (default: the kernel's, 4)")
 
     g = ap.add_argument_group("split-KV")
     g.add_argument("--tq-kernel-args", default="{}",
@@ -1120,7 +1122,8 @@ def bench_write_path(ctx, args, codecs, write_rows):
                     log(f"    [note] sglang-tq {kvname} decode at {B}x{L} failed: {e!r}")
 
                 def store():
-                    tq_store_kv(k_new, v_new, loc, k_codes, k_norms, v_codes, v_norms, codec)
+                    tq_store_kv(k_new, v_new, loc, k_codes, k_norms, v_codes, v_norms, codec,
+                                num_warps=args.store_num_warps)
 
                 first_call(ctx, store)
                 row.update(time_it(ctx, args, store))
@@ -1161,7 +1164,7 @@ def bench_store_decode_chain(ctx, args, q, k_new, v_new, loc, bufs, indptr, slot
     variants = [("serial_ms", False, decode)] + ([("pdl_early_q_ms", True, early)] if pdl_supported() else [])
     for name, pdl, dec in variants:
         def chain(pdl=pdl, dec=dec):
-            tq_store_kv(k_new, v_new, loc, *bufs, codec, pdl=pdl)
+            tq_store_kv(k_new, v_new, loc, *bufs, codec, pdl=pdl, num_warps=args.store_num_warps)
             return dec()
 
         first_call(ctx, chain)
@@ -1280,6 +1283,7 @@ def config_dict(args, ctx=None):
         "timer": "triton.testing.do_bench(return_mode='median'), L2 cleared before each call; "
                  "ms = median over 'repeat' passes",
         "cuda_graph": args.cuda_graph,
+        "store_num_warps": args.store_num_warps or "kernel default",
         "sglang_tq_max_kv_splits": args.max_kv_splits or "backend ceiling (split_ceiling)",
         "sglang_tq_splits_policy": args.splits_policy,
         "sglang_tq_waves": args.waves,
