@@ -452,7 +452,9 @@ class TQAttnBackend(TritonAttnBackend):
             if not self._prefill or self._prefill[-1].q1 != t:  # once per batch, graphs too
                 self._prefill = self._plan(forward_batch)
             groups, sliding = self._prefill, 0
-        slots = forward_batch.out_cache_loc
+        # the chunk's own slots in the layer's pool (a window pool holds it at the SWA slots)
+        slots = (md.swa_out_cache_loc if inner is getattr(self.token_to_kv_pool, "swa_kv_pool", None)
+                 else forward_batch.out_cache_loc)
         for g in groups:
             if g.b1 == g.b0:
                 continue

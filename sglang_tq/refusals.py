@@ -246,11 +246,6 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
         )
     if sa is None:
         return
-    if getattr(sa, "kv_quant_packed_prefill", False) and getattr(mc, "is_hybrid_swa", False):
-        raise ValueError(
-            f"{q} does not yet read a prefill chunk back from {arch}'s window pool; drop "
-            f"--kv-quant-packed-prefill {_ALT}."
-        )
     if getattr(sa, "enable_mixed_chunk", False) and "sliding_attention" in window_layer_types(mc):
         raise ValueError(
             f"{q} does not yet run {arch}'s sliding-window layers in mixed prefill/decode "

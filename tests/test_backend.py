@@ -446,12 +446,14 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
     assert _rel(out, tq_decode_ref(q, *inner[:4], indptr, indices, inner.codec, layer.scaling)) < 2e-2
 
 
-def test_backend_over_sglangs_hybrid_swa_pool(server_args):
+@pytest.mark.parametrize("packed_prefill", [False, True])
+def test_backend_over_sglangs_hybrid_swa_pool(server_args, packed_prefill):
     """gpt-oss's layout: SGLang's SWAKVPool with packed inner pools (model layer 0 a window
     layer in the "SWA" pool, layer 1 full), full slot s stored at SWA slot s + 3. The window
     layer must read and write SWA slots (the parent's translated window lists, the
-    KVWriteLoc's SWA half) with sinks, the full layer full slots; each against the twin over
-    the slots it should read."""
+    KVWriteLoc's SWA half; with --kv-quant-packed-prefill the chunk read back from its SWA
+    slots) with sinks, the full layer full slots; each against the twin over the slots it
+    should read."""
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
     from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
     from sglang_tq.backend import TQAttnBackend
@@ -467,8 +469,9 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args):
     mapping[-1] = -1
     pool.register_mapping(mapping)
     runner, req_to_token = _runner(server_args, pool, sliding_window=sws)
+    runner.server_args = types.SimpleNamespace(**{**vars(server_args), "kv_quant_packed_prefill": packed_prefill})
     backend = TQAttnBackend(runner)
-    assert backend.use_sliding_window_kv_pool
+    assert backend.use_sliding_window_kv_pool and backend.packed_prefill == packed_prefill
     window, full = _layer(0), _layer(1)
     window.sliding_window_size = sws
     sinks = (torch.rand(HQ, generator=torch.Generator().manual_seed(4)) * 4 - 1).to(DEV)
@@ -486,7 +489,8 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args):
     for layer, inner, sl, w in ((window, swa_inner, shift, sws + 1), (full, full_inner, 0, 0)):
         out = backend.forward_extend(q, k, v, layer, fb, sinks=sinks if w else None).view(10, HQ, D)
         want = tq_extend_ref(q, k, v, *inner[:4], md.qo_indptr, md.kv_indptr, md.kv_indices + sl,
-                             inner.codec, layer.scaling, sliding_window=w, sinks=sinks if w else None)
+                             inner.codec, layer.scaling, sliding_window=w, sinks=sinks if w else None,
+                             chunk_slots=fb.out_cache_loc + sl if packed_prefill else None)
         assert _rel(out, want) < 2e-2, layer.layer_id
     # the chunk went to the SWA slots of the window layer and the full slots of the full layer
     assert (swa_inner.k_norms[fb.out_cache_loc + shift] > 0).all()

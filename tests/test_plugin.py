@@ -348,12 +348,11 @@ def test_sliding_window_and_hybrid_linear_models_start(fake_gpu, monkeypatch):
     monkeypatch.setattr(sglang_server_args, "is_cuda", lambda: True)  # SGLang's FLA check for GDN
     sa = sglang_server_args.prepare_server_args(["--model-path", QWEN3_NEXT, *tail])
     assert sa.kv_quant == "turboquant"
-    # gpt-oss: SGLang's own backend assert sees our backend as the Triton one it is; its window
-    # pool cannot yet be read back by the packed prefill
-    sa = sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail])
+    # gpt-oss: SGLang's own backend assert sees our backend as the Triton one it is
+    sa = sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail, "--kv-quant-packed-prefill"])
     assert sa.attention_backend == "turboquant" and not sa.disable_hybrid_swa_memory
-    with pytest.raises(ValueError, match="drop --kv-quant-packed-prefill") as exc:
-        sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail, "--kv-quant-packed-prefill"])
+    with pytest.raises(ValueError, match="drop --enable-mixed-chunk") as exc:
+        sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail, "--enable-mixed-chunk"])
     assert _one_sentence(str(exc.value))
     with pytest.raises(AssertionError, match="GptOssForCausalLM requires one of"):  # stock, unchanged
         sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail[:3], "--attention-backend",
