@@ -3,7 +3,10 @@
 One launch handles K and V of N tokens (grid axis 2 picks K or V, each with its
 own constexpr bit width). Per token and KV head (TurboQuant Alg. 1):
 rotate y = Πx on tensor cores (tf32x3: three tf32 products, about fp32's precision,
-instead of an fp32 FMA loop), r = ‖y‖, u = y/r, index = number of Lloyd-Max
+instead of an fp32 FMA loop) against Πᵀ, or (``fwht``) as the fast Walsh-Hadamard
+transform Π is for power-of-two D (Π = H·diag(s)/√D, ``rotation.rotation_matrix``):
+H_D = H_E ⊗ H_{D/E}, one tf32x3 dot with an in-register ±1 matrix H_{D/E} and E-point
+butterflies, no Πᵀ loaded, the result already in packing order; r = ‖y‖, u = y/r, index = number of Lloyd-Max
 thresholds below u, its sign-magnitude code (``quantizer.code_of_index``), pack
 into the split-plane layout, scatter codes and the fp16 norm to the token's
 slot. Πᵀ arrives with its columns already in the kernel's packing order
@@ -19,26 +22,72 @@ from sglang_tq.codec import LayerCodec
 from ._checks import check_center, check_head_dim, check_pdl, pdl_launch, pdl_supported
 
 @triton.jit
+def _sylvester(i, j):
+    """H[i, j] = (-1)^popcount(i & j), the Sylvester Walsh-Hadamard entries (i, j < 256)."""
+    b = i & j
+    b ^= b >> 4
+    b ^= b >> 2
+    b ^= b >> 1
+    return 1.0 - 2.0 * (b & 1).to(tl.float32)
+
+
+@triton.jit
+def _rotate_fwht(x, Pi, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.constexpr):
+    """y = Π x in packing order for Π = H·diag(s)/√D. Coordinate i = a·B + b (B = D/E) and
+    H_D[i, j] = H_E[a, c]·H_B[b, e] for j = c·B + e; packing column m = e·E + c holds
+    coordinate c·B + e (``codec.packing_order``), so [N, B, E] flattened is the tile."""
+    B: tl.constexpr = HEAD_DIM // E
+    # -- signs and scale: Π's first row is s/√D (H's first row is all ones)
+    xs = x * tl.load(Pi + tl.arange(0, HEAD_DIM))[None, :]
+    # -- Z[n, a, e] = Σ_b xs[n, a, b] H_B[b, e] on tensor cores (±1 is exact in tf32)
+    rb = tl.arange(0, B)
+    z = tl.dot(tl.reshape(xs, (BLOCK_N * E, B)), _sylvester(rb[:, None], rb[None, :]),
+               input_precision="tf32x3")
+    zt = tl.permute(tl.reshape(z, (BLOCK_N, E, B)), (0, 2, 1))  # [N, B(e), E(a)]
+    # -- Y[n, e, c] = Σ_a H_E[c, a] Z[n, a, e]: one (E = 2) or two (E = 4) butterfly levels
+    if E == 2:
+        z0, z1 = tl.split(zt)
+        y = tl.join(z0 + z1, z0 - z1)
+    else:
+        p, q = tl.split(tl.reshape(zt, (BLOCK_N, B, 2, 2)))  # a = 2·a_hi + a_lo, split on a_lo
+        g0, g1 = tl.split(p + q)                              # c_lo = 0, split on a_hi
+        h0, h1 = tl.split(p - q)                              # c_lo = 1
+        # the inner joins index c_hi, the outer one c_lo (a new last dim): [N, B, c_hi, c_lo]
+        y = tl.join(tl.join(g0 + g1, g0 - g1), tl.join(h0 + h1, h0 - h1))
+    return tl.reshape(y, (BLOCK_N, HEAD_DIM))
+
+
+@triton.jit
 def _quantize_tile(
     X, PiT, Bounds, Codes, Norms, Center, loc, offs_n, mask_n, head,
     stride_x_n, stride_x_h, stride_c_s, stride_c_h, stride_nrm_s, stride_nrm_h,
     BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CENTER: tl.constexpr,
+    FWHT: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
-    # -- load (minus the head's key center), rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c],
-    #    over chunks of c so that the fp32 slice of Πᵀ fits in shared memory at head_dim 256
-    CHUNK: tl.constexpr = 64
-    offs_c = tl.arange(0, CHUNK)
-    y = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
-        x = tl.load(
-            X + offs_n[:, None] * stride_x_n + head * stride_x_h + (c0 + offs_c)[None, :],
-            mask=mask_n[:, None], other=0.0,
-        ).to(tl.float32)
+    if FWHT:
+        # -- load (minus the head's key center), rotate by the fast Walsh-Hadamard transform
+        #    (PiT is then Π itself: its first row gives the signs)
+        x = tl.load(X + offs_n[:, None] * stride_x_n + head * stride_x_h + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0).to(tl.float32)
         if HAS_CENTER:
-            x -= tl.load(Center + head * HEAD_DIM + c0 + offs_c)[None, :]
-        pit = tl.load(PiT + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :])
-        y += tl.dot(x, pit, input_precision="tf32x3")
+            x -= tl.load(Center + head * HEAD_DIM + offs_d)[None, :]
+        y = _rotate_fwht(x, PiT, BLOCK_N, HEAD_DIM, 2 if BITS == 4 else 4)
+    else:
+        # -- load (minus the head's key center), rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c],
+        #    over chunks of c so that the fp32 slice of Πᵀ fits in shared memory at head_dim 256
+        CHUNK: tl.constexpr = 64
+        offs_c = tl.arange(0, CHUNK)
+        y = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+        for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
+            x = tl.load(
+                X + offs_n[:, None] * stride_x_n + head * stride_x_h + (c0 + offs_c)[None, :],
+                mask=mask_n[:, None], other=0.0,
+            ).to(tl.float32)
+            if HAS_CENTER:
+                x -= tl.load(Center + head * HEAD_DIM + c0 + offs_c)[None, :]
+            pit = tl.load(PiT + (c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :])
+            y += tl.dot(x, pit, input_precision="tf32x3")
     # -- norm and unit vector
     r = tl.sqrt(tl.sum(y * y, axis=1))
     u = y / tl.maximum(r, 1e-30)[:, None]
@@ -85,7 +134,7 @@ def _tq_store_kernel(
     stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_CENTER: tl.constexpr, USE_PDL: tl.constexpr,
+    K_CENTER: tl.constexpr, USE_PDL: tl.constexpr, FWHT: tl.constexpr,
 ):
     if USE_PDL:
         # programmatic dependent launch: wait for the kernel that wrote K and V (and, in a
@@ -102,11 +151,11 @@ def _tq_store_kernel(
     if which == 0:
         _quantize_tile(K, PiTK, BoundsK, KCodes, KNorms, KCenter, loc, offs_n, mask_n, head,
                        stride_k_n, stride_k_h, stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
-                       K_BITS, HEAD_DIM, BLOCK_N, K_CENTER)
+                       K_BITS, HEAD_DIM, BLOCK_N, K_CENTER, FWHT)
     else:
         _quantize_tile(V, PiTV, BoundsV, VCodes, VNorms, KCenter, loc, offs_n, mask_n, head,
                        stride_v_n, stride_v_h, stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
-                       V_BITS, HEAD_DIM, BLOCK_N, False)
+                       V_BITS, HEAD_DIM, BLOCK_N, False, FWHT)
 
 
 def _check_pool(name, codes, norms, num_heads, code_bytes):
@@ -121,8 +170,13 @@ def _check_pool(name, codes, norms, num_heads, code_bytes):
 
 
 def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec,
-                block_n: int = 16, num_warps: int = 4, pdl: bool | None = None):
+                block_n: int = 16, num_warps: int | None = None, pdl: bool | None = None,
+                fwht: bool = False):
     """Quantize K, V [N, Hkv, D] (any float dtype) and write them to slots ``loc`` [N].
+
+    ``num_warps`` per program (default 4); ``fwht`` rotates by the fast Walsh-Hadamard
+    transform instead of the dense Πᵀ product (an A/B switch: not the default until it is
+    measured faster).
 
     ``pdl`` (default: where supported) launches with programmatic dependent launch: the
     kernel still waits for its inputs first, but the next PDL launch may start early."""
@@ -146,15 +200,17 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     if n == 0:
         return
     grid = (triton.cdiv(n, block_n), hkv, 2)
+    pi_k, pi_v = (codec.pi, codec.pi) if fwht else (codec.pi_t_k, codec.pi_t_v)
     _tq_store_kernel[grid](
-        k, v, loc, codec.pi_t_k, codec.pi_t_v, codec.k_bounds, codec.v_bounds,
+        k, v, loc, pi_k, pi_v, codec.k_bounds, codec.v_bounds,
         k_codes, k_norms, v_codes, v_norms,
         codec.pi if codec.k_center is None else codec.k_center, n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HEAD_DIM=d, BLOCK_N=block_n,
-        K_CENTER=codec.k_center is not None, USE_PDL=int(pdl), num_warps=num_warps,
+        K_CENTER=codec.k_center is not None, USE_PDL=int(pdl), FWHT=bool(fwht),
+        num_warps=4 if num_warps is None else num_warps,
         **pdl_launch(pdl),
     )
 

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--store-head-dim", type=int, default=128)
     g.add_argument("--store-num-warps", type=int, default=None,
                    help="write path: warps per tq_store_kv program (default: the kernel's, 4)")
+    g.add_argument("--store-fwht", action="store_true",
+                   help="write path: tq_store_kv rotates by the fast Walsh-Hadamard transform "
+                        "instead of the dense Πᵀ product")
 
     g = ap.add_argument_group("split-KV")
     g.add_argument("--tq-kernel-args", default="{}",
@@ -1123,7 +1126,7 @@ def bench_write_path(ctx, args, codecs, write_rows):
 
                 def store():
                     tq_store_kv(k_new, v_new, loc, k_codes, k_norms, v_codes, v_norms, codec,
-                                num_warps=args.store_num_warps)
+                                num_warps=args.store_num_warps, fwht=args.store_fwht)
 
                 first_call(ctx, store)
                 row.update(time_it(ctx, args, store))
@@ -1164,7 +1167,8 @@ def bench_store_decode_chain(ctx, args, q, k_new, v_new, loc, bufs, indptr, slot
     variants = [("serial_ms", False, decode)] + ([("pdl_early_q_ms", True, early)] if pdl_supported() else [])
     for name, pdl, dec in variants:
         def chain(pdl=pdl, dec=dec):
-            tq_store_kv(k_new, v_new, loc, *bufs, codec, pdl=pdl, num_warps=args.store_num_warps)
+            tq_store_kv(k_new, v_new, loc, *bufs, codec, pdl=pdl, num_warps=args.store_num_warps,
+                        fwht=args.store_fwht)
             return dec()
 
         first_call(ctx, chain)
@@ -1284,6 +1288,7 @@ def config_dict(args, ctx=None):
                  "ms = median over 'repeat' passes",
         "cuda_graph": args.cuda_graph,
         "store_num_warps": args.store_num_warps or "kernel default",
+        "store_rotation": "fwht" if args.store_fwht else "dense",
         "sglang_tq_max_kv_splits": args.max_kv_splits or "backend ceiling (split_ceiling)",
         "sglang_tq_splits_policy": args.splits_policy,
         "sglang_tq_waves": args.waves,

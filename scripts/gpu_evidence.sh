@@ -93,6 +93,9 @@
 #       stock SGLang (the plugin not loaded: SGLANG_PLUGINS names another plugin), one server
 #       each on the dummy Llama-3.1-8B, greedy output ids of server_smoke.py compared
 #       (issue 15: "--kv-quant none is still bit-identical"), into $OUT/stock_identity.json.
+#   bash scripts/gpu_evidence.sh <commit> store1   # nvidia-h200 (one GPU): the write-path A/B,
+#       bench_decode.py's store rows and store + decode chain (k4v4, k3v3) at N = 1 and N = 64,
+#       dense Πᵀ product against the fast Walsh-Hadamard rotation, 4 and 8 warps, same call.
 #   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA
 #       (SUITE="<pytest args>" for a shard); UNPACK=<model> converts the staged pieces of that
 #       model beside it (unpack_model.sh); SOAK=1 starts the soak of soak1 first.
@@ -515,6 +518,19 @@ print(json.dumps(doc))
 PY
   grep -h "sglang-tq\|Skipping plugin" "$LOGS"/stock.log "$LOGS"/plugin.log | head -5 >> "$OUT/summary.txt"
   ;;
+store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at N = 1 and 64
+  export CUDA_VISIBLE_DEVICES=0
+  for n in 1 64; do for rot in dense fwht; do for w in 4 8; do
+    flag=; [ "$rot" = fwht ] && flag=--store-fwht
+    # shellcheck disable=SC2086
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/bench_decode.py --shapes 1x4096 \
+      --kv k4v4,k3v3 --store-batch "$n" --impls sglang-tq --store-num-warps "$w" $flag \
+      --out "$LOGS/store_n${n}_${rot}_w$w.json" > "$LOGS/store_n${n}_${rot}_w$w.log" 2>&1
+    echo "N=$n $rot w=$w: $(grep -h 'tq_store_kv\|store + decode chain' "$LOGS/store_n${n}_${rot}_w$w.log" | tr '\n' ' ')" \
+      >> "$OUT/summary.txt"
+  done; done; done
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs
+  ;;
 suite)  # nvidia-h200: the whole test suite on CUDA (beside a running soak, if one was started)
   export CUDA_VISIBLE_DEVICES=0
   if [ -n "${UNPACK:-}" ]; then  # staged pieces of model $UNPACK: convert them meanwhile, for a later call
@@ -561,7 +577,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, b1+soak, suite, arch1, stock1, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, b1+soak, suite, arch1, stock1, store1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac

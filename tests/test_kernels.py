@@ -52,10 +52,12 @@ def _filled_pool(codec, num_slots, hkv, device, seed):
 
 
 # --------------------------------------------------------------------------- store
+@pytest.mark.parametrize("fwht", [False, True], ids=["dense", "fwht"])
 @pytest.mark.parametrize("head_dim, k_bits, v_bits",
                          [(64, kb, vb) for kb, vb in BIT_PAIRS]
                          + [(d, b, b) for d in (128, 256) for b in (4, 3, 2)])
-def test_store_matches_reference(head_dim, k_bits, v_bits, device):
+def test_store_matches_reference(head_dim, k_bits, v_bits, fwht, device):
+    """Both rotations (dense Πᵀ product, fast Walsh-Hadamard) against the reference."""
     codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=3, device=device)
     n, hkv, slots = 37, 3, 50
     g = torch.Generator().manual_seed(head_dim + 10 * k_bits + v_bits)
@@ -64,7 +66,7 @@ def test_store_matches_reference(head_dim, k_bits, v_bits, device):
     k, v = qkv[:, hkv : 2 * hkv], qkv[:, 2 * hkv :]
     loc = torch.randperm(slots, generator=g)[:n].to(device)
     got, want = codec.alloc_buffers(slots, hkv), codec.alloc_buffers(slots, hkv)
-    tq_store_kv(k, v, loc, *got, codec)
+    tq_store_kv(k, v, loc, *got, codec, fwht=fwht)
     tq_store_kv_ref(k, v, loc, *want, codec)
     for bits, gc, wc in ((k_bits, got[0], want[0]), (v_bits, got[2], want[2])):
         gi = unpack(gc, bits, head_dim).int()
