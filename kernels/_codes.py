@@ -168,6 +168,79 @@ def rotate_dense_tiles_t(cols_t, mask, Pi, BITS: tl.constexpr, HEAD_DIM: tl.cons
 
 
 @triton.jit
+def sylvester(i, j):
+    """H[i, j] = (-1)^popcount(i & j), the Sylvester Walsh-Hadamard entries (i, j < 256)."""
+    b = i & j
+    b ^= b >> 4
+    b ^= b >> 2
+    b ^= b >> 1
+    return 1.0 - 2.0 * (b & 1).to(tl.float32)
+
+
+@triton.jit
+def hadamard_blocks(xs, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.constexpr,
+                    FP16: tl.constexpr = False):
+    """The first factor of H_D = H_E ⊗ H_B (B = D/E, Sylvester order: coordinate a·B + b):
+    Z[n, e, a] = Σ_b xs[n, a·B + b]·H_B[b, e] for fp32 rows xs [ROWS, D], as [ROWS, B, E],
+    on tensor cores with H_B built in registers (±1 is exact in every operand type): tf32x3
+    (about fp32), or with ``FP16`` fp16 operands and fp32 sums (one MMA pass, for a query
+    that is rounded to fp16 anyway). An E-point butterfly over the last axis finishes the
+    transform: y[n, c·B + e] = Σ_a H_E[c, a]·Z[n, e, a]."""
+    B: tl.constexpr = HEAD_DIM // E
+    rb = tl.arange(0, B)
+    h = sylvester(rb[:, None], rb[None, :])
+    rows = tl.reshape(xs, (ROWS * E, B))
+    if FP16:
+        z = tl.dot(rows.to(tl.float16), h.to(tl.float16))
+    else:
+        z = tl.dot(rows, h, input_precision="tf32x3")
+    return tl.permute(tl.reshape(z, (ROWS, E, B)), (0, 2, 1))
+
+
+@triton.jit
+def _pair_tiles(half, M: tl.constexpr, W: tl.constexpr, EIGHT: tl.constexpr):
+    """The tiles of one natural-order half [M, D/2] of a rotated row (tile_columns order)."""
+    if EIGHT:  # (q, p): coordinates Q·q + 2v + p, q < 2 within the half
+        a, b = tl.split(tl.reshape(half, (M, 2, W, 2)))          # p = 0 | 1: [M, 2(q), W]
+        a0, a1 = tl.split(tl.permute(a, (0, 2, 1)))
+        b0, b1 = tl.split(tl.permute(b, (0, 2, 1)))
+        return a0, b0, a1, b1
+    else:
+        return tl.split(tl.reshape(half, (M, W, 2)))              # coordinates 2w | 2w + 1
+
+
+@triton.jit
+def rotate_fwht_tiles_t(cols_t, mask, Pi, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        M: tl.constexpr):
+    """:func:`rotate_dense_tiles_t` by the fast Walsh-Hadamard transform Π is
+    (Π = H·diag(s)/√D; its first row's signs are s): fp32 rows, H_D = H_2 ⊗ H_{D/2}
+    (:func:`hadamard_blocks` and one butterfly), no Π product loaded, then fp16 tiles."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(tl.trans(cols_t) + offs_d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    sign = tl.where(tl.load(Pi + offs_d).to(tl.float32) > 0, 1.0, -1.0)
+    xs = q * (sign / tl.sqrt_rn(tl.full((HEAD_DIM,), HEAD_DIM, tl.float32)))[None, :]
+    z0, z1 = tl.split(hadamard_blocks(xs, M, HEAD_DIM, 2, FP16=True))
+    lo, hi = z0 + z1, z0 - z1                                     # coordinates < D/2 | >= D/2
+    if BITS == 4:                                                 # 2w, 2w+1, D/2+2w, D/2+2w+1
+        t0, t1 = _pair_tiles(lo, M, HEAD_DIM // 4, False)
+        t2, t3 = _pair_tiles(hi, M, HEAD_DIM // 4, False)
+        return (tl.trans(t0).to(tl.float16), tl.trans(t1).to(tl.float16),
+                tl.trans(t2).to(tl.float16), tl.trans(t3).to(tl.float16))
+    elif eight_tiles(BITS, HEAD_DIM):
+        t0, t1, t2, t3 = _pair_tiles(lo, M, HEAD_DIM // 8, True)
+        t4, t5, t6, t7 = _pair_tiles(hi, M, HEAD_DIM // 8, True)
+        return (tl.trans(t0).to(tl.float16), tl.trans(t1).to(tl.float16),
+                tl.trans(t2).to(tl.float16), tl.trans(t3).to(tl.float16),
+                tl.trans(t4).to(tl.float16), tl.trans(t5).to(tl.float16),
+                tl.trans(t6).to(tl.float16), tl.trans(t7).to(tl.float16))
+    else:                                                         # Q·q + w, q = 0..3
+        t0, t1 = tl.split(tl.permute(tl.reshape(lo, (M, 2, HEAD_DIM // 4)), (0, 2, 1)))
+        t2, t3 = tl.split(tl.permute(tl.reshape(hi, (M, 2, HEAD_DIM // 4)), (0, 2, 1)))
+        return (tl.trans(t0).to(tl.float16), tl.trans(t1).to(tl.float16),
+                tl.trans(t2).to(tl.float16), tl.trans(t3).to(tl.float16))
+
+
+@triton.jit
 def trans_tiles(t):
     """Every tile of a tuple transposed."""
     if len(t) == 8:

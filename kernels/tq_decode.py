@@ -58,7 +58,8 @@ from sglang_tq.config import TQConfig
 from sglang_tq.env import decode_launch_file, triton_interpreting
 
 from ._codes import (eight_tiles, load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_tiles,
-                     online_softmax_step, rotate_dense_tiles_t, slot_offsets_need_int64,
+                     online_softmax_step, rotate_dense_tiles_t, rotate_fwht_tiles_t,
+                     slot_offsets_need_int64,
                      softmax_state, scores, store_tiles, tanh, trans_tiles)
 from ._checks import check_attention_args, check_pdl, pdl_launch, pdl_supported
 from .tq_dequant import tq_dequant_ref
@@ -110,8 +111,11 @@ def _tq_decode_stage1(
         # -- rotated query of the whole GQA group, in the tile order of K's codes: rotated
         #    here from q itself (FUSE_ROT, small batches: one launch less) or read
         if FUSE_ROT:
-            q = rotate_dense_tiles_t(QRot + batch * stride_q_b + heads[None, :] * stride_q_h,
-                                     mask_h, Pi16, K_BITS, HEAD_DIM)
+            q_cols = QRot + batch * stride_q_b + heads[None, :] * stride_q_h
+            if FUSE_ROT == 2:  # as the fast Walsh-Hadamard transform (Π's first row: signs)
+                q = rotate_fwht_tiles_t(q_cols, mask_h, Pi16, K_BITS, HEAD_DIM, BLOCK_H)
+            else:
+                q = rotate_dense_tiles_t(q_cols, mask_h, Pi16, K_BITS, HEAD_DIM)
             if not HEADS_N:
                 q = trans_tiles(q)
         else:
@@ -490,7 +494,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
               fuse_rotation: bool | None = None, pdl: bool | None = None, early_q: bool = False,
-              sinks=None, out=None):
+              sinks=None, out=None, fwht: bool = False):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -507,6 +511,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     launch start: stage 1 then reads and rotates q while the store still runs.
     ``sinks`` [Hq] (any float dtype): a learned logit per query head that joins each
     softmax without a value (attention sinks), added where the splits merge.
+    ``fwht``: a fused rotation runs as the fast Walsh-Hadamard transform Π is (no fp16 Π
+    product read per program; an A/B switch, not the default until it is measured faster).
     """
     bsz = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -563,7 +569,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         K_LUT=codec.k_lut, V_LUT=codec.v_lut,
         USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
-        PREFETCH=int(prefetch), HEADS_N=int(heads_n), FUSE_ROT=int(fuse_rotation),
+        PREFETCH=int(prefetch), HEADS_N=int(heads_n), FUSE_ROT=(2 if fwht else 1) if fuse_rotation else 0,
         USE_PDL=int(pdl), EARLY_Q=int(early_q), num_warps=num_warps, num_stages=num_stages,
         **_register_cap(maxnreg), **pdl_launch(pdl),
     )

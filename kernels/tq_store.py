@@ -20,16 +20,7 @@ import triton.language as tl
 from sglang_tq.codec import LayerCodec
 
 from ._checks import check_center, check_head_dim, check_pdl, pdl_launch, pdl_supported
-
-@triton.jit
-def _sylvester(i, j):
-    """H[i, j] = (-1)^popcount(i & j), the Sylvester Walsh-Hadamard entries (i, j < 256)."""
-    b = i & j
-    b ^= b >> 4
-    b ^= b >> 2
-    b ^= b >> 1
-    return 1.0 - 2.0 * (b & 1).to(tl.float32)
-
+from ._codes import hadamard_blocks
 
 @triton.jit
 def _rotate_fwht(x, Pi, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.constexpr):
@@ -39,11 +30,8 @@ def _rotate_fwht(x, Pi, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.con
     B: tl.constexpr = HEAD_DIM // E
     # -- signs and scale: Π's first row is s/√D (H's first row is all ones)
     xs = x * tl.load(Pi + tl.arange(0, HEAD_DIM))[None, :]
-    # -- Z[n, a, e] = Σ_b xs[n, a, b] H_B[b, e] on tensor cores (±1 is exact in tf32)
-    rb = tl.arange(0, B)
-    z = tl.dot(tl.reshape(xs, (BLOCK_N * E, B)), _sylvester(rb[:, None], rb[None, :]),
-               input_precision="tf32x3")
-    zt = tl.permute(tl.reshape(z, (BLOCK_N, E, B)), (0, 2, 1))  # [N, B(e), E(a)]
+    # -- Z[n, e, a] = Σ_b xs[n, a·B + b] H_B[b, e] on tensor cores
+    zt = hadamard_blocks(xs, BLOCK_N, HEAD_DIM, E)  # [N, B(e), E(a)]
     # -- Y[n, e, c] = Σ_a H_E[c, a] Z[n, a, e]: one (E = 2) or two (E = 4) butterfly levels
     if E == 2:
         z0, z1 = tl.split(zt)

@@ -95,7 +95,8 @@
 #       (issue 15: "--kv-quant none is still bit-identical"), into $OUT/stock_identity.json.
 #   bash scripts/gpu_evidence.sh <commit> store1   # nvidia-h200 (one GPU): the write-path A/B,
 #       bench_decode.py's store rows and store + decode chain (k4v4, k3v3) at N = 1 and N = 64,
-#       dense Πᵀ product against the fast Walsh-Hadamard rotation, 4 and 8 warps, same call.
+#       dense Πᵀ product against the fast Walsh-Hadamard rotation, 4 and 8 warps; then the
+#       small-batch decode (fused query rotation: fp16 Π product | fast Walsh-Hadamard), same call.
 #   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA
 #       (SUITE="<pytest args>" for a shard); UNPACK=<model> converts the staged pieces of that
 #       model beside it (unpack_model.sh); SOAK=1 starts the soak of soak1 first.
@@ -529,6 +530,13 @@ store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at
     echo "N=$n $rot w=$w: $(grep -h 'tq_store_kv\|store + decode chain' "$LOGS/store_n${n}_${rot}_w$w.log" | tr '\n' ' ')" \
       >> "$OUT/summary.txt"
   done; done; done
+  for rot in dense fwht; do  # the fused query rotation of small-batch decode, the same two ways
+    args='{}'; [ "$rot" = fwht ] && args='{"fwht": true}'
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/bench_decode.py \
+      --shapes 1x4096,1x32768,2x16384,4x8192 --kv k4v4,k3v3 --impls sglang-tq,fa3 --no-write-path \
+      --tq-kernel-args "$args" --out "$LOGS/decode_$rot.json" > "$LOGS/decode_$rot.log" 2>&1
+    { echo "decode, fused rotation $rot:"; grep -h "^sglang-tq\|^fa3" "$LOGS/decode_$rot.log"; } >> "$OUT/summary.txt"
+  done
   tar czf "$OUT/logs.tgz" -C "$OUT" logs
   ;;
 suite)  # nvidia-h200: the whole test suite on CUDA (beside a running soak, if one was started)

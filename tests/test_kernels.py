@@ -228,18 +228,21 @@ def test_decode_rotation_paths_match_reference(rotate_kernel_elems, device, monk
     _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
+@pytest.mark.parametrize("fwht", [False, True], ids=["dense", "fwht"])
 @pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, heads_n",
                          [(64, 4, 4, 4, False), (64, 3, 2, 1, True), (128, 4, 4, 4, True),
-                          (128, 2, 3, 8, False), (256, 3, 4, 2, True)])
-def test_decode_fused_rotation_matches_reference(head_dim, k_bits, v_bits, gqa, heads_n, device):
-    """Stage 1 rotating a strided bf16 q itself (fp16 Π, every tile layout, both problem
-    orientations) computes the same attention as the separate fp32 rotation."""
+                          (128, 2, 3, 8, False), (256, 3, 4, 2, True), (128, 3, 3, 4, True),
+                          (64, 2, 2, 8, False)])
+def test_decode_fused_rotation_matches_reference(head_dim, k_bits, v_bits, gqa, heads_n, fwht, device):
+    """Stage 1 rotating a strided bf16 q itself (fp16 Π product or the fast Walsh-Hadamard
+    transform; every tile layout: four 4-bit tiles, eight word tiles, four byte tiles; both
+    problem orientations) computes the same attention as the separate fp32 rotation."""
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device,
                                                      lens=(40, 7, 129), seed=13)
     wide = torch.zeros(q.shape[0], q.shape[1], 2 * head_dim, dtype=q.dtype, device=device)
     wide[..., :head_dim] = q
     q = wide[..., :head_dim]  # strided along heads, contiguous in head_dim
-    fused = _run_decode(q, bufs, indptr, indices, codec, fuse_rotation=True, heads_n=heads_n)
+    fused = _run_decode(q, bufs, indptr, indices, codec, fuse_rotation=True, heads_n=heads_n, fwht=fwht)
     _assert_decode_matches_ref(fused, q, bufs, indptr, indices, codec)
     apart = _run_decode(q, bufs, indptr, indices, codec, fuse_rotation=False, heads_n=heads_n)
     assert _rel(fused, apart) <= 2 * _rel(
