@@ -198,6 +198,20 @@ def hadamard_blocks(xs, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.conste
 
 
 @triton.jit
+def fwht_row(row, HEAD_DIM: tl.constexpr):
+    """H_D · row for one fp32 row [D] (Sylvester order), as H_P ⊗ H_R (D = P·R, coordinate
+    a·R + b) by two broadcast reductions in registers: no dot (a single row is below a
+    tensor-core tile), no matrix loaded."""
+    R: tl.constexpr = 8 if HEAD_DIM <= 128 else 16
+    P: tl.constexpr = HEAD_DIM // R
+    rr, rp = tl.arange(0, R), tl.arange(0, P)
+    x = tl.reshape(row, (P, R))
+    z = tl.sum(x[:, :, None] * sylvester(rr[:, None], rr[None, :])[None, :, :], axis=1)   # [P, R]
+    y = tl.sum(sylvester(rp[:, None], rp[None, :])[:, :, None] * z[None, :, :], axis=1)   # [P, R]
+    return tl.reshape(y, (HEAD_DIM,))
+
+
+@triton.jit
 def _pair_tiles(half, M: tl.constexpr, W: tl.constexpr, EIGHT: tl.constexpr):
     """The tiles of one natural-order half [M, D/2] of a rotated row (tile_columns order)."""
     if EIGHT:  # (q, p): coordinates Q·q + 2v + p, q < 2 within the half

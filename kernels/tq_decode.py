@@ -57,7 +57,8 @@ from sglang_tq.config import TQConfig
 
 from sglang_tq.env import decode_launch_file, triton_interpreting
 
-from ._codes import (eight_tiles, load_codes, load_dense_tiles, load_lut_words, load_slots, lookup_tiles,
+from ._codes import (eight_tiles, fwht_row, load_codes, load_dense_tiles, load_lut_words, load_slots,
+                     lookup_tiles,
                      online_softmax_step, rotate_dense_tiles_t, rotate_fwht_tiles_t,
                      slot_offsets_need_int64,
                      softmax_state, scores, store_tiles, tanh, trans_tiles)
@@ -202,7 +203,7 @@ def _tq_decode_stage2(
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr,
     SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr, VECTOR_MERGE: tl.constexpr,
-    HAS_SINK: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_SINK: tl.constexpr, USE_PDL: tl.constexpr, UNROT_FWHT: tl.constexpr = False,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # stage 1's partials are complete and visible
@@ -235,12 +236,17 @@ def _tq_decode_stage2(
                            mask=valid_c[:, None], other=0.0)
             row += tl.sum(part * tl.exp(lse_c - e_max)[:, None], axis=0)
         row = row / e_sum
-        # -- un-rotate: o = o_rot · Π as a reduction over Π's rows (one row: no dot)
-        for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
-            pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + (c0 + offs_k)[None, :])
-            out = tl.sum(row[:, None] * pi, axis=0)
-            tl.store(Out + batch * stride_o_b + head * stride_o_h + c0 + offs_k,
-                     out.to(Out.dtype.element_ty))
+        if UNROT_FWHT:
+            # -- un-rotate: o = o_rot · Π = (H o_rot) ⊙ s/√D, Π's first row being s/√D
+            out = fwht_row(row, HEAD_DIM) * tl.load(Pi + offs_d)
+            tl.store(Out + batch * stride_o_b + head * stride_o_h + offs_d, out.to(Out.dtype.element_ty))
+        else:
+            # -- un-rotate: o = o_rot · Π as a reduction over Π's rows (one row: no dot)
+            for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
+                pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + (c0 + offs_k)[None, :])
+                out = tl.sum(row[:, None] * pi, axis=0)
+                tl.store(Out + batch * stride_o_b + head * stride_o_h + c0 + offs_k,
+                         out.to(Out.dtype.element_ty))
     else:
         kv_head = tl.program_id(1)
         offs_g = tl.arange(0, BLOCK_H)
@@ -511,8 +517,9 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     launch start: stage 1 then reads and rotates q while the store still runs.
     ``sinks`` [Hq] (any float dtype): a learned logit per query head that joins each
     softmax without a value (attention sinks), added where the splits merge.
-    ``fwht``: a fused rotation runs as the fast Walsh-Hadamard transform Π is (no fp16 Π
-    product read per program; an A/B switch, not the default until it is measured faster).
+    ``fwht``: the fused query rotation and the many-split merge's un-rotation run as the
+    fast Walsh-Hadamard transform Π is (no Π read per program; an A/B switch, not the
+    default until it is measured faster).
     """
     bsz = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
@@ -581,8 +588,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         GQA=gqa, BLOCK_H=_block_h(gqa), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
         SPLITS_P2=triton.next_power_of_2(max_kv_splits),
         CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d),
-        VECTOR_MERGE=vector_merge, HAS_SINK=sinks is not None, USE_PDL=int(pdl), num_warps=4,
-        **pdl_launch(pdl),
+        VECTOR_MERGE=vector_merge, HAS_SINK=sinks is not None, USE_PDL=int(pdl),
+        UNROT_FWHT=bool(fwht), num_warps=4, **pdl_launch(pdl),
     )
     return out
 

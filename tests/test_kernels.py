@@ -250,6 +250,23 @@ def test_decode_fused_rotation_matches_reference(head_dim, k_bits, v_bits, gqa, 
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5))
 
 
+@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", [(64, 4, 3, 4), (128, 2, 4, 2), (256, 4, 4, 8)])
+def test_decode_fwht_unrotation_at_many_splits_matches_reference(head_dim, k_bits, v_bits, gqa, device):
+    """Above VECTOR_MERGE_SPLITS splits the merge runs per query head; with ``fwht`` its
+    un-rotation (and the fused query rotation) is the fast Walsh-Hadamard transform."""
+    from sglang_tq.kernels.tq_decode import VECTOR_MERGE_SPLITS
+
+    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device,
+                                                     lens=(300, 37), seed=21)
+    splits = 2 * VECTOR_MERGE_SPLITS
+    fast = _run_decode(q, bufs, indptr, indices, codec, max_splits=splits, fwht=True)
+    _assert_decode_matches_ref(fast, q, bufs, indptr, indices, codec)
+    dense = _run_decode(q, bufs, indptr, indices, codec, max_splits=splits)
+    assert _rel(fast, dense) <= 2 * _rel(
+        tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5, dtype=torch.bfloat16),
+        tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5))
+
+
 @pytest.mark.skipif(pdl_supported(), reason="this GPU supports programmatic dependent launch")
 def test_decode_and_store_refuse_pdl_where_unsupported():
     codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 4, 4, "cpu", lens=(5,), seed=2)
