@@ -58,6 +58,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
 from . import refusals
+from .env import fwht_rotations
 from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
                                 split_ceiling, tq_decode)
 from .kernels.tq_dequant import tq_dequant
@@ -206,6 +207,10 @@ class TQAttnBackend(TritonAttnBackend):
         self._prefill_window: Optional[list[PrefillGroup]] = None
         self._mixed: Optional[_MixedSplit] = None
         self.extend_impl = default_extend_impl(torch.device(self.device), self.out_dtype)
+        self.fwht = fwht_rotations()  # SGLANG_TQ_FWHT: the decode's rotations (an A/B switch)
+        if self.fwht:
+            logger.info("sglang-tq: SGLANG_TQ_FWHT=1: store and decode rotate by the fast "
+                        "Walsh-Hadamard transform.")
         # the dense prefix rows a prefill step may hold: what the pool sizing set aside
         self.prefill_scratch_rows = int(self.max_context_len)
         logger.info("sglang-tq: prefill attention over the dequantized prefix runs %s; its "
@@ -405,7 +410,7 @@ class TQAttnBackend(TritonAttnBackend):
             num_kv_splits=splits[:bs], max_kv_splits=self.max_splits(bs),
             workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o.view(bs, hq, d),
             early_q=save_kv_cache,  # the store just launched: stage 1 overlaps it (PDL)
-            sinks=sinks,
+            sinks=sinks, fwht=self.fwht,
         )
         return o
 
@@ -442,6 +447,7 @@ class TQAttnBackend(TritonAttnBackend):
                 mx.kv_indptr, mx.kv_indices, packed.codec, layer.scaling,
                 num_kv_splits=mx.num_kv_splits, max_kv_splits=self.max_splits(q.shape[0] - t),
                 workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o3[t:], sinks=sinks,
+                fwht=self.fwht,
             )
         t = q.shape[0] if mx is None else mx.extend_tokens
         if window:  # the window layers' own plan, once per batch

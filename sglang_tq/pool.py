@@ -36,7 +36,7 @@ from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
 from .codec import LayerCodec
 from .config import TQConfig
-from .env import debug_memory_pool
+from .env import debug_memory_pool, fwht_rotations
 from .kernels.tq_store import tq_store_kv
 
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -163,6 +163,7 @@ class TQTokenToKVPool(KVCache):
             raise ValueError(f"global_layer_ids must name {layer_num} layers, got "
                              f"{len(self.global_layer_ids)}.")
         self._debug = debug_memory_pool()
+        self.fwht = fwht_rotations()  # SGLANG_TQ_FWHT: the store's rotation (an A/B switch)
         self.model_dtype = model_dtype
         self.head_num = head_num
         self.head_dim = head_dim
@@ -280,7 +281,7 @@ class TQTokenToKVPool(KVCache):
         if self._debug:
             self._check_slots(loc)
         _store_kv(k, v, loc, self.k_codes[idx], self.k_norms[idx], self.v_codes[idx],
-               self.v_norms[idx], self.codecs[idx])
+                  self.v_norms[idx], self.codecs[idx], fwht=self.fwht)
         if self._debug:
             self._check_norms(layer_id, loc)
 

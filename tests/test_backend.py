@@ -193,13 +193,16 @@ def test_backend_init_compiles_the_prefix_dequant_without_writing_the_pool(serve
             assert not buf.any()
 
 
-@pytest.mark.parametrize("bf16_layers", [(BF16_LAYER,), ()])
-def test_extend_then_decode_match_reference(server_args, bf16_layers):
+@pytest.mark.parametrize("bf16_layers, fwht", [((BF16_LAYER,), "0"), ((), "0"), ((), "1")])
+def test_extend_then_decode_match_reference(server_args, bf16_layers, fwht, monkeypatch):
     """With no bf16 layer the decode batch of 2 may use up to SPLIT_CAP splits (the split
-    ceiling grows as the batch shrinks); with one, SGLang's max_kv_splits bounds it."""
+    ceiling grows as the batch shrinks); with one, SGLang's max_kv_splits bounds it.
+    SGLANG_TQ_FWHT=1: the store and decode rotations as fast Walsh-Hadamard transforms."""
     from sglang_tq.kernels.tq_decode import SPLIT_CAP
 
+    monkeypatch.setenv("SGLANG_TQ_FWHT", fwht)
     backend, pool, req_to_token = _make_backend(server_args, bf16_layers=bf16_layers)
+    assert backend.fwht == pool.fwht == (fwht == "1")
     assert backend.max_splits(2) == (backend.max_kv_splits if bf16_layers else SPLIT_CAP)
     layer = _layer(0)
     _fill_prefix(pool, 0)

@@ -348,6 +348,32 @@ def test_fused_set_kv_is_off_only_for_the_packed_pool(monkeypatch):
 
 
 # ------------------------------------------------------- SGLANG_DEBUG_MEMORY_POOL checks
+def test_fwht_switch_reaches_the_store(monkeypatch):
+    """SGLANG_TQ_FWHT=1 (read once per pool): the store rotates by the fast Walsh-Hadamard
+    transform and still writes the reference's codes; a bad value is one sentence."""
+    from sglang_tq.kernels import tq_store
+    from sglang_tq.packing import unpack
+
+    seen = []
+    real = tq_store.tq_store_kv
+    monkeypatch.setattr("sglang_tq.pool._store_kv", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    monkeypatch.setenv("SGLANG_TQ_FWHT", "1")
+    cfg = TQConfig(head_dim=64, k_bits=3, v_bits=4)
+    pool = TQTokenToKVPool(12, 1, 2, 64, 1, "cpu", False, cfg=cfg)
+    k = torch.randn(5, 2, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    loc = torch.arange(5) + 3
+    pool.set_kv_buffer(types.SimpleNamespace(layer_id=0), loc, k, k)
+    assert pool.fwht and seen == [{"fwht": True}]
+    packed = pool.get_packed_layer(0)
+    want = packed.codec.alloc_buffers(packed.k_codes.shape[0], 2)
+    tq_store.tq_store_kv_ref(k, k, loc, *want, packed.codec)
+    diff = (unpack(packed.k_codes, 3, 64).int() - unpack(want[0], 3, 64).int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
+    monkeypatch.setenv("SGLANG_TQ_FWHT", "yes")
+    with pytest.raises(ValueError, match="SGLANG_TQ_FWHT must be 0 or 1"):
+        TQTokenToKVPool(12, 1, 2, 64, 1, "cpu", False, cfg=cfg)
+
+
 @pytest.mark.parametrize("debug", ["0", "1"])
 def test_debug_pool_checks_slots_and_norm_overflow(monkeypatch, debug):
     monkeypatch.setenv("SGLANG_DEBUG_MEMORY_POOL", debug)
