@@ -1,4 +1,4 @@
-"""Compile the decode kernel for Hopper without a GPU and report its resources.
+"""Compile the decode or store kernels for Hopper without a GPU and report their resources.
 
 Triton compiles to PTX on any machine; the bundled ``ptxas`` assembles it for
 sm_90a and ``cuobjdump`` disassembles it. That gives registers, spills and the
@@ -7,6 +7,13 @@ core ops) per launch configuration, at no GPU time: the first thing to read when
 a memory-bound kernel runs far below bandwidth (device/METHOD.md).
 
     python scripts/kernel_resources.py --block-n 16,32,64 --num-warps 4,8 --num-stages 1,2
+    python scripts/kernel_resources.py --kernel stage1 --fuse-rot 1,2 --block-n 32 --num-warps 1 --heads-n 1
+    python scripts/kernel_resources.py --kernel store --fwht 0,1 --num-warps 4
+    python scripts/kernel_resources.py --kernel merge --fwht 0,1
+
+``--fuse-rot``: stage 1 reads a rotated q (0), rotates it by the fp16 Π product (1) or by
+the fast Walsh-Hadamard transform (2); ``--fwht`` the same choice for the store's rotation
+and the many-split merge's un-rotation.
 """
 
 from __future__ import annotations
@@ -59,30 +66,68 @@ def loop_mix(sass: str) -> dict:
     return {"loop_instructions": len(body), "loop_mix": dict(collections.Counter(body).most_common())}
 
 
+_STORE_POINTERS = {
+    "K": "*bf16", "V": "*bf16", "Loc": "*i64", "PiTK": "*fp32", "PiTV": "*fp32", "BoundsK": "*fp32",
+    "BoundsV": "*fp32", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
+    "KCenter": "*fp32",
+}
+_MERGE_POINTERS = {
+    "MidO": "*fp32", "MidLse": "*fp32", "Pi": "*fp32", "Out": "*bf16", "KvIndptr": "*i32",
+    "NumKvSplits": "*i32", "Sinks": "*fp32",
+}
+
+
 def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages, sass_dir=None,
-                   prefetch=1, heads_n=0, maxnreg=0):
-    fn = dec._tq_decode_stage1
+                   prefetch=1, heads_n=0, maxnreg=0, fuse_rot=0):
     codec = LayerCodec.create(head_dim, k_bits, v_bits)
-    sig, consts = {}, dict(GQA=gqa, BLOCK_H=dec._block_h(gqa, heads_n), HEAD_DIM=head_dim,
-                           BLOCK_N=block_n, K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False,
-                           K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=True, SLOT_I64=False,
-                           PREFETCH=prefetch, HEADS_N=heads_n, FUSE_ROT=0, USE_PDL=0)
-    for name in fn.arg_names:
-        if name in _POINTERS:
-            sig[name] = _POINTERS[name]
-        elif name in consts:
-            sig[name] = "constexpr"
+    consts = dict(GQA=gqa, BLOCK_H=dec._block_h(gqa, heads_n), HEAD_DIM=head_dim,
+                  BLOCK_N=block_n, K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False,
+                  K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=True, SLOT_I64=False,
+                  PREFETCH=prefetch, HEADS_N=heads_n, FUSE_ROT=fuse_rot, USE_PDL=0)
+    # with a fused rotation stage 1 reads the unrotated bf16 q
+    pointers = {**_POINTERS, **({"QRot": "*bf16"} if fuse_rot else {})}
+    name = (f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}_p{prefetch}"
+            f"_h{heads_n}_r{maxnreg}_f{fuse_rot}")
+    return _resources(dec._tq_decode_stage1, pointers, consts,
+                      dict(num_warps=num_warps, num_stages=num_stages,
+                           **({"maxnreg": maxnreg} if maxnreg else {})), sass_dir, name)
+
+
+def compile_store(head_dim, k_bits, v_bits, num_warps, fwht=0, block_n=16, sass_dir=None):
+    from sglang_tq.kernels import tq_store
+
+    consts = dict(K_BITS=k_bits, V_BITS=v_bits, HEAD_DIM=head_dim, BLOCK_N=block_n, K_CENTER=False,
+                  USE_PDL=0, FWHT=bool(fwht))
+    return _resources(tq_store._tq_store_kernel, _STORE_POINTERS, consts,
+                      dict(num_warps=num_warps, num_stages=1), sass_dir,
+                      f"store_k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_f{fwht}")
+
+
+def compile_merge(head_dim, splits=64, fwht=0, sass_dir=None):
+    p2 = triton.next_power_of_2(splits)
+    consts = dict(GQA=4, BLOCK_H=16, HEAD_DIM=head_dim, MAX_KV_SPLITS=splits, MIN_BLOCK_KV=32,
+                  SPLITS_P2=p2, CHUNK_S=min(p2, 4096 // head_dim), VECTOR_MERGE=True,
+                  HAS_SINK=False, USE_PDL=0, UNROT_FWHT=bool(fwht))
+    return _resources(dec._tq_decode_stage2, _MERGE_POINTERS, consts, dict(num_warps=4), sass_dir,
+                      f"merge_d{head_dim}_s{splits}_f{fwht}")
+
+
+def _resources(fn, pointers, consts, options, sass_dir, name):
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in pointers:
+            sig[arg] = pointers[arg]
+        elif arg in consts:
+            sig[arg] = "constexpr"
         else:
-            sig[name] = "fp32" if name in ("sm_scale", "logit_cap") else "i32"
+            sig[arg] = "fp32" if arg in ("sm_scale", "logit_cap") else "i32"
     # Triton specialises pointers and strides divisible by 16 at launch; do the same here.
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n in _POINTERS or n.startswith("stride")}
+             if n in pointers or n.startswith("stride")}
     src = triton.compiler.ASTSource(
         fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
         attrs=attrs)
-    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages,
-                                       **({"maxnreg": maxnreg} if maxnreg else {})))
+    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
@@ -96,9 +141,7 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
     counts = collections.Counter({k: len(re.findall(p, sass)) for k, p in _SASS_CLASSES.items()})
     if sass_dir:
         os.makedirs(sass_dir, exist_ok=True)
-        name = (f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}_p{prefetch}"
-                f"_h{heads_n}_r{maxnreg}.sass")
-        with open(os.path.join(sass_dir, name), "w") as f:
+        with open(os.path.join(sass_dir, name + ".sass"), "w") as f:
             f.write(sass)
     return {"regs": int(regs[1]) if regs else None, "spill_bytes": int(spill[1]) if spill else None,
             "shared_bytes": kern.metadata.shared,
@@ -118,17 +161,40 @@ def main() -> None:
                     help="1 (the GQA group as the dots' N side: the transposed problem), 0, or 0,1")
     ap.add_argument("--maxnreg", default="0",
                     help="register cap per thread handed to ptxas (0: none), or a list, e.g. 0,128,168")
+    ap.add_argument("--kernel", choices=("stage1", "store", "merge"), default="stage1",
+                    help="decode stage 1 (default), the quantize-and-store kernel, or the many-split "
+                         "merge (stage 2)")
+    ap.add_argument("--fuse-rot", default="0",
+                    help="stage1: 0 (q rotated before), 1 (fp16 Π product), 2 (fast Walsh-Hadamard), "
+                         "or a list")
+    ap.add_argument("--fwht", default="0", help="store / merge: 0 (dense Π), 1 (fast Walsh-Hadamard), or 0,1")
     ap.add_argument("--out")
     ap.add_argument("--sass-dir", help="also write each variant's SASS listing here")
     args = ap.parse_args()
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     rows = []
-    grid = itertools.product(args.kv.split(","), *(map(int, x.split(",")) for x in
-                                                    (args.block_n, args.num_warps, args.num_stages,
-                                                     args.prefetch, args.heads_n, args.maxnreg)))
-    for kv, bn, nw, ns, pf, hn, mr in grid:
-        r = {"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns, "prefetch": pf, "heads_n": hn,
-             "maxnreg": mr, **compile_stage1(args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw,
-                                             ns, args.sass_dir, pf, hn, mr)}
+    if args.kernel == "store":
+        grid = itertools.product(args.kv.split(","), ints(args.num_warps), ints(args.fwht))
+        todo = [({"kernel": "store", "kv": kv, "num_warps": nw, "fwht": fw},
+                 lambda kv=kv, nw=nw, fw=fw: compile_store(args.head_dim, int(kv[1]), int(kv[3]), nw, fw,
+                                                           sass_dir=args.sass_dir))
+                for kv, nw, fw in grid]
+    elif args.kernel == "merge":
+        todo = [({"kernel": "merge", "head_dim": args.head_dim, "fwht": fw},
+                 lambda fw=fw: compile_merge(args.head_dim, fwht=fw, sass_dir=args.sass_dir))
+                for fw in ints(args.fwht)]
+    else:
+        grid = itertools.product(args.kv.split(","), *(ints(x) for x in (
+            args.block_n, args.num_warps, args.num_stages, args.prefetch, args.heads_n, args.maxnreg,
+            args.fuse_rot)))
+        todo = [({"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns, "prefetch": pf,
+                  "heads_n": hn, "maxnreg": mr, "fuse_rot": fr},
+                 lambda kv=kv, bn=bn, nw=nw, ns=ns, pf=pf, hn=hn, mr=mr, fr=fr: compile_stage1(
+                     args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw, ns, args.sass_dir, pf, hn,
+                     mr, fr))
+                for kv, bn, nw, ns, pf, hn, mr, fr in grid]
+    for key, run in todo:
+        r = {**key, **run()}
         rows.append(r)
         print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     if args.out:

@@ -36,3 +36,31 @@ def test_builtin_launch_compiles_without_spills(head_dim, tmp_path):
         assert r["regs"] is not None and r["regs"] <= 255
         assert r["spill_bytes"] == 0, f"{r['kv']} d={head_dim}: {r['spill_bytes']} bytes of spills"
         assert r["loop_mix"].get("PRMT", 0) > 0 and r["loop_mix"].get("HMMA", 0) > 0
+
+
+def _resources(tmp_path, *args):
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_resources.py"), *args, "--out", str(out)],
+                   env=env, check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("args", [
+    ["--kernel", "store", "--kv", "k4v4,k3v3", "--num-warps", "4", "--fwht", "0,1"],
+    ["--kernel", "merge", "--fwht", "0,1"],
+    ["--kernel", "stage1", "--kv", "k4v4,k3v3", "--block-n", "32", "--num-warps", "1", "--num-stages", "2",
+     "--heads-n", "1", "--fuse-rot", "1,2"],
+], ids=["store", "merge", "stage1-fused"])
+def test_walsh_hadamard_rotations_read_no_rotation_matrix(args, tmp_path):
+    """The fast Walsh-Hadamard variants (notes/perf.md, session 15) exist to drop each program's
+    read of Π: they must compile for sm_90a without spills and issue fewer global loads than
+    the dense product of the same configuration."""
+    rows = _resources(tmp_path, *args)
+    key = "fuse_rot" if "--fuse-rot" in args else "fwht"
+    dense = [r for r in rows if r[key] == (1 if key == "fuse_rot" else 0)]
+    fast = [r for r in rows if r[key] == (2 if key == "fuse_rot" else 1)]
+    assert len(dense) == len(fast) >= 1
+    for d, f in zip(dense, fast):
+        assert f["spill_bytes"] == 0, f
+        assert f["LDG"] < d["LDG"], (d["LDG"], f["LDG"])
