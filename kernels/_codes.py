@@ -224,34 +224,31 @@ def _pair_tiles(half, M: tl.constexpr, W: tl.constexpr, EIGHT: tl.constexpr):
 
 
 @triton.jit
-def rotate_fwht_tiles_t(cols_t, mask, Pi, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        M: tl.constexpr):
-    """:func:`rotate_dense_tiles_t` by the fast Walsh-Hadamard transform Π is
-    (Π = H·diag(s)/√D; its first row's signs are s): fp32 rows, H_D = H_2 ⊗ H_{D/2}
-    (:func:`hadamard_blocks` and one butterfly), no Π product loaded, then fp16 tiles."""
+def rotate_fwht_tiles(rows, mask, Pi, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, M: tl.constexpr):
+    """fp16 tiles [M, W] of the rotated rows (Πq, TurboQuant Sec. 3) in the tile order of
+    BITS-bit codes, as :func:`load_dense_tiles` reads an already rotated q: ``rows`` [M, 1]
+    points at the start of each (unrotated, contiguous) row. Π = H·diag(s)/√D is applied
+    as the fast Walsh-Hadamard transform (s: the signs of Π's first row, ``Pi`` in fp16),
+    H_D = H_2 ⊗ H_{D/2} (:func:`hadamard_blocks` in fp16 operands, as the dense rotation
+    rounds q to fp16, and one butterfly), so no Π product is read."""
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(tl.trans(cols_t) + offs_d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    q = tl.load(rows + offs_d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     sign = tl.where(tl.load(Pi + offs_d).to(tl.float32) > 0, 1.0, -1.0)
-    xs = q * (sign / tl.sqrt_rn(tl.full((HEAD_DIM,), HEAD_DIM, tl.float32)))[None, :]
+    xs = q * (sign / tl.sqrt_rn(tl.full((), HEAD_DIM, tl.float32)))[None, :]
     z0, z1 = tl.split(hadamard_blocks(xs, M, HEAD_DIM, 2, FP16=True))
-    lo, hi = z0 + z1, z0 - z1                                     # coordinates < D/2 | >= D/2
-    if BITS == 4:                                                 # 2w, 2w+1, D/2+2w, D/2+2w+1
+    lo, hi = (z0 + z1).to(tl.float16), (z0 - z1).to(tl.float16)   # coordinates < D/2 | >= D/2
+    if BITS == 4:                                                   # 2w, 2w+1, D/2+2w, D/2+2w+1
         t0, t1 = _pair_tiles(lo, M, HEAD_DIM // 4, False)
         t2, t3 = _pair_tiles(hi, M, HEAD_DIM // 4, False)
-        return (tl.trans(t0).to(tl.float16), tl.trans(t1).to(tl.float16),
-                tl.trans(t2).to(tl.float16), tl.trans(t3).to(tl.float16))
+        return t0, t1, t2, t3
     elif eight_tiles(BITS, HEAD_DIM):
         t0, t1, t2, t3 = _pair_tiles(lo, M, HEAD_DIM // 8, True)
         t4, t5, t6, t7 = _pair_tiles(hi, M, HEAD_DIM // 8, True)
-        return (tl.trans(t0).to(tl.float16), tl.trans(t1).to(tl.float16),
-                tl.trans(t2).to(tl.float16), tl.trans(t3).to(tl.float16),
-                tl.trans(t4).to(tl.float16), tl.trans(t5).to(tl.float16),
-                tl.trans(t6).to(tl.float16), tl.trans(t7).to(tl.float16))
-    else:                                                         # Q·q + w, q = 0..3
+        return t0, t1, t2, t3, t4, t5, t6, t7
+    else:                                                           # Q·q + w, q = 0..3
         t0, t1 = tl.split(tl.permute(tl.reshape(lo, (M, 2, HEAD_DIM // 4)), (0, 2, 1)))
         t2, t3 = tl.split(tl.permute(tl.reshape(hi, (M, 2, HEAD_DIM // 4)), (0, 2, 1)))
-        return (tl.trans(t0).to(tl.float16), tl.trans(t1).to(tl.float16),
-                tl.trans(t2).to(tl.float16), tl.trans(t3).to(tl.float16))
+        return t0, t1, t2, t3
 
 
 @triton.jit

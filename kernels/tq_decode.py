@@ -59,7 +59,7 @@ from sglang_tq.env import decode_launch_file, triton_interpreting
 
 from ._codes import (eight_tiles, fwht_row, load_codes, load_dense_tiles, load_lut_words, load_slots,
                      lookup_tiles,
-                     online_softmax_step, rotate_dense_tiles_t, rotate_fwht_tiles_t,
+                     online_softmax_step, rotate_dense_tiles_t, rotate_fwht_tiles,
                      slot_offsets_need_int64,
                      softmax_state, scores, store_tiles, tanh, trans_tiles)
 from ._checks import check_attention_args, check_pdl, pdl_launch, pdl_supported
@@ -111,12 +111,14 @@ def _tq_decode_stage1(
         heads = kv_head * GQA + offs_g
         # -- rotated query of the whole GQA group, in the tile order of K's codes: rotated
         #    here from q itself (FUSE_ROT, small batches: one launch less) or read
-        if FUSE_ROT:
-            q_cols = QRot + batch * stride_q_b + heads[None, :] * stride_q_h
-            if FUSE_ROT == 2:  # as the fast Walsh-Hadamard transform (Π's first row: signs)
-                q = rotate_fwht_tiles_t(q_cols, mask_h, Pi16, K_BITS, HEAD_DIM, BLOCK_H)
-            else:
-                q = rotate_dense_tiles_t(q_cols, mask_h, Pi16, K_BITS, HEAD_DIM)
+        if FUSE_ROT == 2:  # as the fast Walsh-Hadamard transform, in the layout loaded below
+            q = rotate_fwht_tiles(QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h,
+                                  Pi16, K_BITS, HEAD_DIM, BLOCK_H)
+            if HEADS_N:
+                q = trans_tiles(q)
+        elif FUSE_ROT:
+            q = rotate_dense_tiles_t(QRot + batch * stride_q_b + heads[None, :] * stride_q_h,
+                                     mask_h, Pi16, K_BITS, HEAD_DIM)
             if not HEADS_N:
                 q = trans_tiles(q)
         else:

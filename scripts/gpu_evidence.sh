@@ -80,10 +80,6 @@
 #       1200). The first call starts it under setsid (it outlives the call while the host
 #       stays busy); every call waits until the soak ends or its LIMIT_S is nearly spent,
 #       and the call that sees it end returns soak.json and the server log.
-#   bash scripts/gpu_evidence.sh <commit> b1+soak   # nvidia-h200: bench_decode.py at batch 1 (1x4096,
-#       1x32768, k4v4, the write path and the store + decode chain, FA3 baselines), then the
-#       soak of soak1 starts under setsid; later calls (suite, eval1, ...) run beside it and a
-#       last soak1 call collects it. (The soak samples its own server's GPU memory.)
 #   bash scripts/gpu_evidence.sh <commit> arch1 <model config> [labels]   # nvidia-h200 (one GPU):
 #       scripts/server_smoke.py on scripts/model_configs/<model config> (dummy weights) for each
 #       KV label (default bf16,fp8,k4v4; CUDA graphs on, SGLang's defaults otherwise): does the
@@ -472,14 +468,6 @@ soak1)
   fi
   tail -40 "$SD/soak.log" >> "$OUT/summary.txt" 2>&1
   ;;
-b1+soak)  # nvidia-h200: the batch-1 decode and write-path bench, then the soak starts
-  export CUDA_VISIBLE_DEVICES=0
-  timeout 150 python scripts/bench_decode.py --shapes 1x4096,1x32768 --kv k4v4 --store-batch 1 \
-    --impls sglang-tq,fa3 --out "$OUT/bench_b1.json" > "$LOGS/b1.log" 2>&1
-  tail -25 "$LOGS/b1.log" >> "$OUT/summary.txt"
-  soak_start
-  sleep 5; tail -5 "$SD/soak.log" >> "$OUT/summary.txt" 2>&1
-  ;;
 arch1)  # nvidia-h200: server_smoke.py on one dummy model config, one server per KV label
   export CUDA_VISIBLE_DEVICES=0
   MC="scripts/model_configs/${3:?model config}"
@@ -585,7 +573,7 @@ all)
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1
   ;;
 *)
-  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, b1+soak, suite, arch1, stock1, store1, accuracy, qwen, qwen+serving or all." >&2
+  echo "unknown mode '$MODE': use perf, tune, check, final, mixed, lut3, prefill, ref1, sp1, roof, small, split1, lt1, eval1, soak1, suite, arch1, stock1, store1, accuracy, qwen, qwen+serving or all." >&2
   exit 2
   ;;
 esac

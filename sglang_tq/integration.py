@@ -156,13 +156,14 @@ def normalize_options(given: dict) -> dict:
     if mode in refusals.SIMULATED_MODES:
         # hadamard takes key centers by name (bias or FILE; its default stays QuaRot's
         # uncentered keys), kivi none: its per-channel key scales already absorb them
-        tq_only = [k for k in ("kv_quant_packed_prefill", "kv_quant_key_centers")
-                   if opts[k] != OPTION_DEFAULTS[k] and not (k == "kv_quant_key_centers" and mode == "hadamard")]
+        lacks = {"kv_quant_packed_prefill": "packed prefill"}
+        if mode != "hadamard":
+            lacks["kv_quant_key_centers"] = "key centers"
+        tq_only = [k for k in lacks if opts[k] != OPTION_DEFAULTS[k]]
         if tq_only:
             flags = ", ".join("--" + k.replace("_", "-") for k in tq_only)
             raise ValueError(f"the options {flags} need --kv-quant turboquant (--kv-quant {mode} "
-                             f"has no packed prefill{'' if mode == 'hadamard' else ' and no key centers'}); "
-                             f"drop them.")
+                             f"has no {' and no '.join(lacks.values())}); drop them.")
     k_bits, v_bits = TQConfig.parse_bits(opts["kv_quant_bits"])
     seed = opts["kv_quant_seed"]
     if isinstance(seed, str):  # Engine(kv_quant_seed="3") is as good as the flag

@@ -246,7 +246,7 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
         )
     if sa is None:
         return
-    if getattr(sa, "enable_mixed_chunk", False) and "sliding_attention" in window_layer_types(mc):
+    if getattr(sa, "enable_mixed_chunk", False) and "sliding_attention" in layer_types(mc):
         raise ValueError(
             f"{q} does not yet run {arch}'s sliding-window layers in mixed prefill/decode "
             f"batches; drop --enable-mixed-chunk {_ALT}."
@@ -272,7 +272,7 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
         )
 
 
-def window_layer_types(mc: Any) -> tuple:
+def layer_types(mc: Any) -> tuple:
     """The text config's ``layer_types`` (``sliding_attention`` / ``full_attention`` ...), or ()."""
     text = getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None)
     return tuple(getattr(text, "layer_types", None) or ())
