@@ -92,7 +92,8 @@
 #   bash scripts/gpu_evidence.sh <commit> store1   # nvidia-h200 (one GPU): the write-path A/B,
 #       bench_decode.py's store rows and store + decode chain (k4v4, k3v3) at N = 1 and N = 64,
 #       dense Πᵀ product against the fast Walsh-Hadamard rotation, 4 and 8 warps; then the
-#       small-batch decode (fused query rotation: fp16 Π product | fast Walsh-Hadamard), same call.
+#       small-batch decode (fused query rotation: fp16 Π product | fast Walsh-Hadamard), same call;
+#       STORE_WARPS="4" times one warp count only.
 #   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA
 #       (SUITE="<pytest args>" for a shard); UNPACK=<model> converts the staged pieces of that
 #       model beside it (unpack_model.sh); SOAK=1 starts the soak of soak1 first.
@@ -509,7 +510,7 @@ PY
   ;;
 store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at N = 1 and 64
   export CUDA_VISIBLE_DEVICES=0
-  for n in 1 64; do for rot in dense fwht; do for w in 4 8; do
+  for n in 1 64; do for rot in dense fwht; do for w in ${STORE_WARPS:-4 8}; do
     flag=; [ "$rot" = fwht ] && flag=--store-fwht
     # shellcheck disable=SC2086
     timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/bench_decode.py --shapes 1x4096 \
