@@ -469,6 +469,12 @@ def load_launch_table(path: str) -> dict:
                          "SGLANG_TQ_DECODE_LAUNCH to use the packaged one.") from exc
 
 
+# GPUs with the same SM as a tuned one (the launch depends on registers, shared memory and
+# SM count, not on HBM): the H100 SXM is the H200's GH100 at 132 SMs with less, slower HBM,
+# so it takes the H200 entries rather than the built-in launch.
+SAME_SM = {"NVIDIA H100 80GB HBM3": "NVIDIA H200"}
+
+
 @functools.lru_cache(maxsize=None)
 def _device_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -480,12 +486,16 @@ def default_launch(head_dim: int, k_bits: int = 4, v_bits: int = 4,
     tuned by ``scripts/tune_decode.py``; ``SGLANG_TQ_DECODE_LAUNCH`` names another
     table); for a pair the table lacks at this GPU and head_dim, the launch of the
     nearest pair it has (fewest bits changed, then the most even change, then the same
-    key bits, then the name); else :func:`builtin_launch`. The H200 entries at d = 64
+    key bits, then the name); a GPU the table does not name but ``SAME_SM`` maps to one it
+    does takes that GPU's entries; else :func:`builtin_launch`. The H200 entries at d = 64
     and 256 agree on tile, warps and residency across the pairs tuned there, while the
     built-in launch (the v5 winner) ran k4v3 at d = 64 2x slower than k4v4
     (bench_decode_v8_h200.json)."""
     table = load_launch_table(decode_launch_file() or str(LAUNCH_TABLE))
-    per_d = table.get(device_name or _device_name() or "", {}).get(head_dim, {})
+    name = device_name or _device_name() or ""
+    if name not in table:
+        name = SAME_SM.get(name, name)
+    per_d = table.get(name, {}).get(head_dim, {})
     found = per_d.get(f"k{k_bits}v{v_bits}")
     if found is None and per_d:
         def distance(kv: str) -> tuple[int, int, int, str]:

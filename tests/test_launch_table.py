@@ -50,6 +50,17 @@ def test_lookup_by_gpu_head_dim_and_bits(table_file):
     assert dec.default_launch(128, 4, 4, device_name="GPU Y") == dec.builtin_launch(128)
 
 
+def test_same_sm_gpu_takes_the_tuned_gpus_entries(table_file, monkeypatch):
+    """A GPU the table lacks but ``SAME_SM`` maps to a tuned one (the H100 to the H200)
+    gets that GPU's launch; a GPU the table names keeps its own entries."""
+    packaged = dec.load_launch_table(str(dec.LAUNCH_TABLE))
+    assert all(tuned in packaged for tuned in dec.SAME_SM.values())
+    monkeypatch.setattr(dec, "SAME_SM", {"GPU Z": "GPU X", "GPU X": "GPU Y"})
+    assert dec.default_launch(128, 4, 4, device_name="GPU Z") == dec.DecodeLaunch(128, 4, 3)
+    assert dec.default_launch(128, 4, 4, device_name="GPU X") == dec.DecodeLaunch(128, 4, 3)
+    assert dec.default_launch(128, 4, 4, device_name="GPU W") == dec.builtin_launch(128)
+
+
 def test_missing_pair_takes_the_nearest_tuned_pair(table_file):
     """Fewest bits changed, then the most even change, then the same key bits, then
     the pair's name."""
