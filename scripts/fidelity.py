@@ -176,7 +176,7 @@ def add_centered_configs(names: list[str], custom: dict[str, list[str]], key_cen
         if name.endswith("-c") and name not in custom:
             if not key_centers:
                 error(f"config {name!r} (centered keys) needs --key-centers FILE, made by "
-                      "scripts/key_centers.py for this model")
+                      "python -m sglang_tq.tools.key_centers for this model")
             base = config_flags(name[:-2], custom)
             if "--kv-quant" not in base or "--kv-quant-key-centers" in base:
                 error(f"config {name!r}: -c adds key centers to a TurboQuant config with default "
@@ -927,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
                          "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'")
     ap.add_argument("--key-centers", default=None, metavar="FILE",
-                    help="key centers file (scripts/key_centers.py) for configs named <config>-c, "
+                    help="key centers file (python -m sglang_tq.tools.key_centers) for configs named <config>-c, "
                          "e.g. k4v4-c")
     ap.add_argument("--num-prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=None,

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bin-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0, help="--kv-quant-seed of the engine (default 0)")
     ap.add_argument("--key-centers", default=None,
-                    help="key centers file (scripts/key_centers.py) for the '-c' configs, whose "
+                    help="key centers file (python -m sglang_tq.tools.key_centers) for the '-c' configs, whose "
                          "TurboQuant keys are quantized as k - mu")
     ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
                     help="model dtype (default float32: CPU bf16 matmuls without AMX run ~20x "
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     hd = head_dim_of(model.config)
     centers = None
     if any(parse_config(c)[3] for c in configs[1:]) and not args.key_centers:
-        ap.error("a '-c' config centers keys: give --key-centers (scripts/key_centers.py)")
+        ap.error("a '-c' config centers keys: give --key-centers (python -m sglang_tq.tools.key_centers)")
     if args.key_centers:
         from sglang_tq.centers import load_key_centers  # noqa: PLC0415
 

@@ -21,7 +21,7 @@
 #                merged into one JSON.
 #       decode_launch.json comes back for kernels/.
 #   bash scripts/gpu_evidence.sh <commit> qwen    # nvidia-h200-x2, after staging the 8 pieces
-#       GPU 0: key centers of Qwen2.5-Coder-0.5B (scripts/key_centers.py), then fidelity
+#       GPU 0: key centers of Qwen2.5-Coder-0.5B (python -m sglang_tq.tools.key_centers), then fidelity
 #              fp8, k4v4, k4v4-c (centered keys) against bf16 with the HF check;
 #       GPU 1: fidelity k3v3, k3v3-c, k4v4-pp-c.
 #   bash scripts/gpu_evidence.sh <commit> qwen+serving   # nvidia-h200-x4: qwen on GPUs 0/1 and
@@ -320,7 +320,7 @@ qwen|qwen+serving)
   M=$(bash scripts/unpack_model.sh qwen2.5-coder-0.5b 2>> "$LOGS/unpack.log") || M=""
   [ -n "$M" ] || { tail -5 "$LOGS/unpack.log"; exit 1; }
   C=$OUT/key_centers_qwen2.5-coder-0.5b.safetensors
-  python scripts/key_centers.py --model-path "$M" --out "$C" --device cuda > "$LOGS/centers.log" 2>&1 \
+  python -m sglang_tq.tools.key_centers --model-path "$M" --out "$C" --device cuda > "$LOGS/centers.log" 2>&1 \
     || { tail -5 "$LOGS/centers.log"; exit 1; }
   fid() {  # GPU, name, configs, extra args
     local gpu=$1 name=$2 configs=$3; shift 3

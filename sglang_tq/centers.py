@@ -9,7 +9,7 @@ from the error: on Qwen2.5-Coder-0.5B the attention-row KL of k4v4 keys drops 8.
 (``scripts/attn_error.py``, benchmarks/results/attn_error_qwen2.5-coder-0.5b_cpu.json).
 
 μ is the mean post-RoPE key (what SGLang's pool receives) over a calibration text,
-computed once per model by ``scripts/key_centers.py``. RoPE turns the pre-RoPE bias
+computed once per model by ``python -m sglang_tq.tools.key_centers``. RoPE turns the pre-RoPE bias
 with position, so one static post-RoPE μ removes the slowly rotating part; on the
 measured texts it does as well as each text's own mean.
 
@@ -47,7 +47,7 @@ def load_key_centers(path: str | Path, num_layers: int, num_kv_heads: int,
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"key centers file {str(p)!r} does not exist; create it with "
-                         f"`python scripts/key_centers.py --model-path <model> --out {p}`.")
+                         f"`python -m sglang_tq.tools.key_centers --model-path <model> --out {p}`.")
     try:
         with safe_open(str(p), framework="pt") as f:
             if TENSOR not in f.keys():
@@ -57,12 +57,12 @@ def load_key_centers(path: str | Path, num_layers: int, num_kv_heads: int,
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"key centers file {str(p)!r} is not a readable safetensors file "
-                         f"({exc}); recreate it with scripts/key_centers.py.") from None
+                         f"({exc}); recreate it with python -m sglang_tq.tools.key_centers.") from None
     want = (num_layers, num_kv_heads, head_dim)
     if tuple(centers.shape) != want:
         raise ValueError(f"key centers file {str(p)!r} has shape {tuple(centers.shape)} but this "
                          f"model needs [layers, kv_heads, head_dim] = {list(want)}; recreate it "
-                         f"for this model with scripts/key_centers.py.")
+                         f"for this model with python -m sglang_tq.tools.key_centers.")
     if not torch.isfinite(centers).all():
         raise ValueError(f"key centers file {str(p)!r} holds non-finite values; recreate it.")
     check_center_range(centers, f"key centers file {str(p)!r}")

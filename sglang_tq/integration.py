@@ -113,7 +113,7 @@ def parse_key_centers(spec: Any) -> str | None:
     path = Path(str(spec)).expanduser()
     if not path.is_file():
         raise ValueError(f"--kv-quant-key-centers {str(spec)!r} is not a file; create one with "
-                         f"`python scripts/key_centers.py --model-path <model> --out {spec}`, "
+                         f"`python -m sglang_tq.tools.key_centers --model-path <model> --out {spec}`, "
                          f"or give auto, bias or none.")
     return str(path.resolve())
 
@@ -271,7 +271,7 @@ def _add_cli_args(result, parser: argparse.ArgumentParser):
              "common part. 'auto' (default) derives mu from the model's k_proj bias (Qwen2 "
              "and kin; RoPE-averaged, computed at start-up) and centers nothing for models "
              "without one; 'bias' is the same but refused for a model without a bias; FILE "
-             "is a safetensors file from scripts/key_centers.py (a calibration mean, also for "
+             "is a safetensors file from python -m sglang_tq.tools.key_centers (a calibration mean, also for "
              "bias-free models); 'none' turns centering off. Centered keys are refused for "
              "models with a logit soft-cap. With --kv-quant hadamard the default is QuaRot's "
              "uncentered keys, and bias or FILE centers them the same way.",
@@ -521,7 +521,7 @@ def key_centers_of(kvc, spec: str | None):
             if spec == BIAS_CENTERS:
                 raise ValueError("--kv-quant-key-centers bias needs a model with a k_proj bias; "
                                  "this one has none: give a calibration file "
-                                 "(scripts/key_centers.py) or none.")
+                                 "(python -m sglang_tq.tools.key_centers) or none.")
             logger.info("sglang-tq: key centers auto: the model has no k_proj bias, keys are "
                         "quantized uncentered (a calibration file: --kv-quant-key-centers FILE).")
             return None

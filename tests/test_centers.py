@@ -1,7 +1,7 @@
 """Key-centers file: save/load round trip, and one clear error per bad file."""
 
-import importlib.util
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,10 +39,8 @@ def test_bad_files_get_one_sentence(tmp_path):
 def test_mean_keys_is_the_mean_of_what_the_cache_stores():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "key_centers.py"
-    spec = importlib.util.spec_from_file_location("key_centers_under_test", path)
-    kc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kc)
+    from sglang_tq.tools import key_centers as kc
+
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -102,3 +100,11 @@ def test_rope_mean_of_bias_keeps_slow_pairs_and_cancels_fast_ones():
     assert got[d // 2 - 1] > 0.95 and abs(got[0]) < 0.01
     with pytest.raises(ValueError, match="kv_heads, head_dim"):
         rope_mean_of_bias(torch.ones(16), _neox_rope(16, 1e4), 8)
+
+
+def test_key_centers_tool_is_installed_and_runnable():
+    """The tool the error messages name runs as an installed module, from any folder."""
+    out = subprocess.run([sys.executable, "-m", "sglang_tq.tools.key_centers", "--help"],
+                         capture_output=True, text=True, cwd="/", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--model-path" in out.stdout and "--kv-quant-key-centers FILE" in out.stdout

@@ -100,7 +100,7 @@ def test_help_lists_the_flags_with_defaults():
     (["--kv-quant-bits", "k5v4"], "k4v4, k4v3, k3v3 or k4v2"),
     (["--kv-quant-bf16-layers", "0,x"], "comma-separated non-negative layer ids"),
     (["--kv-quant", "fp4"], "invalid choice"),
-    (["--kv-quant-key-centers", "/no/such/centers.safetensors"], "scripts/key_centers.py"),
+    (["--kv-quant-key-centers", "/no/such/centers.safetensors"], "sglang_tq.tools.key_centers"),
     (["--kv-quant-seed", "-3"], "--kv-quant-seed must be a non-negative integer"),
     (["--kv-quant-seed", "x"], "--kv-quant-seed must be a non-negative integer"),
 ])

@@ -1,13 +1,13 @@
-#!/usr/bin/env python3
 """Compute a model's key centers (mean post-RoPE key per layer and KV head).
 
-    python scripts/key_centers.py --model-path .models/qwen2.5-coder-0.5b-bf16 \\
+    python -m sglang_tq.tools.key_centers --model-path .models/qwen2.5-coder-0.5b-bf16 \\
         --out .models/qwen2.5-coder-0.5b-bf16/key_centers.safetensors
 
 Runs the Hugging Face model (float32, CPU by default) over a calibration text — by
-default this repository's Python sources and notes, ~--tokens tokens in --chunk-token
-pieces, so positions 0..chunk are covered like in serving — and averages the keys the
-KV cache receives. See ``sglang_tq/centers.py`` for why and for the file format.
+default the installed sglang_tq package's Python sources, ~--tokens tokens in
+--chunk-token pieces, so positions 0..chunk are covered like in serving — and averages
+the keys the KV cache receives. See ``sglang_tq/centers.py`` for why and for the file
+format. The server then takes the file as ``--kv-quant-key-centers FILE``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import hashlib
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
+PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def default_text() -> str:
-    files = sorted([*ROOT.glob("sglang_tq/*.py"), *ROOT.glob("notes/*.md"), ROOT / "README.md"])
+    """The package's own Python sources: present in every install, so the default
+    calibration is the same text wherever the tool runs."""
+    files = sorted(PACKAGE.rglob("*.py"))
     return "\n\n".join(p.read_text() for p in files)
 
 
