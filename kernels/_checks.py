@@ -10,12 +10,17 @@ from sglang_tq.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# MLA's compressed latent (DeepSeek-V2/V3: kv_lora_rank 512), stored once per token as the
+# keys' and the values' shared part: only with ``shared_kv`` (values = the key codes)
+SUPPORTED_LATENT_DIMS = (512,)
 
 
-def check_head_dim(head_dim: int) -> None:
-    if head_dim not in SUPPORTED_HEAD_DIMS:
+def check_head_dim(head_dim: int, latent: bool = False) -> None:
+    dims = SUPPORTED_HEAD_DIMS + (SUPPORTED_LATENT_DIMS if latent else ())
+    if head_dim not in dims:
+        what = "head_dim (or MLA latent dim)" if latent else "head_dim"
         raise ValueError(
-            f"the TurboQuant kernels support head_dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}; "
+            f"the TurboQuant kernels support {what} in {dims}, got {head_dim}; "
             f"use --kv-quant none (or fp8 KV) for this model."
         )
 
@@ -27,24 +32,27 @@ def check_center(codec: LayerCodec, hkv: int) -> None:
                          f"the model (and its tensor-parallel KV heads).")
 
 
-def check_pool(k_codes: torch.Tensor, v_codes: torch.Tensor, codec: LayerCodec) -> int:
-    """Validate packed K/V pages [slots, Hkv, bytes] against a codec; returns Hkv."""
-    check_head_dim(codec.head_dim)
+def check_pool(k_codes: torch.Tensor, v_codes: torch.Tensor | None, codec: LayerCodec) -> int:
+    """Validate packed K/V pages [slots, Hkv, bytes] against a codec; returns Hkv.
+    ``v_codes`` None: the values are the key codes (MLA's shared latent)."""
+    shared = v_codes is None
+    check_head_dim(codec.head_dim, latent=shared)
     hkv = k_codes.shape[1]
-    if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
+    if k_codes.dtype != torch.uint8 or (not shared and v_codes.dtype != torch.uint8):
         raise ValueError("k_codes and v_codes must be uint8 packed pages, not bf16 views.")
-    if k_codes.shape[1:] != (hkv, codec.k_code_bytes) or v_codes.shape[1:] != (hkv, codec.v_code_bytes):
+    if k_codes.shape[1:] != (hkv, codec.k_code_bytes) or (
+            not shared and v_codes.shape[1:] != (hkv, codec.v_code_bytes)):
         raise ValueError("the packed pool does not match the codec's bit widths; rebuild it with "
                          "LayerCodec.alloc_buffers.")
     check_center(codec, hkv)
     return hkv
 
 
-def check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
+def check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor | None,
                          codec: LayerCodec) -> tuple[int, int, int]:
     """Validate a query [·, Hq, D] against a packed pool; returns (Hq, D, Hkv)."""
     hq, d = q.shape[-2:]
-    check_head_dim(d)
+    check_head_dim(d, latent=v_codes is None)
     if d != codec.head_dim:
         raise ValueError(f"q has head_dim {d} but the codec was built for {codec.head_dim}.")
     hkv = check_pool(k_codes, v_codes, codec)

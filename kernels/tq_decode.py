@@ -84,17 +84,19 @@ def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_
 @triton.jit
 def _tq_decode_stage1(
     QRot, Pi16, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab,
-    KvIndptr, KvIndices, NumKvSplits, MidO, MidLse,
+    KvIndptr, KvIndices, NumKvSplits, MidO, MidLse, QPe, KPe,
     sm_scale, logit_cap, sliding_window,
     stride_q_b, stride_q_h,
     stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    stride_qp_b, stride_qp_h, stride_kp_s,
     GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
     PREFETCH: tl.constexpr, HEADS_N: tl.constexpr, FUSE_ROT: tl.constexpr, USE_PDL: tl.constexpr,
-    EARLY_Q: tl.constexpr,
+    EARLY_Q: tl.constexpr, SHARED_KV: tl.constexpr = False, ROPE_DIM: tl.constexpr = 0,
+    HEAD_BLOCKS: tl.constexpr = 1,
 ):
     if USE_PDL and not EARLY_Q:
         # programmatic dependent launch: wait for the kernel before (it wrote q), then let
@@ -102,13 +104,14 @@ def _tq_decode_stage1(
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     batch = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    head_block = tl.program_id(1)  # GQA query heads; HEAD_BLOCKS of them share a KV head
+    kv_head = head_block // HEAD_BLOCKS
     split = tl.program_id(2)
     start, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, BLOCK_N)
     if hi > lo:
         offs_g = tl.arange(0, BLOCK_H)
         mask_h = offs_g < GQA
-        heads = kv_head * GQA + offs_g
+        heads = head_block * GQA + offs_g
         # -- rotated query of the whole GQA group, in the tile order of K's codes: rotated
         #    here from q itself (FUSE_ROT, small batches: one launch less) or read
         if FUSE_ROT == 2:  # as the fast Walsh-Hadamard transform, in the layout loaded below
@@ -130,6 +133,11 @@ def _tq_decode_stage1(
         vc_base = VCodes + kv_head * stride_vc_h
         kt0, kt1, kt2, kt3 = load_lut_words(KTab)
         vt0, vt1, vt2, vt3 = load_lut_words(VTab)
+        if ROPE_DIM > 0:
+            # -- MLA: the query's RoPE part [BLOCK_H, R], scored against the bf16 k_pe rows
+            offs_r = tl.arange(0, ROPE_DIM)
+            q_pe = tl.load(QPe + batch * stride_qp_b + heads[:, None] * stride_qp_h + offs_r[None, :],
+                           mask=mask_h[:, None], other=0.0).to(tl.float16)
         if USE_PDL and EARLY_Q:
             # EARLY_Q: the kernel before is the PDL store of this step, which waited for q's
             # producer before releasing us; q and its rotation overlap the store, the codes
@@ -156,13 +164,18 @@ def _tq_decode_stage1(
             mask_x = offs_x < hi
             slot_x = load_slots(KvIndices + start + offs_x, mask_x, SLOT_I64)
             ka_x, kb_x = load_codes(kc_base, slot_x * stride_kc_s, mask_x, K_BITS, HEAD_DIM, False)
-            va_x, vb_x = load_codes(vc_base, slot_x * stride_vc_s, mask_x, V_BITS, HEAD_DIM, HEADS_N)
             k_norm_x = tl.load(KNorms + slot_x * stride_kn_s + kv_head * stride_kn_h,
                                mask=mask_x, other=0.0)
-            v_norm_x = tl.load(VNorms + slot_x * stride_vn_s + kv_head * stride_vn_h,
-                               mask=mask_x, other=0.0)
-            if not PREFETCH:
-                ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
+            if SHARED_KV:  # MLA: the values are the latent codes just loaded (no prefetch)
+                ka, kb, k_norm, mask_n = ka_x, kb_x, k_norm_x, mask_x
+            else:
+                va_x, vb_x = load_codes(vc_base, slot_x * stride_vc_s, mask_x, V_BITS, HEAD_DIM,
+                                        HEADS_N)
+                v_norm_x = tl.load(VNorms + slot_x * stride_vn_s + kv_head * stride_vn_h,
+                                   mask=mask_x, other=0.0)
+                if not PREFETCH:
+                    ka, kb, va, vb = ka_x, kb_x, va_x, vb_x
+                    k_norm, v_norm, mask_n = k_norm_x, v_norm_x, mask_x
             # -- scores: codes -> fp16 values in registers, QK on tensor cores, K norms after
             k = lookup_tiles(ka, kb, KCb, K_LUT, K_BITS, HEAD_DIM, USE_ASM, kt0, kt1, kt2, kt3, False)
             # scores in log2 units: the softmax runs on exp2 (one multiply less per score)
@@ -170,14 +183,23 @@ def _tq_decode_stage1(
             # per-token vectors (norms, mask) broadcast over the heads axis, axis HEADS_N
             if HAS_CAP:
                 s = qk * tl.expand_dims(k_norm.to(tl.float32) * sm_scale, HEADS_N)
+                if ROPE_DIM > 0:
+                    s += _rope_scores(q_pe, KPe, slot_x, stride_kp_s, mask_x, ROPE_DIM) * sm_scale
                 s = logit_cap * tanh(s / logit_cap) * LOG2E
             else:
                 s = qk * tl.expand_dims(k_norm.to(tl.float32) * sm_scale_log2, HEADS_N)
+                if ROPE_DIM > 0:
+                    s += _rope_scores(q_pe, KPe, slot_x, stride_kp_s, mask_x, ROPE_DIM) * sm_scale_log2
             s = tl.where(tl.expand_dims(mask_n, HEADS_N), s, float("-inf"))
             # -- online softmax and PV; V norms scale the probabilities, not the value tiles
-            v = lookup_tiles(va, vb, VCb, V_LUT, V_BITS, HEAD_DIM, USE_ASM, vt0, vt1, vt2, vt3, HEADS_N)
-            m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v, v_norm.to(tl.float32), HEADS_N)
-            if PREFETCH:
+            if SHARED_KV:
+                m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, k, k_norm.to(tl.float32), HEADS_N)
+            else:
+                v = lookup_tiles(va, vb, VCb, V_LUT, V_BITS, HEAD_DIM, USE_ASM, vt0, vt1, vt2, vt3,
+                                 HEADS_N)
+                m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v, v_norm.to(tl.float32),
+                                                    HEADS_N)
+            if PREFETCH and not SHARED_KV:
                 ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
         # -- partial output (rotated space) and its log-sum-exp
         mo = MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
@@ -186,6 +208,16 @@ def _tq_decode_stage1(
         store_tiles(mo, mask_h, acc, 1.0 / l_i, V_BITS, HEAD_DIM)
         tl.store(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
                  m_i / LOG2E + tl.log(l_i), mask=mask_h)
+
+
+@triton.jit
+def _rope_scores(q_pe, KPe, slot, stride_kp_s, mask, ROPE_DIM: tl.constexpr):
+    """[BLOCK_H, N] fp32 = q_pe · k_peᵀ for the tile's RoPE key rows (MLA), fp16 operands as
+    for the latent (bf16 converts exactly within fp16's range) and fp32 sums."""
+    offs_r = tl.arange(0, ROPE_DIM)
+    k_pe = tl.load(KPe + slot[:, None] * stride_kp_s + offs_r[None, :], mask=mask[:, None],
+                   other=0.0).to(tl.float16)
+    return tl.dot(q_pe, tl.trans(k_pe))
 
 
 @triton.jit
@@ -211,7 +243,7 @@ def _tq_decode_stage2(
         tl.extra.cuda.gdc_wait()  # stage 1's partials are complete and visible
     batch = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
-    CHUNK: tl.constexpr = 64
+    CHUNK: tl.constexpr = 64 if HEAD_DIM <= 256 else 32  # Π's column chunk: 64 KB at most
     offs_k = tl.arange(0, CHUNK)
     if VECTOR_MERGE:
         # -- many splits (small batches): one query head per program (Hq programs instead
@@ -250,10 +282,10 @@ def _tq_decode_stage2(
                 tl.store(Out + batch * stride_o_b + head * stride_o_h + c0 + offs_k,
                          out.to(Out.dtype.element_ty))
     else:
-        kv_head = tl.program_id(1)
+        head_block = tl.program_id(1)  # the GQA query heads of one stage-1 program
         offs_g = tl.arange(0, BLOCK_H)
         mask_h = offs_g < GQA
-        heads = kv_head * GQA + offs_g
+        heads = head_block * GQA + offs_g
         # -- few splits (large batches): merge them in a loop, skipping empty splits
         e_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         e_sum = tl.zeros((BLOCK_H,), tl.float32)
@@ -443,7 +475,11 @@ def builtin_launch(head_dim: int) -> DecodeLaunch:
     give: 2 at 64 x 16k, 4 at 32 x 32k). d 256 keeps 4 warps, the k3v3 winner there."""
     if head_dim <= 128:
         return DecodeLaunch(block_n=64, num_warps=2, programs_per_sm=8)
-    return DecodeLaunch(block_n=64, num_warps=4, programs_per_sm=8)
+    if head_dim <= 256:
+        return DecodeLaunch(block_n=64, num_warps=4, programs_per_sm=8)
+    # MLA's 512-d latent (keys and values from one tile, 16 heads on M): a first, untuned
+    # launch sized so that the decoded tile and the [16, 512] accumulators fit registers
+    return DecodeLaunch(block_n=32, num_warps=4, programs_per_sm=2, prefetch=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -512,7 +548,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
               fuse_rotation: bool | None = None, pdl: bool | None = None, early_q: bool = False,
-              sinks=None, out=None, fwht: bool = False):
+              sinks=None, out=None, fwht: bool = False, q_pe=None, k_pe=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -532,9 +568,35 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     ``fwht``: the fused query rotation and the many-split merge's un-rotation run as the
     fast Walsh-Hadamard transform Π is (no Π read per program; an A/B switch, not the
     default until it is measured faster).
+
+    MLA (absorbed form, DeepSeek-V2 Sec. 2.1): ``v_codes`` and ``v_norms`` None make the
+    key codes the values too (the compressed latent, D = 512, one "KV head" every query
+    head shares), ``q`` is the latent part of the absorbed query, and ``q_pe`` [B, Hq, R]
+    with ``k_pe`` [slots, R] (or [slots, 1, R], bf16) add the decoupled RoPE part to every
+    score: s = q·k_latent + q_pe·k_pe. The output [B, Hq, D] is the attention-weighted
+    latent. Groups of more than 16 query heads run as blocks of 16 per program.
     """
     bsz = q.shape[0]
+    shared = v_codes is None
+    if shared != (v_norms is None) or (q_pe is None) != (k_pe is None):
+        raise ValueError("give v_codes with v_norms (or neither, for values = the key codes) "
+                         "and q_pe with k_pe (or neither).")
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
+    rope = 0
+    if q_pe is not None:
+        rope = q_pe.shape[-1]
+        k_pe = k_pe.reshape(k_pe.shape[0], -1) if k_pe.dim() == 3 and k_pe.shape[1] == 1 else k_pe
+        if (q_pe.shape != (bsz, hq, rope) or q_pe.stride(2) != 1 or k_pe.dim() != 2
+                or k_pe.shape[1] != rope or k_pe.stride(1) != 1 or rope not in (16, 32, 64, 128)
+                or hkv != 1):
+            raise ValueError(f"q_pe must be [{bsz}, {hq}, R] and k_pe [slots, R] (contiguous in R, "
+                             f"R in 16/32/64/128) over one latent KV head, got {tuple(q_pe.shape)} "
+                             f"and {tuple(k_pe.shape)} with {hkv} KV heads.")
+    if shared:
+        # the values are the key tiles just decoded: no prefetch, heads on M, q rotated
+        # before stage 1 (a 512-d Π per program would not pay)
+        v_codes, v_norms = k_codes, k_norms
+        prefetch, heads_n, fuse_rotation, fwht = False, False, False, False
     if kv_indptr.shape != (bsz + 1,) or num_kv_splits.shape != (bsz,):
         raise ValueError(f"kv_indptr must be [{bsz + 1}] and num_kv_splits [{bsz}].")
     ws = workspace
@@ -549,6 +611,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         raise ValueError("a logit soft-cap does not ignore the per-query shift q·μ that key "
                          "centering adds to every score; run this model without key centers.")
     gqa = hq // hkv
+    # query heads per program: the whole group, or blocks of 16 for larger groups (MLA)
+    hp = 16 if gqa > 16 and gqa % 16 == 0 else gqa
     launch = default_launch(d, codec.k_bits, codec.v_bits)
     block_n = block_n or launch.block_n
     num_warps = num_warps or launch.num_warps
@@ -561,6 +625,8 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     pdl = plan.pdl if pdl is None else pdl
     vector_merge = max_kv_splits > VECTOR_MERGE_SPLITS
     check_pdl(pdl)
+    if rope and prefetch:
+        raise ValueError("q_pe/k_pe need prefetch=False (the RoPE rows are read per tile).")
     fuse_rotation = fuse_rotation and q.stride(2) == 1
     early_q = early_q and pdl and fuse_rotation  # no launch between the store and stage 1
     mid_o, mid_lse = ws.partials(bsz, max_kv_splits)
@@ -575,29 +641,32 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         q_rot = rotate_query(q, codec.pi, ws.q_rot[:bsz])
     else:
         q_rot = torch.matmul(q.to(torch.float32), codec.pi.T, out=ws.q_rot[:bsz])
-    _tq_decode_stage1[(bsz, hkv, max_kv_splits)](
+    pe = (q_pe, k_pe, q_pe.stride(0), q_pe.stride(1), k_pe.stride(0)) if rope else (q, q, 0, 0, 0)
+    _tq_decode_stage1[(bsz, hq // hp, max_kv_splits)](
         q_rot, codec.pi_f16, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
         codec.k_lut_words, codec.v_lut_words, kv_indptr, kv_indices, num_kv_splits, mid_o, mid_lse,
-        sm_scale, logit_cap, sliding_window,
+        pe[0], pe[1], sm_scale, logit_cap, sliding_window,
         q_rot.stride(0), q_rot.stride(1),
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        GQA=gqa, BLOCK_H=_block_h(gqa, heads_n), HEAD_DIM=d, BLOCK_N=block_n,
+        pe[2], pe[3], pe[4],
+        GQA=hp, BLOCK_H=_block_h(hp, heads_n), HEAD_DIM=d, BLOCK_N=block_n,
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HAS_CAP=logit_cap > 0,
         K_LUT=codec.k_lut, V_LUT=codec.v_lut,
         USE_ASM=not triton_interpreting(),
-        SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
+        SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms, *pe[1:2]),
         PREFETCH=int(prefetch), HEADS_N=int(heads_n), FUSE_ROT=(2 if fwht else 1) if fuse_rotation else 0,
-        USE_PDL=int(pdl), EARLY_Q=int(early_q), num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=int(pdl), EARLY_Q=int(early_q), SHARED_KV=shared, ROPE_DIM=rope,
+        HEAD_BLOCKS=gqa // hp, num_warps=num_warps, num_stages=num_stages,
         **_register_cap(maxnreg), **pdl_launch(pdl),
     )
-    _tq_decode_stage2[(bsz, hq if vector_merge else hkv)](  # per query head / per group
+    _tq_decode_stage2[(bsz, hq if vector_merge else hq // hp)](  # per query head / per block
         mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits,
         mid_lse if sinks is None else sinks.contiguous(), sliding_window,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        GQA=gqa, BLOCK_H=_block_h(gqa), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
+        GQA=hp, BLOCK_H=_block_h(hp), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
         SPLITS_P2=triton.next_power_of_2(max_kv_splits),
         CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d),
         VECTOR_MERGE=vector_merge, HAS_SINK=sinks is not None, USE_PDL=int(pdl),
@@ -633,19 +702,29 @@ def attention_ref(q, k, v, sm_scale, logit_cap=0.0, causal_offset=None, sinks=No
 
 def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
                   sm_scale: float, logit_cap: float = 0.0, sliding_window: int = 0,
-                  dtype=torch.float64, sinks=None):
+                  dtype=torch.float64, sinks=None, q_pe=None, k_pe=None):
     """Pure-torch twin of :func:`tq_decode` on the reference quantizer's dequantization.
 
     Attention is computed in ``dtype`` in the original (unrotated) space, which is
-    mathematically identical to the kernel's rotated-space computation.
+    mathematically identical to the kernel's rotated-space computation. MLA as in
+    :func:`tq_decode`: ``v_codes`` None takes the dequantized keys (the latent) as the
+    values; ``q_pe``/``k_pe`` are concatenated to the query and the keys.
     """
     outs = []
     for b in range(q.shape[0]):
         slots = kv_indices[kv_indptr[b]: kv_indptr[b + 1]].long()
         if sliding_window > 0:
             slots = slots[-sliding_window:]
-        k, v = tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype)
-        outs.append(attention_ref(q[b : b + 1].to(dtype), k, v, sm_scale, logit_cap,
+        if v_codes is None:
+            k = codec.k_quant.dequantize(k_codes[slots], k_norms[slots]).to(dtype)
+            v = k
+        else:
+            k, v = tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype)
+        qb = q[b : b + 1].to(dtype)
+        if q_pe is not None:
+            qb = torch.cat([qb, q_pe[b : b + 1].to(dtype)], dim=-1)
+            k = torch.cat([k, k_pe.reshape(k_pe.shape[0], 1, -1)[slots].to(dtype)], dim=-1)
+        outs.append(attention_ref(qb, k, v, sm_scale, logit_cap,
                                   sinks=None if sinks is None else sinks.to(dtype))[0])
     return torch.stack(outs)
 

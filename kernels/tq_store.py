@@ -63,8 +63,9 @@ def _quantize_tile(
         y = _rotate_fwht(x, PiT, BLOCK_N, HEAD_DIM, 2 if BITS == 4 else 4)
     else:
         # -- load (minus the head's key center), rotate: y[:, m] = Σ_c x[:, c] Π[col(m), c],
-        #    over chunks of c so that the fp32 slice of Πᵀ fits in shared memory at head_dim 256
-        CHUNK: tl.constexpr = 64
+        #    over chunks of c so that the fp32 slice of Πᵀ fits in shared memory (64 KB at
+        #    head_dim 256 and at MLA's 512-d latent)
+        CHUNK: tl.constexpr = 64 if HEAD_DIM <= 256 else 32
         offs_c = tl.arange(0, CHUNK)
         y = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
         for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
@@ -162,6 +163,9 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
                 fwht: bool = False):
     """Quantize K, V [N, Hkv, D] (any float dtype) and write them to slots ``loc`` [N].
 
+    ``v``, ``v_codes`` and ``v_norms`` None: keys only, e.g. MLA's compressed latent
+    (D = 512), which serves as the values too (``tq_decode`` with ``v_codes=None``).
+
     ``num_warps`` per program (default 4); ``fwht`` rotates by the fast Walsh-Hadamard
     transform instead of the dense Πᵀ product (an A/B switch: not the default until it is
     measured faster).
@@ -169,7 +173,13 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     ``pdl`` (default: where supported) launches with programmatic dependent launch: the
     kernel still waits for its inputs first, but the next PDL launch may start early."""
     n, hkv, d = k.shape
-    check_head_dim(d)
+    keys_only = v is None
+    if keys_only != (v_codes is None) or keys_only != (v_norms is None):
+        raise ValueError("v, v_codes and v_norms must be given together (or all None for keys "
+                         "only).")
+    check_head_dim(d, latent=keys_only)
+    if keys_only:
+        v, v_codes, v_norms = k, k_codes, k_norms  # never written: the grid has no V programs
     if v.shape != k.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
     if d != codec.head_dim:
@@ -181,13 +191,14 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     if loc.shape != (n,) or loc.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"loc must be int32/int64 [{n}], got {loc.dtype} {tuple(loc.shape)}.")
     _check_pool("k", k_codes, k_norms, hkv, codec.k_code_bytes)
-    _check_pool("v", v_codes, v_norms, hkv, codec.v_code_bytes)
+    if not keys_only:
+        _check_pool("v", v_codes, v_norms, hkv, codec.v_code_bytes)
     check_center(codec, hkv)
     pdl = pdl_supported() if pdl is None else pdl
     check_pdl(pdl)
     if n == 0:
         return
-    grid = (triton.cdiv(n, block_n), hkv, 2)
+    grid = (triton.cdiv(n, block_n), hkv, 1 if keys_only else 2)
     pi_k, pi_v = (codec.pi, codec.pi) if fwht else (codec.pi_t_k, codec.pi_t_v)
     _tq_store_kernel[grid](
         k, v, loc, pi_k, pi_v, codec.k_bounds, codec.v_bounds,
@@ -208,8 +219,10 @@ def tq_store_kv_ref(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerC
     loc = loc.long()
     if codec.k_center is not None:
         k = k.float() - codec.k_center.to(k.device)
-    for x, codes, norms, quant in ((k, k_codes, k_norms, codec.k_quant),
-                                   (v, v_codes, v_norms, codec.v_quant)):
+    planes = ((k, k_codes, k_norms, codec.k_quant),)
+    if v is not None:
+        planes += ((v, v_codes, v_norms, codec.v_quant),)
+    for x, codes, norms, quant in planes:
         c, r = quant.quantize(x.float())
         codes[loc] = c
         norms[loc] = r

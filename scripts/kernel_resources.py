@@ -10,6 +10,7 @@ a memory-bound kernel runs far below bandwidth (device/METHOD.md).
     python scripts/kernel_resources.py --kernel stage1 --fuse-rot 1,2 --block-n 32 --num-warps 1 --heads-n 1
     python scripts/kernel_resources.py --kernel store --fwht 0,1 --num-warps 4
     python scripts/kernel_resources.py --kernel merge --fwht 0,1
+    python scripts/kernel_resources.py --mla --head-dim 512 --gqa 16 --prefetch 0 --block-n 16,32
 
 ``--fuse-rot``: stage 1 reads a rotated q (0), rotates it by the fp16 Π product (1) or by
 the fast Walsh-Hadamard transform (2); ``--fwht`` the same choice for the store's rotation
@@ -36,7 +37,7 @@ from sglang_tq.kernels import tq_decode as dec
 _POINTERS = {
     "QRot": "*fp32", "Pi16": "*fp16", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
     "KCb": "*fp32", "VCb": "*fp32", "KTab": "*i32", "VTab": "*i32", "KvIndptr": "*i32", "KvIndices": "*i64",
-    "NumKvSplits": "*i32", "MidO": "*fp32", "MidLse": "*fp32",
+    "NumKvSplits": "*i32", "MidO": "*fp32", "MidLse": "*fp32", "QPe": "*bf16", "KPe": "*bf16",
 }
 _SASS_CLASSES = {
     "LDG": r"\bLDG\.", "LDGSTS": r"\bLDGSTS", "LDS": r"\bLDS", "STS": r"\bSTS", "HMMA": r"\bHMMA",
@@ -78,16 +79,17 @@ _MERGE_POINTERS = {
 
 
 def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages, sass_dir=None,
-                   prefetch=1, heads_n=0, maxnreg=0, fuse_rot=0):
+                   prefetch=1, heads_n=0, maxnreg=0, fuse_rot=0, mla=0):
     codec = LayerCodec.create(head_dim, k_bits, v_bits)
     consts = dict(GQA=gqa, BLOCK_H=dec._block_h(gqa, heads_n), HEAD_DIM=head_dim,
                   BLOCK_N=block_n, K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False,
                   K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=True, SLOT_I64=False,
-                  PREFETCH=prefetch, HEADS_N=heads_n, FUSE_ROT=fuse_rot, USE_PDL=0)
+                  PREFETCH=prefetch, HEADS_N=heads_n, FUSE_ROT=fuse_rot, USE_PDL=0,
+                  EARLY_Q=0, SHARED_KV=bool(mla), ROPE_DIM=64 if mla else 0, HEAD_BLOCKS=1)
     # with a fused rotation stage 1 reads the unrotated bf16 q
     pointers = {**_POINTERS, **({"QRot": "*bf16"} if fuse_rot else {})}
     name = (f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}_p{prefetch}"
-            f"_h{heads_n}_r{maxnreg}_f{fuse_rot}")
+            f"_h{heads_n}_r{maxnreg}_f{fuse_rot}{'_mla' if mla else ''}")
     return _resources(dec._tq_decode_stage1, pointers, consts,
                       dict(num_warps=num_warps, num_stages=num_stages,
                            **({"maxnreg": maxnreg} if maxnreg else {})), sass_dir, name)
@@ -168,6 +170,9 @@ def main() -> None:
                     help="stage1: 0 (q rotated before), 1 (fp16 Π product), 2 (fast Walsh-Hadamard), "
                          "or a list")
     ap.add_argument("--fwht", default="0", help="store / merge: 0 (dense Π), 1 (fast Walsh-Hadamard), or 0,1")
+    ap.add_argument("--mla", action="store_true",
+                    help="stage1: MLA's shared latent (values = the key codes, 64-d bf16 RoPE "
+                         "scores, no prefetch); use with --head-dim 512 --gqa 16")
     ap.add_argument("--out")
     ap.add_argument("--sass-dir", help="also write each variant's SASS listing here")
     args = ap.parse_args()
@@ -191,7 +196,7 @@ def main() -> None:
                   "heads_n": hn, "maxnreg": mr, "fuse_rot": fr},
                  lambda kv=kv, bn=bn, nw=nw, ns=ns, pf=pf, hn=hn, mr=mr, fr=fr: compile_stage1(
                      args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw, ns, args.sass_dir, pf, hn,
-                     mr, fr))
+                     mr, fr, int(args.mla)))
                 for kv, bn, nw, ns, pf, hn, mr, fr in grid]
     for key, run in todo:
         r = {**key, **run()}
