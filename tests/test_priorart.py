@@ -188,6 +188,15 @@ def test_kivi_residual_and_short_sequences():
 
 
 # ------------------------------------------------------------- the simulated pool
+@pytest.fixture(autouse=True)
+def _sglang_cpu_store(monkeypatch):
+    """These pools live on the CPU, but SGLang picks its CUDA store kernel by platform, not
+    by tensor device: on a CUDA host, route the bf16 pool's writes to its CPU path."""
+    from sglang.srt.mem_cache import memory_pool
+
+    monkeypatch.setattr(memory_pool, "_is_cuda", False)
+
+
 def _pool(mode, bits=(4, 3), layers=2, heads=2, d=64, size=200, bf16_layers=(), key_centers=None):
     return SimulatedKVPool(size, 1, torch.bfloat16, heads, d, layers, "cpu", False, mode=mode,
                            k_bits=bits[0], v_bits=bits[1], seed=3, bf16_layers=bf16_layers,

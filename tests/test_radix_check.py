@@ -408,7 +408,8 @@ def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     (tmp_path / "fake_radix_sglang.py").write_text(
         f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
         "from test_radix_check import fake_server_cli\nfake_server_cli()\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(tmp_path),
+                                                               os.environ.get("PYTHONPATH")))))
     monkeypatch.setattr(rc, "get_provenance", lambda: {"gpu": "FakeGPU", "commit": "abc123",
                                                        "versions": {"sglang": "0.5.17"},
                                                        "date": "2026-01-01T00:00:00+00:00"})
@@ -449,7 +450,8 @@ def test_main_budget_skip_and_server_failure(tmp_path, monkeypatch, capsys):
     model = make_model_dir(tmp_path / "model")
     (tmp_path / "broken_sglang.py").write_text(
         "import sys\nprint('ValueError: --kv-quant turboquant refuses this', flush=True)\nsys.exit(3)\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(tmp_path),
+                                                               os.environ.get("PYTHONPATH")))))
     monkeypatch.setattr(rc, "get_provenance", lambda: {"gpu": "FakeGPU", "commit": "abc"})
     out = tmp_path / "radix.json"
     common = ["--model-path", str(model), "--num-prompts", "2", "--prefix-tokens", "50",
