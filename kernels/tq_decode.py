@@ -548,7 +548,7 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
               block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
               prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
               fuse_rotation: bool | None = None, pdl: bool | None = None, early_q: bool = False,
-              sinks=None, out=None, fwht: bool = False, q_pe=None, k_pe=None):
+              sinks=None, out=None, fwht: bool = True, q_pe=None, k_pe=None):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -565,9 +565,10 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     launch start: stage 1 then reads and rotates q while the store still runs.
     ``sinks`` [Hq] (any float dtype): a learned logit per query head that joins each
     softmax without a value (attention sinks), added where the splits merge.
-    ``fwht``: the fused query rotation and the many-split merge's un-rotation run as the
-    fast Walsh-Hadamard transform Π is (no Π read per program; an A/B switch, not the
-    default until it is measured faster).
+    ``fwht`` (default): the fused query rotation and the many-split merge's un-rotation run
+    as the fast Walsh-Hadamard transform Π is (no Π read per program; same-call A/B on an
+    H100, ``ab_fwht_h100_46f802e.json``: 1 × 4k 21.9 → 20.4 µs, 1 × 32k 46.3 → 45.1);
+    ``False`` reads Π (fp16 in stage 1, fp32 in the merge).
 
     MLA (absorbed form, DeepSeek-V2 Sec. 2.1): ``v_codes`` and ``v_norms`` None make the
     key codes the values too (the compressed latent, D = 512, one "KV head" every query

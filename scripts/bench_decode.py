@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--store-head-dim", type=int, default=128)
     g.add_argument("--store-num-warps", type=int, default=None,
                    help="write path: warps per tq_store_kv program (default: the kernel's, 4)")
-    g.add_argument("--store-fwht", action="store_true",
+    g.add_argument("--store-rotation", choices=("fwht", "dense"), default="fwht",
                    help="write path: tq_store_kv rotates by the fast Walsh-Hadamard transform "
-                        "instead of the dense Πᵀ product")
+                        "(default, as the server) or the dense Πᵀ product")
 
     g = ap.add_argument_group("split-KV")
     g.add_argument("--tq-kernel-args", default="{}",
@@ -1126,7 +1126,7 @@ def bench_write_path(ctx, args, codecs, write_rows):
 
                 def store():
                     tq_store_kv(k_new, v_new, loc, k_codes, k_norms, v_codes, v_norms, codec,
-                                num_warps=args.store_num_warps, fwht=args.store_fwht)
+                                num_warps=args.store_num_warps, fwht=args.store_rotation == "fwht")
 
                 first_call(ctx, store)
                 row.update(time_it(ctx, args, store))
@@ -1168,7 +1168,7 @@ def bench_store_decode_chain(ctx, args, q, k_new, v_new, loc, bufs, indptr, slot
     for name, pdl, dec in variants:
         def chain(pdl=pdl, dec=dec):
             tq_store_kv(k_new, v_new, loc, *bufs, codec, pdl=pdl, num_warps=args.store_num_warps,
-                        fwht=args.store_fwht)
+                        fwht=args.store_rotation == "fwht")
             return dec()
 
         first_call(ctx, chain)
@@ -1288,7 +1288,7 @@ def config_dict(args, ctx=None):
                  "ms = median over 'repeat' passes",
         "cuda_graph": args.cuda_graph,
         "store_num_warps": args.store_num_warps or "kernel default",
-        "store_rotation": "fwht" if args.store_fwht else "dense",
+        "store_rotation": args.store_rotation,
         "sglang_tq_max_kv_splits": args.max_kv_splits or "backend ceiling (split_ceiling)",
         "sglang_tq_splits_policy": args.splits_policy,
         "sglang_tq_waves": args.waves,

@@ -486,19 +486,25 @@ arch1)  # nvidia-h200: server_smoke.py on one dummy model config, one server per
 stock1)  # nvidia-h200: --kv-quant none (plugin loaded) against stock SGLang (plugin not loaded)
   export CUDA_VISIBLE_DEVICES=0
   for run in stock plugin; do
-    pre=SGLANG_PLUGINS=; [ "$run" = stock ] && pre=SGLANG_PLUGINS=no-such-plugin
+    # the plugin run names --kv-quant none: only a server that loaded the plugin accepts it
+    pre=SGLANG_PLUGINS=; flag=(-- --kv-quant none)
+    [ "$run" = stock ] && pre=SGLANG_PLUGINS=no-such-plugin && flag=()
     env "$pre" timeout "$(left $(( ${LIMIT_S:-590} - 30 )))" python scripts/server_smoke.py \
       --model-path scripts/model_configs/llama-3.1-8b --max-new-tokens 256 --log "$LOGS/$run.log" \
-      --out "$OUT/smoke_$run.json" > "$LOGS/${run}_driver.log" 2>&1
+      --out "$OUT/smoke_$run.json" "${flag[@]}" > "$LOGS/${run}_driver.log" 2>&1
   done
+  # the stock run's parser without the plugin must refuse the flag (no server start)
+  SGLANG_PLUGINS=no-such-plugin timeout 120 python -m sglang.launch_server --model-path \
+    scripts/model_configs/llama-3.1-8b --kv-quant none > "$LOGS/stock_refuses.log" 2>&1
   python - "$OUT" "$LOGS" > "$OUT/summary.txt" 2>&1 <<'PY'
 import json, sys
 out, logs = sys.argv[1:3]
 a, b = (json.load(open(f"{out}/smoke_{r}.json")) for r in ("stock", "plugin"))
 ids = [[r.get("output_ids") for r in d.get("reply") or []] for d in (a, b)]
-text = {r: open(f"{logs}/{r}.log", errors="replace").read() for r in ("stock", "plugin")}
-loaded = {r: "turboquant -> sglang_tq.plugin" in t and "Skipping plugin turboquant" not in t
-          for r, t in text.items()}
+# SGLang logs plugin discovery before its logging is set up, so the evidence of loading is
+# the flag: the plugin run started with --kv-quant none, stock SGLang's parser refuses it
+refused = "unrecognized arguments: --kv-quant" in open(f"{logs}/stock_refuses.log", errors="replace").read()
+loaded = {"stock": not refused, "plugin": bool(b.get("ok")) and "--kv-quant" in (b.get("command") or [])}
 doc = {"plugin_loaded": loaded, "stock_ok": a.get("ok"), "plugin_ok": b.get("ok"),
        "identical": bool(a.get("ok") and ids[0] == ids[1] and loaded["plugin"] and not loaded["stock"]),
        "prompts": len(ids[0]), "tokens_each": [len(x or []) for x in ids[0]],
@@ -511,7 +517,7 @@ PY
 store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at N = 1 and 64
   export CUDA_VISIBLE_DEVICES=0
   for n in 1 64; do for rot in dense fwht; do for w in ${STORE_WARPS:-4 8}; do
-    flag=; [ "$rot" = fwht ] && flag=--store-fwht
+    flag=--store-rotation=$rot
     # shellcheck disable=SC2086
     timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/bench_decode.py --shapes 1x4096 \
       --kv k4v4,k3v3 --store-batch "$n" --impls sglang-tq --store-num-warps "$w" $flag \
@@ -520,7 +526,7 @@ store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at
       >> "$OUT/summary.txt"
   done; done; done
   for rot in dense fwht; do  # the fused query rotation of small-batch decode, the same two ways
-    args='{}'; [ "$rot" = fwht ] && args='{"fwht": true}'
+    args='{"fwht": true}'; [ "$rot" = dense ] && args='{"fwht": false}'
     timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/bench_decode.py \
       --shapes 1x4096,1x32768,2x16384,4x8192 --kv k4v4,k3v3 --impls sglang-tq,fa3 --no-write-path \
       --tq-kernel-args "$args" --out "$LOGS/decode_$rot.json" > "$LOGS/decode_$rot.log" 2>&1

@@ -207,10 +207,10 @@ class TQAttnBackend(TritonAttnBackend):
         self._prefill_window: Optional[list[PrefillGroup]] = None
         self._mixed: Optional[_MixedSplit] = None
         self.extend_impl = default_extend_impl(torch.device(self.device), self.out_dtype)
-        self.fwht = fwht_rotations()  # SGLANG_TQ_FWHT: the decode's rotations (an A/B switch)
-        if self.fwht:
-            logger.info("sglang-tq: SGLANG_TQ_FWHT=1: store and decode rotate by the fast "
-                        "Walsh-Hadamard transform.")
+        self.fwht = fwht_rotations()  # SGLANG_TQ_FWHT: the decode's rotations (0: dense, for A/B)
+        if not self.fwht:
+            logger.info("sglang-tq: SGLANG_TQ_FWHT=0: store and decode rotate by dense Π "
+                        "products instead of the fast Walsh-Hadamard transform.")
         # the dense prefix rows a prefill step may hold: what the pool sizing set aside
         self.prefill_scratch_rows = int(self.max_context_len)
         logger.info("sglang-tq: prefill attention over the dequantized prefix runs %s; its "

@@ -163,7 +163,7 @@ class TQTokenToKVPool(KVCache):
             raise ValueError(f"global_layer_ids must name {layer_num} layers, got "
                              f"{len(self.global_layer_ids)}.")
         self._debug = debug_memory_pool()
-        self.fwht = fwht_rotations()  # SGLANG_TQ_FWHT: the store's rotation (an A/B switch)
+        self.fwht = fwht_rotations()  # SGLANG_TQ_FWHT: the store's rotation (0: dense, for A/B)
         self.model_dtype = model_dtype
         self.head_num = head_num
         self.head_dim = head_dim

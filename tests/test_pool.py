@@ -348,26 +348,33 @@ def test_fused_set_kv_is_off_only_for_the_packed_pool(monkeypatch):
 
 
 # ------------------------------------------------------- SGLANG_DEBUG_MEMORY_POOL checks
-def test_fwht_switch_reaches_the_store(monkeypatch):
-    """SGLANG_TQ_FWHT=1 (read once per pool): the store rotates by the fast Walsh-Hadamard
-    transform and still writes the reference's codes; a bad value is one sentence."""
+@pytest.mark.parametrize("env, fwht", [(None, True), ("1", True), ("0", False)])
+def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht):
+    """SGLANG_TQ_FWHT (read once per pool; unset = 1): the store rotates by the fast
+    Walsh-Hadamard transform, or with 0 by the dense product, and writes the reference's
+    codes either way; a bad value is one sentence."""
+    from sglang_tq.codec import LayerCodec
     from sglang_tq.kernels import tq_store
     from sglang_tq.packing import unpack
 
     seen = []
     real = tq_store.tq_store_kv
     monkeypatch.setattr("sglang_tq.pool._store_kv", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
-    monkeypatch.setenv("SGLANG_TQ_FWHT", "1")
+    if env is None:
+        monkeypatch.delenv("SGLANG_TQ_FWHT", raising=False)
+    else:
+        monkeypatch.setenv("SGLANG_TQ_FWHT", env)
     cfg = TQConfig(head_dim=64, k_bits=3, v_bits=4)
-    pool = TQTokenToKVPool(12, 1, 2, 64, 1, "cpu", False, cfg=cfg)
+    pool = TQTokenToKVPool(12, 1, 2, 64, 1, DEV, False, cfg=cfg)
     k = torch.randn(5, 2, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
     loc = torch.arange(5) + 3
-    pool.set_kv_buffer(types.SimpleNamespace(layer_id=0), loc, k, k)
-    assert pool.fwht and seen == [{"fwht": True}]
+    pool.set_kv_buffer(types.SimpleNamespace(layer_id=0), loc.to(DEV), k.to(DEV), k.to(DEV))
+    assert pool.fwht == fwht and seen == [{"fwht": fwht}]
     packed = pool.get_packed_layer(0)
-    want = packed.codec.alloc_buffers(packed.k_codes.shape[0], 2)
-    tq_store.tq_store_kv_ref(k, k, loc, *want, packed.codec)
-    diff = (unpack(packed.k_codes, 3, 64).int() - unpack(want[0], 3, 64).int()).abs()
+    codec = LayerCodec.create(64, 3, 4, seed=packed.codec.seed)
+    want = codec.alloc_buffers(packed.k_codes.shape[0], 2)
+    tq_store.tq_store_kv_ref(k, k, loc, *want, codec)
+    diff = (unpack(packed.k_codes.cpu(), 3, 64).int() - unpack(want[0], 3, 64).int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
     monkeypatch.setenv("SGLANG_TQ_FWHT", "yes")
     with pytest.raises(ValueError, match="SGLANG_TQ_FWHT must be 0 or 1"):
