@@ -14,6 +14,9 @@ registers the patches listed in :data:`PATCHES`, each with a name:
   (:mod:`sglang_tq.pool`) instead of SGLang's MHA pool, and refuse to start if any
   other pool was built;
 * ``scratch-budget``: the prefill scratch comes out of the KV budget;
+* ``build-mla-pool`` (with ``cell-size``'s MLA branch): an MLA model's latent pool
+  (:mod:`sglang_tq.mla_pool`) instead of SGLang's ``MLATokenToKVPool``; MLA models are
+  still refused at launch until the backend's MLA path lands (notes/mla-design.md);
 * ``build-hybrid-linear-pool`` (Qwen3-Next), ``swa-cell-size``, ``swa-scratch-budget``,
   ``swa-cap-scratch-budget``, ``build-hybrid-swa-pool`` (gpt-oss): SGLang's hybrid pools
   sized by packed bytes and built around packed inner pools; ``model-adjustments`` and
@@ -399,6 +402,8 @@ def _local_layers(kvc) -> Sequence[int]:
 def _compute_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
     if not kv_quant_enabled(kvc.server_args):
         return orig(self, kvc, num_layers, *args, **kwargs)
+    if kvc.use_mla_backend:
+        return _mla_cell_size(orig, self, kvc, num_layers, *args, **kwargs)
     from .pool import bytes_per_token, prefill_scratch_bytes
 
     refusals.check_kv_context(kvc)
@@ -417,6 +422,28 @@ def _compute_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
     # read by the sizing patch below: the prefill scratch comes out of the pool's bytes
     self._tq_prefill_scratch_bytes = prefill_scratch_bytes(cfg, layers, heads, mc.context_len,
                                                            kvc.kv_cache_dtype)
+    return cell
+
+
+def _mla_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
+    """An MLA model's cell: the packed latent and the RoPE key per layer
+    (:func:`mla_pool.mla_bytes_per_token`; SGLang's ModelConfig reports head_dim 256 and the
+    config's KV heads for MLA, neither of which the latent pool has), every attention-TP rank
+    holding the whole latent as in SGLang. The prefill scratch is one layer's dense
+    [context_len, 576] rows, as for the MHA pool."""
+    from .mla_pool import mla_bytes_per_token
+
+    mc = kvc.model_config
+    layers = range(kvc.layer_info.start_layer, kvc.layer_info.start_layer + num_layers)
+    cfg = tq_config(kvc.server_args, mc.kv_lora_rank)
+    cell = mla_bytes_per_token(cfg, layers, mc.qk_rope_head_dim, kvc.kv_cache_dtype)
+    stock = orig(self, kvc, num_layers, *args, **kwargs)
+    logger.info("sglang-tq: MLA KV cell size %d B/token (bf16 pool: %d B/token, %.2fx the tokens).",
+                cell, stock, stock / cell)
+    packed = any(not cfg.is_bf16_layer(i) for i in layers)
+    item = kvc.kv_cache_dtype.itemsize
+    self._tq_prefill_scratch_bytes = (
+        mc.context_len * (mc.kv_lora_rank + mc.qk_rope_head_dim) * item if packed else 0)
     return cell
 
 
@@ -588,6 +615,26 @@ def _build_mha_kv_pool(orig, self, *args, **kwargs):
     )
 
 
+def _build_mla_kv_pool(orig, self, *args, **kwargs):
+    """:class:`mla_pool.TQMLATokenToKVPool` instead of SGLang's ``MLATokenToKVPool``, with
+    the arguments SGLang passes its own (kv_cache_configurator.py, ``_build_mla_kv_pool``)."""
+    if not kv_quant_enabled(self.server_args):
+        return orig(self, *args, **kwargs)
+    global _packed_pool_class
+    from .mla_pool import TQMLATokenToKVPool
+
+    verify_patches_applied()
+    mc = self.model_config
+    _packed_pool_class = TQMLATokenToKVPool
+    return TQMLATokenToKVPool(
+        kwargs["max_total_num_tokens"], self.pool_page_size, mc.kv_lora_rank, mc.qk_rope_head_dim,
+        layer_num=self.layer_info.num_effective_layers, device=self.device,
+        enable_memory_saver=_memory_saver_enabled(), cfg=tq_config(self.server_args, mc.kv_lora_rank),
+        model_dtype=self.kv_cache_dtype, start_layer=self.layer_info.start_layer,
+        end_layer=self.layer_info.end_layer,
+    )
+
+
 def _after_build_token_to_kv_pool(result, self, *args, **kwargs):
     mode = simulated_mode(self.server_args)
     if mode:
@@ -601,10 +648,11 @@ def _after_build_token_to_kv_pool(result, self, *args, **kwargs):
         return None
     if not kv_quant_enabled(self.server_args):
         return None
+    from .mla_pool import TQMLATokenToKVPool
     from .pool import TQTokenToKVPool, packed_pools
 
     inner = [getattr(result, n, None) for n in ("full_kv_pool", "swa_kv_pool")]
-    if not isinstance(result, TQTokenToKVPool) and (
+    if not isinstance(result, (TQTokenToKVPool, TQMLATokenToKVPool)) and (
             not packed_pools(result) or any(p is not None and not isinstance(p, TQTokenToKVPool)
                                             for p in inner)):
         raise RuntimeError(
@@ -716,6 +764,10 @@ PATCHES = (
     Patch("build-pool",
           "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
           HookType.AROUND, _build_mha_kv_pool, "build TQTokenToKVPool instead of the MHA pool"),
+    Patch("build-mla-pool",
+          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mla_kv_pool",
+          HookType.AROUND, _build_mla_kv_pool,
+          "build the packed MLA latent pool instead of SGLang's MLATokenToKVPool"),
     Patch("swa-cell-size", "sglang.srt.model_executor.pool_configurator.HybridSWAPoolConfigurator.__init__",
           HookType.AFTER, _swa_cell_size, "size SGLang's full + window pools by packed bytes per token"),
     Patch("swa-scratch-budget",

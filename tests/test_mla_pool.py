@@ -126,3 +126,38 @@ def test_pool_buffers_decode_through_the_mla_kernel():
     torch_err = ((tq_decode_ref(*args, q_pe=q[..., LAT:], k_pe=p.k_pe, dtype=torch.bfloat16).double()
                   - ref).norm() / ref.norm()).item()
     assert ((out.double() - ref).norm() / ref.norm()).item() <= 2 * torch_err
+
+
+# ------------------------------------------------ sizing and building through SGLang's configurator
+def test_sglang_configurator_sizes_and_builds_the_mla_pool(monkeypatch):
+    """DeepSeek-V2-Lite (dummy config): SGLang's own configurator, with the cell-size and
+    build-mla-pool patches, sizes 10,422 B/token at k4 (stock: 31,104) and builds the packed
+    latent pool of exactly that size; with --kv-quant none it builds SGLang's pool. (MLA is
+    still refused at launch until the backend's MLA path lands: the test lifts that one
+    refusal to reach the sizing and the build.)"""
+    from pathlib import Path
+
+    from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
+    from sglang.srt.runtime_context import get_parallel
+
+    from sglang_tq import integration, refusals
+    from test_pool import _real_configurator, _server_args
+
+    model = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/deepseek-v2-lite")
+    monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
+    monkeypatch.setattr(refusals, "check_model_config", lambda *a, **k: None)
+    with get_parallel().override(attn_tp_size=1, attn_tp_rank=0, attn_cp_size=1):
+        for kv_quant, cell, pool_class in (("none", 31_104, MLATokenToKVPool),
+                                           ("turboquant", 10_422, TQMLATokenToKVPool)):
+            sa = _server_args("--kv-quant", kv_quant, model=model)
+            kvc = _real_configurator(sa)
+            kvc.use_mla_backend = True
+            conf = create_memory_pool_configurator(kvc)
+            assert conf._cell_size == cell
+            pool = kvc._build_token_to_kv_pool(sizes=types.SimpleNamespace(max_total_num_tokens=32),
+                                               is_dsa_model=False, is_dsv4_model=False,
+                                               req_to_token_pool=None)
+            assert type(pool) is pool_class
+            assert pool.get_kv_size_bytes() == cell * 33
+        # the prefill scratch (one layer's dense [context_len, 576] rows) leaves the budget
+        assert conf._tq_prefill_scratch_bytes == sa.get_model_config().context_len * 576 * 2
