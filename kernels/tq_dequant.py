@@ -67,7 +67,7 @@ def _tq_dequant_kernel(
     stride_ko_t, stride_ko_h, stride_vo_t, stride_vo_h,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
-    K_CENTER: tl.constexpr, DEVICE_COUNT: tl.constexpr,
+    K_CENTER: tl.constexpr, DEVICE_COUNT: tl.constexpr, KEYS_ONLY: tl.constexpr = False,
 ):
     head = tl.program_id(1)
     # -- how many leading slots to decode: the launch's N, or a count on the device (the
@@ -82,9 +82,10 @@ def _tq_dequant_kernel(
         _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, KTab, Pi, KCenter, KOut, offs_n,
                       stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h, stride_ko_t, stride_ko_h,
                       K_BITS, K_LUT, HEAD_DIM, USE_ASM, K_CENTER)
-        _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, VTab, Pi, KCenter, VOut, offs_n,
-                      stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h, stride_vo_t, stride_vo_h,
-                      V_BITS, V_LUT, HEAD_DIM, USE_ASM, False)
+        if not KEYS_ONLY:
+            _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, VTab, Pi, KCenter, VOut, offs_n,
+                          stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h, stride_vo_t,
+                          stride_vo_h, V_BITS, V_LUT, HEAD_DIM, USE_ASM, False)
 
 
 def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
@@ -95,8 +96,14 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
     the remaining rows unwritten, without a host sync (see ``tq_extend.dedup_prefix``).
     ``out`` = (k, v), two [N, Hkv, D] tensors with unit stride in D, receives the rows
     (e.g. the head of a larger buffer) instead of new tensors.
+
+    ``v_codes`` and ``v_norms`` None: keys only (MLA's latent, D = 512), returned as (k, None);
+    ``out`` is then (k, None).
     """
+    keys_only = v_codes is None
     hkv = check_pool(k_codes, v_codes, codec)
+    if keys_only:
+        v_codes, v_norms = k_codes, k_norms  # not read: the grid skips the V tile
     if slots.dim() != 1:
         raise ValueError(f"slots must be a 1-D index tensor, got shape {tuple(slots.shape)}.")
     if count is not None and (count.shape != (1,) or count.dtype != torch.int32
@@ -105,28 +112,32 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
     n, d = slots.numel(), codec.head_dim
     if out is None:
         k = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
-        v = torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
+        v = None if keys_only else torch.empty(n, hkv, d, dtype=dtype, device=k_codes.device)
     else:
         k, v = out
-        for t in (k, v):
+        if (v is None) != keys_only:
+            raise ValueError("out must be (k, v) with values, or (k, None) for keys only.")
+        for t in (k,) if keys_only else (k, v):
             if (t.shape != (n, hkv, d) or t.stride(2) != 1 or t.device != k_codes.device
                     or t.dtype != dtype):
                 raise ValueError(f"out must be two [{n}, {hkv}, {d}] {dtype} tensors on "
                                  f"{k_codes.device} with unit stride in the last dimension.")
     if n == 0:
         return k, v
+    vo = k if keys_only else v
     _tq_dequant_kernel[(triton.cdiv(n, block_n), hkv)](
         slots, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
         codec.k_lut_words, codec.v_lut_words, codec.pi,
-        codec.pi if codec.k_center is None else codec.k_center, k, v, n,
+        codec.pi if codec.k_center is None else codec.k_center, k, vo, n,
         slots if count is None else count,
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k.stride(0), k.stride(1), vo.stride(0), vo.stride(1),
         HEAD_DIM=d, BLOCK_N=block_n, K_BITS=codec.k_bits, V_BITS=codec.v_bits,
         K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
-        K_CENTER=codec.k_center is not None, DEVICE_COUNT=count is not None, num_warps=num_warps,
+        K_CENTER=codec.k_center is not None, DEVICE_COUNT=count is not None, KEYS_ONLY=keys_only,
+        num_warps=num_warps,
     )
     return k, v
 
@@ -138,4 +149,6 @@ def tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
     k = codec.k_quant.dequantize(k_codes[s], k_norms[s]).to(dtype)
     if codec.k_center is not None:
         k = k + codec.k_center.to(k.device, dtype)
+    if v_codes is None:
+        return k, None
     return k, codec.v_quant.dequantize(v_codes[s], v_norms[s]).to(dtype)

@@ -485,9 +485,16 @@ def _logit_cap(layer) -> float:
     return float(logit_capping_mod(layer.logit_capping_method, layer.logit_cap) or 0.0)
 
 
-def create_tq_backend(runner) -> TQAttnBackend:
-    """Factory registered as the ``turboquant`` attention backend; refuses what it cannot run."""
+def create_tq_backend(runner) -> TritonAttnBackend:
+    """Factory registered as the ``turboquant`` attention backend; refuses what it cannot run.
+    An MLA model's latent pool gets :class:`~sglang_tq.mla_backend.TQMLAAttnBackend`."""
     pool = runner.token_to_kv_pool
+    from .mla_pool import TQMLATokenToKVPool
+
+    if isinstance(pool, TQMLATokenToKVPool):
+        from .mla_backend import TQMLAAttnBackend
+
+        return TQMLAAttnBackend(runner)
     if not packed_pools(pool):
         raise RuntimeError(
             f"--attention-backend turboquant needs the packed TurboQuant KV pool but SGLang built "

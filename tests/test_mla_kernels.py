@@ -112,3 +112,26 @@ def test_mla_decode_refuses_mismatched_rope_arguments(device):
     with pytest.raises(ValueError, match="k_pe \\[slots, R\\]"):
         tq_decode(q, kc, kn, None, None, indptr, indices, codec, 0.1, q_pe=q_pe[..., :48],
                   k_pe=k_pe[..., :48], **kw)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_latent_dequant_keys_only_matches_reference(bits, device):
+    """The prefill path's prefix reader, keys only, into the head of a wider [N, 1, 576]
+    scratch row (latent | RoPE): the RoPE columns stay untouched."""
+    from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
+
+    codec = LayerCodec.create(LATENT, bits, bits, seed=2, device=device)
+    g = torch.Generator().manual_seed(bits)
+    latent = torch.randn(30, 1, LATENT, generator=g).bfloat16().to(device)
+    kc, kn, _, _ = codec.alloc_buffers(30, 1, device)
+    tq_store_kv(latent, None, torch.arange(30, device=device), kc, kn, None, None, codec)
+    slots = torch.tensor([4, 17, 0, 29, 8], device=device)
+    scratch = torch.full((5, 1, LATENT + ROPE), 7.0, dtype=torch.bfloat16, device=device)
+    k, v = tq_dequant(kc, kn, None, None, slots, codec, out=(scratch[..., :LATENT], None))
+    assert v is None and k.data_ptr() == scratch.data_ptr()
+    ref, _ = tq_dequant_ref(kc, kn, None, None, slots, codec)
+    # one bf16 rounding of the output (as tests/test_kernels.py: the interpreter's fp32 -> bf16
+    # cast truncates, twice round-to-nearest's error)
+    bound = 2 if device.type == "cuda" else 4
+    assert _rel(scratch[..., :LATENT], ref) <= bound * _rel(ref.bfloat16(), ref)
+    assert (scratch[..., LATENT:] == 7.0).all()

@@ -1,0 +1,202 @@
+"""The ``turboquant`` attention backend over the packed MLA latent pool (DeepSeek-V2/V3).
+
+SGLang's Triton backend runs MLA models in two shapes per layer (notes/mla-design.md §3):
+
+* ``attn_mqa``, the absorbed form (decode, and prefill over a cached prefix): q [T, H, 576]
+  = (q_nope·W_UK | q_pe), one latent KV head [T, 1, 576] = (c | k_pe), values = c, output
+  [T, H, 512] (W_UV is applied by the model afterwards);
+* ``attn_mha`` (prefill without a prefix): plain attention over the chunk's decompressed
+  K/V (qk 192, v 128), ``save_kv_cache=False``; the model has already written the latent
+  with ``set_mla_kv_buffer``.
+
+Decode runs ``tq_decode`` with the latent codes as keys and values and the bf16 RoPE keys
+(``q_pe``/``k_pe``), the whole group of H query heads on one latent head. Prefill with a
+prefix dequantizes the batch's distinct prefix slots into a dense [rows, 1, 576] scratch
+and runs the parent's Triton extend over it (the kernel stock SGLang runs there), the
+prefix lists remapped to scratch rows; without a prefix the parent runs as is, with the
+chunk standing in for the (never read) prefix buffers. Metadata, CUDA-graph buffers and
+split counts are the parent's, with its MLA split ceiling (256) set back to
+``--triton-attention-num-kv-splits``: our workspace, not SGLang's logits, holds the splits.
+Layers in ``--kv-quant-bf16-layers`` go to the parent unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Optional
+
+import torch
+
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+from .env import fwht_rotations
+from .kernels.tq_decode import SPLIT_REF_BATCH, DecodeWorkspace, split_ceiling, tq_decode
+from .kernels.tq_dequant import tq_dequant
+from .mla_pool import TQMLATokenToKVPool
+
+_tq_decode = torch.compiler.disable(tq_decode)
+
+
+class _Buffers:
+    """The pool as the parent sees it: ``get_key_buffer``/``get_value_buffer`` answer
+    ``key``/``value`` (a meta tensor while the parent is built, the dense scratch or the
+    chunk during an extend); everything else, writes included, goes to the real pool."""
+
+    def __init__(self, pool, key: torch.Tensor, value: torch.Tensor):
+        self._pool, self._key, self._value = pool, key, value
+
+    def get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self._key
+
+    def get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        return self._value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+class TQMLAAttnBackend(TritonAttnBackend):
+    """Attention over :class:`~sglang_tq.mla_pool.TQMLATokenToKVPool` (module docstring)."""
+
+    def __init__(self, model_runner):
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, TQMLATokenToKVPool):
+            raise RuntimeError(f"the turboquant MLA backend needs the packed MLA pool but SGLang "
+                               f"built {type(pool).__name__}; start with --kv-quant turboquant.")
+        meta = torch.empty((0, 1, pool.kv_cache_dim), device="meta")
+        model_runner.token_to_kv_pool = _Buffers(pool, meta, meta[..., : pool.kv_lora_rank])
+        try:
+            super().__init__(model_runner)
+        finally:
+            model_runner.token_to_kv_pool = pool
+        self.token_to_kv_pool = pool
+        # the parent raises the split ceiling to 256 for MLA, sized for its own logits
+        self.max_kv_splits = int(model_runner.server_args.triton_attention_num_kv_splits)
+        self.num_kv_head = 1
+        self.fwht = fwht_rotations()
+        self._sglang_decode = any(not pool.is_packed_layer(i) for i in pool.layer_ids)
+        self.prefill_scratch_rows = int(self.max_context_len)
+        self._graph_ws: Optional[DecodeWorkspace] = None
+        self._decode_ws: Optional[DecodeWorkspace] = None
+
+    # -- metadata ----------------------------------------------------------------
+    def max_splits(self, bs: int) -> int:
+        return self.max_kv_splits if self._sglang_decode else split_ceiling(bs, self.max_kv_splits)
+
+    def _workspace(self, batch: int) -> DecodeWorkspace:
+        pool = self.token_to_kv_pool
+        return DecodeWorkspace.create(max(batch, SPLIT_REF_BATCH), self.num_head, pool.kv_lora_rank,
+                                      self.max_kv_splits, self.device, out_dtype=pool.model_dtype)
+
+    @contextlib.contextmanager
+    def _without_sglang_logits(self):
+        """SGLang's split-KV logits [B, H, splits, 512] fp32 serve its decode kernel only:
+        with no bf16 layer they hold no bytes (as in the MHA backend)."""
+        if self._sglang_decode:
+            yield
+            return
+        saved, self.v_head_dim = self.v_head_dim, 0
+        try:
+            yield
+        finally:
+            self.v_head_dim = saved
+
+    def init_forward_metadata(self, forward_batch) -> None:
+        with self._without_sglang_logits():
+            super().init_forward_metadata(forward_batch)
+        bs = forward_batch.batch_size
+        if forward_batch.forward_mode.is_decode_or_idle():
+            g = self._graph_ws
+            self._decode_ws = g if g is not None and g.q_rot.shape[0] >= bs else self._workspace(bs)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
+        with self._without_sglang_logits():
+            super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        self._graph_ws = self._workspace(max_num_tokens)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        self._decode_ws = self._graph_ws
+
+    # -- attention -----------------------------------------------------------------
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
+                       score_mod=None, aux_tensors=None):
+        pool = self.token_to_kv_pool
+        if not pool.is_packed_layer(layer.layer_id):
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
+                                          score_mod=score_mod, aux_tensors=aux_tensors)
+        _check_mla_call(layer, k, sinks, score_mod)
+        hq, lat = layer.tp_q_head_num, pool.kv_lora_rank
+        q = q.reshape(-1, hq, pool.kv_cache_dim)
+        bs = q.shape[0]
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        p = pool.get_packed_layer(layer.layer_id)
+        md = self.forward_metadata
+        o = torch.empty((bs, hq * lat), dtype=q.dtype, device=q.device)
+        _tq_decode(q[..., :lat], p.latent_codes, p.latent_norms, None, None,
+                   md.kv_indptr[: bs + 1], md.kv_indices, p.codec, layer.scaling,
+                   num_kv_splits=md.num_kv_splits[:bs], max_kv_splits=self.max_splits(bs),
+                   workspace=self._decode_ws, out=o.view(bs, hq, lat), fwht=self.fwht,
+                   q_pe=q[..., lat:], k_pe=p.k_pe)
+        return o
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
+                       score_mod=None, aux_tensors=None):
+        pool = self.token_to_kv_pool
+        if not pool.is_packed_layer(layer.layer_id):
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
+                                          score_mod=score_mod, aux_tensors=aux_tensors)
+        if layer.qk_head_dim != pool.kv_cache_dim:
+            # attn_mha: no prefix anywhere in the batch; the chunk stands in for the buffers
+            if save_kv_cache:
+                raise RuntimeError("the turboquant MLA backend expects the decompressed-K/V "
+                                   "prefill to leave the cache write to the model; use "
+                                   "--kv-quant none for this model.")
+            with self._swapped(_Buffers(pool, k, v), self.forward_metadata):
+                return super().forward_extend(q, k, v, layer, forward_batch, False, sinks=sinks,
+                                              score_mod=score_mod, aux_tensors=aux_tensors)
+        _check_mla_call(layer, k, sinks, score_mod)
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        scratch, md = self._dense_prefix(layer.layer_id, k.dtype)
+        with self._swapped(_Buffers(pool, scratch, scratch[..., : pool.kv_lora_rank]), md):
+            return super().forward_extend(q, k, v, layer, forward_batch, False, sinks=sinks,
+                                          score_mod=score_mod, aux_tensors=aux_tensors)
+
+    def _dense_prefix(self, layer_id: int, dtype: torch.dtype):
+        """The batch's distinct prefix slots as dense [rows, 1, 576] rows in the chunk's
+        ``dtype`` (latent dequantized, RoPE key copied) and the metadata with the prefix
+        lists remapped to those rows. Prefill is eager for MLA (SGLang turns its prefill graphs off for
+        non-DSA MLA), so the distinct count may sync with the host."""
+        pool, md = self.token_to_kv_pool, self.forward_metadata
+        n = int(md.kv_indptr[-1])
+        slots, rows = torch.unique(md.kv_indices[:n], return_inverse=True)
+        if slots.numel() > self.prefill_scratch_rows:
+            raise RuntimeError(f"this prefill batch reads {slots.numel()} distinct cached tokens, "
+                               f"more than the prefill scratch of {self.prefill_scratch_rows} rows "
+                               f"(context_len) the MLA backend sets aside; lower "
+                               f"--max-prefill-tokens or --max-running-requests.")
+        p = pool.get_packed_layer(layer_id)
+        scratch = torch.empty(slots.numel(), 1, pool.kv_cache_dim, dtype=dtype, device=slots.device)
+        tq_dequant(p.latent_codes, p.latent_norms, None, None, slots, p.codec, dtype=dtype,
+                   out=(scratch[..., : pool.kv_lora_rank], None))
+        scratch[:, 0, pool.kv_lora_rank:] = p.k_pe[slots]
+        return scratch, dataclasses.replace(md, kv_indices=rows.to(md.kv_indices.dtype))
+
+    @contextlib.contextmanager
+    def _swapped(self, buffers, md):
+        saved = self.token_to_kv_pool, self.forward_metadata
+        self.token_to_kv_pool, self.forward_metadata = buffers, md
+        try:
+            yield
+        finally:
+            self.token_to_kv_pool, self.forward_metadata = saved
+
+
+def _check_mla_call(layer, k, sinks, score_mod) -> None:
+    if k is None or sinks is not None or score_mod is not None:
+        raise RuntimeError("the turboquant MLA backend runs DeepSeek-style absorbed attention "
+                           "only (its own K, no sinks, no score_mod); use --kv-quant none for "
+                           "this model.")

@@ -1,0 +1,183 @@
+"""The MLA backend (sglang_tq/mla_backend.py) over the packed latent pool, on SGLang's real
+Triton backend metadata and a dummy DeepSeek-V2-Lite config: prefill with a radix prefix
+(absorbed form, attn_mqa), prefill without one (attn_mha, the model's own cache write) and
+decode, each against plain attention over the reference's dequantized latent. The
+tolerance is the tests' usual one: at most 2x (4x under the interpreter, whose bf16 casts
+truncate) PyTorch's own bf16 error against the float64 reference."""
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang.srt import server_args as sglang_server_args
+from sglang.srt.managers.schedule_batch import ForwardMode
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+from sglang.srt.plugins.hook_registry import HookRegistry
+from sglang.srt.runtime_context import get_context, get_parallel
+
+from sglang_tq import refusals
+from sglang_tq.config import TQConfig
+from sglang_tq.kernels.tq_decode import attention_ref
+from sglang_tq.kernels.tq_dequant import tq_dequant_ref
+from sglang_tq.mla_pool import TQMLATokenToKVPool
+from sglang_tq.plugin import register
+
+from conftest import HAS_CUDA
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+MODEL = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/deepseek-v2-lite")
+H, LAT, ROPE, NOPE, VD = 16, 512, 64, 128, 128
+SCALE = (NOPE + ROPE) ** -0.5
+PREFIX = torch.arange(10, 15)          # request 1's cached radix prefix
+CHUNK1, CHUNK2 = torch.arange(20, 27), torch.arange(30, 33)
+BOUND = 2 if HAS_CUDA else 4
+# the interpreter has no bf16 arithmetic: there SGLang's extend kernel runs in fp32 (as in
+# kernels/tq_extend.py), so the prefill inputs are fp32 on the CPU
+WORK = torch.bfloat16 if HAS_CUDA else torch.float32
+
+
+@pytest.fixture(scope="module")
+def server_args():
+    register()
+    HookRegistry.apply_hooks()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
+        mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
+        # MLA is refused at launch until the backend path is validated on a GPU: lifted here
+        mp.setattr(refusals, "check_model_config", lambda *a, **k: None)
+        sa = sglang_server_args.prepare_server_args(
+            ["--model-path", MODEL, "--load-format", "dummy", "--skip-tokenizer-init",
+             "--kv-quant", "turboquant", "--attention-backend", "triton"])
+    get_context().set_server_args(sa)
+    with get_parallel().override(attn_tp_size=1, attn_dcp_size=1, attn_dcp_rank=0):
+        yield sa
+
+
+def _runner(sa):
+    pool = TQMLATokenToKVPool(63, 1, LAT, ROPE, 1, DEV, False, cfg=TQConfig(head_dim=LAT, seed=3))
+    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
+    return types.SimpleNamespace(
+        req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
+        sliding_window_size=None, model_config=sa.get_model_config(), device=DEV, gpu_id=0,
+        server_args=sa, is_draft_worker=False, dtype=torch.bfloat16, page_size=1)
+
+
+def _backend(sa):
+    from sglang_tq.mla_backend import TQMLAAttnBackend
+
+    runner = _runner(sa)
+    return TQMLAAttnBackend(runner), runner.token_to_kv_pool, runner.req_to_token_pool
+
+
+def _layer(qk, v, kv_heads):
+    return types.SimpleNamespace(
+        layer_id=0, tp_q_head_num=H, tp_k_head_num=kv_heads, tp_v_head_num=kv_heads,
+        qk_head_dim=qk, v_head_dim=v, head_dim=qk, scaling=SCALE, logit_cap=0.0,
+        logit_capping_method="tanh", sliding_window_size=-1, is_cross_attention=False,
+        attn_type=None, k_scale=None, v_scale=None, xai_temperature_len=-1)
+
+
+MQA, MHA = _layer(LAT + ROPE, LAT, 1), _layer(NOPE + ROPE, VD, H)
+
+
+def _t(values):
+    return torch.tensor(values, dtype=torch.int64, device=DEV)
+
+
+def _extend(req_to_token, prefix_lens, ext_lens):
+    req_to_token.req_to_token[1, :12] = torch.cat([PREFIX, CHUNK1]).int()
+    req_to_token.req_to_token[2, :3] = CHUNK2.int()
+    seq = [p + e for p, e in zip(prefix_lens, ext_lens)]
+    locs = torch.cat([CHUNK1[-ext_lens[0]:], CHUNK2]).to(DEV)
+    return types.SimpleNamespace(
+        batch_size=2, forward_mode=ForwardMode.EXTEND, spec_info=None,
+        req_pool_indices=_t([1, 2]), seq_lens=_t(seq), seq_lens_sum=sum(seq),
+        seq_lens_cpu=torch.tensor(seq), extend_prefix_lens=_t(prefix_lens),
+        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens=_t(ext_lens),
+        extend_seq_lens_cpu=ext_lens, out_cache_loc=locs, encoder_lens=None)
+
+
+def _rows(n, seed, width):
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)).bfloat16().to(DEV)
+
+
+def _latent_keys(pool, slots):
+    """float64 [n, 1, 576] keys as the pool holds them: dequantized latent | RoPE key."""
+    p = pool.get_packed_layer(0)
+    lat, _ = tq_dequant_ref(p.latent_codes, p.latent_norms, None, None, slots.to(DEV), p.codec)
+    return torch.cat([lat, p.k_pe[slots.to(DEV)].double()[:, None]], dim=-1)
+
+
+def _check(out, ref, ref_bf16):
+    err = lambda a: ((a.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(out) <= BOUND * err(ref_bf16)
+
+
+def test_mla_backend_undoes_sglangs_split_ceiling(server_args):
+    backend, _, _ = _backend(server_args)
+    assert backend.max_kv_splits == server_args.triton_attention_num_kv_splits
+    assert backend.v_head_dim == LAT and backend.num_kv_head == 1
+
+
+def test_mla_prefill_with_a_prefix_then_decode_match_reference(server_args):
+    backend, pool, req_to_token = _backend(server_args)
+    pool.set_kv_buffer(MQA, PREFIX.to(DEV), _rows(5, 1, LAT + ROPE)[:, None], None)
+    # prefill: request 1 extends its 5-token prefix by 7, request 2 prefills 3 (absorbed form)
+    fb = _extend(req_to_token, [5, 0], [7, 3])
+    backend.init_forward_metadata(fb)
+    # shaped as RadixAttention passes them: k [T, 1, 576], v [T, 1, 512]
+    q, k = _rows(10, 2, H * (LAT + ROPE)).to(WORK), _rows(10, 3, LAT + ROPE).to(WORK)
+    o = backend.forward_extend(q, k[:, None], k[:, None, :LAT], MQA, fb)
+    q3 = q.view(10, H, LAT + ROPE).double()
+    for (r0, r1), prefix in (((0, 7), PREFIX), ((7, 10), PREFIX[:0])):
+        keys = torch.cat([_latent_keys(pool, prefix), k[r0:r1, None].double()])
+        ref = attention_ref(q3[r0:r1], keys, keys[..., :LAT], SCALE, causal_offset=len(prefix))
+        ref16 = attention_ref(q3[r0:r1].bfloat16(), keys.bfloat16(), keys[..., :LAT].bfloat16(), SCALE,
+                              causal_offset=len(prefix))
+        _check(o.view(10, H, LAT)[r0:r1], ref, ref16)
+    # decode: one new token each, over the packed latents of everything before it
+    req_to_token.req_to_token[1, 12], req_to_token.req_to_token[2, 3] = 40, 41
+    fb = types.SimpleNamespace(
+        batch_size=2, forward_mode=ForwardMode.DECODE, spec_info=None,
+        req_pool_indices=_t([1, 2]), seq_lens=_t([13, 4]), seq_lens_sum=17,
+        seq_lens_cpu=torch.tensor([13, 4]), out_cache_loc=_t([40, 41]), encoder_lens=None)
+    backend.init_forward_metadata(fb)
+    q, k = _rows(2, 4, H * (LAT + ROPE)), _rows(2, 5, LAT + ROPE)
+    o = backend.forward_decode(q, k[:, None], k[:, None, :LAT], MQA, fb)
+    q3 = q.view(2, H, LAT + ROPE).double()
+    for b, slots in ((0, torch.cat([PREFIX, CHUNK1, _t([40]).cpu()])),
+                     (1, torch.cat([CHUNK2, _t([41]).cpu()]))):
+        keys = _latent_keys(pool, slots)
+        ref = attention_ref(q3[b:b + 1], keys, keys[..., :LAT], SCALE)
+        ref16 = attention_ref(q3[b:b + 1].bfloat16(), keys.bfloat16(), keys[..., :LAT].bfloat16(), SCALE)
+        _check(o.view(2, H, LAT)[b:b + 1], ref, ref16)
+
+
+def test_mla_prefill_without_a_prefix_runs_the_chunk_as_is(server_args):
+    """attn_mha: the model wrote the latent itself (set_mla_kv_buffer); the backend attends
+    over the chunk's decompressed K/V in bf16 and never touches the pool."""
+    backend, pool, req_to_token = _backend(server_args)
+    fb = _extend(req_to_token, [0, 0], [7, 3])
+    fb.out_cache_loc = torch.cat([CHUNK1, CHUNK2]).to(DEV)
+    backend.init_forward_metadata(fb)
+    q, k, v = (_rows(10, s, w).to(WORK) for s, w in ((6, H * 192), (7, H * 192), (8, H * VD)))
+    before = pool.get_packed_layer(0).latent_codes.clone()
+    o = backend.forward_extend(q, k.view(10, H, -1), v.view(10, H, -1), MHA, fb, save_kv_cache=False)
+    assert torch.equal(pool.get_packed_layer(0).latent_codes, before)
+    q3, k3, v3 = (x.view(10, H, -1).double() for x in (q, k, v))
+    for r0, r1 in ((0, 7), (7, 10)):
+        ref = attention_ref(q3[r0:r1], k3[r0:r1], v3[r0:r1], SCALE, causal_offset=0)
+        ref16 = attention_ref(q3[r0:r1].bfloat16(), k3[r0:r1].bfloat16(), v3[r0:r1].bfloat16(), SCALE,
+                              causal_offset=0)
+        _check(o.view(10, H, VD)[r0:r1], ref, ref16)
+    with pytest.raises(RuntimeError, match="cache write to the model"):
+        backend.forward_extend(q, k.view(10, H, -1), v.view(10, H, -1), MHA, fb, save_kv_cache=True)
+
+
+def test_backend_factory_picks_the_mla_backend_for_the_latent_pool(server_args):
+    from sglang_tq.backend import create_tq_backend
+    from sglang_tq.mla_backend import TQMLAAttnBackend
+
+    assert isinstance(create_tq_backend(_runner(server_args)), TQMLAAttnBackend)
