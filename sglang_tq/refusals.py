@@ -195,8 +195,9 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
     arch = (getattr(hf, "architectures", None) or ["<unknown>"])[0]
     if mc.attention_arch == AttentionArch.MLA or is_deepseek_dsa(hf) or is_deepseek_v4(hf):
         raise ValueError(
-            f"{q} does not support MLA models such as {arch} (their latent KV "
-            f"is not per-head K/V); use --kv-quant none or --kv-cache-dtype fp8_e4m3."
+            f"{q} does not serve MLA models such as {arch} yet (the packed latent pool and its "
+            f"kernels are built but not yet validated on a GPU); use --kv-quant none or "
+            f"--kv-cache-dtype fp8_e4m3."
         )
     hybrid_linear_ok = mode == "turboquant" and arch in HYBRID_LINEAR_ARCHITECTURES
     if (mambaish_config(mc) is not None and not hybrid_linear_ok) or is_minimax_sparse(hf):
