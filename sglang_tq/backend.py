@@ -262,19 +262,8 @@ class TQAttnBackend(TritonAttnBackend):
                                       self._tq.head_dim, self.max_kv_splits,
                                       self.device, out_dtype=self.out_dtype)
 
-    @contextlib.contextmanager
     def _without_sglang_logits(self):
-        """While the parent builds metadata: SGLang's split-KV logits [B, H, splits, Dv] fp32
-        serve its own decode kernel only, so with no bf16 layer they are shaped [.., 0] and
-        hold no bytes (at B = 4096, 32 heads, 8 splits: 0.5 GB beside our workspace)."""
-        if self._sglang_decode:
-            yield
-            return
-        saved, self.v_head_dim = self.v_head_dim, 0
-        try:
-            yield
-        finally:
-            self.v_head_dim = saved
+        return without_sglang_logits(self)
 
     def init_forward_metadata(self, forward_batch) -> None:
         with self._without_sglang_logits():
@@ -474,6 +463,22 @@ class TQAttnBackend(TritonAttnBackend):
                 sliding_window=sliding,
             )
         return o
+
+
+@contextlib.contextmanager
+def without_sglang_logits(backend):
+    """While the parent builds metadata: SGLang's split-KV logits [B, H, splits, Dv] fp32
+    serve its own decode kernel only, so with no bf16 layer (``backend._sglang_decode``
+    false) they are shaped [.., 0] and hold no bytes (at B = 4096, 32 heads, 8 splits:
+    0.5 GB beside our workspace; MLA's [.., 256, 512] per captured row: 8 MiB)."""
+    if backend._sglang_decode:
+        yield
+        return
+    saved, backend.v_head_dim = backend.v_head_dim, 0
+    try:
+        yield
+    finally:
+        backend.v_head_dim = saved
 
 
 def _window_layer(layer) -> bool:

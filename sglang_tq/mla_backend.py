@@ -30,6 +30,7 @@ import torch
 
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
+from .backend import without_sglang_logits
 from .env import fwht_rotations
 from .kernels.tq_decode import SPLIT_REF_BATCH, DecodeWorkspace, split_ceiling, tq_decode
 from .kernels.tq_dequant import tq_dequant
@@ -89,18 +90,8 @@ class TQMLAAttnBackend(TritonAttnBackend):
         return DecodeWorkspace.create(max(batch, SPLIT_REF_BATCH), self.num_head, pool.kv_lora_rank,
                                       self.max_kv_splits, self.device, out_dtype=pool.model_dtype)
 
-    @contextlib.contextmanager
     def _without_sglang_logits(self):
-        """SGLang's split-KV logits [B, H, splits, 512] fp32 serve its decode kernel only:
-        with no bf16 layer they hold no bytes (as in the MHA backend)."""
-        if self._sglang_decode:
-            yield
-            return
-        saved, self.v_head_dim = self.v_head_dim, 0
-        try:
-            yield
-        finally:
-            self.v_head_dim = saved
+        return without_sglang_logits(self)
 
     def init_forward_metadata(self, forward_batch) -> None:
         with self._without_sglang_logits():

@@ -38,7 +38,7 @@ from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 from .codec import LayerCodec
 from .config import TQConfig
 from .env import fwht_rotations
-from .pool import MODEL_DTYPES, _store_kv
+from .pool import MODEL_DTYPES, RefusesRawMoves, _store_kv
 
 MLA_LATENT_DIMS = (512,)
 MLA_ROPE_DIMS = (64,)
@@ -64,7 +64,7 @@ class MLAPackedLayer(NamedTuple):
     codec: LayerCodec
 
 
-class TQMLATokenToKVPool(KVCache):
+class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
     """Token-to-KV pool storing the MLA latent as TurboQuant codes (module docstring)."""
 
     def __init__(self, size: int, page_size: int, kv_lora_rank: int, qk_rope_head_dim: int,
@@ -212,20 +212,3 @@ class TQMLATokenToKVPool(KVCache):
                    for group in (self.latent_codes, self.latent_norms, self.k_pe, self.kv_buffer)
                    for t in group if t is not None)
 
-    # -- paths that would move packed bytes as if they were bf16 --------------
-    def _refuse(self, what: str, flag: str):
-        raise RuntimeError(f"sglang-tq: {what} is not supported on the packed TurboQuant KV pool; "
-                           f"run without {flag} or start the server with --kv-quant none.")
-
-    def move_kv_cache(self, tgt_loc, src_loc):
-        self._refuse("moving KV slots (speculative decoding)", "--speculative-algorithm")
-
-    def get_contiguous_buf_infos(self):
-        self._refuse("exporting raw KV buffers (PD disaggregation / HiCache)",
-                     "--disaggregation-mode and --enable-hierarchical-cache")
-
-    def get_cpu_copy(self, indices, mamba_indices=None):
-        self._refuse("offloading KV to the CPU", "--disaggregation-decode-enable-offload-kvcache")
-
-    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
-        self._refuse("loading KV from the CPU", "--disaggregation-decode-enable-offload-kvcache")

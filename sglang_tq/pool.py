@@ -133,7 +133,34 @@ class PackedLayer(NamedTuple):
     codec: LayerCodec
 
 
-class TQTokenToKVPool(KVCache):
+class RefusesRawMoves:
+    """The KVCache paths that would move packed bytes as if they were bf16 (speculative
+    decoding, PD transfer, HiCache, CPU offload): one sentence each, for both packed pools."""
+
+    def _refuse(self, what: str, flag: str):
+        raise RuntimeError(
+            f"sglang-tq: {what} is not supported on the packed TurboQuant KV pool; "
+            f"run without {flag} or start the server with --kv-quant none."
+        )
+
+    def move_kv_cache(self, tgt_loc, src_loc):
+        self._refuse("moving KV slots (speculative decoding)", "--speculative-algorithm")
+
+    def set_kv_buffer_prefix_valid(self, *args, **kwargs):
+        self._refuse("prefix-valid KV writes (speculative decoding)", "--speculative-algorithm")
+
+    def get_contiguous_buf_infos(self):
+        self._refuse("exporting raw KV buffers (PD disaggregation / HiCache)",
+                     "--disaggregation-mode and --enable-hierarchical-cache")
+
+    def get_cpu_copy(self, indices, mamba_indices=None):
+        self._refuse("offloading KV to the CPU", "--disaggregation-decode-enable-offload-kvcache")
+
+    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
+        self._refuse("loading KV from the CPU", "--disaggregation-decode-enable-offload-kvcache")
+
+
+class TQTokenToKVPool(RefusesRawMoves, KVCache):
     """Token-to-KV pool storing TurboQuant codes (and bf16 K/V for bf16 layers)."""
 
     def __init__(self, size: int, page_size: int, head_num: int, head_dim: int, layer_num: int,
@@ -309,26 +336,4 @@ class TQTokenToKVPool(KVCache):
         return (nbytes(self.k_codes) + nbytes(self.k_norms) + nbytes(self.k_buffer),
                 nbytes(self.v_codes) + nbytes(self.v_norms) + nbytes(self.v_buffer))
 
-    # -- paths that would move packed bytes as if they were bf16 --------------
-    def _refuse(self, what: str, flag: str):
-        raise RuntimeError(
-            f"sglang-tq: {what} is not supported on the packed TurboQuant KV pool; "
-            f"run without {flag} or start the server with --kv-quant none."
-        )
-
-    def move_kv_cache(self, tgt_loc, src_loc):
-        self._refuse("moving KV slots (speculative decoding)", "--speculative-algorithm")
-
-    def set_kv_buffer_prefix_valid(self, *args, **kwargs):
-        self._refuse("prefix-valid KV writes (speculative decoding)", "--speculative-algorithm")
-
-    def get_contiguous_buf_infos(self):
-        self._refuse("exporting raw KV buffers (PD disaggregation / HiCache)",
-                     "--disaggregation-mode and --enable-hierarchical-cache")
-
-    def get_cpu_copy(self, indices, mamba_indices=None):
-        self._refuse("offloading KV to the CPU", "--disaggregation-decode-enable-offload-kvcache")
-
-    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
-        self._refuse("loading KV from the CPU", "--disaggregation-decode-enable-offload-kvcache")
 
