@@ -16,6 +16,9 @@
   products instead, for A/B runs. Default since the same-call A/B on an H100
   (``benchmarks/results/ab_fwht_h100_46f802e.json``): store 10.5 → 8.4 µs at one token,
   decode 1 × 4k 21.9 → 20.4 µs.
+* ``SGLANG_TQ_EXPERIMENTAL_MLA``: ``1`` admits MLA models (DeepSeek-V2/V3: the packed latent
+  pool and backend, ``sglang_tq/mla_pool.py``, ``sglang_tq/mla_backend.py``) before a GPU run
+  has validated them; without it they are refused at launch.
 * ``SGLANG_DEBUG_MEMORY_POOL`` (SGLang's own debug switch, read here too): the packed
   pool checks every store's slots against its size and the stored norms for fp16
   overflow, raising one sentence (each check synchronizes the GPU: debugging only).
@@ -54,3 +57,11 @@ def fwht_rotations() -> bool:
     if raw not in ("0", "1", ""):
         raise ValueError(f"SGLANG_TQ_FWHT must be 0 or 1, got {raw!r}.")
     return raw != "0"
+
+
+def experimental_mla() -> bool:
+    """``SGLANG_TQ_EXPERIMENTAL_MLA``: admit MLA models before their GPU validation (0 or 1)."""
+    raw = os.environ.get("SGLANG_TQ_EXPERIMENTAL_MLA", "0").strip()
+    if raw not in ("0", "1", ""):
+        raise ValueError(f"SGLANG_TQ_EXPERIMENTAL_MLA must be 0 or 1, got {raw!r}.")
+    return raw == "1"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from .config import TQConfig
 from .kernels._checks import SUPPORTED_HEAD_DIMS
 from .priorart import KIVI_GROUP_TOKENS
 from .rotation import is_power_of_two
@@ -60,6 +61,9 @@ ARCHITECTURES = (
 )
 HYBRID_LINEAR_ARCHITECTURES = ("Qwen3NextForCausalLM",)
 HYBRID_SWA_ARCHITECTURES = ("GptOssForCausalLM",)  # also the ones with attention sinks
+# MLA models with the packed latent pool (sglang_tq/mla_pool.py): admitted only with
+# SGLANG_TQ_EXPERIMENTAL_MLA=1 until a GPU run validates them (env.py)
+MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 _ALT = "or start the server with --kv-quant none"
 
 
@@ -194,11 +198,8 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
     hf = mc.hf_config
     arch = (getattr(hf, "architectures", None) or ["<unknown>"])[0]
     if mc.attention_arch == AttentionArch.MLA or is_deepseek_dsa(hf) or is_deepseek_v4(hf):
-        raise ValueError(
-            f"{q} does not serve MLA models such as {arch} yet (the packed latent pool and its "
-            f"kernels are built but not yet validated on a GPU); use --kv-quant none or "
-            f"--kv-cache-dtype fp8_e4m3."
-        )
+        _check_mla(mc, sa, q, arch, is_deepseek_dsa(hf) or is_deepseek_v4(hf))
+        return
     hybrid_linear_ok = mode == "turboquant" and arch in HYBRID_LINEAR_ARCHITECTURES
     if (mambaish_config(mc) is not None and not hybrid_linear_ok) or is_minimax_sparse(hf):
         raise ValueError(
@@ -264,6 +265,10 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"{q} needs --tp-size to divide or be a multiple of the "
             f"{total_kv} KV heads (got --tp-size {sa.tp_size}); pick another --tp-size {_ALT}."
         )
+    _check_bf16_layers(mc, sa, arch)
+
+
+def _check_bf16_layers(mc: Any, sa: Any, arch: str) -> None:
     layers = mc.num_hidden_layers
     bad = [i for i in getattr(sa, "kv_quant_bf16_layers", ()) if i >= layers]
     if bad:
@@ -271,6 +276,38 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"--kv-quant-bf16-layers names layers {bad} but {arch} has layers 0..{layers - 1}; "
             f"list existing layer ids only."
         )
+
+
+def _check_mla(mc: Any, sa: Optional[Any], q: str, arch: str, sparse: bool) -> None:
+    """MLA: the DeepSeek-V2/V3 latent (512) + RoPE (64) layout, one bit width, nothing that
+    the latent pool would silently ignore; and, until validated on a GPU, the opt-in."""
+    from .env import experimental_mla
+
+    if mode_of(sa) != "turboquant" or sparse or arch not in MLA_ARCHITECTURES:
+        raise ValueError(f"{q} does not support the MLA model {arch}; use --kv-quant none or "
+                         f"--kv-cache-dtype fp8_e4m3.")
+    if not experimental_mla():
+        raise ValueError(
+            f"{q} does not serve MLA models such as {arch} yet (the packed latent pool and its "
+            f"kernels are built but not yet validated on a GPU); use --kv-quant none or "
+            f"--kv-cache-dtype fp8_e4m3.")
+    if (getattr(mc, "kv_lora_rank", None), getattr(mc, "qk_rope_head_dim", None)) != (512, 64):
+        raise ValueError(f"{q} packs a 512-d MLA latent with a 64-d RoPE key, but {arch} has "
+                         f"{mc.kv_lora_rank} and {mc.qk_rope_head_dim}; use --kv-quant none.")
+    if sa is None:
+        return
+    k_bits, v_bits = TQConfig.parse_bits(sa.kv_quant_bits)
+    if k_bits != v_bits:
+        raise ValueError(f"an MLA latent is both key and value, so --kv-quant-bits takes one "
+                         f"width for {arch}: use k{k_bits}v{k_bits}.")
+    unsupported = [flag for flag, on in (
+        ("--kv-quant-packed-prefill", getattr(sa, "kv_quant_packed_prefill", False)),
+        ("--kv-quant-key-centers", getattr(sa, "kv_quant_key_centers", None) not in (None, "auto")),
+    ) if on]
+    if unsupported:
+        raise ValueError(f"{q} does not support {' and '.join(unsupported)} for MLA models such "
+                         f"as {arch}; drop them {_ALT}.")
+    _check_bf16_layers(mc, sa, arch)
 
 
 def layer_types(mc: Any) -> tuple:

@@ -161,3 +161,41 @@ def test_sglang_configurator_sizes_and_builds_the_mla_pool(monkeypatch):
             assert pool.get_kv_size_bytes() == cell * 33
         # the prefill scratch (one layer's dense [context_len, 576] rows) leaves the budget
         assert conf._tq_prefill_scratch_bytes == sa.get_model_config().context_len * 576 * 2
+
+
+# ------------------------------------------------------------------------ admission at launch
+def _launch(*flags):
+    from pathlib import Path
+
+    from test_pool import _server_args
+
+    return _server_args(*flags, model=str(Path(__file__).resolve().parents[1]
+                                          / "scripts/model_configs/deepseek-v2-lite"))
+
+
+def test_mla_is_refused_at_launch_without_the_opt_in(monkeypatch):
+    monkeypatch.delenv("SGLANG_TQ_EXPERIMENTAL_MLA", raising=False)
+    with pytest.raises(ValueError, match="not yet validated on a GPU.*--kv-quant none"):
+        _launch("--kv-quant", "turboquant")
+    _launch("--kv-quant", "none")  # stock SGLang's MLA serving is untouched
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (("--kv-quant-bits", "k4v3"), "one width.*k4v4"),
+    (("--kv-quant-packed-prefill",), "--kv-quant-packed-prefill for MLA"),
+    (("--kv-quant-key-centers", "none"), None),
+    (("--kv-quant-bf16-layers", "27"), "layers 0..26"),
+    ((), None),
+])
+def test_mla_admission_rules_with_the_opt_in(monkeypatch, flags, msg):
+    """With SGLANG_TQ_EXPERIMENTAL_MLA=1 a DeepSeek-V2 model starts with --kv-quant
+    turboquant, and what the latent pool would ignore is one sentence at launch."""
+    monkeypatch.setenv("SGLANG_TQ_EXPERIMENTAL_MLA", "1")
+    if msg is None:
+        assert _launch("--kv-quant", "turboquant", *flags).kv_quant == "turboquant"
+    else:
+        with pytest.raises(ValueError, match=msg):
+            _launch("--kv-quant", "turboquant", *flags)
+    monkeypatch.setenv("SGLANG_TQ_EXPERIMENTAL_MLA", "yes")
+    with pytest.raises(ValueError, match="SGLANG_TQ_EXPERIMENTAL_MLA must be 0 or 1"):
+        _launch("--kv-quant", "turboquant")
