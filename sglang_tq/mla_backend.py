@@ -151,24 +151,45 @@ class TQMLAAttnBackend(TritonAttnBackend):
         _check_mla_call(layer, k, sinks, score_mod)
         if save_kv_cache:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        scratch, md = self._dense_prefix(layer.layer_id, k.dtype)
-        with self._swapped(_Buffers(pool, scratch, scratch[..., : pool.kv_lora_rank]), md):
-            return super().forward_extend(q, k, v, layer, forward_batch, False, sinks=sinks,
-                                          score_mod=score_mod, aux_tensors=aux_tensors)
+        md = self.forward_metadata
+        o = getattr(forward_batch, "_attn_output", None)
+        if o is None:
+            o = q.new_empty((q.shape[0], layer.tp_q_head_num * pool.kv_lora_rank))
+        for b0, b1 in self._prefix_groups(md):
+            r = slice(int(md.qo_indptr[b0]), int(md.qo_indptr[b1]))
+            scratch, g = self._dense_prefix(layer.layer_id, k.dtype, _group_metadata(md, b0, b1))
+            with self._swapped(_Buffers(pool, scratch, scratch[..., : pool.kv_lora_rank]), g), \
+                    _no_preset_output(forward_batch):
+                o[r] = super().forward_extend(q[r], k[r], v[r], layer, forward_batch, False,
+                                              sinks=sinks, score_mod=score_mod,
+                                              aux_tensors=aux_tensors)
+        return o
 
-    def _dense_prefix(self, layer_id: int, dtype: torch.dtype):
-        """The batch's distinct prefix slots as dense [rows, 1, 576] rows in the chunk's
-        ``dtype`` (latent dequantized, RoPE key copied) and the metadata with the prefix
-        lists remapped to those rows. Prefill is eager for MLA (SGLang turns its prefill graphs off for
-        non-DSA MLA), so the distinct count may sync with the host."""
-        pool, md = self.token_to_kv_pool, self.forward_metadata
-        n = int(md.kv_indptr[-1])
-        slots, rows = torch.unique(md.kv_indices[:n], return_inverse=True)
-        if slots.numel() > self.prefill_scratch_rows:
-            raise RuntimeError(f"this prefill batch reads {slots.numel()} distinct cached tokens, "
-                               f"more than the prefill scratch of {self.prefill_scratch_rows} rows "
-                               f"(context_len) the MLA backend sets aside; lower "
-                               f"--max-prefill-tokens or --max-running-requests.")
+    def _prefix_groups(self, md) -> list[tuple[int, int]]:
+        """Consecutive requests [b0, b1) whose prefix tokens fit the scratch budget
+        (``context_len`` rows, set aside by the pool sizing): the whole batch unless many
+        requests with long prefixes prefill together."""
+        kv = md.kv_indptr.tolist()
+        groups, b0 = [], 0
+        for b in range(1, len(kv)):
+            if kv[b] - kv[b - 1] > self.prefill_scratch_rows:
+                raise RuntimeError(f"a request's cached prefix of {kv[b] - kv[b - 1]} tokens "
+                                   f"exceeds the prefill scratch of {self.prefill_scratch_rows} "
+                                   f"rows (context_len); lower --context-length or use "
+                                   f"--kv-quant none.")
+            if kv[b] - kv[b0] > self.prefill_scratch_rows:
+                groups.append((b0, b - 1))
+                b0 = b - 1
+        groups.append((b0, len(kv) - 1))
+        return groups
+
+    def _dense_prefix(self, layer_id: int, dtype: torch.dtype, md):
+        """A request group's distinct prefix slots as dense [rows, 1, 576] rows in the
+        chunk's ``dtype`` (latent dequantized, RoPE key copied) and its metadata with the
+        prefix lists remapped to those rows. Prefill is eager for MLA (SGLang turns its
+        prefill graphs off for non-DSA MLA), so the distinct count may sync with the host."""
+        pool = self.token_to_kv_pool
+        slots, rows = torch.unique(md.kv_indices, return_inverse=True)
         p = pool.get_packed_layer(layer_id)
         scratch = torch.empty(slots.numel(), 1, pool.kv_cache_dim, dtype=dtype, device=slots.device)
         tq_dequant(p.latent_codes, p.latent_norms, None, None, slots, p.codec, dtype=dtype,
@@ -184,6 +205,30 @@ class TQMLAAttnBackend(TritonAttnBackend):
             yield
         finally:
             self.token_to_kv_pool, self.forward_metadata = saved
+
+
+@contextlib.contextmanager
+def _no_preset_output(forward_batch):
+    """A group's rows are only part of the batch: the parent must allocate its own output
+    rather than write into the batch's preset one (``forward_batch._attn_output``)."""
+    saved = getattr(forward_batch, "_attn_output", None)
+    if saved is not None:
+        forward_batch._attn_output = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            forward_batch._attn_output = saved
+
+
+def _group_metadata(md, b0: int, b1: int):
+    """The parent's extend metadata for requests b0..b1-1 alone: their query rows and
+    prefix lists, rebased to 0."""
+    qo, kv = md.qo_indptr[b0:b1 + 1], md.kv_indptr[b0:b1 + 1]
+    return dataclasses.replace(
+        md, qo_indptr=qo - qo[0], kv_indptr=kv - kv[0],
+        kv_indices=md.kv_indices[int(kv[0]):int(kv[-1])],
+        max_extend_len=int((qo[1:] - qo[:-1]).max()))
 
 
 def _check_mla_call(layer, k, sinks, score_mod) -> None:

@@ -181,3 +181,29 @@ def test_backend_factory_picks_the_mla_backend_for_the_latent_pool(server_args):
     from sglang_tq.mla_backend import TQMLAAttnBackend
 
     assert isinstance(create_tq_backend(_runner(server_args)), TQMLAAttnBackend)
+
+
+def test_mla_prefill_splits_requests_to_bound_the_prefix_scratch(server_args):
+    """Two requests with their own 5- and 3-token prefixes: a 6-row scratch budget runs them
+    as two groups (rows never above the budget), the same output as one group, written into
+    the batch's preset output if the model gave one."""
+    outs = []
+    for budget in (64, 6):
+        backend, pool, req_to_token = _backend(server_args)
+        backend.prefill_scratch_rows = budget
+        other = torch.arange(50, 53)
+        for slots, seed in ((PREFIX, 1), (other, 9)):
+            pool.set_kv_buffer(MQA, slots.to(DEV), _rows(len(slots), seed, LAT + ROPE)[:, None], None)
+        fb = _extend(req_to_token, [5, 3], [7, 3])
+        req_to_token.req_to_token[2, :6] = torch.cat([other, CHUNK2]).int()
+        backend.init_forward_metadata(fb)
+        seen = []
+        real = backend._dense_prefix
+        backend._dense_prefix = lambda *a: seen.append(real(*a)[0].shape[0]) or real(*a)
+        q, k = _rows(10, 2, H * (LAT + ROPE)).to(WORK), _rows(10, 3, LAT + ROPE).to(WORK)
+        fb._attn_output = torch.full((10, H * LAT), float("nan"), dtype=WORK, device=DEV)
+        o = backend.forward_extend(q, k[:, None], k[:, None, :LAT], MQA, fb)
+        assert o is fb._attn_output and not o.isnan().any()
+        assert seen == ([8] if budget == 64 else [5, 3])
+        outs.append(o)
+    assert torch.equal(outs[0], outs[1])
