@@ -50,10 +50,15 @@ def _quantize_tile(
     X, PiT, Bounds, Codes, Norms, Center, loc, offs_n, mask_n, head,
     stride_x_n, stride_x_h, stride_c_s, stride_c_h, stride_nrm_s, stride_nrm_h,
     BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CENTER: tl.constexpr,
-    FWHT: tl.constexpr,
+    FWHT: tl.constexpr, ROTATED: tl.constexpr = False,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
-    if FWHT:
+    if ROTATED:
+        # -- rows already rotated (fp32, packing order): MLA's 512-d latent, rotated by the
+        #    launcher, since a [16, 512] rotation tile in the kernel spills
+        y = tl.load(X + offs_n[:, None] * stride_x_n + head * stride_x_h + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0).to(tl.float32)
+    elif FWHT:
         # -- load (minus the head's key center), rotate by the fast Walsh-Hadamard transform
         #    (PiT is then Π itself: its first row gives the signs)
         x = tl.load(X + offs_n[:, None] * stride_x_n + head * stride_x_h + offs_d[None, :],
@@ -124,6 +129,7 @@ def _tq_store_kernel(
     stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     K_CENTER: tl.constexpr, USE_PDL: tl.constexpr, FWHT: tl.constexpr,
+    ROTATED: tl.constexpr = False,
 ):
     if USE_PDL:
         # programmatic dependent launch: wait for the kernel that wrote K and V (and, in a
@@ -140,11 +146,11 @@ def _tq_store_kernel(
     if which == 0:
         _quantize_tile(K, PiTK, BoundsK, KCodes, KNorms, KCenter, loc, offs_n, mask_n, head,
                        stride_k_n, stride_k_h, stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
-                       K_BITS, HEAD_DIM, BLOCK_N, K_CENTER, FWHT)
+                       K_BITS, HEAD_DIM, BLOCK_N, K_CENTER and not ROTATED, FWHT, ROTATED)
     else:
         _quantize_tile(V, PiTV, BoundsV, VCodes, VNorms, KCenter, loc, offs_n, mask_n, head,
                        stride_v_n, stride_v_h, stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
-                       V_BITS, HEAD_DIM, BLOCK_N, False, FWHT)
+                       V_BITS, HEAD_DIM, BLOCK_N, False, FWHT, ROTATED)
 
 
 def _check_pool(name, codes, norms, num_heads, code_bytes):
@@ -169,8 +175,9 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     ``num_warps`` per program (default 4); ``fwht`` (default) rotates by the fast
     Walsh-Hadamard transform instead of the dense Πᵀ product (same-call A/B on an H100,
     ``ab_fwht_h100_46f802e.json``: 8.4 against 10.5 µs for one token, 8.8 against 10.6 for
-    64); MLA's 512-d latent takes the dense product (a 256-wide ±1 block would not fit
-    registers).
+    64). Above head_dim 256 (MLA's 512-d latent) the rows are rotated here by one fp32
+    matmul against Πᵀ in packing order and the kernel only quantizes and packs them: a
+    [16, 512] rotation tile inside the kernel spills (9 KB at 4 warps, offline sm_90a).
 
     ``pdl`` (default: where supported) launches with programmatic dependent launch: the
     kernel still waits for its inputs first, but the next PDL launch may start early."""
@@ -180,7 +187,7 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
         raise ValueError("v, v_codes and v_norms must be given together (or all None for keys "
                          "only).")
     check_head_dim(d, latent=keys_only)
-    fwht = fwht and d <= 256
+    rotated = d > 256
     if keys_only:
         v, v_codes, v_norms = k, k_codes, k_norms  # never written: the grid has no V programs
     if v.shape != k.shape:
@@ -203,6 +210,9 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
         return
     grid = (triton.cdiv(n, block_n), hkv, 1 if keys_only else 2)
     pi_k, pi_v = (codec.pi, codec.pi) if fwht else (codec.pi_t_k, codec.pi_t_v)
+    if rotated:  # keys only: check_head_dim admits D > 256 for a latent alone
+        x = k.float() if codec.k_center is None else k.float() - codec.k_center
+        k = v = (x @ codec.pi_t_k).contiguous()
     _tq_store_kernel[grid](
         k, v, loc, pi_k, pi_v, codec.k_bounds, codec.v_bounds,
         k_codes, k_norms, v_codes, v_norms,
@@ -211,7 +221,8 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HEAD_DIM=d, BLOCK_N=block_n,
-        K_CENTER=codec.k_center is not None, USE_PDL=int(pdl), FWHT=bool(fwht),
+        K_CENTER=codec.k_center is not None, USE_PDL=int(pdl), FWHT=bool(fwht) and not rotated,
+        ROTATED=rotated,
         num_warps=4 if num_warps is None else num_warps,
         **pdl_launch(pdl),
     )

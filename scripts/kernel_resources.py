@@ -98,8 +98,9 @@ def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages
 def compile_store(head_dim, k_bits, v_bits, num_warps, fwht=0, block_n=16, sass_dir=None):
     from sglang_tq.kernels import tq_store
 
+    # above head_dim 256 (MLA's latent) the launcher rotates and the kernel only quantizes
     consts = dict(K_BITS=k_bits, V_BITS=v_bits, HEAD_DIM=head_dim, BLOCK_N=block_n, K_CENTER=False,
-                  USE_PDL=0, FWHT=bool(fwht))
+                  USE_PDL=0, FWHT=bool(fwht), ROTATED=head_dim > 256)
     return _resources(tq_store._tq_store_kernel, _STORE_POINTERS, consts,
                       dict(num_warps=num_warps, num_stages=1), sass_dir,
                       f"store_k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_f{fwht}")

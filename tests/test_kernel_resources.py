@@ -64,3 +64,20 @@ def test_walsh_hadamard_rotations_read_no_rotation_matrix(args, tmp_path):
     for d, f in zip(dense, fast):
         assert f["spill_bytes"] == 0, f
         assert f["LDG"] < d["LDG"], (d["LDG"], f["LDG"])
+
+
+def test_mla_latent_kernels_compile_without_spills(tmp_path):
+    """MLA's 512-d latent (issue 16): stage 1 with values = the key codes and RoPE scores at
+    the built-in launch, and the keys-only store's dense rotation (the fast Walsh-Hadamard one
+    is not used at 512), compile for sm_90a without spills."""
+    launch = builtin_launch(512)
+    rows = _resources(tmp_path, "--mla", "--head-dim", "512", "--gqa", "16", "--kv", "k4v4,k3v3,k2v2",
+                      "--block-n", str(launch.block_n), "--num-warps", str(launch.num_warps),
+                      "--num-stages", str(launch.num_stages), "--prefetch", "0")
+    assert [r["kv"] for r in rows] == ["k4v4", "k3v3", "k2v2"]
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["regs"] <= 255, r
+        assert r["loop_mix"].get("HMMA", 0) > 0 and r["loop_mix"].get("PRMT", 0) > 0
+    store = _resources(tmp_path, "--kernel", "store", "--head-dim", "512", "--kv", "k4v4,k3v3",
+                       "--num-warps", "4", "--fwht", "0")
+    assert all(r["spill_bytes"] == 0 for r in store), store
