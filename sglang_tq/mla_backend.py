@@ -30,9 +30,10 @@ import torch
 
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-from .backend import without_sglang_logits
+from .backend import _DEFAULT_NUM_SMS, without_sglang_logits
 from .env import fwht_rotations
-from .kernels.tq_decode import SPLIT_REF_BATCH, DecodeWorkspace, split_ceiling, tq_decode
+from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
+                                split_ceiling, tq_decode)
 from .kernels.tq_dequant import tq_dequant
 from .mla_pool import TQMLATokenToKVPool
 
@@ -78,12 +79,24 @@ class TQMLAAttnBackend(TritonAttnBackend):
         self.fwht = fwht_rotations()
         self._sglang_decode = any(not pool.is_packed_layer(i) for i in pool.layer_ids)
         self.prefill_scratch_rows = int(self.max_context_len)
+        self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
 
     # -- metadata ----------------------------------------------------------------
     def max_splits(self, bs: int) -> int:
         return self.max_kv_splits if self._sglang_decode else split_ceiling(bs, self.max_kv_splits)
+
+    def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Our occupancy rule, as in the MHA backend: one latent head gives a sequence a
+        single program per split, so a batch of one needs many splits to fill the GPU (the
+        parent's rule would give it 8)."""
+        if self._sglang_decode:
+            return super().get_num_kv_splits(num_kv_splits, seq_lens)
+        pool = self.token_to_kv_pool
+        num_kv_splits.copy_(default_num_kv_splits(
+            seq_lens, 1, self.max_splits(seq_lens.numel()), num_sms=self.num_sms,
+            head_dim=pool.kv_lora_rank, k_bits=pool.cfg.k_bits, v_bits=pool.cfg.k_bits))
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
         pool = self.token_to_kv_pool

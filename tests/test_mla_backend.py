@@ -207,3 +207,15 @@ def test_mla_prefill_splits_requests_to_bound_the_prefix_scratch(server_args):
         assert seen == ([8] if budget == 64 else [5, 3])
         outs.append(o)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_mla_decode_splits_fill_the_gpu_at_small_batches(server_args):
+    """One latent head per sequence: the split rule gives a long sequence many splits (the
+    parent's would give 8), within the ceiling the workspace was sized for."""
+    backend, _, _ = _backend(server_args)
+    splits = torch.zeros(1, dtype=torch.int32, device=DEV)
+    backend.get_num_kv_splits(splits, torch.tensor([32768], device=DEV))
+    assert 8 < int(splits[0]) <= backend.max_splits(1)
+    many = torch.zeros(64, dtype=torch.int32, device=DEV)
+    backend.get_num_kv_splits(many, torch.full((64,), 4096, device=DEV))
+    assert int(many.max()) <= backend.max_splits(64) == backend.max_kv_splits
