@@ -82,6 +82,20 @@ class TQMLAAttnBackend(TritonAttnBackend):
         self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
         self._graph_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
+        self._compile_prefix_path()
+
+    def _compile_prefix_path(self) -> None:
+        """Dequantize slot 0 (SGLang's padding slot) of the first packed layer once, as a
+        prefill with a prefix does: SGLang's warm-up request has none, so the first radix hit
+        would otherwise wait for Triton to compile the keys-only dequant (every layer shares
+        its constants)."""
+        pool = self.token_to_kv_pool
+        packed = [i for i in pool.layer_ids if pool.is_packed_layer(i)]
+        if packed:
+            p = pool.get_packed_layer(packed[0])
+            tq_dequant(p.latent_codes, p.latent_norms, None, None,
+                       torch.zeros(1, dtype=torch.int64, device=self.device), p.codec,
+                       dtype=pool.model_dtype)
 
     # -- metadata ----------------------------------------------------------------
     def max_splits(self, bs: int) -> int:
