@@ -135,3 +135,19 @@ def test_latent_dequant_keys_only_matches_reference(bits, device):
     bound = 2 if device.type == "cuda" else 4
     assert _rel(scratch[..., :LATENT], ref) <= bound * _rel(ref.bfloat16(), ref)
     assert (scratch[..., LATENT:] == 7.0).all()
+
+
+def test_mla_decode_merges_many_splits(device):
+    """A batch of one gets many splits (the MLA backend's occupancy rule): above 16 the
+    merge runs per query head over [splits, 512] tiles (VECTOR_MERGE), here at 32."""
+    codec, kc, kn, k_pe, indptr, indices, q, q_pe = _mla_inputs(4, 16, device, lens=(45,))
+    scale = (128 + ROPE) ** -0.5
+    ws = DecodeWorkspace.create(1, 16, LATENT, 32, device)
+    ws.out.fill_(float("nan"))
+    splits = torch.tensor([32], dtype=torch.int32, device=device)
+    out = tq_decode(q, kc, kn, None, None, indptr, indices, codec, scale, num_kv_splits=splits,
+                    max_kv_splits=32, workspace=ws, q_pe=q_pe, k_pe=k_pe, block_n=16)
+    ref = tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale, q_pe=q_pe, k_pe=k_pe)
+    torch_err = _rel(tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale,
+                                   dtype=torch.bfloat16, q_pe=q_pe, k_pe=k_pe), ref)
+    assert not out.isnan().any() and _rel(out, ref) <= 2 * torch_err
