@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -716,11 +715,9 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
         slots = kv_indices[kv_indptr[b]: kv_indptr[b + 1]].long()
         if sliding_window > 0:
             slots = slots[-sliding_window:]
-        if v_codes is None:
-            k = codec.k_quant.dequantize(k_codes[slots], k_norms[slots]).to(dtype)
+        k, v = tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype)
+        if v is None:  # MLA: the latent is the values too
             v = k
-        else:
-            k, v = tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype)
         qb = q[b : b + 1].to(dtype)
         if q_pe is not None:
             qb = torch.cat([qb, q_pe[b : b + 1].to(dtype)], dim=-1)

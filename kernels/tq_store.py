@@ -212,7 +212,7 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     pi_k, pi_v = (codec.pi, codec.pi) if fwht else (codec.pi_t_k, codec.pi_t_v)
     if rotated:  # keys only: check_head_dim admits D > 256 for a latent alone
         x = k.float() if codec.k_center is None else k.float() - codec.k_center
-        k = v = (x @ codec.pi_t_k).contiguous()
+        k = v = x @ codec.pi_t_k
     _tq_store_kernel[grid](
         k, v, loc, pi_k, pi_v, codec.k_bounds, codec.v_bounds,
         k_codes, k_norms, v_codes, v_norms,

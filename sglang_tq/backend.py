@@ -297,19 +297,7 @@ class TQAttnBackend(TritonAttnBackend):
                             self.extend_impl == "fa3")
 
     def _use_eager_workspace(self, bs: int) -> None:
-        """The workspace of an eager decode of ``bs`` sequences: the CUDA-graph one when it
-        fits (graph replays and eager steps share the stream, never run at once), else one
-        of ``bs`` rounded up to 64 rows, replaced when it is over twice what the batch needs,
-        so a burst of 4096 requests does not pin its workspace for the server's life."""
-        g = self._graph_ws
-        if g is not None and g.q_rot.shape[0] >= bs:
-            self._eager_ws, self._decode_ws = None, g
-            return
-        ws, need = self._eager_ws, max(bs, SPLIT_REF_BATCH)
-        if ws is None or not bs <= ws.q_rot.shape[0] <= 2 * need:
-            self._eager_ws = ws = None  # freed before the next one is made
-            ws = self._eager_ws = self._workspace(-(-bs // EAGER_WS_ROWS) * EAGER_WS_ROWS)
-        self._decode_ws = ws
+        use_eager_workspace(self, bs)
 
     def _split_mixed(self, forward_batch) -> Optional[_MixedSplit]:
         """The decode half of a mixed batch: its trailing run of one-token requests (the
@@ -463,6 +451,24 @@ class TQAttnBackend(TritonAttnBackend):
                 sliding_window=sliding,
             )
         return o
+
+
+def use_eager_workspace(backend, bs: int) -> None:
+    """The workspace of an eager decode of ``bs`` sequences (both backends): the CUDA-graph
+    one when it fits (graph replays and eager steps share the stream, never run at once),
+    else one of ``bs`` rounded up to 64 rows, kept across steps and replaced only when it is
+    over twice what the batch needs, so a burst of 4096 requests does not pin its workspace
+    for the server's life. ``backend`` has ``_graph_ws``, ``_eager_ws``, ``_decode_ws`` and
+    ``_workspace(rows)``."""
+    g = backend._graph_ws
+    if g is not None and g.q_rot.shape[0] >= bs:
+        backend._eager_ws, backend._decode_ws = None, g
+        return
+    ws, need = backend._eager_ws, max(bs, SPLIT_REF_BATCH)
+    if ws is None or not bs <= ws.q_rot.shape[0] <= 2 * need:
+        backend._eager_ws = ws = None  # freed before the next one is made
+        ws = backend._eager_ws = backend._workspace(-(-bs // EAGER_WS_ROWS) * EAGER_WS_ROWS)
+    backend._decode_ws = ws
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import torch
 
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-from .backend import _DEFAULT_NUM_SMS, without_sglang_logits
+from .backend import _DEFAULT_NUM_SMS, use_eager_workspace, without_sglang_logits
 from .env import fwht_rotations
 from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
                                 split_ceiling, tq_decode)
@@ -81,6 +81,7 @@ class TQMLAAttnBackend(TritonAttnBackend):
         self.prefill_scratch_rows = int(self.max_context_len)
         self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
         self._graph_ws: Optional[DecodeWorkspace] = None
+        self._eager_ws: Optional[DecodeWorkspace] = None
         self._decode_ws: Optional[DecodeWorkspace] = None
         self._compile_prefix_path()
 
@@ -123,14 +124,13 @@ class TQMLAAttnBackend(TritonAttnBackend):
     def init_forward_metadata(self, forward_batch) -> None:
         with self._without_sglang_logits():
             super().init_forward_metadata(forward_batch)
-        bs = forward_batch.batch_size
         if forward_batch.forward_mode.is_decode_or_idle():
-            g = self._graph_ws
-            self._decode_ws = g if g is not None and g.q_rot.shape[0] >= bs else self._workspace(bs)
+            use_eager_workspace(self, forward_batch.batch_size)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
         with self._without_sglang_logits():
             super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        self._eager_ws = None
         self._graph_ws = self._workspace(max_num_tokens)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
@@ -182,9 +182,11 @@ class TQMLAAttnBackend(TritonAttnBackend):
         o = getattr(forward_batch, "_attn_output", None)
         if o is None:
             o = q.new_empty((q.shape[0], layer.tp_q_head_num * pool.kv_lora_rank))
-        for b0, b1 in self._prefix_groups(md):
-            r = slice(int(md.qo_indptr[b0]), int(md.qo_indptr[b1]))
-            scratch, g = self._dense_prefix(layer.layer_id, k.dtype, _group_metadata(md, b0, b1))
+        qo, kv = md.qo_indptr.tolist(), md.kv_indptr.tolist()  # eager prefill: one host read
+        for b0, b1 in self._prefix_groups(kv):
+            r = slice(qo[b0], qo[b1])
+            scratch, g = self._dense_prefix(layer.layer_id, k.dtype,
+                                            _group_metadata(md, b0, b1, qo, kv))
             with self._swapped(_Buffers(pool, scratch, scratch[..., : pool.kv_lora_rank]), g), \
                     _no_preset_output(forward_batch):
                 o[r] = super().forward_extend(q[r], k[r], v[r], layer, forward_batch, False,
@@ -192,11 +194,10 @@ class TQMLAAttnBackend(TritonAttnBackend):
                                               aux_tensors=aux_tensors)
         return o
 
-    def _prefix_groups(self, md) -> list[tuple[int, int]]:
-        """Consecutive requests [b0, b1) whose prefix tokens fit the scratch budget
-        (``context_len`` rows, set aside by the pool sizing): the whole batch unless many
-        requests with long prefixes prefill together."""
-        kv = md.kv_indptr.tolist()
+    def _prefix_groups(self, kv: list[int]) -> list[tuple[int, int]]:
+        """Consecutive requests [b0, b1) whose prefix tokens (``kv``: the prefix indptr on
+        the host) fit the scratch budget (``context_len`` rows, set aside by the pool
+        sizing): the whole batch unless many requests with long prefixes prefill together."""
         groups, b0 = [], 0
         for b in range(1, len(kv)):
             if kv[b] - kv[b - 1] > self.prefill_scratch_rows:
@@ -248,14 +249,13 @@ def _no_preset_output(forward_batch):
             forward_batch._attn_output = saved
 
 
-def _group_metadata(md, b0: int, b1: int):
+def _group_metadata(md, b0: int, b1: int, qo: list[int], kv: list[int]):
     """The parent's extend metadata for requests b0..b1-1 alone: their query rows and
-    prefix lists, rebased to 0."""
-    qo, kv = md.qo_indptr[b0:b1 + 1], md.kv_indptr[b0:b1 + 1]
+    prefix lists, rebased to 0 (``qo``/``kv``: the indptrs on the host)."""
     return dataclasses.replace(
-        md, qo_indptr=qo - qo[0], kv_indptr=kv - kv[0],
-        kv_indices=md.kv_indices[int(kv[0]):int(kv[-1])],
-        max_extend_len=int((qo[1:] - qo[:-1]).max()))
+        md, qo_indptr=md.qo_indptr[b0:b1 + 1] - qo[b0], kv_indptr=md.kv_indptr[b0:b1 + 1] - kv[b0],
+        kv_indices=md.kv_indices[kv[b0]:kv[b1]],
+        max_extend_len=max(qo[b + 1] - qo[b] for b in range(b0, b1)))
 
 
 def _check_mla_call(layer, k, sinks, score_mod) -> None:
