@@ -173,7 +173,59 @@ class _ShapeOnlyPool:
         return getattr(self._pool, name)
 
 
-class TQAttnBackend(TritonAttnBackend):
+class PackedDecodeState:
+    """Decode workspace and SGLang-logits handling shared by the packed backends (this
+    module's and :mod:`sglang_tq.mla_backend`), mixed in before ``TritonAttnBackend``. The
+    backend sets ``_sglang_decode`` (bf16 layers need SGLang's own decode) and provides
+    ``_workspace(rows)``."""
+
+    _graph_ws: Optional[DecodeWorkspace] = None
+    _eager_ws: Optional[DecodeWorkspace] = None
+    _decode_ws: Optional[DecodeWorkspace] = None
+
+    @contextlib.contextmanager
+    def _without_sglang_logits(self):
+        """While the parent builds metadata: SGLang's split-KV logits [B, H, splits, Dv] fp32
+        serve its own decode kernel only, so with no bf16 layer they are shaped [.., 0] and
+        hold no bytes (at B = 4096, 32 heads, 8 splits: 0.5 GB beside our workspace; MLA's
+        [.., 256, 512] per captured row: 8 MiB)."""
+        if self._sglang_decode:
+            yield
+            return
+        saved, self.v_head_dim = self.v_head_dim, 0
+        try:
+            yield
+        finally:
+            self.v_head_dim = saved
+
+    def _use_eager_workspace(self, bs: int) -> None:
+        """The workspace of an eager decode of ``bs`` sequences: the CUDA-graph one when it
+        fits (graph replays and eager steps share the stream, never run at once), else one
+        of ``bs`` rounded up to 64 rows, kept across steps and replaced only when it is over
+        twice what the batch needs, so a burst of 4096 requests does not pin its workspace
+        for the server's life."""
+        g = self._graph_ws
+        if g is not None and g.q_rot.shape[0] >= bs:
+            self._eager_ws, self._decode_ws = None, g
+            return
+        ws, need = self._eager_ws, max(bs, SPLIT_REF_BATCH)
+        if ws is None or not bs <= ws.q_rot.shape[0] <= 2 * need:
+            self._eager_ws = ws = None  # freed before the next one is made
+            ws = self._eager_ws = self._workspace(-(-bs // EAGER_WS_ROWS) * EAGER_WS_ROWS)
+        self._decode_ws = ws
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
+        with self._without_sglang_logits():
+            super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        self._eager_ws = None
+        self._graph_ws = self._workspace(max_num_tokens)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        self._decode_ws = self._graph_ws
+
+
+class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
     """Attention over the packed TurboQuant pool (see the module docstring)."""
 
     def __init__(self, model_runner):
@@ -262,8 +314,6 @@ class TQAttnBackend(TritonAttnBackend):
                                       self._tq.head_dim, self.max_kv_splits,
                                       self.device, out_dtype=self.out_dtype)
 
-    def _without_sglang_logits(self):
-        return without_sglang_logits(self)
 
     def init_forward_metadata(self, forward_batch) -> None:
         with self._without_sglang_logits():
@@ -296,8 +346,6 @@ class TQAttnBackend(TritonAttnBackend):
         return plan_prefill(md.qo_indptr, indptr, indices, pre, ext, self.prefill_scratch_rows,
                             self.extend_impl == "fa3")
 
-    def _use_eager_workspace(self, bs: int) -> None:
-        use_eager_workspace(self, bs)
 
     def _split_mixed(self, forward_batch) -> Optional[_MixedSplit]:
         """The decode half of a mixed batch: its trailing run of one-token requests (the
@@ -330,15 +378,8 @@ class TQAttnBackend(TritonAttnBackend):
         self._use_eager_workspace(n_dec)
         return _MixedSplit(first, sum(ext[:first]), indptr, indices, splits)
 
-    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
-        with self._without_sglang_logits():
-            super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
-        self._eager_ws = None
-        self._graph_ws = self._workspace(max_num_tokens)
-
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
-        self._decode_ws = self._graph_ws
         self._prefill = self._prefill_window = None  # an extend here plans its own, never a stale one
         self._mixed = None
 
@@ -451,40 +492,6 @@ class TQAttnBackend(TritonAttnBackend):
                 sliding_window=sliding,
             )
         return o
-
-
-def use_eager_workspace(backend, bs: int) -> None:
-    """The workspace of an eager decode of ``bs`` sequences (both backends): the CUDA-graph
-    one when it fits (graph replays and eager steps share the stream, never run at once),
-    else one of ``bs`` rounded up to 64 rows, kept across steps and replaced only when it is
-    over twice what the batch needs, so a burst of 4096 requests does not pin its workspace
-    for the server's life. ``backend`` has ``_graph_ws``, ``_eager_ws``, ``_decode_ws`` and
-    ``_workspace(rows)``."""
-    g = backend._graph_ws
-    if g is not None and g.q_rot.shape[0] >= bs:
-        backend._eager_ws, backend._decode_ws = None, g
-        return
-    ws, need = backend._eager_ws, max(bs, SPLIT_REF_BATCH)
-    if ws is None or not bs <= ws.q_rot.shape[0] <= 2 * need:
-        backend._eager_ws = ws = None  # freed before the next one is made
-        ws = backend._eager_ws = backend._workspace(-(-bs // EAGER_WS_ROWS) * EAGER_WS_ROWS)
-    backend._decode_ws = ws
-
-
-@contextlib.contextmanager
-def without_sglang_logits(backend):
-    """While the parent builds metadata: SGLang's split-KV logits [B, H, splits, Dv] fp32
-    serve its own decode kernel only, so with no bf16 layer (``backend._sglang_decode``
-    false) they are shaped [.., 0] and hold no bytes (at B = 4096, 32 heads, 8 splits:
-    0.5 GB beside our workspace; MLA's [.., 256, 512] per captured row: 8 MiB)."""
-    if backend._sglang_decode:
-        yield
-        return
-    saved, backend.v_head_dim = backend.v_head_dim, 0
-    try:
-        yield
-    finally:
-        backend.v_head_dim = saved
 
 
 def _window_layer(layer) -> bool:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-from .backend import _DEFAULT_NUM_SMS, use_eager_workspace, without_sglang_logits
+from .backend import _DEFAULT_NUM_SMS, PackedDecodeState
 from .env import fwht_rotations
 from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
                                 split_ceiling, tq_decode)
@@ -58,7 +58,7 @@ class _Buffers:
         return getattr(self._pool, name)
 
 
-class TQMLAAttnBackend(TritonAttnBackend):
+class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
     """Attention over :class:`~sglang_tq.mla_pool.TQMLATokenToKVPool` (module docstring)."""
 
     def __init__(self, model_runner):
@@ -80,9 +80,6 @@ class TQMLAAttnBackend(TritonAttnBackend):
         self._sglang_decode = any(not pool.is_packed_layer(i) for i in pool.layer_ids)
         self.prefill_scratch_rows = int(self.max_context_len)
         self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
-        self._graph_ws: Optional[DecodeWorkspace] = None
-        self._eager_ws: Optional[DecodeWorkspace] = None
-        self._decode_ws: Optional[DecodeWorkspace] = None
         self._compile_prefix_path()
 
     def _compile_prefix_path(self) -> None:
@@ -118,24 +115,11 @@ class TQMLAAttnBackend(TritonAttnBackend):
         return DecodeWorkspace.create(max(batch, SPLIT_REF_BATCH), self.num_head, pool.kv_lora_rank,
                                       self.max_kv_splits, self.device, out_dtype=pool.model_dtype)
 
-    def _without_sglang_logits(self):
-        return without_sglang_logits(self)
-
     def init_forward_metadata(self, forward_batch) -> None:
         with self._without_sglang_logits():
             super().init_forward_metadata(forward_batch)
         if forward_batch.forward_mode.is_decode_or_idle():
-            use_eager_workspace(self, forward_batch.batch_size)
-
-    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args, **kwargs) -> None:
-        with self._without_sglang_logits():
-            super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
-        self._eager_ws = None
-        self._graph_ws = self._workspace(max_num_tokens)
-
-    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
-        super().init_forward_metadata_out_graph(forward_batch, in_capture)
-        self._decode_ws = self._graph_ws
+            self._use_eager_workspace(forward_batch.batch_size)
 
     # -- attention -----------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
