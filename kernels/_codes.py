@@ -184,31 +184,41 @@ def hadamard_blocks(xs, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.conste
     Z[n, e, a] = Σ_b xs[n, a·B + b]·H_B[b, e] for fp32 rows xs [ROWS, D], as [ROWS, B, E],
     on tensor cores with H_B built in registers (±1 is exact in every operand type): tf32x3
     (about fp32), or with ``FP16`` fp16 operands and fp32 sums (one MMA pass, for a query
-    that is rounded to fp16 anyway). An E-point butterfly over the last axis finishes the
+    that is rounded to fp16 anyway); under 16 rows (one token: ROWS = 1) by
+    :func:`hadamard_rows` in registers. An E-point butterfly over the last axis finishes the
     transform: y[n, c·B + e] = Σ_a H_E[c, a]·Z[n, e, a]."""
     B: tl.constexpr = HEAD_DIM // E
-    rb = tl.arange(0, B)
-    h = sylvester(rb[:, None], rb[None, :])
     rows = tl.reshape(xs, (ROWS * E, B))
-    if FP16:
-        z = tl.dot(rows.to(tl.float16), h.to(tl.float16))
+    if ROWS * E < 16:  # below a tensor-core tile (the store's one-token rows): in registers
+        z = hadamard_rows(rows, ROWS * E, B)
     else:
-        z = tl.dot(rows, h, input_precision="tf32x3")
+        rb = tl.arange(0, B)
+        h = sylvester(rb[:, None], rb[None, :])
+        if FP16:
+            z = tl.dot(rows.to(tl.float16), h.to(tl.float16))
+        else:
+            z = tl.dot(rows, h, input_precision="tf32x3")
     return tl.permute(tl.reshape(z, (ROWS, E, B)), (0, 2, 1))
 
 
 @triton.jit
-def fwht_row(row, HEAD_DIM: tl.constexpr):
-    """H_D · row for one fp32 row [D] (Sylvester order), as H_P ⊗ H_R (D = P·R, coordinate
-    a·R + b) by two broadcast reductions in registers: no dot (a single row is below a
-    tensor-core tile), no matrix loaded."""
-    R: tl.constexpr = 8 if HEAD_DIM <= 128 else 16
-    P: tl.constexpr = HEAD_DIM // R
+def hadamard_rows(x, M: tl.constexpr, L: tl.constexpr):
+    """x·H_L for fp32 rows x [M, L] (Sylvester order), as H_P ⊗ H_R (L = P·R, coordinate
+    p·R + r) by two broadcast reductions in registers: no dot (a few rows are below a
+    tensor-core tile's 16), no matrix loaded."""
+    R: tl.constexpr = 8 if L <= 128 else 16
+    P: tl.constexpr = L // R
     rr, rp = tl.arange(0, R), tl.arange(0, P)
-    x = tl.reshape(row, (P, R))
-    z = tl.sum(x[:, :, None] * sylvester(rr[:, None], rr[None, :])[None, :, :], axis=1)   # [P, R]
-    y = tl.sum(sylvester(rp[:, None], rp[None, :])[:, :, None] * z[None, :, :], axis=1)   # [P, R]
-    return tl.reshape(y, (HEAD_DIM,))
+    x3 = tl.reshape(x, (M, P, R))
+    z = tl.sum(x3[:, :, :, None] * sylvester(rr[:, None], rr[None, :])[None, None, :, :], axis=2)
+    y = tl.sum(sylvester(rp[:, None], rp[None, :])[None, :, :, None] * z[:, None, :, :], axis=2)
+    return tl.reshape(y, (M, L))
+
+
+@triton.jit
+def fwht_row(row, HEAD_DIM: tl.constexpr):
+    """H_D · row for one fp32 row [D] (Sylvester order), by :func:`hadamard_rows`."""
+    return tl.reshape(hadamard_rows(tl.reshape(row, (1, HEAD_DIM)), 1, HEAD_DIM), (HEAD_DIM,))
 
 
 @triton.jit

@@ -165,14 +165,18 @@ def _check_pool(name, codes, norms, num_heads, code_bytes):
 
 
 def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec,
-                block_n: int = 16, num_warps: int | None = None, pdl: bool | None = None,
-                fwht: bool = True):
+                block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None,
+                fwht: bool = True, row_tokens: int = 0):
     """Quantize K, V [N, Hkv, D] (any float dtype) and write them to slots ``loc`` [N].
 
     ``v``, ``v_codes`` and ``v_norms`` None: keys only, e.g. MLA's compressed latent
     (D = 512), which serves as the values too (``tq_decode`` with ``v_codes=None``).
 
-    ``num_warps`` per program (default 4); ``fwht`` (default) rotates by the fast
+    ``block_n`` tokens per program (default 16) and ``num_warps`` per program (default 4);
+    up to ``row_tokens`` tokens (a decode step of a small batch) the default is one token
+    per program on one warp instead, its rotation in registers (``_codes.hadamard_rows``)
+    rather than a 16-row tensor-core tile that one real row pads; that needs ``fwht``
+    (a dot needs 16 rows). ``fwht`` (default) rotates by the fast
     Walsh-Hadamard transform instead of the dense Πᵀ product (same-call A/B on an H100,
     ``ab_fwht_h100_46f802e.json``: 8.4 against 10.5 µs for one token, 8.8 against 10.6 for
     64). Above head_dim 256 (MLA's 512-d latent) the rows are rotated here by one fp32
@@ -206,6 +210,13 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     check_center(codec, hkv)
     pdl = pdl_supported() if pdl is None else pdl
     check_pdl(pdl)
+    fwht = bool(fwht) and not rotated
+    rows = fwht and n <= row_tokens
+    block_n = (1 if rows else 16) if block_n is None else block_n
+    num_warps = (1 if rows else 4) if num_warps is None else num_warps
+    if block_n < 16 and not (fwht or rotated):
+        raise ValueError(f"block_n {block_n} < 16 needs the fast Walsh-Hadamard rotation "
+                         "(fwht=True): the dense rotation is a tensor-core dot of 16 rows.")
     if n == 0:
         return
     grid = (triton.cdiv(n, block_n), hkv, 1 if keys_only else 2)
@@ -221,9 +232,8 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
         k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
         K_BITS=codec.k_bits, V_BITS=codec.v_bits, HEAD_DIM=d, BLOCK_N=block_n,
-        K_CENTER=codec.k_center is not None, USE_PDL=int(pdl), FWHT=bool(fwht) and not rotated,
-        ROTATED=rotated,
-        num_warps=4 if num_warps is None else num_warps,
+        K_CENTER=codec.k_center is not None, USE_PDL=int(pdl), FWHT=fwht, ROTATED=rotated,
+        num_warps=num_warps,
         **pdl_launch(pdl),
     )
 

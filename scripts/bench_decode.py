@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--store-head-dim", type=int, default=128)
     g.add_argument("--store-num-warps", type=int, default=None,
                    help="write path: warps per tq_store_kv program (default: the kernel's, 4)")
+    g.add_argument("--store-row-tokens", type=int, default=0,
+                   help="write path: up to this many new tokens, tq_store_kv runs one token per "
+                        "one-warp program, its rotation in registers (default 0: 16-token tiles; "
+                        "the server's SGLANG_TQ_STORE_ROW_TOKENS)")
     g.add_argument("--store-rotation", choices=("fwht", "dense"), default="fwht",
                    help="write path: tq_store_kv rotates by the fast Walsh-Hadamard transform "
                         "(default, as the server) or the dense Πᵀ product")
@@ -1126,7 +1130,8 @@ def bench_write_path(ctx, args, codecs, write_rows):
 
                 def store():
                     tq_store_kv(k_new, v_new, loc, k_codes, k_norms, v_codes, v_norms, codec,
-                                num_warps=args.store_num_warps, fwht=args.store_rotation == "fwht")
+                                num_warps=args.store_num_warps, fwht=args.store_rotation == "fwht",
+                                row_tokens=args.store_row_tokens)
 
                 first_call(ctx, store)
                 row.update(time_it(ctx, args, store))
@@ -1168,7 +1173,7 @@ def bench_store_decode_chain(ctx, args, q, k_new, v_new, loc, bufs, indptr, slot
     for name, pdl, dec in variants:
         def chain(pdl=pdl, dec=dec):
             tq_store_kv(k_new, v_new, loc, *bufs, codec, pdl=pdl, num_warps=args.store_num_warps,
-                        fwht=args.store_rotation == "fwht")
+                        fwht=args.store_rotation == "fwht", row_tokens=args.store_row_tokens)
             return dec()
 
         first_call(ctx, chain)
@@ -1288,6 +1293,7 @@ def config_dict(args, ctx=None):
                  "ms = median over 'repeat' passes",
         "cuda_graph": args.cuda_graph,
         "store_num_warps": args.store_num_warps or "kernel default",
+        "store_row_tokens": args.store_row_tokens,
         "store_rotation": args.store_rotation,
         "sglang_tq_max_kv_splits": args.max_kv_splits or "backend ceiling (split_ceiling)",
         "sglang_tq_splits_policy": args.splits_policy,

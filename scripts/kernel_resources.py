@@ -8,7 +8,8 @@ a memory-bound kernel runs far below bandwidth (device/METHOD.md).
 
     python scripts/kernel_resources.py --block-n 16,32,64 --num-warps 4,8 --num-stages 1,2
     python scripts/kernel_resources.py --kernel stage1 --fuse-rot 1,2 --block-n 32 --num-warps 1 --heads-n 1
-    python scripts/kernel_resources.py --kernel store --fwht 0,1 --num-warps 4
+    python scripts/kernel_resources.py --kernel store --fwht 0,1 --num-warps 4 --block-n 16
+    python scripts/kernel_resources.py --kernel store --fwht 1 --num-warps 1 --block-n 1
     python scripts/kernel_resources.py --kernel merge --fwht 0,1
     python scripts/kernel_resources.py --mla --head-dim 512 --gqa 16 --prefetch 0 --block-n 16,32
 
@@ -180,11 +181,13 @@ def main() -> None:
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     rows = []
     if args.kernel == "store":
-        grid = itertools.product(args.kv.split(","), ints(args.num_warps), ints(args.fwht))
-        todo = [({"kernel": "store", "kv": kv, "num_warps": nw, "fwht": fw},
-                 lambda kv=kv, nw=nw, fw=fw: compile_store(args.head_dim, int(kv[1]), int(kv[3]), nw, fw,
-                                                           sass_dir=args.sass_dir))
-                for kv, nw, fw in grid]
+        # store: --block-n 16 (tensor-core tiles) or 1 (one token per program, --fwht 1)
+        grid = itertools.product(args.kv.split(","), ints(args.num_warps), ints(args.fwht),
+                                 ints(args.block_n))
+        todo = [({"kernel": "store", "kv": kv, "num_warps": nw, "fwht": fw, "block_n": bn},
+                 lambda kv=kv, nw=nw, fw=fw, bn=bn: compile_store(args.head_dim, int(kv[1]), int(kv[3]),
+                                                                  nw, fw, bn, sass_dir=args.sass_dir))
+                for kv, nw, fw, bn in grid]
     elif args.kernel == "merge":
         todo = [({"kernel": "merge", "head_dim": args.head_dim, "fwht": fw},
                  lambda fw=fw: compile_merge(args.head_dim, fwht=fw, sass_dir=args.sass_dir))

@@ -16,6 +16,10 @@
   products instead, for A/B runs. Default since the same-call A/B on an H100
   (``benchmarks/results/ab_fwht_h100_46f802e.json``): store 10.5 → 8.4 µs at one token,
   decode 1 × 4k 21.9 → 20.4 µs.
+* ``SGLANG_TQ_STORE_ROW_TOKENS``: up to this many new tokens per layer (a decode step of a
+  small batch), the store runs one token per one-warp program with its fast Walsh-Hadamard
+  rotation in registers, instead of 16-token tensor-core tiles that one real row pads
+  (``kernels/tq_store.py``). Default 0 (tiles always) until a same-call A/B measures it.
 * ``SGLANG_TQ_EXPERIMENTAL_MLA``: ``1`` admits MLA models (DeepSeek-V2/V3: the packed latent
   pool and backend, ``sglang_tq/mla_pool.py``, ``sglang_tq/mla_backend.py``) before a GPU run
   has validated them; without it they are refused at launch.
@@ -57,6 +61,14 @@ def fwht_rotations() -> bool:
     if raw not in ("0", "1", ""):
         raise ValueError(f"SGLANG_TQ_FWHT must be 0 or 1, got {raw!r}.")
     return raw != "0"
+
+
+def store_row_tokens() -> int:
+    """``SGLANG_TQ_STORE_ROW_TOKENS``: the store's one-token-per-program threshold (>= 0)."""
+    raw = os.environ.get("SGLANG_TQ_STORE_ROW_TOKENS", "0").strip() or "0"
+    if not raw.isdigit():
+        raise ValueError(f"SGLANG_TQ_STORE_ROW_TOKENS must be a token count >= 0, got {raw!r}.")
+    return int(raw)
 
 
 def experimental_mla() -> bool:

@@ -36,7 +36,7 @@ from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
 from .codec import LayerCodec
 from .config import TQConfig
-from .env import debug_memory_pool, fwht_rotations
+from .env import debug_memory_pool, fwht_rotations, store_row_tokens
 from .kernels.tq_store import tq_store_kv
 
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -191,6 +191,7 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
                              f"{len(self.global_layer_ids)}.")
         self._debug = debug_memory_pool()
         self.fwht = fwht_rotations()  # SGLANG_TQ_FWHT: the store's rotation (0: dense, for A/B)
+        self.row_tokens = store_row_tokens()  # SGLANG_TQ_STORE_ROW_TOKENS: one-token programs
         self.model_dtype = model_dtype
         self.head_num = head_num
         self.head_dim = head_dim
@@ -308,7 +309,7 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
         if self._debug:
             self._check_slots(loc)
         _store_kv(k, v, loc, self.k_codes[idx], self.k_norms[idx], self.v_codes[idx],
-                  self.v_norms[idx], self.codecs[idx], fwht=self.fwht)
+                  self.v_norms[idx], self.codecs[idx], fwht=self.fwht, row_tokens=self.row_tokens)
         if self._debug:
             self._check_norms(layer_id, loc)
 

@@ -52,12 +52,14 @@ def _filled_pool(codec, num_slots, hkv, device, seed):
 
 
 # --------------------------------------------------------------------------- store
-@pytest.mark.parametrize("fwht", [False, True], ids=["dense", "fwht"])
+@pytest.mark.parametrize("fwht, row_tokens", [(False, 0), (True, 0), (True, 64)],
+                         ids=["dense", "fwht", "fwht-rows"])
 @pytest.mark.parametrize("head_dim, k_bits, v_bits",
                          [(64, kb, vb) for kb, vb in BIT_PAIRS]
                          + [(d, b, b) for d in (128, 256) for b in (4, 3, 2)])
-def test_store_matches_reference(head_dim, k_bits, v_bits, fwht, device):
-    """Both rotations (dense Πᵀ product, fast Walsh-Hadamard) against the reference."""
+def test_store_matches_reference(head_dim, k_bits, v_bits, fwht, row_tokens, device):
+    """Both rotations (dense Πᵀ product, fast Walsh-Hadamard: as 16-token tensor-core tiles
+    and, ``row_tokens``, one token per program in registers) against the reference."""
     codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=3, device=device)
     n, hkv, slots = 37, 3, 50
     g = torch.Generator().manual_seed(head_dim + 10 * k_bits + v_bits)
@@ -66,7 +68,7 @@ def test_store_matches_reference(head_dim, k_bits, v_bits, fwht, device):
     k, v = qkv[:, hkv : 2 * hkv], qkv[:, 2 * hkv :]
     loc = torch.randperm(slots, generator=g)[:n].to(device)
     got, want = codec.alloc_buffers(slots, hkv), codec.alloc_buffers(slots, hkv)
-    tq_store_kv(k, v, loc, *got, codec, fwht=fwht)
+    tq_store_kv(k, v, loc, *got, codec, fwht=fwht, row_tokens=row_tokens)
     tq_store_kv_ref(k, v, loc, *want, codec)
     for bits, gc, wc in ((k_bits, got[0], want[0]), (v_bits, got[2], want[2])):
         gi = unpack(gc, bits, head_dim).int()
@@ -265,6 +267,16 @@ def test_decode_fwht_unrotation_at_many_splits_matches_reference(head_dim, k_bit
     assert _rel(fast, dense) <= 2 * _rel(
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5, dtype=torch.bfloat16),
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5))
+
+
+def test_store_refuses_rows_below_a_tile_without_fwht(device):
+    """One-token programs rotate in registers only as the fast Walsh-Hadamard transform."""
+    codec = LayerCodec.create(64, 4, 4, device=device)
+    bufs = codec.alloc_buffers(4, 2, device)
+    k = torch.zeros(1, 2, 64, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match="needs the fast Walsh-Hadamard rotation"):
+        tq_store_kv(k, k, torch.zeros(1, dtype=torch.long, device=device), *bufs, codec,
+                    block_n=1, fwht=False)
 
 
 @pytest.mark.skipif(pdl_supported(), reason="this GPU supports programmatic dependent launch")

@@ -348,11 +348,13 @@ def test_fused_set_kv_is_off_only_for_the_packed_pool(monkeypatch):
 
 
 # ------------------------------------------------------- SGLANG_DEBUG_MEMORY_POOL checks
-@pytest.mark.parametrize("env, fwht", [(None, True), ("1", True), ("0", False)])
-def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht):
+@pytest.mark.parametrize("env, fwht, env_rows, rows",
+                         [(None, True, None, 0), ("1", True, "8", 8), ("0", False, "", 0)])
+def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht, env_rows, rows):
     """SGLANG_TQ_FWHT (read once per pool; unset = 1): the store rotates by the fast
-    Walsh-Hadamard transform, or with 0 by the dense product, and writes the reference's
-    codes either way; a bad value is one sentence."""
+    Walsh-Hadamard transform, or with 0 by the dense product; SGLANG_TQ_STORE_ROW_TOKENS
+    (unset = 0) reaches it as ``row_tokens``; it writes the reference's codes either way;
+    a bad value of either is one sentence."""
     from sglang_tq.codec import LayerCodec
     from sglang_tq.kernels import tq_store
     from sglang_tq.packing import unpack
@@ -364,12 +366,16 @@ def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht):
         monkeypatch.delenv("SGLANG_TQ_FWHT", raising=False)
     else:
         monkeypatch.setenv("SGLANG_TQ_FWHT", env)
+    if env_rows is None:
+        monkeypatch.delenv("SGLANG_TQ_STORE_ROW_TOKENS", raising=False)
+    else:
+        monkeypatch.setenv("SGLANG_TQ_STORE_ROW_TOKENS", env_rows)
     cfg = TQConfig(head_dim=64, k_bits=3, v_bits=4)
     pool = TQTokenToKVPool(12, 1, 2, 64, 1, DEV, False, cfg=cfg)
     k = torch.randn(5, 2, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
     loc = torch.arange(5) + 3
     pool.set_kv_buffer(types.SimpleNamespace(layer_id=0), loc.to(DEV), k.to(DEV), k.to(DEV))
-    assert pool.fwht == fwht and seen == [{"fwht": fwht}]
+    assert pool.fwht == fwht and seen == [{"fwht": fwht, "row_tokens": rows}]
     packed = pool.get_packed_layer(0)
     codec = LayerCodec.create(64, 3, 4, seed=packed.codec.seed)
     want = codec.alloc_buffers(packed.k_codes.shape[0], 2)
@@ -378,6 +384,10 @@ def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
     monkeypatch.setenv("SGLANG_TQ_FWHT", "yes")
     with pytest.raises(ValueError, match="SGLANG_TQ_FWHT must be 0 or 1"):
+        TQTokenToKVPool(12, 1, 2, 64, 1, "cpu", False, cfg=cfg)
+    monkeypatch.setenv("SGLANG_TQ_FWHT", "1")
+    monkeypatch.setenv("SGLANG_TQ_STORE_ROW_TOKENS", "-1")
+    with pytest.raises(ValueError, match="SGLANG_TQ_STORE_ROW_TOKENS must be a token count"):
         TQTokenToKVPool(12, 1, 2, 64, 1, "cpu", False, cfg=cfg)
 
 
