@@ -55,6 +55,8 @@
 #       (0.45) for k4v4 and fp8, then the reference load test (0.25) for k3v3.
 #   bash scripts/gpu_evidence.sh <commit> ref1    # nvidia-h200 (one GPU): the reference load
 #       test (0.25) for bf16, fp8, k4v4 and k3v3, one server after another, one JSON.
+#   bash scripts/gpu_evidence.sh <commit> rows1   # nvidia-h200 (one GPU): the store's one-token
+#       programs (--store-row-tokens 64, 1 and 2 warps) against its 16-token tiles, N = 1, 8, 64.
 #   bash scripts/gpu_evidence.sh <commit> roof    # nvidia-h200 (one GPU), after a decode-kernel change
 #       (FA3 staged first, for bench_decode.py's FA3 rows): the decode, store and backend tests
 #       on CUDA; scripts/ab_decode.py per bit pair (the table's launch against register-capped
@@ -532,6 +534,19 @@ store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at
       --tq-kernel-args "$args" --out "$LOGS/decode_$rot.json" > "$LOGS/decode_$rot.log" 2>&1
     { echo "decode, fused rotation $rot:"; grep -h "^sglang-tq\|^fa3" "$LOGS/decode_$rot.log"; } >> "$OUT/summary.txt"
   done
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs
+  ;;
+rows1)  # nvidia-h200: the store's one-token programs (row_tokens 64) against 16-token tiles at N = 1, 8, 64
+  export CUDA_VISIBLE_DEVICES=0
+  for n in 1 8 64; do for v in tiles:0: rows:64: rows2:64:2; do
+    IFS=: read -r name rt w <<< "$v"
+    # shellcheck disable=SC2086
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/bench_decode.py --shapes 1x4096 \
+      --kv k4v4,k3v3 --store-batch "$n" --impls sglang-tq,fa3 --store-row-tokens "$rt" \
+      ${w:+--store-num-warps "$w"} --out "$LOGS/rows_n${n}_$name.json" > "$LOGS/rows_n${n}_$name.log" 2>&1
+    echo "N=$n $name: $(grep -h 'tq_store_kv\|store + decode chain\|store_cache' "$LOGS/rows_n${n}_$name.log" | tr '\n' ' ')" \
+      >> "$OUT/summary.txt"
+  done; done
   tar czf "$OUT/logs.tgz" -C "$OUT" logs
   ;;
 suite)  # nvidia-h200: the whole test suite on CUDA (beside a running soak, if one was started)
