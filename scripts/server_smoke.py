@@ -24,6 +24,26 @@ from _server import Server, post  # noqa: E402  (scripts/ is not a package)
 from sglang_tq.provenance import provenance  # noqa: E402
 
 
+# two Llama-3 prompts; other vocabularies get them modulo their size (dummy weights: any id
+# inside the vocabulary is a valid prompt, one outside it is a 400 or a crash)
+PROMPTS = [[128000, 791, 6864, 315, 9822, 374], [128000, 16, 11, 17, 11, 18, 11]]
+
+
+def vocab_size(model_path: str) -> int | None:
+    """The model config's vocabulary size (top level or its ``text_config``), None if unknown."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+
+
+def prompts_for(model_path: str) -> list[list[int]]:
+    vocab = vocab_size(model_path)
+    return [[i % vocab for i in p] for p in PROMPTS] if vocab else PROMPTS
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-path", required=True)
@@ -43,7 +63,7 @@ def main() -> int:
         with server:
             result["startup_s"] = server.startup_s
             reply = post(server.base + "/generate", {
-                "input_ids": [[128000, 791, 6864, 315, 9822, 374], [128000, 16, 11, 17, 11, 18, 11]],
+                "input_ids": prompts_for(args.model_path),
                 "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
             }, timeout=120)
             result["reply"] = reply
