@@ -427,7 +427,6 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
             indptr[: bs + 1], indices, packed.codec, layer.scaling,
             num_kv_splits=splits[:bs], max_kv_splits=self.max_splits(bs),
             workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o.view(bs, hq, d),
-            early_q=save_kv_cache,  # the store just launched: stage 1 overlaps it (PDL)
             sinks=sinks, fwht=self.fwht,
         )
         return o

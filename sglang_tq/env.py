@@ -19,7 +19,9 @@
 * ``SGLANG_TQ_STORE_ROW_TOKENS``: up to this many new tokens per layer (a decode step of a
   small batch), the store runs one token per one-warp program with its fast Walsh-Hadamard
   rotation in registers, instead of 16-token tensor-core tiles that one real row pads
-  (``kernels/tq_store.py``). Default 0 (tiles always) until a same-call A/B measures it.
+  (``kernels/tq_store.py``). Default 8: same-call A/B on an H100
+  (``benchmarks/results/ab_store_rows_h100_8e620f2.json``), k4v4 8.35 → 6.54 µs at one token,
+  8.56 → 6.64 µs at eight; 0 keeps the tiles always.
 * ``SGLANG_TQ_EXPERIMENTAL_MLA``: ``1`` admits MLA models (DeepSeek-V2/V3: the packed latent
   pool and backend, ``sglang_tq/mla_pool.py``, ``sglang_tq/mla_backend.py``) before a GPU run
   has validated them; without it they are refused at launch.
@@ -65,7 +67,7 @@ def fwht_rotations() -> bool:
 
 def store_row_tokens() -> int:
     """``SGLANG_TQ_STORE_ROW_TOKENS``: the store's one-token-per-program threshold (>= 0)."""
-    raw = os.environ.get("SGLANG_TQ_STORE_ROW_TOKENS", "0").strip() or "0"
+    raw = os.environ.get("SGLANG_TQ_STORE_ROW_TOKENS", "8").strip() or "8"
     if not raw.isdigit():
         raise ValueError(f"SGLANG_TQ_STORE_ROW_TOKENS must be a token count >= 0, got {raw!r}.")
     return int(raw)

@@ -200,7 +200,7 @@ class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
         if latent.stride(-1) != 1:
             latent = latent.contiguous()
         _store_kv(latent, None, loc, self.latent_codes[idx], self.latent_norms[idx], None, None,
-                  self.codecs[idx], fwht=self.fwht)
+                  self.codecs[idx], fwht=self.fwht, pdl=False)  # as TQTokenToKVPool's store
         self.k_pe[idx][loc] = rope.reshape(-1, self.qk_rope_head_dim).to(self.model_dtype)
 
     def get_mla_kv_buffer(self, layer, loc, dst_dtype=None):

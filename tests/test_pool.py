@@ -349,12 +349,13 @@ def test_fused_set_kv_is_off_only_for_the_packed_pool(monkeypatch):
 
 # ------------------------------------------------------- SGLANG_DEBUG_MEMORY_POOL checks
 @pytest.mark.parametrize("env, fwht, env_rows, rows",
-                         [(None, True, None, 0), ("1", True, "8", 8), ("0", False, "", 0)])
+                         [(None, True, None, 8), ("1", True, "3", 3), ("0", False, "0", 0)])
 def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht, env_rows, rows):
     """SGLANG_TQ_FWHT (read once per pool; unset = 1): the store rotates by the fast
     Walsh-Hadamard transform, or with 0 by the dense product; SGLANG_TQ_STORE_ROW_TOKENS
-    (unset = 0) reaches it as ``row_tokens``; it writes the reference's codes either way;
-    a bad value of either is one sentence."""
+    (unset = 8) reaches it as ``row_tokens``; the store never launches with PDL (its next
+    kernel, the decode's stage 1, would wait on SMs); it writes the reference's codes either
+    way; a bad value of either is one sentence."""
     from sglang_tq.codec import LayerCodec
     from sglang_tq.kernels import tq_store
     from sglang_tq.packing import unpack
@@ -375,7 +376,7 @@ def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht, env_rows, rows):
     k = torch.randn(5, 2, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
     loc = torch.arange(5) + 3
     pool.set_kv_buffer(types.SimpleNamespace(layer_id=0), loc.to(DEV), k.to(DEV), k.to(DEV))
-    assert pool.fwht == fwht and seen == [{"fwht": fwht, "row_tokens": rows}]
+    assert pool.fwht == fwht and seen == [{"fwht": fwht, "row_tokens": rows, "pdl": False}]
     packed = pool.get_packed_layer(0)
     codec = LayerCodec.create(64, 3, 4, seed=packed.codec.seed)
     want = codec.alloc_buffers(packed.k_codes.shape[0], 2)
