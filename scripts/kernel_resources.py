@@ -157,7 +157,9 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kv", default="k4v4")
     ap.add_argument("--gqa", type=int, default=4)
-    ap.add_argument("--block-n", default="16,32,64")
+    ap.add_argument("--block-n", default=None,
+                    help="tokens per program, a list (default: stage1 16,32,64; store 16, or 1 for "
+                         "its one-token programs)")
     ap.add_argument("--num-warps", default="4,8")
     ap.add_argument("--num-stages", default="1,2")
     ap.add_argument("--prefetch", default="1", help="1 (register prefetch of the next tile), 0, or 1,0")
@@ -183,7 +185,7 @@ def main() -> None:
     if args.kernel == "store":
         # store: --block-n 16 (tensor-core tiles) or 1 (one token per program, --fwht 1)
         grid = itertools.product(args.kv.split(","), ints(args.num_warps), ints(args.fwht),
-                                 ints(args.block_n))
+                                 ints(args.block_n or "16"))
         todo = [({"kernel": "store", "kv": kv, "num_warps": nw, "fwht": fw, "block_n": bn},
                  lambda kv=kv, nw=nw, fw=fw, bn=bn: compile_store(args.head_dim, int(kv[1]), int(kv[3]),
                                                                   nw, fw, bn, sass_dir=args.sass_dir))
@@ -194,7 +196,7 @@ def main() -> None:
                 for fw in ints(args.fwht)]
     else:
         grid = itertools.product(args.kv.split(","), *(ints(x) for x in (
-            args.block_n, args.num_warps, args.num_stages, args.prefetch, args.heads_n, args.maxnreg,
+            args.block_n or "16,32,64", args.num_warps, args.num_stages, args.prefetch, args.heads_n, args.maxnreg,
             args.fuse_rot)))
         todo = [({"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns, "prefetch": pf,
                   "heads_n": hn, "maxnreg": mr, "fuse_rot": fr},

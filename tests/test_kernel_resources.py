@@ -66,6 +66,18 @@ def test_walsh_hadamard_rotations_read_no_rotation_matrix(args, tmp_path):
         assert f["LDG"] < d["LDG"], (d["LDG"], f["LDG"])
 
 
+def test_one_token_store_rotates_in_registers(tmp_path):
+    """The store's one-token programs (``row_tokens``) exist to skip the 16-row tensor-core tile
+    one real row pads: no spills, no MMA, a shorter program than the tile's."""
+    rows = _resources(tmp_path, "--kernel", "store", "--kv", "k4v4,k3v3", "--num-warps", "1",
+                      "--fwht", "1", "--block-n", "1")
+    tiles = _resources(tmp_path, "--kernel", "store", "--kv", "k4v4,k3v3", "--num-warps", "4",
+                       "--fwht", "1", "--block-n", "16")
+    for r, t in zip(rows, tiles):
+        assert r["spill_bytes"] == 0 and r["HMMA"] == 0 and r["HGMMA"] == 0, r
+        assert r["sass_lines"] < t["sass_lines"], (r["sass_lines"], t["sass_lines"])
+
+
 def test_mla_latent_kernels_compile_without_spills(tmp_path):
     """MLA's 512-d latent (issue 16): stage 1 with values = the key codes and RoPE scores at
     the built-in launch, and the keys-only store's dense rotation (the fast Walsh-Hadamard one
