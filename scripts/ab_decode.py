@@ -53,8 +53,8 @@ def run(args) -> int:
     import torch
     import triton
 
-    from sglang_tq.codec import LayerCodec
     from sglang_tq.config import TQConfig
+    from sglang_tq.format.codec import LayerCodec
     from sglang_tq.kernels import tq_decode as dec
     from sglang_tq.provenance import provenance
 

@@ -9,7 +9,7 @@ One forward pass of the Hugging Face model over --text (default: this repository
 README, first --tokens tokens) records every layer's post-RoPE queries and keys (the
 keys SGLang's pool receives). For each layer, KV head and config, the keys are
 round-tripped through the config's pool format (``fidelity_ref.round_trip_fns``: TurboQuant
-bits, fp8 e4m3, unquantized, or the prior-art hqB / kiviB of ``sglang_tq.priorart``; KIVI
+bits, fp8 e4m3, unquantized, or the prior-art hqB / kiviB of ``sglang_tq.format.priorart``; KIVI
 over the whole text, its last incomplete 32-token group exact) and the causal attention rows softmax(q·k/√d) are compared
 with the exact ones: mean KL(exact || quantized) over query positions ≥ 16 (the first
 rows have almost nothing to attend to). Values do not enter: this isolates the keys, the
@@ -22,7 +22,7 @@ post-RoPE key per layer and head over a *different* text (a calibration run); th
 "oracle" row uses the evaluated text's own mean, an upper bound on what centering gains.
 
 Centers from the k_proj bias (--bias-horizons P1,P2,...): no calibration text, only the
-weights: μ = mean over positions 0..P−1 of RoPE(b) (``sglang_tq.centers.rope_mean_of_bias``,
+weights: μ = mean over positions 0..P−1 of RoPE(b) (``sglang_tq.format.centers.rope_mean_of_bias``,
 what the engine's ``--kv-quant-key-centers auto`` computes at start-up); adds
 <config>+bias<P> rows for models whose attention has a k_proj bias.
 """
@@ -71,7 +71,7 @@ def bias_centers(model, horizon: int):
     import torch  # noqa: PLC0415
     from transformers.models.llama.modeling_llama import rotate_half  # noqa: PLC0415
 
-    from sglang_tq.centers import rope_mean_of_bias  # noqa: PLC0415
+    from sglang_tq.format.centers import rope_mean_of_bias  # noqa: PLC0415
 
     rotary = model.model.rotary_emb
     hd = fr.head_dim_of(model.config)

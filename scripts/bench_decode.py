@@ -428,7 +428,7 @@ def try_import(ctx: Ctx, args):
             log(f"[skip] FA3 rows not run: {why}")
     if "sglang-tq" in args.impl_set or not args.no_write_path:
         try:
-            from sglang_tq.codec import LayerCodec  # noqa: F401
+            from sglang_tq.format.codec import LayerCodec  # noqa: F401
             from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode  # noqa: F401
             from sglang_tq.kernels.tq_store import tq_store_kv  # noqa: F401
         except Exception as e:  # noqa: BLE001
@@ -931,7 +931,7 @@ def check_vs_triton_dequant(ctx, args, row, out, q, kd, vd, sm_scale, checks, la
 def get_codec(ctx, codecs, D, kbits, vbits):
     key = (D, kbits, vbits)
     if key not in codecs:
-        from sglang_tq.codec import LayerCodec
+        from sglang_tq.format.codec import LayerCodec
 
         codecs[key] = LayerCodec.create(D, kbits, vbits, seed=0, device=ctx.device)
     return codecs[key]
@@ -1364,7 +1364,7 @@ def main(argv=None):
         log("No CUDA device: this benchmark needs a GPU (use --dry-run to see the plan).")
         return 2
     try:
-        import sglang_tq  # noqa: F401  (installed, e.g. pip -e: maps sglang_tq.kernels to kernels/)
+        import sglang_tq  # noqa: F401  (installed, e.g. pip -e; else the checkout's sglang_tq/)
     except ImportError:
         sys.path.append(str(REPO))
     from sglang_tq.provenance import provenance

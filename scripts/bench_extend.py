@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sgl_kernel.flash_attn import flash_attn_with_kvcache
 
-    from sglang_tq.codec import LayerCodec
+    from sglang_tq.format.codec import LayerCodec
     from sglang_tq.kernels.tq_extend import EXTEND_IMPLS, dedup_prefix, tq_extend
     from sglang_tq.kernels.tq_store import tq_store_kv
     from sglang_tq.provenance import provenance

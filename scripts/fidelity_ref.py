@@ -22,8 +22,8 @@ What is stored, per config (the cache layer ``RoundTripLayer``):
   (k16v4: only V quantized; k8v4: DESIGN.md's "k8v4-like" option), and ``-prod``
   makes the keys TurboQuant_prod (Alg. 2: (b-1)-bit code + 1-bit QJL residual sketch);
 * ``-c``: keys centered before quantizing, k − μ with μ from --key-centers
-  (``sglang_tq/centers.py``; the softmax is unchanged by a common shift of the keys);
-* prior-art baselines (``sglang_tq.priorart``, the engine's ``--kv-quant hadamard|kivi``):
+  (``sglang_tq/format/centers.py``; the softmax is unchanged by a common shift of the keys);
+* prior-art baselines (``sglang_tq.format.priorart``, the engine's ``--kv-quant hadamard|kivi``):
   ``hqB`` QuaRot-style randomized Hadamard + per-token asymmetric B-bit int (fp16 scale
   and zero per vector; signs seeded by ``TQConfig.layer_seed``, as the engine), and
   ``kiviB`` KIVI (per-channel keys in 32-token groups, per-token values, the incomplete
@@ -101,13 +101,13 @@ def parse_configs(spec: str) -> list[str]:
 def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0, center=None):
     """(k_fn, v_fn): what the KV pool of `config` gives back for a stored K / V [B, H, T, D].
 
-    center: this layer's key centers [H, D] (``sglang_tq.centers``), used by '-c'
+    center: this layer's key centers [H, D] (``sglang_tq.format.centers``), used by '-c'
     configs: their TurboQuant keys are stored as Q(k − μ), which attention reads as
     Q(k − μ) + μ (the same softmax: every key of a head moves by the same μ)."""
     import torch  # noqa: PLC0415
 
     from sglang_tq.config import TQConfig  # noqa: PLC0415
-    from sglang_tq.quantizer import TurboQuantizer  # noqa: PLC0415
+    from sglang_tq.format.quantizer import TurboQuantizer  # noqa: PLC0415
 
     if config == "bf16":
         k_bits, v_bits, variant, centered = 16, 16, "mse", False
@@ -138,7 +138,7 @@ def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0, cen
 def _prior_art_fns(variant: str, k_bits: int, v_bits: int, head_dim: int, layer_seed: int):
     """(k_fn, v_fn) of a prior-art format on [B, H, T, D]: hadamard per vector (the engine's
     per-layer signs); kivi over the whole sequence, T holding positions 0..T−1."""
-    from sglang_tq.priorart import KIVI, HadamardInt  # noqa: PLC0415
+    from sglang_tq.format.priorart import KIVI, HadamardInt  # noqa: PLC0415
 
     if variant == "hadamard":
         kq = HadamardInt(head_dim, k_bits, seed=layer_seed)
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(parse_config(c)[3] for c in configs[1:]) and not args.key_centers:
         ap.error("a '-c' config centers keys: give --key-centers (python -m sglang_tq.tools.key_centers)")
     if args.key_centers:
-        from sglang_tq.centers import load_key_centers  # noqa: PLC0415
+        from sglang_tq.format.centers import load_key_centers  # noqa: PLC0415
 
         try:
             centers = load_key_centers(args.key_centers, model.config.num_hidden_layers,

@@ -19,7 +19,7 @@
 #                (every shape, bit pair and the write path), GPU 1 the load test for k4v4,
 #                GPU 2 the decode-kernel tests on CUDA then k3v3, GPU 3 bf16 then fp8,
 #                merged into one JSON.
-#       decode_launch.json comes back for kernels/.
+#       decode_launch.json comes back for sglang_tq/kernels/.
 #   bash scripts/gpu_evidence.sh <commit> qwen    # nvidia-h200-x2, after staging the 8 pieces
 #       GPU 0: key centers of Qwen2.5-Coder-0.5B (python -m sglang_tq.tools.key_centers), then fidelity
 #              fp8, k4v4, k4v4-c (centered keys) against bf16 with the HF check;
@@ -127,7 +127,7 @@ tune_job() {  # GPU, seconds, log name, tune_decode.py arguments
     --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" > "$LOGS/$name.log" 2>&1
 }
 merge_tables() {  # the committed table with every table_*.json of this call, into $1
-  python scripts/tune_decode.py --merge-tables kernels/decode_launch.json "$LOGS"/table_*.json \
+  python scripts/tune_decode.py --merge-tables sglang_tq/kernels/decode_launch.json "$LOGS"/table_*.json \
     --write-table "$1" > "$LOGS/merge.log" 2>&1
 }
 

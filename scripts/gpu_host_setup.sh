@@ -10,9 +10,11 @@
 #   1. unpacks the bundle into /tmp/site, unless /tmp/site/.complete already
 #      holds the bundle's sha256 (/tmp survives only while the host is busy);
 #   2. exports PYTHONPATH=/tmp/site:<repo root> and SGLANG_TQ_SRC=<repo root>;
-#   3. installs sglang_tq editable (pip -e, offline, no deps) so that
-#      sglang_tq.kernels, mapped from the top-level kernels/ by pyproject,
-#      imports; if pip cannot, it falls back to path shims in /tmp/tqsrc;
+#   3. installs sglang_tq editable (pip -e, offline, no deps) unless the
+#      plugin's entry point (sglang.srt.plugins: turboquant) is already
+#      installed and loads, so that SGLang loads the plugin; if pip cannot,
+#      sglang_tq (one tree under sglang_tq/, no remap) still imports from
+#      <repo root> on PYTHONPATH, but SGLang does not load the plugin;
 #   4. checks that torch, triton, sglang, sgl_kernel, flashinfer and
 #      sglang.srt.server_args import, and prints versions and the GPU name.
 # On failure it prints an ERROR line and returns non-zero, without ending the
@@ -27,27 +29,6 @@ _tq_setup() {
     local -a st
     _tq_err() { echo "gpu_host_setup: ERROR: $*" >&2; }
     _tq_log() { echo "gpu_host_setup: $*"; }
-    _tq_shim() {  # $1: python, $2: shim dir, $3: repo root
-        rm -rf "$2" || return 1
-        "$1" - "$2" "$3" <<'PY'
-import os, sys
-shim, repo = sys.argv[1], sys.argv[2]
-extra = os.path.join(shim, "_sglang_tq_extra")
-body = """# shim written by scripts/gpu_host_setup.sh: runs {src}
-__path__ = {path!r}
-__file__ = {src!r}
-with open(__file__, encoding="utf-8") as _f:
-    exec(compile(_f.read(), __file__, "exec"))
-"""
-for pkg_dir, path in ((os.path.join(shim, "sglang_tq"),
-                       [os.path.join(repo, "sglang_tq"), extra]),
-                      (os.path.join(extra, "kernels"), [os.path.join(repo, "kernels")])):
-    os.makedirs(pkg_dir)
-    src = os.path.join(path[0], "__init__.py")
-    with open(os.path.join(pkg_dir, "__init__.py"), "w") as f:
-        f.write(body.format(src=src, path=path))
-PY
-    }
 
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)" ||
         { _tq_err "cannot locate the repo root from ${BASH_SOURCE[0]}"; return 1; }
@@ -55,7 +36,7 @@ PY
     manifest="$(dirname "$bundle")/manifest.json"
     site="${GPU_SITE:-/tmp/site}"
     py="${PYTHON:-python3}"
-    tqsrc="/tmp/tqsrc"
+    tqsrc="/tmp/tqsrc"  # path shims of earlier versions (kernels/ remap): dropped from PYTHONPATH
 
     command -v "$py" >/dev/null 2>&1 || { _tq_err "'$py' not found"; return 1; }
     case "$site" in
@@ -116,8 +97,10 @@ PY
         _tq_log "GPU_SETUP_SKIP_PIP set: not installing sglang_tq"
     elif [ ! -f "$repo/pyproject.toml" ]; then
         _tq_log "no pyproject.toml in $repo: sglang_tq only via PYTHONPATH"
-    elif (cd / && "$py" -c 'import sglang_tq.kernels' >/dev/null 2>&1); then
-        _tq_log "sglang_tq (with sglang_tq.kernels) already importable"
+    elif (cd / && "$py" -c "from importlib.metadata import entry_points
+(ep,) = [e for e in entry_points(group='sglang.srt.plugins') if e.name == 'turboquant']
+ep.load()" >/dev/null 2>&1); then
+        _tq_log "sglang_tq plugin entry point already installed (sglang.srt.plugins: turboquant)"
     else
         _tq_log "pip install --no-deps --no-index --no-build-isolation -e $repo"
         if (cd "$repo" && PYTHONPATH="" PIP_BREAK_SYSTEM_PACKAGES=1 \
@@ -129,15 +112,10 @@ PY
             _tq_err "editable install failed (host lacks pip/setuptools or the build" \
                     "backend?); last lines of /tmp/gpu_host_setup_pip.log:"
             tail -n 5 /tmp/gpu_host_setup_pip.log >&2
-            if [ -d "$repo/sglang_tq" ] && [ -d "$repo/kernels" ]; then
-                # Fallback without pip: shim packages in $tqsrc that run the
-                # checkout's __init__.py files with __path__ pointing into the
-                # checkout (live edits work), and kernels/ as sglang_tq.kernels.
-                _tq_shim "$py" "$tqsrc" "$repo" || { _tq_err "cannot write shims in $tqsrc"; return 1; }
-                export PYTHONPATH="$site:$tqsrc:$repo$newpp"
-                _tq_log "FALLBACK: sglang_tq via path shims in $tqsrc" \
-                        "(sglang_tq/ and kernels/ of $repo, as pyproject maps them)"
-            fi
+            # Without pip: sglang_tq/ (kernels included) still imports from $repo on
+            # PYTHONPATH, but without the entry point SGLang does not load the plugin.
+            _tq_log "FALLBACK: sglang_tq imports from $repo via PYTHONPATH;" \
+                    "its plugin entry point is not installed, so SGLang does not load it"
         fi
     fi
 
@@ -238,7 +216,7 @@ PY
 
 _tq_rc=0
 _tq_setup "$@" || _tq_rc=$?
-unset -f _tq_setup _tq_err _tq_log _tq_shim
+unset -f _tq_setup _tq_err _tq_log
 if (return 0 2>/dev/null); then
     return "$_tq_rc"
 else

@@ -32,7 +32,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
-from sglang_tq.codec import LayerCodec
+from sglang_tq.format.codec import LayerCodec
 from sglang_tq.kernels import tq_decode as dec
 
 _POINTERS = {

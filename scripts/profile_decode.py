@@ -74,7 +74,7 @@ def _kernel_class(name: str) -> str:
 def profile_row(torch, B, L, D, hq, hkv, kbits, vbits, steps, sm_count):
     from torch.profiler import ProfilerActivity, profile
 
-    from sglang_tq.codec import LayerCodec
+    from sglang_tq.format.codec import LayerCodec
     from sglang_tq.kernels.tq_decode import (DecodeWorkspace, default_num_kv_splits, split_ceiling,
                                              tq_decode)
     from sglang_tq.kernels.tq_store import tq_store_kv

@@ -16,7 +16,7 @@ import time
 import torch
 
 from sglang_tq import TurboQuantizer
-from sglang_tq.codebook import optimal_mse
+from sglang_tq.format.codebook import optimal_mse
 from sglang_tq.provenance import provenance
 
 PUBLISHED_D128 = {1: 0.361, 2: 0.116, 3: 0.0340, 4: 0.0093}

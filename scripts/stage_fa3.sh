@@ -3,7 +3,7 @@
 #
 # The runtime bundle (scripts/gpu_host_bundle.py) trims sgl_kernel/flash_ops.abi3.so
 # (1.1 GB) to fit a call. The turboquant backend's prefill runs FA3 on Hopper when that
-# library imports (kernels/tq_extend.py), so it crosses separately, xz-compressed, in
+# library imports (sglang_tq/kernels/tq_extend.py), so it crosses separately, xz-compressed, in
 # three <= 50 MB pieces, one call each, back to back with the call that uses it:
 #
 #   here, once:  bash scripts/stage_fa3.sh make      # .gpu_bundle/fa3/{flash_ops.so.xz.partN,SHA256}

@@ -7,7 +7,7 @@ many KV splits each shape gets. The winner of a bit pair is the configuration wi
 the smallest geometric mean of ms over the shapes (every shape counts the same);
 the table also records each shape's own best, so the cost of one launch for all
 shapes is visible. ``--write-table`` stores the winners under this GPU's name in
-the format of ``kernels/decode_launch.json``; ``SGLANG_TQ_DECODE_LAUNCH=<file>``
+the format of ``sglang_tq/kernels/decode_launch.json``; ``SGLANG_TQ_DECODE_LAUNCH=<file>``
 makes the kernels use it before it is committed.
 
     python scripts/tune_decode.py --kv k4v4,k3v3 --write-table launch.json
@@ -125,7 +125,7 @@ def tune(args) -> int:
     import torch
     import triton
 
-    from sglang_tq.codec import LayerCodec
+    from sglang_tq.format.codec import LayerCodec
     from sglang_tq.kernels import tq_decode as dec
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _decode_shape import decode_shape  # scripts/ is not a package

@@ -26,7 +26,7 @@ class TQConfig:
     seed: int = 0
     key_variant: str = "mse"
     bf16_layers: tuple[int, ...] = ()
-    key_centers: str | None = None  # 'auto', a key centers file (sglang_tq/centers.py), or None
+    key_centers: str | None = None  # 'auto', a key centers file (sglang_tq/format/centers.py), or None
 
     def __post_init__(self) -> None:
         if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 8:

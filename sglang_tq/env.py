@@ -6,25 +6,25 @@
 * ``SGLANG_TQ_COMMIT``: commit id recorded in result JSON where the checkout
   has no ``.git`` (the GPU host receives a bare copy of the working tree).
 * ``SGLANG_TQ_DECODE_LAUNCH``: path of a decode launch table (the format of
-  ``kernels/decode_launch.json``, written by ``scripts/tune_decode.py``) used
+  ``sglang_tq/kernels/decode_launch.json``, written by ``scripts/tune_decode.py``) used
   instead of the packaged one, e.g. to benchmark a fresh tuning before committing it.
 * ``SGLANG_TQ_EXTEND_IMPL``: the prefill (extend) attention kernel, ``fa3`` or
-  ``triton``, instead of the default (``kernels/tq_extend.py``), e.g. for an A/B run.
+  ``triton``, instead of the default (``sglang_tq/kernels/tq_extend.py``), e.g. for an A/B run.
 * ``SGLANG_TQ_FWHT``: ``1`` (default) runs the rotations of the store, of the small-batch
   decode's fused query rotation and of its many-split merge as the fast Walsh-Hadamard
-  transform Π is (``kernels/tq_store.py``, ``kernels/tq_decode.py``); ``0`` runs the dense Π
-  products instead, for A/B runs. Default since the same-call A/B on an H100
+  transform Π is (``sglang_tq/kernels/tq_store.py``, ``sglang_tq/kernels/tq_decode.py``);
+  ``0`` runs the dense Π products instead, for A/B runs. Default since the same-call A/B on an H100
   (``benchmarks/results/ab_fwht_h100_46f802e.json``): store 10.5 → 8.4 µs at one token,
   decode 1 × 4k 21.9 → 20.4 µs.
 * ``SGLANG_TQ_STORE_ROW_TOKENS``: up to this many new tokens per layer (a decode step of a
   small batch), the store runs one token per one-warp program with its fast Walsh-Hadamard
   rotation in registers, instead of 16-token tensor-core tiles that one real row pads
-  (``kernels/tq_store.py``). Default 8: same-call A/B on an H100
+  (``sglang_tq/kernels/tq_store.py``). Default 8: same-call A/B on an H100
   (``benchmarks/results/ab_store_rows_h100_8e620f2.json``), k4v4 8.35 → 6.54 µs at one token,
   8.56 → 6.64 µs at eight; 0 keeps the tiles always.
 * ``SGLANG_TQ_EXPERIMENTAL_MLA``: ``1`` admits MLA models (DeepSeek-V2/V3: the packed latent
-  pool and backend, ``sglang_tq/mla_pool.py``, ``sglang_tq/mla_backend.py``) before a GPU run
-  has validated them; without it they are refused at launch.
+  pool and backend, ``sglang_tq/serving/mla_pool.py``, ``sglang_tq/serving/mla_backend.py``)
+  before a GPU run has validated them; without it they are refused at launch.
 * ``SGLANG_DEBUG_MEMORY_POOL`` (SGLang's own debug switch, read here too): the packed
   pool checks every store's slots against its size and the stored norms for fp16
   overflow, raising one sentence (each check synchronizes the GPU: debugging only).

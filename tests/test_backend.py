@@ -21,8 +21,8 @@ from sglang.srt.runtime_context import get_context, get_parallel
 from sglang_tq.config import TQConfig
 from sglang_tq.kernels.tq_decode import tq_decode_ref
 from sglang_tq.kernels.tq_extend import tq_extend_ref
-from sglang_tq.plugin import register
-from sglang_tq.pool import TQTokenToKVPool
+from sglang_tq.serving.plugin import register
+from sglang_tq.serving.pool import TQTokenToKVPool
 
 from conftest import HAS_CUDA
 
@@ -70,7 +70,7 @@ def _runner(sa, pool, sliding_window=None):
 
 
 def _make_backend(sa, packed_prefill=False, bf16_layers=(BF16_LAYER,), sliding_window=None):
-    from sglang_tq.backend import TQAttnBackend
+    from sglang_tq.serving.backend import TQAttnBackend
 
     cfg = TQConfig(head_dim=D, seed=7, bf16_layers=bf16_layers)
     pool = TQTokenToKVPool(SLOTS, 1, HKV, D, LAYERS, DEV, False, cfg=cfg)
@@ -173,7 +173,7 @@ def test_backend_init_compiles_the_prefix_dequant_without_writing_the_pool(serve
     """Every packed layer's prefix dequant runs once at start-up (the device-count variant
     tq_extend uses for a radix hit, plus the plain one with packed prefill), on slot 0,
     and the pool stays as allocated."""
-    import sglang_tq.backend as backend_mod
+    import sglang_tq.serving.backend as backend_mod
 
     calls = []
     real = backend_mod.tq_dequant
@@ -290,8 +290,8 @@ def test_prefill_scratch_is_bounded_by_distinct_tokens_and_the_budget(
 
 
 def test_prefill_plan_groups_and_page_tables():
-    from sglang_tq.backend import plan_prefill
     from sglang_tq.kernels.tq_extend import extend_kv_table
+    from sglang_tq.serving.backend import plan_prefill
 
     pre, ext = [4, 0, 3, 2], [2, 3, 1, 2]
     qo = torch.tensor([0, 2, 5, 6, 8])
@@ -406,8 +406,8 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
     and 3, addressed 0 and 1 inside): the backend writes through the wrapper and reads the
     inner pool of each layer, extend and decode against the torch twin."""
     from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool
-    from sglang_tq.backend import TQAttnBackend
-    from sglang_tq.pool import inner_pool_factory
+    from sglang_tq.serving.backend import TQAttnBackend
+    from sglang_tq.serving.pool import inner_pool_factory
 
     cfg = TQConfig(head_dim=D, seed=7)
     pool = HybridLinearKVPool(size=SLOTS - 1, dtype=torch.bfloat16, page_size=1, head_num=HKV,
@@ -418,7 +418,7 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
     assert backend.token_to_kv_pool is pool and backend._packed_pools == [pool.full_kv_pool]
     # the launch-side layer checks resolve each model layer through the wrapper
     from sglang.srt.layers.radix_attention import RadixAttention
-    from sglang_tq import refusals
+    from sglang_tq.serving import refusals
 
     attn = dict(num_heads=HQ, head_dim=D, scaling=D**-0.5, num_kv_heads=HKV)
     runner.use_mla_backend = False
@@ -459,8 +459,8 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args, packed_prefill):
     should read."""
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
     from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
-    from sglang_tq.backend import TQAttnBackend
-    from sglang_tq.pool import inner_pool_factory
+    from sglang_tq.serving.backend import TQAttnBackend
+    from sglang_tq.serving.pool import inner_pool_factory
 
     sws, shift = 4, 3
     cfg = TQConfig(head_dim=D, seed=7)
@@ -772,7 +772,7 @@ def test_bf16_layer_runs_sglang_kernels_and_matches_attention(server_args):
 
 
 def test_factory_refuses_a_stock_pool(server_args):
-    from sglang_tq.backend import create_tq_backend
+    from sglang_tq.serving.backend import create_tq_backend
 
     runner = types.SimpleNamespace(token_to_kv_pool=object())
     with pytest.raises(RuntimeError, match="--kv-quant turboquant"):

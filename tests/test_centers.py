@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from sglang_tq.centers import load_key_centers, save_key_centers
+from sglang_tq.format.centers import load_key_centers, save_key_centers
 
 
 def test_round_trip(tmp_path):
@@ -72,7 +72,7 @@ def _neox_rope(head_dim: int, base: float, dtype=torch.float64):
 
 @pytest.mark.parametrize("horizon,chunk", [(1, 4096), (37, 8), (300, 4096), (1000, 97)])
 def test_rope_mean_of_bias_is_the_mean_over_positions(horizon, chunk):
-    from sglang_tq.centers import rope_mean_of_bias
+    from sglang_tq.format.centers import rope_mean_of_bias
 
     torch.manual_seed(horizon)
     bias = torch.randn(3, 16) * 10
@@ -86,7 +86,7 @@ def test_rope_mean_of_bias_is_the_mean_over_positions(horizon, chunk):
 
 
 def test_rope_mean_of_bias_keeps_slow_pairs_and_cancels_fast_ones():
-    from sglang_tq.centers import rope_mean_of_bias
+    from sglang_tq.format.centers import rope_mean_of_bias
 
     d, horizon = 16, 2048
     bias = torch.ones(1, d)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sglang_tq import codebook as cb
+from sglang_tq.format import codebook as cb
 
 # Optimum E‖u − Q(u)‖² at d = 128 for b = 1..4 (DESIGN.md; paper rounds to .36/.117/.03/.009).
 OPTIMUM_D128 = {1: 0.361, 2: 0.116, 3: 0.0340, 4: 0.0093}

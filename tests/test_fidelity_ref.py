@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sglang_tq.config import TQConfig
-from sglang_tq.quantizer import TurboQuantizer
+from sglang_tq.format.quantizer import TurboQuantizer
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "fidelity_ref.py"
 

@@ -14,7 +14,8 @@ import itertools
 import pytest
 import torch
 
-from sglang_tq.codec import LayerCodec
+from sglang_tq.format.codec import LayerCodec
+from sglang_tq.format.packing import unpack
 from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_num_kv_splits, split_ceiling,
                                          pdl_supported, rotate_query, rotate_query_ref,
                                          tq_decode, tq_decode_ref)
@@ -22,7 +23,6 @@ from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import (dedup_prefix, default_extend_impl, exact_rows, extend_kv_table,
                                          tq_extend, tq_extend_ref, with_kv_table)
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
-from sglang_tq.packing import unpack
 
 from conftest import HAS_CUDA
 

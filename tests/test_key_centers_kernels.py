@@ -1,4 +1,4 @@
-"""Key centering in the kernels (``LayerCodec.k_center``, ``sglang_tq/centers.py``).
+"""Key centering in the kernels (``LayerCodec.k_center``, ``sglang_tq/format/centers.py``).
 
 The store quantizes k − μ, prefix dequantization adds μ back, and decode reads the
 centered codes as they are, relying on the softmax ignoring the per-query shift q·μ.
@@ -11,12 +11,12 @@ times their spread, as Qwen2.5's k_proj bias gives them.
 import pytest
 import torch
 
-from sglang_tq.codec import LayerCodec
+from sglang_tq.format.codec import LayerCodec
+from sglang_tq.format.packing import unpack
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import tq_extend, tq_extend_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
-from sglang_tq.packing import unpack
 
 from conftest import HAS_CUDA
 from test_kernels import _assert_decode_matches_ref, _rel, _run_decode, device  # noqa: F401 (fixture)

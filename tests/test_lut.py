@@ -1,4 +1,4 @@
-"""The prmt codebook lookup (kernels/_lut.py), executed by a PTX-subset emulator.
+"""The prmt codebook lookup (sglang_tq/kernels/_lut.py), executed by a PTX-subset emulator.
 
 The GPU kernels run this PTX; the Triton interpreter cannot, so the CPU tests
 check its bit logic here against the codebook, for every code of every width.
@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from sglang_tq.quantizer import TurboQuantizer
+from sglang_tq.format.quantizer import TurboQuantizer
 
 
 def codebook(dim, bits):

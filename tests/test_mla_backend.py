@@ -1,4 +1,4 @@
-"""The MLA backend (sglang_tq/mla_backend.py) over the packed latent pool, on SGLang's real
+"""The MLA backend (sglang_tq/serving/mla_backend.py) over the packed latent pool, on SGLang's real
 Triton backend metadata and a dummy DeepSeek-V2-Lite config: prefill with a radix prefix
 (absorbed form, attn_mqa), prefill without one (attn_mha, the model's own cache write) and
 decode, each against plain attention over the reference's dequantized latent. The
@@ -17,12 +17,12 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.runtime_context import get_context, get_parallel
 
-from sglang_tq import refusals
 from sglang_tq.config import TQConfig
 from sglang_tq.kernels.tq_decode import attention_ref
 from sglang_tq.kernels.tq_dequant import tq_dequant_ref
-from sglang_tq.mla_pool import TQMLATokenToKVPool
-from sglang_tq.plugin import register
+from sglang_tq.serving import refusals
+from sglang_tq.serving.mla_pool import TQMLATokenToKVPool
+from sglang_tq.serving.plugin import register
 
 from conftest import HAS_CUDA
 
@@ -34,7 +34,7 @@ PREFIX = torch.arange(10, 15)          # request 1's cached radix prefix
 CHUNK1, CHUNK2 = torch.arange(20, 27), torch.arange(30, 33)
 BOUND = 2 if HAS_CUDA else 4
 # the interpreter has no bf16 arithmetic: there SGLang's extend kernel runs in fp32 (as in
-# kernels/tq_extend.py), so the prefill inputs are fp32 on the CPU
+# sglang_tq/kernels/tq_extend.py), so the prefill inputs are fp32 on the CPU
 WORK = torch.bfloat16 if HAS_CUDA else torch.float32
 
 
@@ -65,7 +65,7 @@ def _runner(sa):
 
 
 def _backend(sa):
-    from sglang_tq.mla_backend import TQMLAAttnBackend
+    from sglang_tq.serving.mla_backend import TQMLAAttnBackend
 
     runner = _runner(sa)
     return TQMLAAttnBackend(runner), runner.token_to_kv_pool, runner.req_to_token_pool
@@ -177,8 +177,8 @@ def test_mla_prefill_without_a_prefix_runs_the_chunk_as_is(server_args):
 
 
 def test_backend_factory_picks_the_mla_backend_for_the_latent_pool(server_args):
-    from sglang_tq.backend import create_tq_backend
-    from sglang_tq.mla_backend import TQMLAAttnBackend
+    from sglang_tq.serving.backend import create_tq_backend
+    from sglang_tq.serving.mla_backend import TQMLAAttnBackend
 
     assert isinstance(create_tq_backend(_runner(server_args)), TQMLAAttnBackend)
 

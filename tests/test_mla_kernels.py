@@ -11,10 +11,10 @@ most 2x PyTorch's own bf16 error; stored codes off by one index at most, rarely.
 import pytest
 import torch
 
-from sglang_tq.codec import LayerCodec
+from sglang_tq.format.codec import LayerCodec
+from sglang_tq.format.packing import unpack
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
-from sglang_tq.packing import unpack
 
 from conftest import HAS_CUDA
 

@@ -1,4 +1,4 @@
-"""The packed MLA pool (sglang_tq/mla_pool.py): sizes against SGLang's MLATokenToKVPool,
+"""The packed MLA pool (sglang_tq/serving/mla_pool.py): sizes against SGLang's MLATokenToKVPool,
 both write paths against the reference quantizer, bf16 layers as SGLang lays them out, one
 sentence for what it cannot do, and the pool's buffers through the MLA decode kernel."""
 
@@ -9,12 +9,12 @@ import torch
 
 from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
 
-from sglang_tq.codec import LayerCodec
 from sglang_tq.config import TQConfig
+from sglang_tq.format.codec import LayerCodec
+from sglang_tq.format.packing import unpack
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_ref
 from sglang_tq.kernels.tq_store import tq_store_kv_ref
-from sglang_tq.mla_pool import TQMLATokenToKVPool, mla_bytes_per_token
-from sglang_tq.packing import unpack
+from sglang_tq.serving.mla_pool import TQMLATokenToKVPool, mla_bytes_per_token
 
 from conftest import HAS_CUDA
 
@@ -140,7 +140,7 @@ def test_sglang_configurator_sizes_and_builds_the_mla_pool(monkeypatch):
     from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
     from sglang.srt.runtime_context import get_parallel
 
-    from sglang_tq import integration, refusals
+    from sglang_tq.serving import integration, refusals
     from test_pool import _real_configurator, _server_args
 
     model = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/deepseek-v2-lite")

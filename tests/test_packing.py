@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sglang_tq import packing
+from sglang_tq.format import packing
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])

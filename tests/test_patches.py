@@ -1,4 +1,4 @@
-"""The SGLang patch series (patches/, installed as sglang_tq.patches) on a copy of the
+"""The SGLang patch series (sglang_tq/patches/, the package sglang_tq.patches) on a copy of the
 installed SGLang files: it applies cleanly, is idempotent, reverts byte for byte,
 refuses a file it does not recognise, and patch 0001 makes `sglang serve --help`
 list the plugin's flags."""

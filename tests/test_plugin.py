@@ -16,8 +16,8 @@ import sglang.srt.server_args as sglang_server_args
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.server_args import ServerArgs
 
-from sglang_tq import integration, refusals
-from sglang_tq.plugin import register
+from sglang_tq.serving import integration, refusals
+from sglang_tq.serving.plugin import register
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_8B = str(ROOT / "scripts/model_configs/llama-3.1-8b")
@@ -50,7 +50,7 @@ def test_entry_point_is_installed_and_zero_arg():
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="sglang.srt.plugins") if e.name == "turboquant"]
-    assert ep.value == "sglang_tq.plugin:register"
+    assert ep.value == "sglang_tq.serving.plugin:register"
     func = ep.load()
     assert func is register
     func()  # idempotent: nothing registered twice
@@ -427,7 +427,7 @@ def snapshot(extra):
     return state, type(sa.model_config).__name__
 
 stock = snapshot([])
-from sglang_tq.plugin import register
+from sglang_tq.serving.plugin import register
 from sglang.srt.plugins.hook_registry import HookRegistry
 register()
 HookRegistry.apply_hooks()

@@ -16,7 +16,6 @@ from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-from sglang_tq import integration
 from sglang_tq.config import TQConfig
 from sglang_tq.kernels.tq_decode import (
     DecodeWorkspace,
@@ -24,8 +23,9 @@ from sglang_tq.kernels.tq_decode import (
     tq_decode,
     tq_decode_ref,
 )
-from sglang_tq.plugin import register
-from sglang_tq.pool import TQTokenToKVPool, bytes_per_token
+from sglang_tq.serving import integration
+from sglang_tq.serving.plugin import register
+from sglang_tq.serving.pool import TQTokenToKVPool, bytes_per_token
 
 from conftest import HAS_CUDA
 
@@ -217,7 +217,7 @@ def test_hybrid_linear_pool_is_built_with_packed_full_attention_pools(parallel, 
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool
     from sglang.srt.runtime_context import get_context
-    from sglang_tq.codec import LayerCodec
+    from sglang_tq.format.codec import LayerCodec
 
     built = {}
     for kv_quant in ("turboquant", "none"):
@@ -356,13 +356,13 @@ def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht, env_rows, rows):
     (unset = 8) reaches it as ``row_tokens``; the store never launches with PDL (its next
     kernel, the decode's stage 1, would wait on SMs); it writes the reference's codes either
     way; a bad value of either is one sentence."""
-    from sglang_tq.codec import LayerCodec
+    from sglang_tq.format.codec import LayerCodec
+    from sglang_tq.format.packing import unpack
     from sglang_tq.kernels import tq_store
-    from sglang_tq.packing import unpack
 
     seen = []
     real = tq_store.tq_store_kv
-    monkeypatch.setattr("sglang_tq.pool._store_kv", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    monkeypatch.setattr("sglang_tq.serving.pool._store_kv", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     if env is None:
         monkeypatch.delenv("SGLANG_TQ_FWHT", raising=False)
     else:
@@ -417,8 +417,8 @@ def test_inner_pools_of_sglangs_hybrid_pools_use_model_layer_ids():
     from the model's layer ids, and SWAKVPool's writes land in the SWA pool's slots."""
     from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, KVWriteLoc
     from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
-    from sglang_tq.codec import LayerCodec
-    from sglang_tq.pool import inner_pool_factory, packed_pools, resolve_layer
+    from sglang_tq.format.codec import LayerCodec
+    from sglang_tq.serving.pool import inner_pool_factory, packed_pools, resolve_layer
 
     d, heads = 64, 2
     cfg = TQConfig(head_dim=d, seed=3, bf16_layers=(2,))
@@ -486,7 +486,7 @@ def test_memory_saver_release_and_resume_keeps_the_codecs(monkeypatch):
     bytes undefined) a fresh store and decode still match the reference, because the
     rotations, codebooks and key centers were never in the region."""
     import sglang.srt.mem_cache.memory_pool as sglang_pool
-    from sglang_tq.codec import LayerCodec
+    from sglang_tq.format.codec import LayerCodec
 
     saver = _RecordingSaver()
     monkeypatch.setattr(sglang_pool.TorchMemorySaverAdapter, "create", lambda enable: saver)
@@ -565,7 +565,7 @@ def test_set_kv_buffer_then_decode_kernel_matches_reference():
 
 
 def test_build_pool_hook_loads_key_centers(parallel, monkeypatch, tmp_path):
-    from sglang_tq.centers import save_key_centers
+    from sglang_tq.format.centers import save_key_centers
 
     path = tmp_path / "centers.safetensors"
     centers = torch.randn(32, 8, 128)
@@ -691,7 +691,7 @@ def rope_context(monkeypatch):
 
 
 def test_sglang_bias_key_centers_match_the_twin(rope_context):
-    from sglang_tq.centers import sglang_bias_key_centers
+    from sglang_tq.format.centers import sglang_bias_key_centers
 
     layers, hq, hkv, d, horizon = 3, 4, 2, 32, 512
     model = _attn_model(layers, hq, hkv, d)
@@ -716,7 +716,7 @@ def test_sglang_bias_key_centers_match_the_twin(rope_context):
 
 
 def test_build_pool_hook_auto_centers_come_from_the_bias(parallel, rope_context, monkeypatch):
-    from sglang_tq import centers
+    from sglang_tq.format import centers
 
     sa = _server_args("--kv-quant", "turboquant")
     assert sa.kv_quant_key_centers == "auto"                 # the default
@@ -745,8 +745,8 @@ def test_build_pool_hook_auto_centers_come_from_the_bias(parallel, rope_context,
 def test_bias_centers_by_name_for_turboquant_and_the_hadamard_baseline(parallel, rope_context, monkeypatch):
     """``bias`` is auto asked for by name: the same centers, but refused for a model without a
     k_proj bias; it is also how the QuaRot-style baseline gets TurboQuant's centering."""
-    from sglang_tq import centers
-    from sglang_tq.simulated import SimulatedKVPool
+    from sglang_tq.format import centers
+    from sglang_tq.serving.simulated import SimulatedKVPool
 
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
     model = _attn_model(32, 4, 8, 128)

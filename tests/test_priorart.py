@@ -12,11 +12,12 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from sglang_tq import integration, priorart, refusals
 from sglang_tq.bench import configs
 from sglang_tq.config import TQConfig
-from sglang_tq.rotation import hadamard
-from sglang_tq.simulated import SimulatedKVPool
+from sglang_tq.format import priorart
+from sglang_tq.format.rotation import hadamard
+from sglang_tq.serving import integration, refusals
+from sglang_tq.serving.simulated import SimulatedKVPool
 
 from test_plugin import _model, _one_sentence, _parse, _stock_fields, fake_gpu, plugin  # noqa: F401
 from test_pool import _real_configurator, _server_args, parallel  # noqa: F401

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sglang_tq import TQConfig, TurboQuantizer
-from sglang_tq.rotation import rotation_matrix
+from sglang_tq.format.rotation import rotation_matrix
 
 OPTIMUM_D128 = {1: 0.361, 2: 0.116, 3: 0.0340, 4: 0.0093}
 

@@ -13,8 +13,8 @@ import torch
 from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
 from sglang.srt.runtime_context import get_parallel
 
-from sglang_tq import integration
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
+from sglang_tq.serving import integration
 
 from conftest import HAS_CUDA
 from test_pool import _real_configurator, _server_args

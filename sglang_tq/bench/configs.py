@@ -23,8 +23,8 @@ in a load test, a fidelity run and an accuracy evaluation:
                   KIVI: keys per channel in 32-token groups, values per token, the incomplete
                   group exact; SGLang's default backend
 
-``hqB`` and ``kiviB`` are prior-art baselines (``sglang_tq.priorart``) *simulated* in SGLang's
-bf16 pool (``sglang_tq.simulated``): every stored K/V is its quantize-dequantize round trip,
+``hqB`` and ``kiviB`` are prior-art baselines (``sglang_tq.format.priorart``) *simulated* in SGLang's
+bf16 pool (``sglang_tq.serving.simulated``): every stored K/V is its quantize-dequantize round trip,
 read by SGLang's own attention kernels (the reference path; no fused kernel), so they
 measure accuracy and leave the pool at bf16 size. KIVI's token groups must not be split by
 a radix-cache hit, hence ``--disable-radix-cache``.

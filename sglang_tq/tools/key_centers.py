@@ -6,7 +6,7 @@
 Runs the Hugging Face model (float32, CPU by default) over a calibration text — by
 default the installed sglang_tq package's Python sources, ~--tokens tokens in
 --chunk-token pieces, so positions 0..chunk are covered like in serving — and averages
-the keys the KV cache receives. See ``sglang_tq/centers.py`` for why and for the file
+the keys the KV cache receives. See ``sglang_tq/format/centers.py`` for why and for the file
 format. The server then takes the file as ``--kv-quant-key-centers FILE``.
 """
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    from sglang_tq.centers import save_key_centers  # noqa: PLC0415
+    from sglang_tq.format.centers import save_key_centers  # noqa: PLC0415
     from sglang_tq.provenance import git_commit  # noqa: PLC0415
 
     text = Path(args.text).read_text() if args.text else default_text()

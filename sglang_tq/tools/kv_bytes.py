@@ -17,7 +17,7 @@ KV pool stores, by family (issue 16):
   holding the whole latent; TurboQuant packs the latent and keeps the RoPE key in bf16.
 
 Packed formats count codes and fp16 norms exactly as the pools allocate them
-(:func:`sglang_tq.pool.bytes_per_token`, :func:`sglang_tq.mla_pool.mla_bytes_per_token`).
+(:func:`sglang_tq.serving.pool.bytes_per_token`, :func:`sglang_tq.serving.mla_pool.mla_bytes_per_token`).
 These are computed bytes, not a server's measured ``max_total_num_tokens``.
 """
 
@@ -60,8 +60,8 @@ def layer_groups(mc, family: str) -> tuple[list[int], list[int], int]:
 def bytes_per_token(mc, family: str, kv: str, layers: list[int], tp_size: int) -> int:
     """KV bytes one token costs in ``layers`` for the format ``kv``."""
     from sglang_tq.config import TQConfig
-    from sglang_tq.mla_pool import mla_bytes_per_token
-    from sglang_tq.pool import bytes_per_token as packed_bytes
+    from sglang_tq.serving.mla_pool import mla_bytes_per_token
+    from sglang_tq.serving.pool import bytes_per_token as packed_bytes
 
     if family == "mla":
         width = mc.kv_lora_rank + mc.qk_rope_head_dim

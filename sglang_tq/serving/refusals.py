@@ -1,6 +1,6 @@
 """Everything ``--kv-quant turboquant`` refuses, each as one sentence naming the flag and the way out.
 
-The simulated prior-art modes (``--kv-quant hadamard`` / ``kivi``, :mod:`sglang_tq.simulated`)
+The simulated prior-art modes (``--kv-quant hadamard`` / ``kivi``, :mod:`sglang_tq.serving.simulated`)
 go through the same checks, with their own flag in the message, except where they differ:
 they run SGLang's own attention backends (fa3, flashinfer, triton, or unset) on SGLang's
 bf16 pool, Hadamard needs a power-of-two head_dim instead of the kernels' head dims, and
@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .config import TQConfig
-from .kernels._checks import SUPPORTED_HEAD_DIMS
-from .priorart import KIVI_GROUP_TOKENS
-from .rotation import is_power_of_two
+from ..config import TQConfig
+from ..format.priorart import KIVI_GROUP_TOKENS
+from ..format.rotation import is_power_of_two
+from ..kernels._checks import SUPPORTED_HEAD_DIMS
 
 KV_QUANT_CHOICES = ("none", "turboquant", "hadamard", "kivi")
 SIMULATED_MODES = ("hadamard", "kivi")
@@ -61,7 +61,7 @@ ARCHITECTURES = (
 )
 HYBRID_LINEAR_ARCHITECTURES = ("Qwen3NextForCausalLM",)
 HYBRID_SWA_ARCHITECTURES = ("GptOssForCausalLM",)  # also the ones with attention sinks
-# MLA models with the packed latent pool (sglang_tq/mla_pool.py): admitted only with
+# MLA models with the packed latent pool (sglang_tq/serving/mla_pool.py): admitted only with
 # SGLANG_TQ_EXPERIMENTAL_MLA=1 until a GPU run validates them (env.py)
 MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 _ALT = "or start the server with --kv-quant none"
@@ -281,7 +281,7 @@ def _check_bf16_layers(mc: Any, sa: Any, arch: str) -> None:
 def _check_mla(mc: Any, sa: Optional[Any], q: str, arch: str, sparse: bool) -> None:
     """MLA: the DeepSeek-V2/V3 latent (512) + RoPE (64) layout, one bit width, nothing that
     the latent pool would silently ignore; and, until validated on a GPU, the opt-in."""
-    from .env import experimental_mla
+    from ..env import experimental_mla
 
     if mode_of(sa) != "turboquant" or sparse or arch not in MLA_ARCHITECTURES:
         raise ValueError(f"{q} does not support the MLA model {arch}; use --kv-quant none or "

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from sglang_tq.codec import LayerCodec
+from sglang_tq.format.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)

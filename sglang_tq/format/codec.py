@@ -3,9 +3,9 @@
 A ``LayerCodec`` is what the kernels need for one attention layer: the rotation
 Π (shared by K and V of the layer, drawn from ``TQConfig.layer_seed``), the K and
 V Lloyd-Max codebooks and decision thresholds, the PTX of the codebook lookup
-(``kernels/_lut.py``), and Πᵀ with its columns permuted into the order in which the
+(``sglang_tq/kernels/_lut.py``), and Πᵀ with its columns permuted into the order in which the
 store kernel packs codes (see :func:`packing_order`). It is built from the reference
-:class:`~sglang_tq.quantizer.TurboQuantizer` objects, so kernels and reference
+:class:`~sglang_tq.format.quantizer.TurboQuantizer` objects, so kernels and reference
 share exactly the same matrices and codebooks.
 """
 
@@ -15,8 +15,8 @@ import dataclasses
 
 import torch
 
+from ..kernels._lut import lut_asm, table_tensor, word_tiles
 from .quantizer import TurboQuantizer
-from .kernels._lut import lut_asm, table_tensor, word_tiles
 
 
 def codes_per_byte_block(bits: int) -> int:
@@ -52,11 +52,11 @@ class LayerCodec:
     v_bounds: torch.Tensor
     pi_t_k: torch.Tensor  # [D, D] fp32: Πᵀ with columns in packing_order(D, k_bits)
     pi_t_v: torch.Tensor
-    k_lut: str  # PTX of the prmt codebook lookup (kernels/_lut.py)
+    k_lut: str  # PTX of the prmt codebook lookup (sglang_tq/kernels/_lut.py)
     v_lut: str
-    k_lut_words: torch.Tensor  # int32 [4]: its table operands (kernels/_lut.py)
+    k_lut_words: torch.Tensor  # int32 [4]: its table operands (sglang_tq/kernels/_lut.py)
     v_lut_words: torch.Tensor
-    # fp32 [Hkv, D] or None: key center μ per KV head (sglang_tq/centers.py). The store
+    # fp32 [Hkv, D] or None: key center μ per KV head (sglang_tq/format/centers.py). The store
     # quantizes k − μ, prefix dequantization adds μ back, decode needs nothing (a common
     # shift of a head's keys shifts each score row by q·μ, which the softmax ignores).
     k_center: torch.Tensor | None = None

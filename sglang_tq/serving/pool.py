@@ -4,7 +4,7 @@ Per attention layer the pool holds either
 
 * packed codes and norms, as the kernels expect them (``LayerCodec.alloc_buffers``):
   K codes uint8 [slots, Hkv, D·b_k/8], K norms fp16 [slots, Hkv], and the same for
-  V, with the layer's :class:`~sglang_tq.codec.LayerCodec` (rotation seeded by
+  V, with the layer's :class:`~sglang_tq.format.codec.LayerCodec` (rotation seeded by
   ``TQConfig.layer_seed`` of the *global* layer id, so every TP rank agrees); or
 * plain K/V buffers [slots, Hkv, D] in the model dtype, for the layers listed in
   ``TQConfig.bf16_layers``.
@@ -34,10 +34,10 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
-from .codec import LayerCodec
-from .config import TQConfig
-from .env import debug_memory_pool, fwht_rotations, store_row_tokens
-from .kernels.tq_store import tq_store_kv
+from ..config import TQConfig
+from ..env import debug_memory_pool, fwht_rotations, store_row_tokens
+from ..format.codec import LayerCodec
+from ..kernels.tq_store import tq_store_kv
 
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
 # Kept out of torch.compile tracing, like SGLang's own Triton kernel wrappers.

@@ -30,11 +30,11 @@ import torch
 
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
+from ..env import fwht_rotations
+from ..kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
+                                 split_ceiling, tq_decode)
+from ..kernels.tq_dequant import tq_dequant
 from .backend import _DEFAULT_NUM_SMS, PackedDecodeState
-from .env import fwht_rotations
-from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
-                                split_ceiling, tq_decode)
-from .kernels.tq_dequant import tq_dequant
 from .mla_pool import TQMLATokenToKVPool
 
 _tq_decode = torch.compiler.disable(tq_decode)
@@ -59,7 +59,7 @@ class _Buffers:
 
 
 class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
-    """Attention over :class:`~sglang_tq.mla_pool.TQMLATokenToKVPool` (module docstring)."""
+    """Attention over :class:`~sglang_tq.serving.mla_pool.TQMLATokenToKVPool` (module docstring)."""
 
     def __init__(self, model_runner):
         pool = model_runner.token_to_kv_pool

@@ -4,7 +4,7 @@ SGLang loads ``sglang.srt.plugins`` entry points before it parses server flags, 
 plugin's flags work everywhere, but ``sglang serve --help`` prints its help *before*
 loading plugins (sglang/cli/serve.py), so the ``--kv-quant*`` flags are missing from
 that one listing. Patch 0001 loads plugins first. Everything else goes through the
-hooks in :mod:`sglang_tq.integration`.
+hooks in :mod:`sglang_tq.serving.integration`.
 
 The patches are unified diffs listed in ``series``. This module applies them to the
 installed SGLang with exact context matching (no fuzz) and no external ``patch``

@@ -57,13 +57,13 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
+from ..env import fwht_rotations
+from ..kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
+                                 split_ceiling, tq_decode)
+from ..kernels.tq_dequant import tq_dequant
+from ..kernels.tq_extend import (PrefixDedup, dedup_prefix, default_extend_impl, exact_rows,
+                                 tq_extend, with_kv_table)
 from . import refusals
-from .env import fwht_rotations
-from .kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
-                                split_ceiling, tq_decode)
-from .kernels.tq_dequant import tq_dequant
-from .kernels.tq_extend import (PrefixDedup, dedup_prefix, default_extend_impl, exact_rows,
-                                tq_extend, with_kv_table)
 from .pool import TQTokenToKVPool, packed_pools, prefill_scratch_bytes, resolve_layer
 
 # SGLang wraps its own Triton launchers the same way: no torch.compile tracing.
@@ -175,7 +175,7 @@ class _ShapeOnlyPool:
 
 class PackedDecodeState:
     """Decode workspace and SGLang-logits handling shared by the packed backends (this
-    module's and :mod:`sglang_tq.mla_backend`), mixed in before ``TritonAttnBackend``. The
+    module's and :mod:`sglang_tq.serving.mla_backend`), mixed in before ``TritonAttnBackend``. The
     backend sets ``_sglang_decode`` (bf16 layers need SGLang's own decode) and provides
     ``_workspace(rows)``."""
 
@@ -504,7 +504,7 @@ def _logit_cap(layer) -> float:
 
 def create_tq_backend(runner) -> TritonAttnBackend:
     """Factory registered as the ``turboquant`` attention backend; refuses what it cannot run.
-    An MLA model's latent pool gets :class:`~sglang_tq.mla_backend.TQMLAAttnBackend`."""
+    An MLA model's latent pool gets :class:`~sglang_tq.serving.mla_backend.TQMLAAttnBackend`."""
     pool = runner.token_to_kv_pool
     from .mla_pool import TQMLATokenToKVPool
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_tq.codec import LayerCodec
+from sglang_tq.format.codec import LayerCodec
 
 from ._checks import check_center, check_head_dim, check_pdl, pdl_launch, pdl_supported
 from ._codes import hadamard_blocks

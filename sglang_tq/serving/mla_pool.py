@@ -16,7 +16,7 @@ it is a later lever). Per packed layer:
 A layer in ``--kv-quant-bf16-layers`` keeps SGLang's layout, ``kv_buffer`` [slots, 1, 576],
 and answers ``get_key_buffer`` / ``get_value_buffer`` as SGLang's pool does. Packed layers
 have no bf16 view: those getters raise, and :meth:`TQMLATokenToKVPool.get_packed_layer` is
-the way in. Like :class:`~sglang_tq.pool.TQTokenToKVPool` this is not a subclass of
+the way in. Like :class:`~sglang_tq.serving.pool.TQTokenToKVPool` this is not a subclass of
 SGLang's pool, so HiCache, PD and offload code (which test ``isinstance(pool,
 MLATokenToKVPool)``) never mistake the codes for bf16. The latent has one code width: the
 config's key bits (a k≠v pair is refused at launch for MLA).
@@ -35,9 +35,9 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
-from .codec import LayerCodec
-from .config import TQConfig
-from .env import fwht_rotations
+from ..config import TQConfig
+from ..env import fwht_rotations
+from ..format.codec import LayerCodec
 from .pool import MODEL_DTYPES, RefusesRawMoves, _store_kv
 
 MLA_LATENT_DIMS = (512,)

@@ -1,6 +1,6 @@
 """Prior-art KV formats served *simulated* through SGLang's own bf16 pool: accuracy, not memory.
 
-``--kv-quant hadamard`` and ``--kv-quant kivi`` (``sglang_tq.priorart``: QuaRot-style
+``--kv-quant hadamard`` and ``--kv-quant kivi`` (``sglang_tq.format.priorart``: QuaRot-style
 Hadamard + int, Ashkboos et al. 2024; KIVI, Liu et al. 2024) have no packed pool and no
 fused kernel in sglang-tq. To measure their accuracy in the same engine, scheduler,
 sampling and evaluation harness as TurboQuant, :class:`SimulatedKVPool` is SGLang's
@@ -33,7 +33,7 @@ forward, so the step that completes a group still attends to it exact, as KIVI d
 A KIVI group must belong to one request: a radix-cache hit that ended inside a group
 would make two requests share half a group. So ``--kv-quant kivi`` needs
 ``--disable-radix-cache`` or a ``--page-size`` that is a multiple of G (prefix hits are
-then whole pages, hence whole groups); :mod:`sglang_tq.refusals` checks it.
+then whole pages, hence whole groups); :mod:`sglang_tq.serving.refusals` checks it.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import torch
 
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from .config import TQConfig
-from .priorart import KIVI, KIVI_GROUP_TOKENS, HadamardInt
+from ..config import TQConfig
+from ..format.priorart import KIVI, KIVI_GROUP_TOKENS, HadamardInt
 
 SIMULATED_MODES = ("hadamard", "kivi")
 

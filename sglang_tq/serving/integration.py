@@ -2,20 +2,20 @@
 
 SGLang 0.5.17 loads ``sglang.srt.plugins`` entry points in every process (launcher,
 scheduler, ``Engine``) and then applies the hooks registered in ``HookRegistry``.
-:func:`install` (called by the entry point ``sglang_tq.plugin:register``) checks the
+:func:`install` (called by the entry point ``sglang_tq.serving.plugin:register``) checks the
 pinned SGLang version, registers the ``turboquant`` attention backend, and
 registers the patches listed in :data:`PATCHES`, each with a name:
 
 * ``cli-flags``, ``cli-to-init``, ``init-options``: the ``--kv-quant*`` flags, carried
   from argparse (or ``Engine(**kwargs)``) onto ``ServerArgs`` as plain attributes,
   which survive pickling into the scheduler;
-* ``validate``: start-up refusals (:mod:`sglang_tq.refusals`);
+* ``validate``: start-up refusals (:mod:`sglang_tq.serving.refusals`);
 * ``cell-size``, ``build-pool``, ``pool-guard``: size and build the packed pool
-  (:mod:`sglang_tq.pool`) instead of SGLang's MHA pool, and refuse to start if any
+  (:mod:`sglang_tq.serving.pool`) instead of SGLang's MHA pool, and refuse to start if any
   other pool was built;
 * ``scratch-budget``: the prefill scratch comes out of the KV budget;
 * ``build-mla-pool`` (with ``cell-size``'s MLA branch): an MLA model's latent pool
-  (:mod:`sglang_tq.mla_pool`) instead of SGLang's ``MLATokenToKVPool``; MLA models are
+  (:mod:`sglang_tq.serving.mla_pool`) instead of SGLang's ``MLATokenToKVPool``; MLA models are
   still refused at launch until the backend's MLA path lands (notes/mla-design.md);
 * ``build-hybrid-linear-pool`` (Qwen3-Next), ``swa-cell-size``, ``swa-scratch-budget``,
   ``swa-cap-scratch-budget``, ``build-hybrid-swa-pool`` (gpt-oss): SGLang's hybrid pools
@@ -27,11 +27,11 @@ registers the patches listed in :data:`PATCHES`, each with a name:
 * ``input-ids-range``: token ids outside the vocabulary answered with HTTP 400;
 * ``server-info``: the ``kv_quant*`` settings in ``/get_server_info``;
 * ``kivi-groups``: after each forward of a ``--kv-quant kivi`` server, re-quantize the
-  KIVI key/value groups that forward completed (:mod:`sglang_tq.simulated`).
+  KIVI key/value groups that forward completed (:mod:`sglang_tq.serving.simulated`).
 
 ``--kv-quant hadamard`` and ``--kv-quant kivi`` are prior-art baselines (QuaRot-style
-Hadamard + int, KIVI; :mod:`sglang_tq.priorart`) *simulated* in SGLang's own bf16 pool:
-``build-pool`` builds :class:`~sglang_tq.simulated.SimulatedKVPool`, an
+Hadamard + int, KIVI; :mod:`sglang_tq.format.priorart`) *simulated* in SGLang's own bf16 pool:
+``build-pool`` builds :class:`~sglang_tq.serving.simulated.SimulatedKVPool`, an
 ``MHATokenToKVPool`` of the stock size whose stored K/V are round trips of the format,
 and SGLang keeps choosing its attention backend. They measure accuracy, save no memory,
 and ``cell-size`` leaves their pool size stock.
@@ -40,7 +40,7 @@ With ``--kv-quant none`` (the default) every patch calls straight through to the
 original with untouched arguments and returns its result: stock behaviour.
 ``HookRegistry`` swallows exceptions while applying hooks, so
 :func:`verify_patches_applied` runs before our pool is built and refuses to start
-with a half-installed plugin. Nothing needs a source patch (``patches/series`` is
+with a half-installed plugin. Nothing needs a source patch (``sglang_tq/patches/series`` is
 empty); what hooks cannot reach is listed in notes/sglang-0.5.17-integration.md §9.
 """
 
@@ -57,8 +57,8 @@ from typing import Any, Callable, Sequence
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from ..config import TQConfig
 from . import refusals
-from .config import TQConfig
 
 logger = logging.getLogger(__name__)
 
@@ -537,7 +537,7 @@ def key_centers_of(kvc, spec: str | None):
     """The [layers, local kv heads, D] key centers ``spec`` (``parse_key_centers``) gives
     for the model ``kvc`` loaded, or None (``none``; ``auto`` for a model without a
     k_proj bias). ``bias`` without a bias is refused in one sentence."""
-    from . import centers as kc
+    from ..format import centers as kc
 
     mc = kvc.model_config
     if spec in (AUTO_CENTERS, BIAS_CENTERS):

@@ -44,7 +44,7 @@ import functools
 
 import torch
 
-from sglang_tq.codec import LayerCodec
+from sglang_tq.format.codec import LayerCodec
 
 from sglang_tq.env import extend_impl_override, triton_interpreting
 

@@ -12,7 +12,7 @@ x ∈ R^d (one token of one KV head):
 Codes are sign-magnitude: the top bit is set for the negative half of the
 (symmetric) codebook and the low b−1 bits rank the magnitude, so code m and code
 2^(b−1) + m hold +c and −c of the same magnitude. The packed-KV kernels then read
-a magnitude index and a sign straight from the bits (``kernels/_lut.py``);
+a magnitude index and a sign straight from the bits (``sglang_tq/kernels/_lut.py``);
 :meth:`TurboQuantizer.codebook` lists the centroids in code order.
 
 Dequantization is x̂ = r · Πᵀ c[idx] (Alg. 1 lines 9-10). Attention kernels stay

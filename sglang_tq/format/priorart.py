@@ -3,7 +3,7 @@
 DESIGN.md's fifth objection asks for TurboQuant next to the formats people already use,
 in the same harness and at comparable bytes. fp8 e4m3 is SGLang's own pool
 (``--kv-cache-dtype fp8_e4m3``); the two families here have no packed pool or fused
-kernel in sglang-tq: the engine serves them *simulated* (``sglang_tq.simulated``: the
+kernel in sglang-tq: the engine serves them *simulated* (``sglang_tq.serving.simulated``: the
 bf16 pool stores each vector's quantize-dequantize round trip, which is numerically
 what a dequantize-on-read kernel gives, without any memory saving), and the CPU scripts
 (``scripts/fidelity_ref.py``, ``scripts/attn_error.py``) call the same functions.

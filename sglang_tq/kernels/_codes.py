@@ -1,6 +1,6 @@
 """Shared Triton helpers: packed codes → fp16 tiles, scores, online softmax.
 
-The packed layout (``sglang_tq/packing.py``) keeps 8/w codes of a w-bit plane in
+The packed layout (``sglang_tq/format/packing.py``) keeps 8/w codes of a w-bit plane in
 one byte, byte j holding coordinates j, j + D·w/8, … . Kernels keep K, V, the
 query and the output as a tuple of tiles whose coordinates follow from the layout
 (:func:`tile_columns`), so attention is a sum of tensor-core dots, one per tile, and

@@ -8,9 +8,9 @@ earlier chunks) is dequantized once per token and KV head into a dense
 (``tq_extend.py``); only the few-MB scratch buffer lives between the two.
 
 Per token and KV head (TurboQuant Alg. 1, DeQuant): x̃ = r · Πᵀ c[idx] (+ μ for keys
-stored with a key center, ``sglang_tq/centers.py``). The
+stored with a key center, ``sglang_tq/format/centers.py``). The
 codes become fp16 codebook values in registers exactly as in decode
-(``kernels/_lut.py``, tiles in byte order, ``kernels/_codes.py``),
+(``sglang_tq/kernels/_lut.py``, tiles in byte order, ``sglang_tq/kernels/_codes.py``),
 and the un-rotation is one tensor-core dot per tile and output column chunk with the
 rows of Π that each tile's coordinates select, x[:, c] = Σ_j c[idx_j] Π[j, c].
 """
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_tq.codec import LayerCodec
+from sglang_tq.format.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
 
 from ._checks import check_pool

@@ -9,9 +9,9 @@ so each packed code is read once per KV head:
 Keys and values stay in the rotated space (q·k = (Πq)·(Πk), TurboQuant Sec. 3),
 and the per-token norms r factor out of the inner products: they scale the score
 row and the probability row instead of the [N, D] tiles. Codes become fp16
-values in registers, eight 4-bit codes per ~21 PTX instructions (``kernels/_lut.py``),
+values in registers, eight 4-bit codes per ~21 PTX instructions (``sglang_tq/kernels/_lut.py``),
 as four [N, D/4] tiles whose coordinates follow the byte layout
-(``kernels/_codes.py``), so each product is four tensor-core dots and nothing is
+(``sglang_tq/kernels/_codes.py``), so each product is four tensor-core dots and nothing is
 shuffled between registers. The next tile's codes are prefetched into registers
 while the current one is computed.
 
@@ -21,7 +21,7 @@ Llama-3.1-8B) then sits on the tensor-core tile's narrow side (8) instead of its
 (16), which halves the MMAs, the padded softmax elements and the accumulator registers;
 the value codes are loaded as [D/4, N] tiles so that c_V[idx_V]ᵀ is built in place.
 
-Keys stored with a key center (k − μ, ``sglang_tq/centers.py``) need nothing here:
+Keys stored with a key center (k − μ, ``sglang_tq/format/centers.py``) need nothing here:
 q·(k − μ) = q·k − q·μ shifts a query's whole score row, which the softmax ignores
 (a logit soft-cap does not, so that combination is refused).
 
@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_tq.codec import LayerCodec
+from sglang_tq.format.codec import LayerCodec
 from sglang_tq.config import TQConfig
 
 from sglang_tq.env import decode_launch_file, triton_interpreting
