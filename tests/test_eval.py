@@ -486,6 +486,13 @@ def test_boundary_layer_labels_count_the_models_layers(tmp_path):
         configs.parse_config_list("k4v4-b", tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown KV config"):
         configs.kv_server_flags("k4v4-b-nc", tmp_path)
+    # kXvY-allb: every layer bf16 (the control run), by the same layer count
+    assert configs.kv_server_flags("k4v4-allb", tmp_path)[-1] == ",".join(map(str, range(28)))
+    assert configs.expected_backend("k4v4-allb") == "turboquant"
+    with pytest.raises(ValueError, match="needs the model folder"):
+        configs.kv_server_flags("k4v4-allb")
+    with pytest.raises(ValueError, match="unknown KV config"):
+        configs.kv_server_flags("k4v4-b-allb", tmp_path)
 
 
 def test_free_port_and_loopback():

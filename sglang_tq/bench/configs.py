@@ -14,6 +14,9 @@ in a load test, a fidelity run and an accuracy evaluation:
     kXvY-nc       the same with --kv-quant-key-centers none (keys quantized uncentered)
     kXvY[-nc]-b   the same with --kv-quant-bf16-layers 0,L-1: the first and last of the
                   model's L layers in bf16 (boundary layers; needs the model's config.json)
+    kXvY-allb     the same with every layer in bf16: the plugin, its pool and backend with
+                  no packed layer, a control run (e.g. is a slower GEMM the plugin's presence
+                  or the packed kernels before it?)
     hqB           --kv-quant hadamard --kv-quant-bits kBvB     (B in 2..4: hq4, hq3, hq2)
                   QuaRot-style Hadamard + per-token asymmetric B-bit int, one fp16 scale and
                   zero per head vector; SGLang's default backend
@@ -43,7 +46,7 @@ from pathlib import Path
 
 BASELINE = "bf16"
 KV_ORDER = ("bf16", "fp8", "bf16-triton", "fp8-triton", "bf16-fa3", "fp8-fa3", "k4v4", "k3v3")
-TQ_RE = re.compile(r"^k[2-4]v[2-4](-nc)?(-b)?$")
+TQ_RE = re.compile(r"^k[2-4]v[2-4](-nc)?(-b|-allb)?$")
 PRIOR_ART_RE = re.compile(r"^(?:(hq)([2-4])(-c)?|(kivi)([2-4]))$")
 _PRIOR_ART_FLAGS = {"hq": ["--kv-quant", "hadamard"], "kivi": ["--kv-quant", "kivi"]}
 _PRIOR_ART_EXTRA = {"hq": [], "kivi": ["--disable-radix-cache"]}
@@ -78,11 +81,13 @@ def kv_server_flags(kv: str, model_path: str | Path | None = None) -> list[str]:
         bits, *suffixes = kv.split("-")
         flags = ["--kv-quant", "turboquant", "--kv-quant-bits", bits,
                  *(["--kv-quant-key-centers", "none"] if "nc" in suffixes else [])]
-        if "b" in suffixes:
+        if "b" in suffixes or "allb" in suffixes:
             if model_path is None:
-                raise ValueError(f"{kv} keeps the model's first and last layer in bf16, so it "
+                raise ValueError(f"{kv} keeps layers of the model in bf16 by position, so it "
                                  f"needs the model folder to count its layers")
-            flags += ["--kv-quant-bf16-layers", f"0,{model_num_layers(model_path) - 1}"]
+            n = model_num_layers(model_path)
+            layers = range(n) if "allb" in suffixes else (0, n - 1)
+            flags += ["--kv-quant-bf16-layers", ",".join(str(i) for i in layers)]
         return flags
     m = PRIOR_ART_RE.match(kv)
     if m:
@@ -92,7 +97,7 @@ def kv_server_flags(kv: str, model_path: str | Path | None = None) -> list[str]:
     raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
                      f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY (e.g. k4v4, k3v3), "
                      f"kXvY-nc (uncentered keys), kXvY-b or kXvY-nc-b (bf16 first and last "
-                     f"layer), hqB, hqB-c (centered keys) or kiviB (B in 2..4, prior-art baselines)")
+                     f"layer), kXvY-allb (every layer bf16, a control), hqB, hqB-c (centered keys) or kiviB (B in 2..4, prior-art baselines)")
 
 
 def expected_backend(kv: str) -> str | None:
@@ -113,7 +118,7 @@ def parse_config_list(text: str, model_path: str | Path | None = None) -> list[s
     out: list[str] = []
     for kv in (c.strip() for c in text.split(",")):
         if kv and kv not in out:
-            if model_path is not None or not (TQ_RE.match(kv) and kv.endswith("-b")):
+            if model_path is not None or not (TQ_RE.match(kv) and kv.endswith(("-b", "-allb"))):
                 kv_server_flags(kv, model_path)
             out.append(kv)
     if not out:
