@@ -24,7 +24,7 @@ length L, page size 1 and slot ids drawn as a random permutation of the pool
                  scales, e.g. the dummy Llama-3.1-8B; --fa3-descale passes ones [B, Hkv]
                  as for a checkpoint with scales of 1.0), bf16 and fp8_e4m3. Where the
                  FA3 library is missing (the GPU host stages it separately,
-                 scripts/stage_fa3.sh) or the GPU cannot run it, one line says so, the
+                 dev/gpu_host/stage_fa3.sh) or the GPU cannot run it, one line says so, the
                  fa3 rows are written with "unavailable": <why> and the rest runs;
   copy           a device-to-device copy of as many bytes as the bf16 KV at that shape
                  (the bandwidth roof; TB/s counts bytes read + bytes written).
@@ -375,7 +375,7 @@ def probe_fa3(ctx) -> str | None:
         from sgl_kernel import flash_attn as fa
     except Exception as e:  # noqa: BLE001  (ImportError, or OSError from a missing/corrupt .so)
         return (f"sgl-kernel's FA3 library did not import ({type(e).__name__}: {str(e)[:200]}); "
-                f"on the GPU host stage it with scripts/stage_fa3.sh")
+                f"on the GPU host stage it with dev/gpu_host/stage_fa3.sh")
     try:
         ok = bool(fa.is_fa3_supported(ctx.device))
     except Exception as e:  # noqa: BLE001

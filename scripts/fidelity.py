@@ -4,11 +4,11 @@
     python scripts/fidelity.py --model-path /tmp/models/smollm2-bf16 \\
         --configs fp8,k4v4,k3v3 --check-hf --out fidelity_smollm2.json
 
-On the GPU host (after the model pieces were staged, see scripts/fetch_models.py), in the
+On the GPU host (after the model pieces were staged, see dev/gpu_host/fetch_models.py), in the
 call that carries the SGLang bundle:
 
-    export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source scripts/gpu_host_setup.sh \\
-      && M=$(bash scripts/unpack_model.sh smollm2) \\
+    export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source dev/gpu_host/gpu_host_setup.sh \\
+      && M=$(bash dev/gpu_host/unpack_model.sh smollm2) \\
       && timeout -s TERM 540 python3 scripts/fidelity.py --model-path "$M" \\
            --configs fp8,k4v4,k3v3 --check-hf --log-dir $OUT/logs --out $OUT/fidelity_smollm2.json
 
@@ -87,7 +87,7 @@ Configs and attention backends
 Config names are the labels of ``sglang_tq.bench.configs`` (the table the load test and
 the accuracy harness use), so that a label means the same server everywhere:
   bf16, fp8       SGLang's default attention backend (fa3 on Hopper: on the GPU host its
-                  library must be staged first, scripts/stage_fa3.sh), bf16 / fp8_e4m3 KV;
+                  library must be staged first, dev/gpu_host/stage_fa3.sh), bf16 / fp8_e4m3 KV;
   bf16-triton, fp8-triton, bf16-fa3, fp8-fa3   the backend named;
   kXvY            TurboQuant (the turboquant backend) with the default key centers (auto:
                   from the k_proj bias where the model has one), e.g. k4v4, k3v3;

@@ -7,8 +7,8 @@
 On the GPU host (model pieces staged as for scripts/fidelity.py), in the call that
 carries the SGLang bundle:
 
-    export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source scripts/gpu_host_setup.sh \\
-      && M=$(bash scripts/unpack_model.sh smollm2) \\
+    export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source dev/gpu_host/gpu_host_setup.sh \\
+      && M=$(bash dev/gpu_host/unpack_model.sh smollm2) \\
       && timeout -s TERM 330 python3 scripts/radix_check.py --model-path "$M" \\
            --configs bf16,k4v4,k4v4-pp --budget-s 270 --log-dir $OUT/logs \\
            --out $OUT/radix_smollm2.json

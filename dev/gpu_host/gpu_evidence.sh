@@ -2,17 +2,17 @@
 # One GPU-host call on an nvidia-h200-x2 machine, two GPUs working side by side, for the
 # evidence of issues 3 and 4 that fits in one 10-minute command:
 #
-#   bash scripts/gpu_evidence.sh <commit> perf
+#   bash dev/gpu_host/gpu_evidence.sh <commit> perf
 #       GPU 0: the whole test suite on CUDA, then scripts/bench_decode.py (all d = 128
 #              shapes, every bit pair, FlashInfer and SGLang Triton in bf16 and fp8);
 #       GPU 1: the reference load test at --mem-fraction-static 0.25 (bf16, fp8, k4v4,
 #              k3v3), as far as the time budget goes.
-#   bash scripts/gpu_evidence.sh <commit> accuracy
+#   bash dev/gpu_host/gpu_evidence.sh <commit> accuracy
 #       GPU 0: scripts/fidelity.py on SmolLM2 (fp8, k4v4, k3v3 against bf16, HF check);
 #       GPU 1: scripts/radix_check.py on SmolLM2 (bf16, k4v4, k4v4 with packed prefill).
-#       SmolLM2 must have been staged first (scripts/unpack_model.sh stage, one call per
+#       SmolLM2 must have been staged first (dev/gpu_host/unpack_model.sh stage, one call per
 #       piece, back to back with this one).
-#   bash scripts/gpu_evidence.sh <commit> tune    # nvidia-h200-x4: four GPUs
+#   bash dev/gpu_host/gpu_evidence.sh <commit> tune    # nvidia-h200-x4: four GPUs
 #       phase 1 (150 s): GPUs 0-2 tune the d = 128 decode launch (tune_decode.py, every bit
 #                pair, both problem orientations), GPU 3 tunes d = 64 and d = 256;
 #       phase 2, with the merged table (SGLANG_TQ_DECODE_LAUNCH): GPU 0 bench_decode.py
@@ -20,27 +20,27 @@
 #                GPU 2 the decode-kernel tests on CUDA then k3v3, GPU 3 bf16 then fp8,
 #                merged into one JSON.
 #       decode_launch.json comes back for sglang_tq/kernels/.
-#   bash scripts/gpu_evidence.sh <commit> qwen    # nvidia-h200-x2, after staging the 8 pieces
+#   bash dev/gpu_host/gpu_evidence.sh <commit> qwen    # nvidia-h200-x2, after staging the 8 pieces
 #       GPU 0: key centers of Qwen2.5-Coder-0.5B (python -m sglang_tq.tools.key_centers), then fidelity
 #              fp8, k4v4, k4v4-c (centered keys) against bf16 with the HF check;
 #       GPU 1: fidelity k3v3, k3v3-c, k4v4-pp-c.
-#   bash scripts/gpu_evidence.sh <commit> qwen+serving   # nvidia-h200-x4: qwen on GPUs 0/1 and
+#   bash dev/gpu_host/gpu_evidence.sh <commit> qwen+serving   # nvidia-h200-x4: qwen on GPUs 0/1 and
 #       GPU 2: shared-prefix load test, fp8 and k4v4 at 0.45 (target: k4v4 TTFT p50 < fp8's);
 #       GPU 3: the same for k4v4 with SGLang's prefill CUDA graphs on (every other run
 #              disables them), then the reference load test for k3v3 at 0.25.
-#   bash scripts/gpu_evidence.sh <commit> check   # nvidia-h200-x4, after an extend or split change:
+#   bash dev/gpu_host/gpu_evidence.sh <commit> check   # nvidia-h200-x4, after an extend or split change:
 #       GPUs 0/1 the shared-prefix load test, fp8 | k4v4 (target: k4v4 TTFT p50 < fp8's);
 #       GPU 2 the whole test suite on CUDA; GPU 3 bench_decode.py (every shape and bit pair).
-#   bash scripts/gpu_evidence.sh <commit> final   # nvidia-h200-x4, the closing evidence of a commit:
+#   bash dev/gpu_host/gpu_evidence.sh <commit> final   # nvidia-h200-x4, the closing evidence of a commit:
 #       GPU 0 bench_decode.py (every shape and bit pair), then the shared-prefix test for fp8;
 #       GPU 1 the reference load test (0.25) for bf16, then the shared-prefix test for k4v4;
 #       GPU 2 the reference load test for fp8, then the kernel and backend tests on CUDA and
 #             profile_decode.py (kernel times of a step at small and large batch);
 #       GPU 3 the reference load test for k4v4, then k3v3. One merged JSON per workload.
-#   bash scripts/gpu_evidence.sh <commit> mixed   # nvidia-h200-x4: the reference load test (0.25)
+#   bash dev/gpu_host/gpu_evidence.sh <commit> mixed   # nvidia-h200-x4: the reference load test (0.25)
 #       with SGLang's --enable-mixed-chunk for bf16 | fp8 | k4v4 | k3v3, one GPU each, then
 #       the mixed-batch backend test on CUDA.
-#   bash scripts/gpu_evidence.sh <commit> lut3    # nvidia-h200-x4, after a 2/3-bit lookup change:
+#   bash dev/gpu_host/gpu_evidence.sh <commit> lut3    # nvidia-h200-x4, after a 2/3-bit lookup change:
 #       phase 1 (100 s): tune the d = 128 launch of k3v3 (GPU 0), k4v3 (GPU 1), k2v2 and
 #                k4v2 (GPU 2), and the d = 256 launch of k3v3, k4v3, k2v2 (GPU 3); merged table;
 #       phase 2: GPU 0 bench_decode.py with it (every shape and bit pair); GPU 1 the same-run
@@ -48,58 +48,58 @@
 #                copy of sglang_tq with its kernels in .gpu_bundle/ab/old, carried, put
 #                first on PYTHONPATH); GPU 2 the kernel tests on CUDA; GPU 3 the reference
 #                load test (0.25) for k3v3.
-#   bash scripts/gpu_evidence.sh <commit> prefill # nvidia-h200 (one GPU), after an extend-path change
-#       (FA3 staged first: scripts/stage_fa3.sh): the FA3 extend and backend tests on CUDA, then
+#   bash dev/gpu_host/gpu_evidence.sh <commit> prefill # nvidia-h200 (one GPU), after an extend-path change
+#       (FA3 staged first: dev/gpu_host/stage_fa3.sh): the FA3 extend and backend tests on CUDA, then
 #       the reference load test (0.25) for k4v4, bf16 and fp8, one server after another.
-#   bash scripts/gpu_evidence.sh <commit> sp1     # nvidia-h200 (one GPU): the shared-prefix load test
+#   bash dev/gpu_host/gpu_evidence.sh <commit> sp1     # nvidia-h200 (one GPU): the shared-prefix load test
 #       (0.45) for k4v4 and fp8, then the reference load test (0.25) for k3v3.
-#   bash scripts/gpu_evidence.sh <commit> ref1    # nvidia-h200 (one GPU): the reference load
+#   bash dev/gpu_host/gpu_evidence.sh <commit> ref1    # nvidia-h200 (one GPU): the reference load
 #       test (0.25) for bf16, fp8, k4v4 and k3v3, one server after another, one JSON.
-#   bash scripts/gpu_evidence.sh <commit> rows1   # nvidia-h200 (one GPU): the store's one-token
+#   bash dev/gpu_host/gpu_evidence.sh <commit> rows1   # nvidia-h200 (one GPU): the store's one-token
 #       programs (--store-row-tokens 64, 1 and 2 warps) against its 16-token tiles, N = 1, 8, 64.
-#   bash scripts/gpu_evidence.sh <commit> roof    # nvidia-h200 (one GPU), after a decode-kernel change
+#   bash dev/gpu_host/gpu_evidence.sh <commit> roof    # nvidia-h200 (one GPU), after a decode-kernel change
 #       (FA3 staged first, for bench_decode.py's FA3 rows): the decode, store and backend tests
 #       on CUDA; scripts/ab_decode.py per bit pair (the table's launch against register-capped
 #       ones, CUDA-graph replay); bench_decode.py (FlashInfer, FA3 and SGLang Triton baselines).
-#   bash scripts/gpu_evidence.sh <commit> small   # nvidia-h200 (one GPU), after a small-batch change:
+#   bash dev/gpu_host/gpu_evidence.sh <commit> small   # nvidia-h200 (one GPU), after a small-batch change:
 #       the decode and backend tests on CUDA; scripts/ab_decode.py of the small-batch switches
 #       (fused query rotation, programmatic dependent launch), k4v4 and k3v3.
-#   bash scripts/gpu_evidence.sh <commit> split1  # nvidia-h200 (one GPU): kernel times of a k4v4
+#   bash dev/gpu_host/gpu_evidence.sh <commit> split1  # nvidia-h200 (one GPU): kernel times of a k4v4
 #       step at B <= 4 (profile_decode.py) and an A/B of split counts and launches there.
-#   bash scripts/gpu_evidence.sh <commit> lt1 <configs> [workloads [loadtest args...]]   # nvidia-h200
+#   bash dev/gpu_host/gpu_evidence.sh <commit> lt1 <configs> [workloads [loadtest args...]]   # nvidia-h200
 #       (one GPU, FA3 staged): scripts/loadtest.py's workloads (default: reference, long-gen,
 #       single-stream) for <configs>, one fresh server each, into $OUT/loadtest.json (merge calls
 #       with --merge); e.g. `lt1 k4v4,bf16 single-stream --profile-steps 32`.
-#   bash scripts/gpu_evidence.sh <commit> eval1 <configs> [tasks]   # nvidia-h200 (one GPU, FA3 and
+#   bash dev/gpu_host/gpu_evidence.sh <commit> eval1 <configs> [tasks]   # nvidia-h200 (one GPU, FA3 and
 #       the model's pieces staged): python -m sglang_tq.bench eval (GSM8K-CoT, HumanEval) for
 #       <configs> on $EVAL_MODEL (default qwen2.5-coder-1.5b, unpacked here), resuming from
 #       /tmp/eval or from $EVAL_PREV (a carried eval JSON); the call carries .eval_data. Its
 #       budget comes from LIMIT_S (the call's limit_s, default 590, counted from the script's
 #       start), and the JSON returns even when the budget cuts the run short.
-#   bash scripts/gpu_evidence.sh <commit> soak1   # nvidia-h200 (one GPU), called 3 times back to back:
+#   bash dev/gpu_host/gpu_evidence.sh <commit> soak1   # nvidia-h200 (one GPU), called 3 times back to back:
 #       scripts/soak.py on the dummy Llama-3.1-8B with k4v4 (pool capped at $SOAK_POOL tokens,
 #       default 100000, so that the offered load exceeds it 2x), $SOAK_S seconds (default
 #       1200). The first call starts it under setsid (it outlives the call while the host
 #       stays busy); every call waits until the soak ends or its LIMIT_S is nearly spent,
 #       and the call that sees it end returns soak.json and the server log.
-#   bash scripts/gpu_evidence.sh <commit> arch1 <model config> [labels]   # nvidia-h200 (one GPU):
+#   bash dev/gpu_host/gpu_evidence.sh <commit> arch1 <model config> [labels]   # nvidia-h200 (one GPU):
 #       scripts/server_smoke.py on scripts/model_configs/<model config> (dummy weights) for each
 #       KV label (default bf16,fp8,k4v4; CUDA graphs on, SGLang's defaults otherwise): does the
 #       server start and answer, and its pool tokens (issue 16: gemma-3-270m, gemma-3-27b,
 #       qwen3-next-small), into $OUT/smoke_<model>_<label>.json.
-#   bash scripts/gpu_evidence.sh <commit> stock1   # nvidia-h200 (one GPU): `--kv-quant none` against
+#   bash dev/gpu_host/gpu_evidence.sh <commit> stock1   # nvidia-h200 (one GPU): `--kv-quant none` against
 #       stock SGLang (the plugin not loaded: SGLANG_PLUGINS names another plugin), one server
 #       each on the dummy Llama-3.1-8B, greedy output ids of server_smoke.py compared
 #       (issue 15: "--kv-quant none is still bit-identical"), into $OUT/stock_identity.json.
-#   bash scripts/gpu_evidence.sh <commit> store1   # nvidia-h200 (one GPU): the write-path A/B,
+#   bash dev/gpu_host/gpu_evidence.sh <commit> store1   # nvidia-h200 (one GPU): the write-path A/B,
 #       bench_decode.py's store rows and store + decode chain (k4v4, k3v3) at N = 1 and N = 64,
 #       dense Πᵀ product against the fast Walsh-Hadamard rotation, 4 and 8 warps; then the
 #       small-batch decode (fused query rotation: fp16 Π product | fast Walsh-Hadamard), same call;
 #       STORE_WARPS="4" times one warp count only.
-#   bash scripts/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA
+#   bash dev/gpu_host/gpu_evidence.sh <commit> suite   # nvidia-h200: the whole test suite on CUDA
 #       (SUITE="<pytest args>" for a shard); UNPACK=<model> converts the staged pieces of that
 #       model beside it (unpack_model.sh); SOAK=1 starts the soak of soak1 first.
-#   bash scripts/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
+#   bash dev/gpu_host/gpu_evidence.sh <commit> all     # what the 2026-11-28 run did:
 #       tests of the prefill path + H100-equivalent load test, fidelity + radix at once
 #
 # 0.25 on a 141 GiB H200 leaves the bf16 pool at about the 166k tokens an 80 GiB H100
@@ -110,14 +110,14 @@ set -u
 export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT="${1:-unknown}"
 MODE="${2:-all}"
 # shellcheck source=/dev/null
-source scripts/gpu_host_setup.sh > "$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 1; }
-bash scripts/stage_fa3.sh install >> "$OUT/setup.log" 2>&1 || { tail -5 "$OUT/setup.log"; exit 1; }
+source dev/gpu_host/gpu_host_setup.sh > "$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 1; }
+bash dev/gpu_host/stage_fa3.sh install >> "$OUT/setup.log" 2>&1 || { tail -5 "$OUT/setup.log"; exit 1; }
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 T0=$(date +%s)
 left() { echo $(( $1 - ($(date +%s) - T0) )); }
 LT=(--workloads reference --mem-fraction-static 0.25 --extra-server-args=--cuda-graph-max-bs-decode=64)
-model() { bash scripts/unpack_model.sh smollm2 2>> "$LOGS/unpack.log"; }
+model() { bash dev/gpu_host/unpack_model.sh smollm2 2>> "$LOGS/unpack.log"; }
 # launch tuning (tune, lut3): one tune_decode.py job, the grid, the merged table
 TUNE_G=(--programs-per-sm 8,16 --prefetch 1,0 --num-stages 2 --heads-n 0,1)
 TUNE_SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192 "${TUNE_G[@]}")
@@ -319,7 +319,7 @@ qwen|qwen+serving)
       python scripts/loadtest.py --configs k3v3 "${LT[@]}" --out "$OUT/loadtest_k3v3.json" \
         --log-dir "$LOGS/lt_k3v3" --budget-s "$(left 545)" > "$LOGS/lt_k3v3.log" 2>&1 ) & PG=$!
   fi
-  M=$(bash scripts/unpack_model.sh qwen2.5-coder-0.5b 2>> "$LOGS/unpack.log") || M=""
+  M=$(bash dev/gpu_host/unpack_model.sh qwen2.5-coder-0.5b 2>> "$LOGS/unpack.log") || M=""
   [ -n "$M" ] || { tail -5 "$LOGS/unpack.log"; exit 1; }
   C=$OUT/key_centers_qwen2.5-coder-0.5b.safetensors
   python -m sglang_tq.tools.key_centers --model-path "$M" --out "$C" --device cuda > "$LOGS/centers.log" 2>&1 \
@@ -446,7 +446,7 @@ eval1)
   save_eval() { cp "$EV/eval.json" "$EV/eval.generations.jsonl" "$OUT/" 2>/dev/null
                 tail -30 "$LOGS/eval.log" > "$OUT/summary.txt" 2>&1; }
   trap 'save_eval; tar czf "$OUT/logs.tgz" -C "$OUT" logs' TERM INT
-  M=$(bash scripts/unpack_model.sh "${EVAL_MODEL:-qwen2.5-coder-1.5b}" 2>> "$LOGS/unpack.log") \
+  M=$(bash dev/gpu_host/unpack_model.sh "${EVAL_MODEL:-qwen2.5-coder-1.5b}" 2>> "$LOGS/unpack.log") \
     || { tail -5 "$LOGS/unpack.log"; exit 1; }
   if [ ! -f "$EV/eval.json" ] && [ -n "${EVAL_PREV:-}" ]; then
     cp "$EVAL_PREV" "$EV/eval.json" && chmod u+w "$EV/eval.json"
@@ -552,7 +552,7 @@ rows1)  # nvidia-h200: the store's one-token programs (row_tokens 64) against 16
 suite)  # nvidia-h200: the whole test suite on CUDA (beside a running soak, if one was started)
   export CUDA_VISIBLE_DEVICES=0
   if [ -n "${UNPACK:-}" ]; then  # staged pieces of model $UNPACK: convert them meanwhile, for a later call
-    setsid nohup bash scripts/unpack_model.sh "$UNPACK" > /tmp/unpack_bg.log 2>&1 < /dev/null &
+    setsid nohup bash dev/gpu_host/unpack_model.sh "$UNPACK" > /tmp/unpack_bg.log 2>&1 < /dev/null &
   fi
   [ -n "${SOAK:-}" ] && soak_start  # SOAK=1: the soak starts first and runs on beside everything
   # -v: a run cut by the call's limit still names every test it ran; SUITE: a shard (files, -k)

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # sgl-kernel's FlashAttention-3 library on the GPU host, in pieces.
 #
-# The runtime bundle (scripts/gpu_host_bundle.py) trims sgl_kernel/flash_ops.abi3.so
+# The runtime bundle (dev/gpu_host/gpu_host_bundle.py) trims sgl_kernel/flash_ops.abi3.so
 # (1.1 GB) to fit a call. The turboquant backend's prefill runs FA3 on Hopper when that
 # library imports (sglang_tq/kernels/tq_extend.py), so it crosses separately, xz-compressed, in
 # three <= 50 MB pieces, one call each, back to back with the call that uses it:
 #
-#   here, once:  bash scripts/stage_fa3.sh make      # .gpu_bundle/fa3/{flash_ops.so.xz.partN,SHA256}
+#   here, once:  bash dev/gpu_host/stage_fa3.sh make # .gpu_bundle/fa3/{flash_ops.so.xz.partN,SHA256}
 #   call k:      carry [".gpu_bundle/fa3/flash_ops.so.xz.partK", ".gpu_bundle/fa3/SHA256"]
-#                command: bash scripts/stage_fa3.sh stage
-#   last call:   bash scripts/gpu_evidence.sh ... (runs `stage_fa3.sh install` after the setup)
+#                command: bash dev/gpu_host/stage_fa3.sh stage
+#   last call:   bash dev/gpu_host/gpu_evidence.sh ... (runs `stage_fa3.sh install` after the setup)
 #
 # install: checks the pieces' sha256 and unpacks the library into $GPU_SITE/sgl_kernel
 # (default /tmp/site); without pieces it does nothing and the backend prefill runs
 # SGLang's Triton extend kernel. Exit 1 only for an incomplete or corrupt set.
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 src="$repo/.gpu_bundle/fa3"
 dst="${FA3_STAGE:-/tmp/fa3}"
 site="${GPU_SITE:-/tmp/site}"

@@ -2,10 +2,10 @@
 # Set up the SGLang runtime on the air-gapped GPU host.  Source it from the
 # repo root of the transferred checkout:
 #
-#     source scripts/gpu_host_setup.sh && python3 -m sglang.launch_server ...
+#     source dev/gpu_host/gpu_host_setup.sh && python3 -m sglang.launch_server ...
 #
 # It needs .gpu_bundle/sglang-runtime.tar.xz (built here by
-# scripts/gpu_host_bundle.py; carry it, and .gpu_bundle/manifest.json, with
+# dev/gpu_host/gpu_host_bundle.py; carry it, and .gpu_bundle/manifest.json, with
 # the checkout).  It
 #   1. unpacks the bundle into /tmp/site, unless /tmp/site/.complete already
 #      holds the bundle's sha256 (/tmp survives only while the host is busy);
@@ -30,7 +30,7 @@ _tq_setup() {
     _tq_err() { echo "gpu_host_setup: ERROR: $*" >&2; }
     _tq_log() { echo "gpu_host_setup: $*"; }
 
-    repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)" ||
+    repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." 2>/dev/null && pwd)" ||
         { _tq_err "cannot locate the repo root from ${BASH_SOURCE[0]}"; return 1; }
     bundle="${GPU_BUNDLE:-$repo/.gpu_bundle/sglang-runtime.tar.xz}"
     manifest="$(dirname "$bundle")/manifest.json"
@@ -46,7 +46,7 @@ _tq_setup() {
     # ---- 1. unpack ------------------------------------------------------
     if [ ! -f "$bundle" ]; then
         _tq_err "bundle not found: $bundle"
-        _tq_err "build it with 'python3 scripts/gpu_host_bundle.py' and carry" \
+        _tq_err "build it with 'python3 dev/gpu_host/gpu_host_bundle.py' and carry" \
                 ".gpu_bundle/sglang-runtime.tar.xz (+ manifest.json) with the checkout"
         return 1
     fi

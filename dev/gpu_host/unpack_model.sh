@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Reassemble a model that scripts/fetch_models.py split into pieces, on the GPU host.
+# Reassemble a model that dev/gpu_host/fetch_models.py split into pieces, on the GPU host.
 #
-#   bash scripts/unpack_model.sh stage NAME [SRC]   # after each piece call
-#   bash scripts/unpack_model.sh NAME [IN_DIR]      # once all pieces are in
+#   bash dev/gpu_host/unpack_model.sh stage NAME [SRC] # after each piece call
+#   bash dev/gpu_host/unpack_model.sh NAME [IN_DIR]    # once all pieces are in
 #
 # The GPU tool carries at most 64 MiB per call (working tree included), so each
 # <= 60 MiB piece arrives in its own call, carried together with its manifest:
 #
 #   call k:  carry [".models/transfer/NAME.tar.partKK", ".models/transfer/NAME.manifest.json"]
-#            command: bash scripts/unpack_model.sh stage NAME
+#            command: bash dev/gpu_host/unpack_model.sh stage NAME
 #   last:    carry [".gpu_bundle/sglang-runtime.tar.xz", ".gpu_bundle/manifest.json"]
-#            command: source scripts/gpu_host_setup.sh && M=$(bash scripts/unpack_model.sh NAME) && ...
+#            command: source dev/gpu_host/gpu_host_setup.sh && M=$(bash dev/gpu_host/unpack_model.sh NAME) && ...
 #
 # /tmp survives between calls only while they follow each other (about 30 s of
 # idle and the host is given back), so issue the calls back to back.
@@ -22,8 +22,8 @@
 # unpack (default): checks every piece (size, sha256) and the whole tar's
 #   sha256 against NAME.manifest.json, extracts into $MODELS_OUT (default
 #   /tmp/models); a GGUF shipment is then converted to $MODELS_OUT/NAME-bf16
-#   with `scripts/fetch_models.py convert` (transformers + gguf from the SGLang
-#   bundle in /tmp/site, so run it after `source scripts/gpu_host_setup.sh`).
+#   with `dev/gpu_host/fetch_models.py convert` (transformers + gguf from the SGLang
+#   bundle in /tmp/site, so run it after `source dev/gpu_host/gpu_host_setup.sh`).
 #   Progress goes to stderr; the only stdout line is the bf16 folder's path.
 #   A second run with the same pieces prints the path at once.
 #
@@ -34,7 +34,7 @@ set -euo pipefail
 say() { echo "unpack_model: $*" >&2; }
 die() { echo "unpack_model: ERROR: $*" >&2; exit 1; }
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 py="${PYTHON:-python3}"
 in_dir="${MODELS_IN:-/tmp/models_in}"
 out_root="${MODELS_OUT:-/tmp/models}"
@@ -97,7 +97,7 @@ if [ "$mode" = "stage" ]; then
         esac
     done < <(read_manifest "$in_dir/$name.manifest.json")
     if [ ${#missing[@]} -eq 0 ]; then
-        say "all pieces of $name are in $in_dir: run 'bash scripts/unpack_model.sh $name'"
+        say "all pieces of $name are in $in_dir: run 'bash dev/gpu_host/unpack_model.sh $name'"
     else
         say "still missing: ${missing[*]}"
     fi
@@ -113,7 +113,7 @@ pieces=(); tar_bytes=""; tar_sha=""; ship=""; gguf_rel=""; bf16dir=""; key=""
 while read -r kind a b c; do
     case "$kind" in
         piece) st="$(check_piece "$in_dir" "$a" "$b" "$c")"
-               [ "$st" = ok ] || die "piece $a: $st (re-carry it: bash scripts/unpack_model.sh stage $name)"
+               [ "$st" = ok ] || die "piece $a: $st (re-carry it: bash dev/gpu_host/unpack_model.sh stage $name)"
                pieces+=("$in_dir/$a") ;;
         tar) tar_bytes="$a"; tar_sha="$b" ;;
         ship) ship="$a" ;;
@@ -147,7 +147,7 @@ if [ "$ship" = "gguf" ]; then
     say "converting $(basename "$gguf") to bf16 (PYTHONPATH=${PYTHONPATH:-})"
     args=(convert --gguf "$gguf" --out "$out")
     [ "$key" != "-" ] && args+=(--expect-sha256 "$key")
-    "$py" "$repo/scripts/fetch_models.py" "${args[@]}" >&2 || die "conversion failed"
+    "$py" "$repo/dev/gpu_host/fetch_models.py" "${args[@]}" >&2 || die "conversion failed"
 else
     [ -f "$out/config.json" ] || die "$out/config.json missing after extraction"
 fi

