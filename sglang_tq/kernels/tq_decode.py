@@ -774,3 +774,14 @@ def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_spli
     too_short = s[None, :] > torch.clamp(lens // min_tokens_per_split, min=1)
     cost = cost.masked_fill(too_short, torch.iinfo(torch.int64).max)
     return (cost.argmin(dim=1) + 1).to(torch.int32)
+
+
+def mla_num_kv_splits(seq_lens: torch.Tensor, max_kv_splits: int, bits: int, num_sms: int = 132,
+                      latent_dim: int = 512) -> torch.Tensor:
+    """Splits per sequence of the MLA decode over the packed latent: the occupancy rule of
+    :func:`default_num_kv_splits` for one KV head (the latent every query head shares) whose
+    keys and values are the same ``bits``-bit codes of dimension ``latent_dim``. The MLA
+    backend and ``python -m sglang_tq.bench decode-mla`` both call it, with the ceiling
+    :func:`split_ceiling` of the batch."""
+    return default_num_kv_splits(seq_lens, 1, max_kv_splits, num_sms=num_sms, head_dim=latent_dim,
+                                 k_bits=bits, v_bits=bits)

@@ -31,7 +31,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from ..env import fwht_rotations
-from ..kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
+from ..kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, mla_num_kv_splits,
                                  split_ceiling, tq_decode)
 from ..kernels.tq_dequant import tq_dequant
 from .backend import _DEFAULT_NUM_SMS, PackedDecodeState
@@ -106,9 +106,9 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
         if self._sglang_decode:
             return super().get_num_kv_splits(num_kv_splits, seq_lens)
         pool = self.token_to_kv_pool
-        num_kv_splits.copy_(default_num_kv_splits(
-            seq_lens, 1, self.max_splits(seq_lens.numel()), num_sms=self.num_sms,
-            head_dim=pool.kv_lora_rank, k_bits=pool.cfg.k_bits, v_bits=pool.cfg.k_bits))
+        num_kv_splits.copy_(mla_num_kv_splits(seq_lens, self.max_splits(seq_lens.numel()),
+                                              pool.cfg.k_bits, num_sms=self.num_sms,
+                                              latent_dim=pool.kv_lora_rank))
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
         pool = self.token_to_kv_pool
