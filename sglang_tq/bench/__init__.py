@@ -12,12 +12,16 @@ Shared parts, for every benchmark of the package:
 Subcommands (``SUBCOMMANDS``: name -> module with ``parse_args(argv)`` and ``run(args)``):
 
 * ``eval`` -- GSM8K-CoT and HumanEval accuracy per KV config, paired against bf16;
-  ``eval prepare`` builds its data folder (:mod:`.eval`).
+  ``eval prepare`` builds its data folder (:mod:`.eval`);
+* ``decode-mla`` -- MLA (DeepSeek-V2/V3) decode attention per step, the packed latent
+  against SGLang's FA3 MLA path with bf16 and fp8 caches (:mod:`.decode_mla`).
 
-The package needs the standard library and aiohttp (which SGLang brings) only; it never
-imports from scripts/.
+``eval`` needs the standard library and aiohttp (which SGLang brings) only; ``decode-mla``
+times kernels with torch and triton (sgl-kernel's FA3 for its baseline rows). The package
+never imports from scripts/.
 """
 
 SUBCOMMANDS = {
     "eval": "sglang_tq.bench.eval.cli",
+    "decode-mla": "sglang_tq.bench.decode_mla",
 }

