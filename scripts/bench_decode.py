@@ -61,7 +61,6 @@ import json
 import math
 import os
 import re
-import statistics
 import sys
 import time
 import traceback
@@ -462,48 +461,15 @@ def sglang_splits_tensor(ctx: Ctx, args, B, L, max_kv_splits):
     return t
 
 
-def capture_or_eager(ctx: Ctx, fn, use_graph: bool):
-    """Return (callable to time, graph object or None, note)."""
-    torch = ctx.torch
-    if not use_graph:
-        return fn, None, None
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        torch.cuda.synchronize()
-        g.replay()
-        torch.cuda.synchronize()
-        return g.replay, g, None
-    except Exception as e:  # noqa: BLE001
-        try:
-            torch.cuda.synchronize()
-        except Exception:  # noqa: BLE001
-            pass
-        note = f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); timed eager"
-        log(f"    [note] {note}")
-        return fn, None, note
-
-
 def time_it(ctx: Ctx, args, fn):
-    """Median ms over args.repeat do_bench passes, plus details."""
-    import triton
+    """Median ms over args.repeat do_bench passes of the graph replay, plus details
+    (sglang_tq.bench.timing.time_replay)."""
+    from sglang_tq.bench.timing import time_replay
 
-    run, g, note = capture_or_eager(ctx, fn, args.cuda_graph)
-    runs = [triton.testing.do_bench(run, warmup=args.warmup, rep=args.rep, return_mode="median")
-            for _ in range(args.repeat)]
-    del g
-    ms = statistics.median(runs)
-    spread = (max(runs) - min(runs)) / min(runs) * 100 if len(runs) > 1 and min(runs) > 0 else 0.0
-    return {"ms": ms, "ms_runs": runs, "spread_pct": round(spread, 2),
-            "cuda_graph": args.cuda_graph and note is None, "timing_note": note}
+    res = time_replay(fn, args.warmup, args.rep, args.repeat, args.cuda_graph)
+    if res["timing_note"]:
+        log(f"    [note] {res['timing_note']}")
+    return res
 
 
 # --------------------------------------------------------------------------------------

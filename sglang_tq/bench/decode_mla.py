@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import statistics
 import sys
 from typing import Callable
 
@@ -68,12 +67,13 @@ from ..format.codec import LayerCodec
 from ..kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, attention_ref, mla_num_kv_splits,
                                  split_ceiling, tq_decode, tq_decode_ref)
 from ..kernels.tq_store import tq_store_kv
-from . import results
+from . import results, timing
 
 TOOL = "sglang_tq.bench decode-mla"
 KEY = ("shape", "impl", "kv")
 LATENT, ROPE = 512, 64
-QK_NOPE = 128  # DeepSeek-V2/V3 qk_nope_head_dim: the softmax scale is (128 + 64)^-0.5
+QK_NOPE = 128  # DeepSeek-V2/V3 qk_nope_head_dim
+SM_SCALE = (QK_NOPE + ROPE) ** -0.5  # DeepSeek's softmax scale (no YaRN mscale)
 IMPLS = ("sglang-tq", "fa3")
 BASELINE_KV = {"bf16": "bf16", "fp8": "fp8_e4m3"}  # --baseline-dtypes value -> row kv
 FA3_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
@@ -266,7 +266,7 @@ def make_inputs(shape: Shape, num_heads: int, pool_tokens: int, device, seed: in
         kv_indptr=torch.arange(shape.batch + 1, **i32) * shape.seq_len, kv_indices=kv_indices,
         page_table=kv_indices.view(shape.batch, shape.seq_len).to(torch.int32),
         seq_lens=torch.full((shape.batch,), shape.seq_len, **i32),
-        sm_scale=(QK_NOPE + ROPE) ** -0.5)
+        sm_scale=SM_SCALE)
 
 
 def compare(out0: torch.Tensor, ref: torch.Tensor, tol: float, against: str) -> dict:
@@ -390,44 +390,19 @@ def check_fa3(inputs: MLAInputs, buffer: torch.Tensor, out: torch.Tensor) -> dic
 
 # ----------------------------------------------------------------------------- timing
 
-def capture(step: Callable) -> tuple[Callable, str | None]:
-    """(graph replay, None) for ``step`` captured in a CUDA graph after two warm-up calls on
-    a side stream; (step, note) where the capture fails."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        graph.replay()
-        torch.cuda.synchronize()
-        return graph.replay, None
-    except Exception as exc:  # noqa: BLE001 - an eager timing with a note beats none
-        torch.cuda.synchronize()
-        return step, f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); timed eager"
-
-
 def time_replay(step: Callable, args) -> dict:
-    """Median ms of ``--repeat`` do_bench passes (each a median) of the step's graph replay."""
-    import triton.testing
-
-    run, note = capture(step) if not args.no_cuda_graph else (step, None)
-    runs = [triton.testing.do_bench(run, warmup=args.warmup, rep=args.rep, return_mode="median")
-            for _ in range(args.repeat)]
-    spread = (max(runs) - min(runs)) / min(runs) * 100 if min(runs) > 0 else 0.0
-    return {"ms": statistics.median(runs), "ms_runs": runs, "spread_pct": round(spread, 2),
-            "cuda_graph": not args.no_cuda_graph and note is None, "timing_note": note}
+    """The step's CUDA-graph replay (eager with --no-cuda-graph) timed as
+    :func:`sglang_tq.bench.timing.time_replay` does, with the run's do_bench settings."""
+    return timing.time_replay(step, args.warmup, args.rep, args.repeat, not args.no_cuda_graph)
 
 
 # ----------------------------------------------------------------------------- rows
 
-def entry_config(args, inputs: MLAInputs, num_sms: int) -> dict:
-    return {"num_heads": inputs.num_heads, "latent": LATENT, "rope": ROPE, "sm_scale": inputs.sm_scale,
-            "q_dtype": "bf16", "page_size": 1, "pool_slots": inputs.num_slots,
+def entry_config(args, shape: Shape, num_sms: int) -> dict:
+    """What an entry was measured with (the pool's slots: its tokens plus the padding slot)."""
+    return {"num_heads": args.num_heads, "latent": LATENT, "rope": ROPE,
+            "sm_scale": SM_SCALE, "q_dtype": "bf16", "page_size": 1,
+            "pool_slots": max(args.pool_tokens, shape.tokens) + 1,
             "shapes": [s.label for s in args.shape_list], "splits_policy": SPLITS_POLICY,
             "base_kv_splits": args.max_kv_splits, "num_sms": num_sms,
             "step": "attention only (no cache write)",
@@ -476,15 +451,16 @@ def _progress(row: dict) -> str:
 def bench_shape(args, shape: Shape, device, timer, fa3, fa3_error: str | None) -> list[dict]:
     """Every planned row of one shape, each with its config, check and timing or error."""
     num_sms = num_sms_of(device)
-    base = {"shape": shape.label, "batch": shape.batch, "seq_len": shape.seq_len}
+    base = {"shape": shape.label, "batch": shape.batch, "seq_len": shape.seq_len,
+            "config": entry_config(args, shape, num_sms)}
     rows = []
     try:
         inputs = make_inputs(shape, args.num_heads, args.pool_tokens, device, args.seed)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other shapes still run
+        print(f"  ERROR building the inputs: {_one_line(exc)}", flush=True)
         return [{**base, "impl": impl, "kv": kv, "error": _one_line(exc)} for impl, kv in planned_rows(args)]
-    config = entry_config(args, inputs, num_sms)
     for impl, kv in planned_rows(args):
-        row = {**base, "impl": impl, "kv": kv, "config": config}
+        row = {**base, "impl": impl, "kv": kv}
         try:
             if impl == "sglang-tq":
                 row.update(measure_tq(args, inputs, int(kv[1:]), num_sms, timer))

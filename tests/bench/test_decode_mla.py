@@ -193,6 +193,25 @@ def test_fa3_call_mirrors_sglang(kv):
 
 # ----------------------------------------------------------------------------- run
 
+def test_timing_is_the_median_of_do_bench_medians(monkeypatch):
+    """--no-cuda-graph times the step itself; ms is the median of the passes' medians."""
+    triton_testing = pytest.importorskip("triton.testing")
+    passes = iter([3.0, 1.0, 2.0])
+    seen = []
+
+    def do_bench(fn, warmup, rep, return_mode):
+        seen.append((fn, warmup, rep, return_mode))
+        return next(passes)
+
+    monkeypatch.setattr(triton_testing, "do_bench", do_bench)
+    step = object()
+    args = dm.parse_args(["--no-cuda-graph", "--repeat", "3", "--warmup", "5", "--rep", "7"])
+    got = dm.time_replay(step, args)
+    assert got == {"ms": 2.0, "ms_runs": [3.0, 1.0, 2.0], "spread_pct": 200.0, "cuda_graph": False,
+                   "timing_note": None}
+    assert seen == [(step, 5.0, 7.0, "median")] * 3
+
+
 def test_results_file_schema_and_ratios(tmp_path, no_provenance, capsys):
     out = tmp_path / "mla.json"
     args = dm.parse_args(["--shapes", "1x48", "--kv", "k4,k2", "--out", str(out)])
@@ -262,3 +281,19 @@ def test_run_end_to_end_on_gpu(tmp_path):
         else:
             assert "FA3 is unavailable" in row["error"]
     assert rc == (0 if has_fa3 else 3)
+
+
+def test_a_shape_that_cannot_be_built_is_recorded(tmp_path, no_provenance, monkeypatch):
+    """Out of memory while building one shape: its rows carry the error and their config."""
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(dm, "make_inputs", oom)
+    out = tmp_path / "mla.json"
+    args = dm.parse_args(["--shapes", "64x8192", "--kv", "k4", "--out", str(out)])
+    assert dm.run_benchmark(args, torch.device("cpu"), timer=_timer([]), fa3_loader=_fake_fa3([])) == 3
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["impl"], r["kv"]) for r in rows] == dm.planned_rows(args)
+    for r in rows:
+        assert r["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB"
+        assert r["config"]["pool_slots"] == 64 * 8192 + 1 and r["config"]["num_heads"] == 16
