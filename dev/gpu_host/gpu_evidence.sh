@@ -55,6 +55,9 @@
 #       (0.45) for k4v4 and fp8, then the reference load test (0.25) for k3v3.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> ref1    # nvidia-h200 (one GPU): the reference load
 #       test (0.25) for bf16, fp8, k4v4 and k3v3, one server after another, one JSON.
+#   bash dev/gpu_host/gpu_evidence.sh <commit> mla1    # nvidia-h200 (one GPU, FA3 staged): the MLA
+#       decode tests on CUDA, then `python -m sglang_tq.bench decode-mla` at 16 and 128 heads
+#       (MLA_POOL=<tokens>: the fp8 row's whole-pool cast at a server's pool size).
 #   bash dev/gpu_host/gpu_evidence.sh <commit> rows1   # nvidia-h200 (one GPU): the store's one-token
 #       programs (--store-row-tokens 64, 1 and 2 warps) against its 16-token tiles, N = 1, 8, 64.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> roof    # nvidia-h200 (one GPU), after a decode-kernel change
@@ -534,6 +537,19 @@ store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at
       --tq-kernel-args "$args" --out "$LOGS/decode_$rot.json" > "$LOGS/decode_$rot.log" 2>&1
     { echo "decode, fused rotation $rot:"; grep -h "^sglang-tq\|^fa3" "$LOGS/decode_$rot.log"; } >> "$OUT/summary.txt"
   done
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs
+  ;;
+mla1)  # nvidia-h200 (one GPU, FA3 staged): MLA decode per step, sglang-tq's packed latent against
+  # SGLang's default Hopper MLA path (fa3, bf16 and fp8), DeepSeek-V2-Lite (16 heads) and -V3 (128)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout "$(left 150)" python -m pytest -q tests/bench/test_decode_mla.py tests/test_mla_kernels.py \
+    > "$OUT/pytest.log" 2>&1
+  for h in 16 128; do
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python -m sglang_tq.bench decode-mla --num-heads "$h" \
+      ${MLA_POOL:+--pool-tokens "$MLA_POOL"} --out "$OUT/decode_mla_h$h.json" > "$LOGS/mla_h$h.log" 2>&1
+    tail -25 "$LOGS/mla_h$h.log" >> "$OUT/summary.txt"
+  done
+  tail -3 "$OUT/pytest.log" >> "$OUT/summary.txt"
   tar czf "$OUT/logs.tgz" -C "$OUT" logs
   ;;
 rows1)  # nvidia-h200: the store's one-token programs (row_tokens 64) against 16-token tiles at N = 1, 8, 64
