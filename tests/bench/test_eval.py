@@ -38,8 +38,9 @@ from sglang_tq.bench import __main__ as bench_main  # noqa: E402
 from sglang_tq.bench import configs, results, server  # noqa: E402
 from sglang_tq.bench.eval import client, data, gsm8k, humaneval, miniyaml, sandbox, stats  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
-TINY = TESTS / "data" / "eval_tiny"
+from tests.conftest import ROOT, import_script  # noqa: E402
+
+TINY = Path(__file__).resolve().parent / "data" / "eval_tiny"
 PROVENANCE = {"gpu": "FakeGPU", "commit": "abc123", "versions": {"python": "3"}, "date": "2026-01-01T00:00:00+00:00"}
 
 
@@ -445,11 +446,7 @@ def test_get_provenance_runs_in_a_child(tmp_path):
 # ----------------------------------------------------------------------------- configs and server
 
 def test_config_flags_are_shared_with_loadtest():
-    sys.path.insert(0, str(TESTS.parent / "scripts"))
-    try:
-        import loadtest
-    finally:
-        sys.path.remove(str(TESTS.parent / "scripts"))
+    loadtest = import_script("loadtest")
     assert loadtest.kv_server_flags is configs.kv_server_flags  # one table, not a copy
     assert configs.kv_server_flags("bf16") == [] and configs.kv_server_flags("bf16-fa3") == [
         "--attention-backend", "fa3"]
@@ -807,7 +804,7 @@ def test_eval_end_to_end_with_fake_server(tmp_path, fake_launcher, capsys):
 
 def test_sigterm_keeps_the_finished_items_and_stops_the_server(tmp_path, fake_launcher):
     out = tmp_path / "cut.json"
-    env = {**os.environ, "FAKE_EVAL_SLOW": "gsm8k/3", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS.parent)])}
+    env = {**os.environ, "FAKE_EVAL_SLOW": "gsm8k/3", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     argv = [sys.executable, "-m", "sglang_tq.bench", "eval", *fake_launcher, "--configs", "bf16", "--tasks", "gsm8k",
             "--out", str(out), "--log-dir", str(tmp_path)]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -890,5 +887,5 @@ def test_bench_main_dispatch(capsys):
     assert bench_main.main(["--help"]) == 0
     assert bench_main.main(["nope"]) == 2 and "unknown subcommand 'nope'" in capsys.readouterr().err
     r = subprocess.run([sys.executable, "-m", "sglang_tq.bench", "eval", "--help"], capture_output=True, text=True,
-                       cwd=TESTS.parent, timeout=120)
+                       cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "--model-path" in r.stdout and "--resume" in r.stdout

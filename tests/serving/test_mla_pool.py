@@ -16,9 +16,9 @@ from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_re
 from sglang_tq.kernels.tq_store import tq_store_kv_ref
 from sglang_tq.serving.mla_pool import TQMLATokenToKVPool, mla_bytes_per_token
 
-from conftest import HAS_CUDA
+from tests.conftest import HAS_CUDA
+from tests.serving.conftest import DEEPSEEK_V2_LITE, DEV, make_server_args, real_configurator
 
-DEV = "cuda" if HAS_CUDA else "cpu"
 LAT, ROPE = 512, 64
 
 
@@ -135,22 +135,19 @@ def test_sglang_configurator_sizes_and_builds_the_mla_pool(monkeypatch):
     latent pool of exactly that size; with --kv-quant none it builds SGLang's pool. (MLA is
     still refused at launch until the backend's MLA path lands: the test lifts that one
     refusal to reach the sizing and the build.)"""
-    from pathlib import Path
-
     from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
     from sglang.srt.runtime_context import get_parallel
 
     from sglang_tq.serving import integration, refusals
-    from test_pool import _real_configurator, _server_args
 
-    model = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/deepseek-v2-lite")
+    model = DEEPSEEK_V2_LITE
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
     monkeypatch.setattr(refusals, "check_model_config", lambda *a, **k: None)
     with get_parallel().override(attn_tp_size=1, attn_tp_rank=0, attn_cp_size=1):
         for kv_quant, cell, pool_class in (("none", 31_104, MLATokenToKVPool),
                                            ("turboquant", 10_422, TQMLATokenToKVPool)):
-            sa = _server_args("--kv-quant", kv_quant, model=model)
-            kvc = _real_configurator(sa)
+            sa = make_server_args("--kv-quant", kv_quant, model=model)
+            kvc = real_configurator(sa)
             kvc.use_mla_backend = True
             conf = create_memory_pool_configurator(kvc)
             assert conf._cell_size == cell
@@ -165,12 +162,7 @@ def test_sglang_configurator_sizes_and_builds_the_mla_pool(monkeypatch):
 
 # ------------------------------------------------------------------------ admission at launch
 def _launch(*flags):
-    from pathlib import Path
-
-    from test_pool import _server_args
-
-    return _server_args(*flags, model=str(Path(__file__).resolve().parents[1]
-                                          / "scripts/model_configs/deepseek-v2-lite"))
+    return make_server_args(*flags, model=DEEPSEEK_V2_LITE)
 
 
 def test_mla_is_refused_at_launch_without_the_opt_in(monkeypatch):

@@ -1,27 +1,15 @@
 """CPU tests of scripts/fidelity_ref.py: the round-tripping KV cache and the batched greedy
 decode, on a tiny random Llama (no weights, no network)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from sglang_tq.config import TQConfig
 from sglang_tq.format.quantizer import TurboQuantizer
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "fidelity_ref.py"
+from tests.conftest import load_script, tiny_llama
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("fidelity_ref_under_test", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fr = _load()
+fr = load_script("fidelity_ref_under_test", "fidelity_ref.py")
 
 
 def test_parse_configs_puts_bf16_first_and_refuses_unknown_names():
@@ -110,13 +98,7 @@ def test_cache_extend_sees_own_tokens_unquantized_decode_reads_the_stored_ones()
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      max_position_embeddings=128)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(2, vocab_size=96, intermediate_size=128, max_position_embeddings=128)
 
 
 def test_batched_left_padded_decode_matches_one_prompt_at_a_time(tiny_model):

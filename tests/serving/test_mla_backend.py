@@ -6,15 +6,12 @@ tolerance is the tests' usual one: at most 2x (4x under the interpreter, whose b
 truncate) PyTorch's own bf16 error against the float64 reference."""
 
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
-from sglang.srt import server_args as sglang_server_args
 from sglang.srt.managers.schedule_batch import ForwardMode
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
-from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.runtime_context import get_context, get_parallel
 
 from sglang_tq.config import TQConfig
@@ -22,12 +19,11 @@ from sglang_tq.kernels.tq_decode import attention_ref
 from sglang_tq.kernels.tq_dequant import tq_dequant_ref
 from sglang_tq.serving import refusals
 from sglang_tq.serving.mla_pool import TQMLATokenToKVPool
-from sglang_tq.serving.plugin import register
 
-from conftest import HAS_CUDA
+from tests.conftest import HAS_CUDA
+from tests.serving.conftest import DEEPSEEK_V2_LITE, DEV, make_server_args
 
-DEV = "cuda" if HAS_CUDA else "cpu"
-MODEL = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/deepseek-v2-lite")
+MODEL = DEEPSEEK_V2_LITE
 H, LAT, ROPE, NOPE, VD = 16, 512, 64, 128, 128
 SCALE = (NOPE + ROPE) ** -0.5
 PREFIX = torch.arange(10, 15)          # request 1's cached radix prefix
@@ -40,16 +36,10 @@ WORK = torch.bfloat16 if HAS_CUDA else torch.float32
 
 @pytest.fixture(scope="module")
 def server_args():
-    register()
-    HookRegistry.apply_hooks()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
-        mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
         # MLA is refused at launch until the backend path is validated on a GPU: lifted here
         mp.setattr(refusals, "check_model_config", lambda *a, **k: None)
-        sa = sglang_server_args.prepare_server_args(
-            ["--model-path", MODEL, "--load-format", "dummy", "--skip-tokenizer-init",
-             "--kv-quant", "turboquant", "--attention-backend", "triton"])
+        sa = make_server_args("--kv-quant", "turboquant", "--attention-backend", "triton", model=MODEL)
     get_context().set_server_args(sa)
     with get_parallel().override(attn_tp_size=1, attn_dcp_size=1, attn_dcp_rank=0):
         yield sa

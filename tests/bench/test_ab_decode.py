@@ -1,12 +1,10 @@
 """scripts/ab_decode.py's variant syntax (the timing itself needs a GPU)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import ab_decode  # noqa: E402
+from tests.conftest import import_script
+
+ab_decode = import_script("ab_decode")
 
 
 def test_variant_overrides_are_typed():

@@ -18,8 +18,8 @@ from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import tq_extend, tq_extend_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
 
-from conftest import HAS_CUDA
-from test_kernels import _assert_decode_matches_ref, _rel, _run_decode, device  # noqa: F401 (fixture)
+from tests.conftest import HAS_CUDA, rel
+from tests.kernels.conftest import assert_decode_matches_ref, run_decode
 
 
 def _centered(head_dim, k_bits, v_bits, hkv, device, seed=0, mean_scale=4.0):
@@ -69,7 +69,7 @@ def test_centering_cuts_the_key_error(device):
     for c in (codec, plain):
         bufs = c.alloc_buffers(n, hkv)
         tq_store_kv(k, k, slots, *bufs, c)
-        errs.append(_rel(tq_dequant(*bufs, slots, c, dtype=torch.float32)[0], k.float()))
+        errs.append(rel(tq_dequant(*bufs, slots, c, dtype=torch.float32)[0], k.float()))
     assert errs[0] < 0.5 * errs[1], errs
 
 
@@ -90,9 +90,9 @@ def test_dequant_adds_the_center_back(head_dim, k_bits, device):
     nrm = norms.float()[..., None]
     unit = (codec.k_quant.dequantize_rotated(codes, norms) / nrm).half().float()
     torch_fp16 = (unit @ codec.pi.half().float()) * nrm + codec.k_center
-    assert _rel(got_k - codec.k_center, want_k - codec.k_center.double()) <= \
-        2 * max(_rel(torch_fp16 - codec.k_center, want_k - codec.k_center.double()), 1e-7)
-    assert _rel(got_v, want_v) < 1e-2  # values: no center; test_kernels checks them closely
+    assert rel(got_k - codec.k_center, want_k - codec.k_center.double()) <= \
+        2 * max(rel(torch_fp16 - codec.k_center, want_k - codec.k_center.double()), 1e-7)
+    assert rel(got_v, want_v) < 1e-2  # values: no center; test_kernels checks them closely
 
 
 def _decode_case(head_dim, k_bits, v_bits, gqa, device, lens, seed):
@@ -114,9 +114,9 @@ def _decode_case(head_dim, k_bits, v_bits, gqa, device, lens, seed):
 def test_decode_over_centered_keys_matches_uncentered_attention(head_dim, k_bits, v_bits, gqa, device):
     lens = (1, 17, 97) + ((1000,) if HAS_CUDA else ())
     codec, bufs, indptr, indices, q = _decode_case(head_dim, k_bits, v_bits, gqa, device, lens, seed=11)
-    out = _run_decode(q, bufs, indptr, indices, codec)
+    out = run_decode(q, bufs, indptr, indices, codec)
     # the reference attends to the dequantized keys + μ (what the model's keys were)
-    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+    assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
 @pytest.mark.parametrize("packed_chunk", [False, True])
@@ -143,17 +143,17 @@ def test_extend_over_a_centered_prefix(packed_chunk, device):
                     max_extend_len=max(chunk), num_prefix_tokens=sum(prefix), chunk_slots=cs)
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, d**-0.5)
     ref = tq_extend_ref(*args, chunk_slots=cs)
-    torch_err = _rel(tq_extend_ref(*args, chunk_slots=cs, dtype=torch.bfloat16), ref)
-    assert _rel(out, ref) <= 2 * torch_err
+    torch_err = rel(tq_extend_ref(*args, chunk_slots=cs, dtype=torch.bfloat16), ref)
+    assert rel(out, ref) <= 2 * torch_err
     # reading the cache without the center: with a bf16 chunk, the prefix would hold k − μ
     # next to a chunk holding k, a different attention (so this test can fail); with a
     # packed chunk every key lacks μ alike, which the softmax ignores
     uncentered = LayerCodec.create(d, 4, 3, seed=5, device=device)
     shifted = tq_extend_ref(q, k, v, *bufs, qo, kv_indptr, kv_indices, uncentered, d**-0.5, chunk_slots=cs)
     if packed_chunk:
-        assert _rel(shifted, ref) <= 2 * torch_err
+        assert rel(shifted, ref) <= 2 * torch_err
     else:
-        assert _rel(shifted, ref) > 10 * torch_err
+        assert rel(shifted, ref) > 10 * torch_err
 
 
 def test_center_with_logit_cap_is_refused():

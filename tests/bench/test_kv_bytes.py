@@ -3,13 +3,12 @@ sequence (issue 16), from the dummy configs, against hand-counted values."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from sglang_tq.tools import kv_bytes
 
-CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "model_configs"
+from tests.conftest import MODEL_CONFIGS as CONFIGS
 
 
 def _formats(model, context=32768, kv=("bf16", "fp8", "k4v4", "k3v3"), tp=1):

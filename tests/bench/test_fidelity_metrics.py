@@ -3,26 +3,17 @@
 No server, no model: synthetic top-K lists shaped like SGLang 0.5.17's JSON replies.
 """
 
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "fidelity.py"
+from tests.conftest import load_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("fidelity_under_test", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    before = set(sys.modules)
-    spec.loader.exec_module(mod)
-    return mod, set(sys.modules) - before
-
-
-fid, _NEW_MODULES = _load()
+_before = set(sys.modules)
+fid = load_script("fidelity_under_test", "fidelity.py")
+_NEW_MODULES = set(sys.modules) - _before
 
 
 def _rows(dists, k):

@@ -1,14 +1,10 @@
 """CPU tests of scripts/attn_error.py on a tiny random Llama (no weights, no network)."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "attn_error.py"
-_spec = importlib.util.spec_from_file_location("attn_error_under_test", _PATH)
-ae = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ae)
+from tests.conftest import load_script, tiny_llama
+
+ae = load_script("attn_error_under_test", "attn_error.py")
 
 
 def _qk(t=40, hq=4, hkv=2, d=16, seed=0):
@@ -37,13 +33,7 @@ def test_attention_kl_grows_with_key_noise_and_is_per_kv_head():
 
 
 def test_capture_qk_returns_post_rope_queries_and_keys_per_layer():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(3)
     ids = list(range(1, 21))
     layers = ae.capture_qk(model, ids)
     assert len(layers) == 3

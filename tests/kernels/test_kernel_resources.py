@@ -9,13 +9,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from sglang_tq.kernels.tq_decode import builtin_launch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import SCRIPTS
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -24,7 +23,7 @@ def test_builtin_launch_compiles_without_spills(head_dim, tmp_path):
     out = tmp_path / "resources.json"
     # a fresh interpreter without TRITON_INTERPRET: the interpreter cannot compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_resources.py"),
+    subprocess.run([sys.executable, str(SCRIPTS / "kernel_resources.py"),
                     "--head-dim", str(head_dim), "--kv", "k4v4,k3v3,k2v2",
                     "--block-n", str(launch.block_n), "--num-warps", str(launch.num_warps),
                     "--num-stages", str(launch.num_stages), "--prefetch", str(int(launch.prefetch)),
@@ -41,7 +40,7 @@ def test_builtin_launch_compiles_without_spills(head_dim, tmp_path):
 def _resources(tmp_path, *args):
     out = tmp_path / "r.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_resources.py"), *args, "--out", str(out)],
+    subprocess.run([sys.executable, str(SCRIPTS / "kernel_resources.py"), *args, "--out", str(out)],
                    env=env, check=True, capture_output=True, text=True, timeout=600)
     return json.loads(out.read_text())
 

@@ -16,20 +16,11 @@ from sglang_tq.format.packing import unpack
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
 
-from conftest import HAS_CUDA
+from tests.conftest import HAS_CUDA, rel
+from tests.kernels.conftest import BLOCKS
 
 LATENT, ROPE = 512, 64
 LENS = (1, 17, 97, 1000) if HAS_CUDA else (1, 17, 45)
-_BLOCKS = {} if HAS_CUDA else dict(block_n=16)
-
-
-@pytest.fixture(params=["cuda" if HAS_CUDA else "cpu"])
-def device(request):
-    return torch.device(request.param)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("bits", [4, 3, 2])
@@ -91,15 +82,15 @@ def test_mla_decode_matches_reference(bits, hq, device):
     ws.out.fill_(float("nan"))
     splits = torch.tensor([1 + (i % max_splits) for i in range(bsz)], dtype=torch.int32, device=device)
     out = tq_decode(q, kc, kn, None, None, indptr, indices, codec, scale, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, q_pe=q_pe, k_pe=k_pe, **_BLOCKS)
+                    max_kv_splits=max_splits, workspace=ws, q_pe=q_pe, k_pe=k_pe, **BLOCKS)
     ref = tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale, q_pe=q_pe, k_pe=k_pe)
-    torch_err = _rel(tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale,
+    torch_err = rel(tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale,
                                    dtype=torch.bfloat16, q_pe=q_pe, k_pe=k_pe), ref)
     assert out.shape == (bsz, hq, LATENT) and not out.isnan().any()
-    assert _rel(out, ref) <= 2 * torch_err
+    assert rel(out, ref) <= 2 * torch_err
     # the RoPE part matters: the twin without it is far from the kernel
     no_rope = tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale)
-    assert _rel(out, no_rope) > 4 * torch_err
+    assert rel(out, no_rope) > 4 * torch_err
 
 
 def test_mla_decode_refuses_mismatched_rope_arguments(device):
@@ -133,7 +124,7 @@ def test_latent_dequant_keys_only_matches_reference(bits, device):
     # one bf16 rounding of the output (as tests/test_kernels.py: the interpreter's fp32 -> bf16
     # cast truncates, twice round-to-nearest's error)
     bound = 2 if device.type == "cuda" else 4
-    assert _rel(scratch[..., :LATENT], ref) <= bound * _rel(ref.bfloat16(), ref)
+    assert rel(scratch[..., :LATENT], ref) <= bound * rel(ref.bfloat16(), ref)
     assert (scratch[..., LATENT:] == 7.0).all()
 
 
@@ -148,6 +139,6 @@ def test_mla_decode_merges_many_splits(device):
     out = tq_decode(q, kc, kn, None, None, indptr, indices, codec, scale, num_kv_splits=splits,
                     max_kv_splits=32, workspace=ws, q_pe=q_pe, k_pe=k_pe, block_n=16)
     ref = tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale, q_pe=q_pe, k_pe=k_pe)
-    torch_err = _rel(tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale,
+    torch_err = rel(tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale,
                                    dtype=torch.bfloat16, q_pe=q_pe, k_pe=k_pe), ref)
-    assert not out.isnan().any() and _rel(out, ref) <= 2 * torch_err
+    assert not out.isnan().any() and rel(out, ref) <= 2 * torch_err

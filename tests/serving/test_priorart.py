@@ -2,9 +2,7 @@
 simulated pool and KIVI's group hook on a CPU pool, flags, refusals and config labels."""
 
 import math
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +17,12 @@ from sglang_tq.format.rotation import hadamard
 from sglang_tq.serving import integration, refusals
 from sglang_tq.serving.simulated import SimulatedKVPool
 
-from test_plugin import _model, _one_sentence, _parse, _stock_fields, fake_gpu, plugin  # noqa: F401
-from test_pool import _real_configurator, _server_args, parallel  # noqa: F401
+from tests.conftest import import_script
+from tests.serving.conftest import (fake_model_config, make_server_args, one_sentence, parse_server_args,
+                                    real_configurator, stock_fields)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import fidelity_ref as fr  # noqa: E402
+fr = import_script("fidelity_ref")
+pytestmark = pytest.mark.usefixtures("plugin")  # registered once for the module, as in test_plugin.py
 
 FP16_EPS = 2.0 ** -11  # relative rounding of a stored fp16 scale or zero point
 
@@ -109,7 +108,7 @@ def test_hadamard_int_refuses_what_it_cannot_do():
                            (dict(bits=4, head_dim=128, group=48), "must divide")):
         with pytest.raises(ValueError, match=needle) as exc:
             priorart.hadamard_int(**kwargs)
-        assert _one_sentence(str(exc.value))
+        assert one_sentence(str(exc.value))
 
 
 def test_constant_vectors_read_back_exactly():
@@ -322,7 +321,7 @@ def test_sglang_configurator_builds_the_simulated_pool_at_stock_size(parallel, m
 
     monkeypatch.setattr(integration, "_packed_pool_class", None)
     for mode, extra in (("hadamard", ()), ("kivi", ("--disable-radix-cache",))):
-        kvc = _real_configurator(_server_args("--kv-quant", mode, "--kv-quant-bits", "k3v2", *extra))
+        kvc = real_configurator(make_server_args("--kv-quant", mode, "--kv-quant-bits", "k3v2", *extra))
         assert create_memory_pool_configurator(kvc)._cell_size == 131_072   # as bf16
         pool = kvc._build_token_to_kv_pool(sizes=types.SimpleNamespace(max_total_num_tokens=64),
                                            is_dsa_model=False, is_dsv4_model=False,
@@ -335,19 +334,19 @@ def test_sglang_configurator_builds_the_simulated_pool_at_stock_size(parallel, m
         assert integration._enable_fused_set_kv_buffer(lambda fb: True, None) is False
     with pytest.raises(RuntimeError, match="could not install its simulated pool") as exc:
         integration._after_build_token_to_kv_pool(object(), kvc)
-    assert _one_sentence(str(exc.value))
+    assert one_sentence(str(exc.value))
 
 
 # ----------------------------------------------------------------- flags, refusals
 def test_simulated_modes_reach_server_args_and_log_that_they_are_simulated(fake_gpu, capfd):
-    sa = _parse("--kv-quant", "hadamard", "--kv-quant-bits", "k3v3", "--kv-quant-seed", "4")
+    sa = parse_server_args("--kv-quant", "hadamard", "--kv-quant-bits", "k3v3", "--kv-quant-seed", "4")
     assert (sa.kv_quant, sa.kv_quant_bits, sa.kv_quant_seed, sa.kv_quant_key_centers) == \
         ("hadamard", "k3v3", 4, None)
     assert sa.attention_backend != "turboquant"      # SGLang's own choice, as for bf16
     err = capfd.readouterr().err    # SGLang's log handler writes to the process's stderr
     line = [ln for ln in err.splitlines() if "SIMULATED" in ln]
     assert len(line) == 1 and "no memory saving" in line[0] and "hadamard k3v3" in line[0]
-    assert _parse("--kv-quant", "kivi", "--page-size", "32").kv_quant == "kivi"
+    assert parse_server_args("--kv-quant", "kivi", "--page-size", "32").kv_quant == "kivi"
     info = {}
     integration._resolved_config_dict(info, types.SimpleNamespace(server_args=sa))
     assert info["kv_quant"] == "hadamard" and info["kv_quant_bits"] == "k3v3"
@@ -365,26 +364,26 @@ def test_simulated_modes_reach_server_args_and_log_that_they_are_simulated(fake_
 ])
 def test_simulated_mode_refusals(fake_gpu, argv, needle):
     with pytest.raises(ValueError, match=needle) as exc:
-        _parse(*argv)
+        parse_server_args(*argv)
     msg = str(exc.value)
-    assert _one_sentence(msg) and "--kv-quant" in msg, msg
+    assert one_sentence(msg) and "--kv-quant" in msg, msg
 
 
 def test_head_dim_refusals_per_mode(monkeypatch):
     from sglang.srt.configs import hybrid_arch
 
     monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: None)
-    odd = _model(head_dim=96, v_head_dim=96)
+    odd = fake_model_config(head_dim=96, v_head_dim=96)
     with pytest.raises(ValueError, match="power-of-two head dims") as exc:
-        refusals.check_model_config(odd, _stock_fields(kv_quant="hadamard"))
-    assert _one_sentence(str(exc.value)) and "--kv-quant kivi" in str(exc.value)
-    refusals.check_model_config(odd, _stock_fields(kv_quant="kivi"))   # no rotation, any D
+        refusals.check_model_config(odd, stock_fields(kv_quant="hadamard"))
+    assert one_sentence(str(exc.value)) and "--kv-quant kivi" in str(exc.value)
+    refusals.check_model_config(odd, stock_fields(kv_quant="kivi"))   # no rotation, any D
     with pytest.raises(ValueError, match=r"head dims in \(64, 128, 256\)"):
-        refusals.check_model_config(odd, _stock_fields(kv_quant="turboquant"))
-    refusals.check_model_config(_model(), _stock_fields(kv_quant="hadamard", attention_backend="fa3"))
-    refusals.check_server_args(_stock_fields(kv_quant="hadamard", attention_backend="fa3"))
+        refusals.check_model_config(odd, stock_fields(kv_quant="turboquant"))
+    refusals.check_model_config(fake_model_config(), stock_fields(kv_quant="hadamard", attention_backend="fa3"))
+    refusals.check_server_args(stock_fields(kv_quant="hadamard", attention_backend="fa3"))
     with pytest.raises(ValueError, match="--kv-quant turboquant decodes"):
-        refusals.check_server_args(_stock_fields(attention_backend="fa3"))
+        refusals.check_server_args(stock_fields(attention_backend="fa3"))
 
 
 # ---------------------------------------------------------------- labels, scripts
@@ -395,11 +394,11 @@ def test_config_labels_map_to_the_simulated_flags(fake_gpu):
                                                "--disable-radix-cache"]
     for label in ("hq3", "kivi4"):
         assert configs.expected_backend(label) is None          # SGLang's default, as bf16
-        assert _parse(*configs.kv_server_flags(label)).kv_quant in ("hadamard", "kivi")
+        assert parse_server_args(*configs.kv_server_flags(label)).kv_quant in ("hadamard", "kivi")
     assert configs.parse_config_list("bf16,hq4,kivi4,k4v4") == ["bf16", "hq4", "kivi4", "k4v4"]
     assert configs.kv_server_flags("hq3-c") == ["--kv-quant", "hadamard", "--kv-quant-bits", "k3v3",
                                                 "--kv-quant-key-centers", "bias"]
-    assert _parse(*configs.kv_server_flags("hq4-c")).kv_quant_key_centers == "bias"
+    assert parse_server_args(*configs.kv_server_flags("hq4-c")).kv_quant_key_centers == "bias"
     for bad in ("hq5", "kivi", "hq4-nc", "kivi8", "kivi4-c"):
         with pytest.raises(ValueError, match="hqB-c"):
             configs.kv_server_flags(bad)

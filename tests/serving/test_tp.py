@@ -16,17 +16,16 @@ from sglang.srt.runtime_context import get_parallel
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
 from sglang_tq.serving import integration
 
-from conftest import HAS_CUDA
-from test_pool import _real_configurator, _server_args
+from tests.conftest import HAS_CUDA
+from tests.serving.conftest import DEV, make_server_args, real_configurator
 
-DEV = "cuda" if HAS_CUDA else "cpu"
 KV_HEADS, GQA, D = 8, 4, 128   # Llama-3.1-8B
 
 
 def _rank_pool(tp, rank, monkeypatch, size=64):
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
     with get_parallel().override(attn_tp_size=tp, attn_tp_rank=rank, attn_cp_size=1):
-        kvc = _real_configurator(_server_args("--kv-quant", "turboquant", "--tp-size", str(tp)))
+        kvc = real_configurator(make_server_args("--kv-quant", "turboquant", "--tp-size", str(tp)))
         kvc.device = DEV
         cell = create_memory_pool_configurator(kvc)._cell_size
         pool = kvc._build_token_to_kv_pool(sizes=types.SimpleNamespace(max_total_num_tokens=size),

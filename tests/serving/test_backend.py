@@ -12,22 +12,17 @@ import types
 import pytest
 import torch
 
-import sglang.srt.server_args as sglang_server_args
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
-from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.runtime_context import get_context, get_parallel
 
 from sglang_tq.config import TQConfig
 from sglang_tq.kernels.tq_decode import tq_decode_ref
 from sglang_tq.kernels.tq_extend import tq_extend_ref
-from sglang_tq.serving.plugin import register
 from sglang_tq.serving.pool import TQTokenToKVPool
 
-from conftest import HAS_CUDA
-
-# where Triton compiles the kernels: the GPU, or the interpreter on the CPU
-DEV = "cuda" if HAS_CUDA else "cpu"
+from tests.conftest import rel
+from tests.serving.conftest import DEV, make_server_args
 
 HQ, HKV, D, LAYERS = 4, 2, 64, 2
 BF16_LAYER = 1
@@ -45,15 +40,7 @@ TINY_LLAMA = {
 def server_args(tmp_path_factory):
     model = tmp_path_factory.mktemp("tiny-llama")
     (model / "config.json").write_text(json.dumps(TINY_LLAMA))
-    register()
-    HookRegistry.apply_hooks()
-    with pytest.MonkeyPatch.context() as mp:
-        # ServerArgs resolution asks the accelerator for its kind and memory size.
-        mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
-        mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
-        sa = sglang_server_args.prepare_server_args(
-            ["--model-path", str(model), "--load-format", "dummy", "--skip-tokenizer-init",
-             "--kv-quant", "turboquant", "--kv-quant-bf16-layers", str(BF16_LAYER)])
+    sa = make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", str(BF16_LAYER), model=str(model))
     get_context().set_server_args(sa)
     with get_parallel().override(attn_tp_size=1, attn_dcp_size=1, attn_dcp_rank=0):
         yield sa
@@ -94,10 +81,6 @@ def _qkv(n, seed):
     qkv = torch.randn(n, HQ + 2 * HKV, D, generator=g).bfloat16().to(DEV)
     # k and v are strided views into one fused projection, as RadixAttention passes them
     return qkv[:, :HQ], qkv[:, HQ : HQ + HKV], qkv[:, HQ + HKV :]
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # Two requests: request 1 (pool row 1) has a 5-token radix prefix in slots 10..14 and
@@ -218,7 +201,7 @@ def test_extend_then_decode_match_reference(server_args, bf16_layers, fwht, monk
     md = backend.forward_metadata
     want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
                          layer.scaling)
-    assert _rel(out.view(10, HQ, D), want) < 2e-2
+    assert rel(out.view(10, HQ, D), want) < 2e-2
     # the chunk was quantized into its slots on the way
     assert (pool.k_norms[0][CHUNKS[0]] > 0).all() and (pool.k_norms[0][CHUNKS[1]] > 0).all()
 
@@ -230,7 +213,7 @@ def test_extend_then_decode_match_reference(server_args, bf16_layers, fwht, monk
     indptr = _t([0, 13, 17])
     indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
     want = tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling)
-    assert _rel(out.view(2, HQ, D), want) < 2e-2
+    assert rel(out.view(2, HQ, D), want) < 2e-2
 
 
 # Three requests, pool rows 1..3, over 5-token prefixes: rows 1 and 3 share slots 10..14
@@ -286,7 +269,7 @@ def test_prefill_scratch_is_bounded_by_distinct_tokens_and_the_budget(
     md = backend.forward_metadata
     want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
                          layer.scaling)
-    assert _rel(out.view(9, HQ, D), want) < 2e-2
+    assert rel(out.view(9, HQ, D), want) < 2e-2
 
 
 def test_prefill_plan_groups_and_page_tables():
@@ -328,7 +311,7 @@ def test_attention_sinks_reach_both_kernels(server_args):
     md = backend.forward_metadata
     want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
                          layer.scaling, sinks=sinks)
-    assert _rel(out, want) < 2e-2
+    assert rel(out, want) < 2e-2
     fb = _decode_batch(req_to_token)
     backend.init_forward_metadata(fb)
     q, k, v = _qkv(2, seed=2)
@@ -336,8 +319,8 @@ def test_attention_sinks_reach_both_kernels(server_args):
     indptr = _t([0, 13, 17])
     indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
     want = tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling, sinks=sinks)
-    assert _rel(out, want) < 2e-2
-    assert _rel(out, tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling)) > 5e-2
+    assert rel(out, want) < 2e-2
+    assert rel(out, tq_decode_ref(q, *codes, indptr, indices, codec, layer.scaling)) > 5e-2
     with pytest.raises(RuntimeError, match="score_mod"):
         backend.forward_decode(q, k, v, layer, fb, score_mod=lambda *a: None)
 
@@ -365,9 +348,9 @@ def test_sliding_window_layer_reads_only_its_window(server_args, packed_prefill)
         codes, codec = pool.get_packed_layer(layer.layer_id)[:4], pool.get_packed_layer(layer.layer_id).codec
         want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
                              layer.scaling, sliding_window=w, chunk_slots=chunk)
-        assert _rel(out, want) < 2e-2, layer.layer_id
+        assert rel(out, want) < 2e-2, layer.layer_id
         if w:  # the window changes the result: the test would notice full attention
-            assert _rel(out, tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr,
+            assert rel(out, tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr,
                                            md.kv_indices, codec, layer.scaling,
                                            chunk_slots=chunk)) > 5e-2
     (g,) = backend._prefill_window
@@ -382,11 +365,11 @@ def test_sliding_window_layer_reads_only_its_window(server_args, packed_prefill)
         packed = pool.get_packed_layer(layer.layer_id)
         want = tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec, layer.scaling,
                              sliding_window=w)
-        assert _rel(out, want) < 2e-2, layer.layer_id
+        assert rel(out, want) < 2e-2, layer.layer_id
         if w:
-            assert _rel(out, tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec,
+            assert rel(out, tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec,
                                            layer.scaling)) > 5e-2
-    assert _rel(out, tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec, layer.scaling,
+    assert rel(out, tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec, layer.scaling,
                                    sliding_window=sws)) > 5e-2  # the full layer is not windowed
 
 
@@ -439,14 +422,14 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
     md = backend.forward_metadata
     want = tq_extend_ref(q, k, v, *inner[:4], md.qo_indptr, md.kv_indptr, md.kv_indices,
                          inner.codec, layer.scaling)
-    assert _rel(out, want) < 2e-2
+    assert rel(out, want) < 2e-2
     fb = _decode_batch(req_to_token)
     backend.init_forward_metadata(fb)
     q, k, v = _qkv(2, seed=2)
     out = backend.forward_decode(q, k, v, layer, fb).view(2, HQ, D)
     indptr = _t([0, 13, 17])
     indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
-    assert _rel(out, tq_decode_ref(q, *inner[:4], indptr, indices, inner.codec, layer.scaling)) < 2e-2
+    assert rel(out, tq_decode_ref(q, *inner[:4], indptr, indices, inner.codec, layer.scaling)) < 2e-2
 
 
 @pytest.mark.parametrize("packed_prefill", [False, True])
@@ -494,7 +477,7 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args, packed_prefill):
         want = tq_extend_ref(q, k, v, *inner[:4], md.qo_indptr, md.kv_indptr, md.kv_indices + sl,
                              inner.codec, layer.scaling, sliding_window=w, sinks=sinks if w else None,
                              chunk_slots=fb.out_cache_loc + sl if packed_prefill else None)
-        assert _rel(out, want) < 2e-2, layer.layer_id
+        assert rel(out, want) < 2e-2, layer.layer_id
     # the chunk went to the SWA slots of the window layer and the full slots of the full layer
     assert (swa_inner.k_norms[fb.out_cache_loc + shift] > 0).all()
     assert (full_inner.k_norms[fb.out_cache_loc] > 0).all()
@@ -508,9 +491,9 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args, packed_prefill):
         outs[w] = backend.forward_decode(q, k, v, layer, fb, sinks=sinks if w else None).view(2, HQ, D)
         want = tq_decode_ref(q, *inner[:4], indptr, indices + sl, inner.codec, layer.scaling,
                              sliding_window=w, sinks=sinks if w else None)
-        assert _rel(outs[w], want) < 2e-2, layer.layer_id
+        assert rel(outs[w], want) < 2e-2, layer.layer_id
     # reading the window layer's full slot ids (no translation) would give another answer
-    assert _rel(outs[sws], tq_decode_ref(q, *swa_inner[:4], indptr, indices, swa_inner.codec,
+    assert rel(outs[sws], tq_decode_ref(q, *swa_inner[:4], indptr, indices, swa_inner.codec,
                                          window.scaling, sliding_window=sws, sinks=sinks)) > 5e-2
 
 
@@ -543,8 +526,8 @@ def test_mixed_batch_decodes_its_running_requests(server_args):
                              layer.scaling)
     want_dec = tq_decode_ref(q[7:], *codes, _t([0, 4]), _t([30, 31, 32, 33]), codec,
                              layer.scaling)
-    assert _rel(out[:7], want_ext) < 2e-2
-    assert _rel(out[7:], want_dec) < 2e-2
+    assert rel(out[:7], want_ext) < 2e-2
+    assert rel(out[7:], want_dec) < 2e-2
 
 
 def test_mixed_batch_edges(server_args):
@@ -570,7 +553,7 @@ def test_mixed_batch_edges(server_args):
     indices = torch.cat([req_to_token.req_to_token[1, :12], _t([30, 31, 32, 33])])
     want = tq_decode_ref(q, *codes, _t([0, 12, 16]), indices, codec, layer.scaling)
     assert mx.kv_indices.tolist() == indices.tolist()
-    assert _rel(out, want) < 2e-2
+    assert rel(out, want) < 2e-2
 
     fb = _mixed_batch(req_to_token)
     fb.extend_seq_lens_cpu, fb.extend_seq_lens = [1, 7], _t([1, 7])
@@ -591,10 +574,10 @@ def test_packed_prefill_reads_the_chunk_back_from_the_cache(server_args):
     qo = _t([0, 7, 10])
     want = tq_extend_ref(q, k, v, *codes, qo, _t([0, 5, 5]), PREFIX, codec, layer.scaling,
                          chunk_slots=torch.cat(CHUNKS))
-    assert _rel(out.view(10, HQ, D), want) < 2e-2
+    assert rel(out.view(10, HQ, D), want) < 2e-2
     bf16_chunk = tq_extend_ref(q, k, v, *codes, qo, _t([0, 5, 5]), PREFIX, codec,
                                layer.scaling)
-    assert _rel(out.view(10, HQ, D), bf16_chunk) > _rel(out.view(10, HQ, D), want)
+    assert rel(out.view(10, HQ, D), bf16_chunk) > rel(out.view(10, HQ, D), want)
 
 
 def _after_prefill(server_args, bf16_layers=(BF16_LAYER,)):
@@ -763,12 +746,12 @@ def test_bf16_layer_runs_sglang_kernels_and_matches_attention(server_args):
         attention_ref(q[:7].to(f), torch.cat([pk, k[:7]]).to(f), torch.cat([pv, v[:7]]).to(f),
                       scale, causal_offset=5),
         attention_ref(q[7:].to(f), k[7:].to(f), v[7:].to(f), scale, causal_offset=0)])
-    assert _rel(out_e.view(10, HQ, D), want_e) < 2e-2
+    assert rel(out_e.view(10, HQ, D), want_e) < 2e-2
     kb, vb = pool.get_key_buffer(BF16_LAYER), pool.get_value_buffer(BF16_LAYER)
     rows = [req_to_token.req_to_token[1, :13].long(), req_to_token.req_to_token[2, :4].long()]
     want_d = torch.cat([attention_ref(qd[i:i + 1].to(f), kb[r].to(f), vb[r].to(f), scale)
                         for i, r in enumerate(rows)])
-    assert _rel(out_d.view(2, HQ, D), want_d) < 2e-2
+    assert rel(out_d.view(2, HQ, D), want_d) < 2e-2
 
 
 def test_factory_refuses_a_stock_pool(server_args):

@@ -3,16 +3,14 @@ fallback, the environment override, refusal of a corrupt table, and the tuner's 
 and merge (scripts/tune_decode.py) that write it."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from sglang_tq.kernels import tq_decode as dec
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import tune_decode  # noqa: E402
+from tests.conftest import import_script
+
+tune_decode = import_script("tune_decode")
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-import server_smoke  # noqa: E402
+from tests.conftest import MODEL_CONFIGS, import_script
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "scripts", "model_configs")
+server_smoke = import_script("server_smoke")
+CONFIGS = str(MODEL_CONFIGS)
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(CONFIGS)))

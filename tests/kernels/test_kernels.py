@@ -24,22 +24,11 @@ from sglang_tq.kernels.tq_extend import (dedup_prefix, default_extend_impl, exac
                                          tq_extend, tq_extend_ref, with_kv_table)
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
 
-from conftest import HAS_CUDA
+from tests.conftest import HAS_CUDA, rel
+from tests.kernels.conftest import BLOCKS, assert_decode_matches_ref, run_decode
 
 BIT_PAIRS = list(itertools.product((4, 3, 2), repeat=2))
-
-
-@pytest.fixture(params=["cuda" if HAS_CUDA else "cpu"])
-def device(request):
-    """Kernels run where Triton compiles them: CUDA, or the interpreter on the CPU."""
-    return torch.device(request.param)
 LENS = (1, 17, 97, 1000) if HAS_CUDA else (1, 17, 97)
-# the interpreter gets small tiles (speed); CUDA runs the launch defaults the backend uses
-_BLOCKS = {} if HAS_CUDA else dict(block_n=16)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _filled_pool(codec, num_slots, hkv, device, seed):
@@ -104,35 +93,15 @@ def _decode_inputs(head_dim, k_bits, v_bits, gqa, device, lens=LENS, seed=0, hkv
     return codec, bufs, kv_indptr, kv_indices, q
 
 
-def _run_decode(q, bufs, kv_indptr, kv_indices, codec, max_splits=4, **kw):
-    bsz, hq, d = q.shape
-    ws = DecodeWorkspace.create(bsz + 2, hq, d, max_splits, q.device)
-    ws.out.fill_(float("nan"))  # every element must be written
-    splits = torch.tensor([1 + (i % max_splits) for i in range(bsz)], dtype=torch.int32, device=q.device)
-    out = tq_decode(q, *bufs, kv_indptr, kv_indices, codec, d**-0.5, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, **{**_BLOCKS, **kw})
-    assert not out.isnan().any()
-    return out
-
-
-def _assert_decode_matches_ref(out, q, bufs, kv_indptr, kv_indices, codec):
-    """Within 2x of PyTorch's own bf16 error against the float64 reference."""
-    d = q.shape[-1]
-    ref = tq_decode_ref(q, *bufs, kv_indptr, kv_indices, codec, d**-0.5)
-    torch_err = _rel(tq_decode_ref(q, *bufs, kv_indptr, kv_indices, codec, d**-0.5,
-                                   dtype=torch.bfloat16), ref)
-    assert _rel(out, ref) <= 2 * torch_err
-
-
 @pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", DECODE_CASES)
 def test_decode_matches_reference(head_dim, k_bits, v_bits, gqa, device):
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device)
-    out = _run_decode(q, bufs, indptr, indices, codec)
+    out = run_decode(q, bufs, indptr, indices, codec)
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5)
-    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5,
+    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5,
                                    dtype=torch.bfloat16), ref)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    assert _rel(out, ref) <= 2 * torch_err
+    assert rel(out, ref) <= 2 * torch_err
 
 
 @pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", [(64, 4, 4, 4), (128, 3, 3, 8), (256, 2, 4, 1)])
@@ -140,8 +109,8 @@ def test_decode_without_prefetch_matches_reference(head_dim, k_bits, v_bits, gqa
     """The launch table may choose loads at the top of each tile instead of a register
     prefetch of the next one (PREFETCH = 0): same result."""
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device, seed=4)
-    out = _run_decode(q, bufs, indptr, indices, codec, prefetch=False)
-    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+    out = run_decode(q, bufs, indptr, indices, codec, prefetch=False)
+    assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
 @pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, prefetch",
@@ -151,8 +120,8 @@ def test_decode_heads_as_n_matches_reference(head_dim, k_bits, v_bits, gqa, pref
     """The transposed problem (GQA group as the dots' N side, value codes loaded as
     [D/4, N] tiles, every V bit width) computes the same attention."""
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device, seed=7)
-    out = _run_decode(q, bufs, indptr, indices, codec, heads_n=True, prefetch=prefetch)
-    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+    out = run_decode(q, bufs, indptr, indices, codec, heads_n=True, prefetch=prefetch)
+    assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
 @pytest.mark.parametrize("launch", [dict(block_n=32, num_warps=1, prefetch=True),
@@ -167,8 +136,8 @@ def test_decode_heads_as_n_matches_reference(head_dim, k_bits, v_bits, gqa, pref
 def test_decode_launch_variants_match_reference(launch, device):
     """Every launch shape the tuner may write into the table computes the same attention."""
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 2, 4, device, seed=6)
-    out = _run_decode(q, bufs, indptr, indices, codec, **launch)
-    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+    out = run_decode(q, bufs, indptr, indices, codec, **launch)
+    assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
 @pytest.mark.parametrize("heads_n", [False, True])
@@ -176,25 +145,25 @@ def test_decode_launch_variants_match_reference(launch, device):
 def test_decode_softcap_and_sliding_window(logit_cap, window, heads_n, device):
     codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 3, 4, device, seed=5)
     q = q * 4  # make the cap bite
-    out = _run_decode(q, bufs, indptr, indices, codec, logit_cap=logit_cap, sliding_window=window,
+    out = run_decode(q, bufs, indptr, indices, codec, logit_cap=logit_cap, sliding_window=window,
                       heads_n=heads_n)
     kw = dict(logit_cap=logit_cap, sliding_window=window)
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5, **kw)
-    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5,
+    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5,
                                    dtype=torch.bfloat16, **kw), ref)
-    assert _rel(out, ref) <= 2 * torch_err
+    assert rel(out, ref) <= 2 * torch_err
     plain = tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5)
-    assert _rel(plain, ref) > 4 * torch_err, "the option must change the result"
+    assert rel(plain, ref) > 4 * torch_err, "the option must change the result"
 
 
 def test_decode_is_split_invariant(device):
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 4, 4, device, lens=(300, 5), seed=9)
-    one = _run_decode(q, bufs, indptr, indices, codec, max_splits=1)
-    many = _run_decode(q, bufs, indptr, indices, codec, max_splits=8)
+    one = run_decode(q, bufs, indptr, indices, codec, max_splits=1)
+    many = run_decode(q, bufs, indptr, indices, codec, max_splits=8)
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, 128**-0.5)
-    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 128**-0.5,
+    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 128**-0.5,
                                    dtype=torch.bfloat16), ref)
-    assert _rel(one, many) <= 2 * torch_err
+    assert rel(one, many) <= 2 * torch_err
 
 
 @pytest.mark.parametrize("head_dim, max_splits", [(128, 48), (256, 64), (64, 17), (128, 128),
@@ -212,9 +181,9 @@ def test_decode_merges_many_splits(head_dim, max_splits, device):
     splits = torch.tensor([max_splits, max_splits, max(1, max_splits // 3)], dtype=torch.int32,
                           device=device)
     out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, **_BLOCKS)
+                    max_kv_splits=max_splits, workspace=ws, **BLOCKS)
     assert not out.isnan().any()
-    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+    assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
 @pytest.mark.parametrize("rotate_kernel_elems", [0, 1 << 30])
@@ -226,8 +195,8 @@ def test_decode_rotation_paths_match_reference(rotate_kernel_elems, device, monk
 
     monkeypatch.setattr(dec, "ROTATE_KERNEL_ELEMS", rotate_kernel_elems)
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 3, 4, device, lens=(40, 7), seed=11)
-    out = _run_decode(q, bufs, indptr, indices, codec, fuse_rotation=False)
-    _assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
+    out = run_decode(q, bufs, indptr, indices, codec, fuse_rotation=False)
+    assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
 @pytest.mark.parametrize("fwht", [False, True], ids=["dense", "fwht"])
@@ -244,10 +213,10 @@ def test_decode_fused_rotation_matches_reference(head_dim, k_bits, v_bits, gqa, 
     wide = torch.zeros(q.shape[0], q.shape[1], 2 * head_dim, dtype=q.dtype, device=device)
     wide[..., :head_dim] = q
     q = wide[..., :head_dim]  # strided along heads, contiguous in head_dim
-    fused = _run_decode(q, bufs, indptr, indices, codec, fuse_rotation=True, heads_n=heads_n, fwht=fwht)
-    _assert_decode_matches_ref(fused, q, bufs, indptr, indices, codec)
-    apart = _run_decode(q, bufs, indptr, indices, codec, fuse_rotation=False, heads_n=heads_n)
-    assert _rel(fused, apart) <= 2 * _rel(
+    fused = run_decode(q, bufs, indptr, indices, codec, fuse_rotation=True, heads_n=heads_n, fwht=fwht)
+    assert_decode_matches_ref(fused, q, bufs, indptr, indices, codec)
+    apart = run_decode(q, bufs, indptr, indices, codec, fuse_rotation=False, heads_n=heads_n)
+    assert rel(fused, apart) <= 2 * rel(
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5, dtype=torch.bfloat16),
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5))
 
@@ -261,10 +230,10 @@ def test_decode_fwht_unrotation_at_many_splits_matches_reference(head_dim, k_bit
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device,
                                                      lens=(300, 37), seed=21)
     splits = 2 * VECTOR_MERGE_SPLITS
-    fast = _run_decode(q, bufs, indptr, indices, codec, max_splits=splits, fwht=True)
-    _assert_decode_matches_ref(fast, q, bufs, indptr, indices, codec)
-    dense = _run_decode(q, bufs, indptr, indices, codec, max_splits=splits)
-    assert _rel(fast, dense) <= 2 * _rel(
+    fast = run_decode(q, bufs, indptr, indices, codec, max_splits=splits, fwht=True)
+    assert_decode_matches_ref(fast, q, bufs, indptr, indices, codec)
+    dense = run_decode(q, bufs, indptr, indices, codec, max_splits=splits)
+    assert rel(fast, dense) <= 2 * rel(
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5, dtype=torch.bfloat16),
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5))
 
@@ -283,7 +252,7 @@ def test_store_refuses_rows_below_a_tile_without_fwht(device):
 def test_decode_and_store_refuse_pdl_where_unsupported():
     codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 4, 4, "cpu", lens=(5,), seed=2)
     with pytest.raises(ValueError, match="programmatic dependent launch"):
-        _run_decode(q, bufs, indptr, indices, codec, pdl=True)
+        run_decode(q, bufs, indptr, indices, codec, pdl=True)
     k = torch.zeros(1, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="programmatic dependent launch"):
         tq_store_kv(k, k, torch.zeros(1, dtype=torch.long), *bufs, codec, pdl=True)
@@ -352,8 +321,8 @@ def test_rotate_query_matches_reference(bsz, hq, head_dim, dtype, device):
     out = torch.full((bsz, hq, head_dim), float("nan"), device=device)
     rotate_query(q, codec.pi, out)
     ref = rotate_query_ref(q, codec.pi)
-    torch_err = _rel(q.float() @ codec.pi.T, ref)
-    assert _rel(out, ref) <= max(2 * torch_err, 2**-24 * head_dim**0.5)
+    torch_err = rel(q.float() @ codec.pi.T, ref)
+    assert rel(out, ref) <= max(2 * torch_err, 2**-24 * head_dim**0.5)
 
 
 def test_rotate_query_refuses_bad_arguments(device):
@@ -416,9 +385,9 @@ def test_extend_matches_reference(head_dim, k_bits, v_bits, gqa, packed_chunk, d
                     chunk_slots=chunk_slots, impl=impl)
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5)
     ref = tq_extend_ref(*args, chunk_slots=chunk_slots)
-    torch_err = _rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
+    torch_err = rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
     assert out.shape == q.shape and out.dtype == q.dtype and not out.isnan().any()
-    assert _rel(out, ref) <= 2 * torch_err
+    assert rel(out, ref) <= 2 * torch_err
 
 
 def test_dedup_prefix_maps_every_position_to_its_slot(device):
@@ -488,14 +457,14 @@ def test_extend_with_shared_prefix_matches_reference(head_dim, k_bits, v_bits, g
     out = tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
                     chunk_slots=chunk_slots, prefix_dedup=dedup_prefix(kv_indices), impl=impl)
     ref = tq_extend_ref(*args, chunk_slots=chunk_slots)
-    torch_err = _rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
-    assert _rel(out, ref) <= 2 * torch_err
+    torch_err = rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
+    assert rel(out, ref) <= 2 * torch_err
     # the scratch sized to the distinct slots only (exact_rows) gives the same result
     exact = exact_rows(dedup_prefix(kv_indices))
     assert exact.rows == shared + 5 and exact.slots.numel() == shared + 5
     out_exact = tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
                           chunk_slots=chunk_slots, prefix_dedup=exact, impl=impl)
-    assert _rel(out_exact, ref) <= 2 * torch_err
+    assert rel(out_exact, ref) <= 2 * torch_err
     with pytest.raises(ValueError, match="prefix_dedup.rows must lie in"):
         tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
                   prefix_dedup=dataclasses.replace(exact, rows=sum(prefix) + 1), impl=impl)
@@ -514,9 +483,9 @@ def test_extend_softcap_and_sliding_window(logit_cap, window, device, impl):
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
     kw = dict(logit_cap=logit_cap, sliding_window=window)
     ref = tq_extend_ref(*args, **kw)
-    torch_err = _rel(tq_extend_ref(*args, dtype=torch.bfloat16, **kw), ref)
-    assert _rel(out, ref) <= 2 * torch_err
-    assert _rel(tq_extend_ref(*args), ref) > 4 * torch_err, "the option must change the result"
+    torch_err = rel(tq_extend_ref(*args, dtype=torch.bfloat16, **kw), ref)
+    assert rel(out, ref) <= 2 * torch_err
+    assert rel(tq_extend_ref(*args), ref) > 4 * torch_err, "the option must change the result"
 
 
 def _sinks(hq, device, seed):
@@ -533,16 +502,16 @@ def test_decode_with_attention_sinks_matches_reference(head_dim, k_bits, v_bits,
     splits merge, in the loop merge (<= 16 splits) and the vector merge (> 16)."""
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device, seed=8)
     sinks = _sinks(q.shape[1], device, seed=1)
-    out = _run_decode(q, bufs, indptr, indices, codec, max_splits=max_splits, sinks=sinks)
+    out = run_decode(q, bufs, indptr, indices, codec, max_splits=max_splits, sinks=sinks)
     scale = head_dim**-0.5
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, scale, sinks=sinks)
-    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, scale, dtype=torch.bfloat16,
+    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, scale, dtype=torch.bfloat16,
                                    sinks=sinks), ref)
-    assert _rel(out, ref) <= 2 * torch_err
-    assert _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, scale), ref) > 4 * torch_err, \
+    assert rel(out, ref) <= 2 * torch_err
+    assert rel(tq_decode_ref(q, *bufs, indptr, indices, codec, scale), ref) > 4 * torch_err, \
         "the sinks must change the result"
     with pytest.raises(ValueError, match="sinks must be a float tensor"):
-        _run_decode(q, bufs, indptr, indices, codec, sinks=sinks[:-1])
+        run_decode(q, bufs, indptr, indices, codec, sinks=sinks[:-1])
 
 
 def test_extend_with_attention_sinks_matches_reference(device, impl):
@@ -552,9 +521,9 @@ def test_extend_with_attention_sinks_matches_reference(device, impl):
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
     out = tq_extend(*args, max_extend_len=9, sinks=sinks, impl=impl)
     ref = tq_extend_ref(*args, sinks=sinks)
-    torch_err = _rel(tq_extend_ref(*args, dtype=torch.bfloat16, sinks=sinks), ref)
-    assert _rel(out, ref) <= 2 * torch_err
-    assert _rel(tq_extend_ref(*args), ref) > 4 * torch_err, "the sinks must change the result"
+    torch_err = rel(tq_extend_ref(*args, dtype=torch.bfloat16, sinks=sinks), ref)
+    assert rel(out, ref) <= 2 * torch_err
+    assert rel(tq_extend_ref(*args), ref) > 4 * torch_err, "the sinks must change the result"
     with pytest.raises(ValueError, match="sinks must be a float tensor"):
         tq_extend(*args, max_extend_len=9, sinks=sinks[None], impl=impl)
 
@@ -569,7 +538,7 @@ def test_extend_writes_into_given_out(device, impl):
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
     ref = tq_extend_ref(*args)
     assert got is out and not out.isnan().any() and wide[:, -8:].isnan().all()
-    assert _rel(out, ref) <= 2 * _rel(tq_extend_ref(*args, dtype=torch.bfloat16), ref)
+    assert rel(out, ref) <= 2 * rel(tq_extend_ref(*args, dtype=torch.bfloat16), ref)
 
 
 def test_extend_decode_consistency(device, impl):
@@ -580,11 +549,11 @@ def test_extend_decode_consistency(device, impl):
                     max_extend_len=12, chunk_slots=chunk_slots, impl=impl)
     all_slots = torch.cat([kv_indices, chunk_slots])
     all_indptr = torch.tensor([0, 32], dtype=torch.int32, device=q.device)
-    dec = _run_decode(q[-1:], bufs, all_indptr, all_slots, codec, max_splits=2)
+    dec = run_decode(q[-1:], bufs, all_indptr, all_slots, codec, max_splits=2)
     ref = tq_decode_ref(q[-1:], *bufs, all_indptr, all_slots, codec, 128**-0.5)
-    torch_err = _rel(tq_decode_ref(q[-1:], *bufs, all_indptr, all_slots, codec, 128**-0.5,
+    torch_err = rel(tq_decode_ref(q[-1:], *bufs, all_indptr, all_slots, codec, 128**-0.5,
                                    dtype=torch.bfloat16), ref)
-    assert _rel(ext[-1:], dec) <= 2 * torch_err
+    assert rel(ext[-1:], dec) <= 2 * torch_err
 
 
 # -------------------------------------------------------------------------- dequant
@@ -603,14 +572,14 @@ def test_dequant_matches_reference(head_dim, k_bits, v_bits, device):
         n = norms[slots].float()[..., None]
         unit = (quant.dequantize_rotated(codes[slots], norms[slots]) / n).half().float()
         torch_fp16 = (unit @ codec.pi.half().float()) * n
-        assert _rel(got, want) <= 2 * max(_rel(torch_fp16, want), 1e-7)
+        assert rel(got, want) <= 2 * max(rel(torch_fp16, want), 1e-7)
     # bf16 output: one rounding on top; the interpreter casts fp32 -> bf16 by truncation,
     # which has twice round-to-nearest's error
     k, v = tq_dequant(*bufs, slots, codec)
     assert k.shape == v.shape == (97, 3, head_dim) and k.dtype == torch.bfloat16
     bound = 2 if device.type == "cuda" else 4
     for got, want in ((k, refs[0]), (v, refs[1])):
-        assert _rel(got, want) <= bound * _rel(want.bfloat16(), want)
+        assert rel(got, want) <= bound * rel(want.bfloat16(), want)
 
 
 def test_dequant_count_on_device_decodes_only_the_leading_slots(device):
@@ -691,12 +660,12 @@ def test_decode_writes_into_given_out(device):
     out = wide[:, :hq * d].view(bsz, hq, d)
     splits = torch.tensor([2, 1], dtype=torch.int32, device=q.device)
     got = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits, max_kv_splits=2,
-                    workspace=ws, **_BLOCKS, out=out)
+                    workspace=ws, **BLOCKS, out=out)
     assert got.data_ptr() == out.data_ptr() and not out.isnan().any()
     assert wide[:, hq * d:].isnan().all(), "wrote past the given output"
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5)
-    torch_err = _rel(tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5, dtype=torch.bfloat16), ref)
-    assert _rel(out, ref) <= 2 * torch_err
+    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5, dtype=torch.bfloat16), ref)
+    assert rel(out, ref) <= 2 * torch_err
 
 
 # ---------------------------------------------------------------------- split policy

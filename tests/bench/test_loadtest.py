@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,9 +27,10 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS.parent / "scripts"))
-import loadtest as lt  # noqa: E402
+from tests.bench.conftest import write_fake_launcher  # noqa: E402
+from tests.conftest import import_script  # noqa: E402
+
+lt = import_script("loadtest")
 
 ERROR_TOKEN, ABORT_TOKEN, HTTP500_TOKEN = 13, 14, 15
 # one fake decode step: (kernel name, µs); each kernel is followed by 1 µs of idle GPU
@@ -735,9 +735,7 @@ REQUIRED = ("workload", "kv", "backend", "out_tok_s", "ttft_p50_s", "itl_p50_ms"
 
 
 def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
-    (tmp_path / "fake_sglang.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-        "from test_loadtest import fake_server_cli\nfake_server_cli()\n")
+    write_fake_launcher(tmp_path / "fake_sglang.py", "test_loadtest")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setattr(lt, "get_provenance", lambda: {"gpu": "FakeGPU", "commit": "abc123",
                                                        "versions": {}, "date": "2026-01-01T00:00:00+00:00"})

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -26,11 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QuietHandler
+from tests.bench.conftest import QuietHandler, ThreadedServer
+from tests.conftest import import_script
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS.parent / "scripts"))
-import soak  # noqa: E402
+soak = import_script("soak")
 
 VOCAB = 1000
 CORRUPT_FROM = 5  # first output position a corrupted fake changes
@@ -180,19 +178,9 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # the soak opens dozens of connections at once
 
 
-class running_fake:
+def running_fake(state: FakeState) -> ThreadedServer:
     """with running_fake(state) as base_url: ..."""
-
-    def __init__(self, state: FakeState):
-        self.httpd = _Server(("127.0.0.1", 0), make_handler(state))
-
-    def __enter__(self) -> str:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return ThreadedServer(_Server(("127.0.0.1", 0), make_handler(state)))
 
 
 # ----------------------------------------------------------------------------- helpers

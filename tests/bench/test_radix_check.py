@@ -25,12 +25,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import QuietHandler
+from tests.bench.conftest import QuietHandler, ThreadedServer, write_fake_launcher
+from tests.conftest import SCRIPTS, import_script
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS.parent / "scripts"))
-import _server  # noqa: E402
-import radix_check as rc  # noqa: E402
+_server = import_script("_server")
+rc = import_script("radix_check")
 
 WARM_DIVERGE, SHARED_DIVERGE = 10, 3
 TOK0_SHIFT, LP_SHIFT, DIV_GAP = 0.25, 0.05, 0.5
@@ -274,20 +273,9 @@ def make_handler(state: FakeState):
     return Handler
 
 
-class running_fake:
+def running_fake(state: FakeState, port: int = 0) -> ThreadedServer:
     """with running_fake(state) as base_url: ..."""
-
-    def __init__(self, state: FakeState, port: int = 0):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(state))
-
-    def __enter__(self) -> str:
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return ThreadedServer(ThreadingHTTPServer(("127.0.0.1", port), make_handler(state)))
 
 
 def fake_server_cli():
@@ -405,9 +393,7 @@ def make_model_dir(path: Path) -> Path:
 
 def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     model = make_model_dir(tmp_path / "model")
-    (tmp_path / "fake_radix_sglang.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-        "from test_radix_check import fake_server_cli\nfake_server_cli()\n")
+    write_fake_launcher(tmp_path / "fake_radix_sglang.py", "test_radix_check")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(tmp_path),
                                                                os.environ.get("PYTHONPATH")))))
     monkeypatch.setattr(rc, "get_provenance", lambda: {"gpu": "FakeGPU", "commit": "abc123",
@@ -470,12 +456,10 @@ def test_main_budget_skip_and_server_failure(tmp_path, monkeypatch, capsys):
 
 def test_sigterm_stops_server_and_keeps_json(tmp_path):
     model = make_model_dir(tmp_path / "model")
-    (tmp_path / "fake_radix_sglang.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-        "from test_radix_check import fake_server_cli\nfake_server_cli()\n")
+    write_fake_launcher(tmp_path / "fake_radix_sglang.py", "test_radix_check")
     runner = tmp_path / "run_radix.py"  # radix_check.main without the provenance child
     runner.write_text(
-        f"import sys\nsys.path.insert(0, {str(TESTS.parent / 'scripts')!r})\nimport radix_check as rc\n"
+        f"import sys\nsys.path.insert(0, {str(SCRIPTS)!r})\nimport radix_check as rc\n"
         "rc.get_provenance = lambda: {'gpu': 'FakeGPU', 'commit': 'abc'}\nsys.exit(rc.main())\n")
     out = tmp_path / "radix.json"
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "FAKE_RADIX_DELAY_S": "0.05",

@@ -4,14 +4,12 @@ and the ratio columns. The kernels themselves are timed on the GPU host only."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_decode as bd  # noqa: E402
+from tests.conftest import import_script
+
+bd = import_script("bench_decode")
 
 
 def _args(*argv):

@@ -7,7 +7,6 @@ import pickle
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,30 +18,11 @@ from sglang.srt.server_args import ServerArgs
 from sglang_tq.serving import integration, refusals
 from sglang_tq.serving.plugin import register
 
-ROOT = Path(__file__).resolve().parents[1]
-LLAMA_8B = str(ROOT / "scripts/model_configs/llama-3.1-8b")
-BASE = ["--model-path", LLAMA_8B, "--load-format", "dummy", "--skip-tokenizer-init"]
+from tests.conftest import MODEL_CONFIGS, ROOT
+from tests.serving.conftest import (BASE, GPT_OSS, LLAMA_8B, fake_model_config, one_sentence, parse_server_args,
+                                    stock_fields)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def plugin():
-    register()
-    HookRegistry.apply_hooks()
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """ServerArgs resolution asks the accelerator for its kind and memory size."""
-    monkeypatch.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
-    monkeypatch.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
-
-
-def _parse(*extra):
-    return sglang_server_args.prepare_server_args([*BASE, *extra])
-
-
-def _one_sentence(msg: str) -> bool:
-    return msg.endswith(".") and ". " not in msg[:-1].replace("e.g. ", "")
+pytestmark = pytest.mark.usefixtures("plugin")
 
 
 # ------------------------------------------------------------------ entry point and flags
@@ -70,7 +50,7 @@ def test_a_patch_sglang_failed_to_apply_stops_turboquant(monkeypatch):
     monkeypatch.setattr(HookRegistry, "_patched", set(HookRegistry._patched) - {integration.PATCHES[4].target})
     with pytest.raises(RuntimeError, match="cell-size") as exc:
         integration.verify_patches_applied()
-    assert _one_sentence(str(exc.value))
+    assert one_sentence(str(exc.value))
 
 
 def test_wrong_sglang_version_is_refused(monkeypatch):
@@ -114,7 +94,7 @@ def test_bad_flag_values_fail_in_argparse(argv, needle, capsys):
 
 # ------------------------------------------------------------------------ ServerArgs
 def test_turboquant_flags_reach_server_args_and_survive_pickling(fake_gpu):
-    sa = _parse("--kv-quant", "turboquant", "--kv-quant-bits", "K4V3", "--kv-quant-seed", "9",
+    sa = parse_server_args("--kv-quant", "turboquant", "--kv-quant-bits", "K4V3", "--kv-quant-seed", "9",
                 "--kv-quant-bf16-layers", "31,0", "--kv-quant-packed-prefill")
     assert sa.attention_backend == "turboquant"
     assert (sa.kv_quant, sa.kv_quant_bits, sa.kv_quant_seed, sa.kv_quant_bf16_layers,
@@ -129,24 +109,24 @@ def test_turboquant_flags_reach_server_args_and_survive_pickling(fake_gpu):
 def test_key_centers_flag_reaches_the_config(fake_gpu, tmp_path):
     path = tmp_path / "centers.safetensors"
     path.write_bytes(b"x")  # existence is checked here, contents when the pool is built
-    sa = _parse("--kv-quant", "turboquant", "--kv-quant-key-centers", str(path))
+    sa = parse_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", str(path))
     assert sa.kv_quant_key_centers == str(path.resolve())
     assert integration.tq_config(pickle.loads(pickle.dumps(sa)), 128).key_centers == str(path.resolve())
-    assert _parse("--kv-quant", "turboquant").kv_quant_key_centers == "auto"   # the default
-    assert _parse("--kv-quant", "turboquant", "--kv-quant-key-centers", "none").kv_quant_key_centers is None
+    assert parse_server_args("--kv-quant", "turboquant").kv_quant_key_centers == "auto"   # the default
+    assert parse_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", "none").kv_quant_key_centers is None
     with pytest.raises(ValueError, match="need --kv-quant turboquant"):
-        _parse("--kv-quant-key-centers", str(path))
+        parse_server_args("--kv-quant-key-centers", str(path))
 
 
 def test_triton_backend_maps_to_turboquant(fake_gpu):
-    assert _parse("--kv-quant", "turboquant", "--attention-backend", "triton").attention_backend == "turboquant"
-    assert _parse("--kv-quant", "turboquant", "--attention-backend", "turboquant").attention_backend == "turboquant"
+    assert parse_server_args("--kv-quant", "turboquant", "--attention-backend", "triton").attention_backend == "turboquant"
+    assert parse_server_args("--kv-quant", "turboquant", "--attention-backend", "turboquant").attention_backend == "turboquant"
 
 
 def test_turboquant_backend_needs_kv_quant(fake_gpu):
     with pytest.raises(ValueError, match="needs --kv-quant turboquant") as exc:
-        _parse("--attention-backend", "turboquant")
-    assert _one_sentence(str(exc.value))
+        parse_server_args("--attention-backend", "turboquant")
+    assert one_sentence(str(exc.value))
 
 
 def test_engine_keyword_arguments(fake_gpu):
@@ -159,9 +139,9 @@ def test_engine_keyword_arguments(fake_gpu):
 
 def test_kv_quant_options_without_turboquant_are_refused(fake_gpu):
     with pytest.raises(ValueError, match="need --kv-quant turboquant") as exc:
-        _parse("--kv-quant-bits", "k3v3", "--kv-quant-packed-prefill")
+        parse_server_args("--kv-quant-bits", "k3v3", "--kv-quant-packed-prefill")
     assert "--kv-quant-bits, --kv-quant-packed-prefill" in str(exc.value)
-    assert _one_sentence(str(exc.value))
+    assert one_sentence(str(exc.value))
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -174,27 +154,9 @@ def test_kv_quant_options_without_turboquant_are_refused(fake_gpu):
 ])
 def test_start_up_refusals_through_sglang(fake_gpu, argv, needle):
     with pytest.raises(ValueError, match=needle) as exc:
-        _parse("--kv-quant", "turboquant", *argv)
+        parse_server_args("--kv-quant", "turboquant", *argv)
     msg = str(exc.value)
-    assert _one_sentence(msg) and "--kv-quant" in msg
-
-
-def _stock_fields(**overrides):
-    defaults = {
-        "attention_backend": "turboquant", "prefill_attention_backend": None,
-        "decode_attention_backend": None, "kv_cache_dtype": "auto", "disaggregation_mode": "null",
-        "disaggregation_decode_enable_offload_kvcache": False, "enable_hierarchical_cache": False,
-        "hicache_storage_backend": None, "enable_lmcache": False, "enable_flexkv": False,
-        "enable_hisparse": False, "speculative_algorithm": None, "dcp_size": 1, "attn_cp_size": 1,
-        "enable_prefill_cp": False, "pp_size": 1, "enable_dp_attention": False,
-        "enable_two_batch_overlap": False, "enable_pdmux": False,
-        "enable_deterministic_inference": False, "enable_unified_memory": False,
-        "enable_page_major_kv_layout": False, "prefill_only_disable_kv_cache": False,
-        "kv_canary": "none", "device": "cuda", "tp_size": 1, "kv_quant_bf16_layers": (),
-        "page_size": 1, "enable_lora": False, "lora_paths": None, "enable_torch_compile": False,
-        "dp_size": 1,
-    }
-    return types.SimpleNamespace(**{**defaults, **overrides})
+    assert one_sentence(msg) and "--kv-quant" in msg
 
 
 @pytest.mark.parametrize("field, value, flag", [
@@ -222,30 +184,18 @@ def _stock_fields(**overrides):
 ])
 def test_each_flag_refusal_names_the_flag_and_the_alternative(field, value, flag):
     with pytest.raises(ValueError) as exc:
-        refusals.check_server_args(_stock_fields(**{field: value}))
+        refusals.check_server_args(stock_fields(**{field: value}))
     msg = str(exc.value)
-    assert flag in msg and "--kv-quant none" in msg and _one_sentence(msg), msg
+    assert flag in msg and "--kv-quant none" in msg and one_sentence(msg), msg
 
 
 @pytest.mark.parametrize("var", ["SGLANG_USE_HND_KVCACHE", "SGLANG_ENABLE_POST_CAPTURE_KV_SIZING"])
 def test_refusal_of_environment_layouts(var, monkeypatch):
-    refusals.check_server_args(_stock_fields())
+    refusals.check_server_args(stock_fields())
     monkeypatch.setenv(var, "1")
     with pytest.raises(ValueError, match=f"unset {var}") as exc:
-        refusals.check_server_args(_stock_fields())
-    assert _one_sentence(str(exc.value))
-
-
-def _model(**overrides):
-    from sglang.srt.configs.model_config import AttentionArch
-
-    hf = types.SimpleNamespace(architectures=[overrides.pop("arch", "LlamaForCausalLM")])
-    fields = dict(attention_arch=AttentionArch.MHA, hf_config=hf, hf_text_config=hf, head_dim=128,
-                  v_head_dim=128, is_hybrid_swa=False, attention_chunk_size=None,
-                  is_encoder_decoder=False, has_attention_sinks=False, num_hidden_layers=32,
-                  get_total_num_kv_heads=lambda: 8)
-    fields.update(overrides)
-    return types.SimpleNamespace(**fields)
+        refusals.check_server_args(stock_fields())
+    assert one_sentence(str(exc.value))
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -267,9 +217,9 @@ def test_model_refusals(overrides, needle, monkeypatch):
     if overrides.get("attention_arch") == "MLA":
         overrides["attention_arch"] = AttentionArch.MLA
     with pytest.raises(ValueError, match=needle) as exc:
-        refusals.check_model_config(_model(**overrides))
+        refusals.check_model_config(fake_model_config(**overrides))
     msg = str(exc.value)
-    assert "--kv-quant" in msg and _one_sentence(msg), msg
+    assert "--kv-quant" in msg and one_sentence(msg), msg
 
 
 @pytest.mark.parametrize("quant, refused", [
@@ -286,15 +236,15 @@ def test_fp8_kv_checkpoint_is_refused_at_launch(monkeypatch, quant, refused):
     from sglang.srt.configs import hybrid_arch
 
     monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: None)
-    mc = _model(_parse_quant_hf_config=lambda: None if quant is None else dict(quant))
+    mc = fake_model_config(_parse_quant_hf_config=lambda: None if quant is None else dict(quant))
     assert refusals.checkpoint_kv_quant(mc) == ("FP8" if refused else None)
-    refusals.check_model_config(mc, _stock_fields(kv_cache_dtype="bf16"))
+    refusals.check_model_config(mc, stock_fields(kv_cache_dtype="bf16"))
     if not refused:
-        refusals.check_model_config(mc, _stock_fields())
+        refusals.check_model_config(mc, stock_fields())
         return
     with pytest.raises(ValueError, match="pass --kv-cache-dtype bf16") as exc:
-        refusals.check_model_config(mc, _stock_fields())
-    assert _one_sentence(str(exc.value))
+        refusals.check_model_config(mc, stock_fields())
+    assert one_sentence(str(exc.value))
 
 
 @pytest.mark.parametrize("mode", ["turboquant", "kivi"])
@@ -307,7 +257,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(mode):
     for ids, bad in (([3, 1000, 7], 1000), ([-1, 2], -1)):
         with pytest.raises(ValueError, match=f"token id {bad}, outside the vocabulary") as exc:
             integration._validate_one_request(None, tm, object(), ids)
-        assert _one_sentence(str(exc.value))
+        assert one_sentence(str(exc.value))
     stock = types.SimpleNamespace(server_args=types.SimpleNamespace(kv_quant="none"),
                                   model_config=tm.model_config)
     assert integration._validate_one_request(None, stock, object(), [5000]) is None  # stock
@@ -318,21 +268,20 @@ def test_hybrid_linear_and_tensor_parallel_refusals(monkeypatch):
     from sglang.srt.configs import hybrid_arch
 
     monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: object())
-    refusals.check_model_config(_model(arch="Qwen3NextForCausalLM", head_dim=256, v_head_dim=256))
-    for arch, sa in (("NemotronHForCausalLM", None), ("Qwen3NextForCausalLM", _stock_fields(kv_quant="hadamard"))):
+    refusals.check_model_config(fake_model_config(arch="Qwen3NextForCausalLM", head_dim=256, v_head_dim=256))
+    for arch, sa in (("NemotronHForCausalLM", None), ("Qwen3NextForCausalLM", stock_fields(kv_quant="hadamard"))):
         with pytest.raises(ValueError, match="hybrid linear-attention") as exc:
-            refusals.check_model_config(_model(arch=arch), sa)
-        assert _one_sentence(str(exc.value))
+            refusals.check_model_config(fake_model_config(arch=arch), sa)
+        assert one_sentence(str(exc.value))
     monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: None)
-    refusals.check_model_config(_model(), _stock_fields(tp_size=16))  # 8 KV heads replicated
-    refusals.check_model_config(_model(), _stock_fields(tp_size=4))
+    refusals.check_model_config(fake_model_config(), stock_fields(tp_size=16))  # 8 KV heads replicated
+    refusals.check_model_config(fake_model_config(), stock_fields(tp_size=4))
     with pytest.raises(ValueError, match="--tp-size 3"):
-        refusals.check_model_config(_model(), _stock_fields(tp_size=3))
+        refusals.check_model_config(fake_model_config(), stock_fields(tp_size=3))
 
 
-GEMMA3_270M = str(ROOT / "scripts/model_configs/gemma-3-270m")
-QWEN3_NEXT = str(ROOT / "scripts/model_configs/qwen3-next-small")
-GPT_OSS = str(ROOT / "scripts/model_configs/gpt-oss-20b")
+GEMMA3_270M = str(MODEL_CONFIGS / "gemma-3-270m")
+QWEN3_NEXT = str(MODEL_CONFIGS / "qwen3-next-small")
 
 
 def test_sliding_window_and_hybrid_linear_models_start(fake_gpu, monkeypatch):
@@ -344,7 +293,7 @@ def test_sliding_window_and_hybrid_linear_models_start(fake_gpu, monkeypatch):
     assert sa.attention_backend == "turboquant" and sa.disable_hybrid_swa_memory
     with pytest.raises(ValueError, match="drop --enable-mixed-chunk") as exc:
         sglang_server_args.prepare_server_args(["--model-path", GEMMA3_270M, *tail, "--enable-mixed-chunk"])
-    assert _one_sentence(str(exc.value)) and "Gemma3ForCausalLM" in str(exc.value)
+    assert one_sentence(str(exc.value)) and "Gemma3ForCausalLM" in str(exc.value)
     monkeypatch.setattr(sglang_server_args, "is_cuda", lambda: True)  # SGLang's FLA check for GDN
     sa = sglang_server_args.prepare_server_args(["--model-path", QWEN3_NEXT, *tail])
     assert sa.kv_quant == "turboquant"
@@ -353,7 +302,7 @@ def test_sliding_window_and_hybrid_linear_models_start(fake_gpu, monkeypatch):
     assert sa.attention_backend == "turboquant" and not sa.disable_hybrid_swa_memory
     with pytest.raises(ValueError, match="drop --enable-mixed-chunk") as exc:
         sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail, "--enable-mixed-chunk"])
-    assert _one_sentence(str(exc.value))
+    assert one_sentence(str(exc.value))
     with pytest.raises(AssertionError, match="GptOssForCausalLM requires one of"):  # stock, unchanged
         sglang_server_args.prepare_server_args(["--model-path", GPT_OSS, *tail[:3], "--attention-backend",
                                                 "flashinfer"])
@@ -369,7 +318,7 @@ def test_sliding_window_context_is_refused_only_for_the_simulated_formats():
     kvc.server_args.kv_quant = "hadamard"
     with pytest.raises(RuntimeError, match="sliding-window attention") as exc:
         refusals.check_kv_context(kvc)
-    assert _one_sentence(str(exc.value))
+    assert one_sentence(str(exc.value))
 
 
 def test_backend_refuses_layers_the_kernels_do_not_implement():
@@ -391,7 +340,7 @@ def test_backend_refuses_layers_the_kernels_do_not_implement():
         runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**{**ok, **bad})])
         with pytest.raises(RuntimeError, match=needle) as exc:
             refusals.check_model_layers(runner, pool)
-        assert _one_sentence(str(exc.value)) and "--kv-quant none" in str(exc.value)
+        assert one_sentence(str(exc.value)) and "--kv-quant none" in str(exc.value)
     # key centers shift every score of a query, which a logit soft-cap does not ignore
     capped = dict(ok, logit_cap=30.0)
     runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(**capped)])
@@ -399,17 +348,17 @@ def test_backend_refuses_layers_the_kernels_do_not_implement():
     centered = types.SimpleNamespace(**vars(pool), cfg=types.SimpleNamespace(key_centers="c.safetensors"))
     with pytest.raises(RuntimeError, match="use --kv-quant-key-centers none") as exc:
         refusals.check_model_layers(runner, centered)
-    assert _one_sentence(str(exc.value))
+    assert one_sentence(str(exc.value))
 
 
 def test_server_info_reports_the_settings(fake_gpu):
-    sa = _parse("--kv-quant", "turboquant", "--kv-quant-bits", "k4v2")
+    sa = parse_server_args("--kv-quant", "turboquant", "--kv-quant-bits", "k4v2")
     manager = types.SimpleNamespace(server_args=sa)
     info = {"model_path": LLAMA_8B}
     integration._resolved_config_dict(info, manager, {})
     assert info["kv_quant"] == "turboquant" and info["kv_quant_bits"] == "k4v2"
     stock = {"model_path": LLAMA_8B}
-    integration._resolved_config_dict(stock, types.SimpleNamespace(server_args=_parse()), {})
+    integration._resolved_config_dict(stock, types.SimpleNamespace(server_args=parse_server_args()), {})
     assert stock == {"model_path": LLAMA_8B}
 
 
@@ -467,4 +416,4 @@ def test_engine_style_options_parse_strictly():
 
 def test_float32_model_is_refused_at_launch(fake_gpu):
     with pytest.raises(ValueError, match="--dtype float32 cannot be served; use --dtype bfloat16"):
-        _parse("--kv-quant", "turboquant", "--dtype", "float32")
+        parse_server_args("--kv-quant", "turboquant", "--dtype", "float32")

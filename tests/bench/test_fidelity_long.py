@@ -7,29 +7,19 @@ bookkeeping; and the PNG plot from a small synthetic fidelity JSON. No server, n
 """
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sglang_tq.bench.configs import kv_server_flags
 
-_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from tests.conftest import SCRIPTS, load_script
 
-
-def _load(name, fname):
-    spec = importlib.util.spec_from_file_location(name, _SCRIPTS / fname)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fid = _load("fidelity_long_under_test", "fidelity.py")
-plot = _load("plot_fidelity_under_test", "plot_fidelity.py")
+fid = load_script("fidelity_long_under_test", "fidelity.py")
+plot = load_script("plot_fidelity_under_test", "plot_fidelity.py")
 
 
 def _synthetic(slope_per_1k, n_prompts=20, n_pos=1024, noise=0.004, seed=0, prompt_sd=0.003):
@@ -236,7 +226,7 @@ def test_main_refuses_an_unknown_label_before_starting_anything(capsys):
 
 @pytest.mark.parametrize("script", ["fidelity.py", "plot_fidelity.py"])
 def test_help(script):
-    r = subprocess.run([sys.executable, str(_SCRIPTS / script), "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout

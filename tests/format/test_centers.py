@@ -8,6 +8,8 @@ import torch
 
 from sglang_tq.format.centers import load_key_centers, save_key_centers
 
+from tests.conftest import tiny_llama
+
 
 def test_round_trip(tmp_path):
     c = torch.randn(3, 2, 16)
@@ -37,15 +39,9 @@ def test_bad_files_get_one_sentence(tmp_path):
 
 
 def test_mean_keys_is_the_mean_of_what_the_cache_stores():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from sglang_tq.tools import key_centers as kc
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(2)
     chunks = [list(range(1, 13)), list(range(20, 32))]
     got = kc.mean_keys(model, chunks)
     keys = []

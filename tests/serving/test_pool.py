@@ -4,17 +4,12 @@ interpreter on CPU) against the torch reference."""
 
 import contextlib
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
-import sglang.srt.server_args as sglang_server_args
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
-from sglang.srt.plugins.hook_registry import HookRegistry
-from sglang.srt.runtime_context import get_parallel
-from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
 from sglang_tq.config import TQConfig
 from sglang_tq.kernels.tq_decode import (
@@ -24,46 +19,12 @@ from sglang_tq.kernels.tq_decode import (
     tq_decode_ref,
 )
 from sglang_tq.serving import integration
-from sglang_tq.serving.plugin import register
 from sglang_tq.serving.pool import TQTokenToKVPool, bytes_per_token
 
-from conftest import HAS_CUDA
+from tests.conftest import HAS_CUDA
+from tests.serving.conftest import DEV, GPT_OSS, kvc_fields, make_server_args, real_configurator
 
-# where Triton compiles the kernels: the GPU, or the interpreter on the CPU
-DEV = "cuda" if HAS_CUDA else "cpu"
-
-LLAMA_8B = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/llama-3.1-8b")
 GB = 1 << 30
-
-
-def _server_args(*extra, model=LLAMA_8B):
-    register()
-    HookRegistry.apply_hooks()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
-        mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
-        return sglang_server_args.prepare_server_args(
-            ["--model-path", model, "--load-format", "dummy", "--skip-tokenizer-init", *extra])
-
-
-@pytest.fixture(scope="module")
-def parallel():
-    with get_parallel().override(attn_tp_size=1, attn_tp_rank=0, attn_cp_size=1):
-        yield
-
-
-def _kvc(sa, dtype=torch.bfloat16):
-    """The fields of KVCacheConfigurator that pool sizing and building read."""
-    mc = sa.get_model_config()
-    layers = mc.num_hidden_layers
-    return types.SimpleNamespace(
-        server_args=sa, model_config=mc, kv_cache_dtype=dtype, kv_cache_dtype_str="auto",
-        model_dtype=dtype, use_mla_backend=False, is_draft_worker=False,
-        spec_algorithm=SpeculativeAlgorithm.NONE, sliding_window_size=None, device="cpu",
-        pool_page_size=1, ps=types.SimpleNamespace(pp_size=1),
-        model=torch.nn.Module(),  # no attention module with a k_proj bias: auto centers nothing
-        layer_info=types.SimpleNamespace(start_layer=0, end_layer=layers, num_effective_layers=layers),
-    )
 
 
 # ------------------------------------------------------------------------ arithmetic
@@ -100,8 +61,8 @@ def test_pool_allocates_exactly_the_cell_size(bits, bf16_layers):
 def test_cell_size_hook_grants_3_88x_the_tokens_less_the_prefill_scratch(parallel):
     """Llama-3.1-8B: 3.88x the tokens per byte; the prefill scratch (context_len = 131072
     rows of dense K/V, 8 heads x 128 x 2 x bf16 = 512 MiB) comes out of the budget first."""
-    stock = DefaultPoolConfigurator(_kvc(_server_args()))
-    tq = DefaultPoolConfigurator(_kvc(_server_args("--kv-quant", "turboquant")))
+    stock = DefaultPoolConfigurator(kvc_fields(make_server_args()))
+    tq = DefaultPoolConfigurator(kvc_fields(make_server_args("--kv-quant", "turboquant")))
     assert stock._cell_size == 131_072
     assert tq._cell_size == 33_792
     scratch = 131_072 * 2 * 8 * 128 * 2
@@ -115,16 +76,16 @@ def test_cell_size_hook_grants_3_88x_the_tokens_less_the_prefill_scratch(paralle
     with pytest.raises(RuntimeError, match="sets aside 512 MiB for the prefill scratch"):
         tq.calculate_pool_sizes(scratch, page_size=1)
     mixed = DefaultPoolConfigurator(
-        _kvc(_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0,31")))
+        kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0,31")))
     assert mixed._cell_size == 39_872
     every = ",".join(str(i) for i in range(32))  # no packed layer: no scratch either
     plain = DefaultPoolConfigurator(
-        _kvc(_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", every)))
+        kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", every)))
     assert plain._tq_prefill_scratch_bytes == 0
     assert plain.calculate_pool_sizes(budget, 1).max_total_num_tokens == budget // plain._cell_size
 
 
-GPT_OSS = str(Path(__file__).resolve().parents[1] / "scripts/model_configs/gpt-oss-20b")
+
 
 
 def test_hybrid_swa_sizing_and_build_use_packed_pools(parallel, monkeypatch):
@@ -140,7 +101,7 @@ def test_hybrid_swa_sizing_and_build_use_packed_pools(parallel, monkeypatch):
     )
 
     def kvc_of(*flags):
-        kvc = _kvc(_server_args(*flags, model=GPT_OSS))
+        kvc = kvc_fields(make_server_args(*flags, model=GPT_OSS))
         kvc.sliding_window_size, kvc.page_size = 127, 1
         kvc.ps = types.SimpleNamespace(pp_size=1, attn_dp_size=1)
         return kvc
@@ -199,11 +160,11 @@ def test_cell_size_of_a_hybrid_linear_model_counts_its_attention_layers(parallel
     from sglang.srt.configs import hybrid_arch
     import sglang.srt.model_executor.pool_configurator as configurator
 
-    sa = _server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "7")  # launch: Llama
+    sa = make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "7")  # launch: Llama
     hybrid = types.SimpleNamespace(full_attention_layer_ids=[3, 7, 11, 15, 19, 23, 27, 31])
     for mod in (hybrid_arch, configurator):
         monkeypatch.setattr(mod, "mambaish_config", lambda mc: hybrid, raising=False)
-    cell = DefaultPoolConfigurator(_kvc(sa))._cell_size
+    cell = DefaultPoolConfigurator(kvc_fields(sa))._cell_size
     assert cell == bytes_per_token(TQConfig(head_dim=128, bf16_layers=(7,)), hybrid.full_attention_layer_ids, 8)
     assert cell == 7 * 8 * 132 + 8 * 512
 
@@ -221,9 +182,9 @@ def test_hybrid_linear_pool_is_built_with_packed_full_attention_pools(parallel, 
 
     built = {}
     for kv_quant in ("turboquant", "none"):
-        sa = _server_args("--kv-quant", kv_quant)
+        sa = make_server_args("--kv-quant", kv_quant)
         get_context().set_server_args(sa)
-        kvc = _kvc(sa)
+        kvc = kvc_fields(sa)
         hybrid = types.SimpleNamespace(full_attention_layer_ids=[3, 7])
         kvc.mambaish_config, kvc.post_capture_kv_active = hybrid, False
         kvc._build_fp4_quant_method = lambda num_layers: None
@@ -242,31 +203,12 @@ def test_hybrid_linear_pool_is_built_with_packed_full_attention_pools(parallel, 
     assert type(stock.full_kv_pool) is MHATokenToKVPool
 
 
-def _real_configurator(sa):
-    """SGLang's own KVCacheConfigurator, with the fields a CPU test can fill."""
-    import dataclasses
-
-    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
-    from sglang.srt.runtime_context import get_context
-
-    get_context().set_server_args(sa)
-    fake = _kvc(sa)
-    fields = {f.name: None for f in dataclasses.fields(KVCacheConfigurator) if f.init}
-    fields.update({k: getattr(fake, k) for k in (
-        "device", "model_config", "server_args", "kv_cache_dtype", "model_dtype",
-        "sliding_window_size", "spec_algorithm", "is_draft_worker", "use_mla_backend",
-        "kv_cache_dtype_str", "layer_info", "model")})
-    fields.update(gpu_id=0, page_size=1, post_capture_kv_active=False, is_hybrid_swa=False,
-                  is_hybrid_swa_compress=False)
-    return KVCacheConfigurator(**fields)
-
-
 @pytest.mark.parametrize("kv_quant, pool_class", [("none", MHATokenToKVPool),
                                                   ("turboquant", TQTokenToKVPool)])
 def test_sglang_configurator_builds_the_pool_it_sized(parallel, kv_quant, pool_class):
     from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
 
-    kvc = _real_configurator(_server_args("--kv-quant", kv_quant))
+    kvc = real_configurator(make_server_args("--kv-quant", kv_quant))
     cell = create_memory_pool_configurator(kvc)._cell_size
     assert cell == {"none": 131_072, "turboquant": 33_792}[kv_quant]
     pool = kvc._build_token_to_kv_pool(sizes=types.SimpleNamespace(max_total_num_tokens=64),
@@ -277,9 +219,9 @@ def test_sglang_configurator_builds_the_pool_it_sized(parallel, kv_quant, pool_c
 
 
 def test_build_pool_hook_builds_what_the_cell_size_promised(parallel, monkeypatch):
-    sa = _server_args("--kv-quant", "turboquant", "--kv-quant-bits", "k4v3",
+    sa = make_server_args("--kv-quant", "turboquant", "--kv-quant-bits", "k4v3",
                       "--kv-quant-bf16-layers", "31", "--kv-quant-seed", "5")
-    kvc = _kvc(sa)
+    kvc = kvc_fields(sa)
     kvc.pool_page_size = 1
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
 
@@ -297,7 +239,7 @@ def test_build_pool_hook_builds_what_the_cell_size_promised(parallel, monkeypatc
 
 
 def test_pool_hooks_refuse_what_they_cannot_build(parallel, monkeypatch):
-    kvc = _kvc(_server_args("--kv-quant", "turboquant"))
+    kvc = kvc_fields(make_server_args("--kv-quant", "turboquant"))
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
     kvc.kv_cache_dtype = torch.float8_e4m3fn
     with pytest.raises(RuntimeError, match="--kv-cache-dtype bf16"):
@@ -319,7 +261,7 @@ def test_pool_hooks_refuse_what_they_cannot_build(parallel, monkeypatch):
 
 
 def test_pool_hooks_pass_through_without_turboquant(parallel):
-    kvc = _kvc(_server_args())
+    kvc = kvc_fields(make_server_args())
     sentinel = object()
     seen = {}
 
@@ -570,9 +512,9 @@ def test_build_pool_hook_loads_key_centers(parallel, monkeypatch, tmp_path):
     path = tmp_path / "centers.safetensors"
     centers = torch.randn(32, 8, 128)
     save_key_centers(path, centers, {"model": "test"})
-    sa = _server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0",
+    sa = make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0",
                       "--kv-quant-key-centers", str(path))
-    kvc = _kvc(sa)
+    kvc = kvc_fields(sa)
     kvc.pool_page_size = 1
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
     pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
@@ -685,7 +627,7 @@ def rope_context(monkeypatch):
     import sglang.srt.layers.rotary_embedding.base as rope_base
     from sglang.srt.runtime_context import get_context
 
-    get_context().set_server_args(_server_args())
+    get_context().set_server_args(make_server_args())
     if not HAS_CUDA:
         monkeypatch.setattr(rope_base, "_is_cpu", True)
 
@@ -718,9 +660,9 @@ def test_sglang_bias_key_centers_match_the_twin(rope_context):
 def test_build_pool_hook_auto_centers_come_from_the_bias(parallel, rope_context, monkeypatch):
     from sglang_tq.format import centers
 
-    sa = _server_args("--kv-quant", "turboquant")
+    sa = make_server_args("--kv-quant", "turboquant")
     assert sa.kv_quant_key_centers == "auto"                 # the default
-    kvc = _kvc(sa)
+    kvc = kvc_fields(sa)
     kvc.model = _attn_model(32, 4, 8, 128)
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
     pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
@@ -735,7 +677,7 @@ def test_build_pool_hook_auto_centers_come_from_the_bias(parallel, rope_context,
                                           mha_pool_class=MHATokenToKVPool, quant_method=None)
     assert pool.cfg.key_centers is None and pool.get_packed_layer(5).codec.k_center is None
     # none: off even with a bias
-    kvc = _kvc(_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", "none"))
+    kvc = kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", "none"))
     kvc.model = _attn_model(32, 4, 8, 128)
     pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
                                           mha_pool_class=MHATokenToKVPool, quant_method=None)
@@ -751,7 +693,7 @@ def test_bias_centers_by_name_for_turboquant_and_the_hadamard_baseline(parallel,
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
     model = _attn_model(32, 4, 8, 128)
     want = centers.sglang_bias_key_centers(model, 32, 8, 128, centers.BIAS_HORIZON)
-    kvc = _kvc(_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", "bias"))
+    kvc = kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", "bias"))
     kvc.model = model
     pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
                                           mha_pool_class=MHATokenToKVPool, quant_method=None)
@@ -767,7 +709,7 @@ def test_bias_centers_by_name_for_turboquant_and_the_hadamard_baseline(parallel,
         return kw["mha_pool_class"](5, 1, torch.bfloat16, 8, 128, 32, "cpu", False)
 
     for flags, centered in (((), False), (("--kv-quant-key-centers", "bias"), True)):
-        kvc = _kvc(_server_args("--kv-quant", "hadamard", *flags))
+        kvc = kvc_fields(make_server_args("--kv-quant", "hadamard", *flags))
         assert kvc.server_args.kv_quant_key_centers == ("bias" if centered else None)
         kvc.model = model
         pool = integration._build_mha_kv_pool(stock_build, kvc, max_total_num_tokens=5,
