@@ -1,5 +1,8 @@
 """tests/kernels: the Triton kernels against their pure-torch twins, on the same packed codes.
 
+This layer runs without SGLang: ``test_kernels_no_srt.py`` imports every module of
+``sglang_tq.kernels`` in an interpreter where ``sglang.srt`` cannot be imported.
+
 Shared here: the ``device`` the kernels run on (overriding the root one), the interpreter's
 small tiles, and the decode call with its check against the float64 twin.
 """
