@@ -7,7 +7,7 @@ runner in place of ``sglang.launch_server``) answers ``/generate`` the way SGLan
 does for ``text`` prompts (``{"text", "meta_info": {"finish_reason", "completion_tokens",
 ...}}``, the matched stop string trimmed), checks the sampling parameters it is sent, and
 gives each KV config a known pattern of right and wrong answers on the fixture
-tests/data/eval_tiny, so the expected accuracies and paired statistics are known exactly.
+tests/bench/data/eval_tiny, so the expected accuracies and paired statistics are known exactly.
 """
 
 from __future__ import annotations
@@ -596,7 +596,7 @@ def test_run_items_stops_at_the_deadline_and_keeps_what_finished():
 # ----------------------------------------------------------------------------- the CLI end to end
 
 FAKE_SERVER_SOURCE = textwrap.dedent('''\
-    """A fake sglang.launch_server for tests/test_eval.py: known answers per KV config."""
+    """A fake sglang.launch_server for tests/bench/test_eval.py: known answers per KV config."""
     import argparse, asyncio, json, os, sys, time
     from aiohttp import web
 

@@ -4,7 +4,7 @@ DeepSeek-V2's absorbed attention (Sec. 2.1) scores q_latent·c + q_pe·k_pe and 
 probability-weighted latent c: one 512-d latent per token that every query head shares,
 packed once (keys only, ``tq_store_kv(k, None, ...)``) and decoded as both K and V
 (``tq_decode(..., v_codes=None, q_pe=..., k_pe=...)``), the 64-d RoPE part in bf16.
-Tolerances as in tests/test_kernels.py: the kernel's error against the float64 twin at
+Tolerances as in tests/kernels/test_kernels.py: the kernel's error against the float64 twin at
 most 2x PyTorch's own bf16 error; stored codes off by one index at most, rarely.
 """
 
@@ -121,7 +121,7 @@ def test_latent_dequant_keys_only_matches_reference(bits, device):
     k, v = tq_dequant(kc, kn, None, None, slots, codec, out=(scratch[..., :LATENT], None))
     assert v is None and k.data_ptr() == scratch.data_ptr()
     ref, _ = tq_dequant_ref(kc, kn, None, None, slots, codec)
-    # one bf16 rounding of the output (as tests/test_kernels.py: the interpreter's fp32 -> bf16
+    # one bf16 rounding of the output (as tests/kernels/test_kernels.py: the interpreter's fp32 -> bf16
     # cast truncates, twice round-to-nearest's error)
     bound = 2 if device.type == "cuda" else 4
     assert rel(scratch[..., :LATENT], ref) <= bound * rel(ref.bfloat16(), ref)
