@@ -189,8 +189,8 @@ tune)
       --log-dir "$LOGS/lt_$3" --budget-s "$(left 520)" > "$LOGS/lt_$3.log" 2>&1
   }
   lt 1 k4v4 tq4 & P1=$!
-  ( CUDA_VISIBLE_DEVICES=2 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-      tests/test_key_centers_kernels.py tests/test_launch_table.py > "$OUT/pytest.log" 2>&1
+  ( CUDA_VISIBLE_DEVICES=2 timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py \
+      tests/kernels/test_key_centers_kernels.py tests/kernels/test_launch_table.py > "$OUT/pytest.log" 2>&1
     lt 2 k3v3 tq3 ) & P2=$!
   ( lt 3 bf16 bf16; lt 3 fp8 fp8 ) & P3=$!
   wait "$P0" "$P1" "$P2" "$P3"
@@ -242,8 +242,8 @@ final)
   ( lt 1 bf16; sp 1 k4v4 ) &
   ( lt 2 fp8
     CUDA_VISIBLE_DEVICES=2 timeout "$(left 470)" python -m pytest -q -p no:cacheprovider \
-      tests/test_kernels.py tests/test_key_centers_kernels.py tests/test_launch_table.py \
-      tests/test_backend.py > "$OUT/pytest.log" 2>&1
+      tests/kernels/test_kernels.py tests/kernels/test_key_centers_kernels.py tests/kernels/test_launch_table.py \
+      tests/serving/test_backend.py > "$OUT/pytest.log" 2>&1
     CUDA_VISIBLE_DEVICES=2 timeout "$(left 560)" python scripts/profile_decode.py \
       --shapes 1x4096,1x32768,16x8192,64x16384 --kv k4v4,k3v3,k4v2 \
       --out "$LOGS/profile_decode.json" > "$LOGS/profile.log" 2>&1 ) &
@@ -269,7 +269,7 @@ mixed)
   done
   wait
   CUDA_VISIBLE_DEVICES=0 timeout "$(left 570)" python -m pytest -q -p no:cacheprovider \
-    tests/test_backend.py > "$OUT/pytest.log" 2>&1
+    tests/serving/test_backend.py > "$OUT/pytest.log" 2>&1
   python scripts/loadtest.py --merge "$LOGS"/ltm_bf16.json "$LOGS"/ltm_fp8.json "$LOGS"/ltm_k4v4.json \
     "$LOGS"/ltm_k3v3.json --out "$OUT/loadtest_mixed.json" > "$LOGS/ltm_merge.log" 2>&1
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== loadtest (mixed chunk)"
@@ -297,8 +297,8 @@ lut3)
     SGLANG_TQ_DECODE_LAUNCH=$TAB timeout "$(left 560)" python scripts/bench_decode.py "${AB[@]}" \
       --out "$LOGS/ab_new.json" > "$LOGS/ab_new.log" 2>&1 ) &
   ( export CUDA_VISIBLE_DEVICES=2 SGLANG_TQ_DECODE_LAUNCH=$TAB
-    timeout "$(left 560)" python -m pytest -q -p no:cacheprovider tests/test_lut.py tests/test_kernels.py \
-      tests/test_key_centers_kernels.py tests/test_launch_table.py > "$OUT/pytest.log" 2>&1 ) &
+    timeout "$(left 560)" python -m pytest -q -p no:cacheprovider tests/kernels/test_lut.py tests/kernels/test_kernels.py \
+      tests/kernels/test_key_centers_kernels.py tests/kernels/test_launch_table.py > "$OUT/pytest.log" 2>&1 ) &
   ( export SGLANG_TQ_DECODE_LAUNCH=$TAB
     CUDA_VISIBLE_DEVICES=3 python scripts/loadtest.py --configs k3v3 "${LT[@]}" --out "$OUT/loadtest_k3v3.json" \
       --log-dir "$LOGS/lt_k3v3" --budget-s "$(left 560)" > "$LOGS/lt_k3v3.log" 2>&1 ) &
@@ -366,7 +366,7 @@ accuracy)
   ;;
 prefill)
   export CUDA_VISIBLE_DEVICES=0
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py tests/serving/test_backend.py \
     -k "fa3 or impl or backend" > "$OUT/pytest.log" 2>&1
   # loadtest.py's start-up estimate (150 s) is an H100-era guess: bound by timeout instead
   timeout "$(left 585)" python scripts/loadtest.py --configs k4v4,bf16,fp8 "${LT[@]}" \
@@ -387,8 +387,8 @@ sp1)
   ;;
 roof)
   export CUDA_VISIBLE_DEVICES=0
-  timeout 170 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
-    tests/test_launch_table.py -k "decode or rotat or store or backend or launch" \
+  timeout 170 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py tests/serving/test_backend.py \
+    tests/kernels/test_launch_table.py -k "decode or rotat or store or backend or launch" \
     > "$OUT/pytest.log" 2>&1
   for kv in k4v4 k3v3 k4v2 k2v2; do  # the table's launch against register-capped ones, same run
     timeout 80 python scripts/ab_decode.py --kv $kv --shapes 64x16384,128x4096,32x32768,16x8192 \
@@ -408,8 +408,8 @@ roof)
 small)  # nvidia-h200 (one GPU), after a small-batch decode change: decode tests on CUDA, then
   # the same-run A/B of the small-batch switches (fused rotation, PDL)
   export CUDA_VISIBLE_DEVICES=0
-  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
-    tests/test_launch_table.py -k "decode or rotat or backend or launch" > "$OUT/pytest.log" 2>&1
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py tests/serving/test_backend.py \
+    tests/kernels/test_launch_table.py -k "decode or rotat or backend or launch" > "$OUT/pytest.log" 2>&1
   for kv in k4v4 k3v3; do
     timeout 150 python scripts/ab_decode.py --kv $kv \
       --shapes 1x4096,1x32768,2x16384,4x8192,8x8192,16x8192,64x16384,128x4096 \
@@ -583,7 +583,7 @@ all)
   SMALL=(--server-args "--mem-fraction-static 0.3")
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backend.py \
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py tests/serving/test_backend.py \
       -k "extend or dequant or backend" > "$OUT/pytest.log" 2>&1
     python scripts/loadtest.py --configs bf16,k4v4 "${LT[@]}" --out "$LOGS/lt_a.json" \
       --log-dir "$LOGS/lt_a" --budget-s "$(left 545)" > "$LOGS/lt_a.log" 2>&1

@@ -13,7 +13,7 @@ fine grid in float64 once per (d, bits) and cache the result in memory.
 
 The optimum normalised MSE E‖u − û‖² at d = 128 is 0.361, 0.116, 0.0340 and
 0.0093 for b = 1..4 (the paper's Theorem 1 table rounds these to 0.36, 0.117,
-0.03, 0.009); ``tests/test_codebook.py`` checks them.
+0.03, 0.009); ``tests/format/test_codebook.py`` checks them.
 """
 
 from __future__ import annotations

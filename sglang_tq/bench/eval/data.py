@@ -244,7 +244,7 @@ def prepare(out_dir: str | Path, archives_dir: str | Path | None = None, downloa
 
 def write_manifest(out_dir: str | Path, sources: dict) -> dict:
     """manifest.json of the three data files in ``out_dir`` (their sha256, item count, size);
-    also how the test fixture's manifest is made (see tests/data/eval_tiny/README.md)."""
+    also how the test fixture's manifest is made (see tests/bench/data/eval_tiny/README.md)."""
     out_dir = Path(out_dir)
     files = {}
     for name in (GSM8K_FILE, GSM8K_COT_FILE, HUMANEVAL_FILE):
