@@ -542,7 +542,7 @@ store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at
 mla1)  # nvidia-h200 (one GPU, FA3 staged): MLA decode per step, sglang-tq's packed latent against
   # SGLang's default Hopper MLA path (fa3, bf16 and fp8), DeepSeek-V2-Lite (16 heads) and -V3 (128)
   export CUDA_VISIBLE_DEVICES=0
-  timeout "$(left 150)" python -m pytest -q tests/bench/test_decode_mla.py tests/test_mla_kernels.py \
+  timeout "$(left 150)" python -m pytest -q tests/bench/test_decode_mla.py tests/kernels/test_mla_kernels.py \
     > "$OUT/pytest.log" 2>&1
   for h in 16 128; do
     timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python -m sglang_tq.bench decode-mla --num-heads "$h" \
