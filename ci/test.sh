@@ -17,4 +17,5 @@ if [ "${free_kib:-0}" -lt $((12 * 1024 * 1024)) ]; then
 fi
 python -m pip install --no-cache-dir --upgrade pip
 pip install --no-cache-dir -e ".[test]"
+ruff check . && ruff format --check .
 python -m pytest -q tests

@@ -21,8 +21,9 @@ import urllib.request
 def post(url: str, payload: dict, timeout: float = 600) -> object:
     """POST JSON, return the decoded JSON reply (or the text, for endpoints such as
     /flush_cache that answer in plain text); HTTP errors carry the server's message."""
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             body = resp.read()
@@ -76,32 +77,53 @@ class Server:
     exception) sends SIGTERM to the group, then SIGKILL after 30 s.
     """
 
-    def __init__(self, model_path: str, server_args: list[str], log_path: str,
-                 port: int | None = None, startup_timeout: float = 420,
-                 python: str = sys.executable):
+    def __init__(
+        self,
+        model_path: str,
+        server_args: list[str],
+        log_path: str,
+        port: int | None = None,
+        startup_timeout: float = 420,
+        python: str = sys.executable,
+    ):
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.startup_timeout = startup_timeout
-        self.cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path,
-                    "--host", "127.0.0.1", "--port", str(self.port), *server_args]
+        self.cmd = [
+            python,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *server_args,
+        ]
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         print("launch:", " ".join(self.cmd), flush=True)
         t0 = time.time()
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         last = t0
         while not healthy(self.base):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode}; "
-                                   f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+                raise RuntimeError(
+                    f"server exited with code {self.proc.returncode}; "
+                    f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+                )
             if time.time() - t0 > self.startup_timeout:
-                raise RuntimeError(f"server not healthy after {self.startup_timeout:.0f} s; "
-                                   f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+                raise RuntimeError(
+                    f"server not healthy after {self.startup_timeout:.0f} s; "
+                    f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+                )
             time.sleep(2)
             if time.time() - last >= 10:
                 last = time.time()
@@ -126,7 +148,7 @@ class Server:
                 pass
             self.proc.wait(timeout=10)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         try:
             return self.start()
         except BaseException:

@@ -35,15 +35,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # sglang_tq from a checkout
-sys.path.insert(0, str(HERE))         # sibling scripts
+sys.path.insert(0, str(HERE))  # sibling scripts
 
 import fidelity_ref as fr  # noqa: E402
 
 
 def capture_qk(model, ids: list[int]):
     """[(q [1, Hq, T, D], k [1, Hkv, T, D])] per layer, post-RoPE, from one forward pass."""
-    import torch  # noqa: PLC0415
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: PLC0415
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     impl = model.config._attn_implementation
     inner = ALL_ATTENTION_FUNCTIONS[impl]
@@ -60,23 +60,24 @@ def capture_qk(model, ids: list[int]):
     finally:
         ALL_ATTENTION_FUNCTIONS[impl] = inner
     if len(seen) != model.config.num_hidden_layers:
-        raise RuntimeError(f"captured {len(seen)} attention calls for "
-                           f"{model.config.num_hidden_layers} layers")
+        raise RuntimeError(
+            f"captured {len(seen)} attention calls for {model.config.num_hidden_layers} layers"
+        )
     return seen
 
 
 def bias_centers(model, horizon: int):
     """[layers, kv_heads, head_dim] centers from each layer's k_proj bias and the model's
     own RoPE (Hugging Face modules), averaged over positions 0..horizon-1."""
-    import torch  # noqa: PLC0415
-    from transformers.models.llama.modeling_llama import rotate_half  # noqa: PLC0415
+    import torch
+    from transformers.models.llama.modeling_llama import rotate_half
 
-    from sglang_tq.format.centers import rope_mean_of_bias  # noqa: PLC0415
+    from sglang_tq.format.centers import rope_mean_of_bias
 
     rotary = model.model.rotary_emb
     hd = fr.head_dim_of(model.config)
 
-    def rotate(pos, k):                      # k [n, H, D], neox-style rotate_half RoPE
+    def rotate(pos, k):  # k [n, H, D], neox-style rotate_half RoPE
         cos, sin = rotary(k, pos[None])
         return k * cos[0, :, None, :] + rotate_half(k) * sin[0, :, None, :]
 
@@ -91,36 +92,47 @@ def bias_centers(model, horizon: int):
 
 def attention_kl(q, k, k_hat, skip: int = 16):
     """Mean over query rows ≥ skip of KL(softmax(qk) || softmax(q k_hat)), per KV head."""
-    import torch  # noqa: PLC0415
+    import torch
 
     t, d = q.shape[-2], q.shape[-1]
     group = q.shape[1] // k.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
 
     def logp(keys):
-        s = q @ keys.repeat_interleave(group, 1).transpose(-1, -2) / d ** 0.5
+        s = q @ keys.repeat_interleave(group, 1).transpose(-1, -2) / d**0.5
         return s.masked_fill(~causal, float("-inf")).log_softmax(-1)
 
     p, p_hat = logp(k), logp(k_hat)
-    kl = (p.exp() * (p - p_hat)).nan_to_num(0.0).sum(-1)[0, :, skip:].mean(-1)   # [Hq]
-    return kl.view(k.shape[1], group).mean(-1)                                     # [Hkv]
+    kl = (p.exp() * (p - p_hat)).nan_to_num(0.0).sum(-1)[0, :, skip:].mean(-1)  # [Hq]
+    return kl.view(k.shape[1], group).mean(-1)  # [Hkv]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     ap.add_argument("--model-path", required=True)
-    ap.add_argument("--configs", default="fp8,k4v4,k3v3",
-                    help="key formats, as in fidelity_ref.py, plus kiviB (only the K side is "
-                         "used), e.g. fp8,k4v4,hq4,kivi4")
+    ap.add_argument(
+        "--configs",
+        default="fp8,k4v4,k3v3",
+        help="key formats, as in fidelity_ref.py, plus kiviB (only the K side is "
+        "used), e.g. fp8,k4v4,hq4,kivi4",
+    )
     ap.add_argument("--text", default=str(HERE.parent / "README.md"), help="evaluated text file")
-    ap.add_argument("--center-text", default=None,
-                    help="calibration text for key centering (adds <config>+center and "
-                         "<config>+oracle rows for TurboQuant configs)")
-    ap.add_argument("--bias-horizons", default="",
-                    help="comma list of RoPE horizons P: adds <config>+bias<P> rows (centers "
-                         "from the k_proj bias, averaged over positions 0..P-1)")
+    ap.add_argument(
+        "--center-text",
+        default=None,
+        help="calibration text for key centering (adds <config>+center and "
+        "<config>+oracle rows for TurboQuant configs)",
+    )
+    ap.add_argument(
+        "--bias-horizons",
+        default="",
+        help="comma list of RoPE horizons P: adds <config>+bias<P> rows (centers "
+        "from the k_proj bias, averaged over positions 0..P-1)",
+    )
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="attn_error.json")
@@ -130,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     if any(fr.parse_config(c)[3] for c in configs):
-        ap.error("attn_error.py centers keys itself (--center-text adds the centered rows); "
-                 "drop the -c suffix")
+        ap.error(
+            "attn_error.py centers keys itself (--center-text adds the centered rows); "
+            "drop the -c suffix"
+        )
 
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sglang_tq.provenance import provenance  # noqa: PLC0415
+    from sglang_tq.provenance import provenance
 
     prov = provenance()  # at the start: the commit whose code runs
     tok = AutoTokenizer.from_pretrained(args.model_path)
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     hd = fr.head_dim_of(model.config)
 
     def ids_of(path):
-        ids = tok(Path(path).read_text()).input_ids[:args.tokens]
+        ids = tok(Path(path).read_text()).input_ids[: args.tokens]
         if len(ids) < 64:
             raise SystemExit(f"{path}: only {len(ids)} tokens; give a longer text")
         return ids
@@ -165,11 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             centers = [(f"bias{h}", mu[i][None, :, None, :]) for h, mu in bias_mu.items()]
             if calib is not None:
-                centers += [("center", calib[i][1].mean(2, keepdim=True)),
-                            ("oracle", k.mean(2, keepdim=True))]
+                centers += [
+                    ("center", calib[i][1].mean(2, keepdim=True)),
+                    ("oracle", k.mean(2, keepdim=True)),
+                ]
             for tag, mu in centers:
                 rows.setdefault(f"{name}+{tag}", []).append(
-                    attention_kl(q, k, k_fn(k - mu) + mu).tolist())
+                    attention_kl(q, k, k_fn(k - mu) + mu).tolist()
+                )
     summary = {n: sum(map(sum, r)) / sum(map(len, r)) for n, r in rows.items()}
     ref = summary.get("fp8")
     print(f"mean attention-row KL over {len(layers)} layers ({len(ids_of(args.text))} tokens):")
@@ -180,10 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     print("  layer " + "".join(f"{n:>16s}" for n in names))
     for i in range(len(layers)):
         print(f"  {i:5d} " + "".join(f"{sum(rows[n][i]) / len(rows[n][i]):16.5f}" for n in names))
-    out = {**prov, "script": "attn_error.py", "model_path": str(args.model_path),
-           "text": args.text, "center_text": args.center_text, "tokens": args.tokens,
-           "bias_horizons": horizons,
-           "summary": summary, "per_layer_per_kv_head": rows}
+    out = {
+        **prov,
+        "script": "attn_error.py",
+        "model_path": str(args.model_path),
+        "text": args.text,
+        "center_text": args.center_text,
+        "tokens": args.tokens,
+        "bias_horizons": horizons,
+        "summary": summary,
+        "per_layer_per_kv_head": rows,
+    }
     fr.write_result(args.out, out)
     return 0
 

@@ -78,7 +78,11 @@ FLASHINFER_WORKSPACE_BYTES = 384 * 1024 * 1024
 # SGLang's default --triton-attention-num-kv-splits (srt/server_args.py).
 SGLANG_DEFAULT_MAX_KV_SPLITS = 8
 ASSUMED_SM_COUNT = 132  # H100 SXM; only used by --dry-run without a GPU
-TOL = {"bf16": 2e-2, "fp8_e4m3": 8e-2, "tq": 2e-2}  # FA3 fp8: reference with q rounded to fp8 too  # rel. error ‖out-ref‖/‖ref‖ flagged above this
+TOL = {
+    "bf16": 2e-2,
+    "fp8_e4m3": 8e-2,
+    "tq": 2e-2,
+}  # FA3 fp8: reference with q rounded to fp8 too  # rel. error ‖out-ref‖/‖ref‖ flagged above this
 
 BYTES_NOTE = (
     "bytes.kv: packed KV the kernel must read (sglang-tq: (k_code_bytes + v_code_bytes + 4 B fp16 "
@@ -110,12 +114,14 @@ def parse_shapes(text: str, default_d: int) -> list[tuple[int, int, int]]:
             continue
         parts = re.split(r"[x:]", tok)
         if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
-            raise argparse.ArgumentTypeError(f"bad shape {tok!r}: expected BxL or BxLxD, e.g. 64x16384x128")
-        b, l = int(parts[0]), int(parts[1])
+            raise argparse.ArgumentTypeError(
+                f"bad shape {tok!r}: expected BxL or BxLxD, e.g. 64x16384x128"
+            )
+        b, n = int(parts[0]), int(parts[1])
         d = int(parts[2]) if len(parts) == 3 else default_d
-        if b < 1 or l < 1 or d < 8:
+        if b < 1 or n < 1 or d < 8:
             raise argparse.ArgumentTypeError(f"bad shape {tok!r}")
-        out.append((b, l, d))
+        out.append((b, n, d))
     if not out:
         raise argparse.ArgumentTypeError("no shapes given")
     return out
@@ -138,99 +144,205 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = ap.add_argument_group("what to run")
-    g.add_argument("--shapes", default=None,
-                   help=f"comma list of BxL or BxLxD (D defaults to --head-dim). Default: {DEFAULT_SHAPES}")
-    g.add_argument("--quick", action="store_true",
-                   help=f"small subset: shapes {QUICK_SHAPES}, warmup/rep 10/40 ms, one timing pass "
-                        "(explicit --shapes/--warmup/--rep/--repeat still win)")
+    g.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma list of BxL or BxLxD (D defaults to --head-dim). Default: {DEFAULT_SHAPES}",
+    )
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small subset: shapes {QUICK_SHAPES}, warmup/rep 10/40 ms, one timing pass "
+        "(explicit --shapes/--warmup/--rep/--repeat still win)",
+    )
     g.add_argument("--kv", default=DEFAULT_KV, help=f"our formats to time (default {DEFAULT_KV})")
-    g.add_argument("--impls", default=",".join(ALL_IMPLS),
-                   help=f"comma subset of {','.join(ALL_IMPLS)} (default: all)")
-    g.add_argument("--baseline-dtypes", default="bf16,fp8",
-                   help="KV dtypes for sglang-triton, flashinfer and fa3: subset of bf16,fp8 (default both)")
+    g.add_argument(
+        "--impls",
+        default=",".join(ALL_IMPLS),
+        help=f"comma subset of {','.join(ALL_IMPLS)} (default: all)",
+    )
+    g.add_argument(
+        "--baseline-dtypes",
+        default="bf16,fp8",
+        help="KV dtypes for sglang-triton, flashinfer and fa3: subset of bf16,fp8 (default both)",
+    )
     g.add_argument("--num-q-heads", type=int, default=32)
     g.add_argument("--num-kv-heads", type=int, default=8)
     g.add_argument("--head-dim", type=int, default=128, help="head_dim for shapes given as BxL")
     g.add_argument("--no-write-path", action="store_true", help="skip the write-path (store) table")
-    g.add_argument("--store-batch", type=int, default=64,
-                   help="write path: new tokens per step N = B (default 64)")
-    g.add_argument("--store-decode-len", type=int, default=4096,
-                   help="write path: L of the decode step the store is compared with (default 4096)")
+    g.add_argument(
+        "--store-batch",
+        type=int,
+        default=64,
+        help="write path: new tokens per step N = B (default 64)",
+    )
+    g.add_argument(
+        "--store-decode-len",
+        type=int,
+        default=4096,
+        help="write path: L of the decode step the store is compared with (default 4096)",
+    )
     g.add_argument("--store-head-dim", type=int, default=128)
-    g.add_argument("--store-num-warps", type=int, default=None,
-                   help="write path: warps per tq_store_kv program (default: the kernel's, 4)")
-    g.add_argument("--store-row-tokens", type=int, default=0,
-                   help="write path: up to this many new tokens, tq_store_kv runs one token per "
-                        "one-warp program, its rotation in registers (default 0: 16-token tiles; "
-                        "the server's SGLANG_TQ_STORE_ROW_TOKENS)")
-    g.add_argument("--store-rotation", choices=("fwht", "dense"), default="fwht",
-                   help="write path: tq_store_kv rotates by the fast Walsh-Hadamard transform "
-                        "(default, as the server) or the dense Πᵀ product")
+    g.add_argument(
+        "--store-num-warps",
+        type=int,
+        default=None,
+        help="write path: warps per tq_store_kv program (default: the kernel's, 4)",
+    )
+    g.add_argument(
+        "--store-row-tokens",
+        type=int,
+        default=0,
+        help="write path: up to this many new tokens, tq_store_kv runs one token per "
+        "one-warp program, its rotation in registers (default 0: 16-token tiles; "
+        "the server's SGLANG_TQ_STORE_ROW_TOKENS)",
+    )
+    g.add_argument(
+        "--store-rotation",
+        choices=("fwht", "dense"),
+        default="fwht",
+        help="write path: tq_store_kv rotates by the fast Walsh-Hadamard transform "
+        "(default, as the server) or the dense Πᵀ product",
+    )
 
     g = ap.add_argument_group("split-KV")
-    g.add_argument("--tq-kernel-args", default="{}",
-                   help='JSON of extra tq_decode launch arguments, e.g. \'{"block_n": 32, "num_warps": 4}\'')
-    g.add_argument("--max-kv-splits", type=int, default=0,
-                   help="sglang-tq: max_kv_splits (workspace size / grid cap); 0 (default) = "
-                        "the turboquant backend's ceiling for the batch size "
-                        "(tq_decode.split_ceiling: 8 at B >= 64 up to 64 at B <= 8)")
-    g.add_argument("--splits-policy", choices=("backend", "waves", "sglang", "fixed"), default="backend",
-                   help="sglang-tq num_kv_splits: 'backend' = what the turboquant backend uses "
-                        "(tq_decode.default_num_kv_splits, wave-aware); 'waves' = "
-                        "clamp(ceil(waves*SMs/(B*Hkv)), 1, max), also at most ceil(L/--min-split-tokens); "
-                        "'sglang' = SGLang's get_num_kv_splits heuristic with our --max-kv-splits; "
-                        "'fixed' = --num-kv-splits (default backend)")
-    g.add_argument("--waves", type=float, default=4.0, help="'waves' policy: CTAs per SM to aim for (default 4)")
-    g.add_argument("--min-split-tokens", type=int, default=256,
-                   help="'waves' policy: fewest tokens per split (default 256)")
-    g.add_argument("--num-kv-splits", type=int, default=None, help="'fixed' policy: splits per sequence")
-    g.add_argument("--triton-max-kv-splits", type=int, default=SGLANG_DEFAULT_MAX_KV_SPLITS,
-                   help="sglang-triton baseline max_kv_splits; num_kv_splits comes from SGLang's own "
-                        f"get_num_kv_splits_triton (default {SGLANG_DEFAULT_MAX_KV_SPLITS} = SGLang's default)")
-    g.add_argument("--flashinfer-head-dims", default="all",
-                   help="head_dims at which to run flashinfer, e.g. 128 (default all). Each (head_dim, dtype) "
-                        "is a separate FlashInfer JIT build on first use, which can take minutes without a cache")
-    g.add_argument("--flashinfer-tensor-cores", choices=("auto", "on", "off"), default="auto",
-                   help="auto = SGLang's should_use_tensor_core rule (fp8: on; bf16: GQA group >= 4)")
-    g.add_argument("--fa3-descale", action="store_true",
-                   help="fa3 fp8: pass k_descale = v_descale = ones [B, Hkv] (SGLang, for a checkpoint with "
-                        "KV scales); default none (SGLang, for a checkpoint without, e.g. the dummy Llama)")
-    g.add_argument("--fa3-no-scheduler-metadata", action="store_true",
-                   help="fa3: let every call plan its own tiles instead of the precomputed scheduler metadata "
-                        "SGLang passes in decode")
+    g.add_argument(
+        "--tq-kernel-args",
+        default="{}",
+        help='JSON of extra tq_decode launch arguments, e.g. \'{"block_n": 32, "num_warps": 4}\'',
+    )
+    g.add_argument(
+        "--max-kv-splits",
+        type=int,
+        default=0,
+        help="sglang-tq: max_kv_splits (workspace size / grid cap); 0 (default) = "
+        "the turboquant backend's ceiling for the batch size "
+        "(tq_decode.split_ceiling: 8 at B >= 64 up to 64 at B <= 8)",
+    )
+    g.add_argument(
+        "--splits-policy",
+        choices=("backend", "waves", "sglang", "fixed"),
+        default="backend",
+        help="sglang-tq num_kv_splits: 'backend' = what the turboquant backend uses "
+        "(tq_decode.default_num_kv_splits, wave-aware); 'waves' = "
+        "clamp(ceil(waves*SMs/(B*Hkv)), 1, max), also at most ceil(L/--min-split-tokens); "
+        "'sglang' = SGLang's get_num_kv_splits heuristic with our --max-kv-splits; "
+        "'fixed' = --num-kv-splits (default backend)",
+    )
+    g.add_argument(
+        "--waves",
+        type=float,
+        default=4.0,
+        help="'waves' policy: CTAs per SM to aim for (default 4)",
+    )
+    g.add_argument(
+        "--min-split-tokens",
+        type=int,
+        default=256,
+        help="'waves' policy: fewest tokens per split (default 256)",
+    )
+    g.add_argument(
+        "--num-kv-splits", type=int, default=None, help="'fixed' policy: splits per sequence"
+    )
+    g.add_argument(
+        "--triton-max-kv-splits",
+        type=int,
+        default=SGLANG_DEFAULT_MAX_KV_SPLITS,
+        help="sglang-triton baseline max_kv_splits; num_kv_splits comes from SGLang's own "
+        f"get_num_kv_splits_triton (default {SGLANG_DEFAULT_MAX_KV_SPLITS} = SGLang's default)",
+    )
+    g.add_argument(
+        "--flashinfer-head-dims",
+        default="all",
+        help="head_dims at which to run flashinfer, e.g. 128 (default all). Each (head_dim, dtype) "
+        "is a separate FlashInfer JIT build on first use, which can take minutes without a cache",
+    )
+    g.add_argument(
+        "--flashinfer-tensor-cores",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto = SGLang's should_use_tensor_core rule (fp8: on; bf16: GQA group >= 4)",
+    )
+    g.add_argument(
+        "--fa3-descale",
+        action="store_true",
+        help="fa3 fp8: pass k_descale = v_descale = ones [B, Hkv] (SGLang, for a checkpoint with "
+        "KV scales); default none (SGLang, for a checkpoint without, e.g. the dummy Llama)",
+    )
+    g.add_argument(
+        "--fa3-no-scheduler-metadata",
+        action="store_true",
+        help="fa3: let every call plan its own tiles instead of the precomputed scheduler metadata "
+        "SGLang passes in decode",
+    )
 
     g = ap.add_argument_group("timing")
     g.add_argument("--warmup", type=int, default=None, help="do_bench warmup in ms (default 25)")
     g.add_argument("--rep", type=int, default=None, help="do_bench rep in ms (default 100)")
-    g.add_argument("--repeat", type=int, default=None,
-                   help="do_bench passes per row; ms = median of their medians, spread reported (default 2)")
-    g.add_argument("--no-cuda-graph", action="store_true",
-                   help="time eager calls instead of CUDA-graph replays")
-    g.add_argument("--layout", choices=("random", "contiguous"), default="random",
-                   help="slot ids: random permutation of the pool (default) or contiguous per sequence")
-    g.add_argument("--check", choices=("first", "all", "none"), default="first",
-                   help="correctness check of sequence 0 vs a float64 reference: at the first shape of "
-                        "each head_dim (default), at every shape, or never")
-    g.add_argument("--fill-chunk", type=int, default=131072, help="tokens per tq_store_kv call when filling")
+    g.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="do_bench passes per row; ms = median of their medians, spread reported (default 2)",
+    )
+    g.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="time eager calls instead of CUDA-graph replays",
+    )
+    g.add_argument(
+        "--layout",
+        choices=("random", "contiguous"),
+        default="random",
+        help="slot ids: random permutation of the pool (default) or contiguous per sequence",
+    )
+    g.add_argument(
+        "--check",
+        choices=("first", "all", "none"),
+        default="first",
+        help="correctness check of sequence 0 vs a float64 reference: at the first shape of "
+        "each head_dim (default), at every shape, or never",
+    )
+    g.add_argument(
+        "--fill-chunk", type=int, default=131072, help="tokens per tq_store_kv call when filling"
+    )
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--time-budget-s", type=float, default=0.0,
-                   help="skip remaining shapes once this many seconds have passed (0 = no limit)")
+    g.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=0.0,
+        help="skip remaining shapes once this many seconds have passed (0 = no limit)",
+    )
 
     g = ap.add_argument_group("output / environment")
-    g.add_argument("--out", default="benchmarks/results/bench_decode.json",
-                   help="JSON output path, relative to the repo root unless absolute")
-    g.add_argument("--cache-dir", default=None,
-                   help="set TRITON_CACHE_DIR=<dir>/triton and FLASHINFER_WORKSPACE_BASE=<dir> (JIT caches) "
-                        "unless already set, so a carried folder can skip recompiles")
-    g.add_argument("--device", default="cuda", help="torch device (default cuda; others only for testing the script)")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the plan (shapes, bytes, splits) without touching a GPU")
+    g.add_argument(
+        "--out",
+        default="benchmarks/results/bench_decode.json",
+        help="JSON output path, relative to the repo root unless absolute",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="set TRITON_CACHE_DIR=<dir>/triton and FLASHINFER_WORKSPACE_BASE=<dir> (JIT caches) "
+        "unless already set, so a carried folder can skip recompiles",
+    )
+    g.add_argument(
+        "--device",
+        default="cuda",
+        help="torch device (default cuda; others only for testing the script)",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (shapes, bytes, splits) without touching a GPU",
+    )
     return ap
 
 
 def finalize_args(args):
-    args.shapes_list = parse_shapes(args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES),
-                                    args.head_dim)
+    args.shapes_list = parse_shapes(
+        args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES), args.head_dim
+    )
     args.kv_list = parse_kv(args.kv)
     args.impl_set = {s.strip() for s in args.impls.split(",") if s.strip()}
     bad = args.impl_set - set(ALL_IMPLS)
@@ -253,8 +365,10 @@ def finalize_args(args):
     if args.splits_policy == "fixed" and not args.num_kv_splits:
         raise SystemExit("--splits-policy fixed needs --num-kv-splits")
     if args.max_kv_splits < 0 or args.triton_max_kv_splits < 1:
-        raise SystemExit("--max-kv-splits must be >= 0 (0: the backend's ceiling) and "
-                         "--triton-max-kv-splits >= 1")
+        raise SystemExit(
+            "--max-kv-splits must be >= 0 (0: the backend's ceiling) and "
+            "--triton-max-kv-splits >= 1"
+        )
     args.cuda_graph = not args.no_cuda_graph
     out = Path(args.out)
     args.out_path = out if out.is_absolute() else REPO / out
@@ -283,7 +397,7 @@ def sglang_num_kv_splits(seq_lens, num_head, num_kv_head, max_kv_splits, core_co
         token_grid = num_seq * num_group * cdiv(num_head, block_h)
     s2 = min(cdiv(ext_core, token_grid), max_kv_splits)
     chunk2 = cdiv(max_len, s2)
-    return [max(cdiv(l, chunk1), cdiv(l, chunk2)) for l in seq_lens]
+    return [max(cdiv(n, chunk1), cdiv(n, chunk2)) for n in seq_lens]
 
 
 def tq_max_splits(args, B) -> int:
@@ -305,11 +419,19 @@ def tq_num_kv_splits(args, B, L, sm_count, D=None, kbits=4, vbits=4) -> int:
         block_n = json.loads(args.tq_kernel_args or "{}").get("block_n")
         if block_n:
             launch = DecodeLaunch(block_n, launch.num_warps, launch.programs_per_sm)
-        n = int(default_num_kv_splits(torch.full((B,), L), args.num_kv_heads, tq_max_splits(args, B),
-                                      num_sms=sm_count, launch=launch)[0])
+        n = int(
+            default_num_kv_splits(
+                torch.full((B,), L),
+                args.num_kv_heads,
+                tq_max_splits(args, B),
+                num_sms=sm_count,
+                launch=launch,
+            )[0]
+        )
     elif args.splits_policy == "sglang":
-        n = sglang_num_kv_splits([L] * B, args.num_q_heads, args.num_kv_heads, tq_max_splits(args, B),
-                                 sm_count)[0]
+        n = sglang_num_kv_splits(
+            [L] * B, args.num_q_heads, args.num_kv_heads, tq_max_splits(args, B), sm_count
+        )[0]
     else:
         n = cdiv(int(math.ceil(args.waves * sm_count)), B * args.num_kv_heads)
         n = min(n, cdiv(L, max(1, args.min_split_tokens)))
@@ -359,8 +481,8 @@ class Ctx:
     get_num_kv_splits_triton = None
     flashinfer = None
     fi_workspace = None
-    fa3 = None          # sgl_kernel.flash_attn.flash_attn_with_kvcache
-    fa3_sched = None    # sgl_kernel.flash_attn.get_scheduler_metadata (None: not in this build)
+    fa3 = None  # sgl_kernel.flash_attn.flash_attn_with_kvcache
+    fa3_sched = None  # sgl_kernel.flash_attn.get_scheduler_metadata (None: not in this build)
     use_pdl = False
     import_errors: dict = {}
 
@@ -372,12 +494,14 @@ def probe_fa3(ctx) -> str | None:
         return f"FA3 needs a CUDA device, got {ctx.device}"
     try:
         from sgl_kernel import flash_attn as fa
-    except Exception as e:  # noqa: BLE001  (ImportError, or OSError from a missing/corrupt .so)
-        return (f"sgl-kernel's FA3 library did not import ({type(e).__name__}: {str(e)[:200]}); "
-                f"on the GPU host stage it with dev/gpu_host/stage_fa3.sh")
+    except Exception as e:
+        return (
+            f"sgl-kernel's FA3 library did not import ({type(e).__name__}: {str(e)[:200]}); "
+            f"on the GPU host stage it with dev/gpu_host/stage_fa3.sh"
+        )
     try:
         ok = bool(fa.is_fa3_supported(ctx.device))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"sgl_kernel.flash_attn.is_fa3_supported failed: {e!r}"
     if not ok:
         cap = torch.cuda.get_device_capability(ctx.device)
@@ -394,21 +518,23 @@ def try_import(ctx: Ctx, args):
             from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
 
             ctx.decode_attention_fwd = decode_attention_fwd
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             ctx.import_errors["sglang-triton"] = f"import decode_attention_fwd failed: {e!r}"
             log(f"[skip] sglang-triton: {ctx.import_errors['sglang-triton']}")
         try:
             from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
 
             ctx.get_num_kv_splits_triton = get_num_kv_splits_triton
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log(f"[note] get_num_kv_splits_triton unavailable ({e!r}); using the Python mirror")
         try:
             from sgl_kernel.utils import is_arch_support_pdl
 
             ctx.use_pdl = bool(is_arch_support_pdl())
-        except Exception:  # noqa: BLE001
-            ctx.use_pdl = ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device)[0] >= 9
+        except Exception:
+            ctx.use_pdl = (
+                ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device)[0] >= 9
+            )
         if ctx.device.type != "cuda":
             ctx.use_pdl = False
     if "flashinfer" in args.impl_set:
@@ -416,8 +542,10 @@ def try_import(ctx: Ctx, args):
             import flashinfer
 
             ctx.flashinfer = flashinfer
-            ctx.fi_workspace = torch.zeros(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=ctx.device)
-        except Exception as e:  # noqa: BLE001
+            ctx.fi_workspace = torch.zeros(
+                FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=ctx.device
+            )
+        except Exception as e:
             ctx.import_errors["flashinfer"] = f"import flashinfer failed: {e!r}"
             log(f"[skip] flashinfer: {ctx.import_errors['flashinfer']}")
     if "fa3" in args.impl_set:
@@ -430,7 +558,7 @@ def try_import(ctx: Ctx, args):
             from sglang_tq.format.codec import LayerCodec  # noqa: F401
             from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode  # noqa: F401
             from sglang_tq.kernels.tq_store import tq_store_kv  # noqa: F401
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             ctx.import_errors["sglang-tq"] = f"import failed: {e!r}"
             log(f"[skip] sglang-tq: {ctx.import_errors['sglang-tq']}")
 
@@ -439,7 +567,9 @@ def sglang_splits_tensor(ctx: Ctx, args, B, L, max_kv_splits):
     """num_kv_splits [B] int32 for the SGLang Triton baseline, from SGLang's own kernel if importable
     (cross-checked against the Python mirror), else from the mirror."""
     torch = ctx.torch
-    mirror = sglang_num_kv_splits([L] * B, args.num_q_heads, args.num_kv_heads, max_kv_splits, ctx.sm_count)
+    mirror = sglang_num_kv_splits(
+        [L] * B, args.num_q_heads, args.num_kv_heads, max_kv_splits, ctx.sm_count
+    )
     t = torch.tensor(mirror, dtype=torch.int32, device=ctx.device)
     if ctx.get_num_kv_splits_triton is not None:
         try:
@@ -449,14 +579,23 @@ def sglang_splits_tensor(ctx: Ctx, args, B, L, max_kv_splits):
             seq_lens = torch.full((B,), L, dtype=torch.int64, device=ctx.device)
             sched = 256 if B < 256 else triton.next_power_of_2(B)
             ctx.get_num_kv_splits_triton[(1,)](
-                out, seq_lens, B, 1, args.num_q_heads, args.num_kv_heads, max_kv_splits, ctx.sm_count,
+                out,
+                seq_lens,
+                B,
+                1,
+                args.num_q_heads,
+                args.num_kv_heads,
+                max_kv_splits,
+                ctx.sm_count,
                 MAX_NUM_SEQ=sched,
             )
             if out.tolist() != mirror:
-                log(f"[note] SGLang get_num_kv_splits_triton gave {out[:4].tolist()}.., mirror {mirror[:4]}..; "
-                    "using SGLang's")
+                log(
+                    f"[note] SGLang get_num_kv_splits_triton gave {out[:4].tolist()}.., mirror {mirror[:4]}..; "
+                    "using SGLang's"
+                )
             t = out
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log(f"[note] get_num_kv_splits_triton failed ({e!r}); using the Python mirror")
     return t
 
@@ -499,7 +638,7 @@ def gather_rows(torch, buf, idx):
 def compare(torch, name, out0, ref, tol):
     out0 = out0.double()
     finite = bool(torch.isfinite(out0).all().item())
-    diff = (out0 - ref)
+    diff = out0 - ref
     max_abs = float(diff.abs().max().item()) if finite else float("nan")
     rel = float((diff.norm() / ref.norm().clamp_min(1e-30)).item()) if finite else float("nan")
     ok = finite and rel <= tol
@@ -509,20 +648,26 @@ def compare(torch, name, out0, ref, tol):
 
 def report_check(label, res):
     if res["ok"]:
-        log(f"    check {label} vs {res['against']}: max|err| {res['max_abs_err']:.3e}  "
-            f"rel {res['rel_err']:.3e}  ok")
+        log(
+            f"    check {label} vs {res['against']}: max|err| {res['max_abs_err']:.3e}  "
+            f"rel {res['rel_err']:.3e}  ok"
+        )
     else:
         bar = "!" * 78
         log(bar)
-        log(f"!!! CHECK FAILED: {label} vs {res['against']}: max|err| {res['max_abs_err']:.3e}  "
-            f"rel {res['rel_err']:.3e} (tol {res['tol']:.1e}). Timings of this row are suspect.")
+        log(
+            f"!!! CHECK FAILED: {label} vs {res['against']}: max|err| {res['max_abs_err']:.3e}  "
+            f"rel {res['rel_err']:.3e} (tol {res['tol']:.1e}). Timings of this row are suspect."
+        )
         log(bar)
 
 
 # --------------------------------------------------------------------------------------
 # implementations: each builder returns fn() -> output tensor [B, Hq, D]
 # --------------------------------------------------------------------------------------
-def build_sglang_triton(ctx, q, kbuf, vbuf, indptr, indices64, sm_scale, max_kv_splits, num_kv_splits):
+def build_sglang_triton(
+    ctx, q, kbuf, vbuf, indptr, indices64, sm_scale, max_kv_splits, num_kv_splits
+):
     """Mirrors TritonAttnBackend.forward_decode (srt/layers/attention/triton_backend.py)."""
     torch = ctx.torch
     B, Hq, D = q.shape
@@ -534,9 +679,27 @@ def build_sglang_triton(ctx, q, kbuf, vbuf, indptr, indices64, sm_scale, max_kv_
     use_pdl = ctx.use_pdl
 
     def fn():
-        f(q, kbuf, vbuf, o, indptr, indices64, attn_logits, attn_lse, num_kv_splits, max_kv_splits,
-          sm_scale, 1.0, 1.0,  # sm_scale, k_scale, v_scale (forward_decode passes 1.0 without scales)
-          logit_cap=0.0, sinks=None, xai_temperature_len=-1, has_mla=False, use_pdl=use_pdl, page_size=1)
+        f(
+            q,
+            kbuf,
+            vbuf,
+            o,
+            indptr,
+            indices64,
+            attn_logits,
+            attn_lse,
+            num_kv_splits,
+            max_kv_splits,
+            sm_scale,
+            1.0,
+            1.0,  # sm_scale, k_scale, v_scale (forward_decode passes 1.0 without scales)
+            logit_cap=0.0,
+            sinks=None,
+            xai_temperature_len=-1,
+            has_mla=False,
+            use_pdl=use_pdl,
+            page_size=1,
+        )
         return o
 
     return fn, o
@@ -558,12 +721,26 @@ def build_flashinfer(ctx, args, q, kbuf, vbuf, indptr32, indices32, sm_scale, kv
     fi = ctx.flashinfer
     B, Hq, D = q.shape
     use_tc = flashinfer_use_tc(args, kv_dtype_name)
-    w = fi.BatchDecodeWithPagedKVCacheWrapper(ctx.fi_workspace, "NHD", use_tensor_cores=use_tc, backend="fa2")
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(
+        ctx.fi_workspace, "NHD", use_tensor_cores=use_tc, backend="fa2"
+    )
     last_page_len = torch.ones(B, dtype=torch.int32, device=q.device)
-    w.plan(indptr32, indices32, last_page_len, Hq, args.num_kv_heads, D, 1,
-           q_data_type=q.dtype, kv_data_type=kbuf.dtype, sm_scale=sm_scale)
+    w.plan(
+        indptr32,
+        indices32,
+        last_page_len,
+        Hq,
+        args.num_kv_heads,
+        D,
+        1,
+        q_data_type=q.dtype,
+        kv_data_type=kbuf.dtype,
+        sm_scale=sm_scale,
+    )
     out = torch.empty_like(q)
-    scale = 1.0 if kv_dtype_name == "fp8_e4m3" else None  # SGLang passes layer.k_scale_float (1.0 / None)
+    scale = (
+        1.0 if kv_dtype_name == "fp8_e4m3" else None
+    )  # SGLang passes layer.k_scale_float (1.0 / None)
 
     def fn():
         w.run(q, (kbuf, vbuf), k_scale=scale, v_scale=scale, out=out)
@@ -572,7 +749,9 @@ def build_flashinfer(ctx, args, q, kbuf, vbuf, indptr32, indices32, sm_scale, kv
     return fn, out, {"use_tensor_cores": use_tc, "backend": "fa2"}
 
 
-def build_fa3(ctx, args, q, kbuf, vbuf, page_table, cache_seqlens, cu_seqlens_q, sm_scale, kv_dtype_name):
+def build_fa3(
+    ctx, args, q, kbuf, vbuf, page_table, cache_seqlens, cu_seqlens_q, sm_scale, kv_dtype_name
+):
     """Mirrors FlashAttentionBackend.forward_decode (srt/layers/attention/flashattention_backend.py,
     SGLang 0.5.17, MHA, page_size 1, no SWA / cascade / sinks): q [B, Hq, D] (cast to the KV
     dtype for fp8 KV), k/v cache viewed as [-1, page_size, Hkv, D], page_table int32 [B, L],
@@ -589,24 +768,53 @@ def build_fa3(ctx, args, q, kbuf, vbuf, page_table, cache_seqlens, cu_seqlens_q,
     if fp8 and args.fa3_descale:  # layer.k_scale.expand((batch_size, tp_k_head_num)) with scale 1.0
         kw["k_descale"] = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(B, Hkv)
         kw["v_descale"] = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(B, Hkv)
-    meta = {"q_dtype": str(q_in.dtype).replace("torch.", ""), "descale": bool(kw), "num_splits": 0,
-            "scheduler_metadata": False}
+    meta = {
+        "q_dtype": str(q_in.dtype).replace("torch.", ""),
+        "descale": bool(kw),
+        "num_splits": 0,
+        "scheduler_metadata": False,
+    }
     sched = None
     if ctx.fa3_sched is not None and not args.fa3_no_scheduler_metadata:
         # FlashAttentionBackend._compute_scheduler_metadata: once per batch, for all layers
-        sched = ctx.fa3_sched(batch_size=B, max_seqlen_q=1, max_seqlen_k=page_table.shape[1], num_heads=Hq,
-                              num_heads_k=Hkv, headdim=D, cache_seqlens=cache_seqlens, qkv_dtype=kbuf.dtype,
-                              cu_seqlens_q=cu_seqlens_q, page_size=1, causal=True, has_softcap=False,
-                              num_splits=0)
+        sched = ctx.fa3_sched(
+            batch_size=B,
+            max_seqlen_q=1,
+            max_seqlen_k=page_table.shape[1],
+            num_heads=Hq,
+            num_heads_k=Hkv,
+            headdim=D,
+            cache_seqlens=cache_seqlens,
+            qkv_dtype=kbuf.dtype,
+            cu_seqlens_q=cu_seqlens_q,
+            page_size=1,
+            causal=True,
+            has_softcap=False,
+            num_splits=0,
+        )
         meta["scheduler_metadata"] = sched is not None
     out = torch.empty(B, Hq, vbuf.shape[-1], dtype=torch.bfloat16, device=q.device)
     f = ctx.fa3
 
     def fn():
-        o = f(q=q_in, k_cache=k_cache, v_cache=v_cache, page_table=page_table, cache_seqlens=cache_seqlens,
-              cu_seqlens_q=cu_seqlens_q, max_seqlen_q=1, softmax_scale=sm_scale, causal=True,
-              window_size=(-1, -1), softcap=0.0, return_softmax_lse=False, num_splits=0,
-              scheduler_metadata=sched, out=out, **kw)
+        o = f(
+            q=q_in,
+            k_cache=k_cache,
+            v_cache=v_cache,
+            page_table=page_table,
+            cache_seqlens=cache_seqlens,
+            cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=1,
+            softmax_scale=sm_scale,
+            causal=True,
+            window_size=(-1, -1),
+            softcap=0.0,
+            return_softmax_lse=False,
+            num_splits=0,
+            scheduler_metadata=sched,
+            out=out,
+            **kw,
+        )
         return o[0] if isinstance(o, (tuple, list)) else o
 
     return fn, out, meta
@@ -637,8 +845,15 @@ def make_indices(ctx, args, B, L):
 
 
 def row_base(impl, kv, B, L, D, args):
-    return {"impl": impl, "kv": kv, "B": B, "L": L, "head_dim": D,
-            "num_q_heads": args.num_q_heads, "num_kv_heads": args.num_kv_heads}
+    return {
+        "impl": impl,
+        "kv": kv,
+        "B": B,
+        "L": L,
+        "head_dim": D,
+        "num_q_heads": args.num_q_heads,
+        "num_kv_heads": args.num_kv_heads,
+    }
 
 
 def finish_row(row, timing, nbytes):
@@ -657,9 +872,11 @@ def run_impl(label, row, results, fn_build, on_error=None):
         extra = ""
         if "num_kv_splits" in row:
             extra = f" splits {row['num_kv_splits']}/{row['max_kv_splits']}"
-        log(f"    {label:<24} {row['ms']:9.4f} ms  {row['tbps']:6.3f} TB/s  (first call {row['first_call_s']:.1f} s"
-            f"{', eager' if not row.get('cuda_graph') else ''}{extra})")
-    except Exception as e:  # noqa: BLE001
+        log(
+            f"    {label:<24} {row['ms']:9.4f} ms  {row['tbps']:6.3f} TB/s  (first call {row['first_call_s']:.1f} s"
+            f"{', eager' if not row.get('cuda_graph') else ''}{extra})"
+        )
+    except Exception as e:
         msg = f"{type(e).__name__}: {e}"
         row["error"] = msg[:2000]
         results.append(row)
@@ -702,7 +919,7 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
                 _, row["first_call_s"] = first_call(ctx, lambda: dst.copy_(src))
                 t = time_it(ctx, args, lambda: dst.copy_(src))
             finally:
-                src = dst = None  # noqa: F841  (free the buffers now; closures may still name them)
+                src = dst = None
             nb = {"read": bf16_kv_bytes, "write": bf16_kv_bytes, "total": 2 * bf16_kv_bytes}
             finish_row(row, t, nb)
             row["bf16_kv_read_ms_at_copy_bw"] = bf16_kv_bytes / (row["tbps"] * 1e12) * 1e3
@@ -712,7 +929,9 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
 
     # ---- bf16 / fp8 baselines ---------------------------------------------------------
     want_tri = "sglang-triton" in args.impl_set
-    want_fi = "flashinfer" in args.impl_set and (args.fi_head_dims is None or D in args.fi_head_dims)
+    want_fi = "flashinfer" in args.impl_set and (
+        args.fi_head_dims is None or D in args.fi_head_dims
+    )
     want_fa3 = "fa3" in args.impl_set
     fa3_meta = fa3_tables(ctx, slots, B, L) if want_fa3 and ctx.fa3 is not None else None
     if (want_tri or want_fi or want_fa3) and args.base_dtypes:
@@ -727,14 +946,21 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
             kvname = BASELINE_KV[dt]
             if dt == "fp8":
                 kbuf, vbuf = kb.to(torch.float8_e4m3fn), vb.to(torch.float8_e4m3fn)
-                kb = vb = None  # the bf16 pool is not needed any more: keep one format alive at a time
+                kb = vb = (
+                    None  # the bf16 pool is not needed any more: keep one format alive at a time
+                )
                 torch.cuda.empty_cache()
             else:
                 kbuf, vbuf = kb, vb
             ref = None
             if do_check:
-                ref = ref_attention(torch, q[0], gather_rows(torch, kbuf, idx0), gather_rows(torch, vbuf, idx0),
-                                    sm_scale)
+                ref = ref_attention(
+                    torch,
+                    q[0],
+                    gather_rows(torch, kbuf, idx0),
+                    gather_rows(torch, vbuf, idx0),
+                    sm_scale,
+                )
 
             if want_tri:
                 row = row_base("sglang-triton", kvname, B, L, D, args)
@@ -742,16 +968,35 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
                     row["error"] = ctx.import_errors.get("sglang-triton", "unavailable")
                     results.append(row)
                 else:
+
                     def do_tri(row, kbuf=kbuf, vbuf=vbuf, kvname=kvname, ref=ref):
-                        fn, o = build_sglang_triton(ctx, q, kbuf, vbuf, indptr, indices64, sm_scale,
-                                                    args.triton_max_kv_splits, tri_splits)
+                        fn, o = build_sglang_triton(
+                            ctx,
+                            q,
+                            kbuf,
+                            vbuf,
+                            indptr,
+                            indices64,
+                            sm_scale,
+                            args.triton_max_kv_splits,
+                            tri_splits,
+                        )
                         o.fill_(float("nan"))  # poison: every element must be written
                         out, row["first_call_s"] = first_call(ctx, fn)
-                        post_checks(ctx, row, out, ref, kvname, checks, f"sglang-triton {kvname} {B}x{L}x{D}")
+                        post_checks(
+                            ctx,
+                            row,
+                            out,
+                            ref,
+                            kvname,
+                            checks,
+                            f"sglang-triton {kvname} {B}x{L}x{D}",
+                        )
                         row["max_kv_splits"] = args.triton_max_kv_splits
                         row["num_kv_splits"] = int(tri_splits[0].item())
-                        finish_row(row, time_it(ctx, args, fn),
-                                   count_bytes(kvname, B, L, Hq, Hkv, D, 8))
+                        finish_row(
+                            row, time_it(ctx, args, fn), count_bytes(kvname, B, L, Hq, Hkv, D, 8)
+                        )
 
                     run_impl(f"sglang-triton {kvname}", row, results, do_tri)
 
@@ -761,17 +1006,24 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
                     row["error"] = ctx.import_errors.get("flashinfer", "unavailable")
                     results.append(row)
                 else:
+
                     def do_fi(row, kbuf=kbuf, vbuf=vbuf, kvname=kvname, ref=ref):
                         t0 = time.perf_counter()
-                        fn, out, meta = build_flashinfer(ctx, args, q, kbuf, vbuf, indptr, indices32, sm_scale,
-                                                         kvname)
+                        fn, out, meta = build_flashinfer(
+                            ctx, args, q, kbuf, vbuf, indptr, indices32, sm_scale, kvname
+                        )
                         row.update(meta)
                         out.fill_(float("nan"))
                         out, fc = first_call(ctx, fn)
-                        row["first_call_s"] = time.perf_counter() - t0  # includes plan() / JIT build
-                        post_checks(ctx, row, out, ref, kvname, checks, f"flashinfer {kvname} {B}x{L}x{D}")
-                        finish_row(row, time_it(ctx, args, fn),
-                                   count_bytes(kvname, B, L, Hq, Hkv, D, 4))
+                        row["first_call_s"] = (
+                            time.perf_counter() - t0
+                        )  # includes plan() / JIT build
+                        post_checks(
+                            ctx, row, out, ref, kvname, checks, f"flashinfer {kvname} {B}x{L}x{D}"
+                        )
+                        finish_row(
+                            row, time_it(ctx, args, fn), count_bytes(kvname, B, L, Hq, Hkv, D, 4)
+                        )
 
                     run_impl(f"flashinfer {kvname}", row, results, do_fi)
 
@@ -782,31 +1034,46 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
                     row.update(unavailable=why, error=f"unavailable: {why}")
                     results.append(row)
                 else:
+
                     def do_fa3(row, kbuf=kbuf, vbuf=vbuf, kvname=kvname, ref=ref):
                         t0 = time.perf_counter()
-                        fn, out, meta = build_fa3(ctx, args, q, kbuf, vbuf, *fa3_meta, sm_scale, kvname)
+                        fn, out, meta = build_fa3(
+                            ctx, args, q, kbuf, vbuf, *fa3_meta, sm_scale, kvname
+                        )
                         row.update(meta)
                         out.fill_(float("nan"))
                         out, _ = first_call(ctx, fn)
                         row["first_call_s"] = time.perf_counter() - t0
                         ref8 = ref
                         if ref is not None and kvname == "fp8_e4m3":  # FA3 also rounds q to fp8
-                            ref8 = ref_attention(torch, q[0].to(kbuf.dtype).float(), gather_rows(torch, kbuf, idx0),
-                                                 gather_rows(torch, vbuf, idx0), sm_scale)
-                        post_checks(ctx, row, out, ref8, kvname, checks, f"fa3 {kvname} {B}x{L}x{D}")
-                        finish_row(row, time_it(ctx, args, fn),
-                                   count_bytes(kvname, B, L, Hq, Hkv, D, 4, q_elt=1 if kvname == "fp8_e4m3" else 2))
+                            ref8 = ref_attention(
+                                torch,
+                                q[0].to(kbuf.dtype).float(),
+                                gather_rows(torch, kbuf, idx0),
+                                gather_rows(torch, vbuf, idx0),
+                                sm_scale,
+                            )
+                        post_checks(
+                            ctx, row, out, ref8, kvname, checks, f"fa3 {kvname} {B}x{L}x{D}"
+                        )
+                        finish_row(
+                            row,
+                            time_it(ctx, args, fn),
+                            count_bytes(
+                                kvname, B, L, Hq, Hkv, D, 4, q_elt=1 if kvname == "fp8_e4m3" else 2
+                            ),
+                        )
 
                     run_impl(f"fa3 {kvname}", row, results, do_fa3)
             # drop every reference (closures included) before the next format is built
-            do_tri = do_fi = do_fa3 = None  # noqa: F841
+            do_tri = do_fi = do_fa3 = None
             del kbuf, vbuf, ref
             gc.collect()
             torch.cuda.empty_cache()
         del kb, vb
         gc.collect()
         torch.cuda.empty_cache()
-    fa3_meta = None  # noqa: F841
+    fa3_meta = None
 
     # ---- ours ----------------------------------------------------------------------
     if "sglang-tq" in args.impl_set:
@@ -824,7 +1091,9 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
                 try:
                     bufs = alloc_and_fill_tq(ctx, args, codec, S, Hkv, D)
                     sanity_pool(ctx, bufs, idx0, kvname)
-                    fn, ws = build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits)
+                    fn, ws = build_tq(
+                        ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits
+                    )
                     out, row["first_call_s"] = first_call(ctx, fn)
                     ref = None
                     if do_check:
@@ -833,16 +1102,31 @@ def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
                         ref = ref_attention(torch, q[0], kd, vd, sm_scale)
                     post_checks(ctx, row, out, ref, "tq", checks, f"sglang-tq {kvname} {B}x{L}x{D}")
                     if do_check and ctx.decode_attention_fwd is not None:
-                        check_vs_triton_dequant(ctx, args, row, out, q, kd, vd, sm_scale, checks,
-                                                f"sglang-tq {kvname} {B}x{L}x{D}")
+                        check_vs_triton_dequant(
+                            ctx,
+                            args,
+                            row,
+                            out,
+                            q,
+                            kd,
+                            vd,
+                            sm_scale,
+                            checks,
+                            f"sglang-tq {kvname} {B}x{L}x{D}",
+                        )
                     row["max_kv_splits"] = tq_max_splits(args, B)
                     row["num_kv_splits"] = n_splits
                     row["splits_policy"] = args.splits_policy
                     row["launch"] = tq_launch(args, D, kbits, vbits)
                     row["k_code_bytes"] = codec.k_code_bytes
                     row["v_code_bytes"] = codec.v_code_bytes
-                    finish_row(row, time_it(ctx, args, fn),
-                               count_bytes(kvname, B, L, Hq, Hkv, D, 8, codec.k_code_bytes, codec.v_code_bytes))
+                    finish_row(
+                        row,
+                        time_it(ctx, args, fn),
+                        count_bytes(
+                            kvname, B, L, Hq, Hkv, D, 8, codec.k_code_bytes, codec.v_code_bytes
+                        ),
+                    )
                 finally:
                     del bufs
                     gc.collect()
@@ -881,16 +1165,31 @@ def check_vs_triton_dequant(ctx, args, row, out, q, kd, vd, sm_scale, checks, la
         indptr = torch.tensor([0, L], dtype=torch.int32, device=ctx.device)
         ind = torch.arange(L, dtype=torch.int64, device=ctx.device)
         splits = sglang_splits_tensor(ctx, args, 1, L, args.triton_max_kv_splits)
-        fn, o = build_sglang_triton(ctx, q[:1].contiguous(), kb, vb, indptr, ind, sm_scale,
-                                    args.triton_max_kv_splits, splits)
+        fn, o = build_sglang_triton(
+            ctx,
+            q[:1].contiguous(),
+            kb,
+            vb,
+            indptr,
+            ind,
+            sm_scale,
+            args.triton_max_kv_splits,
+            splits,
+        )
         o_tri = fn()[0]
         torch.cuda.synchronize()
-        res = compare(torch, "sglang-triton bf16 on dequantized K/V (seq 0)", out[0], o_tri.double(), TOL["tq"])
+        res = compare(
+            torch,
+            "sglang-triton bf16 on dequantized K/V (seq 0)",
+            out[0],
+            o_tri.double(),
+            TOL["tq"],
+        )
         report_check(label, res)
         res["label"] = label
         checks.append(res)
         row["check_vs_triton_dequant"] = {k: res[k] for k in ("max_abs_err", "rel_err", "ok")}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log(f"    [note] {label}: check vs SGLang Triton on dequantized K/V failed to run: {e!r}")
 
 
@@ -929,8 +1228,10 @@ def sanity_pool(ctx, bufs, idx0, kvname):
     zv = int((bufs[3][idx0] == 0).sum().item())
     if zk or zv:
         log("!" * 78)
-        log(f"!!! sglang-tq {kvname}: {zk} K and {zv} V norms of sequence 0 are zero after tq_store_kv: "
-            "pool not (fully) written?")
+        log(
+            f"!!! sglang-tq {kvname}: {zk} K and {zv} V norms of sequence 0 are zero after tq_store_kv: "
+            "pool not (fully) written?"
+        )
         log("!" * 78)
 
 
@@ -956,9 +1257,21 @@ def build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits, e
     k_codes, k_norms, v_codes, v_norms = bufs
 
     def fn():
-        return tq_decode(q, k_codes, k_norms, v_codes, v_norms, indptr, indices64, codec, sm_scale,
-                         num_kv_splits=num_kv_splits, max_kv_splits=max_kv_splits, workspace=ws,
-                         **{**json.loads(args.tq_kernel_args), **(extra or {})})
+        return tq_decode(
+            q,
+            k_codes,
+            k_norms,
+            v_codes,
+            v_norms,
+            indptr,
+            indices64,
+            codec,
+            sm_scale,
+            num_kv_splits=num_kv_splits,
+            max_kv_splits=max_kv_splits,
+            workspace=ws,
+            **{**json.loads(args.tq_kernel_args), **(extra or {})},
+        )
 
     return fn, ws
 
@@ -972,8 +1285,10 @@ def bench_write_path(ctx, args, codecs, write_rows):
     Hq, Hkv = args.num_q_heads, args.num_kv_heads
     dev = ctx.device
     sm_scale = 1.0 / math.sqrt(D)
-    log(f"\n== write path: N = {B} new tokens (one per sequence), Hkv {Hkv}, D {D}; "
-        f"decode step for comparison at B={B}, L={L}")
+    log(
+        f"\n== write path: N = {B} new tokens (one per sequence), Hkv {Hkv}, D {D}; "
+        f"decode step for comparison at B={B}, L={L}"
+    )
     S, indptr, slots = make_indices(ctx, args, B, L)
     q = torch.randn(B, Hq, D, dtype=torch.bfloat16, device=dev)
     # one new token per sequence, written to distinct random slots of the pool
@@ -983,8 +1298,16 @@ def bench_write_path(ctx, args, codecs, write_rows):
     new_in_bytes = 2 * B * Hkv * D * 2 + B * 8  # bf16 k and v read + int64 loc
 
     def wrow(impl, kv):
-        return {"impl": impl, "kv": kv, "N": B, "num_kv_heads": Hkv, "head_dim": D, "pool_slots": S,
-                "decode_B": B, "decode_L": L}
+        return {
+            "impl": impl,
+            "kv": kv,
+            "N": B,
+            "num_kv_heads": Hkv,
+            "head_dim": D,
+            "pool_slots": S,
+            "decode_B": B,
+            "decode_L": L,
+        }
 
     def record(row, label):
         write_rows.append(row)
@@ -992,20 +1315,26 @@ def bench_write_path(ctx, args, codecs, write_rows):
             log(f"    [skip] {label}: {row['error'][:300]}")
         else:
             pct = row.get("pct_of_decode")
-            log(f"    {label:<28} store {row['ms'] * 1e3:8.2f} us"
-                + (f"   decode {row['decode_ms']:.4f} ms ({row['decode_impl']})  store = {pct:.1f}% of decode"
-                   if pct is not None else ""))
+            log(
+                f"    {label:<28} store {row['ms'] * 1e3:8.2f} us"
+                + (
+                    f"   decode {row['decode_ms']:.4f} ms ({row['decode_impl']})  store = {pct:.1f}% of decode"
+                    if pct is not None
+                    else ""
+                )
+            )
 
     # bf16 / fp8 plain stores, vs SGLang Triton decode of the same format
     kb = torch.empty(S, Hkv, D, dtype=torch.bfloat16, device=dev).normal_()
     vb = torch.empty(S, Hkv, D, dtype=torch.bfloat16, device=dev).normal_()
     store_cache = None
     try:
-        from sglang.kernels.ops.kvcache.kvcache import can_use_store_cache, store_cache as _sc
+        from sglang.kernels.ops.kvcache.kvcache import can_use_store_cache
+        from sglang.kernels.ops.kvcache.kvcache import store_cache as _sc
 
         if can_use_store_cache(Hkv * D * 2) and can_use_store_cache(Hkv * D):
             store_cache = _sc
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log(f"    [note] SGLang store_cache (JIT) unavailable: {e!r}")
     for kvname in ("bf16", "fp8_e4m3"):
         if kvname == "bf16":
@@ -1018,13 +1347,16 @@ def bench_write_path(ctx, args, codecs, write_rows):
         if ctx.decode_attention_fwd is not None:
             try:
                 splits = sglang_splits_tensor(ctx, args, B, L, args.triton_max_kv_splits)
-                fn, _ = build_sglang_triton(ctx, q, kc, vc, indptr, slots, sm_scale, args.triton_max_kv_splits, splits)
+                fn, _ = build_sglang_triton(
+                    ctx, q, kc, vc, indptr, slots, sm_scale, args.triton_max_kv_splits, splits
+                )
                 first_call(ctx, fn)
                 decode_ms = time_it(ctx, args, fn)["ms"]
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log(f"    [note] sglang-triton {kvname} decode at {B}x{L} failed: {e!r}")
 
         if kvname == "bf16":
+
             def torch_store():
                 kc[loc] = k_new
                 vc[loc] = v_new
@@ -1038,7 +1370,10 @@ def bench_write_path(ctx, args, codecs, write_rows):
         impls = [("torch-index-store", torch_store)]
         if store_cache is not None:
             rb = Hkv * D * elt
-            kcv, vcv = kc.view(torch.uint8 if elt == 1 else kc.dtype), vc.view(torch.uint8 if elt == 1 else vc.dtype)
+            kcv, vcv = (
+                kc.view(torch.uint8 if elt == 1 else kc.dtype),
+                vc.view(torch.uint8 if elt == 1 else vc.dtype),
+            )
 
             def sgl_store(kcv=kcv, vcv=vcv, rb=rb, kvname=kvname):
                 if kvname == "bf16":
@@ -1046,8 +1381,17 @@ def bench_write_path(ctx, args, codecs, write_rows):
                 else:
                     kk = k_new.to(torch.float8_e4m3fn).view(torch.uint8)
                     vv = v_new.to(torch.float8_e4m3fn).view(torch.uint8)
-                store_cache(kk.view(B, -1), vv.view(B, -1), kcv.view(S, -1), vcv.view(S, -1), loc,
-                            row_bytes=rb, v_row_bytes=rb, size_limit=S, reserved_skip_index=-1)
+                store_cache(
+                    kk.view(B, -1),
+                    vv.view(B, -1),
+                    kcv.view(S, -1),
+                    vcv.view(S, -1),
+                    loc,
+                    row_bytes=rb,
+                    v_row_bytes=rb,
+                    size_limit=S,
+                    reserved_skip_index=-1,
+                )
 
             impls.append(("sglang-store_cache", sgl_store))
         for impl, fn in impls:
@@ -1055,17 +1399,23 @@ def bench_write_path(ctx, args, codecs, write_rows):
             try:
                 first_call(ctx, fn)
                 row.update(time_it(ctx, args, fn))
-                row["bytes"] = {"read_new_kv_and_loc": new_in_bytes, "write": out_bytes,
-                                "total": new_in_bytes + out_bytes}
+                row["bytes"] = {
+                    "read_new_kv_and_loc": new_in_bytes,
+                    "write": out_bytes,
+                    "total": new_in_bytes + out_bytes,
+                }
                 row["tbps"] = row["bytes"]["total"] / (row["ms"] * 1e-3) / 1e12
                 if decode_ms:
-                    row.update(decode_ms=decode_ms, decode_impl=f"sglang-triton {kvname}",
-                               pct_of_decode=100.0 * row["ms"] / decode_ms)
-            except Exception as e:  # noqa: BLE001
+                    row.update(
+                        decode_ms=decode_ms,
+                        decode_impl=f"sglang-triton {kvname}",
+                        pct_of_decode=100.0 * row["ms"] / decode_ms,
+                    )
+            except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:2000]
             record(row, f"{impl} {kvname}")
-        impls = fn = torch_store = sgl_store = None  # noqa: F841
-        kc = vc = kc8 = vc8 = kcv = vcv = None  # noqa: F841
+        impls = fn = torch_store = sgl_store = None
+        kc = vc = kc8 = vc8 = kcv = vcv = None
         torch.cuda.empty_cache()
     del kb, vb
     gc.collect()
@@ -1091,28 +1441,53 @@ def bench_write_path(ctx, args, codecs, write_rows):
                     fn, _ = build_tq(ctx, args, q, bufs, indptr, slots, codec, sm_scale, n_splits)
                     first_call(ctx, fn)
                     dec_ms = time_it(ctx, args, fn)["ms"]
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     log(f"    [note] sglang-tq {kvname} decode at {B}x{L} failed: {e!r}")
 
                 def store():
-                    tq_store_kv(k_new, v_new, loc, k_codes, k_norms, v_codes, v_norms, codec,
-                                num_warps=args.store_num_warps, fwht=args.store_rotation == "fwht",
-                                row_tokens=args.store_row_tokens)
+                    tq_store_kv(
+                        k_new,
+                        v_new,
+                        loc,
+                        k_codes,
+                        k_norms,
+                        v_codes,
+                        v_norms,
+                        codec,
+                        num_warps=args.store_num_warps,
+                        fwht=args.store_rotation == "fwht",
+                        row_tokens=args.store_row_tokens,
+                    )
 
                 first_call(ctx, store)
                 row.update(time_it(ctx, args, store))
                 wb = B * Hkv * (codec.k_code_bytes + codec.v_code_bytes + 4)
-                row["bytes"] = {"read_new_kv_and_loc": new_in_bytes, "write": wb, "total": new_in_bytes + wb}
+                row["bytes"] = {
+                    "read_new_kv_and_loc": new_in_bytes,
+                    "write": wb,
+                    "total": new_in_bytes + wb,
+                }
                 row["tbps"] = row["bytes"]["total"] / (row["ms"] * 1e-3) / 1e12
                 if dec_ms:
-                    row.update(decode_ms=dec_ms, decode_impl=f"sglang-tq {kvname}",
-                               pct_of_decode=100.0 * row["ms"] / dec_ms, num_kv_splits=n_splits,
-                               max_kv_splits=tq_max_splits(args, B))
-                row["chain"] = bench_store_decode_chain(ctx, args, q, k_new, v_new, loc, bufs, indptr,
-                                                        slots, codec, sm_scale, n_splits)
-                log(f"    store + decode chain {kvname}: " + ", ".join(
-                    f"{k} {v * 1e3:.2f} us" for k, v in row["chain"].items() if isinstance(v, float)))
-            except Exception as e:  # noqa: BLE001
+                    row.update(
+                        decode_ms=dec_ms,
+                        decode_impl=f"sglang-tq {kvname}",
+                        pct_of_decode=100.0 * row["ms"] / dec_ms,
+                        num_kv_splits=n_splits,
+                        max_kv_splits=tq_max_splits(args, B),
+                    )
+                row["chain"] = bench_store_decode_chain(
+                    ctx, args, q, k_new, v_new, loc, bufs, indptr, slots, codec, sm_scale, n_splits
+                )
+                log(
+                    f"    store + decode chain {kvname}: "
+                    + ", ".join(
+                        f"{k} {v * 1e3:.2f} us"
+                        for k, v in row["chain"].items()
+                        if isinstance(v, float)
+                    )
+                )
+            except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:2000]
             finally:
                 del bufs
@@ -1123,8 +1498,9 @@ def bench_write_path(ctx, args, codecs, write_rows):
     torch.cuda.empty_cache()
 
 
-def bench_store_decode_chain(ctx, args, q, k_new, v_new, loc, bufs, indptr, slots, codec, sm_scale,
-                             n_splits) -> dict:
+def bench_store_decode_chain(
+    ctx, args, q, k_new, v_new, loc, bufs, indptr, slots, codec, sm_scale, n_splits
+) -> dict:
     """One decode layer's attention as the backend launches it: tq_store_kv of the new
     tokens, then tq_decode; serial launches against programmatic dependent launch with
     stage 1 rotating q while the store runs (``early_q``). ms of each, same buffers."""
@@ -1132,14 +1508,27 @@ def bench_store_decode_chain(ctx, args, q, k_new, v_new, loc, bufs, indptr, slot
     from sglang_tq.kernels.tq_store import tq_store_kv
 
     decode, _ = build_tq(ctx, args, q, bufs, indptr, slots, codec, sm_scale, n_splits)
-    early, _ = build_tq(ctx, args, q, bufs, indptr, slots, codec, sm_scale, n_splits,
-                        extra={"early_q": True})
+    early, _ = build_tq(
+        ctx, args, q, bufs, indptr, slots, codec, sm_scale, n_splits, extra={"early_q": True}
+    )
     out = {}
-    variants = [("serial_ms", False, decode)] + ([("pdl_early_q_ms", True, early)] if pdl_supported() else [])
+    variants = [("serial_ms", False, decode)] + (
+        [("pdl_early_q_ms", True, early)] if pdl_supported() else []
+    )
     for name, pdl, dec in variants:
+
         def chain(pdl=pdl, dec=dec):
-            tq_store_kv(k_new, v_new, loc, *bufs, codec, pdl=pdl, num_warps=args.store_num_warps,
-                        fwht=args.store_rotation == "fwht", row_tokens=args.store_row_tokens)
+            tq_store_kv(
+                k_new,
+                v_new,
+                loc,
+                *bufs,
+                codec,
+                pdl=pdl,
+                num_warps=args.store_num_warps,
+                fwht=args.store_rotation == "fwht",
+                row_tokens=args.store_row_tokens,
+            )
             return dec()
 
         first_call(ctx, chain)
@@ -1159,12 +1548,14 @@ def add_derived(results, copy_roof_tbps):
         if "error" in r or r["impl"] == "copy":
             continue
         ref = by_shape.get((r["B"], r["L"], r["head_dim"]), {})
-        for key, name in ((("flashinfer", "bf16"), "speedup_vs_flashinfer_bf16"),
-                          (("flashinfer", "fp8_e4m3"), "speedup_vs_flashinfer_fp8"),
-                          (("sglang-triton", "bf16"), "speedup_vs_sglang_triton_bf16"),
-                          (("sglang-triton", "fp8_e4m3"), "speedup_vs_sglang_triton_fp8"),
-                          (("fa3", "bf16"), "speedup_vs_fa3_bf16"),
-                          (("fa3", "fp8_e4m3"), "speedup_vs_fa3_fp8")):
+        for key, name in (
+            (("flashinfer", "bf16"), "speedup_vs_flashinfer_bf16"),
+            (("flashinfer", "fp8_e4m3"), "speedup_vs_flashinfer_fp8"),
+            (("sglang-triton", "bf16"), "speedup_vs_sglang_triton_bf16"),
+            (("sglang-triton", "fp8_e4m3"), "speedup_vs_sglang_triton_fp8"),
+            (("fa3", "bf16"), "speedup_vs_fa3_bf16"),
+            (("fa3", "fp8_e4m3"), "speedup_vs_fa3_fp8"),
+        ):
             if key in ref:
                 r[name] = ref[key]["ms"] / r["ms"]
             else:
@@ -1177,8 +1568,10 @@ def add_derived(results, copy_roof_tbps):
 
 
 def print_table(results):
-    hdr = (f"{'impl':<14} {'kv':<9} {'B':>4} {'L':>6} {'D':>4} {'spl':>4} {'ms':>9} {'TB/s':>6} "
-           f"{'%copy':>6} {'xFI-bf16':>8} {'xFI-fp8':>8} {'xTri-bf16':>9} {'xFA3-bf16':>9} {'xFA3-fp8':>8}  check")
+    hdr = (
+        f"{'impl':<14} {'kv':<9} {'B':>4} {'L':>6} {'D':>4} {'spl':>4} {'ms':>9} {'TB/s':>6} "
+        f"{'%copy':>6} {'xFI-bf16':>8} {'xFI-fp8':>8} {'xTri-bf16':>9} {'xFA3-bf16':>9} {'xFA3-fp8':>8}  check"
+    )
     log("\n" + hdr)
     log("-" * len(hdr))
     last = None
@@ -1188,11 +1581,15 @@ def print_table(results):
             log("")
         last = shape
         if "unavailable" in r:
-            log(f"{r['impl']:<14} {r['kv']:<9} {r['B']:>4} {r['L']:>6} {r['head_dim']:>4}  "
-                f"not run (unavailable): {r['unavailable'][:90]}")
+            log(
+                f"{r['impl']:<14} {r['kv']:<9} {r['B']:>4} {r['L']:>6} {r['head_dim']:>4}  "
+                f"not run (unavailable): {r['unavailable'][:90]}"
+            )
             continue
         if "error" in r:
-            log(f"{r['impl']:<14} {r['kv']:<9} {r['B']:>4} {r['L']:>6} {r['head_dim']:>4}  ERROR: {r['error'][:80]}")
+            log(
+                f"{r['impl']:<14} {r['kv']:<9} {r['B']:>4} {r['L']:>6} {r['head_dim']:>4}  ERROR: {r['error'][:80]}"
+            )
             continue
 
         def f(x, fmt):
@@ -1206,12 +1603,14 @@ def print_table(results):
         if r.get("output_finite") is False:
             chk += " NaN!"
         pc = r.get("frac_of_copy_bw")
-        log(f"{r['impl']:<14} {r['kv']:<9} {r['B']:>4} {r['L']:>6} {r['head_dim']:>4} "
+        log(
+            f"{r['impl']:<14} {r['kv']:<9} {r['B']:>4} {r['L']:>6} {r['head_dim']:>4} "
             f"{f(r.get('num_kv_splits'), 'd') if 'num_kv_splits' in r else '-':>4} {r['ms']:9.4f} "
             f"{r['tbps']:6.3f} {f(pc * 100 if pc is not None else None, '.0f'):>6} "
             f"{f(r.get('speedup_vs_flashinfer_bf16'), '.2f'):>8} {f(r.get('speedup_vs_flashinfer_fp8'), '.2f'):>8} "
             f"{f(r.get('speedup_vs_sglang_triton_bf16'), '.2f'):>9} {f(r.get('speedup_vs_fa3_bf16'), '.2f'):>9} "
-            f"{f(r.get('speedup_vs_fa3_fp8'), '.2f'):>8}  {chk}")
+            f"{f(r.get('speedup_vs_fa3_fp8'), '.2f'):>8}  {chk}"
+        )
 
 
 def print_write_table(rows):
@@ -1226,9 +1625,11 @@ def print_write_table(rows):
             continue
         dm = r.get("decode_ms")
         pct = r.get("pct_of_decode")
-        log(f"{r['impl']:<20} {r['kv']:<9} {r['N']:>4} {r['ms'] * 1e3:9.2f} "
+        log(
+            f"{r['impl']:<20} {r['kv']:<9} {r['N']:>4} {r['ms'] * 1e3:9.2f} "
             f"{(format(dm, '.4f') if dm else '-'):>10} {(format(pct, '.1f') + '%' if pct else '-'):>12}  "
-            f"{r.get('decode_impl', '-')}")
+            f"{r.get('decode_impl', '-')}"
+        )
 
 
 def write_json(path: Path, payload: dict):
@@ -1256,7 +1657,7 @@ def config_dict(args, ctx=None):
         "rep_ms": args.rep,
         "repeat": args.repeat,
         "timer": "triton.testing.do_bench(return_mode='median'), L2 cleared before each call; "
-                 "ms = median over 'repeat' passes",
+        "ms = median over 'repeat' passes",
         "cuda_graph": args.cuda_graph,
         "store_num_warps": args.store_num_warps or "kernel default",
         "store_row_tokens": args.store_row_tokens,
@@ -1269,20 +1670,36 @@ def config_dict(args, ctx=None):
         "sglang_tq_decode_launch_table": decode_launch_file() or "packaged",
         "sglang_triton_max_kv_splits": args.triton_max_kv_splits,
         "sglang_triton_num_kv_splits": "SGLang get_num_kv_splits_triton (TritonAttnBackend.get_num_kv_splits)",
-        "fa3": {"kernel": "sgl_kernel.flash_attn.flash_attn_with_kvcache (SGLang fa3 backend, forward_decode)",
-                "page_size": 1, "page_table": "int32 [B, L] slot ids", "cu_seqlens_q": "arange(B+1)",
-                "max_seqlen_q": 1, "causal": True, "num_splits": 0,
-                "scheduler_metadata": "none" if args.fa3_no_scheduler_metadata else
-                "get_scheduler_metadata once per batch, outside the timed call",
-                "fp8": "q cast to float8_e4m3fn; " + ("k/v_descale ones [B, Hkv]" if args.fa3_descale
-                                                      else "no k/v_descale (checkpoint without KV scales)")},
-        "flashinfer": {"wrapper": "BatchDecodeWithPagedKVCacheWrapper", "kv_layout": "NHD", "backend": "fa2",
-                       "head_dims": sorted(args.fi_head_dims) if args.fi_head_dims else "all",
-                       "tensor_cores": args.flashinfer_tensor_cores, "workspace_bytes": FLASHINFER_WORKSPACE_BYTES},
+        "fa3": {
+            "kernel": "sgl_kernel.flash_attn.flash_attn_with_kvcache (SGLang fa3 backend, forward_decode)",
+            "page_size": 1,
+            "page_table": "int32 [B, L] slot ids",
+            "cu_seqlens_q": "arange(B+1)",
+            "max_seqlen_q": 1,
+            "causal": True,
+            "num_splits": 0,
+            "scheduler_metadata": "none"
+            if args.fa3_no_scheduler_metadata
+            else "get_scheduler_metadata once per batch, outside the timed call",
+            "fp8": "q cast to float8_e4m3fn; "
+            + (
+                "k/v_descale ones [B, Hkv]"
+                if args.fa3_descale
+                else "no k/v_descale (checkpoint without KV scales)"
+            ),
+        },
+        "flashinfer": {
+            "wrapper": "BatchDecodeWithPagedKVCacheWrapper",
+            "kv_layout": "NHD",
+            "backend": "fa2",
+            "head_dims": sorted(args.fi_head_dims) if args.fi_head_dims else "all",
+            "tensor_cores": args.flashinfer_tensor_cores,
+            "workspace_bytes": FLASHINFER_WORKSPACE_BYTES,
+        },
         "q_dtype": "bfloat16",
         "sm_scale": "1/sqrt(head_dim)",
         "data": "K, V, q ~ N(0,1) bf16 (fp8 baselines: the bf16 values cast to float8_e4m3fn; "
-                "sglang-tq: fresh N(0,1) bf16 K/V quantized by tq_store_kv)",
+        "sglang-tq: fresh N(0,1) bf16 K/V quantized by tq_store_kv)",
         "bytes_counted": BYTES_NOTE,
         "check_tolerance_rel": TOL,
         "seed": args.seed,
@@ -1302,13 +1719,17 @@ def dry_run(args):
     for B, L, D in args.shapes_list:
         S = B * L
         gib = S * args.num_kv_heads * 4 * D / 2**30
-        tri = sglang_num_kv_splits([L] * B, args.num_q_heads, args.num_kv_heads, args.triton_max_kv_splits, sm)[0]
+        tri = sglang_num_kv_splits(
+            [L] * B, args.num_q_heads, args.num_kv_heads, args.triton_max_kv_splits, sm
+        )[0]
         tq = tq_num_kv_splits(args, B, L, sm, D)
         per = {"bf16": 4 * D, "fp8": 2 * D}
         for name, kb, vb in args.kv_list:
             per[name] = code_bytes(D, kb) + code_bytes(D, vb) + 4
-        log(f"{B:>4} {L:>6} {D:>4} {gib:13.3f} {tq:>9} {tri:>10}  "
-            + " ".join(f"{k}={v}" for k, v in per.items()))
+        log(
+            f"{B:>4} {L:>6} {D:>4} {gib:13.3f} {tq:>9} {tri:>10}  "
+            + " ".join(f"{k}={v}" for k, v in per.items())
+        )
     log("\nbytes counted: " + BYTES_NOTE)
 
 
@@ -1347,14 +1768,24 @@ def main(argv=None):
         ctx.sm_count = ASSUMED_SM_COUNT
     torch.manual_seed(args.seed)
     prov = provenance()
-    log(f"GPU {prov['gpu']} ({ctx.sm_count} SMs), commit {prov['commit']}, "
-        f"cuda_graph={args.cuda_graph}, warmup/rep {args.warmup}/{args.rep} ms x{args.repeat}")
+    log(
+        f"GPU {prov['gpu']} ({ctx.sm_count} SMs), commit {prov['commit']}, "
+        f"cuda_graph={args.cuda_graph}, warmup/rep {args.warmup}/{args.rep} ms x{args.repeat}"
+    )
     try_import(ctx, args)
-    log(f"imports done in {time.perf_counter() - t_start:.1f} s; SGLang Triton use_pdl={ctx.use_pdl}")
+    log(
+        f"imports done in {time.perf_counter() - t_start:.1f} s; SGLang Triton use_pdl={ctx.use_pdl}"
+    )
 
     results, checks, write_rows, codecs = [], [], [], {}
-    payload = {**prov, "config": config_dict(args, ctx), "results": results, "write_path": write_rows,
-               "checks": checks, "import_errors": ctx.import_errors}
+    payload = {
+        **prov,
+        "config": config_dict(args, ctx),
+        "results": results,
+        "write_path": write_rows,
+        "checks": checks,
+        "import_errors": ctx.import_errors,
+    }
 
     # device copy roof: one large copy (2 GiB read + 2 GiB written)
     copy_roof = None
@@ -1368,27 +1799,33 @@ def main(argv=None):
         log(f"copy roof: 2 GiB D2D copy {t['ms']:.3f} ms = {copy_roof:.3f} TB/s (read+write)")
         src = dst = None
         torch.cuda.empty_cache()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log(f"[note] copy roof failed: {e!r}")
 
     seen_d = set()
     for i, (B, L, D) in enumerate(args.shapes_list):
         el = time.perf_counter() - t_start
         if args.time_budget_s and el > args.time_budget_s:
-            log(f"[skip] time budget {args.time_budget_s:.0f} s spent ({el:.0f} s): skipping {B}x{L}x{D}")
+            log(
+                f"[skip] time budget {args.time_budget_s:.0f} s spent ({el:.0f} s): skipping {B}x{L}x{D}"
+            )
             results.append({**row_base("*", "*", B, L, D, args), "error": "skipped: time budget"})
             continue
         do_check = args.check == "all" or (args.check == "first" and D not in seen_d)
         seen_d.add(D)
-        log(f"\n== shape {i + 1}/{len(args.shapes_list)}: B={B} L={L} head_dim={D} "
+        log(
+            f"\n== shape {i + 1}/{len(args.shapes_list)}: B={B} L={L} head_dim={D} "
             f"(Hq {args.num_q_heads}, Hkv {args.num_kv_heads}; bf16 KV "
-            f"{B * L * args.num_kv_heads * 4 * D / 2**30:.2f} GiB)  t={el:.0f} s")
+            f"{B * L * args.num_kv_heads * 4 * D / 2**30:.2f} GiB)  t={el:.0f} s"
+        )
         try:
             bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log(f"[error] shape {B}x{L}x{D}: {e!r}")
             log(traceback.format_exc())
-            results.append({**row_base("*", "*", B, L, D, args), "error": f"{type(e).__name__}: {e}"[:2000]})
+            results.append(
+                {**row_base("*", "*", B, L, D, args), "error": f"{type(e).__name__}: {e}"[:2000]}
+            )
             gc.collect()
             torch.cuda.empty_cache()
         add_derived(results, copy_roof)
@@ -1402,7 +1839,7 @@ def main(argv=None):
         else:
             try:
                 bench_write_path(ctx, args, codecs, write_rows)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log(f"[error] write path: {e!r}")
                 log(traceback.format_exc())
                 write_rows.append({"impl": "*", "error": f"{type(e).__name__}: {e}"[:2000]})
@@ -1418,8 +1855,10 @@ def main(argv=None):
     if failed:
         log("\n" + "!" * 78)
         for c in failed:
-            log(f"!!! CHECK FAILED: {c['label']} vs {c['against']}"
-                + (f": rel {c['rel_err']:.3e}" if "rel_err" in c else ""))
+            log(
+                f"!!! CHECK FAILED: {c['label']} vs {c['against']}"
+                + (f": rel {c['rel_err']:.3e}" if "rel_err" in c else "")
+            )
         log("!" * 78)
     log(f"\nwrote {args.out_path}  ({payload['elapsed_s']:.0f} s)")
     return 0

@@ -43,8 +43,9 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, bool]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shapes", default="1x6000,2x4096,1x2048+6000,64x200+4000s,16x512+4000s")
     ap.add_argument("--kv", default="k4v4,k3v3", help="comma list of bit pairs")
     ap.add_argument("--head-dim", type=int, default=128)
@@ -65,21 +66,21 @@ def main(argv=None) -> int:
     try:
         pairs = TQConfig.parse_bits_list(args.kv)
     except ValueError as e:
-        raise SystemExit(f"--kv: {e}")
+        raise SystemExit(f"--kv: {e}") from None
     if not torch.cuda.is_available():
         raise SystemExit("bench_extend.py times CUDA kernels; run it on the GPU host.")
-    from triton.testing import do_bench
-
-    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sgl_kernel.flash_attn import flash_attn_with_kvcache
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from triton.testing import do_bench
 
     from sglang_tq.format.codec import LayerCodec
     from sglang_tq.kernels.tq_extend import EXTEND_IMPLS, dedup_prefix, tq_extend
     from sglang_tq.kernels.tq_store import tq_store_kv
     from sglang_tq.provenance import provenance
+
     dev, dt = torch.device("cuda"), torch.bfloat16
     hq, hkv, d = args.num_q_heads, args.num_kv_heads, args.head_dim
-    scale = d ** -0.5
+    scale = d**-0.5
     rows = []
     print(f"{'shape':>16} {'impl':>12} {'ms':>8} {'x bf16-triton':>14} {'rel err':>9}")
     for bsz, ext, pre, shared in shapes:
@@ -97,14 +98,30 @@ def main(argv=None) -> int:
         kv_indices = own.repeat(bsz) if shared else own
         qo = torch.arange(bsz + 1, device=dev, dtype=torch.int32) * ext
         kv_indptr = torch.arange(bsz + 1, device=dev, dtype=torch.int32) * pre
-        chunk_slots = perm[prefix_slots_n: prefix_slots_n + t]
+        chunk_slots = perm[prefix_slots_n : prefix_slots_n + t]
         k_buf[chunk_slots], v_buf[chunk_slots] = k, v
         label = f"{bsz}x{ext}" + (f"+{pre}{'s' if shared else ''}" if pre else "")
         o_ref = torch.empty_like(q)
 
         def bf16_triton():
-            extend_attention_fwd(q, k, v, o_ref, k_buf, v_buf, qo, kv_indptr, kv_indices, None,
-                                 True, None, ext, 1.0, 1.0, scale)
+            extend_attention_fwd(
+                q,
+                k,
+                v,
+                o_ref,
+                k_buf,
+                v_buf,
+                qo,
+                kv_indptr,
+                kv_indices,
+                None,
+                True,
+                None,
+                ext,
+                1.0,
+                1.0,
+                scale,
+            )
 
         # bf16-fa3: the whole sequence (prefix + chunk) through a page table of the pool
         table = torch.zeros(bsz, pre + ext, dtype=torch.int32, device=dev)
@@ -115,9 +132,18 @@ def main(argv=None) -> int:
         o_fa = torch.empty_like(q)
 
         def bf16_fa3():
-            flash_attn_with_kvcache(q, k_buf.unsqueeze(1), v_buf.unsqueeze(1), page_table=table,
-                                    cache_seqlens=lens, cu_seqlens_q=qo, max_seqlen_q=ext,
-                                    softmax_scale=scale, causal=True, out=o_fa)
+            flash_attn_with_kvcache(
+                q,
+                k_buf.unsqueeze(1),
+                v_buf.unsqueeze(1),
+                page_table=table,
+                cache_seqlens=lens,
+                cu_seqlens_q=qo,
+                max_seqlen_q=ext,
+                softmax_scale=scale,
+                causal=True,
+                out=o_fa,
+            )
 
         base = None
         cases = [("bf16-triton", bf16_triton, lambda: o_ref), ("bf16-fa3", bf16_fa3, lambda: o_fa)]
@@ -130,9 +156,23 @@ def main(argv=None) -> int:
                 o_tq = torch.empty_like(q)
 
                 def run(impl=impl, bufs=bufs, codec=codec, o_tq=o_tq, dd=dd):
-                    tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, scale,
-                              max_extend_len=ext, num_prefix_tokens=bsz * pre, prefix_dedup=dd,
-                              out=o_tq, impl=impl, max_kv_len=pre + ext)
+                    tq_extend(
+                        q,
+                        k,
+                        v,
+                        *bufs,
+                        qo,
+                        kv_indptr,
+                        kv_indices,
+                        codec,
+                        scale,
+                        max_extend_len=ext,
+                        num_prefix_tokens=bsz * pre,
+                        prefix_dedup=dd,
+                        out=o_tq,
+                        impl=impl,
+                        max_kv_len=pre + ext,
+                    )
 
                 cases.append((f"{kv}-{impl}", run, lambda o=o_tq: o))
         for name, fn, out in cases:
@@ -142,12 +182,28 @@ def main(argv=None) -> int:
             base = base or ms
             o_ref_now = o_ref.float()
             err = ((out().float() - o_ref_now).norm() / o_ref_now.norm()).item()
-            rows.append(dict(shape=label, batch=bsz, extend=ext, prefix=pre, shared=shared,
-                             impl=name, ms=ms, vs_bf16_triton=base / ms, rel_err_vs_bf16=err))
+            rows.append(
+                dict(
+                    shape=label,
+                    batch=bsz,
+                    extend=ext,
+                    prefix=pre,
+                    shared=shared,
+                    impl=name,
+                    ms=ms,
+                    vs_bf16_triton=base / ms,
+                    rel_err_vs_bf16=err,
+                )
+            )
             print(f"{label:>16} {name:>12} {ms:8.3f} {base / ms:14.2f} {err:9.4f}", flush=True)
     if args.out:
-        payload = {**provenance(), "tool": "scripts/bench_extend.py", "argv": sys.argv[1:],
-                   "config": dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d), "rows": rows}
+        payload = {
+            **provenance(),
+            "tool": "scripts/bench_extend.py",
+            "argv": sys.argv[1:],
+            "config": dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d),
+            "rows": rows,
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.out}")

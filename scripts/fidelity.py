@@ -146,8 +146,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------- configs
-COMMON_SERVER_ARGS = ("--skip-tokenizer-init --mem-fraction-static 0.5 "
-                      "--cuda-graph-max-bs-decode 32 --disable-prefill-cuda-graph --random-seed 0")
+COMMON_SERVER_ARGS = (
+    "--skip-tokenizer-init --mem-fraction-static 0.5 "
+    "--cuda-graph-max-bs-decode 32 --disable-prefill-cuda-graph --random-seed 0"
+)
 
 # The bf16 server that scores every config (the teacher) and whose own greedy generation
 # is the noise-floor row; a label of sglang_tq.bench.configs that keeps bf16 KV.
@@ -167,20 +169,25 @@ def parse_config_specs(specs: list[str], error) -> dict[str, list[str]]:
     return custom
 
 
-def add_centered_configs(names: list[str], custom: dict[str, list[str]], key_centers: str | None,
-                         error) -> None:
+def add_centered_configs(
+    names: list[str], custom: dict[str, list[str]], key_centers: str | None, error
+) -> None:
     """Define each ``<config>-c`` name (keys quantized around the model's key centers) as
     ``<config>``'s flags plus ``--kv-quant-key-centers FILE``; ``error`` (argparse's) if no
     centers file was given or ``<config>`` is not a TurboQuant config with default centers."""
     for name in names:
         if name.endswith("-c") and name not in custom:
             if not key_centers:
-                error(f"config {name!r} (centered keys) needs --key-centers FILE, made by "
-                      "python -m sglang_tq.tools.key_centers for this model")
+                error(
+                    f"config {name!r} (centered keys) needs --key-centers FILE, made by "
+                    "python -m sglang_tq.tools.key_centers for this model"
+                )
             base = config_flags(name[:-2], custom)
             if "--kv-quant" not in base or "--kv-quant-key-centers" in base:
-                error(f"config {name!r}: -c adds key centers to a TurboQuant config with default "
-                      "centers (e.g. k4v4-c, k4v4-pp-c); drop the -c or the -nc")
+                error(
+                    f"config {name!r}: -c adds key centers to a TurboQuant config with default "
+                    "centers (e.g. k4v4-c, k4v4-pp-c); drop the -c or the -nc"
+                )
             custom[name] = [*base, "--kv-quant-key-centers", key_centers]
 
 
@@ -196,7 +203,7 @@ def config_flags(name: str, custom: dict[str, list[str]] | None = None) -> list[
     """
     if custom and name in custom:
         return list(custom[name])
-    from sglang_tq.bench.configs import kv_server_flags  # noqa: PLC0415  (sglang_tq imports torch)
+    from sglang_tq.bench.configs import kv_server_flags
 
     try:
         return kv_server_flags(name)
@@ -210,10 +217,12 @@ def config_flags(name: str, custom: dict[str, list[str]] | None = None) -> list[
             flags = []
         if "--kv-quant" in flags and "--kv-quant-packed-prefill" not in flags:
             return [*flags, "--kv-quant-packed-prefill"]
-    raise ValueError(f"unknown config {name!r}: use a label of sglang_tq.bench.configs (bf16, fp8, "
-                     "bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY such as k4v4, kXvY-nc), a "
-                     "TurboQuant label plus -pp or -c (with --key-centers), or define it with "
-                     "--config NAME='flags'")
+    raise ValueError(
+        f"unknown config {name!r}: use a label of sglang_tq.bench.configs (bf16, fp8, "
+        "bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY such as k4v4, kXvY-nc), a "
+        "TurboQuant label plus -pp or -c (with --key-centers), or define it with "
+        "--config NAME='flags'"
+    )
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -361,8 +370,9 @@ def top1_agreement(tokens, ref_ids: np.ndarray) -> np.ndarray:
     return tokens == ref_ids[:, 0]
 
 
-def kl_topk(p_ids: np.ndarray, p_lps: np.ndarray, q_ids: np.ndarray, q_lps: np.ndarray,
-            floor: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+def kl_topk(
+    p_ids: np.ndarray, p_lps: np.ndarray, q_ids: np.ndarray, q_lps: np.ndarray, floor: float = 1e-10
+) -> tuple[np.ndarray, np.ndarray]:
     """KL(P || Q) per position from top-K lists, over P's top-K tokens + one rest bucket.
 
     Returns (kl [n], imputed [n] = number of P's top-K tokens absent from Q's top-K).
@@ -370,26 +380,32 @@ def kl_topk(p_ids: np.ndarray, p_lps: np.ndarray, q_ids: np.ndarray, q_lps: np.n
     """
     p_ids = np.asarray(p_ids, dtype=np.int64)
     q_ids = np.asarray(q_ids, dtype=np.int64)
-    p = np.exp(np.asarray(p_lps, dtype=np.float64))           # [n, K]; padding -> 0
-    q = np.exp(np.asarray(q_lps, dtype=np.float64))           # [n, Kq]
+    p = np.exp(np.asarray(p_lps, dtype=np.float64))  # [n, K]; padding -> 0
+    q = np.exp(np.asarray(q_lps, dtype=np.float64))  # [n, Kq]
     p_valid = p > 0
     q_valid = q > 0
     match = (p_ids[:, :, None] == q_ids[:, None, :]) & p_valid[:, :, None] & q_valid[:, None, :]
-    found = match.any(-1)                                      # [n, K]
-    q_at_p = (match * q[:, None, :]).sum(-1)                   # exact where found
-    q_rest_listed = np.clip(1.0 - q.sum(-1), 0.0, 1.0)         # Q mass beyond its top-K
-    q_min = np.where(q_valid, q, np.inf).min(-1)               # Q's K-th probability
+    found = match.any(-1)  # [n, K]
+    q_at_p = (match * q[:, None, :]).sum(-1)  # exact where found
+    q_rest_listed = np.clip(1.0 - q.sum(-1), 0.0, 1.0)  # Q mass beyond its top-K
+    q_min = np.where(q_valid, q, np.inf).min(-1)  # Q's K-th probability
     q_min = np.where(np.isfinite(q_min), q_min, 1.0)
-    missing = (p_valid & ~found).sum(-1)                       # [n]
+    missing = (p_valid & ~found).sum(-1)  # [n]
     share = q_rest_listed / np.maximum(missing, 1)
-    impute = np.maximum(np.minimum(q_min, share), floor)       # [n]
+    impute = np.maximum(np.minimum(q_min, share), floor)  # [n]
     q_b = np.where(found, q_at_p, impute[:, None])
     q_b = np.where(p_valid, np.maximum(q_b, floor), 0.0)
     p_rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
     q_rest = np.maximum(1.0 - q_b.sum(-1), floor)
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p_valid, p * (np.log(np.where(p_valid, p, 1.0)) - np.log(np.where(p_valid, q_b, 1.0))), 0.0)
-        rest = np.where(p_rest > 0, p_rest * (np.log(np.where(p_rest > 0, p_rest, 1.0)) - np.log(q_rest)), 0.0)
+        terms = np.where(
+            p_valid,
+            p * (np.log(np.where(p_valid, p, 1.0)) - np.log(np.where(p_valid, q_b, 1.0))),
+            0.0,
+        )
+        rest = np.where(
+            p_rest > 0, p_rest * (np.log(np.where(p_rest > 0, p_rest, 1.0)) - np.log(q_rest)), 0.0
+        )
     return terms.sum(-1) + rest, missing
 
 
@@ -403,11 +419,17 @@ def bin_positions(per_prompt: list, bin_size: int) -> list[dict]:
     n = max((len(a) for a in per_prompt), default=0)
     out = []
     for start in range(0, n, bin_size):
-        vals = [np.asarray(a, dtype=np.float64)[start:start + bin_size] for a in per_prompt]
+        vals = [np.asarray(a, dtype=np.float64)[start : start + bin_size] for a in per_prompt]
         vals = np.concatenate(vals) if vals else np.zeros(0)
         vals = vals[~np.isnan(vals)]
-        out.append({"start": start, "end": min(start + bin_size, n), "count": int(vals.size),
-                    "mean": float(vals.mean()) if vals.size else None})
+        out.append(
+            {
+                "start": start,
+                "end": min(start + bin_size, n),
+                "count": int(vals.size),
+                "mean": float(vals.mean()) if vals.size else None,
+            }
+        )
     return out
 
 
@@ -442,23 +464,32 @@ def trend(per_prompt: list, n_boot: int = 2000, seed: int = 0, per: float = 1000
     stats = np.zeros((len(arrays), 5))
     for i, a in enumerate(arrays):
         ok = ~np.isnan(a)
-        has[:a.size] |= ok
+        has[: a.size] |= ok
         x, y = np.flatnonzero(ok) / per, a[ok]
         stats[i] = (x.size, x.sum(), y.sum(), (x * x).sum(), (x * y).sum())
     if has.sum() < 2:
-        raise ValueError(f"trend needs at least 2 positions with data, got {int(has.sum())}: "
-                         "generate more tokens per prompt")
+        raise ValueError(
+            f"trend needs at least 2 positions with data, got {int(has.sum())}: "
+            "generate more tokens per prompt"
+        )
     n_pos = int(np.flatnonzero(has)[-1]) + 1
     vals = np.concatenate([a[~np.isnan(a)] for a in arrays])
     q = max(1, n_pos // 4)
     first = np.concatenate([a[:q] for a in arrays])
-    last = np.concatenate([a[n_pos - q:n_pos] for a in arrays])
+    last = np.concatenate([a[n_pos - q : n_pos] for a in arrays])
     first_m = float(np.nanmean(first)) if np.any(~np.isnan(first)) else None
     last_m = float(np.nanmean(last)) if np.any(~np.isnan(last)) else None
-    out = {"mean": float(vals.mean()), "prompts": len(arrays), "positions": n_pos,
-           "first_quarter": first_m, "last_quarter": last_m,
-           "ratio": last_m / first_m if first_m and last_m is not None else None,
-           "quarter_len": q, "n_boot": n_boot, "seed": seed}
+    out = {
+        "mean": float(vals.mean()),
+        "prompts": len(arrays),
+        "positions": n_pos,
+        "first_quarter": first_m,
+        "last_quarter": last_m,
+        "ratio": last_m / first_m if first_m and last_m is not None else None,
+        "quarter_len": q,
+        "n_boot": n_boot,
+        "seed": seed,
+    }
     notes = []
     if len(arrays) == 1:
         notes.append("one prompt: no bootstrap over prompts, no interval")
@@ -478,7 +509,7 @@ def trend(per_prompt: list, n_boot: int = 2000, seed: int = 0, per: float = 1000
             np.add.at(counts, (np.repeat(np.arange(n_boot), len(arrays)), idx.ravel()), 1.0)
             boot = counts @ stats
             b, den = _ols(boot)
-            good = den > 1e-12 * boot[:, 0] * boot[:, 3]      # >= 2 distinct positions
+            good = den > 1e-12 * boot[:, 0] * boot[:, 3]  # >= 2 distinct positions
             if not good.all():
                 notes.append(f"{n_boot - int(good.sum())} resamples with one position skipped")
             if good.any():
@@ -527,10 +558,14 @@ def first_divergence(a, b) -> int | None:
 
 def summarize_divergence(firsts: list, length: int) -> dict:
     div = [f for f in firsts if f is not None]
-    return {"identical": len(firsts) - len(div), "diverged": len(div),
-            "median": float(np.median(div)) if div else None,
-            "min": int(min(div)) if div else None, "max": int(max(div)) if div else None,
-            "of_length": length}
+    return {
+        "identical": len(firsts) - len(div),
+        "diverged": len(div),
+        "median": float(np.median(div)) if div else None,
+        "min": int(min(div)) if div else None,
+        "max": int(max(div)) if div else None,
+        "of_length": length,
+    }
 
 
 def score_config(gen: dict, score: dict, ref_tokens: list | None, bin_size: int) -> dict:
@@ -557,10 +592,15 @@ def score_config(gen: dict, score: dict, ref_tokens: list | None, bin_size: int)
         imp_all.append(imp > 0)
         fd = first_divergence(toks, ref_tokens[i]) if ref_tokens is not None else None
         firsts.append(fd)
-        per_prompt.append({"first_divergence": fd, "top1": float(t1.mean()),
-                           "kl_mean": float(kl.mean()),
-                           "kl": [round(float(x), 6) for x in kl],
-                           "top1_miss": [int(j) for j in np.flatnonzero(~t1)]})
+        per_prompt.append(
+            {
+                "first_divergence": fd,
+                "top1": float(t1.mean()),
+                "kl_mean": float(kl.mean()),
+                "kl": [round(float(x), 6) for x in kl],
+                "top1_miss": [int(j) for j in np.flatnonzero(~t1)],
+            }
+        )
     cat = np.concatenate
     kl_c = cat(kl_all)
     summary = {
@@ -575,10 +615,16 @@ def score_config(gen: dict, score: dict, ref_tokens: list | None, bin_size: int)
         "bf16_nll_mean": float(cat(nll_all).mean()),
     }
     if ref_tokens is not None:
-        summary["first_divergence"] = summarize_divergence(firsts, max(len(t) for t in gen["tokens"]))
+        summary["first_divergence"] = summarize_divergence(
+            firsts, max(len(t) for t in gen["tokens"])
+        )
     curve = {"kl": bin_positions(kl_all, bin_size), "top1": bin_positions(top1_all, bin_size)}
-    return {"summary": summary, "curve": curve, "trend": trends(kl_all, top1_all),
-            "per_prompt": per_prompt}
+    return {
+        "summary": summary,
+        "curve": curve,
+        "trend": trends(kl_all, top1_all),
+        "per_prompt": per_prompt,
+    }
 
 
 # ----------------------------------------------------------------------------- reply parsing
@@ -590,8 +636,10 @@ def parse_generation(item: dict, max_new_tokens: int) -> dict:
     if "output_ids" in item and list(item["output_ids"]) != tokens:
         raise RuntimeError("output_ids and output_token_logprobs disagree")
     if len(tokens) != max_new_tokens:
-        raise RuntimeError(f"generated {len(tokens)} tokens, expected {max_new_tokens} "
-                           f"(finish_reason {meta.get('finish_reason')})")
+        raise RuntimeError(
+            f"generated {len(tokens)} tokens, expected {max_new_tokens} "
+            f"(finish_reason {meta.get('finish_reason')})"
+        )
     top = meta["output_top_logprobs"]
     if len(top) != len(tokens):
         raise RuntimeError(f"{len(top)} top-logprob rows for {len(tokens)} tokens")
@@ -606,15 +654,19 @@ def parse_scoring(item: dict, prompt_len: int, gen_tokens: list) -> dict:
     n = len(gen_tokens)
     # entry 0 is token prompt[-1] (no logprob), entry 1 + i is gen_tokens[i]
     if len(itl) != n + 1 or len(itop) != n + 1:
-        raise RuntimeError(f"scoring returned {len(itl)} / {len(itop)} input logprob rows, "
-                           f"expected {n + 1} (prompt_len {prompt_len}); logprob_start_len "
-                           "semantics changed?")
+        raise RuntimeError(
+            f"scoring returned {len(itl)} / {len(itop)} input logprob rows, "
+            f"expected {n + 1} (prompt_len {prompt_len}); logprob_start_len "
+            "semantics changed?"
+        )
     ids = [int(e[1]) for e in itl[1:]]
     if ids != [int(t) for t in gen_tokens]:
         bad = first_divergence(ids, gen_tokens)
-        raise RuntimeError(f"scoring rows are not aligned with the generated tokens (first "
-                           f"mismatch at {bad}): input_token_logprobs ids {ids[:8]}..., "
-                           f"tokens {list(gen_tokens[:8])}...")
+        raise RuntimeError(
+            f"scoring rows are not aligned with the generated tokens (first "
+            f"mismatch at {bad}): input_token_logprobs ids {ids[:8]}..., "
+            f"tokens {list(gen_tokens[:8])}..."
+        )
     lps = [float(e[0]) for e in itl[1:]]
     top = itop[1:]
     check_alignment(gen_tokens, lps, top)
@@ -630,8 +682,9 @@ def check_alignment(tokens, token_lps, top, tol: float = 2e-3) -> int:
             if int(e[1]) == int(t):
                 checked += 1
                 if abs(float(e[0]) - lp) > tol:
-                    raise RuntimeError(f"token {t}: logprob {lp} but top-K says {e[0]}: rows "
-                                       "misaligned")
+                    raise RuntimeError(
+                        f"token {t}: logprob {lp} but top-K says {e[0]}: rows misaligned"
+                    )
                 break
     if tokens and checked == 0:
         raise RuntimeError("no generated token appears in any top-K row: rows misaligned")
@@ -659,24 +712,29 @@ def compare_logprobs(tokens, sg_lps, sg_top, ref_logprobs: np.ndarray) -> dict:
     top1 = s_ids[:, 0] == r_ids[:, 0]
     # near-ties of the reference are not disagreements worth reporting
     margin = r_lps[:, 0] - r_lps[:, 1] if k > 1 else np.full(n - 1, np.inf)
-    return {"positions": int(n - 1), "max_abs_dlogp": float(diff.max()),
-            "mean_abs_dlogp": float(diff.mean()), "p99_abs_dlogp": float(np.quantile(diff, 0.99)),
-            "top1_agreement": float(top1.mean()),
-            "top1_disagree_margin_gt_0.1": int((~top1 & (margin > 0.1)).sum()),
-            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+    return {
+        "positions": int(n - 1),
+        "max_abs_dlogp": float(diff.max()),
+        "mean_abs_dlogp": float(diff.mean()),
+        "p99_abs_dlogp": float(np.quantile(diff, 0.99)),
+        "top1_agreement": float(top1.mean()),
+        "top1_disagree_margin_gt_0.1": int((~top1 & (margin > 0.1)).sum()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+    }
 
 
 # ----------------------------------------------------------------------------- server side
 def _server_module():
     sys.path.insert(0, str(HERE))
-    import _server  # noqa: PLC0415
+    import _server
 
     return _server
 
 
 def build_prompts(model_path: str, n: int, texts: list[str] | None = None) -> list[list[int]]:
     """The first ``n`` of ``texts`` (default PROMPTS) as chat-template token ids."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer
 
     texts = PROMPTS if texts is None else texts
     if n > len(texts):
@@ -728,42 +786,70 @@ def _save(path: Path, data: dict) -> None:
 def generate(srv, prompts, max_new_tokens: int, top_k: int, ignore_eos: bool) -> dict:
     srv_mod = _server_module()
     t0 = time.time()
-    reply = srv_mod.post(srv.base + "/generate", {
-        "input_ids": prompts,
-        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
-                            "ignore_eos": ignore_eos},
-        "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": top_k,
-    }, timeout=1200)
+    reply = srv_mod.post(
+        srv.base + "/generate",
+        {
+            "input_ids": prompts,
+            "sampling_params": {
+                "max_new_tokens": max_new_tokens,
+                "temperature": 0.0,
+                "ignore_eos": ignore_eos,
+            },
+            "return_logprob": True,
+            "logprob_start_len": -1,
+            "top_logprobs_num": top_k,
+        },
+        timeout=1200,
+    )
     if isinstance(reply, dict):
         reply = [reply]
     items = [parse_generation(r, max_new_tokens) for r in reply]
-    return {"tokens": [g["tokens"] for g in items], "token_lps": [g["token_lps"] for g in items],
-            "top": [g["top"] for g in items], "seconds": round(time.time() - t0, 2)}
+    return {
+        "tokens": [g["tokens"] for g in items],
+        "token_lps": [g["token_lps"] for g in items],
+        "top": [g["top"] for g in items],
+        "seconds": round(time.time() - t0, 2),
+    }
 
 
 def score(srv, prompts, gen_tokens, top_k: int) -> dict:
     srv_mod = _server_module()
     t0 = time.time()
     seqs = [list(p) + list(g) for p, g in zip(prompts, gen_tokens)]
-    reply = srv_mod.post(srv.base + "/generate", {
-        "input_ids": seqs,
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
-        "return_logprob": True, "logprob_start_len": [len(p) - 1 for p in prompts],
-        "top_logprobs_num": top_k,
-    }, timeout=1200)
+    reply = srv_mod.post(
+        srv.base + "/generate",
+        {
+            "input_ids": seqs,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+            "return_logprob": True,
+            "logprob_start_len": [len(p) - 1 for p in prompts],
+            "top_logprobs_num": top_k,
+        },
+        timeout=1200,
+    )
     if isinstance(reply, dict):
         reply = [reply]
     items = [parse_scoring(r, len(p), g) for r, p, g in zip(reply, prompts, gen_tokens)]
-    return {"token_lps": [s["token_lps"] for s in items], "top": [s["top"] for s in items],
-            "seconds": round(time.time() - t0, 2)}
+    return {
+        "token_lps": [s["token_lps"] for s in items],
+        "top": [s["top"] for s in items],
+        "seconds": round(time.time() - t0, 2),
+    }
 
 
 def prompt_logprobs(srv, seqs, top_k: int) -> list[dict]:
     srv_mod = _server_module()
-    reply = srv_mod.post(srv.base + "/generate", {
-        "input_ids": seqs, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
-        "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": top_k,
-    }, timeout=1200)
+    reply = srv_mod.post(
+        srv.base + "/generate",
+        {
+            "input_ids": seqs,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": top_k,
+        },
+        timeout=1200,
+    )
     if isinstance(reply, dict):
         reply = [reply]
     out = []
@@ -778,14 +864,19 @@ def prompt_logprobs(srv, seqs, top_k: int) -> list[dict]:
 
 def hf_reference(model_path: str, seqs, dtypes: list[str], device: str | None) -> dict:
     """Full log-softmax of the HF model at every position, per dtype (float32 numpy)."""
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+    import torch
+    from transformers import AutoModelForCausalLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for name in dtypes:
-        dt = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-              "fp32": torch.float32, "float16": torch.float16}[name]
+        dt = {
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "float16": torch.float16,
+        }[name]
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dt).to(device).eval()
         res = []
         with torch.no_grad():
@@ -808,7 +899,10 @@ def print_table(results: dict) -> None:
         if "summary" not in r:
             rows.append((name, "ERROR", "", "", "", "", ""))
             lines = [x for x in r.get("error", "?").splitlines() if x.strip()] or ["?"]
-            errors.append(f"  {name}: {lines[0][:200]}" + (f" ... {lines[-1][:200]}" if len(lines) > 1 else ""))
+            errors.append(
+                f"  {name}: {lines[0][:200]}"
+                + (f" ... {lines[-1][:200]}" if len(lines) > 1 else "")
+            )
             continue
         s = r["summary"]
         fd = s.get("first_divergence") or {}
@@ -817,11 +911,21 @@ def print_table(results: dict) -> None:
         elif not fd["diverged"]:
             fdt = f"identical in all {fd['identical']}"
         else:
-            fdt = (f"{fd['identical']} identical; {fd['diverged']} diverge at "
-                   f"{fd['min']}..{fd['max']} (median {fd['median']:.0f})")
-        rows.append((name, f"{100 * s['top1_agreement']:.2f}%", f"{s['kl_mean']:.5f}",
-                     f"{s['kl_p99']:.4f}", f"{s['abs_dlogp_mean']:.4f}",
-                     f"{100 * s['kl_imputed_frac']:.1f}%", fdt))
+            fdt = (
+                f"{fd['identical']} identical; {fd['diverged']} diverge at "
+                f"{fd['min']}..{fd['max']} (median {fd['median']:.0f})"
+            )
+        rows.append(
+            (
+                name,
+                f"{100 * s['top1_agreement']:.2f}%",
+                f"{s['kl_mean']:.5f}",
+                f"{s['kl_p99']:.4f}",
+                f"{s['abs_dlogp_mean']:.4f}",
+                f"{100 * s['kl_imputed_frac']:.1f}%",
+                fdt,
+            )
+        )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -845,8 +949,9 @@ def print_curves(results: dict) -> None:
             vals = []
             for n in names:
                 c = results[n]["curve"][key]
-                vals.append(fmt.format(c[b]["mean"]) if b < len(c) and c[b]["mean"] is not None
-                            else " " * 9)
+                vals.append(
+                    fmt.format(c[b]["mean"]) if b < len(c) and c[b]["mean"] is not None else " " * 9
+                )
             print(f"  {bins[b]['start']:5d}-{bins[b]['end']:<5d} " + "  ".join(vals))
     print_trends(results)
 
@@ -872,24 +977,48 @@ def print_trends(results: dict) -> None:
     names = [n for n, r in results.items() if r.get("trend")]
     if not names:
         return
-    rows = [("config", "KL slope/1k tok [95% CI]", "KL q1", "KL q4", "q4/q1",
-             "disagree slope/1k [95% CI]", "dis q1", "dis q4", "q4/q1", "past EOS")]
+    rows = [
+        (
+            "config",
+            "KL slope/1k tok [95% CI]",
+            "KL q1",
+            "KL q4",
+            "q4/q1",
+            "disagree slope/1k [95% CI]",
+            "dis q1",
+            "dis q4",
+            "q4/q1",
+            "past EOS",
+        )
+    ]
     for n in names:
         t = results[n]["trend"]
         eos = results[n].get("summary", {}).get("past_eos_frac")
-        rows.append((n, *_fmt_trend(t.get("kl")), *_fmt_trend(t.get("disagreement")),
-                     f"{eos:.0%}" if eos is not None else "-"))
+        rows.append(
+            (
+                n,
+                *_fmt_trend(t.get("kl")),
+                *_fmt_trend(t.get("disagreement")),
+                f"{eos:.0%}" if eos is not None else "-",
+            )
+        )
     any_t = next(iter(results[names[0]]["trend"].values()))
-    print(f"\ntrend over generated positions (least squares over prompts x positions; 95% CI: "
-          f"{any_t.get('n_boot', '?')} bootstrap resamples of prompts; q1 / q4: first / last "
-          f"quarter of the positions):")
+    print(
+        f"\ntrend over generated positions (least squares over prompts x positions; 95% CI: "
+        f"{any_t.get('n_boot', '?')} bootstrap resamples of prompts; q1 / q4: first / last "
+        f"quarter of the positions):"
+    )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
         print("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
         if j == 0:
             print("  " + "  ".join("-" * w for w in widths))
-    notes = {f"{n} {k}: {v['note']}" for n in names for k, v in results[n]["trend"].items()
-             if isinstance(v, dict) and v.get("note")}
+    notes = {
+        f"{n} {k}: {v['note']}"
+        for n in names
+        for k, v in results[n]["trend"].items()
+        if isinstance(v, dict) and v.get("note")
+    }
     for line in sorted(notes):
         print(f"  note: {line}")
 
@@ -899,8 +1028,10 @@ def apply_preset(args, error) -> list[str]:
     """Fill in --max-new-tokens and --bin-size (256 / 32, or 1024 / 64 with --long) and
     return the prompt texts; ``error`` (argparse's) for --long with fewer than 1024 tokens."""
     if args.long and args.max_new_tokens is not None and args.max_new_tokens < LONG_MIN_TOKENS:
-        error(f"--long measures at least {LONG_MIN_TOKENS} generated tokens: give "
-              f"--max-new-tokens >= {LONG_MIN_TOKENS} or drop --long")
+        error(
+            f"--long measures at least {LONG_MIN_TOKENS} generated tokens: give "
+            f"--max-new-tokens >= {LONG_MIN_TOKENS} or drop --long"
+        )
     if args.max_new_tokens is None:
         args.max_new_tokens = LONG_MIN_TOKENS if args.long else 256
     if args.bin_size is None:
@@ -911,43 +1042,79 @@ def apply_preset(args, error) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
-    ap.add_argument("--model-path", required=True, help="bf16 HF folder (config, tokenizer, weights)")
-    ap.add_argument("--configs", default="fp8,k4v4,k3v3",
-                    help="comma list of configs under test: labels of sglang_tq.bench.configs "
-                         "(bf16, fp8, bf16-triton, fp8-triton, kXvY, kXvY-nc), a TurboQuant "
-                         "label plus -pp and/or -c, or names given with --config; the teacher "
-                         "(--teacher) always runs and is left out here; '' for none")
-    ap.add_argument("--teacher", default=DEFAULT_TEACHER, choices=TEACHER_LABELS,
-                    help=f"the bf16 server that scores every config (default {DEFAULT_TEACHER}: "
-                         "bf16 KV on SGLang's Triton backend)")
-    ap.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
-                    help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
-                         "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'")
-    ap.add_argument("--key-centers", default=None, metavar="FILE",
-                    help="key centers file (python -m sglang_tq.tools.key_centers) for configs named <config>-c, "
-                         "e.g. k4v4-c")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    ap.add_argument(
+        "--model-path", required=True, help="bf16 HF folder (config, tokenizer, weights)"
+    )
+    ap.add_argument(
+        "--configs",
+        default="fp8,k4v4,k3v3",
+        help="comma list of configs under test: labels of sglang_tq.bench.configs "
+        "(bf16, fp8, bf16-triton, fp8-triton, kXvY, kXvY-nc), a TurboQuant "
+        "label plus -pp and/or -c, or names given with --config; the teacher "
+        "(--teacher) always runs and is left out here; '' for none",
+    )
+    ap.add_argument(
+        "--teacher",
+        default=DEFAULT_TEACHER,
+        choices=TEACHER_LABELS,
+        help=f"the bf16 server that scores every config (default {DEFAULT_TEACHER}: "
+        "bf16 KV on SGLang's Triton backend)",
+    )
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
+        "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'",
+    )
+    ap.add_argument(
+        "--key-centers",
+        default=None,
+        metavar="FILE",
+        help="key centers file (python -m sglang_tq.tools.key_centers) for configs named <config>-c, "
+        "e.g. k4v4-c",
+    )
     ap.add_argument("--num-prompts", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=None,
-                    help=f"default 256; {LONG_MIN_TOKENS} with --long, which refuses fewer")
+    ap.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default 256; {LONG_MIN_TOKENS} with --long, which refuses fewer",
+    )
     ap.add_argument("--top-k", type=int, default=20, help="top_logprobs_num (default 20)")
     ap.add_argument("--bin-size", type=int, default=None, help="default 32; 64 with --long")
-    ap.add_argument("--long", action="store_true",
-                    help=f"long-generation preset: LONG_PROMPTS, >= {LONG_MIN_TOKENS} new tokens "
-                         f"(default {LONG_MIN_TOKENS}), bins of 64 positions")
-    ap.add_argument("--common-server-args", default=COMMON_SERVER_ARGS,
-                    help=f"flags of every server (default: {COMMON_SERVER_ARGS!r})")
+    ap.add_argument(
+        "--long",
+        action="store_true",
+        help=f"long-generation preset: LONG_PROMPTS, >= {LONG_MIN_TOKENS} new tokens "
+        f"(default {LONG_MIN_TOKENS}), bins of 64 positions",
+    )
+    ap.add_argument(
+        "--common-server-args",
+        default=COMMON_SERVER_ARGS,
+        help=f"flags of every server (default: {COMMON_SERVER_ARGS!r})",
+    )
     ap.add_argument("--server-args", default="", help="extra flags appended for every server")
     ap.add_argument("--startup-timeout", type=float, default=420)
-    ap.add_argument("--check-hf", action="store_true",
-                    help="also compare SGLang bf16 prompt logprobs with the HF model")
+    ap.add_argument(
+        "--check-hf",
+        action="store_true",
+        help="also compare SGLang bf16 prompt logprobs with the HF model",
+    )
     ap.add_argument("--hf-prompts", type=int, default=4)
     ap.add_argument("--hf-dtypes", default="bfloat16,float32")
     ap.add_argument("--hf-device", default=None, help="default: cuda if available")
-    ap.add_argument("--work-dir", default=None,
-                    help="raw generations/scores, server logs (default /tmp/fidelity/<model>)")
+    ap.add_argument(
+        "--work-dir",
+        default=None,
+        help="raw generations/scores, server logs (default /tmp/fidelity/<model>)",
+    )
     ap.add_argument("--log-dir", default=None, help="server logs (default: the work dir)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached work files")
     ap.add_argument("--out", default="fidelity.json")
@@ -964,7 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in [ref, *under_test]:
         try:
             if c not in custom and c.endswith("-b"):  # boundary layers: count the model's
-                from sglang_tq.bench.configs import kv_server_flags  # noqa: PLC0415
+                from sglang_tq.bench.configs import kv_server_flags
+
                 custom[c] = kv_server_flags(c, args.model_path)
             config_flags(c, custom)  # fail early on unknown names
         except ValueError as exc:
@@ -972,12 +1140,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # `timeout` sends SIGTERM: turn it into an exception so that the `with Server` blocks
     # stop their servers (they run in their own sessions and would outlive us otherwise)
-    def _on_term(signum, frame):  # noqa: ARG001
+    def _on_term(signum, frame):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _on_term)
 
-    from sglang_tq.provenance import provenance  # noqa: PLC0415  (imports torch)
+    from sglang_tq.provenance import provenance
 
     srv_mod = _server_module()
     model_path = str(Path(args.model_path).resolve())
@@ -990,26 +1158,45 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     prompts = build_prompts(model_path, args.num_prompts, texts)
-    print(f"{len(prompts)} prompts, {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
-          f"{args.max_new_tokens} new tokens each, top-{args.top_k}", flush=True)
-    gen_settings = {"prompts": prompts, "max_new_tokens": args.max_new_tokens,
-                    "top_k": args.top_k, "ignore_eos": ignore_eos, "common": common,
-                    "model": model_path}
+    print(
+        f"{len(prompts)} prompts, {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
+        f"{args.max_new_tokens} new tokens each, top-{args.top_k}",
+        flush=True,
+    )
+    gen_settings = {
+        "prompts": prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "top_k": args.top_k,
+        "ignore_eos": ignore_eos,
+        "common": common,
+        "model": model_path,
+    }
     weights = sorted(Path(model_path).glob("*.safetensors"))
     gen_settings["weights"] = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
 
-    result = {**provenance(), "model_path": model_path, "teacher": ref,
-              "settings": {**{k: v for k, v in gen_settings.items() if k != "prompts"},
-                           "bin_size": args.bin_size, "long": args.long,
-                           "prompt_set": "LONG_PROMPTS" if args.long else "PROMPTS"},
-              "prompts": texts[:args.num_prompts], "prompt_lens": [len(p) for p in prompts],
-              "kl_approximation": "bucketed top-K: P's top-K tokens + rest bucket; Q imputed "
-                                  "min(Q K-th prob, Q unlisted mass / #missing) where missing",
-              "configs": {}, "timings": {}}
+    result = {
+        **provenance(),
+        "model_path": model_path,
+        "teacher": ref,
+        "settings": {
+            **{k: v for k, v in gen_settings.items() if k != "prompts"},
+            "bin_size": args.bin_size,
+            "long": args.long,
+            "prompt_set": "LONG_PROMPTS" if args.long else "PROMPTS",
+        },
+        "prompts": texts[: args.num_prompts],
+        "prompt_lens": [len(p) for p in prompts],
+        "kl_approximation": "bucketed top-K: P's top-K tokens + rest bucket; Q imputed "
+        "min(Q K-th prob, Q unlisted mass / #missing) where missing",
+        "configs": {},
+        "timings": {},
+    }
     try:
         conv = json.loads((Path(model_path) / "conversion.json").read_text())
-        result["model_conversion"] = {k: conv.get(k) for k in ("source_gguf", "source_sha256",
-                                                                 "rope_theta", "weights_sha256", "fixes")}
+        result["model_conversion"] = {
+            k: conv.get(k)
+            for k in ("source_gguf", "source_sha256", "rope_theta", "weights_sha256", "fixes")
+        }
     except (OSError, json.JSONDecodeError):
         pass
 
@@ -1032,19 +1219,30 @@ def main(argv: list[str] | None = None) -> int:
             continue
         flags = config_flags(name, custom)
         print(f"[{name}] starting server: {' '.join(flags)}", flush=True)
-        srv = srv_mod.Server(model_path, [*common, *flags], str(log_dir / f"server_{name}.log"),
-                             startup_timeout=args.startup_timeout)
+        srv = srv_mod.Server(
+            model_path,
+            [*common, *flags],
+            str(log_dir / f"server_{name}.log"),
+            startup_timeout=args.startup_timeout,
+        )
         try:
             with srv:
                 g = generate(srv, prompts, args.max_new_tokens, args.top_k, ignore_eos)
-        except Exception as exc:  # noqa: BLE001 - one failing config must not stop the others
+        except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
             print(f"[{name}] FAILED: {errors[name][:2000]}", flush=True)
             continue
-        server_info[name] = {"flags": flags, "startup_s": srv.startup_s, "generate_s": g["seconds"],
-                             "log": srv.log_path}
-        print(f"[{name}] generated {len(g['tokens'])} x {args.max_new_tokens} tokens in "
-              f"{g['seconds']} s (startup {srv.startup_s} s)", flush=True)
+        server_info[name] = {
+            "flags": flags,
+            "startup_s": srv.startup_s,
+            "generate_s": g["seconds"],
+            "log": srv.log_path,
+        }
+        print(
+            f"[{name}] generated {len(g['tokens'])} x {args.max_new_tokens} tokens in "
+            f"{g['seconds']} s (startup {srv.startup_s} s)",
+            flush=True,
+        )
         gens[name] = g
         _save(path, {"key": key, "gen": g, "server": server_info[name]})
 
@@ -1057,8 +1255,9 @@ def main(argv: list[str] | None = None) -> int:
     if cached:
         gens[ref] = cached["gen"]
         server_info[ref] = cached.get("server", {})
-    score_keys = {n: _digest({"gen": gen_key(n), "bf16": bf16_key, "tokens": gens[n]["tokens"]})
-                  for n in gens}
+    score_keys = {
+        n: _digest({"gen": gen_key(n), "bf16": bf16_key, "tokens": gens[n]["tokens"]}) for n in gens
+    }
     todo = [n for n in [*under_test, ref] if n in gens or n == ref]
     for n in list(todo):
         if n in gens:
@@ -1077,22 +1276,34 @@ def main(argv: list[str] | None = None) -> int:
     if need_server:
         flags = config_flags(ref, custom)
         print(f"[{ref}] starting the teacher server: {' '.join(flags)}", flush=True)
-        srv = srv_mod.Server(model_path, [*common, *flags], str(log_dir / f"server_{ref}.log"),
-                             startup_timeout=args.startup_timeout)
+        srv = srv_mod.Server(
+            model_path,
+            [*common, *flags],
+            str(log_dir / f"server_{ref}.log"),
+            startup_timeout=args.startup_timeout,
+        )
         try:
             with srv:
                 if ref not in gens:
                     g = generate(srv, prompts, args.max_new_tokens, args.top_k, ignore_eos)
                     gens[ref] = g
-                    server_info[ref] = {"flags": flags, "startup_s": srv.startup_s,
-                                        "generate_s": g["seconds"], "log": srv.log_path}
+                    server_info[ref] = {
+                        "flags": flags,
+                        "startup_s": srv.startup_s,
+                        "generate_s": g["seconds"],
+                        "log": srv.log_path,
+                    }
                     _save(bf16_path, {"key": bf16_key, "gen": g, "server": server_info[ref]})
-                    print(f"[{ref}] generated in {g['seconds']} s (startup {srv.startup_s} s)", flush=True)
-                    score_keys[ref] = _digest({"gen": bf16_key, "bf16": bf16_key,
-                                               "tokens": g["tokens"]})
+                    print(
+                        f"[{ref}] generated in {g['seconds']} s (startup {srv.startup_s} s)",
+                        flush=True,
+                    )
+                    score_keys[ref] = _digest(
+                        {"gen": bf16_key, "bf16": bf16_key, "tokens": g["tokens"]}
+                    )
                 try:  # not essential: logprob_start_len already stops prefix reuse of the scored part
                     srv_mod.post(srv.base + "/flush_cache", {}, timeout=60)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     print(f"[{ref}] note: /flush_cache failed ({exc}); continuing", flush=True)
                 for n in [*[x for x in under_test if x in gens], ref]:
                     if n in scores:
@@ -1102,12 +1313,18 @@ def main(argv: list[str] | None = None) -> int:
                     _save(work / f"score_{n}.json", {"key": score_keys[n], "score": s})
                     print(f"[{ref}] scored {n} in {s['seconds']} s", flush=True)
                 if need_hf_sg:
-                    seqs = [list(p) + list(t) for p, t in
-                            zip(prompts[:args.hf_prompts], gens[ref]["tokens"][:args.hf_prompts])]
+                    seqs = [
+                        list(p) + list(t)
+                        for p, t in zip(
+                            prompts[: args.hf_prompts], gens[ref]["tokens"][: args.hf_prompts]
+                        )
+                    ]
                     hf_sg = {"seqs": seqs, "sglang": prompt_logprobs(srv, seqs, args.top_k)}
-                    _save(hf_path, {"key": _digest({"bf16": bf16_key, "n": args.hf_prompts}),
-                                    "data": hf_sg})
-        except Exception as exc:  # noqa: BLE001
+                    _save(
+                        hf_path,
+                        {"key": _digest({"bf16": bf16_key, "n": args.hf_prompts}), "data": hf_sg},
+                    )
+        except Exception as exc:
             errors[ref] = f"{type(exc).__name__}: {exc}"
             print(f"[{ref}] FAILED: {errors[ref][:2000]}", flush=True)
     result["timings"]["servers_done_s"] = round(time.time() - t_start, 1)
@@ -1123,7 +1340,8 @@ def main(argv: list[str] | None = None) -> int:
         if n in gens and n in scores:
             entry.update(score_config(gens[n], scores[n], ref_tokens, args.bin_size))
             entry["first_eos"], entry["summary"]["past_eos_frac"] = eos_summary(
-                gens[n]["tokens"], eos_ids)
+                gens[n]["tokens"], eos_ids
+            )
             entry["tokens"] = gens[n]["tokens"]
         elif "error" not in entry:
             entry["error"] = f"not scored (the teacher server {ref} failed?)"
@@ -1136,24 +1354,37 @@ def main(argv: list[str] | None = None) -> int:
         else:
             t0 = time.time()
             try:
-                ref = hf_reference(model_path, hf_sg["seqs"],
-                                   [d.strip() for d in args.hf_dtypes.split(",") if d.strip()],
-                                   args.hf_device)
+                ref = hf_reference(
+                    model_path,
+                    hf_sg["seqs"],
+                    [d.strip() for d in args.hf_dtypes.split(",") if d.strip()],
+                    args.hf_device,
+                )
                 hf = {}
                 for dt, r in ref.items():
-                    per = [compare_logprobs(s, sg["token_lps"], sg["top"], lp)
-                           for s, sg, lp in zip(hf_sg["seqs"], hf_sg["sglang"], r["logprobs"])]
+                    per = [
+                        compare_logprobs(s, sg["token_lps"], sg["top"], lp)
+                        for s, sg, lp in zip(hf_sg["seqs"], hf_sg["sglang"], r["logprobs"])
+                    ]
                     pos = sum(p["positions"] for p in per)
-                    hf[dt] = {"device": r["device"], "sequences": len(per), "positions": pos,
-                              "max_abs_dlogp": max(p["max_abs_dlogp"] for p in per),
-                              "mean_abs_dlogp": sum(p["mean_abs_dlogp"] * p["positions"] for p in per) / pos,
-                              "top1_agreement": sum(p["top1_agreement"] * p["positions"] for p in per) / pos,
-                              "top1_disagree_margin_gt_0.1": sum(p["top1_disagree_margin_gt_0.1"] for p in per),
-                              "kl_mean": sum(p["kl_mean"] * p["positions"] for p in per) / pos,
-                              "per_sequence": per}
+                    hf[dt] = {
+                        "device": r["device"],
+                        "sequences": len(per),
+                        "positions": pos,
+                        "max_abs_dlogp": max(p["max_abs_dlogp"] for p in per),
+                        "mean_abs_dlogp": sum(p["mean_abs_dlogp"] * p["positions"] for p in per)
+                        / pos,
+                        "top1_agreement": sum(p["top1_agreement"] * p["positions"] for p in per)
+                        / pos,
+                        "top1_disagree_margin_gt_0.1": sum(
+                            p["top1_disagree_margin_gt_0.1"] for p in per
+                        ),
+                        "kl_mean": sum(p["kl_mean"] * p["positions"] for p in per) / pos,
+                        "per_sequence": per,
+                    }
                 hf["seconds"] = round(time.time() - t0, 1)
                 result["hf_check"] = hf
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 result["hf_check"] = {"error": f"{type(exc).__name__}: {exc}"}
     result["timings"]["total_s"] = round(time.time() - t_start, 1)
 
@@ -1162,8 +1393,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1)
 
     # ---- 5. summary -----------------------------------------------------------------
-    print(f"\n{Path(model_path).name}: {args.num_prompts} prompts x {args.max_new_tokens} greedy "
-          f"tokens, teacher-forced against {ref} prefill, KL over top-{args.top_k} + rest")
+    print(
+        f"\n{Path(model_path).name}: {args.num_prompts} prompts x {args.max_new_tokens} greedy "
+        f"tokens, teacher-forced against {ref} prefill, KL over top-{args.top_k} + rest"
+    )
     print_table(result["configs"])
     print_curves(result["configs"])
     if "hf_check" in result:
@@ -1173,10 +1406,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ERROR: {h['error']}")
         for dt, v in h.items():
             if isinstance(v, dict) and "top1_agreement" in v:
-                print(f"  HF {dt:9s} ({v['device']}): {v['positions']} positions, top-1 "
-                      f"{100 * v['top1_agreement']:.2f}% ({v['top1_disagree_margin_gt_0.1']} with "
-                      f"margin > 0.1), |dlogp| max {v['max_abs_dlogp']:.4f} mean "
-                      f"{v['mean_abs_dlogp']:.5f}, KL {v['kl_mean']:.2e}")
+                print(
+                    f"  HF {dt:9s} ({v['device']}): {v['positions']} positions, top-1 "
+                    f"{100 * v['top1_agreement']:.2f}% ({v['top1_disagree_margin_gt_0.1']} with "
+                    f"margin > 0.1), |dlogp| max {v['max_abs_dlogp']:.4f} mean "
+                    f"{v['mean_abs_dlogp']:.5f}, KL {v['kl_mean']:.2e}"
+                )
     print(f"\nwrote {args.out} ({time.time() - t_start:.0f} s)")
     ok = not errors and all("summary" in c for c in result["configs"].values())
     if args.check_hf:

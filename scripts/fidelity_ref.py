@@ -55,10 +55,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # sglang_tq from a checkout
-sys.path.insert(0, str(HERE))         # sibling scripts: fidelity (metrics, prompts, report)
+sys.path.insert(0, str(HERE))  # sibling scripts: fidelity (metrics, prompts, report)
 
 import fidelity as fid  # noqa: E402
-
 
 _CONFIG_RE = re.compile(r"k(2|3|4|8|16)v(2|3|4|8|16)(-prod)?(-c)?")
 _PRIOR_ART_RE = re.compile(r"(hq|kivi)([2-4])")
@@ -83,7 +82,8 @@ def parse_config(name: str) -> tuple[int, int, str, bool]:
         raise ValueError(
             f"unknown config {name!r}: use fp8 or kKvV with each of K, V in 2/3/4 (TurboQuant "
             f"bits), 8 (fp8 e4m3) or 16 (unquantized), such as k4v4, k8v4, k16v4, k4v4-prod, "
-            f"k4v4-c (-prod and -c need TurboQuant keys), or hqB / kiviB (B in 2/3/4)")
+            f"k4v4-c (-prod and -c need TurboQuant keys), or hqB / kiviB (B in 2/3/4)"
+        )
     return int(m[1]), int(m[2]), "prod" if m[3] else "mse", bool(m[4])
 
 
@@ -104,10 +104,10 @@ def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0, cen
     center: this layer's key centers [H, D] (``sglang_tq.format.centers``), used by '-c'
     configs: their TurboQuant keys are stored as Q(k − μ), which attention reads as
     Q(k − μ) + μ (the same softmax: every key of a head moves by the same μ)."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from sglang_tq.config import TQConfig  # noqa: PLC0415
-    from sglang_tq.format.quantizer import TurboQuantizer  # noqa: PLC0415
+    from sglang_tq.config import TQConfig
+    from sglang_tq.format.quantizer import TurboQuantizer
 
     if config == "bf16":
         k_bits, v_bits, variant, centered = 16, 16, "mse", False
@@ -138,26 +138,30 @@ def round_trip_fns(config: str, layer_id: int, head_dim: int, seed: int = 0, cen
 def _prior_art_fns(variant: str, k_bits: int, v_bits: int, head_dim: int, layer_seed: int):
     """(k_fn, v_fn) of a prior-art format on [B, H, T, D]: hadamard per vector (the engine's
     per-layer signs); kivi over the whole sequence, T holding positions 0..T−1."""
-    from sglang_tq.format.priorart import KIVI, HadamardInt  # noqa: PLC0415
+    from sglang_tq.format.priorart import KIVI, HadamardInt
 
     if variant == "hadamard":
         kq = HadamardInt(head_dim, k_bits, seed=layer_seed)
         vq = HadamardInt(head_dim, v_bits, seed=layer_seed)
         return kq.round_trip, vq.round_trip
     q = KIVI(head_dim, k_bits, v_bits)
-    return (lambda x: q.round_trip_keys(x.transpose(-3, -2)).transpose(-3, -2),
-            lambda x: q.round_trip_values(x.transpose(-3, -2)).transpose(-3, -2))
+    return (
+        lambda x: q.round_trip_keys(x.transpose(-3, -2)).transpose(-3, -2),
+        lambda x: q.round_trip_values(x.transpose(-3, -2)).transpose(-3, -2),
+    )
 
 
 def make_cache(config: str, num_layers: int, head_dim: int, seed: int = 0, centers=None):
     """A transformers Cache whose layers store K/V as the `config` pool would."""
-    from transformers.cache_utils import Cache, DynamicLayer  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import torch
+    from transformers.cache_utils import Cache, DynamicLayer
 
     if config != "bf16" and parse_config(config)[2] == "kivi":
-        raise ValueError(f"config {config!r} quantizes keys over 32-token groups, which this "
-                         f"step-by-step cache cannot see; measure it with scripts/attn_error.py "
-                         f"or in the engine (python -m sglang_tq.bench eval --configs {config}).")
+        raise ValueError(
+            f"config {config!r} quantizes keys over 32-token groups, which this "
+            f"step-by-step cache cannot see; measure it with scripts/attn_error.py "
+            f"or in the engine (python -m sglang_tq.bench eval --configs {config})."
+        )
 
     class RoundTripLayer(DynamicLayer):
         """DynamicLayer that stores round-tripped K/V; a multi-token step attends its own
@@ -177,9 +181,12 @@ def make_cache(config: str, num_layers: int, head_dim: int, seed: int = 0, cente
                 return self.keys, self.values
             return torch.cat([old_k, key_states], dim=-2), torch.cat([old_v, value_states], dim=-2)
 
-    layers = [RoundTripLayer(*round_trip_fns(config, i, head_dim, seed,
-                                             None if centers is None else centers[i]))
-              for i in range(num_layers)]
+    layers = [
+        RoundTripLayer(
+            *round_trip_fns(config, i, head_dim, seed, None if centers is None else centers[i])
+        )
+        for i in range(num_layers)
+    ]
     return Cache(layers=layers)
 
 
@@ -189,12 +196,21 @@ def _top_rows(logprobs, k: int) -> list:
     return [[float(v), int(i), None] for v, i in zip(vals.tolist(), ids.tolist())]
 
 
-def generate(model, config: str, prompts: list[list[int]], max_new_tokens: int, top_k: int,
-             head_dim: int, seed: int = 0, pad_id: int = 0, centers=None) -> dict:
+def generate(
+    model,
+    config: str,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    top_k: int,
+    head_dim: int,
+    seed: int = 0,
+    pad_id: int = 0,
+    centers=None,
+) -> dict:
     """Greedy decode of all prompts as one left-padded batch with the `config` cache; EOS
     ignored (every sequence full length). Position ids skip the padding, as HF's
     generate() does; padded slots are masked out of every attention."""
-    import torch  # noqa: PLC0415
+    import torch
 
     dev = next(model.parameters()).device
     n = max(map(len, prompts))
@@ -202,12 +218,20 @@ def generate(model, config: str, prompts: list[list[int]], max_new_tokens: int, 
     mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = make_cache(config, model.config.num_hidden_layers, head_dim, seed, centers)
-    out = {"tokens": [[] for _ in prompts], "token_lps": [[] for _ in prompts],
-           "top": [[] for _ in prompts]}
+    out = {
+        "tokens": [[] for _ in prompts],
+        "token_lps": [[] for _ in prompts],
+        "top": [[] for _ in prompts],
+    }
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
             lp = torch.log_softmax(logits.float(), -1)
             if not torch.isfinite(lp).all():
                 raise RuntimeError(f"{config}: non-finite logits while decoding")
@@ -225,16 +249,18 @@ def generate(model, config: str, prompts: list[list[int]], max_new_tokens: int, 
 
 def score(model, prompt: list[int], gen_tokens: list[int], top_k: int) -> dict:
     """bf16 teacher: one forward pass over prompt + generated tokens (plain cache)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     dev = next(model.parameters()).device
     seq = torch.tensor([prompt + gen_tokens], device=dev)
     with torch.no_grad():
         logits = model(input_ids=seq, use_cache=False).logits[0].float()
-    lp = torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(gen_tokens)], -1)
+    lp = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(gen_tokens)], -1)
     tok = torch.tensor(gen_tokens, device=dev)
-    return {"token_lps": lp.gather(1, tok[:, None])[:, 0].tolist(),
-            "top": [_top_rows(row, top_k) for row in lp]}
+    return {
+        "token_lps": lp.gather(1, tok[:, None])[:, 0].tolist(),
+        "top": [_top_rows(row, top_k) for row in lp],
+    }
 
 
 def head_dim_of(cfg) -> int:
@@ -257,30 +283,46 @@ def write_result(path: str, doc: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     ap.add_argument("--model-path", required=True, help="HF folder (config, tokenizer, weights)")
-    ap.add_argument("--configs", default="fp8,k4v4,k3v3",
-                    help="comma list: fp8 and/or kKvV, each side 2/3/4 (TurboQuant bits), 8 "
-                         "(fp8 e4m3) or 16 (unquantized), optional -prod (QJL keys): k4v4, "
-                         "k8v4, k16v4, k4v16, k4v4-prod; hqB (Hadamard + int, B in 2/3/4); "
-                         "bf16 is always run as the reference")
+    ap.add_argument(
+        "--configs",
+        default="fp8,k4v4,k3v3",
+        help="comma list: fp8 and/or kKvV, each side 2/3/4 (TurboQuant bits), 8 "
+        "(fp8 e4m3) or 16 (unquantized), optional -prod (QJL keys): k4v4, "
+        "k8v4, k16v4, k4v16, k4v4-prod; hqB (Hadamard + int, B in 2/3/4); "
+        "bf16 is always run as the reference",
+    )
     ap.add_argument("--num-prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--bin-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0, help="--kv-quant-seed of the engine (default 0)")
-    ap.add_argument("--key-centers", default=None,
-                    help="key centers file (python -m sglang_tq.tools.key_centers) for the '-c' configs, whose "
-                         "TurboQuant keys are quantized as k - mu")
-    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
-                    help="model dtype (default float32: CPU bf16 matmuls without AMX run ~20x "
-                         "slower, and an fp32 model leaves the KV cache as the only error "
-                         "source; use bfloat16 on CUDA to match the engine)")
+    ap.add_argument(
+        "--key-centers",
+        default=None,
+        help="key centers file (python -m sglang_tq.tools.key_centers) for the '-c' configs, whose "
+        "TurboQuant keys are quantized as k - mu",
+    )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["bfloat16", "float32"],
+        help="model dtype (default float32: CPU bf16 matmuls without AMX run ~20x "
+        "slower, and an fp32 model leaves the KV cache as the only error "
+        "source; use bfloat16 on CUDA to match the engine)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    ap.add_argument("--batch-size", type=int, default=20,
-                    help="prompts decoded together (left-padded; default 20)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=20,
+        help="prompts decoded together (left-padded; default 20)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default="fidelity_ref.json")
     args = ap.parse_args(argv)
@@ -290,47 +332,71 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     kivi = [c for c in configs[1:] if parse_config(c)[2] == "kivi"]
     if kivi:
-        ap.error(f"{', '.join(kivi)}: KIVI's token groups need the whole sequence; run them with "
-                 f"scripts/attn_error.py or python -m sglang_tq.bench eval")
+        ap.error(
+            f"{', '.join(kivi)}: KIVI's token groups need the whole sequence; run them with "
+            f"scripts/attn_error.py or python -m sglang_tq.bench eval"
+        )
 
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    from sglang_tq.provenance import provenance  # noqa: PLC0415
+    from sglang_tq.provenance import provenance
 
     prov = provenance()  # at the start: the commit whose code runs, not HEAD at the end
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = fid.build_prompts(args.model_path, args.num_prompts)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype).to(args.device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype).to(args.device).eval()
+    )
     hd = head_dim_of(model.config)
     centers = None
     if any(parse_config(c)[3] for c in configs[1:]) and not args.key_centers:
-        ap.error("a '-c' config centers keys: give --key-centers (python -m sglang_tq.tools.key_centers)")
+        ap.error(
+            "a '-c' config centers keys: give --key-centers (python -m sglang_tq.tools.key_centers)"
+        )
     if args.key_centers:
-        from sglang_tq.format.centers import load_key_centers  # noqa: PLC0415
+        from sglang_tq.format.centers import load_key_centers
 
         try:
-            centers = load_key_centers(args.key_centers, model.config.num_hidden_layers,
-                                       model.config.num_key_value_heads, hd)
+            centers = load_key_centers(
+                args.key_centers,
+                model.config.num_hidden_layers,
+                model.config.num_key_value_heads,
+                hd,
+            )
         except ValueError as exc:
             ap.error(str(exc))
-    print(f"{len(prompts)} prompts, {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
-          f"{args.max_new_tokens} new tokens each; {model.config.num_hidden_layers} layers, "
-          f"head_dim {hd}; configs {configs}", flush=True)
+    print(
+        f"{len(prompts)} prompts, {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
+        f"{args.max_new_tokens} new tokens each; {model.config.num_hidden_layers} layers, "
+        f"head_dim {hd}; configs {configs}",
+        flush=True,
+    )
 
     t0 = time.time()
     gens = {}
     for name in configs:
         gens[name] = {"tokens": [], "token_lps": [], "top": []}
         for start in range(0, len(prompts), args.batch_size):
-            r = generate(model, name, prompts[start:start + args.batch_size], args.max_new_tokens,
-                         args.top_k, hd, args.seed, centers=centers)
+            r = generate(
+                model,
+                name,
+                prompts[start : start + args.batch_size],
+                args.max_new_tokens,
+                args.top_k,
+                hd,
+                args.seed,
+                centers=centers,
+            )
             for key in gens[name]:
                 gens[name][key].extend(r[key])
-            print(f"  {name}: {len(gens[name]['tokens'])}/{len(prompts)} prompts "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"  {name}: {len(gens[name]['tokens'])}/{len(prompts)} prompts "
+                f"({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     results = {}
     for name in configs:
         s = {"token_lps": [], "top": []}
@@ -343,16 +409,32 @@ def main(argv: list[str] | None = None) -> int:
     fid.print_curves(results)
     v = verdict(results)
     if v:
-        print(f"\ntop-1 disagreement k4v4 / fp8 = {v['k4v4_over_fp8']:.2f} "
-              f"(criterion <= 2: {'met' if v['met'] else 'NOT met'})")
-    out = {**prov, "script": "fidelity_ref.py", "model_path": str(args.model_path),
-           "settings": {"configs": configs, "num_prompts": len(prompts),
-                        "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
-                        "seed": args.seed, "batch_size": args.batch_size,
-                        "key_centers": args.key_centers, "dtype": args.dtype, "device": args.device,
-                        "head_dim": hd, "prefill": "prompt unquantized (SGLang extend)"},
-           "prompt_lens": [len(p) for p in prompts], "elapsed_s": round(time.time() - t0, 1),
-           "criterion": v, "results": results}
+        print(
+            f"\ntop-1 disagreement k4v4 / fp8 = {v['k4v4_over_fp8']:.2f} "
+            f"(criterion <= 2: {'met' if v['met'] else 'NOT met'})"
+        )
+    out = {
+        **prov,
+        "script": "fidelity_ref.py",
+        "model_path": str(args.model_path),
+        "settings": {
+            "configs": configs,
+            "num_prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            "top_k": args.top_k,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "key_centers": args.key_centers,
+            "dtype": args.dtype,
+            "device": args.device,
+            "head_dim": hd,
+            "prefill": "prompt unquantized (SGLang extend)",
+        },
+        "prompt_lens": [len(p) for p in prompts],
+        "elapsed_s": round(time.time() - t0, 1),
+        "criterion": v,
+        "results": results,
+    }
     write_result(args.out, out)
     return 0
 

@@ -36,13 +36,35 @@ from sglang_tq.format.codec import LayerCodec
 from sglang_tq.kernels import tq_decode as dec
 
 _POINTERS = {
-    "QRot": "*fp32", "Pi16": "*fp16", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
-    "KCb": "*fp32", "VCb": "*fp32", "KTab": "*i32", "VTab": "*i32", "KvIndptr": "*i32", "KvIndices": "*i64",
-    "NumKvSplits": "*i32", "MidO": "*fp32", "MidLse": "*fp32", "QPe": "*bf16", "KPe": "*bf16",
+    "QRot": "*fp32",
+    "Pi16": "*fp16",
+    "KCodes": "*u8",
+    "KNorms": "*fp16",
+    "VCodes": "*u8",
+    "VNorms": "*fp16",
+    "KCb": "*fp32",
+    "VCb": "*fp32",
+    "KTab": "*i32",
+    "VTab": "*i32",
+    "KvIndptr": "*i32",
+    "KvIndices": "*i64",
+    "NumKvSplits": "*i32",
+    "MidO": "*fp32",
+    "MidLse": "*fp32",
+    "QPe": "*bf16",
+    "KPe": "*bf16",
 }
 _SASS_CLASSES = {
-    "LDG": r"\bLDG\.", "LDGSTS": r"\bLDGSTS", "LDS": r"\bLDS", "STS": r"\bSTS", "HMMA": r"\bHMMA",
-    "HGMMA": r"\bHGMMA", "PRMT": r"\bPRMT", "LDL/STL": r"\b(LDL|STL)", "SHFL": r"\bSHFL", "BAR": r"\bBAR",
+    "LDG": r"\bLDG\.",
+    "LDGSTS": r"\bLDGSTS",
+    "LDS": r"\bLDS",
+    "STS": r"\bSTS",
+    "HMMA": r"\bHMMA",
+    "HGMMA": r"\bHGMMA",
+    "PRMT": r"\bPRMT",
+    "LDL/STL": r"\b(LDL|STL)",
+    "SHFL": r"\bSHFL",
+    "BAR": r"\bBAR",
 }
 
 
@@ -64,56 +86,140 @@ def loop_mix(sass: str) -> dict:
             start = addr.index(int(m.group(1), 16)) if int(m.group(1), 16) in addr else None
             if start is not None and i - start > best[1] - best[0]:
                 best = (start, i)
-    body = [op.split(".")[0] for _, op, _ in insts[best[0]:best[1] + 1]]
-    return {"loop_instructions": len(body), "loop_mix": dict(collections.Counter(body).most_common())}
+    body = [op.split(".")[0] for _, op, _ in insts[best[0] : best[1] + 1]]
+    return {
+        "loop_instructions": len(body),
+        "loop_mix": dict(collections.Counter(body).most_common()),
+    }
 
 
 _STORE_POINTERS = {
-    "K": "*bf16", "V": "*bf16", "Loc": "*i64", "PiTK": "*fp32", "PiTV": "*fp32", "BoundsK": "*fp32",
-    "BoundsV": "*fp32", "KCodes": "*u8", "KNorms": "*fp16", "VCodes": "*u8", "VNorms": "*fp16",
+    "K": "*bf16",
+    "V": "*bf16",
+    "Loc": "*i64",
+    "PiTK": "*fp32",
+    "PiTV": "*fp32",
+    "BoundsK": "*fp32",
+    "BoundsV": "*fp32",
+    "KCodes": "*u8",
+    "KNorms": "*fp16",
+    "VCodes": "*u8",
+    "VNorms": "*fp16",
     "KCenter": "*fp32",
 }
 _MERGE_POINTERS = {
-    "MidO": "*fp32", "MidLse": "*fp32", "Pi": "*fp32", "Out": "*bf16", "KvIndptr": "*i32",
-    "NumKvSplits": "*i32", "Sinks": "*fp32",
+    "MidO": "*fp32",
+    "MidLse": "*fp32",
+    "Pi": "*fp32",
+    "Out": "*bf16",
+    "KvIndptr": "*i32",
+    "NumKvSplits": "*i32",
+    "Sinks": "*fp32",
 }
 
 
-def compile_stage1(head_dim, k_bits, v_bits, gqa, block_n, num_warps, num_stages, sass_dir=None,
-                   prefetch=1, heads_n=0, maxnreg=0, fuse_rot=0, mla=0):
+def compile_stage1(
+    head_dim,
+    k_bits,
+    v_bits,
+    gqa,
+    block_n,
+    num_warps,
+    num_stages,
+    sass_dir=None,
+    prefetch=1,
+    heads_n=0,
+    maxnreg=0,
+    fuse_rot=0,
+    mla=0,
+):
     codec = LayerCodec.create(head_dim, k_bits, v_bits)
-    consts = dict(GQA=gqa, BLOCK_H=dec._block_h(gqa, heads_n), HEAD_DIM=head_dim,
-                  BLOCK_N=block_n, K_BITS=k_bits, V_BITS=v_bits, HAS_CAP=False,
-                  K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=True, SLOT_I64=False,
-                  PREFETCH=prefetch, HEADS_N=heads_n, FUSE_ROT=fuse_rot, USE_PDL=0,
-                  EARLY_Q=0, SHARED_KV=bool(mla), ROPE_DIM=64 if mla else 0, HEAD_BLOCKS=1)
+    consts = dict(
+        GQA=gqa,
+        BLOCK_H=dec._block_h(gqa, heads_n),
+        HEAD_DIM=head_dim,
+        BLOCK_N=block_n,
+        K_BITS=k_bits,
+        V_BITS=v_bits,
+        HAS_CAP=False,
+        K_LUT=codec.k_lut,
+        V_LUT=codec.v_lut,
+        USE_ASM=True,
+        SLOT_I64=False,
+        PREFETCH=prefetch,
+        HEADS_N=heads_n,
+        FUSE_ROT=fuse_rot,
+        USE_PDL=0,
+        EARLY_Q=0,
+        SHARED_KV=bool(mla),
+        ROPE_DIM=64 if mla else 0,
+        HEAD_BLOCKS=1,
+    )
     # with a fused rotation stage 1 reads the unrotated bf16 q
     pointers = {**_POINTERS, **({"QRot": "*bf16"} if fuse_rot else {})}
-    name = (f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}_p{prefetch}"
-            f"_h{heads_n}_r{maxnreg}_f{fuse_rot}{'_mla' if mla else ''}")
-    return _resources(dec._tq_decode_stage1, pointers, consts,
-                      dict(num_warps=num_warps, num_stages=num_stages,
-                           **({"maxnreg": maxnreg} if maxnreg else {})), sass_dir, name)
+    name = (
+        f"k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_s{num_stages}_p{prefetch}"
+        f"_h{heads_n}_r{maxnreg}_f{fuse_rot}{'_mla' if mla else ''}"
+    )
+    return _resources(
+        dec._tq_decode_stage1,
+        pointers,
+        consts,
+        dict(
+            num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {})
+        ),
+        sass_dir,
+        name,
+    )
 
 
 def compile_store(head_dim, k_bits, v_bits, num_warps, fwht=0, block_n=16, sass_dir=None):
     from sglang_tq.kernels import tq_store
 
     # above head_dim 256 (MLA's latent) the launcher rotates and the kernel only quantizes
-    consts = dict(K_BITS=k_bits, V_BITS=v_bits, HEAD_DIM=head_dim, BLOCK_N=block_n, K_CENTER=False,
-                  USE_PDL=0, FWHT=bool(fwht), ROTATED=head_dim > 256)
-    return _resources(tq_store._tq_store_kernel, _STORE_POINTERS, consts,
-                      dict(num_warps=num_warps, num_stages=1), sass_dir,
-                      f"store_k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_f{fwht}")
+    consts = dict(
+        K_BITS=k_bits,
+        V_BITS=v_bits,
+        HEAD_DIM=head_dim,
+        BLOCK_N=block_n,
+        K_CENTER=False,
+        USE_PDL=0,
+        FWHT=bool(fwht),
+        ROTATED=head_dim > 256,
+    )
+    return _resources(
+        tq_store._tq_store_kernel,
+        _STORE_POINTERS,
+        consts,
+        dict(num_warps=num_warps, num_stages=1),
+        sass_dir,
+        f"store_k{k_bits}v{v_bits}_d{head_dim}_bn{block_n}_w{num_warps}_f{fwht}",
+    )
 
 
 def compile_merge(head_dim, splits=64, fwht=0, sass_dir=None):
     p2 = triton.next_power_of_2(splits)
-    consts = dict(GQA=4, BLOCK_H=16, HEAD_DIM=head_dim, MAX_KV_SPLITS=splits, MIN_BLOCK_KV=32,
-                  SPLITS_P2=p2, CHUNK_S=min(p2, 4096 // head_dim), VECTOR_MERGE=True,
-                  HAS_SINK=False, USE_PDL=0, UNROT_FWHT=bool(fwht))
-    return _resources(dec._tq_decode_stage2, _MERGE_POINTERS, consts, dict(num_warps=4), sass_dir,
-                      f"merge_d{head_dim}_s{splits}_f{fwht}")
+    consts = dict(
+        GQA=4,
+        BLOCK_H=16,
+        HEAD_DIM=head_dim,
+        MAX_KV_SPLITS=splits,
+        MIN_BLOCK_KV=32,
+        SPLITS_P2=p2,
+        CHUNK_S=min(p2, 4096 // head_dim),
+        VECTOR_MERGE=True,
+        HAS_SINK=False,
+        USE_PDL=0,
+        UNROT_FWHT=bool(fwht),
+    )
+    return _resources(
+        dec._tq_decode_stage2,
+        _MERGE_POINTERS,
+        consts,
+        dict(num_warps=4),
+        sass_dir,
+        f"merge_d{head_dim}_s{splits}_f{fwht}",
+    )
 
 
 def _resources(fn, pointers, consts, options, sass_dir, name):
@@ -126,19 +232,28 @@ def _resources(fn, pointers, consts, options, sass_dir, name):
         else:
             sig[arg] = "fp32" if arg in ("sm_scale", "logit_cap") else "i32"
     # Triton specialises pointers and strides divisible by 16 at launch; do the same here.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n in pointers or n.startswith("stride")}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(fn.arg_names)
+        if n in pointers or n.startswith("stride")
+    }
     src = triton.compiler.ASTSource(
-        fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-        attrs=attrs)
+        fn=fn,
+        signature=sig,
+        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+        attrs=attrs,
+    )
     kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
             f.write(kern.asm["ptx"])
-        info = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin],
-                              capture_output=True, text=True)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+        info = subprocess.run(
+            [_tool("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True, text=True
+        )
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True
+        ).stdout
     text = info.stdout + info.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
@@ -147,9 +262,14 @@ def _resources(fn, pointers, consts, options, sass_dir, name):
         os.makedirs(sass_dir, exist_ok=True)
         with open(os.path.join(sass_dir, name + ".sass"), "w") as f:
             f.write(sass)
-    return {"regs": int(regs[1]) if regs else None, "spill_bytes": int(spill[1]) if spill else None,
-            "shared_bytes": kern.metadata.shared,
-            "sass_lines": sass.count("\n"), **counts, **loop_mix(sass)}
+    return {
+        "regs": int(regs[1]) if regs else None,
+        "spill_bytes": int(spill[1]) if spill else None,
+        "shared_bytes": kern.metadata.shared,
+        "sass_lines": sass.count("\n"),
+        **counts,
+        **loop_mix(sass),
+    }
 
 
 def main() -> None:
@@ -157,26 +277,48 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kv", default="k4v4")
     ap.add_argument("--gqa", type=int, default=4)
-    ap.add_argument("--block-n", default=None,
-                    help="tokens per program, a list (default: stage1 16,32,64; store 16, or 1 for "
-                         "its one-token programs)")
+    ap.add_argument(
+        "--block-n",
+        default=None,
+        help="tokens per program, a list (default: stage1 16,32,64; store 16, or 1 for "
+        "its one-token programs)",
+    )
     ap.add_argument("--num-warps", default="4,8")
     ap.add_argument("--num-stages", default="1,2")
-    ap.add_argument("--prefetch", default="1", help="1 (register prefetch of the next tile), 0, or 1,0")
-    ap.add_argument("--heads-n", default="0",
-                    help="1 (the GQA group as the dots' N side: the transposed problem), 0, or 0,1")
-    ap.add_argument("--maxnreg", default="0",
-                    help="register cap per thread handed to ptxas (0: none), or a list, e.g. 0,128,168")
-    ap.add_argument("--kernel", choices=("stage1", "store", "merge"), default="stage1",
-                    help="decode stage 1 (default), the quantize-and-store kernel, or the many-split "
-                         "merge (stage 2)")
-    ap.add_argument("--fuse-rot", default="0",
-                    help="stage1: 0 (q rotated before), 1 (fp16 Π product), 2 (fast Walsh-Hadamard), "
-                         "or a list")
-    ap.add_argument("--fwht", default="0", help="store / merge: 0 (dense Π), 1 (fast Walsh-Hadamard), or 0,1")
-    ap.add_argument("--mla", action="store_true",
-                    help="stage1: MLA's shared latent (values = the key codes, 64-d bf16 RoPE "
-                         "scores, no prefetch); use with --head-dim 512 --gqa 16")
+    ap.add_argument(
+        "--prefetch", default="1", help="1 (register prefetch of the next tile), 0, or 1,0"
+    )
+    ap.add_argument(
+        "--heads-n",
+        default="0",
+        help="1 (the GQA group as the dots' N side: the transposed problem), 0, or 0,1",
+    )
+    ap.add_argument(
+        "--maxnreg",
+        default="0",
+        help="register cap per thread handed to ptxas (0: none), or a list, e.g. 0,128,168",
+    )
+    ap.add_argument(
+        "--kernel",
+        choices=("stage1", "store", "merge"),
+        default="stage1",
+        help="decode stage 1 (default), the quantize-and-store kernel, or the many-split "
+        "merge (stage 2)",
+    )
+    ap.add_argument(
+        "--fuse-rot",
+        default="0",
+        help="stage1: 0 (q rotated before), 1 (fp16 Π product), 2 (fast Walsh-Hadamard), or a list",
+    )
+    ap.add_argument(
+        "--fwht", default="0", help="store / merge: 0 (dense Π), 1 (fast Walsh-Hadamard), or 0,1"
+    )
+    ap.add_argument(
+        "--mla",
+        action="store_true",
+        help="stage1: MLA's shared latent (values = the key codes, 64-d bf16 RoPE "
+        "scores, no prefetch); use with --head-dim 512 --gqa 16",
+    )
     ap.add_argument("--out")
     ap.add_argument("--sass-dir", help="also write each variant's SASS listing here")
     args = ap.parse_args()
@@ -184,26 +326,72 @@ def main() -> None:
     rows = []
     if args.kernel == "store":
         # store: --block-n 16 (tensor-core tiles) or 1 (one token per program, --fwht 1)
-        grid = itertools.product(args.kv.split(","), ints(args.num_warps), ints(args.fwht),
-                                 ints(args.block_n or "16"))
-        todo = [({"kernel": "store", "kv": kv, "num_warps": nw, "fwht": fw, "block_n": bn},
-                 lambda kv=kv, nw=nw, fw=fw, bn=bn: compile_store(args.head_dim, int(kv[1]), int(kv[3]),
-                                                                  nw, fw, bn, sass_dir=args.sass_dir))
-                for kv, nw, fw, bn in grid]
+        grid = itertools.product(
+            args.kv.split(","), ints(args.num_warps), ints(args.fwht), ints(args.block_n or "16")
+        )
+        todo = [
+            (
+                {"kernel": "store", "kv": kv, "num_warps": nw, "fwht": fw, "block_n": bn},
+                lambda kv=kv, nw=nw, fw=fw, bn=bn: compile_store(
+                    args.head_dim, int(kv[1]), int(kv[3]), nw, fw, bn, sass_dir=args.sass_dir
+                ),
+            )
+            for kv, nw, fw, bn in grid
+        ]
     elif args.kernel == "merge":
-        todo = [({"kernel": "merge", "head_dim": args.head_dim, "fwht": fw},
-                 lambda fw=fw: compile_merge(args.head_dim, fwht=fw, sass_dir=args.sass_dir))
-                for fw in ints(args.fwht)]
+        todo = [
+            (
+                {"kernel": "merge", "head_dim": args.head_dim, "fwht": fw},
+                lambda fw=fw: compile_merge(args.head_dim, fwht=fw, sass_dir=args.sass_dir),
+            )
+            for fw in ints(args.fwht)
+        ]
     else:
-        grid = itertools.product(args.kv.split(","), *(ints(x) for x in (
-            args.block_n or "16,32,64", args.num_warps, args.num_stages, args.prefetch, args.heads_n, args.maxnreg,
-            args.fuse_rot)))
-        todo = [({"kv": kv, "block_n": bn, "num_warps": nw, "num_stages": ns, "prefetch": pf,
-                  "heads_n": hn, "maxnreg": mr, "fuse_rot": fr},
-                 lambda kv=kv, bn=bn, nw=nw, ns=ns, pf=pf, hn=hn, mr=mr, fr=fr: compile_stage1(
-                     args.head_dim, int(kv[1]), int(kv[3]), args.gqa, bn, nw, ns, args.sass_dir, pf, hn,
-                     mr, fr, int(args.mla)))
-                for kv, bn, nw, ns, pf, hn, mr, fr in grid]
+        grid = itertools.product(
+            args.kv.split(","),
+            *(
+                ints(x)
+                for x in (
+                    args.block_n or "16,32,64",
+                    args.num_warps,
+                    args.num_stages,
+                    args.prefetch,
+                    args.heads_n,
+                    args.maxnreg,
+                    args.fuse_rot,
+                )
+            ),
+        )
+        todo = [
+            (
+                {
+                    "kv": kv,
+                    "block_n": bn,
+                    "num_warps": nw,
+                    "num_stages": ns,
+                    "prefetch": pf,
+                    "heads_n": hn,
+                    "maxnreg": mr,
+                    "fuse_rot": fr,
+                },
+                lambda kv=kv, bn=bn, nw=nw, ns=ns, pf=pf, hn=hn, mr=mr, fr=fr: compile_stage1(
+                    args.head_dim,
+                    int(kv[1]),
+                    int(kv[3]),
+                    args.gqa,
+                    bn,
+                    nw,
+                    ns,
+                    args.sass_dir,
+                    pf,
+                    hn,
+                    mr,
+                    fr,
+                    int(args.mla),
+                ),
+            )
+            for kv, bn, nw, ns, pf, hn, mr, fr in grid
+        ]
     for key, run in todo:
         r = {**key, **run()}
         rows.append(r)

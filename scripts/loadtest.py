@@ -100,17 +100,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import free_port  # noqa: E402  (scripts/ is not a package)
+from _server import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sglang_tq.bench.configs import KV_ORDER, expected_backend, kv_server_flags, kv_sort_key  # noqa: E402,F401
-from sglang_tq.bench.configs import TQ_RE as _TQ_RE  # noqa: E402
-from sglang_tq.bench.server import SGLangServer, check_loopback, http, server_info  # noqa: E402
+from sglang_tq.bench.configs import KV_ORDER, expected_backend, kv_server_flags, kv_sort_key  # noqa: F401
+from sglang_tq.bench.configs import TQ_RE as _TQ_RE
+from sglang_tq.bench.server import SGLangServer, check_loopback, http, server_info
 
 try:  # orjson ships with SGLang; the stdlib parser is the fallback
     import orjson as _orjson
@@ -118,8 +118,10 @@ try:  # orjson ships with SGLang; the stdlib parser is the fallback
     def _loads(b: bytes):
         return _orjson.loads(b)
 except ImportError:  # pragma: no cover
+
     def _loads(b: bytes):
         return json.loads(b)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = str(ROOT / "scripts/model_configs/llama-3.1-8b")
@@ -134,28 +136,33 @@ DEFAULT_CUDA_GRAPH_MAX_BS = 128
 DEFAULT_BUDGET_HINT_S = 570  # one GPU-host command: 600 s
 
 # Measured rates, for the README line under the reference table (REFERENCE.md).
-BASELINE_H100 = {"bf16": {"out_tok_s": 920, "pool": 166_000}, "fp8": {"out_tok_s": 1149, "pool": 332_000}}
+BASELINE_H100 = {
+    "bf16": {"out_tok_s": 920, "pool": 166_000},
+    "fp8": {"out_tok_s": 1149, "pool": 332_000},
+}
 BASELINE_H200 = {  # Update 2026-12-02: one H200, fa3, mem 0.25, --cuda-graph-max-bs 128
     "reference": {"bf16": 1227, "fp8": 1476, "k4v4": 1558},
     "long-gen": {"bf16": 3786, "fp8": 5582, "k4v4": 5994},
-    "single-stream-4k": {"bf16": 4.98, "fp8": 5.07, "k4v4": 6.07},   # ITL p50 ms
+    "single-stream-4k": {"bf16": 4.98, "fp8": 5.07, "k4v4": 6.07},  # ITL p50 ms
     "single-stream-32k": {"bf16": 5.86, "fp8": 5.84, "k4v4": 6.64},  # ITL p50 ms
 }
 
 # The issue's targets: every kXvY config against the default-backend bf16 / fp8 rows.
-THROUGHPUT_TARGETS = {"reference": (("bf16", 1.5), ("fp8", 1.25)),
-                      "long-gen": (("bf16", 2.0), ("fp8", 1.4))}
+THROUGHPUT_TARGETS = {
+    "reference": (("bf16", 1.5), ("fp8", 1.25)),
+    "long-gen": (("bf16", 2.0), ("fp8", 1.4)),
+}
 ITL_TARGET_WORKLOADS = ("single-stream-4k", "single-stream-32k")  # ITL p50 <= bf16's
 
 # Device-time model for the plan and --budget-s (one H200, REFERENCE.md's update).
-EST_STARTUP_S = 140.0          # server start-up with prefill CUDA graphs on
-EST_WARMUP_S = 10.0            # per workload: JIT warm-up requests + flush
-EST_PREFILL_TOK_S = 12_000.0   # uncached prompt tokens per second, one long prompt
-EST_OUT_TOK_S = {              # out tok/s per workload and config family
+EST_STARTUP_S = 140.0  # server start-up with prefill CUDA graphs on
+EST_WARMUP_S = 10.0  # per workload: JIT warm-up requests + flush
+EST_PREFILL_TOK_S = 12_000.0  # uncached prompt tokens per second, one long prompt
+EST_OUT_TOK_S = {  # out tok/s per workload and config family
     "reference": {"bf16": 1227.0, "fp8": 1476.0, "tq": 1558.0},
     "long-gen": {"bf16": 3786.0, "fp8": 5582.0, "tq": 6000.0},
 }
-EST_TRITON_FACTOR = 0.85       # SGLang's Triton backend against fa3 (d84bfea: 1048 vs 1227)
+EST_TRITON_FACTOR = 0.85  # SGLang's Triton backend against fa3 (d84bfea: 1048 vs 1227)
 EST_ITL_S = {"bf16": 0.0059, "fp8": 0.0059, "tq": 0.0066}  # single stream, 32k
 EST_SP_DECODE_TOK_S = 2_000.0  # shared-prefix: short contexts, everything fits
 
@@ -163,10 +170,19 @@ EST_SP_DECODE_TOK_S = 2_000.0  # shared-prefix: short contexts, everything fits
 # ----------------------------------------------------------------------------- configs
 
 # flags in --extra-server-args that would make a config label lie or turn prefill graphs off
-_REFUSED_EXTRA = ("--attention-backend", "--prefill-attention-backend", "--decode-attention-backend",
-                  "--kv-cache-dtype", "--kv-quant", "--kv-quant-bits", "--disable-prefill-cuda-graph",
-                  "--disable-cuda-graph", "--disable-piecewise-cuda-graph", "--cuda-graph-backend-prefill",
-                  "--stream-interval")
+_REFUSED_EXTRA = (
+    "--attention-backend",
+    "--prefill-attention-backend",
+    "--decode-attention-backend",
+    "--kv-cache-dtype",
+    "--kv-quant",
+    "--kv-quant-bits",
+    "--disable-prefill-cuda-graph",
+    "--disable-cuda-graph",
+    "--disable-piecewise-cuda-graph",
+    "--cuda-graph-backend-prefill",
+    "--stream-interval",
+)
 
 
 def _flag_value(cmd: list[str], *names: str):
@@ -177,7 +193,7 @@ def _flag_value(cmd: list[str], *names: str):
             if a == n and i + 1 < len(cmd):
                 val = cmd[i + 1]
             elif a.startswith(n + "="):
-                val = a[len(n) + 1:]
+                val = a[len(n) + 1 :]
     return val
 
 
@@ -187,26 +203,29 @@ def check_extra_server_args(extra: str) -> list[str]:
     for t in toks:
         name = t.split("=", 1)[0]
         if name in _REFUSED_EXTRA:
-            raise ValueError(f"--extra-server-args may not contain {name}: the configs own the backend, "
-                             f"KV dtype and streaming flags, and prefill CUDA graphs stay on in every "
-                             f"measured server")
+            raise ValueError(
+                f"--extra-server-args may not contain {name}: the configs own the backend, "
+                f"KV dtype and streaming flags, and prefill CUDA graphs stay on in every "
+                f"measured server"
+            )
     return toks
 
 
 # ----------------------------------------------------------------------------- workloads
 
+
 @dataclass
 class Workload:
-    name: str                       # result rows' "workload" (single-stream: one per context)
+    name: str  # result rows' "workload" (single-stream: one per context)
     params: dict
     prompts: list[list[int]]
     output_len: int
     concurrency: int
     warm_prompts: list[list[int]] = field(default_factory=list)  # untimed, sent first
     variant: str = "default"
-    family: str = ""                # the --workloads name
+    family: str = ""  # the --workloads name
     warmup_requests: int | None = None  # JIT warm-up override (None: --warmup-requests)
-    warmup_len: int | None = None       # JIT warm-up prompt length (None: min(prompt, 8192))
+    warmup_len: int | None = None  # JIT warm-up prompt length (None: min(prompt, 8192))
 
     def __post_init__(self):
         self.family = self.family or self.name
@@ -231,10 +250,24 @@ SS_DEFAULTS = dict(num_requests=3, output_len=512)
 SS_QUICK = dict(num_requests=2, output_len=32)
 SS_CONTEXTS = (4096, 32768)
 SS_QUICK_CONTEXTS = (1024, 4096)
-SP_DEFAULTS = dict(num_prefixes=4, prefix_len=4000, requests_per_prefix=128, suffix_len=200,
-                   output_len=200, concurrency=64, warm=True)
-SP_QUICK = dict(num_prefixes=2, prefix_len=1024, requests_per_prefix=8, suffix_len=64,
-                output_len=32, concurrency=8, warm=True)
+SP_DEFAULTS = dict(
+    num_prefixes=4,
+    prefix_len=4000,
+    requests_per_prefix=128,
+    suffix_len=200,
+    output_len=200,
+    concurrency=64,
+    warm=True,
+)
+SP_QUICK = dict(
+    num_prefixes=2,
+    prefix_len=1024,
+    requests_per_prefix=8,
+    suffix_len=64,
+    output_len=32,
+    concurrency=8,
+    warm=True,
+)
 
 
 def _variant(params: dict, defaults: dict, quick: dict, is_quick: bool) -> str:
@@ -248,59 +281,141 @@ def _variant(params: dict, defaults: dict, quick: dict, is_quick: bool) -> str:
     return ("quick-" if is_quick else "") + "custom-" + digest
 
 
-def _random_workload(name: str, defaults: dict, quick_defaults: dict, num_requests: int, input_len: int,
-                     output_len: int, concurrency: int, seed: int, quick: bool) -> Workload:
-    params = dict(num_requests=num_requests, input_len=input_len, output_len=output_len,
-                  concurrency=concurrency)
+def _random_workload(
+    name: str,
+    defaults: dict,
+    quick_defaults: dict,
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    concurrency: int,
+    seed: int,
+    quick: bool,
+) -> Workload:
+    params = dict(
+        num_requests=num_requests,
+        input_len=input_len,
+        output_len=output_len,
+        concurrency=concurrency,
+    )
     rng = random.Random(f"{name}-{seed}")
     prompts = [_rand_ids(rng, input_len) for _ in range(num_requests)]
-    return Workload(name, {**params, "seed": seed}, prompts, output_len, concurrency,
-                    variant=_variant(params, defaults, quick_defaults, quick))
+    return Workload(
+        name,
+        {**params, "seed": seed},
+        prompts,
+        output_len,
+        concurrency,
+        variant=_variant(params, defaults, quick_defaults, quick),
+    )
 
 
-def reference_workload(num_requests: int, input_len: int, output_len: int, concurrency: int,
-                       seed: int = 0, quick: bool = False) -> Workload:
-    return _random_workload("reference", REFERENCE_DEFAULTS, REFERENCE_QUICK, num_requests, input_len,
-                            output_len, concurrency, seed, quick)
+def reference_workload(
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    concurrency: int,
+    seed: int = 0,
+    quick: bool = False,
+) -> Workload:
+    return _random_workload(
+        "reference",
+        REFERENCE_DEFAULTS,
+        REFERENCE_QUICK,
+        num_requests,
+        input_len,
+        output_len,
+        concurrency,
+        seed,
+        quick,
+    )
 
 
-def long_gen_workload(num_requests: int, input_len: int, output_len: int, concurrency: int,
-                      seed: int = 0, quick: bool = False) -> Workload:
-    return _random_workload("long-gen", LONG_GEN_DEFAULTS, LONG_GEN_QUICK, num_requests, input_len,
-                            output_len, concurrency, seed, quick)
+def long_gen_workload(
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    concurrency: int,
+    seed: int = 0,
+    quick: bool = False,
+) -> Workload:
+    return _random_workload(
+        "long-gen",
+        LONG_GEN_DEFAULTS,
+        LONG_GEN_QUICK,
+        num_requests,
+        input_len,
+        output_len,
+        concurrency,
+        seed,
+        quick,
+    )
 
 
 def single_stream_name(context: int) -> str:
-    return f"single-stream-{context // 1024}k" if context % 1024 == 0 else f"single-stream-{context}"
+    return (
+        f"single-stream-{context // 1024}k" if context % 1024 == 0 else f"single-stream-{context}"
+    )
 
 
-def single_stream_workload(context: int, num_requests: int, output_len: int, seed: int = 0,
-                           quick: bool = False) -> Workload:
+def single_stream_workload(
+    context: int, num_requests: int, output_len: int, seed: int = 0, quick: bool = False
+) -> Workload:
     """One request at a time (concurrency 1) of ``context`` input tokens; one untimed
     warm-up request of the same length first."""
     params = dict(num_requests=num_requests, output_len=output_len)
     rng = random.Random(f"single-stream-{context}-{seed}")
     prompts = [_rand_ids(rng, context) for _ in range(num_requests)]
-    return Workload(single_stream_name(context), {"context": context, **params, "seed": seed}, prompts,
-                    output_len, 1, variant=_variant(params, SS_DEFAULTS, SS_QUICK, quick),
-                    family="single-stream", warmup_requests=1, warmup_len=context)
+    return Workload(
+        single_stream_name(context),
+        {"context": context, **params, "seed": seed},
+        prompts,
+        output_len,
+        1,
+        variant=_variant(params, SS_DEFAULTS, SS_QUICK, quick),
+        family="single-stream",
+        warmup_requests=1,
+        warmup_len=context,
+    )
 
 
-def shared_prefix_workload(num_prefixes: int, prefix_len: int, requests_per_prefix: int,
-                           suffix_len: int, output_len: int, concurrency: int, warm: bool = True,
-                           seed: int = 0, quick: bool = False) -> Workload:
-    params = dict(num_prefixes=num_prefixes, prefix_len=prefix_len,
-                  requests_per_prefix=requests_per_prefix, suffix_len=suffix_len,
-                  output_len=output_len, concurrency=concurrency, warm=warm)
+def shared_prefix_workload(
+    num_prefixes: int,
+    prefix_len: int,
+    requests_per_prefix: int,
+    suffix_len: int,
+    output_len: int,
+    concurrency: int,
+    warm: bool = True,
+    seed: int = 0,
+    quick: bool = False,
+) -> Workload:
+    params = dict(
+        num_prefixes=num_prefixes,
+        prefix_len=prefix_len,
+        requests_per_prefix=requests_per_prefix,
+        suffix_len=suffix_len,
+        output_len=output_len,
+        concurrency=concurrency,
+        warm=warm,
+    )
     rng = random.Random(f"shared-prefix-{seed}")
     prefixes = [_rand_ids(rng, prefix_len) for _ in range(num_prefixes)]
     # interleaved: request i uses prefix i % num_prefixes
-    prompts = [prefixes[i % num_prefixes] + _rand_ids(rng, suffix_len)
-               for i in range(num_prefixes * requests_per_prefix)]
+    prompts = [
+        prefixes[i % num_prefixes] + _rand_ids(rng, suffix_len)
+        for i in range(num_prefixes * requests_per_prefix)
+    ]
     warm_prompts = [p + _rand_ids(rng, suffix_len) for p in prefixes] if warm else []
-    return Workload("shared-prefix", {**params, "seed": seed}, prompts, output_len, concurrency,
-                    warm_prompts=warm_prompts,
-                    variant=_variant(params, SP_DEFAULTS, SP_QUICK, quick))
+    return Workload(
+        "shared-prefix",
+        {**params, "seed": seed},
+        prompts,
+        output_len,
+        concurrency,
+        warm_prompts=warm_prompts,
+        variant=_variant(params, SP_DEFAULTS, SP_QUICK, quick),
+    )
 
 
 def _overrides(args, defaults: dict, prefix: str, names: dict | None = None) -> dict:
@@ -323,9 +438,15 @@ def build_workloads(args) -> list[Workload]:
             p = _overrides(args, LONG_GEN_QUICK if q else LONG_GEN_DEFAULTS, "lg_")
             out.append(long_gen_workload(**p, seed=args.seed, quick=q))
         elif name == "single-stream":
-            p = _overrides(args, SS_QUICK if q else SS_DEFAULTS, "ss_",
-                           {"num_requests": "ss_requests", "output_len": "ss_output_len"})
-            contexts = getattr(args, "ss_contexts", None) or (SS_QUICK_CONTEXTS if q else SS_CONTEXTS)
+            p = _overrides(
+                args,
+                SS_QUICK if q else SS_DEFAULTS,
+                "ss_",
+                {"num_requests": "ss_requests", "output_len": "ss_output_len"},
+            )
+            contexts = getattr(args, "ss_contexts", None) or (
+                SS_QUICK_CONTEXTS if q else SS_CONTEXTS
+            )
             out += [single_stream_workload(c, **p, seed=args.seed, quick=q) for c in contexts]
         else:
             p = _overrides(args, SP_QUICK if q else SP_DEFAULTS, "sp_")
@@ -376,6 +497,7 @@ def workload_sort_key(name: str):
 
 # ----------------------------------------------------------------------------- client
 
+
 @dataclass
 class ReqResult:
     ok: bool = False
@@ -389,10 +511,10 @@ class ReqResult:
     retractions: int = 0
     finish_reason: object = None
     error: str | None = None
-    incremental: bool = False      # chunks carry only their new output_ids
+    incremental: bool = False  # chunks carry only their new output_ids
     itl: list = field(default_factory=list)  # seconds between successive output tokens
-    arrivals: int = 0              # network reads that brought new tokens
-    multi_token_chunks: int = 0    # of those, reads that brought more than one token
+    arrivals: int = 0  # network reads that brought new tokens
+    multi_token_chunks: int = 0  # of those, reads that brought more than one token
     max_chunk_tokens: int = 0
     first_chunk_tokens: int = 0
     _seen: int = 0
@@ -468,15 +590,24 @@ def _handle_event(event: bytes, res: ReqResult, t0: float, now: float) -> bool:
     return done
 
 
-async def stream_generate(session, base_url: str, input_ids: list[int], max_new_tokens: int,
-                          ignore_eos: bool = True, incremental: bool = False,
-                          res: ReqResult | None = None) -> ReqResult:
+async def stream_generate(
+    session,
+    base_url: str,
+    input_ids: list[int],
+    max_new_tokens: int,
+    ignore_eos: bool = True,
+    incremental: bool = False,
+    res: ReqResult | None = None,
+) -> ReqResult:
     """One streaming /generate request; never raises (errors land in ReqResult.error).
     ``res`` lets the caller watch the stream's progress while it runs."""
     payload = {
         "input_ids": input_ids,
-        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
-                            "ignore_eos": ignore_eos},
+        "sampling_params": {
+            "max_new_tokens": max_new_tokens,
+            "temperature": 0.0,
+            "ignore_eos": ignore_eos,
+        },
         "stream": True,
     }
     if res is None:
@@ -504,7 +635,7 @@ async def stream_generate(session, base_url: str, input_ids: list[int], max_new_
     except asyncio.CancelledError:
         res.error = res.error or "cancelled (timeout)"
         raise
-    except Exception as exc:  # noqa: BLE001 - a failed request is data, not a crash
+    except Exception as exc:
         res.error = res.error or f"{type(exc).__name__}: {exc}"
         return res
     if res.finish_reason is None and res.error is None:
@@ -537,15 +668,22 @@ def _r(x, nd=4):
     return None if x is None else round(x, nd)
 
 
-def compute_stats(results: list[ReqResult | None], duration_s: float, num_requests: int,
-                  expected_output_len: int | None = None) -> dict:
+def compute_stats(
+    results: list[ReqResult | None],
+    duration_s: float,
+    num_requests: int,
+    expected_output_len: int | None = None,
+) -> dict:
     done = [r for r in results if r is not None]
     ok = [r for r in done if r.ok]
     failed = [r for r in done if not r.ok]
     ttft = [r.ttft for r in ok if r.ttft is not None]
     lat = [r.latency for r in ok if r.latency is not None]
-    tpot = [(r.latency - r.ttft) / (r.completion_tokens - 1) for r in ok
-            if r.latency is not None and r.ttft is not None and r.completion_tokens > 1]
+    tpot = [
+        (r.latency - r.ttft) / (r.completion_tokens - 1)
+        for r in ok
+        if r.latency is not None and r.ttft is not None and r.completion_tokens > 1
+    ]
     itl = sorted(g for r in ok for g in r.itl)
     out_tokens = sum(r.completion_tokens for r in ok)
     prompt_tokens = sum(r.prompt_tokens for r in ok)
@@ -595,11 +733,19 @@ def compute_stats(results: list[ReqResult | None], duration_s: float, num_reques
     return stats
 
 
-async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
-                       progress_s: float = 10.0, label: str = "",
-                       warmup_requests: int = 4, warmup_len: int | None = None,
-                       flush: Callable[[], object] | None = None,
-                       log: Callable[[str], None] = print, incremental: bool = False) -> dict:
+async def run_workload(
+    base_url: str,
+    wl: Workload,
+    timeout_s: float,
+    *,
+    progress_s: float = 10.0,
+    label: str = "",
+    warmup_requests: int = 4,
+    warmup_len: int | None = None,
+    flush: Callable[[], object] | None = None,
+    log: Callable[[str], None] = print,
+    incremental: bool = False,
+) -> dict:
     """Warm up, flush, (prefix warm-up), then the timed phase; returns compute_stats + extras.
 
     ``warmup_requests=0`` skips the JIT warm-up; otherwise the workload's own warm-up
@@ -611,7 +757,9 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
         warmup_requests = wl.warmup_requests
     if warmup_len is None:
         warmup_len = wl.warmup_len
-    conn = aiohttp.TCPConnector(limit=max(wl.concurrency, warmup_requests, len(wl.warm_prompts)) + 4)
+    conn = aiohttp.TCPConnector(
+        limit=max(wl.concurrency, warmup_requests, len(wl.warm_prompts)) + 4
+    )
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=max(timeout_s, 60))
     extra: dict = {}
 
@@ -624,9 +772,15 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
             if warmup_len is None:
                 warmup_len = min(len(wl.prompts[0]), 8192) if wl.prompts else 256
             t = time.perf_counter()
-            ws = await asyncio.gather(*(gen(_rand_ids(rng, warmup_len), 8) for _ in range(warmup_requests)))
-            extra["jit_warmup"] = {"requests": warmup_requests, "input_len": warmup_len,
-                                   "ok": sum(r.ok for r in ws), "s": round(time.perf_counter() - t, 2)}
+            ws = await asyncio.gather(
+                *(gen(_rand_ids(rng, warmup_len), 8) for _ in range(warmup_requests))
+            )
+            extra["jit_warmup"] = {
+                "requests": warmup_requests,
+                "input_len": warmup_len,
+                "ok": sum(r.ok for r in ws),
+                "s": round(time.perf_counter() - t, 2),
+            }
             if not any(r.ok for r in ws):
                 raise RuntimeError(f"warm-up requests failed: {ws[0].error}")
         if flush is not None:
@@ -634,8 +788,11 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
         if wl.warm_prompts:  # shared-prefix: put every prefix in the radix cache, untimed
             t = time.perf_counter()
             ws = await asyncio.gather(*(gen(p, 1) for p in wl.warm_prompts))
-            extra["prefix_warmup"] = {"requests": len(ws), "ok": sum(r.ok for r in ws),
-                                      "s": round(time.perf_counter() - t, 2)}
+            extra["prefix_warmup"] = {
+                "requests": len(ws),
+                "ok": sum(r.ok for r in ws),
+                "s": round(time.perf_counter() - t, 2),
+            }
 
         n = len(wl.prompts)
         results: list[ReqResult | None] = [None] * n
@@ -655,8 +812,10 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
                 done = [r for r in results if r is not None]
                 el = time.perf_counter() - start
                 toks = sum(r.completion_tokens for r in done if r.ok)
-                log(f"  [{label}] {len(done)}/{n} done, {sum(not r.ok for r in done)} failed, "
-                    f"{el:.0f} s, {toks / el:.0f} out tok/s so far")
+                log(
+                    f"  [{label}] {len(done)}/{n} done, {sum(not r.ok for r in done)} failed, "
+                    f"{el:.0f} s, {toks / el:.0f} out tok/s so far"
+                )
 
         tasks = [asyncio.create_task(one(i)) for i in range(n)]
         prog = asyncio.create_task(progress())
@@ -675,7 +834,9 @@ async def run_workload(base_url: str, wl: Workload, timeout_s: float, *,
         all_done = asyncio.ensure_future(asyncio.wait(tasks))
         stopper = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait([all_done, stopper], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [all_done, stopper], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
@@ -720,8 +881,11 @@ def summarize_kernel_trace(events: list[dict], steps: int, top: int = 12) -> dic
     the steps, so span minus busy is the GPU's idle time between kernels. Kernels started
     with programmatic dependent launch overlap their predecessor (busy can exceed span),
     and their duration includes the time they wait for it."""
-    kern = [e for e in events if e.get("cat") == "kernel" and e.get("ph", "X") == "X"
-            and "dur" in e and "ts" in e]
+    kern = [
+        e
+        for e in events
+        if e.get("cat") == "kernel" and e.get("ph", "X") == "X" and "dur" in e and "ts" in e
+    ]
     if not kern or steps < 1:
         return {"steps": steps, "kernels": 0}
     by_class: dict[str, float] = {}
@@ -740,10 +904,19 @@ def summarize_kernel_trace(events: list[dict], steps: int, top: int = 12) -> dic
         "kernels_per_step": round(len(kern) / steps, 2),
         "busy_us_per_step": round(busy / steps, 2),
         "span_us_per_step": round(span / steps, 2),
-        "class_us_per_step": {c: round(t / steps, 2) for c, t in sorted(by_class.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"name": n[:160], "class": c, "us_per_step": round(t / steps, 2),
-                         "launches_per_step": round(k / steps, 2), "us_per_launch": round(t / k, 3)}
-                        for n, (t, k, c) in names],
+        "class_us_per_step": {
+            c: round(t / steps, 2) for c, t in sorted(by_class.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {
+                "name": n[:160],
+                "class": c,
+                "us_per_step": round(t / steps, 2),
+                "launches_per_step": round(k / steps, 2),
+                "us_per_launch": round(t / k, 3),
+            }
+            for n, (t, k, c) in names
+        ],
     }
 
 
@@ -756,9 +929,16 @@ def read_trace_events(path: Path) -> list[dict]:
     return doc.get("traceEvents", []) if isinstance(doc, dict) else doc
 
 
-async def profile_decode_steps(base_url: str, prompt: list[int], steps: int, out_dir: Path, *,
-                               incremental: bool = False, lead_tokens: int = 16,
-                               timeout_s: float = 120.0) -> dict:
+async def profile_decode_steps(
+    base_url: str,
+    prompt: list[int],
+    steps: int,
+    out_dir: Path,
+    *,
+    incremental: bool = False,
+    lead_tokens: int = 16,
+    timeout_s: float = 120.0,
+) -> dict:
     """Profile ``steps`` decode steps of one streamed request (SGLang's /start_profile,
     GPU kernels only), started once ``lead_tokens`` tokens arrived so no prefill is in
     the window; returns :func:`summarize_kernel_trace` plus the trace's path."""
@@ -768,19 +948,33 @@ async def profile_decode_steps(base_url: str, prompt: list[int], steps: int, out
     for old in out_dir.glob("*.trace.json*"):
         old.unlink()
     res = ReqResult()
-    req = {"output_dir": str(out_dir.resolve()), "num_steps": steps, "activities": ["GPU"],
-           "profile_id": "decode"}
+    req = {
+        "output_dir": str(out_dir.resolve()),
+        "num_steps": steps,
+        "activities": ["GPU"],
+        "profile_id": "decode",
+    }
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        task = asyncio.create_task(stream_generate(session, base_url, prompt, lead_tokens + steps + 64,
-                                                   incremental=incremental, res=res))
+        task = asyncio.create_task(
+            stream_generate(
+                session,
+                base_url,
+                prompt,
+                lead_tokens + steps + 64,
+                incremental=incremental,
+                res=res,
+            )
+        )
         while res.completion_tokens < lead_tokens and not task.done():
             await asyncio.sleep(0.002)
         if task.done():
             raise RuntimeError(f"the profiled request ended early: {res.error}")
         async with session.post(base_url + "/start_profile", json=req) as resp:
             if resp.status != 200:
-                raise RuntimeError(f"/start_profile -> HTTP {resp.status}: {(await resp.text())[:300]}")
+                raise RuntimeError(
+                    f"/start_profile -> HTTP {resp.status}: {(await resp.text())[:300]}"
+                )
         await task
     deadline = time.time() + timeout_s
     while time.time() < deadline:  # the scheduler exports the trace after the last step
@@ -805,10 +999,17 @@ _DEFAULT_BACKEND_RE = re.compile(r"Attention backend not specified\. Use (\w+) b
 
 def common_server_flags(args) -> list[str]:
     """Flags every measured server gets, whatever its config."""
-    flags = ["--load-format", "dummy", "--skip-tokenizer-init",
-             "--mem-fraction-static", str(args.mem_fraction_static),
-             "--cuda-graph-max-bs-decode", str(args.cuda_graph_max_bs),
-             "--stream-interval", "1"]
+    flags = [
+        "--load-format",
+        "dummy",
+        "--skip-tokenizer-init",
+        "--mem-fraction-static",
+        str(args.mem_fraction_static),
+        "--cuda-graph-max-bs-decode",
+        str(args.cuda_graph_max_bs),
+        "--stream-interval",
+        "1",
+    ]
     if not args.cumulative_stream:
         flags.append("--incremental-streaming-output")
     return flags
@@ -816,13 +1017,17 @@ def common_server_flags(args) -> list[str]:
 
 def server_flags(args, kv: str) -> list[str]:
     """A config's server arguments after --model-path/--host/--port."""
-    return [*common_server_flags(args), *kv_server_flags(kv, args.model_path),
-            *check_extra_server_args(args.extra_server_args)]
+    return [
+        *common_server_flags(args),
+        *kv_server_flags(kv, args.model_path),
+        *check_extra_server_args(args.extra_server_args),
+    ]
 
 
 def make_server(args, kv: str, port: int, log_path: Path) -> SGLangServer:
-    return SGLangServer(args.model_path, server_flags(args, kv), log_path, module=args.server_module,
-                        port=port)
+    return SGLangServer(
+        args.model_path, server_flags(args, kv), log_path, module=args.server_module, port=port
+    )
 
 
 def server_command(args, kv: str, port: int) -> list[str]:
@@ -841,9 +1046,12 @@ def detect_backend(kv: str, info: dict, log_default: str | None = None) -> dict:
         backend, source = want, "flags"
     else:
         backend, source = "unknown", "none"
-    out = {"backend": backend, "backend_source": source,
-           "prefill_backend": info.get("prefill_attention_backend") or backend,
-           "decode_backend": info.get("decode_attention_backend") or backend}
+    out = {
+        "backend": backend,
+        "backend_source": source,
+        "prefill_backend": info.get("prefill_attention_backend") or backend,
+        "decode_backend": info.get("decode_attention_backend") or backend,
+    }
     if want is not None and backend != want:
         out["backend_mismatch"] = f"flags name {want}, server ran {backend}"
     return out
@@ -853,7 +1061,11 @@ def prefill_graph_state(info: dict, cmd: list[str] | None) -> bool | None:
     """Were prefill CUDA graphs on? From the server's resolved cuda_graph_config where
     it reports one, else from its flags; None if neither tells."""
     cfg = info.get("cuda_graph_config")
-    if isinstance(cfg, dict) and isinstance(cfg.get("prefill"), dict) and "backend" in cfg["prefill"]:
+    if (
+        isinstance(cfg, dict)
+        and isinstance(cfg.get("prefill"), dict)
+        and "backend" in cfg["prefill"]
+    ):
         return str(cfg["prefill"]["backend"]).lower() not in ("disabled", "backend.disabled")
     if info.get("disable_prefill_cuda_graph") or info.get("disable_cuda_graph"):
         return False
@@ -873,27 +1085,40 @@ def server_settings(args, kv: str, cmd: list[str] | None, info: dict) -> dict:
     inc = info.get("incremental_streaming_output")
     if inc is None and cmd is not None:
         inc = "--incremental-streaming-output" in cmd
-    return {"mem_fraction_static": info.get("mem_fraction_static") or args.mem_fraction_static,
-            "cuda_graph_max_bs": None if gmb is None else int(gmb),
-            "stream_interval": None if si is None else int(si),
-            "incremental_stream": inc,
-            "prefill_cuda_graph": prefill_graph_state(info, cmd)}
+    return {
+        "mem_fraction_static": info.get("mem_fraction_static") or args.mem_fraction_static,
+        "cuda_graph_max_bs": None if gmb is None else int(gmb),
+        "stream_interval": None if si is None else int(si),
+        "incremental_stream": inc,
+        "prefill_cuda_graph": prefill_graph_state(info, cmd),
+    }
 
 
 # ----------------------------------------------------------------------------- JSON
 
+
 def get_provenance() -> dict:
     """sglang_tq.provenance in a child process: the CUDA context it may create must not
     stay alive in this process while servers size their pools from free GPU memory."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
-            "from sglang_tq.provenance import provenance; print(json.dumps(provenance()))")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); "
+        "from sglang_tq.provenance import provenance; print(json.dumps(provenance()))"
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True,
-                             timeout=120, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(ROOT)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
-    except Exception as exc:  # noqa: BLE001
-        return {"gpu": "unknown", "commit": os.environ.get("SGLANG_TQ_COMMIT", "unknown"),
-                "provenance_error": repr(exc)[:300]}
+    except Exception as exc:
+        return {
+            "gpu": "unknown",
+            "commit": os.environ.get("SGLANG_TQ_COMMIT", "unknown"),
+            "provenance_error": repr(exc)[:300],
+        }
 
 
 def upgrade_row(r: dict) -> dict:
@@ -903,7 +1128,11 @@ def upgrade_row(r: dict) -> dict:
     if "backend" in r or not isinstance(r.get("kv"), str):
         return r
     flags = r.get("kv_flags") or []
-    named = flags[flags.index("--attention-backend") + 1] if "--attention-backend" in flags[:-1] else None
+    named = (
+        flags[flags.index("--attention-backend") + 1]
+        if "--attention-backend" in flags[:-1]
+        else None
+    )
     kv = r["kv"]
     if kv in BASELINES and named:
         r["kv"] = f"{kv}-{named}"
@@ -932,8 +1161,13 @@ def merge_result(doc: dict, res: dict) -> dict:
     res = upgrade_row(res)
     doc["results"] = [r for r in doc.get("results", []) if result_key(r) != result_key(res)]
     doc["results"].append(res)
-    doc["results"].sort(key=lambda r: (workload_sort_key(r.get("workload")), r.get("variant", ""),
-                                       kv_sort_key(r.get("kv", ""))))
+    doc["results"].sort(
+        key=lambda r: (
+            workload_sort_key(r.get("workload")),
+            r.get("variant", ""),
+            kv_sort_key(r.get("kv", "")),
+        )
+    )
     return doc
 
 
@@ -950,6 +1184,7 @@ def write_doc(path: Path, doc: dict):
 
 # ----------------------------------------------------------------------------- summary
 
+
 def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
@@ -965,10 +1200,17 @@ def summarize(results: list[dict]) -> dict:
     groups: dict[tuple, dict[str, dict]] = {}
     for r in results:
         groups.setdefault((r["workload"], r.get("variant", "default")), {})[r["kv"]] = r
-    out = {"baselines": {"bf16": "SGLang's default attention backend, bf16 KV",
-                         "fp8": "SGLang's default attention backend, --kv-cache-dtype fp8_e4m3"},
-           "groups": [], "targets": []}
-    for (wl, variant), all_kv in sorted(groups.items(), key=lambda kv: (workload_sort_key(kv[0][0]), kv[0][1])):
+    out = {
+        "baselines": {
+            "bf16": "SGLang's default attention backend, bf16 KV",
+            "fp8": "SGLang's default attention backend, --kv-cache-dtype fp8_e4m3",
+        },
+        "groups": [],
+        "targets": [],
+    }
+    for (wl, variant), all_kv in sorted(
+        groups.items(), key=lambda kv: (workload_sort_key(kv[0][0]), kv[0][1])
+    ):
         by_kv = {kv: r for kv, r in all_kv.items() if r.get("status") == "ok"}
         base = {b: by_kv.get(b) for b in BASELINES}
         rows = {}
@@ -977,18 +1219,35 @@ def summarize(results: list[dict]) -> dict:
             for b, br in base.items():
                 row[f"out_tok_s_vs_{b}"] = _ratio(r.get("out_tok_s"), br and br.get("out_tok_s"))
                 # > 1 means faster (lower TTFT) than the baseline
-                row[f"ttft_p50_speedup_vs_{b}"] = _ratio(br and br.get("ttft_p50_s"), r.get("ttft_p50_s"))
+                row[f"ttft_p50_speedup_vs_{b}"] = _ratio(
+                    br and br.get("ttft_p50_s"), r.get("ttft_p50_s")
+                )
                 row[f"itl_p50_vs_{b}"] = _ratio(r.get("itl_p50_ms"), br and br.get("itl_p50_ms"))
-            row["pool_vs_bf16"] = _ratio(r.get("max_total_num_tokens"),
-                                         base["bf16"] and base["bf16"].get("max_total_num_tokens"))
+            row["pool_vs_bf16"] = _ratio(
+                r.get("max_total_num_tokens"),
+                base["bf16"] and base["bf16"].get("max_total_num_tokens"),
+            )
             rows[kv] = row
         mixed = len({r.get("gpu") for r in by_kv.values()}) > 1
-        settings = {k: sorted({str(r.get(k)) for r in by_kv.values()})
-                    for k in ("mem_fraction_static", "cuda_graph_max_bs", "stream_interval", "prefill_cuda_graph")}
-        out["groups"].append({"workload": wl, "variant": variant, "mixed_gpus": mixed,
-                              "baseline_backends": {b: br and br.get("backend") for b, br in base.items()},
-                              "settings_differ": [k for k, v in settings.items() if len(v) > 1],
-                              "ratios": rows})
+        settings = {
+            k: sorted({str(r.get(k)) for r in by_kv.values()})
+            for k in (
+                "mem_fraction_static",
+                "cuda_graph_max_bs",
+                "stream_interval",
+                "prefill_cuda_graph",
+            )
+        }
+        out["groups"].append(
+            {
+                "workload": wl,
+                "variant": variant,
+                "mixed_gpus": mixed,
+                "baseline_backends": {b: br and br.get("backend") for b, br in base.items()},
+                "settings_differ": [k for k, v in settings.items() if len(v) > 1],
+                "ratios": rows,
+            }
+        )
         if variant != "default":
             continue
         for kv in sorted(all_kv, key=kv_sort_key):
@@ -998,21 +1257,42 @@ def summarize(results: list[dict]) -> dict:
             mine = by_kv.get(kv)
 
             def target(name, value, threshold, ok):
-                out["targets"].append({"name": name, "workload": wl, "kv": kv, "value": value,
-                                       "threshold": threshold, "pass": ok, "mixed_gpus": mixed})
+                out["targets"].append(
+                    {
+                        "name": name,
+                        "workload": wl,
+                        "kv": kv,
+                        "value": value,
+                        "threshold": threshold,
+                        "pass": ok,
+                        "mixed_gpus": mixed,
+                    }
+                )
 
             if wl in THROUGHPUT_TARGETS:
                 for b, thr in THROUGHPUT_TARGETS[wl]:
                     v = row.get(f"out_tok_s_vs_{b}")
-                    target(f"{wl} {kv} out tok/s >= {thr}x {b}", v, thr, None if v is None else v >= thr)
+                    target(
+                        f"{wl} {kv} out tok/s >= {thr}x {b}",
+                        v,
+                        thr,
+                        None if v is None else v >= thr,
+                    )
             elif wl in ITL_TARGET_WORKLOADS:
                 v = mine and mine.get("itl_p50_ms")
                 b = base["bf16"] and base["bf16"].get("itl_p50_ms")
-                target(f"{wl} {kv} ITL p50 <= bf16", v, b, None if v is None or b is None else v <= b)
+                target(
+                    f"{wl} {kv} ITL p50 <= bf16", v, b, None if v is None or b is None else v <= b
+                )
             elif wl == "shared-prefix":
                 v = mine and mine.get("ttft_p50_s")
                 b = base["fp8"] and base["fp8"].get("ttft_p50_s")
-                target(f"shared-prefix {kv} TTFT p50 < fp8", v, b, None if v is None or b is None else v < b)
+                target(
+                    f"shared-prefix {kv} TTFT p50 < fp8",
+                    v,
+                    b,
+                    None if v is None or b is None else v < b,
+                )
     return out
 
 
@@ -1023,34 +1303,57 @@ def _fmt(x, spec="{:.0f}"):
 def summary_text(doc: dict) -> str:
     results = doc.get("results", [])
     summ = summarize(results)
-    lines = [f"GPU(s): {', '.join(sorted({str(r.get('gpu')) for r in results})) or '-'}   "
-             f"commit(s): {', '.join(sorted({str(r.get('commit')) for r in results})) or '-'}",
-             "bf16 / fp8 = SGLang's default attention backend (column 'backend'); x = ratio to that row "
-             "(out tok/s: higher is better; ITL: this / baseline, lower is better)"]
+    lines = [
+        f"GPU(s): {', '.join(sorted({str(r.get('gpu')) for r in results})) or '-'}   "
+        f"commit(s): {', '.join(sorted({str(r.get('commit')) for r in results})) or '-'}",
+        "bf16 / fp8 = SGLang's default attention backend (column 'backend'); x = ratio to that row "
+        "(out tok/s: higher is better; ITL: this / baseline, lower is better)",
+    ]
     ratio_by_group = {(g["workload"], g["variant"]): g for g in summ["groups"]}
-    keys = sorted({(r["workload"], r.get("variant", "default")) for r in results},
-                  key=lambda k: (workload_sort_key(k[0]), k[1]))
-    hdr = (f"{'kv':<11} {'backend':<10} {'pool tok':>9} {'xbf16':>5} {'out tok/s':>9} {'xbf16':>6} {'xfp8':>6} "
-           f"{'TTFT p50':>8} {'ITL p50':>7} {'p90':>6} {'ITL/bf16':>8} {'/fp8':>5} {'hit%':>5} {'done':>7} note")
+    keys = sorted(
+        {(r["workload"], r.get("variant", "default")) for r in results},
+        key=lambda k: (workload_sort_key(k[0]), k[1]),
+    )
+    hdr = (
+        f"{'kv':<11} {'backend':<10} {'pool tok':>9} {'xbf16':>5} {'out tok/s':>9} {'xbf16':>6} {'xfp8':>6} "
+        f"{'TTFT p50':>8} {'ITL p50':>7} {'p90':>6} {'ITL/bf16':>8} {'/fp8':>5} {'hit%':>5} {'done':>7} note"
+    )
     for wl, variant in keys:
-        g = ratio_by_group.get((wl, variant), {"ratios": {}, "mixed_gpus": False, "settings_differ": [],
-                                               "baseline_backends": {}})
-        warn = ("   WARNING: results from different GPUs" if g["mixed_gpus"] else "")
+        g = ratio_by_group.get(
+            (wl, variant),
+            {"ratios": {}, "mixed_gpus": False, "settings_differ": [], "baseline_backends": {}},
+        )
+        warn = "   WARNING: results from different GPUs" if g["mixed_gpus"] else ""
         if g["settings_differ"]:
             warn += f"   WARNING: servers differ in {', '.join(g['settings_differ'])}"
         lines += ["", f"== {wl}" + ("" if variant == "default" else f" ({variant})") + warn, hdr]
-        rows = sorted((r for r in results if (r["workload"], r.get("variant", "default")) == (wl, variant)),
-                      key=lambda r: kv_sort_key(r["kv"]))
+        rows = sorted(
+            (r for r in results if (r["workload"], r.get("variant", "default")) == (wl, variant)),
+            key=lambda r: kv_sort_key(r["kv"]),
+        )
         for r in rows:
             if r.get("status") not in ("ok", "partial"):
-                why = r.get("error") or (f"interrupted ({r['interrupted']})" if r.get("interrupted") else
-                                         "timed out" if r.get("timed_out") else "")
-                lines.append(f"{r['kv']:<11} {str(r.get('backend') or '?'):<10} {r.get('status')}: {str(why)[:100]}")
+                why = r.get("error") or (
+                    f"interrupted ({r['interrupted']})"
+                    if r.get("interrupted")
+                    else "timed out"
+                    if r.get("timed_out")
+                    else ""
+                )
+                lines.append(
+                    f"{r['kv']:<11} {str(r.get('backend') or '?'):<10} {r.get('status')}: {str(why)[:100]}"
+                )
                 continue
             q = g["ratios"].get(r["kv"], {})
-            note = ("TIMED OUT (no ratios)" if r.get("timed_out") else
-                    f"INTERRUPTED ({r['interrupted']}, no ratios)" if r.get("interrupted") else
-                    f"{r['failed']} FAILED REQS" if r.get("failed") else "")
+            note = (
+                "TIMED OUT (no ratios)"
+                if r.get("timed_out")
+                else f"INTERRUPTED ({r['interrupted']}, no ratios)"
+                if r.get("interrupted")
+                else f"{r['failed']} FAILED REQS"
+                if r.get("failed")
+                else ""
+            )
             if r.get("retractions"):
                 note += f" {r['retractions']} retractions"
             if r.get("backend_mismatch"):
@@ -1067,15 +1370,21 @@ def summary_text(doc: dict) -> str:
                 f"{_fmt(r.get('itl_p90_ms'), '{:.2f}'):>6} {_fmt(q.get('itl_p50_vs_bf16'), '{:.2f}'):>8} "
                 f"{_fmt(q.get('itl_p50_vs_fp8'), '{:.2f}'):>5} "
                 f"{_fmt(None if hit is None else 100 * hit, '{:.1f}'):>5} "
-                f"{r.get('completed')}/{r.get('num_requests'):<3} {note}".rstrip())
+                f"{r.get('completed')}/{r.get('num_requests'):<3} {note}".rstrip()
+            )
         bb = g.get("baseline_backends") or {}
         if bb.get("bf16") and bb.get("fp8") and bb["bf16"] != bb["fp8"]:
-            lines.append(f"WARNING: the baselines ran different backends (bf16 {bb['bf16']}, fp8 {bb['fp8']})")
+            lines.append(
+                f"WARNING: the baselines ran different backends (bf16 {bb['bf16']}, fp8 {bb['fp8']})"
+            )
         if variant == "default" and wl in BASELINE_H200:
             ref = BASELINE_H200[wl]
             what = "ITL p50 ms" if wl.startswith("single-stream") else "out tok/s"
-            lines.append(f"(REFERENCE.md update, H200, fa3, {what}: "
-                         + ", ".join(f"{k} {v}" for k, v in ref.items()) + ")")
+            lines.append(
+                f"(REFERENCE.md update, H200, fa3, {what}: "
+                + ", ".join(f"{k} {v}" for k, v in ref.items())
+                + ")"
+            )
     if summ["targets"]:
         lines += ["", "targets (against this file's bf16 / fp8 rows):"]
         for t in summ["targets"]:
@@ -1086,92 +1395,168 @@ def summary_text(doc: dict) -> str:
                 val = f"{_fmt(t['value'], '{:.3f}')} s (fp8 {_fmt(t['threshold'], '{:.3f}')} s)"
             else:
                 val = f"{_fmt(t['value'], '{:.3f}')}x"
-            lines.append(f"  [{mark}] {t['name']}: {val}" + ("  (mixed GPUs!)" if t["mixed_gpus"] else ""))
+            lines.append(
+                f"  [{mark}] {t['name']}: {val}" + ("  (mixed GPUs!)" if t["mixed_gpus"] else "")
+            )
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
 
+
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of integers, got {text!r}"
+        ) from None
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return vals
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--model-path", default=DEFAULT_MODEL, help="model folder (default: the dummy "
-                    "Llama-3.1-8B config in scripts/model_configs/llama-3.1-8b)")
-    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                    help="comma list of KV configs (default %(default)s): bf16 and fp8 run SGLang's default "
-                         "attention backend (no --attention-backend: fa3 on Hopper) and are the baselines of "
-                         "every ratio; bf16-triton / fp8-triton run SGLang's Triton backend, bf16-fa3 / fp8-fa3 "
-                         "name fa3 explicitly; kXvY (k4v4, k3v3, ...) run --kv-quant turboquant")
-    ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
-                    help=f"comma list from {','.join(WORKLOADS)} (default %(default)s); single-stream gives one "
-                         "result per --ss-contexts entry (single-stream-4k, single-stream-32k)")
-    ap.add_argument("--mem-fraction-static", type=float, default=DEFAULT_MEM_FRACTION,
-                    help="the same for every server (default %(default)s)")
-    ap.add_argument("--cuda-graph-max-bs", type=int, default=DEFAULT_CUDA_GRAPH_MAX_BS,
-                    help="decode CUDA-graph batch cap, the same for every server, passed as "
-                         "--cuda-graph-max-bs-decode (default %(default)s)")
-    ap.add_argument("--cumulative-stream", action="store_true",
-                    help="let SGLang send all output ids in every streamed chunk (its default) instead of "
-                         "--incremental-streaming-output (only the new ids); both stream every token")
-    ap.add_argument("--extra-server-args", default="",
-                    help="one string, shlex-split, added to every server; may not name a backend, KV dtype, "
-                         "streaming or prefill-CUDA-graph flag")
-    ap.add_argument("--prefill-cuda-graph", action="store_true", help=argparse.SUPPRESS)  # always on now
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    ap.add_argument(
+        "--model-path",
+        default=DEFAULT_MODEL,
+        help="model folder (default: the dummy "
+        "Llama-3.1-8B config in scripts/model_configs/llama-3.1-8b)",
+    )
+    ap.add_argument(
+        "--configs",
+        default=",".join(DEFAULT_CONFIGS),
+        help="comma list of KV configs (default %(default)s): bf16 and fp8 run SGLang's default "
+        "attention backend (no --attention-backend: fa3 on Hopper) and are the baselines of "
+        "every ratio; bf16-triton / fp8-triton run SGLang's Triton backend, bf16-fa3 / fp8-fa3 "
+        "name fa3 explicitly; kXvY (k4v4, k3v3, ...) run --kv-quant turboquant",
+    )
+    ap.add_argument(
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"comma list from {','.join(WORKLOADS)} (default %(default)s); single-stream gives one "
+        "result per --ss-contexts entry (single-stream-4k, single-stream-32k)",
+    )
+    ap.add_argument(
+        "--mem-fraction-static",
+        type=float,
+        default=DEFAULT_MEM_FRACTION,
+        help="the same for every server (default %(default)s)",
+    )
+    ap.add_argument(
+        "--cuda-graph-max-bs",
+        type=int,
+        default=DEFAULT_CUDA_GRAPH_MAX_BS,
+        help="decode CUDA-graph batch cap, the same for every server, passed as "
+        "--cuda-graph-max-bs-decode (default %(default)s)",
+    )
+    ap.add_argument(
+        "--cumulative-stream",
+        action="store_true",
+        help="let SGLang send all output ids in every streamed chunk (its default) instead of "
+        "--incremental-streaming-output (only the new ids); both stream every token",
+    )
+    ap.add_argument(
+        "--extra-server-args",
+        default="",
+        help="one string, shlex-split, added to every server; may not name a backend, KV dtype, "
+        "streaming or prefill-CUDA-graph flag",
+    )
+    ap.add_argument(
+        "--prefill-cuda-graph", action="store_true", help=argparse.SUPPRESS
+    )  # always on now
     ap.add_argument("--out", default="loadtest.json")
-    ap.add_argument("--append", action="store_true", help="merge into an existing --out instead of starting over")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into an existing --out instead of starting over",
+    )
     ap.add_argument("--log-dir", default=None, help="server logs (default: the folder of --out)")
-    ap.add_argument("--timeout-per-run", type=float, default=None,
-                    help="seconds for one timed phase (default: max(300, 2x its estimate); 120 with --quick)")
+    ap.add_argument(
+        "--timeout-per-run",
+        type=float,
+        default=None,
+        help="seconds for one timed phase (default: max(300, 2x its estimate); 120 with --quick)",
+    )
     ap.add_argument("--startup-timeout", type=float, default=600)
-    ap.add_argument("--budget-s", type=float, default=0,
-                    help="skip servers / workloads whose estimate would end later than this many seconds after "
-                         f"launch (0: no limit; ~{DEFAULT_BUDGET_HINT_S} for one 600 s GPU-host command); also "
-                         "caps each timed phase")
-    ap.add_argument("--fresh-server-per-workload", action="store_true",
-                    help="restart the server for every workload (default: one server per KV config, "
-                         "/flush_cache between workloads)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="skip servers / workloads whose estimate would end later than this many seconds after "
+        f"launch (0: no limit; ~{DEFAULT_BUDGET_HINT_S} for one 600 s GPU-host command); also "
+        "caps each timed phase",
+    )
+    ap.add_argument(
+        "--fresh-server-per-workload",
+        action="store_true",
+        help="restart the server for every workload (default: one server per KV config, "
+        "/flush_cache between workloads)",
+    )
     ap.add_argument("--quick", action="store_true", help="small workloads for smoke tests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress-s", type=float, default=10)
-    ap.add_argument("--warmup-requests", type=int, default=4,
-                    help="untimed JIT warm-up requests per workload (single-stream: always one of the full "
-                         "context; 0: none)")
-    ap.add_argument("--server-url", default=None,
-                    help="use an already running loopback server (one --configs label) instead of launching")
+    ap.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=4,
+        help="untimed JIT warm-up requests per workload (single-stream: always one of the full "
+        "context; 0: none)",
+    )
+    ap.add_argument(
+        "--server-url",
+        default=None,
+        help="use an already running loopback server (one --configs label) instead of launching",
+    )
     ap.add_argument("--summarize", action="store_true", help="only print the summary of --out")
-    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
-                    help="only merge these result files into --out (with --append: into its results), "
-                         "later files win per (workload, variant, kv), and print the summary")
-    ap.add_argument("--plan", action="store_true",
-                    help="only print the plan with each config's estimated seconds, then exit")
-    g = ap.add_argument_group("reference workload overrides (default 96 x 6000/400, concurrency 64)")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="only merge these result files into --out (with --append: into its results), "
+        "later files win per (workload, variant, kv), and print the summary",
+    )
+    ap.add_argument(
+        "--plan",
+        action="store_true",
+        help="only print the plan with each config's estimated seconds, then exit",
+    )
+    g = ap.add_argument_group(
+        "reference workload overrides (default 96 x 6000/400, concurrency 64)"
+    )
     g.add_argument("--num-requests", type=int)
     g.add_argument("--input-len", type=int)
     g.add_argument("--output-len", type=int)
     g.add_argument("--concurrency", type=int)
-    g = ap.add_argument_group("long-gen workload overrides (default 128 x 1000/4000, concurrency 128)")
+    g = ap.add_argument_group(
+        "long-gen workload overrides (default 128 x 1000/4000, concurrency 128)"
+    )
     g.add_argument("--lg-num-requests", type=int)
     g.add_argument("--lg-input-len", type=int)
     g.add_argument("--lg-output-len", type=int)
     g.add_argument("--lg-concurrency", type=int)
-    g = ap.add_argument_group("single-stream workload overrides (default 4096,32768 x 3 requests, 512 output)")
-    g.add_argument("--ss-contexts", type=_int_list, help="comma list of input lengths, one result each")
+    g = ap.add_argument_group(
+        "single-stream workload overrides (default 4096,32768 x 3 requests, 512 output)"
+    )
+    g.add_argument(
+        "--ss-contexts", type=_int_list, help="comma list of input lengths, one result each"
+    )
     g.add_argument("--ss-requests", type=int, help="requests per context, one at a time")
     g.add_argument("--ss-output-len", type=int)
-    g.add_argument("--profile-steps", type=int, default=0,
-                   help="after each single-stream context, profile this many decode steps of one more "
-                        "request (SGLang's /start_profile, GPU kernels only) and record the device time "
-                        "per step by kernel class as decode_profile (default 0: off)")
+    g.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after each single-stream context, profile this many decode steps of one more "
+        "request (SGLang's /start_profile, GPU kernels only) and record the device time "
+        "per step by kernel class as decode_profile (default 0: off)",
+    )
     g = ap.add_argument_group("shared-prefix workload overrides")
     g.add_argument("--sp-num-prefixes", type=int)
     g.add_argument("--sp-prefix-len", type=int)
@@ -1211,9 +1596,15 @@ def run_timeout_s(args, est: float) -> float:
 
 def plan_text(args, workloads: list[Workload]) -> tuple[str, float]:
     n_starts = 0 if args.server_url else (len(workloads) if args.fresh_server_per_workload else 1)
-    lines = [f"plan: {len(args.configs)} config(s) x {len(workloads)} workload(s), mem-fraction-static "
-             f"{args.mem_fraction_static}, cuda-graph-max-bs {args.cuda_graph_max_bs}, prefill CUDA graphs on, "
-             + ("reusing one server per config" if not args.fresh_server_per_workload else "fresh server each")]
+    lines = [
+        f"plan: {len(args.configs)} config(s) x {len(workloads)} workload(s), mem-fraction-static "
+        f"{args.mem_fraction_static}, cuda-graph-max-bs {args.cuda_graph_max_bs}, prefill CUDA graphs on, "
+        + (
+            "reusing one server per config"
+            if not args.fresh_server_per_workload
+            else "fresh server each"
+        )
+    ]
     total = 0.0
     for kv in args.configs:
         parts = [f"start ~{EST_STARTUP_S * n_starts:.0f} s"] if n_starts else []
@@ -1221,10 +1612,16 @@ def plan_text(args, workloads: list[Workload]) -> tuple[str, float]:
             parts.append(f"{wl.label} ~{estimate_run_s(wl, kv):.0f} s ({len(wl.prompts)} req)")
         t = estimate_config_s(workloads, kv, n_starts)
         total += t
-        fits = "" if t <= DEFAULT_BUDGET_HINT_S else f"  (> {DEFAULT_BUDGET_HINT_S} s: split --workloads)"
+        fits = (
+            ""
+            if t <= DEFAULT_BUDGET_HINT_S
+            else f"  (> {DEFAULT_BUDGET_HINT_S} s: split --workloads)"
+        )
         lines.append(f"  {kv:<11} ~{t:.0f} s = " + ", ".join(parts) + fits)
-    lines.append(f"  estimated total ~{total:.0f} s ({total / 60:.1f} min; H200 rates from REFERENCE.md's "
-                 f"update, start-up ~{EST_STARTUP_S:.0f} s; one config per 600 s command with --append)")
+    lines.append(
+        f"  estimated total ~{total:.0f} s ({total / 60:.1f} min; H200 rates from REFERENCE.md's "
+        f"update, start-up ~{EST_STARTUP_S:.0f} s; one config per 600 s command with --append)"
+    )
     return "\n".join(lines), total
 
 
@@ -1264,9 +1661,14 @@ def main(argv=None) -> int:
     doc.update({k: prov.get(k) for k in ("gpu", "commit", "versions", "date")})
     doc.setdefault("tool", "scripts/loadtest.py")
     doc.setdefault("results", [])
-    doc.setdefault("invocations", []).append({"argv": sys.argv[1:] if argv is None else list(argv),
-                                              "gpu": prov.get("gpu"), "commit": prov.get("commit"),
-                                              "date": prov.get("date")})
+    doc.setdefault("invocations", []).append(
+        {
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "gpu": prov.get("gpu"),
+            "commit": prov.get("commit"),
+            "date": prov.get("date"),
+        }
+    )
     write_doc(out, doc)
     print(f"gpu: {prov.get('gpu')}  commit: {prov.get('commit')}  -> {out}", flush=True)
 
@@ -1282,12 +1684,20 @@ def main(argv=None) -> int:
             for group in groups:
                 est = estimate_config_s(group, kv, 0 if args.server_url else 1)
                 if est > remaining():
-                    print(f"SKIP {kv} {[w.name for w in group]}: estimate {est:.0f} s > budget left "
-                          f"{remaining():.0f} s", flush=True)
+                    print(
+                        f"SKIP {kv} {[w.name for w in group]}: estimate {est:.0f} s > budget left "
+                        f"{remaining():.0f} s",
+                        flush=True,
+                    )
                     rc = 2
                     continue
-                base_res = {"kv": kv, "gpu": prov.get("gpu"), "commit": prov.get("commit"),
-                            "date": prov.get("date"), "kv_flags": kv_server_flags(kv, args.model_path)}
+                base_res = {
+                    "kv": kv,
+                    "gpu": prov.get("gpu"),
+                    "commit": prov.get("commit"),
+                    "date": prov.get("date"),
+                    "kv_flags": kv_server_flags(kv, args.model_path),
+                }
                 cmd = None
                 log_default = None
                 if args.server_url:
@@ -1298,7 +1708,11 @@ def main(argv=None) -> int:
                     pool = {"max_total_num_tokens": info.get("max_total_num_tokens")}
                 else:
                     port = free_port()
-                    tag = kv + ("_" + group[0].name if args.fresh_server_per_workload or len(group) == 1 else "")
+                    tag = kv + (
+                        "_" + group[0].name
+                        if args.fresh_server_per_workload or len(group) == 1
+                        else ""
+                    )
                     server = make_server(args, kv, port, log_dir / f"loadtest_server_{tag}.log")
                     cmd = server.cmd
                     base_res["server_cmd"] = shlex.join(server.cmd[1:])
@@ -1308,10 +1722,18 @@ def main(argv=None) -> int:
                     except RuntimeError as exc:
                         print(f"ERROR {kv}: {exc}", flush=True)
                         for wl in group:
-                            merge_result(doc, {**base_res, "backend": expected_backend(kv) or "unknown",
-                                               "backend_source": "flags", "workload": wl.name,
-                                               "variant": wl.variant, "status": "server_failed",
-                                               "error": str(exc)[-2000:]})
+                            merge_result(
+                                doc,
+                                {
+                                    **base_res,
+                                    "backend": expected_backend(kv) or "unknown",
+                                    "backend_source": "flags",
+                                    "workload": wl.name,
+                                    "variant": wl.variant,
+                                    "status": "server_failed",
+                                    "error": str(exc)[-2000:],
+                                },
+                            )
                         write_doc(out, doc)
                         server.stop()
                         server = None
@@ -1324,62 +1746,110 @@ def main(argv=None) -> int:
                     base_res["startup_s"] = server.startup_s
                 base_res.update(server_settings(args, kv, cmd, info))
                 base_res.update(detect_backend(kv, info, log_default))
-                base_res["max_total_num_tokens"] = pool.get("max_total_num_tokens") or info.get("max_total_num_tokens")
-                base_res["max_running_requests"] = pool.get("max_running_requests") or info.get("max_running_requests")
+                base_res["max_total_num_tokens"] = pool.get("max_total_num_tokens") or info.get(
+                    "max_total_num_tokens"
+                )
+                base_res["max_running_requests"] = pool.get("max_running_requests") or info.get(
+                    "max_running_requests"
+                )
                 base_res["server_info"] = info
                 base_res["server_log"] = pool
-                print(f"  {kv}: backend {base_res['backend']} ({base_res['backend_source']}), "
-                      f"max_total_num_tokens={base_res['max_total_num_tokens']} "
-                      f"max_running_requests={base_res['max_running_requests']}", flush=True)
+                print(
+                    f"  {kv}: backend {base_res['backend']} ({base_res['backend_source']}), "
+                    f"max_total_num_tokens={base_res['max_total_num_tokens']} "
+                    f"max_running_requests={base_res['max_running_requests']}",
+                    flush=True,
+                )
                 if base_res.get("backend_mismatch"):
                     print(f"  WARNING {kv}: {base_res['backend_mismatch']}", flush=True)
                 if base_res.get("prefill_cuda_graph") is False:
-                    print(f"  WARNING {kv}: the server runs without prefill CUDA graphs", flush=True)
+                    print(
+                        f"  WARNING {kv}: the server runs without prefill CUDA graphs", flush=True
+                    )
                 try:
                     for wl in group:
                         est = estimate_run_s(wl, kv)
                         if est > remaining():
-                            print(f"SKIP {kv} {wl.label}: estimate {est:.0f} s > budget left {remaining():.0f} s")
+                            print(
+                                f"SKIP {kv} {wl.label}: estimate {est:.0f} s > budget left {remaining():.0f} s"
+                            )
                             rc = 2
                             continue
                         timeout = min(run_timeout_s(args, est), max(remaining() - 45, 10))
                         label = f"{kv}/{wl.label}"
-                        print(f"run {label}: {len(wl.prompts)} requests, concurrency {wl.concurrency}, "
-                              f"output {wl.output_len}, timeout {timeout:.0f} s (estimate ~{est:.0f} s)", flush=True)
+                        print(
+                            f"run {label}: {len(wl.prompts)} requests, concurrency {wl.concurrency}, "
+                            f"output {wl.output_len}, timeout {timeout:.0f} s (estimate ~{est:.0f} s)",
+                            flush=True,
+                        )
                         flush = server.flush_cache if server else (lambda: _flush_url(base_url))
                         t = time.time()
-                        res = {**base_res, "workload": wl.name, "workload_family": wl.family,
-                               "variant": wl.variant, "quick": args.quick, "workload_params": wl.params}
+                        res = {
+                            **base_res,
+                            "workload": wl.name,
+                            "workload_family": wl.family,
+                            "variant": wl.variant,
+                            "quick": args.quick,
+                            "workload_params": wl.params,
+                        }
                         if wl.family == "single-stream":
                             res["context"] = wl.params["context"]
                         try:
-                            stats = asyncio.run(run_workload(
-                                base_url, wl, timeout, progress_s=args.progress_s, label=label,
-                                warmup_requests=args.warmup_requests, flush=flush,
-                                incremental=bool(base_res.get("incremental_stream"))))
+                            stats = asyncio.run(
+                                run_workload(
+                                    base_url,
+                                    wl,
+                                    timeout,
+                                    progress_s=args.progress_s,
+                                    label=label,
+                                    warmup_requests=args.warmup_requests,
+                                    flush=flush,
+                                    incremental=bool(base_res.get("incremental_stream")),
+                                )
+                            )
                             incomplete = stats["timed_out"] or stats.get("interrupted")
-                            res.update(stats, status=("partial" if incomplete else "ok")
-                                       if stats["completed"] else "no_completions")
-                        except Exception as exc:  # noqa: BLE001 - record, go on with the next one
+                            res.update(
+                                stats,
+                                status=("partial" if incomplete else "ok")
+                                if stats["completed"]
+                                else "no_completions",
+                            )
+                        except Exception as exc:
                             res.update(status="client_failed", error=f"{type(exc).__name__}: {exc}")
                             rc = 1
                         finally:
                             signal.signal(signal.SIGTERM, _on_sigterm)  # asyncio reset it
-                        if args.profile_steps > 0 and wl.family == "single-stream" and res["status"] == "ok":
-                            res["decode_profile"] = _profile_row(args, base_url, wl, kv, log_dir,
-                                                                 bool(base_res.get("incremental_stream")))
+                        if (
+                            args.profile_steps > 0
+                            and wl.family == "single-stream"
+                            and res["status"] == "ok"
+                        ):
+                            res["decode_profile"] = _profile_row(
+                                args,
+                                base_url,
+                                wl,
+                                kv,
+                                log_dir,
+                                bool(base_res.get("incremental_stream")),
+                            )
                         res["wall_s"] = round(time.time() - t, 1)
                         merge_result(doc, res)
                         write_doc(out, doc)
                         if res.get("interrupted"):
                             raise _Terminated(res["interrupted"])
                         if res["status"] in ("ok", "partial"):
-                            print(f"done {label}: {res['out_tok_s']} out tok/s, TTFT p50 {res['ttft_p50_s']} s, "
-                                  f"ITL p50 {res['itl_p50_ms']} ms, latency p50 {res['lat_p50_s']} s, "
-                                  f"hit {res['cache_hit_rate']}, {res['completed']}/{res['num_requests']} "
-                                  f"ok{' TIMED OUT' if res['timed_out'] else ''} ({res['wall_s']} s)", flush=True)
+                            print(
+                                f"done {label}: {res['out_tok_s']} out tok/s, TTFT p50 {res['ttft_p50_s']} s, "
+                                f"ITL p50 {res['itl_p50_ms']} ms, latency p50 {res['lat_p50_s']} s, "
+                                f"hit {res['cache_hit_rate']}, {res['completed']}/{res['num_requests']} "
+                                f"ok{' TIMED OUT' if res['timed_out'] else ''} ({res['wall_s']} s)",
+                                flush=True,
+                            )
                             if res["failed"]:
-                                print(f"  {res['failed']} failed request(s): {res.get('errors')}", flush=True)
+                                print(
+                                    f"  {res['failed']} failed request(s): {res.get('errors')}",
+                                    flush=True,
+                                )
                         else:
                             print(f"FAILED {label}: {res.get('error')}", flush=True)
                 finally:
@@ -1399,19 +1869,31 @@ def main(argv=None) -> int:
     return rc
 
 
-def _profile_row(args, base_url: str, wl: Workload, kv: str, log_dir: Path, incremental: bool) -> dict:
+def _profile_row(
+    args, base_url: str, wl: Workload, kv: str, log_dir: Path, incremental: bool
+) -> dict:
     """decode_profile of a single-stream row; a failure is recorded, not raised."""
     try:
-        prof = asyncio.run(profile_decode_steps(base_url, wl.prompts[0], args.profile_steps,
-                                                log_dir / f"profile_{kv}_{wl.name}", incremental=incremental))
-    except Exception as exc:  # noqa: BLE001 - the timed numbers stand without it
+        prof = asyncio.run(
+            profile_decode_steps(
+                base_url,
+                wl.prompts[0],
+                args.profile_steps,
+                log_dir / f"profile_{kv}_{wl.name}",
+                incremental=incremental,
+            )
+        )
+    except Exception as exc:
         print(f"  profile {kv}/{wl.name} failed: {type(exc).__name__}: {exc}", flush=True)
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
     finally:
         signal.signal(signal.SIGTERM, _on_sigterm)
     cls = ", ".join(f"{c} {t}" for c, t in prof.get("class_us_per_step", {}).items())
-    print(f"  profile {kv}/{wl.name}: {prof.get('busy_us_per_step')} us busy / {prof.get('span_us_per_step')} "
-          f"us span per step, {prof.get('kernels_per_step')} kernels; {cls}", flush=True)
+    print(
+        f"  profile {kv}/{wl.name}: {prof.get('busy_us_per_step')} us busy / {prof.get('span_us_per_step')} "
+        f"us span per step, {prof.get('kernels_per_step')} kernels; {cls}",
+        flush=True,
+    )
     return prof
 
 

@@ -38,8 +38,10 @@ sys.path.insert(0, str(HERE))
 
 import fidelity as fid  # noqa: E402  (numpy-only metric functions)
 
-MISSING_MATPLOTLIB = ('matplotlib is not installed: run pip install -e ".[plots]" in the '
-                      'repository root to draw the plot.')
+MISSING_MATPLOTLIB = (
+    'matplotlib is not installed: run pip install -e ".[plots]" in the '
+    "repository root to draw the plot."
+)
 
 
 def per_position(entry: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -62,8 +64,11 @@ def bucket_stats(per_prompt: list, bin_size: int) -> dict:
     n = max((len(a) for a in per_prompt), default=0)
     centers, means, sems = [], [], []
     for start in range(0, n, bin_size):
-        m = [np.nanmean(a[start:start + bin_size]) for a in per_prompt
-             if np.any(~np.isnan(a[start:start + bin_size]))]
+        m = [
+            np.nanmean(a[start : start + bin_size])
+            for a in per_prompt
+            if np.any(~np.isnan(a[start : start + bin_size]))
+        ]
         if not m:
             continue
         m = np.asarray(m)
@@ -73,13 +78,17 @@ def bucket_stats(per_prompt: list, bin_size: int) -> dict:
     return {"center": np.asarray(centers), "mean": np.asarray(means), "sem": np.asarray(sems)}
 
 
-def load_series(paths: list[str], configs: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+def load_series(
+    paths: list[str], configs: list[str] | None = None
+) -> tuple[list[dict], list[dict]]:
     """Read fidelity JSON files -> (series, one per config with per-prompt data; documents)."""
     docs, series = [], []
     for path in paths:
         doc = json.loads(Path(path).read_text())
         if "configs" not in doc:
-            raise SystemExit(f"{path} has no 'configs': give a JSON file written by scripts/fidelity.py")
+            raise SystemExit(
+                f"{path} has no 'configs': give a JSON file written by scripts/fidelity.py"
+            )
         docs.append({**doc, "_path": str(path)})
     distinct: dict[str, list] = {}
     for doc in docs:
@@ -111,8 +120,10 @@ def load_series(paths: list[str], configs: list[str] | None = None) -> tuple[lis
         order = {c: i for i, c in enumerate(configs)}
         series.sort(key=lambda s: order[s["name"]])
     if not series:
-        raise SystemExit("no config with per-position data in the given files: check --configs "
-                         "against the names in the JSON")
+        raise SystemExit(
+            "no config with per-position data in the given files: check --configs "
+            "against the names in the JSON"
+        )
     return series, docs
 
 
@@ -129,9 +140,11 @@ def title_of(docs: list[dict], series: list[dict]) -> str:
     prompts = max(len(s["kl"]) for s in series)
     tokens = max(len(a) for s in series for a in s["kl"])
     teacher = uniq("teacher")
-    return (f"{models}: KV cache vs bf16 teacher ({teacher if teacher != '?' else 'bf16'}), "
-            f"teacher forced\ncommit {uniq('commit')}, {uniq('gpu')}, {prompts} prompts x "
-            f"{tokens} generated tokens")
+    return (
+        f"{models}: KV cache vs bf16 teacher ({teacher if teacher != '?' else 'bf16'}), "
+        f"teacher forced\ncommit {uniq('commit')}, {uniq('gpu')}, {prompts} prompts x "
+        f"{tokens} generated tokens"
+    )
 
 
 def legend_label(s: dict) -> str:
@@ -147,11 +160,11 @@ def plot(series: list[dict], title: str, out: str, bin_size: int, linear: bool =
     """Write the two-panel PNG to ``out``; SystemExit naming the install command without
     matplotlib."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
     except ImportError:
         raise SystemExit(MISSING_MATPLOTLIB) from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, (ax_kl, ax_t1) = plt.subplots(2, 1, figsize=(11, 9.5), sharex=True, layout="constrained")
     for s in series:
@@ -161,17 +174,25 @@ def plot(series: list[dict], title: str, out: str, bin_size: int, linear: bool =
         lo = kl["mean"] - kl["sem"]
         if not linear:
             lo = np.maximum(lo, kl["mean"] * 0.05)
-        ax_kl.fill_between(kl["center"], lo, kl["mean"] + kl["sem"], color=line.get_color(), alpha=0.2)
+        ax_kl.fill_between(
+            kl["center"], lo, kl["mean"] + kl["sem"], color=line.get_color(), alpha=0.2
+        )
         ax_t1.plot(t1["center"], 100 * t1["mean"], marker="o", ms=3, color=line.get_color())
-        ax_t1.fill_between(t1["center"], 100 * (t1["mean"] - t1["sem"]),
-                           100 * np.minimum(t1["mean"] + t1["sem"], 1.0), color=line.get_color(),
-                           alpha=0.2)
+        ax_t1.fill_between(
+            t1["center"],
+            100 * (t1["mean"] - t1["sem"]),
+            100 * np.minimum(t1["mean"] + t1["sem"], 1.0),
+            color=line.get_color(),
+            alpha=0.2,
+        )
     if not linear:
         ax_kl.set_yscale("log")
     ax_kl.set_ylabel("mean KL(bf16 || config) per bucket")
     ax_kl.grid(True, which="both", alpha=0.3)
     ax_t1.set_ylabel("top-1 agreement with bf16 (%)")
-    ax_t1.set_xlabel(f"generated position (buckets of {bin_size} tokens; band: ± 1 s.e. over prompts)")
+    ax_t1.set_xlabel(
+        f"generated position (buckets of {bin_size} tokens; band: ± 1 s.e. over prompts)"
+    )
     ax_t1.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.legend(*ax_kl.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
@@ -182,13 +203,18 @@ def plot(series: list[dict], title: str, out: str, bin_size: int, linear: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     ap.add_argument("json", nargs="+", help="fidelity JSON files (scripts/fidelity.py --out)")
     ap.add_argument("--out", default="fidelity.png", help="PNG to write (default fidelity.png)")
-    ap.add_argument("--configs", default=None,
-                    help="comma list of config names to draw, in this order (default: all)")
+    ap.add_argument(
+        "--configs",
+        default=None,
+        help="comma list of config names to draw, in this order (default: all)",
+    )
     ap.add_argument("--bin-size", type=int, default=64, help="positions per bucket (default 64)")
     ap.add_argument("--linear", action="store_true", help="linear KL axis (default: log)")
     args = ap.parse_args(argv)

@@ -31,10 +31,14 @@ def _parse(text: str, sep: str = ",") -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="1x4096,1x32768,16x8192,64x16384",
-                    help="comma list of BxL or BxLxD (D defaults to --head-dim)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--shapes",
+        default="1x4096,1x32768,16x8192,64x16384",
+        help="comma list of BxL or BxLxD (D defaults to --head-dim)",
+    )
     ap.add_argument("--kv", default="k4v4,k3v3", help="comma list of bit pairs, e.g. k4v4,k4v2")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--num-q-heads", type=int, default=32)
@@ -65,8 +69,13 @@ def _kernel_class(name: str) -> str:
         return "stage1"
     if "stage2" in name:
         return "stage2"
-    if ("rotate_query" in name or "gemm" in name.lower() or "sm90" in name
-            or "cutlass" in name.lower() or "matmul" in name.lower()):
+    if (
+        "rotate_query" in name
+        or "gemm" in name.lower()
+        or "sm90" in name
+        or "cutlass" in name.lower()
+        or "matmul" in name.lower()
+    ):
         return "rotate_q"
     return "other"
 
@@ -75,8 +84,12 @@ def profile_row(torch, B, L, D, hq, hkv, kbits, vbits, steps, sm_count):
     from torch.profiler import ProfilerActivity, profile
 
     from sglang_tq.format.codec import LayerCodec
-    from sglang_tq.kernels.tq_decode import (DecodeWorkspace, default_num_kv_splits, split_ceiling,
-                                             tq_decode)
+    from sglang_tq.kernels.tq_decode import (
+        DecodeWorkspace,
+        default_num_kv_splits,
+        split_ceiling,
+        tq_decode,
+    )
     from sglang_tq.kernels.tq_store import tq_store_kv
 
     dev = "cuda"
@@ -92,13 +105,29 @@ def profile_row(torch, B, L, D, hq, hkv, kbits, vbits, steps, sm_count):
     indices = torch.randperm(S, device=dev, dtype=torch.int64)
     q = torch.randn(B, hq, D, dtype=torch.bfloat16, device=dev)
     max_splits = split_ceiling(B)
-    splits = default_num_kv_splits(torch.full((B,), L, device=dev), hkv, max_splits,
-                                   num_sms=sm_count, head_dim=D, k_bits=kbits, v_bits=vbits)
+    splits = default_num_kv_splits(
+        torch.full((B,), L, device=dev),
+        hkv,
+        max_splits,
+        num_sms=sm_count,
+        head_dim=D,
+        k_bits=kbits,
+        v_bits=vbits,
+    )
     ws = DecodeWorkspace.create(B, hq, D, max_splits, dev)
 
     def step():
-        tq_decode(q, *bufs, indptr, indices, codec, D ** -0.5, num_kv_splits=splits,
-                  max_kv_splits=max_splits, workspace=ws)
+        tq_decode(
+            q,
+            *bufs,
+            indptr,
+            indices,
+            codec,
+            D**-0.5,
+            num_kv_splits=splits,
+            max_kv_splits=max_splits,
+            workspace=ws,
+        )
 
     for _ in range(10):
         step()
@@ -118,9 +147,17 @@ def profile_row(torch, B, L, D, hq, hkv, kbits, vbits, steps, sm_count):
     for evt in prof.events():
         if evt.device_type.name == "CUDA":
             per[_kernel_class(evt.name)] += evt.device_time / steps
-    return {"B": B, "L": L, "head_dim": D, "kv": f"k{kbits}v{vbits}", "num_kv_splits": int(splits[0]),
-            "max_kv_splits": max_splits, "kernels_us": {k: round(v, 2) for k, v in sorted(per.items())},
-            "kernel_sum_us": round(sum(per.values()), 2), "step_wall_us": round(wall_us, 2)}
+    return {
+        "B": B,
+        "L": L,
+        "head_dim": D,
+        "kv": f"k{kbits}v{vbits}",
+        "num_kv_splits": int(splits[0]),
+        "max_kv_splits": max_splits,
+        "kernels_us": {k: round(v, 2) for k, v in sorted(per.items())},
+        "kernel_sum_us": round(sum(per.values()), 2),
+        "step_wall_us": round(wall_us, 2),
+    }
 
 
 def main(argv=None) -> int:
@@ -137,28 +174,42 @@ def main(argv=None) -> int:
 
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    print(f"{'B':>4} {'L':>6} {'D':>4} {'kv':5} {'spl':>4} {'rotate':>8} {'stage1':>8} {'stage2':>8} "
-          f"{'other':>7} {'sum':>8} {'wall':>8}  (us per step)", flush=True)
+    print(
+        f"{'B':>4} {'L':>6} {'D':>4} {'kv':5} {'spl':>4} {'rotate':>8} {'stage1':>8} {'stage2':>8} "
+        f"{'other':>7} {'sum':>8} {'wall':>8}  (us per step)",
+        flush=True,
+    )
     for B, L, D in shapes:
         for kb, vb in pairs:
-            r = profile_row(torch, B, L, D, args.num_q_heads, args.num_kv_heads, kb, vb, args.steps,
-                            sm_count)
+            r = profile_row(
+                torch, B, L, D, args.num_q_heads, args.num_kv_heads, kb, vb, args.steps, sm_count
+            )
             rows.append(r)
             ku = r["kernels_us"]
-            print(f"{B:>4} {L:>6} {D:>4} {r['kv']:5} {r['num_kv_splits']:>4} "
-                  f"{ku.get('rotate_q', 0):>8.2f} {ku.get('stage1', 0):>8.2f} {ku.get('stage2', 0):>8.2f} "
-                  f"{ku.get('other', 0):>7.2f} {r['kernel_sum_us']:>8.2f} {r['step_wall_us']:>8.2f}",
-                  flush=True)
+            print(
+                f"{B:>4} {L:>6} {D:>4} {r['kv']:5} {r['num_kv_splits']:>4} "
+                f"{ku.get('rotate_q', 0):>8.2f} {ku.get('stage1', 0):>8.2f} {ku.get('stage2', 0):>8.2f} "
+                f"{ku.get('other', 0):>7.2f} {r['kernel_sum_us']:>8.2f} {r['step_wall_us']:>8.2f}",
+                flush=True,
+            )
             torch.cuda.empty_cache()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {**provenance(), "tool": "scripts/profile_decode.py", "argv": sys.argv[1:],
-                   "config": {"steps": args.steps, "num_q_heads": args.num_q_heads,
-                              "num_kv_heads": args.num_kv_heads, "timer": "torch.profiler CUDA "
-                              "kernel time per step (mean); wall: CUDA events over the same "
-                              "number of eager steps", "splits": "backend rule (split_ceiling, "
-                              "default_num_kv_splits)"},
-                   "results": rows}
+        payload = {
+            **provenance(),
+            "tool": "scripts/profile_decode.py",
+            "argv": sys.argv[1:],
+            "config": {
+                "steps": args.steps,
+                "num_q_heads": args.num_q_heads,
+                "num_kv_heads": args.num_kv_heads,
+                "timer": "torch.profiler CUDA "
+                "kernel time per step (mean); wall: CUDA events over the same "
+                "number of eager steps",
+                "splits": "backend rule (split_ceiling, default_num_kv_splits)",
+            },
+            "results": rows,
+        }
         args.out.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.out}")
     return 0

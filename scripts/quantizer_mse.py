@@ -40,19 +40,23 @@ def main() -> None:
         t0 = time.perf_counter()
         xhat = q.dequantize(*q.quantize(x))
         mse = ((x - xhat) ** 2).sum(-1).mean().item()
-        rows.append({
-            "bits": bits,
-            "measured_mse": mse,
-            "lloyd_max_optimum": optimal_mse(args.dim, bits),
-            "published": PUBLISHED_D128.get(bits) if args.dim == 128 else None,
-            "seconds": time.perf_counter() - t0,
-        })
+        rows.append(
+            {
+                "bits": bits,
+                "measured_mse": mse,
+                "lloyd_max_optimum": optimal_mse(args.dim, bits),
+                "published": PUBLISHED_D128.get(bits) if args.dim == 128 else None,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     print(f"d={args.dim}, n={args.n}, device={args.device}")
     print(f"{'bits':>4} {'measured':>10} {'optimum':>10} {'published':>10} {'rel.err':>8}")
     for r in rows:
         rel = r["measured_mse"] / r["lloyd_max_optimum"] - 1
         pub = f"{r['published']:.4f}" if r["published"] else "-"
-        print(f"{r['bits']:>4} {r['measured_mse']:>10.5f} {r['lloyd_max_optimum']:>10.5f} {pub:>10} {rel:>+8.2%}")
+        print(
+            f"{r['bits']:>4} {r['measured_mse']:>10.5f} {r['lloyd_max_optimum']:>10.5f} {pub:>10} {rel:>+8.2%}"
+        )
     if args.out:
         result = {**provenance(), "device": args.device, "dim": args.dim, "n": args.n, "rows": rows}
         with open(args.out, "w") as f:

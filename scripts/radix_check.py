@@ -120,8 +120,10 @@ from fidelity import (  # noqa: E402
 
 DEFAULT_CONFIGS = "bf16,k4v4,k4v4-pp"
 KINDS = ("cold", "warm", "primer", "shared")
-SECTION_NOTE = ("A good answer states its assumptions, works through each step in order, "
-                "and checks the result against the question before concluding.")
+SECTION_NOTE = (
+    "A good answer states its assumptions, works through each step in order, "
+    "and checks the result against the question before concluding."
+)
 
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -174,8 +176,13 @@ def _stats(xs: list) -> dict:
     xs = [x for x in xs if x is not None]
     if not xs:
         return {"n": 0, "mean": None, "median": None, "min": None, "max": None}
-    return {"n": len(xs), "mean": statistics.fmean(xs), "median": float(statistics.median(xs)),
-            "min": min(xs), "max": max(xs)}
+    return {
+        "n": len(xs),
+        "mean": statistics.fmean(xs),
+        "median": float(statistics.median(xs)),
+        "min": min(xs),
+        "max": max(xs),
+    }
 
 
 def compare_runs(refs: list[dict], others: list[dict]) -> dict:
@@ -187,10 +194,15 @@ def compare_runs(refs: list[dict], others: list[dict]) -> dict:
         raise ValueError(f"{len(refs)} reference runs but {len(others)} others")
     n = len(refs)
     firsts = [first_divergence(a["tokens"], b["tokens"]) for a, b in zip(refs, others)]
-    identical = sum(1 for a, b, f in zip(refs, others, firsts)
-                    if f is None and len(a["tokens"]) == len(b["tokens"]))
-    tok0 = [same_context_dlogps(a, b)[0] if a["tokens"] and b["tokens"] else None
-            for a, b in zip(refs, others)]
+    identical = sum(
+        1
+        for a, b, f in zip(refs, others, firsts)
+        if f is None and len(a["tokens"]) == len(b["tokens"])
+    )
+    tok0 = [
+        same_context_dlogps(a, b)[0] if a["tokens"] and b["tokens"] else None
+        for a, b in zip(refs, others)
+    ]
     ctx = [x for a, b in zip(refs, others) for x in same_context_dlogps(a, b)]
     t0 = _stats(tok0)
     cs = _stats(ctx)
@@ -199,15 +211,27 @@ def compare_runs(refs: list[dict], others: list[dict]) -> dict:
         "prompts": n,
         "identical": identical,
         "identical_frac": identical / n if n else None,
-        "first_divergence": {"diverged": fd["n"], "mean": fd["mean"], "median": fd["median"],
-                             "min": fd["min"], "max": fd["max"], "per_prompt": firsts},
-        "lockstep_agreement": lockstep_agreement([a["tokens"] for a in refs],
-                                                 [b["tokens"] for b in others]),
-        "first_token_same": (sum(1 for a, b in zip(refs, others)
-                                 if a["tokens"][:1] == b["tokens"][:1]) / n) if n else None,
-        "first_token_dlogp_max": t0["max"], "first_token_dlogp_mean": t0["mean"],
+        "first_divergence": {
+            "diverged": fd["n"],
+            "mean": fd["mean"],
+            "median": fd["median"],
+            "min": fd["min"],
+            "max": fd["max"],
+            "per_prompt": firsts,
+        },
+        "lockstep_agreement": lockstep_agreement(
+            [a["tokens"] for a in refs], [b["tokens"] for b in others]
+        ),
+        "first_token_same": (
+            sum(1 for a, b in zip(refs, others) if a["tokens"][:1] == b["tokens"][:1]) / n
+        )
+        if n
+        else None,
+        "first_token_dlogp_max": t0["max"],
+        "first_token_dlogp_mean": t0["mean"],
         "first_token_dlogp_missing": sum(1 for x in tok0 if x is None),
-        "same_context_dlogp_max": cs["max"], "same_context_dlogp_mean": cs["mean"],
+        "same_context_dlogp_max": cs["max"],
+        "same_context_dlogp_mean": cs["mean"],
         "same_context_positions": cs["n"],
         "same_context_missing": sum(1 for x in ctx if x is None),
     }
@@ -263,8 +287,14 @@ def guess_prompt_s(max_new_tokens: int, s_per_token: float = 0.006) -> float:
     return 3 * max_new_tokens * s_per_token + 0.5
 
 
-def prompts_that_fit(elapsed_s: float, budget_s: float | None, startup_s: float,
-                     per_prompt_s: float, num_prompts: int, stop_s: float = 20) -> int:
+def prompts_that_fit(
+    elapsed_s: float,
+    budget_s: float | None,
+    startup_s: float,
+    per_prompt_s: float,
+    num_prompts: int,
+    stop_s: float = 20,
+) -> int:
     """How many prompts one more config can run within the budget: what is left after
     the elapsed time, the server start-up and `stop_s` (stopping the server, writing the
     JSON), divided by the time per prompt. No budget (None or <= 0): all of them."""
@@ -279,8 +309,10 @@ def prompts_that_fit(elapsed_s: float, budget_s: float | None, startup_s: float,
 # ----------------------------------------------------------------------------- prompts
 def handbook_text(count_tokens, min_tokens: int) -> str:
     """Deterministic system text of at least `min_tokens` tokens (count_tokens(text) -> int)."""
-    parts = ["You are a careful assistant. The handbook below describes the kinds of tasks "
-             "you will be asked about; read it, then answer the user's question."]
+    parts = [
+        "You are a careful assistant. The handbook below describes the kinds of tasks "
+        "you will be asked about; read it, then answer the user's question."
+    ]
     k = 0
     while True:
         for _ in range(4):  # tokenize every few sections, not after each
@@ -298,32 +330,46 @@ def question_text(i: int) -> str:
 def render_chat(tok, system: str, user: str) -> str:
     if getattr(tok, "chat_template", None):
         try:
-            return tok.apply_chat_template([{"role": "system", "content": system},
-                                            {"role": "user", "content": user}],
-                                           add_generation_prompt=True, tokenize=False)
-        except Exception:  # noqa: BLE001 - templates without a system role raise
-            return tok.apply_chat_template([{"role": "user", "content": system + "\n\n" + user}],
-                                           add_generation_prompt=True, tokenize=False)
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-            "<|im_start|>assistant\n")
+            return tok.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception:
+            return tok.apply_chat_template(
+                [{"role": "user", "content": system + "\n\n" + user}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+    return (
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
 
 
 def build_radix_prompts(tok, n: int, prefix_tokens: int) -> dict:
     """n chat prompts (token ids) sharing a >= prefix_tokens system text; see the docstring."""
+
     def count(text: str) -> int:
         return len(tok(text, add_special_tokens=False).input_ids)
 
     system = handbook_text(count, prefix_tokens)
     questions = [question_text(i) for i in range(n)]
-    ids = [list(tok(render_chat(tok, system, q), add_special_tokens=False).input_ids)
-           for q in questions]
+    ids = [
+        list(tok(render_chat(tok, system, q), add_special_tokens=False).input_ids)
+        for q in questions
+    ]
     common = min((lcp_len(ids[0], p) for p in ids[1:]), default=len(ids[0]) if ids else 0)
-    return {"input_ids": ids, "questions": questions, "system_tokens": count(system),
-            "common_prefix_len": common}
+    return {
+        "input_ids": ids,
+        "questions": questions,
+        "system_tokens": count(system),
+        "common_prefix_len": common,
+    }
 
 
 def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path)
 
@@ -332,15 +378,25 @@ def load_tokenizer(model_path: str):
 def get_provenance() -> dict:
     """sglang_tq.provenance in a child process (it imports torch and may create a CUDA
     context, which must not stay alive here while servers size their pools)."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
-            "from sglang_tq.provenance import provenance; print(json.dumps(provenance()))")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); "
+        "from sglang_tq.provenance import provenance; print(json.dumps(provenance()))"
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True,
-                             text=True, timeout=120, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(ROOT)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
-    except Exception as exc:  # noqa: BLE001
-        return {"gpu": "unknown", "commit": os.environ.get("SGLANG_TQ_COMMIT", "unknown"),
-                "provenance_error": repr(exc)[:300]}
+    except Exception as exc:
+        return {
+            "gpu": "unknown",
+            "commit": os.environ.get("SGLANG_TQ_COMMIT", "unknown"),
+            "provenance_error": repr(exc)[:300],
+        }
 
 
 def flush(post, base: str, attempts: int = 3, wait_s: float = 30) -> None:
@@ -362,12 +418,21 @@ def flush(post, base: str, attempts: int = 3, wait_s: float = 30) -> None:
 
 def request(post, base: str, ids: list[int], max_new_tokens: int, top_k: int) -> tuple[dict, int]:
     """One greedy /generate (ignore_eos, output logprobs + top-K) -> (run, cached_tokens)."""
-    reply = post(base + "/generate", {
-        "input_ids": list(ids),
-        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
-                            "ignore_eos": True},
-        "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": top_k,
-    }, timeout=600)
+    reply = post(
+        base + "/generate",
+        {
+            "input_ids": list(ids),
+            "sampling_params": {
+                "max_new_tokens": max_new_tokens,
+                "temperature": 0.0,
+                "ignore_eos": True,
+            },
+            "return_logprob": True,
+            "logprob_start_len": -1,
+            "top_logprobs_num": top_k,
+        },
+        timeout=600,
+    )
     if isinstance(reply, list):
         (reply,) = reply
     run = parse_generation(reply, max_new_tokens)
@@ -376,17 +441,29 @@ def request(post, base: str, ids: list[int], max_new_tokens: int, top_k: int) ->
 
 def prime(post, base: str, ids: list[int]) -> int:
     """Fill the radix tree with `ids` (1 output token, no logprobs) -> its cached_tokens."""
-    reply = post(base + "/generate", {
-        "input_ids": list(ids),
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True},
-    }, timeout=600)
+    reply = post(
+        base + "/generate",
+        {
+            "input_ids": list(ids),
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True},
+        },
+        timeout=600,
+    )
     if isinstance(reply, list):
         (reply,) = reply
     return int(reply["meta_info"].get("cached_tokens", -1))
 
 
-def run_prompts(post, base: str, prompts: list[list[int]], max_new_tokens: int, top_k: int,
-                deadline: float | None = None, log=print, tag: str = "") -> tuple[list[dict], bool]:
+def run_prompts(
+    post,
+    base: str,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    top_k: int,
+    deadline: float | None = None,
+    log=print,
+    tag: str = "",
+) -> tuple[list[dict], bool]:
     """The cold / warm / shared-prefix sequence for every prompt, one request at a time.
 
     Returns (records, partial); partial is True when the deadline stopped the loop early.
@@ -409,8 +486,9 @@ def run_prompts(post, base: str, prompts: list[list[int]], max_new_tokens: int, 
             rec["primer_common_prefix"] = lcp_len(prompts[j], ids)
             flush(post, base)
             rec["cached"]["primer"] = prime(post, base, prompts[j])
-            rec["runs"]["shared"], rec["cached"]["shared"] = request(post, base, ids,
-                                                                     max_new_tokens, top_k)
+            rec["runs"]["shared"], rec["cached"]["shared"] = request(
+                post, base, ids, max_new_tokens, top_k
+            )
         durations.append(time.time() - t0)
         records.append(rec)
         cold = rec["runs"]["cold"]["tokens"]
@@ -420,8 +498,11 @@ def run_prompts(post, base: str, prompts: list[list[int]], max_new_tokens: int, 
                 fd = first_divergence(cold, rec["runs"][kind]["tokens"])
                 msg.append(f"{kind} {'identical' if fd is None else f'diverges at {fd}'}")
         c = rec["cached"]
-        log(f"{tag} prompt {i + 1}/{n} ({len(ids)} tokens): {', '.join(msg)}; cached "
-            + " ".join(f"{k} {c[k]}" for k in KINDS if k in c) + f" ({durations[-1]:.1f} s)")
+        log(
+            f"{tag} prompt {i + 1}/{n} ({len(ids)} tokens): {', '.join(msg)}; cached "
+            + " ".join(f"{k} {c[k]}" for k in KINDS if k in c)
+            + f" ({durations[-1]:.1f} s)"
+        )
     return records, False
 
 
@@ -429,11 +510,15 @@ def record_json(rec: dict) -> dict:
     """A per-prompt record for the JSON: tokens and first logprobs, no top-K lists."""
     out = {k: v for k, v in rec.items() if k != "runs"}
     out["tokens"] = {k: r["tokens"] for k, r in rec["runs"].items()}
-    out["first_token_logprob"] = {k: r["token_lps"][0] if r["token_lps"] else None
-                                  for k, r in rec["runs"].items()}
+    out["first_token_logprob"] = {
+        k: r["token_lps"][0] if r["token_lps"] else None for k, r in rec["runs"].items()
+    }
     cold = rec["runs"].get("cold")
-    out["first_divergence"] = {k: first_divergence(cold["tokens"], r["tokens"])
-                               for k, r in rec["runs"].items() if k != "cold" and cold}
+    out["first_divergence"] = {
+        k: first_divergence(cold["tokens"], r["tokens"])
+        for k, r in rec["runs"].items()
+        if k != "cold" and cold
+    }
     return out
 
 
@@ -443,8 +528,18 @@ def _f(x, fmt: str) -> str:
 
 
 def print_table(configs: dict) -> None:
-    rows = [("config", "vs cold", "identical", "1st div mean/med", "lockstep",
-             "tok0 |dlp| max", "ctx |dlp| max", "cached mean (expected)")]
+    rows = [
+        (
+            "config",
+            "vs cold",
+            "identical",
+            "1st div mean/med",
+            "lockstep",
+            "tok0 |dlp| max",
+            "ctx |dlp| max",
+            "cached mean (expected)",
+        )
+    ]
     for name, c in configs.items():
         s = c.get("summary")
         if not s or not s.get("prompts"):
@@ -456,14 +551,22 @@ def print_table(configs: dict) -> None:
             if not m:
                 continue
             fd = m["first_divergence"]
-            cached = (f"cold {_f(cs['mean'].get('cold'), '.0f')}, {kind} "
-                      f"{_f(cs['mean'].get(kind), '.1f')} ({_f(cs['expected_mean'].get(kind), '.1f')})")
-            rows.append((name + (" (partial)" if c.get("partial") else ""), kind,
-                         f"{m['identical']}/{m['prompts']} ({100 * m['identical_frac']:.0f}%)",
-                         f"{_f(fd['mean'], '.1f')}/{_f(fd['median'], '.0f')}",
-                         f"{100 * m['lockstep_agreement']:.2f}%",
-                         _f(m["first_token_dlogp_max"], ".4f"), _f(m["same_context_dlogp_max"], ".4f"),
-                         cached))
+            cached = (
+                f"cold {_f(cs['mean'].get('cold'), '.0f')}, {kind} "
+                f"{_f(cs['mean'].get(kind), '.1f')} ({_f(cs['expected_mean'].get(kind), '.1f')})"
+            )
+            rows.append(
+                (
+                    name + (" (partial)" if c.get("partial") else ""),
+                    kind,
+                    f"{m['identical']}/{m['prompts']} ({100 * m['identical_frac']:.0f}%)",
+                    f"{_f(fd['mean'], '.1f')}/{_f(fd['median'], '.0f')}",
+                    f"{100 * m['lockstep_agreement']:.2f}%",
+                    _f(m["first_token_dlogp_max"], ".4f"),
+                    _f(m["same_context_dlogp_max"], ".4f"),
+                    cached,
+                )
+            )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
@@ -484,33 +587,67 @@ def write_json(path: Path, doc: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
-    ap.add_argument("--model-path", required=True, help="bf16 HF folder (config, tokenizer, weights)")
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS,
-                    help=f"comma list: bf16, fp8, kKvV, kKvV-pp, or --config names (default {DEFAULT_CONFIGS})")
-    ap.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
-                    help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
-                         "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    ap.add_argument(
+        "--model-path", required=True, help="bf16 HF folder (config, tokenizer, weights)"
+    )
+    ap.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help=f"comma list: bf16, fp8, kKvV, kKvV-pp, or --config names (default {DEFAULT_CONFIGS})",
+    )
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
+        "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'",
+    )
     ap.add_argument("--num-prompts", type=int, default=16)
-    ap.add_argument("--prefix-tokens", type=int, default=1024,
-                    help="minimum length of the shared system text in tokens (default 1024)")
+    ap.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=1024,
+        help="minimum length of the shared system text in tokens (default 1024)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=5, help="top_logprobs_num (default 5)")
-    ap.add_argument("--common-server-args", default=COMMON_SERVER_ARGS,
-                    help=f"flags of every server (default: {COMMON_SERVER_ARGS!r})")
+    ap.add_argument(
+        "--common-server-args",
+        default=COMMON_SERVER_ARGS,
+        help=f"flags of every server (default: {COMMON_SERVER_ARGS!r})",
+    )
     ap.add_argument("--server-args", default="", help="extra flags appended for every server")
-    ap.add_argument("--server-module", default="sglang.launch_server",
-                    help="module run as the server (tests use a fake one)")
+    ap.add_argument(
+        "--server-module",
+        default="sglang.launch_server",
+        help="module run as the server (tests use a fake one)",
+    )
     ap.add_argument("--startup-timeout", type=float, default=420)
-    ap.add_argument("--budget-s", type=float, default=0,
-                    help="total seconds for the run: skip configs that would not fit and stop a "
-                         "config's prompts early (0: no budget)")
-    ap.add_argument("--min-prompts", type=int, default=4,
-                    help="with --budget-s, skip a config unless this many prompts fit (default 4)")
-    ap.add_argument("--est-startup-s", type=float, default=60,
-                    help="server start-up guess for the budget before one was measured (default 60)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="total seconds for the run: skip configs that would not fit and stop a "
+        "config's prompts early (0: no budget)",
+    )
+    ap.add_argument(
+        "--min-prompts",
+        type=int,
+        default=4,
+        help="with --budget-s, skip a config unless this many prompts fit (default 4)",
+    )
+    ap.add_argument(
+        "--est-startup-s",
+        type=float,
+        default=60,
+        help="server start-up guess for the budget before one was measured (default 60)",
+    )
     ap.add_argument("--log-dir", default=None, help="server logs (default: next to --out)")
     ap.add_argument("--out", default="radix_check.json")
     args = ap.parse_args(argv)
@@ -529,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # `timeout` sends SIGTERM: turn it into an exception so that the `with Server` block
     # stops its server (it runs in its own session and would outlive us otherwise)
-    def _on_term(signum, frame):  # noqa: ARG001
+    def _on_term(signum, frame):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _on_term)
@@ -547,30 +684,45 @@ def main(argv: list[str] | None = None) -> int:
     pr = build_radix_prompts(tok, args.num_prompts, args.prefix_tokens)
     prompts = pr["input_ids"]
     lens = [len(p) for p in prompts]
-    print(f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens, common prefix "
-          f"{pr['common_prefix_len']} tokens (system text {pr['system_tokens']}); "
-          f"{args.max_new_tokens} new tokens, top-{args.top_k}; configs {', '.join(names)}"
-          + (f"; budget {args.budget_s:.0f} s" if args.budget_s > 0 else ""), flush=True)
+    print(
+        f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens, common prefix "
+        f"{pr['common_prefix_len']} tokens (system text {pr['system_tokens']}); "
+        f"{args.max_new_tokens} new tokens, top-{args.top_k}; configs {', '.join(names)}"
+        + (f"; budget {args.budget_s:.0f} s" if args.budget_s > 0 else ""),
+        flush=True,
+    )
 
-    doc = {**{k: prov.get(k) for k in ("gpu", "commit", "versions", "date")},
-           **({"provenance_error": prov["provenance_error"]} if "provenance_error" in prov else {}),
-           "tool": "scripts/radix_check.py",
-           "argv": sys.argv[1:] if argv is None else list(argv),
-           "model_path": model_path,
-           "settings": {"num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
-                        "top_k": args.top_k, "prefix_tokens": args.prefix_tokens,
-                        "temperature": 0.0, "ignore_eos": True, "common_server_args": common,
-                        "budget_s": args.budget_s},
-           "prompts": {"lens": lens, "common_prefix_len": pr["common_prefix_len"],
-                       "system_tokens": pr["system_tokens"], "questions": pr["questions"]},
-           "expectation": "bf16 (control): cold == warm == shared up to kernel nondeterminism; "
-                          "kKvV: warm/shared hits read the prefix quantized while a cold prefill "
-                          "attends to it in bf16, so they may differ; kKvV-pp: cold also reads "
-                          "the packed cache, so it should match like bf16",
-           "configs": {}}
+    doc = {
+        **{k: prov.get(k) for k in ("gpu", "commit", "versions", "date")},
+        **({"provenance_error": prov["provenance_error"]} if "provenance_error" in prov else {}),
+        "tool": "scripts/radix_check.py",
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "model_path": model_path,
+        "settings": {
+            "num_prompts": args.num_prompts,
+            "max_new_tokens": args.max_new_tokens,
+            "top_k": args.top_k,
+            "prefix_tokens": args.prefix_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "common_server_args": common,
+            "budget_s": args.budget_s,
+        },
+        "prompts": {
+            "lens": lens,
+            "common_prefix_len": pr["common_prefix_len"],
+            "system_tokens": pr["system_tokens"],
+            "questions": pr["questions"],
+        },
+        "expectation": "bf16 (control): cold == warm == shared up to kernel nondeterminism; "
+        "kKvV: warm/shared hits read the prefix quantized while a cold prefill "
+        "attends to it in bf16, so they may differ; kKvV-pp: cold also reads "
+        "the packed cache, so it should match like bf16",
+        "configs": {},
+    }
     errors = 0
-    startups: list[float] = []   # measured server start-up, per config run
-    prompt_s: list[float] = []   # measured mean seconds per prompt, per config run
+    startups: list[float] = []  # measured server start-up, per config run
+    prompt_s: list[float] = []  # measured mean seconds per prompt, per config run
     budget = args.budget_s if args.budget_s > 0 else None
     stop_s = 20  # stopping a server and writing the JSON
     min_prompts = min(args.min_prompts, len(prompts))
@@ -585,17 +737,23 @@ def main(argv: list[str] | None = None) -> int:
             fit = prompts_that_fit(elapsed, budget, est_start, est_prompt, len(prompts), stop_s)
             if fit < min_prompts:
                 entry["status"] = "skipped_budget"
-                entry["error"] = (f"skipped: {elapsed:.0f} s elapsed + ~{est_start:.0f} s start-up "
-                                  f"leave room for {fit} prompts (< {min_prompts}) at ~{est_prompt:.1f} s "
-                                  f"each in the budget of {budget:.0f} s")
+                entry["error"] = (
+                    f"skipped: {elapsed:.0f} s elapsed + ~{est_start:.0f} s start-up "
+                    f"leave room for {fit} prompts (< {min_prompts}) at ~{est_prompt:.1f} s "
+                    f"each in the budget of {budget:.0f} s"
+                )
                 print(f"[{name}] {entry['error']}", flush=True)
                 continue
             if fit < len(prompts):
                 print(f"[{name}] budget: about {fit} of {len(prompts)} prompts fit", flush=True)
             print(f"[{name}] starting server: {' '.join(flags)}", flush=True)
             t_cfg = time.time()
-            srv = srv_mod.Server(model_path, [*common, *flags], str(log_dir / f"radix_server_{name}.log"),
-                                 startup_timeout=args.startup_timeout)
+            srv = srv_mod.Server(
+                model_path,
+                [*common, *flags],
+                str(log_dir / f"radix_server_{name}.log"),
+                startup_timeout=args.startup_timeout,
+            )
             if args.server_module != "sglang.launch_server":
                 srv.cmd[srv.cmd.index("sglang.launch_server")] = args.server_module
             entry["server"] = {"cmd": " ".join(srv.cmd[1:]), "log": srv.log_path}
@@ -603,9 +761,16 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with srv:
                     entry["server"]["startup_s"] = srv.startup_s
-                    records, partial = run_prompts(srv_mod.post, srv.base, prompts, args.max_new_tokens,
-                                                   args.top_k, deadline, tag=f"[{name}]")
-            except Exception as exc:  # noqa: BLE001 - one failing config must not stop the others
+                    records, partial = run_prompts(
+                        srv_mod.post,
+                        srv.base,
+                        prompts,
+                        args.max_new_tokens,
+                        args.top_k,
+                        deadline,
+                        tag=f"[{name}]",
+                    )
+            except Exception as exc:
                 errors += 1
                 entry["status"] = "failed"
                 entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -616,13 +781,22 @@ def main(argv: list[str] | None = None) -> int:
             if records:
                 prompt_s.append((time.time() - t_cfg - startups[-1]) / len(records))
             seconds = time.time() - t_cfg
-            entry.update({"status": "ok", "partial": partial, "seconds": round(seconds, 1),
-                          "summary": config_summary(records),
-                          "per_prompt": [record_json(r) for r in records]})
+            entry.update(
+                {
+                    "status": "ok",
+                    "partial": partial,
+                    "seconds": round(seconds, 1),
+                    "summary": config_summary(records),
+                    "per_prompt": [record_json(r) for r in records],
+                }
+            )
             s = entry["summary"]
-            print(f"[{name}] done in {seconds:.0f} s: warm identical "
-                  f"{_f(s.get('warm', {}).get('identical_frac'), '.0%')}, shared identical "
-                  f"{_f(s.get('shared', {}).get('identical_frac'), '.0%')}", flush=True)
+            print(
+                f"[{name}] done in {seconds:.0f} s: warm identical "
+                f"{_f(s.get('warm', {}).get('identical_frac'), '.0%')}, shared identical "
+                f"{_f(s.get('shared', {}).get('identical_frac'), '.0%')}",
+                flush=True,
+            )
             write_json(out, doc)
     finally:
         for entry in doc["configs"].values():
@@ -631,9 +805,11 @@ def main(argv: list[str] | None = None) -> int:
         doc["total_s"] = round(time.time() - t_start, 1)
         write_json(out, doc)
 
-    print(f"\n{Path(model_path).name}: {len(prompts)} prompts ({min(lens)}-{max(lens)} tokens, "
-          f"common prefix {pr['common_prefix_len']}) x {args.max_new_tokens} greedy tokens; "
-          "cold vs warm (same prompt again) and vs shared (prefix primed by another prompt)")
+    print(
+        f"\n{Path(model_path).name}: {len(prompts)} prompts ({min(lens)}-{max(lens)} tokens, "
+        f"common prefix {pr['common_prefix_len']}) x {args.max_new_tokens} greedy tokens; "
+        "cold vs warm (same prompt again) and vs shared (prefix primed by another prompt)"
+    )
     print_table(doc["configs"])
     print(f"\nwrote {out} ({time.time() - t_start:.0f} s)", flush=True)
     return 1 if errors else 0

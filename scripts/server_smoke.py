@@ -19,10 +19,9 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _server import Server, post  # noqa: E402  (scripts/ is not a package)
+from _server import Server, post
 
-from sglang_tq.provenance import provenance  # noqa: E402
-
+from sglang_tq.provenance import provenance
 
 # two Llama-3 prompts; other vocabularies get them modulo their size (dummy weights: any id
 # inside the vocabulary is a valid prompt, one outside it is a 400 or a crash)
@@ -52,30 +51,44 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--log", default="server.log")
     ap.add_argument("--out", default="server_smoke.json")
-    ap.add_argument("server_args", nargs=argparse.REMAINDER,
-                    help="after --: extra arguments for sglang.launch_server")
+    ap.add_argument(
+        "server_args",
+        nargs=argparse.REMAINDER,
+        help="after --: extra arguments for sglang.launch_server",
+    )
     args = ap.parse_args()
     extra = [a for a in args.server_args if a != "--"]
-    server = Server(args.model_path, ["--load-format", "dummy", "--skip-tokenizer-init", *extra],
-                    args.log, port=args.port, startup_timeout=args.startup_timeout)
+    server = Server(
+        args.model_path,
+        ["--load-format", "dummy", "--skip-tokenizer-init", *extra],
+        args.log,
+        port=args.port,
+        startup_timeout=args.startup_timeout,
+    )
     result = {**provenance(), "command": server.cmd, "ok": False}
     try:
         with server:
             result["startup_s"] = server.startup_s
-            reply = post(server.base + "/generate", {
-                "input_ids": prompts_for(args.model_path),
-                "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
-            }, timeout=120)
+            reply = post(
+                server.base + "/generate",
+                {
+                    "input_ids": prompts_for(args.model_path),
+                    "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
+                },
+                timeout=120,
+            )
             result["reply"] = reply
             result["ok"] = all(len(r.get("output_ids", [])) == args.max_new_tokens for r in reply)
-    except Exception as exc:  # noqa: BLE001 - recorded in the JSON, then re-raised as exit code
+    except Exception as exc:
         result["error"] = repr(exc)
     log_text = open(args.log, errors="replace").read()
     m = re.findall(r"max_total_num_tokens=(\d+)", log_text)
     result["max_total_num_tokens"] = int(m[-1]) if m else None
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({k: result.get(k) for k in ("ok", "startup_s", "max_total_num_tokens", "error")}))
+    print(
+        json.dumps({k: result.get(k) for k in ("ok", "startup_s", "max_total_num_tokens", "error")})
+    )
     return 0 if result["ok"] else 1
 
 

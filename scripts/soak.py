@@ -122,13 +122,27 @@ from sglang_tq.bench.server import check_loopback, http  # noqa: E402
 DEFAULT_SERVER_ARGS = "--kv-quant turboquant --skip-tokenizer-init --enable-metrics"
 MALFORMED_KINDS = ("not_json", "negative_max_new_tokens", "id_out_of_vocab", "empty_input_ids")
 # SGLang 0.5.17, sglang/srt/observability/metrics_collector.py
-RETRACT_METRIC = "sglang:num_retracted_requests_total"        # SchedulerMetricsCollector
-EVICT_TOKENS_METRIC = "sglang:evicted_tokens_total"           # RadixCacheMetricsCollector
+RETRACT_METRIC = "sglang:num_retracted_requests_total"  # SchedulerMetricsCollector
+EVICT_TOKENS_METRIC = "sglang:evicted_tokens_total"  # RadixCacheMetricsCollector
 EVICT_PASSES_METRIC = "sglang:eviction_duration_seconds_count"
-SERVER_INFO_KEYS = ("max_total_num_tokens", "max_running_requests", "max_req_input_len",
-                    "context_length", "model_path", "kv_quant", "kv_quant_bits", "kv_cache_dtype",
-                    "attention_backend", "page_size", "disable_radix_cache", "enable_metrics",
-                    "skip_tokenizer_init", "schedule_policy", "mem_fraction_static", "version")
+SERVER_INFO_KEYS = (
+    "max_total_num_tokens",
+    "max_running_requests",
+    "max_req_input_len",
+    "context_length",
+    "model_path",
+    "kv_quant",
+    "kv_quant_bits",
+    "kv_cache_dtype",
+    "attention_backend",
+    "page_size",
+    "disable_radix_cache",
+    "enable_metrics",
+    "skip_tokenizer_init",
+    "schedule_policy",
+    "mem_fraction_static",
+    "version",
+)
 OVERLOAD_TARGET = 2.0
 ERROR_EXAMPLES = 5
 
@@ -141,7 +155,7 @@ class _Interrupted(KeyboardInterrupt):
     pass
 
 
-def _raise_interrupted(signum, frame):  # noqa: ARG001
+def _raise_interrupted(signum, frame):
     raise _Interrupted(signal.Signals(signum).name)
 
 
@@ -152,9 +166,15 @@ def rand_ids(rng: random.Random, n: int, vocab_size: int) -> list[int]:
 
 def generate_payload(input_ids: list[int], max_new_tokens: int, stream: bool) -> dict:
     """The greedy /generate body of loadtest.stream_generate."""
-    return {"input_ids": input_ids,
-            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True},
-            "stream": stream}
+    return {
+        "input_ids": input_ids,
+        "sampling_params": {
+            "max_new_tokens": max_new_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        },
+        "stream": stream,
+    }
 
 
 def malformed_body(kind: str, rng: random.Random, vocab_size: int) -> bytes:
@@ -169,18 +189,18 @@ def malformed_body(kind: str, rng: random.Random, vocab_size: int) -> bytes:
         ids = []
     body = json.dumps(generate_payload(ids, max_new, stream=False))
     if kind == "not_json":
-        body = body[:len(body) // 2]
+        body = body[: len(body) // 2]
     return body.encode()
 
 
 @dataclass
 class Req:
-    kind: str                       # "generate", "abort" or one of MALFORMED_KINDS
+    kind: str  # "generate", "abort" or one of MALFORMED_KINDS
     input_ids: list[int] = field(default_factory=list)
     max_new_tokens: int = 0
-    prefix: bool = False            # starts with a shared prefix
-    close_after: int = 0            # abort: chunks to read before closing
-    body: bytes = b""               # malformed
+    prefix: bool = False  # starts with a shared prefix
+    close_after: int = 0  # abort: chunks to read before closing
+    body: bytes = b""  # malformed
 
 
 class RequestMix:
@@ -188,7 +208,9 @@ class RequestMix:
 
     def __init__(self, args, vocab_size: int, rng: random.Random):
         self.args, self.vocab_size, self.rng = args, vocab_size, rng
-        self.prefixes = [rand_ids(rng, args.prefix_len, vocab_size) for _ in range(args.num_prefixes)]
+        self.prefixes = [
+            rand_ids(rng, args.prefix_len, vocab_size) for _ in range(args.num_prefixes)
+        ]
 
     def draw(self) -> Req:
         a, rng = self.args, self.rng
@@ -198,7 +220,8 @@ class RequestMix:
             return Req(kind, body=malformed_body(kind, rng, self.vocab_size))
         prefix = bool(self.prefixes) and rng.random() < a.prefix_share
         ids = (list(rng.choice(self.prefixes)) if prefix else []) + rand_ids(
-            rng, rng.randint(*a.prompt_len), self.vocab_size)
+            rng, rng.randint(*a.prompt_len), self.vocab_size
+        )
         n_out = rng.randint(*a.output_len)
         if r < a.malformed_share + a.abort_share:
             return Req("abort", ids, n_out, prefix, close_after=rng.randint(1, max(1, n_out // 2)))
@@ -207,12 +230,17 @@ class RequestMix:
 
 def probe_prompts(args, vocab_size: int) -> list[list[int]]:
     rng = random.Random(f"probes-{args.seed}")
-    return [rand_ids(rng, rng.randint(*args.prompt_len), vocab_size) for _ in range(args.probe_prompts)]
+    return [
+        rand_ids(rng, rng.randint(*args.prompt_len), vocab_size) for _ in range(args.probe_prompts)
+    ]
 
 
 def longest_request(args) -> int:
-    return (args.prefix_len if args.num_prefixes and args.prefix_share > 0 else 0) \
-        + args.prompt_len[1] + args.output_len[1]
+    return (
+        (args.prefix_len if args.num_prefixes and args.prefix_share > 0 else 0)
+        + args.prompt_len[1]
+        + args.output_len[1]
+    )
 
 
 def offered_load(args, info: dict) -> dict:
@@ -221,11 +249,15 @@ def offered_load(args, info: dict) -> dict:
     tokens = args.concurrency * (1 - args.malformed_share) * mean_tokens
     pool, running = info.get("max_total_num_tokens"), info.get("effective_max_running_requests")
     token_ratio = tokens / pool if pool else None
-    return {"concurrency": args.concurrency, "offered_inflight_tokens": round(tokens),
-            "max_total_num_tokens": pool, "token_ratio": None if token_ratio is None else round(token_ratio, 2),
-            "max_running_requests": running,
-            "request_ratio": round(args.concurrency / running, 2) if running else None,
-            "overloaded": None if token_ratio is None else token_ratio >= OVERLOAD_TARGET}
+    return {
+        "concurrency": args.concurrency,
+        "offered_inflight_tokens": round(tokens),
+        "max_total_num_tokens": pool,
+        "token_ratio": None if token_ratio is None else round(token_ratio, 2),
+        "max_running_requests": running,
+        "request_ratio": round(args.concurrency / running, 2) if running else None,
+        "overloaded": None if token_ratio is None else token_ratio >= OVERLOAD_TARGET,
+    }
 
 
 async def stream_and_close(session, base_url: str, req: Req) -> tuple[ReqResult, bool]:
@@ -235,8 +267,9 @@ async def stream_and_close(session, base_url: str, req: Req) -> tuple[ReqResult,
     res = ReqResult(input_len=len(req.input_ids))
     t0 = time.perf_counter()
     try:
-        async with session.post(base_url + "/generate",
-                                json=generate_payload(req.input_ids, req.max_new_tokens, True)) as resp:
+        async with session.post(
+            base_url + "/generate", json=generate_payload(req.input_ids, req.max_new_tokens, True)
+        ) as resp:
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return res, False
@@ -246,11 +279,15 @@ async def stream_and_close(session, base_url: str, req: Req) -> tuple[ReqResult,
                 while b"\n\n" in buf:
                     event, buf = buf.split(b"\n\n", 1)
                     done = _handle_event(event, res, t0, time.perf_counter())
-                    if res.error is None and not done and res.finish_reason is None \
-                            and res.chunks >= req.close_after:
+                    if (
+                        res.error is None
+                        and not done
+                        and res.finish_reason is None
+                        and res.chunks >= req.close_after
+                    ):
                         resp.close()
                         return res, True
-    except Exception as exc:  # noqa: BLE001 - a failed request is data, not a crash
+    except Exception as exc:
         res.error = res.error or f"{type(exc).__name__}: {exc}"
         return res, False
     if res.finish_reason is None and res.error is None:
@@ -264,17 +301,22 @@ async def post_raw(session, base_url: str, body: bytes, keep: int | None = 300) 
     ``keep`` characters (None: whole); status 0 when the connection failed (the body then
     holds the exception)."""
     try:
-        async with session.post(base_url + "/generate", data=body,
-                                headers={"Content-Type": "application/json"}) as resp:
+        async with session.post(
+            base_url + "/generate", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
             return resp.status, (await resp.text())[:keep]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return 0, f"{type(exc).__name__}: {exc}"[:300]
 
 
 async def generate_once(session, base_url: str, input_ids: list[int], max_new_tokens: int) -> dict:
     """One greedy non-streaming /generate -> {"output_ids": [...]} or {"error": ...}."""
-    status, text = await post_raw(session, base_url,
-                                  json.dumps(generate_payload(input_ids, max_new_tokens, False)).encode(), None)
+    status, text = await post_raw(
+        session,
+        base_url,
+        json.dumps(generate_payload(input_ids, max_new_tokens, False)).encode(),
+        None,
+    )
     if status != 200:
         return {"error": f"HTTP {status}: {text[:300]}"}
     try:
@@ -287,17 +329,22 @@ async def generate_once(session, base_url: str, input_ids: list[int], max_new_to
 @dataclass
 class Tally:
     """What the soak's requests did, counted as they finish."""
+
     sent: dict = field(default_factory=lambda: defaultdict(int))
     completed: int = 0
     failed: int = 0
     errors: list = field(default_factory=list)
     short_outputs: int = 0
     out_tokens: int = 0
-    tokens: dict = field(default_factory=lambda: {"prefix": [0, 0], "other": [0, 0]})  # prompt, cached
+    tokens: dict = field(
+        default_factory=lambda: {"prefix": [0, 0], "other": [0, 0]}
+    )  # prompt, cached
     retractions_meta: int = 0
     closed_mid_stream: int = 0
     finished_before_close: int = 0
-    malformed: dict = field(default_factory=lambda: {k: {"sent": 0, "rejected_4xx": 0} for k in MALFORMED_KINDS})
+    malformed: dict = field(
+        default_factory=lambda: {k: {"sent": 0, "rejected_4xx": 0} for k in MALFORMED_KINDS}
+    )
     malformed_wrong: list = field(default_factory=list)
     unfinished_at_drain: int = 0
 
@@ -339,20 +386,35 @@ class Tally:
         return sum(m["rejected_4xx"] for m in self.malformed.values())
 
     def counts(self) -> dict:
-        return {"sent": sum(self.sent.values()), "sent_by_kind": dict(self.sent),
-                "completed": self.completed, "failed": self.failed,
-                "unfinished_at_drain": self.unfinished_at_drain, "short_outputs": self.short_outputs,
-                "aborted": {"sent": self.sent.get("abort", 0), "closed_mid_stream": self.closed_mid_stream,
-                            "finished_before_close": self.finished_before_close},
-                "malformed": {"sent": self.malformed_sent(), "rejected_4xx": self.malformed_ok(),
-                              "by_kind": {k: v for k, v in self.malformed.items() if v["sent"]}},
-                "errors": self.errors, "malformed_not_rejected": self.malformed_wrong}
+        return {
+            "sent": sum(self.sent.values()),
+            "sent_by_kind": dict(self.sent),
+            "completed": self.completed,
+            "failed": self.failed,
+            "unfinished_at_drain": self.unfinished_at_drain,
+            "short_outputs": self.short_outputs,
+            "aborted": {
+                "sent": self.sent.get("abort", 0),
+                "closed_mid_stream": self.closed_mid_stream,
+                "finished_before_close": self.finished_before_close,
+            },
+            "malformed": {
+                "sent": self.malformed_sent(),
+                "rejected_4xx": self.malformed_ok(),
+                "by_kind": {k: v for k, v in self.malformed.items() if v["sent"]},
+            },
+            "errors": self.errors,
+            "malformed_not_rejected": self.malformed_wrong,
+        }
 
     def cache_hits(self) -> dict:
         out = {}
         for name, (prompt, cached) in self.tokens.items():
-            out[name + "_requests"] = {"prompt_tokens": prompt, "cached_tokens": cached,
-                                       "cached_share": round(cached / prompt, 4) if prompt else None}
+            out[name + "_requests"] = {
+                "prompt_tokens": prompt,
+                "cached_tokens": cached,
+                "cached_share": round(cached / prompt, 4) if prompt else None,
+            }
         return out
 
 
@@ -391,10 +453,15 @@ def read_server_info(base_url: str) -> dict:
             continue
         if isinstance(data, dict):
             info = {k: data[k] for k in SERVER_INFO_KEYS if k in data}
-            per_dp = [s.get("effective_max_running_requests_per_dp") for s in data.get("internal_states") or []
-                      if isinstance(s, dict)]
+            per_dp = [
+                s.get("effective_max_running_requests_per_dp")
+                for s in data.get("internal_states") or []
+                if isinstance(s, dict)
+            ]
             per_dp = [x for x in per_dp if x]
-            info["effective_max_running_requests"] = sum(per_dp) if per_dp else data.get("max_running_requests")
+            info["effective_max_running_requests"] = (
+                sum(per_dp) if per_dp else data.get("max_running_requests")
+            )
             info["source"] = path
             return info
     return {}
@@ -420,7 +487,9 @@ def resolve_vocab_size(args, info: dict) -> tuple[int, str]:
         v = vocab_from_config(path)
         if v:
             return int(v), f"{path}/config.json"
-    raise UsageError("vocab size unknown: the server's model_path has no local config.json; pass --vocab-size")
+    raise UsageError(
+        "vocab size unknown: the server's model_path has no local config.json; pass --vocab-size"
+    )
 
 
 def server_gone(proc, pid: int | None) -> bool:
@@ -453,7 +522,7 @@ def tree_pids(pid: int) -> set[int]:
                 stat = (d / "stat").read_text()
             except OSError:
                 continue
-            children[int(stat[stat.rindex(")") + 2:].split()[1])].append(int(d.name))
+            children[int(stat[stat.rindex(")") + 2 :].split()[1])].append(int(d.name))
     found, todo = set(), [pid]
     while todo:
         p = todo.pop()
@@ -511,12 +580,15 @@ class MemorySampler:
         if self.gpu_cmd is None:
             self.notes["gpu"] = "nvidia-smi not found: GPU memory not sampled"
         if pid is None:
-            self.notes["host"] = "server pid unknown (attached without --server-pid): host memory not sampled"
+            self.notes["host"] = (
+                "server pid unknown (attached without --server-pid): host memory not sampled"
+            )
 
     async def _smi(self, cmd: list[str]) -> str | None:
         try:
-            proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.DEVNULL)
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            )
             out, _ = await asyncio.wait_for(proc.communicate(), 30)
             return out.decode()
         except (OSError, asyncio.TimeoutError) as exc:
@@ -544,13 +616,19 @@ class MemorySampler:
             return None
         if self.scope is None:
             self.scope = "device"
-            self.notes["gpu_scope"] = ("device-wide used memory: the server's pids are not among nvidia-smi's "
-                                       "compute apps, so other processes on the GPU count too")
+            self.notes["gpu_scope"] = (
+                "device-wide used memory: the server's pids are not among nvidia-smi's "
+                "compute apps, so other processes on the GPU count too"
+            )
         return mib
 
     async def sample(self) -> dict:
-        s = {"t": round(time.monotonic() - self.t0, 2), "phase": self.phase, "gpu_mib": await self.gpu_mib(),
-             "host_mib": None if self.pid is None else tree_rss_mib(self.pid)}
+        s = {
+            "t": round(time.monotonic() - self.t0, 2),
+            "phase": self.phase,
+            "gpu_mib": await self.gpu_mib(),
+            "host_mib": None if self.pid is None else tree_rss_mib(self.pid),
+        }
         self.samples.append(s)
         return s
 
@@ -576,10 +654,16 @@ def memory_growth(values: list[float], limit_mib: float) -> dict:
     if n < 4:
         return {"samples": n, "growth_mib": None, "limit_mib": limit_mib, "flat": None}
     q = n // 4
-    second, last = values[q:2 * q], values[n - q:]
+    second, last = values[q : 2 * q], values[n - q :]
     m2, m4 = sum(second) / len(second), sum(last) / len(last)
-    return {"samples": n, "second_quarter_mean_mib": round(m2, 1), "last_quarter_mean_mib": round(m4, 1),
-            "growth_mib": round(m4 - m2, 1), "limit_mib": limit_mib, "flat": (m4 - m2) < limit_mib}
+    return {
+        "samples": n,
+        "second_quarter_mean_mib": round(m2, 1),
+        "last_quarter_mean_mib": round(m4, 1),
+        "growth_mib": round(m4 - m2, 1),
+        "limit_mib": limit_mib,
+        "flat": (m4 - m2) < limit_mib,
+    }
 
 
 # ----------------------------------------------------------------------------- probes
@@ -590,11 +674,21 @@ def compare_probes(start: list[dict], end: list[dict]) -> dict:
         err = a.get("error") or b.get("error")
         ta, tb = a.get("output_ids"), b.get("output_ids")
         same = err is None and ta == tb
-        rows.append({"probe": i, "identical": same,
-                     "first_diff": None if same or err else lcp_len(ta, tb),
-                     "start_tokens": None if ta is None else len(ta), "end_tokens": None if tb is None else len(tb),
-                     **({"error": err} if err else {})})
-    return {"compared": len(rows), "identical": sum(r["identical"] for r in rows), "per_probe": rows}
+        rows.append(
+            {
+                "probe": i,
+                "identical": same,
+                "first_diff": None if same or err else lcp_len(ta, tb),
+                "start_tokens": None if ta is None else len(ta),
+                "end_tokens": None if tb is None else len(tb),
+                **({"error": err} if err else {}),
+            }
+        )
+    return {
+        "compared": len(rows),
+        "identical": sum(r["identical"] for r in rows),
+        "per_probe": rows,
+    }
 
 
 # ----------------------------------------------------------------------------- the run
@@ -612,10 +706,12 @@ class Soak:
         self.metrics: dict = {}
 
     async def run(self) -> None:
-        import aiohttp  # noqa: PLC0415
+        import aiohttp
 
         conn = aiohttp.TCPConnector(limit=self.args.concurrency + 8)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.args.request_timeout_s)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=30, sock_read=self.args.request_timeout_s
+        )
         async with aiohttp.ClientSession(connector=conn, timeout=timeout) as self.session:
             sampler = asyncio.create_task(self.sampler.run())
             try:
@@ -651,14 +747,17 @@ class Soak:
                 break
             out.append(await generate_once(self.session, self.base, ids, self.args.probe_tokens))
         bad = sum("error" in r for r in out)
-        print(f"probes ({label}): {len(out)} x {self.args.probe_tokens} greedy tokens, {bad} failed", flush=True)
+        print(
+            f"probes ({label}): {len(out)} x {self.args.probe_tokens} greedy tokens, {bad} failed",
+            flush=True,
+        )
         return out
 
     async def get_text(self, path: str) -> str | None:
         try:
             async with self.session.get(self.base + path) as resp:
                 return await resp.text() if resp.status == 200 else None
-        except Exception:  # noqa: BLE001 - an unreachable endpoint is a missing value
+        except Exception:
             return None
 
     async def get_metrics(self) -> dict | None:
@@ -677,13 +776,19 @@ class Soak:
         if req.kind == "abort":
             self.tally.aborted(req, *await stream_and_close(self.session, self.base, req))
         elif req.kind == "generate":
-            self.tally.finished(req, await stream_generate(self.session, self.base, req.input_ids,
-                                                           req.max_new_tokens))
+            self.tally.finished(
+                req,
+                await stream_generate(self.session, self.base, req.input_ids, req.max_new_tokens),
+            )
         else:
             self.tally.rejected(req.kind, *await post_raw(self.session, self.base, req.body))
 
     async def worker(self, deadline: float) -> None:
-        while time.monotonic() < deadline and not self.stop.is_set() and not server_gone(self.proc, self.pid):
+        while (
+            time.monotonic() < deadline
+            and not self.stop.is_set()
+            and not server_gone(self.proc, self.pid)
+        ):
             await self.one(self.mix.draw())
 
     async def progress(self, t_start: float) -> None:
@@ -695,17 +800,27 @@ class Soak:
         t = self.tally
         loads, metrics = await self.get_loads(), await self.get_metrics()
         last = self.sampler.samples[-1] if self.sampler.samples else {}
-        parts = [f"  [{self.sampler.phase} {elapsed:.0f}/{self.args.duration_s:g} s] sent {sum(t.sent.values())}",
-                 f"done {t.completed}", f"failed {t.failed}", f"aborted {t.closed_mid_stream}",
-                 f"malformed {t.malformed_sent()} ({t.malformed_ok()} 4xx)",
-                 f"{t.out_tokens / max(elapsed, 1e-9):.0f} out tok/s"]
+        parts = [
+            f"  [{self.sampler.phase} {elapsed:.0f}/{self.args.duration_s:g} s] sent {sum(t.sent.values())}",
+            f"done {t.completed}",
+            f"failed {t.failed}",
+            f"aborted {t.closed_mid_stream}",
+            f"malformed {t.malformed_sent()} ({t.malformed_ok()} 4xx)",
+            f"{t.out_tokens / max(elapsed, 1e-9):.0f} out tok/s",
+        ]
         if loads:
-            parts.append(f"running {sum(x.get('num_running_reqs', 0) for x in loads)} "
-                         f"waiting {sum(x.get('num_waiting_reqs', 0) for x in loads)}")
+            parts.append(
+                f"running {sum(x.get('num_running_reqs', 0) for x in loads)} "
+                f"waiting {sum(x.get('num_waiting_reqs', 0) for x in loads)}"
+            )
         retracted = metric_delta(self.metrics.get("start"), metrics, RETRACT_METRIC)
         if retracted is not None:
             parts.append(f"retracted {retracted:.0f}")
-        parts += [f"{k.split('_')[0]} {last[k]:.0f} MiB" for k in ("gpu_mib", "host_mib") if last.get(k) is not None]
+        parts += [
+            f"{k.split('_')[0]} {last[k]:.0f} MiB"
+            for k in ("gpu_mib", "host_mib")
+            if last.get(k) is not None
+        ]
         return ", ".join(parts)
 
     async def soak(self) -> None:
@@ -717,28 +832,41 @@ class Soak:
         all_done = asyncio.gather(*workers)
         prog = asyncio.create_task(self.progress(t_start))
         stopper = asyncio.create_task(self.stop.wait())
-        await asyncio.wait([stopper, all_done], timeout=a.duration_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [stopper, all_done], timeout=a.duration_s, return_when=asyncio.FIRST_COMPLETED
+        )
         if server_gone(self.proc, self.pid):
             self.doc["server"]["gone_after_s"] = round(time.monotonic() - t_start, 1)
-            print(f"SERVER GONE after {self.doc['server']['gone_after_s']} s: soak ended early", flush=True)
+            print(
+                f"SERVER GONE after {self.doc['server']['gone_after_s']} s: soak ended early",
+                flush=True,
+            )
         await self.sampler.enter("drain")
         t_drain = time.monotonic()
         if not self.stop.is_set():
-            await asyncio.wait([all_done, stopper], timeout=a.drain_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [all_done, stopper], timeout=a.drain_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         pending = [w for w in workers if not w.done()]
         if not self.stop.is_set():
             self.tally.unfinished_at_drain = len(pending)
             for _ in pending:
-                self.tally.fail("drain", f"no answer within --drain-timeout-s {a.drain_timeout_s:g}")
+                self.tally.fail(
+                    "drain", f"no answer within --drain-timeout-s {a.drain_timeout_s:g}"
+                )
         for task in (*workers, prog, stopper):
             task.cancel()
         await asyncio.gather(all_done, prog, stopper, return_exceptions=True)
         t_end = time.monotonic()
-        self.doc["drain"].update(in_flight_finish_s=round(t_end - t_drain, 2), unfinished=len(pending))
+        self.doc["drain"].update(
+            in_flight_finish_s=round(t_end - t_drain, 2), unfinished=len(pending)
+        )
         wall = t_end - t_start
-        self.doc["throughput"] = {"wall_s": round(wall, 2), "req_s": round(self.tally.completed / wall, 3),
-                                  "out_tok_s": round(self.tally.out_tokens / wall, 1)}
+        self.doc["throughput"] = {
+            "wall_s": round(wall, 2),
+            "req_s": round(self.tally.completed / wall, 3),
+            "out_tok_s": round(self.tally.out_tokens / wall, 1),
+        }
         print(await self.progress_line(t_end - t_start), flush=True)
 
     async def wait_idle(self) -> dict:
@@ -762,6 +890,7 @@ class Soak:
 
 def run_soak(soak: Soak) -> None:
     """soak.run() in an event loop whose SIGTERM / SIGINT stop the run gracefully."""
+
     async def main():
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -785,24 +914,36 @@ def counter_reports(doc: dict, tally: Tally, metrics: dict) -> None:
     retracted = metric_delta(start, end, RETRACT_METRIC)
     doc["retractions"] = {
         "value": tally.retractions_meta if retracted is None else int(retracted),
-        "source": "meta_info.num_retractions (completed requests)" if retracted is None else RETRACT_METRIC,
+        "source": "meta_info.num_retractions (completed requests)"
+        if retracted is None
+        else RETRACT_METRIC,
         "metrics_delta": None if retracted is None else int(retracted),
         "meta_info_sum": tally.retractions_meta,
-        **({"note": f"{RETRACT_METRIC} {why}"} if retracted is None else {})}
-    tokens, passes = metric_delta(start, end, EVICT_TOKENS_METRIC), metric_delta(start, end, EVICT_PASSES_METRIC)
-    doc["evictions"] = {"evicted_tokens": None if tokens is None else int(tokens),
-                        "eviction_passes": None if passes is None else int(passes),
-                        "source": f"{EVICT_TOKENS_METRIC}, {EVICT_PASSES_METRIC} (GET /metrics deltas)",
-                        **({"note": f"{EVICT_TOKENS_METRIC} {why}"} if tokens is None else {})}
+        **({"note": f"{RETRACT_METRIC} {why}"} if retracted is None else {}),
+    }
+    tokens, passes = (
+        metric_delta(start, end, EVICT_TOKENS_METRIC),
+        metric_delta(start, end, EVICT_PASSES_METRIC),
+    )
+    doc["evictions"] = {
+        "evicted_tokens": None if tokens is None else int(tokens),
+        "eviction_passes": None if passes is None else int(passes),
+        "source": f"{EVICT_TOKENS_METRIC}, {EVICT_PASSES_METRIC} (GET /metrics deltas)",
+        **({"note": f"{EVICT_TOKENS_METRIC} {why}"} if tokens is None else {}),
+    }
 
 
-def evaluate(doc: dict, tally: Tally | None, sampler: MemorySampler | None, alive: bool, args) -> None:
+def evaluate(
+    doc: dict, tally: Tally | None, sampler: MemorySampler | None, alive: bool, args
+) -> None:
     """Fill doc["checks"] and doc["passed"]."""
     gpu_limit, host_limit = args.max_mem_growth_mib
     mem = doc["memory"]
     if sampler is not None:
-        mem["growth"] = {"gpu": memory_growth(sampler.series("gpu_mib"), gpu_limit),
-                         "host": memory_growth(sampler.series("host_mib"), host_limit)}
+        mem["growth"] = {
+            "gpu": memory_growth(sampler.series("gpu_mib"), gpu_limit),
+            "host": memory_growth(sampler.series("host_mib"), host_limit),
+        }
         mem["notes"] = sampler.notes
         mem["gpu_scope"] = sampler.scope
     growth = mem.get("growth", {})
@@ -812,16 +953,22 @@ def evaluate(doc: dict, tally: Tally | None, sampler: MemorySampler | None, aliv
     cmp = probes.get("comparison")
     checks = {
         "server_alive": alive,
-        "malformed_rejected": (None if tally is None or not tally.malformed_sent()
-                               else tally.malformed_ok() == tally.malformed_sent()),
+        "malformed_rejected": (
+            None
+            if tally is None or not tally.malformed_sent()
+            else tally.malformed_ok() == tally.malformed_sent()
+        ),
         "no_failures": tally is not None and tally.failed == 0,
         "gpu_memory_flat": growth.get("gpu", {}).get("flat"),
         "host_memory_flat": growth.get("host", {}).get("flat"),
-        "probes_identical": bool(cmp) and cmp["compared"] == len(probes["start"]) == args.probe_prompts
-                            and cmp["identical"] == cmp["compared"],
+        "probes_identical": bool(cmp)
+        and cmp["compared"] == len(probes["start"]) == args.probe_prompts
+        and cmp["identical"] == cmp["compared"],
     }
     doc["checks"] = checks
-    doc["passed"] = not doc["partial"] and "error" not in doc and all(v is not False for v in checks.values())
+    doc["passed"] = (
+        not doc["partial"] and "error" not in doc and all(v is not False for v in checks.values())
+    )
 
 
 def _fmt(x, unit: str = "") -> str:
@@ -835,27 +982,36 @@ def _pct(x) -> str:
 def summary_lines(doc: dict) -> list[str]:
     c, load = doc.get("counts") or {}, doc.get("load") or {}
     ab, mal = c.get("aborted") or {}, c.get("malformed") or {}
-    ret, ev, th = doc.get("retractions") or {}, doc.get("evictions") or {}, doc.get("throughput") or {}
+    ret, ev, th = (
+        doc.get("retractions") or {},
+        doc.get("evictions") or {},
+        doc.get("throughput") or {},
+    )
     hits = doc.get("cache") or {}
     growth = (doc.get("memory") or {}).get("growth") or {}
     cmp = (doc.get("probes") or {}).get("comparison") or {}
-    lines = [f"soak of {doc['server'].get('url')} for {doc['config']['duration_s']:g} s, concurrency "
-             f"{doc['config']['concurrency']}: offered {_fmt(load.get('token_ratio'), 'x')} the KV pool, "
-             f"{_fmt(load.get('request_ratio'), 'x')} max_running_requests"
-             + ("  (PARTIAL: " + str(doc.get("interrupted")) + ")" if doc["partial"] else ""),
-             f"  requests    sent {_fmt(c.get('sent'))}, completed {_fmt(c.get('completed'))}, failed "
-             f"{_fmt(c.get('failed'))}, aborted mid-stream {_fmt(ab.get('closed_mid_stream'))}, malformed "
-             f"{_fmt(mal.get('sent'))} ({_fmt(mal.get('rejected_4xx'))} got 4xx)",
-             f"  retractions {_fmt(ret.get('value'))} ({ret.get('source', '-')}); evicted tokens "
-             f"{_fmt(ev.get('evicted_tokens'))} in {_fmt(ev.get('eviction_passes'))} passes",
-             f"  cache hits  shared-prefix requests {_pct((hits.get('prefix_requests') or {}).get('cached_share'))} "
-             f"of prompt tokens, others {_pct((hits.get('other_requests') or {}).get('cached_share'))}",
-             f"  throughput  {_fmt(th.get('req_s'))} req/s, {_fmt(th.get('out_tok_s'))} out tok/s",
-             f"  memory      gpu {_fmt((growth.get('gpu') or {}).get('growth_mib'), ' MiB')} growth, host "
-             f"{_fmt((growth.get('host') or {}).get('growth_mib'), ' MiB')} growth (last vs second quarter)",
-             f"  probes      {_fmt(cmp.get('identical'))}/{_fmt(cmp.get('compared'))} identical"
-             + "".join(f"; probe {r['probe']} differs at {r['first_diff']}" for r in cmp.get("per_probe", [])
-                       if not r["identical"] and r["first_diff"] is not None)]
+    lines = [
+        f"soak of {doc['server'].get('url')} for {doc['config']['duration_s']:g} s, concurrency "
+        f"{doc['config']['concurrency']}: offered {_fmt(load.get('token_ratio'), 'x')} the KV pool, "
+        f"{_fmt(load.get('request_ratio'), 'x')} max_running_requests"
+        + ("  (PARTIAL: " + str(doc.get("interrupted")) + ")" if doc["partial"] else ""),
+        f"  requests    sent {_fmt(c.get('sent'))}, completed {_fmt(c.get('completed'))}, failed "
+        f"{_fmt(c.get('failed'))}, aborted mid-stream {_fmt(ab.get('closed_mid_stream'))}, malformed "
+        f"{_fmt(mal.get('sent'))} ({_fmt(mal.get('rejected_4xx'))} got 4xx)",
+        f"  retractions {_fmt(ret.get('value'))} ({ret.get('source', '-')}); evicted tokens "
+        f"{_fmt(ev.get('evicted_tokens'))} in {_fmt(ev.get('eviction_passes'))} passes",
+        f"  cache hits  shared-prefix requests {_pct((hits.get('prefix_requests') or {}).get('cached_share'))} "
+        f"of prompt tokens, others {_pct((hits.get('other_requests') or {}).get('cached_share'))}",
+        f"  throughput  {_fmt(th.get('req_s'))} req/s, {_fmt(th.get('out_tok_s'))} out tok/s",
+        f"  memory      gpu {_fmt((growth.get('gpu') or {}).get('growth_mib'), ' MiB')} growth, host "
+        f"{_fmt((growth.get('host') or {}).get('growth_mib'), ' MiB')} growth (last vs second quarter)",
+        f"  probes      {_fmt(cmp.get('identical'))}/{_fmt(cmp.get('compared'))} identical"
+        + "".join(
+            f"; probe {r['probe']} differs at {r['first_diff']}"
+            for r in cmp.get("per_probe", [])
+            if not r["identical"] and r["first_diff"] is not None
+        ),
+    ]
     if doc.get("error"):
         lines.append(f"  error       {doc['error'][:300]}")
     lines.append(f"  {'check':<18} result")
@@ -868,7 +1024,11 @@ def summary_lines(doc: dict) -> list[str]:
 def gpu_tag(gpu: str | None) -> str:
     """'NVIDIA H200' -> 'h200'; names without a model number -> a lower-case slug."""
     m = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", gpu or "")
-    return m.group(1).lower() if m else (re.sub(r"[^a-z0-9]+", "-", (gpu or "unknown").lower()).strip("-") or "unknown")
+    return (
+        m.group(1).lower()
+        if m
+        else (re.sub(r"[^a-z0-9]+", "-", (gpu or "unknown").lower()).strip("-") or "unknown")
+    )
 
 
 def default_out(prov: dict) -> Path:
@@ -900,59 +1060,148 @@ def _kinds(text: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in kinds if k not in MALFORMED_KINDS]
     if bad or not kinds:
-        raise argparse.ArgumentTypeError(f"malformed kinds are {', '.join(MALFORMED_KINDS)}; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"malformed kinds are {', '.join(MALFORMED_KINDS)}; got {text!r}"
+        )
     return kinds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     g = ap.add_argument_group("server (one of --model-path / --url)")
-    g.add_argument("--model-path", help="launch python -m sglang.launch_server on this model folder")
-    g.add_argument("--common-server-args", default=DEFAULT_SERVER_ARGS,
-                   help=f"flags of the launched server (default: {DEFAULT_SERVER_ARGS!r})")
+    g.add_argument(
+        "--model-path", help="launch python -m sglang.launch_server on this model folder"
+    )
+    g.add_argument(
+        "--common-server-args",
+        default=DEFAULT_SERVER_ARGS,
+        help=f"flags of the launched server (default: {DEFAULT_SERVER_ARGS!r})",
+    )
     g.add_argument("--server-args", default="", help="extra flags appended to --common-server-args")
-    g.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for /health (default 600)")
-    g.add_argument("--url", help="attach to a running server instead, e.g. http://127.0.0.1:30000 (loopback only)")
-    g.add_argument("--server-pid", type=int,
-                   help="with --url: the server's pid, so that its process tree's RSS is sampled")
+    g.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600,
+        help="seconds to wait for /health (default 600)",
+    )
+    g.add_argument(
+        "--url",
+        help="attach to a running server instead, e.g. http://127.0.0.1:30000 (loopback only)",
+    )
+    g.add_argument(
+        "--server-pid",
+        type=int,
+        help="with --url: the server's pid, so that its process tree's RSS is sampled",
+    )
     g = ap.add_argument_group("load")
-    g.add_argument("--duration-s", type=float, default=1200, help="soak length in seconds (default 1200)")
-    g.add_argument("--concurrency", type=int, default=256,
-                   help="requests kept in flight (default 256); must offer > 2x what the server holds at "
-                        "once (see Load below)")
-    g.add_argument("--seed", type=int, default=0, help="seed of prompts, prefixes, probes and the mix (default 0)")
-    g.add_argument("--prompt-len", type=_int_range, default=(16, 2048), metavar="MIN,MAX",
-                   help="random prompt length in tokens, also of probes and shared-prefix suffixes "
-                        "(default 16,2048)")
-    g.add_argument("--output-len", type=_int_range, default=(16, 1024), metavar="MIN,MAX",
-                   help="random max_new_tokens (default 16,1024)")
-    g.add_argument("--num-prefixes", type=int, default=16, help="distinct shared prefixes (default 16)")
-    g.add_argument("--prefix-len", type=int, default=1024, help="tokens per shared prefix (default 1024)")
-    g.add_argument("--prefix-share", type=float, default=0.5,
-                   help="share of well-formed requests that start with a shared prefix (default 0.5)")
-    g.add_argument("--abort-share", type=float, default=0.1,
-                   help="share of requests streamed and closed mid-stream (default 0.1)")
-    g.add_argument("--malformed-share", type=float, default=0.05, help="share of malformed requests (default 0.05)")
-    g.add_argument("--malformed-kinds", type=_kinds, default=list(MALFORMED_KINDS),
-                   help=f"comma list of malformed kinds to send (default {','.join(MALFORMED_KINDS)})")
-    g.add_argument("--vocab-size", type=int,
-                   help="model vocab size, for valid and out-of-vocab ids (default: config.json of the model)")
-    g.add_argument("--request-timeout-s", type=float, default=900,
-                   help="seconds a request may go without a byte before it fails (default 900)")
-    g.add_argument("--drain-timeout-s", type=float, default=300,
-                   help="after the soak: seconds for in-flight requests to finish, and again for the "
-                        "server to go idle (default 300)")
+    g.add_argument(
+        "--duration-s", type=float, default=1200, help="soak length in seconds (default 1200)"
+    )
+    g.add_argument(
+        "--concurrency",
+        type=int,
+        default=256,
+        help="requests kept in flight (default 256); must offer > 2x what the server holds at "
+        "once (see Load below)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of prompts, prefixes, probes and the mix (default 0)",
+    )
+    g.add_argument(
+        "--prompt-len",
+        type=_int_range,
+        default=(16, 2048),
+        metavar="MIN,MAX",
+        help="random prompt length in tokens, also of probes and shared-prefix suffixes "
+        "(default 16,2048)",
+    )
+    g.add_argument(
+        "--output-len",
+        type=_int_range,
+        default=(16, 1024),
+        metavar="MIN,MAX",
+        help="random max_new_tokens (default 16,1024)",
+    )
+    g.add_argument(
+        "--num-prefixes", type=int, default=16, help="distinct shared prefixes (default 16)"
+    )
+    g.add_argument(
+        "--prefix-len", type=int, default=1024, help="tokens per shared prefix (default 1024)"
+    )
+    g.add_argument(
+        "--prefix-share",
+        type=float,
+        default=0.5,
+        help="share of well-formed requests that start with a shared prefix (default 0.5)",
+    )
+    g.add_argument(
+        "--abort-share",
+        type=float,
+        default=0.1,
+        help="share of requests streamed and closed mid-stream (default 0.1)",
+    )
+    g.add_argument(
+        "--malformed-share",
+        type=float,
+        default=0.05,
+        help="share of malformed requests (default 0.05)",
+    )
+    g.add_argument(
+        "--malformed-kinds",
+        type=_kinds,
+        default=list(MALFORMED_KINDS),
+        help=f"comma list of malformed kinds to send (default {','.join(MALFORMED_KINDS)})",
+    )
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        help="model vocab size, for valid and out-of-vocab ids (default: config.json of the model)",
+    )
+    g.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=900,
+        help="seconds a request may go without a byte before it fails (default 900)",
+    )
+    g.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=300,
+        help="after the soak: seconds for in-flight requests to finish, and again for the "
+        "server to go idle (default 300)",
+    )
     g = ap.add_argument_group("probes, sampling, checks, output")
-    g.add_argument("--probe-prompts", type=int, default=8, help="probe prompts, greedy, start vs end (default 8)")
+    g.add_argument(
+        "--probe-prompts",
+        type=int,
+        default=8,
+        help="probe prompts, greedy, start vs end (default 8)",
+    )
     g.add_argument("--probe-tokens", type=int, default=64, help="new tokens per probe (default 64)")
-    g.add_argument("--sample-s", type=float, default=5, help="memory sampling interval in seconds (default 5)")
-    g.add_argument("--progress-s", type=float, default=30, help="seconds between progress lines (default 30)")
-    g.add_argument("--max-mem-growth-mib", type=_mib_pair, default=(512.0, 1024.0), metavar="GPU,HOST",
-                   help="memory check: mean of the soak's last quarter of samples minus the mean of its "
-                        "second quarter must stay below this many MiB (default 512,1024)")
-    g.add_argument("--out", help="JSON report (default benchmarks/results/soak_<gpu>_<commit>.json)")
+    g.add_argument(
+        "--sample-s", type=float, default=5, help="memory sampling interval in seconds (default 5)"
+    )
+    g.add_argument(
+        "--progress-s", type=float, default=30, help="seconds between progress lines (default 30)"
+    )
+    g.add_argument(
+        "--max-mem-growth-mib",
+        type=_mib_pair,
+        default=(512.0, 1024.0),
+        metavar="GPU,HOST",
+        help="memory check: mean of the soak's last quarter of samples minus the mean of its "
+        "second quarter must stay below this many MiB (default 512,1024)",
+    )
+    g.add_argument(
+        "--out", help="JSON report (default benchmarks/results/soak_<gpu>_<commit>.json)"
+    )
     args = ap.parse_args(argv)
     if bool(args.model_path) == bool(args.url):
         ap.error("give exactly one of --model-path and --url")
@@ -968,8 +1217,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.abort_share + args.malformed_share > 1:
         ap.error("--abort-share + --malformed-share must not exceed 1")
-    for name in ("duration_s", "concurrency", "probe_prompts", "probe_tokens", "sample_s", "progress_s",
-                 "request_timeout_s", "drain_timeout_s"):
+    for name in (
+        "duration_s",
+        "concurrency",
+        "probe_prompts",
+        "probe_tokens",
+        "sample_s",
+        "progress_s",
+        "request_timeout_s",
+        "drain_timeout_s",
+    ):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be > 0")
     if args.num_prefixes < 0 or args.prefix_len < 1:
@@ -979,11 +1236,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def new_doc(args, argv: list[str], prov: dict) -> dict:
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    return {"tool": "scripts/soak.py", "argv": argv, **prov, "partial": False, "interrupted": None,
-            "config": config, "server": {}, "server_info": {}, "load": {}, "counts": {}, "retractions": {},
-            "evictions": {}, "cache": {}, "throughput": {}, "drain": {},
-            "memory": {"sample_s": args.sample_s, "samples": []},
-            "probes": {"count": args.probe_prompts, "tokens": args.probe_tokens}, "checks": {}, "passed": False}
+    return {
+        "tool": "scripts/soak.py",
+        "argv": argv,
+        **prov,
+        "partial": False,
+        "interrupted": None,
+        "config": config,
+        "server": {},
+        "server_info": {},
+        "load": {},
+        "counts": {},
+        "retractions": {},
+        "evictions": {},
+        "cache": {},
+        "throughput": {},
+        "drain": {},
+        "memory": {"sample_s": args.sample_s, "samples": []},
+        "probes": {"count": args.probe_prompts, "tokens": args.probe_tokens},
+        "checks": {},
+        "passed": False,
+    }
 
 
 def prepare(args, base: str, doc: dict) -> int:
@@ -994,23 +1267,36 @@ def prepare(args, base: str, doc: dict) -> int:
     doc["config"]["vocab_size_used"], doc["config"]["vocab_size_source"] = vocab, source
     limit = info.get("max_req_input_len")
     if limit and longest_request(args) > limit:
-        raise UsageError(f"the longest request ({longest_request(args)} tokens: prefix + prompt + output) "
-                         f"exceeds the server's max_req_input_len {limit}; lower --prompt-len, "
-                         f"--output-len or --prefix-len")
+        raise UsageError(
+            f"the longest request ({longest_request(args)} tokens: prefix + prompt + output) "
+            f"exceeds the server's max_req_input_len {limit}; lower --prompt-len, "
+            f"--output-len or --prefix-len"
+        )
     if info.get("disable_radix_cache"):
-        print("WARNING: the server runs with --disable-radix-cache: no prefix hits, no evictions", flush=True)
+        print(
+            "WARNING: the server runs with --disable-radix-cache: no prefix hits, no evictions",
+            flush=True,
+        )
     load = offered_load(args, info)
     doc["load"] = load
-    print(f"vocab {vocab} ({source}); KV pool {_fmt(load['max_total_num_tokens'])} tokens, max running "
-          f"{_fmt(load['max_running_requests'])}; offered {load['offered_inflight_tokens']} in-flight tokens = "
-          f"{_fmt(load['token_ratio'], 'x')} the pool, {_fmt(load['request_ratio'], 'x')} the running limit",
-          flush=True)
+    print(
+        f"vocab {vocab} ({source}); KV pool {_fmt(load['max_total_num_tokens'])} tokens, max running "
+        f"{_fmt(load['max_running_requests'])}; offered {load['offered_inflight_tokens']} in-flight tokens = "
+        f"{_fmt(load['token_ratio'], 'x')} the pool, {_fmt(load['request_ratio'], 'x')} the running limit",
+        flush=True,
+    )
     if load["overloaded"] is False:
-        print(f"WARNING: offered load is only {load['token_ratio']}x the KV pool (< {OVERLOAD_TARGET:g}x): the "
-              f"scheduler may never retract; raise --concurrency / --prompt-len / --output-len or shrink the "
-              f"pool (--server-args '--max-total-tokens N')", flush=True)
+        print(
+            f"WARNING: offered load is only {load['token_ratio']}x the KV pool (< {OVERLOAD_TARGET:g}x): the "
+            f"scheduler may never retract; raise --concurrency / --prompt-len / --output-len or shrink the "
+            f"pool (--server-args '--max-total-tokens N')",
+            flush=True,
+        )
     elif load["overloaded"] is None:
-        print("WARNING: max_total_num_tokens unknown: cannot tell whether the load exceeds 2x the pool", flush=True)
+        print(
+            "WARNING: max_total_num_tokens unknown: cannot tell whether the load exceeds 2x the pool",
+            flush=True,
+        )
     return vocab
 
 
@@ -1030,9 +1316,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.model_path:
             out.parent.mkdir(parents=True, exist_ok=True)
             flags = shlex.split(args.common_server_args) + shlex.split(args.server_args)
-            srv = Server(str(Path(args.model_path).resolve()), flags, str(out.with_name(out.stem + "_server.log")),
-                         startup_timeout=args.startup_timeout)
-            doc["server"] = {"url": srv.base, "launched": True, "cmd": shlex.join(srv.cmd[1:]), "log": srv.log_path}
+            srv = Server(
+                str(Path(args.model_path).resolve()),
+                flags,
+                str(out.with_name(out.stem + "_server.log")),
+                startup_timeout=args.startup_timeout,
+            )
+            doc["server"] = {
+                "url": srv.base,
+                "launched": True,
+                "cmd": shlex.join(srv.cmd[1:]),
+                "log": srv.log_path,
+            }
             srv.start()
             doc["server"].update(pid=srv.proc.pid, startup_s=srv.startup_s)
             base, pid = srv.base, srv.proc.pid

@@ -42,8 +42,15 @@ def parse_ints(text: str, name: str) -> list[int]:
         raise SystemExit(f"{name}: expected a comma list of integers, got '{text}'.") from None
 
 
-LAUNCH_KEYS = ("block_n", "num_warps", "programs_per_sm", "prefetch", "num_stages", "heads_n",
-               "maxnreg")
+LAUNCH_KEYS = (
+    "block_n",
+    "num_warps",
+    "programs_per_sm",
+    "prefetch",
+    "num_stages",
+    "heads_n",
+    "maxnreg",
+)
 
 
 def parse_tiles(text: str) -> list[tuple[int, int]]:
@@ -57,13 +64,16 @@ def parse_tiles(text: str) -> list[tuple[int, int]]:
     return tiles
 
 
-def launch_grid(tiles, programs_per_sm, prefetch, num_stages, heads_n=(0,), maxnreg=(0,)) -> list[dict]:
+def launch_grid(
+    tiles, programs_per_sm, prefetch, num_stages, heads_n=(0,), maxnreg=(0,)
+) -> list[dict]:
     """Every launch to time; pipelining depth only varies without the register prefetch
     (with it, the loads feed inline asm and Triton's pipeliner leaves them alone)."""
     grid = []
-    for (bn, nw), pps, pf, hn, mr in itertools.product(tiles, programs_per_sm, prefetch, heads_n,
-                                                        maxnreg):
-        for ns in (num_stages if not pf else num_stages[:1]):
+    for (bn, nw), pps, pf, hn, mr in itertools.product(
+        tiles, programs_per_sm, prefetch, heads_n, maxnreg
+    ):
+        for ns in num_stages if not pf else num_stages[:1]:
             grid.append(dict(zip(LAUNCH_KEYS, (bn, nw, pps, bool(pf), ns, bool(hn), mr))))
     return grid
 
@@ -78,13 +88,17 @@ def choose(rows: list[dict], shapes: list[str]) -> dict | None:
     full = {cfg: t for cfg, t in by_cfg.items() if all(s in t for s in shapes)}
     if not full:
         return None
-    geo = {cfg: math.exp(sum(math.log(t[s]) for s in shapes) / len(shapes)) for cfg, t in full.items()}
+    geo = {
+        cfg: math.exp(sum(math.log(t[s]) for s in shapes) / len(shapes)) for cfg, t in full.items()
+    }
     best = min(geo, key=geo.get)
     per_shape = {s: min(t[s] for t in full.values()) for s in shapes}
-    return {**dict(zip(LAUNCH_KEYS, best)),
-            "geomean_ms": round(geo[best], 5),
-            "ms": {s: round(full[best][s], 5) for s in shapes},
-            "best_ms_per_shape": {s: round(v, 5) for s, v in per_shape.items()}}
+    return {
+        **dict(zip(LAUNCH_KEYS, best)),
+        "geomean_ms": round(geo[best], 5),
+        "ms": {s: round(full[best][s], 5) for s in shapes},
+        "best_ms_per_shape": {s: round(v, 5) for s, v in per_shape.items()},
+    }
 
 
 def merge_tables(paths: list[str]) -> dict:
@@ -117,7 +131,8 @@ def save_winners(path: str, device_name: str, head_dim: int, winners: dict) -> N
     stamp = {"commit": prov.get("commit"), "date": prov.get("date")}
     table = merge_tables([path]) if Path(path).exists() else {}
     table.setdefault(device_name, {}).setdefault(str(head_dim), {}).update(
-        {kv: {**w, **stamp} for kv, w in winners.items()})
+        {kv: {**w, **stamp} for kv, w in winners.items()}
+    )
     write_table(path, table)
 
 
@@ -127,17 +142,24 @@ def tune(args) -> int:
 
     from sglang_tq.format.codec import LayerCodec
     from sglang_tq.kernels import tq_decode as dec
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _decode_shape import decode_shape  # scripts/ is not a package
+
     from sglang_tq.provenance import provenance
 
     if not torch.cuda.is_available():
         raise SystemExit("tune_decode.py times the kernels on a CUDA GPU; none is visible.")
     d, hq, hkv = args.head_dim, 32, 8
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    grid = launch_grid(parse_tiles(args.tiles), parse_ints(args.programs_per_sm, "--programs-per-sm"),
-                       parse_ints(args.prefetch, "--prefetch"), parse_ints(args.num_stages, "--num-stages"),
-                       parse_ints(args.heads_n, "--heads-n"), parse_ints(args.maxnreg, "--maxnreg"))
+    grid = launch_grid(
+        parse_tiles(args.tiles),
+        parse_ints(args.programs_per_sm, "--programs-per-sm"),
+        parse_ints(args.prefetch, "--prefetch"),
+        parse_ints(args.num_stages, "--num-stages"),
+        parse_ints(args.heads_n, "--heads-n"),
+        parse_ints(args.maxnreg, "--maxnreg"),
+    )
     shapes = args.shapes.split(",")
     t0 = time.time()
     rows, winners = [], {}
@@ -151,31 +173,58 @@ def tune(args) -> int:
             ws = dec.DecodeWorkspace.create(bsz, hq, d, args.max_kv_splits, "cuda")
             for cfg in grid:
                 launch = dec.DecodeLaunch(**cfg)
-                splits = dec.default_num_kv_splits(torch.full((bsz,), seq), hkv, args.max_kv_splits,
-                                                   num_sms=num_sms, launch=launch).cuda()
-                row = {"kv": kv, "shape": shape, "B": bsz, "L": seq, "head_dim": d, **cfg,
-                       "splits": int(splits[0])}
-                fn = lambda: dec.tq_decode(q, *bufs, indptr, indices, codec, d**-0.5,  # noqa: E731
-                                           num_kv_splits=splits, max_kv_splits=args.max_kv_splits,
-                                           workspace=ws, block_n=launch.block_n,
-                                           num_warps=launch.num_warps, prefetch=launch.prefetch,
-                                           num_stages=launch.num_stages, heads_n=launch.heads_n,
-                                           maxnreg=launch.maxnreg)
+                splits = dec.default_num_kv_splits(
+                    torch.full((bsz,), seq), hkv, args.max_kv_splits, num_sms=num_sms, launch=launch
+                ).cuda()
+                row = {
+                    "kv": kv,
+                    "shape": shape,
+                    "B": bsz,
+                    "L": seq,
+                    "head_dim": d,
+                    **cfg,
+                    "splits": int(splits[0]),
+                }
+
+                def fn():
+                    return dec.tq_decode(
+                        q,
+                        *bufs,
+                        indptr,
+                        indices,
+                        codec,
+                        d**-0.5,
+                        num_kv_splits=splits,
+                        max_kv_splits=args.max_kv_splits,
+                        workspace=ws,
+                        block_n=launch.block_n,
+                        num_warps=launch.num_warps,
+                        prefetch=launch.prefetch,
+                        num_stages=launch.num_stages,
+                        heads_n=launch.heads_n,
+                        maxnreg=launch.maxnreg,
+                    )
+
                 try:
                     fn()
                     ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-                except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result
+                except Exception as exc:
                     row["error"] = repr(exc)[:200]
                     print(f"{kv} {shape} {cfg}: {exc!r}"[:160], flush=True)
                 else:
                     row.update(ms=ms, tbps=nbytes / ms / 1e9)
-                    print(f"{kv} {shape:>9} d={d} bn={launch.block_n:<3} warps={launch.num_warps} "
-                          f"pps={launch.programs_per_sm:<2} prefetch={int(launch.prefetch)} "
-                          f"stages={launch.num_stages} heads_n={int(launch.heads_n)} "
-                          f"maxnreg={launch.maxnreg:<3} splits={row['splits']:<2} "
-                          f"{ms:8.4f} ms  {nbytes / ms / 1e9:6.3f} TB/s", flush=True)
+                    print(
+                        f"{kv} {shape:>9} d={d} bn={launch.block_n:<3} warps={launch.num_warps} "
+                        f"pps={launch.programs_per_sm:<2} prefetch={int(launch.prefetch)} "
+                        f"stages={launch.num_stages} heads_n={int(launch.heads_n)} "
+                        f"maxnreg={launch.maxnreg:<3} splits={row['splits']:<2} "
+                        f"{ms:8.4f} ms  {nbytes / ms / 1e9:6.3f} TB/s",
+                        flush=True,
+                    )
                 kv_rows.append(row)
-            del sh, bufs, indices
+            sh = bufs = indices = (
+                None  # free the shape's buffers (the closures above hold the names)
+            )
             torch.cuda.empty_cache()
         rows += kv_rows
         win = choose(kv_rows, shapes)
@@ -183,15 +232,28 @@ def tune(args) -> int:
             winners[kv] = win
             if args.write_table:  # after every bit pair: a run cut short keeps what it found
                 save_winners(args.write_table, torch.cuda.get_device_name(), d, {kv: win})
-            print(f"BEST {kv} d={d}: block_n {win['block_n']} warps {win['num_warps']} "
-                  f"programs/SM {win['programs_per_sm']} prefetch {int(win['prefetch'])} "
-                  f"stages {win['num_stages']} heads_n {int(win['heads_n'])} "
-                  f"maxnreg {win['maxnreg']}: " + ", ".join(
-                      f"{s} {win['ms'][s]:.4f} (best {win['best_ms_per_shape'][s]:.4f})" for s in shapes),
-                  flush=True)
+            print(
+                f"BEST {kv} d={d}: block_n {win['block_n']} warps {win['num_warps']} "
+                f"programs/SM {win['programs_per_sm']} prefetch {int(win['prefetch'])} "
+                f"stages {win['num_stages']} heads_n {int(win['heads_n'])} "
+                f"maxnreg {win['maxnreg']}: "
+                + ", ".join(
+                    f"{s} {win['ms'][s]:.4f} (best {win['best_ms_per_shape'][s]:.4f})"
+                    for s in shapes
+                ),
+                flush=True,
+            )
     prov = provenance()
-    result = {**prov, "head_dim": d, "num_sms": num_sms, "grid": grid, "shapes": shapes,
-              "rows": rows, "winners": winners, "elapsed_s": round(time.time() - t0, 1)}
+    result = {
+        **prov,
+        "head_dim": d,
+        "num_sms": num_sms,
+        "grid": grid,
+        "shapes": shapes,
+        "rows": rows,
+        "winners": winners,
+        "elapsed_s": round(time.time() - t0, 1),
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
@@ -200,30 +262,52 @@ def tune(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="64x16384,32x32768,128x4096,16x8192,64x6144",
-                    help="comma list of BxL (default: the B·L >= 64k rows of bench_decode.py and "
-                         "the load test's 64 x 6k)")
+    ap.add_argument(
+        "--shapes",
+        default="64x16384,32x32768,128x4096,16x8192,64x6144",
+        help="comma list of BxL (default: the B·L >= 64k rows of bench_decode.py and "
+        "the load test's 64 x 6k)",
+    )
     ap.add_argument("--kv", default="k4v4,k4v3,k3v3,k4v2,k2v2", help="bit pairs to tune")
-    ap.add_argument("--tiles", default="32x1,64x2,64x4",
-                    help="tile shapes BLOCK_NxNUM_WARPS to try (32 tokens per warp won on the "
-                         "H200: 64x2; 32x1 does the same without cross-warp exchanges)")
-    ap.add_argument("--programs-per-sm", default="4,8,16",
-                    help="resident programs per SM assumed by the split policy (more: more splits)")
-    ap.add_argument("--prefetch", default="1,0",
-                    help="1: register prefetch of the next tile; 0: loads at the top of the tile, "
-                         "pipelined by Triton over --num-stages")
+    ap.add_argument(
+        "--tiles",
+        default="32x1,64x2,64x4",
+        help="tile shapes BLOCK_NxNUM_WARPS to try (32 tokens per warp won on the "
+        "H200: 64x2; 32x1 does the same without cross-warp exchanges)",
+    )
+    ap.add_argument(
+        "--programs-per-sm",
+        default="4,8,16",
+        help="resident programs per SM assumed by the split policy (more: more splits)",
+    )
+    ap.add_argument(
+        "--prefetch",
+        default="1,0",
+        help="1: register prefetch of the next tile; 0: loads at the top of the tile, "
+        "pipelined by Triton over --num-stages",
+    )
     ap.add_argument("--num-stages", default="2,3", help="pipelining depths tried without prefetch")
-    ap.add_argument("--heads-n", default="0,1",
-                    help="1: the transposed problem (GQA group as the dots' N side); 0: heads as rows")
-    ap.add_argument("--maxnreg", default="0",
-                    help="register caps per thread to try (0: ptxas's choice); a cap lets more "
-                         "one-warp programs share an SM, e.g. 0,168,128")
+    ap.add_argument(
+        "--heads-n",
+        default="0,1",
+        help="1: the transposed problem (GQA group as the dots' N side); 0: heads as rows",
+    )
+    ap.add_argument(
+        "--maxnreg",
+        default="0",
+        help="register caps per thread to try (0: ptxas's choice); a cap lets more "
+        "one-warp programs share an SM, e.g. 0,168,128",
+    )
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--max-kv-splits", type=int, default=32)
     ap.add_argument("--out", help="JSON with every timing")
     ap.add_argument("--write-table", help="launch table to create or update with the winners")
-    ap.add_argument("--merge-tables", nargs="+", metavar="TABLE",
-                    help="merge these tables into --write-table instead of tuning")
+    ap.add_argument(
+        "--merge-tables",
+        nargs="+",
+        metavar="TABLE",
+        help="merge these tables into --write-table instead of tuning",
+    )
     args = ap.parse_args(argv)
     if args.merge_tables:
         if not args.write_table:

@@ -26,13 +26,13 @@ class TQConfig:
     seed: int = 0
     key_variant: str = "mse"
     bf16_layers: tuple[int, ...] = ()
-    key_centers: str | None = None  # 'auto', a key centers file (sglang_tq/format/centers.py), or None
+    key_centers: str | None = (
+        None  # 'auto', a key centers file (sglang_tq/format/centers.py), or None
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 8:
-            raise ValueError(
-                f"head_dim must be a positive multiple of 8, got {self.head_dim!r}."
-            )
+            raise ValueError(f"head_dim must be a positive multiple of 8, got {self.head_dim!r}.")
         for name in ("k_bits", "v_bits"):
             value = getattr(self, name)
             if value not in CONFIG_BITS:

@@ -76,9 +76,16 @@ def tiny_llama(num_hidden_layers, vocab_size=64, intermediate_size=96, max_posit
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate_size,
-                      num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16, max_position_embeddings=max_position_embeddings)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=max_position_embeddings,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -116,11 +123,11 @@ for pkg_name in LAYERS:
         imported.append(info.name)
 '''
 
-_NO_SRT_END = '''
+_NO_SRT_END = """
 assert not attempts, f"tried to import sglang.srt: {attempts}"
 assert not srt_modules(), f"sglang.srt was imported: {srt_modules()}"
 print("imported without sglang.srt:", " ".join(imported))
-'''
+"""
 
 
 def check_without_sglang_srt(layers, smoke: str):
@@ -135,7 +142,8 @@ def check_without_sglang_srt(layers, smoke: str):
     if not HAS_CUDA:
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"{layers} without sglang.srt:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout

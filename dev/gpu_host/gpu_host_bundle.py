@@ -50,12 +50,12 @@ from pathlib import Path
 # --------------------------------------------------------------------------
 WHEELS = {
     "pinned": [
-        "sglang==0.5.17",               # sgl-kernel for newer torch fails on c10 symbols
-        "sglang-kernel==0.4.5",         # provides sgl_kernel (sm90/common_ops)
+        "sglang==0.5.17",  # sgl-kernel for newer torch fails on c10 symbols
+        "sglang-kernel==0.4.5",  # provides sgl_kernel (sm90/common_ops)
         "flashinfer-python==0.6.15.post1",
-        "transformers==5.12.1",         # shadows the host's 5.17 (sglang pins it)
+        "transformers==5.12.1",  # shadows the host's 5.17 (sglang pins it)
         "tokenizers==0.22.2",
-        "apache-tvm-ffi==0.1.11",       # flashinfer JIT FFI
+        "apache-tvm-ffi==0.1.11",  # flashinfer JIT FFI
         "xgrammar==0.2.1",
         "openai==2.6.1",
         "openai-harmony==0.0.4",
@@ -64,39 +64,81 @@ WHEELS = {
     ],
     "unpinned": [
         # HTTP server / API
-        "fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types",
-        "typing-inspection", "uvicorn", "orjson", "pyzmq", "setproctitle",
-        "pybase64", "python-multipart", "partial-json-parser", "msgspec",
-        "interegular", "gguf", "distro", "easydict", "jiter", "sniffio",
-        "llguidance", "compressed-tensors", "watchfiles", "zstandard", "loguru",
-        "dill", "multiprocess", "datasets",
-        "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
-        "cffi", "pycparser",
-        "opentelemetry-api", "opentelemetry-sdk",
+        "fastapi",
+        "starlette",
+        "pydantic",
+        "pydantic-core",
+        "annotated-types",
+        "typing-inspection",
+        "uvicorn",
+        "orjson",
+        "pyzmq",
+        "setproctitle",
+        "pybase64",
+        "python-multipart",
+        "partial-json-parser",
+        "msgspec",
+        "interegular",
+        "gguf",
+        "distro",
+        "easydict",
+        "jiter",
+        "sniffio",
+        "llguidance",
+        "compressed-tensors",
+        "watchfiles",
+        "zstandard",
+        "loguru",
+        "dill",
+        "multiprocess",
+        "datasets",
+        "jsonschema",
+        "jsonschema-specifications",
+        "referencing",
+        "rpds-py",
+        "cffi",
+        "pycparser",
+        "opentelemetry-api",
+        "opentelemetry-sdk",
         "opentelemetry-semantic-conventions",
         "importlib-metadata<10",  # 10.x needs lazy-importer, absent on the host
         # ipython (imported by sglang at start-up) and its pure-Python deps
-        "ipython", "traitlets", "decorator", "parso", "prompt-toolkit",
-        "wcwidth", "pexpect", "ptyprocess", "stack-data", "asttokens",
-        "executing", "pure-eval", "matplotlib-inline", "ipython-pygments-lexers",
+        "ipython",
+        "traitlets",
+        "decorator",
+        "parso",
+        "prompt-toolkit",
+        "wcwidth",
+        "pexpect",
+        "ptyprocess",
+        "stack-data",
+        "asttokens",
+        "executing",
+        "pure-eval",
+        "matplotlib-inline",
+        "ipython-pygments-lexers",
         "pycryptodomex",
     ],
 }
 
 PYTHON_VERSION = "3.12"
 # pip matches platform tags exactly, so every manylinux level must be listed.
-PLATFORMS = (
-    [f"manylinux_2_{n}_x86_64" for n in (39, 38, 36, 35, 34, 33, 32, 31, 30,
-                                        29, 28, 27, 26, 25, 24, 23, 17)]
-    + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
-)
+PLATFORMS = [
+    f"manylinux_2_{n}_x86_64"
+    for n in (39, 38, 36, 35, 34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 17)
+] + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
 # The target environment, for evaluating requirement markers.
 TARGET_ENV = {
-    "python_version": "3.12", "python_full_version": "3.12.3",
-    "implementation_name": "cpython", "implementation_version": "3.12.3",
-    "platform_python_implementation": "CPython", "os_name": "posix",
-    "sys_platform": "linux", "platform_system": "Linux",
-    "platform_machine": "x86_64", "extra": "",
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "implementation_name": "cpython",
+    "implementation_version": "3.12.3",
+    "platform_python_implementation": "CPython",
+    "os_name": "posix",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "extra": "",
 }
 
 # --------------------------------------------------------------------------
@@ -105,7 +147,10 @@ TARGET_ENV = {
 # for launch_server --attention-backend triton on a Llama model.
 # --------------------------------------------------------------------------
 TRIM_RECIPE = [
-    ("sgl_kernel/flash_ops*.so", "FlashAttention-3 (1.1 GB), loaded lazily, unused with triton backend"),
+    (
+        "sgl_kernel/flash_ops*.so",
+        "FlashAttention-3 (1.1 GB), loaded lazily, unused with triton backend",
+    ),
     ("sgl_kernel/infllm_ops*.so", "InfLLM ops, loaded lazily"),
     ("sgl_kernel/flashmla_ops*.so", "FlashMLA (DeepSeek MLA), loaded lazily"),
     ("sgl_kernel/sm100/*", "Blackwell build; the host is Hopper (sm90/common_ops.abi3.so)"),
@@ -134,7 +179,7 @@ def step(n: int, total: int, msg: str) -> None:
     log(f"\n[{n}/{total}] {msg}")
 
 
-def die(msg: str, code: int = 1) -> "None":
+def die(msg: str, code: int = 1) -> None:
     print(f"\nERROR: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -158,7 +203,7 @@ def version_ok(version: str, spec: str) -> bool:
         return version == spec[2:]
     try:
         from pip._vendor.packaging.specifiers import SpecifierSet
-    except Exception:  # noqa: BLE001 - cannot check ranges: accept
+    except Exception:
         return True
     return SpecifierSet(spec).contains(version, prereleases=True)
 
@@ -183,10 +228,23 @@ def find_cached(wheel_dir: Path, name: str, spec: str) -> Path | None:
 
 
 def pip_download(wheel_dir: Path, reqs: list[str]) -> bool:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-           "--only-binary=:all:", "--python-version", PYTHON_VERSION,
-           "--implementation", "cp", "--disable-pip-version-check",
-           "--progress-bar", "off", "-d", str(wheel_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        PYTHON_VERSION,
+        "--implementation",
+        "cp",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(wheel_dir),
+    ]
     for plat in PLATFORMS:
         cmd += ["--platform", plat]
     cmd += reqs
@@ -205,8 +263,11 @@ def download(wheel_dir: Path, reqs: list[str]) -> None:
         return
     failed = [r for r in reqs if not pip_download(wheel_dir, [r])]
     if failed:
-        die("pip download failed for: " + ", ".join(failed)
-            + "\n  (check the pins and the platform tags in PLATFORMS)")
+        die(
+            "pip download failed for: "
+            + ", ".join(failed)
+            + "\n  (check the pins and the platform tags in PLATFORMS)"
+        )
 
 
 def remove_versions(wheel_dir: Path, name: str) -> None:
@@ -219,8 +280,11 @@ def selected_wheels(wheel_dir: Path, reqs: list[str]) -> dict[str, Path]:
     chosen: dict[str, Path] = {}
     for req in reqs:
         name, spec = parse_req(req)
-        cands = [p for p in cached_wheels(wheel_dir).get(norm(name), [])
-                 if version_ok(wheel_name_version(p)[1], spec)]
+        cands = [
+            p
+            for p in cached_wheels(wheel_dir).get(norm(name), [])
+            if version_ok(wheel_name_version(p)[1], spec)
+        ]
         if not cands:
             die(f"no wheel for {req} in {wheel_dir}")
         if len(cands) > 1:  # several cached versions of an unpinned one: newest
@@ -232,18 +296,23 @@ def selected_wheels(wheel_dir: Path, reqs: list[str]) -> dict[str, Path]:
 def version_key(v: str):
     try:
         from pip._vendor.packaging.version import Version
+
         return Version(v)
-    except Exception:  # noqa: BLE001 - fall back to a crude ordering
+    except Exception:
         return [int(x) if x.isdigit() else 0 for x in re.split(r"[.+-]", v)]
 
 
 def wheel_requires(path: Path) -> list[str]:
     with zipfile.ZipFile(path) as zf:
-        meta = next(n for n in zf.namelist()
-                    if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+        meta = next(
+            n for n in zf.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")
+        )
         text = zf.read(meta).decode("utf-8", "replace")
-    return [line.split(":", 1)[1].strip() for line in text.splitlines()
-            if line.startswith("Requires-Dist:")]
+    return [
+        line.split(":", 1)[1].strip()
+        for line in text.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
 
 
 def reconcile(wheel_dir: Path, unpinned: dict[str, str], reqs: list[str]) -> list[str]:
@@ -255,7 +324,7 @@ def reconcile(wheel_dir: Path, unpinned: dict[str, str], reqs: list[str]) -> lis
         from pip._vendor.packaging.requirements import Requirement
         from pip._vendor.packaging.specifiers import SpecifierSet
         from pip._vendor.packaging.version import Version
-    except Exception:  # noqa: BLE001
+    except Exception:
         return ["pip's vendored 'packaging' unavailable: version ranges not checked"]
     warnings: list[str] = []
     for _round in range(4):
@@ -265,7 +334,7 @@ def reconcile(wheel_dir: Path, unpinned: dict[str, str], reqs: list[str]) -> lis
             for line in wheel_requires(path):
                 try:
                     r = Requirement(line)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     continue
                 if r.marker is not None and not r.marker.evaluate(TARGET_ENV):
                     continue
@@ -275,7 +344,9 @@ def reconcile(wheel_dir: Path, unpinned: dict[str, str], reqs: list[str]) -> lis
         warnings = []
         for target, lst in sorted(specs.items()):
             have = Version(wheel_name_version(chosen[target])[1])
-            bad = [(who, s) for who, s in lst if not SpecifierSet(s).contains(have, prereleases=True)]
+            bad = [
+                (who, s) for who, s in lst if not SpecifierSet(s).contains(have, prereleases=True)
+            ]
             if not bad:
                 continue
             desc = ", ".join(f"{who} wants {s}" for who, s in bad)
@@ -294,7 +365,7 @@ def reconcile(wheel_dir: Path, unpinned: dict[str, str], reqs: list[str]) -> lis
 
 
 def trim_rule(rel: str, rules: list[tuple[str, str]]) -> str | None:
-    for pattern, reason in rules:
+    for pattern, _reason in rules:
         if fnmatch.fnmatchcase(rel, pattern):
             return pattern
     return None
@@ -356,8 +427,12 @@ def strip_all(site: Path) -> tuple[int, int, list[str]]:
     before = sum(p.stat().st_size for p in sos)
     failed: list[str] = []
     for p in sos:
-        res = subprocess.run([strip, "--strip-unneeded", str(p)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        res = subprocess.run(
+            [strip, "--strip-unneeded", str(p)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         if res.returncode != 0:
             failed.append(p.relative_to(site).as_posix())
     after = sum(p.stat().st_size for p in sos)
@@ -384,9 +459,21 @@ def pack(site: Path, out: Path, threads: int) -> None:
             die(f"'{tool}' not found")
     tmp = out.with_name(out.name + ".part")
     tar = subprocess.Popen(
-        ["tar", "-cf", "-", "--sort=name", "--owner=0", "--group=0",
-         "--numeric-owner", f"--mtime={TAR_MTIME}", "-C", str(site), "."],
-        stdout=subprocess.PIPE)
+        [
+            "tar",
+            "-cf",
+            "-",
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            f"--mtime={TAR_MTIME}",
+            "-C",
+            str(site),
+            ".",
+        ],
+        stdout=subprocess.PIPE,
+    )
     with open(tmp, "wb") as fh:
         xz = subprocess.Popen(["xz", "-9e", f"-T{threads}", "-c"], stdin=tar.stdout, stdout=fh)
         assert tar.stdout is not None
@@ -415,21 +502,38 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path(__file__).resolve().parents[2]
     ap = argparse.ArgumentParser(
         description="Build the SGLang 0.5.17 runtime bundle (.tar.xz) for the "
-                    "air-gapped GPU host; see dev/gpu_host/README.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--out-dir", type=Path, default=repo / ".gpu_bundle",
-                    help="output folder (wheels/ cache, site/, bundle, manifest)")
-    ap.add_argument("--keep-site", action="store_true",
-                    help="keep the unpacked site/ folder after packing")
-    ap.add_argument("--refresh", action="store_true",
-                    help="re-resolve unpinned wheels instead of reusing cached ones")
-    ap.add_argument("--no-extra-trim", action="store_true",
-                    help="apply only the recipe's trimming, not TRIM_EXTRA")
-    ap.add_argument("--limit-mib", type=float, default=DEFAULT_LIMIT_MIB,
-                    help="fail if the bundle is larger than this")
+        "air-gapped GPU host; see dev/gpu_host/README.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument(
+        "--out-dir",
+        type=Path,
+        default=repo / ".gpu_bundle",
+        help="output folder (wheels/ cache, site/, bundle, manifest)",
+    )
+    ap.add_argument(
+        "--keep-site", action="store_true", help="keep the unpacked site/ folder after packing"
+    )
+    ap.add_argument(
+        "--refresh",
+        action="store_true",
+        help="re-resolve unpinned wheels instead of reusing cached ones",
+    )
+    ap.add_argument(
+        "--no-extra-trim",
+        action="store_true",
+        help="apply only the recipe's trimming, not TRIM_EXTRA",
+    )
+    ap.add_argument(
+        "--limit-mib",
+        type=float,
+        default=DEFAULT_LIMIT_MIB,
+        help="fail if the bundle is larger than this",
+    )
     ap.add_argument("--threads", type=int, default=2, help="xz threads")
-    ap.add_argument("--list", action="store_true",
-                    help="print the wheel list and trim rules, then exit")
+    ap.add_argument(
+        "--list", action="store_true", help="print the wheel list and trim rules, then exit"
+    )
     args = ap.parse_args(argv)
 
     rules = TRIM_RECIPE + ([] if args.no_extra_trim else TRIM_EXTRA)
@@ -502,12 +606,18 @@ def main(argv: list[str] | None = None) -> int:
         "unpacked_bytes": site_bytes,
         "python": PYTHON_VERSION,
         "wheels": [
-            {"name": wheel_name_version(p)[0], "version": wheel_name_version(p)[1],
-             "file": p.name, "pinned": norm(parse_req(r)[0]) not in unpinned}
+            {
+                "name": wheel_name_version(p)[0],
+                "version": wheel_name_version(p)[1],
+                "file": p.name,
+                "pinned": norm(parse_req(r)[0]) not in unpinned,
+            }
             for r, p in zip(reqs, wheels)
         ],
-        "trimmed": [{"pattern": pat, "reason": reasons[pat], "bytes": trimmed.get(pat, 0)}
-                    for pat, _ in rules],
+        "trimmed": [
+            {"pattern": pat, "reason": reasons[pat], "bytes": trimmed.get(pat, 0)}
+            for pat, _ in rules
+        ],
         "warnings": warnings,
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -522,10 +632,13 @@ def main(argv: list[str] | None = None) -> int:
     if size > args.limit_mib * 2**20:
         over = bundle.with_name(bundle.name + ".oversize")
         bundle.replace(over)
-        die(f"bundle is {size / 2**20:.2f} MiB, over the {args.limit_mib:g} MiB limit "
+        die(
+            f"bundle is {size / 2**20:.2f} MiB, over the {args.limit_mib:g} MiB limit "
             f"(device transfers carry at most 64 MiB, checkout included).\n"
             f"  Moved to {over}. Trim more (TRIM_EXTRA) after checking the "
-            f"largest parts above (rerun with --keep-site and use du).", 2)
+            f"largest parts above (rerun with --keep-site and use du).",
+            2,
+        )
     return 0
 
 

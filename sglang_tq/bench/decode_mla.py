@@ -57,15 +57,22 @@ import argparse
 import dataclasses
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ..config import TQConfig
 from ..env import fwht_rotations
 from ..format.codec import LayerCodec
-from ..kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, attention_ref, mla_num_kv_splits,
-                                 split_ceiling, tq_decode, tq_decode_ref)
+from ..kernels.tq_decode import (
+    SPLIT_REF_BATCH,
+    DecodeWorkspace,
+    attention_ref,
+    mla_num_kv_splits,
+    split_ceiling,
+    tq_decode,
+    tq_decode_ref,
+)
 from ..kernels.tq_store import tq_store_kv
 from . import results, timing
 
@@ -86,11 +93,15 @@ STORE_CHUNK = 32768  # tokens per tq_store_kv call while the pool is filled
 TQ_TOL = 2e-2  # relative error of sglang-tq against its float64 twin on the same codes
 DENSE_TOL = 2e-2  # fa3 against float64 attention over the dense cache (recorded, not gating)
 NO_CUDA = "decode-mla times CUDA kernels; run it on a GPU host."
-SPLITS_POLICY = ("TQMLAAttnBackend.get_num_kv_splits: mla_num_kv_splits(seq_lens, "
-                 "split_ceiling(B, base_kv_splits), bits, num_sms)")
-FP8_NOTE = ("SGLang's fa3 MLA decode casts the whole fp8 layer buffer to bf16 per call "
-            "(head_dim 576 is above FA3's fp8 limit of 256); timed: cast + bf16 kernel, the cast "
-            "scaling with pool_slots")
+SPLITS_POLICY = (
+    "TQMLAAttnBackend.get_num_kv_splits: mla_num_kv_splits(seq_lens, "
+    "split_ceiling(B, base_kv_splits), bits, num_sms)"
+)
+FP8_NOTE = (
+    "SGLang's fa3 MLA decode casts the whole fp8 layer buffer to bf16 per call "
+    "(head_dim 576 is above FA3's fp8 limit of 256); timed: cast + bf16 kernel, the cast "
+    "scaling with pool_slots"
+)
 
 EPILOG = f"""\
 One MLA layer (DeepSeek-V2 Sec. 2.1, absorbed: scores q_nope.c + q_pe.k_pe, output the
@@ -125,14 +136,17 @@ class Shape:
 
 # ----------------------------------------------------------------------------- arguments
 
+
 def parse_shapes(text: str) -> list[Shape]:
     """``"1x4096,16x8192"`` -> shapes in order, repeats dropped."""
     shapes = []
     for item in (s.strip() for s in str(text).split(",")):
         m = re.fullmatch(r"(\d+)x(\d+)", item.lower())
         if not m or int(m[1]) < 1 or int(m[2]) < 1:
-            raise ValueError(f"--shapes takes BxL pairs of positive integers such as "
-                             f"1x4096,16x8192, got {item!r}.")
+            raise ValueError(
+                f"--shapes takes BxL pairs of positive integers such as "
+                f"1x4096,16x8192, got {item!r}."
+            )
         shapes.append(Shape(int(m[1]), int(m[2])))
     return list(dict.fromkeys(shapes))
 
@@ -143,8 +157,10 @@ def parse_kv(text: str) -> list[int]:
     for item in (s.strip() for s in str(text).split(",")):
         m = re.fullmatch(r"k([234])(?:v\1)?", item.lower())
         if not m:
-            raise ValueError(f"--kv takes the latent's bits as k4, k3 or k2 (the latent is key and "
-                             f"value, so one width), got {item!r}.")
+            raise ValueError(
+                f"--kv takes the latent's bits as k4, k3 or k2 (the latent is key and "
+                f"value, so one width), got {item!r}."
+            )
         bits.append(int(m[1]))
     return list(dict.fromkeys(bits))
 
@@ -162,52 +178,98 @@ def parse_choices(text: str, allowed, flag: str) -> list[str]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     argv = list(argv)
     ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench decode-mla", epilog=EPILOG,
+        prog="python -m sglang_tq.bench decode-mla",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="MLA (DeepSeek-V2/V3) decode attention time per step: sglang-tq's packed "
-                    "latent against SGLang's default Hopper MLA path (FA3), bf16 and fp8 KV.")
-    ap.add_argument("--shapes", default=DEFAULT_SHAPES,
-                    help="BxL list: B sequences of L cached tokens (default %(default)s)")
-    ap.add_argument("--num-heads", type=int, default=DEFAULT_HEADS,
-                    help="query heads: 16 DeepSeek-V2-Lite, 128 DeepSeek-V3 (default %(default)s)")
-    ap.add_argument("--kv", default=DEFAULT_KV, help="sglang-tq latent bits, of k4,k3,k2 (default %(default)s)")
+        "latent against SGLang's default Hopper MLA path (FA3), bf16 and fp8 KV.",
+    )
+    ap.add_argument(
+        "--shapes",
+        default=DEFAULT_SHAPES,
+        help="BxL list: B sequences of L cached tokens (default %(default)s)",
+    )
+    ap.add_argument(
+        "--num-heads",
+        type=int,
+        default=DEFAULT_HEADS,
+        help="query heads: 16 DeepSeek-V2-Lite, 128 DeepSeek-V3 (default %(default)s)",
+    )
+    ap.add_argument(
+        "--kv", default=DEFAULT_KV, help="sglang-tq latent bits, of k4,k3,k2 (default %(default)s)"
+    )
     ap.add_argument("--impl", default=",".join(IMPLS), help="implementations (default %(default)s)")
-    ap.add_argument("--baseline-dtypes", default=",".join(BASELINE_KV),
-                    help="fa3 KV cache dtypes, of bf16,fp8 (fp8_e4m3) (default %(default)s)")
-    ap.add_argument("--max-kv-splits", type=int, default=SGLANG_NUM_KV_SPLITS,
-                    help="SGLang's --triton-attention-num-kv-splits, the base of the MLA backend's "
-                         "split ceiling (default %(default)s)")
-    ap.add_argument("--pool-tokens", type=int, default=0,
-                    help="token slots in the pool (default 0: each shape's B*L); the fa3 fp8 "
-                         "row casts the whole pool per call")
-    ap.add_argument("--warmup", type=float, default=25.0, help="do_bench warmup, ms (default %(default)s)")
-    ap.add_argument("--rep", type=float, default=100.0, help="do_bench rep, ms (default %(default)s)")
-    ap.add_argument("--repeat", type=int, default=2,
-                    help="do_bench passes per row; ms = median of their medians (default %(default)s)")
-    ap.add_argument("--no-cuda-graph", action="store_true", help="time eager calls, not graph replays")
-    ap.add_argument("--seed", type=int, default=0, help="inputs and slot permutation (default %(default)s)")
-    ap.add_argument("--out", default="decode_mla_results.json", help="results JSON (default %(default)s)")
-    ap.add_argument("--append", action="store_true",
-                    help="keep --out's entries; rows measured again replace theirs")
+    ap.add_argument(
+        "--baseline-dtypes",
+        default=",".join(BASELINE_KV),
+        help="fa3 KV cache dtypes, of bf16,fp8 (fp8_e4m3) (default %(default)s)",
+    )
+    ap.add_argument(
+        "--max-kv-splits",
+        type=int,
+        default=SGLANG_NUM_KV_SPLITS,
+        help="SGLang's --triton-attention-num-kv-splits, the base of the MLA backend's "
+        "split ceiling (default %(default)s)",
+    )
+    ap.add_argument(
+        "--pool-tokens",
+        type=int,
+        default=0,
+        help="token slots in the pool (default 0: each shape's B*L); the fa3 fp8 "
+        "row casts the whole pool per call",
+    )
+    ap.add_argument(
+        "--warmup", type=float, default=25.0, help="do_bench warmup, ms (default %(default)s)"
+    )
+    ap.add_argument(
+        "--rep", type=float, default=100.0, help="do_bench rep, ms (default %(default)s)"
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="do_bench passes per row; ms = median of their medians (default %(default)s)",
+    )
+    ap.add_argument(
+        "--no-cuda-graph", action="store_true", help="time eager calls, not graph replays"
+    )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="inputs and slot permutation (default %(default)s)"
+    )
+    ap.add_argument(
+        "--out", default="decode_mla_results.json", help="results JSON (default %(default)s)"
+    )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep --out's entries; rows measured again replace theirs",
+    )
     args = ap.parse_args(argv)
     try:
         args.shape_list = parse_shapes(args.shapes)
         args.bits = parse_kv(args.kv)
         args.impls = parse_choices(args.impl, IMPLS, "--impl")
-        args.baseline_kv = [BASELINE_KV[d] for d in
-                            parse_choices(args.baseline_dtypes, tuple(BASELINE_KV), "--baseline-dtypes")]
+        args.baseline_kv = [
+            BASELINE_KV[d]
+            for d in parse_choices(args.baseline_dtypes, tuple(BASELINE_KV), "--baseline-dtypes")
+        ]
     except ValueError as exc:
         ap.error(str(exc))
-    for flag, value in (("--num-heads", args.num_heads), ("--max-kv-splits", args.max_kv_splits),
-                        ("--repeat", args.repeat)):
+    for flag, value in (
+        ("--num-heads", args.num_heads),
+        ("--max-kv-splits", args.max_kv_splits),
+        ("--repeat", args.repeat),
+    ):
         if value < 1:
             ap.error(f"{flag} must be at least 1, got {value}.")
     biggest = max(args.shape_list, key=lambda s: s.tokens)
     if args.pool_tokens < 0:
         ap.error(f"--pool-tokens must be 0 or positive, got {args.pool_tokens}.")
     if 0 < args.pool_tokens < biggest.tokens:
-        ap.error(f"--pool-tokens {args.pool_tokens} cannot hold shape {biggest.label} "
-                 f"({biggest.tokens} tokens); give at least that, or 0.")
+        ap.error(
+            f"--pool-tokens {args.pool_tokens} cannot hold shape {biggest.label} "
+            f"({biggest.tokens} tokens); give at least that, or 0."
+        )
     args.argv = argv
     return args
 
@@ -219,6 +281,7 @@ def planned_rows(args) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- inputs
+
 
 @dataclasses.dataclass
 class MLAInputs:
@@ -262,11 +325,15 @@ def make_inputs(shape: Shape, num_heads: int, pool_tokens: int, device, seed: in
     kv_indices = torch.randperm(slots - 1, generator=g, device=device)[: shape.tokens] + 1
     i32 = dict(dtype=torch.int32, device=device)
     return MLAInputs(
-        shape=shape, kv_rows=kv_rows, q=q,
-        kv_indptr=torch.arange(shape.batch + 1, **i32) * shape.seq_len, kv_indices=kv_indices,
+        shape=shape,
+        kv_rows=kv_rows,
+        q=q,
+        kv_indptr=torch.arange(shape.batch + 1, **i32) * shape.seq_len,
+        kv_indices=kv_indices,
         page_table=kv_indices.view(shape.batch, shape.seq_len).to(torch.int32),
         seq_lens=torch.full((shape.batch,), shape.seq_len, **i32),
-        sm_scale=SM_SCALE)
+        sm_scale=SM_SCALE,
+    )
 
 
 def compare(out0: torch.Tensor, ref: torch.Tensor, tol: float, against: str) -> dict:
@@ -276,11 +343,18 @@ def compare(out0: torch.Tensor, ref: torch.Tensor, tol: float, against: str) -> 
     diff = out0 - ref.double()
     rel = float(diff.norm() / ref.double().norm().clamp_min(1e-30)) if finite else float("nan")
     max_abs = float(diff.abs().max()) if finite else float("nan")
-    return {"against": against, "rel_err": rel, "max_abs_err": max_abs, "tol": tol,
-            "finite": finite, "ok": finite and rel <= tol}
+    return {
+        "against": against,
+        "rel_err": rel,
+        "max_abs_err": max_abs,
+        "tol": tol,
+        "finite": finite,
+        "ok": finite and rel <= tol,
+    }
 
 
 # ----------------------------------------------------------------------------- sglang-tq
+
 
 @dataclasses.dataclass
 class PackedLatent:
@@ -301,14 +375,25 @@ class SplitPlan:
 def pack_latent(inputs: MLAInputs, bits: int) -> PackedLatent:
     """The pool's codec for layer 0 and every pool row's latent stored keys-only, in chunks."""
     device = inputs.kv_rows.device
-    codec = LayerCodec.create(LATENT, bits, bits, seed=TQConfig(LATENT, bits, bits).layer_seed(0),
-                              device=device)
+    codec = LayerCodec.create(
+        LATENT, bits, bits, seed=TQConfig(LATENT, bits, bits).layer_seed(0), device=device
+    )
     codes, norms, _, _ = codec.alloc_buffers(inputs.num_slots, 1, device)
     fwht = fwht_rotations()
     for lo in range(0, inputs.num_slots, STORE_CHUNK):
         hi = min(lo + STORE_CHUNK, inputs.num_slots)
-        tq_store_kv(inputs.kv_rows[lo:hi, :, :LATENT], None, torch.arange(lo, hi, device=device),
-                    codes, norms, None, None, codec, fwht=fwht, pdl=False)
+        tq_store_kv(
+            inputs.kv_rows[lo:hi, :, :LATENT],
+            None,
+            torch.arange(lo, hi, device=device),
+            codes,
+            norms,
+            None,
+            None,
+            codec,
+            fwht=fwht,
+            pdl=False,
+        )
     return PackedLatent(codec, codes, norms, inputs.kv_rows[:, 0, LATENT:].contiguous())
 
 
@@ -318,37 +403,72 @@ def split_plan(seq_lens: torch.Tensor, bits: int, base_splits: int, num_sms: int
     return SplitPlan(ceiling, mla_num_kv_splits(seq_lens, ceiling, bits, num_sms=num_sms))
 
 
-def tq_step(inputs: MLAInputs, packed: PackedLatent, plan: SplitPlan, base_splits: int,
-            **launch) -> Callable[[], torch.Tensor]:
+def tq_step(
+    inputs: MLAInputs, packed: PackedLatent, plan: SplitPlan, base_splits: int, **launch
+) -> Callable[[], torch.Tensor]:
     """The backend's forward_decode call on this batch, as a no-argument step; ``launch``
     overrides tq_decode's launch options (the tests' interpreter tiles)."""
     bsz, device = inputs.shape.batch, inputs.q.device
-    ws = DecodeWorkspace.create(max(bsz, SPLIT_REF_BATCH), inputs.num_heads, LATENT, base_splits,
-                                device, out_dtype=inputs.q.dtype)
+    ws = DecodeWorkspace.create(
+        max(bsz, SPLIT_REF_BATCH),
+        inputs.num_heads,
+        LATENT,
+        base_splits,
+        device,
+        out_dtype=inputs.q.dtype,
+    )
     out = torch.empty(bsz, inputs.num_heads, LATENT, dtype=inputs.q.dtype, device=device)
     fwht = fwht_rotations()
 
     def step() -> torch.Tensor:
-        return tq_decode(inputs.q_nope, packed.codes, packed.norms, None, None, inputs.kv_indptr,
-                         inputs.kv_indices, packed.codec, inputs.sm_scale, num_kv_splits=plan.counts,
-                         max_kv_splits=plan.ceiling, workspace=ws, out=out, fwht=fwht,
-                         q_pe=inputs.q_pe, k_pe=packed.k_pe, **launch)
+        return tq_decode(
+            inputs.q_nope,
+            packed.codes,
+            packed.norms,
+            None,
+            None,
+            inputs.kv_indptr,
+            inputs.kv_indices,
+            packed.codec,
+            inputs.sm_scale,
+            num_kv_splits=plan.counts,
+            max_kv_splits=plan.ceiling,
+            workspace=ws,
+            out=out,
+            fwht=fwht,
+            q_pe=inputs.q_pe,
+            k_pe=packed.k_pe,
+            **launch,
+        )
+
     return step
 
 
 def check_tq(inputs: MLAInputs, packed: PackedLatent, out: torch.Tensor) -> dict:
     """Sequence 0 against ``tq_decode_ref`` in float64 on the same codes."""
-    ref = tq_decode_ref(inputs.q_nope[:1], packed.codes, packed.norms, None, None,
-                        inputs.kv_indptr[:2], inputs.kv_indices, packed.codec, inputs.sm_scale,
-                        q_pe=inputs.q_pe[:1], k_pe=packed.k_pe)[0]
+    ref = tq_decode_ref(
+        inputs.q_nope[:1],
+        packed.codes,
+        packed.norms,
+        None,
+        None,
+        inputs.kv_indptr[:2],
+        inputs.kv_indices,
+        packed.codec,
+        inputs.sm_scale,
+        q_pe=inputs.q_pe[:1],
+        k_pe=packed.k_pe,
+    )[0]
     return compare(out[0], ref, TQ_TOL, "tq_decode_ref (float64, same codes), sequence 0")
 
 
 # ----------------------------------------------------------------------------- fa3
 
+
 def load_fa3() -> Callable:
     """sgl-kernel's ``flash_attn_with_kvcache`` (ImportError where the FA3 library is missing)."""
     from sgl_kernel.flash_attn import flash_attn_with_kvcache
+
     return flash_attn_with_kvcache
 
 
@@ -358,21 +478,38 @@ def fa3_buffer(inputs: MLAInputs, kv: str) -> torch.Tensor:
     return inputs.kv_rows.to(FA3_DTYPES[kv])
 
 
-def fa3_step(inputs: MLAInputs, buffer: torch.Tensor, flash_attn_with_kvcache) -> Callable[[], torch.Tensor]:
+def fa3_step(
+    inputs: MLAInputs, buffer: torch.Tensor, flash_attn_with_kvcache
+) -> Callable[[], torch.Tensor]:
     """``FlashAttentionBackend.forward_decode``'s absorbed-MLA call (module docstring)."""
     bsz, device = inputs.shape.batch, inputs.q.device
     cu_seqlens_q = torch.arange(bsz + 1, dtype=torch.int32, device=device)
-    cu_seqlens_k = torch.nn.functional.pad(torch.cumsum(inputs.seq_lens, 0, dtype=torch.int32), (1, 0))
+    cu_seqlens_k = torch.nn.functional.pad(
+        torch.cumsum(inputs.seq_lens, 0, dtype=torch.int32), (1, 0)
+    )
 
     def step() -> torch.Tensor:
         kv_cache = buffer.to(inputs.q.dtype)
         return flash_attn_with_kvcache(
-            q=inputs.q_pe, k_cache=kv_cache[:, :, LATENT:].view(-1, 1, 1, ROPE),
-            v_cache=kv_cache[:, :, :LATENT].view(-1, 1, 1, LATENT), qv=inputs.q_nope,
-            page_table=inputs.page_table, cache_seqlens=inputs.seq_lens,
-            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k_new=cu_seqlens_k, max_seqlen_q=1,
-            softmax_scale=inputs.sm_scale, causal=True, softcap=0.0, k_descale=None,
-            v_descale=None, return_softmax_lse=False, num_splits=0, ver=3)
+            q=inputs.q_pe,
+            k_cache=kv_cache[:, :, LATENT:].view(-1, 1, 1, ROPE),
+            v_cache=kv_cache[:, :, :LATENT].view(-1, 1, 1, LATENT),
+            qv=inputs.q_nope,
+            page_table=inputs.page_table,
+            cache_seqlens=inputs.seq_lens,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k_new=cu_seqlens_k,
+            max_seqlen_q=1,
+            softmax_scale=inputs.sm_scale,
+            causal=True,
+            softcap=0.0,
+            k_descale=None,
+            v_descale=None,
+            return_softmax_lse=False,
+            num_splits=0,
+            ver=3,
+        )
+
     return step
 
 
@@ -382,13 +519,18 @@ def check_fa3(inputs: MLAInputs, buffer: torch.Tensor, out: torch.Tensor) -> dic
     slots = inputs.kv_indices[: inputs.shape.seq_len]
     rows = buffer.view(torch.uint8)[slots].view(buffer.dtype).double()
     ref = attention_ref(inputs.q[:1].double(), rows, rows[..., :LATENT], inputs.sm_scale)[0]
-    res = compare(out.reshape(inputs.shape.batch, inputs.num_heads, LATENT)[0], ref, DENSE_TOL,
-                  "float64 attention over the dense cache, sequence 0")
+    res = compare(
+        out.reshape(inputs.shape.batch, inputs.num_heads, LATENT)[0],
+        ref,
+        DENSE_TOL,
+        "float64 attention over the dense cache, sequence 0",
+    )
     res["matches_dense"], res["ok"] = res["ok"], res["finite"]
     return res
 
 
 # ----------------------------------------------------------------------------- timing
+
 
 def time_replay(step: Callable, args) -> dict:
     """The step's CUDA-graph replay (eager with --no-cuda-graph) timed as
@@ -398,17 +540,30 @@ def time_replay(step: Callable, args) -> dict:
 
 # ----------------------------------------------------------------------------- rows
 
+
 def entry_config(args, shape: Shape, num_sms: int) -> dict:
     """What an entry was measured with (the pool's slots: its tokens plus the padding slot)."""
-    return {"num_heads": args.num_heads, "latent": LATENT, "rope": ROPE,
-            "sm_scale": SM_SCALE, "q_dtype": "bf16", "page_size": 1,
-            "pool_slots": max(args.pool_tokens, shape.tokens) + 1,
-            "shapes": [s.label for s in args.shape_list], "splits_policy": SPLITS_POLICY,
-            "base_kv_splits": args.max_kv_splits, "num_sms": num_sms,
-            "step": "attention only (no cache write)",
-            "timing": {"cuda_graph": not args.no_cuda_graph, "warmup_ms": args.warmup,
-                       "rep_ms": args.rep, "repeat": args.repeat,
-                       "method": "triton.testing.do_bench median; median over passes"}}
+    return {
+        "num_heads": args.num_heads,
+        "latent": LATENT,
+        "rope": ROPE,
+        "sm_scale": SM_SCALE,
+        "q_dtype": "bf16",
+        "page_size": 1,
+        "pool_slots": max(args.pool_tokens, shape.tokens) + 1,
+        "shapes": [s.label for s in args.shape_list],
+        "splits_policy": SPLITS_POLICY,
+        "base_kv_splits": args.max_kv_splits,
+        "num_sms": num_sms,
+        "step": "attention only (no cache write)",
+        "timing": {
+            "cuda_graph": not args.no_cuda_graph,
+            "warmup_ms": args.warmup,
+            "rep_ms": args.rep,
+            "repeat": args.repeat,
+            "method": "triton.testing.do_bench median; median over passes",
+        },
+    }
 
 
 def measure_tq(args, inputs: MLAInputs, bits: int, num_sms: int, timer) -> dict:
@@ -416,8 +571,13 @@ def measure_tq(args, inputs: MLAInputs, bits: int, num_sms: int, timer) -> dict:
     plan = split_plan(inputs.seq_lens, bits, args.max_kv_splits, num_sms)
     step = tq_step(inputs, packed, plan, args.max_kv_splits)
     check = check_tq(inputs, packed, step())
-    return {"kv_quant_bits": f"k{bits}v{bits}", "check": check, "max_kv_splits": plan.ceiling,
-            "num_kv_splits": int(plan.counts[0]), **timer(step, args)}
+    return {
+        "kv_quant_bits": f"k{bits}v{bits}",
+        "check": check,
+        "max_kv_splits": plan.ceiling,
+        "num_kv_splits": int(plan.counts[0]),
+        **timer(step, args),
+    }
 
 
 def measure_fa3(args, inputs: MLAInputs, kv: str, fa3, timer) -> dict:
@@ -444,21 +604,32 @@ def _progress(row: dict) -> str:
     c = row["check"]
     check = f"check rel {c['rel_err']:.2e} {'ok' if c['ok'] else 'FAILED: timing suspect'}"
     ms = f"{row['ms']:.4f} ms, " if row.get("ms") is not None else ""
-    splits = f"splits {row['num_kv_splits']} of {row['max_kv_splits']}, " if "num_kv_splits" in row else ""
+    splits = (
+        f"splits {row['num_kv_splits']} of {row['max_kv_splits']}, "
+        if "num_kv_splits" in row
+        else ""
+    )
     return f"{head} {ms}{splits}{check}"
 
 
 def bench_shape(args, shape: Shape, device, timer, fa3, fa3_error: str | None) -> list[dict]:
     """Every planned row of one shape, each with its config, check and timing or error."""
     num_sms = num_sms_of(device)
-    base = {"shape": shape.label, "batch": shape.batch, "seq_len": shape.seq_len,
-            "config": entry_config(args, shape, num_sms)}
+    base = {
+        "shape": shape.label,
+        "batch": shape.batch,
+        "seq_len": shape.seq_len,
+        "config": entry_config(args, shape, num_sms),
+    }
     rows = []
     try:
         inputs = make_inputs(shape, args.num_heads, args.pool_tokens, device, args.seed)
-    except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other shapes still run
+    except Exception as exc:
         print(f"  ERROR building the inputs: {_one_line(exc)}", flush=True)
-        return [{**base, "impl": impl, "kv": kv, "error": _one_line(exc)} for impl, kv in planned_rows(args)]
+        return [
+            {**base, "impl": impl, "kv": kv, "error": _one_line(exc)}
+            for impl, kv in planned_rows(args)
+        ]
     for impl, kv in planned_rows(args):
         row = {**base, "impl": impl, "kv": kv}
         try:
@@ -468,7 +639,7 @@ def bench_shape(args, shape: Shape, device, timer, fa3, fa3_error: str | None) -
                 row["error"] = fa3_error
             else:
                 row.update(measure_fa3(args, inputs, kv, fa3, timer))
-        except Exception as exc:  # noqa: BLE001 - one row's failure is recorded, the rest runs
+        except Exception as exc:
             row["error"] = _one_line(exc)
         rows.append(row)
         print(_progress(row), flush=True)
@@ -487,22 +658,29 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    lines = [f"{'shape':<10} {'impl':<10} {'kv':<9} {'ms':>9} {'vs bf16':>8} {'vs fp8':>8} "
-             f"{'splits':>7}  check"]
+    lines = [
+        f"{'shape':<10} {'impl':<10} {'kv':<9} {'ms':>9} {'vs bf16':>8} {'vs fp8':>8} "
+        f"{'splits':>7}  check"
+    ]
     for r in rows:
         ms = "-" if r.get("ms") is None else f"{r['ms']:.4f}"
-        vs = ["-" if r.get(k) is None else f"{r[k]:.2f}x" for k in ("ratio_vs_bf16", "ratio_vs_fp8")]
+        vs = [
+            "-" if r.get(k) is None else f"{r[k]:.2f}x" for k in ("ratio_vs_bf16", "ratio_vs_fp8")
+        ]
         splits = str(r.get("num_kv_splits", "-"))
         if "error" in r:
             check = f"error: {r['error']}"
         else:
             check = f"{'ok' if r['check']['ok'] else 'FAILED'} {r['check']['rel_err']:.1e}"
-        lines.append(f"{r['shape']:<10} {r['impl']:<10} {r['kv']:<9} {ms:>9} {vs[0]:>8} {vs[1]:>8} "
-                     f"{splits:>7}  {check}")
+        lines.append(
+            f"{r['shape']:<10} {r['impl']:<10} {r['kv']:<9} {ms:>9} {vs[0]:>8} {vs[1]:>8} "
+            f"{splits:>7}  {check}"
+        )
     return lines
 
 
 # ----------------------------------------------------------------------------- run
+
 
 def num_sms_of(device) -> int:
     device = torch.device(device)
@@ -519,29 +697,35 @@ def _release(device) -> None:
 def fa3_or_error(loader: Callable) -> tuple[Callable | None, str | None]:
     try:
         return loader(), None
-    except Exception as exc:  # noqa: BLE001 - ImportError, or an OSError from the library
+    except Exception as exc:
         return None, f"sgl-kernel's FA3 is unavailable ({_one_line(exc)})"
 
 
 def run_benchmark(args, device, timer=time_replay, fa3_loader: Callable = load_fa3) -> int:
     """Every shape on ``device``; results to ``args.out``; the exit status (module docstring)."""
     try:
-        rf = results.ResultsFile(args.out, TOOL, args.argv, results.get_provenance(), key=KEY,
-                                 keep_existing=args.append)
+        rf = results.ResultsFile(
+            args.out, TOOL, args.argv, results.get_provenance(), key=KEY, keep_existing=args.append
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     fa3, fa3_error = fa3_or_error(fa3_loader) if "fa3" in args.impls else (None, None)
-    print(f"gpu: {rf.provenance.get('gpu')}  commit: {rf.provenance.get('commit')}  -> {args.out}\n"
-          f"baseline: fa3 (SGLang's default MLA attention backend on Hopper), KV "
-          f"{', '.join(args.baseline_kv)}; {args.num_heads} heads, latent {LATENT} + rope {ROPE}",
-          flush=True)
+    print(
+        f"gpu: {rf.provenance.get('gpu')}  commit: {rf.provenance.get('commit')}  -> {args.out}\n"
+        f"baseline: fa3 (SGLang's default MLA attention backend on Hopper), KV "
+        f"{', '.join(args.baseline_kv)}; {args.num_heads} heads, latent {LATENT} + rope {ROPE}",
+        flush=True,
+    )
     if fa3_error:
         print(f"note: {fa3_error}; the fa3 rows carry this error, the rest runs", flush=True)
     rows = []
     for i, shape in enumerate(args.shape_list, 1):
-        print(f"[{i}/{len(args.shape_list)}] {shape.label}: B = {shape.batch} sequences, "
-              f"L = {shape.seq_len} cached tokens each", flush=True)
+        print(
+            f"[{i}/{len(args.shape_list)}] {shape.label}: B = {shape.batch} sequences, "
+            f"L = {shape.seq_len} cached tokens each",
+            flush=True,
+        )
         shape_rows = bench_shape(args, shape, device, timer, fa3, fa3_error)
         for row in shape_rows:
             rf.put(row, write=False)

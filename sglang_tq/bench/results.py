@@ -26,11 +26,13 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding sglang_tq/
-_PROVENANCE_CODE = "import json; from sglang_tq.provenance import provenance; print(json.dumps(provenance()))"
+_PROVENANCE_CODE = (
+    "import json; from sglang_tq.provenance import provenance; print(json.dumps(provenance()))"
+)
 PROVENANCE_KEYS = ("gpu", "commit", "versions", "date")
 
 
@@ -40,15 +42,26 @@ def get_provenance(python: str = sys.executable, timeout_s: float = 120.0) -> di
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     try:
-        out = subprocess.run([python, "-c", _PROVENANCE_CODE], capture_output=True, text=True,
-                             timeout=timeout_s, check=True, env=env).stdout
+        out = subprocess.run(
+            [python, "-c", _PROVENANCE_CODE],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=True,
+            env=env,
+        ).stdout
         prov = json.loads(out.strip().splitlines()[-1])
         if not isinstance(prov, dict):
             raise ValueError(f"provenance is not an object: {prov!r}")
         return prov
-    except Exception as exc:  # noqa: BLE001 - results without provenance beat no results
-        return {"gpu": "unknown", "commit": os.environ.get("SGLANG_TQ_COMMIT", "unknown"),
-                "versions": {}, "date": None, "provenance_error": repr(exc)[:300]}
+    except Exception as exc:
+        return {
+            "gpu": "unknown",
+            "commit": os.environ.get("SGLANG_TQ_COMMIT", "unknown"),
+            "versions": {},
+            "date": None,
+            "provenance_error": repr(exc)[:300],
+        }
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -109,19 +122,33 @@ class ResultsFile:
     invocation history; otherwise the file starts empty. Every :meth:`put` rewrites the file.
     """
 
-    def __init__(self, path: str | Path, tool: str, argv: list[str], provenance: dict,
-                 key: tuple[str, ...], keep_existing: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        tool: str,
+        argv: list[str],
+        provenance: dict,
+        key: tuple[str, ...],
+        keep_existing: bool = False,
+    ):
         self.path, self.key = Path(path), tuple(key)
         old = load_json(self.path) if keep_existing else {}
         if old and old.get("tool") not in (None, tool):
-            raise ValueError(f"{self.path} was written by {old.get('tool')!r}, not {tool!r}; "
-                             f"choose another --out")
+            raise ValueError(
+                f"{self.path} was written by {old.get('tool')!r}, not {tool!r}; "
+                f"choose another --out"
+            )
         self.provenance = {k: provenance.get(k) for k in PROVENANCE_KEYS}
         extra = {k: v for k, v in provenance.items() if k not in PROVENANCE_KEYS}
         invocation = {"argv": list(argv), **self.provenance, **extra}
-        self.doc = {"tool": tool, "argv": list(argv), **self.provenance, **extra,
-                    "results": [r for r in old.get("results", []) if isinstance(r, dict)],
-                    "invocations": [*old.get("invocations", []), invocation]}
+        self.doc = {
+            "tool": tool,
+            "argv": list(argv),
+            **self.provenance,
+            **extra,
+            "results": [r for r in old.get("results", []) if isinstance(r, dict)],
+            "invocations": [*old.get("invocations", []), invocation],
+        }
 
     @property
     def results(self) -> list[dict]:

@@ -32,22 +32,48 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 HOST = "127.0.0.1"
 # ServerArgs fields a result records from /server_info (SGLang's resolved settings)
-SERVER_INFO_KEYS = ("max_total_num_tokens", "max_running_requests", "max_req_input_len",
-                    "chunked_prefill_size", "max_prefill_tokens", "attention_backend",
-                    "prefill_attention_backend", "decode_attention_backend", "kv_cache_dtype",
-                    "kv_quant", "kv_quant_bits", "page_size", "disable_radix_cache",
-                    "mem_fraction_static", "cuda_graph_max_bs_decode", "disable_prefill_cuda_graph",
-                    "disable_cuda_graph", "cuda_graph_config", "schedule_policy", "stream_interval",
-                    "incremental_streaming_output", "context_length", "model_path", "tokenizer_path",
-                    "served_model_name", "dtype", "version")
+SERVER_INFO_KEYS = (
+    "max_total_num_tokens",
+    "max_running_requests",
+    "max_req_input_len",
+    "chunked_prefill_size",
+    "max_prefill_tokens",
+    "attention_backend",
+    "prefill_attention_backend",
+    "decode_attention_backend",
+    "kv_cache_dtype",
+    "kv_quant",
+    "kv_quant_bits",
+    "page_size",
+    "disable_radix_cache",
+    "mem_fraction_static",
+    "cuda_graph_max_bs_decode",
+    "disable_prefill_cuda_graph",
+    "disable_cuda_graph",
+    "cuda_graph_config",
+    "schedule_policy",
+    "stream_interval",
+    "incremental_streaming_output",
+    "context_length",
+    "model_path",
+    "tokenizer_path",
+    "served_model_name",
+    "dtype",
+    "version",
+)
 # the scheduler's start-up line ("KV Cache is allocated. max_total_num_tokens=..., ...")
-_POOL_KEYS = ("max_total_num_tokens", "chunked_prefill_size", "max_prefill_tokens",
-              "max_running_requests", "context_len")
+_POOL_KEYS = (
+    "max_total_num_tokens",
+    "chunked_prefill_size",
+    "max_prefill_tokens",
+    "max_running_requests",
+    "context_len",
+)
 # logged by ServerArgs when no --attention-backend is given
 _DEFAULT_BACKEND_RE = re.compile(r"Attention backend not specified\. Use (\w+) backend by default")
 
@@ -82,13 +108,19 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def http(url: str, method: str = "GET", payload: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
+def http(
+    url: str, method: str = "GET", payload: dict | None = None, timeout: float = 10
+) -> tuple[int, bytes]:
     """(status, body) of one request; status 0 when the server cannot be reached."""
     data = None if payload is None else json.dumps(payload).encode()
     if data is None and method == "POST":
         data = b""
-    req = urllib.request.Request(url, method=method, data=data,
-                                 headers={"Content-Type": "application/json"} if payload is not None else {})
+    req = urllib.request.Request(
+        url,
+        method=method,
+        data=data,
+        headers={"Content-Type": "application/json"} if payload is not None else {},
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -116,7 +148,7 @@ def _set_pdeathsig() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux, or no libc: the group kill still applies
+    except Exception:
         pass
 
 
@@ -137,14 +169,18 @@ def group_alive(pgid: int) -> bool:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
 
 
-def kill_group(pgid: int, term_wait_s: float = 30.0, kill_wait_s: float = 15.0,
-               reap: Callable[[], object] | None = None) -> bool:
+def kill_group(
+    pgid: int,
+    term_wait_s: float = 30.0,
+    kill_wait_s: float = 15.0,
+    reap: Callable[[], object] | None = None,
+) -> bool:
     """SIGTERM the group, SIGKILL after ``term_wait_s``; True once nothing live is left."""
     for sig, wait_s in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, kill_wait_s)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -166,14 +202,33 @@ class SGLangServer:
     replaces ``sglang.launch_server`` (tests run a fake server module through the same path).
     """
 
-    def __init__(self, model_path: str, flags: list[str], log_path: str | Path, *,
-                 module: str = "sglang.launch_server", python: str = sys.executable,
-                 port: int | None = None, env: dict | None = None,
-                 log: Callable[[str], None] = print, stop_grace_s: float = 30.0):
+    def __init__(
+        self,
+        model_path: str,
+        flags: list[str],
+        log_path: str | Path,
+        *,
+        module: str = "sglang.launch_server",
+        python: str = sys.executable,
+        port: int | None = None,
+        env: dict | None = None,
+        log: Callable[[str], None] = print,
+        stop_grace_s: float = 30.0,
+    ):
         self.port = port or free_port()
         self.base_url = f"http://{HOST}:{self.port}"
-        self.cmd = [python, "-m", module, "--model-path", str(model_path), "--host", HOST,
-                    "--port", str(self.port), *flags]
+        self.cmd = [
+            python,
+            "-m",
+            module,
+            "--model-path",
+            str(model_path),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            *flags,
+        ]
         self.log_path = Path(log_path)
         self.env, self.log, self.stop_grace_s = env, log, stop_grace_s
         self.proc: subprocess.Popen | None = None
@@ -191,19 +246,29 @@ class SGLangServer:
         self.log(f"launch: {self.command_line}\n  log: {self.log_path}")
         t0 = time.time()
         with open(self.log_path, "w") as logf:
-            self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True, env=self.env,
-                                         preexec_fn=_set_pdeathsig if sys.platform == "linux" else None)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=self.env,
+                preexec_fn=_set_pdeathsig if sys.platform == "linux" else None,
+            )
         last = 0.0
         while True:
             if http(self.base_url + "/health", timeout=5)[0] == 200:
                 break
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode} during start-up; "
-                                   f"log tail:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"server exited with code {self.proc.returncode} during start-up; "
+                    f"log tail:\n{self.log_tail()}"
+                )
             el = time.time() - t0
             if el > timeout_s:
-                raise RuntimeError(f"server not healthy after {timeout_s:.0f} s; log tail:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"server not healthy after {timeout_s:.0f} s; log tail:\n{self.log_tail()}"
+                )
             if el - last >= 15:
                 self.log(f"  waiting for server ... {el:.0f} s")
                 last = el
@@ -257,7 +322,7 @@ class SGLangServer:
         if not kill_group(proc.pid, self.stop_grace_s, 15.0, reap=proc.poll):
             self.log(f"  WARNING: process group {proc.pid} still alive after SIGKILL")
 
-    def __enter__(self) -> "SGLangServer":
+    def __enter__(self) -> SGLangServer:
         try:
             self.start()
         except BaseException:

@@ -6,7 +6,7 @@ range), several passes, the median of their medians."""
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -28,22 +28,34 @@ def capture(step: Callable) -> tuple[Callable, str | None]:
         graph.replay()
         torch.cuda.synchronize()
         return graph.replay, None
-    except Exception as exc:  # noqa: BLE001 - an eager timing with a note beats none
+    except Exception as exc:
         try:
             torch.cuda.synchronize()
-        except Exception:  # noqa: BLE001 - the capture's error is the one to report
+        except Exception:
             pass
-        return step, f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); timed eager"
+        return (
+            step,
+            f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); timed eager",
+        )
 
 
-def time_replay(step: Callable, warmup: float, rep: float, repeat: int, cuda_graph: bool = True) -> dict:
+def time_replay(
+    step: Callable, warmup: float, rep: float, repeat: int, cuda_graph: bool = True
+) -> dict:
     """ms (median of ``repeat`` do_bench medians), the passes, their spread in %, whether a
     graph replay was timed, and the capture's note where it failed."""
     import triton.testing
 
     run, note = capture(step) if cuda_graph else (step, None)
-    runs = [triton.testing.do_bench(run, warmup=warmup, rep=rep, return_mode="median")
-            for _ in range(repeat)]
+    runs = [
+        triton.testing.do_bench(run, warmup=warmup, rep=rep, return_mode="median")
+        for _ in range(repeat)
+    ]
     spread = (max(runs) - min(runs)) / min(runs) * 100 if len(runs) > 1 and min(runs) > 0 else 0.0
-    return {"ms": statistics.median(runs), "ms_runs": runs, "spread_pct": round(spread, 2),
-            "cuda_graph": cuda_graph and note is None, "timing_note": note}
+    return {
+        "ms": statistics.median(runs),
+        "ms_runs": runs,
+        "spread_pct": round(spread, 2),
+        "cuda_graph": cuda_graph and note is None,
+        "timing_note": note,
+    }

@@ -30,24 +30,32 @@ BIAS_HORIZON = 2048
 
 
 def save_key_centers(path: str | Path, centers: torch.Tensor, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
     if centers.dim() != 3:
-        raise ValueError(f"key centers must be [layers, kv_heads, head_dim], got {tuple(centers.shape)}")
-    save_file({TENSOR: centers.detach().float().contiguous().cpu()}, str(path),
-              metadata={k: str(v) for k, v in metadata.items()})
+        raise ValueError(
+            f"key centers must be [layers, kv_heads, head_dim], got {tuple(centers.shape)}"
+        )
+    save_file(
+        {TENSOR: centers.detach().float().contiguous().cpu()},
+        str(path),
+        metadata={k: str(v) for k, v in metadata.items()},
+    )
 
 
-def load_key_centers(path: str | Path, num_layers: int, num_kv_heads: int,
-                     head_dim: int) -> torch.Tensor:
+def load_key_centers(
+    path: str | Path, num_layers: int, num_kv_heads: int, head_dim: int
+) -> torch.Tensor:
     """float32 [num_layers, num_kv_heads, head_dim]; one clear error for a file that
     does not fit the model."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"key centers file {str(p)!r} does not exist; create it with "
-                         f"`python -m sglang_tq.tools.key_centers --model-path <model> --out {p}`.")
+        raise ValueError(
+            f"key centers file {str(p)!r} does not exist; create it with "
+            f"`python -m sglang_tq.tools.key_centers --model-path <model> --out {p}`."
+        )
     try:
         with safe_open(str(p), framework="pt") as f:
             if TENSOR not in f.keys():
@@ -56,13 +64,17 @@ def load_key_centers(path: str | Path, num_layers: int, num_kv_heads: int,
     except ValueError:
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"key centers file {str(p)!r} is not a readable safetensors file "
-                         f"({exc}); recreate it with python -m sglang_tq.tools.key_centers.") from None
+        raise ValueError(
+            f"key centers file {str(p)!r} is not a readable safetensors file "
+            f"({exc}); recreate it with python -m sglang_tq.tools.key_centers."
+        ) from None
     want = (num_layers, num_kv_heads, head_dim)
     if tuple(centers.shape) != want:
-        raise ValueError(f"key centers file {str(p)!r} has shape {tuple(centers.shape)} but this "
-                         f"model needs [layers, kv_heads, head_dim] = {list(want)}; recreate it "
-                         f"for this model with python -m sglang_tq.tools.key_centers.")
+        raise ValueError(
+            f"key centers file {str(p)!r} has shape {tuple(centers.shape)} but this "
+            f"model needs [layers, kv_heads, head_dim] = {list(want)}; recreate it "
+            f"for this model with python -m sglang_tq.tools.key_centers."
+        )
     if not torch.isfinite(centers).all():
         raise ValueError(f"key centers file {str(p)!r} holds non-finite values; recreate it.")
     check_center_range(centers, f"key centers file {str(p)!r}")
@@ -78,14 +90,17 @@ def check_center_range(centers: torch.Tensor, what: str) -> None:
     """One sentence for centers whose norm would overflow the fp16 norms of centered keys."""
     worst = centers.float().norm(dim=-1).max().item() if centers.numel() else 0.0
     if worst > MAX_CENTER_NORM:
-        raise ValueError(f"{what} holds a center of norm {worst:.4g}, beyond what the fp16 key "
-                         f"norms can hold (max {MAX_CENTER_NORM:.4g}); recreate it, or use "
-                         f"--kv-quant-key-centers none.")
+        raise ValueError(
+            f"{what} holds a center of norm {worst:.4g}, beyond what the fp16 key "
+            f"norms can hold (max {MAX_CENTER_NORM:.4g}); recreate it, or use "
+            f"--kv-quant-key-centers none."
+        )
 
 
 # ---------------------------------------------------------------- centers from a k_proj bias
-def rope_mean_of_bias(k_bias: torch.Tensor, rotate, horizon: int,
-                      chunk: int = 4096) -> torch.Tensor:
+def rope_mean_of_bias(
+    k_bias: torch.Tensor, rotate, horizon: int, chunk: int = 4096
+) -> torch.Tensor:
     """float32 [kv_heads, head_dim]: the mean over positions 0 .. horizon−1 of RoPE(b).
 
     Why this is a center: the keys of a model with a k_proj bias b are k_p = R_p(W x + b)
@@ -108,8 +123,9 @@ def rope_mean_of_bias(k_bias: torch.Tensor, rotate, horizon: int,
     return total / horizon
 
 
-def sglang_bias_key_centers(model, num_layers: int, num_kv_heads: int, head_dim: int,
-                            horizon: int) -> torch.Tensor | None:
+def sglang_bias_key_centers(
+    model, num_layers: int, num_kv_heads: int, head_dim: int, horizon: int
+) -> torch.Tensor | None:
     """[num_layers, num_kv_heads, head_dim] float32 centers of an SGLang model whose
     attention modules carry a fused ``qkv_proj`` bias (Qwen2 and its kin), on this rank's
     KV heads; None when no attention module has one (no bias: nothing to remove).
@@ -127,10 +143,12 @@ def sglang_bias_key_centers(model, num_layers: int, num_kv_heads: int, head_dim:
             continue
         layer = attn.layer_id
         if not 0 <= layer < num_layers or m.kv_size != num_kv_heads * head_dim:
-            raise ValueError(f"attention module of layer {layer} has kv_size {m.kv_size}, "
-                             f"expected {num_kv_heads} heads x {head_dim}: use "
-                             f"--kv-quant-key-centers none or FILE for this model.")
-        k_bias = bias.detach()[m.q_size:m.q_size + m.kv_size].float().view(num_kv_heads, head_dim)
+            raise ValueError(
+                f"attention module of layer {layer} has kv_size {m.kv_size}, "
+                f"expected {num_kv_heads} heads x {head_dim}: use "
+                f"--kv-quant-key-centers none or FILE for this model."
+            )
+        k_bias = bias.detach()[m.q_size : m.q_size + m.kv_size].float().view(num_kv_heads, head_dim)
         limit = getattr(rope, "cos_sin_cache", None)
         h = min(horizon, limit.shape[0]) if limit is not None else horizon
 

@@ -43,7 +43,7 @@ def _grid(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return x, w
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lloyd_max(dim: int, bits: int) -> tuple[tuple[float, ...], float]:
     x, w = _grid(dim)
     cw = np.concatenate([[0.0], np.cumsum(w)])
@@ -71,9 +71,7 @@ def _lloyd_max(dim: int, bits: int) -> tuple[tuple[float, ...], float]:
 
 def _check(dim: int, bits: int) -> None:
     if bits not in SUPPORTED_CODEBOOK_BITS:
-        raise ValueError(
-            f"codebook bits must be one of {SUPPORTED_CODEBOOK_BITS}, got {bits}."
-        )
+        raise ValueError(f"codebook bits must be one of {SUPPORTED_CODEBOOK_BITS}, got {bits}.")
     if dim < 3:
         raise ValueError(f"head_dim must be at least 3 for a Lloyd-Max codebook, got {dim}.")
 

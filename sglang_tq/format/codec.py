@@ -62,22 +62,36 @@ class LayerCodec:
     k_center: torch.Tensor | None = None
 
     @classmethod
-    def create(cls, head_dim: int, k_bits: int, v_bits: int, seed: int = 0,
-               device: torch.device | str = "cpu",
-               k_center: torch.Tensor | None = None) -> "LayerCodec":
+    def create(
+        cls,
+        head_dim: int,
+        k_bits: int,
+        v_bits: int,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        k_center: torch.Tensor | None = None,
+    ) -> LayerCodec:
         if k_center is not None and (k_center.dim() != 2 or k_center.shape[1] != head_dim):
-            raise ValueError(f"a key center must be [kv_heads, {head_dim}], got {tuple(k_center.shape)}.")
+            raise ValueError(
+                f"a key center must be [kv_heads, {head_dim}], got {tuple(k_center.shape)}."
+            )
         kq = TurboQuantizer(head_dim, k_bits, seed=seed)
         vq = TurboQuantizer(head_dim, v_bits, seed=seed)
         pi = kq.rotation
         to = dict(device=device, dtype=torch.float32)
         return cls(
-            head_dim=head_dim, k_bits=k_bits, v_bits=v_bits, seed=seed,
-            k_quant=kq, v_quant=vq,
+            head_dim=head_dim,
+            k_bits=k_bits,
+            v_bits=v_bits,
+            seed=seed,
+            k_quant=kq,
+            v_quant=vq,
             pi=pi.to(**to).contiguous(),
             pi_f16=pi.to(device=device, dtype=torch.float16).contiguous(),
-            k_codebook=kq.codebook.to(**to), v_codebook=vq.codebook.to(**to),
-            k_bounds=kq.boundaries.to(**to), v_bounds=vq.boundaries.to(**to),
+            k_codebook=kq.codebook.to(**to),
+            v_codebook=vq.codebook.to(**to),
+            k_bounds=kq.boundaries.to(**to),
+            v_bounds=vq.boundaries.to(**to),
             pi_t_k=pi.T[:, packing_order(head_dim, k_bits)].to(**to).contiguous(),
             pi_t_v=pi.T[:, packing_order(head_dim, v_bits)].to(**to).contiguous(),
             k_lut=lut_asm(kq.codebook, k_bits, word_tiles(k_bits, head_dim)),

@@ -54,7 +54,6 @@ tests check against independent twins), up to the fp16 rounding of Δ and m.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -72,12 +71,14 @@ def _check_bits(bits: int, what: str) -> None:
 
 def _check_group(head_dim: int, group: int | None, size: int, what: str) -> None:
     if head_dim % size:
-        raise ValueError(f"{what} {group} must divide head_dim {head_dim}; pick a divisor "
-                         f"such as 32.")
+        raise ValueError(
+            f"{what} {group} must divide head_dim {head_dim}; pick a divisor such as 32."
+        )
 
 
-def quantize_minmax(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor]:
+def quantize_minmax(
+    x: torch.Tensor, bits: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric round-to-nearest of ``x`` with one (scale, zero) per slice along ``dim``.
 
     Returns (codes uint8 in [0, 2^bits − 1], scale fp16, zero fp16), scale and zero with
@@ -111,8 +112,10 @@ class HadamardInt:
     def __post_init__(self) -> None:
         _check_bits(self.bits, "hadamard_int")
         if not is_power_of_two(self.head_dim):
-            raise ValueError(f"hadamard_int rotates by a Walsh-Hadamard matrix, which needs a "
-                             f"power-of-two head_dim, got {self.head_dim}; use kivi for this model.")
+            raise ValueError(
+                f"hadamard_int rotates by a Walsh-Hadamard matrix, which needs a "
+                f"power-of-two head_dim, got {self.head_dim}; use kivi for this model."
+            )
         _check_group(self.head_dim, self.group, self.group_size, "hadamard_int group")
 
     @property
@@ -156,8 +159,9 @@ class HadamardInt:
         return self.dequantize(*self.quantize(x, pi), pi).to(x.dtype)
 
 
-def hadamard_int(bits: int, head_dim: int = 128, group: int | None = None,
-                 seed: int = 0) -> HadamardInt:
+def hadamard_int(
+    bits: int, head_dim: int = 128, group: int | None = None, seed: int = 0
+) -> HadamardInt:
     return HadamardInt(head_dim=head_dim, bits=bits, group=group, seed=seed)
 
 
@@ -183,8 +187,10 @@ class KIVI:
         if self.group_tokens < 1:
             raise ValueError(f"kivi group_tokens must be positive, got {self.group_tokens}.")
         if self.residual_tokens % self.group_tokens:
-            raise ValueError(f"kivi residual {self.residual} must be a multiple of group_tokens "
-                             f"{self.group_tokens}; round it to whole groups.")
+            raise ValueError(
+                f"kivi residual {self.residual} must be a multiple of group_tokens "
+                f"{self.group_tokens}; round it to whole groups."
+            )
         _check_group(self.head_dim, self.value_group, self.value_group_size, "kivi value_group")
 
     @property
@@ -201,7 +207,10 @@ class KIVI:
 
     @property
     def value_bytes_per_token(self) -> float:
-        return self.head_dim * self.v_bits / 8 + (self.head_dim // self.value_group_size) * 2 * FP16_BYTES
+        return (
+            self.head_dim * self.v_bits / 8
+            + (self.head_dim // self.value_group_size) * 2 * FP16_BYTES
+        )
 
     def quantized_groups(self, seq_len: int) -> int:
         """How many leading groups a sequence of ``seq_len`` tokens holds quantized."""
@@ -234,8 +243,9 @@ class KIVI:
         if n == 0:
             return x.clone()
         lead, rest = x.shape[:-3], x.shape[-2:]
-        done = groups_fn(x[..., :n, :, :].reshape(*lead, n // self.group_tokens,
-                                                   self.group_tokens, *rest))
+        done = groups_fn(
+            x[..., :n, :, :].reshape(*lead, n // self.group_tokens, self.group_tokens, *rest)
+        )
         return torch.cat([done.reshape(*lead, n, *rest), x[..., n:, :, :]], dim=-3)
 
     def round_trip_keys(self, k: torch.Tensor) -> torch.Tensor:
@@ -252,11 +262,22 @@ class KIVI:
         return self.round_trip_keys(k), self.round_trip_values(v)
 
 
-def kivi(bits: int, head_dim: int = 128, group_tokens: int = KIVI_GROUP_TOKENS,
-         residual: int | None = None, value_group: int | None = None,
-         v_bits: int | None = None) -> KIVI:
-    return KIVI(head_dim=head_dim, k_bits=bits, v_bits=bits if v_bits is None else v_bits,
-                group_tokens=group_tokens, value_group=value_group, residual=residual)
+def kivi(
+    bits: int,
+    head_dim: int = 128,
+    group_tokens: int = KIVI_GROUP_TOKENS,
+    residual: int | None = None,
+    value_group: int | None = None,
+    v_bits: int | None = None,
+) -> KIVI:
+    return KIVI(
+        head_dim=head_dim,
+        k_bits=bits,
+        v_bits=bits if v_bits is None else v_bits,
+        group_tokens=group_tokens,
+        value_group=value_group,
+        residual=residual,
+    )
 
 
 def bytes_per_token_per_head(fmt: str, head_dim: int, k_bits: int, v_bits: int) -> float:
@@ -265,8 +286,10 @@ def bytes_per_token_per_head(fmt: str, head_dim: int, k_bits: int, v_bits: int) 
     if fmt == "turboquant":
         return head_dim * (k_bits + v_bits) / 8 + 2 * FP16_BYTES
     if fmt == "hadamard":
-        return (HadamardInt(head_dim, k_bits).bytes_per_vector
-                + HadamardInt(head_dim, v_bits).bytes_per_vector)
+        return (
+            HadamardInt(head_dim, k_bits).bytes_per_vector
+            + HadamardInt(head_dim, v_bits).bytes_per_vector
+        )
     if fmt == "kivi":
         q = KIVI(head_dim, k_bits, v_bits)
         return q.key_bytes_per_token + q.value_bytes_per_token

@@ -6,8 +6,8 @@ import functools
 
 import torch
 
-from sglang_tq.format.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
+from sglang_tq.format.codec import LayerCodec
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # MLA's compressed latent (DeepSeek-V2/V3: kv_lora_rank 512), stored once per token as the
@@ -27,9 +27,11 @@ def check_head_dim(head_dim: int, latent: bool = False) -> None:
 
 def check_center(codec: LayerCodec, hkv: int) -> None:
     if codec.k_center is not None and tuple(codec.k_center.shape) != (hkv, codec.head_dim):
-        raise ValueError(f"the codec's key center is {tuple(codec.k_center.shape)} but the pool has "
-                         f"{hkv} KV heads of dim {codec.head_dim}; the key centers file must match "
-                         f"the model (and its tensor-parallel KV heads).")
+        raise ValueError(
+            f"the codec's key center is {tuple(codec.k_center.shape)} but the pool has "
+            f"{hkv} KV heads of dim {codec.head_dim}; the key centers file must match "
+            f"the model (and its tensor-parallel KV heads)."
+        )
 
 
 def check_pool(k_codes: torch.Tensor, v_codes: torch.Tensor | None, codec: LayerCodec) -> int:
@@ -41,15 +43,19 @@ def check_pool(k_codes: torch.Tensor, v_codes: torch.Tensor | None, codec: Layer
     if k_codes.dtype != torch.uint8 or (not shared and v_codes.dtype != torch.uint8):
         raise ValueError("k_codes and v_codes must be uint8 packed pages, not bf16 views.")
     if k_codes.shape[1:] != (hkv, codec.k_code_bytes) or (
-            not shared and v_codes.shape[1:] != (hkv, codec.v_code_bytes)):
-        raise ValueError("the packed pool does not match the codec's bit widths; rebuild it with "
-                         "LayerCodec.alloc_buffers.")
+        not shared and v_codes.shape[1:] != (hkv, codec.v_code_bytes)
+    ):
+        raise ValueError(
+            "the packed pool does not match the codec's bit widths; rebuild it with "
+            "LayerCodec.alloc_buffers."
+        )
     check_center(codec, hkv)
     return hkv
 
 
-def check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor | None,
-                         codec: LayerCodec) -> tuple[int, int, int]:
+def check_attention_args(
+    q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor | None, codec: LayerCodec
+) -> tuple[int, int, int]:
     """Validate a query [·, Hq, D] against a packed pool; returns (Hq, D, Hkv)."""
     hq, d = q.shape[-2:]
     check_head_dim(d, latent=v_codes is None)
@@ -61,17 +67,22 @@ def check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.
     return hq, d, hkv
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pdl_supported() -> bool:
     """Programmatic dependent launch (griddepcontrol) needs sm_90+ and a real GPU."""
-    return (not triton_interpreting() and torch.cuda.is_available()
-            and torch.cuda.get_device_capability() >= (9, 0))
+    return (
+        not triton_interpreting()
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability() >= (9, 0)
+    )
 
 
 def check_pdl(pdl: bool) -> None:
     if pdl and not pdl_supported():
-        raise ValueError("pdl (programmatic dependent launch) needs a CUDA GPU of compute "
-                         "capability 9.0 or newer, outside the Triton interpreter.")
+        raise ValueError(
+            "pdl (programmatic dependent launch) needs a CUDA GPU of compute "
+            "capability 9.0 or newer, outside the Triton interpreter."
+        )
 
 
 def pdl_launch(pdl: bool) -> dict:

@@ -48,8 +48,9 @@ def tanh(x):
 
 
 @triton.jit
-def softmax_state(ROWS: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  HEADS_N: tl.constexpr):
+def softmax_state(
+    ROWS: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_N: tl.constexpr
+):
     """Empty online-softmax state: running max, running sum and one [ROWS, W] accumulator
     per tile of BITS-bit values ([W, ROWS] with HEADS_N, see :func:`online_softmax_step`)."""
     W: tl.constexpr = tile_width(BITS, HEAD_DIM)
@@ -84,13 +85,23 @@ def online_softmax_step(s, m_i, l_i, acc, v, v_scale, HEADS_N: tl.constexpr):
     l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, axis=TOKENS)
     pv = (p * tl.expand_dims(v_scale, HEADS_N)).to(tl.float16)
     if len(v) == 8:
-        acc = (_pv(pv, v[0], acc[0] * alpha, HEADS_N), _pv(pv, v[1], acc[1] * alpha, HEADS_N),
-               _pv(pv, v[2], acc[2] * alpha, HEADS_N), _pv(pv, v[3], acc[3] * alpha, HEADS_N),
-               _pv(pv, v[4], acc[4] * alpha, HEADS_N), _pv(pv, v[5], acc[5] * alpha, HEADS_N),
-               _pv(pv, v[6], acc[6] * alpha, HEADS_N), _pv(pv, v[7], acc[7] * alpha, HEADS_N))
+        acc = (
+            _pv(pv, v[0], acc[0] * alpha, HEADS_N),
+            _pv(pv, v[1], acc[1] * alpha, HEADS_N),
+            _pv(pv, v[2], acc[2] * alpha, HEADS_N),
+            _pv(pv, v[3], acc[3] * alpha, HEADS_N),
+            _pv(pv, v[4], acc[4] * alpha, HEADS_N),
+            _pv(pv, v[5], acc[5] * alpha, HEADS_N),
+            _pv(pv, v[6], acc[6] * alpha, HEADS_N),
+            _pv(pv, v[7], acc[7] * alpha, HEADS_N),
+        )
     else:
-        acc = (_pv(pv, v[0], acc[0] * alpha, HEADS_N), _pv(pv, v[1], acc[1] * alpha, HEADS_N),
-               _pv(pv, v[2], acc[2] * alpha, HEADS_N), _pv(pv, v[3], acc[3] * alpha, HEADS_N))
+        acc = (
+            _pv(pv, v[0], acc[0] * alpha, HEADS_N),
+            _pv(pv, v[1], acc[1] * alpha, HEADS_N),
+            _pv(pv, v[2], acc[2] * alpha, HEADS_N),
+            _pv(pv, v[3], acc[3] * alpha, HEADS_N),
+        )
     return m_new, l_i, acc
 
 
@@ -112,8 +123,16 @@ def tile_columns(BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
         return 2 * w, 2 * w + 1, HEAD_DIM // 2 + 2 * w, HEAD_DIM // 2 + 2 * w + 1
     elif eight_tiles(BITS, HEAD_DIM):
         w = 2 * tl.arange(0, HEAD_DIM // 8)
-        return (w, w + 1, QUARTER + w, QUARTER + w + 1, 2 * QUARTER + w, 2 * QUARTER + w + 1,
-                3 * QUARTER + w, 3 * QUARTER + w + 1)
+        return (
+            w,
+            w + 1,
+            QUARTER + w,
+            QUARTER + w + 1,
+            2 * QUARTER + w,
+            2 * QUARTER + w + 1,
+            3 * QUARTER + w,
+            3 * QUARTER + w + 1,
+        )
     else:
         w = tl.arange(0, QUARTER)
         return w, QUARTER + w, 2 * QUARTER + w, 3 * QUARTER + w
@@ -130,13 +149,23 @@ def load_dense_tiles(rows, mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
     points at the start of each row."""
     c = tile_columns(BITS, HEAD_DIM)
     if len(c) == 8:
-        return (_load_cols(rows, c[0], mask), _load_cols(rows, c[1], mask),
-                _load_cols(rows, c[2], mask), _load_cols(rows, c[3], mask),
-                _load_cols(rows, c[4], mask), _load_cols(rows, c[5], mask),
-                _load_cols(rows, c[6], mask), _load_cols(rows, c[7], mask))
+        return (
+            _load_cols(rows, c[0], mask),
+            _load_cols(rows, c[1], mask),
+            _load_cols(rows, c[2], mask),
+            _load_cols(rows, c[3], mask),
+            _load_cols(rows, c[4], mask),
+            _load_cols(rows, c[5], mask),
+            _load_cols(rows, c[6], mask),
+            _load_cols(rows, c[7], mask),
+        )
     else:
-        return (_load_cols(rows, c[0], mask), _load_cols(rows, c[1], mask),
-                _load_cols(rows, c[2], mask), _load_cols(rows, c[3], mask))
+        return (
+            _load_cols(rows, c[0], mask),
+            _load_cols(rows, c[1], mask),
+            _load_cols(rows, c[2], mask),
+            _load_cols(rows, c[3], mask),
+        )
 
 
 @triton.jit
@@ -158,13 +187,23 @@ def rotate_dense_tiles_t(cols_t, mask, Pi, BITS: tl.constexpr, HEAD_DIM: tl.cons
     q_t = tl.load(cols_t + offs_d[:, None], mask=mask[None, :], other=0.0).to(tl.float16)
     c = tile_columns(BITS, HEAD_DIM)
     if len(c) == 8:
-        return (_rotated_cols(q_t, Pi, c[0], HEAD_DIM), _rotated_cols(q_t, Pi, c[1], HEAD_DIM),
-                _rotated_cols(q_t, Pi, c[2], HEAD_DIM), _rotated_cols(q_t, Pi, c[3], HEAD_DIM),
-                _rotated_cols(q_t, Pi, c[4], HEAD_DIM), _rotated_cols(q_t, Pi, c[5], HEAD_DIM),
-                _rotated_cols(q_t, Pi, c[6], HEAD_DIM), _rotated_cols(q_t, Pi, c[7], HEAD_DIM))
+        return (
+            _rotated_cols(q_t, Pi, c[0], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[1], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[2], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[3], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[4], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[5], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[6], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[7], HEAD_DIM),
+        )
     else:
-        return (_rotated_cols(q_t, Pi, c[0], HEAD_DIM), _rotated_cols(q_t, Pi, c[1], HEAD_DIM),
-                _rotated_cols(q_t, Pi, c[2], HEAD_DIM), _rotated_cols(q_t, Pi, c[3], HEAD_DIM))
+        return (
+            _rotated_cols(q_t, Pi, c[0], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[1], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[2], HEAD_DIM),
+            _rotated_cols(q_t, Pi, c[3], HEAD_DIM),
+        )
 
 
 @triton.jit
@@ -178,8 +217,9 @@ def sylvester(i, j):
 
 
 @triton.jit
-def hadamard_blocks(xs, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.constexpr,
-                    FP16: tl.constexpr = False):
+def hadamard_blocks(
+    xs, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.constexpr, FP16: tl.constexpr = False
+):
     """The first factor of H_D = H_E ⊗ H_B (B = D/E, Sylvester order: coordinate a·B + b):
     Z[n, e, a] = Σ_b xs[n, a·B + b]·H_B[b, e] for fp32 rows xs [ROWS, D], as [ROWS, B, E],
     on tensor cores with H_B built in registers (±1 is exact in every operand type): tf32x3
@@ -225,12 +265,12 @@ def fwht_row(row, HEAD_DIM: tl.constexpr):
 def _pair_tiles(half, M: tl.constexpr, W: tl.constexpr, EIGHT: tl.constexpr):
     """The tiles of one natural-order half [M, D/2] of a rotated row (tile_columns order)."""
     if EIGHT:  # (q, p): coordinates Q·q + 2v + p, q < 2 within the half
-        a, b = tl.split(tl.reshape(half, (M, 2, W, 2)))          # p = 0 | 1: [M, 2(q), W]
+        a, b = tl.split(tl.reshape(half, (M, 2, W, 2)))  # p = 0 | 1: [M, 2(q), W]
         a0, a1 = tl.split(tl.permute(a, (0, 2, 1)))
         b0, b1 = tl.split(tl.permute(b, (0, 2, 1)))
         return a0, b0, a1, b1
     else:
-        return tl.split(tl.reshape(half, (M, W, 2)))              # coordinates 2w | 2w + 1
+        return tl.split(tl.reshape(half, (M, W, 2)))  # coordinates 2w | 2w + 1
 
 
 @triton.jit
@@ -246,8 +286,8 @@ def rotate_fwht_tiles(rows, mask, Pi, BITS: tl.constexpr, HEAD_DIM: tl.constexpr
     sign = tl.where(tl.load(Pi + offs_d).to(tl.float32) > 0, 1.0, -1.0)
     xs = q * (sign / tl.sqrt_rn(tl.full((), HEAD_DIM, tl.float32)))[None, :]
     z0, z1 = tl.split(hadamard_blocks(xs, M, HEAD_DIM, 2, FP16=True))
-    lo, hi = (z0 + z1).to(tl.float16), (z0 - z1).to(tl.float16)   # coordinates < D/2 | >= D/2
-    if BITS == 4:                                                   # 2w, 2w+1, D/2+2w, D/2+2w+1
+    lo, hi = (z0 + z1).to(tl.float16), (z0 - z1).to(tl.float16)  # coordinates < D/2 | >= D/2
+    if BITS == 4:  # 2w, 2w+1, D/2+2w, D/2+2w+1
         t0, t1 = _pair_tiles(lo, M, HEAD_DIM // 4, False)
         t2, t3 = _pair_tiles(hi, M, HEAD_DIM // 4, False)
         return t0, t1, t2, t3
@@ -255,7 +295,7 @@ def rotate_fwht_tiles(rows, mask, Pi, BITS: tl.constexpr, HEAD_DIM: tl.constexpr
         t0, t1, t2, t3 = _pair_tiles(lo, M, HEAD_DIM // 8, True)
         t4, t5, t6, t7 = _pair_tiles(hi, M, HEAD_DIM // 8, True)
         return t0, t1, t2, t3, t4, t5, t6, t7
-    else:                                                           # Q·q + w, q = 0..3
+    else:  # Q·q + w, q = 0..3
         t0, t1 = tl.split(tl.permute(tl.reshape(lo, (M, 2, HEAD_DIM // 4)), (0, 2, 1)))
         t2, t3 = tl.split(tl.permute(tl.reshape(hi, (M, 2, HEAD_DIM // 4)), (0, 2, 1)))
         return t0, t1, t2, t3
@@ -265,8 +305,16 @@ def rotate_fwht_tiles(rows, mask, Pi, BITS: tl.constexpr, HEAD_DIM: tl.constexpr
 def trans_tiles(t):
     """Every tile of a tuple transposed."""
     if len(t) == 8:
-        return (tl.trans(t[0]), tl.trans(t[1]), tl.trans(t[2]), tl.trans(t[3]),
-                tl.trans(t[4]), tl.trans(t[5]), tl.trans(t[6]), tl.trans(t[7]))
+        return (
+            tl.trans(t[0]),
+            tl.trans(t[1]),
+            tl.trans(t[2]),
+            tl.trans(t[3]),
+            tl.trans(t[4]),
+            tl.trans(t[5]),
+            tl.trans(t[6]),
+            tl.trans(t[7]),
+        )
     else:
         return tl.trans(t[0]), tl.trans(t[1]), tl.trans(t[2]), tl.trans(t[3])
 
@@ -322,8 +370,12 @@ def load_lut_words(Tab):
     warp without prefetch: 100 copies, 998 → 896 loop instructions)."""
     idx = tl.arange(0, 4)
     words = tl.load(Tab + idx)
-    return (tl.sum(tl.where(idx == 0, words, 0)), tl.sum(tl.where(idx == 1, words, 0)),
-            tl.sum(tl.where(idx == 2, words, 0)), tl.sum(tl.where(idx == 3, words, 0)))
+    return (
+        tl.sum(tl.where(idx == 0, words, 0)),
+        tl.sum(tl.where(idx == 1, words, 0)),
+        tl.sum(tl.where(idx == 2, words, 0)),
+        tl.sum(tl.where(idx == 3, words, 0)),
+    )
 
 
 @triton.jit
@@ -349,8 +401,20 @@ def _field_value(c, h, CB, FIELD: tl.constexpr, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def lookup_tiles(codes, hi, CB, LUT: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 USE_ASM: tl.constexpr, t0, t1, t2, t3, TRANS: tl.constexpr):
+def lookup_tiles(
+    codes,
+    hi,
+    CB,
+    LUT: tl.constexpr,
+    BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    t0,
+    t1,
+    t2,
+    t3,
+    TRANS: tl.constexpr,
+):
     """fp16 values of the tiles from :func:`load_codes` (same TRANS) as the tuple of tiles
     :func:`tile_columns` names, with the prmt lookup of ``_lut.py`` (``t0..t3`` from
     :func:`load_lut_words`) or, in the interpreter, codebook loads."""
@@ -359,24 +423,39 @@ def lookup_tiles(codes, hi, CB, LUT: tl.constexpr, BITS: tl.constexpr, HEAD_DIM:
         zero = tl.full(codes.shape, 0, tl.int32)
         tab = [zero + t0, zero + t1, zero + t2, zero + t3]
         if BITS == 4:
-            return tl.inline_asm_elementwise(LUT, _C4, [codes] + tab,
-                                             dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+            return tl.inline_asm_elementwise(
+                LUT, _C4, [codes] + tab, dtype=(tl.float16,) * 4, is_pure=True, pack=2
+            )
         elif eight_tiles(BITS, HEAD_DIM):
             # outputs: field f of the even bytes, of the odd bytes, f = 0..3
             if BITS == 3:
-                return tl.inline_asm_elementwise(LUT, _C3W, [codes, hi, zero + _hi_shift(codes, TRANS)] + tab,
-                                                 dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+                return tl.inline_asm_elementwise(
+                    LUT,
+                    _C3W,
+                    [codes, hi, zero + _hi_shift(codes, TRANS)] + tab,
+                    dtype=(tl.float16,) * 8,
+                    is_pure=True,
+                    pack=2,
+                )
             else:
-                return tl.inline_asm_elementwise(LUT, _C2W, [codes] + tab,
-                                                 dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+                return tl.inline_asm_elementwise(
+                    LUT, _C2W, [codes] + tab, dtype=(tl.float16,) * 8, is_pure=True, pack=2
+                )
         else:
             # outputs: fields 0-3 of each byte, pairs (bytes 0, 1) and (2, 3) of a register
             if BITS == 3:
-                o = tl.inline_asm_elementwise(LUT, _C3, [codes, hi, zero + _hi_shift(codes, TRANS)] + tab,
-                                              dtype=(tl.float16,) * 4, is_pure=True, pack=4)
+                o = tl.inline_asm_elementwise(
+                    LUT,
+                    _C3,
+                    [codes, hi, zero + _hi_shift(codes, TRANS)] + tab,
+                    dtype=(tl.float16,) * 4,
+                    is_pure=True,
+                    pack=4,
+                )
             else:
-                o = tl.inline_asm_elementwise(LUT, _C2, [codes] + tab,
-                                              dtype=(tl.float16,) * 4, is_pure=True, pack=4)
+                o = tl.inline_asm_elementwise(
+                    LUT, _C2, [codes] + tab, dtype=(tl.float16,) * 4, is_pure=True, pack=4
+                )
             return o
     else:
         c = codes.to(tl.int32)
@@ -391,18 +470,29 @@ def lookup_tiles(codes, hi, CB, LUT: tl.constexpr, BITS: tl.constexpr, HEAD_DIM:
                 tl.load(CB + ((c >> 12) & 15)).to(tl.float16),
             )
         elif eight_tiles(BITS, HEAD_DIM):
-            return (_field_value(c, h, CB, 0, 0), _field_value(c, h, CB, 0, 8),
-                    _field_value(c, h, CB, 1, 0), _field_value(c, h, CB, 1, 8),
-                    _field_value(c, h, CB, 2, 0), _field_value(c, h, CB, 2, 8),
-                    _field_value(c, h, CB, 3, 0), _field_value(c, h, CB, 3, 8))
+            return (
+                _field_value(c, h, CB, 0, 0),
+                _field_value(c, h, CB, 0, 8),
+                _field_value(c, h, CB, 1, 0),
+                _field_value(c, h, CB, 1, 8),
+                _field_value(c, h, CB, 2, 0),
+                _field_value(c, h, CB, 2, 8),
+                _field_value(c, h, CB, 3, 0),
+                _field_value(c, h, CB, 3, 8),
+            )
         else:
-            return (_field_value(c, h, CB, 0, 0), _field_value(c, h, CB, 1, 0),
-                    _field_value(c, h, CB, 2, 0), _field_value(c, h, CB, 3, 0))
+            return (
+                _field_value(c, h, CB, 0, 0),
+                _field_value(c, h, CB, 1, 0),
+                _field_value(c, h, CB, 2, 0),
+                _field_value(c, h, CB, 3, 0),
+            )
 
 
 @triton.jit
-def load_codes(codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               TRANS: tl.constexpr):
+def load_codes(
+    codes_ptr, row_off, mask_n, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, TRANS: tl.constexpr
+):
     """Raw codes of N packed vectors as two [N, W] tiles for :func:`lookup_tiles` ([W, N]
     with TRANS: the vectors as columns, for Vᵀ as a tensor-core A operand).
 

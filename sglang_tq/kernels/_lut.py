@@ -121,7 +121,7 @@ def constraints(bits: int, words: bool) -> str:
     return ",".join(["=r"] * 8 + ["r"] * n_in + ["r"] * 4 * pack)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _small_asm_cached(bits: int, words: bool) -> str:
     """PTX of 2- and 3-bit codes: $8 holds four packed bytes, $0-$7 receive field f's
     fp16 pairs in $2f and $2f+1: bytes (0, 1) and (2, 3) when read as bytes, (0, 2) and
@@ -156,10 +156,14 @@ def _small_asm_cached(bits: int, words: bool) -> str:
         "shr.b32 hb, $9, $10;",
         # whole 3-bit codes as nibbles: x0 holds fields 0 (low nibble) and 2 (high
         # nibble) of every byte, x1 fields 1 and 3; the high bit goes to nibble bit 2
-        "shl.b32 t, hb, 2;", "and.b32 t, t, 0x44444444;",
-        "and.b32 x0, $8, 0x33333333;", "or.b32 x0, x0, t;",
-        "shr.b32 x1, $8, 2;", "and.b32 x1, x1, 0x33333333;",
-        "and.b32 t, hb, 0x44444444;", "or.b32 x1, x1, t;",
+        "shl.b32 t, hb, 2;",
+        "and.b32 t, t, 0x44444444;",
+        "and.b32 x0, $8, 0x33333333;",
+        "or.b32 x0, x0, t;",
+        "shr.b32 x1, $8, 2;",
+        "and.b32 x1, x1, 0x33333333;",
+        "and.b32 t, hb, 0x44444444;",
+        "or.b32 x1, x1, t;",
     ]
     for x, fa, fb in (("x0", 0, 2), ("x1", 1, 3)):
         for pair in range(2):
@@ -204,39 +208,45 @@ def _check_codebook(codebook: torch.Tensor, bits: int) -> None:
         raise ValueError(f"a {bits}-bit lookup needs {1 << bits} codebook entries.")
     c, half = codebook.detach().cpu().float(), 1 << (bits - 1)
     if bits == 4 and not torch.equal(c[half:], -c[:half]):
-        raise ValueError(f"the {bits}-bit prmt lookup needs a symmetric codebook in "
-                         f"sign-magnitude code order (code {half} + m = −code m).")
+        raise ValueError(
+            f"the {bits}-bit prmt lookup needs a symmetric codebook in "
+            f"sign-magnitude code order (code {half} + m = −code m)."
+        )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lut4_asm_cached() -> str:
     tl0, tl1, th0, th1 = _table_operands(5, PACK_WORD)
-    return "\n".join([
-        "{",
-        ".reg .b32 j, sx, sy, lx, hx, ly, hy, t, gx, gy;",
-        # sign-magnitude codes: the low 3 bits of every nibble index the magnitude
-        "and.b32 j, $4, 0x77777777;",
-        # selectors: nibbles (lo0, hi0, lo2, hi2) and (lo1, hi1, lo3, hi3)
-        "prmt.b32 sx, j, j, 0x2020;",
-        "prmt.b32 sy, j, j, 0x3131;",
-        f"prmt.b32 lx, {tl0}, {tl1}, sx;",
-        f"prmt.b32 hx, {th0}, {th1}, sx;",
-        f"prmt.b32 ly, {tl0}, {tl1}, sy;",
-        f"prmt.b32 hy, {th0}, {th1}, sy;",
-        # signs into bit 7 of the high bytes: bit 3 of nibbles (0, 1, 4, 5) for hx and
-        # (2, 3, 6, 7) for hy, gathered bytewise from w << 4 and w
-        "shl.b32 t, $4, 4;",
-        "prmt.b32 gx, t, $4, 0x6240;",
-        "prmt.b32 gy, t, $4, 0x7351;",
-        "and.b32 gx, gx, 0x80808080;", "or.b32 hx, hx, gx;",
-        "and.b32 gy, gy, 0x80808080;", "or.b32 hy, hy, gy;",
-        # fp16x2 outputs: low nibbles of bytes 0,2 / 1,3, high nibbles of bytes 0,2 / 1,3
-        "prmt.b32 $0, lx, hx, 0x6240;",
-        "prmt.b32 $1, ly, hy, 0x6240;",
-        "prmt.b32 $2, lx, hx, 0x7351;",
-        "prmt.b32 $3, ly, hy, 0x7351;",
-        "}",
-    ])
+    return "\n".join(
+        [
+            "{",
+            ".reg .b32 j, sx, sy, lx, hx, ly, hy, t, gx, gy;",
+            # sign-magnitude codes: the low 3 bits of every nibble index the magnitude
+            "and.b32 j, $4, 0x77777777;",
+            # selectors: nibbles (lo0, hi0, lo2, hi2) and (lo1, hi1, lo3, hi3)
+            "prmt.b32 sx, j, j, 0x2020;",
+            "prmt.b32 sy, j, j, 0x3131;",
+            f"prmt.b32 lx, {tl0}, {tl1}, sx;",
+            f"prmt.b32 hx, {th0}, {th1}, sx;",
+            f"prmt.b32 ly, {tl0}, {tl1}, sy;",
+            f"prmt.b32 hy, {th0}, {th1}, sy;",
+            # signs into bit 7 of the high bytes: bit 3 of nibbles (0, 1, 4, 5) for hx and
+            # (2, 3, 6, 7) for hy, gathered bytewise from w << 4 and w
+            "shl.b32 t, $4, 4;",
+            "prmt.b32 gx, t, $4, 0x6240;",
+            "prmt.b32 gy, t, $4, 0x7351;",
+            "and.b32 gx, gx, 0x80808080;",
+            "or.b32 hx, hx, gx;",
+            "and.b32 gy, gy, 0x80808080;",
+            "or.b32 hy, hy, gy;",
+            # fp16x2 outputs: low nibbles of bytes 0,2 / 1,3, high nibbles of bytes 0,2 / 1,3
+            "prmt.b32 $0, lx, hx, 0x6240;",
+            "prmt.b32 $1, ly, hy, 0x6240;",
+            "prmt.b32 $2, lx, hx, 0x7351;",
+            "prmt.b32 $3, ly, hy, 0x7351;",
+            "}",
+        ]
+    )
 
 
 def lut4_asm(codebook: torch.Tensor) -> str:
@@ -253,15 +263,17 @@ def _prmt(a: int, b: int, sel: int) -> int:
     return int.from_bytes(bytes(src[(sel >> (4 * i)) & 7] for i in range(4)), "little")
 
 
-def emulate_lookup(codebook: torch.Tensor, bits: int, code_inputs: list[int], shift: int = 0,
-                   words: bool = False) -> list[int]:
+def emulate_lookup(
+    codebook: torch.Tensor, bits: int, code_inputs: list[int], shift: int = 0, words: bool = False
+) -> list[int]:
     """Run :func:`lut_asm` on packed code registers with the codebook's table operands
     (3-bit: ``code_inputs`` = [low plane, high-bit bytes], ``shift`` their column shift)."""
     pack = PACK_WORD if bits == 4 or words else PACK_SMALL
     tables = [w for w in table_words(codebook, bits) for _ in range(pack)]
     extra = [shift] * pack if bits == 3 else []
-    return emulate(lut_asm(codebook, bits, words), list(code_inputs) + extra + tables,
-                   4 if bits == 4 else 8)
+    return emulate(
+        lut_asm(codebook, bits, words), list(code_inputs) + extra + tables, 4 if bits == 4 else 8
+    )
 
 
 def emulate(asm: str, inputs: list[int], num_outputs: int) -> list[int]:

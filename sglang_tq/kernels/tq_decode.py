@@ -51,17 +51,29 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_tq.format.codec import LayerCodec
 from sglang_tq.config import TQConfig
-
 from sglang_tq.env import decode_launch_file, triton_interpreting
+from sglang_tq.format.codec import LayerCodec
 
-from ._codes import (eight_tiles, fwht_row, load_codes, load_dense_tiles, load_lut_words, load_slots,
-                     lookup_tiles,
-                     online_softmax_step, rotate_dense_tiles_t, rotate_fwht_tiles,
-                     slot_offsets_need_int64,
-                     softmax_state, scores, store_tiles, tanh, trans_tiles)
 from ._checks import check_attention_args, check_pdl, pdl_launch, pdl_supported
+from ._codes import (
+    eight_tiles,
+    fwht_row,
+    load_codes,
+    load_dense_tiles,
+    load_lut_words,
+    load_slots,
+    lookup_tiles,
+    online_softmax_step,
+    rotate_dense_tiles_t,
+    rotate_fwht_tiles,
+    scores,
+    slot_offsets_need_int64,
+    softmax_state,
+    store_tiles,
+    tanh,
+    trans_tiles,
+)
 from .tq_dequant import tq_dequant_ref
 
 
@@ -82,19 +94,62 @@ def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_
 
 @triton.jit
 def _tq_decode_stage1(
-    QRot, Pi16, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab,
-    KvIndptr, KvIndices, NumKvSplits, MidO, MidLse, QPe, KPe,
-    sm_scale, logit_cap, sliding_window,
-    stride_q_b, stride_q_h,
-    stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
-    stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
-    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-    stride_qp_b, stride_qp_h, stride_kp_s,
-    GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, HAS_CAP: tl.constexpr,
-    K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
-    PREFETCH: tl.constexpr, HEADS_N: tl.constexpr, FUSE_ROT: tl.constexpr, USE_PDL: tl.constexpr,
-    EARLY_Q: tl.constexpr, SHARED_KV: tl.constexpr = False, ROPE_DIM: tl.constexpr = 0,
+    QRot,
+    Pi16,
+    KCodes,
+    KNorms,
+    VCodes,
+    VNorms,
+    KCb,
+    VCb,
+    KTab,
+    VTab,
+    KvIndptr,
+    KvIndices,
+    NumKvSplits,
+    MidO,
+    MidLse,
+    QPe,
+    KPe,
+    sm_scale,
+    logit_cap,
+    sliding_window,
+    stride_q_b,
+    stride_q_h,
+    stride_kc_s,
+    stride_kc_h,
+    stride_kn_s,
+    stride_kn_h,
+    stride_vc_s,
+    stride_vc_h,
+    stride_vn_s,
+    stride_vn_h,
+    stride_mo_b,
+    stride_mo_h,
+    stride_mo_s,
+    stride_ml_b,
+    stride_ml_h,
+    stride_qp_b,
+    stride_qp_h,
+    stride_kp_s,
+    GQA: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    K_LUT: tl.constexpr,
+    V_LUT: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    SLOT_I64: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    HEADS_N: tl.constexpr,
+    FUSE_ROT: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    EARLY_Q: tl.constexpr,
+    SHARED_KV: tl.constexpr = False,
+    ROPE_DIM: tl.constexpr = 0,
     HEAD_BLOCKS: tl.constexpr = 1,
 ):
     if USE_PDL and not EARLY_Q:
@@ -114,18 +169,30 @@ def _tq_decode_stage1(
         # -- rotated query of the whole GQA group, in the tile order of K's codes: rotated
         #    here from q itself (FUSE_ROT, small batches: one launch less) or read
         if FUSE_ROT == 2:  # as the fast Walsh-Hadamard transform, in the layout loaded below
-            q = rotate_fwht_tiles(QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h,
-                                  Pi16, K_BITS, HEAD_DIM, BLOCK_H)
+            q = rotate_fwht_tiles(
+                QRot + batch * stride_q_b + heads[:, None] * stride_q_h,
+                mask_h,
+                Pi16,
+                K_BITS,
+                HEAD_DIM,
+                BLOCK_H,
+            )
             if HEADS_N:
                 q = trans_tiles(q)
         elif FUSE_ROT:
-            q = rotate_dense_tiles_t(QRot + batch * stride_q_b + heads[None, :] * stride_q_h,
-                                     mask_h, Pi16, K_BITS, HEAD_DIM)
+            q = rotate_dense_tiles_t(
+                QRot + batch * stride_q_b + heads[None, :] * stride_q_h,
+                mask_h,
+                Pi16,
+                K_BITS,
+                HEAD_DIM,
+            )
             if not HEADS_N:
                 q = trans_tiles(q)
         else:
-            q = load_dense_tiles(QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h,
-                                 K_BITS, HEAD_DIM)
+            q = load_dense_tiles(
+                QRot + batch * stride_q_b + heads[:, None] * stride_q_h, mask_h, K_BITS, HEAD_DIM
+            )
             if HEADS_N:
                 q = trans_tiles(q)
         kc_base = KCodes + kv_head * stride_kc_h
@@ -135,8 +202,11 @@ def _tq_decode_stage1(
         if ROPE_DIM > 0:
             # -- MLA: the query's RoPE part [BLOCK_H, R], scored against the bf16 k_pe rows
             offs_r = tl.arange(0, ROPE_DIM)
-            q_pe = tl.load(QPe + batch * stride_qp_b + heads[:, None] * stride_qp_h + offs_r[None, :],
-                           mask=mask_h[:, None], other=0.0).to(tl.float16)
+            q_pe = tl.load(
+                QPe + batch * stride_qp_b + heads[:, None] * stride_qp_h + offs_r[None, :],
+                mask=mask_h[:, None],
+                other=0.0,
+            ).to(tl.float16)
         if USE_PDL and EARLY_Q:
             # EARLY_Q: the kernel before is the PDL store of this step, which waited for q's
             # producer before releasing us; q and its rotation overlap the store, the codes
@@ -155,28 +225,37 @@ def _tq_decode_stage1(
             slot = load_slots(KvIndices + start + offs_n, mask_n, SLOT_I64)
             ka, kb = load_codes(kc_base, slot * stride_kc_s, mask_n, K_BITS, HEAD_DIM, False)
             va, vb = load_codes(vc_base, slot * stride_vc_s, mask_n, V_BITS, HEAD_DIM, HEADS_N)
-            k_norm = tl.load(KNorms + slot * stride_kn_s + kv_head * stride_kn_h, mask=mask_n, other=0.0)
-            v_norm = tl.load(VNorms + slot * stride_vn_s + kv_head * stride_vn_h, mask=mask_n, other=0.0)
+            k_norm = tl.load(
+                KNorms + slot * stride_kn_s + kv_head * stride_kn_h, mask=mask_n, other=0.0
+            )
+            v_norm = tl.load(
+                VNorms + slot * stride_vn_s + kv_head * stride_vn_h, mask=mask_n, other=0.0
+            )
         for n0 in range(lo, hi, BLOCK_N):
             # -- this tile's (or, with PREFETCH, the next tile's) codes, norms and slots
             offs_x = n0 + BLOCK_N * PREFETCH + tl.arange(0, BLOCK_N)
             mask_x = offs_x < hi
             slot_x = load_slots(KvIndices + start + offs_x, mask_x, SLOT_I64)
             ka_x, kb_x = load_codes(kc_base, slot_x * stride_kc_s, mask_x, K_BITS, HEAD_DIM, False)
-            k_norm_x = tl.load(KNorms + slot_x * stride_kn_s + kv_head * stride_kn_h,
-                               mask=mask_x, other=0.0)
+            k_norm_x = tl.load(
+                KNorms + slot_x * stride_kn_s + kv_head * stride_kn_h, mask=mask_x, other=0.0
+            )
             if SHARED_KV:  # MLA: the values are the latent codes just loaded (no prefetch)
                 ka, kb, k_norm, mask_n = ka_x, kb_x, k_norm_x, mask_x
             else:
-                va_x, vb_x = load_codes(vc_base, slot_x * stride_vc_s, mask_x, V_BITS, HEAD_DIM,
-                                        HEADS_N)
-                v_norm_x = tl.load(VNorms + slot_x * stride_vn_s + kv_head * stride_vn_h,
-                                   mask=mask_x, other=0.0)
+                va_x, vb_x = load_codes(
+                    vc_base, slot_x * stride_vc_s, mask_x, V_BITS, HEAD_DIM, HEADS_N
+                )
+                v_norm_x = tl.load(
+                    VNorms + slot_x * stride_vn_s + kv_head * stride_vn_h, mask=mask_x, other=0.0
+                )
                 if not PREFETCH:
                     ka, kb, va, vb = ka_x, kb_x, va_x, vb_x
                     k_norm, v_norm, mask_n = k_norm_x, v_norm_x, mask_x
             # -- scores: codes -> fp16 values in registers, QK on tensor cores, K norms after
-            k = lookup_tiles(ka, kb, KCb, K_LUT, K_BITS, HEAD_DIM, USE_ASM, kt0, kt1, kt2, kt3, False)
+            k = lookup_tiles(
+                ka, kb, KCb, K_LUT, K_BITS, HEAD_DIM, USE_ASM, kt0, kt1, kt2, kt3, False
+            )
             # scores in log2 units: the softmax runs on exp2 (one multiply less per score)
             qk = scores(q, k, HEADS_N)
             # per-token vectors (norms, mask) broadcast over the heads axis, axis HEADS_N
@@ -188,25 +267,43 @@ def _tq_decode_stage1(
             else:
                 s = qk * tl.expand_dims(k_norm.to(tl.float32) * sm_scale_log2, HEADS_N)
                 if ROPE_DIM > 0:
-                    s += _rope_scores(q_pe, KPe, slot_x, stride_kp_s, mask_x, ROPE_DIM) * sm_scale_log2
+                    s += (
+                        _rope_scores(q_pe, KPe, slot_x, stride_kp_s, mask_x, ROPE_DIM)
+                        * sm_scale_log2
+                    )
             s = tl.where(tl.expand_dims(mask_n, HEADS_N), s, float("-inf"))
             # -- online softmax and PV; V norms scale the probabilities, not the value tiles
             if SHARED_KV:
-                m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, k, k_norm.to(tl.float32), HEADS_N)
+                m_i, l_i, acc = online_softmax_step(
+                    s, m_i, l_i, acc, k, k_norm.to(tl.float32), HEADS_N
+                )
             else:
-                v = lookup_tiles(va, vb, VCb, V_LUT, V_BITS, HEAD_DIM, USE_ASM, vt0, vt1, vt2, vt3,
-                                 HEADS_N)
-                m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v, v_norm.to(tl.float32),
-                                                    HEADS_N)
+                v = lookup_tiles(
+                    va, vb, VCb, V_LUT, V_BITS, HEAD_DIM, USE_ASM, vt0, vt1, vt2, vt3, HEADS_N
+                )
+                m_i, l_i, acc = online_softmax_step(
+                    s, m_i, l_i, acc, v, v_norm.to(tl.float32), HEADS_N
+                )
             if PREFETCH and not SHARED_KV:
-                ka, kb, va, vb, k_norm, v_norm, mask_n = ka_x, kb_x, va_x, vb_x, k_norm_x, v_norm_x, mask_x
+                ka, kb, va, vb, k_norm, v_norm, mask_n = (
+                    ka_x,
+                    kb_x,
+                    va_x,
+                    vb_x,
+                    k_norm_x,
+                    v_norm_x,
+                    mask_x,
+                )
         # -- partial output (rotated space) and its log-sum-exp
         mo = MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
         if HEADS_N:
             acc = trans_tiles(acc)
         store_tiles(mo, mask_h, acc, 1.0 / l_i, V_BITS, HEAD_DIM)
-        tl.store(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
-                 m_i / LOG2E + tl.log(l_i), mask=mask_h)
+        tl.store(
+            MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
+            m_i / LOG2E + tl.log(l_i),
+            mask=mask_h,
+        )
 
 
 @triton.jit
@@ -214,14 +311,24 @@ def _rope_scores(q_pe, KPe, slot, stride_kp_s, mask, ROPE_DIM: tl.constexpr):
     """[BLOCK_H, N] fp32 = q_pe · k_peᵀ for the tile's RoPE key rows (MLA), fp16 operands as
     for the latent (bf16 converts exactly within fp16's range) and fp32 sums."""
     offs_r = tl.arange(0, ROPE_DIM)
-    k_pe = tl.load(KPe + slot[:, None] * stride_kp_s + offs_r[None, :], mask=mask[:, None],
-                   other=0.0).to(tl.float16)
+    k_pe = tl.load(
+        KPe + slot[:, None] * stride_kp_s + offs_r[None, :], mask=mask[:, None], other=0.0
+    ).to(tl.float16)
     return tl.dot(q_pe, tl.trans(k_pe))
 
 
 @triton.jit
-def _merge_weights(MidLse, lse_row, KvIndptr, NumKvSplits, batch, offs_s, sliding_window,
-                   MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr):
+def _merge_weights(
+    MidLse,
+    lse_row,
+    KvIndptr,
+    NumKvSplits,
+    batch,
+    offs_s,
+    sliding_window,
+    MAX_KV_SPLITS: tl.constexpr,
+    MIN_BLOCK_KV: tl.constexpr,
+):
     """Log-sum-exp of the splits ``offs_s`` that hold tokens, from ``lse_row`` (the
     head's row of MidLse: [1] or [M, 1] offsets); empty splits read −inf."""
     _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, offs_s, sliding_window, MIN_BLOCK_KV)
@@ -231,12 +338,32 @@ def _merge_weights(MidLse, lse_row, KvIndptr, NumKvSplits, batch, offs_s, slidin
 
 @triton.jit
 def _tq_decode_stage2(
-    MidO, MidLse, Pi, Out, KvIndptr, NumKvSplits, Sinks, sliding_window,
-    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_o_b, stride_o_h,
-    GQA: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MAX_KV_SPLITS: tl.constexpr, MIN_BLOCK_KV: tl.constexpr,
-    SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr, VECTOR_MERGE: tl.constexpr,
-    HAS_SINK: tl.constexpr, USE_PDL: tl.constexpr, UNROT_FWHT: tl.constexpr = False,
+    MidO,
+    MidLse,
+    Pi,
+    Out,
+    KvIndptr,
+    NumKvSplits,
+    Sinks,
+    sliding_window,
+    stride_mo_b,
+    stride_mo_h,
+    stride_mo_s,
+    stride_ml_b,
+    stride_ml_h,
+    stride_o_b,
+    stride_o_h,
+    GQA: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MAX_KV_SPLITS: tl.constexpr,
+    MIN_BLOCK_KV: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    CHUNK_S: tl.constexpr,
+    VECTOR_MERGE: tl.constexpr,
+    HAS_SINK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    UNROT_FWHT: tl.constexpr = False,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # stage 1's partials are complete and visible
@@ -249,9 +376,17 @@ def _tq_decode_stage2(
         #    of Hkv, no loop over the group), every split's LSE at once, the partials as
         #    [CHUNK_S, D] tiles whose loads do not wait on each other
         head = tl.program_id(1)
-        _, lse = _merge_weights(MidLse, batch * stride_ml_b + head * stride_ml_h, KvIndptr,
-                                NumKvSplits, batch, tl.arange(0, SPLITS_P2), sliding_window,
-                                MAX_KV_SPLITS, MIN_BLOCK_KV)
+        _, lse = _merge_weights(
+            MidLse,
+            batch * stride_ml_b + head * stride_ml_h,
+            KvIndptr,
+            NumKvSplits,
+            batch,
+            tl.arange(0, SPLITS_P2),
+            sliding_window,
+            MAX_KV_SPLITS,
+            MIN_BLOCK_KV,
+        )
         e_max = tl.max(lse)
         e_max = tl.where(e_max == float("-inf"), 0.0, e_max)  # no split holds tokens
         e_sum = tl.sum(tl.exp(lse - e_max))
@@ -261,25 +396,43 @@ def _tq_decode_stage2(
         row = tl.zeros((HEAD_DIM,), tl.float32)
         for c in tl.static_range(0, SPLITS_P2, CHUNK_S):
             offs_c = c + tl.arange(0, CHUNK_S)
-            valid_c, lse_c = _merge_weights(MidLse, batch * stride_ml_b + head * stride_ml_h,
-                                            KvIndptr, NumKvSplits, batch, offs_c, sliding_window,
-                                            MAX_KV_SPLITS, MIN_BLOCK_KV)
-            part = tl.load(MidO + batch * stride_mo_b + head * stride_mo_h
-                           + offs_c[:, None] * stride_mo_s + offs_d[None, :],
-                           mask=valid_c[:, None], other=0.0)
+            valid_c, lse_c = _merge_weights(
+                MidLse,
+                batch * stride_ml_b + head * stride_ml_h,
+                KvIndptr,
+                NumKvSplits,
+                batch,
+                offs_c,
+                sliding_window,
+                MAX_KV_SPLITS,
+                MIN_BLOCK_KV,
+            )
+            part = tl.load(
+                MidO
+                + batch * stride_mo_b
+                + head * stride_mo_h
+                + offs_c[:, None] * stride_mo_s
+                + offs_d[None, :],
+                mask=valid_c[:, None],
+                other=0.0,
+            )
             row += tl.sum(part * tl.exp(lse_c - e_max)[:, None], axis=0)
         row = row / e_sum
         if UNROT_FWHT:
             # -- un-rotate: o = o_rot · Π = (H o_rot) ⊙ s/√D, Π's first row being s/√D
             out = fwht_row(row, HEAD_DIM) * tl.load(Pi + offs_d)
-            tl.store(Out + batch * stride_o_b + head * stride_o_h + offs_d, out.to(Out.dtype.element_ty))
+            tl.store(
+                Out + batch * stride_o_b + head * stride_o_h + offs_d, out.to(Out.dtype.element_ty)
+            )
         else:
             # -- un-rotate: o = o_rot · Π as a reduction over Π's rows (one row: no dot)
             for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
                 pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + (c0 + offs_k)[None, :])
                 out = tl.sum(row[:, None] * pi, axis=0)
-                tl.store(Out + batch * stride_o_b + head * stride_o_h + c0 + offs_k,
-                         out.to(Out.dtype.element_ty))
+                tl.store(
+                    Out + batch * stride_o_b + head * stride_o_h + c0 + offs_k,
+                    out.to(Out.dtype.element_ty),
+                )
     else:
         head_block = tl.program_id(1)  # the GQA query heads of one stage-1 program
         offs_g = tl.arange(0, BLOCK_H)
@@ -290,14 +443,24 @@ def _tq_decode_stage2(
         e_sum = tl.zeros((BLOCK_H,), tl.float32)
         o_rot = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
         for split in range(MAX_KV_SPLITS):
-            _, lo, hi = _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window,
-                                     MIN_BLOCK_KV)
+            _, lo, hi = _split_range(
+                KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_KV
+            )
             if hi > lo:
-                part = tl.load(MidO + batch * stride_mo_b + heads[:, None] * stride_mo_h
-                               + split * stride_mo_s + offs_d[None, :], mask=mask_h[:, None],
-                               other=0.0)
-                lse = tl.load(MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
-                              mask=mask_h, other=0.0)
+                part = tl.load(
+                    MidO
+                    + batch * stride_mo_b
+                    + heads[:, None] * stride_mo_h
+                    + split * stride_mo_s
+                    + offs_d[None, :],
+                    mask=mask_h[:, None],
+                    other=0.0,
+                )
+                lse = tl.load(
+                    MidLse + batch * stride_ml_b + heads * stride_ml_h + split,
+                    mask=mask_h,
+                    other=0.0,
+                )
                 new_max = tl.maximum(e_max, lse)
                 scale = tl.exp(e_max - new_max)
                 w = tl.exp(lse - new_max)
@@ -313,15 +476,29 @@ def _tq_decode_stage2(
         for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
             pi = tl.load(Pi + offs_d[:, None] * HEAD_DIM + (c0 + offs_k)[None, :])
             out = tl.dot(o_rot, pi)
-            tl.store(Out + batch * stride_o_b + heads[:, None] * stride_o_h + (c0 + offs_k)[None, :],
-                     out.to(Out.dtype.element_ty), mask=mask_h[:, None])
+            tl.store(
+                Out + batch * stride_o_b + heads[:, None] * stride_o_h + (c0 + offs_k)[None, :],
+                out.to(Out.dtype.element_ty),
+                mask=mask_h[:, None],
+            )
 
 
 @triton.jit
 def _rotate_query_kernel(
-    Q, Pi, QRot, num_rows, num_heads,
-    stride_q_b, stride_q_h, stride_q_d, stride_r_b, stride_r_h,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    Q,
+    Pi,
+    QRot,
+    num_rows,
+    num_heads,
+    stride_q_b,
+    stride_q_h,
+    stride_q_d,
+    stride_r_b,
+    stride_r_h,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # q_rot[m, n] = Σ_k q[m, k] · Π[n, k] in fp32 (Πq per query head, TurboQuant Sec. 3)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -332,12 +509,18 @@ def _rotate_query_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.static_range(0, HEAD_DIM, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(Q + b[:, None] * stride_q_b + h[:, None] * stride_q_h + offs_k[None, :] * stride_q_d,
-                    mask=mask_m[:, None], other=0.0).to(tl.float32)
+        q = tl.load(
+            Q + b[:, None] * stride_q_b + h[:, None] * stride_q_h + offs_k[None, :] * stride_q_d,
+            mask=mask_m[:, None],
+            other=0.0,
+        ).to(tl.float32)
         pi_t = tl.load(Pi + offs_n[None, :] * HEAD_DIM + offs_k[:, None])
         acc = tl.dot(q, pi_t, acc, input_precision="ieee")
-    tl.store(QRot + b[:, None] * stride_r_b + h[:, None] * stride_r_h + offs_n[None, :], acc,
-             mask=mask_m[:, None])
+    tl.store(
+        QRot + b[:, None] * stride_r_b + h[:, None] * stride_r_h + offs_n[None, :],
+        acc,
+        mask=mask_m[:, None],
+    )
 
 
 def rotate_query(q: torch.Tensor, pi: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -350,8 +533,21 @@ def rotate_query(q: torch.Tensor, pi: torch.Tensor, out: torch.Tensor) -> torch.
         raise ValueError(f"out must be float32 {tuple(q.shape)} and contiguous in head_dim.")
     block = min(64, d)
     _rotate_query_kernel[(triton.cdiv(bsz * hq, 16), d // block)](
-        q, pi, out, bsz * hq, hq, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_M=16, BLOCK_N=block, BLOCK_K=block, num_warps=4,
+        q,
+        pi,
+        out,
+        bsz * hq,
+        hq,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=d,
+        BLOCK_M=16,
+        BLOCK_N=block,
+        BLOCK_K=block,
+        num_warps=4,
     )
     return out
 
@@ -382,11 +578,15 @@ class DecodeWorkspace:
         ``max_kv_splits`` (at most B·S_created / bsz)."""
         _, hq, _, d = self.mid_o.shape
         n = bsz * hq * max_kv_splits
-        return (self.mid_o.view(-1)[: n * d].view(bsz, hq, max_kv_splits, d),
-                self.mid_lse.view(-1)[:n].view(bsz, hq, max_kv_splits))
+        return (
+            self.mid_o.view(-1)[: n * d].view(bsz, hq, max_kv_splits, d),
+            self.mid_lse.view(-1)[:n].view(bsz, hq, max_kv_splits),
+        )
 
     @classmethod
-    def create(cls, max_batch, num_q_heads, head_dim, max_kv_splits, device, out_dtype=torch.bfloat16):
+    def create(
+        cls, max_batch, num_q_heads, head_dim, max_kv_splits, device, out_dtype=torch.bfloat16
+    ):
         f32 = dict(dtype=torch.float32, device=device)
         return cls(
             q_rot=torch.empty(max_batch, num_q_heads, head_dim, **f32),
@@ -422,11 +622,12 @@ class SmallBatchPlan:
     pdl: bool  # programmatic dependent launch: stage 2 launches while stage 1 runs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small_batch_plan(bsz: int, k_bits: int = 4, head_dim: int = 128) -> SmallBatchPlan:
     """The launch rules for a batch of ``bsz`` (cached: it runs per layer and step)."""
-    fuse_batch = (FUSE_ROTATION_BATCH_EIGHT_TILES if eight_tiles(k_bits, head_dim)
-                  else FUSE_ROTATION_BATCH)
+    fuse_batch = (
+        FUSE_ROTATION_BATCH_EIGHT_TILES if eight_tiles(k_bits, head_dim) else FUSE_ROTATION_BATCH
+    )
     return SmallBatchPlan(fuse_rotation=bsz <= fuse_batch, pdl=pdl_supported())
 
 
@@ -456,12 +657,18 @@ class DecodeLaunch:
     maxnreg: int = 0
 
     def __post_init__(self):
-        if self.block_n not in (16, 32, 64, 128, 256) or self.num_warps not in (1, 2, 4, 8) \
-                or not 1 <= self.programs_per_sm <= 64 or not 1 <= self.num_stages <= 4 \
-                or not (self.maxnreg == 0 or 32 <= self.maxnreg <= 255):
-            raise ValueError(f"invalid decode launch {self}: block_n must be a power of two in "
-                             "16..256, num_warps 1, 2, 4 or 8, programs_per_sm 1..64, "
-                             "num_stages 1..4, maxnreg 0 (no cap) or 32..255.")
+        if (
+            self.block_n not in (16, 32, 64, 128, 256)
+            or self.num_warps not in (1, 2, 4, 8)
+            or not 1 <= self.programs_per_sm <= 64
+            or not 1 <= self.num_stages <= 4
+            or not (self.maxnreg == 0 or 32 <= self.maxnreg <= 255)
+        ):
+            raise ValueError(
+                f"invalid decode launch {self}: block_n must be a power of two in "
+                "16..256, num_warps 1, 2, 4 or 8, programs_per_sm 1..64, "
+                "num_stages 1..4, maxnreg 0 (no cap) or 32..255."
+            )
 
 
 LAUNCH_TABLE = Path(__file__).with_name("decode_launch.json")
@@ -481,7 +688,7 @@ def builtin_launch(head_dim: int) -> DecodeLaunch:
     return DecodeLaunch(block_n=32, num_warps=4, programs_per_sm=2, prefetch=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_launch_table(path: str) -> dict:
     """{device name: {head_dim: {"kKvV": DecodeLaunch}}} from a table file; extra keys
     of an entry (the timings tune_decode.py records) are ignored."""
@@ -489,19 +696,28 @@ def load_launch_table(path: str) -> dict:
         with open(path) as f:
             raw = json.load(f)
         fields = {f.name for f in dataclasses.fields(DecodeLaunch)}
-        table = {dev: {int(d): {kv: DecodeLaunch(**{k: v for k, v in e.items() if k in fields})
-                                for kv, e in per_d.items()}
-                       for d, per_d in dims.items()}
-                 for dev, dims in raw.items() if not dev.startswith("_")}
+        table = {
+            dev: {
+                int(d): {
+                    kv: DecodeLaunch(**{k: v for k, v in e.items() if k in fields})
+                    for kv, e in per_d.items()
+                }
+                for d, per_d in dims.items()
+            }
+            for dev, dims in raw.items()
+            if not dev.startswith("_")
+        }
         for dims in table.values():
             for per_d in dims.values():
                 for kv in per_d:
                     TQConfig.parse_bits(kv)
         return table
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"the decode launch table {path} is unreadable ({exc}); regenerate it "
-                         "with scripts/tune_decode.py --write-table, or unset "
-                         "SGLANG_TQ_DECODE_LAUNCH to use the packaged one.") from exc
+        raise ValueError(
+            f"the decode launch table {path} is unreadable ({exc}); regenerate it "
+            "with scripts/tune_decode.py --write-table, or unset "
+            "SGLANG_TQ_DECODE_LAUNCH to use the packaged one."
+        ) from exc
 
 
 # GPUs with the same SM as a tuned one (the launch depends on registers, shared memory and
@@ -510,13 +726,14 @@ def load_launch_table(path: str) -> dict:
 SAME_SM = {"NVIDIA H100 80GB HBM3": "NVIDIA H200"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def default_launch(head_dim: int, k_bits: int = 4, v_bits: int = 4,
-                   device_name: str | None = None) -> DecodeLaunch:
+def default_launch(
+    head_dim: int, k_bits: int = 4, v_bits: int = 4, device_name: str | None = None
+) -> DecodeLaunch:
     """The measured launch for this GPU, head_dim and bit pair (``decode_launch.json``,
     tuned by ``scripts/tune_decode.py``; ``SGLANG_TQ_DECODE_LAUNCH`` names another
     table); for a pair the table lacks at this GPU and head_dim, the launch of the
@@ -533,21 +750,47 @@ def default_launch(head_dim: int, k_bits: int = 4, v_bits: int = 4,
     per_d = table.get(name, {}).get(head_dim, {})
     found = per_d.get(f"k{k_bits}v{v_bits}")
     if found is None and per_d:
+
         def distance(kv: str) -> tuple[int, int, int, str]:
             kb, vb = TQConfig.parse_bits(kv)
             dk, dv = abs(kb - k_bits), abs(vb - v_bits)
             return dk + dv, max(dk, dv), dk, kv
+
         found = per_d[min(per_d, key=distance)]
     return found or builtin_launch(head_dim)
 
 
-def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
-              sm_scale: float, *, num_kv_splits, max_kv_splits: int, workspace: DecodeWorkspace,
-              logit_cap: float = 0.0, sliding_window: int = 0,
-              block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-              prefetch: bool | None = None, heads_n: bool | None = None, maxnreg: int | None = None,
-              fuse_rotation: bool | None = None, pdl: bool | None = None, early_q: bool = False,
-              sinks=None, out=None, fwht: bool = True, q_pe=None, k_pe=None):
+def tq_decode(
+    q,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    kv_indptr,
+    kv_indices,
+    codec: LayerCodec,
+    sm_scale: float,
+    *,
+    num_kv_splits,
+    max_kv_splits: int,
+    workspace: DecodeWorkspace,
+    logit_cap: float = 0.0,
+    sliding_window: int = 0,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    prefetch: bool | None = None,
+    heads_n: bool | None = None,
+    maxnreg: int | None = None,
+    fuse_rotation: bool | None = None,
+    pdl: bool | None = None,
+    early_q: bool = False,
+    sinks=None,
+    out=None,
+    fwht: bool = True,
+    q_pe=None,
+    k_pe=None,
+):
     """Attention of one new query token per sequence over its packed KV slots.
 
     q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
@@ -579,19 +822,29 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
     bsz = q.shape[0]
     shared = v_codes is None
     if shared != (v_norms is None) or (q_pe is None) != (k_pe is None):
-        raise ValueError("give v_codes with v_norms (or neither, for values = the key codes) "
-                         "and q_pe with k_pe (or neither).")
+        raise ValueError(
+            "give v_codes with v_norms (or neither, for values = the key codes) "
+            "and q_pe with k_pe (or neither)."
+        )
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
     rope = 0
     if q_pe is not None:
         rope = q_pe.shape[-1]
         k_pe = k_pe.reshape(k_pe.shape[0], -1) if k_pe.dim() == 3 and k_pe.shape[1] == 1 else k_pe
-        if (q_pe.shape != (bsz, hq, rope) or q_pe.stride(2) != 1 or k_pe.dim() != 2
-                or k_pe.shape[1] != rope or k_pe.stride(1) != 1 or rope not in (16, 32, 64, 128)
-                or hkv != 1):
-            raise ValueError(f"q_pe must be [{bsz}, {hq}, R] and k_pe [slots, R] (contiguous in R, "
-                             f"R in 16/32/64/128) over one latent KV head, got {tuple(q_pe.shape)} "
-                             f"and {tuple(k_pe.shape)} with {hkv} KV heads.")
+        if (
+            q_pe.shape != (bsz, hq, rope)
+            or q_pe.stride(2) != 1
+            or k_pe.dim() != 2
+            or k_pe.shape[1] != rope
+            or k_pe.stride(1) != 1
+            or rope not in (16, 32, 64, 128)
+            or hkv != 1
+        ):
+            raise ValueError(
+                f"q_pe must be [{bsz}, {hq}, R] and k_pe [slots, R] (contiguous in R, "
+                f"R in 16/32/64/128) over one latent KV head, got {tuple(q_pe.shape)} "
+                f"and {tuple(k_pe.shape)} with {hkv} KV heads."
+            )
     if shared:
         # the values are the key tiles just decoded: no prefetch, heads on M, q rotated
         # before stage 1 (a 512-d Π per program would not pay)
@@ -601,15 +854,22 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         raise ValueError(f"kv_indptr must be [{bsz + 1}] and num_kv_splits [{bsz}].")
     ws = workspace
     if ws.q_rot.shape[0] < bsz or ws.q_rot.shape[1:] != (hq, d) or not ws.fits(bsz, max_kv_splits):
-        raise ValueError("the decode workspace is too small for this batch; create it with "
-                         "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits).")
-    if sinks is not None and (sinks.shape != (hq,) or not sinks.is_floating_point()
-                              or sinks.device != q.device):
-        raise ValueError(f"sinks must be a float tensor [{hq}] (one logit per query head) on "
-                         f"{q.device}, got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}.")
+        raise ValueError(
+            "the decode workspace is too small for this batch; create it with "
+            "DecodeWorkspace.create(max_batch, Hq, D, max_kv_splits)."
+        )
+    if sinks is not None and (
+        sinks.shape != (hq,) or not sinks.is_floating_point() or sinks.device != q.device
+    ):
+        raise ValueError(
+            f"sinks must be a float tensor [{hq}] (one logit per query head) on "
+            f"{q.device}, got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}."
+        )
     if logit_cap > 0 and codec.k_center is not None:
-        raise ValueError("a logit soft-cap does not ignore the per-query shift q·μ that key "
-                         "centering adds to every score; run this model without key centers.")
+        raise ValueError(
+            "a logit soft-cap does not ignore the per-query shift q·μ that key "
+            "centering adds to every score; run this model without key centers."
+        )
     gqa = hq // hkv
     # query heads per program: the whole group, or blocks of 16 for larger groups (MLA)
     hp = 16 if gqa > 16 and gqa % 16 == 0 else gqa
@@ -643,34 +903,97 @@ def tq_decode(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, code
         q_rot = torch.matmul(q.to(torch.float32), codec.pi.T, out=ws.q_rot[:bsz])
     pe = (q_pe, k_pe, q_pe.stride(0), q_pe.stride(1), k_pe.stride(0)) if rope else (q, q, 0, 0, 0)
     _tq_decode_stage1[(bsz, hq // hp, max_kv_splits)](
-        q_rot, codec.pi_f16, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
-        codec.k_lut_words, codec.v_lut_words, kv_indptr, kv_indices, num_kv_splits, mid_o, mid_lse,
-        pe[0], pe[1], sm_scale, logit_cap, sliding_window,
-        q_rot.stride(0), q_rot.stride(1),
-        k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
-        v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        pe[2], pe[3], pe[4],
-        GQA=hp, BLOCK_H=_block_h(hp, heads_n), HEAD_DIM=d, BLOCK_N=block_n,
-        K_BITS=codec.k_bits, V_BITS=codec.v_bits, HAS_CAP=logit_cap > 0,
-        K_LUT=codec.k_lut, V_LUT=codec.v_lut,
+        q_rot,
+        codec.pi_f16,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        codec.k_codebook,
+        codec.v_codebook,
+        codec.k_lut_words,
+        codec.v_lut_words,
+        kv_indptr,
+        kv_indices,
+        num_kv_splits,
+        mid_o,
+        mid_lse,
+        pe[0],
+        pe[1],
+        sm_scale,
+        logit_cap,
+        sliding_window,
+        q_rot.stride(0),
+        q_rot.stride(1),
+        k_codes.stride(0),
+        k_codes.stride(1),
+        k_norms.stride(0),
+        k_norms.stride(1),
+        v_codes.stride(0),
+        v_codes.stride(1),
+        v_norms.stride(0),
+        v_norms.stride(1),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        pe[2],
+        pe[3],
+        pe[4],
+        GQA=hp,
+        BLOCK_H=_block_h(hp, heads_n),
+        HEAD_DIM=d,
+        BLOCK_N=block_n,
+        K_BITS=codec.k_bits,
+        V_BITS=codec.v_bits,
+        HAS_CAP=logit_cap > 0,
+        K_LUT=codec.k_lut,
+        V_LUT=codec.v_lut,
         USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms, *pe[1:2]),
-        PREFETCH=int(prefetch), HEADS_N=int(heads_n), FUSE_ROT=(2 if fwht else 1) if fuse_rotation else 0,
-        USE_PDL=int(pdl), EARLY_Q=int(early_q), SHARED_KV=shared, ROPE_DIM=rope,
-        HEAD_BLOCKS=gqa // hp, num_warps=num_warps, num_stages=num_stages,
-        **_register_cap(maxnreg), **pdl_launch(pdl),
+        PREFETCH=int(prefetch),
+        HEADS_N=int(heads_n),
+        FUSE_ROT=(2 if fwht else 1) if fuse_rotation else 0,
+        USE_PDL=int(pdl),
+        EARLY_Q=int(early_q),
+        SHARED_KV=shared,
+        ROPE_DIM=rope,
+        HEAD_BLOCKS=gqa // hp,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        **_register_cap(maxnreg),
+        **pdl_launch(pdl),
     )
     _tq_decode_stage2[(bsz, hq if vector_merge else hq // hp)](  # per query head / per block
-        mid_o, mid_lse, codec.pi, out, kv_indptr, num_kv_splits,
-        mid_lse if sinks is None else sinks.contiguous(), sliding_window,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
-        GQA=hp, BLOCK_H=_block_h(hp), HEAD_DIM=d, MAX_KV_SPLITS=max_kv_splits, MIN_BLOCK_KV=block_n,
+        mid_o,
+        mid_lse,
+        codec.pi,
+        out,
+        kv_indptr,
+        num_kv_splits,
+        mid_lse if sinks is None else sinks.contiguous(),
+        sliding_window,
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        GQA=hp,
+        BLOCK_H=_block_h(hp),
+        HEAD_DIM=d,
+        MAX_KV_SPLITS=max_kv_splits,
+        MIN_BLOCK_KV=block_n,
         SPLITS_P2=triton.next_power_of_2(max_kv_splits),
         CHUNK_S=min(triton.next_power_of_2(max_kv_splits), 4096 // d),
-        VECTOR_MERGE=vector_merge, HAS_SINK=sinks is not None, USE_PDL=int(pdl),
-        UNROT_FWHT=bool(fwht), num_warps=4, **pdl_launch(pdl),
+        VECTOR_MERGE=vector_merge,
+        HAS_SINK=sinks is not None,
+        USE_PDL=int(pdl),
+        UNROT_FWHT=bool(fwht),
+        num_warps=4,
+        **pdl_launch(pdl),
     )
     return out
 
@@ -700,9 +1023,23 @@ def attention_ref(q, k, v, sm_scale, logit_cap=0.0, causal_offset=None, sinks=No
     return torch.einsum("hml,lhd->mhd", p, v)
 
 
-def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, codec: LayerCodec,
-                  sm_scale: float, logit_cap: float = 0.0, sliding_window: int = 0,
-                  dtype=torch.float64, sinks=None, q_pe=None, k_pe=None):
+def tq_decode_ref(
+    q,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    kv_indptr,
+    kv_indices,
+    codec: LayerCodec,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    sliding_window: int = 0,
+    dtype=torch.float64,
+    sinks=None,
+    q_pe=None,
+    k_pe=None,
+):
     """Pure-torch twin of :func:`tq_decode` on the reference quantizer's dequantization.
 
     Attention is computed in ``dtype`` in the original (unrotated) space, which is
@@ -712,7 +1049,7 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
     """
     outs = []
     for b in range(q.shape[0]):
-        slots = kv_indices[kv_indptr[b]: kv_indptr[b + 1]].long()
+        slots = kv_indices[kv_indptr[b] : kv_indptr[b + 1]].long()
         if sliding_window > 0:
             slots = slots[-sliding_window:]
         k, v = tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype)
@@ -722,8 +1059,11 @@ def tq_decode_ref(q, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, 
         if q_pe is not None:
             qb = torch.cat([qb, q_pe[b : b + 1].to(dtype)], dim=-1)
             k = torch.cat([k, k_pe.reshape(k_pe.shape[0], 1, -1)[slots].to(dtype)], dim=-1)
-        outs.append(attention_ref(qb, k, v, sm_scale, logit_cap,
-                                  sinks=None if sinks is None else sinks.to(dtype))[0])
+        outs.append(
+            attention_ref(
+                qb, k, v, sm_scale, logit_cap, sinks=None if sinks is None else sinks.to(dtype)
+            )[0]
+        )
     return torch.stack(outs)
 
 
@@ -736,8 +1076,9 @@ SPLIT_CAP = 128
 MIN_TOKENS_PER_SPLIT = 64
 
 
-def split_ceiling(bsz: int, base: int = 8, cap: int = SPLIT_CAP,
-                  ref_batch: int = SPLIT_REF_BATCH) -> int:
+def split_ceiling(
+    bsz: int, base: int = 8, cap: int = SPLIT_CAP, ref_batch: int = SPLIT_REF_BATCH
+) -> int:
     """Most KV splits per sequence for a decode batch of ``bsz``: ``base`` (SGLang's
     ``--triton-attention-num-kv-splits``) at ``ref_batch`` sequences and above, doubling
     as the batch halves (a power of two), at most ``max(cap, base)``. ``bsz`` times the
@@ -747,10 +1088,17 @@ def split_ceiling(bsz: int, base: int = 8, cap: int = SPLIT_CAP,
     return min(max(cap, base), max(base, 1 << (share.bit_length() - 1)))
 
 
-def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_splits: int,
-                          num_sms: int = 132, head_dim: int = 128, k_bits: int = 4, v_bits: int = 4,
-                          launch: DecodeLaunch | None = None,
-                          min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT) -> torch.Tensor:
+def default_num_kv_splits(
+    seq_lens: torch.Tensor,
+    num_kv_heads: int,
+    max_kv_splits: int,
+    num_sms: int = 132,
+    head_dim: int = 128,
+    k_bits: int = 4,
+    v_bits: int = 4,
+    launch: DecodeLaunch | None = None,
+    min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT,
+) -> torch.Tensor:
     """Splits per sequence that minimise stage 1's critical path, on the device (no sync).
 
     With ``B·Hkv·s`` programs and ``num_sms · programs_per_sm`` resident at a time
@@ -776,12 +1124,14 @@ def default_num_kv_splits(seq_lens: torch.Tensor, num_kv_heads: int, max_kv_spli
     return (cost.argmin(dim=1) + 1).to(torch.int32)
 
 
-def mla_num_kv_splits(seq_lens: torch.Tensor, max_kv_splits: int, bits: int, num_sms: int = 132,
-                      latent_dim: int = 512) -> torch.Tensor:
+def mla_num_kv_splits(
+    seq_lens: torch.Tensor, max_kv_splits: int, bits: int, num_sms: int = 132, latent_dim: int = 512
+) -> torch.Tensor:
     """Splits per sequence of the MLA decode over the packed latent: the occupancy rule of
     :func:`default_num_kv_splits` for one KV head (the latent every query head shares) whose
     keys and values are the same ``bits``-bit codes of dimension ``latent_dim``. The MLA
     backend and ``python -m sglang_tq.bench decode-mla`` both call it, with the ceiling
     :func:`split_ceiling` of the batch."""
-    return default_num_kv_splits(seq_lens, 1, max_kv_splits, num_sms=num_sms, head_dim=latent_dim,
-                                 k_bits=bits, v_bits=bits)
+    return default_num_kv_splits(
+        seq_lens, 1, max_kv_splits, num_sms=num_sms, head_dim=latent_dim, k_bits=bits, v_bits=bits
+    )

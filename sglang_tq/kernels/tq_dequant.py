@@ -21,19 +21,43 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_tq.format.codec import LayerCodec
 from sglang_tq.env import triton_interpreting
+from sglang_tq.format.codec import LayerCodec
 
 from ._checks import check_pool
-from ._codes import (load_codes, load_lut_words, load_slots, lookup_tiles,
-                     slot_offsets_need_int64, tile_columns)
+from ._codes import (
+    load_codes,
+    load_lut_words,
+    load_slots,
+    lookup_tiles,
+    slot_offsets_need_int64,
+    tile_columns,
+)
 
 
 @triton.jit
 def _dequant_tile(
-    slot, mask_n, head, Codes, Norms, Cb, Tab, Pi, Center, Out, offs_n,
-    stride_c_s, stride_c_h, stride_nrm_s, stride_nrm_h, stride_o_t, stride_o_h,
-    BITS: tl.constexpr, LUT: tl.constexpr, HEAD_DIM: tl.constexpr, USE_ASM: tl.constexpr,
+    slot,
+    mask_n,
+    head,
+    Codes,
+    Norms,
+    Cb,
+    Tab,
+    Pi,
+    Center,
+    Out,
+    offs_n,
+    stride_c_s,
+    stride_c_h,
+    stride_nrm_s,
+    stride_nrm_h,
+    stride_o_t,
+    stride_o_h,
+    BITS: tl.constexpr,
+    LUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    USE_ASM: tl.constexpr,
     HAS_CENTER: tl.constexpr,
 ):
     # -- codes -> fp16 tiles in byte order, norms
@@ -60,14 +84,44 @@ def _dequant_tile(
 # num_tokens varies with every batch: one compiled variant for all, not one per N % 16
 @triton.jit(do_not_specialize=["num_tokens"])
 def _tq_dequant_kernel(
-    Slots, KCodes, KNorms, VCodes, VNorms, KCb, VCb, KTab, VTab, Pi, KCenter, KOut, VOut, num_tokens,
+    Slots,
+    KCodes,
+    KNorms,
+    VCodes,
+    VNorms,
+    KCb,
+    VCb,
+    KTab,
+    VTab,
+    Pi,
+    KCenter,
+    KOut,
+    VOut,
+    num_tokens,
     Count,
-    stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
-    stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
-    stride_ko_t, stride_ko_h, stride_vo_t, stride_vo_h,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    K_LUT: tl.constexpr, V_LUT: tl.constexpr, USE_ASM: tl.constexpr, SLOT_I64: tl.constexpr,
-    K_CENTER: tl.constexpr, DEVICE_COUNT: tl.constexpr, KEYS_ONLY: tl.constexpr = False,
+    stride_kc_s,
+    stride_kc_h,
+    stride_kn_s,
+    stride_kn_h,
+    stride_vc_s,
+    stride_vc_h,
+    stride_vn_s,
+    stride_vn_h,
+    stride_ko_t,
+    stride_ko_h,
+    stride_vo_t,
+    stride_vo_h,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    K_LUT: tl.constexpr,
+    V_LUT: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    SLOT_I64: tl.constexpr,
+    K_CENTER: tl.constexpr,
+    DEVICE_COUNT: tl.constexpr,
+    KEYS_ONLY: tl.constexpr = False,
 ):
     head = tl.program_id(1)
     # -- how many leading slots to decode: the launch's N, or a count on the device (the
@@ -79,17 +133,70 @@ def _tq_dequant_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < num_tokens
         slot = load_slots(Slots + offs_n, mask_n, SLOT_I64)
-        _dequant_tile(slot, mask_n, head, KCodes, KNorms, KCb, KTab, Pi, KCenter, KOut, offs_n,
-                      stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h, stride_ko_t, stride_ko_h,
-                      K_BITS, K_LUT, HEAD_DIM, USE_ASM, K_CENTER)
+        _dequant_tile(
+            slot,
+            mask_n,
+            head,
+            KCodes,
+            KNorms,
+            KCb,
+            KTab,
+            Pi,
+            KCenter,
+            KOut,
+            offs_n,
+            stride_kc_s,
+            stride_kc_h,
+            stride_kn_s,
+            stride_kn_h,
+            stride_ko_t,
+            stride_ko_h,
+            K_BITS,
+            K_LUT,
+            HEAD_DIM,
+            USE_ASM,
+            K_CENTER,
+        )
         if not KEYS_ONLY:
-            _dequant_tile(slot, mask_n, head, VCodes, VNorms, VCb, VTab, Pi, KCenter, VOut, offs_n,
-                          stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h, stride_vo_t,
-                          stride_vo_h, V_BITS, V_LUT, HEAD_DIM, USE_ASM, False)
+            _dequant_tile(
+                slot,
+                mask_n,
+                head,
+                VCodes,
+                VNorms,
+                VCb,
+                VTab,
+                Pi,
+                KCenter,
+                VOut,
+                offs_n,
+                stride_vc_s,
+                stride_vc_h,
+                stride_vn_s,
+                stride_vn_h,
+                stride_vo_t,
+                stride_vo_h,
+                V_BITS,
+                V_LUT,
+                HEAD_DIM,
+                USE_ASM,
+                False,
+            )
 
 
-def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
-               dtype=torch.bfloat16, block_n: int = 64, num_warps: int = 4, count=None, out=None):
+def tq_dequant(
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    slots,
+    codec: LayerCodec,
+    dtype=torch.bfloat16,
+    block_n: int = 64,
+    num_warps: int = 4,
+    count=None,
+    out=None,
+):
     """Dense K and V [N, Hkv, D] in ``dtype`` of the packed ``slots`` [N] (any int dtype).
 
     ``count`` (int32 [1] on the device) decodes only the first ``count`` slots and leaves
@@ -106,8 +213,9 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
         v_codes, v_norms = k_codes, k_norms  # not read: the grid skips the V tile
     if slots.dim() != 1:
         raise ValueError(f"slots must be a 1-D index tensor, got shape {tuple(slots.shape)}.")
-    if count is not None and (count.shape != (1,) or count.dtype != torch.int32
-                              or count.device != slots.device):
+    if count is not None and (
+        count.shape != (1,) or count.dtype != torch.int32 or count.device != slots.device
+    ):
         raise ValueError("count must be an int32 tensor of shape [1] on the slots' device.")
     n, d = slots.numel(), codec.head_dim
     if out is None:
@@ -118,32 +226,66 @@ def tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
         if (v is None) != keys_only:
             raise ValueError("out must be (k, v) with values, or (k, None) for keys only.")
         for t in (k,) if keys_only else (k, v):
-            if (t.shape != (n, hkv, d) or t.stride(2) != 1 or t.device != k_codes.device
-                    or t.dtype != dtype):
-                raise ValueError(f"out must be two [{n}, {hkv}, {d}] {dtype} tensors on "
-                                 f"{k_codes.device} with unit stride in the last dimension.")
+            if (
+                t.shape != (n, hkv, d)
+                or t.stride(2) != 1
+                or t.device != k_codes.device
+                or t.dtype != dtype
+            ):
+                raise ValueError(
+                    f"out must be two [{n}, {hkv}, {d}] {dtype} tensors on "
+                    f"{k_codes.device} with unit stride in the last dimension."
+                )
     if n == 0:
         return k, v
     vo = k if keys_only else v
     _tq_dequant_kernel[(triton.cdiv(n, block_n), hkv)](
-        slots, k_codes, k_norms, v_codes, v_norms, codec.k_codebook, codec.v_codebook,
-        codec.k_lut_words, codec.v_lut_words, codec.pi,
-        codec.pi if codec.k_center is None else codec.k_center, k, vo, n,
+        slots,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        codec.k_codebook,
+        codec.v_codebook,
+        codec.k_lut_words,
+        codec.v_lut_words,
+        codec.pi,
+        codec.pi if codec.k_center is None else codec.k_center,
+        k,
+        vo,
+        n,
         slots if count is None else count,
-        k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
-        v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
-        k.stride(0), k.stride(1), vo.stride(0), vo.stride(1),
-        HEAD_DIM=d, BLOCK_N=block_n, K_BITS=codec.k_bits, V_BITS=codec.v_bits,
-        K_LUT=codec.k_lut, V_LUT=codec.v_lut, USE_ASM=not triton_interpreting(),
+        k_codes.stride(0),
+        k_codes.stride(1),
+        k_norms.stride(0),
+        k_norms.stride(1),
+        v_codes.stride(0),
+        v_codes.stride(1),
+        v_norms.stride(0),
+        v_norms.stride(1),
+        k.stride(0),
+        k.stride(1),
+        vo.stride(0),
+        vo.stride(1),
+        HEAD_DIM=d,
+        BLOCK_N=block_n,
+        K_BITS=codec.k_bits,
+        V_BITS=codec.v_bits,
+        K_LUT=codec.k_lut,
+        V_LUT=codec.v_lut,
+        USE_ASM=not triton_interpreting(),
         SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms),
-        K_CENTER=codec.k_center is not None, DEVICE_COUNT=count is not None, KEYS_ONLY=keys_only,
+        K_CENTER=codec.k_center is not None,
+        DEVICE_COUNT=count is not None,
+        KEYS_ONLY=keys_only,
         num_warps=num_warps,
     )
     return k, v
 
 
-def tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec,
-                   dtype=torch.float64):
+def tq_dequant_ref(
+    k_codes, k_norms, v_codes, v_norms, slots, codec: LayerCodec, dtype=torch.float64
+):
     """Pure-torch twin of :func:`tq_dequant` on the reference quantizer."""
     s = slots.long()
     k = codec.k_quant.dequantize(k_codes[s], k_norms[s]).to(dtype)

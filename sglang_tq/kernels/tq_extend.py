@@ -44,14 +44,12 @@ import functools
 
 import torch
 
+from sglang_tq.env import extend_impl_override, triton_interpreting
 from sglang_tq.format.codec import LayerCodec
 
-from sglang_tq.env import extend_impl_override, triton_interpreting
-
 from ._checks import check_attention_args
-from .tq_dequant import tq_dequant, tq_dequant_ref
 from .tq_decode import attention_ref
-
+from .tq_dequant import tq_dequant, tq_dequant_ref
 
 EXTEND_IMPLS = ("fa3", "triton")
 
@@ -68,12 +66,16 @@ def default_extend_impl(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def _fa3_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    return (not triton_interpreting() and device.type == "cuda"
-            and dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(device)[0] == 9 and _fa3_importable())
+    return (
+        not triton_interpreting()
+        and device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(device)[0] == 9
+        and _fa3_importable()
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fa3_importable() -> bool:
     try:
         _fa3()
@@ -87,8 +89,10 @@ def _check_impl(impl: str, where: str, device: torch.device, dtype: torch.dtype)
     if impl not in EXTEND_IMPLS:
         raise ValueError(f"{where} must be one of {', '.join(EXTEND_IMPLS)}, got {impl!r}.")
     if impl == "fa3" and not _fa3_usable(device, dtype):
-        raise ValueError(f"{where}=fa3 needs bf16 or fp16 on a Hopper GPU with sgl-kernel's "
-                         f"FA3 library, got {dtype} on {device}; use triton.")
+        raise ValueError(
+            f"{where}=fa3 needs bf16 or fp16 on a Hopper GPU with sgl-kernel's "
+            f"FA3 library, got {dtype} on {device}; use triton."
+        )
     return impl
 
 
@@ -96,8 +100,10 @@ def _fa3():
     try:
         from sgl_kernel.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
     except ImportError as e:
-        raise RuntimeError(f"the fa3 extend path needs sgl-kernel's FlashAttention-3, which did "
-                           f"not import ({e}); set SGLANG_TQ_EXTEND_IMPL=triton.") from e
+        raise RuntimeError(
+            f"the fa3 extend path needs sgl-kernel's FlashAttention-3, which did "
+            f"not import ({e}); set SGLANG_TQ_EXTEND_IMPL=triton."
+        ) from e
     return flash_attn_varlen_func, flash_attn_with_kvcache
 
 
@@ -166,15 +172,36 @@ def with_kv_table(dd: PrefixDedup, qo_indptr, kv_indptr, max_kv_len: int | None)
     (None: one device sync)."""
     if max_kv_len is None:
         max_kv_len = int((kv_indptr.diff() + qo_indptr.diff()).max())
-    return dataclasses.replace(dd, kv_table=extend_kv_table(qo_indptr, kv_indptr, dd.index,
-                                                            max_kv_len, dd.rows))
+    return dataclasses.replace(
+        dd, kv_table=extend_kv_table(qo_indptr, kv_indptr, dd.index, max_kv_len, dd.rows)
+    )
 
 
-def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,
-              codec: LayerCodec, sm_scale: float, *, max_extend_len: int,
-              num_prefix_tokens: int | None = None, chunk_slots=None, logit_cap: float = 0.0,
-              sliding_window: int = 0, prefix_dedup: PrefixDedup | None = None, out=None,
-              impl: str | None = None, max_kv_len: int | None = None, sinks=None):
+def tq_extend(
+    q,
+    k,
+    v,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    qo_indptr,
+    kv_indptr,
+    kv_indices,
+    codec: LayerCodec,
+    sm_scale: float,
+    *,
+    max_extend_len: int,
+    num_prefix_tokens: int | None = None,
+    chunk_slots=None,
+    logit_cap: float = 0.0,
+    sliding_window: int = 0,
+    prefix_dedup: PrefixDedup | None = None,
+    out=None,
+    impl: str | None = None,
+    max_kv_len: int | None = None,
+    sinks=None,
+):
     """Causal attention of new tokens over a packed prefix plus themselves.
 
     q [T, Hq, D], k/v [T, Hkv, D]: the new tokens of all sequences, concatenated
@@ -199,17 +226,24 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     t = q.shape[0]
     hq, d, hkv = check_attention_args(q, k_codes, v_codes, codec)
     if k.shape != (t, hkv, d) or v.shape != (t, hkv, d):
-        raise ValueError(f"k and v must be [{t}, {hkv}, {d}], got {tuple(k.shape)} and {tuple(v.shape)}.")
+        raise ValueError(
+            f"k and v must be [{t}, {hkv}, {d}], got {tuple(k.shape)} and {tuple(v.shape)}."
+        )
     bsz = qo_indptr.numel() - 1
     if kv_indptr.shape != (bsz + 1,):
         raise ValueError(f"kv_indptr must have {bsz + 1} entries like qo_indptr.")
     if chunk_slots is not None and chunk_slots.shape != (t,):
         raise ValueError(f"chunk_slots must hold one slot per new token ({t}).")
     if sinks is not None and (sinks.shape != (hq,) or not sinks.is_floating_point()):
-        raise ValueError(f"sinks must be a float tensor [{hq}] (one logit per query head), got "
-                         f"{sinks.dtype} {tuple(sinks.shape)}.")
-    impl = (default_extend_impl(q.device, q.dtype) if impl is None
-            else _check_impl(impl, "impl", q.device, q.dtype))
+        raise ValueError(
+            f"sinks must be a float tensor [{hq}] (one logit per query head), got "
+            f"{sinks.dtype} {tuple(sinks.shape)}."
+        )
+    impl = (
+        default_extend_impl(q.device, q.dtype)
+        if impl is None
+        else _check_impl(impl, "impl", q.device, q.dtype)
+    )
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape:
@@ -222,11 +256,15 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     if num_prefix_tokens:
         dd = prefix_dedup or dedup_prefix(kv_indices[:num_prefix_tokens])
         if dd.index.shape != (num_prefix_tokens,):
-            raise ValueError(f"prefix_dedup covers {dd.index.numel()} prefix tokens, the batch "
-                             f"has {num_prefix_tokens}; build it from this batch's kv_indices.")
+            raise ValueError(
+                f"prefix_dedup covers {dd.index.numel()} prefix tokens, the batch "
+                f"has {num_prefix_tokens}; build it from this batch's kv_indices."
+            )
         if not 0 < dd.rows <= min(num_prefix_tokens, dd.slots.numel()):
-            raise ValueError(f"prefix_dedup.rows must lie in [1, {num_prefix_tokens}] and within "
-                             f"its slots, got {dd.rows}; take it from exact_rows().")
+            raise ValueError(
+                f"prefix_dedup.rows must lie in [1, {num_prefix_tokens}] and within "
+                f"its slots, got {dd.rows}; take it from exact_rows()."
+            )
     else:
         dd = None
     # The interpreter has no bf16 arithmetic: there SGLang's kernel runs in fp32.
@@ -234,8 +272,9 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     n = num_prefix_tokens
 
     def dequant(slots, c=None, rows=None):
-        return tq_dequant(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype=work, count=c,
-                          out=rows)
+        return tq_dequant(
+            k_codes, k_norms, v_codes, v_norms, slots, codec, dtype=work, count=c, out=rows
+        )
 
     if impl == "fa3":
         varlen, paged = _fa3()
@@ -243,8 +282,14 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
         window = (sliding_window - 1, 0) if sliding_window > 0 else (-1, -1)
         o = out if out.is_contiguous() else torch.empty_like(q)
         # FA3 reads the sinks in the query's dtype (SGLang's gpt-oss keeps them in bf16 for it)
-        kw = dict(softmax_scale=sm_scale, causal=True, window_size=window, softcap=logit_cap, out=o,
-                  **({} if sinks is None else {"sinks": sinks.to(q.dtype).contiguous()}))
+        kw = dict(
+            softmax_scale=sm_scale,
+            causal=True,
+            window_size=window,
+            softcap=logit_cap,
+            out=o,
+            **({} if sinks is None else {"sinks": sinks.to(q.dtype).contiguous()}),
+        )
         if n == 0:  # -- no prefix: one varlen call over the chunk itself
             if chunk_slots is not None:
                 k, v = dequant(chunk_slots)
@@ -262,8 +307,16 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
             if dd.kv_table is None:
                 dd = with_kv_table(dd, qo_indptr, kv_indptr, max_kv_len)
             table, lens = dd.kv_table
-            paged(q, k_all.unsqueeze(1), v_all.unsqueeze(1), page_table=table, cache_seqlens=lens,
-                  cu_seqlens_q=qo_indptr, max_seqlen_q=max_extend_len, **kw)
+            paged(
+                q,
+                k_all.unsqueeze(1),
+                v_all.unsqueeze(1),
+                page_table=table,
+                cache_seqlens=lens,
+                cu_seqlens_q=qo_indptr,
+                max_seqlen_q=max_extend_len,
+                **kw,
+            )
         if o is not out:
             out.copy_(o)
         return out
@@ -272,15 +325,32 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
 
     if dd is None:
         dd = PrefixDedup(kv_indices[:0], None, kv_indices[:0].long())
-    k_pre, v_pre = dequant(dd.slots[:dd.rows], dd.count)
+    k_pre, v_pre = dequant(dd.slots[: dd.rows], dd.count)
     if chunk_slots is not None:
         k, v = dequant(chunk_slots)
-    o = out if work == q.dtype and out.is_contiguous() else torch.empty(q.shape, dtype=work,
-                                                                          device=q.device)
+    o = (
+        out
+        if work == q.dtype and out.is_contiguous()
+        else torch.empty(q.shape, dtype=work, device=q.device)
+    )
     extend_attention_fwd(
-        q.to(work).contiguous(), k.to(work).contiguous(), v.to(work).contiguous(), o, k_pre, v_pre,
-        qo_indptr, kv_indptr, dd.index, None, True, None,
-        max_extend_len, 1.0, 1.0, sm_scale, logit_cap=logit_cap,
+        q.to(work).contiguous(),
+        k.to(work).contiguous(),
+        v.to(work).contiguous(),
+        o,
+        k_pre,
+        v_pre,
+        qo_indptr,
+        kv_indptr,
+        dd.index,
+        None,
+        True,
+        None,
+        max_extend_len,
+        1.0,
+        1.0,
+        sm_scale,
+        logit_cap=logit_cap,
         # SGLang's window counts the keys before the query; ours includes the query
         sliding_window_size=sliding_window - 1 if sliding_window > 0 else -1,
         sinks=None if sinks is None else sinks.float().contiguous(),
@@ -290,15 +360,31 @@ def tq_extend(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr,
     return out
 
 
-def tq_extend_ref(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_indptr, kv_indices,
-                  codec: LayerCodec, sm_scale: float, logit_cap: float = 0.0,
-                  sliding_window: int = 0, chunk_slots=None, dtype=torch.float64, sinks=None):
+def tq_extend_ref(
+    q,
+    k,
+    v,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    qo_indptr,
+    kv_indptr,
+    kv_indices,
+    codec: LayerCodec,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    sliding_window: int = 0,
+    chunk_slots=None,
+    dtype=torch.float64,
+    sinks=None,
+):
     """Pure-torch twin of :func:`tq_extend`, on the reference quantizer's dequantization."""
     sinks = None if sinks is None else sinks.to(dtype)
     outs = []
     for b in range(qo_indptr.numel() - 1):
         qs, qe = int(qo_indptr[b]), int(qo_indptr[b + 1])
-        slots = kv_indices[int(kv_indptr[b]): int(kv_indptr[b + 1])].long()
+        slots = kv_indices[int(kv_indptr[b]) : int(kv_indptr[b + 1])].long()
         if chunk_slots is not None:
             slots = torch.cat([slots, chunk_slots[qs:qe].long()])
         kp, vp = tq_dequant_ref(k_codes, k_norms, v_codes, v_norms, slots, codec, dtype)
@@ -308,12 +394,23 @@ def tq_extend_ref(q, k, v, k_codes, k_norms, v_codes, v_norms, qo_indptr, kv_ind
         qb = q[qs:qe].to(dtype)
         offset = kp.shape[0] - qb.shape[0]
         if sliding_window > 0:
-            out = torch.stack([
-                attention_ref(qb[i : i + 1], kp[max(0, offset + i - sliding_window + 1): offset + i + 1],
-                              vp[max(0, offset + i - sliding_window + 1): offset + i + 1],
-                              sm_scale, logit_cap, sinks=sinks)[0]
-                for i in range(qb.shape[0])
-            ]) if qb.shape[0] else qb
+            out = (
+                torch.stack(
+                    [
+                        attention_ref(
+                            qb[i : i + 1],
+                            kp[max(0, offset + i - sliding_window + 1) : offset + i + 1],
+                            vp[max(0, offset + i - sliding_window + 1) : offset + i + 1],
+                            sm_scale,
+                            logit_cap,
+                            sinks=sinks,
+                        )[0]
+                        for i in range(qb.shape[0])
+                    ]
+                )
+                if qb.shape[0]
+                else qb
+            )
         else:
             out = attention_ref(qb, kp, vp, sm_scale, logit_cap, causal_offset=offset, sinks=sinks)
         outs.append(out)

@@ -22,6 +22,7 @@ from sglang_tq.format.codec import LayerCodec
 from ._checks import check_center, check_head_dim, check_pdl, pdl_launch, pdl_supported
 from ._codes import hadamard_blocks
 
+
 @triton.jit
 def _rotate_fwht(x, Pi, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.constexpr):
     """y = Π x in packing order for Π = H·diag(s)/√D. Coordinate i = a·B + b (B = D/E) and
@@ -38,8 +39,8 @@ def _rotate_fwht(x, Pi, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.con
         y = tl.join(z0 + z1, z0 - z1)
     else:
         p, q = tl.split(tl.reshape(zt, (BLOCK_N, B, 2, 2)))  # a = 2·a_hi + a_lo, split on a_lo
-        g0, g1 = tl.split(p + q)                              # c_lo = 0, split on a_hi
-        h0, h1 = tl.split(p - q)                              # c_lo = 1
+        g0, g1 = tl.split(p + q)  # c_lo = 0, split on a_hi
+        h0, h1 = tl.split(p - q)  # c_lo = 1
         # the inner joins index c_hi, the outer one c_lo (a new last dim): [N, B, c_hi, c_lo]
         y = tl.join(tl.join(g0 + g1, g0 - g1), tl.join(h0 + h1, h0 - h1))
     return tl.reshape(y, (BLOCK_N, HEAD_DIM))
@@ -47,22 +48,46 @@ def _rotate_fwht(x, Pi, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, E: tl.con
 
 @triton.jit
 def _quantize_tile(
-    X, PiT, Bounds, Codes, Norms, Center, loc, offs_n, mask_n, head,
-    stride_x_n, stride_x_h, stride_c_s, stride_c_h, stride_nrm_s, stride_nrm_h,
-    BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CENTER: tl.constexpr,
-    FWHT: tl.constexpr, ROTATED: tl.constexpr = False,
+    X,
+    PiT,
+    Bounds,
+    Codes,
+    Norms,
+    Center,
+    loc,
+    offs_n,
+    mask_n,
+    head,
+    stride_x_n,
+    stride_x_h,
+    stride_c_s,
+    stride_c_h,
+    stride_nrm_s,
+    stride_nrm_h,
+    BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_CENTER: tl.constexpr,
+    FWHT: tl.constexpr,
+    ROTATED: tl.constexpr = False,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
     if ROTATED:
         # -- rows already rotated (fp32, packing order): MLA's 512-d latent, rotated by the
         #    launcher, since a [16, 512] rotation tile in the kernel spills
-        y = tl.load(X + offs_n[:, None] * stride_x_n + head * stride_x_h + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0).to(tl.float32)
+        y = tl.load(
+            X + offs_n[:, None] * stride_x_n + head * stride_x_h + offs_d[None, :],
+            mask=mask_n[:, None],
+            other=0.0,
+        ).to(tl.float32)
     elif FWHT:
         # -- load (minus the head's key center), rotate by the fast Walsh-Hadamard transform
         #    (PiT is then Π itself: its first row gives the signs)
-        x = tl.load(X + offs_n[:, None] * stride_x_n + head * stride_x_h + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0).to(tl.float32)
+        x = tl.load(
+            X + offs_n[:, None] * stride_x_n + head * stride_x_h + offs_d[None, :],
+            mask=mask_n[:, None],
+            other=0.0,
+        ).to(tl.float32)
         if HAS_CENTER:
             x -= tl.load(Center + head * HEAD_DIM + offs_d)[None, :]
         y = _rotate_fwht(x, PiT, BLOCK_N, HEAD_DIM, 2 if BITS == 4 else 4)
@@ -76,7 +101,8 @@ def _quantize_tile(
         for c0 in tl.static_range(0, HEAD_DIM, CHUNK):
             x = tl.load(
                 X + offs_n[:, None] * stride_x_n + head * stride_x_h + (c0 + offs_c)[None, :],
-                mask=mask_n[:, None], other=0.0,
+                mask=mask_n[:, None],
+                other=0.0,
             ).to(tl.float32)
             if HAS_CENTER:
                 x -= tl.load(Center + head * HEAD_DIM + c0 + offs_c)[None, :]
@@ -113,8 +139,9 @@ def _quantize_tile(
             hshift = tl.arange(0, 2)[None, :, None, None] + 2 * tl.arange(0, 4)[None, None, None, :]
             hbyte = tl.sum(tl.sum(hi << hshift, axis=3), axis=1)
             hcols = tl.arange(0, HEAD_DIM // 8)
-            tl.store(code_base + HEAD_DIM // 4 + hcols[None, :], hbyte.to(tl.uint8),
-                     mask=mask_n[:, None])
+            tl.store(
+                code_base + HEAD_DIM // 4 + hcols[None, :], hbyte.to(tl.uint8), mask=mask_n[:, None]
+            )
     nrm = Norms + loc.to(tl.int64) * stride_nrm_s + head * stride_nrm_h
     tl.store(nrm, r.to(tl.float16), mask=mask_n)
 
@@ -122,13 +149,38 @@ def _quantize_tile(
 # N varies with every batch: one compiled variant for all of them, not one per N % 16
 @triton.jit(do_not_specialize=["N"])
 def _tq_store_kernel(
-    K, V, Loc, PiTK, PiTV, BoundsK, BoundsV,
-    KCodes, KNorms, VCodes, VNorms, KCenter, N,
-    stride_k_n, stride_k_h, stride_v_n, stride_v_h,
-    stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
-    stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_CENTER: tl.constexpr, USE_PDL: tl.constexpr, FWHT: tl.constexpr,
+    K,
+    V,
+    Loc,
+    PiTK,
+    PiTV,
+    BoundsK,
+    BoundsV,
+    KCodes,
+    KNorms,
+    VCodes,
+    VNorms,
+    KCenter,
+    N,
+    stride_k_n,
+    stride_k_h,
+    stride_v_n,
+    stride_v_h,
+    stride_kc_s,
+    stride_kc_h,
+    stride_kn_s,
+    stride_kn_h,
+    stride_vc_s,
+    stride_vc_h,
+    stride_vn_s,
+    stride_vn_h,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_CENTER: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    FWHT: tl.constexpr,
     ROTATED: tl.constexpr = False,
 ):
     if USE_PDL:
@@ -144,29 +196,87 @@ def _tq_store_kernel(
     mask_n = offs_n < N
     loc = tl.load(Loc + offs_n, mask=mask_n, other=0)
     if which == 0:
-        _quantize_tile(K, PiTK, BoundsK, KCodes, KNorms, KCenter, loc, offs_n, mask_n, head,
-                       stride_k_n, stride_k_h, stride_kc_s, stride_kc_h, stride_kn_s, stride_kn_h,
-                       K_BITS, HEAD_DIM, BLOCK_N, K_CENTER and not ROTATED, FWHT, ROTATED)
+        _quantize_tile(
+            K,
+            PiTK,
+            BoundsK,
+            KCodes,
+            KNorms,
+            KCenter,
+            loc,
+            offs_n,
+            mask_n,
+            head,
+            stride_k_n,
+            stride_k_h,
+            stride_kc_s,
+            stride_kc_h,
+            stride_kn_s,
+            stride_kn_h,
+            K_BITS,
+            HEAD_DIM,
+            BLOCK_N,
+            K_CENTER and not ROTATED,
+            FWHT,
+            ROTATED,
+        )
     else:
-        _quantize_tile(V, PiTV, BoundsV, VCodes, VNorms, KCenter, loc, offs_n, mask_n, head,
-                       stride_v_n, stride_v_h, stride_vc_s, stride_vc_h, stride_vn_s, stride_vn_h,
-                       V_BITS, HEAD_DIM, BLOCK_N, False, FWHT, ROTATED)
+        _quantize_tile(
+            V,
+            PiTV,
+            BoundsV,
+            VCodes,
+            VNorms,
+            KCenter,
+            loc,
+            offs_n,
+            mask_n,
+            head,
+            stride_v_n,
+            stride_v_h,
+            stride_vc_s,
+            stride_vc_h,
+            stride_vn_s,
+            stride_vn_h,
+            V_BITS,
+            HEAD_DIM,
+            BLOCK_N,
+            False,
+            FWHT,
+            ROTATED,
+        )
 
 
 def _check_pool(name, codes, norms, num_heads, code_bytes):
     if codes.dtype != torch.uint8 or codes.dim() != 3 or codes.shape[1:] != (num_heads, code_bytes):
-        raise ValueError(f"{name}_codes must be uint8 [slots, {num_heads}, {code_bytes}], "
-                         f"got {codes.dtype} {tuple(codes.shape)}.")
+        raise ValueError(
+            f"{name}_codes must be uint8 [slots, {num_heads}, {code_bytes}], "
+            f"got {codes.dtype} {tuple(codes.shape)}."
+        )
     if codes.stride(2) != 1:
         raise ValueError(f"{name}_codes must be contiguous in its last dimension.")
     if norms.dtype != torch.float16 or norms.shape != codes.shape[:2]:
-        raise ValueError(f"{name}_norms must be float16 {tuple(codes.shape[:2])}, "
-                         f"got {norms.dtype} {tuple(norms.shape)}.")
+        raise ValueError(
+            f"{name}_norms must be float16 {tuple(codes.shape[:2])}, "
+            f"got {norms.dtype} {tuple(norms.shape)}."
+        )
 
 
-def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec,
-                block_n: int | None = None, num_warps: int | None = None, pdl: bool | None = None,
-                fwht: bool = True, row_tokens: int = 0):
+def tq_store_kv(
+    k,
+    v,
+    loc,
+    k_codes,
+    k_norms,
+    v_codes,
+    v_norms,
+    codec: LayerCodec,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    pdl: bool | None = None,
+    fwht: bool = True,
+    row_tokens: int = 0,
+):
     """Quantize K, V [N, Hkv, D] (any float dtype) and write them to slots ``loc`` [N].
 
     ``v``, ``v_codes`` and ``v_norms`` None: keys only, e.g. MLA's compressed latent
@@ -188,14 +298,17 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     n, hkv, d = k.shape
     keys_only = v is None
     if keys_only != (v_codes is None) or keys_only != (v_norms is None):
-        raise ValueError("v, v_codes and v_norms must be given together (or all None for keys "
-                         "only).")
+        raise ValueError(
+            "v, v_codes and v_norms must be given together (or all None for keys only)."
+        )
     check_head_dim(d, latent=keys_only)
     rotated = d > 256
     if keys_only:
         v, v_codes, v_norms = k, k_codes, k_norms  # never written: the grid has no V programs
     if v.shape != k.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}."
+        )
     if d != codec.head_dim:
         raise ValueError(f"k has head_dim {d} but the codec was built for {codec.head_dim}.")
     if not (k.is_floating_point() and v.is_floating_point()):
@@ -215,8 +328,10 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
     block_n = (1 if rows else 16) if block_n is None else block_n
     num_warps = (1 if rows else 4) if num_warps is None else num_warps
     if block_n < 16 and not (fwht or rotated):
-        raise ValueError(f"block_n {block_n} < 16 needs the fast Walsh-Hadamard rotation "
-                         "(fwht=True): the dense rotation is a tensor-core dot of 16 rows.")
+        raise ValueError(
+            f"block_n {block_n} < 16 needs the fast Walsh-Hadamard rotation "
+            "(fwht=True): the dense rotation is a tensor-core dot of 16 rows."
+        )
     if n == 0:
         return
     grid = (triton.cdiv(n, block_n), hkv, 1 if keys_only else 2)
@@ -225,14 +340,39 @@ def tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec: LayerCodec
         x = k.float() if codec.k_center is None else k.float() - codec.k_center
         k = v = x @ codec.pi_t_k
     _tq_store_kernel[grid](
-        k, v, loc, pi_k, pi_v, codec.k_bounds, codec.v_bounds,
-        k_codes, k_norms, v_codes, v_norms,
-        codec.pi if codec.k_center is None else codec.k_center, n,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_codes.stride(0), k_codes.stride(1), k_norms.stride(0), k_norms.stride(1),
-        v_codes.stride(0), v_codes.stride(1), v_norms.stride(0), v_norms.stride(1),
-        K_BITS=codec.k_bits, V_BITS=codec.v_bits, HEAD_DIM=d, BLOCK_N=block_n,
-        K_CENTER=codec.k_center is not None, USE_PDL=int(pdl), FWHT=fwht, ROTATED=rotated,
+        k,
+        v,
+        loc,
+        pi_k,
+        pi_v,
+        codec.k_bounds,
+        codec.v_bounds,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        codec.pi if codec.k_center is None else codec.k_center,
+        n,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_codes.stride(0),
+        k_codes.stride(1),
+        k_norms.stride(0),
+        k_norms.stride(1),
+        v_codes.stride(0),
+        v_codes.stride(1),
+        v_norms.stride(0),
+        v_norms.stride(1),
+        K_BITS=codec.k_bits,
+        V_BITS=codec.v_bits,
+        HEAD_DIM=d,
+        BLOCK_N=block_n,
+        K_CENTER=codec.k_center is not None,
+        USE_PDL=int(pdl),
+        FWHT=fwht,
+        ROTATED=rotated,
         num_warps=num_warps,
         **pdl_launch(pdl),
     )

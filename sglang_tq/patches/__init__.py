@@ -105,7 +105,7 @@ def transform(patch: FilePatch, text: str, reverse: bool = False) -> str:
         at = _find(text, src)
         if at < 0:
             raise ValueError(f"{patch.name}: context not found in {patch.path}.")
-        text = text[:at] + "".join(dst) + text[at + len("".join(src)):]
+        text = text[:at] + "".join(dst) + text[at + len("".join(src)) :]
     return text
 
 
@@ -120,7 +120,7 @@ def _installed_version() -> str | None:
         from importlib.metadata import version
 
         return version("sglang")
-    except Exception:  # noqa: BLE001 - a source tree without metadata
+    except Exception:
         return None
 
 
@@ -131,8 +131,10 @@ def run(action: str, root: str | None = None, check_version: bool = True) -> lis
     if check_version and root is None:
         found = _installed_version()
         if found is not None and found != PINNED_SGLANG:
-            raise RuntimeError(f"these patches are for SGLang {PINNED_SGLANG} but {found} is "
-                               f"installed; install sglang=={PINNED_SGLANG}.")
+            raise RuntimeError(
+                f"these patches are for SGLang {PINNED_SGLANG} but {found} is "
+                f"installed; install sglang=={PINNED_SGLANG}."
+            )
     root = root or default_root()
     report, planned = [], []
     for patch in series():
@@ -141,8 +143,10 @@ def run(action: str, root: str | None = None, check_version: bool = True) -> lis
             text = f.read()
         st = state(patch, text)
         if st == "conflict":
-            raise RuntimeError(f"{target} matches neither the original nor the patched text of "
-                               f"{patch.name}; reinstall sglang=={PINNED_SGLANG} first.")
+            raise RuntimeError(
+                f"{target} matches neither the original nor the patched text of "
+                f"{patch.name}; reinstall sglang=={PINNED_SGLANG} first."
+            )
         if action == "apply" and st == "original":
             planned.append((target, transform(patch, text)))
             st = "applied"

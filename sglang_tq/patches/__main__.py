@@ -7,8 +7,10 @@ from . import run
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sglang_tq.patches",
-                                 description="Apply the sglang-tq patch series to the installed SGLang.")
+    ap = argparse.ArgumentParser(
+        prog="python -m sglang_tq.patches",
+        description="Apply the sglang-tq patch series to the installed SGLang.",
+    )
     ap.add_argument("action", choices=("status", "apply", "revert"))
     ap.add_argument("--root", help="folder holding the sglang package (default: the imported one)")
     args = ap.parse_args(argv)

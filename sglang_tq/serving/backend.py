@@ -48,21 +48,31 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
-
 from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
 from ..env import fwht_rotations
-from ..kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, default_num_kv_splits,
-                                 split_ceiling, tq_decode)
+from ..kernels.tq_decode import (
+    SPLIT_REF_BATCH,
+    DecodeWorkspace,
+    default_num_kv_splits,
+    split_ceiling,
+    tq_decode,
+)
 from ..kernels.tq_dequant import tq_dequant
-from ..kernels.tq_extend import (PrefixDedup, dedup_prefix, default_extend_impl, exact_rows,
-                                 tq_extend, with_kv_table)
+from ..kernels.tq_extend import (
+    PrefixDedup,
+    dedup_prefix,
+    default_extend_impl,
+    exact_rows,
+    tq_extend,
+    with_kv_table,
+)
 from . import refusals
 from .pool import TQTokenToKVPool, packed_pools, prefill_scratch_bytes, resolve_layer
 
@@ -100,11 +110,18 @@ class PrefillGroup:
     qo_indptr: torch.Tensor  # [b1 - b0 + 1]
     kv_indptr: torch.Tensor  # [b1 - b0 + 1]
     kv_indices: torch.Tensor  # the group's prefix slots
-    dedup: Optional[PrefixDedup]  # None: no prefix
+    dedup: PrefixDedup | None  # None: no prefix
 
 
-def plan_prefill(qo_indptr, kv_indptr, kv_indices, prefix_lens: list[int], extend_lens: list[int],
-                 budget: int, fa3: bool) -> list[PrefillGroup]:
+def plan_prefill(
+    qo_indptr,
+    kv_indptr,
+    kv_indices,
+    prefix_lens: list[int],
+    extend_lens: list[int],
+    budget: int,
+    fa3: bool,
+) -> list[PrefillGroup]:
     """Cut an extend batch into groups whose dense prefix scratch fits ``budget`` rows.
 
     The whole batch is one group when its prefix tokens fit (no sync), or when its
@@ -124,18 +141,30 @@ def plan_prefill(qo_indptr, kv_indptr, kv_indices, prefix_lens: list[int], exten
     for p in prefix_lens:
         kv_off.append(kv_off[-1] + p)
 
-    def group(b0: int, b1: int, dd: Optional[PrefixDedup] = None) -> PrefillGroup:
+    def group(b0: int, b1: int, dd: PrefixDedup | None = None) -> PrefillGroup:
         n = kv_off[b1] - kv_off[b0]
-        qo, kv = qo_indptr[b0:b1 + 1], kv_indptr[b0:b1 + 1]
+        qo, kv = qo_indptr[b0 : b1 + 1], kv_indptr[b0 : b1 + 1]
         if b0:
             qo, kv = qo - qo[0], kv - kv[0]
-        slots = kv_indices[kv_off[b0]:kv_off[b1]]
+        slots = kv_indices[kv_off[b0] : kv_off[b1]]
         if n and dd is None:
             dd = dedup_prefix(slots)
         if dd is not None and fa3:
-            dd = with_kv_table(dd, qo, kv, max(prefix_lens[i] + extend_lens[i] for i in range(b0, b1)))
-        return PrefillGroup(b0, b1, q_off[b0], q_off[b1], n, max(extend_lens[b0:b1]), qo, kv,
-                            slots, dd if n else None)
+            dd = with_kv_table(
+                dd, qo, kv, max(prefix_lens[i] + extend_lens[i] for i in range(b0, b1))
+            )
+        return PrefillGroup(
+            b0,
+            b1,
+            q_off[b0],
+            q_off[b1],
+            n,
+            max(extend_lens[b0:b1]),
+            qo,
+            kv,
+            slots,
+            dd if n else None,
+        )
 
     n = kv_off[b]
     if n <= budget:
@@ -147,9 +176,11 @@ def plan_prefill(qo_indptr, kv_indptr, kv_indices, prefix_lens: list[int], exten
     for i in range(1, b + 1):
         if i == b or kv_off[i + 1] - kv_off[b0] > budget:
             if kv_off[i] - kv_off[b0] > budget:
-                raise RuntimeError(f"a request's prefix of {kv_off[i] - kv_off[b0]} tokens exceeds "
-                                   f"the prefill scratch of {budget} rows (context_len); "
-                                   f"lower --context-length or use --kv-quant none.")
+                raise RuntimeError(
+                    f"a request's prefix of {kv_off[i] - kv_off[b0]} tokens exceeds "
+                    f"the prefill scratch of {budget} rows (context_len); "
+                    f"lower --context-length or use --kv-quant none."
+                )
             groups.append(group(b0, i))
             b0 = i
     return groups
@@ -179,9 +210,9 @@ class PackedDecodeState:
     backend sets ``_sglang_decode`` (bf16 layers need SGLang's own decode) and provides
     ``_workspace(rows)``."""
 
-    _graph_ws: Optional[DecodeWorkspace] = None
-    _eager_ws: Optional[DecodeWorkspace] = None
-    _decode_ws: Optional[DecodeWorkspace] = None
+    _graph_ws: DecodeWorkspace | None = None
+    _eager_ws: DecodeWorkspace | None = None
+    _decode_ws: DecodeWorkspace | None = None
 
     @contextlib.contextmanager
     def _without_sglang_logits(self):
@@ -246,31 +277,38 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
         self.token_to_kv_pool = pool  # the pool SGLang built: ours, or a hybrid pool around ours
         self.use_sliding_window_kv_pool = isinstance(pool, SWAKVPool)
         # SGLang's own Triton decode runs only for bf16 layers (--kv-quant-bf16-layers)
-        self._sglang_decode = any(not p.is_packed_layer(i) for p in self._packed_pools
-                                  for i in p.layer_ids)
+        self._sglang_decode = any(
+            not p.is_packed_layer(i) for p in self._packed_pools for i in p.layer_ids
+        )
         server_args = model_runner.server_args
         self.packed_prefill = bool(getattr(server_args, "kv_quant_packed_prefill", False))
         self.out_dtype = getattr(model_runner, "dtype", tq.model_dtype)
         self.num_sms = self.device_core_count if self.device_core_count > 0 else _DEFAULT_NUM_SMS
-        self._eager_ws: Optional[DecodeWorkspace] = None
-        self._graph_ws: Optional[DecodeWorkspace] = None
-        self._decode_ws: Optional[DecodeWorkspace] = None
-        self._prefill: Optional[list[PrefillGroup]] = None
-        self._prefill_window: Optional[list[PrefillGroup]] = None
-        self._mixed: Optional[_MixedSplit] = None
+        self._eager_ws: DecodeWorkspace | None = None
+        self._graph_ws: DecodeWorkspace | None = None
+        self._decode_ws: DecodeWorkspace | None = None
+        self._prefill: list[PrefillGroup] | None = None
+        self._prefill_window: list[PrefillGroup] | None = None
+        self._mixed: _MixedSplit | None = None
         self.extend_impl = default_extend_impl(torch.device(self.device), self.out_dtype)
         self.fwht = fwht_rotations()  # SGLANG_TQ_FWHT: the decode's rotations (0: dense, for A/B)
         if not self.fwht:
-            logger.info("sglang-tq: SGLANG_TQ_FWHT=0: store and decode rotate by dense Π "
-                        "products instead of the fast Walsh-Hadamard transform.")
+            logger.info(
+                "sglang-tq: SGLANG_TQ_FWHT=0: store and decode rotate by dense Π "
+                "products instead of the fast Walsh-Hadamard transform."
+            )
         # the dense prefix rows a prefill step may hold: what the pool sizing set aside
         self.prefill_scratch_rows = int(self.max_context_len)
-        logger.info("sglang-tq: prefill attention over the dequantized prefix runs %s; its "
-                    "scratch holds at most %d prefix tokens (%.1f MiB, reserved from the KV pool).",
-                    "sgl-kernel's FA3" if self.extend_impl == "fa3" else "SGLang's Triton extend kernel",
-                    self.prefill_scratch_rows,
-                    prefill_scratch_bytes(tq.cfg, tq.global_layer_ids, tq.head_num,
-                                          self.prefill_scratch_rows, tq.model_dtype) / 2**20)
+        logger.info(
+            "sglang-tq: prefill attention over the dequantized prefix runs %s; its "
+            "scratch holds at most %d prefix tokens (%.1f MiB, reserved from the KV pool).",
+            "sgl-kernel's FA3" if self.extend_impl == "fa3" else "SGLang's Triton extend kernel",
+            self.prefill_scratch_rows,
+            prefill_scratch_bytes(
+                tq.cfg, tq.global_layer_ids, tq.head_num, self.prefill_scratch_rows, tq.model_dtype
+            )
+            / 2**20,
+        )
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
         self._fixed_splits = self.max_kv_splits if tq.cfg.bf16_layers else None
         self.compile_prefix_path()
@@ -291,8 +329,16 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
                     continue
                 p = pool.get_packed_layer(layer_id)
                 for c in (count, None) if self.packed_prefill else (count,):
-                    tq_dequant(p.k_codes, p.k_norms, p.v_codes, p.v_norms, slots, p.codec,
-                               dtype=pool.model_dtype, count=c)
+                    tq_dequant(
+                        p.k_codes,
+                        p.k_norms,
+                        p.v_codes,
+                        p.v_norms,
+                        slots,
+                        p.codec,
+                        dtype=pool.model_dtype,
+                        count=c,
+                    )
 
     # -- metadata ----------------------------------------------------------------
     def max_splits(self, bs: int) -> int:
@@ -304,16 +350,28 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
         return split_ceiling(bs, self.max_kv_splits)
 
     def get_num_kv_splits(self, num_kv_splits: torch.Tensor, seq_lens: torch.Tensor) -> None:
-        num_kv_splits.copy_(default_num_kv_splits(
-            seq_lens, self.num_kv_head, self.max_splits(seq_lens.numel()), num_sms=self.num_sms,
-            head_dim=self._tq.head_dim, k_bits=self._tq.cfg.k_bits, v_bits=self._tq.cfg.v_bits))
+        num_kv_splits.copy_(
+            default_num_kv_splits(
+                seq_lens,
+                self.num_kv_head,
+                self.max_splits(seq_lens.numel()),
+                num_sms=self.num_sms,
+                head_dim=self._tq.head_dim,
+                k_bits=self._tq.cfg.k_bits,
+                v_bits=self._tq.cfg.v_bits,
+            )
+        )
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
         # room for every batch up to ``batch`` at its split ceiling (max_splits)
-        return DecodeWorkspace.create(max(batch, SPLIT_REF_BATCH), self.num_head,
-                                      self._tq.head_dim, self.max_kv_splits,
-                                      self.device, out_dtype=self.out_dtype)
-
+        return DecodeWorkspace.create(
+            max(batch, SPLIT_REF_BATCH),
+            self.num_head,
+            self._tq.head_dim,
+            self.max_kv_splits,
+            self.device,
+            out_dtype=self.out_dtype,
+        )
 
     def init_forward_metadata(self, forward_batch) -> None:
         with self._without_sglang_logits():
@@ -337,17 +395,26 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
         b = md.qo_indptr.numel() - 1 if self._mixed is None else self._mixed.num_extend
         pre, ext = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
         if pre is None or ext is None:  # no host metadata: read it once
-            pre, ext = forward_batch.extend_prefix_lens.tolist(), forward_batch.extend_seq_lens.tolist()
+            pre, ext = (
+                forward_batch.extend_prefix_lens.tolist(),
+                forward_batch.extend_seq_lens.tolist(),
+            )
         pre, ext = [int(x) for x in pre[:b]], [int(x) for x in ext[:b]]
         indptr, indices = md.kv_indptr, md.kv_indices
         if window:
             pre = [min(p, self.sliding_window_size) for p in pre]
             indptr, indices = md.window_kv_indptr, md.window_kv_indices
-        return plan_prefill(md.qo_indptr, indptr, indices, pre, ext, self.prefill_scratch_rows,
-                            self.extend_impl == "fa3")
+        return plan_prefill(
+            md.qo_indptr,
+            indptr,
+            indices,
+            pre,
+            ext,
+            self.prefill_scratch_rows,
+            self.extend_impl == "fa3",
+        )
 
-
-    def _split_mixed(self, forward_batch) -> Optional[_MixedSplit]:
+    def _split_mixed(self, forward_batch) -> _MixedSplit | None:
         """The decode half of a mixed batch: its trailing run of one-token requests (the
         running requests SGLang appends). Their slot lists come from ``req_to_token``,
         where ``prepare_for_decode`` already wrote the new token's slot, by the kernel
@@ -370,8 +437,13 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
         indptr[1:] = torch.cumsum(seq_lens, 0)
         indices = torch.empty(sum(pre[first:]) + n_dec, dtype=torch.int64, device=dev)
         create_flashinfer_kv_indices_triton[(n_dec,)](
-            self.req_to_token, forward_batch.req_pool_indices[first:], seq_lens, indptr, None,
-            indices, self.req_to_token.stride(0),
+            self.req_to_token,
+            forward_batch.req_pool_indices[first:],
+            seq_lens,
+            indptr,
+            None,
+            indices,
+            self.req_to_token.stride(0),
         )
         splits = torch.empty(n_dec, dtype=torch.int32, device=dev)
         self.get_num_kv_splits(splits, seq_lens)
@@ -380,20 +452,28 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
-        self._prefill = self._prefill_window = None  # an extend here plans its own, never a stale one
+        self._prefill = self._prefill_window = (
+            None  # an extend here plans its own, never a stale one
+        )
         self._mixed = None
 
     # -- attention -----------------------------------------------------------------
     def _check_call(self, k, sinks, score_mod, forward_batch) -> None:
         if k is None:
-            raise RuntimeError("the turboquant backend needs this layer's own K/V (cross-layer KV "
-                               "sharing is not supported); use --kv-quant none for this model.")
+            raise RuntimeError(
+                "the turboquant backend needs this layer's own K/V (cross-layer KV "
+                "sharing is not supported); use --kv-quant none for this model."
+            )
         if score_mod is not None:
-            raise RuntimeError("the turboquant backend does not implement score_mod; use "
-                               "--kv-quant none for this model.")
+            raise RuntimeError(
+                "the turboquant backend does not implement score_mod; use "
+                "--kv-quant none for this model."
+            )
         if forward_batch.forward_mode.is_target_verify():
-            raise RuntimeError("the turboquant backend does not support speculative verification; "
-                               "drop --speculative-algorithm or use --kv-quant none.")
+            raise RuntimeError(
+                "the turboquant backend does not support speculative verification; "
+                "drop --speculative-algorithm or use --kv-quant none."
+            )
 
     def _store(self, layer, forward_batch, k, v) -> None:
         """Quantize this layer's new K/V into the pool SGLang built (a hybrid pool routes the
@@ -403,12 +483,31 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
             loc = KVWriteLoc(loc, getattr(self.forward_metadata, "swa_out_cache_loc", None))
         self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
 
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
-                       score_mod=None, aux_tensors=None):
+    def forward_decode(
+        self,
+        q,
+        k,
+        v,
+        layer,
+        forward_batch,
+        save_kv_cache=True,
+        sinks=None,
+        score_mod=None,
+        aux_tensors=None,
+    ):
         inner, idx = resolve_layer(self.token_to_kv_pool, layer.layer_id)
         if not inner.is_packed_layer(idx):
-            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
-                                          score_mod=score_mod, aux_tensors=aux_tensors)
+            return super().forward_decode(
+                q,
+                k,
+                v,
+                layer,
+                forward_batch,
+                save_kv_cache,
+                sinks=sinks,
+                score_mod=score_mod,
+                aux_tensors=aux_tensors,
+            )
         self._check_call(k, sinks, score_mod, forward_batch)
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q = q.reshape(-1, hq, d)
@@ -417,26 +516,58 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
             self._store(layer, forward_batch, k, v)
         packed = inner.get_packed_layer(idx)
         md = self.forward_metadata
-        indptr, indices, splits = ((md.window_kv_indptr, md.window_kv_indices, md.window_num_kv_splits)
-                                   if _window_layer(layer) else
-                                   (md.kv_indptr, md.kv_indices, md.num_kv_splits))
+        indptr, indices, splits = (
+            (md.window_kv_indptr, md.window_kv_indices, md.window_num_kv_splits)
+            if _window_layer(layer)
+            else (md.kv_indptr, md.kv_indices, md.num_kv_splits)
+        )
         # A fresh output per layer (the workspace is shared by all layers), written in place.
         o = torch.empty((bs, hq * d), dtype=q.dtype, device=q.device)
         _tq_decode(
-            q, packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
-            indptr[: bs + 1], indices, packed.codec, layer.scaling,
-            num_kv_splits=splits[:bs], max_kv_splits=self.max_splits(bs),
-            workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o.view(bs, hq, d),
-            sinks=sinks, fwht=self.fwht,
+            q,
+            packed.k_codes,
+            packed.k_norms,
+            packed.v_codes,
+            packed.v_norms,
+            indptr[: bs + 1],
+            indices,
+            packed.codec,
+            layer.scaling,
+            num_kv_splits=splits[:bs],
+            max_kv_splits=self.max_splits(bs),
+            workspace=self._decode_ws,
+            logit_cap=_logit_cap(layer),
+            out=o.view(bs, hq, d),
+            sinks=sinks,
+            fwht=self.fwht,
         )
         return o
 
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
-                       score_mod=None, aux_tensors=None):
+    def forward_extend(
+        self,
+        q,
+        k,
+        v,
+        layer,
+        forward_batch,
+        save_kv_cache=True,
+        sinks=None,
+        score_mod=None,
+        aux_tensors=None,
+    ):
         inner, idx = resolve_layer(self.token_to_kv_pool, layer.layer_id)
         if not inner.is_packed_layer(idx):
-            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
-                                          score_mod=score_mod, aux_tensors=aux_tensors)
+            return super().forward_extend(
+                q,
+                k,
+                v,
+                layer,
+                forward_batch,
+                save_kv_cache,
+                sinks=sinks,
+                score_mod=score_mod,
+                aux_tensors=aux_tensors,
+            )
         self._check_call(k, sinks, score_mod, forward_batch)
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         o = getattr(forward_batch, "_attn_output", None)
@@ -445,9 +576,11 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
         if save_kv_cache:
             self._store(layer, forward_batch, k, v)
         elif self.packed_prefill:
-            raise RuntimeError("--kv-quant-packed-prefill needs the chunk written to the cache "
-                               "before attention, but this model skipped the write; drop "
-                               "--kv-quant-packed-prefill.")
+            raise RuntimeError(
+                "--kv-quant-packed-prefill needs the chunk written to the cache "
+                "before attention, but this model skipped the write; drop "
+                "--kv-quant-packed-prefill."
+            )
         md = self.forward_metadata
         packed = inner.get_packed_layer(idx)
         q, k, v = q.reshape(-1, hq, d), k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)
@@ -455,15 +588,28 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
         mx = self._mixed
         window = _window_layer(layer)
         if mx is not None and window:
-            raise RuntimeError("the turboquant backend does not yet run sliding-window layers in "
-                               "mixed batches; drop --enable-mixed-chunk.")
+            raise RuntimeError(
+                "the turboquant backend does not yet run sliding-window layers in "
+                "mixed batches; drop --enable-mixed-chunk."
+            )
         if mx is not None:  # the decode half first, then the extend half below
             t = mx.extend_tokens
             _tq_decode(
-                q[t:], packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
-                mx.kv_indptr, mx.kv_indices, packed.codec, layer.scaling,
-                num_kv_splits=mx.num_kv_splits, max_kv_splits=self.max_splits(q.shape[0] - t),
-                workspace=self._decode_ws, logit_cap=_logit_cap(layer), out=o3[t:], sinks=sinks,
+                q[t:],
+                packed.k_codes,
+                packed.k_norms,
+                packed.v_codes,
+                packed.v_norms,
+                mx.kv_indptr,
+                mx.kv_indices,
+                packed.codec,
+                layer.scaling,
+                num_kv_splits=mx.num_kv_splits,
+                max_kv_splits=self.max_splits(q.shape[0] - t),
+                workspace=self._decode_ws,
+                logit_cap=_logit_cap(layer),
+                out=o3[t:],
+                sinks=sinks,
                 fwht=self.fwht,
             )
         t = q.shape[0] if mx is None else mx.extend_tokens
@@ -476,18 +622,36 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
                 self._prefill = self._plan(forward_batch)
             groups, sliding = self._prefill, 0
         # the chunk's own slots in the layer's pool (a window pool holds it at the SWA slots)
-        slots = (md.swa_out_cache_loc if inner is getattr(self.token_to_kv_pool, "swa_kv_pool", None)
-                 else forward_batch.out_cache_loc)
+        slots = (
+            md.swa_out_cache_loc
+            if inner is getattr(self.token_to_kv_pool, "swa_kv_pool", None)
+            else forward_batch.out_cache_loc
+        )
         for g in groups:
             if g.b1 == g.b0:
                 continue
             r = slice(g.q0, g.q1)
             _tq_extend(
-                q[r], k[r], v[r], packed.k_codes, packed.k_norms, packed.v_codes, packed.v_norms,
-                g.qo_indptr, g.kv_indptr, g.kv_indices, packed.codec, layer.scaling,
-                max_extend_len=g.max_extend_len, num_prefix_tokens=g.prefix_tokens,
-                prefix_dedup=g.dedup, chunk_slots=slots[r] if self.packed_prefill else None,
-                logit_cap=_logit_cap(layer), out=o3[r], impl=self.extend_impl, sinks=sinks,
+                q[r],
+                k[r],
+                v[r],
+                packed.k_codes,
+                packed.k_norms,
+                packed.v_codes,
+                packed.v_norms,
+                g.qo_indptr,
+                g.kv_indptr,
+                g.kv_indices,
+                packed.codec,
+                layer.scaling,
+                max_extend_len=g.max_extend_len,
+                num_prefix_tokens=g.prefix_tokens,
+                prefix_dedup=g.dedup,
+                chunk_slots=slots[r] if self.packed_prefill else None,
+                logit_cap=_logit_cap(layer),
+                out=o3[r],
+                impl=self.extend_impl,
+                sinks=sinks,
                 sliding_window=sliding,
             )
         return o
@@ -495,7 +659,9 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
 
 def _window_layer(layer) -> bool:
     """Whether SGLang runs ``layer`` with a sliding window (its Triton backend's test)."""
-    return getattr(layer, "sliding_window_size", None) is not None and layer.sliding_window_size > -1
+    return (
+        getattr(layer, "sliding_window_size", None) is not None and layer.sliding_window_size > -1
+    )
 
 
 def _logit_cap(layer) -> float:

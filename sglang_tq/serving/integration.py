@@ -52,8 +52,9 @@ import dataclasses
 import functools
 import importlib.metadata
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -115,9 +116,11 @@ def parse_key_centers(spec: Any) -> str | None:
         return spec.strip().lower()
     path = Path(str(spec)).expanduser()
     if not path.is_file():
-        raise ValueError(f"--kv-quant-key-centers {str(spec)!r} is not a file; create one with "
-                         f"`python -m sglang_tq.tools.key_centers --model-path <model> --out {spec}`, "
-                         f"or give auto, bias or none.")
+        raise ValueError(
+            f"--kv-quant-key-centers {str(spec)!r} is not a file; create one with "
+            f"`python -m sglang_tq.tools.key_centers --model-path <model> --out {spec}`, "
+            f"or give auto, bias or none."
+        )
     return str(path.resolve())
 
 
@@ -151,11 +154,15 @@ def normalize_options(given: dict) -> dict:
     """Validated ``kv_quant*`` options with defaults filled in; raises ``ValueError``."""
     unknown = set(given) - set(OPTION_DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown sglang-tq options {sorted(unknown)}; expected {list(OPTION_DEFAULTS)}.")
+        raise ValueError(
+            f"unknown sglang-tq options {sorted(unknown)}; expected {list(OPTION_DEFAULTS)}."
+        )
     opts = {**OPTION_DEFAULTS, **given}
     mode = str(opts["kv_quant"]).strip().lower()
     if mode not in refusals.KV_QUANT_CHOICES:
-        raise ValueError(f"--kv-quant must be one of {refusals.KV_QUANT_CHOICES}, got {opts['kv_quant']!r}.")
+        raise ValueError(
+            f"--kv-quant must be one of {refusals.KV_QUANT_CHOICES}, got {opts['kv_quant']!r}."
+        )
     if mode in refusals.SIMULATED_MODES:
         # hadamard takes key centers by name (bias or FILE; its default stays QuaRot's
         # uncentered keys), kivi none: its per-channel key scales already absorb them
@@ -165,8 +172,10 @@ def normalize_options(given: dict) -> dict:
         tq_only = [k for k in lacks if opts[k] != OPTION_DEFAULTS[k]]
         if tq_only:
             flags = ", ".join("--" + k.replace("_", "-") for k in tq_only)
-            raise ValueError(f"the options {flags} need --kv-quant turboquant (--kv-quant {mode} "
-                             f"has no {' and no '.join(lacks.values())}); drop them.")
+            raise ValueError(
+                f"the options {flags} need --kv-quant turboquant (--kv-quant {mode} "
+                f"has no {' and no '.join(lacks.values())}); drop them."
+            )
     k_bits, v_bits = TQConfig.parse_bits(opts["kv_quant_bits"])
     seed = opts["kv_quant_seed"]
     if isinstance(seed, str):  # Engine(kv_quant_seed="3") is as good as the flag
@@ -178,15 +187,20 @@ def normalize_options(given: dict) -> dict:
         "kv_quant_bits": f"k{k_bits}v{v_bits}",
         "kv_quant_seed": seed,
         "kv_quant_bf16_layers": parse_bf16_layers(opts["kv_quant_bf16_layers"]),
-        "kv_quant_packed_prefill": parse_switch(opts["kv_quant_packed_prefill"],
-                                                "--kv-quant-packed-prefill"),
+        "kv_quant_packed_prefill": parse_switch(
+            opts["kv_quant_packed_prefill"], "--kv-quant-packed-prefill"
+        ),
         "kv_quant_key_centers": parse_key_centers(opts["kv_quant_key_centers"]),
     }
     if mode == "none":
-        changed = [k for k in OPTION_DEFAULTS if k != "kv_quant" and normalized[k] != OPTION_DEFAULTS[k]]
+        changed = [
+            k for k in OPTION_DEFAULTS if k != "kv_quant" and normalized[k] != OPTION_DEFAULTS[k]
+        ]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-            raise ValueError(f"the options {flags} need --kv-quant turboquant; add it or drop them.")
+            raise ValueError(
+                f"the options {flags} need --kv-quant turboquant; add it or drop them."
+            )
     if mode in refusals.SIMULATED_MODES and normalized["kv_quant_key_centers"] == AUTO_CENTERS:
         normalized["kv_quant_key_centers"] = None
     return normalized
@@ -205,10 +219,14 @@ def simulated_mode(server_args: Any) -> str | None:
 def tq_config(server_args: Any, head_dim: int) -> TQConfig:
     """The TQConfig a server runs with (bf16 layer ids are global layer ids)."""
     k_bits, v_bits = TQConfig.parse_bits(server_args.kv_quant_bits)
-    return TQConfig(head_dim=head_dim, k_bits=k_bits, v_bits=v_bits,
-                    seed=server_args.kv_quant_seed,
-                    bf16_layers=tuple(server_args.kv_quant_bf16_layers),
-                    key_centers=getattr(server_args, "kv_quant_key_centers", None))
+    return TQConfig(
+        head_dim=head_dim,
+        k_bits=k_bits,
+        v_bits=v_bits,
+        seed=server_args.kv_quant_seed,
+        bf16_layers=tuple(server_args.kv_quant_bf16_layers),
+        key_centers=getattr(server_args, "kv_quant_key_centers", None),
+    )
 
 
 def _argparse_type(parse: Callable) -> Callable:
@@ -236,54 +254,70 @@ def _add_cli_args(result, parser: argparse.ArgumentParser):
         "fused Triton kernels.",
     )
     group.add_argument(
-        "--kv-quant", choices=refusals.KV_QUANT_CHOICES, default="none",
+        "--kv-quant",
+        choices=refusals.KV_QUANT_CHOICES,
+        default="none",
         help="KV-cache quantization. 'turboquant' stores K and V as rotated Lloyd-Max codes "
-             "plus one fp16 norm per token and head (3.88x the tokens of bf16 at k4v4, head_dim 128) "
-             "and selects the turboquant attention backend; 'hadamard' (QuaRot-style Hadamard + "
-             "per-token int) and 'kivi' (per-channel keys in 32-token groups, per-token values) "
-             "are prior-art baselines simulated in SGLang's bf16 pool with SGLang's backend: "
-             "accuracy only, no memory saving; 'none' is stock SGLang. Default: none.",
+        "plus one fp16 norm per token and head (3.88x the tokens of bf16 at k4v4, head_dim 128) "
+        "and selects the turboquant attention backend; 'hadamard' (QuaRot-style Hadamard + "
+        "per-token int) and 'kivi' (per-channel keys in 32-token groups, per-token values) "
+        "are prior-art baselines simulated in SGLang's bf16 pool with SGLang's backend: "
+        "accuracy only, no memory saving; 'none' is stock SGLang. Default: none.",
     )
     group.add_argument(
-        "--kv-quant-bits", type=_argparse_type(_bits), default="k4v4", metavar="kKvV",
+        "--kv-quant-bits",
+        type=_argparse_type(_bits),
+        default="k4v4",
+        metavar="kKvV",
         help="Bits per coordinate for keys and values, e.g. k4v4, k4v3, k3v3, k4v2 "
-             "(each digit 2, 3 or 4), for every --kv-quant mode. Default: k4v4.",
+        "(each digit 2, 3 or 4), for every --kv-quant mode. Default: k4v4.",
     )
     group.add_argument(
-        "--kv-quant-seed", type=_argparse_type(parse_seed), default=0, metavar="SEED",
+        "--kv-quant-seed",
+        type=_argparse_type(parse_seed),
+        default=0,
+        metavar="SEED",
         help="Seed of the random rotations; each layer derives its own from it and its layer "
-             "id, identically on every tensor-parallel rank. Default: 0.",
+        "id, identically on every tensor-parallel rank. Default: 0.",
     )
     group.add_argument(
-        "--kv-quant-bf16-layers", type=_argparse_type(parse_bf16_layers), default=(),
+        "--kv-quant-bf16-layers",
+        type=_argparse_type(parse_bf16_layers),
+        default=(),
         metavar="IDS",
         help="Comma-separated layer ids whose KV stays in plain bf16 (e.g. 0,31 for the "
-             "boundary layers), or 'none'. Default: none.",
+        "boundary layers), or 'none'. Default: none.",
     )
     group.add_argument(
-        "--kv-quant-packed-prefill", action="store_true", default=False,
+        "--kv-quant-packed-prefill",
+        action="store_true",
+        default=False,
         help="Make prefill attend to the chunk's own K/V read back from the packed cache "
-             "rather than its bf16 values, so a cold prefill sees exactly what a later radix-"
-             "cache hit sees. Default: off.",
+        "rather than its bf16 values, so a cold prefill sees exactly what a later radix-"
+        "cache hit sees. Default: off.",
     )
     group.add_argument(
-        "--kv-quant-key-centers", type=_argparse_type(parse_key_centers), default=AUTO_CENTERS,
+        "--kv-quant-key-centers",
+        type=_argparse_type(parse_key_centers),
+        default=AUTO_CENTERS,
         metavar="auto|bias|none|FILE",
         help="Key centers mu per layer and KV head: keys are quantized as k - mu, which leaves "
-             "attention unchanged and cuts the key error of models whose keys share a large "
-             "common part. 'auto' (default) derives mu from the model's k_proj bias (Qwen2 "
-             "and kin; RoPE-averaged, computed at start-up) and centers nothing for models "
-             "without one; 'bias' is the same but refused for a model without a bias; FILE "
-             "is a safetensors file from python -m sglang_tq.tools.key_centers (a calibration mean, also for "
-             "bias-free models); 'none' turns centering off. Centered keys are refused for "
-             "models with a logit soft-cap. With --kv-quant hadamard the default is QuaRot's "
-             "uncentered keys, and bias or FILE centers them the same way.",
+        "attention unchanged and cuts the key error of models whose keys share a large "
+        "common part. 'auto' (default) derives mu from the model's k_proj bias (Qwen2 "
+        "and kin; RoPE-averaged, computed at start-up) and centers nothing for models "
+        "without one; 'bias' is the same but refused for a model without a bias; FILE "
+        "is a safetensors file from python -m sglang_tq.tools.key_centers (a calibration mean, also for "
+        "bias-free models); 'none' turns centering off. Centered keys are refused for "
+        "models with a logit soft-cap. With --kv-quant hadamard the default is QuaRot's "
+        "uncentered keys, and bias or FILE centers them the same way.",
     )
 
 
 # Set while SGLang's model-specific server-args adjustments run (gpt-oss asserts that its
 # attention backend is one it knows; ours is a TritonAttnBackend with packed kernels).
-_MODEL_ADJUSTMENTS: contextvars.ContextVar[bool] = contextvars.ContextVar("tq_model_adjust", default=False)
+_MODEL_ADJUSTMENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tq_model_adjust", default=False
+)
 
 
 def _model_adjustments(orig, self, *args, **kwargs):
@@ -335,7 +369,9 @@ def _server_args_post_init(result, self):
             "sglang-tq: --kv-quant %s %s is SIMULATED through SGLang's bf16 KV pool (every stored "
             "K/V is its quantize-dequantize round trip; same pool size as bf16, no memory "
             "saving, attention backend %s), bf16 layers %s.",
-            mode, self.kv_quant_bits, self.attention_backend or "SGLang's default",
+            mode,
+            self.kv_quant_bits,
+            self.attention_backend or "SGLang's default",
             list(self.kv_quant_bf16_layers) or "none",
         )
         return None
@@ -343,15 +379,20 @@ def _server_args_post_init(result, self):
         for name in BACKEND_FIELDS:
             if getattr(self, name, None) == BACKEND_NAME:
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} turboquant reads the packed TurboQuant KV cache, so it "
-                                 f"needs --kv-quant turboquant; add it or pick another backend.")
+                raise ValueError(
+                    f"{flag} turboquant reads the packed TurboQuant KV cache, so it "
+                    f"needs --kv-quant turboquant; add it or pick another backend."
+                )
         return None
     refusals.check_server_args(self)
     logger.info(
         "sglang-tq: TurboQuant KV cache %s, seed %d, bf16 layers %s, packed prefill %s, "
         "key centers %s.",
-        self.kv_quant_bits, self.kv_quant_seed, list(self.kv_quant_bf16_layers) or "none",
-        "on" if self.kv_quant_packed_prefill else "off", self.kv_quant_key_centers or "none",
+        self.kv_quant_bits,
+        self.kv_quant_seed,
+        list(self.kv_quant_bf16_layers) or "none",
+        "on" if self.kv_quant_packed_prefill else "off",
+        self.kv_quant_key_centers or "none",
     )
     return None
 
@@ -375,9 +416,9 @@ def rank_key_centers(centers: Any, tp_rank: int, tp_size: int) -> Any:
     total = centers.shape[1]
     if tp_size <= total:
         per = total // tp_size
-        return centers[:, tp_rank * per:(tp_rank + 1) * per].contiguous()
+        return centers[:, tp_rank * per : (tp_rank + 1) * per].contiguous()
     head = tp_rank // (tp_size // total)
-    return centers[:, head:head + 1].contiguous()
+    return centers[:, head : head + 1].contiguous()
 
 
 def _memory_saver_enabled() -> bool:
@@ -394,8 +435,7 @@ def _local_layers(kvc) -> Sequence[int]:
     start = kvc.layer_info.start_layer
     hybrid = mambaish_config(kvc.model_config)
     if hybrid is not None:
-        return [i for i in hybrid.full_attention_layer_ids
-                if start <= i < kvc.layer_info.end_layer]
+        return [i for i in hybrid.full_attention_layer_ids if start <= i < kvc.layer_info.end_layer]
     return range(start, start + kvc.layer_info.num_effective_layers)
 
 
@@ -417,11 +457,16 @@ def _compute_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
     cfg, heads = tq_config(kvc.server_args, mc.head_dim), mc.get_num_kv_heads(_attn_tp_size())
     cell = bytes_per_token(cfg, layers, heads, kvc.kv_cache_dtype)
     stock = orig(self, kvc, num_layers, *args, **kwargs)
-    logger.info("sglang-tq: KV cell size %d B/token (bf16 pool: %d B/token, %.2fx the tokens).",
-                cell, stock, stock / cell)
+    logger.info(
+        "sglang-tq: KV cell size %d B/token (bf16 pool: %d B/token, %.2fx the tokens).",
+        cell,
+        stock,
+        stock / cell,
+    )
     # read by the sizing patch below: the prefill scratch comes out of the pool's bytes
-    self._tq_prefill_scratch_bytes = prefill_scratch_bytes(cfg, layers, heads, mc.context_len,
-                                                           kvc.kv_cache_dtype)
+    self._tq_prefill_scratch_bytes = prefill_scratch_bytes(
+        cfg, layers, heads, mc.context_len, kvc.kv_cache_dtype
+    )
     return cell
 
 
@@ -438,12 +483,17 @@ def _mla_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
     cfg = tq_config(kvc.server_args, mc.kv_lora_rank)
     cell = mla_bytes_per_token(cfg, layers, mc.qk_rope_head_dim, kvc.kv_cache_dtype)
     stock = orig(self, kvc, num_layers, *args, **kwargs)
-    logger.info("sglang-tq: MLA KV cell size %d B/token (bf16 pool: %d B/token, %.2fx the tokens).",
-                cell, stock, stock / cell)
+    logger.info(
+        "sglang-tq: MLA KV cell size %d B/token (bf16 pool: %d B/token, %.2fx the tokens).",
+        cell,
+        stock,
+        stock / cell,
+    )
     packed = any(not cfg.is_bf16_layer(i) for i in layers)
     item = kvc.kv_cache_dtype.itemsize
     self._tq_prefill_scratch_bytes = (
-        mc.context_len * (mc.kv_lora_rank + mc.qk_rope_head_dim) * item if packed else 0)
+        mc.context_len * (mc.kv_lora_rank + mc.qk_rope_head_dim) * item if packed else 0
+    )
     return cell
 
 
@@ -455,9 +505,11 @@ def _calculate_pool_sizes(orig, self, available_bytes: int, page_size: int):
         raise RuntimeError(
             f"--kv-quant turboquant sets aside {scratch / 2**20:.0f} MiB for the prefill scratch "
             f"(context_len rows of dense K/V) but only {available_bytes / 2**20:.0f} MiB are left "
-            f"for the KV cache; raise --mem-fraction-static or lower --context-length.")
-    logger.info("sglang-tq: %.1f MiB of the KV budget set aside for the prefill scratch.",
-                scratch / 2**20)
+            f"for the KV cache; raise --mem-fraction-static or lower --context-length."
+        )
+    logger.info(
+        "sglang-tq: %.1f MiB of the KV budget set aside for the prefill scratch.", scratch / 2**20
+    )
     return orig(self, available_bytes - scratch, page_size)
 
 
@@ -472,25 +524,40 @@ def _swa_cell_size(result, self, kvc):
     refusals.check_kv_context(kvc)
     mc = kvc.model_config
     if self._draft_full_layers_num or self._draft_swa_full_layers_num:
-        raise RuntimeError("--kv-quant turboquant does not support speculative-decoding draft "
-                           "layers; drop --speculative-algorithm or use --kv-quant none.")
+        raise RuntimeError(
+            "--kv-quant turboquant does not support speculative-decoding draft "
+            "layers; drop --speculative-algorithm or use --kv-quant none."
+        )
     heads = mc.get_num_kv_heads(_attn_tp_size())
     if (mc.get_swa_num_kv_heads(_attn_tp_size()), mc.swa_head_dim, mc.swa_v_head_dim) != (
-            heads, mc.head_dim, mc.v_head_dim):
-        raise RuntimeError("--kv-quant turboquant needs the window layers to have the full "
-                           "layers' KV heads and head dims; use --kv-quant none for this model.")
+        heads,
+        mc.head_dim,
+        mc.v_head_dim,
+    ):
+        raise RuntimeError(
+            "--kv-quant turboquant needs the window layers to have the full "
+            "layers' KV heads and head dims; use --kv-quant none for this model."
+        )
     cfg = tq_config(kvc.server_args, mc.head_dim)
     full, swa = mc.full_attention_layer_ids, mc.swa_attention_layer_ids
     stock = self._cell_size
     self._full_per_token = bytes_per_token(cfg, full, heads, kvc.kv_cache_dtype) / max(len(full), 1)
     self._swa_per_token = bytes_per_token(cfg, swa, heads, kvc.kv_cache_dtype) / len(swa)
-    self._cell_size = (self._swa_per_token * len(swa) if not full else
-                       self._full_per_token * len(full)
-                       + self._swa_full_tokens_ratio * self._swa_per_token * len(swa))
-    logger.info("sglang-tq: hybrid SWA KV cell %.1f B/token (bf16 pools: %.1f, %.2fx the tokens).",
-                self._cell_size, stock, stock / self._cell_size)
-    self._tq_prefill_scratch_bytes = prefill_scratch_bytes(cfg, [*full, *swa], heads, mc.context_len,
-                                                           kvc.kv_cache_dtype)
+    self._cell_size = (
+        self._swa_per_token * len(swa)
+        if not full
+        else self._full_per_token * len(full)
+        + self._swa_full_tokens_ratio * self._swa_per_token * len(swa)
+    )
+    logger.info(
+        "sglang-tq: hybrid SWA KV cell %.1f B/token (bf16 pools: %.1f, %.2fx the tokens).",
+        self._cell_size,
+        stock,
+        stock / self._cell_size,
+    )
+    self._tq_prefill_scratch_bytes = prefill_scratch_bytes(
+        cfg, [*full, *swa], heads, mc.context_len, kvc.kv_cache_dtype
+    )
     return None
 
 
@@ -500,8 +567,13 @@ def _build_hybrid_swa_kv_pool(orig, self, *args, **kwargs):
     if not kv_quant_enabled(self.server_args):
         return orig(self, *args, **kwargs)
     mc = self.model_config
-    return _build_packed_wrapper(orig, self, {"Full": tuple(mc.full_attention_layer_ids),
-                                              "SWA": tuple(mc.swa_attention_layer_ids)}, *args, **kwargs)
+    return _build_packed_wrapper(
+        orig,
+        self,
+        {"Full": tuple(mc.full_attention_layer_ids), "SWA": tuple(mc.swa_attention_layer_ids)},
+        *args,
+        **kwargs,
+    )
 
 
 def _build_packed_wrapper(orig, self, layer_ids, *args, **kwargs):
@@ -513,9 +585,13 @@ def _build_packed_wrapper(orig, self, layer_ids, *args, **kwargs):
     verify_patches_applied()
     refusals.check_kv_context(self)
     refusals.check_pool_build(self, kwargs.get("mha_pool_class"), None)
-    cfg, key_centers = _resolve_key_centers(self, tq_config(self.server_args, self.model_config.head_dim))
+    cfg, key_centers = _resolve_key_centers(
+        self, tq_config(self.server_args, self.model_config.head_dim)
+    )
     _packed_pool_class = TQTokenToKVPool
-    pool = orig(self, *args, **{**kwargs, "mha_pool_class": inner_pool_factory(cfg, layer_ids, key_centers)})
+    pool = orig(
+        self, *args, **{**kwargs, "mha_pool_class": inner_pool_factory(cfg, layer_ids, key_centers)}
+    )
     pool._tq_packed = True  # read by the no-fused-set-kv patch: the wrapper holds packed pools
     return pool
 
@@ -542,24 +618,37 @@ def key_centers_of(kvc, spec: str | None):
     mc = kvc.model_config
     if spec in (AUTO_CENTERS, BIAS_CENTERS):
         heads = mc.get_num_kv_heads(_attn_tp_size())
-        mu = kc.sglang_bias_key_centers(kvc.model, mc.num_hidden_layers, heads, mc.head_dim,
-                                        kc.BIAS_HORIZON)
+        mu = kc.sglang_bias_key_centers(
+            kvc.model, mc.num_hidden_layers, heads, mc.head_dim, kc.BIAS_HORIZON
+        )
         if mu is None:
             if spec == BIAS_CENTERS:
-                raise ValueError("--kv-quant-key-centers bias needs a model with a k_proj bias; "
-                                 "this one has none: give a calibration file "
-                                 "(python -m sglang_tq.tools.key_centers) or none.")
-            logger.info("sglang-tq: key centers auto: the model has no k_proj bias, keys are "
-                        "quantized uncentered (a calibration file: --kv-quant-key-centers FILE).")
+                raise ValueError(
+                    "--kv-quant-key-centers bias needs a model with a k_proj bias; "
+                    "this one has none: give a calibration file "
+                    "(python -m sglang_tq.tools.key_centers) or none."
+                )
+            logger.info(
+                "sglang-tq: key centers auto: the model has no k_proj bias, keys are "
+                "quantized uncentered (a calibration file: --kv-quant-key-centers FILE)."
+            )
             return None
-        logger.info("sglang-tq: key centers %s: from the k_proj bias, RoPE-averaged over "
-                    "positions 0..%d; largest center norm %.1f.", spec, kc.BIAS_HORIZON - 1,
-                    mu.norm(dim=-1).max().item())
+        logger.info(
+            "sglang-tq: key centers %s: from the k_proj bias, RoPE-averaged over "
+            "positions 0..%d; largest center norm %.1f.",
+            spec,
+            kc.BIAS_HORIZON - 1,
+            mu.norm(dim=-1).max().item(),
+        )
         return mu
     if spec:
         return rank_key_centers(
-            kc.load_key_centers(spec, mc.num_hidden_layers, mc.get_total_num_kv_heads(), mc.head_dim),
-            _attn_tp_rank(), _attn_tp_size())
+            kc.load_key_centers(
+                spec, mc.num_hidden_layers, mc.get_total_num_kv_heads(), mc.head_dim
+            ),
+            _attn_tp_rank(),
+            _attn_tp_size(),
+        )
     return None
 
 
@@ -575,9 +664,15 @@ def _build_simulated_pool(orig, kvc, mode: str, **kwargs):
     if mode == "hadamard":
         refusals.check_model_config(kvc.model_config, sa)
     k_bits, v_bits = TQConfig.parse_bits(sa.kv_quant_bits)
-    pool_class = functools.partial(SimulatedKVPool, mode=mode, k_bits=k_bits, v_bits=v_bits,
-                                   seed=sa.kv_quant_seed, bf16_layers=sa.kv_quant_bf16_layers,
-                                   key_centers=key_centers_of(kvc, getattr(sa, "kv_quant_key_centers", None)))
+    pool_class = functools.partial(
+        SimulatedKVPool,
+        mode=mode,
+        k_bits=k_bits,
+        v_bits=v_bits,
+        seed=sa.kv_quant_seed,
+        bf16_layers=sa.kv_quant_bf16_layers,
+        key_centers=key_centers_of(kvc, getattr(sa, "kv_quant_key_centers", None)),
+    )
     pool = orig(kvc, **{**kwargs, "mha_pool_class": pool_class})
     if not isinstance(pool, SimulatedKVPool):
         raise RuntimeError(
@@ -585,8 +680,11 @@ def _build_simulated_pool(orig, kvc, mode: str, **kwargs):
             f"{type(pool).__name__}); use --kv-quant none for this model."
         )
     _packed_pool_class = SimulatedKVPool
-    logger.info("sglang-tq: KV pool %s SIMULATED in SGLang's %s pool (size as bf16, no memory "
-                "saving).", pool.describe(), pool.dtype)
+    logger.info(
+        "sglang-tq: KV pool %s SIMULATED in SGLang's %s pool (size as bf16, no memory saving).",
+        pool.describe(),
+        pool.dtype,
+    )
     return pool
 
 
@@ -606,12 +704,19 @@ def _build_mha_kv_pool(orig, self, *args, **kwargs):
     cfg, key_centers = _resolve_key_centers(self, tq_config(self.server_args, mc.head_dim))
     _packed_pool_class = TQTokenToKVPool
     return TQTokenToKVPool(
-        kwargs["max_total_num_tokens"], self.pool_page_size,
-        head_num=mc.get_num_kv_heads(_attn_tp_size()), head_dim=mc.head_dim,
-        layer_num=self.layer_info.num_effective_layers, device=self.device,
-        enable_memory_saver=_memory_saver_enabled(), cfg=cfg, key_centers=key_centers,
-        model_dtype=self.kv_cache_dtype, v_head_dim=mc.v_head_dim,
-        start_layer=self.layer_info.start_layer, end_layer=self.layer_info.end_layer,
+        kwargs["max_total_num_tokens"],
+        self.pool_page_size,
+        head_num=mc.get_num_kv_heads(_attn_tp_size()),
+        head_dim=mc.head_dim,
+        layer_num=self.layer_info.num_effective_layers,
+        device=self.device,
+        enable_memory_saver=_memory_saver_enabled(),
+        cfg=cfg,
+        key_centers=key_centers,
+        model_dtype=self.kv_cache_dtype,
+        v_head_dim=mc.v_head_dim,
+        start_layer=self.layer_info.start_layer,
+        end_layer=self.layer_info.end_layer,
     )
 
 
@@ -627,10 +732,16 @@ def _build_mla_kv_pool(orig, self, *args, **kwargs):
     mc = self.model_config
     _packed_pool_class = TQMLATokenToKVPool
     return TQMLATokenToKVPool(
-        kwargs["max_total_num_tokens"], self.pool_page_size, mc.kv_lora_rank, mc.qk_rope_head_dim,
-        layer_num=self.layer_info.num_effective_layers, device=self.device,
-        enable_memory_saver=_memory_saver_enabled(), cfg=tq_config(self.server_args, mc.kv_lora_rank),
-        model_dtype=self.kv_cache_dtype, start_layer=self.layer_info.start_layer,
+        kwargs["max_total_num_tokens"],
+        self.pool_page_size,
+        mc.kv_lora_rank,
+        mc.qk_rope_head_dim,
+        layer_num=self.layer_info.num_effective_layers,
+        device=self.device,
+        enable_memory_saver=_memory_saver_enabled(),
+        cfg=tq_config(self.server_args, mc.kv_lora_rank),
+        model_dtype=self.kv_cache_dtype,
+        start_layer=self.layer_info.start_layer,
         end_layer=self.layer_info.end_layer,
     )
 
@@ -653,8 +764,9 @@ def _after_build_token_to_kv_pool(result, self, *args, **kwargs):
 
     inner = [getattr(result, n, None) for n in ("full_kv_pool", "swa_kv_pool")]
     if not isinstance(result, (TQTokenToKVPool, TQMLATokenToKVPool)) and (
-            not packed_pools(result) or any(p is not None and not isinstance(p, TQTokenToKVPool)
-                                            for p in inner)):
+        not packed_pools(result)
+        or any(p is not None and not isinstance(p, TQTokenToKVPool) for p in inner)
+    ):
         raise RuntimeError(
             f"--kv-quant turboquant could not install its packed pool for this model (SGLang "
             f"built {type(result).__name__}); use --kv-quant none for this model."
@@ -698,9 +810,12 @@ def _kivi_after_forward(result, self, forward_batch, *args, **kwargs):
         seq_lens = forward_batch.seq_lens_cpu
         if seq_lens is None:
             seq_lens = forward_batch.seq_lens.cpu()
-        pool.requantize_completed_groups(self.req_to_token_pool.req_to_token,
-                                         forward_batch.req_pool_indices,
-                                         seq_lens[:len(counts)].tolist(), counts)
+        pool.requantize_completed_groups(
+            self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices,
+            seq_lens[: len(counts)].tolist(),
+            counts,
+        )
     return None
 
 
@@ -723,8 +838,10 @@ def _validate_one_request(result, self, obj, input_ids, *args, **kwargs):
     low, high = min(input_ids), max(input_ids)
     if low < 0 or high >= vocab:
         bad = low if low < 0 else high
-        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab}); "
-                         f"send ids the model's tokenizer produces.")
+        raise ValueError(
+            f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab}); "
+            f"send ids the model's tokenizer produces."
+        )
     return None
 
 
@@ -746,65 +863,146 @@ class Patch:
 
 _SA = "sglang.srt.server_args.ServerArgs"
 PATCHES = (
-    Patch("cli-flags", f"{_SA}.add_cli_args", HookType.AFTER, _add_cli_args,
-          "add the --kv-quant* flags (shown in --help)"),
-    Patch("cli-to-init", f"{_SA}.from_cli_args", HookType.AROUND, _from_cli_args,
-          "carry the parsed flags to ServerArgs.__init__"),
-    Patch("init-options", f"{_SA}.__init__", HookType.AROUND, _server_args_init,
-          "accept kv_quant* options, set them as attributes, select the turboquant backend"),
-    Patch("validate", f"{_SA}.__post_init__", HookType.AFTER, _server_args_post_init,
-          "refuse unsupported combinations at start-up"),
-    Patch("cell-size",
-          "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
-          HookType.AROUND, _compute_cell_size, "size the KV pool by packed bytes per token"),
-    Patch("scratch-budget",
-          "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator.calculate_pool_sizes",
-          HookType.AROUND, _calculate_pool_sizes,
-          "take the prefill scratch (context_len dense K/V rows) out of the KV budget"),
-    Patch("build-pool",
-          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
-          HookType.AROUND, _build_mha_kv_pool, "build TQTokenToKVPool instead of the MHA pool"),
-    Patch("build-mla-pool",
-          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mla_kv_pool",
-          HookType.AROUND, _build_mla_kv_pool,
-          "build the packed MLA latent pool instead of SGLang's MLATokenToKVPool"),
-    Patch("swa-cell-size", "sglang.srt.model_executor.pool_configurator.HybridSWAPoolConfigurator.__init__",
-          HookType.AFTER, _swa_cell_size, "size SGLang's full + window pools by packed bytes per token"),
-    Patch("swa-scratch-budget",
-          "sglang.srt.model_executor.pool_configurator.HybridSWAPoolConfigurator.calculate_pool_sizes",
-          HookType.AROUND, _calculate_pool_sizes, "take the prefill scratch out of the hybrid SWA budget"),
-    Patch("swa-cap-scratch-budget",
-          "sglang.srt.model_executor.pool_configurator.SWAChunkCapPoolConfigurator.calculate_pool_sizes",
-          HookType.AROUND, _calculate_pool_sizes,
-          "take the prefill scratch out of the chunk-capped hybrid SWA budget"),
-    Patch("build-hybrid-swa-pool",
-          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_hybrid_swa_kv_pool",
-          HookType.AROUND, _build_hybrid_swa_kv_pool, "build SWAKVPool's full and window pools as packed pools"),
-    Patch("model-adjustments", f"{_SA}._handle_model_specific_adjustments", HookType.AROUND,
-          _model_adjustments, "mark SGLang's per-model server-args checks (for the next patch)"),
-    Patch("backend-name-for-model-checks", f"{_SA}._resolved_attention_backends", HookType.AFTER,
-          _resolved_attention_backends,
-          "inside the per-model checks, report turboquant as triton (gpt-oss's backend assert)"),
-    Patch("build-hybrid-linear-pool",
-          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_hybrid_linear_kv_pool",
-          HookType.AROUND, _build_hybrid_linear_kv_pool,
-          "build HybridLinearKVPool's full-attention pool as packed pools"),
-    Patch("pool-guard",
-          "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool",
-          HookType.AFTER, _after_build_token_to_kv_pool, "refuse any pool other than ours"),
-    Patch("no-fused-set-kv", "sglang.srt.models.utils.enable_fused_set_kv_buffer",
-          HookType.AROUND, _enable_fused_set_kv_buffer,
-          "disable the fused bf16 rotary+set-KV write for the packed pool"),
-    Patch("server-info",
-          "sglang.srt.managers.tokenizer_manager.TokenizerManager.resolved_config_dict",
-          HookType.AFTER, _resolved_config_dict, "report kv_quant* in /get_server_info"),
-    Patch("input-ids-range",
-          "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
-          HookType.AFTER, _validate_one_request,
-          "answer token ids outside the vocabulary with HTTP 400 instead of an out-of-bounds lookup"),
-    Patch("kivi-groups", "sglang.srt.model_executor.model_runner.ModelRunner.forward",
-          HookType.AFTER, _kivi_after_forward,
-          "re-quantize the KIVI groups each forward completed (--kv-quant kivi only)"),
+    Patch(
+        "cli-flags",
+        f"{_SA}.add_cli_args",
+        HookType.AFTER,
+        _add_cli_args,
+        "add the --kv-quant* flags (shown in --help)",
+    ),
+    Patch(
+        "cli-to-init",
+        f"{_SA}.from_cli_args",
+        HookType.AROUND,
+        _from_cli_args,
+        "carry the parsed flags to ServerArgs.__init__",
+    ),
+    Patch(
+        "init-options",
+        f"{_SA}.__init__",
+        HookType.AROUND,
+        _server_args_init,
+        "accept kv_quant* options, set them as attributes, select the turboquant backend",
+    ),
+    Patch(
+        "validate",
+        f"{_SA}.__post_init__",
+        HookType.AFTER,
+        _server_args_post_init,
+        "refuse unsupported combinations at start-up",
+    ),
+    Patch(
+        "cell-size",
+        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+        HookType.AROUND,
+        _compute_cell_size,
+        "size the KV pool by packed bytes per token",
+    ),
+    Patch(
+        "scratch-budget",
+        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator.calculate_pool_sizes",
+        HookType.AROUND,
+        _calculate_pool_sizes,
+        "take the prefill scratch (context_len dense K/V rows) out of the KV budget",
+    ),
+    Patch(
+        "build-pool",
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
+        HookType.AROUND,
+        _build_mha_kv_pool,
+        "build TQTokenToKVPool instead of the MHA pool",
+    ),
+    Patch(
+        "build-mla-pool",
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mla_kv_pool",
+        HookType.AROUND,
+        _build_mla_kv_pool,
+        "build the packed MLA latent pool instead of SGLang's MLATokenToKVPool",
+    ),
+    Patch(
+        "swa-cell-size",
+        "sglang.srt.model_executor.pool_configurator.HybridSWAPoolConfigurator.__init__",
+        HookType.AFTER,
+        _swa_cell_size,
+        "size SGLang's full + window pools by packed bytes per token",
+    ),
+    Patch(
+        "swa-scratch-budget",
+        "sglang.srt.model_executor.pool_configurator.HybridSWAPoolConfigurator.calculate_pool_sizes",
+        HookType.AROUND,
+        _calculate_pool_sizes,
+        "take the prefill scratch out of the hybrid SWA budget",
+    ),
+    Patch(
+        "swa-cap-scratch-budget",
+        "sglang.srt.model_executor.pool_configurator.SWAChunkCapPoolConfigurator.calculate_pool_sizes",
+        HookType.AROUND,
+        _calculate_pool_sizes,
+        "take the prefill scratch out of the chunk-capped hybrid SWA budget",
+    ),
+    Patch(
+        "build-hybrid-swa-pool",
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_hybrid_swa_kv_pool",
+        HookType.AROUND,
+        _build_hybrid_swa_kv_pool,
+        "build SWAKVPool's full and window pools as packed pools",
+    ),
+    Patch(
+        "model-adjustments",
+        f"{_SA}._handle_model_specific_adjustments",
+        HookType.AROUND,
+        _model_adjustments,
+        "mark SGLang's per-model server-args checks (for the next patch)",
+    ),
+    Patch(
+        "backend-name-for-model-checks",
+        f"{_SA}._resolved_attention_backends",
+        HookType.AFTER,
+        _resolved_attention_backends,
+        "inside the per-model checks, report turboquant as triton (gpt-oss's backend assert)",
+    ),
+    Patch(
+        "build-hybrid-linear-pool",
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_hybrid_linear_kv_pool",
+        HookType.AROUND,
+        _build_hybrid_linear_kv_pool,
+        "build HybridLinearKVPool's full-attention pool as packed pools",
+    ),
+    Patch(
+        "pool-guard",
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool",
+        HookType.AFTER,
+        _after_build_token_to_kv_pool,
+        "refuse any pool other than ours",
+    ),
+    Patch(
+        "no-fused-set-kv",
+        "sglang.srt.models.utils.enable_fused_set_kv_buffer",
+        HookType.AROUND,
+        _enable_fused_set_kv_buffer,
+        "disable the fused bf16 rotary+set-KV write for the packed pool",
+    ),
+    Patch(
+        "server-info",
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager.resolved_config_dict",
+        HookType.AFTER,
+        _resolved_config_dict,
+        "report kv_quant* in /get_server_info",
+    ),
+    Patch(
+        "input-ids-range",
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+        HookType.AFTER,
+        _validate_one_request,
+        "answer token ids outside the vocabulary with HTTP 400 instead of an out-of-bounds lookup",
+    ),
+    Patch(
+        "kivi-groups",
+        "sglang.srt.model_executor.model_runner.ModelRunner.forward",
+        HookType.AFTER,
+        _kivi_after_forward,
+        "re-quantize the KIVI groups each forward completed (--kv-quant kivi only)",
+    ),
 )
 
 
@@ -852,5 +1050,9 @@ def install() -> None:
         registered = HookRegistry._hooks.get(patch.target, ())
         if not any(hook is patch.hook for _, hook, _ in registered):
             HookRegistry.register(patch.target, patch.hook, patch.hook_type)
-            logger.debug("sglang-tq: registered patch %s on %s (%s).", patch.name, patch.target,
-                         patch.purpose)
+            logger.debug(
+                "sglang-tq: registered patch %s on %s (%s).",
+                patch.name,
+                patch.target,
+                patch.purpose,
+            )

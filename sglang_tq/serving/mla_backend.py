@@ -27,12 +27,16 @@ import dataclasses
 from typing import Any
 
 import torch
-
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from ..env import fwht_rotations
-from ..kernels.tq_decode import (SPLIT_REF_BATCH, DecodeWorkspace, mla_num_kv_splits,
-                                 split_ceiling, tq_decode)
+from ..kernels.tq_decode import (
+    SPLIT_REF_BATCH,
+    DecodeWorkspace,
+    mla_num_kv_splits,
+    split_ceiling,
+    tq_decode,
+)
 from ..kernels.tq_dequant import tq_dequant
 from .backend import _DEFAULT_NUM_SMS, PackedDecodeState
 from .mla_pool import TQMLATokenToKVPool
@@ -64,8 +68,10 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
     def __init__(self, model_runner):
         pool = model_runner.token_to_kv_pool
         if not isinstance(pool, TQMLATokenToKVPool):
-            raise RuntimeError(f"the turboquant MLA backend needs the packed MLA pool but SGLang "
-                               f"built {type(pool).__name__}; start with --kv-quant turboquant.")
+            raise RuntimeError(
+                f"the turboquant MLA backend needs the packed MLA pool but SGLang "
+                f"built {type(pool).__name__}; start with --kv-quant turboquant."
+            )
         meta = torch.empty((0, 1, pool.kv_cache_dim), device="meta")
         model_runner.token_to_kv_pool = _Buffers(pool, meta, meta[..., : pool.kv_lora_rank])
         try:
@@ -91,9 +97,15 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
         packed = [i for i in pool.layer_ids if pool.is_packed_layer(i)]
         if packed:
             p = pool.get_packed_layer(packed[0])
-            tq_dequant(p.latent_codes, p.latent_norms, None, None,
-                       torch.zeros(1, dtype=torch.int64, device=self.device), p.codec,
-                       dtype=pool.model_dtype)
+            tq_dequant(
+                p.latent_codes,
+                p.latent_norms,
+                None,
+                None,
+                torch.zeros(1, dtype=torch.int64, device=self.device),
+                p.codec,
+                dtype=pool.model_dtype,
+            )
 
     # -- metadata ----------------------------------------------------------------
     def max_splits(self, bs: int) -> int:
@@ -106,14 +118,26 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
         if self._sglang_decode:
             return super().get_num_kv_splits(num_kv_splits, seq_lens)
         pool = self.token_to_kv_pool
-        num_kv_splits.copy_(mla_num_kv_splits(seq_lens, self.max_splits(seq_lens.numel()),
-                                              pool.cfg.k_bits, num_sms=self.num_sms,
-                                              latent_dim=pool.kv_lora_rank))
+        num_kv_splits.copy_(
+            mla_num_kv_splits(
+                seq_lens,
+                self.max_splits(seq_lens.numel()),
+                pool.cfg.k_bits,
+                num_sms=self.num_sms,
+                latent_dim=pool.kv_lora_rank,
+            )
+        )
 
     def _workspace(self, batch: int) -> DecodeWorkspace:
         pool = self.token_to_kv_pool
-        return DecodeWorkspace.create(max(batch, SPLIT_REF_BATCH), self.num_head, pool.kv_lora_rank,
-                                      self.max_kv_splits, self.device, out_dtype=pool.model_dtype)
+        return DecodeWorkspace.create(
+            max(batch, SPLIT_REF_BATCH),
+            self.num_head,
+            pool.kv_lora_rank,
+            self.max_kv_splits,
+            self.device,
+            out_dtype=pool.model_dtype,
+        )
 
     def init_forward_metadata(self, forward_batch) -> None:
         with self._without_sglang_logits():
@@ -122,12 +146,31 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
             self._use_eager_workspace(forward_batch.batch_size)
 
     # -- attention -----------------------------------------------------------------
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
-                       score_mod=None, aux_tensors=None):
+    def forward_decode(
+        self,
+        q,
+        k,
+        v,
+        layer,
+        forward_batch,
+        save_kv_cache=True,
+        sinks=None,
+        score_mod=None,
+        aux_tensors=None,
+    ):
         pool = self.token_to_kv_pool
         if not pool.is_packed_layer(layer.layer_id):
-            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
-                                          score_mod=score_mod, aux_tensors=aux_tensors)
+            return super().forward_decode(
+                q,
+                k,
+                v,
+                layer,
+                forward_batch,
+                save_kv_cache,
+                sinks=sinks,
+                score_mod=score_mod,
+                aux_tensors=aux_tensors,
+            )
         _check_mla_call(layer, k, sinks, score_mod)
         hq, lat = layer.tp_q_head_num, pool.kv_lora_rank
         q = q.reshape(-1, hq, pool.kv_cache_dim)
@@ -137,28 +180,71 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
         p = pool.get_packed_layer(layer.layer_id)
         md = self.forward_metadata
         o = torch.empty((bs, hq * lat), dtype=q.dtype, device=q.device)
-        _tq_decode(q[..., :lat], p.latent_codes, p.latent_norms, None, None,
-                   md.kv_indptr[: bs + 1], md.kv_indices, p.codec, layer.scaling,
-                   num_kv_splits=md.num_kv_splits[:bs], max_kv_splits=self.max_splits(bs),
-                   workspace=self._decode_ws, out=o.view(bs, hq, lat), fwht=self.fwht,
-                   q_pe=q[..., lat:], k_pe=p.k_pe)
+        _tq_decode(
+            q[..., :lat],
+            p.latent_codes,
+            p.latent_norms,
+            None,
+            None,
+            md.kv_indptr[: bs + 1],
+            md.kv_indices,
+            p.codec,
+            layer.scaling,
+            num_kv_splits=md.num_kv_splits[:bs],
+            max_kv_splits=self.max_splits(bs),
+            workspace=self._decode_ws,
+            out=o.view(bs, hq, lat),
+            fwht=self.fwht,
+            q_pe=q[..., lat:],
+            k_pe=p.k_pe,
+        )
         return o
 
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
-                       score_mod=None, aux_tensors=None):
+    def forward_extend(
+        self,
+        q,
+        k,
+        v,
+        layer,
+        forward_batch,
+        save_kv_cache=True,
+        sinks=None,
+        score_mod=None,
+        aux_tensors=None,
+    ):
         pool = self.token_to_kv_pool
         if not pool.is_packed_layer(layer.layer_id):
-            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks,
-                                          score_mod=score_mod, aux_tensors=aux_tensors)
+            return super().forward_extend(
+                q,
+                k,
+                v,
+                layer,
+                forward_batch,
+                save_kv_cache,
+                sinks=sinks,
+                score_mod=score_mod,
+                aux_tensors=aux_tensors,
+            )
         if layer.qk_head_dim != pool.kv_cache_dim:
             # attn_mha: no prefix anywhere in the batch; the chunk stands in for the buffers
             if save_kv_cache:
-                raise RuntimeError("the turboquant MLA backend expects the decompressed-K/V "
-                                   "prefill to leave the cache write to the model; use "
-                                   "--kv-quant none for this model.")
+                raise RuntimeError(
+                    "the turboquant MLA backend expects the decompressed-K/V "
+                    "prefill to leave the cache write to the model; use "
+                    "--kv-quant none for this model."
+                )
             with self._swapped(_Buffers(pool, k, v), self.forward_metadata):
-                return super().forward_extend(q, k, v, layer, forward_batch, False, sinks=sinks,
-                                              score_mod=score_mod, aux_tensors=aux_tensors)
+                return super().forward_extend(
+                    q,
+                    k,
+                    v,
+                    layer,
+                    forward_batch,
+                    False,
+                    sinks=sinks,
+                    score_mod=score_mod,
+                    aux_tensors=aux_tensors,
+                )
         _check_mla_call(layer, k, sinks, score_mod)
         if save_kv_cache:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
@@ -169,13 +255,24 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
         qo, kv = md.qo_indptr.tolist(), md.kv_indptr.tolist()  # eager prefill: one host read
         for b0, b1 in self._prefix_groups(kv):
             r = slice(qo[b0], qo[b1])
-            scratch, g = self._dense_prefix(layer.layer_id, k.dtype,
-                                            _group_metadata(md, b0, b1, qo, kv))
-            with self._swapped(_Buffers(pool, scratch, scratch[..., : pool.kv_lora_rank]), g), \
-                    _no_preset_output(forward_batch):
-                o[r] = super().forward_extend(q[r], k[r], v[r], layer, forward_batch, False,
-                                              sinks=sinks, score_mod=score_mod,
-                                              aux_tensors=aux_tensors)
+            scratch, g = self._dense_prefix(
+                layer.layer_id, k.dtype, _group_metadata(md, b0, b1, qo, kv)
+            )
+            with (
+                self._swapped(_Buffers(pool, scratch, scratch[..., : pool.kv_lora_rank]), g),
+                _no_preset_output(forward_batch),
+            ):
+                o[r] = super().forward_extend(
+                    q[r],
+                    k[r],
+                    v[r],
+                    layer,
+                    forward_batch,
+                    False,
+                    sinks=sinks,
+                    score_mod=score_mod,
+                    aux_tensors=aux_tensors,
+                )
         return o
 
     def _prefix_groups(self, kv: list[int]) -> list[tuple[int, int]]:
@@ -185,10 +282,12 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
         groups, b0 = [], 0
         for b in range(1, len(kv)):
             if kv[b] - kv[b - 1] > self.prefill_scratch_rows:
-                raise RuntimeError(f"a request's cached prefix of {kv[b] - kv[b - 1]} tokens "
-                                   f"exceeds the prefill scratch of {self.prefill_scratch_rows} "
-                                   f"rows (context_len); lower --context-length or use "
-                                   f"--kv-quant none.")
+                raise RuntimeError(
+                    f"a request's cached prefix of {kv[b] - kv[b - 1]} tokens "
+                    f"exceeds the prefill scratch of {self.prefill_scratch_rows} "
+                    f"rows (context_len); lower --context-length or use "
+                    f"--kv-quant none."
+                )
             if kv[b] - kv[b0] > self.prefill_scratch_rows:
                 groups.append((b0, b - 1))
                 b0 = b - 1
@@ -204,9 +303,17 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
         slots, rows = torch.unique(md.kv_indices, return_inverse=True)
         p = pool.get_packed_layer(layer_id)
         scratch = torch.empty(slots.numel(), 1, pool.kv_cache_dim, dtype=dtype, device=slots.device)
-        tq_dequant(p.latent_codes, p.latent_norms, None, None, slots, p.codec, dtype=dtype,
-                   out=(scratch[..., : pool.kv_lora_rank], None))
-        scratch[:, 0, pool.kv_lora_rank:] = p.k_pe[slots]
+        tq_dequant(
+            p.latent_codes,
+            p.latent_norms,
+            None,
+            None,
+            slots,
+            p.codec,
+            dtype=dtype,
+            out=(scratch[..., : pool.kv_lora_rank], None),
+        )
+        scratch[:, 0, pool.kv_lora_rank :] = p.k_pe[slots]
         return scratch, dataclasses.replace(md, kv_indices=rows.to(md.kv_indices.dtype))
 
     @contextlib.contextmanager
@@ -237,13 +344,18 @@ def _group_metadata(md, b0: int, b1: int, qo: list[int], kv: list[int]):
     """The parent's extend metadata for requests b0..b1-1 alone: their query rows and
     prefix lists, rebased to 0 (``qo``/``kv``: the indptrs on the host)."""
     return dataclasses.replace(
-        md, qo_indptr=md.qo_indptr[b0:b1 + 1] - qo[b0], kv_indptr=md.kv_indptr[b0:b1 + 1] - kv[b0],
-        kv_indices=md.kv_indices[kv[b0]:kv[b1]],
-        max_extend_len=max(qo[b + 1] - qo[b] for b in range(b0, b1)))
+        md,
+        qo_indptr=md.qo_indptr[b0 : b1 + 1] - qo[b0],
+        kv_indptr=md.kv_indptr[b0 : b1 + 1] - kv[b0],
+        kv_indices=md.kv_indices[kv[b0] : kv[b1]],
+        max_extend_len=max(qo[b + 1] - qo[b] for b in range(b0, b1)),
+    )
 
 
 def _check_mla_call(layer, k, sinks, score_mod) -> None:
     if k is None or sinks is not None or score_mod is not None:
-        raise RuntimeError("the turboquant MLA backend runs DeepSeek-style absorbed attention "
-                           "only (its own K, no sinks, no score_mod); use --kv-quant none for "
-                           "this model.")
+        raise RuntimeError(
+            "the turboquant MLA backend runs DeepSeek-style absorbed attention "
+            "only (its own K, no sinks, no score_mod); use --kv-quant none for "
+            "this model."
+        )

@@ -28,10 +28,10 @@ and the RoPE part apart from the model (prefill without a prefix).
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
-
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
@@ -44,15 +44,17 @@ MLA_LATENT_DIMS = (512,)
 MLA_ROPE_DIMS = (64,)
 
 
-def mla_bytes_per_token(cfg: TQConfig, layer_ids: Iterable[int], rope_dim: int,
-                        dtype: torch.dtype = torch.bfloat16) -> int:
+def mla_bytes_per_token(
+    cfg: TQConfig, layer_ids: Iterable[int], rope_dim: int, dtype: torch.dtype = torch.bfloat16
+) -> int:
     """KV bytes one token costs over ``layer_ids`` of an MLA model: packed layers hold the
     latent's codes and norm (``cfg.key_bytes``, cfg.head_dim = the latent dim) plus the RoPE
     key in ``dtype``; bf16 layers SGLang's (latent + RoPE) row."""
     item = torch.empty((), dtype=dtype).element_size()
     plain = (cfg.head_dim + rope_dim) * item
-    return sum(plain if cfg.is_bf16_layer(i) else cfg.key_bytes + rope_dim * item
-               for i in layer_ids)
+    return sum(
+        plain if cfg.is_bf16_layer(i) else cfg.key_bytes + rope_dim * item for i in layer_ids
+    )
 
 
 class MLAPackedLayer(NamedTuple):
@@ -67,24 +69,51 @@ class MLAPackedLayer(NamedTuple):
 class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
     """Token-to-KV pool storing the MLA latent as TurboQuant codes (module docstring)."""
 
-    def __init__(self, size: int, page_size: int, kv_lora_rank: int, qk_rope_head_dim: int,
-                 layer_num: int, device: str, enable_memory_saver: bool, *, cfg: TQConfig,
-                 model_dtype: torch.dtype = torch.bfloat16, start_layer: Optional[int] = None,
-                 end_layer: Optional[int] = None):
+    def __init__(
+        self,
+        size: int,
+        page_size: int,
+        kv_lora_rank: int,
+        qk_rope_head_dim: int,
+        layer_num: int,
+        device: str,
+        enable_memory_saver: bool,
+        *,
+        cfg: TQConfig,
+        model_dtype: torch.dtype = torch.bfloat16,
+        start_layer: int | None = None,
+        end_layer: int | None = None,
+    ):
         if kv_lora_rank not in MLA_LATENT_DIMS or qk_rope_head_dim not in MLA_ROPE_DIMS:
-            raise ValueError(f"the TurboQuant MLA pool supports a {MLA_LATENT_DIMS} latent with a "
-                             f"{MLA_ROPE_DIMS} RoPE part, got {kv_lora_rank} and {qk_rope_head_dim}; "
-                             f"use --kv-quant none for this model.")
+            raise ValueError(
+                f"the TurboQuant MLA pool supports a {MLA_LATENT_DIMS} latent with a "
+                f"{MLA_ROPE_DIMS} RoPE part, got {kv_lora_rank} and {qk_rope_head_dim}; "
+                f"use --kv-quant none for this model."
+            )
         if cfg.head_dim != kv_lora_rank:
-            raise ValueError(f"the MLA pool's TQConfig must have head_dim = kv_lora_rank "
-                             f"({kv_lora_rank}), got {cfg.head_dim}.")
+            raise ValueError(
+                f"the MLA pool's TQConfig must have head_dim = kv_lora_rank "
+                f"({kv_lora_rank}), got {cfg.head_dim}."
+            )
         if cfg.k_bits != cfg.v_bits or cfg.key_variant != "mse":
-            raise ValueError(f"an MLA latent is both key and value, so it takes one bit width "
-                             f"and plain codes: use --kv-quant-bits k{cfg.k_bits}v{cfg.k_bits}.")
+            raise ValueError(
+                f"an MLA latent is both key and value, so it takes one bit width "
+                f"and plain codes: use --kv-quant-bits k{cfg.k_bits}v{cfg.k_bits}."
+            )
         if model_dtype not in MODEL_DTYPES:
-            raise ValueError(f"the model dtype of a TurboQuant pool must be bf16 or fp16, got {model_dtype}.")
-        super().__init__(size, page_size, torch.uint8, layer_num, device, enable_memory_saver,
-                         start_layer, end_layer)
+            raise ValueError(
+                f"the model dtype of a TurboQuant pool must be bf16 or fp16, got {model_dtype}."
+            )
+        super().__init__(
+            size,
+            page_size,
+            torch.uint8,
+            layer_num,
+            device,
+            enable_memory_saver,
+            start_layer,
+            end_layer,
+        )
         self.cfg = cfg
         self.model_dtype = model_dtype
         self.kv_lora_rank = kv_lora_rank
@@ -95,14 +124,18 @@ class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
         self.num_slots = size + page_size
         self.fwht = fwht_rotations()
         # codecs outside the KV region (--enable-memory-saver discards only codes and norms)
-        self.codecs: list[Optional[LayerCodec]] = [
-            None if cfg.is_bf16_layer(i) else LayerCodec.create(
-                kv_lora_rank, cfg.k_bits, cfg.k_bits, seed=cfg.layer_seed(i), device=device)
-            for i in self.layer_ids]
-        self.latent_codes: list[Optional[torch.Tensor]] = []
-        self.latent_norms: list[Optional[torch.Tensor]] = []
-        self.k_pe: list[Optional[torch.Tensor]] = []
-        self.kv_buffer: list[Optional[torch.Tensor]] = []
+        self.codecs: list[LayerCodec | None] = [
+            None
+            if cfg.is_bf16_layer(i)
+            else LayerCodec.create(
+                kv_lora_rank, cfg.k_bits, cfg.k_bits, seed=cfg.layer_seed(i), device=device
+            )
+            for i in self.layer_ids
+        ]
+        self.latent_codes: list[torch.Tensor | None] = []
+        self.latent_norms: list[torch.Tensor | None] = []
+        self.k_pe: list[torch.Tensor | None] = []
+        self.kv_buffer: list[torch.Tensor | None] = []
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             for codec in self.codecs:
                 self._alloc_layer(codec)
@@ -112,27 +145,32 @@ class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
     def layer_ids(self) -> range:
         return range(self.start_layer, self.start_layer + self.layer_num)
 
-    def _alloc_layer(self, codec: Optional[LayerCodec]) -> None:
+    def _alloc_layer(self, codec: LayerCodec | None) -> None:
         dev = dict(device=self.device)
         if codec is None:
-            self.kv_buffer.append(torch.zeros(self.num_slots, 1, self.kv_cache_dim,
-                                              dtype=self.model_dtype, **dev))
+            self.kv_buffer.append(
+                torch.zeros(self.num_slots, 1, self.kv_cache_dim, dtype=self.model_dtype, **dev)
+            )
             for packed in (self.latent_codes, self.latent_norms, self.k_pe):
                 packed.append(None)
             return
         codes, norms, _, _ = codec.alloc_buffers(0, 1, self.device)
-        self.latent_codes.append(torch.zeros(self.num_slots, 1, codes.shape[-1],
-                                             dtype=torch.uint8, **dev))
+        self.latent_codes.append(
+            torch.zeros(self.num_slots, 1, codes.shape[-1], dtype=torch.uint8, **dev)
+        )
         self.latent_norms.append(torch.zeros(self.num_slots, 1, dtype=torch.float16, **dev))
-        self.k_pe.append(torch.zeros(self.num_slots, self.qk_rope_head_dim,
-                                     dtype=self.model_dtype, **dev))
+        self.k_pe.append(
+            torch.zeros(self.num_slots, self.qk_rope_head_dim, dtype=self.model_dtype, **dev)
+        )
         self.kv_buffer.append(None)
 
     def _index(self, layer_id: int) -> int:
         idx = layer_id - self.start_layer
         if not 0 <= idx < self.layer_num:
-            raise IndexError(f"layer {layer_id} is outside this KV pool's layers "
-                             f"[{self.start_layer}, {self.start_layer + self.layer_num}).")
+            raise IndexError(
+                f"layer {layer_id} is outside this KV pool's layers "
+                f"[{self.start_layer}, {self.start_layer + self.layer_num})."
+            )
         return idx
 
     # -- what the TurboQuant backend reads -----------------------------------
@@ -142,10 +180,13 @@ class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
     def get_packed_layer(self, layer_id: int) -> MLAPackedLayer:
         idx = self._index(layer_id)
         if self.codecs[idx] is None:
-            raise RuntimeError(f"layer {layer_id} is kept in bf16 (--kv-quant-bf16-layers), so it "
-                               f"has no packed latent; read it with get_key_buffer instead.")
-        return MLAPackedLayer(self.latent_codes[idx], self.latent_norms[idx], self.k_pe[idx],
-                              self.codecs[idx])
+            raise RuntimeError(
+                f"layer {layer_id} is kept in bf16 (--kv-quant-bf16-layers), so it "
+                f"has no packed latent; read it with get_key_buffer instead."
+            )
+        return MLAPackedLayer(
+            self.latent_codes[idx], self.latent_norms[idx], self.k_pe[idx], self.codecs[idx]
+        )
 
     # -- KVCache interface -----------------------------------------------------
     def _plain(self, layer_id: int) -> int:
@@ -154,7 +195,8 @@ class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
             raise RuntimeError(
                 f"sglang-tq: layer {layer_id} holds the MLA latent as packed TurboQuant codes, "
                 f"which have no bf16 view; read them with TQMLATokenToKVPool.get_packed_layer() "
-                f"and the sglang_tq.kernels decoders (or start the server with --kv-quant none).")
+                f"and the sglang_tq.kernels decoders (or start the server with --kv-quant none)."
+            )
         return idx
 
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
@@ -169,46 +211,80 @@ class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
     def get_v_head_dim(self) -> int:
         return self.kv_lora_rank
 
-    def set_kv_buffer(self, layer, loc, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                      k_scale=None, v_scale=None, layer_id_override: Optional[int] = None,
-                      dcp_kv_mask=None) -> None:
+    def set_kv_buffer(
+        self,
+        layer,
+        loc,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale=None,
+        v_scale=None,
+        layer_id_override: int | None = None,
+        dcp_kv_mask=None,
+    ) -> None:
         """The absorbed path's write: ``cache_k`` [T, 1, 576] = latent | RoPE key;
         ``cache_v`` (the latent again) is not needed, as in SGLang's MLA pool."""
         if dcp_kv_mask is not None:
-            raise RuntimeError("the TurboQuant KV pool does not support decode context parallelism "
-                               "(--dcp-size); run without it or use --kv-quant none.")
+            raise RuntimeError(
+                "the TurboQuant KV pool does not support decode context parallelism "
+                "(--dcp-size); run without it or use --kv-quant none."
+            )
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         k = cache_k.reshape(-1, 1, self.kv_cache_dim)
-        self._write(layer_id, unwrap_write_loc(loc)[0], k[..., : self.kv_lora_rank],
-                    k[..., self.kv_lora_rank:])
+        self._write(
+            layer_id,
+            unwrap_write_loc(loc)[0],
+            k[..., : self.kv_lora_rank],
+            k[..., self.kv_lora_rank :],
+        )
 
-    def set_mla_kv_buffer(self, layer, loc: torch.Tensor, cache_k_nope: torch.Tensor,
-                          cache_k_rope: torch.Tensor) -> None:
+    def set_mla_kv_buffer(
+        self, layer, loc: torch.Tensor, cache_k_nope: torch.Tensor, cache_k_rope: torch.Tensor
+    ) -> None:
         """The model's write on prefill without a prefix: latent [T, 1, 512] and RoPE key
         [T, 1, 64] as separate (possibly strided) tensors."""
-        self._write(layer.layer_id, loc, cache_k_nope.reshape(-1, 1, self.kv_lora_rank),
-                    cache_k_rope.reshape(-1, 1, self.qk_rope_head_dim))
+        self._write(
+            layer.layer_id,
+            loc,
+            cache_k_nope.reshape(-1, 1, self.kv_lora_rank),
+            cache_k_rope.reshape(-1, 1, self.qk_rope_head_dim),
+        )
 
-    def _write(self, layer_id: int, loc: torch.Tensor, latent: torch.Tensor,
-               rope: torch.Tensor) -> None:
+    def _write(
+        self, layer_id: int, loc: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor
+    ) -> None:
         idx = self._index(layer_id)
         if self.codecs[idx] is None:
             buf = self.kv_buffer[idx]
             buf[loc, :, : self.kv_lora_rank] = latent.to(self.model_dtype)
-            buf[loc, :, self.kv_lora_rank:] = rope.to(self.model_dtype)
+            buf[loc, :, self.kv_lora_rank :] = rope.to(self.model_dtype)
             return
         if latent.stride(-1) != 1:
             latent = latent.contiguous()
-        _store_kv(latent, None, loc, self.latent_codes[idx], self.latent_norms[idx], None, None,
-                  self.codecs[idx], fwht=self.fwht, pdl=False)  # as TQTokenToKVPool's store
+        _store_kv(
+            latent,
+            None,
+            loc,
+            self.latent_codes[idx],
+            self.latent_norms[idx],
+            None,
+            None,
+            self.codecs[idx],
+            fwht=self.fwht,
+            pdl=False,
+        )  # as TQTokenToKVPool's store
         self.k_pe[idx][loc] = rope.reshape(-1, self.qk_rope_head_dim).to(self.model_dtype)
 
     def get_mla_kv_buffer(self, layer, loc, dst_dtype=None):
-        self._refuse("gathering the dense MLA latent (SGLang's fa3/flashinfer MLA prefill)",
-                     "--attention-backend")
+        self._refuse(
+            "gathering the dense MLA latent (SGLang's fa3/flashinfer MLA prefill)",
+            "--attention-backend",
+        )
 
     def get_kv_size_bytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for group in (self.latent_codes, self.latent_norms, self.k_pe, self.kv_buffer)
-                   for t in group if t is not None)
-
+        return sum(
+            t.numel() * t.element_size()
+            for group in (self.latent_codes, self.latent_norms, self.k_pe, self.kv_buffer)
+            for t in group
+            if t is not None
+        )

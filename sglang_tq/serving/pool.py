@@ -27,10 +27,10 @@ never mistake the codes for bf16.
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
-
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
@@ -44,55 +44,96 @@ MODEL_DTYPES = (torch.bfloat16, torch.float16)
 _store_kv = torch.compiler.disable(tq_store_kv)
 
 
-def bytes_per_token(cfg: TQConfig, layer_ids: Iterable[int], num_kv_heads: int,
-                    dtype: torch.dtype = torch.bfloat16) -> int:
+def bytes_per_token(
+    cfg: TQConfig, layer_ids: Iterable[int], num_kv_heads: int, dtype: torch.dtype = torch.bfloat16
+) -> int:
     """KV bytes one token costs over ``layer_ids``: packed layers at
     ``cfg.bytes_per_token_per_head`` per head, bf16 layers at 2·D·itemsize per head."""
     plain = 2 * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-    return sum(num_kv_heads * (plain if cfg.is_bf16_layer(i) else cfg.bytes_per_token_per_head)
-               for i in layer_ids)
+    return sum(
+        num_kv_heads * (plain if cfg.is_bf16_layer(i) else cfg.bytes_per_token_per_head)
+        for i in layer_ids
+    )
 
 
-def prefill_scratch_bytes(cfg: TQConfig, layer_ids: Iterable[int], num_kv_heads: int,
-                          context_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+def prefill_scratch_bytes(
+    cfg: TQConfig,
+    layer_ids: Iterable[int],
+    num_kv_heads: int,
+    context_len: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
     """Bytes of the dense prefix scratch a prefill step may hold: ``context_len`` rows of
     K and V [Hkv, D] in ``dtype`` (one layer at a time), or 0 when every layer is bf16.
     The backend's prefill plan (``backend._plan_prefill``) never exceeds these rows, and
     the pool-sizing hook takes them out of the KV budget, so the scratch cannot OOM."""
     if all(cfg.is_bf16_layer(i) for i in layer_ids):
         return 0
-    return context_len * 2 * num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    return (
+        context_len * 2 * num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    )
 
 
-def inner_pool_factory(cfg: TQConfig, layer_ids: dict[Optional[str], Sequence[int]],
-                       key_centers: Optional[torch.Tensor] = None):
+def inner_pool_factory(
+    cfg: TQConfig,
+    layer_ids: dict[str | None, Sequence[int]],
+    key_centers: torch.Tensor | None = None,
+):
     """A stand-in for the ``MHATokenToKVPool`` class that SGLang's hybrid pools build their
     inner pools with (``SWAKVPool``'s ``token_to_kv_pool_class``, ``HybridLinearKVPool``'s
     ``full_kv_pool_class``): it takes their keyword arguments and builds a
     :class:`TQTokenToKVPool` whose model layer ids are ``layer_ids[allocation_label]``
     (SGLang labels SWAKVPool's pools "Full" and "SWA"; HybridLinearKVPool gives none)."""
 
-    def build(*, size, page_size, dtype, head_num, head_dim, layer_num, device,
-              enable_memory_saver=False, allocation_label=None, quant_method=None,
-              enable_kv_cache_copy=False, post_capture_active=False, v_head_dim=None, **extra):
+    def build(
+        *,
+        size,
+        page_size,
+        dtype,
+        head_num,
+        head_dim,
+        layer_num,
+        device,
+        enable_memory_saver=False,
+        allocation_label=None,
+        quant_method=None,
+        enable_kv_cache_copy=False,
+        post_capture_active=False,
+        v_head_dim=None,
+        **extra,
+    ):
         unknown = sorted(k for k, v in extra.items() if v is not None)
         if unknown or quant_method is not None or enable_kv_cache_copy or post_capture_active:
             raise RuntimeError(
                 f"--kv-quant turboquant cannot build SGLang's inner KV pool with "
                 f"{unknown or 'a KV quantization, KV copy or post-capture sizing'}; use "
-                f"--kv-quant none for this model.")
+                f"--kv-quant none for this model."
+            )
         if allocation_label not in layer_ids:
-            raise RuntimeError(f"--kv-quant turboquant has no layer ids for SGLang's "
-                               f"{allocation_label!r} KV pool; use --kv-quant none for this model.")
-        return TQTokenToKVPool(size, page_size, head_num, head_dim, layer_num, device,
-                               enable_memory_saver, cfg=cfg, model_dtype=dtype,
-                               v_head_dim=v_head_dim, start_layer=0, key_centers=key_centers,
-                               global_layer_ids=layer_ids[allocation_label])
+            raise RuntimeError(
+                f"--kv-quant turboquant has no layer ids for SGLang's "
+                f"{allocation_label!r} KV pool; use --kv-quant none for this model."
+            )
+        return TQTokenToKVPool(
+            size,
+            page_size,
+            head_num,
+            head_dim,
+            layer_num,
+            device,
+            enable_memory_saver,
+            cfg=cfg,
+            model_dtype=dtype,
+            v_head_dim=v_head_dim,
+            start_layer=0,
+            key_centers=key_centers,
+            global_layer_ids=layer_ids[allocation_label],
+        )
 
     return build
 
 
-def resolve_layer(pool, layer_id: int) -> tuple["TQTokenToKVPool", int]:
+def resolve_layer(pool, layer_id: int) -> tuple[TQTokenToKVPool, int]:
     """The packed pool that holds model layer ``layer_id`` and the id it is addressed by
     there: ``pool`` itself, or the inner pool of SGLang's ``SWAKVPool`` (``layers_mapping``)
     or ``HybridLinearKVPool`` (``full_attention_layer_id_mapping``); one sentence when the
@@ -107,15 +148,19 @@ def resolve_layer(pool, layer_id: int) -> tuple["TQTokenToKVPool", int]:
     elif full_map is not None and layer_id in full_map:
         idx, inner = full_map[layer_id], pool.full_kv_pool
     else:
-        raise RuntimeError(f"layer {layer_id} has no KV cache in the {type(pool).__name__} the "
-                           f"turboquant backend was given; use --kv-quant none for this model.")
+        raise RuntimeError(
+            f"layer {layer_id} has no KV cache in the {type(pool).__name__} the "
+            f"turboquant backend was given; use --kv-quant none for this model."
+        )
     if not isinstance(inner, TQTokenToKVPool):
-        raise RuntimeError(f"the {type(pool).__name__} holds a {type(inner).__name__} for layer "
-                           f"{layer_id}, not the packed pool; start with --kv-quant turboquant.")
+        raise RuntimeError(
+            f"the {type(pool).__name__} holds a {type(inner).__name__} for layer "
+            f"{layer_id}, not the packed pool; start with --kv-quant turboquant."
+        )
     return inner, idx
 
 
-def packed_pools(pool) -> list["TQTokenToKVPool"]:
+def packed_pools(pool) -> list[TQTokenToKVPool]:
     """Every packed pool inside ``pool`` (itself, or a hybrid pool's inner pools)."""
     if isinstance(pool, TQTokenToKVPool):
         return [pool]
@@ -150,8 +195,10 @@ class RefusesRawMoves:
         self._refuse("prefix-valid KV writes (speculative decoding)", "--speculative-algorithm")
 
     def get_contiguous_buf_infos(self):
-        self._refuse("exporting raw KV buffers (PD disaggregation / HiCache)",
-                     "--disaggregation-mode and --enable-hierarchical-cache")
+        self._refuse(
+            "exporting raw KV buffers (PD disaggregation / HiCache)",
+            "--disaggregation-mode and --enable-hierarchical-cache",
+        )
 
     def get_cpu_copy(self, indices, mamba_indices=None):
         self._refuse("offloading KV to the CPU", "--disaggregation-decode-enable-offload-kvcache")
@@ -163,32 +210,58 @@ class RefusesRawMoves:
 class TQTokenToKVPool(RefusesRawMoves, KVCache):
     """Token-to-KV pool storing TurboQuant codes (and bf16 K/V for bf16 layers)."""
 
-    def __init__(self, size: int, page_size: int, head_num: int, head_dim: int, layer_num: int,
-                 device: str, enable_memory_saver: bool, *, cfg: TQConfig,
-                 model_dtype: torch.dtype = torch.bfloat16, v_head_dim: Optional[int] = None,
-                 start_layer: Optional[int] = None, end_layer: Optional[int] = None,
-                 key_centers: Optional[torch.Tensor] = None,
-                 global_layer_ids: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        size: int,
+        page_size: int,
+        head_num: int,
+        head_dim: int,
+        layer_num: int,
+        device: str,
+        enable_memory_saver: bool,
+        *,
+        cfg: TQConfig,
+        model_dtype: torch.dtype = torch.bfloat16,
+        v_head_dim: int | None = None,
+        start_layer: int | None = None,
+        end_layer: int | None = None,
+        key_centers: torch.Tensor | None = None,
+        global_layer_ids: Sequence[int] | None = None,
+    ):
         if cfg.head_dim != head_dim or (v_head_dim or head_dim) != head_dim:
             raise ValueError(
                 f"TQTokenToKVPool needs equal K/V head dims matching TQConfig.head_dim={cfg.head_dim}, "
                 f"got head_dim={head_dim} and v_head_dim={v_head_dim}."
             )
         if model_dtype not in MODEL_DTYPES:
-            raise ValueError(f"the model dtype of a TurboQuant pool must be bf16 or fp16, got {model_dtype}.")
+            raise ValueError(
+                f"the model dtype of a TurboQuant pool must be bf16 or fp16, got {model_dtype}."
+            )
         # dtype is the storage dtype (uint8): SGLang's fused set-KV test
         # (pool.dtype == bfloat16) is then false for this pool by construction.
-        super().__init__(size, page_size, torch.uint8, layer_num, device, enable_memory_saver,
-                         start_layer, end_layer)
+        super().__init__(
+            size,
+            page_size,
+            torch.uint8,
+            layer_num,
+            device,
+            enable_memory_saver,
+            start_layer,
+            end_layer,
+        )
         self.cfg = cfg
         # the model's ids of this pool's layers: what the rotation seed, --kv-quant-bf16-layers
         # and the key centers are indexed by; an inner pool of SGLang's hybrid pools (SWA,
         # linear attention) addresses layers 0..n-1 but holds scattered model layers
-        self.global_layer_ids = (tuple(self.layer_ids) if global_layer_ids is None
-                                 else tuple(int(i) for i in global_layer_ids))
+        self.global_layer_ids = (
+            tuple(self.layer_ids)
+            if global_layer_ids is None
+            else tuple(int(i) for i in global_layer_ids)
+        )
         if len(self.global_layer_ids) != layer_num:
-            raise ValueError(f"global_layer_ids must name {layer_num} layers, got "
-                             f"{len(self.global_layer_ids)}.")
+            raise ValueError(
+                f"global_layer_ids must name {layer_num} layers, got {len(self.global_layer_ids)}."
+            )
         self._debug = debug_memory_pool()
         self.fwht = fwht_rotations()  # SGLANG_TQ_FWHT: the store's rotation (0: dense, for A/B)
         self.row_tokens = store_row_tokens()  # SGLANG_TQ_STORE_ROW_TOKENS: one-token programs
@@ -197,20 +270,29 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
         self.head_dim = head_dim
         self.v_head_dim = head_dim
         self.num_slots = size + page_size
-        self.codecs: list[Optional[LayerCodec]] = []
-        self.k_codes: list[Optional[torch.Tensor]] = []
-        self.k_norms: list[Optional[torch.Tensor]] = []
-        self.v_codes: list[Optional[torch.Tensor]] = []
-        self.v_norms: list[Optional[torch.Tensor]] = []
-        self.k_buffer: list[Optional[torch.Tensor]] = []
-        self.v_buffer: list[Optional[torch.Tensor]] = []
+        self.codecs: list[LayerCodec | None] = []
+        self.k_codes: list[torch.Tensor | None] = []
+        self.k_norms: list[torch.Tensor | None] = []
+        self.v_codes: list[torch.Tensor | None] = []
+        self.v_norms: list[torch.Tensor | None] = []
+        self.k_buffer: list[torch.Tensor | None] = []
+        self.v_buffer: list[torch.Tensor | None] = []
         # The codecs (rotations, codebooks, lookup words, key centers) are constants, made
         # outside the KV region: --enable-memory-saver discards that region on release and
         # hands back undefined bytes on resume, which is right for the codes and norms only.
-        codecs = {i: None if cfg.is_bf16_layer(g) else LayerCodec.create(
-            head_dim, cfg.k_bits, cfg.v_bits, seed=cfg.layer_seed(g), device=device,
-            k_center=None if key_centers is None else key_centers[g])
-            for i, g in zip(self.layer_ids, self.global_layer_ids)}
+        codecs = {
+            i: None
+            if cfg.is_bf16_layer(g)
+            else LayerCodec.create(
+                head_dim,
+                cfg.k_bits,
+                cfg.v_bits,
+                seed=cfg.layer_seed(g),
+                device=device,
+                k_center=None if key_centers is None else key_centers[g],
+            )
+            for i, g in zip(self.layer_ids, self.global_layer_ids)
+        }
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             for layer_id in self.layer_ids:
                 self._alloc_layer(layer_id, codecs[layer_id])
@@ -222,7 +304,7 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
         range; an inner pool of a hybrid pool 0..n-1, see ``global_layer_ids``)."""
         return range(self.start_layer, self.start_layer + self.layer_num)
 
-    def _alloc_layer(self, layer_id: int, codec: Optional[LayerCodec]) -> None:
+    def _alloc_layer(self, layer_id: int, codec: LayerCodec | None) -> None:
         """The KV buffers of one layer: packed codes and norms for ``codec``, or plain
         model-dtype K/V for a bf16 layer (``codec`` None)."""
         if codec is None:
@@ -261,8 +343,13 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
                 f"layer {layer_id} is kept in bf16 (--kv-quant-bf16-layers), so it has no packed "
                 f"codes; read it with get_key_buffer/get_value_buffer instead."
             )
-        return PackedLayer(self.k_codes[idx], self.k_norms[idx], self.v_codes[idx],
-                           self.v_norms[idx], self.codecs[idx])
+        return PackedLayer(
+            self.k_codes[idx],
+            self.k_norms[idx],
+            self.v_codes[idx],
+            self.v_norms[idx],
+            self.codecs[idx],
+        )
 
     # -- KVCache interface -----------------------------------------------------
     def _plain(self, layer_id: int, which: str) -> int:
@@ -288,15 +375,25 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
     def get_v_head_dim(self) -> int:
         return self.v_head_dim
 
-    def set_kv_buffer(self, layer, loc, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                      k_scale=None, v_scale=None, layer_id_override: Optional[int] = None,
-                      dcp_kv_mask=None) -> None:
+    def set_kv_buffer(
+        self,
+        layer,
+        loc,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale=None,
+        v_scale=None,
+        layer_id_override: int | None = None,
+        dcp_kv_mask=None,
+    ) -> None:
         """Write new K/V [T, Hkv, D] to slots ``loc``: quantize-and-store for packed
         layers (one fused launch for K and V), a plain copy for bf16 layers.
         ``k_scale``/``v_scale`` only matter for fp8 stores and are ignored here."""
         if dcp_kv_mask is not None:
-            raise RuntimeError("the TurboQuant KV pool does not support decode context parallelism "
-                               "(--dcp-size); run without it or use --kv-quant none.")
+            raise RuntimeError(
+                "the TurboQuant KV pool does not support decode context parallelism "
+                "(--dcp-size); run without it or use --kv-quant none."
+            )
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         loc = unwrap_write_loc(loc)[0]
         idx = self._index(layer_id)
@@ -311,17 +408,29 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
         # pdl=False: the decode's stage 1 is then scheduled after the store ends instead of
         # occupying SMs while it waits; store + decode at 8 x 4k k4v4 44.5 µs against 57.4
         # with the PDL store and early q (H100, ab_store_rows_h100_8e620f2.json), level at one
-        _store_kv(k, v, loc, self.k_codes[idx], self.k_norms[idx], self.v_codes[idx],
-                  self.v_norms[idx], self.codecs[idx], fwht=self.fwht, row_tokens=self.row_tokens,
-                  pdl=False)
+        _store_kv(
+            k,
+            v,
+            loc,
+            self.k_codes[idx],
+            self.k_norms[idx],
+            self.v_codes[idx],
+            self.v_norms[idx],
+            self.codecs[idx],
+            fwht=self.fwht,
+            row_tokens=self.row_tokens,
+            pdl=False,
+        )
         if self._debug:
             self._check_norms(layer_id, loc)
 
     def _check_slots(self, loc: torch.Tensor) -> None:
         """SGLANG_DEBUG_MEMORY_POOL: every slot of a store inside the pool (synchronizes)."""
         if loc.numel() and (int(loc.min()) < 0 or int(loc.max()) >= self.num_slots):
-            raise IndexError(f"a KV store addressed slots {int(loc.min())}..{int(loc.max())} of a "
-                             f"pool of {self.num_slots}; this is an allocator bug, please report it.")
+            raise IndexError(
+                f"a KV store addressed slots {int(loc.min())}..{int(loc.max())} of a "
+                f"pool of {self.num_slots}; this is an allocator bug, please report it."
+            )
 
     def _check_norms(self, layer_id: int, loc: torch.Tensor) -> None:
         """SGLANG_DEBUG_MEMORY_POOL: the fp16 norms just stored are finite (the kernel writes
@@ -330,15 +439,17 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
         for which, norms in (("key", self.k_norms[idx]), ("value", self.v_norms[idx])):
             if not torch.isfinite(norms[loc.long()]).all():
                 g = self.global_layer_ids[idx]
-                raise ValueError(f"layer {g}: a {which} vector's norm exceeds the fp16 range "
-                                 f"of the packed pool; keep this layer in bf16 "
-                                 f"(--kv-quant-bf16-layers {g}).")
+                raise ValueError(
+                    f"layer {g}: a {which} vector's norm exceeds the fp16 range "
+                    f"of the packed pool; keep this layer in bf16 "
+                    f"(--kv-quant-bf16-layers {g})."
+                )
 
     def get_kv_size_bytes(self) -> tuple[int, int]:
         def nbytes(tensors):
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-        return (nbytes(self.k_codes) + nbytes(self.k_norms) + nbytes(self.k_buffer),
-                nbytes(self.v_codes) + nbytes(self.v_norms) + nbytes(self.v_buffer))
-
-
+        return (
+            nbytes(self.k_codes) + nbytes(self.k_norms) + nbytes(self.k_buffer),
+            nbytes(self.v_codes) + nbytes(self.v_norms) + nbytes(self.v_buffer),
+        )

@@ -27,7 +27,7 @@ change the pool layout are read here and nowhere else.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ..config import TQConfig
 from ..format.priorart import KIVI_GROUP_TOKENS
@@ -94,8 +94,11 @@ def check_server_args(sa: Any) -> None:
                 f"turboquant, triton or unset (got {value!r}); drop {flag} {_ALT}."
             )
     if str(sa.kv_cache_dtype) not in ACCEPTED_KV_CACHE_DTYPES:
-        what = ("stores its round-tripped K/V in the bf16 pool" if simulated
-                else "replaces the KV cache format")
+        what = (
+            "stores its round-tripped K/V in the bf16 pool"
+            if simulated
+            else "replaces the KV cache format"
+        )
         raise ValueError(
             f"{q} {what}, so --kv-cache-dtype must be auto "
             f"or bf16 (got {sa.kv_cache_dtype!r}); drop --kv-cache-dtype {_ALT}."
@@ -120,47 +123,79 @@ def check_server_args(sa: Any) -> None:
 # (predicate, flag as typed, what it is): a true predicate refuses the flag.
 _FLAG_RULES = (
     (lambda sa: sa.disaggregation_mode != "null", "--disaggregation-mode", "PD disaggregation"),
-    (lambda sa: sa.disaggregation_decode_enable_offload_kvcache,
-     "--disaggregation-decode-enable-offload-kvcache", "KV offload on PD decode"),
-    (lambda sa: sa.enable_hierarchical_cache, "--enable-hierarchical-cache",
-     "HiCache (host-memory KV tiers)"),
-    (lambda sa: sa.hicache_storage_backend is not None, "--hicache-storage-backend",
-     "HiCache storage"),
+    (
+        lambda sa: sa.disaggregation_decode_enable_offload_kvcache,
+        "--disaggregation-decode-enable-offload-kvcache",
+        "KV offload on PD decode",
+    ),
+    (
+        lambda sa: sa.enable_hierarchical_cache,
+        "--enable-hierarchical-cache",
+        "HiCache (host-memory KV tiers)",
+    ),
+    (
+        lambda sa: sa.hicache_storage_backend is not None,
+        "--hicache-storage-backend",
+        "HiCache storage",
+    ),
     (lambda sa: sa.enable_lmcache, "--enable-lmcache", "LMCache"),
     (lambda sa: sa.enable_flexkv, "--enable-flexkv", "FlexKV"),
     (lambda sa: sa.enable_hisparse, "--enable-hisparse", "HiSparse"),
-    (lambda sa: sa.speculative_algorithm is not None, "--speculative-algorithm",
-     "speculative decoding"),
+    (
+        lambda sa: sa.speculative_algorithm is not None,
+        "--speculative-algorithm",
+        "speculative decoding",
+    ),
     (lambda sa: sa.dcp_size > 1, "--dcp-size", "decode context parallelism"),
     (lambda sa: sa.attn_cp_size > 1, "--attn-cp-size", "attention context parallelism"),
     (lambda sa: sa.enable_prefill_cp, "--enable-prefill-cp", "prefill context parallelism"),
     (lambda sa: sa.pp_size > 1, "--pp-size", "pipeline parallelism (untested so far)"),
-    (lambda sa: sa.enable_dp_attention, "--enable-dp-attention",
-     "data-parallel attention (untested so far)"),
+    (
+        lambda sa: sa.enable_dp_attention,
+        "--enable-dp-attention",
+        "data-parallel attention (untested so far)",
+    ),
     (lambda sa: sa.enable_two_batch_overlap, "--enable-two-batch-overlap", "two-batch overlap"),
     (lambda sa: sa.enable_pdmux, "--enable-pdmux", "PD multiplexing"),
-    (lambda sa: sa.enable_deterministic_inference, "--enable-deterministic-inference",
-     "deterministic inference"),
+    (
+        lambda sa: sa.enable_deterministic_inference,
+        "--enable-deterministic-inference",
+        "deterministic inference",
+    ),
     (lambda sa: sa.enable_unified_memory, "--enable-unified-memory", "the unified memory pool"),
-    (lambda sa: sa.enable_page_major_kv_layout, "--enable-page-major-kv-layout",
-     "the page-major KV layout"),
-    (lambda sa: sa.prefill_only_disable_kv_cache, "--prefill-only-disable-kv-cache",
-     "running without a KV cache"),
+    (
+        lambda sa: sa.enable_page_major_kv_layout,
+        "--enable-page-major-kv-layout",
+        "the page-major KV layout",
+    ),
+    (
+        lambda sa: sa.prefill_only_disable_kv_cache,
+        "--prefill-only-disable-kv-cache",
+        "running without a KV cache",
+    ),
     (lambda sa: sa.kv_canary != "none", "--kv-canary", "KV canaries"),
-    (lambda sa: sa.device not in (None, "cuda"), "--device",
-     "devices other than CUDA GPUs"),
+    (lambda sa: sa.device not in (None, "cuda"), "--device", "devices other than CUDA GPUs"),
 )
 
 
 # Combinations the packed pool and its backend have not been tested with: refused until a
 # test covers them (the simulated formats run SGLang's own pool and backend instead).
 _TQ_FLAG_RULES = (
-    (lambda sa: (sa.page_size or 1) > 1, "--page-size", "pages of more than one token "
-     "(untested so far)"),
-    (lambda sa: bool(sa.enable_lora or sa.lora_paths), "--enable-lora / --lora-paths",
-     "LoRA adapters (untested so far)"),
-    (lambda sa: sa.enable_torch_compile, "--enable-torch-compile",
-     "torch.compile of the model (untested so far)"),
+    (
+        lambda sa: (sa.page_size or 1) > 1,
+        "--page-size",
+        "pages of more than one token (untested so far)",
+    ),
+    (
+        lambda sa: bool(sa.enable_lora or sa.lora_paths),
+        "--enable-lora / --lora-paths",
+        "LoRA adapters (untested so far)",
+    ),
+    (
+        lambda sa: sa.enable_torch_compile,
+        "--enable-torch-compile",
+        "torch.compile of the model (untested so far)",
+    ),
     (lambda sa: (sa.dp_size or 1) > 1, "--dp-size", "data-parallel replicas (untested so far)"),
 )
 
@@ -177,13 +212,15 @@ def _check_flags(sa: Any) -> None:
 def _check_environment(q: str) -> None:
     from sglang.srt.environ import envs
 
-    for var, what in (("SGLANG_USE_HND_KVCACHE", "the HND KV layout"),
-                      ("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "post-capture KV sizing")):
+    for var, what in (
+        ("SGLANG_USE_HND_KVCACHE", "the HND KV layout"),
+        ("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "post-capture KV sizing"),
+    ):
         if getattr(envs, var).get():
             raise ValueError(f"{q} does not support {what}; unset {var} {_ALT}.")
 
 
-def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
+def check_model_config(mc: Any, sa: Any | None = None) -> None:
     """Model-level refusals; ``sa`` (server args) adds the TP and bf16-layer checks."""
     from sglang.srt.configs.hybrid_arch import mambaish_config
     from sglang.srt.configs.model_config import (
@@ -207,7 +244,9 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"{arch} yet; use --kv-quant none for this model."
         )
     hybrid_swa_ok = mode == "turboquant" and arch in HYBRID_SWA_ARCHITECTURES
-    if (getattr(mc, "is_hybrid_swa", False) and not hybrid_swa_ok) or getattr(mc, "is_hybrid_swa_compress", False):
+    if (getattr(mc, "is_hybrid_swa", False) and not hybrid_swa_ok) or getattr(
+        mc, "is_hybrid_swa_compress", False
+    ):
         raise ValueError(
             f"{q} does not support hybrid sliding-window models such as {arch} "
             f"yet; use --kv-quant none for this model."
@@ -233,8 +272,9 @@ def check_model_config(mc: Any, sa: Optional[Any] = None) -> None:
             f"head dims, but {arch} has head_dim={mc.head_dim}, v_head_dim={mc.v_head_dim}; use "
             f"--kv-quant kivi or --kv-quant none for this model."
         )
-    if mode not in SIMULATED_MODES and (mc.head_dim != mc.v_head_dim
-                                        or mc.head_dim not in SUPPORTED_HEAD_DIMS):
+    if mode not in SIMULATED_MODES and (
+        mc.head_dim != mc.v_head_dim or mc.head_dim not in SUPPORTED_HEAD_DIMS
+    ):
         raise ValueError(
             f"{q} kernels need equal K/V head dims in {SUPPORTED_HEAD_DIMS}, but "
             f"{arch} has head_dim={mc.head_dim}, v_head_dim={mc.v_head_dim}; use --kv-quant none "
@@ -278,35 +318,51 @@ def _check_bf16_layers(mc: Any, sa: Any, arch: str) -> None:
         )
 
 
-def _check_mla(mc: Any, sa: Optional[Any], q: str, arch: str, sparse: bool) -> None:
+def _check_mla(mc: Any, sa: Any | None, q: str, arch: str, sparse: bool) -> None:
     """MLA: the DeepSeek-V2/V3 latent (512) + RoPE (64) layout, one bit width, nothing that
     the latent pool would silently ignore; and, until validated on a GPU, the opt-in."""
     from ..env import experimental_mla
 
     if mode_of(sa) != "turboquant" or sparse or arch not in MLA_ARCHITECTURES:
-        raise ValueError(f"{q} does not support the MLA model {arch}; use --kv-quant none or "
-                         f"--kv-cache-dtype fp8_e4m3.")
+        raise ValueError(
+            f"{q} does not support the MLA model {arch}; use --kv-quant none or "
+            f"--kv-cache-dtype fp8_e4m3."
+        )
     if not experimental_mla():
         raise ValueError(
             f"{q} does not serve MLA models such as {arch} yet (the packed latent pool and its "
             f"kernels are built but not yet validated on a GPU); use --kv-quant none or "
-            f"--kv-cache-dtype fp8_e4m3.")
+            f"--kv-cache-dtype fp8_e4m3."
+        )
     if (getattr(mc, "kv_lora_rank", None), getattr(mc, "qk_rope_head_dim", None)) != (512, 64):
-        raise ValueError(f"{q} packs a 512-d MLA latent with a 64-d RoPE key, but {arch} has "
-                         f"{mc.kv_lora_rank} and {mc.qk_rope_head_dim}; use --kv-quant none.")
+        raise ValueError(
+            f"{q} packs a 512-d MLA latent with a 64-d RoPE key, but {arch} has "
+            f"{mc.kv_lora_rank} and {mc.qk_rope_head_dim}; use --kv-quant none."
+        )
     if sa is None:
         return
     k_bits, v_bits = TQConfig.parse_bits(sa.kv_quant_bits)
     if k_bits != v_bits:
-        raise ValueError(f"an MLA latent is both key and value, so --kv-quant-bits takes one "
-                         f"width for {arch}: use k{k_bits}v{k_bits}.")
-    unsupported = [flag for flag, on in (
-        ("--kv-quant-packed-prefill", getattr(sa, "kv_quant_packed_prefill", False)),
-        ("--kv-quant-key-centers", getattr(sa, "kv_quant_key_centers", None) not in (None, "auto")),
-    ) if on]
+        raise ValueError(
+            f"an MLA latent is both key and value, so --kv-quant-bits takes one "
+            f"width for {arch}: use k{k_bits}v{k_bits}."
+        )
+    unsupported = [
+        flag
+        for flag, on in (
+            ("--kv-quant-packed-prefill", getattr(sa, "kv_quant_packed_prefill", False)),
+            (
+                "--kv-quant-key-centers",
+                getattr(sa, "kv_quant_key_centers", None) not in (None, "auto"),
+            ),
+        )
+        if on
+    ]
     if unsupported:
-        raise ValueError(f"{q} does not support {' and '.join(unsupported)} for MLA models such "
-                         f"as {arch}; drop them {_ALT}.")
+        raise ValueError(
+            f"{q} does not support {' and '.join(unsupported)} for MLA models such "
+            f"as {arch}; drop them {_ALT}."
+        )
     _check_bf16_layers(mc, sa, arch)
 
 
@@ -316,7 +372,7 @@ def layer_types(mc: Any) -> tuple:
     return tuple(getattr(text, "layer_types", None) or ())
 
 
-def checkpoint_kv_quant(mc: Any) -> Optional[str]:
+def checkpoint_kv_quant(mc: Any) -> str | None:
     """The KV-cache quantization a checkpoint's quantization config asks for ("FP8" or
     None), read as SGLang reads it when ``--kv-cache-dtype auto`` resolves (ModelOpt's
     ``kv_cache_quant_algo``, flat or under ``quantization``, or compressed-tensors'
@@ -329,8 +385,9 @@ def checkpoint_kv_quant(mc: Any) -> Optional[str]:
     if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8:
         return "FP8"
     nested = cfg.get("quantization")
-    algo = cfg.get("kv_cache_quant_algo") or (nested.get("kv_cache_quant_algo")
-                                             if isinstance(nested, dict) else None)
+    algo = cfg.get("kv_cache_quant_algo") or (
+        nested.get("kv_cache_quant_algo") if isinstance(nested, dict) else None
+    )
     return algo.upper() if isinstance(algo, str) else None
 
 
@@ -355,8 +412,10 @@ def check_kv_context(kvc: Any) -> None:
             f"(window {kvc.sliding_window_size}) yet; use --kv-quant none for this model."
         )
     if kvc.is_draft_worker:
-        raise RuntimeError(f"{q} does not support speculative-decoding draft "
-                           f"models; drop --speculative-algorithm {_ALT}.")
+        raise RuntimeError(
+            f"{q} does not support speculative-decoding draft "
+            f"models; drop --speculative-algorithm {_ALT}."
+        )
 
 
 def check_pool_build(kvc: Any, mha_pool_class: type, quant_method: Any) -> None:
@@ -365,8 +424,10 @@ def check_pool_build(kvc: Any, mha_pool_class: type, quant_method: Any) -> None:
 
     q = f"--kv-quant {mode_of(kvc)}"
     if quant_method is not None or kvc.kv_cache_dtype_str == "mxfp8":
-        raise RuntimeError(f"{q} cannot be combined with another KV-cache "
-                           f"quantization; drop --kv-cache-dtype {_ALT}.")
+        raise RuntimeError(
+            f"{q} cannot be combined with another KV-cache "
+            f"quantization; drop --kv-cache-dtype {_ALT}."
+        )
     if mha_pool_class is not MHATokenToKVPool:
         raise RuntimeError(
             f"{q} replaces the standard MHA KV pool, not "
@@ -379,8 +440,10 @@ def check_model_layers(runner: Any, pool: Any) -> None:
     from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 
     if getattr(runner, "use_mla_backend", False) or runner.model_config.is_encoder_decoder:
-        raise RuntimeError("--kv-quant turboquant supports decoder-only MHA/GQA models only; "
-                           "use --kv-quant none for this model.")
+        raise RuntimeError(
+            "--kv-quant turboquant supports decoder-only MHA/GQA models only; "
+            "use --kv-quant none for this model."
+        )
     from .pool import resolve_layer
 
     for module in runner.model.modules():
@@ -404,14 +467,16 @@ def check_model_layers(runner: Any, pool: Any) -> None:
             )
 
 
-def _layer_problem(layer: Any, pool: Any, decoder: Any) -> Optional[str]:
+def _layer_problem(layer: Any, pool: Any, decoder: Any) -> str | None:
     if layer.is_cross_attention or layer.attn_type != decoder:
         return "it is not causal decoder self-attention"
     if layer.logit_capping_method != "tanh":
         return f"logit capping method {layer.logit_capping_method!r} is not implemented"
     if getattr(getattr(pool, "cfg", None), "key_centers", None) and layer.logit_cap > 0:
-        return ("its logit soft-cap does not ignore the score shift that key centering adds; "
-                "use --kv-quant-key-centers none")
+        return (
+            "its logit soft-cap does not ignore the score shift that key centering adds; "
+            "use --kv-quant-key-centers none"
+        )
     if getattr(layer, "xai_temperature_len", -1) != -1:
         return "xai temperature scaling is not implemented"
     if layer.qk_head_dim != pool.head_dim or layer.v_head_dim != pool.head_dim:

@@ -38,10 +38,10 @@ then whole pages, hence whole groups); :mod:`sglang_tq.serving.refusals` checks 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
-
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from ..config import TQConfig
@@ -58,15 +58,28 @@ class SimulatedKVPool(MHATokenToKVPool):
     agree); ``bf16_layers``: global layer ids stored exact. Everything else is
     ``MHATokenToKVPool``'s, so sizes, getters and transfers are stock."""
 
-    def __init__(self, *args, mode: str, k_bits: int, v_bits: int, seed: int = 0,
-                 bf16_layers: Iterable[int] = (), group_tokens: int = KIVI_GROUP_TOKENS,
-                 key_centers: Optional[torch.Tensor] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        mode: str,
+        k_bits: int,
+        v_bits: int,
+        seed: int = 0,
+        bf16_layers: Iterable[int] = (),
+        group_tokens: int = KIVI_GROUP_TOKENS,
+        key_centers: torch.Tensor | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if mode not in SIMULATED_MODES:
-            raise ValueError(f"SimulatedKVPool mode must be one of {SIMULATED_MODES}, got {mode!r}.")
+            raise ValueError(
+                f"SimulatedKVPool mode must be one of {SIMULATED_MODES}, got {mode!r}."
+            )
         if key_centers is not None and mode != "hadamard":
-            raise ValueError("key centers apply to --kv-quant hadamard only (KIVI's per-channel "
-                             "key scales absorb a common key part already).")
+            raise ValueError(
+                "key centers apply to --kv-quant hadamard only (KIVI's per-channel "
+                "key scales absorb a common key part already)."
+            )
         self.sim_mode = mode
         self.k_bits, self.v_bits = k_bits, v_bits
         self.bf16_layers = tuple(sorted(set(bf16_layers)))
@@ -76,7 +89,7 @@ class SimulatedKVPool(MHATokenToKVPool):
         self._k_fmt: dict[int, HadamardInt] = {}
         self._v_fmt: dict[int, HadamardInt] = {}
         self._rot: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.kivi: Optional[KIVI] = None
+        self.kivi: KIVI | None = None
         if mode == "hadamard":
             for i in layers:
                 if i in self.bf16_layers:
@@ -85,22 +98,38 @@ class SimulatedKVPool(MHATokenToKVPool):
                 self._k_fmt[i] = HadamardInt(self.head_dim, k_bits, seed=s)
                 self._v_fmt[i] = HadamardInt(self.v_head_dim, v_bits, seed=s)
                 # on the pool's device now: CUDA-graph capture must not copy from the host
-                self._rot[i] = (self._k_fmt[i].rotation(self.device),
-                                self._v_fmt[i].rotation(self.device))
+                self._rot[i] = (
+                    self._k_fmt[i].rotation(self.device),
+                    self._v_fmt[i].rotation(self.device),
+                )
         else:
             self.kivi = KIVI(self.head_dim, k_bits, v_bits, group_tokens=group_tokens)
             self._arange = torch.arange(group_tokens, device=self.device)
         # [global layers, kv heads, D]: keys stored as Q(k - mu) + mu (attention unchanged)
-        self._mu: dict[int, torch.Tensor] = {} if key_centers is None else {
-            i: key_centers[i].to(self.device, torch.float32) for i in self._k_fmt}
+        self._mu: dict[int, torch.Tensor] = (
+            {}
+            if key_centers is None
+            else {i: key_centers[i].to(self.device, torch.float32) for i in self._k_fmt}
+        )
 
     def describe(self) -> str:
-        return (f"{self.sim_mode} k{self.k_bits}v{self.v_bits}"
-                + (f", {self.kivi.group_tokens}-token key groups" if self.kivi else "")
-                + (", keys centered" if self._mu else ""))
+        return (
+            f"{self.sim_mode} k{self.k_bits}v{self.v_bits}"
+            + (f", {self.kivi.group_tokens}-token key groups" if self.kivi else "")
+            + (", keys centered" if self._mu else "")
+        )
 
-    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
-                      layer_id_override=None, dcp_kv_mask=None):
+    def set_kv_buffer(
+        self,
+        layer,
+        loc_info,
+        cache_k,
+        cache_v,
+        k_scale=None,
+        v_scale=None,
+        layer_id_override=None,
+        dcp_kv_mask=None,
+    ):
         layer_id = layer.layer_id if layer is not None else layer_id_override
         if layer_id in self._k_fmt:
             k_pi, v_pi = self._rot[layer_id]
@@ -109,10 +138,15 @@ class SimulatedKVPool(MHATokenToKVPool):
                 cache_k = self._k_fmt[layer_id].round_trip(cache_k, k_pi)
             else:
                 k = cache_k.reshape(-1, *mu.shape).float() - mu
-                cache_k = (self._k_fmt[layer_id].round_trip(k, k_pi) + mu).view(cache_k.shape).to(cache_k.dtype)
+                cache_k = (
+                    (self._k_fmt[layer_id].round_trip(k, k_pi) + mu)
+                    .view(cache_k.shape)
+                    .to(cache_k.dtype)
+                )
             cache_v = self._v_fmt[layer_id].round_trip(cache_v, v_pi)
-        return super().set_kv_buffer(layer, loc_info, cache_k, cache_v, k_scale, v_scale,
-                                     layer_id_override, dcp_kv_mask)
+        return super().set_kv_buffer(
+            layer, loc_info, cache_k, cache_v, k_scale, v_scale, layer_id_override, dcp_kv_mask
+        )
 
     # ------------------------------------------------------------------------ KIVI
     def completed_groups(self, seq_lens: Iterable[int], new_tokens: Iterable[int]):
@@ -127,9 +161,13 @@ class SimulatedKVPool(MHATokenToKVPool):
             out.extend((row, j * g) for j in range(first, (hi - r) // g + 1))
         return out
 
-    def requantize_completed_groups(self, req_to_token: torch.Tensor,
-                                    req_pool_indices: torch.Tensor, seq_lens: Iterable[int],
-                                    new_tokens: Iterable[int]) -> int:
+    def requantize_completed_groups(
+        self,
+        req_to_token: torch.Tensor,
+        req_pool_indices: torch.Tensor,
+        seq_lens: Iterable[int],
+        new_tokens: Iterable[int],
+    ) -> int:
         """Overwrite the groups a forward completed with their KIVI round trip in every
         non-bf16 layer; returns how many groups it quantized."""
         groups = self.completed_groups(seq_lens, new_tokens)
@@ -139,7 +177,7 @@ class SimulatedKVPool(MHATokenToKVPool):
         rows = torch.tensor([b for b, _ in groups], device=dev)
         starts = torch.tensor([s for _, s in groups], device=dev)
         cols = starts[:, None] + self._arange.to(dev)[None, :]
-        slots = req_to_token[req_pool_indices[rows][:, None], cols].long()     # [n, G]
+        slots = req_to_token[req_pool_indices[rows][:, None], cols].long()  # [n, G]
         for idx in range(self.layer_num):
             if self.start_layer + idx in self.bf16_layers:
                 continue
@@ -150,7 +188,7 @@ class SimulatedKVPool(MHATokenToKVPool):
         return len(groups)
 
 
-def new_token_counts(forward_batch: Any) -> Optional[list[int]]:
+def new_token_counts(forward_batch: Any) -> list[int] | None:
     """Tokens each request of a forward wrote (decode: 1, extend: its chunk), or None for
     forwards that write no KV of their own (idle)."""
     mode = forward_batch.forward_mode

@@ -29,7 +29,7 @@ def default_text() -> str:
 
 def mean_keys(model, chunks: list[list[int]]):
     """float32 [layers, kv_heads, head_dim]: the mean over all chunks and positions."""
-    import torch  # noqa: PLC0415
+    import torch
 
     total, count = None, 0
     dev = next(model.parameters()).device
@@ -43,9 +43,11 @@ def mean_keys(model, chunks: list[list[int]]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--out", required=True, help="output .safetensors file")
     ap.add_argument("--text", default=None, help="calibration text file (default: repo sources)")
@@ -54,32 +56,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sglang_tq.format.centers import save_key_centers  # noqa: PLC0415
-    from sglang_tq.provenance import git_commit  # noqa: PLC0415
+    from sglang_tq.format.centers import save_key_centers
+    from sglang_tq.provenance import git_commit
 
     text = Path(args.text).read_text() if args.text else default_text()
     tok = AutoTokenizer.from_pretrained(args.model_path)
-    ids = tok(text).input_ids[:args.tokens]
+    ids = tok(text).input_ids[: args.tokens]
     if len(ids) < args.chunk_tokens:
-        raise SystemExit(f"the calibration text has {len(ids)} tokens, fewer than "
-                         f"--chunk-tokens {args.chunk_tokens}; give a longer --text")
-    chunks = [ids[i:i + args.chunk_tokens] for i in range(0, len(ids) - args.chunk_tokens + 1,
-                                                          args.chunk_tokens)]
+        raise SystemExit(
+            f"the calibration text has {len(ids)} tokens, fewer than "
+            f"--chunk-tokens {args.chunk_tokens}; give a longer --text"
+        )
+    chunks = [
+        ids[i : i + args.chunk_tokens]
+        for i in range(0, len(ids) - args.chunk_tokens + 1, args.chunk_tokens)
+    ]
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
     model = model.to(args.device).eval()
     print(f"{len(chunks)} chunks x {args.chunk_tokens} tokens", flush=True)
     centers = mean_keys(model, chunks)
-    meta = {"model_path": str(args.model_path), "tokens": str(len(chunks) * args.chunk_tokens),
-            "chunk_tokens": str(args.chunk_tokens),
-            "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
-            "commit": git_commit()}
+    meta = {
+        "model_path": str(args.model_path),
+        "tokens": str(len(chunks) * args.chunk_tokens),
+        "chunk_tokens": str(args.chunk_tokens),
+        "text_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "commit": git_commit(),
+    }
     save_key_centers(args.out, centers, meta)
     norms = centers.norm(dim=-1)
-    print(f"wrote {args.out}: {list(centers.shape)}, |mu| per layer "
-          f"{[round(float(x), 1) for x in norms.mean(-1)]}")
+    print(
+        f"wrote {args.out}: {list(centers.shape)}, |mu| per layer "
+        f"{[round(float(x), 1) for x in norms.mean(-1)]}"
+    )
     return 0
 
 

@@ -52,8 +52,11 @@ def layer_groups(mc, family: str) -> tuple[list[int], list[int], int]:
     if family == "hybrid-linear":
         return list(mambaish_config(mc).full_attention_layer_ids), [], 0
     if family == "hybrid-swa":
-        return (list(mc.full_attention_layer_ids), list(mc.swa_attention_layer_ids),
-                int(mc.hf_config.sliding_window))
+        return (
+            list(mc.full_attention_layer_ids),
+            list(mc.swa_attention_layer_ids),
+            int(mc.hf_config.sliding_window),
+        )
     return list(range(mc.num_hidden_layers)), [], 0
 
 
@@ -68,8 +71,11 @@ def bytes_per_token(mc, family: str, kv: str, layers: list[int], tp_size: int) -
         if kv in BASELINES:
             return len(layers) * width * BASELINES[kv]
         k_bits, _ = TQConfig.parse_bits(kv)
-        return mla_bytes_per_token(TQConfig(head_dim=mc.kv_lora_rank, k_bits=k_bits, v_bits=k_bits),
-                                   layers, mc.qk_rope_head_dim)
+        return mla_bytes_per_token(
+            TQConfig(head_dim=mc.kv_lora_rank, k_bits=k_bits, v_bits=k_bits),
+            layers,
+            mc.qk_rope_head_dim,
+        )
     heads = mc.get_num_kv_heads(tp_size)
     if kv in BASELINES:
         return len(layers) * heads * (mc.head_dim + mc.v_head_dim) * BASELINES[kv]
@@ -88,24 +94,41 @@ def report(model_path: str, kvs: list[str], context: int, tp_size: int = 1) -> d
         per_full = bytes_per_token(mc, family, kv, full, tp_size)
         per_window = bytes_per_token(mc, family, kv, window_layers, tp_size) if window_layers else 0
         per_seq = per_full * context + per_window * min(context, window)
-        rows[kv] = {"bytes_per_token": per_full + per_window, "full_layers_bytes_per_token": per_full,
-                    "window_layers_bytes_per_token": per_window, "bytes_per_sequence": per_seq}
+        rows[kv] = {
+            "bytes_per_token": per_full + per_window,
+            "full_layers_bytes_per_token": per_full,
+            "window_layers_bytes_per_token": per_window,
+            "bytes_per_sequence": per_seq,
+        }
     ref = rows.get("bf16", next(iter(rows.values())))
     for row in rows.values():
         row["tokens_vs_bf16"] = round(ref["bytes_per_sequence"] / row["bytes_per_sequence"], 2)
     arch = (getattr(mc.hf_config, "architectures", None) or ["?"])[0]
-    return {"model_path": model_path, "architecture": arch, "family": family,
-            "kv_layers": len(full) + len(window_layers), "window_layers": len(window_layers),
-            "window": window, "context": context, "tp_size": tp_size, "formats": rows}
+    return {
+        "model_path": model_path,
+        "architecture": arch,
+        "family": family,
+        "kv_layers": len(full) + len(window_layers),
+        "window_layers": len(window_layers),
+        "window": window,
+        "context": context,
+        "tp_size": tp_size,
+        "formats": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     ap.add_argument("--model-path", required=True, help="a model folder with config.json")
-    ap.add_argument("--kv", default="bf16,fp8,k4v4,k3v3",
-                    help="comma list of bf16, fp8 and TurboQuant bit pairs (kXvY)")
+    ap.add_argument(
+        "--kv",
+        default="bf16,fp8,k4v4,k3v3",
+        help="comma list of bf16, fp8 and TurboQuant bit pairs (kXvY)",
+    )
     ap.add_argument("--context", type=int, default=32768, help="tokens per sequence")
     ap.add_argument("--tp-size", type=int, default=1, help="attention tensor-parallel ranks")
     ap.add_argument("--out", help="also write the report as JSON here")
@@ -122,13 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.context <= 0 or args.tp_size <= 0:
         ap.error("--context and --tp-size must be positive.")
     doc = report(args.model_path, kvs, args.context, args.tp_size)
-    print(f"{doc['architecture']} ({doc['family']}): {doc['kv_layers']} KV layers"
-          + (f", {doc['window_layers']} of them window layers keeping {doc['window']} tokens"
-             if doc["window_layers"] else "") + f"; {args.context}-token sequences, TP {args.tp_size}")
+    print(
+        f"{doc['architecture']} ({doc['family']}): {doc['kv_layers']} KV layers"
+        + (
+            f", {doc['window_layers']} of them window layers keeping {doc['window']} tokens"
+            if doc["window_layers"]
+            else ""
+        )
+        + f"; {args.context}-token sequences, TP {args.tp_size}"
+    )
     print(f"{'kv':>6} {'B/token':>10} {'MiB/sequence':>14} {'tokens vs bf16':>15}")
     for kv, row in doc["formats"].items():
-        print(f"{kv:>6} {row['bytes_per_token']:>10,} {row['bytes_per_sequence'] / 2**20:>14.1f} "
-              f"{row['tokens_vs_bf16']:>14.2f}x")
+        print(
+            f"{kv:>6} {row['bytes_per_token']:>10,} {row['bytes_per_sequence'] / 2**20:>14.1f} "
+            f"{row['tokens_vs_bf16']:>14.2f}x"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)

@@ -45,6 +45,8 @@ class ThreadedServer:
 def write_fake_launcher(path: Path, test_module: str) -> Path:
     """Write the module file ``path`` that runs ``tests.bench.<test_module>.fake_server_cli()``:
     the fake ``sglang.launch_server`` a script starts when ``path``'s folder is on PYTHONPATH."""
-    path.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                    f"from tests.bench.{test_module} import fake_server_cli\nfake_server_cli()\n")
+    path.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        f"from tests.bench.{test_module} import fake_server_cli\nfake_server_cli()\n"
+    )
     return path

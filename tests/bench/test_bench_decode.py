@@ -58,16 +58,31 @@ def test_unavailable_fa3_rows_are_recorded_and_the_rest_runs(capsys):
     bd.print_table(results)
     table = capsys.readouterr().out
     assert "xFA3-bf16" in table and "xFA3-fp8" in table
-    assert "fa3            bf16         2     16   64  not run (unavailable): FA3 needs a CUDA device" in table
+    assert (
+        "fa3            bf16         2     16   64  not run (unavailable): FA3 needs a CUDA device"
+        in table
+    )
 
 
 def test_fa3_ratio_columns():
     def row(impl, kv, ms):
-        return {"impl": impl, "kv": kv, "B": 64, "L": 16384, "head_dim": 128, "ms": ms, "tbps": 1.0,
-                "bytes": {"total": 1}}
+        return {
+            "impl": impl,
+            "kv": kv,
+            "B": 64,
+            "L": 16384,
+            "head_dim": 128,
+            "ms": ms,
+            "tbps": 1.0,
+            "bytes": {"total": 1},
+        }
 
-    rows = [row("fa3", "bf16", 1.4), row("fa3", "fp8_e4m3", 1.0), row("sglang-tq", "k4v4", 0.7),
-            {**row("fa3", "bf16", 0), "B": 1, "error": "unavailable: x", "unavailable": "x"}]
+    rows = [
+        row("fa3", "bf16", 1.4),
+        row("fa3", "fp8_e4m3", 1.0),
+        row("sglang-tq", "k4v4", 0.7),
+        {**row("fa3", "bf16", 0), "B": 1, "error": "unavailable: x", "unavailable": "x"},
+    ]
     bd.add_derived(rows, None)
     assert rows[2]["speedup_vs_fa3_bf16"] == pytest.approx(2.0)
     assert rows[2]["speedup_vs_fa3_fp8"] == pytest.approx(1.0 / 0.7)
@@ -80,7 +95,9 @@ def test_fa3_tables_mirror_sglang_decode_metadata():
     ctx.torch = torch
     slots = torch.randperm(3 * 5)
     pt, lens, cu = bd.fa3_tables(ctx, slots, 3, 5)
-    assert pt.dtype == torch.int32 and pt.shape == (3, 5) and pt.flatten().tolist() == slots.tolist()
+    assert (
+        pt.dtype == torch.int32 and pt.shape == (3, 5) and pt.flatten().tolist() == slots.tolist()
+    )
     assert lens.tolist() == [5, 5, 5] and lens.dtype == torch.int32
     assert cu.tolist() == [0, 1, 2, 3] and cu.dtype == torch.int32
     b = bd.count_bytes("fp8_e4m3", 3, 5, 32, 8, 128, 4, q_elt=1)

@@ -32,13 +32,21 @@ def _timer(values):
 
     def timer(step, args):
         ms = next(it)
-        return {"ms": ms, "ms_runs": [ms], "spread_pct": 0.0, "cuda_graph": True, "timing_note": None}
+        return {
+            "ms": ms,
+            "ms_runs": [ms],
+            "spread_pct": 0.0,
+            "cuda_graph": True,
+            "timing_note": None,
+        }
+
     return timer
 
 
 def _fake_fa3(calls):
     """A loader of a flash_attn_with_kvcache stand-in: records its arguments and computes
     FA3's paged attention with qv, softmax((q·k + qv·v) · scale) · v."""
+
     def fa3(**kw):
         calls.append(kw)
         pages = kw["page_table"].long()
@@ -49,10 +57,12 @@ def _fake_fa3(calls):
             s = kw["q"][b].double() @ k.T + kw["qv"][b].double() @ v.T
             outs.append(torch.softmax(s * kw["softmax_scale"], dim=-1) @ v)
         return torch.stack(outs).to(kw["q"].dtype)
+
     return lambda: fa3
 
 
 # ----------------------------------------------------------------------------- arguments
+
 
 def test_subcommand_is_registered(capsys):
     assert SUBCOMMANDS["decode-mla"] == "sglang_tq.bench.decode_mla"
@@ -72,8 +82,13 @@ def test_defaults():
     assert args.bits == [4, 3, 2] and args.impls == ["sglang-tq", "fa3"]
     assert args.baseline_kv == ["bf16", "fp8_e4m3"]
     assert (args.num_heads, args.max_kv_splits, args.pool_tokens) == (16, 8, 0)
-    assert dm.planned_rows(args) == [("sglang-tq", "k4"), ("sglang-tq", "k3"), ("sglang-tq", "k2"),
-                                     ("fa3", "bf16"), ("fa3", "fp8_e4m3")]
+    assert dm.planned_rows(args) == [
+        ("sglang-tq", "k4"),
+        ("sglang-tq", "k3"),
+        ("sglang-tq", "k2"),
+        ("fa3", "bf16"),
+        ("fa3", "fp8_e4m3"),
+    ]
 
 
 def test_kv_and_shape_forms():
@@ -82,17 +97,20 @@ def test_kv_and_shape_forms():
     assert dm.Shape(16, 8192).tokens == 16 * 8192
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--kv", "k5"], "--kv takes the latent's bits as k4, k3 or k2"),
-    (["--kv", "k4v3"], "--kv takes the latent's bits as k4, k3 or k2"),
-    (["--shapes", "4096"], "--shapes takes BxL pairs"),
-    (["--shapes", "0x16"], "--shapes takes BxL pairs"),
-    (["--impl", "flashinfer"], "--impl takes sglang-tq, fa3, got 'flashinfer'"),
-    (["--baseline-dtypes", "fp16"], "--baseline-dtypes takes bf16, fp8"),
-    (["--num-heads", "0"], "--num-heads must be at least 1"),
-    (["--pool-tokens", "-1"], "--pool-tokens must be 0 or positive"),
-    (["--pool-tokens", "100", "--shapes", "1x64,1x4096"], "cannot hold shape 1x4096"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--kv", "k5"], "--kv takes the latent's bits as k4, k3 or k2"),
+        (["--kv", "k4v3"], "--kv takes the latent's bits as k4, k3 or k2"),
+        (["--shapes", "4096"], "--shapes takes BxL pairs"),
+        (["--shapes", "0x16"], "--shapes takes BxL pairs"),
+        (["--impl", "flashinfer"], "--impl takes sglang-tq, fa3, got 'flashinfer'"),
+        (["--baseline-dtypes", "fp16"], "--baseline-dtypes takes bf16, fp8"),
+        (["--num-heads", "0"], "--num-heads must be at least 1"),
+        (["--pool-tokens", "-1"], "--pool-tokens must be 0 or positive"),
+        (["--pool-tokens", "100", "--shapes", "1x64,1x4096"], "cannot hold shape 1x4096"),
+    ],
+)
 def test_bad_arguments_are_one_sentence(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         dm.parse_args(argv)
@@ -111,6 +129,7 @@ def test_run_without_cuda_says_so(monkeypatch, capsys, tmp_path):
 
 # ----------------------------------------------------------------------------- inputs, splits
 
+
 def test_inputs_scatter_distinct_slots_like_the_pool():
     inp = dm.make_inputs(dm.Shape(3, 20), 16, 0, "cpu")
     assert inp.kv_rows.shape == (61, 1, 576) and inp.kv_rows.dtype == torch.bfloat16
@@ -120,19 +139,22 @@ def test_inputs_scatter_distinct_slots_like_the_pool():
     assert int(idx.max()) <= 60, "slot 0 is SGLang's padding slot"
     assert torch.equal(inp.page_table, idx.view(3, 20).int())
     assert inp.kv_indptr.tolist() == [0, 20, 40, 60] and inp.seq_lens.tolist() == [20] * 3
-    assert inp.sm_scale == pytest.approx(192 ** -0.5)
+    assert inp.sm_scale == pytest.approx(192**-0.5)
     big = dm.make_inputs(dm.Shape(3, 20), 16, 500, "cpu")
     assert big.num_slots == 501 and int(big.kv_indices.max()) <= 500
 
 
-@pytest.mark.parametrize("bsz, seq_len", [(1, 4096), (1, 32768), (16, 8192), (64, 8192), (128, 4096)])
+@pytest.mark.parametrize(
+    "bsz, seq_len", [(1, 4096), (1, 32768), (16, 8192), (64, 8192), (128, 4096)]
+)
 @pytest.mark.parametrize("bits", [4, 2])
 def test_split_plan_is_the_backends_rule(bsz, seq_len, bits):
     seq_lens = torch.full((bsz,), seq_len, dtype=torch.int32)
     plan = dm.split_plan(seq_lens, bits, 8, 132)
     assert plan.ceiling == split_ceiling(bsz, 8)
-    want = default_num_kv_splits(seq_lens, 1, plan.ceiling, num_sms=132, head_dim=512,
-                                 k_bits=bits, v_bits=bits)
+    want = default_num_kv_splits(
+        seq_lens, 1, plan.ceiling, num_sms=132, head_dim=512, k_bits=bits, v_bits=bits
+    )
     assert torch.equal(plan.counts, want)
     if bsz == 1 and seq_len == 32768:
         assert int(plan.counts[0]) > 8, "one long sequence needs more splits than SGLang's 8"
@@ -141,6 +163,7 @@ def test_split_plan_is_the_backends_rule(bsz, seq_len, bits):
 
 
 # ----------------------------------------------------------------------------- sglang-tq
+
 
 @pytest.mark.parametrize("bits, splits", [(4, None), (3, (3, 2)), (2, None)])
 def test_tq_step_matches_reference(bits, splits):
@@ -154,8 +177,17 @@ def test_tq_step_matches_reference(bits, splits):
     if splits:
         plan = dm.SplitPlan(4, torch.tensor(splits, dtype=torch.int32))
     out = dm.tq_step(inp, packed, plan, 8, block_n=16)()
-    args = (inp.q_nope, packed.codes, packed.norms, None, None, inp.kv_indptr, inp.kv_indices,
-            packed.codec, inp.sm_scale)
+    args = (
+        inp.q_nope,
+        packed.codes,
+        packed.norms,
+        None,
+        None,
+        inp.kv_indptr,
+        inp.kv_indices,
+        packed.codec,
+        inp.sm_scale,
+    )
     pe = dict(q_pe=inp.q_pe, k_pe=packed.k_pe)
     ref = tq_decode_ref(*args, **pe)
     torch_err = _rel(tq_decode_ref(*args, dtype=torch.bfloat16, **pe), ref)
@@ -165,6 +197,7 @@ def test_tq_step_matches_reference(bits, splits):
 
 
 # ----------------------------------------------------------------------------- fa3
+
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8_e4m3"])
 def test_fa3_call_mirrors_sglang(kv):
@@ -183,7 +216,11 @@ def test_fa3_call_mirrors_sglang(kv):
     assert torch.equal(kw["v_cache"][:, 0, 0], buffer[:, 0, :512].to(torch.bfloat16))
     assert torch.equal(kw["page_table"], inp.page_table) and kw["page_table"].dtype == torch.int32
     assert kw["cache_seqlens"].tolist() == [24, 24] and kw["cache_seqlens"].dtype == torch.int32
-    assert kw["cu_seqlens_q"].tolist() == [0, 1, 2] and kw["cu_seqlens_k_new"].tolist() == [0, 24, 48]
+    assert kw["cu_seqlens_q"].tolist() == [0, 1, 2] and kw["cu_seqlens_k_new"].tolist() == [
+        0,
+        24,
+        48,
+    ]
     assert (kw["max_seqlen_q"], kw["causal"], kw["num_splits"], kw["ver"]) == (1, True, 0, 3)
     assert kw["k_descale"] is None and kw["v_descale"] is None and not kw["return_softmax_lse"]
     assert kw["softmax_scale"] == inp.sm_scale
@@ -192,6 +229,7 @@ def test_fa3_call_mirrors_sglang(kv):
 
 
 # ----------------------------------------------------------------------------- run
+
 
 def test_timing_is_the_median_of_do_bench_medians(monkeypatch):
     """--no-cuda-graph times the step itself; ms is the median of the passes' medians."""
@@ -207,16 +245,22 @@ def test_timing_is_the_median_of_do_bench_medians(monkeypatch):
     step = object()
     args = dm.parse_args(["--no-cuda-graph", "--repeat", "3", "--warmup", "5", "--rep", "7"])
     got = dm.time_replay(step, args)
-    assert got == {"ms": 2.0, "ms_runs": [3.0, 1.0, 2.0], "spread_pct": 200.0, "cuda_graph": False,
-                   "timing_note": None}
+    assert got == {
+        "ms": 2.0,
+        "ms_runs": [3.0, 1.0, 2.0],
+        "spread_pct": 200.0,
+        "cuda_graph": False,
+        "timing_note": None,
+    }
     assert seen == [(step, 5.0, 7.0, "median")] * 3
 
 
 def test_results_file_schema_and_ratios(tmp_path, no_provenance, capsys):
     out = tmp_path / "mla.json"
     args = dm.parse_args(["--shapes", "1x48", "--kv", "k4,k2", "--out", str(out)])
-    rc = dm.run_benchmark(args, torch.device("cpu"), timer=_timer([0.02, 0.01, 0.04, 0.05]),
-                          fa3_loader=_fake_fa3([]))
+    rc = dm.run_benchmark(
+        args, torch.device("cpu"), timer=_timer([0.02, 0.01, 0.04, 0.05]), fa3_loader=_fake_fa3([])
+    )
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["tool"] == dm.TOOL and doc["argv"] == args.argv
@@ -224,11 +268,29 @@ def test_results_file_schema_and_ratios(tmp_path, no_provenance, capsys):
     rows = {(r["impl"], r["kv"]): r for r in doc["results"]}
     assert list(rows) == dm.planned_rows(args)
     for r in rows.values():
-        assert {"shape", "batch", "seq_len", "ms", "ms_runs", "cuda_graph", "check", "config",
-                "ratio_vs_bf16", "ratio_vs_fp8", "gpu", "commit", "date"} <= set(r)
+        assert {
+            "shape",
+            "batch",
+            "seq_len",
+            "ms",
+            "ms_runs",
+            "cuda_graph",
+            "check",
+            "config",
+            "ratio_vs_bf16",
+            "ratio_vs_fp8",
+            "gpu",
+            "commit",
+            "date",
+        } <= set(r)
         assert (r["shape"], r["batch"], r["seq_len"]) == ("1x48", 1, 48) and r["check"]["ok"]
         cfg = r["config"]
-        assert (cfg["num_heads"], cfg["latent"], cfg["rope"], cfg["shapes"]) == (16, 512, 64, ["1x48"])
+        assert (cfg["num_heads"], cfg["latent"], cfg["rope"], cfg["shapes"]) == (
+            16,
+            512,
+            64,
+            ["1x48"],
+        )
         assert "mla_num_kv_splits" in cfg["splits_policy"] and cfg["base_kv_splits"] == 8
         assert cfg["pool_slots"] == 49 and cfg["timing"]["cuda_graph"]
     k4 = rows[("sglang-tq", "k4")]
@@ -247,7 +309,9 @@ def test_missing_fa3_leaves_error_rows(tmp_path, no_provenance, capsys):
 
     out = tmp_path / "mla.json"
     args = dm.parse_args(["--shapes", "1x16", "--kv", "k2", "--out", str(out)])
-    assert dm.run_benchmark(args, torch.device("cpu"), timer=_timer([0.03]), fa3_loader=missing) == 3
+    assert (
+        dm.run_benchmark(args, torch.device("cpu"), timer=_timer([0.03]), fa3_loader=missing) == 3
+    )
     rows = {(r["impl"], r["kv"]): r for r in json.loads(out.read_text())["results"]}
     tq = rows[("sglang-tq", "k2")]
     assert tq["ms"] == 0.03 and tq["check"]["ok"] and tq["ratio_vs_bf16"] is None
@@ -262,12 +326,26 @@ def test_missing_fa3_leaves_error_rows(tmp_path, no_provenance, capsys):
 def test_run_end_to_end_on_gpu(tmp_path):
     """Both implementations at a tiny shape, graph-captured and timed on the GPU."""
     out = tmp_path / "mla.json"
-    args = dm.parse_args(["--shapes", "2x256", "--kv", "k4", "--warmup", "1", "--rep", "5",
-                          "--repeat", "1", "--out", str(out)])
+    args = dm.parse_args(
+        [
+            "--shapes",
+            "2x256",
+            "--kv",
+            "k4",
+            "--warmup",
+            "1",
+            "--rep",
+            "5",
+            "--repeat",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     try:
         dm.load_fa3()
         has_fa3 = True
-    except Exception:  # noqa: BLE001 - the GPU host may lack the staged FA3 library
+    except Exception:
         has_fa3 = False
     rc = dm.run(args)
     rows = {(r["impl"], r["kv"]): r for r in json.loads(out.read_text())["results"]}
@@ -285,13 +363,16 @@ def test_run_end_to_end_on_gpu(tmp_path):
 
 def test_a_shape_that_cannot_be_built_is_recorded(tmp_path, no_provenance, monkeypatch):
     """Out of memory while building one shape: its rows carry the error and their config."""
+
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
     monkeypatch.setattr(dm, "make_inputs", oom)
     out = tmp_path / "mla.json"
     args = dm.parse_args(["--shapes", "64x8192", "--kv", "k4", "--out", str(out)])
-    assert dm.run_benchmark(args, torch.device("cpu"), timer=_timer([]), fa3_loader=_fake_fa3([])) == 3
+    assert (
+        dm.run_benchmark(args, torch.device("cpu"), timer=_timer([]), fa3_loader=_fake_fa3([])) == 3
+    )
     rows = json.loads(out.read_text())["results"]
     assert [(r["impl"], r["kv"]) for r in rows] == dm.planned_rows(args)
     for r in rows:

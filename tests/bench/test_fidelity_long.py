@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from sglang_tq.bench.configs import kv_server_flags
-
 from tests.conftest import SCRIPTS, load_script
 
 fid = load_script("fidelity_long_under_test", "fidelity.py")
@@ -25,8 +24,10 @@ plot = load_script("plot_fidelity_under_test", "plot_fidelity.py")
 def _synthetic(slope_per_1k, n_prompts=20, n_pos=1024, noise=0.004, seed=0, prompt_sd=0.003):
     rng = np.random.default_rng(seed)
     t = np.arange(n_pos)
-    return [0.01 + rng.normal(0, prompt_sd) + slope_per_1k * t / 1000 + rng.normal(0, noise, n_pos)
-            for _ in range(n_prompts)]
+    return [
+        0.01 + rng.normal(0, prompt_sd) + slope_per_1k * t / 1000 + rng.normal(0, noise, n_pos)
+        for _ in range(n_prompts)
+    ]
 
 
 # ----------------------------------------------------------------------------- trend
@@ -34,7 +35,7 @@ def test_trend_recovers_a_known_slope():
     tr = fid.trend(_synthetic(0.002))
     lo, hi = tr["ci95"]
     assert lo < 0.002 < hi
-    assert lo > 0                                   # the interval excludes 0: an upward trend
+    assert lo > 0  # the interval excludes 0: an upward trend
     assert tr["slope_per_1k"] == pytest.approx(0.002, abs=3e-4)
     assert tr["intercept"] == pytest.approx(0.01, abs=2e-3)
     assert tr["prompts"] == 20 and tr["positions"] == 1024 and tr["quarter_len"] == 256
@@ -53,7 +54,7 @@ def test_trend_flat_data_interval_contains_zero():
 def test_trend_slope_is_the_pooled_least_squares_slope():
     rng = np.random.default_rng(2)
     data = [rng.normal(size=n) + 0.5 * np.arange(n) / 1000 for n in (50, 80, 64)]
-    data[1][[3, 17]] = np.nan                       # skipped, as in bin_positions
+    data[1][[3, 17]] = np.nan  # skipped, as in bin_positions
     x = np.concatenate([np.arange(a.size) / 1000 for a in data])
     y = np.concatenate(data)
     ok = ~np.isnan(y)
@@ -134,10 +135,14 @@ def test_score_config_reports_the_trend():
 
 
 def test_print_trends(capsys):
-    results = {"bf16-triton": {"summary": {"past_eos_frac": 0.25},
-                               "trend": fid.trends(_synthetic(0.0, 4, 64), [np.ones(64)] * 4)},
-               "k4v4": {"summary": {}, "trend": fid.trends(_synthetic(0.002, 4, 64), [np.ones(64)] * 4)},
-               "old": {"summary": {}}}
+    results = {
+        "bf16-triton": {
+            "summary": {"past_eos_frac": 0.25},
+            "trend": fid.trends(_synthetic(0.0, 4, 64), [np.ones(64)] * 4),
+        },
+        "k4v4": {"summary": {}, "trend": fid.trends(_synthetic(0.002, 4, 64), [np.ones(64)] * 4)},
+        "old": {"summary": {}},
+    }
     fid.print_trends(results)
     out = capsys.readouterr().out
     assert "KL slope/1k" in out and "bf16-triton" in out and "k4v4" in out and "25%" in out
@@ -193,25 +198,55 @@ def test_eos_bookkeeping(tmp_path):
 
 
 # ----------------------------------------------------------------------------- labels
-@pytest.mark.parametrize("label", ["bf16", "fp8", "bf16-triton", "fp8-triton", "bf16-fa3", "k4v4",
-                                   "k4v4-nc", "k3v3", "k3v3-nc", "k4v2"])
+@pytest.mark.parametrize(
+    "label",
+    [
+        "bf16",
+        "fp8",
+        "bf16-triton",
+        "fp8-triton",
+        "bf16-fa3",
+        "k4v4",
+        "k4v4-nc",
+        "k3v3",
+        "k3v3-nc",
+        "k4v2",
+    ],
+)
 def test_config_flags_are_the_shared_table(label):
     assert fid.config_flags(label) == kv_server_flags(label)
 
 
 def test_packed_prefill_and_centered_names_on_top_of_the_table():
     assert fid.config_flags("k4v4-pp") == [*kv_server_flags("k4v4"), "--kv-quant-packed-prefill"]
-    assert fid.config_flags("k4v4-nc-pp") == [*kv_server_flags("k4v4-nc"), "--kv-quant-packed-prefill"]
+    assert fid.config_flags("k4v4-nc-pp") == [
+        *kv_server_flags("k4v4-nc"),
+        "--kv-quant-packed-prefill",
+    ]
     for bad in ("fp8-pp", "bf16-pp", "k4v4-pp-pp", "k4v4-pp-nc", "k9v9", "int4"):
         with pytest.raises(ValueError, match="unknown config"):
             fid.config_flags(bad)
     custom = {}
     fid.add_centered_configs(["k4v4-c", "k4v4-pp-c", "k4v4-nc"], custom, "/m/c.safetensors", _error)
     assert custom == {
-        "k4v4-c": ["--kv-quant", "turboquant", "--kv-quant-bits", "k4v4",
-                   "--kv-quant-key-centers", "/m/c.safetensors"],
-        "k4v4-pp-c": ["--kv-quant", "turboquant", "--kv-quant-bits", "k4v4",
-                      "--kv-quant-packed-prefill", "--kv-quant-key-centers", "/m/c.safetensors"]}
+        "k4v4-c": [
+            "--kv-quant",
+            "turboquant",
+            "--kv-quant-bits",
+            "k4v4",
+            "--kv-quant-key-centers",
+            "/m/c.safetensors",
+        ],
+        "k4v4-pp-c": [
+            "--kv-quant",
+            "turboquant",
+            "--kv-quant-bits",
+            "k4v4",
+            "--kv-quant-packed-prefill",
+            "--kv-quant-key-centers",
+            "/m/c.safetensors",
+        ],
+    }
     assert fid.config_flags("k4v4-c", custom) == custom["k4v4-c"]
     for bad in ("k4v4-nc-c", "fp8-c"):
         with pytest.raises(SystemExit, match="-c adds key centers"):
@@ -226,8 +261,12 @@ def test_main_refuses_an_unknown_label_before_starting_anything(capsys):
 
 @pytest.mark.parametrize("script", ["fidelity.py", "plot_fidelity.py"])
 def test_help(script):
-    r = subprocess.run([sys.executable, str(SCRIPTS / script), "--help"], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout
     if script == "fidelity.py":
@@ -237,9 +276,13 @@ def test_help(script):
 # ----------------------------------------------------------------------------- plot
 def _entry(kl_slope, n_prompts=4, n_pos=256, miss_every=0, with_trend=True, seed=0):
     kl = _synthetic(kl_slope, n_prompts, n_pos, seed=seed)
-    per_prompt = [{"kl": [round(float(v), 6) for v in a],
-                   "top1_miss": list(range(0, n_pos, miss_every)) if miss_every else []}
-                  for a in kl]
+    per_prompt = [
+        {
+            "kl": [round(float(v), 6) for v in a],
+            "top1_miss": list(range(0, n_pos, miss_every)) if miss_every else [],
+        }
+        for a in kl
+    ]
     e = {"flags": [], "summary": {}, "per_prompt": per_prompt}
     if with_trend:
         e["trend"] = fid.trends(kl, [np.ones(n_pos)] * n_prompts, n_boot=200)
@@ -247,11 +290,17 @@ def _entry(kl_slope, n_prompts=4, n_pos=256, miss_every=0, with_trend=True, seed
 
 
 def _doc():
-    return {"gpu": "NVIDIA H200", "commit": "abc1234", "model_path": "/tmp/models/tiny-bf16",
-            "teacher": "bf16-triton",
-            "configs": {"bf16-triton": _entry(0.0, with_trend=False),
-                        "k4v4": _entry(0.002, miss_every=7, seed=1),
-                        "broken": {"flags": [], "error": "server failed"}}}
+    return {
+        "gpu": "NVIDIA H200",
+        "commit": "abc1234",
+        "model_path": "/tmp/models/tiny-bf16",
+        "teacher": "bf16-triton",
+        "configs": {
+            "bf16-triton": _entry(0.0, with_trend=False),
+            "k4v4": _entry(0.002, miss_every=7, seed=1),
+            "broken": {"flags": [], "error": "server failed"},
+        },
+    }
 
 
 def test_bucket_stats():
@@ -271,11 +320,23 @@ def test_load_series_reads_per_prompt_data(tmp_path):
     assert k["top1"][0][0] == 0.0 and k["top1"][0][1] == 1.0
     assert k["trend"]["slope_per_1k"] > 0
     assert series[0]["trend"]["slope_per_1k"] == pytest.approx(
-        fid.trend([np.asarray(x["kl"]) for x in _doc()["configs"]["bf16-triton"]["per_prompt"]])["slope_per_1k"])
+        fid.trend([np.asarray(x["kl"]) for x in _doc()["configs"]["bf16-triton"]["per_prompt"]])[
+            "slope_per_1k"
+        ]
+    )
     assert "abc1234" in plot.title_of(docs, series) and "NVIDIA H200" in plot.title_of(docs, series)
     q = tmp_path / "g.json"
-    q.write_text(json.dumps({**_doc(), "configs": {"k4v4": _entry(0.001, seed=9),
-                                                   "bf16-triton": _doc()["configs"]["bf16-triton"]}}))
+    q.write_text(
+        json.dumps(
+            {
+                **_doc(),
+                "configs": {
+                    "k4v4": _entry(0.001, seed=9),
+                    "bf16-triton": _doc()["configs"]["bf16-triton"],
+                },
+            }
+        )
+    )
     series, _ = plot.load_series([str(p), str(q)], ["k4v4", "bf16-triton"])
     assert [s["label"] for s in series] == ["k4v4 (f)", "k4v4 (g)", "bf16-triton"]
 

@@ -32,7 +32,11 @@ def _softmax(x):
 
 
 def test_module_imports_nothing_heavy():
-    heavy = {m for m in _NEW_MODULES if m.split(".")[0] in ("sglang", "torch", "transformers", "sglang_tq")}
+    heavy = {
+        m
+        for m in _NEW_MODULES
+        if m.split(".")[0] in ("sglang", "torch", "transformers", "sglang_tq")
+    }
     assert not heavy
 
 
@@ -112,9 +116,9 @@ def test_kl_disjoint_top1_is_large():
 
 
 def test_bin_positions():
-    a = np.arange(10, dtype=float)          # 0..9
+    a = np.arange(10, dtype=float)  # 0..9
     b = np.full(7, 100.0)
-    b[3] = np.nan                           # skipped
+    b[3] = np.nan  # skipped
     bins = fid.bin_positions([a, b], 4)
     assert [(x["start"], x["end"], x["count"]) for x in bins] == [(0, 4, 7), (4, 8, 7), (8, 10, 2)]
     assert bins[0]["mean"] == pytest.approx((0 + 1 + 2 + 3 + 300) / 7)
@@ -134,9 +138,14 @@ def test_first_divergence():
 
 
 def _sglang_gen_reply(tokens, lps, top):
-    return {"output_ids": list(tokens),
-            "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, tokens)],
-                          "output_top_logprobs": top, "finish_reason": {"type": "length"}}}
+    return {
+        "output_ids": list(tokens),
+        "meta_info": {
+            "output_token_logprobs": [[lp, t, None] for lp, t in zip(lps, tokens)],
+            "output_top_logprobs": top,
+            "finish_reason": {"type": "length"},
+        },
+    }
 
 
 def _sglang_score_reply(seq, start, dists, k):
@@ -156,16 +165,20 @@ def test_parse_generation_and_scoring_roundtrip():
     vocab, k, prompt_len, n = 30, 5, 6, 8
     dists = _softmax(rng.normal(size=(prompt_len + n, vocab)) * 3)
     prompt = list(rng.integers(0, vocab, prompt_len))
-    gen = [int(np.argmax(dists[prompt_len - 1 + i])) for i in range(n)]   # greedy under P
+    gen = [int(np.argmax(dists[prompt_len - 1 + i])) for i in range(n)]  # greedy under P
     seq = prompt + gen
-    g_top = _rows(dists[prompt_len - 1: prompt_len - 1 + n], k)
+    g_top = _rows(dists[prompt_len - 1 : prompt_len - 1 + n], k)
     g_lps = [float(np.log(dists[prompt_len - 1 + i][t])) for i, t in enumerate(gen)]
     g = fid.parse_generation(_sglang_gen_reply(gen, g_lps, g_top), n)
     assert g["tokens"] == gen
     s = fid.parse_scoring(_sglang_score_reply(seq, prompt_len - 1, dists, k), prompt_len, gen)
     assert np.allclose(s["token_lps"], g_lps)
-    m = fid.score_config({"tokens": [gen], "token_lps": [g_lps], "top": [g_top]},
-                         {"token_lps": [s["token_lps"]], "top": [s["top"]]}, [gen], bin_size=4)
+    m = fid.score_config(
+        {"tokens": [gen], "token_lps": [g_lps], "top": [g_top]},
+        {"token_lps": [s["token_lps"]], "top": [s["top"]]},
+        [gen],
+        bin_size=4,
+    )
     assert m["summary"]["top1_agreement"] == 1.0
     assert m["summary"]["kl_mean"] == pytest.approx(0.0, abs=1e-12)
     assert m["summary"]["first_divergence"]["identical"] == 1
@@ -179,19 +192,21 @@ def test_parse_scoring_rejects_off_by_one():
     prompt = list(rng.integers(0, vocab, prompt_len))
     gen = list(rng.integers(0, vocab, n))
     seq = prompt + gen
-    with pytest.raises(RuntimeError):   # scored from prompt_len instead of prompt_len - 1
+    with pytest.raises(RuntimeError):  # scored from prompt_len instead of prompt_len - 1
         fid.parse_scoring(_sglang_score_reply(seq, prompt_len, dists, k), prompt_len, gen)
-    reply = _sglang_score_reply(seq, prompt_len - 1, dists, vocab)   # top-K = whole vocabulary
-    fid.parse_scoring(reply, prompt_len, gen)                          # aligned: accepted
+    reply = _sglang_score_reply(seq, prompt_len - 1, dists, vocab)  # top-K = whole vocabulary
+    fid.parse_scoring(reply, prompt_len, gen)  # aligned: accepted
     top = reply["meta_info"]["input_top_logprobs"]
-    reply["meta_info"]["input_top_logprobs"] = [None] + top[2:] + [top[-1]]   # rows shifted by one
+    reply["meta_info"]["input_top_logprobs"] = [None] + top[2:] + [top[-1]]  # rows shifted by one
     with pytest.raises(RuntimeError, match="misaligned"):
         fid.parse_scoring(reply, prompt_len, gen)
 
 
 def test_parse_generation_length_check():
     with pytest.raises(RuntimeError):
-        fid.parse_generation(_sglang_gen_reply([1, 2], [-0.1, -0.2], [[[-0.1, 1, None]], [[-0.2, 2, None]]]), 3)
+        fid.parse_generation(
+            _sglang_gen_reply([1, 2], [-0.1, -0.2], [[[-0.1, 1, None]], [[-0.2, 2, None]]]), 3
+        )
 
 
 def test_score_config_counts_disagreement():
@@ -238,12 +253,22 @@ def test_config_flags():
 
 def test_centered_configs_add_the_centers_flag():
     custom = {}
-    fid.add_centered_configs(["fp8", "k4v4-c", "k4v4-pp-c"], custom, "/m/centers.safetensors",
-                             error=pytest.fail)
-    assert custom["k4v4-c"] == ["--kv-quant", "turboquant", "--kv-quant-bits", "k4v4",
-                                "--kv-quant-key-centers", "/m/centers.safetensors"]
-    assert custom["k4v4-pp-c"][-3:] == ["--kv-quant-packed-prefill", "--kv-quant-key-centers",
-                                        "/m/centers.safetensors"]
+    fid.add_centered_configs(
+        ["fp8", "k4v4-c", "k4v4-pp-c"], custom, "/m/centers.safetensors", error=pytest.fail
+    )
+    assert custom["k4v4-c"] == [
+        "--kv-quant",
+        "turboquant",
+        "--kv-quant-bits",
+        "k4v4",
+        "--kv-quant-key-centers",
+        "/m/centers.safetensors",
+    ]
+    assert custom["k4v4-pp-c"][-3:] == [
+        "--kv-quant-packed-prefill",
+        "--kv-quant-key-centers",
+        "/m/centers.safetensors",
+    ]
     assert "fp8" not in custom
 
     def error(msg):

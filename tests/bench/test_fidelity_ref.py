@@ -6,7 +6,6 @@ import torch
 
 from sglang_tq.config import TQConfig
 from sglang_tq.format.quantizer import TurboQuantizer
-
 from tests.conftest import load_script, tiny_llama
 
 fr = load_script("fidelity_ref_under_test", "fidelity_ref.py")
@@ -108,8 +107,12 @@ def test_batched_left_padded_decode_matches_one_prompt_at_a_time(tiny_model):
         alone = fr.generate(tiny_model, "bf16", [p], 6, 5, 16)
         assert batched["tokens"][i] == alone["tokens"][0]
         # fp32 model: padding changes only the summation order
-        torch.testing.assert_close(torch.tensor(batched["token_lps"][i]),
-                                   torch.tensor(alone["token_lps"][0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(batched["token_lps"][i]),
+            torch.tensor(alone["token_lps"][0]),
+            atol=1e-4,
+            rtol=0,
+        )
         assert len(batched["top"][i]) == 6 and len(batched["top"][i][0]) == 5
 
 
@@ -118,8 +121,9 @@ def test_teacher_forced_score_reproduces_the_plain_decode(tiny_model):
     gen = fr.generate(tiny_model, "bf16", prompts, 5, 4, 16)
     for p, toks, lps in zip(prompts, gen["tokens"], gen["token_lps"]):
         s = fr.score(tiny_model, p, toks, 4)
-        torch.testing.assert_close(torch.tensor(s["token_lps"]), torch.tensor(lps),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(s["token_lps"]), torch.tensor(lps), atol=1e-4, rtol=0
+        )
         assert [row[0][1] for row in s["top"]] == toks  # greedy: the token is the argmax
 
 
@@ -131,8 +135,10 @@ def test_quantized_cache_changes_the_distribution(tiny_model):
 
 
 def test_verdict():
-    res = {n: {"summary": {"top1_agreement": a}} for n, a in
-           (("bf16", 1.0), ("fp8", 0.98), ("k4v4", 0.965))}
+    res = {
+        n: {"summary": {"top1_agreement": a}}
+        for n, a in (("bf16", 1.0), ("fp8", 0.98), ("k4v4", 0.965))
+    }
     v = fr.verdict(res)
     assert v["met"] and v["k4v4_over_fp8"] == pytest.approx(1.75)
     res["k4v4"]["summary"]["top1_agreement"] = 0.95

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from sglang_tq.tools import kv_bytes
-
 from tests.conftest import MODEL_CONFIGS as CONFIGS
 
 
@@ -20,9 +19,13 @@ def test_full_attention_counts_every_layer_and_head():
     doc, f = _formats("llama-3.1-8b")
     assert doc["family"] == "full attention" and doc["kv_layers"] == 32
     assert [f[k]["bytes_per_token"] for k in ("bf16", "fp8", "k4v4", "k3v3")] == [
-        32 * 8 * 512, 32 * 8 * 256, 32 * 8 * 132, 32 * 8 * 100]
+        32 * 8 * 512,
+        32 * 8 * 256,
+        32 * 8 * 132,
+        32 * 8 * 100,
+    ]
     assert f["k4v4"]["tokens_vs_bf16"] == 3.88
-    _, tp4 = _formats("llama-3.1-8b", tp=4)                  # a rank holds 2 of the 8 KV heads
+    _, tp4 = _formats("llama-3.1-8b", tp=4)  # a rank holds 2 of the 8 KV heads
     assert tp4["k4v4"]["bytes_per_token"] == 32 * 2 * 132
 
 
@@ -50,14 +53,38 @@ def test_mla_latent_and_rope():
 
 def test_cli_prints_a_table_and_refuses_a_bad_format(tmp_path):
     out = tmp_path / "kv.json"
-    ok = subprocess.run([sys.executable, "-m", "sglang_tq.tools.kv_bytes", "--model-path",
-                         str(CONFIGS / "gemma-3-270m"), "--kv", "bf16,k4v4", "--out", str(out)],
-                        capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sglang_tq.tools.kv_bytes",
+            "--model-path",
+            str(CONFIGS / "gemma-3-270m"),
+            "--kv",
+            "bf16,k4v4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "sliding-window (plain pool)" in ok.stdout and "3.94x" in ok.stdout and out.exists()
-    bad = subprocess.run([sys.executable, "-m", "sglang_tq.tools.kv_bytes", "--model-path",
-                          str(CONFIGS / "gemma-3-270m"), "--kv", "k5v4"],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sglang_tq.tools.kv_bytes",
+            "--model-path",
+            str(CONFIGS / "gemma-3-270m"),
+            "--kv",
+            "k5v4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "--kv 'k5v4'" in bad.stderr
 
 

@@ -34,18 +34,38 @@ lt = import_script("loadtest")
 
 ERROR_TOKEN, ABORT_TOKEN, HTTP500_TOKEN = 13, 14, 15
 # one fake decode step: (kernel name, µs); each kernel is followed by 1 µs of idle GPU
-FAKE_STEP_KERNELS = (("nvjet_tst_128x64_64x5_gemm", 10.0), ("_tq_store_kernel", 3.0),
-                     ("_tq_decode_stage1", 12.0), ("_tq_decode_stage2", 4.0),
-                     ("rmsnorm_kernel", 2.0), ("elementwise_misc", 1.0))
+FAKE_STEP_KERNELS = (
+    ("nvjet_tst_128x64_64x5_gemm", 10.0),
+    ("_tq_store_kernel", 3.0),
+    ("_tq_decode_stage1", 12.0),
+    ("_tq_decode_stage2", 4.0),
+    ("rmsnorm_kernel", 2.0),
+    ("elementwise_misc", 1.0),
+)
 
 
 # ----------------------------------------------------------------------------- fake server
 
+
 class FakeState:
-    def __init__(self, ttft_s=0.01, itl_s=0.002, pool=1000, ready_after_s=0.0, split=True,
-                 tokens_per_chunk=1, incremental=False, backend="fa3", info_extra=None):
+    def __init__(
+        self,
+        ttft_s=0.01,
+        itl_s=0.002,
+        pool=1000,
+        ready_after_s=0.0,
+        split=True,
+        tokens_per_chunk=1,
+        incremental=False,
+        backend="fa3",
+        info_extra=None,
+    ):
         self.ttft_s, self.itl_s, self.pool, self.split = ttft_s, itl_s, pool, split
-        self.tokens_per_chunk, self.incremental, self.backend = tokens_per_chunk, incremental, backend
+        self.tokens_per_chunk, self.incremental, self.backend = (
+            tokens_per_chunk,
+            incremental,
+            backend,
+        )
         self.info_extra = info_extra or {}
         self.ready_at = time.time() + ready_after_s
         self.cache: list[list[int]] = []
@@ -72,9 +92,16 @@ def make_fake_app(state: FakeState) -> web.Application:
         return web.Response(status=200 if time.time() >= state.ready_at else 503)
 
     async def server_info(request):
-        return web.json_response({"max_total_num_tokens": state.pool, "max_running_requests": 64,
-                                  "attention_backend": state.backend, "version": "0.5.17", "other": 1,
-                                  **state.info_extra})
+        return web.json_response(
+            {
+                "max_total_num_tokens": state.pool,
+                "max_running_requests": 64,
+                "attention_backend": state.backend,
+                "version": "0.5.17",
+                "other": 1,
+                **state.info_extra,
+            }
+        )
 
     async def flush(request):
         if state.in_flight:
@@ -111,8 +138,16 @@ def make_fake_app(state: FakeState) -> web.Application:
 
             await asyncio.sleep(state.ttft_s)
             if ids[0] == ERROR_TOKEN:
-                await send({"error": {"message": "boom", "type": "invalid_request_error",
-                                      "code": 400, "retryable": False}})
+                await send(
+                    {
+                        "error": {
+                            "message": "boom",
+                            "type": "invalid_request_error",
+                            "code": 400,
+                            "retryable": False,
+                        }
+                    }
+                )
             else:
                 out = []
                 sent = 0
@@ -123,14 +158,34 @@ def make_fake_app(state: FakeState) -> web.Application:
                         continue  # several tokens per chunk (e.g. SGLang's --stream-interval > 1)
                     fr = None
                     if last:
-                        fr = ({"type": "abort", "message": "aborted", "status_code": 503, "err_type": None}
-                              if ids[0] == ABORT_TOKEN else {"type": "length", "length": n})
-                    meta = {"id": f"r{state.requests}", "finish_reason": fr, "prompt_tokens": len(ids),
-                            "weight_version": "default", "num_retractions": 0, "reasoning_tokens": 0,
-                            "completion_tokens": k, "cached_tokens": cached}
+                        fr = (
+                            {
+                                "type": "abort",
+                                "message": "aborted",
+                                "status_code": 503,
+                                "err_type": None,
+                            }
+                            if ids[0] == ABORT_TOKEN
+                            else {"type": "length", "length": n}
+                        )
+                    meta = {
+                        "id": f"r{state.requests}",
+                        "finish_reason": fr,
+                        "prompt_tokens": len(ids),
+                        "weight_version": "default",
+                        "num_retractions": 0,
+                        "reasoning_tokens": 0,
+                        "completion_tokens": k,
+                        "cached_tokens": cached,
+                    }
                     if last:
                         meta["e2e_latency"] = 0.0
-                    await send({"output_ids": out[sent:] if state.incremental else list(out), "meta_info": meta})
+                    await send(
+                        {
+                            "output_ids": out[sent:] if state.incremental else list(out),
+                            "meta_info": meta,
+                        }
+                    )
                     sent = len(out)
                     if last:
                         break
@@ -152,7 +207,9 @@ def make_fake_app(state: FakeState) -> web.Application:
                 for name, dur in FAKE_STEP_KERNELS:
                     events.append({"ph": "X", "cat": "kernel", "name": name, "ts": t, "dur": dur})
                     t += dur + 1.0  # 1 us idle after each kernel
-            events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0, "dur": 99})
+            events.append(
+                {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0, "dur": 99}
+            )
             path = Path(body["output_dir"]) / f"{body['profile_id']}-TP-0.trace.json.gz"
             with gzip.open(path, "wt") as f:
                 json.dump({"traceEvents": events}, f)
@@ -214,31 +271,54 @@ def fake_server_cli():
         backend = args.attention_backend or "fa3"  # what SGLang resolves on Hopper
         if args.attention_backend is None:
             print("Attention backend not specified. Use fa3 backend by default.", flush=True)
-    print(f"KV Cache is allocated. max_total_num_tokens={pool}, chunked_prefill_size=8192, "
-          f"max_prefill_tokens=16384, max_running_requests=64, context_len=131072, "
-          f"available_gpu_mem=12.34 GB", flush=True)
-    info = {"cuda_graph_max_bs_decode": args.cuda_graph_max_bs_decode, "stream_interval": args.stream_interval,
-            "incremental_streaming_output": args.incremental_streaming_output,
-            "mem_fraction_static": args.mem_fraction_static,
-            "cuda_graph_config": {"decode": {"backend": "full"},
-                                  "prefill": {"backend": "disabled" if args.disable_prefill_cuda_graph
-                                              else "breakable"}}}
-    state = FakeState(itl_s=itl, pool=pool, ready_after_s=0.1, incremental=args.incremental_streaming_output,
-                      tokens_per_chunk=args.stream_interval, backend=backend, info_extra=info)
-    web.run_app(make_fake_app(state), host=args.host, port=args.port, print=None,
-                handle_signals=True)
+    print(
+        f"KV Cache is allocated. max_total_num_tokens={pool}, chunked_prefill_size=8192, "
+        f"max_prefill_tokens=16384, max_running_requests=64, context_len=131072, "
+        f"available_gpu_mem=12.34 GB",
+        flush=True,
+    )
+    info = {
+        "cuda_graph_max_bs_decode": args.cuda_graph_max_bs_decode,
+        "stream_interval": args.stream_interval,
+        "incremental_streaming_output": args.incremental_streaming_output,
+        "mem_fraction_static": args.mem_fraction_static,
+        "cuda_graph_config": {
+            "decode": {"backend": "full"},
+            "prefill": {"backend": "disabled" if args.disable_prefill_cuda_graph else "breakable"},
+        },
+    }
+    state = FakeState(
+        itl_s=itl,
+        pool=pool,
+        ready_after_s=0.1,
+        incremental=args.incremental_streaming_output,
+        tokens_per_chunk=args.stream_interval,
+        backend=backend,
+        info_extra=info,
+    )
+    web.run_app(
+        make_fake_app(state), host=args.host, port=args.port, print=None, handle_signals=True
+    )
 
 
 # ----------------------------------------------------------------------------- pure logic
 
+
 def test_kernel_classes():
-    names = {"_tq_store_kernel": "kv_write", "store_cache_kernel<...>": "kv_write",
-             "void flash::flash_fwd_kernel<...>": "attention", "_tq_decode_stage2": "attention",
-             "flash::FlashAttnFwdCombine<...>": "attention", "nvjet_tst_64x8_64x16_4x1_v_bz_TNT": "gemm",
-             "void cutlass::device_kernel<...>": "gemm", "FusedAddRMSNormKernel": "norm",
-             "apply_rope_pos_ids_cos_sin_cache": "rope",
-             "void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>": "norm", "act_and_mul_kernel<silu>": "activation",
-             "vectorized_elementwise_kernel": "other"}
+    names = {
+        "_tq_store_kernel": "kv_write",
+        "store_cache_kernel<...>": "kv_write",
+        "void flash::flash_fwd_kernel<...>": "attention",
+        "_tq_decode_stage2": "attention",
+        "flash::FlashAttnFwdCombine<...>": "attention",
+        "nvjet_tst_64x8_64x16_4x1_v_bz_TNT": "gemm",
+        "void cutlass::device_kernel<...>": "gemm",
+        "FusedAddRMSNormKernel": "norm",
+        "apply_rope_pos_ids_cos_sin_cache": "rope",
+        "void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>": "norm",
+        "act_and_mul_kernel<silu>": "activation",
+        "vectorized_elementwise_kernel": "other",
+    }
     for name, cls in names.items():
         assert lt.kernel_class(name) == cls, name
 
@@ -249,16 +329,33 @@ def test_summarize_kernel_trace_per_step():
         for name, dur in FAKE_STEP_KERNELS:
             events.append({"ph": "X", "cat": "kernel", "name": name, "ts": t, "dur": dur})
             t += dur + 1.0
-    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 1e6})  # not a kernel
+    events.append(
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 1e6}
+    )  # not a kernel
     s = lt.summarize_kernel_trace(events, 4, top=3)
     assert s["kernels_per_step"] == 6 and s["busy_us_per_step"] == 32.0
-    assert s["span_us_per_step"] == pytest.approx((4 * 38 - 1) / 4)  # the last idle µs is not in the span
-    assert s["class_us_per_step"] == {"attention": 16.0, "gemm": 10.0, "kv_write": 3.0, "norm": 2.0,
-                                      "other": 1.0}
-    assert [k["name"] for k in s["top_kernels"]] == ["_tq_decode_stage1", "nvjet_tst_128x64_64x5_gemm",
-                                                     "_tq_decode_stage2"]
-    assert s["top_kernels"][0] == {"name": "_tq_decode_stage1", "class": "attention", "us_per_step": 12.0,
-                                   "launches_per_step": 1.0, "us_per_launch": 12.0}
+    assert s["span_us_per_step"] == pytest.approx(
+        (4 * 38 - 1) / 4
+    )  # the last idle µs is not in the span
+    assert s["class_us_per_step"] == {
+        "attention": 16.0,
+        "gemm": 10.0,
+        "kv_write": 3.0,
+        "norm": 2.0,
+        "other": 1.0,
+    }
+    assert [k["name"] for k in s["top_kernels"]] == [
+        "_tq_decode_stage1",
+        "nvjet_tst_128x64_64x5_gemm",
+        "_tq_decode_stage2",
+    ]
+    assert s["top_kernels"][0] == {
+        "name": "_tq_decode_stage1",
+        "class": "attention",
+        "us_per_step": 12.0,
+        "launches_per_step": 1.0,
+        "us_per_launch": 12.0,
+    }
     assert lt.summarize_kernel_trace([], 4) == {"steps": 4, "kernels": 0}
 
 
@@ -267,13 +364,16 @@ def test_profile_decode_steps_against_fake(tmp_path):
 
     async def go():
         async with running_fake(state) as url:
-            return await lt.profile_decode_steps(url, [2000] * 50, 5, tmp_path / "prof", lead_tokens=4)
+            return await lt.profile_decode_steps(
+                url, [2000] * 50, 5, tmp_path / "prof", lead_tokens=4
+            )
 
     prof = asyncio.run(go())
     assert state.profiles[0]["num_steps"] == 5 and state.requests == 1
     assert Path(state.profiles[0]["output_dir"]) == (tmp_path / "prof").resolve()
     assert prof["steps"] == 5 and prof["busy_us_per_step"] == 32.0 and prof["kernels_per_step"] == 6
     assert prof["class_us_per_step"]["kv_write"] == 3.0 and prof["trace"].endswith(".trace.json.gz")
+
 
 def test_percentile_matches_numpy():
     np = pytest.importorskip("numpy")
@@ -288,9 +388,23 @@ def test_percentile_matches_numpy():
 def test_compute_stats_exact():
     R = lt.ReqResult
     results = [
-        R(ok=True, ttft=0.1, latency=1.0, completion_tokens=10, prompt_tokens=100, cached_tokens=50),
+        R(
+            ok=True,
+            ttft=0.1,
+            latency=1.0,
+            completion_tokens=10,
+            prompt_tokens=100,
+            cached_tokens=50,
+        ),
         R(ok=True, ttft=0.3, latency=2.0, completion_tokens=10, prompt_tokens=100, cached_tokens=0),
-        R(ok=True, ttft=0.2, latency=3.0, completion_tokens=5, prompt_tokens=200, cached_tokens=150),
+        R(
+            ok=True,
+            ttft=0.2,
+            latency=3.0,
+            completion_tokens=5,
+            prompt_tokens=200,
+            cached_tokens=150,
+        ),
         R(ok=False, error="boom", completion_tokens=7, prompt_tokens=100),
         None,  # never finished (timeout)
     ]
@@ -302,19 +416,25 @@ def test_compute_stats_exact():
     assert s["cache_hit_rate"] == pytest.approx(200 / 400)
     assert s["ttft_p50_s"] == pytest.approx(0.2) and s["ttft_p90_s"] == pytest.approx(0.28)
     assert s["lat_p50_s"] == pytest.approx(2.0) and s["lat_p90_s"] == pytest.approx(2.8)
-    assert s["tpot_p50_s"] == pytest.approx(1.7 / 9, abs=1e-5)  # 0.9/9, 1.7/9, 2.8/4 -> median 1.7/9
+    assert s["tpot_p50_s"] == pytest.approx(
+        1.7 / 9, abs=1e-5
+    )  # 0.9/9, 1.7/9, 2.8/4 -> median 1.7/9
     assert s["short_outputs"] == 1
     assert s["errors"] == ["boom"]
 
 
 def test_sse_event_parsing():
     res = lt.ReqResult()
-    ev = b'data: {"output_ids": [5], "meta_info": {"completion_tokens": 1, "prompt_tokens": 9, ' \
-         b'"cached_tokens": 4, "finish_reason": null}}'
+    ev = (
+        b'data: {"output_ids": [5], "meta_info": {"completion_tokens": 1, "prompt_tokens": 9, '
+        b'"cached_tokens": 4, "finish_reason": null}}'
+    )
     assert lt._handle_event(ev, res, t0=10.0, now=10.5) is False
     assert res.ttft == pytest.approx(0.5) and res.prompt_tokens == 9 and res.cached_tokens == 4
-    ev = b'data: {"output_ids": [5, 6], "meta_info": {"completion_tokens": 2, "prompt_tokens": 9, ' \
-         b'"cached_tokens": 4, "finish_reason": {"type": "length", "length": 2}}}'
+    ev = (
+        b'data: {"output_ids": [5, 6], "meta_info": {"completion_tokens": 2, "prompt_tokens": 9, '
+        b'"cached_tokens": 4, "finish_reason": {"type": "length", "length": 2}}}'
+    )
     lt._handle_event(ev, res, t0=10.0, now=11.0)
     assert res.latency == pytest.approx(1.0) and res.ttft == pytest.approx(0.5)
     assert res.completion_tokens == 2 and res.finish_reason["type"] == "length"
@@ -330,12 +450,27 @@ def test_kv_flags_and_loopback():
     assert lt.kv_server_flags("bf16") == []
     assert lt.kv_server_flags("fp8") == ["--kv-cache-dtype", "fp8_e4m3"]
     assert lt.kv_server_flags("bf16-triton") == ["--attention-backend", "triton"]
-    assert lt.kv_server_flags("fp8-triton") == ["--attention-backend", "triton", "--kv-cache-dtype", "fp8_e4m3"]
+    assert lt.kv_server_flags("fp8-triton") == [
+        "--attention-backend",
+        "triton",
+        "--kv-cache-dtype",
+        "fp8_e4m3",
+    ]
     assert lt.kv_server_flags("k3v3") == ["--kv-quant", "turboquant", "--kv-quant-bits", "k3v3"]
     assert lt.kv_server_flags("bf16-fa3") == ["--attention-backend", "fa3"]
-    assert lt.kv_server_flags("fp8-fa3") == ["--attention-backend", "fa3", "--kv-cache-dtype", "fp8_e4m3"]
+    assert lt.kv_server_flags("fp8-fa3") == [
+        "--attention-backend",
+        "fa3",
+        "--kv-cache-dtype",
+        "fp8_e4m3",
+    ]
     assert [lt.expected_backend(k) for k in ("bf16", "fp8", "bf16-triton", "fp8-fa3", "k4v4")] == [
-        None, None, "triton", "fa3", "turboquant"]
+        None,
+        None,
+        "triton",
+        "fa3",
+        "turboquant",
+    ]
     with pytest.raises(ValueError, match="unknown KV config 'bf16-flashinfer'"):
         lt.kv_server_flags("bf16-flashinfer")
     with pytest.raises(ValueError):
@@ -352,7 +487,9 @@ def _flag(cmd, name):
 
 
 def test_server_commands_share_every_setting():
-    args = lt.parse_args(["--configs", "bf16,fp8,bf16-triton,fp8-triton,bf16-fa3,fp8-fa3,k4v4,k3v3"])
+    args = lt.parse_args(
+        ["--configs", "bf16,fp8,bf16-triton,fp8-triton,bf16-fa3,fp8-fa3,k4v4,k3v3"]
+    )
     assert args.mem_fraction_static == 0.25 and args.cuda_graph_max_bs == 128
     cmds = {kv: lt.server_command(args, kv, 20000) for kv in args.configs}
     common = None
@@ -362,7 +499,10 @@ def test_server_commands_share_every_setting():
         assert _flag(cmd, "--cuda-graph-max-bs-decode") == "128"
         assert _flag(cmd, "--stream-interval") == "1"
         assert "--incremental-streaming-output" in cmd
-        assert _flag(cmd, "--load-format") == "dummy" and _flag(cmd, "--model-path") == lt.DEFAULT_MODEL
+        assert (
+            _flag(cmd, "--load-format") == "dummy"
+            and _flag(cmd, "--model-path") == lt.DEFAULT_MODEL
+        )
         rest = [a for a in cmd if a not in lt.kv_server_flags(kv)]
         common = common or rest
         assert rest == common  # everything but the config's own flags is identical
@@ -370,42 +510,81 @@ def test_server_commands_share_every_setting():
         assert "--attention-backend" not in cmds[kv]
     assert _flag(cmds["bf16-triton"], "--attention-backend") == "triton"
     assert _flag(cmds["fp8-fa3"], "--attention-backend") == "fa3"
-    a2 = lt.parse_args(["--mem-fraction-static", "0.3", "--cuda-graph-max-bs", "64", "--cumulative-stream",
-                        "--extra-server-args", "--log-level warning"])
+    a2 = lt.parse_args(
+        [
+            "--mem-fraction-static",
+            "0.3",
+            "--cuda-graph-max-bs",
+            "64",
+            "--cumulative-stream",
+            "--extra-server-args",
+            "--log-level warning",
+        ]
+    )
     c2 = lt.server_command(a2, "bf16", 20001)
-    assert _flag(c2, "--mem-fraction-static") == "0.3" and _flag(c2, "--cuda-graph-max-bs-decode") == "64"
+    assert (
+        _flag(c2, "--mem-fraction-static") == "0.3"
+        and _flag(c2, "--cuda-graph-max-bs-decode") == "64"
+    )
     assert "--incremental-streaming-output" not in c2 and c2[-2:] == ["--log-level", "warning"]
     # extra args may not turn prefill graphs off or re-label a config
-    for bad in ("--disable-prefill-cuda-graph", "--attention-backend triton", "--kv-cache-dtype=fp8_e4m3",
-                "--disable-cuda-graph", "--stream-interval 4"):
+    for bad in (
+        "--disable-prefill-cuda-graph",
+        "--attention-backend triton",
+        "--kv-cache-dtype=fp8_e4m3",
+        "--disable-cuda-graph",
+        "--stream-interval 4",
+    ):
         with pytest.raises(ValueError, match="may not contain"):
             lt.check_extra_server_args(bad)
         with pytest.raises(SystemExit):
             lt.parse_args(["--extra-server-args", bad])
     assert lt._flag_value(["--a", "1", "--b=2", "--a=3"], "--a") == "3"
     # the old opt-in flag is still accepted (graphs are always on now)
-    assert "--disable-prefill-cuda-graph" not in lt.server_command(lt.parse_args(["--prefill-cuda-graph"]), "k4v4", 1)
+    assert "--disable-prefill-cuda-graph" not in lt.server_command(
+        lt.parse_args(["--prefill-cuda-graph"]), "k4v4", 1
+    )
 
 
 def test_detect_backend_and_settings():
     d = lt.detect_backend("bf16", {"attention_backend": "fa3"}, "flashinfer")
-    assert d == {"backend": "fa3", "backend_source": "server_info", "prefill_backend": "fa3",
-                 "decode_backend": "fa3"}
+    assert d == {
+        "backend": "fa3",
+        "backend_source": "server_info",
+        "prefill_backend": "fa3",
+        "decode_backend": "fa3",
+    }
     assert lt.detect_backend("fp8", {}, "fa3")["backend_source"] == "server log"
     assert lt.detect_backend("bf16-triton", {}, None) == {
-        "backend": "triton", "backend_source": "flags", "prefill_backend": "triton", "decode_backend": "triton"}
+        "backend": "triton",
+        "backend_source": "flags",
+        "prefill_backend": "triton",
+        "decode_backend": "triton",
+    }
     assert lt.detect_backend("bf16", {}, None)["backend"] == "unknown"
     mism = lt.detect_backend("bf16-fa3", {"attention_backend": "triton"})
     assert mism["backend"] == "triton" and "fa3" in mism["backend_mismatch"]
-    split = lt.detect_backend("k4v4", {"attention_backend": "turboquant", "prefill_attention_backend": "fa3"})
-    assert split["backend"] == "turboquant" and split["prefill_backend"] == "fa3" and "backend_mismatch" not in split
+    split = lt.detect_backend(
+        "k4v4", {"attention_backend": "turboquant", "prefill_attention_backend": "fa3"}
+    )
+    assert (
+        split["backend"] == "turboquant"
+        and split["prefill_backend"] == "fa3"
+        and "backend_mismatch" not in split
+    )
     assert lt._DEFAULT_BACKEND_RE.findall(
-        "[2026] INFO overrides.py:2025: Attention backend not specified. Use fa3 backend by default.") == ["fa3"]
+        "[2026] INFO overrides.py:2025: Attention backend not specified. Use fa3 backend by default."
+    ) == ["fa3"]
     args = lt.parse_args([])
     cmd = lt.server_command(args, "bf16", 1)
     st = lt.server_settings(args, "bf16", cmd, {})
-    assert st == {"mem_fraction_static": 0.25, "cuda_graph_max_bs": 128, "stream_interval": 1,
-                  "incremental_stream": True, "prefill_cuda_graph": True}
+    assert st == {
+        "mem_fraction_static": 0.25,
+        "cuda_graph_max_bs": 128,
+        "stream_interval": 1,
+        "incremental_stream": True,
+        "prefill_cuda_graph": True,
+    }
     off = {"cuda_graph_config": {"prefill": {"backend": "disabled"}}}
     assert lt.server_settings(args, "bf16", cmd, off)["prefill_cuda_graph"] is False
     assert lt.prefill_graph_state({}, cmd + ["--disable-prefill-cuda-graph"]) is False
@@ -430,7 +609,9 @@ def test_workloads_deterministic_and_shaped():
         assert sp.prompts[i][:4000] != sp.prompts[i + 1][:4000]
     cold = lt.shared_prefix_workload(**{**lt.SP_DEFAULTS, "warm": False})
     assert cold.variant == "cold" and cold.warm_prompts == []
-    assert lt.reference_workload(**{**lt.REFERENCE_DEFAULTS, "num_requests": 8}).variant.startswith("custom-")
+    assert lt.reference_workload(**{**lt.REFERENCE_DEFAULTS, "num_requests": 8}).variant.startswith(
+        "custom-"
+    )
 
 
 def test_new_workloads_shapes():
@@ -438,24 +619,51 @@ def test_new_workloads_shapes():
     assert lg.name == "long-gen" and lg.variant == "default"
     assert len(lg.prompts) == 128 and all(len(p) == 1000 for p in lg.prompts)
     assert lg.output_len == 4000 and lg.concurrency == 128
-    assert lg.prompts != lt.reference_workload(num_requests=128, input_len=1000, output_len=4000,
-                                               concurrency=128).prompts  # own seed stream
+    assert (
+        lg.prompts
+        != lt.reference_workload(
+            num_requests=128, input_len=1000, output_len=4000, concurrency=128
+        ).prompts
+    )  # own seed stream
     args = lt.parse_args([])
     assert args.workloads == ["reference", "long-gen", "single-stream"]
     wls = lt.build_workloads(args)
-    assert [w.name for w in wls] == ["reference", "long-gen", "single-stream-4k", "single-stream-32k"]
+    assert [w.name for w in wls] == [
+        "reference",
+        "long-gen",
+        "single-stream-4k",
+        "single-stream-32k",
+    ]
     assert all(w.variant == "default" for w in wls)
     for w, ctx in zip(wls[2:], (4096, 32768)):
         assert w.family == "single-stream" and w.concurrency == 1 and w.output_len == 512
         assert len(w.prompts) == 3 and all(len(p) == ctx for p in w.prompts)
         assert w.params["context"] == ctx and w.warmup_requests == 1 and w.warmup_len == ctx
-        assert len({tuple(p[:50]) for p in w.prompts}) == 3  # fresh prompts: no radix hits between them
+        assert (
+            len({tuple(p[:50]) for p in w.prompts}) == 3
+        )  # fresh prompts: no radix hits between them
     quick = lt.build_workloads(lt.parse_args(["--quick"]))
-    assert [(w.name, w.variant) for w in quick] == [("reference", "quick"), ("long-gen", "quick"),
-                                                    ("single-stream-1k", "quick"), ("single-stream-4k", "quick")]
+    assert [(w.name, w.variant) for w in quick] == [
+        ("reference", "quick"),
+        ("long-gen", "quick"),
+        ("single-stream-1k", "quick"),
+        ("single-stream-4k", "quick"),
+    ]
     assert sum(len(w.prompts) * w.output_len for w in quick) < 5000
-    custom = lt.build_workloads(lt.parse_args(["--workloads", "single-stream,long-gen", "--ss-contexts", "8192",
-                                               "--ss-requests", "5", "--lg-output-len", "100"]))
+    custom = lt.build_workloads(
+        lt.parse_args(
+            [
+                "--workloads",
+                "single-stream,long-gen",
+                "--ss-contexts",
+                "8192",
+                "--ss-requests",
+                "5",
+                "--lg-output-len",
+                "100",
+            ]
+        )
+    )
     assert [w.name for w in custom] == ["single-stream-8k", "long-gen"]
     assert len(custom[0].prompts) == 5 and custom[0].variant.startswith("custom-")
     assert custom[1].output_len == 100 and custom[1].variant.startswith("custom-")
@@ -464,7 +672,12 @@ def test_new_workloads_shapes():
         lt.parse_args(["--workloads", "long"])
     names = ["shared-prefix", "single-stream-32k", "long-gen", "single-stream-4k", "reference"]
     assert sorted(names, key=lt.workload_sort_key) == [
-        "reference", "long-gen", "single-stream-4k", "single-stream-32k", "shared-prefix"]
+        "reference",
+        "long-gen",
+        "single-stream-4k",
+        "single-stream-32k",
+        "shared-prefix",
+    ]
 
 
 def test_estimates_know_the_new_workloads():
@@ -474,8 +687,13 @@ def test_estimates_know_the_new_workloads():
     assert lt.estimate_run_s(wls["long-gen"], "fp8") == pytest.approx(W + 128 * 4000 / 5582)
     assert lt.estimate_run_s(wls["long-gen"], "k4v4") == pytest.approx(W + 128 * 4000 / 6000)
     assert lt.estimate_run_s(wls["reference"], "bf16") == pytest.approx(W + 96 * 400 / 1227)
-    assert lt.estimate_run_s(wls["long-gen"], "bf16-triton") > lt.estimate_run_s(wls["long-gen"], "bf16")
-    ss32, ss4 = lt.estimate_run_s(wls["single-stream-32k"], "bf16"), lt.estimate_run_s(wls["single-stream-4k"], "bf16")
+    assert lt.estimate_run_s(wls["long-gen"], "bf16-triton") > lt.estimate_run_s(
+        wls["long-gen"], "bf16"
+    )
+    ss32, ss4 = (
+        lt.estimate_run_s(wls["single-stream-32k"], "bf16"),
+        lt.estimate_run_s(wls["single-stream-4k"], "bf16"),
+    )
     assert ss4 < ss32 < 60 and ss32 > W + 3 * 512 * lt.EST_ITL_S["bf16"]
     # every config with all three workloads fits one 600 s GPU-host command at the default budget
     for kv in lt.DEFAULT_CONFIGS:
@@ -483,8 +701,10 @@ def test_estimates_know_the_new_workloads():
         assert lt.EST_STARTUP_S + 150 < t < lt.DEFAULT_BUDGET_HINT_S, (kv, t)
     text, total = lt.plan_text(lt.parse_args(["--configs", "bf16,k4v4"]), list(wls.values()))
     assert "bf16        ~377 s = start ~140 s" in text and "long-gen ~145 s" in text
-    assert total == pytest.approx(lt.estimate_config_s(list(wls.values()), "bf16")
-                                  + lt.estimate_config_s(list(wls.values()), "k4v4"))
+    assert total == pytest.approx(
+        lt.estimate_config_s(list(wls.values()), "bf16")
+        + lt.estimate_config_s(list(wls.values()), "k4v4")
+    )
 
 
 def test_itl_from_chunks():
@@ -500,8 +720,16 @@ def test_itl_from_chunks():
     assert lt.itl_from_arrivals([]).itl == [] and lt.itl_from_arrivals([(1.0, 5)]).itl == []
     # pooled percentiles in milliseconds
     a = lt.ReqResult(ok=True, ttft=0.1, latency=0.2, completion_tokens=4, itl=[0.001, 0.002, 0.003])
-    b = lt.ReqResult(ok=True, ttft=0.1, latency=0.2, completion_tokens=3, itl=[0.010, 0.004], multi_token_chunks=1,
-                     max_chunk_tokens=2, arrivals=2)
+    b = lt.ReqResult(
+        ok=True,
+        ttft=0.1,
+        latency=0.2,
+        completion_tokens=3,
+        itl=[0.010, 0.004],
+        multi_token_chunks=1,
+        max_chunk_tokens=2,
+        arrivals=2,
+    )
     st = lt.compute_stats([a, b], 1.0, 2)
     assert st["itl_p50_ms"] == pytest.approx(3.0) and st["itl_tokens"] == 5
     assert st["itl_p90_ms"] == pytest.approx(lt.percentile([1, 2, 3, 4, 10], 90))
@@ -524,27 +752,56 @@ def test_sse_reads_bring_tokens_per_arrival():
 
 
 def _row(kv, tok, ttft, wl="reference", pool=None, itl=None, backend=None, status="ok"):
-    return {"workload": wl, "variant": "default", "kv": kv, "status": status, "gpu": "G",
-            "backend": backend or ("turboquant" if kv.startswith("k") else
-                                   "triton" if "triton" in kv else "fa3"),
-            "out_tok_s": tok, "req_s": 1.0, "ttft_p50_s": ttft, "lat_p50_s": 1.0, "itl_p50_ms": itl,
-            "max_total_num_tokens": pool, "completed": 1, "num_requests": 1}
+    return {
+        "workload": wl,
+        "variant": "default",
+        "kv": kv,
+        "status": status,
+        "gpu": "G",
+        "backend": backend
+        or ("turboquant" if kv.startswith("k") else "triton" if "triton" in kv else "fa3"),
+        "out_tok_s": tok,
+        "req_s": 1.0,
+        "ttft_p50_s": ttft,
+        "lat_p50_s": 1.0,
+        "itl_p50_ms": itl,
+        "max_total_num_tokens": pool,
+        "completed": 1,
+        "num_requests": 1,
+    }
 
 
 def test_summary_ratios_and_targets():
     r = _row
-    res = [r("bf16", 1227, 2.0, pool=161452), r("fp8", 1476, 1.5, pool=322905), r("k4v4", 1900, 1.0, pool=626000),
-           r("k3v3", 1800, 1.2), r("bf16-triton", 1048, 2.5), r("fp8-triton", 1220, 2.2),
-           r("bf16", 3786, 5, "long-gen"), r("fp8", 5582, 4, "long-gen"), r("k4v4", 7900, 4, "long-gen"),
-           r("k3v3", 7000, 4, "long-gen"),
-           r("bf16", 100, 0.3, "single-stream-4k", itl=4.98), r("fp8", 100, 0.3, "single-stream-4k", itl=5.07),
-           r("k4v4", 100, 0.3, "single-stream-4k", itl=4.90),
-           r("bf16", 100, 2.0, "single-stream-32k", itl=5.86), r("k4v4", 100, 2.0, "single-stream-32k", itl=6.64),
-           r("fp8", 2000, 0.5, "shared-prefix"), r("k4v4", 2100, 0.4, "shared-prefix"),
-           r("k3v3", 2100, 0.6, "shared-prefix")]
+    res = [
+        r("bf16", 1227, 2.0, pool=161452),
+        r("fp8", 1476, 1.5, pool=322905),
+        r("k4v4", 1900, 1.0, pool=626000),
+        r("k3v3", 1800, 1.2),
+        r("bf16-triton", 1048, 2.5),
+        r("fp8-triton", 1220, 2.2),
+        r("bf16", 3786, 5, "long-gen"),
+        r("fp8", 5582, 4, "long-gen"),
+        r("k4v4", 7900, 4, "long-gen"),
+        r("k3v3", 7000, 4, "long-gen"),
+        r("bf16", 100, 0.3, "single-stream-4k", itl=4.98),
+        r("fp8", 100, 0.3, "single-stream-4k", itl=5.07),
+        r("k4v4", 100, 0.3, "single-stream-4k", itl=4.90),
+        r("bf16", 100, 2.0, "single-stream-32k", itl=5.86),
+        r("k4v4", 100, 2.0, "single-stream-32k", itl=6.64),
+        r("fp8", 2000, 0.5, "shared-prefix"),
+        r("k4v4", 2100, 0.4, "shared-prefix"),
+        r("k3v3", 2100, 0.6, "shared-prefix"),
+    ]
     s = lt.summarize(res)
     groups = {g["workload"]: g for g in s["groups"]}
-    assert list(groups) == ["reference", "long-gen", "single-stream-4k", "single-stream-32k", "shared-prefix"]
+    assert list(groups) == [
+        "reference",
+        "long-gen",
+        "single-stream-4k",
+        "single-stream-32k",
+        "shared-prefix",
+    ]
     ref = groups["reference"]["ratios"]
     assert ref["k4v4"]["out_tok_s_vs_bf16"] == pytest.approx(1900 / 1227, abs=1e-3)
     assert ref["k4v4"]["out_tok_s_vs_fp8"] == pytest.approx(1900 / 1476, abs=1e-3)
@@ -553,28 +810,39 @@ def test_summary_ratios_and_targets():
     # the Triton rows are extra rows against the default-backend baselines, never baselines themselves
     assert ref["bf16-triton"]["out_tok_s_vs_bf16"] == pytest.approx(1048 / 1227, abs=1e-3)
     assert groups["reference"]["baseline_backends"] == {"bf16": "fa3", "fp8": "fa3"}
-    assert groups["single-stream-4k"]["ratios"]["k4v4"]["itl_p50_vs_bf16"] == pytest.approx(4.90 / 4.98, abs=1e-3)
+    assert groups["single-stream-4k"]["ratios"]["k4v4"]["itl_p50_vs_bf16"] == pytest.approx(
+        4.90 / 4.98, abs=1e-3
+    )
     assert groups["single-stream-32k"]["ratios"]["k4v4"]["itl_p50_vs_fp8"] is None  # no fp8 row
     t = {x["name"]: x["pass"] for x in s["targets"]}
     assert t == {
-        "reference k4v4 out tok/s >= 1.5x bf16": True,    # 1.549
-        "reference k4v4 out tok/s >= 1.25x fp8": True,    # 1.287
-        "reference k3v3 out tok/s >= 1.5x bf16": False,   # 1.467
-        "reference k3v3 out tok/s >= 1.25x fp8": False,   # 1.220
-        "long-gen k4v4 out tok/s >= 2.0x bf16": True,     # 2.087
-        "long-gen k4v4 out tok/s >= 1.4x fp8": True,      # 1.415
-        "long-gen k3v3 out tok/s >= 2.0x bf16": False,    # 1.849
-        "long-gen k3v3 out tok/s >= 1.4x fp8": False,     # 1.254
+        "reference k4v4 out tok/s >= 1.5x bf16": True,  # 1.549
+        "reference k4v4 out tok/s >= 1.25x fp8": True,  # 1.287
+        "reference k3v3 out tok/s >= 1.5x bf16": False,  # 1.467
+        "reference k3v3 out tok/s >= 1.25x fp8": False,  # 1.220
+        "long-gen k4v4 out tok/s >= 2.0x bf16": True,  # 2.087
+        "long-gen k4v4 out tok/s >= 1.4x fp8": True,  # 1.415
+        "long-gen k3v3 out tok/s >= 2.0x bf16": False,  # 1.849
+        "long-gen k3v3 out tok/s >= 1.4x fp8": False,  # 1.254
         "single-stream-4k k4v4 ITL p50 <= bf16": True,
         "single-stream-32k k4v4 ITL p50 <= bf16": False,
         "shared-prefix k4v4 TTFT p50 < fp8": True,
         "shared-prefix k3v3 TTFT p50 < fp8": False,
     }
     # a missing baseline or an incomplete run gives "n/a", not a pass
-    s2 = lt.summarize([r("fp8", 1476, 1.5), r("k4v4", 3000, 1.0), r("bf16", 1, 1, "long-gen", status="partial"),
-                       r("k4v4", 9000, 1, "long-gen")])
+    s2 = lt.summarize(
+        [
+            r("fp8", 1476, 1.5),
+            r("k4v4", 3000, 1.0),
+            r("bf16", 1, 1, "long-gen", status="partial"),
+            r("k4v4", 9000, 1, "long-gen"),
+        ]
+    )
     t2 = {x["name"]: x["pass"] for x in s2["targets"]}
-    assert t2["reference k4v4 out tok/s >= 1.5x bf16"] is None and t2["reference k4v4 out tok/s >= 1.25x fp8"]
+    assert (
+        t2["reference k4v4 out tok/s >= 1.5x bf16"] is None
+        and t2["reference k4v4 out tok/s >= 1.25x fp8"]
+    )
     assert t2["long-gen k4v4 out tok/s >= 2.0x bf16"] is None
     text = lt.summary_text({"results": res})
     assert "[PASS] long-gen k4v4 out tok/s >= 2.0x bf16: 2.087x" in text
@@ -590,17 +858,41 @@ def test_summary_ratios_and_targets():
 def test_legacy_rows_are_relabelled(tmp_path):
     """Before this change bf16/fp8 meant --attention-backend triton: such rows must not
     become the default-backend baselines when an old file is summarized or merged."""
-    old = [{"workload": "reference", "variant": "default", "kv": "bf16", "status": "ok", "out_tok_s": 1000,
-            "kv_flags": ["--attention-backend", "triton"], "server_info": {"attention_backend": "triton"}},
-           {"workload": "reference", "variant": "default", "kv": "fp8-fa3", "status": "ok", "out_tok_s": 1400,
-            "kv_flags": ["--attention-backend", "fa3", "--kv-cache-dtype", "fp8_e4m3"]},
-           {"workload": "reference", "variant": "default", "kv": "k4v4", "status": "ok", "out_tok_s": 1500,
-            "kv_flags": ["--kv-quant", "turboquant", "--kv-quant-bits", "k4v4"]}]
+    old = [
+        {
+            "workload": "reference",
+            "variant": "default",
+            "kv": "bf16",
+            "status": "ok",
+            "out_tok_s": 1000,
+            "kv_flags": ["--attention-backend", "triton"],
+            "server_info": {"attention_backend": "triton"},
+        },
+        {
+            "workload": "reference",
+            "variant": "default",
+            "kv": "fp8-fa3",
+            "status": "ok",
+            "out_tok_s": 1400,
+            "kv_flags": ["--attention-backend", "fa3", "--kv-cache-dtype", "fp8_e4m3"],
+        },
+        {
+            "workload": "reference",
+            "variant": "default",
+            "kv": "k4v4",
+            "status": "ok",
+            "out_tok_s": 1500,
+            "kv_flags": ["--kv-quant", "turboquant", "--kv-quant-bits", "k4v4"],
+        },
+    ]
     f = tmp_path / "old.json"
     f.write_text(json.dumps({"results": old}))
     doc = lt.load_doc(f)
     assert [(r["kv"], r["backend"]) for r in doc["results"]] == [
-        ("bf16-triton", "triton"), ("fp8-fa3", "fa3"), ("k4v4", "turboquant")]
+        ("bf16-triton", "triton"),
+        ("fp8-fa3", "fa3"),
+        ("k4v4", "turboquant"),
+    ]
     t = {x["name"]: x["pass"] for x in lt.summarize(doc["results"])["targets"]}
     assert t["reference k4v4 out tok/s >= 1.5x bf16"] is None
     new = _row("bf16", 1227, 1.0)
@@ -608,6 +900,7 @@ def test_legacy_rows_are_relabelled(tmp_path):
 
 
 # ----------------------------------------------------------------------------- client vs fake server
+
 
 def test_stream_generate_timing_and_errors():
     async def go():
@@ -636,8 +929,11 @@ def test_stream_generate_timing_and_errors():
 @pytest.mark.parametrize("incremental", [False, True])
 def test_stream_itl_is_per_token_with_multi_token_chunks(incremental):
     """Chunks of 3 tokens every 30 ms: ITL is ~10 ms per token, not 30 ms per chunk."""
+
     async def go():
-        state = FakeState(ttft_s=0.02, itl_s=0.03, tokens_per_chunk=3, incremental=incremental, split=False)
+        state = FakeState(
+            ttft_s=0.02, itl_s=0.03, tokens_per_chunk=3, incremental=incremental, split=False
+        )
         async with running_fake(state) as url, aiohttp.ClientSession() as s:
             return await lt.stream_generate(s, url, [2000] * 8, 10, incremental=incremental)
 
@@ -648,17 +944,26 @@ def test_stream_itl_is_per_token_with_multi_token_chunks(incremental):
     st = lt.compute_stats([r], 1.0, 1)
     assert 9.0 <= st["itl_p50_ms"] < 16.0, st["itl_p50_ms"]
     assert max(r.itl) >= 0.025  # the last chunk carries one token after a full 30 ms gap
-    assert sorted(r.itl)[:6] == pytest.approx([sorted(r.itl)[0]] * 6, rel=0.5)  # 3-token chunks: 6 equal thirds
+    assert sorted(r.itl)[:6] == pytest.approx(
+        [sorted(r.itl)[0]] * 6, rel=0.5
+    )  # 3-token chunks: 6 equal thirds
 
 
 def _run_on_fake(wl, itl_s, progress_s, warmup_requests, ttft_s=0.01):
     """run_workload against a fresh fake server with a flush; (stats, server state)."""
+
     async def go():
         state = FakeState(ttft_s=ttft_s, itl_s=itl_s)
         async with running_fake(state) as url:
-            stats = await lt.run_workload(url, wl, timeout_s=30, progress_s=progress_s,
-                                          warmup_requests=warmup_requests,
-                                          flush=lambda: lt._flush_url(url), log=lambda s: None)
+            stats = await lt.run_workload(
+                url,
+                wl,
+                timeout_s=30,
+                progress_s=progress_s,
+                warmup_requests=warmup_requests,
+                flush=lambda: lt._flush_url(url),
+                log=lambda s: None,
+            )
         return stats, state
 
     return asyncio.run(go())
@@ -668,29 +973,44 @@ def test_run_workload_single_stream_is_sequential():
     wl = lt.single_stream_workload(64, num_requests=3, output_len=6)
 
     stats, state = _run_on_fake(wl, itl_s=0.005, progress_s=5, warmup_requests=4)
-    assert state.max_in_flight == 1 and state.requests == 1 + 3  # one warm-up of the full context, 3 timed
+    assert (
+        state.max_in_flight == 1 and state.requests == 1 + 3
+    )  # one warm-up of the full context, 3 timed
     assert stats["jit_warmup"]["requests"] == 1 and stats["jit_warmup"]["input_len"] == 64
     assert stats["completed"] == 3 and stats["itl_tokens"] == 3 * 5
     assert 4.5 <= stats["itl_p50_ms"] < 30
 
 
 def test_run_workload_shared_prefix_stats():
-    wl = lt.shared_prefix_workload(num_prefixes=3, prefix_len=200, requests_per_prefix=6, suffix_len=20,
-                                   output_len=8, concurrency=4)
+    wl = lt.shared_prefix_workload(
+        num_prefixes=3,
+        prefix_len=200,
+        requests_per_prefix=6,
+        suffix_len=20,
+        output_len=8,
+        concurrency=4,
+    )
 
     stats, state = _run_on_fake(wl, itl_s=0.002, progress_s=0.05, warmup_requests=2)
     assert stats["completed"] == 18 and stats["failed"] == 0 and not stats["timed_out"]
     assert state.max_in_flight == 4  # the semaphore, not more
     assert state.flushes == 1 and stats["flushed"] is True
-    assert stats["jit_warmup"]["ok"] == 2 and stats["prefix_warmup"] == {"requests": 3, "ok": 3,
-                                                                           "s": stats["prefix_warmup"]["s"]}
+    assert stats["jit_warmup"]["ok"] == 2 and stats["prefix_warmup"] == {
+        "requests": 3,
+        "ok": 3,
+        "s": stats["prefix_warmup"]["s"],
+    }
     assert stats["total_output_tokens"] == 18 * 8 and stats["short_outputs"] == 0
     assert stats["total_prompt_tokens"] == 18 * 220
     # warm prefixes: every timed request hits exactly its 200-token prefix
     assert stats["total_cached_tokens"] == 18 * 200
     assert stats["cache_hit_rate"] == pytest.approx(200 / 220, abs=1e-4)
-    assert stats["out_tok_s"] == pytest.approx(18 * 8 / stats["duration_s"], rel=5e-3)  # duration_s is rounded to ms
-    assert stats["req_s"] == pytest.approx(18 / stats["duration_s"], rel=5e-3)  # duration_s is rounded to ms
+    assert stats["out_tok_s"] == pytest.approx(
+        18 * 8 / stats["duration_s"], rel=5e-3
+    )  # duration_s is rounded to ms
+    assert stats["req_s"] == pytest.approx(
+        18 / stats["duration_s"], rel=5e-3
+    )  # duration_s is rounded to ms
     assert 0.01 <= stats["ttft_p50_s"] <= stats["ttft_p90_s"] <= stats["lat_p90_s"]
 
 
@@ -700,7 +1020,9 @@ def test_run_workload_timeout_keeps_partial_results():
     async def go():
         async with running_fake(FakeState(ttft_s=0.01, itl_s=0.01)) as url:
             t = time.perf_counter()
-            stats = await lt.run_workload(url, wl, timeout_s=0.5, warmup_requests=0, log=lambda s: None)
+            stats = await lt.run_workload(
+                url, wl, timeout_s=0.5, warmup_requests=0, log=lambda s: None
+            )
             return stats, time.perf_counter() - t
 
     stats, wall = asyncio.run(go())
@@ -715,7 +1037,9 @@ def test_run_workload_sigterm_keeps_partial_results():
     async def go():
         async with running_fake(FakeState(ttft_s=0.01, itl_s=0.002)) as url:
             asyncio.get_running_loop().call_later(0.5, os.kill, os.getpid(), signal.SIGTERM)
-            return await lt.run_workload(url, wl, timeout_s=30, warmup_requests=0, log=lambda s: None)
+            return await lt.run_workload(
+                url, wl, timeout_s=30, warmup_requests=0, log=lambda s: None
+            )
 
     try:
         stats = asyncio.run(go())
@@ -727,50 +1051,113 @@ def test_run_workload_sigterm_keeps_partial_results():
 
 # ----------------------------------------------------------------------------- end to end
 
-REQUIRED = ("workload", "kv", "backend", "out_tok_s", "ttft_p50_s", "itl_p50_ms", "max_total_num_tokens",
-            "gpu", "commit", "req_s", "lat_p50_s", "ttft_p90_s", "itl_p90_ms", "lat_p90_s", "cache_hit_rate",
-            "status", "variant", "retractions", "tpot_p50_s", "startup_s", "workload_params", "server_cmd",
-            "backend_source", "mem_fraction_static", "cuda_graph_max_bs", "stream_interval",
-            "prefill_cuda_graph", "multi_token_chunks")
+REQUIRED = (
+    "workload",
+    "kv",
+    "backend",
+    "out_tok_s",
+    "ttft_p50_s",
+    "itl_p50_ms",
+    "max_total_num_tokens",
+    "gpu",
+    "commit",
+    "req_s",
+    "lat_p50_s",
+    "ttft_p90_s",
+    "itl_p90_ms",
+    "lat_p90_s",
+    "cache_hit_rate",
+    "status",
+    "variant",
+    "retractions",
+    "tpot_p50_s",
+    "startup_s",
+    "workload_params",
+    "server_cmd",
+    "backend_source",
+    "mem_fraction_static",
+    "cuda_graph_max_bs",
+    "stream_interval",
+    "prefill_cuda_graph",
+    "multi_token_chunks",
+)
 
 
 def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     write_fake_launcher(tmp_path / "fake_sglang.py", "test_loadtest")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    monkeypatch.setattr(lt, "get_provenance", lambda: {"gpu": "FakeGPU", "commit": "abc123",
-                                                       "versions": {}, "date": "2026-01-01T00:00:00+00:00"})
+    monkeypatch.setattr(
+        lt,
+        "get_provenance",
+        lambda: {
+            "gpu": "FakeGPU",
+            "commit": "abc123",
+            "versions": {},
+            "date": "2026-01-01T00:00:00+00:00",
+        },
+    )
     out = tmp_path / "res" / "lt.json"
-    common = ["--quick", "--out", str(out), "--server-module", "fake_sglang", "--progress-s", "0.2",
-              "--warmup-requests", "1", "--extra-server-args", "--log-level warning"]
+    common = [
+        "--quick",
+        "--out",
+        str(out),
+        "--server-module",
+        "fake_sglang",
+        "--progress-s",
+        "0.2",
+        "--warmup-requests",
+        "1",
+        "--extra-server-args",
+        "--log-level warning",
+    ]
     assert lt.main(["--configs", "bf16,k4v4", "--profile-steps", "3", *common]) == 0
     doc = json.loads(out.read_text())
     assert doc["gpu"] == "FakeGPU" and doc["commit"] == "abc123"
     assert [(r["workload"], r["kv"]) for r in doc["results"]] == [
-        ("reference", "bf16"), ("reference", "k4v4"), ("long-gen", "bf16"), ("long-gen", "k4v4"),
-        ("single-stream-1k", "bf16"), ("single-stream-1k", "k4v4"),
-        ("single-stream-4k", "bf16"), ("single-stream-4k", "k4v4")]
+        ("reference", "bf16"),
+        ("reference", "k4v4"),
+        ("long-gen", "bf16"),
+        ("long-gen", "k4v4"),
+        ("single-stream-1k", "bf16"),
+        ("single-stream-1k", "k4v4"),
+        ("single-stream-4k", "bf16"),
+        ("single-stream-4k", "k4v4"),
+    ]
     for r in doc["results"]:
         for k in REQUIRED:
             assert k in r, k
-        assert r["status"] == "ok" and r["completed"] == r["num_requests"] and r["variant"] == "quick"
+        assert (
+            r["status"] == "ok" and r["completed"] == r["num_requests"] and r["variant"] == "quick"
+        )
         cmd = r["server_cmd"]
         assert "prefill-cuda-graph" not in cmd and "--log-level warning" in cmd
         assert "--mem-fraction-static 0.25" in cmd and "--cuda-graph-max-bs-decode 128" in cmd
         assert "--stream-interval 1" in cmd and "--incremental-streaming-output" in cmd
-        assert (r["mem_fraction_static"], r["cuda_graph_max_bs"], r["stream_interval"]) == (0.25, 128, 1)
+        assert (r["mem_fraction_static"], r["cuda_graph_max_bs"], r["stream_interval"]) == (
+            0.25,
+            128,
+            1,
+        )
         assert r["prefill_cuda_graph"] is True and r["incremental_stream"] is True
         assert r["backend_source"] == "server_info"
         assert r["itl_p50_ms"] > 0 and r["stream_chunks"] > 0 and r["short_outputs"] == 0
     by = {(r["workload"], r["kv"]): r for r in doc["results"]}
     assert "--attention-backend" not in by[("reference", "bf16")]["server_cmd"]
-    assert by[("reference", "bf16")]["backend"] == "fa3"  # SGLang's default, as the server reported it
+    assert (
+        by[("reference", "bf16")]["backend"] == "fa3"
+    )  # SGLang's default, as the server reported it
     assert by[("reference", "k4v4")]["backend"] == "turboquant"
     assert by[("reference", "bf16")]["max_total_num_tokens"] == 1000
     assert by[("reference", "k4v4")]["max_total_num_tokens"] == 3880
     assert by[("reference", "k4v4")]["server_info"]["attention_backend"] == "turboquant"
     assert by[("reference", "k4v4")]["server_log"] == {
-        "max_total_num_tokens": 3880, "chunked_prefill_size": 8192, "max_prefill_tokens": 16384,
-        "max_running_requests": 64, "context_len": 131072, "available_gpu_mem_gb": 12.34}
+        "max_total_num_tokens": 3880,
+        "chunked_prefill_size": 8192,
+        "max_prefill_tokens": 16384,
+        "max_running_requests": 64,
+        "context_len": 131072,
+        "available_gpu_mem_gb": 12.34,
+    }
     assert "--kv-quant turboquant --kv-quant-bits k4v4" in by[("reference", "k4v4")]["server_cmd"]
     ss = by[("single-stream-4k", "k4v4")]
     assert ss["context"] == 4096 and ss["workload_family"] == "single-stream"
@@ -796,17 +1183,37 @@ def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        assert lt.main(["--configs", "fp8", "--workloads", "reference", "--append", "--server-url", url,
-                        *common]) == 0
+        assert (
+            lt.main(
+                [
+                    "--configs",
+                    "fp8",
+                    "--workloads",
+                    "reference",
+                    "--append",
+                    "--server-url",
+                    url,
+                    *common,
+                ]
+            )
+            == 0
+        )
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
     # and a Triton-backend row of the shared-prefix workload, launched again
-    assert lt.main(["--configs", "bf16-triton", "--workloads", "shared-prefix", "--append", *common]) == 0
+    assert (
+        lt.main(["--configs", "bf16-triton", "--workloads", "shared-prefix", "--append", *common])
+        == 0
+    )
     doc = json.loads(out.read_text())
     assert len(doc["results"]) == 10 and len(doc["invocations"]) == 3
-    assert {r["kv"] for r in doc["results"] if r["workload"] == "reference"} == {"bf16", "fp8", "k4v4"}
+    assert {r["kv"] for r in doc["results"] if r["workload"] == "reference"} == {
+        "bf16",
+        "fp8",
+        "k4v4",
+    }
     fp8 = next(r for r in doc["results"] if r["kv"] == "fp8")
     assert fp8["max_total_num_tokens"] == 2000 and fp8["server_url"] == url and state.flushes == 1
     assert fp8["backend"] == "fa3" and fp8["backend_source"] == "server_info"
@@ -814,10 +1221,14 @@ def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     assert tri["workload"] == "shared-prefix" and tri["backend"] == "triton"
     assert "--attention-backend triton" in tri["server_cmd"]
     p = lt.SP_QUICK
-    assert tri["cache_hit_rate"] == pytest.approx(p["prefix_len"] / (p["prefix_len"] + p["suffix_len"]), abs=1e-4)
+    assert tri["cache_hit_rate"] == pytest.approx(
+        p["prefix_len"] / (p["prefix_len"] + p["suffix_len"]), abs=1e-4
+    )
     groups = {g["workload"]: g for g in doc["summary"]["groups"]}
     assert groups["reference"]["ratios"]["k4v4"]["out_tok_s_vs_fp8"] is not None
-    assert groups["single-stream-4k"]["ratios"]["k4v4"]["itl_p50_vs_bf16"] < 1  # 1 ms vs 2 ms per token
+    assert (
+        groups["single-stream-4k"]["ratios"]["k4v4"]["itl_p50_vs_bf16"] < 1
+    )  # 1 ms vs 2 ms per token
     text = capsys.readouterr().out
     assert "estimated total" in text and "== reference (quick)" in text and "xfp8" in text
     assert "bf16        ~" in text and "backend fa3 (server_info)" in text
@@ -834,29 +1245,62 @@ def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
     m = json.loads(merged.read_text())
     assert len(m["results"]) == 10 and m["gpu"] == "mixed: FakeGPU, OtherGPU"
     assert next(r for r in m["results"] if r["kv"] == "fp8")["out_tok_s"] == 1.0
-    assert next(g for g in m["summary"]["groups"] if g["workload"] == "reference")["mixed_gpus"] is True
+    assert (
+        next(g for g in m["summary"]["groups"] if g["workload"] == "reference")["mixed_gpus"]
+        is True
+    )
 
 
 def test_budget_skips_what_would_not_fit(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lt, "get_provenance", lambda: {"gpu": "FakeGPU", "commit": "abc", "date": "d"})
+    monkeypatch.setattr(
+        lt, "get_provenance", lambda: {"gpu": "FakeGPU", "commit": "abc", "date": "d"}
+    )
     out = tmp_path / "lt.json"
     # a server start alone is estimated at EST_STARTUP_S: nothing is launched
-    rc = lt.main(["--configs", "bf16", "--out", str(out), "--server-module", "no_such_module", "--budget-s", "100"])
+    rc = lt.main(
+        [
+            "--configs",
+            "bf16",
+            "--out",
+            str(out),
+            "--server-module",
+            "no_such_module",
+            "--budget-s",
+            "100",
+        ]
+    )
     assert rc == 2 and json.loads(out.read_text())["results"] == []
     assert "SKIP bf16" in capsys.readouterr().out
     assert lt.main(["--plan", "--configs", "fp8", "--out", str(out)]) == 0
     plan = capsys.readouterr().out
-    assert "fp8         ~328 s = start ~140 s, reference ~36 s (96 req), long-gen ~102 s (128 req)" in plan
+    assert (
+        "fp8         ~328 s = start ~140 s, reference ~36 s (96 req), long-gen ~102 s (128 req)"
+        in plan
+    )
 
 
 def test_server_failure_is_recorded(tmp_path, monkeypatch):
     (tmp_path / "broken_sglang.py").write_text(
-        "import sys\nprint('ValueError: --kv-quant turboquant refuses this', flush=True)\nsys.exit(3)\n")
+        "import sys\nprint('ValueError: --kv-quant turboquant refuses this', flush=True)\nsys.exit(3)\n"
+    )
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    monkeypatch.setattr(lt, "get_provenance", lambda: {"gpu": "FakeGPU", "commit": "abc", "date": "d"})
+    monkeypatch.setattr(
+        lt, "get_provenance", lambda: {"gpu": "FakeGPU", "commit": "abc", "date": "d"}
+    )
     out = tmp_path / "lt.json"
-    rc = lt.main(["--configs", "k3v3", "--workloads", "reference", "--quick", "--out", str(out),
-                  "--server-module", "broken_sglang"])
+    rc = lt.main(
+        [
+            "--configs",
+            "k3v3",
+            "--workloads",
+            "reference",
+            "--quick",
+            "--out",
+            str(out),
+            "--server-module",
+            "broken_sglang",
+        ]
+    )
     assert rc == 1
     (r,) = json.loads(out.read_text())["results"]
     assert r["status"] == "server_failed" and "refuses this" in r["error"]

@@ -36,11 +36,22 @@ CORRUPT_FROM = 5  # first output position a corrupted fake changes
 
 # ----------------------------------------------------------------------------- fake server
 class FakeState:
-    def __init__(self, model_path: Path, pool: int = 200, running: int = 8, token_s: float = 0.002,
-                 accept_kind: str | None = None, corrupt_after: int | None = None,
-                 fail_stream_after: int | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        pool: int = 200,
+        running: int = 8,
+        token_s: float = 0.002,
+        accept_kind: str | None = None,
+        corrupt_after: int | None = None,
+        fail_stream_after: int | None = None,
+    ):
         self.model_path, self.pool, self.running, self.token_s = model_path, pool, running, token_s
-        self.accept_kind, self.corrupt_after, self.fail_stream_after = accept_kind, corrupt_after, fail_stream_after
+        self.accept_kind, self.corrupt_after, self.fail_stream_after = (
+            accept_kind,
+            corrupt_after,
+            fail_stream_after,
+        )
         self.lock = threading.Lock()
         self.generated = self.streams = self.active = 0
         self.retracted = self.evicted = self.evictions = self.disconnects = self.flushes = 0
@@ -79,25 +90,34 @@ class FakeState:
         toks = [(seed + 31 * j) % VOCAB for j in range(max(n, 0))]
         if self.corrupt_after is not None and k > self.corrupt_after:
             toks = [t if j < CORRUPT_FROM else (t + 1) % VOCAB for j, t in enumerate(toks)]
-        meta = {"id": f"r{k}", "prompt_tokens": len(ids), "completion_tokens": len(toks), "cached_tokens": cached,
-                "num_retractions": retractions, "finish_reason": {"type": "length", "length": len(toks)},
-                # SGLang's replies are long (timings, per-token details): more than a few hundred bytes
-                "e2e_latency": 0.1, "spec_verify_ct": [0] * 200}
+        meta = {
+            "id": f"r{k}",
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(toks),
+            "cached_tokens": cached,
+            "num_retractions": retractions,
+            "finish_reason": {"type": "length", "length": len(toks)},
+            # SGLang's replies are long (timings, per-token details): more than a few hundred bytes
+            "e2e_latency": 0.1,
+            "spec_verify_ct": [0] * 200,
+        }
         return {"output_ids": toks, "meta_info": meta}
 
     def metrics(self) -> bytes:
         lab = 'model_name="fake",engine_type="unified",tp_rank="0"'
         with self.lock:
-            text = (f"# HELP {soak.RETRACT_METRIC} Total number of retracted requests.\n"
-                    f"# TYPE {soak.RETRACT_METRIC} counter\n"
-                    f"{soak.RETRACT_METRIC}{{{lab}}} {float(self.retracted)}\n"
-                    f"# TYPE sglang:evicted_tokens counter\n"
-                    f'{soak.EVICT_TOKENS_METRIC}{{cache_type="RadixCache",{lab}}} {float(self.evicted)}\n'
-                    f"# TYPE sglang:eviction_duration_seconds histogram\n"
-                    f'sglang:eviction_duration_seconds_bucket{{cache_type="RadixCache",le="+Inf",{lab}}} '
-                    f"{float(self.evictions)}\n"
-                    f'{soak.EVICT_PASSES_METRIC}{{cache_type="RadixCache",{lab}}} {float(self.evictions)}\n'
-                    f"sglang:num_running_reqs{{{lab}}} {float(self.active)}\n")
+            text = (
+                f"# HELP {soak.RETRACT_METRIC} Total number of retracted requests.\n"
+                f"# TYPE {soak.RETRACT_METRIC} counter\n"
+                f"{soak.RETRACT_METRIC}{{{lab}}} {float(self.retracted)}\n"
+                f"# TYPE sglang:evicted_tokens counter\n"
+                f'{soak.EVICT_TOKENS_METRIC}{{cache_type="RadixCache",{lab}}} {float(self.evicted)}\n'
+                f"# TYPE sglang:eviction_duration_seconds histogram\n"
+                f'sglang:eviction_duration_seconds_bucket{{cache_type="RadixCache",le="+Inf",{lab}}} '
+                f"{float(self.evictions)}\n"
+                f'{soak.EVICT_PASSES_METRIC}{{cache_type="RadixCache",{lab}}} {float(self.evictions)}\n'
+                f"sglang:num_running_reqs{{{lab}}} {float(self.active)}\n"
+            )
         return text.encode()
 
 
@@ -107,15 +127,39 @@ def make_handler(state: FakeState):
             if self.path == "/health":
                 self._send(200, b"")
             elif self.path == "/get_server_info":
-                self._send(200, json.dumps({
-                    "max_total_num_tokens": state.pool, "max_running_requests": None, "max_req_input_len": 4000,
-                    "model_path": str(state.model_path), "kv_quant": "turboquant", "enable_metrics": True,
-                    "internal_states": [{"effective_max_running_requests_per_dp": state.running}]}).encode())
+                self._send(
+                    200,
+                    json.dumps(
+                        {
+                            "max_total_num_tokens": state.pool,
+                            "max_running_requests": None,
+                            "max_req_input_len": 4000,
+                            "model_path": str(state.model_path),
+                            "kv_quant": "turboquant",
+                            "enable_metrics": True,
+                            "internal_states": [
+                                {"effective_max_running_requests_per_dp": state.running}
+                            ],
+                        }
+                    ).encode(),
+                )
             elif self.path == "/metrics":
                 self._send(200, state.metrics(), "text/plain")
             elif self.path == "/v1/loads?include=core":
-                self._send(200, json.dumps({"loads": [{"dp_rank": 0, "num_running_reqs": state.active,
-                                                       "num_waiting_reqs": 0}]}).encode())
+                self._send(
+                    200,
+                    json.dumps(
+                        {
+                            "loads": [
+                                {
+                                    "dp_rank": 0,
+                                    "num_running_reqs": state.active,
+                                    "num_waiting_reqs": 0,
+                                }
+                            ]
+                        }
+                    ).encode(),
+                )
             else:
                 self._send(404, b"not found", "text/plain")
 
@@ -141,7 +185,9 @@ def make_handler(state: FakeState):
                 return
             with state.lock:
                 state.streams += 1
-                failing = state.fail_stream_after is not None and state.streams > state.fail_stream_after
+                failing = (
+                    state.fail_stream_after is not None and state.streams > state.fail_stream_after
+                )
             if failing:
                 self._send(500, b'{"error": {"message": "internal error"}}')
                 return
@@ -158,8 +204,11 @@ def make_handler(state: FakeState):
                 for j in range(1, len(out["output_ids"]) + 1):
                     time.sleep(state.token_s)
                     last = j == len(out["output_ids"])
-                    meta = {**out["meta_info"], "completion_tokens": j,
-                            "finish_reason": out["meta_info"]["finish_reason"] if last else None}
+                    meta = {
+                        **out["meta_info"],
+                        "completion_tokens": j,
+                        "finish_reason": out["meta_info"]["finish_reason"] if last else None,
+                    }
                     chunk = {"output_ids": out["output_ids"][:j], "meta_info": meta}
                     self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 self.wfile.write(b"data: [DONE]\n\n")
@@ -203,14 +252,48 @@ def fast_provenance(monkeypatch):
 
 
 def soak_argv(url: str, out: Path, duration: float = 2.0, *extra: str) -> list[str]:
-    return ["--url", url, "--out", str(out), "--duration-s", str(duration), "--concurrency", "16",
-            "--seed", "3", "--prompt-len", "8,48", "--output-len", "4,24", "--num-prefixes", "4",
-            "--prefix-len", "32", "--abort-share", "0.2", "--malformed-share", "0.15",
-            "--probe-prompts", str(PROBES), "--probe-tokens", "12", "--sample-s", "0.1",
-            "--progress-s", "1", "--drain-timeout-s", "10", "--server-pid", str(os.getpid()), *extra]
+    return [
+        "--url",
+        url,
+        "--out",
+        str(out),
+        "--duration-s",
+        str(duration),
+        "--concurrency",
+        "16",
+        "--seed",
+        "3",
+        "--prompt-len",
+        "8,48",
+        "--output-len",
+        "4,24",
+        "--num-prefixes",
+        "4",
+        "--prefix-len",
+        "32",
+        "--abort-share",
+        "0.2",
+        "--malformed-share",
+        "0.15",
+        "--probe-prompts",
+        str(PROBES),
+        "--probe-tokens",
+        "12",
+        "--sample-s",
+        "0.1",
+        "--progress-s",
+        "1",
+        "--drain-timeout-s",
+        "10",
+        "--server-pid",
+        str(os.getpid()),
+        *extra,
+    ]
 
 
-def run_soak(state: FakeState, tmp_path: Path, duration: float = 2.0, *extra: str) -> tuple[int, dict]:
+def run_soak(
+    state: FakeState, tmp_path: Path, duration: float = 2.0, *extra: str
+) -> tuple[int, dict]:
     out = tmp_path / "soak.json"
     with running_fake(state) as url:
         rc = soak.main(soak_argv(url, out, duration, *extra))
@@ -223,13 +306,23 @@ def test_soak_passes_against_healthy_fake(tmp_path, model_dir, capsys):
     rc, doc = run_soak(state, tmp_path, 3.0)
     text = capsys.readouterr().out
     assert rc == 0 and doc["passed"] is True and doc["partial"] is False, text
-    assert all(doc["checks"][k] is True for k in ("server_alive", "malformed_rejected", "no_failures",
-                                                  "host_memory_flat", "probes_identical"))
+    assert all(
+        doc["checks"][k] is True
+        for k in (
+            "server_alive",
+            "malformed_rejected",
+            "no_failures",
+            "host_memory_flat",
+            "probes_identical",
+        )
+    )
     assert doc["checks"]["gpu_memory_flat"] is None  # no nvidia-smi here, with a note
     assert "nvidia-smi" in doc["memory"]["notes"]["gpu"]
     # provenance (the real one, from a child process), config, server info
     assert doc["tool"] == "scripts/soak.py" and doc["commit"] and "versions" in doc
-    assert doc["config"]["vocab_size_used"] == VOCAB and doc["config"]["vocab_size_source"].endswith("config.json")
+    assert doc["config"]["vocab_size_used"] == VOCAB and doc["config"][
+        "vocab_size_source"
+    ].endswith("config.json")
     assert doc["server_info"]["source"] == "/get_server_info"
     assert doc["server_info"]["effective_max_running_requests"] == 8
     assert doc["load"]["max_total_num_tokens"] == 200 and doc["load"]["overloaded"] is True
@@ -262,14 +355,23 @@ def test_soak_passes_against_healthy_fake(tmp_path, model_dir, capsys):
 
 
 def test_malformed_answered_200_fails(tmp_path, model_dir, fast_provenance):
-    rc, doc = run_soak(FakeState(model_dir, accept_kind="negative_max_new_tokens"), tmp_path, 1.5,
-                       "--vocab-size", str(VOCAB))
+    rc, doc = run_soak(
+        FakeState(model_dir, accept_kind="negative_max_new_tokens"),
+        tmp_path,
+        1.5,
+        "--vocab-size",
+        str(VOCAB),
+    )
     assert rc == 1 and doc["passed"] is False
     assert doc["config"]["vocab_size_source"] == "--vocab-size"
     assert doc["checks"]["malformed_rejected"] is False
     assert doc["checks"]["no_failures"] is True and doc["checks"]["probes_identical"] is True
     wrong = doc["counts"]["malformed_not_rejected"]
-    assert wrong and {w["kind"] for w in wrong} == {"negative_max_new_tokens"} and wrong[0]["status"] == 200
+    assert (
+        wrong
+        and {w["kind"] for w in wrong} == {"negative_max_new_tokens"}
+        and wrong[0]["status"] == 200
+    )
     by_kind = doc["counts"]["malformed"]["by_kind"]
     assert by_kind["negative_max_new_tokens"]["rejected_4xx"] == 0
     assert by_kind["not_json"]["rejected_4xx"] == by_kind["not_json"]["sent"] > 0
@@ -303,7 +405,12 @@ def test_sigterm_writes_partial_json(tmp_path, model_dir, fast_provenance):
     finally:
         timer.cancel()
     assert time.time() - t0 < 15
-    assert rc == 1 and doc["partial"] is True and doc["interrupted"] == "SIGTERM" and doc["passed"] is False
+    assert (
+        rc == 1
+        and doc["partial"] is True
+        and doc["interrupted"] == "SIGTERM"
+        and doc["passed"] is False
+    )
     assert doc["counts"]["sent"] > 0 and doc["memory"]["samples"] and "end" not in doc["probes"]
     assert doc["checks"]["probes_identical"] is False
     assert signal.getsignal(signal.SIGTERM) == before  # restored
@@ -325,10 +432,14 @@ def test_server_process_gone_ends_the_soak_early(tmp_path, model_dir, fast_prove
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
-    for argv in ([], ["--url", "http://127.0.0.1:1", "--model-path", "m"], ["--url", "http://10.0.0.1:80"],
-                 ["--url", "http://127.0.0.1:1", "--abort-share", "0.7", "--malformed-share", "0.5"],
-                 ["--url", "http://127.0.0.1:1", "--prompt-len", "9,3"],
-                 ["--url", "http://127.0.0.1:1", "--malformed-kinds", "not_json,bogus"]):
+    for argv in (
+        [],
+        ["--url", "http://127.0.0.1:1", "--model-path", "m"],
+        ["--url", "http://10.0.0.1:80"],
+        ["--url", "http://127.0.0.1:1", "--abort-share", "0.7", "--malformed-share", "0.5"],
+        ["--url", "http://127.0.0.1:1", "--prompt-len", "9,3"],
+        ["--url", "http://127.0.0.1:1", "--malformed-kinds", "not_json,bogus"],
+    ):
         with pytest.raises(SystemExit) as exc:
             soak.parse_args(argv)
         assert exc.value.code == 2
@@ -351,7 +462,9 @@ def test_memory_growth_rule():
     assert soak.memory_growth(warm, 512)["flat"] is True
     leak = [1000.0 + 50 * i for i in range(40)]  # +50 MiB per sample
     g = soak.memory_growth(leak, 512)
-    assert g["flat"] is False and g["growth_mib"] == pytest.approx(50 * 20)  # means of [10:20] and [30:40]
+    assert g["flat"] is False and g["growth_mib"] == pytest.approx(
+        50 * 20
+    )  # means of [10:20] and [30:40]
     assert soak.memory_growth([1.0, 2.0, 3.0], 512)["flat"] is None
     assert soak.memory_growth([0.0, 0.0, 0.0, 600.0], 512)["flat"] is False
 
@@ -360,8 +473,10 @@ def fake_smi(tmp_path: Path, monkeypatch, apps: str, used: str = "70000") -> Non
     """An nvidia-smi on PATH answering the two queries the sampler makes."""
     exe = tmp_path / "bin" / "nvidia-smi"
     exe.parent.mkdir(exist_ok=True)
-    exe.write_text("#!/bin/sh\ncase \"$1\" in --query-compute-apps*) printf '%s' \"$APPS\";; "
-                   "*) echo \"$USED\";; esac\n")
+    exe.write_text(
+        '#!/bin/sh\ncase "$1" in --query-compute-apps*) printf \'%s\' "$APPS";; '
+        '*) echo "$USED";; esac\n'
+    )
     exe.chmod(0o755)
     monkeypatch.setenv("APPS", apps)
     monkeypatch.setenv("USED", used)
@@ -379,41 +494,76 @@ def test_gpu_memory_is_the_servers_own_where_visible(tmp_path, monkeypatch, list
     sampler = soak.MemorySampler(me, 1.0)
     s = asyncio.run(sampler.sample())
     if listed:
-        assert s["gpu_mib"] == 1300 and sampler.scope == "server processes" and "gpu_scope" not in sampler.notes
+        assert (
+            s["gpu_mib"] == 1300
+            and sampler.scope == "server processes"
+            and "gpu_scope" not in sampler.notes
+        )
     else:
-        assert s["gpu_mib"] == 70000 and sampler.scope == "device" and "device-wide" in sampler.notes["gpu_scope"]
+        assert (
+            s["gpu_mib"] == 70000
+            and sampler.scope == "device"
+            and "device-wide" in sampler.notes["gpu_scope"]
+        )
     assert soak.apps_mib("pid, used\n12, 5\nbad line\n", {12}) == 5
     assert soak.apps_mib("12, 5\n", {13}) is None
 
 
 def test_prometheus_parsing_and_deltas():
-    text = ('# HELP sglang:evicted_tokens_total x\n# TYPE sglang:evicted_tokens_total counter\n'
-            'sglang:evicted_tokens_total{cache_type="RadixCache",tp_rank="0"} 96.0\n'
-            'sglang:evicted_tokens_total{cache_type="RadixCache",tp_rank="1"} 4.0\n'
-            'sglang:num_running_reqs 3\nbroken line\n')
+    text = (
+        "# HELP sglang:evicted_tokens_total x\n# TYPE sglang:evicted_tokens_total counter\n"
+        'sglang:evicted_tokens_total{cache_type="RadixCache",tp_rank="0"} 96.0\n'
+        'sglang:evicted_tokens_total{cache_type="RadixCache",tp_rank="1"} 4.0\n'
+        "sglang:num_running_reqs 3\nbroken line\n"
+    )
     m = soak.parse_prometheus(text)
     assert m == {"sglang:evicted_tokens_total": 100.0, "sglang:num_running_reqs": 3.0}
-    assert soak.metric_delta({"sglang:evicted_tokens_total": 40.0}, m, "sglang:evicted_tokens_total") == 60.0
-    assert soak.metric_delta({}, m, "sglang:evicted_tokens_total") == 100.0  # not yet exported at the start
+    assert (
+        soak.metric_delta({"sglang:evicted_tokens_total": 40.0}, m, "sglang:evicted_tokens_total")
+        == 60.0
+    )
+    assert (
+        soak.metric_delta({}, m, "sglang:evicted_tokens_total") == 100.0
+    )  # not yet exported at the start
     assert soak.metric_delta(m, m, soak.RETRACT_METRIC) is None
     assert soak.metric_delta(m, None, "sglang:num_running_reqs") is None
 
 
 def test_request_mix_is_seeded_and_shaped():
-    args = soak.parse_args(["--url", "http://127.0.0.1:1", "--prompt-len", "8,48", "--output-len", "4,24",
-                            "--num-prefixes", "4", "--prefix-len", "32"])
+    args = soak.parse_args(
+        [
+            "--url",
+            "http://127.0.0.1:1",
+            "--prompt-len",
+            "8,48",
+            "--output-len",
+            "4,24",
+            "--num-prefixes",
+            "4",
+            "--prefix-len",
+            "32",
+        ]
+    )
     first = soak.RequestMix(args, VOCAB, soak.random.Random(7)).draw()
     mix = soak.RequestMix(args, VOCAB, soak.random.Random(7))
     reqs = [mix.draw() for _ in range(4000)]
     assert reqs[0] == first  # seeded
     share = {k: sum(r.kind == k for r in reqs) / len(reqs) for k in ("generate", "abort")}
-    assert share["abort"] == pytest.approx(0.1, abs=0.02) and share["generate"] == pytest.approx(0.85, abs=0.02)
-    assert sum(r.kind in soak.MALFORMED_KINDS for r in reqs) / len(reqs) == pytest.approx(0.05, abs=0.015)
+    assert share["abort"] == pytest.approx(0.1, abs=0.02) and share["generate"] == pytest.approx(
+        0.85, abs=0.02
+    )
+    assert sum(r.kind in soak.MALFORMED_KINDS for r in reqs) / len(reqs) == pytest.approx(
+        0.05, abs=0.015
+    )
     well = [r for r in reqs if r.kind in ("generate", "abort")]
     assert sum(r.prefix for r in well) / len(well) == pytest.approx(0.5, abs=0.03)
     for r in well:
         suffix = len(r.input_ids) - (32 if r.prefix else 0)
-        assert 8 <= suffix <= 48 and 4 <= r.max_new_tokens <= 24 and all(0 < i < VOCAB for i in r.input_ids)
+        assert (
+            8 <= suffix <= 48
+            and 4 <= r.max_new_tokens <= 24
+            and all(0 < i < VOCAB for i in r.input_ids)
+        )
         if r.prefix:
             assert r.input_ids[:32] in mix.prefixes
         if r.kind == "abort":
@@ -427,16 +577,34 @@ def test_request_mix_is_seeded_and_shaped():
 
 
 def test_offered_load_and_probe_comparison():
-    args = soak.parse_args(["--url", "http://127.0.0.1:1", "--concurrency", "10", "--prompt-len", "10,30",
-                            "--output-len", "10,10", "--malformed-share", "0.0"])
-    load = soak.offered_load(args, {"max_total_num_tokens": 100, "effective_max_running_requests": 4})
+    args = soak.parse_args(
+        [
+            "--url",
+            "http://127.0.0.1:1",
+            "--concurrency",
+            "10",
+            "--prompt-len",
+            "10,30",
+            "--output-len",
+            "10,10",
+            "--malformed-share",
+            "0.0",
+        ]
+    )
+    load = soak.offered_load(
+        args, {"max_total_num_tokens": 100, "effective_max_running_requests": 4}
+    )
     assert load["offered_inflight_tokens"] == 300 and load["token_ratio"] == 3.0
     assert load["request_ratio"] == 2.5 and load["overloaded"] is True
     assert soak.offered_load(args, {})["overloaded"] is None
-    cmp = soak.compare_probes([{"output_ids": [1, 2, 3]}, {"output_ids": [1, 2, 3]}, {"output_ids": [4]}],
-                              [{"output_ids": [1, 2, 3]}, {"output_ids": [1, 9, 3]}, {"error": "HTTP 500"}])
+    cmp = soak.compare_probes(
+        [{"output_ids": [1, 2, 3]}, {"output_ids": [1, 2, 3]}, {"output_ids": [4]}],
+        [{"output_ids": [1, 2, 3]}, {"output_ids": [1, 9, 3]}, {"error": "HTTP 500"}],
+    )
     assert cmp["identical"] == 1 and [r["first_diff"] for r in cmp["per_probe"]] == [None, 1, None]
     assert cmp["per_probe"][2]["error"] == "HTTP 500"
     assert soak.gpu_tag("NVIDIA H200") == "h200" and soak.gpu_tag("cpu") == "cpu"
-    assert soak.default_out({"gpu": "NVIDIA H100 80GB HBM3", "commit": "abcdef0123-dirty"}).name == \
-        "soak_h100_abcdef0-dirty.json"
+    assert (
+        soak.default_out({"gpu": "NVIDIA H100 80GB HBM3", "commit": "abcdef0123-dirty"}).name
+        == "soak_h100_abcdef0-dirty.json"
+    )

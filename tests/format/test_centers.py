@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sglang_tq.format.centers import load_key_centers, save_key_centers
-
 from tests.conftest import tiny_llama
 
 
@@ -32,7 +31,7 @@ def test_bad_files_get_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         load_key_centers(tmp_path / "nan.safetensors", 3, 2, 16)
     huge = torch.randn(3, 2, 16)
-    huge[2, 1] = 1e5          # finite in fp32, but ‖k − μ‖ could not be stored as fp16
+    huge[2, 1] = 1e5  # finite in fp32, but ‖k − μ‖ could not be stored as fp16
     save_key_centers(tmp_path / "huge.safetensors", huge, {})
     with pytest.raises(ValueError, match="beyond what the fp16 key norms can hold"):
         load_key_centers(tmp_path / "huge.safetensors", 3, 2, 16)
@@ -59,10 +58,11 @@ def _neox_rope(head_dim: int, base: float, dtype=torch.float64):
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
 
     def rotate(pos, k):
-        ang = pos.to(dtype)[:, None] * inv[None]                       # [n, D/2]
+        ang = pos.to(dtype)[:, None] * inv[None]  # [n, D/2]
         cos, sin = ang.cos()[:, None], ang.sin()[:, None]
-        a, b = k[..., : head_dim // 2].to(dtype), k[..., head_dim // 2:].to(dtype)
+        a, b = k[..., : head_dim // 2].to(dtype), k[..., head_dim // 2 :].to(dtype)
         return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
     return rotate
 
 
@@ -100,7 +100,12 @@ def test_rope_mean_of_bias_keeps_slow_pairs_and_cancels_fast_ones():
 
 def test_key_centers_tool_is_installed_and_runnable():
     """The tool the error messages name runs as an installed module, from any folder."""
-    out = subprocess.run([sys.executable, "-m", "sglang_tq.tools.key_centers", "--help"],
-                         capture_output=True, text=True, cwd="/", timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang_tq.tools.key_centers", "--help"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "--model-path" in out.stdout and "--kv-quant-key-centers FILE" in out.stdout

@@ -26,5 +26,9 @@ assert [tuple(b.shape) for b in codec.alloc_buffers(8, 2)][::2] == [(8, 2, 32), 
 
 def test_format_imports_and_runs_without_sglang_srt():
     out = check_without_sglang_srt(["sglang_tq.format"], SMOKE)
-    for module in ("sglang_tq.format.quantizer", "sglang_tq.format.codec", "sglang_tq.format.priorart"):
+    for module in (
+        "sglang_tq.format.quantizer",
+        "sglang_tq.format.codec",
+        "sglang_tq.format.priorart",
+    ):
         assert module in out.split(), out

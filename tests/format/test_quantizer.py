@@ -58,8 +58,9 @@ def test_codebook_points_round_trip(bits, dim, device):
     codes2, norms2 = q.quantize(xhat)
     assert torch.equal(codes2, codes)
     direction = torch.nn.functional.normalize
-    assert torch.allclose(direction(q.dequantize(codes2, norms2), dim=-1),
-                          direction(xhat, dim=-1), atol=1e-5)
+    assert torch.allclose(
+        direction(q.dequantize(codes2, norms2), dim=-1), direction(xhat, dim=-1), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -151,8 +152,11 @@ def test_config_validation_and_bytes():
     for bad in ("k5v4", "4/4", "k4"):
         with pytest.raises(ValueError, match="like k4v4"):
             TQConfig.parse_bits(bad)
-    assert TQConfig.parse_bits_list(" K4v4, k3v3,,k2v4") == [("k4v4", 4, 4), ("k3v3", 3, 3),
-                                                              ("k2v4", 2, 4)]
+    assert TQConfig.parse_bits_list(" K4v4, k3v3,,k2v4") == [
+        ("k4v4", 4, 4),
+        ("k3v3", 3, 3),
+        ("k2v4", 2, 4),
+    ]
     with pytest.raises(ValueError, match="like k4v4"):
         TQConfig.parse_bits_list("k4v4,k4")
     with pytest.raises(ValueError, match="k_bits"):

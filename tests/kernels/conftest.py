@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_ref
-
 from tests.conftest import HAS_CUDA, rel
 
 # the interpreter gets small tiles (speed); CUDA runs the launch defaults the backend uses
@@ -29,9 +28,21 @@ def run_decode(q, bufs, kv_indptr, kv_indices, codec, max_splits=4, **kw):
     bsz, hq, d = q.shape
     ws = DecodeWorkspace.create(bsz + 2, hq, d, max_splits, q.device)
     ws.out.fill_(float("nan"))  # every element must be written
-    splits = torch.tensor([1 + (i % max_splits) for i in range(bsz)], dtype=torch.int32, device=q.device)
-    out = tq_decode(q, *bufs, kv_indptr, kv_indices, codec, d**-0.5, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, **{**BLOCKS, **kw})
+    splits = torch.tensor(
+        [1 + (i % max_splits) for i in range(bsz)], dtype=torch.int32, device=q.device
+    )
+    out = tq_decode(
+        q,
+        *bufs,
+        kv_indptr,
+        kv_indices,
+        codec,
+        d**-0.5,
+        num_kv_splits=splits,
+        max_kv_splits=max_splits,
+        workspace=ws,
+        **{**BLOCKS, **kw},
+    )
     assert not out.isnan().any()
     return out
 
@@ -40,6 +51,7 @@ def assert_decode_matches_ref(out, q, bufs, kv_indptr, kv_indices, codec):
     """Within 2x of PyTorch's own bf16 error against the float64 reference."""
     d = q.shape[-1]
     ref = tq_decode_ref(q, *bufs, kv_indptr, kv_indices, codec, d**-0.5)
-    torch_err = rel(tq_decode_ref(q, *bufs, kv_indptr, kv_indices, codec, d**-0.5,
-                                  dtype=torch.bfloat16), ref)
+    torch_err = rel(
+        tq_decode_ref(q, *bufs, kv_indptr, kv_indices, codec, d**-0.5, dtype=torch.bfloat16), ref
+    )
     assert rel(out, ref) <= 2 * torch_err

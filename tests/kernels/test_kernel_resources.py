@@ -13,7 +13,6 @@ import sys
 import pytest
 
 from sglang_tq.kernels.tq_decode import builtin_launch
-
 from tests.conftest import SCRIPTS
 
 
@@ -23,12 +22,31 @@ def test_builtin_launch_compiles_without_spills(head_dim, tmp_path):
     out = tmp_path / "resources.json"
     # a fresh interpreter without TRITON_INTERPRET: the interpreter cannot compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, str(SCRIPTS / "kernel_resources.py"),
-                    "--head-dim", str(head_dim), "--kv", "k4v4,k3v3,k2v2",
-                    "--block-n", str(launch.block_n), "--num-warps", str(launch.num_warps),
-                    "--num-stages", str(launch.num_stages), "--prefetch", str(int(launch.prefetch)),
-                    "--out", str(out)],
-                   env=env, check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "kernel_resources.py"),
+            "--head-dim",
+            str(head_dim),
+            "--kv",
+            "k4v4,k3v3,k2v2",
+            "--block-n",
+            str(launch.block_n),
+            "--num-warps",
+            str(launch.num_warps),
+            "--num-stages",
+            str(launch.num_stages),
+            "--prefetch",
+            str(int(launch.prefetch)),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     rows = json.loads(out.read_text())
     assert [r["kv"] for r in rows] == ["k4v4", "k3v3", "k2v2"]
     for r in rows:
@@ -40,17 +58,41 @@ def test_builtin_launch_compiles_without_spills(head_dim, tmp_path):
 def _resources(tmp_path, *args):
     out = tmp_path / "r.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, str(SCRIPTS / "kernel_resources.py"), *args, "--out", str(out)],
-                   env=env, check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "kernel_resources.py"), *args, "--out", str(out)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("args", [
-    ["--kernel", "store", "--kv", "k4v4,k3v3", "--num-warps", "4", "--fwht", "0,1"],
-    ["--kernel", "merge", "--fwht", "0,1"],
-    ["--kernel", "stage1", "--kv", "k4v4,k3v3", "--block-n", "32", "--num-warps", "1", "--num-stages", "2",
-     "--heads-n", "1", "--fuse-rot", "1,2"],
-], ids=["store", "merge", "stage1-fused"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--kernel", "store", "--kv", "k4v4,k3v3", "--num-warps", "4", "--fwht", "0,1"],
+        ["--kernel", "merge", "--fwht", "0,1"],
+        [
+            "--kernel",
+            "stage1",
+            "--kv",
+            "k4v4,k3v3",
+            "--block-n",
+            "32",
+            "--num-warps",
+            "1",
+            "--num-stages",
+            "2",
+            "--heads-n",
+            "1",
+            "--fuse-rot",
+            "1,2",
+        ],
+    ],
+    ids=["store", "merge", "stage1-fused"],
+)
 def test_walsh_hadamard_rotations_read_no_rotation_matrix(args, tmp_path):
     """The fast Walsh-Hadamard variants (notes/perf.md, session 15) exist to drop each program's
     read of Π: they must compile for sm_90a without spills and issue fewer global loads than
@@ -68,10 +110,32 @@ def test_walsh_hadamard_rotations_read_no_rotation_matrix(args, tmp_path):
 def test_one_token_store_rotates_in_registers(tmp_path):
     """The store's one-token programs (``row_tokens``) exist to skip the 16-row tensor-core tile
     one real row pads: no spills, no MMA, a shorter program than the tile's."""
-    rows = _resources(tmp_path, "--kernel", "store", "--kv", "k4v4,k3v3", "--num-warps", "1",
-                      "--fwht", "1", "--block-n", "1")
-    tiles = _resources(tmp_path, "--kernel", "store", "--kv", "k4v4,k3v3", "--num-warps", "4",
-                       "--fwht", "1", "--block-n", "16")
+    rows = _resources(
+        tmp_path,
+        "--kernel",
+        "store",
+        "--kv",
+        "k4v4,k3v3",
+        "--num-warps",
+        "1",
+        "--fwht",
+        "1",
+        "--block-n",
+        "1",
+    )
+    tiles = _resources(
+        tmp_path,
+        "--kernel",
+        "store",
+        "--kv",
+        "k4v4,k3v3",
+        "--num-warps",
+        "4",
+        "--fwht",
+        "1",
+        "--block-n",
+        "16",
+    )
     for r, t in zip(rows, tiles):
         assert r["spill_bytes"] == 0 and r["HMMA"] == 0 and r["HGMMA"] == 0, r
         assert r["sass_lines"] < t["sass_lines"], (r["sass_lines"], t["sass_lines"])
@@ -82,13 +146,39 @@ def test_mla_latent_kernels_compile_without_spills(tmp_path):
     the built-in launch, and the keys-only store's dense rotation (the fast Walsh-Hadamard one
     is not used at 512), compile for sm_90a without spills."""
     launch = builtin_launch(512)
-    rows = _resources(tmp_path, "--mla", "--head-dim", "512", "--gqa", "16", "--kv", "k4v4,k3v3,k2v2",
-                      "--block-n", str(launch.block_n), "--num-warps", str(launch.num_warps),
-                      "--num-stages", str(launch.num_stages), "--prefetch", "0")
+    rows = _resources(
+        tmp_path,
+        "--mla",
+        "--head-dim",
+        "512",
+        "--gqa",
+        "16",
+        "--kv",
+        "k4v4,k3v3,k2v2",
+        "--block-n",
+        str(launch.block_n),
+        "--num-warps",
+        str(launch.num_warps),
+        "--num-stages",
+        str(launch.num_stages),
+        "--prefetch",
+        "0",
+    )
     assert [r["kv"] for r in rows] == ["k4v4", "k3v3", "k2v2"]
     for r in rows:
         assert r["spill_bytes"] == 0 and r["regs"] <= 255, r
         assert r["loop_mix"].get("HMMA", 0) > 0 and r["loop_mix"].get("PRMT", 0) > 0
-    store = _resources(tmp_path, "--kernel", "store", "--head-dim", "512", "--kv", "k4v4,k3v3",
-                       "--num-warps", "4", "--fwht", "0")
+    store = _resources(
+        tmp_path,
+        "--kernel",
+        "store",
+        "--head-dim",
+        "512",
+        "--kv",
+        "k4v4,k3v3",
+        "--num-warps",
+        "4",
+        "--fwht",
+        "0",
+    )
     assert all(r["spill_bytes"] == 0 for r in store), store

@@ -16,14 +16,28 @@ import torch
 
 from sglang_tq.format.codec import LayerCodec
 from sglang_tq.format.packing import unpack
-from sglang_tq.kernels.tq_decode import (DecodeLaunch, DecodeWorkspace, default_num_kv_splits, split_ceiling,
-                                         pdl_supported, rotate_query, rotate_query_ref,
-                                         tq_decode, tq_decode_ref)
+from sglang_tq.kernels.tq_decode import (
+    DecodeLaunch,
+    DecodeWorkspace,
+    default_num_kv_splits,
+    pdl_supported,
+    rotate_query,
+    rotate_query_ref,
+    split_ceiling,
+    tq_decode,
+    tq_decode_ref,
+)
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
-from sglang_tq.kernels.tq_extend import (dedup_prefix, default_extend_impl, exact_rows, extend_kv_table,
-                                         tq_extend, tq_extend_ref, with_kv_table)
+from sglang_tq.kernels.tq_extend import (
+    dedup_prefix,
+    default_extend_impl,
+    exact_rows,
+    extend_kv_table,
+    tq_extend,
+    tq_extend_ref,
+    with_kv_table,
+)
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
-
 from tests.conftest import HAS_CUDA, rel
 from tests.kernels.conftest import BLOCKS, assert_decode_matches_ref, run_decode
 
@@ -41,11 +55,13 @@ def _filled_pool(codec, num_slots, hkv, device, seed):
 
 
 # --------------------------------------------------------------------------- store
-@pytest.mark.parametrize("fwht, row_tokens", [(False, 0), (True, 0), (True, 64)],
-                         ids=["dense", "fwht", "fwht-rows"])
-@pytest.mark.parametrize("head_dim, k_bits, v_bits",
-                         [(64, kb, vb) for kb, vb in BIT_PAIRS]
-                         + [(d, b, b) for d in (128, 256) for b in (4, 3, 2)])
+@pytest.mark.parametrize(
+    "fwht, row_tokens", [(False, 0), (True, 0), (True, 64)], ids=["dense", "fwht", "fwht-rows"]
+)
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits",
+    [(64, kb, vb) for kb, vb in BIT_PAIRS] + [(d, b, b) for d in (128, 256) for b in (4, 3, 2)],
+)
 def test_store_matches_reference(head_dim, k_bits, v_bits, fwht, row_tokens, device):
     """Both rotations (dense Πᵀ product, fast Walsh-Hadamard: as 16-token tensor-core tiles
     and, ``row_tokens``, one token per program in registers) against the reference."""
@@ -76,10 +92,9 @@ def test_store_matches_reference(head_dim, k_bits, v_bits, fwht, row_tokens, dev
 
 
 # -------------------------------------------------------------------------- decode
-DECODE_CASES = (
-    [(64, kb, vb, gqa) for (kb, vb), gqa in zip(BIT_PAIRS, itertools.cycle((1, 4, 8)))]
-    + [(128, 4, 4, 4), (128, 3, 3, 8), (128, 4, 2, 1), (256, 4, 4, 4), (256, 2, 2, 8)]
-)
+DECODE_CASES = [
+    (64, kb, vb, gqa) for (kb, vb), gqa in zip(BIT_PAIRS, itertools.cycle((1, 4, 8)))
+] + [(128, 4, 4, 4), (128, 3, 3, 8), (128, 4, 2, 1), (256, 4, 4, 4), (256, 2, 2, 8)]
 
 
 def _decode_inputs(head_dim, k_bits, v_bits, gqa, device, lens=LENS, seed=0, hkv=2):
@@ -98,13 +113,16 @@ def test_decode_matches_reference(head_dim, k_bits, v_bits, gqa, device):
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device)
     out = run_decode(q, bufs, indptr, indices, codec)
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5)
-    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5,
-                                   dtype=torch.bfloat16), ref)
+    torch_err = rel(
+        tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5, dtype=torch.bfloat16), ref
+    )
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     assert rel(out, ref) <= 2 * torch_err
 
 
-@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", [(64, 4, 4, 4), (128, 3, 3, 8), (256, 2, 4, 1)])
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits, gqa", [(64, 4, 4, 4), (128, 3, 3, 8), (256, 2, 4, 1)]
+)
 def test_decode_without_prefetch_matches_reference(head_dim, k_bits, v_bits, gqa, device):
     """The launch table may choose loads at the top of each tile instead of a register
     prefetch of the next one (PREFETCH = 0): same result."""
@@ -113,9 +131,16 @@ def test_decode_without_prefetch_matches_reference(head_dim, k_bits, v_bits, gqa
     assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
-@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, prefetch",
-                         [(64, 4, 3, 1, True), (128, 3, 3, 8, False), (128, 4, 4, 4, True),
-                          (256, 2, 4, 4, False), (128, 4, 2, 16, True)])
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits, gqa, prefetch",
+    [
+        (64, 4, 3, 1, True),
+        (128, 3, 3, 8, False),
+        (128, 4, 4, 4, True),
+        (256, 2, 4, 4, False),
+        (128, 4, 2, 16, True),
+    ],
+)
 def test_decode_heads_as_n_matches_reference(head_dim, k_bits, v_bits, gqa, prefetch, device):
     """The transposed problem (GQA group as the dots' N side, value codes loaded as
     [D/4, N] tiles, every V bit width) computes the same attention."""
@@ -124,15 +149,19 @@ def test_decode_heads_as_n_matches_reference(head_dim, k_bits, v_bits, gqa, pref
     assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
 
-@pytest.mark.parametrize("launch", [dict(block_n=32, num_warps=1, prefetch=True),
-                                    dict(block_n=32, num_warps=1, prefetch=False, num_stages=3),
-                                    dict(block_n=64, num_warps=4, prefetch=False, num_stages=2),
-                                    dict(block_n=16, num_warps=1, prefetch=False, num_stages=3),
-                                    dict(block_n=32, num_warps=2, prefetch=False, num_stages=2),
-                                    dict(block_n=32, num_warps=2, prefetch=False, heads_n=True),
-                                    dict(block_n=64, num_warps=2, prefetch=True, heads_n=True),
-                                    dict(block_n=32, num_warps=1, prefetch=False, num_stages=3,
-                                         heads_n=True, maxnreg=168)])
+@pytest.mark.parametrize(
+    "launch",
+    [
+        dict(block_n=32, num_warps=1, prefetch=True),
+        dict(block_n=32, num_warps=1, prefetch=False, num_stages=3),
+        dict(block_n=64, num_warps=4, prefetch=False, num_stages=2),
+        dict(block_n=16, num_warps=1, prefetch=False, num_stages=3),
+        dict(block_n=32, num_warps=2, prefetch=False, num_stages=2),
+        dict(block_n=32, num_warps=2, prefetch=False, heads_n=True),
+        dict(block_n=64, num_warps=2, prefetch=True, heads_n=True),
+        dict(block_n=32, num_warps=1, prefetch=False, num_stages=3, heads_n=True, maxnreg=168),
+    ],
+)
 def test_decode_launch_variants_match_reference(launch, device):
     """Every launch shape the tuner may write into the table computes the same attention."""
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 2, 4, device, seed=6)
@@ -145,12 +174,14 @@ def test_decode_launch_variants_match_reference(launch, device):
 def test_decode_softcap_and_sliding_window(logit_cap, window, heads_n, device):
     codec, bufs, indptr, indices, q = _decode_inputs(64, 4, 3, 4, device, seed=5)
     q = q * 4  # make the cap bite
-    out = run_decode(q, bufs, indptr, indices, codec, logit_cap=logit_cap, sliding_window=window,
-                      heads_n=heads_n)
+    out = run_decode(
+        q, bufs, indptr, indices, codec, logit_cap=logit_cap, sliding_window=window, heads_n=heads_n
+    )
     kw = dict(logit_cap=logit_cap, sliding_window=window)
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5, **kw)
-    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5,
-                                   dtype=torch.bfloat16, **kw), ref)
+    torch_err = rel(
+        tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5, dtype=torch.bfloat16, **kw), ref
+    )
     assert rel(out, ref) <= 2 * torch_err
     plain = tq_decode_ref(q, *bufs, indptr, indices, codec, 64**-0.5)
     assert rel(plain, ref) > 4 * torch_err, "the option must change the result"
@@ -161,27 +192,41 @@ def test_decode_is_split_invariant(device):
     one = run_decode(q, bufs, indptr, indices, codec, max_splits=1)
     many = run_decode(q, bufs, indptr, indices, codec, max_splits=8)
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, 128**-0.5)
-    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, 128**-0.5,
-                                   dtype=torch.bfloat16), ref)
+    torch_err = rel(
+        tq_decode_ref(q, *bufs, indptr, indices, codec, 128**-0.5, dtype=torch.bfloat16), ref
+    )
     assert rel(one, many) <= 2 * torch_err
 
 
-@pytest.mark.parametrize("head_dim, max_splits", [(128, 48), (256, 64), (64, 17), (128, 128),
-                                                   (64, 5)])
+@pytest.mark.parametrize(
+    "head_dim, max_splits", [(128, 48), (256, 64), (64, 17), (128, 128), (64, 5)]
+)
 def test_decode_merges_many_splits(head_dim, max_splits, device):
     """Above VECTOR_MERGE_SPLITS stage 2 runs per query head, reads the split partials in
     chunks of 4096 / head_dim splits and un-rotates by a reduction instead of a dot: more
     splits than one chunk, a ceiling that is not a power of two, splits left empty; 5
     splits take the sequential merge per KV head's group."""
-    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, 4, 4, 4, device, lens=(1000, 3, 130),
-                                                     seed=5)
+    codec, bufs, indptr, indices, q = _decode_inputs(
+        head_dim, 4, 4, 4, device, lens=(1000, 3, 130), seed=5
+    )
     bsz, hq, d = q.shape
     ws = DecodeWorkspace.create(bsz, hq, d, max_splits, device)
     ws.out.fill_(float("nan"))
-    splits = torch.tensor([max_splits, max_splits, max(1, max_splits // 3)], dtype=torch.int32,
-                          device=device)
-    out = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, **BLOCKS)
+    splits = torch.tensor(
+        [max_splits, max_splits, max(1, max_splits // 3)], dtype=torch.int32, device=device
+    )
+    out = tq_decode(
+        q,
+        *bufs,
+        indptr,
+        indices,
+        codec,
+        d**-0.5,
+        num_kv_splits=splits,
+        max_kv_splits=max_splits,
+        workspace=ws,
+        **BLOCKS,
+    )
     assert not out.isnan().any()
     assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
@@ -200,42 +245,62 @@ def test_decode_rotation_paths_match_reference(rotate_kernel_elems, device, monk
 
 
 @pytest.mark.parametrize("fwht", [False, True], ids=["dense", "fwht"])
-@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, heads_n",
-                         [(64, 4, 4, 4, False), (64, 3, 2, 1, True), (128, 4, 4, 4, True),
-                          (128, 2, 3, 8, False), (256, 3, 4, 2, True), (128, 3, 3, 4, True),
-                          (64, 2, 2, 8, False)])
-def test_decode_fused_rotation_matches_reference(head_dim, k_bits, v_bits, gqa, heads_n, fwht, device):
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits, gqa, heads_n",
+    [
+        (64, 4, 4, 4, False),
+        (64, 3, 2, 1, True),
+        (128, 4, 4, 4, True),
+        (128, 2, 3, 8, False),
+        (256, 3, 4, 2, True),
+        (128, 3, 3, 4, True),
+        (64, 2, 2, 8, False),
+    ],
+)
+def test_decode_fused_rotation_matches_reference(
+    head_dim, k_bits, v_bits, gqa, heads_n, fwht, device
+):
     """Stage 1 rotating a strided bf16 q itself (fp16 Π product or the fast Walsh-Hadamard
     transform; every tile layout: four 4-bit tiles, eight word tiles, four byte tiles; both
     problem orientations) computes the same attention as the separate fp32 rotation."""
-    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device,
-                                                     lens=(40, 7, 129), seed=13)
+    codec, bufs, indptr, indices, q = _decode_inputs(
+        head_dim, k_bits, v_bits, gqa, device, lens=(40, 7, 129), seed=13
+    )
     wide = torch.zeros(q.shape[0], q.shape[1], 2 * head_dim, dtype=q.dtype, device=device)
     wide[..., :head_dim] = q
     q = wide[..., :head_dim]  # strided along heads, contiguous in head_dim
-    fused = run_decode(q, bufs, indptr, indices, codec, fuse_rotation=True, heads_n=heads_n, fwht=fwht)
+    fused = run_decode(
+        q, bufs, indptr, indices, codec, fuse_rotation=True, heads_n=heads_n, fwht=fwht
+    )
     assert_decode_matches_ref(fused, q, bufs, indptr, indices, codec)
     apart = run_decode(q, bufs, indptr, indices, codec, fuse_rotation=False, heads_n=heads_n)
     assert rel(fused, apart) <= 2 * rel(
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5, dtype=torch.bfloat16),
-        tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5))
+        tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5),
+    )
 
 
-@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", [(64, 4, 3, 4), (128, 2, 4, 2), (256, 4, 4, 8)])
-def test_decode_fwht_unrotation_at_many_splits_matches_reference(head_dim, k_bits, v_bits, gqa, device):
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits, gqa", [(64, 4, 3, 4), (128, 2, 4, 2), (256, 4, 4, 8)]
+)
+def test_decode_fwht_unrotation_at_many_splits_matches_reference(
+    head_dim, k_bits, v_bits, gqa, device
+):
     """Above VECTOR_MERGE_SPLITS splits the merge runs per query head; with ``fwht`` its
     un-rotation (and the fused query rotation) is the fast Walsh-Hadamard transform."""
     from sglang_tq.kernels.tq_decode import VECTOR_MERGE_SPLITS
 
-    codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device,
-                                                     lens=(300, 37), seed=21)
+    codec, bufs, indptr, indices, q = _decode_inputs(
+        head_dim, k_bits, v_bits, gqa, device, lens=(300, 37), seed=21
+    )
     splits = 2 * VECTOR_MERGE_SPLITS
     fast = run_decode(q, bufs, indptr, indices, codec, max_splits=splits, fwht=True)
     assert_decode_matches_ref(fast, q, bufs, indptr, indices, codec)
     dense = run_decode(q, bufs, indptr, indices, codec, max_splits=splits)
     assert rel(fast, dense) <= 2 * rel(
         tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5, dtype=torch.bfloat16),
-        tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5))
+        tq_decode_ref(q, *bufs, indptr, indices, codec, head_dim**-0.5),
+    )
 
 
 def test_store_refuses_rows_below_a_tile_without_fwht(device):
@@ -244,8 +309,15 @@ def test_store_refuses_rows_below_a_tile_without_fwht(device):
     bufs = codec.alloc_buffers(4, 2, device)
     k = torch.zeros(1, 2, 64, dtype=torch.bfloat16, device=device)
     with pytest.raises(ValueError, match="needs the fast Walsh-Hadamard rotation"):
-        tq_store_kv(k, k, torch.zeros(1, dtype=torch.long, device=device), *bufs, codec,
-                    block_n=1, fwht=False)
+        tq_store_kv(
+            k,
+            k,
+            torch.zeros(1, dtype=torch.long, device=device),
+            *bufs,
+            codec,
+            block_n=1,
+            fwht=False,
+        )
 
 
 @pytest.mark.skipif(pdl_supported(), reason="this GPU supports programmatic dependent launch")
@@ -269,7 +341,9 @@ def test_pdl_store_then_early_q_decode_matches_serial(graph):
     launch order differs), eagerly and replayed in a CUDA graph; a race on q or on the
     new codes would show up as a mismatch."""
     dev = torch.device("cuda")
-    codec, bufs, indptr, indices, q0 = _decode_inputs(128, 4, 4, 4, dev, lens=(4000, 1, 300), seed=21)
+    codec, bufs, indptr, indices, q0 = _decode_inputs(
+        128, 4, 4, 4, dev, lens=(4000, 1, 300), seed=21
+    )
     bsz, hq, d = q0.shape
     hkv = bufs[0].shape[1]
     new_slot = indices[indptr[1:] - 1]  # each sequence's last slot is the token of this step
@@ -281,11 +355,23 @@ def test_pdl_store_then_early_q_decode_matches_serial(graph):
 
     def layer(pdl, pools, step):
         torch.mul(src, step, out=qkv)  # the producer of q, k, v (a rope kernel in a model)
-        q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+        q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
         tq_store_kv(k, v, new_slot, *pools, codec, pdl=pdl)
-        return tq_decode(q, *pools, indptr, indices, codec, d**-0.5, num_kv_splits=splits,
-                         max_kv_splits=64, workspace=ws, fuse_rotation=True, pdl=pdl, early_q=pdl,
-                         out=torch.empty(bsz, hq, d, dtype=q.dtype, device=dev))
+        return tq_decode(
+            q,
+            *pools,
+            indptr,
+            indices,
+            codec,
+            d**-0.5,
+            num_kv_splits=splits,
+            max_kv_splits=64,
+            workspace=ws,
+            fuse_rotation=True,
+            pdl=pdl,
+            early_q=pdl,
+            out=torch.empty(bsz, hq, d, dtype=q.dtype, device=dev),
+        )
 
     serial_pools, pdl_pools = [b.clone() for b in bufs], [b.clone() for b in bufs]
     want = [layer(False, serial_pools, 1.0 + i / 8).clone() for i in range(6)]
@@ -335,7 +421,9 @@ def test_rotate_query_refuses_bad_arguments(device):
 
 
 # -------------------------------------------------------------------------- extend
-def _extend_inputs(head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk, seed=0, hkv=2):
+def _extend_inputs(
+    head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk, seed=0, hkv=2
+):
     """A pool, a batch of chunks with prefixes in random slots; with ``packed_chunk`` the
     chunks are stored too and their slots returned (else None)."""
     codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=seed, device=device)
@@ -348,7 +436,7 @@ def _extend_inputs(head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_
     v = torch.randn(t, hkv, head_dim, generator=g).bfloat16().to(device)
     perm = torch.randperm(num_slots, generator=g).to(device)
     prefix_slots = perm[: sum(prefix)]
-    chunk_slots = perm[sum(prefix): sum(prefix) + t]
+    chunk_slots = perm[sum(prefix) : sum(prefix) + t]
     if packed_chunk:
         tq_store_kv(k, v, chunk_slots, *bufs, codec)
     qo = torch.tensor((0,) + tuple(chunk)).cumsum(0).int().to(device)
@@ -367,10 +455,9 @@ def impl(request):
     return request.param
 
 
-EXTEND_CASES = (
-    [(64, kb, vb, gqa) for (kb, vb), gqa in zip(BIT_PAIRS, itertools.cycle((4, 1, 8)))]
-    + [(128, 4, 4, 4), (256, 3, 3, 2)]
-)
+EXTEND_CASES = [
+    (64, kb, vb, gqa) for (kb, vb), gqa in zip(BIT_PAIRS, itertools.cycle((4, 1, 8)))
+] + [(128, 4, 4, 4), (256, 3, 3, 2)]
 
 
 @pytest.mark.parametrize("packed_chunk", [False, True])
@@ -379,10 +466,23 @@ def test_extend_matches_reference(head_dim, k_bits, v_bits, gqa, packed_chunk, d
     prefix = (0, 17, 97) + ((1000,) if HAS_CUDA else ())
     chunk = (5, 1, 40) + ((300,) if HAS_CUDA else ())
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, chunk_slots = _extend_inputs(
-        head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk)
-    out = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5,
-                    max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
-                    chunk_slots=chunk_slots, impl=impl)
+        head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk
+    )
+    out = tq_extend(
+        q,
+        k,
+        v,
+        *bufs,
+        qo,
+        kv_indptr,
+        kv_indices,
+        codec,
+        head_dim**-0.5,
+        max_extend_len=max(chunk),
+        num_prefix_tokens=sum(prefix),
+        chunk_slots=chunk_slots,
+        impl=impl,
+    )
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5)
     ref = tq_extend_ref(*args, chunk_slots=chunk_slots)
     torch_err = rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
@@ -424,12 +524,15 @@ def test_extend_impl_choice_and_refusals(monkeypatch, device):
     with pytest.raises(ValueError, match="SGLANG_TQ_EXTEND_IMPL must be one of fa3, triton"):
         default_extend_impl(cpu, torch.bfloat16)
     monkeypatch.setenv("SGLANG_TQ_EXTEND_IMPL", "fa3")
-    with pytest.raises(ValueError, match="SGLANG_TQ_EXTEND_IMPL=fa3 needs bf16 or fp16 on a Hopper"):
+    with pytest.raises(
+        ValueError, match="SGLANG_TQ_EXTEND_IMPL=fa3 needs bf16 or fp16 on a Hopper"
+    ):
         default_extend_impl(cpu, torch.bfloat16)
     monkeypatch.setenv("SGLANG_TQ_EXTEND_IMPL", "triton")
     assert default_extend_impl(device, torch.bfloat16) == "triton"
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
-        64, 4, 4, 2, device, (3,), (2,), False)
+        64, 4, 4, 2, device, (3,), (2,), False
+    )
     call = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 0.125)
     with pytest.raises(ValueError, match="impl must be one of"):
         tq_extend(*call, max_extend_len=2, impl="flash")
@@ -437,49 +540,88 @@ def test_extend_impl_choice_and_refusals(monkeypatch, device):
         tq_extend(q.float(), *call[1:], max_extend_len=2, impl="fa3")
 
 
-@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, packed_chunk",
-                         [(64, 4, 3, 4, False), (128, 3, 4, 8, True)])
-def test_extend_with_shared_prefix_matches_reference(head_dim, k_bits, v_bits, gqa, packed_chunk,
-                                                     device, impl):
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits, gqa, packed_chunk", [(64, 4, 3, 4, False), (128, 3, 4, 8, True)]
+)
+def test_extend_with_shared_prefix_matches_reference(
+    head_dim, k_bits, v_bits, gqa, packed_chunk, device, impl
+):
     """Requests over one radix prefix list the same slots: each slot is decoded once and
     every request reads it through the dedup index, with the same result."""
     shared = 23 if HAS_CUDA else 11
     prefix = (shared, shared + 5, shared, 0)
     chunk = (4, 9, 1, 6)
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, chunk_slots = _extend_inputs(
-        head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk, seed=9)
+        head_dim, k_bits, v_bits, gqa, device, prefix, chunk, packed_chunk, seed=9
+    )
     # sequences 0 and 2 share sequence 1's first `shared` slots (a radix hit); 1 adds 5 own
     p = kv_indices
-    kv_indices = torch.cat([p[:shared], p[:shared + 5], p[:shared]])
+    kv_indices = torch.cat([p[:shared], p[: shared + 5], p[:shared]])
     kv_indptr = torch.tensor((0,) + tuple(prefix), device=device).cumsum(0).int()
     assert int(dedup_prefix(kv_indices).count) == shared + 5
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, head_dim**-0.5)
-    out = tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
-                    chunk_slots=chunk_slots, prefix_dedup=dedup_prefix(kv_indices), impl=impl)
+    out = tq_extend(
+        *args,
+        max_extend_len=max(chunk),
+        num_prefix_tokens=sum(prefix),
+        chunk_slots=chunk_slots,
+        prefix_dedup=dedup_prefix(kv_indices),
+        impl=impl,
+    )
     ref = tq_extend_ref(*args, chunk_slots=chunk_slots)
     torch_err = rel(tq_extend_ref(*args, chunk_slots=chunk_slots, dtype=torch.bfloat16), ref)
     assert rel(out, ref) <= 2 * torch_err
     # the scratch sized to the distinct slots only (exact_rows) gives the same result
     exact = exact_rows(dedup_prefix(kv_indices))
     assert exact.rows == shared + 5 and exact.slots.numel() == shared + 5
-    out_exact = tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
-                          chunk_slots=chunk_slots, prefix_dedup=exact, impl=impl)
+    out_exact = tq_extend(
+        *args,
+        max_extend_len=max(chunk),
+        num_prefix_tokens=sum(prefix),
+        chunk_slots=chunk_slots,
+        prefix_dedup=exact,
+        impl=impl,
+    )
     assert rel(out_exact, ref) <= 2 * torch_err
     with pytest.raises(ValueError, match="prefix_dedup.rows must lie in"):
-        tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
-                  prefix_dedup=dataclasses.replace(exact, rows=sum(prefix) + 1), impl=impl)
+        tq_extend(
+            *args,
+            max_extend_len=max(chunk),
+            num_prefix_tokens=sum(prefix),
+            prefix_dedup=dataclasses.replace(exact, rows=sum(prefix) + 1),
+            impl=impl,
+        )
     with pytest.raises(ValueError, match="prefix_dedup covers"):
-        tq_extend(*args, max_extend_len=max(chunk), num_prefix_tokens=sum(prefix),
-                  prefix_dedup=dedup_prefix(kv_indices[:-1]), impl=impl)
+        tq_extend(
+            *args,
+            max_extend_len=max(chunk),
+            num_prefix_tokens=sum(prefix),
+            prefix_dedup=dedup_prefix(kv_indices[:-1]),
+            impl=impl,
+        )
 
 
 @pytest.mark.parametrize("logit_cap, window", [(20.0, 0), (0.0, 11)])
 def test_extend_softcap_and_sliding_window(logit_cap, window, device, impl):
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
-        64, 4, 2, 2, device, (0, 30), (9, 33), False, seed=4)
+        64, 4, 2, 2, device, (0, 30), (9, 33), False, seed=4
+    )
     q = q * 4
-    out = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5,
-                    max_extend_len=33, logit_cap=logit_cap, sliding_window=window, impl=impl)
+    out = tq_extend(
+        q,
+        k,
+        v,
+        *bufs,
+        qo,
+        kv_indptr,
+        kv_indices,
+        codec,
+        64**-0.5,
+        max_extend_len=33,
+        logit_cap=logit_cap,
+        sliding_window=window,
+        impl=impl,
+    )
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
     kw = dict(logit_cap=logit_cap, sliding_window=window)
     ref = tq_extend_ref(*args, **kw)
@@ -494,10 +636,13 @@ def _sinks(hq, device, seed):
     return (torch.rand(hq, generator=g) * 8 - 2).to(device)
 
 
-@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa, max_splits",
-                         [(64, 4, 3, 4, 4), (128, 2, 4, 2, 32), (128, 4, 4, 8, 4)])
-def test_decode_with_attention_sinks_matches_reference(head_dim, k_bits, v_bits, gqa, max_splits,
-                                                       device):
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits, gqa, max_splits",
+    [(64, 4, 3, 4, 4), (128, 2, 4, 2, 32), (128, 4, 4, 8, 4)],
+)
+def test_decode_with_attention_sinks_matches_reference(
+    head_dim, k_bits, v_bits, gqa, max_splits, device
+):
     """Attention sinks (a logit per query head in every softmax, no value) join where the
     splits merge, in the loop merge (<= 16 splits) and the vector merge (> 16)."""
     codec, bufs, indptr, indices, q = _decode_inputs(head_dim, k_bits, v_bits, gqa, device, seed=8)
@@ -505,18 +650,22 @@ def test_decode_with_attention_sinks_matches_reference(head_dim, k_bits, v_bits,
     out = run_decode(q, bufs, indptr, indices, codec, max_splits=max_splits, sinks=sinks)
     scale = head_dim**-0.5
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, scale, sinks=sinks)
-    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, scale, dtype=torch.bfloat16,
-                                   sinks=sinks), ref)
+    torch_err = rel(
+        tq_decode_ref(q, *bufs, indptr, indices, codec, scale, dtype=torch.bfloat16, sinks=sinks),
+        ref,
+    )
     assert rel(out, ref) <= 2 * torch_err
-    assert rel(tq_decode_ref(q, *bufs, indptr, indices, codec, scale), ref) > 4 * torch_err, \
+    assert rel(tq_decode_ref(q, *bufs, indptr, indices, codec, scale), ref) > 4 * torch_err, (
         "the sinks must change the result"
+    )
     with pytest.raises(ValueError, match="sinks must be a float tensor"):
         run_decode(q, bufs, indptr, indices, codec, sinks=sinks[:-1])
 
 
 def test_extend_with_attention_sinks_matches_reference(device, impl):
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
-        64, 4, 3, 2, device, (0, 21, 5), (9, 6, 1), False, seed=6)
+        64, 4, 3, 2, device, (0, 21, 5), (9, 6, 1), False, seed=6
+    )
     sinks = _sinks(q.shape[1], device, seed=2)
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
     out = tq_extend(*args, max_extend_len=9, sinks=sinks, impl=impl)
@@ -530,11 +679,26 @@ def test_extend_with_attention_sinks_matches_reference(device, impl):
 
 def test_extend_writes_into_given_out(device, impl):
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, _ = _extend_inputs(
-        64, 3, 4, 2, device, (6, 0), (4, 9), False, seed=5)
-    wide = torch.full((q.shape[0], q.shape[1] * 64 + 8), float("nan"), dtype=q.dtype, device=q.device)
+        64, 3, 4, 2, device, (6, 0), (4, 9), False, seed=5
+    )
+    wide = torch.full(
+        (q.shape[0], q.shape[1] * 64 + 8), float("nan"), dtype=q.dtype, device=q.device
+    )
     out = wide[:, : q.shape[1] * 64].view(q.shape)
-    got = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5, max_extend_len=9,
-                    out=out, impl=impl)
+    got = tq_extend(
+        q,
+        k,
+        v,
+        *bufs,
+        qo,
+        kv_indptr,
+        kv_indices,
+        codec,
+        64**-0.5,
+        max_extend_len=9,
+        out=out,
+        impl=impl,
+    )
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 64**-0.5)
     ref = tq_extend_ref(*args)
     assert got is out and not out.isnan().any() and wide[:, -8:].isnan().all()
@@ -544,21 +708,37 @@ def test_extend_writes_into_given_out(device, impl):
 def test_extend_decode_consistency(device, impl):
     """The last token of a packed-chunk extend equals a decode step over the same slots."""
     codec, bufs, q, k, v, qo, kv_indptr, kv_indices, chunk_slots = _extend_inputs(
-        128, 4, 4, 4, device, (20,), (12,), True, seed=8)
-    ext = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, 128**-0.5,
-                    max_extend_len=12, chunk_slots=chunk_slots, impl=impl)
+        128, 4, 4, 4, device, (20,), (12,), True, seed=8
+    )
+    ext = tq_extend(
+        q,
+        k,
+        v,
+        *bufs,
+        qo,
+        kv_indptr,
+        kv_indices,
+        codec,
+        128**-0.5,
+        max_extend_len=12,
+        chunk_slots=chunk_slots,
+        impl=impl,
+    )
     all_slots = torch.cat([kv_indices, chunk_slots])
     all_indptr = torch.tensor([0, 32], dtype=torch.int32, device=q.device)
     dec = run_decode(q[-1:], bufs, all_indptr, all_slots, codec, max_splits=2)
     ref = tq_decode_ref(q[-1:], *bufs, all_indptr, all_slots, codec, 128**-0.5)
-    torch_err = rel(tq_decode_ref(q[-1:], *bufs, all_indptr, all_slots, codec, 128**-0.5,
-                                   dtype=torch.bfloat16), ref)
+    torch_err = rel(
+        tq_decode_ref(q[-1:], *bufs, all_indptr, all_slots, codec, 128**-0.5, dtype=torch.bfloat16),
+        ref,
+    )
     assert rel(ext[-1:], dec) <= 2 * torch_err
 
 
 # -------------------------------------------------------------------------- dequant
-@pytest.mark.parametrize("head_dim, k_bits, v_bits",
-                         [(64, kb, vb) for kb, vb in BIT_PAIRS] + [(128, 4, 3), (256, 2, 4)])
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits", [(64, kb, vb) for kb, vb in BIT_PAIRS] + [(128, 4, 3), (256, 2, 4)]
+)
 def test_dequant_matches_reference(head_dim, k_bits, v_bits, device):
     codec = LayerCodec.create(head_dim, k_bits, v_bits, seed=3, device=device)
     k_codes, k_norms, v_codes, v_norms = bufs = _filled_pool(codec, 150, 3, device, seed=3)
@@ -567,8 +747,10 @@ def test_dequant_matches_reference(head_dim, k_bits, v_bits, device):
     # fp32 output: the kernel's only roundings are its fp16 operands (codebook values and
     # Π); PyTorch with the same fp16 operands and fp32 accumulation sets the bound
     k32, v32 = tq_dequant(*bufs, slots, codec, dtype=torch.float32)
-    for got, quant, codes, norms, want in ((k32, codec.k_quant, k_codes, k_norms, refs[0]),
-                                           (v32, codec.v_quant, v_codes, v_norms, refs[1])):
+    for got, quant, codes, norms, want in (
+        (k32, codec.k_quant, k_codes, k_norms, refs[0]),
+        (v32, codec.v_quant, v_codes, v_norms, refs[1]),
+    ):
         n = norms[slots].float()[..., None]
         unit = (quant.dequantize_rotated(codes[slots], norms[slots]) / n).half().float()
         torch_fp16 = (unit @ codec.pi.half().float()) * n
@@ -635,8 +817,17 @@ def test_kernels_refuse_mismatched_pool():
         tq_store_kv(x, x, torch.arange(2), *bufs, codec)
     ws = DecodeWorkspace.create(1, 2, 64, 1, "cpu")
     with pytest.raises(ValueError, match="does not match the codec"):
-        tq_decode(x[:1], *bufs, torch.tensor([0, 2], dtype=torch.int32), torch.arange(2), codec, 0.1,
-                  num_kv_splits=torch.ones(1, dtype=torch.int32), max_kv_splits=1, workspace=ws)
+        tq_decode(
+            x[:1],
+            *bufs,
+            torch.tensor([0, 2], dtype=torch.int32),
+            torch.arange(2),
+            codec,
+            0.1,
+            num_kv_splits=torch.ones(1, dtype=torch.int32),
+            max_kv_splits=1,
+            workspace=ws,
+        )
 
 
 def test_extend_refuses_mismatched_chunk_slots_and_out():
@@ -657,20 +848,42 @@ def test_decode_writes_into_given_out(device):
     bsz, hq, d = q.shape
     ws = DecodeWorkspace.create(bsz, hq, d, 2, q.device)
     wide = torch.full((bsz, hq * d + 8), float("nan"), dtype=torch.bfloat16, device=q.device)
-    out = wide[:, :hq * d].view(bsz, hq, d)
+    out = wide[:, : hq * d].view(bsz, hq, d)
     splits = torch.tensor([2, 1], dtype=torch.int32, device=q.device)
-    got = tq_decode(q, *bufs, indptr, indices, codec, d**-0.5, num_kv_splits=splits, max_kv_splits=2,
-                    workspace=ws, **BLOCKS, out=out)
+    got = tq_decode(
+        q,
+        *bufs,
+        indptr,
+        indices,
+        codec,
+        d**-0.5,
+        num_kv_splits=splits,
+        max_kv_splits=2,
+        workspace=ws,
+        **BLOCKS,
+        out=out,
+    )
     assert got.data_ptr() == out.data_ptr() and not out.isnan().any()
-    assert wide[:, hq * d:].isnan().all(), "wrote past the given output"
+    assert wide[:, hq * d :].isnan().all(), "wrote past the given output"
     ref = tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5)
-    torch_err = rel(tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5, dtype=torch.bfloat16), ref)
+    torch_err = rel(
+        tq_decode_ref(q, *bufs, indptr, indices, codec, d**-0.5, dtype=torch.bfloat16), ref
+    )
     assert rel(out, ref) <= 2 * torch_err
 
 
 # ---------------------------------------------------------------------- split policy
 def test_split_ceiling_shares_one_workspace_across_batch_sizes():
-    assert [split_ceiling(b) for b in (1, 8, 9, 16, 32, 63, 64, 500)] == [128, 64, 32, 32, 16, 8, 8, 8]
+    assert [split_ceiling(b) for b in (1, 8, 9, 16, 32, 63, 64, 500)] == [
+        128,
+        64,
+        32,
+        32,
+        16,
+        8,
+        8,
+        8,
+    ]
     assert split_ceiling(1, base=128) == 128 and split_ceiling(1, base=8, cap=8) == 8
     for b in range(1, 300):
         assert b * split_ceiling(b) <= max(b, 64) * 8
@@ -685,8 +898,9 @@ def test_default_splits_fill_whole_waves():
     launch = DecodeLaunch(block_n=128, num_warps=4, programs_per_sm=2)  # 264 resident programs
 
     def splits(b, length, **kw):
-        return default_num_kv_splits(torch.full((b,), length), 8, 32, num_sms=132,
-                                     launch=kw.pop("launch", launch), **kw)
+        return default_num_kv_splits(
+            torch.full((b,), length), 8, 32, num_sms=132, launch=kw.pop("launch", launch), **kw
+        )
 
     # 16 × 8k: 3 splits = 384 programs on 264 slots (1.45 waves); 2 splits fill one wave
     assert splits(16, 8192).tolist() == [2] * 16
@@ -707,7 +921,11 @@ def test_small_batch_plan_rules():
     from head_dim 128); PDL wherever the GPU has it."""
     from sglang_tq.kernels.tq_decode import small_batch_plan
 
-    assert small_batch_plan(8, 4, 128).fuse_rotation and not small_batch_plan(9, 4, 128).fuse_rotation
-    assert small_batch_plan(4, 3, 128).fuse_rotation and not small_batch_plan(5, 3, 128).fuse_rotation
+    assert (
+        small_batch_plan(8, 4, 128).fuse_rotation and not small_batch_plan(9, 4, 128).fuse_rotation
+    )
+    assert (
+        small_batch_plan(4, 3, 128).fuse_rotation and not small_batch_plan(5, 3, 128).fuse_rotation
+    )
     assert small_batch_plan(8, 3, 64).fuse_rotation  # four tiles at head_dim 64
     assert small_batch_plan(1).pdl == pdl_supported()

@@ -44,6 +44,10 @@ assert err < 0.05, err
 
 def test_kernels_import_and_run_without_sglang_srt():
     out = check_without_sglang_srt(["sglang_tq.format", "sglang_tq.kernels"], SMOKE)
-    for module in ("sglang_tq.kernels.tq_store", "sglang_tq.kernels.tq_decode", "sglang_tq.kernels.tq_extend",
-                   "sglang_tq.kernels.tq_dequant"):
+    for module in (
+        "sglang_tq.kernels.tq_store",
+        "sglang_tq.kernels.tq_decode",
+        "sglang_tq.kernels.tq_extend",
+        "sglang_tq.kernels.tq_dequant",
+    ):
         assert module in out.split(), out

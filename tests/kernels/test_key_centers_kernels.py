@@ -17,7 +17,6 @@ from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
 from sglang_tq.kernels.tq_dequant import tq_dequant, tq_dequant_ref
 from sglang_tq.kernels.tq_extend import tq_extend, tq_extend_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
-
 from tests.conftest import HAS_CUDA, rel
 from tests.kernels.conftest import assert_decode_matches_ref, run_decode
 
@@ -34,7 +33,9 @@ def _keys(mu, n, g, device):
     return (mu[None] + torch.randn(n, *mu.shape, generator=g)).bfloat16().to(device)
 
 
-@pytest.mark.parametrize("head_dim, k_bits, v_bits", [(64, 4, 4), (64, 3, 2), (128, 4, 3), (256, 2, 4)])
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits", [(64, 4, 4), (64, 3, 2), (128, 4, 3), (256, 2, 4)]
+)
 def test_store_subtracts_the_center(head_dim, k_bits, v_bits, device):
     hkv, n, slots = 3, 41, 60
     codec, mu, g = _centered(head_dim, k_bits, v_bits, hkv, device, seed=head_dim + k_bits)
@@ -90,8 +91,9 @@ def test_dequant_adds_the_center_back(head_dim, k_bits, device):
     nrm = norms.float()[..., None]
     unit = (codec.k_quant.dequantize_rotated(codes, norms) / nrm).half().float()
     torch_fp16 = (unit @ codec.pi.half().float()) * nrm + codec.k_center
-    assert rel(got_k - codec.k_center, want_k - codec.k_center.double()) <= \
-        2 * max(rel(torch_fp16 - codec.k_center, want_k - codec.k_center.double()), 1e-7)
+    assert rel(got_k - codec.k_center, want_k - codec.k_center.double()) <= 2 * max(
+        rel(torch_fp16 - codec.k_center, want_k - codec.k_center.double()), 1e-7
+    )
     assert rel(got_v, want_v) < 1e-2  # values: no center; test_kernels checks them closely
 
 
@@ -109,11 +111,16 @@ def _decode_case(head_dim, k_bits, v_bits, gqa, device, lens, seed):
     return codec, bufs, indptr, indices, q
 
 
-@pytest.mark.parametrize("head_dim, k_bits, v_bits, gqa", [(64, 4, 4, 4), (64, 3, 2, 1), (128, 4, 4, 8),
-                                                            (256, 2, 3, 4)])
-def test_decode_over_centered_keys_matches_uncentered_attention(head_dim, k_bits, v_bits, gqa, device):
+@pytest.mark.parametrize(
+    "head_dim, k_bits, v_bits, gqa", [(64, 4, 4, 4), (64, 3, 2, 1), (128, 4, 4, 8), (256, 2, 3, 4)]
+)
+def test_decode_over_centered_keys_matches_uncentered_attention(
+    head_dim, k_bits, v_bits, gqa, device
+):
     lens = (1, 17, 97) + ((1000,) if HAS_CUDA else ())
-    codec, bufs, indptr, indices, q = _decode_case(head_dim, k_bits, v_bits, gqa, device, lens, seed=11)
+    codec, bufs, indptr, indices, q = _decode_case(
+        head_dim, k_bits, v_bits, gqa, device, lens, seed=11
+    )
     out = run_decode(q, bufs, indptr, indices, codec)
     # the reference attends to the dequantized keys + μ (what the model's keys were)
     assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
@@ -133,14 +140,26 @@ def test_extend_over_a_centered_prefix(packed_chunk, device):
     q = torch.randn(t, hkv * gqa, d, generator=g).bfloat16().to(device)
     k, v = _keys(mu, t, g, device), torch.randn(t, hkv, d, generator=g).bfloat16().to(device)
     perm = torch.randperm(num, generator=g).to(device)
-    kv_indices, chunk_slots = perm[: sum(prefix)], perm[sum(prefix): sum(prefix) + t]
+    kv_indices, chunk_slots = perm[: sum(prefix)], perm[sum(prefix) : sum(prefix) + t]
     if packed_chunk:
         tq_store_kv(k, v, chunk_slots, *bufs, codec)
     qo = torch.tensor((0,) + chunk).cumsum(0).int().to(device)
     kv_indptr = torch.tensor((0,) + prefix).cumsum(0).int().to(device)
     cs = chunk_slots if packed_chunk else None
-    out = tq_extend(q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, d**-0.5,
-                    max_extend_len=max(chunk), num_prefix_tokens=sum(prefix), chunk_slots=cs)
+    out = tq_extend(
+        q,
+        k,
+        v,
+        *bufs,
+        qo,
+        kv_indptr,
+        kv_indices,
+        codec,
+        d**-0.5,
+        max_extend_len=max(chunk),
+        num_prefix_tokens=sum(prefix),
+        chunk_slots=cs,
+    )
     args = (q, k, v, *bufs, qo, kv_indptr, kv_indices, codec, d**-0.5)
     ref = tq_extend_ref(*args, chunk_slots=cs)
     torch_err = rel(tq_extend_ref(*args, chunk_slots=cs, dtype=torch.bfloat16), ref)
@@ -149,7 +168,9 @@ def test_extend_over_a_centered_prefix(packed_chunk, device):
     # next to a chunk holding k, a different attention (so this test can fail); with a
     # packed chunk every key lacks μ alike, which the softmax ignores
     uncentered = LayerCodec.create(d, 4, 3, seed=5, device=device)
-    shifted = tq_extend_ref(q, k, v, *bufs, qo, kv_indptr, kv_indices, uncentered, d**-0.5, chunk_slots=cs)
+    shifted = tq_extend_ref(
+        q, k, v, *bufs, qo, kv_indptr, kv_indices, uncentered, d**-0.5, chunk_slots=cs
+    )
     if packed_chunk:
         assert rel(shifted, ref) <= 2 * torch_err
     else:
@@ -162,9 +183,18 @@ def test_center_with_logit_cap_is_refused():
     q = torch.randn(1, 2, 64).bfloat16()
     ws = DecodeWorkspace.create(1, 2, 64, 1, "cpu")
     with pytest.raises(ValueError, match="soft-cap.*without key centers"):
-        tq_decode(q, *bufs, torch.tensor([0, 2], dtype=torch.int32), torch.arange(2), codec, 0.1,
-                  num_kv_splits=torch.ones(1, dtype=torch.int32), max_kv_splits=1, workspace=ws,
-                  logit_cap=30.0)
+        tq_decode(
+            q,
+            *bufs,
+            torch.tensor([0, 2], dtype=torch.int32),
+            torch.arange(2),
+            codec,
+            0.1,
+            num_kv_splits=torch.ones(1, dtype=torch.int32),
+            max_kv_splits=1,
+            workspace=ws,
+            logit_cap=30.0,
+        )
 
 
 def test_center_shape_must_match_the_pool():

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from sglang_tq.kernels import tq_decode as dec
-
 from tests.conftest import import_script
 
 tune_decode = import_script("tune_decode")
@@ -16,13 +15,33 @@ tune_decode = import_script("tune_decode")
 @pytest.fixture
 def table_file(tmp_path, monkeypatch):
     path = tmp_path / "launch.json"
-    path.write_text(json.dumps({
-        "_doc": "test table",
-        "GPU X": {"128": {"k4v4": {"block_n": 128, "num_warps": 4, "programs_per_sm": 3,
-                                   "geomean_ms": 0.5, "commit": "abc"}},
-                  "64": {"k3v2": {"block_n": 32, "num_warps": 1, "programs_per_sm": 8,
-                                  "prefetch": False, "num_stages": 3}}},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "_doc": "test table",
+                "GPU X": {
+                    "128": {
+                        "k4v4": {
+                            "block_n": 128,
+                            "num_warps": 4,
+                            "programs_per_sm": 3,
+                            "geomean_ms": 0.5,
+                            "commit": "abc",
+                        }
+                    },
+                    "64": {
+                        "k3v2": {
+                            "block_n": 32,
+                            "num_warps": 1,
+                            "programs_per_sm": 8,
+                            "prefetch": False,
+                            "num_stages": 3,
+                        }
+                    },
+                },
+            }
+        )
+    )
     monkeypatch.setenv("SGLANG_TQ_DECODE_LAUNCH", str(path))
     dec.load_launch_table.cache_clear()
     yield path
@@ -65,8 +84,9 @@ def test_missing_pair_takes_the_nearest_tuned_pair(table_file):
     import json
 
     entry = lambda n: {"block_n": 32, "num_warps": 1, "programs_per_sm": n}  # noqa: E731
-    table_file.write_text(json.dumps({"GPU X": {"128": {
-        "k4v4": entry(1), "k4v2": entry(2), "k3v3": entry(3)}}}))
+    table_file.write_text(
+        json.dumps({"GPU X": {"128": {"k4v4": entry(1), "k4v2": entry(2), "k3v3": entry(3)}}})
+    )
     dec.load_launch_table.cache_clear()
     pps = lambda kb, vb: dec.default_launch(128, kb, vb, device_name="GPU X").programs_per_sm  # noqa: E731
     assert pps(4, 3) == 2  # k4v2 and k4v4 both one value bit away: name order picks k4v2
@@ -85,14 +105,25 @@ def test_split_policy_follows_the_table(table_file, monkeypatch):
     assert via_table.tolist() == explicit.tolist()
 
 
-@pytest.mark.parametrize("text, why", [
-    ("{not json", "unreadable"),
-    (json.dumps({"GPU X": {"128": {"k4v4": {"block_n": 64}}}}), "unreadable"),
-    (json.dumps({"GPU X": {"128": {"k4v4": {"block_n": 48, "num_warps": 2, "programs_per_sm": 2}}}}),
-     "block_n must be"),
-    (json.dumps({"GPU X": {"128": {"k4v9": {"block_n": 32, "num_warps": 1, "programs_per_sm": 2}}}}),
-     "must look like k4v4"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("{not json", "unreadable"),
+        (json.dumps({"GPU X": {"128": {"k4v4": {"block_n": 64}}}}), "unreadable"),
+        (
+            json.dumps(
+                {"GPU X": {"128": {"k4v4": {"block_n": 48, "num_warps": 2, "programs_per_sm": 2}}}}
+            ),
+            "block_n must be",
+        ),
+        (
+            json.dumps(
+                {"GPU X": {"128": {"k4v9": {"block_n": 32, "num_warps": 1, "programs_per_sm": 2}}}}
+            ),
+            "must look like k4v4",
+        ),
+    ],
+)
 def test_corrupt_table_is_refused_with_a_sentence(table_file, text, why):
     table_file.write_text(text)
     with pytest.raises(ValueError, match="tune_decode.py --write-table") as err:
@@ -106,12 +137,22 @@ def test_invalid_launch_is_refused():
 
 
 def _row(shape, bn, nw, pps, ms, prefetch=True, stages=2, heads_n=False):
-    return {"shape": shape, "block_n": bn, "num_warps": nw, "programs_per_sm": pps,
-            "prefetch": prefetch, "num_stages": stages, "heads_n": heads_n, "ms": ms}
+    return {
+        "shape": shape,
+        "block_n": bn,
+        "num_warps": nw,
+        "programs_per_sm": pps,
+        "prefetch": prefetch,
+        "num_stages": stages,
+        "heads_n": heads_n,
+        "ms": ms,
+    }
 
 
 def test_tuner_grid_varies_pipelining_only_without_prefetch():
-    grid = tune_decode.launch_grid(tune_decode.parse_tiles("64x2,32x1"), [4, 8], [1, 0], [2, 3], [0, 1])
+    grid = tune_decode.launch_grid(
+        tune_decode.parse_tiles("64x2,32x1"), [4, 8], [1, 0], [2, 3], [0, 1]
+    )
     assert len(grid) == 2 * 2 * (1 + 2) * 2
     assert {g["heads_n"] for g in grid} == {False, True}
     assert {(g["block_n"], g["num_warps"]) for g in grid} == {(64, 2), (32, 1)}
@@ -130,17 +171,28 @@ def test_tuner_grid_varies_pipelining_only_without_prefetch():
 
 def test_tuner_picks_the_smallest_geometric_mean_over_complete_configs():
     shapes = ["a", "b"]
-    rows = [_row("a", 64, 2, 2, 1.0), _row("b", 64, 2, 2, 4.0),     # geomean 2.0
-            _row("a", 128, 4, 2, 3.0, False, 3), _row("b", 128, 4, 2, 1.0, False, 3),  # 1.73
-            _row("a", 128, 4, 2, 0.5), _row("b", 128, 4, 2, 9.0),   # same shape, prefetch: 2.12
-            _row("a", 128, 4, 2, 3.0, False, 3, True), _row("b", 128, 4, 2, 2.0, False, 3, True),
-            _row("a", 64, 4, 8, 0.1),                               # missing b: not eligible
-            {**_row("b", 64, 4, 8, 0.0), "error": "does not compile"}]
+    rows = [
+        _row("a", 64, 2, 2, 1.0),
+        _row("b", 64, 2, 2, 4.0),  # geomean 2.0
+        _row("a", 128, 4, 2, 3.0, False, 3),
+        _row("b", 128, 4, 2, 1.0, False, 3),  # 1.73
+        _row("a", 128, 4, 2, 0.5),
+        _row("b", 128, 4, 2, 9.0),  # same shape, prefetch: 2.12
+        _row("a", 128, 4, 2, 3.0, False, 3, True),
+        _row("b", 128, 4, 2, 2.0, False, 3, True),
+        _row("a", 64, 4, 8, 0.1),  # missing b: not eligible
+        {**_row("b", 64, 4, 8, 0.0), "error": "does not compile"},
+    ]
     del rows[-1]["ms"]
     win = tune_decode.choose(rows, shapes)
-    assert (win["block_n"], win["num_warps"], win["programs_per_sm"], win["prefetch"],
-            win["num_stages"]) == (128, 4, 2, False, 3)
-    assert win["geomean_ms"] == pytest.approx(3 ** 0.5, abs=1e-5)
+    assert (
+        win["block_n"],
+        win["num_warps"],
+        win["programs_per_sm"],
+        win["prefetch"],
+        win["num_stages"],
+    ) == (128, 4, 2, False, 3)
+    assert win["geomean_ms"] == pytest.approx(3**0.5, abs=1e-5)
     assert win["best_ms_per_shape"] == {"a": 0.5, "b": 1.0}
     assert tune_decode.choose([], shapes) is None
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from sglang_tq.format.quantizer import TurboQuantizer
+from sglang_tq.kernels._lut import constraints, emulate_lookup, fields_of, lut_asm
 
 
 def codebook(dim, bits):
     """Centroids in code (sign-magnitude) order, as the kernels receive them."""
     return TurboQuantizer(dim, bits).codebook
-from sglang_tq.kernels._lut import constraints, emulate_lookup, fields_of, lut_asm
 
 
 def _fp16_bits(x: torch.Tensor) -> int:
@@ -57,17 +57,26 @@ def test_lut_matches_codebook_for_every_code(bits, dim, words):
     # every code at every field position and byte lane, in groups of 4 lanes
     for f, lane in itertools.product(range(nfields), range(4)):
         for c in levels:
-            codes = [[(c + 3 * ff + 5 * e) % (1 << bits) for e in range(4)] for ff in range(nfields)]
+            codes = [
+                [(c + 3 * ff + 5 * e) % (1 << bits) for e in range(4)] for ff in range(nfields)
+            ]
             codes[f][lane] = c
-            low = [sum((codes[ff][e] & ((1 << width) - 1)) << (ff * width) for ff in range(nfields))
-                   for e in range(4)]
+            low = [
+                sum((codes[ff][e] & ((1 << width) - 1)) << (ff * width) for ff in range(nfields))
+                for e in range(4)
+            ]
             inputs = [sum(b << (8 * e) for e, b in enumerate(low))]
             shift = (f + lane + c) % 2  # columns in the second half of a tile read bit 2t + 1
             if bits == 3:
                 # the other bit of each pair belongs to the other half-tile: noise here
-                high = [sum(((codes[ff][e] >> 2) & 1) << (2 * ff + shift)
-                            | (((e + ff + c) % 3 == 0) << (2 * ff + 1 - shift)) for ff in range(nfields))
-                        for e in range(4)]
+                high = [
+                    sum(
+                        ((codes[ff][e] >> 2) & 1) << (2 * ff + shift)
+                        | (((e + ff + c) % 3 == 0) << (2 * ff + 1 - shift))
+                        for ff in range(nfields)
+                    )
+                    for e in range(4)
+                ]
                 inputs.append(sum(b << (8 * e) for e, b in enumerate(high)))
             out = emulate_lookup(cb, bits, inputs, shift=shift, words=words)
             for ff in range(nfields):
@@ -102,9 +111,13 @@ def test_3bit_lut_reads_any_codebook():
     for cb in (torch.sort(codebook(128, 3)).values, torch.linspace(-0.3, 0.2, 8) ** 3):
         for shift in (0, 1):
             codes = [[(3 * f + 5 * e + shift) % 8 for e in range(4)] for f in range(4)]
-            low = sum(sum((codes[f][e] & 3) << (2 * f) for f in range(4)) << (8 * e) for e in range(4))
-            high = sum(sum((codes[f][e] >> 2) << (2 * f + shift) for f in range(4)) << (8 * e)
-                       for e in range(4))
+            low = sum(
+                sum((codes[f][e] & 3) << (2 * f) for f in range(4)) << (8 * e) for e in range(4)
+            )
+            high = sum(
+                sum((codes[f][e] >> 2) << (2 * f + shift) for f in range(4)) << (8 * e)
+                for e in range(4)
+            )
             for words in (False, True):
                 out = emulate_lookup(cb, 3, [low, high], shift=shift, words=words)
                 for f in range(4):

@@ -15,7 +15,6 @@ from sglang_tq.format.codec import LayerCodec
 from sglang_tq.format.packing import unpack
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode, tq_decode_ref
 from sglang_tq.kernels.tq_store import tq_store_kv, tq_store_kv_ref
-
 from tests.conftest import HAS_CUDA, rel
 from tests.kernels.conftest import BLOCKS
 
@@ -80,12 +79,44 @@ def test_mla_decode_matches_reference(bits, hq, device):
     scale = (128 + ROPE) ** -0.5  # DeepSeek's softmax scale: qk_nope + rope dims
     ws = DecodeWorkspace.create(bsz + 1, hq, LATENT, max_splits, device)
     ws.out.fill_(float("nan"))
-    splits = torch.tensor([1 + (i % max_splits) for i in range(bsz)], dtype=torch.int32, device=device)
-    out = tq_decode(q, kc, kn, None, None, indptr, indices, codec, scale, num_kv_splits=splits,
-                    max_kv_splits=max_splits, workspace=ws, q_pe=q_pe, k_pe=k_pe, **BLOCKS)
+    splits = torch.tensor(
+        [1 + (i % max_splits) for i in range(bsz)], dtype=torch.int32, device=device
+    )
+    out = tq_decode(
+        q,
+        kc,
+        kn,
+        None,
+        None,
+        indptr,
+        indices,
+        codec,
+        scale,
+        num_kv_splits=splits,
+        max_kv_splits=max_splits,
+        workspace=ws,
+        q_pe=q_pe,
+        k_pe=k_pe,
+        **BLOCKS,
+    )
     ref = tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale, q_pe=q_pe, k_pe=k_pe)
-    torch_err = rel(tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale,
-                                   dtype=torch.bfloat16, q_pe=q_pe, k_pe=k_pe), ref)
+    torch_err = rel(
+        tq_decode_ref(
+            q,
+            kc,
+            kn,
+            None,
+            None,
+            indptr,
+            indices,
+            codec,
+            scale,
+            dtype=torch.bfloat16,
+            q_pe=q_pe,
+            k_pe=k_pe,
+        ),
+        ref,
+    )
     assert out.shape == (bsz, hq, LATENT) and not out.isnan().any()
     assert rel(out, ref) <= 2 * torch_err
     # the RoPE part matters: the twin without it is far from the kernel
@@ -101,8 +132,20 @@ def test_mla_decode_refuses_mismatched_rope_arguments(device):
     with pytest.raises(ValueError, match="q_pe with k_pe"):
         tq_decode(q, kc, kn, None, None, indptr, indices, codec, 0.1, q_pe=q_pe, **kw)
     with pytest.raises(ValueError, match="k_pe \\[slots, R\\]"):
-        tq_decode(q, kc, kn, None, None, indptr, indices, codec, 0.1, q_pe=q_pe[..., :48],
-                  k_pe=k_pe[..., :48], **kw)
+        tq_decode(
+            q,
+            kc,
+            kn,
+            None,
+            None,
+            indptr,
+            indices,
+            codec,
+            0.1,
+            q_pe=q_pe[..., :48],
+            k_pe=k_pe[..., :48],
+            **kw,
+        )
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -136,9 +179,39 @@ def test_mla_decode_merges_many_splits(device):
     ws = DecodeWorkspace.create(1, 16, LATENT, 32, device)
     ws.out.fill_(float("nan"))
     splits = torch.tensor([32], dtype=torch.int32, device=device)
-    out = tq_decode(q, kc, kn, None, None, indptr, indices, codec, scale, num_kv_splits=splits,
-                    max_kv_splits=32, workspace=ws, q_pe=q_pe, k_pe=k_pe, block_n=16)
+    out = tq_decode(
+        q,
+        kc,
+        kn,
+        None,
+        None,
+        indptr,
+        indices,
+        codec,
+        scale,
+        num_kv_splits=splits,
+        max_kv_splits=32,
+        workspace=ws,
+        q_pe=q_pe,
+        k_pe=k_pe,
+        block_n=16,
+    )
     ref = tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale, q_pe=q_pe, k_pe=k_pe)
-    torch_err = rel(tq_decode_ref(q, kc, kn, None, None, indptr, indices, codec, scale,
-                                   dtype=torch.bfloat16, q_pe=q_pe, k_pe=k_pe), ref)
+    torch_err = rel(
+        tq_decode_ref(
+            q,
+            kc,
+            kn,
+            None,
+            None,
+            indptr,
+            indices,
+            codec,
+            scale,
+            dtype=torch.bfloat16,
+            q_pe=q_pe,
+            k_pe=k_pe,
+        ),
+        ref,
+    )
     assert not out.isnan().any() and rel(out, ref) <= 2 * torch_err

@@ -9,15 +9,13 @@ import dataclasses
 import types
 
 import pytest
-import torch
-
 import sglang.srt.server_args as sglang_server_args
+import torch
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
 from sglang_tq.serving.plugin import register
-
 from tests.conftest import HAS_CUDA, MODEL_CONFIGS
 
 # where Triton compiles the kernels: the GPU, or the interpreter on the CPU
@@ -65,7 +63,8 @@ def make_server_args(*extra, model=LLAMA_8B):
         mp.setattr(sglang_server_args, "get_device", lambda *a, **k: "cuda")
         mp.setattr(sglang_server_args, "get_device_memory_capacity", lambda *a, **k: 80 * 1024)
         return sglang_server_args.prepare_server_args(
-            ["--model-path", model, "--load-format", "dummy", "--skip-tokenizer-init", *extra])
+            ["--model-path", model, "--load-format", "dummy", "--skip-tokenizer-init", *extra]
+        )
 
 
 def one_sentence(msg: str) -> bool:
@@ -75,17 +74,37 @@ def one_sentence(msg: str) -> bool:
 def stock_fields(**overrides):
     """The ServerArgs fields the refusals read, at their stock values (on CUDA)."""
     defaults = {
-        "attention_backend": "turboquant", "prefill_attention_backend": None,
-        "decode_attention_backend": None, "kv_cache_dtype": "auto", "disaggregation_mode": "null",
-        "disaggregation_decode_enable_offload_kvcache": False, "enable_hierarchical_cache": False,
-        "hicache_storage_backend": None, "enable_lmcache": False, "enable_flexkv": False,
-        "enable_hisparse": False, "speculative_algorithm": None, "dcp_size": 1, "attn_cp_size": 1,
-        "enable_prefill_cp": False, "pp_size": 1, "enable_dp_attention": False,
-        "enable_two_batch_overlap": False, "enable_pdmux": False,
-        "enable_deterministic_inference": False, "enable_unified_memory": False,
-        "enable_page_major_kv_layout": False, "prefill_only_disable_kv_cache": False,
-        "kv_canary": "none", "device": "cuda", "tp_size": 1, "kv_quant_bf16_layers": (),
-        "page_size": 1, "enable_lora": False, "lora_paths": None, "enable_torch_compile": False,
+        "attention_backend": "turboquant",
+        "prefill_attention_backend": None,
+        "decode_attention_backend": None,
+        "kv_cache_dtype": "auto",
+        "disaggregation_mode": "null",
+        "disaggregation_decode_enable_offload_kvcache": False,
+        "enable_hierarchical_cache": False,
+        "hicache_storage_backend": None,
+        "enable_lmcache": False,
+        "enable_flexkv": False,
+        "enable_hisparse": False,
+        "speculative_algorithm": None,
+        "dcp_size": 1,
+        "attn_cp_size": 1,
+        "enable_prefill_cp": False,
+        "pp_size": 1,
+        "enable_dp_attention": False,
+        "enable_two_batch_overlap": False,
+        "enable_pdmux": False,
+        "enable_deterministic_inference": False,
+        "enable_unified_memory": False,
+        "enable_page_major_kv_layout": False,
+        "prefill_only_disable_kv_cache": False,
+        "kv_canary": "none",
+        "device": "cuda",
+        "tp_size": 1,
+        "kv_quant_bf16_layers": (),
+        "page_size": 1,
+        "enable_lora": False,
+        "lora_paths": None,
+        "enable_torch_compile": False,
         "dp_size": 1,
     }
     return types.SimpleNamespace(**{**defaults, **overrides})
@@ -96,10 +115,19 @@ def fake_model_config(**overrides):
     from sglang.srt.configs.model_config import AttentionArch
 
     hf = types.SimpleNamespace(architectures=[overrides.pop("arch", "LlamaForCausalLM")])
-    fields = dict(attention_arch=AttentionArch.MHA, hf_config=hf, hf_text_config=hf, head_dim=128,
-                  v_head_dim=128, is_hybrid_swa=False, attention_chunk_size=None,
-                  is_encoder_decoder=False, has_attention_sinks=False, num_hidden_layers=32,
-                  get_total_num_kv_heads=lambda: 8)
+    fields = dict(
+        attention_arch=AttentionArch.MHA,
+        hf_config=hf,
+        hf_text_config=hf,
+        head_dim=128,
+        v_head_dim=128,
+        is_hybrid_swa=False,
+        attention_chunk_size=None,
+        is_encoder_decoder=False,
+        has_attention_sinks=False,
+        num_hidden_layers=32,
+        get_total_num_kv_heads=lambda: 8,
+    )
     fields.update(overrides)
     return types.SimpleNamespace(**fields)
 
@@ -110,12 +138,22 @@ def kvc_fields(sa, dtype=torch.bfloat16):
     mc = sa.get_model_config()
     layers = mc.num_hidden_layers
     return types.SimpleNamespace(
-        server_args=sa, model_config=mc, kv_cache_dtype=dtype, kv_cache_dtype_str="auto",
-        model_dtype=dtype, use_mla_backend=False, is_draft_worker=False,
-        spec_algorithm=SpeculativeAlgorithm.NONE, sliding_window_size=None, device="cpu",
-        pool_page_size=1, ps=types.SimpleNamespace(pp_size=1),
+        server_args=sa,
+        model_config=mc,
+        kv_cache_dtype=dtype,
+        kv_cache_dtype_str="auto",
+        model_dtype=dtype,
+        use_mla_backend=False,
+        is_draft_worker=False,
+        spec_algorithm=SpeculativeAlgorithm.NONE,
+        sliding_window_size=None,
+        device="cpu",
+        pool_page_size=1,
+        ps=types.SimpleNamespace(pp_size=1),
         model=torch.nn.Module(),  # no attention module with a k_proj bias: auto centers nothing
-        layer_info=types.SimpleNamespace(start_layer=0, end_layer=layers, num_effective_layers=layers),
+        layer_info=types.SimpleNamespace(
+            start_layer=0, end_layer=layers, num_effective_layers=layers
+        ),
     )
 
 
@@ -127,10 +165,30 @@ def real_configurator(sa):
     get_context().set_server_args(sa)
     fake = kvc_fields(sa)
     fields = {f.name: None for f in dataclasses.fields(KVCacheConfigurator) if f.init}
-    fields.update({k: getattr(fake, k) for k in (
-        "device", "model_config", "server_args", "kv_cache_dtype", "model_dtype",
-        "sliding_window_size", "spec_algorithm", "is_draft_worker", "use_mla_backend",
-        "kv_cache_dtype_str", "layer_info", "model")})
-    fields.update(gpu_id=0, page_size=1, post_capture_kv_active=False, is_hybrid_swa=False,
-                  is_hybrid_swa_compress=False)
+    fields.update(
+        {
+            k: getattr(fake, k)
+            for k in (
+                "device",
+                "model_config",
+                "server_args",
+                "kv_cache_dtype",
+                "model_dtype",
+                "sliding_window_size",
+                "spec_algorithm",
+                "is_draft_worker",
+                "use_mla_backend",
+                "kv_cache_dtype_str",
+                "layer_info",
+                "model",
+            )
+        }
+    )
+    fields.update(
+        gpu_id=0,
+        page_size=1,
+        post_capture_kv_active=False,
+        is_hybrid_swa=False,
+        is_hybrid_swa_compress=False,
+    )
     return KVCacheConfigurator(**fields)

@@ -11,7 +11,6 @@ import types
 
 import pytest
 import torch
-
 from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.runtime_context import get_context, get_parallel
@@ -20,7 +19,6 @@ from sglang_tq.config import TQConfig
 from sglang_tq.kernels.tq_decode import tq_decode_ref
 from sglang_tq.kernels.tq_extend import tq_extend_ref
 from sglang_tq.serving.pool import TQTokenToKVPool
-
 from tests.conftest import rel
 from tests.serving.conftest import DEV, make_server_args
 
@@ -28,11 +26,21 @@ HQ, HKV, D, LAYERS = 4, 2, 64, 2
 BF16_LAYER = 1
 SLOTS = 64
 TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "head_dim": D,
-    "hidden_size": HQ * D, "intermediate_size": 512, "max_position_embeddings": 256,
-    "num_attention_heads": HQ, "num_hidden_layers": LAYERS, "num_key_value_heads": HKV,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "vocab_size": 1000,
-    "hidden_act": "silu", "tie_word_embeddings": False,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "head_dim": D,
+    "hidden_size": HQ * D,
+    "intermediate_size": 512,
+    "max_position_embeddings": 256,
+    "num_attention_heads": HQ,
+    "num_hidden_layers": LAYERS,
+    "num_key_value_heads": HKV,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 1000,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
 }
 
 
@@ -40,7 +48,9 @@ TINY_LLAMA = {
 def server_args(tmp_path_factory):
     model = tmp_path_factory.mktemp("tiny-llama")
     (model / "config.json").write_text(json.dumps(TINY_LLAMA))
-    sa = make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", str(BF16_LAYER), model=str(model))
+    sa = make_server_args(
+        "--kv-quant", "turboquant", "--kv-quant-bf16-layers", str(BF16_LAYER), model=str(model)
+    )
     get_context().set_server_args(sa)
     with get_parallel().override(attn_tp_size=1, attn_dcp_size=1, attn_dcp_rank=0):
         yield sa
@@ -50,9 +60,18 @@ def _runner(sa, pool, sliding_window=None):
     """The ModelRunner fields the backend reads, over ``pool``, with a fresh request table."""
     req_to_token = ReqToTokenPool(size=4, max_context_len=64, device=DEV, enable_memory_saver=False)
     runner = types.SimpleNamespace(
-        req_to_token_pool=req_to_token, token_to_kv_pool=pool, token_to_kv_pool_allocator=None,
-        sliding_window_size=sliding_window, model_config=sa.get_model_config(), device=DEV, gpu_id=0,
-        server_args=sa, is_draft_worker=False, dtype=torch.bfloat16, page_size=1)
+        req_to_token_pool=req_to_token,
+        token_to_kv_pool=pool,
+        token_to_kv_pool_allocator=None,
+        sliding_window_size=sliding_window,
+        model_config=sa.get_model_config(),
+        device=DEV,
+        gpu_id=0,
+        server_args=sa,
+        is_draft_worker=False,
+        dtype=torch.bfloat16,
+        page_size=1,
+    )
     return runner, req_to_token
 
 
@@ -61,18 +80,38 @@ def _make_backend(sa, packed_prefill=False, bf16_layers=(BF16_LAYER,), sliding_w
 
     cfg = TQConfig(head_dim=D, seed=7, bf16_layers=bf16_layers)
     pool = TQTokenToKVPool(SLOTS, 1, HKV, D, LAYERS, DEV, False, cfg=cfg)
-    runner, req_to_token = _runner(types.SimpleNamespace(**{**vars(sa), "kv_quant_packed_prefill": packed_prefill,
-                                                            "get_model_config": sa.get_model_config}),
-                                   pool, sliding_window)
+    runner, req_to_token = _runner(
+        types.SimpleNamespace(
+            **{
+                **vars(sa),
+                "kv_quant_packed_prefill": packed_prefill,
+                "get_model_config": sa.get_model_config,
+            }
+        ),
+        pool,
+        sliding_window,
+    )
     return TQAttnBackend(runner), pool, req_to_token
 
 
 def _layer(layer_id):
     return types.SimpleNamespace(
-        layer_id=layer_id, tp_q_head_num=HQ, tp_k_head_num=HKV, tp_v_head_num=HKV,
-        qk_head_dim=D, v_head_dim=D, head_dim=D, scaling=D**-0.5, logit_cap=0.0,
-        logit_capping_method="tanh", sliding_window_size=-1, is_cross_attention=False,
-        attn_type=None, k_scale=None, v_scale=None, xai_temperature_len=-1,
+        layer_id=layer_id,
+        tp_q_head_num=HQ,
+        tp_k_head_num=HKV,
+        tp_v_head_num=HKV,
+        qk_head_dim=D,
+        v_head_dim=D,
+        head_dim=D,
+        scaling=D**-0.5,
+        logit_cap=0.0,
+        logit_capping_method="tanh",
+        sliding_window_size=-1,
+        is_cross_attention=False,
+        attn_type=None,
+        k_scale=None,
+        v_scale=None,
+        xai_temperature_len=-1,
     )
 
 
@@ -100,18 +139,27 @@ def _batch_with_prefix(req_to_token, mode, row2, prefix_lens, ext_lens, out_cach
     req_to_token.req_to_token[2, : len(row2)] = row2.int()
     seq_lens = [p + e for p, e in zip(prefix_lens, ext_lens)]
     return types.SimpleNamespace(
-        batch_size=2, forward_mode=mode, spec_info=None,
-        req_pool_indices=_t([1, 2]), seq_lens=_t(seq_lens), seq_lens_sum=sum(seq_lens),
-        seq_lens_cpu=torch.tensor(seq_lens), extend_prefix_lens=_t(prefix_lens),
-        extend_prefix_lens_cpu=prefix_lens, extend_seq_lens=_t(ext_lens),
-        extend_seq_lens_cpu=ext_lens, out_cache_loc=out_cache_loc, encoder_lens=None,
+        batch_size=2,
+        forward_mode=mode,
+        spec_info=None,
+        req_pool_indices=_t([1, 2]),
+        seq_lens=_t(seq_lens),
+        seq_lens_sum=sum(seq_lens),
+        seq_lens_cpu=torch.tensor(seq_lens),
+        extend_prefix_lens=_t(prefix_lens),
+        extend_prefix_lens_cpu=prefix_lens,
+        extend_seq_lens=_t(ext_lens),
+        extend_seq_lens_cpu=ext_lens,
+        out_cache_loc=out_cache_loc,
+        encoder_lens=None,
     )
 
 
 def _extend_batch(req_to_token):
     """Request 2 is cold and prefills 3 tokens (slots 30..32)."""
-    return _batch_with_prefix(req_to_token, ForwardMode.EXTEND, CHUNKS[1], [5, 0], [7, 3],
-                              torch.cat(CHUNKS))
+    return _batch_with_prefix(
+        req_to_token, ForwardMode.EXTEND, CHUNKS[1], [5, 0], [7, 3], torch.cat(CHUNKS)
+    )
 
 
 def _decode_batch(req_to_token, padded_to=None):
@@ -122,9 +170,15 @@ def _decode_batch(req_to_token, padded_to=None):
     # CUDA-graph padding: request row 0, length 1 (the fill value), write slot 0
     rows, lens, locs = rows + [0] * pad, lens + [1] * pad, locs + [0] * pad
     return types.SimpleNamespace(
-        batch_size=len(rows), forward_mode=ForwardMode.DECODE, spec_info=None,
-        req_pool_indices=_t(rows), seq_lens=_t(lens), seq_lens_sum=sum(lens),
-        seq_lens_cpu=torch.tensor(lens), out_cache_loc=_t(locs), encoder_lens=None,
+        batch_size=len(rows),
+        forward_mode=ForwardMode.DECODE,
+        spec_info=None,
+        req_pool_indices=_t(rows),
+        seq_lens=_t(lens),
+        seq_lens_sum=sum(lens),
+        seq_lens_cpu=torch.tensor(lens),
+        out_cache_loc=_t(locs),
+        encoder_lens=None,
         num_padding=pad,
     )
 
@@ -145,14 +199,23 @@ def test_backend_init_reuses_triton_metadata_without_reading_the_pool(server_arg
     assert backend.token_to_kv_pool is pool
     assert (backend.v_head_dim, backend.num_head, backend.num_kv_head) == (D, HQ, HKV)
     # Attributes of SGLang 0.5.17's TritonAttnBackend.__init__ the backend relies on.
-    for name in ("kv_indptr", "qo_indptr", "max_kv_splits", "req_to_token", "device_core_count",
-                 "max_context_len", "forward_metadata", "page_size"):
+    for name in (
+        "kv_indptr",
+        "qo_indptr",
+        "max_kv_splits",
+        "req_to_token",
+        "device_core_count",
+        "max_context_len",
+        "forward_metadata",
+        "page_size",
+    ):
         assert hasattr(backend, name), name
 
 
 @pytest.mark.parametrize("packed_prefill", [False, True])
-def test_backend_init_compiles_the_prefix_dequant_without_writing_the_pool(server_args, monkeypatch,
-                                                                          packed_prefill):
+def test_backend_init_compiles_the_prefix_dequant_without_writing_the_pool(
+    server_args, monkeypatch, packed_prefill
+):
     """Every packed layer's prefix dequant runs once at start-up (the device-count variant
     tq_extend uses for a radix hit, plus the plain one with packed prefill), on slot 0,
     and the pool stays as allocated."""
@@ -162,8 +225,14 @@ def test_backend_init_compiles_the_prefix_dequant_without_writing_the_pool(serve
     real = backend_mod.tq_dequant
 
     def spy(k_codes, k_norms, v_codes, v_norms, slots, codec, **kw):
-        calls.append((k_codes.data_ptr(), slots.tolist(), None if kw["count"] is None
-                      else kw["count"].tolist(), kw["dtype"]))
+        calls.append(
+            (
+                k_codes.data_ptr(),
+                slots.tolist(),
+                None if kw["count"] is None else kw["count"].tolist(),
+                kw["dtype"],
+            )
+        )
         return real(k_codes, k_norms, v_codes, v_norms, slots, codec, **kw)
 
     monkeypatch.setattr(backend_mod, "tq_dequant", spy)
@@ -199,8 +268,9 @@ def test_extend_then_decode_match_reference(server_args, bf16_layers, fwht, monk
     assert out.shape == (10, HQ * D) and out.dtype == torch.bfloat16
     codes, codec = _packed_ref(pool, 0)
     md = backend.forward_metadata
-    want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
-                         layer.scaling)
+    want = tq_extend_ref(
+        q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec, layer.scaling
+    )
     assert rel(out.view(10, HQ, D), want) < 2e-2
     # the chunk was quantized into its slots on the way
     assert (pool.k_norms[0][CHUNKS[0]] > 0).all() and (pool.k_norms[0][CHUNKS[1]] > 0).all()
@@ -218,8 +288,11 @@ def test_extend_then_decode_match_reference(server_args, bf16_layers, fwht, monk
 
 # Three requests, pool rows 1..3, over 5-token prefixes: rows 1 and 3 share slots 10..14
 # (a radix hit), row 2 has its own in slots 15..19 unless told to share too.
-SHARED_CHUNKS = (torch.arange(20, 23, device=DEV), torch.arange(30, 32, device=DEV),
-                 torch.arange(40, 44, device=DEV))
+SHARED_CHUNKS = (
+    torch.arange(20, 23, device=DEV),
+    torch.arange(30, 32, device=DEV),
+    torch.arange(40, 44, device=DEV),
+)
 
 
 def _three_request_batch(pool, req_to_token, row2_prefix):
@@ -231,22 +304,34 @@ def _three_request_batch(pool, req_to_token, row2_prefix):
     ext = [len(c) for c in SHARED_CHUNKS]
     seq_lens = [5 + e for e in ext]
     return types.SimpleNamespace(
-        batch_size=3, forward_mode=ForwardMode.EXTEND, spec_info=None,
-        req_pool_indices=_t([1, 2, 3]), seq_lens=_t(seq_lens), seq_lens_sum=sum(seq_lens),
-        seq_lens_cpu=torch.tensor(seq_lens), extend_prefix_lens=_t([5, 5, 5]),
-        extend_prefix_lens_cpu=[5, 5, 5], extend_seq_lens=_t(ext), extend_seq_lens_cpu=ext,
-        out_cache_loc=torch.cat(SHARED_CHUNKS), encoder_lens=None,
+        batch_size=3,
+        forward_mode=ForwardMode.EXTEND,
+        spec_info=None,
+        req_pool_indices=_t([1, 2, 3]),
+        seq_lens=_t(seq_lens),
+        seq_lens_sum=sum(seq_lens),
+        seq_lens_cpu=torch.tensor(seq_lens),
+        extend_prefix_lens=_t([5, 5, 5]),
+        extend_prefix_lens_cpu=[5, 5, 5],
+        extend_seq_lens=_t(ext),
+        extend_seq_lens_cpu=ext,
+        out_cache_loc=torch.cat(SHARED_CHUNKS),
+        encoder_lens=None,
     )
 
 
-@pytest.mark.parametrize("row2_prefix, budget, groups, rows", [
-    (PREFIX, 8, [(0, 3)], [5]),  # 15 prefix tokens, 5 distinct: one group of 5 rows
-    (torch.arange(15, 20, device=DEV), 10, [(0, 3)], [10]),  # 10 distinct fit 10 rows
-    (torch.arange(15, 20, device=DEV), 9, [(0, 1), (1, 2), (2, 3)], [5, 5, 5]),
-    (torch.arange(15, 20, device=DEV), 15, [(0, 3)], [15]),  # fits without reading the count
-])
+@pytest.mark.parametrize(
+    "row2_prefix, budget, groups, rows",
+    [
+        (PREFIX, 8, [(0, 3)], [5]),  # 15 prefix tokens, 5 distinct: one group of 5 rows
+        (torch.arange(15, 20, device=DEV), 10, [(0, 3)], [10]),  # 10 distinct fit 10 rows
+        (torch.arange(15, 20, device=DEV), 9, [(0, 1), (1, 2), (2, 3)], [5, 5, 5]),
+        (torch.arange(15, 20, device=DEV), 15, [(0, 3)], [15]),  # fits without reading the count
+    ],
+)
 def test_prefill_scratch_is_bounded_by_distinct_tokens_and_the_budget(
-        server_args, monkeypatch, row2_prefix, budget, groups, rows):
+    server_args, monkeypatch, row2_prefix, budget, groups, rows
+):
     """The dense prefix scratch of an extend batch never holds more rows than its distinct
     prefix slots or the budget (context_len): requests split into groups when the
     distinct slots do not fit, and the output is the same."""
@@ -259,16 +344,23 @@ def test_prefill_scratch_is_bounded_by_distinct_tokens_and_the_budget(
     assert [(g.b0, g.b1) for g in backend._prefill] == groups
     seen = []
     real = ext_mod.tq_dequant
-    monkeypatch.setattr(ext_mod, "tq_dequant", lambda *a, **kw: (
-        seen.append(a[4].numel()) if kw.get("count") is not None else None, real(*a, **kw))[1])
+    monkeypatch.setattr(
+        ext_mod,
+        "tq_dequant",
+        lambda *a, **kw: (
+            seen.append(a[4].numel()) if kw.get("count") is not None else None,
+            real(*a, **kw),
+        )[1],
+    )
     layer = _layer(0)
     q, k, v = _qkv(9, seed=5)
     out = backend.forward_extend(q, k, v, layer, fb)
     assert seen == rows and max(seen) <= budget
     codes, codec = _packed_ref(pool, 0)
     md = backend.forward_metadata
-    want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
-                         layer.scaling)
+    want = tq_extend_ref(
+        q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec, layer.scaling
+    )
     assert rel(out.view(9, HQ, D), want) < 2e-2
 
 
@@ -284,12 +376,15 @@ def test_prefill_plan_groups_and_page_tables():
     assert (whole.q0, whole.q1, whole.prefix_tokens, whole.max_extend_len) == (0, 8, 9, 3)
     groups = plan_prefill(qo, kv, slots, pre, ext, budget=5, fa3=True)
     assert [(g.b0, g.b1, g.q0, g.q1, g.prefix_tokens) for g in groups] == [
-        (0, 2, 0, 5, 4), (2, 4, 5, 8, 5)]
+        (0, 2, 0, 5, 4),
+        (2, 4, 5, 8, 5),
+    ]
     g = groups[1]
     assert g.qo_indptr.tolist() == [0, 1, 3] and g.kv_indptr.tolist() == [0, 3, 5]
     assert g.kv_indices.tolist() == [5, 6, 7, 8, 9] and g.dedup.rows == 5
-    assert torch.equal(g.dedup.kv_table[0], extend_kv_table(g.qo_indptr, g.kv_indptr,
-                                                            g.dedup.index, 4, 5)[0])
+    assert torch.equal(
+        g.dedup.kv_table[0], extend_kv_table(g.qo_indptr, g.kv_indptr, g.dedup.index, 4, 5)[0]
+    )
     assert plan_prefill(qo, kv, slots, [], [], budget=5, fa3=False) == []
     (cold,) = plan_prefill(qo[:2], kv[:1].repeat(2), slots[:0], [0], [2], budget=1, fa3=False)
     assert cold.dedup is None
@@ -309,8 +404,18 @@ def test_attention_sinks_reach_both_kernels(server_args):
     out = backend.forward_extend(q, k, v, layer, fb, sinks=sinks).view(10, HQ, D)
     codes, codec = _packed_ref(pool, 0)
     md = backend.forward_metadata
-    want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
-                         layer.scaling, sinks=sinks)
+    want = tq_extend_ref(
+        q,
+        k,
+        v,
+        *codes,
+        md.qo_indptr,
+        md.kv_indptr,
+        md.kv_indices,
+        codec,
+        layer.scaling,
+        sinks=sinks,
+    )
     assert rel(out, want) < 2e-2
     fb = _decode_batch(req_to_token)
     backend.init_forward_metadata(fb)
@@ -332,8 +437,9 @@ def test_sliding_window_layer_reads_only_its_window(server_args, packed_prefill)
     slots (SGLang's window metadata, its semantics), each against the torch twin; a
     full-attention layer of the same batch still sees everything."""
     sws = 4
-    backend, pool, req_to_token = _make_backend(server_args, packed_prefill=packed_prefill,
-                                                bf16_layers=(), sliding_window=sws)
+    backend, pool, req_to_token = _make_backend(
+        server_args, packed_prefill=packed_prefill, bf16_layers=(), sliding_window=sws
+    )
     window, full = _layer(0), _layer(1)
     window.sliding_window_size = sws
     for layer in (window, full):
@@ -345,14 +451,43 @@ def test_sliding_window_layer_reads_only_its_window(server_args, packed_prefill)
     chunk = torch.cat(CHUNKS) if packed_prefill else None
     for layer, w in ((window, sws + 1), (full, 0)):
         out = backend.forward_extend(q, k, v, layer, fb).view(10, HQ, D)
-        codes, codec = pool.get_packed_layer(layer.layer_id)[:4], pool.get_packed_layer(layer.layer_id).codec
-        want = tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr, md.kv_indices, codec,
-                             layer.scaling, sliding_window=w, chunk_slots=chunk)
+        codes, codec = (
+            pool.get_packed_layer(layer.layer_id)[:4],
+            pool.get_packed_layer(layer.layer_id).codec,
+        )
+        want = tq_extend_ref(
+            q,
+            k,
+            v,
+            *codes,
+            md.qo_indptr,
+            md.kv_indptr,
+            md.kv_indices,
+            codec,
+            layer.scaling,
+            sliding_window=w,
+            chunk_slots=chunk,
+        )
         assert rel(out, want) < 2e-2, layer.layer_id
         if w:  # the window changes the result: the test would notice full attention
-            assert rel(out, tq_extend_ref(q, k, v, *codes, md.qo_indptr, md.kv_indptr,
-                                           md.kv_indices, codec, layer.scaling,
-                                           chunk_slots=chunk)) > 5e-2
+            assert (
+                rel(
+                    out,
+                    tq_extend_ref(
+                        q,
+                        k,
+                        v,
+                        *codes,
+                        md.qo_indptr,
+                        md.kv_indptr,
+                        md.kv_indices,
+                        codec,
+                        layer.scaling,
+                        chunk_slots=chunk,
+                    ),
+                )
+                > 5e-2
+            )
     (g,) = backend._prefill_window
     assert g.prefix_tokens == sws and g.kv_indices.tolist() == PREFIX[-sws:].tolist()
     fb = _decode_batch(req_to_token)
@@ -363,14 +498,26 @@ def test_sliding_window_layer_reads_only_its_window(server_args, packed_prefill)
     for layer, w in ((window, sws), (full, 0)):
         out = backend.forward_decode(q, k, v, layer, fb).view(2, HQ, D)
         packed = pool.get_packed_layer(layer.layer_id)
-        want = tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec, layer.scaling,
-                             sliding_window=w)
+        want = tq_decode_ref(
+            q, *packed[:4], indptr, indices, packed.codec, layer.scaling, sliding_window=w
+        )
         assert rel(out, want) < 2e-2, layer.layer_id
         if w:
-            assert rel(out, tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec,
-                                           layer.scaling)) > 5e-2
-    assert rel(out, tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec, layer.scaling,
-                                   sliding_window=sws)) > 5e-2  # the full layer is not windowed
+            assert (
+                rel(
+                    out, tq_decode_ref(q, *packed[:4], indptr, indices, packed.codec, layer.scaling)
+                )
+                > 5e-2
+            )
+    assert (
+        rel(
+            out,
+            tq_decode_ref(
+                q, *packed[:4], indptr, indices, packed.codec, layer.scaling, sliding_window=sws
+            ),
+        )
+        > 5e-2
+    )  # the full layer is not windowed
 
 
 def test_sliding_window_layer_in_a_mixed_batch_is_refused(server_args):
@@ -389,23 +536,35 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
     and 3, addressed 0 and 1 inside): the backend writes through the wrapper and reads the
     inner pool of each layer, extend and decode against the torch twin."""
     from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool
+
     from sglang_tq.serving.backend import TQAttnBackend
     from sglang_tq.serving.pool import inner_pool_factory
 
     cfg = TQConfig(head_dim=D, seed=7)
-    pool = HybridLinearKVPool(size=SLOTS - 1, dtype=torch.bfloat16, page_size=1, head_num=HKV,
-                              head_dim=D, full_attention_layer_ids=[1, 3], device=DEV,
-                              mamba_pool=None, full_kv_pool_class=inner_pool_factory(cfg, {None: (1, 3)}))
+    pool = HybridLinearKVPool(
+        size=SLOTS - 1,
+        dtype=torch.bfloat16,
+        page_size=1,
+        head_num=HKV,
+        head_dim=D,
+        full_attention_layer_ids=[1, 3],
+        device=DEV,
+        mamba_pool=None,
+        full_kv_pool_class=inner_pool_factory(cfg, {None: (1, 3)}),
+    )
     runner, req_to_token = _runner(server_args, pool)
     backend = TQAttnBackend(runner)
     assert backend.token_to_kv_pool is pool and backend._packed_pools == [pool.full_kv_pool]
     # the launch-side layer checks resolve each model layer through the wrapper
     from sglang.srt.layers.radix_attention import RadixAttention
+
     from sglang_tq.serving import refusals
 
     attn = dict(num_heads=HQ, head_dim=D, scaling=D**-0.5, num_kv_heads=HKV)
     runner.use_mla_backend = False
-    runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(layer_id=i, **attn) for i in (1, 3)])
+    runner.model = types.SimpleNamespace(
+        modules=lambda: [RadixAttention(layer_id=i, **attn) for i in (1, 3)]
+    )
     refusals.check_model_layers(runner, pool)
     runner.model = types.SimpleNamespace(modules=lambda: [RadixAttention(layer_id=2, **attn)])
     with pytest.raises(RuntimeError, match="attention layer 2: its layer has no packed KV pool"):
@@ -414,14 +573,17 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
     _, pk, pv = _qkv(len(PREFIX), seed=103)
     pool.set_kv_buffer(layer, PREFIX, pk, pv)
     inner = pool.full_kv_pool.get_packed_layer(1)
-    assert (inner.k_norms[PREFIX] > 0).all() and not pool.full_kv_pool.get_packed_layer(0).k_norms.any()
+    assert (inner.k_norms[PREFIX] > 0).all() and not pool.full_kv_pool.get_packed_layer(
+        0
+    ).k_norms.any()
     fb = _extend_batch(req_to_token)
     backend.init_forward_metadata(fb)
     q, k, v = _qkv(10, seed=1)
     out = backend.forward_extend(q, k, v, layer, fb).view(10, HQ, D)
     md = backend.forward_metadata
-    want = tq_extend_ref(q, k, v, *inner[:4], md.qo_indptr, md.kv_indptr, md.kv_indices,
-                         inner.codec, layer.scaling)
+    want = tq_extend_ref(
+        q, k, v, *inner[:4], md.qo_indptr, md.kv_indptr, md.kv_indices, inner.codec, layer.scaling
+    )
     assert rel(out, want) < 2e-2
     fb = _decode_batch(req_to_token)
     backend.init_forward_metadata(fb)
@@ -429,7 +591,9 @@ def test_backend_over_sglangs_hybrid_linear_pool(server_args):
     out = backend.forward_decode(q, k, v, layer, fb).view(2, HQ, D)
     indptr = _t([0, 13, 17])
     indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]])
-    assert rel(out, tq_decode_ref(q, *inner[:4], indptr, indices, inner.codec, layer.scaling)) < 2e-2
+    assert (
+        rel(out, tq_decode_ref(q, *inner[:4], indptr, indices, inner.codec, layer.scaling)) < 2e-2
+    )
 
 
 @pytest.mark.parametrize("packed_prefill", [False, True])
@@ -442,20 +606,33 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args, packed_prefill):
     should read."""
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
     from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
     from sglang_tq.serving.backend import TQAttnBackend
     from sglang_tq.serving.pool import inner_pool_factory
 
     sws, shift = 4, 3
     cfg = TQConfig(head_dim=D, seed=7)
-    pool = SWAKVPool(size=SLOTS - 1, size_swa=SLOTS + shift, page_size=1, dtype=torch.bfloat16,
-                     head_num=HKV, head_dim=D, swa_attention_layer_ids=[0], full_attention_layer_ids=[1],
-                     device=DEV, enable_kv_cache_copy=False, post_capture_active=False,
-                     token_to_kv_pool_class=inner_pool_factory(cfg, {"Full": (1,), "SWA": (0,)}))
+    pool = SWAKVPool(
+        size=SLOTS - 1,
+        size_swa=SLOTS + shift,
+        page_size=1,
+        dtype=torch.bfloat16,
+        head_num=HKV,
+        head_dim=D,
+        swa_attention_layer_ids=[0],
+        full_attention_layer_ids=[1],
+        device=DEV,
+        enable_kv_cache_copy=False,
+        post_capture_active=False,
+        token_to_kv_pool_class=inner_pool_factory(cfg, {"Full": (1,), "SWA": (0,)}),
+    )
     mapping = torch.arange(SLOTS + 1, device=DEV) + shift
     mapping[-1] = -1
     pool.register_mapping(mapping)
     runner, req_to_token = _runner(server_args, pool, sliding_window=sws)
-    runner.server_args = types.SimpleNamespace(**{**vars(server_args), "kv_quant_packed_prefill": packed_prefill})
+    runner.server_args = types.SimpleNamespace(
+        **{**vars(server_args), "kv_quant_packed_prefill": packed_prefill}
+    )
     backend = TQAttnBackend(runner)
     assert backend.use_sliding_window_kv_pool and backend.packed_prefill == packed_prefill
     window, full = _layer(0), _layer(1)
@@ -464,8 +641,13 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args, packed_prefill):
     for layer in (window, full):
         _, pk, pv = _qkv(len(PREFIX), seed=100 + layer.layer_id)
         pool.set_kv_buffer(layer, KVWriteLoc(PREFIX, PREFIX + shift), pk, pv)
-    swa_inner, full_inner = pool.swa_kv_pool.get_packed_layer(0), pool.full_kv_pool.get_packed_layer(0)
-    assert (swa_inner.k_norms[PREFIX + shift] > 0).all() and not swa_inner.k_norms[PREFIX[:shift]].any()
+    swa_inner, full_inner = (
+        pool.swa_kv_pool.get_packed_layer(0),
+        pool.full_kv_pool.get_packed_layer(0),
+    )
+    assert (swa_inner.k_norms[PREFIX + shift] > 0).all() and not swa_inner.k_norms[
+        PREFIX[:shift]
+    ].any()
     assert (full_inner.k_norms[PREFIX] > 0).all()
     fb = _extend_batch(req_to_token)
     backend.init_forward_metadata(fb)
@@ -474,9 +656,20 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args, packed_prefill):
     assert torch.equal(md.swa_out_cache_loc, fb.out_cache_loc + shift)
     for layer, inner, sl, w in ((window, swa_inner, shift, sws + 1), (full, full_inner, 0, 0)):
         out = backend.forward_extend(q, k, v, layer, fb, sinks=sinks if w else None).view(10, HQ, D)
-        want = tq_extend_ref(q, k, v, *inner[:4], md.qo_indptr, md.kv_indptr, md.kv_indices + sl,
-                             inner.codec, layer.scaling, sliding_window=w, sinks=sinks if w else None,
-                             chunk_slots=fb.out_cache_loc + sl if packed_prefill else None)
+        want = tq_extend_ref(
+            q,
+            k,
+            v,
+            *inner[:4],
+            md.qo_indptr,
+            md.kv_indptr,
+            md.kv_indices + sl,
+            inner.codec,
+            layer.scaling,
+            sliding_window=w,
+            sinks=sinks if w else None,
+            chunk_slots=fb.out_cache_loc + sl if packed_prefill else None,
+        )
         assert rel(out, want) < 2e-2, layer.layer_id
     # the chunk went to the SWA slots of the window layer and the full slots of the full layer
     assert (swa_inner.k_norms[fb.out_cache_loc + shift] > 0).all()
@@ -485,23 +678,55 @@ def test_backend_over_sglangs_hybrid_swa_pool(server_args, packed_prefill):
     backend.init_forward_metadata(fb)
     q, k, v = _qkv(2, seed=2)
     indptr = _t([0, 13, 17])
-    indices = torch.cat([req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]]).long()
+    indices = torch.cat(
+        [req_to_token.req_to_token[1, :13], req_to_token.req_to_token[2, :4]]
+    ).long()
     outs = {}
     for layer, inner, sl, w in ((window, swa_inner, shift, sws), (full, full_inner, 0, 0)):
-        outs[w] = backend.forward_decode(q, k, v, layer, fb, sinks=sinks if w else None).view(2, HQ, D)
-        want = tq_decode_ref(q, *inner[:4], indptr, indices + sl, inner.codec, layer.scaling,
-                             sliding_window=w, sinks=sinks if w else None)
+        outs[w] = backend.forward_decode(q, k, v, layer, fb, sinks=sinks if w else None).view(
+            2, HQ, D
+        )
+        want = tq_decode_ref(
+            q,
+            *inner[:4],
+            indptr,
+            indices + sl,
+            inner.codec,
+            layer.scaling,
+            sliding_window=w,
+            sinks=sinks if w else None,
+        )
         assert rel(outs[w], want) < 2e-2, layer.layer_id
     # reading the window layer's full slot ids (no translation) would give another answer
-    assert rel(outs[sws], tq_decode_ref(q, *swa_inner[:4], indptr, indices, swa_inner.codec,
-                                         window.scaling, sliding_window=sws, sinks=sinks)) > 5e-2
+    assert (
+        rel(
+            outs[sws],
+            tq_decode_ref(
+                q,
+                *swa_inner[:4],
+                indptr,
+                indices,
+                swa_inner.codec,
+                window.scaling,
+                sliding_window=sws,
+                sinks=sinks,
+            ),
+        )
+        > 5e-2
+    )
 
 
 def _mixed_batch(req_to_token):
     """Request 2 is a running request (3 tokens in slots 30..32) decoding one token into
     slot 33, appended the way ``ScheduleBatch.mix_with_running`` appends it."""
-    return _batch_with_prefix(req_to_token, ForwardMode.MIXED, _t([30, 31, 32, 33]), [5, 3],
-                              [7, 1], torch.cat([CHUNKS[0], _t([33])]))
+    return _batch_with_prefix(
+        req_to_token,
+        ForwardMode.MIXED,
+        _t([30, 31, 32, 33]),
+        [5, 3],
+        [7, 1],
+        torch.cat([CHUNKS[0], _t([33])]),
+    )
 
 
 def test_mixed_batch_decodes_its_running_requests(server_args):
@@ -522,10 +747,10 @@ def test_mixed_batch_decodes_its_running_requests(server_args):
     q, k, v = _qkv(8, seed=3)
     out = backend.forward_extend(q, k, v, layer, fb).view(8, HQ, D)
     codes, codec = _packed_ref(pool, 0)
-    want_ext = tq_extend_ref(q[:7], k[:7], v[:7], *codes, _t([0, 7]), _t([0, 5]), PREFIX, codec,
-                             layer.scaling)
-    want_dec = tq_decode_ref(q[7:], *codes, _t([0, 4]), _t([30, 31, 32, 33]), codec,
-                             layer.scaling)
+    want_ext = tq_extend_ref(
+        q[:7], k[:7], v[:7], *codes, _t([0, 7]), _t([0, 5]), PREFIX, codec, layer.scaling
+    )
+    want_dec = tq_decode_ref(q[7:], *codes, _t([0, 4]), _t([30, 31, 32, 33]), codec, layer.scaling)
     assert rel(out[:7], want_ext) < 2e-2
     assert rel(out[7:], want_dec) < 2e-2
 
@@ -572,11 +797,20 @@ def test_packed_prefill_reads_the_chunk_back_from_the_cache(server_args):
     out = backend.forward_extend(q, k, v, layer, fb)
     codes, codec = _packed_ref(pool, 0)
     qo = _t([0, 7, 10])
-    want = tq_extend_ref(q, k, v, *codes, qo, _t([0, 5, 5]), PREFIX, codec, layer.scaling,
-                         chunk_slots=torch.cat(CHUNKS))
+    want = tq_extend_ref(
+        q,
+        k,
+        v,
+        *codes,
+        qo,
+        _t([0, 5, 5]),
+        PREFIX,
+        codec,
+        layer.scaling,
+        chunk_slots=torch.cat(CHUNKS),
+    )
     assert rel(out.view(10, HQ, D), want) < 2e-2
-    bf16_chunk = tq_extend_ref(q, k, v, *codes, qo, _t([0, 5, 5]), PREFIX, codec,
-                               layer.scaling)
+    bf16_chunk = tq_extend_ref(q, k, v, *codes, qo, _t([0, 5, 5]), PREFIX, codec, layer.scaling)
     assert rel(out.view(10, HQ, D), bf16_chunk) > rel(out.view(10, HQ, D), want)
 
 
@@ -607,7 +841,9 @@ def test_cuda_graph_path_uses_preallocated_buffers_and_matches_eager(server_args
     fb = _decode_batch(req_to_token, padded_to=4)
     backend.init_forward_metadata_out_graph(fb, in_capture=True)
     assert backend._decode_ws is ws
-    qp, kp, vp = (torch.cat([x, torch.zeros(2, *x.shape[1:], dtype=x.dtype, device=DEV)]) for x in (q, k, v))
+    qp, kp, vp = (
+        torch.cat([x, torch.zeros(2, *x.shape[1:], dtype=x.dtype, device=DEV)]) for x in (q, k, v)
+    )
     graph = backend.forward_decode(qp, kp, vp, layer, fb)
     assert torch.isfinite(graph.float()).all()
     assert torch.equal(graph[:2], eager)
@@ -658,16 +894,19 @@ def test_cuda_graph_capture_and_replay_match_eager(server_args):
         torch.cuda.synchronize()
         assert torch.equal(out[:2], eager[seed]), f"replay with inputs {seed} differs from eager"
         # the replay's store wrote the new tokens' codes like an eager store would
-        assert torch.equal(pool.get_packed_layer(0).k_norms[_t([40, 41])],
-                           _store_norms_of(k, pool.get_packed_layer(0)))
+        assert torch.equal(
+            pool.get_packed_layer(0).k_norms[_t([40, 41])],
+            _store_norms_of(k, pool.get_packed_layer(0)),
+        )
 
 
 def _store_norms_of(k, packed):
     from sglang_tq.kernels.tq_store import tq_store_kv
 
     kc, kn, vc, vn = (torch.zeros_like(t[:2]) for t in packed[:4])
-    tq_store_kv(k.contiguous(), k.contiguous(), torch.arange(2, device=DEV), kc, kn, vc, vn,
-                packed.codec)
+    tq_store_kv(
+        k.contiguous(), k.contiguous(), torch.arange(2, device=DEV), kc, kn, vc, vn, packed.codec
+    )
     return kn
 
 
@@ -726,8 +965,12 @@ def test_bf16_layer_goes_to_sglang_triton_kernels(server_args):
     _bf16_layer_steps(backend, pool, req_to_token)
     (kind_e, args_e), (kind_d, args_d) = calls
     assert (kind_e, kind_d) == ("extend", "decode")
-    assert args_e[4] is pool.get_key_buffer(BF16_LAYER) and args_e[5] is pool.get_value_buffer(BF16_LAYER)
-    assert args_d[1] is pool.get_key_buffer(BF16_LAYER) and args_d[2] is pool.get_value_buffer(BF16_LAYER)
+    assert args_e[4] is pool.get_key_buffer(BF16_LAYER) and args_e[5] is pool.get_value_buffer(
+        BF16_LAYER
+    )
+    assert args_d[1] is pool.get_key_buffer(BF16_LAYER) and args_d[2] is pool.get_value_buffer(
+        BF16_LAYER
+    )
     with pytest.raises(RuntimeError, match="get_packed_layer"):
         pool.get_key_buffer(0)
 
@@ -742,15 +985,27 @@ def test_bf16_layer_runs_sglang_kernels_and_matches_attention(server_args):
     out_e, out_d, (q, k, v), (qd, kd, vd), (pk, pv) = _bf16_layer_steps(backend, pool, req_to_token)
     scale = _layer(BF16_LAYER).scaling
     f = torch.float64
-    want_e = torch.cat([
-        attention_ref(q[:7].to(f), torch.cat([pk, k[:7]]).to(f), torch.cat([pv, v[:7]]).to(f),
-                      scale, causal_offset=5),
-        attention_ref(q[7:].to(f), k[7:].to(f), v[7:].to(f), scale, causal_offset=0)])
+    want_e = torch.cat(
+        [
+            attention_ref(
+                q[:7].to(f),
+                torch.cat([pk, k[:7]]).to(f),
+                torch.cat([pv, v[:7]]).to(f),
+                scale,
+                causal_offset=5,
+            ),
+            attention_ref(q[7:].to(f), k[7:].to(f), v[7:].to(f), scale, causal_offset=0),
+        ]
+    )
     assert rel(out_e.view(10, HQ, D), want_e) < 2e-2
     kb, vb = pool.get_key_buffer(BF16_LAYER), pool.get_value_buffer(BF16_LAYER)
     rows = [req_to_token.req_to_token[1, :13].long(), req_to_token.req_to_token[2, :4].long()]
-    want_d = torch.cat([attention_ref(qd[i:i + 1].to(f), kb[r].to(f), vb[r].to(f), scale)
-                        for i, r in enumerate(rows)])
+    want_d = torch.cat(
+        [
+            attention_ref(qd[i : i + 1].to(f), kb[r].to(f), vb[r].to(f), scale)
+            for i, r in enumerate(rows)
+        ]
+    )
     assert rel(out_d.view(2, HQ, D), want_d) < 2e-2
 
 

@@ -37,7 +37,10 @@ def test_series_lists_numbered_patches_that_exist():
 def test_installed_sglang_is_unpatched_original_and_matches_the_pin():
     # CI installs the pinned SGLang fresh: every patch must find its exact context.
     assert patches._installed_version() == patches.PINNED_SGLANG
-    assert {st for _, st in patches.run("status", patches.default_root())} <= {"original", "applied"}
+    assert {st for _, st in patches.run("status", patches.default_root())} <= {
+        "original",
+        "applied",
+    }
 
 
 def test_apply_is_idempotent_and_revert_restores_the_bytes(root):
@@ -80,8 +83,9 @@ print(buf.getvalue())
 
 def _serve_help(path):
     # A fresh interpreter: in this one another test may already have loaded the plugin.
-    return subprocess.run([sys.executable, "-c", _HELP, path], capture_output=True, text=True,
-                          timeout=300, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-c", _HELP, path], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
 
 
 def test_patched_serve_help_lists_kv_quant_flags(root):

@@ -7,7 +7,6 @@ import types
 
 import pytest
 import torch
-
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator
 
@@ -20,7 +19,6 @@ from sglang_tq.kernels.tq_decode import (
 )
 from sglang_tq.serving import integration
 from sglang_tq.serving.pool import TQTokenToKVPool, bytes_per_token
-
 from tests.conftest import HAS_CUDA
 from tests.serving.conftest import DEV, GPT_OSS, kvc_fields, make_server_args, real_configurator
 
@@ -38,8 +36,12 @@ def test_llama_8b_bytes_per_token():
     assert round(bf16 / tq, 2) == 3.88
     with_boundary = bytes_per_token(TQConfig(head_dim=128, bf16_layers=(0, 31)), range(32), 8)
     assert with_boundary == 30 * 8 * 132 + 2 * 8 * 512 == 39_872
-    assert bytes_per_token(TQConfig(head_dim=128, k_bits=4, v_bits=2), range(32), 8) == 32 * 8 * (64 + 32 + 4)
-    assert bytes_per_token(TQConfig(head_dim=128, k_bits=3, v_bits=3), range(32), 8) == 32 * 8 * (48 + 48 + 4)
+    assert bytes_per_token(TQConfig(head_dim=128, k_bits=4, v_bits=2), range(32), 8) == 32 * 8 * (
+        64 + 32 + 4
+    )
+    assert bytes_per_token(TQConfig(head_dim=128, k_bits=3, v_bits=3), range(32), 8) == 32 * 8 * (
+        48 + 48 + 4
+    )
 
 
 @pytest.mark.parametrize("bits, bf16_layers", [("k4v4", ()), ("k3v3", ()), ("k4v2", (0, 3))])
@@ -72,20 +74,21 @@ def test_cell_size_hook_grants_3_88x_the_tokens_less_the_prefill_scratch(paralle
     tq_tokens = tq.calculate_pool_sizes(budget, page_size=1).max_total_num_tokens
     assert stock_tokens == budget // 131_072 and tq_tokens == (budget - scratch) // 33_792
     assert round(tq_tokens / stock_tokens, 2) == 3.83
-    assert tq.calculate_pool_sizes(budget, page_size=16).max_total_num_tokens == tq_tokens // 16 * 16
+    assert (
+        tq.calculate_pool_sizes(budget, page_size=16).max_total_num_tokens == tq_tokens // 16 * 16
+    )
     with pytest.raises(RuntimeError, match="sets aside 512 MiB for the prefill scratch"):
         tq.calculate_pool_sizes(scratch, page_size=1)
     mixed = DefaultPoolConfigurator(
-        kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0,31")))
+        kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0,31"))
+    )
     assert mixed._cell_size == 39_872
     every = ",".join(str(i) for i in range(32))  # no packed layer: no scratch either
     plain = DefaultPoolConfigurator(
-        kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", every)))
+        kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", every))
+    )
     assert plain._tq_prefill_scratch_bytes == 0
     assert plain.calculate_pool_sizes(budget, 1).max_total_num_tokens == budget // plain._cell_size
-
-
-
 
 
 def test_hybrid_swa_sizing_and_build_use_packed_pools(parallel, monkeypatch):
@@ -109,7 +112,10 @@ def test_hybrid_swa_sizing_and_build_use_packed_pools(parallel, monkeypatch):
     stock = HybridSWAPoolConfigurator(kvc_of())
     kvc = kvc_of("--kv-quant", "turboquant")
     mc = kvc.model_config
-    assert mc.is_hybrid_swa and len(mc.full_attention_layer_ids) == len(mc.swa_attention_layer_ids) == 12
+    assert (
+        mc.is_hybrid_swa
+        and len(mc.full_attention_layer_ids) == len(mc.swa_attention_layer_ids) == 12
+    )
     tq = HybridSWAPoolConfigurator(kvc)
     assert stock._cell_size == pytest.approx(2048 * 12 + 0.8 * 2048 * 12)
     assert tq._full_per_token == tq._swa_per_token == 8 * 68
@@ -121,35 +127,67 @@ def test_hybrid_swa_sizing_and_build_use_packed_pools(parallel, monkeypatch):
     assert sizes.full_max_total_num_tokens == int((budget - scratch) // tq._cell_size)
     assert sizes.swa_max_total_num_tokens == int(sizes.full_max_total_num_tokens * 0.8)
     # the chunk-capped variant (radix cache off, explicit max requests) runs the same hooks
-    capped = SWAChunkCapPoolConfigurator(kvc_of("--kv-quant", "turboquant", "--disable-radix-cache",
-                                                 "--max-running-requests", "8"))
+    capped = SWAChunkCapPoolConfigurator(
+        kvc_of("--kv-quant", "turboquant", "--disable-radix-cache", "--max-running-requests", "8")
+    )
     assert capped._swa_per_token == 544 and capped._tq_prefill_scratch_bytes == scratch
     assert capped.calculate_pool_sizes(budget, 1).max_total_num_tokens == pytest.approx(
-        (budget - scratch - capped.calculate_pool_sizes(budget, 1).swa_max_total_num_tokens * 544 * 12)
-        // (544 * 12), abs=1)
+        (
+            budget
+            - scratch
+            - capped.calculate_pool_sizes(budget, 1).swa_max_total_num_tokens * 544 * 12
+        )
+        // (544 * 12),
+        abs=1,
+    )
 
     builder = types.SimpleNamespace(
-        server_args=kvc.server_args, model_config=mc, kv_cache_dtype=torch.bfloat16,
-        kv_cache_dtype_str="auto", pool_page_size=1, post_capture_kv_active=False,
-        is_hybrid_swa_compress=False, is_inkling_mtp_draft=False, draft_swa_full_capacity=False,
-        device="cpu", model=torch.nn.Module(), is_draft_worker=False, sliding_window_size=127)
+        server_args=kvc.server_args,
+        model_config=mc,
+        kv_cache_dtype=torch.bfloat16,
+        kv_cache_dtype_str="auto",
+        pool_page_size=1,
+        post_capture_kv_active=False,
+        is_hybrid_swa_compress=False,
+        is_inkling_mtp_draft=False,
+        draft_swa_full_capacity=False,
+        device="cpu",
+        model=torch.nn.Module(),
+        is_draft_worker=False,
+        sliding_window_size=127,
+    )
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
     from sglang.srt.mem_cache import kv_cache_configurator  # its runtime context, unpublished here
-    monkeypatch.setattr(kv_cache_configurator, "get_spec",
-                        lambda: types.SimpleNamespace(speculative_algorithm=None))
+
+    monkeypatch.setattr(
+        kv_cache_configurator, "get_spec", lambda: types.SimpleNamespace(speculative_algorithm=None)
+    )
     pool = KVCacheConfigurator._build_hybrid_swa_kv_pool(
-        builder, full_max_total_num_tokens=64, swa_max_total_num_tokens=48, mha_pool_class=MHATokenToKVPool)
+        builder,
+        full_max_total_num_tokens=64,
+        swa_max_total_num_tokens=48,
+        mha_pool_class=MHATokenToKVPool,
+    )
     assert isinstance(pool, SWAKVPool) and pool._tq_packed
-    assert isinstance(pool.full_kv_pool, TQTokenToKVPool) and isinstance(pool.swa_kv_pool, TQTokenToKVPool)
+    assert isinstance(pool.full_kv_pool, TQTokenToKVPool) and isinstance(
+        pool.swa_kv_pool, TQTokenToKVPool
+    )
     assert pool.full_kv_pool.size == 64 and pool.swa_kv_pool.size == 48
     idx, is_swa = pool.layers_mapping[0]
-    assert is_swa and pool.swa_kv_pool.get_packed_layer(idx).codec.seed == \
-        pool.full_kv_pool.cfg.layer_seed(0)
-    integration._after_build_token_to_kv_pool(pool, types.SimpleNamespace(server_args=kvc.server_args))
+    assert is_swa and pool.swa_kv_pool.get_packed_layer(
+        idx
+    ).codec.seed == pool.full_kv_pool.cfg.layer_seed(0)
+    integration._after_build_token_to_kv_pool(
+        pool, types.SimpleNamespace(server_args=kvc.server_args)
+    )
     # stock SGLang without --kv-quant: the hook passes through
     stock_builder = types.SimpleNamespace(**{**vars(builder), "server_args": kvc_of().server_args})
     plain = KVCacheConfigurator._build_hybrid_swa_kv_pool(
-        stock_builder, full_max_total_num_tokens=64, swa_max_total_num_tokens=48, mha_pool_class=MHATokenToKVPool)
+        stock_builder,
+        full_max_total_num_tokens=64,
+        swa_max_total_num_tokens=48,
+        mha_pool_class=MHATokenToKVPool,
+    )
     assert type(plain.full_kv_pool) is MHATokenToKVPool
 
 
@@ -157,15 +195,19 @@ def test_cell_size_of_a_hybrid_linear_model_counts_its_attention_layers(parallel
     """SGLang sizes a hybrid linear-attention model's KV by its full-attention layers only
     (DefaultPoolConfigurator with mambaish layer ids); the cell-size hook counts the same
     layers, by model id, instead of refusing the layer count."""
-    from sglang.srt.configs import hybrid_arch
     import sglang.srt.model_executor.pool_configurator as configurator
+    from sglang.srt.configs import hybrid_arch
 
-    sa = make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "7")  # launch: Llama
+    sa = make_server_args(
+        "--kv-quant", "turboquant", "--kv-quant-bf16-layers", "7"
+    )  # launch: Llama
     hybrid = types.SimpleNamespace(full_attention_layer_ids=[3, 7, 11, 15, 19, 23, 27, 31])
     for mod in (hybrid_arch, configurator):
         monkeypatch.setattr(mod, "mambaish_config", lambda mc: hybrid, raising=False)
     cell = DefaultPoolConfigurator(kvc_fields(sa))._cell_size
-    assert cell == bytes_per_token(TQConfig(head_dim=128, bf16_layers=(7,)), hybrid.full_attention_layer_ids, 8)
+    assert cell == bytes_per_token(
+        TQConfig(head_dim=128, bf16_layers=(7,)), hybrid.full_attention_layer_ids, 8
+    )
     assert cell == 7 * 8 * 132 + 8 * 512
 
 
@@ -178,6 +220,7 @@ def test_hybrid_linear_pool_is_built_with_packed_full_attention_pools(parallel, 
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool
     from sglang.srt.runtime_context import get_context
+
     from sglang_tq.format.codec import LayerCodec
 
     built = {}
@@ -191,36 +234,53 @@ def test_hybrid_linear_pool_is_built_with_packed_full_attention_pools(parallel, 
         monkeypatch.setattr(hybrid_arch, "mambaish_config", lambda mc: hybrid)
         monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
         built[kv_quant] = KVCacheConfigurator._build_hybrid_linear_kv_pool(
-            kvc, max_total_num_tokens=16, req_to_token_pool=types.SimpleNamespace(mamba_pool=None),
-            mha_pool_class=MHATokenToKVPool)
+            kvc,
+            max_total_num_tokens=16,
+            req_to_token_pool=types.SimpleNamespace(mamba_pool=None),
+            mha_pool_class=MHATokenToKVPool,
+        )
         monkeypatch.undo()
         assert integration._after_build_token_to_kv_pool(built[kv_quant], kvc) is None
     tq, stock = built["turboquant"], built["none"]
     assert isinstance(tq, HybridLinearKVPool) and isinstance(tq.full_kv_pool, TQTokenToKVPool)
     assert tq.full_kv_pool.global_layer_ids == (3, 7)
-    assert torch.equal(tq.full_kv_pool.get_packed_layer(1).codec.pi,
-                       LayerCodec.create(128, 4, 4, seed=TQConfig(head_dim=128).layer_seed(7)).pi)
+    assert torch.equal(
+        tq.full_kv_pool.get_packed_layer(1).codec.pi,
+        LayerCodec.create(128, 4, 4, seed=TQConfig(head_dim=128).layer_seed(7)).pi,
+    )
     assert type(stock.full_kv_pool) is MHATokenToKVPool
 
 
-@pytest.mark.parametrize("kv_quant, pool_class", [("none", MHATokenToKVPool),
-                                                  ("turboquant", TQTokenToKVPool)])
+@pytest.mark.parametrize(
+    "kv_quant, pool_class", [("none", MHATokenToKVPool), ("turboquant", TQTokenToKVPool)]
+)
 def test_sglang_configurator_builds_the_pool_it_sized(parallel, kv_quant, pool_class):
     from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
 
     kvc = real_configurator(make_server_args("--kv-quant", kv_quant))
     cell = create_memory_pool_configurator(kvc)._cell_size
     assert cell == {"none": 131_072, "turboquant": 33_792}[kv_quant]
-    pool = kvc._build_token_to_kv_pool(sizes=types.SimpleNamespace(max_total_num_tokens=64),
-                                       is_dsa_model=False, is_dsv4_model=False,
-                                       req_to_token_pool=None)
+    pool = kvc._build_token_to_kv_pool(
+        sizes=types.SimpleNamespace(max_total_num_tokens=64),
+        is_dsa_model=False,
+        is_dsv4_model=False,
+        req_to_token_pool=None,
+    )
     assert type(pool) is pool_class
     assert sum(pool.get_kv_size_bytes()) == cell * (64 + 1)
 
 
 def test_build_pool_hook_builds_what_the_cell_size_promised(parallel, monkeypatch):
-    sa = make_server_args("--kv-quant", "turboquant", "--kv-quant-bits", "k4v3",
-                      "--kv-quant-bf16-layers", "31", "--kv-quant-seed", "5")
+    sa = make_server_args(
+        "--kv-quant",
+        "turboquant",
+        "--kv-quant-bits",
+        "k4v3",
+        "--kv-quant-bf16-layers",
+        "31",
+        "--kv-quant-seed",
+        "5",
+    )
     kvc = kvc_fields(sa)
     kvc.pool_page_size = 1
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
@@ -228,10 +288,20 @@ def test_build_pool_hook_builds_what_the_cell_size_promised(parallel, monkeypatc
     def stock_builder(*a, **kw):
         raise AssertionError("the stock MHA pool must not be built with --kv-quant turboquant")
 
-    pool = integration._build_mha_kv_pool(stock_builder, kvc, max_total_num_tokens=17,
-                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    pool = integration._build_mha_kv_pool(
+        stock_builder,
+        kvc,
+        max_total_num_tokens=17,
+        mha_pool_class=MHATokenToKVPool,
+        quant_method=None,
+    )
     assert isinstance(pool, TQTokenToKVPool)
-    assert (pool.cfg.k_bits, pool.cfg.v_bits, pool.cfg.seed, pool.cfg.bf16_layers) == (4, 3, 5, (31,))
+    assert (pool.cfg.k_bits, pool.cfg.v_bits, pool.cfg.seed, pool.cfg.bf16_layers) == (
+        4,
+        3,
+        5,
+        (31,),
+    )
     assert (pool.head_num, pool.head_dim, pool.layer_num) == (8, 128, 32)
     cell = DefaultPoolConfigurator(kvc)._cell_size
     assert sum(pool.get_kv_size_bytes()) == cell * (17 + 1)
@@ -244,18 +314,22 @@ def test_pool_hooks_refuse_what_they_cannot_build(parallel, monkeypatch):
     kvc.kv_cache_dtype = torch.float8_e4m3fn
     with pytest.raises(RuntimeError, match="--kv-cache-dtype bf16"):
         DefaultPoolConfigurator(kvc)
-    kvc.kv_cache_dtype = torch.float32   # a float32 model is not told "(an FP8-KV checkpoint?)"
+    kvc.kv_cache_dtype = torch.float32  # a float32 model is not told "(an FP8-KV checkpoint?)"
     with pytest.raises(RuntimeError, match=r"resolved to float32 .* use --dtype bfloat16"):
         DefaultPoolConfigurator(kvc)
     kvc.kv_cache_dtype = torch.bfloat16
-    kvc.sliding_window_size = 511   # window layers on the plain pool (Gemma 3) build as usual
-    assert isinstance(integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=8,
-                                                     mha_pool_class=MHATokenToKVPool, quant_method=None),
-                      TQTokenToKVPool)
+    kvc.sliding_window_size = 511  # window layers on the plain pool (Gemma 3) build as usual
+    assert isinstance(
+        integration._build_mha_kv_pool(
+            None, kvc, max_total_num_tokens=8, mha_pool_class=MHATokenToKVPool, quant_method=None
+        ),
+        TQTokenToKVPool,
+    )
     kvc.sliding_window_size = None
     with pytest.raises(RuntimeError, match="--enable-page-major-kv-layout"):
-        integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=8,
-                                       mha_pool_class=object, quant_method=None)
+        integration._build_mha_kv_pool(
+            None, kvc, max_total_num_tokens=8, mha_pool_class=object, quant_method=None
+        )
     with pytest.raises(RuntimeError, match="could not install its packed pool"):
         integration._after_build_token_to_kv_pool(object(), kvc)
 
@@ -290,8 +364,9 @@ def test_fused_set_kv_is_off_only_for_the_packed_pool(monkeypatch):
 
 
 # ------------------------------------------------------- SGLANG_DEBUG_MEMORY_POOL checks
-@pytest.mark.parametrize("env, fwht, env_rows, rows",
-                         [(None, True, None, 8), ("1", True, "3", 3), ("0", False, "0", 0)])
+@pytest.mark.parametrize(
+    "env, fwht, env_rows, rows", [(None, True, None, 8), ("1", True, "3", 3), ("0", False, "0", 0)]
+)
 def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht, env_rows, rows):
     """SGLANG_TQ_FWHT (read once per pool; unset = 1): the store rotates by the fast
     Walsh-Hadamard transform, or with 0 by the dense product; SGLANG_TQ_STORE_ROW_TOKENS
@@ -304,7 +379,9 @@ def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht, env_rows, rows):
 
     seen = []
     real = tq_store.tq_store_kv
-    monkeypatch.setattr("sglang_tq.serving.pool._store_kv", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(
+        "sglang_tq.serving.pool._store_kv", lambda *a, **kw: seen.append(kw) or real(*a, **kw)
+    )
     if env is None:
         monkeypatch.delenv("SGLANG_TQ_FWHT", raising=False)
     else:
@@ -338,16 +415,16 @@ def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht, env_rows, rows):
 def test_debug_pool_checks_slots_and_norm_overflow(monkeypatch, debug):
     monkeypatch.setenv("SGLANG_DEBUG_MEMORY_POOL", debug)
     cfg = TQConfig(head_dim=64, bf16_layers=(0,))
-    pool = TQTokenToKVPool(7, 1, 2, 64, 2, DEV, False, cfg=cfg)        # 8 slots
+    pool = TQTokenToKVPool(7, 1, 2, 64, 2, DEV, False, cfg=cfg)  # 8 slots
     layer = types.SimpleNamespace(layer_id=1)
     k = torch.randn(3, 2, 64, device=DEV, dtype=torch.bfloat16)
     pool.set_kv_buffer(layer, torch.tensor([1, 5, 7], device=DEV), k, k)  # in range: fine
     if debug == "0":
-        return                                  # no checks, no synchronization by default
+        return  # no checks, no synchronization by default
     with pytest.raises(IndexError, match=r"slots 1\.\.8 of a pool of 8"):
         pool.set_kv_buffer(layer, torch.tensor([1, 5, 8], device=DEV), k, k)
     big = k.clone()
-    big[1, 0] = 3e4                             # ‖v‖ = 2.4e5 > fp16 max
+    big[1, 0] = 3e4  # ‖v‖ = 2.4e5 > fp16 max
     with pytest.raises(ValueError, match=r"layer 1: a value vector's norm exceeds the fp16 range"):
         pool.set_kv_buffer(layer, torch.tensor([2, 3, 4], device=DEV), k, big)
 
@@ -359,6 +436,7 @@ def test_inner_pools_of_sglangs_hybrid_pools_use_model_layer_ids():
     from the model's layer ids, and SWAKVPool's writes land in the SWA pool's slots."""
     from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, KVWriteLoc
     from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
     from sglang_tq.format.codec import LayerCodec
     from sglang_tq.serving.pool import inner_pool_factory, packed_pools, resolve_layer
 
@@ -366,25 +444,41 @@ def test_inner_pools_of_sglangs_hybrid_pools_use_model_layer_ids():
     cfg = TQConfig(head_dim=d, seed=3, bf16_layers=(2,))
     centers = torch.randn(8, heads, d, generator=torch.Generator().manual_seed(0)).to(DEV)
     common = dict(page_size=1, dtype=torch.bfloat16, head_num=heads, head_dim=d, device=DEV)
-    swa = SWAKVPool(size=20, size_swa=10, swa_attention_layer_ids=[0, 2],
-                    full_attention_layer_ids=[1, 3],
-                    token_to_kv_pool_class=inner_pool_factory(
-                        cfg, {"Full": (1, 3), "SWA": (0, 2)}, centers), **common)
-    linear = HybridLinearKVPool(size=20, full_attention_layer_ids=[3, 7], mamba_pool=None,
-                                full_kv_pool_class=inner_pool_factory(cfg, {None: (3, 7)}, centers),
-                                **common)
-    for inner, ids in ((swa.full_kv_pool, (1, 3)), (swa.swa_kv_pool, (0, 2)),
-                       (linear.full_kv_pool, (3, 7))):
+    swa = SWAKVPool(
+        size=20,
+        size_swa=10,
+        swa_attention_layer_ids=[0, 2],
+        full_attention_layer_ids=[1, 3],
+        token_to_kv_pool_class=inner_pool_factory(cfg, {"Full": (1, 3), "SWA": (0, 2)}, centers),
+        **common,
+    )
+    linear = HybridLinearKVPool(
+        size=20,
+        full_attention_layer_ids=[3, 7],
+        mamba_pool=None,
+        full_kv_pool_class=inner_pool_factory(cfg, {None: (3, 7)}, centers),
+        **common,
+    )
+    for inner, ids in (
+        (swa.full_kv_pool, (1, 3)),
+        (swa.swa_kv_pool, (0, 2)),
+        (linear.full_kv_pool, (3, 7)),
+    ):
         assert isinstance(inner, TQTokenToKVPool) and inner.global_layer_ids == ids
         for local, g in enumerate(ids):
             if g == 2:  # --kv-quant-bf16-layers names model layer 2: the SWA pool's second
                 assert not inner.is_packed_layer(local)
                 continue
             codec = inner.get_packed_layer(local).codec
-            assert torch.equal(codec.pi, LayerCodec.create(d, 4, 4, seed=cfg.layer_seed(g)).pi.to(DEV))
+            assert torch.equal(
+                codec.pi, LayerCodec.create(d, 4, 4, seed=cfg.layer_seed(g)).pi.to(DEV)
+            )
             assert torch.equal(codec.k_center, centers[g])
     # the backend's way in: model layer id -> (packed pool, its id there)
-    assert resolve_layer(swa, 2) == (swa.swa_kv_pool, 1) and resolve_layer(swa, 3) == (swa.full_kv_pool, 1)
+    assert resolve_layer(swa, 2) == (swa.swa_kv_pool, 1) and resolve_layer(swa, 3) == (
+        swa.full_kv_pool,
+        1,
+    )
     assert resolve_layer(linear, 7) == (linear.full_kv_pool, 1)
     assert packed_pools(swa) == [swa.full_kv_pool, swa.swa_kv_pool]
     assert packed_pools(linear) == [linear.full_kv_pool] and packed_pools(object()) == []
@@ -428,6 +522,7 @@ def test_memory_saver_release_and_resume_keeps_the_codecs(monkeypatch):
     bytes undefined) a fresh store and decode still match the reference, because the
     rotations, codebooks and key centers were never in the region."""
     import sglang.srt.mem_cache.memory_pool as sglang_pool
+
     from sglang_tq.format.codec import LayerCodec
 
     saver = _RecordingSaver()
@@ -447,12 +542,16 @@ def test_memory_saver_release_and_resume_keeps_the_codecs(monkeypatch):
     monkeypatch.setattr(LayerCodec, "alloc_buffers", alloc)
     hq, hkv, d = 4, 2, 64
     centers = torch.randn(2, hkv, d, generator=torch.Generator().manual_seed(3)).to(DEV)
-    pool = TQTokenToKVPool(15, 1, hkv, d, 2, DEV, True, cfg=TQConfig(head_dim=d, seed=2),
-                           key_centers=centers)
+    pool = TQTokenToKVPool(
+        15, 1, hkv, d, 2, DEV, True, cfg=TQConfig(head_dim=d, seed=2), key_centers=centers
+    )
     assert len(saver.made) == 2 * 4  # two packed layers' codes and norms, nothing else
     for t in saver.made:  # release, then resume: the region's bytes are undefined
-        t.copy_(torch.randint(0, 255, t.shape).to(t.dtype) if t.dtype == torch.uint8
-                else torch.full_like(t, float("nan")))
+        t.copy_(
+            torch.randint(0, 255, t.shape).to(t.dtype)
+            if t.dtype == torch.uint8
+            else torch.full_like(t, float("nan"))
+        )
     g = torch.Generator().manual_seed(4)
     k, v = (torch.randn(9, hkv, d, generator=g).bfloat16().to(DEV) for _ in range(2))
     loc = torch.arange(1, 10, device=DEV)
@@ -462,14 +561,24 @@ def test_memory_saver_release_and_resume_keeps_the_codecs(monkeypatch):
     q = torch.randn(1, hq, d, generator=g).bfloat16().to(DEV)
     indptr = torch.tensor([0, 9], dtype=torch.int32, device=DEV)
     ws = DecodeWorkspace.create(1, hq, d, max_kv_splits=2, device=DEV)
-    got = tq_decode(q, *packed[:4], indptr, loc, packed.codec, d**-0.5,
-                    num_kv_splits=torch.tensor([2], dtype=torch.int32, device=DEV),
-                    max_kv_splits=2, workspace=ws)
-    fresh = TQTokenToKVPool(15, 1, hkv, d, 2, DEV, False, cfg=TQConfig(head_dim=d, seed=2),
-                            key_centers=centers)
+    got = tq_decode(
+        q,
+        *packed[:4],
+        indptr,
+        loc,
+        packed.codec,
+        d**-0.5,
+        num_kv_splits=torch.tensor([2], dtype=torch.int32, device=DEV),
+        max_kv_splits=2,
+        workspace=ws,
+    )
+    fresh = TQTokenToKVPool(
+        15, 1, hkv, d, 2, DEV, False, cfg=TQConfig(head_dim=d, seed=2), key_centers=centers
+    )
     fresh.set_kv_buffer(types.SimpleNamespace(layer_id=1), loc, k, v)
-    want = tq_decode_ref(q, *fresh.get_packed_layer(1)[:4], indptr, loc,
-                         fresh.get_packed_layer(1).codec, d**-0.5)
+    want = tq_decode_ref(
+        q, *fresh.get_packed_layer(1)[:4], indptr, loc, fresh.get_packed_layer(1).codec, d**-0.5
+    )
     assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
 
 
@@ -492,17 +601,28 @@ def test_set_kv_buffer_then_decode_kernel_matches_reference():
     indptr = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=DEV)
     ws = DecodeWorkspace.create(4, hq, d, max_kv_splits=4, device=DEV)
     splits = torch.tensor([1, 3], dtype=torch.int32, device=DEV)
-    got = tq_decode(q, *packed[:4], indptr, loc, packed.codec, d**-0.5, num_kv_splits=splits,
-                    max_kv_splits=4, workspace=ws)
+    got = tq_decode(
+        q,
+        *packed[:4],
+        indptr,
+        loc,
+        packed.codec,
+        d**-0.5,
+        num_kv_splits=splits,
+        max_kv_splits=4,
+        workspace=ws,
+    )
     want = tq_decode_ref(q, *packed[:4], indptr, loc, packed.codec, d**-0.5)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < 2e-2
     # and the packed cache stays near attention over the original K/V (k4v3 at
     # head_dim 64 on Gaussian data: about 0.2 relative error; garbage would be ~1)
-    exact = torch.cat([
-        attention_ref(q[b : b + 1].double(), k[s:e].double(), v[s:e].double(), d**-0.5)
-        for b, (s, e) in enumerate(((0, lens[0]), (lens[0], sum(lens))))
-    ])
+    exact = torch.cat(
+        [
+            attention_ref(q[b : b + 1].double(), k[s:e].double(), v[s:e].double(), d**-0.5)
+            for b, (s, e) in enumerate(((0, lens[0]), (lens[0], sum(lens))))
+        ]
+    )
     assert ((got.double() - exact).norm() / exact.norm()).item() < 0.3
 
 
@@ -512,20 +632,28 @@ def test_build_pool_hook_loads_key_centers(parallel, monkeypatch, tmp_path):
     path = tmp_path / "centers.safetensors"
     centers = torch.randn(32, 8, 128)
     save_key_centers(path, centers, {"model": "test"})
-    sa = make_server_args("--kv-quant", "turboquant", "--kv-quant-bf16-layers", "0",
-                      "--kv-quant-key-centers", str(path))
+    sa = make_server_args(
+        "--kv-quant",
+        "turboquant",
+        "--kv-quant-bf16-layers",
+        "0",
+        "--kv-quant-key-centers",
+        str(path),
+    )
     kvc = kvc_fields(sa)
     kvc.pool_page_size = 1
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
-    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
-                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    pool = integration._build_mha_kv_pool(
+        None, kvc, max_total_num_tokens=5, mha_pool_class=MHATokenToKVPool, quant_method=None
+    )
     assert not pool.is_packed_layer(0)
     assert torch.equal(pool.get_packed_layer(7).codec.k_center.cpu(), centers[7])
     # a file made for another model is refused with the shape it needed
     save_key_centers(path, torch.randn(30, 8, 128), {})
     with pytest.raises(ValueError, match=r"\[32, 8, 128\].*sglang_tq.tools.key_centers"):
-        integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
-                                       mha_pool_class=MHATokenToKVPool, quant_method=None)
+        integration._build_mha_kv_pool(
+            None, kvc, max_total_num_tokens=5, mha_pool_class=MHATokenToKVPool, quant_method=None
+        )
 
 
 def test_key_centers_follow_the_tensor_parallel_kv_heads():
@@ -581,10 +709,16 @@ def test_getters_never_hand_out_bf16_views_of_packed_bytes():
     layer = types.SimpleNamespace(layer_id=1)
     x = torch.randn(2, 2, 64).bfloat16()
     pool.set_kv_buffer(layer, torch.tensor([3, 5]), x, -x)
-    assert torch.equal(pool.get_key_buffer(1)[5], x[1]) and torch.equal(pool.get_value_buffer(1)[3], -x[0])
-    for refused in (lambda: pool.move_kv_cache(None, None), lambda: pool.get_cpu_copy(None),
-                    lambda: pool.load_cpu_copy(None, None), pool.get_contiguous_buf_infos,
-                    pool.set_kv_buffer_prefix_valid):
+    assert torch.equal(pool.get_key_buffer(1)[5], x[1]) and torch.equal(
+        pool.get_value_buffer(1)[3], -x[0]
+    )
+    for refused in (
+        lambda: pool.move_kv_cache(None, None),
+        lambda: pool.get_cpu_copy(None),
+        lambda: pool.load_cpu_copy(None, None),
+        pool.get_contiguous_buf_infos,
+        pool.set_kv_buffer_prefix_valid,
+    ):
         with pytest.raises(RuntimeError, match="--kv-quant none"):
             refused()
     with pytest.raises(RuntimeError, match="--dcp-size"):
@@ -612,12 +746,13 @@ def _attn_model(layers, hq, hkv, d, bias=True, max_position=4096):
     torch.manual_seed(1)
     m = torch.nn.Module()
     m.layers = torch.nn.ModuleList(
-        _Attention(i, hq, hkv, d, bias, max_position) for i in range(layers))
+        _Attention(i, hq, hkv, d, bias, max_position) for i in range(layers)
+    )
     return m
 
 
 def _k_bias(m):
-    return m.qkv_proj.bias.detach()[m.q_size:m.q_size + m.kv_size].double()
+    return m.qkv_proj.bias.detach()[m.q_size : m.q_size + m.kv_size].double()
 
 
 @pytest.fixture
@@ -639,20 +774,24 @@ def test_sglang_bias_key_centers_match_the_twin(rope_context):
     model = _attn_model(layers, hq, hkv, d)
     got = sglang_bias_key_centers(model, layers, hkv, d, horizon)
     inv = 1.0 / 1e6 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = torch.arange(horizon, dtype=torch.float64)[:, None] * inv      # [P, D/2]
-    c, s = ang.cos().mean(0), ang.sin().mean(0)                           # mean rotation
+    ang = torch.arange(horizon, dtype=torch.float64)[:, None] * inv  # [P, D/2]
+    c, s = ang.cos().mean(0), ang.sin().mean(0)  # mean rotation
     for i, m in enumerate(model.layers):
         b = _k_bias(m).view(hkv, d)
-        lo, hi = b[:, : d // 2], b[:, d // 2:]
-        want = torch.cat([lo * c - hi * s, hi * c + lo * s], -1)          # rotate-half RoPE
+        lo, hi = b[:, : d // 2], b[:, d // 2 :]
+        want = torch.cat([lo * c - hi * s, hi * c + lo * s], -1)  # rotate-half RoPE
         # SGLang's float32 cos/sin cache: ~1e-6 relative per term, |b| ~ 15
         torch.testing.assert_close(got[i].double(), want, atol=1e-4 * b.abs().max().item(), rtol=0)
     # a horizon past the RoPE cache is clipped to the positions the model can have
     short = _attn_model(layers, hq, hkv, d, max_position=100)
-    torch.testing.assert_close(sglang_bias_key_centers(short, layers, hkv, d, 10_000),
-                               sglang_bias_key_centers(short, layers, hkv, d, 100))
-    assert sglang_bias_key_centers(_attn_model(layers, hq, hkv, d, bias=False),
-                                   layers, hkv, d, 64) is None
+    torch.testing.assert_close(
+        sglang_bias_key_centers(short, layers, hkv, d, 10_000),
+        sglang_bias_key_centers(short, layers, hkv, d, 100),
+    )
+    assert (
+        sglang_bias_key_centers(_attn_model(layers, hq, hkv, d, bias=False), layers, hkv, d, 64)
+        is None
+    )
     with pytest.raises(ValueError, match="kv_size"):
         sglang_bias_key_centers(model, layers, 4, d, 64)
 
@@ -661,30 +800,35 @@ def test_build_pool_hook_auto_centers_come_from_the_bias(parallel, rope_context,
     from sglang_tq.format import centers
 
     sa = make_server_args("--kv-quant", "turboquant")
-    assert sa.kv_quant_key_centers == "auto"                 # the default
+    assert sa.kv_quant_key_centers == "auto"  # the default
     kvc = kvc_fields(sa)
     kvc.model = _attn_model(32, 4, 8, 128)
     monkeypatch.setattr(integration, "_memory_saver_enabled", lambda: False)
-    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
-                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    pool = integration._build_mha_kv_pool(
+        None, kvc, max_total_num_tokens=5, mha_pool_class=MHATokenToKVPool, quant_method=None
+    )
     want = centers.sglang_bias_key_centers(kvc.model, 32, 8, 128, centers.BIAS_HORIZON)
     assert pool.cfg.key_centers == "auto"
     assert torch.equal(pool.get_packed_layer(5).codec.k_center.cpu(), want[5])
-    assert want[5].norm() > 10                                # a real, large center
+    assert want[5].norm() > 10  # a real, large center
     # a model without a k_proj bias: nothing centered, and the config says so
     kvc.model = _attn_model(32, 4, 8, 128, bias=False)
-    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
-                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    pool = integration._build_mha_kv_pool(
+        None, kvc, max_total_num_tokens=5, mha_pool_class=MHATokenToKVPool, quant_method=None
+    )
     assert pool.cfg.key_centers is None and pool.get_packed_layer(5).codec.k_center is None
     # none: off even with a bias
     kvc = kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", "none"))
     kvc.model = _attn_model(32, 4, 8, 128)
-    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
-                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    pool = integration._build_mha_kv_pool(
+        None, kvc, max_total_num_tokens=5, mha_pool_class=MHATokenToKVPool, quant_method=None
+    )
     assert pool.get_packed_layer(5).codec.k_center is None
 
 
-def test_bias_centers_by_name_for_turboquant_and_the_hadamard_baseline(parallel, rope_context, monkeypatch):
+def test_bias_centers_by_name_for_turboquant_and_the_hadamard_baseline(
+    parallel, rope_context, monkeypatch
+):
     """``bias`` is auto asked for by name: the same centers, but refused for a model without a
     k_proj bias; it is also how the QuaRot-style baseline gets TurboQuant's centering."""
     from sglang_tq.format import centers
@@ -695,14 +839,16 @@ def test_bias_centers_by_name_for_turboquant_and_the_hadamard_baseline(parallel,
     want = centers.sglang_bias_key_centers(model, 32, 8, 128, centers.BIAS_HORIZON)
     kvc = kvc_fields(make_server_args("--kv-quant", "turboquant", "--kv-quant-key-centers", "bias"))
     kvc.model = model
-    pool = integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
-                                          mha_pool_class=MHATokenToKVPool, quant_method=None)
+    pool = integration._build_mha_kv_pool(
+        None, kvc, max_total_num_tokens=5, mha_pool_class=MHATokenToKVPool, quant_method=None
+    )
     assert pool.cfg.key_centers == "bias"
     assert torch.equal(pool.get_packed_layer(5).codec.k_center.cpu(), want[5])
     kvc.model = _attn_model(32, 4, 8, 128, bias=False)
     with pytest.raises(ValueError, match="needs a model with a k_proj bias") as exc:
-        integration._build_mha_kv_pool(None, kvc, max_total_num_tokens=5,
-                                       mha_pool_class=MHATokenToKVPool, quant_method=None)
+        integration._build_mha_kv_pool(
+            None, kvc, max_total_num_tokens=5, mha_pool_class=MHATokenToKVPool, quant_method=None
+        )
     assert str(exc.value).count(". ") == 0 and str(exc.value).endswith(".")
 
     def stock_build(kvc, **kw):  # SGLang's MHA build, reduced to the class it was handed
@@ -712,8 +858,15 @@ def test_bias_centers_by_name_for_turboquant_and_the_hadamard_baseline(parallel,
         kvc = kvc_fields(make_server_args("--kv-quant", "hadamard", *flags))
         assert kvc.server_args.kv_quant_key_centers == ("bias" if centered else None)
         kvc.model = model
-        pool = integration._build_mha_kv_pool(stock_build, kvc, max_total_num_tokens=5,
-                                              mha_pool_class=MHATokenToKVPool, quant_method=None)
-        assert isinstance(pool, SimulatedKVPool) and ("keys centered" in pool.describe()) == centered
+        pool = integration._build_mha_kv_pool(
+            stock_build,
+            kvc,
+            max_total_num_tokens=5,
+            mha_pool_class=MHATokenToKVPool,
+            quant_method=None,
+        )
+        assert (
+            isinstance(pool, SimulatedKVPool) and ("keys centered" in pool.describe()) == centered
+        )
         if centered:
             assert torch.equal(pool._mu[5], want[5].float())

@@ -9,17 +9,15 @@ import types
 
 import pytest
 import torch
-
 from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
 from sglang.srt.runtime_context import get_parallel
 
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
 from sglang_tq.serving import integration
-
 from tests.conftest import HAS_CUDA
 from tests.serving.conftest import DEV, make_server_args, real_configurator
 
-KV_HEADS, GQA, D = 8, 4, 128   # Llama-3.1-8B
+KV_HEADS, GQA, D = 8, 4, 128  # Llama-3.1-8B
 
 
 def _rank_pool(tp, rank, monkeypatch, size=64):
@@ -28,9 +26,12 @@ def _rank_pool(tp, rank, monkeypatch, size=64):
         kvc = real_configurator(make_server_args("--kv-quant", "turboquant", "--tp-size", str(tp)))
         kvc.device = DEV
         cell = create_memory_pool_configurator(kvc)._cell_size
-        pool = kvc._build_token_to_kv_pool(sizes=types.SimpleNamespace(max_total_num_tokens=size),
-                                           is_dsa_model=False, is_dsv4_model=False,
-                                           req_to_token_pool=None)
+        pool = kvc._build_token_to_kv_pool(
+            sizes=types.SimpleNamespace(max_total_num_tokens=size),
+            is_dsa_model=False,
+            is_dsv4_model=False,
+            req_to_token_pool=None,
+        )
     return cell, pool
 
 
@@ -40,9 +41,9 @@ def test_each_rank_sizes_and_builds_its_heads_with_the_same_codecs(tp, heads, mo
     for rank in sorted({0, tp - 1}):
         cell, pool = _rank_pool(tp, rank, monkeypatch)
         assert pool.head_num == heads
-        assert cell == 32 * heads * 132                         # 32 layers, k4v4, d 128
+        assert cell == 32 * heads * 132  # 32 layers, k4v4, d 128
         assert sum(pool.get_kv_size_bytes()) == cell * 65
-        for layer in (0, 17, 31):                                # every rank draws the same Π
+        for layer in (0, 17, 31):  # every rank draws the same Π
             a, b = pool.get_packed_layer(layer).codec, ref.get_packed_layer(layer).codec
             assert torch.equal(a.pi.cpu(), b.pi.cpu()) and a.seed == b.seed
 
@@ -68,15 +69,30 @@ def test_rank_decode_equals_the_tp1_slice_of_its_heads(tp, monkeypatch):
         p = pool.get_packed_layer(5)
         qh = q[:, q_heads].contiguous()
         ws = DecodeWorkspace.create(len(lens), qh.shape[1], D, 4, DEV)
-        return tq_decode(qh, p.k_codes, p.k_norms, p.v_codes, p.v_norms,
-                         indptr, indices, p.codec, D**-0.5, num_kv_splits=splits,
-                         max_kv_splits=4, workspace=ws, **kw).clone()
+        return tq_decode(
+            qh,
+            p.k_codes,
+            p.k_norms,
+            p.v_codes,
+            p.v_norms,
+            indptr,
+            indices,
+            p.codec,
+            D**-0.5,
+            num_kv_splits=splits,
+            max_kv_splits=4,
+            workspace=ws,
+            **kw,
+        ).clone()
 
     _, full = _rank_pool(1, 0, monkeypatch, size=slots)
     want = decode(full, slice(None), slice(None))
     per = KV_HEADS // tp
     for rank in range(tp):
         _, pool = _rank_pool(tp, rank, monkeypatch, size=slots)
-        got = decode(pool, slice(rank * per, (rank + 1) * per),
-                     slice(rank * per * GQA, (rank + 1) * per * GQA))
-        assert torch.equal(got, want[:, rank * per * GQA:(rank + 1) * per * GQA])
+        got = decode(
+            pool,
+            slice(rank * per, (rank + 1) * per),
+            slice(rank * per * GQA, (rank + 1) * per * GQA),
+        )
+        assert torch.equal(got, want[:, rank * per * GQA : (rank + 1) * per * GQA])

@@ -21,7 +21,7 @@ import concurrent.futures
 import json
 import signal
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..server import check_loopback
 
@@ -44,12 +44,19 @@ def _finish_reason(meta: dict):
     return fr
 
 
-async def generate_one(session, base_url: str, prompt: str, settings: dict, retries: int = 2) -> dict:
+async def generate_one(
+    session, base_url: str, prompt: str, settings: dict, retries: int = 2
+) -> dict:
     """One /generate request: {text, raw_text, finish_reason, completion_tokens,
     prompt_tokens, cached_tokens, latency_s, attempts, error}; never raises but for cancellation."""
-    payload = {"text": prompt, "sampling_params": {"temperature": settings["temperature"],
-                                                   "max_new_tokens": settings["max_new_tokens"],
-                                                   "stop": list(settings["stop"])}}
+    payload = {
+        "text": prompt,
+        "sampling_params": {
+            "temperature": settings["temperature"],
+            "max_new_tokens": settings["max_new_tokens"],
+            "stop": list(settings["stop"]),
+        },
+    }
     error = None
     for attempt in range(1, retries + 2):
         t0 = time.perf_counter()
@@ -68,25 +75,42 @@ async def generate_one(session, base_url: str, prompt: str, settings: dict, retr
             if isinstance(fr, dict) and fr.get("type") == "abort":
                 raise RuntimeError(f"aborted: {meta.get('finish_reason')}")
             raw = obj["text"]
-            return {"text": truncate_at_stop(raw, settings["stop"]), "raw_text": raw, "finish_reason": fr,
-                    "completion_tokens": meta.get("completion_tokens"), "prompt_tokens": meta.get("prompt_tokens"),
-                    "cached_tokens": meta.get("cached_tokens"), "latency_s": round(time.perf_counter() - t0, 3),
-                    "attempts": attempt, "error": None}
+            return {
+                "text": truncate_at_stop(raw, settings["stop"]),
+                "raw_text": raw,
+                "finish_reason": fr,
+                "completion_tokens": meta.get("completion_tokens"),
+                "prompt_tokens": meta.get("prompt_tokens"),
+                "cached_tokens": meta.get("cached_tokens"),
+                "latency_s": round(time.perf_counter() - t0, 3),
+                "attempts": attempt,
+                "error": None,
+            }
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed request is data
+        except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:400]
             if attempt <= retries:
                 await asyncio.sleep(min(2.0 * attempt, 5.0))
     return {"text": None, "error": error, "attempts": retries + 1}
 
 
-async def run_items(base_url: str, items: list[dict], settings: dict,
-                    score: Callable[[dict, str], dict], *, concurrency: int = 128,
-                    progress_s: float = 10.0, label: str = "", headline: str = "",
-                    deadline: float | None = None, request_timeout_s: float = 600.0,
-                    score_workers: int = 4, retries: int = 2,
-                    log: Callable[[str], None] = print) -> dict:
+async def run_items(
+    base_url: str,
+    items: list[dict],
+    settings: dict,
+    score: Callable[[dict, str], dict],
+    *,
+    concurrency: int = 128,
+    progress_s: float = 10.0,
+    label: str = "",
+    headline: str = "",
+    deadline: float | None = None,
+    request_timeout_s: float = 600.0,
+    score_workers: int = 4,
+    retries: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Generate and score every item; returns {records: id -> record, interrupted,
     timed_out, wall_s}. ``deadline`` is a time.monotonic() value."""
     import aiohttp
@@ -96,7 +120,9 @@ async def run_items(base_url: str, items: list[dict], settings: dict,
     n = len(items)
     t0 = time.monotonic()
     sem = asyncio.Semaphore(max(1, concurrency))
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, score_workers), thread_name_prefix="score")
+    pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, score_workers), thread_name_prefix="score"
+    )
     loop = asyncio.get_running_loop()
 
     async def one(session, item: dict):
@@ -105,7 +131,7 @@ async def run_items(base_url: str, items: list[dict], settings: dict,
         if rec["error"] is None:
             try:
                 rec.update(await loop.run_in_executor(pool, score, item, rec["text"]))
-            except Exception as exc:  # noqa: BLE001 - a scorer bug must not lose the run
+            except Exception as exc:
                 rec["error"] = f"scoring failed: {type(exc).__name__}: {exc}"[:400]
         records[item["id"]] = rec
 
@@ -114,8 +140,10 @@ async def run_items(base_url: str, items: list[dict], settings: dict,
         scored = [r for r in done if r.get("scores")]
         ok = sum(r["scores"].get(headline, 0) for r in scored)
         acc = f"{ok / len(scored):.3f}" if scored else "-"
-        return (f"  [{label}] {len(done)}/{n} done, {headline} {acc} ({ok}/{len(scored)}), "
-                f"{sum(r['error'] is not None for r in done)} failed, {time.monotonic() - t0:.0f} s")
+        return (
+            f"  [{label}] {len(done)}/{n} done, {headline} {acc} ({ok}/{len(scored)}), "
+            f"{sum(r['error'] is not None for r in done)} failed, {time.monotonic() - t0:.0f} s"
+        )
 
     async def progress():
         while True:
@@ -150,13 +178,24 @@ async def run_items(base_url: str, items: list[dict], settings: dict,
                 timed_out = bool(pending) and not caught
                 for t in (prog, stopper, *tasks, *([all_done] if all_done else [])):
                     t.cancel()
-                await asyncio.gather(prog, stopper, *tasks, *([all_done] if all_done else []),
-                                     return_exceptions=True)
+                await asyncio.gather(
+                    prog, stopper, *tasks, *([all_done] if all_done else []), return_exceptions=True
+                )
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
         pool.shutdown(wait=True, cancel_futures=True)
-    log(progress_line() + (" (stopped: " + (caught[0] if caught else "deadline") + ")"
-                           if caught or timed_out else ""))
-    return {"records": records, "interrupted": caught[0] if caught else None, "timed_out": timed_out,
-            "wall_s": round(time.monotonic() - t0, 1)}
+    log(
+        progress_line()
+        + (
+            " (stopped: " + (caught[0] if caught else "deadline") + ")"
+            if caught or timed_out
+            else ""
+        )
+    )
+    return {
+        "records": records,
+        "interrupted": caught[0] if caught else None,
+        "timed_out": timed_out,
+        "wall_s": round(time.monotonic() - t0, 1),
+    }

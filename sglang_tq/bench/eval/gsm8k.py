@@ -60,8 +60,10 @@ def question_text(question: str) -> str:
 
 
 def build_prompt(question: str, exemplars: list[dict]) -> str:
-    shots = "".join(question_text(e["question"]) + TARGET_DELIMITER + e["target"] + FEWSHOT_DELIMITER
-                    for e in exemplars)
+    shots = "".join(
+        question_text(e["question"]) + TARGET_DELIMITER + e["target"] + FEWSHOT_DELIMITER
+        for e in exemplars
+    )
     return shots + question_text(question)
 
 
@@ -97,16 +99,29 @@ def is_correct(extracted: str, gold: str) -> bool:
 
 def check_source(cot: dict, data_dir) -> None:
     """DataError unless the prepared yaml settings are the ones this module implements."""
-    want = {"num_fewshot": NUM_FEWSHOT, "doc_to_text": DOC_TO_TEXT, "target_delimiter": TARGET_DELIMITER,
-            "fewshot_delimiter": FEWSHOT_DELIMITER, "until": list(STOP), "max_gen_toks": None,
-            "regexes_to_ignore": list(IGNORE_PATTERNS), "ignore_case": True, "ignore_punctuation": False,
-            "filters": [[n, p, g] for n, p, g in FILTERS]}
+    want = {
+        "num_fewshot": NUM_FEWSHOT,
+        "doc_to_text": DOC_TO_TEXT,
+        "target_delimiter": TARGET_DELIMITER,
+        "fewshot_delimiter": FEWSHOT_DELIMITER,
+        "until": list(STOP),
+        "max_gen_toks": None,
+        "regexes_to_ignore": list(IGNORE_PATTERNS),
+        "ignore_case": True,
+        "ignore_punctuation": False,
+        "filters": [[n, p, g] for n, p, g in FILTERS],
+    }
     got = {k: cot.get(k) for k in want}
-    got["filters"] = [[f.get("name"), f.get("regex_pattern"), f.get("group_select")] for f in cot.get("filters", [])]
+    got["filters"] = [
+        [f.get("name"), f.get("regex_pattern"), f.get("group_select")]
+        for f in cot.get("filters", [])
+    ]
     bad = sorted(k for k in want if got[k] != want[k])
     if bad or len(cot.get("exemplars", [])) != NUM_FEWSHOT:
-        raise DataError(f"{data_dir}/gsm8k_cot.json differs from this evaluator's gsm8k-cot settings "
-                        f"({', '.join(bad) or 'exemplar count'}); rerun `{prepare_command(data_dir)}`.")
+        raise DataError(
+            f"{data_dir}/gsm8k_cot.json differs from this evaluator's gsm8k-cot settings "
+            f"({', '.join(bad) or 'exemplar count'}); rerun `{prepare_command(data_dir)}`."
+        )
 
 
 class Task:
@@ -121,17 +136,32 @@ class Task:
         check_source(cot, data_dir)
         self.exemplars = cot["exemplars"]
         rows = rows[:limit] if limit else rows
-        self.items = [{"id": r["id"], "prompt": build_prompt(r["question"], self.exemplars), "gold": r["gold"]}
-                      for r in rows]
+        self.items = [
+            {
+                "id": r["id"],
+                "prompt": build_prompt(r["question"], self.exemplars),
+                "gold": r["gold"],
+            }
+            for r in rows
+        ]
         self.source = cot.get("source")
 
     def generation(self) -> dict:
-        return {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS, "stop": list(STOP),
-                "prompt_format": f"lm_eval gsm8k_cot: {NUM_FEWSHOT}-shot 'Q: ...\\nA: ...', no chat template",
-                "source": self.source}
+        return {
+            "temperature": 0.0,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "stop": list(STOP),
+            "prompt_format": f"lm_eval gsm8k_cot: {NUM_FEWSHOT}-shot 'Q: ...\\nA: ...', no chat template",
+            "source": self.source,
+        }
 
     def score(self, item: dict, completion: str) -> dict:
         strict, flexible = extract_strict(completion), extract_flexible(completion)
-        return {"scores": {HEADLINE: int(is_correct(strict, item["gold"])),
-                           "flexible-extract": int(is_correct(flexible, item["gold"]))},
-                "extracted": {HEADLINE: strict, "flexible-extract": flexible}, "gold": item["gold"]}
+        return {
+            "scores": {
+                HEADLINE: int(is_correct(strict, item["gold"])),
+                "flexible-extract": int(is_correct(flexible, item["gold"])),
+            },
+            "extracted": {HEADLINE: strict, "flexible-extract": flexible},
+            "gold": item["gold"],
+        }

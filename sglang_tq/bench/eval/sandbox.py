@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 
 # Disables networking in the child where no namespace can be had. The program's own
 # line numbers shift by the preamble's length; tracebacks are for the audit log only.
@@ -56,7 +56,10 @@ _sandbox_no_network()
 del _sandbox_no_network
 """
 
-_UNSHARE_MODES = (("unshare -rn", ["unshare", "-rn", "--"]), ("unshare -n", ["unshare", "-n", "--"]))
+_UNSHARE_MODES = (
+    ("unshare -rn", ["unshare", "-rn", "--"]),
+    ("unshare -n", ["unshare", "-n", "--"]),
+)
 _PROBE = "import socket, sys; sys.exit(0 if len(socket.if_nameindex()) <= 1 else 3)"
 
 
@@ -74,7 +77,7 @@ class Limits:
 
 @dataclass
 class Result:
-    status: str              # "passed" (exit 0), "failed" (non-zero exit or signal), "timeout"
+    status: str  # "passed" (exit 0), "failed" (non-zero exit or signal), "timeout"
     returncode: int | None
     wall_s: float
     isolation: str
@@ -109,11 +112,17 @@ def _limit_setter(limits: Limits):
 
 
 def _clean_env(workdir: str) -> dict:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-            "HOME": workdir, "TMPDIR": workdir, "PYTHONDONTWRITEBYTECODE": "1"}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
 
 
-@lru_cache(maxsize=None)
+@cache
 def isolation(python: str = sys.executable) -> str:
     """The network isolation this machine gives a child: "unshare -rn", "unshare -n" or
     "socket preamble". A namespace counts only if the child then sees nothing but one
@@ -122,8 +131,12 @@ def isolation(python: str = sys.executable) -> str:
         return "socket preamble"
     for name, prefix in _UNSHARE_MODES:
         try:
-            r = subprocess.run([*prefix, python, "-I", "-c", _PROBE], capture_output=True, timeout=30,
-                               env=_clean_env(tempfile.gettempdir()))
+            r = subprocess.run(
+                [*prefix, python, "-I", "-c", _PROBE],
+                capture_output=True,
+                timeout=30,
+                env=_clean_env(tempfile.gettempdir()),
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if r.returncode == 0:
@@ -147,8 +160,9 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def run_python(source: str, limits: Limits = Limits(), python: str = sys.executable,
-               mode: str | None = None) -> Result:
+def run_python(
+    source: str, limits: Limits = Limits(), python: str = sys.executable, mode: str | None = None
+) -> Result:
     """Run ``source`` as a program in the sandbox; never raises for anything the program does.
     ``mode`` forces an isolation (one of :func:`isolation`'s names), default: the machine's best."""
     mode = mode or isolation(python)
@@ -165,9 +179,17 @@ def run_python(source: str, limits: Limits = Limits(), python: str = sys.executa
         out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
         t0 = time.monotonic()
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen([*prefix, python, "-I", "prog.py"], cwd=workdir, env=_clean_env(workdir),
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                    preexec_fn=_limit_setter(limits), close_fds=True)
+            proc = subprocess.Popen(
+                [*prefix, python, "-I", "prog.py"],
+                cwd=workdir,
+                env=_clean_env(workdir),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=_limit_setter(limits),
+                close_fds=True,
+            )
         timed_out = False
         try:
             proc.wait(timeout=limits.wall_s)
@@ -178,6 +200,8 @@ def run_python(source: str, limits: Limits = Limits(), python: str = sys.executa
         wall = round(time.monotonic() - t0, 3)
         rc = proc.returncode
         status = "timeout" if timed_out else ("passed" if rc == 0 else "failed")
-        return Result(status, None if timed_out else rc, wall, mode, _tail(out_path), _tail(err_path))
+        return Result(
+            status, None if timed_out else rc, wall, mode, _tail(out_path), _tail(err_path)
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

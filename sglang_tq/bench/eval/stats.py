@@ -37,7 +37,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2.0 * tail)
 
 
@@ -47,14 +47,24 @@ def paired(config: dict[str, int], baseline: dict[str, int], z: float = Z95) -> 
     n = len(ids)
     b = sum(1 for i in ids if config[i] and not baseline[i])
     c = sum(1 for i in ids if baseline[i] and not config[i])
-    out = {"n": n, "config_only_correct": b, "baseline_only_correct": c,
-           "both_correct": sum(1 for i in ids if config[i] and baseline[i]),
-           "config_accuracy": None, "baseline_accuracy": None, "diff": None, "ci95": None,
-           "mcnemar_p": mcnemar_exact(b, c)}
+    out = {
+        "n": n,
+        "config_only_correct": b,
+        "baseline_only_correct": c,
+        "both_correct": sum(1 for i in ids if config[i] and baseline[i]),
+        "config_accuracy": None,
+        "baseline_accuracy": None,
+        "diff": None,
+        "ci95": None,
+        "mcnemar_p": mcnemar_exact(b, c),
+    }
     if n:
         diff = (b - c) / n
         se = math.sqrt(max(0.0, (b + c) - (b - c) ** 2 / n)) / n
-        out.update(config_accuracy=sum(config[i] for i in ids) / n,
-                   baseline_accuracy=sum(baseline[i] for i in ids) / n,
-                   diff=diff, ci95=[diff - z * se, diff + z * se])
+        out.update(
+            config_accuracy=sum(config[i] for i in ids) / n,
+            baseline_accuracy=sum(baseline[i] for i in ids) / n,
+            diff=diff,
+            ci95=[diff - z * se, diff + z * se],
+        )
     return out
