@@ -94,26 +94,27 @@ def _split_range(KvIndptr, NumKvSplits, batch, split, sliding_window, MIN_BLOCK_
 
 @triton.jit
 def _tq_decode_stage1(
-    QRot,
-    Pi16,
-    KCodes,
-    KNorms,
-    VCodes,
-    VNorms,
-    KCb,
-    VCb,
-    KTab,
-    VTab,
-    KvIndptr,
-    KvIndices,
-    NumKvSplits,
-    MidO,
-    MidLse,
-    QPe,
-    KPe,
-    sm_scale,
-    logit_cap,
-    sliding_window,
+    QRot,  # [B, Hq, D] fp32 rotated query Πq, unit stride in D; FUSE_ROT: the unrotated q
+    #        itself (any float dtype). MLA: the absorbed query's latent part (D = 512, Hkv = 1)
+    Pi16,  # [D, D] fp16 Π (LayerCodec.pi_f16), read only with FUSE_ROT (2: its first row)
+    KCodes,  # [S, Hkv, D*K_BITS/8] uint8, packed key codes (S pool slots), unit stride in bytes
+    KNorms,  # [S, Hkv] fp16, key norms
+    VCodes,  # [S, Hkv, D*V_BITS/8] uint8, packed value codes; = KCodes with SHARED_KV (not read)
+    VNorms,  # [S, Hkv] fp16, value norms; = KNorms with SHARED_KV (not read)
+    KCb,  # [2**K_BITS] fp32 key codebook in code order, read only without USE_ASM
+    VCb,  # [2**V_BITS] fp32 value codebook, as KCb
+    KTab,  # [4] int32 prmt table words of the key codebook (LayerCodec.k_lut_words)
+    VTab,  # [4] int32 table words of the value codebook (v_lut_words)
+    KvIndptr,  # [B + 1] int32/int64, sequence b's tokens are KvIndices[KvIndptr[b]:KvIndptr[b+1]]
+    KvIndices,  # [total] int32/int64, the pool slot of every token of the batch
+    NumKvSplits,  # [B] int32, KV splits of each sequence, in [1, max_kv_splits]
+    MidO,  # [B, Hq, max_kv_splits, D] fp32, each split's normalized output (rotated space)
+    MidLse,  # [B, Hq, max_kv_splits] fp32, each split's log-sum-exp, unit stride in splits
+    QPe,  # ROPE_DIM: [B, Hq, R] float query RoPE part (MLA), unit stride in R; else q, not read
+    KPe,  # ROPE_DIM: [S, R] bf16 RoPE key rows (MLA), unit stride in R; else q, not read
+    sm_scale,  # softmax scale
+    logit_cap,  # logit soft-cap (HAS_CAP)
+    sliding_window,  # attend to the last sliding_window tokens only (0: all)
     stride_q_b,
     stride_q_h,
     stride_kc_s,
@@ -338,14 +339,14 @@ def _merge_weights(
 
 @triton.jit
 def _tq_decode_stage2(
-    MidO,
-    MidLse,
-    Pi,
-    Out,
-    KvIndptr,
-    NumKvSplits,
-    Sinks,
-    sliding_window,
+    MidO,  # [B, Hq, max_kv_splits, D] fp32, stage 1's partial outputs (rotated space)
+    MidLse,  # [B, Hq, max_kv_splits] fp32, their log-sum-exps, unit stride in splits
+    Pi,  # [D, D] fp32 contiguous Π (o = o_rot·Π); UNROT_FWHT (VECTOR_MERGE): its first row only
+    Out,  # [B, Hq, D] output (any float dtype, bf16 by default), unit stride in D
+    KvIndptr,  # [B + 1] int32/int64, as in stage 1 (the split ranges are recomputed)
+    NumKvSplits,  # [B] int32, as in stage 1
+    Sinks,  # [Hq] float contiguous sink logit per query head (HAS_SINK); else MidLse, not read
+    sliding_window,  # as in stage 1
     stride_mo_b,
     stride_mo_h,
     stride_mo_s,
@@ -485,11 +486,11 @@ def _tq_decode_stage2(
 
 @triton.jit
 def _rotate_query_kernel(
-    Q,
-    Pi,
-    QRot,
-    num_rows,
-    num_heads,
+    Q,  # [B, Hq, D] float (any float dtype), any strides
+    Pi,  # [D, D] fp32 contiguous Π
+    QRot,  # [B, Hq, D] fp32, out: q·Πᵀ, unit stride in D
+    num_rows,  # B·Hq
+    num_heads,  # Hq
     stride_q_b,
     stride_q_h,
     stride_q_d,
@@ -525,7 +526,8 @@ def _rotate_query_kernel(
 
 def rotate_query(q: torch.Tensor, pi: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` [B, Hq, D] fp32 = q · Πᵀ for q [B, Hq, D] of any float dtype and strides:
-    the cast and the fp32 product in one launch (they were two, 11 µs at B = 1)."""
+    the cast and the fp32 product in one launch (they were two, 11 µs at B = 1). ``pi``:
+    Π as contiguous fp32 [D, D] (``LayerCodec.pi``); ``out`` has unit stride in D."""
     bsz, hq, d = q.shape
     if pi.shape != (d, d) or pi.dtype != torch.float32 or not pi.is_contiguous():
         raise ValueError(f"pi must be a contiguous float32 [{d}, {d}] rotation.")
@@ -793,10 +795,12 @@ def tq_decode(
 ):
     """Attention of one new query token per sequence over its packed KV slots.
 
-    q: [B, Hq, D]; pool buffers as made by ``LayerCodec.alloc_buffers``;
-    kv_indptr int32 [B+1] and kv_indices [total] as in SGLang's Triton backend;
-    num_kv_splits int32 [B] with values in [1, max_kv_splits]. Writes ``out``
-    [B, Hq, D] when given (any strides along B and Hq), else a view of
+    q: [B, Hq, D] (any float dtype); pool buffers as made by ``LayerCodec.alloc_buffers``
+    (``k_codes`` uint8 [S, Hkv, D·k_bits/8], ``k_norms`` fp16 [S, Hkv], ``v_codes`` uint8
+    [S, Hkv, D·v_bits/8], ``v_norms`` fp16 [S, Hkv] for S slots);
+    kv_indptr int32 [B+1] and kv_indices [total] (int32 or int64) as in SGLang's Triton
+    backend; num_kv_splits int32 [B] with values in [1, max_kv_splits]. Writes ``out``
+    [B, Hq, D] (any float dtype) when given (any strides along B and Hq), else a view of
     ``workspace.out``, and returns it.
 
     The launch options default to the measured launch (:func:`default_launch`) and the

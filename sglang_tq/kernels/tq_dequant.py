@@ -84,21 +84,21 @@ def _dequant_tile(
 # num_tokens varies with every batch: one compiled variant for all, not one per N % 16
 @triton.jit(do_not_specialize=["num_tokens"])
 def _tq_dequant_kernel(
-    Slots,
-    KCodes,
-    KNorms,
-    VCodes,
-    VNorms,
-    KCb,
-    VCb,
-    KTab,
-    VTab,
-    Pi,
-    KCenter,
-    KOut,
-    VOut,
-    num_tokens,
-    Count,
+    Slots,  # [N] int (any int dtype), the pool slots to decode, in output row order
+    KCodes,  # [S, Hkv, D*K_BITS/8] uint8, packed key codes (S pool slots), unit stride in bytes
+    KNorms,  # [S, Hkv] fp16, key norms
+    VCodes,  # [S, Hkv, D*V_BITS/8] uint8, packed value codes; = KCodes with KEYS_ONLY (not read)
+    VNorms,  # [S, Hkv] fp16, value norms; = KNorms with KEYS_ONLY (not read)
+    KCb,  # [2**K_BITS] fp32 key codebook in code order, read only without USE_ASM
+    VCb,  # [2**V_BITS] fp32 value codebook, as KCb
+    KTab,  # [4] int32 prmt table words of the key codebook (LayerCodec.k_lut_words)
+    VTab,  # [4] int32 table words of the value codebook (v_lut_words)
+    Pi,  # [D, D] fp32 contiguous Π (x = r·Πᵀc: rows of Π by each tile's coordinates)
+    KCenter,  # [Hkv, D] fp32 contiguous key center μ (K_CENTER); else Π, a dummy never read
+    KOut,  # [N, Hkv, D] out, dense keys (any float dtype, bf16 by default), unit stride in D
+    VOut,  # [N, Hkv, D] out, dense values like KOut; = KOut with KEYS_ONLY (not written)
+    num_tokens,  # N, rows of Slots, KOut and VOut (DEVICE_COUNT: replaced by Count)
+    Count,  # [1] int32 on the device, slots to decode (DEVICE_COUNT); else Slots, not read
     stride_kc_s,
     stride_kc_h,
     stride_kn_s,
@@ -206,6 +206,10 @@ def tq_dequant(
 
     ``v_codes`` and ``v_norms`` None: keys only (MLA's latent, D = 512), returned as (k, None);
     ``out`` is then (k, None).
+
+    ``k_codes`` uint8 [S, Hkv, D·k_bits/8], ``k_norms`` fp16 [S, Hkv], ``v_codes`` uint8
+    [S, Hkv, D·v_bits/8], ``v_norms`` fp16 [S, Hkv]: the pool of S slots as
+    ``LayerCodec.alloc_buffers`` makes it.
     """
     keys_only = v_codes is None
     hkv = check_pool(k_codes, v_codes, codec)

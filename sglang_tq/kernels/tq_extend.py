@@ -149,10 +149,12 @@ def extend_kv_table(qo_indptr, kv_indptr, prefix_index, max_kv_len: int, rows: i
     prefix rows (default N = ``prefix_index.numel()``), then the chunk's rows in
     ``qo_indptr`` order.
 
-    Key j of sequence b is prefix row ``prefix_index[kv_indptr[b] + j]`` for j below its
-    prefix length, else chunk row ``rows + qo_indptr[b] + j - prefix_len``. Returns (table
-    int32 [B, max_kv_len], key lengths int32 [B]); entries past a sequence's length point
-    at a row of the scratch and are never read. No host sync."""
+    ``qo_indptr`` and ``kv_indptr``: [B+1] int32 or int64; ``prefix_index``: int64 [N]
+    (``PrefixDedup.index``). Key j of sequence b is prefix row
+    ``prefix_index[kv_indptr[b] + j]`` for j below its prefix length, else chunk row
+    ``rows + qo_indptr[b] + j - prefix_len``. Returns (table int32 [B, max_kv_len], key
+    lengths int32 [B]); entries past a sequence's length point at a row of the scratch and
+    are never read. No host sync."""
     n = prefix_index.numel()
     rows = n if rows is None else rows
     pre = (kv_indptr[1:] - kv_indptr[:-1]).long()[:, None]
@@ -206,7 +208,10 @@ def tq_extend(
 
     q [T, Hq, D], k/v [T, Hkv, D]: the new tokens of all sequences, concatenated
     as delimited by ``qo_indptr`` [B+1]. ``kv_indptr`` [B+1] / ``kv_indices``
-    list each sequence's prefix slots, as SGLang's Triton backend builds them.
+    list each sequence's prefix slots, as SGLang's Triton backend builds them
+    (int32 or int64). ``k_codes`` uint8 [S, Hkv, D·k_bits/8], ``k_norms`` fp16 [S, Hkv],
+    ``v_codes`` uint8 [S, Hkv, D·v_bits/8], ``v_norms`` fp16 [S, Hkv]: the pool of S slots
+    as ``LayerCodec.alloc_buffers`` makes it.
     ``chunk_slots`` [T] (the chunk's own slots, already written by
     ``tq_store_kv``) makes the chunk's K and V come from the packed cache instead
     of ``k``/``v``. ``max_extend_len`` ≥ every chunk length and

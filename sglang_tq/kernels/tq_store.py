@@ -149,19 +149,21 @@ def _quantize_tile(
 # N varies with every batch: one compiled variant for all of them, not one per N % 16
 @triton.jit(do_not_specialize=["N"])
 def _tq_store_kernel(
-    K,
-    V,
-    Loc,
-    PiTK,
-    PiTV,
-    BoundsK,
-    BoundsV,
-    KCodes,
-    KNorms,
-    VCodes,
-    VNorms,
-    KCenter,
-    N,
+    K,  # [N, Hkv, D] float (any float dtype), new keys, unit stride in D; ROTATED: fp32 rows
+    #     already centered and rotated by the launcher, in K's packing order (MLA's latent)
+    V,  # [N, Hkv, D] float, new values, like K; = K for keys only (no V programs: not read)
+    Loc,  # [N] int32/int64, the pool slot each new token is written to
+    PiTK,  # [D, D] fp32 Πᵀ, columns in K's packing order (LayerCodec.pi_t_k); FWHT: Π itself,
+    #        only its first row (s/√D) read; ROTATED: not read
+    PiTV,  # [D, D] fp32 Πᵀ in V's packing order (pi_t_v), as PiTK; FWHT: Π
+    BoundsK,  # [2**K_BITS - 1] fp32, ascending Lloyd-Max thresholds of the key codebook
+    BoundsV,  # [2**V_BITS - 1] fp32, the same for the values
+    KCodes,  # [S, Hkv, D*K_BITS/8] uint8, packed key codes (S pool slots), unit stride in bytes
+    KNorms,  # [S, Hkv] fp16, key norms
+    VCodes,  # [S, Hkv, D*V_BITS/8] uint8, packed value codes; = KCodes for keys only (not written)
+    VNorms,  # [S, Hkv] fp16, value norms; = KNorms for keys only (not written)
+    KCenter,  # [Hkv, D] fp32 contiguous key center μ (K_CENTER, read unless ROTATED); else Π
+    N,  # tokens: rows of K, V and Loc
     stride_k_n,
     stride_k_h,
     stride_v_n,
@@ -278,6 +280,11 @@ def tq_store_kv(
     row_tokens: int = 0,
 ):
     """Quantize K, V [N, Hkv, D] (any float dtype) and write them to slots ``loc`` [N].
+
+    ``k``, ``v``: unit stride in D, any strides over N and Hkv; ``loc`` int32 or int64.
+    ``k_codes`` uint8 [S, Hkv, D·k_bits/8] and ``k_norms`` fp16 [S, Hkv] (``v_codes``
+    [S, Hkv, D·v_bits/8], ``v_norms``): the pool of S slots as ``LayerCodec.alloc_buffers``
+    makes it, the codes with unit stride in their last dimension.
 
     ``v``, ``v_codes`` and ``v_norms`` None: keys only, e.g. MLA's compressed latent
     (D = 512), which serves as the values too (``tq_decode`` with ``v_codes=None``).
