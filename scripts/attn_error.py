@@ -3,7 +3,7 @@
 
     python scripts/attn_error.py --model-path .models/smollm2-bf16 \\
         --configs fp8,k4v4,k8v4 --center-text scripts/fidelity.py \\
-        --out benchmarks/results/attn_error_smollm2_cpu.json
+        --out benchmarks/results/attn_error/attn_error_smollm2_cpu.json
 
 One forward pass of the Hugging Face model over --text (default: this repository's
 README, first --tokens tokens) records every layer's post-RoPE queries and keys (the

@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("output / environment")
     g.add_argument(
         "--out",
-        default="benchmarks/results/bench_decode.json",
+        default="benchmarks/results/bench_decode/bench_decode.json",
         help="JSON output path, relative to the repo root unless absolute",
     )
     g.add_argument(

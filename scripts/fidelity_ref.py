@@ -2,7 +2,7 @@
 """KV-cache fidelity of the TurboQuant *algorithm* on a real model, without SGLang or a GPU.
 
     python scripts/fidelity_ref.py --model-path .models/smollm2-bf16 \\
-        --configs fp8,k4v4,k3v3,k4v2 --out benchmarks/results/fidelity_ref_smollm2.json
+        --configs fp8,k4v4,k3v3,k4v2 --out benchmarks/results/fidelity_ref/fidelity_ref_smollm2.json
 
 ``scripts/fidelity.py`` measures the engine: SGLang servers, fused kernels, GPU. This
 script measures the same quantities with the Hugging Face model and a KV cache that

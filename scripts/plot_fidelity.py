@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plot scripts/fidelity.py results: KL and top-1 agreement against bf16 by generated position.
 
-    python scripts/plot_fidelity.py benchmarks/results/fidelity_long.json --out fidelity_long.png
+    python scripts/plot_fidelity.py benchmarks/results/fidelity/fidelity_long.json --out fidelity_long.png
     python scripts/plot_fidelity.py a.json b.json --configs fp8,k4v4,k4v4-nc --bin-size 128
 
 Issue 14 asks whether the KV cache's error accumulates over a long generation; a mean

@@ -7,7 +7,7 @@ at B = 1 a step is mostly fixed cost, not KV reads (bench_decode_v8: 1 x 4k 0.04
 against FlashInfer's 0.020).
 
     python scripts/profile_decode.py --shapes 1x4096,1x32768,64x16384 --kv k4v4,k3v3 \
-        --out benchmarks/results/profile_decode_h200.json
+        --out benchmarks/results/profile_decode/profile_decode_h200.json
 
 Each (shape, kv) runs ``--steps`` eager steps after a warm-up, with the backend's split
 count and ceiling (as bench_decode.py's default policy); the table gives the mean

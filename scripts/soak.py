@@ -78,7 +78,7 @@ An interrupted run (SIGTERM, Ctrl-C) writes its JSON with ``"partial": true`` an
 
 Report
 ------
-JSON (``--out``, default benchmarks/results/soak_<gpu>_<commit>.json): provenance (gpu,
+JSON (``--out``, default benchmarks/results/soak/soak_<gpu>_<commit>.json): provenance (gpu,
 commit, versions), config, the /server_info subset used, request counts (sent,
 completed, failed, aborted, malformed by kind), retractions (the delta of
 ``sglang:num_retracted_requests_total`` from GET /metrics, which counts every retracted
@@ -1034,7 +1034,7 @@ def gpu_tag(gpu: str | None) -> str:
 def default_out(prov: dict) -> Path:
     commit = str(prov.get("commit") or "unknown")
     tag = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
-    return ROOT / "benchmarks" / "results" / f"soak_{gpu_tag(prov.get('gpu'))}_{tag}.json"
+    return ROOT / "benchmarks" / "results" / "soak" / f"soak_{gpu_tag(prov.get('gpu'))}_{tag}.json"
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1200,7 +1200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "second quarter must stay below this many MiB (default 512,1024)",
     )
     g.add_argument(
-        "--out", help="JSON report (default benchmarks/results/soak_<gpu>_<commit>.json)"
+        "--out", help="JSON report (default benchmarks/results/soak/soak_<gpu>_<commit>.json)"
     )
     args = ap.parse_args(argv)
     if bool(args.model_path) == bool(args.url):

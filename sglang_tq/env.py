@@ -14,14 +14,14 @@
   decode's fused query rotation and of its many-split merge as the fast Walsh-Hadamard
   transform Π is (``sglang_tq/kernels/tq_store.py``, ``sglang_tq/kernels/tq_decode.py``);
   ``0`` runs the dense Π products instead, for A/B runs. Default since the same-call A/B on an H100
-  (``benchmarks/results/ab_fwht_h100_46f802e.json``): store 10.5 → 8.4 µs at one token,
+  (``benchmarks/results/ab_decode/ab_fwht_h100_46f802e.json``): store 10.5 → 8.4 µs at one token,
   decode 1 × 4k 21.9 → 20.4 µs.
 * ``SGLANG_TQ_STORE_ROW_TOKENS``: up to this many new tokens per layer (a decode step of a
   small batch), the store runs one token per one-warp program with its fast Walsh-Hadamard
   rotation in registers, instead of 16-token tensor-core tiles that one real row pads
   (``sglang_tq/kernels/tq_store.py``). Default 8: same-call A/B on an H100
-  (``benchmarks/results/ab_store_rows_h100_8e620f2.json``), k4v4 8.35 → 6.54 µs at one token,
-  8.56 → 6.64 µs at eight; 0 keeps the tiles always.
+  (``benchmarks/results/ab_decode/ab_store_rows_h100_8e620f2.json``), k4v4 8.35 → 6.54 µs at
+  one token, 8.56 → 6.64 µs at eight; 0 keeps the tiles always.
 * ``SGLANG_TQ_EXPERIMENTAL_MLA``: ``1`` admits MLA models (DeepSeek-V2/V3: the packed latent
   pool and backend, ``sglang_tq/serving/mla_pool.py``, ``sglang_tq/serving/mla_backend.py``)
   before a GPU run has validated them; without it they are refused at launch.
