@@ -608,12 +608,14 @@ VECTOR_MERGE_SPLITS = 16
 
 
 # Small batches: at B = 1 the step was 6 us of query rotation, 14 us of stage 1 and 10 us
-# of stage 2 plus the gaps between three launches (profile_decode_h200_74bf82a.json), for
-# 4 MB of codes. Same-run A/B on the H200 (ab_small_batch_h200_464ba0e.json, graph replay),
-# all three switches against none: k4v4 1 x 4k 39.6 -> 31.8 us, 1 x 32k 63.6 -> 52.9,
+# of stage 2 plus the gaps between three launches, for 4 MB of codes
+# (benchmarks/results/profile_decode/profile_decode_h200_74bf82a.json). Same-run A/B on the
+# H200 (benchmarks/results/ab_decode/ab_small_batch_h200_464ba0e.json, graph replay), all
+# three switches against none: k4v4 1 x 4k 39.6 -> 31.8 us, 1 x 32k 63.6 -> 52.9,
 # 8 x 8k 69.0 -> 59.9; the fused rotation alone 1-3 us, the per-head merge 5-7 (it
-# replaced a merge per KV head's group, slower at every shape), PDL ~1 more. Keys in eight tiles (2/3-bit) carry eight rotated query tiles: k3v3 at 8 x 8k
-# lost 4 us with the fused rotation (68.4 -> 72.1) and at 64 x 16k 718 -> 889.
+# replaced a merge per KV head's group, slower at every shape), PDL ~1 more. Keys in
+# eight tiles (2/3-bit) carry eight rotated query tiles: k3v3 at 8 x 8k lost 4 us with
+# the fused rotation (68.4 -> 72.1) and at 64 x 16k 718 -> 889.
 FUSE_ROTATION_BATCH = 8  # stage 1 rotates q itself up to this batch (4-bit keys)
 FUSE_ROTATION_BATCH_EIGHT_TILES = 4  # the same for keys in eight tiles
 
@@ -678,9 +680,10 @@ LAUNCH_TABLE = Path(__file__).with_name("decode_launch.json")
 
 def builtin_launch(head_dim: int) -> DecodeLaunch:
     """The launch for a GPU the table does not name: what won most often on the H200
-    (tune_decode_v5_h200.json; the H100 has the same SM): 64-token tiles, 2 warps, and a
-    split policy that assumes 8 resident programs per SM (more KV splits than 2 would
-    give: 2 at 64 x 16k, 4 at 32 x 32k). d 256 keeps 4 warps, the k3v3 winner there."""
+    (benchmarks/results/tune_decode/tune_decode_v5_h200.json; the H100 has the same SM):
+    64-token tiles, 2 warps, and a split policy that assumes 8 resident programs per SM
+    (more KV splits than 2 would give: 2 at 64 x 16k, 4 at 32 x 32k). d 256 keeps 4 warps,
+    the k3v3 winner there."""
     if head_dim <= 128:
         return DecodeLaunch(block_n=64, num_warps=2, programs_per_sm=8)
     if head_dim <= 256:
@@ -744,7 +747,7 @@ def default_launch(
     does takes that GPU's entries; else :func:`builtin_launch`. The H200 entries at d = 64
     and 256 agree on tile, warps and residency across the pairs tuned there, while the
     built-in launch (the v5 winner) ran k4v3 at d = 64 2x slower than k4v4
-    (bench_decode_v8_h200.json)."""
+    (benchmarks/results/bench_decode/bench_decode_v8_h200.json)."""
     table = load_launch_table(decode_launch_file() or str(LAUNCH_TABLE))
     name = device_name or _device_name() or ""
     if name not in table:
@@ -813,7 +816,8 @@ def tq_decode(
     softmax without a value (attention sinks), added where the splits merge.
     ``fwht`` (default): the fused query rotation and the many-split merge's un-rotation run
     as the fast Walsh-Hadamard transform Π is (no Π read per program; same-call A/B on an
-    H100, ``ab_fwht_h100_46f802e.json``: 1 × 4k 21.9 → 20.4 µs, 1 × 32k 46.3 → 45.1);
+    H100, ``benchmarks/results/ab_decode/ab_fwht_h100_46f802e.json``: 1 × 4k
+    21.9 → 20.4 µs, 1 × 32k 46.3 → 45.1);
     ``False`` reads Π (fp16 in stage 1, fp32 in the merge).
 
     MLA (absorbed form, DeepSeek-V2 Sec. 2.1): ``v_codes`` and ``v_norms`` None make the
@@ -1073,9 +1077,10 @@ def tq_decode_ref(
 
 SPLIT_REF_BATCH = 64  # the batch whose split budget smaller batches share out
 # Most splits one sequence gets, and the fewest tokens a split holds. Same-run A/B on the
-# H200 (ab_split1_h200_dad0f90.json, k4v4, graph replay): 1 x 4k 30.9 us at 16 splits
-# (the old 256-token floor) -> 19.8 at 64; 1 x 32k 53.1 at 64 (the old cap) -> 42.8 at 128;
-# 2 x 16k and 4 x 8k kept their counts (a second wave of programs costs more).
+# H200 (benchmarks/results/ab_decode/ab_split1_h200_dad0f90.json, k4v4, graph replay):
+# 1 x 4k 30.9 us at 16 splits (the old 256-token floor) -> 19.8 at 64; 1 x 32k 53.1 at 64
+# (the old cap) -> 42.8 at 128; 2 x 16k and 4 x 8k kept their counts (a second wave of
+# programs costs more).
 SPLIT_CAP = 128
 MIN_TOKENS_PER_SPLIT = 64
 

@@ -295,10 +295,11 @@ def tq_store_kv(
     rather than a 16-row tensor-core tile that one real row pads; that needs ``fwht``
     (a dot needs 16 rows). ``fwht`` (default) rotates by the fast
     Walsh-Hadamard transform instead of the dense Πᵀ product (same-call A/B on an H100,
-    ``ab_fwht_h100_46f802e.json``: 8.4 against 10.5 µs for one token, 8.8 against 10.6 for
-    64). Above head_dim 256 (MLA's 512-d latent) the rows are rotated here by one fp32
-    matmul against Πᵀ in packing order and the kernel only quantizes and packs them: a
-    [16, 512] rotation tile inside the kernel spills (9 KB at 4 warps, offline sm_90a).
+    ``benchmarks/results/ab_decode/ab_fwht_h100_46f802e.json``: 8.4 against 10.5 µs for
+    one token, 8.8 against 10.6 for 64). Above head_dim 256 (MLA's 512-d latent) the rows
+    are rotated here by one fp32 matmul against Πᵀ in packing order and the kernel only
+    quantizes and packs them: a [16, 512] rotation tile inside the kernel spills (9 KB at
+    4 warps, offline sm_90a).
 
     ``pdl`` (default: where supported) launches with programmatic dependent launch: the
     kernel still waits for its inputs first, but the next PDL launch may start early."""

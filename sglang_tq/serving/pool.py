@@ -407,7 +407,8 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
             self._check_slots(loc)
         # pdl=False: the decode's stage 1 is then scheduled after the store ends instead of
         # occupying SMs while it waits; store + decode at 8 x 4k k4v4 44.5 µs against 57.4
-        # with the PDL store and early q (H100, ab_store_rows_h100_8e620f2.json), level at one
+        # with the PDL store and early q, level at one token (H100,
+        # benchmarks/results/ab_decode/ab_store_rows_h100_8e620f2.json)
         _store_kv(
             k,
             v,

@@ -1,5 +1,6 @@
 """benchmarks/results/: one folder per tool, JSON only (logs/ and key_centers/ excepted), and
-every results path the README, benchmarks/README.md and notes/*.md name exists.
+every results path the README, benchmarks/README.md, notes/*.md and the package (docstrings,
+comments, the launch table) name exists.
 
 A path is ``benchmarks/results/...`` (from the repository root) or ``results/...`` /
 ``../benchmarks/results/...`` (from the document's folder, as a Markdown link resolves it);
@@ -13,7 +14,14 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
-DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted(ROOT.glob("notes/*.md"))]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "benchmarks" / "README.md",
+    *sorted(ROOT.glob("notes/*.md")),
+    # the package cites results in docstrings, comments and the launch table's sources
+    *sorted(ROOT.glob("sglang_tq/**/*.py")),
+    ROOT / "sglang_tq" / "kernels" / "decode_launch.json",
+]
 NON_JSON_FOLDERS = ("logs", "key_centers")  # cited historical logs; key-center .safetensors
 
 PATH = re.compile(r"(?<![\w/.$-])((?:\.\./)*(?:benchmarks/)?results/[\w.*?{},/-]*)")
