@@ -19,7 +19,7 @@ import triton.language as tl
 
 from sglang_tq.format.codec import LayerCodec
 
-from ._checks import check_center, check_head_dim, check_pdl, pdl_launch, pdl_supported
+from ._checks import check_center, check_head_dim, check_pdl, pdl_launch
 from ._codes import hadamard_blocks
 
 
@@ -275,7 +275,7 @@ def tq_store_kv(
     codec: LayerCodec,
     block_n: int | None = None,
     num_warps: int | None = None,
-    pdl: bool | None = None,
+    pdl: bool = False,
     fwht: bool = True,
     row_tokens: int = 0,
 ):
@@ -301,8 +301,11 @@ def tq_store_kv(
     quantizes and packs them: a [16, 512] rotation tile inside the kernel spills (9 KB at
     4 warps, offline sm_90a).
 
-    ``pdl`` (default: where supported) launches with programmatic dependent launch: the
-    kernel still waits for its inputs first, but the next PDL launch may start early."""
+    ``pdl`` launches with programmatic dependent launch: the kernel still waits for its
+    inputs first, but the next PDL launch (the decode's stage 1 with ``early_q``) may start
+    early. Off by default: the early programs then wait on SMs the store's own programs
+    need; store + decode at 8 x 4k k4v4 57.4 µs with it against 44.5 without, level at
+    one token (H100, benchmarks/results/ab_decode/ab_store_rows_h100_8e620f2.json)."""
     n, hkv, d = k.shape
     keys_only = v is None
     if keys_only != (v_codes is None) or keys_only != (v_norms is None):
@@ -329,7 +332,6 @@ def tq_store_kv(
     if not keys_only:
         _check_pool("v", v_codes, v_norms, hkv, codec.v_code_bytes)
     check_center(codec, hkv)
-    pdl = pdl_supported() if pdl is None else pdl
     check_pdl(pdl)
     fwht = bool(fwht) and not rotated
     rows = fwht and n <= row_tokens

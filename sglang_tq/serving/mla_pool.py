@@ -38,7 +38,7 @@ from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 from ..config import TQConfig
 from ..env import fwht_rotations
 from ..format.codec import LayerCodec
-from .pool import MODEL_DTYPES, RefusesRawMoves, _store_kv
+from .pool import MODEL_DTYPES, PackedLayers, RefusesRawMoves, _store_kv
 
 MLA_LATENT_DIMS = (512,)
 MLA_ROPE_DIMS = (64,)
@@ -66,7 +66,7 @@ class MLAPackedLayer(NamedTuple):
     codec: LayerCodec
 
 
-class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
+class TQMLATokenToKVPool(PackedLayers, RefusesRawMoves, KVCache):
     """Token-to-KV pool storing the MLA latent as TurboQuant codes (module docstring)."""
 
     def __init__(
@@ -164,19 +164,7 @@ class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
         )
         self.kv_buffer.append(None)
 
-    def _index(self, layer_id: int) -> int:
-        idx = layer_id - self.start_layer
-        if not 0 <= idx < self.layer_num:
-            raise IndexError(
-                f"layer {layer_id} is outside this KV pool's layers "
-                f"[{self.start_layer}, {self.start_layer + self.layer_num})."
-            )
-        return idx
-
     # -- what the TurboQuant backend reads -----------------------------------
-    def is_packed_layer(self, layer_id: int) -> bool:
-        return self.codecs[self._index(layer_id)] is not None
-
     def get_packed_layer(self, layer_id: int) -> MLAPackedLayer:
         idx = self._index(layer_id)
         if self.codecs[idx] is None:
@@ -271,8 +259,7 @@ class TQMLATokenToKVPool(RefusesRawMoves, KVCache):
             None,
             self.codecs[idx],
             fwht=self.fwht,
-            pdl=False,
-        )  # as TQTokenToKVPool's store
+        )
         self.k_pe[idx][loc] = rope.reshape(-1, self.qk_rope_head_dim).to(self.model_dtype)
 
     def get_mla_kv_buffer(self, layer, loc, dst_dtype=None):

@@ -178,6 +178,23 @@ class PackedLayer(NamedTuple):
     codec: LayerCodec
 
 
+class PackedLayers:
+    """Layer ids -> this pool's index, and which layers are packed (a codec) or bf16 (None),
+    for both packed pools (``start_layer``, ``layer_num``, ``codecs`` per layer)."""
+
+    def _index(self, layer_id: int) -> int:
+        idx = layer_id - self.start_layer
+        if not 0 <= idx < self.layer_num:
+            raise IndexError(
+                f"layer {layer_id} is outside this KV pool's layers "
+                f"[{self.start_layer}, {self.start_layer + self.layer_num})."
+            )
+        return idx
+
+    def is_packed_layer(self, layer_id: int) -> bool:
+        return self.codecs[self._index(layer_id)] is not None
+
+
 class RefusesRawMoves:
     """The KVCache paths that would move packed bytes as if they were bf16 (speculative
     decoding, PD transfer, HiCache, CPU offload): one sentence each, for both packed pools."""
@@ -207,7 +224,7 @@ class RefusesRawMoves:
         self._refuse("loading KV from the CPU", "--disaggregation-decode-enable-offload-kvcache")
 
 
-class TQTokenToKVPool(RefusesRawMoves, KVCache):
+class TQTokenToKVPool(PackedLayers, RefusesRawMoves, KVCache):
     """Token-to-KV pool storing TurboQuant codes (and bf16 K/V for bf16 layers)."""
 
     def __init__(
@@ -323,19 +340,7 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
         self.k_buffer.append(None)
         self.v_buffer.append(None)
 
-    def _index(self, layer_id: int) -> int:
-        idx = layer_id - self.start_layer
-        if not 0 <= idx < self.layer_num:
-            raise IndexError(
-                f"layer {layer_id} is outside this KV pool's layers "
-                f"[{self.start_layer}, {self.start_layer + self.layer_num})."
-            )
-        return idx
-
     # -- what the TurboQuant backend reads -----------------------------------
-    def is_packed_layer(self, layer_id: int) -> bool:
-        return self.codecs[self._index(layer_id)] is not None
-
     def get_packed_layer(self, layer_id: int) -> PackedLayer:
         idx = self._index(layer_id)
         if self.codecs[idx] is None:
@@ -405,10 +410,6 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
             return
         if self._debug:
             self._check_slots(loc)
-        # pdl=False: the decode's stage 1 is then scheduled after the store ends instead of
-        # occupying SMs while it waits; store + decode at 8 x 4k k4v4 44.5 µs against 57.4
-        # with the PDL store and early q, level at one token (H100,
-        # benchmarks/results/ab_decode/ab_store_rows_h100_8e620f2.json)
         _store_kv(
             k,
             v,
@@ -420,7 +421,6 @@ class TQTokenToKVPool(RefusesRawMoves, KVCache):
             self.codecs[idx],
             fwht=self.fwht,
             row_tokens=self.row_tokens,
-            pdl=False,
         )
         if self._debug:
             self._check_norms(layer_id, loc)

@@ -3,6 +3,7 @@ and writes through ``set_kv_buffer`` read back by the decode kernel (Triton
 interpreter on CPU) against the torch reference."""
 
 import contextlib
+import inspect
 import types
 
 import pytest
@@ -395,7 +396,9 @@ def test_fwht_switch_reaches_the_store(monkeypatch, env, fwht, env_rows, rows):
     k = torch.randn(5, 2, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
     loc = torch.arange(5) + 3
     pool.set_kv_buffer(types.SimpleNamespace(layer_id=0), loc.to(DEV), k.to(DEV), k.to(DEV))
-    assert pool.fwht == fwht and seen == [{"fwht": fwht, "row_tokens": rows, "pdl": False}]
+    assert pool.fwht == fwht and seen == [{"fwht": fwht, "row_tokens": rows}]
+    # ... and without PDL: the launcher's default, which the pool does not override
+    assert inspect.signature(tq_store.tq_store_kv).parameters["pdl"].default is False
     packed = pool.get_packed_layer(0)
     codec = LayerCodec.create(64, 3, 4, seed=packed.codec.seed)
     want = codec.alloc_buffers(packed.k_codes.shape[0], 2)
