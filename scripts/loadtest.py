@@ -124,7 +124,7 @@ except ImportError:  # pragma: no cover
 
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = str(ROOT / "scripts/model_configs/llama-3.1-8b")
+DEFAULT_MODEL = str(ROOT / "benchmarks/model_configs/llama-3.1-8b")
 BASELINES = ("bf16", "fp8")  # SGLang's default backend: the denominators of every ratio
 DEFAULT_CONFIGS = ("bf16", "fp8", "k4v4", "k3v3", "bf16-triton", "fp8-triton")
 WORKLOADS = ("reference", "long-gen", "single-stream", "shared-prefix")
@@ -1426,7 +1426,7 @@ def parse_args(argv=None):
         "--model-path",
         default=DEFAULT_MODEL,
         help="model folder (default: the dummy "
-        "Llama-3.1-8B config in scripts/model_configs/llama-3.1-8b)",
+        "Llama-3.1-8B config in benchmarks/model_configs/llama-3.1-8b)",
     )
     ap.add_argument(
         "--configs",

@@ -2,7 +2,7 @@
 
 Used on the GPU host with a dummy-weight model config (no tokenizer needed):
 
-    python scripts/server_smoke.py --model-path scripts/model_configs/llama-3.1-8b \
+    python scripts/server_smoke.py --model-path benchmarks/model_configs/llama-3.1-8b \
         --out smoke.json -- --attention-backend triton --mem-fraction-static 0.45
 
 Everything after ``--`` goes to ``python -m sglang.launch_server`` unchanged.

@@ -28,7 +28,7 @@ if not HAS_CUDA:
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-MODEL_CONFIGS = SCRIPTS / "model_configs"
+MODEL_CONFIGS = ROOT / "benchmarks" / "model_configs"
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

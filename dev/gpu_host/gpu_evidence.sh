@@ -86,7 +86,7 @@
 #       stays busy); every call waits until the soak ends or its LIMIT_S is nearly spent,
 #       and the call that sees it end returns soak.json and the server log.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> arch1 <model config> [labels]   # nvidia-h200 (one GPU):
-#       scripts/server_smoke.py on scripts/model_configs/<model config> (dummy weights) for each
+#       scripts/server_smoke.py on benchmarks/model_configs/<model config> (dummy weights) for each
 #       KV label (default bf16,fp8,k4v4; CUDA graphs on, SGLang's defaults otherwise): does the
 #       server start and answer, and its pool tokens (issue 16: gemma-3-270m, gemma-3-27b,
 #       qwen3-next-small), into $OUT/smoke_<model>_<label>.json.
@@ -138,7 +138,7 @@ soak_start() {  # scripts/soak.py under setsid, once per host (its pid in /tmp/s
   SD=/tmp/soak
   mkdir -p "$SD"
   [ -f "$SD/pid" ] && return 0
-  setsid nohup python scripts/soak.py --model-path scripts/model_configs/llama-3.1-8b \
+  setsid nohup python scripts/soak.py --model-path benchmarks/model_configs/llama-3.1-8b \
     --server-args "--load-format dummy --max-total-tokens ${SOAK_POOL:-100000}" \
     --duration-s "${SOAK_S:-1200}" --out "$SD/soak.json" > "$SD/soak.log" 2>&1 < /dev/null &
   echo $! > "$SD/pid"
@@ -476,7 +476,7 @@ soak1)
   ;;
 arch1)  # nvidia-h200: server_smoke.py on one dummy model config, one server per KV label
   export CUDA_VISIBLE_DEVICES=0
-  MC="scripts/model_configs/${3:?model config}"
+  MC="benchmarks/model_configs/${3:?model config}"
   for kv in $(echo "${4:-bf16,fp8,k4v4}" | tr , ' '); do
     # shellcheck disable=SC2046
     timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/server_smoke.py --model-path "$MC" \
@@ -495,12 +495,12 @@ stock1)  # nvidia-h200: --kv-quant none (plugin loaded) against stock SGLang (pl
     pre=SGLANG_PLUGINS=; flag=(-- --kv-quant none)
     [ "$run" = stock ] && pre=SGLANG_PLUGINS=no-such-plugin && flag=()
     env "$pre" timeout "$(left $(( ${LIMIT_S:-590} - 30 )))" python scripts/server_smoke.py \
-      --model-path scripts/model_configs/llama-3.1-8b --max-new-tokens 256 --log "$LOGS/$run.log" \
+      --model-path benchmarks/model_configs/llama-3.1-8b --max-new-tokens 256 --log "$LOGS/$run.log" \
       --out "$OUT/smoke_$run.json" "${flag[@]}" > "$LOGS/${run}_driver.log" 2>&1
   done
   # the stock run's parser without the plugin must refuse the flag (no server start)
   SGLANG_PLUGINS=no-such-plugin timeout 120 python -m sglang.launch_server --model-path \
-    scripts/model_configs/llama-3.1-8b --kv-quant none > "$LOGS/stock_refuses.log" 2>&1
+    benchmarks/model_configs/llama-3.1-8b --kv-quant none > "$LOGS/stock_refuses.log" 2>&1
   python - "$OUT" "$LOGS" > "$OUT/summary.txt" 2>&1 <<'PY'
 import json, sys
 out, logs = sys.argv[1:3]

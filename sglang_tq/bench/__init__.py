@@ -9,19 +9,34 @@ Shared parts, for every benchmark of the package:
   entries keyed per benchmark;
 * :mod:`.configs` -- KV config labels (bf16, fp8, kXvY, ...) and their server flags.
 
-Subcommands (``SUBCOMMANDS``: name -> module with ``parse_args(argv)`` and ``run(args)``):
-
-* ``eval`` -- GSM8K-CoT and HumanEval accuracy per KV config, paired against bf16;
-  ``eval prepare`` builds its data folder (:mod:`.eval`);
-* ``decode-mla`` -- MLA (DeepSeek-V2/V3) decode attention per step, the packed latent
-  against SGLang's FA3 MLA path with bf16 and fp8 caches (:mod:`.decode_mla`).
-
-``eval`` needs the standard library and aiohttp (which SGLang brings) only; ``decode-mla``
-times kernels with torch and triton (sgl-kernel's FA3 for its baseline rows). The package
-never imports from scripts/.
+Subcommands (``SUBCOMMANDS``: name -> (module, one line); each module has ``parse_args(argv)``
+and ``run(args)``, and ``main(argv)`` that calls the two). No subcommand imports another:
+what two of them share lives in a module that is not a subcommand (``server``, ``results``,
+``configs``, ``cli``, ``timing``, ...). The kernel benchmarks need torch and triton (sgl-kernel
+and SGLang for their baseline rows); the server benchmarks need the standard library and
+aiohttp (which SGLang brings). The package never imports from scripts/.
 """
 
 SUBCOMMANDS = {
-    "eval": "sglang_tq.bench.eval.cli",
-    "decode-mla": "sglang_tq.bench.decode_mla",
+    # kernels, one GPU, no server
+    "decode": ("sglang_tq.bench.decode", "decode attention per step: packed KV vs FA3/FlashInfer"),
+    "ab-decode": ("sglang_tq.bench.ab_decode", "A/B of decode kernel variants, one shape each"),
+    "profile-decode": ("sglang_tq.bench.profile_decode", "per-kernel profile of one decode step"),
+    "extend": ("sglang_tq.bench.extend", "prefill (extend) attention: packed prefix vs FA3"),
+    "decode-mla": ("sglang_tq.bench.decode_mla", "MLA decode per step: packed latent vs FA3"),
+    # servers
+    "load": ("sglang_tq.bench.load", "load test: reference, long-generation, single-stream"),
+    "smoke": ("sglang_tq.bench.smoke", "start a server per KV config, answer one request"),
+    "soak": ("sglang_tq.bench.soak", "overload soak of one server: crashes, 4xx, memory"),
+    "radix": ("sglang_tq.bench.radix", "radix-cache hits on packed KV against cold prefill"),
+    # accuracy
+    "eval": (
+        "sglang_tq.bench.eval.cli",
+        "GSM8K-CoT / HumanEval accuracy vs bf16 (eval prepare: data)",
+    ),
+    "fidelity": ("sglang_tq.bench.fidelity", "teacher-forced KL / top-1 per KV config vs bf16"),
+    "fidelity-ref": ("sglang_tq.bench.fidelity_ref", "the same in transformers (reference)"),
+    "plot-fidelity": ("sglang_tq.bench.plot_fidelity", "per-position KL plot of a result"),
+    "attn-error": ("sglang_tq.bench.attn_error", "attention-output error per layer"),
+    "quantizer-mse": ("sglang_tq.bench.quantizer_mse", "quantizer MSE against the bound"),
 }

@@ -75,6 +75,7 @@ from ..kernels.tq_decode import (
 )
 from ..kernels.tq_store import tq_store_kv
 from . import results, timing
+from .cli import Shape, parse_shapes
 
 TOOL = "sglang_tq.bench decode-mla"
 KEY = ("shape", "impl", "kv")
@@ -118,37 +119,7 @@ carry an error, the rest runs. Exit 0 ok, 1 no CUDA, 2 bad arguments, 3 a row fa
 Example: python -m sglang_tq.bench decode-mla --num-heads 128 --shapes 1x32768,64x8192"""
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """B sequences of L cached tokens each."""
-
-    batch: int
-    seq_len: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.batch}x{self.seq_len}"
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
-
-
 # ----------------------------------------------------------------------------- arguments
-
-
-def parse_shapes(text: str) -> list[Shape]:
-    """``"1x4096,16x8192"`` -> shapes in order, repeats dropped."""
-    shapes = []
-    for item in (s.strip() for s in str(text).split(",")):
-        m = re.fullmatch(r"(\d+)x(\d+)", item.lower())
-        if not m or int(m[1]) < 1 or int(m[2]) < 1:
-            raise ValueError(
-                f"--shapes takes BxL pairs of positive integers such as "
-                f"1x4096,16x8192, got {item!r}."
-            )
-        shapes.append(Shape(int(m[1]), int(m[2])))
-    return list(dict.fromkeys(shapes))
 
 
 def parse_kv(text: str) -> list[int]:
@@ -267,7 +238,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--pool-tokens must be 0 or positive, got {args.pool_tokens}.")
     if 0 < args.pool_tokens < biggest.tokens:
         ap.error(
-            f"--pool-tokens {args.pool_tokens} cannot hold shape {biggest.label} "
+            f"--pool-tokens {args.pool_tokens} cannot hold shape {biggest} "
             f"({biggest.tokens} tokens); give at least that, or 0."
         )
     args.argv = argv
@@ -328,10 +299,10 @@ def make_inputs(shape: Shape, num_heads: int, pool_tokens: int, device, seed: in
         shape=shape,
         kv_rows=kv_rows,
         q=q,
-        kv_indptr=torch.arange(shape.batch + 1, **i32) * shape.seq_len,
+        kv_indptr=torch.arange(shape.batch + 1, **i32) * shape.length,
         kv_indices=kv_indices,
-        page_table=kv_indices.view(shape.batch, shape.seq_len).to(torch.int32),
-        seq_lens=torch.full((shape.batch,), shape.seq_len, **i32),
+        page_table=kv_indices.view(shape.batch, shape.length).to(torch.int32),
+        seq_lens=torch.full((shape.batch,), shape.length, **i32),
         sm_scale=SM_SCALE,
     )
 
@@ -516,7 +487,7 @@ def fa3_step(
 def check_fa3(inputs: MLAInputs, buffer: torch.Tensor, out: torch.Tensor) -> dict:
     """Sequence 0: finite (the gate), and its error against float64 attention over the
     cache's values (fp8: the rounded ones) recorded."""
-    slots = inputs.kv_indices[: inputs.shape.seq_len]
+    slots = inputs.kv_indices[: inputs.shape.length]
     rows = buffer.view(torch.uint8)[slots].view(buffer.dtype).double()
     ref = attention_ref(inputs.q[:1].double(), rows, rows[..., :LATENT], inputs.sm_scale)[0]
     res = compare(
@@ -551,7 +522,7 @@ def entry_config(args, shape: Shape, num_sms: int) -> dict:
         "q_dtype": "bf16",
         "page_size": 1,
         "pool_slots": max(args.pool_tokens, shape.tokens) + 1,
-        "shapes": [s.label for s in args.shape_list],
+        "shapes": [str(s) for s in args.shape_list],
         "splits_policy": SPLITS_POLICY,
         "base_kv_splits": args.max_kv_splits,
         "num_sms": num_sms,
@@ -616,9 +587,9 @@ def bench_shape(args, shape: Shape, device, timer, fa3, fa3_error: str | None) -
     """Every planned row of one shape, each with its config, check and timing or error."""
     num_sms = num_sms_of(device)
     base = {
-        "shape": shape.label,
+        "shape": str(shape),
         "batch": shape.batch,
-        "seq_len": shape.seq_len,
+        "seq_len": shape.length,
         "config": entry_config(args, shape, num_sms),
     }
     rows = []
@@ -722,8 +693,8 @@ def run_benchmark(args, device, timer=time_replay, fa3_loader: Callable = load_f
     rows = []
     for i, shape in enumerate(args.shape_list, 1):
         print(
-            f"[{i}/{len(args.shape_list)}] {shape.label}: B = {shape.batch} sequences, "
-            f"L = {shape.seq_len} cached tokens each",
+            f"[{i}/{len(args.shape_list)}] {str(shape)}: B = {shape.batch} sequences, "
+            f"L = {shape.length} cached tokens each",
             flush=True,
         )
         shape_rows = bench_shape(args, shape, device, timer, fa3, fa3_error)

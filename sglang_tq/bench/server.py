@@ -130,6 +130,38 @@ def http(
         return 0, b""
 
 
+def post_json(url: str, payload: dict, timeout: float = 600) -> object:
+    """POST ``payload`` as JSON; the decoded JSON reply, or the text for endpoints that
+    answer in plain text (``/flush_cache``). RuntimeError carrying the server's message
+    on an HTTP error or when the server cannot be reached."""
+    code, body = http(url, method="POST", payload=payload, timeout=timeout)
+    if code == 0:
+        raise RuntimeError(f"POST {url} -> no answer (server down or timed out after {timeout} s)")
+    if code >= 400:
+        raise RuntimeError(f"POST {url} -> HTTP {code}: {body.decode(errors='replace')[:2000]}")
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")
+
+
+def flush(base_url: str, attempts: int = 3, wait_s: float = 30) -> None:
+    """POST /flush_cache?timeout=wait_s: the scheduler defers the flush until it is idle (a
+    request that just answered may still sit in its running batch for one step); an HTTP 400
+    (not idle in time) is retried. RuntimeError when the cache was not flushed."""
+    for attempt in range(attempts):
+        try:
+            reply = post_json(f"{base_url}/flush_cache?timeout={wait_s:g}", {}, wait_s + 30)
+        except RuntimeError as exc:
+            if "HTTP 400" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+            continue
+        if isinstance(reply, str) and reply.startswith("Cache flushed"):
+            return
+        raise RuntimeError(f"/flush_cache answered {str(reply)[:200]!r}")
+
+
 def server_info(base_url: str) -> dict:
     """The SERVER_INFO_KEYS of ``/server_info`` (``/get_server_info`` on older SGLang), or {}."""
     for path in ("/server_info", "/get_server_info"):

@@ -1,0 +1,63 @@
+"""The bench package's shared argument vocabulary (sglang_tq.bench.cli) and its dispatcher."""
+
+import argparse
+
+import pytest
+
+from sglang_tq.bench import cli
+from sglang_tq.bench.__main__ import main as bench_main
+
+
+def test_shapes_forms_and_repeats():
+    assert cli.parse_shapes("1x4096, 64X16384,1x4096") == [
+        cli.Shape(1, 4096),
+        cli.Shape(64, 16384),
+    ]
+    assert cli.parse_shapes("2x100x256", head_dim=True) == [cli.Shape(2, 100, 256)]
+    assert cli.parse_shapes("64x200+4000s,3x7+5", prefix=True) == [
+        cli.Shape(64, 200, None, 4000, True),
+        cli.Shape(3, 7, None, 5, False),
+    ]
+    assert str(cli.Shape(64, 200, None, 4000, True)) == "64x200+4000s"
+    assert cli.Shape(3, 7).tokens == 21
+
+
+@pytest.mark.parametrize(
+    "text,kw",
+    [
+        ("2x100x256", {}),  # head dim not allowed here
+        ("1x2048+6000", {}),  # prefix not allowed here
+        ("0x4096", {}),
+        ("4096", {}),
+        ("1x4096x4", {"head_dim": True}),  # head dim below 8
+        (" , ", {}),
+    ],
+)
+def test_shapes_refused_with_the_accepted_forms(text, kw):
+    with pytest.raises(ValueError, match="--shapes"):
+        cli.parse_shapes(text, **kw)
+
+
+def test_kv_bits_and_argparse_errors(capsys):
+    assert cli.parse_kv_bits("k4v4,K3V3,k4v4") == [("k4v4", 4, 4), ("k3v3", 3, 3)]
+    ap = argparse.ArgumentParser()
+    cli.add_kv_bits(ap)
+    cli.add_shapes(ap, "1x4096")
+    args = ap.parse_args([])
+    assert args.kv == [("k4v4", 4, 4), ("k3v3", 3, 3)] and args.shapes == [cli.Shape(1, 4096)]
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--kv", "k5v4"])
+    assert "k4v4" in capsys.readouterr().err
+
+
+def test_default_out_names_gpu_and_commit():
+    out = cli.default_out("soak", {"gpu": "NVIDIA H200", "commit": "abcdef0123-dirty"})
+    assert out == cli.RESULTS / "soak" / "soak_h200_abcdef0-dirty.json"
+    assert cli.gpu_tag(None) == "unknown" and cli.gpu_tag("Tesla T4") == "t4"
+
+
+def test_dispatcher_usage_and_unknown(capsys):
+    assert bench_main([]) == 2
+    assert "decode-mla" in capsys.readouterr().out
+    assert bench_main(["nope"]) == 2
+    assert "unknown subcommand" in capsys.readouterr().err
