@@ -144,7 +144,7 @@ def add_out(ap: argparse.ArgumentParser, tool: str, stem: str | None = None) -> 
         "--out",
         type=Path,
         default=None,
-        help=f"results JSON (default benchmarks/results/{tool}/{stem or tool}_<gpu>_<commit>.json)",
+        help=f"results JSON (default: {stem or tool}_<gpu>_<commit>.json in the {tool} results folder)",
     )
 
 

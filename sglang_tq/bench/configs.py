@@ -33,8 +33,8 @@ measure accuracy and leave the pool at bf16 size. KIVI's token groups must not b
 a radix-cache hit, hence ``--disable-radix-cache``.
 
 ``bf16`` and ``fp8`` name no ``--attention-backend``, so SGLang picks its default for the
-GPU at hand (fa3 on Hopper). This is the mapping of ``scripts/loadtest.py``'s
-``kv_server_flags``, moved here so that scripts can import it instead of keeping a copy.
+GPU at hand (fa3 on Hopper). Every subcommand that starts servers (load, smoke, soak,
+fidelity, radix, eval) reads its flags from here.
 """
 
 from __future__ import annotations
