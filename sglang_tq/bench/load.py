@@ -267,13 +267,15 @@ def _random_workload(
     name: str,
     defaults: dict,
     quick_defaults: dict,
+    *,
     num_requests: int,
     input_len: int,
     output_len: int,
     concurrency: int,
-    seed: int,
-    quick: bool,
+    seed: int = 0,
+    quick: bool = False,
 ) -> Workload:
+    """``num_requests`` prompts of ``input_len`` random ids (seeded by ``name`` and ``seed``)."""
     params = dict(
         num_requests=num_requests,
         input_len=input_len,
@@ -292,46 +294,15 @@ def _random_workload(
     )
 
 
-def reference_workload(
-    num_requests: int,
-    input_len: int,
-    output_len: int,
-    concurrency: int,
-    seed: int = 0,
-    quick: bool = False,
-) -> Workload:
-    return _random_workload(
-        "reference",
-        REFERENCE_DEFAULTS,
-        REFERENCE_QUICK,
-        num_requests,
-        input_len,
-        output_len,
-        concurrency,
-        seed,
-        quick,
-    )
+def reference_workload(**params) -> Workload:
+    """The reference workload; ``params``: num_requests, input_len, output_len, concurrency
+    and optionally seed and quick (see _random_workload)."""
+    return _random_workload("reference", REFERENCE_DEFAULTS, REFERENCE_QUICK, **params)
 
 
-def long_gen_workload(
-    num_requests: int,
-    input_len: int,
-    output_len: int,
-    concurrency: int,
-    seed: int = 0,
-    quick: bool = False,
-) -> Workload:
-    return _random_workload(
-        "long-gen",
-        LONG_GEN_DEFAULTS,
-        LONG_GEN_QUICK,
-        num_requests,
-        input_len,
-        output_len,
-        concurrency,
-        seed,
-        quick,
-    )
+def long_gen_workload(**params) -> Workload:
+    """The long-generation workload; ``params`` as for reference_workload."""
+    return _random_workload("long-gen", LONG_GEN_DEFAULTS, LONG_GEN_QUICK, **params)
 
 
 def single_stream_name(context: int) -> str:
