@@ -70,7 +70,7 @@
 #   bash dev/gpu_host/gpu_evidence.sh <commit> split1  # nvidia-h200 (one GPU): kernel times of a k4v4
 #       step at B <= 4 (profile_decode.py) and an A/B of split counts and launches there.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> lt1 <configs> [workloads [loadtest args...]]   # nvidia-h200
-#       (one GPU, FA3 staged): scripts/loadtest.py's workloads (default: reference, long-gen,
+#       (one GPU, FA3 staged): sglang_tq.bench load's workloads (default: reference, long-gen,
 #       single-stream) for <configs>, one fresh server each, into $OUT/loadtest.json (merge calls
 #       with --merge); e.g. `lt1 k4v4,bf16 single-stream --profile-steps 32`.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> eval1 <configs> [tasks]   # nvidia-h200 (one GPU, FA3 and
@@ -80,19 +80,19 @@
 #       budget comes from LIMIT_S (the call's limit_s, default 590, counted from the script's
 #       start), and the JSON returns even when the budget cuts the run short.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> soak1   # nvidia-h200 (one GPU), called 3 times back to back:
-#       scripts/soak.py on the dummy Llama-3.1-8B with k4v4 (pool capped at $SOAK_POOL tokens,
+#       sglang_tq.bench soak on the dummy Llama-3.1-8B with k4v4 (pool capped at $SOAK_POOL tokens,
 #       default 100000, so that the offered load exceeds it 2x), $SOAK_S seconds (default
 #       1200). The first call starts it under setsid (it outlives the call while the host
 #       stays busy); every call waits until the soak ends or its LIMIT_S is nearly spent,
 #       and the call that sees it end returns soak.json and the server log.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> arch1 <model config> [labels]   # nvidia-h200 (one GPU):
-#       scripts/server_smoke.py on benchmarks/model_configs/<model config> (dummy weights) for each
+#       sglang_tq.bench smoke on benchmarks/model_configs/<model config> (dummy weights) for each
 #       KV label (default bf16,fp8,k4v4; CUDA graphs on, SGLang's defaults otherwise): does the
 #       server start and answer, and its pool tokens (issue 16: gemma-3-270m, gemma-3-27b,
 #       qwen3-next-small), into $OUT/smoke_<model>_<label>.json.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> stock1   # nvidia-h200 (one GPU): `--kv-quant none` against
 #       stock SGLang (the plugin not loaded: SGLANG_PLUGINS names another plugin), one server
-#       each on the dummy Llama-3.1-8B, greedy output ids of server_smoke.py compared
+#       each on the dummy Llama-3.1-8B, greedy output ids of sglang_tq.bench smoke compared
 #       (issue 15: "--kv-quant none is still bit-identical"), into $OUT/stock_identity.json.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> store1   # nvidia-h200 (one GPU): the write-path A/B,
 #       bench_decode.py's store rows and store + decode chain (k4v4, k3v3) at N = 1 and N = 64,
@@ -134,11 +134,11 @@ merge_tables() {  # the committed table with every table_*.json of this call, in
     --write-table "$1" > "$LOGS/merge.log" 2>&1
 }
 
-soak_start() {  # scripts/soak.py under setsid, once per host (its pid in /tmp/soak): it outlives the call
+soak_start() {  # sglang_tq.bench soak under setsid, once per host (its pid in /tmp/soak): it outlives the call
   SD=/tmp/soak
   mkdir -p "$SD"
   [ -f "$SD/pid" ] && return 0
-  setsid nohup python scripts/soak.py --model-path benchmarks/model_configs/llama-3.1-8b \
+  setsid nohup python -m sglang_tq.bench soak --model-path benchmarks/model_configs/llama-3.1-8b \
     --server-args "--load-format dummy --max-total-tokens ${SOAK_POOL:-100000}" \
     --duration-s "${SOAK_S:-1200}" --out "$SD/soak.json" > "$SD/soak.log" 2>&1 < /dev/null &
   echo $! > "$SD/pid"
@@ -158,7 +158,7 @@ perf)
   P0=$!
   (
     export CUDA_VISIBLE_DEVICES=1
-    python scripts/loadtest.py --configs k4v4,bf16,fp8,k3v3 "${LT[@]}" --out "$OUT/loadtest.json" \
+    python -m sglang_tq.bench load --configs k4v4,bf16,fp8,k3v3 "${LT[@]}" --out "$OUT/loadtest.json" \
       --log-dir "$LOGS/lt" --budget-s "$(left 550)" > "$LOGS/loadtest.log" 2>&1
   ) &
   P1=$!
@@ -185,7 +185,7 @@ tune)
       --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 510)" \
       --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) & P0=$!
   lt() {  # GPU, configs, name
-    CUDA_VISIBLE_DEVICES=$1 python scripts/loadtest.py --configs "$2" "${LT[@]}" --out "$LOGS/lt_$3.json" \
+    CUDA_VISIBLE_DEVICES=$1 python -m sglang_tq.bench load --configs "$2" "${LT[@]}" --out "$LOGS/lt_$3.json" \
       --log-dir "$LOGS/lt_$3" --budget-s "$(left 520)" > "$LOGS/lt_$3.log" 2>&1
   }
   lt 1 k4v4 tq4 & P1=$!
@@ -194,7 +194,7 @@ tune)
     lt 2 k3v3 tq3 ) & P2=$!
   ( lt 3 bf16 bf16; lt 3 fp8 fp8 ) & P3=$!
   wait "$P0" "$P1" "$P2" "$P3"
-  python scripts/loadtest.py --merge "$LOGS"/lt_bf16.json "$LOGS"/lt_fp8.json "$LOGS"/lt_tq4.json \
+  python -m sglang_tq.bench load --merge "$LOGS"/lt_bf16.json "$LOGS"/lt_fp8.json "$LOGS"/lt_tq4.json \
     "$LOGS"/lt_tq3.json --out "$OUT/loadtest.json" > "$LOGS/lt_merge.log" 2>&1
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; cat "$LOGS/phase.log"; grep -h BEST "$LOGS"/tune_*.log
     echo "== bench"; tail -60 "$LOGS/bench.log"; echo "== loadtest"; tail -25 "$LOGS/lt_merge.log"
@@ -206,7 +206,7 @@ check)
        --extra-server-args=--cuda-graph-max-bs-decode=64)
   for i in 0 1; do
     c=$([ $i = 0 ] && echo fp8 || echo k4v4)
-    ( CUDA_VISIBLE_DEVICES=$i python scripts/loadtest.py --configs "$c" "${SPX[@]}" \
+    ( CUDA_VISIBLE_DEVICES=$i python -m sglang_tq.bench load --configs "$c" "${SPX[@]}" \
         --out "$LOGS/sp_$c.json" --log-dir "$LOGS/sp_$c" --budget-s "$(left 540)" \
         > "$LOGS/sp_$c.log" 2>&1 ) &
   done
@@ -218,7 +218,7 @@ check)
       --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 520)" \
       --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) &
   wait
-  python scripts/loadtest.py --merge "$LOGS/sp_fp8.json" "$LOGS/sp_k4v4.json" \
+  python -m sglang_tq.bench load --merge "$LOGS/sp_fp8.json" "$LOGS/sp_k4v4.json" \
     --out "$OUT/loadtest_sp.json" > "$LOGS/sp_merge.log" 2>&1
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== shared prefix"; tail -12 "$LOGS/sp_merge.log"
     echo "== bench"; tail -40 "$LOGS/bench.log"; } > "$OUT/summary.txt" 2>&1
@@ -227,11 +227,11 @@ final)
   SPX=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
        --extra-server-args=--cuda-graph-max-bs-decode=64)
   lt() {  # GPU, config
-    CUDA_VISIBLE_DEVICES=$1 python scripts/loadtest.py --configs "$2" "${LT[@]}" --out "$LOGS/lt_$2.json" \
+    CUDA_VISIBLE_DEVICES=$1 python -m sglang_tq.bench load --configs "$2" "${LT[@]}" --out "$LOGS/lt_$2.json" \
       --log-dir "$LOGS/lt_$2" --budget-s "$(left 540)" > "$LOGS/lt_$2.log" 2>&1
   }
   sp() {  # GPU, config
-    CUDA_VISIBLE_DEVICES=$1 python scripts/loadtest.py --configs "$2" "${SPX[@]}" --out "$LOGS/sp_$2.json" \
+    CUDA_VISIBLE_DEVICES=$1 python -m sglang_tq.bench load --configs "$2" "${SPX[@]}" --out "$LOGS/sp_$2.json" \
       --log-dir "$LOGS/sp_$2" --budget-s "$(left 540)" > "$LOGS/sp_$2.log" 2>&1
   }
   ( CUDA_VISIBLE_DEVICES=0 timeout "$(left 330)" python scripts/bench_decode.py \
@@ -249,9 +249,9 @@ final)
       --out "$LOGS/profile_decode.json" > "$LOGS/profile.log" 2>&1 ) &
   ( lt 3 k4v4; lt 3 k3v3 ) &
   wait
-  python scripts/loadtest.py --merge "$LOGS"/lt_bf16.json "$LOGS"/lt_fp8.json "$LOGS"/lt_k4v4.json \
+  python -m sglang_tq.bench load --merge "$LOGS"/lt_bf16.json "$LOGS"/lt_fp8.json "$LOGS"/lt_k4v4.json \
     "$LOGS"/lt_k3v3.json --out "$OUT/loadtest.json" > "$LOGS/lt_merge.log" 2>&1
-  python scripts/loadtest.py --merge "$LOGS"/sp_fp8.json "$LOGS"/sp_k4v4.json \
+  python -m sglang_tq.bench load --merge "$LOGS"/sp_fp8.json "$LOGS"/sp_k4v4.json \
     --out "$OUT/loadtest_sp.json" > "$LOGS/sp_merge.log" 2>&1
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== bench"; tail -45 "$LOGS/bench.log"
     echo "== loadtest"; tail -10 "$LOGS/lt_merge.log"; echo "== shared prefix"; tail -8 "$LOGS/sp_merge.log"
@@ -262,7 +262,7 @@ mixed)
        "--extra-server-args=--cuda-graph-max-bs-decode=64 --enable-mixed-chunk")
   i=0
   for c in bf16 fp8 k4v4 k3v3; do
-    CUDA_VISIBLE_DEVICES=$i python scripts/loadtest.py --configs "$c" "${LTM[@]}" \
+    CUDA_VISIBLE_DEVICES=$i python -m sglang_tq.bench load --configs "$c" "${LTM[@]}" \
       --out "$LOGS/ltm_$c.json" --log-dir "$LOGS/ltm_$c" --budget-s "$(left 500)" \
       > "$LOGS/ltm_$c.log" 2>&1 &
     i=$((i + 1))
@@ -270,7 +270,7 @@ mixed)
   wait
   CUDA_VISIBLE_DEVICES=0 timeout "$(left 570)" python -m pytest -q -p no:cacheprovider \
     tests/serving/test_backend.py > "$OUT/pytest.log" 2>&1
-  python scripts/loadtest.py --merge "$LOGS"/ltm_bf16.json "$LOGS"/ltm_fp8.json "$LOGS"/ltm_k4v4.json \
+  python -m sglang_tq.bench load --merge "$LOGS"/ltm_bf16.json "$LOGS"/ltm_fp8.json "$LOGS"/ltm_k4v4.json \
     "$LOGS"/ltm_k3v3.json --out "$OUT/loadtest_mixed.json" > "$LOGS/ltm_merge.log" 2>&1
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== loadtest (mixed chunk)"
     tail -14 "$LOGS/ltm_merge.log"; } > "$OUT/summary.txt" 2>&1
@@ -300,7 +300,7 @@ lut3)
     timeout "$(left 560)" python -m pytest -q -p no:cacheprovider tests/kernels/test_lut.py tests/kernels/test_kernels.py \
       tests/kernels/test_key_centers_kernels.py tests/kernels/test_launch_table.py > "$OUT/pytest.log" 2>&1 ) &
   ( export SGLANG_TQ_DECODE_LAUNCH=$TAB
-    CUDA_VISIBLE_DEVICES=3 python scripts/loadtest.py --configs k3v3 "${LT[@]}" --out "$OUT/loadtest_k3v3.json" \
+    CUDA_VISIBLE_DEVICES=3 python -m sglang_tq.bench load --configs k3v3 "${LT[@]}" --out "$OUT/loadtest_k3v3.json" \
       --log-dir "$LOGS/lt_k3v3" --budget-s "$(left 560)" > "$LOGS/lt_k3v3.log" 2>&1 ) &
   wait
   { echo "== merge"; cat "$LOGS/merge.log"; echo "== pytest"; tail -3 "$OUT/pytest.log"
@@ -313,13 +313,13 @@ qwen|qwen+serving)
       --extra-server-args=--cuda-graph-max-bs-decode=64)
   if [ "$MODE" = qwen+serving ]; then
     ( export CUDA_VISIBLE_DEVICES=2
-      python scripts/loadtest.py --configs fp8,k4v4 "${SP[@]}" --out "$OUT/loadtest_sp.json" \
+      python -m sglang_tq.bench load --configs fp8,k4v4 "${SP[@]}" --out "$OUT/loadtest_sp.json" \
         --log-dir "$LOGS/sp" --budget-s "$(left 540)" > "$LOGS/sp.log" 2>&1 ) & PS=$!
     ( export CUDA_VISIBLE_DEVICES=3
-      python scripts/loadtest.py --configs k4v4 "${SP[@]}" --prefill-cuda-graph \
+      python -m sglang_tq.bench load --configs k4v4 "${SP[@]}" --prefill-cuda-graph \
         --out "$OUT/loadtest_sp_prefill_graphs.json" --log-dir "$LOGS/spg" --budget-s "$(left 540)" \
         > "$LOGS/spg.log" 2>&1
-      python scripts/loadtest.py --configs k3v3 "${LT[@]}" --out "$OUT/loadtest_k3v3.json" \
+      python -m sglang_tq.bench load --configs k3v3 "${LT[@]}" --out "$OUT/loadtest_k3v3.json" \
         --log-dir "$LOGS/lt_k3v3" --budget-s "$(left 545)" > "$LOGS/lt_k3v3.log" 2>&1 ) & PG=$!
   fi
   M=$(bash dev/gpu_host/unpack_model.sh qwen2.5-coder-0.5b 2>> "$LOGS/unpack.log") || M=""
@@ -368,8 +368,8 @@ prefill)
   export CUDA_VISIBLE_DEVICES=0
   timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py tests/serving/test_backend.py \
     -k "fa3 or impl or backend" > "$OUT/pytest.log" 2>&1
-  # loadtest.py's start-up estimate (150 s) is an H100-era guess: bound by timeout instead
-  timeout "$(left 585)" python scripts/loadtest.py --configs k4v4,bf16,fp8 "${LT[@]}" \
+  # sglang_tq.bench load's start-up estimate (150 s) is an H100-era guess: bound by timeout instead
+  timeout "$(left 585)" python -m sglang_tq.bench load --configs k4v4,bf16,fp8 "${LT[@]}" \
     --out "$OUT/loadtest.json" --log-dir "$LOGS/lt" > "$LOGS/lt.log" 2>&1
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== loadtest"; tail -14 "$LOGS/lt.log"
     grep -h "prefill attention" "$LOGS"/lt/*.log; } > "$OUT/summary.txt" 2>&1
@@ -378,9 +378,9 @@ sp1)
   export CUDA_VISIBLE_DEVICES=0
   SPX=(--workloads shared-prefix --mem-fraction-static 0.45 --sp-requests-per-prefix 64
        --extra-server-args=--cuda-graph-max-bs-decode=64)
-  timeout "$(left 380)" python scripts/loadtest.py --configs k4v4,fp8 "${SPX[@]}" \
+  timeout "$(left 380)" python -m sglang_tq.bench load --configs k4v4,fp8 "${SPX[@]}" \
     --out "$OUT/loadtest_sp.json" --log-dir "$LOGS/sp" > "$LOGS/sp.log" 2>&1
-  timeout "$(left 585)" python scripts/loadtest.py --configs k3v3 "${LT[@]}" \
+  timeout "$(left 585)" python -m sglang_tq.bench load --configs k3v3 "${LT[@]}" \
     --out "$OUT/loadtest_k3v3.json" --log-dir "$LOGS/lt" > "$LOGS/lt.log" 2>&1
   { echo "== shared prefix"; tail -12 "$LOGS/sp.log"; echo "== k3v3"; tail -8 "$LOGS/lt.log"
   } > "$OUT/summary.txt" 2>&1
@@ -434,9 +434,9 @@ split1)  # nvidia-h200 (one GPU): batch-1 split counts and launches (ab_decode),
   cp "$LOGS/profile.json" "$OUT/profile_decode.json"
   { echo "== profile"; tail -8 "$LOGS/profile.log"; echo "== ab"; tail -8 "$LOGS/ab.log"; } > "$OUT/summary.txt" 2>&1
   ;;
-lt1)  # nvidia-h200 (one GPU, FA3 staged): loadtest.py's workloads ($4, default all) for the configs in $3
+lt1)  # nvidia-h200 (one GPU, FA3 staged): sglang_tq.bench load's workloads ($4, default all) for the configs in $3
   export CUDA_VISIBLE_DEVICES=0
-  timeout "$(left 590)" python scripts/loadtest.py --configs "${3:?configs}" --out "$OUT/loadtest.json" \
+  timeout "$(left 590)" python -m sglang_tq.bench load --configs "${3:?configs}" --out "$OUT/loadtest.json" \
     ${4:+--workloads "$4"} "${@:5}" --log-dir "$LOGS/lt" --budget-s "$(left 580)" > "$LOGS/lt.log" 2>&1
   { tail -40 "$LOGS/lt.log"; grep -h "prefill attention\|Use .* backend\|max_total_num_tokens=" \
       "$LOGS"/lt/*.log | head; } > "$OUT/summary.txt" 2>&1
@@ -474,12 +474,12 @@ soak1)
   fi
   tail -40 "$SD/soak.log" >> "$OUT/summary.txt" 2>&1
   ;;
-arch1)  # nvidia-h200: server_smoke.py on one dummy model config, one server per KV label
+arch1)  # nvidia-h200: sglang_tq.bench smoke on one dummy model config, one server per KV label
   export CUDA_VISIBLE_DEVICES=0
   MC="benchmarks/model_configs/${3:?model config}"
   for kv in $(echo "${4:-bf16,fp8,k4v4}" | tr , ' '); do
     # shellcheck disable=SC2046
-    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/server_smoke.py --model-path "$MC" \
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python -m sglang_tq.bench smoke --model-path "$MC" \
       --log "$LOGS/smoke_$kv.log" --out "$OUT/smoke_${3}_$kv.json" -- \
       $(python -c "from sglang_tq.bench.configs import kv_server_flags; print(' '.join(kv_server_flags('$kv')))") \
       > "$LOGS/smoke_${kv}_driver.log" 2>&1
@@ -494,7 +494,7 @@ stock1)  # nvidia-h200: --kv-quant none (plugin loaded) against stock SGLang (pl
     # the plugin run names --kv-quant none: only a server that loaded the plugin accepts it
     pre=SGLANG_PLUGINS=; flag=(-- --kv-quant none)
     [ "$run" = stock ] && pre=SGLANG_PLUGINS=no-such-plugin && flag=()
-    env "$pre" timeout "$(left $(( ${LIMIT_S:-590} - 30 )))" python scripts/server_smoke.py \
+    env "$pre" timeout "$(left $(( ${LIMIT_S:-590} - 30 )))" python -m sglang_tq.bench smoke \
       --model-path benchmarks/model_configs/llama-3.1-8b --max-new-tokens 256 --log "$LOGS/$run.log" \
       --out "$OUT/smoke_$run.json" "${flag[@]}" > "$LOGS/${run}_driver.log" 2>&1
   done
@@ -585,7 +585,7 @@ all)
     export CUDA_VISIBLE_DEVICES=0
     timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py tests/serving/test_backend.py \
       -k "extend or dequant or backend" > "$OUT/pytest.log" 2>&1
-    python scripts/loadtest.py --configs bf16,k4v4 "${LT[@]}" --out "$LOGS/lt_a.json" \
+    python -m sglang_tq.bench load --configs bf16,k4v4 "${LT[@]}" --out "$LOGS/lt_a.json" \
       --log-dir "$LOGS/lt_a" --budget-s "$(left 545)" > "$LOGS/lt_a.log" 2>&1
   ) &
   P0=$!
@@ -600,12 +600,12 @@ all)
         --out "$OUT/radix_smollm2.json" > "$LOGS/radix.log" 2>&1 &
       wait
     fi
-    python scripts/loadtest.py --configs fp8 "${LT[@]}" --out "$LOGS/lt_b.json" \
+    python -m sglang_tq.bench load --configs fp8 "${LT[@]}" --out "$LOGS/lt_b.json" \
       --log-dir "$LOGS/lt_b" --budget-s "$(left 545)" > "$LOGS/lt_b.log" 2>&1
   ) &
   P1=$!
   wait "$P0" "$P1"
-  python scripts/loadtest.py --merge "$LOGS/lt_a.json" "$LOGS/lt_b.json" \
+  python -m sglang_tq.bench load --merge "$LOGS/lt_a.json" "$LOGS/lt_b.json" \
     --out "$OUT/loadtest_h100eq.json" > "$OUT/summary.txt" 2>&1
   { echo "== pytest"; tail -3 "$OUT/pytest.log"; echo "== fidelity"; tail -40 "$LOGS/fidelity.log"
     echo "== radix"; tail -30 "$LOGS/radix.log"; } >> "$OUT/summary.txt" 2>&1

@@ -37,7 +37,7 @@ from aiohttp import web  # noqa: E402
 from sglang_tq.bench import __main__ as bench_main  # noqa: E402
 from sglang_tq.bench import configs, results, server  # noqa: E402
 from sglang_tq.bench.eval import client, data, gsm8k, humaneval, miniyaml, sandbox, stats  # noqa: E402
-from tests.conftest import ROOT, import_script  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
 
 TINY = Path(__file__).resolve().parent / "data" / "eval_tiny"
 PROVENANCE = {
@@ -545,8 +545,9 @@ def test_get_provenance_runs_in_a_child(tmp_path):
 
 
 def test_config_flags_are_shared_with_loadtest():
-    loadtest = import_script("loadtest")
-    assert loadtest.kv_server_flags is configs.kv_server_flags  # one table, not a copy
+    from sglang_tq.bench import load
+
+    assert load.kv_server_flags is configs.kv_server_flags  # one table, not a copy
     assert configs.kv_server_flags("bf16") == [] and configs.kv_server_flags("bf16-fa3") == [
         "--attention-backend",
         "fa3",

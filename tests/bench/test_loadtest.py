@@ -1,12 +1,12 @@
-"""scripts/loadtest.py on CPU: the streaming client, statistics and JSON against a fake
-SGLang server (aiohttp.web on 127.0.0.1) that emits SGLang 0.5.17-shaped SSE chunks
-(``data: {"output_ids": [...], "meta_info": {...}}``, then ``data: [DONE]``; output_ids
-cumulative, or only the new ones as with ``--incremental-streaming-output``; one or
-several tokens per chunk), emulates the radix cache's ``cached_tokens`` (longest common
-prefix with earlier prompts) and reports its attention backend in ``/server_info`` the
-way SGLang does (the default backend, resolved, when no ``--attention-backend`` is
-given). The end-to-end test runs ``main()`` with the fake server as a subprocess in
-place of ``sglang.launch_server``.
+"""``python -m sglang_tq.bench load`` on CPU: the streaming client (sglang_tq.bench.stream),
+statistics and JSON against a fake SGLang server (aiohttp.web on 127.0.0.1) that emits
+SGLang 0.5.17-shaped SSE chunks (``data: {"output_ids": [...], "meta_info": {...}}``, then
+``data: [DONE]``; output_ids cumulative, or only the new ones as with
+``--incremental-streaming-output``; one or several tokens per chunk), emulates the radix
+cache's ``cached_tokens`` (longest common prefix with earlier prompts) and reports its
+attention backend in ``/server_info`` the way SGLang does (the default backend, resolved,
+when no ``--attention-backend`` is given). The end-to-end test runs ``main()`` with the fake
+server as a subprocess in place of ``sglang.launch_server``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
 
+import sglang_tq.bench.load as lt  # noqa: E402
+from sglang_tq.bench import server as bench_server  # noqa: E402
+from sglang_tq.bench import stream  # noqa: E402
 from tests.bench.conftest import write_fake_launcher  # noqa: E402
-from tests.conftest import import_script  # noqa: E402
-
-lt = import_script("loadtest")
 
 ERROR_TOKEN, ABORT_TOKEN, HTTP500_TOKEN = 13, 14, 15
 # one fake decode step: (kernel name, µs); each kernel is followed by 1 µs of idle GPU
@@ -386,7 +386,7 @@ def test_percentile_matches_numpy():
 
 
 def test_compute_stats_exact():
-    R = lt.ReqResult
+    R = stream.ReqResult
     results = [
         R(
             ok=True,
@@ -424,24 +424,24 @@ def test_compute_stats_exact():
 
 
 def test_sse_event_parsing():
-    res = lt.ReqResult()
+    res = stream.ReqResult()
     ev = (
         b'data: {"output_ids": [5], "meta_info": {"completion_tokens": 1, "prompt_tokens": 9, '
         b'"cached_tokens": 4, "finish_reason": null}}'
     )
-    assert lt._handle_event(ev, res, t0=10.0, now=10.5) is False
+    assert stream.handle_event(ev, res, t0=10.0, now=10.5) is False
     assert res.ttft == pytest.approx(0.5) and res.prompt_tokens == 9 and res.cached_tokens == 4
     ev = (
         b'data: {"output_ids": [5, 6], "meta_info": {"completion_tokens": 2, "prompt_tokens": 9, '
         b'"cached_tokens": 4, "finish_reason": {"type": "length", "length": 2}}}'
     )
-    lt._handle_event(ev, res, t0=10.0, now=11.0)
+    stream.handle_event(ev, res, t0=10.0, now=11.0)
     assert res.latency == pytest.approx(1.0) and res.ttft == pytest.approx(0.5)
     assert res.completion_tokens == 2 and res.finish_reason["type"] == "length"
-    assert lt._handle_event(b"data: [DONE]", res, 10.0, 11.1) is True
+    assert stream.handle_event(b"data: [DONE]", res, 10.0, 11.1) is True
     # no meta_info.completion_tokens: fall back to len(output_ids)
-    r2 = lt.ReqResult()
-    lt._handle_event(b'data: {"output_ids": [1, 2, 3]}', r2, 0.0, 0.2)
+    r2 = stream.ReqResult()
+    stream.handle_event(b'data: {"output_ids": [1, 2, 3]}', r2, 0.0, 0.2)
     assert r2.completion_tokens == 3 and r2.ttft == pytest.approx(0.2)
 
 
@@ -572,7 +572,7 @@ def test_detect_backend_and_settings():
         and split["prefill_backend"] == "fa3"
         and "backend_mismatch" not in split
     )
-    assert lt._DEFAULT_BACKEND_RE.findall(
+    assert bench_server._DEFAULT_BACKEND_RE.findall(
         "[2026] INFO overrides.py:2025: Attention backend not specified. Use fa3 backend by default."
     ) == ["fa3"]
     args = lt.parse_args([])
@@ -709,18 +709,20 @@ def test_estimates_know_the_new_workloads():
 
 def test_itl_from_chunks():
     # one token per chunk: the gaps themselves; the first chunk only sets TTFT
-    r = lt.itl_from_arrivals([(0.5, 1), (0.51, 2), (0.53, 3), (0.54, 4)])
+    r = stream.itl_from_arrivals([(0.5, 1), (0.51, 2), (0.53, 3), (0.54, 4)])
     assert r.itl == pytest.approx([0.01, 0.02, 0.01]) and r.multi_token_chunks == 0
     assert r.first_chunk_tokens == 1 and r.max_chunk_tokens == 1 and r.arrivals == 4
     # a chunk with 3 tokens after 30 ms is three 10 ms gaps, not one 30 ms gap
-    r = lt.itl_from_arrivals([(1.0, 2), (1.01, 3), (1.04, 6), (1.04, 6), (1.05, 7)])
+    r = stream.itl_from_arrivals([(1.0, 2), (1.01, 3), (1.04, 6), (1.04, 6), (1.05, 7)])
     assert r.itl == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.01])
     assert r.first_chunk_tokens == 2 and r.multi_token_chunks == 1 and r.max_chunk_tokens == 3
     assert len(r.itl) == 7 - 2  # every token but those of the first chunk has a gap
-    assert lt.itl_from_arrivals([]).itl == [] and lt.itl_from_arrivals([(1.0, 5)]).itl == []
+    assert stream.itl_from_arrivals([]).itl == [] and stream.itl_from_arrivals([(1.0, 5)]).itl == []
     # pooled percentiles in milliseconds
-    a = lt.ReqResult(ok=True, ttft=0.1, latency=0.2, completion_tokens=4, itl=[0.001, 0.002, 0.003])
-    b = lt.ReqResult(
+    a = stream.ReqResult(
+        ok=True, ttft=0.1, latency=0.2, completion_tokens=4, itl=[0.001, 0.002, 0.003]
+    )
+    b = stream.ReqResult(
         ok=True,
         ttft=0.1,
         latency=0.2,
@@ -740,12 +742,12 @@ def test_itl_from_chunks():
 
 def test_sse_reads_bring_tokens_per_arrival():
     """Several SSE events in one network read arrive together: their tokens share one gap."""
-    res = lt.ReqResult(incremental=True)
+    res = stream.ReqResult(incremental=True)
     ev = b'data: {"output_ids": [7], "meta_info": {"finish_reason": null}}'
-    lt._handle_event(ev, res, 0.0, 1.0)  # no completion_tokens: incremental ids add up
+    stream.handle_event(ev, res, 0.0, 1.0)  # no completion_tokens: incremental ids add up
     res.note_arrival(1.0)
-    lt._handle_event(ev, res, 0.0, 1.03)
-    lt._handle_event(ev, res, 0.0, 1.03)
+    stream.handle_event(ev, res, 0.0, 1.03)
+    stream.handle_event(ev, res, 0.0, 1.03)
     res.note_arrival(1.03)
     assert res.completion_tokens == 3 and res.itl == pytest.approx([0.015, 0.015])
     assert res.multi_token_chunks == 1 and res.ttft == pytest.approx(1.0)
@@ -906,11 +908,11 @@ def test_stream_generate_timing_and_errors():
     async def go():
         state = FakeState(ttft_s=0.05, itl_s=0.01)
         async with running_fake(state) as url, aiohttp.ClientSession() as s:
-            ok = await lt.stream_generate(s, url, [2000] * 30, 5)
-            err = await lt.stream_generate(s, url, [ERROR_TOKEN, 1, 2], 5)
-            abort = await lt.stream_generate(s, url, [ABORT_TOKEN, 1, 2], 5)
-            h500 = await lt.stream_generate(s, url, [HTTP500_TOKEN, 1], 5)
-            again = await lt.stream_generate(s, url, [2000] * 30 + [7], 5)
+            ok = await stream.stream_generate(s, url, [2000] * 30, 5)
+            err = await stream.stream_generate(s, url, [ERROR_TOKEN, 1, 2], 5)
+            abort = await stream.stream_generate(s, url, [ABORT_TOKEN, 1, 2], 5)
+            h500 = await stream.stream_generate(s, url, [HTTP500_TOKEN, 1], 5)
+            again = await stream.stream_generate(s, url, [2000] * 30 + [7], 5)
         return ok, err, abort, h500, again
 
     ok, err, abort, h500, again = asyncio.run(go())
@@ -935,7 +937,7 @@ def test_stream_itl_is_per_token_with_multi_token_chunks(incremental):
             ttft_s=0.02, itl_s=0.03, tokens_per_chunk=3, incremental=incremental, split=False
         )
         async with running_fake(state) as url, aiohttp.ClientSession() as s:
-            return await lt.stream_generate(s, url, [2000] * 8, 10, incremental=incremental)
+            return await stream.stream_generate(s, url, [2000] * 8, 10, incremental=incremental)
 
     r = asyncio.run(go())
     assert r.ok and r.completion_tokens == 10  # chunks of 3, 3, 3, then the final 1

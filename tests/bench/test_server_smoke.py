@@ -1,4 +1,4 @@
-"""scripts/server_smoke.py sends prompts inside each model config's vocabulary.
+"""``python -m sglang_tq.bench smoke`` sends prompts inside each model config's vocabulary.
 
 Its two prompts are Llama-3 token ids; a dummy DeepSeek-V2-Lite (vocabulary 102400)
 refused id 128000 with a 400 under the plugin and crashed stock SGLang in cuBLAS
@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from tests.conftest import MODEL_CONFIGS, import_script
+import sglang_tq.bench.smoke as server_smoke
+from tests.conftest import MODEL_CONFIGS
 
-server_smoke = import_script("server_smoke")
 CONFIGS = str(MODEL_CONFIGS)
 
 

@@ -1,5 +1,5 @@
-"""scripts/soak.py on CPU: short soaks against a fake SGLang server (standard-library HTTP on
-127.0.0.1, in a thread of the test process) and unit tests of the rules.
+"""``python -m sglang_tq.bench soak`` on CPU: short soaks against a fake SGLang server
+(standard-library HTTP on 127.0.0.1, in a thread of the test process) and unit tests of the rules.
 
 The fake implements what the soak touches: /health, /get_server_info (no /server_info, so
 the older endpoint is the one read; like SGLang it carries no vocab size, so it comes from
@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pytest
 
+import sglang_tq.bench.soak as soak
+from sglang_tq.bench import cli
 from tests.bench.conftest import QuietHandler, ThreadedServer
-from tests.conftest import import_script
-
-soak = import_script("soak")
 
 VOCAB = 1000
 CORRUPT_FROM = 5  # first output position a corrupted fake changes
@@ -319,7 +318,7 @@ def test_soak_passes_against_healthy_fake(tmp_path, model_dir, capsys):
     assert doc["checks"]["gpu_memory_flat"] is None  # no nvidia-smi here, with a note
     assert "nvidia-smi" in doc["memory"]["notes"]["gpu"]
     # provenance (the real one, from a child process), config, server info
-    assert doc["tool"] == "scripts/soak.py" and doc["commit"] and "versions" in doc
+    assert doc["tool"] == "sglang_tq.bench soak" and doc["commit"] and "versions" in doc
     assert doc["config"]["vocab_size_used"] == VOCAB and doc["config"][
         "vocab_size_source"
     ].endswith("config.json")
@@ -603,8 +602,9 @@ def test_offered_load_and_probe_comparison():
     )
     assert cmp["identical"] == 1 and [r["first_diff"] for r in cmp["per_probe"]] == [None, 1, None]
     assert cmp["per_probe"][2]["error"] == "HTTP 500"
-    assert soak.gpu_tag("NVIDIA H200") == "h200" and soak.gpu_tag("cpu") == "cpu"
+    assert cli.gpu_tag("NVIDIA H200") == "h200" and cli.gpu_tag("cpu") == "cpu"
+    assert soak.default_out is cli.default_out
     assert (
-        soak.default_out({"gpu": "NVIDIA H100 80GB HBM3", "commit": "abcdef0123-dirty"}).name
+        cli.default_out("soak", {"gpu": "NVIDIA H100 80GB HBM3", "commit": "abcdef0123-dirty"}).name
         == "soak_h100_abcdef0-dirty.json"
     )

@@ -1,21 +1,20 @@
-#!/usr/bin/env python3
 """Bounded overload soak of one ``--kv-quant turboquant`` SGLang server: does it survive and stay correct?
 
-    python scripts/soak.py --model-path /tmp/models/smollm2-bf16 --duration-s 1200
-    python scripts/soak.py --url http://127.0.0.1:30000 --server-pid 4242 --duration-s 60
+    python -m sglang_tq.bench soak --model-path /tmp/models/smollm2-bf16 --duration-s 1200
+    python -m sglang_tq.bench soak --url http://127.0.0.1:30000 --server-pid 4242 --duration-s 60
 
 Why
 ---
 A packed KV pool adds scratch buffers, codecs and kernels to SGLang's memory and
 scheduler paths. The failure modes that matter in production show only under
 sustained overload: retraction (the pool is full, running requests are pushed back),
-radix-cache eviction, client aborts mid-stream, garbage input. This script drives one
+radix-cache eviction, client aborts mid-stream, garbage input. The soak drives one
 server through all of them for a fixed time and checks that it neither crashes, nor
 leaks memory, nor serves different greedy outputs afterwards (issue 15, "Reliability").
 
 Server
 ------
-``--model-path`` launches ``python -m sglang.launch_server`` (scripts/_server.py) with
+``--model-path`` launches ``python -m sglang.launch_server`` (sglang_tq.bench.server) with
 ``--common-server-args`` (default ``--kv-quant turboquant --skip-tokenizer-init
 --enable-metrics``) plus ``--server-args``; its log goes next to the JSON. ``--url``
 attaches to a running server (loopback only) instead; ``--server-pid`` then names its
@@ -49,7 +48,7 @@ process tree (from /proc; only with a known server pid).
 Load
 ----
 The offered load must exceed 2x what the server can hold at once, or the scheduler never
-retracts. The script reads ``max_total_num_tokens`` (the KV pool) and the effective
+retracts. The soak reads ``max_total_num_tokens`` (the KV pool) and the effective
 ``max_running_requests`` from /server_info and prints offered in-flight tokens =
 concurrency x well-formed share x (mean prompt + mean output length), the shared
 prefixes not counted (they are stored once), divided by the pool; below 2x it warns.
@@ -78,8 +77,8 @@ An interrupted run (SIGTERM, Ctrl-C) writes its JSON with ``"partial": true`` an
 
 Report
 ------
-JSON (``--out``, default benchmarks/results/soak/soak_<gpu>_<commit>.json): provenance (gpu,
-commit, versions), config, the /server_info subset used, request counts (sent,
+JSON (``--out``, default ``soak_<gpu>_<commit>.json`` in benchmarks/results/soak/): provenance
+(gpu, commit, versions), config, the /server_info subset used, request counts (sent,
 completed, failed, aborted, malformed by kind), retractions (the delta of
 ``sglang:num_retracted_requests_total`` from GET /metrics, which counts every retracted
 request, else the sum of ``meta_info.num_retractions`` of the completed requests; both
@@ -107,18 +106,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+from .cli import add_model_path, add_out, default_out
+from .results import get_provenance, write_json_atomic
+from .server import SGLangServer, check_loopback, flush, http
+from .stream import ReqResult, generate_payload, stream_generate
 
-from _server import Server, healthy, log_tail, post  # noqa: E402  (scripts/ is not a package)
-from loadtest import ReqResult, _handle_event, stream_generate  # noqa: E402
-from radix_check import flush, lcp_len  # noqa: E402
-
-from sglang_tq.bench.results import get_provenance, write_json_atomic  # noqa: E402
-from sglang_tq.bench.server import check_loopback, http  # noqa: E402
-
+TOOL = "sglang_tq.bench soak"
 DEFAULT_SERVER_ARGS = "--kv-quant turboquant --skip-tokenizer-init --enable-metrics"
 MALFORMED_KINDS = ("not_json", "negative_max_new_tokens", "id_out_of_vocab", "empty_input_ids")
 # SGLang 0.5.17, sglang/srt/observability/metrics_collector.py
@@ -164,17 +157,13 @@ def rand_ids(rng: random.Random, n: int, vocab_size: int) -> list[int]:
     return rng.choices(range(1, vocab_size), k=n)
 
 
-def generate_payload(input_ids: list[int], max_new_tokens: int, stream: bool) -> dict:
-    """The greedy /generate body of loadtest.stream_generate."""
-    return {
-        "input_ids": input_ids,
-        "sampling_params": {
-            "max_new_tokens": max_new_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-        },
-        "stream": stream,
-    }
+def lcp_len(a, b) -> int:
+    """Length of the common prefix of two token sequences."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def healthy(base_url: str) -> bool:
+    return http(base_url + "/health", timeout=5)[0] == 200
 
 
 def malformed_body(kind: str, rng: random.Random, vocab_size: int) -> bytes:
@@ -258,42 +247,6 @@ def offered_load(args, info: dict) -> dict:
         "request_ratio": round(args.concurrency / running, 2) if running else None,
         "overloaded": None if token_ratio is None else token_ratio >= OVERLOAD_TARGET,
     }
-
-
-async def stream_and_close(session, base_url: str, req: Req) -> tuple[ReqResult, bool]:
-    """Stream one greedy /generate and close the connection once ``req.close_after`` SSE
-    chunks arrived; (result, True) when it was closed mid-stream, (result, False) when
-    the stream finished or failed first (result.ok tells which)."""
-    res = ReqResult(input_len=len(req.input_ids))
-    t0 = time.perf_counter()
-    try:
-        async with session.post(
-            base_url + "/generate", json=generate_payload(req.input_ids, req.max_new_tokens, True)
-        ) as resp:
-            if resp.status != 200:
-                res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                return res, False
-            buf = b""
-            async for data in resp.content.iter_any():
-                buf += data.replace(b"\r\n", b"\n")
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    done = _handle_event(event, res, t0, time.perf_counter())
-                    if (
-                        res.error is None
-                        and not done
-                        and res.finish_reason is None
-                        and res.chunks >= req.close_after
-                    ):
-                        resp.close()
-                        return res, True
-    except Exception as exc:
-        res.error = res.error or f"{type(exc).__name__}: {exc}"
-        return res, False
-    if res.finish_reason is None and res.error is None:
-        res.error = "stream ended without finish_reason"
-    res.ok = res.error is None
-    return res, False
 
 
 async def post_raw(session, base_url: str, body: bytes, keep: int | None = 300) -> tuple[int, str]:
@@ -738,7 +691,7 @@ class Soak:
 
     async def probe_run(self, label: str) -> list[dict]:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, flush, post, self.base)
+            await asyncio.get_running_loop().run_in_executor(None, flush, self.base)
         except (RuntimeError, OSError) as exc:
             self.doc["probes"][f"flush_error_{label}"] = f"{type(exc).__name__}: {exc}"[:300]
         out = []
@@ -774,7 +727,14 @@ class Soak:
     async def one(self, req: Req) -> None:
         self.tally.sent[req.kind] += 1
         if req.kind == "abort":
-            self.tally.aborted(req, *await stream_and_close(self.session, self.base, req))
+            res = await stream_generate(
+                self.session,
+                self.base,
+                req.input_ids,
+                req.max_new_tokens,
+                close_after=req.close_after,
+            )
+            self.tally.aborted(req, res, res.closed)
         elif req.kind == "generate":
             self.tally.finished(
                 req,
@@ -1021,22 +981,6 @@ def summary_lines(doc: dict) -> list[str]:
     return lines
 
 
-def gpu_tag(gpu: str | None) -> str:
-    """'NVIDIA H200' -> 'h200'; names without a model number -> a lower-case slug."""
-    m = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", gpu or "")
-    return (
-        m.group(1).lower()
-        if m
-        else (re.sub(r"[^a-z0-9]+", "-", (gpu or "unknown").lower()).strip("-") or "unknown")
-    )
-
-
-def default_out(prov: dict) -> Path:
-    commit = str(prov.get("commit") or "unknown")
-    tag = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
-    return ROOT / "benchmarks" / "results" / "soak" / f"soak_{gpu_tag(prov.get('gpu'))}_{tag}.json"
-
-
 # ----------------------------------------------------------------------------- CLI
 def _int_range(text: str) -> tuple[int, int]:
     try:
@@ -1067,15 +1011,24 @@ def _kinds(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(
+        prog="python -m sglang_tq.bench soak",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
-    g = ap.add_argument_group("server (one of --model-path / --url)")
-    g.add_argument(
-        "--model-path", help="launch python -m sglang.launch_server on this model folder"
-    )
+    _add_server_args(ap.add_argument_group("server (one of --model-path / --url)"))
+    _add_load_args(ap.add_argument_group("load"))
+    _add_check_args(ap.add_argument_group("probes, sampling, checks, output"))
+    args = ap.parse_args(argv)
+    args.argv = argv
+    _check_args(ap, args)
+    return args
+
+
+def _add_server_args(g) -> None:
+    add_model_path(g, help="launch python -m sglang.launch_server on this model folder")
     g.add_argument(
         "--common-server-args",
         default=DEFAULT_SERVER_ARGS,
@@ -1097,7 +1050,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="with --url: the server's pid, so that its process tree's RSS is sampled",
     )
-    g = ap.add_argument_group("load")
+
+
+def _add_load_args(g) -> None:
     g.add_argument(
         "--duration-s", type=float, default=1200, help="soak length in seconds (default 1200)"
     )
@@ -1177,7 +1132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the soak: seconds for in-flight requests to finish, and again for the "
         "server to go idle (default 300)",
     )
-    g = ap.add_argument_group("probes, sampling, checks, output")
+
+
+def _add_check_args(g) -> None:
     g.add_argument(
         "--probe-prompts",
         type=int,
@@ -1199,10 +1156,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="memory check: mean of the soak's last quarter of samples minus the mean of its "
         "second quarter must stay below this many MiB (default 512,1024)",
     )
-    g.add_argument(
-        "--out", help="JSON report (default benchmarks/results/soak/soak_<gpu>_<commit>.json)"
-    )
-    args = ap.parse_args(argv)
+    add_out(g, "soak")
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse settings that contradict each other or are out of range (exit code 2)."""
     if bool(args.model_path) == bool(args.url):
         ap.error("give exactly one of --model-path and --url")
     if args.server_pid is not None and not args.url:
@@ -1231,14 +1189,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be > 0")
     if args.num_prefixes < 0 or args.prefix_len < 1:
         ap.error("--num-prefixes must be >= 0 and --prefix-len >= 1")
-    return args
 
 
-def new_doc(args, argv: list[str], prov: dict) -> dict:
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+def new_doc(args, prov: dict) -> dict:
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "argv")}
     return {
-        "tool": "scripts/soak.py",
-        "argv": argv,
+        "tool": TOOL,
+        "argv": args.argv,
         **prov,
         "partial": False,
         "interrupted": None,
@@ -1300,42 +1257,19 @@ def prepare(args, base: str, doc: dict) -> int:
     return vocab
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    argv = sys.argv[1:] if argv is None else list(argv)
+def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     print("provenance ...", flush=True)
     prov = get_provenance()
-    out = Path(args.out) if args.out else default_out(prov)
-    doc = new_doc(args, argv, prov)
+    out = args.out or default_out("soak", prov)
+    doc = new_doc(args, prov)
     old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
-    srv: Server | None = None
+    srv: SGLangServer | None = None
     soak: Soak | None = None
     rc_usage = False
     try:
-        if args.model_path:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            flags = shlex.split(args.common_server_args) + shlex.split(args.server_args)
-            srv = Server(
-                str(Path(args.model_path).resolve()),
-                flags,
-                str(out.with_name(out.stem + "_server.log")),
-                startup_timeout=args.startup_timeout,
-            )
-            doc["server"] = {
-                "url": srv.base,
-                "launched": True,
-                "cmd": shlex.join(srv.cmd[1:]),
-                "log": srv.log_path,
-            }
-            srv.start()
-            doc["server"].update(pid=srv.proc.pid, startup_s=srv.startup_s)
-            base, pid = srv.base, srv.proc.pid
-        else:
-            base, pid = args.url, args.server_pid
-            doc["server"] = {"url": base, "launched": False, "pid": pid}
-            if not healthy(base):
-                raise RuntimeError(f"{base}/health does not answer 200")
+        srv = new_server(args, out, doc) if args.model_path else None
+        base, pid = connect(args, srv, doc)
         vocab = prepare(args, base, doc)
         soak = Soak(args, base, pid, doc, vocab, srv.proc if srv else None)
         run_soak(soak)
@@ -1363,14 +1297,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if doc["passed"] else 1
 
 
-def finish(doc: dict, args, srv: Server | None, soak: Soak | None, t0: float) -> None:
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def new_server(args, out: Path, doc: dict) -> SGLangServer:
+    """The server --model-path asks for (not started yet); its log goes next to the JSON."""
+    flags = shlex.split(args.common_server_args) + shlex.split(args.server_args)
+    srv = SGLangServer(
+        str(Path(args.model_path).resolve()), flags, out.with_name(out.stem + "_server.log")
+    )
+    doc["server"] = {
+        "url": srv.base_url,
+        "launched": True,
+        "cmd": shlex.join(srv.cmd[1:]),
+        "log": str(srv.log_path),
+    }
+    return srv
+
+
+def connect(args, srv: SGLangServer | None, doc: dict) -> tuple[str, int | None]:
+    """Start the launched server, or check that the --url one answers; (base URL, pid)."""
+    if srv is not None:
+        srv.start(args.startup_timeout)
+        doc["server"].update(pid=srv.proc.pid, startup_s=srv.startup_s)
+        return srv.base_url, srv.proc.pid
+    doc["server"] = {"url": args.url, "launched": False, "pid": args.server_pid}
+    if not healthy(args.url):
+        raise RuntimeError(f"{args.url}/health does not answer 200")
+    return args.url, args.server_pid
+
+
+def finish(doc: dict, args, srv: SGLangServer | None, soak: Soak | None, t0: float) -> None:
     """Liveness, counts, counters and checks into ``doc``."""
     base = doc["server"].get("url")
     proc = srv.proc if srv is not None else None
     alive = bool(base) and healthy(base) and not server_gone(proc, doc["server"].get("pid"))
     if proc is not None and proc.poll() is not None:
         doc["server"]["exit_code"] = proc.returncode
-        doc["server"]["log_tail"] = log_tail(srv.log_path)
+        doc["server"]["log_tail"] = srv.log_tail(40)
     if soak is not None:
         doc["counts"] = soak.tally.counts()
         doc["cache"] = soak.tally.cache_hits()

@@ -28,7 +28,7 @@ SGLang's ``--cuda-graph-max-bs`` is a deprecated alias of it), ``--stream-interv
 (SGLang's default, explicit: one streamed chunk per decode step) and
 ``--incremental-streaming-output`` (each chunk carries only its new token ids instead of
 all of them, which keeps a 4000-token stream from sending O(n^2) JSON; ``--cumulative-stream``
-turns it off). Prefill CUDA graphs stay on (SGLang's default): the script adds no
+turns it off). Prefill CUDA graphs stay on (SGLang's default): the load test adds no
 ``--disable-prefill-cuda-graph`` and refuses ``--extra-server-args`` that would turn
 them off or change a config's backend or KV dtype.
 
@@ -73,9 +73,9 @@ table as ``summary.text``). One GPU-host command may run at most 10 minutes, so 
 config per command and ``--append`` into one file (a new result replaces one with the
 same workload, variant and config):
 
-    python scripts/loadtest.py --configs bf16 --out lt.json --append --budget-s 570
-    python scripts/loadtest.py --configs fp8  --out lt.json --append --budget-s 570
-    python scripts/loadtest.py --configs k4v4 --out lt.json --append --budget-s 570
+    python -m sglang_tq.bench load --configs bf16 --out lt.json --append --budget-s 570
+    python -m sglang_tq.bench load --configs fp8  --out lt.json --append --budget-s 570
+    python -m sglang_tq.bench load --configs k4v4 --out lt.json --append --budget-s 570
 
 or let each command write its own file and ``--merge a.json b.json --out all.json``
 afterwards. ``--summarize`` prints the table of a JSON file (targets: reference >= 1.5x
@@ -97,34 +97,24 @@ import random
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import free_port
+from . import configs
+from .cli import MODEL_CONFIGS, add_model_path
+from .configs import TQ_RE as _TQ_RE
+from .configs import expected_backend, kv_server_flags, kv_sort_key
+from .results import get_provenance, load_json, write_json_atomic
+from .server import SGLangServer, check_loopback, free_port, server_info
+from .server import flush as flush_url
+from .stream import ReqResult, stream_generate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sglang_tq.bench.configs import KV_ORDER, expected_backend, kv_server_flags, kv_sort_key  # noqa: F401
-from sglang_tq.bench.configs import TQ_RE as _TQ_RE
-from sglang_tq.bench.server import SGLangServer, check_loopback, http, server_info
+TOOL = "sglang_tq.bench load"
+DEFAULT_MODEL = str(MODEL_CONFIGS / "llama-3.1-8b")
 
-try:  # orjson ships with SGLang; the stdlib parser is the fallback
-    import orjson as _orjson
-
-    def _loads(b: bytes):
-        return _orjson.loads(b)
-except ImportError:  # pragma: no cover
-
-    def _loads(b: bytes):
-        return json.loads(b)
-
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = str(ROOT / "benchmarks/model_configs/llama-3.1-8b")
 BASELINES = ("bf16", "fp8")  # SGLang's default backend: the denominators of every ratio
 DEFAULT_CONFIGS = ("bf16", "fp8", "k4v4", "k3v3", "bf16-triton", "fp8-triton")
 WORKLOADS = ("reference", "long-gen", "single-stream", "shared-prefix")
@@ -198,17 +188,9 @@ def _flag_value(cmd: list[str], *names: str):
 
 
 def check_extra_server_args(extra: str) -> list[str]:
-    """shlex-split ``--extra-server-args``; refuse flags that belong to the configs."""
-    toks = shlex.split(extra or "")
-    for t in toks:
-        name = t.split("=", 1)[0]
-        if name in _REFUSED_EXTRA:
-            raise ValueError(
-                f"--extra-server-args may not contain {name}: the configs own the backend, "
-                f"KV dtype and streaming flags, and prefill CUDA graphs stay on in every "
-                f"measured server"
-            )
-    return toks
+    """shlex-split ``--extra-server-args``; refuse flags that belong to the configs (backend,
+    KV dtype), to the streaming setup, or that turn prefill CUDA graphs off."""
+    return configs.check_extra_server_args(extra, _REFUSED_EXTRA)
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -285,13 +267,15 @@ def _random_workload(
     name: str,
     defaults: dict,
     quick_defaults: dict,
+    *,
     num_requests: int,
     input_len: int,
     output_len: int,
     concurrency: int,
-    seed: int,
-    quick: bool,
+    seed: int = 0,
+    quick: bool = False,
 ) -> Workload:
+    """``num_requests`` prompts of ``input_len`` random ids (seeded by ``name`` and ``seed``)."""
     params = dict(
         num_requests=num_requests,
         input_len=input_len,
@@ -310,46 +294,15 @@ def _random_workload(
     )
 
 
-def reference_workload(
-    num_requests: int,
-    input_len: int,
-    output_len: int,
-    concurrency: int,
-    seed: int = 0,
-    quick: bool = False,
-) -> Workload:
-    return _random_workload(
-        "reference",
-        REFERENCE_DEFAULTS,
-        REFERENCE_QUICK,
-        num_requests,
-        input_len,
-        output_len,
-        concurrency,
-        seed,
-        quick,
-    )
+def reference_workload(**params) -> Workload:
+    """The reference workload; ``params``: num_requests, input_len, output_len, concurrency
+    and optionally seed and quick (see _random_workload)."""
+    return _random_workload("reference", REFERENCE_DEFAULTS, REFERENCE_QUICK, **params)
 
 
-def long_gen_workload(
-    num_requests: int,
-    input_len: int,
-    output_len: int,
-    concurrency: int,
-    seed: int = 0,
-    quick: bool = False,
-) -> Workload:
-    return _random_workload(
-        "long-gen",
-        LONG_GEN_DEFAULTS,
-        LONG_GEN_QUICK,
-        num_requests,
-        input_len,
-        output_len,
-        concurrency,
-        seed,
-        quick,
-    )
+def long_gen_workload(**params) -> Workload:
+    """The long-generation workload; ``params`` as for reference_workload."""
+    return _random_workload("long-gen", LONG_GEN_DEFAULTS, LONG_GEN_QUICK, **params)
 
 
 def single_stream_name(context: int) -> str:
@@ -495,157 +448,7 @@ def workload_sort_key(name: str):
     return (WORKLOADS.index(name) if name in WORKLOADS else len(WORKLOADS), 0, name or "")
 
 
-# ----------------------------------------------------------------------------- client
-
-
-@dataclass
-class ReqResult:
-    ok: bool = False
-    input_len: int = 0
-    ttft: float | None = None
-    latency: float | None = None
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    chunks: int = 0
-    retractions: int = 0
-    finish_reason: object = None
-    error: str | None = None
-    incremental: bool = False  # chunks carry only their new output_ids
-    itl: list = field(default_factory=list)  # seconds between successive output tokens
-    arrivals: int = 0  # network reads that brought new tokens
-    multi_token_chunks: int = 0  # of those, reads that brought more than one token
-    max_chunk_tokens: int = 0
-    first_chunk_tokens: int = 0
-    _seen: int = 0
-    _last_t: float | None = None
-
-    def note_arrival(self, now: float) -> None:
-        """Tokens that arrived since the last call came in at ``now``; n new tokens after
-        a gap g are n inter-token gaps of g/n (the first arrival has no gap: TTFT)."""
-        n = self.completion_tokens - self._seen
-        if n <= 0:
-            return
-        self.arrivals += 1
-        self.max_chunk_tokens = max(self.max_chunk_tokens, n)
-        if self._last_t is None:
-            self.first_chunk_tokens = n
-        else:
-            if n > 1:
-                self.multi_token_chunks += 1
-            self.itl.extend([(now - self._last_t) / n] * n)
-        self._seen, self._last_t = self.completion_tokens, now
-
-
-def itl_from_arrivals(arrivals: list[tuple[float, int]]) -> ReqResult:
-    """Per-token ITL of one stream from (arrival time, cumulative output tokens) pairs."""
-    r = ReqResult()
-    for t, ntok in arrivals:
-        r.completion_tokens = max(r.completion_tokens, ntok)
-        r.note_arrival(t)
-    return r
-
-
-def _handle_event(event: bytes, res: ReqResult, t0: float, now: float) -> bool:
-    """Apply one SSE event (``data: {...}``); return True at ``data: [DONE]``."""
-    done = False
-    for line in event.split(b"\n"):
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue  # comments / other SSE fields
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            done = True
-            continue
-        try:
-            obj = _loads(data)
-        except ValueError:
-            res.error = res.error or f"bad chunk: {data[:120]!r}"
-            continue
-        res.chunks += 1
-        if "error" in obj:
-            err = obj["error"]
-            res.error = res.error or (err.get("message") if isinstance(err, dict) else str(err))
-            continue
-        meta = obj.get("meta_info") or {}
-        ntok = meta.get("completion_tokens")  # cumulative in both streaming modes
-        if ntok is None:
-            ids = obj.get("output_ids") or []
-            ntok = res.completion_tokens + len(ids) if res.incremental else len(ids)
-        if res.ttft is None and ntok > 0:
-            res.ttft = now - t0
-        res.completion_tokens = max(res.completion_tokens, int(ntok))
-        if "prompt_tokens" in meta:
-            res.prompt_tokens = int(meta["prompt_tokens"])
-        if "cached_tokens" in meta:
-            res.cached_tokens = int(meta["cached_tokens"])
-        if meta.get("num_retractions") is not None:
-            res.retractions = int(meta["num_retractions"])
-        fr = meta.get("finish_reason")
-        if fr is not None and res.finish_reason is None:
-            res.finish_reason = fr
-            res.latency = now - t0
-            if isinstance(fr, dict) and fr.get("type") == "abort":
-                res.error = res.error or f"aborted: {fr.get('message')}"
-    return done
-
-
-async def stream_generate(
-    session,
-    base_url: str,
-    input_ids: list[int],
-    max_new_tokens: int,
-    ignore_eos: bool = True,
-    incremental: bool = False,
-    res: ReqResult | None = None,
-) -> ReqResult:
-    """One streaming /generate request; never raises (errors land in ReqResult.error).
-    ``res`` lets the caller watch the stream's progress while it runs."""
-    payload = {
-        "input_ids": input_ids,
-        "sampling_params": {
-            "max_new_tokens": max_new_tokens,
-            "temperature": 0.0,
-            "ignore_eos": ignore_eos,
-        },
-        "stream": True,
-    }
-    if res is None:
-        res = ReqResult()
-    res.input_len, res.incremental = len(input_ids), incremental
-    t0 = time.perf_counter()
-    try:
-        async with session.post(base_url + "/generate", json=payload) as resp:
-            if resp.status != 200:
-                body = (await resp.text())[:300]
-                res.error = f"HTTP {resp.status}: {body}"
-                return res
-            buf = b""
-            async for data in resp.content.iter_any():
-                now = time.perf_counter()
-                buf += data.replace(b"\r\n", b"\n")
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    _handle_event(event, res, t0, now)
-                res.note_arrival(now)  # everything parsed from this read arrived at `now`
-            if buf.strip():
-                now = time.perf_counter()
-                _handle_event(buf, res, t0, now)
-                res.note_arrival(now)
-    except asyncio.CancelledError:
-        res.error = res.error or "cancelled (timeout)"
-        raise
-    except Exception as exc:
-        res.error = res.error or f"{type(exc).__name__}: {exc}"
-        return res
-    if res.finish_reason is None and res.error is None:
-        res.error = "stream ended without finish_reason"
-    if res.latency is None and res.ttft is not None:
-        res.latency = time.perf_counter() - t0
-    if res.prompt_tokens == 0:
-        res.prompt_tokens = len(input_ids)
-    res.ok = res.error is None
-    return res
+# ----------------------------------------------------------------------------- statistics
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -688,7 +491,9 @@ def compute_stats(
     out_tokens = sum(r.completion_tokens for r in ok)
     prompt_tokens = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
-    d = duration_s if duration_s > 0 else float("nan")
+
+    def per_s(x, nd):  # None for an empty phase: NaN is no JSON
+        return _r(x / duration_s, nd) if duration_s > 0 else None
 
     def ms(x):
         return None if x is None else round(x * 1e3, 3)
@@ -698,9 +503,9 @@ def compute_stats(
         "completed": len(ok),
         "failed": len(failed),
         "duration_s": _r(duration_s, 3),
-        "out_tok_s": _r(out_tokens / d, 2),
-        "req_s": _r(len(ok) / d, 4),
-        "in_tok_s": _r(prompt_tokens / d, 1),
+        "out_tok_s": per_s(out_tokens, 2),
+        "req_s": per_s(len(ok), 4),
+        "in_tok_s": per_s(prompt_tokens, 1),
         "total_output_tokens": out_tokens,
         "total_prompt_tokens": prompt_tokens,
         "total_cached_tokens": cached,
@@ -761,73 +566,103 @@ async def run_workload(
         limit=max(wl.concurrency, warmup_requests, len(wl.warm_prompts)) + 4
     )
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=max(timeout_s, 60))
-    extra: dict = {}
-
-    def gen(ids, n):
-        return stream_generate(session, base_url, ids, n, incremental=incremental)
 
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
-        if warmup_requests > 0:  # JIT compile / first-launch costs, untimed, then flushed
-            rng = random.Random("jit-warmup")  # prompts of the workload's length, never reused
-            if warmup_len is None:
-                warmup_len = min(len(wl.prompts[0]), 8192) if wl.prompts else 256
-            t = time.perf_counter()
-            ws = await asyncio.gather(
-                *(gen(_rand_ids(rng, warmup_len), 8) for _ in range(warmup_requests))
+
+        def gen(ids, n):
+            return stream_generate(session, base_url, ids, n, incremental=incremental)
+
+        extra = await _warm_up(gen, wl, warmup_requests, warmup_len, flush)
+        timed = _TimedPhase(gen, wl, progress_s, label, log)
+        await timed.run(timeout_s)
+    stats = compute_stats(timed.results, timed.duration_s, len(wl.prompts), wl.output_len)
+    stats["timed_out"] = timed.timed_out
+    if timed.timed_out:
+        stats["timeout_s"] = timeout_s
+    if timed.caught:
+        stats["interrupted"] = timed.caught[0]
+    stats.update(extra)
+    return stats
+
+
+async def _warm_up(
+    gen, wl: Workload, requests: int, input_len: int | None, flush: Callable[[], object] | None
+) -> dict:
+    """The untimed part before a timed phase: JIT warm-up requests (first-launch costs), the
+    flush, and the shared-prefix workload's prefix warm-up; what each did, for the row."""
+    extra: dict = {}
+    if requests > 0:
+        rng = random.Random("jit-warmup")  # prompts of the workload's length, never reused
+        if input_len is None:
+            input_len = min(len(wl.prompts[0]), 8192) if wl.prompts else 256
+        t = time.perf_counter()
+        ws = await asyncio.gather(*(gen(_rand_ids(rng, input_len), 8) for _ in range(requests)))
+        extra["jit_warmup"] = {
+            "requests": requests,
+            "input_len": input_len,
+            "ok": sum(r.ok for r in ws),
+            "s": round(time.perf_counter() - t, 2),
+        }
+        if not any(r.ok for r in ws):
+            raise RuntimeError(f"warm-up requests failed: {ws[0].error}")
+    if flush is not None:
+        extra["flushed"] = await asyncio.get_running_loop().run_in_executor(None, flush)
+    if wl.warm_prompts:  # shared-prefix: put every prefix in the radix cache, untimed
+        t = time.perf_counter()
+        ws = await asyncio.gather(*(gen(p, 1) for p in wl.warm_prompts))
+        extra["prefix_warmup"] = {
+            "requests": len(ws),
+            "ok": sum(r.ok for r in ws),
+            "s": round(time.perf_counter() - t, 2),
+        }
+    return extra
+
+
+class _TimedPhase:
+    """A workload's timed requests at its concurrency, with progress lines. SIGTERM / SIGINT
+    end the phase like a timeout, so the partial numbers are kept (``caught`` names the
+    signal; the caller re-raises KeyboardInterrupt afterwards)."""
+
+    def __init__(self, gen, wl: Workload, progress_s: float, label: str, log):
+        self.gen, self.wl, self.progress_s, self.label, self.log = gen, wl, progress_s, label, log
+        self.results: list[ReqResult | None] = [None] * len(wl.prompts)
+        self.finish_times: list[float] = []
+        self.caught: list[str] = []
+        self.timed_out = False
+        self.duration_s = 0.0
+        self.start = 0.0
+
+    async def one(self, i: int, sem: asyncio.Semaphore) -> None:
+        async with sem:
+            r = await self.gen(self.wl.prompts[i], self.wl.output_len)
+        self.results[i] = r
+        self.finish_times.append(time.perf_counter())
+
+    async def progress(self) -> None:
+        n = len(self.results)
+        while True:
+            await asyncio.sleep(self.progress_s)
+            done = [r for r in self.results if r is not None]
+            el = time.perf_counter() - self.start
+            toks = sum(r.completion_tokens for r in done if r.ok)
+            self.log(
+                f"  [{self.label}] {len(done)}/{n} done, {sum(not r.ok for r in done)} failed, "
+                f"{el:.0f} s, {toks / el:.0f} out tok/s so far"
             )
-            extra["jit_warmup"] = {
-                "requests": warmup_requests,
-                "input_len": warmup_len,
-                "ok": sum(r.ok for r in ws),
-                "s": round(time.perf_counter() - t, 2),
-            }
-            if not any(r.ok for r in ws):
-                raise RuntimeError(f"warm-up requests failed: {ws[0].error}")
-        if flush is not None:
-            extra["flushed"] = await asyncio.get_running_loop().run_in_executor(None, flush)
-        if wl.warm_prompts:  # shared-prefix: put every prefix in the radix cache, untimed
-            t = time.perf_counter()
-            ws = await asyncio.gather(*(gen(p, 1) for p in wl.warm_prompts))
-            extra["prefix_warmup"] = {
-                "requests": len(ws),
-                "ok": sum(r.ok for r in ws),
-                "s": round(time.perf_counter() - t, 2),
-            }
 
-        n = len(wl.prompts)
-        results: list[ReqResult | None] = [None] * n
-        finish_times: list[float] = []
-        sem = asyncio.Semaphore(wl.concurrency)
-        start = time.perf_counter()
-
-        async def one(i: int):
-            async with sem:
-                r = await gen(wl.prompts[i], wl.output_len)
-            results[i] = r
-            finish_times.append(time.perf_counter())
-
-        async def progress():
-            while True:
-                await asyncio.sleep(progress_s)
-                done = [r for r in results if r is not None]
-                el = time.perf_counter() - start
-                toks = sum(r.completion_tokens for r in done if r.ok)
-                log(
-                    f"  [{label}] {len(done)}/{n} done, {sum(not r.ok for r in done)} failed, "
-                    f"{el:.0f} s, {toks / el:.0f} out tok/s so far"
-                )
-
-        tasks = [asyncio.create_task(one(i)) for i in range(n)]
-        prog = asyncio.create_task(progress())
-        # SIGTERM/SIGINT end the timed phase like a timeout, so the partial numbers are kept;
-        # the caller re-raises KeyboardInterrupt afterwards.
+    async def run(self, timeout_s: float) -> None:
+        sem = asyncio.Semaphore(self.wl.concurrency)
+        self.start = time.perf_counter()
+        tasks = [asyncio.create_task(self.one(i, sem)) for i in range(len(self.results))]
+        prog = asyncio.create_task(self.progress())
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        caught: list[str] = []
         installed = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                loop.add_signal_handler(sig, lambda sig=sig: (caught.append(sig.name), stop.set()))
+                loop.add_signal_handler(
+                    sig, lambda sig=sig: (self.caught.append(sig.name), stop.set())
+                )
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
@@ -844,16 +679,9 @@ async def run_workload(
             for t in (prog, all_done, stopper, *tasks):
                 t.cancel()
             await asyncio.gather(prog, all_done, stopper, *tasks, return_exceptions=True)
-        timed_out = bool(pending) and not caught
-        end = time.perf_counter() if pending or not finish_times else max(finish_times)
-    stats = compute_stats(results, end - start, n, wl.output_len)
-    stats["timed_out"] = timed_out
-    if timed_out:
-        stats["timeout_s"] = timeout_s
-    if caught:
-        stats["interrupted"] = caught[0]
-    stats.update(extra)
-    return stats
+        self.timed_out = bool(pending) and not self.caught
+        end = time.perf_counter() if pending or not self.finish_times else max(self.finish_times)
+        self.duration_s = end - self.start
 
 
 # ----------------------------------------------------------------------------- decode profile
@@ -992,10 +820,6 @@ async def profile_decode_steps(
 
 # ----------------------------------------------------------------------------- server
 
-# ServerArgs._attention_backend_default (sglang/srt/arg_groups/overrides.py) logs this
-# when no --attention-backend is given
-_DEFAULT_BACKEND_RE = re.compile(r"Attention backend not specified\. Use (\w+) backend by default")
-
 
 def common_server_flags(args) -> list[str]:
     """Flags every measured server gets, whatever its config."""
@@ -1097,30 +921,6 @@ def server_settings(args, kv: str, cmd: list[str] | None, info: dict) -> dict:
 # ----------------------------------------------------------------------------- JSON
 
 
-def get_provenance() -> dict:
-    """sglang_tq.provenance in a child process: the CUDA context it may create must not
-    stay alive in this process while servers size their pools from free GPU memory."""
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); "
-        "from sglang_tq.provenance import provenance; print(json.dumps(provenance()))"
-    )
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(ROOT)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        ).stdout
-        return json.loads(out.strip().splitlines()[-1])
-    except Exception as exc:
-        return {
-            "gpu": "unknown",
-            "commit": os.environ.get("SGLANG_TQ_COMMIT", "unknown"),
-            "provenance_error": repr(exc)[:300],
-        }
-
-
 def upgrade_row(r: dict) -> dict:
     """Rows written before configs recorded ``backend`` (commit dde726b and earlier):
     their ``bf16`` / ``fp8`` ran ``--attention-backend triton``, so they become
@@ -1143,11 +943,9 @@ def upgrade_row(r: dict) -> dict:
 
 
 def load_doc(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not (isinstance(doc, dict) and isinstance(doc.get("results"), list)):
+    """A results file with its rows upgraded, or {} when it is missing or holds no results."""
+    doc = load_json(path)
+    if not isinstance(doc.get("results"), list):
         return {}
     doc["results"] = [upgrade_row(r) for r in doc["results"] if isinstance(r, dict)]
     return doc
@@ -1176,10 +974,7 @@ def write_doc(path: Path, doc: dict):
     doc["gpus"] = gpus
     doc["summary"] = summarize(doc.get("results", []))
     doc["summary"]["text"] = summary_text(doc).splitlines()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, doc)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -1213,21 +1008,10 @@ def summarize(results: list[dict]) -> dict:
     ):
         by_kv = {kv: r for kv, r in all_kv.items() if r.get("status") == "ok"}
         base = {b: by_kv.get(b) for b in BASELINES}
-        rows = {}
-        for kv, r in sorted(by_kv.items(), key=lambda kv_r: kv_sort_key(kv_r[0])):
-            row = {}
-            for b, br in base.items():
-                row[f"out_tok_s_vs_{b}"] = _ratio(r.get("out_tok_s"), br and br.get("out_tok_s"))
-                # > 1 means faster (lower TTFT) than the baseline
-                row[f"ttft_p50_speedup_vs_{b}"] = _ratio(
-                    br and br.get("ttft_p50_s"), r.get("ttft_p50_s")
-                )
-                row[f"itl_p50_vs_{b}"] = _ratio(r.get("itl_p50_ms"), br and br.get("itl_p50_ms"))
-            row["pool_vs_bf16"] = _ratio(
-                r.get("max_total_num_tokens"),
-                base["bf16"] and base["bf16"].get("max_total_num_tokens"),
-            )
-            rows[kv] = row
+        rows = {
+            kv: _ratios(r, base)
+            for kv, r in sorted(by_kv.items(), key=lambda kv_r: kv_sort_key(kv_r[0]))
+        }
         mixed = len({r.get("gpu") for r in by_kv.values()}) > 1
         settings = {
             k: sorted({str(r.get(k)) for r in by_kv.values()})
@@ -1248,56 +1032,78 @@ def summarize(results: list[dict]) -> dict:
                 "ratios": rows,
             }
         )
-        if variant != "default":
-            continue
-        for kv in sorted(all_kv, key=kv_sort_key):
-            if not _TQ_RE.match(kv):
-                continue
-            row = rows.get(kv, {})
-            mine = by_kv.get(kv)
-
-            def target(name, value, threshold, ok):
-                out["targets"].append(
-                    {
-                        "name": name,
-                        "workload": wl,
-                        "kv": kv,
-                        "value": value,
-                        "threshold": threshold,
-                        "pass": ok,
-                        "mixed_gpus": mixed,
-                    }
-                )
-
-            if wl in THROUGHPUT_TARGETS:
-                for b, thr in THROUGHPUT_TARGETS[wl]:
-                    v = row.get(f"out_tok_s_vs_{b}")
-                    target(
-                        f"{wl} {kv} out tok/s >= {thr}x {b}",
-                        v,
-                        thr,
-                        None if v is None else v >= thr,
-                    )
-            elif wl in ITL_TARGET_WORKLOADS:
-                v = mine and mine.get("itl_p50_ms")
-                b = base["bf16"] and base["bf16"].get("itl_p50_ms")
-                target(
-                    f"{wl} {kv} ITL p50 <= bf16", v, b, None if v is None or b is None else v <= b
-                )
-            elif wl == "shared-prefix":
-                v = mine and mine.get("ttft_p50_s")
-                b = base["fp8"] and base["fp8"].get("ttft_p50_s")
-                target(
-                    f"shared-prefix {kv} TTFT p50 < fp8",
-                    v,
-                    b,
-                    None if v is None or b is None else v < b,
-                )
+        if variant == "default":
+            kvs = sorted(all_kv, key=kv_sort_key)
+            out["targets"] += _targets(wl, kvs, by_kv, rows, base, mixed)
     return out
+
+
+def _ratios(r: dict, base: dict[str, dict | None]) -> dict:
+    """One row's ratios against the baseline rows (None where a baseline is missing)."""
+    row = {}
+    for b, br in base.items():
+        row[f"out_tok_s_vs_{b}"] = _ratio(r.get("out_tok_s"), br and br.get("out_tok_s"))
+        # > 1 means faster (lower TTFT) than the baseline
+        row[f"ttft_p50_speedup_vs_{b}"] = _ratio(br and br.get("ttft_p50_s"), r.get("ttft_p50_s"))
+        row[f"itl_p50_vs_{b}"] = _ratio(r.get("itl_p50_ms"), br and br.get("itl_p50_ms"))
+    row["pool_vs_bf16"] = _ratio(
+        r.get("max_total_num_tokens"),
+        base["bf16"] and base["bf16"].get("max_total_num_tokens"),
+    )
+    return row
+
+
+def _targets(
+    wl: str, kvs: list[str], by_kv: dict, rows: dict, base: dict, mixed: bool
+) -> list[dict]:
+    """The issue's target checks of one default workload, for every kXvY config in ``kvs``."""
+    out = []
+
+    def target(name, kv, value, threshold, ok):
+        out.append(
+            {
+                "name": name,
+                "workload": wl,
+                "kv": kv,
+                "value": value,
+                "threshold": threshold,
+                "pass": ok,
+                "mixed_gpus": mixed,
+            }
+        )
+
+    for kv in (kv for kv in kvs if _TQ_RE.match(kv)):
+        row, mine = rows.get(kv, {}), by_kv.get(kv)
+        if wl in THROUGHPUT_TARGETS:
+            for b, thr in THROUGHPUT_TARGETS[wl]:
+                v = row.get(f"out_tok_s_vs_{b}")
+                target(f"{wl} {kv} out tok/s >= {thr}x {b}", kv, v, thr, _at_least(v, thr))
+        elif wl in ITL_TARGET_WORKLOADS:
+            v = mine and mine.get("itl_p50_ms")
+            b = base["bf16"] and base["bf16"].get("itl_p50_ms")
+            ok = None if v is None or b is None else v <= b
+            target(f"{wl} {kv} ITL p50 <= bf16", kv, v, b, ok)
+        elif wl == "shared-prefix":
+            v = mine and mine.get("ttft_p50_s")
+            b = base["fp8"] and base["fp8"].get("ttft_p50_s")
+            ok = None if v is None or b is None else v < b
+            target(f"shared-prefix {kv} TTFT p50 < fp8", kv, v, b, ok)
+    return out
+
+
+def _at_least(v, threshold) -> bool | None:
+    return None if v is None else v >= threshold
 
 
 def _fmt(x, spec="{:.0f}"):
     return "-" if x is None else spec.format(x)
+
+
+_TABLE_HEADER = (
+    f"{'kv':<11} {'backend':<10} {'pool tok':>9} {'xbf16':>5} {'out tok/s':>9} {'xbf16':>6} {'xfp8':>6} "
+    f"{'TTFT p50':>8} {'ITL p50':>7} {'p90':>6} {'ITL/bf16':>8} {'/fp8':>5} {'hit%':>5} {'done':>7} note"
+)
+_NO_GROUP = {"ratios": {}, "mixed_gpus": False, "settings_differ": [], "baseline_backends": {}}
 
 
 def summary_text(doc: dict) -> str:
@@ -1314,91 +1120,93 @@ def summary_text(doc: dict) -> str:
         {(r["workload"], r.get("variant", "default")) for r in results},
         key=lambda k: (workload_sort_key(k[0]), k[1]),
     )
-    hdr = (
-        f"{'kv':<11} {'backend':<10} {'pool tok':>9} {'xbf16':>5} {'out tok/s':>9} {'xbf16':>6} {'xfp8':>6} "
-        f"{'TTFT p50':>8} {'ITL p50':>7} {'p90':>6} {'ITL/bf16':>8} {'/fp8':>5} {'hit%':>5} {'done':>7} note"
-    )
     for wl, variant in keys:
-        g = ratio_by_group.get(
-            (wl, variant),
-            {"ratios": {}, "mixed_gpus": False, "settings_differ": [], "baseline_backends": {}},
-        )
-        warn = "   WARNING: results from different GPUs" if g["mixed_gpus"] else ""
-        if g["settings_differ"]:
-            warn += f"   WARNING: servers differ in {', '.join(g['settings_differ'])}"
-        lines += ["", f"== {wl}" + ("" if variant == "default" else f" ({variant})") + warn, hdr]
         rows = sorted(
             (r for r in results if (r["workload"], r.get("variant", "default")) == (wl, variant)),
             key=lambda r: kv_sort_key(r["kv"]),
         )
-        for r in rows:
-            if r.get("status") not in ("ok", "partial"):
-                why = r.get("error") or (
-                    f"interrupted ({r['interrupted']})"
-                    if r.get("interrupted")
-                    else "timed out"
-                    if r.get("timed_out")
-                    else ""
-                )
-                lines.append(
-                    f"{r['kv']:<11} {str(r.get('backend') or '?'):<10} {r.get('status')}: {str(why)[:100]}"
-                )
-                continue
-            q = g["ratios"].get(r["kv"], {})
-            note = (
-                "TIMED OUT (no ratios)"
-                if r.get("timed_out")
-                else f"INTERRUPTED ({r['interrupted']}, no ratios)"
-                if r.get("interrupted")
-                else f"{r['failed']} FAILED REQS"
-                if r.get("failed")
-                else ""
-            )
-            if r.get("retractions"):
-                note += f" {r['retractions']} retractions"
-            if r.get("backend_mismatch"):
-                note += f" BACKEND MISMATCH ({r['backend_mismatch']})"
-            if r.get("prefill_cuda_graph") is False:
-                note += " PREFILL GRAPHS OFF"
-            hit = r.get("cache_hit_rate")
-            lines.append(
-                f"{r['kv']:<11} {str(r.get('backend') or '?'):<10} {_fmt(r.get('max_total_num_tokens')):>9} "
-                f"{_fmt(q.get('pool_vs_bf16'), '{:.2f}'):>5} "
-                f"{_fmt(r.get('out_tok_s')):>9} {_fmt(q.get('out_tok_s_vs_bf16'), '{:.2f}'):>6} "
-                f"{_fmt(q.get('out_tok_s_vs_fp8'), '{:.2f}'):>6} "
-                f"{_fmt(r.get('ttft_p50_s'), '{:.2f}'):>8} {_fmt(r.get('itl_p50_ms'), '{:.2f}'):>7} "
-                f"{_fmt(r.get('itl_p90_ms'), '{:.2f}'):>6} {_fmt(q.get('itl_p50_vs_bf16'), '{:.2f}'):>8} "
-                f"{_fmt(q.get('itl_p50_vs_fp8'), '{:.2f}'):>5} "
-                f"{_fmt(None if hit is None else 100 * hit, '{:.1f}'):>5} "
-                f"{r.get('completed')}/{r.get('num_requests'):<3} {note}".rstrip()
-            )
-        bb = g.get("baseline_backends") or {}
-        if bb.get("bf16") and bb.get("fp8") and bb["bf16"] != bb["fp8"]:
-            lines.append(
-                f"WARNING: the baselines ran different backends (bf16 {bb['bf16']}, fp8 {bb['fp8']})"
-            )
-        if variant == "default" and wl in BASELINE_H200:
-            ref = BASELINE_H200[wl]
-            what = "ITL p50 ms" if wl.startswith("single-stream") else "out tok/s"
-            lines.append(
-                f"(REFERENCE.md update, H200, fa3, {what}: "
-                + ", ".join(f"{k} {v}" for k, v in ref.items())
-                + ")"
-            )
+        lines += _group_lines(wl, variant, rows, ratio_by_group.get((wl, variant), _NO_GROUP))
     if summ["targets"]:
         lines += ["", "targets (against this file's bf16 / fp8 rows):"]
-        for t in summ["targets"]:
-            mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
-            if "ITL" in t["name"]:
-                val = f"{_fmt(t['value'], '{:.2f}')} ms (bf16 {_fmt(t['threshold'], '{:.2f}')} ms)"
-            elif "TTFT" in t["name"]:
-                val = f"{_fmt(t['value'], '{:.3f}')} s (fp8 {_fmt(t['threshold'], '{:.3f}')} s)"
-            else:
-                val = f"{_fmt(t['value'], '{:.3f}')}x"
-            lines.append(
-                f"  [{mark}] {t['name']}: {val}" + ("  (mixed GPUs!)" if t["mixed_gpus"] else "")
-            )
+        lines += [_target_line(t) for t in summ["targets"]]
     return "\n".join(lines)
+
+
+def _group_lines(wl: str, variant: str, rows: list[dict], g: dict) -> list[str]:
+    """One (workload, variant) table: heading with warnings, a line per config, notes."""
+    warn = "   WARNING: results from different GPUs" if g["mixed_gpus"] else ""
+    if g["settings_differ"]:
+        warn += f"   WARNING: servers differ in {', '.join(g['settings_differ'])}"
+    lines = ["", f"== {wl}" + ("" if variant == "default" else f" ({variant})") + warn]
+    lines.append(_TABLE_HEADER)
+    lines += [_row_line(r, g["ratios"].get(r["kv"], {})) for r in rows]
+    bb = g.get("baseline_backends") or {}
+    if bb.get("bf16") and bb.get("fp8") and bb["bf16"] != bb["fp8"]:
+        lines.append(
+            f"WARNING: the baselines ran different backends (bf16 {bb['bf16']}, fp8 {bb['fp8']})"
+        )
+    if variant == "default" and wl in BASELINE_H200:
+        ref = BASELINE_H200[wl]
+        what = "ITL p50 ms" if wl.startswith("single-stream") else "out tok/s"
+        lines.append(
+            f"(REFERENCE.md update, H200, fa3, {what}: "
+            + ", ".join(f"{k} {v}" for k, v in ref.items())
+            + ")"
+        )
+    return lines
+
+
+def _row_line(r: dict, q: dict) -> str:
+    """One config's line of a table; ``q``: its ratios."""
+    if r.get("status") not in ("ok", "partial"):
+        why = r.get("error") or (
+            f"interrupted ({r['interrupted']})"
+            if r.get("interrupted")
+            else "timed out"
+            if r.get("timed_out")
+            else ""
+        )
+        return (
+            f"{r['kv']:<11} {str(r.get('backend') or '?'):<10} {r.get('status')}: {str(why)[:100]}"
+        )
+    note = (
+        "TIMED OUT (no ratios)"
+        if r.get("timed_out")
+        else f"INTERRUPTED ({r['interrupted']}, no ratios)"
+        if r.get("interrupted")
+        else f"{r['failed']} FAILED REQS"
+        if r.get("failed")
+        else ""
+    )
+    if r.get("retractions"):
+        note += f" {r['retractions']} retractions"
+    if r.get("backend_mismatch"):
+        note += f" BACKEND MISMATCH ({r['backend_mismatch']})"
+    if r.get("prefill_cuda_graph") is False:
+        note += " PREFILL GRAPHS OFF"
+    hit = r.get("cache_hit_rate")
+    return (
+        f"{r['kv']:<11} {str(r.get('backend') or '?'):<10} {_fmt(r.get('max_total_num_tokens')):>9} "
+        f"{_fmt(q.get('pool_vs_bf16'), '{:.2f}'):>5} "
+        f"{_fmt(r.get('out_tok_s')):>9} {_fmt(q.get('out_tok_s_vs_bf16'), '{:.2f}'):>6} "
+        f"{_fmt(q.get('out_tok_s_vs_fp8'), '{:.2f}'):>6} "
+        f"{_fmt(r.get('ttft_p50_s'), '{:.2f}'):>8} {_fmt(r.get('itl_p50_ms'), '{:.2f}'):>7} "
+        f"{_fmt(r.get('itl_p90_ms'), '{:.2f}'):>6} {_fmt(q.get('itl_p50_vs_bf16'), '{:.2f}'):>8} "
+        f"{_fmt(q.get('itl_p50_vs_fp8'), '{:.2f}'):>5} "
+        f"{_fmt(None if hit is None else 100 * hit, '{:.1f}'):>5} "
+        f"{r.get('completed')}/{r.get('num_requests'):<3} {note}".rstrip()
+    )
+
+
+def _target_line(t: dict) -> str:
+    mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
+    if "ITL" in t["name"]:
+        val = f"{_fmt(t['value'], '{:.2f}')} ms (bf16 {_fmt(t['threshold'], '{:.2f}')} ms)"
+    elif "TTFT" in t["name"]:
+        val = f"{_fmt(t['value'], '{:.3f}')} s (fp8 {_fmt(t['threshold'], '{:.3f}')} s)"
+    else:
+        val = f"{_fmt(t['value'], '{:.3f}')}x"
+    return f"  [{mark}] {t['name']}: {val}" + ("  (mixed GPUs!)" if t["mixed_gpus"] else "")
 
 
 # ----------------------------------------------------------------------------- main
@@ -1416,15 +1224,27 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(
+        prog="python -m sglang_tq.bench load",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    ap.add_argument(
-        "--model-path",
-        default=DEFAULT_MODEL,
+    _add_server_args(ap)
+    _add_run_args(ap)
+    _add_workload_args(ap)
+    args = ap.parse_args(argv)
+    args.argv = argv
+    _check_args(ap, args)
+    return args
+
+
+def _add_server_args(ap: argparse.ArgumentParser) -> None:
+    add_model_path(
+        ap,
+        DEFAULT_MODEL,
         help="model folder (default: the dummy "
         "Llama-3.1-8B config in benchmarks/model_configs/llama-3.1-8b)",
     )
@@ -1435,12 +1255,6 @@ def parse_args(argv=None):
         "attention backend (no --attention-backend: fa3 on Hopper) and are the baselines of "
         "every ratio; bf16-triton / fp8-triton run SGLang's Triton backend, bf16-fa3 / fp8-fa3 "
         "name fa3 explicitly; kXvY (k4v4, k3v3, ...) run --kv-quant turboquant",
-    )
-    ap.add_argument(
-        "--workloads",
-        default=",".join(DEFAULT_WORKLOADS),
-        help=f"comma list from {','.join(WORKLOADS)} (default %(default)s); single-stream gives one "
-        "result per --ss-contexts entry (single-stream-4k, single-stream-32k)",
     )
     ap.add_argument(
         "--mem-fraction-static",
@@ -1470,6 +1284,22 @@ def parse_args(argv=None):
     ap.add_argument(
         "--prefill-cuda-graph", action="store_true", help=argparse.SUPPRESS
     )  # always on now
+    ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument(
+        "--fresh-server-per-workload",
+        action="store_true",
+        help="restart the server for every workload (default: one server per KV config, "
+        "/flush_cache between workloads)",
+    )
+    ap.add_argument(
+        "--server-url",
+        default=None,
+        help="use an already running loopback server (one --configs label) instead of launching",
+    )
+    ap.add_argument("--server-module", default="sglang.launch_server", help=argparse.SUPPRESS)
+
+
+def _add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="loadtest.json")
     ap.add_argument(
         "--append",
@@ -1483,7 +1313,6 @@ def parse_args(argv=None):
         default=None,
         help="seconds for one timed phase (default: max(300, 2x its estimate); 120 with --quick)",
     )
-    ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument(
         "--budget-s",
         type=float,
@@ -1492,14 +1321,6 @@ def parse_args(argv=None):
         f"launch (0: no limit; ~{DEFAULT_BUDGET_HINT_S} for one 600 s GPU-host command); also "
         "caps each timed phase",
     )
-    ap.add_argument(
-        "--fresh-server-per-workload",
-        action="store_true",
-        help="restart the server for every workload (default: one server per KV config, "
-        "/flush_cache between workloads)",
-    )
-    ap.add_argument("--quick", action="store_true", help="small workloads for smoke tests")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress-s", type=float, default=10)
     ap.add_argument(
         "--warmup-requests",
@@ -1507,11 +1328,6 @@ def parse_args(argv=None):
         default=4,
         help="untimed JIT warm-up requests per workload (single-stream: always one of the full "
         "context; 0: none)",
-    )
-    ap.add_argument(
-        "--server-url",
-        default=None,
-        help="use an already running loopback server (one --configs label) instead of launching",
     )
     ap.add_argument("--summarize", action="store_true", help="only print the summary of --out")
     ap.add_argument(
@@ -1527,6 +1343,17 @@ def parse_args(argv=None):
         action="store_true",
         help="only print the plan with each config's estimated seconds, then exit",
     )
+
+
+def _add_workload_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"comma list from {','.join(WORKLOADS)} (default %(default)s); single-stream gives one "
+        "result per --ss-contexts entry (single-stream-4k, single-stream-32k)",
+    )
+    ap.add_argument("--quick", action="store_true", help="small workloads for smoke tests")
+    ap.add_argument("--seed", type=int, default=0)
     g = ap.add_argument_group(
         "reference workload overrides (default 96 x 6000/400, concurrency 64)"
     )
@@ -1565,8 +1392,10 @@ def parse_args(argv=None):
     g.add_argument("--sp-output-len", type=int)
     g.add_argument("--sp-concurrency", type=int)
     g.add_argument("--sp-cold", action="store_true", help="no untimed per-prefix warm-up request")
-    ap.add_argument("--server-module", default="sglang.launch_server", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Split the comma lists and refuse what cannot run (a usage error, exit code 2)."""
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for kv in args.configs:
@@ -1582,10 +1411,12 @@ def parse_args(argv=None):
     except ValueError as exc:
         ap.error(str(exc))
     if args.server_url:
-        check_loopback(args.server_url)
+        try:
+            check_loopback(args.server_url)
+        except ValueError as exc:
+            ap.error(str(exc))
         if len(args.configs) != 1:
             ap.error("--server-url needs exactly one --configs label (the running server's KV)")
-    return args
 
 
 def run_timeout_s(args, est: float) -> float:
@@ -1633,240 +1464,282 @@ def _on_sigterm(signum, frame):
     raise _Terminated(f"signal {signum}")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.merge:
         return merge_files(out, args.merge, append=args.append)
     if args.summarize:
-        doc = load_doc(out)
-        if not doc:
-            print(f"no results in {out}")
-            return 1
-        print(summary_text(doc))
-        return 0
-
+        return print_summary(out)
     t_launch = time.time()
-    log_dir = Path(args.log_dir) if args.log_dir else (out.parent if str(out.parent) else Path("."))
     workloads = build_workloads(args)
     text, _ = plan_text(args, workloads)
     print(text, flush=True)
     if args.plan:
         return 0
+    return LoadTest(args, out, workloads, t_launch).run()
 
-    doc = load_doc(out) if args.append else {}
-    if args.append and doc:
-        print(f"appending to {out} ({len(doc['results'])} earlier result(s))")
-    prov = get_provenance()
-    doc.update({k: prov.get(k) for k in ("gpu", "commit", "versions", "date")})
-    doc.setdefault("tool", "scripts/loadtest.py")
-    doc.setdefault("results", [])
-    doc.setdefault("invocations", []).append(
-        {
-            "argv": sys.argv[1:] if argv is None else list(argv),
-            "gpu": prov.get("gpu"),
-            "commit": prov.get("commit"),
-            "date": prov.get("date"),
-        }
-    )
-    write_doc(out, doc)
-    print(f"gpu: {prov.get('gpu')}  commit: {prov.get('commit')}  -> {out}", flush=True)
 
-    def remaining() -> float:
-        return float("inf") if args.budget_s <= 0 else args.budget_s - (time.time() - t_launch)
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
-    server: SGLangServer | None = None
-    rc = 0
-    try:
-        for kv in args.configs:
-            groups = [[wl] for wl in workloads] if args.fresh_server_per_workload else [workloads]
-            for group in groups:
-                est = estimate_config_s(group, kv, 0 if args.server_url else 1)
-                if est > remaining():
-                    print(
-                        f"SKIP {kv} {[w.name for w in group]}: estimate {est:.0f} s > budget left "
-                        f"{remaining():.0f} s",
-                        flush=True,
-                    )
-                    rc = 2
-                    continue
-                base_res = {
-                    "kv": kv,
-                    "gpu": prov.get("gpu"),
-                    "commit": prov.get("commit"),
-                    "date": prov.get("date"),
-                    "kv_flags": kv_server_flags(kv, args.model_path),
-                }
-                cmd = None
-                log_default = None
-                if args.server_url:
-                    server = None
-                    base_url = check_loopback(args.server_url)
-                    base_res.update(server_url=base_url, startup_s=None)
-                    info = server_info(base_url)
-                    pool = {"max_total_num_tokens": info.get("max_total_num_tokens")}
+
+def print_summary(out: Path) -> int:
+    doc = load_doc(out)
+    if not doc:
+        print(f"no results in {out}")
+        return 1
+    print(summary_text(doc))
+    return 0
+
+
+class LoadTest:
+    """One invocation: a server per KV config (or per workload, or an attached one), the
+    workloads on it one after the other, every finished row written to ``out`` at once.
+    ``rc``: 0 all ran, 1 a server or client failed, 2 something was skipped for the
+    budget, 130 interrupted."""
+
+    def __init__(self, args: argparse.Namespace, out: Path, workloads: list[Workload], t0: float):
+        self.args, self.out, self.workloads, self.t_launch = args, out, workloads, t0
+        self.log_dir = (
+            Path(args.log_dir) if args.log_dir else (out.parent if str(out.parent) else Path("."))
+        )
+        self.server: SGLangServer | None = None
+        self.doc: dict = {}
+        self.prov: dict = {}
+        self.rc = 0
+
+    def remaining(self) -> float:
+        if self.args.budget_s <= 0:
+            return float("inf")
+        return self.args.budget_s - (time.time() - self.t_launch)
+
+    def run(self) -> int:
+        self.open_doc()
+        old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            for kv in self.args.configs:
+                if self.args.fresh_server_per_workload:
+                    groups = [[wl] for wl in self.workloads]
                 else:
-                    port = free_port()
-                    tag = kv + (
-                        "_" + group[0].name
-                        if args.fresh_server_per_workload or len(group) == 1
-                        else ""
-                    )
-                    server = make_server(args, kv, port, log_dir / f"loadtest_server_{tag}.log")
-                    cmd = server.cmd
-                    base_res["server_cmd"] = shlex.join(server.cmd[1:])
-                    base_res.update(server_settings(args, kv, cmd, {}))
-                    try:
-                        server.start(min(args.startup_timeout, max(remaining(), 30)))
-                    except RuntimeError as exc:
-                        print(f"ERROR {kv}: {exc}", flush=True)
-                        for wl in group:
-                            merge_result(
-                                doc,
-                                {
-                                    **base_res,
-                                    "backend": expected_backend(kv) or "unknown",
-                                    "backend_source": "flags",
-                                    "workload": wl.name,
-                                    "variant": wl.variant,
-                                    "status": "server_failed",
-                                    "error": str(exc)[-2000:],
-                                },
-                            )
-                        write_doc(out, doc)
-                        server.stop()
-                        server = None
-                        rc = 1
-                        continue
-                    base_url = server.base_url
-                    info = server.info()
-                    pool = server.pool_from_log()
-                    log_default = server.default_backend_from_log()
-                    base_res["startup_s"] = server.startup_s
-                base_res.update(server_settings(args, kv, cmd, info))
-                base_res.update(detect_backend(kv, info, log_default))
-                base_res["max_total_num_tokens"] = pool.get("max_total_num_tokens") or info.get(
-                    "max_total_num_tokens"
+                    groups = [self.workloads]
+                for group in groups:
+                    self.run_group(kv, group)
+        except KeyboardInterrupt as exc:
+            print(f"interrupted ({exc or 'Ctrl-C'}); results so far are in {self.out}", flush=True)
+            self.rc = 130
+        finally:
+            self.stop_server()
+            signal.signal(signal.SIGTERM, old_handler)
+        doc = load_doc(self.out) or self.doc
+        print("\n" + summary_text(doc), flush=True)
+        print(f"\nJSON: {self.out}   total {time.time() - self.t_launch:.0f} s")
+        return self.rc
+
+    def open_doc(self) -> None:
+        """Start (or with --append, continue) the results file; provenance of this run."""
+        args, out = self.args, self.out
+        doc = load_doc(out) if args.append else {}
+        if args.append and doc:
+            print(f"appending to {out} ({len(doc['results'])} earlier result(s))")
+        prov = self.prov = get_provenance()
+        doc.update({k: prov.get(k) for k in ("gpu", "commit", "versions", "date")})
+        doc.setdefault("tool", TOOL)
+        doc.setdefault("results", [])
+        doc.setdefault("invocations", []).append(
+            {
+                "argv": args.argv,
+                "gpu": prov.get("gpu"),
+                "commit": prov.get("commit"),
+                "date": prov.get("date"),
+            }
+        )
+        self.doc = doc
+        write_doc(out, doc)
+        print(f"gpu: {prov.get('gpu')}  commit: {prov.get('commit')}  -> {out}", flush=True)
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def run_group(self, kv: str, group: list[Workload]) -> None:
+        """One server (launched or attached) and the workloads of ``group`` on it."""
+        est = estimate_config_s(group, kv, 0 if self.args.server_url else 1)
+        if est > self.remaining():
+            print(
+                f"SKIP {kv} {[w.name for w in group]}: estimate {est:.0f} s > budget left "
+                f"{self.remaining():.0f} s",
+                flush=True,
+            )
+            self.rc = 2
+            return
+        base_res = {
+            "kv": kv,
+            "gpu": self.prov.get("gpu"),
+            "commit": self.prov.get("commit"),
+            "date": self.prov.get("date"),
+            "kv_flags": kv_server_flags(kv, self.args.model_path),
+        }
+        try:
+            if self.args.server_url:
+                base_url = self.attach(base_res)
+            else:
+                base_url = self.launch(kv, group, base_res)
+            if base_url is None:
+                return
+            for wl in group:
+                self.run_one(kv, wl, base_url, base_res)
+        finally:
+            self.stop_server()
+
+    def attach(self, base_res: dict) -> str:
+        """--server-url: the running server's settings into ``base_res``."""
+        base_url = check_loopback(self.args.server_url)
+        base_res.update(server_url=base_url, startup_s=None)
+        info = server_info(base_url)
+        pool = {"max_total_num_tokens": info.get("max_total_num_tokens")}
+        self.describe_server(base_res, None, info, pool, None)
+        return base_url
+
+    def launch(self, kv: str, group: list[Workload], base_res: dict) -> str | None:
+        """Start the config's server; None (and a server_failed row per workload) when it
+        does not come up."""
+        args = self.args
+        tag = kv + (
+            "_" + group[0].name if args.fresh_server_per_workload or len(group) == 1 else ""
+        )
+        self.server = server = make_server(
+            args, kv, free_port(), self.log_dir / f"loadtest_server_{tag}.log"
+        )
+        base_res["server_cmd"] = shlex.join(server.cmd[1:])
+        base_res.update(server_settings(args, kv, server.cmd, {}))
+        try:
+            server.start(min(args.startup_timeout, max(self.remaining(), 30)))
+        except RuntimeError as exc:
+            print(f"ERROR {kv}: {exc}", flush=True)
+            for wl in group:
+                merge_result(
+                    self.doc,
+                    {
+                        **base_res,
+                        "backend": expected_backend(kv) or "unknown",
+                        "backend_source": "flags",
+                        "workload": wl.name,
+                        "variant": wl.variant,
+                        "status": "server_failed",
+                        "error": str(exc)[-2000:],
+                    },
                 )
-                base_res["max_running_requests"] = pool.get("max_running_requests") or info.get(
-                    "max_running_requests"
+            write_doc(self.out, self.doc)
+            self.rc = 1
+            return None
+        base_res["startup_s"] = server.startup_s
+        self.describe_server(
+            base_res,
+            server.cmd,
+            server.info(),
+            server.pool_from_log(),
+            server.default_backend_from_log(),
+        )
+        return server.base_url
+
+    def describe_server(
+        self, base_res: dict, cmd: list[str] | None, info: dict, pool: dict, log_default
+    ) -> None:
+        """What the server ran (settings, backend, pool) into ``base_res``, with warnings."""
+        kv = base_res["kv"]
+        base_res.update(server_settings(self.args, kv, cmd, info))
+        base_res.update(detect_backend(kv, info, log_default))
+        for key in ("max_total_num_tokens", "max_running_requests"):
+            base_res[key] = pool.get(key) or info.get(key)
+        base_res["server_info"] = info
+        base_res["server_log"] = pool
+        print(
+            f"  {kv}: backend {base_res['backend']} ({base_res['backend_source']}), "
+            f"max_total_num_tokens={base_res['max_total_num_tokens']} "
+            f"max_running_requests={base_res['max_running_requests']}",
+            flush=True,
+        )
+        if base_res.get("backend_mismatch"):
+            print(f"  WARNING {kv}: {base_res['backend_mismatch']}", flush=True)
+        if base_res.get("prefill_cuda_graph") is False:
+            print(f"  WARNING {kv}: the server runs without prefill CUDA graphs", flush=True)
+
+    def run_one(self, kv: str, wl: Workload, base_url: str, base_res: dict) -> None:
+        """One workload on the running server: its row, written at once."""
+        args = self.args
+        est = estimate_run_s(wl, kv)
+        if est > self.remaining():
+            print(
+                f"SKIP {kv} {wl.label}: estimate {est:.0f} s > budget left {self.remaining():.0f} s"
+            )
+            self.rc = 2
+            return
+        timeout = min(run_timeout_s(args, est), max(self.remaining() - 45, 10))
+        label = f"{kv}/{wl.label}"
+        print(
+            f"run {label}: {len(wl.prompts)} requests, concurrency {wl.concurrency}, "
+            f"output {wl.output_len}, timeout {timeout:.0f} s (estimate ~{est:.0f} s)",
+            flush=True,
+        )
+        server = self.server
+        flush = server.flush_cache if server else (lambda: _flush_url(base_url))
+        incremental = bool(base_res.get("incremental_stream"))
+        t = time.time()
+        res = {
+            **base_res,
+            "workload": wl.name,
+            "workload_family": wl.family,
+            "variant": wl.variant,
+            "quick": args.quick,
+            "workload_params": wl.params,
+        }
+        if wl.family == "single-stream":
+            res["context"] = wl.params["context"]
+        try:
+            stats = asyncio.run(
+                run_workload(
+                    base_url,
+                    wl,
+                    timeout,
+                    progress_s=args.progress_s,
+                    label=label,
+                    warmup_requests=args.warmup_requests,
+                    flush=flush,
+                    incremental=incremental,
                 )
-                base_res["server_info"] = info
-                base_res["server_log"] = pool
-                print(
-                    f"  {kv}: backend {base_res['backend']} ({base_res['backend_source']}), "
-                    f"max_total_num_tokens={base_res['max_total_num_tokens']} "
-                    f"max_running_requests={base_res['max_running_requests']}",
-                    flush=True,
-                )
-                if base_res.get("backend_mismatch"):
-                    print(f"  WARNING {kv}: {base_res['backend_mismatch']}", flush=True)
-                if base_res.get("prefill_cuda_graph") is False:
-                    print(
-                        f"  WARNING {kv}: the server runs without prefill CUDA graphs", flush=True
-                    )
-                try:
-                    for wl in group:
-                        est = estimate_run_s(wl, kv)
-                        if est > remaining():
-                            print(
-                                f"SKIP {kv} {wl.label}: estimate {est:.0f} s > budget left {remaining():.0f} s"
-                            )
-                            rc = 2
-                            continue
-                        timeout = min(run_timeout_s(args, est), max(remaining() - 45, 10))
-                        label = f"{kv}/{wl.label}"
-                        print(
-                            f"run {label}: {len(wl.prompts)} requests, concurrency {wl.concurrency}, "
-                            f"output {wl.output_len}, timeout {timeout:.0f} s (estimate ~{est:.0f} s)",
-                            flush=True,
-                        )
-                        flush = server.flush_cache if server else (lambda: _flush_url(base_url))
-                        t = time.time()
-                        res = {
-                            **base_res,
-                            "workload": wl.name,
-                            "workload_family": wl.family,
-                            "variant": wl.variant,
-                            "quick": args.quick,
-                            "workload_params": wl.params,
-                        }
-                        if wl.family == "single-stream":
-                            res["context"] = wl.params["context"]
-                        try:
-                            stats = asyncio.run(
-                                run_workload(
-                                    base_url,
-                                    wl,
-                                    timeout,
-                                    progress_s=args.progress_s,
-                                    label=label,
-                                    warmup_requests=args.warmup_requests,
-                                    flush=flush,
-                                    incremental=bool(base_res.get("incremental_stream")),
-                                )
-                            )
-                            incomplete = stats["timed_out"] or stats.get("interrupted")
-                            res.update(
-                                stats,
-                                status=("partial" if incomplete else "ok")
-                                if stats["completed"]
-                                else "no_completions",
-                            )
-                        except Exception as exc:
-                            res.update(status="client_failed", error=f"{type(exc).__name__}: {exc}")
-                            rc = 1
-                        finally:
-                            signal.signal(signal.SIGTERM, _on_sigterm)  # asyncio reset it
-                        if (
-                            args.profile_steps > 0
-                            and wl.family == "single-stream"
-                            and res["status"] == "ok"
-                        ):
-                            res["decode_profile"] = _profile_row(
-                                args,
-                                base_url,
-                                wl,
-                                kv,
-                                log_dir,
-                                bool(base_res.get("incremental_stream")),
-                            )
-                        res["wall_s"] = round(time.time() - t, 1)
-                        merge_result(doc, res)
-                        write_doc(out, doc)
-                        if res.get("interrupted"):
-                            raise _Terminated(res["interrupted"])
-                        if res["status"] in ("ok", "partial"):
-                            print(
-                                f"done {label}: {res['out_tok_s']} out tok/s, TTFT p50 {res['ttft_p50_s']} s, "
-                                f"ITL p50 {res['itl_p50_ms']} ms, latency p50 {res['lat_p50_s']} s, "
-                                f"hit {res['cache_hit_rate']}, {res['completed']}/{res['num_requests']} "
-                                f"ok{' TIMED OUT' if res['timed_out'] else ''} ({res['wall_s']} s)",
-                                flush=True,
-                            )
-                            if res["failed"]:
-                                print(
-                                    f"  {res['failed']} failed request(s): {res.get('errors')}",
-                                    flush=True,
-                                )
-                        else:
-                            print(f"FAILED {label}: {res.get('error')}", flush=True)
-                finally:
-                    if server is not None:
-                        server.stop()
-                        server = None
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}); results so far are in {out}", flush=True)
-        rc = 130
-    finally:
-        if server is not None:
-            server.stop()
-        signal.signal(signal.SIGTERM, old_handler)
-    doc = load_doc(out) or doc
-    print("\n" + summary_text(doc), flush=True)
-    print(f"\nJSON: {out}   total {time.time() - t_launch:.0f} s")
-    return rc
+            )
+            incomplete = stats["timed_out"] or stats.get("interrupted")
+            status = ("partial" if incomplete else "ok") if stats["completed"] else "no_completions"
+            res.update(stats, status=status)
+        except Exception as exc:
+            res.update(status="client_failed", error=f"{type(exc).__name__}: {exc}")
+            self.rc = 1
+        finally:
+            signal.signal(signal.SIGTERM, _on_sigterm)  # asyncio reset it
+        if args.profile_steps > 0 and wl.family == "single-stream" and res["status"] == "ok":
+            res["decode_profile"] = _profile_row(args, base_url, wl, kv, self.log_dir, incremental)
+        res["wall_s"] = round(time.time() - t, 1)
+        merge_result(self.doc, res)
+        write_doc(self.out, self.doc)
+        if res.get("interrupted"):
+            raise _Terminated(res["interrupted"])
+        _print_row(label, res)
+
+
+def _print_row(label: str, res: dict) -> None:
+    if res["status"] not in ("ok", "partial"):
+        print(f"FAILED {label}: {res.get('error')}", flush=True)
+        return
+    print(
+        f"done {label}: {res['out_tok_s']} out tok/s, TTFT p50 {res['ttft_p50_s']} s, "
+        f"ITL p50 {res['itl_p50_ms']} ms, latency p50 {res['lat_p50_s']} s, "
+        f"hit {res['cache_hit_rate']}, {res['completed']}/{res['num_requests']} "
+        f"ok{' TIMED OUT' if res['timed_out'] else ''} ({res['wall_s']} s)",
+        flush=True,
+    )
+    if res["failed"]:
+        print(f"  {res['failed']} failed request(s): {res.get('errors')}", flush=True)
 
 
 def _profile_row(
@@ -1899,7 +1772,7 @@ def _profile_row(
 
 def merge_files(out: Path, files: list[str], append: bool = False) -> int:
     doc = load_doc(out) if append else {}
-    doc.setdefault("tool", "scripts/loadtest.py")
+    doc.setdefault("tool", TOOL)
     doc.setdefault("results", [])
     doc.setdefault("invocations", [])
     for f in files:
@@ -1920,7 +1793,12 @@ def merge_files(out: Path, files: list[str], append: bool = False) -> int:
 
 
 def _flush_url(base_url: str) -> bool:
-    return http(base_url + "/flush_cache", method="POST", timeout=60)[0] == 200
+    """Flush the radix cache of a server this run did not launch (--server-url)."""
+    try:
+        flush_url(base_url)
+    except RuntimeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

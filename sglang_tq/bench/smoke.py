@@ -2,7 +2,7 @@
 
 Used on the GPU host with a dummy-weight model config (no tokenizer needed):
 
-    python scripts/server_smoke.py --model-path benchmarks/model_configs/llama-3.1-8b \
+    python -m sglang_tq.bench smoke --model-path benchmarks/model_configs/llama-3.1-8b \
         --out smoke.json -- --attention-backend triton --mem-fraction-static 0.45
 
 Everything after ``--`` goes to ``python -m sglang.launch_server`` unchanged.
@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _server import Server, post
-
-from sglang_tq.provenance import provenance
+from .cli import add_model_path
+from .results import get_provenance, write_json_atomic
+from .server import SGLangServer, post_json
 
 # two Llama-3 prompts; other vocabularies get them modulo their size (dummy weights: any id
 # inside the vocabulary is a valid prompt, one outside it is a 400 or a crash)
@@ -43,9 +41,11 @@ def prompts_for(model_path: str) -> list[list[int]]:
     return [[i % vocab for i in p] for p in PROMPTS] if vocab else PROMPTS
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-path", required=True)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m sglang_tq.bench smoke", description=__doc__.splitlines()[0]
+    )
+    add_model_path(ap, required=True)
     ap.add_argument("--port", type=int, default=30111)
     ap.add_argument("--startup-timeout", type=float, default=420)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -56,40 +56,44 @@ def main() -> int:
         nargs=argparse.REMAINDER,
         help="after --: extra arguments for sglang.launch_server",
     )
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     extra = [a for a in args.server_args if a != "--"]
-    server = Server(
+    server = SGLangServer(
         args.model_path,
         ["--load-format", "dummy", "--skip-tokenizer-init", *extra],
         args.log,
         port=args.port,
-        startup_timeout=args.startup_timeout,
     )
-    result = {**provenance(), "command": server.cmd, "ok": False}
+    result = {**get_provenance(), "command": server.cmd, "ok": False}
     try:
-        with server:
-            result["startup_s"] = server.startup_s
-            reply = post(
-                server.base + "/generate",
-                {
-                    "input_ids": prompts_for(args.model_path),
-                    "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
-                },
-                timeout=120,
-            )
-            result["reply"] = reply
-            result["ok"] = all(len(r.get("output_ids", [])) == args.max_new_tokens for r in reply)
+        result["startup_s"] = server.start(args.startup_timeout)
+        reply = post_json(
+            server.base_url + "/generate",
+            {
+                "input_ids": prompts_for(args.model_path),
+                "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
+            },
+            timeout=120,
+        )
+        result["reply"] = reply
+        result["ok"] = all(len(r.get("output_ids", [])) == args.max_new_tokens for r in reply)
     except Exception as exc:
         result["error"] = repr(exc)
-    log_text = open(args.log, errors="replace").read()
-    m = re.findall(r"max_total_num_tokens=(\d+)", log_text)
-    result["max_total_num_tokens"] = int(m[-1]) if m else None
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    finally:
+        server.stop()
+    result["max_total_num_tokens"] = server.pool_from_log()["max_total_num_tokens"]
+    write_json_atomic(args.out, result)
     print(
         json.dumps({k: result.get(k) for k in ("ok", "startup_s", "max_total_num_tokens", "error")})
     )
     return 0 if result["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
