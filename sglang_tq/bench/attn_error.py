@@ -29,7 +29,6 @@ what the engine's ``--kv-quant-key-centers auto`` computes at start-up); adds
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -40,8 +39,9 @@ from sglang_tq.bench.hf_reference import (
     parse_config,
     parse_configs,
     round_trip_fns,
+    write_result,
 )
-from sglang_tq.bench.results import get_provenance, write_lines_atomic
+from sglang_tq.bench.results import get_provenance
 
 TOOL = "attn_error"
 
@@ -227,8 +227,7 @@ def run(args: argparse.Namespace) -> int:
         "summary": summary,
         "per_layer_per_kv_head": rows,
     }
-    write_lines_atomic(out, [json.dumps(doc, indent=1)])
-    print(f"wrote {out}")
+    write_result(out, doc)
     return 0
 
 

@@ -125,8 +125,8 @@ from sglang_tq.bench import fidelity_metrics as fm
 from sglang_tq.bench.cli import add_model_path, add_out, default_out
 from sglang_tq.bench.configs import kv_server_flags
 from sglang_tq.bench.generation import (
-    COMMON_SERVER_ARGS,
     add_centered_configs,
+    add_server_options,
     check_alignment,
     config_flags,
     exit_on_sigterm,
@@ -541,27 +541,13 @@ def _add_config_args(ap: argparse.ArgumentParser) -> None:
         "bf16 KV on SGLang's Triton backend)",
     )
     ap.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="NAME=FLAGS",
-        help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
-        "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'",
-    )
-    ap.add_argument(
         "--key-centers",
         default=None,
         metavar="FILE",
         help="key centers file (python -m sglang_tq.tools.key_centers) for configs named "
         "<config>-c, e.g. k4v4-c",
     )
-    ap.add_argument(
-        "--common-server-args",
-        default=COMMON_SERVER_ARGS,
-        help=f"flags of every server (default: {COMMON_SERVER_ARGS!r})",
-    )
-    ap.add_argument("--server-args", default="", help="extra flags appended for every server")
-    ap.add_argument("--startup-timeout", type=float, default=420)
+    add_server_options(ap)
 
 
 def _add_run_args(ap: argparse.ArgumentParser) -> None:

@@ -373,6 +373,16 @@ def pool_logprob_checks(per: list[dict]) -> dict:
     }
 
 
+def print_rows(rows: list[tuple], indent: str = "") -> None:
+    """Print ``rows`` (the first is the header) as left-aligned columns two spaces apart,
+    with a rule of dashes under the header."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print(indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if j == 0:
+            print(indent + "  ".join("-" * w for w in widths))
+
+
 def print_table(results: dict) -> None:
     rows = [("config", "top-1", "KL mean", "KL p99", "|dlogp|", "imputed", "greedy text vs bf16")]
     errors = []
@@ -407,11 +417,7 @@ def print_table(results: dict) -> None:
                 fdt,
             )
         )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
+    print_rows(rows)
     if errors:
         print("errors:")
         print("\n".join(errors))
@@ -489,11 +495,7 @@ def print_trends(results: dict) -> None:
         f"{any_t.get('n_boot', '?')} bootstrap resamples of prompts; q1 / q4: first / last "
         f"quarter of the positions):"
     )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-        if j == 0:
-            print("  " + "  ".join("-" * w for w in widths))
+    print_rows(rows, indent="  ")
     notes = {
         f"{n} {k}: {v['note']}"
         for n in names

@@ -50,7 +50,6 @@ default a file in benchmarks/results/fidelity_ref/ named by gpu, "cpu" here, and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -62,9 +61,10 @@ from sglang_tq.bench.hf_reference import (
     make_cache,
     parse_config,
     parse_configs,
+    write_result,
 )
 from sglang_tq.bench.prompts import build_prompts
-from sglang_tq.bench.results import get_provenance, write_lines_atomic
+from sglang_tq.bench.results import get_provenance
 
 TOOL = "fidelity_ref"
 
@@ -314,8 +314,7 @@ def run(args: argparse.Namespace) -> int:
         "criterion": v,
         "results": results,
     }
-    write_lines_atomic(out, [json.dumps(doc, indent=1)])
-    print(f"wrote {out}")
+    write_result(out, doc)
     return 0
 
 

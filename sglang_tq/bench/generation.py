@@ -26,6 +26,7 @@ against the top-K list) and raise RuntimeError if it does not hold.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shlex
 import signal
@@ -214,3 +215,23 @@ def exit_on_sigterm() -> None:
 def split_flags(*texts: str) -> list[str]:
     """shlex-split and join server-flag strings (``--common-server-args``, ``--server-args``)."""
     return [tok for text in texts for tok in shlex.split(text)]
+
+
+def add_server_options(ap: argparse.ArgumentParser) -> None:
+    """The server options of ``fidelity`` and ``radix``: --config NAME=FLAGS (parsed by
+    `parse_config_specs`), --common-server-args, --server-args and --startup-timeout."""
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
+        "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'",
+    )
+    ap.add_argument(
+        "--common-server-args",
+        default=COMMON_SERVER_ARGS,
+        help=f"flags of every server (default: {COMMON_SERVER_ARGS!r})",
+    )
+    ap.add_argument("--server-args", default="", help="extra flags appended for every server")
+    ap.add_argument("--startup-timeout", type=float, default=420)

@@ -100,9 +100,9 @@ import time
 from pathlib import Path
 
 from sglang_tq.bench.cli import add_model_path, add_out, default_out
-from sglang_tq.bench.fidelity_metrics import first_divergence
+from sglang_tq.bench.fidelity_metrics import first_divergence, print_rows
 from sglang_tq.bench.generation import (
-    COMMON_SERVER_ARGS,
+    add_server_options,
     config_flags,
     exit_on_sigterm,
     parse_config_specs,
@@ -511,11 +511,7 @@ def print_table(configs: dict) -> None:
                     cached,
                 )
             )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
+    print_rows(rows)
     for name, c in configs.items():
         if c.get("error"):
             print(f"  {name}: {c['error'].splitlines()[0][:300]}")
@@ -539,14 +535,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_CONFIGS,
         help=f"comma list: bf16, fp8, kKvV, kKvV-pp, or --config names (default {DEFAULT_CONFIGS})",
     )
-    ap.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="NAME=FLAGS",
-        help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
-        "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'",
-    )
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument(
         "--prefix-tokens",
@@ -556,7 +544,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=5, help="top_logprobs_num (default 5)")
-    _add_server_args(ap)
+    add_server_options(ap)
+    _add_budget_args(ap)
     ap.add_argument(
         "--log-dir",
         default=None,
@@ -578,19 +567,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _add_server_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument(
-        "--common-server-args",
-        default=COMMON_SERVER_ARGS,
-        help=f"flags of every server (default: {COMMON_SERVER_ARGS!r})",
-    )
-    ap.add_argument("--server-args", default="", help="extra flags appended for every server")
+def _add_budget_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--server-module",
         default="sglang.launch_server",
         help="module run as the server (tests use a fake one)",
     )
-    ap.add_argument("--startup-timeout", type=float, default=420)
     ap.add_argument(
         "--budget-s",
         type=float,
