@@ -94,6 +94,7 @@ in benchmarks/results/radix_check/ named by gpu and commit; server logs go to --
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -112,7 +113,7 @@ from sglang_tq.bench.generation import (
     started,
 )
 from sglang_tq.bench.prompts import PROMPTS
-from sglang_tq.bench.results import get_provenance, write_json_atomic
+from sglang_tq.bench.results import get_provenance, write_lines_atomic
 from sglang_tq.bench.server import SGLangServer, flush
 
 TOOL = "sglang_tq.bench radix"
@@ -714,6 +715,12 @@ class RadixRun:
         return True
 
 
+def write_doc(path: Path, doc: dict) -> None:
+    """Rewrite the result atomically; json.dumps as before, so that a NaN or infinite
+    logprob from a broken server is written down (write_json_atomic would refuse it)."""
+    write_lines_atomic(path, [json.dumps(doc, indent=1)])
+
+
 def run(args: argparse.Namespace) -> int:
     exit_on_sigterm()
     t_start = time.time()
@@ -742,13 +749,13 @@ def run(args: argparse.Namespace) -> int:
             doc["configs"][name] = entry
             if rr.fits(name, entry):
                 errors += not rr.measure(name, entry)
-                write_json_atomic(out, doc)
+                write_doc(out, doc)
     finally:
         for entry in doc["configs"].values():
             if entry["status"] == "pending":
                 entry["status"] = "interrupted"
         doc["total_s"] = round(time.time() - rr.t_start, 1)
-        write_json_atomic(out, doc)
+        write_doc(out, doc)
     print(
         f"\n{Path(model_path).name}: {len(lens)} prompts ({min(lens)}-{max(lens)} tokens, "
         f"common prefix {pr['common_prefix_len']}) x {args.max_new_tokens} greedy tokens; "
