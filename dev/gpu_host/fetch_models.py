@@ -55,13 +55,13 @@ survives only while calls follow each other within ~30 s, so issue them back to 
     call N+1      carry [".gpu_bundle/sglang-runtime.tar.xz", ".gpu_bundle/manifest.json"]
                   command: source dev/gpu_host/gpu_host_setup.sh &&
                            M=$(bash dev/gpu_host/unpack_model.sh <name>) &&
-                           python3 scripts/fidelity.py --model-path "$M" ...
+                           python3 -m sglang_tq.bench fidelity --model-path "$M" ...
                   (unpack_model.sh reassembles the pieces in order, verifies every sha256,
                   extracts, converts the GGUF to /tmp/models/<name>-bf16 and prints that path)
 
 SmolLM2 is therefore 3 calls (2 pieces + the run), Qwen2.5-Coder-0.5B 9 (8 + the run),
 both 12 (each model's run call needs most of the 10-minute limit). A run call cut off by
-its time limit is simply repeated: unpacking and fidelity.py resume. The script prints
+its time limit is simply repeated: unpacking and fidelity resume. The script prints
 this plan with sizes at the end.
 
 On the GPU host (no network) only the `convert` step runs, called by unpack_model.sh:
@@ -642,7 +642,7 @@ def run_command(name: str) -> str:
     return (
         "export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source dev/gpu_host/gpu_host_setup.sh"
         f" && M=$(bash dev/gpu_host/unpack_model.sh {name}) && timeout -s TERM 540 python3"
-        ' scripts/fidelity.py --model-path "$M" --configs fp8,k4v4,k3v3 --check-hf'
+        ' -m sglang_tq.bench fidelity --model-path "$M" --configs fp8,k4v4,k3v3 --check-hf'
         f" --log-dir $OUT/logs --out $OUT/fidelity_{name}.json"
     )
 
@@ -680,7 +680,7 @@ def print_plan(manifests: list[dict], transfer: Path) -> None:
             )
         log(f"           command: {run_command(m['name'])}")
         log(
-            "           (cut off by the time limit? repeat this call: unpacking and fidelity.py resume)"
+            "           (cut off by the time limit? repeat this call: unpacking and fidelity resume)"
         )
     if tree is not None:
         log(f"  working tree that travels with every call: {mib(tree)}")

@@ -8,8 +8,8 @@
 #       GPU 1: the reference load test at --mem-fraction-static 0.25 (bf16, fp8, k4v4,
 #              k3v3), as far as the time budget goes.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> accuracy
-#       GPU 0: scripts/fidelity.py on SmolLM2 (fp8, k4v4, k3v3 against bf16, HF check);
-#       GPU 1: scripts/radix_check.py on SmolLM2 (bf16, k4v4, k4v4 with packed prefill).
+#       GPU 0: python -m sglang_tq.bench fidelity on SmolLM2 (fp8, k4v4, k3v3 against bf16, HF check);
+#       GPU 1: python -m sglang_tq.bench radix on SmolLM2 (bf16, k4v4, k4v4 with packed prefill).
 #       SmolLM2 must have been staged first (dev/gpu_host/unpack_model.sh stage, one call per
 #       piece, back to back with this one).
 #   bash dev/gpu_host/gpu_evidence.sh <commit> tune    # nvidia-h200-x4: four GPUs
@@ -329,7 +329,7 @@ qwen|qwen+serving)
     || { tail -5 "$LOGS/centers.log"; exit 1; }
   fid() {  # GPU, name, configs, extra args
     local gpu=$1 name=$2 configs=$3; shift 3
-    CUDA_VISIBLE_DEVICES=$gpu timeout -s TERM "$(left 560)" python scripts/fidelity.py \
+    CUDA_VISIBLE_DEVICES=$gpu timeout -s TERM "$(left 560)" python -m sglang_tq.bench fidelity \
       --model-path "$M" --configs "$configs" --key-centers "$C" --log-dir "$LOGS/$name" \
       --work-dir "/tmp/fidelity_$name" --out "$OUT/fidelity_qwen_$name.json" "$@" > "$LOGS/$name.log" 2>&1
   }
@@ -348,14 +348,14 @@ accuracy)
   [ -n "$M" ] || { tail -5 "$LOGS/unpack.log"; exit 1; }
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout -s TERM "$(left 560)" python scripts/fidelity.py --model-path "$M" \
+    timeout -s TERM "$(left 560)" python -m sglang_tq.bench fidelity --model-path "$M" \
       --configs fp8,k4v4,k3v3 --check-hf --log-dir "$LOGS/fid" --out "$OUT/fidelity_smollm2.json" \
       > "$LOGS/fidelity.log" 2>&1
   ) &
   P0=$!
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout -s TERM "$(left 560)" python scripts/radix_check.py --model-path "$M" \
+    timeout -s TERM "$(left 560)" python -m sglang_tq.bench radix --model-path "$M" \
       --configs k4v4,k4v4-pp,bf16 --budget-s "$(left 540)" --log-dir "$LOGS/radix" \
       --out "$OUT/radix_smollm2.json" > "$LOGS/radix.log" 2>&1
   ) &
@@ -592,10 +592,10 @@ all)
   (
     export CUDA_VISIBLE_DEVICES=1
     if [ -n "$M" ]; then
-      timeout -s TERM 330 python scripts/fidelity.py --model-path "$M" --configs fp8,k4v4,k3v3 \
+      timeout -s TERM 330 python -m sglang_tq.bench fidelity --model-path "$M" --configs fp8,k4v4,k3v3 \
         --check-hf "${SMALL[@]}" --log-dir "$LOGS/fid" --out "$OUT/fidelity_smollm2.json" \
         > "$LOGS/fidelity.log" 2>&1 &
-      timeout -s TERM 330 python scripts/radix_check.py --model-path "$M" \
+      timeout -s TERM 330 python -m sglang_tq.bench radix --model-path "$M" \
         --configs bf16,k4v4,k4v4-pp --budget-s 310 "${SMALL[@]}" --log-dir "$LOGS/radix" \
         --out "$OUT/radix_smollm2.json" > "$LOGS/radix.log" 2>&1 &
       wait

@@ -6,7 +6,8 @@ with the norm of what it quantizes (paper Thm. 1: E‖k − k̂‖² = D_mse·�
 of many models carry a large common component: Qwen2.5's k_proj bias, the mean post-RoPE
 key of SmolLM2 holds ~65% of the key energy. Quantizing k − μ removes that component
 from the error: on Qwen2.5-Coder-0.5B the attention-row KL of k4v4 keys drops 8.6×
-(``scripts/attn_error.py``, benchmarks/results/attn_error/attn_error_qwen2.5-coder-0.5b_cpu.json).
+(``python -m sglang_tq.bench attn-error``,
+benchmarks/results/attn_error/attn_error_qwen2.5-coder-0.5b_cpu.json).
 
 μ is the mean post-RoPE key (what SGLang's pool receives) over a calibration text,
 computed once per model by ``python -m sglang_tq.tools.key_centers``. RoPE turns the pre-RoPE bias
@@ -25,7 +26,7 @@ import torch
 
 TENSOR = "key_centers"
 # RoPE positions the k_proj-bias centers average over (``rope_mean_of_bias``); chosen by
-# scripts/attn_error.py --bias-horizons on Qwen2.5-Coder-0.5B (notes/accuracy.md).
+# python -m sglang_tq.bench attn-error --bias-horizons on Qwen2.5-Coder-0.5B (notes/accuracy.md).
 BIAS_HORIZON = 2048
 
 

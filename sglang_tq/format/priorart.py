@@ -5,8 +5,8 @@ in the same harness and at comparable bytes. fp8 e4m3 is SGLang's own pool
 (``--kv-cache-dtype fp8_e4m3``); the two families here have no packed pool or fused
 kernel in sglang-tq: the engine serves them *simulated* (``sglang_tq.serving.simulated``: the
 bf16 pool stores each vector's quantize-dequantize round trip, which is numerically
-what a dequantize-on-read kernel gives, without any memory saving), and the CPU scripts
-(``scripts/fidelity_ref.py``, ``scripts/attn_error.py``) call the same functions.
+what a dequantize-on-read kernel gives, without any memory saving), and the CPU tools
+(``python -m sglang_tq.bench fidelity-ref`` and ``attn-error``) call the same functions.
 
 * :class:`HadamardInt` (``hadamard_int``): QuaRot's KV cache (Ashkboos et al. 2024,
   "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", §3/§4: a randomized Hadamard

@@ -1,10 +1,11 @@
-"""CPU tests of scripts/attn_error.py on a tiny random Llama (no weights, no network)."""
+"""CPU tests of ``python -m sglang_tq.bench attn-error`` on a tiny random Llama (no weights, no
+network)."""
 
 import torch
 
-from tests.conftest import load_script, tiny_llama
-
-ae = load_script("attn_error_under_test", "attn_error.py")
+import sglang_tq.bench.attn_error as ae
+from sglang_tq.bench.hf_reference import make_cache
+from tests.conftest import tiny_llama
 
 
 def _qk(t=40, hq=4, hkv=2, d=16, seed=0):
@@ -40,7 +41,7 @@ def test_capture_qk_returns_post_rope_queries_and_keys_per_layer():
     q, k = layers[0]
     assert q.shape == (1, 4, 20, 16) and k.shape == (1, 2, 20, 16)
     # the keys are what the KV cache stores (post-RoPE)
-    cache = ae.fr.make_cache("bf16", 3, 16)
+    cache = make_cache("bf16", 3, 16)
     with torch.no_grad():
         model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
     assert torch.allclose(cache.layers[2].keys, layers[2][1], atol=1e-6)

@@ -1,4 +1,5 @@
-"""CPU tests of issue 14's long-generation pieces of scripts/fidelity.py and scripts/plot_fidelity.py.
+"""CPU tests of issue 14's long-generation pieces of ``python -m sglang_tq.bench fidelity`` and
+``plot-fidelity``.
 
 The trend statistic (least-squares slope of KL over position, bootstrap over prompts) on
 synthetic data with a known slope, its edge cases and determinism; the --long preset; the
@@ -14,11 +15,13 @@ import sys
 import numpy as np
 import pytest
 
+import sglang_tq.bench.fidelity as fid
+import sglang_tq.bench.fidelity_metrics as fm
+import sglang_tq.bench.generation as generation
+import sglang_tq.bench.plot_fidelity as plot
+import sglang_tq.bench.prompts as prompts
 from sglang_tq.bench.configs import kv_server_flags
-from tests.conftest import SCRIPTS, load_script
-
-fid = load_script("fidelity_long_under_test", "fidelity.py")
-plot = load_script("plot_fidelity_under_test", "plot_fidelity.py")
+from tests.conftest import ROOT
 
 
 def _synthetic(slope_per_1k, n_prompts=20, n_pos=1024, noise=0.004, seed=0, prompt_sd=0.003):
@@ -32,7 +35,7 @@ def _synthetic(slope_per_1k, n_prompts=20, n_pos=1024, noise=0.004, seed=0, prom
 
 # ----------------------------------------------------------------------------- trend
 def test_trend_recovers_a_known_slope():
-    tr = fid.trend(_synthetic(0.002))
+    tr = fm.trend(_synthetic(0.002))
     lo, hi = tr["ci95"]
     assert lo < 0.002 < hi
     assert lo > 0  # the interval excludes 0: an upward trend
@@ -45,7 +48,7 @@ def test_trend_recovers_a_known_slope():
 
 
 def test_trend_flat_data_interval_contains_zero():
-    tr = fid.trend(_synthetic(0.0, seed=1))
+    tr = fm.trend(_synthetic(0.0, seed=1))
     lo, hi = tr["ci95"]
     assert lo < 0 < hi
     assert tr["ratio"] == pytest.approx(1.0, abs=0.1)
@@ -59,7 +62,7 @@ def test_trend_slope_is_the_pooled_least_squares_slope():
     y = np.concatenate(data)
     ok = ~np.isnan(y)
     want = np.polyfit(x[ok], y[ok], 1)
-    tr = fid.trend(data, n_boot=200)
+    tr = fm.trend(data, n_boot=200)
     assert tr["slope_per_1k"] == pytest.approx(want[0], rel=1e-9)
     assert tr["intercept"] == pytest.approx(want[1], rel=1e-9)
     assert tr["positions"] == 80
@@ -71,7 +74,7 @@ def test_trend_bootstrap_resamples_prompts_not_positions():
     rng = np.random.default_rng(3)
     t = np.arange(512) / 1000
     data = [0.02 + s * t + rng.normal(0, 1e-5, t.size) for s in rng.normal(0, 0.01, 20)]
-    tr = fid.trend(data)
+    tr = fm.trend(data)
     lo, hi = tr["ci95"]
     per_prompt_slopes = [np.polyfit(t, a, 1)[0] for a in data]
     se_prompts = np.std(per_prompt_slopes, ddof=1) / np.sqrt(len(data))
@@ -81,14 +84,14 @@ def test_trend_bootstrap_resamples_prompts_not_positions():
 
 def test_trend_bootstrap_is_deterministic():
     data = _synthetic(0.001, n_prompts=8, n_pos=256, seed=4)
-    a, b = fid.trend(data), fid.trend(data)
+    a, b = fm.trend(data), fm.trend(data)
     assert a == b
-    assert fid.trend(data, seed=1)["ci95"] != a["ci95"]
-    assert fid.trend(data, seed=1)["slope_per_1k"] == a["slope_per_1k"]
+    assert fm.trend(data, seed=1)["ci95"] != a["ci95"]
+    assert fm.trend(data, seed=1)["slope_per_1k"] == a["slope_per_1k"]
 
 
 def test_trend_quarters_of_a_line():
-    tr = fid.trend([np.arange(8.0)])
+    tr = fm.trend([np.arange(8.0)])
     assert tr["slope_per_1k"] == pytest.approx(1000.0)
     assert (tr["first_quarter"], tr["last_quarter"]) == (0.5, 6.5)
     assert tr["ratio"] == pytest.approx(13.0)
@@ -96,32 +99,32 @@ def test_trend_quarters_of_a_line():
 
 
 def test_trend_constant_data():
-    tr = fid.trend([np.full(100, 0.25)] * 5)
+    tr = fm.trend([np.full(100, 0.25)] * 5)
     assert tr["slope_per_1k"] == 0.0 and tr["ci95"] == [0.0, 0.0]
     assert tr["ratio"] == 1.0 and tr["intercept"] == 0.25
     assert "constant" in tr["note"]
-    zero = fid.trend([np.zeros(10), np.zeros(10)])
+    zero = fm.trend([np.zeros(10), np.zeros(10)])
     assert zero["ratio"] is None and zero["slope_per_1k"] == 0.0
 
 
 def test_trend_refuses_too_few_positions():
     with pytest.raises(ValueError, match="at least 2 positions"):
-        fid.trend([[0.1], [0.3]])
+        fm.trend([[0.1], [0.3]])
     with pytest.raises(ValueError, match="at least 2 positions"):
-        fid.trend([[0.1, np.nan], [np.nan]])
+        fm.trend([[0.1, np.nan], [np.nan]])
     with pytest.raises(ValueError, match="at least one prompt"):
-        fid.trend([])
+        fm.trend([])
 
 
 def test_trends_of_kl_and_disagreement():
     kl = _synthetic(0.002, n_prompts=6, n_pos=200, seed=5)
     top1 = [np.ones(200) for _ in kl]
     top1[0][150:] = 0.0
-    tr = fid.trends(kl, top1, n_boot=300)
+    tr = fm.trends(kl, top1, n_boot=300)
     assert set(tr) == {"kl", "disagreement"}
     assert tr["kl"]["slope_per_1k"] > 0 and tr["disagreement"]["slope_per_1k"] > 0
     assert tr["disagreement"]["first_quarter"] == 0.0 and tr["disagreement"]["ratio"] is None
-    assert "error" in fid.trends([[0.1]], [[1.0]])["kl"]
+    assert "error" in fm.trends([[0.1]], [[1.0]])["kl"]
 
 
 def test_score_config_reports_the_trend():
@@ -129,7 +132,7 @@ def test_score_config_reports_the_trend():
     q_top = [[[-0.1, 4, None], [-2.5, 9, None]], [[-0.3, 8, None], [-1.5, 6, None]]]
     gen = {"tokens": [[4, 8], [4, 8]], "token_lps": [[-0.1, -0.3]] * 2, "top": [q_top, q_top]}
     sc = {"token_lps": [[-0.1, -1.8]] * 2, "top": [p_top, p_top]}
-    m = fid.score_config(gen, sc, [[4, 6], [4, 6]], bin_size=1)
+    m = fm.score_config(gen, sc, [[4, 6], [4, 6]], bin_size=1)
     assert m["trend"]["kl"]["slope_per_1k"] > 0
     assert m["trend"]["disagreement"]["slope_per_1k"] == pytest.approx(1000.0)
 
@@ -138,12 +141,12 @@ def test_print_trends(capsys):
     results = {
         "bf16-triton": {
             "summary": {"past_eos_frac": 0.25},
-            "trend": fid.trends(_synthetic(0.0, 4, 64), [np.ones(64)] * 4),
+            "trend": fm.trends(_synthetic(0.0, 4, 64), [np.ones(64)] * 4),
         },
-        "k4v4": {"summary": {}, "trend": fid.trends(_synthetic(0.002, 4, 64), [np.ones(64)] * 4)},
+        "k4v4": {"summary": {}, "trend": fm.trends(_synthetic(0.002, 4, 64), [np.ones(64)] * 4)},
         "old": {"summary": {}},
     }
-    fid.print_trends(results)
+    fm.print_trends(results)
     out = capsys.readouterr().out
     assert "KL slope/1k" in out and "bf16-triton" in out and "k4v4" in out and "25%" in out
     assert "old" not in out
@@ -161,11 +164,11 @@ def _error(msg):
 
 def test_long_preset():
     a = _preset()
-    assert fid.apply_preset(a, _error) is fid.PROMPTS
+    assert fid.apply_preset(a, _error) is prompts.PROMPTS
     assert (a.max_new_tokens, a.bin_size) == (256, 32)
     a = _preset()
     a.long = True
-    assert fid.apply_preset(a, _error) is fid.LONG_PROMPTS
+    assert fid.apply_preset(a, _error) is prompts.LONG_PROMPTS
     assert (a.max_new_tokens, a.bin_size) == (1024, 64)
     a = _preset()
     a.long, a.max_new_tokens, a.bin_size = True, 2048, 128
@@ -184,8 +187,8 @@ def test_main_refuses_long_with_few_tokens_before_starting_anything(capsys):
 
 
 def test_long_prompts():
-    assert len(fid.LONG_PROMPTS) == 20 == len(set(fid.LONG_PROMPTS))
-    assert all(len(p) > 150 for p in fid.LONG_PROMPTS)
+    assert len(prompts.LONG_PROMPTS) == 20 == len(set(prompts.LONG_PROMPTS))
+    assert all(len(p) > 150 for p in prompts.LONG_PROMPTS)
 
 
 def test_eos_bookkeeping(tmp_path):
@@ -193,7 +196,7 @@ def test_eos_bookkeeping(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7}))
     assert fid.eos_token_ids(str(tmp_path)) == [7, 9]
     assert fid.eos_token_ids(str(tmp_path / "missing")) == []
-    firsts, frac = fid.eos_summary([[1, 2, 9, 3, 4], [1, 2, 3, 4, 5]], [7, 9])
+    firsts, frac = fm.eos_summary([[1, 2, 9, 3, 4], [1, 2, 3, 4, 5]], [7, 9])
     assert firsts == [2, None] and frac == pytest.approx(2 / 10)
 
 
@@ -214,20 +217,25 @@ def test_eos_bookkeeping(tmp_path):
     ],
 )
 def test_config_flags_are_the_shared_table(label):
-    assert fid.config_flags(label) == kv_server_flags(label)
+    assert generation.config_flags(label) == kv_server_flags(label)
 
 
 def test_packed_prefill_and_centered_names_on_top_of_the_table():
-    assert fid.config_flags("k4v4-pp") == [*kv_server_flags("k4v4"), "--kv-quant-packed-prefill"]
-    assert fid.config_flags("k4v4-nc-pp") == [
+    assert generation.config_flags("k4v4-pp") == [
+        *kv_server_flags("k4v4"),
+        "--kv-quant-packed-prefill",
+    ]
+    assert generation.config_flags("k4v4-nc-pp") == [
         *kv_server_flags("k4v4-nc"),
         "--kv-quant-packed-prefill",
     ]
     for bad in ("fp8-pp", "bf16-pp", "k4v4-pp-pp", "k4v4-pp-nc", "k9v9", "int4"):
         with pytest.raises(ValueError, match="unknown config"):
-            fid.config_flags(bad)
+            generation.config_flags(bad)
     custom = {}
-    fid.add_centered_configs(["k4v4-c", "k4v4-pp-c", "k4v4-nc"], custom, "/m/c.safetensors", _error)
+    generation.add_centered_configs(
+        ["k4v4-c", "k4v4-pp-c", "k4v4-nc"], custom, "/m/c.safetensors", _error
+    )
     assert custom == {
         "k4v4-c": [
             "--kv-quant",
@@ -247,10 +255,10 @@ def test_packed_prefill_and_centered_names_on_top_of_the_table():
             "/m/c.safetensors",
         ],
     }
-    assert fid.config_flags("k4v4-c", custom) == custom["k4v4-c"]
+    assert generation.config_flags("k4v4-c", custom) == custom["k4v4-c"]
     for bad in ("k4v4-nc-c", "fp8-c"):
         with pytest.raises(SystemExit, match="-c adds key centers"):
-            fid.add_centered_configs([bad], {}, "/m/c.safetensors", _error)
+            generation.add_centered_configs([bad], {}, "/m/c.safetensors", _error)
 
 
 def test_main_refuses_an_unknown_label_before_starting_anything(capsys):
@@ -259,17 +267,18 @@ def test_main_refuses_an_unknown_label_before_starting_anything(capsys):
     assert "unknown config 'int4'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["fidelity.py", "plot_fidelity.py"])
-def test_help(script):
+@pytest.mark.parametrize("subcommand", ["fidelity", "plot-fidelity"])
+def test_help(subcommand):
     r = subprocess.run(
-        [sys.executable, str(SCRIPTS / script), "--help"],
+        [sys.executable, "-m", "sglang_tq.bench", subcommand, "--help"],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr
     assert "usage:" in r.stdout
-    if script == "fidelity.py":
+    if subcommand == "fidelity":
         assert "--long" in r.stdout and "--teacher" in r.stdout
 
 
@@ -285,7 +294,7 @@ def _entry(kl_slope, n_prompts=4, n_pos=256, miss_every=0, with_trend=True, seed
     ]
     e = {"flags": [], "summary": {}, "per_prompt": per_prompt}
     if with_trend:
-        e["trend"] = fid.trends(kl, [np.ones(n_pos)] * n_prompts, n_boot=200)
+        e["trend"] = fm.trends(kl, [np.ones(n_pos)] * n_prompts, n_boot=200)
     return e
 
 
@@ -320,7 +329,7 @@ def test_load_series_reads_per_prompt_data(tmp_path):
     assert k["top1"][0][0] == 0.0 and k["top1"][0][1] == 1.0
     assert k["trend"]["slope_per_1k"] > 0
     assert series[0]["trend"]["slope_per_1k"] == pytest.approx(
-        fid.trend([np.asarray(x["kl"]) for x in _doc()["configs"]["bf16-triton"]["per_prompt"]])[
+        fm.trend([np.asarray(x["kl"]) for x in _doc()["configs"]["bf16-triton"]["per_prompt"]])[
             "slope_per_1k"
         ]
     )

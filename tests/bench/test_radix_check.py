@@ -1,4 +1,4 @@
-"""scripts/radix_check.py on CPU: its metrics on hand-made runs with known answers, the
+"""``python -m sglang_tq.bench radix`` on CPU: its metrics on hand-made runs with known answers, the
 prompt builder, and the request flow against a fake SGLang server (standard-library
 HTTP on 127.0.0.1) that emulates the radix cache's ``cached_tokens`` (longest common
 prefix with what earlier requests left in the tree, at most prompt_len - 1) and a
@@ -25,11 +25,10 @@ from types import SimpleNamespace
 
 import pytest
 
+import sglang_tq.bench.radix as rc
+from sglang_tq.bench import server
 from tests.bench.conftest import QuietHandler, ThreadedServer, write_fake_launcher
-from tests.conftest import SCRIPTS, import_script
-
-_server = import_script("_server")
-rc = import_script("radix_check")
+from tests.conftest import ROOT
 
 WARM_DIVERGE, SHARED_DIVERGE = 10, 3
 TOK0_SHIFT, LP_SHIFT, DIV_GAP = 0.25, 0.05, 0.5
@@ -37,7 +36,7 @@ TOK0_SHIFT, LP_SHIFT, DIV_GAP = 0.25, 0.05, 0.5
 
 # ----------------------------------------------------------------------------- helpers
 def run(tokens, lps, top=None):
-    """A run as radix_check sees it; top defaults to [own token] per position."""
+    """A run as radix sees it; top defaults to [own token] per position."""
     if top is None:
         top = [[[lp, t, None]] for t, lp in zip(tokens, lps)]
     return {"tokens": list(tokens), "token_lps": list(lps), "top": top}
@@ -186,7 +185,7 @@ def test_budget_arithmetic():
 
 # ----------------------------------------------------------------------------- prompts
 class WordTok:
-    """Whitespace tokenizer; no chat template (so radix_check falls back to ChatML)."""
+    """Whitespace tokenizer; no chat template (so radix falls back to ChatML)."""
 
     chat_template = None
 
@@ -367,9 +366,7 @@ def test_run_prompts_against_fake_server(quant, pp):
     prompts = _prompts()
     lines = []
     with running_fake(state) as url:
-        recs, partial = rc.run_prompts(
-            _server.post, url, prompts, 16, 5, log=lines.append, tag="[t]"
-        )
+        recs, partial = rc.run_prompts(url, prompts, 16, 5, log=lines.append, tag="[t]")
     assert not partial and len(recs) == 4 and len(lines) == 4
     assert state.flushes == 8 and len(state.requests) == 16
     for i, r in enumerate(recs):
@@ -411,33 +408,34 @@ def test_run_prompts_against_fake_server(quant, pp):
 def test_run_prompts_deadline_and_single_prompt():
     state = FakeState()
     with running_fake(state) as url:
-        recs, partial = rc.run_prompts(
-            _server.post, url, _prompts(), 4, 3, deadline=0.0, log=lambda s: None
-        )
+        recs, partial = rc.run_prompts(url, _prompts(), 4, 3, deadline=0.0, log=lambda s: None)
         assert (
             partial and len(recs) == 1
         )  # the first prompt always runs, then the deadline stops it
-        recs, partial = rc.run_prompts(_server.post, url, _prompts()[:1], 4, 3, log=lambda s: None)
+        recs, partial = rc.run_prompts(url, _prompts()[:1], 4, 3, log=lambda s: None)
     assert not partial and set(recs[0]["runs"]) == {"cold", "warm"} and "primer" not in recs[0]
 
 
-def test_flush_retries_and_failures():
+def test_flush_retries_and_failures(monkeypatch):
     state = FakeState()
     with running_fake(state) as url:
         state.busy_flushes = 2
-        rc.flush(_server.post, url)  # two HTTP 400s, then flushed
+        server.flush(url)  # two HTTP 400s, then flushed
         assert state.flushes == 1 and state.busy_flushes == 0
         state.busy_flushes = 3
         with pytest.raises(RuntimeError, match="HTTP 400"):
-            rc.flush(_server.post, url)  # gives up after 3 attempts
+            server.flush(url)  # gives up after 3 attempts
         assert state.flushes == 1
+    monkeypatch.setattr(server, "post_json", lambda url, payload, timeout: {"not": "text"})
     with pytest.raises(RuntimeError, match="answered"):
-        rc.flush(lambda url, payload, timeout: {"not": "text"}, "http://x")
+        server.flush("http://x")
+
+    def http_500(url, payload, timeout):
+        raise RuntimeError("HTTP 500")
+
+    monkeypatch.setattr(server, "post_json", http_500)
     with pytest.raises(RuntimeError, match="HTTP 500"):
-        rc.flush(
-            lambda url, payload, timeout: (_ for _ in ()).throw(RuntimeError("HTTP 500")),
-            "http://x",
-        )
+        server.flush("http://x")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -518,7 +516,7 @@ def test_main_end_to_end_with_fake_launcher(tmp_path, monkeypatch, capsys):
         and doc["commit"] == "abc123"
         and doc["versions"] == {"sglang": "0.5.17"}
     )
-    assert doc["tool"] == "scripts/radix_check.py" and doc["settings"]["max_new_tokens"] == 16
+    assert doc["tool"] == "sglang_tq.bench radix" and doc["settings"]["max_new_tokens"] == 16
     p = doc["prompts"]
     assert len(p["lens"]) == 3 and p["system_tokens"] >= 200 and p["common_prefix_len"] >= 200
     assert list(doc["configs"]) == ["bf16", "k4v4", "k4v4-pp"]
@@ -594,15 +592,15 @@ def test_main_budget_skip_and_server_failure(tmp_path, monkeypatch, capsys):
 def test_sigterm_stops_server_and_keeps_json(tmp_path):
     model = make_model_dir(tmp_path / "model")
     write_fake_launcher(tmp_path / "fake_radix_sglang.py", "test_radix_check")
-    runner = tmp_path / "run_radix.py"  # radix_check.main without the provenance child
+    runner = tmp_path / "run_radix.py"  # radix.main without the provenance child
     runner.write_text(
-        f"import sys\nsys.path.insert(0, {str(SCRIPTS)!r})\nimport radix_check as rc\n"
+        "import sys\nimport sglang_tq.bench.radix as rc\n"
         "rc.get_provenance = lambda: {'gpu': 'FakeGPU', 'commit': 'abc'}\nsys.exit(rc.main())\n"
     )
     out = tmp_path / "radix.json"
     env = {
         **os.environ,
-        "PYTHONPATH": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join((str(tmp_path), str(ROOT))),
         "FAKE_RADIX_DELAY_S": "0.05",
         "PYTHONUNBUFFERED": "1",
     }
@@ -644,7 +642,8 @@ def test_sigterm_stops_server_and_keeps_json(tmp_path):
     text = "".join(lines) + rest
     assert proc.returncode == 128 + signal.SIGTERM, text
     port = re.search(r"--port (\d+)", text).group(1)
-    assert not _server.healthy(f"http://127.0.0.1:{port}"), "server still running after SIGTERM"
+    health = server.http(f"http://127.0.0.1:{port}/health", timeout=5)[0]
+    assert health != 200, "server still running after SIGTERM"
     doc = json.loads(out.read_text())
     assert doc["configs"]["bf16"]["status"] == "interrupted" and "k4v4" not in doc["configs"]
     assert doc["gpu"] == "FakeGPU" and "total_s" in doc

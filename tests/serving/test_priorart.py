@@ -9,13 +9,12 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from sglang_tq.bench import configs
+from sglang_tq.bench import configs, hf_reference
 from sglang_tq.config import TQConfig
 from sglang_tq.format import priorart
 from sglang_tq.format.rotation import hadamard
 from sglang_tq.serving import integration, refusals
 from sglang_tq.serving.simulated import SimulatedKVPool
-from tests.conftest import import_script
 from tests.serving.conftest import (
     fake_model_config,
     make_server_args,
@@ -25,7 +24,6 @@ from tests.serving.conftest import (
     stock_fields,
 )
 
-fr = import_script("fidelity_ref")
 pytestmark = pytest.mark.usefixtures(
     "plugin"
 )  # registered once for the module, as in test_plugin.py
@@ -490,20 +488,26 @@ def test_config_labels_map_to_the_simulated_flags(fake_gpu):
 
 
 def test_fidelity_ref_round_trips_are_the_priorart_ones():
-    assert fr.parse_config("hq4") == (4, 4, "hadamard", False)
-    assert fr.parse_config("kivi2") == (2, 2, "kivi", False)
-    assert fr.parse_config("k4v4") == (4, 4, "mse", False)
-    assert fr.parse_configs("fp8,k4v4,hq4,kivi4") == ["bf16", "fp8", "k4v4", "hq4", "kivi4"]
+    assert hf_reference.parse_config("hq4") == (4, 4, "hadamard", False)
+    assert hf_reference.parse_config("kivi2") == (2, 2, "kivi", False)
+    assert hf_reference.parse_config("k4v4") == (4, 4, "mse", False)
+    assert hf_reference.parse_configs("fp8,k4v4,hq4,kivi4") == [
+        "bf16",
+        "fp8",
+        "k4v4",
+        "hq4",
+        "kivi4",
+    ]
     x = torch.randn(1, 2, 70, 64)  # [B, H, T, D]
-    k_fn, v_fn = fr.round_trip_fns("hq3", 5, 64, seed=2)
+    k_fn, v_fn = hf_reference.round_trip_fns("hq3", 5, 64, seed=2)
     seed = TQConfig(head_dim=64, seed=2).layer_seed(5)
     assert torch.equal(k_fn(x), priorart.hadamard_int(3, 64, seed=seed).round_trip(x))
-    k_fn, v_fn = fr.round_trip_fns("kivi4", 0, 64)
+    k_fn, v_fn = hf_reference.round_trip_fns("kivi4", 0, 64)
     want = priorart.kivi(4, 64).round_trip_keys(x[0].transpose(0, 1)).transpose(0, 1)
     assert torch.equal(k_fn(x)[0], want)
     assert torch.equal(v_fn(x)[..., 64:, :], x[..., 64:, :])
-    with pytest.raises(ValueError, match="attn_error.py"):
-        fr.make_cache("kivi4", 2, 64)
+    with pytest.raises(ValueError, match="sglang_tq.bench attn-error"):
+        hf_reference.make_cache("kivi4", 2, 64)
     for bad in ("hq1", "kivi16", "hq4-c"):
         with pytest.raises(ValueError, match="hqB / kiviB"):
-            fr.parse_config(bad)
+            hf_reference.parse_config(bad)

@@ -1,14 +1,13 @@
-#!/usr/bin/env python3
 """Where a KV format's error enters attention: per-layer KL of the attention rows.
 
-    python scripts/attn_error.py --model-path .models/smollm2-bf16 \\
-        --configs fp8,k4v4,k8v4 --center-text scripts/fidelity.py \\
+    python -m sglang_tq.bench attn-error --model-path .models/smollm2-bf16 \\
+        --configs fp8,k4v4,k8v4 --center-text sglang_tq/bench/fidelity.py \\
         --out benchmarks/results/attn_error/attn_error_smollm2_cpu.json
 
 One forward pass of the Hugging Face model over --text (default: this repository's
 README, first --tokens tokens) records every layer's post-RoPE queries and keys (the
 keys SGLang's pool receives). For each layer, KV head and config, the keys are
-round-tripped through the config's pool format (``fidelity_ref.round_trip_fns``: TurboQuant
+round-tripped through the config's pool format (``hf_reference.round_trip_fns``: TurboQuant
 bits, fp8 e4m3, unquantized, or the prior-art hqB / kiviB of ``sglang_tq.format.priorart``; KIVI
 over the whole text, its last incomplete 32-token group exact) and the causal attention rows softmax(q·k/√d) are compared
 with the exact ones: mean KL(exact || quantized) over query positions ≥ 16 (the first
@@ -33,11 +32,18 @@ import argparse
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # sglang_tq from a checkout
-sys.path.insert(0, str(HERE))  # sibling scripts
+from sglang_tq.bench.cli import REPO, add_model_path, add_out, default_out
+from sglang_tq.bench.hf_reference import (
+    head_dim_of,
+    load_model,
+    parse_config,
+    parse_configs,
+    round_trip_fns,
+    write_result,
+)
+from sglang_tq.bench.results import get_provenance
 
-import fidelity_ref as fr  # noqa: E402
+TOOL = "attn_error"
 
 
 def capture_qk(model, ids: list[int]):
@@ -75,7 +81,7 @@ def bias_centers(model, horizon: int):
     from sglang_tq.format.centers import rope_mean_of_bias
 
     rotary = model.model.rotary_emb
-    hd = fr.head_dim_of(model.config)
+    hd = head_dim_of(model.config)
 
     def rotate(pos, k):  # k [n, H, D], neox-style rotate_half RoPE
         cos, sin = rotary(k, pos[None])
@@ -107,20 +113,21 @@ def attention_kl(q, k, k_hat, skip: int = 16):
     return kl.view(k.shape[1], group).mean(-1)  # [Hkv]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
+        prog="python -m sglang_tq.bench attn-error",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
-    ap.add_argument("--model-path", required=True)
+    add_model_path(ap, required=True)
     ap.add_argument(
         "--configs",
         default="fp8,k4v4,k3v3",
-        help="key formats, as in fidelity_ref.py, plus kiviB (only the K side is "
+        help="key formats, as in fidelity-ref, plus kiviB (only the K side is "
         "used), e.g. fp8,k4v4,hq4,kivi4",
     )
-    ap.add_argument("--text", default=str(HERE.parent / "README.md"), help="evaluated text file")
+    ap.add_argument("--text", default=str(REPO / "README.md"), help="evaluated text file")
     ap.add_argument(
         "--center-text",
         default=None,
@@ -135,47 +142,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="attn_error.json")
+    add_out(ap, TOOL)
     args = ap.parse_args(argv)
     try:
-        configs = fr.parse_configs(args.configs)[1:]
+        args.config_list = parse_configs(args.configs)[1:]
     except ValueError as exc:
         ap.error(str(exc))
-    if any(fr.parse_config(c)[3] for c in configs):
+    if any(parse_config(c)[3] for c in args.config_list):
         ap.error(
-            "attn_error.py centers keys itself (--center-text adds the centered rows); "
+            "attn-error centers keys itself (--center-text adds the centered rows); "
             "drop the -c suffix"
         )
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sglang_tq.provenance import provenance
-
-    prov = provenance()  # at the start: the commit whose code runs
-    tok = AutoTokenizer.from_pretrained(args.model_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).eval()
-    hd = fr.head_dim_of(model.config)
-
-    def ids_of(path):
-        ids = tok(Path(path).read_text()).input_ids[: args.tokens]
-        if len(ids) < 64:
-            raise SystemExit(f"{path}: only {len(ids)} tokens; give a longer text")
-        return ids
-
-    layers = capture_qk(model, ids_of(args.text))
-    calib = capture_qk(model, ids_of(args.center_text)) if args.center_text else None
     try:
-        horizons = [int(h) for h in args.bias_horizons.split(",") if h.strip()]
+        args.horizons = [int(h) for h in args.bias_horizons.split(",") if h.strip()]
     except ValueError:
         ap.error(f"--bias-horizons takes comma-separated integers, got {args.bias_horizons!r}")
-    bias_mu = {h: bias_centers(model, h) for h in horizons}
+    return args
+
+
+def error_rows(args, layers, calib, bias_mu: dict, head_dim: int) -> dict[str, list[list[float]]]:
+    """{row name: [per layer: attention-row KL per KV head]}: each config's keys, and for
+    TurboQuant configs the same keys centered by each available center."""
     rows: dict[str, list[list[float]]] = {}
     for i, (q, k) in enumerate(layers):
-        for name in configs:
-            k_fn, _ = fr.round_trip_fns(name, i, hd, args.seed)
+        for name in args.config_list:
+            k_fn, _ = round_trip_fns(name, i, head_dim, args.seed)
             rows.setdefault(name, []).append(attention_kl(q, k, k_fn(k)).tolist())
-            if (calib is None and not bias_mu) or fr.parse_config(name)[0] not in (2, 3, 4):
+            if (calib is None and not bias_mu) or parse_config(name)[0] not in (2, 3, 4):
                 continue
             centers = [(f"bias{h}", mu[i][None, :, None, :]) for h, mu in bias_mu.items()]
             if calib is not None:
@@ -187,29 +180,59 @@ def main(argv: list[str] | None = None) -> int:
                 rows.setdefault(f"{name}+{tag}", []).append(
                     attention_kl(q, k, k_fn(k - mu) + mu).tolist()
                 )
-    summary = {n: sum(map(sum, r)) / sum(map(len, r)) for n, r in rows.items()}
+    return rows
+
+
+def print_rows(rows: dict, summary: dict, n_layers: int, n_tokens: int) -> None:
     ref = summary.get("fp8")
-    print(f"mean attention-row KL over {len(layers)} layers ({len(ids_of(args.text))} tokens):")
+    print(f"mean attention-row KL over {n_layers} layers ({n_tokens} tokens):")
     for n, v in summary.items():
         print(f"  {n:16s} {v:.5f}" + (f"   {v / ref:5.1f}x fp8" if ref else ""))
     print("per layer (mean over KV heads):")
     names = list(rows)
     print("  layer " + "".join(f"{n:>16s}" for n in names))
-    for i in range(len(layers)):
+    for i in range(n_layers):
         print(f"  {i:5d} " + "".join(f"{sum(rows[n][i]) / len(rows[n][i]):16.5f}" for n in names))
-    out = {
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    prov = get_provenance()  # at the start: the commit whose code runs
+    out = args.out or default_out(TOOL, prov)
+    tok = AutoTokenizer.from_pretrained(args.model_path)
+    model = load_model(args.model_path)
+
+    def ids_of(path):
+        ids = tok(Path(path).read_text()).input_ids[: args.tokens]
+        if len(ids) < 64:
+            raise SystemExit(f"{path}: only {len(ids)} tokens; give a longer text")
+        return ids
+
+    text_ids = ids_of(args.text)
+    layers = capture_qk(model, text_ids)
+    calib = capture_qk(model, ids_of(args.center_text)) if args.center_text else None
+    bias_mu = {h: bias_centers(model, h) for h in args.horizons}
+    rows = error_rows(args, layers, calib, bias_mu, head_dim_of(model.config))
+    summary = {n: sum(map(sum, r)) / sum(map(len, r)) for n, r in rows.items()}
+    print_rows(rows, summary, len(layers), len(text_ids))
+    doc = {
         **prov,
-        "script": "attn_error.py",
+        "script": "sglang_tq.bench attn-error",
         "model_path": str(args.model_path),
         "text": args.text,
         "center_text": args.center_text,
         "tokens": args.tokens,
-        "bias_horizons": horizons,
+        "bias_horizons": args.horizons,
         "summary": summary,
         "per_layer_per_kv_head": rows,
     }
-    fr.write_result(args.out, out)
+    write_result(out, doc)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
-#!/usr/bin/env python3
-"""Plot scripts/fidelity.py results: KL and top-1 agreement against bf16 by generated position.
+"""Plot fidelity results: KL and top-1 agreement against bf16 by generated position.
 
-    python scripts/plot_fidelity.py benchmarks/results/fidelity/fidelity_long.json --out fidelity_long.png
-    python scripts/plot_fidelity.py a.json b.json --configs fp8,k4v4,k4v4-nc --bin-size 128
+    python -m sglang_tq.bench plot-fidelity \\
+        benchmarks/results/fidelity/fidelity_qwen_a_h200_a0d9ac7.json --out fidelity_qwen_a.png
+    python -m sglang_tq.bench plot-fidelity a.json b.json --configs fp8,k4v4,k4v4-nc --bin-size 128
 
 Issue 14 asks whether the KV cache's error accumulates over a long generation; a mean
 over all positions cannot show that, a curve over position can. One PNG, two panels: the
 mean teacher-forced KL(bf16 || config) per bucket of generated positions (log scale
 unless --linear) and the top-1 agreement with bf16 per bucket, one line per config, with
 a band of ± one standard error of the bucket mean over prompts (each prompt's mean in
-the bucket is one sample: the prompts are the independent units, as in fidelity.py's
+the bucket is one sample: the prompts are the independent units, as in fidelity's
 bootstrap). The legend gives each config's KL slope per 1000 tokens with its 95%
-interval (the JSON's ``trend``, or `fidelity.trend` on the per-prompt KL for files that
-predate it). The title names model, commit, GPU and the number of prompts x tokens.
+interval (the JSON's ``trend``, or ``fidelity_metrics.trend`` on the per-prompt KL for
+files that predate it). The title names model, commit, GPU and the number of prompts x tokens.
 
 The buckets are recomputed from each config's ``per_prompt`` lists (``kl`` per position,
 ``top1_miss`` indices), so any --bin-size works on any fidelity JSON. Several files may
@@ -33,10 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import fidelity as fid  # noqa: E402  (numpy-only metric functions)
+from sglang_tq.bench.fidelity_metrics import trend
 
 MISSING_MATPLOTLIB = (
     'matplotlib is not installed: run pip install -e ".[plots]" in the '
@@ -87,7 +84,8 @@ def load_series(
         doc = json.loads(Path(path).read_text())
         if "configs" not in doc:
             raise SystemExit(
-                f"{path} has no 'configs': give a JSON file written by scripts/fidelity.py"
+                f"{path} has no 'configs': give a JSON file written by python -m sglang_tq.bench "
+                "fidelity"
             )
         docs.append({**doc, "_path": str(path)})
     distinct: dict[str, list] = {}
@@ -111,7 +109,7 @@ def load_series(
             tr = (entry.get("trend") or {}).get("kl")
             if not tr or "slope_per_1k" not in tr:
                 try:
-                    tr = fid.trend(kl)
+                    tr = trend(kl)
                 except ValueError:
                     tr = None
             label = name if len(distinct[name]) == 1 else f"{name} ({Path(doc['_path']).stem})"
@@ -202,13 +200,16 @@ def plot(series: list[dict], title: str, out: str, bin_size: int, linear: bool =
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
+        prog="python -m sglang_tq.bench plot-fidelity",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
-    ap.add_argument("json", nargs="+", help="fidelity JSON files (scripts/fidelity.py --out)")
+    ap.add_argument(
+        "json", nargs="+", help="fidelity JSON files (python -m sglang_tq.bench fidelity --out)"
+    )
     ap.add_argument("--out", default="fidelity.png", help="PNG to write (default fidelity.png)")
     ap.add_argument(
         "--configs",
@@ -220,13 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.bin_size <= 0:
         ap.error("--bin-size must be positive")
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None
-    series, docs = load_series(args.json, configs)
+    args.config_list = (
+        [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None
+    )
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    series, docs = load_series(args.json, args.config_list)
     out = plot(series, title_of(docs, series), args.out, args.bin_size, args.linear)
     for s in series:
         print(f"  {legend_label(s)}")
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

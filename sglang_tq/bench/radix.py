@@ -1,15 +1,14 @@
-#!/usr/bin/env python3
 """Radix cache warm vs cold: does serving a prompt from a radix-cache hit change its greedy output?
 
-    python scripts/radix_check.py --model-path /tmp/models/smollm2-bf16 \\
+    python -m sglang_tq.bench radix --model-path /tmp/models/smollm2-bf16 \\
         --configs bf16,k4v4,k4v4-pp --budget-s 270 --out radix_smollm2.json
 
-On the GPU host (model pieces staged as for scripts/fidelity.py), in the call that
+On the GPU host (model pieces staged as for ``fidelity``), in the call that
 carries the SGLang bundle:
 
     export PYTHONUNBUFFERED=1 SGLANG_TQ_COMMIT=<commit>; source dev/gpu_host/gpu_host_setup.sh \\
       && M=$(bash dev/gpu_host/unpack_model.sh smollm2) \\
-      && timeout -s TERM 330 python3 scripts/radix_check.py --model-path "$M" \\
+      && timeout -s TERM 330 python3 -m sglang_tq.bench radix --model-path "$M" \\
            --configs bf16,k4v4,k4v4-pp --budget-s 270 --log-dir $OUT/logs \\
            --out $OUT/radix_smollm2.json
 
@@ -33,7 +32,7 @@ greedy tokens at batch 1 per config, about 4 minutes for the three default confi
 
 What it does
 ------------
-For each config in --configs (bf16, fp8, kKvV, kKvV-pp as in scripts/fidelity.py, or
+For each config in --configs (bf16, fp8, kKvV, kKvV-pp as in ``fidelity``, or
 names defined with --config) one fresh SGLang server is started (--common-server-args,
 ``--skip-tokenizer-init``: token ids in and out). Then, one prompt at a time (batch 1,
 so the decode shapes are the same for every request; /flush_cache carries ``?timeout=30``
@@ -55,9 +54,9 @@ Prompts
 -------
 A long shared prefix and a distinct question per prompt, through the model's chat
 template: the system message is a deterministic "handbook" (numbered sections made of
-scripts/fidelity.py's PROMPTS, each with a fixed note, repeated until the system text
+the PROMPTS of ``sglang_tq.bench.prompts``, each with a fixed note, repeated until the system text
 has at least --prefix-tokens (1024) tokens); the user message is "Question i: <one of
-fidelity's PROMPTS>" (cycled, numbered, so any --num-prompts gives distinct prompts).
+the PROMPTS>" (cycled, numbered, so any --num-prompts gives distinct prompts).
 The whole text is tokenized at once, and the common token prefix of all prompts is
 measured and reported (``prompts.common_prefix_len``), so a tokenizer merge at the
 boundary cannot fake a longer shared part. A template without a system role gets the
@@ -87,36 +86,38 @@ finished configs. --budget-s (seconds for the whole run) skips a config unless
 the configs already run; before that --est-startup-s and 6 ms per generated token), and
 stops a running config's prompt loop early (``partial: true``) 20 s before the budget
 ends, leaving time to stop the server.
-SIGTERM (``timeout``) stops the server and writes what is done. Server logs go to
---log-dir.
+SIGTERM (``timeout``) stops the server and writes what is done. --out defaults to a file
+in benchmarks/results/radix_check/ named by gpu and commit; server logs go to --log-dir
+(default: the folder of an --out given, else /tmp/radix_check).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from fidelity import (  # noqa: E402
-    COMMON_SERVER_ARGS,
-    PROMPTS,
-    _server_module,
+from sglang_tq.bench.cli import add_model_path, add_out, default_out
+from sglang_tq.bench.fidelity_metrics import first_divergence, print_rows
+from sglang_tq.bench.generation import (
+    add_server_options,
     config_flags,
-    first_divergence,
+    exit_on_sigterm,
     parse_config_specs,
     parse_generation,
+    post_generate,
+    split_flags,
+    started,
 )
+from sglang_tq.bench.prompts import PROMPTS
+from sglang_tq.bench.results import get_provenance, write_lines_atomic
+from sglang_tq.bench.server import SGLangServer, flush
+
+TOOL = "sglang_tq.bench radix"
+RESULTS_DIR = "radix_check"  # benchmarks/results/radix_check/, the folder of earlier results
 
 DEFAULT_CONFIGS = "bf16,k4v4,k4v4-pp"
 KINDS = ("cold", "warm", "primer", "shared")
@@ -375,88 +376,44 @@ def load_tokenizer(model_path: str):
 
 
 # ----------------------------------------------------------------------------- server side
-def get_provenance() -> dict:
-    """sglang_tq.provenance in a child process (it imports torch and may create a CUDA
-    context, which must not stay alive here while servers size their pools)."""
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); "
-        "from sglang_tq.provenance import provenance; print(json.dumps(provenance()))"
-    )
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(ROOT)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        ).stdout
-        return json.loads(out.strip().splitlines()[-1])
-    except Exception as exc:
-        return {
-            "gpu": "unknown",
-            "commit": os.environ.get("SGLANG_TQ_COMMIT", "unknown"),
-            "provenance_error": repr(exc)[:300],
-        }
-
-
-def flush(post, base: str, attempts: int = 3, wait_s: float = 30) -> None:
-    """POST /flush_cache?timeout=wait_s: the scheduler defers the flush until it is idle
-    (a request that just answered may still sit in its running batch for one step);
-    an HTTP 400 (not idle in time) is retried."""
-    for attempt in range(attempts):
-        try:
-            reply = post(f"{base}/flush_cache?timeout={wait_s:g}", {}, timeout=wait_s + 30)
-        except RuntimeError as exc:
-            if "HTTP 400" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(0.5)
-            continue
-        if isinstance(reply, str) and reply.startswith("Cache flushed"):
-            return
-        raise RuntimeError(f"/flush_cache answered {str(reply)[:200]!r}")
-
-
-def request(post, base: str, ids: list[int], max_new_tokens: int, top_k: int) -> tuple[dict, int]:
+def request(base_url: str, ids: list[int], max_new_tokens: int, top_k: int) -> tuple[dict, int]:
     """One greedy /generate (ignore_eos, output logprobs + top-K) -> (run, cached_tokens)."""
-    reply = post(
-        base + "/generate",
-        {
-            "input_ids": list(ids),
-            "sampling_params": {
-                "max_new_tokens": max_new_tokens,
-                "temperature": 0.0,
-                "ignore_eos": True,
-            },
-            "return_logprob": True,
-            "logprob_start_len": -1,
-            "top_logprobs_num": top_k,
-        },
-        timeout=600,
-    )
-    if isinstance(reply, list):
-        (reply,) = reply
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
+    (reply,) = post_generate(base_url, list(ids), sampling, top_k=top_k, timeout=600)
     run = parse_generation(reply, max_new_tokens)
     return run, int(reply["meta_info"].get("cached_tokens", -1))
 
 
-def prime(post, base: str, ids: list[int]) -> int:
+def prime(base_url: str, ids: list[int]) -> int:
     """Fill the radix tree with `ids` (1 output token, no logprobs) -> its cached_tokens."""
-    reply = post(
-        base + "/generate",
-        {
-            "input_ids": list(ids),
-            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True},
-        },
-        timeout=600,
-    )
-    if isinstance(reply, list):
-        (reply,) = reply
+    sampling = {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True}
+    (reply,) = post_generate(base_url, list(ids), sampling, timeout=600)
     return int(reply["meta_info"].get("cached_tokens", -1))
 
 
+def run_prompt(
+    base_url: str, prompts: list[list[int]], i: int, max_new_tokens: int, top_k: int
+) -> dict:
+    """The cold / warm / shared-prefix requests of prompt ``i`` -> its record."""
+    ids, n = prompts[i], len(prompts)
+    rec: dict = {"prompt": i, "prompt_len": len(ids), "cached": {}, "runs": {}}
+    flush(base_url)
+    rec["runs"]["cold"], rec["cached"]["cold"] = request(base_url, ids, max_new_tokens, top_k)
+    rec["runs"]["warm"], rec["cached"]["warm"] = request(base_url, ids, max_new_tokens, top_k)
+    if n > 1:
+        j = (i + 1) % n
+        rec["primer"] = j
+        rec["primer_common_prefix"] = lcp_len(prompts[j], ids)
+        flush(base_url)
+        rec["cached"]["primer"] = prime(base_url, prompts[j])
+        rec["runs"]["shared"], rec["cached"]["shared"] = request(
+            base_url, ids, max_new_tokens, top_k
+        )
+    return rec
+
+
 def run_prompts(
-    post,
-    base: str,
+    base_url: str,
     prompts: list[list[int]],
     max_new_tokens: int,
     top_k: int,
@@ -476,19 +433,7 @@ def run_prompts(
             log(f"{tag} budget: stopping after {i}/{n} prompts")
             return records, True
         t0 = time.time()
-        rec: dict = {"prompt": i, "prompt_len": len(ids), "cached": {}, "runs": {}}
-        flush(post, base)
-        rec["runs"]["cold"], rec["cached"]["cold"] = request(post, base, ids, max_new_tokens, top_k)
-        rec["runs"]["warm"], rec["cached"]["warm"] = request(post, base, ids, max_new_tokens, top_k)
-        if n > 1:
-            j = (i + 1) % n
-            rec["primer"] = j
-            rec["primer_common_prefix"] = lcp_len(prompts[j], ids)
-            flush(post, base)
-            rec["cached"]["primer"] = prime(post, base, prompts[j])
-            rec["runs"]["shared"], rec["cached"]["shared"] = request(
-                post, base, ids, max_new_tokens, top_k
-            )
+        rec = run_prompt(base_url, prompts, i, max_new_tokens, top_k)
         durations.append(time.time() - t0)
         records.append(rec)
         cold = rec["runs"]["cold"]["tokens"]
@@ -567,46 +512,29 @@ def print_table(configs: dict) -> None:
                     cached,
                 )
             )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
+    print_rows(rows)
     for name, c in configs.items():
         if c.get("error"):
             print(f"  {name}: {c['error'].splitlines()[0][:300]}")
     sys.stdout.flush()
 
 
-def write_json(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+STOP_S = 20  # stopping a server and writing the JSON, kept free at the end of a budget
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
+        prog="python -m sglang_tq.bench radix",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
-    ap.add_argument(
-        "--model-path", required=True, help="bf16 HF folder (config, tokenizer, weights)"
-    )
+    add_model_path(ap, required=True, help="bf16 HF folder (config, tokenizer, weights)")
     ap.add_argument(
         "--configs",
         default=DEFAULT_CONFIGS,
         help=f"comma list: bf16, fp8, kKvV, kKvV-pp, or --config names (default {DEFAULT_CONFIGS})",
-    )
-    ap.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="NAME=FLAGS",
-        help="define a config, e.g. --config 'k4v2bf=--kv-quant turboquant "
-        "--kv-quant-bits k4v2 --kv-quant-bf16-layers 0,1'",
     )
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument(
@@ -617,18 +545,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=5, help="top_logprobs_num (default 5)")
+    add_server_options(ap)
+    _add_budget_args(ap)
     ap.add_argument(
-        "--common-server-args",
-        default=COMMON_SERVER_ARGS,
-        help=f"flags of every server (default: {COMMON_SERVER_ARGS!r})",
+        "--log-dir",
+        default=None,
+        help="server logs (default: the folder of an --out given, else /tmp/radix_check)",
     )
-    ap.add_argument("--server-args", default="", help="extra flags appended for every server")
+    add_out(ap, RESULTS_DIR, "radix")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.custom = parse_config_specs(args.config, ap.error)
+    args.names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if not args.names:
+        ap.error("--configs is empty")
+    try:
+        args.flags_of = {n: config_flags(n, args.custom) for n in args.names}
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.num_prompts < 1:
+        ap.error("--num-prompts must be >= 1")
+    return args
+
+
+def _add_budget_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--server-module",
         default="sglang.launch_server",
         help="module run as the server (tests use a fake one)",
     )
-    ap.add_argument("--startup-timeout", type=float, default=420)
     ap.add_argument(
         "--budget-s",
         type=float,
@@ -648,55 +593,15 @@ def main(argv: list[str] | None = None) -> int:
         default=60,
         help="server start-up guess for the budget before one was measured (default 60)",
     )
-    ap.add_argument("--log-dir", default=None, help="server logs (default: next to --out)")
-    ap.add_argument("--out", default="radix_check.json")
-    args = ap.parse_args(argv)
 
-    t_start = time.time()
-    custom = parse_config_specs(args.config, ap.error)
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    if not names:
-        ap.error("--configs is empty")
-    try:
-        flags_of = {n: config_flags(n, custom) for n in names}  # fail early on unknown names
-    except ValueError as exc:
-        ap.error(str(exc))
-    if args.num_prompts < 1:
-        ap.error("--num-prompts must be >= 1")
 
-    # `timeout` sends SIGTERM: turn it into an exception so that the `with Server` block
-    # stops its server (it runs in its own session and would outlive us otherwise)
-    def _on_term(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _on_term)
-
-    srv_mod = _server_module()
-    model_path = str(Path(args.model_path).resolve())
-    out = Path(args.out)
-    log_dir = Path(args.log_dir) if args.log_dir else out.parent
-    log_dir.mkdir(parents=True, exist_ok=True)
-    common = shlex.split(args.common_server_args) + shlex.split(args.server_args)
-
-    print("provenance ...", flush=True)
-    prov = get_provenance()
-    tok = load_tokenizer(model_path)
-    pr = build_radix_prompts(tok, args.num_prompts, args.prefix_tokens)
-    prompts = pr["input_ids"]
-    lens = [len(p) for p in prompts]
-    print(
-        f"{len(prompts)} prompts of {min(lens)}-{max(lens)} tokens, common prefix "
-        f"{pr['common_prefix_len']} tokens (system text {pr['system_tokens']}); "
-        f"{args.max_new_tokens} new tokens, top-{args.top_k}; configs {', '.join(names)}"
-        + (f"; budget {args.budget_s:.0f} s" if args.budget_s > 0 else ""),
-        flush=True,
-    )
-
-    doc = {
+def new_doc(args, prov: dict, model_path: str, pr: dict, common: list[str]) -> dict:
+    """The result document before any config ran."""
+    return {
         **{k: prov.get(k) for k in ("gpu", "commit", "versions", "date")},
         **({"provenance_error": prov["provenance_error"]} if "provenance_error" in prov else {}),
-        "tool": "scripts/radix_check.py",
-        "argv": sys.argv[1:] if argv is None else list(argv),
+        "tool": TOOL,
+        "argv": args.argv,
         "model_path": model_path,
         "settings": {
             "num_prompts": args.num_prompts,
@@ -709,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget_s": args.budget_s,
         },
         "prompts": {
-            "lens": lens,
+            "lens": [len(p) for p in pr["input_ids"]],
             "common_prefix_len": pr["common_prefix_len"],
             "system_tokens": pr["system_tokens"],
             "questions": pr["questions"],
@@ -720,99 +625,149 @@ def main(argv: list[str] | None = None) -> int:
         "the packed cache, so it should match like bf16",
         "configs": {},
     }
-    errors = 0
-    startups: list[float] = []  # measured server start-up, per config run
-    prompt_s: list[float] = []  # measured mean seconds per prompt, per config run
-    budget = args.budget_s if args.budget_s > 0 else None
-    stop_s = 20  # stopping a server and writing the JSON
-    min_prompts = min(args.min_prompts, len(prompts))
-    try:
-        for name in names:
-            flags = flags_of[name]
-            entry: dict = {"flags": flags, "status": "pending"}
-            doc["configs"][name] = entry
-            elapsed = time.time() - t_start
-            est_start = max(startups) if startups else args.est_startup_s
-            est_prompt = max(prompt_s) if prompt_s else guess_prompt_s(args.max_new_tokens)
-            fit = prompts_that_fit(elapsed, budget, est_start, est_prompt, len(prompts), stop_s)
-            if fit < min_prompts:
-                entry["status"] = "skipped_budget"
-                entry["error"] = (
-                    f"skipped: {elapsed:.0f} s elapsed + ~{est_start:.0f} s start-up "
-                    f"leave room for {fit} prompts (< {min_prompts}) at ~{est_prompt:.1f} s "
-                    f"each in the budget of {budget:.0f} s"
+
+
+class RadixRun:
+    """The configs of one run, one server each, within the --budget-s budget."""
+
+    def __init__(
+        self, args, model_path: str, prompts: list[list[int]], log_dir: Path, common, t_start: float
+    ):
+        self.args, self.model_path, self.prompts = args, model_path, prompts
+        self.log_dir, self.common = log_dir, common
+        self.t_start = t_start  # the budget counts from the start of the run
+        self.budget = args.budget_s if args.budget_s > 0 else None
+        self.startups: list[float] = []  # measured server start-up, per config run
+        self.prompt_s: list[float] = []  # measured mean seconds per prompt, per config run
+
+    def fits(self, name: str, entry: dict) -> bool:
+        """Whether --min-prompts of the prompts fit in the budget after a server start-up;
+        marks ``entry`` skipped when not."""
+        a, n = self.args, len(self.prompts)
+        elapsed = time.time() - self.t_start
+        est_start = max(self.startups) if self.startups else a.est_startup_s
+        est_prompt = max(self.prompt_s) if self.prompt_s else guess_prompt_s(a.max_new_tokens)
+        fit = prompts_that_fit(elapsed, self.budget, est_start, est_prompt, n, STOP_S)
+        min_prompts = min(a.min_prompts, n)
+        if fit < min_prompts:
+            entry["status"] = "skipped_budget"
+            entry["error"] = (
+                f"skipped: {elapsed:.0f} s elapsed + ~{est_start:.0f} s start-up "
+                f"leave room for {fit} prompts (< {min_prompts}) at ~{est_prompt:.1f} s "
+                f"each in the budget of {self.budget:.0f} s"
+            )
+            print(f"[{name}] {entry['error']}", flush=True)
+            return False
+        if fit < n:
+            print(f"[{name}] budget: about {fit} of {n} prompts fit", flush=True)
+        return True
+
+    def measure(self, name: str, entry: dict) -> bool:
+        """Start the config's server and run every prompt (until the budget's deadline);
+        fills ``entry``. False when the server failed."""
+        a = self.args
+        print(f"[{name}] starting server: {' '.join(entry['flags'])}", flush=True)
+        t_cfg = time.time()
+        srv = SGLangServer(
+            self.model_path,
+            [*self.common, *entry["flags"]],
+            self.log_dir / f"radix_server_{name}.log",
+            module=a.server_module,
+        )
+        entry["server"] = {"cmd": " ".join(srv.cmd[1:]), "log": str(srv.log_path)}
+        deadline = self.t_start + self.budget - STOP_S if self.budget else None
+        try:
+            with started(srv, a.startup_timeout):
+                entry["server"]["startup_s"] = srv.startup_s
+                records, partial = run_prompts(
+                    srv.base_url,
+                    self.prompts,
+                    a.max_new_tokens,
+                    a.top_k,
+                    deadline,
+                    tag=f"[{name}]",
                 )
-                print(f"[{name}] {entry['error']}", flush=True)
-                continue
-            if fit < len(prompts):
-                print(f"[{name}] budget: about {fit} of {len(prompts)} prompts fit", flush=True)
-            print(f"[{name}] starting server: {' '.join(flags)}", flush=True)
-            t_cfg = time.time()
-            srv = srv_mod.Server(
-                model_path,
-                [*common, *flags],
-                str(log_dir / f"radix_server_{name}.log"),
-                startup_timeout=args.startup_timeout,
-            )
-            if args.server_module != "sglang.launch_server":
-                srv.cmd[srv.cmd.index("sglang.launch_server")] = args.server_module
-            entry["server"] = {"cmd": " ".join(srv.cmd[1:]), "log": srv.log_path}
-            deadline = t_start + budget - stop_s if budget else None
-            try:
-                with srv:
-                    entry["server"]["startup_s"] = srv.startup_s
-                    records, partial = run_prompts(
-                        srv_mod.post,
-                        srv.base,
-                        prompts,
-                        args.max_new_tokens,
-                        args.top_k,
-                        deadline,
-                        tag=f"[{name}]",
-                    )
-            except Exception as exc:
-                errors += 1
-                entry["status"] = "failed"
-                entry["error"] = f"{type(exc).__name__}: {exc}"
-                print(f"[{name}] FAILED: {entry['error'][:2000]}", flush=True)
-                write_json(out, doc)
-                continue
-            startups.append(srv.startup_s or args.est_startup_s)
-            if records:
-                prompt_s.append((time.time() - t_cfg - startups[-1]) / len(records))
-            seconds = time.time() - t_cfg
-            entry.update(
-                {
-                    "status": "ok",
-                    "partial": partial,
-                    "seconds": round(seconds, 1),
-                    "summary": config_summary(records),
-                    "per_prompt": [record_json(r) for r in records],
-                }
-            )
-            s = entry["summary"]
-            print(
-                f"[{name}] done in {seconds:.0f} s: warm identical "
-                f"{_f(s.get('warm', {}).get('identical_frac'), '.0%')}, shared identical "
-                f"{_f(s.get('shared', {}).get('identical_frac'), '.0%')}",
-                flush=True,
-            )
-            write_json(out, doc)
+        except Exception as exc:
+            entry["status"] = "failed"
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"[{name}] FAILED: {entry['error'][:2000]}", flush=True)
+            return False
+        self.startups.append(srv.startup_s or a.est_startup_s)
+        if records:
+            self.prompt_s.append((time.time() - t_cfg - self.startups[-1]) / len(records))
+        seconds = time.time() - t_cfg
+        entry.update(
+            {
+                "status": "ok",
+                "partial": partial,
+                "seconds": round(seconds, 1),
+                "summary": config_summary(records),
+                "per_prompt": [record_json(r) for r in records],
+            }
+        )
+        s = entry["summary"]
+        print(
+            f"[{name}] done in {seconds:.0f} s: warm identical "
+            f"{_f(s.get('warm', {}).get('identical_frac'), '.0%')}, shared identical "
+            f"{_f(s.get('shared', {}).get('identical_frac'), '.0%')}",
+            flush=True,
+        )
+        return True
+
+
+def write_doc(path: Path, doc: dict) -> None:
+    """Rewrite the result atomically; json.dumps as before, so that a NaN or infinite
+    logprob from a broken server is written down (write_json_atomic would refuse it)."""
+    write_lines_atomic(path, [json.dumps(doc, indent=1)])
+
+
+def run(args: argparse.Namespace) -> int:
+    exit_on_sigterm()
+    t_start = time.time()
+    model_path = str(Path(args.model_path).resolve())
+    print("provenance ...", flush=True)
+    prov = get_provenance()
+    out = Path(args.out) if args.out else default_out(RESULTS_DIR, prov, "radix")
+    log_dir = Path(args.log_dir or (out.parent if args.out else "/tmp/radix_check"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    common = split_flags(args.common_server_args, args.server_args)
+    pr = build_radix_prompts(load_tokenizer(model_path), args.num_prompts, args.prefix_tokens)
+    rr = RadixRun(args, model_path, pr["input_ids"], log_dir, common, t_start)
+    lens = [len(p) for p in rr.prompts]
+    print(
+        f"{len(lens)} prompts of {min(lens)}-{max(lens)} tokens, common prefix "
+        f"{pr['common_prefix_len']} tokens (system text {pr['system_tokens']}); "
+        f"{args.max_new_tokens} new tokens, top-{args.top_k}; configs {', '.join(args.names)}"
+        + (f"; budget {args.budget_s:.0f} s" if args.budget_s > 0 else ""),
+        flush=True,
+    )
+    doc = new_doc(args, prov, model_path, pr, common)
+    errors = 0
+    try:
+        for name in args.names:
+            entry: dict = {"flags": args.flags_of[name], "status": "pending"}
+            doc["configs"][name] = entry
+            if rr.fits(name, entry):
+                errors += not rr.measure(name, entry)
+                write_doc(out, doc)
     finally:
         for entry in doc["configs"].values():
             if entry["status"] == "pending":
                 entry["status"] = "interrupted"
-        doc["total_s"] = round(time.time() - t_start, 1)
-        write_json(out, doc)
-
+        doc["total_s"] = round(time.time() - rr.t_start, 1)
+        write_doc(out, doc)
     print(
-        f"\n{Path(model_path).name}: {len(prompts)} prompts ({min(lens)}-{max(lens)} tokens, "
+        f"\n{Path(model_path).name}: {len(lens)} prompts ({min(lens)}-{max(lens)} tokens, "
         f"common prefix {pr['common_prefix_len']}) x {args.max_new_tokens} greedy tokens; "
         "cold vs warm (same prompt again) and vs shared (prefix primed by another prompt)"
     )
     print_table(doc["configs"])
-    print(f"\nwrote {out} ({time.time() - t_start:.0f} s)", flush=True)
+    print(f"\nwrote {out} ({time.time() - rr.t_start:.0f} s)", flush=True)
     return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
