@@ -1,31 +1,35 @@
-"""Same-run A/B of ``tq_decode`` variants: one table of medians, one JSON.
+"""``python -m sglang_tq.bench ab-decode``: same-run A/B of ``tq_decode`` variants, one table
+of medians, one JSON.
 
 Each variant is a set of keyword overrides of :func:`tq_decode` (``block_n``, ``num_warps``,
 ``prefetch``, ``num_stages``, ``heads_n``, ``maxnreg``, and the small-batch switches
 ``fuse_rotation``, ``pdl``; ``programs_per_sm``, ``splits``,
 ``min_tokens_per_split`` and ``max_splits``, the ceiling, steer the split count) on top
-of the launch
-the backend would run; every variant runs on the same packed pool, slots and queries of
-each shape, timed as CUDA-graph replays (median of ``triton.testing.do_bench``) after a
-correctness check against the first variant. The split count per sequence is the
-backend's (``default_num_kv_splits`` with the batch's split ceiling) for the variant's
-launch, unless ``splits`` is given.
+of the launch the backend would run; every variant runs on the same packed pool, slots and
+queries of each shape (:mod:`sglang_tq.bench.decode_shape`), timed as CUDA-graph replays
+(median of ``triton.testing.do_bench``, :mod:`sglang_tq.bench.timing`) after a correctness
+check against the first variant. The split count per sequence is the backend's
+(``default_num_kv_splits`` with the batch's split ceiling) for the variant's launch, unless
+``splits`` is given. Why a separate tool: two kernel versions compared in one call on one
+GPU differ by less than two runs of the full decode benchmark do.
 
-    python scripts/ab_decode.py --kv k4v4 --shapes 64x16384,128x4096 --variant table: \\
+    python -m sglang_tq.bench ab-decode --kv k4v4 --shapes 64x16384,128x4096 --variant table: \\
         --variant r168:prefetch=0,num_stages=3,maxnreg=168,programs_per_sm=12 --out ab.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _decode_shape import decode_shape
+from . import kernel_io
+from .cli import add_out, add_shapes, parse_kv_bits
 
+TOOL = "sglang_tq.bench ab-decode"
+RESULTS_FOLDER = "ab_decode"
+HEAD_COUNTS = (32, 8)  # q heads, kv heads: Llama-3.1-8B attention
+CHECK_TOL = 2e-2  # relative difference from the first variant flagged above this
 _INT_KEYS = (
     "block_n",
     "num_warps",
@@ -59,168 +63,169 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, kw
 
 
-def run(args) -> int:
-    import torch
-    import triton
-
-    from sglang_tq.config import TQConfig
-    from sglang_tq.format.codec import LayerCodec
-    from sglang_tq.kernels import tq_decode as dec
-    from sglang_tq.provenance import provenance
-
-    variants = [parse_variant(v) for v in args.variant]
-    if not torch.cuda.is_available():
-        raise SystemExit("ab_decode.py times the kernels on a CUDA GPU; none is visible.")
-    d, hq, hkv = args.head_dim, 32, 8
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    try:
-        kb, vb = TQConfig.parse_bits(args.kv)
-    except ValueError as exc:
-        raise SystemExit(f"--kv: {exc}") from None
-    codec = LayerCodec.create(d, kb, vb, device="cuda")
-    rows = []
-    for shape in args.shapes.split(","):
-        bsz, seq = map(int, shape.split("x"))
-        sh = decode_shape(codec, bsz, seq, hq, hkv)
-        bufs, indptr, indices, q, nbytes = sh.bufs, sh.indptr, sh.indices, sh.q, sh.nbytes
-        ws = dec.DecodeWorkspace.create(max(bsz, dec.SPLIT_REF_BATCH), hq, d, 8, "cuda")
-        first = None
-        for name, kw in variants:
-            kw = dict(kw)
-            max_splits = kw.pop("max_splits", None) or dec.split_ceiling(bsz)
-            policy = (
-                {"min_tokens_per_split": kw.pop("min_tokens_per_split")}
-                if "min_tokens_per_split" in kw
-                else {}
-            )
-            launch = dec.default_launch(d, kb, vb)
-            if "programs_per_sm" in kw:
-                launch = dec.DecodeLaunch(
-                    **{**launch.__dict__, "programs_per_sm": kw.pop("programs_per_sm")}
-                )
-            if "splits" in kw:
-                splits = torch.full((bsz,), kw.pop("splits"), dtype=torch.int32, device="cuda")
-            else:
-                launch = dec.DecodeLaunch(
-                    **{**launch.__dict__, **{k: kw[k] for k in kw if k in launch.__dict__}}
-                )
-                splits = dec.default_num_kv_splits(
-                    torch.full((bsz,), seq),
-                    hkv,
-                    max_splits,
-                    num_sms=num_sms,
-                    launch=launch,
-                    **policy,
-                ).cuda()
-            out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device="cuda")
-
-            def fn():
-                dec.tq_decode(
-                    q,
-                    *bufs,
-                    indptr,
-                    indices,
-                    codec,
-                    d**-0.5,
-                    num_kv_splits=splits,
-                    max_kv_splits=max_splits,
-                    workspace=ws,
-                    out=out,
-                    **kw,
-                )
-
-            try:
-                if int(splits.max()) > max_splits:
-                    raise ValueError(
-                        f"{int(splits.max())} splits exceed the ceiling {max_splits}; "
-                        "raise max_splits."
-                    )
-                fn()
-            except ValueError as exc:  # an option this shape cannot take (e.g. too few splits)
-                rows.append(
-                    {
-                        "variant": name,
-                        "overrides": kw,
-                        "shape": shape,
-                        "B": bsz,
-                        "L": seq,
-                        "kv": args.kv,
-                        "head_dim": d,
-                        "ms": None,
-                        "refused": str(exc),
-                    }
-                )
-                print(f"{args.kv} {shape:>9} {name:<14} refused: {exc}", flush=True)
-                continue
-            torch.cuda.synchronize()
-            if first is None:
-                first = out.clone()
-            err = ((out.float() - first.float()).norm() / first.float().norm()).item()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-            row = {
-                "variant": name,
-                "overrides": kw,
-                "shape": shape,
-                "B": bsz,
-                "L": seq,
-                "kv": args.kv,
-                "head_dim": d,
-                "splits": int(splits[0]),
-                "max_splits": max_splits,
-                "ms": ms,
-                "tbps": nbytes / ms / 1e9,
-                "rel_err_vs_first": err,
-            }
-            rows.append(row)
-            print(
-                f"{args.kv} {shape:>9} {name:<14} splits {row['splits']:<3} {ms * 1e3:9.2f} us  "
-                f"{row['tbps']:6.3f} TB/s  rel.diff vs {variants[0][0]} {err:.1e}",
-                flush=True,
-            )
-            if err > 2e-2:
-                print(
-                    f"CHECK FAILED: {name} differs from {variants[0][0]} by {err:.3e}", flush=True
-                )
-        sh = bufs = indices = None  # free the shape's buffers (the closures above hold the names)
-        torch.cuda.empty_cache()
-    print("\n| shape | " + " | ".join(n for n, _ in variants) + " |")
-    print("|---|" + "---|" * len(variants))
-    for shape in args.shapes.split(","):
-        cells = [f"{r['ms'] * 1e3:.1f}" if r["ms"] else "-" for r in rows if r["shape"] == shape]
-        print(f"| {shape} | " + " | ".join(cells) + " |  (us)")
-    if args.out:
-        doc = {
-            **provenance(),
-            "tool": "scripts/ab_decode.py",
-            "argv": sys.argv[1:],
-            "rows": rows,
-            "date_end": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {args.out}")
-    return 0
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kv", default="k4v4", help="one bit pair, e.g. k4v4")
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument(
-        "--shapes",
-        default="1x4096,1x32768,4x8192,16x8192,64x16384,128x4096",
-        help="comma list of BxL",
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = kernel_io.argv_of(argv)
+    ap = argparse.ArgumentParser(
+        prog="python -m sglang_tq.bench ab-decode",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument("--kv", default="k4v4", help="one bit pair, e.g. k4v4 (default %(default)s)")
+    ap.add_argument("--head-dim", type=int, default=128)
+    add_shapes(ap, "1x4096,1x32768,4x8192,16x8192,64x16384,128x4096")
     ap.add_argument(
         "--variant",
         action="append",
         required=True,
         help="NAME:key=value,... (repeatable; the first is the reference)",
     )
-    ap.add_argument("--out", help="JSON with every timing")
-    return run(ap.parse_args(argv))
+    add_out(ap, RESULTS_FOLDER, "ab")
+    args = ap.parse_args(argv)
+    try:
+        pairs = parse_kv_bits(args.kv)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if len(pairs) != 1:
+        ap.error(f"--kv takes one bit pair (each call times one format), got {args.kv!r}.")
+    args.kv, args.kbits, args.vbits = pairs[0]
+    args.variants = [parse_variant(v) for v in args.variant]
+    args.argv = argv
+    return args
+
+
+def variant_launch(dec, kw: dict, args, bsz: int, seq: int, num_sms: int):
+    """(tq_decode overrides, split counts [B] on the GPU, split ceiling) of one variant: the
+    split-steering keys are taken out of ``kw``, the rest also shape the split policy."""
+    import torch
+
+    kw = dict(kw)
+    max_splits = kw.pop("max_splits", None) or dec.split_ceiling(bsz)
+    policy = (
+        {"min_tokens_per_split": kw.pop("min_tokens_per_split")}
+        if "min_tokens_per_split" in kw
+        else {}
+    )
+    launch = dec.default_launch(args.head_dim, args.kbits, args.vbits)
+    if "programs_per_sm" in kw:
+        launch = dec.DecodeLaunch(
+            **{**launch.__dict__, "programs_per_sm": kw.pop("programs_per_sm")}
+        )
+    if "splits" in kw:
+        splits = torch.full((bsz,), kw.pop("splits"), dtype=torch.int32, device="cuda")
+    else:
+        launch = dec.DecodeLaunch(
+            **{**launch.__dict__, **{k: kw[k] for k in kw if k in launch.__dict__}}
+        )
+        splits = dec.default_num_kv_splits(
+            torch.full((bsz,), seq),
+            HEAD_COUNTS[1],
+            max_splits,
+            num_sms=num_sms,
+            launch=launch,
+            **policy,
+        ).cuda()
+    return kw, splits, max_splits
+
+
+def measure_variant(dec, sh, ws, codec, args, shape, variant, num_sms, first):
+    """One variant on one shape: its row, and the output the later variants are checked
+    against (the first variant's)."""
+    import torch
+
+    from .timing import time_replay
+
+    name, kw = variant
+    bsz, seq, d = shape.batch, shape.length, args.head_dim
+    kw, splits, max_splits = variant_launch(dec, kw, args, bsz, seq, num_sms)
+    out = torch.empty(bsz, HEAD_COUNTS[0], d, dtype=torch.bfloat16, device="cuda")
+
+    def fn():
+        dec.tq_decode(
+            sh.q,
+            *sh.bufs,
+            sh.indptr,
+            sh.indices,
+            codec,
+            d**-0.5,
+            num_kv_splits=splits,
+            max_kv_splits=max_splits,
+            workspace=ws,
+            out=out,
+            **kw,
+        )
+
+    row = {"variant": name, "overrides": kw, "shape": str(shape), "B": bsz, "L": seq}
+    row.update(kv=args.kv, head_dim=d)
+    try:
+        if int(splits.max()) > max_splits:
+            raise ValueError(
+                f"{int(splits.max())} splits exceed the ceiling {max_splits}; raise max_splits."
+            )
+        fn()
+    except ValueError as exc:  # an option this shape cannot take (e.g. too few splits)
+        print(f"{args.kv} {str(shape):>9} {name:<14} refused: {exc}", flush=True)
+        return {**row, "ms": None, "refused": str(exc)}, first
+    torch.cuda.synchronize()
+    first = out.clone() if first is None else first
+    err = ((out.float() - first.float()).norm() / first.float().norm()).item()
+    ms = time_replay(fn, 25, 100, 1)["ms"]
+    row.update(splits=int(splits[0]), max_splits=max_splits, ms=ms)
+    row.update(tbps=sh.nbytes / ms / 1e9, rel_err_vs_first=err)
+    reference = args.variants[0][0]
+    print(
+        f"{args.kv} {str(shape):>9} {name:<14} splits {row['splits']:<3} {ms * 1e3:9.2f} us  "
+        f"{row['tbps']:6.3f} TB/s  rel.diff vs {reference} {err:.1e}",
+        flush=True,
+    )
+    if err > CHECK_TOL:
+        print(f"CHECK FAILED: {name} differs from {reference} by {err:.3e}", flush=True)
+    return row, first
+
+
+def print_table(args, rows: list[dict]) -> None:
+    print("\n| shape | " + " | ".join(n for n, _ in args.variants) + " |")
+    print("|---|" + "---|" * len(args.variants))
+    for shape in map(str, args.shapes):
+        cells = [f"{r['ms'] * 1e3:.1f}" if r["ms"] else "-" for r in rows if r["shape"] == shape]
+        print(f"| {shape} | " + " | ".join(cells) + " |  (us)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not kernel_io.require_cuda("ab-decode"):
+        return 1
+    import torch
+
+    from ..format.codec import LayerCodec
+    from ..kernels import tq_decode as dec
+    from .decode_shape import decode_shape
+    from .results import get_provenance
+
+    prov = get_provenance()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    codec = LayerCodec.create(args.head_dim, args.kbits, args.vbits, device="cuda")
+    rows = []
+    for shape in args.shapes:
+        sh = decode_shape(codec, shape.batch, shape.length, *HEAD_COUNTS)
+        ws = dec.DecodeWorkspace.create(
+            max(shape.batch, dec.SPLIT_REF_BATCH), HEAD_COUNTS[0], args.head_dim, 8, "cuda"
+        )
+        first = None
+        for variant in args.variants:
+            row, first = measure_variant(dec, sh, ws, codec, args, shape, variant, num_sms, first)
+            rows.append(row)
+        sh = ws = first = None  # free the shape's buffers before the next one
+        torch.cuda.empty_cache()
+    print_table(args, rows)
+    out = kernel_io.out_path(args.out, RESULTS_FOLDER, prov, "ab")
+    date_end = time.strftime("%Y-%m-%dT%H:%M:%S")
+    kernel_io.write_doc(out, TOOL, args.argv, prov, rows=rows, date_end=date_end)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

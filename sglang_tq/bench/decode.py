@@ -1,4 +1,5 @@
-"""Decode-attention benchmark: sglang-tq packed KV vs SGLang Triton, FlashInfer, FA3 and a copy roof.
+"""``python -m sglang_tq.bench decode``: decode attention per step, sglang-tq packed KV vs SGLang
+Triton, FlashInfer, FA3 and a copy roof.
 
 One layer of Llama-3.1-8B attention (32 q heads, 8 kv heads, head_dim 128; plus
 rows at head_dim 64 and 256), one decode token per sequence, every sequence of
@@ -29,16 +30,18 @@ length L, page size 1 and slot ids drawn as a random permutation of the pool
   copy           a device-to-device copy of as many bytes as the bf16 KV at that shape
                  (the bandwidth roof; TB/s counts bytes read + bytes written).
 
+The three baselines' calling conventions live in sglang_tq.bench.decode_baselines.
+
 It also times the write path: tq_store_kv for one new token per sequence
 (N = B = 64 by default, Hkv 8, D 128) against SGLang-style bf16 / fp8 stores,
 as a share of the decode step at (B=64, L=4096).
 
 Timing: triton.testing.do_bench(..., return_mode="median"), which clears L2 before
 every call; by default each implementation is captured in a CUDA graph first and the
-graph replay is timed (decode runs inside CUDA graphs in SGLang); --no-cuda-graph
-times eager calls. Bytes counted ("effective TB/s" = bytes / time): the KV bytes the
-format must read (ours: k_code_bytes + v_code_bytes + 4 B of fp16 norms per token per
-kv head; bf16: 4*D; fp8: 2*D), the slot-id list (8 B/token for int64 kv_indices as
+graph replay is timed (decode runs inside CUDA graphs in SGLang; sglang_tq.bench.timing);
+--no-cuda-graph times eager calls. Bytes counted ("effective TB/s" = bytes / time): the KV
+bytes the format must read (ours: k_code_bytes + v_code_bytes + 4 B of fp16 norms per token
+per kv head; bf16: 4*D; fp8: 2*D), the slot-id list (8 B/token for int64 kv_indices as
 SGLang Triton and sglang-tq take it, 4 B/token for FlashInfer's int32 indices and FA3's
 int32 page table), q (bf16; fp8 for FA3 fp8) and out (bf16). kv_indptr, num_kv_splits,
 scheduler metadata and split-KV partials are not counted.
@@ -46,43 +49,54 @@ scheduler metadata and split-KV partials are not counted.
 Results go to --out as JSON (rewritten after every shape, so a run cut short keeps
 what it measured). Examples:
 
-    python scripts/bench_decode.py                       # default shapes: a few minutes on an H100,
-                                                         # plus first-use JIT builds (Triton, FlashInfer)
-    python scripts/bench_decode.py --quick               # 2 shapes, smoke test
-    python scripts/bench_decode.py --shapes 64x16384,32x8192x256 --kv k4v4,k2v2
-    python scripts/bench_decode.py --dry-run             # print plan, bytes and splits; no GPU
+    python -m sglang_tq.bench decode              # default shapes: a few minutes on an H100,
+                                                  # plus first-use JIT builds (Triton, FlashInfer)
+    python -m sglang_tq.bench decode --quick      # 2 shapes, smoke test
+    python -m sglang_tq.bench decode --shapes 64x16384,32x8192x256 --kv k4v4,k2v2
+    python -m sglang_tq.bench decode --dry-run    # print plan, bytes and splits; no GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
 import os
-import re
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from . import kernel_io
+from .cli import add_kv_bits, add_out, parse_shapes
+from .decode_baselines import (
+    FLASHINFER_WORKSPACE_BYTES,
+    SGLANG_DEFAULT_MAX_KV_SPLITS,
+    Ctx,
+    build_fa3,
+    build_flashinfer,
+    build_sglang_triton,
+    cdiv,
+    fa3_tables,
+    load_baselines,
+    sglang_num_kv_splits,
+    sglang_splits_tensor,
+)
+from .kernel_io import log
 
+TOOL = "sglang_tq.bench decode"
+RESULTS_FOLDER = "bench_decode"
 DEFAULT_SHAPES = "1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256"
 QUICK_SHAPES = "1x4096,64x16384"
 DEFAULT_KV = "k4v4,k4v3,k3v3,k4v2,k2v2"
 ALL_IMPLS = ("sglang-tq", "sglang-triton", "flashinfer", "fa3", "copy")
 BASELINE_KV = {"bf16": "bf16", "fp8": "fp8_e4m3"}  # --baseline-dtypes value -> row "kv"
-# SGLang's default FlashInfer workspace (srt/environ.py SGLANG_FLASHINFER_WORKSPACE_SIZE).
-FLASHINFER_WORKSPACE_BYTES = 384 * 1024 * 1024
-# SGLang's default --triton-attention-num-kv-splits (srt/server_args.py).
-SGLANG_DEFAULT_MAX_KV_SPLITS = 8
 ASSUMED_SM_COUNT = 132  # H100 SXM; only used by --dry-run without a GPU
-TOL = {
-    "bf16": 2e-2,
-    "fp8_e4m3": 8e-2,
-    "tq": 2e-2,
-}  # FA3 fp8: reference with q rounded to fp8 too  # rel. error ‖out-ref‖/‖ref‖ flagged above this
+# rel. error ‖out-ref‖/‖ref‖ flagged above this (FA3 fp8: reference with q rounded to fp8 too)
+TOL = {"bf16": 2e-2, "fp8_e4m3": 8e-2, "tq": 2e-2}
 
 BYTES_NOTE = (
     "bytes.kv: packed KV the kernel must read (sglang-tq: (k_code_bytes + v_code_bytes + 4 B fp16 "
@@ -95,55 +109,10 @@ BYTES_NOTE = (
 )
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # --------------------------------------------------------------------------------------
 # argument parsing
 # --------------------------------------------------------------------------------------
-def parse_shapes(text: str, default_d: int) -> list[tuple[int, int, int]]:
-    out = []
-    for tok in text.split(","):
-        tok = tok.strip().lower()
-        if not tok:
-            continue
-        parts = re.split(r"[x:]", tok)
-        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
-            raise argparse.ArgumentTypeError(
-                f"bad shape {tok!r}: expected BxL or BxLxD, e.g. 64x16384x128"
-            )
-        b, n = int(parts[0]), int(parts[1])
-        d = int(parts[2]) if len(parts) == 3 else default_d
-        if b < 1 or n < 1 or d < 8:
-            raise argparse.ArgumentTypeError(f"bad shape {tok!r}")
-        out.append((b, n, d))
-    if not out:
-        raise argparse.ArgumentTypeError("no shapes given")
-    return out
-
-
-def parse_kv(text: str) -> list[tuple[str, int, int]]:
-    """Comma-separated bit pairs (``k4v4,k3v3``) by the server's own rule."""
-    from sglang_tq.config import TQConfig
-
-    try:
-        return TQConfig.parse_bits_list(text)
-    except ValueError as exc:
-        raise SystemExit(f"--kv: {exc}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    g = ap.add_argument_group("what to run")
+def add_workload_args(g) -> None:
     g.add_argument(
         "--shapes",
         default=None,
@@ -155,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"small subset: shapes {QUICK_SHAPES}, warmup/rep 10/40 ms, one timing pass "
         "(explicit --shapes/--warmup/--rep/--repeat still win)",
     )
-    g.add_argument("--kv", default=DEFAULT_KV, help=f"our formats to time (default {DEFAULT_KV})")
+    add_kv_bits(g, DEFAULT_KV)
     g.add_argument(
         "--impls",
         default=",".join(ALL_IMPLS),
@@ -169,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-q-heads", type=int, default=32)
     g.add_argument("--num-kv-heads", type=int, default=8)
     g.add_argument("--head-dim", type=int, default=128, help="head_dim for shapes given as BxL")
+
+
+def add_write_path_args(g) -> None:
     g.add_argument("--no-write-path", action="store_true", help="skip the write-path (store) table")
     g.add_argument(
         "--store-batch",
@@ -205,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(default, as the server) or the dense Πᵀ product",
     )
 
-    g = ap.add_argument_group("split-KV")
+
+def add_split_args(g) -> None:
     g.add_argument(
         "--tq-kernel-args",
         default="{}",
@@ -244,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--num-kv-splits", type=int, default=None, help="'fixed' policy: splits per sequence"
     )
+
+
+def add_baseline_args(g) -> None:
     g.add_argument(
         "--triton-max-kv-splits",
         type=int,
@@ -276,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         "SGLang passes in decode",
     )
 
-    g = ap.add_argument_group("timing")
+
+def add_timing_args(g) -> None:
     g.add_argument("--warmup", type=int, default=None, help="do_bench warmup in ms (default 25)")
     g.add_argument("--rep", type=int, default=None, help="do_bench rep in ms (default 100)")
     g.add_argument(
@@ -314,12 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip remaining shapes once this many seconds have passed (0 = no limit)",
     )
 
-    g = ap.add_argument_group("output / environment")
-    g.add_argument(
-        "--out",
-        default="benchmarks/results/bench_decode/bench_decode.json",
-        help="JSON output path, relative to the repo root unless absolute",
-    )
+
+def add_output_args(g) -> None:
+    add_out(g, RESULTS_FOLDER, "bench_decode")
     g.add_argument(
         "--cache-dir",
         default=None,
@@ -329,29 +303,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--device",
         default="cuda",
-        help="torch device (default cuda; others only for testing the script)",
+        help="torch device (default cuda; others only for testing the benchmark)",
     )
     g.add_argument(
         "--dry-run",
         action="store_true",
         help="print the plan (shapes, bytes, splits) without touching a GPU",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m sglang_tq.bench decode",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_workload_args(ap.add_argument_group("what to run"))
+    add_write_path_args(ap.add_argument_group("write path"))
+    add_split_args(ap.add_argument_group("split-KV (sglang-tq)"))
+    add_baseline_args(ap.add_argument_group("baselines"))
+    add_timing_args(ap.add_argument_group("timing"))
+    add_output_args(ap.add_argument_group("output / environment"))
     return ap
 
 
+def shape_list(args) -> list[tuple[int, int, int]]:
+    """(B, L, D) of every shape, D from --head-dim where a shape has none; repeats dropped."""
+    text = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    try:
+        shapes = parse_shapes(text, head_dim=True)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return list(dict.fromkeys((s.batch, s.length, s.head_dim or args.head_dim) for s in shapes))
+
+
+def choices(text: str, allowed, flag: str) -> list[str]:
+    """The comma list ``text``, each item among ``allowed`` (SystemExit naming the others)."""
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    bad = set(chosen) - set(allowed)
+    if bad:
+        raise SystemExit(f"unknown {flag} {sorted(bad)}; choose from {', '.join(allowed)}")
+    return chosen
+
+
 def finalize_args(args):
-    args.shapes_list = parse_shapes(
-        args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES), args.head_dim
-    )
-    args.kv_list = parse_kv(args.kv)
-    args.impl_set = {s.strip() for s in args.impls.split(",") if s.strip()}
-    bad = args.impl_set - set(ALL_IMPLS)
-    if bad:
-        raise SystemExit(f"unknown --impls {sorted(bad)}; choose from {ALL_IMPLS}")
-    args.base_dtypes = [s.strip() for s in args.baseline_dtypes.split(",") if s.strip()]
-    bad = set(args.base_dtypes) - set(BASELINE_KV)
-    if bad:
-        raise SystemExit(f"unknown --baseline-dtypes {sorted(bad)}; choose from bf16,fp8")
+    args.shapes_list = shape_list(args)
+    args.kv_list = args.kv
+    args.impl_set = set(choices(args.impls, ALL_IMPLS, "--impls"))
+    args.base_dtypes = choices(args.baseline_dtypes, BASELINE_KV, "--baseline-dtypes")
     hd = args.flashinfer_head_dims.strip().lower()
     args.fi_head_dims = None if hd in ("", "all") else {int(x) for x in hd.split(",") if x.strip()}
     if args.warmup is None:
@@ -370,39 +370,22 @@ def finalize_args(args):
             "--triton-max-kv-splits >= 1"
         )
     args.cuda_graph = not args.no_cuda_graph
-    out = Path(args.out)
-    args.out_path = out if out.is_absolute() else REPO / out
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = kernel_io.argv_of(argv)
+    args = finalize_args(build_parser().parse_args(argv))
+    args.argv = argv
     return args
 
 
 # --------------------------------------------------------------------------------------
-# split-KV policies
+# sglang-tq's split-KV policies
 # --------------------------------------------------------------------------------------
-def sglang_num_kv_splits(seq_lens, num_head, num_kv_head, max_kv_splits, core_count, num_group=1):
-    """Python mirror of sglang.kernels.ops.attention.metadata.get_num_kv_splits_triton
-    (SGLang 0.5.17), as TritonAttnBackend.get_num_kv_splits launches it."""
-    max_len, min_len = max(seq_lens), min(seq_lens)
-    num_seq = len(seq_lens)
-    if max_len * 8 < min_len * 10:
-        min_len = max_len
-    s1 = min(cdiv(max_len, min_len), max_kv_splits)
-    chunk1 = cdiv(max_len, s1)
-    ext_seq_len = max_len / 64.0
-    ext_core = int(core_count * max(math.log2(ext_seq_len), 1.0)) if ext_seq_len > 0 else core_count
-    group = num_head // num_kv_head
-    if group == 1:
-        token_grid = num_seq * num_group * num_head
-    else:
-        block_h = min(16, group)
-        token_grid = num_seq * num_group * cdiv(num_head, block_h)
-    s2 = min(cdiv(ext_core, token_grid), max_kv_splits)
-    chunk2 = cdiv(max_len, s2)
-    return [max(cdiv(n, chunk1), cdiv(n, chunk2)) for n in seq_lens]
-
-
 def tq_max_splits(args, B) -> int:
     """sglang-tq's split ceiling at batch B: --max-kv-splits, or the backend's rule."""
-    from sglang_tq.kernels.tq_decode import split_ceiling
+    from ..kernels.tq_decode import split_ceiling
 
     return args.max_kv_splits or split_ceiling(B)
 
@@ -413,7 +396,7 @@ def tq_num_kv_splits(args, B, L, sm_count, D=None, kbits=4, vbits=4) -> int:
     elif args.splits_policy == "backend":
         import torch
 
-        from sglang_tq.kernels.tq_decode import DecodeLaunch, default_launch, default_num_kv_splits
+        from ..kernels.tq_decode import DecodeLaunch, default_launch, default_num_kv_splits
 
         launch = default_launch(D or args.head_dim, kbits, vbits)
         block_n = json.loads(args.tq_kernel_args or "{}").get("block_n")
@@ -468,142 +451,12 @@ def code_bytes(D: int, bits: int) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# device helpers (torch imported lazily so --help and --dry-run stay fast)
+# timing, reference and checks
 # --------------------------------------------------------------------------------------
-class Ctx:
-    """Lazily imported modules and shared per-run state."""
-
-    torch = None
-    triton = None
-    device = None
-    sm_count = None
-    decode_attention_fwd = None
-    get_num_kv_splits_triton = None
-    flashinfer = None
-    fi_workspace = None
-    fa3 = None  # sgl_kernel.flash_attn.flash_attn_with_kvcache
-    fa3_sched = None  # sgl_kernel.flash_attn.get_scheduler_metadata (None: not in this build)
-    use_pdl = False
-    import_errors: dict = {}
-
-
-def probe_fa3(ctx) -> str | None:
-    """Load sgl-kernel's FA3 into ctx; return None, or why the fa3 rows cannot run."""
-    torch = ctx.torch
-    if ctx.device is None or ctx.device.type != "cuda":
-        return f"FA3 needs a CUDA device, got {ctx.device}"
-    try:
-        from sgl_kernel import flash_attn as fa
-    except Exception as e:
-        return (
-            f"sgl-kernel's FA3 library did not import ({type(e).__name__}: {str(e)[:200]}); "
-            f"on the GPU host stage it with dev/gpu_host/stage_fa3.sh"
-        )
-    try:
-        ok = bool(fa.is_fa3_supported(ctx.device))
-    except Exception as e:
-        return f"sgl_kernel.flash_attn.is_fa3_supported failed: {e!r}"
-    if not ok:
-        cap = torch.cuda.get_device_capability(ctx.device)
-        return f"FA3 needs sm80/sm90 with CUDA >= 12.3, got sm{cap[0]}{cap[1]} with CUDA {torch.version.cuda}"
-    ctx.fa3 = fa.flash_attn_with_kvcache
-    ctx.fa3_sched = getattr(fa, "get_scheduler_metadata", None)
-    return None
-
-
-def try_import(ctx: Ctx, args):
-    torch = ctx.torch
-    if "sglang-triton" in args.impl_set or "sglang-tq" in args.impl_set or not args.no_write_path:
-        try:
-            from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
-
-            ctx.decode_attention_fwd = decode_attention_fwd
-        except Exception as e:
-            ctx.import_errors["sglang-triton"] = f"import decode_attention_fwd failed: {e!r}"
-            log(f"[skip] sglang-triton: {ctx.import_errors['sglang-triton']}")
-        try:
-            from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
-
-            ctx.get_num_kv_splits_triton = get_num_kv_splits_triton
-        except Exception as e:
-            log(f"[note] get_num_kv_splits_triton unavailable ({e!r}); using the Python mirror")
-        try:
-            from sgl_kernel.utils import is_arch_support_pdl
-
-            ctx.use_pdl = bool(is_arch_support_pdl())
-        except Exception:
-            ctx.use_pdl = (
-                ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device)[0] >= 9
-            )
-        if ctx.device.type != "cuda":
-            ctx.use_pdl = False
-    if "flashinfer" in args.impl_set:
-        try:
-            import flashinfer
-
-            ctx.flashinfer = flashinfer
-            ctx.fi_workspace = torch.zeros(
-                FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=ctx.device
-            )
-        except Exception as e:
-            ctx.import_errors["flashinfer"] = f"import flashinfer failed: {e!r}"
-            log(f"[skip] flashinfer: {ctx.import_errors['flashinfer']}")
-    if "fa3" in args.impl_set:
-        why = probe_fa3(ctx)
-        if why:
-            ctx.import_errors["fa3"] = why
-            log(f"[skip] FA3 rows not run: {why}")
-    if "sglang-tq" in args.impl_set or not args.no_write_path:
-        try:
-            from sglang_tq.format.codec import LayerCodec  # noqa: F401
-            from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode  # noqa: F401
-            from sglang_tq.kernels.tq_store import tq_store_kv  # noqa: F401
-        except Exception as e:
-            ctx.import_errors["sglang-tq"] = f"import failed: {e!r}"
-            log(f"[skip] sglang-tq: {ctx.import_errors['sglang-tq']}")
-
-
-def sglang_splits_tensor(ctx: Ctx, args, B, L, max_kv_splits):
-    """num_kv_splits [B] int32 for the SGLang Triton baseline, from SGLang's own kernel if importable
-    (cross-checked against the Python mirror), else from the mirror."""
-    torch = ctx.torch
-    mirror = sglang_num_kv_splits(
-        [L] * B, args.num_q_heads, args.num_kv_heads, max_kv_splits, ctx.sm_count
-    )
-    t = torch.tensor(mirror, dtype=torch.int32, device=ctx.device)
-    if ctx.get_num_kv_splits_triton is not None:
-        try:
-            import triton
-
-            out = torch.empty(B, dtype=torch.int32, device=ctx.device)
-            seq_lens = torch.full((B,), L, dtype=torch.int64, device=ctx.device)
-            sched = 256 if B < 256 else triton.next_power_of_2(B)
-            ctx.get_num_kv_splits_triton[(1,)](
-                out,
-                seq_lens,
-                B,
-                1,
-                args.num_q_heads,
-                args.num_kv_heads,
-                max_kv_splits,
-                ctx.sm_count,
-                MAX_NUM_SEQ=sched,
-            )
-            if out.tolist() != mirror:
-                log(
-                    f"[note] SGLang get_num_kv_splits_triton gave {out[:4].tolist()}.., mirror {mirror[:4]}..; "
-                    "using SGLang's"
-                )
-            t = out
-        except Exception as e:
-            log(f"[note] get_num_kv_splits_triton failed ({e!r}); using the Python mirror")
-    return t
-
-
 def time_it(ctx: Ctx, args, fn):
     """Median ms over args.repeat do_bench passes of the graph replay, plus details
     (sglang_tq.bench.timing.time_replay)."""
-    from sglang_tq.bench.timing import time_replay
+    from .timing import time_replay
 
     res = time_replay(fn, args.warmup, args.rep, args.repeat, args.cuda_graph)
     if res["timing_note"]:
@@ -611,9 +464,6 @@ def time_it(ctx: Ctx, args, fn):
     return res
 
 
-# --------------------------------------------------------------------------------------
-# reference and checks
-# --------------------------------------------------------------------------------------
 def ref_attention(torch, q0, K0, V0, sm_scale):
     """float64 attention of one decode token. q0 [Hq,D]; K0, V0 [L,Hkv,D] -> [Hq,D].
     q head h attends with kv head h // (Hq/Hkv) (SGLang's and FlashInfer's GQA mapping)."""
@@ -646,495 +496,29 @@ def compare(torch, name, out0, ref, tol):
     return res
 
 
-def report_check(label, res):
+def alarm(*lines) -> None:
+    """Lines that must not scroll by unnoticed, between two bars of '!'."""
+    log("!" * 78)
+    for line in lines:
+        log(line)
+    log("!" * 78)
+
+
+def record_check(row, key, res, checks, label) -> None:
+    """Log a check, keep it in the run's list and its summary in the row under ``key``."""
     if res["ok"]:
         log(
             f"    check {label} vs {res['against']}: max|err| {res['max_abs_err']:.3e}  "
             f"rel {res['rel_err']:.3e}  ok"
         )
     else:
-        bar = "!" * 78
-        log(bar)
-        log(
+        alarm(
             f"!!! CHECK FAILED: {label} vs {res['against']}: max|err| {res['max_abs_err']:.3e}  "
             f"rel {res['rel_err']:.3e} (tol {res['tol']:.1e}). Timings of this row are suspect."
         )
-        log(bar)
-
-
-# --------------------------------------------------------------------------------------
-# implementations: each builder returns fn() -> output tensor [B, Hq, D]
-# --------------------------------------------------------------------------------------
-def build_sglang_triton(
-    ctx, q, kbuf, vbuf, indptr, indices64, sm_scale, max_kv_splits, num_kv_splits
-):
-    """Mirrors TritonAttnBackend.forward_decode (srt/layers/attention/triton_backend.py)."""
-    torch = ctx.torch
-    B, Hq, D = q.shape
-    Dv = vbuf.shape[-1]
-    o = torch.empty((B, Hq, Dv), dtype=q.dtype, device=q.device)
-    attn_logits = torch.empty((B, Hq, max_kv_splits, Dv), dtype=torch.float32, device=q.device)
-    attn_lse = torch.empty((B, Hq, max_kv_splits), dtype=torch.float32, device=q.device)
-    f = ctx.decode_attention_fwd
-    use_pdl = ctx.use_pdl
-
-    def fn():
-        f(
-            q,
-            kbuf,
-            vbuf,
-            o,
-            indptr,
-            indices64,
-            attn_logits,
-            attn_lse,
-            num_kv_splits,
-            max_kv_splits,
-            sm_scale,
-            1.0,
-            1.0,  # sm_scale, k_scale, v_scale (forward_decode passes 1.0 without scales)
-            logit_cap=0.0,
-            sinks=None,
-            xai_temperature_len=-1,
-            has_mla=False,
-            use_pdl=use_pdl,
-            page_size=1,
-        )
-        return o
-
-    return fn, o
-
-
-def flashinfer_use_tc(args, kv_dtype_name):
-    if args.flashinfer_tensor_cores != "auto":
-        return args.flashinfer_tensor_cores == "on"
-    # sglang/srt/layers/attention/flashinfer_backend.py should_use_tensor_core
-    if kv_dtype_name == "fp8_e4m3":
-        return True
-    return args.num_q_heads // args.num_kv_heads >= 4
-
-
-def build_flashinfer(ctx, args, q, kbuf, vbuf, indptr32, indices32, sm_scale, kv_dtype_name):
-    """Mirrors FlashInferAttnBackend decode: wrapper(workspace, "NHD", backend="fa2",
-    use_tensor_cores=...), plan(indptr, indices, last_page_len, Hq, Hkv, D, page_size=1, ...), run."""
-    torch = ctx.torch
-    fi = ctx.flashinfer
-    B, Hq, D = q.shape
-    use_tc = flashinfer_use_tc(args, kv_dtype_name)
-    w = fi.BatchDecodeWithPagedKVCacheWrapper(
-        ctx.fi_workspace, "NHD", use_tensor_cores=use_tc, backend="fa2"
-    )
-    last_page_len = torch.ones(B, dtype=torch.int32, device=q.device)
-    w.plan(
-        indptr32,
-        indices32,
-        last_page_len,
-        Hq,
-        args.num_kv_heads,
-        D,
-        1,
-        q_data_type=q.dtype,
-        kv_data_type=kbuf.dtype,
-        sm_scale=sm_scale,
-    )
-    out = torch.empty_like(q)
-    scale = (
-        1.0 if kv_dtype_name == "fp8_e4m3" else None
-    )  # SGLang passes layer.k_scale_float (1.0 / None)
-
-    def fn():
-        w.run(q, (kbuf, vbuf), k_scale=scale, v_scale=scale, out=out)
-        return out
-
-    return fn, out, {"use_tensor_cores": use_tc, "backend": "fa2"}
-
-
-def build_fa3(
-    ctx, args, q, kbuf, vbuf, page_table, cache_seqlens, cu_seqlens_q, sm_scale, kv_dtype_name
-):
-    """Mirrors FlashAttentionBackend.forward_decode (srt/layers/attention/flashattention_backend.py,
-    SGLang 0.5.17, MHA, page_size 1, no SWA / cascade / sinks): q [B, Hq, D] (cast to the KV
-    dtype for fp8 KV), k/v cache viewed as [-1, page_size, Hkv, D], page_table int32 [B, L],
-    cache_seqlens int32, cu_seqlens_q arange(B+1), max_seqlen_q 1, softmax_scale, causal=True,
-    window (-1, -1), softcap 0, num_splits 0, scheduler_metadata precomputed per batch."""
-    torch = ctx.torch
-    B, Hq, D = q.shape
-    Hkv = kbuf.shape[1]
-    fp8 = kv_dtype_name == "fp8_e4m3"
-    q_in = q.to(kbuf.dtype) if fp8 else q  # forward_decode: q = q.to(self.kv_cache_dtype)
-    k_cache = kbuf.view(-1, 1, Hkv, D)
-    v_cache = vbuf.view(-1, 1, Hkv, vbuf.shape[-1])
-    kw = {}
-    if fp8 and args.fa3_descale:  # layer.k_scale.expand((batch_size, tp_k_head_num)) with scale 1.0
-        kw["k_descale"] = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(B, Hkv)
-        kw["v_descale"] = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(B, Hkv)
-    meta = {
-        "q_dtype": str(q_in.dtype).replace("torch.", ""),
-        "descale": bool(kw),
-        "num_splits": 0,
-        "scheduler_metadata": False,
-    }
-    sched = None
-    if ctx.fa3_sched is not None and not args.fa3_no_scheduler_metadata:
-        # FlashAttentionBackend._compute_scheduler_metadata: once per batch, for all layers
-        sched = ctx.fa3_sched(
-            batch_size=B,
-            max_seqlen_q=1,
-            max_seqlen_k=page_table.shape[1],
-            num_heads=Hq,
-            num_heads_k=Hkv,
-            headdim=D,
-            cache_seqlens=cache_seqlens,
-            qkv_dtype=kbuf.dtype,
-            cu_seqlens_q=cu_seqlens_q,
-            page_size=1,
-            causal=True,
-            has_softcap=False,
-            num_splits=0,
-        )
-        meta["scheduler_metadata"] = sched is not None
-    out = torch.empty(B, Hq, vbuf.shape[-1], dtype=torch.bfloat16, device=q.device)
-    f = ctx.fa3
-
-    def fn():
-        o = f(
-            q=q_in,
-            k_cache=k_cache,
-            v_cache=v_cache,
-            page_table=page_table,
-            cache_seqlens=cache_seqlens,
-            cu_seqlens_q=cu_seqlens_q,
-            max_seqlen_q=1,
-            softmax_scale=sm_scale,
-            causal=True,
-            window_size=(-1, -1),
-            softcap=0.0,
-            return_softmax_lse=False,
-            num_splits=0,
-            scheduler_metadata=sched,
-            out=out,
-            **kw,
-        )
-        return o[0] if isinstance(o, (tuple, list)) else o
-
-    return fn, out, meta
-
-
-def fa3_tables(ctx, slots, B, L):
-    """FlashAttentionBackend's decode metadata for B sequences of L tokens (page size 1):
-    page_table = req_to_token rows (int32 slot ids), cache_seqlens, cu_seqlens_q."""
-    torch = ctx.torch
-    page_table = slots.view(B, L).to(torch.int32)
-    cache_seqlens = torch.full((B,), L, dtype=torch.int32, device=slots.device)
-    cu_seqlens_q = torch.arange(B + 1, dtype=torch.int32, device=slots.device)
-    return page_table, cache_seqlens, cu_seqlens_q
-
-
-# --------------------------------------------------------------------------------------
-# one shape
-# --------------------------------------------------------------------------------------
-def make_indices(ctx, args, B, L):
-    torch = ctx.torch
-    S = B * L
-    if args.layout == "random":
-        slots = torch.randperm(S, device=ctx.device, dtype=torch.int64)
-    else:
-        slots = torch.arange(S, device=ctx.device, dtype=torch.int64)
-    indptr = torch.arange(B + 1, device=ctx.device, dtype=torch.int32) * L
-    return S, indptr, slots
-
-
-def row_base(impl, kv, B, L, D, args):
-    return {
-        "impl": impl,
-        "kv": kv,
-        "B": B,
-        "L": L,
-        "head_dim": D,
-        "num_q_heads": args.num_q_heads,
-        "num_kv_heads": args.num_kv_heads,
-    }
-
-
-def finish_row(row, timing, nbytes):
-    row.update(timing)
-    row["bytes"] = nbytes
-    tot = nbytes.get("total_for_tbps", nbytes["total"])
-    row["tbps"] = tot / (row["ms"] * 1e-3) / 1e12
-    return row
-
-
-def run_impl(label, row, results, fn_build, on_error=None):
-    """Build + first call + time, recording an error row instead of raising."""
-    try:
-        fn_build(row)
-        results.append(row)
-        extra = ""
-        if "num_kv_splits" in row:
-            extra = f" splits {row['num_kv_splits']}/{row['max_kv_splits']}"
-        log(
-            f"    {label:<24} {row['ms']:9.4f} ms  {row['tbps']:6.3f} TB/s  (first call {row['first_call_s']:.1f} s"
-            f"{', eager' if not row.get('cuda_graph') else ''}{extra})"
-        )
-    except Exception as e:
-        msg = f"{type(e).__name__}: {e}"
-        row["error"] = msg[:2000]
-        results.append(row)
-        log(f"    [skip] {label}: {msg[:300]}")
-        tb = traceback.format_exc()
-        log("      " + "\n      ".join(tb.strip().splitlines()[-6:]))
-        if on_error:
-            on_error()
-
-
-def first_call(ctx, fn):
-    torch = ctx.torch
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
-
-
-def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
-    torch = ctx.torch
-    Hq, Hkv = args.num_q_heads, args.num_kv_heads
-    dev = ctx.device
-    sm_scale = 1.0 / math.sqrt(D)
-    S, indptr, slots = make_indices(ctx, args, B, L)
-    indices64 = slots  # sglang-tq and SGLang Triton take int64 slot ids
-    indices32 = slots.to(torch.int32) if "flashinfer" in args.impl_set else None
-    idx0 = slots[:L]  # slot ids of sequence 0
-    q = torch.randn(B, Hq, D, dtype=torch.bfloat16, device=dev)
-    bf16_kv_bytes = S * Hkv * 2 * D * 2
-
-    # ---- copy roof ---------------------------------------------------------------
-    if "copy" in args.impl_set:
-        row = row_base("copy", "bf16", B, L, D, args)
-
-        def do_copy(row):
-            n = bf16_kv_bytes // 2
-            src = torch.empty(n, dtype=torch.bfloat16, device=dev).normal_()
-            dst = torch.empty_like(src)
-            try:
-                _, row["first_call_s"] = first_call(ctx, lambda: dst.copy_(src))
-                t = time_it(ctx, args, lambda: dst.copy_(src))
-            finally:
-                src = dst = None
-            nb = {"read": bf16_kv_bytes, "write": bf16_kv_bytes, "total": 2 * bf16_kv_bytes}
-            finish_row(row, t, nb)
-            row["bf16_kv_read_ms_at_copy_bw"] = bf16_kv_bytes / (row["tbps"] * 1e12) * 1e3
-
-        run_impl("copy (bf16 KV bytes)", row, results, do_copy)
-        torch.cuda.empty_cache()
-
-    # ---- bf16 / fp8 baselines ---------------------------------------------------------
-    want_tri = "sglang-triton" in args.impl_set
-    want_fi = "flashinfer" in args.impl_set and (
-        args.fi_head_dims is None or D in args.fi_head_dims
-    )
-    want_fa3 = "fa3" in args.impl_set
-    fa3_meta = fa3_tables(ctx, slots, B, L) if want_fa3 and ctx.fa3 is not None else None
-    if (want_tri or want_fi or want_fa3) and args.base_dtypes:
-        tri_splits = None
-        if want_tri and ctx.decode_attention_fwd is not None:
-            tri_splits = sglang_splits_tensor(ctx, args, B, L, args.triton_max_kv_splits)
-        kb = torch.empty(S, Hkv, D, dtype=torch.bfloat16, device=dev).normal_()
-        vb = torch.empty(S, Hkv, D, dtype=torch.bfloat16, device=dev).normal_()
-        for dt in ("bf16", "fp8"):
-            if dt not in args.base_dtypes:
-                continue
-            kvname = BASELINE_KV[dt]
-            if dt == "fp8":
-                kbuf, vbuf = kb.to(torch.float8_e4m3fn), vb.to(torch.float8_e4m3fn)
-                kb = vb = (
-                    None  # the bf16 pool is not needed any more: keep one format alive at a time
-                )
-                torch.cuda.empty_cache()
-            else:
-                kbuf, vbuf = kb, vb
-            ref = None
-            if do_check:
-                ref = ref_attention(
-                    torch,
-                    q[0],
-                    gather_rows(torch, kbuf, idx0),
-                    gather_rows(torch, vbuf, idx0),
-                    sm_scale,
-                )
-
-            if want_tri:
-                row = row_base("sglang-triton", kvname, B, L, D, args)
-                if ctx.decode_attention_fwd is None:
-                    row["error"] = ctx.import_errors.get("sglang-triton", "unavailable")
-                    results.append(row)
-                else:
-
-                    def do_tri(row, kbuf=kbuf, vbuf=vbuf, kvname=kvname, ref=ref):
-                        fn, o = build_sglang_triton(
-                            ctx,
-                            q,
-                            kbuf,
-                            vbuf,
-                            indptr,
-                            indices64,
-                            sm_scale,
-                            args.triton_max_kv_splits,
-                            tri_splits,
-                        )
-                        o.fill_(float("nan"))  # poison: every element must be written
-                        out, row["first_call_s"] = first_call(ctx, fn)
-                        post_checks(
-                            ctx,
-                            row,
-                            out,
-                            ref,
-                            kvname,
-                            checks,
-                            f"sglang-triton {kvname} {B}x{L}x{D}",
-                        )
-                        row["max_kv_splits"] = args.triton_max_kv_splits
-                        row["num_kv_splits"] = int(tri_splits[0].item())
-                        finish_row(
-                            row, time_it(ctx, args, fn), count_bytes(kvname, B, L, Hq, Hkv, D, 8)
-                        )
-
-                    run_impl(f"sglang-triton {kvname}", row, results, do_tri)
-
-            if want_fi:
-                row = row_base("flashinfer", kvname, B, L, D, args)
-                if ctx.flashinfer is None:
-                    row["error"] = ctx.import_errors.get("flashinfer", "unavailable")
-                    results.append(row)
-                else:
-
-                    def do_fi(row, kbuf=kbuf, vbuf=vbuf, kvname=kvname, ref=ref):
-                        t0 = time.perf_counter()
-                        fn, out, meta = build_flashinfer(
-                            ctx, args, q, kbuf, vbuf, indptr, indices32, sm_scale, kvname
-                        )
-                        row.update(meta)
-                        out.fill_(float("nan"))
-                        out, fc = first_call(ctx, fn)
-                        row["first_call_s"] = (
-                            time.perf_counter() - t0
-                        )  # includes plan() / JIT build
-                        post_checks(
-                            ctx, row, out, ref, kvname, checks, f"flashinfer {kvname} {B}x{L}x{D}"
-                        )
-                        finish_row(
-                            row, time_it(ctx, args, fn), count_bytes(kvname, B, L, Hq, Hkv, D, 4)
-                        )
-
-                    run_impl(f"flashinfer {kvname}", row, results, do_fi)
-
-            if want_fa3:
-                row = row_base("fa3", kvname, B, L, D, args)
-                if ctx.fa3 is None:
-                    why = ctx.import_errors.get("fa3", "unavailable")
-                    row.update(unavailable=why, error=f"unavailable: {why}")
-                    results.append(row)
-                else:
-
-                    def do_fa3(row, kbuf=kbuf, vbuf=vbuf, kvname=kvname, ref=ref):
-                        t0 = time.perf_counter()
-                        fn, out, meta = build_fa3(
-                            ctx, args, q, kbuf, vbuf, *fa3_meta, sm_scale, kvname
-                        )
-                        row.update(meta)
-                        out.fill_(float("nan"))
-                        out, _ = first_call(ctx, fn)
-                        row["first_call_s"] = time.perf_counter() - t0
-                        ref8 = ref
-                        if ref is not None and kvname == "fp8_e4m3":  # FA3 also rounds q to fp8
-                            ref8 = ref_attention(
-                                torch,
-                                q[0].to(kbuf.dtype).float(),
-                                gather_rows(torch, kbuf, idx0),
-                                gather_rows(torch, vbuf, idx0),
-                                sm_scale,
-                            )
-                        post_checks(
-                            ctx, row, out, ref8, kvname, checks, f"fa3 {kvname} {B}x{L}x{D}"
-                        )
-                        finish_row(
-                            row,
-                            time_it(ctx, args, fn),
-                            count_bytes(
-                                kvname, B, L, Hq, Hkv, D, 4, q_elt=1 if kvname == "fp8_e4m3" else 2
-                            ),
-                        )
-
-                    run_impl(f"fa3 {kvname}", row, results, do_fa3)
-            # drop every reference (closures included) before the next format is built
-            do_tri = do_fi = do_fa3 = None
-            del kbuf, vbuf, ref
-            gc.collect()
-            torch.cuda.empty_cache()
-        del kb, vb
-        gc.collect()
-        torch.cuda.empty_cache()
-    fa3_meta = None
-
-    # ---- ours ----------------------------------------------------------------------
-    if "sglang-tq" in args.impl_set:
-        for kvname, kbits, vbits in args.kv_list:
-            n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count, D, kbits, vbits)
-            row = row_base("sglang-tq", kvname, B, L, D, args)
-            if "sglang-tq" in ctx.import_errors:
-                row["error"] = ctx.import_errors["sglang-tq"]
-                results.append(row)
-                continue
-
-            def do_tq(row, kvname=kvname, kbits=kbits, vbits=vbits):
-                codec = get_codec(ctx, codecs, D, kbits, vbits)
-                bufs = None
-                try:
-                    bufs = alloc_and_fill_tq(ctx, args, codec, S, Hkv, D)
-                    sanity_pool(ctx, bufs, idx0, kvname)
-                    fn, ws = build_tq(
-                        ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits
-                    )
-                    out, row["first_call_s"] = first_call(ctx, fn)
-                    ref = None
-                    if do_check:
-                        kd = codec.k_quant.dequantize(bufs[0][idx0], bufs[1][idx0])
-                        vd = codec.v_quant.dequantize(bufs[2][idx0], bufs[3][idx0])
-                        ref = ref_attention(torch, q[0], kd, vd, sm_scale)
-                    post_checks(ctx, row, out, ref, "tq", checks, f"sglang-tq {kvname} {B}x{L}x{D}")
-                    if do_check and ctx.decode_attention_fwd is not None:
-                        check_vs_triton_dequant(
-                            ctx,
-                            args,
-                            row,
-                            out,
-                            q,
-                            kd,
-                            vd,
-                            sm_scale,
-                            checks,
-                            f"sglang-tq {kvname} {B}x{L}x{D}",
-                        )
-                    row["max_kv_splits"] = tq_max_splits(args, B)
-                    row["num_kv_splits"] = n_splits
-                    row["splits_policy"] = args.splits_policy
-                    row["launch"] = tq_launch(args, D, kbits, vbits)
-                    row["k_code_bytes"] = codec.k_code_bytes
-                    row["v_code_bytes"] = codec.v_code_bytes
-                    finish_row(
-                        row,
-                        time_it(ctx, args, fn),
-                        count_bytes(
-                            kvname, B, L, Hq, Hkv, D, 8, codec.k_code_bytes, codec.v_code_bytes
-                        ),
-                    )
-                finally:
-                    del bufs
-                    gc.collect()
-                    torch.cuda.empty_cache()
-
-            run_impl(f"sglang-tq {kvname}", row, results, do_tq)
-    gc.collect()
-    torch.cuda.empty_cache()
+    res["label"] = label
+    checks.append(res)
+    row[key] = {k: res[k] for k in ("max_abs_err", "rel_err", "ok")}
 
 
 def post_checks(ctx, row, out, ref, kvname, checks, label):
@@ -1142,17 +526,13 @@ def post_checks(ctx, row, out, ref, kvname, checks, label):
     finite = bool(torch.isfinite(out).all().item())
     row["output_finite"] = finite
     if not finite:
-        bar = "!" * 78
-        log(bar)
-        log(f"!!! {label}: output has NaN/Inf (unwritten or broken elements). Timings are suspect.")
-        log(bar)
+        alarm(
+            f"!!! {label}: output has NaN/Inf (unwritten or broken elements). Timings are suspect."
+        )
         checks.append({"label": label, "against": "finite", "ok": False})
     if ref is not None:
         res = compare(torch, "float64 reference (seq 0)", out[0], ref, TOL[kvname])
-        report_check(label, res)
-        res["label"] = label
-        checks.append(res)
-        row["check"] = {k: res[k] for k in ("max_abs_err", "rel_err", "ok")}
+        record_check(row, "check", res, checks, label)
 
 
 def check_vs_triton_dequant(ctx, args, row, out, q, kd, vd, sm_scale, checks, label):
@@ -1185,18 +565,364 @@ def check_vs_triton_dequant(ctx, args, row, out, q, kd, vd, sm_scale, checks, la
             o_tri.double(),
             TOL["tq"],
         )
-        report_check(label, res)
-        res["label"] = label
-        checks.append(res)
-        row["check_vs_triton_dequant"] = {k: res[k] for k in ("max_abs_err", "rel_err", "ok")}
+        record_check(row, "check_vs_triton_dequant", res, checks, label)
     except Exception as e:
         log(f"    [note] {label}: check vs SGLang Triton on dequantized K/V failed to run: {e!r}")
 
 
+# --------------------------------------------------------------------------------------
+# rows
+# --------------------------------------------------------------------------------------
+def make_indices(ctx, args, B, L):
+    torch = ctx.torch
+    S = B * L
+    if args.layout == "random":
+        slots = torch.randperm(S, device=ctx.device, dtype=torch.int64)
+    else:
+        slots = torch.arange(S, device=ctx.device, dtype=torch.int64)
+    indptr = torch.arange(B + 1, device=ctx.device, dtype=torch.int32) * L
+    return S, indptr, slots
+
+
+def row_base(impl, kv, B, L, D, args):
+    return {
+        "impl": impl,
+        "kv": kv,
+        "B": B,
+        "L": L,
+        "head_dim": D,
+        "num_q_heads": args.num_q_heads,
+        "num_kv_heads": args.num_kv_heads,
+    }
+
+
+def finish_row(row, timing, nbytes):
+    row.update(timing)
+    row["bytes"] = nbytes
+    tot = nbytes.get("total_for_tbps", nbytes["total"])
+    row["tbps"] = tot / (row["ms"] * 1e-3) / 1e12
+    return row
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def run_impl(label, row, results, fn_build):
+    """Build + first call + time, recording an error row instead of raising."""
+    try:
+        fn_build(row)
+        results.append(row)
+        extra = ""
+        if "num_kv_splits" in row:
+            extra = f" splits {row['num_kv_splits']}/{row['max_kv_splits']}"
+        log(
+            f"    {label:<24} {row['ms']:9.4f} ms  {row['tbps']:6.3f} TB/s  (first call {row['first_call_s']:.1f} s"
+            f"{', eager' if not row.get('cuda_graph') else ''}{extra})"
+        )
+    except Exception as e:
+        row["error"] = error_text(e)
+        results.append(row)
+        log(f"    [skip] {label}: {row['error'][:300]}")
+        tb = traceback.format_exc()
+        log("      " + "\n      ".join(tb.strip().splitlines()[-6:]))
+
+
+def first_call(ctx, fn):
+    torch = ctx.torch
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def release(ctx) -> None:
+    """Drop what the last row left behind before the next one allocates its pool."""
+    gc.collect()
+    ctx.torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------
+# one shape
+# --------------------------------------------------------------------------------------
+@dataclass
+class ShapeRun:
+    """One decode shape: its sizes, slot layout and queries, shared by every row, and the
+    lists the rows and checks go to."""
+
+    ctx: Ctx
+    args: argparse.Namespace
+    B: int
+    L: int
+    D: int
+    results: list
+    checks: list
+    do_check: bool
+    codecs: dict
+    S: int = 0
+    indptr: object = None  # int32 [B + 1]
+    slots: object = None  # int64 [B·L]: sglang-tq and SGLang Triton take int64 slot ids
+    indices32: object = None  # int32 slot ids of FlashInfer (None without its rows)
+    q: object = None  # bf16 [B, Hq, D]
+
+    def __post_init__(self):
+        torch = self.ctx.torch
+        self.S, self.indptr, self.slots = make_indices(self.ctx, self.args, self.B, self.L)
+        if "flashinfer" in self.args.impl_set:
+            self.indices32 = self.slots.to(torch.int32)
+        self.q = torch.randn(
+            self.B, self.args.num_q_heads, self.D, dtype=torch.bfloat16, device=self.ctx.device
+        )
+
+    @property
+    def idx0(self):
+        return self.slots[: self.L]  # slot ids of sequence 0
+
+    @property
+    def sm_scale(self) -> float:
+        return 1.0 / math.sqrt(self.D)
+
+    @property
+    def bf16_kv_bytes(self) -> int:
+        return self.S * self.args.num_kv_heads * 2 * self.D * 2
+
+    def row(self, impl: str, kv: str) -> dict:
+        return row_base(impl, kv, self.B, self.L, self.D, self.args)
+
+    def label(self, impl: str, kv: str) -> str:
+        return f"{impl} {kv} {self.B}x{self.L}x{self.D}"
+
+    def bytes(self, kv: str, index_bytes: int, **kw) -> dict:
+        a = self.args
+        return count_bytes(
+            kv, self.B, self.L, a.num_q_heads, a.num_kv_heads, self.D, index_bytes, **kw
+        )
+
+
+BASELINE_LIBRARY = {
+    "sglang-triton": "decode_attention_fwd",
+    "flashinfer": "flashinfer",
+    "fa3": "fa3",
+}
+
+
+@dataclass
+class BaselinePool:
+    """The dense K/V pool of one baseline dtype and sequence 0's float64 reference output."""
+
+    kv: str  # row "kv": bf16 or fp8_e4m3
+    k: object
+    v: object
+    ref: object  # None without a check at this shape
+
+
+def bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs):
+    sr = ShapeRun(ctx, args, B, L, D, results, checks, do_check, codecs)
+    if "copy" in args.impl_set:
+        run_impl(
+            "copy (bf16 KV bytes)", sr.row("copy", "bf16"), results, lambda r: measure_copy(sr, r)
+        )
+        ctx.torch.cuda.empty_cache()
+    bench_baselines(sr)
+    if "sglang-tq" in args.impl_set:
+        bench_tq(sr)
+    release(ctx)
+
+
+def measure_copy(sr: ShapeRun, row: dict) -> None:
+    """The copy roof: a device copy of as many bytes as the shape's bf16 KV."""
+    torch, nbytes = sr.ctx.torch, sr.bf16_kv_bytes
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=sr.ctx.device).normal_()
+    dst = torch.empty_like(src)
+    try:
+        _, row["first_call_s"] = first_call(sr.ctx, lambda: dst.copy_(src))
+        t = time_it(sr.ctx, sr.args, lambda: dst.copy_(src))
+    finally:
+        src = dst = None
+    finish_row(row, t, {"read": nbytes, "write": nbytes, "total": 2 * nbytes})
+    row["bf16_kv_read_ms_at_copy_bw"] = nbytes / (row["tbps"] * 1e12) * 1e3
+
+
+def bench_baselines(sr: ShapeRun) -> None:
+    """The sglang-triton, flashinfer and fa3 rows of each --baseline-dtypes pool; one pool
+    alive at a time (the fp8 pool is cast from the bf16 one, which is then dropped)."""
+    ctx, args, torch = sr.ctx, sr.args, sr.ctx.torch
+    want_tri = "sglang-triton" in args.impl_set
+    want_fi = "flashinfer" in args.impl_set and (
+        args.fi_head_dims is None or sr.D in args.fi_head_dims
+    )
+    want_fa3 = "fa3" in args.impl_set
+    if not ((want_tri or want_fi or want_fa3) and args.base_dtypes):
+        return
+    tri_splits = None
+    if want_tri and ctx.decode_attention_fwd is not None:
+        tri_splits = sglang_splits_tensor(ctx, args, sr.B, sr.L, args.triton_max_kv_splits)
+    fa3_meta = fa3_tables(ctx, sr.slots, sr.B, sr.L) if want_fa3 and ctx.fa3 is not None else None
+    shape = (sr.S, args.num_kv_heads, sr.D)
+    kb = torch.empty(shape, dtype=torch.bfloat16, device=ctx.device).normal_()
+    vb = torch.empty(shape, dtype=torch.bfloat16, device=ctx.device).normal_()
+    for dt in ("bf16", "fp8"):
+        if dt not in args.base_dtypes:
+            continue
+        if dt == "fp8":
+            kbuf, vbuf = kb.to(torch.float8_e4m3fn), vb.to(torch.float8_e4m3fn)
+            kb = vb = None  # the bf16 pool is not needed any more: one format alive at a time
+            torch.cuda.empty_cache()
+        else:
+            kbuf, vbuf = kb, vb
+        pool = BaselinePool(BASELINE_KV[dt], kbuf, vbuf, None)
+        if sr.do_check:
+            pool.ref = dense_ref(sr, sr.q[0], kbuf, vbuf)
+        if want_tri:
+            baseline_row(
+                sr, "sglang-triton", pool, lambda r: measure_triton(sr, pool, tri_splits, r)
+            )
+        if want_fi:
+            baseline_row(sr, "flashinfer", pool, lambda r: measure_flashinfer(sr, pool, r))
+        if want_fa3:
+            baseline_row(sr, "fa3", pool, lambda r: measure_fa3(sr, pool, fa3_meta, r))
+        kbuf = vbuf = pool = None  # every reference gone before the next format is built
+        release(ctx)
+    del kb, vb
+    release(ctx)
+
+
+def dense_ref(sr: ShapeRun, q0, kbuf, vbuf):
+    """float64 attention of sequence 0 over the dense pool's values."""
+    torch = sr.ctx.torch
+    k0, v0 = gather_rows(torch, kbuf, sr.idx0), gather_rows(torch, vbuf, sr.idx0)
+    return ref_attention(torch, q0, k0, v0, sr.sm_scale)
+
+
+def baseline_row(sr: ShapeRun, impl: str, pool: BaselinePool, measure) -> None:
+    """The row of one baseline: measured, or marked with why its library is missing."""
+    row = sr.row(impl, pool.kv)
+    if getattr(sr.ctx, BASELINE_LIBRARY[impl]) is not None:
+        run_impl(f"{impl} {pool.kv}", row, sr.results, measure)
+        return
+    why = sr.ctx.import_errors.get(impl, "unavailable")
+    if impl == "fa3":
+        row.update(unavailable=why, error=f"unavailable: {why}")
+    else:
+        row["error"] = why
+    sr.results.append(row)
+
+
+def measure_triton(sr: ShapeRun, pool: BaselinePool, splits, row: dict) -> None:
+    ctx, args = sr.ctx, sr.args
+    fn, o = build_sglang_triton(
+        ctx,
+        sr.q,
+        pool.k,
+        pool.v,
+        sr.indptr,
+        sr.slots,
+        sr.sm_scale,
+        args.triton_max_kv_splits,
+        splits,
+    )
+    o.fill_(float("nan"))  # poison: every element must be written
+    out, row["first_call_s"] = first_call(ctx, fn)
+    label = sr.label("sglang-triton", pool.kv)
+    post_checks(ctx, row, out, pool.ref, pool.kv, sr.checks, label)
+    row["max_kv_splits"] = args.triton_max_kv_splits
+    row["num_kv_splits"] = int(splits[0].item())
+    finish_row(row, time_it(ctx, args, fn), sr.bytes(pool.kv, 8))
+
+
+def measure_flashinfer(sr: ShapeRun, pool: BaselinePool, row: dict) -> None:
+    ctx, args = sr.ctx, sr.args
+    t0 = time.perf_counter()
+    fn, out, meta = build_flashinfer(
+        ctx, args, sr.q, pool.k, pool.v, sr.indptr, sr.indices32, sr.sm_scale, pool.kv
+    )
+    row.update(meta)
+    out.fill_(float("nan"))
+    out, _ = first_call(ctx, fn)
+    row["first_call_s"] = time.perf_counter() - t0  # includes plan() / JIT build
+    post_checks(ctx, row, out, pool.ref, pool.kv, sr.checks, sr.label("flashinfer", pool.kv))
+    finish_row(row, time_it(ctx, args, fn), sr.bytes(pool.kv, 4))
+
+
+def measure_fa3(sr: ShapeRun, pool: BaselinePool, fa3_meta, row: dict) -> None:
+    ctx, args = sr.ctx, sr.args
+    t0 = time.perf_counter()
+    fn, out, meta = build_fa3(ctx, args, sr.q, pool.k, pool.v, *fa3_meta, sr.sm_scale, pool.kv)
+    row.update(meta)
+    out.fill_(float("nan"))
+    out, _ = first_call(ctx, fn)
+    row["first_call_s"] = time.perf_counter() - t0
+    fp8 = pool.kv == "fp8_e4m3"
+    ref = pool.ref
+    if ref is not None and fp8:  # FA3 also rounds q to fp8
+        ref = dense_ref(sr, sr.q[0].to(pool.k.dtype).float(), pool.k, pool.v)
+    post_checks(ctx, row, out, ref, pool.kv, sr.checks, sr.label("fa3", pool.kv))
+    finish_row(row, time_it(ctx, args, fn), sr.bytes(pool.kv, 4, q_elt=1 if fp8 else 2))
+
+
+def bench_tq(sr: ShapeRun) -> None:
+    """One sglang-tq row per --kv bit pair, each on its own packed pool."""
+    for kvname, kbits, vbits in sr.args.kv_list:
+        n_splits = tq_num_kv_splits(sr.args, sr.B, sr.L, sr.ctx.sm_count, sr.D, kbits, vbits)
+        row = sr.row("sglang-tq", kvname)
+        if "sglang-tq" in sr.ctx.import_errors:
+            row["error"] = sr.ctx.import_errors["sglang-tq"]
+            sr.results.append(row)
+            continue
+        run_impl(
+            f"sglang-tq {kvname}",
+            row,
+            sr.results,
+            lambda r, kb=kbits, vb=vbits, n=n_splits: measure_tq(sr, r, kb, vb, n),
+        )
+
+
+def measure_tq(sr: ShapeRun, row: dict, kbits: int, vbits: int, n_splits: int) -> None:
+    ctx, args, kvname = sr.ctx, sr.args, row["kv"]
+    codec = get_codec(ctx, sr.codecs, sr.D, kbits, vbits)
+    bufs = None
+    try:
+        bufs = alloc_and_fill_tq(ctx, args, codec, sr.S, args.num_kv_heads, sr.D)
+        sanity_pool(ctx, bufs, sr.idx0, kvname)
+        fn, _ = build_tq(ctx, args, sr.q, bufs, sr.indptr, sr.slots, codec, sr.sm_scale, n_splits)
+        out, row["first_call_s"] = first_call(ctx, fn)
+        check_tq(sr, row, out, codec, bufs)
+        row["max_kv_splits"] = tq_max_splits(args, sr.B)
+        row["num_kv_splits"] = n_splits
+        row["splits_policy"] = args.splits_policy
+        row["launch"] = tq_launch(args, sr.D, kbits, vbits)
+        row["k_code_bytes"] = codec.k_code_bytes
+        row["v_code_bytes"] = codec.v_code_bytes
+        nbytes = sr.bytes(kvname, 8, kcb=codec.k_code_bytes, vcb=codec.v_code_bytes)
+        finish_row(row, time_it(ctx, args, fn), nbytes)
+    finally:
+        del bufs
+        release(ctx)
+
+
+def check_tq(sr: ShapeRun, row: dict, out, codec, bufs) -> None:
+    """The output finite; with a check at this shape also sequence 0 against float64 attention
+    over its dequantized K/V, and against SGLang's Triton kernel run on the same K/V."""
+    idx0, label = sr.idx0, sr.label("sglang-tq", row["kv"])
+    ref = None
+    if sr.do_check:
+        kd = codec.k_quant.dequantize(bufs[0][idx0], bufs[1][idx0])
+        vd = codec.v_quant.dequantize(bufs[2][idx0], bufs[3][idx0])
+        ref = ref_attention(sr.ctx.torch, sr.q[0], kd, vd, sr.sm_scale)
+    post_checks(sr.ctx, row, out, ref, "tq", sr.checks, label)
+    if sr.do_check and sr.ctx.decode_attention_fwd is not None:
+        check_vs_triton_dequant(
+            sr.ctx, sr.args, row, out, sr.q, kd, vd, sr.sm_scale, sr.checks, label
+        )
+
+
+# --------------------------------------------------------------------------------------
+# sglang-tq's pool and decode call
+# --------------------------------------------------------------------------------------
 def get_codec(ctx, codecs, D, kbits, vbits):
     key = (D, kbits, vbits)
     if key not in codecs:
-        from sglang_tq.format.codec import LayerCodec
+        from ..format.codec import LayerCodec
 
         codecs[key] = LayerCodec.create(D, kbits, vbits, seed=0, device=ctx.device)
     return codecs[key]
@@ -1206,7 +932,7 @@ def alloc_and_fill_tq(ctx, args, codec, S, Hkv, D):
     """Allocate packed buffers for S slots and fill every slot through tq_store_kv from random
     bf16 K/V (never zeros)."""
     torch = ctx.torch
-    from sglang_tq.kernels.tq_store import tq_store_kv
+    from ..kernels.tq_store import tq_store_kv
 
     bufs = codec.alloc_buffers(S, Hkv)
     k_codes, k_norms, v_codes, v_norms = bufs
@@ -1227,19 +953,15 @@ def sanity_pool(ctx, bufs, idx0, kvname):
     zk = int((bufs[1][idx0] == 0).sum().item())
     zv = int((bufs[3][idx0] == 0).sum().item())
     if zk or zv:
-        log("!" * 78)
-        log(
+        alarm(
             f"!!! sglang-tq {kvname}: {zk} K and {zv} V norms of sequence 0 are zero after tq_store_kv: "
             "pool not (fully) written?"
         )
-        log("!" * 78)
 
 
 def tq_launch(args, D, kbits, vbits) -> dict:
     """The stage-1 launch this row ran: the table's (or built-in) choice, then --tq-kernel-args."""
-    import dataclasses
-
-    from sglang_tq.kernels.tq_decode import default_launch
+    from ..kernels.tq_decode import default_launch
 
     chosen = dataclasses.asdict(default_launch(D, kbits, vbits))
     over = json.loads(args.tq_kernel_args or "{}")
@@ -1248,7 +970,7 @@ def tq_launch(args, D, kbits, vbits) -> dict:
 
 def build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits, extra=None):
     torch = ctx.torch
-    from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
+    from ..kernels.tq_decode import DecodeWorkspace, tq_decode
 
     B, Hq, D = q.shape
     max_kv_splits = tq_max_splits(args, B)
@@ -1279,238 +1001,292 @@ def build_tq(ctx, args, q, bufs, indptr, indices64, codec, sm_scale, n_splits, e
 # --------------------------------------------------------------------------------------
 # write path
 # --------------------------------------------------------------------------------------
-def bench_write_path(ctx, args, codecs, write_rows):
-    torch = ctx.torch
-    B, L, D = args.store_batch, args.store_decode_len, args.store_head_dim
-    Hq, Hkv = args.num_q_heads, args.num_kv_heads
-    dev = ctx.device
-    sm_scale = 1.0 / math.sqrt(D)
-    log(
-        f"\n== write path: N = {B} new tokens (one per sequence), Hkv {Hkv}, D {D}; "
-        f"decode step for comparison at B={B}, L={L}"
-    )
-    S, indptr, slots = make_indices(ctx, args, B, L)
-    q = torch.randn(B, Hq, D, dtype=torch.bfloat16, device=dev)
-    # one new token per sequence, written to distinct random slots of the pool
-    loc = slots[torch.randperm(S, device=dev)[:B]].contiguous()
-    k_new = torch.randn(B, Hkv, D, dtype=torch.bfloat16, device=dev)
-    v_new = torch.randn(B, Hkv, D, dtype=torch.bfloat16, device=dev)
-    new_in_bytes = 2 * B * Hkv * D * 2 + B * 8  # bf16 k and v read + int64 loc
+@dataclass
+class StoreRun:
+    """The write path's step: N = B new tokens (one per sequence) stored into distinct random
+    slots of a pool of B·L tokens, and the decode step at (B, L) the store is compared with."""
 
-    def wrow(impl, kv):
+    ctx: Ctx
+    args: argparse.Namespace
+    rows: list
+    S: int = 0
+    indptr: object = None
+    slots: object = None
+    q: object = None
+    loc: object = None  # int64 [B]: the new tokens' slots
+    k_new: object = None  # bf16 [B, Hkv, D]
+    v_new: object = None
+
+    def __post_init__(self):
+        torch, dev, a = self.ctx.torch, self.ctx.device, self.args
+        B, L, D, Hkv = self.B, self.L, self.D, a.num_kv_heads
+        self.S, self.indptr, self.slots = make_indices(self.ctx, a, B, L)
+        self.q = torch.randn(B, a.num_q_heads, D, dtype=torch.bfloat16, device=dev)
+        self.loc = self.slots[torch.randperm(self.S, device=dev)[:B]].contiguous()
+        self.k_new = torch.randn(B, Hkv, D, dtype=torch.bfloat16, device=dev)
+        self.v_new = torch.randn(B, Hkv, D, dtype=torch.bfloat16, device=dev)
+
+    @property
+    def B(self) -> int:
+        return self.args.store_batch
+
+    @property
+    def L(self) -> int:
+        return self.args.store_decode_len
+
+    @property
+    def D(self) -> int:
+        return self.args.store_head_dim
+
+    @property
+    def sm_scale(self) -> float:
+        return 1.0 / math.sqrt(self.D)
+
+    @property
+    def new_in_bytes(self) -> int:
+        return 2 * self.B * self.args.num_kv_heads * self.D * 2 + self.B * 8  # bf16 k, v + loc
+
+    def row(self, impl: str, kv: str) -> dict:
         return {
             "impl": impl,
             "kv": kv,
-            "N": B,
-            "num_kv_heads": Hkv,
-            "head_dim": D,
-            "pool_slots": S,
-            "decode_B": B,
-            "decode_L": L,
+            "N": self.B,
+            "num_kv_heads": self.args.num_kv_heads,
+            "head_dim": self.D,
+            "pool_slots": self.S,
+            "decode_B": self.B,
+            "decode_L": self.L,
         }
 
-    def record(row, label):
-        write_rows.append(row)
+    def record(self, row: dict, label: str) -> None:
+        self.rows.append(row)
         if "error" in row:
             log(f"    [skip] {label}: {row['error'][:300]}")
-        else:
-            pct = row.get("pct_of_decode")
-            log(
-                f"    {label:<28} store {row['ms'] * 1e3:8.2f} us"
-                + (
-                    f"   decode {row['decode_ms']:.4f} ms ({row['decode_impl']})  store = {pct:.1f}% of decode"
-                    if pct is not None
-                    else ""
-                )
+            return
+        pct = row.get("pct_of_decode")
+        log(
+            f"    {label:<28} store {row['ms'] * 1e3:8.2f} us"
+            + (
+                f"   decode {row['decode_ms']:.4f} ms ({row['decode_impl']})  store = {pct:.1f}% of decode"
+                if pct is not None
+                else ""
             )
+        )
 
-    # bf16 / fp8 plain stores, vs SGLang Triton decode of the same format
-    kb = torch.empty(S, Hkv, D, dtype=torch.bfloat16, device=dev).normal_()
-    vb = torch.empty(S, Hkv, D, dtype=torch.bfloat16, device=dev).normal_()
-    store_cache = None
+
+def bench_write_path(ctx, args, codecs, write_rows):
+    log(
+        f"\n== write path: N = {args.store_batch} new tokens (one per sequence), "
+        f"Hkv {args.num_kv_heads}, D {args.store_head_dim}; decode step for comparison at "
+        f"B={args.store_batch}, L={args.store_decode_len}"
+    )
+    sr = StoreRun(ctx, args, write_rows)
+    bench_plain_stores(sr)
+    if "sglang-tq" in ctx.import_errors:
+        write_rows.append(
+            {**sr.row("sglang-tq-store", "*"), "error": ctx.import_errors["sglang-tq"]}
+        )
+        log(f"    [skip] sglang-tq store: {ctx.import_errors['sglang-tq']}")
+    else:
+        for kvname, kbits, vbits in args.kv_list:
+            sr.record(measure_tq_store(sr, codecs, kvname, kbits, vbits), f"tq_store_kv {kvname}")
+    release(ctx)
+
+
+def time_decode(sr: StoreRun, label: str, build) -> float | None:
+    """ms of the decode step ``build()`` returns (fn, ...), or None (logged) where it fails."""
     try:
-        from sglang.kernels.ops.kvcache.kvcache import can_use_store_cache
-        from sglang.kernels.ops.kvcache.kvcache import store_cache as _sc
+        fn = build()[0]
+        first_call(sr.ctx, fn)
+        return time_it(sr.ctx, sr.args, fn)["ms"]
+    except Exception as e:
+        log(f"    [note] {label} decode at {sr.B}x{sr.L} failed: {e!r}")
+        return None
 
-        if can_use_store_cache(Hkv * D * 2) and can_use_store_cache(Hkv * D):
-            store_cache = _sc
+
+def time_store(sr: StoreRun, row: dict, fn, write_bytes: int, decode_ms, decode_impl, **extra):
+    """Time the store ``fn`` into ``row``: bytes moved, TB/s and its share of the decode step."""
+    first_call(sr.ctx, fn)
+    row.update(time_it(sr.ctx, sr.args, fn))
+    read = sr.new_in_bytes
+    row["bytes"] = {"read_new_kv_and_loc": read, "write": write_bytes, "total": read + write_bytes}
+    row["tbps"] = row["bytes"]["total"] / (row["ms"] * 1e-3) / 1e12
+    if decode_ms:
+        row.update(
+            decode_ms=decode_ms,
+            decode_impl=decode_impl,
+            pct_of_decode=100.0 * row["ms"] / decode_ms,
+            **extra,
+        )
+
+
+def load_store_cache(sr: StoreRun):
+    """SGLang's JIT store kernel where it takes this row size, else None (logged)."""
+    row_bytes = sr.args.num_kv_heads * sr.D
+    try:
+        from sglang.kernels.ops.kvcache.kvcache import can_use_store_cache, store_cache
+
+        if can_use_store_cache(row_bytes * 2) and can_use_store_cache(row_bytes):
+            return store_cache
     except Exception as e:
         log(f"    [note] SGLang store_cache (JIT) unavailable: {e!r}")
+    return None
+
+
+def bench_plain_stores(sr: StoreRun) -> None:
+    """bf16 / fp8 stores as SGLang's pool does them, against SGLang Triton's decode of the
+    same format."""
+    ctx, args, torch = sr.ctx, sr.args, sr.ctx.torch
+    shape = (sr.S, args.num_kv_heads, sr.D)
+    kb = torch.empty(shape, dtype=torch.bfloat16, device=ctx.device).normal_()
+    vb = torch.empty(shape, dtype=torch.bfloat16, device=ctx.device).normal_()
+    store_cache = load_store_cache(sr)
     for kvname in ("bf16", "fp8_e4m3"):
         if kvname == "bf16":
             kc, vc = kb, vb
         else:
             kc, vc = kb.to(torch.float8_e4m3fn), vb.to(torch.float8_e4m3fn)
-        elt = 2 if kvname == "bf16" else 1
-        out_bytes = 2 * B * Hkv * D * elt
         decode_ms = None
         if ctx.decode_attention_fwd is not None:
-            try:
-                splits = sglang_splits_tensor(ctx, args, B, L, args.triton_max_kv_splits)
-                fn, _ = build_sglang_triton(
-                    ctx, q, kc, vc, indptr, slots, sm_scale, args.triton_max_kv_splits, splits
-                )
-                first_call(ctx, fn)
-                decode_ms = time_it(ctx, args, fn)["ms"]
-            except Exception as e:
-                log(f"    [note] sglang-triton {kvname} decode at {B}x{L} failed: {e!r}")
 
-        if kvname == "bf16":
-
-            def torch_store():
-                kc[loc] = k_new
-                vc[loc] = v_new
-        else:
-            kc8, vc8 = kc.view(torch.uint8), vc.view(torch.uint8)
-
-            def torch_store():  # SGLang MHATokenToKVPool: cast, view as uint8 (store_dtype), scatter
-                kc8[loc] = k_new.to(torch.float8_e4m3fn).view(torch.uint8)
-                vc8[loc] = v_new.to(torch.float8_e4m3fn).view(torch.uint8)
-
-        impls = [("torch-index-store", torch_store)]
-        if store_cache is not None:
-            rb = Hkv * D * elt
-            kcv, vcv = (
-                kc.view(torch.uint8 if elt == 1 else kc.dtype),
-                vc.view(torch.uint8 if elt == 1 else vc.dtype),
-            )
-
-            def sgl_store(kcv=kcv, vcv=vcv, rb=rb, kvname=kvname):
-                if kvname == "bf16":
-                    kk, vv = k_new, v_new
-                else:
-                    kk = k_new.to(torch.float8_e4m3fn).view(torch.uint8)
-                    vv = v_new.to(torch.float8_e4m3fn).view(torch.uint8)
-                store_cache(
-                    kk.view(B, -1),
-                    vv.view(B, -1),
-                    kcv.view(S, -1),
-                    vcv.view(S, -1),
-                    loc,
-                    row_bytes=rb,
-                    v_row_bytes=rb,
-                    size_limit=S,
-                    reserved_skip_index=-1,
+            def build(kc=kc, vc=vc):
+                splits = sglang_splits_tensor(ctx, args, sr.B, sr.L, args.triton_max_kv_splits)
+                return build_sglang_triton(
+                    ctx,
+                    sr.q,
+                    kc,
+                    vc,
+                    sr.indptr,
+                    sr.slots,
+                    sr.sm_scale,
+                    args.triton_max_kv_splits,
+                    splits,
                 )
 
-            impls.append(("sglang-store_cache", sgl_store))
-        for impl, fn in impls:
-            row = wrow(impl, kvname)
+            decode_ms = time_decode(sr, f"sglang-triton {kvname}", build)
+        out_bytes = 2 * sr.B * args.num_kv_heads * sr.D * (2 if kvname == "bf16" else 1)
+        for impl, fn in plain_store_fns(sr, kvname, kc, vc, store_cache):
+            row = sr.row(impl, kvname)
             try:
-                first_call(ctx, fn)
-                row.update(time_it(ctx, args, fn))
-                row["bytes"] = {
-                    "read_new_kv_and_loc": new_in_bytes,
-                    "write": out_bytes,
-                    "total": new_in_bytes + out_bytes,
-                }
-                row["tbps"] = row["bytes"]["total"] / (row["ms"] * 1e-3) / 1e12
-                if decode_ms:
-                    row.update(
-                        decode_ms=decode_ms,
-                        decode_impl=f"sglang-triton {kvname}",
-                        pct_of_decode=100.0 * row["ms"] / decode_ms,
-                    )
+                time_store(sr, row, fn, out_bytes, decode_ms, f"sglang-triton {kvname}")
             except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:2000]
-            record(row, f"{impl} {kvname}")
-        impls = fn = torch_store = sgl_store = None
-        kc = vc = kc8 = vc8 = kcv = vcv = None
+                row["error"] = error_text(e)
+            sr.record(row, f"{impl} {kvname}")
+        kc = vc = fn = None
         torch.cuda.empty_cache()
     del kb, vb
-    gc.collect()
-    torch.cuda.empty_cache()
-
-    # ours: tq_store_kv vs our decode step
-    if "sglang-tq" in ctx.import_errors:
-        write_rows.append({**wrow("sglang-tq-store", "*"), "error": ctx.import_errors["sglang-tq"]})
-        log(f"    [skip] sglang-tq store: {ctx.import_errors['sglang-tq']}")
-    else:
-        from sglang_tq.kernels.tq_store import tq_store_kv
-
-        for kvname, kbits, vbits in args.kv_list:
-            n_splits = tq_num_kv_splits(args, B, L, ctx.sm_count, D, kbits, vbits)
-            row = wrow("sglang-tq-store", kvname)
-            bufs = None
-            try:
-                codec = get_codec(ctx, codecs, D, kbits, vbits)
-                bufs = alloc_and_fill_tq(ctx, args, codec, S, Hkv, D)
-                k_codes, k_norms, v_codes, v_norms = bufs
-                dec_ms = None
-                try:
-                    fn, _ = build_tq(ctx, args, q, bufs, indptr, slots, codec, sm_scale, n_splits)
-                    first_call(ctx, fn)
-                    dec_ms = time_it(ctx, args, fn)["ms"]
-                except Exception as e:
-                    log(f"    [note] sglang-tq {kvname} decode at {B}x{L} failed: {e!r}")
-
-                def store():
-                    tq_store_kv(
-                        k_new,
-                        v_new,
-                        loc,
-                        k_codes,
-                        k_norms,
-                        v_codes,
-                        v_norms,
-                        codec,
-                        num_warps=args.store_num_warps,
-                        fwht=args.store_rotation == "fwht",
-                        row_tokens=args.store_row_tokens,
-                    )
-
-                first_call(ctx, store)
-                row.update(time_it(ctx, args, store))
-                wb = B * Hkv * (codec.k_code_bytes + codec.v_code_bytes + 4)
-                row["bytes"] = {
-                    "read_new_kv_and_loc": new_in_bytes,
-                    "write": wb,
-                    "total": new_in_bytes + wb,
-                }
-                row["tbps"] = row["bytes"]["total"] / (row["ms"] * 1e-3) / 1e12
-                if dec_ms:
-                    row.update(
-                        decode_ms=dec_ms,
-                        decode_impl=f"sglang-tq {kvname}",
-                        pct_of_decode=100.0 * row["ms"] / dec_ms,
-                        num_kv_splits=n_splits,
-                        max_kv_splits=tq_max_splits(args, B),
-                    )
-                row["chain"] = bench_store_decode_chain(
-                    ctx, args, q, k_new, v_new, loc, bufs, indptr, slots, codec, sm_scale, n_splits
-                )
-                log(
-                    f"    store + decode chain {kvname}: "
-                    + ", ".join(
-                        f"{k} {v * 1e3:.2f} us"
-                        for k, v in row["chain"].items()
-                        if isinstance(v, float)
-                    )
-                )
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"[:2000]
-            finally:
-                del bufs
-                gc.collect()
-                torch.cuda.empty_cache()
-            record(row, f"tq_store_kv {kvname}")
-    gc.collect()
-    torch.cuda.empty_cache()
+    release(ctx)
 
 
-def bench_store_decode_chain(
-    ctx, args, q, k_new, v_new, loc, bufs, indptr, slots, codec, sm_scale, n_splits
-) -> dict:
+def plain_store_fns(sr: StoreRun, kvname: str, kc, vc, store_cache) -> list:
+    """(impl, store) of a bf16 or fp8 pool: torch index stores as SGLang's MHATokenToKVPool
+    does them (fp8: cast, then scatter through a uint8 view, its store_dtype), and SGLang's
+    store_cache kernel where it is available."""
+    torch, B, S, loc = sr.ctx.torch, sr.B, sr.S, sr.loc
+    fp8 = kvname != "bf16"
+
+    def new_rows():
+        if not fp8:
+            return sr.k_new, sr.v_new
+        cast = (x.to(torch.float8_e4m3fn).view(torch.uint8) for x in (sr.k_new, sr.v_new))
+        return tuple(cast)
+
+    kcv, vcv = (kc.view(torch.uint8), vc.view(torch.uint8)) if fp8 else (kc, vc)
+
+    def torch_store():
+        kk, vv = new_rows()
+        kcv[loc] = kk
+        vcv[loc] = vv
+
+    fns = [("torch-index-store", torch_store)]
+    if store_cache is not None:
+        rb = sr.args.num_kv_heads * sr.D * (1 if fp8 else 2)
+
+        def sgl_store():
+            kk, vv = new_rows()
+            store_cache(
+                kk.view(B, -1),
+                vv.view(B, -1),
+                kcv.view(S, -1),
+                vcv.view(S, -1),
+                loc,
+                row_bytes=rb,
+                v_row_bytes=rb,
+                size_limit=S,
+                reserved_skip_index=-1,
+            )
+
+        fns.append(("sglang-store_cache", sgl_store))
+    return fns
+
+
+def tq_store(sr: StoreRun, bufs, codec, pdl: bool = False) -> None:
+    """tq_store_kv of the new tokens with the --store-* launch options."""
+    from ..kernels.tq_store import tq_store_kv
+
+    args = sr.args
+    tq_store_kv(
+        sr.k_new,
+        sr.v_new,
+        sr.loc,
+        *bufs,
+        codec,
+        pdl=pdl,
+        num_warps=args.store_num_warps,
+        fwht=args.store_rotation == "fwht",
+        row_tokens=args.store_row_tokens,
+    )
+
+
+def measure_tq_store(sr: StoreRun, codecs, kvname: str, kbits: int, vbits: int) -> dict:
+    """tq_store_kv against our decode step at (B, L), and the two as one layer's chain."""
+    ctx, args = sr.ctx, sr.args
+    n_splits = tq_num_kv_splits(args, sr.B, sr.L, ctx.sm_count, sr.D, kbits, vbits)
+    row = sr.row("sglang-tq-store", kvname)
+    bufs = None
+    try:
+        codec = get_codec(ctx, codecs, sr.D, kbits, vbits)
+        bufs = alloc_and_fill_tq(ctx, args, codec, sr.S, args.num_kv_heads, sr.D)
+        dec_ms = time_decode(
+            sr,
+            f"sglang-tq {kvname}",
+            lambda: build_tq(
+                ctx, args, sr.q, bufs, sr.indptr, sr.slots, codec, sr.sm_scale, n_splits
+            ),
+        )
+        time_store(
+            sr,
+            row,
+            lambda: tq_store(sr, bufs, codec),
+            sr.B * args.num_kv_heads * (codec.k_code_bytes + codec.v_code_bytes + 4),
+            dec_ms,
+            f"sglang-tq {kvname}",
+            num_kv_splits=n_splits,
+            max_kv_splits=tq_max_splits(args, sr.B),
+        )
+        row["chain"] = bench_store_decode_chain(sr, bufs, codec, n_splits)
+        chain = ", ".join(
+            f"{k} {v * 1e3:.2f} us" for k, v in row["chain"].items() if isinstance(v, float)
+        )
+        log(f"    store + decode chain {kvname}: {chain}")
+    except Exception as e:
+        row["error"] = error_text(e)
+    finally:
+        bufs = None
+        release(ctx)
+    return row
+
+
+def bench_store_decode_chain(sr: StoreRun, bufs, codec, n_splits) -> dict:
     """One decode layer's attention as the backend launches it: tq_store_kv of the new
     tokens, then tq_decode; serial launches against programmatic dependent launch with
     stage 1 rotating q while the store runs (``early_q``). ms of each, same buffers."""
-    from sglang_tq.kernels.tq_decode import pdl_supported
-    from sglang_tq.kernels.tq_store import tq_store_kv
+    from ..kernels.tq_decode import pdl_supported
 
-    decode, _ = build_tq(ctx, args, q, bufs, indptr, slots, codec, sm_scale, n_splits)
-    early, _ = build_tq(
-        ctx, args, q, bufs, indptr, slots, codec, sm_scale, n_splits, extra={"early_q": True}
-    )
+    ctx, args = sr.ctx, sr.args
+    step = (ctx, args, sr.q, bufs, sr.indptr, sr.slots, codec, sr.sm_scale, n_splits)
+    decode, _ = build_tq(*step)
+    early, _ = build_tq(*step, extra={"early_q": True})
     out = {}
     variants = [("serial_ms", False, decode)] + (
         [("pdl_early_q_ms", True, early)] if pdl_supported() else []
@@ -1518,17 +1294,7 @@ def bench_store_decode_chain(
     for name, pdl, dec in variants:
 
         def chain(pdl=pdl, dec=dec):
-            tq_store_kv(
-                k_new,
-                v_new,
-                loc,
-                *bufs,
-                codec,
-                pdl=pdl,
-                num_warps=args.store_num_warps,
-                fwht=args.store_rotation == "fwht",
-                row_tokens=args.store_row_tokens,
-            )
+            tq_store(sr, bufs, codec, pdl=pdl)
             return dec()
 
         first_call(ctx, chain)
@@ -1632,16 +1398,40 @@ def print_write_table(rows):
         )
 
 
-def write_json(path: Path, payload: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-    os.replace(tmp, path)
+def baseline_config(args) -> dict:
+    """How the fa3 and flashinfer rows call their kernels (the results' config)."""
+    return {
+        "fa3": {
+            "kernel": "sgl_kernel.flash_attn.flash_attn_with_kvcache (SGLang fa3 backend, forward_decode)",
+            "page_size": 1,
+            "page_table": "int32 [B, L] slot ids",
+            "cu_seqlens_q": "arange(B+1)",
+            "max_seqlen_q": 1,
+            "causal": True,
+            "num_splits": 0,
+            "scheduler_metadata": "none"
+            if args.fa3_no_scheduler_metadata
+            else "get_scheduler_metadata once per batch, outside the timed call",
+            "fp8": "q cast to float8_e4m3fn; "
+            + (
+                "k/v_descale ones [B, Hkv]"
+                if args.fa3_descale
+                else "no k/v_descale (checkpoint without KV scales)"
+            ),
+        },
+        "flashinfer": {
+            "wrapper": "BatchDecodeWithPagedKVCacheWrapper",
+            "kv_layout": "NHD",
+            "backend": "fa2",
+            "head_dims": sorted(args.fi_head_dims) if args.fi_head_dims else "all",
+            "tensor_cores": args.flashinfer_tensor_cores,
+            "workspace_bytes": FLASHINFER_WORKSPACE_BYTES,
+        },
+    }
 
 
 def config_dict(args, ctx=None):
-    from sglang_tq.env import decode_launch_file
+    from ..env import decode_launch_file
 
     cfg = {
         "tq_kernel_args": json.loads(args.tq_kernel_args),
@@ -1670,32 +1460,7 @@ def config_dict(args, ctx=None):
         "sglang_tq_decode_launch_table": decode_launch_file() or "packaged",
         "sglang_triton_max_kv_splits": args.triton_max_kv_splits,
         "sglang_triton_num_kv_splits": "SGLang get_num_kv_splits_triton (TritonAttnBackend.get_num_kv_splits)",
-        "fa3": {
-            "kernel": "sgl_kernel.flash_attn.flash_attn_with_kvcache (SGLang fa3 backend, forward_decode)",
-            "page_size": 1,
-            "page_table": "int32 [B, L] slot ids",
-            "cu_seqlens_q": "arange(B+1)",
-            "max_seqlen_q": 1,
-            "causal": True,
-            "num_splits": 0,
-            "scheduler_metadata": "none"
-            if args.fa3_no_scheduler_metadata
-            else "get_scheduler_metadata once per batch, outside the timed call",
-            "fp8": "q cast to float8_e4m3fn; "
-            + (
-                "k/v_descale ones [B, Hkv]"
-                if args.fa3_descale
-                else "no k/v_descale (checkpoint without KV scales)"
-            ),
-        },
-        "flashinfer": {
-            "wrapper": "BatchDecodeWithPagedKVCacheWrapper",
-            "kv_layout": "NHD",
-            "backend": "fa2",
-            "head_dims": sorted(args.fi_head_dims) if args.fi_head_dims else "all",
-            "tensor_cores": args.flashinfer_tensor_cores,
-            "workspace_bytes": FLASHINFER_WORKSPACE_BYTES,
-        },
+        **baseline_config(args),
         "q_dtype": "bfloat16",
         "sm_scale": "1/sqrt(head_dim)",
         "data": "K, V, q ~ N(0,1) bf16 (fp8 baselines: the bf16 values cast to float8_e4m3fn; "
@@ -1703,7 +1468,7 @@ def config_dict(args, ctx=None):
         "bytes_counted": BYTES_NOTE,
         "check_tolerance_rel": TOL,
         "seed": args.seed,
-        "argv": sys.argv[1:],
+        "argv": args.argv,
     }
     if ctx is not None:
         cfg["sm_count"] = ctx.sm_count
@@ -1733,31 +1498,17 @@ def dry_run(args):
     log("\nbytes counted: " + BYTES_NOTE)
 
 
-def main(argv=None):
-    args = finalize_args(build_parser().parse_args(argv))
-    if args.dry_run:
-        dry_run(args)
-        return 0
-    if args.cache_dir:
-        cd = Path(args.cache_dir).resolve()
-        cd.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("TRITON_CACHE_DIR", str(cd / "triton"))
-        os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", str(cd))
-
-    t_start = time.perf_counter()
+# --------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------
+def make_ctx(args) -> Ctx | None:
+    """The run's context on --device (None, logged, where CUDA is asked for and missing)."""
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         log("No CUDA device: this benchmark needs a GPU (use --dry-run to see the plan).")
-        return 2
-    try:
-        import sglang_tq  # noqa: F401  (installed, e.g. pip -e; else the checkout's sglang_tq/)
-    except ImportError:
-        sys.path.append(str(REPO))
-    from sglang_tq.provenance import provenance
-
+        return None
     ctx = Ctx()
-    ctx.import_errors = {}
     ctx.torch = torch
     ctx.device = torch.device(args.device)
     if ctx.device.type == "cuda":
@@ -1767,28 +1518,26 @@ def main(argv=None):
     else:
         ctx.sm_count = ASSUMED_SM_COUNT
     torch.manual_seed(args.seed)
-    prov = provenance()
-    log(
-        f"GPU {prov['gpu']} ({ctx.sm_count} SMs), commit {prov['commit']}, "
-        f"cuda_graph={args.cuda_graph}, warmup/rep {args.warmup}/{args.rep} ms x{args.repeat}"
-    )
-    try_import(ctx, args)
-    log(
-        f"imports done in {time.perf_counter() - t_start:.1f} s; SGLang Triton use_pdl={ctx.use_pdl}"
-    )
+    return ctx
 
-    results, checks, write_rows, codecs = [], [], [], {}
-    payload = {
-        **prov,
-        "config": config_dict(args, ctx),
-        "results": results,
-        "write_path": write_rows,
-        "checks": checks,
-        "import_errors": ctx.import_errors,
-    }
 
-    # device copy roof: one large copy (2 GiB read + 2 GiB written)
-    copy_roof = None
+def try_import(ctx: Ctx, args) -> None:
+    """The baselines' libraries (decode_baselines.load_baselines), then sglang-tq's kernels
+    where its rows or the write path need them."""
+    load_baselines(ctx, args)
+    if "sglang-tq" in args.impl_set or not args.no_write_path:
+        try:
+            from ..format.codec import LayerCodec  # noqa: F401
+            from ..kernels.tq_decode import DecodeWorkspace, tq_decode  # noqa: F401
+            from ..kernels.tq_store import tq_store_kv  # noqa: F401
+        except Exception as e:
+            ctx.import_errors["sglang-tq"] = f"import failed: {e!r}"
+            log(f"[skip] sglang-tq: {ctx.import_errors['sglang-tq']}")
+
+
+def measure_copy_roof(ctx: Ctx, args, payload: dict) -> float | None:
+    """The device copy roof in TB/s: one large copy (2 GiB read + 2 GiB written)."""
+    torch = ctx.torch
     try:
         n = (2 << 30) // 2
         src = torch.empty(n, dtype=torch.bfloat16, device=ctx.device).normal_()
@@ -1799,15 +1548,27 @@ def main(argv=None):
         log(f"copy roof: 2 GiB D2D copy {t['ms']:.3f} ms = {copy_roof:.3f} TB/s (read+write)")
         src = dst = None
         torch.cuda.empty_cache()
+        return copy_roof
     except Exception as e:
         log(f"[note] copy roof failed: {e!r}")
+        return None
 
+
+def over_budget(args, t_start: float) -> float | None:
+    """Seconds spent, where --time-budget-s is set and spent; else None."""
+    el = time.perf_counter() - t_start
+    return el if args.time_budget_s and el > args.time_budget_s else None
+
+
+def bench_shapes(ctx: Ctx, args, payload: dict, save, t_start: float) -> None:
+    """Every shape's rows, the derived columns and a rewrite of the results after each."""
+    results, checks, codecs = payload["results"], payload["checks"], {}
     seen_d = set()
     for i, (B, L, D) in enumerate(args.shapes_list):
-        el = time.perf_counter() - t_start
-        if args.time_budget_s and el > args.time_budget_s:
+        spent = over_budget(args, t_start)
+        if spent is not None:
             log(
-                f"[skip] time budget {args.time_budget_s:.0f} s spent ({el:.0f} s): skipping {B}x{L}x{D}"
+                f"[skip] time budget {args.time_budget_s:.0f} s spent ({spent:.0f} s): skipping {B}x{L}x{D}"
             )
             results.append({**row_base("*", "*", B, L, D, args), "error": "skipped: time budget"})
             continue
@@ -1816,52 +1577,102 @@ def main(argv=None):
         log(
             f"\n== shape {i + 1}/{len(args.shapes_list)}: B={B} L={L} head_dim={D} "
             f"(Hq {args.num_q_heads}, Hkv {args.num_kv_heads}; bf16 KV "
-            f"{B * L * args.num_kv_heads * 4 * D / 2**30:.2f} GiB)  t={el:.0f} s"
+            f"{B * L * args.num_kv_heads * 4 * D / 2**30:.2f} GiB)  "
+            f"t={time.perf_counter() - t_start:.0f} s"
         )
         try:
             bench_shape(ctx, args, B, L, D, results, checks, do_check, codecs)
         except Exception as e:
             log(f"[error] shape {B}x{L}x{D}: {e!r}")
             log(traceback.format_exc())
-            results.append(
-                {**row_base("*", "*", B, L, D, args), "error": f"{type(e).__name__}: {e}"[:2000]}
-            )
-            gc.collect()
-            torch.cuda.empty_cache()
-        add_derived(results, copy_roof)
-        payload["elapsed_s"] = time.perf_counter() - t_start
-        write_json(args.out_path, payload)
+            results.append({**row_base("*", "*", B, L, D, args), "error": error_text(e)})
+            release(ctx)
+        add_derived(results, payload.get("copy_roof", {}).get("tbps"))
+        save()
+    if args.no_write_path:
+        return
+    spent = over_budget(args, t_start)
+    if spent is not None:
+        log(f"[skip] write path: time budget spent ({spent:.0f} s)")
+        return
+    try:
+        bench_write_path(ctx, args, codecs, payload["write_path"])
+    except Exception as e:
+        log(f"[error] write path: {e!r}")
+        log(traceback.format_exc())
+        payload["write_path"].append({"impl": "*", "error": error_text(e)})
 
-    if not args.no_write_path:
-        el = time.perf_counter() - t_start
-        if args.time_budget_s and el > args.time_budget_s:
-            log(f"[skip] write path: time budget spent ({el:.0f} s)")
-        else:
-            try:
-                bench_write_path(ctx, args, codecs, write_rows)
-            except Exception as e:
-                log(f"[error] write path: {e!r}")
-                log(traceback.format_exc())
-                write_rows.append({"impl": "*", "error": f"{type(e).__name__}: {e}"[:2000]})
 
-    add_derived(results, copy_roof)
-    payload["elapsed_s"] = time.perf_counter() - t_start
-    write_json(args.out_path, payload)
-    print_table(results)
+def report(ctx: Ctx, payload: dict) -> None:
+    """The tables, and every failed check again at the end where it cannot be missed."""
+    print_table(payload["results"])
     if "fa3" in ctx.import_errors:
         log(f"FA3 rows not run: {ctx.import_errors['fa3']}")
-    print_write_table(write_rows)
-    failed = [c for c in checks if not c.get("ok")]
+    print_write_table(payload["write_path"])
+    failed = [c for c in payload["checks"] if not c.get("ok")]
     if failed:
-        log("\n" + "!" * 78)
-        for c in failed:
-            log(
+        log("")
+        alarm(
+            *(
                 f"!!! CHECK FAILED: {c['label']} vs {c['against']}"
                 + (f": rel {c['rel_err']:.3e}" if "rel_err" in c else "")
+                for c in failed
             )
-        log("!" * 78)
-    log(f"\nwrote {args.out_path}  ({payload['elapsed_s']:.0f} s)")
+        )
+
+
+def set_cache_dir(cache_dir: str) -> None:
+    cd = Path(cache_dir).resolve()
+    cd.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cd / "triton"))
+    os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", str(cd))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        dry_run(args)
+        return 0
+    if args.cache_dir:
+        set_cache_dir(args.cache_dir)
+    t_start = time.perf_counter()
+    ctx = make_ctx(args)
+    if ctx is None:
+        return 2
+    from .results import get_provenance
+
+    prov = get_provenance()
+    out = kernel_io.out_path(args.out, RESULTS_FOLDER, prov, "bench_decode")
+    log(
+        f"GPU {prov['gpu']} ({ctx.sm_count} SMs), commit {prov['commit']}, "
+        f"cuda_graph={args.cuda_graph}, warmup/rep {args.warmup}/{args.rep} ms x{args.repeat}"
+    )
+    try_import(ctx, args)
+    log(
+        f"imports done in {time.perf_counter() - t_start:.1f} s; SGLang Triton use_pdl={ctx.use_pdl}"
+    )
+    payload = {
+        "config": config_dict(args, ctx),
+        "results": [],
+        "write_path": [],
+        "checks": [],
+        "import_errors": ctx.import_errors,
+    }
+
+    def save():
+        payload["elapsed_s"] = time.perf_counter() - t_start
+        kernel_io.write_doc(out, TOOL, args.argv, prov, **payload)
+
+    measure_copy_roof(ctx, args, payload)
+    bench_shapes(ctx, args, payload, save, t_start)
+    add_derived(payload["results"], payload.get("copy_roof", {}).get("tbps"))
+    save()
+    report(ctx, payload)
+    log(f"\nwrote {out}  ({payload['elapsed_s']:.0f} s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

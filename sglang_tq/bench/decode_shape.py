@@ -1,4 +1,5 @@
-"""One decode-benchmark shape on the GPU, shared by tune_decode.py and ab_decode.py.
+"""One decode-benchmark shape on the GPU, shared by ``python -m sglang_tq.bench ab-decode`` and
+``python -m sglang_tq.tools.tune`` (neither subcommand imports the other, so it lives here).
 
 A packed pool of B·L random bf16 K/V tokens (written by ``tq_store_kv`` in chunks of
 256k tokens), the slots of every sequence scattered by a random permutation, one query
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_tq.kernels.tq_store import tq_store_kv
+from ..kernels.tq_store import tq_store_kv
 
 
 @dataclass
