@@ -1,15 +1,13 @@
 """The decode launch table: lookup by GPU name, head_dim and bit pair, the built-in
 fallback, the environment override, refusal of a corrupt table, and the tuner's choice
-and merge (scripts/tune_decode.py) that write it."""
+and merge (``python -m sglang_tq.tools.tune``) that write it."""
 
 import json
 
 import pytest
 
+import sglang_tq.tools.tune as tune_decode
 from sglang_tq.kernels import tq_decode as dec
-from tests.conftest import import_script
-
-tune_decode = import_script("tune_decode")
 
 
 @pytest.fixture
