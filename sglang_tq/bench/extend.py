@@ -13,7 +13,7 @@ dequant, for
 * ``<kv>-triton`` / ``<kv>-fa3``: ``tq_extend`` with each ``impl``.
 
     python -m sglang_tq.bench extend --shapes 1x6000,2x4096,1x2048+6000,64x200+4000s \\
-        --kv k4v4,k3v3 --out benchmarks/results/bench_extend/bench_extend_h200.json
+        --kv k4v4,k3v3    # JSON under benchmarks/results/bench_extend/
 
 A shape is ``BxE`` (B sequences of E new tokens), ``BxE+P`` (each after its own
 P-token prefix in the cache) or ``BxE+Ps`` (all B after one shared P-token prefix, a

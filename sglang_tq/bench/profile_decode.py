@@ -7,14 +7,14 @@ un-rotation) so that a slow row says which part to work on. Small batches are th
 point: at B = 1 a step is mostly fixed cost, not KV reads (bench_decode_v8: 1 x 4k 0.048 ms
 against FlashInfer's 0.020).
 
-    python -m sglang_tq.bench profile-decode --shapes 1x4096,1x32768,64x16384 --kv k4v4,k3v3 \\
-        --out benchmarks/results/profile_decode/profile_decode_h200.json
+    python -m sglang_tq.bench profile-decode --shapes 1x4096,1x32768,64x16384 --kv k4v4,k3v3
 
 Each (shape, kv) runs ``--steps`` eager steps after a warm-up on the pool of
 :mod:`sglang_tq.bench.decode_shape`, with the backend's split count and ceiling (as the
 decode benchmark's default policy); the table gives the mean device time per step of each
 kernel, their sum, and the step's wall time per call (CUDA events, same steps), whose
-difference from the sum is launch gaps.
+difference from the sum is launch gaps. The JSON goes under benchmarks/results/profile_decode/
+unless ``--out`` names another file.
 """
 
 from __future__ import annotations
