@@ -65,12 +65,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = kernel_io.argv_of(argv)
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench ab-decode",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = kernel_io.doc_parser("python -m sglang_tq.bench ab-decode", __doc__)
     ap.add_argument("--kv", default="k4v4", help="one bit pair, e.g. k4v4 (default %(default)s)")
     ap.add_argument("--head-dim", type=int, default=128)
     add_shapes(ap, "1x4096,1x32768,4x8192,16x8192,64x16384,128x4096")
@@ -139,21 +134,7 @@ def measure_variant(dec, sh, ws, codec, args, shape, variant, num_sms, first):
     bsz, seq, d = shape.batch, shape.length, args.head_dim
     kw, splits, max_splits = variant_launch(dec, kw, args, bsz, seq, num_sms)
     out = torch.empty(bsz, HEAD_COUNTS[0], d, dtype=torch.bfloat16, device="cuda")
-
-    def fn():
-        dec.tq_decode(
-            sh.q,
-            *sh.bufs,
-            sh.indptr,
-            sh.indices,
-            codec,
-            d**-0.5,
-            num_kv_splits=splits,
-            max_kv_splits=max_splits,
-            workspace=ws,
-            out=out,
-            **kw,
-        )
+    fn = sh.decode_fn(codec, splits, max_splits, ws, out=out, **kw)
 
     row = {"variant": name, "overrides": kw, "shape": str(shape), "B": bsz, "L": seq}
     row.update(kv=args.kv, head_dim=d)
@@ -217,10 +198,8 @@ def run(args: argparse.Namespace) -> int:
         sh = ws = first = None  # free the shape's buffers before the next one
         torch.cuda.empty_cache()
     print_table(args, rows)
-    out = kernel_io.out_path(args.out, RESULTS_FOLDER, prov, "ab")
     date_end = time.strftime("%Y-%m-%dT%H:%M:%S")
-    kernel_io.write_doc(out, TOOL, args.argv, prov, rows=rows, date_end=date_end)
-    print(f"wrote {out}")
+    kernel_io.write_results(args, TOOL, RESULTS_FOLDER, prov, "ab", rows=rows, date_end=date_end)
     return 0
 
 

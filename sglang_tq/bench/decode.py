@@ -313,12 +313,7 @@ def add_output_args(g) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench decode",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = kernel_io.doc_parser("python -m sglang_tq.bench decode", __doc__)
     add_workload_args(ap.add_argument_group("what to run"))
     add_write_path_args(ap.add_argument_group("write path"))
     add_split_args(ap.add_argument_group("split-KV (sglang-tq)"))

@@ -23,6 +23,29 @@ class DecodeShape:
     q: torch.Tensor  # [B, Hq, D] bf16
     nbytes: int  # packed KV bytes one step reads
 
+    def decode_fn(self, codec, num_kv_splits, max_kv_splits: int, workspace, **launch):
+        """A no-argument ``tq_decode`` of this shape's queries over its pool (softmax scale
+        D^-0.5); ``launch``: tq_decode's keyword overrides (tiles, switches, ``out``)."""
+        from ..kernels.tq_decode import tq_decode
+
+        scale = codec.head_dim**-0.5
+
+        def fn():
+            return tq_decode(
+                self.q,
+                *self.bufs,
+                self.indptr,
+                self.indices,
+                codec,
+                scale,
+                num_kv_splits=num_kv_splits,
+                max_kv_splits=max_kv_splits,
+                workspace=workspace,
+                **launch,
+            )
+
+        return fn
+
 
 def decode_shape(codec, bsz: int, seq: int, hq: int, hkv: int) -> DecodeShape:
     d, slots = codec.head_dim, bsz * seq

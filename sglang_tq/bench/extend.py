@@ -37,12 +37,7 @@ RESULTS_FOLDER = "bench_extend"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = kernel_io.argv_of(argv)
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench extend",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = kernel_io.doc_parser("python -m sglang_tq.bench extend", __doc__)
     add_shapes(ap, "1x6000,2x4096,1x2048+6000,64x200+4000s,16x512+4000s", prefix=True)
     add_kv_bits(ap, "k4v4,k3v3")
     ap.add_argument("--head-dim", type=int, default=128)
@@ -256,9 +251,7 @@ def run(args: argparse.Namespace) -> int:
         cases = [bf16_triton_case(inp, scale), bf16_fa3_case(inp, scale)]
         rows += time_cases(shape, cases + tq_cases(inp, args.kv, scale))
     config = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
-    out = kernel_io.out_path(args.out, RESULTS_FOLDER, prov)
-    kernel_io.write_doc(out, TOOL, args.argv, prov, config=config, rows=rows)
-    print(f"wrote {out}")
+    kernel_io.write_results(args, TOOL, RESULTS_FOLDER, prov, config=config, rows=rows)
     return 0
 
 

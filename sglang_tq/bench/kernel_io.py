@@ -12,6 +12,7 @@ dtype) are written as null / their ``str()``, so one broken row never stops the 
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -23,6 +24,18 @@ from .results import write_json_atomic
 def log(*parts) -> None:
     """One progress line, flushed at once (a run's log is read while it runs)."""
     print(*parts, flush=True)
+
+
+def doc_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a tool run as ``prog``: its module docstring's first paragraph as the
+    description and the rest, as written, after the options."""
+    head, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=head,
+        epilog=rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def argv_of(argv: list[str] | None) -> list[str]:
@@ -64,4 +77,15 @@ def json_safe(obj):
 def write_doc(path: Path, tool: str, argv: list[str], provenance: dict, **fields) -> Path:
     """``{**provenance, tool, argv, **fields}`` to ``path`` (folders made, atomic replace)."""
     write_json_atomic(path, json_safe({**provenance, "tool": tool, "argv": list(argv), **fields}))
+    return path
+
+
+def write_results(
+    args, tool: str, folder: str, provenance: dict, stem: str | None = None, **fields
+):
+    """The run's document to ``args.out`` (or the default path of :func:`out_path`), with
+    ``args.argv``; prints where it went and returns the path."""
+    path = out_path(args.out, folder, provenance, stem)
+    write_doc(path, tool, args.argv, provenance, **fields)
+    print(f"wrote {path}", flush=True)
     return path

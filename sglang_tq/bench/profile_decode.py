@@ -38,12 +38,7 @@ CONFIG = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = kernel_io.argv_of(argv)
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench profile-decode",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = kernel_io.doc_parser("python -m sglang_tq.bench profile-decode", __doc__)
     add_shapes(
         ap,
         "1x4096,1x32768,16x8192,64x16384",
@@ -81,7 +76,7 @@ def decode_step(sh, codec, hkv: int, sm_count: int):
     """The backend's tq_decode call on a packed shape, with its split count and ceiling."""
     import torch
 
-    from ..kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, split_ceiling, tq_decode
+    from ..kernels.tq_decode import DecodeWorkspace, default_num_kv_splits, split_ceiling
 
     B, hq, D = sh.q.shape
     L = sh.indices.numel() // B
@@ -96,21 +91,7 @@ def decode_step(sh, codec, hkv: int, sm_count: int):
         v_bits=codec.v_bits,
     )
     ws = DecodeWorkspace.create(B, hq, D, max_splits, "cuda")
-
-    def step():
-        tq_decode(
-            sh.q,
-            *sh.bufs,
-            sh.indptr,
-            sh.indices,
-            codec,
-            D**-0.5,
-            num_kv_splits=splits,
-            max_kv_splits=max_splits,
-            workspace=ws,
-        )
-
-    return step, int(splits[0]), max_splits
+    return sh.decode_fn(codec, splits, max_splits, ws), int(splits[0]), max_splits
 
 
 def profile_step(step, steps: int) -> tuple[dict, float]:
@@ -195,9 +176,7 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
     heads = {"num_q_heads": args.num_q_heads, "num_kv_heads": args.num_kv_heads}
     config = {"steps": args.steps, **heads, **CONFIG}
-    out = kernel_io.out_path(args.out, RESULTS_FOLDER, prov)
-    kernel_io.write_doc(out, TOOL, args.argv, prov, config=config, results=rows)
-    print(f"wrote {out}")
+    kernel_io.write_results(args, TOOL, RESULTS_FOLDER, prov, config=config, results=rows)
     return 0
 
 

@@ -143,20 +143,7 @@ def time_launch(dec, sh, ws, codec, args, shape, kv: str, cfg: dict, num_sms: in
     row = {"kv": kv, "shape": str(shape), "B": bsz, "L": seq, "head_dim": d, **cfg}
     row["splits"] = int(splits[0])
     launch_kw = {k: getattr(launch, k) for k in LAUNCH_KEYS if k != "programs_per_sm"}
-
-    def fn():
-        return dec.tq_decode(
-            sh.q,
-            *sh.bufs,
-            sh.indptr,
-            sh.indices,
-            codec,
-            d**-0.5,
-            num_kv_splits=splits,
-            max_kv_splits=args.max_kv_splits,
-            workspace=ws,
-            **launch_kw,
-        )
+    fn = sh.decode_fn(codec, splits, args.max_kv_splits, ws, **launch_kw)
 
     try:
         fn()
@@ -283,12 +270,7 @@ def add_grid_args(ap: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = kernel_io.argv_of(argv)
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.tools.tune",
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = kernel_io.doc_parser("python -m sglang_tq.tools.tune", __doc__)
     add_shapes(
         ap,
         "64x16384,32x32768,128x4096,16x8192,64x6144",
