@@ -1,9 +1,11 @@
 """One decode-benchmark shape on the GPU, shared by ``python -m sglang_tq.bench ab-decode`` and
-``python -m sglang_tq.tools.tune`` (neither subcommand imports the other, so it lives here).
+``profile-decode`` and by ``python -m sglang_tq.tools.tune`` (no subcommand imports another,
+so what they share lives here).
 
 A packed pool of B·L random bf16 K/V tokens (written by ``tq_store_kv`` in chunks of
 256k tokens), the slots of every sequence scattered by a random permutation, one query
-token per sequence, and the packed bytes one decode step reads.
+token per sequence, the packed bytes one decode step reads, and that step as a
+no-argument call (:meth:`DecodeShape.decode_fn`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """What the kernel benchmarks (``decode``, ``ab-decode``, ``profile-decode``, ``extend``) and the
-launch tuner (``sglang_tq.tools.tune``) share around their measurements: the CUDA check, the
+kernel tools (``sglang_tq.tools.tune``, ``sglang_tq.tools.kernel_resources``) share around their
+measurements: the parser built from the module docstring, the progress log, the CUDA check, the
 argv they record, the default results path and the one JSON document each run writes.
 
 Their documents keep the schema they had as scripts: provenance (gpu, commit, versions, date;
