@@ -6,7 +6,7 @@
 * ``SGLANG_TQ_COMMIT``: commit id recorded in result JSON where the checkout
   has no ``.git`` (the GPU host receives a bare copy of the working tree).
 * ``SGLANG_TQ_DECODE_LAUNCH``: path of a decode launch table (the format of
-  ``sglang_tq/kernels/decode_launch.json``, written by ``scripts/tune_decode.py``) used
+  ``sglang_tq/kernels/decode_launch.json``, written by ``python -m sglang_tq.tools.tune``) used
   instead of the packaged one, e.g. to benchmark a fresh tuning before committing it.
 * ``SGLANG_TQ_EXTEND_IMPL``: the prefill (extend) attention kernel, ``fa3`` or
   ``triton``, instead of the default (``sglang_tq/kernels/tq_extend.py``), e.g. for an A/B run.

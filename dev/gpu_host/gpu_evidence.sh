@@ -3,7 +3,7 @@
 # evidence of issues 3 and 4 that fits in one 10-minute command:
 #
 #   bash dev/gpu_host/gpu_evidence.sh <commit> perf
-#       GPU 0: the whole test suite on CUDA, then scripts/bench_decode.py (all d = 128
+#       GPU 0: the whole test suite on CUDA, then the decode benchmark (all d = 128
 #              shapes, every bit pair, FlashInfer and SGLang Triton in bf16 and fp8);
 #       GPU 1: the reference load test at --mem-fraction-static 0.25 (bf16, fp8, k4v4,
 #              k3v3), as far as the time budget goes.
@@ -13,9 +13,9 @@
 #       SmolLM2 must have been staged first (dev/gpu_host/unpack_model.sh stage, one call per
 #       piece, back to back with this one).
 #   bash dev/gpu_host/gpu_evidence.sh <commit> tune    # nvidia-h200-x4: four GPUs
-#       phase 1 (150 s): GPUs 0-2 tune the d = 128 decode launch (tune_decode.py, every bit
+#       phase 1 (150 s): GPUs 0-2 tune the d = 128 decode launch (sglang_tq.tools.tune, every bit
 #                pair, both problem orientations), GPU 3 tunes d = 64 and d = 256;
-#       phase 2, with the merged table (SGLANG_TQ_DECODE_LAUNCH): GPU 0 bench_decode.py
+#       phase 2, with the merged table (SGLANG_TQ_DECODE_LAUNCH): GPU 0 the decode benchmark
 #                (every shape, bit pair and the write path), GPU 1 the load test for k4v4,
 #                GPU 2 the decode-kernel tests on CUDA then k3v3, GPU 3 bf16 then fp8,
 #                merged into one JSON.
@@ -30,12 +30,12 @@
 #              disables them), then the reference load test for k3v3 at 0.25.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> check   # nvidia-h200-x4, after an extend or split change:
 #       GPUs 0/1 the shared-prefix load test, fp8 | k4v4 (target: k4v4 TTFT p50 < fp8's);
-#       GPU 2 the whole test suite on CUDA; GPU 3 bench_decode.py (every shape and bit pair).
+#       GPU 2 the whole test suite on CUDA; GPU 3 the decode benchmark (every shape and bit pair).
 #   bash dev/gpu_host/gpu_evidence.sh <commit> final   # nvidia-h200-x4, the closing evidence of a commit:
-#       GPU 0 bench_decode.py (every shape and bit pair), then the shared-prefix test for fp8;
+#       GPU 0 the decode benchmark (every shape and bit pair), then the shared-prefix test for fp8;
 #       GPU 1 the reference load test (0.25) for bf16, then the shared-prefix test for k4v4;
 #       GPU 2 the reference load test for fp8, then the kernel and backend tests on CUDA and
-#             profile_decode.py (kernel times of a step at small and large batch);
+#             profile-decode (kernel times of a step at small and large batch);
 #       GPU 3 the reference load test for k4v4, then k3v3. One merged JSON per workload.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> mixed   # nvidia-h200-x4: the reference load test (0.25)
 #       with SGLang's --enable-mixed-chunk for bf16 | fp8 | k4v4 | k3v3, one GPU each, then
@@ -43,10 +43,10 @@
 #   bash dev/gpu_host/gpu_evidence.sh <commit> lut3    # nvidia-h200-x4, after a 2/3-bit lookup change:
 #       phase 1 (100 s): tune the d = 128 launch of k3v3 (GPU 0), k4v3 (GPU 1), k2v2 and
 #                k4v2 (GPU 2), and the d = 256 launch of k3v3, k4v3, k2v2 (GPU 3); merged table;
-#       phase 2: GPU 0 bench_decode.py with it (every shape and bit pair); GPU 1 the same-run
+#       phase 2: GPU 0 the decode benchmark with it (every shape and bit pair); GPU 1 the same-run
 #                A/B of the 2/3-bit pairs against the previous package and its table (a
-#                copy of sglang_tq with its kernels in .gpu_bundle/ab/old, carried, put
-#                first on PYTHONPATH); GPU 2 the kernel tests on CUDA; GPU 3 the reference
+#                copy of sglang_tq with its kernels in .gpu_bundle/ab/old, carried, its own
+#                decode benchmark run from that folder); GPU 2 the kernel tests on CUDA; GPU 3 the reference
 #                load test (0.25) for k3v3.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> prefill # nvidia-h200 (one GPU), after an extend-path change
 #       (FA3 staged first: dev/gpu_host/stage_fa3.sh): the FA3 extend and backend tests on CUDA, then
@@ -61,14 +61,14 @@
 #   bash dev/gpu_host/gpu_evidence.sh <commit> rows1   # nvidia-h200 (one GPU): the store's one-token
 #       programs (--store-row-tokens 64, 1 and 2 warps) against its 16-token tiles, N = 1, 8, 64.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> roof    # nvidia-h200 (one GPU), after a decode-kernel change
-#       (FA3 staged first, for bench_decode.py's FA3 rows): the decode, store and backend tests
-#       on CUDA; scripts/ab_decode.py per bit pair (the table's launch against register-capped
-#       ones, CUDA-graph replay); bench_decode.py (FlashInfer, FA3 and SGLang Triton baselines).
+#       (FA3 staged first, for the decode benchmark's FA3 rows): the decode, store and backend tests
+#       on CUDA; bench ab-decode per bit pair (the table's launch against register-capped
+#       ones, CUDA-graph replay); the decode benchmark (FlashInfer, FA3 and SGLang Triton baselines).
 #   bash dev/gpu_host/gpu_evidence.sh <commit> small   # nvidia-h200 (one GPU), after a small-batch change:
-#       the decode and backend tests on CUDA; scripts/ab_decode.py of the small-batch switches
+#       the decode and backend tests on CUDA; bench ab-decode of the small-batch switches
 #       (fused query rotation, programmatic dependent launch), k4v4 and k3v3.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> split1  # nvidia-h200 (one GPU): kernel times of a k4v4
-#       step at B <= 4 (profile_decode.py) and an A/B of split counts and launches there.
+#       step at B <= 4 (profile-decode) and an A/B of split counts and launches there.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> lt1 <configs> [workloads [loadtest args...]]   # nvidia-h200
 #       (one GPU, FA3 staged): sglang_tq.bench load's workloads (default: reference, long-gen,
 #       single-stream) for <configs>, one fresh server each, into $OUT/loadtest.json (merge calls
@@ -95,7 +95,7 @@
 #       each on the dummy Llama-3.1-8B, greedy output ids of sglang_tq.bench smoke compared
 #       (issue 15: "--kv-quant none is still bit-identical"), into $OUT/stock_identity.json.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> store1   # nvidia-h200 (one GPU): the write-path A/B,
-#       bench_decode.py's store rows and store + decode chain (k4v4, k3v3) at N = 1 and N = 64,
+#       the decode benchmark's store rows and store + decode chain (k4v4, k3v3) at N = 1 and N = 64,
 #       dense Πᵀ product against the fast Walsh-Hadamard rotation, 4 and 8 warps; then the
 #       small-batch decode (fused query rotation: fp16 Π product | fast Walsh-Hadamard), same call;
 #       STORE_WARPS="4" times one warp count only.
@@ -121,16 +121,16 @@ T0=$(date +%s)
 left() { echo $(( $1 - ($(date +%s) - T0) )); }
 LT=(--workloads reference --mem-fraction-static 0.25 --extra-server-args=--cuda-graph-max-bs-decode=64)
 model() { bash dev/gpu_host/unpack_model.sh smollm2 2>> "$LOGS/unpack.log"; }
-# launch tuning (tune, lut3): one tune_decode.py job, the grid, the merged table
+# launch tuning (tune, lut3): one sglang_tq.tools.tune job, the grid, the merged table
 TUNE_G=(--programs-per-sm 8,16 --prefetch 1,0 --num-stages 2 --heads-n 0,1)
 TUNE_SH=(--tiles 32x1,32x2,64x2 --shapes 64x16384,32x32768,128x4096,16x8192 "${TUNE_G[@]}")
-tune_job() {  # GPU, seconds, log name, tune_decode.py arguments
+tune_job() {  # GPU, seconds, log name, sglang_tq.tools.tune arguments
   local gpu=$1 secs=$2 name=$3; shift 3
-  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python scripts/tune_decode.py "$@" \
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$secs" python -m sglang_tq.tools.tune "$@" \
     --out "$LOGS/$name.json" --write-table "$LOGS/table_$name.json" > "$LOGS/$name.log" 2>&1
 }
 merge_tables() {  # the committed table with every table_*.json of this call, into $1
-  python scripts/tune_decode.py --merge-tables sglang_tq/kernels/decode_launch.json "$LOGS"/table_*.json \
+  python -m sglang_tq.tools.tune --merge-tables sglang_tq/kernels/decode_launch.json "$LOGS"/table_*.json \
     --write-table "$1" > "$LOGS/merge.log" 2>&1
 }
 
@@ -149,7 +149,7 @@ perf)
   (
     export CUDA_VISIBLE_DEVICES=0
     timeout 300 python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
-    timeout "$(left 560)" python scripts/bench_decode.py \
+    timeout "$(left 560)" python -m sglang_tq.bench decode \
       --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256 \
       --kv k4v4,k4v3,k3v3,k4v2,k2v2 \
       --flashinfer-head-dims 128 --time-budget-s "$(left 530)" --out "$OUT/bench_decode.json" \
@@ -180,7 +180,7 @@ tune)
   export SGLANG_TQ_DECODE_LAUNCH=$TAB
   echo "phase 2 at $(left 0 | tr -d -) s" > "$LOGS/phase.log"
   ( export CUDA_VISIBLE_DEVICES=0
-    timeout "$(left 530)" python scripts/bench_decode.py \
+    timeout "$(left 530)" python -m sglang_tq.bench decode \
       --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256 \
       --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 510)" \
       --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) & P0=$!
@@ -213,7 +213,7 @@ check)
   ( export CUDA_VISIBLE_DEVICES=2
     timeout "$(left 560)" python -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1 ) &
   ( export CUDA_VISIBLE_DEVICES=3
-    timeout "$(left 540)" python scripts/bench_decode.py \
+    timeout "$(left 540)" python -m sglang_tq.bench decode \
       --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256 \
       --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 520)" \
       --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) &
@@ -234,7 +234,7 @@ final)
     CUDA_VISIBLE_DEVICES=$1 python -m sglang_tq.bench load --configs "$2" "${SPX[@]}" --out "$LOGS/sp_$2.json" \
       --log-dir "$LOGS/sp_$2" --budget-s "$(left 540)" > "$LOGS/sp_$2.log" 2>&1
   }
-  ( CUDA_VISIBLE_DEVICES=0 timeout "$(left 330)" python scripts/bench_decode.py \
+  ( CUDA_VISIBLE_DEVICES=0 timeout "$(left 330)" python -m sglang_tq.bench decode \
       --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256 \
       --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 320)" \
       --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1
@@ -244,7 +244,7 @@ final)
     CUDA_VISIBLE_DEVICES=2 timeout "$(left 470)" python -m pytest -q -p no:cacheprovider \
       tests/kernels/test_kernels.py tests/kernels/test_key_centers_kernels.py tests/kernels/test_launch_table.py \
       tests/serving/test_backend.py > "$OUT/pytest.log" 2>&1
-    CUDA_VISIBLE_DEVICES=2 timeout "$(left 560)" python scripts/profile_decode.py \
+    CUDA_VISIBLE_DEVICES=2 timeout "$(left 560)" python -m sglang_tq.bench profile-decode \
       --shapes 1x4096,1x32768,16x8192,64x16384 --kv k4v4,k3v3,k4v2 \
       --out "$LOGS/profile_decode.json" > "$LOGS/profile.log" 2>&1 ) &
   ( lt 3 k4v4; lt 3 k3v3 ) &
@@ -286,15 +286,15 @@ lut3)
   merge_tables "$TAB"
   SHAPES=1x4096,1x32768,16x8192,32x32768,64x16384,128x4096,64x16384x64,32x8192x256
   ( export CUDA_VISIBLE_DEVICES=0 SGLANG_TQ_DECODE_LAUNCH=$TAB
-    timeout "$(left 560)" python scripts/bench_decode.py --shapes "$SHAPES" \
+    timeout "$(left 560)" python -m sglang_tq.bench decode --shapes "$SHAPES" \
       --kv k4v4,k4v3,k3v3,k4v2,k2v2 --flashinfer-head-dims 128 --time-budget-s "$(left 540)" \
       --out "$OUT/bench_decode.json" > "$LOGS/bench.log" 2>&1 ) &
   ( export CUDA_VISIBLE_DEVICES=1
     AB=(--shapes "$SHAPES" --kv k3v3,k4v3,k2v2,k4v2 --impls sglang-tq --no-write-path --check first)
     ov=$PWD/.gpu_bundle/ab/old
-    PYTHONPATH=$ov${PYTHONPATH:+:$PYTHONPATH} timeout "$(left 560)" python scripts/bench_decode.py "${AB[@]}" \
-      --out "$LOGS/ab_old.json" > "$LOGS/ab_old.log" 2>&1
-    SGLANG_TQ_DECODE_LAUNCH=$TAB timeout "$(left 560)" python scripts/bench_decode.py "${AB[@]}" \
+    ( cd "$ov" && PYTHONPATH=$ov${PYTHONPATH:+:$PYTHONPATH} timeout "$(left 560)" \
+      python -m sglang_tq.bench decode "${AB[@]}" --out "$LOGS/ab_old.json" > "$LOGS/ab_old.log" 2>&1 )
+    SGLANG_TQ_DECODE_LAUNCH=$TAB timeout "$(left 560)" python -m sglang_tq.bench decode "${AB[@]}" \
       --out "$LOGS/ab_new.json" > "$LOGS/ab_new.log" 2>&1 ) &
   ( export CUDA_VISIBLE_DEVICES=2 SGLANG_TQ_DECODE_LAUNCH=$TAB
     timeout "$(left 560)" python -m pytest -q -p no:cacheprovider tests/kernels/test_lut.py tests/kernels/test_kernels.py \
@@ -391,13 +391,13 @@ roof)
     tests/kernels/test_launch_table.py -k "decode or rotat or store or backend or launch" \
     > "$OUT/pytest.log" 2>&1
   for kv in k4v4 k3v3 k4v2 k2v2; do  # the table's launch against register-capped ones, same run
-    timeout 80 python scripts/ab_decode.py --kv $kv --shapes 64x16384,128x4096,32x32768,16x8192 \
+    timeout 80 python -m sglang_tq.bench ab-decode --kv $kv --shapes 64x16384,128x4096,32x32768,16x8192 \
       --variant table: --variant r168:prefetch=0,num_stages=3,maxnreg=168,programs_per_sm=12 \
       --variant r144:prefetch=0,num_stages=3,maxnreg=144,programs_per_sm=14 \
       --out "$LOGS/ab_$kv.json" > "$LOGS/ab_$kv.log" 2>&1
   done
   python -c "import json,sys; json.dump([json.load(open(f)) for f in sys.argv[1:]], open('$OUT/ab_maxnreg.json','w'), indent=1)" "$LOGS"/ab_k*.json
-  timeout "$(left 585)" python scripts/bench_decode.py \
+  timeout "$(left 585)" python -m sglang_tq.bench decode \
     --shapes 1x4096,1x32768,16x8192,32x32768,64x16384,128x4096 --kv k4v4,k3v3,k4v2,k2v2 \
     --flashinfer-head-dims 128 --time-budget-s "$(left 570)" --out "$OUT/bench_decode.json" \
     > "$LOGS/bench.log" 2>&1
@@ -411,7 +411,7 @@ small)  # nvidia-h200 (one GPU), after a small-batch decode change: decode tests
   timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py tests/serving/test_backend.py \
     tests/kernels/test_launch_table.py -k "decode or rotat or backend or launch" > "$OUT/pytest.log" 2>&1
   for kv in k4v4 k3v3; do
-    timeout 150 python scripts/ab_decode.py --kv $kv \
+    timeout 150 python -m sglang_tq.bench ab-decode --kv $kv \
       --shapes 1x4096,1x32768,2x16384,4x8192,8x8192,16x8192,64x16384,128x4096 \
       --variant apart:fuse_rotation=0,pdl=0 --variant fuse:fuse_rotation=1,pdl=0 \
       --variant pdl:fuse_rotation=0,pdl=1 --variant default: --out "$LOGS/ab_$kv.json" > "$LOGS/ab_$kv.log" 2>&1
@@ -422,9 +422,9 @@ small)  # nvidia-h200 (one GPU), after a small-batch decode change: decode tests
   ;;
 split1)  # nvidia-h200 (one GPU): batch-1 split counts and launches (ab_decode), kernel times
   export CUDA_VISIBLE_DEVICES=0
-  timeout 60 python scripts/profile_decode.py --shapes 1x4096,1x32768,4x8192 --kv k4v4 \
+  timeout 60 python -m sglang_tq.bench profile-decode --shapes 1x4096,1x32768,4x8192 --kv k4v4 \
     --out "$LOGS/profile.json" > "$LOGS/profile.log" 2>&1
-  timeout 240 python scripts/ab_decode.py --kv k4v4 --shapes 1x4096,1x32768,2x16384,4x8192 \
+  timeout 240 python -m sglang_tq.bench ab-decode --kv k4v4 --shapes 1x4096,1x32768,2x16384,4x8192 \
     --variant default: --variant s32:splits=32 --variant s64:splits=64 \
     --variant s128:max_splits=128,splits=128 --variant s256:max_splits=256,splits=256 \
     --variant s64apart:splits=64,fuse_rotation=0 --variant s128apart:max_splits=128,splits=128,fuse_rotation=0 \
@@ -524,7 +524,7 @@ store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at
   for n in 1 64; do for rot in dense fwht; do for w in ${STORE_WARPS:-4 8}; do
     flag=--store-rotation=$rot
     # shellcheck disable=SC2086
-    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/bench_decode.py --shapes 1x4096 \
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python -m sglang_tq.bench decode --shapes 1x4096 \
       --kv k4v4,k3v3 --store-batch "$n" --impls sglang-tq --store-num-warps "$w" $flag \
       --out "$LOGS/store_n${n}_${rot}_w$w.json" > "$LOGS/store_n${n}_${rot}_w$w.log" 2>&1
     echo "N=$n $rot w=$w: $(grep -h 'tq_store_kv\|store + decode chain' "$LOGS/store_n${n}_${rot}_w$w.log" | tr '\n' ' ')" \
@@ -532,7 +532,7 @@ store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at
   done; done; done
   for rot in dense fwht; do  # the fused query rotation of small-batch decode, the same two ways
     args='{"fwht": true}'; [ "$rot" = dense ] && args='{"fwht": false}'
-    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/bench_decode.py \
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python -m sglang_tq.bench decode \
       --shapes 1x4096,1x32768,2x16384,4x8192 --kv k4v4,k3v3 --impls sglang-tq,fa3 --no-write-path \
       --tq-kernel-args "$args" --out "$LOGS/decode_$rot.json" > "$LOGS/decode_$rot.log" 2>&1
     { echo "decode, fused rotation $rot:"; grep -h "^sglang-tq\|^fa3" "$LOGS/decode_$rot.log"; } >> "$OUT/summary.txt"
@@ -557,7 +557,7 @@ rows1)  # nvidia-h200: the store's one-token programs (row_tokens 64) against 16
   for n in 1 8 64; do for v in tiles:0: rows:64: rows2:64:2; do
     IFS=: read -r name rt w <<< "$v"
     # shellcheck disable=SC2086
-    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python scripts/bench_decode.py --shapes 1x4096 \
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python -m sglang_tq.bench decode --shapes 1x4096 \
       --kv k4v4,k3v3 --store-batch "$n" --impls sglang-tq,fa3 --store-row-tokens "$rt" \
       ${w:+--store-num-warps "$w"} --out "$LOGS/rows_n${n}_$name.json" > "$LOGS/rows_n${n}_$name.log" 2>&1
     echo "N=$n $name: $(grep -h 'tq_store_kv\|store + decode chain\|store_cache' "$LOGS/rows_n${n}_$name.log" | tr '\n' ' ')" \

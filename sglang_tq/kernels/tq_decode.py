@@ -696,7 +696,7 @@ def builtin_launch(head_dim: int) -> DecodeLaunch:
 @functools.cache
 def load_launch_table(path: str) -> dict:
     """{device name: {head_dim: {"kKvV": DecodeLaunch}}} from a table file; extra keys
-    of an entry (the timings tune_decode.py records) are ignored."""
+    of an entry (the timings sglang_tq.tools.tune records) are ignored."""
     try:
         with open(path) as f:
             raw = json.load(f)
@@ -720,7 +720,7 @@ def load_launch_table(path: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(
             f"the decode launch table {path} is unreadable ({exc}); regenerate it "
-            "with scripts/tune_decode.py --write-table, or unset "
+            "with python -m sglang_tq.tools.tune --write-table, or unset "
             "SGLANG_TQ_DECODE_LAUNCH to use the packaged one."
         ) from exc
 
@@ -740,7 +740,7 @@ def default_launch(
     head_dim: int, k_bits: int = 4, v_bits: int = 4, device_name: str | None = None
 ) -> DecodeLaunch:
     """The measured launch for this GPU, head_dim and bit pair (``decode_launch.json``,
-    tuned by ``scripts/tune_decode.py``; ``SGLANG_TQ_DECODE_LAUNCH`` names another
+    tuned by ``python -m sglang_tq.tools.tune``; ``SGLANG_TQ_DECODE_LAUNCH`` names another
     table); for a pair the table lacks at this GPU and head_dim, the launch of the
     nearest pair it has (fewest bits changed, then the most even change, then the same
     key bits, then the name); a GPU the table does not name but ``SAME_SM`` maps to one it

@@ -1,10 +1,8 @@
-"""scripts/ab_decode.py's variant syntax (the timing itself needs a GPU)."""
+"""``python -m sglang_tq.bench ab-decode``'s variant syntax (the timing itself needs a GPU)."""
 
 import pytest
 
-from tests.conftest import import_script
-
-ab_decode = import_script("ab_decode")
+import sglang_tq.bench.ab_decode as ab_decode
 
 
 def test_variant_overrides_are_typed():

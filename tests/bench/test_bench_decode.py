@@ -1,4 +1,4 @@
-"""scripts/bench_decode.py on CPU: the FA3 baseline's argument handling, its
+"""``python -m sglang_tq.bench decode`` on CPU: the FA3 baseline's argument handling, its
 "unavailable" path (no CUDA / no FA3 library: one line, rows marked, the rest runs)
 and the ratio columns. The kernels themselves are timed on the GPU host only."""
 
@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import import_script
-
-bd = import_script("bench_decode")
+import sglang_tq.bench.decode as bd
+from sglang_tq.bench import decode_baselines as bl
 
 
 def _args(*argv):
-    return bd.finalize_args(bd.build_parser().parse_args(list(argv)))
+    return bd.parse_args(list(argv))
 
 
 def test_fa3_is_an_impl_and_in_the_help(capsys):
@@ -25,21 +24,21 @@ def test_fa3_is_an_impl_and_in_the_help(capsys):
     with pytest.raises(SystemExit, match="unknown --impls"):
         _args("--impls", "fa4")
     with pytest.raises(SystemExit):
-        bd.build_parser().parse_args(["--help"])
+        bd.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "flash_attn_with_kvcache" in out and "--fa3-descale" in out and "fa3" in out
 
 
 def test_probe_fa3_without_cuda_names_the_reason():
-    ctx = bd.Ctx()
+    ctx = bl.Ctx()
     ctx.torch, ctx.device = torch, torch.device("cpu")
-    why = bd.probe_fa3(ctx)
+    why = bl.probe_fa3(ctx)
     assert isinstance(why, str) and "CUDA device" in why and ctx.fa3 is None
 
 
 def test_unavailable_fa3_rows_are_recorded_and_the_rest_runs(capsys):
     args = _args("--impls", "fa3,sglang-triton", "--shapes", "2x16x64", "--check", "none")
-    ctx = bd.Ctx()
+    ctx = bl.Ctx()
     ctx.import_errors = {}
     ctx.torch, ctx.device, ctx.sm_count = torch, torch.device("cpu"), 132
     bd.try_import(ctx, args)
@@ -91,10 +90,10 @@ def test_fa3_ratio_columns():
 
 
 def test_fa3_tables_mirror_sglang_decode_metadata():
-    ctx = bd.Ctx()
+    ctx = bl.Ctx()
     ctx.torch = torch
     slots = torch.randperm(3 * 5)
-    pt, lens, cu = bd.fa3_tables(ctx, slots, 3, 5)
+    pt, lens, cu = bl.fa3_tables(ctx, slots, 3, 5)
     assert (
         pt.dtype == torch.int32 and pt.shape == (3, 5) and pt.flatten().tolist() == slots.tolist()
     )

@@ -1,6 +1,6 @@
 """The decode kernel compiles for Hopper (sm_90a) at the built-in launch of every head_dim
 (what a GPU missing from the launch table runs) without register spills, and its loop uses the prmt lookup: checked offline with Triton's own
-ptxas and cuobjdump (scripts/kernel_resources.py), so it runs on CPU-only CI. Spills or a
+ptxas and cuobjdump (``python -m sglang_tq.tools.kernel_resources``), so it runs on CPU-only CI. Spills or a
 lost asm path would make the kernel several times slower without failing any numeric
 test (notes/perf.md, v0 → v1). Entries of the measured table are timed, not checked here:
 a winner may carry a few spilled bytes (d = 256 k4v2 on the H200: 16)."""
@@ -13,7 +13,9 @@ import sys
 import pytest
 
 from sglang_tq.kernels.tq_decode import builtin_launch
-from tests.conftest import SCRIPTS
+from tests.conftest import ROOT
+
+TOOL = [sys.executable, "-m", "sglang_tq.tools.kernel_resources"]
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -24,8 +26,7 @@ def test_builtin_launch_compiles_without_spills(head_dim, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
         [
-            sys.executable,
-            str(SCRIPTS / "kernel_resources.py"),
+            *TOOL,
             "--head-dim",
             str(head_dim),
             "--kv",
@@ -42,6 +43,7 @@ def test_builtin_launch_compiles_without_spills(head_dim, tmp_path):
             str(out),
         ],
         env=env,
+        cwd=ROOT,  # the checkout's sglang_tq, not another install's
         check=True,
         capture_output=True,
         text=True,
@@ -59,8 +61,9 @@ def _resources(tmp_path, *args):
     out = tmp_path / "r.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
-        [sys.executable, str(SCRIPTS / "kernel_resources.py"), *args, "--out", str(out)],
+        [*TOOL, *args, "--out", str(out)],
         env=env,
+        cwd=ROOT,  # the checkout's sglang_tq, not another install's
         check=True,
         capture_output=True,
         text=True,

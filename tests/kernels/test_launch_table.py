@@ -1,15 +1,13 @@
 """The decode launch table: lookup by GPU name, head_dim and bit pair, the built-in
 fallback, the environment override, refusal of a corrupt table, and the tuner's choice
-and merge (scripts/tune_decode.py) that write it."""
+and merge (``python -m sglang_tq.tools.tune``) that write it."""
 
 import json
 
 import pytest
 
+import sglang_tq.tools.tune as tune
 from sglang_tq.kernels import tq_decode as dec
-from tests.conftest import import_script
-
-tune_decode = import_script("tune_decode")
 
 
 @pytest.fixture
@@ -126,7 +124,7 @@ def test_split_policy_follows_the_table(table_file, monkeypatch):
 )
 def test_corrupt_table_is_refused_with_a_sentence(table_file, text, why):
     table_file.write_text(text)
-    with pytest.raises(ValueError, match="tune_decode.py --write-table") as err:
+    with pytest.raises(ValueError, match="sglang_tq.tools.tune --write-table") as err:
         dec.default_launch(128, 4, 4, device_name="GPU X")
     assert why in str(err.value)
 
@@ -150,9 +148,7 @@ def _row(shape, bn, nw, pps, ms, prefetch=True, stages=2, heads_n=False):
 
 
 def test_tuner_grid_varies_pipelining_only_without_prefetch():
-    grid = tune_decode.launch_grid(
-        tune_decode.parse_tiles("64x2,32x1"), [4, 8], [1, 0], [2, 3], [0, 1]
-    )
+    grid = tune.launch_grid(tune.parse_tiles("64x2,32x1"), [4, 8], [1, 0], [2, 3], [0, 1])
     assert len(grid) == 2 * 2 * (1 + 2) * 2
     assert {g["heads_n"] for g in grid} == {False, True}
     assert {(g["block_n"], g["num_warps"]) for g in grid} == {(64, 2), (32, 1)}
@@ -160,13 +156,13 @@ def test_tuner_grid_varies_pipelining_only_without_prefetch():
     assert {g["num_stages"] for g in grid if not g["prefetch"]} == {2, 3}
     assert all(dec.DecodeLaunch(**g) for g in grid)
     assert {g["maxnreg"] for g in grid} == {0}
-    capped = tune_decode.launch_grid([(32, 1)], [12], [0], [3], [1], [0, 168])
+    capped = tune.launch_grid([(32, 1)], [12], [0], [3], [1], [0, 168])
     assert [g["maxnreg"] for g in capped] == [0, 168]
     assert dec.DecodeLaunch(**capped[1]).maxnreg == 168
     with pytest.raises(ValueError, match="maxnreg"):
         dec.DecodeLaunch(32, 1, 12, maxnreg=16)
     with pytest.raises(SystemExit, match="BLOCKxWARPS"):
-        tune_decode.parse_tiles("64,2")
+        tune.parse_tiles("64,2")
 
 
 def test_tuner_picks_the_smallest_geometric_mean_over_complete_configs():
@@ -184,7 +180,7 @@ def test_tuner_picks_the_smallest_geometric_mean_over_complete_configs():
         {**_row("b", 64, 4, 8, 0.0), "error": "does not compile"},
     ]
     del rows[-1]["ms"]
-    win = tune_decode.choose(rows, shapes)
+    win = tune.choose(rows, shapes)
     assert (
         win["block_n"],
         win["num_warps"],
@@ -194,7 +190,7 @@ def test_tuner_picks_the_smallest_geometric_mean_over_complete_configs():
     ) == (128, 4, 2, False, 3)
     assert win["geomean_ms"] == pytest.approx(3**0.5, abs=1e-5)
     assert win["best_ms_per_shape"] == {"a": 0.5, "b": 1.0}
-    assert tune_decode.choose([], shapes) is None
+    assert tune.choose([], shapes) is None
 
 
 def test_tuner_merges_tables_and_writes_a_loadable_one(tmp_path):
@@ -202,8 +198,8 @@ def test_tuner_merges_tables_and_writes_a_loadable_one(tmp_path):
     entry = {"block_n": 64, "num_warps": 2, "programs_per_sm": 4}
     a.write_text(json.dumps({"_doc": "x", "GPU X": {"128": {"k4v4": entry}}}))
     b.write_text(json.dumps({"GPU X": {"64": {"k4v4": entry}, "128": {"k3v3": entry}}}))
-    assert tune_decode.main(["--merge-tables", str(a), str(b), "--write-table", str(out)]) == 0
+    assert tune.main(["--merge-tables", str(a), str(b), "--write-table", str(out)]) == 0
     merged = dec.load_launch_table(str(out))
     assert set(merged["GPU X"]) == {64, 128} and set(merged["GPU X"][128]) == {"k4v4", "k3v3"}
     with pytest.raises(SystemExit, match="needs --write-table"):
-        tune_decode.main(["--merge-tables", str(a)])
+        tune.main(["--merge-tables", str(a)])

@@ -1,8 +1,11 @@
-"""One decode-benchmark shape on the GPU, shared by tune_decode.py and ab_decode.py.
+"""One decode-benchmark shape on the GPU, shared by ``python -m sglang_tq.bench ab-decode`` and
+``profile-decode`` and by ``python -m sglang_tq.tools.tune`` (no subcommand imports another,
+so what they share lives here).
 
 A packed pool of B·L random bf16 K/V tokens (written by ``tq_store_kv`` in chunks of
 256k tokens), the slots of every sequence scattered by a random permutation, one query
-token per sequence, and the packed bytes one decode step reads.
+token per sequence, the packed bytes one decode step reads, and that step as a
+no-argument call (:meth:`DecodeShape.decode_fn`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_tq.kernels.tq_store import tq_store_kv
+from ..kernels.tq_store import tq_store_kv
 
 
 @dataclass
@@ -21,6 +24,29 @@ class DecodeShape:
     indices: torch.Tensor  # [B·L] slot ids
     q: torch.Tensor  # [B, Hq, D] bf16
     nbytes: int  # packed KV bytes one step reads
+
+    def decode_fn(self, codec, num_kv_splits, max_kv_splits: int, workspace, **launch):
+        """A no-argument ``tq_decode`` of this shape's queries over its pool (softmax scale
+        D^-0.5); ``launch``: tq_decode's keyword overrides (tiles, switches, ``out``)."""
+        from ..kernels.tq_decode import tq_decode
+
+        scale = codec.head_dim**-0.5
+
+        def fn():
+            return tq_decode(
+                self.q,
+                *self.bufs,
+                self.indptr,
+                self.indices,
+                codec,
+                scale,
+                num_kv_splits=num_kv_splits,
+                max_kv_splits=max_kv_splits,
+                workspace=workspace,
+                **launch,
+            )
+
+        return fn
 
 
 def decode_shape(codec, bsz: int, seq: int, hq: int, hkv: int) -> DecodeShape:

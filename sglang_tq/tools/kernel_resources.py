@@ -6,12 +6,14 @@ SASS instruction mix (global loads, async copies, shared-memory traffic, tensor
 core ops) per launch configuration, at no GPU time: the first thing to read when
 a memory-bound kernel runs far below bandwidth (device/METHOD.md).
 
-    python scripts/kernel_resources.py --block-n 16,32,64 --num-warps 4,8 --num-stages 1,2
-    python scripts/kernel_resources.py --kernel stage1 --fuse-rot 1,2 --block-n 32 --num-warps 1 --heads-n 1
-    python scripts/kernel_resources.py --kernel store --fwht 0,1 --num-warps 4 --block-n 16
-    python scripts/kernel_resources.py --kernel store --fwht 1 --num-warps 1 --block-n 1
-    python scripts/kernel_resources.py --kernel merge --fwht 0,1
-    python scripts/kernel_resources.py --mla --head-dim 512 --gqa 16 --prefetch 0 --block-n 16,32
+    python -m sglang_tq.tools.kernel_resources --block-n 16,32,64 --num-warps 4,8 --num-stages 1,2
+    python -m sglang_tq.tools.kernel_resources --kernel stage1 --fuse-rot 1,2 --block-n 32 \
+        --num-warps 1 --heads-n 1
+    python -m sglang_tq.tools.kernel_resources --kernel store --fwht 0,1 --num-warps 4 --block-n 16
+    python -m sglang_tq.tools.kernel_resources --kernel store --fwht 1 --num-warps 1 --block-n 1
+    python -m sglang_tq.tools.kernel_resources --kernel merge --fwht 0,1
+    python -m sglang_tq.tools.kernel_resources --mla --head-dim 512 --gqa 16 --prefetch 0 \
+        --block-n 16,32
 
 ``--fuse-rot``: stage 1 reads a rotated q (0), rotates it by the fp16 Π product (1) or by
 the fast Walsh-Hadamard transform (2); ``--fwht`` the same choice for the store's rotation
@@ -23,17 +25,20 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
-import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 
-from sglang_tq.format.codec import LayerCodec
-from sglang_tq.kernels import tq_decode as dec
+from ..bench import kernel_io
+from ..bench.cli import add_kv_bits
+from ..bench.results import write_json_atomic
+from ..format.codec import LayerCodec
+from ..kernels import tq_decode as dec
 
 _POINTERS = {
     "QRot": "*fp32",
@@ -174,7 +179,7 @@ def compile_stage1(
 
 
 def compile_store(head_dim, k_bits, v_bits, num_warps, fwht=0, block_n=16, sass_dir=None):
-    from sglang_tq.kernels import tq_store
+    from ..kernels import tq_store
 
     # above head_dim 256 (MLA's latent) the launcher rotates and the kernel only quantizes
     consts = dict(
@@ -272,11 +277,7 @@ def _resources(fn, pointers, consts, options, sass_dir, name):
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--kv", default="k4v4")
-    ap.add_argument("--gqa", type=int, default=4)
+def add_launch_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--block-n",
         default=None,
@@ -299,13 +300,6 @@ def main() -> None:
         help="register cap per thread handed to ptxas (0: none), or a list, e.g. 0,128,168",
     )
     ap.add_argument(
-        "--kernel",
-        choices=("stage1", "store", "merge"),
-        default="stage1",
-        help="decode stage 1 (default), the quantize-and-store kernel, or the many-split "
-        "merge (stage 2)",
-    )
-    ap.add_argument(
         "--fuse-rot",
         default="0",
         help="stage1: 0 (q rotated before), 1 (fp16 Π product), 2 (fast Walsh-Hadamard), or a list",
@@ -313,93 +307,117 @@ def main() -> None:
     ap.add_argument(
         "--fwht", default="0", help="store / merge: 0 (dense Π), 1 (fast Walsh-Hadamard), or 0,1"
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = kernel_io.doc_parser("python -m sglang_tq.tools.kernel_resources", __doc__)
+    ap.add_argument("--head-dim", type=int, default=128)
+    add_kv_bits(ap, "k4v4")
+    ap.add_argument("--gqa", type=int, default=4)
+    ap.add_argument(
+        "--kernel",
+        choices=("stage1", "store", "merge"),
+        default="stage1",
+        help="decode stage 1 (default), the quantize-and-store kernel, or the many-split "
+        "merge (stage 2)",
+    )
+    add_launch_args(ap)
     ap.add_argument(
         "--mla",
         action="store_true",
         help="stage1: MLA's shared latent (values = the key codes, 64-d bf16 RoPE "
         "scores, no prefetch); use with --head-dim 512 --gqa 16",
     )
-    ap.add_argument("--out")
+    ap.add_argument("--out", help="JSON list of the rows")
     ap.add_argument("--sass-dir", help="also write each variant's SASS listing here")
-    args = ap.parse_args()
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    rows = []
-    if args.kernel == "store":
-        # store: --block-n 16 (tensor-core tiles) or 1 (one token per program, --fwht 1)
-        grid = itertools.product(
-            args.kv.split(","), ints(args.num_warps), ints(args.fwht), ints(args.block_n or "16")
-        )
-        todo = [
-            (
-                {"kernel": "store", "kv": kv, "num_warps": nw, "fwht": fw, "block_n": bn},
-                lambda kv=kv, nw=nw, fw=fw, bn=bn: compile_store(
-                    args.head_dim, int(kv[1]), int(kv[3]), nw, fw, bn, sass_dir=args.sass_dir
-                ),
-            )
-            for kv, nw, fw, bn in grid
-        ]
-    elif args.kernel == "merge":
-        todo = [
-            (
-                {"kernel": "merge", "head_dim": args.head_dim, "fwht": fw},
-                lambda fw=fw: compile_merge(args.head_dim, fwht=fw, sass_dir=args.sass_dir),
-            )
-            for fw in ints(args.fwht)
-        ]
-    else:
-        grid = itertools.product(
-            args.kv.split(","),
-            *(
-                ints(x)
-                for x in (
-                    args.block_n or "16,32,64",
-                    args.num_warps,
-                    args.num_stages,
-                    args.prefetch,
-                    args.heads_n,
-                    args.maxnreg,
-                    args.fuse_rot,
-                )
+    return ap.parse_args(argv)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def store_jobs(args) -> list:
+    """store: --block-n 16 (tensor-core tiles) or 1 (one token per program, --fwht 1)."""
+    grid = itertools.product(
+        args.kv, ints(args.num_warps), ints(args.fwht), ints(args.block_n or "16")
+    )
+    return [
+        (
+            {"kernel": "store", "kv": kv, "num_warps": nw, "fwht": fw, "block_n": bn},
+            lambda kb=kb, vb=vb, nw=nw, fw=fw, bn=bn: compile_store(
+                args.head_dim, kb, vb, nw, fw, bn, sass_dir=args.sass_dir
             ),
         )
-        todo = [
-            (
-                {
-                    "kv": kv,
-                    "block_n": bn,
-                    "num_warps": nw,
-                    "num_stages": ns,
-                    "prefetch": pf,
-                    "heads_n": hn,
-                    "maxnreg": mr,
-                    "fuse_rot": fr,
-                },
-                lambda kv=kv, bn=bn, nw=nw, ns=ns, pf=pf, hn=hn, mr=mr, fr=fr: compile_stage1(
-                    args.head_dim,
-                    int(kv[1]),
-                    int(kv[3]),
-                    args.gqa,
-                    bn,
-                    nw,
-                    ns,
-                    args.sass_dir,
-                    pf,
-                    hn,
-                    mr,
-                    fr,
-                    int(args.mla),
-                ),
+        for (kv, kb, vb), nw, fw, bn in grid
+    ]
+
+
+def merge_jobs(args) -> list:
+    return [
+        (
+            {"kernel": "merge", "head_dim": args.head_dim, "fwht": fw},
+            lambda fw=fw: compile_merge(args.head_dim, fwht=fw, sass_dir=args.sass_dir),
+        )
+        for fw in ints(args.fwht)
+    ]
+
+
+STAGE1_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "heads_n", "maxnreg", "fuse_rot")
+
+
+def stage1_jobs(args) -> list:
+    lists = (
+        args.block_n or "16,32,64",
+        args.num_warps,
+        args.num_stages,
+        args.prefetch,
+        args.heads_n,
+        args.maxnreg,
+        args.fuse_rot,
+    )
+    jobs = []
+    for (kv, kb, vb), *launch in itertools.product(args.kv, *map(ints, lists)):
+        bn, nw, ns, pf, hn, mr, fr = launch
+
+        def job(kb=kb, vb=vb, bn=bn, nw=nw, ns=ns, pf=pf, hn=hn, mr=mr, fr=fr):
+            return compile_stage1(
+                args.head_dim,
+                kb,
+                vb,
+                args.gqa,
+                bn,
+                nw,
+                ns,
+                args.sass_dir,
+                pf,
+                hn,
+                mr,
+                fr,
+                int(args.mla),
             )
-            for kv, bn, nw, ns, pf, hn, mr, fr in grid
-        ]
-    for key, run in todo:
-        r = {**key, **run()}
+
+        jobs.append(({"kv": kv, **dict(zip(STAGE1_KEYS, launch))}, job))
+    return jobs
+
+
+JOBS = {"store": store_jobs, "merge": merge_jobs, "stage1": stage1_jobs}
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = []
+    for key, job in JOBS[args.kernel](args):
+        r = {**key, **job()}
         rows.append(r)
         print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json_atomic(args.out, rows)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

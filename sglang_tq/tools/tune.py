@@ -8,10 +8,11 @@ the smallest geometric mean of ms over the shapes (every shape counts the same);
 the table also records each shape's own best, so the cost of one launch for all
 shapes is visible. ``--write-table`` stores the winners under this GPU's name in
 the format of ``sglang_tq/kernels/decode_launch.json``; ``SGLANG_TQ_DECODE_LAUNCH=<file>``
-makes the kernels use it before it is committed.
+makes the kernels use it before it is committed. A tool rather than a benchmark: its
+product is the launch table the kernels read, the timings are its evidence.
 
-    python scripts/tune_decode.py --kv k4v4,k3v3 --write-table launch.json
-    python scripts/tune_decode.py --merge-tables a.json b.json --write-table launch.json
+    python -m sglang_tq.tools.tune --kv k4v4,k3v3 --write-table launch.json
+    python -m sglang_tq.tools.tune --merge-tables a.json b.json --write-table launch.json
 """
 
 from __future__ import annotations
@@ -24,24 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..bench import kernel_io
+from ..bench.cli import add_kv_bits, add_shapes
 
-def parse_kv(text: str) -> list[tuple[str, int, int]]:
-    """Comma-separated bit pairs (``k4v4,k3v3``) by the server's own rule."""
-    from sglang_tq.config import TQConfig
-
-    try:
-        return TQConfig.parse_bits_list(text)
-    except ValueError as exc:
-        raise SystemExit(f"--kv: {exc}") from None
-
-
-def parse_ints(text: str, name: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"{name}: expected a comma list of integers, got '{text}'.") from None
-
-
+TOOL = "sglang_tq.tools.tune"
+HEAD_COUNTS = (32, 8)  # q heads, kv heads: Llama-3.1-8B attention
 LAUNCH_KEYS = (
     "block_n",
     "num_warps",
@@ -51,6 +39,13 @@ LAUNCH_KEYS = (
     "heads_n",
     "maxnreg",
 )
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{name}: expected a comma list of integers, got '{text}'.") from None
 
 
 def parse_tiles(text: str) -> list[tuple[int, int]]:
@@ -116,7 +111,7 @@ def merge_tables(paths: list[str]) -> dict:
 
 
 def write_table(path: str, table: dict) -> None:
-    from sglang_tq.kernels.tq_decode import load_launch_table
+    from ..kernels.tq_decode import load_launch_table
 
     Path(path).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     load_launch_table.cache_clear()
@@ -124,10 +119,7 @@ def write_table(path: str, table: dict) -> None:
     print(f"wrote {path}")
 
 
-def save_winners(path: str, device_name: str, head_dim: int, winners: dict) -> None:
-    from sglang_tq.provenance import provenance
-
-    prov = provenance()
+def save_winners(path: str, device_name: str, head_dim: int, winners: dict, prov: dict) -> None:
     stamp = {"commit": prov.get("commit"), "date": prov.get("date")}
     table = merge_tables([path]) if Path(path).exists() else {}
     table.setdefault(device_name, {}).setdefault(str(head_dim), {}).update(
@@ -136,21 +128,84 @@ def save_winners(path: str, device_name: str, head_dim: int, winners: dict) -> N
     write_table(path, table)
 
 
-def tune(args) -> int:
+def time_launch(dec, sh, ws, codec, args, shape, kv: str, cfg: dict, num_sms: int) -> dict:
+    """One launch on one packed shape (``ws``: its workspace): its row, with ms and TB/s or
+    the error."""
     import torch
-    import triton
 
-    from sglang_tq.format.codec import LayerCodec
-    from sglang_tq.kernels import tq_decode as dec
+    from ..bench.timing import time_replay
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _decode_shape import decode_shape  # scripts/ is not a package
+    d, bsz, seq = args.head_dim, shape.batch, shape.length
+    launch = dec.DecodeLaunch(**cfg)
+    splits = dec.default_num_kv_splits(
+        torch.full((bsz,), seq), HEAD_COUNTS[1], args.max_kv_splits, num_sms=num_sms, launch=launch
+    ).cuda()
+    row = {"kv": kv, "shape": str(shape), "B": bsz, "L": seq, "head_dim": d, **cfg}
+    row["splits"] = int(splits[0])
+    launch_kw = {k: getattr(launch, k) for k in LAUNCH_KEYS if k != "programs_per_sm"}
+    fn = sh.decode_fn(codec, splits, args.max_kv_splits, ws, **launch_kw)
 
-    from sglang_tq.provenance import provenance
+    try:
+        fn()
+        ms = time_replay(fn, 10, 40, 1, cuda_graph=False)["ms"]
+    except Exception as exc:
+        row["error"] = repr(exc)[:200]
+        print(f"{kv} {shape} {cfg}: {exc!r}"[:160], flush=True)
+        return row
+    row.update(ms=ms, tbps=sh.nbytes / ms / 1e9)
+    print(
+        f"{kv} {str(shape):>9} d={d} bn={launch.block_n:<3} warps={launch.num_warps} "
+        f"pps={launch.programs_per_sm:<2} prefetch={int(launch.prefetch)} "
+        f"stages={launch.num_stages} heads_n={int(launch.heads_n)} "
+        f"maxnreg={launch.maxnreg:<3} splits={row['splits']:<2} "
+        f"{ms:8.4f} ms  {row['tbps']:6.3f} TB/s",
+        flush=True,
+    )
+    return row
 
-    if not torch.cuda.is_available():
-        raise SystemExit("tune_decode.py times the kernels on a CUDA GPU; none is visible.")
-    d, hq, hkv = args.head_dim, 32, 8
+
+def tune_pair(dec, args, grid: list[dict], kv: str, kb: int, vb: int, num_sms: int) -> list[dict]:
+    """Every launch of the grid at every shape for one bit pair."""
+    import torch
+
+    from ..bench.decode_shape import decode_shape
+    from ..format.codec import LayerCodec
+
+    codec = LayerCodec.create(args.head_dim, kb, vb, device="cuda")
+    rows = []
+    for shape in args.shapes:
+        sh = decode_shape(codec, shape.batch, shape.length, *HEAD_COUNTS)
+        ws = dec.DecodeWorkspace.create(
+            shape.batch, HEAD_COUNTS[0], args.head_dim, args.max_kv_splits, "cuda"
+        )
+        rows += [time_launch(dec, sh, ws, codec, args, shape, kv, cfg, num_sms) for cfg in grid]
+        sh = ws = None  # free the shape's buffers before the next one
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_best(kv: str, d: int, win: dict) -> None:
+    print(
+        f"BEST {kv} d={d}: block_n {win['block_n']} warps {win['num_warps']} "
+        f"programs/SM {win['programs_per_sm']} prefetch {int(win['prefetch'])} "
+        f"stages {win['num_stages']} heads_n {int(win['heads_n'])} "
+        f"maxnreg {win['maxnreg']}: "
+        + ", ".join(
+            f"{s} {win['ms'][s]:.4f} (best {win['best_ms_per_shape'][s]:.4f})" for s in win["ms"]
+        ),
+        flush=True,
+    )
+
+
+def tune(args) -> int:
+    if not kernel_io.require_cuda(TOOL):
+        return 1
+    import torch
+
+    from ..bench.results import get_provenance
+    from ..kernels import tq_decode as dec
+
+    prov = get_provenance()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     grid = launch_grid(
         parse_tiles(args.tiles),
@@ -160,115 +215,28 @@ def tune(args) -> int:
         parse_ints(args.heads_n, "--heads-n"),
         parse_ints(args.maxnreg, "--maxnreg"),
     )
-    shapes = args.shapes.split(",")
+    shapes = [str(s) for s in args.shapes]
     t0 = time.time()
     rows, winners = [], {}
-    for kv, kb, vb in parse_kv(args.kv):
-        codec = LayerCodec.create(d, kb, vb, device="cuda")
-        kv_rows = []
-        for shape in shapes:
-            bsz, seq = map(int, shape.split("x"))
-            sh = decode_shape(codec, bsz, seq, hq, hkv)
-            bufs, indptr, indices, q, nbytes = sh.bufs, sh.indptr, sh.indices, sh.q, sh.nbytes
-            ws = dec.DecodeWorkspace.create(bsz, hq, d, args.max_kv_splits, "cuda")
-            for cfg in grid:
-                launch = dec.DecodeLaunch(**cfg)
-                splits = dec.default_num_kv_splits(
-                    torch.full((bsz,), seq), hkv, args.max_kv_splits, num_sms=num_sms, launch=launch
-                ).cuda()
-                row = {
-                    "kv": kv,
-                    "shape": shape,
-                    "B": bsz,
-                    "L": seq,
-                    "head_dim": d,
-                    **cfg,
-                    "splits": int(splits[0]),
-                }
-
-                def fn():
-                    return dec.tq_decode(
-                        q,
-                        *bufs,
-                        indptr,
-                        indices,
-                        codec,
-                        d**-0.5,
-                        num_kv_splits=splits,
-                        max_kv_splits=args.max_kv_splits,
-                        workspace=ws,
-                        block_n=launch.block_n,
-                        num_warps=launch.num_warps,
-                        prefetch=launch.prefetch,
-                        num_stages=launch.num_stages,
-                        heads_n=launch.heads_n,
-                        maxnreg=launch.maxnreg,
-                    )
-
-                try:
-                    fn()
-                    ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-                except Exception as exc:
-                    row["error"] = repr(exc)[:200]
-                    print(f"{kv} {shape} {cfg}: {exc!r}"[:160], flush=True)
-                else:
-                    row.update(ms=ms, tbps=nbytes / ms / 1e9)
-                    print(
-                        f"{kv} {shape:>9} d={d} bn={launch.block_n:<3} warps={launch.num_warps} "
-                        f"pps={launch.programs_per_sm:<2} prefetch={int(launch.prefetch)} "
-                        f"stages={launch.num_stages} heads_n={int(launch.heads_n)} "
-                        f"maxnreg={launch.maxnreg:<3} splits={row['splits']:<2} "
-                        f"{ms:8.4f} ms  {nbytes / ms / 1e9:6.3f} TB/s",
-                        flush=True,
-                    )
-                kv_rows.append(row)
-            sh = bufs = indices = (
-                None  # free the shape's buffers (the closures above hold the names)
-            )
-            torch.cuda.empty_cache()
+    for kv, kb, vb in args.kv:
+        kv_rows = tune_pair(dec, args, grid, kv, kb, vb, num_sms)
         rows += kv_rows
         win = choose(kv_rows, shapes)
         if win:
             winners[kv] = win
             if args.write_table:  # after every bit pair: a run cut short keeps what it found
-                save_winners(args.write_table, torch.cuda.get_device_name(), d, {kv: win})
-            print(
-                f"BEST {kv} d={d}: block_n {win['block_n']} warps {win['num_warps']} "
-                f"programs/SM {win['programs_per_sm']} prefetch {int(win['prefetch'])} "
-                f"stages {win['num_stages']} heads_n {int(win['heads_n'])} "
-                f"maxnreg {win['maxnreg']}: "
-                + ", ".join(
-                    f"{s} {win['ms'][s]:.4f} (best {win['best_ms_per_shape'][s]:.4f})"
-                    for s in shapes
-                ),
-                flush=True,
-            )
-    prov = provenance()
-    result = {
-        **prov,
-        "head_dim": d,
-        "num_sms": num_sms,
-        "grid": grid,
-        "shapes": shapes,
-        "rows": rows,
-        "winners": winners,
-        "elapsed_s": round(time.time() - t0, 1),
-    }
+                device = torch.cuda.get_device_name()
+                save_winners(args.write_table, device, args.head_dim, {kv: win}, prov)
+            print_best(kv, args.head_dim, win)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        result = {"head_dim": args.head_dim, "num_sms": num_sms, "grid": grid, "shapes": shapes}
+        result.update(rows=rows, winners=winners, elapsed_s=round(time.time() - t0, 1))
+        kernel_io.write_doc(Path(args.out), TOOL, args.argv, prov, **result)
         print(f"wrote {args.out}")
     return 0 if winners else 1
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--shapes",
-        default="64x16384,32x32768,128x4096,16x8192,64x6144",
-        help="comma list of BxL (default: the B·L >= 64k rows of bench_decode.py and "
-        "the load test's 64 x 6k)",
-    )
-    ap.add_argument("--kv", default="k4v4,k4v3,k3v3,k4v2,k2v2", help="bit pairs to tune")
+def add_grid_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--tiles",
         default="32x1,64x2,64x4",
@@ -298,6 +266,19 @@ def main(argv=None) -> int:
         help="register caps per thread to try (0: ptxas's choice); a cap lets more "
         "one-warp programs share an SM, e.g. 0,168,128",
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = kernel_io.argv_of(argv)
+    ap = kernel_io.doc_parser("python -m sglang_tq.tools.tune", __doc__)
+    add_shapes(
+        ap,
+        "64x16384,32x32768,128x4096,16x8192,64x6144",
+        help="comma list of shapes (default: the B·L >= 64k rows of the decode benchmark "
+        "and the load test's 64 x 6k)",
+    )
+    add_kv_bits(ap, "k4v4,k4v3,k3v3,k4v2,k2v2")
+    add_grid_args(ap)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--max-kv-splits", type=int, default=32)
     ap.add_argument("--out", help="JSON with every timing")
@@ -309,12 +290,21 @@ def main(argv=None) -> int:
         help="merge these tables into --write-table instead of tuning",
     )
     args = ap.parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
     if args.merge_tables:
         if not args.write_table:
             raise SystemExit("--merge-tables needs --write-table OUT.")
         write_table(args.write_table, merge_tables(args.merge_tables))
         return 0
     return tune(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
