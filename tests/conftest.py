@@ -5,14 +5,12 @@ before triton is first imported, which is why it is decided here from the driver
 ``torch.cuda.is_available()``.
 
 Helpers that test modules import (``from tests.conftest import ...``): the repository's
-paths, ``import_script`` / ``load_script`` for scripts/ (not a package), ``rel``, the tiny
+paths, ``rel``, the tiny
 random Llama of the CPU model tests, and ``check_without_sglang_srt``, the guard that
 tests/format and tests/kernels run on their packages. Per-layer helpers and fixtures live
 in each layer's conftest.py.
 """
 
-import importlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -27,7 +25,6 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "scripts"
 MODEL_CONFIGS = ROOT / "benchmarks" / "model_configs"
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -46,23 +43,6 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     """Run a test on the CPU and, where present, on CUDA (tests/kernels overrides it)."""
     return torch.device(request.param)
-
-
-# ----------------------------------------------------------------------------- scripts/
-def import_script(name: str):
-    """``import <name>`` from scripts/, which is put on sys.path as the scripts expect
-    (they import their siblings by plain name)."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    return importlib.import_module(name)
-
-
-def load_script(module_name: str, filename: str):
-    """A fresh module object of scripts/<filename> under ``module_name`` (not in sys.modules)."""
-    spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / filename)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ----------------------------------------------------------------------------- numerics

@@ -14,7 +14,7 @@ and ``run(args)``, and ``main(argv)`` that calls the two). No subcommand imports
 what two of them share lives in a module that is not a subcommand (``server``, ``results``,
 ``configs``, ``cli``, ``timing``, ...). The kernel benchmarks need torch and triton (sgl-kernel
 and SGLang for their baseline rows); the server benchmarks need the standard library and
-aiohttp (which SGLang brings). The package never imports from scripts/.
+aiohttp (which SGLang brings).
 """
 
 SUBCOMMANDS = {

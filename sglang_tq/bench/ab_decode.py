@@ -23,7 +23,7 @@ import argparse
 import sys
 import time
 
-from . import kernel_io
+from . import cli, kernel_io
 from .cli import add_out, add_shapes, parse_kv_bits
 
 TOOL = "sglang_tq.bench ab-decode"
@@ -65,7 +65,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = kernel_io.argv_of(argv)
-    ap = kernel_io.doc_parser("python -m sglang_tq.bench ab-decode", __doc__)
+    ap = cli.doc_parser("python -m sglang_tq.bench ab-decode", __doc__)
     ap.add_argument("--kv", default="k4v4", help="one bit pair, e.g. k4v4 (default %(default)s)")
     ap.add_argument("--head-dim", type=int, default=128)
     add_shapes(ap, "1x4096,1x32768,4x8192,16x8192,64x16384,128x4096")

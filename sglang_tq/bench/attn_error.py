@@ -32,7 +32,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sglang_tq.bench.cli import REPO, add_model_path, add_out, default_out
+from sglang_tq.bench.cli import REPO, add_model_path, add_out, default_out, doc_parser
 from sglang_tq.bench.hf_reference import (
     head_dim_of,
     load_model,
@@ -114,12 +114,7 @@ def attention_kl(q, k, k_hat, skip: int = 16):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench attn-error",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
+    ap = doc_parser("python -m sglang_tq.bench attn-error", __doc__)
     add_model_path(ap, required=True)
     ap.add_argument(
         "--configs",

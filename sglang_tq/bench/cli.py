@@ -83,6 +83,18 @@ def parse_shapes(text: str, *, head_dim: bool = False, prefix: bool = False) -> 
     return list(dict.fromkeys(shapes))
 
 
+def doc_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a tool run as ``prog``: its module docstring's first paragraph as the
+    description and the rest, as written, after the options."""
+    head, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=head,
+        epilog=rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def _arg_type(fn, **kw):
     """An argparse ``type=`` that turns the parser's ValueError into a usage error."""
 

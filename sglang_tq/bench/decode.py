@@ -70,7 +70,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kernel_io
+from . import cli, kernel_io
 from .cli import add_kv_bits, add_out, parse_shapes
 from .decode_baselines import (
     FLASHINFER_WORKSPACE_BYTES,
@@ -313,7 +313,7 @@ def add_output_args(g) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = kernel_io.doc_parser("python -m sglang_tq.bench decode", __doc__)
+    ap = cli.doc_parser("python -m sglang_tq.bench decode", __doc__)
     add_workload_args(ap.add_argument_group("what to run"))
     add_write_path_args(ap.add_argument_group("write path"))
     add_split_args(ap.add_argument_group("split-KV (sglang-tq)"))

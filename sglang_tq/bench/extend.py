@@ -28,7 +28,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from . import kernel_io
+from . import cli, kernel_io
 from .cli import Shape, add_kv_bits, add_out, add_shapes
 
 TOOL = "sglang_tq.bench extend"
@@ -37,7 +37,7 @@ RESULTS_FOLDER = "bench_extend"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = kernel_io.argv_of(argv)
-    ap = kernel_io.doc_parser("python -m sglang_tq.bench extend", __doc__)
+    ap = cli.doc_parser("python -m sglang_tq.bench extend", __doc__)
     add_shapes(ap, "1x6000,2x4096,1x2048+6000,64x200+4000s,16x512+4000s", prefix=True)
     add_kv_bits(ap, "k4v4,k3v3")
     ap.add_argument("--head-dim", type=int, default=128)

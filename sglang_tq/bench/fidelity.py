@@ -122,7 +122,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sglang_tq.bench import fidelity_metrics as fm
-from sglang_tq.bench.cli import add_model_path, add_out, default_out
+from sglang_tq.bench.cli import add_model_path, add_out, default_out, doc_parser
 from sglang_tq.bench.configs import kv_server_flags
 from sglang_tq.bench.generation import (
     add_centered_configs,
@@ -585,12 +585,7 @@ def _add_run_args(ap: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench fidelity",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
+    ap = doc_parser("python -m sglang_tq.bench fidelity", __doc__)
     _add_config_args(ap)
     _add_run_args(ap)
     args = ap.parse_args(argv)

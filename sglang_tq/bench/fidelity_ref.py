@@ -54,7 +54,7 @@ import sys
 import time
 
 from sglang_tq.bench import fidelity_metrics as fm
-from sglang_tq.bench.cli import add_model_path, add_out, default_out
+from sglang_tq.bench.cli import add_model_path, add_out, default_out, doc_parser
 from sglang_tq.bench.hf_reference import (
     head_dim_of,
     load_model,
@@ -152,12 +152,7 @@ def verdict(results: dict) -> dict | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench fidelity-ref",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
+    ap = doc_parser("python -m sglang_tq.bench fidelity-ref", __doc__)
     add_model_path(ap, required=True, help="HF folder (config, tokenizer, weights)")
     ap.add_argument(
         "--configs",

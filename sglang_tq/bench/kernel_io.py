@@ -13,7 +13,6 @@ dtype) are written as null / their ``str()``, so one broken row never stops the 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -25,18 +24,6 @@ from .results import write_json_atomic
 def log(*parts) -> None:
     """One progress line, flushed at once (a run's log is read while it runs)."""
     print(*parts, flush=True)
-
-
-def doc_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """The parser of a tool run as ``prog``: its module docstring's first paragraph as the
-    description and the rest, as written, after the options."""
-    head, _, rest = doc.partition("\n\n")
-    return argparse.ArgumentParser(
-        prog=prog,
-        description=head,
-        epilog=rest,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
 
 
 def argv_of(argv: list[str] | None) -> list[str]:

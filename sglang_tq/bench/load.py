@@ -104,7 +104,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import configs
-from .cli import MODEL_CONFIGS, add_model_path
+from .cli import MODEL_CONFIGS, add_model_path, doc_parser
 from .configs import TQ_RE as _TQ_RE
 from .configs import expected_backend, kv_server_flags, kv_sort_key
 from .results import get_provenance, load_json, write_json_atomic
@@ -1226,12 +1226,7 @@ def _int_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench load",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    ap = doc_parser("python -m sglang_tq.bench load", __doc__)
     _add_server_args(ap)
     _add_run_args(ap)
     _add_workload_args(ap)

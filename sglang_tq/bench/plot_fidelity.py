@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sglang_tq.bench.cli import doc_parser
 from sglang_tq.bench.fidelity_metrics import trend
 
 MISSING_MATPLOTLIB = (
@@ -201,12 +202,7 @@ def plot(series: list[dict], title: str, out: str, bin_size: int, linear: bool =
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench plot-fidelity",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
+    ap = doc_parser("python -m sglang_tq.bench plot-fidelity", __doc__)
     ap.add_argument(
         "json", nargs="+", help="fidelity JSON files (python -m sglang_tq.bench fidelity --out)"
     )

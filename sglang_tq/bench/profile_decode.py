@@ -23,7 +23,7 @@ import argparse
 import sys
 from collections import defaultdict
 
-from . import kernel_io
+from . import cli, kernel_io
 from .cli import add_kv_bits, add_out, add_shapes
 
 TOOL = "sglang_tq.bench profile-decode"
@@ -38,7 +38,7 @@ CONFIG = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = kernel_io.argv_of(argv)
-    ap = kernel_io.doc_parser("python -m sglang_tq.bench profile-decode", __doc__)
+    ap = cli.doc_parser("python -m sglang_tq.bench profile-decode", __doc__)
     add_shapes(
         ap,
         "1x4096,1x32768,16x8192,64x16384",

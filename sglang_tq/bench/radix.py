@@ -100,7 +100,7 @@ import sys
 import time
 from pathlib import Path
 
-from sglang_tq.bench.cli import add_model_path, add_out, default_out
+from sglang_tq.bench.cli import add_model_path, add_out, default_out, doc_parser
 from sglang_tq.bench.fidelity_metrics import first_divergence, print_rows
 from sglang_tq.bench.generation import (
     add_server_options,
@@ -524,12 +524,7 @@ STOP_S = 20  # stopping a server and writing the JSON, kept free at the end of a
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench radix",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
+    ap = doc_parser("python -m sglang_tq.bench radix", __doc__)
     add_model_path(ap, required=True, help="bf16 HF folder (config, tokenizer, weights)")
     ap.add_argument(
         "--configs",

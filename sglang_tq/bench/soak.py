@@ -106,7 +106,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import add_model_path, add_out, default_out
+from .cli import add_model_path, add_out, default_out, doc_parser
 from .results import get_provenance, write_json_atomic
 from .server import SGLangServer, check_loopback, flush, http
 from .stream import ReqResult, generate_payload, stream_generate
@@ -1012,12 +1012,7 @@ def _kinds(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench soak",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
+    ap = doc_parser("python -m sglang_tq.bench soak", __doc__)
     _add_server_args(ap.add_argument_group("server (one of --model-path / --url)"))
     _add_load_args(ap.add_argument_group("load"))
     _add_check_args(ap.add_argument_group("probes, sampling, checks, output"))

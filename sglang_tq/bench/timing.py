@@ -1,4 +1,4 @@
-"""Kernel timing shared by the package's kernel benchmarks (and scripts/bench_decode.py):
+"""Kernel timing shared by the package's kernel benchmarks (decode, decode-mla, ab-decode):
 a step captured once in a CUDA graph, as SGLang runs decode, and its replay timed by
 ``triton.testing.do_bench`` (median; L2 cleared before every call, outside the timed
 range), several passes, the median of their medians."""

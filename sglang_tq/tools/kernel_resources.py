@@ -34,7 +34,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
-from ..bench import kernel_io
+from ..bench import cli
 from ..bench.cli import add_kv_bits
 from ..bench.results import write_json_atomic
 from ..format.codec import LayerCodec
@@ -310,7 +310,7 @@ def add_launch_args(ap: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = kernel_io.doc_parser("python -m sglang_tq.tools.kernel_resources", __doc__)
+    ap = cli.doc_parser("python -m sglang_tq.tools.kernel_resources", __doc__)
     ap.add_argument("--head-dim", type=int, default=128)
     add_kv_bits(ap, "k4v4")
     ap.add_argument("--gqa", type=int, default=4)

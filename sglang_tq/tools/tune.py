@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..bench import kernel_io
+from ..bench import cli, kernel_io
 from ..bench.cli import add_kv_bits, add_shapes
 
 TOOL = "sglang_tq.tools.tune"
@@ -270,7 +270,7 @@ def add_grid_args(ap: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = kernel_io.argv_of(argv)
-    ap = kernel_io.doc_parser("python -m sglang_tq.tools.tune", __doc__)
+    ap = cli.doc_parser("python -m sglang_tq.tools.tune", __doc__)
     add_shapes(
         ap,
         "64x16384,32x32768,128x4096,16x8192,64x6144",

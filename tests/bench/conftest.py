@@ -1,5 +1,6 @@
-"""tests/bench: scripts/ (load test, soak, radix check, fidelity, decode benches, server smoke)
-and ``python -m sglang_tq.bench`` / ``sglang_tq.tools`` on CPU, against fake SGLang servers.
+"""tests/bench: the ``python -m sglang_tq.bench`` subcommands (load test, soak, radix check,
+fidelity, decode benches, server smoke, eval) and ``sglang_tq.tools`` on CPU, against fake
+SGLang servers.
 
 Shared here: the base of the fake HTTP servers' handlers, a server on a daemon thread, and the
 fake ``sglang.launch_server`` module that a script starts with ``--server-module``.

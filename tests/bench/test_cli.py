@@ -1,10 +1,14 @@
 """The bench package's shared argument vocabulary (sglang_tq.bench.cli) and its dispatcher."""
 
 import argparse
+import ast
+import importlib
+import importlib.util
+from pathlib import Path
 
 import pytest
 
-from sglang_tq.bench import cli
+from sglang_tq.bench import SUBCOMMANDS, cli
 from sglang_tq.bench.__main__ import main as bench_main
 
 
@@ -61,3 +65,32 @@ def test_dispatcher_usage_and_unknown(capsys):
     assert "decode-mla" in capsys.readouterr().out
     assert bench_main(["nope"]) == 2
     assert "unknown subcommand" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_every_subcommand_has_the_module_interface_and_help(name, capsys):
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    assert callable(module.parse_args) and callable(module.run)
+    with pytest.raises(SystemExit) as exc:
+        bench_main([name, "--help"])
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_no_subcommand_imports_another():
+    """Shared code lives in modules that are not subcommands (server, results, cli, ...)."""
+    modules = {mod for mod, _ in SUBCOMMANDS.values()}
+    for mod in modules:
+        path = Path(importlib.util.find_spec(mod).origin)
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = importlib.util.resolve_name(
+                    "." * node.level + (node.module or ""), mod.rsplit(".", 1)[0]
+                )
+                names = {base} | {f"{base}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+            else:
+                continue
+            assert not (names & (modules - {mod})), f"{mod} imports {names & modules}"
