@@ -17,6 +17,8 @@ import hashlib
 import sys
 from pathlib import Path
 
+from sglang_tq.bench.cli import doc_parser
+
 PACKAGE = Path(__file__).resolve().parents[1]
 
 
@@ -42,19 +44,18 @@ def mean_keys(model, chunks: list[list[int]]):
     return (total / count).cpu()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = doc_parser("python -m sglang_tq.tools.key_centers", __doc__)
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--out", required=True, help="output .safetensors file")
     ap.add_argument("--text", default=None, help="calibration text file (default: repo sources)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--chunk-tokens", type=int, default=1024)
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{[round(float(x), 1) for x in norms.mean(-1)]}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ import argparse
 import json
 import sys
 
+from sglang_tq.bench.cli import doc_parser
+from sglang_tq.config import TQConfig
+
 BASELINES = {"bf16": 2, "fp8": 1}  # bytes per stored element
 
 
@@ -62,7 +65,6 @@ def layer_groups(mc, family: str) -> tuple[list[int], list[int], int]:
 
 def bytes_per_token(mc, family: str, kv: str, layers: list[int], tp_size: int) -> int:
     """KV bytes one token costs in ``layers`` for the format ``kv``."""
-    from sglang_tq.config import TQConfig
     from sglang_tq.serving.mla_pool import mla_bytes_per_token
     from sglang_tq.serving.pool import bytes_per_token as packed_bytes
 
@@ -117,12 +119,8 @@ def report(model_path: str, kvs: list[str], context: int, tp_size: int = 1) -> d
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = doc_parser("python -m sglang_tq.tools.kv_bytes", __doc__)
     ap.add_argument("--model-path", required=True, help="a model folder with config.json")
     ap.add_argument(
         "--kv",
@@ -133,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp-size", type=int, default=1, help="attention tensor-parallel ranks")
     ap.add_argument("--out", help="also write the report as JSON here")
     args = ap.parse_args(argv)
-    from sglang_tq.config import TQConfig
 
     kvs = [k.strip() for k in args.kv.split(",") if k.strip()]
     for kv in kvs:
@@ -144,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--kv {kv!r}: {exc}")
     if args.context <= 0 or args.tp_size <= 0:
         ap.error("--context and --tp-size must be positive.")
-    doc = report(args.model_path, kvs, args.context, args.tp_size)
+    args.kvs = kvs
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    doc = report(args.model_path, args.kvs, args.context, args.tp_size)
     print(
         f"{doc['architecture']} ({doc['family']}): {doc['kv_layers']} KV layers"
         + (
@@ -164,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
