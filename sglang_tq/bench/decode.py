@@ -138,6 +138,19 @@ def add_workload_args(g) -> None:
     g.add_argument("--num-q-heads", type=int, default=32)
     g.add_argument("--num-kv-heads", type=int, default=8)
     g.add_argument("--head-dim", type=int, default=128, help="head_dim for shapes given as BxL")
+    g.add_argument(
+        "--window",
+        type=int,
+        default=-1,
+        help="sliding-window layer: SGLang's sliding_window_size W, the query attends to the "
+        "last W + 1 tokens (Gemma 3 local layers: 1023 / 511, gpt-oss: 127); -1: full attention. "
+        "Rows: sglang-tq and fa3 (SGLang's default backend for such models)",
+    )
+    g.add_argument(
+        "--sinks",
+        action="store_true",
+        help="learned attention sinks, one logit per query head (gpt-oss); rows: sglang-tq, fa3",
+    )
 
 
 def add_write_path_args(g) -> None:
@@ -364,6 +377,13 @@ def finalize_args(args):
             "--max-kv-splits must be >= 0 (0: the backend's ceiling) and "
             "--triton-max-kv-splits >= 1"
         )
+    if args.window < -1:
+        raise SystemExit("--window must be -1 (full attention) or a window size >= 0")
+    if args.window >= 0 or args.sinks:
+        dropped = sorted(args.impl_set & {"sglang-triton", "flashinfer"})
+        if dropped:
+            log(f"[note] --window / --sinks: no {', '.join(dropped)} rows (fa3 is the baseline)")
+        args.impl_set -= {"sglang-triton", "flashinfer"}
     args.cuda_graph = not args.no_cuda_graph
     return args
 
@@ -459,9 +479,10 @@ def time_it(ctx: Ctx, args, fn):
     return res
 
 
-def ref_attention(torch, q0, K0, V0, sm_scale):
+def ref_attention(torch, q0, K0, V0, sm_scale, sinks=None):
     """float64 attention of one decode token. q0 [Hq,D]; K0, V0 [L,Hkv,D] -> [Hq,D].
-    q head h attends with kv head h // (Hq/Hkv) (SGLang's and FlashInfer's GQA mapping)."""
+    q head h attends with kv head h // (Hq/Hkv) (SGLang's and FlashInfer's GQA mapping);
+    ``sinks`` [Hq]: a logit per query head that joins the softmax without a value."""
     Hq, D = q0.shape
     L, Hkv, _ = K0.shape
     G = Hq // Hkv
@@ -469,7 +490,9 @@ def ref_attention(torch, q0, K0, V0, sm_scale):
     K = K0.double().permute(1, 0, 2)  # [Hkv, L, D]
     V = V0.double().permute(1, 0, 2)
     s = torch.matmul(qg, K.transpose(1, 2)) * sm_scale  # [Hkv, G, L]
-    p = torch.softmax(s, dim=-1)
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().reshape(Hkv, G, 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)[..., :L]
     return torch.matmul(p, V).reshape(Hq, V0.shape[-1])
 
 
@@ -659,10 +682,15 @@ class ShapeRun:
     slots: object = None  # int64 [B·L]: sglang-tq and SGLang Triton take int64 slot ids
     indices32: object = None  # int32 slot ids of FlashInfer (None without its rows)
     q: object = None  # bf16 [B, Hq, D]
+    sinks: object = None  # fp32 [Hq] with --sinks
 
     def __post_init__(self):
         torch = self.ctx.torch
         self.S, self.indptr, self.slots = make_indices(self.ctx, self.args, self.B, self.L)
+        if self.args.sinks:
+            # bf16-representable, so FA3 (which reads them in bf16) gets the same values
+            self.sinks = torch.randn(self.args.num_q_heads, device=self.ctx.device)
+            self.sinks = self.sinks.to(torch.bfloat16).float()
         if "flashinfer" in self.args.impl_set:
             self.indices32 = self.slots.to(torch.int32)
         self.q = torch.randn(
@@ -674,6 +702,23 @@ class ShapeRun:
         return self.slots[: self.L]  # slot ids of sequence 0
 
     @property
+    def attended(self) -> int:
+        """Tokens one query attends to: L, or the last W + 1 with --window W."""
+        return self.L if self.args.window < 0 else min(self.L, self.args.window + 1)
+
+    @property
+    def ref_idx0(self):
+        return self.idx0[self.L - self.attended :]  # the slots sequence 0's query attends to
+
+    @property
+    def tq_extra(self) -> dict:
+        """tq_decode's window (the keys kept, query included) and sinks."""
+        extra = {"sinks": self.sinks} if self.sinks is not None else {}
+        if self.args.window >= 0:
+            extra["sliding_window"] = self.args.window + 1
+        return extra
+
+    @property
     def sm_scale(self) -> float:
         return 1.0 / math.sqrt(self.D)
 
@@ -682,7 +727,10 @@ class ShapeRun:
         return self.S * self.args.num_kv_heads * 2 * self.D * 2
 
     def row(self, impl: str, kv: str) -> dict:
-        return row_base(impl, kv, self.B, self.L, self.D, self.args)
+        row = row_base(impl, kv, self.B, self.L, self.D, self.args)
+        if self.args.window >= 0 or self.args.sinks:
+            row.update(window=self.args.window, sinks=self.args.sinks, attended=self.attended)
+        return row
 
     def label(self, impl: str, kv: str) -> str:
         return f"{impl} {kv} {self.B}x{self.L}x{self.D}"
@@ -690,7 +738,7 @@ class ShapeRun:
     def bytes(self, kv: str, index_bytes: int, **kw) -> dict:
         a = self.args
         return count_bytes(
-            kv, self.B, self.L, a.num_q_heads, a.num_kv_heads, self.D, index_bytes, **kw
+            kv, self.B, self.attended, a.num_q_heads, a.num_kv_heads, self.D, index_bytes, **kw
         )
 
 
@@ -785,8 +833,8 @@ def bench_baselines(sr: ShapeRun) -> None:
 def dense_ref(sr: ShapeRun, q0, kbuf, vbuf):
     """float64 attention of sequence 0 over the dense pool's values."""
     torch = sr.ctx.torch
-    k0, v0 = gather_rows(torch, kbuf, sr.idx0), gather_rows(torch, vbuf, sr.idx0)
-    return ref_attention(torch, q0, k0, v0, sr.sm_scale)
+    k0, v0 = gather_rows(torch, kbuf, sr.ref_idx0), gather_rows(torch, vbuf, sr.ref_idx0)
+    return ref_attention(torch, q0, k0, v0, sr.sm_scale, sr.sinks)
 
 
 def baseline_row(sr: ShapeRun, impl: str, pool: BaselinePool, measure) -> None:
@@ -842,7 +890,9 @@ def measure_flashinfer(sr: ShapeRun, pool: BaselinePool, row: dict) -> None:
 def measure_fa3(sr: ShapeRun, pool: BaselinePool, fa3_meta, row: dict) -> None:
     ctx, args = sr.ctx, sr.args
     t0 = time.perf_counter()
-    fn, out, meta = build_fa3(ctx, args, sr.q, pool.k, pool.v, *fa3_meta, sr.sm_scale, pool.kv)
+    fn, out, meta = build_fa3(
+        ctx, args, sr.q, pool.k, pool.v, *fa3_meta, sr.sm_scale, pool.kv, sr.args.window, sr.sinks
+    )
     row.update(meta)
     out.fill_(float("nan"))
     out, _ = first_call(ctx, fn)
@@ -879,7 +929,9 @@ def measure_tq(sr: ShapeRun, row: dict, kbits: int, vbits: int, n_splits: int) -
     try:
         bufs = alloc_and_fill_tq(ctx, args, codec, sr.S, args.num_kv_heads, sr.D)
         sanity_pool(ctx, bufs, sr.idx0, kvname)
-        fn, _ = build_tq(ctx, args, sr.q, bufs, sr.indptr, sr.slots, codec, sr.sm_scale, n_splits)
+        fn, _ = build_tq(
+            ctx, args, sr.q, bufs, sr.indptr, sr.slots, codec, sr.sm_scale, n_splits, sr.tq_extra
+        )
         out, row["first_call_s"] = first_call(ctx, fn)
         check_tq(sr, row, out, codec, bufs)
         row["max_kv_splits"] = tq_max_splits(args, sr.B)
@@ -898,14 +950,15 @@ def measure_tq(sr: ShapeRun, row: dict, kbits: int, vbits: int, n_splits: int) -
 def check_tq(sr: ShapeRun, row: dict, out, codec, bufs) -> None:
     """The output finite; with a check at this shape also sequence 0 against float64 attention
     over its dequantized K/V, and against SGLang's Triton kernel run on the same K/V."""
-    idx0, label = sr.idx0, sr.label("sglang-tq", row["kv"])
+    idx0, label = sr.ref_idx0, sr.label("sglang-tq", row["kv"])
     ref = None
     if sr.do_check:
         kd = codec.k_quant.dequantize(bufs[0][idx0], bufs[1][idx0])
         vd = codec.v_quant.dequantize(bufs[2][idx0], bufs[3][idx0])
-        ref = ref_attention(sr.ctx.torch, sr.q[0], kd, vd, sr.sm_scale)
+        ref = ref_attention(sr.ctx.torch, sr.q[0], kd, vd, sr.sm_scale, sr.sinks)
     post_checks(sr.ctx, row, out, ref, "tq", sr.checks, label)
-    if sr.do_check and sr.ctx.decode_attention_fwd is not None:
+    plain = sr.args.window < 0 and sr.sinks is None  # SGLang's Triton call has neither
+    if sr.do_check and plain and sr.ctx.decode_attention_fwd is not None:
         check_vs_triton_dequant(
             sr.ctx, sr.args, row, out, sr.q, kd, vd, sr.sm_scale, sr.checks, label
         )
@@ -939,7 +992,8 @@ def alloc_and_fill_tq(ctx, args, codec, S, Hkv, D):
         loc = torch.arange(s0, s0 + n, dtype=torch.int64, device=ctx.device)
         tq_store_kv(k, v, loc, k_codes, k_norms, v_codes, v_norms, codec)
         del k, v, loc
-    torch.cuda.synchronize()
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
     return bufs
 
 

@@ -271,13 +271,26 @@ def build_flashinfer(ctx, args, q, kbuf, vbuf, indptr32, indices32, sm_scale, kv
 
 
 def build_fa3(
-    ctx, args, q, kbuf, vbuf, page_table, cache_seqlens, cu_seqlens_q, sm_scale, kv_dtype_name
+    ctx,
+    args,
+    q,
+    kbuf,
+    vbuf,
+    page_table,
+    cache_seqlens,
+    cu_seqlens_q,
+    sm_scale,
+    kv_dtype_name,
+    window: int = -1,
+    sinks=None,
 ):
     """Mirrors FlashAttentionBackend.forward_decode (srt/layers/attention/flashattention_backend.py,
-    SGLang 0.5.17, MHA, page_size 1, no SWA / cascade / sinks): q [B, Hq, D] (cast to the KV
-    dtype for fp8 KV), k/v cache viewed as [-1, page_size, Hkv, D], page_table int32 [B, L],
-    cache_seqlens int32, cu_seqlens_q arange(B+1), max_seqlen_q 1, softmax_scale, causal=True,
-    window (-1, -1), softcap 0, num_splits 0, scheduler_metadata precomputed per batch."""
+    SGLang 0.5.17, MHA, page_size 1, no cascade): q [B, Hq, D] (cast to the KV dtype for fp8
+    KV), k/v cache viewed as [-1, page_size, Hkv, D], page_table int32 [B, L], cache_seqlens
+    int32, cu_seqlens_q arange(B+1), max_seqlen_q 1, softmax_scale, causal=True, window
+    (-1, -1) or, for a sliding-window layer, (sliding_window_size, 0), ``sinks`` [Hq] passed
+    as ``sinks=`` where given, softcap 0, num_splits 0, scheduler_metadata precomputed per
+    batch (with window (-1, -1), as SGLang computes it for every layer)."""
     torch = ctx.torch
     B, Hq, D = q.shape
     Hkv = kbuf.shape[1]
@@ -285,13 +298,14 @@ def build_fa3(
     q_in = q.to(kbuf.dtype) if fp8 else q  # forward_decode: q = q.to(self.kv_cache_dtype)
     k_cache = kbuf.view(-1, 1, Hkv, D)
     v_cache = vbuf.view(-1, 1, Hkv, vbuf.shape[-1])
-    kw = {}
+    # FA3 reads the sinks in the query's dtype (SGLang's gpt-oss keeps them in bf16)
+    kw = {} if sinks is None else {"sinks": sinks.to(torch.bfloat16)}
     if fp8 and args.fa3_descale:  # layer.k_scale.expand((batch_size, tp_k_head_num)) with scale 1.0
         kw["k_descale"] = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(B, Hkv)
         kw["v_descale"] = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(B, Hkv)
     meta = {
         "q_dtype": str(q_in.dtype).replace("torch.", ""),
-        "descale": bool(kw),
+        "descale": "k_descale" in kw,
         "num_splits": 0,
         "scheduler_metadata": False,
     }
@@ -328,7 +342,7 @@ def build_fa3(
             max_seqlen_q=1,
             softmax_scale=sm_scale,
             causal=True,
-            window_size=(-1, -1),
+            window_size=(window, 0) if window >= 0 else (-1, -1),
             softcap=0.0,
             return_softmax_lse=False,
             num_splits=0,

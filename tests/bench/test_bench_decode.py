@@ -101,3 +101,60 @@ def test_fa3_tables_mirror_sglang_decode_metadata():
     assert cu.tolist() == [0, 1, 2, 3] and cu.dtype == torch.int32
     b = bd.count_bytes("fp8_e4m3", 3, 5, 32, 8, 128, 4, q_elt=1)
     assert b["q"] == 3 * 32 * 128 and b["out"] == 2 * b["q"] and b["indices"] == 15 * 4
+
+
+def test_reference_sinks_match_the_kernel_reference():
+    """The bench's float64 reference with sinks is the kernels' attention_ref with sinks."""
+    from sglang_tq.kernels.tq_decode import attention_ref
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=g) for s in ((8, 16), (11, 2, 16), (11, 2, 16)))
+    sinks = torch.randn(8, generator=g)
+    ours = bd.ref_attention(torch, q, k, v, 0.25, sinks)
+    twin = attention_ref(q[None].double(), k.double(), v.double(), 0.25, sinks=sinks.double())[0]
+    # attention_ref takes its softmax in float32: agreement to a few float32 ulps
+    torch.testing.assert_close(ours, twin, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours, bd.ref_attention(torch, q, k, v, 0.25))  # sinks matter
+
+
+def test_window_and_sinks_leave_fa3_as_the_only_baseline(capsys):
+    a = _args("--window", "127", "--sinks")
+    assert a.impl_set == {"sglang-tq", "fa3", "copy"} & set(bd.ALL_IMPLS)
+    assert "no flashinfer, sglang-triton rows" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--window"):
+        _args("--window", "-2")
+
+
+@pytest.mark.parametrize("window,sinks", [(-1, True), (4, False), (6, True), (40, False)])
+def test_window_and_sinks_reach_the_kernel_and_its_check(window, sinks):
+    """A tiny shape through the bench's own sglang-tq path on CPU (Triton interpreter): the
+    window and sinks reach tq_decode and the float64 check, which passes; the same output is
+    off against a check without them (so the check would catch a dropped argument)."""
+    args = _args(
+        "--shapes", "2x23x64", "--kv", "k4v4", "--num-q-heads", "4", "--num-kv-heads", "2",
+        "--impls", "sglang-tq", "--window", str(window), *(["--sinks"] if sinks else []),
+    )  # fmt: skip
+    ctx = bl.Ctx()
+    ctx.torch, ctx.device = torch, torch.device("cpu")
+    sr = bd.ShapeRun(ctx, args, 2, 23, 64, [], [], True, {})
+    assert sr.attended == (23 if window < 0 else min(23, window + 1))
+    if sinks:  # a sink of weight e^2 per head: a visible share of every softmax row
+        sr.sinks = torch.full_like(sr.sinks, 2.0)
+    codec = bd.get_codec(ctx, sr.codecs, 64, 4, 4)
+    bufs = bd.alloc_and_fill_tq(ctx, args, codec, sr.S, 2, 64)
+    fn, _ = bd.build_tq(
+        ctx, args, sr.q, bufs, sr.indptr, sr.slots, codec, sr.sm_scale, 2, sr.tq_extra
+    )
+    out = fn()
+    row = sr.row("sglang-tq", "k4v4")
+    bd.check_tq(sr, row, out, codec, bufs)
+    assert row["check"]["ok"], row["check"]
+    assert row["attended"] == sr.attended and row["sinks"] is sinks
+    kd = codec.k_quant.dequantize(bufs[0][sr.idx0], bufs[1][sr.idx0])
+    vd = codec.v_quant.dequantize(bufs[2][sr.idx0], bufs[3][sr.idx0])
+    plain = bd.ref_attention(torch, sr.q[0], kd, vd, sr.sm_scale)
+    off = bd.compare(torch, "plain", out[0], plain, bd.TOL["tq"])["rel_err"]
+    if sinks or sr.attended < 23:
+        assert off > 5 * max(row["check"]["rel_err"], 1e-3), (off, row["check"])
+    else:  # a window longer than the sequence keeps every key
+        assert off == pytest.approx(row["check"]["rel_err"], rel=1e-9)
