@@ -58,6 +58,9 @@
 #   bash dev/gpu_host/gpu_evidence.sh <commit> mla1    # nvidia-h200 (one GPU, FA3 staged): the MLA
 #       decode tests on CUDA, then `python -m sglang_tq.bench decode-mla` at 16 and 128 heads
 #       (MLA_POOL=<tokens>: the fp8 row's whole-pool cast at a server's pool size).
+#   bash dev/gpu_host/gpu_evidence.sh <commit> swa1    # nvidia-h200 (one GPU, FA3 staged): decode per
+#       step of Gemma-3-27B (global, 1024-window), gpt-oss-20b (full, 128-window, sinks) and
+#       Qwen3-Next (d = 256) layers, sglang-tq k4v4/k3v3 against fa3 bf16/fp8 (SWA_SHAPES=...).
 #   bash dev/gpu_host/gpu_evidence.sh <commit> rows1   # nvidia-h200 (one GPU): the store's one-token
 #       programs (--store-row-tokens 64, 1 and 2 warps) against its 16-token tiles, N = 1, 8, 64.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> roof    # nvidia-h200 (one GPU), after a decode-kernel change
@@ -539,6 +542,26 @@ store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at
     { echo "decode, fused rotation $rot:"; grep -h "^sglang-tq\|^fa3" "$LOGS/decode_$rot.log"; } >> "$OUT/summary.txt"
   done
   tar czf "$OUT/logs.tgz" -C "$OUT" logs
+  ;;
+swa1)  # nvidia-h200 (one GPU, FA3 staged): decode attention per step of issue 16's model shapes,
+  # sglang-tq (k4v4, k3v3) against SGLang's default Hopper backend (fa3, bf16 and fp8): Gemma-3-27B's
+  # global and local (1024-token window) layers, gpt-oss-20b's full and 128-token-window layers
+  # with sinks, Qwen3-Next's full-attention layers (head_dim 256)
+  export CUDA_VISIBLE_DEVICES=0
+  swa() {  # name, decode arguments
+    local name=$1; shift
+    timeout "$(left $(( ${LIMIT_S:-590} - 20 )))" python -m sglang_tq.bench decode --kv k4v4,k3v3 \
+      --impls sglang-tq,fa3 --no-write-path --shapes "${SWA_SHAPES:-1x32768,16x8192,64x4096}" \
+      --time-budget-s "$(left $(( ${LIMIT_S:-590} - 30 )))" "$@" --out "$OUT/decode_$name.json" \
+      > "$LOGS/$name.log" 2>&1
+    { echo "== $name"; tail -12 "$LOGS/$name.log"; } >> "$OUT/summary.txt"
+  }
+  swa gemma3-27b-global --num-q-heads 32 --num-kv-heads 16
+  swa gemma3-27b-local --num-q-heads 32 --num-kv-heads 16 --window 1023
+  swa gpt-oss-20b-full --num-q-heads 64 --num-kv-heads 8 --head-dim 64 --sinks
+  swa gpt-oss-20b-window --num-q-heads 64 --num-kv-heads 8 --head-dim 64 --sinks --window 127
+  swa qwen3-next --num-q-heads 16 --num-kv-heads 2 --head-dim 256
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
   ;;
 mla1)  # nvidia-h200 (one GPU, FA3 staged): MLA decode per step, sglang-tq's packed latent against
   # SGLang's default Hopper MLA path (fa3, bf16 and fp8), DeepSeek-V2-Lite (16 heads) and -V3 (128)
