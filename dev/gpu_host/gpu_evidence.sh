@@ -58,6 +58,10 @@
 #   bash dev/gpu_host/gpu_evidence.sh <commit> mla1    # nvidia-h200 (one GPU, FA3 staged): the MLA
 #       decode tests on CUDA, then `python -m sglang_tq.bench decode-mla` at 16 and 128 heads
 #       (MLA_POOL=<tokens>: the fp8 row's whole-pool cast at a server's pool size).
+#   bash dev/gpu_host/gpu_evidence.sh <commit> tp      # nvidia-h100-x2/-x4 (FA3 and, for the identity
+#       check, Qwen2.5-Coder-0.5B staged; issue 18): at TP = $TP (default all GPUs) a dummy
+#       Llama-3.1-70B (TP >= 4) or -8B server starts and answers (k4v4, bf16); fidelity of k4v4 at
+#       TP 1 and at TP against bf16; the reference and long-generation load tests at TP.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> swa1    # nvidia-h200 (one GPU, FA3 staged): decode per
 #       step of Gemma-3-27B (global, 1024-window), gpt-oss-20b (full, 128-window, sinks) and
 #       Qwen3-Next (d = 256) layers, sglang-tq k4v4/k3v3 against fa3 bf16/fp8 (SWA_SHAPES=...).
@@ -542,6 +546,41 @@ store1)  # nvidia-h200: the store rotation A/B (dense | fwht) x warps (4 | 8) at
     { echo "decode, fused rotation $rot:"; grep -h "^sglang-tq\|^fa3" "$LOGS/decode_$rot.log"; } >> "$OUT/summary.txt"
   done
   tar czf "$OUT/logs.tgz" -C "$OUT" logs
+  ;;
+tp)  # nvidia-h100-x2/-x4 or nvidia-h200-x2/-x4 (FA3 staged; Qwen2.5-Coder-0.5B staged for the
+  # identity check): issue 18 at TP = $TP (default: every visible GPU)
+  TP=${TP:-$(nvidia-smi -L | wc -l)}
+  TPM=${TP_MODEL:-$([ "$TP" -ge 4 ] && echo llama-3.1-70b || echo llama-3.1-8b)}
+  TPF=${TP_MEM:-$([ "$TPM" = llama-3.1-70b ] && echo 0.85 || echo 0.45)}  # 70B: 35 GB weights a rank at TP 4
+  # 1. a dummy model's server at TP: starts under CUDA graphs, answers, its pool tokens
+  for kv in k4v4 bf16; do
+    # shellcheck disable=SC2046
+    timeout "$(left 200)" python -m sglang_tq.bench smoke --model-path "benchmarks/model_configs/$TPM" \
+      --log "$LOGS/smoke_tp_$kv.log" --out "$OUT/smoke_${TPM}_tp${TP}_$kv.json" -- --tp-size "$TP" \
+      $(python -c "from sglang_tq.bench.configs import kv_server_flags; print(' '.join(kv_server_flags('$kv')))") \
+      > "$LOGS/smoke_tp_${kv}_driver.log" 2>&1
+    echo "smoke $TPM TP $TP $kv rc $?: $(grep -h 'max_total_num_tokens=' "$LOGS/smoke_tp_$kv.log" | tail -1)" \
+      >> "$OUT/summary.txt"
+  done
+  # 2. identity: teacher-forced KL / top-1 against bf16 at TP 1 of k4v4 at TP 1 and at TP (a
+  #    real model: the dummy weights of a TP server are drawn per shard)
+  M=$(bash dev/gpu_host/unpack_model.sh qwen2.5-coder-0.5b 2>> "$LOGS/unpack.log") || M=""
+  if [ -n "$M" ]; then
+    timeout -s TERM "$(left 380)" python -m sglang_tq.bench fidelity --model-path "$M" \
+      --configs "k4v4,k4v4-tp$TP,bf16-tp$TP" \
+      --config "k4v4-tp$TP=--kv-quant turboquant --kv-quant-bits k4v4 --tp-size $TP" \
+      --config "bf16-tp$TP=--tp-size $TP" --log-dir "$LOGS/fid" --work-dir /tmp/fidelity_tp \
+      --out "$OUT/fidelity_qwen_tp$TP.json" > "$LOGS/fid.log" 2>&1
+    { echo "== fidelity TP 1 vs TP $TP"; tail -20 "$LOGS/fid.log"; } >> "$OUT/summary.txt"
+  fi
+  # 3. the reference and long-generation load tests at TP, fresh server per config (fa3 baselines)
+  timeout "$(left "${LIMIT_S:-590}")" python -m sglang_tq.bench load --configs k4v4,bf16,fp8 \
+    --model-path "benchmarks/model_configs/$TPM" --workloads reference,long-gen \
+    --mem-fraction-static "$TPF" --extra-server-args="--tp-size $TP" \
+    --out "$OUT/loadtest_tp$TP.json" --log-dir "$LOGS/lt" \
+    --budget-s "$(left $(( ${LIMIT_S:-590} - 10 )))" > "$LOGS/lt.log" 2>&1
+  tail -30 "$LOGS/lt.log" >> "$OUT/summary.txt"
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
   ;;
 swa1)  # nvidia-h200 (one GPU, FA3 staged): decode attention per step of issue 16's model shapes,
   # sglang-tq (k4v4, k3v3) against SGLang's default Hopper backend (fa3, bf16 and fp8): Gemma-3-27B's
