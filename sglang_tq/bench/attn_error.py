@@ -212,8 +212,6 @@ def run(args: argparse.Namespace) -> int:
     summary = {n: sum(map(sum, r)) / sum(map(len, r)) for n, r in rows.items()}
     print_rows(rows, summary, len(layers), len(text_ids))
     doc = {
-        **prov,
-        "script": "sglang_tq.bench attn-error",
         "model_path": str(args.model_path),
         "text": args.text,
         "center_text": args.center_text,
@@ -222,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         "summary": summary,
         "per_layer_per_kv_head": rows,
     }
-    write_result(out, doc)
+    write_result(out, "sglang_tq.bench attn-error", args, prov, **doc)
     return 0
 
 

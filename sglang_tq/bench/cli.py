@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -83,11 +84,21 @@ def parse_shapes(text: str, *, head_dim: bool = False, prefix: bool = False) -> 
     return list(dict.fromkeys(shapes))
 
 
-def doc_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+class BenchParser(argparse.ArgumentParser):
+    """An ArgumentParser whose namespace also carries ``argv``: the arguments as given (by
+    the dispatcher, a test, or the command line), which every results file records."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        ns.argv = list(sys.argv[1:] if args is None else args)
+        return ns
+
+
+def doc_parser(prog: str, doc: str) -> BenchParser:
     """The parser of a tool run as ``prog``: its module docstring's first paragraph as the
     description and the rest, as written, after the options."""
     head, _, rest = doc.partition("\n\n")
-    return argparse.ArgumentParser(
+    return BenchParser(
         prog=prog,
         description=head,
         epilog=rest,

@@ -86,6 +86,7 @@ from .decode_baselines import (
     sglang_splits_tensor,
 )
 from .kernel_io import log
+from .results import write_doc
 
 TOOL = "sglang_tq.bench decode"
 RESULTS_FOLDER = "bench_decode"
@@ -1709,7 +1710,7 @@ def run(args: argparse.Namespace) -> int:
 
     def save():
         payload["elapsed_s"] = time.perf_counter() - t_start
-        kernel_io.write_doc(out, TOOL, args.argv, prov, **payload)
+        write_doc(out, TOOL, args.argv, prov, **payload)
 
     measure_copy_roof(ctx, args, payload)
     bench_shapes(ctx, args, payload, save, t_start)

@@ -139,7 +139,7 @@ from sglang_tq.bench.generation import (
 )
 from sglang_tq.bench.hf_reference import full_logprobs
 from sglang_tq.bench.prompts import LONG_PROMPTS, PROMPTS, build_prompts
-from sglang_tq.bench.results import get_provenance, write_lines_atomic
+from sglang_tq.bench.results import get_provenance, write_doc, write_lines_atomic
 from sglang_tq.bench.server import SGLangServer, flush
 
 TOOL = "fidelity"
@@ -610,7 +610,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check_hf:
         result["hf_check"] = fr.hf_check()
     result["timings"]["total_s"] = round(time.time() - t_start, 1)
-    write_lines_atomic(out, [json.dumps(result, indent=1)])
+    write_doc(out, "sglang_tq.bench fidelity", args.argv, {}, **result)
     print_summary(result, args)
     print(f"\nwrote {out} ({time.time() - t_start:.0f} s)")
     ok = not fr.errors and all("summary" in c for c in result["configs"].values())

@@ -288,8 +288,6 @@ def run(args: argparse.Namespace) -> int:
             f"(criterion <= 2: {'met' if v['met'] else 'NOT met'})"
         )
     doc = {
-        **prov,
-        "script": "sglang_tq.bench fidelity-ref",
         "model_path": str(args.model_path),
         "settings": {
             "configs": args.config_list,
@@ -309,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         "criterion": v,
         "results": results,
     }
-    write_result(out, doc)
+    write_result(out, "sglang_tq.bench fidelity-ref", args, prov, **doc)
     return 0
 
 

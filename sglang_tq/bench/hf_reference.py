@@ -17,11 +17,10 @@ baselines of ``sglang_tq.format.priorart`` at B bits). ``bf16`` is the unquantiz
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from sglang_tq.bench.results import write_lines_atomic
+from sglang_tq.bench.results import write_doc
 
 _CONFIG_RE = re.compile(r"k(2|3|4|8|16)v(2|3|4|8|16)(-prod)?(-c)?")
 _PRIOR_ART_RE = re.compile(r"(hq|kivi)([2-4])")
@@ -199,9 +198,9 @@ def full_logprobs(model_path: str, seqs, dtypes: list[str], device: str | None) 
     return out
 
 
-def write_result(path: str | Path, doc: dict) -> None:
-    """Write the result ``doc`` of fidelity-ref or attn-error to ``path`` atomically and say
-    so. json.dumps as before, Infinity allowed: fidelity-ref's ``k4v4_over_fp8`` is inf
-    where fp8 has no top-1 disagreement (write_json_atomic refuses it)."""
-    write_lines_atomic(path, [json.dumps(doc, indent=1)])
+def write_result(path: str | Path, tool: str, args, prov: dict, **fields) -> None:
+    """Write the result of fidelity-ref or attn-error to ``path`` through the package's one
+    results writer (provenance, tool, argv; a non-finite value such as fidelity-ref's
+    ``k4v4_over_fp8`` where fp8 has no top-1 disagreement is written as null) and say so."""
+    write_doc(path, tool, args.argv, prov, **fields)
     print(f"wrote {path}")

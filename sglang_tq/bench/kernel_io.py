@@ -13,12 +13,11 @@ dtype) are written as null / their ``str()``, so one broken row never stops the 
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 from .cli import default_out
-from .results import write_json_atomic
+from .results import write_doc
 
 
 def log(*parts) -> None:
@@ -47,25 +46,6 @@ def require_cuda(what: str) -> bool:
 def out_path(out: str | Path | None, folder: str, provenance: dict, stem: str | None = None):
     """``--out``, or ``benchmarks/results/<folder>/<stem>_<gpu>_<commit>.json`` without one."""
     return Path(out) if out else default_out(folder, provenance, stem)
-
-
-def json_safe(obj):
-    """``obj`` with non-finite floats as None and values JSON has no type for as their str()."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
-
-
-def write_doc(path: Path, tool: str, argv: list[str], provenance: dict, **fields) -> Path:
-    """``{**provenance, tool, argv, **fields}`` to ``path`` (folders made, atomic replace)."""
-    write_json_atomic(path, json_safe({**provenance, "tool": tool, "argv": list(argv), **fields}))
-    return path
 
 
 def write_results(

@@ -13,23 +13,21 @@ Without --out the table is printed and nothing is written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 
 from sglang_tq import TurboQuantizer
-from sglang_tq.bench.results import get_provenance, write_lines_atomic
+from sglang_tq.bench.cli import doc_parser
+from sglang_tq.bench.results import get_provenance, write_doc
 from sglang_tq.format.codebook import optimal_mse
 
 PUBLISHED_D128 = {1: 0.361, 2: 0.116, 3: 0.0340, 4: 0.0093}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench quantizer-mse", description=__doc__.splitlines()[0]
-    )
+    ap = doc_parser("python -m sglang_tq.bench quantizer-mse", __doc__)
     ap.add_argument("--dim", type=int, default=128, help="vector dimension (head_dim)")
     ap.add_argument("--n", type=int, default=100_000, help="number of random unit vectors")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,14 +71,16 @@ def run(args: argparse.Namespace) -> int:
             f"{pub:>10} {rel:>+8.2%}"
         )
     if args.out:
-        result = {
-            **get_provenance(),
-            "device": args.device,
-            "dim": args.dim,
-            "n": args.n,
-            "rows": rows,
-        }
-        write_lines_atomic(args.out, [json.dumps(result, indent=2)])
+        write_doc(
+            args.out,
+            "sglang_tq.bench quantizer-mse",
+            args.argv,
+            get_provenance(),
+            device=args.device,
+            dim=args.dim,
+            n=args.n,
+            rows=rows,
+        )
         print(f"wrote {args.out}")
     return 0
 

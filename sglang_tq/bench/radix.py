@@ -94,7 +94,6 @@ in benchmarks/results/radix_check/ named by gpu and commit; server logs go to --
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -113,7 +112,7 @@ from sglang_tq.bench.generation import (
     started,
 )
 from sglang_tq.bench.prompts import PROMPTS
-from sglang_tq.bench.results import get_provenance, write_lines_atomic
+from sglang_tq.bench.results import get_provenance, json_safe, write_json_atomic
 from sglang_tq.bench.server import SGLangServer, flush
 
 TOOL = "sglang_tq.bench radix"
@@ -711,9 +710,9 @@ class RadixRun:
 
 
 def write_doc(path: Path, doc: dict) -> None:
-    """Rewrite the result atomically; json.dumps as before, so that a NaN or infinite
-    logprob from a broken server is written down (write_json_atomic would refuse it)."""
-    write_lines_atomic(path, [json.dumps(doc, indent=1)])
+    """Rewrite the result atomically, JSON-safe: a NaN or infinite logprob from a broken
+    server is written down as null instead of failing the write."""
+    write_json_atomic(path, json_safe(doc))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ so a run cut off by a time limit keeps everything it finished.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,6 +69,27 @@ def write_json_atomic(path: str | Path, obj) -> None:
     """Serialize ``obj`` to a temporary file beside ``path``, fsync, then os.replace it
     over ``path``; on any error the old file stays and the temporary file is removed."""
     _write_atomic(path, [json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False)])
+
+
+def json_safe(obj):
+    """``obj`` with non-finite floats as None and values JSON has no type for as their str()."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def write_doc(path: str | Path, tool: str, argv: list[str], provenance: dict, **fields) -> Path:
+    """The one-document results file of a run: ``{**provenance, tool, argv, **fields}``,
+    JSON-safe (a NaN or infinite value from a broken row is written as null instead of
+    failing the write), to ``path`` atomically; returns the path."""
+    write_json_atomic(path, json_safe({**provenance, "tool": tool, "argv": list(argv), **fields}))
+    return Path(path)
 
 
 def write_lines_atomic(path: str | Path, lines: Iterable[str]) -> None:

@@ -17,8 +17,8 @@ import json
 import os
 import sys
 
-from .cli import add_model_path
-from .results import get_provenance, write_json_atomic
+from .cli import add_model_path, doc_parser
+from .results import get_provenance, write_doc
 from .server import SGLangServer, post_json
 
 # two Llama-3 prompts; other vocabularies get them modulo their size (dummy weights: any id
@@ -42,9 +42,7 @@ def prompts_for(model_path: str) -> list[list[int]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m sglang_tq.bench smoke", description=__doc__.splitlines()[0]
-    )
+    ap = doc_parser("python -m sglang_tq.bench smoke", __doc__)
     add_model_path(ap, required=True)
     ap.add_argument("--port", type=int, default=30111)
     ap.add_argument("--startup-timeout", type=float, default=420)
@@ -67,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         args.log,
         port=args.port,
     )
-    result = {**get_provenance(), "command": server.cmd, "ok": False}
+    prov = get_provenance()
+    result = {"command": server.cmd, "ok": False}
     try:
         result["startup_s"] = server.start(args.startup_timeout)
         reply = post_json(
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     result["max_total_num_tokens"] = server.pool_from_log()["max_total_num_tokens"]
-    write_json_atomic(args.out, result)
+    write_doc(args.out, "sglang_tq.bench smoke", args.argv, prov, **result)
     print(
         json.dumps({k: result.get(k) for k in ("ok", "startup_s", "max_total_num_tokens", "error")})
     )

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..bench import cli, kernel_io
 from ..bench.cli import add_kv_bits, add_shapes
+from ..bench.results import write_doc
 
 TOOL = "sglang_tq.tools.tune"
 HEAD_COUNTS = (32, 8)  # q heads, kv heads: Llama-3.1-8B attention
@@ -231,7 +232,7 @@ def tune(args) -> int:
     if args.out:
         result = {"head_dim": args.head_dim, "num_sms": num_sms, "grid": grid, "shapes": shapes}
         result.update(rows=rows, winners=winners, elapsed_s=round(time.time() - t0, 1))
-        kernel_io.write_doc(Path(args.out), TOOL, args.argv, prov, **result)
+        write_doc(Path(args.out), TOOL, args.argv, prov, **result)
         print(f"wrote {args.out}")
     return 0 if winners else 1
 

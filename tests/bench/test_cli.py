@@ -94,3 +94,29 @@ def test_no_subcommand_imports_another():
             else:
                 continue
             assert not (names & (modules - {mod})), f"{mod} imports {names & modules}"
+
+
+def test_one_results_schema_with_non_finite_values(tmp_path):
+    """results.write_doc: provenance, tool and argv on top; NaN and inf written as null (a
+    broken row must not stop the write, and strict JSON has no NaN)."""
+    import json
+
+    from sglang_tq.bench.results import write_doc
+
+    prov = {"gpu": "NVIDIA H200", "commit": "abc", "versions": {"torch": "x"}, "date": "d"}
+    path = write_doc(
+        tmp_path / "r" / "x.json", "sglang_tq.bench t", ["--a", "1"], prov, rows=[1.5, float("nan")]
+    )
+    doc = json.loads(path.read_text())
+    assert {k: doc[k] for k in prov} == prov
+    assert (doc["tool"], doc["argv"], doc["rows"]) == (
+        "sglang_tq.bench t",
+        ["--a", "1"],
+        [1.5, None],
+    )
+
+
+def test_doc_parser_records_the_arguments_it_parsed():
+    ap = cli.doc_parser("python -m sglang_tq.bench x", "First line.\n\nMore.")
+    ap.add_argument("--n", type=int, default=1)
+    assert ap.parse_args(["--n", "3"]).argv == ["--n", "3"] and ap.parse_args([]).argv == []
