@@ -214,6 +214,11 @@ class PackedDecodeState:
     _eager_ws: DecodeWorkspace | None = None
     _decode_ws: DecodeWorkspace | None = None
 
+    def _sglang_attention(self, method: str, q, k, v, layer, forward_batch, save_kv_cache, **kw):
+        """SGLang's own ``forward_decode`` / ``forward_extend`` (the Triton backend's) for a
+        layer this backend does not pack (``--kv-quant-bf16-layers``)."""
+        return getattr(super(), method)(q, k, v, layer, forward_batch, save_kv_cache, **kw)
+
     @contextlib.contextmanager
     def _without_sglang_logits(self):
         """While the parent builds metadata: SGLang's split-KV logits [B, H, splits, Dv] fp32
@@ -497,17 +502,10 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
     ):
         inner, idx = resolve_layer(self.token_to_kv_pool, layer.layer_id)
         if not inner.is_packed_layer(idx):
-            return super().forward_decode(
-                q,
-                k,
-                v,
-                layer,
-                forward_batch,
-                save_kv_cache,
-                sinks=sinks,
-                score_mod=score_mod,
-                aux_tensors=aux_tensors,
-            )
+            return self._sglang_attention(
+                "forward_decode", q, k, v, layer, forward_batch, save_kv_cache,
+                sinks=sinks, score_mod=score_mod, aux_tensors=aux_tensors,
+            )  # fmt: skip
         self._check_call(k, sinks, score_mod, forward_batch)
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q = q.reshape(-1, hq, d)
@@ -557,17 +555,10 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
     ):
         inner, idx = resolve_layer(self.token_to_kv_pool, layer.layer_id)
         if not inner.is_packed_layer(idx):
-            return super().forward_extend(
-                q,
-                k,
-                v,
-                layer,
-                forward_batch,
-                save_kv_cache,
-                sinks=sinks,
-                score_mod=score_mod,
-                aux_tensors=aux_tensors,
-            )
+            return self._sglang_attention(
+                "forward_extend", q, k, v, layer, forward_batch, save_kv_cache,
+                sinks=sinks, score_mod=score_mod, aux_tensors=aux_tensors,
+            )  # fmt: skip
         self._check_call(k, sinks, score_mod, forward_batch)
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         o = getattr(forward_batch, "_attn_output", None)

@@ -160,17 +160,10 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
     ):
         pool = self.token_to_kv_pool
         if not pool.is_packed_layer(layer.layer_id):
-            return super().forward_decode(
-                q,
-                k,
-                v,
-                layer,
-                forward_batch,
-                save_kv_cache,
-                sinks=sinks,
-                score_mod=score_mod,
-                aux_tensors=aux_tensors,
-            )
+            return self._sglang_attention(
+                "forward_decode", q, k, v, layer, forward_batch, save_kv_cache,
+                sinks=sinks, score_mod=score_mod, aux_tensors=aux_tensors,
+            )  # fmt: skip
         _check_mla_call(layer, k, sinks, score_mod)
         hq, lat = layer.tp_q_head_num, pool.kv_lora_rank
         q = q.reshape(-1, hq, pool.kv_cache_dim)
@@ -214,17 +207,10 @@ class TQMLAAttnBackend(PackedDecodeState, TritonAttnBackend):
     ):
         pool = self.token_to_kv_pool
         if not pool.is_packed_layer(layer.layer_id):
-            return super().forward_extend(
-                q,
-                k,
-                v,
-                layer,
-                forward_batch,
-                save_kv_cache,
-                sinks=sinks,
-                score_mod=score_mod,
-                aux_tensors=aux_tensors,
-            )
+            return self._sglang_attention(
+                "forward_extend", q, k, v, layer, forward_batch, save_kv_cache,
+                sinks=sinks, score_mod=score_mod, aux_tensors=aux_tensors,
+            )  # fmt: skip
         if layer.qk_head_dim != pool.kv_cache_dim:
             # attn_mha: no prefix anywhere in the batch; the chunk stands in for the buffers
             if save_kv_cache:

@@ -38,7 +38,7 @@ from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 from ..config import TQConfig
 from ..env import fwht_rotations
 from ..format.codec import LayerCodec
-from .pool import MODEL_DTYPES, PackedLayers, RefusesRawMoves, _store_kv
+from .pool import PackedLayers, RefusesRawMoves, _store_kv, check_model_dtype
 
 MLA_LATENT_DIMS = (512,)
 MLA_ROPE_DIMS = (64,)
@@ -100,10 +100,7 @@ class TQMLATokenToKVPool(PackedLayers, RefusesRawMoves, KVCache):
                 f"an MLA latent is both key and value, so it takes one bit width "
                 f"and plain codes: use --kv-quant-bits k{cfg.k_bits}v{cfg.k_bits}."
             )
-        if model_dtype not in MODEL_DTYPES:
-            raise ValueError(
-                f"the model dtype of a TurboQuant pool must be bf16 or fp16, got {model_dtype}."
-            )
+        check_model_dtype(model_dtype)
         super().__init__(
             size,
             page_size,

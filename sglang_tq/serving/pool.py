@@ -40,6 +40,16 @@ from ..format.codec import LayerCodec
 from ..kernels.tq_store import tq_store_kv
 
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_model_dtype(model_dtype: torch.dtype) -> None:
+    """The packed pools dequantize into the model's dtype: bf16 or fp16 only."""
+    if model_dtype not in MODEL_DTYPES:
+        raise ValueError(
+            f"the model dtype of a TurboQuant pool must be bf16 or fp16, got {model_dtype}."
+        )
+
+
 # Kept out of torch.compile tracing, like SGLang's own Triton kernel wrappers.
 _store_kv = torch.compiler.disable(tq_store_kv)
 
@@ -250,10 +260,7 @@ class TQTokenToKVPool(PackedLayers, RefusesRawMoves, KVCache):
                 f"TQTokenToKVPool needs equal K/V head dims matching TQConfig.head_dim={cfg.head_dim}, "
                 f"got head_dim={head_dim} and v_head_dim={v_head_dim}."
             )
-        if model_dtype not in MODEL_DTYPES:
-            raise ValueError(
-                f"the model dtype of a TurboQuant pool must be bf16 or fp16, got {model_dtype}."
-            )
+        check_model_dtype(model_dtype)
         # dtype is the storage dtype (uint8): SGLang's fused set-KV test
         # (pool.dtype == bfloat16) is then false for this pool by construction.
         super().__init__(
