@@ -65,6 +65,9 @@
 #   bash dev/gpu_host/gpu_evidence.sh <commit> swa1    # nvidia-h200 (one GPU, FA3 staged): decode per
 #       step of Gemma-3-27B (global, 1024-window), gpt-oss-20b (full, 128-window, sinks) and
 #       Qwen3-Next (d = 256) layers, sglang-tq k4v4/k3v3 against fa3 bf16/fp8 (SWA_SHAPES=...).
+#   bash dev/gpu_host/gpu_evidence.sh <commit> ncu1    # nvidia-h200 (one GPU, FA3 staged): Nsight Compute
+#       of the k4v4 decode stage 1 and FA3 bf16's kernel at 64 x 16k (NCU_SHAPES), full set: stall
+#       reasons and pipe use for the decode-kernel redesign (issue 13); details CSV + per-SASS samples.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> rows1   # nvidia-h200 (one GPU): the store's one-token
 #       programs (--store-row-tokens 64, 1 and 2 warps) against its 16-token tiles, N = 1, 8, 64.
 #   bash dev/gpu_host/gpu_evidence.sh <commit> roof    # nvidia-h200 (one GPU), after a decode-kernel change
@@ -614,6 +617,26 @@ mla1)  # nvidia-h200 (one GPU, FA3 staged): MLA decode per step, sglang-tq's pac
   done
   tail -3 "$OUT/pytest.log" >> "$OUT/summary.txt"
   tar czf "$OUT/logs.tgz" -C "$OUT" logs
+  ;;
+ncu1)  # nvidia-h200 (one GPU, FA3 staged for its row): Nsight Compute of one decode step, the
+  # k4v4 stage-1 kernel and FA3 bf16's, full section set (stall reasons, pipe use, per-SASS samples)
+  export CUDA_VISIBLE_DEVICES=0
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
+  if [ -z "$NCU" ]; then echo "ncu1: no ncu on this host" | tee "$OUT/summary.txt"; exit 0; fi
+  ncu_one() {  # name, kernel regex, impl
+    timeout "$(left $(( ${LIMIT_S:-590} - 40 )))" "$NCU" --kernel-name-base demangled --kernel-name "regex:$2" --launch-skip 3 \
+      --launch-count 1 --set full --import-source yes -f -o "$LOGS/$1" \
+      python -m sglang_tq.bench decode --shapes "${NCU_SHAPES:-64x16384}" --kv k4v4 --impls "$3" \
+      --baseline-dtypes bf16 --no-write-path --no-cuda-graph --warmup 1 --rep 3 --repeat 1 \
+      --check none --out "$LOGS/$1_bench.json" > "$LOGS/$1.log" 2>&1
+    echo "$1 rc $?" >> "$OUT/summary.txt"
+    "$NCU" --import "$LOGS/$1.ncu-rep" --page details --csv > "$OUT/ncu_$1_details.csv" 2>> "$LOGS/$1.log"
+    "$NCU" --import "$LOGS/$1.ncu-rep" --page source --csv --print-source sass 2>> "$LOGS/$1.log" \
+      | gzip > "$OUT/ncu_$1_sass.csv.gz"
+  }
+  ncu_one tq_stage1 _tq_decode_stage1 sglang-tq
+  ncu_one fa3_bf16 FlashAttnFwdSm90 fa3
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
   ;;
 rows1)  # nvidia-h200: the store's one-token programs (row_tokens 64) against 16-token tiles at N = 1, 8, 64
   export CUDA_VISIBLE_DEVICES=0
