@@ -446,9 +446,14 @@ split1)  # nvidia-h200 (one GPU): batch-1 split counts and launches (ab_decode),
   ;;
 lt1)  # nvidia-h200 (one GPU, FA3 staged): sglang_tq.bench load's workloads ($4, default all) for the configs in $3
   export CUDA_VISIBLE_DEVICES=0
+  # SM clock and power beside the runs (issue 13: does the gate/up GEMM slow with the clock?)
+  nvidia-smi -i 0 --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+    --format=csv -lms 250 > "$LOGS/smi.csv" 2>&1 &
+  SMI=$!
   timeout "$(left "${LIMIT_S:-590}")" python -m sglang_tq.bench load --configs "${3:?configs}" \
     --out "$OUT/loadtest.json" ${4:+--workloads "$4"} "${@:5}" --log-dir "$LOGS/lt" \
     --budget-s "$(left $(( ${LIMIT_S:-590} - 10 )))" > "$LOGS/lt.log" 2>&1
+  kill "$SMI" 2> /dev/null
   { tail -40 "$LOGS/lt.log"; grep -h "prefill attention\|Use .* backend\|max_total_num_tokens=" \
       "$LOGS"/lt/*.log | head; } > "$OUT/summary.txt" 2>&1
   ;;
