@@ -22,6 +22,11 @@
   (``sglang_tq/kernels/tq_store.py``). Default 8: same-call A/B on an H100
   (``benchmarks/results/ab_decode/ab_store_rows_h100_8e620f2.json``), k4v4 8.35 → 6.54 µs at
   one token, 8.56 → 6.64 µs at eight; 0 keeps the tiles always.
+* ``SGLANG_TQ_DECODE_IMPL``: the decode stage-1 kernel, ``triton`` (default) or ``mma``: the
+  CUDA kernel that decodes codes straight into tensor-core fragments
+  (``sglang_tq/kernels/tq_decode_mma.py``; 4-bit keys and values, head_dim 128, no window or
+  soft-cap), compiled at first use with NVRTC. Opt-in until a same-run A/B on a GPU says
+  which is faster.
 * ``SGLANG_TQ_EXPERIMENTAL_MLA``: ``1`` admits MLA models (DeepSeek-V2/V3: the packed latent
   pool and backend, ``sglang_tq/serving/mla_pool.py``, ``sglang_tq/serving/mla_backend.py``)
   before a GPU run has validated them; without it they are refused at launch.
@@ -79,3 +84,14 @@ def experimental_mla() -> bool:
     if raw not in ("0", "1", ""):
         raise ValueError(f"SGLANG_TQ_EXPERIMENTAL_MLA must be 0 or 1, got {raw!r}.")
     return raw == "1"
+
+
+DECODE_IMPLS = ("triton", "mma")
+
+
+def decode_impl() -> str:
+    """``SGLANG_TQ_DECODE_IMPL``: the decode stage-1 kernel (triton or mma)."""
+    raw = os.environ.get("SGLANG_TQ_DECODE_IMPL", "triton").strip() or "triton"
+    if raw not in DECODE_IMPLS:
+        raise ValueError(f"SGLANG_TQ_DECODE_IMPL must be one of {', '.join(DECODE_IMPLS)}, got {raw!r}.")
+    return raw

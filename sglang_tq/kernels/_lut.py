@@ -214,47 +214,61 @@ def _check_codebook(codebook: torch.Tensor, bits: int) -> None:
         )
 
 
+LUT4_PAIRINGS = ("nibbles", "bytes")
+
+
 @functools.cache
-def _lut4_asm_cached() -> str:
+def _lut4_asm_cached(pairing: str = "nibbles") -> str:
     tl0, tl1, th0, th1 = _table_operands(5, PACK_WORD)
+    if pairing == "nibbles":
+        # selectors: nibbles (lo0, hi0, lo2, hi2) and (lo1, hi1, lo3, hi3); sign gathers and
+        # output permutes in that order
+        sel = ["prmt.b32 sx, j, j, 0x2020;", "prmt.b32 sy, j, j, 0x3131;"]
+        gather, out = ("0x6240", "0x7351"), ("0x6240", "0x6240", "0x7351", "0x7351")
+        outs = ("lx, hx", "ly, hy", "lx, hx", "ly, hy")
+    else:
+        # "bytes": the word's own low half selects bytes 0, 1 (nibbles lo0, hi0, lo1, hi1)
+        # and its high half bytes 2, 3: one shift instead of two permutes
+        sel = ["mov.b32 sx, j;", "shr.b32 sy, j, 16;"]
+        gather, out = ("0x5140", "0x7362"), ("0x5140", "0x7362", "0x5140", "0x7362")
+        outs = ("lx, hx", "lx, hx", "ly, hy", "ly, hy")
     return "\n".join(
         [
             "{",
             ".reg .b32 j, sx, sy, lx, hx, ly, hy, t, gx, gy;",
             # sign-magnitude codes: the low 3 bits of every nibble index the magnitude
             "and.b32 j, $4, 0x77777777;",
-            # selectors: nibbles (lo0, hi0, lo2, hi2) and (lo1, hi1, lo3, hi3)
-            "prmt.b32 sx, j, j, 0x2020;",
-            "prmt.b32 sy, j, j, 0x3131;",
+            *sel,
             f"prmt.b32 lx, {tl0}, {tl1}, sx;",
             f"prmt.b32 hx, {th0}, {th1}, sx;",
             f"prmt.b32 ly, {tl0}, {tl1}, sy;",
             f"prmt.b32 hy, {th0}, {th1}, sy;",
-            # signs into bit 7 of the high bytes: bit 3 of nibbles (0, 1, 4, 5) for hx and
-            # (2, 3, 6, 7) for hy, gathered bytewise from w << 4 and w
+            # signs into bit 7 of the high bytes, gathered bytewise from w << 4 (a byte's
+            # low-nibble sign at bit 7) and w (its high-nibble sign) in the selectors' order
             "shl.b32 t, $4, 4;",
-            "prmt.b32 gx, t, $4, 0x6240;",
-            "prmt.b32 gy, t, $4, 0x7351;",
+            f"prmt.b32 gx, t, $4, {gather[0]};",
+            f"prmt.b32 gy, t, $4, {gather[1]};",
             "and.b32 gx, gx, 0x80808080;",
             "or.b32 hx, hx, gx;",
             "and.b32 gy, gy, 0x80808080;",
             "or.b32 hy, hy, gy;",
-            # fp16x2 outputs: low nibbles of bytes 0,2 / 1,3, high nibbles of bytes 0,2 / 1,3
-            "prmt.b32 $0, lx, hx, 0x6240;",
-            "prmt.b32 $1, ly, hy, 0x6240;",
-            "prmt.b32 $2, lx, hx, 0x7351;",
-            "prmt.b32 $3, ly, hy, 0x7351;",
+            # fp16x2 outputs: "nibbles": low nibbles of bytes 0,2 / 1,3, high nibbles of
+            # bytes 0,2 / 1,3; "bytes": the (low, high) nibble pair of byte 0 / 1 / 2 / 3
+            *(f"prmt.b32 ${i}, {outs[i]}, {out[i]};" for i in range(4)),
             "}",
         ]
     )
 
 
-def lut4_asm(codebook: torch.Tensor) -> str:
+def lut4_asm(codebook: torch.Tensor, pairing: str = "nibbles") -> str:
     """PTX mapping a word of two uint16 elements (8 packed 4-bit codes) to four fp16x2
-    registers: low nibbles of bytes (0, 2), of bytes (1, 3), high nibbles of bytes
-    (0, 2), of bytes (1, 3)."""
+    registers: ``pairing="nibbles"``: low nibbles of bytes (0, 2), of bytes (1, 3), high
+    nibbles of bytes (0, 2), of bytes (1, 3); ``"bytes"``: the (low, high) nibbles of
+    byte 0, 1, 2, 3."""
     _check_codebook(codebook, 4)
-    return _lut4_asm_cached()
+    if pairing not in LUT4_PAIRINGS:
+        raise ValueError(f"pairing must be one of {', '.join(LUT4_PAIRINGS)}, got {pairing!r}.")
+    return _lut4_asm_cached(pairing)
 
 
 # ----------------------------------------------------------------------------- emulator
@@ -264,16 +278,21 @@ def _prmt(a: int, b: int, sel: int) -> int:
 
 
 def emulate_lookup(
-    codebook: torch.Tensor, bits: int, code_inputs: list[int], shift: int = 0, words: bool = False
+    codebook: torch.Tensor,
+    bits: int,
+    code_inputs: list[int],
+    shift: int = 0,
+    words: bool = False,
+    pairing: str = "nibbles",
 ) -> list[int]:
     """Run :func:`lut_asm` on packed code registers with the codebook's table operands
-    (3-bit: ``code_inputs`` = [low plane, high-bit bytes], ``shift`` their column shift)."""
+    (3-bit: ``code_inputs`` = [low plane, high-bit bytes], ``shift`` their column shift;
+    4-bit: ``pairing`` as :func:`lut4_asm`)."""
     pack = PACK_WORD if bits == 4 or words else PACK_SMALL
     tables = [w for w in table_words(codebook, bits) for _ in range(pack)]
     extra = [shift] * pack if bits == 3 else []
-    return emulate(
-        lut_asm(codebook, bits, words), list(code_inputs) + extra + tables, 4 if bits == 4 else 8
-    )
+    asm = lut4_asm(codebook, pairing) if bits == 4 else lut_asm(codebook, bits, words)
+    return emulate(asm, list(code_inputs) + extra + tables, 4 if bits == 4 else 8)
 
 
 def emulate(asm: str, inputs: list[int], num_outputs: int) -> list[int]:

@@ -37,6 +37,25 @@ def test_lut4_word_matches_codebook_for_every_code(dim):
             assert reg >> 16 == _fp16_bits(cb[second])
 
 
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_lut4_byte_pairing_matches_codebook_for_every_code(dim):
+    """4-bit, "bytes" pairing (the CUDA decode's value fragments): a word of 4 bytes → the
+    fp16 pair (low nibble, high nibble) of byte 0, 1, 2, 3."""
+    cb = codebook(dim, 4)
+    for byte0, lane in itertools.product(range(256), range(4)):
+        b = [(byte0 * (5 + 2 * e) + 17 * e) % 256 for e in range(4)]
+        b[lane] = byte0
+        out = emulate_lookup(cb, 4, [sum(x << (8 * e) for e, x in enumerate(b))], pairing="bytes")
+        for reg, x in zip(out, b):
+            assert reg & 0xFFFF == _fp16_bits(cb[x & 15])
+            assert reg >> 16 == _fp16_bits(cb[x >> 4])
+
+
+def test_lut4_refuses_unknown_pairing():
+    with pytest.raises(ValueError, match="pairing must be one of"):
+        emulate_lookup(codebook(128, 4), 4, [0], pairing="tokens")
+
+
 def _pairs(out, f, words):
     """Field f's four fp16 values in byte order from output registers 2f, 2f+1: pairs of
     bytes (0, 1), (2, 3) when read as bytes, (0, 2), (1, 3) when read as words."""
