@@ -3,7 +3,8 @@ of medians, one JSON.
 
 Each variant is a set of keyword overrides of :func:`tq_decode` (``block_n``, ``num_warps``,
 ``prefetch``, ``num_stages``, ``heads_n``, ``maxnreg``, and the small-batch switches
-``fuse_rotation``, ``pdl``; ``programs_per_sm``, ``splits``,
+``fuse_rotation``, ``pdl``, the stage-1 kernel ``impl`` (triton | mma); ``programs_per_sm``,
+``splits``,
 ``min_tokens_per_split`` and ``max_splits``, the ceiling, steer the split count) on top
 of the launch the backend would run; every variant runs on the same packed pool, slots and
 queries of each shape (:mod:`sglang_tq.bench.decode_shape`), timed as CUDA-graph replays
@@ -41,6 +42,7 @@ _INT_KEYS = (
     "min_tokens_per_split",
 )
 _BOOL_KEYS = ("prefetch", "heads_n", "fuse_rotation", "pdl")
+_STR_KEYS = {"impl": ("triton", "mma")}  # the stage-1 kernel (tq_decode's impl)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -51,11 +53,19 @@ def parse_variant(text: str) -> tuple[str, dict]:
     kw = {}
     for item in filter(None, body.split(",")):
         key, eq, value = item.partition("=")
-        if not eq or key not in _INT_KEYS + _BOOL_KEYS:
+        if not eq or key not in _INT_KEYS + _BOOL_KEYS + tuple(_STR_KEYS):
             raise SystemExit(
                 f"--variant {name}: '{item}' is not key=value with a key among "
-                f"{', '.join(_INT_KEYS + _BOOL_KEYS)}."
+                f"{', '.join(_INT_KEYS + _BOOL_KEYS + tuple(_STR_KEYS))}."
             )
+        if key in _STR_KEYS:
+            if value not in _STR_KEYS[key]:
+                raise SystemExit(
+                    f"--variant {name}: {key} must be one of {', '.join(_STR_KEYS[key])}, "
+                    f"got '{value}'."
+                )
+            kw[key] = value
+            continue
         try:
             kw[key] = bool(int(value)) if key in _BOOL_KEYS else int(value)
         except ValueError:

@@ -52,9 +52,10 @@ import triton
 import triton.language as tl
 
 from sglang_tq.config import TQConfig
-from sglang_tq.env import decode_launch_file, triton_interpreting
+from sglang_tq.env import decode_impl, decode_launch_file, triton_interpreting
 from sglang_tq.format.codec import LayerCodec
 
+from . import tq_decode_mma
 from ._checks import check_attention_args, check_pdl, pdl_launch, pdl_supported
 from ._codes import (
     eight_tiles,
@@ -765,6 +766,62 @@ def default_launch(
     return found or builtin_launch(head_dim)
 
 
+def _stage1_triton(
+    q_rot, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, num_kv_splits,
+    mid_o, mid_lse, pe, codec, sm_scale, logit_cap, sliding_window, meta,
+):  # fmt: skip
+    """The Triton stage 1 over (batch, query-head block, split); ``meta`` its constexprs
+    and launch options but the codec's and the pool's."""
+    bsz, hq = q_rot.shape[:2]
+    _tq_decode_stage1[(bsz, hq // meta["GQA"], mid_o.shape[2])](
+        q_rot,
+        codec.pi_f16,
+        k_codes,
+        k_norms,
+        v_codes,
+        v_norms,
+        codec.k_codebook,
+        codec.v_codebook,
+        codec.k_lut_words,
+        codec.v_lut_words,
+        kv_indptr,
+        kv_indices,
+        num_kv_splits,
+        mid_o,
+        mid_lse,
+        pe[0],
+        pe[1],
+        sm_scale,
+        logit_cap,
+        sliding_window,
+        q_rot.stride(0),
+        q_rot.stride(1),
+        k_codes.stride(0),
+        k_codes.stride(1),
+        k_norms.stride(0),
+        k_norms.stride(1),
+        v_codes.stride(0),
+        v_codes.stride(1),
+        v_norms.stride(0),
+        v_norms.stride(1),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        pe[2],
+        pe[3],
+        pe[4],
+        K_BITS=codec.k_bits,
+        V_BITS=codec.v_bits,
+        K_LUT=codec.k_lut,
+        V_LUT=codec.v_lut,
+        USE_ASM=not triton_interpreting(),
+        SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms, *pe[1:2]),
+        **meta,
+    )
+
+
 def tq_decode(
     q,
     k_codes,
@@ -795,6 +852,7 @@ def tq_decode(
     fwht: bool = True,
     q_pe=None,
     k_pe=None,
+    impl: str | None = None,
 ):
     """Attention of one new query token per sequence over its packed KV slots.
 
@@ -826,6 +884,11 @@ def tq_decode(
     with ``k_pe`` [slots, R] (or [slots, 1, R], bf16) add the decoupled RoPE part to every
     score: s = q·k_latent + q_pe·k_pe. The output [B, Hq, D] is the attention-weighted
     latent. Groups of more than 16 query heads run as blocks of 16 per program.
+
+    ``impl``: the stage-1 kernel, ``"triton"`` or ``"mma"`` (``tq_decode_mma.py``: the CUDA
+    kernel on register MMA fragments; k4v4 at head_dim 128, no window, soft-cap or MLA);
+    None reads ``SGLANG_TQ_DECODE_IMPL`` (default triton). The launch options above steer
+    the Triton kernel only; ``block_n`` stays the split granularity of both.
     """
     bsz = q.shape[0]
     shared = v_codes is None
@@ -895,6 +958,22 @@ def tq_decode(
     check_pdl(pdl)
     if rope and prefetch:
         raise ValueError("q_pe/k_pe need prefetch=False (the RoPE rows are read per tile).")
+    impl = impl or decode_impl()
+    if impl == "mma":
+        why = tq_decode_mma.unsupported(
+            codec.k_bits,
+            codec.v_bits,
+            d,
+            gqa,
+            shared_kv=shared,
+            logit_cap=logit_cap,
+            sliding_window=sliding_window,
+        )
+        if why:
+            raise ValueError(f"{why}; use impl='triton' (SGLANG_TQ_DECODE_IMPL=triton).")
+        fuse_rotation = False  # the mma kernel reads the rotated fp32 query
+    elif impl != "triton":
+        raise ValueError(f"impl must be 'triton' or 'mma', got {impl!r}.")
     fuse_rotation = fuse_rotation and q.stride(2) == 1
     early_q = early_q and pdl and fuse_rotation  # no launch between the store and stage 1
     mid_o, mid_lse = ws.partials(bsz, max_kv_splits)
@@ -910,69 +989,35 @@ def tq_decode(
     else:
         q_rot = torch.matmul(q.to(torch.float32), codec.pi.T, out=ws.q_rot[:bsz])
     pe = (q_pe, k_pe, q_pe.stride(0), q_pe.stride(1), k_pe.stride(0)) if rope else (q, q, 0, 0, 0)
-    _tq_decode_stage1[(bsz, hq // hp, max_kv_splits)](
-        q_rot,
-        codec.pi_f16,
-        k_codes,
-        k_norms,
-        v_codes,
-        v_norms,
-        codec.k_codebook,
-        codec.v_codebook,
-        codec.k_lut_words,
-        codec.v_lut_words,
-        kv_indptr,
-        kv_indices,
-        num_kv_splits,
-        mid_o,
-        mid_lse,
-        pe[0],
-        pe[1],
-        sm_scale,
-        logit_cap,
-        sliding_window,
-        q_rot.stride(0),
-        q_rot.stride(1),
-        k_codes.stride(0),
-        k_codes.stride(1),
-        k_norms.stride(0),
-        k_norms.stride(1),
-        v_codes.stride(0),
-        v_codes.stride(1),
-        v_norms.stride(0),
-        v_norms.stride(1),
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2),
-        mid_lse.stride(0),
-        mid_lse.stride(1),
-        pe[2],
-        pe[3],
-        pe[4],
-        GQA=hp,
-        BLOCK_H=_block_h(hp, heads_n),
-        HEAD_DIM=d,
-        BLOCK_N=block_n,
-        K_BITS=codec.k_bits,
-        V_BITS=codec.v_bits,
-        HAS_CAP=logit_cap > 0,
-        K_LUT=codec.k_lut,
-        V_LUT=codec.v_lut,
-        USE_ASM=not triton_interpreting(),
-        SLOT_I64=slot_offsets_need_int64(k_codes, k_norms, v_codes, v_norms, *pe[1:2]),
-        PREFETCH=int(prefetch),
-        HEADS_N=int(heads_n),
-        FUSE_ROT=(2 if fwht else 1) if fuse_rotation else 0,
-        USE_PDL=int(pdl),
-        EARLY_Q=int(early_q),
-        SHARED_KV=shared,
-        ROPE_DIM=rope,
-        HEAD_BLOCKS=gqa // hp,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        **_register_cap(maxnreg),
-        **pdl_launch(pdl),
-    )
+    if impl == "mma":
+        tq_decode_mma.stage1_mma(
+            q_rot,
+            k_codes,
+            k_norms,
+            v_codes,
+            v_norms,
+            kv_indptr,
+            kv_indices,
+            num_kv_splits,
+            mid_o,
+            mid_lse,
+            codec,
+            sm_scale,
+            block_n,
+        )
+    else:
+        _stage1_triton(
+            q_rot, k_codes, k_norms, v_codes, v_norms, kv_indptr, kv_indices, num_kv_splits,
+            mid_o, mid_lse, pe, codec, sm_scale, logit_cap, sliding_window,
+            dict(
+                GQA=hp, BLOCK_H=_block_h(hp, heads_n), HEAD_DIM=d, BLOCK_N=block_n,
+                HAS_CAP=logit_cap > 0, PREFETCH=int(prefetch), HEADS_N=int(heads_n),
+                FUSE_ROT=(2 if fwht else 1) if fuse_rotation else 0, USE_PDL=int(pdl),
+                EARLY_Q=int(early_q), SHARED_KV=shared, ROPE_DIM=rope,
+                HEAD_BLOCKS=gqa // hp, num_warps=num_warps, num_stages=num_stages,
+                **_register_cap(maxnreg), **pdl_launch(pdl),
+            ),
+        )  # fmt: skip
     _tq_decode_stage2[(bsz, hq if vector_merge else hq // hp)](  # per query head / per block
         mid_o,
         mid_lse,

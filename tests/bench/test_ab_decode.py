@@ -12,6 +12,7 @@ def test_variant_overrides_are_typed():
     )
     assert name == "r168"
     assert kw == {"prefetch": False, "num_stages": 3, "maxnreg": 168, "programs_per_sm": 12}
+    assert ab_decode.parse_variant("mma:impl=mma") == ("mma", {"impl": "mma"})
 
 
 @pytest.mark.parametrize(
@@ -21,6 +22,7 @@ def test_variant_overrides_are_typed():
         (":maxnreg=1", "NAME:key=value"),
         ("a:fused=1", "not key=value"),
         ("a:maxnreg=x", "integer"),
+        ("a:impl=cuda", "impl must be one of triton, mma"),
     ],
 )
 def test_bad_variants_are_refused_in_one_sentence(text, why):
