@@ -65,6 +65,8 @@
 #   bash dev/gpu_host/gpu_evidence.sh <commit> swa1    # nvidia-h200 (one GPU, FA3 staged): decode per
 #       step of Gemma-3-27B (global, 1024-window), gpt-oss-20b (full, 128-window, sinks) and
 #       Qwen3-Next (d = 256) layers, sglang-tq k4v4/k3v3 against fa3 bf16/fp8 (SWA_SHAPES=...).
+#   bash dev/gpu_host/gpu_evidence.sh <commit> mma1    # nvidia-h200 (one GPU): the CUDA decode stage 1
+#       (tq_decode_mma.py) tests on CUDA, then ab-decode triton | mma (k4v4, MMA_SHAPES).
 #   bash dev/gpu_host/gpu_evidence.sh <commit> ncu1    # nvidia-h200 (one GPU, FA3 staged): Nsight Compute
 #       of the k4v4 decode stage 1 and FA3 bf16's kernel at 64 x 16k (NCU_SHAPES), full set: stall
 #       reasons and pipe use for the decode-kernel redesign (issue 13); details CSV + per-SASS samples.
@@ -622,6 +624,18 @@ mla1)  # nvidia-h200 (one GPU, FA3 staged): MLA decode per step, sglang-tq's pac
   done
   tail -3 "$OUT/pytest.log" >> "$OUT/summary.txt"
   tar czf "$OUT/logs.tgz" -C "$OUT" logs
+  ;;
+mma1)  # nvidia-h200 (one GPU): the CUDA decode stage 1 (tq_decode_mma.py): its tests on CUDA, then the
+  # same-run A/B against the Triton stage 1 (k4v4, CUDA-graph replay) at the decode benchmark's shapes
+  export CUDA_VISIBLE_DEVICES=0
+  timeout "$(left $(( ${LIMIT_S:-590} / 3 )))" python -m pytest -v -rs tests/kernels/test_decode_mma.py \
+    tests/kernels/test_lut.py > "$OUT/pytest.log" 2>&1
+  echo "pytest rc $?" >> "$OUT/pytest.log"
+  timeout "$(left $(( ${LIMIT_S:-590} - 15 )))" python -m sglang_tq.bench ab-decode --kv k4v4 \
+    --shapes "${MMA_SHAPES:-1x4096,1x32768,4x8192,16x8192,64x16384,128x4096}" \
+    --variant triton: --variant mma:impl=mma --out "$OUT/ab_mma.json" > "$LOGS/ab_mma.log" 2>&1
+  { tail -12 "$OUT/pytest.log"; tail -12 "$LOGS/ab_mma.log"; } > "$OUT/summary.txt"
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
   ;;
 ncu1)  # nvidia-h200 (one GPU, FA3 staged for its row): Nsight Compute of one decode step, the
   # k4v4 stage-1 kernel and FA3 bf16's, full section set (stall reasons, pipe use, per-SASS samples)
