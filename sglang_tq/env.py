@@ -93,5 +93,7 @@ def decode_impl() -> str:
     """``SGLANG_TQ_DECODE_IMPL``: the decode stage-1 kernel (triton or mma)."""
     raw = os.environ.get("SGLANG_TQ_DECODE_IMPL", "triton").strip() or "triton"
     if raw not in DECODE_IMPLS:
-        raise ValueError(f"SGLANG_TQ_DECODE_IMPL must be one of {', '.join(DECODE_IMPLS)}, got {raw!r}.")
+        raise ValueError(
+            f"SGLANG_TQ_DECODE_IMPL must be one of {', '.join(DECODE_IMPLS)}, got {raw!r}."
+        )
     return raw

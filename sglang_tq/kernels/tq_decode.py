@@ -888,7 +888,8 @@ def tq_decode(
     ``impl``: the stage-1 kernel, ``"triton"`` or ``"mma"`` (``tq_decode_mma.py``: the CUDA
     kernel on register MMA fragments; k4v4 at head_dim 128, no window, soft-cap or MLA);
     None reads ``SGLANG_TQ_DECODE_IMPL`` (default triton). The launch options above steer
-    the Triton kernel only; ``block_n`` stays the split granularity of both.
+    the Triton kernel; of them the mma kernel takes ``maxnreg`` (its register cap, hence
+    the resident warps per SM) and ``block_n`` as the split granularity.
     """
     bsz = q.shape[0]
     shared = v_codes is None
@@ -1004,6 +1005,7 @@ def tq_decode(
             codec,
             sm_scale,
             block_n,
+            min_blocks=tq_decode_mma.min_blocks_for(maxnreg),
         )
     else:
         _stage1_triton(

@@ -36,6 +36,12 @@ MAX_GQA = 16
 DEFAULT_MIN_BLOCKS = 12
 
 
+def min_blocks_for(maxnreg: int | None) -> int:
+    """``__launch_bounds__``' resident one-warp programs per SM for a register cap per
+    thread (None or 0: the default)."""
+    return max(1, min(32, 65536 // (32 * maxnreg))) if maxnreg else DEFAULT_MIN_BLOCKS
+
+
 def unsupported(
     k_bits: int,
     v_bits: int,

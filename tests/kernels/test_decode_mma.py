@@ -55,6 +55,13 @@ def test_source_compiles_for_hopper_without_spills(slot_i64, head_rows, tmp_path
         assert res["STACK"] == 0
 
 
+def test_register_cap_maps_to_resident_programs():
+    assert tq_decode_mma.min_blocks_for(None) == tq_decode_mma.DEFAULT_MIN_BLOCKS
+    assert tq_decode_mma.min_blocks_for(168) == 12
+    assert tq_decode_mma.min_blocks_for(128) == 16
+    assert tq_decode_mma.min_blocks_for(32) == 32  # the SM's limit of resident blocks
+
+
 def test_rendered_source_carries_the_lookup_ptx():
     src = tq_decode_mma.render_source(False, 8, 12)
     assert "@LUT4@" not in src and "prmt.b32 %0, lx, hx, 0x5140;" in src
