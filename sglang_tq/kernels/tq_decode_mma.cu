@@ -2,7 +2,8 @@
 //
 // Rendered and compiled at run time by tq_decode_mma.py (NVRTC): the 4-bit lookup PTX is
 // _lut.py's (@LUT4@, its "bytes" pairing), and these macros are defined before this text:
-//   SLOT_T      int or long long, the type of kv_indptr / kv_indices
+//   INDPTR_T    int or long long, the type of kv_indptr
+//   SLOT_T      int or long long, the type of kv_indices
 //   HEAD_ROWS   8 or 16: query heads per KV head, padded to whole 8-column head tiles
 //   MIN_BLOCKS  resident one-warp programs per SM asked of ptxas (its register cap)
 //
@@ -111,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) tq_decode_mma_stage
     const float* __restrict__ q_rot, const u8* __restrict__ k_codes,
     const u16* __restrict__ k_norms, const u8* __restrict__ v_codes,
     const u16* __restrict__ v_norms, const int* __restrict__ k_tab,
-    const int* __restrict__ v_tab, const SLOT_T* __restrict__ kv_indptr,
+    const int* __restrict__ v_tab, const INDPTR_T* __restrict__ kv_indptr,
     const SLOT_T* __restrict__ kv_indices, const int* __restrict__ num_kv_splits,
     float* __restrict__ mid_o, float* __restrict__ mid_lse, double sm_scale_log2, int gqa,
     int min_block_kv, int stride_q_b, int stride_q_h, int stride_kc_s, int stride_kc_h,

@@ -72,7 +72,7 @@ def _c_string(ptx: str) -> str:
 
 
 @functools.cache
-def render_source(slot_i64: bool, head_rows: int, min_blocks: int) -> str:
+def render_source(slot_i64: bool, head_rows: int, min_blocks: int, indptr_i64: bool = False) -> str:
     """The kernel's CUDA source with its macros and the lookup PTX filled in."""
     if head_rows not in (8, 16) or min_blocks < 1:
         raise ValueError("head_rows must be 8 or 16 and min_blocks >= 1.")
@@ -83,6 +83,7 @@ def render_source(slot_i64: bool, head_rows: int, min_blocks: int) -> str:
     body = resources.files(__package__).joinpath(SOURCE).read_text()
     body = body.replace("@LUT4@", _c_string(lut4_asm(cb, "bytes")))
     head = [
+        f"#define INDPTR_T {'long long' if indptr_i64 else 'int'}",
         f"#define SLOT_T {'long long' if slot_i64 else 'int'}",
         f"#define HEAD_ROWS {head_rows}",
         f"#define MIN_BLOCKS {min_blocks}",
@@ -99,10 +100,12 @@ def compile_source(source: str, compute_capability: str | None = None):
 
 
 @functools.cache
-def _kernel(slot_i64: bool, head_rows: int, min_blocks: int, device_index: int):
-    with torch.cuda.device(device_index):
+def _kernel(slot_i64: bool, head_rows: int, min_blocks: int, indptr_i64: bool, device: int):
+    with torch.cuda.device(device):
         return torch.cuda._compile_kernel(
-            render_source(slot_i64, head_rows, min_blocks), KERNEL, nvcc_options=["-lineinfo"]
+            render_source(slot_i64, head_rows, min_blocks, indptr_i64),
+            KERNEL,
+            nvcc_options=["-lineinfo"],
         )
 
 
@@ -152,12 +155,16 @@ def stage1_mma(
     _check_rows("v_codes", v_codes, HEAD_DIM // 2, 8)
     if k_norms.dtype != torch.float16 or v_norms.dtype != torch.float16:
         raise ValueError("the mma decode kernel reads fp16 norms.")
-    if kv_indices.dtype != kv_indptr.dtype or kv_indptr.dtype not in (torch.int32, torch.int64):
-        raise ValueError("kv_indptr and kv_indices must share one dtype, int32 or int64.")
+    if {kv_indptr.dtype, kv_indices.dtype} - {torch.int32, torch.int64}:
+        raise ValueError("kv_indptr and kv_indices must be int32 or int64.")
     if mid_o.stride(3) != 1 or mid_lse.stride(2) != 1:
         raise ValueError("mid_o must be contiguous in head_dim and mid_lse in splits.")
     kernel = _kernel(
-        kv_indptr.dtype == torch.int64, 16 if gqa > 8 else 8, min_blocks, q_rot.device.index or 0
+        kv_indices.dtype == torch.int64,
+        16 if gqa > 8 else 8,
+        min_blocks,
+        kv_indptr.dtype == torch.int64,
+        q_rot.device.index or 0,
     )
     kernel(
         grid=(bsz, hkv, mid_o.shape[2]),

@@ -65,7 +65,9 @@ def test_register_cap_maps_to_resident_programs():
 def test_rendered_source_carries_the_lookup_ptx():
     src = tq_decode_mma.render_source(False, 8, 12)
     assert "@LUT4@" not in src and "prmt.b32 %0, lx, hx, 0x5140;" in src
-    assert src.startswith("#define SLOT_T int\n#define HEAD_ROWS 8\n#define MIN_BLOCKS 12\n")
+    assert src.startswith(
+        "#define INDPTR_T int\n#define SLOT_T int\n#define HEAD_ROWS 8\n#define MIN_BLOCKS 12\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,11 +97,14 @@ def test_tq_decode_refuses_mma_where_it_cannot_run():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="the mma kernel runs on CUDA only")
 @pytest.mark.parametrize("gqa", [1, 4, 6, 8, 12, 16])
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_mma_decode_matches_reference(gqa, index_dtype):
+@pytest.mark.parametrize(
+    "indptr_dtype, index_dtype",
+    [(torch.int32, torch.int32), (torch.int32, torch.int64), (torch.int64, torch.int64)],
+)
+def test_mma_decode_matches_reference(gqa, indptr_dtype, index_dtype):
     lens = (1, 31, 33, 517, 1000)
     codec, bufs, indptr, indices, q = _decode_inputs(128, 4, 4, gqa, "cuda", lens=lens, seed=gqa)
-    indptr, indices = indptr.to(index_dtype), indices.to(index_dtype)
+    indptr, indices = indptr.to(indptr_dtype), indices.to(index_dtype)
     out = run_decode(q, bufs, indptr, indices, codec, max_splits=8, impl="mma")
     assert_decode_matches_ref(out, q, bufs, indptr, indices, codec)
 
