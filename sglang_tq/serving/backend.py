@@ -56,7 +56,8 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 
-from ..env import fwht_rotations
+from ..env import decode_impl, fwht_rotations
+from ..kernels import tq_decode_mma
 from ..kernels.tq_decode import (
     SPLIT_REF_BATCH,
     DecodeWorkspace,
@@ -317,6 +318,13 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
         self._fixed_splits = self.max_kv_splits if tq.cfg.bf16_layers else None
         self.compile_prefix_path()
+        if decode_impl() == "mma":  # opt-in: refuse at start-up what the kernel cannot run
+            why = tq_decode_mma.unsupported(
+                tq.cfg.k_bits, tq.cfg.v_bits, tq.head_dim, self.num_head // self.num_kv_head
+            )
+            if why:
+                raise ValueError(f"SGLANG_TQ_DECODE_IMPL=mma: {why}; unset it for this model.")
+            logger.info("sglang-tq: decode stage 1 runs the CUDA mma kernel (opt-in).")
 
     def compile_prefix_path(self) -> None:
         """Run the packed-prefix dequant of every packed layer once on slot 0 (SGLang's

@@ -1029,3 +1029,14 @@ def test_split_ceiling_shares_the_workspace_of_a_large_batch(server_args):
         assert all(ws.fits(bs, backend.max_splits(bs)) for bs in range(1, grown + 1))
     capped, _, _ = _make_backend(server_args)  # a bf16 layer: SGLang's kernel shares the counts
     assert capped.max_splits(1) == base
+
+
+def test_mma_decode_opt_in_refuses_an_unsupported_model_at_start_up(server_args, monkeypatch):
+    """SGLANG_TQ_DECODE_IMPL=mma on a model the CUDA kernel cannot serve (here head_dim 64)
+    stops the backend's construction with one sentence, not a failure at the first decode."""
+    monkeypatch.setenv("SGLANG_TQ_DECODE_IMPL", "mma")
+    with pytest.raises(ValueError, match="SGLANG_TQ_DECODE_IMPL=mma: .*head_dim 128"):
+        _make_backend(server_args)
+    monkeypatch.setenv("SGLANG_TQ_DECODE_IMPL", "cuda")
+    with pytest.raises(ValueError, match="must be one of triton, mma"):
+        _make_backend(server_args)
