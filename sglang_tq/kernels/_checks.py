@@ -88,3 +88,15 @@ def check_pdl(pdl: bool) -> None:
 def pdl_launch(pdl: bool) -> dict:
     """Launch options of a kernel started with programmatic dependent launch."""
     return {"launch_pdl": True} if pdl else {}
+
+
+def pool_strides(k_codes, k_norms, v_codes, v_norms) -> tuple[int, ...]:
+    """The packed pool buffers' (slot, head) strides in the kernels' argument order:
+    key codes, key norms, value codes, value norms."""
+    return tuple(st for t in (k_codes, k_norms, v_codes, v_norms) for st in t.stride()[:2])
+
+
+def partial_strides(mid_o, mid_lse) -> tuple[int, ...]:
+    """The split partials' strides in the decode kernels' argument order: output (batch,
+    head, split), log-sum-exp (batch, head)."""
+    return (*mid_o.stride()[:3], *mid_lse.stride()[:2])

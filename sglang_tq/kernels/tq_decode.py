@@ -56,7 +56,14 @@ from sglang_tq.env import decode_impl, decode_launch_file, triton_interpreting
 from sglang_tq.format.codec import LayerCodec
 
 from . import tq_decode_mma
-from ._checks import check_attention_args, check_pdl, pdl_launch, pdl_supported
+from ._checks import (
+    check_attention_args,
+    check_pdl,
+    partial_strides,
+    pdl_launch,
+    pdl_supported,
+    pool_strides,
+)
 from ._codes import (
     eight_tiles,
     fwht_row,
@@ -796,19 +803,8 @@ def _stage1_triton(
         sliding_window,
         q_rot.stride(0),
         q_rot.stride(1),
-        k_codes.stride(0),
-        k_codes.stride(1),
-        k_norms.stride(0),
-        k_norms.stride(1),
-        v_codes.stride(0),
-        v_codes.stride(1),
-        v_norms.stride(0),
-        v_norms.stride(1),
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2),
-        mid_lse.stride(0),
-        mid_lse.stride(1),
+        *pool_strides(k_codes, k_norms, v_codes, v_norms),
+        *partial_strides(mid_o, mid_lse),
         pe[2],
         pe[3],
         pe[4],

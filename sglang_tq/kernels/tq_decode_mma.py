@@ -25,6 +25,7 @@ from importlib import resources
 import torch
 
 from ..format.codec import LayerCodec
+from ._checks import partial_strides, pool_strides
 from ._lut import lut4_asm
 
 SOURCE = "tq_decode_mma.cu"
@@ -187,18 +188,7 @@ def stage1_mma(
             int(min_block_kv),
             q_rot.stride(0),
             q_rot.stride(1),
-            k_codes.stride(0),
-            k_codes.stride(1),
-            k_norms.stride(0),
-            k_norms.stride(1),
-            v_codes.stride(0),
-            v_codes.stride(1),
-            v_norms.stride(0),
-            v_norms.stride(1),
-            mid_o.stride(0),
-            mid_o.stride(1),
-            mid_o.stride(2),
-            mid_lse.stride(0),
-            mid_lse.stride(1),
+            *pool_strides(k_codes, k_norms, v_codes, v_norms),
+            *partial_strides(mid_o, mid_lse),
         ],
     )

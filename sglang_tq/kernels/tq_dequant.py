@@ -24,7 +24,7 @@ import triton.language as tl
 from sglang_tq.env import triton_interpreting
 from sglang_tq.format.codec import LayerCodec
 
-from ._checks import check_pool
+from ._checks import check_pool, pool_strides
 from ._codes import (
     load_codes,
     load_lut_words,
@@ -259,14 +259,7 @@ def tq_dequant(
         vo,
         n,
         slots if count is None else count,
-        k_codes.stride(0),
-        k_codes.stride(1),
-        k_norms.stride(0),
-        k_norms.stride(1),
-        v_codes.stride(0),
-        v_codes.stride(1),
-        v_norms.stride(0),
-        v_norms.stride(1),
+        *pool_strides(k_codes, k_norms, v_codes, v_norms),
         k.stride(0),
         k.stride(1),
         vo.stride(0),

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from sglang_tq.format.codec import LayerCodec
 
-from ._checks import check_center, check_head_dim, check_pdl, pdl_launch
+from ._checks import check_center, check_head_dim, check_pdl, pdl_launch, pool_strides
 from ._codes import hadamard_blocks
 
 
@@ -367,14 +367,7 @@ def tq_store_kv(
         k.stride(1),
         v.stride(0),
         v.stride(1),
-        k_codes.stride(0),
-        k_codes.stride(1),
-        k_norms.stride(0),
-        k_norms.stride(1),
-        v_codes.stride(0),
-        v_codes.stride(1),
-        v_norms.stride(0),
-        v_norms.stride(1),
+        *pool_strides(k_codes, k_norms, v_codes, v_norms),
         K_BITS=codec.k_bits,
         V_BITS=codec.v_bits,
         HEAD_DIM=d,
