@@ -634,7 +634,8 @@ mma1)  # nvidia-h200 (one GPU): the CUDA decode stage 1 (tq_decode_mma.py): its 
   timeout "$(left $(( ${LIMIT_S:-590} - 15 )))" python -m sglang_tq.bench ab-decode --kv k4v4 \
     --shapes "${MMA_SHAPES:-1x4096,1x32768,4x8192,16x8192,64x16384,128x4096}" \
     --variant triton: --variant mma:impl=mma --variant mma-r128:impl=mma,maxnreg=128 \
-    --variant mma-r200:impl=mma,maxnreg=200 --out "$OUT/ab_mma.json" > "$LOGS/ab_mma.log" 2>&1
+    --variant mma-pf:impl=mma,prefetch=1,maxnreg=255 \
+    --out "$OUT/ab_mma.json" > "$LOGS/ab_mma.log" 2>&1
   { tail -12 "$OUT/pytest.log"; tail -12 "$LOGS/ab_mma.log"; } > "$OUT/summary.txt"
   tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
   ;;

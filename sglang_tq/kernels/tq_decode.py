@@ -885,7 +885,8 @@ def tq_decode(
     kernel on register MMA fragments; k4v4 at head_dim 128, no window, soft-cap or MLA);
     None reads ``SGLANG_TQ_DECODE_IMPL`` (default triton). The launch options above steer
     the Triton kernel; of them the mma kernel takes ``maxnreg`` (its register cap, hence
-    the resident warps per SM) and ``block_n`` as the split granularity.
+    the resident warps per SM), ``prefetch`` (each step's loads one step ahead) and
+    ``block_n`` as the split granularity.
     """
     bsz = q.shape[0]
     shared = v_codes is None
@@ -1002,6 +1003,7 @@ def tq_decode(
             sm_scale,
             block_n,
             min_blocks=tq_decode_mma.min_blocks_for(maxnreg),
+            prefetch=prefetch,
         )
     else:
         _stage1_triton(

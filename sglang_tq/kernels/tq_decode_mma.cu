@@ -6,6 +6,8 @@
 //   SLOT_T      int or long long, the type of kv_indices
 //   HEAD_ROWS   8 or 16: query heads per KV head, padded to whole 8-column head tiles
 //   MIN_BLOCKS  resident one-warp programs per SM asked of ptxas (its register cap)
+//   PREFETCH    1: each step issues the next step's loads before its own math (registers
+//               for latency), 0: loads at the top of each step
 //
 // Why: the Triton kernel (tq_decode.py) decodes codes into registers, then moves K and V
 // through shared memory into the MMA operand layout; its loop of 32 tokens runs under one
@@ -108,6 +110,39 @@ __device__ __forceinline__ u32 pick_halves(u32 a, u32 b, bool hi) {
   return r;
 }
 
+// One step's raw loads: the score rows (tokens 8·nt + g: code bytes [16t, 16t + 16) and
+// both norms) and the value columns (tokens 8·nt + 2t + e: code bytes [8g, 8g + 8)); slots
+// come from lane i's read of token n0 + i by shuffle, tokens past hi read slot 0.
+struct Step {
+  uint4 kw[4];
+  u16 kn[4], vn[4];
+  uint2 vw[4][2];
+};
+
+__device__ __forceinline__ Step load_step(int n0, int hi, int start,
+                                          const SLOT_T* __restrict__ kv_indices, const u8* kc,
+                                          const u16* kn, const u8* vc, const u16* vn,
+                                          int stride_kc_s, int stride_kn_s, int stride_vc_s,
+                                          int stride_vn_s, int g, int t, int lane) {
+  Step st;
+  const SLOT_T my_slot = n0 + lane < hi ? kv_indices[start + n0 + lane] : (SLOT_T)0;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    const long long slot = (long long)__shfl_sync(0xffffffffu, my_slot, 8 * nt + g);
+    st.kw[nt] = *reinterpret_cast<const uint4*>(kc + slot * stride_kc_s + 16 * t);
+    st.kn[nt] = kn[slot * stride_kn_s];
+    st.vn[nt] = vn[slot * stride_vn_s];
+  }
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const long long slot = (long long)__shfl_sync(0xffffffffu, my_slot, 8 * nt + 2 * t + e);
+      st.vw[nt][e] = *reinterpret_cast<const uint2*>(vc + slot * stride_vc_s + 8 * g);
+    }
+  return st;
+}
+
 extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) tq_decode_mma_stage1(
     const float* __restrict__ q_rot, const u8* __restrict__ k_codes,
     const u16* __restrict__ k_norms, const u8* __restrict__ v_codes,
@@ -172,31 +207,31 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) tq_decode_mma_stage
     for (int mt = 0; mt < 8; ++mt) acc[ht][mt][0] = acc[ht][mt][1] = acc[ht][mt][2] = acc[ht][mt][3] = 0.f;
   }
 
+  // -- a step's loads: with PREFETCH the next step's are issued before this step's math
+#if PREFETCH
+  Step cur = load_step(lo, hi, start, kv_indices, kc, kn, vc, vn, stride_kc_s, stride_kn_s,
+                       stride_vc_s, stride_vn_s, g, t, lane);
+#endif
   for (int n0 = lo; n0 < hi; n0 += TILE) {
-    // -- slots: lane i reads token n0 + i; the others come by shuffle
-    const SLOT_T my_slot = n0 + lane < hi ? kv_indices[start + n0 + lane] : (SLOT_T)0;
-    // score rows: tokens 8·nt + g (tile nt/2, row g or g + 8): code bytes [16t, 16t + 16)
-    // and both norms
-    uint4 kw[4];
+#if PREFETCH
+    const Step nxt = n0 + TILE < hi ? load_step(n0 + TILE, hi, start, kv_indices, kc, kn, vc, vn,
+                                                stride_kc_s, stride_kn_s, stride_vc_s,
+                                                stride_vn_s, g, t, lane)
+                                    : cur;
+#else
+    const Step cur = load_step(n0, hi, start, kv_indices, kc, kn, vc, vn, stride_kc_s,
+                               stride_kn_s, stride_vc_s, stride_vn_s, g, t, lane);
+#endif
+    const uint4(&kw)[4] = cur.kw;
+    const uint2(&vw)[4][2] = cur.vw;
     float k_nrm[4], v_nrm[4];
     bool valid[4];
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      const long long slot = (long long)__shfl_sync(0xffffffffu, my_slot, 8 * nt + g);
-      kw[nt] = *reinterpret_cast<const uint4*>(kc + slot * stride_kc_s + 16 * t);
-      k_nrm[nt] = half_to_float(kn[slot * stride_kn_s]);
-      v_nrm[nt] = half_to_float(vn[slot * stride_vn_s]);
+      k_nrm[nt] = half_to_float(cur.kn[nt]);
+      v_nrm[nt] = half_to_float(cur.vn[nt]);
       valid[nt] = n0 + 8 * nt + g < hi;
     }
-    // value columns: tokens 8·nt + 2t + e, code bytes [8g, 8g + 8)
-    uint2 vw[4][2];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const long long slot = (long long)__shfl_sync(0xffffffffu, my_slot, 8 * nt + 2 * t + e);
-        vw[nt][e] = *reinterpret_cast<const uint2*>(vc + slot * stride_vc_s + 8 * g);
-      }
     // -- scores: each token row's 32 codes are its A registers of the 8 k-steps
     float sc[2][HEAD_TILES][4];
 #pragma unroll
@@ -294,6 +329,9 @@ extern "C" __global__ void __launch_bounds__(32, MIN_BLOCKS) tq_decode_mma_stage
           mma_16816(acc[ht][mt], va[2 * mt], va[2 * mt + 1], vb[2 * mt], vb[2 * mt + 1],
                     pb[ks][ht][0], pb[ks][ht][1]);
     }
+#if PREFETCH
+    cur = nxt;
+#endif
   }
 
   // -- normalize, store the split's partial output (rotated coordinates) and log-sum-exp

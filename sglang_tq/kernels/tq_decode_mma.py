@@ -32,8 +32,10 @@ SOURCE = "tq_decode_mma.cu"
 KERNEL = "tq_decode_mma_stage1"
 HEAD_DIM = 128
 MAX_GQA = 16
-# one-warp programs per SM ptxas is asked to fit (__launch_bounds__): a register cap of
-# 65536 / (32 * MIN_BLOCKS), 170 at 12 (the Triton kernel's measured best cap is 168)
+# one-warp programs per SM ptxas is asked to fit (__launch_bounds__). The SM spreads warps
+# over 4 schedulers of 16384 registers each, so the cap is 16384 / (32 * ceil(MIN_BLOCKS / 4)):
+# 168 at 9-12 (the Triton kernel's measured best cap), 128 at 16, 255 at 8 (the prefetch
+# variant needs 218)
 DEFAULT_MIN_BLOCKS = 12
 
 
@@ -73,7 +75,13 @@ def _c_string(ptx: str) -> str:
 
 
 @functools.cache
-def render_source(slot_i64: bool, head_rows: int, min_blocks: int, indptr_i64: bool = False) -> str:
+def render_source(
+    slot_i64: bool,
+    head_rows: int,
+    min_blocks: int,
+    indptr_i64: bool = False,
+    prefetch: bool = False,
+) -> str:
     """The kernel's CUDA source with its macros and the lookup PTX filled in."""
     if head_rows not in (8, 16) or min_blocks < 1:
         raise ValueError("head_rows must be 8 or 16 and min_blocks >= 1.")
@@ -88,6 +96,7 @@ def render_source(slot_i64: bool, head_rows: int, min_blocks: int, indptr_i64: b
         f"#define SLOT_T {'long long' if slot_i64 else 'int'}",
         f"#define HEAD_ROWS {head_rows}",
         f"#define MIN_BLOCKS {min_blocks}",
+        f"#define PREFETCH {int(prefetch)}",
     ]
     return "\n".join(head) + "\n" + body
 
@@ -101,10 +110,12 @@ def compile_source(source: str, compute_capability: str | None = None):
 
 
 @functools.cache
-def _kernel(slot_i64: bool, head_rows: int, min_blocks: int, indptr_i64: bool, device: int):
+def _kernel(
+    slot_i64: bool, head_rows: int, min_blocks: int, indptr_i64: bool, prefetch: bool, device: int
+):
     with torch.cuda.device(device):
         return torch.cuda._compile_kernel(
-            render_source(slot_i64, head_rows, min_blocks, indptr_i64),
+            render_source(slot_i64, head_rows, min_blocks, indptr_i64, prefetch),
             KERNEL,
             nvcc_options=["-lineinfo"],
         )
@@ -139,11 +150,13 @@ def stage1_mma(
     sm_scale: float,
     min_block_kv: int,
     min_blocks: int = DEFAULT_MIN_BLOCKS,
+    prefetch: bool = False,
 ) -> None:
     """Stage 1 of :func:`tq_decode.tq_decode` (its arguments, q already rotated into fp32
     ``q_rot`` [B, Hq, D]): each split's normalized partial output into ``mid_o`` [B, Hq,
     splits, D] and its log-sum-exp into ``mid_lse`` [B, Hq, splits]. ``min_block_kv`` is the
-    split granularity stage 2 is given."""
+    split granularity stage 2 is given; ``prefetch`` issues each step's loads one step ahead
+    (more registers)."""
     bsz, hq, d = q_rot.shape
     hkv = k_codes.shape[1]
     gqa = hq // hkv
@@ -165,6 +178,7 @@ def stage1_mma(
         16 if gqa > 8 else 8,
         min_blocks,
         kv_indptr.dtype == torch.int64,
+        bool(prefetch),
         q_rot.device.index or 0,
     )
     kernel(

@@ -37,12 +37,17 @@ def _resources(cubin: bytes, tmp_path) -> dict:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", out)}
 
 
-@pytest.mark.parametrize("slot_i64", [False, True])
-@pytest.mark.parametrize("head_rows", [8, 16])
-def test_source_compiles_for_hopper_without_spills(slot_i64, head_rows, tmp_path):
+@pytest.mark.parametrize(
+    "slot_i64, head_rows, min_blocks, prefetch",
+    [(False, 8, 12, False), (True, 8, 12, False), (False, 16, 12, False), (False, 8, 8, True)],
+)
+def test_source_compiles_for_hopper_without_spills(
+    slot_i64, head_rows, min_blocks, prefetch, tmp_path
+):
     """NVRTC -> sm_90a cubin; no local memory, and within the register cap
-    ``__launch_bounds__`` asks for (65536 / (32 x MIN_BLOCKS))."""
-    src = tq_decode_mma.render_source(slot_i64, head_rows, tq_decode_mma.DEFAULT_MIN_BLOCKS)
+    ``__launch_bounds__`` implies: 16384 registers per scheduler over its share of the
+    MIN_BLOCKS one-warp programs."""
+    src = tq_decode_mma.render_source(slot_i64, head_rows, min_blocks, False, prefetch)
     try:
         cubin, name = tq_decode_mma.compile_source(src, "90a")
     except OSError as exc:  # no libnvrtc in this environment (a compile error is a RuntimeError)
@@ -50,7 +55,7 @@ def test_source_compiles_for_hopper_without_spills(slot_i64, head_rows, tmp_path
     assert name == tq_decode_mma.KERNEL
     res = _resources(cubin, tmp_path)
     assert res["LOCAL"] == 0 and res["SHARED"] == 0
-    assert res["REG"] <= 65536 // (32 * tq_decode_mma.DEFAULT_MIN_BLOCKS)
+    assert res["REG"] <= min(255, 16384 // (32 * -(-min_blocks // 4)))
     if head_rows == 8:  # the Llama-shape variant must not spill at all
         assert res["STACK"] == 0
 
@@ -67,6 +72,7 @@ def test_rendered_source_carries_the_lookup_ptx():
     assert "@LUT4@" not in src and "prmt.b32 %0, lx, hx, 0x5140;" in src
     assert src.startswith(
         "#define INDPTR_T int\n#define SLOT_T int\n#define HEAD_ROWS 8\n#define MIN_BLOCKS 12\n"
+        "#define PREFETCH 0\n"
     )
 
 
@@ -118,7 +124,8 @@ def test_mma_decode_agrees_with_triton_and_is_split_invariant():
     mma = run_decode(q, bufs, indptr, indices, codec, max_splits=8, impl="mma")
     one = run_decode(q, bufs, indptr, indices, codec, max_splits=1, impl="mma")
     many = run_decode(q, bufs, indptr, indices, codec, max_splits=16, impl="mma")
-    for other in (tri, one, many):
+    pre = run_decode(q, bufs, indptr, indices, codec, max_splits=8, impl="mma", prefetch=True)
+    for other in (tri, one, many, pre):
         # both accumulate fp16 products in fp32 and round to bf16: a few bf16 ulps apart
         assert torch.allclose(mma.float(), other.float(), rtol=2**-6, atol=2**-8)
 
