@@ -626,15 +626,17 @@ mla1)  # nvidia-h200 (one GPU, FA3 staged): MLA decode per step, sglang-tq's pac
   tar czf "$OUT/logs.tgz" -C "$OUT" logs
   ;;
 mma1)  # nvidia-h200 (one GPU): the CUDA decode stage 1 (tq_decode_mma.py): its tests on CUDA, then the
-  # same-run A/B against the Triton stage 1 (k4v4, CUDA-graph replay) at the decode benchmark's shapes
+  # same-run A/B against the Triton stage 1 (k4v4, CUDA-graph replay) at the decode benchmark's shapes;
+  # the mma variants size their split counts for their one-warp programs (programs_per_sm)
   export CUDA_VISIBLE_DEVICES=0
   timeout "$(left $(( ${LIMIT_S:-590} / 3 )))" python -m pytest -v -rs tests/kernels/test_decode_mma.py \
     tests/kernels/test_lut.py > "$OUT/pytest.log" 2>&1
   echo "pytest rc $?" >> "$OUT/pytest.log"
   timeout "$(left $(( ${LIMIT_S:-590} - 15 )))" python -m sglang_tq.bench ab-decode --kv k4v4 \
     --shapes "${MMA_SHAPES:-1x4096,1x32768,4x8192,16x8192,64x16384,128x4096}" \
-    --variant triton: --variant mma:impl=mma --variant mma-r128:impl=mma,maxnreg=128 \
-    --variant mma-pf:impl=mma,prefetch=1,maxnreg=255 \
+    --variant triton: --variant mma:impl=mma,programs_per_sm=12 \
+    --variant mma-r128:impl=mma,maxnreg=128,programs_per_sm=16 \
+    --variant mma-pf:impl=mma,prefetch=1,maxnreg=255,programs_per_sm=8 \
     --out "$OUT/ab_mma.json" > "$LOGS/ab_mma.log" 2>&1
   { tail -12 "$OUT/pytest.log"; tail -12 "$LOGS/ab_mma.log"; } > "$OUT/summary.txt"
   tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
