@@ -111,7 +111,7 @@ def variant_launch(dec, kw: dict, args, bsz: int, seq: int, num_sms: int):
         if "min_tokens_per_split" in kw
         else {}
     )
-    launch = dec.default_launch(args.head_dim, args.kbits, args.vbits)
+    launch = dec.decode_launch(kw.get("impl", "triton"), args.head_dim, args.kbits, args.vbits)
     if "programs_per_sm" in kw:
         launch = dec.DecodeLaunch(
             **{**launch.__dict__, "programs_per_sm": kw.pop("programs_per_sm")}

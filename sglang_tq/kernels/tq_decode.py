@@ -739,6 +739,18 @@ def load_launch_table(path: str) -> dict:
 SAME_SM = {"NVIDIA H100 80GB HBM3": "NVIDIA H200"}
 
 
+# the mma stage 1 (tq_decode_mma.py): one-warp programs of 32 tokens, 12 resident per SM
+# at its 168-register cap; block_n is the split granularity stage 2 is given
+MMA_LAUNCH = DecodeLaunch(block_n=32, num_warps=1, programs_per_sm=12, prefetch=False, maxnreg=168)
+
+
+def decode_launch(impl: str, head_dim: int, k_bits: int, v_bits: int) -> DecodeLaunch:
+    """The stage-1 launch of ``impl``: the mma kernel's, or the Triton kernel's measured one."""
+    if impl not in ("triton", "mma"):
+        raise ValueError(f"impl must be 'triton' or 'mma', got {impl!r}.")
+    return MMA_LAUNCH if impl == "mma" else default_launch(head_dim, k_bits, v_bits)
+
+
 @functools.cache
 def _device_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -942,7 +954,8 @@ def tq_decode(
     gqa = hq // hkv
     # query heads per program: the whole group, or blocks of 16 for larger groups (MLA)
     hp = 16 if gqa > 16 and gqa % 16 == 0 else gqa
-    launch = default_launch(d, codec.k_bits, codec.v_bits)
+    impl = impl or decode_impl()
+    launch = decode_launch(impl, d, codec.k_bits, codec.v_bits)
     block_n = block_n or launch.block_n
     num_warps = num_warps or launch.num_warps
     prefetch = launch.prefetch if prefetch is None else prefetch
@@ -956,7 +969,6 @@ def tq_decode(
     check_pdl(pdl)
     if rope and prefetch:
         raise ValueError("q_pe/k_pe need prefetch=False (the RoPE rows are read per tile).")
-    impl = impl or decode_impl()
     if impl == "mma":
         why = tq_decode_mma.unsupported(
             codec.k_bits,
@@ -970,8 +982,6 @@ def tq_decode(
         if why:
             raise ValueError(f"{why}; use impl='triton' (SGLANG_TQ_DECODE_IMPL=triton).")
         fuse_rotation = False  # the mma kernel reads the rotated fp32 query
-    elif impl != "triton":
-        raise ValueError(f"impl must be 'triton' or 'mma', got {impl!r}.")
     fuse_rotation = fuse_rotation and q.stride(2) == 1
     early_q = early_q and pdl and fuse_rotation  # no launch between the store and stage 1
     mid_o, mid_lse = ws.partials(bsz, max_kv_splits)

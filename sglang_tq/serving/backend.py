@@ -61,6 +61,7 @@ from ..kernels import tq_decode_mma
 from ..kernels.tq_decode import (
     SPLIT_REF_BATCH,
     DecodeWorkspace,
+    decode_launch,
     default_num_kv_splits,
     split_ceiling,
     tq_decode,
@@ -318,7 +319,8 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
         # layers kept in bf16 run SGLang's Triton decode, sized for max_kv_splits
         self._fixed_splits = self.max_kv_splits if tq.cfg.bf16_layers else None
         self.compile_prefix_path()
-        if decode_impl() == "mma":  # opt-in: refuse at start-up what the kernel cannot run
+        self.decode_impl = decode_impl()
+        if self.decode_impl == "mma":  # opt-in: refuse at start-up what the kernel cannot run
             why = tq_decode_mma.unsupported(
                 tq.cfg.k_bits, tq.cfg.v_bits, tq.head_dim, self.num_head // self.num_kv_head
             )
@@ -369,9 +371,9 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
                 self.num_kv_head,
                 self.max_splits(seq_lens.numel()),
                 num_sms=self.num_sms,
-                head_dim=self._tq.head_dim,
-                k_bits=self._tq.cfg.k_bits,
-                v_bits=self._tq.cfg.v_bits,
+                launch=decode_launch(
+                    self.decode_impl, self._tq.head_dim, self._tq.cfg.k_bits, self._tq.cfg.v_bits
+                ),
             )
         )
 
@@ -546,6 +548,7 @@ class TQAttnBackend(PackedDecodeState, TritonAttnBackend):
             out=o.view(bs, hq, d),
             sinks=sinks,
             fwht=self.fwht,
+            impl=self.decode_impl,
         )
         return o
 
