@@ -24,6 +24,7 @@ import argparse
 import sys
 import time
 
+from ..env import DECODE_IMPLS, decode_impl
 from . import cli, kernel_io
 from .cli import add_out, add_shapes, parse_kv_bits
 
@@ -42,7 +43,7 @@ _INT_KEYS = (
     "min_tokens_per_split",
 )
 _BOOL_KEYS = ("prefetch", "heads_n", "fuse_rotation", "pdl")
-_STR_KEYS = {"impl": ("triton", "mma")}  # the stage-1 kernel (tq_decode's impl)
+_STR_KEYS = {"impl": DECODE_IMPLS}  # the stage-1 kernel (tq_decode's impl)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -111,7 +112,9 @@ def variant_launch(dec, kw: dict, args, bsz: int, seq: int, num_sms: int):
         if "min_tokens_per_split" in kw
         else {}
     )
-    launch = dec.decode_launch(kw.get("impl", "triton"), args.head_dim, args.kbits, args.vbits)
+    launch = dec.decode_launch(
+        kw.get("impl") or decode_impl(), args.head_dim, args.kbits, args.vbits
+    )
     if "programs_per_sm" in kw:
         launch = dec.DecodeLaunch(
             **{**launch.__dict__, "programs_per_sm": kw.pop("programs_per_sm")}

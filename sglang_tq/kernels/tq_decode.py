@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from sglang_tq.config import TQConfig
-from sglang_tq.env import decode_impl, decode_launch_file, triton_interpreting
+from sglang_tq.env import DECODE_IMPLS, decode_impl, decode_launch_file, triton_interpreting
 from sglang_tq.format.codec import LayerCodec
 
 from . import tq_decode_mma
@@ -739,15 +739,21 @@ def load_launch_table(path: str) -> dict:
 SAME_SM = {"NVIDIA H100 80GB HBM3": "NVIDIA H200"}
 
 
-# the mma stage 1 (tq_decode_mma.py): one-warp programs of 32 tokens, 12 resident per SM
-# at its 168-register cap; block_n is the split granularity stage 2 is given
-MMA_LAUNCH = DecodeLaunch(block_n=32, num_warps=1, programs_per_sm=12, prefetch=False, maxnreg=168)
+# the mma stage 1 (tq_decode_mma.py): one-warp programs of 32-token steps, as many resident
+# per SM as its register cap allows; block_n is the split granularity stage 2 is given
+MMA_LAUNCH = DecodeLaunch(
+    block_n=tq_decode_mma.TILE_TOKENS,
+    num_warps=1,
+    programs_per_sm=tq_decode_mma.min_blocks_for(None),
+    prefetch=False,
+    maxnreg=tq_decode_mma.DEFAULT_MAXNREG,
+)
 
 
 def decode_launch(impl: str, head_dim: int, k_bits: int, v_bits: int) -> DecodeLaunch:
     """The stage-1 launch of ``impl``: the mma kernel's, or the Triton kernel's measured one."""
-    if impl not in ("triton", "mma"):
-        raise ValueError(f"impl must be 'triton' or 'mma', got {impl!r}.")
+    if impl not in DECODE_IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(DECODE_IMPLS)}, got {impl!r}.")
     return MMA_LAUNCH if impl == "mma" else default_launch(head_dim, k_bits, v_bits)
 
 

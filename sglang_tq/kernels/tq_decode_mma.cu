@@ -6,6 +6,7 @@
 //   SLOT_T      int or long long, the type of kv_indices
 //   HEAD_ROWS   8 or 16: query heads per KV head, padded to whole 8-column head tiles
 //   MIN_BLOCKS  resident one-warp programs per SM asked of ptxas (its register cap)
+//   TILE        tokens per step (32: 2 tiles of 16 score rows / output k-steps)
 //   PREFETCH    1: each step issues the next step's loads before its own math (registers
 //               for latency), 0: loads at the top of each step
 //
@@ -40,7 +41,6 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 
 #define HEAD_DIM 128
-#define TILE 32  // tokens per step: 2 tiles of 16 (score rows, output k-steps)
 #define HEAD_TILES (HEAD_ROWS / 8)
 #define LOG2E 1.4426950408889634f
 #define NEG_INF __int_as_float(0xff800000)

@@ -32,17 +32,18 @@ SOURCE = "tq_decode_mma.cu"
 KERNEL = "tq_decode_mma_stage1"
 HEAD_DIM = 128
 MAX_GQA = 16
-# one-warp programs per SM ptxas is asked to fit (__launch_bounds__). The SM spreads warps
-# over 4 schedulers of 16384 registers each, so the cap is 16384 / (32 * ceil(MIN_BLOCKS / 4)):
-# 168 at 9-12 (the Triton kernel's measured best cap), 128 at 16, 255 at 8 (the prefetch
-# variant needs 218)
-DEFAULT_MIN_BLOCKS = 12
+TILE_TOKENS = 32  # tokens per step of a program (the .cu's TILE; its fragments assume 32)
+# The default register cap: the Triton stage 1's measured best (168). The SM spreads its
+# warps over 4 schedulers of 16384 registers each, so one-warp programs get
+# 16384 / (32 * ceil(programs / 4)) registers: 168 at 9-12 programs, 128 at 16, 255 at 8 (the
+# prefetch variant needs 218).
+DEFAULT_MAXNREG = 168
 
 
 def min_blocks_for(maxnreg: int | None) -> int:
     """``__launch_bounds__``' resident one-warp programs per SM for a register cap per
-    thread (None or 0: the default)."""
-    return max(1, min(32, 65536 // (32 * maxnreg))) if maxnreg else DEFAULT_MIN_BLOCKS
+    thread (None or 0: the default cap)."""
+    return max(1, min(32, 65536 // (32 * (maxnreg or DEFAULT_MAXNREG))))
 
 
 def unsupported(
@@ -97,6 +98,7 @@ def render_source(
         f"#define HEAD_ROWS {head_rows}",
         f"#define MIN_BLOCKS {min_blocks}",
         f"#define PREFETCH {int(prefetch)}",
+        f"#define TILE {TILE_TOKENS}",
     ]
     return "\n".join(head) + "\n" + body
 
@@ -149,20 +151,18 @@ def stage1_mma(
     codec: LayerCodec,
     sm_scale: float,
     min_block_kv: int,
-    min_blocks: int = DEFAULT_MIN_BLOCKS,
+    min_blocks: int,
     prefetch: bool = False,
 ) -> None:
-    """Stage 1 of :func:`tq_decode.tq_decode` (its arguments, q already rotated into fp32
-    ``q_rot`` [B, Hq, D]): each split's normalized partial output into ``mid_o`` [B, Hq,
-    splits, D] and its log-sum-exp into ``mid_lse`` [B, Hq, splits]. ``min_block_kv`` is the
-    split granularity stage 2 is given; ``prefetch`` issues each step's loads one step ahead
-    (more registers)."""
-    bsz, hq, d = q_rot.shape
+    """Stage 1 of :func:`tq_decode.tq_decode`, which has checked the call against
+    :func:`unsupported` (its arguments, q already rotated into fp32 ``q_rot`` [B, Hq, D]):
+    each split's normalized partial output into ``mid_o`` [B, Hq, splits, D] and its
+    log-sum-exp into ``mid_lse`` [B, Hq, splits]. ``min_block_kv`` is the split granularity
+    stage 2 is given, ``min_blocks`` the resident programs per SM (:func:`min_blocks_for`);
+    ``prefetch`` issues each step's loads one step ahead (more registers)."""
+    bsz, hq = q_rot.shape[:2]
     hkv = k_codes.shape[1]
     gqa = hq // hkv
-    why = unsupported(codec.k_bits, codec.v_bits, d, gqa)
-    if why:
-        raise ValueError(why + "; unset SGLANG_TQ_DECODE_IMPL (the Triton kernel runs it).")
     if q_rot.dtype != torch.float32 or q_rot.stride(2) != 1:
         raise ValueError("q_rot must be fp32 and contiguous in head_dim.")
     _check_rows("k_codes", k_codes, HEAD_DIM // 2, 16)

@@ -14,6 +14,7 @@ a memory-bound kernel runs far below bandwidth (device/METHOD.md).
     python -m sglang_tq.tools.kernel_resources --kernel merge --fwht 0,1
     python -m sglang_tq.tools.kernel_resources --mla --head-dim 512 --gqa 16 --prefetch 0 \
         --block-n 16,32
+    python -m sglang_tq.tools.kernel_resources --kernel mma --maxnreg 168,255 --prefetch 0,1
 
 ``--fuse-rot``: stage 1 reads a rotated q (0), rotates it by the fp16 Π product (1) or by
 the fast Walsh-Hadamard transform (2); ``--fwht`` the same choice for the store's rotation
@@ -262,19 +263,58 @@ def _resources(fn, pointers, consts, options, sass_dir, name):
     text = info.stdout + info.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
+    return {
+        "regs": int(regs[1]) if regs else None,
+        "spill_bytes": int(spill[1]) if spill else None,
+        "shared_bytes": kern.metadata.shared,
+        **sass_report(sass, sass_dir, name),
+    }
+
+
+def sass_report(sass: str, sass_dir: str | None, name: str) -> dict:
+    """Instruction classes and the loop mix of a SASS listing (written to ``sass_dir``)."""
     counts = collections.Counter({k: len(re.findall(p, sass)) for k, p in _SASS_CLASSES.items()})
     if sass_dir:
         os.makedirs(sass_dir, exist_ok=True)
         with open(os.path.join(sass_dir, name + ".sass"), "w") as f:
             f.write(sass)
+    return {"sass_lines": sass.count("\n"), **counts, **loop_mix(sass)}
+
+
+def cubin_resources(cubin: bytes, sass_dir: str | None = None, name: str = "cubin") -> dict:
+    """cuobjdump's resource usage (registers, stack, local and shared bytes) and the SASS
+    report of a compiled cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
+    res = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage)}
     return {
-        "regs": int(regs[1]) if regs else None,
-        "spill_bytes": int(spill[1]) if spill else None,
-        "shared_bytes": kern.metadata.shared,
-        "sass_lines": sass.count("\n"),
-        **counts,
-        **loop_mix(sass),
+        "regs": res["reg"],
+        "stack_bytes": res["stack"],
+        "local_bytes": res["local"],
+        "shared_bytes": res["shared"],
+        **sass_report(sass, sass_dir, name),
     }
+
+
+def compile_mma(slot_i64, head_rows, min_blocks, prefetch, sass_dir=None):
+    """The CUDA stage 1 (tq_decode_mma.cu) through NVRTC for sm_90a."""
+    from ..kernels import tq_decode_mma
+
+    src = tq_decode_mma.render_source(slot_i64, head_rows, min_blocks, False, prefetch)
+    cubin, _ = tq_decode_mma.compile_source(src, "90a")
+    name = f"mma_i{int(slot_i64)}_h{head_rows}_b{min_blocks}_p{int(prefetch)}"
+    return cubin_resources(cubin, sass_dir, name)
 
 
 def add_launch_args(ap: argparse.ArgumentParser) -> None:
@@ -316,10 +356,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gqa", type=int, default=4)
     ap.add_argument(
         "--kernel",
-        choices=("stage1", "store", "merge"),
+        choices=("stage1", "store", "merge", "mma"),
         default="stage1",
-        help="decode stage 1 (default), the quantize-and-store kernel, or the many-split "
-        "merge (stage 2)",
+        help="decode stage 1 (default), the quantize-and-store kernel, the many-split "
+        "merge (stage 2), or the CUDA stage 1 (tq_decode_mma.cu: k4v4, d = 128; --gqa picks "
+        "its head rows, --maxnreg its resident programs, --prefetch its load prefetch)",
     )
     add_launch_args(ap)
     ap.add_argument(
@@ -401,7 +442,22 @@ def stage1_jobs(args) -> list:
     return jobs
 
 
-JOBS = {"store": store_jobs, "merge": merge_jobs, "stage1": stage1_jobs}
+def mma_jobs(args) -> list:
+    from ..kernels.tq_decode_mma import min_blocks_for
+
+    rows = 16 if args.gqa > 8 else 8
+    return [
+        (
+            {"kernel": "mma", "head_rows": rows, "maxnreg": mr, "prefetch": pf},
+            lambda mr=mr, pf=pf: compile_mma(
+                False, rows, min_blocks_for(mr), bool(pf), sass_dir=args.sass_dir
+            ),
+        )
+        for mr, pf in itertools.product(ints(args.maxnreg), ints(args.prefetch))
+    ]
+
+
+JOBS = {"store": store_jobs, "merge": merge_jobs, "stage1": stage1_jobs, "mma": mma_jobs}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,61 +7,39 @@ PyTorch's own bf16 error, tests/kernels/test_kernels.py), at odd lengths, GQA gr
 16 (both head-tile variants), int32 and int64 slot ids, random slot order, several splits.
 """
 
-import os
-import re
-import subprocess
-
 import pytest
 import torch
-import triton
 
 from sglang_tq.kernels import tq_decode_mma
 from sglang_tq.kernels.tq_decode import DecodeWorkspace, tq_decode
+from sglang_tq.tools.kernel_resources import compile_mma
 from tests.conftest import HAS_CUDA
 from tests.kernels.conftest import assert_decode_matches_ref, run_decode
 from tests.kernels.test_kernels import _decode_inputs
-
-TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-
-
-def _resources(cubin: bytes, tmp_path) -> dict:
-    """cuobjdump's resource line of the kernel (REG, STACK, LOCAL, SHARED)."""
-    path = tmp_path / "k.cubin"
-    path.write_bytes(cubin)
-    out = subprocess.run(
-        [os.path.join(TOOLS, "cuobjdump"), "--dump-resource-usage", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", out)}
 
 
 @pytest.mark.parametrize(
     "slot_i64, head_rows, min_blocks, prefetch",
     [(False, 8, 12, False), (True, 8, 12, False), (False, 16, 12, False), (False, 8, 8, True)],
 )
-def test_source_compiles_for_hopper_without_spills(
-    slot_i64, head_rows, min_blocks, prefetch, tmp_path
-):
-    """NVRTC -> sm_90a cubin; no local memory, and within the register cap
-    ``__launch_bounds__`` implies: 16384 registers per scheduler over its share of the
-    MIN_BLOCKS one-warp programs."""
-    src = tq_decode_mma.render_source(slot_i64, head_rows, min_blocks, False, prefetch)
+def test_source_compiles_for_hopper_without_spills(slot_i64, head_rows, min_blocks, prefetch):
+    """NVRTC -> sm_90a cubin (python -m sglang_tq.tools.kernel_resources --kernel mma): no
+    local memory, and within the register cap ``__launch_bounds__`` implies: 16384 registers
+    per scheduler over its share of the MIN_BLOCKS one-warp programs."""
     try:
-        cubin, name = tq_decode_mma.compile_source(src, "90a")
+        res = compile_mma(slot_i64, head_rows, min_blocks, prefetch)
     except OSError as exc:  # no libnvrtc in this environment (a compile error is a RuntimeError)
         pytest.skip(f"NVRTC is not available here: {exc}")
-    assert name == tq_decode_mma.KERNEL
-    res = _resources(cubin, tmp_path)
-    assert res["LOCAL"] == 0 and res["SHARED"] == 0
-    assert res["REG"] <= min(255, 16384 // (32 * -(-min_blocks // 4)))
-    if head_rows == 8:  # the Llama-shape variant must not spill at all
-        assert res["STACK"] == 0
+    assert res["local_bytes"] == 0 and res["shared_bytes"] == 0
+    assert res["regs"] <= min(255, 16384 // (32 * -(-min_blocks // 4)))
+    if head_rows == 8:  # the Llama-shape variants must not spill at all
+        assert res["stack_bytes"] == 0
+    # the loop keeps its codes and values in registers: no shared-memory traffic or barrier
+    assert res["LDS"] == res["STS"] == res["BAR"] == 0 and res["HMMA"] > 0
 
 
 def test_register_cap_maps_to_resident_programs():
-    assert tq_decode_mma.min_blocks_for(None) == tq_decode_mma.DEFAULT_MIN_BLOCKS
+    assert tq_decode_mma.min_blocks_for(None) == 12  # the default cap, 168
     assert tq_decode_mma.min_blocks_for(168) == 12
     assert tq_decode_mma.min_blocks_for(128) == 16
     assert tq_decode_mma.min_blocks_for(32) == 32  # the SM's limit of resident blocks
@@ -96,7 +74,7 @@ def test_tq_decode_refuses_mma_where_it_cannot_run():
     codec, bufs, indptr, indices, q = _decode_inputs(128, 3, 3, 4, "cpu", lens=(5,))
     with pytest.raises(ValueError, match="impl='triton'"):
         run_decode(q, bufs, indptr, indices, codec, impl="mma")
-    with pytest.raises(ValueError, match="impl must be 'triton' or 'mma'"):
+    with pytest.raises(ValueError, match="impl must be one of triton, mma"):
         run_decode(q, bufs, indptr, indices, codec, impl="cuda")
 
 
